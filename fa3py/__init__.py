@@ -1,0 +1,26 @@
+"""fa3py: FlashAttention-3-class attention for PyTorch, written in Python.
+
+    import fa3py
+    out = fa3py.attention(q, k, v, causal=True)
+    print(fa3py.explain(q, k, v, causal=True))   # which backend, and why
+
+Backends: ``cute`` (Hopper CuTe DSL kernels), ``triton`` (other CUDA GPUs), ``torch``
+(anywhere). `flash_attn_func` / `flash_attn_varlen_func` are drop-in replacements for
+FlashAttention-3's functions of the same names.
+"""
+
+from . import reference
+from .api import attention, available_backends, explain
+from .dispatch import BackendUnavailable
+from .interface import flash_attn_func, flash_attn_varlen_func
+
+__version__ = "0.1.0"
+__all__ = [
+    "attention",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "explain",
+    "available_backends",
+    "reference",
+    "BackendUnavailable",
+]

@@ -1,0 +1,63 @@
+"""The public entry points of fa3py."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import dispatch
+from .autograd import run
+from .validation import check_no_grad_for_fp8, make_request
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: tuple = (-1, -1),
+    softcap: float = 0.0,
+    fp8: bool = False,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """Exact attention ``softmax(scale * q k^T) v``, dispatched to the fastest backend.
+
+    q: (batch, seqlen_q, nheads, headdim); k: (batch, seqlen_k, nheads_kv, headdim);
+    v: (batch, seqlen_k, nheads_kv, headdim_v). fp16, bf16, or float8_e4m3fn (use
+    `flash_attn_func` with descales for that). nheads_kv must divide nheads (MQA/GQA).
+    Any strides are accepted.
+
+    causal: bottom-right aligned mask, as FlashAttention. window_size=(left, right): query i
+    sees keys in [i + sk - sq - left, i + sk - sq + right]; -1 is unbounded. softcap > 0:
+    scores become softcap * tanh(scores / softcap). fp8=True: quantize q, k, v to FP8 with a
+    random-sign Hadamard rotation of q and k and per-block scales (forward only).
+    backend: "cute", "triton" or "torch" forces one (also via FA3PY_BACKEND).
+
+    Returns out (batch, seqlen_q, nheads, headdim_v) in q's dtype, and with return_lse also
+    the float32 log-sum-exp (batch, nheads, seqlen_q) of the scaled scores (-inf for a
+    query that sees no key; its output row is 0).
+    """
+    req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                       softcap=softcap, fp8=fp8)
+    check_no_grad_for_fp8(req)
+    out, lse = run(req, backend)
+    return (out, lse) if return_lse else out
+
+
+def explain(q, k, v, *, backend: Optional[str] = None, **kwargs) -> str:
+    """Which backend `attention(q, k, v, **kwargs)` would use for forward and backward, and why.
+
+    Accepts the keyword arguments of `attention` and of the FlashAttention-3 functions
+    (cu_seqlens_q, seqused_k, q_descale, ...)."""
+    kwargs.pop("return_lse", None)
+    req = make_request(q, k, v, **kwargs)
+    return dispatch.explain_choice(req, backend)
+
+
+def available_backends(device="cpu") -> list:
+    """Backends that can run on `device` ("cpu", "cuda", torch.device), in priority order."""
+    return dispatch.available_backends(device)

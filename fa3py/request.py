@@ -1,0 +1,164 @@
+"""The one normalized description of an attention call that every backend receives.
+
+`fa3py.validation` builds an `AttentionRequest` from the user's arguments (after checking
+them); `fa3py.dispatch` picks a backend for it; the backend computes it. Backends never
+re-validate and never see raw user arguments.
+
+Semantics (shared by every backend and by `fa3py.reference`):
+
+* Layout. Batched: q (batch, seqlen_q, nheads, headdim), k (batch, seqlen_k, nheads_kv,
+  headdim), v (batch, seqlen_k, nheads_kv, headdim_v). Packed (varlen): q (total_q, nheads,
+  headdim) with ``cu_seqlens_q`` (batch + 1,) int32 offsets; likewise k/v with
+  ``cu_seqlens_k``. Either side may be packed or batched independently. Tensors may be
+  arbitrary strided views; only the last dim is guaranteed contiguous when a backend asks
+  for it through `AttentionRequest.contiguous_last_dim`.
+* Lengths. Sequence b has ``Lq = seqused_q[b]`` if given, else ``cu_seqlens_q[b+1] -
+  cu_seqlens_q[b]`` (packed) or ``seqlen_q`` (batched); ``Lk`` likewise.
+* Heads. Query head h reads KV head ``h // (nheads // nheads_kv)`` (MQA/GQA).
+* Scores. ``s = softmax_scale * (q * q_descale) . (k * k_descale)``; with ``softcap > 0``,
+  ``s = softcap * tanh(s / softcap)``. Descales (float32, shape (batch, nheads_kv)) exist
+  only for float8_e4m3fn inputs.
+* Mask (bottom-right aligned, as FlashAttention). Query row i (0 <= i < Lq) keeps key
+  j (0 <= j < Lk) iff ``(window_left < 0 or j >= i + Lk - Lq - window_left)`` and
+  ``(window_right < 0 or j <= i + Lk - Lq + window_right)``. ``causal`` is stored as
+  ``window_right = 0``.
+* Output. ``out = softmax(s over kept keys) @ (v * v_descale)`` in `out_dtype`; ``lse`` is the
+  natural-log ``logsumexp`` of the kept scores, float32, shape (batch, nheads, seqlen_q)
+  when q is batched and (nheads, total_q) when packed. A row with no kept key (and a
+  padded row beyond ``Lq``) has ``out = 0`` and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """Scalar parameters of a call: hashable, so they can key compiled-kernel caches."""
+
+    softmax_scale: float
+    window_left: int = -1  # -1: unbounded
+    window_right: int = -1  # -1: unbounded; causal stores 0 here
+    softcap: float = 0.0  # 0: off
+    deterministic: bool = False  # backward: bitwise-reproducible gradients
+    fp8: bool = False  # quantize bf16/fp16 inputs to FP8 internally (forward only)
+
+    @property
+    def causal(self) -> bool:
+        return self.window_left < 0 and self.window_right == 0
+
+    @property
+    def is_local(self) -> bool:
+        """A sliding window other than plain causal."""
+        return self.window_left >= 0 or self.window_right > 0
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionRequest:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    params: AttentionParams
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    seqused_q: Optional[torch.Tensor] = None
+    seqused_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0  # upper bound of Lq over the batch
+    max_seqlen_k: int = 0  # upper bound of Lk over the batch
+    q_descale: Optional[torch.Tensor] = None
+    k_descale: Optional[torch.Tensor] = None
+    v_descale: Optional[torch.Tensor] = None
+
+    # ---- shape facts -------------------------------------------------------------
+    @property
+    def packed_q(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def packed_k(self) -> bool:
+        return self.cu_seqlens_k is not None
+
+    @property
+    def is_varlen(self) -> bool:
+        return (
+            self.packed_q or self.packed_k or self.seqused_q is not None or self.seqused_k is not None
+        )
+
+    @property
+    def batch(self) -> int:
+        if self.packed_q:
+            return self.cu_seqlens_q.shape[0] - 1
+        return self.q.shape[0]
+
+    @property
+    def nheads(self) -> int:
+        return self.q.shape[-2]
+
+    @property
+    def nheads_kv(self) -> int:
+        return self.k.shape[-2]
+
+    @property
+    def headdim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def headdim_v(self) -> int:
+        return self.v.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def is_fp8_input(self) -> bool:
+        return self.q.dtype in FP8_DTYPES
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.is_fp8_input else self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def out_shape(self) -> tuple:
+        return (*self.q.shape[:-1], self.headdim_v)
+
+    @property
+    def lse_shape(self) -> tuple:
+        if self.packed_q:
+            return (self.nheads, self.q.shape[0])
+        return (self.q.shape[0], self.nheads, self.q.shape[1])
+
+    def seqlens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence (Lq, Lk) as int64 CPU tensors of shape (batch,)."""
+        return _lengths(self.q, self.cu_seqlens_q, self.seqused_q, self.batch), _lengths(
+            self.k, self.cu_seqlens_k, self.seqused_k, self.batch
+        )
+
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence start row of q and k in the packed layout (0 when batched)."""
+
+        def start(cu):
+            if cu is None:
+                return torch.zeros(self.batch, dtype=torch.int64)
+            return cu[:-1].to("cpu", torch.int64)
+
+        return start(self.cu_seqlens_q), start(self.cu_seqlens_k)
+
+
+def _lengths(x, cu, used, batch):
+    if used is not None:
+        return used.to("cpu", torch.int64)
+    if cu is not None:
+        cu = cu.to("cpu", torch.int64)
+        return cu[1:] - cu[:-1]
+    return torch.full((batch,), x.shape[1], dtype=torch.int64)

@@ -1,0 +1,238 @@
+"""Every check on user input lives here. Each error names the argument and what is expected.
+
+`make_request` turns user arguments into an `AttentionRequest` or raises TypeError /
+ValueError / NotImplementedError. It never modifies its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .request import FP8_DTYPES, AttentionParams, AttentionRequest
+
+MAX_HEADDIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPE_NAMES = "torch.float16, torch.bfloat16 or torch.float8_e4m3fn"
+
+
+def _fail(cls, arg: str, msg: str):
+    raise cls(f"fa3py: `{arg}` {msg}")
+
+
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        _fail(TypeError, name, f"must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_int_tensor(name, x, device, length):
+    _check_tensor(name, x)
+    if x.dtype != torch.int32:
+        _fail(TypeError, name, f"must have dtype torch.int32, got {x.dtype}")
+    if x.dim() != 1 or x.shape[0] != length:
+        _fail(ValueError, name, f"must be 1-D of length {length}, got shape {tuple(x.shape)}")
+    if x.device != device:
+        _fail(ValueError, name, f"must be on {device} like q, got {x.device}")
+
+
+def _host_values(x):
+    """Values of a small index tensor on the host, or None while a CUDA graph is being captured
+    (a device->host copy is not allowed then; the value checks are skipped)."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return x.to("cpu", torch.int64)
+
+
+def _check_headdim(name, d):
+    if d % 8 != 0 or d <= 0 or d > MAX_HEADDIM:
+        _fail(
+            ValueError, name, f"head dimension must be a positive multiple of 8 and at most {MAX_HEADDIM}, got {d}"
+        )
+
+
+def _check_window(window_size):
+    try:
+        left, right = window_size
+        left, right = int(left), int(right)
+    except (TypeError, ValueError):
+        _fail(TypeError, "window_size", f"must be a pair of ints (left, right), got {window_size!r}")
+    if left < -1 or right < -1:
+        _fail(ValueError, "window_size", f"entries must be >= -1 (-1 means unbounded), got {(left, right)}")
+    return left, right
+
+
+def _check_descale(name, x, dtype, batch, nheads_kv, device):
+    if x is None:
+        return None
+    if dtype not in FP8_DTYPES:
+        _fail(ValueError, name, f"is only meaningful for float8_e4m3fn inputs; q, k, v are {dtype}")
+    _check_tensor(name, x)
+    if x.dtype != torch.float32:
+        _fail(TypeError, name, f"must have dtype torch.float32, got {x.dtype}")
+    if tuple(x.shape) != (batch, nheads_kv):
+        _fail(ValueError, name, f"must have shape (batch, nheads_kv) = {(batch, nheads_kv)}, got {tuple(x.shape)}")
+    if x.device != device:
+        _fail(ValueError, name, f"must be on {device} like q, got {x.device}")
+    return x
+
+
+def make_request(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    fp8: bool = False,
+    deterministic: bool = False,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_q=None,
+    seqused_k=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+) -> AttentionRequest:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+
+    # dtypes and devices
+    dtype = q.dtype
+    if dtype not in FLOAT_DTYPES + FP8_DTYPES:
+        _fail(TypeError, "q", f"must have dtype {_DTYPE_NAMES}, got {dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != dtype:
+            _fail(TypeError, name, f"must have the same dtype as q ({dtype}), got {x.dtype}")
+        if x.device != q.device:
+            _fail(ValueError, name, f"must be on the same device as q ({q.device}), got {x.device}")
+
+    # layouts
+    packed_q, packed_k = cu_seqlens_q is not None, cu_seqlens_k is not None
+    for name, x, packed, cu in (("q", q, packed_q, "cu_seqlens_q"), ("k", k, packed_k, "cu_seqlens_k"),
+                                ("v", v, packed_k, "cu_seqlens_k")):
+        want = 3 if packed else 4
+        if x.dim() != want:
+            layout = (f"(total_tokens, nheads, headdim) because {cu} is given" if packed
+                      else "(batch, seqlen, nheads, headdim)")
+            _fail(ValueError, name, f"must be {want}-D {layout}, got shape {tuple(x.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        _fail(ValueError, "v", f"must match k in every dim but the last: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    # Any strides are accepted; a backend that needs a unit last stride copies by itself.
+    nheads, nheads_kv = q.shape[-2], k.shape[-2]
+    if q.shape[-1] != k.shape[-1]:
+        _fail(ValueError, "k", f"head dimension {k.shape[-1]} must equal q's head dimension {q.shape[-1]}")
+    _check_headdim("q", q.shape[-1])
+    _check_headdim("v", v.shape[-1])
+    if nheads_kv == 0 or nheads % nheads_kv != 0:
+        _fail(ValueError, "k", f"nheads_kv ({nheads_kv}) must divide q's nheads ({nheads}) (MQA/GQA)")
+
+    # batch size and sequence lengths
+    if packed_q:
+        _check_tensor("cu_seqlens_q", cu_seqlens_q)
+        batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else -1
+    elif packed_k:
+        batch = q.shape[0]
+    else:
+        batch = q.shape[0]
+        if k.shape[0] != batch:
+            _fail(ValueError, "k", f"batch size {k.shape[0]} must equal q's batch size {batch}")
+    if batch < 0:
+        _fail(ValueError, "cu_seqlens_q", f"must be 1-D of length batch + 1, got shape {tuple(cu_seqlens_q.shape)}")
+    if packed_k and not packed_q and cu_seqlens_k.dim() == 1 and cu_seqlens_k.shape[0] != batch + 1:
+        _fail(ValueError, "cu_seqlens_k", f"must have length batch + 1 = {batch + 1}, got {cu_seqlens_k.shape[0]}")
+    if not packed_k and packed_q and k.shape[0] != batch:
+        _fail(ValueError, "k", f"batch size {k.shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
+
+    lens = {}
+    for side, x, cu, used, max_len in (("q", q, cu_seqlens_q, seqused_q, max_seqlen_q),
+                                       ("k", k, cu_seqlens_k, seqused_k, max_seqlen_k)):
+        cu_name, used_name, max_name = f"cu_seqlens_{side}", f"seqused_{side}", f"max_seqlen_{side}"
+        if cu is not None:
+            _check_int_tensor(cu_name, cu, q.device, batch + 1)
+            vals = _host_values(cu)
+            if vals is not None:
+                if vals.numel() and int(vals[0]) != 0:
+                    _fail(ValueError, cu_name, f"must start at 0, got {int(vals[0])}")
+                if (vals[1:] < vals[:-1]).any():
+                    _fail(ValueError, cu_name, f"must be non-decreasing, got {vals.tolist()}")
+                if int(vals[-1]) != x.shape[0]:
+                    _fail(ValueError, cu_name,
+                          f"last value ({int(vals[-1])}) must equal the total tokens of {side} ({x.shape[0]})")
+                cap = vals[1:] - vals[:-1]
+            else:
+                cap = None
+            cap_max = x.shape[0]
+        else:
+            cap = torch.full((batch,), x.shape[1], dtype=torch.int64)
+            cap_max = x.shape[1]
+        lengths = cap
+        if used is not None:
+            _check_int_tensor(used_name, used, q.device, batch)
+            uvals = _host_values(used)
+            if uvals is not None:
+                if (uvals < 0).any():
+                    _fail(ValueError, used_name, f"must be >= 0, got {uvals.tolist()}")
+                if cap is not None and (uvals > cap).any():
+                    _fail(ValueError, used_name,
+                          f"must not exceed each sequence's stored length {cap.tolist()}, got {uvals.tolist()}")
+            lengths = uvals
+        longest = int(lengths.max()) if lengths is not None and lengths.numel() else 0
+        if max_len is None:
+            max_len = longest if lengths is not None else cap_max
+        else:
+            if isinstance(max_len, bool) or not isinstance(max_len, int):
+                _fail(TypeError, max_name, f"must be an int, got {type(max_len).__name__}")
+            if max_len < longest:
+                _fail(ValueError, max_name, f"({max_len}) is smaller than the longest sequence ({longest})")
+        lens[side] = max_len
+
+    # scalar parameters
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    try:
+        softmax_scale = float(softmax_scale)
+    except (TypeError, ValueError):
+        _fail(TypeError, "softmax_scale", f"must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        _fail(ValueError, "softmax_scale", f"must be finite, got {softmax_scale}")
+    try:
+        softcap = float(softcap)
+    except (TypeError, ValueError):
+        _fail(TypeError, "softcap", f"must be a float, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        _fail(ValueError, "softcap", f"must be finite and >= 0 (0 disables it), got {softcap}")
+    left, right = _check_window(window_size)
+    if causal:
+        right = 0
+    if fp8 and dtype not in FLOAT_DTYPES:
+        _fail(ValueError, "fp8", f"quantizes fp16/bf16 inputs; q is already {dtype} (pass descales instead)")
+
+    descales = [_check_descale(n, x, dtype, batch, nheads_kv, q.device)
+                for n, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+
+    params = AttentionParams(softmax_scale=softmax_scale, window_left=left, window_right=right,
+                             softcap=softcap, deterministic=bool(deterministic), fp8=bool(fp8))
+    return AttentionRequest(
+        q=q, k=k, v=v, params=params,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_q=seqused_q, seqused_k=seqused_k,
+        max_seqlen_q=lens["q"], max_seqlen_k=lens["k"],
+        q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+    )
+
+
+def check_no_grad_for_fp8(req: AttentionRequest):
+    """FP8 paths are forward-only (as in FlashAttention-3)."""
+    if not torch.is_grad_enabled():
+        return
+    if any(x.requires_grad for x in (req.q, req.k, req.v)):
+        if req.params.fp8:
+            _fail(NotImplementedError, "fp8", "=True has no backward pass; call it under torch.no_grad()")
+        if req.is_fp8_input:
+            _fail(NotImplementedError, "q", "float8_e4m3fn inputs have no backward pass")
