@@ -28,6 +28,8 @@ def keep_mask(len_q: int, len_k: int, window_left: int, window_right: int, devic
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor):
     """Softmax over the last dim restricted to `keep`; rows with nothing kept give p = 0 and
     lse = -inf. Differentiable (no NaN leaks into gradients)."""
+    if scores.shape[-1] == 0:  # no keys at all
+        return scores, torch.full(scores.shape[:-1], float("-inf"), dtype=scores.dtype, device=scores.device)
     neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
     masked = torch.where(keep, scores, neg_inf)
     row_max = masked.amax(dim=-1, keepdim=True)

@@ -1,0 +1,61 @@
+"""Shared test helpers: the tolerance rule of shared/STYLE.md and input builders."""
+
+from __future__ import annotations
+
+import torch
+
+from fa3py import reference
+from fa3py.request import FP8_DTYPES
+
+
+def low_precision(dtype):
+    """The precision in which PyTorch itself computes the comparison baseline."""
+    return torch.bfloat16 if dtype in FP8_DTYPES else dtype
+
+
+def max_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    both_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
+    d = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
+    return float(d.max()) if d.numel() else 0.0
+
+
+def assert_within(name, got, ref, baseline, atol):
+    """`got` may be at most twice as wrong as PyTorch's own low-precision `baseline`, plus atol."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in output"
+    err, err_pt = max_err(got, ref), max_err(baseline, ref)
+    assert err <= 2 * err_pt + atol, f"{name}: max error {err:.3e} > 2 * {err_pt:.3e} (PyTorch) + {atol:g}"
+
+
+def check_forward(req, out, lse, atol=2e-3, lse_atol=2e-3):
+    ref_out, ref_lse = reference.attention(req, torch.float64)
+    pt_out, pt_lse = reference.attention(req, low_precision(req.dtype))
+    assert out.dtype == req.out_dtype, f"out dtype {out.dtype} != {req.out_dtype}"
+    assert lse.dtype == torch.float32
+    assert_within("out", out, ref_out, pt_out, atol)
+    assert_within("lse", lse, ref_lse, pt_lse, lse_atol)
+
+
+def reference_grads(req, dout, dtype):
+    """Gradients of reference attention in `dtype` w.r.t. q, k, v (autograd)."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (req.q, req.k, req.v)]
+    out, _ = reference.attention(req, dtype, *leaves)
+    out.backward(dout.to(dtype))
+    return [x.grad for x in leaves]
+
+
+def check_backward(req, dout, grads, atol=2e-3):
+    ref = reference_grads(req, dout, torch.float64)
+    pt = reference_grads(req, dout, low_precision(req.dtype))
+    for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref, pt):
+        assert g.dtype == req.dtype, f"{name} dtype {g.dtype} != {req.dtype}"
+        assert_within(name, g, r, p, atol)
+
+
+def packed(lengths, nheads, headdim, dtype, device="cpu"):
+    """A packed (total, nheads, headdim) tensor and its int32 cu_seqlens."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    x = torch.randn(int(cu[-1]), nheads, headdim, device=device).to(dtype)
+    return x, cu.to(device)

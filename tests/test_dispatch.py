@@ -1,0 +1,132 @@
+"""Dispatch decisions under simulated devices, and the FA3 signatures."""
+
+import inspect
+import types
+
+import pytest
+import torch
+
+import fa3py
+from fa3py import dispatch
+from fa3py.validation import make_request
+
+
+def fake_backend(name, fwd_reason=None, bwd_reason=None):
+    def why_not(req, backward):
+        return bwd_reason if backward else fwd_reason
+
+    def forward(req):
+        raise AssertionError("dispatch tests never run kernels")
+
+    return types.SimpleNamespace(__name__=name, why_not=why_not, forward=forward, backward=forward)
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """Pretend the CPU tensors live on a GPU of the given capability; fake cute/triton kernels."""
+    state = {"cap": None, "cute": fake_backend("cute", None, "forward only"), "triton": fake_backend("triton")}
+
+    monkeypatch.setattr(dispatch, "device_capability", lambda dev: state["cap"])
+    real_load = dispatch.load
+    monkeypatch.setattr(dispatch, "load", lambda n: (state[n], None) if n in ("cute", "triton") else real_load(n))
+    monkeypatch.delenv("FA3PY_BACKEND", raising=False)
+    return state
+
+
+def req(**kw):
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    return make_request(q, q, q, **kw)
+
+
+@pytest.mark.parametrize("cap,fwd,bwd", [
+    (None, "torch", "torch"),
+    ((8, 0), "triton", "triton"),
+    ((8, 6), "triton", "triton"),
+    ((8, 9), "triton", "triton"),
+    ((9, 0), "cute", "triton"),
+    ((10, 0), "triton", "triton"),
+    ((12, 0), "triton", "triton"),
+    ((7, 5), "torch", "torch"),
+])
+def test_auto_dispatch_by_device(device, cap, fwd, bwd):
+    device["cap"] = cap
+    assert dispatch.choose(req()).name == fwd
+    assert dispatch.choose(req(), backward=True).name == bwd
+
+
+def test_falls_through_when_a_kernel_cannot_serve(device):
+    device["cap"] = (9, 0)
+    device["cute"] = fake_backend("cute", "headdim 40 is not compiled")
+    c = dispatch.choose(req())
+    assert c.name == "triton" and "headdim 40" in c.reasons[0][1]
+    device["triton"] = fake_backend("triton", "softcap unsupported")
+    assert dispatch.choose(req()).name == "torch"
+
+
+def test_forced_backend(device, monkeypatch):
+    device["cap"] = (9, 0)
+    assert dispatch.choose(req(), backend="torch").name == "torch"
+    assert dispatch.choose(req(), backend="triton").name == "triton"
+    # a forced forward-only backend hands its backward to the next one
+    assert dispatch.choose(req(), backward=True, backend="cute").name == "triton"
+    monkeypatch.setenv("FA3PY_BACKEND", "triton")
+    assert dispatch.choose(req()).name == "triton"
+    device["cap"] = (8, 0)
+    with pytest.raises(fa3py.BackendUnavailable, match="needs sm90 .*GPU is sm80"):
+        dispatch.choose(req(), backend="cute")
+
+
+def test_forced_triton_on_cpu_only_with_interpreter(device, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(fa3py.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        dispatch.choose(req(), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.choose(req(), backend="triton").name == "triton"
+    assert dispatch.choose(req()).name == "torch"  # auto never picks the interpreter
+
+
+def test_explain_names_backend_and_reason(device):
+    device["cap"] = (8, 0)
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    text = fa3py.explain(q, q, q, causal=True)
+    assert text.startswith("forward: triton") and "GPU is sm80" in text and "cute backend needs sm90" in text
+    device["cap"] = (9, 0)
+    text = fa3py.explain(q, q, q, causal=True)
+    assert "forward: cute" in text and "backward: triton" in text and "forward only" in text
+
+
+def test_explain_on_cpu_without_fakes():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    text = fa3py.explain(q, q, q)
+    assert "forward: torch" in text and "tensors are on cpu" in text
+    assert fa3py.available_backends("cpu") == ["torch"]
+
+
+def test_empty_requests_go_to_torch(device):
+    device["cap"] = (9, 0)
+    q = torch.randn(0, 8, 2, 64, dtype=torch.bfloat16)
+    assert dispatch.choose(make_request(q, q, q)).name == "torch"
+
+
+# FlashAttention-3 hopper/flash_attn_interface.py, parameter names and defaults.
+REQ = inspect.Parameter.empty
+FA3_FUNC = [("q", REQ), ("k", REQ), ("v", REQ), ("softmax_scale", None), ("causal", False), ("qv", None),
+            ("q_descale", None), ("k_descale", None), ("v_descale", None), ("window_size", (-1, -1)),
+            ("attention_chunk", 0), ("softcap", 0.0), ("num_splits", 1), ("pack_gqa", None),
+            ("deterministic", False), ("sm_margin", 0), ("return_attn_probs", False)]
+FA3_VARLEN = [("q", REQ), ("k", REQ), ("v", REQ), ("cu_seqlens_q", REQ), ("cu_seqlens_k", REQ),
+              ("max_seqlen_q", REQ), ("max_seqlen_k", REQ), ("seqused_q", None), ("seqused_k", None),
+              ("softmax_scale", None), ("causal", False), ("qv", None), ("q_descale", None),
+              ("k_descale", None), ("v_descale", None), ("window_size", (-1, -1)), ("attention_chunk", 0),
+              ("softcap", 0.0), ("num_splits", 1), ("pack_gqa", None), ("deterministic", False),
+              ("sm_margin", 0), ("return_attn_probs", False)]
+
+
+@pytest.mark.parametrize("fn,expected", [(fa3py.flash_attn_func, FA3_FUNC),
+                                         (fa3py.flash_attn_varlen_func, FA3_VARLEN)])
+def test_fa3_signatures(fn, expected):
+    params = list(inspect.signature(fn).parameters.values())
+    assert [p.name for p in params] == [n for n, _ in expected]
+    for p, (name, default) in zip(params, expected):
+        assert p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+        assert p.default == default, f"{name}: {p.default!r} != {default!r}"

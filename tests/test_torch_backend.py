@@ -1,0 +1,188 @@
+"""The torch backend through the public API, against the float64 reference."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fa3py
+from fa3py import reference
+from fa3py.validation import make_request
+
+from _util import check_backward, check_forward, max_err, packed
+
+SIZES = [(1, 1), (113, 203), (239, 1), (799, 3), (64, 128), (1023, 1024)]
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window_size": (37, 11)},
+    "causal_window": {"causal": True, "window_size": (50, -1)},
+    "softcap": {"softcap": 3.0},
+}
+
+
+def inputs(b, lq, lk, h, hk, d, dv, dtype):
+    q = torch.randn(b, lq, h, d).to(dtype)
+    k = torch.randn(b, lk, hk, d).to(dtype)
+    v = torch.randn(b, lk, hk, dv).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("lq,lk", SIZES)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_forward_features(lq, lk, feature):
+    q, k, v = inputs(1, lq, lk, 2, 1, 64, 64, torch.bfloat16)
+    kw = FEATURES[feature]
+    out, lse = fa3py.attention(q, k, v, return_lse=True, backend="torch", **kw)
+    check_forward(make_request(q, k, v, **kw), out, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,dv", [(8, 8), (40, 40), (96, 64), (256, 256), (64, 128)])
+def test_forward_dtypes_headdims_gqa(dtype, d, dv):
+    q, k, v = inputs(2, 77, 130, 6, 2, d, dv, dtype)
+    out, lse = fa3py.attention(q, k, v, causal=True, return_lse=True)
+    check_forward(make_request(q, k, v, causal=True), out, lse)
+
+
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+@pytest.mark.parametrize("lq,lk", [(113, 203), (65, 17), (1, 9)])
+def test_backward(feature, lq, lk):
+    q, k, v = inputs(2, lq, lk, 4, 2, 32, 48, torch.bfloat16)
+    kw = FEATURES[feature]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = fa3py.attention(*leaves, **kw)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])
+
+
+def test_varlen_packed_and_seqused_forward_backward():
+    lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 0]
+    q, cu_q = packed(lens_q, 4, 64, torch.float16)
+    k, cu_k = packed(lens_k, 2, 64, torch.float16)
+    v, _ = packed(lens_k, 2, 64, torch.float16)
+    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=130, seqused_k=used_k)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fa3py.flash_attn_varlen_func(*leaves, causal=True, return_attn_probs=True, **kw)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    req = make_request(q, k, v, causal=True, **kw)
+    check_forward(req, out, lse)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    check_backward(req, dout, [x.grad for x in leaves])
+
+
+def test_batched_with_seqused_q():
+    q, k, v = inputs(3, 40, 60, 2, 2, 32, 32, torch.bfloat16)
+    used_q = torch.tensor([40, 7, 0], dtype=torch.int32)
+    used_k = torch.tensor([1, 60, 33], dtype=torch.int32)
+    out, lse = fa3py.flash_attn_varlen_func(q, k, v, None, None, None, None, seqused_q=used_q,
+                                            seqused_k=used_k, return_attn_probs=True)
+    check_forward(make_request(q, k, v, seqused_q=used_q, seqused_k=used_k), out, lse)
+
+
+def test_strided_views_without_copy():
+    # SDPA layout (b, h, s, d) transposed to (b, s, h, d); v with a padded last-dim storage
+    qs = torch.randn(2, 4, 100, 64, dtype=torch.bfloat16)
+    ks = torch.randn(2, 4, 90, 64, dtype=torch.bfloat16)
+    vbig = torch.randn(2, 90, 4, 96, dtype=torch.bfloat16)
+    q, k, v = qs.transpose(1, 2), ks.transpose(1, 2), vbig[..., :64]
+    assert not q.is_contiguous() and not v.is_contiguous()
+    out, lse = fa3py.attention(q, k, v, causal=True, return_lse=True)
+    check_forward(make_request(q, k, v, causal=True), out, lse)
+
+
+def test_inputs_not_modified():
+    q, k, v = inputs(1, 50, 70, 2, 1, 32, 32, torch.bfloat16)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    before = [x.detach().clone() for x in leaves]
+    out = fa3py.attention(*leaves, causal=True, softcap=2.0)
+    out.backward(torch.randn_like(out))
+    for x, y in zip(leaves, before):
+        assert torch.equal(x.detach(), y)
+
+
+def test_fp8_inputs_with_descales():
+    q, k, v = inputs(2, 70, 90, 4, 2, 64, 64, torch.float32)
+    q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+    descales = [torch.rand(2, 2) + 0.5 for _ in range(3)]
+    out, lse = fa3py.flash_attn_func(q8, k8, v8, causal=True, q_descale=descales[0], k_descale=descales[1],
+                                     v_descale=descales[2], return_attn_probs=True)
+    assert out.dtype == torch.bfloat16
+    req = make_request(q8, k8, v8, causal=True, q_descale=descales[0], k_descale=descales[1],
+                       v_descale=descales[2])
+    check_forward(req, out, lse)
+
+
+def test_fp8_quantized_path_beats_per_tensor_quantization():
+    # FA3 paper setup: N(0,1) plus rare large outliers in q and k.
+    b, s, h, d = 1, 512, 4, 128
+
+    def outliers():
+        x = torch.randn(b, s, h, d)
+        return x + torch.randn(b, s, h, d) * 10 * (torch.rand(b, s, h, d) < 0.001)
+
+    q, k, v = outliers().bfloat16(), outliers().bfloat16(), torch.randn(b, s, h, d).bfloat16()
+    with torch.no_grad():
+        out = fa3py.attention(q, k, v, fp8=True)
+    ref, _ = reference.attention(make_request(q, k, v))
+
+    def per_tensor(x):
+        scale = x.float().abs().amax() / 448
+        return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).bfloat16()
+
+    naive, _ = reference.attention(make_request(per_tensor(q), per_tensor(k), per_tensor(v)))
+    rmse = lambda a: float((a.double() - ref).pow(2).mean().sqrt())
+    assert out.dtype == torch.bfloat16
+    assert rmse(out) < rmse(naive), (rmse(out), rmse(naive))
+    assert rmse(out) < 0.02 * float(ref.pow(2).mean().sqrt()) + 1e-2
+
+
+def test_fp8_has_no_backward():
+    q, k, v = inputs(1, 8, 8, 1, 1, 16, 16, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="fp8"):
+        fa3py.attention(q.requires_grad_(), k, v, fp8=True)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 0, 2, 16)])
+def test_empty_batch_or_queries(shape):
+    q = torch.randn(shape, dtype=torch.float16)
+    k = torch.randn(shape[0], 5, 2, 16, dtype=torch.float16)
+    out, lse = fa3py.attention(q, k, k, return_lse=True)
+    assert out.shape == shape and lse.shape == (shape[0], 2, shape[1])
+
+
+def test_zero_length_keys_give_zero_output():
+    q = torch.randn(2, 5, 2, 16, dtype=torch.float16)
+    k = torch.randn(2, 0, 2, 16, dtype=torch.float16)
+    out, lse = fa3py.attention(q, k, k, return_lse=True)
+    assert (out == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for r in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(r, torch.Tensor):
+                self.largest = max(self.largest, r.numel())
+        return result
+
+
+def test_32k_tokens_never_allocate_the_score_matrix():
+    s, d = 32768, 32
+    q, k, v = (torch.randn(1, s, 1, d, dtype=torch.bfloat16) for _ in range(3))
+    with torch.no_grad(), _LargestTensor() as mode:
+        out = fa3py.attention(q, k, v, causal=True, window_size=(4096, 0))
+    assert mode.largest <= 4 * 1024 * 1024, f"largest intermediate has {mode.largest} elements"
+    # spot-check a few rows against the reference
+    rows = torch.tensor([0, 5000, s - 1])
+    ref = torch.stack([
+        reference.attention(make_request(q[:, r:r + 1], k[:, max(0, r - 4096):r + 1], v[:, max(0, r - 4096):r + 1],
+                                         causal=True))[0][0, 0]
+        for r in rows.tolist()])
+    assert max_err(out[0, rows], ref) < 1e-2
