@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fa3py import reference
 from fa3py.request import FP8_DTYPES
+
+
+# Tests of the public API run on this device: the GPU when there is one (then they exercise
+# the GPU backends), else the CPU (the torch backend).
+DEVICE = os.environ.get("FA3PY_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def low_precision(dtype):
@@ -53,7 +60,7 @@ def check_backward(req, dout, grads, atol=2e-3):
         assert_within(name, g, r, p, atol)
 
 
-def packed(lengths, nheads, headdim, dtype, device="cpu"):
+def packed(lengths, nheads, headdim, dtype, device=DEVICE):
     """A packed (total, nheads, headdim) tensor and its int32 cu_seqlens."""
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)

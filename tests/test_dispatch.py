@@ -95,7 +95,8 @@ def test_explain_names_backend_and_reason(device):
     assert "forward: cute" in text and "backward: triton" in text and "forward only" in text
 
 
-def test_explain_on_cpu_without_fakes():
+def test_explain_on_cpu_without_fakes(monkeypatch):
+    monkeypatch.delenv("FA3PY_BACKEND", raising=False)
     q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
     text = fa3py.explain(q, q, q)
     assert "forward: torch" in text and "tensors are on cpu" in text

@@ -1,4 +1,5 @@
-"""The torch backend through the public API, against the float64 reference."""
+"""The public API against the float64 reference, on DEVICE (the torch backend on a CPU machine,
+the GPU backends on a GPU machine)."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import fa3py
 from fa3py import reference
 from fa3py.validation import make_request
 
-from _util import check_backward, check_forward, max_err, packed
+from _util import DEVICE, check_backward, check_forward, max_err, packed
 
 SIZES = [(1, 1), (113, 203), (239, 1), (799, 3), (64, 128), (1023, 1024)]
 FEATURES = {
@@ -21,9 +22,9 @@ FEATURES = {
 
 
 def inputs(b, lq, lk, h, hk, d, dv, dtype):
-    q = torch.randn(b, lq, h, d).to(dtype)
-    k = torch.randn(b, lk, hk, d).to(dtype)
-    v = torch.randn(b, lk, hk, dv).to(dtype)
+    q = torch.randn(b, lq, h, d, device=DEVICE).to(dtype)
+    k = torch.randn(b, lk, hk, d, device=DEVICE).to(dtype)
+    v = torch.randn(b, lk, hk, dv, device=DEVICE).to(dtype)
     return q, k, v
 
 
@@ -32,7 +33,7 @@ def inputs(b, lq, lk, h, hk, d, dv, dtype):
 def test_forward_features(lq, lk, feature):
     q, k, v = inputs(1, lq, lk, 2, 1, 64, 64, torch.bfloat16)
     kw = FEATURES[feature]
-    out, lse = fa3py.attention(q, k, v, return_lse=True, backend="torch", **kw)
+    out, lse = fa3py.attention(q, k, v, return_lse=True, **kw)
     check_forward(make_request(q, k, v, **kw), out, lse)
 
 
@@ -61,7 +62,7 @@ def test_varlen_packed_and_seqused_forward_backward():
     q, cu_q = packed(lens_q, 4, 64, torch.float16)
     k, cu_k = packed(lens_k, 2, 64, torch.float16)
     v, _ = packed(lens_k, 2, 64, torch.float16)
-    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32)
+    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32, device=DEVICE)
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=130, seqused_k=used_k)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = fa3py.flash_attn_varlen_func(*leaves, causal=True, return_attn_probs=True, **kw)
@@ -75,8 +76,8 @@ def test_varlen_packed_and_seqused_forward_backward():
 
 def test_batched_with_seqused_q():
     q, k, v = inputs(3, 40, 60, 2, 2, 32, 32, torch.bfloat16)
-    used_q = torch.tensor([40, 7, 0], dtype=torch.int32)
-    used_k = torch.tensor([1, 60, 33], dtype=torch.int32)
+    used_q = torch.tensor([40, 7, 0], dtype=torch.int32, device=DEVICE)
+    used_k = torch.tensor([1, 60, 33], dtype=torch.int32, device=DEVICE)
     out, lse = fa3py.flash_attn_varlen_func(q, k, v, None, None, None, None, seqused_q=used_q,
                                             seqused_k=used_k, return_attn_probs=True)
     check_forward(make_request(q, k, v, seqused_q=used_q, seqused_k=used_k), out, lse)
@@ -84,9 +85,9 @@ def test_batched_with_seqused_q():
 
 def test_strided_views_without_copy():
     # SDPA layout (b, h, s, d) transposed to (b, s, h, d); v with a padded last-dim storage
-    qs = torch.randn(2, 4, 100, 64, dtype=torch.bfloat16)
-    ks = torch.randn(2, 4, 90, 64, dtype=torch.bfloat16)
-    vbig = torch.randn(2, 90, 4, 96, dtype=torch.bfloat16)
+    qs = torch.randn(2, 4, 100, 64, dtype=torch.bfloat16, device=DEVICE)
+    ks = torch.randn(2, 4, 90, 64, dtype=torch.bfloat16, device=DEVICE)
+    vbig = torch.randn(2, 90, 4, 96, dtype=torch.bfloat16, device=DEVICE)
     q, k, v = qs.transpose(1, 2), ks.transpose(1, 2), vbig[..., :64]
     assert not q.is_contiguous() and not v.is_contiguous()
     out, lse = fa3py.attention(q, k, v, causal=True, return_lse=True)
@@ -106,7 +107,7 @@ def test_inputs_not_modified():
 def test_fp8_inputs_with_descales():
     q, k, v = inputs(2, 70, 90, 4, 2, 64, 64, torch.float32)
     q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
-    descales = [torch.rand(2, 2) + 0.5 for _ in range(3)]
+    descales = [torch.rand(2, 2, device=DEVICE) + 0.5 for _ in range(3)]
     out, lse = fa3py.flash_attn_func(q8, k8, v8, causal=True, q_descale=descales[0], k_descale=descales[1],
                                      v_descale=descales[2], return_attn_probs=True)
     assert out.dtype == torch.bfloat16
@@ -120,10 +121,10 @@ def test_fp8_quantized_path_beats_per_tensor_quantization():
     b, s, h, d = 1, 512, 4, 128
 
     def outliers():
-        x = torch.randn(b, s, h, d)
-        return x + torch.randn(b, s, h, d) * 10 * (torch.rand(b, s, h, d) < 0.001)
+        x = torch.randn(b, s, h, d, device=DEVICE)
+        return x + torch.randn_like(x) * 10 * (torch.rand_like(x) < 0.001)
 
-    q, k, v = outliers().bfloat16(), outliers().bfloat16(), torch.randn(b, s, h, d).bfloat16()
+    q, k, v = outliers().bfloat16(), outliers().bfloat16(), torch.randn(b, s, h, d, device=DEVICE).bfloat16()
     with torch.no_grad():
         out = fa3py.attention(q, k, v, fp8=True)
     ref, _ = reference.attention(make_request(q, k, v))
@@ -147,15 +148,15 @@ def test_fp8_has_no_backward():
 
 @pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 0, 2, 16)])
 def test_empty_batch_or_queries(shape):
-    q = torch.randn(shape, dtype=torch.float16)
-    k = torch.randn(shape[0], 5, 2, 16, dtype=torch.float16)
+    q = torch.randn(shape, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(shape[0], 5, 2, 16, dtype=torch.float16, device=DEVICE)
     out, lse = fa3py.attention(q, k, k, return_lse=True)
     assert out.shape == shape and lse.shape == (shape[0], 2, shape[1])
 
 
 def test_zero_length_keys_give_zero_output():
-    q = torch.randn(2, 5, 2, 16, dtype=torch.float16)
-    k = torch.randn(2, 0, 2, 16, dtype=torch.float16)
+    q = torch.randn(2, 5, 2, 16, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(2, 0, 2, 16, dtype=torch.float16, device=DEVICE)
     out, lse = fa3py.attention(q, k, k, return_lse=True)
     assert (out == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
 
@@ -177,7 +178,7 @@ def test_32k_tokens_never_allocate_the_score_matrix():
     s, d = 32768, 32
     q, k, v = (torch.randn(1, s, 1, d, dtype=torch.bfloat16) for _ in range(3))
     with torch.no_grad(), _LargestTensor() as mode:
-        out = fa3py.attention(q, k, v, causal=True, window_size=(4096, 0))
+        out = fa3py.attention(q, k, v, causal=True, window_size=(4096, 0), backend="torch")
     assert mode.largest <= 4 * 1024 * 1024, f"largest intermediate has {mode.largest} elements"
     # spot-check a few rows against the reference
     rows = torch.tensor([0, 5000, s - 1])
