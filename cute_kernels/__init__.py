@@ -1,0 +1,127 @@
+"""sm90 (H100/H200) forward attention kernels written in NVIDIA CuTe DSL.
+
+Contract with `fa3py.dispatch`:
+    why_not(req, backward) -> None if this backend computes `req` (features only; the dispatcher
+                              checks that the GPU is sm90), else a reason string.
+    forward(req) -> (out, lse) with req.out_shape / req.lse_shape / req.out_dtype.
+
+Compiled kernels are cached in memory per `FwdConfig`; `last_compile_seconds` holds the time of
+the most recent compile (also logged at DEBUG level).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig
+
+if TYPE_CHECKING:
+    from fa3py.request import AttentionRequest
+
+log = logging.getLogger(__name__)
+
+last_compile_seconds: Optional[float] = None
+_compiled: dict = {}
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
+    if backward:
+        return "cute_kernels: forward only (no sm90 backward kernel yet)"
+    if req.is_fp8_input or req.params.fp8:
+        return "cute_kernels: FP8 forward not implemented yet"
+    if req.dtype not in _DTYPES:
+        return f"cute_kernels: dtype {req.dtype} not supported (bf16/fp16 only)"
+    if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
+        return "cute_kernels: q, k, v must share a dtype"
+    if (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:
+        return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) not in "
+                f"{sorted(SUPPORTED_HDIM_PAIRS)}")
+    if req.nheads % req.nheads_kv != 0:
+        return "cute_kernels: nheads must be a multiple of nheads_kv"
+    if any(t is not None for t in (req.q_descale, req.k_descale, req.v_descale)):
+        return "cute_kernels: descales are FP8-only"
+    if req.device.type != "cuda":
+        return "cute_kernels: CUDA tensors only"
+    return None
+
+
+def config_for(req: "AttentionRequest") -> FwdConfig:
+    p = req.params
+    return FwdConfig.make(
+        _DTYPES[req.dtype], req.headdim, req.headdim_v,
+        has_left=p.window_left >= 0, has_right=p.window_right >= 0, softcap=p.softcap > 0,
+        cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
+        seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
+    )
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """TMA needs a unit last stride, 16-byte strides and a 16-byte aligned base."""
+    ok = (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
+    return t if ok else t.contiguous()
+
+
+def _cute(t: Optional[torch.Tensor], align: int = 16):
+    from cutlass.cute.runtime import from_dlpack
+
+    if t is None:
+        return None
+    return from_dlpack(t.detach(), assumed_align=align).mark_layout_dynamic(leading_dim=t.ndim - 1)
+
+
+def forward(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
+    return run(req, config_for(req))
+
+
+def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward` with an explicit config (tests and benchmarks override tiles/schedules)."""
+    global last_compile_seconds
+    import cuda.bindings.driver as cuda
+    import cutlass
+    import cutlass.cute as cute
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    p = req.params
+    q, k, v = (_tma_ready(t) for t in (req.q, req.k, req.v))
+    padded_rows = req.packed_q or req.seqused_q is not None
+    out = (torch.zeros if padded_rows else torch.empty)(req.out_shape, dtype=req.out_dtype, device=q.device)
+    lse = torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or k.shape[-3] == 0 or (not req.packed_k and k.shape[0] == 0):
+        out.zero_()
+        return out, lse
+
+    if p.softcap > 0:
+        scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
+    else:
+        scale_log2, premul = p.softmax_scale * math.log2(math.e), 1.0
+    if req.packed_q:
+        max_seqlen_q = req.max_seqlen_q or int((req.cu_seqlens_q[1:] - req.cu_seqlens_q[:-1]).max())
+    else:
+        max_seqlen_q = q.shape[1]
+    if max_seqlen_q == 0:
+        return out, lse
+    ints = [None if t is None else t.to(torch.int32).contiguous()
+            for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
+    args = (
+        _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints),
+        cutlass.Float32(scale_log2), cutlass.Float32(premul),
+        cutlass.Int32(p.window_left), cutlass.Int32(p.window_right), cutlass.Int32(max_seqlen_q),
+        cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
+    )
+    fn = _compiled.get(cfg)
+    if fn is None:
+        t0 = time.perf_counter()
+        fn = cute.compile(FlashAttentionForwardSm90(cfg), *args)
+        last_compile_seconds = time.perf_counter() - t0
+        log.debug("cute_kernels: compiled %s in %.1fs", cfg.short(), last_compile_seconds)
+        _compiled[cfg] = fn
+    fn(*args)
+    return out, lse

@@ -1,0 +1,563 @@
+"""FlashAttention-3-style forward attention for sm90 (H100/H200), bf16/fp16, in CuTe DSL.
+
+Warp roles (384 threads, 3 warpgroups):
+  WG0 (warps 0-3)  producer. setmaxnreg down to `producer_regs`; warp 0 issues every TMA load
+                   (Q once per tile, then K and V per KV block, last block first).
+  WG1, WG2         consumers. setmaxnreg up to `consumer_regs`; WG1 owns Q rows 0-63 of the
+                   tile, WG2 rows 64-127. Each runs S = Q K^T (SS WGMMA), masking, online
+                   softmax in exp2, O += P V (RS WGMMA, P stays in registers), then the epilogue.
+
+Pipelines (PipelineTmaAsync, mbarriers in smem):
+  pipeline_q  1 stage.          full: 1 producer arrive + Q tx bytes; empty: 8 consumer warps.
+  pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 8 consumer warps.
+  pipeline_v  num_stages.       full: 1 producer arrive + V tx bytes; empty: 8 consumer warps.
+  (Consumer release arrives once per warp: lane 0 of each of the 8 consumer warps.)
+
+Named barriers (NamedBarrierFwd):
+  WarpSchedulerWG1/2  pingpong: a consumer WG syncs on its own barrier (256 = own 128 + the
+                      other WG's 128 arrivals) before issuing GEMMs and arrives on the other
+                      WG's barrier right after, so one WG's softmax overlaps the other's GEMMs.
+  Epilogue            256 consumer threads: O goes through smem that aliases sQ.
+
+Intra-warpgroup overlap: the consumer issues QK^T for block n and PV for block n+1 (already
+softmaxed) back to back, then does the softmax of block n while PV runs.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils as cutlass_utils
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.utils import LayoutEnum
+
+from cute_kernels.config import FwdConfig
+from cute_kernels.mask import AttentionMask, SeqlenInfo
+from cute_kernels.softmax import OnlineSoftmax
+from cute_kernels.utils import (
+    NamedBarrierFwd,
+    acc_to_frgA,
+    acc_to_mn,
+    assume_aligned_strides,
+    gemm,
+    make_smem_layout,
+    transpose_view,
+)
+
+DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
+LOG2_E = math.log2(math.e)
+NUM_THREADS_PER_WG = 128
+NUM_MMA_WG = 2
+
+
+def _sdhb(t: cute.Tensor, packed: bool) -> cute.Tensor:
+    """(b, s, h, d) or packed (t, h, d) -> (s, d, h, b), with b of size 1 for packed."""
+    if const_expr(packed):
+        lay = cute.select(t.layout, mode=[0, 2, 1])
+        lay = cute.append(lay, cute.make_layout(1, stride=0))
+    else:
+        lay = cute.select(t.layout, mode=[1, 3, 2, 0])
+    return cute.make_tensor(t.iterator, lay)
+
+
+def _lse_shb(t: cute.Tensor, packed: bool) -> cute.Tensor:
+    """(b, h, s) or packed (h, t) -> (s, h, b)."""
+    if const_expr(packed):
+        lay = cute.append(cute.select(t.layout, mode=[1, 0]), cute.make_layout(1, stride=0))
+    else:
+        lay = cute.select(t.layout, mode=[2, 1, 0])
+    return cute.make_tensor(t.iterator, lay)
+
+
+class FlashAttentionForwardSm90:
+    def __init__(self, cfg: FwdConfig):
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.dtype]
+        t = cfg.tile
+        assert t.tile_m == 64 * NUM_MMA_WG, "one 64-row slab per consumer warpgroup"
+        assert cfg.hdim % 16 == 0 and cfg.hdimv % 16 == 0 and t.tile_n % 16 == 0
+        self.tile_m, self.tile_n, self.num_stages = t.tile_m, t.tile_n, t.num_stages
+        self.hdim, self.hdimv = cfg.hdim, cfg.hdimv
+        self.num_mma_threads = NUM_MMA_WG * NUM_THREADS_PER_WG
+        self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
+        self.use_scheduler_barrier = t.pingpong
+
+    # ------------------------------------------------------------------ host side
+    def _tiled_mmas(self):
+        qk = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+            Float32, atom_layout_mnk=(NUM_MMA_WG, 1, 1), tiler_mn=(64, self.tile_n),
+        )
+        pv = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN,
+            Float32, atom_layout_mnk=(NUM_MMA_WG, 1, 1), tiler_mn=(64, self.hdimv),
+            a_source=warpgroup.OperandSource.RMEM,
+        )
+        return qk, pv
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (b, s_q, h, d) or (total_q, h, d)
+        mK: cute.Tensor,  # (b, s_k, h_kv, d) or (total_k, h_kv, d)
+        mV: cute.Tensor,  # (b, s_k, h_kv, dv) or (total_k, h_kv, dv)
+        mO: cute.Tensor,  # like mQ with dv
+        mLSE: cute.Tensor,  # (b, h, s_q) or (h, total_q), float32
+        mCuSeqlensQ: Optional[cute.Tensor],
+        mCuSeqlensK: Optional[cute.Tensor],
+        mSeqUsedQ: Optional[cute.Tensor],
+        mSeqUsedK: Optional[cute.Tensor],
+        scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e)
+        softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
+        window_left: Int32,
+        window_right: Int32,
+        max_seqlen_q: Int32,
+        stream: cuda.CUstream,
+    ):
+        cfg = self.cfg
+        divby = 128 // self.dtype.width
+        mQ, mK, mV, mO = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV, mO)]
+        mQ, mO = [_sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mO)]
+        mK, mV = [_sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
+        mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
+
+        tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
+        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim))
+        sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
+        sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
+        sO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv))
+
+        sQO_elems = max(cute.cosize(sQ_layout), cute.cosize(sO_layout))
+
+        @cute.struct
+        class SharedStorage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+            mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, sQO_elems], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
+
+        g2s = cpasync.CopyBulkTensorTileG2SOp()
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.hdim))
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+            g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.hdim)
+        )
+        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
+            g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.hdimv)
+        )
+        tx_bytes = {
+            name: cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
+            for name, layout in (("Q", sQ_layout), ("K", sK_layout), ("V", sV_layout))
+        }
+
+        num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
+        num_heads = cute.size(mQ.shape[2])
+        batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
+        self.kernel(
+            tma_Q, tma_K, tma_V, mO, mLSE,
+            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,
+            tma_atom_Q, tma_atom_K, tma_atom_V,
+            scale_log2, softcap_premul, window_left, window_right,
+            sQ_layout, sK_layout, sV_layout, sO_layout,
+            tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
+            num_m_blocks, SharedStorage,
+        ).launch(
+            grid=[num_m_blocks, num_heads, batch],
+            block=[self.num_threads, 1, 1],
+            smem=SharedStorage.size_in_bytes(),
+            stream=stream,
+            min_blocks_per_mp=1,
+        )
+
+    # ------------------------------------------------------------------ device side
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+        mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
+        mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
+        tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
+        scale_log2: Float32, softcap_premul: Float32, window_left: Int32, window_right: Int32,
+        sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+        sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
+        tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+        tx_q: cutlass.Constexpr[int], tx_k: cutlass.Constexpr[int], tx_v: cutlass.Constexpr[int],
+        num_m_blocks: Int32,
+        SharedStorage: cutlass.Constexpr,
+    ):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp_idx == 0:
+            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V):
+                cpasync.prefetch_descriptor(atom)
+
+        smem = cutlass_utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
+        consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
+        make_pipe = partial(pipeline.PipelineTmaAsync.create, producer_group=producer,
+                            consumer_group=consumer_warps, defer_sync=True)
+        pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=1, tx_count=tx_q)
+        pipeline_k = make_pipe(barrier_storage=storage.mbar_k.data_ptr(), num_stages=self.num_stages,
+                               tx_count=tx_k)
+        pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.num_stages,
+                               tx_count=tx_v)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.barrier()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)  # aliases sQ
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+
+        # Tile coordinates; causal tiles go longest-first (highest m_block launches first).
+        bidx, head, batch = cute.arch.block_idx()
+        m_block = bidx
+        if const_expr(self.cfg.has_right):
+            m_block = num_m_blocks - 1 - bidx
+        seqlen = SeqlenInfo.create(
+            batch, mQ.shape[0], mK.shape[0], mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK
+        )
+        mask = AttentionMask(
+            self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
+            window_left, window_right, seqlen, m_block,
+        )
+        tile_args = dict(m_block=m_block, head=head, batch=batch, seqlen=seqlen, mask=mask)
+
+        if warp_idx < 4:
+            cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
+            if warp_idx == 0:
+                self.load(mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
+                          pipeline_q, pipeline_k, pipeline_v, **tile_args)
+        else:
+            cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
+            self.mma(mO, mLSE, sQ, sK, sV, sO, tiled_mma_qk, tiled_mma_pv,
+                     pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, **tile_args)
+
+    @cute.jit
+    def load(
+        self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
+        pipeline_q, pipeline_k, pipeline_v, m_block, head, batch, seqlen: SeqlenInfo,
+        mask: AttentionMask,
+    ):
+        n_block_min, n_block_max = mask.n_block_range()
+        if m_block * self.tile_m < seqlen.seqlen_q and n_block_min < n_block_max:
+            head_kv = head // (mQ.shape[2] // mK.shape[2])
+            b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
+            b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
+            mQ_cur = cute.domain_offset((seqlen.offset_q, 0), mQ[None, None, head, b_q])
+            mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
+            mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
+            gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
+            gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
+            gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
+            one = cute.make_layout(1)
+            tQsQ, tQgQ = cpasync.tma_partition(tma_atom_Q, 0, one, cute.group_modes(sQ, 0, 2),
+                                               cute.group_modes(gQ, 0, 2))
+            tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
+                                               cute.group_modes(gK, 0, 2))
+            tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
+                                               cute.group_modes(gV, 0, 2))
+            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+            # K of the first (= last in key order) block, then Q, so QK^T can start early.
+            n_block = n_block_max - 1
+            pipeline_k.producer_acquire(kv_state)
+            cute.copy(tma_atom_K, tKgK[None, n_block], tKsK[None, kv_state.index],
+                      tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state))
+            pipeline_q.producer_acquire(q_state)
+            cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
+            pipeline_v.producer_acquire(kv_state)
+            cute.copy(tma_atom_V, tVgV[None, n_block], tVsV[None, kv_state.index],
+                      tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state))
+            kv_state.advance()
+            for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
+                n_block = n_block_max - 2 - i
+                pipeline_k.producer_acquire(kv_state)
+                cute.copy(tma_atom_K, tKgK[None, n_block], tKsK[None, kv_state.index],
+                          tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state))
+                pipeline_v.producer_acquire(kv_state)
+                cute.copy(tma_atom_V, tVgV[None, n_block], tVsV[None, kv_state.index],
+                          tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state))
+                kv_state.advance()
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def mma(
+        self, mO, mLSE, sQ, sK, sV, sO, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+        pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
+        m_block, head, batch, seqlen: SeqlenInfo, mask: AttentionMask,
+    ):
+        tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
+        wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
+        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
+        wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
+        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
+        tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
+        acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
+        acc_O.fill(0.0)
+        softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]))
+
+        def qk_gemm(stage, wg_wait):
+            acc_S = cute.make_rmem_tensor(tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32)
+            gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], zero_init=True, wg_wait=wg_wait)
+            return acc_S
+
+        def pv_gemm(stage, wg_wait):
+            gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait)
+
+        step = partial(
+            self.step_overlap if const_expr(self.cfg.tile.intra_wg_overlap) else self.step_plain,
+            qk_gemm=qk_gemm, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
+            softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask,
+            softcap_premul=softcap_premul,
+        )
+
+        self.scheduler_init(wg_idx)
+        n_block_min, n_block_max = mask.n_block_range()
+        if m_block * self.tile_m < seqlen.seqlen_q:
+            if n_block_min < n_block_max:
+                q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+                kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
+                pipeline_q.consumer_wait(q_state)
+                # 1) the last KV block: seqlen + window masks.
+                n_block = n_block_max - 1
+                if const_expr(self.cfg.tile.intra_wg_overlap):
+                    kv_state = self.first_block_overlap(
+                        kv_state, n_block, qk_gemm=qk_gemm, pipeline_k=pipeline_k, softmax=softmax,
+                        tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask, softcap_premul=softcap_premul,
+                    )
+                else:
+                    self.scheduler_sync(wg_idx)
+                    kv_state = step(kv_state, n_block, wg_idx=wg_idx, is_first=True,
+                                    mask_seqlen=True, mask_right=True, mask_left=True)
+                # 2) blocks that cross the right edge of the window (causal diagonal).
+                n_hi = n_block_max - 1
+                if const_expr(self.cfg.has_right):
+                    n_lo = cutlass.min(mask.n_block_min_right_masked(n_block_min), n_hi)
+                    for i in cutlass.range(n_hi - n_lo, unroll=1):
+                        kv_state = step(kv_state, n_hi - 1 - i, wg_idx=wg_idx, mask_right=True,
+                                        mask_left=True)
+                    n_hi = n_lo
+                # 3) interior blocks: no mask.
+                n_lo = cutlass.min(mask.n_block_max_left_masked(n_block_min), n_hi)
+                for i in cutlass.range(n_hi - n_lo, unroll=1):
+                    kv_state = step(kv_state, n_hi - 1 - i, wg_idx=wg_idx)
+                # 4) blocks that cross the left edge of the window.
+                if const_expr(self.cfg.has_left):
+                    for i in cutlass.range(n_lo - n_block_min, unroll=1):
+                        kv_state = step(kv_state, n_lo - 1 - i, wg_idx=wg_idx, mask_left=True)
+                pipeline_q.consumer_release(q_state)
+                if const_expr(self.cfg.tile.intra_wg_overlap):
+                    kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
+                                                       pipeline_v=pipeline_v, softmax=softmax,
+                                                       acc_O=acc_O)
+                else:
+                    self.scheduler_arrive(wg_idx)
+            self.epilogue(acc_O, softmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block, head, batch, seqlen)
+
+    @cute.jit
+    def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
+        """softcap: s = softcap * tanh(scale * qk / softcap); softcap*log2(e) is in scale_log2."""
+        if const_expr(self.cfg.softcap):
+            for i in cutlass.range_constexpr(cute.size(acc_S)):
+                acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
+
+    @cute.jit
+    def softmax_block(self, acc_S, n_block, softmax: OnlineSoftmax, tOrP, thr_mma_qk, mask,
+                      softcap_premul, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
+                      mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool]):
+        """Scores -> P (in tOrP); returns the O row rescale factors."""
+        self.score_mod(acc_S, softcap_premul)
+        if const_expr(mask_seqlen or mask_right or mask_left):
+            mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left)
+        row_scale = softmax.step(acc_S, is_first=is_first)
+        tOrP.store(acc_to_frgA(acc_S).load().to(self.dtype))
+        return row_scale
+
+    @cute.jit
+    def step_plain(
+        self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
+        thr_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
+        mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
+        mask_left: cutlass.Constexpr[bool] = False,
+    ):
+        """One KV block without intra-WG overlap: S = QK^T, softmax, O = O*scale + PV."""
+        pipeline_k.consumer_wait(kv_state)
+        acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
+        self.scheduler_arrive(wg_idx)
+        warpgroup.wait_group(0)
+        pipeline_k.consumer_release(kv_state)
+        row_scale = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, mask, softcap_premul,
+                                       is_first, mask_seqlen, mask_right, mask_left)
+        softmax.rescale_O(acc_O, row_scale)
+        pipeline_v.consumer_wait(kv_state)
+        self.scheduler_sync(wg_idx)
+        pv_gemm(kv_state.index, wg_wait=0)  # O += P @ V
+        pipeline_v.consumer_release(kv_state)
+        kv_state.advance()
+        return kv_state
+
+    @cute.jit
+    def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
+                            mask, softcap_premul):
+        """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
+        pipeline_k.consumer_wait(kv_state)
+        acc_S = qk_gemm(kv_state.index, wg_wait=0)
+        pipeline_k.consumer_release(kv_state)
+        self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, mask, softcap_premul,
+                           True, True, True, True)
+        return kv_state
+
+    @cute.jit
+    def step_overlap(
+        self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
+        thr_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
+        mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
+        mask_left: cutlass.Constexpr[bool] = False,
+    ):
+        """Overlapped schedule: issue S = QK^T(n_block) and O += P V(previous block) together,
+        then the softmax of n_block runs while PV is in flight."""
+        v_state = kv_state.clone()
+        kv_state.advance()
+        pipeline_k.consumer_wait(kv_state)
+        self.scheduler_sync(wg_idx)
+        acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
+        pipeline_v.consumer_wait(v_state)
+        pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
+        self.scheduler_arrive(wg_idx)
+        warpgroup.wait_group(1)
+        pipeline_k.consumer_release(kv_state)
+        self.score_mod(acc_S, softcap_premul)
+        if const_expr(mask_seqlen or mask_right or mask_left):
+            mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left)
+        row_scale = softmax.step(acc_S, is_first=False)
+        warpgroup.wait_group(0)
+        pipeline_v.consumer_release(v_state)
+        tOrP.store(acc_to_frgA(acc_S).load().to(self.dtype))
+        softmax.rescale_O(acc_O, row_scale)
+        return kv_state
+
+    @cute.jit
+    def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O):
+        pipeline_v.consumer_wait(kv_state)
+        pv_gemm(kv_state.index, wg_wait=0)
+        pipeline_v.consumer_release(kv_state)
+        kv_state.advance()
+        return kv_state
+
+    # ------------------------------------------------------------------ pingpong
+    @cute.jit
+    def scheduler_init(self, wg_idx):
+        """WG1 goes first: it pre-arrives on its own barrier."""
+        if const_expr(self.use_scheduler_barrier):
+            if wg_idx == 0:
+                cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1),
+                                         number_of_threads=2 * NUM_THREADS_PER_WG)
+
+    @cute.jit
+    def scheduler_sync(self, wg_idx):
+        if const_expr(self.use_scheduler_barrier):
+            cute.arch.barrier(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1) + wg_idx,
+                              number_of_threads=2 * NUM_THREADS_PER_WG)
+
+    @cute.jit
+    def scheduler_arrive(self, wg_idx):
+        if const_expr(self.use_scheduler_barrier):
+            cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1) + (1 - wg_idx),
+                                     number_of_threads=2 * NUM_THREADS_PER_WG)
+
+    # ------------------------------------------------------------------ epilogue
+    @cute.jit
+    def epilogue(self, acc_O, softmax: OnlineSoftmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block,
+                 head, batch, seqlen: SeqlenInfo):
+        """O = acc_O / rowsum -> bf16 -> smem (stmatrix) -> 16-byte predicated global stores;
+        LSE from the lanes that own column 0."""
+        inv_sum = softmax.finalize()
+        softmax.rescale_O(acc_O, inv_sum)
+        rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
+        rO.store(acc_O.load().to(self.dtype))
+        b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
+        rows_left = seqlen.seqlen_q - m_block * self.tile_m
+
+        # LSE: lanes holding column 0 write their rows.
+        thr_mma = tiled_mma_pv.get_slice(tidx)
+        cO = cute.make_identity_tensor((self.tile_m, self.hdimv))
+        tOcO = acc_to_mn(thr_mma.partition_C(cO))
+        mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b_q])
+        if tOcO[0, 0][1] == 0:
+            for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
+                row = tOcO[r, 0][0]
+                if row < rows_left:
+                    mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
+
+        # Every consumer WG must be done reading sQ before sO (same smem) is written.
+        cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
+        store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
+        thr_copy_O = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
+        cute.copy(thr_copy_O, thr_copy_O.retile(rO), thr_copy_O.partition_D(sO))
+        cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
+
+        vec = 128 // self.dtype.width
+        threads_per_row = math.gcd(self.hdimv // vec, 32)
+        gmem_copy = cute.make_tiled_copy_tv(
+            cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128),
+            cute.make_ordered_layout((self.num_mma_threads // threads_per_row, threads_per_row), order=(1, 0)),
+            cute.make_layout((1, vec)),
+        )
+        thr_gmem = gmem_copy.get_slice(tidx)
+        mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b_q])
+        gO = cute.local_tile(mO_cur, (self.tile_m, self.hdimv), (m_block, 0))
+        tOsO = thr_gmem.partition_S(sO)
+        tOgO = thr_gmem.partition_D(gO)
+        tOcO_g = thr_gmem.partition_S(cO)
+        tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
+        cute.autovec_copy(tOsO, tOrO)
+        for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
+            if tOcO_g[0, m, 0][0] < rows_left:
+                cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
+
+    # ------------------------------------------------------------------ compile
+    @staticmethod
+    def fake_args(cfg: FwdConfig):
+        """Fake tensors/scalars matching `forward`'s call, for CPU compile-only."""
+        sym, sym64 = cute.sym_int, cute.sym_int64
+        dt = DTYPES[cfg.dtype]
+        div = 128 // dt.width
+
+        def t(shape, dtype=dt, d=div):
+            stride = tuple(1 if i == len(shape) - 1 else sym64(divisibility=d) for i in range(len(shape)))
+            return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=16 if d > 1 else 4)
+
+        b, sq, sk, h, hk = sym(), sym(), sym(), sym(), sym()
+        tq, tk = sym(), sym()
+        q_rows = (tq,) if cfg.cu_seqlens_q else (b, sq)
+        k_rows = (tk,) if cfg.cu_seqlens_k else (b, sk)
+        mQ = t((*q_rows, h, cfg.hdim))
+        mK = t((*k_rows, hk, cfg.hdim))
+        mV = t((*k_rows, hk, cfg.hdimv))
+        mO = t((*q_rows, h, cfg.hdimv))
+        mLSE = t((h, tq) if cfg.cu_seqlens_q else (b, h, sq), Float32, 1)
+        bp1 = sym()
+        vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
+        return (
+            mQ, mK, mV, mO, mLSE,
+            vec(bp1) if cfg.cu_seqlens_q else None,
+            vec(bp1) if cfg.cu_seqlens_k else None,
+            vec(b) if cfg.seqused_q else None,
+            vec(b) if cfg.seqused_k else None,
+            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1),
+            cute.runtime.make_fake_stream(),
+        )

@@ -1,0 +1,123 @@
+"""Sequence lengths, KV-block ranges and score masking for one (batch, head, m_block) tile.
+
+Mask semantics (fa3py/request.py, bottom-right aligned): query row i keeps key j iff
+    (no left window  or j >= i + Lk - Lq - window_left) and
+    (no right window or j <= i + Lk - Lq + window_right);  causal is window_right = 0.
+Only blocks that straddle a boundary are masked; blocks outside the window are never loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cute_kernels.utils import acc_to_mn
+
+
+@dataclass(frozen=True)
+class SeqlenInfo:
+    """Where sequence `batch` starts in packed tensors and how long it is."""
+
+    offset_q: Int32
+    offset_k: Int32
+    seqlen_q: Int32
+    seqlen_k: Int32
+
+    @staticmethod
+    def create(batch, seqlen_q_static, seqlen_k_static, mCuSeqlensQ=None, mCuSeqlensK=None,
+               mSeqUsedQ=None, mSeqUsedK=None) -> "SeqlenInfo":
+        offset_q = Int32(0) if const_expr(mCuSeqlensQ is None) else mCuSeqlensQ[batch]
+        offset_k = Int32(0) if const_expr(mCuSeqlensK is None) else mCuSeqlensK[batch]
+        if const_expr(mSeqUsedQ is not None):
+            seqlen_q = mSeqUsedQ[batch]
+        elif const_expr(mCuSeqlensQ is not None):
+            seqlen_q = mCuSeqlensQ[batch + 1] - offset_q
+        else:
+            seqlen_q = seqlen_q_static
+        if const_expr(mSeqUsedK is not None):
+            seqlen_k = mSeqUsedK[batch]
+        elif const_expr(mCuSeqlensK is not None):
+            seqlen_k = mCuSeqlensK[batch + 1] - offset_k
+        else:
+            seqlen_k = seqlen_k_static
+        return SeqlenInfo(offset_q, offset_k, Int32(seqlen_q), Int32(seqlen_k))
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Window bounds of one m_block, and the masking of its boundary KV blocks."""
+
+    tile_m: cutlass.Constexpr[int]
+    tile_n: cutlass.Constexpr[int]
+    has_left: cutlass.Constexpr[bool]  # window_left >= 0
+    has_right: cutlass.Constexpr[bool]  # window_right >= 0 (causal: 0)
+    window_left: Int32
+    window_right: Int32
+    seqlen: SeqlenInfo
+    m_block: Int32
+
+    @property
+    def diag(self):
+        """Column of the diagonal for query row 0 (bottom-right alignment)."""
+        return self.seqlen.seqlen_k - self.seqlen.seqlen_q
+
+    @cute.jit
+    def n_block_range(self):
+        """[n_block_min, n_block_max): KV blocks with at least one kept key for this m_block."""
+        n_block_max = cute.ceil_div(self.seqlen.seqlen_k, self.tile_n)
+        if const_expr(self.has_right):
+            col_max = (self.m_block + 1) * self.tile_m + self.diag + self.window_right  # exclusive
+            n_block_max = cutlass.min(n_block_max, cute.ceil_div(cutlass.max(col_max, 0), self.tile_n))
+        n_block_min = Int32(0)
+        if const_expr(self.has_left):
+            col_min = self.m_block * self.tile_m + self.diag - self.window_left
+            n_block_min = cutlass.max(col_min, 0) // self.tile_n
+        return n_block_min, n_block_max
+
+    @cute.jit
+    def n_block_min_right_masked(self, n_block_min: Int32) -> Int32:
+        """Blocks >= this may contain keys right of the window for some row of the m_block."""
+        if const_expr(not self.has_right):
+            return Int32(1 << 30)
+        col = self.m_block * self.tile_m + self.diag + self.window_right
+        return cutlass.max(n_block_min, cutlass.max(col, 0) // self.tile_n)
+
+    @cute.jit
+    def n_block_max_left_masked(self, n_block_min: Int32) -> Int32:
+        """Blocks < this may contain keys left of the window for some row of the m_block."""
+        if const_expr(not self.has_left):
+            return n_block_min
+        col = (self.m_block + 1) * self.tile_m + self.diag - self.window_left
+        return cutlass.max(n_block_min, cute.ceil_div(cutlass.max(col, 0), self.tile_n))
+
+    @cute.jit
+    def apply(
+        self,
+        acc_S: cute.Tensor,
+        thr_mma: cute.ThrMma,
+        n_block: Int32,
+        mask_seqlen: cutlass.Constexpr[bool],
+        mask_right: cutlass.Constexpr[bool],
+        mask_left: cutlass.Constexpr[bool],
+    ):
+        """Set masked scores of block `n_block` to -inf."""
+        s_mn = acc_to_mn(acc_S)
+        cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
+        tScS = acc_to_mn(thr_mma.partition_C(cS))
+        col0 = n_block * self.tile_n
+        for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+            row = self.m_block * self.tile_m + tScS[r, 0][0]
+            limit_hi = Int32(self.seqlen.seqlen_k) if const_expr(mask_seqlen) else Int32(1 << 30)
+            if const_expr(mask_right and self.has_right):
+                limit_hi = cutlass.min(limit_hi, row + self.diag + self.window_right + 1)
+            limit_lo = Int32(-(1 << 30))
+            if const_expr(mask_left and self.has_left):
+                limit_lo = row + self.diag - self.window_left
+            for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                col = col0 + tScS[r, c][1]
+                if col >= limit_hi or col < limit_lo:
+                    s_mn[r, c] = -Float32.inf

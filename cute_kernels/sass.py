@@ -1,0 +1,119 @@
+"""Compile-only harness: build the sm90 kernel for sm_90a against fake tensors (no GPU needed),
+keep the cubin and count SASS opcodes.
+
+    python -m cute_kernels.sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
+                                [--softcap] [--varlen] [--no-overlap] [--no-pingpong] [--dump]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+REQUIRED = ("HGMMA", "UTMALDG", "USETMAXREG")
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def compile_cubin(cfg, out_dir: str) -> tuple[str, float]:
+    """Compile `cfg` for sm_90a into out_dir; return (cubin path, compile seconds)."""
+    import cutlass.cute as cute
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    os.environ["CUTE_DSL_DUMP_DIR"] = out_dir
+    t0 = time.perf_counter()
+    cute.compile(FlashAttentionForwardSm90(cfg), *FlashAttentionForwardSm90.fake_args(cfg),
+                 options=f"--gpu-arch=sm_90a --keep-cubin --dump-dir={out_dir}")
+    dt = time.perf_counter() - t0
+    cubins = sorted(glob.glob(os.path.join(out_dir, "**", "*.cubin"), recursive=True), key=os.path.getmtime)
+    if not cubins:
+        raise RuntimeError(f"no cubin written under {out_dir}")
+    return cubins[-1], dt
+
+
+def sass_text(cubin: str) -> str:
+    return subprocess.run([_tool("cuobjdump"), "-sass", cubin], check=True, capture_output=True,
+                          text=True).stdout
+
+
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+
+
+def opcode_counts(sass: str, full: bool = False) -> collections.Counter:
+    """Count opcodes (`full`: with modifiers, e.g. BAR.SYNC.DEFER_BLOCKING)."""
+    c = collections.Counter()
+    for m in _INSTR.finditer(sass):
+        c[m.group(1) + (m.group(2) if full else "")] += 1
+    return c
+
+
+def named_barrier_ids(sass: str) -> collections.Counter:
+    """BAR.SYNC / BAR.ARV instructions by barrier id (immediate or register)."""
+    c = collections.Counter()
+    for m in re.finditer(r"\b(BAR\.(?:SYNC|ARV|RED)[.A-Z_]*)\s+([^,;]+)", sass):
+        c[f"{m.group(1).split('.')[1]} {m.group(2).strip()}"] += 1
+    return c
+
+
+def check(sass: str) -> list[str]:
+    """Missing required features (empty list = ok)."""
+    ops = opcode_counts(sass)
+    missing = [op for op in REQUIRED if ops[op] == 0]
+    bars = named_barrier_ids(sass)
+    if not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
+        missing.append("named BAR with id != 0")
+    return missing
+
+
+def main(argv=None) -> int:
+    from cute_kernels.config import FwdConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--hdim", type=int, default=128)
+    p.add_argument("--hdimv", type=int, default=None)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--local", action="store_true", help="sliding window (left and right)")
+    p.add_argument("--softcap", action="store_true")
+    p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
+    p.add_argument("--no-overlap", action="store_true")
+    p.add_argument("--no-pingpong", action="store_true")
+    p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
+    p.add_argument("--dump", action="store_true", help="print the whole SASS")
+    a = p.parse_args(argv)
+    cfg = FwdConfig.make(
+        a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
+        cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
+        pingpong=not a.no_pingpong,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        cubin, dt = compile_cubin(cfg, d)
+        sass = sass_text(cubin)
+    if a.dump:
+        print(sass)
+    print(f"# {cfg.short()}  compile {dt:.1f}s")
+    for op, n in sorted(opcode_counts(sass, a.full).items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"{op:32s} {n}")
+    print("# named barriers:", dict(named_barrier_ids(sass)))
+    missing = check(sass)
+    print("# required:", "ok" if not missing else "MISSING " + ", ".join(missing))
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Online softmax over WGMMA accumulators, in exp2 with the softmax scale folded in.
+
+State per thread: the running max (unscaled scores) and the running sum of exp2 terms of its
+rows. Each accumulator row is shared by the 4 lanes of a quad: the max is quad-reduced every
+block; the sum stays per-lane and is quad-reduced once in `finalize`. The same code serves
+bf16/fp16 and (later) FP8, which only differ in how P is converted afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, const_expr
+
+from cute_kernels.utils import acc_to_mn, quad_allreduce
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class OnlineSoftmax:
+    scale_log2: Float32  # softmax_scale * log2(e), or softcap * log2(e) with softcap
+    row_max: cute.Tensor
+    row_sum: cute.Tensor
+
+    @staticmethod
+    def create(scale_log2: Float32, num_rows: cutlass.Constexpr[int]) -> "OnlineSoftmax":
+        row_max = cute.make_rmem_tensor(num_rows, Float32)
+        row_sum = cute.make_rmem_tensor(num_rows, Float32)
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+        return OnlineSoftmax(scale_log2, row_max, row_sum)
+
+    @cute.jit
+    def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]) -> cute.Tensor:
+        """Turn scores into unnormalized probabilities in place; return the factor by which
+        each row of O must be rescaled."""
+        s_mn = acc_to_mn(acc_S)
+        row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
+        for r in cutlass.range_constexpr(cute.size(self.row_max)):
+            row = s_mn[r, None].load()
+            m_prev = self.row_max[r]
+            m_cur = row.reduce(cute.ReductionOp.MAX, m_prev if const_expr(not is_first) else -Float32.inf, 0)
+            m_cur = quad_allreduce(m_cur, cute.arch.fmax)
+            self.row_max[r] = m_cur
+            # A row with every key masked so far keeps max -inf: use 0 so exp2 gives 0, not NaN.
+            m_safe = m_cur if m_cur != -Float32.inf else Float32(0.0)
+            p = cute.math.exp2(row * self.scale_log2 - m_safe * self.scale_log2, fastmath=True)
+            s_mn[r, None].store(p)
+            if const_expr(is_first):
+                row_scale[r] = Float32(1.0)
+                self.row_sum[r] = p.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            else:
+                scale = cute.math.exp2((m_prev - m_safe) * self.scale_log2, fastmath=True)
+                row_scale[r] = scale
+                self.row_sum[r] = p.reduce(cute.ReductionOp.ADD, self.row_sum[r] * scale, 0)
+        return row_scale
+
+    @cute.jit
+    def finalize(self) -> cute.Tensor:
+        """Return 1/rowsum (0 for an empty row) and leave the natural-log LSE in row_sum."""
+        inv = cute.make_rmem_tensor_like(self.row_sum, Float32)
+        for r in cutlass.range_constexpr(cute.size(self.row_sum)):
+            total = quad_allreduce(self.row_sum[r], lambda a, b: a + b)
+            empty = total == 0.0 or total != total
+            inv[r] = Float32(0.0) if empty else cute.arch.rcp_approx(total)
+            lse = (self.row_max[r] * self.scale_log2 + cute.math.log2(total, fastmath=True)) * LN2
+            self.row_sum[r] = -Float32.inf if empty else lse
+        return inv
+
+    @cute.jit
+    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor):
+        o_mn = acc_to_mn(acc_O)
+        for r in cutlass.range_constexpr(cute.size(row_scale)):
+            o_mn[r, None].store(o_mn[r, None].load() * row_scale[r])

@@ -1,0 +1,105 @@
+"""Small CuTe DSL helpers shared by the sm90 attention kernels (and a later FP8 variant).
+
+Layout conventions (WGMMA accumulator, one warpgroup computes 64 rows):
+  acc  ((2, 2, V), MMA_M, MMA_N)  -- V = N / 8 column pairs per thread
+  mn   ((2, MMA_M), (2, V, MMA_N)) -- rows x cols view used by softmax / masking
+  frgA ((2, 2, 2), MMA_M, (V / 2, MMA_N)) -- the same registers as the A operand of O += P V
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional, Type
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, const_expr
+from cutlass.cute.nvgpu import warpgroup
+from cutlass.utils import LayoutEnum
+
+
+class NamedBarrierFwd(enum.IntEnum):
+    """Hardware named-barrier ids (0 is __syncthreads)."""
+
+    Epilogue = 1  # all consumer threads: sO may overwrite sQ only after every QK^T is done
+    WarpSchedulerWG1 = 2  # pingpong: WG1 may issue its GEMMs
+    WarpSchedulerWG2 = 3  # pingpong: WG2 may issue its GEMMs
+
+
+def make_smem_layout(dtype: Type[cutlass.Numeric], shape: tuple, stages: Optional[int] = None):
+    """Row-major (last dim contiguous) swizzled smem layout for a TMA tile, optionally staged."""
+    atom = warpgroup.make_smem_layout_atom(
+        sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, shape[1]), dtype
+    )
+    if stages is None:
+        return cute.tile_to_shape(atom, shape, order=(0, 1))
+    return cute.tile_to_shape(atom, (*shape, stages), order=(0, 1, 2))
+
+
+def transpose_view(t: cute.Tensor) -> cute.Tensor:
+    """Swap the first two modes of an smem tensor (V (n, d) -> Vt (d, n) for O += P V)."""
+    shape = (t.shape[1], t.shape[0], *t.shape[2:])
+    order = (1, 0, *range(2, cute.rank(t)))
+    return cute.composition(t, cute.make_ordered_layout(shape, order=order))
+
+
+def acc_layout_to_mn(acc_layout: cute.Layout) -> cute.Layout:
+    base = cute.make_layout(acc_layout.shape)  # column-major over the acc's own coordinates
+    s, d = base.shape, base.stride
+    shape = ((s[0][1], s[1]), (s[0][0], s[0][2], s[2]))
+    stride = ((d[0][1], d[1]), (d[0][0], d[0][2], d[2]))
+    return cute.composition(acc_layout, cute.make_layout(shape, stride=stride))
+
+
+def acc_to_mn(acc: cute.Tensor) -> cute.Tensor:
+    return cute.make_tensor(acc.iterator, acc_layout_to_mn(acc.layout))
+
+
+def acc_to_frgA(acc: cute.Tensor) -> cute.Tensor:
+    """Reinterpret an fp32 QK^T accumulator as the register A operand of the PV WGMMA."""
+    lay = acc.layout
+    assert lay.shape[0][2] % 2 == 0, "tile_n must be a multiple of 16"
+    l = cute.logical_divide(lay, ((None, None, 2), None, None))
+    shape = ((l.shape[0][0], l.shape[0][1], l.shape[0][2][0]), l.shape[1], (l.shape[0][2][1], l.shape[2]))
+    stride = (
+        (l.stride[0][0], l.stride[0][1], l.stride[0][2][0]),
+        l.stride[1],
+        (l.stride[0][2][1], l.stride[2]),
+    )
+    return cute.make_tensor(acc.iterator, cute.make_layout(shape, stride=stride))
+
+
+@cute.jit
+def gemm(
+    tiled_mma: cute.TiledMma,
+    acc: cute.Tensor,
+    tCrA: cute.Tensor,
+    tCrB: cute.Tensor,
+    zero_init: cutlass.Constexpr[bool] = False,
+    wg_wait: cutlass.Constexpr[int] = 0,
+):
+    """acc (+)= A @ B over all k-blocks as one WGMMA group; wait until `wg_wait` groups remain
+    in flight (-1: do not wait)."""
+    warpgroup.fence()
+    atom = cute.make_mma_atom(tiled_mma.op)
+    atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
+    for k in cutlass.range_constexpr(cute.size(tCrA.shape[2])):
+        cute.gemm(atom, acc, tCrA[None, None, k], tCrB[None, None, k], acc)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.commit_group()
+    if const_expr(wg_wait >= 0):
+        warpgroup.wait_group(wg_wait)
+
+
+def quad_allreduce(x: Float32, op) -> Float32:
+    """Reduce over the 4 lanes that share an accumulator row."""
+    x = op(x, cute.arch.shuffle_sync_bfly(x, offset=1))
+    return op(x, cute.arch.shuffle_sync_bfly(x, offset=2))
+
+
+def assume_aligned_strides(t: cute.Tensor, divby: int) -> cute.Tensor:
+    """Tell the compiler every dynamic stride is a multiple of `divby` elements (TMA needs
+    16-byte strides; the host checks this before launch)."""
+    strides = tuple(s if isinstance(s, int) else cute.assume(s, divby=divby) for s in t.stride)
+    return cute.make_tensor(t.iterator, cute.make_layout(t.shape, stride=strides))

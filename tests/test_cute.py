@@ -1,0 +1,209 @@
+"""cute_kernels: the sm90 CuTe DSL forward kernel.
+
+CPU (no GPU): compile-only for sm_90a against fake tensors over a representative config grid,
+with SASS checks (HGMMA, UTMALDG, USETMAXREG, named BAR ids). GPU (`-m gpu`): every feature on
+ragged sizes against the fp64 reference, tolerance per shared/STYLE.md (tests/_util.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+
+from fa3py.request import AttentionParams, AttentionRequest
+
+cutlass = pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+import cute_kernels  # noqa: E402
+from cute_kernels import sass  # noqa: E402
+from cute_kernels.config import FwdConfig  # noqa: E402
+
+HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+# ----------------------------------------------------------------------------- compile-only
+def _compile_and_check(cfg: FwdConfig):
+    with tempfile.TemporaryDirectory() as d:
+        cubin, _ = sass.compile_cubin(cfg, d)
+        text = sass.sass_text(cubin)
+    assert sass.check(text) == [], f"{cfg.short()}: missing {sass.check(text)}"
+    ops = sass.opcode_counts(text)
+    assert ops["STL"] == 0 and ops["LDL"] == 0, f"{cfg.short()}: register spills"
+    return ops
+
+
+COMPILE_GRID = [
+    # (dtype, hdim, hdimv, causal): every head dim causal + non-causal, dtypes alternated.
+    ("bf16", 64, 64, False), ("fp16", 64, 64, True),
+    ("fp16", 96, 96, False), ("bf16", 96, 96, True),
+    ("bf16", 128, 128, False), ("fp16", 128, 128, False), ("bf16", 128, 128, True),
+    ("fp16", 128, 128, True),
+    ("bf16", 192, 192, False), ("fp16", 192, 192, True), ("bf16", 192, 128, True),
+    ("fp16", 256, 256, False), ("bf16", 256, 256, True),
+]
+
+
+@pytest.mark.parametrize("dtype,hdim,hdimv,causal", COMPILE_GRID)
+def test_compile_sm90a(dtype, hdim, hdimv, causal):
+    ops = _compile_and_check(FwdConfig.make(dtype, hdim, hdimv, has_right=causal))
+    assert ops["HGMMA"] > 0
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        dict(has_left=True, has_right=True, softcap=True),
+        dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True, has_right=True),
+        dict(seqused_q=True, has_left=True),
+        dict(intra_wg_overlap=False),
+        dict(intra_wg_overlap=False, pingpong=False, has_right=True),
+    ],
+    ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong"],
+)
+def test_compile_features(features):
+    _compile_and_check(FwdConfig.make("bf16", 128, **features))
+
+
+def test_sass_cli(capsys):
+    assert sass.main(["--hdim", "64", "--causal"]) == 0
+    out = capsys.readouterr().out
+    assert "HGMMA" in out and "required: ok" in out
+
+
+# ----------------------------------------------------------------------------- contract
+def _req(q, k, v, **kw):
+    params = {n: kw.pop(n) for n in list(kw) if n in AttentionParams.__dataclass_fields__}
+    params.setdefault("softmax_scale", q.shape[-1] ** -0.5)
+    return AttentionRequest(q, k, v, AttentionParams(**params), **kw)
+
+
+def test_why_not_reasons():
+    x = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    assert cute_kernels.why_not(_req(x, x, x), backward=True)
+    assert "FP8" in cute_kernels.why_not(_req(x, x, x, fp8=True), backward=False)
+    y = torch.randn(1, 8, 2, 80, dtype=torch.bfloat16)
+    assert "headdim" in cute_kernels.why_not(_req(y, y, y), backward=False)
+    z = torch.randn(1, 8, 2, 128, dtype=torch.float32)
+    assert "dtype" in cute_kernels.why_not(_req(z, z, z), backward=False)
+    f8 = x.to(torch.float8_e4m3fn)
+    assert cute_kernels.why_not(_req(f8, f8, f8), backward=False)
+
+
+def test_config_for_request():
+    x = torch.randn(2, 8, 2, 192, dtype=torch.float16)
+    v = torch.randn(2, 8, 2, 128, dtype=torch.float16)
+    cfg = cute_kernels.config_for(_req(x, x, v, window_right=0, softcap=5.0))
+    assert (cfg.dtype, cfg.hdim, cfg.hdimv, cfg.causal, cfg.softcap) == ("fp16", 192, 128, True, True)
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+SIZES = [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (128, 384)]
+
+
+def _check(req, cfg=None):
+    from tests._util import check_forward
+
+    assert cute_kernels.why_not(req, backward=False) is None
+    out, lse = cute_kernels.run(req, cfg or cute_kernels.config_for(req))
+    torch.cuda.synchronize()
+    check_forward(req, out, lse)
+
+
+def _qkv(b, sq, sk, h, hk, d, dv, dtype):
+    mk = lambda s, n, e: torch.randn(b, s, n, e, device="cuda", dtype=dtype)
+    return mk(sq, h, d), mk(sk, hk, d), mk(sk, hk, dv)
+
+
+@gpu
+@pytest.mark.parametrize("sq,sk", SIZES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_basic(sq, sk, causal):
+    q, k, v = _qkv(2, sq, sk, 4, 4, 128, 128, torch.bfloat16)
+    _check(_req(q, k, v, window_right=0 if causal else -1))
+
+
+@gpu
+@pytest.mark.parametrize("sq,sk", [(113, 203), (799, 3), (1023, 1024)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_gqa_fp16_hdim64(sq, sk, causal):
+    q, k, v = _qkv(2, sq, sk, 6, 2, 64, 64, torch.float16)
+    _check(_req(q, k, v, window_right=0 if causal else -1))
+
+
+@gpu
+@pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129)])
+@pytest.mark.parametrize("wl,wr", [(37, 11), (0, 0), (200, -1), (-1, 64)])
+def test_gpu_local(sq, sk, wl, wr):
+    q, k, v = _qkv(2, sq, sk, 4, 2, 128, 128, torch.bfloat16)
+    _check(_req(q, k, v, window_left=wl, window_right=wr))
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_softcap(causal):
+    q, k, v = _qkv(2, 239, 517, 4, 4, 128, 128, torch.bfloat16)
+    _check(_req(q * 3, k, v, softcap=7.5, window_right=0 if causal else -1))
+
+
+@gpu
+@pytest.mark.parametrize("hdim,hdimv", [(64, 64), (96, 96), (192, 192), (192, 128), (256, 256)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_headdims(hdim, hdimv, causal):
+    q, k, v = _qkv(2, 333, 517, 4, 2, hdim, hdimv, torch.bfloat16)
+    _check(_req(q, k, v, window_right=0 if causal else -1))
+
+
+@gpu
+@pytest.mark.parametrize("overlap,pingpong", [(False, True), (False, False), (True, False)])
+def test_gpu_schedules(overlap, pingpong):
+    q, k, v = _qkv(2, 300, 700, 4, 4, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_right=0)
+    cfg = cute_kernels.config_for(req)
+    cfg = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, intra_wg_overlap=overlap,
+                                                            pingpong=pingpong))
+    _check(req, cfg)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqused", [False, True])
+def test_gpu_varlen(causal, seqused):
+    from tests._util import packed
+
+    lq, lk = [1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64]
+    q, cu_q = packed(lq, 4, 128, torch.bfloat16, "cuda")
+    k, cu_k = packed(lk, 2, 128, torch.bfloat16, "cuda")
+    v, _ = packed(lk, 2, 128, torch.bfloat16, "cuda")
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    if seqused:
+        kw["seqused_k"] = torch.tensor([2, 150, 1, 1000, 5, 10], dtype=torch.int32, device="cuda")
+    _check(_req(q, k, v, window_right=0 if causal else -1, **kw))
+
+
+@gpu
+def test_gpu_batched_seqused_q():
+    q, k, v = _qkv(3, 200, 300, 4, 4, 64, 64, torch.bfloat16)
+    used_q = torch.tensor([200, 17, 0], dtype=torch.int32, device="cuda")
+    used_k = torch.tensor([300, 129, 5], dtype=torch.int32, device="cuda")
+    _check(_req(q, k, v, seqused_q=used_q, seqused_k=used_k, max_seqlen_q=200, max_seqlen_k=300))
+
+
+@gpu
+def test_gpu_strided_views():
+    base = torch.randn(2, 300, 8, 3, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = base[:, :, :4, 0], base[:, :257, 4:6, 1], base[:, :257, 4:6, 2]
+    _check(_req(q, k, v, window_right=0))
+
+
+@gpu
+def test_gpu_compile_time_recorded():
+    q, k, v = _qkv(1, 64, 64, 2, 2, 128, 128, torch.bfloat16)
+    cute_kernels.forward(_req(q, k, v, window_left=5, window_right=3, softcap=3.0))
+    assert cute_kernels.last_compile_seconds is not None and cute_kernels.last_compile_seconds > 0
