@@ -65,9 +65,9 @@ def test_reference_matches_naive(lq, lk, causal, window, softcap):
 def test_reference_varlen_seqused_descale():
     h, hk, d = 2, 1, 16
     lens_q, lens_k = [5, 0, 13], [7, 4, 2]
-    q, cu_q = packed(lens_q, h, d, torch.float32)
-    k, cu_k = packed(lens_k, hk, d, torch.float32)
-    v, _ = packed(lens_k, hk, d, torch.float32)
+    q, cu_q = packed(lens_q, h, d, torch.float32, device="cpu")
+    k, cu_k = packed(lens_k, hk, d, torch.float32, device="cpu")
+    v, _ = packed(lens_k, hk, d, torch.float32, device="cpu")
     q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
     qd, kd, vd = (torch.rand(3, hk) + 0.5 for _ in range(3))
     used_q = torch.tensor([4, 0, 13], dtype=torch.int32)
