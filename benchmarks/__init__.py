@@ -1,0 +1,1 @@
+"""Benchmarks for fa3py against its peers: `python -m benchmarks.run --help`."""

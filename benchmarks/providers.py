@@ -1,0 +1,207 @@
+"""Attention implementations the benchmark times: fa3py's backends and its peers.
+
+Every provider is imported lazily; one that is not installed, or that raises for a
+configuration (an unsupported head dim, say), is skipped with the error recorded.
+All providers take and return fa3py's layout, (batch, seqlen, nheads, headdim).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration (seqlen_q == seqlen_k, as in the FlashAttention-3 paper)."""
+
+    batch: int
+    nheads: int
+    seqlen: int
+    hdim: int
+    causal: bool
+    mode: str  # "fwd" or "bwd"
+    dtype: torch.dtype
+    fp8: bool = False
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Case], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    peer: bool  # counts toward "best peer" (everything that is not fa3py)
+    load: Callable[[], Forward]  # imports lazily; raises if unusable
+    backward: bool = True
+    fp8: bool = False  # takes FP8 when --fp8 is given (else runs in --dtype)
+    fixed_precision: Optional[str] = None  # e.g. sageattention is always INT8 QK^T
+    prepare: Optional[Callable] = None  # (q, k, v, case) -> (q, k, v), outside the timing
+    cuda_only: bool = True
+
+    def precision(self, case: Case) -> str:
+        if self.fixed_precision:
+            return self.fixed_precision
+        return "fp8" if case.fp8 and self.fp8 else DTYPE_NAMES[case.dtype]
+
+
+def _first(out):
+    """Some peers return (out, lse)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ---- fa3py ----------------------------------------------------------------------------
+
+def _fa3py(backend: str) -> Provider:
+    def load() -> Forward:
+        import fa3py
+
+        def forward(q, k, v, case):
+            return fa3py.attention(q, k, v, causal=case.causal, fp8=case.fp8, backend=backend)
+
+        return forward
+
+    return Provider(f"fa3py:{backend}", peer=False, load=load, fp8=True, cuda_only=False)
+
+
+# ---- PyTorch SDPA ---------------------------------------------------------------------
+
+def _sdpa(label: str, backend_name: str, cuda_only: bool = True) -> Provider:
+    def load() -> Forward:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+
+        def forward(q, k, v, case):
+            # SDPA wants (b, h, s, d): transposed views, and the output transposed back.
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=case.causal
+                )
+            return out.transpose(1, 2)
+
+        return forward
+
+    return Provider(f"sdpa:{label}", peer=True, load=load, cuda_only=cuda_only)
+
+
+# ---- FlashAttention peers -------------------------------------------------------------
+
+def _fa4_load() -> Forward:
+    from flash_attn.cute import flash_attn_func
+
+    return lambda q, k, v, case: _first(flash_attn_func(q, k, v, causal=case.causal))
+
+
+def _fa3_load() -> Forward:
+    from flash_attn_interface import flash_attn_func
+
+    def forward(q, k, v, case):
+        out = _first(flash_attn_func(q, k, v, causal=case.causal))
+        return out.to(case.dtype) if case.fp8 else out
+
+    return forward
+
+
+def _to_fp8(q, k, v, case):
+    if not case.fp8:
+        return q, k, v
+    return tuple(x.detach().to(torch.float8_e4m3fn) for x in (q, k, v))
+
+
+def _sage_load() -> Forward:
+    from sageattention import sageattn
+
+    # sageattn subtracts the key mean from k in place (smooth_k); the benchmark gives each
+    # provider its own inputs, and the shift leaves the softmax unchanged.
+    return lambda q, k, v, case: sageattn(q, k, v, tensor_layout="NHD", is_causal=case.causal)
+
+
+FA3PY_BACKENDS = ("cute", "triton", "torch")
+
+PROVIDERS: tuple[Provider, ...] = (
+    *(_fa3py(b) for b in FA3PY_BACKENDS),
+    _sdpa("cudnn", "CUDNN_ATTENTION"),
+    _sdpa("flash", "FLASH_ATTENTION"),
+    Provider("fa4", peer=True, load=_fa4_load),
+    Provider("fa3", peer=True, load=_fa3_load, fp8=True, prepare=_to_fp8),
+    Provider("sage", peer=True, load=_sage_load, backward=False, fixed_precision="int8"),
+    _sdpa("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
+)
+DEFAULT_EXCLUDED = ("sdpa:math",)
+
+PEER_PACKAGES = {  # provider -> distribution name, for the versions in the metadata
+    "fa4": "flash-attn-4",
+    "fa3": "flash-attn-3",
+    "sage": "sageattention",
+}
+
+
+def select(selection: Optional[list[str]], device: torch.device):
+    """Returns (usable providers with their forward fns, {name: why skipped}).
+
+    `selection` holds names or prefixes ("fa3py", "sdpa", "fa4"); None means all but the
+    opt-in ones. A fa3py backend is used when `fa3py.available_backends(device)` lists it.
+    """
+    def wanted(p: Provider) -> bool:
+        if selection is None:
+            return p.name not in DEFAULT_EXCLUDED
+        return any(p.name == s or p.name.startswith(s + ":") for s in selection)
+
+    chosen, skipped = [], {}
+    unknown = [s for s in selection or () if not any(
+        p.name == s or p.name.startswith(s + ":") for p in PROVIDERS)]
+    for s in unknown:
+        skipped[s] = "unknown provider (known: " + ", ".join(p.name for p in PROVIDERS) + ")"
+    fa3py_backends = _fa3py_backends(device)
+    for p in PROVIDERS:
+        if not wanted(p):
+            continue
+        if p.cuda_only and device.type != "cuda":
+            skipped[p.name] = "needs a CUDA GPU"
+            continue
+        if p.name.startswith("fa3py:"):
+            if isinstance(fa3py_backends, str):
+                skipped[p.name] = fa3py_backends
+                continue
+            if p.name.split(":", 1)[1] not in fa3py_backends:
+                skipped[p.name] = f"not in fa3py.available_backends({device.type!r}) = {fa3py_backends}"
+                continue
+        try:
+            chosen.append((p, p.load()))
+        except Exception as e:  # ImportError, or a broken install
+            skipped[p.name] = f"{type(e).__name__}: {e}"
+    return chosen, skipped
+
+
+def _fa3py_backends(device: torch.device):
+    """fa3py's backends for `device` in priority order, or a string saying why none."""
+    try:
+        import fa3py
+
+        return list(fa3py.available_backends(device))
+    except Exception as e:
+        return f"fa3py unusable: {type(e).__name__}: {e}"
+
+
+def versions() -> dict:
+    """Installed versions of fa3py's peers (absent ones omitted)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name, dist in PEER_PACKAGES.items():
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            pass
+    try:
+        out["fa3py"] = getattr(importlib.import_module("fa3py"), "__version__", "?")
+    except Exception:
+        pass
+    return out

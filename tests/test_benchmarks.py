@@ -1,0 +1,118 @@
+"""The benchmark harness on the CPU: exact FLOP counts, and a tiny end-to-end run."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from benchmarks import report, run
+from benchmarks.flops import MODE_FACTOR, flops, unmasked_pairs
+from benchmarks.providers import Provider
+
+
+def brute_force_pairs(seqlen_q, seqlen_k, causal, window):
+    """Counts the kept (query, key) pairs of fa3py's bottom-right aligned mask directly."""
+    wl, wr = window
+    if causal:
+        wr = 0
+    i = torch.arange(seqlen_q)[:, None]
+    j = torch.arange(seqlen_k)[None]
+    diag = i + seqlen_k - seqlen_q
+    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if wl >= 0:
+        keep &= j >= diag - wl
+    if wr >= 0:
+        keep &= j <= diag + wr
+    return int(keep.sum())
+
+
+SIZES = (1, 2, 3, 16, 113, 203)
+WINDOWS = (-1, 0, 1, 7, 64, 300)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", list(itertools.product(SIZES, SIZES)))
+def test_unmasked_pairs_match_brute_force(seqlen_q, seqlen_k):
+    for causal, wl, wr in itertools.product((False, True), WINDOWS, WINDOWS):
+        expected = brute_force_pairs(seqlen_q, seqlen_k, causal, (wl, wr))
+        assert unmasked_pairs(seqlen_q, seqlen_k, causal, (wl, wr)) == expected, (causal, wl, wr)
+
+
+def test_flops_formula_and_mode_factors():
+    b, h, s, d = 3, 5, 1024, 128
+    assert flops(b, h, s, s, d) == 4 * b * h * s * s * d
+    assert flops(b, h, s, s, d, causal=True) == 4 * b * h * (s * (s + 1) // 2) * d
+    assert flops(b, h, 239, 1023, 64, headdim_v=32) == 2 * b * h * 239 * 1023 * (64 + 32)
+    pairs = brute_force_pairs(799, 1024, True, (100, -1))
+    fwd = flops(2, 4, 799, 1024, 64, causal=True, window=(100, -1))
+    assert fwd == 2 * 2 * 4 * pairs * 128
+    for mode, factor in (("bwd", 2.5), ("fwd_bwd", 3.5)):
+        assert MODE_FACTOR[mode] == factor
+        assert flops(2, 4, 799, 1024, 64, causal=True, window=(100, -1), mode=mode) == factor * fwd
+    # Causal with seqlen_q > seqlen_k: the first rows see no key at all.
+    assert flops(1, 1, 10, 4, 8, causal=True) == 2 * 10 * 8 * 2
+
+
+def test_ratios_compare_with_the_best_valid_peer():
+    def row(provider, tflops, peer, status="ok", precision="bf16"):
+        return {"provider": provider, "peer": peer, "mode": "fwd", "causal": False, "hdim": 64,
+                "seqlen": 512, "tflops": tflops, "status": status, "precision": precision}
+
+    rows = [row("fa3py:cute", 300.0, False), row("sdpa:flash", 200.0, True),
+            row("fa4", 250.0, True), row("fa3", 900.0, True, status="wrong"),
+            row("sage", 500.0, True, precision="int8")]
+    report.add_ratios(rows)
+    assert [r["ratio"] for r in rows] == [1.2, 0.8, 1.0, None, 2.0]
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    doc = run.main(["--device", "cpu", "--seqlen", "128", "--threads", "1", "--quiet",
+                    "--rep-ms", "20", "--out", str(out)])
+    return doc, out
+
+
+def test_cpu_run_writes_results(cpu_run, capsys):
+    doc, out = cpu_run
+    assert doc["meta"]["no_cuda"] is True
+    for key in ("date", "device_name", "torch", "triton", "commit", "args", "versions"):
+        assert key in doc["meta"]
+    assert {"meta", "rows", "checks", "skipped", "explain"} <= set(doc)
+    rows = doc["rows"]
+    assert {(r["mode"], r["causal"]) for r in rows} == {("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)}
+    for r in rows:
+        assert set(report.ROW_KEYS) == set(r)
+        assert r["provider"] == "fa3py:torch" and r["status"] == "ok", r
+        assert r["seqlen"] == 128 and r["ms"] > 0 and r["tflops"] > 0
+    assert all(c["ok"] for c in doc["checks"]), doc["checks"]
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["rows"] == rows
+    table = (out / "results.txt").read_text()
+    for column in ("provider", "hdim", "seqlen", "causal", "mode", "ms", "TFLOP/s", "ratio"):
+        assert column in table.splitlines()[0]
+    assert "No CUDA GPU" in (out / "results.md").read_text()
+
+
+def test_from_json_saves_small_results(cpu_run, tmp_path):
+    _, out = cpu_run
+    doc = run.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path / "again"),
+                    "--save-results", str(tmp_path / "results"), "--commit", "0123456789abcdef"])
+    saved, = (tmp_path / "results").iterdir()
+    assert saved.name.endswith("_cpu_01234567")
+    assert {"results.json", "results.md"} <= {f.name for f in saved.iterdir()}
+    assert sum(f.stat().st_size for f in saved.iterdir()) < 200 * 1024
+    assert report.load_json(saved / "results.json")["rows"] == doc["rows"]
+
+
+def test_spot_check_catches_a_wrong_provider():
+    def forward(q, k, v, case):  # ignores the causal mask
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    wrong = Provider("wrong", peer=True, load=lambda: forward, cuda_only=False)
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    for causal, expect_ok in ((False, True), (True, False)):
+        case = run.Case(1, 2, 64, 64, causal, "bwd", torch.bfloat16)
+        assert run.spot_check(wrong, forward, case, device, gen)["ok"] is expect_ok
