@@ -40,15 +40,17 @@ def _sort_key(row):
 
 def format_table(rows) -> str:
     """One line per (provider, configuration): provider, hdim, seqlen, causal, mode, ms, TFLOP/s, ratio, status."""
-    head = f"{'provider':<12} {'hdim':>4} {'seqlen':>6} {'causal':>6} {'mode':>4} " \
+    head = f"{'provider':<12} {'prec':>4} {'hdim':>4} {'seqlen':>6} {'causal':>6} {'mode':>4} " \
            f"{'ms':>9} {'TFLOP/s':>8} {'ratio':>6}  status"
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=_sort_key):
         ms = f"{r['ms']:9.3f}" if r["ms"] is not None else f"{'-':>9}"
         tf = f"{r['tflops']:8.4g}" if r["tflops"] is not None else f"{'-':>8}"
         ratio = f"{r['ratio']:6.2f}" if r["ratio"] is not None else f"{'-':>6}"
-        status = r["status"] if r["status"] == "ok" else f"{r['status'].upper()}: {r['note']}"[:100]
-        lines.append(f"{r['provider']:<12} {r['hdim']:>4} {r['seqlen']:>6} {str(r['causal']):>6} "
+        status = r["status"] + (f" ({r['note']})" if r["note"] else "")
+        if r["status"] != "ok":
+            status = f"{r['status'].upper()}: {r['note']}"[:100]
+        lines.append(f"{r['provider']:<12} {r['precision']:>4} {r['hdim']:>4} {r['seqlen']:>6} {str(r['causal']):>6} "
                      f"{r['mode']:>4} {ms} {tf} {ratio}  {status}")
     return "\n".join(lines)
 
@@ -94,6 +96,9 @@ def format_markdown(doc) -> str:
                     line.append("x")
             ratio = f"{max(ratios):.2f}" if ratios else ""
             out.append(f"| {hdim} | {seqlen} | " + " | ".join(line) + f" | {ratio} |")
+    notes = sorted({(r["provider"], r["mode"], r["note"]) for r in rows if r["status"] == "ok" and r["note"]})
+    if notes:
+        out += ["", "## Notes", ""] + [f"- `{p}` {m}: {n}" for p, m, n in notes]
     problems = [r for r in rows if r["status"] != "ok"]
     if problems:
         out += ["", "## Errors and failed checks", ""]

@@ -436,10 +436,21 @@ def _measure(provider, forward, case, device, gen, args, doc) -> dict:
         return {**row, "status": "error", "note": _error_text(e)}
     tf = flops(case.batch, case.nheads, case.seqlen, case.seqlen, case.hdim, causal=case.causal,
                mode=case.mode) / (ms * 1e-3) / 1e12
-    row.update(ms=float(f"{ms:.5g}"), tflops=float(f"{tf:.4g}"))
+    row.update(ms=float(f"{ms:.5g}"), tflops=float(f"{tf:.4g}"), note=_handed_on(provider, case, doc))
     if check is not None and not check["ok"]:
         row.update(status="wrong", note="failed spot-check: " + check["note"])
     return row
+
+
+def _handed_on(provider, case, doc) -> str:
+    """For a forced fa3py backend without its own backward: which backend ran the backward."""
+    if case.mode != "bwd" or not provider.name.startswith("fa3py:"):
+        return ""
+    backend = provider.name.split(":", 1)[1]
+    text = doc["explain"].get(f"{backend} hdim={case.hdim} causal={case.causal}", "")
+    line = next((ln for ln in text.splitlines() if ln.startswith("backward: ")), "")
+    used = line.removeprefix("backward: ").split(" ")[0]
+    return f"backward ran on {used}" if used and used != backend else ""
 
 
 def _error_text(e: Exception) -> str:
