@@ -394,11 +394,12 @@ def run(args) -> dict:
 
 def _explain(doc, case, device, backends):
     """Records which fa3py backend would run forward and backward, auto and forced."""
+    keys = {b: f"{b or 'auto'} hdim={case.hdim} causal={case.causal}" for b in (None, *backends)}
+    keys = {b: key for b, key in keys.items() if key not in doc["explain"]}
+    if not keys:
+        return
     q = torch.empty(case.batch, case.seqlen, case.nheads, case.hdim, device=device, dtype=case.dtype)
-    for backend in (None, *backends):
-        key = f"{backend or 'auto'} hdim={case.hdim} causal={case.causal}"
-        if key in doc["explain"]:
-            continue
+    for backend, key in keys.items():
         try:
             import fa3py
 
