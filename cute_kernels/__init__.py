@@ -76,6 +76,10 @@ def _cute(t: Optional[torch.Tensor], align: int = 16):
     return from_dlpack(t.detach(), assumed_align=align).mark_layout_dynamic(leading_dim=t.ndim - 1)
 
 
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def forward(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
     return run(req, config_for(req))
 
@@ -114,6 +118,7 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints),
         cutlass.Float32(scale_log2), cutlass.Float32(premul),
         cutlass.Int32(p.window_left), cutlass.Int32(p.window_right), cutlass.Int32(max_seqlen_q),
+        cutlass.Int32(_num_sms(q.device)),
         cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
     )
     fn = _compiled.get(cfg)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -27,9 +28,10 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seqlen")
     p.add_argument("--hdims", default="64,128,256")
     p.add_argument("--json", default=None)
+    p.add_argument("--persistent", action="store_true")
     a = p.parse_args(argv)
     rows = []
-    print(f"# {torch.cuda.get_device_name()}")
+    print(f"# {torch.cuda.get_device_name()} persistent={a.persistent} seqlen={a.seqlen}")
     print(f"{'hdim':>5} {'causal':>6} {'seqlen':>6} {'cute ms':>8} {'TFLOP/s':>8} {'sdpa ms':>8} {'TFLOP/s':>8}")
     for d in map(int, a.hdims.split(",")):
         h = 2048 // d
@@ -38,8 +40,11 @@ def main(argv=None):
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for causal in (False, True):
             req = AttentionRequest(q, k, v, AttentionParams(d**-0.5, window_right=0 if causal else -1))
-            cute_kernels.forward(req)
-            t = triton.testing.do_bench(lambda: cute_kernels.forward(req), return_mode="median")
+            cfg = cute_kernels.config_for(req)
+            if a.persistent:
+                cfg = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, persistent=True))
+            cute_kernels.run(req, cfg)
+            t = triton.testing.do_bench(lambda: cute_kernels.run(req, cfg), return_mode="median")
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
             try:

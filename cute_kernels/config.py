@@ -14,9 +14,10 @@ class TileConfig:
     consumer_regs: int  # setmaxnreg for each MMA warpgroup
     intra_wg_overlap: bool = True  # issue QK^T(n) before softmax(n-1)'s PV
     pingpong: bool = True  # named-barrier scheduling between the two MMA warpgroups
+    persistent: bool = False  # persistent CTAs over a static / longest-first tile order
 
 
-# Per head dim (padded to a multiple of 16 ... the table is keyed by the padded value).
+# Per head dim (exact: other head dims are refused by why_not, not padded).
 # Chosen by smem/register budget (sQ + stages*(sK + sV) <= 227 KB, acc_O + acc_S fit in 240
 # regs, no spills in SASS). "measured" = cute_kernels/NOTES.md (H200, 16k tokens, bf16): at or
 # above SDPA there, but no alternative tile was swept yet, so none of these is tuned.
@@ -50,7 +51,11 @@ class FwdConfig:
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, **features) -> "FwdConfig":
         hdimv = hdim if hdimv is None else hdimv
-        tile = TILES[hdim]
+        # Persistent CTAs for non-causal / non-local only (NOTES.md, H200 bf16 hdim128: 506 -> 554
+        # TFLOP/s at seqlen 1024 non-causal, equal at 8k; causal 584 -> 534 at 8k with the static
+        # longest-first stride, so causal/local keep the single-tile longest-first grid).
+        windowed = features.get("has_left", False) or features.get("has_right", False)
+        tile = replace(TILES[hdim], persistent=not windowed)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
@@ -63,4 +68,5 @@ class FwdConfig:
                              "seqused_q", "seqused_k") if getattr(self, n)]
         t = self.tile
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
-                f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''} {' '.join(flags)}")
+                f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"
+                f"{' persistent' if t.persistent else ''} {' '.join(flags)}")

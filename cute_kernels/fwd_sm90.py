@@ -42,6 +42,7 @@ from cutlass.utils import LayoutEnum
 
 from cute_kernels.config import FwdConfig
 from cute_kernels.mask import AttentionMask, SeqlenInfo
+from cute_kernels.scheduler import TileScheduler
 from cute_kernels.softmax import OnlineSoftmax
 from cute_kernels.utils import (
     NamedBarrierFwd,
@@ -121,6 +122,7 @@ class FlashAttentionForwardSm90:
         window_left: Int32,
         window_right: Int32,
         max_seqlen_q: Int32,
+        num_ctas: Int32,  # persistent: CTAs to launch (number of SMs)
         stream: cuda.CUstream,
     ):
         cfg = self.cfg
@@ -170,9 +172,9 @@ class FlashAttentionForwardSm90:
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
-            num_m_blocks, SharedStorage,
+            num_m_blocks, num_heads, batch, SharedStorage,
         ).launch(
-            grid=[num_m_blocks, num_heads, batch],
+            grid=TileScheduler.grid(num_m_blocks, num_heads, batch, num_ctas, self.cfg.tile.persistent),
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
@@ -193,6 +195,8 @@ class FlashAttentionForwardSm90:
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_k: cutlass.Constexpr[int], tx_v: cutlass.Constexpr[int],
         num_m_blocks: Int32,
+        num_heads: Int32,
+        num_batch: Int32,
         SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -219,19 +223,14 @@ class FlashAttentionForwardSm90:
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
 
-        # Tile coordinates; causal tiles go longest-first (highest m_block launches first).
-        bidx, head, batch = cute.arch.block_idx()
-        m_block = bidx
-        if const_expr(self.cfg.has_right):
-            m_block = num_m_blocks - 1 - bidx
-        seqlen = SeqlenInfo.create(
-            batch, mQ.shape[0], mK.shape[0], mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK
-        )
-        mask = AttentionMask(
-            self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
-            window_left, window_right, seqlen, m_block,
-        )
-        tile_args = dict(m_block=m_block, head=head, batch=batch, seqlen=seqlen, mask=mask)
+        scheduler = TileScheduler(num_m_blocks, num_heads, num_batch, self.cfg.tile.persistent,
+                                  lpt=self.cfg.has_right)
+        seqlen_fn = partial(SeqlenInfo.create, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
+                            mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
+                            mSeqUsedK=mSeqUsedK)
+        mask_fn = partial(AttentionMask, self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
+                          window_left, window_right)
+        tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
@@ -246,56 +245,66 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def load(
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
-        pipeline_q, pipeline_k, pipeline_v, m_block, head, batch, seqlen: SeqlenInfo,
-        mask: AttentionMask,
+        pipeline_q, pipeline_k, pipeline_v, scheduler: TileScheduler, seqlen_fn, mask_fn,
     ):
-        n_block_min, n_block_max = mask.n_block_range()
-        if m_block * self.tile_m < seqlen.seqlen_q and n_block_min < n_block_max:
-            head_kv = head // (mQ.shape[2] // mK.shape[2])
-            b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
-            b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
-            mQ_cur = cute.domain_offset((seqlen.offset_q, 0), mQ[None, None, head, b_q])
-            mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
-            mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
-            gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
-            gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
-            gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
-            one = cute.make_layout(1)
-            tQsQ, tQgQ = cpasync.tma_partition(tma_atom_Q, 0, one, cute.group_modes(sQ, 0, 2),
-                                               cute.group_modes(gQ, 0, 2))
-            tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
-                                               cute.group_modes(gK, 0, 2))
-            tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
-                                               cute.group_modes(gV, 0, 2))
-            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
-            # K of the first (= last in key order) block, then Q, so QK^T can start early.
-            n_block = n_block_max - 1
-            pipeline_k.producer_acquire(kv_state)
-            cute.copy(tma_atom_K, tKgK[None, n_block], tKsK[None, kv_state.index],
-                      tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state))
-            pipeline_q.producer_acquire(q_state)
-            cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
-            pipeline_v.producer_acquire(kv_state)
-            cute.copy(tma_atom_V, tVgV[None, n_block], tVsV[None, kv_state.index],
-                      tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state))
-            kv_state.advance()
-            for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-                n_block = n_block_max - 2 - i
-                pipeline_k.producer_acquire(kv_state)
-                cute.copy(tma_atom_K, tKgK[None, n_block], tKsK[None, kv_state.index],
-                          tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state))
-                pipeline_v.producer_acquire(kv_state)
-                cute.copy(tma_atom_V, tVgV[None, n_block], tVsV[None, kv_state.index],
-                          tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state))
-                kv_state.advance()
+        """Producer warp: per tile, K/V of the last KV block, then Q, then the remaining K/V
+        blocks right to left. Q is loaded for every tile with rows (even one with no KV block)
+        because the consumers release sQ only once their epilogue no longer reads sO."""
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        one = cute.make_layout(1)
+        tile = scheduler.initial()
+        while scheduler.valid(tile):
+            m_block, head, batch = scheduler.coords(tile)
+            seqlen = seqlen_fn(batch)
+            n_block_min, n_block_max = mask_fn(seqlen, m_block).n_block_range()
+            if m_block * self.tile_m < seqlen.seqlen_q:
+                head_kv = head // (mQ.shape[2] // mK.shape[2])
+                b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
+                b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
+                mQ_cur = cute.domain_offset((seqlen.offset_q, 0), mQ[None, None, head, b_q])
+                mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
+                mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
+                gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
+                gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
+                gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
+                tQsQ, tQgQ = cpasync.tma_partition(tma_atom_Q, 0, one, cute.group_modes(sQ, 0, 2),
+                                                   cute.group_modes(gQ, 0, 2))
+                tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
+                                                   cute.group_modes(gK, 0, 2))
+                tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
+                                                   cute.group_modes(gV, 0, 2))
+                load_kv = partial(self.load_kv, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
+                                  tma_atom_K=tma_atom_K, tma_atom_V=tma_atom_V, tKgK=tKgK, tKsK=tKsK,
+                                  tVgV=tVgV, tVsV=tVsV)
+
+                if n_block_min < n_block_max:
+                    load_kv(n_block_max - 1, kv_state)
+                    kv_state.advance()
+                pipeline_q.producer_acquire(q_state)
+                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
+                q_state.advance()
+                for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
+                    load_kv(n_block_max - 2 - i, kv_state)
+                    kv_state.advance()
+            tile = scheduler.next(tile)
+
+    @cute.jit
+    def load_kv(self, n_block, state, pipeline_k, pipeline_v, tma_atom_K, tma_atom_V, tKgK, tKsK,
+                tVgV, tVsV):
+        pipeline_k.producer_acquire(state)
+        cute.copy(tma_atom_K, tKgK[None, n_block], tKsK[None, state.index],
+                  tma_bar_ptr=pipeline_k.producer_get_barrier(state))
+        pipeline_v.producer_acquire(state)
+        cute.copy(tma_atom_V, tVgV[None, n_block], tVsV[None, state.index],
+                  tma_bar_ptr=pipeline_v.producer_get_barrier(state))
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def mma(
         self, mO, mLSE, sQ, sK, sV, sO, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
-        m_block, head, batch, seqlen: SeqlenInfo, mask: AttentionMask,
+        scheduler: TileScheduler, seqlen_fn, mask_fn,
     ):
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
@@ -307,7 +316,6 @@ class FlashAttentionForwardSm90:
         tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
-        acc_O.fill(0.0)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]))
 
         def qk_gemm(stage, wg_wait):
@@ -318,55 +326,63 @@ class FlashAttentionForwardSm90:
         def pv_gemm(stage, wg_wait):
             gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait)
 
-        step = partial(
-            self.step_overlap if const_expr(self.cfg.tile.intra_wg_overlap) else self.step_plain,
-            qk_gemm=qk_gemm, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
-            softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask,
-            softcap_premul=softcap_premul,
-        )
-
+        overlap = self.cfg.tile.intra_wg_overlap
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         self.scheduler_init(wg_idx)
-        n_block_min, n_block_max = mask.n_block_range()
-        if m_block * self.tile_m < seqlen.seqlen_q:
-            if n_block_min < n_block_max:
-                q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
-                kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
+        tile = scheduler.initial()
+        while scheduler.valid(tile):
+            m_block, head, batch = scheduler.coords(tile)
+            seqlen = seqlen_fn(batch)
+            mask = mask_fn(seqlen, m_block)
+            step = partial(
+                self.step_overlap if const_expr(overlap) else self.step_plain,
+                qk_gemm=qk_gemm, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
+                softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask,
+                softcap_premul=softcap_premul, wg_idx=wg_idx,
+            )
+            n_block_min, n_block_max = mask.n_block_range()
+            if m_block * self.tile_m < seqlen.seqlen_q:
+                acc_O.fill(0.0)
+                softmax.reset()
                 pipeline_q.consumer_wait(q_state)
-                # 1) the last KV block: seqlen + window masks.
-                n_block = n_block_max - 1
-                if const_expr(self.cfg.tile.intra_wg_overlap):
-                    kv_state = self.first_block_overlap(
-                        kv_state, n_block, qk_gemm=qk_gemm, pipeline_k=pipeline_k, softmax=softmax,
-                        tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask, softcap_premul=softcap_premul,
-                    )
-                else:
-                    self.scheduler_sync(wg_idx)
-                    kv_state = step(kv_state, n_block, wg_idx=wg_idx, is_first=True,
-                                    mask_seqlen=True, mask_right=True, mask_left=True)
-                # 2) blocks that cross the right edge of the window (causal diagonal).
-                n_hi = n_block_max - 1
-                if const_expr(self.cfg.has_right):
-                    n_lo = cutlass.min(mask.n_block_min_right_masked(n_block_min), n_hi)
+                if n_block_min < n_block_max:
+                    # 1) the last KV block: seqlen + window masks.
+                    n_block = n_block_max - 1
+                    if const_expr(overlap):
+                        kv_state = self.first_block_overlap(
+                            kv_state, n_block, qk_gemm=qk_gemm, pipeline_k=pipeline_k, softmax=softmax,
+                            tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask, softcap_premul=softcap_premul,
+                        )
+                    else:
+                        self.scheduler_sync(wg_idx)
+                        kv_state = step(kv_state, n_block, is_first=True, mask_seqlen=True,
+                                        mask_right=True, mask_left=True)
+                    # 2) blocks that cross the right edge of the window (causal diagonal).
+                    n_hi = n_block_max - 1
+                    if const_expr(self.cfg.has_right):
+                        n_lo = cutlass.min(mask.n_block_min_right_masked(n_block_min), n_hi)
+                        for i in cutlass.range(n_hi - n_lo, unroll=1):
+                            kv_state = step(kv_state, n_hi - 1 - i, mask_right=True, mask_left=True)
+                        n_hi = n_lo
+                    # 3) interior blocks: no mask.
+                    n_lo = cutlass.min(mask.n_block_max_left_masked(n_block_min), n_hi)
                     for i in cutlass.range(n_hi - n_lo, unroll=1):
-                        kv_state = step(kv_state, n_hi - 1 - i, wg_idx=wg_idx, mask_right=True,
-                                        mask_left=True)
-                    n_hi = n_lo
-                # 3) interior blocks: no mask.
-                n_lo = cutlass.min(mask.n_block_max_left_masked(n_block_min), n_hi)
-                for i in cutlass.range(n_hi - n_lo, unroll=1):
-                    kv_state = step(kv_state, n_hi - 1 - i, wg_idx=wg_idx)
-                # 4) blocks that cross the left edge of the window.
-                if const_expr(self.cfg.has_left):
-                    for i in cutlass.range(n_lo - n_block_min, unroll=1):
-                        kv_state = step(kv_state, n_lo - 1 - i, wg_idx=wg_idx, mask_left=True)
-                pipeline_q.consumer_release(q_state)
-                if const_expr(self.cfg.tile.intra_wg_overlap):
-                    kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
-                                                       pipeline_v=pipeline_v, softmax=softmax,
-                                                       acc_O=acc_O)
-                else:
-                    self.scheduler_arrive(wg_idx)
-            self.epilogue(acc_O, softmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block, head, batch, seqlen)
+                        kv_state = step(kv_state, n_hi - 1 - i)
+                    # 4) blocks that cross the left edge of the window.
+                    if const_expr(self.cfg.has_left):
+                        for i in cutlass.range(n_lo - n_block_min, unroll=1):
+                            kv_state = step(kv_state, n_lo - 1 - i, mask_left=True)
+                    if const_expr(overlap):
+                        kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
+                                                           pipeline_v=pipeline_v, softmax=softmax,
+                                                           acc_O=acc_O)
+                    else:
+                        self.scheduler_arrive(wg_idx)
+                self.epilogue(acc_O, softmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block, head, batch,
+                              seqlen, release_q=partial(pipeline_q.consumer_release, q_state))
+                q_state.advance()
+            tile = scheduler.next(tile)
 
     @cute.jit
     def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
@@ -482,7 +498,7 @@ class FlashAttentionForwardSm90:
     # ------------------------------------------------------------------ epilogue
     @cute.jit
     def epilogue(self, acc_O, softmax: OnlineSoftmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block,
-                 head, batch, seqlen: SeqlenInfo):
+                 head, batch, seqlen: SeqlenInfo, release_q):
         """O = acc_O / rowsum -> bf16 -> smem (stmatrix) -> 16-byte predicated global stores;
         LSE from the lanes that own column 0."""
         inv_sum = softmax.finalize()
@@ -525,6 +541,7 @@ class FlashAttentionForwardSm90:
         tOcO_g = thr_gmem.partition_S(cO)
         tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
         cute.autovec_copy(tOsO, tOrO)
+        release_q()  # this warp no longer reads sO (= sQ): the next tile's Q may land there
         for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
             if tOcO_g[0, m, 0][0] < rows_left:
                 cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
@@ -558,6 +575,6 @@ class FlashAttentionForwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
-            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1),
+            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132),
             cute.runtime.make_fake_stream(),
         )

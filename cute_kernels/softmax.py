@@ -30,9 +30,13 @@ class OnlineSoftmax:
     def create(scale_log2: Float32, num_rows: cutlass.Constexpr[int]) -> "OnlineSoftmax":
         row_max = cute.make_rmem_tensor(num_rows, Float32)
         row_sum = cute.make_rmem_tensor(num_rows, Float32)
-        row_max.fill(-Float32.inf)
-        row_sum.fill(0.0)
-        return OnlineSoftmax(scale_log2, row_max, row_sum)
+        state = OnlineSoftmax(scale_log2, row_max, row_sum)
+        state.reset()
+        return state
+
+    def reset(self):
+        self.row_max.fill(-Float32.inf)
+        self.row_sum.fill(0.0)
 
     @cute.jit
     def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]) -> cute.Tensor:

@@ -63,8 +63,10 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
         dict(seqused_q=True, has_left=True),
         dict(intra_wg_overlap=False),
         dict(intra_wg_overlap=False, pingpong=False, has_right=True),
+        dict(persistent=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
     ],
-    ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong"],
+    ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong",
+         "persistent-varlen-causal"],
 )
 def test_compile_features(features):
     _compile_and_check(FwdConfig.make("bf16", 128, **features))
@@ -160,15 +162,40 @@ def test_gpu_headdims(hdim, hdimv, causal):
     _check(_req(q, k, v, window_right=0 if causal else -1))
 
 
+def _with_tile(req, **tile):
+    cfg = cute_kernels.config_for(req)
+    return dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, **tile))
+
+
 @gpu
 @pytest.mark.parametrize("overlap,pingpong", [(False, True), (False, False), (True, False)])
 def test_gpu_schedules(overlap, pingpong):
     q, k, v = _qkv(2, 300, 700, 4, 4, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_right=0)
-    cfg = cute_kernels.config_for(req)
-    cfg = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, intra_wg_overlap=overlap,
-                                                            pingpong=pingpong))
-    _check(req, cfg)
+    _check(req, _with_tile(req, intra_wg_overlap=overlap, pingpong=pingpong))
+
+
+@gpu
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30)])
+def test_gpu_persistent(overlap, wl, wr):
+    # 3 * 8 * 8 = 192 tiles > #SMs: every CTA runs several tiles (and some rows are empty).
+    q, k, v = _qkv(3, 1000, 777, 8, 2, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    _check(req, _with_tile(req, persistent=True, intra_wg_overlap=overlap))
+
+
+@gpu
+def test_gpu_persistent_varlen():
+    from tests._util import packed
+
+    lq, lk = [1, 113, 239, 799, 0, 64, 1500], [3, 203, 1, 1024, 5, 64, 1400]
+    q, cu_q = packed(lq, 8, 64, torch.float16, "cuda")
+    k, cu_k = packed(lk, 4, 64, torch.float16, "cuda")
+    v, _ = packed(lk, 4, 64, torch.float16, "cuda")
+    req = _req(q, k, v, window_right=0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq),
+               max_seqlen_k=max(lk))
+    _check(req, _with_tile(req, persistent=True))
 
 
 @gpu
