@@ -1,0 +1,258 @@
+"""The Triton kernels (`triton_fallback`) called directly, against the float64 reference.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors. The kernels choose
+interpreter vs. compiled code when they are decorated, so TRITON_INTERPRET must be set before
+`triton_fallback` is imported: tests/conftest.py does it for the whole run, and the guard below
+does it when this file runs alone. With CUDA the same grid runs on the GPU, and the tests
+marked `gpu` add long sequences.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import triton_fallback  # noqa: E402
+from fa3py.request import AttentionParams, AttentionRequest  # noqa: E402
+from fa3py.validation import make_request  # noqa: E402
+from triton_fallback import configs, ops  # noqa: E402
+
+from _util import check_backward, check_forward, max_err, packed  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+SIZES = [(1, 1), (113, 203), (239, 1), (77, 3), (64, 128)]
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window_size": (37, 11)},
+    "causal_left_window": {"causal": True, "window_size": (50, -1)},
+    "softcap": {"softcap": 3.0},
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ops, "POISON", True)
+
+
+def inputs(b, lq, lk, h, hk, d, dv, dtype=torch.bfloat16):
+    q = torch.randn(b, lq, h, d, device=DEVICE).to(dtype)
+    k = torch.randn(b, lk, hk, d, device=DEVICE).to(dtype)
+    v = torch.randn(b, lk, hk, dv, device=DEVICE).to(dtype)
+    return q, k, v
+
+
+def run_and_check(req, backward=True):
+    """Forward (and backward) through the kernels, each checked against the reference."""
+    assert triton_fallback.why_not(req, backward) is None
+    out, lse = triton_fallback.forward(req)
+    assert out.shape == req.out_shape and lse.shape == req.lse_shape
+    check_forward(req, out, lse)
+    if backward:
+        dout = torch.randn_like(out)
+        grads = triton_fallback.backward(req, out, lse, dout)
+        assert [g.shape for g in grads] == [req.q.shape, req.k.shape, req.v.shape]
+        check_backward(req, dout, grads)
+    return out, lse
+
+
+@pytest.mark.parametrize("lq,lk", SIZES)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features(lq, lk, feature):
+    q, k, v = inputs(1, lq, lk, 2, 1, 64, 64)
+    run_and_check(make_request(q, k, v, **FEATURES[feature]))
+
+
+@pytest.mark.parametrize("dtype,d,dv", [
+    (torch.float16, 32, 32), (torch.bfloat16, 40, 40), (torch.float16, 80, 80),
+    (torch.bfloat16, 96, 64), (torch.float16, 136, 136), (torch.bfloat16, 192, 128),
+    (torch.float16, 256, 256), (torch.bfloat16, 64, 128), (torch.float16, 8, 24),
+])
+def test_dtypes_headdims_gqa(dtype, d, dv):
+    q, k, v = inputs(2, 77, 130, 4, 2, d, dv, dtype)
+    run_and_check(make_request(q, k, v, causal=True))
+
+
+def test_mqa_window_softcap():
+    q, k, v = inputs(1, 113, 90, 4, 1, 64, 32)
+    run_and_check(make_request(q, k, v, window_size=(20, 5), softcap=10.0))
+
+
+def test_fully_masked_rows():
+    # bottom-right causal with lq > lk: the first 40 rows keep no key -> out 0, lse -inf
+    q, k, v = inputs(1, 50, 10, 2, 2, 32, 32)
+    out, lse = run_and_check(make_request(q, k, v, causal=True))
+    assert (out[:, :40] == 0).all() and torch.isneginf(lse[:, :, :40]).all()
+    assert torch.isfinite(lse[:, :, 40:]).all()
+
+
+def test_varlen_packed_seqused_k():
+    lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 0]
+    q, cu_q = packed(lens_q, 4, 64, torch.float16, DEVICE)
+    k, cu_k = packed(lens_k, 2, 64, torch.float16, DEVICE)
+    v, _ = packed(lens_k, 2, 64, torch.float16, DEVICE)
+    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32, device=DEVICE)
+    run_and_check(make_request(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                               max_seqlen_q=130, max_seqlen_k=130, seqused_k=used_k))
+
+
+def test_varlen_packed_seqused_q_window():
+    # rows past seqused_q inside a packed sequence are padding: out 0, lse -inf, dq 0
+    lens = [70, 33, 5]
+    q, cu = packed(lens, 2, 48, torch.bfloat16, DEVICE)
+    k, _ = packed(lens, 2, 48, torch.bfloat16, DEVICE)
+    v, _ = packed(lens, 2, 48, torch.bfloat16, DEVICE)
+    used_q = torch.tensor([50, 33, 1], dtype=torch.int32, device=DEVICE)
+    req = make_request(q, k, v, window_size=(16, 0), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                       max_seqlen_q=70, max_seqlen_k=70, seqused_q=used_q)
+    out, lse = run_and_check(req)
+    assert (out[50:70] == 0).all() and torch.isneginf(lse[:, 50:70]).all()
+
+
+def test_batched_seqused_and_mixed_layout():
+    q, k, v = inputs(3, 40, 60, 2, 1, 32, 32)
+    used_q = torch.tensor([40, 7, 0], dtype=torch.int32, device=DEVICE)
+    used_k = torch.tensor([1, 60, 33], dtype=torch.int32, device=DEVICE)
+    out, lse = run_and_check(make_request(q, k, v, causal=True, seqused_q=used_q, seqused_k=used_k))
+    assert (out[1, 7:] == 0).all() and torch.isneginf(lse[2]).all()
+    # packed q against batched k/v
+    qp, cu_q = packed([5, 40, 17], 2, 32, torch.bfloat16, DEVICE)
+    run_and_check(make_request(qp, k, v, cu_seqlens_q=cu_q, max_seqlen_q=40, softcap=5.0))
+
+
+def test_strided_inputs():
+    base_q = torch.randn(2, 2, 113, 64, device=DEVICE).to(torch.float16)  # (b, h, s, d)
+    q = base_q.transpose(1, 2)
+    k = torch.randn(2, 203, 2, 96, device=DEVICE).to(torch.float16)[..., 16:80]  # sliced head dim
+    v = torch.randn(2, 203, 2, 64, 2, device=DEVICE).to(torch.float16)[..., 0]  # last-dim stride 2
+    assert q.stride(-1) == 1 and not q.is_contiguous() and v.stride(-1) == 2
+    req = make_request(q, k, v, causal=True)
+    out, lse = triton_fallback.forward(req)
+    check_forward(req, out, lse)
+    dout = torch.randn(2, 2, 113, 64, device=DEVICE).to(torch.float16).transpose(1, 2)
+    grads = triton_fallback.backward(req, out.transpose(1, 2).contiguous().transpose(1, 2), lse, dout)
+    check_backward(req, dout, grads)
+
+
+@pytest.mark.parametrize("feature", ["causal", "window"])
+def test_deterministic_backward_is_bitwise(feature):
+    q, k, v = inputs(2, 77, 130, 4, 2, 64, 64)
+    req = make_request(q, k, v, deterministic=True, **FEATURES[feature])
+    out, lse = triton_fallback.forward(req)
+    dout = torch.randn_like(out)
+    first = triton_fallback.backward(req, out, lse, dout)
+    second = triton_fallback.backward(req, out, lse, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    check_backward(req, dout, first)
+
+
+def _fp8_inputs(lq, lk, h, hk, d):
+    q, k, v = (x.float().mul(2).to(torch.float8_e4m3fn) for x in inputs(2, lq, lk, h, hk, d, d))
+    descales = [torch.rand(2, hk, device=DEVICE) + 0.5 for _ in range(3)]
+    return q, k, v, descales
+
+
+def _fp8_baseline(req):
+    """What PyTorch gets for the same fp8 math: dequantized scores in float32, P rounded to
+    float8 before P @ V (the FP8 MMA path rounds P the same way)."""
+    from fa3py import reference
+
+    group = req.nheads // req.nheads_kv
+    s = torch.einsum("bqhd,bkhd->bhqk", req.q.float(), req.k.float().repeat_interleave(group, 2))
+    s = s * req.params.softmax_scale
+    s = s * (req.q_descale * req.k_descale).repeat_interleave(group, 1)[:, :, None, None]
+    keep = reference.keep_mask(s.shape[2], s.shape[3], req.params.window_left, req.params.window_right, s.device)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - m)
+    pv = torch.einsum("bhqk,bkhd->bqhd", e.to(torch.float8_e4m3fn).float(), req.v.float().repeat_interleave(group, 2))
+    vd = req.v_descale.repeat_interleave(group, 1)[:, None, :, None]
+    return (pv / e.sum(-1).transpose(1, 2)[..., None] * vd).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dequant", [False, True], ids=["fp8_mma", "dequant"])
+@pytest.mark.parametrize("feature", ["plain", "causal"])
+def test_fp8_forward(dequant, feature, monkeypatch):
+    if dequant:  # the sm80/86 path, forced
+        monkeypatch.setattr(ops, "_fp8_mode", lambda req: True)
+    q, k, v, (qd, kd, vd) = _fp8_inputs(113, 203, 4, 2, 64)
+    req = make_request(q, k, v, q_descale=qd, k_descale=kd, v_descale=vd, **FEATURES[feature])
+    assert triton_fallback.why_not(req, backward=True) is not None
+    out, lse = triton_fallback.forward(req)
+    assert out.dtype == torch.bfloat16
+    if dequant:
+        check_forward(req, out, lse)
+    else:  # rounding P to fp8 is part of the math: compare with PyTorch doing the same
+        from fa3py import reference
+
+        ref_out, ref_lse = reference.attention(req, torch.float64)
+        assert not torch.isnan(out).any()
+        assert max_err(out, ref_out) <= 2 * max_err(_fp8_baseline(req), ref_out) + 2e-3
+        assert max_err(lse, ref_lse) <= 1e-3 * float(ref_lse.abs().max())
+
+
+def test_why_not():
+    q, k, v = inputs(1, 8, 8, 2, 1, 64, 64)
+    assert triton_fallback.why_not(make_request(q, k, v), backward=True) is None
+    params = AttentionParams(softmax_scale=0.125, fp8=True)
+    assert "fp8" in triton_fallback.why_not(AttentionRequest(q, k, v, params), backward=False)
+    q32, k32, v32 = (x.float() for x in (q, k, v))
+    assert "dtype" in triton_fallback.why_not(AttentionRequest(q32, k32, v32, params.__class__(0.125)), False)
+    q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+    req8 = AttentionRequest(q8, k8, v8, AttentionParams(softmax_scale=0.125))
+    assert triton_fallback.why_not(req8, backward=False) is None
+    assert "backward" in triton_fallback.why_not(req8, backward=True)
+    qodd = torch.randn(1, 8, 2, 36, device=DEVICE).bfloat16()
+    assert "headdim" in triton_fallback.why_not(AttentionRequest(qodd, qodd, qodd, params.__class__(0.1)), False)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a GPU run compiles the kernels for real")
+def test_compiles_for_gpu_targets():
+    """Compile-only (sm80/86/89/90 targets, no GPU): what the interpreter lets through."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "triton_fallback.compile_only"], env=env,
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("B shared") == 12
+
+
+def test_tuned_table_fits_its_gpu():
+    smem = {"sm80": 163 * 1024, "sm89": 99 * 1024}
+    for (family, kernel, d, dtype, _), tile in configs.TUNED.items():
+        assert kernel in configs.KERNELS
+        assert configs._fits(kernel, tile, d, d, 2, smem[family]), (family, kernel, d, tile)
+
+
+# ---- GPU only: long sequences, the autotuned and table paths ---------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("lq,lk", [(1023, 1024), (2048, 2048), (799, 3000)])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_long(lq, lk, feature, d):
+    q, k, v = inputs(2, lq, lk, 8, 2, d, d)
+    run_and_check(make_request(q, k, v, **FEATURES[feature]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [80, 256])
+def test_gpu_autotuned(d, monkeypatch):
+    monkeypatch.setattr(configs, "TUNED", {})
+    q, k, v = inputs(2, 1000, 1500, 4, 4, d, d, torch.float16)
+    run_and_check(make_request(q, k, v, causal=True))
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_long():
+    q, k, v, (qd, kd, vd) = _fp8_inputs(1024, 2048, 8, 2, 128)
+    req = make_request(q, k, v, q_descale=qd, k_descale=kd, v_descale=vd, causal=True)
+    out, lse = triton_fallback.forward(req)
+    assert not torch.isnan(out).any() and torch.isfinite(lse).all()

@@ -1,0 +1,247 @@
+"""Backward kernels (FlashAttention-2), all free of atomics, hence bitwise deterministic:
+
+1. `attn_bwd_preprocess`: delta = rowsum(dO * O), and the LSE in the log2 domain with +inf
+   for rows that must contribute nothing (no kept key, padding), so P = exp2(s - lse2) = 0.
+2. `attn_bwd_dkdv`: one program per (key block, kv head, batch); it loops over the query
+   heads of its GQA group and over the query blocks that see its keys.
+3. `attn_bwd_dq`: one program per (query block, head, batch), looping over key blocks.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import LOG2E, cast, dot, key_block_range, keep_mask, load_tile, query_block_range, scores_log2, seq_info
+
+
+@triton.jit
+def attn_bwd_preprocess(
+    O, DO, LSE, LSE2, DELTA, CU_SEQLENS_Q, SEQUSED_Q,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+    stride_ab, stride_ah, seqlen_q,
+    HEADDIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, PACKED_Q: tl.constexpr,
+    HAS_SEQUSED_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len, _ = seq_info(b, CU_SEQLENS_Q, SEQUSED_Q, seqlen_q, PACKED_Q, HAS_SEQUSED_Q)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    rows = q_start.to(tl.int64) + offs_m
+    o = load_tile(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_dv[None, :],
+                  offs_m, offs_dv, q_len, HEADDIM_V, False, HEADDIM_V == BLOCK_DV)
+    do = load_tile(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :],
+                   offs_m, offs_dv, q_len, HEADDIM_V, False, HEADDIM_V == BLOCK_DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows, mask=offs_m < q_len, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    aux = b64 * stride_ab + h * stride_ah + offs_m
+    tl.store(LSE2 + aux, lse2)
+    tl.store(DELTA + aux, delta)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_ptrs, do_ptrs, LSE2, DELTA, stride_qs, stride_dos, offs_m0, offs_n, offs_d,
+    offs_dv, m_start, m_end, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dK, dV of one key tile over query blocks [m_start, m_end); everything transposed
+    (keys on rows). MASKED: the window edge or diagonal crosses the blocks."""
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + offs_m0
+        q = load_tile(q_ptrs + m0 * stride_qs, offs_m, offs_d, q_len, HEADDIM, False, EVEN_D)
+        do = load_tile(do_ptrs + m0 * stride_dos, offs_m, offs_dv, q_len, HEADDIM_V, False, EVEN_DV)
+        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=offs_m < q_len, other=0.0)
+        # S^T = K @ Q^T, P^T = exp2(S^T - lse)
+        s, t = scores_log2(dot(k, tl.trans(q)), qk_scale, softcap_log2, SOFTCAP)
+        if MASKED:
+            keep = keep_mask(offs_m[None, :], offs_n[:, None], q_len, k_len, window_left,
+                             window_right, HAS_WL, HAS_WR)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s - lse2[None, :])
+        # dV += P^T @ dO
+        dv += dot(cast(p, do.dtype), do)
+        # dS^T = P^T * (dP^T - delta), dP^T = V @ dO^T; through the softcap: * (1 - tanh^2)
+        ds = p * (dot(v, tl.trans(do)) - delta[None, :])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        # dK += dS^T @ Q
+        dk += dot(cast(ds, q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE2, DELTA, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_Q, SEQUSED_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_ab, stride_ah,
+    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
+    bucket_q, bucket_k,  # autotune key only
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PACKED_Q: tl.constexpr, PACKED_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len, _ = seq_info(b, CU_SEQLENS_Q, SEQUSED_Q, seqlen_q, PACKED_Q, HAS_SEQUSED_Q)
+    k_start, k_len, k_owned = seq_info(b, CU_SEQLENS_K, SEQUSED_K, seqlen_k, PACKED_K, HAS_SEQUSED_K)
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_owned:
+        return
+
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    k_rows = k_start.to(tl.int64) + offs_n
+    k = load_tile(K + b64 * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
+                  offs_n, offs_d, k_len, HEADDIM, False, EVEN_D)
+    v = load_tile(V + b64 * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :],
+                  offs_n, offs_dv, k_len, HEADDIM_V, False, EVEN_DV)
+    if SOFTCAP:
+        qk_scale = softmax_scale / softcap
+    else:
+        qk_scale = softmax_scale * LOG2E
+    softcap_log2 = softcap * LOG2E
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    m_lo, u_lo, u_hi, m_hi = query_block_range(
+        n0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+    group = nheads // nheads_kv
+    q_rows = q_start.to(tl.int64) + offs_m0
+    # the group's query heads in a fixed order: GQA needs no reduction pass and no atomics
+    for h in range(h_kv * group, h_kv * group + group):
+        q_ptrs = Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :]
+        do_ptrs = DO + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :]
+        aux = b64 * stride_ab + h * stride_ah
+        # bottom window edge / diagonal (masked), interior (unmasked), left window edge (masked)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, LSE2 + aux, DELTA + aux, stride_qs, stride_dos, offs_m0,
+            offs_n, offs_d, offs_dv, m_lo, u_lo, q_len, k_len, window_left, window_right, qk_scale,
+            softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, True, BLOCK_M)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, LSE2 + aux, DELTA + aux, stride_qs, stride_dos, offs_m0,
+            offs_n, offs_d, offs_dv, u_lo, u_hi, q_len, k_len, window_left, window_right, qk_scale,
+            softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, False, BLOCK_M)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, LSE2 + aux, DELTA + aux, stride_qs, stride_dos, offs_m0,
+            offs_n, offs_d, offs_dv, u_hi, m_hi, q_len, k_len, window_left, window_right, qk_scale,
+            softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, True, BLOCK_M)
+
+    valid = offs_n[:, None] < k_len  # padding keys get zero gradients
+    dk = tl.where(valid, dk * softmax_scale, 0.0)
+    dv = tl.where(valid, dv, 0.0)
+    owned = offs_n[:, None] < k_owned
+    tl.store(DK + b64 * stride_dkb + h_kv * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],
+             cast(dk, DK.dtype.element_ty), mask=owned & (offs_d[None, :] < HEADDIM))
+    tl.store(DV + b64 * stride_dvb + h_kv * stride_dvh + k_rows[:, None] * stride_dvs + offs_dv[None, :],
+             cast(dv, DV.dtype.element_ty), mask=owned & (offs_dv[None, :] < HEADDIM_V))
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d, offs_dv,
+    n_start, n_end, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ of one query tile over key blocks [n_start, n_end) (same split as the forward)."""
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        k = load_tile(k_ptrs + n0 * stride_ks, offs_n, offs_d, k_len, HEADDIM, not MASKED, EVEN_D)
+        v = load_tile(v_ptrs + n0 * stride_vs, offs_n, offs_dv, k_len, HEADDIM_V, not MASKED, EVEN_DV)
+        # S = Q @ K^T, P = exp2(S - lse)
+        s, t = scores_log2(dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
+        if MASKED:
+            keep = keep_mask(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left,
+                             window_right, HAS_WL, HAS_WR)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        # dS = P * (dO @ V^T - delta), through the softcap
+        ds = p * (dot(do, tl.trans(v)) - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        # dQ += dS @ K
+        dq += dot(cast(ds, k.dtype), k)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE2, DELTA, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_Q, SEQUSED_K,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh, stride_ab, stride_ah,
+    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
+    bucket_q, bucket_k,  # autotune key only
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PACKED_Q: tl.constexpr, PACKED_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    h_kv = h // (nheads // nheads_kv)
+    q_start, q_len, q_owned = seq_info(b, CU_SEQLENS_Q, SEQUSED_Q, seqlen_q, PACKED_Q, HAS_SEQUSED_Q)
+    k_start, k_len, _ = seq_info(b, CU_SEQLENS_K, SEQUSED_K, seqlen_k, PACKED_K, HAS_SEQUSED_K)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_owned:
+        return
+
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    q_rows = q_start.to(tl.int64) + offs_m
+    k_rows = k_start.to(tl.int64) + offs_n0
+    q = load_tile(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+                  offs_m, offs_d, q_len, HEADDIM, False, EVEN_D)
+    do = load_tile(DO + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :],
+                   offs_m, offs_dv, q_len, HEADDIM_V, False, EVEN_DV)
+    aux = b64 * stride_ab + h * stride_ah + offs_m
+    lse2 = tl.load(LSE2 + aux, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTA + aux, mask=offs_m < q_len, other=0.0)
+    k_ptrs = K + b64 * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
+    if SOFTCAP:
+        qk_scale = softmax_scale / softcap
+    else:
+        qk_scale = softmax_scale * LOG2E
+    softcap_log2 = softcap * LOG2E
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_lo, u_lo, u_hi, n_hi = key_block_range(
+        m0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d,
+        offs_dv, n_lo, u_lo, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, True, BLOCK_N)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d,
+        offs_dv, u_lo, u_hi, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, False, BLOCK_N)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d,
+        offs_dv, u_hi, n_hi, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, True, BLOCK_N)
+
+    dq = tl.where(offs_m[:, None] < q_len, dq * softmax_scale, 0.0)
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs + offs_d[None, :],
+             cast(dq, DQ.dtype.element_ty), mask=(offs_m[:, None] < q_owned) & (offs_d[None, :] < HEADDIM))

@@ -1,0 +1,95 @@
+"""Compile the kernels for a GPU target without a GPU (no tensors; ptxas only).
+
+    python -m triton_fallback.compile_only        # prints one line per compiled variant
+
+Catches what the interpreter lets through (non-constexpr globals, type mismatches between
+branches, unsupported ops on a target, shared-memory overflow). Must run with
+TRITON_INTERPRET unset: the kernels pick compiled vs. interpreted code when decorated.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .bwd import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
+from .fwd import attn_fwd
+
+_FLOAT_ARGS = ("softmax_scale", "softcap")
+_INT_PTRS = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_Q", "SEQUSED_K")
+_F32_PTRS = ("LSE", "LSE2", "DELTA", "Q_DESCALE", "K_DESCALE", "V_DESCALE")
+
+_FEATURES = dict(PACKED_Q=False, PACKED_K=False, HAS_SEQUSED_Q=False, HAS_SEQUSED_K=False,
+                 HAS_WL=False, HAS_WR=False, SOFTCAP=False)
+# (kernel, arch, element type, constexprs, num_warps, num_stages)
+VARIANTS = [
+    (attn_fwd, 80, "fp16", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
+    (attn_fwd, 80, "bf16", dict(HEADDIM=80, HEADDIM_V=80, PACKED_K=True, HAS_SEQUSED_Q=True,
+                                HAS_WL=True, HAS_WR=True, SOFTCAP=True, BLOCK_M=64, BLOCK_N=64), 4, 2),
+    (attn_fwd, 86, "bf16", dict(HEADDIM=256, HEADDIM_V=256, BLOCK_M=64, BLOCK_N=32), 8, 1),
+    (attn_fwd, 89, "fp8e4nv", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, HAS_DESCALE=True,
+                                   BLOCK_M=128, BLOCK_N=64), 8, 2),
+    (attn_fwd, 80, "u8", dict(HEADDIM=64, HEADDIM_V=64, HAS_DESCALE=True, FP8_DEQUANT=True,
+                                   BLOCK_M=128, BLOCK_N=64), 4, 2),
+    (attn_fwd, 90, "bf16", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
+    (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM_V=96, PACKED_Q=True, HAS_SEQUSED_Q=True, BLOCK_M=64), 4, 1),
+    (attn_bwd_dkdv, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=32, BLOCK_N=128), 8, 2),
+    (attn_bwd_dkdv, 86, "fp16", dict(HEADDIM=96, HEADDIM_V=96, PACKED_Q=True, PACKED_K=True,
+                                     HAS_SEQUSED_K=True, HAS_WL=True, HAS_WR=True, SOFTCAP=True,
+                                     BLOCK_M=32, BLOCK_N=64), 4, 1),
+    (attn_bwd_dkdv, 90, "bf16", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
+    (attn_bwd_dq, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=32), 8, 2),
+    (attn_bwd_dq, 86, "fp16", dict(HEADDIM=96, HEADDIM_V=96, PACKED_Q=True, HAS_SEQUSED_Q=True,
+                                   HAS_WL=True, HAS_WR=True, SOFTCAP=True, BLOCK_M=64, BLOCK_N=32), 4, 1),
+]
+
+
+def _signature(fn, elem: str, const: dict) -> dict:
+    out_elem = "bf16" if elem in ("fp8e4nv", "u8") else elem
+    sig = {}
+    for name in fn.arg_names:
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in _INT_PTRS:
+            sig[name] = "*i32"
+        elif name in _F32_PTRS:
+            sig[name] = "*fp32"
+        elif name in ("O", "DO", "DQ", "DK", "DV"):
+            sig[name] = f"*{out_elem}"
+        elif name.isupper():
+            sig[name] = f"*{elem}"
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return sig
+
+
+def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_stages: int):
+    const = dict(const)
+    names = fn.arg_names
+    for name, value in _FEATURES.items():
+        if name in names:
+            const.setdefault(name, value)
+    for name in ("HAS_DESCALE", "FP8_DEQUANT"):
+        if name in names:
+            const.setdefault(name, False)
+    for dim, block in (("HEADDIM", "BLOCK_D"), ("HEADDIM_V", "BLOCK_DV")):
+        if dim in const:
+            const[block] = max(16, triton.next_power_of_2(const[dim]))
+    src = ASTSource(fn, _signature(fn, elem, const),
+                    constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def main():
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile"
+    for fn, arch, elem, const, warps, stages in VARIANTS:
+        kernel = compile_variant(fn, arch, elem, const, warps, stages)
+        print(f"sm{arch} {fn.__name__} {elem} {const}: {kernel.metadata.shared} B shared")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Tile configurations: a committed table first, then autotuning with pruning.
+
+`pick(...)` answers, for one launch, either a fixed `Tile` (interpreter, or a hit in `TUNED`)
+or None, meaning "use the autotuned kernel". The autotuner's key is (head dims, window /
+softcap flags, rounded seqlens, dtypes), so a new sequence length within the same power-of-two
+bucket does not re-tune.
+
+Regenerate `TUNED` on a GPU with ``python -m triton_fallback.tune`` (prints the entries).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+    def launch_kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+    def to_triton(self) -> triton.Config:
+        return triton.Config(dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n),
+                             num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# The interpreter runs each program in numpy: few, mid-sized tiles are fastest, and 32 still
+# puts several blocks (and every masked/unmasked boundary) in the small test shapes.
+INTERPRET_TILE = Tile(32, 32, 4, 1)
+
+# (gpu family, kernel, padded head dim, dtype, causal-or-window) -> Tile. Seed entries follow
+# the FlashAttention-2 Triton defaults for Ampere/Ada (64..128 x 64 tiles, 4-8 warps); they are
+# not yet re-measured on this code: run `python -m triton_fallback.tune` on the target GPU and
+# paste its output here.
+_F16 = ("float16", "bfloat16")
+TUNED: dict[tuple, Tile] = {
+    **{("sm80", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
+        (64, Tile(128, 64, 4, 3)), (128, Tile(128, 64, 8, 3)), (256, Tile(64, 64, 8, 2)))},
+    **{("sm80", "bwd_dkdv", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
+        (64, Tile(32, 128, 8, 2)), (128, Tile(32, 128, 8, 2)), (256, Tile(32, 64, 8, 1)))},
+    **{("sm80", "bwd_dq", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
+        (64, Tile(128, 32, 8, 2)), (128, Tile(128, 32, 8, 2)), (256, Tile(64, 32, 8, 1)))},
+    **{("sm89", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
+        (64, Tile(128, 64, 4, 2)), (128, Tile(128, 32, 8, 2)), (256, Tile(64, 32, 8, 1)))},
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_family(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return optin
+    major, minor = props.major, props.minor
+    return {(8, 0): 163 * 1024, (9, 0): 227 * 1024}.get((major, minor), 99 * 1024)
+
+
+def pick(kernel: str, device: torch.device, headdim_padded: int, dtype: torch.dtype,
+         masked: bool) -> Tile | None:
+    if interpreting():
+        return INTERPRET_TILE
+    key = (gpu_family(device.index or 0), kernel, headdim_padded, str(dtype).split(".")[-1], masked)
+    return TUNED.get(key)
+
+
+def _candidates(kernel: str) -> list[Tile]:
+    if kernel == "fwd":
+        return [Tile(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
+                for s in (1, 2, 3)]
+    if kernel == "bwd_dkdv":  # BLOCK_N is the resident key tile, BLOCK_M streams queries
+        return [Tile(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8)
+                for s in (1, 2)]
+    return [Tile(bm, bn, w, s) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8)
+            for s in (1, 2)]
+
+
+def _fits(kernel: str, t: Tile, d: int, dv: int, elem: int, smem: int) -> bool:
+    """Shared memory of the resident + pipelined tiles, and fp32 accumulators per thread."""
+    if kernel == "fwd":
+        tiles = t.block_m * d + max(t.num_stages, 1) * t.block_n * (d + dv)
+        acc = t.block_m * (dv + t.block_n)
+    elif kernel == "bwd_dkdv":
+        tiles = t.block_n * (d + dv) + max(t.num_stages, 1) * t.block_m * (d + dv)
+        acc = t.block_n * (d + dv + 2 * t.block_m)
+    else:
+        tiles = t.block_m * (d + dv) + max(t.num_stages, 1) * t.block_n * (d + dv)
+        acc = t.block_m * (d + 2 * t.block_n)
+    return tiles * elem <= smem and acc <= 160 * 32 * t.num_warps
+
+
+def prune(kernel: str):
+    """early_config_prune hook: drop tiles that overflow shared memory or registers."""
+
+    def hook(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        d, dv = args["BLOCK_D"], args["BLOCK_DV"]
+        q = args["Q"]
+        elem = q.element_size()
+        smem = smem_limit(q.device.index or 0)
+        kept = [c for c in configs if _fits(kernel, _tile(c), d, dv, elem, smem)]
+        if q.dtype in (torch.float8_e4m3fn,):  # fp8 MMA needs K >= 32 for P @ V
+            kept = [c for c in kept if c.kwargs["BLOCK_N"] >= 32]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return hook
+
+
+def _tile(c: triton.Config) -> Tile:
+    return Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+AUTOTUNE_KEY = ["HEADDIM", "HEADDIM_V", "HAS_WL", "HAS_WR", "SOFTCAP", "bucket_q", "bucket_k"]
+
+
+def autotuned(kernel: str, fn):
+    return triton.autotune(
+        configs=[t.to_triton() for t in _candidates(kernel)], key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": prune(kernel)},
+    )(fn)
+
+
+def seqlen_bucket(n: int) -> int:
+    return max(64, triton.next_power_of_2(max(n, 1)))

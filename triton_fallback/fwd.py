@@ -1,0 +1,130 @@
+"""Forward kernel (FlashAttention-2): one program per (query block, head, batch)."""
+
+import triton
+import triton.language as tl
+
+from .common import LN2, LOG2E, cast, dot, e4m3_to_f16, key_block_range, keep_mask, load_tile, scores_log2, seq_info
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+    n_start, n_end, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
+    FP8_DEQUANT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online softmax over key blocks [n_start, n_end). MASKED: some score of each block may be
+    dropped (sequence end, causal diagonal, window edge); else every key is in range and kept."""
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rows = n0 + offs_n
+        k = load_tile(k_ptrs + n0 * stride_ks, rows, offs_d, k_len, HEADDIM, not MASKED, EVEN_D)
+        v = load_tile(v_ptrs + n0 * stride_vs, rows, offs_dv, k_len, HEADDIM_V, not MASKED, EVEN_DV)
+        if FP8_DEQUANT:
+            k = e4m3_to_f16(k)
+            v = e4m3_to_f16(v)
+        # S = Q @ K^T, in the log2 domain
+        s, _ = scores_log2(dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
+        if MASKED:
+            keep = keep_mask(offs_m[:, None], rows[None, :], q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
+            s = tl.where(keep, s, float("-inf"))
+        # online softmax; a row with nothing kept yet has max -inf: subtract 0 instead
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # O = O * alpha + P @ V
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd(
+    Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_Q, SEQUSED_K,
+    Q_DESCALE, K_DESCALE, V_DESCALE,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
+    bucket_q, bucket_k,  # autotune key only: rounded max seqlens
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PACKED_Q: tl.constexpr, PACKED_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_DESCALE: tl.constexpr, FP8_DEQUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    h_kv = h // (nheads // nheads_kv)
+    q_start, q_len, q_owned = seq_info(b, CU_SEQLENS_Q, SEQUSED_Q, seqlen_q, PACKED_Q, HAS_SEQUSED_Q)
+    k_start, k_len, _ = seq_info(b, CU_SEQLENS_K, SEQUSED_K, seqlen_k, PACKED_K, HAS_SEQUSED_K)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_owned:
+        return
+
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    q_ptrs = (Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+              + offs_m[:, None] * stride_qs + offs_d[None, :])
+    k_ptrs = (K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + h_kv * stride_kh
+              + offs_n[:, None] * stride_ks + offs_d[None, :])
+    v_ptrs = (V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + h_kv * stride_vh
+              + offs_n[:, None] * stride_vs + offs_dv[None, :])
+
+    qk_scale = softmax_scale
+    if HAS_DESCALE:
+        qk_scale *= tl.load(Q_DESCALE + b * nheads_kv + h_kv) * tl.load(K_DESCALE + b * nheads_kv + h_kv)
+    softcap_log2 = softcap * LOG2E
+    if SOFTCAP:
+        qk_scale = qk_scale / softcap
+    else:
+        qk_scale = qk_scale * LOG2E
+
+    q = load_tile(q_ptrs, offs_m, offs_d, q_len, HEADDIM, False, EVEN_D)
+    if FP8_DEQUANT:  # q, k, v hold float8 bit patterns as uint8
+        q = e4m3_to_f16(q)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    n_lo, u_lo, u_hi, n_hi = key_block_range(
+        m0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+    # left window edge (masked), interior (unmasked), causal diagonal / right edge / tail (masked)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        n_lo, u_lo, q_len, k_len, window_left, window_right,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
+        FP8_DEQUANT, True, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        u_lo, u_hi, q_len, k_len, window_left, window_right,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
+        FP8_DEQUANT, False, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        u_hi, n_hi, q_len, k_len, window_left, window_right,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
+        FP8_DEQUANT, True, BLOCK_N)
+
+    # epilogue: rows with no kept key (l = 0) and padding rows give out 0, lse -inf
+    valid = (offs_m < q_len) & (l_i > 0.0)
+    l_safe = tl.where(valid, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if HAS_DESCALE:
+        out = out * tl.load(V_DESCALE + b * nheads_kv + h_kv)
+    out = tl.where(valid[:, None], out, 0.0)
+    lse = tl.where(valid, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+
+    o_ptrs = (O + b64 * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh
+              + offs_m[:, None] * stride_os + offs_dv[None, :])
+    tl.store(o_ptrs, cast(out, O.dtype.element_ty),
+             mask=(offs_m[:, None] < q_owned) & (offs_dv[None, :] < HEADDIM_V))
+    lse_ptrs = LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < q_owned)

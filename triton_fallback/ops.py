@@ -1,0 +1,181 @@
+"""Host side: turn an `AttentionRequest` into kernel launches."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fa3py.request import AttentionRequest
+
+from . import configs
+from .bwd import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
+from .fwd import attn_fwd
+
+_TUNED = {
+    "fwd": configs.autotuned("fwd", attn_fwd),
+    "bwd_dkdv": configs.autotuned("bwd_dkdv", attn_bwd_dkdv),
+    "bwd_dq": configs.autotuned("bwd_dq", attn_bwd_dq),
+}
+_PLAIN = {"fwd": attn_fwd, "bwd_dkdv": attn_bwd_dkdv, "bwd_dq": attn_bwd_dq}
+_warned_fp8_dequant = False
+POISON = False  # tests: fill fresh outputs with NaN so that any row the kernels skip shows up
+
+
+def _contiguous_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
+    """(batch, seq, head) strides; packed tensors have no batch dim."""
+    return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _new(shape, dtype, device, prefill: float | None) -> torch.Tensor:
+    """Output buffer; prefilled where the kernels leave rows unwritten (packed + seqused)."""
+    if prefill is None:
+        if POISON:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, prefill, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Launch facts shared by the forward and backward kernels of one request."""
+
+    req: AttentionRequest
+    rows_q: int  # grid extent over query rows (per sequence)
+    rows_k: int
+
+    @classmethod
+    def create(cls, req: AttentionRequest) -> "_Problem":
+        def rows(x, packed, bound, lengths):
+            if not packed:
+                return x.shape[1]
+            return bound if bound > 0 else int(lengths.max()) if lengths.numel() else 0
+
+        lq, lk = (None, None)
+        if (req.packed_q and req.max_seqlen_q <= 0) or (req.packed_k and req.max_seqlen_k <= 0):
+            lq, lk = req.seqlens()
+        return cls(req, rows(req.q, req.packed_q, req.max_seqlen_q, lq),
+                   rows(req.k, req.packed_k, req.max_seqlen_k, lk))
+
+    def scalars(self) -> tuple:
+        req, p = self.req, self.req.params
+        return (
+            0 if req.packed_q else req.q.shape[1], 0 if req.packed_k else req.k.shape[1],
+            req.nheads, req.nheads_kv, p.softmax_scale, p.softcap, p.window_left, p.window_right,
+            configs.seqlen_bucket(self.rows_q), configs.seqlen_bucket(self.rows_k),
+        )
+
+    def constexprs(self) -> dict:
+        req, p = self.req, self.req.params
+        return dict(
+            HEADDIM=req.headdim, HEADDIM_V=req.headdim_v,
+            BLOCK_D=max(16, triton.next_power_of_2(req.headdim)),
+            BLOCK_DV=max(16, triton.next_power_of_2(req.headdim_v)),
+            PACKED_Q=req.packed_q, PACKED_K=req.packed_k,
+            HAS_SEQUSED_Q=req.seqused_q is not None, HAS_SEQUSED_K=req.seqused_k is not None,
+            HAS_WL=p.window_left >= 0, HAS_WR=p.window_right >= 0, SOFTCAP=p.softcap > 0,
+        )
+
+    def launch(self, kernel: str, grid_rows: int, grid_heads: int, args: tuple, **extra):
+        """Table config (or the interpreter's) if there is one, else the autotuned kernel."""
+        req, p = self.req, self.req.params
+        const = {**self.constexprs(), **extra}
+        block = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
+
+        def grid(meta):
+            return (triton.cdiv(grid_rows, meta[block]), grid_heads, req.batch)
+
+        masked = p.window_left >= 0 or p.window_right >= 0
+        tile = configs.pick(kernel, req.device, const["BLOCK_D"], req.dtype, masked)
+        if tile is not None:
+            _PLAIN[kernel][grid](*args, *self.scalars(), **const, **tile.launch_kwargs())
+        else:
+            _TUNED[kernel][grid](*args, *self.scalars(), **const)
+
+
+def _fp8_mode(req: AttentionRequest) -> bool:
+    """True: decode FP8 to float16 in-kernel (no FP8 tensor cores before sm89); False: FP8
+    tl.dot (sm89+, and the interpreter unless a test forces the other path)."""
+    global _warned_fp8_dequant
+    if req.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(req.device) >= (8, 9):
+        return False
+    if not _warned_fp8_dequant:
+        _warned_fp8_dequant = True
+        warnings.warn("fa3py triton: this GPU has no FP8 tensor cores (sm < 89); FP8 inputs are "
+                      "dequantized to float16 in-kernel and bring no speed-up over bf16.", stacklevel=3)
+    return True
+
+
+def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_contiguous_last_dim(x) for x in (req.q, req.k, req.v))
+    prob = _Problem.create(req)
+    prefill = req.packed_q and req.seqused_q is not None
+    out = _new(req.out_shape, req.out_dtype, req.device, 0.0 if prefill else None)
+    lse = _new(req.lse_shape, torch.float32, req.device, float("-inf") if prefill else None)
+    lse_strides = (0, lse.stride(0)) if req.packed_q else (lse.stride(0), lse.stride(1))
+    descales = [None, None, None]
+    if req.is_fp8_input:  # a missing descale means 1
+        ones = torch.ones(req.batch, req.nheads_kv, dtype=torch.float32, device=req.device)
+        descales = [ones if d is None else d.float().contiguous()
+                    for d in (req.q_descale, req.k_descale, req.v_descale)]
+    fp8_dequant = req.is_fp8_input and _fp8_mode(req)
+    # before sm89 Triton has no float8 e4m3 type: the kernel decodes the bytes itself
+    qkv = [x.view(torch.uint8) for x in (q, k, v)] if fp8_dequant else [q, k, v]
+    args = (
+        *qkv, out, lse, req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k,
+        *descales, *_strides(q, req.packed_q), *_strides(k, req.packed_k),
+        *_strides(v, req.packed_k), *_strides(out, req.packed_q), *lse_strides,
+    )
+    prob.launch("fwd", prob.rows_q, req.nheads, args, HAS_DESCALE=req.is_fp8_input,
+                FP8_DEQUANT=fp8_dequant)
+    return out, lse
+
+
+def backward(req: AttentionRequest, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
+    q, k, v, out, dout = (_contiguous_last_dim(x) for x in (req.q, req.k, req.v, out, dout))
+    prob = _Problem.create(req)
+    device, batch, nheads = req.device, req.batch, req.nheads
+    const = prob.constexprs()
+
+    # 1. delta = rowsum(dO * O) and log2-domain LSE, per (batch, head, local row)
+    rows_pad = triton.cdiv(max(prob.rows_q, 1), 128) * 128
+    lse2 = _new((batch, nheads, rows_pad), torch.float32, device, None)
+    delta = _new((batch, nheads, rows_pad), torch.float32, device, None)
+    lse_strides = (0, lse.stride(0)) if req.packed_q else (lse.stride(0), lse.stride(1))
+    pre_block = 64
+    attn_bwd_preprocess[(triton.cdiv(prob.rows_q, pre_block), nheads, batch)](
+        out, dout, lse, lse2, delta, req.cu_seqlens_q, req.seqused_q,
+        *_strides(out, req.packed_q), *_strides(dout, req.packed_q), *lse_strides,
+        lse2.stride(0), lse2.stride(1), 0 if req.packed_q else q.shape[1],
+        HEADDIM_V=req.headdim_v, BLOCK_DV=const["BLOCK_DV"], PACKED_Q=req.packed_q,
+        HAS_SEQUSED_Q=req.seqused_q is not None, BLOCK_M=pre_block,
+    )
+
+    dq = _new(q.shape, q.dtype, device, 0.0 if req.packed_q and req.seqused_q is not None else None)
+    zero_k = 0.0 if req.packed_k and req.seqused_k is not None else None
+    dk = _new(k.shape, k.dtype, device, zero_k)
+    dv = _new(v.shape, v.dtype, device, zero_k)
+    seq_args = (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)
+    qkv_strides = (*_strides(q, req.packed_q), *_strides(k, req.packed_k),
+                   *_strides(v, req.packed_k), *_strides(dout, req.packed_q))
+
+    # 2. dK, dV: one program per key block and KV head
+    prob.launch("bwd_dkdv", prob.rows_k, req.nheads_kv, (
+        q, k, v, dout, dk, dv, lse2, delta, *seq_args, *qkv_strides,
+        *_strides(dk, req.packed_k), *_strides(dv, req.packed_k), lse2.stride(0), lse2.stride(1)))
+    # 3. dQ: one program per query block and head
+    prob.launch("bwd_dq", prob.rows_q, nheads, (
+        q, k, v, dout, dq, lse2, delta, *seq_args, *qkv_strides,
+        *_strides(dq, req.packed_q), lse2.stride(0), lse2.stride(1)))
+    return dq, dk, dv

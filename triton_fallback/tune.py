@@ -1,0 +1,84 @@
+"""Tune and benchmark the Triton kernels on the local GPU.
+
+    python -m triton_fallback.tune            # autotune, print `configs.TUNED` entries to paste
+    python -m triton_fallback.tune --bench    # ms and TFLOP/s, table/autotuned configs vs. SDPA
+
+Shapes: batch 4, 16 heads, seqlen 4096 (2 * batch * heads * seqlen * d elements of K/V exceed
+L2 on every target GPU, so the timings are not cache-resident).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from fa3py.request import AttentionParams, AttentionRequest
+
+from . import configs, ops
+
+BATCH, HEADS, SEQLEN = 4, 16, 4096
+
+
+def flops(req: AttentionRequest, backward: bool = False) -> float:
+    """4 * b * h * s_q * s_k * d (QK^T and PV), halved for causal, x2.5 for the backward."""
+    d = (req.headdim + req.headdim_v) / 2
+    f = 4 * req.batch * req.nheads * req.q.shape[1] * req.k.shape[1] * d
+    if req.params.causal:
+        f /= 2
+    return f * (2.5 if backward else 1.0)
+
+
+def make(d: int, dtype: torch.dtype, causal: bool) -> AttentionRequest:
+    q, k, v = (torch.randn(BATCH, SEQLEN, HEADS, d, device="cuda", dtype=dtype) for _ in range(3))
+    return AttentionRequest(q, k, v, AttentionParams(d ** -0.5, window_right=0 if causal else -1))
+
+
+def report(name: str, req: AttentionRequest, fn, backward: bool = False):
+    ms = triton.testing.do_bench(fn)
+    print(f"{name:<44} {ms:8.3f} ms {flops(req, backward) / ms * 1e-9:8.1f} TFLOP/s")
+
+
+def bench(dims, dtypes):
+    for d in dims:
+        for dtype in dtypes:
+            for causal in (False, True):
+                req = make(d, dtype, causal)
+                tag = f"d={d} {str(dtype)[6:]} causal={causal}"
+                out, lse = ops.forward(req)
+                dout = torch.randn_like(out)
+                report(f"triton fwd {tag}", req, lambda: ops.forward(req))
+                report(f"triton bwd {tag}", req, lambda: ops.backward(req, out, lse, dout), True)
+                qt, kt, vt = (x.transpose(1, 2) for x in (req.q, req.k, req.v))
+                report(f"sdpa   fwd {tag}", req, lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, is_causal=causal))
+
+
+def tune(dims, dtypes):
+    configs.TUNED.clear()
+    family = configs.gpu_family(torch.cuda.current_device())
+    for d in dims:
+        for dtype in dtypes:
+            for causal in (False, True):
+                req = make(d, dtype, causal)
+                out, lse = ops.forward(req)
+                ops.backward(req, out, lse, torch.randn_like(out))
+                for kernel in configs.KERNELS:
+                    best = ops._TUNED[kernel].best_config
+                    tile = configs.Tile(best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"],
+                                        best.num_warps, best.num_stages)
+                    print(f'    ("{family}", "{kernel}", {d}, "{str(dtype)[6:]}", {causal}): {tile},')
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bench", action="store_true")
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
+    args = parser.parse_args()
+    dtypes = (torch.float16, torch.bfloat16)
+    (bench if args.bench else tune)(args.dims, dtypes)
+
+
+if __name__ == "__main__":
+    main()
