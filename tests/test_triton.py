@@ -165,15 +165,14 @@ def _fp8_baseline(req):
     float8 before P @ V (the FP8 MMA path rounds P the same way)."""
     from fa3py import reference
 
-    group = req.nheads // req.nheads_kv
-    s = torch.einsum("bqhd,bkhd->bhqk", req.q.float(), req.k.float().repeat_interleave(group, 2))
-    s = s * req.params.softmax_scale
+    p, group = req.params, req.nheads // req.nheads_kv
+    k, v = (x.float().repeat_interleave(group, 2) for x in (req.k, req.v))
+    s = torch.einsum("bqhd,bkhd->bhqk", req.q.float(), k) * p.softmax_scale
     s = s * (req.q_descale * req.k_descale).repeat_interleave(group, 1)[:, :, None, None]
-    keep = reference.keep_mask(s.shape[2], s.shape[3], req.params.window_left, req.params.window_right, s.device)
+    keep = reference.keep_mask(s.shape[2], s.shape[3], p.window_left, p.window_right, s.device)
     s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    e = torch.exp(s - m)
-    pv = torch.einsum("bhqk,bkhd->bqhd", e.to(torch.float8_e4m3fn).float(), req.v.float().repeat_interleave(group, 2))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    pv = torch.einsum("bhqk,bkhd->bqhd", e.to(torch.float8_e4m3fn).float(), v)
     vd = req.v_descale.repeat_interleave(group, 1)[:, None, :, None]
     return (pv / e.sum(-1).transpose(1, 2)[..., None] * vd).to(torch.bfloat16)
 
@@ -199,19 +198,45 @@ def test_fp8_forward(dequant, feature, monkeypatch):
         assert max_err(lse, ref_lse) <= 1e-3 * float(ref_lse.abs().max())
 
 
+def test_public_api_backend_triton():
+    """fa3py.attention(..., backend="triton") reaches these kernels, autograd included."""
+    import fa3py
+
+    q, k, v = inputs(2, 65, 100, 4, 2, 64, 64)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fa3py.attention(*leaves, causal=True, return_lse=True, backend="triton")
+    req = make_request(q, k, v, causal=True)
+    check_forward(req, out.detach(), lse)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    check_backward(req, dout, [x.grad for x in leaves])
+
+
+def test_autotune_pruning(monkeypatch):
+    monkeypatch.setattr(configs, "smem_limit", lambda index: 99 * 1024)
+    q = torch.empty(1, 1, 1, 256, dtype=torch.bfloat16)
+    for kernel in configs.KERNELS:
+        candidates = [t.to_triton() for t in configs._candidates(kernel)]
+        small = configs.prune(kernel)(candidates, {"Q": q}, BLOCK_D=64, BLOCK_DV=64)
+        large = configs.prune(kernel)(candidates, {"Q": q}, BLOCK_D=256, BLOCK_DV=256)
+        assert 0 < len(large) < len(small) <= len(candidates)
+
+
 def test_why_not():
     q, k, v = inputs(1, 8, 8, 2, 1, 64, 64)
     assert triton_fallback.why_not(make_request(q, k, v), backward=True) is None
-    params = AttentionParams(softmax_scale=0.125, fp8=True)
-    assert "fp8" in triton_fallback.why_not(AttentionRequest(q, k, v, params), backward=False)
-    q32, k32, v32 = (x.float() for x in (q, k, v))
-    assert "dtype" in triton_fallback.why_not(AttentionRequest(q32, k32, v32, params.__class__(0.125)), False)
+
+    def why(q, k, v, backward=False, **params):
+        req = AttentionRequest(q, k, v, AttentionParams(0.125, **params))
+        return triton_fallback.why_not(req, backward)
+
+    assert "fp8" in why(q, k, v, fp8=True)
+    assert "dtype" in why(q.float(), k.float(), v.float())
     q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
-    req8 = AttentionRequest(q8, k8, v8, AttentionParams(softmax_scale=0.125))
-    assert triton_fallback.why_not(req8, backward=False) is None
-    assert "backward" in triton_fallback.why_not(req8, backward=True)
-    qodd = torch.randn(1, 8, 2, 36, device=DEVICE).bfloat16()
-    assert "headdim" in triton_fallback.why_not(AttentionRequest(qodd, qodd, qodd, params.__class__(0.1)), False)
+    assert why(q8, k8, v8) is None
+    assert "backward" in why(q8, k8, v8, backward=True)
+    odd = torch.randn(1, 8, 2, 36, device=DEVICE).bfloat16()
+    assert "headdim" in why(odd, odd, odd)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="a GPU run compiles the kernels for real")

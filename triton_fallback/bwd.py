@@ -10,7 +10,10 @@
 import triton
 import triton.language as tl
 
-from .common import LOG2E, cast, dot, key_block_range, keep_mask, load_tile, query_block_range, scores_log2, seq_info
+from .common import (
+    LOG2E, cast, dot, keep_mask, key_block_range, load_tile, query_block_range, score_scales,
+    scores_log2, seq_info, tile_ptrs,
+)
 
 
 @triton.jit
@@ -27,14 +30,16 @@ def attn_bwd_preprocess(
     q_start, q_len, _ = seq_info(b, CU_SEQLENS_Q, SEQUSED_Q, seqlen_q, PACKED_Q, HAS_SEQUSED_Q)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    b64 = b.to(tl.int64)
-    rows = q_start.to(tl.int64) + offs_m
-    o = load_tile(O + b64 * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_dv[None, :],
-                  offs_m, offs_dv, q_len, HEADDIM_V, False, HEADDIM_V == BLOCK_DV)
-    do = load_tile(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :],
-                   offs_m, offs_dv, q_len, HEADDIM_V, False, HEADDIM_V == BLOCK_DV)
+    rows = q_start + offs_m
+    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    o = load_tile(tile_ptrs(O, b, stride_ob, h, stride_oh, rows, stride_os, offs_dv),
+                  offs_m, offs_dv, q_len, HEADDIM_V, False, EVEN_DV)
+    do = load_tile(tile_ptrs(DO, b, stride_dob, h, stride_doh, rows, stride_dos, offs_dv),
+                   offs_m, offs_dv, q_len, HEADDIM_V, False, EVEN_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows, mask=offs_m < q_len, other=float("-inf"))
+    b64 = b.to(tl.int64)
+    lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows, mask=offs_m < q_len,
+                  other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     aux = b64 * stride_ab + h * stride_ah + offs_m
     tl.store(LSE2 + aux, lse2)
@@ -103,29 +108,24 @@ def attn_bwd_dkdv(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    b64 = b.to(tl.int64)
-    k_rows = k_start.to(tl.int64) + offs_n
-    k = load_tile(K + b64 * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
+    k_rows = k_start + offs_n
+    k = load_tile(tile_ptrs(K, b, stride_kb, h_kv, stride_kh, k_rows, stride_ks, offs_d),
                   offs_n, offs_d, k_len, HEADDIM, False, EVEN_D)
-    v = load_tile(V + b64 * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :],
+    v = load_tile(tile_ptrs(V, b, stride_vb, h_kv, stride_vh, k_rows, stride_vs, offs_dv),
                   offs_n, offs_dv, k_len, HEADDIM_V, False, EVEN_DV)
-    if SOFTCAP:
-        qk_scale = softmax_scale / softcap
-    else:
-        qk_scale = softmax_scale * LOG2E
-    softcap_log2 = softcap * LOG2E
+    qk_scale, softcap_log2 = score_scales(softmax_scale, softcap, SOFTCAP)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     m_lo, u_lo, u_hi, m_hi = query_block_range(
         n0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
     group = nheads // nheads_kv
-    q_rows = q_start.to(tl.int64) + offs_m0
+    q_rows = q_start + offs_m0
     # the group's query heads in a fixed order: GQA needs no reduction pass and no atomics
     for h in range(h_kv * group, h_kv * group + group):
-        q_ptrs = Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :]
-        do_ptrs = DO + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :]
-        aux = b64 * stride_ab + h * stride_ah
+        q_ptrs = tile_ptrs(Q, b, stride_qb, h, stride_qh, q_rows, stride_qs, offs_d)
+        do_ptrs = tile_ptrs(DO, b, stride_dob, h, stride_doh, q_rows, stride_dos, offs_dv)
+        aux = b.to(tl.int64) * stride_ab + h * stride_ah
         # bottom window edge / diagonal (masked), interior (unmasked), left window edge (masked)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, LSE2 + aux, DELTA + aux, stride_qs, stride_dos, offs_m0,
@@ -144,9 +144,9 @@ def attn_bwd_dkdv(
     dk = tl.where(valid, dk * softmax_scale, 0.0)
     dv = tl.where(valid, dv, 0.0)
     owned = offs_n[:, None] < k_owned
-    tl.store(DK + b64 * stride_dkb + h_kv * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],
+    tl.store(tile_ptrs(DK, b, stride_dkb, h_kv, stride_dkh, k_rows, stride_dks, offs_d),
              cast(dk, DK.dtype.element_ty), mask=owned & (offs_d[None, :] < HEADDIM))
-    tl.store(DV + b64 * stride_dvb + h_kv * stride_dvh + k_rows[:, None] * stride_dvs + offs_dv[None, :],
+    tl.store(tile_ptrs(DV, b, stride_dvb, h_kv, stride_dvh, k_rows, stride_dvs, offs_dv),
              cast(dv, DV.dtype.element_ty), mask=owned & (offs_dv[None, :] < HEADDIM_V))
 
 
@@ -208,23 +208,17 @@ def attn_bwd_dq(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    b64 = b.to(tl.int64)
-    q_rows = q_start.to(tl.int64) + offs_m
-    k_rows = k_start.to(tl.int64) + offs_n0
-    q = load_tile(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+    q_rows = q_start + offs_m
+    q = load_tile(tile_ptrs(Q, b, stride_qb, h, stride_qh, q_rows, stride_qs, offs_d),
                   offs_m, offs_d, q_len, HEADDIM, False, EVEN_D)
-    do = load_tile(DO + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :],
+    do = load_tile(tile_ptrs(DO, b, stride_dob, h, stride_doh, q_rows, stride_dos, offs_dv),
                    offs_m, offs_dv, q_len, HEADDIM_V, False, EVEN_DV)
-    aux = b64 * stride_ab + h * stride_ah + offs_m
+    aux = b.to(tl.int64) * stride_ab + h * stride_ah + offs_m
     lse2 = tl.load(LSE2 + aux, mask=offs_m < q_len, other=float("inf"))
     delta = tl.load(DELTA + aux, mask=offs_m < q_len, other=0.0)
-    k_ptrs = K + b64 * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
-    if SOFTCAP:
-        qk_scale = softmax_scale / softcap
-    else:
-        qk_scale = softmax_scale * LOG2E
-    softcap_log2 = softcap * LOG2E
+    k_ptrs = tile_ptrs(K, b, stride_kb, h_kv, stride_kh, k_start + offs_n0, stride_ks, offs_d)
+    v_ptrs = tile_ptrs(V, b, stride_vb, h_kv, stride_vh, k_start + offs_n0, stride_vs, offs_dv)
+    qk_scale, softcap_log2 = score_scales(softmax_scale, softcap, SOFTCAP)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_lo, u_lo, u_hi, n_hi = key_block_range(
@@ -243,5 +237,6 @@ def attn_bwd_dq(
         HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, True, BLOCK_N)
 
     dq = tl.where(offs_m[:, None] < q_len, dq * softmax_scale, 0.0)
-    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs + offs_d[None, :],
-             cast(dq, DQ.dtype.element_ty), mask=(offs_m[:, None] < q_owned) & (offs_d[None, :] < HEADDIM))
+    tl.store(tile_ptrs(DQ, b, stride_dqb, h, stride_dqh, q_rows, stride_dqs, offs_d),
+             cast(dq, DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < q_owned) & (offs_d[None, :] < HEADDIM))

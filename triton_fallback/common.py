@@ -82,6 +82,22 @@ def seq_info(b, CU_SEQLENS, SEQUSED, seqlen, PACKED: tl.constexpr, HAS_SEQUSED: 
 
 
 @triton.jit
+def tile_ptrs(BASE, b, stride_b, head, stride_h, rows, stride_s, cols):
+    """Pointers to BASE[b, rows, head, cols] (int64 row offsets: packed tensors can be long)."""
+    offset = b.to(tl.int64) * stride_b + head * stride_h
+    return BASE + offset + rows.to(tl.int64)[:, None] * stride_s + cols[None, :]
+
+
+@triton.jit
+def score_scales(softmax_scale, softcap, SOFTCAP: tl.constexpr):
+    """(qk_scale, softcap_log2) for `scores_log2`."""
+    if SOFTCAP:
+        return softmax_scale / softcap, softcap * LOG2E
+    else:
+        return softmax_scale * LOG2E, softcap * LOG2E
+
+
+@triton.jit
 def _round_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Block-aligned [lo, u_lo) masked, [u_lo, u_hi) unmasked, [u_hi, hi) masked."""
     lo = tl.maximum(lo, 0) // BLOCK * BLOCK

@@ -25,25 +25,28 @@ _F32_PTRS = ("LSE", "LSE2", "DELTA", "Q_DESCALE", "K_DESCALE", "V_DESCALE")
 _FEATURES = dict(PACKED_Q=False, PACKED_K=False, HAS_SEQUSED_Q=False, HAS_SEQUSED_K=False,
                  HAS_WL=False, HAS_WR=False, SOFTCAP=False)
 # (kernel, arch, element type, constexprs, num_warps, num_stages)
+_D64, _D96, _D128 = (dict(HEADDIM=d, HEADDIM_V=d) for d in (64, 96, 128))
+_ALL_VARLEN = dict(HAS_WL=True, HAS_WR=True, SOFTCAP=True, PACKED_Q=True, PACKED_K=True,
+                   HAS_SEQUSED_Q=True, HAS_SEQUSED_K=True)
 VARIANTS = [
-    (attn_fwd, 80, "fp16", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
-    (attn_fwd, 80, "bf16", dict(HEADDIM=80, HEADDIM_V=80, PACKED_K=True, HAS_SEQUSED_Q=True,
-                                HAS_WL=True, HAS_WR=True, SOFTCAP=True, BLOCK_M=64, BLOCK_N=64), 4, 2),
+    (attn_fwd, 80, "fp16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
+    (attn_fwd, 80, "bf16", dict(HEADDIM=80, HEADDIM_V=80, **_ALL_VARLEN, BLOCK_M=64, BLOCK_N=64),
+     4, 2),
     (attn_fwd, 86, "bf16", dict(HEADDIM=256, HEADDIM_V=256, BLOCK_M=64, BLOCK_N=32), 8, 1),
-    (attn_fwd, 89, "fp8e4nv", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, HAS_DESCALE=True,
-                                   BLOCK_M=128, BLOCK_N=64), 8, 2),
-    (attn_fwd, 80, "u8", dict(HEADDIM=64, HEADDIM_V=64, HAS_DESCALE=True, FP8_DEQUANT=True,
-                                   BLOCK_M=128, BLOCK_N=64), 4, 2),
-    (attn_fwd, 90, "bf16", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
-    (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM_V=96, PACKED_Q=True, HAS_SEQUSED_Q=True, BLOCK_M=64), 4, 1),
-    (attn_bwd_dkdv, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=32, BLOCK_N=128), 8, 2),
-    (attn_bwd_dkdv, 86, "fp16", dict(HEADDIM=96, HEADDIM_V=96, PACKED_Q=True, PACKED_K=True,
-                                     HAS_SEQUSED_K=True, HAS_WL=True, HAS_WR=True, SOFTCAP=True,
-                                     BLOCK_M=32, BLOCK_N=64), 4, 1),
-    (attn_bwd_dkdv, 90, "bf16", dict(HEADDIM=128, HEADDIM_V=128, HAS_WR=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
-    (attn_bwd_dq, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=32), 8, 2),
-    (attn_bwd_dq, 86, "fp16", dict(HEADDIM=96, HEADDIM_V=96, PACKED_Q=True, HAS_SEQUSED_Q=True,
-                                   HAS_WL=True, HAS_WR=True, SOFTCAP=True, BLOCK_M=64, BLOCK_N=32), 4, 1),
+    (attn_fwd, 89, "fp8e4nv", dict(**_D128, HAS_WR=True, HAS_DESCALE=True, BLOCK_M=128, BLOCK_N=64),
+     8, 2),
+    (attn_fwd, 80, "u8", dict(**_D64, HAS_DESCALE=True, FP8_DEQUANT=True, BLOCK_M=128, BLOCK_N=64),
+     4, 2),
+    (attn_fwd, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
+    (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM_V=96, PACKED_Q=True, HAS_SEQUSED_Q=True, BLOCK_M=64),
+     4, 1),
+    (attn_bwd_dkdv, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=32, BLOCK_N=128),
+     8, 2),
+    (attn_bwd_dkdv, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=32, BLOCK_N=64), 4, 1),
+    (attn_bwd_dkdv, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
+    (attn_bwd_dq, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=32),
+     8, 2),
+    (attn_bwd_dq, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=64, BLOCK_N=32), 4, 1),
 ]
 
 
@@ -88,7 +91,8 @@ def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile"
     for fn, arch, elem, const, warps, stages in VARIANTS:
         kernel = compile_variant(fn, arch, elem, const, warps, stages)
-        print(f"sm{arch} {fn.__name__} {elem} {const}: {kernel.metadata.shared} B shared")
+        flags = " ".join(f"{k}={v}" for k, v in const.items() if v is not False)
+        print(f"sm{arch} {fn.__name__} {elem} {flags}: {kernel.metadata.shared} B shared")
 
 
 if __name__ == "__main__":

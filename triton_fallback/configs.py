@@ -97,15 +97,19 @@ def _candidates(kernel: str) -> list[Tile]:
 
 
 def _fits(kernel: str, t: Tile, d: int, dv: int, elem: int, smem: int) -> bool:
-    """Shared memory of the resident + pipelined tiles, and fp32 accumulators per thread."""
+    """Shared memory of the resident tile plus (num_stages - 1) pipelined copies of the
+    streamed tiles (an upper bound: `python -m triton_fallback.compile_only` shows what triton
+    really allocates), and fp32 accumulators per thread. Over-estimates only cost tuning
+    time: the autotuner also skips configs that fail to compile for lack of resources."""
+    copies = max(t.num_stages - 1, 1)
     if kernel == "fwd":
-        tiles = t.block_m * d + max(t.num_stages, 1) * t.block_n * (d + dv)
+        tiles = t.block_m * d + copies * t.block_n * (d + dv)
         acc = t.block_m * (dv + t.block_n)
     elif kernel == "bwd_dkdv":
-        tiles = t.block_n * (d + dv) + max(t.num_stages, 1) * t.block_m * (d + dv)
+        tiles = t.block_n * (d + dv) + copies * t.block_m * (d + dv)
         acc = t.block_n * (d + dv + 2 * t.block_m)
     else:
-        tiles = t.block_m * (d + dv) + max(t.num_stages, 1) * t.block_n * (d + dv)
+        tiles = t.block_m * (d + dv) + copies * t.block_n * (d + dv)
         acc = t.block_m * (d + 2 * t.block_n)
     return tiles * elem <= smem and acc <= 160 * 32 * t.num_warps
 

@@ -3,7 +3,10 @@
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, cast, dot, e4m3_to_f16, key_block_range, keep_mask, load_tile, scores_log2, seq_info
+from .common import (
+    LN2, cast, dot, e4m3_to_f16, keep_mask, key_block_range, load_tile, score_scales, scores_log2,
+    seq_info, tile_ptrs,
+)
 
 
 @triton.jit
@@ -26,7 +29,8 @@ def _fwd_inner(
         # S = Q @ K^T, in the log2 domain
         s, _ = scores_log2(dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
-            keep = keep_mask(offs_m[:, None], rows[None, :], q_len, k_len, window_left, window_right, HAS_WL, HAS_WR)
+            keep = keep_mask(offs_m[:, None], rows[None, :], q_len, k_len, window_left,
+                             window_right, HAS_WL, HAS_WR)
             s = tl.where(keep, s, float("-inf"))
         # online softmax; a row with nothing kept yet has max -inf: subtract 0 instead
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -70,22 +74,13 @@ def attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    b64 = b.to(tl.int64)
-    q_ptrs = (Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
-              + offs_m[:, None] * stride_qs + offs_d[None, :])
-    k_ptrs = (K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + h_kv * stride_kh
-              + offs_n[:, None] * stride_ks + offs_d[None, :])
-    v_ptrs = (V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + h_kv * stride_vh
-              + offs_n[:, None] * stride_vs + offs_dv[None, :])
-
-    qk_scale = softmax_scale
+    q_ptrs = tile_ptrs(Q, b, stride_qb, h, stride_qh, q_start + offs_m, stride_qs, offs_d)
+    k_ptrs = tile_ptrs(K, b, stride_kb, h_kv, stride_kh, k_start + offs_n, stride_ks, offs_d)
+    v_ptrs = tile_ptrs(V, b, stride_vb, h_kv, stride_vh, k_start + offs_n, stride_vs, offs_dv)
+    qk_scale, softcap_log2 = score_scales(softmax_scale, softcap, SOFTCAP)
     if HAS_DESCALE:
-        qk_scale *= tl.load(Q_DESCALE + b * nheads_kv + h_kv) * tl.load(K_DESCALE + b * nheads_kv + h_kv)
-    softcap_log2 = softcap * LOG2E
-    if SOFTCAP:
-        qk_scale = qk_scale / softcap
-    else:
-        qk_scale = qk_scale * LOG2E
+        descale = b * nheads_kv + h_kv
+        qk_scale *= tl.load(Q_DESCALE + descale) * tl.load(K_DESCALE + descale)
 
     q = load_tile(q_ptrs, offs_m, offs_d, q_len, HEADDIM, False, EVEN_D)
     if FP8_DEQUANT:  # q, k, v hold float8 bit patterns as uint8
@@ -118,13 +113,12 @@ def attn_fwd(
     l_safe = tl.where(valid, l_i, 1.0)
     out = acc / l_safe[:, None]
     if HAS_DESCALE:
-        out = out * tl.load(V_DESCALE + b * nheads_kv + h_kv)
+        out = out * tl.load(V_DESCALE + descale)
     out = tl.where(valid[:, None], out, 0.0)
     lse = tl.where(valid, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
 
-    o_ptrs = (O + b64 * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh
-              + offs_m[:, None] * stride_os + offs_dv[None, :])
+    o_ptrs = tile_ptrs(O, b, stride_ob, h, stride_oh, q_start + offs_m, stride_os, offs_dv)
     tl.store(o_ptrs, cast(out, O.dtype.element_ty),
              mask=(offs_m[:, None] < q_owned) & (offs_dv[None, :] < HEADDIM_V))
-    lse_ptrs = LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m
+    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < q_owned)
