@@ -37,6 +37,7 @@ VARIANTS = [
      8, 2),
     (attn_fwd, 80, "u8", dict(**_D64, HAS_DESCALE=True, FP8_DEQUANT=True, BLOCK_M=128, BLOCK_N=64),
      4, 2),
+    (attn_fwd, 90, "fp8e4nv", dict(**_D128, HAS_DESCALE=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
     (attn_fwd, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
     (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM_V=96, PACKED_Q=True, HAS_SEQUSED_Q=True, BLOCK_M=64),
      4, 1),
