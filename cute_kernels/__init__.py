@@ -7,12 +7,21 @@ Contract with `fa3py.dispatch`:
 
 Compiled kernels are cached in memory per `FwdConfig`; `last_compile_seconds` holds the time of
 the most recent compile (also logged at DEBUG level).
+
+Calling path: when the optional `apache-tvm-ffi` package is importable (and CUTE_KERNELS_TVM_FFI
+is not "0"), kernels are compiled once against symbolic-shape fake tensors with
+`--enable-tvm-ffi` and called with the torch tensors and Python scalars directly, on torch's
+current stream (a few microseconds of host time). Otherwise every call converts its tensors with
+`from_dlpack(...).mark_layout_dynamic()` (~25 us per tensor on a slow host CPU).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -24,11 +33,26 @@ if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
 
 log = logging.getLogger(__name__)
+_NULL = __import__("contextlib").nullcontext()
 
 last_compile_seconds: Optional[float] = None
 _compiled: dict = {}
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_configs: dict = {}
+
+
+def _tvm_ffi_available() -> bool:
+    """tvm_ffi importable, and torch exposes the DLPack C exchange API (natively, or through
+    torch_c_dlpack_ext) that gives tvm_ffi fast tensor conversion and torch's current stream."""
+    if os.environ.get("CUTE_KERNELS_TVM_FFI", "1") == "0" or importlib.util.find_spec("tvm_ffi") is None:
+        return False
+    native = any(hasattr(torch.Tensor, a) for a in ("__dlpack_c_exchange_api__", "__c_dlpack_exchange_api__"))
+    return native or importlib.util.find_spec("torch_c_dlpack_ext") is not None
+
+
+# Module-level switch (tests and benchmarks may flip it; compiled kernels are cached per path).
+use_tvm_ffi: bool = _tvm_ffi_available()
 
 
 def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
@@ -54,12 +78,16 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
 
 def config_for(req: "AttentionRequest") -> FwdConfig:
     p = req.params
-    return FwdConfig.make(
-        _DTYPES[req.dtype], req.headdim, req.headdim_v,
-        has_left=p.window_left >= 0, has_right=p.window_right >= 0, softcap=p.softcap > 0,
-        cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
-        seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
-    )
+    key = (req.dtype, req.headdim, req.headdim_v, p.window_left >= 0, p.window_right >= 0, p.softcap > 0,
+           req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,
+           req.seqused_k is not None)
+    cfg = _configs.get(key)
+    if cfg is None:
+        cfg = _configs[key] = FwdConfig.make(
+            _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
+            softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
+        )
+    return cfg
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -76,8 +104,30 @@ def _cute(t: Optional[torch.Tensor], align: int = 16):
     return from_dlpack(t.detach(), assumed_align=align).mark_layout_dynamic(leading_dim=t.ndim - 1)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _compile(cfg: FwdConfig, args: Optional[tuple]):
+    """Compile `cfg` for the TVM-FFI path (args None: symbolic fake tensors) or for the
+    from_dlpack path (args: this call's converted arguments, marked dynamic)."""
+    global last_compile_seconds
+    import cutlass.cute as cute
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    t0 = time.perf_counter()
+    kernel = FlashAttentionForwardSm90(cfg)
+    tvm_ffi = args is None
+    if tvm_ffi:
+        fn = cute.compile(kernel, *kernel.fake_args(cfg, env_stream=True), options="--enable-tvm-ffi")
+    else:
+        fn = cute.compile(kernel, *args)
+    last_compile_seconds = time.perf_counter() - t0
+    log.debug("cute_kernels: compiled %s (tvm-ffi %s) in %.1fs", cfg.short(), tvm_ffi, last_compile_seconds)
+    _compiled[cfg, tvm_ffi] = fn
+    return fn
 
 
 def forward(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,20 +136,17 @@ def forward(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward` with an explicit config (tests and benchmarks override tiles/schedules)."""
-    global last_compile_seconds
-    import cuda.bindings.driver as cuda
-    import cutlass
-    import cutlass.cute as cute
-
-    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
-
     p = req.params
     q, k, v = (_tma_ready(t) for t in (req.q, req.k, req.v))
     padded_rows = req.packed_q or req.seqused_q is not None
-    out = (torch.zeros if padded_rows else torch.empty)(req.out_shape, dtype=req.out_dtype, device=q.device)
-    lse = torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=q.device)
+    dev = q.device
+    out = (torch.zeros if padded_rows else torch.empty)(req.out_shape, dtype=req.out_dtype, device=dev)
+    # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
+    lse = (torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
+           else torch.empty(req.lse_shape, dtype=torch.float32, device=dev))
     if q.numel() == 0 or k.shape[-3] == 0 or (not req.packed_k and k.shape[0] == 0):
         out.zero_()
+        lse.fill_(-math.inf)
         return out, lse
 
     if p.softcap > 0:
@@ -114,19 +161,27 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         return out, lse
     ints = [None if t is None else t.to(torch.int32).contiguous()
             for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
+    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev))
+    tvm_ffi = use_tvm_ffi
+    fn = _compiled.get((cfg, tvm_ffi))
+    if tvm_ffi:
+        tensors = [t.detach() if t.requires_grad else t for t in (q, k, v)]
+        if fn is None:
+            fn = _compile(cfg, None)
+        with torch.cuda.device(dev) if dev.index != torch.cuda.current_device() else _NULL:
+            fn(*tensors, out, lse, *ints, *scalars)
+        return out, lse
+
+    import cuda.bindings.driver as cuda
+    import cutlass
+
     args = (
         _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints),
-        cutlass.Float32(scale_log2), cutlass.Float32(premul),
-        cutlass.Int32(p.window_left), cutlass.Int32(p.window_right), cutlass.Int32(max_seqlen_q),
-        cutlass.Int32(_num_sms(q.device)),
-        cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
+        cutlass.Float32(scale_log2), cutlass.Float32(premul), cutlass.Int32(p.window_left),
+        cutlass.Int32(p.window_right), cutlass.Int32(max_seqlen_q), cutlass.Int32(scalars[-1]),
+        cuda.CUstream(torch.cuda.current_stream(dev).cuda_stream),
     )
-    fn = _compiled.get(cfg)
     if fn is None:
-        t0 = time.perf_counter()
-        fn = cute.compile(FlashAttentionForwardSm90(cfg), *args)
-        last_compile_seconds = time.perf_counter() - t0
-        log.debug("cute_kernels: compiled %s in %.1fs", cfg.short(), last_compile_seconds)
-        _compiled[cfg] = fn
+        fn = _compile(cfg, args)
     fn(*args)
     return out, lse

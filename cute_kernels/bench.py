@@ -1,6 +1,16 @@
-"""Quick forward benchmark of the sm90 CuTe DSL kernel vs PyTorch SDPA (same run, same GPU).
+"""Forward benchmark of the sm90 CuTe DSL kernel vs PyTorch SDPA (same run, same GPU).
 
-    python -m cute_kernels.bench [--seqlen 8192] [--hdims 64,128,256] [--json out.json]
+FA3-paper grid: `--tokens` in total (batch = tokens // seqlen), nheads = 2048 // hdim, bf16.
+
+    python -m cute_kernels.bench [--seqlens 512,8192] [--hdims 64,128,256] [--causal both]
+                                 [--tiles "128:128x128,128x176;256:128x80s2"] [--json out.json]
+    python -m cute_kernels.bench --host     # host microseconds per call (tiny problem)
+    python -m cute_kernels.bench --check ...  # GPU tests first, in this process (compiled
+                                              # kernels are shared); no timing if they fail
+
+`--tiles` lists tile variants per head dim (MxN, optional sS stages); the first of each list
+is reported as the default column unless the config table differs. Times are
+`triton.testing.do_bench` medians of whole calls (host overhead included).
 """
 
 from __future__ import annotations
@@ -8,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 
 import torch
 
@@ -17,47 +28,147 @@ def flops(b, h, sq, sk, d, dv, causal):
     return f / 2 if causal else f
 
 
+def _parse_tiles(spec: str) -> dict:
+    """"128:128x128,128x176s2;256:128x80" -> {128: [(128, 128, None), (128, 176, 2)], ...}."""
+    out = {}
+    for part in filter(None, spec.split(";")):
+        hd, tiles = part.split(":")
+        lst = []
+        for t in tiles.split(","):
+            stages = None
+            if "s" in t:
+                t, stages = t.split("s")
+                stages = int(stages)
+            m, n = map(int, t.split("x"))
+            lst.append((m, n, stages))
+        out[int(hd)] = lst
+    return out
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fn(q, k, v, causal):
+        if backend is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return fn
+
+
+def host_overhead(n: int = 300) -> list:
+    """Host microseconds per call on a tiny problem (GPU time << host time, so the enqueue rate
+    is the host cost): cute_kernels.forward on each calling path, fa3py.attention, SDPA."""
+    import cute_kernels
+    import fa3py
+    from fa3py.request import AttentionParams, AttentionRequest
+
+    q, k, v = (torch.randn(1, 128, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    req = AttentionRequest(q, k, v, AttentionParams(128**-0.5))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def timed(fn):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        return dt
+
+    rows = []
+    saved = cute_kernels.use_tvm_ffi
+    for path in ([True, False] if saved else [False]):
+        cute_kernels.use_tvm_ffi = path
+        rows.append((f"cute_kernels.forward ({'tvm-ffi' if path else 'from_dlpack'})",
+                     timed(lambda: cute_kernels.forward(req))))
+        rows.append((f"fa3py.attention(backend='cute') ({'tvm-ffi' if path else 'from_dlpack'})",
+                     timed(lambda: fa3py.attention(q, k, v, backend="cute"))))
+    cute_kernels.use_tvm_ffi = saved
+    rows.append(("AttentionRequest(...) + config_for", timed(
+        lambda: cute_kernels.config_for(AttentionRequest(q, k, v, AttentionParams(128**-0.5))))))
+    rows.append(("torch SDPA (default backend)", timed(
+        lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt))))
+    for name, us in rows:
+        print(f"host {us:8.1f} us  {name}")
+    return [dict(name=n, us=u) for n, u in rows]
+
+
 def main(argv=None):
     import triton.testing
 
     import cute_kernels
     from fa3py.request import AttentionParams, AttentionRequest
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--seqlen", type=int, default=8192)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", default="8192")
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seqlen")
     p.add_argument("--hdims", default="64,128,256")
+    p.add_argument("--causal", default="both", choices=["both", "no", "yes"])
+    p.add_argument("--tiles", default="", help="tile variants per head dim, see module doc")
+    p.add_argument("--ab", default="", help="comma list of boolean TileConfig fields to also run toggled")
+    p.add_argument("--sdpa", default="CUDNN_ATTENTION", help="comma list of SDPBackend names, '' for none")
+    p.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
+    p.add_argument("--host", action="store_true", help="also measure host overhead per call")
+    p.add_argument("--check", action="store_true", help="run `pytest -m gpu tests/test_cute.py` first")
     p.add_argument("--json", default=None)
-    p.add_argument("--persistent", action="store_true")
     a = p.parse_args(argv)
-    rows = []
-    print(f"# {torch.cuda.get_device_name()} persistent={a.persistent} seqlen={a.seqlen}")
-    print(f"{'hdim':>5} {'causal':>6} {'seqlen':>6} {'cute ms':>8} {'TFLOP/s':>8} {'sdpa ms':>8} {'TFLOP/s':>8}")
+    if a.check:
+        import pytest
+
+        t0 = time.perf_counter()
+        rc = pytest.main(["-q", "-x", "-m", "gpu", "tests/test_cute.py", "-p", "no:cacheprovider"])
+        print(f"# gpu tests: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
+        if rc != 0:
+            raise SystemExit(int(rc))
+    result = dict(gpu=torch.cuda.get_device_name(), tvm_ffi=cute_kernels.use_tvm_ffi, rows=[])
+    if a.host:
+        result["host"] = host_overhead()
+    tiles = _parse_tiles(a.tiles)
+    sdpas = [s for s in a.sdpa.split(",") if s]
+    causals = {"both": (False, True), "no": (False,), "yes": (True,)}[a.causal]
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=a.rep, return_mode="median")
+    print(f"# {result['gpu']} tvm_ffi={cute_kernels.use_tvm_ffi} tokens={a.tokens}")
+    print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'variant':>28} {'ms':>8} {'TFLOP/s':>8}")
     for d in map(int, a.hdims.split(",")):
         h = 2048 // d
-        s = a.seqlen
-        b = max(a.tokens // s, 1)
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for causal in (False, True):
-            req = AttentionRequest(q, k, v, AttentionParams(d**-0.5, window_right=0 if causal else -1))
-            cfg = cute_kernels.config_for(req)
-            if a.persistent:
-                cfg = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, persistent=True))
-            cute_kernels.run(req, cfg)
-            t = triton.testing.do_bench(lambda: cute_kernels.run(req, cfg), return_mode="median")
+        for s in map(int, a.seqlens.split(",")):
+            b = max(a.tokens // s, 1)
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-            try:
-                t_pt = triton.testing.do_bench(sdpa, return_mode="median")
-            except Exception:  # noqa: BLE001
-                t_pt = float("nan")
-            f = flops(b, h, s, s, d, d, causal)
-            rows.append(dict(hdim=d, causal=causal, seqlen=s, batch=b, nheads=h, cute_ms=t,
-                             cute_tflops=f / t / 1e9, sdpa_ms=t_pt, sdpa_tflops=f / t_pt / 1e9))
-            r = rows[-1]
-            print(f"{d:5d} {causal!s:>6} {s:6d} {t:8.3f} {r['cute_tflops']:8.1f} {t_pt:8.3f} {r['sdpa_tflops']:8.1f}")
+            for causal in causals:
+                f = flops(b, h, s, s, d, d, causal)
+                req = AttentionRequest(q, k, v, AttentionParams(d**-0.5, window_right=0 if causal else -1))
+                base = cute_kernels.config_for(req)
+                variants = [("table " + base.short().split(" ", 2)[2].split(" ")[0], base)]
+                for m, n, st in tiles.get(d, []):
+                    t = dataclasses.replace(base.tile, tile_m=m, tile_n=n,
+                                            num_stages=st or base.tile.num_stages)
+                    if t != base.tile:
+                        variants.append((f"{m}x{n}s{t.num_stages}", dataclasses.replace(base, tile=t)))
+                for field in filter(None, a.ab.split(",")):
+                    t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
+                    variants.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))
+                named = [(name, lambda cfg=cfg: cute_kernels.run(req, cfg)) for name, cfg in variants]
+                named += [(f"sdpa {sb or 'default'}", lambda sb=sb: _sdpa(sb)(qt, kt, vt, causal)) for sb in sdpas]
+                for name, fn in named:
+                    try:
+                        fn()
+                        ms = bench(fn)
+                    except Exception as e:  # noqa: BLE001  (a variant may not fit / be supported)
+                        print(f"# {name}: {type(e).__name__}: {str(e)[:200]}")
+                        ms = float("nan")
+                    row = dict(hdim=d, causal=causal, seqlen=s, batch=b, nheads=h, variant=name, ms=ms,
+                               tflops=f / ms / 1e9)
+                    result["rows"].append(row)
+                    print(f"{d:4d} {causal!s:>6} {s:6d} {name:>28} {ms:8.3f} {row['tflops']:8.1f}", flush=True)
+            del q, k, v, qt, kt, vt
     if a.json:
-        json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows), open(a.json, "w"), indent=1)
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,26 @@ class TileConfig:
     intra_wg_overlap: bool = True  # issue QK^T(n) before softmax(n-1)'s PV
     pingpong: bool = True  # named-barrier scheduling between the two MMA warpgroups
     persistent: bool = False  # persistent CTAs over a static / longest-first tile order
+    # Producer order K(n-1) before V(n) (FA3), else K(n), V(n). NOTES.md, H200 2025 session run 2:
+    # non-causal hdim128 8k 619 -> 673, hdim256 4k 640 -> 701 TFLOP/s; causal and hdim64 equal.
+    v_lags_k: bool = True
 
 
 # Per head dim (exact: other head dims are refused by why_not, not padded).
 # Chosen by smem/register budget (sQ + stages*(sK + sV) <= 227 KB, acc_O + acc_S fit in 240
-# regs, no spills in SASS). "measured" = cute_kernels/NOTES.md (H200, 16k tokens, bf16): at or
-# above SDPA there, but no alternative tile was swept yet, so none of these is tuned.
+# regs, no spills in SASS). "measured" = cute_kernels/NOTES.md (H200, 16k tokens, bf16, tile
+# sweep of the 2025 session run 1 and v_lags_k run 2); hdim 96/192 not swept.
 TILES: dict[int, TileConfig] = {
-    64: TileConfig(128, 128, 2, 24, 240),  # measured 463 TFLOP/s (SDPA 463); FA3 uses 192x128
+    # hdim64: 128x176 / 128x192 slower everywhere (8k 426 / 438 vs 450), 3 stages within noise
+    # (NOTES.md "tile sweep", H200, commit c1b4459 + tvm-ffi). FA3's 192x128 (3 MMA WGs) untried.
+    64: TileConfig(128, 128, 2, 24, 240),  # measured 457 TFLOP/s at 8k (cuDNN 468)
     96: TileConfig(128, 128, 2, 24, 240),  # untuned
-    128: TileConfig(128, 128, 2, 24, 240),  # measured 621 TFLOP/s (SDPA 612)
+    # hdim128: 128x176 slower (8k 591 vs 632; causal 348 vs 571), 128x192 spills (CPU SASS).
+    128: TileConfig(128, 128, 2, 24, 240),  # measured 673 TFLOP/s at 8k (cuDNN 664)
     192: TileConfig(128, 112, 2, 24, 240),  # untuned (smem: 48K + 2*(42K+42K) = 216 KB)
-    256: TileConfig(128, 80, 2, 24, 240),  # measured 746 TFLOP/s (SDPA 675) (smem: 64K + 2*(40K+40K) = 224 KB)
+    # hdim256: 128x64 faster at 512 (485 vs 442) but slower from 1k non-causal (8k 684 vs 736);
+    # 128x96 spills and overflows smem. (smem: 64K + 2*(40K+40K) = 224 KB)
+    256: TileConfig(128, 80, 2, 24, 240),  # measured 706 TFLOP/s at 8k (cuDNN 706)
 }
 
 SUPPORTED_HDIM = tuple(TILES)

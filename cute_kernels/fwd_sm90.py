@@ -247,11 +247,14 @@ class FlashAttentionForwardSm90:
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
         pipeline_q, pipeline_k, pipeline_v, scheduler: TileScheduler, seqlen_fn, mask_fn,
     ):
-        """Producer warp: per tile, K/V of the last KV block, then Q, then the remaining K/V
-        blocks right to left. Q is loaded for every tile with rows (even one with no KV block)
-        because the consumers release sQ only once their epilogue no longer reads sO."""
+        """Producer warp: per tile, K of the last KV block, then Q, then K(n-1) and V(n) for the
+        remaining blocks right to left (V lags K by one block, matching the overlapped consumer;
+        with `v_lags_k` off: K(n), V(n) together). Q is loaded for every tile with rows (even
+        one with no KV block) because the consumers release sQ only once their epilogue no longer
+        reads sO."""
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         one = cute.make_layout(1)
         tile = scheduler.initial()
         while scheduler.valid(tile):
@@ -274,30 +277,52 @@ class FlashAttentionForwardSm90:
                                                    cute.group_modes(gK, 0, 2))
                 tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
                                                    cute.group_modes(gV, 0, 2))
-                load_kv = partial(self.load_kv, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
-                                  tma_atom_K=tma_atom_K, tma_atom_V=tma_atom_V, tKgK=tKgK, tKsK=tKsK,
-                                  tVgV=tVgV, tVsV=tVsV)
+                load_k = partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK)
+                load_v = partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV)
+                load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ)
 
-                if n_block_min < n_block_max:
-                    load_kv(n_block_max - 1, kv_state)
-                    kv_state.advance()
-                pipeline_q.producer_acquire(q_state)
-                cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
-                q_state.advance()
-                for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-                    load_kv(n_block_max - 2 - i, kv_state)
-                    kv_state.advance()
+                if const_expr(self.cfg.tile.v_lags_k):
+                    # K leads V by one block, as the consumers need them: QK^T(n) is issued
+                    # together with PV(n + 1).
+                    if n_block_min < n_block_max:
+                        load_k(n_block_max - 1, k_state)
+                        k_state.advance()
+                    load_q(q_state)
+                    q_state.advance()
+                    for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
+                        load_k(n_block_max - 2 - i, k_state)
+                        k_state.advance()
+                        load_v(n_block_max - 1 - i, v_state)
+                        v_state.advance()
+                    if n_block_min < n_block_max:
+                        load_v(n_block_min, v_state)
+                        v_state.advance()
+                else:
+                    if n_block_min < n_block_max:
+                        load_k(n_block_max - 1, k_state)
+                        load_v(n_block_max - 1, v_state)
+                        k_state.advance()
+                        v_state.advance()
+                    load_q(q_state)
+                    q_state.advance()
+                    for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
+                        load_k(n_block_max - 2 - i, k_state)
+                        load_v(n_block_max - 2 - i, v_state)
+                        k_state.advance()
+                        v_state.advance()
             tile = scheduler.next(tile)
 
     @cute.jit
-    def load_kv(self, n_block, state, pipeline_k, pipeline_v, tma_atom_K, tma_atom_V, tKgK, tKsK,
-                tVgV, tVsV):
-        pipeline_k.producer_acquire(state)
-        cute.copy(tma_atom_K, tKgK[None, n_block], tKsK[None, state.index],
-                  tma_bar_ptr=pipeline_k.producer_get_barrier(state))
-        pipeline_v.producer_acquire(state)
-        cute.copy(tma_atom_V, tVgV[None, n_block], tVsV[None, state.index],
-                  tma_bar_ptr=pipeline_v.producer_get_barrier(state))
+    def load_block(self, n_block, state, pipe, tma_atom, tXgX, tXsX):
+        """TMA of K or V block `n_block` into pipeline stage `state`."""
+        pipe.producer_acquire(state)
+        cute.copy(tma_atom, tXgX[None, n_block], tXsX[None, state.index],
+                  tma_bar_ptr=pipe.producer_get_barrier(state))
+
+    @cute.jit
+    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ):
+        pipeline_q.producer_acquire(q_state)
+        cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
@@ -548,8 +573,10 @@ class FlashAttentionForwardSm90:
 
     # ------------------------------------------------------------------ compile
     @staticmethod
-    def fake_args(cfg: FwdConfig):
-        """Fake tensors/scalars matching `forward`'s call, for CPU compile-only."""
+    def fake_args(cfg: FwdConfig, env_stream: bool = False):
+        """Fake tensors/scalars matching `forward`'s call: symbolic shapes and 16-byte-divisible
+        strides, so one compile serves every size (CPU compile-only, and the TVM-FFI path with
+        `env_stream`: the kernel then runs on the caller's current torch stream)."""
         sym, sym64 = cute.sym_int, cute.sym_int64
         dt = DTYPES[cfg.dtype]
         div = 128 // dt.width
@@ -576,5 +603,5 @@ class FlashAttentionForwardSm90:
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
             Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132),
-            cute.runtime.make_fake_stream(),
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )
