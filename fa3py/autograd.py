@@ -32,4 +32,7 @@ class _Attention(torch.autograd.Function):
 
 def run(req: AttentionRequest, backend=None):
     """(out, lse) for a validated request, differentiable in q, k and v."""
-    return _Attention.apply(req, backend, req.q, req.k, req.v)
+    if torch.is_grad_enabled() and (req.q.requires_grad or req.k.requires_grad or req.v.requires_grad):
+        return _Attention.apply(req, backend, req.q, req.k, req.v)
+    # Inference: no graph to record, so skip autograd.Function's per-call cost.
+    return dispatch.choose(req, backward=False, backend=backend).module.forward(req)

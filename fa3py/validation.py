@@ -78,6 +78,49 @@ def _check_descale(name, x, dtype, batch, nheads_kv, device):
     return x
 
 
+def _max_seqlen(side, x, cu, used, max_len, batch):
+    """Checks one side's cu_seqlens / seqused / max_seqlen; returns the longest sequence bound."""
+    cu_name, used_name, max_name = f"cu_seqlens_{side}", f"seqused_{side}", f"max_seqlen_{side}"
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
+        _fail(TypeError, max_name, f"must be an int, got {type(max_len).__name__}")
+    if cu is None and used is None:  # batched, every sequence full: no index tensor to read
+        longest = x.shape[1]
+    else:
+        if cu is not None:
+            _check_int_tensor(cu_name, cu, x.device, batch + 1)
+            vals = _host_values(cu)
+            cap = None
+            if vals is not None:
+                if vals.numel() and int(vals[0]) != 0:
+                    _fail(ValueError, cu_name, f"must start at 0, got {int(vals[0])}")
+                if (vals[1:] < vals[:-1]).any():
+                    _fail(ValueError, cu_name, f"must be non-decreasing, got {vals.tolist()}")
+                if int(vals[-1]) != x.shape[0]:
+                    _fail(ValueError, cu_name,
+                          f"last value ({int(vals[-1])}) must equal the total tokens of {side} ({x.shape[0]})")
+                cap = vals[1:] - vals[:-1]
+        else:
+            cap = torch.full((batch,), x.shape[1], dtype=torch.int64)
+        lengths = cap
+        if used is not None:
+            _check_int_tensor(used_name, used, x.device, batch)
+            lengths = _host_values(used)
+            if lengths is not None:
+                if (lengths < 0).any():
+                    _fail(ValueError, used_name, f"must be >= 0, got {lengths.tolist()}")
+                if cap is not None and (lengths > cap).any():
+                    _fail(ValueError, used_name,
+                          f"must not exceed each sequence's stored length {cap.tolist()}, got {lengths.tolist()}")
+        if lengths is None:  # values unreadable during CUDA graph capture
+            return max_len if max_len is not None else x.shape[0 if cu is not None else 1]
+        longest = int(lengths.max()) if lengths.numel() else 0
+    if max_len is None:
+        return longest
+    if max_len < longest:
+        _fail(ValueError, max_name, f"({max_len}) is smaller than the longest sequence ({longest})")
+    return max_len
+
+
 def make_request(
     q,
     k,
@@ -149,48 +192,8 @@ def make_request(
     if not packed_k and packed_q and k.shape[0] != batch:
         _fail(ValueError, "k", f"batch size {k.shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
 
-    lens = {}
-    for side, x, cu, used, max_len in (("q", q, cu_seqlens_q, seqused_q, max_seqlen_q),
-                                       ("k", k, cu_seqlens_k, seqused_k, max_seqlen_k)):
-        cu_name, used_name, max_name = f"cu_seqlens_{side}", f"seqused_{side}", f"max_seqlen_{side}"
-        if cu is not None:
-            _check_int_tensor(cu_name, cu, q.device, batch + 1)
-            vals = _host_values(cu)
-            if vals is not None:
-                if vals.numel() and int(vals[0]) != 0:
-                    _fail(ValueError, cu_name, f"must start at 0, got {int(vals[0])}")
-                if (vals[1:] < vals[:-1]).any():
-                    _fail(ValueError, cu_name, f"must be non-decreasing, got {vals.tolist()}")
-                if int(vals[-1]) != x.shape[0]:
-                    _fail(ValueError, cu_name,
-                          f"last value ({int(vals[-1])}) must equal the total tokens of {side} ({x.shape[0]})")
-                cap = vals[1:] - vals[:-1]
-            else:
-                cap = None
-            cap_max = x.shape[0]
-        else:
-            cap = torch.full((batch,), x.shape[1], dtype=torch.int64)
-            cap_max = x.shape[1]
-        lengths = cap
-        if used is not None:
-            _check_int_tensor(used_name, used, q.device, batch)
-            uvals = _host_values(used)
-            if uvals is not None:
-                if (uvals < 0).any():
-                    _fail(ValueError, used_name, f"must be >= 0, got {uvals.tolist()}")
-                if cap is not None and (uvals > cap).any():
-                    _fail(ValueError, used_name,
-                          f"must not exceed each sequence's stored length {cap.tolist()}, got {uvals.tolist()}")
-            lengths = uvals
-        longest = int(lengths.max()) if lengths is not None and lengths.numel() else 0
-        if max_len is None:
-            max_len = longest if lengths is not None else cap_max
-        else:
-            if isinstance(max_len, bool) or not isinstance(max_len, int):
-                _fail(TypeError, max_name, f"must be an int, got {type(max_len).__name__}")
-            if max_len < longest:
-                _fail(ValueError, max_name, f"({max_len}) is smaller than the longest sequence ({longest})")
-        lens[side] = max_len
+    max_q = _max_seqlen("q", q, cu_seqlens_q, seqused_q, max_seqlen_q, batch)
+    max_k = _max_seqlen("k", k, cu_seqlens_k, seqused_k, max_seqlen_k, batch)
 
     # scalar parameters
     if softmax_scale is None:
@@ -222,7 +225,7 @@ def make_request(
         q=q, k=k, v=v, params=params,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k,
-        max_seqlen_q=lens["q"], max_seqlen_k=lens["k"],
+        max_seqlen_q=max_q, max_seqlen_k=max_k,
         q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
     )
 
