@@ -182,7 +182,7 @@ def tanh(x):
 @triton.jit
 def scores_log2(qk, qk_scale, softcap_log2, SOFTCAP: tl.constexpr):
     """Scores in the log2 domain from raw dot products, and tanh(.) for the softcap
-    derivative (None without softcap).
+    derivative (meaningless without softcap).
 
     Without softcap qk_scale = scale * log2(e); with it qk_scale = scale / softcap and
     softcap_log2 = softcap * log2(e)."""
@@ -190,7 +190,7 @@ def scores_log2(qk, qk_scale, softcap_log2, SOFTCAP: tl.constexpr):
         t = tanh(qk * qk_scale)
         return t * softcap_log2, t
     else:
-        return qk * qk_scale, None
+        return qk * qk_scale, qk  # second value unused without softcap (triton 3.6 has no None in tuples)
 
 
 @triton.jit
