@@ -40,10 +40,10 @@ def report(name: str, req: AttentionRequest, fn, backward: bool = False):
     print(f"{name:<44} {ms:8.3f} ms {flops(req, backward) / ms * 1e-9:8.1f} TFLOP/s")
 
 
-def bench(dims, dtypes):
+def bench(dims, dtypes, causals):
     for d in dims:
         for dtype in dtypes:
-            for causal in (False, True):
+            for causal in causals:
                 req = make(d, dtype, causal)
                 tag = f"d={d} {str(dtype)[6:]} causal={causal}"
                 out, lse = ops.forward(req)
@@ -55,12 +55,12 @@ def bench(dims, dtypes):
                 report(f"sdpa   fwd {tag}", req, lambda: sdpa(qt, kt, vt, is_causal=causal))
 
 
-def tune(dims, dtypes):
+def tune(dims, dtypes, causals):
     configs.TUNED.clear()
     family = configs.gpu_family(torch.cuda.current_device())
     for d in dims:
         for dtype in dtypes:
-            for causal in (False, True):
+            for causal in causals:
                 req = make(d, dtype, causal)
                 out, lse = ops.forward(req)
                 ops.backward(req, out, lse, torch.randn_like(out))
@@ -75,9 +75,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--dtypes", nargs="+", choices=("fp16", "bf16"), default=["fp16", "bf16"])
+    parser.add_argument("--causal", nargs="+", choices=("false", "true"), default=["false", "true"])
     args = parser.parse_args()
-    dtypes = (torch.float16, torch.bfloat16)
-    (bench if args.bench else tune)(args.dims, dtypes)
+    dtypes = [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes]
+    causals = [c == "true" for c in args.causal]
+    (bench if args.bench else tune)(args.dims, dtypes, causals)
 
 
 if __name__ == "__main__":
