@@ -54,18 +54,19 @@ TUNED: dict[tuple, Tile] = {
         (64, Tile(128, 32, 8, 2)), (128, Tile(128, 32, 8, 2)), (256, Tile(64, 32, 8, 1)))},
     **{("sm89", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (64, Tile(128, 64, 4, 2)), (128, Tile(128, 32, 8, 2)), (256, Tile(64, 32, 8, 1)))},
-    # sm90 (H100/H200, when the cute backend cannot serve or backend="triton"): unmeasured
-    # seeds so that a first call compiles one tile instead of autotuning; to be replaced by
-    # `python -m triton_fallback.tune` output on an H100/H200.
+    # sm90 (H100/H200: when the cute backend cannot serve, for every backward, or with
+    # backend="triton"). hdim 64/128: `python -m triton_fallback.tune --dims 128 64 --dtypes bf16
+    # --causal false` on an H200, 2026-11-22 (commit after c4995eb); the same tile is used for
+    # fp16 and causal, which were not tuned. hdim 16/32/256: unmeasured seeds.
     **{("sm90", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
-        (16, Tile(128, 64, 4, 3)), (32, Tile(128, 64, 4, 3)), (64, Tile(128, 64, 4, 3)),
-        (128, Tile(128, 64, 8, 3)), (256, Tile(64, 64, 8, 2)))},
+        (16, Tile(128, 64, 4, 3)), (32, Tile(128, 64, 4, 3)), (64, Tile(128, 64, 8, 3)),
+        (128, Tile(128, 128, 8, 3)), (256, Tile(64, 64, 8, 2)))},
     **{("sm90", "bwd_dkdv", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
-        (16, Tile(32, 128, 8, 2)), (32, Tile(32, 128, 8, 2)), (64, Tile(32, 128, 8, 2)),
-        (128, Tile(32, 128, 8, 2)), (256, Tile(32, 64, 8, 1)))},
+        (16, Tile(32, 128, 8, 2)), (32, Tile(32, 128, 8, 2)), (64, Tile(64, 64, 4, 2)),
+        (128, Tile(32, 64, 4, 2)), (256, Tile(32, 64, 8, 1)))},
     **{("sm90", "bwd_dq", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
-        (16, Tile(128, 32, 8, 2)), (32, Tile(128, 32, 8, 2)), (64, Tile(128, 32, 8, 2)),
-        (128, Tile(128, 32, 8, 2)), (256, Tile(64, 32, 8, 1)))},
+        (16, Tile(128, 32, 8, 2)), (32, Tile(128, 32, 8, 2)), (64, Tile(128, 64, 8, 2)),
+        (128, Tile(64, 64, 4, 2)), (256, Tile(64, 32, 8, 1)))},
 }
 
 
