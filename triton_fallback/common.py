@@ -139,7 +139,8 @@ def query_block_range(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Query blocks that see the keys [n0, n0 + BLOCK_N), split masked / unmasked (the
-    transpose of `key_block_range`; rows past q_len are harmless, their lse is +inf)."""
+    transpose of `key_block_range`). Unmasked blocks hold only rows < q_len, and a key block
+    that crosses k_len has none: there the padding keys must be masked."""
     diag = k_len - q_len
     last = tl.minimum(n0 + BLOCK_N, k_len) - 1
     lo = 0
@@ -153,6 +154,7 @@ def query_block_range(
         hi = tl.minimum(last - diag + window_left + 1, q_len)
         full_hi = tl.minimum(n0 - diag + window_left + 1, q_len)
     hi = tl.where(n0 < k_len, hi, 0)
+    full_hi = tl.where(n0 + BLOCK_N <= k_len, full_hi, 0)
     return _round_range(lo, hi, full_lo, full_hi, BLOCK_M)
 
 

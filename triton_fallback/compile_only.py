@@ -15,12 +15,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .bwd import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
+from .bwd import attn_bwd, attn_bwd_dq, attn_bwd_dq_epilogue, attn_bwd_preprocess
 from .fwd import attn_fwd
 
 _FLOAT_ARGS = ("softmax_scale", "softcap")
 _INT_PTRS = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_Q", "SEQUSED_K")
-_F32_PTRS = ("LSE", "LSE2", "DELTA", "Q_DESCALE", "K_DESCALE", "V_DESCALE")
+_F32_PTRS = ("LSE", "LSE2", "DELTA", "DQ_ACC", "Q_DESCALE", "K_DESCALE", "V_DESCALE")
 
 _FEATURES = dict(PACKED_Q=False, PACKED_K=False, HAS_SEQUSED_Q=False, HAS_SEQUSED_K=False,
                  HAS_WL=False, HAS_WR=False, SOFTCAP=False)
@@ -39,12 +39,26 @@ VARIANTS = [
      4, 2),
     (attn_fwd, 90, "fp8e4nv", dict(**_D128, HAS_DESCALE=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
     (attn_fwd, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
-    (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM_V=96, PACKED_Q=True, HAS_SEQUSED_Q=True, BLOCK_M=64),
-     4, 1),
-    (attn_bwd_dkdv, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=32, BLOCK_N=128),
+    (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM=80, HEADDIM_V=96, PACKED_Q=True,
+     HAS_SEQUSED_Q=True, ZERO_DQ_ACC=True, BLOCK_M=64), 4, 1),
+    # attn_bwd: the default (ATOMIC_DQ) at the sm80/sm90 table tiles, then deterministic ones
+    (attn_bwd, 80, "bf16", dict(**_D64, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
+    (attn_bwd, 80, "fp16", dict(**_D128, HAS_WR=True, ATOMIC_DQ=True, BLOCK_M=32, BLOCK_N=64),
      8, 2),
-    (attn_bwd_dkdv, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=32, BLOCK_N=64), 4, 1),
-    (attn_bwd_dkdv, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
+    (attn_bwd, 86, "bf16", dict(HEADDIM=80, HEADDIM_V=48, **_ALL_VARLEN, ATOMIC_DQ=True,
+     BLOCK_M=32, BLOCK_N=64), 4, 1),
+    (attn_bwd, 90, "bf16", dict(**_D64, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
+    (attn_bwd, 90, "bf16", dict(**_D128, ATOMIC_DQ=True, BLOCK_M=32, BLOCK_N=64), 8, 2),
+    (attn_bwd, 90, "bf16", dict(**_D128, HAS_WR=True, SOFTCAP=True, ATOMIC_DQ=True, BLOCK_M=32,
+     BLOCK_N=64), 8, 2),
+    (attn_bwd, 90, "bf16", dict(HEADDIM=256, HEADDIM_V=256, ATOMIC_DQ=True, BLOCK_M=16,
+     BLOCK_N=64), 8, 1),
+    (attn_bwd, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=32, BLOCK_N=128),
+     8, 2),
+    (attn_bwd, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=32, BLOCK_N=64), 4, 1),
+    (attn_bwd, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
+    (attn_bwd_dq_epilogue, 90, "bf16", dict(HEADDIM=96, PACKED_Q=True, HAS_SEQUSED_Q=True,
+     BLOCK_M=64), 4, 1),
     (attn_bwd_dq, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=32),
      8, 2),
     (attn_bwd_dq, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=64, BLOCK_N=32), 4, 1),
@@ -76,11 +90,11 @@ def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_s
     for name, value in _FEATURES.items():
         if name in names:
             const.setdefault(name, value)
-    for name in ("HAS_DESCALE", "FP8_DEQUANT"):
+    for name in ("HAS_DESCALE", "FP8_DEQUANT", "ATOMIC_DQ", "ZERO_DQ_ACC"):
         if name in names:
             const.setdefault(name, False)
     for dim, block in (("HEADDIM", "BLOCK_D"), ("HEADDIM_V", "BLOCK_DV")):
-        if dim in const:
+        if dim in const and block in names:
             const[block] = max(16, triton.next_power_of_2(const[dim]))
     src = ASTSource(fn, _signature(fn, elem, const),
                     constexprs={(names.index(k),): v for k, v in const.items()})

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd", "bwd_dkdv", "bwd_dq")  # bwd_dkdv, bwd_dq: the deterministic backward
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ _F16 = ("float16", "bfloat16")
 TUNED: dict[tuple, Tile] = {
     **{("sm80", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (64, Tile(128, 64, 4, 3)), (128, Tile(128, 64, 8, 3)), (256, Tile(64, 64, 8, 2)))},
+    # "bwd" (dK, dV and atomic dQ): unmeasured seeds, as sm90 below.
+    **{("sm80", "bwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
+        (64, Tile(64, 128, 8, 2)), (128, Tile(32, 64, 8, 2)), (256, Tile(16, 64, 8, 1)))},
     **{("sm80", "bwd_dkdv", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (64, Tile(32, 128, 8, 2)), (128, Tile(32, 128, 8, 2)), (256, Tile(32, 64, 8, 1)))},
     **{("sm80", "bwd_dq", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
@@ -57,10 +60,19 @@ TUNED: dict[tuple, Tile] = {
     # sm90 (H100/H200: when the cute backend cannot serve, for every backward, or with
     # backend="triton"). hdim 64/128: `python -m triton_fallback.tune --dims 128 64 --dtypes bf16
     # --causal false` on an H200, 2026-11-22 (commit after c4995eb); the same tile is used for
-    # fp16 and causal, which were not tuned. hdim 16/32/256: unmeasured seeds.
+    # fp16 and causal, which were not tuned. hdim 16/32/256: unmeasured seeds. bwd_dkdv and
+    # bwd_dq were tuned as the default backward; they now serve only deterministic=True.
+    # "bwd" (the default backward since it went atomic): unmeasured seeds, picked offline by
+    # `ptxas -v` on the sm_90a PTX (every tile spills some registers, the deterministic
+    # kernel too; see NOTES.md): hdim 64 (64, 128, 8 warps): 0.7 KB spilled, 128 keys halve
+    # the dQ atomics per FLOP against 64; hdim 128 (32, 64, 8 warps): 0.9 KB, against 1.9-4 KB
+    # for 32-64 x 128 tiles.
     **{("sm90", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (16, Tile(128, 64, 4, 3)), (32, Tile(128, 64, 4, 3)), (64, Tile(128, 64, 8, 3)),
         (128, Tile(128, 128, 8, 3)), (256, Tile(64, 64, 8, 2)))},
+    **{("sm90", "bwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
+        (16, Tile(64, 128, 8, 2)), (32, Tile(64, 128, 8, 2)), (64, Tile(64, 128, 8, 2)),
+        (128, Tile(32, 64, 8, 2)), (256, Tile(16, 64, 8, 1)))},
     **{("sm90", "bwd_dkdv", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (16, Tile(32, 128, 8, 2)), (32, Tile(32, 128, 8, 2)), (64, Tile(64, 64, 4, 2)),
         (128, Tile(32, 64, 4, 2)), (256, Tile(32, 64, 8, 1)))},
@@ -102,6 +114,9 @@ def _candidates(kernel: str) -> list[Tile]:
     if kernel == "fwd":
         return [Tile(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
                 for s in (1, 2, 3)]
+    if kernel == "bwd":  # as bwd_dkdv; bigger key tiles amortize the dQ atomics
+        return [Tile(bm, bn, w, s) for bm in (16, 32, 64, 128) for bn in (64, 128)
+                for w in (4, 8) for s in (1, 2, 3)]
     if kernel == "bwd_dkdv":  # BLOCK_N is the resident key tile, BLOCK_M streams queries
         return [Tile(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8)
                 for s in (1, 2)]
@@ -118,9 +133,11 @@ def _fits(kernel: str, t: Tile, d: int, dv: int, elem: int, smem: int) -> bool:
     if kernel == "fwd":
         tiles = t.block_m * d + copies * t.block_n * (d + dv)
         acc = t.block_m * (dv + t.block_n)
-    elif kernel == "bwd_dkdv":
+    elif kernel in ("bwd", "bwd_dkdv"):
         tiles = t.block_n * (d + dv) + copies * t.block_m * (d + dv)
         acc = t.block_n * (d + dv + 2 * t.block_m)
+        if kernel == "bwd":  # the dQ tile before its atomic add
+            acc += t.block_m * d
     else:
         tiles = t.block_m * (d + dv) + copies * t.block_n * (d + dv)
         acc = t.block_m * (d + 2 * t.block_n)
@@ -155,6 +172,7 @@ def autotuned(kernel: str, fn):
     return triton.autotune(
         configs=[t.to_triton() for t in _candidates(kernel)], key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": prune(kernel)},
+        restore_value=["DQ_ACC"] if kernel == "bwd" else None,  # each trial adds into it
     )(fn)
 
 

@@ -14,17 +14,16 @@ if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
 
 from . import configs
-from .bwd import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
+from .bwd import attn_bwd, attn_bwd_dq, attn_bwd_dq_epilogue, attn_bwd_preprocess
 from .fwd import attn_fwd
 
-_TUNED = {
-    "fwd": configs.autotuned("fwd", attn_fwd),
-    "bwd_dkdv": configs.autotuned("bwd_dkdv", attn_bwd_dkdv),
-    "bwd_dq": configs.autotuned("bwd_dq", attn_bwd_dq),
-}
-_PLAIN = {"fwd": attn_fwd, "bwd_dkdv": attn_bwd_dkdv, "bwd_dq": attn_bwd_dq}
+# "bwd" (default) and "bwd_dkdv" (deterministic) are the same kernel with and without ATOMIC_DQ,
+# tuned apart. Autotuning "bwd" re-runs its atomics: DQ_ACC is restored after each trial.
+_PLAIN = {"fwd": attn_fwd, "bwd": attn_bwd, "bwd_dkdv": attn_bwd, "bwd_dq": attn_bwd_dq}
+_TUNED = {name: configs.autotuned(name, fn) for name, fn in _PLAIN.items()}
 _warned_fp8_dequant = False
 POISON = False  # tests: fill fresh outputs with NaN so that any row the kernels skip shows up
+SPLIT_GQA = None  # tests: force (True) or forbid (False) one backward program per query head
 
 
 def _contiguous_last_dim(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +88,7 @@ class _Problem:
         """Table config (or the interpreter's) if there is one, else the autotuned kernel."""
         req, p = self.req, self.req.params
         const = {**self.constexprs(), **extra}
-        block = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
+        block = "BLOCK_N" if kernel in ("bwd", "bwd_dkdv") else "BLOCK_M"
 
         def grid(meta):
             return (triton.cdiv(grid_rows, meta[block]), grid_heads, req.batch)
@@ -142,40 +141,84 @@ def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
+def _heads_per_program(req: AttentionRequest, rows_k: int) -> int:
+    """Query heads per `attn_bwd` program (default path). Looping over the whole GQA group
+    loads K/V once and stores dK/dV once; one head per program multiplies the grid by the
+    group size, at the price of float32 dK/dV partials (8 * (d + dv) bytes per key row and
+    query head, written and summed once: under 5% of the time at seqlen 2k). So split only
+    when the looped grid is under 4 waves of programs (estimated with 128-key blocks)."""
+    group = req.nheads // req.nheads_kv
+    if group == 1:
+        return 1
+    if SPLIT_GQA is not None:
+        return 1 if SPLIT_GQA else group
+    sms = 1
+    if req.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(req.device).multi_processor_count
+    programs = triton.cdiv(rows_k, 128) * req.nheads_kv * req.batch
+    return group if programs >= 4 * sms else 1
+
+
 def backward(req: AttentionRequest, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
     q, k, v, out, dout = (_contiguous_last_dim(x) for x in (req.q, req.k, req.v, out, dout))
     prob = _Problem.create(req)
-    device, batch, nheads = req.device, req.batch, req.nheads
+    device, batch, nheads, group = req.device, req.batch, req.nheads, req.nheads // req.nheads_kv
     const = prob.constexprs()
+    atomic = not req.params.deterministic
 
-    # 1. delta = rowsum(dO * O) and log2-domain LSE, per (batch, head, local row)
+    # dQ accumulator (default path): float32, q-shaped, each head's rows contiguous
+    dq_acc = None
+    if atomic:
+        dq_acc = torch.empty((nheads, *q.shape[:-2], req.headdim), dtype=torch.float32,
+                             device=device).movedim(0, -2)
+    dq = _new(q.shape, q.dtype, device, 0.0 if req.packed_q and req.seqused_q is not None else None)
+
+    # 1. delta = rowsum(dO * O), log2-domain LSE, per (batch, head, local row); zero dq_acc
     rows_pad = triton.cdiv(max(prob.rows_q, 1), 128) * 128
     lse2 = _new((batch, nheads, rows_pad), torch.float32, device, None)
     delta = _new((batch, nheads, rows_pad), torch.float32, device, None)
     lse_strides = (0, lse.stride(0)) if req.packed_q else (lse.stride(0), lse.stride(1))
+    acc = dq_acc if atomic else dq
     pre_block = 64
     attn_bwd_preprocess[(triton.cdiv(prob.rows_q, pre_block), nheads, batch)](
-        out, dout, lse, lse2, delta, req.cu_seqlens_q, req.seqused_q,
+        out, dout, lse, lse2, delta, acc, req.cu_seqlens_q, req.seqused_q,
         *_strides(out, req.packed_q), *_strides(dout, req.packed_q), *lse_strides,
-        lse2.stride(0), lse2.stride(1), 0 if req.packed_q else q.shape[1],
-        HEADDIM_V=req.headdim_v, BLOCK_DV=const["BLOCK_DV"], PACKED_Q=req.packed_q,
-        HAS_SEQUSED_Q=req.seqused_q is not None, BLOCK_M=pre_block,
+        lse2.stride(0), lse2.stride(1), *_strides(acc, req.packed_q),
+        0 if req.packed_q else q.shape[1],
+        HEADDIM=req.headdim, HEADDIM_V=req.headdim_v, BLOCK_D=const["BLOCK_D"],
+        BLOCK_DV=const["BLOCK_DV"], PACKED_Q=req.packed_q,
+        HAS_SEQUSED_Q=req.seqused_q is not None, ZERO_DQ_ACC=atomic, BLOCK_M=pre_block,
     )
 
-    dq = _new(q.shape, q.dtype, device, 0.0 if req.packed_q and req.seqused_q is not None else None)
+    # 2. dK, dV (and dQ atomically): one program per key block and query head or KV head
+    per_program = _heads_per_program(req, prob.rows_k) if atomic else group
     zero_k = 0.0 if req.packed_k and req.seqused_k is not None else None
-    dk = _new(k.shape, k.dtype, device, zero_k)
-    dv = _new(v.shape, v.dtype, device, zero_k)
+    if per_program < group:  # float32 partials per query head, summed over the group below
+        dk = _new((*k.shape[:-2], nheads, req.headdim), torch.float32, device, zero_k)
+        dv = _new((*v.shape[:-2], nheads, req.headdim_v), torch.float32, device, zero_k)
+    else:
+        dk = _new(k.shape, k.dtype, device, zero_k)
+        dv = _new(v.shape, v.dtype, device, zero_k)
     seq_args = (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)
     qkv_strides = (*_strides(q, req.packed_q), *_strides(k, req.packed_k),
                    *_strides(v, req.packed_k), *_strides(dout, req.packed_q))
+    prob.launch("bwd" if atomic else "bwd_dkdv", prob.rows_k, nheads // per_program, (
+        q, k, v, dout, dk, dv, acc, lse2, delta, *seq_args, *qkv_strides,
+        *_strides(dk, req.packed_k), *_strides(dv, req.packed_k), *_strides(acc, req.packed_q),
+        lse2.stride(0), lse2.stride(1), per_program), ATOMIC_DQ=atomic)
+    if per_program < group:
+        dk = dk.unflatten(-2, (req.nheads_kv, group)).sum(-2).to(k.dtype)
+        dv = dv.unflatten(-2, (req.nheads_kv, group)).sum(-2).to(v.dtype)
 
-    # 2. dK, dV: one program per key block and KV head
-    prob.launch("bwd_dkdv", prob.rows_k, req.nheads_kv, (
-        q, k, v, dout, dk, dv, lse2, delta, *seq_args, *qkv_strides,
-        *_strides(dk, req.packed_k), *_strides(dv, req.packed_k), lse2.stride(0), lse2.stride(1)))
-    # 3. dQ: one program per query block and head
-    prob.launch("bwd_dq", prob.rows_q, nheads, (
-        q, k, v, dout, dq, lse2, delta, *seq_args, *qkv_strides,
-        *_strides(dq, req.packed_q), lse2.stride(0), lse2.stride(1)))
+    # 3. dQ: scale and cast the accumulator, or (deterministic) one program per query block
+    if atomic:
+        attn_bwd_dq_epilogue[(triton.cdiv(prob.rows_q, pre_block), nheads, batch)](
+            dq_acc, dq, req.cu_seqlens_q, req.seqused_q, *_strides(dq_acc, req.packed_q),
+            *_strides(dq, req.packed_q), 0 if req.packed_q else q.shape[1],
+            req.params.softmax_scale, HEADDIM=req.headdim, BLOCK_D=const["BLOCK_D"],
+            PACKED_Q=req.packed_q, HAS_SEQUSED_Q=req.seqused_q is not None, BLOCK_M=pre_block)
+    else:
+        prob.launch("bwd_dq", prob.rows_q, nheads, (
+            q, k, v, dout, dq, lse2, delta, *seq_args, *qkv_strides,
+            *_strides(dq, req.packed_q), lse2.stride(0), lse2.stride(1)))
     return dq, dk, dv

@@ -30,9 +30,10 @@ def flops(req: AttentionRequest, backward: bool = False) -> float:
     return f * (2.5 if backward else 1.0)
 
 
-def make(d: int, dtype: torch.dtype, causal: bool) -> AttentionRequest:
+def make(d: int, dtype: torch.dtype, causal: bool, deterministic: bool = False) -> AttentionRequest:
     q, k, v = (torch.randn(BATCH, SEQLEN, HEADS, d, device="cuda", dtype=dtype) for _ in range(3))
-    return AttentionRequest(q, k, v, AttentionParams(d ** -0.5, window_right=0 if causal else -1))
+    return AttentionRequest(q, k, v, AttentionParams(d ** -0.5, window_right=0 if causal else -1,
+                                                     deterministic=deterministic))
 
 
 def report(name: str, req: AttentionRequest, fn, backward: bool = False):
@@ -50,6 +51,9 @@ def bench(dims, dtypes, causals):
                 dout = torch.randn_like(out)
                 report(f"triton fwd {tag}", req, lambda: ops.forward(req))
                 report(f"triton bwd {tag}", req, lambda: ops.backward(req, out, lse, dout), True)
+                det = make(d, dtype, causal, deterministic=True)
+                report(f"triton bwd deterministic {tag}", det,
+                       lambda: ops.backward(det, out, lse, dout), True)
                 qt, kt, vt = (x.transpose(1, 2) for x in (req.q, req.k, req.v))
                 sdpa = torch.nn.functional.scaled_dot_product_attention
                 report(f"sdpa   fwd {tag}", req, lambda: sdpa(qt, kt, vt, is_causal=causal))
@@ -63,7 +67,9 @@ def tune(dims, dtypes, causals):
             for causal in causals:
                 req = make(d, dtype, causal)
                 out, lse = ops.forward(req)
-                ops.backward(req, out, lse, torch.randn_like(out))
+                dout = torch.randn_like(out)
+                ops.backward(req, out, lse, dout)  # fwd, bwd
+                ops.backward(make(d, dtype, causal, True), out, lse, dout)  # bwd_dkdv, bwd_dq
                 for kernel in configs.KERNELS:
                     best = ops._TUNED[kernel].best_config
                     tile = configs.Tile(best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"],
