@@ -3,13 +3,15 @@
 FA3-paper grid: `--tokens` in total (batch = tokens // seqlen), nheads = 2048 // hdim, bf16.
 
     python -m cute_kernels.bench [--seqlens 512,8192] [--hdims 64,128,256] [--causal both]
-                                 [--tiles "128:128x128,128x176;256:128x80s2"] [--json out.json]
+                                 [--tiles "128:128x128,128x176;256:128x80s2"] [--candidates]
+                                 [--ab mask_thr0] [--json out.json]
     python -m cute_kernels.bench --host     # host microseconds per call (tiny problem)
     python -m cute_kernels.bench --check ...  # GPU tests first, in this process (compiled
                                               # kernels are shared); no timing if they fail
 
-`--tiles` lists tile variants per head dim (MxN, optional sS stages); the first of each list
-is reported as the default column unless the config table differs. Times are
+`--tiles` lists tile variants per head dim (MxN, optional sS stages, optional +field to switch
+boolean TileConfig fields on, e.g. 192x128+mask_thr0); tile_m 192 = 3 consumer warpgroups with
+the 24/160 register split (config.tile_variant). `--candidates` adds config.CANDIDATES. Times are
 `triton.testing.do_bench` medians of whole calls (host overhead included).
 """
 
@@ -29,20 +31,27 @@ def flops(b, h, sq, sk, d, dv, causal):
 
 
 def _parse_tiles(spec: str) -> dict:
-    """"128:128x128,128x176s2;256:128x80" -> {128: [(128, 128, None), (128, 176, 2)], ...}."""
+    """"128:128x128,128x176s2+mask_thr0;256:128x80" ->
+    {128: [(128, 128, None, ()), (128, 176, 2, ("mask_thr0",))], 256: [...]}."""
     out = {}
     for part in filter(None, spec.split(";")):
         hd, tiles = part.split(":")
         lst = []
         for t in tiles.split(","):
+            t, *flags = t.split("+")
             stages = None
             if "s" in t:
                 t, stages = t.split("s")
                 stages = int(stages)
             m, n = map(int, t.split("x"))
-            lst.append((m, n, stages))
+            lst.append((m, n, stages, tuple(flags)))
         out[int(hd)] = lst
     return out
+
+
+def _tile_name(t) -> str:
+    flags = "".join(f"+{f}" for f in ("mask_thr0",) if getattr(t, f))
+    return f"{t.tile_m}x{t.tile_n}s{t.num_stages}{flags}"
 
 
 def _sdpa(backend):
@@ -101,6 +110,7 @@ def main(argv=None):
     import triton.testing
 
     import cute_kernels
+    from cute_kernels.config import CANDIDATES, tile_variant
     from fa3py.request import AttentionParams, AttentionRequest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,18 +119,21 @@ def main(argv=None):
     p.add_argument("--hdims", default="64,128,256")
     p.add_argument("--causal", default="both", choices=["both", "no", "yes"])
     p.add_argument("--tiles", default="", help="tile variants per head dim, see module doc")
+    p.add_argument("--candidates", action="store_true", help="also run config.CANDIDATES")
     p.add_argument("--ab", default="", help="comma list of boolean TileConfig fields to also run toggled")
     p.add_argument("--sdpa", default="CUDNN_ATTENTION", help="comma list of SDPBackend names, '' for none")
     p.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
     p.add_argument("--host", action="store_true", help="also measure host overhead per call")
     p.add_argument("--check", action="store_true", help="run `pytest -m gpu tests/test_cute.py` first")
+    p.add_argument("--check-k", default=None, help="with --check: only gpu tests matching this -k expression")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.check:
         import pytest
 
         t0 = time.perf_counter()
-        rc = pytest.main(["-q", "-x", "-m", "gpu", "tests/test_cute.py", "-p", "no:cacheprovider"])
+        sel = ["-k", a.check_k] if a.check_k else []
+        rc = pytest.main(["-q", "-x", "-m", "gpu", "tests/test_cute.py", "-p", "no:cacheprovider", *sel])
         print(f"# gpu tests: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
         if rc != 0:
             raise SystemExit(int(rc))
@@ -128,6 +141,7 @@ def main(argv=None):
     if a.host:
         result["host"] = host_overhead()
     tiles = _parse_tiles(a.tiles)
+    cands = CANDIDATES if a.candidates else {}
     sdpas = [s for s in a.sdpa.split(",") if s]
     causals = {"both": (False, True), "no": (False,), "yes": (True,)}[a.causal]
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=a.rep, return_mode="median")
@@ -144,11 +158,13 @@ def main(argv=None):
                 req = AttentionRequest(q, k, v, AttentionParams(d**-0.5, window_right=0 if causal else -1))
                 base = cute_kernels.config_for(req)
                 variants = [("table " + base.short().split(" ", 2)[2].split(" ")[0], base)]
-                for m, n, st in tiles.get(d, []):
-                    t = dataclasses.replace(base.tile, tile_m=m, tile_n=n,
-                                            num_stages=st or base.tile.num_stages)
+                for m, n, st, fl in tiles.get(d, []):
+                    t = tile_variant(base.tile, m, n, st, **{f: True for f in fl})
                     if t != base.tile:
-                        variants.append((f"{m}x{n}s{t.num_stages}", dataclasses.replace(base, tile=t)))
+                        variants.append((_tile_name(t), dataclasses.replace(base, tile=t)))
+                for c in cands.get(d, []):
+                    t = dataclasses.replace(c, persistent=base.tile.persistent)
+                    variants.append(("cand " + _tile_name(t), dataclasses.replace(base, tile=t)))
                 for field in filter(None, a.ab.split(",")):
                     t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
                     variants.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))

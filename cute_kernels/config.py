@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
+REGS_PER_SM = 64 * 1024
+THREADS_PER_WG = 128
+
+
 @dataclass(frozen=True)
 class TileConfig:
-    tile_m: int  # rows of Q per CTA: 64 per consumer warpgroup
+    tile_m: int  # rows of Q per CTA: 64 per consumer warpgroup (128: 2 MMA WGs, 192: 3)
     tile_n: int  # keys per KV block
     num_stages: int  # K/V smem pipeline depth
     producer_regs: int  # setmaxnreg for the TMA warpgroup
@@ -18,6 +22,39 @@ class TileConfig:
     # Producer order K(n-1) before V(n) (FA3), else K(n), V(n). NOTES.md, H200 2025 session run 2:
     # non-causal hdim128 8k 619 -> 673, hdim256 4k 640 -> 701 TFLOP/s; causal and hdim64 equal.
     v_lags_k: bool = True
+    # Untested on a GPU (CPU SASS only; default off until `pytest -m gpu` passes with it):
+    # masking compares compile-time column offsets (thread 0's) against per-row limits shifted
+    # by the thread's own offset (AttentionMask.apply).
+    mask_thr0: bool = False
+
+    def __post_init__(self):
+        assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
+        # setmaxnreg moves registers between warpgroups; the total must fit the SM's 64K
+        # (one CTA per SM): 24 + 2 x 240 at 384 threads, 24 + 3 x 160 at 512 threads.
+        total = THREADS_PER_WG * (self.producer_regs + self.num_mma_wg * self.consumer_regs)
+        assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
+        assert self.producer_regs % 8 == 0 and self.consumer_regs % 8 == 0, "setmaxnreg: multiples of 8"
+
+    @property
+    def num_mma_wg(self) -> int:
+        return self.tile_m // 64
+
+    @property
+    def num_threads(self) -> int:
+        return THREADS_PER_WG * (self.num_mma_wg + 1)
+
+
+# setmaxnreg split per consumer warpgroup count (producer, consumer): FA3 uses 24/240 for two
+# and 32/160 for three; 24/160 leaves 1K registers of the 64K unused.
+REG_SPLIT = {2: (24, 240), 3: (24, 160)}
+
+
+def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | None = None,
+                 **fields) -> TileConfig:
+    """`base` with another tile shape; the register split follows the consumer WG count."""
+    producer_regs, consumer_regs = REG_SPLIT[tile_m // 64]
+    return replace(base, tile_m=tile_m, tile_n=tile_n, num_stages=num_stages or base.num_stages,
+                   producer_regs=producer_regs, consumer_regs=consumer_regs, **fields)
 
 
 # Per head dim (exact: other head dims are refused by why_not, not padded).
@@ -35,6 +72,16 @@ TILES: dict[int, TileConfig] = {
     # hdim256: 128x64 faster at 512 (485 vs 442) but slower from 1k non-causal (8k 684 vs 736);
     # 128x96 spills and overflows smem. (smem: 64K + 2*(40K+40K) = 224 KB)
     256: TileConfig(128, 80, 2, 24, 240),  # measured 706 TFLOP/s at 8k (cuDNN 706)
+}
+
+# Candidates not yet run on a GPU (CPU SASS: no spills, 24/160 registers): FA3's 3-consumer-WG
+# tiles. Enter TILES only after `pytest -m gpu -k "three_wg or mask_thr0"` and the sweep in
+# NOTES.md ("Next device call"). mask_thr0 is what keeps the causal 3-WG kernel spill-free (3
+# STL/LDL without it). hdim 128 at 192 x {128, 112, 96, 80} spills at 160 registers (71/45/17/3
+# STL): acc_O alone is 64 of them, so it needs P in smem (SS PV), not implemented.
+CANDIDATES: dict[int, list[TileConfig]] = {
+    64: [TileConfig(192, 128, 2, *REG_SPLIT[3], mask_thr0=True)],  # FA3 hdim64 (causal) tile
+    96: [TileConfig(192, 96, 2, *REG_SPLIT[3], mask_thr0=True)],  # 192x128 spills (30 STL)
 }
 
 SUPPORTED_HDIM = tuple(TILES)
@@ -77,4 +124,4 @@ class FwdConfig:
         t = self.tile
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"
-                f"{' persistent' if t.persistent else ''} {' '.join(flags)}")
+                f"{' persistent' if t.persistent else ''}{' mask_thr0' if t.mask_thr0 else ''} {' '.join(flags)}")

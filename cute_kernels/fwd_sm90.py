@@ -1,23 +1,26 @@
 """FlashAttention-3-style forward attention for sm90 (H100/H200), bf16/fp16, in CuTe DSL.
 
-Warp roles (384 threads, 3 warpgroups):
+Warp roles (128 x (1 + W) threads, W = tile_m / 64 consumer warpgroups, 2 or 3):
   WG0 (warps 0-3)  producer. setmaxnreg down to `producer_regs`; warp 0 issues every TMA load
                    (Q once per tile, then K and V per KV block, last block first).
-  WG1, WG2         consumers. setmaxnreg up to `consumer_regs`; WG1 owns Q rows 0-63 of the
-                   tile, WG2 rows 64-127. Each runs S = Q K^T (SS WGMMA), masking, online
-                   softmax in exp2, O += P V (RS WGMMA, P stays in registers), then the epilogue.
+  WG1 .. WG<W>     consumers. setmaxnreg up to `consumer_regs` (24/240 for W = 2, 24/160 for
+                   W = 3: config.REG_SPLIT); WG i owns Q rows 64(i-1) .. 64i-1 of the tile.
+                   Each runs S = Q K^T (SS WGMMA), masking, online softmax in exp2,
+                   O += P V (RS WGMMA, P stays in registers), then the epilogue.
 
-Pipelines (PipelineTmaAsync, mbarriers in smem):
-  pipeline_q  1 stage.          full: 1 producer arrive + Q tx bytes; empty: 8 consumer warps.
-  pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 8 consumer warps.
-  pipeline_v  num_stages.       full: 1 producer arrive + V tx bytes; empty: 8 consumer warps.
-  (Consumer release arrives once per warp: lane 0 of each of the 8 consumer warps.)
+Pipelines (PipelineTmaAsync, mbarriers in smem; counts asserted at trace time by
+`check_arrive_counts`):
+  pipeline_q  1 stage.          full: 1 producer arrive + Q tx bytes; empty: 4W consumer warps.
+  pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 4W consumer warps.
+  pipeline_v  num_stages.       full: 1 producer arrive + V tx bytes; empty: 4W consumer warps.
+  (Consumer release arrives once per warp: lane 0 of each consumer warp.)
 
 Named barriers (NamedBarrierFwd):
-  WarpSchedulerWG1/2  pingpong: a consumer WG syncs on its own barrier (256 = own 128 + the
-                      other WG's 128 arrivals) before issuing GEMMs and arrives on the other
-                      WG's barrier right after, so one WG's softmax overlaps the other's GEMMs.
-  Epilogue            256 consumer threads: O goes through smem that aliases sQ.
+  WarpSchedulerWG1..W  pingpong ring: consumer WG i syncs on its own barrier (256 = own 128 +
+                      128 arrivals of WG i-1) before issuing GEMMs and arrives on WG i+1's
+                      barrier (mod W) right after, so one WG's softmax overlaps the others'
+                      GEMMs. W = 2 is FA3's pingpong, W = 3 FA3's 3-WG round robin.
+  Epilogue            128W consumer threads: O goes through smem that aliases sQ.
 
 Intra-warpgroup overlap: the consumer issues QK^T for block n and PV for block n+1 (already
 softmaxed) back to back, then does the softmax of block n while PV runs.
@@ -57,7 +60,6 @@ from cute_kernels.utils import (
 DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
 LOG2_E = math.log2(math.e)
 NUM_THREADS_PER_WG = 128
-NUM_MMA_WG = 2
 
 
 def _sdhb(t: cute.Tensor, packed: bool) -> cute.Tensor:
@@ -84,23 +86,28 @@ class FlashAttentionForwardSm90:
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
         t = cfg.tile
-        assert t.tile_m == 64 * NUM_MMA_WG, "one 64-row slab per consumer warpgroup"
+        self.num_mma_wg = t.num_mma_wg
+        assert self.num_mma_wg in (2, 3) and t.tile_m == 64 * self.num_mma_wg, \
+            "one 64-row slab per consumer warpgroup"
+        assert self.num_mma_wg <= len(NamedBarrierFwd) - int(NamedBarrierFwd.WarpSchedulerWG1) + 1, \
+            "one pingpong barrier per consumer warpgroup"
         assert cfg.hdim % 16 == 0 and cfg.hdimv % 16 == 0 and t.tile_n % 16 == 0
         self.tile_m, self.tile_n, self.num_stages = t.tile_m, t.tile_n, t.num_stages
         self.hdim, self.hdimv = cfg.hdim, cfg.hdimv
-        self.num_mma_threads = NUM_MMA_WG * NUM_THREADS_PER_WG
+        self.num_mma_threads = self.num_mma_wg * NUM_THREADS_PER_WG
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
+        assert self.num_threads == t.num_threads
         self.use_scheduler_barrier = t.pingpong
 
     # ------------------------------------------------------------------ host side
     def _tiled_mmas(self):
         qk = sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
-            Float32, atom_layout_mnk=(NUM_MMA_WG, 1, 1), tiler_mn=(64, self.tile_n),
+            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n),
         )
         pv = sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN,
-            Float32, atom_layout_mnk=(NUM_MMA_WG, 1, 1), tiler_mn=(64, self.hdimv),
+            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.hdimv),
             a_source=warpgroup.OperandSource.RMEM,
         )
         return qk, pv
@@ -215,6 +222,8 @@ class FlashAttentionForwardSm90:
                                tx_count=tx_k)
         pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.num_stages,
                                tx_count=tx_v)
+        for pipe in (pipeline_q, pipeline_k, pipeline_v):
+            self.check_arrive_counts(pipe)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
 
@@ -334,6 +343,7 @@ class FlashAttentionForwardSm90:
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        thr0_mma_qk = tiled_mma_qk.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
         wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
@@ -363,8 +373,8 @@ class FlashAttentionForwardSm90:
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,
                 qk_gemm=qk_gemm, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
-                softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask,
-                softcap_premul=softcap_premul, wg_idx=wg_idx,
+                softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
+                mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx,
             )
             n_block_min, n_block_max = mask.n_block_range()
             if m_block * self.tile_m < seqlen.seqlen_q:
@@ -377,7 +387,8 @@ class FlashAttentionForwardSm90:
                     if const_expr(overlap):
                         kv_state = self.first_block_overlap(
                             kv_state, n_block, qk_gemm=qk_gemm, pipeline_k=pipeline_k, softmax=softmax,
-                            tOrP=tOrP, thr_mma_qk=thr_mma_qk, mask=mask, softcap_premul=softcap_premul,
+                            tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk, mask=mask,
+                            softcap_premul=softcap_premul,
                         )
                     else:
                         self.scheduler_sync(wg_idx)
@@ -417,13 +428,13 @@ class FlashAttentionForwardSm90:
                 acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
 
     @cute.jit
-    def softmax_block(self, acc_S, n_block, softmax: OnlineSoftmax, tOrP, thr_mma_qk, mask,
+    def softmax_block(self, acc_S, n_block, softmax: OnlineSoftmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
                       softcap_premul, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
                       mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool]):
         """Scores -> P (in tOrP); returns the O row rescale factors."""
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
-            mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left)
+            mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
         row_scale = softmax.step(acc_S, is_first=is_first)
         tOrP.store(acc_to_frgA(acc_S).load().to(self.dtype))
         return row_scale
@@ -431,7 +442,7 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def step_plain(
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
-        thr_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
+        thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
         mask_left: cutlass.Constexpr[bool] = False,
     ):
@@ -441,8 +452,8 @@ class FlashAttentionForwardSm90:
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(0)
         pipeline_k.consumer_release(kv_state)
-        row_scale = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, mask, softcap_premul,
-                                       is_first, mask_seqlen, mask_right, mask_left)
+        row_scale = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
+                                       softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
         softmax.rescale_O(acc_O, row_scale)
         pipeline_v.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
@@ -453,19 +464,19 @@ class FlashAttentionForwardSm90:
 
     @cute.jit
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
-                            mask, softcap_premul):
+                            thr0_mma_qk, mask, softcap_premul):
         """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
         pipeline_k.consumer_wait(kv_state)
         acc_S = qk_gemm(kv_state.index, wg_wait=0)
         pipeline_k.consumer_release(kv_state)
-        self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, mask, softcap_premul,
+        self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask, softcap_premul,
                            True, True, True, True)
         return kv_state
 
     @cute.jit
     def step_overlap(
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
-        thr_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
+        thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
         mask_left: cutlass.Constexpr[bool] = False,
     ):
@@ -483,7 +494,7 @@ class FlashAttentionForwardSm90:
         pipeline_k.consumer_release(kv_state)
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
-            mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left)
+            mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
         row_scale = softmax.step(acc_S, is_first=False)
         warpgroup.wait_group(0)
         pipeline_v.consumer_release(v_state)
@@ -500,6 +511,12 @@ class FlashAttentionForwardSm90:
         return kv_state
 
     # ------------------------------------------------------------------ pingpong
+    # A ring over the consumer warpgroups: WG i waits on barrier WarpSchedulerWG1 + i (its own
+    # 128 threads + 128 arrivals of WG i-1) before issuing GEMMs and then arrives on WG i+1's.
+    # With 2 WGs the ring is the FA3 pingpong; with 3 it is FA3's 3-WG round robin.
+    def scheduler_barrier(self, wg_idx) -> Int32:
+        return int(NamedBarrierFwd.WarpSchedulerWG1) + wg_idx
+
     @cute.jit
     def scheduler_init(self, wg_idx):
         """WG1 goes first: it pre-arrives on its own barrier."""
@@ -511,14 +528,24 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def scheduler_sync(self, wg_idx):
         if const_expr(self.use_scheduler_barrier):
-            cute.arch.barrier(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1) + wg_idx,
+            cute.arch.barrier(barrier_id=self.scheduler_barrier(wg_idx),
                               number_of_threads=2 * NUM_THREADS_PER_WG)
 
     @cute.jit
     def scheduler_arrive(self, wg_idx):
         if const_expr(self.use_scheduler_barrier):
-            cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1) + (1 - wg_idx),
+            next_wg = 1 - wg_idx if const_expr(self.num_mma_wg == 2) else (wg_idx + 1) % self.num_mma_wg
+            cute.arch.barrier_arrive(barrier_id=self.scheduler_barrier(next_wg),
                                      number_of_threads=2 * NUM_THREADS_PER_WG)
+
+    def check_arrive_counts(self, pipe):
+        """Trace-time check of a PipelineTmaAsync's mbarrier arrive counts: full = the one TMA
+        thread (+ tx bytes), empty = lane 0 of every consumer warp (PipelineTmaAsync's
+        consumer_release signals from lane 0 only, without cluster multicast)."""
+        full, empty = pipe.sync_object_full.arrive_count, pipe.sync_object_empty.arrive_count
+        consumer_warps = self.num_mma_wg * NUM_THREADS_PER_WG // 32
+        assert full == 1, f"full barrier arrive count {full} != 1 producer thread"
+        assert empty == consumer_warps, f"empty barrier arrive count {empty} != {consumer_warps} warps"
 
     # ------------------------------------------------------------------ epilogue
     @cute.jit

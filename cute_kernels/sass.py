@@ -2,7 +2,12 @@
 keep the cubin and count SASS opcodes.
 
     python -m cute_kernels.sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
-                                [--softcap] [--varlen] [--no-overlap] [--no-pingpong] [--dump]
+                                [--softcap] [--varlen] [--no-overlap] [--no-pingpong]
+                                [--tile 192x128s2] [--mask-thr0] [--dump]
+
+Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
+threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
+setmaxnreg must cover), `STACK`/`LOCAL` bytes of local memory (spills).
 """
 
 from __future__ import annotations
@@ -54,6 +59,18 @@ def sass_text(cubin: str) -> str:
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
 
 
+def resource_usage(cubin: str) -> dict:
+    """ptxas resources of the (single) kernel: REG, STACK, SHARED, LOCAL, ..."""
+    out = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], check=True, capture_output=True,
+                         text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)", out.split("Function", 1)[-1])}
+
+
+def max_register(sass: str) -> int:
+    """Highest general register named in the code (R0..R254; RZ excluded)."""
+    return max((int(r) for r in re.findall(r"\bR(\d+)\b", sass)), default=-1)
+
+
 def opcode_counts(sass: str, full: bool = False) -> collections.Counter:
     """Count opcodes (`full`: with modifiers, e.g. BAR.SYNC.DEFER_BLOCKING)."""
     c = collections.Counter()
@@ -81,7 +98,9 @@ def check(sass: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from cute_kernels.config import FwdConfig
+    import dataclasses
+
+    from cute_kernels.config import FwdConfig, tile_variant
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
@@ -93,22 +112,31 @@ def main(argv=None) -> int:
     p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--no-pingpong", action="store_true")
+    p.add_argument("--tile", default=None, help="MxN[sS], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
+    p.add_argument("--mask-thr0", action="store_true", help="TileConfig.mask_thr0")
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
     p.add_argument("--dump", action="store_true", help="print the whole SASS")
     a = p.parse_args(argv)
     cfg = FwdConfig.make(
         a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
-        pingpong=not a.no_pingpong,
+        pingpong=not a.no_pingpong, mask_thr0=a.mask_thr0,
     )
+    if a.tile:
+        mn, _, stages = a.tile.partition("s")
+        m, n = map(int, mn.split("x"))
+        cfg = dataclasses.replace(cfg, tile=tile_variant(cfg.tile, m, n, int(stages) if stages else None))
     with tempfile.TemporaryDirectory() as d:
         cubin, dt = compile_cubin(cfg, d)
         sass = sass_text(cubin)
+        res = resource_usage(cubin)
     if a.dump:
         print(sass)
     print(f"# {cfg.short()}  compile {dt:.1f}s")
     for op, n in sorted(opcode_counts(sass, a.full).items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"{op:32s} {n}")
+    print(f"# registers: REG {res.get('REG')} (launch), max R{max_register(sass)}; "
+          f"STACK {res.get('STACK')} LOCAL {res.get('LOCAL')} bytes")
     print("# named barriers:", dict(named_barrier_ids(sass)))
     missing = check(sass)
     print("# required:", "ok" if not missing else "MISSING " + ", ".join(missing))

@@ -25,6 +25,7 @@ class NamedBarrierFwd(enum.IntEnum):
     Epilogue = 1  # all consumer threads: sO may overwrite sQ only after every QK^T is done
     WarpSchedulerWG1 = 2  # pingpong: WG1 may issue its GEMMs
     WarpSchedulerWG2 = 3  # pingpong: WG2 may issue its GEMMs
+    WarpSchedulerWG3 = 4  # 3 consumer WGs (tile_m 192): WG3 may issue its GEMMs
 
 
 def make_smem_layout(dtype: Type[cutlass.Numeric], shape: tuple, stages: Optional[int] = None):

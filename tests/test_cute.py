@@ -22,7 +22,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import cute_kernels  # noqa: E402
 from cute_kernels import sass  # noqa: E402
-from cute_kernels.config import FwdConfig  # noqa: E402
+from cute_kernels.config import CANDIDATES, FwdConfig, TileConfig, tile_variant  # noqa: E402
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -69,6 +69,47 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
 )
 def test_compile_features(features):
     _compile_and_check(FwdConfig.make("bf16", 128, **features))
+
+
+def _three_wg(cfg: FwdConfig, tile_n: int = 128, **fields) -> FwdConfig:
+    return dataclasses.replace(cfg, tile=tile_variant(cfg.tile, 192, tile_n, **fields))
+
+
+@pytest.mark.parametrize("features", [dict(), dict(has_left=True, has_right=True, mask_thr0=True)],
+                         ids=["noncausal", "local-mask_thr0"])
+def test_compile_three_wg(features):
+    """tile_m 192: 3 consumer WGs at 512 threads, setmaxnreg 24/160, a 3-barrier pingpong ring,
+    12-warp pipeline arrive counts (asserted at trace time), no spills at hdim 64."""
+    thr0 = features.pop("mask_thr0", False)
+    cfg = _three_wg(FwdConfig.make("bf16", 64, **features), mask_thr0=thr0)
+    with tempfile.TemporaryDirectory() as d:
+        cubin, _ = sass.compile_cubin(cfg, d)
+        text = sass.sass_text(cubin)
+        res = sass.resource_usage(cubin)
+    assert sass.check(text) == []
+    ops = sass.opcode_counts(text)
+    assert ops["STL"] == 0 and ops["LDL"] == 0 and res["STACK"] == 0 and res["LOCAL"] == 0
+    assert res["REG"] <= 128 and sass.max_register(text) < 160
+    assert "USETMAXREG.DEALLOC.CTAPOOL 0x18" in text and "0xa0 ;" in text  # 24 / 160
+    assert "BAR.SYNC.DEFER_BLOCKING 0x1, 0x180" in text  # epilogue: 384 consumer threads
+    assert "BAR.ARV 0x2, 0x100" in text  # WG1 starts the ring
+    assert ops["HGMMA"] > 0 and all(l.split()[1].startswith("HGMMA.64x") for l in text.splitlines()
+                                    if " HGMMA" in l)
+
+
+def test_compile_mask_thr0_two_wg():
+    """mask_thr0 on the default 2-WG tile: no spills, fewer integer ops than the default mask."""
+    cfg = FwdConfig.make("bf16", 128, has_right=True)
+    ops = _compile_and_check(dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, mask_thr0=True)))
+    assert ops["VIADD"] < 60  # 27 vs 96 with the default mask (CPU SASS, cutlass-dsl 4.8.1)
+
+
+def test_tile_config_budget():
+    with pytest.raises(AssertionError, match="registers"):
+        TileConfig(192, 128, 2, 24, 240)
+    t = tile_variant(TileConfig(128, 128, 2, 24, 240), 192, 128)
+    assert (t.num_mma_wg, t.num_threads, t.producer_regs, t.consumer_regs) == (3, 512, 24, 160)
+    assert all(c.num_mma_wg == 3 for cs in CANDIDATES.values() for c in cs)
 
 
 def test_compile_tvm_ffi():
@@ -201,6 +242,57 @@ def test_gpu_tile_variants(hdim, tile_n, stages, causal):
     q, k, v = _qkv(2, 799, 1023, 4, 2, hdim, hdim, torch.bfloat16)
     req = _req(q, k, v, window_right=0 if causal else -1)
     _check(req, _with_tile(req, tile_n=tile_n, num_stages=stages))
+
+
+def _with_candidate(req, hdim, **fields):
+    cfg = cute_kernels.config_for(req)
+    cand = CANDIDATES[hdim][0]
+    return dataclasses.replace(cfg, tile=dataclasses.replace(cand, persistent=cfg.tile.persistent, **fields))
+
+
+# Not yet run on a GPU (added CPU-only): 3 consumer warpgroups (config.CANDIDATES) and mask_thr0.
+@gpu
+@pytest.mark.parametrize("hdim", sorted(CANDIDATES))
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (300, 129)])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
+def test_gpu_three_wg(hdim, sq, sk, wl, wr):
+    q, k, v = _qkv(2, sq, sk, 6, 2, hdim, hdim, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    _check(req, _with_candidate(req, hdim))
+
+
+@gpu
+@pytest.mark.parametrize("fields", [dict(persistent=True), dict(mask_thr0=False),
+                                    dict(intra_wg_overlap=False), dict(pingpong=False),
+                                    dict(v_lags_k=False)], ids=str)
+def test_gpu_three_wg_schedules(fields):
+    # 3 * 8 * 6 = 144 tiles of 192 rows > 132 SMs: persistent CTAs run several tiles.
+    q, k, v = _qkv(3, 1000, 777, 8, 2, 64, 64, torch.float16)
+    req = _req(q, k, v, window_right=0)
+    _check(req, _with_candidate(req, 64, **fields))
+
+
+@gpu
+def test_gpu_three_wg_varlen_softcap():
+    from tests._util import packed
+
+    lq, lk = [1, 113, 239, 799, 0, 64, 1500], [3, 203, 1, 1024, 5, 64, 1400]
+    q, cu_q = packed(lq, 6, 64, torch.bfloat16, "cuda")
+    k, cu_k = packed(lk, 2, 64, torch.bfloat16, "cuda")
+    v, _ = packed(lk, 2, 64, torch.bfloat16, "cuda")
+    req = _req(q * 3, k, v, window_right=0, softcap=7.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+               max_seqlen_q=max(lq), max_seqlen_k=max(lk),
+               seqused_k=torch.tensor([2, 150, 1, 1000, 5, 10, 1400], dtype=torch.int32, device="cuda"))
+    _check(req, _with_candidate(req, 64))
+
+
+@gpu
+@pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129)])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (0, 0), (200, -1), (-1, 64)])
+def test_gpu_mask_thr0(sq, sk, wl, wr):
+    q, k, v = _qkv(2, sq, sk, 4, 2, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    _check(req, _with_tile(req, mask_thr0=True))
 
 
 @gpu
