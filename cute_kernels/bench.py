@@ -181,9 +181,14 @@ def main(argv=None):
                                tflops=f / ms / 1e9)
                     result["rows"].append(row)
                     print(f"{d:4d} {causal!s:>6} {s:6d} {name:>28} {ms:8.3f} {row['tflops']:8.1f}", flush=True)
+                    _dump(result, a.json)  # after every row: a run cut off at its time limit keeps its rows
             del q, k, v, qt, kt, vt
-    if a.json:
-        with open(a.json, "w") as fh:
+    _dump(result, a.json)
+
+
+def _dump(result: dict, path):
+    if path:
+        with open(path, "w") as fh:
             json.dump(result, fh, indent=1)
 
 
