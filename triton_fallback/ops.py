@@ -23,6 +23,11 @@ _PLAIN = {"fwd": attn_fwd, "bwd": attn_bwd, "bwd_dkdv": attn_bwd, "bwd_dq": attn
 _TUNED = {name: configs.autotuned(name, fn) for name, fn in _PLAIN.items()}
 _warned_fp8_dequant = False
 POISON = False  # tests: fill fresh outputs with NaN so that any row the kernels skip shows up
+# One-kernel backward with atomic dQ only up to this (padded) head dim. H200, bf16, 16k tokens,
+# seqlen 8192, non-causal (2026-11-22, commit 5fbba27 tree): hdim 64 atomic 281 TFLOP/s vs 247 for
+# the two-kernel path (FA2: 287); hdim 128 atomic 151 vs 267 (its seed tile spills). Re-measure
+# after tuning the "bwd" tiles.
+ATOMIC_DQ_MAX_HEADDIM = 64
 SPLIT_GQA = None  # tests: force (True) or forbid (False) one backward program per query head
 
 
@@ -164,7 +169,7 @@ def backward(req: AttentionRequest, out: torch.Tensor, lse: torch.Tensor, dout: 
     prob = _Problem.create(req)
     device, batch, nheads, group = req.device, req.batch, req.nheads, req.nheads // req.nheads_kv
     const = prob.constexprs()
-    atomic = not req.params.deterministic
+    atomic = not req.params.deterministic and const["BLOCK_D"] <= ATOMIC_DQ_MAX_HEADDIM
 
     # dQ accumulator (default path): float32, q-shaped, each head's rows contiguous
     dq_acc = None
