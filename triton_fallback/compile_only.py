@@ -84,8 +84,20 @@ def _signature(fn, elem: str, const: dict) -> dict:
     return sig
 
 
-def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_stages: int):
+# Integer arguments that are not multiples of 16 in a typical launch (-1: no window).
+_UNALIGNED_INTS = ("window_left", "window_right")
+
+
+def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_stages: int,
+                    aligned: bool = False):
+    """aligned=False: no specialization (every pointer and integer may be odd). aligned=True:
+    what a typical launch compiles (16-byte aligned pointers, integers multiples of 16 except
+    the window bounds, heads_per_program == 1), as triton's launcher specializes them: the
+    spill numbers of `triton_fallback.spills` need it, since unaligned pointers turn every
+    tile load into per-element loads, each with its own 64-bit address."""
     const = dict(const)
+    if aligned and "heads_per_program" in fn.arg_names:
+        const.setdefault("heads_per_program", 1)
     names = fn.arg_names
     for name, value in _FEATURES.items():
         if name in names:
@@ -96,8 +108,13 @@ def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_s
     for dim, block in (("HEADDIM", "BLOCK_D"), ("HEADDIM_V", "BLOCK_DV")):
         if dim in const and block in names:
             const[block] = max(16, triton.next_power_of_2(const[dim]))
-    src = ASTSource(fn, _signature(fn, elem, const),
-                    constexprs={(names.index(k),): v for k, v in const.items()})
+    sig = _signature(fn, elem, const)
+    attrs = {}
+    if aligned:
+        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
+                 if t != "constexpr" and not t.startswith("fp") and k not in _UNALIGNED_INTS}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 

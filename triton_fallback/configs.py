@@ -63,10 +63,11 @@ TUNED: dict[tuple, Tile] = {
     # fp16 and causal, which were not tuned. hdim 16/32/256: unmeasured seeds. bwd_dkdv and
     # bwd_dq were tuned as the default backward; they now serve only deterministic=True.
     # "bwd" (the default backward since it went atomic): unmeasured seeds, picked offline by
-    # `ptxas -v` on the sm_90a PTX (every tile spills some registers, the deterministic
-    # kernel too; see NOTES.md): hdim 64 (64, 128, 8 warps): 0.7 KB spilled, 128 keys halve
-    # the dQ atomics per FLOP against 64; hdim 128 (32, 64, 8 warps): 0.9 KB, against 1.9-4 KB
-    # for 32-64 x 128 tiles.
+    # `ptxas -v` on the sm_90a PTX, first without the launcher's alignment specialization
+    # (which made every tile spill: an artifact). Specialized as a real launch
+    # (`python -m triton_fallback.spills`, NOTES.md): hdim 64 (64, 128, 8 warps) 238
+    # registers, no spills, 128 keys halve the dQ atomics per FLOP against 64; hdim 128
+    # (32, 64, 8 warps) 210 registers, no spills (32x128 w8: 252, no spills).
     **{("sm90", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (16, Tile(128, 64, 4, 3)), (32, Tile(128, 64, 4, 3)), (64, Tile(128, 64, 8, 3)),
         (128, Tile(128, 128, 8, 3)), (256, Tile(64, 64, 8, 2)))},
