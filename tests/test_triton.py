@@ -238,6 +238,17 @@ def test_autotune_pruning(monkeypatch):
         assert 0 < len(large) < len(small) <= len(candidates)
 
 
+def test_why_not_refuses_int32_row_offset_overflow():
+    # meta tensors: shapes and strides only, nothing allocated
+    big = torch.empty(1, 2**20, 16, 128, device="meta", dtype=torch.bfloat16)  # 2^20 rows x 2048
+    small = torch.empty(1, 2**20 - 2, 16, 128, device="meta", dtype=torch.bfloat16)
+    params = AttentionParams(softmax_scale=0.1)
+    req = AttentionRequest(big, big, big, params, max_seqlen_q=2**20, max_seqlen_k=2**20)
+    assert "32-bit offsets" in triton_fallback.why_not(req, False)
+    req = AttentionRequest(small, small, small, params, max_seqlen_q=2**20 - 2, max_seqlen_k=2**20 - 2)
+    assert triton_fallback.why_not(req, False) is None
+
+
 def test_why_not():
     q, k, v = inputs(1, 8, 8, 2, 1, 64, 64)
     assert triton_fallback.why_not(make_request(q, k, v), backward=True) is None

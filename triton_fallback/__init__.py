@@ -34,4 +34,16 @@ def why_not(req: AttentionRequest, backward: bool) -> str | None:
             return f"{name}={d} is not a multiple of 8 in [8, 256]"
     if req.nheads % req.nheads_kv:
         return f"nheads={req.nheads} is not a multiple of nheads_kv={req.nheads_kv}"
+    if _row_offset_bound(req) >= 2**31:
+        return ("a sequence spans 2^31 elements or more; the kernels index rows inside a sequence "
+                "with 32-bit offsets")
     return None
+
+
+def _row_offset_bound(req: AttentionRequest) -> int:
+    """Largest (row in a sequence) x (row stride) the kernels form in int32, for q, k, v and the
+    row-contiguous out / dout / dq they allocate or receive."""
+    rows = max(req.max_seqlen_q, req.max_seqlen_k)
+    stride = max(abs(x.stride(-3)) for x in (req.q, req.k, req.v))
+    stride = max(stride, req.nheads * max(req.headdim, req.headdim_v))
+    return rows * stride

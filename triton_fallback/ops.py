@@ -25,7 +25,8 @@ _warned_fp8_dequant = False
 POISON = False  # tests: fill fresh outputs with NaN so that any row the kernels skip shows up
 # One-kernel backward with atomic dQ only up to this (padded) head dim. H200, bf16, 16k tokens,
 # seqlen 8192, non-causal (2026-11-22, commit 5fbba27 tree): hdim 64 atomic 281 TFLOP/s vs 247 for
-# the two-kernel path (FA2: 287); hdim 128 atomic 151 vs 267 (its seed tile spills). Re-measure
+# the two-kernel path (FA2: 287); hdim 128 atomic 151 vs 267 (not spills: its 32x64 tile compiles
+# spill-free as launched, NOTES.md; likelier the small tile and doubled dQ atomics). Re-measure
 # after tuning the "bwd" tiles.
 ATOMIC_DQ_MAX_HEADDIM = 64
 SPLIT_GQA = None  # tests: force (True) or forbid (False) one backward program per query head
