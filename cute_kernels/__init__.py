@@ -153,10 +153,7 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
     else:
         scale_log2, premul = p.softmax_scale * math.log2(math.e), 1.0
-    if req.packed_q:
-        max_seqlen_q = req.max_seqlen_q or int((req.cu_seqlens_q[1:] - req.cu_seqlens_q[:-1]).max())
-    else:
-        max_seqlen_q = q.shape[1]
+    max_seqlen_q = req.max_seqlen_q if req.packed_q else q.shape[1]
     if max_seqlen_q == 0:
         return out, lse
     ints = [None if t is None else t.to(torch.int32).contiguous()

@@ -69,8 +69,11 @@ class AttentionRequest:
     cu_seqlens_k: Optional[torch.Tensor] = None
     seqused_q: Optional[torch.Tensor] = None
     seqused_k: Optional[torch.Tensor] = None
-    max_seqlen_q: int = 0  # upper bound of Lq over the batch
-    max_seqlen_k: int = 0  # upper bound of Lk over the batch
+    # Upper bounds of Lq / Lk over the batch, always set by validation (read from the index
+    # tensors, or the stored length while a CUDA graph is captured): backends size their grids
+    # from them and never read cu_seqlens / seqused on the host.
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
     q_descale: Optional[torch.Tensor] = None
     k_descale: Optional[torch.Tensor] = None
     v_descale: Optional[torch.Tensor] = None

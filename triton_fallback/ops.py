@@ -60,16 +60,8 @@ class _Problem:
 
     @classmethod
     def create(cls, req: AttentionRequest) -> "_Problem":
-        def rows(x, packed, bound, lengths):
-            if not packed:
-                return x.shape[1]
-            return bound if bound > 0 else int(lengths.max()) if lengths.numel() else 0
-
-        lq, lk = (None, None)
-        if (req.packed_q and req.max_seqlen_q <= 0) or (req.packed_k and req.max_seqlen_k <= 0):
-            lq, lk = req.seqlens()
-        return cls(req, rows(req.q, req.packed_q, req.max_seqlen_q, lq),
-                   rows(req.k, req.packed_k, req.max_seqlen_k, lk))
+        return cls(req, req.max_seqlen_q if req.packed_q else req.q.shape[1],
+                   req.max_seqlen_k if req.packed_k else req.k.shape[1])
 
     def scalars(self) -> tuple:
         req, p = self.req, self.req.params
