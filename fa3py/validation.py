@@ -187,8 +187,6 @@ def make_request(
             _fail(ValueError, "k", f"batch size {k.shape[0]} must equal q's batch size {batch}")
     if batch < 0:
         _fail(ValueError, "cu_seqlens_q", f"must be 1-D of length batch + 1, got shape {tuple(cu_seqlens_q.shape)}")
-    if packed_k and not packed_q and cu_seqlens_k.dim() == 1 and cu_seqlens_k.shape[0] != batch + 1:
-        _fail(ValueError, "cu_seqlens_k", f"must have length batch + 1 = {batch + 1}, got {cu_seqlens_k.shape[0]}")
     if not packed_k and packed_q and k.shape[0] != batch:
         _fail(ValueError, "k", f"batch size {k.shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
 
