@@ -15,6 +15,24 @@ from fa3py.request import FP8_DTYPES
 DEVICE = os.environ.get("FA3PY_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Mask / score features every backend's tests run through (kwargs of `attention`).
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window_size": (37, 11)},
+    "causal_window": {"causal": True, "window_size": (50, -1)},
+    "softcap": {"softcap": 3.0},
+}
+
+
+def inputs(b, lq, lk, h, hk, d, dv, dtype=torch.bfloat16, device=DEVICE):
+    """Fresh random q (b, lq, h, d), k (b, lk, hk, d), v (b, lk, hk, dv) in `dtype`."""
+    q = torch.randn(b, lq, h, d, device=device).to(dtype)
+    k = torch.randn(b, lk, hk, d, device=device).to(dtype)
+    v = torch.randn(b, lk, hk, dv, device=device).to(dtype)
+    return q, k, v
+
+
 def low_precision(dtype):
     """The precision in which PyTorch itself computes the comparison baseline."""
     return torch.bfloat16 if dtype in FP8_DTYPES else dtype

@@ -9,23 +9,9 @@ import fa3py
 from fa3py import reference
 from fa3py.validation import make_request
 
-from _util import DEVICE, check_backward, check_forward, max_err, packed
+from _util import DEVICE, FEATURES, check_backward, check_forward, inputs, max_err, packed
 
 SIZES = [(1, 1), (113, 203), (239, 1), (799, 3), (64, 128), (1023, 1024)]
-FEATURES = {
-    "plain": {},
-    "causal": {"causal": True},
-    "window": {"window_size": (37, 11)},
-    "causal_window": {"causal": True, "window_size": (50, -1)},
-    "softcap": {"softcap": 3.0},
-}
-
-
-def inputs(b, lq, lk, h, hk, d, dv, dtype):
-    q = torch.randn(b, lq, h, d, device=DEVICE).to(dtype)
-    k = torch.randn(b, lk, hk, d, device=DEVICE).to(dtype)
-    v = torch.randn(b, lk, hk, dv, device=DEVICE).to(dtype)
-    return q, k, v
 
 
 @pytest.mark.parametrize("lq,lk", SIZES)

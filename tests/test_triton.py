@@ -7,6 +7,7 @@ does it when this file runs alone. With CUDA the same grid runs on the GPU, and 
 marked `gpu` add long sequences.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -24,18 +25,12 @@ from fa3py.request import AttentionParams, AttentionRequest  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
 from triton_fallback import compile_only, configs, ops  # noqa: E402
 
-from _util import check_backward, check_forward, max_err, packed  # noqa: E402
+from _util import FEATURES, check_backward, check_forward, max_err, packed  # noqa: E402
+from _util import inputs as _inputs  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 SIZES = [(1, 1), (113, 203), (239, 1), (77, 3), (64, 128)]
-FEATURES = {
-    "plain": {},
-    "causal": {"causal": True},
-    "window": {"window_size": (37, 11)},
-    "causal_left_window": {"causal": True, "window_size": (50, -1)},
-    "softcap": {"softcap": 3.0},
-}
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +38,7 @@ def _poison(monkeypatch):
     monkeypatch.setattr(ops, "POISON", True)
 
 
-def inputs(b, lq, lk, h, hk, d, dv, dtype=torch.bfloat16):
-    q = torch.randn(b, lq, h, d, device=DEVICE).to(dtype)
-    k = torch.randn(b, lk, hk, d, device=DEVICE).to(dtype)
-    v = torch.randn(b, lk, hk, dv, device=DEVICE).to(dtype)
-    return q, k, v
+inputs = functools.partial(_inputs, device=DEVICE)
 
 
 def run_and_check(req, backward=True):
