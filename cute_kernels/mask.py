@@ -30,21 +30,22 @@ class SeqlenInfo:
     @staticmethod
     def create(batch, seqlen_q_static, seqlen_k_static, mCuSeqlensQ=None, mCuSeqlensK=None,
                mSeqUsedQ=None, mSeqUsedK=None) -> "SeqlenInfo":
-        offset_q = Int32(0) if const_expr(mCuSeqlensQ is None) else mCuSeqlensQ[batch]
-        offset_k = Int32(0) if const_expr(mCuSeqlensK is None) else mCuSeqlensK[batch]
-        if const_expr(mSeqUsedQ is not None):
-            seqlen_q = mSeqUsedQ[batch]
-        elif const_expr(mCuSeqlensQ is not None):
-            seqlen_q = mCuSeqlensQ[batch + 1] - offset_q
-        else:
-            seqlen_q = seqlen_q_static
-        if const_expr(mSeqUsedK is not None):
-            seqlen_k = mSeqUsedK[batch]
-        elif const_expr(mCuSeqlensK is not None):
-            seqlen_k = mCuSeqlensK[batch + 1] - offset_k
-        else:
-            seqlen_k = seqlen_k_static
-        return SeqlenInfo(offset_q, offset_k, Int32(seqlen_q), Int32(seqlen_k))
+        offset_q, seqlen_q = _offset_and_length(batch, seqlen_q_static, mCuSeqlensQ, mSeqUsedQ)
+        offset_k, seqlen_k = _offset_and_length(batch, seqlen_k_static, mCuSeqlensK, mSeqUsedK)
+        return SeqlenInfo(offset_q, offset_k, seqlen_q, seqlen_k)
+
+
+def _offset_and_length(batch, static_len, mCuSeqlens, mSeqUsed):
+    """(first row, length) of sequence `batch` on one side: seqused wins over cu_seqlens, which
+    wins over the static (batched) length. Branches are resolved at trace time."""
+    offset = Int32(0) if const_expr(mCuSeqlens is None) else mCuSeqlens[batch]
+    if const_expr(mSeqUsed is not None):
+        length = mSeqUsed[batch]
+    elif const_expr(mCuSeqlens is not None):
+        length = mCuSeqlens[batch + 1] - offset
+    else:
+        length = static_len
+    return offset, Int32(length)
 
 
 @dataclass(frozen=True)
