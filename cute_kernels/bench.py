@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 
 import torch
@@ -123,6 +124,10 @@ def main(argv=None):
     p.add_argument("--ab", default="", help="comma list of boolean TileConfig fields to also run toggled")
     p.add_argument("--sdpa", default="CUDNN_ATTENTION", help="comma list of SDPBackend names, '' for none")
     p.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time all variants of a point this many times, interleaved; report the median "
+                        "(evens out clock/thermal drift between variants)")
+    p.add_argument("--fa4", action="store_true", help="add flash-attn-4's forward when importable (a peer)")
     p.add_argument("--host", action="store_true", help="also measure host overhead per call")
     p.add_argument("--check", action="store_true", help="run `pytest -m gpu tests/test_cute.py` first")
     p.add_argument("--check-k", default=None, help="with --check: only gpu tests matching this -k expression")
@@ -144,6 +149,12 @@ def main(argv=None):
     cands = CANDIDATES if a.candidates else {}
     sdpas = [s for s in a.sdpa.split(",") if s]
     causals = {"both": (False, True), "no": (False,), "yes": (True,)}[a.causal]
+    fa4 = None
+    if a.fa4:
+        try:
+            from flash_attn.cute import flash_attn_func as fa4
+        except ImportError as e:
+            print(f"# fa4 not importable: {e}")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=a.rep, return_mode="median")
     print(f"# {result['gpu']} tvm_ffi={cute_kernels.use_tvm_ffi} tokens={a.tokens}")
     print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'variant':>28} {'ms':>8} {'TFLOP/s':>8}")
@@ -170,15 +181,21 @@ def main(argv=None):
                     variants.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))
                 named = [(name, lambda cfg=cfg: cute_kernels.run(req, cfg)) for name, cfg in variants]
                 named += [(f"sdpa {sb or 'default'}", lambda sb=sb: _sdpa(sb)(qt, kt, vt, causal)) for sb in sdpas]
-                for name, fn in named:
-                    try:
-                        fn()
-                        ms = bench(fn)
-                    except Exception as e:  # noqa: BLE001  (a variant may not fit / be supported)
-                        print(f"# {name}: {type(e).__name__}: {str(e)[:200]}")
-                        ms = float("nan")
+                if fa4 is not None:
+                    named.append(("fa4", lambda: fa4(q, k, v, causal=causal)))
+                times = {name: [] for name, _ in named}
+                for _ in range(a.rounds):
+                    for name, fn in named:
+                        try:
+                            fn()
+                            times[name].append(bench(fn))
+                        except Exception as e:  # noqa: BLE001  (a variant may not fit / be supported)
+                            print(f"# {name}: {type(e).__name__}: {str(e)[:200]}")
+                            times[name].append(float("nan"))
+                for name, _ in named:
+                    ms = statistics.median(times[name])
                     row = dict(hdim=d, causal=causal, seqlen=s, batch=b, nheads=h, variant=name, ms=ms,
-                               tflops=f / ms / 1e9)
+                               tflops=f / ms / 1e9, rounds_ms=times[name])
                     result["rows"].append(row)
                     print(f"{d:4d} {causal!s:>6} {s:6d} {name:>28} {ms:8.3f} {row['tflops']:8.1f}", flush=True)
                     _dump(result, a.json)  # after every row: a run cut off at its time limit keeps its rows

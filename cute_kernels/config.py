@@ -26,6 +26,10 @@ class TileConfig:
     # masking compares compile-time column offsets (thread 0's) against per-row limits shifted
     # by the thread's own offset (AttentionMask.apply).
     mask_thr0: bool = False
+    # Overlapped schedule only: rescale O by the previous block's row factors while QK^T(n) is in
+    # flight, before issuing PV(n-1), instead of after the softmax (flash-attn-4 does this for
+    # hdim_v > 128, where the 2 x hdim_v/2 FMULs no longer hide behind the conversion of P).
+    rescale_o_before_pv: bool = False
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"

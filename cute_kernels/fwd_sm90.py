@@ -52,6 +52,7 @@ from cute_kernels.utils import (
     acc_to_frgA,
     acc_to_mn,
     assume_aligned_strides,
+    convert_to,
     gemm,
     make_smem_layout,
     transpose_view,
@@ -352,6 +353,8 @@ class FlashAttentionForwardSm90:
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]))
+        # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.
+        o_scale = cute.make_rmem_tensor_like(softmax.row_max, Float32)
 
         def qk_gemm(stage, wg_wait):
             acc_S = cute.make_rmem_tensor(tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32)
@@ -374,12 +377,14 @@ class FlashAttentionForwardSm90:
                 self.step_overlap if const_expr(overlap) else self.step_plain,
                 qk_gemm=qk_gemm, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
                 softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
-                mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx,
+                mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale,
             )
             n_block_min, n_block_max = mask.n_block_range()
             if m_block * self.tile_m < seqlen.seqlen_q:
                 acc_O.fill(0.0)
                 softmax.reset()
+                if const_expr(self.cfg.tile.rescale_o_before_pv):
+                    o_scale.fill(1.0)
                 pipeline_q.consumer_wait(q_state)
                 if n_block_min < n_block_max:
                     # 1) the last KV block: seqlen + window masks.
@@ -412,7 +417,7 @@ class FlashAttentionForwardSm90:
                     if const_expr(overlap):
                         kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
                                                            pipeline_v=pipeline_v, softmax=softmax,
-                                                           acc_O=acc_O)
+                                                           acc_O=acc_O, o_scale=o_scale)
                     else:
                         self.scheduler_arrive(wg_idx)
                 self.epilogue(acc_O, softmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block, head, batch,
@@ -436,13 +441,13 @@ class FlashAttentionForwardSm90:
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
         row_scale = softmax.step(acc_S, is_first=is_first)
-        tOrP.store(acc_to_frgA(acc_S).load().to(self.dtype))
+        convert_to(acc_to_frgA(acc_S), tOrP)
         return row_scale
 
     @cute.jit
     def step_plain(
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
-        thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
+        thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, o_scale, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
         mask_left: cutlass.Constexpr[bool] = False,
     ):
@@ -476,7 +481,7 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def step_overlap(
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
-        thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool] = False,
+        thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, o_scale, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
         mask_left: cutlass.Constexpr[bool] = False,
     ):
@@ -487,6 +492,8 @@ class FlashAttentionForwardSm90:
         pipeline_k.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
+        if const_expr(self.cfg.tile.rescale_o_before_pv):
+            softmax.rescale_O(acc_O, o_scale)  # the previous block's factors, under QK^T
         pipeline_v.consumer_wait(v_state)
         pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
         self.scheduler_arrive(wg_idx)
@@ -498,12 +505,17 @@ class FlashAttentionForwardSm90:
         row_scale = softmax.step(acc_S, is_first=False)
         warpgroup.wait_group(0)
         pipeline_v.consumer_release(v_state)
-        tOrP.store(acc_to_frgA(acc_S).load().to(self.dtype))
-        softmax.rescale_O(acc_O, row_scale)
+        convert_to(acc_to_frgA(acc_S), tOrP)
+        if const_expr(self.cfg.tile.rescale_o_before_pv):
+            o_scale.store(row_scale.load())
+        else:
+            softmax.rescale_O(acc_O, row_scale)
         return kv_state
 
     @cute.jit
-    def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O):
+    def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale):
+        if const_expr(self.cfg.tile.rescale_o_before_pv):
+            softmax.rescale_O(acc_O, o_scale)
         pipeline_v.consumer_wait(kv_state)
         pv_gemm(kv_state.index, wg_wait=0)
         pipeline_v.consumer_release(kv_state)
@@ -556,7 +568,7 @@ class FlashAttentionForwardSm90:
         inv_sum = softmax.finalize()
         softmax.rescale_O(acc_O, inv_sum)
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
-        rO.store(acc_O.load().to(self.dtype))
+        convert_to(acc_O, rO)
         b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
         rows_left = seqlen.seqlen_q - m_block * self.tile_m
 

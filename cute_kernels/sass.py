@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-pingpong", action="store_true")
     p.add_argument("--tile", default=None, help="MxN[sS], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--mask-thr0", action="store_true", help="TileConfig.mask_thr0")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=0|1",
+                   help="set a boolean TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
     p.add_argument("--dump", action="store_true", help="print the whole SASS")
     a = p.parse_args(argv)
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
         a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
         pingpong=not a.no_pingpong, mask_thr0=a.mask_thr0,
+        **{k: bool(int(v)) for k, v in (kv.split("=") for kv in a.set)},
     )
     if a.tile:
         mn, _, stages = a.tile.partition("s")

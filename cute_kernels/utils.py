@@ -14,7 +14,9 @@ from typing import Optional, Type
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, const_expr
+from cutlass import Float32, Int32, const_expr
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.cute.nvgpu import warpgroup
 from cutlass.utils import LayoutEnum
 
@@ -91,6 +93,29 @@ def gemm(
     warpgroup.commit_group()
     if const_expr(wg_wait >= 0):
         warpgroup.wait_group(wg_wait)
+
+
+@dsl_user_op
+def _cvt_pair(lo: Float32, hi: Float32, ptx_type: str, *, loc=None, ip=None) -> Int32:
+    """Two fp32 -> one 32-bit register of two 16-bit floats (`lo` in the low half)."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Float32(lo).ir_value(loc=loc, ip=ip), Float32(hi).ir_value(loc=loc, ip=ip)],
+        f"cvt.rn.{ptx_type}.f32 $0, $2, $1;", "=r,f,f",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
+
+
+@cute.jit
+def convert_to(src: cute.Tensor, dst: cute.Tensor):
+    """dst[i] = src[i] rounded to dst's bf16/fp16, a pair per instruction for every tile shape.
+    (`dst.store(src.load().to(...))` pairs elements only when the fragment's shape lets the
+    compiler see it: at tile_n 80 / 112 it emitted one F2FP per element plus a PRMT per pair,
+    and ptxas then serialized the PV WGMMAs that read those registers.) `dst` must be a compact
+    register tensor, so its flat index is its storage order."""
+    ptx = "bf16x2" if const_expr(dst.element_type is cutlass.BFloat16) else "f16x2"
+    d32 = cute.recast_tensor(dst, Int32)
+    for i in cutlass.range_constexpr(cute.size(d32)):
+        d32[i] = _cvt_pair(src[2 * i], src[2 * i + 1], ptx)
 
 
 def quad_allreduce(x: Float32, op) -> Float32:

@@ -63,9 +63,10 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
         dict(intra_wg_overlap=False),
         dict(intra_wg_overlap=False, pingpong=False, has_right=True),
         dict(persistent=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
+        dict(rescale_o_before_pv=True, pingpong=False, has_right=True),
     ],
     ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong",
-         "persistent-varlen-causal"],
+         "persistent-varlen-causal", "rescale-before-pv-no-pingpong"],
 )
 def test_compile_features(features):
     _compile_and_check(FwdConfig.make("bf16", 128, **features))
@@ -228,6 +229,16 @@ def test_gpu_schedules(overlap, pingpong, v_lags_k):
     q, k, v = _qkv(2, 300, 700, 4, 4, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_right=0)
     _check(req, _with_tile(req, intra_wg_overlap=overlap, pingpong=pingpong, v_lags_k=v_lags_k))
+
+
+@gpu
+@pytest.mark.parametrize("hdim,hdimv", [(128, 128), (192, 128), (192, 192), (256, 256)])
+@pytest.mark.parametrize("pingpong", [True, False])
+@pytest.mark.parametrize("sq,sk,wl,wr", [(300, 700, -1, 0), (799, 1023, -1, -1), (113, 203, 37, 11)])
+def test_gpu_rescale_o_before_pv(hdim, hdimv, pingpong, sq, sk, wl, wr):
+    q, k, v = _qkv(2, sq, sk, 4, 2, hdim, hdimv, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    _check(req, _with_tile(req, rescale_o_before_pv=True, pingpong=pingpong))
 
 
 # Tile shapes swept by `python -m cute_kernels.bench --tiles ...` (CPU-checked: no spills,

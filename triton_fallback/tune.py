@@ -2,6 +2,8 @@
 
     python -m triton_fallback.tune            # autotune, print `configs.TUNED` entries to paste
     python -m triton_fallback.tune --bench    # ms and TFLOP/s, table/autotuned configs vs. SDPA
+    python -m triton_fallback.tune --tune --bench --dims 128 --atomic-max 128
+                                              # tune, then time the tuned picks (one process)
 
 Shapes: batch 4, 16 heads, seqlen 4096 (2 * batch * heads * seqlen * d elements of K/V exceed
 L2 on every target GPU, so the timings are not cache-resident).
@@ -79,14 +81,23 @@ def tune(dims, dtypes, causals):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--bench", action="store_true")
+    parser.add_argument("--bench", action="store_true", help="benchmark (after tuning with --tune)")
+    parser.add_argument("--tune", action="store_true", help="autotune (the default without --bench)")
+    parser.add_argument("--atomic-max", type=int, default=None, metavar="D",
+                        help="use the one-kernel atomic-dQ backward up to head dim D (ops.ATOMIC_DQ_MAX_HEADDIM"
+                             f", now {ops.ATOMIC_DQ_MAX_HEADDIM}), so its 'bwd' tiles get tuned/benchmarked there")
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--dtypes", nargs="+", choices=("fp16", "bf16"), default=["fp16", "bf16"])
     parser.add_argument("--causal", nargs="+", choices=("false", "true"), default=["false", "true"])
     args = parser.parse_args()
     dtypes = [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes]
     causals = [c == "true" for c in args.causal]
-    (bench if args.bench else tune)(args.dims, dtypes, causals)
+    if args.atomic_max is not None:
+        ops.ATOMIC_DQ_MAX_HEADDIM = args.atomic_max
+    if args.tune or not args.bench:
+        tune(args.dims, dtypes, causals)  # leaves the autotuned picks cached for --bench
+    if args.bench:
+        bench(args.dims, dtypes, causals)
 
 
 if __name__ == "__main__":
