@@ -114,7 +114,9 @@ class FwdConfig:
         # TFLOP/s at seqlen 1024 non-causal, equal at 8k; causal 584 -> 534 at 8k with the static
         # longest-first stride, so causal/local keep the single-tile longest-first grid).
         windowed = features.get("has_left", False) or features.get("has_right", False)
-        tile = replace(TILES[hdim], persistent=not windowed)
+        # hdim_v > 128: rescale O under QK^T, before PV (H200, 16k tokens, bf16, same run as
+        # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664).
+        tile = replace(TILES[hdim], persistent=not windowed, rescale_o_before_pv=hdimv > 128)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
@@ -128,4 +130,5 @@ class FwdConfig:
         t = self.tile
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"
-                f"{' persistent' if t.persistent else ''}{' mask_thr0' if t.mask_thr0 else ''} {' '.join(flags)}")
+                f"{' persistent' if t.persistent else ''}{' mask_thr0' if t.mask_thr0 else ''}"
+                f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''} {' '.join(flags)}")
