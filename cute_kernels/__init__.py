@@ -109,6 +109,20 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
+
+
+def l2_heads(req: "AttentionRequest") -> int:
+    """(batch, head) pairs whose K and V fit in L2 together: one section of the causal/local
+    longest-first grid (scheduler.py). Query heads of one KV head share its K/V."""
+    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    per_kv_head = max(seqlen_k, 1) * (req.headdim + req.headdim_v) * req.k.element_size()
+    group = req.nheads // req.nheads_kv
+    return max(1, _l2_bytes(req.device) // per_kv_head) * group
+
+
 def _compile(cfg: FwdConfig, args: Optional[tuple]):
     """Compile `cfg` for the TVM-FFI path (args None: symbolic fake tensors) or for the
     from_dlpack path (args: this call's converted arguments, marked dynamic)."""
@@ -158,7 +172,7 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         return out, lse
     ints = [None if t is None else t.to(torch.int32).contiguous()
             for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
-    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev))
+    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), l2_heads(req))
     tvm_ffi = use_tvm_ffi
     fn = _compiled.get((cfg, tvm_ffi))
     if tvm_ffi:
@@ -175,7 +189,8 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
     args = (
         _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints),
         cutlass.Float32(scale_log2), cutlass.Float32(premul), cutlass.Int32(p.window_left),
-        cutlass.Int32(p.window_right), cutlass.Int32(max_seqlen_q), cutlass.Int32(scalars[-1]),
+        cutlass.Int32(p.window_right), cutlass.Int32(max_seqlen_q), cutlass.Int32(scalars[-2]),
+        cutlass.Int32(scalars[-1]),
         cuda.CUstream(torch.cuda.current_stream(dev).cuda_stream),
     )
     if fn is None:

@@ -66,9 +66,11 @@ def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | N
 # regs, no spills in SASS). "measured" = cute_kernels/NOTES.md (H200, 16k tokens, bf16, tile
 # sweep of the 2025 session run 1 and v_lags_k run 2); hdim 96/192 not swept.
 TILES: dict[int, TileConfig] = {
-    # hdim64: 128x176 / 128x192 slower everywhere (8k 426 / 438 vs 450), 3 stages within noise
-    # (NOTES.md "tile sweep", H200, commit c1b4459 + tvm-ffi). FA3's 192x128 (3 MMA WGs) untried.
-    64: TileConfig(128, 128, 2, 24, 240),  # measured 457 TFLOP/s at 8k (cuDNN 468)
+    # hdim64: FA3's 192x128 with 3 consumer WGs (24/160 registers) + mask_thr0 (spill-free causal):
+    # H200, 16k tokens, same run as flash-attn-4 (NOTES.md, 2026-11-22 session 2): 8k 447 -> 550
+    # (FA4 536), causal 419 -> 493 (FA4 496); 2k 398 -> 465, causal 330 -> 362. 128x176 / 128x192
+    # were slower than 128x128 (8k 426 / 438 vs 450), 3 stages within noise.
+    64: TileConfig(192, 128, 2, 24, 160, mask_thr0=True),
     96: TileConfig(128, 128, 2, 24, 240),  # untuned
     # hdim128: 128x176 slower (8k 591 vs 632; causal 348 vs 571), 128x192 spills (CPU SASS).
     128: TileConfig(128, 128, 2, 24, 240),  # measured 673 TFLOP/s at 8k (cuDNN 664)
@@ -78,13 +80,11 @@ TILES: dict[int, TileConfig] = {
     256: TileConfig(128, 80, 2, 24, 240),  # measured 706 TFLOP/s at 8k (cuDNN 706)
 }
 
-# Candidates not yet run on a GPU (CPU SASS: no spills, 24/160 registers): FA3's 3-consumer-WG
-# tiles. Enter TILES only after `pytest -m gpu -k "three_wg or mask_thr0"` and the sweep in
-# NOTES.md ("Next device call"). mask_thr0 is what keeps the causal 3-WG kernel spill-free (3
-# STL/LDL without it). hdim 128 at 192 x {128, 112, 96, 80} spills at 160 registers (71/45/17/3
+# Candidates (CPU SASS: no spills, 24/160 registers; GPU tests pass): FA3's 3-consumer-WG tiles
+# not yet measured against the table. mask_thr0 is what keeps the causal 3-WG kernel spill-free
+# (3 STL/LDL without it). hdim 128 at 192 x {128, 112, 96, 80} spills at 160 registers (71/45/17/3
 # STL): acc_O alone is 64 of them, so it needs P in smem (SS PV), not implemented.
 CANDIDATES: dict[int, list[TileConfig]] = {
-    64: [TileConfig(192, 128, 2, *REG_SPLIT[3], mask_thr0=True)],  # FA3 hdim64 (causal) tile
     96: [TileConfig(192, 96, 2, *REG_SPLIT[3], mask_thr0=True)],  # 192x128 spills (30 STL)
 }
 

@@ -99,6 +99,7 @@ class FlashAttentionForwardSm90:
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
         assert self.num_threads == t.num_threads
         self.use_scheduler_barrier = t.pingpong
+        self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
 
     # ------------------------------------------------------------------ host side
     def _tiled_mmas(self):
@@ -131,6 +132,7 @@ class FlashAttentionForwardSm90:
         window_right: Int32,
         max_seqlen_q: Int32,
         num_ctas: Int32,  # persistent: CTAs to launch (number of SMs)
+        l2_heads: Int32,  # causal/local single-tile LPT grid: (batch, head) pairs per L2 section
         stream: cuda.CUstream,
     ):
         cfg = self.cfg
@@ -180,9 +182,10 @@ class FlashAttentionForwardSm90:
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
-            num_m_blocks, num_heads, batch, SharedStorage,
+            num_m_blocks, num_heads, batch, l2_heads, SharedStorage,
         ).launch(
-            grid=TileScheduler.grid(num_m_blocks, num_heads, batch, num_ctas, self.cfg.tile.persistent),
+            grid=TileScheduler.grid(num_m_blocks, num_heads, batch, num_ctas, self.cfg.tile.persistent,
+                                    self.lpt),
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
@@ -205,6 +208,7 @@ class FlashAttentionForwardSm90:
         num_m_blocks: Int32,
         num_heads: Int32,
         num_batch: Int32,
+        l2_heads: Int32,
         SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -234,7 +238,7 @@ class FlashAttentionForwardSm90:
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
 
         scheduler = TileScheduler(num_m_blocks, num_heads, num_batch, self.cfg.tile.persistent,
-                                  lpt=self.cfg.has_right)
+                                  lpt=self.lpt, l2_heads=l2_heads)
         seqlen_fn = partial(SeqlenInfo.create, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
                             mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                             mSeqUsedK=mSeqUsedK)
@@ -641,6 +645,6 @@ class FlashAttentionForwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
-            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132),
+            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )

@@ -1,10 +1,15 @@
 """Tile schedulers: which (m_block, head, batch) tiles a CTA computes, in which order.
 
-Single-tile: grid (num_m_blocks, nheads, batch), one tile per CTA; causal/local tiles are
-launched longest-first (highest m_block first). Persistent: grid = min(tiles, #SMs) CTAs
-stride over a linear tile index; with `lpt` the index is m-block-major from the last m_block
-(longest-processing-time first, all heads/batches of one m_block together), otherwise
-batch-major with m_block fastest (static round robin).
+Single-tile: one tile per CTA, the hardware hands CTAs to SMs greedily in launch order.
+  Plain: grid (num_m_blocks, nheads, batch).
+  `lpt` (causal/local: tile m_block has ~m_block + 1 KV blocks): a 1-D grid in
+  longest-processing-time-first order, in L2 sections: `l2_heads` (batch, head) pairs whose K/V
+  fit in L2 together form a section; inside it the order is m_block descending, heads fastest.
+  (Head-major order put the last head's longest tile at the very end: a tail of up to one long
+  tile on one SM while the others idle, ~10-20% at 8k tokens with 16-32 heads.)
+Persistent: grid = min(tiles, #SMs) CTAs stride over a linear tile index (static round robin;
+with `lpt` the index is m-block-major from the last m_block, which balances badly under a static
+stride, so causal/local use the single-tile LPT grid).
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ class TileScheduler:
     num_batch: Int32
     persistent: cutlass.Constexpr[bool]
     lpt: cutlass.Constexpr[bool]
+    l2_heads: Int32  # single-tile lpt: (batch, head) pairs per L2 section
 
     @staticmethod
-    def grid(num_m_blocks, num_heads, num_batch, num_ctas, persistent: bool):
+    def grid(num_m_blocks, num_heads, num_batch, num_ctas, persistent: bool, lpt: bool):
         if const_expr(persistent):
             return [cutlass.min(num_m_blocks * num_heads * num_batch, num_ctas), 1, 1]
+        if const_expr(lpt):
+            return [num_m_blocks * num_heads * num_batch, 1, 1]
         return [num_m_blocks, num_heads, num_batch]
 
     def initial(self) -> Int32:
@@ -45,10 +53,15 @@ class TileScheduler:
         """(m_block, head, batch) of `tile`."""
         if const_expr(not self.persistent):
             bidx, head, batch = cute.arch.block_idx()
-            m_block = Int32(bidx)
-            if const_expr(self.lpt):
-                m_block = self.num_m_blocks - 1 - m_block
-            return m_block, Int32(head), Int32(batch)
+            if const_expr(not self.lpt):
+                return Int32(bidx), Int32(head), Int32(batch)
+            bid = Int32(bidx)
+            hb_total = self.num_heads * self.num_batch
+            section = bid // (self.l2_heads * self.num_m_blocks)
+            r = bid - section * self.l2_heads * self.num_m_blocks
+            heads_here = cutlass.min(self.l2_heads, hb_total - section * self.l2_heads)
+            hb = section * self.l2_heads + r % heads_here
+            return self.num_m_blocks - 1 - r // heads_here, hb % self.num_heads, hb // self.num_heads
         if const_expr(self.lpt):
             hb = self.num_heads * self.num_batch
             m_block = self.num_m_blocks - 1 - tile // hb

@@ -22,7 +22,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import cute_kernels  # noqa: E402
 from cute_kernels import sass  # noqa: E402
-from cute_kernels.config import CANDIDATES, FwdConfig, TileConfig, tile_variant  # noqa: E402
+from cute_kernels.config import CANDIDATES, TILES, FwdConfig, TileConfig, tile_variant  # noqa: E402
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -243,33 +243,39 @@ def test_gpu_rescale_o_before_pv(hdim, hdimv, pingpong, sq, sk, wl, wr):
 
 # Tile shapes swept by `python -m cute_kernels.bench --tiles ...` (CPU-checked: no spills,
 # smem fits); checked here so a winner can enter the config table already verified.
-TILE_VARIANTS = [(64, 176, 2), (64, 192, 2), (64, 128, 3), (128, 176, 2), (256, 64, 2)]
+TILE_VARIANTS = [(64, 128, 128, 2), (64, 128, 176, 2), (64, 128, 192, 2), (64, 128, 128, 3),
+                 (128, 128, 176, 2), (256, 128, 64, 2)]
 
 
 @gpu
-@pytest.mark.parametrize("hdim,tile_n,stages", TILE_VARIANTS)
+@pytest.mark.parametrize("hdim,tile_m,tile_n,stages", TILE_VARIANTS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_tile_variants(hdim, tile_n, stages, causal):
+def test_gpu_tile_variants(hdim, tile_m, tile_n, stages, causal):
     q, k, v = _qkv(2, 799, 1023, 4, 2, hdim, hdim, torch.bfloat16)
     req = _req(q, k, v, window_right=0 if causal else -1)
-    _check(req, _with_tile(req, tile_n=tile_n, num_stages=stages))
-
-
-def _with_candidate(req, hdim, **fields):
     cfg = cute_kernels.config_for(req)
-    cand = CANDIDATES[hdim][0]
-    return dataclasses.replace(cfg, tile=dataclasses.replace(cand, persistent=cfg.tile.persistent, **fields))
+    _check(req, dataclasses.replace(cfg, tile=tile_variant(cfg.tile, tile_m, tile_n, stages)))
 
 
-# Not yet run on a GPU (added CPU-only): 3 consumer warpgroups (config.CANDIDATES) and mask_thr0.
+# 3 consumer warpgroups (tile_m 192): the hdim64 table tile and the hdim96 candidate.
+THREE_WG = {64: TILES[64], 96: CANDIDATES[96][0]}
+assert all(t.num_mma_wg == 3 for t in THREE_WG.values())
+
+
+def _with_three_wg(req, hdim, **fields):
+    cfg = cute_kernels.config_for(req)
+    tile = THREE_WG[hdim]
+    return dataclasses.replace(cfg, tile=dataclasses.replace(tile, **{"persistent": cfg.tile.persistent, **fields}))
+
+
 @gpu
-@pytest.mark.parametrize("hdim", sorted(CANDIDATES))
+@pytest.mark.parametrize("hdim", sorted(THREE_WG))
 @pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (300, 129)])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
 def test_gpu_three_wg(hdim, sq, sk, wl, wr):
     q, k, v = _qkv(2, sq, sk, 6, 2, hdim, hdim, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
-    _check(req, _with_candidate(req, hdim))
+    _check(req, _with_three_wg(req, hdim))
 
 
 @gpu
@@ -280,7 +286,7 @@ def test_gpu_three_wg_schedules(fields):
     # 3 * 8 * 6 = 144 tiles of 192 rows > 132 SMs: persistent CTAs run several tiles.
     q, k, v = _qkv(3, 1000, 777, 8, 2, 64, 64, torch.float16)
     req = _req(q, k, v, window_right=0)
-    _check(req, _with_candidate(req, 64, **fields))
+    _check(req, _with_three_wg(req, 64, **fields))
 
 
 @gpu
@@ -294,7 +300,7 @@ def test_gpu_three_wg_varlen_softcap():
     req = _req(q * 3, k, v, window_right=0, softcap=7.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                max_seqlen_q=max(lq), max_seqlen_k=max(lk),
                seqused_k=torch.tensor([2, 150, 1, 1000, 5, 10, 1400], dtype=torch.int32, device="cuda"))
-    _check(req, _with_candidate(req, 64))
+    _check(req, _with_three_wg(req, 64))
 
 
 @gpu
@@ -314,6 +320,20 @@ def test_gpu_persistent(overlap, wl, wr):
     q, k, v = _qkv(3, 1000, 777, 8, 2, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     _check(req, _with_tile(req, persistent=True, intra_wg_overlap=overlap))
+
+
+@gpu
+@pytest.mark.parametrize("l2_kv_heads", [0, 5, 10**6])  # sections of 4, 20 (+ a short one of 4), all
+@pytest.mark.parametrize("wl,wr", [(-1, 0), (100, 30)])
+def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr):
+    """The causal/local longest-first grid visits every (m_block, batch, head) once, for
+    sections that do and do not divide batch * heads (scheduler.TileScheduler.coords)."""
+    q, k, v = _qkv(3, 1000, 1000, 8, 2, 64, 64, torch.bfloat16)
+    per_kv_head = 1000 * (64 + 64) * 2
+    monkeypatch.setattr(cute_kernels, "_l2_bytes", lambda device: l2_kv_heads * per_kv_head)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    assert cute_kernels.l2_heads(req) == max(1, min(l2_kv_heads, 10**6)) * 4
+    _check(req)
 
 
 @gpu
