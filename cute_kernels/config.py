@@ -22,10 +22,10 @@ class TileConfig:
     # Producer order K(n-1) before V(n) (FA3), else K(n), V(n). NOTES.md, H200 2025 session run 2:
     # non-causal hdim128 8k 619 -> 673, hdim256 4k 640 -> 701 TFLOP/s; causal and hdim64 equal.
     v_lags_k: bool = True
-    # Untested on a GPU (CPU SASS only; default off until `pytest -m gpu` passes with it):
-    # masking compares compile-time column offsets (thread 0's) against per-row limits shifted
-    # by the thread's own offset (AttentionMask.apply).
-    mask_thr0: bool = False
+    # Masking compares compile-time column offsets (thread 0's) against per-row limits shifted
+    # by the thread's own offset (AttentionMask.apply). H200, causal 16k tokens, 2 rounds:
+    # hdim256 8k 662 -> 666, 2k 479 -> 490; hdim128 8k 585 -> 587, 2k 432 -> 444 TFLOP/s.
+    mask_thr0: bool = True
     # Overlapped schedule only: rescale O by the previous block's row factors while QK^T(n) is in
     # flight, before issuing PV(n-1), instead of after the softmax (flash-attn-4 does this for
     # hdim_v > 128, where the 2 x hdim_v/2 FMULs no longer hide behind the conversion of P).
@@ -70,7 +70,7 @@ TILES: dict[int, TileConfig] = {
     # H200, 16k tokens, same run as flash-attn-4 (NOTES.md, 2026-11-22 session 2): 8k 447 -> 550
     # (FA4 536), causal 419 -> 493 (FA4 496); 2k 398 -> 465, causal 330 -> 362. 128x176 / 128x192
     # were slower than 128x128 (8k 426 / 438 vs 450), 3 stages within noise.
-    64: TileConfig(192, 128, 2, 24, 160, mask_thr0=True),
+    64: TileConfig(192, 128, 2, 24, 160),
     96: TileConfig(128, 128, 2, 24, 240),  # untuned
     # hdim128: 128x176 slower (8k 591 vs 632; causal 348 vs 571), 128x192 spills (CPU SASS).
     128: TileConfig(128, 128, 2, 24, 240),  # measured 673 TFLOP/s at 8k (cuDNN 664)
@@ -85,7 +85,7 @@ TILES: dict[int, TileConfig] = {
 # (3 STL/LDL without it). hdim 128 at 192 x {128, 112, 96, 80} spills at 160 registers (71/45/17/3
 # STL): acc_O alone is 64 of them, so it needs P in smem (SS PV), not implemented.
 CANDIDATES: dict[int, list[TileConfig]] = {
-    96: [TileConfig(192, 96, 2, *REG_SPLIT[3], mask_thr0=True)],  # 192x128 spills (30 STL)
+    96: [TileConfig(192, 96, 2, *REG_SPLIT[3])],  # 192x128 spills (30 STL)
 }
 
 SUPPORTED_HDIM = tuple(TILES)

@@ -3,7 +3,7 @@ keep the cubin and count SASS opcodes.
 
     python -m cute_kernels.sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
                                 [--softcap] [--varlen] [--no-overlap] [--no-pingpong]
-                                [--tile 192x128s2] [--mask-thr0] [--dump]
+                                [--tile 192x128s2] [--set FIELD=0|1] [--dump]
 
 Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
 threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
@@ -113,7 +113,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--no-pingpong", action="store_true")
     p.add_argument("--tile", default=None, help="MxN[sS], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
-    p.add_argument("--mask-thr0", action="store_true", help="TileConfig.mask_thr0")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=0|1",
                    help="set a boolean TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     cfg = FwdConfig.make(
         a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
-        pingpong=not a.no_pingpong, mask_thr0=a.mask_thr0,
+        pingpong=not a.no_pingpong,
         **{k: bool(int(v)) for k, v in (kv.split("=") for kv in a.set)},
     )
     if a.tile:
