@@ -30,6 +30,10 @@ class TileConfig:
     # flight, before issuing PV(n-1), instead of after the softmax (flash-attn-4 does this for
     # hdim_v > 128, where the 2 x hdim_v/2 FMULs no longer hide behind the conversion of P).
     rescale_o_before_pv: bool = False
+    # Stage O in its own smem buffer when it fits next to Q, K and V (227 KB; not at hdim 256),
+    # instead of reusing Q's: the consumers then release Q after their last QK^T, so the producer
+    # loads the next persistent tile's Q under the last PV and the epilogue.
+    separate_o: bool = True
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"

@@ -61,6 +61,7 @@ from cute_kernels.utils import (
 DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
 LOG2_E = math.log2(math.e)
 NUM_THREADS_PER_WG = 128
+SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
 
 
 def _sdhb(t: cute.Tensor, packed: bool) -> cute.Tensor:
@@ -99,6 +100,9 @@ class FlashAttentionForwardSm90:
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
         assert self.num_threads == t.num_threads
         self.use_scheduler_barrier = t.pingpong
+        elem = self.dtype.width // 8
+        smem = elem * (self.tile_m * (self.hdim + self.hdimv) + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
+        self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
 
     # ------------------------------------------------------------------ host side
@@ -148,16 +152,20 @@ class FlashAttentionForwardSm90:
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
         sO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv))
 
-        sQO_elems = max(cute.cosize(sQ_layout), cute.cosize(sO_layout))
+        # sQ also holds O unless O has its own buffer (separate_o).
+        sQ_elems = cute.cosize(sQ_layout) if const_expr(self.separate_o) else max(
+            cute.cosize(sQ_layout), cute.cosize(sO_layout))
 
         @cute.struct
         class SharedStorage:
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
-            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, sQO_elems], 1024]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, sQ_elems], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
+            if const_expr(self.separate_o):
+                sO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sO_layout)], 1024]
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.hdim))
@@ -233,7 +241,8 @@ class FlashAttentionForwardSm90:
         cute.arch.barrier()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
-        sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)  # aliases sQ
+        sO = (storage.sO if const_expr(self.separate_o) else storage.sQ).get_tensor(
+            sO_layout.outer, swizzle=sO_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
 
@@ -419,13 +428,20 @@ class FlashAttentionForwardSm90:
                         for i in cutlass.range(n_lo - n_block_min, unroll=1):
                             kv_state = step(kv_state, n_lo - 1 - i, mask_left=True)
                     if const_expr(overlap):
+                        if const_expr(self.separate_o):
+                            pipeline_q.consumer_release(q_state)  # every QK^T of the tile is done
                         kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
                                                            pipeline_v=pipeline_v, softmax=softmax,
                                                            acc_O=acc_O, o_scale=o_scale)
                     else:
                         self.scheduler_arrive(wg_idx)
+                        if const_expr(self.separate_o):
+                            pipeline_q.consumer_release(q_state)
+                elif const_expr(self.separate_o):
+                    pipeline_q.consumer_release(q_state)  # no KV block: Q is never read
                 self.epilogue(acc_O, softmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block, head, batch,
-                              seqlen, release_q=partial(pipeline_q.consumer_release, q_state))
+                              seqlen, release_q=None if const_expr(self.separate_o)
+                              else partial(pipeline_q.consumer_release, q_state))
                 q_state.advance()
             tile = scheduler.next(tile)
 
@@ -587,7 +603,8 @@ class FlashAttentionForwardSm90:
                 if row < rows_left:
                     mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
 
-        # Every consumer WG must be done reading sQ before sO (same smem) is written.
+        # Before sO is written: every consumer WG is done reading sQ (same smem unless
+        # separate_o) and the previous tile's sO.
         cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
         store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
         thr_copy_O = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
@@ -609,7 +626,8 @@ class FlashAttentionForwardSm90:
         tOcO_g = thr_gmem.partition_S(cO)
         tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
         cute.autovec_copy(tOsO, tOrO)
-        release_q()  # this warp no longer reads sO (= sQ): the next tile's Q may land there
+        if const_expr(release_q is not None):
+            release_q()  # this warp no longer reads sO (= sQ): the next tile's Q may land there
         for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
             if tOcO_g[0, m, 0][0] < rows_left:
                 cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])

@@ -315,12 +315,14 @@ def test_gpu_mask_thr0(sq, sk, wl, wr):
 
 @gpu
 @pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("separate_o", [True, False])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30)])
-def test_gpu_persistent(overlap, wl, wr):
-    # 3 * 8 * 8 = 192 tiles > #SMs: every CTA runs several tiles (and some rows are empty).
+def test_gpu_persistent(overlap, separate_o, wl, wr):
+    # 3 * 8 * 8 = 192 tiles > #SMs: every CTA runs several tiles (and some rows are empty, so
+    # with separate_o some tiles release Q without reading it).
     q, k, v = _qkv(3, 1000, 777, 8, 2, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
-    _check(req, _with_tile(req, persistent=True, intra_wg_overlap=overlap))
+    _check(req, _with_tile(req, persistent=True, intra_wg_overlap=overlap, separate_o=separate_o))
 
 
 @gpu
