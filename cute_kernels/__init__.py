@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig
+from cute_kernels.config import SHORT_CAUSAL_SEQLEN, SUPPORTED_HDIM_PAIRS, FwdConfig
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -78,14 +78,16 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
 
 def config_for(req: "AttentionRequest") -> FwdConfig:
     p = req.params
+    seqlen_q = req.max_seqlen_q if req.packed_q else req.q.shape[1]
     key = (req.dtype, req.headdim, req.headdim_v, p.window_left >= 0, p.window_right >= 0, p.softcap > 0,
            req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,
-           req.seqused_k is not None)
+           req.seqused_k is not None, p.window_right >= 0 and seqlen_q <= SHORT_CAUSAL_SEQLEN)
     cfg = _configs.get(key)
     if cfg is None:
         cfg = _configs[key] = FwdConfig.make(
             _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
             softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
+            short_causal=key[10],
         )
     return cfg
 
@@ -172,7 +174,8 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         return out, lse
     ints = [None if t is None else t.to(torch.int32).contiguous()
             for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
-    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), l2_heads(req))
+    sections = l2_heads(req) if cfg.tile.lpt_l2_sections else 1
+    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections)
     tvm_ffi = use_tvm_ffi
     fn = _compiled.get((cfg, tvm_ffi))
     if tvm_ffi:

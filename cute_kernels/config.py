@@ -34,6 +34,11 @@ class TileConfig:
     # instead of reusing Q's: the consumers then release Q after their last QK^T, so the producer
     # loads the next persistent tile's Q under the last PV and the epilogue.
     separate_o: bool = True
+    # Causal/local single-tile grid: longest-first within L2 sections of (batch, head) pairs
+    # (scheduler.py); off = sections of one pair (head-major, each head's m_blocks descending).
+    # H200, causal, bf16, 64k tokens: on = hdim128 seqlen 512 250 / 1k 342 TFLOP/s, off 281 / 376
+    # (hdim 64: +2-4% off); at 8k within noise (hdim128 583 -> 585, hdim256 651 -> 662 on).
+    lpt_l2_sections: bool = False
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
@@ -92,6 +97,13 @@ CANDIDATES: dict[int, list[TileConfig]] = {
     96: [TileConfig(192, 96, 2, *REG_SPLIT[3])],  # 192x128 spills (30 STL)
 }
 
+# Causal / right-windowed problems with max_seqlen_q <= SHORT_CAUSAL_SEQLEN: few KV blocks per
+# tile, so the 192-row tile's padding and fewer, longer tiles cost more than 3 WGs gain. H200,
+# causal, bf16, 64k tokens: hdim64 512 170 -> 180, 1k 239 -> 258 TFLOP/s with 128x128 (2k: 192x128
+# wins, 362 vs 330).
+SHORT_CAUSAL_SEQLEN = 1024
+SHORT_CAUSAL_TILES: dict[int, TileConfig] = {64: TileConfig(128, 128, 2, 24, 240)}
+
 SUPPORTED_HDIM = tuple(TILES)
 # (hdim, hdim_v) pairs served: hdim_v == hdim, plus FA3's 192x128 (DeepSeek-style).
 SUPPORTED_HDIM_PAIRS = {(d, d) for d in SUPPORTED_HDIM} | {(192, 128)}
@@ -112,7 +124,9 @@ class FwdConfig:
     seqused_k: bool = False
 
     @staticmethod
-    def make(dtype: str, hdim: int, hdimv: int | None = None, **features) -> "FwdConfig":
+    def make(dtype: str, hdim: int, hdimv: int | None = None, short_causal: bool = False,
+             **features) -> "FwdConfig":
+        """`short_causal`: right-windowed with max_seqlen_q <= SHORT_CAUSAL_SEQLEN."""
         hdimv = hdim if hdimv is None else hdimv
         # Persistent CTAs for non-causal / non-local only (NOTES.md, H200 bf16 hdim128: 506 -> 554
         # TFLOP/s at seqlen 1024 non-causal, equal at 8k; causal 584 -> 534 at 8k with the static
@@ -120,7 +134,8 @@ class FwdConfig:
         windowed = features.get("has_left", False) or features.get("has_right", False)
         # hdim_v > 128: rescale O under QK^T, before PV (H200, 16k tokens, bf16, same run as
         # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664).
-        tile = replace(TILES[hdim], persistent=not windowed, rescale_o_before_pv=hdimv > 128)
+        base = SHORT_CAUSAL_TILES.get(hdim) if short_causal else None
+        tile = replace(base or TILES[hdim], persistent=not windowed, rescale_o_before_pv=hdimv > 128)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 

@@ -105,6 +105,19 @@ def test_compile_mask_thr0_two_wg():
     assert ops["VIADD"] < 60  # 27 vs 96 with the default mask (CPU SASS, cutlass-dsl 4.8.1)
 
 
+def test_short_causal_tile():
+    """hdim64 causal with <= SHORT_CAUSAL_SEQLEN query rows takes the 2-WG tile; longer or
+    non-causal problems the 3-WG table tile."""
+    from cute_kernels.config import SHORT_CAUSAL_SEQLEN
+
+    def tile(sq, wr):
+        x = torch.randn(1, sq, 2, 64, dtype=torch.bfloat16)
+        return cute_kernels.config_for(_req(x, x, x, window_right=wr)).tile.tile_m
+
+    assert tile(SHORT_CAUSAL_SEQLEN, 0) == 128 and tile(SHORT_CAUSAL_SEQLEN + 1, 0) == 192
+    assert tile(512, -1) == 192
+
+
 def test_tile_config_budget():
     with pytest.raises(AssertionError, match="registers"):
         TileConfig(192, 128, 2, 24, 240)
@@ -336,7 +349,7 @@ def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr):
     monkeypatch.setattr(cute_kernels, "_l2_bytes", lambda device: l2_kv_heads * per_kv_head)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.l2_heads(req) == max(1, min(l2_kv_heads, 10**6)) * 4
-    _check(req)
+    _check(req, _with_tile(req, lpt_l2_sections=True))
 
 
 @gpu
