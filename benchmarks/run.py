@@ -269,8 +269,10 @@ def metadata(args, device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = args.commit or _git("rev-parse", "HEAD") or os.environ.get("FA3PY_COMMIT") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if not args.commit else None
+    # --commit / FA3PY_COMMIT first: a copied tree (the device tool's) may carry a stale .git.
+    given = args.commit or os.environ.get("FA3PY_COMMIT")
+    commit = given or _git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if not given else None
     cuda = device.type == "cuda"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -466,6 +468,7 @@ def main(argv=None) -> dict:
         doc = report.load_json(args.from_json)
         if args.commit:
             doc["meta"]["commit"] = args.commit
+            doc["meta"]["dirty"] = None  # the caller vouches for the tree that ran
     else:
         threads = torch.get_num_threads()
         try:
