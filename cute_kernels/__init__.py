@@ -174,6 +174,8 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         return out, lse
     ints = [None if t is None else t.to(torch.int32).contiguous()
             for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
+    # dynamic scheduler: the tile counter the CTAs take from (zero at launch)
+    ints.append(torch.zeros(1, dtype=torch.int32, device=dev) if cfg.tile.dynamic else None)
     sections = l2_heads(req) if cfg.tile.lpt_l2_sections else 1
     scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections)
     tvm_ffi = use_tvm_ffi

@@ -51,7 +51,7 @@ def _parse_tiles(spec: str) -> dict:
 
 
 def _tile_name(t) -> str:
-    flags = "".join(f"+{f}" for f in ("mask_thr0",) if getattr(t, f))
+    flags = "".join(f"+{f}" for f in ("dynamic", "lpt_l2_sections") if getattr(t, f))
     return f"{t.tile_m}x{t.tile_n}s{t.num_stages}{flags}"
 
 

@@ -39,6 +39,11 @@ class TileConfig:
     # H200, causal, bf16, 64k tokens: on = hdim128 seqlen 512 250 / 1k 342 TFLOP/s, off 281 / 376
     # (hdim 64: +2-4% off); at 8k within noise (hdim128 583 -> 585, hdim256 651 -> 662 on).
     lpt_l2_sections: bool = False
+    # Persistent CTAs that take tiles from an atomic counter in the single-tile grid's order
+    # (scheduler.py), so causal/local tiles are scheduled greedily longest-first and a tile's
+    # prologue overlaps the previous tile's epilogue. Implies a persistent grid. Off until the
+    # GPU tests have run with it and it is measured (added CPU-only, session 2).
+    dynamic: bool = False
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
@@ -150,4 +155,5 @@ class FwdConfig:
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"
                 f"{' persistent' if t.persistent else ''}{' mask_thr0' if t.mask_thr0 else ''}"
-                f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''} {' '.join(flags)}")
+                f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''}{' dynamic' if t.dynamic else ''}"
+                f"{' lpt_l2_sections' if t.lpt_l2_sections else ''} {' '.join(flags)}")

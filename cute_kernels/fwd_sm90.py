@@ -39,7 +39,7 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 import cutlass.utils as cutlass_utils
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32, const_expr
+from cutlass import Boolean, Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
@@ -104,6 +104,7 @@ class FlashAttentionForwardSm90:
         smem = elem * (self.tile_m * (self.hdim + self.hdimv) + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
         self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
+        self.persistent = t.persistent or t.dynamic
 
     # ------------------------------------------------------------------ host side
     def _tiled_mmas(self):
@@ -130,6 +131,7 @@ class FlashAttentionForwardSm90:
         mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor],
         mSeqUsedK: Optional[cute.Tensor],
+        mTileCounter: Optional[cute.Tensor],  # dynamic scheduler: one int32, zero at launch
         scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e)
         softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
         window_left: Int32,
@@ -166,6 +168,8 @@ class FlashAttentionForwardSm90:
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
             if const_expr(self.separate_o):
                 sO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sO_layout)], 1024]
+            if const_expr(self.cfg.tile.dynamic):
+                next_tile: cute.struct.MemRange[Int32, 2]  # producer -> consumers, see load_q
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.hdim))
@@ -185,14 +189,14 @@ class FlashAttentionForwardSm90:
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
             tma_Q, tma_K, tma_V, mO, mLSE,
-            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,
+            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mTileCounter,
             tma_atom_Q, tma_atom_K, tma_atom_V,
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
             num_m_blocks, num_heads, batch, l2_heads, SharedStorage,
         ).launch(
-            grid=TileScheduler.grid(num_m_blocks, num_heads, batch, num_ctas, self.cfg.tile.persistent,
+            grid=TileScheduler.grid(num_m_blocks, num_heads, batch, num_ctas, self.persistent,
                                     self.lpt),
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
@@ -207,6 +211,7 @@ class FlashAttentionForwardSm90:
         mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
         mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
+        mTileCounter: Optional[cute.Tensor],
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
         scale_log2: Float32, softcap_premul: Float32, window_left: Int32, window_right: Int32,
         sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
@@ -246,14 +251,17 @@ class FlashAttentionForwardSm90:
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
 
-        scheduler = TileScheduler(num_m_blocks, num_heads, num_batch, self.cfg.tile.persistent,
-                                  lpt=self.lpt, l2_heads=l2_heads)
+        scheduler = TileScheduler(num_m_blocks, num_heads, num_batch, self.persistent,
+                                  lpt=self.lpt, l2_heads=l2_heads, dynamic=self.cfg.tile.dynamic,
+                                  counter=mTileCounter)
         seqlen_fn = partial(SeqlenInfo.create, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
                             mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                             mSeqUsedK=mSeqUsedK)
         mask_fn = partial(AttentionMask, self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
                           window_left, window_right)
-        tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn)
+        # dynamic: the next tile's index, written by the producer before it issues that tile's Q
+        next_tile = storage.next_tile.get_tensor(cute.make_layout(2)) if const_expr(self.cfg.tile.dynamic) else None
+        tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn, next_tile=next_tile)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
@@ -268,7 +276,7 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def load(
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
-        pipeline_q, pipeline_k, pipeline_v, scheduler: TileScheduler, seqlen_fn, mask_fn,
+        pipeline_q, pipeline_k, pipeline_v, scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile,
     ):
         """Producer warp: per tile, K of the last KV block, then Q, then K(n-1) and V(n) for the
         remaining blocks right to left (V lags K by one block, matching the overlapped consumer;
@@ -279,6 +287,7 @@ class FlashAttentionForwardSm90:
         k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         one = cute.make_layout(1)
+        announced = Int32(0)  # tiles announced to the consumers (dynamic scheduler)
         tile = scheduler.initial()
         while scheduler.valid(tile):
             m_block, head, batch = scheduler.coords(tile)
@@ -302,7 +311,9 @@ class FlashAttentionForwardSm90:
                                                    cute.group_modes(gV, 0, 2))
                 load_k = partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK)
                 load_v = partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV)
-                load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ)
+                load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
+                                 next_tile=next_tile, tile=tile, slot=announced % 2)
+                announced += 1
 
                 if const_expr(self.cfg.tile.v_lags_k):
                     # K leads V by one block, as the consumers need them: QK^T(n) is issued
@@ -333,7 +344,13 @@ class FlashAttentionForwardSm90:
                         load_v(n_block_max - 2 - i, v_state)
                         k_state.advance()
                         v_state.advance()
-            tile = scheduler.next(tile)
+            tile = scheduler.fetch_next(tile)
+        if const_expr(next_tile is not None):
+            # No more tiles: announce one past the last, completing Q's phase without a TMA.
+            pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
+            next_tile[announced % 2] = scheduler.num_tiles()
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive(pipeline_q.producer_get_barrier(q_state))
 
     @cute.jit
     def load_block(self, n_block, state, pipe, tma_atom, tXgX, tXsX):
@@ -343,8 +360,17 @@ class FlashAttentionForwardSm90:
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
     @cute.jit
-    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ):
-        pipeline_q.producer_acquire(q_state)
+    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, next_tile, tile, slot):
+        if const_expr(next_tile is not None):
+            # The tile index must be stored before the arrive in producer_acquire (its release
+            # is what the consumers' wait on Q acquires). Two slots: the consumers read a slot
+            # right after Q lands, before they release that Q, and the producer reuses it only
+            # two tiles later, after acquiring the Q in between.
+            pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
+            next_tile[slot] = tile
+            pipeline_q.producer_acquire(q_state, Boolean(True))
+        else:
+            pipeline_q.producer_acquire(q_state)
         cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
 
     # ------------------------------------------------------------------ consumers
@@ -352,7 +378,7 @@ class FlashAttentionForwardSm90:
     def mma(
         self, mO, mLSE, sQ, sK, sV, sO, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
-        scheduler: TileScheduler, seqlen_fn, mask_fn,
+        scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile,
     ):
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
@@ -381,7 +407,11 @@ class FlashAttentionForwardSm90:
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         self.scheduler_init(wg_idx)
+        announced = Int32(0)
         tile = scheduler.initial()
+        if const_expr(next_tile is not None):  # dynamic: the producer says which tile is next
+            pipeline_q.consumer_wait(q_state)
+            tile = next_tile[0]
         while scheduler.valid(tile):
             m_block, head, batch = scheduler.coords(tile)
             seqlen = seqlen_fn(batch)
@@ -443,7 +473,12 @@ class FlashAttentionForwardSm90:
                               seqlen, release_q=None if const_expr(self.separate_o)
                               else partial(pipeline_q.consumer_release, q_state))
                 q_state.advance()
-            tile = scheduler.next(tile)
+            if const_expr(next_tile is not None):
+                announced += 1
+                pipeline_q.consumer_wait(q_state)  # the waits inside the tile then return at once
+                tile = next_tile[announced % 2]
+            else:
+                tile = scheduler.next(tile)
 
     @cute.jit
     def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
@@ -663,6 +698,7 @@ class FlashAttentionForwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
+            vec(1) if cfg.tile.dynamic else None,
             Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )

@@ -10,11 +10,18 @@ Single-tile: one tile per CTA, the hardware hands CTAs to SMs greedily in launch
 Persistent: grid = min(tiles, #SMs) CTAs stride over a linear tile index (static round robin;
 with `lpt` the index is m-block-major from the last m_block, which balances badly under a static
 stride, so causal/local use the single-tile LPT grid).
+Dynamic (persistent): the first tile of a CTA is its block index, every later one comes from an
+atomic counter (`grid + atomicAdd(counter, 1)`), taken by the producer warp; tiles are numbered
+as in the single-tile grid (longest first in L2 sections with `lpt`), so handing them out in
+counter order is greedy longest-first scheduling. The producer tells the consumers which tile
+comes next through shared memory, ahead of that tile's Q (fwd_sm90.py), and ends with a tile
+index past the last one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -28,7 +35,9 @@ class TileScheduler:
     num_batch: Int32
     persistent: cutlass.Constexpr[bool]
     lpt: cutlass.Constexpr[bool]
-    l2_heads: Int32  # single-tile lpt: (batch, head) pairs per L2 section
+    l2_heads: Int32  # lpt (single-tile or dynamic): (batch, head) pairs per L2 section
+    dynamic: cutlass.Constexpr[bool] = False
+    counter: Optional[cute.Tensor] = None  # dynamic: one int32, zero at launch
 
     @staticmethod
     def grid(num_m_blocks, num_heads, num_batch, num_ctas, persistent: bool, lpt: bool):
@@ -44,18 +53,31 @@ class TileScheduler:
     def next(self, tile: Int32) -> Int32:
         return tile + Int32(cute.arch.grid_dim()[0]) if const_expr(self.persistent) else Int32(1)
 
+    @cute.jit
+    def fetch_next(self, tile: Int32) -> Int32:
+        """The producer warp's next tile (all its lanes call this; one takes from the counter)."""
+        if const_expr(not self.dynamic):
+            return self.next(tile)
+        taken = Int32(0)
+        if cute.arch.lane_idx() == 0:
+            taken = cute.arch.atomic_add(self.counter.iterator, Int32(1), sem="relaxed", scope="gpu")
+        return Int32(cute.arch.grid_dim()[0]) + cute.arch.shuffle_sync(taken, 0)
+
+    def num_tiles(self) -> Int32:
+        return self.num_m_blocks * self.num_heads * self.num_batch
+
     def valid(self, tile: Int32):
         if const_expr(self.persistent):
-            return tile < self.num_m_blocks * self.num_heads * self.num_batch
+            return tile < self.num_tiles()
         return tile == 0
 
     def coords(self, tile: Int32):
         """(m_block, head, batch) of `tile`."""
-        if const_expr(not self.persistent):
+        if const_expr(not self.persistent or (self.dynamic and self.lpt)):
             bidx, head, batch = cute.arch.block_idx()
             if const_expr(not self.lpt):
                 return Int32(bidx), Int32(head), Int32(batch)
-            bid = Int32(bidx)
+            bid = tile if const_expr(self.dynamic) else Int32(bidx)
             hb_total = self.num_heads * self.num_batch
             section = bid // (self.l2_heads * self.num_m_blocks)
             r = bid - section * self.l2_heads * self.num_m_blocks

@@ -64,12 +64,14 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
         dict(intra_wg_overlap=False, pingpong=False, has_right=True),
         dict(persistent=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
         dict(rescale_o_before_pv=True, pingpong=False, has_right=True),
+        dict(dynamic=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
     ],
     ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong",
-         "persistent-varlen-causal", "rescale-before-pv-no-pingpong"],
+         "persistent-varlen-causal", "rescale-before-pv-no-pingpong", "dynamic-varlen-causal"],
 )
 def test_compile_features(features):
-    _compile_and_check(FwdConfig.make("bf16", 128, **features))
+    ops = _compile_and_check(FwdConfig.make("bf16", 128, **features))
+    assert (ops["ATOMG"] == 1) == features.get("dynamic", False)  # the dynamic tile counter
 
 
 def _three_wg(cfg: FwdConfig, tile_n: int = 128, **fields) -> FwdConfig:
@@ -350,6 +352,37 @@ def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr):
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.l2_heads(req) == max(1, min(l2_kv_heads, 10**6)) * 4
     _check(req, _with_tile(req, lpt_l2_sections=True))
+
+
+@gpu
+@pytest.mark.parametrize("hdim", [64, 128, 256])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30), (0, 0)])
+def test_gpu_dynamic(hdim, wl, wr):
+    """Dynamic persistent scheduler: 3 * 8 * 8 = 192 tiles (128 rows; 144 for hdim 64's 192) on
+    fewer CTAs, taken from the atomic counter; some rows see no key (1000 queries, 777 keys)."""
+    q, k, v = _qkv(3, 1000, 777, 8, 2, hdim, hdim, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    cfg = _with_tile(req, dynamic=True)
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    assert FlashAttentionForwardSm90(cfg).persistent
+    _check(req, cfg)
+
+
+@gpu
+@pytest.mark.parametrize("separate_o", [True, False])
+def test_gpu_dynamic_varlen(separate_o):
+    """Empty sequences and m_blocks past a sequence's end are skipped by the producer: the
+    consumers only see the tiles it announces, then the end marker."""
+    from tests._util import packed
+
+    lq, lk = [1, 113, 0, 799, 0, 64, 1500, 300], [3, 203, 7, 1024, 5, 0, 1400, 900]
+    q, cu_q = packed(lq, 8, 128, torch.bfloat16, "cuda")
+    k, cu_k = packed(lk, 2, 128, torch.bfloat16, "cuda")
+    v, _ = packed(lk, 2, 128, torch.bfloat16, "cuda")
+    req = _req(q, k, v, window_right=0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq),
+               max_seqlen_k=max(lk))
+    _check(req, _with_tile(req, dynamic=True, separate_o=separate_o))
 
 
 @gpu
