@@ -275,6 +275,26 @@ def test_tuned_table_fits_its_gpu():
         assert configs._fits(kernel, tile, d, d, 2, smem[family]), (family, kernel, d, tile)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the table tiles run in every test")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_table_tiles_in_interpreter(d, deterministic, causal, monkeypatch):
+    """The H100/H200 table's tiles (not the interpreter's small one), forward and every backward
+    kernel, on ragged sizes that leave partial blocks: the blocking logic the GPU runs, in CI."""
+    used = set()
+
+    def pick(kernel, device, headdim_padded, dtype, masked):
+        used.add(kernel)
+        return configs.TUNED[("sm90", kernel, headdim_padded, str(dtype).split(".")[-1], masked)]
+
+    monkeypatch.setattr(configs, "pick", pick)
+    monkeypatch.setattr(ops, "ATOMIC_DQ_MAX_HEADDIM", 256)  # the one-kernel path at both dims
+    q, k, v = inputs(1, 150, 201, 2, 1, d, d)
+    run_and_check(make_request(q, k, v, causal=causal, deterministic=deterministic))
+    assert used == ({"fwd", "bwd_dkdv", "bwd_dq"} if deterministic else {"fwd", "bwd"})
+
+
 # ---- GPU only: long sequences, the autotuned and table paths ---------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("lq,lk", [(1023, 1024), (2048, 2048), (799, 3000)])

@@ -47,7 +47,7 @@ VARIANTS = [
      8, 2),
     (attn_bwd, 86, "bf16", dict(HEADDIM=80, HEADDIM_V=48, **_ALL_VARLEN, ATOMIC_DQ=True,
      BLOCK_M=32, BLOCK_N=64), 4, 1),
-    (attn_bwd, 90, "bf16", dict(**_D64, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=128), 8, 2),
+    (attn_bwd, 90, "bf16", dict(**_D64, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=64), 4, 3),
     (attn_bwd, 90, "bf16", dict(**_D128, ATOMIC_DQ=True, BLOCK_M=32, BLOCK_N=64), 8, 2),
     (attn_bwd, 90, "bf16", dict(**_D128, HAS_WR=True, SOFTCAP=True, ATOMIC_DQ=True, BLOCK_M=32,
      BLOCK_N=64), 8, 2),
