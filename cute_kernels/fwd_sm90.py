@@ -169,7 +169,7 @@ class FlashAttentionForwardSm90:
             if const_expr(self.separate_o):
                 sO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
-                next_tile: cute.struct.MemRange[Int32, 2]  # producer -> consumers, see load_q
+                next_tile: cute.struct.MemRange[Int32, 1]  # producer -> consumers, see load_q
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.hdim))
@@ -260,7 +260,7 @@ class FlashAttentionForwardSm90:
         mask_fn = partial(AttentionMask, self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
                           window_left, window_right)
         # dynamic: the next tile's index, written by the producer before it issues that tile's Q
-        next_tile = storage.next_tile.get_tensor(cute.make_layout(2)) if const_expr(self.cfg.tile.dynamic) else None
+        next_tile = storage.next_tile.get_tensor(cute.make_layout(1)) if const_expr(self.cfg.tile.dynamic) else None
         tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn, next_tile=next_tile)
 
         if warp_idx < 4:
@@ -287,7 +287,6 @@ class FlashAttentionForwardSm90:
         k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         one = cute.make_layout(1)
-        announced = Int32(0)  # tiles announced to the consumers (dynamic scheduler)
         tile = scheduler.initial()
         while scheduler.valid(tile):
             m_block, head, batch = scheduler.coords(tile)
@@ -312,8 +311,7 @@ class FlashAttentionForwardSm90:
                 load_k = partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK)
                 load_v = partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV)
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
-                                 next_tile=next_tile, tile=tile, slot=announced % 2)
-                announced += 1
+                                 next_tile=next_tile, tile=tile)
 
                 if const_expr(self.cfg.tile.v_lags_k):
                     # K leads V by one block, as the consumers need them: QK^T(n) is issued
@@ -348,7 +346,7 @@ class FlashAttentionForwardSm90:
         if const_expr(next_tile is not None):
             # No more tiles: announce one past the last, completing Q's phase without a TMA.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            next_tile[announced % 2] = scheduler.num_tiles()
+            next_tile[0] = scheduler.num_tiles()
             with cute.arch.elect_one():
                 cute.arch.mbarrier_arrive(pipeline_q.producer_get_barrier(q_state))
 
@@ -360,14 +358,13 @@ class FlashAttentionForwardSm90:
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
     @cute.jit
-    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, next_tile, tile, slot):
+    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, next_tile, tile):
         if const_expr(next_tile is not None):
-            # The tile index must be stored before the arrive in producer_acquire (its release
-            # is what the consumers' wait on Q acquires). Two slots: the consumers read a slot
-            # right after Q lands, before they release that Q, and the producer reuses it only
-            # two tiles later, after acquiring the Q in between.
+            # The tile index is stored after every consumer warp released the previous Q (each
+            # reads the slot right after that Q landed, before releasing it) and before the
+            # arrive in producer_acquire, whose release the consumers' wait on Q acquires.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            next_tile[slot] = tile
+            next_tile[0] = tile
             pipeline_q.producer_acquire(q_state, Boolean(True))
         else:
             pipeline_q.producer_acquire(q_state)
@@ -407,7 +404,6 @@ class FlashAttentionForwardSm90:
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         self.scheduler_init(wg_idx)
-        announced = Int32(0)
         tile = scheduler.initial()
         if const_expr(next_tile is not None):  # dynamic: the producer says which tile is next
             pipeline_q.consumer_wait(q_state)
@@ -474,9 +470,8 @@ class FlashAttentionForwardSm90:
                               else partial(pipeline_q.consumer_release, q_state))
                 q_state.advance()
             if const_expr(next_tile is not None):
-                announced += 1
                 pipeline_q.consumer_wait(q_state)  # the waits inside the tile then return at once
-                tile = next_tile[announced % 2]
+                tile = next_tile[0]
             else:
                 tile = scheduler.next(tile)
 
