@@ -11,7 +11,7 @@ FA3-paper grid: `--tokens` in total (batch = tokens // seqlen), nheads = 2048 //
 
 `--tiles` lists tile variants per head dim (MxN, optional sS stages, optional +field to switch
 boolean TileConfig fields on, e.g. 192x128+mask_thr0); tile_m 192 = 3 consumer warpgroups with
-the 24/160 register split (config.tile_variant). `--candidates` adds config.CANDIDATES. Times are
+the 24/160 register split (config.tile_from_spec). `--candidates` adds config.CANDIDATES. Times are
 `triton.testing.do_bench` medians of whole calls (host overhead included).
 """
 
@@ -32,22 +32,9 @@ def flops(b, h, sq, sk, d, dv, causal):
 
 
 def _parse_tiles(spec: str) -> dict:
-    """"128:128x128,128x176s2+mask_thr0;256:128x80" ->
-    {128: [(128, 128, None, ()), (128, 176, 2, ("mask_thr0",))], 256: [...]}."""
-    out = {}
-    for part in filter(None, spec.split(";")):
-        hd, tiles = part.split(":")
-        lst = []
-        for t in tiles.split(","):
-            t, *flags = t.split("+")
-            stages = None
-            if "s" in t:
-                t, stages = t.split("s")
-                stages = int(stages)
-            m, n = map(int, t.split("x"))
-            lst.append((m, n, stages, tuple(flags)))
-        out[int(hd)] = lst
-    return out
+    """"128:128x128,128x176s2+mask_thr0;256:128x80" -> {128: ["128x128", "128x176s2+mask_thr0"],
+    256: ["128x80"]} (each entry for config.tile_from_spec)."""
+    return {int(hd): tiles.split(",") for hd, tiles in (part.split(":") for part in filter(None, spec.split(";")))}
 
 
 def _tile_name(t) -> str:
@@ -111,7 +98,7 @@ def main(argv=None):
     import triton.testing
 
     import cute_kernels
-    from cute_kernels.config import CANDIDATES, tile_variant
+    from cute_kernels.config import CANDIDATES, tile_from_spec
     from fa3py.request import AttentionParams, AttentionRequest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,8 +156,8 @@ def main(argv=None):
                 req = AttentionRequest(q, k, v, AttentionParams(d**-0.5, window_right=0 if causal else -1))
                 base = cute_kernels.config_for(req)
                 variants = [("table " + base.short().split(" ", 2)[2].split(" ")[0], base)]
-                for m, n, st, fl in tiles.get(d, []):
-                    t = tile_variant(base.tile, m, n, st, **{f: True for f in fl})
+                for spec in tiles.get(d, []):
+                    t = tile_from_spec(base.tile, spec)
                     if t != base.tile:
                         variants.append((_tile_name(t), dataclasses.replace(base, tile=t)))
                 for c in cands.get(d, []):

@@ -75,6 +75,18 @@ def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | N
                    producer_regs=producer_regs, consumer_regs=consumer_regs, **fields)
 
 
+def tile_from_spec(base: TileConfig, spec: str = "", sets=()) -> TileConfig:
+    """`base` changed as the command-line tools spell it: `spec` "MxN[sS][+field...]" (tile shape,
+    pipeline stages, boolean fields switched on) and `sets` "field=0|1" strings."""
+    tile = base
+    if spec:
+        shape, *flags = spec.split("+")
+        mn, _, stages = shape.partition("s")
+        m, n = map(int, mn.split("x"))
+        tile = tile_variant(tile, m, n, int(stages) if stages else None, **{f: True for f in flags})
+    return replace(tile, **{k: bool(int(v)) for k, v in (kv.split("=") for kv in sets)})
+
+
 # Per head dim (exact: other head dims are refused by why_not, not padded).
 # Chosen by smem/register budget (sQ + stages*(sK + sV) <= 227 KB, acc_O + acc_S fit in 240
 # regs, no spills in SASS). "measured" = cute_kernels/NOTES.md (H200, 16k tokens, bf16, tile

@@ -3,9 +3,9 @@
     python -m cute_kernels.errmap --hdim 64 --tile 192x128 --set persistent=1 --set mask_thr0=1 \
         --batch 3 --sq 1000 --sk 777 --heads 8 --kv-heads 2 --causal
 
-Prints the tiles whose max |out - ref| exceeds 20x the bf16/fp16 rounding of the reference (a
-rough screen for locating a bug, not the test tolerance of tests/_util.check_forward), with the
-rows inside the tile that are wrong.
+Prints the tiles whose max |out - ref| (ref: `fa3py.reference` in float32) exceeds 20x the
+bf16/fp16 rounding of the reference (a rough screen for locating a bug, not the test tolerance
+of tests/_util.check_forward), with the rows inside the tile that are wrong.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 
 def main(argv=None):
     import cute_kernels
-    from cute_kernels.config import tile_variant
+    from cute_kernels.config import tile_from_spec
+    from fa3py import reference
     from fa3py.request import AttentionParams, AttentionRequest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hdim", type=int, default=128)
-    p.add_argument("--tile", default=None, help="MxN[sS]")
+    p.add_argument("--tile", default="", help="MxN[sS][+field]")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=0|1")
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--sq", type=int, default=1000)
@@ -39,29 +40,14 @@ def main(argv=None):
     q, k, v = mk(a.sq, a.heads), mk(a.sk, a.kv_heads), mk(a.sk, a.kv_heads)
     req = AttentionRequest(q, k, v, AttentionParams(a.hdim ** -0.5, window_right=0 if a.causal else -1))
     cfg = cute_kernels.config_for(req)
-    tile = cfg.tile
-    if a.tile:
-        mn, _, st = a.tile.partition("s")
-        m, n = map(int, mn.split("x"))
-        tile = tile_variant(tile, m, n, int(st) if st else None)
-    tile = dataclasses.replace(tile, **{kk: bool(int(vv)) for kk, vv in (s.split("=") for s in a.set)})
-    cfg = dataclasses.replace(cfg, tile=tile)
+    cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile, a.set))
     out, _ = cute_kernels.run(req, cfg)
     torch.cuda.synchronize()
 
-    g = a.heads // a.kv_heads
-    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))
-    kf, vf = kf.repeat_interleave(g, 1), vf.repeat_interleave(g, 1)
-    s = qf @ kf.transpose(-1, -2) * a.hdim ** -0.5
-    if a.causal:  # bottom-right aligned
-        i = torch.arange(a.sq, device="cuda")[:, None]
-        j = torch.arange(a.sk, device="cuda")[None, :]
-        s = s.masked_fill(j > i + (a.sk - a.sq), float("-inf"))
-    pr = torch.softmax(s, -1).nan_to_num(0.0)
-    ref = (pr @ vf).transpose(1, 2)
+    ref, _ = reference.attention(req, torch.float32)
     err = (out.float() - ref).abs().amax(-1)  # (b, sq, h)
     tol = 20 * (ref.to(dt).float() - ref).abs().amax().item() + 1e-3
-    tm = tile.tile_m
+    tm = cfg.tile.tile_m
     nm = -(-a.sq // tm)
     print(f"# {cfg.short()} max err {err.max().item():.3g} tol {tol:.3g}; tiles {a.batch}x{a.heads}x{nm}")
     bad = 0

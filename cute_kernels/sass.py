@@ -100,7 +100,7 @@ def check(sass: str) -> list[str]:
 def main(argv=None) -> int:
     import dataclasses
 
-    from cute_kernels.config import FwdConfig, tile_variant
+    from cute_kernels.config import FwdConfig, tile_from_spec
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--no-pingpong", action="store_true")
-    p.add_argument("--tile", default=None, help="MxN[sS], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
+    p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=0|1",
                    help="set a boolean TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
@@ -122,12 +122,8 @@ def main(argv=None) -> int:
         a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
         pingpong=not a.no_pingpong,
-        **{k: bool(int(v)) for k, v in (kv.split("=") for kv in a.set)},
     )
-    if a.tile:
-        mn, _, stages = a.tile.partition("s")
-        m, n = map(int, mn.split("x"))
-        cfg = dataclasses.replace(cfg, tile=tile_variant(cfg.tile, m, n, int(stages) if stages else None))
+    cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
     with tempfile.TemporaryDirectory() as d:
         cubin, dt = compile_cubin(cfg, d)
         sass = sass_text(cubin)

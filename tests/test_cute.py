@@ -8,7 +8,6 @@ ragged sizes against the fp64 reference, tolerance per shared/STYLE.md (tests/_u
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tempfile
 
@@ -192,6 +191,16 @@ def _qkv(b, sq, sk, h, hk, d, dv, dtype):
     return mk(sq, h, d), mk(sk, hk, d), mk(sk, hk, dv)
 
 
+def _packed_qkv(lq, lk, h, hk, d, dtype):
+    """Packed (varlen) q, k, v of sequence lengths lq / lk and the request fields that go with them."""
+    from tests._util import packed
+
+    q, cu_q = packed(lq, h, d, dtype, "cuda")
+    k, cu_k = packed(lk, hk, d, dtype, "cuda")
+    v, _ = packed(lk, hk, d, dtype, "cuda")
+    return q, k, v, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+
+
 @gpu
 @pytest.mark.parametrize("sq,sk", SIZES)
 @pytest.mark.parametrize("causal", [False, True])
@@ -306,14 +315,9 @@ def test_gpu_three_wg_schedules(fields):
 
 @gpu
 def test_gpu_three_wg_varlen_softcap():
-    from tests._util import packed
-
-    lq, lk = [1, 113, 239, 799, 0, 64, 1500], [3, 203, 1, 1024, 5, 64, 1400]
-    q, cu_q = packed(lq, 6, 64, torch.bfloat16, "cuda")
-    k, cu_k = packed(lk, 2, 64, torch.bfloat16, "cuda")
-    v, _ = packed(lk, 2, 64, torch.bfloat16, "cuda")
-    req = _req(q * 3, k, v, window_right=0, softcap=7.5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-               max_seqlen_q=max(lq), max_seqlen_k=max(lk),
+    q, k, v, varlen = _packed_qkv([1, 113, 239, 799, 0, 64, 1500], [3, 203, 1, 1024, 5, 64, 1400], 6, 2, 64,
+                                  torch.bfloat16)
+    req = _req(q * 3, k, v, window_right=0, softcap=7.5, **varlen,
                seqused_k=torch.tensor([2, 150, 1, 1000, 5, 10, 1400], dtype=torch.int32, device="cuda"))
     _check(req, _with_three_wg(req, 64))
 
@@ -374,27 +378,17 @@ def test_gpu_dynamic(hdim, wl, wr):
 def test_gpu_dynamic_varlen(separate_o):
     """Empty sequences and m_blocks past a sequence's end are skipped by the producer: the
     consumers only see the tiles it announces, then the end marker."""
-    from tests._util import packed
-
-    lq, lk = [1, 113, 0, 799, 0, 64, 1500, 300], [3, 203, 7, 1024, 5, 0, 1400, 900]
-    q, cu_q = packed(lq, 8, 128, torch.bfloat16, "cuda")
-    k, cu_k = packed(lk, 2, 128, torch.bfloat16, "cuda")
-    v, _ = packed(lk, 2, 128, torch.bfloat16, "cuda")
-    req = _req(q, k, v, window_right=0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq),
-               max_seqlen_k=max(lk))
+    q, k, v, varlen = _packed_qkv([1, 113, 0, 799, 0, 64, 1500, 300], [3, 203, 7, 1024, 5, 0, 1400, 900],
+                                  8, 2, 128, torch.bfloat16)
+    req = _req(q, k, v, window_right=0, **varlen)
     _check(req, _with_tile(req, dynamic=True, separate_o=separate_o))
 
 
 @gpu
 def test_gpu_persistent_varlen():
-    from tests._util import packed
-
-    lq, lk = [1, 113, 239, 799, 0, 64, 1500], [3, 203, 1, 1024, 5, 64, 1400]
-    q, cu_q = packed(lq, 8, 64, torch.float16, "cuda")
-    k, cu_k = packed(lk, 4, 64, torch.float16, "cuda")
-    v, _ = packed(lk, 4, 64, torch.float16, "cuda")
-    req = _req(q, k, v, window_right=0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq),
-               max_seqlen_k=max(lk))
+    q, k, v, varlen = _packed_qkv([1, 113, 239, 799, 0, 64, 1500], [3, 203, 1, 1024, 5, 64, 1400], 8, 4, 64,
+                                  torch.float16)
+    req = _req(q, k, v, window_right=0, **varlen)
     _check(req, _with_tile(req, persistent=True))
 
 
@@ -402,13 +396,7 @@ def test_gpu_persistent_varlen():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seqused", [False, True])
 def test_gpu_varlen(causal, seqused):
-    from tests._util import packed
-
-    lq, lk = [1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64]
-    q, cu_q = packed(lq, 4, 128, torch.bfloat16, "cuda")
-    k, cu_k = packed(lk, 2, 128, torch.bfloat16, "cuda")
-    v, _ = packed(lk, 2, 128, torch.bfloat16, "cuda")
-    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 128, torch.bfloat16)
     if seqused:
         kw["seqused_k"] = torch.tensor([2, 150, 1, 1000, 5, 10], dtype=torch.int32, device="cuda")
     _check(_req(q, k, v, window_right=0 if causal else -1, **kw))

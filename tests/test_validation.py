@@ -5,7 +5,6 @@ import torch
 
 import fa3py
 
-from _util import packed
 
 
 def qkv(b=2, sq=10, sk=12, h=4, hk=2, d=32, dv=32, dtype=torch.bfloat16):
@@ -56,24 +55,17 @@ BAD_BATCHED = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(BAD_BATCHED)))
-def test_bad_input(case):
-    fn, exc, msg = BAD_BATCHED[case]
-    with pytest.raises(exc) as e:
-        fn()
-    assert msg in str(e.value), str(e.value)
+i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
 
 
 def varlen(cu_q=None, cu_k=None, used_q=None, used_k=None, max_q=None, max_k=None, total_q=12, total_k=15):
     q, k, v = torch.randn(total_q, 4, 32), torch.randn(total_k, 2, 32), torch.randn(total_k, 2, 32)
     q, k, v = (x.bfloat16() for x in (q, k, v))
-    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
     cu_q = i32([0, 5, 12]) if cu_q is None else cu_q
     cu_k = i32([0, 7, 15]) if cu_k is None else cu_k
     return fa3py.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, seqused_q=used_q, seqused_k=used_k)
 
 
-i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
 BAD_VARLEN = [
     (lambda: varlen(cu_q=torch.tensor([0, 5, 12])), TypeError, "`cu_seqlens_q` must have dtype torch.int32"),
     (lambda: varlen(cu_q=i32([0, 5, 7, 12])), ValueError, "`cu_seqlens_k` must be 1-D of length 4"),
@@ -89,9 +81,9 @@ BAD_VARLEN = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(BAD_VARLEN)))
-def test_bad_varlen_input(case):
-    fn, exc, msg = BAD_VARLEN[case]
+@pytest.mark.parametrize("case", range(len(BAD_BATCHED) + len(BAD_VARLEN)))
+def test_bad_input(case):
+    fn, exc, msg = (BAD_BATCHED + BAD_VARLEN)[case]
     with pytest.raises(exc) as e:
         fn()
     assert msg in str(e.value), str(e.value)
