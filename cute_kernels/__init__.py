@@ -193,9 +193,7 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
 
     args = (
         _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints),
-        cutlass.Float32(scale_log2), cutlass.Float32(premul), cutlass.Int32(p.window_left),
-        cutlass.Int32(p.window_right), cutlass.Int32(max_seqlen_q), cutlass.Int32(scalars[-2]),
-        cutlass.Int32(scalars[-1]),
+        *map(cutlass.Float32, scalars[:2]), *map(cutlass.Int32, scalars[2:]),
         cuda.CUstream(torch.cuda.current_stream(dev).cuda_stream),
     )
     if fn is None:
