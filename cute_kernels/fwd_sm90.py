@@ -54,6 +54,7 @@ from cute_kernels.utils import (
     assume_aligned_strides,
     convert_to,
     gemm,
+    pin_smem_desc,
     make_smem_layout,
     transpose_view,
 )
@@ -383,9 +384,10 @@ class FlashAttentionForwardSm90:
         thr0_mma_qk = tiled_mma_qk.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
         wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
-        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
-        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
-        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
+        # Q's descriptor per k-block stays in (uniform) registers; at hdim 256 the 16 of them spill.
+        tSrQ = pin_smem_desc(wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ)), per_k=self.hdim <= 192)
+        tSrK = pin_smem_desc(wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK)))
+        tOrVt = pin_smem_desc(wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV))))
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]))

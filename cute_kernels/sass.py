@@ -3,7 +3,7 @@ keep the cubin and count SASS opcodes.
 
     python -m cute_kernels.sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
                                 [--softcap] [--varlen] [--no-overlap] [--no-pingpong]
-                                [--tile 192x128s2] [--set FIELD=0|1] [--dump]
+                                [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops] [--keep DIR]
 
 Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
 threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
@@ -34,16 +34,17 @@ def _tool(name: str) -> str:
     return path if os.path.exists(path) else name
 
 
-def compile_cubin(cfg, out_dir: str) -> tuple[str, float]:
+def compile_cubin(cfg, out_dir: str, keep_ptx: bool = False) -> tuple[str, float]:
     """Compile `cfg` for sm_90a into out_dir; return (cubin path, compile seconds)."""
     import cutlass.cute as cute
 
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
+    os.makedirs(out_dir, exist_ok=True)
     os.environ["CUTE_DSL_DUMP_DIR"] = out_dir
     t0 = time.perf_counter()
     cute.compile(FlashAttentionForwardSm90(cfg), *FlashAttentionForwardSm90.fake_args(cfg),
-                 options=f"--gpu-arch=sm_90a --keep-cubin --dump-dir={out_dir}")
+                 options=f"--gpu-arch=sm_90a --keep-cubin {'--keep-ptx ' if keep_ptx else ''}--dump-dir={out_dir}")
     dt = time.perf_counter() - t0
     cubins = sorted(glob.glob(os.path.join(out_dir, "**", "*.cubin"), recursive=True), key=os.path.getmtime)
     if not cubins:
@@ -97,6 +98,23 @@ def check(sass: str) -> list[str]:
     return missing
 
 
+def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
+    """Innermost loops (backward branches) whose body holds an HGMMA: (start, end, opcode counts).
+    These are the KV loops (interior, causal-diagonal, window edge); the instruction count of the
+    interior one is what to compare between variants."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    out = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t).group(1) for t in body)
+            if ops["HGMMA"]:
+                out.append((int(m.group(1), 16), addr, ops))
+    # innermost only: an outer loop (the tile loop) contains the KV loops
+    return [l for l in out if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in out)]
+
+
 def main(argv=None) -> int:
     import dataclasses
 
@@ -117,6 +135,9 @@ def main(argv=None) -> int:
                    help="set a boolean TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
     p.add_argument("--dump", action="store_true", help="print the whole SASS")
+    p.add_argument("--loops", action="store_true",
+                   help="print the size and opcode mix of every loop that issues HGMMA (the KV loop)")
+    p.add_argument("--keep", metavar="DIR", default=None, help="keep the cubin and PTX in DIR")
     a = p.parse_args(argv)
     cfg = FwdConfig.make(
         a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
@@ -125,11 +146,15 @@ def main(argv=None) -> int:
     )
     cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
     with tempfile.TemporaryDirectory() as d:
-        cubin, dt = compile_cubin(cfg, d)
+        cubin, dt = compile_cubin(cfg, a.keep or d, keep_ptx=a.keep is not None)
         sass = sass_text(cubin)
         res = resource_usage(cubin)
     if a.dump:
         print(sass)
+    if a.loops:
+        for start, end, ops in hgmma_loops(sass):
+            top = " ".join(f"{op}:{n}" for op, n in ops.most_common(16))
+            print(f"# loop {start:#x}-{end:#x}: {sum(ops.values())} instructions, {top}")
     print(f"# {cfg.short()}  compile {dt:.1f}s")
     for op, n in sorted(opcode_counts(sass, a.full).items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"{op:32s} {n}")

@@ -14,10 +14,10 @@ from typing import Optional, Type
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, Int32, Int64, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
-from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu import tcgen05, warpgroup
 from cutlass.utils import LayoutEnum
 
 
@@ -83,12 +83,14 @@ def gemm(
     wg_wait: cutlass.Constexpr[int] = 0,
 ):
     """acc (+)= A @ B over all k-blocks as one WGMMA group; wait until `wg_wait` groups remain
-    in flight (-1: do not wait)."""
+    in flight (-1: do not wait). `tCrA` may be a tuple of per-k-block fragments (`pin_smem_desc`
+    with per_k)."""
     warpgroup.fence()
     atom = cute.make_mma_atom(tiled_mma.op)
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
-    for k in cutlass.range_constexpr(cute.size(tCrA.shape[2])):
-        cute.gemm(atom, acc, tCrA[None, None, k], tCrB[None, None, k], acc)
+    for k in cutlass.range_constexpr(cute.size(tCrB.shape[2])):
+        a = tCrA[k] if const_expr(isinstance(tCrA, tuple)) else tCrA[None, None, k]
+        cute.gemm(atom, acc, a, tCrB[None, None, k], acc)
         atom.set(warpgroup.Field.ACCUMULATE, True)
     warpgroup.commit_group()
     if const_expr(wg_wait >= 0):
@@ -103,6 +105,27 @@ def _cvt_pair(lo: Float32, hi: Float32, ptx_type: str, *, loc=None, ip=None) -> 
         f"cvt.rn.{ptx_type}.f32 $0, $2, $1;", "=r,f,f",
         has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
     ))
+
+
+@dsl_user_op
+def _opaque_i64(x: Int64, *, loc=None, ip=None) -> Int64:
+    return Int64(llvm.inline_asm(
+        T.i64(), [Int64(x).ir_value(loc=loc, ip=ip)], "mov.b64 $0, $1;", "=l,l",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
+
+
+def pin_smem_desc(frag: cute.Tensor, per_k: bool = False):
+    """The WGMMA operand fragment `frag` (an smem-descriptor tensor) with its base descriptor
+    computed here, once. Left alone, the compiler re-derives the descriptor from the smem address
+    at every GEMM (add, shift, mask, widen, or: ~5 uniform instructions per operand per KV
+    iteration); behind an opaque move, a GEMM only adds its stage / k-block offset.
+    per_k: a tuple with one pinned fragment per k-block, for an unstaged operand (Q) whose
+    descriptors then cost nothing inside the loop."""
+    if per_k:
+        return tuple(pin_smem_desc(frag[None, None, k]) for k in range(cute.size(frag.shape[2])))
+    base = tcgen05.smem_descriptor_to_int(frag.iterator)
+    return cute.make_tensor(tcgen05.int_to_smem_descriptor(_opaque_i64(base)), frag.layout)
 
 
 @cute.jit
