@@ -256,7 +256,7 @@ def attn_bwd_dq(
     HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if HAS_WR else tl.program_id(0)  # longest first
     h = tl.program_id(1)
     b = tl.program_id(2)
     h_kv = h // (nheads // nheads_kv)

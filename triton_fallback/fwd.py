@@ -58,7 +58,9 @@ def attn_fwd(
     SOFTCAP: tl.constexpr, HAS_DESCALE: tl.constexpr, FP8_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # causal / right window: the last query blocks see the most keys; start each head with them,
+    # so the grid ends on short programs instead of a tail of long ones
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if HAS_WR else tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     h_kv = h // (nheads // nheads_kv)
