@@ -44,6 +44,10 @@ class TileConfig:
     # prologue overlaps the previous tile's epilogue. Implies a persistent grid. Off until the
     # GPU tests have run with it and it is measured (added CPU-only, session 2).
     dynamic: bool = False
+    # WGMMA smem descriptors built once before the KV loop (utils.pin_smem_desc) instead of
+    # re-derived from the smem address at every GEMM: hdim128 interior loop 489 -> 463 SASS
+    # instructions (flash-attn-4: 457). Kept as a field to A/B it on the GPU (bench --ab).
+    pin_desc: bool = True
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"

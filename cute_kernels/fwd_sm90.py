@@ -384,10 +384,13 @@ class FlashAttentionForwardSm90:
         thr0_mma_qk = tiled_mma_qk.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
         wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
-        # Q's descriptor per k-block stays in (uniform) registers; at hdim 256 the 16 of them spill.
-        tSrQ = pin_smem_desc(wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ)), per_k=self.hdim <= 192)
-        tSrK = pin_smem_desc(wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK)))
-        tOrVt = pin_smem_desc(wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV))))
+        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
+        if const_expr(self.cfg.tile.pin_desc):
+            # Q's descriptor per k-block stays in (uniform) registers; at hdim 256 the 16 spill.
+            tSrQ = pin_smem_desc(tSrQ, per_k=self.hdim <= 192)
+            tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]))
