@@ -46,7 +46,10 @@ class TileConfig:
     dynamic: bool = False
     # WGMMA smem descriptors built once before the KV loop (utils.pin_smem_desc) instead of
     # re-derived from the smem address at every GEMM: hdim128 interior loop 489 -> 463 SASS
-    # instructions (flash-attn-4: 457). Kept as a field to A/B it on the GPU (bench --ab).
+    # instructions (flash-attn-4: 457). FwdConfig.make: on up to hdim 192, where Q's per-k-block
+    # descriptors fit in registers; at hdim 256 it saves 3 instructions and measured -1..-5%
+    # (H200, 64k tokens: 8k 719 -> 712, causal 642 -> 607). H200 at hdim 64/128: +1..+7%
+    # (hdim64 causal 8k 449 -> 480, non-causal 2k 488 -> 502), the rest within noise.
     pin_desc: bool = True
 
     def __post_init__(self):
@@ -156,7 +159,8 @@ class FwdConfig:
         # hdim_v > 128: rescale O under QK^T, before PV (H200, 16k tokens, bf16, same run as
         # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664).
         base = SHORT_CAUSAL_TILES.get(hdim) if short_causal else None
-        tile = replace(base or TILES[hdim], persistent=not windowed, rescale_o_before_pv=hdimv > 128)
+        tile = replace(base or TILES[hdim], persistent=not windowed, rescale_o_before_pv=hdimv > 128,
+                       pin_desc=hdim <= 192)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 

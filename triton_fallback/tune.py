@@ -4,9 +4,11 @@
     python -m triton_fallback.tune --bench    # ms and TFLOP/s, table/autotuned configs vs. SDPA
     python -m triton_fallback.tune --tune --bench --dims 128 --atomic-max 128
                                               # tune, then time the tuned picks (one process)
+    python -m triton_fallback.tune --dims 64 --causal true --kernels bwd --seqlen 2048
+                                              # one kernel at one shape (minutes, not tens)
 
-Shapes: batch 4, 16 heads, seqlen 4096 (2 * batch * heads * seqlen * d elements of K/V exceed
-L2 on every target GPU, so the timings are not cache-resident).
+Shapes: 16 heads, 16k tokens (batch 4 x seqlen 4096 by default: 2 * batch * heads * seqlen * d
+elements of K/V exceed L2 on every target GPU, so the timings are not cache-resident).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from fa3py.request import AttentionParams, AttentionRequest
 
 from . import configs, ops
 
-BATCH, HEADS, SEQLEN = 4, 16, 4096
+HEADS, TOKENS = 16, 16384
+SEQLEN = 4096
 
 
 def flops(req: AttentionRequest, backward: bool = False) -> float:
@@ -33,7 +36,8 @@ def flops(req: AttentionRequest, backward: bool = False) -> float:
 
 
 def make(d: int, dtype: torch.dtype, causal: bool, deterministic: bool = False) -> AttentionRequest:
-    q, k, v = (torch.randn(BATCH, SEQLEN, HEADS, d, device="cuda", dtype=dtype) for _ in range(3))
+    batch = max(TOKENS // SEQLEN, 1)
+    q, k, v = (torch.randn(batch, SEQLEN, HEADS, d, device="cuda", dtype=dtype) for _ in range(3))
     return AttentionRequest(q, k, v, AttentionParams(d ** -0.5, window_right=0 if causal else -1,
                                                      deterministic=deterministic))
 
@@ -61,18 +65,23 @@ def bench(dims, dtypes, causals):
                 report(f"sdpa   fwd {tag}", req, lambda: sdpa(qt, kt, vt, is_causal=causal))
 
 
-def tune(dims, dtypes, causals):
-    configs.TUNED.clear()
+def tune(dims, dtypes, causals, kernels=configs.KERNELS):
     family = configs.gpu_family(torch.cuda.current_device())
     for d in dims:
         for dtype in dtypes:
             for causal in causals:
+                # the kernels being tuned lose their table entries (and --bench then times the
+                # autotuned picks); the others run as listed
+                for key in [key for key in configs.TUNED if key[1] in kernels]:
+                    del configs.TUNED[key]
                 req = make(d, dtype, causal)
                 out, lse = ops.forward(req)
                 dout = torch.randn_like(out)
-                ops.backward(req, out, lse, dout)  # fwd, bwd
-                ops.backward(make(d, dtype, causal, True), out, lse, dout)  # bwd_dkdv, bwd_dq
-                for kernel in configs.KERNELS:
+                if "bwd" in kernels:
+                    ops.backward(req, out, lse, dout)  # atomic dQ up to ops.ATOMIC_DQ_MAX_HEADDIM
+                if {"bwd_dkdv", "bwd_dq"} & set(kernels):
+                    ops.backward(make(d, dtype, causal, True), out, lse, dout)
+                for kernel in kernels:
                     best = ops._TUNED[kernel].best_config
                     tile = configs.Tile(best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"],
                                         best.num_warps, best.num_stages)
@@ -89,13 +98,19 @@ def main():
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--dtypes", nargs="+", choices=("fp16", "bf16"), default=["fp16", "bf16"])
     parser.add_argument("--causal", nargs="+", choices=("false", "true"), default=["false", "true"])
+    parser.add_argument("--kernels", nargs="+", choices=configs.KERNELS, default=list(configs.KERNELS),
+                        help="tune only these kernels (the rest keep their table tiles)")
+    parser.add_argument("--seqlen", type=int, default=SEQLEN, help=f"tuning shape's seqlen (default {SEQLEN}; "
+                        f"batch = {TOKENS} // seqlen)")
     args = parser.parse_args()
+    global SEQLEN
+    SEQLEN = args.seqlen
     dtypes = [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes]
     causals = [c == "true" for c in args.causal]
     if args.atomic_max is not None:
         ops.ATOMIC_DQ_MAX_HEADDIM = args.atomic_max
     if args.tune or not args.bench:
-        tune(args.dims, dtypes, causals)  # leaves the autotuned picks cached for --bench
+        tune(args.dims, dtypes, causals, args.kernels)  # leaves the autotuned picks cached for --bench
     if args.bench:
         bench(args.dims, dtypes, causals)
 
