@@ -41,8 +41,8 @@ class TileConfig:
     lpt_l2_sections: bool = False
     # Persistent CTAs that take tiles from an atomic counter in the single-tile grid's order
     # (scheduler.py), so causal/local tiles are scheduled greedily longest-first and a tile's
-    # prologue overlaps the previous tile's epilogue. Implies a persistent grid. Off until the
-    # GPU tests have run with it and it is measured (added CPU-only, session 2).
+    # prologue overlaps the previous tile's epilogue. Implies a persistent grid. FwdConfig.make
+    # turns it on for causal/local (measured there).
     dynamic: bool = False
     # WGMMA smem descriptors built once before the KV loop (utils.pin_smem_desc) instead of
     # re-derived from the smem address at every GEMM: hdim128 interior loop 489 -> 463 SASS
@@ -159,8 +159,12 @@ class FwdConfig:
         # hdim_v > 128: rescale O under QK^T, before PV (H200, 16k tokens, bf16, same run as
         # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664).
         base = SHORT_CAUSAL_TILES.get(hdim) if short_causal else None
-        tile = replace(base or TILES[hdim], persistent=not windowed, rescale_o_before_pv=hdimv > 128,
-                       pin_desc=hdim <= 192)
+        # Causal/local: the dynamic scheduler (atomic tile counter, longest first). H200, bf16, 64k
+        # tokens, 2 rounds, against the single-tile grid: hdim128 512 274 -> 352, 1k 381 -> 456,
+        # 2k 465 -> 524, 8k 506 -> 583; hdim64 512 187 -> 244, 2k 369 -> 400, 8k 484 -> 480;
+        # hdim256 512 314 -> 323, 8k 575 -> 627 TFLOP/s.
+        tile = replace(base or TILES[hdim], persistent=not windowed, dynamic=windowed,
+                       rescale_o_before_pv=hdimv > 128, pin_desc=hdim <= 192)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 

@@ -89,6 +89,7 @@ def tune(dims, dtypes, causals, kernels=configs.KERNELS):
 
 
 def main():
+    global SEQLEN
     parser = argparse.ArgumentParser()
     parser.add_argument("--bench", action="store_true", help="benchmark (after tuning with --tune)")
     parser.add_argument("--tune", action="store_true", help="autotune (the default without --bench)")
@@ -103,7 +104,6 @@ def main():
     parser.add_argument("--seqlen", type=int, default=SEQLEN, help=f"tuning shape's seqlen (default {SEQLEN}; "
                         f"batch = {TOKENS} // seqlen)")
     args = parser.parse_args()
-    global SEQLEN
     SEQLEN = args.seqlen
     dtypes = [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes]
     causals = [c == "true" for c in args.causal]
