@@ -163,7 +163,10 @@ class FwdConfig:
         # tokens, 2 rounds, against the single-tile grid: hdim128 512 274 -> 352, 1k 381 -> 456,
         # 2k 465 -> 524, 8k 506 -> 583; hdim64 512 187 -> 244, 2k 369 -> 400, 8k 484 -> 480;
         # hdim256 512 314 -> 323, 8k 575 -> 627 TFLOP/s.
-        tile = replace(base or TILES[hdim], persistent=not windowed, dynamic=windowed,
+        # Not for the 3-WG tile (160 registers) with a left window edge: that spills 80 bytes.
+        base = base or TILES[hdim]
+        dynamic = windowed and not (base.num_mma_wg == 3 and features.get("has_left", False))
+        tile = replace(base, persistent=not windowed, dynamic=dynamic,
                        rescale_o_before_pv=hdimv > 128, pin_desc=hdim <= 192)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)

@@ -61,16 +61,18 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
         dict(seqused_q=True, has_left=True),
         dict(intra_wg_overlap=False),
         dict(intra_wg_overlap=False, pingpong=False, has_right=True),
-        dict(persistent=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
+        dict(persistent=True, dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
         dict(rescale_o_before_pv=True, pingpong=False, has_right=True),
-        dict(dynamic=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
+        dict(dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
     ],
     ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong",
-         "persistent-varlen-causal", "rescale-before-pv-no-pingpong", "dynamic-varlen-causal"],
+         "static-persistent-varlen-causal", "rescale-before-pv-no-pingpong", "single-tile-varlen-causal"],
 )
 def test_compile_features(features):
-    ops = _compile_and_check(FwdConfig.make("bf16", 128, **features))
-    assert (ops["ATOMG"] == 1) == features.get("dynamic", False)  # the dynamic tile counter
+    cfg = FwdConfig.make("bf16", 128, **features)
+    assert cfg.tile.dynamic == features.get("dynamic", cfg.has_right or cfg.has_left)  # default when windowed
+    ops = _compile_and_check(cfg)
+    assert (ops["ATOMG"] == 1) == cfg.tile.dynamic  # the dynamic tile counter
 
 
 def _three_wg(cfg: FwdConfig, tile_n: int = 128, **fields) -> FwdConfig:
@@ -361,15 +363,18 @@ def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr):
 @gpu
 @pytest.mark.parametrize("hdim", [64, 128, 256])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30), (0, 0)])
-def test_gpu_dynamic(hdim, wl, wr):
-    """Dynamic persistent scheduler: 3 * 8 * 8 = 192 tiles (128 rows; 144 for hdim 64's 192) on
-    fewer CTAs, taken from the atomic counter; some rows see no key (1000 queries, 777 keys)."""
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_gpu_dynamic(hdim, wl, wr, dynamic):
+    """Dynamic persistent scheduler (the causal/local default): 3 * 8 * 8 = 192 tiles (128 rows;
+    144 for hdim 64's 192) on fewer CTAs, taken from the atomic counter; some rows see no key
+    (1000 queries, 777 keys). dynamic=False: the single-tile grid (static persistent if not
+    windowed)."""
     q, k, v = _qkv(3, 1000, 777, 8, 2, hdim, hdim, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
-    cfg = _with_tile(req, dynamic=True)
+    cfg = _with_tile(req, dynamic=dynamic)
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
-    assert FlashAttentionForwardSm90(cfg).persistent
+    assert FlashAttentionForwardSm90(cfg).persistent == (dynamic or (wl, wr) == (-1, -1))
     _check(req, cfg)
 
 
