@@ -270,7 +270,7 @@ def test_compiles_for_gpu_targets():
 
 def test_tuned_table_fits_its_gpu():
     smem = {"sm80": 163 * 1024, "sm89": 99 * 1024, "sm90": 227 * 1024}
-    for (family, kernel, d, dtype, _), tile in configs.TUNED.items():
+    for (family, kernel, d, dtype, _), tile in [*configs.TUNED.items(), *configs.TUNED_SHORT.items()]:
         assert kernel in configs.KERNELS
         assert configs._fits(kernel, tile, d, d, 2, smem[family]), (family, kernel, d, tile)
 
@@ -279,16 +279,24 @@ def test_tuned_table_fits_its_gpu():
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sm90_table_tiles_in_interpreter(d, deterministic, causal, monkeypatch):
+@pytest.mark.parametrize("short", [True, False])
+def test_sm90_table_tiles_in_interpreter(d, deterministic, causal, short, monkeypatch):
     """The H100/H200 table's tiles (not the interpreter's small one), forward and every backward
-    kernel, on ragged sizes that leave partial blocks: the blocking logic the GPU runs, in CI."""
+    kernel, on ragged sizes that leave partial blocks: the blocking logic the GPU runs, in CI.
+    short: the launch counts as short (configs.TUNED_SHORT) or not."""
     used = set()
+    pick = configs.pick
 
-    def pick(kernel, device, headdim_padded, dtype, masked):
+    def spy(kernel, *args):
         used.add(kernel)
-        return configs.TUNED[("sm90", kernel, headdim_padded, str(dtype).split(".")[-1], masked)]
+        tile = pick(kernel, *args)
+        assert tile is not None and tile != configs.INTERPRET_TILE
+        return tile
 
-    monkeypatch.setattr(configs, "pick", pick)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "gpu_family", lambda index: "sm90")
+    monkeypatch.setattr(configs, "SHORT_SEQLEN", 2048 if short else 0)
+    monkeypatch.setattr(configs, "pick", spy)
     monkeypatch.setattr(ops, "ATOMIC_DQ_MAX_HEADDIM", 256)  # the one-kernel path at both dims
     q, k, v = inputs(1, 150, 201, 2, 1, d, d)
     run_and_check(make_request(q, k, v, causal=causal, deterministic=deterministic))

@@ -79,12 +79,27 @@ TUNED: dict[tuple, Tile] = {
     # no spills; with the causal mask it spills 80 B, so masked keeps 64x128). Checked in CI through
     # the interpreter (test_sm90_table_tiles_in_interpreter); not yet in a GPU test run.
     **{("sm90", "bwd", 64, dt, False): Tile(64, 64, 4, 3) for dt in _F16},
+    # hdim64 "bwd" masked (causal): 64x128 w8 with 3 stages instead of 2 (autotuned at 2k, then
+    # H200, bf16, 32 heads x 16k tokens, same run as FA2 221 / 263 / 279 TFLOP/s at 2k / 8k / 16k:
+    # s2 216 / 268 / 284, s3 237 / 299 / 317, 64x64 w4 s3 220 / 262 / 274).
+    **{("sm90", "bwd", 64, dt, True): Tile(64, 128, 8, 3) for dt in _F16},
     **{("sm90", "bwd_dkdv", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (16, Tile(32, 128, 8, 2)), (32, Tile(32, 128, 8, 2)), (64, Tile(64, 64, 4, 2)),
         (128, Tile(32, 64, 4, 2)), (256, Tile(32, 64, 8, 1)))},
     **{("sm90", "bwd_dq", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (16, Tile(128, 32, 8, 2)), (32, Tile(128, 32, 8, 2)), (64, Tile(128, 64, 8, 2)),
         (128, Tile(64, 64, 4, 2)), (256, Tile(64, 32, 8, 1)))},
+}
+
+
+# Launches with at most SHORT_SEQLEN query rows per sequence, where smaller tiles fill the GPU
+# better. H200, bf16, causal forward, hdim 128, 16 heads x 16k tokens (FA2 = SDPA flash in the
+# same run: 287 / 318 / 317 TFLOP/s at 2k / 8k / 16k): 128x128 w8 s3 333 / 431 / 475,
+# 64x64 w4 s3 357 / 420 / 422, 128x64 w8 s3 345 / 426 / 459 (64x64 w4 s3 also the autotuner's
+# pick at 2k).
+SHORT_SEQLEN = 2048
+TUNED_SHORT: dict[tuple, Tile] = {
+    **{("sm90", "fwd", 128, dt, True): Tile(64, 64, 4, 3) for dt in _F16},
 }
 
 
@@ -109,10 +124,14 @@ def smem_limit(index: int) -> int:
 
 
 def pick(kernel: str, device: torch.device, headdim_padded: int, dtype: torch.dtype,
-         masked: bool) -> Tile | None:
+         masked: bool, rows_q: int | None = None) -> Tile | None:
+    """`rows_q`: the launch's query rows per sequence (max_seqlen_q); up to SHORT_SEQLEN a
+    `TUNED_SHORT` entry wins over `TUNED`."""
     if interpreting():
         return INTERPRET_TILE
     key = (gpu_family(device.index or 0), kernel, headdim_padded, str(dtype).split(".")[-1], masked)
+    if rows_q is not None and rows_q <= SHORT_SEQLEN and key in TUNED_SHORT:
+        return TUNED_SHORT[key]
     return TUNED.get(key)
 
 

@@ -92,7 +92,7 @@ class _Problem:
             return (triton.cdiv(grid_rows, meta[block]), grid_heads, req.batch)
 
         masked = p.window_left >= 0 or p.window_right >= 0
-        tile = configs.pick(kernel, req.device, const["BLOCK_D"], req.dtype, masked)
+        tile = configs.pick(kernel, req.device, const["BLOCK_D"], req.dtype, masked, self.rows_q)
         if tile is not None:
             _PLAIN[kernel][grid](*args, *self.scalars(), **const, **tile.launch_kwargs())
         else:
