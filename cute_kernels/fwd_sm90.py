@@ -347,7 +347,7 @@ class FlashAttentionForwardSm90:
         if const_expr(next_tile is not None):
             # No more tiles: announce one past the last, completing Q's phase without a TMA.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            next_tile[0] = scheduler.num_tiles()
+            self.announce_tile(next_tile, scheduler.num_tiles())
             with cute.arch.elect_one():
                 cute.arch.mbarrier_arrive(pipeline_q.producer_get_barrier(q_state))
 
@@ -359,13 +359,32 @@ class FlashAttentionForwardSm90:
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
     @cute.jit
+    def announce_tile(self, next_tile, tile):
+        """Producer warp: one lane stores the next tile index; the warp barrier orders that store
+        before the Q barrier arrive (made by any lane) that publishes it. (Every lane storing the
+        same value raced under compute-sanitizer racecheck: only the arriving lane's store was
+        ordered before the arrive.)"""
+        with cute.arch.elect_one():
+            next_tile[0] = tile
+        cute.arch.sync_warp()
+
+    @cute.jit
+    def read_tile(self, next_tile) -> Int32:
+        """Consumer warp, after its wait on Q: the announced tile index. The warp barrier orders
+        every lane's read before lane 0's later release of Q (after which the producer may
+        overwrite the slot)."""
+        tile = next_tile[0]
+        cute.arch.sync_warp()
+        return tile
+
+    @cute.jit
     def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, next_tile, tile):
         if const_expr(next_tile is not None):
             # The tile index is stored after every consumer warp released the previous Q (each
             # reads the slot right after that Q landed, before releasing it) and before the
             # arrive in producer_acquire, whose release the consumers' wait on Q acquires.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            next_tile[0] = tile
+            self.announce_tile(next_tile, tile)
             pipeline_q.producer_acquire(q_state, Boolean(True))
         else:
             pipeline_q.producer_acquire(q_state)
@@ -412,7 +431,7 @@ class FlashAttentionForwardSm90:
         tile = scheduler.initial()
         if const_expr(next_tile is not None):  # dynamic: the producer says which tile is next
             pipeline_q.consumer_wait(q_state)
-            tile = next_tile[0]
+            tile = self.read_tile(next_tile)
         while scheduler.valid(tile):
             m_block, head, batch = scheduler.coords(tile)
             seqlen = seqlen_fn(batch)
@@ -476,7 +495,7 @@ class FlashAttentionForwardSm90:
                 q_state.advance()
             if const_expr(next_tile is not None):
                 pipeline_q.consumer_wait(q_state)  # the waits inside the tile then return at once
-                tile = next_tile[0]
+                tile = self.read_tile(next_tile)
             else:
                 tile = scheduler.next(tile)
 
