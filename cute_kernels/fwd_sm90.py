@@ -39,7 +39,7 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 import cutlass.utils as cutlass_utils
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Boolean, Float32, Int32, const_expr
+from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
@@ -347,9 +347,7 @@ class FlashAttentionForwardSm90:
         if const_expr(next_tile is not None):
             # No more tiles: announce one past the last, completing Q's phase without a TMA.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            self.announce_tile(next_tile, scheduler.num_tiles())
-            with cute.arch.elect_one():
-                cute.arch.mbarrier_arrive(pipeline_q.producer_get_barrier(q_state))
+            self.announce_tile(next_tile, scheduler.num_tiles(), pipeline_q.producer_get_barrier(q_state))
 
     @cute.jit
     def load_block(self, n_block, state, pipe, tma_atom, tXgX, tXsX):
@@ -359,14 +357,17 @@ class FlashAttentionForwardSm90:
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
     @cute.jit
-    def announce_tile(self, next_tile, tile):
-        """Producer warp: one lane stores the next tile index; the warp barrier orders that store
-        before the Q barrier arrive (made by any lane) that publishes it. (Every lane storing the
-        same value raced under compute-sanitizer racecheck: only the arriving lane's store was
-        ordered before the arrive.)"""
+    def announce_tile(self, next_tile, tile, q_full, tx_bytes: cutlass.Constexpr[int] = 0):
+        """Producer warp, Q's slot free: one thread stores the next tile index and then arrives on
+        Q's full barrier (expecting `tx_bytes` of Q's TMA; 0: the end marker, no TMA follows), so
+        the store is ordered before the arrive that publishes it. (Every lane storing it and an
+        elected lane arriving raced under compute-sanitizer racecheck.)"""
         with cute.arch.elect_one():
             next_tile[0] = tile
-        cute.arch.sync_warp()
+            if const_expr(tx_bytes > 0):
+                cute.arch.mbarrier_arrive_and_expect_tx(q_full, tx_bytes)
+            else:
+                cute.arch.mbarrier_arrive(q_full)
 
     @cute.jit
     def read_tile(self, next_tile) -> Int32:
@@ -382,10 +383,10 @@ class FlashAttentionForwardSm90:
         if const_expr(next_tile is not None):
             # The tile index is stored after every consumer warp released the previous Q (each
             # reads the slot right after that Q landed, before releasing it) and before the
-            # arrive in producer_acquire, whose release the consumers' wait on Q acquires.
+            # arrive on Q's full barrier, whose release the consumers' wait on Q acquires.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            self.announce_tile(next_tile, tile)
-            pipeline_q.producer_acquire(q_state, Boolean(True))
+            self.announce_tile(next_tile, tile, pipeline_q.producer_get_barrier(q_state),
+                               pipeline_q.sync_object_full.tx_count)
         else:
             pipeline_q.producer_acquire(q_state)
         cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
