@@ -371,12 +371,13 @@ class FlashAttentionForwardSm90:
 
     @cute.jit
     def read_tile(self, next_tile) -> Int32:
-        """Consumer warp, after its wait on Q: the announced tile index. The warp barrier orders
-        every lane's read before lane 0's later release of Q (after which the producer may
-        overwrite the slot)."""
-        tile = next_tile[0]
-        cute.arch.sync_warp()
-        return tile
+        """Consumer warp, after its wait on Q: the announced tile index, read by lane 0 (the lane
+        that later releases Q, after which the producer may overwrite the slot) and passed to
+        the warp by shuffle."""
+        tile = Int32(0)
+        if cute.arch.lane_idx() == 0:
+            tile = next_tile[0]
+        return cute.arch.shuffle_sync(tile, 0)
 
     @cute.jit
     def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, next_tile, tile):
