@@ -54,8 +54,8 @@ from cute_kernels.utils import (
     assume_aligned_strides,
     convert_to,
     gemm,
-    pin_smem_desc,
     make_smem_layout,
+    pin_smem_desc,
     transpose_view,
 )
 

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
     p.add_argument("--dump", action="store_true", help="print the whole SASS")
     p.add_argument("--loops", action="store_true",
-                   help="print the size and opcode mix of every loop that issues HGMMA (the KV loop)")
+                   help="print the size and opcode mix of the innermost loops that issue HGMMA (the KV loops)")
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the cubin and PTX in DIR")
     a = p.parse_args(argv)
     cfg = FwdConfig.make(

@@ -121,7 +121,8 @@ def pin_smem_desc(frag: cute.Tensor, per_k: bool = False):
     at every GEMM (add, shift, mask, widen, or: ~5 uniform instructions per operand per KV
     iteration); behind an opaque move, a GEMM only adds its stage / k-block offset.
     per_k: a tuple with one pinned fragment per k-block, for an unstaged operand (Q) whose
-    descriptors then cost nothing inside the loop."""
+    descriptors then cost nothing inside the loop. (The int <-> descriptor casts live in the
+    tcgen05 helpers but are plain casts of the `!cute_nvgpu.smem_desc` type WGMMA uses too.)"""
     if per_k:
         return tuple(pin_smem_desc(frag[None, None, k]) for k in range(cute.size(frag.shape[2])))
     base = tcgen05.smem_descriptor_to_int(frag.iterator)

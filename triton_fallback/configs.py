@@ -77,7 +77,7 @@ TUNED: dict[tuple, Tile] = {
     # hdim64 "bwd" unmasked: autotuned on the H200 (session 2, `tune --dims 64 --dtypes bf16
     # --causal false`): 64x64 w4 s3, 328 TFLOP/s at batch 4 x 16 heads x 4k (ptxas: 244 registers,
     # no spills; with the causal mask it spills 80 B, so masked keeps 64x128). Checked in CI through
-    # the interpreter (test_sm90_table_tiles_in_interpreter); not yet in a GPU test run.
+    # the interpreter (test_sm90_table_tiles_in_interpreter) and in the GPU tests (session 3).
     **{("sm90", "bwd", 64, dt, False): Tile(64, 64, 4, 3) for dt in _F16},
     # hdim64 "bwd" masked (causal): 64x128 w8 with 3 stages instead of 2 (autotuned at 2k, then
     # H200, bf16, 32 heads x 16k tokens, same run as FA2 221 / 263 / 279 TFLOP/s at 2k / 8k / 16k:
