@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, cast, dot, keep_mask, key_block_range, load_tile, query_block_range, score_scales,
+    LOG2E, cast, dot, keep_mask, key_block_range, load_tile, query_block, query_block_range, score_scales,
     scores_log2, seq_info, tile_ptrs,
 )
 
@@ -256,7 +256,7 @@ def attn_bwd_dq(
     HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if HAS_WR else tl.program_id(0)  # longest first
+    pid_m = query_block(HAS_WR)
     h = tl.program_id(1)
     b = tl.program_id(2)
     h_kv = h // (nheads // nheads_kv)

@@ -64,6 +64,16 @@ def e4m3_to_f16(bits):
 
 
 @triton.jit
+def query_block(LONGEST_FIRST: tl.constexpr):
+    """This program's query block. LONGEST_FIRST (causal / right window, where the last query
+    blocks see the most keys): each head's blocks from the last, so the grid ends on short
+    programs instead of a tail of long ones."""
+    if LONGEST_FIRST:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def seq_info(b, CU_SEQLENS, SEQUSED, seqlen, PACKED: tl.constexpr, HAS_SEQUSED: tl.constexpr):
     """(start row, length L, rows owned in the tensor) of sequence b on one side.
 

@@ -4,8 +4,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LN2, cast, dot, e4m3_to_f16, keep_mask, key_block_range, load_tile, score_scales, scores_log2,
-    seq_info, tile_ptrs,
+    LN2, cast, dot, e4m3_to_f16, keep_mask, key_block_range, load_tile, query_block, score_scales,
+    scores_log2, seq_info, tile_ptrs,
 )
 
 
@@ -58,9 +58,7 @@ def attn_fwd(
     SOFTCAP: tl.constexpr, HAS_DESCALE: tl.constexpr, FP8_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # causal / right window: the last query blocks see the most keys; start each head with them,
-    # so the grid ends on short programs instead of a tail of long ones
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if HAS_WR else tl.program_id(0)
+    pid_m = query_block(HAS_WR)
     h = tl.program_id(1)
     b = tl.program_id(2)
     h_kv = h // (nheads // nheads_kv)

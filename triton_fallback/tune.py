@@ -22,8 +22,7 @@ from fa3py.request import AttentionParams, AttentionRequest
 
 from . import configs, ops
 
-HEADS, TOKENS = 16, 16384
-SEQLEN = 4096
+HEADS, TOKENS, SEQLEN = 16, 16384, 4096
 
 
 def flops(req: AttentionRequest, backward: bool = False) -> float:
@@ -35,9 +34,10 @@ def flops(req: AttentionRequest, backward: bool = False) -> float:
     return f * (2.5 if backward else 1.0)
 
 
-def make(d: int, dtype: torch.dtype, causal: bool, deterministic: bool = False) -> AttentionRequest:
-    batch = max(TOKENS // SEQLEN, 1)
-    q, k, v = (torch.randn(batch, SEQLEN, HEADS, d, device="cuda", dtype=dtype) for _ in range(3))
+def make(d: int, dtype: torch.dtype, causal: bool, deterministic: bool = False,
+         seqlen: int = SEQLEN) -> AttentionRequest:
+    batch = max(TOKENS // seqlen, 1)
+    q, k, v = (torch.randn(batch, seqlen, HEADS, d, device="cuda", dtype=dtype) for _ in range(3))
     return AttentionRequest(q, k, v, AttentionParams(d ** -0.5, window_right=0 if causal else -1,
                                                      deterministic=deterministic))
 
@@ -47,17 +47,17 @@ def report(name: str, req: AttentionRequest, fn, backward: bool = False):
     print(f"{name:<44} {ms:8.3f} ms {flops(req, backward) / ms * 1e-9:8.1f} TFLOP/s")
 
 
-def bench(dims, dtypes, causals):
+def bench(dims, dtypes, causals, seqlen=SEQLEN):
     for d in dims:
         for dtype in dtypes:
             for causal in causals:
-                req = make(d, dtype, causal)
+                req = make(d, dtype, causal, seqlen=seqlen)
                 tag = f"d={d} {str(dtype)[6:]} causal={causal}"
                 out, lse = ops.forward(req)
                 dout = torch.randn_like(out)
                 report(f"triton fwd {tag}", req, lambda: ops.forward(req))
                 report(f"triton bwd {tag}", req, lambda: ops.backward(req, out, lse, dout), True)
-                det = make(d, dtype, causal, deterministic=True)
+                det = make(d, dtype, causal, deterministic=True, seqlen=seqlen)
                 report(f"triton bwd deterministic {tag}", det,
                        lambda: ops.backward(det, out, lse, dout), True)
                 qt, kt, vt = (x.transpose(1, 2) for x in (req.q, req.k, req.v))
@@ -65,22 +65,23 @@ def bench(dims, dtypes, causals):
                 report(f"sdpa   fwd {tag}", req, lambda: sdpa(qt, kt, vt, is_causal=causal))
 
 
-def tune(dims, dtypes, causals, kernels=configs.KERNELS):
+def tune(dims, dtypes, causals, kernels=configs.KERNELS, seqlen=SEQLEN):
     family = configs.gpu_family(torch.cuda.current_device())
+    # The kernels being tuned lose their entries in both tables (and --bench then times the
+    # autotuned picks); the others run as listed.
+    for table in (configs.TUNED, configs.TUNED_SHORT):
+        for key in [key for key in table if key[1] in kernels]:
+            del table[key]
     for d in dims:
         for dtype in dtypes:
             for causal in causals:
-                # the kernels being tuned lose their table entries (and --bench then times the
-                # autotuned picks); the others run as listed
-                for key in [key for key in configs.TUNED if key[1] in kernels]:
-                    del configs.TUNED[key]
-                req = make(d, dtype, causal)
+                req = make(d, dtype, causal, seqlen=seqlen)
                 out, lse = ops.forward(req)
                 dout = torch.randn_like(out)
                 if "bwd" in kernels:
                     ops.backward(req, out, lse, dout)  # atomic dQ up to ops.ATOMIC_DQ_MAX_HEADDIM
                 if {"bwd_dkdv", "bwd_dq"} & set(kernels):
-                    ops.backward(make(d, dtype, causal, True), out, lse, dout)
+                    ops.backward(make(d, dtype, causal, True, seqlen), out, lse, dout)
                 for kernel in kernels:
                     best = ops._TUNED[kernel].best_config
                     tile = configs.Tile(best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"],
@@ -89,7 +90,6 @@ def tune(dims, dtypes, causals, kernels=configs.KERNELS):
 
 
 def main():
-    global SEQLEN
     parser = argparse.ArgumentParser()
     parser.add_argument("--bench", action="store_true", help="benchmark (after tuning with --tune)")
     parser.add_argument("--tune", action="store_true", help="autotune (the default without --bench)")
@@ -104,15 +104,14 @@ def main():
     parser.add_argument("--seqlen", type=int, default=SEQLEN, help=f"tuning shape's seqlen (default {SEQLEN}; "
                         f"batch = {TOKENS} // seqlen)")
     args = parser.parse_args()
-    SEQLEN = args.seqlen
     dtypes = [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes]
     causals = [c == "true" for c in args.causal]
     if args.atomic_max is not None:
         ops.ATOMIC_DQ_MAX_HEADDIM = args.atomic_max
     if args.tune or not args.bench:
-        tune(args.dims, dtypes, causals, args.kernels)  # leaves the autotuned picks cached for --bench
+        tune(args.dims, dtypes, causals, args.kernels, args.seqlen)  # autotuned picks stay cached for --bench
     if args.bench:
-        bench(args.dims, dtypes, causals)
+        bench(args.dims, dtypes, causals, args.seqlen)
 
 
 if __name__ == "__main__":
