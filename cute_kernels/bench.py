@@ -39,8 +39,7 @@ def _parse_tiles(spec: str) -> dict:
 
 
 def _tile_name(t) -> str:
-    flags = "".join(f"+{f}" for f in ("dynamic", "lpt_l2_sections") if getattr(t, f))
-    return f"{t.tile_m}x{t.tile_n}s{t.num_stages}{flags}"
+    return f"{t.tile_m}x{t.tile_n}s{t.num_stages}"
 
 
 def _sdpa(backend):
@@ -160,7 +159,7 @@ def main(argv=None):
                 for spec in tiles.get(d, []):
                     t = tile_from_spec(base.tile, spec)
                     if t != base.tile:
-                        variants.append((_tile_name(t), dataclasses.replace(base, tile=t)))
+                        variants.append((spec, dataclasses.replace(base, tile=t)))
                 for c in cands.get(d, []):
                     t = dataclasses.replace(c, persistent=base.tile.persistent)
                     variants.append(("cand " + _tile_name(t), dataclasses.replace(base, tile=t)))

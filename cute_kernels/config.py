@@ -156,16 +156,15 @@ class FwdConfig:
         # TFLOP/s at seqlen 1024 non-causal, equal at 8k; causal 584 -> 534 at 8k with the static
         # longest-first stride, so causal/local keep the single-tile longest-first grid).
         windowed = features.get("has_left", False) or features.get("has_right", False)
-        # hdim_v > 128: rescale O under QK^T, before PV (H200, 16k tokens, bf16, same run as
-        # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664).
-        base = SHORT_CAUSAL_TILES.get(hdim) if short_causal else None
+        base = SHORT_CAUSAL_TILES.get(hdim, TILES[hdim]) if short_causal else TILES[hdim]
         # Causal/local: the dynamic scheduler (atomic tile counter, longest first). H200, bf16, 64k
         # tokens, 2 rounds, against the single-tile grid: hdim128 512 274 -> 352, 1k 381 -> 456,
         # 2k 465 -> 524, 8k 506 -> 583; hdim64 512 187 -> 244, 2k 369 -> 400, 8k 484 -> 480;
         # hdim256 512 314 -> 323, 8k 575 -> 627 TFLOP/s.
         # Not for the 3-WG tile (160 registers) with a left window edge: that spills 80 bytes.
-        base = base or TILES[hdim]
         dynamic = windowed and not (base.num_mma_wg == 3 and features.get("has_left", False))
+        # hdim_v > 128: rescale O under QK^T, before PV (H200, 16k tokens, bf16, same run as
+        # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664).
         tile = replace(base, persistent=not windowed, dynamic=dynamic,
                        rescale_o_before_pv=hdimv > 128, pin_desc=hdim <= 192)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}

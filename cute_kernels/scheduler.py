@@ -7,9 +7,9 @@ Single-tile: one tile per CTA, the hardware hands CTAs to SMs greedily in launch
   fit in L2 together form a section; inside it the order is m_block descending, heads fastest.
   (Head-major order put the last head's longest tile at the very end: a tail of up to one long
   tile on one SM while the others idle, ~10-20% at 8k tokens with 16-32 heads.)
-Persistent: grid = min(tiles, #SMs) CTAs stride over a linear tile index (static round robin;
-with `lpt` the index is m-block-major from the last m_block, which balances badly under a static
-stride, so causal/local use the single-tile LPT grid).
+Persistent: grid = min(tiles, #SMs) CTAs stride over a linear tile index (static round robin,
+m_block fastest; with `lpt` the single-tile grid's numbering, which a static stride balances
+badly: causal/local use the dynamic scheduler).
 Dynamic (persistent): the first tile of a CTA is its block index, every later one comes from an
 atomic counter (`grid + atomicAdd(counter, 1)`), taken by the producer warp; tiles are numbered
 as in the single-tile grid (longest first in L2 sections with `lpt`), so handing them out in
@@ -73,22 +73,20 @@ class TileScheduler:
 
     def coords(self, tile: Int32):
         """(m_block, head, batch) of `tile`."""
-        if const_expr(not self.persistent or (self.dynamic and self.lpt)):
+        if const_expr(not self.persistent and not self.lpt):
             bidx, head, batch = cute.arch.block_idx()
-            if const_expr(not self.lpt):
-                return Int32(bidx), Int32(head), Int32(batch)
-            bid = tile if const_expr(self.dynamic) else Int32(bidx)
+            return Int32(bidx), Int32(head), Int32(batch)
+        if const_expr(self.lpt):
+            # Longest first in L2 sections of `l2_heads` (batch, head) pairs: m_block descending,
+            # pairs fastest. One numbering for the single-tile grid (tile = block index) and both
+            # persistent schedulers (tile = the index they stride over / take from the counter).
+            bid = tile if const_expr(self.persistent) else Int32(cute.arch.block_idx()[0])
             hb_total = self.num_heads * self.num_batch
             section = bid // (self.l2_heads * self.num_m_blocks)
             r = bid - section * self.l2_heads * self.num_m_blocks
             heads_here = cutlass.min(self.l2_heads, hb_total - section * self.l2_heads)
             hb = section * self.l2_heads + r % heads_here
             return self.num_m_blocks - 1 - r // heads_here, hb % self.num_heads, hb // self.num_heads
-        if const_expr(self.lpt):
-            hb = self.num_heads * self.num_batch
-            m_block = self.num_m_blocks - 1 - tile // hb
-            rest = tile % hb
-            return m_block, rest % self.num_heads, rest // self.num_heads
         m_block = tile % self.num_m_blocks
         rest = tile // self.num_m_blocks
         return m_block, rest % self.num_heads, rest // self.num_heads

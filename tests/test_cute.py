@@ -339,25 +339,29 @@ def test_gpu_mask_thr0(sq, sk, wl, wr):
 @pytest.mark.parametrize("separate_o", [True, False])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30)])
 def test_gpu_persistent(overlap, separate_o, wl, wr):
-    # 3 * 8 * 8 = 192 tiles > #SMs: every CTA runs several tiles (and some rows are empty, so
-    # with separate_o some tiles release Q without reading it).
+    """Static persistent CTAs (not the dynamic scheduler, the causal/local default):
+    3 * 8 * 8 = 192 tiles > #SMs, every CTA runs several tiles (and some rows are empty, so
+    with separate_o some tiles release Q without reading it)."""
     q, k, v = _qkv(3, 1000, 777, 8, 2, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
-    _check(req, _with_tile(req, persistent=True, intra_wg_overlap=overlap, separate_o=separate_o))
+    _check(req, _with_tile(req, persistent=True, dynamic=False, intra_wg_overlap=overlap,
+                           separate_o=separate_o))
 
 
 @gpu
 @pytest.mark.parametrize("l2_kv_heads", [0, 5, 10**6])  # sections of 4, 20 (+ a short one of 4), all
 @pytest.mark.parametrize("wl,wr", [(-1, 0), (100, 30)])
-def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr):
-    """The causal/local longest-first grid visits every (m_block, batch, head) once, for
-    sections that do and do not divide batch * heads (scheduler.TileScheduler.coords)."""
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr, dynamic):
+    """The causal/local longest-first order visits every (m_block, batch, head) once, for
+    sections that do and do not divide batch * heads (scheduler.TileScheduler.coords), as the
+    single-tile grid and as the dynamic scheduler's tile numbering."""
     q, k, v = _qkv(3, 1000, 1000, 8, 2, 64, 64, torch.bfloat16)
     per_kv_head = 1000 * (64 + 64) * 2
     monkeypatch.setattr(cute_kernels, "_l2_bytes", lambda device: l2_kv_heads * per_kv_head)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.l2_heads(req) == max(1, min(l2_kv_heads, 10**6)) * 4
-    _check(req, _with_tile(req, lpt_l2_sections=True))
+    _check(req, _with_tile(req, lpt_l2_sections=True, dynamic=dynamic))
 
 
 @gpu
@@ -365,11 +369,11 @@ def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr):
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30), (0, 0)])
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_gpu_dynamic(hdim, wl, wr, dynamic):
-    """Dynamic persistent scheduler (the causal/local default): 3 * 8 * 8 = 192 tiles (128 rows;
-    144 for hdim 64's 192) on fewer CTAs, taken from the atomic counter; some rows see no key
-    (1000 queries, 777 keys). dynamic=False: the single-tile grid (static persistent if not
-    windowed)."""
-    q, k, v = _qkv(3, 1000, 777, 8, 2, hdim, hdim, torch.bfloat16)
+    """Dynamic persistent scheduler (the causal/local default): 3 * 8 * 9 = 216 tiles of 128
+    rows (144 of hdim 64's 192: 1100 rows is past SHORT_CAUSAL_SEQLEN) on fewer CTAs, taken from
+    the atomic counter; some rows see no key (1100 queries, 777 keys). dynamic=False: the
+    single-tile grid (static persistent if not windowed)."""
+    q, k, v = _qkv(3, 1100, 777, 8, 2, hdim, hdim, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     cfg = _with_tile(req, dynamic=dynamic)
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
@@ -394,7 +398,7 @@ def test_gpu_persistent_varlen():
     q, k, v, varlen = _packed_qkv([1, 113, 239, 799, 0, 64, 1500], [3, 203, 1, 1024, 5, 64, 1400], 8, 4, 64,
                                   torch.float16)
     req = _req(q, k, v, window_right=0, **varlen)
-    _check(req, _with_tile(req, persistent=True))
+    _check(req, _with_tile(req, persistent=True, dynamic=False))
 
 
 @gpu

@@ -6,7 +6,6 @@ import torch
 import fa3py
 
 
-
 def qkv(b=2, sq=10, sk=12, h=4, hk=2, d=32, dv=32, dtype=torch.bfloat16):
     return (torch.randn(b, sq, h, d).to(dtype), torch.randn(b, sk, hk, d).to(dtype),
             torch.randn(b, sk, hk, dv).to(dtype))
