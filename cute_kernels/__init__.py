@@ -150,6 +150,23 @@ def forward(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
     return run(req, config_for(req))
 
 
+_tile_counters: dict = {}
+
+
+def _tile_counter(dev: torch.device) -> torch.Tensor:
+    """The dynamic scheduler's counters (tiles taken, CTAs done): zero at launch, and the kernel's
+    last CTA zeroes them again, so one buffer per stream serves every call without a memset
+    (calls on one stream run in order; another stream gets its own). Under CUDA graph capture a
+    fresh zeroed buffer per call, so the memset is part of the graph."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(2, dtype=torch.int32, device=dev)
+    key = (dev.index, torch.cuda.current_stream(dev).cuda_stream)
+    counter = _tile_counters.get(key)
+    if counter is None:
+        counter = _tile_counters[key] = torch.zeros(2, dtype=torch.int32, device=dev)
+    return counter
+
+
 def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward` with an explicit config (tests and benchmarks override tiles/schedules)."""
     p = req.params
@@ -174,8 +191,7 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         return out, lse
     ints = [None if t is None else t.to(torch.int32).contiguous()
             for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
-    # dynamic scheduler: the tile counter the CTAs take from (zero at launch)
-    ints.append(torch.zeros(1, dtype=torch.int32, device=dev) if cfg.tile.dynamic else None)
+    ints.append(_tile_counter(dev) if cfg.tile.dynamic else None)
     sections = l2_heads(req) if cfg.tile.lpt_l2_sections else 1
     scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections)
     tvm_ffi = use_tvm_ffi

@@ -34,6 +34,11 @@ class TileConfig:
     # instead of reusing Q's: the consumers then release Q after their last QK^T, so the producer
     # loads the next persistent tile's Q under the last PV and the epilogue.
     separate_o: bool = True
+    # Epilogue: each consumer warp stores its 16 rows of O from its smem slab by TMA (predicated
+    # 16-byte stores only where a slab crosses the end of a packed / seqused sequence); off = the
+    # predicated stores everywhere. Either way no barrier across warpgroups when O has its own
+    # smem buffer.
+    tma_store: bool = True
     # Causal/local single-tile grid: longest-first within L2 sections of (batch, head) pairs
     # (scheduler.py); off = sections of one pair (head-major, each head's m_blocks descending).
     # H200, causal, bf16, 64k tokens: on = hdim128 seqlen 512 250 / 1k 342 TFLOP/s, off 281 / 376

@@ -20,7 +20,9 @@ Named barriers (NamedBarrierFwd):
                       128 arrivals of WG i-1) before issuing GEMMs and arrives on WG i+1's
                       barrier (mod W) right after, so one WG's softmax overlaps the others'
                       GEMMs. W = 2 is FA3's pingpong, W = 3 FA3's 3-WG round robin.
-  Epilogue            128W consumer threads: O goes through smem that aliases sQ.
+  Epilogue            128W consumer threads, only where sO aliases sQ (no separate_o): every
+                      WG's last QK^T is done before any warp stages O. Otherwise each consumer
+                      warp stages and stores its own 16 rows of O (TMA store) with no barrier.
 
 Intra-warpgroup overlap: the consumer issues QK^T for block n and PV for block n+1 (already
 softmaxed) back to back, then does the softmax of block n while PV runs.
@@ -63,6 +65,7 @@ DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
 LOG2_E = math.log2(math.e)
 NUM_THREADS_PER_WG = 128
 SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
+O_SLAB_ROWS = 16  # rows of O one warp holds (WGMMA: warp w of a warpgroup owns rows 16w .. 16w+15)
 
 
 def _sdhb(t: cute.Tensor, packed: bool) -> cute.Tensor:
@@ -132,7 +135,7 @@ class FlashAttentionForwardSm90:
         mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor],
         mSeqUsedK: Optional[cute.Tensor],
-        mTileCounter: Optional[cute.Tensor],  # dynamic scheduler: one int32, zero at launch
+        mTileCounter: Optional[cute.Tensor],  # dynamic scheduler: 2 int32, zero at launch and exit
         scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e)
         softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
         window_left: Int32,
@@ -153,7 +156,10 @@ class FlashAttentionForwardSm90:
         sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim))
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
-        sO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv))
+        # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
+        # each compact in smem, so a warp stores its slab by TMA without waiting for the others.
+        sO_slab_layout = make_smem_layout(self.dtype, (O_SLAB_ROWS, self.hdimv))
+        sO_layout = cute.tile_to_shape(sO_slab_layout, (self.tile_m, self.hdimv), order=(0, 1))
 
         # sQ also holds O unless O has its own buffer (separate_o).
         sQ_elems = cute.cosize(sQ_layout) if const_expr(self.separate_o) else max(
@@ -180,6 +186,8 @@ class FlashAttentionForwardSm90:
         tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
             g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.hdimv)
         )
+        tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.hdimv))
         tx_bytes = {
             name: cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
             for name, layout in (("Q", sQ_layout), ("K", sK_layout), ("V", sV_layout))
@@ -189,9 +197,9 @@ class FlashAttentionForwardSm90:
         num_heads = cute.size(mQ.shape[2])
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
-            tma_Q, tma_K, tma_V, mO, mLSE,
+            tma_Q, tma_K, tma_V, mO, tma_O, mLSE,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mTileCounter,
-            tma_atom_Q, tma_atom_K, tma_atom_V,
+            tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O,
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
@@ -209,11 +217,13 @@ class FlashAttentionForwardSm90:
     @cute.kernel
     def kernel(
         self,
-        mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+        mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor, tma_O: cute.Tensor,
+        mLSE: cute.Tensor,
         mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
         mTileCounter: Optional[cute.Tensor],
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
+        tma_atom_O: cute.CopyAtom,
         scale_log2: Float32, softcap_premul: Float32, window_left: Int32, window_right: Int32,
         sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
@@ -227,7 +237,7 @@ class FlashAttentionForwardSm90:
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
-            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V):
+            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O):
                 cpasync.prefetch_descriptor(atom)
 
         smem = cutlass_utils.SmemAllocator()
@@ -271,7 +281,7 @@ class FlashAttentionForwardSm90:
                           pipeline_q, pipeline_k, pipeline_v, **tile_args)
         else:
             cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
-            self.mma(mO, mLSE, sQ, sK, sV, sO, tiled_mma_qk, tiled_mma_pv,
+            self.mma(mO, tma_O, tma_atom_O, mLSE, sQ, sK, sV, sO, tiled_mma_qk, tiled_mma_pv,
                      pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, **tile_args)
 
     @cute.jit
@@ -348,6 +358,7 @@ class FlashAttentionForwardSm90:
             # No more tiles: announce one past the last, completing Q's phase without a TMA.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
             self.announce_tile(next_tile, scheduler.num_tiles(), pipeline_q.producer_get_barrier(q_state))
+            scheduler.retire()
 
     @cute.jit
     def load_block(self, n_block, state, pipe, tma_atom, tXgX, tXsX):
@@ -395,7 +406,8 @@ class FlashAttentionForwardSm90:
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def mma(
-        self, mO, mLSE, sQ, sK, sV, sO, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+        self, mO, tma_O, tma_atom_O, mLSE, sQ, sK, sV, sO, tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
         pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
         scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile,
     ):
@@ -491,8 +503,9 @@ class FlashAttentionForwardSm90:
                             pipeline_q.consumer_release(q_state)
                 elif const_expr(self.separate_o):
                     pipeline_q.consumer_release(q_state)  # no KV block: Q is never read
-                self.epilogue(acc_O, softmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block, head, batch,
-                              seqlen, release_q=None if const_expr(self.separate_o)
+                self.epilogue(acc_O, softmax, mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_pv, tidx,
+                              m_block, head, batch, seqlen,
+                              release_q=None if const_expr(self.separate_o)
                               else partial(pipeline_q.consumer_release, q_state))
                 q_state.advance()
             if const_expr(next_tile is not None):
@@ -500,6 +513,8 @@ class FlashAttentionForwardSm90:
                 tile = self.read_tile(next_tile)
             else:
                 tile = scheduler.next(tile)
+        # The last TMA stores of O must have read sO before the CTA's smem goes away.
+        cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
     def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
@@ -637,10 +652,14 @@ class FlashAttentionForwardSm90:
 
     # ------------------------------------------------------------------ epilogue
     @cute.jit
-    def epilogue(self, acc_O, softmax: OnlineSoftmax, mO, mLSE, sO, tiled_mma_pv, tidx, m_block,
-                 head, batch, seqlen: SeqlenInfo, release_q):
-        """O = acc_O / rowsum -> bf16 -> smem (stmatrix) -> 16-byte predicated global stores;
-        LSE from the lanes that own column 0."""
+    def epilogue(self, acc_O, softmax: OnlineSoftmax, mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_pv,
+                 tidx, m_block, head, batch, seqlen: SeqlenInfo, release_q):
+        """O = acc_O / rowsum -> bf16 -> smem (stmatrix) -> global, each consumer warp on its own:
+        it stages the 16 rows its accumulator holds in its own sO slab and stores them with one
+        TMA (the box clips at the tensor's last row), or, where the slab runs past the end of a
+        packed / seqused sequence (TMA would write the next sequence's rows), with predicated
+        16-byte stores. No barrier across warps except, when sO aliases sQ, one that waits for
+        every warpgroup's last QK^T. LSE from the lanes that own column 0."""
         inv_sum = softmax.finalize()
         softmax.rescale_O(acc_O, inv_sum)
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
@@ -659,33 +678,69 @@ class FlashAttentionForwardSm90:
                 if row < rows_left:
                     mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
 
-        # Before sO is written: every consumer WG is done reading sQ (same smem unless
-        # separate_o) and the previous tile's sO.
-        cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
+        if const_expr(not self.separate_o):
+            # sO overlays sQ, whose rows every warpgroup reads: wait for all last QK^Ts.
+            cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
+        # This warp's previous TMA store has read its slab (only the issuing lane has one).
+        cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.sync_warp()
         store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
         thr_copy_O = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
         cute.copy(thr_copy_O, thr_copy_O.retile(rO), thr_copy_O.partition_D(sO))
-        cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
 
+        warp = tidx // 32  # rows O_SLAB_ROWS * warp .. of the tile: this warp's accumulator rows
+        slab = (O_SLAB_ROWS, self.hdimv)
+        sO_w = cute.local_tile(sO, slab, (warp, 0))
+        rows_w = rows_left - warp * O_SLAB_ROWS
+        m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
+        ragged = self.cfg.cu_seqlens_q or self.cfg.seqused_q
+        if const_expr(self.cfg.tile.tma_store):
+            cute.arch.fence_view_async_shared()  # stmatrix writes -> the TMA's async-proxy reads
+        cute.arch.sync_warp()
+        # A full slab, or any slab of an unpacked tensor without seqused_q, goes by TMA.
+        full = rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0
+        if const_expr(self.cfg.tile.tma_store):
+            if full:
+                self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen)
+            elif rows_w > 0:
+                self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
+        elif rows_w > 0:
+            self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
+        if const_expr(release_q is not None):
+            # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+            cute.arch.sync_warp()
+            release_q()
+
+    @cute.jit
+    def store_slab_tma(self, tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen: SeqlenInfo):
+        mO_cur = cute.domain_offset((seqlen.offset_q, 0), tma_O[None, None, head, b_q])
+        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.hdimv), (m_slab, 0))
+        tOsO, tOgO = cpasync.tma_partition(tma_atom_O, 0, cute.make_layout(1),
+                                           cute.group_modes(sO_w, 0, 2), cute.group_modes(gO_w, 0, 2))
+        cute.copy(tma_atom_O, tOsO, tOgO)  # issued by one elected lane
+        cute.arch.cp_async_bulk_commit_group()
+
+    @cute.jit
+    def store_slab_predicated(self, mO, sO_w, rows_w, m_slab, head, b_q, seqlen: SeqlenInfo):
+        """The warp's first `rows_w` slab rows by 16-byte loads from smem and stores to global."""
         vec = 128 // self.dtype.width
         threads_per_row = math.gcd(self.hdimv // vec, 32)
         gmem_copy = cute.make_tiled_copy_tv(
             cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128),
-            cute.make_ordered_layout((self.num_mma_threads // threads_per_row, threads_per_row), order=(1, 0)),
+            cute.make_ordered_layout((32 // threads_per_row, threads_per_row), order=(1, 0)),
             cute.make_layout((1, vec)),
         )
-        thr_gmem = gmem_copy.get_slice(tidx)
+        thr_gmem = gmem_copy.get_slice(cute.arch.lane_idx())
         mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b_q])
-        gO = cute.local_tile(mO_cur, (self.tile_m, self.hdimv), (m_block, 0))
-        tOsO = thr_gmem.partition_S(sO)
-        tOgO = thr_gmem.partition_D(gO)
-        tOcO_g = thr_gmem.partition_S(cO)
+        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.hdimv), (m_slab, 0))
+        tOsO = thr_gmem.partition_S(sO_w)
+        tOgO = thr_gmem.partition_D(gO_w)
+        tOcO = thr_gmem.partition_S(cute.make_identity_tensor((O_SLAB_ROWS, self.hdimv)))
         tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
         cute.autovec_copy(tOsO, tOrO)
-        if const_expr(release_q is not None):
-            release_q()  # this warp no longer reads sO (= sQ): the next tile's Q may land there
         for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
-            if tOcO_g[0, m, 0][0] < rows_left:
+            if tOcO[0, m, 0][0] < rows_w:
                 cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
 
     # ------------------------------------------------------------------ compile
@@ -719,7 +774,7 @@ class FlashAttentionForwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
-            vec(1) if cfg.tile.dynamic else None,
+            vec(2) if cfg.tile.dynamic else None,
             Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )

@@ -88,12 +88,13 @@ def named_barrier_ids(sass: str) -> collections.Counter:
     return c
 
 
-def check(sass: str) -> list[str]:
-    """Missing required features (empty list = ok)."""
+def check(sass: str, named_barrier: bool = True) -> list[str]:
+    """Missing required features (empty list = ok). `named_barrier`: the kernel must use a named
+    barrier (the pingpong's; a kernel without pingpong whose O has its own smem has none)."""
     ops = opcode_counts(sass)
     missing = [op for op in REQUIRED if ops[op] == 0]
     bars = named_barrier_ids(sass)
-    if not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
+    if named_barrier and not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
     return missing
 
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     print(f"# registers: REG {res.get('REG')} (launch), max R{max_register(sass)}; "
           f"STACK {res.get('STACK')} LOCAL {res.get('LOCAL')} bytes")
     print("# named barriers:", dict(named_barrier_ids(sass)))
-    missing = check(sass)
+    missing = check(sass, named_barrier=cfg.tile.pingpong)
     print("# required:", "ok" if not missing else "MISSING " + ", ".join(missing))
     return 1 if missing else 0
 

@@ -15,7 +15,7 @@ atomic counter (`grid + atomicAdd(counter, 1)`), taken by the producer warp; til
 as in the single-tile grid (longest first in L2 sections with `lpt`), so handing them out in
 counter order is greedy longest-first scheduling. The producer tells the consumers which tile
 comes next through shared memory, ahead of that tile's Q (fwd_sm90.py), and ends with a tile
-index past the last one.
+index past the last one. The last CTA to finish taking tiles zeroes the counter again.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class TileScheduler:
     lpt: cutlass.Constexpr[bool]
     l2_heads: Int32  # lpt (single-tile or dynamic): (batch, head) pairs per L2 section
     dynamic: cutlass.Constexpr[bool] = False
-    counter: Optional[cute.Tensor] = None  # dynamic: one int32, zero at launch
+    counter: Optional[cute.Tensor] = None  # dynamic: (tiles taken, CTAs done), zero at launch
 
     @staticmethod
     def grid(num_m_blocks, num_heads, num_batch, num_ctas, persistent: bool, lpt: bool):
@@ -62,6 +62,18 @@ class TileScheduler:
         if cute.arch.lane_idx() == 0:
             taken = cute.arch.atomic_add(self.counter.iterator, Int32(1), sem="relaxed", scope="gpu")
         return Int32(cute.arch.grid_dim()[0]) + cute.arch.shuffle_sync(taken, 0)
+
+    @cute.jit
+    def retire(self):
+        """Dynamic, the producer warp after its last fetch: count this CTA done; the last one
+        zeroes both counters (tiles taken, CTAs done) for the next launch on the stream, so the
+        host keeps one counter buffer instead of zeroing one per call. Every other CTA has taken
+        its last tile by then (its done-increment follows its last fetch, release / acquire)."""
+        if cute.arch.lane_idx() == 0:
+            done = cute.arch.atomic_add(self.counter.iterator + 1, Int32(1), sem="acq_rel", scope="gpu")
+            if done == Int32(cute.arch.grid_dim()[0]) - 1:
+                self.counter[0] = Int32(0)
+                self.counter[1] = Int32(0)
 
     def num_tiles(self) -> Int32:
         return self.num_m_blocks * self.num_heads * self.num_batch

@@ -24,7 +24,7 @@ from cutlass.utils import LayoutEnum
 class NamedBarrierFwd(enum.IntEnum):
     """Hardware named-barrier ids (0 is __syncthreads)."""
 
-    Epilogue = 1  # all consumer threads: sO may overwrite sQ only after every QK^T is done
+    Epilogue = 1  # all consumer threads, sO aliasing sQ: stage O only after every QK^T is done
     WarpSchedulerWG1 = 2  # pingpong: WG1 may issue its GEMMs
     WarpSchedulerWG2 = 3  # pingpong: WG2 may issue its GEMMs
     WarpSchedulerWG3 = 4  # 3 consumer WGs (tile_m 192): WG3 may issue its GEMMs

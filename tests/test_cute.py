@@ -31,9 +31,11 @@ def _compile_and_check(cfg: FwdConfig):
     with tempfile.TemporaryDirectory() as d:
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
-    assert sass.check(text) == [], f"{cfg.short()}: missing {sass.check(text)}"
+    missing = sass.check(text, named_barrier=cfg.tile.pingpong)
+    assert missing == [], f"{cfg.short()}: missing {missing}"
     ops = sass.opcode_counts(text)
     assert ops["STL"] == 0 and ops["LDL"] == 0, f"{cfg.short()}: register spills"
+    assert (ops["UTMASTG"] > 0) == cfg.tile.tma_store, f"{cfg.short()}: TMA store of O"
     return ops
 
 
@@ -64,28 +66,32 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
         dict(persistent=True, dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
         dict(rescale_o_before_pv=True, pingpong=False, has_right=True),
         dict(dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
+        dict(tma_store=False, seqused_q=True),
     ],
     ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong",
-         "static-persistent-varlen-causal", "rescale-before-pv-no-pingpong", "single-tile-varlen-causal"],
+         "static-persistent-varlen-causal", "rescale-before-pv-no-pingpong", "single-tile-varlen-causal",
+         "stg-epilogue-seqused"],
 )
 def test_compile_features(features):
     cfg = FwdConfig.make("bf16", 128, **features)
     assert cfg.tile.dynamic == features.get("dynamic", cfg.has_right or cfg.has_left)  # default when windowed
     ops = _compile_and_check(cfg)
-    assert (ops["ATOMG"] == 1) == cfg.tile.dynamic  # the dynamic tile counter
+    assert (ops["ATOMG"] == 2) == cfg.tile.dynamic  # the dynamic tile counter + its reset count
 
 
 def _three_wg(cfg: FwdConfig, tile_n: int = 128, **fields) -> FwdConfig:
     return dataclasses.replace(cfg, tile=tile_variant(cfg.tile, 192, tile_n, **fields))
 
 
-@pytest.mark.parametrize("features", [dict(), dict(has_left=True, has_right=True, mask_thr0=True)],
-                         ids=["noncausal", "local-mask_thr0"])
+@pytest.mark.parametrize("features", [dict(), dict(has_left=True, has_right=True, mask_thr0=True,
+                                                   separate_o=False)],
+                         ids=["noncausal", "local-mask_thr0-o_in_q"])
 def test_compile_three_wg(features):
     """tile_m 192: 3 consumer WGs at 512 threads, setmaxnreg 24/160, a 3-barrier pingpong ring,
-    12-warp pipeline arrive counts (asserted at trace time), no spills at hdim 64."""
-    thr0 = features.pop("mask_thr0", False)
-    cfg = _three_wg(FwdConfig.make("bf16", 64, **features), mask_thr0=thr0)
+    12-warp pipeline arrive counts (asserted at trace time), no spills at hdim 64; an epilogue
+    barrier over the 12 consumer warps only where O is staged in Q's smem."""
+    fields = {k: features.pop(k) for k in ("mask_thr0", "separate_o") if k in features}
+    cfg = _three_wg(FwdConfig.make("bf16", 64, **features), **fields)
     with tempfile.TemporaryDirectory() as d:
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
@@ -95,7 +101,10 @@ def test_compile_three_wg(features):
     assert ops["STL"] == 0 and ops["LDL"] == 0 and res["STACK"] == 0 and res["LOCAL"] == 0
     assert res["REG"] <= 128 and sass.max_register(text) < 160
     assert "USETMAXREG.DEALLOC.CTAPOOL 0x18" in text and "0xa0 ;" in text  # 24 / 160
-    assert "BAR.SYNC.DEFER_BLOCKING 0x1, 0x180" in text  # epilogue: 384 consumer threads
+    if cfg.tile.separate_o:
+        assert "BAR.SYNC.DEFER_BLOCKING 0x1" not in text  # each warp stores its own rows of O
+    else:
+        assert "BAR.SYNC.DEFER_BLOCKING 0x1, 0x180" in text  # epilogue: 384 consumer threads
     assert "BAR.ARV 0x2, 0x100" in text  # WG1 starts the ring
     assert ops["HGMMA"] > 0 and all(l.split()[1].startswith("HGMMA.64x") for l in text.splitlines()
                                     if " HGMMA" in l)
@@ -391,6 +400,49 @@ def test_gpu_dynamic_varlen(separate_o):
                                   8, 2, 128, torch.bfloat16)
     req = _req(q, k, v, window_right=0, **varlen)
     _check(req, _with_tile(req, dynamic=True, separate_o=separate_o))
+
+
+@gpu
+def test_gpu_tile_counter_reuse():
+    """The dynamic scheduler's counters are zero again after every launch (its last CTA resets
+    them), so back-to-back calls with different grids on one stream share one buffer, and a call
+    on another stream gets its own."""
+    big = _qkv(3, 1100, 777, 8, 2, 128, 128, torch.bfloat16)  # 216 tiles: more than the SMs
+    small = _qkv(1, 300, 300, 2, 2, 128, 128, torch.bfloat16)  # 6 tiles: a 6-CTA grid
+    stream = torch.cuda.current_stream()
+    for q, k, v in (big, small, big, small):
+        req = _req(q, k, v, window_right=0)
+        assert cute_kernels.config_for(req).tile.dynamic
+        _check(req)
+        assert cute_kernels._tile_counters[(q.device.index, stream.cuda_stream)].tolist() == [0, 0]
+    side = torch.cuda.Stream()
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        req = _req(*big, window_right=0)
+        out, lse = cute_kernels.run(req, cute_kernels.config_for(req))
+    side.synchronize()
+    from tests._util import check_forward
+
+    check_forward(req, out, lse)
+    assert cute_kernels._tile_counters[(out.device.index, side.cuda_stream)].tolist() == [0, 0]
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["batched", "packed", "seqused_q"])
+def test_gpu_stg_epilogue(layout):
+    """tma_store=False: every warp stores its rows of O with predicated 16-byte stores (the
+    default's fallback for slabs that cross a packed / seqused sequence end)."""
+    if layout == "packed":
+        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 128,
+                                  torch.bfloat16)
+    else:
+        q, k, v = _qkv(3, 239, 300, 4, 2, 128, 128, torch.bfloat16)
+        kw = {}
+        if layout == "seqused_q":
+            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
+                      max_seqlen_q=239)
+    req = _req(q, k, v, window_right=0, **kw)
+    _check(req, _with_tile(req, tma_store=False))
 
 
 @gpu
