@@ -667,17 +667,6 @@ class FlashAttentionForwardSm90:
         b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
         rows_left = seqlen.seqlen_q - m_block * self.tile_m
 
-        # LSE: lanes holding column 0 write their rows.
-        thr_mma = tiled_mma_pv.get_slice(tidx)
-        cO = cute.make_identity_tensor((self.tile_m, self.hdimv))
-        tOcO = acc_to_mn(thr_mma.partition_C(cO))
-        mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b_q])
-        if tOcO[0, 0][1] == 0:
-            for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
-                row = tOcO[r, 0][0]
-                if row < rows_left:
-                    mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
-
         if const_expr(not self.separate_o):
             # sO overlays sQ, whose rows every warpgroup reads: wait for all last QK^Ts.
             cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
@@ -706,6 +695,16 @@ class FlashAttentionForwardSm90:
                 self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
         elif rows_w > 0:
             self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
+        # LSE (after the fence: its global stores need not complete before the TMA store issues):
+        # lanes holding column 0 write their rows.
+        tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(
+            cute.make_identity_tensor((self.tile_m, self.hdimv))))
+        mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b_q])
+        if tOcO[0, 0][1] == 0:
+            for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
+                row = tOcO[r, 0][0]
+                if row < rows_left:
+                    mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
         if const_expr(release_q is not None):
             # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
             cute.arch.cp_async_bulk_wait_group(0, read=True)
