@@ -37,7 +37,7 @@ class TileConfig:
     # Epilogue: each consumer warp stores its 16 rows of O from its smem slab by TMA (predicated
     # 16-byte stores only where a slab crosses the end of a packed / seqused sequence); off = the
     # predicated stores everywhere. Either way no barrier across warpgroups when O has its own
-    # smem buffer.
+    # smem buffer. FwdConfig.make: on for non-causal / non-local (measured there).
     tma_store: bool = True
     # Causal/local single-tile grid: longest-first within L2 sections of (batch, head) pairs
     # (scheduler.py); off = sections of one pair (head-major, each head's m_blocks descending).
@@ -168,10 +168,16 @@ class FwdConfig:
         # hdim256 512 314 -> 323, 8k 575 -> 627 TFLOP/s.
         # Not for the 3-WG tile (160 registers) with a left window edge: that spills 80 bytes.
         dynamic = windowed and not (base.num_mma_wg == 3 and features.get("has_left", False))
-        # hdim_v > 128: rescale O under QK^T, before PV (H200, 16k tokens, bf16, same run as
-        # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664).
-        tile = replace(base, persistent=not windowed, dynamic=dynamic,
-                       rescale_o_before_pv=hdimv > 128, pin_desc=hdim <= 192)
+        # Rescale O under QK^T, before PV: hdim_v > 128 (H200, 16k tokens, bf16, same run as
+        # flash-attn-4: hdim256 8k 706 -> 763 non-causal, 643 -> 661 causal; 2k 622 -> 664), and
+        # hdim 128 non-causal (H100, SM cycles, `python -m cute_kernels.cycles`, 32k tokens:
+        # 1k / 4k / 16k -0.7 / -1.3 / -1.3%; causal +2.9 / +3.8 / +3.5%, hdim64 +1..+2%: off).
+        rescale = hdimv > 128 or (hdim == 128 and not windowed)
+        # O by TMA store for non-causal / non-local; causal / local keep the predicated stores
+        # (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 / +4.9 / +6.6%;
+        # non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
+        tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
+                       pin_desc=hdim <= 192, tma_store=not windowed)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
@@ -187,4 +193,5 @@ class FwdConfig:
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"
                 f"{' persistent' if t.persistent else ''}{' mask_thr0' if t.mask_thr0 else ''}"
                 f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''}{' dynamic' if t.dynamic else ''}"
-                f"{' lpt_l2_sections' if t.lpt_l2_sections else ''} {' '.join(flags)}")
+                f"{' lpt_l2_sections' if t.lpt_l2_sections else ''}{' tma_store' if t.tma_store else ''}"
+                f" {' '.join(flags)}")

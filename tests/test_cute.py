@@ -66,11 +66,11 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
         dict(persistent=True, dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
         dict(rescale_o_before_pv=True, pingpong=False, has_right=True),
         dict(dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
-        dict(tma_store=False, seqused_q=True),
+        dict(tma_store=True, seqused_q=True, has_right=True),
     ],
     ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong",
          "static-persistent-varlen-causal", "rescale-before-pv-no-pingpong", "single-tile-varlen-causal",
-         "stg-epilogue-seqused"],
+         "tma-store-seqused-causal"],
 )
 def test_compile_features(features):
     cfg = FwdConfig.make("bf16", 128, **features)
@@ -429,9 +429,11 @@ def test_gpu_tile_counter_reuse():
 
 @gpu
 @pytest.mark.parametrize("layout", ["batched", "packed", "seqused_q"])
-def test_gpu_stg_epilogue(layout):
-    """tma_store=False: every warp stores its rows of O with predicated 16-byte stores (the
-    default's fallback for slabs that cross a packed / seqused sequence end)."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_epilogue_variants(layout, causal):
+    """The O store the defaults do not use for this masking: predicated 16-byte stores from every
+    warp for non-causal (tma_store=False), per-warp TMA stores for causal (tma_store=True, with
+    the predicated fallback for slabs crossing a packed / seqused sequence end)."""
     if layout == "packed":
         q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 128,
                                   torch.bfloat16)
@@ -441,8 +443,9 @@ def test_gpu_stg_epilogue(layout):
         if layout == "seqused_q":
             kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
                       max_seqlen_q=239)
-    req = _req(q, k, v, window_right=0, **kw)
-    _check(req, _with_tile(req, tma_store=False))
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    assert cute_kernels.config_for(req).tile.tma_store == (not causal)
+    _check(req, _with_tile(req, tma_store=causal))
 
 
 @gpu
