@@ -130,8 +130,11 @@ CANDIDATES: dict[int, list[TileConfig]] = {
 # tile, so the 192-row tile's padding and fewer, longer tiles cost more than 3 WGs gain. H200,
 # causal, bf16, 64k tokens: hdim64 512 170 -> 180, 1k 239 -> 258 TFLOP/s with 128x128 (2k: 192x128
 # wins, 362 vs 330).
+# hdim256: 128x64 (H100, SM cycles, `cute_kernels.cycles`, 16k tokens, causal: 512 0.201 -> 0.197,
+# 1k 0.264 -> 0.259 Mcycles; hdim 64 / 128 at tile_n 64 or 96 were 7-20% slower).
 SHORT_CAUSAL_SEQLEN = 1024
-SHORT_CAUSAL_TILES: dict[int, TileConfig] = {64: TileConfig(128, 128, 2, 24, 240)}
+SHORT_CAUSAL_TILES: dict[int, TileConfig] = {64: TileConfig(128, 128, 2, 24, 240),
+                                             256: TileConfig(128, 64, 2, 24, 240)}
 
 SUPPORTED_HDIM = tuple(TILES)
 # (hdim, hdim_v) pairs served: hdim_v == hdim, plus FA3's 192x128 (DeepSeek-style).

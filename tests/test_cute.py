@@ -21,7 +21,9 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import cute_kernels  # noqa: E402
 from cute_kernels import sass  # noqa: E402
-from cute_kernels.config import CANDIDATES, TILES, FwdConfig, TileConfig, tile_variant  # noqa: E402
+from cute_kernels.config import (  # noqa: E402
+    CANDIDATES, SHORT_CAUSAL_TILES, TILES, FwdConfig, TileConfig, tile_variant,
+)
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -117,17 +119,27 @@ def test_compile_mask_thr0_two_wg():
     assert ops["VIADD"] < 60  # 27 vs 96 with the default mask (CPU SASS, cutlass-dsl 4.8.1)
 
 
+@pytest.mark.parametrize("hdim", sorted(SHORT_CAUSAL_TILES))
+def test_compile_short_causal(hdim):
+    cfg = FwdConfig.make("bf16", hdim, short_causal=True, has_right=True)
+    assert cfg.tile.tile_n == SHORT_CAUSAL_TILES[hdim].tile_n
+    _compile_and_check(cfg)
+
+
 def test_short_causal_tile():
-    """hdim64 causal with <= SHORT_CAUSAL_SEQLEN query rows takes the 2-WG tile; longer or
-    non-causal problems the 3-WG table tile."""
+    """Causal with <= SHORT_CAUSAL_SEQLEN query rows: hdim64 takes the 2-WG tile, hdim256 the
+    128x64 tile; longer or non-causal problems the table tile."""
     from cute_kernels.config import SHORT_CAUSAL_SEQLEN
 
-    def tile(sq, wr):
-        x = torch.randn(1, sq, 2, 64, dtype=torch.bfloat16)
-        return cute_kernels.config_for(_req(x, x, x, window_right=wr)).tile.tile_m
+    def tile(sq, wr, d=64):
+        x = torch.randn(1, sq, 2, d, dtype=torch.bfloat16)
+        t = cute_kernels.config_for(_req(x, x, x, window_right=wr)).tile
+        return t.tile_m, t.tile_n
 
-    assert tile(SHORT_CAUSAL_SEQLEN, 0) == 128 and tile(SHORT_CAUSAL_SEQLEN + 1, 0) == 192
-    assert tile(512, -1) == 192
+    assert tile(SHORT_CAUSAL_SEQLEN, 0) == (128, 128) and tile(SHORT_CAUSAL_SEQLEN + 1, 0) == (192, 128)
+    assert tile(512, -1) == (192, 128)
+    assert tile(SHORT_CAUSAL_SEQLEN, 0, 256) == (128, 64) and tile(SHORT_CAUSAL_SEQLEN + 1, 0, 256) == (128, 80)
+    assert tile(512, -1, 256) == (128, 80)
 
 
 def test_tile_config_budget():
