@@ -66,6 +66,9 @@ def format_markdown(doc) -> str:
            "- TFLOP/s counts only unmasked (query, key) pairs; `*` marks a failed spot-check, "
            "`x` an error; ratio = fa3py / best non-fa3py provider in bf16/fp16 "
            "(quantized peers such as sage's INT8 are shown but are not the baseline).", ""]
+    if meta.get("matmul_tflops"):
+        out.insert(-1, f"- dense matmul in the same run (torch.matmul, {meta['args']['dtype']}, 8192^3): "
+                       f"{meta['matmul_tflops']:.4g} TFLOP/s; `/ matmul` = best fa3py / that")
     if meta.get("not_run_budget"):
         out.insert(-1, f"- **time budget reached: {meta['not_run_budget']} measurements not run**")
     if meta.get("no_cuda"):
@@ -77,11 +80,13 @@ def format_markdown(doc) -> str:
     for r in rows:
         groups[(r["mode"], r["causal"])][(r["hdim"], r["seqlen"], r["provider"])] = r
     for (mode, causal), cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fwd", kv[0][1])):
+        mm = meta.get("matmul_tflops")
         out += ["", f"## {mode}, causal={causal} (TFLOP/s)", "",
-                "| hdim | seqlen | " + " | ".join(providers) + " | best fa3py / best peer |",
-                "|---:|---:|" + "---:|" * (len(providers) + 1)]
+                "| hdim | seqlen | " + " | ".join(providers) + " | best fa3py / best peer |"
+                + (" / matmul |" if mm else ""),
+                "|---:|---:|" + "---:|" * (len(providers) + 1 + bool(mm))]
         for hdim, seqlen in sorted({(h, s) for h, s, _ in cells}):
-            line, ratios = [], []
+            line, ratios, ours = [], [], []
             for p in providers:
                 r = cells.get((hdim, seqlen, p))
                 if r is None:
@@ -90,12 +95,15 @@ def format_markdown(doc) -> str:
                     line.append(f"{r['tflops']:.4g}")
                     if r["ratio"] is not None and not r["peer"]:
                         ratios.append(r["ratio"])
+                    if p.startswith("fa3py"):
+                        ours.append(r["tflops"])
                 elif r["status"] == "wrong" and r["tflops"] is not None:
                     line.append(f"{r['tflops']:.4g}*")
                 else:
                     line.append("x")
             ratio = f"{max(ratios):.2f}" if ratios else ""
-            out.append(f"| {hdim} | {seqlen} | " + " | ".join(line) + f" | {ratio} |")
+            of_mm = (f" {max(ours) / mm:.2f} |" if ours else " |") if mm else ""
+            out.append(f"| {hdim} | {seqlen} | " + " | ".join(line) + f" | {ratio} |" + of_mm)
     notes = sorted({(r["provider"], r["mode"], r["note"]) for r in rows if r["status"] == "ok" and r["note"]})
     if notes:
         out += ["", "## Notes", ""] + [f"- `{p}` {m}: {n}" for p, m, n in notes]

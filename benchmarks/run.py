@@ -229,6 +229,20 @@ def time_ms(fn, device, warmup_ms: float, rep_ms: float) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+MATMUL_N = 8192
+
+
+def matmul_tflops(args, device) -> float:
+    """The dense matmul rate in the run's dtype on this GPU, same run (torch.matmul, N^3 with
+    N = MATMUL_N): the ceiling the attention rates are read against."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype) for _ in range(2))
+    fn = lambda: torch.matmul(a, b)  # noqa: E731
+    fn()
+    ms = time_ms(fn, device, args.warmup_ms, args.rep_ms)
+    return round(2 * MATMUL_N**3 / ms / 1e9, 1)
+
+
 def bench_case(provider, forward, case: Case, device, gen, args) -> float:
     """Times `case` for one provider, rotating input sets; returns ms."""
     sets = make_inputs(case, device, n_input_sets(case, device), gen)
@@ -370,6 +384,8 @@ def run(args) -> dict:
     for name, why in skipped.items():
         print(f"skip {name}: {why}", file=sys.stderr)
     doc = {"meta": metadata(args, device), "skipped": skipped, "checks": [], "explain": {}, "rows": []}
+    if device.type == "cuda":
+        doc["meta"]["matmul_tflops"] = matmul_tflops(args, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     fa3py_backends = [p.name.split(":", 1)[1] for p, _ in chosen if p.name.startswith("fa3py:")]
     progress = Progress(len(cases) * len(chosen), args.quiet)
