@@ -66,9 +66,10 @@ def format_markdown(doc) -> str:
            "- TFLOP/s counts only unmasked (query, key) pairs; `*` marks a failed spot-check, "
            "`x` an error; ratio = fa3py / best non-fa3py provider in bf16/fp16 "
            "(quantized peers such as sage's INT8 are shown but are not the baseline).", ""]
-    if meta.get("matmul_tflops"):
-        out.insert(-1, f"- dense matmul in the same run (torch.matmul, {meta['args']['dtype']}, 8192^3): "
-                       f"{meta['matmul_tflops']:.4g} TFLOP/s; `/ matmul` = best fa3py / that")
+    mm = meta.get("matmul_tflops")
+    if mm:
+        out.insert(-1, f"- dense matmul in the same run (torch.matmul, {meta['args']['dtype']}, "
+                       f"{meta['matmul_n']}^3): {mm:.4g} TFLOP/s; `/ matmul` = best fa3py / that")
     if meta.get("not_run_budget"):
         out.insert(-1, f"- **time budget reached: {meta['not_run_budget']} measurements not run**")
     if meta.get("no_cuda"):
@@ -80,7 +81,6 @@ def format_markdown(doc) -> str:
     for r in rows:
         groups[(r["mode"], r["causal"])][(r["hdim"], r["seqlen"], r["provider"])] = r
     for (mode, causal), cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fwd", kv[0][1])):
-        mm = meta.get("matmul_tflops")
         out += ["", f"## {mode}, causal={causal} (TFLOP/s)", "",
                 "| hdim | seqlen | " + " | ".join(providers) + " | best fa3py / best peer |"
                 + (" / matmul |" if mm else ""),

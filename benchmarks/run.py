@@ -385,7 +385,7 @@ def run(args) -> dict:
         print(f"skip {name}: {why}", file=sys.stderr)
     doc = {"meta": metadata(args, device), "skipped": skipped, "checks": [], "explain": {}, "rows": []}
     if device.type == "cuda":
-        doc["meta"]["matmul_tflops"] = matmul_tflops(args, device)
+        doc["meta"].update(matmul_n=MATMUL_N, matmul_tflops=matmul_tflops(args, device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     fa3py_backends = [p.name.split(":", 1)[1] for p, _ in chosen if p.name.startswith("fa3py:")]
     progress = Progress(len(cases) * len(chosen), args.quiet)

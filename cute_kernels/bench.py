@@ -42,6 +42,41 @@ def _tile_name(t) -> str:
     return f"{t.tile_m}x{t.tile_n}s{t.num_stages}"
 
 
+CAUSALS = {"both": (False, True), "no": (False,), "yes": (True,)}
+
+
+def points(hdims: str, seqlens: str, causal: str, tokens: int):
+    """The grid: per head dim and seqlen, bf16 q, k, v (batch = tokens // seqlen, nheads =
+    2048 // hdim), then one request per causal setting. Yields (d, s, b, h, q, k, v, causal, req)."""
+    from fa3py.request import AttentionParams, AttentionRequest
+
+    for d in map(int, hdims.split(",")):
+        h = 2048 // d
+        for s in map(int, seqlens.split(",")):
+            b = max(tokens // s, 1)
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            for c in CAUSALS[causal]:
+                yield d, s, b, h, q, k, v, c, AttentionRequest(
+                    q, k, v, AttentionParams(d**-0.5, window_right=0 if c else -1))
+            del q, k, v
+
+
+def variants(base, specs=(), ab=()) -> list:
+    """[(name, FwdConfig)]: the table's `base`, one per tile spec (config.tile_from_spec) that
+    changes it, one per boolean TileConfig field in `ab` toggled."""
+    from cute_kernels.config import tile_from_spec
+
+    out = [("table " + _tile_name(base.tile), base)]
+    for spec in specs:
+        t = tile_from_spec(base.tile, spec)
+        if t != base.tile:
+            out.append((spec, dataclasses.replace(base, tile=t)))
+    for field in ab:
+        t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
+        out.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))
+    return out
+
+
 def _sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -98,8 +133,7 @@ def main(argv=None):
     import triton.testing
 
     import cute_kernels
-    from cute_kernels.config import CANDIDATES, tile_from_spec
-    from fa3py.request import AttentionParams, AttentionRequest
+    from cute_kernels.config import CANDIDATES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", default="8192")
@@ -135,7 +169,6 @@ def main(argv=None):
     tiles = _parse_tiles(a.tiles)
     cands = CANDIDATES if a.candidates else {}
     sdpas = [s for s in a.sdpa.split(",") if s]
-    causals = {"both": (False, True), "no": (False,), "yes": (True,)}[a.causal]
     fa4 = None
     if a.fa4:
         try:
@@ -145,49 +178,35 @@ def main(argv=None):
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=a.rep, return_mode="median")
     print(f"# {result['gpu']} tvm_ffi={cute_kernels.use_tvm_ffi} tokens={a.tokens}")
     print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'variant':>28} {'ms':>8} {'TFLOP/s':>8}")
-    for d in map(int, a.hdims.split(",")):
-        h = 2048 // d
-        for s in map(int, a.seqlens.split(",")):
-            b = max(a.tokens // s, 1)
-            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-            for causal in causals:
-                f = flops(b, h, s, s, d, d, causal)
-                req = AttentionRequest(q, k, v, AttentionParams(d**-0.5, window_right=0 if causal else -1))
-                base = cute_kernels.config_for(req)
-                variants = [("table " + base.short().split(" ", 2)[2].split(" ")[0], base)]
-                for spec in tiles.get(d, []):
-                    t = tile_from_spec(base.tile, spec)
-                    if t != base.tile:
-                        variants.append((spec, dataclasses.replace(base, tile=t)))
-                for c in cands.get(d, []):
-                    t = dataclasses.replace(c, persistent=base.tile.persistent)
-                    variants.append(("cand " + _tile_name(t), dataclasses.replace(base, tile=t)))
-                for field in filter(None, a.ab.split(",")):
-                    t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
-                    variants.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))
-                named = [(name, lambda cfg=cfg: cute_kernels.run(req, cfg)) for name, cfg in variants]
-                named += [(f"sdpa {sb or 'default'}", functools.partial(_sdpa(sb), qt, kt, vt, causal))
-                          for sb in sdpas]  # the backend wrapper built once, outside the timed call
-                if fa4 is not None:
-                    named.append(("fa4", functools.partial(fa4, q, k, v, causal=causal)))
-                times = {name: [] for name, _ in named}
-                for _ in range(a.rounds):
-                    for name, fn in named:
-                        try:
-                            fn()
-                            times[name].append(bench(fn))
-                        except Exception as e:  # noqa: BLE001  (a variant may not fit / be supported)
-                            print(f"# {name}: {type(e).__name__}: {str(e)[:200]}")
-                            times[name].append(float("nan"))
-                for name, _ in named:
-                    ms = statistics.median(times[name])
-                    row = dict(hdim=d, causal=causal, seqlen=s, batch=b, nheads=h, variant=name, ms=ms,
-                               tflops=f / ms / 1e9, rounds_ms=times[name])
-                    result["rows"].append(row)
-                    print(f"{d:4d} {causal!s:>6} {s:6d} {name:>28} {ms:8.3f} {row['tflops']:8.1f}", flush=True)
-                    _dump(result, a.json)  # after every row: a run cut off at its time limit keeps its rows
-            del q, k, v, qt, kt, vt
+    for d, s, b, h, q, k, v, causal, req in points(a.hdims, a.seqlens, a.causal, a.tokens):
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        f = flops(b, h, s, s, d, d, causal)
+        base = cute_kernels.config_for(req)
+        named = variants(base, tiles.get(d, []), filter(None, a.ab.split(",")))
+        for c in cands.get(d, []):
+            t = dataclasses.replace(c, persistent=base.tile.persistent)
+            named.append(("cand " + _tile_name(t), dataclasses.replace(base, tile=t)))
+        named = [(name, lambda cfg=cfg: cute_kernels.run(req, cfg)) for name, cfg in named]
+        named += [(f"sdpa {sb or 'default'}", functools.partial(_sdpa(sb), qt, kt, vt, causal))
+                  for sb in sdpas]  # the backend wrapper built once, outside the timed call
+        if fa4 is not None:
+            named.append(("fa4", functools.partial(fa4, q, k, v, causal=causal)))
+        times = {name: [] for name, _ in named}
+        for _ in range(a.rounds):
+            for name, fn in named:
+                try:
+                    fn()
+                    times[name].append(bench(fn))
+                except Exception as e:  # noqa: BLE001  (a variant may not fit / be supported)
+                    print(f"# {name}: {type(e).__name__}: {str(e)[:200]}")
+                    times[name].append(float("nan"))
+        for name, _ in named:
+            ms = statistics.median(times[name])
+            row = dict(hdim=d, causal=causal, seqlen=s, batch=b, nheads=h, variant=name, ms=ms,
+                       tflops=f / ms / 1e9, rounds_ms=times[name])
+            result["rows"].append(row)
+            print(f"{d:4d} {causal!s:>6} {s:6d} {name:>28} {ms:8.3f} {row['tflops']:8.1f}", flush=True)
+            _dump(result, a.json)  # after every row: a run cut off at its time limit keeps its rows
     _dump(result, a.json)
 
 

@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import os
 import subprocess
 import sys
 
+from cute_kernels.bench import CAUSALS, _parse_tiles, points, variants
+
 MARK = "#variant "
 METRICS = ("sm__cycles_elapsed.max", "gpu__time_duration.sum")
-
-
-def _variants(req, tiles, ab):
-    import cute_kernels
-    from cute_kernels.config import tile_from_spec
-
-    base = cute_kernels.config_for(req)
-    out = [("table", base)]
-    out += [(spec, dataclasses.replace(base, tile=tile_from_spec(base.tile, spec))) for spec in tiles]
-    for field in ab:
-        t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
-        out.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))
-    return out
 
 
 def child(a) -> None:
@@ -42,36 +30,28 @@ def child(a) -> None:
     import torch
 
     import cute_kernels
-    from cute_kernels.bench import _parse_tiles
-    from fa3py.request import AttentionParams, AttentionRequest
 
     fa4 = None
     if a.fa4:
         from flash_attn.cute import flash_attn_func as fa4
     tiles = _parse_tiles(a.tiles)
-    causals = {"both": (False, True), "no": (False,), "yes": (True,)}[a.causal]
-    for d in map(int, a.hdims.split(",")):
-        for s in map(int, a.seqlens.split(",")):
-            b, h = max(a.tokens // s, 1), 2048 // d
-            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            for causal in causals:
-                req = AttentionRequest(q, k, v, AttentionParams(d**-0.5, window_right=0 if causal else -1))
-                calls = [(n, lambda cfg=cfg: cute_kernels.run(req, cfg))
-                         for n, cfg in _variants(req, tiles.get(d, []), filter(None, a.ab.split(",")))]
-                if fa4 is not None:
-                    calls.append(("fa4", lambda: fa4(q, k, v, causal=causal)))
-                for name, fn in calls:
-                    print(f"{MARK}{d} {int(causal)} {s} {name}", flush=True)
-                    for _ in range(2):
-                        fn()
-                        torch.cuda.synchronize()
+    for d, s, _, _, q, k, v, causal, req in points(a.hdims, a.seqlens, a.causal, a.tokens):
+        calls = [(name, lambda cfg=cfg: cute_kernels.run(req, cfg)) for name, cfg in
+                 variants(cute_kernels.config_for(req), tiles.get(d, []), filter(None, a.ab.split(",")))]
+        if fa4 is not None:
+            calls.append(("fa4", lambda: fa4(q, k, v, causal=causal)))
+        for name, fn in calls:
+            print(f"{MARK}{d} {int(causal)} {s} {name}", flush=True)
+            for _ in range(2):
+                fn()
+                torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hdims", default="128")
     p.add_argument("--seqlens", default="8192")
-    p.add_argument("--causal", default="both", choices=["both", "no", "yes"])
+    p.add_argument("--causal", default="both", choices=list(CAUSALS))
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--tiles", default="", help="as in cute_kernels.bench")
     p.add_argument("--ab", default="", help="boolean TileConfig fields to also run toggled")
@@ -82,10 +62,7 @@ def main(argv=None) -> int:
     if a.child:
         child(a)
         return 0
-    args = [x for x in (argv if argv is not None else sys.argv[1:])]
-    if "--metrics" in args:  # the child does not need them
-        i = args.index("--metrics")
-        del args[i:i + 2]
+    args = list(argv if argv is not None else sys.argv[1:])  # the child ignores --metrics
     extra = [m for m in a.metrics.split(",") if m]
     cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([*METRICS, *extra]), "--kernel-name",
            "regex:kernel_cutlass", "--csv", "--page", "raw", "--print-units", "base",

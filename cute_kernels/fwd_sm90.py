@@ -513,8 +513,9 @@ class FlashAttentionForwardSm90:
                 tile = self.read_tile(next_tile)
             else:
                 tile = scheduler.next(tile)
-        # The last TMA stores of O must have read sO before the CTA's smem goes away.
-        cute.arch.cp_async_bulk_wait_group(0, read=True)
+        if const_expr(self.cfg.tile.tma_store):
+            # The last TMA stores of O must have read sO before the CTA's smem goes away.
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
     def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
@@ -670,9 +671,11 @@ class FlashAttentionForwardSm90:
         if const_expr(not self.separate_o):
             # sO overlays sQ, whose rows every warpgroup reads: wait for all last QK^Ts.
             cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
-        # This warp's previous TMA store has read its slab (only the issuing lane has one).
-        cute.arch.cp_async_bulk_wait_group(0, read=True)
-        cute.arch.sync_warp()
+        tma = self.cfg.tile.tma_store
+        if const_expr(tma):
+            # This warp's previous TMA store has read its slab (only the issuing lane has one).
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.sync_warp()  # and every lane's loads of its previous predicated store are done
         store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
         thr_copy_O = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
         cute.copy(thr_copy_O, thr_copy_O.retile(rO), thr_copy_O.partition_D(sO))
@@ -682,17 +685,15 @@ class FlashAttentionForwardSm90:
         sO_w = cute.local_tile(sO, slab, (warp, 0))
         rows_w = rows_left - warp * O_SLAB_ROWS
         m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
-        ragged = self.cfg.cu_seqlens_q or self.cfg.seqused_q
-        if const_expr(self.cfg.tile.tma_store):
+        if const_expr(tma):
             cute.arch.fence_view_async_shared()  # stmatrix writes -> the TMA's async-proxy reads
         cute.arch.sync_warp()
-        # A full slab, or any slab of an unpacked tensor without seqused_q, goes by TMA.
-        full = rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0
-        if const_expr(self.cfg.tile.tma_store):
-            if full:
-                self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen)
-            elif rows_w > 0:
-                self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
+        # By TMA: a full slab, or any slab of an unpacked tensor without seqused_q (the box clips
+        # at the tensor's last row); otherwise the rows there are, by predicated stores.
+        ragged = self.cfg.cu_seqlens_q or self.cfg.seqused_q
+        by_tma = (rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0) if const_expr(tma) else False
+        if by_tma:
+            self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen)
         elif rows_w > 0:
             self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
         # LSE (after the fence: its global stores need not complete before the TMA store issues):
@@ -707,7 +708,8 @@ class FlashAttentionForwardSm90:
                     mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
         if const_expr(release_q is not None):
             # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
-            cute.arch.cp_async_bulk_wait_group(0, read=True)
+            if const_expr(tma):
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
             cute.arch.sync_warp()
             release_q()
 

@@ -88,13 +88,14 @@ def named_barrier_ids(sass: str) -> collections.Counter:
     return c
 
 
-def check(sass: str, named_barrier: bool = True) -> list[str]:
-    """Missing required features (empty list = ok). `named_barrier`: the kernel must use a named
-    barrier (the pingpong's; a kernel without pingpong whose O has its own smem has none)."""
+def check(sass: str, cfg) -> list[str]:
+    """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
+    barrier (the pingpong's) is required when `cfg` has the pingpong on; without it, a kernel
+    whose O has its own smem uses none."""
     ops = opcode_counts(sass)
     missing = [op for op in REQUIRED if ops[op] == 0]
     bars = named_barrier_ids(sass)
-    if named_barrier and not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
+    if cfg.tile.pingpong and not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
     return missing
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     print(f"# registers: REG {res.get('REG')} (launch), max R{max_register(sass)}; "
           f"STACK {res.get('STACK')} LOCAL {res.get('LOCAL')} bytes")
     print("# named barriers:", dict(named_barrier_ids(sass)))
-    missing = check(sass, named_barrier=cfg.tile.pingpong)
+    missing = check(sass, cfg)
     print("# required:", "ok" if not missing else "MISSING " + ", ".join(missing))
     return 1 if missing else 0
 

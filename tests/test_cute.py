@@ -33,7 +33,7 @@ def _compile_and_check(cfg: FwdConfig):
     with tempfile.TemporaryDirectory() as d:
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
-    missing = sass.check(text, named_barrier=cfg.tile.pingpong)
+    missing = sass.check(text, cfg)
     assert missing == [], f"{cfg.short()}: missing {missing}"
     ops = sass.opcode_counts(text)
     assert ops["STL"] == 0 and ops["LDL"] == 0, f"{cfg.short()}: register spills"
@@ -98,7 +98,7 @@ def test_compile_three_wg(features):
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
         res = sass.resource_usage(cubin)
-    assert sass.check(text) == []
+    assert sass.check(text, cfg) == []
     ops = sass.opcode_counts(text)
     assert ops["STL"] == 0 and ops["LDL"] == 0 and res["STACK"] == 0 and res["LOCAL"] == 0
     assert res["REG"] <= 128 and sass.max_register(text) < 160
@@ -124,6 +124,16 @@ def test_compile_short_causal(hdim):
     cfg = FwdConfig.make("bf16", hdim, short_causal=True, has_right=True)
     assert cfg.tile.tile_n == SHORT_CAUSAL_TILES[hdim].tile_n
     _compile_and_check(cfg)
+
+
+def test_bench_variants():
+    """The variants `bench` and `cycles` time: the table config, tile specs that change it, toggles."""
+    from cute_kernels.bench import variants
+
+    base = FwdConfig.make("bf16", 128)
+    named = variants(base, ["128x128", "128x176s2"], ["tma_store"])
+    assert [n for n, _ in named] == ["table 128x128s2", "128x176s2", "tma_store=False"]
+    assert named[1][1].tile.tile_n == 176 and not named[2][1].tile.tma_store and named[0][1] is base
 
 
 def test_short_causal_tile():
