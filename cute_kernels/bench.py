@@ -63,7 +63,7 @@ def points(hdims: str, seqlens: str, causal: str, tokens: int):
 
 def variants(base, specs=(), ab=()) -> list:
     """[(name, FwdConfig)]: the table's `base`, one per tile spec (config.tile_from_spec) that
-    changes it, one per boolean TileConfig field in `ab` toggled."""
+    changes it, one per entry of `ab`: a boolean TileConfig field toggled, or "field=value" set."""
     from cute_kernels.config import tile_from_spec
 
     out = [("table " + _tile_name(base.tile), base)]
@@ -72,7 +72,11 @@ def variants(base, specs=(), ab=()) -> list:
         if t != base.tile:
             out.append((spec, dataclasses.replace(base, tile=t)))
     for field in ab:
-        t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
+        if "=" in field:
+            t = tile_from_spec(base.tile, sets=[field])
+            field = field.partition("=")[0]
+        else:
+            t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
         out.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))
     return out
 
@@ -142,7 +146,7 @@ def main(argv=None):
     p.add_argument("--causal", default="both", choices=["both", "no", "yes"])
     p.add_argument("--tiles", default="", help="tile variants per head dim, see module doc")
     p.add_argument("--candidates", action="store_true", help="also run config.CANDIDATES")
-    p.add_argument("--ab", default="", help="comma list of boolean TileConfig fields to also run toggled")
+    p.add_argument("--ab", default="", help="comma list of TileConfig fields to also run: a boolean toggled, or field=value")
     p.add_argument("--sdpa", default="CUDNN_ATTENTION", help="comma list of SDPBackend names, '' for none")
     p.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
     p.add_argument("--rounds", type=int, default=1,

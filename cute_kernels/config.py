@@ -56,6 +56,11 @@ class TileConfig:
     # (H200, 64k tokens: 8k 719 -> 712, causal 642 -> 607). H200 at hdim 64/128: +1..+7%
     # (hdim64 causal 8k 449 -> 480, non-causal 2k 488 -> 502), the rest within noise.
     pin_desc: bool = True
+    # Overlapped schedule: > 0 = the K release waits for P[0, k_release_gate - 1] (row 0 of the
+    # thread's probabilities), 0 = it follows the QK^T wait. ptxas keeps the PV wait after the
+    # K-release arrive and otherwise hoists it to right after the row max, where it stalls the
+    # softmax (NOTES.md, session 5): the gate is the handle on where that wait lands.
+    k_release_gate: int = 0
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
@@ -89,14 +94,21 @@ def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | N
 
 def tile_from_spec(base: TileConfig, spec: str = "", sets=()) -> TileConfig:
     """`base` changed as the command-line tools spell it: `spec` "MxN[sS][+field...]" (tile shape,
-    pipeline stages, boolean fields switched on) and `sets` "field=0|1" strings."""
+    pipeline stages, boolean fields switched on) and `sets` "field=value" strings (0|1 for booleans)."""
     tile = base
     if spec:
         shape, *flags = spec.split("+")
         mn, _, stages = shape.partition("s")
         m, n = map(int, mn.split("x"))
         tile = tile_variant(tile, m, n, int(stages) if stages else None, **{f: True for f in flags})
-    return replace(tile, **{k: bool(int(v)) for k, v in (kv.split("=") for kv in sets)})
+    return replace(tile, **dict(_field_value(tile, kv) for kv in sets))
+
+
+def _field_value(tile: TileConfig, setting: str) -> tuple:
+    """"field=value" -> (field, value typed as the field's current value: bool from 0/1)."""
+    field, _, value = setting.partition("=")
+    current = getattr(tile, field)
+    return field, bool(int(value)) if isinstance(current, bool) else type(current)(value)
 
 
 # Per head dim (exact: other head dims are refused by why_not, not padded).

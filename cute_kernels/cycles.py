@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--causal", default="both", choices=list(CAUSALS))
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--tiles", default="", help="as in cute_kernels.bench")
-    p.add_argument("--ab", default="", help="boolean TileConfig fields to also run toggled")
+    p.add_argument("--ab", default="", help="TileConfig fields to also run: a boolean toggled, or field=value")
     p.add_argument("--fa4", action="store_true", help="flash-attn-4's forward too (a peer)")
     p.add_argument("--metrics", default="", help="comma list of extra ncu metrics to print per variant")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--no-pingpong", action="store_true")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=0|1",
-                   help="set a boolean TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
     p.add_argument("--dump", action="store_true", help="print the whole SASS")
     p.add_argument("--loops", action="store_true",
