@@ -154,7 +154,7 @@ def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1):
         row_sum = row_sum * correction + p.sum(dim=-1)
         acc = acc * correction.unsqueeze(-1) + torch.matmul(p, v[:, :, j0:j1])
         row_max = new_max
-    has_keys = row_sum > 0
+    has_keys = row_sum != 0  # NaN (a NaN or inf score) stays NaN in out and lse, as in SDPA
     out = acc / torch.where(has_keys, row_sum, torch.ones_like(row_sum)).unsqueeze(-1)
     safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     lse = torch.where(has_keys, safe_max + torch.log(row_sum), torch.full_like(row_sum, float("-inf")))

@@ -8,6 +8,7 @@ import torch
 
 from fa3py import reference
 from fa3py.request import FP8_DTYPES
+from fa3py.validation import make_request
 
 
 # Tests of the public API run on this device: the GPU when there is one (then they exercise
@@ -60,6 +61,32 @@ def check_forward(req, out, lse, atol=2e-3, lse_atol=2e-3):
     assert lse.dtype == torch.float32
     assert_within("out", out, ref_out, pt_out, atol)
     assert_within("lse", lse, ref_lse, pt_lse, lse_atol)
+
+
+def nan_inputs(q, k, v, causal):
+    """A NaN in one q element and one k element: q row 17 (batch 0, head 1) and key len_k - 50
+    (batch 1, kv head 0). With `causal` (bottom-right) only the rows that reach that key see it."""
+    q[0, 17, 1, 3] = float("nan")
+    k[1, k.shape[1] - 50, 0, 5] = float("nan")
+    return make_request(q, k, v, causal=causal)
+
+
+def check_nan_rows(req, out, lse, atol=2e-3):
+    """NaN inputs give NaN in exactly the rows whose scores see them, in out (every element) and
+    lse, as PyTorch's attention does: never a silent 0 or a finite row. Every other row is
+    checked like check_forward."""
+    ref_out, ref_lse = reference.attention(req, torch.float64)
+    pt_out, pt_lse = reference.attention(req, low_precision(req.dtype))
+    rows = ref_out.isnan().any(-1)  # (b, sq, h)
+    assert rows.any() and not rows.all(), "the inputs must poison some rows, not all"
+    assert torch.equal(out.isnan().any(-1), rows), "NaN rows of out differ from the reference's"
+    assert torch.equal(out.isnan().all(-1), rows), "a NaN row of out is only partly NaN"
+    assert torch.equal(lse.isnan(), rows.transpose(1, 2)), "NaN rows of lse differ from the reference's"
+    o_rows, l_rows = rows[..., None], rows.transpose(1, 2)
+    assert_within("out", out.masked_fill(o_rows, 0), ref_out.masked_fill(o_rows, 0),
+                  pt_out.masked_fill(o_rows, 0), atol)
+    assert_within("lse", lse.masked_fill(l_rows, 0), ref_lse.masked_fill(l_rows, 0),
+                  pt_lse.masked_fill(l_rows, 0), atol)
 
 
 def reference_grads(req, dout, dtype):

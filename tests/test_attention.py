@@ -9,7 +9,9 @@ import fa3py
 from fa3py import reference
 from fa3py.validation import make_request
 
-from _util import DEVICE, FEATURES, check_backward, check_forward, inputs, max_err, packed
+from _util import (
+    DEVICE, FEATURES, check_backward, check_forward, check_nan_rows, inputs, max_err, nan_inputs, packed,
+)
 
 SIZES = [(1, 1), (113, 203), (239, 1), (799, 3), (64, 128), (1023, 1024)]
 
@@ -138,6 +140,12 @@ def test_empty_batch_or_queries(shape):
     k = torch.randn(shape[0], 5, 2, 16, dtype=torch.float16, device=DEVICE)
     out, lse = fa3py.attention(q, k, k, return_lse=True)
     assert out.shape == shape and lse.shape == (shape[0], 2, shape[1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_inputs_give_nan_rows(causal):
+    req = nan_inputs(*inputs(2, 130, 300, 4, 2, 64, 64, torch.bfloat16), causal)
+    check_nan_rows(req, *fa3py.attention(req.q, req.k, req.v, causal=causal, return_lse=True))
 
 
 def test_zero_length_keys_give_zero_output():

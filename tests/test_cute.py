@@ -236,6 +236,15 @@ def _packed_qkv(lq, lk, h, hk, d, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_nan_propagates(causal):
+    from tests._util import check_nan_rows, nan_inputs
+
+    req = nan_inputs(*_qkv(2, 300, 700, 4, 2, 128, 128, torch.bfloat16), causal)
+    check_nan_rows(req, *cute_kernels.run(req, cute_kernels.config_for(req)))
+
+
+@gpu
 @pytest.mark.parametrize("sq,sk", SIZES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_basic(sq, sk, causal):

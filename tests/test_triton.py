@@ -25,7 +25,7 @@ from fa3py.request import AttentionParams, AttentionRequest  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
 from triton_fallback import compile_only, configs, ops  # noqa: E402
 
-from _util import FEATURES, check_backward, check_forward, max_err, packed  # noqa: E402
+from _util import FEATURES, check_backward, check_forward, check_nan_rows, max_err, nan_inputs, packed  # noqa: E402
 from _util import inputs as _inputs  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -90,6 +90,12 @@ def test_fully_masked_rows():
     out, lse = run_and_check(make_request(q, k, v, causal=True))
     assert (out[:, :40] == 0).all() and torch.isneginf(lse[:, :, :40]).all()
     assert torch.isfinite(lse[:, :, 40:]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_inputs_give_nan_rows(causal):
+    req = nan_inputs(*inputs(2, 77, 130, 4, 2, 32, 32), causal)
+    check_nan_rows(req, *triton_fallback.forward(req))
 
 
 def test_varlen_packed_seqused_k(monkeypatch):

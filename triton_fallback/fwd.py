@@ -108,8 +108,9 @@ def attn_fwd(
         qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
         FP8_DEQUANT, True, BLOCK_N)
 
-    # epilogue: rows with no kept key (l = 0) and padding rows give out 0, lse -inf
-    valid = (offs_m < q_len) & (l_i > 0.0)
+    # epilogue: rows with no kept key (l = 0) and padding rows give out 0, lse -inf; a NaN l (a
+    # NaN or inf score) leaves the row NaN, as PyTorch does
+    valid = (offs_m < q_len) & (l_i != 0.0)
     l_safe = tl.where(valid, l_i, 1.0)
     out = acc / l_safe[:, None]
     if HAS_DESCALE:
