@@ -584,12 +584,9 @@ class FlashAttentionForwardSm90:
         pipeline_k.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
-        pipeline_v.consumer_wait(v_state)
         if const_expr(self.cfg.tile.rescale_o_before_pv):
-            # The previous block's factors, under QK^T. After the V wait, whose retry loop is a
-            # basic-block boundary: before it, ptxas schedules these FMULs ahead of 7 of QK^T's
-            # 8 WGMMAs and delays their issue.
-            softmax.rescale_O(acc_O, o_scale)
+            softmax.rescale_O(acc_O, o_scale)  # the previous block's factors, under QK^T
+        pipeline_v.consumer_wait(v_state)
         pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(1)
