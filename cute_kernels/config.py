@@ -191,8 +191,12 @@ class FwdConfig:
         # O by TMA store for non-causal / non-local; causal / local keep the predicated stores
         # (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 / +4.9 / +6.6%;
         # non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
+        # The K release gated on P[0, 3] (TileConfig.k_release_gate) for the 3-WG tile, non-causal
+        # (H100 SM cycles, 16k tokens: hdim64 2k / 8k -1.8 / -2.4%, causal within 0.3%); hdim128
+        # non-causal +1.1..+1.8%, hdim256 within 0.3%: off.
+        gate = 4 if base.num_mma_wg == 3 and not windowed else 0
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
-                       pin_desc=hdim <= 192, tma_store=not windowed)
+                       pin_desc=hdim <= 192, tma_store=not windowed, k_release_gate=gate)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
@@ -209,4 +213,5 @@ class FwdConfig:
                 f"{' persistent' if t.persistent else ''}{' mask_thr0' if t.mask_thr0 else ''}"
                 f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''}{' dynamic' if t.dynamic else ''}"
                 f"{' lpt_l2_sections' if t.lpt_l2_sections else ''}{' tma_store' if t.tma_store else ''}"
+                f"{f' k_release_gate={t.k_release_gate}' if t.k_release_gate else ''}"
                 f" {' '.join(flags)}")

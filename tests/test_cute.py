@@ -236,6 +236,17 @@ def _packed_qkv(lq, lk, h, hk, d, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("gate", [1, 4, 32])
+@pytest.mark.parametrize("sq,sk,wl,wr", [(1023, 1024, -1, -1), (300, 700, -1, 0), (113, 203, 37, 11)])
+def test_gpu_k_release_gate(gate, sq, sk, wl, wr):
+    """The K release gated on one probability (first, 4th, last column of row 0 at tile_n 128)."""
+    q, k, v = _qkv(2, sq, sk, 4, 2, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    cfg = cute_kernels.config_for(req)
+    _check(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, k_release_gate=gate)))
+
+
+@gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_nan_propagates(causal):
     from tests._util import check_nan_rows, nan_inputs
