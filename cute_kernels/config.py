@@ -44,6 +44,10 @@ class TileConfig:
     # H200, causal, bf16, 64k tokens: on = hdim128 seqlen 512 250 / 1k 342 TFLOP/s, off 281 / 376
     # (hdim 64: +2-4% off); at 8k within noise (hdim128 583 -> 585, hdim256 651 -> 662 on).
     lpt_l2_sections: bool = False
+    # The longest-first order's final section: the last (batch, head) pairs whose tiles make about
+    # this many waves on the SMs, longest first among them all (scheduler.py; 0 = none). H100 SM
+    # cycles, causal: see FwdConfig.make.
+    lpt_tail_waves: int = 2
     # Persistent CTAs that take tiles from an atomic counter in the single-tile grid's order
     # (scheduler.py), so causal/local tiles are scheduled greedily longest-first and a tile's
     # prologue overlaps the previous tile's epilogue. Implies a persistent grid. FwdConfig.make
@@ -214,4 +218,5 @@ class FwdConfig:
                 f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''}{' dynamic' if t.dynamic else ''}"
                 f"{' lpt_l2_sections' if t.lpt_l2_sections else ''}{' tma_store' if t.tma_store else ''}"
                 f"{f' k_release_gate={t.k_release_gate}' if t.k_release_gate else ''}"
+                f"{f' lpt_tail_waves={t.lpt_tail_waves}' if self.has_right and t.lpt_tail_waves else ''}"
                 f" {' '.join(flags)}")

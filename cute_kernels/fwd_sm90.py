@@ -194,6 +194,8 @@ class FlashAttentionForwardSm90:
         }
 
         num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
+        # LPT: the last pairs whose tiles make ~lpt_tail_waves waves on num_ctas SMs.
+        tail_heads = (self.cfg.tile.lpt_tail_waves * num_ctas + num_m_blocks - 1) // num_m_blocks
         num_heads = cute.size(mQ.shape[2])
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
@@ -203,7 +205,7 @@ class FlashAttentionForwardSm90:
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
-            num_m_blocks, num_heads, batch, l2_heads, SharedStorage,
+            num_m_blocks, num_heads, batch, l2_heads, tail_heads, SharedStorage,
         ).launch(
             grid=TileScheduler.grid(num_m_blocks, num_heads, batch, num_ctas, self.persistent,
                                     self.lpt),
@@ -233,6 +235,7 @@ class FlashAttentionForwardSm90:
         num_heads: Int32,
         num_batch: Int32,
         l2_heads: Int32,
+        tail_heads: Int32,
         SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -263,7 +266,8 @@ class FlashAttentionForwardSm90:
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
 
         scheduler = TileScheduler(num_m_blocks, num_heads, num_batch, self.persistent,
-                                  lpt=self.lpt, l2_heads=l2_heads, dynamic=self.cfg.tile.dynamic,
+                                  lpt=self.lpt, l2_heads=l2_heads, tail_heads=tail_heads,
+                                  dynamic=self.cfg.tile.dynamic,
                                   counter=mTileCounter)
         seqlen_fn = partial(SeqlenInfo.create, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
                             mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,

@@ -404,16 +404,18 @@ def test_gpu_persistent(overlap, separate_o, wl, wr):
 @pytest.mark.parametrize("l2_kv_heads", [0, 5, 10**6])  # sections of 4, 20 (+ a short one of 4), all
 @pytest.mark.parametrize("wl,wr", [(-1, 0), (100, 30)])
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr, dynamic):
+@pytest.mark.parametrize("tail_waves", [0, 1, 2])  # 24 pairs x 8 m_blocks, 132 SMs: final section none / 17 / all
+def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr, dynamic, tail_waves):
     """The causal/local longest-first order visits every (m_block, batch, head) once, for
-    sections that do and do not divide batch * heads (scheduler.TileScheduler.coords), as the
-    single-tile grid and as the dynamic scheduler's tile numbering."""
+    sections that do and do not divide batch * heads and a final section of none, some or all
+    pairs (scheduler.TileScheduler.coords), as the single-tile grid and as the dynamic
+    scheduler's tile numbering."""
     q, k, v = _qkv(3, 1000, 1000, 8, 2, 64, 64, torch.bfloat16)
     per_kv_head = 1000 * (64 + 64) * 2
     monkeypatch.setattr(cute_kernels, "_l2_bytes", lambda device: l2_kv_heads * per_kv_head)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.l2_heads(req) == max(1, min(l2_kv_heads, 10**6)) * 4
-    _check(req, _with_tile(req, lpt_l2_sections=True, dynamic=dynamic))
+    _check(req, _with_tile(req, lpt_l2_sections=True, dynamic=dynamic, lpt_tail_waves=tail_waves))
 
 
 @gpu
