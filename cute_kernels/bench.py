@@ -63,7 +63,8 @@ def points(hdims: str, seqlens: str, causal: str, tokens: int):
 
 def variants(base, specs=(), ab=()) -> list:
     """[(name, FwdConfig)]: the table's `base`, one per tile spec (config.tile_from_spec) that
-    changes it, one per entry of `ab`: a boolean TileConfig field toggled, or "field=value" set."""
+    changes it, one per entry of `ab`: a boolean TileConfig field toggled, or "field=value" set, or several
+    of those joined by "+"."""
     from cute_kernels.config import tile_from_spec
 
     out = [("table " + _tile_name(base.tile), base)]
@@ -71,13 +72,16 @@ def variants(base, specs=(), ab=()) -> list:
         t = tile_from_spec(base.tile, spec)
         if t != base.tile:
             out.append((spec, dataclasses.replace(base, tile=t)))
-    for field in ab:
-        if "=" in field:
-            t = tile_from_spec(base.tile, sets=[field])
-            field = field.partition("=")[0]
-        else:
-            t = dataclasses.replace(base.tile, **{field: not getattr(base.tile, field)})
-        out.append((f"{field}={getattr(t, field)}", dataclasses.replace(base, tile=t)))
+    for entry in ab:
+        t, names = base.tile, []
+        for field in entry.split("+"):  # "a=1+b=0": one variant with both set
+            if "=" in field:
+                t = tile_from_spec(t, sets=[field])
+                field = field.partition("=")[0]
+            else:
+                t = dataclasses.replace(t, **{field: not getattr(t, field)})
+            names.append(f"{field}={getattr(t, field)}")
+        out.append(("+".join(names), dataclasses.replace(base, tile=t)))
     return out
 
 

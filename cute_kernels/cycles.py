@@ -7,7 +7,7 @@ control off (the GPU's clocks are left alone) and prints the kernel's elapsed SM
 SMs) and duration per variant. Throughput claims still come from `benchmarks.run` / `bench`.
 
     python -m cute_kernels.cycles [--hdims 128] [--seqlens 8192] [--causal both] [--ab tma_store]
-                                  [--tiles "128:128x176"] [--fa4] [--tokens 16384]
+                                  [--tiles "128:128x176"] [--fa4] [--cudnn] [--tokens 16384]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from cute_kernels.bench import CAUSALS, _parse_tiles, points, variants
+from cute_kernels.bench import CAUSALS, _parse_tiles, _sdpa, points, variants
 
 MARK = "#variant "
 METRICS = ("sm__cycles_elapsed.max", "gpu__time_duration.sum")
@@ -34,12 +34,16 @@ def child(a) -> None:
     fa4 = None
     if a.fa4:
         from flash_attn.cute import flash_attn_func as fa4
+    cudnn = _sdpa("CUDNN_ATTENTION")
     tiles = _parse_tiles(a.tiles)
     for d, s, _, _, q, k, v, causal, req in points(a.hdims, a.seqlens, a.causal, a.tokens):
         calls = [(name, lambda cfg=cfg: cute_kernels.run(req, cfg)) for name, cfg in
                  variants(cute_kernels.config_for(req), tiles.get(d, []), filter(None, a.ab.split(",")))]
         if fa4 is not None:
             calls.append(("fa4", lambda: fa4(q, k, v, causal=causal)))
+        if a.cudnn:
+            calls.append(("cudnn", lambda: cudnn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  causal)))
         for name, fn in calls:
             print(f"{MARK}{d} {int(causal)} {s} {name}", flush=True)
             for _ in range(2):
@@ -56,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default="", help="as in cute_kernels.bench")
     p.add_argument("--ab", default="", help="TileConfig fields to also run: a boolean toggled, or field=value")
     p.add_argument("--fa4", action="store_true", help="flash-attn-4's forward too (a peer)")
+    p.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN forward too (a peer)")
     p.add_argument("--metrics", default="", help="comma list of extra ncu metrics to print per variant")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -64,8 +69,11 @@ def main(argv=None) -> int:
         return 0
     args = list(argv if argv is not None else sys.argv[1:])  # the child ignores --metrics
     extra = [m for m in a.metrics.split(",") if m]
+    # CuTe DSL kernels (ours, flash-attn-4) are named kernel_cutlass_*; cuDNN's fused attention
+    # kernels carry sdpa / fprop in their names.
+    kernels = "regex:kernel_cutlass" + ("|sdpa|fprop" if a.cudnn else "")
     cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([*METRICS, *extra]), "--kernel-name",
-           "regex:kernel_cutlass", "--csv", "--page", "raw", "--print-units", "base",
+           kernels, "--csv", "--page", "raw", "--print-units", "base",
            sys.executable, "-m", "cute_kernels.cycles", "--child", *args]
     run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if run.returncode != 0:

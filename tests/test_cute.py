@@ -131,8 +131,10 @@ def test_bench_variants():
     from cute_kernels.bench import variants
 
     base = FwdConfig.make("bf16", 128)
-    named = variants(base, ["128x128", "128x176s2"], ["tma_store", "k_release_gate=7"])
-    assert [n for n, _ in named] == ["table 128x128s2", "128x176s2", "tma_store=False", "k_release_gate=7"]
+    named = variants(base, ["128x128", "128x176s2"], ["tma_store", "k_release_gate=7", "tma_store+pin_desc=0"])
+    assert [n for n, _ in named] == ["table 128x128s2", "128x176s2", "tma_store=False", "k_release_gate=7",
+                                     "tma_store=False+pin_desc=False"]
+    assert not named[4][1].tile.tma_store and not named[4][1].tile.pin_desc
     assert named[1][1].tile.tile_n == 176 and not named[2][1].tile.tma_store and named[0][1] is base
     assert named[3][1].tile.k_release_gate == 7 and named[3][1].tile.tma_store == base.tile.tma_store
 
