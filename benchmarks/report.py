@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROW_KEYS = ("provider", "peer", "precision", "mode", "hdim", "seqlen", "causal", "batch",
-            "nheads", "ms", "tflops", "ratio", "status", "note")
+            "nheads", "ms", "tflops", "ratio", "status", "note", "times_ms")  # ms: median of times_ms
 
 
 def _config(row):
@@ -70,6 +70,11 @@ def format_markdown(doc) -> str:
     if mm:
         out.insert(-1, f"- dense matmul in the same run (torch.matmul, {meta['args']['dtype']}, "
                        f"{meta['matmul_n']}^3): {mm:.4g} TFLOP/s; `/ matmul` = best fa3py / that")
+    if meta.get("rounds", 1) > 1:
+        cut = meta.get("rounds_cut_budget")
+        out.insert(-1, f"- each time: the median of {meta['rounds']} rounds over the whole grid, providers "
+                       f"interleaved (the GPU clock's drift reaches every provider alike)"
+                       f"{f'; {cut} repeats cut by the time budget' if cut else ''}")
     if meta.get("not_run_budget"):
         out.insert(-1, f"- **time budget reached: {meta['not_run_budget']} measurements not run**")
     if meta.get("no_cuda"):

@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +70,10 @@ def parse_args(argv=None):
                          "fa3py:torch left out unless --providers names it")
     ap.add_argument("--warmup-ms", type=float, default=25.0)
     ap.add_argument("--rep-ms", type=float, default=100.0)
+    ap.add_argument("--rounds", type=int,
+                    help="time the whole grid this many times, providers interleaved, and keep each "
+                         "point's median: a GPU whose clock drifts (power, heat) then biases no provider "
+                         "(default 3 on a GPU, 1 on the CPU)")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)
@@ -388,26 +393,63 @@ def run(args) -> dict:
         doc["meta"].update(matmul_n=MATMUL_N, matmul_tflops=matmul_tflops(args, device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     fa3py_backends = [p.name.split(":", 1)[1] for p, _ in chosen if p.name.startswith("fa3py:")]
-    progress = Progress(len(cases) * len(chosen), args.quiet)
-    start = time.monotonic()
+    rounds = max(1, args.rounds or (3 if device.type == "cuda" else 1))
+    doc["meta"]["rounds"] = rounds
     steps = [(case, provider, forward) for case in cases for provider, forward in chosen]
-    not_run = 0
-    for n, (case, provider, forward) in enumerate(steps):
-        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-            not_run = len(steps) - n
-            break
-        if fa3py_backends:
-            _explain(doc, case, device, fa3py_backends)
-        progress.step(f"{provider.name} h{case.hdim} s{case.seqlen} {'causal ' if case.causal else ''}{case.mode}")
-        doc["rows"].append(_measure(provider, forward, case, device, gen, args, doc))
-        write_outputs(doc, out, final=False)  # a killed run still leaves its results
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    progress = Progress(len(steps) * rounds, args.quiet)
+    start = time.monotonic()
+    not_run, short_rounds = 0, 0
+    # Round 1 measures every point (and spot-checks each provider); later rounds time them again
+    # in the same interleaved order, so slow drift of the GPU's clock reaches every provider alike.
+    for r in range(rounds):
+        for n, (case, provider, forward) in enumerate(steps):
+            if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+                if r == 0:
+                    not_run = len(steps) - n
+                else:
+                    short_rounds += len(steps) - n
+                break
+            progress.step(f"{provider.name} h{case.hdim} s{case.seqlen} {'causal ' if case.causal else ''}"
+                          f"{case.mode}{f' (round {r + 1})' if rounds > 1 else ''}")
+            if r == 0:
+                if fa3py_backends:
+                    _explain(doc, case, device, fa3py_backends)
+                doc["rows"].append(_measure(provider, forward, case, device, gen, args, doc))
+            else:
+                _remeasure(doc["rows"][n], provider, forward, case, device, gen, args)
+            write_outputs(doc, out, final=False)  # a killed run still leaves its results
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            continue
+        break
     doc["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
     doc["meta"]["not_run_budget"] = not_run
-    if not_run:
-        print(f"warning: time budget reached; {not_run} measurements not run", file=sys.stderr)
+    doc["meta"]["rounds_cut_budget"] = short_rounds
+    if not_run or short_rounds:
+        print(f"warning: time budget reached; {not_run} measurements not run, {short_rounds} repeats "
+              "skipped", file=sys.stderr)
     return doc
+
+
+def _set_time(row, case, times):
+    """The row's ms (median of its rounds) and TFLOP/s."""
+    ms = statistics.median(times)
+    tf = flops(case.batch, case.nheads, case.seqlen, case.seqlen, case.hdim, causal=case.causal,
+               mode=case.mode) / (ms * 1e-3) / 1e12
+    row.update(ms=float(f"{ms:.5g}"), tflops=float(f"{tf:.4g}"), times_ms=[float(f"{t:.5g}") for t in times])
+
+
+def _remeasure(row, provider, forward, case, device, gen, args):
+    """A later round: time a point that was timed in round 1 again."""
+    if row["ms"] is None:
+        return
+    try:
+        ms = bench_case(provider, forward, case, device, gen, args)
+    except Exception as e:  # it ran in round 1: say so rather than drop the row
+        row["note"] = (row["note"] + "; " if row["note"] else "") + "a later round raised " + _error_text(e)
+        return
+    _set_time(row, case, [*row["times_ms"], ms])
 
 
 def _explain(doc, case, device, backends):
@@ -430,7 +472,7 @@ def _measure(provider, forward, case, device, gen, args, doc) -> dict:
     row = {"provider": provider.name, "peer": provider.peer, "precision": provider.precision(case),
            "mode": case.mode, "hdim": case.hdim, "seqlen": case.seqlen, "causal": case.causal,
            "batch": case.batch, "nheads": case.nheads, "ms": None, "tflops": None, "ratio": None,
-           "status": "ok", "note": ""}
+           "status": "ok", "note": "", "times_ms": []}
     group = [provider.name, case.hdim, case.causal, case.mode]
     if case.mode == "bwd" and not provider.backward:
         return {**row, "status": "error", "note": "no backward"}
@@ -453,9 +495,8 @@ def _measure(provider, forward, case, device, gen, args, doc) -> dict:
         ms = bench_case(provider, forward, case, device, gen, args)
     except Exception as e:
         return {**row, "status": "error", "note": _error_text(e)}
-    tf = flops(case.batch, case.nheads, case.seqlen, case.seqlen, case.hdim, causal=case.causal,
-               mode=case.mode) / (ms * 1e-3) / 1e12
-    row.update(ms=float(f"{ms:.5g}"), tflops=float(f"{tf:.4g}"), note=_handed_on(provider, case, doc))
+    _set_time(row, case, [ms])
+    row["note"] = _handed_on(provider, case, doc)
     if check is not None and not check["ok"]:
         row.update(status="wrong", note="failed spot-check: " + check["note"])
     return row

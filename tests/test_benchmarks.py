@@ -94,6 +94,20 @@ def test_cpu_run_writes_results(cpu_run, capsys):
     assert "No CUDA GPU" in (out / "results.md").read_text()
 
 
+def test_rounds_keep_the_median_of_interleaved_repeats(tmp_path):
+    doc = run.main(["--device", "cpu", "--seqlen", "64", "--mode", "fwd", "--causal", "false",
+                    "--threads", "1", "--quiet", "--rep-ms", "5", "--rounds", "3", "--out", str(tmp_path)])
+    row, = doc["rows"]
+    assert doc["meta"]["rounds"] == 3 and len(row["times_ms"]) == 3
+    assert row["ms"] == pytest.approx(sorted(row["times_ms"])[1], rel=1e-4)
+    assert "median of 3 rounds" in (tmp_path / "results.md").read_text()
+    assert report.load_json(tmp_path / "results.json")["rows"][0]["times_ms"] == row["times_ms"]
+    cut = run.main(["--device", "cpu", "--seqlen", "64", "--mode", "fwd", "--causal", "false",
+                    "--threads", "1", "--quiet", "--rep-ms", "5", "--rounds", "3", "--budget-s", "0",
+                    "--out", str(tmp_path / "cut")])
+    assert cut["meta"]["not_run_budget"] == 1 and cut["rows"] == []
+
+
 def test_markdown_reads_rates_against_the_same_run_matmul(cpu_run):
     doc, _ = cpu_run
     assert "matmul_tflops" not in doc["meta"]  # measured on CUDA only
