@@ -17,6 +17,7 @@ current stream (a few microseconds of host time). Otherwise every call converts 
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import logging
@@ -150,7 +151,8 @@ def forward(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
     return run(req, config_for(req))
 
 
-_tile_counters: dict = {}
+_tile_counters: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_TILE_COUNTERS_MAX = 64  # streams remembered; a forgotten one just gets a new zeroed buffer
 
 
 def _tile_counter(dev: torch.device) -> torch.Tensor:
@@ -164,6 +166,12 @@ def _tile_counter(dev: torch.device) -> torch.Tensor:
     counter = _tile_counters.get(key)
     if counter is None:
         counter = _tile_counters[key] = torch.zeros(2, dtype=torch.int32, device=dev)
+        if len(_tile_counters) > _TILE_COUNTERS_MAX:
+            # The least recently used stream's buffer: its memory returns to that stream's pool
+            # (stream-ordered), so a kernel still running on it is not disturbed.
+            _tile_counters.popitem(last=False)
+    else:
+        _tile_counters.move_to_end(key)
     return counter
 
 

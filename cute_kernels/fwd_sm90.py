@@ -104,6 +104,8 @@ class FlashAttentionForwardSm90:
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
         assert self.num_threads == t.num_threads
         self.use_scheduler_barrier = t.pingpong
+        # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
+        # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
         smem = elem * (self.tile_m * (self.hdim + self.hdimv) + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
         self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
@@ -177,6 +179,9 @@ class FlashAttentionForwardSm90:
                 sO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
                 next_tile: cute.struct.MemRange[Int32, 1]  # producer -> consumers, see load_q
+
+        assert SharedStorage.size_in_bytes() <= SMEM_BYTES, \
+            f"{cfg.short()}: {SharedStorage.size_in_bytes()} bytes of shared memory > {SMEM_BYTES}"
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.hdim))

@@ -189,6 +189,27 @@ def _req(q, k, v, **kw):
     return AttentionRequest(q, k, v, AttentionParams(**params), **kw)
 
 
+def test_tile_counters_are_bounded(monkeypatch):
+    """One counter buffer per (device, stream), the least recently used forgotten past the cap."""
+    from types import SimpleNamespace
+
+    stream = SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: stream)
+    monkeypatch.setattr(cute_kernels, "_tile_counters", type(cute_kernels._tile_counters)())
+    cpu = torch.device("cpu")
+    first = cute_kernels._tile_counter(cpu)
+    assert cute_kernels._tile_counter(cpu) is first and first.tolist() == [0, 0]
+    for handle in range(1, cute_kernels._TILE_COUNTERS_MAX + 1):
+        stream.cuda_stream = handle
+        cute_kernels._tile_counter(cpu)
+        if handle == 5:  # stream 0 used again: it becomes the most recent
+            stream.cuda_stream = 0
+            assert cute_kernels._tile_counter(cpu) is first
+    assert len(cute_kernels._tile_counters) == cute_kernels._TILE_COUNTERS_MAX
+    assert (None, 0) in cute_kernels._tile_counters and (None, 1) not in cute_kernels._tile_counters
+
+
 def test_why_not_reasons():
     x = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
     assert cute_kernels.why_not(_req(x, x, x), backward=True)
