@@ -225,6 +225,44 @@ def test_public_api_backend_triton():
     check_backward(req, dout, [x.grad for x in leaves])
 
 
+def test_tune_prints_only_the_kernels_a_shape_launches(monkeypatch, capsys):
+    """tune() lists a kernel's pick only where that head dim launched it: the atomic-dQ `bwd`
+    kernel, above ops.ATOMIC_DQ_MAX_HEADDIM, must not repeat the previous head dim's pick."""
+    from types import SimpleNamespace
+
+    from triton_fallback import tune
+
+    fake = {k: SimpleNamespace(best_config=None) for k in configs.KERNELS}
+    pick = SimpleNamespace(kwargs={"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+    def launch(*kernels):
+        for k in kernels:
+            fake[k].best_config = pick
+
+    def backward(req, *_):
+        atomic = not req.params.deterministic and req.headdim <= ops.ATOMIC_DQ_MAX_HEADDIM
+        launch(*(("bwd",) if atomic else ("bwd_dkdv", "bwd_dq")))
+
+    def forward(req):
+        launch("fwd")
+        return req.q, None
+
+    monkeypatch.setattr(ops, "_TUNED", fake)
+    monkeypatch.setattr(ops, "forward", forward)
+    monkeypatch.setattr(ops, "backward", backward)
+    monkeypatch.setattr(configs, "gpu_family", lambda device: "test")
+    monkeypatch.setattr(configs, "TUNED", {})
+    monkeypatch.setattr(configs, "TUNED_SHORT", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tune, "make", lambda d, dtype, causal, deterministic=False, seqlen=0: make_request(
+        *inputs(1, 4, 4, 1, 1, d, d), causal=causal, deterministic=deterministic))
+    small, big = ops.ATOMIC_DQ_MAX_HEADDIM, 2 * ops.ATOMIC_DQ_MAX_HEADDIM
+    tune.tune([small, big], [torch.bfloat16], [False], kernels=("fwd", "bwd"))
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(f'"bwd", {small},' in l for l in lines) == 1 and not any(f'"bwd", {big},' in l for l in lines)
+    assert sum('"fwd",' in l for l in lines) == 2
+
+
 def test_autotune_pruning(monkeypatch):
     monkeypatch.setattr(configs, "smem_limit", lambda index: 99 * 1024)
     q = torch.empty(1, 1, 1, 256, dtype=torch.bfloat16)
