@@ -29,6 +29,7 @@ class TileConfig:
     # Overlapped schedule only: rescale O by the previous block's row factors while QK^T(n) is in
     # flight, before issuing PV(n-1), instead of after the softmax (flash-attn-4 does this for
     # hdim_v > 128, where the 2 x hdim_v/2 FMULs no longer hide behind the conversion of P).
+    # FwdConfig.make: on for hdim_v > 128 (measured).
     rescale_o_before_pv: bool = False
     # Stage O in its own smem buffer when it fits next to Q, K and V (227 KB; not at hdim 256),
     # instead of reusing Q's: the consumers then release Q after their last QK^T, so the producer
@@ -42,11 +43,14 @@ class TileConfig:
     # Causal/local single-tile grid: longest-first within L2 sections of (batch, head) pairs
     # (scheduler.py); off = sections of one pair (head-major, each head's m_blocks descending).
     # H200, causal, bf16, 64k tokens: on = hdim128 seqlen 512 250 / 1k 342 TFLOP/s, off 281 / 376
-    # (hdim 64: +2-4% off); at 8k within noise (hdim128 583 -> 585, hdim256 651 -> 662 on).
+    # (hdim 64: +2-4% off); at 8k within noise (hdim128 583 -> 585, hdim256 651 -> 662 on). H100
+    # SM cycles (NOTES.md, session 5): 32k tokens, hdim256 16k +5%, 512 / 1k +15..+38% on.
     lpt_l2_sections: bool = False
     # The longest-first order's final section: the last (batch, head) pairs whose tiles make about
     # this many waves on the SMs, longest first among them all (scheduler.py; 0 = none). H100 SM
-    # cycles, causal: see FwdConfig.make.
+    # cycles, causal, against 0: 16k tokens, 512 / 2k / 8k: hdim64 -1.5 / -2.4 / -3.6%, hdim128
+    # -0.5 / -4.9 / -4.0%, hdim256 -3.5 / -7.8 / -7.7%; 32k tokens 1k-16k -0.1..-5.4%. 4 waves:
+    # similar, but hdim256 512 +13%.
     lpt_tail_waves: int = 2
     # Persistent CTAs that take tiles from an atomic counter in the single-tile grid's order
     # (scheduler.py), so causal/local tiles are scheduled greedily longest-first and a tile's
