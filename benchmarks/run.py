@@ -401,28 +401,24 @@ def run(args) -> dict:
     not_run, short_rounds = 0, 0
     # Round 1 measures every point (and spot-checks each provider); later rounds time them again
     # in the same interleaved order, so slow drift of the GPU's clock reaches every provider alike.
-    for r in range(rounds):
-        for n, (case, provider, forward) in enumerate(steps):
-            if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-                if r == 0:
-                    not_run = len(steps) - n
-                else:
-                    short_rounds += len(steps) - n
-                break
-            progress.step(f"{provider.name} h{case.hdim} s{case.seqlen} {'causal ' if case.causal else ''}"
-                          f"{case.mode}{f' (round {r + 1})' if rounds > 1 else ''}")
-            if r == 0:
-                if fa3py_backends:
-                    _explain(doc, case, device, fa3py_backends)
-                doc["rows"].append(_measure(provider, forward, case, device, gen, args, doc))
-            else:
-                _remeasure(doc["rows"][n], provider, forward, case, device, gen, args)
-            write_outputs(doc, out, final=False)  # a killed run still leaves its results
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    schedule = [(r, n) for r in range(rounds) for n in range(len(steps))]
+    for i, (r, n) in enumerate(schedule):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            not_run = sum(1 for r_left, _ in schedule[i:] if r_left == 0)
+            short_rounds = len(schedule) - i - not_run
+            break
+        case, provider, forward = steps[n]
+        progress.step(f"{provider.name} h{case.hdim} s{case.seqlen} {'causal ' if case.causal else ''}"
+                      f"{case.mode}{f' (round {r + 1})' if rounds > 1 else ''}")
+        if r == 0:
+            if fa3py_backends:
+                _explain(doc, case, device, fa3py_backends)
+            doc["rows"].append(_measure(provider, forward, case, device, gen, args, doc))
         else:
-            continue
-        break
+            _remeasure(doc["rows"][n], provider, forward, case, device, gen, args)
+        write_outputs(doc, out, final=False)  # a killed run still leaves its results
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     doc["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
     doc["meta"]["not_run_budget"] = not_run
     doc["meta"]["rounds_cut_budget"] = short_rounds

@@ -147,10 +147,11 @@ def main(argv=None):
     p.add_argument("--seqlens", default="8192")
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seqlen")
     p.add_argument("--hdims", default="64,128,256")
-    p.add_argument("--causal", default="both", choices=["both", "no", "yes"])
+    p.add_argument("--causal", default="both", choices=list(CAUSALS))
     p.add_argument("--tiles", default="", help="tile variants per head dim, see module doc")
     p.add_argument("--candidates", action="store_true", help="also run config.CANDIDATES")
-    p.add_argument("--ab", default="", help="comma list of TileConfig fields to also run: a boolean toggled, or field=value")
+    p.add_argument("--ab", default="", help="comma list of variants (see `variants`): a boolean TileConfig "
+                                            "field toggled, field=value, or a=1+b=0")
     p.add_argument("--sdpa", default="CUDNN_ATTENTION", help="comma list of SDPBackend names, '' for none")
     p.add_argument("--rep", type=int, default=60, help="do_bench rep in ms")
     p.add_argument("--rounds", type=int, default=1,

@@ -196,9 +196,6 @@ class FwdConfig:
         # At hdim 128 it was -0.7..-1.3% non-causal with the PV wait hoisted, but off with the
         # gate below is better (H100 SM cycles, 16k tokens; causal +3%, hdim64 +1..+2%: off).
         rescale = hdimv > 128
-        # O by TMA store for non-causal / non-local; causal / local keep the predicated stores
-        # (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 / +4.9 / +6.6%;
-        # non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
         # The K release gated on one probability (TileConfig.k_release_gate), which keeps ptxas's PV
         # wait after ~10-14 exp2s instead of right after the row max. H100 SM cycles, 16k tokens,
         # non-causal: hdim64 (3 WGs, P[0, 3]) 2k / 8k -1.8 / -2.4%; hdim128 (P[0, 1], with the O
@@ -206,6 +203,9 @@ class FwdConfig:
         # without the gate (either change alone: +0..+3%). Causal: hdim128 2k / 8k -0.3 / -0.9%,
         # hdim64 within 0.3%. hdim256 (rescale before PV kept: +5..+7% without it): within 0.3%.
         gate = 2 if hdim == 128 else 4 if base.num_mma_wg == 3 and not windowed else 0
+        # O by TMA store for non-causal / non-local; causal / local keep the predicated stores
+        # (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 / +4.9 / +6.6%;
+        # non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
                        pin_desc=hdim <= 192, tma_store=not windowed, k_release_gate=gate)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}

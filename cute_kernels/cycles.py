@@ -34,14 +34,14 @@ def child(a) -> None:
     fa4 = None
     if a.fa4:
         from flash_attn.cute import flash_attn_func as fa4
-    cudnn = _sdpa("CUDNN_ATTENTION")
+    cudnn = _sdpa("CUDNN_ATTENTION") if a.cudnn else None
     tiles = _parse_tiles(a.tiles)
     for d, s, _, _, q, k, v, causal, req in points(a.hdims, a.seqlens, a.causal, a.tokens):
         calls = [(name, lambda cfg=cfg: cute_kernels.run(req, cfg)) for name, cfg in
                  variants(cute_kernels.config_for(req), tiles.get(d, []), filter(None, a.ab.split(",")))]
         if fa4 is not None:
             calls.append(("fa4", lambda: fa4(q, k, v, causal=causal)))
-        if a.cudnn:
+        if cudnn is not None:
             calls.append(("cudnn", lambda: cudnn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   causal)))
         for name, fn in calls:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--causal", default="both", choices=list(CAUSALS))
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--tiles", default="", help="as in cute_kernels.bench")
-    p.add_argument("--ab", default="", help="TileConfig fields to also run: a boolean toggled, or field=value")
+    p.add_argument("--ab", default="", help="as in cute_kernels.bench")
     p.add_argument("--fa4", action="store_true", help="flash-attn-4's forward too (a peer)")
     p.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN forward too (a peer)")
     p.add_argument("--metrics", default="", help="comma list of extra ncu metrics to print per variant")
