@@ -69,6 +69,13 @@ class TileConfig:
     # K-release arrive and otherwise hoists it to right after the row max, where it stalls the
     # softmax (NOTES.md, session 5): the gate is the handle on where that wait lands.
     k_release_gate: int = 0
+    # Q buffers (1 or 2; 2 needs separate_o). With two, the producer loads the next tile's Q (and,
+    # for the dynamic scheduler, announces that tile) while the consumers still run the current
+    # tile instead of after its last QK^T. ncu at 512 tokens, hdim128 (1 buffer): the consumers'
+    # wait for the next Q was 6% of stall samples non-causal, 10% causal (8k: none). The Q stage
+    # index in a register costs a few instructions per KV block: FwdConfig.make uses 2 for short
+    # problems only.
+    q_stages: int = 1
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
@@ -77,6 +84,7 @@ class TileConfig:
         total = THREADS_PER_WG * (self.producer_regs + self.num_mma_wg * self.consumer_regs)
         assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
         assert self.producer_regs % 8 == 0 and self.consumer_regs % 8 == 0, "setmaxnreg: multiples of 8"
+        assert self.q_stages in (1, 2), f"q_stages {self.q_stages}: 1 or 2"
 
     @property
     def num_mma_wg(self) -> int:
@@ -146,15 +154,26 @@ CANDIDATES: dict[int, list[TileConfig]] = {
     96: [TileConfig(192, 96, 2, *REG_SPLIT[3])],  # 192x128 spills (30 STL)
 }
 
-# Causal / right-windowed problems with max_seqlen_q <= SHORT_CAUSAL_SEQLEN: few KV blocks per
-# tile, so the 192-row tile's padding and fewer, longer tiles cost more than 3 WGs gain. H200,
-# causal, bf16, 64k tokens: hdim64 512 170 -> 180, 1k 239 -> 258 TFLOP/s with 128x128 (2k: 192x128
-# wins, 362 vs 330).
-# hdim256: 128x64 (H100, SM cycles, `cute_kernels.cycles`, 16k tokens, causal: 512 0.201 -> 0.197,
-# 1k 0.264 -> 0.259 Mcycles; hdim 64 / 128 at tile_n 64 or 96 were 7-20% slower).
+# Short problems: few KV blocks per tile, where a tile's prologue and epilogue weigh more and the
+# 192-row tile's padding (3 tiles cover 512 rows with 576) and fewer, longer tiles cost more than
+# 3 WGs gain. Short = causal / right-windowed with max_seqlen_q <= SHORT_CAUSAL_SEQLEN, or not
+# right-windowed with max_seqlen_k <= SHORT_SEQLEN_K (see `is_short`).
+# Causal: H200, bf16, 64k tokens: hdim64 512 170 -> 180, 1k 239 -> 258 TFLOP/s with 128x128 (2k:
+# 192x128 wins, 362 vs 330). hdim256: 128x64 (H100, SM cycles, `cute_kernels.cycles`, 16k tokens:
+# 512 0.201 -> 0.197, 1k 0.264 -> 0.259 Mcycles; hdim 64 / 128 at tile_n 64 or 96 were 7-20% slower).
+# Non-causal (H100, SM cycles, 16k tokens, table -> short tile): hdim64 512 0.334 -> 0.327
+# (1k: 0.562 -> 0.576, so not there); hdim256 512 0.237 -> 0.227 (cuDNN 0.228; 1k 0.357 -> 0.361;
+# 80 keys split 512 keys 6.4 ways, 64 evenly).
 SHORT_CAUSAL_SEQLEN = 1024
-SHORT_CAUSAL_TILES: dict[int, TileConfig] = {64: TileConfig(128, 128, 2, 24, 240),
-                                             256: TileConfig(128, 64, 2, 24, 240)}
+SHORT_SEQLEN_K = 512
+SHORT_TILES: dict[int, TileConfig] = {64: TileConfig(128, 128, 2, 24, 240),
+                                      256: TileConfig(128, 64, 2, 24, 240)}
+
+
+def is_short(has_right: bool, max_seqlen_q: int, max_seqlen_k: int) -> bool:
+    """Whether a problem takes SHORT_TILES: few KV blocks per query tile."""
+    return max_seqlen_q <= SHORT_CAUSAL_SEQLEN if has_right else max_seqlen_k <= SHORT_SEQLEN_K
+
 
 SUPPORTED_HDIM = tuple(TILES)
 # (hdim, hdim_v) pairs served: hdim_v == hdim, plus FA3's 192x128 (DeepSeek-style).
@@ -176,15 +195,15 @@ class FwdConfig:
     seqused_k: bool = False
 
     @staticmethod
-    def make(dtype: str, hdim: int, hdimv: int | None = None, short_causal: bool = False,
+    def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
              **features) -> "FwdConfig":
-        """`short_causal`: right-windowed with max_seqlen_q <= SHORT_CAUSAL_SEQLEN."""
+        """`short`: few KV blocks per tile (`is_short`), which picks SHORT_TILES where there is one."""
         hdimv = hdim if hdimv is None else hdimv
         # Persistent CTAs for non-causal / non-local only (NOTES.md, H200 bf16 hdim128: 506 -> 554
         # TFLOP/s at seqlen 1024 non-causal, equal at 8k; causal 584 -> 534 at 8k with the static
         # longest-first stride, so causal/local keep the single-tile longest-first grid).
         windowed = features.get("has_left", False) or features.get("has_right", False)
-        base = SHORT_CAUSAL_TILES.get(hdim, TILES[hdim]) if short_causal else TILES[hdim]
+        base = SHORT_TILES.get(hdim, TILES[hdim]) if short else TILES[hdim]
         # Causal/local: the dynamic scheduler (atomic tile counter, longest first). H200, bf16, 64k
         # tokens, 2 rounds, against the single-tile grid: hdim128 512 274 -> 352, 1k 381 -> 456,
         # 2k 465 -> 524, 8k 506 -> 583; hdim64 512 187 -> 244, 2k 369 -> 400, 8k 484 -> 480;
@@ -202,12 +221,18 @@ class FwdConfig:
         # rescale after the softmax) 2k / 8k / 16k -4.0 / -4.6 / -4.7% against the rescale before PV
         # without the gate (either change alone: +0..+3%). Causal: hdim128 2k / 8k -0.3 / -0.9%,
         # hdim64 within 0.3%. hdim256 (rescale before PV kept: +5..+7% without it): within 0.3%.
-        gate = 2 if hdim == 128 else 4 if base.num_mma_wg == 3 and not windowed else 0
+        # (hdim64's short 2-WG tile was measured with gate 4 too.)
+        gate = 2 if hdim == 128 else 4 if hdim == 64 and not windowed else 0
         # O by TMA store for non-causal / non-local; causal / local keep the predicated stores
         # (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 / +4.9 / +6.6%;
         # non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
+        # Two Q buffers (TileConfig.q_stages) for short problems, where the next tile's Q wait is
+        # a fair share of each tile; hdim <= 128 (a second Q and a separate sO fit in smem). H200,
+        # SM cycles, 16k tokens, 512 tokens: hdim128 -2.4% non-causal, equal causal; hdim64 -2.7 /
+        # -2.3%. Not for long ones: 8k hdim128 +2.4 / +3.6% (causal), hdim64 +1.0 / 0%.
+        q_stages = 2 if short and hdim <= 128 and hdimv <= 128 else 1
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
-                       pin_desc=hdim <= 192, tma_store=not windowed, k_release_gate=gate)
+                       pin_desc=hdim <= 192, tma_store=not windowed, k_release_gate=gate, q_stages=q_stages)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
@@ -225,5 +250,6 @@ class FwdConfig:
                 f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''}{' dynamic' if t.dynamic else ''}"
                 f"{' lpt_l2_sections' if t.lpt_l2_sections else ''}{' tma_store' if t.tma_store else ''}"
                 f"{f' k_release_gate={t.k_release_gate}' if t.k_release_gate else ''}"
+                f"{f' q_stages={t.q_stages}' if t.q_stages > 1 else ''}"
                 f"{f' lpt_tail_waves={t.lpt_tail_waves}' if self.has_right and t.lpt_tail_waves else ''}"
                 f" {' '.join(flags)}")

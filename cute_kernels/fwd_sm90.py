@@ -107,8 +107,11 @@ class FlashAttentionForwardSm90:
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
-        smem = elem * (self.tile_m * (self.hdim + self.hdimv) + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
+        smem = elem * (self.tile_m * (t.q_stages * self.hdim + self.hdimv)
+                       + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
         self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
+        assert t.q_stages == 1 or self.separate_o, \
+            f"{cfg.short()}: a second Q buffer needs O in its own smem buffer ({smem} bytes)"
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
 
@@ -155,7 +158,7 @@ class FlashAttentionForwardSm90:
         mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
 
         tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
-        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim))
+        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), cfg.tile.q_stages)
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
@@ -169,7 +172,7 @@ class FlashAttentionForwardSm90:
 
         @cute.struct
         class SharedStorage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * cfg.tile.q_stages]
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, sQ_elems], 1024]
@@ -178,13 +181,14 @@ class FlashAttentionForwardSm90:
             if const_expr(self.separate_o):
                 sO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
-                next_tile: cute.struct.MemRange[Int32, 1]  # producer -> consumers, see load_q
+                next_tile: cute.struct.MemRange[Int32, cfg.tile.q_stages]  # per Q stage, see load_q
 
         assert SharedStorage.size_in_bytes() <= SMEM_BYTES, \
             f"{cfg.short()}: {SharedStorage.size_in_bytes()} bytes of shared memory > {SMEM_BYTES}"
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
-        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (self.tile_m, self.hdim))
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (self.tile_m, self.hdim))
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
             g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.hdim)
         )
@@ -254,7 +258,8 @@ class FlashAttentionForwardSm90:
         consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
         make_pipe = partial(pipeline.PipelineTmaAsync.create, producer_group=producer,
                             consumer_group=consumer_warps, defer_sync=True)
-        pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=1, tx_count=tx_q)
+        pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.cfg.tile.q_stages,
+                               tx_count=tx_q)
         pipeline_k = make_pipe(barrier_storage=storage.mbar_k.data_ptr(), num_stages=self.num_stages,
                                tx_count=tx_k)
         pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.num_stages,
@@ -280,7 +285,9 @@ class FlashAttentionForwardSm90:
         mask_fn = partial(AttentionMask, self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
                           window_left, window_right)
         # dynamic: the next tile's index, written by the producer before it issues that tile's Q
-        next_tile = storage.next_tile.get_tensor(cute.make_layout(1)) if const_expr(self.cfg.tile.dynamic) else None
+        # (one slot per Q stage: a slot is rewritten only once its Q stage has been released)
+        next_tile = storage.next_tile.get_tensor(cute.make_layout(self.cfg.tile.q_stages)) \
+            if const_expr(self.cfg.tile.dynamic) else None
         tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn, next_tile=next_tile)
 
         if warp_idx < 4:
@@ -298,12 +305,13 @@ class FlashAttentionForwardSm90:
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
         pipeline_q, pipeline_k, pipeline_v, scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile,
     ):
-        """Producer warp: per tile, K of the last KV block, then Q, then K(n-1) and V(n) for the
-        remaining blocks right to left (V lags K by one block, matching the overlapped consumer;
-        with `v_lags_k` off: K(n), V(n) together). Q is loaded for every tile with rows (even
-        one with no KV block) because the consumers release sQ only once their epilogue no longer
-        reads sO."""
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        """Producer warp: per tile, K of the last KV block, then Q (with two Q stages: Q first,
+        its slot freed a tile ago), then K(n-1) and V(n) for the remaining blocks right to left
+        (V lags K by one block, matching the overlapped consumer; with `v_lags_k` off: K(n), V(n)
+        together). Q is loaded for every tile with rows (even one with no KV block) because the
+        consumers release sQ only once their epilogue no longer reads sO."""
+        q_first = self.cfg.tile.q_stages > 1
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.cfg.tile.q_stages)
         k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         one = cute.make_layout(1)
@@ -333,14 +341,18 @@ class FlashAttentionForwardSm90:
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
                                  next_tile=next_tile, tile=tile)
 
+                if const_expr(q_first):
+                    load_q(q_state)
+                    q_state.advance()
                 if const_expr(self.cfg.tile.v_lags_k):
                     # K leads V by one block, as the consumers need them: QK^T(n) is issued
                     # together with PV(n + 1).
                     if n_block_min < n_block_max:
                         load_k(n_block_max - 1, k_state)
                         k_state.advance()
-                    load_q(q_state)
-                    q_state.advance()
+                    if const_expr(not q_first):
+                        load_q(q_state)
+                        q_state.advance()
                     for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
                         load_k(n_block_max - 2 - i, k_state)
                         k_state.advance()
@@ -355,8 +367,9 @@ class FlashAttentionForwardSm90:
                         load_v(n_block_max - 1, v_state)
                         k_state.advance()
                         v_state.advance()
-                    load_q(q_state)
-                    q_state.advance()
+                    if const_expr(not q_first):
+                        load_q(q_state)
+                        q_state.advance()
                     for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
                         load_k(n_block_max - 2 - i, k_state)
                         load_v(n_block_max - 2 - i, v_state)
@@ -366,7 +379,8 @@ class FlashAttentionForwardSm90:
         if const_expr(next_tile is not None):
             # No more tiles: announce one past the last, completing Q's phase without a TMA.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            self.announce_tile(next_tile, scheduler.num_tiles(), pipeline_q.producer_get_barrier(q_state))
+            self.announce_tile(next_tile, q_state.index, scheduler.num_tiles(),
+                               pipeline_q.producer_get_barrier(q_state))
             scheduler.retire()
 
     @cute.jit
@@ -377,26 +391,26 @@ class FlashAttentionForwardSm90:
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
     @cute.jit
-    def announce_tile(self, next_tile, tile, q_full, tx_bytes: cutlass.Constexpr[int] = 0):
-        """Producer warp, Q's slot free: one thread stores the next tile index and then arrives on
-        Q's full barrier (expecting `tx_bytes` of Q's TMA; 0: the end marker, no TMA follows), so
-        the store is ordered before the arrive that publishes it. (Every lane storing it and an
+    def announce_tile(self, next_tile, slot, tile, q_full, tx_bytes: cutlass.Constexpr[int] = 0):
+        """Producer warp, Q's stage `slot` free: one thread stores the next tile index there and
+        then arrives on Q's full barrier (expecting `tx_bytes` of Q's TMA; 0: the end marker, no
+        TMA follows), so the store is ordered before the arrive that publishes it. (Every lane storing it and an
         elected lane arriving raced under compute-sanitizer racecheck.)"""
         with cute.arch.elect_one():
-            next_tile[0] = tile
+            next_tile[slot] = tile
             if const_expr(tx_bytes > 0):
                 cute.arch.mbarrier_arrive_and_expect_tx(q_full, tx_bytes)
             else:
                 cute.arch.mbarrier_arrive(q_full)
 
     @cute.jit
-    def read_tile(self, next_tile) -> Int32:
-        """Consumer warp, after its wait on Q: the announced tile index, read by lane 0 (the lane
-        that later releases Q, after which the producer may overwrite the slot) and passed to
-        the warp by shuffle."""
+    def read_tile(self, next_tile, slot) -> Int32:
+        """Consumer warp, after its wait on Q stage `slot`: the announced tile index, read by
+        lane 0 (the lane that later releases that stage, after which the producer may overwrite
+        the slot) and passed to the warp by shuffle."""
         tile = Int32(0)
         if cute.arch.lane_idx() == 0:
-            tile = next_tile[0]
+            tile = next_tile[slot]
         return cute.arch.shuffle_sync(tile, 0)
 
     @cute.jit
@@ -406,11 +420,11 @@ class FlashAttentionForwardSm90:
             # reads the slot right after that Q landed, before releasing it) and before the
             # arrive on Q's full barrier, whose release the consumers' wait on Q acquires.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            self.announce_tile(next_tile, tile, pipeline_q.producer_get_barrier(q_state),
+            self.announce_tile(next_tile, q_state.index, tile, pipeline_q.producer_get_barrier(q_state),
                                pipeline_q.sync_object_full.tx_count)
         else:
             pipeline_q.producer_acquire(q_state)
-        cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
+        cute.copy(tma_atom_Q, tQgQ, tQsQ[None, q_state.index], tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
@@ -426,7 +440,7 @@ class FlashAttentionForwardSm90:
         thr0_mma_qk = tiled_mma_qk.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
         wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
-        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))  # (MMA, M, K, q stage)
         tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
         tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
         if const_expr(self.cfg.tile.pin_desc):
@@ -439,29 +453,30 @@ class FlashAttentionForwardSm90:
         # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.
         o_scale = cute.make_rmem_tensor_like(softmax.row_max, Float32)
 
-        def qk_gemm(stage, wg_wait):
+        def qk_gemm(tSrQ_cur, stage, wg_wait):
             acc_S = cute.make_rmem_tensor(tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32)
-            gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], zero_init=True, wg_wait=wg_wait)
+            gemm(tiled_mma_qk, acc_S, tSrQ_cur, tSrK[None, None, None, stage], zero_init=True, wg_wait=wg_wait)
             return acc_S
 
         def pv_gemm(stage, wg_wait):
             gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait)
 
         overlap = self.cfg.tile.intra_wg_overlap
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.cfg.tile.q_stages)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         self.scheduler_init(wg_idx)
         tile = scheduler.initial()
         if const_expr(next_tile is not None):  # dynamic: the producer says which tile is next
             pipeline_q.consumer_wait(q_state)
-            tile = self.read_tile(next_tile)
+            tile = self.read_tile(next_tile, q_state.index)
         while scheduler.valid(tile):
             m_block, head, batch = scheduler.coords(tile)
             seqlen = seqlen_fn(batch)
             mask = mask_fn(seqlen, m_block)
+            qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,
-                qk_gemm=qk_gemm, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
+                qk_gemm=qk_gemm_tile, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
                 softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
                 mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale,
             )
@@ -477,7 +492,7 @@ class FlashAttentionForwardSm90:
                     n_block = n_block_max - 1
                     if const_expr(overlap):
                         kv_state = self.first_block_overlap(
-                            kv_state, n_block, qk_gemm=qk_gemm, pipeline_k=pipeline_k, softmax=softmax,
+                            kv_state, n_block, qk_gemm=qk_gemm_tile, pipeline_k=pipeline_k, softmax=softmax,
                             tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk, mask=mask,
                             softcap_premul=softcap_premul,
                         )
@@ -519,12 +534,19 @@ class FlashAttentionForwardSm90:
                 q_state.advance()
             if const_expr(next_tile is not None):
                 pipeline_q.consumer_wait(q_state)  # the waits inside the tile then return at once
-                tile = self.read_tile(next_tile)
+                tile = self.read_tile(next_tile, q_state.index)
             else:
                 tile = scheduler.next(tile)
         if const_expr(self.cfg.tile.tma_store):
             # The last TMA stores of O must have read sO before the CTA's smem goes away.
             cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    def q_stage_frag(self, tSrQ, q_state):
+        """Q's WGMMA operand in the tile's Q stage (a tuple per k-block when pinned per_k)."""
+        stage = q_state.index if const_expr(self.cfg.tile.q_stages > 1) else 0
+        if const_expr(isinstance(tSrQ, tuple)):
+            return tuple(t[None, None, stage] for t in tSrQ)
+        return tSrQ[None, None, None, stage]
 
     @cute.jit
     def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):

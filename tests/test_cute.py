@@ -22,7 +22,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 import cute_kernels  # noqa: E402
 from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import (  # noqa: E402
-    CANDIDATES, SHORT_CAUSAL_TILES, TILES, FwdConfig, TileConfig, tile_variant,
+    CANDIDATES, SHORT_TILES, TILES, FwdConfig, TileConfig, tile_variant,
 )
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -119,10 +119,22 @@ def test_compile_mask_thr0_two_wg():
     assert ops["VIADD"] < 60  # 27 vs 96 with the default mask (CPU SASS, cutlass-dsl 4.8.1)
 
 
-@pytest.mark.parametrize("hdim", sorted(SHORT_CAUSAL_TILES))
-def test_compile_short_causal(hdim):
-    cfg = FwdConfig.make("bf16", hdim, short_causal=True, has_right=True)
-    assert cfg.tile.tile_n == SHORT_CAUSAL_TILES[hdim].tile_n
+@pytest.mark.parametrize("hdim,causal", [(64, False), (128, False), (128, True)])
+def test_compile_q_stages(hdim, causal):
+    """Two Q buffers: Q's TMA and WGMMA descriptors take the stage; the dynamic scheduler's tile
+    slot is per stage. Where O cannot have its own buffer (hdim 256), a second Q buffer is refused."""
+    _compile_and_check(FwdConfig.make("bf16", hdim, has_right=causal, q_stages=2))
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    with pytest.raises(AssertionError, match="second Q buffer"):
+        FlashAttentionForwardSm90(FwdConfig.make("bf16", 256, q_stages=2))
+
+
+@pytest.mark.parametrize("hdim", sorted(SHORT_TILES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_compile_short(hdim, causal):
+    cfg = FwdConfig.make("bf16", hdim, short=True, has_right=causal)
+    assert cfg.tile.tile_n == SHORT_TILES[hdim].tile_n
     _compile_and_check(cfg)
 
 
@@ -139,20 +151,30 @@ def test_bench_variants():
     assert named[3][1].tile.k_release_gate == 7 and named[3][1].tile.tma_store == base.tile.tma_store
 
 
-def test_short_causal_tile():
-    """Causal with <= SHORT_CAUSAL_SEQLEN query rows: hdim64 takes the 2-WG tile, hdim256 the
-    128x64 tile; longer or non-causal problems the table tile."""
-    from cute_kernels.config import SHORT_CAUSAL_SEQLEN
+def test_short_tile():
+    """Few KV blocks per tile: causal with <= SHORT_CAUSAL_SEQLEN query rows, or non-causal with
+    <= SHORT_SEQLEN_K keys. hdim64 takes the 2-WG tile, hdim256 the 128x64 tile; longer problems
+    the table tile. Causal goes by the query length, non-causal by the key length."""
+    from cute_kernels.config import SHORT_CAUSAL_SEQLEN, SHORT_SEQLEN_K
 
-    def tile(sq, wr, d=64):
-        x = torch.randn(1, sq, 2, d, dtype=torch.bfloat16)
-        t = cute_kernels.config_for(_req(x, x, x, window_right=wr)).tile
+    def config(sq, wr, d=64, sk=None):
+        q = torch.randn(1, sq, 2, d, dtype=torch.bfloat16)
+        k = torch.randn(1, sk or sq, 2, d, dtype=torch.bfloat16)
+        return cute_kernels.config_for(_req(q, k, k, window_right=wr)).tile
+
+    def tile(*args, **kw):
+        t = config(*args, **kw)
         return t.tile_m, t.tile_n
 
-    assert tile(SHORT_CAUSAL_SEQLEN, 0) == (128, 128) and tile(SHORT_CAUSAL_SEQLEN + 1, 0) == (192, 128)
-    assert tile(512, -1) == (192, 128)
-    assert tile(SHORT_CAUSAL_SEQLEN, 0, 256) == (128, 64) and tile(SHORT_CAUSAL_SEQLEN + 1, 0, 256) == (128, 80)
-    assert tile(512, -1, 256) == (128, 80)
+    for d, short, table in ((64, (128, 128), (192, 128)), (256, (128, 64), (128, 80))):
+        assert tile(SHORT_CAUSAL_SEQLEN, 0, d) == short and tile(SHORT_CAUSAL_SEQLEN + 1, 0, d) == table
+        assert tile(SHORT_CAUSAL_SEQLEN, 0, d, sk=4096) == short
+        assert tile(SHORT_SEQLEN_K, -1, d) == short and tile(SHORT_SEQLEN_K + 1, -1, d) == table
+        assert tile(4096, -1, d, sk=SHORT_SEQLEN_K) == short and tile(256, -1, d, sk=1024) == table
+    assert tile(256, -1, 128) == (128, 128)
+    # Two Q buffers for short problems up to hdim 128 (hdim 256 has no smem for them).
+    assert [config(512, wr, d).q_stages for wr in (-1, 0) for d in (64, 128, 256)] == [2, 2, 1] * 2
+    assert config(4096, -1, 128).q_stages == config(2048, 0, 64).q_stages == 1
 
 
 def test_tile_config_budget():
@@ -460,14 +482,28 @@ def test_gpu_dynamic(hdim, wl, wr, dynamic):
 
 
 @gpu
-@pytest.mark.parametrize("separate_o", [True, False])
-def test_gpu_dynamic_varlen(separate_o):
+@pytest.mark.parametrize("separate_o,q_stages", [(True, 1), (False, 1), (True, 2)])
+def test_gpu_dynamic_varlen(separate_o, q_stages):
     """Empty sequences and m_blocks past a sequence's end are skipped by the producer: the
     consumers only see the tiles it announces, then the end marker."""
     q, k, v, varlen = _packed_qkv([1, 113, 0, 799, 0, 64, 1500, 300], [3, 203, 7, 1024, 5, 0, 1400, 900],
                                   8, 2, 128, torch.bfloat16)
     req = _req(q, k, v, window_right=0, **varlen)
-    _check(req, _with_tile(req, dynamic=True, separate_o=separate_o))
+    _check(req, _with_tile(req, dynamic=True, separate_o=separate_o, q_stages=q_stages))
+
+
+@gpu
+@pytest.mark.parametrize("hdim", [64, 128])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30)])
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_gpu_q_stages(hdim, wl, wr, dynamic):
+    """Two Q buffers (TileConfig.q_stages): the producer loads tile t+1's Q into the other
+    buffer (and, dynamic, announces t+1 in that buffer's slot) while the consumers still read
+    tile t's. Every CTA runs many tiles, so both buffers turn over many times; some rows see no
+    key (1100 queries, 777 keys), and some tiles have no KV block (window)."""
+    q, k, v = _qkv(3, 1100, 777, 8, 2, hdim, hdim, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    _check(req, _with_tile(req, q_stages=2, persistent=True, dynamic=dynamic))
 
 
 @gpu
