@@ -69,7 +69,7 @@ class TileConfig:
     # K-release arrive and otherwise hoists it to right after the row max, where it stalls the
     # softmax (NOTES.md, session 5): the gate is the handle on where that wait lands.
     k_release_gate: int = 0
-    # Q buffers (1 or 2; 2 needs separate_o). With two, the producer loads the next tile's Q (and,
+    # Q buffers (1 or 2; 2 where a second Q fits beside a separate sO, else 1). With two, the producer loads the next tile's Q (and,
     # for the dynamic scheduler, announces that tile) while the consumers still run the current
     # tile instead of after its last QK^T. ncu at 512 tokens, hdim128 (1 buffer): the consumers'
     # wait for the next Q was 6% of stall samples non-causal, 10% causal (8k: none). The Q stage
@@ -228,9 +228,10 @@ class FwdConfig:
         # non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
         # Two Q buffers (TileConfig.q_stages) for short problems, where the next tile's Q wait is
         # a fair share of each tile; hdim <= 128 (a second Q and a separate sO fit in smem). H200,
-        # SM cycles, 16k tokens, 512 tokens: hdim128 -2.4% non-causal, equal causal; hdim64 -2.7 /
-        # -2.3%. Not for long ones: 8k hdim128 +2.4 / +3.6% (causal), hdim64 +1.0 / 0%.
-        q_stages = 2 if short and hdim <= 128 and hdimv <= 128 else 1
+        # SM cycles, 16k tokens, two runs, 512 tokens: hdim64 non-causal -2.7 / -1.2%, causal
+        # -2.3 / -2.3% (1k equal); hdim128 non-causal -2.4 / 0%, causal 0 / +0.6%, 1k +2%: not for
+        # windowed hdim > 64. Not for long problems: 8k hdim128 +2.4 / +3.6% (causal), hdim64 +1 / 0%.
+        q_stages = 2 if short and hdim <= 128 and hdimv <= 128 and (hdim <= 64 or not windowed) else 1
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
                        pin_desc=hdim <= 192, tma_store=not windowed, k_release_gate=gate, q_stages=q_stages)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}

@@ -107,11 +107,12 @@ class FlashAttentionForwardSm90:
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
-        smem = elem * (self.tile_m * (t.q_stages * self.hdim + self.hdimv)
-                       + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
+        smem = elem * (self.tile_m + self.num_stages * self.tile_n) * (self.hdim + self.hdimv)
         self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
-        assert t.q_stages == 1 or self.separate_o, \
-            f"{cfg.short()}: a second Q buffer needs O in its own smem buffer ({smem} bytes)"
+        # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
+        # release of a Q stage must not wait for an epilogue that writes O over it).
+        second_q = elem * self.tile_m * self.hdim
+        self.q_stages = 2 if t.q_stages == 2 and self.separate_o and smem + second_q + 1024 <= SMEM_BYTES else 1
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
 
@@ -158,7 +159,7 @@ class FlashAttentionForwardSm90:
         mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
 
         tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
-        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), cfg.tile.q_stages)
+        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
@@ -172,7 +173,7 @@ class FlashAttentionForwardSm90:
 
         @cute.struct
         class SharedStorage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * cfg.tile.q_stages]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, sQ_elems], 1024]
@@ -181,7 +182,7 @@ class FlashAttentionForwardSm90:
             if const_expr(self.separate_o):
                 sO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
-                next_tile: cute.struct.MemRange[Int32, cfg.tile.q_stages]  # per Q stage, see load_q
+                next_tile: cute.struct.MemRange[Int32, self.q_stages]  # per Q stage, see load_q
 
         assert SharedStorage.size_in_bytes() <= SMEM_BYTES, \
             f"{cfg.short()}: {SharedStorage.size_in_bytes()} bytes of shared memory > {SMEM_BYTES}"
@@ -258,7 +259,7 @@ class FlashAttentionForwardSm90:
         consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
         make_pipe = partial(pipeline.PipelineTmaAsync.create, producer_group=producer,
                             consumer_group=consumer_warps, defer_sync=True)
-        pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.cfg.tile.q_stages,
+        pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.q_stages,
                                tx_count=tx_q)
         pipeline_k = make_pipe(barrier_storage=storage.mbar_k.data_ptr(), num_stages=self.num_stages,
                                tx_count=tx_k)
@@ -286,7 +287,7 @@ class FlashAttentionForwardSm90:
                           window_left, window_right)
         # dynamic: the next tile's index, written by the producer before it issues that tile's Q
         # (one slot per Q stage: a slot is rewritten only once its Q stage has been released)
-        next_tile = storage.next_tile.get_tensor(cute.make_layout(self.cfg.tile.q_stages)) \
+        next_tile = storage.next_tile.get_tensor(cute.make_layout(self.q_stages)) \
             if const_expr(self.cfg.tile.dynamic) else None
         tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn, next_tile=next_tile)
 
@@ -310,8 +311,8 @@ class FlashAttentionForwardSm90:
         (V lags K by one block, matching the overlapped consumer; with `v_lags_k` off: K(n), V(n)
         together). Q is loaded for every tile with rows (even one with no KV block) because the
         consumers release sQ only once their epilogue no longer reads sO."""
-        q_first = self.cfg.tile.q_stages > 1
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.cfg.tile.q_stages)
+        q_first = self.q_stages > 1
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.q_stages)
         k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         one = cute.make_layout(1)
@@ -462,7 +463,7 @@ class FlashAttentionForwardSm90:
             gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait)
 
         overlap = self.cfg.tile.intra_wg_overlap
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.cfg.tile.q_stages)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.q_stages)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         self.scheduler_init(wg_idx)
         tile = scheduler.initial()
@@ -543,7 +544,7 @@ class FlashAttentionForwardSm90:
 
     def q_stage_frag(self, tSrQ, q_state):
         """Q's WGMMA operand in the tile's Q stage (a tuple per k-block when pinned per_k)."""
-        stage = q_state.index if const_expr(self.cfg.tile.q_stages > 1) else 0
+        stage = q_state.index if const_expr(self.q_stages > 1) else 0
         if const_expr(isinstance(tSrQ, tuple)):
             return tuple(t[None, None, stage] for t in tSrQ)
         return tSrQ[None, None, None, stage]

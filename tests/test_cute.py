@@ -122,12 +122,16 @@ def test_compile_mask_thr0_two_wg():
 @pytest.mark.parametrize("hdim,causal", [(64, False), (128, False), (128, True)])
 def test_compile_q_stages(hdim, causal):
     """Two Q buffers: Q's TMA and WGMMA descriptors take the stage; the dynamic scheduler's tile
-    slot is per stage. Where O cannot have its own buffer (hdim 256), a second Q buffer is refused."""
-    _compile_and_check(FwdConfig.make("bf16", hdim, has_right=causal, q_stages=2))
+    slot is per stage. Where a second Q and a separate sO do not both fit (hdim 256, a wider
+    tile, or sO asked to alias sQ), the kernel keeps one Q buffer, as it keeps sO in sQ where sO
+    does not fit."""
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
-    with pytest.raises(AssertionError, match="second Q buffer"):
-        FlashAttentionForwardSm90(FwdConfig.make("bf16", 256, q_stages=2))
+    cfg = FwdConfig.make("bf16", hdim, has_right=causal, q_stages=2)
+    assert FlashAttentionForwardSm90(cfg).q_stages == 2
+    _compile_and_check(cfg)
+    for d, tile in ((256, {}), (128, dict(tile_n=176)), (128, dict(separate_o=False))):
+        assert FlashAttentionForwardSm90(FwdConfig.make("bf16", d, q_stages=2, **tile)).q_stages == 1
 
 
 @pytest.mark.parametrize("hdim", sorted(SHORT_TILES))
@@ -172,8 +176,9 @@ def test_short_tile():
         assert tile(SHORT_SEQLEN_K, -1, d) == short and tile(SHORT_SEQLEN_K + 1, -1, d) == table
         assert tile(4096, -1, d, sk=SHORT_SEQLEN_K) == short and tile(256, -1, d, sk=1024) == table
     assert tile(256, -1, 128) == (128, 128)
-    # Two Q buffers for short problems up to hdim 128 (hdim 256 has no smem for them).
-    assert [config(512, wr, d).q_stages for wr in (-1, 0) for d in (64, 128, 256)] == [2, 2, 1] * 2
+    # Two Q buffers for short problems up to hdim 128 (hdim 256 has no smem for them), causal
+    # ones at hdim 64 only.
+    assert [config(512, wr, d).q_stages for wr in (-1, 0) for d in (64, 128, 256)] == [2, 2, 1, 2, 1, 1]
     assert config(4096, -1, 128).q_stages == config(2048, 0, 64).q_stages == 1
 
 
