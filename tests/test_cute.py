@@ -180,6 +180,10 @@ def test_short_tile():
     # ones at hdim 64 only.
     assert [config(512, wr, d).q_stages for wr in (-1, 0) for d in (64, 128, 256)] == [2, 2, 1, 2, 1, 1]
     assert config(4096, -1, 128).q_stages == config(2048, 0, 64).q_stages == 1
+    # Short causal hdim64: no intra-WG overlap, O by TMA store.
+    assert [(config(512, wr, d).intra_wg_overlap, config(512, wr, d).tma_store) for wr, d in
+            ((0, 64), (0, 128), (-1, 64), (0, 256))] == [(False, True), (True, False), (True, True), (True, False)]
+    assert config(2048, 0, 64).intra_wg_overlap
 
 
 def test_tile_config_budget():
