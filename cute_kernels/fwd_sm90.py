@@ -10,7 +10,8 @@ Warp roles (128 x (1 + W) threads, W = tile_m / 64 consumer warpgroups, 2 or 3):
 
 Pipelines (PipelineTmaAsync, mbarriers in smem; counts asserted at trace time by
 `check_arrive_counts`):
-  pipeline_q  1 stage.          full: 1 producer arrive + Q tx bytes; empty: 4W consumer warps.
+  pipeline_q  q_stages (1, 2).  full: 1 producer arrive + Q tx bytes; empty: 4W consumer warps.
+              With 2, the producer loads the next tile's Q while the consumers run this one.
   pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 4W consumer warps.
   pipeline_v  num_stages.       full: 1 producer arrive + V tx bytes; empty: 4W consumer warps.
   (Consumer release arrives once per warp: lane 0 of each consumer warp.)
