@@ -313,9 +313,9 @@ class FlashAttentionForwardSm90:
         together). Q is loaded for every tile with rows (even one with no KV block) because the
         consumers release sQ only once their epilogue no longer reads sO."""
         q_first = self.q_stages > 1
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.q_stages)
-        k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
-        v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_q.num_stages)
+        k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_k.num_stages)
+        v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_v.num_stages)
         one = cute.make_layout(1)
         tile = scheduler.initial()
         while scheduler.valid(tile):
@@ -464,8 +464,8 @@ class FlashAttentionForwardSm90:
             gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait)
 
         overlap = self.cfg.tile.intra_wg_overlap
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.q_stages)
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_k.num_stages)
         self.scheduler_init(wg_idx)
         tile = scheduler.initial()
         if const_expr(next_tile is not None):  # dynamic: the producer says which tile is next
