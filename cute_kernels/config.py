@@ -69,12 +69,12 @@ class TileConfig:
     # K-release arrive and otherwise hoists it to right after the row max, where it stalls the
     # softmax (NOTES.md, session 5): the gate is the handle on where that wait lands.
     k_release_gate: int = 0
-    # Q buffers (1 or 2; 2 where a second Q fits beside a separate sO, else 1). With two, the producer loads the next tile's Q (and,
-    # for the dynamic scheduler, announces that tile) while the consumers still run the current
-    # tile instead of after its last QK^T. ncu at 512 tokens, hdim128 (1 buffer): the consumers'
-    # wait for the next Q was 6% of stall samples non-causal, 10% causal (8k: none). The Q stage
-    # index in a register costs a few instructions per KV block: FwdConfig.make uses 2 for short
-    # problems only.
+    # Q buffers (1 or 2; 2 where a second Q fits beside a separate sO, else 1). With two, the
+    # producer loads the next tile's Q (and, for the dynamic scheduler, announces that tile)
+    # while the consumers still run the current tile instead of after its last QK^T. ncu at 512
+    # tokens, hdim128 (1 buffer): the consumers' wait for the next Q was 6% of stall samples
+    # non-causal, 10% causal (8k: none). The Q stage index in a register costs a few
+    # instructions per KV block: FwdConfig.make uses 2 for short problems only.
     q_stages: int = 1
 
     def __post_init__(self):
@@ -223,21 +223,22 @@ class FwdConfig:
         # hdim64 within 0.3%. hdim256 (rescale before PV kept: +5..+7% without it): within 0.3%.
         # (hdim64's short 2-WG tile was measured with gate 4 too.)
         gate = 2 if hdim == 128 else 4 if hdim == 64 and not windowed else 0
-        # O by TMA store for non-causal / non-local; causal / local keep the predicated stores
-        # (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 / +4.9 / +6.6%;
-        # non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
         # Two Q buffers (TileConfig.q_stages) for short problems, where the next tile's Q wait is
         # a fair share of each tile; hdim <= 128 (a second Q and a separate sO fit in smem). H200,
         # SM cycles, 16k tokens, two runs, 512 tokens: hdim64 non-causal -2.7 / -1.2%, causal
         # -2.3 / -2.3% (1k equal); hdim128 non-causal -2.4 / 0%, causal 0 / +0.6%, 1k +2%: not for
         # windowed hdim > 64. Not for long problems: 8k hdim128 +2.4 / +3.6% (causal), hdim64 +1 / 0%.
-        q_stages = 2 if short and hdim <= 128 and hdimv <= 128 and (hdim <= 64 or not windowed) else 1
+        q_stages = 2 if short and hdim <= 128 and (hdim <= 64 or not windowed) else 1
         # Short causal hdim64 (1-4 KV blocks of 128 per tile): no intra-WG overlap, O by TMA store.
         # H200 SM cycles, 16k tokens, 512 / 1k: 0.249 -> 0.231 / 0.381 -> 0.358 Mcycles (cuDNN 0.229
         # / 0.359); overlap off alone -3 / -2%, TMA store alone -1.6 / -1.5%.
         plain = short and features.get("has_right", False) and hdim == 64
+        # O by TMA store for non-causal / non-local (and `plain`); causal / local keep the
+        # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
+        # +4.9 / +6.6%; non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
+        tma_store = not windowed or plain
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
-                       pin_desc=hdim <= 192, tma_store=not windowed or plain, k_release_gate=gate,
+                       pin_desc=hdim <= 192, tma_store=tma_store, k_release_gate=gate,
                        q_stages=q_stages, intra_wg_overlap=not plain)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)

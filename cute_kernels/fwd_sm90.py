@@ -343,18 +343,23 @@ class FlashAttentionForwardSm90:
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
                                  next_tile=next_tile, tile=tile)
 
+                # Q first where its stage was freed a tile ago (two Q stages); else after the last
+                # block's K (and V), which then need not wait for the previous tile's epilogue.
                 if const_expr(q_first):
+                    load_q(q_state)
+                    q_state.advance()
+                if n_block_min < n_block_max:
+                    load_k(n_block_max - 1, k_state)
+                    k_state.advance()
+                    if const_expr(not self.cfg.tile.v_lags_k):
+                        load_v(n_block_max - 1, v_state)
+                        v_state.advance()
+                if const_expr(not q_first):
                     load_q(q_state)
                     q_state.advance()
                 if const_expr(self.cfg.tile.v_lags_k):
                     # K leads V by one block, as the consumers need them: QK^T(n) is issued
                     # together with PV(n + 1).
-                    if n_block_min < n_block_max:
-                        load_k(n_block_max - 1, k_state)
-                        k_state.advance()
-                    if const_expr(not q_first):
-                        load_q(q_state)
-                        q_state.advance()
                     for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
                         load_k(n_block_max - 2 - i, k_state)
                         k_state.advance()
@@ -364,14 +369,6 @@ class FlashAttentionForwardSm90:
                         load_v(n_block_min, v_state)
                         v_state.advance()
                 else:
-                    if n_block_min < n_block_max:
-                        load_k(n_block_max - 1, k_state)
-                        load_v(n_block_max - 1, v_state)
-                        k_state.advance()
-                        v_state.advance()
-                    if const_expr(not q_first):
-                        load_q(q_state)
-                        q_state.advance()
                     for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
                         load_k(n_block_max - 2 - i, k_state)
                         load_v(n_block_max - 2 - i, v_state)
@@ -396,8 +393,8 @@ class FlashAttentionForwardSm90:
     def announce_tile(self, next_tile, slot, tile, q_full, tx_bytes: cutlass.Constexpr[int] = 0):
         """Producer warp, Q's stage `slot` free: one thread stores the next tile index there and
         then arrives on Q's full barrier (expecting `tx_bytes` of Q's TMA; 0: the end marker, no
-        TMA follows), so the store is ordered before the arrive that publishes it. (Every lane storing it and an
-        elected lane arriving raced under compute-sanitizer racecheck.)"""
+        TMA follows), so the store is ordered before the arrive that publishes it. (Every lane
+        storing it and an elected lane arriving raced under compute-sanitizer racecheck.)"""
         with cute.arch.elect_one():
             next_tile[slot] = tile
             if const_expr(tx_bytes > 0):
@@ -426,7 +423,8 @@ class FlashAttentionForwardSm90:
                                pipeline_q.sync_object_full.tx_count)
         else:
             pipeline_q.producer_acquire(q_state)
-        cute.copy(tma_atom_Q, tQgQ, tQsQ[None, q_state.index], tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
+        cute.copy(tma_atom_Q, tQgQ, tQsQ[None, q_state.index],
+                  tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
