@@ -445,7 +445,10 @@ class FlashAttentionForwardSm90:
         tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
         if const_expr(self.cfg.tile.pin_desc):
             # Q's descriptor per k-block stays in (uniform) registers; at hdim 256 the 16 spill.
-            tSrQ = pin_smem_desc(tSrQ, per_k=self.hdim <= 192)
+            # With two Q stages they are pinned per tile instead (q_stage_frag): pinned here, every
+            # QK^T would add the stage offset to each k-block's descriptor again.
+            if const_expr(self.q_stages == 1):
+                tSrQ = pin_smem_desc(tSrQ, per_k=self.hdim <= 192)
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
@@ -542,11 +545,16 @@ class FlashAttentionForwardSm90:
             cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     def q_stage_frag(self, tSrQ, q_state):
-        """Q's WGMMA operand in the tile's Q stage (a tuple per k-block when pinned per_k)."""
-        stage = q_state.index if const_expr(self.q_stages > 1) else 0
+        """Q's WGMMA operand in the tile's Q stage (a tuple per k-block when pinned per_k). With
+        two stages the stage is picked and then pinned, once per tile (see mma)."""
+        if const_expr(self.q_stages > 1):
+            frag = tSrQ[None, None, None, q_state.index]
+            if const_expr(self.cfg.tile.pin_desc):
+                frag = pin_smem_desc(frag, per_k=self.hdim <= 192)
+            return frag
         if const_expr(isinstance(tSrQ, tuple)):
-            return tuple(t[None, None, stage] for t in tSrQ)
-        return tSrQ[None, None, None, stage]
+            return tuple(t[None, None, 0] for t in tSrQ)
+        return tSrQ[None, None, None, 0]
 
     @cute.jit
     def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
