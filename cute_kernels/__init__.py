@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, is_short
+from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -83,13 +83,14 @@ def config_for(req: "AttentionRequest") -> FwdConfig:
     seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
     key = (req.dtype, req.headdim, req.headdim_v, p.window_left >= 0, p.window_right >= 0, p.softcap > 0,
            req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,
-           req.seqused_k is not None, is_short(p.window_right >= 0, seqlen_q, seqlen_k))
+           req.seqused_k is not None, is_short(p.window_right >= 0, seqlen_q, seqlen_k),
+           is_medium(p.window_right >= 0, seqlen_k))
     cfg = _configs.get(key)
     if cfg is None:
         cfg = _configs[key] = FwdConfig.make(
             _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
             softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
-            short=key[10],
+            short=key[10], medium=key[11],
         )
     return cfg
 

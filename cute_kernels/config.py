@@ -103,20 +103,26 @@ REG_SPLIT = {2: (24, 240), 3: (24, 160)}
 def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | None = None,
                  **fields) -> TileConfig:
     """`base` with another tile shape; the register split follows the consumer WG count."""
+    if tile_m % 64 or tile_m // 64 not in REG_SPLIT:
+        raise ValueError(f"tile_m must be one of {[64 * w for w in REG_SPLIT]} (64 rows per consumer "
+                         f"warpgroup), got {tile_m}")
     producer_regs, consumer_regs = REG_SPLIT[tile_m // 64]
     return replace(base, tile_m=tile_m, tile_n=tile_n, num_stages=num_stages or base.num_stages,
                    producer_regs=producer_regs, consumer_regs=consumer_regs, **fields)
 
 
 def tile_from_spec(base: TileConfig, spec: str = "", sets=()) -> TileConfig:
-    """`base` changed as the command-line tools spell it: `spec` "MxN[sS][+field...]" (tile shape,
-    pipeline stages, boolean fields switched on) and `sets` "field=value" strings (0|1 for booleans)."""
-    tile = base
+    """`base` changed as the command-line tools spell it: `spec` "MxN[sS][+field|+field=value...]"
+    (tile shape, pipeline stages, boolean fields switched on or fields set) and `sets`
+    "field=value" strings (0|1 for booleans)."""
+    tile, sets = base, list(sets)
     if spec:
         shape, *flags = spec.split("+")
         mn, _, stages = shape.partition("s")
         m, n = map(int, mn.split("x"))
-        tile = tile_variant(tile, m, n, int(stages) if stages else None, **{f: True for f in flags})
+        sets += [f for f in flags if "=" in f]
+        tile = tile_variant(tile, m, n, int(stages) if stages else None,
+                            **{f: True for f in flags if "=" not in f})
     return replace(tile, **dict(_field_value(tile, kv) for kv in sets))
 
 
@@ -161,18 +167,28 @@ CANDIDATES: dict[int, list[TileConfig]] = {
 # Causal: H200, bf16, 64k tokens: hdim64 512 170 -> 180, 1k 239 -> 258 TFLOP/s with 128x128 (2k:
 # 192x128 wins, 362 vs 330). hdim256: 128x64 (H100, SM cycles, `cute_kernels.cycles`, 16k tokens:
 # 512 0.201 -> 0.197, 1k 0.264 -> 0.259 Mcycles; hdim 64 / 128 at tile_n 64 or 96 were 7-20% slower).
-# Non-causal (H100, SM cycles, 16k tokens, table -> short tile): hdim64 512 0.334 -> 0.327
-# (1k: 0.562 -> 0.576, so not there); hdim256 512 0.237 -> 0.227 (cuDNN 0.228; 1k 0.357 -> 0.361;
-# 80 keys split 512 keys 6.4 ways, 64 evenly).
+# Non-causal (H100, SM cycles, 16k tokens, table -> short tile): hdim256 512 0.237 -> 0.227
+# (cuDNN 0.228; 1k 0.357 -> 0.361; 80 keys split 512 keys 6.4 ways, 64 evenly). hdim64 keeps
+# 192x128 with two Q buffers (H200, SM cycles, 16k tokens, 512: 0.323 with 128x128 -> 0.292 / 0.295
+# (two runs; cuDNN 0.307); one Q buffer 0.328).
+# Keyed by (hdim, has_right).
 SHORT_CAUSAL_SEQLEN = 1024
 SHORT_SEQLEN_K = 512
-SHORT_TILES: dict[int, TileConfig] = {64: TileConfig(128, 128, 2, 24, 240),
-                                      256: TileConfig(128, 64, 2, 24, 240)}
+SHORT_TILES: dict[tuple[int, bool], TileConfig] = {(64, True): TileConfig(128, 128, 2, 24, 240),
+                                                   (256, True): TileConfig(128, 64, 2, 24, 240),
+                                                   (256, False): TileConfig(128, 64, 2, 24, 240)}
+# Not right-windowed with at most this many keys: `medium` (two Q buffers at hdim 64, see make).
+MEDIUM_SEQLEN_K = 2048
 
 
 def is_short(has_right: bool, max_seqlen_q: int, max_seqlen_k: int) -> bool:
     """Whether a problem takes SHORT_TILES: few KV blocks per query tile."""
     return max_seqlen_q <= SHORT_CAUSAL_SEQLEN if has_right else max_seqlen_k <= SHORT_SEQLEN_K
+
+
+def is_medium(has_right: bool, max_seqlen_k: int) -> bool:
+    """Not right-windowed with at most MEDIUM_SEQLEN_K keys (short ones included)."""
+    return not has_right and max_seqlen_k <= MEDIUM_SEQLEN_K
 
 
 SUPPORTED_HDIM = tuple(TILES)
@@ -196,14 +212,16 @@ class FwdConfig:
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
-             **features) -> "FwdConfig":
-        """`short`: few KV blocks per tile (`is_short`), which picks SHORT_TILES where there is one."""
+             medium: bool = False, **features) -> "FwdConfig":
+        """`short`: few KV blocks per tile (`is_short`), which picks SHORT_TILES where there is one.
+        `medium`: `is_medium`."""
         hdimv = hdim if hdimv is None else hdimv
         # Persistent CTAs for non-causal / non-local only (NOTES.md, H200 bf16 hdim128: 506 -> 554
         # TFLOP/s at seqlen 1024 non-causal, equal at 8k; causal 584 -> 534 at 8k with the static
         # longest-first stride, so causal/local keep the single-tile longest-first grid).
         windowed = features.get("has_left", False) or features.get("has_right", False)
-        base = SHORT_TILES.get(hdim, TILES[hdim]) if short else TILES[hdim]
+        has_right = features.get("has_right", False)
+        base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
         # Causal/local: the dynamic scheduler (atomic tile counter, longest first). H200, bf16, 64k
         # tokens, 2 rounds, against the single-tile grid: hdim128 512 274 -> 352, 1k 381 -> 456,
         # 2k 465 -> 524, 8k 506 -> 583; hdim64 512 187 -> 244, 2k 369 -> 400, 8k 484 -> 480;
@@ -228,11 +246,14 @@ class FwdConfig:
         # SM cycles, 16k tokens, two runs, 512 tokens: hdim64 non-causal -2.7 / -1.2%, causal
         # -2.3 / -2.3% (1k equal); hdim128 non-causal -2.4 / 0%, causal 0 / +0.6%, 1k +2%: not for
         # windowed hdim > 64. Not for long problems: 8k hdim128 +2.4 / +3.6% (causal), hdim64 +1 / 0%.
-        q_stages = 2 if short and hdim <= 128 and (hdim <= 64 or not windowed) else 1
+        # hdim64 non-causal (192x128, Q descriptors pinned per tile, H200 SM cycles, 16k tokens):
+        # 1k -5.9 / -5.9% (two runs), 2k -2.5%, 4k -0.6%, 8k +0.8%: on up to MEDIUM_SEQLEN_K keys.
+        q_stages = 2 if hdim <= 128 and (short and (hdim <= 64 or not windowed)
+                                          or medium and hdim == 64) else 1
         # Short causal hdim64 (1-4 KV blocks of 128 per tile): no intra-WG overlap, O by TMA store.
         # H200 SM cycles, 16k tokens, 512 / 1k: 0.249 -> 0.231 / 0.381 -> 0.358 Mcycles (cuDNN 0.229
         # / 0.359); overlap off alone -3 / -2%, TMA store alone -1.6 / -1.5%.
-        plain = short and features.get("has_right", False) and hdim == 64
+        plain = short and has_right and hdim == 64
         # O by TMA store for non-causal / non-local (and `plain`); causal / local keep the
         # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
         # +4.9 / +6.6%; non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).

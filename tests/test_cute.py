@@ -134,11 +134,11 @@ def test_compile_q_stages(hdim, causal):
         assert FlashAttentionForwardSm90(FwdConfig.make("bf16", d, q_stages=2, **tile)).q_stages == 1
 
 
-@pytest.mark.parametrize("hdim", sorted(SHORT_TILES))
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hdim,causal", sorted(SHORT_TILES))
 def test_compile_short(hdim, causal):
-    cfg = FwdConfig.make("bf16", hdim, short=True, has_right=causal)
-    assert cfg.tile.tile_n == SHORT_TILES[hdim].tile_n
+    cfg = FwdConfig.make("bf16", hdim, short=True, medium=not causal, has_right=causal)
+    t = SHORT_TILES[hdim, causal]
+    assert (cfg.tile.tile_m, cfg.tile.tile_n) == (t.tile_m, t.tile_n)
     _compile_and_check(cfg)
 
 
@@ -157,9 +157,9 @@ def test_bench_variants():
 
 def test_short_tile():
     """Few KV blocks per tile: causal with <= SHORT_CAUSAL_SEQLEN query rows, or non-causal with
-    <= SHORT_SEQLEN_K keys. hdim64 takes the 2-WG tile, hdim256 the 128x64 tile; longer problems
-    the table tile. Causal goes by the query length, non-causal by the key length."""
-    from cute_kernels.config import SHORT_CAUSAL_SEQLEN, SHORT_SEQLEN_K
+    <= SHORT_SEQLEN_K keys. hdim256 takes the 128x64 tile, causal hdim64 the 2-WG tile; longer
+    problems the table tile. Causal goes by the query length, non-causal by the key length."""
+    from cute_kernels.config import MEDIUM_SEQLEN_K, SHORT_CAUSAL_SEQLEN, SHORT_SEQLEN_K
 
     def config(sq, wr, d=64, sk=None):
         q = torch.randn(1, sq, 2, d, dtype=torch.bfloat16)
@@ -173,13 +173,16 @@ def test_short_tile():
     for d, short, table in ((64, (128, 128), (192, 128)), (256, (128, 64), (128, 80))):
         assert tile(SHORT_CAUSAL_SEQLEN, 0, d) == short and tile(SHORT_CAUSAL_SEQLEN + 1, 0, d) == table
         assert tile(SHORT_CAUSAL_SEQLEN, 0, d, sk=4096) == short
+    for d, short, table in ((64, (192, 128), (192, 128)), (256, (128, 64), (128, 80))):
         assert tile(SHORT_SEQLEN_K, -1, d) == short and tile(SHORT_SEQLEN_K + 1, -1, d) == table
         assert tile(4096, -1, d, sk=SHORT_SEQLEN_K) == short and tile(256, -1, d, sk=1024) == table
-    assert tile(256, -1, 128) == (128, 128)
+    assert tile(256, 0, 128) == tile(256, -1, 128) == tile(256, -1, 96) == (128, 128)
     # Two Q buffers for short problems up to hdim 128 (hdim 256 has no smem for them), causal
-    # ones at hdim 64 only.
+    # ones at hdim 64 only; non-causal hdim64 up to MEDIUM_SEQLEN_K keys.
     assert [config(512, wr, d).q_stages for wr in (-1, 0) for d in (64, 128, 256)] == [2, 2, 1, 2, 1, 1]
     assert config(4096, -1, 128).q_stages == config(2048, 0, 64).q_stages == 1
+    assert config(256, -1, 64, sk=MEDIUM_SEQLEN_K).q_stages == 2
+    assert config(MEDIUM_SEQLEN_K + 1, -1, 64).q_stages == config(1024, -1, 128).q_stages == 1
     # Short causal hdim64: no intra-WG overlap, O by TMA store.
     assert [(config(512, wr, d).intra_wg_overlap, config(512, wr, d).tma_store) for wr, d in
             ((0, 64), (0, 128), (-1, 64), (0, 256))] == [(False, True), (True, False), (True, True), (True, False)]
