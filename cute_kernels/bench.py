@@ -132,9 +132,58 @@ def host_overhead(n: int = 300) -> list:
         lambda: cute_kernels.config_for(AttentionRequest(q, k, v, AttentionParams(128**-0.5))))))
     rows.append(("torch SDPA (default backend)", timed(
         lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt))))
+    from fa3py import dispatch
+    from fa3py.validation import make_request
+
+    creq = make_request(q, k, v, causal=True)
+    cfg = cute_kernels.config_for(creq)
+    rows += [
+        ("  make_request", timed(lambda: make_request(q, k, v, causal=True))),
+        ("  dispatch.choose (forced cute)", timed(lambda: dispatch.choose(creq, backend="cute"))),
+        ("  dispatch.choose (auto)", timed(lambda: dispatch.choose(creq))),
+        ("  config_for", timed(lambda: cute_kernels.config_for(creq))),
+        ("  out + lse torch.empty", timed(lambda: (torch.empty(creq.out_shape, dtype=q.dtype, device=q.device),
+                                                   torch.empty(creq.lse_shape, dtype=torch.float32,
+                                                               device=q.device)))),
+        ("  _tile_counter", timed(lambda: cute_kernels._tile_counter(q.device))),
+        ("  cute_kernels.run (causal)", timed(lambda: cute_kernels.run(creq, cfg))),
+    ]
     for name, us in rows:
         print(f"host {us:8.1f} us  {name}")
-    return [dict(name=n, us=u) for n, u in rows]
+    return [dict(name=n, us=u) for n, u in rows] + launch_gap()
+
+
+def launch_gap(hdim: int = 128, seqlen: int = 512, tokens: int = 16384) -> list:
+    """Whole-call time (do_bench, L2 flushed between calls, so the GPU waits for the host when a
+    call's host cost exceeds the flush) against CUDA-graph replay of the same call (no host cost):
+    their difference is what host overhead adds to a short kernel's wall time."""
+    import triton.testing
+
+    import fa3py
+
+    b, h = max(tokens // seqlen, 1), 2048 // hdim
+    q, k, v = (torch.randn(b, seqlen, h, hdim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    cudnn = _sdpa("CUDNN_ATTENTION")
+    calls = {"fa3py.attention(backend='cute')": lambda: fa3py.attention(q, k, v, causal=True, backend="cute"),
+             "sdpa cuDNN": lambda: cudnn(qt, kt, vt, True)}
+    rows = []
+    for name, fn in calls.items():
+        fn()
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        for label, f in ((name, fn), (name + " graph replay", g.replay)):
+            us = 1e3 * triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
+            rows.append(dict(name=f"gap d{hdim} s{seqlen} causal: {label}", us=us))
+            print(f"wall {us:8.1f} us  {label} (hdim {hdim}, seqlen {seqlen}, causal)")
+    return rows
 
 
 def main(argv=None):
