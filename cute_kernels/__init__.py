@@ -164,7 +164,9 @@ def _tile_counter(dev: torch.device) -> torch.Tensor:
     fresh zeroed buffer per call, so the memset is part of the graph."""
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=dev)
-    key = (dev.index, torch.cuda.current_stream(dev).cuda_stream)
+    # The raw handle, as inductor's generated code reads it: torch.cuda.current_stream(dev) builds
+    # a Stream object per call (a few us of host time).
+    key = (dev.index, torch._C._cuda_getCurrentRawStream(dev.index))
     counter = _tile_counters.get(key)
     if counter is None:
         counter = _tile_counters[key] = torch.zeros(2, dtype=torch.int32, device=dev)

@@ -12,6 +12,7 @@ for instance) hands its saved (out, lse) to the next backend that has one.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -41,7 +42,13 @@ def device_capability(device: torch.device) -> Optional[tuple]:
     """(major, minor) of a CUDA device, None for anything else. Tests patch this."""
     if device.type != "cuda":
         return None
-    return torch.cuda.get_device_capability(device)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    # Asked on every call; torch re-reads the device properties each time (~2 us on an H200 host).
+    return torch.cuda.get_device_capability(index)
 
 
 def _interpreting() -> bool:
