@@ -76,11 +76,6 @@ class TileConfig:
     # non-causal, 10% causal (8k: none). The Q stage index in a register costs a few
     # instructions per KV block: FwdConfig.make uses 2 for short problems only.
     q_stages: int = 1
-    # Epilogue: O stored from the accumulator registers straight to global memory (4-byte stores,
-    # rows predicated), no smem staging. Where sO would alias sQ (hdim 256), Q is then free after
-    # the tile's last QK^T, as with separate_o, so the next tile's Q loads under the last PV and
-    # the epilogue instead of after it. Overrides tma_store.
-    o_from_regs: bool = False
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"

@@ -21,10 +21,9 @@ Named barriers (NamedBarrierFwd):
                       128 arrivals of WG i-1) before issuing GEMMs and arrives on WG i+1's
                       barrier (mod W) right after, so one WG's softmax overlaps the others'
                       GEMMs. W = 2 is FA3's pingpong, W = 3 FA3's 3-WG round robin.
-  Epilogue            128W consumer threads, only where sO aliases sQ (no separate_o, no
-                      o_from_regs): every WG's last QK^T is done before any warp stages O.
-                      Otherwise each consumer warp stages and stores its own 16 rows of O (TMA
-                      store) with no barrier, or stores them from registers (o_from_regs).
+  Epilogue            128W consumer threads, only where sO aliases sQ (no separate_o): every
+                      WG's last QK^T is done before any warp stages O. Otherwise each consumer
+                      warp stages and stores its own 16 rows of O (TMA store) with no barrier.
 
 Intra-warpgroup overlap: the consumer issues QK^T for block n and PV for block n+1 (already
 softmaxed) back to back, then does the softmax of block n while PV runs.
@@ -115,10 +114,6 @@ class FlashAttentionForwardSm90:
         # release of a Q stage must not wait for an epilogue that writes O over it).
         second_q = elem * self.tile_m * self.hdim
         self.q_stages = 2 if t.q_stages == 2 and self.separate_o and smem + second_q + 1024 <= SMEM_BYTES else 1
-        # The consumers release Q after their last QK^T (else after the epilogue, which stages O
-        # in sQ's smem).
-        self.early_q_release = self.separate_o or t.o_from_regs
-        self.tma_store = t.tma_store and not t.o_from_regs
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
 
@@ -524,20 +519,20 @@ class FlashAttentionForwardSm90:
                         for i in cutlass.range(n_lo - n_block_min, unroll=1):
                             kv_state = step(kv_state, n_lo - 1 - i, mask_left=True)
                     if const_expr(overlap):
-                        if const_expr(self.early_q_release):
+                        if const_expr(self.separate_o):
                             pipeline_q.consumer_release(q_state)  # every QK^T of the tile is done
                         kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
                                                            pipeline_v=pipeline_v, softmax=softmax,
                                                            acc_O=acc_O, o_scale=o_scale)
                     else:
                         self.scheduler_arrive(wg_idx)
-                        if const_expr(self.early_q_release):
+                        if const_expr(self.separate_o):
                             pipeline_q.consumer_release(q_state)
-                elif const_expr(self.early_q_release):
+                elif const_expr(self.separate_o):
                     pipeline_q.consumer_release(q_state)  # no KV block: Q is never read
                 self.epilogue(acc_O, softmax, mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_pv, tidx,
                               m_block, head, batch, seqlen,
-                              release_q=None if const_expr(self.early_q_release)
+                              release_q=None if const_expr(self.separate_o)
                               else partial(pipeline_q.consumer_release, q_state))
                 q_state.advance()
             if const_expr(next_tile is not None):
@@ -545,7 +540,7 @@ class FlashAttentionForwardSm90:
                 tile = self.read_tile(next_tile, q_state.index)
             else:
                 tile = scheduler.next(tile)
-        if const_expr(self.tma_store):
+        if const_expr(self.cfg.tile.tma_store):
             # The last TMA stores of O must have read sO before the CTA's smem goes away.
             cute.arch.cp_async_bulk_wait_group(0, read=True)
 
@@ -724,51 +719,11 @@ class FlashAttentionForwardSm90:
         convert_to(acc_O, rO)
         b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
         rows_left = seqlen.seqlen_q - m_block * self.tile_m
-        if const_expr(self.cfg.tile.o_from_regs):
-            self.store_o_from_regs(rO, mO, tiled_mma_pv, tidx, m_block, head, b_q, seqlen, rows_left)
-        else:
-            self.store_o_by_slabs(rO, mO, tma_O, tma_atom_O, sO, tiled_mma_pv, tidx, m_block, head, b_q,
-                                  seqlen, rows_left)
-        # LSE: lanes holding column 0 write their rows.
-        tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(
-            cute.make_identity_tensor((self.tile_m, self.hdimv))))
-        mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b_q])
-        if tOcO[0, 0][1] == 0:
-            for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
-                row = tOcO[r, 0][0]
-                if row < rows_left:
-                    mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
-        if const_expr(release_q is not None):
-            # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
-            if const_expr(self.tma_store):
-                cute.arch.cp_async_bulk_wait_group(0, read=True)
-            cute.arch.sync_warp()
-            release_q()
 
-    @cute.jit
-    def store_o_from_regs(self, rO, mO, tiled_mma_pv, tidx, m_block, head, b_q, seqlen: SeqlenInfo,
-                          rows_left):
-        """Each thread stores its accumulator rows of O (column pairs: 4-byte stores) that lie
-        before the sequence's end."""
-        mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b_q])
-        gO = cute.local_tile(mO_cur, (self.tile_m, self.hdimv), (m_block, 0))
-        thr_mma = tiled_mma_pv.get_slice(tidx)
-        tOgO = acc_to_mn(thr_mma.partition_C(gO))
-        tOcO = acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.hdimv))))
-        tOrO = acc_to_mn(rO)
-        for r in cutlass.range_constexpr(cute.size(tOrO.shape[0])):
-            if tOcO[r, 0][0] < rows_left:
-                cute.autovec_copy(tOrO[r, None], tOgO[r, None])
-
-    @cute.jit
-    def store_o_by_slabs(self, rO, mO, tma_O, tma_atom_O, sO, tiled_mma_pv, tidx, m_block, head, b_q,
-                         seqlen: SeqlenInfo, rows_left):
-        """O through each consumer warp's smem slab: stmatrix, then a TMA store or predicated
-        16-byte stores (see epilogue)."""
         if const_expr(not self.separate_o):
             # sO overlays sQ, whose rows every warpgroup reads: wait for all last QK^Ts.
             cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
-        tma = self.tma_store
+        tma = self.cfg.tile.tma_store
         if const_expr(tma):
             # This warp's previous TMA store has read its slab (only the issuing lane has one).
             cute.arch.cp_async_bulk_wait_group(0, read=True)
@@ -793,6 +748,22 @@ class FlashAttentionForwardSm90:
             self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen)
         elif rows_w > 0:
             self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
+        # LSE (after the fence: its global stores need not complete before the TMA store issues):
+        # lanes holding column 0 write their rows.
+        tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(
+            cute.make_identity_tensor((self.tile_m, self.hdimv))))
+        mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b_q])
+        if tOcO[0, 0][1] == 0:
+            for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
+                row = tOcO[r, 0][0]
+                if row < rows_left:
+                    mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
+        if const_expr(release_q is not None):
+            # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
+            if const_expr(tma):
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+            cute.arch.sync_warp()
+            release_q()
 
     @cute.jit
     def store_slab_tma(self, tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen: SeqlenInfo):
