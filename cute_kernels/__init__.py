@@ -157,6 +157,12 @@ _tile_counters: "collections.OrderedDict[tuple, torch.Tensor]" = collections.Ord
 _TILE_COUNTERS_MAX = 64  # streams remembered; a forgotten one just gets a new zeroed buffer
 
 
+def _current_stream_handle(dev: torch.device) -> int:
+    """torch's current stream on `dev` as a raw handle, read as inductor's generated code reads
+    it: torch.cuda.current_stream(dev) builds a Stream object per call (a few us of host time)."""
+    return torch._C._cuda_getCurrentRawStream(dev.index)
+
+
 def _tile_counter(dev: torch.device) -> torch.Tensor:
     """The dynamic scheduler's counters (tiles taken, CTAs done): zero at launch, and the kernel's
     last CTA zeroes them again, so one buffer per stream serves every call without a memset
@@ -164,9 +170,7 @@ def _tile_counter(dev: torch.device) -> torch.Tensor:
     fresh zeroed buffer per call, so the memset is part of the graph."""
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=dev)
-    # The raw handle, as inductor's generated code reads it: torch.cuda.current_stream(dev) builds
-    # a Stream object per call (a few us of host time).
-    key = (dev.index, torch._C._cuda_getCurrentRawStream(dev.index))
+    key = (dev.index, _current_stream_handle(dev))
     counter = _tile_counters.get(key)
     if counter is None:
         counter = _tile_counters[key] = torch.zeros(2, dtype=torch.int32, device=dev)

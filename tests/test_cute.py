@@ -229,7 +229,7 @@ def test_tile_counters_are_bounded(monkeypatch):
 
     stream = SimpleNamespace(cuda_stream=0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: stream)
+    monkeypatch.setattr(cute_kernels, "_current_stream_handle", lambda dev: stream.cuda_stream)
     monkeypatch.setattr(cute_kernels, "_tile_counters", type(cute_kernels._tile_counters)())
     cpu = torch.device("cpu")
     first = cute_kernels._tile_counter(cpu)
