@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
 ROW_KEYS = ("provider", "peer", "precision", "mode", "hdim", "seqlen", "causal", "batch",
-            "nheads", "ms", "tflops", "ratio", "status", "note", "times_ms")  # ms: median of times_ms
+            "nheads", "ms", "tflops", "ratio", "status", "note", "times_ms",  # ms: median of times_ms
+            "sm_mhz", "power_w")  # per round, with --clocks (clocks.py)
 
 
 def _config(row):
@@ -109,6 +111,7 @@ def format_markdown(doc) -> str:
             ratio = f"{max(ratios):.2f}" if ratios else ""
             of_mm = (f" {max(ours) / mm:.2f} |" if ours else " |") if mm else ""
             out.append(f"| {hdim} | {seqlen} | " + " | ".join(line) + f" | {ratio} |" + of_mm)
+    out += _clock_tables(rows, providers)
     notes = sorted({(r["provider"], r["mode"], r["note"]) for r in rows if r["status"] == "ok" and r["note"]})
     if notes:
         out += ["", "## Notes", ""] + [f"- `{p}` {m}: {n}" for p, m, n in notes]
@@ -123,6 +126,33 @@ def format_markdown(doc) -> str:
                 out.append(f"- `{r['provider']}` hdim {r['hdim']} {r['mode']} causal={r['causal']}: "
                            f"{r['status']}: {r['note'][:300]}")
     return "\n".join(out) + "\n"
+
+
+def _clock_tables(rows, providers) -> list[str]:
+    """With --clocks: per point and provider, the SM clock (MHz) and power (W) while timed, the
+    median over rounds."""
+    timed = [r for r in rows if any(x is not None for x in r.get("sm_mhz") or [])]
+    if not timed:
+        return []
+    med = lambda xs: statistics.median(x for x in xs if x is not None)
+    out = ["", "## SM clock (MHz) / power (W) while timed", "",
+           "Wall time moves with the clock: at equal SM cycles a provider timed at a lower clock "
+           "shows a lower rate.", ""]
+    groups = defaultdict(dict)
+    for r in timed:
+        groups[(r["mode"], r["causal"])][(r["hdim"], r["seqlen"], r["provider"])] = r
+    for (mode, causal), cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fwd", kv[0][1])):
+        out += [f"{mode}, causal={causal}:", "", "| hdim | seqlen | " + " | ".join(providers) + " |",
+                "|---:|---:|" + "---:|" * len(providers)]
+        for hdim, seqlen in sorted({(h, s) for h, s, _ in cells}):
+            line = []
+            for p in providers:
+                r = cells.get((hdim, seqlen, p))
+                ok = r is not None and any(x is not None for x in r["sm_mhz"])
+                line.append(f"{med(r['sm_mhz']):.0f} / {med(r['power_w']):.0f}" if ok else "")
+            out.append(f"| {hdim} | {seqlen} | " + " | ".join(line) + " |")
+        out.append("")
+    return out
 
 
 def write_json(doc, path: Path, compact: bool = False):

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -34,6 +35,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     __package__ = "benchmarks"
 
 from benchmarks import report  # noqa: E402
+from benchmarks.clocks import ClockSampler, smi_id  # noqa: E402
 from benchmarks.flops import flops  # noqa: E402
 from benchmarks.providers import DEFAULT_EXCLUDED, PROVIDERS, Case, select, versions  # noqa: E402
 
@@ -74,6 +76,9 @@ def parse_args(argv=None):
                     help="time the whole grid this many times, providers interleaved, and keep each "
                          "point's median: a GPU whose clock drifts (power, heat) then biases no provider "
                          "(default 3 on a GPU, 1 on the CPU)")
+    ap.add_argument("--clocks", action="store_true",
+                    help="also record the mean SM clock (MHz) and power (W) while each point is timed "
+                         "(nvidia-smi; CUDA only): wall time moves with the clock")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)
@@ -248,8 +253,9 @@ def matmul_tflops(args, device) -> float:
     return round(2 * MATMUL_N**3 / ms / 1e9, 1)
 
 
-def bench_case(provider, forward, case: Case, device, gen, args) -> float:
-    """Times `case` for one provider, rotating input sets; returns ms."""
+def bench_case(provider, forward, case: Case, device, gen, args) -> tuple[float, Optional[dict]]:
+    """Times `case` for one provider, rotating input sets; returns ms and, with --clocks on CUDA,
+    the SM clock and power while it was timed (clocks.ClockSampler; None otherwise)."""
     sets = make_inputs(case, device, n_input_sets(case, device), gen)
     prepared = [(*(provider.prepare(q, k, v, case) if provider.prepare else (q, k, v)), dout)
                 for q, k, v, dout in sets]
@@ -268,7 +274,11 @@ def bench_case(provider, forward, case: Case, device, gen, args) -> float:
 
     for call in calls:  # compile and warm every set outside the timing
         call()
-    return time_ms(fn, device, args.warmup_ms, args.rep_ms)
+    if not (getattr(args, "clocks", False) and device.type == "cuda"):
+        return time_ms(fn, device, args.warmup_ms, args.rep_ms), None
+    with ClockSampler(smi_id(device)) as sampler:
+        ms = time_ms(fn, device, args.warmup_ms, args.rep_ms)
+    return ms, sampler.result
 
 
 # ---- metadata and output ----------------------------------------------------------------
@@ -441,11 +451,19 @@ def _remeasure(row, provider, forward, case, device, gen, args):
     if row["ms"] is None:
         return
     try:
-        ms = bench_case(provider, forward, case, device, gen, args)
+        ms, clock = bench_case(provider, forward, case, device, gen, args)
     except Exception as e:  # it ran in round 1: say so rather than drop the row
         row["note"] = (row["note"] + "; " if row["note"] else "") + "a later round raised " + _error_text(e)
         return
     _set_time(row, case, [*row["times_ms"], ms])
+    _add_clock(row, clock, args)
+
+
+def _add_clock(row, clock, args):
+    """With --clocks, per round: the mean SM clock and power while timed (None where unknown)."""
+    if getattr(args, "clocks", False):
+        row["sm_mhz"].append(clock and clock["sm_mhz"])
+        row["power_w"].append(clock and clock["power_w"])
 
 
 def _explain(doc, case, device, backends):
@@ -468,7 +486,7 @@ def _measure(provider, forward, case, device, gen, args, doc) -> dict:
     row = {"provider": provider.name, "peer": provider.peer, "precision": provider.precision(case),
            "mode": case.mode, "hdim": case.hdim, "seqlen": case.seqlen, "causal": case.causal,
            "batch": case.batch, "nheads": case.nheads, "ms": None, "tflops": None, "ratio": None,
-           "status": "ok", "note": "", "times_ms": []}
+           "status": "ok", "note": "", "times_ms": [], "sm_mhz": [], "power_w": []}
     group = [provider.name, case.hdim, case.causal, case.mode]
     if case.mode == "bwd" and not provider.backward:
         return {**row, "status": "error", "note": "no backward"}
@@ -488,10 +506,11 @@ def _measure(provider, forward, case, device, gen, args, doc) -> dict:
     if check is not None and check.get("error"):
         return {**row, "status": "error", "note": check["note"]}
     try:
-        ms = bench_case(provider, forward, case, device, gen, args)
+        ms, clock = bench_case(provider, forward, case, device, gen, args)
     except Exception as e:
         return {**row, "status": "error", "note": _error_text(e)}
     _set_time(row, case, [ms])
+    _add_clock(row, clock, args)
     row["note"] = _handed_on(provider, case, doc)
     if check is not None and not check["ok"]:
         row.update(status="wrong", note="failed spot-check: " + check["note"])

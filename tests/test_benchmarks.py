@@ -140,3 +140,37 @@ def test_spot_check_catches_a_wrong_provider():
     for causal, expect_ok in ((False, True), (True, False)):
         case = run.Case(1, 2, 64, 64, causal, "bwd", torch.bfloat16)
         assert run.spot_check(wrong, forward, case, device, gen)["ok"] is expect_ok
+
+
+def test_clock_sampler_averages_nvidia_smi_samples(tmp_path):
+    """`--clocks`: mean SM clock and power over the samples taken while the block ran; None
+    (not an error) without nvidia-smi."""
+    import time
+
+    from benchmarks.clocks import ClockSampler
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/usr/bin/env bash\n[ \"$1\" = --query-gpu=clocks.sm,power.draw ] || exit 3\n"
+                    "i=0\nwhile true; do echo \"$((1900 + 20 * (i % 2))), $((600 + 10 * (i % 2)))\"; "
+                    "i=$((i + 1)); sleep 0.01; done\n")
+    fake.chmod(0o755)
+    with ClockSampler("0", period_ms=10, smi=str(fake)) as s:
+        time.sleep(0.3)
+    assert s.result["samples"] >= 5
+    assert 1900 <= s.result["sm_mhz"] <= 1920 and 600 <= s.result["power_w"] <= 610
+    with ClockSampler("0", smi=str(tmp_path / "missing")) as s:
+        pass
+    assert s.result is None
+
+
+def test_markdown_shows_clocks_per_provider(cpu_run, tmp_path):
+    doc, _ = cpu_run
+    rows = [dict(r, sm_mhz=[1700 + i, 1710 + i, 1690 + i], power_w=[650, 640, 660]) for i, r in enumerate(doc["rows"])]
+    md = report.format_markdown({**doc, "rows": rows})
+    r = rows[0]
+    assert "## SM clock (MHz) / power (W) while timed" in md
+    line = next(l for l in md.split("## SM clock")[1].splitlines() if l.startswith(f"| {r['hdim']} | {r['seqlen']} |"))
+    assert "1700 / 650" in line or f"{1700 + rows.index(r)} / 650" in line
+    report.write_json({**doc, "rows": rows}, tmp_path / "r.json", compact=True)
+    assert report.load_json(tmp_path / "r.json")["rows"][0]["sm_mhz"] == r["sm_mhz"]
+    assert "SM clock" not in report.format_markdown(doc)  # no --clocks: no table
