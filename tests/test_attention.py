@@ -71,6 +71,40 @@ def test_batched_with_seqused_q():
     check_forward(make_request(q, k, v, seqused_q=used_q, seqused_k=used_k), out, lse)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+def test_cuda_graph_replay(backend, layout, monkeypatch):
+    """A forward captured in a CUDA graph (what users do for many small calls) and replayed on
+    new values copied into the captured inputs gives the attention of those new values. Under
+    capture validation cannot read cu_seqlens on the host, so max_seqlen_* come from the caller."""
+    if backend is not None:
+        monkeypatch.setenv("FA3PY_BACKEND", backend)
+    if layout == "packed":
+        lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 3]
+        q, cu_q = packed(lens_q, 4, 64, torch.bfloat16)
+        k, cu_k = packed(lens_k, 2, 64, torch.bfloat16)
+        v, _ = packed(lens_k, 2, 64, torch.bfloat16)
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=130, causal=True)
+        call = lambda: fa3py.flash_attn_varlen_func(q, k, v, return_attn_probs=True, **kw)
+    else:
+        q, k, v = inputs(2, 239, 300, 4, 2, 128, 128, torch.bfloat16)
+        kw = dict(causal=True)
+        call = lambda: fa3py.attention(q, k, v, return_lse=True, **kw)
+    with torch.no_grad():
+        call()  # compile and warm outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = call()
+        for x in (q, k, v):
+            x.copy_(torch.randn_like(x, dtype=torch.float32).to(x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+    check_forward(make_request(q, k, v, **kw), out, lse)
+
+
 def test_strided_views_without_copy():
     # SDPA layout (b, h, s, d) transposed to (b, s, h, d); v with a padded last-dim storage
     qs = torch.randn(2, 4, 100, 64, dtype=torch.bfloat16, device=DEVICE)
