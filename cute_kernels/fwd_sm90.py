@@ -108,7 +108,8 @@ class FlashAttentionForwardSm90:
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
-        assert t.o_chunks in (1, 2) and self.hdimv % (64 * t.o_chunks) == 0, "O chunks of 64 columns or more"
+        assert t.o_chunks == 1 or (t.o_chunks == 2 and self.hdimv % 128 == 0), \
+            "o_chunks: 1, or 2 for hdim_v a multiple of 128 (chunks of 64 columns or more)"
         self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
         smem = elem * (self.tile_m * (self.hdim + self.o_width)
                        + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
