@@ -76,6 +76,11 @@ class TileConfig:
     # non-causal, 10% causal (8k: none). The Q stage index in a register costs a few
     # instructions per KV block: FwdConfig.make uses 2 for short problems only.
     q_stages: int = 1
+    # O staged in smem this many column chunks at a time (1 or 2): each consumer warp stores its
+    # 16-row slab chunk by chunk through a buffer hdim_v / o_chunks wide. With 2, a separate sO
+    # fits beside Q and two K/V stages at hdim 256 with tile_n 64 (224 KB), so Q is released
+    # after the last QK^T there too (instead of after the epilogue that stages O in sQ).
+    o_chunks: int = 1
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"

@@ -108,7 +108,11 @@ class FlashAttentionForwardSm90:
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
-        smem = elem * (self.tile_m + self.num_stages * self.tile_n) * (self.hdim + self.hdimv)
+        assert t.o_chunks == 1 or (t.o_chunks == 2 and self.hdimv % 128 == 0), \
+            "o_chunks: 1, or 2 for hdim_v a multiple of 128 (chunks of 64 columns or more)"
+        self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
+        smem = elem * (self.tile_m * (self.hdim + self.o_width)
+                       + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
         self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
         # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
         # release of a Q stage must not wait for an epilogue that writes O over it).
@@ -123,12 +127,15 @@ class FlashAttentionForwardSm90:
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
             Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n),
         )
-        pv = sm90_utils.make_trivial_tiled_mma(
+        return qk, self._tiled_mma_pv(self.hdimv)
+
+    def _tiled_mma_pv(self, n: int):
+        """O += P V over n columns of V (the whole hdim_v; a column chunk of O for its layout)."""
+        return sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN,
-            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.hdimv),
+            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
             a_source=warpgroup.OperandSource.RMEM,
         )
-        return qk, pv
 
     @cute.jit
     def __call__(
@@ -165,8 +172,8 @@ class FlashAttentionForwardSm90:
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
         # each compact in smem, so a warp stores its slab by TMA without waiting for the others.
-        sO_slab_layout = make_smem_layout(self.dtype, (O_SLAB_ROWS, self.hdimv))
-        sO_layout = cute.tile_to_shape(sO_slab_layout, (self.tile_m, self.hdimv), order=(0, 1))
+        sO_slab_layout = make_smem_layout(self.dtype, (O_SLAB_ROWS, self.o_width))
+        sO_layout = cute.tile_to_shape(sO_slab_layout, (self.tile_m, self.o_width), order=(0, 1))
 
         # sQ also holds O unless O has its own buffer (separate_o).
         sQ_elems = cute.cosize(sQ_layout) if const_expr(self.separate_o) else max(
@@ -198,7 +205,7 @@ class FlashAttentionForwardSm90:
             g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.hdimv)
         )
         tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.hdimv))
+            cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
         tx_bytes = {
             name: cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
             for name, layout in (("Q", sQ_layout), ("K", sK_layout), ("V", sV_layout))
@@ -729,25 +736,39 @@ class FlashAttentionForwardSm90:
             cute.arch.cp_async_bulk_wait_group(0, read=True)
         cute.arch.sync_warp()  # and every lane's loads of its previous predicated store are done
         store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
-        thr_copy_O = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
-        cute.copy(thr_copy_O, thr_copy_O.retile(rO), thr_copy_O.partition_D(sO))
-
-        warp = tidx // 32  # rows O_SLAB_ROWS * warp .. of the tile: this warp's accumulator rows
-        slab = (O_SLAB_ROWS, self.hdimv)
-        sO_w = cute.local_tile(sO, slab, (warp, 0))
-        rows_w = rows_left - warp * O_SLAB_ROWS
-        m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
-        if const_expr(tma):
-            cute.arch.fence_view_async_shared()  # stmatrix writes -> the TMA's async-proxy reads
-        cute.arch.sync_warp()
-        # By TMA: a full slab, or any slab of an unpacked tensor without seqused_q (the box clips
-        # at the tensor's last row); otherwise the rows there are, by predicated stores.
+        chunks = self.cfg.tile.o_chunks
+        # The stmatrix copy of one chunk-wide tile of O. With one MMA tile per thread in M and N,
+        # a chunk of the accumulator's columns is a contiguous run of its (column-major)
+        # registers: chunk c starts at c * size(rO_chunk).
+        mma_chunk = tiled_mma_pv if const_expr(chunks == 1) else self._tiled_mma_pv(self.o_width)
+        thr_copy_O = cute.make_tiled_copy_C(store_atom, mma_chunk).get_slice(tidx)
+        rO_chunk = cute.make_layout(mma_chunk.partition_shape_C((self.tile_m, self.o_width)))
+        assert chunks == 1 or cute.size(rO.shape[1]) * cute.size(rO.shape[2]) == 1
         ragged = self.cfg.cu_seqlens_q or self.cfg.seqused_q
-        by_tma = (rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0) if const_expr(tma) else False
-        if by_tma:
-            self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen)
-        elif rows_w > 0:
-            self.store_slab_predicated(mO, sO_w, rows_w, m_slab, head, b_q, seqlen)
+        for c in cutlass.range_constexpr(chunks):
+            if const_expr(c > 0):
+                # The previous chunk has been read out of this warp's slab.
+                if const_expr(tma):
+                    cute.arch.cp_async_bulk_wait_group(0, read=True)
+                cute.arch.sync_warp()
+            rO_c = rO if const_expr(chunks == 1) else cute.make_tensor(
+                rO.iterator + c * cute.size(rO_chunk), rO_chunk)
+            cute.copy(thr_copy_O, thr_copy_O.retile(rO_c), thr_copy_O.partition_D(sO))
+            if const_expr(c == 0):
+                warp = tidx // 32  # rows O_SLAB_ROWS * warp .. of the tile: this warp's accumulator rows
+                sO_w = cute.local_tile(sO, (O_SLAB_ROWS, self.o_width), (warp, 0))
+                rows_w = rows_left - warp * O_SLAB_ROWS
+                m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
+            if const_expr(tma):
+                cute.arch.fence_view_async_shared()  # stmatrix writes -> the TMA's async-proxy reads
+            cute.arch.sync_warp()
+            # By TMA: a full slab, or any slab of an unpacked tensor without seqused_q (the box
+            # clips at the tensor's last row); otherwise the rows there are, by predicated stores.
+            by_tma = (rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0) if const_expr(tma) else False
+            if by_tma:
+                self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, c, head, b_q, seqlen)
+            elif rows_w > 0:
+                self.store_slab_predicated(mO, sO_w, rows_w, m_slab, c, head, b_q, seqlen)
         # LSE (after the fence: its global stores need not complete before the TMA store issues):
         # lanes holding column 0 write their rows.
         tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(
@@ -766,19 +787,20 @@ class FlashAttentionForwardSm90:
             release_q()
 
     @cute.jit
-    def store_slab_tma(self, tma_O, tma_atom_O, sO_w, m_slab, head, b_q, seqlen: SeqlenInfo):
+    def store_slab_tma(self, tma_O, tma_atom_O, sO_w, m_slab, chunk, head, b_q, seqlen: SeqlenInfo):
         mO_cur = cute.domain_offset((seqlen.offset_q, 0), tma_O[None, None, head, b_q])
-        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.hdimv), (m_slab, 0))
+        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.o_width), (m_slab, chunk))
         tOsO, tOgO = cpasync.tma_partition(tma_atom_O, 0, cute.make_layout(1),
                                            cute.group_modes(sO_w, 0, 2), cute.group_modes(gO_w, 0, 2))
         cute.copy(tma_atom_O, tOsO, tOgO)  # issued by one elected lane
         cute.arch.cp_async_bulk_commit_group()
 
     @cute.jit
-    def store_slab_predicated(self, mO, sO_w, rows_w, m_slab, head, b_q, seqlen: SeqlenInfo):
-        """The warp's first `rows_w` slab rows by 16-byte loads from smem and stores to global."""
+    def store_slab_predicated(self, mO, sO_w, rows_w, m_slab, chunk, head, b_q, seqlen: SeqlenInfo):
+        """The warp's first `rows_w` slab rows (column chunk `chunk`) by 16-byte loads from smem and
+        stores to global."""
         vec = 128 // self.dtype.width
-        threads_per_row = math.gcd(self.hdimv // vec, 32)
+        threads_per_row = math.gcd(self.o_width // vec, 32)
         gmem_copy = cute.make_tiled_copy_tv(
             cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128),
             cute.make_ordered_layout((32 // threads_per_row, threads_per_row), order=(1, 0)),
@@ -786,10 +808,10 @@ class FlashAttentionForwardSm90:
         )
         thr_gmem = gmem_copy.get_slice(cute.arch.lane_idx())
         mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b_q])
-        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.hdimv), (m_slab, 0))
+        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.o_width), (m_slab, chunk))
         tOsO = thr_gmem.partition_S(sO_w)
         tOgO = thr_gmem.partition_D(gO_w)
-        tOcO = thr_gmem.partition_S(cute.make_identity_tensor((O_SLAB_ROWS, self.hdimv)))
+        tOcO = thr_gmem.partition_S(cute.make_identity_tensor((O_SLAB_ROWS, self.o_width)))
         tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
         cute.autovec_copy(tOsO, tOrO)
         for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):

@@ -29,10 +29,14 @@ HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] =
 
 
 # ----------------------------------------------------------------------------- compile-only
-def _compile_and_check(cfg: FwdConfig):
+def _compile_and_check(cfg: FwdConfig, text_out: list | None = None):
+    """Compile `cfg` for sm_90a, check its SASS, return its opcode counts (the SASS text appended
+    to `text_out` when given)."""
     with tempfile.TemporaryDirectory() as d:
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
+    if text_out is not None:
+        text_out.append(text)
     missing = sass.check(text, cfg)
     assert missing == [], f"{cfg.short()}: missing {missing}"
     ops = sass.opcode_counts(text)
@@ -132,6 +136,21 @@ def test_compile_q_stages(hdim, causal):
     _compile_and_check(cfg)
     for d, tile in ((256, {}), (128, dict(tile_n=176)), (128, dict(separate_o=False))):
         assert FlashAttentionForwardSm90(FwdConfig.make("bf16", d, q_stages=2, **tile)).q_stages == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_compile_o_chunks(causal):
+    """O staged in two column chunks: at hdim 256 with tile_n 64 a separate sO then fits (224 KB),
+    so there is no epilogue barrier across warpgroups (sO no longer aliases sQ)."""
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    cfg = FwdConfig.make("bf16", 256, has_right=causal, tile_n=64, o_chunks=2)
+    assert FlashAttentionForwardSm90(cfg).separate_o
+    assert not FlashAttentionForwardSm90(FwdConfig.make("bf16", 256, has_right=causal, tile_n=64)).separate_o
+    text = []
+    ops = _compile_and_check(cfg, text)
+    assert ops["STSM"] > 0
+    assert "SYNC 0x1" not in sass.named_barrier_ids(text[0])  # NamedBarrierFwd.Epilogue
 
 
 @pytest.mark.parametrize("hdim,causal", sorted(SHORT_TILES))
@@ -562,6 +581,26 @@ def test_gpu_epilogue_variants(layout, causal):
     req = _req(q, k, v, window_right=0 if causal else -1, **kw)
     assert cute_kernels.config_for(req).tile.tma_store == (not causal)
     _check(req, _with_tile(req, tma_store=causal))
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["batched", "packed", "seqused_q"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tma_store", [False, True])
+def test_gpu_o_chunks(layout, causal, tma_store):
+    """O staged in two column chunks (TileConfig.o_chunks) at hdim 256, tile 128x64, where sO
+    then has its own buffer: by TMA and by predicated stores, ragged sequence ends included."""
+    if layout == "packed":
+        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 256,
+                                  torch.bfloat16)
+    else:
+        q, k, v = _qkv(3, 239, 300, 4, 2, 256, 256, torch.bfloat16)
+        kw = {}
+        if layout == "seqused_q":
+            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
+                      max_seqlen_q=239)
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    _check(req, _with_tile(req, tile_n=64, o_chunks=2, tma_store=tma_store))
 
 
 @gpu
