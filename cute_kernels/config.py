@@ -76,6 +76,10 @@ class TileConfig:
     # non-causal, 10% causal (8k: none). The Q stage index in a register costs a few
     # instructions per KV block: FwdConfig.make uses 2 for short problems only.
     q_stages: int = 1
+    # > 0: lazy O rescaling (softmax.OnlineSoftmax.lazy): a row keeps its reference max until the
+    # running max exceeds it by more than this (log2 units), and a warp skips O's rescale (64
+    # FMULs per KV block at hdim 128) when none of its rows moved. Not with rescale_o_before_pv.
+    lazy_rescale: float = 0.0
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"

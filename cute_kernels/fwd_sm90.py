@@ -452,7 +452,10 @@ class FlashAttentionForwardSm90:
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
-        softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]))
+        assert not (self.cfg.tile.lazy_rescale > 0 and self.cfg.tile.rescale_o_before_pv), \
+            "lazy_rescale with the O rescale after the softmax only"
+        softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]),
+                                       lazy=self.cfg.tile.lazy_rescale)
         # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.
         o_scale = cute.make_rmem_tensor_like(softmax.row_max, Float32)
 
@@ -571,9 +574,9 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale = softmax.step(acc_S, is_first=is_first)
+        row_scale, needed = softmax.step(acc_S, is_first=is_first)
         convert_to(acc_to_frgA(acc_S), tOrP)
-        return row_scale
+        return row_scale, needed
 
     @cute.jit
     def step_plain(
@@ -588,9 +591,9 @@ class FlashAttentionForwardSm90:
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(0)
         pipeline_k.consumer_release(kv_state)
-        row_scale = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
-                                       softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
-        softmax.rescale_O(acc_O, row_scale)
+        row_scale, needed = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
+                                               softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
+        softmax.rescale_O(acc_O, row_scale, needed)
         pipeline_v.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
         pv_gemm(kv_state.index, wg_wait=0)  # O += P @ V
@@ -635,7 +638,7 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale = softmax.step(acc_S, is_first=False)
+        row_scale, needed = softmax.step(acc_S, is_first=False)
         if const_expr(gate > 0):
             self.release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
@@ -644,7 +647,7 @@ class FlashAttentionForwardSm90:
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             o_scale.store(row_scale.load())
         else:
-            softmax.rescale_O(acc_O, row_scale)
+            softmax.rescale_O(acc_O, row_scale, needed)
         return kv_state
 
     @cute.jit

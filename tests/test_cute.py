@@ -134,6 +134,14 @@ def test_compile_q_stages(hdim, causal):
         assert FlashAttentionForwardSm90(FwdConfig.make("bf16", d, q_stages=2, **tile)).q_stages == 1
 
 
+@pytest.mark.parametrize("hdim,causal", [(128, False), (64, True)])
+def test_compile_lazy_rescale(hdim, causal):
+    """Lazy O rescaling: a warp vote decides whether O is rescaled (a branch over its FMULs)."""
+    cfg = FwdConfig.make("bf16", hdim, has_right=causal, lazy_rescale=8.0)
+    ops = _compile_and_check(cfg)
+    assert ops["VOTE"] > 0
+
+
 @pytest.mark.parametrize("hdim,causal", sorted(SHORT_TILES))
 def test_compile_short(hdim, causal):
     cfg = FwdConfig.make("bf16", hdim, short=True, medium=not causal, has_right=causal)
@@ -562,6 +570,22 @@ def test_gpu_epilogue_variants(layout, causal):
     req = _req(q, k, v, window_right=0 if causal else -1, **kw)
     assert cute_kernels.config_for(req).tile.tma_store == (not causal)
     _check(req, _with_tile(req, tma_store=causal))
+
+
+@gpu
+@pytest.mark.parametrize("hdim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("ramp", ["up", "down", "flat", "softcap"])
+def test_gpu_lazy_rescale(hdim, causal, ramp):
+    """Lazy rescaling (TileConfig.lazy_rescale): keys scaled by a ramp make the row max grow
+    block after block in either processing order (the kernel walks KV blocks last first), so
+    references move often ("down": large early keys, met last) or are kept ("up")."""
+    q, k, v = _qkv(2, 700, 1500, 4, 2, hdim, hdim, torch.bfloat16)
+    r = torch.linspace(0.2, 3.0, k.shape[1], device="cuda")
+    if ramp in ("up", "down"):
+        k = (k.float() * (r if ramp == "up" else r.flip(0))[None, :, None, None]).to(k.dtype)
+    req = _req(q, k, v, window_right=0 if causal else -1, softcap=5.0 if ramp == "softcap" else 0.0)
+    _check(req, _with_tile(req, lazy_rescale=8.0))
 
 
 @gpu
