@@ -452,8 +452,6 @@ class FlashAttentionForwardSm90:
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
-        assert not (self.cfg.tile.lazy_rescale > 0 and self.cfg.tile.rescale_o_before_pv), \
-            "lazy_rescale with the O rescale after the softmax only"
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]),
                                        lazy=self.cfg.tile.lazy_rescale)
         # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.
@@ -627,7 +625,7 @@ class FlashAttentionForwardSm90:
         self.scheduler_sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
         if const_expr(self.cfg.tile.rescale_o_before_pv):
-            softmax.rescale_O(acc_O, o_scale)  # the previous block's factors, under QK^T
+            softmax.rescale_O(acc_O, o_scale, softmax.any_moved(o_scale))  # the previous block's, under QK^T
         pipeline_v.consumer_wait(v_state)
         pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
         self.scheduler_arrive(wg_idx)
@@ -662,7 +660,7 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale):
         if const_expr(self.cfg.tile.rescale_o_before_pv):
-            softmax.rescale_O(acc_O, o_scale)
+            softmax.rescale_O(acc_O, o_scale, softmax.any_moved(o_scale))
         pipeline_v.consumer_wait(kv_state)
         pv_gemm(kv_state.index, wg_wait=0)
         pipeline_v.consumer_release(kv_state)

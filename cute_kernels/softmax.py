@@ -102,6 +102,17 @@ class OnlineSoftmax:
         return inv
 
     @cute.jit
+    def any_moved(self, row_scale: cute.Tensor):
+        """With `lazy`: whether any row of the warp has a factor other than 1 (a kept reference
+        gives exactly exp2(0) = 1), for factors kept past `step` (rescale_o_before_pv); else None."""
+        if const_expr(self.lazy > 0):
+            moved = cutlass.Boolean(False)
+            for r in cutlass.range_constexpr(cute.size(row_scale)):
+                moved = moved | (row_scale[r] != Float32(1.0))
+            return cute.arch.vote_any_sync(moved)
+        return None
+
+    @cute.jit
     def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor, needed=None):
         """O's rows times row_scale; with `needed` (a warp-uniform flag from `step`), only if set."""
         if const_expr(needed is None):

@@ -134,7 +134,7 @@ def test_compile_q_stages(hdim, causal):
         assert FlashAttentionForwardSm90(FwdConfig.make("bf16", d, q_stages=2, **tile)).q_stages == 1
 
 
-@pytest.mark.parametrize("hdim,causal", [(128, False), (64, True)])
+@pytest.mark.parametrize("hdim,causal", [(128, False), (64, True), (256, False)])
 def test_compile_lazy_rescale(hdim, causal):
     """Lazy O rescaling: a warp vote decides whether O is rescaled (a branch over its FMULs)."""
     cfg = FwdConfig.make("bf16", hdim, has_right=causal, lazy_rescale=8.0)
@@ -573,7 +573,7 @@ def test_gpu_epilogue_variants(layout, causal):
 
 
 @gpu
-@pytest.mark.parametrize("hdim", [64, 128])
+@pytest.mark.parametrize("hdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("ramp", ["up", "down", "flat", "softcap"])
 def test_gpu_lazy_rescale(hdim, causal, ramp):
