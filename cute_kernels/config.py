@@ -81,6 +81,10 @@ class TileConfig:
     # fits beside Q and two K/V stages at hdim 256 with tile_n 64 (224 KB), so Q is released
     # after the last QK^T there too (instead of after the epilogue that stages O in sQ).
     o_chunks: int = 1
+    # > 0: lazy O rescaling (softmax.OnlineSoftmax.lazy): a row keeps its reference max until the
+    # running max exceeds it by more than this (log2 units), and a warp skips O's rescale (64
+    # FMULs per KV block at hdim 128, 128 at hdim 256) when none of its rows moved.
+    lazy_rescale: float = 0.0
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"

@@ -459,7 +459,8 @@ class FlashAttentionForwardSm90:
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
-        softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]))
+        softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]),
+                                       lazy=self.cfg.tile.lazy_rescale)
         # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.
         o_scale = cute.make_rmem_tensor_like(softmax.row_max, Float32)
 
@@ -578,9 +579,9 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale = softmax.step(acc_S, is_first=is_first)
+        row_scale, needed = softmax.step(acc_S, is_first=is_first)
         convert_to(acc_to_frgA(acc_S), tOrP)
-        return row_scale
+        return row_scale, needed
 
     @cute.jit
     def step_plain(
@@ -595,9 +596,9 @@ class FlashAttentionForwardSm90:
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(0)
         pipeline_k.consumer_release(kv_state)
-        row_scale = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
-                                       softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
-        softmax.rescale_O(acc_O, row_scale)
+        row_scale, needed = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
+                                               softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
+        softmax.rescale_O(acc_O, row_scale, needed)
         pipeline_v.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
         pv_gemm(kv_state.index, wg_wait=0)  # O += P @ V
@@ -631,7 +632,7 @@ class FlashAttentionForwardSm90:
         self.scheduler_sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
         if const_expr(self.cfg.tile.rescale_o_before_pv):
-            softmax.rescale_O(acc_O, o_scale)  # the previous block's factors, under QK^T
+            softmax.rescale_O(acc_O, o_scale, softmax.any_moved(o_scale))  # the previous block's, under QK^T
         pipeline_v.consumer_wait(v_state)
         pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
         self.scheduler_arrive(wg_idx)
@@ -642,7 +643,7 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale = softmax.step(acc_S, is_first=False)
+        row_scale, needed = softmax.step(acc_S, is_first=False)
         if const_expr(gate > 0):
             self.release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
@@ -651,7 +652,7 @@ class FlashAttentionForwardSm90:
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             o_scale.store(row_scale.load())
         else:
-            softmax.rescale_O(acc_O, row_scale)
+            softmax.rescale_O(acc_O, row_scale, needed)
         return kv_state
 
     @cute.jit
@@ -666,7 +667,7 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale):
         if const_expr(self.cfg.tile.rescale_o_before_pv):
-            softmax.rescale_O(acc_O, o_scale)
+            softmax.rescale_O(acc_O, o_scale, softmax.any_moved(o_scale))
         pipeline_v.consumer_wait(kv_state)
         pv_gemm(kv_state.index, wg_wait=0)
         pipeline_v.consumer_release(kv_state)

@@ -33,14 +33,18 @@ def row_max(s_mn: cute.Tensor, r: int, init) -> Float32:
 @dataclass(frozen=True)
 class OnlineSoftmax:
     scale_log2: Float32  # softmax_scale * log2(e), or softcap * log2(e) with softcap
-    row_max: cute.Tensor
+    row_max: cute.Tensor  # the reference max of each row: with `lazy`, possibly below the true max
     row_sum: cute.Tensor
+    # > 0: lazy rescaling. A row keeps its reference max while its running max exceeds it by at
+    # most `lazy` (log2 units; its probabilities then stay <= 2^lazy), and `step` says whether
+    # any row of the warp moved its reference, so O's rescale can be skipped when none did.
+    lazy: float = 0.0
 
     @staticmethod
-    def create(scale_log2: Float32, num_rows: cutlass.Constexpr[int]) -> "OnlineSoftmax":
+    def create(scale_log2: Float32, num_rows: cutlass.Constexpr[int], lazy: float = 0.0) -> "OnlineSoftmax":
         row_max = cute.make_rmem_tensor(num_rows, Float32)
         row_sum = cute.make_rmem_tensor(num_rows, Float32)
-        state = OnlineSoftmax(scale_log2, row_max, row_sum)
+        state = OnlineSoftmax(scale_log2, row_max, row_sum, lazy)
         state.reset()
         return state
 
@@ -49,16 +53,25 @@ class OnlineSoftmax:
         self.row_sum.fill(0.0)
 
     @cute.jit
-    def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]) -> cute.Tensor:
+    def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]):
         """Turn scores into unnormalized probabilities in place; return the factor by which
-        each row of O must be rescaled."""
+        each row of O must be rescaled and, with `lazy` (else None), whether any row of the warp
+        has a factor other than 1."""
         s_mn = acc_to_mn(acc_S)
         row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
+        lazy = const_expr(self.lazy > 0 and not is_first)
+        moved = cutlass.Boolean(False)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             row = s_mn[r, None].load()
             m_prev = self.row_max[r]
             m_cur = row_max(s_mn, r, None if const_expr(is_first) else m_prev)
             m_cur = quad_allreduce(m_cur, cute.arch.fmax)
+            if const_expr(lazy):
+                # Keep the reference while the max grew by <= lazy (False for -inf - -inf = NaN:
+                # the reference then "moves" to -inf, a no-op).
+                keep = (m_cur - m_prev) * self.scale_log2 <= Float32(self.lazy)
+                m_cur = m_prev if keep else m_cur
+                moved = moved | (not keep)
             self.row_max[r] = m_cur
             # A row with every key masked so far keeps max -inf: use 0 so exp2 gives 0, not NaN.
             m_safe = m_cur if m_cur != -Float32.inf else Float32(0.0)
@@ -71,7 +84,8 @@ class OnlineSoftmax:
                 scale = cute.math.exp2((m_prev - m_safe) * self.scale_log2, fastmath=True)
                 row_scale[r] = scale
                 self.row_sum[r] = p.reduce(cute.ReductionOp.ADD, self.row_sum[r] * scale, 0)
-        return row_scale
+        needed = cute.arch.vote_any_sync(moved) if const_expr(lazy) else None
+        return row_scale, needed
 
     @cute.jit
     def finalize(self) -> cute.Tensor:
@@ -88,7 +102,26 @@ class OnlineSoftmax:
         return inv
 
     @cute.jit
-    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor):
+    def any_moved(self, row_scale: cute.Tensor):
+        """With `lazy`: whether any row of the warp has a factor other than 1 (a kept reference
+        gives exactly exp2(0) = 1), for factors kept past `step` (rescale_o_before_pv); else None."""
+        if const_expr(self.lazy > 0):
+            moved = cutlass.Boolean(False)
+            for r in cutlass.range_constexpr(cute.size(row_scale)):
+                moved = moved | (row_scale[r] != Float32(1.0))
+            return cute.arch.vote_any_sync(moved)
+        return None
+
+    @cute.jit
+    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor, needed=None):
+        """O's rows times row_scale; with `needed` (a warp-uniform flag from `step`), only if set."""
+        if const_expr(needed is None):
+            self.scale_rows(acc_O, row_scale)
+        elif needed:
+            self.scale_rows(acc_O, row_scale)
+
+    @cute.jit
+    def scale_rows(self, acc_O: cute.Tensor, row_scale: cute.Tensor):
         o_mn = acc_to_mn(acc_O)
         for r in cutlass.range_constexpr(cute.size(row_scale)):
             o_mn[r, None].store(o_mn[r, None].load() * row_scale[r])

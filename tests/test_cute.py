@@ -152,6 +152,13 @@ def test_compile_o_chunks(causal):
     assert ops["STSM"] > 0
     assert "SYNC 0x1" not in sass.named_barrier_ids(text[0])  # NamedBarrierFwd.Epilogue
 
+@pytest.mark.parametrize("hdim,causal", [(128, False), (64, True), (256, False)])
+def test_compile_lazy_rescale(hdim, causal):
+    """Lazy O rescaling: a warp vote decides whether O is rescaled (a branch over its FMULs)."""
+    cfg = FwdConfig.make("bf16", hdim, has_right=causal, lazy_rescale=8.0)
+    ops = _compile_and_check(cfg)
+    assert ops["VOTE"] > 0
+
 
 @pytest.mark.parametrize("hdim,causal", sorted(SHORT_TILES))
 def test_compile_short(hdim, causal):
@@ -601,6 +608,22 @@ def test_gpu_o_chunks(layout, causal, tma_store):
                       max_seqlen_q=239)
     req = _req(q, k, v, window_right=0 if causal else -1, **kw)
     _check(req, _with_tile(req, tile_n=64, o_chunks=2, tma_store=tma_store))
+
+
+@gpu
+@pytest.mark.parametrize("hdim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("ramp", ["up", "down", "flat", "softcap"])
+def test_gpu_lazy_rescale(hdim, causal, ramp):
+    """Lazy rescaling (TileConfig.lazy_rescale): keys scaled by a ramp make the row max grow
+    block after block in either processing order (the kernel walks KV blocks last first), so
+    references move often ("down": large early keys, met last) or are kept ("up")."""
+    q, k, v = _qkv(2, 700, 1500, 4, 2, hdim, hdim, torch.bfloat16)
+    r = torch.linspace(0.2, 3.0, k.shape[1], device="cuda")
+    if ramp in ("up", "down"):
+        k = (k.float() * (r if ramp == "up" else r.flip(0))[None, :, None, None]).to(k.dtype)
+    req = _req(q, k, v, window_right=0 if causal else -1, softcap=5.0 if ramp == "softcap" else 0.0)
+    _check(req, _with_tile(req, lazy_rescale=8.0))
 
 
 @gpu
