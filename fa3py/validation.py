@@ -145,7 +145,7 @@ def make_request(
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
 
-    # dtypes and devices (each tensor attribute read once: this runs on every call, ~10 us)
+    # dtypes and devices (each tensor attribute read once: this runs on every call)
     dtype, device = q.dtype, q.device
     if dtype not in FLOAT_DTYPES + FP8_DTYPES:
         _fail(TypeError, "q", f"must have dtype {_DTYPE_NAMES}, got {dtype}")
@@ -181,15 +181,15 @@ def make_request(
         _check_tensor("cu_seqlens_q", cu_seqlens_q)
         batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else -1
     elif packed_k:
-        batch = q.shape[0]
+        batch = q_shape[0]
     else:
         batch = q_shape[0]
         if k_shape[0] != batch:
             _fail(ValueError, "k", f"batch size {k_shape[0]} must equal q's batch size {batch}")
     if batch < 0:
         _fail(ValueError, "cu_seqlens_q", f"must be 1-D of length batch + 1, got shape {tuple(cu_seqlens_q.shape)}")
-    if not packed_k and packed_q and k.shape[0] != batch:
-        _fail(ValueError, "k", f"batch size {k.shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
+    if not packed_k and packed_q and k_shape[0] != batch:
+        _fail(ValueError, "k", f"batch size {k_shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
 
     max_q = _max_seqlen("q", q, cu_seqlens_q, seqused_q, max_seqlen_q, batch)
     max_k = _max_seqlen("k", k, cu_seqlens_k, seqused_k, max_seqlen_k, batch)
@@ -215,7 +215,7 @@ def make_request(
     if fp8 and dtype not in FLOAT_DTYPES:
         _fail(ValueError, "fp8", f"quantizes fp16/bf16 inputs; q is already {dtype} (pass descales instead)")
 
-    descales = [None if x is None else _check_descale(n, x, dtype, batch, nheads_kv, device)
+    descales = [_check_descale(n, x, dtype, batch, nheads_kv, device)
                 for n, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
 
     params = AttentionParams(softmax_scale=softmax_scale, window_left=left, window_right=right,
