@@ -84,15 +84,12 @@ def format_markdown(doc) -> str:
     for name, why in sorted(doc.get("skipped", {}).items()):
         out.append(f"- skipped `{name}`: {why}")
     providers = sorted({r["provider"] for r in rows}, key=lambda p: (not p.startswith("fa3py"), p))
-    groups = defaultdict(dict)
-    for r in rows:
-        groups[(r["mode"], r["causal"])][(r["hdim"], r["seqlen"], r["provider"])] = r
-    for (mode, causal), cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fwd", kv[0][1])):
+    for (mode, causal), cells, points in _pivots(rows):
         out += ["", f"## {mode}, causal={causal} (TFLOP/s)", "",
                 "| hdim | seqlen | " + " | ".join(providers) + " | best fa3py / best peer |"
                 + (" / matmul |" if mm else ""),
                 "|---:|---:|" + "---:|" * (len(providers) + 1 + bool(mm))]
-        for hdim, seqlen in sorted({(h, s) for h, s, _ in cells}):
+        for hdim, seqlen in points:
             line, ratios, ours = [], [], []
             for p in providers:
                 r = cells.get((hdim, seqlen, p))
@@ -128,6 +125,16 @@ def format_markdown(doc) -> str:
     return "\n".join(out) + "\n"
 
 
+def _pivots(rows):
+    """One pivot table per (mode, causal), forward first: ((mode, causal), {(hdim, seqlen,
+    provider): row}, sorted (hdim, seqlen) points)."""
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["mode"], r["causal"])][(r["hdim"], r["seqlen"], r["provider"])] = r
+    for key, cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fwd", kv[0][1])):
+        yield key, cells, sorted({(h, s) for h, s, _ in cells})
+
+
 def _clock_tables(rows, providers) -> list[str]:
     """With --clocks: per point and provider, the SM clock (MHz) and power (W) while timed, the
     median over rounds."""
@@ -138,13 +145,10 @@ def _clock_tables(rows, providers) -> list[str]:
     out = ["", "## SM clock (MHz) / power (W) while timed", "",
            "Wall time moves with the clock: at equal SM cycles a provider timed at a lower clock "
            "shows a lower rate.", ""]
-    groups = defaultdict(dict)
-    for r in timed:
-        groups[(r["mode"], r["causal"])][(r["hdim"], r["seqlen"], r["provider"])] = r
-    for (mode, causal), cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fwd", kv[0][1])):
+    for (mode, causal), cells, points in _pivots(timed):
         out += [f"{mode}, causal={causal}:", "", "| hdim | seqlen | " + " | ".join(providers) + " |",
                 "|---:|---:|" + "---:|" * len(providers)]
-        for hdim, seqlen in sorted({(h, s) for h, s, _ in cells}):
+        for hdim, seqlen in points:
             line = []
             for p in providers:
                 r = cells.get((hdim, seqlen, p))

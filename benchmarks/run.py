@@ -274,7 +274,7 @@ def bench_case(provider, forward, case: Case, device, gen, args) -> tuple[float,
 
     for call in calls:  # compile and warm every set outside the timing
         call()
-    if not (getattr(args, "clocks", False) and device.type == "cuda"):
+    if not (args.clocks and device.type == "cuda"):
         return time_ms(fn, device, args.warmup_ms, args.rep_ms), None
     with ClockSampler(smi_id(device)) as sampler:
         ms = time_ms(fn, device, args.warmup_ms, args.rep_ms)
@@ -461,7 +461,7 @@ def _remeasure(row, provider, forward, case, device, gen, args):
 
 def _add_clock(row, clock, args):
     """With --clocks, per round: the mean SM clock and power while timed (None where unknown)."""
-    if getattr(args, "clocks", False):
+    if args.clocks:
         row["sm_mhz"].append(clock and clock["sm_mhz"])
         row["power_w"].append(clock and clock["power_w"])
 

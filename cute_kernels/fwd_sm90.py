@@ -448,14 +448,11 @@ class FlashAttentionForwardSm90:
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
         wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))  # (MMA, M, K, q stage)
+        if const_expr(self.q_stages == 1):
+            tSrQ = self.pin_q(tSrQ[None, None, None, 0])
         tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
         tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
         if const_expr(self.cfg.tile.pin_desc):
-            # Q's descriptor per k-block stays in (uniform) registers; at hdim 256 the 16 spill.
-            # With two Q stages they are pinned per tile instead (q_stage_frag): pinned here, every
-            # QK^T would add the stage offset to each k-block's descriptor again.
-            if const_expr(self.q_stages == 1):
-                tSrQ = pin_smem_desc(tSrQ, per_k=self.hdim <= 192)
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
@@ -553,16 +550,19 @@ class FlashAttentionForwardSm90:
             cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     def q_stage_frag(self, tSrQ, q_state):
-        """Q's WGMMA operand in the tile's Q stage (a tuple per k-block when pinned per_k). With
-        two stages the stage is picked and then pinned, once per tile (see mma)."""
+        """Q's WGMMA operand for the tile. One Q stage: `tSrQ`, pinned once in mma. Two: the
+        tile's stage, pinned here, once per tile (pinned once for both stages, every QK^T would
+        add the stage offset to each k-block's descriptor again)."""
         if const_expr(self.q_stages > 1):
-            frag = tSrQ[None, None, None, q_state.index]
-            if const_expr(self.cfg.tile.pin_desc):
-                frag = pin_smem_desc(frag, per_k=self.hdim <= 192)
-            return frag
-        if const_expr(isinstance(tSrQ, tuple)):
-            return tuple(t[None, None, 0] for t in tSrQ)
-        return tSrQ[None, None, None, 0]
+            return self.pin_q(tSrQ[None, None, None, q_state.index])
+        return tSrQ
+
+    def pin_q(self, frag):
+        """With pin_desc: Q's descriptor per k-block in (uniform) registers (a tuple per k-block;
+        at hdim 256 the 16 spill, so one there)."""
+        if const_expr(self.cfg.tile.pin_desc):
+            return pin_smem_desc(frag, per_k=self.hdim <= 192)
+        return frag
 
     @cute.jit
     def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):

@@ -120,13 +120,12 @@ def pin_smem_desc(frag: cute.Tensor, per_k: bool = False):
     computed here, once. Left alone, the compiler re-derives the descriptor from the smem address
     at every GEMM (add, shift, mask, widen, or: ~5 uniform instructions per operand per KV
     iteration); behind an opaque move, a GEMM only adds its stage / k-block offset.
-    per_k: a tuple with one pinned fragment per k-block (mode 2; further modes, such as Q's
-    stage, kept), for an operand (Q) whose descriptors then cost nothing inside the loop. (The
-    int <-> descriptor casts live in the tcgen05 helpers but are plain casts of the
-    `!cute_nvgpu.smem_desc` type WGMMA uses too.)"""
+    per_k: a tuple with one pinned fragment per k-block, for an unstaged operand (Q of one
+    stage) whose descriptors then cost nothing inside the loop. (The int <-> descriptor casts
+    live in the tcgen05 helpers but are plain casts of the `!cute_nvgpu.smem_desc` type WGMMA
+    uses too.)"""
     if per_k:
-        rest = (None,) * (cute.rank(frag) - 3)
-        return tuple(pin_smem_desc(frag[(None, None, k, *rest)]) for k in range(cute.size(frag.shape[2])))
+        return tuple(pin_smem_desc(frag[None, None, k]) for k in range(cute.size(frag.shape[2])))
     base = tcgen05.smem_descriptor_to_int(frag.iterator)
     return cute.make_tensor(tcgen05.int_to_smem_descriptor(_opaque_i64(base)), frag.layout)
 

@@ -145,33 +145,34 @@ def make_request(
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
 
-    # dtypes and devices
-    dtype = q.dtype
+    # dtypes and devices (each tensor attribute read once: this runs on every call)
+    dtype, device = q.dtype, q.device
     if dtype not in FLOAT_DTYPES + FP8_DTYPES:
         _fail(TypeError, "q", f"must have dtype {_DTYPE_NAMES}, got {dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != dtype:
             _fail(TypeError, name, f"must have the same dtype as q ({dtype}), got {x.dtype}")
-        if x.device != q.device:
-            _fail(ValueError, name, f"must be on the same device as q ({q.device}), got {x.device}")
+        if x.device != device:
+            _fail(ValueError, name, f"must be on the same device as q ({device}), got {x.device}")
 
     # layouts
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
     packed_q, packed_k = cu_seqlens_q is not None, cu_seqlens_k is not None
-    for name, x, packed, cu in (("q", q, packed_q, "cu_seqlens_q"), ("k", k, packed_k, "cu_seqlens_k"),
-                                ("v", v, packed_k, "cu_seqlens_k")):
+    for name, shape, packed, cu in (("q", q_shape, packed_q, "cu_seqlens_q"), ("k", k_shape, packed_k, "cu_seqlens_k"),
+                                    ("v", v_shape, packed_k, "cu_seqlens_k")):
         want = 3 if packed else 4
-        if x.dim() != want:
+        if len(shape) != want:
             layout = (f"(total_tokens, nheads, headdim) because {cu} is given" if packed
                       else "(batch, seqlen, nheads, headdim)")
-            _fail(ValueError, name, f"must be {want}-D {layout}, got shape {tuple(x.shape)}")
-    if k.shape[:-1] != v.shape[:-1]:
-        _fail(ValueError, "v", f"must match k in every dim but the last: k {tuple(k.shape)}, v {tuple(v.shape)}")
+            _fail(ValueError, name, f"must be {want}-D {layout}, got shape {tuple(shape)}")
+    if k_shape[:-1] != v_shape[:-1]:
+        _fail(ValueError, "v", f"must match k in every dim but the last: k {tuple(k_shape)}, v {tuple(v_shape)}")
     # Any strides are accepted; a backend that needs a unit last stride copies by itself.
-    nheads, nheads_kv = q.shape[-2], k.shape[-2]
-    if q.shape[-1] != k.shape[-1]:
-        _fail(ValueError, "k", f"head dimension {k.shape[-1]} must equal q's head dimension {q.shape[-1]}")
-    _check_headdim("q", q.shape[-1])
-    _check_headdim("v", v.shape[-1])
+    nheads, nheads_kv, headdim = q_shape[-2], k_shape[-2], q_shape[-1]
+    if headdim != k_shape[-1]:
+        _fail(ValueError, "k", f"head dimension {k_shape[-1]} must equal q's head dimension {headdim}")
+    _check_headdim("q", headdim)
+    _check_headdim("v", v_shape[-1])
     if nheads_kv == 0 or nheads % nheads_kv != 0:
         _fail(ValueError, "k", f"nheads_kv ({nheads_kv}) must divide q's nheads ({nheads}) (MQA/GQA)")
 
@@ -180,22 +181,22 @@ def make_request(
         _check_tensor("cu_seqlens_q", cu_seqlens_q)
         batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else -1
     elif packed_k:
-        batch = q.shape[0]
+        batch = q_shape[0]
     else:
-        batch = q.shape[0]
-        if k.shape[0] != batch:
-            _fail(ValueError, "k", f"batch size {k.shape[0]} must equal q's batch size {batch}")
+        batch = q_shape[0]
+        if k_shape[0] != batch:
+            _fail(ValueError, "k", f"batch size {k_shape[0]} must equal q's batch size {batch}")
     if batch < 0:
         _fail(ValueError, "cu_seqlens_q", f"must be 1-D of length batch + 1, got shape {tuple(cu_seqlens_q.shape)}")
-    if not packed_k and packed_q and k.shape[0] != batch:
-        _fail(ValueError, "k", f"batch size {k.shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
+    if not packed_k and packed_q and k_shape[0] != batch:
+        _fail(ValueError, "k", f"batch size {k_shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
 
     max_q = _max_seqlen("q", q, cu_seqlens_q, seqused_q, max_seqlen_q, batch)
     max_k = _max_seqlen("k", k, cu_seqlens_k, seqused_k, max_seqlen_k, batch)
 
     # scalar parameters
     if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+        softmax_scale = headdim ** -0.5
     try:
         softmax_scale = float(softmax_scale)
     except (TypeError, ValueError):
@@ -214,7 +215,7 @@ def make_request(
     if fp8 and dtype not in FLOAT_DTYPES:
         _fail(ValueError, "fp8", f"quantizes fp16/bf16 inputs; q is already {dtype} (pass descales instead)")
 
-    descales = [_check_descale(n, x, dtype, batch, nheads_kv, q.device)
+    descales = [_check_descale(n, x, dtype, batch, nheads_kv, device)
                 for n, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
 
     params = AttentionParams(softmax_scale=softmax_scale, window_left=left, window_right=right,
