@@ -156,9 +156,16 @@ TILES: dict[int, TileConfig] = {
     # hdim128: 128x176 slower (8k 591 vs 632; causal 348 vs 571), 128x192 spills (CPU SASS).
     128: TileConfig(128, 128, 2, 24, 240),  # measured 673 TFLOP/s at 8k (cuDNN 664)
     192: TileConfig(128, 112, 2, 24, 240),  # untuned (smem: 48K + 2*(42K+42K) = 216 KB)
-    # hdim256: 128x64 faster at 512 (485 vs 442) but slower from 1k non-causal (8k 684 vs 736);
-    # 128x96 spills and overflows smem. (smem: 64K + 2*(40K+40K) = 224 KB)
-    256: TileConfig(128, 80, 2, 24, 240),  # measured 706 TFLOP/s at 8k (cuDNN 706)
+    # hdim256: 128x64 with O staged in two column chunks (o_chunks=2), so sO has its own 32 KB
+    # beside Q and two K/V stages (64K + 2*(32K+32K) + 32K = 224 KB) and Q is freed after the
+    # last QK^T; with FwdConfig.make's lazy_rescale. H200 SM cycles (`cute_kernels.cycles`, 16k
+    # tokens, session 9), against 128x80 (one O chunk in sQ; 128x96 spills and overflows smem):
+    # non-causal 512 / 1k / 4k / 8k / 16k 0.218 -> 0.183 / 0.352 -> 0.316 / 1.163 -> 1.116 /
+    # 2.226 -> 2.189 / 4.351 -> 4.339 Mcycles; causal 512 / 1k / 2k / 4k / 8k / 16k 0.174 -> 0.144
+    # / 0.238 -> 0.205 / 0.372 -> 0.334 / 0.626 -> 0.598 / 1.158 -> 1.124 / 2.179 -> 2.153
+    # (cuDNN 512: 0.217 / 0.164; flash-attn-4 8k causal 1.152, 16k 4.361 / 2.188). Without lazy
+    # rescaling 128x64 + o_chunks=2 wins to 2k (causal 2k 0.347) but loses from 8k (16k 4.432).
+    256: TileConfig(128, 64, 2, 24, 240, o_chunks=2),
 }
 
 # Candidates (CPU SASS: no spills, 24/160 registers; GPU tests pass): FA3's 3-consumer-WG tiles
@@ -174,18 +181,14 @@ CANDIDATES: dict[int, list[TileConfig]] = {
 # 3 WGs gain. Short = causal / right-windowed with max_seqlen_q <= SHORT_CAUSAL_SEQLEN, or not
 # right-windowed with max_seqlen_k <= SHORT_SEQLEN_K (see `is_short`).
 # Causal: H200, bf16, 64k tokens: hdim64 512 170 -> 180, 1k 239 -> 258 TFLOP/s with 128x128 (2k:
-# 192x128 wins, 362 vs 330). hdim256: 128x64 (H100, SM cycles, `cute_kernels.cycles`, 16k tokens:
-# 512 0.201 -> 0.197, 1k 0.264 -> 0.259 Mcycles; hdim 64 / 128 at tile_n 64 or 96 were 7-20% slower).
-# Non-causal (H100, SM cycles, 16k tokens, table -> short tile): hdim256 512 0.237 -> 0.227
-# (cuDNN 0.228; 1k 0.357 -> 0.361; 80 keys split 512 keys 6.4 ways, 64 evenly). hdim64 keeps
-# 192x128 with two Q buffers (H200, SM cycles, 16k tokens, 512: 0.323 with 128x128 -> 0.292 / 0.295
-# (two runs; cuDNN 0.307); one Q buffer 0.328).
+# 192x128 wins, 362 vs 330; hdim 64 / 128 at tile_n 64 or 96 were 7-20% slower, H100 SM cycles).
+# Non-causal: hdim64 keeps 192x128 with two Q buffers (H200, SM cycles, 16k tokens, 512: 0.323 with
+# 128x128 -> 0.292 / 0.295 (two runs; cuDNN 0.307); one Q buffer 0.328). hdim256's table tile is
+# its short tile too (until session 9 128x64 was, beside 128x80 in the table).
 # Keyed by (hdim, has_right).
 SHORT_CAUSAL_SEQLEN = 1024
 SHORT_SEQLEN_K = 512
-SHORT_TILES: dict[tuple[int, bool], TileConfig] = {(64, True): TileConfig(128, 128, 2, 24, 240),
-                                                   (256, True): TileConfig(128, 64, 2, 24, 240),
-                                                   (256, False): TileConfig(128, 64, 2, 24, 240)}
+SHORT_TILES: dict[tuple[int, bool], TileConfig] = {(64, True): TileConfig(128, 128, 2, 24, 240)}
 # Not right-windowed with at most this many keys: `medium` (two Q buffers at hdim 64, see make).
 MEDIUM_SEQLEN_K = 2048
 
@@ -267,9 +270,14 @@ class FwdConfig:
         # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
         # +4.9 / +6.6%; non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
         tma_store = not windowed or plain
+        # Lazy O rescaling (TileConfig.lazy_rescale, threshold 2^8) at hdim_v 256 (with its 128x64
+        # tile: see TILES) and hdim64 windowed. H200 SM cycles, 16k tokens, against none: hdim64
+        # causal 2k / 8k / 16k -1.7 / -1.4 / -1.7% (wall, 3 rounds: 8k / 16k +2.4 / +2.0% TFLOP/s;
+        # 512 / 1k equal); hdim64 non-causal +2..+3%, hdim128 +0.3..+1.6%: off there.
+        lazy = 8.0 if hdimv == 256 or hdim == 64 and windowed else 0.0
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
                        pin_desc=hdim <= 192, tma_store=tma_store, k_release_gate=gate,
-                       q_stages=q_stages, intra_wg_overlap=not plain)
+                       q_stages=q_stages, intra_wg_overlap=not plain, lazy_rescale=lazy)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 

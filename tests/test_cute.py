@@ -146,7 +146,8 @@ def test_compile_o_chunks(causal):
 
     cfg = FwdConfig.make("bf16", 256, has_right=causal, tile_n=64, o_chunks=2)
     assert FlashAttentionForwardSm90(cfg).separate_o
-    assert not FlashAttentionForwardSm90(FwdConfig.make("bf16", 256, has_right=causal, tile_n=64)).separate_o
+    one_chunk = FwdConfig.make("bf16", 256, has_right=causal, tile_n=64, o_chunks=1)
+    assert not FlashAttentionForwardSm90(one_chunk).separate_o
     text = []
     ops = _compile_and_check(cfg, text)
     assert ops["STSM"] > 0
@@ -183,8 +184,8 @@ def test_bench_variants():
 
 def test_short_tile():
     """Few KV blocks per tile: causal with <= SHORT_CAUSAL_SEQLEN query rows, or non-causal with
-    <= SHORT_SEQLEN_K keys. hdim256 takes the 128x64 tile, causal hdim64 the 2-WG tile; longer
-    problems the table tile. Causal goes by the query length, non-causal by the key length."""
+    <= SHORT_SEQLEN_K keys. Causal hdim64 takes the 2-WG tile there, longer problems the table
+    tile; causal goes by the query length, non-causal by the key length."""
     from cute_kernels.config import MEDIUM_SEQLEN_K, SHORT_CAUSAL_SEQLEN, SHORT_SEQLEN_K
 
     def config(sq, wr, d=64, sk=None):
@@ -196,13 +197,19 @@ def test_short_tile():
         t = config(*args, **kw)
         return t.tile_m, t.tile_n
 
-    for d, short, table in ((64, (128, 128), (192, 128)), (256, (128, 64), (128, 80))):
-        assert tile(SHORT_CAUSAL_SEQLEN, 0, d) == short and tile(SHORT_CAUSAL_SEQLEN + 1, 0, d) == table
-        assert tile(SHORT_CAUSAL_SEQLEN, 0, d, sk=4096) == short
-    for d, short, table in ((64, (192, 128), (192, 128)), (256, (128, 64), (128, 80))):
-        assert tile(SHORT_SEQLEN_K, -1, d) == short and tile(SHORT_SEQLEN_K + 1, -1, d) == table
-        assert tile(4096, -1, d, sk=SHORT_SEQLEN_K) == short and tile(256, -1, d, sk=1024) == table
+    d = 64
+    short, table = (128, 128), (192, 128)
+    assert tile(SHORT_CAUSAL_SEQLEN, 0, d) == short and tile(SHORT_CAUSAL_SEQLEN + 1, 0, d) == table
+    assert tile(SHORT_CAUSAL_SEQLEN, 0, d, sk=4096) == short
+    assert tile(SHORT_SEQLEN_K, -1, d) == tile(SHORT_SEQLEN_K + 1, -1, d) == table
+    assert tile(4096, -1, d, sk=SHORT_SEQLEN_K) == tile(256, -1, d, sk=1024) == table
     assert tile(256, 0, 128) == tile(256, -1, 128) == tile(256, -1, 96) == (128, 128)
+    # hdim256: one tile, short or not, with O staged in two chunks and lazy rescaling.
+    for sq, wr in ((512, 0), (4096, 0), (512, -1), (4096, -1)):
+        t = config(sq, wr, 256)
+        assert (t.tile_m, t.tile_n, t.o_chunks, t.lazy_rescale) == (128, 64, 2, 8.0)
+    # Lazy rescaling otherwise only at hdim 64, windowed.
+    assert [config(2048, wr, d).lazy_rescale for wr in (-1, 0) for d in (64, 128)] == [0, 0, 8.0, 0]
     # Two Q buffers for short problems up to hdim 128 (hdim 256 has no smem for them), causal
     # ones at hdim 64 only; non-causal hdim64 up to MEDIUM_SEQLEN_K keys.
     assert [config(512, wr, d).q_stages for wr in (-1, 0) for d in (64, 128, 256)] == [2, 2, 1, 2, 1, 1]
