@@ -23,10 +23,13 @@ Named barriers (NamedBarrierFwd):
                       GEMMs. W = 2 is FA3's pingpong, W = 3 FA3's 3-WG round robin.
   Epilogue            128W consumer threads, only where sO aliases sQ (no separate_o): every
                       WG's last QK^T is done before any warp stages O. Otherwise each consumer
-                      warp stages and stores its own 16 rows of O (TMA store) with no barrier.
+                      warp stages and stores its own 16 rows of O (TMA store) with no barrier,
+                      in o_chunks column chunks (hdim 256: two, so sO fits beside Q).
 
 Intra-warpgroup overlap: the consumer issues QK^T for block n and PV for block n+1 (already
-softmaxed) back to back, then does the softmax of block n while PV runs.
+softmaxed) back to back, then does the softmax of block n while PV runs. With lazy_rescale a
+row keeps its reference max until the running max outgrows it by 2^lazy_rescale, and a warp
+skips O's rescale when none of its rows moved (softmax.OnlineSoftmax).
 """
 
 from __future__ import annotations
@@ -719,7 +722,8 @@ class FlashAttentionForwardSm90:
         it stages the 16 rows its accumulator holds in its own sO slab and stores them with one
         TMA (the box clips at the tensor's last row), or, where the slab runs past the end of a
         packed / seqused sequence (TMA would write the next sequence's rows), with predicated
-        16-byte stores. No barrier across warps except, when sO aliases sQ, one that waits for
+        16-byte stores. With o_chunks 2 the slab is half as wide and O goes through it in two
+        column chunks. No barrier across warps except, when sO aliases sQ, one that waits for
         every warpgroup's last QK^T. LSE from the lanes that own column 0."""
         inv_sum = softmax.finalize()
         softmax.rescale_O(acc_O, inv_sum)
@@ -745,7 +749,14 @@ class FlashAttentionForwardSm90:
         thr_copy_O = cute.make_tiled_copy_C(store_atom, mma_chunk).get_slice(tidx)
         rO_chunk = cute.make_layout(mma_chunk.partition_shape_C((self.tile_m, self.o_width)))
         assert chunks == 1 or cute.size(rO.shape[1]) * cute.size(rO.shape[2]) == 1
+        warp = tidx // 32  # rows O_SLAB_ROWS * warp .. of the tile: this warp's accumulator rows
+        sO_w = cute.local_tile(sO, (O_SLAB_ROWS, self.o_width), (warp, 0))
+        rows_w = rows_left - warp * O_SLAB_ROWS
+        m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
+        # By TMA: a full slab, or any slab of an unpacked tensor without seqused_q (the box clips
+        # at the tensor's last row); otherwise the rows there are, by predicated stores.
         ragged = self.cfg.cu_seqlens_q or self.cfg.seqused_q
+        by_tma = (rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0) if const_expr(tma) else False
         for c in cutlass.range_constexpr(chunks):
             if const_expr(c > 0):
                 # The previous chunk has been read out of this warp's slab.
@@ -755,17 +766,9 @@ class FlashAttentionForwardSm90:
             rO_c = rO if const_expr(chunks == 1) else cute.make_tensor(
                 rO.iterator + c * cute.size(rO_chunk), rO_chunk)
             cute.copy(thr_copy_O, thr_copy_O.retile(rO_c), thr_copy_O.partition_D(sO))
-            if const_expr(c == 0):
-                warp = tidx // 32  # rows O_SLAB_ROWS * warp .. of the tile: this warp's accumulator rows
-                sO_w = cute.local_tile(sO, (O_SLAB_ROWS, self.o_width), (warp, 0))
-                rows_w = rows_left - warp * O_SLAB_ROWS
-                m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
             if const_expr(tma):
                 cute.arch.fence_view_async_shared()  # stmatrix writes -> the TMA's async-proxy reads
             cute.arch.sync_warp()
-            # By TMA: a full slab, or any slab of an unpacked tensor without seqused_q (the box
-            # clips at the tensor's last row); otherwise the rows there are, by predicated stores.
-            by_tma = (rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0) if const_expr(tma) else False
             if by_tma:
                 self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, c, head, b_q, seqlen)
             elif rows_w > 0:
