@@ -287,6 +287,9 @@ def test_why_not_reasons():
     assert "dtype" in cute_kernels.why_not(_req(z, z, z), backward=False)
     f8 = x.to(torch.float8_e4m3fn)
     assert cute_kernels.why_not(_req(f8, f8, f8), backward=False)
+    assert "softmax_scale" in cute_kernels.why_not(_req(x, x, x, softmax_scale=-0.1), backward=False)
+    for params in (dict(softmax_scale=-0.1, softcap=2.0), dict(softmax_scale=0.0)):  # served (on CUDA)
+        assert cute_kernels.why_not(_req(x, x, x, **params), backward=False) == "cute_kernels: CUDA tensors only"
 
 
 def test_config_for_request():
@@ -576,6 +579,21 @@ def test_gpu_tile_counter_reuse():
     assert cute_kernels._tile_counters[(out.device.index, side.cuda_stream)].tolist() == [0, 0]
 
 
+def _epilogue_req(layout, causal, hdim):
+    """Row counts that end O's 16-row slabs mid-slab: batched (239 rows), packed sequences of
+    ragged lengths (0 and 1 included), or seqused_q cutting batched rows short."""
+    kw = {}
+    if layout == "packed":
+        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, hdim,
+                                  torch.bfloat16)
+    else:
+        q, k, v = _qkv(3, 239, 300, 4, 2, hdim, hdim, torch.bfloat16)
+        if layout == "seqused_q":
+            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
+                      max_seqlen_q=239)
+    return _req(q, k, v, window_right=0 if causal else -1, **kw)
+
+
 @gpu
 @pytest.mark.parametrize("layout", ["batched", "packed", "seqused_q"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -583,16 +601,7 @@ def test_gpu_epilogue_variants(layout, causal):
     """The O store the defaults do not use for this masking: predicated 16-byte stores from every
     warp for non-causal (tma_store=False), per-warp TMA stores for causal (tma_store=True, with
     the predicated fallback for slabs crossing a packed / seqused sequence end)."""
-    if layout == "packed":
-        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 128,
-                                  torch.bfloat16)
-    else:
-        q, k, v = _qkv(3, 239, 300, 4, 2, 128, 128, torch.bfloat16)
-        kw = {}
-        if layout == "seqused_q":
-            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
-                      max_seqlen_q=239)
-    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    req = _epilogue_req(layout, causal, 128)
     assert cute_kernels.config_for(req).tile.tma_store == (not causal)
     _check(req, _with_tile(req, tma_store=causal))
 
@@ -604,16 +613,7 @@ def test_gpu_epilogue_variants(layout, causal):
 def test_gpu_o_chunks(layout, causal, tma_store):
     """O staged in two column chunks (TileConfig.o_chunks) at hdim 256, tile 128x64, where sO
     then has its own buffer: by TMA and by predicated stores, ragged sequence ends included."""
-    if layout == "packed":
-        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 256,
-                                  torch.bfloat16)
-    else:
-        q, k, v = _qkv(3, 239, 300, 4, 2, 256, 256, torch.bfloat16)
-        kw = {}
-        if layout == "seqused_q":
-            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
-                      max_seqlen_q=239)
-    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    req = _epilogue_req(layout, causal, 256)
     _check(req, _with_tile(req, tile_n=64, o_chunks=2, tma_store=tma_store))
 
 
