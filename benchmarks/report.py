@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROW_KEYS = ("provider", "peer", "precision", "mode", "hdim", "seqlen", "causal", "batch",
             "nheads", "ms", "tflops", "ratio", "status", "note", "times_ms",  # ms: median of times_ms
-            "sm_mhz", "power_w")  # per round, with --clocks (clocks.py)
+            "sm_mhz", "power_w", "clock_limits")  # per round, with --clocks (clocks.py)
 
 
 def _config(row):
@@ -144,7 +144,8 @@ def _clock_tables(rows, providers) -> list[str]:
     med = lambda xs: statistics.median(x for x in xs if x is not None)
     out = ["", "## SM clock (MHz) / power (W) while timed", "",
            "Wall time moves with the clock: at equal SM cycles a provider timed at a lower clock "
-           "shows a lower rate.", ""]
+           "shows a lower rate. After them, where the driver reported it: the share of samples in "
+           "which it held the clock down, and why (power cap, hw-slowdown, thermal, power-brake).", ""]
     for (mode, causal), cells, points in _pivots(timed):
         out += [f"{mode}, causal={causal}:", "", "| hdim | seqlen | " + " | ".join(providers) + " |",
                 "|---:|---:|" + "---:|" * len(providers)]
@@ -153,10 +154,20 @@ def _clock_tables(rows, providers) -> list[str]:
             for p in providers:
                 r = cells.get((hdim, seqlen, p))
                 ok = r is not None and any(x is not None for x in r["sm_mhz"])
-                line.append(f"{med(r['sm_mhz']):.0f} / {med(r['power_w']):.0f}" if ok else "")
+                line.append(f"{med(r['sm_mhz']):.0f} / {med(r['power_w']):.0f}{_limits(r)}" if ok else "")
             out.append(f"| {hdim} | {seqlen} | " + " | ".join(line) + " |")
         out.append("")
     return out
+
+
+def _limits(row) -> str:
+    """" power 45%, thermal 3%": each clock-limit reason's share of samples, the mean over the
+    rounds that recorded reasons ("" where none did or none was seen)."""
+    rounds = [x for x in row.get("clock_limits") or [] if x is not None]
+    if not rounds:
+        return ""
+    names = sorted({n for x in rounds for n in x}, key=lambda n: -sum(x.get(n, 0) for x in rounds))
+    return "".join(f" {n} {100 * statistics.fmean(x.get(n, 0) for x in rounds):.0f}%" for n in names)
 
 
 def write_json(doc, path: Path, compact: bool = False):

@@ -77,8 +77,9 @@ def parse_args(argv=None):
                          "point's median: a GPU whose clock drifts (power, heat) then biases no provider "
                          "(default 3 on a GPU, 1 on the CPU)")
     ap.add_argument("--clocks", action="store_true",
-                    help="also record the mean SM clock (MHz) and power (W) while each point is timed "
-                         "(nvidia-smi; CUDA only): wall time moves with the clock")
+                    help="also record the mean SM clock (MHz) and power (W) while each point is timed, "
+                         "and how often the driver held the clock down and why (nvidia-smi; CUDA "
+                         "only): wall time moves with the clock")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)
@@ -460,10 +461,12 @@ def _remeasure(row, provider, forward, case, device, gen, args):
 
 
 def _add_clock(row, clock, args):
-    """With --clocks, per round: the mean SM clock and power while timed (None where unknown)."""
+    """With --clocks, per round: the mean SM clock and power while timed, and the share of
+    samples with each clock-limit reason (None where unknown)."""
     if args.clocks:
         row["sm_mhz"].append(clock and clock["sm_mhz"])
         row["power_w"].append(clock and clock["power_w"])
+        row["clock_limits"].append(clock and clock.get("limits"))
 
 
 def _explain(doc, case, device, backends):
@@ -486,7 +489,7 @@ def _measure(provider, forward, case, device, gen, args, doc) -> dict:
     row = {"provider": provider.name, "peer": provider.peer, "precision": provider.precision(case),
            "mode": case.mode, "hdim": case.hdim, "seqlen": case.seqlen, "causal": case.causal,
            "batch": case.batch, "nheads": case.nheads, "ms": None, "tflops": None, "ratio": None,
-           "status": "ok", "note": "", "times_ms": [], "sm_mhz": [], "power_w": []}
+           "status": "ok", "note": "", "times_ms": [], "sm_mhz": [], "power_w": [], "clock_limits": []}
     group = [provider.name, case.hdim, case.causal, case.mode]
     if case.mode == "bwd" and not provider.backward:
         return {**row, "status": "error", "note": "no backward"}
