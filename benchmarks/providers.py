@@ -95,9 +95,9 @@ def _sdpa(label: str, backend_name: str, cuda_only: bool = True) -> Provider:
             # FlashAttention's) needs an explicit mask.
             gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
             causal, mask = case.causal, None
-            if causal and q.shape[1] != k.shape[1]:
-                sq, sk = q.shape[1], k.shape[1]
-                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            sq, sk = q.shape[1], k.shape[1]
+            if causal and sq != sk:  # (one query sees every key: no mask)
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq) if sq > 1 else None
                 causal = False
             with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(
