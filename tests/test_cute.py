@@ -262,7 +262,7 @@ def test_mask_apply_on_the_host(g, wl, wr, thr0):
 
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1), (0, 0)])
-def test_mask_block_ranges_with_packed_rows(g, wl, wr):
+def test_mask_block_ranges_on_the_host(g, wl, wr):
     """The KV blocks a tile visits and the ones it masks, against brute force over its rows, with
     g rows per query position (GQA packing; g = 1: none): every kept key's block is visited (all
     of them exactly, for a tile of real rows only); blocks below the right-masked bound hold no
