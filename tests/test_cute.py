@@ -169,6 +169,50 @@ def test_compile_short(hdim, causal):
     _compile_and_check(cfg)
 
 
+@pytest.mark.parametrize("g,features", [(4, dict(has_right=True)), (8, {}), (6, dict(has_left=True, has_right=True)),
+                                         (4, dict(has_right=True, cu_seqlens_q=True, seqused_q=True))])
+def test_compile_pack_gqa(g, features):
+    """GQA packing only changes how the masks map a row to its position (row // g; a multiply
+    by a constant where g is not a power of 2): compiles spill-free with the masks it needs."""
+    _compile_and_check(FwdConfig.make("bf16", 128, pack_gqa=g, short=True, **features))
+
+
+def test_pack_rows_layout():
+    """pack_rows puts query head kh * g + i of row r at row r * g + i of KV head kh, batched and
+    packed (varlen) alike; unpack_rows / unpack_lse invert it; MQA (one KV head) packs by view."""
+    g = 4
+    for lead in ((3, 5), (11,)):
+        t = torch.randn(*lead, 8, 16)
+        p = cute_kernels.pack_rows(t, g)
+        assert p.shape == (*lead[:-1], lead[-1] * g, 2, 16)
+        r, i, kh = lead[-1] - 1, 3, 1
+        assert torch.equal(p[..., r * g + i, kh, :], t[..., r, kh * g + i, :])
+        assert torch.equal(cute_kernels.unpack_rows(p, g), t)
+        lse = torch.randn(*lead[:-1], 8, lead[-1])
+        packed_lse = lse.view(*lead[:-1], 2, g, lead[-1]).transpose(-1, -2).reshape(*lead[:-1], 2, lead[-1] * g)
+        assert torch.equal(packed_lse[..., kh, r * g + i], lse[..., kh * g + i, r])
+        assert torch.equal(cute_kernels.unpack_lse(packed_lse, g), lse)
+    mqa = torch.randn(2, 5, 4, 16)
+    assert cute_kernels.pack_rows(mqa, 4).data_ptr() == mqa.data_ptr()  # a view
+
+
+def test_pack_gqa_choice():
+    """Packing where it fills the M tile better (few query positions, more than one query head
+    per KV head), not for long queries nor MHA; the packed rows decide the short tiles."""
+    from cute_kernels.config import pack_gqa_factor
+
+    assert [pack_gqa_factor(8, s, 128) for s in (1, 16, 100, 200, 1000, 4096)] == [8, 8, 8, 8, 1, 1]
+    assert pack_gqa_factor(1, 1, 128) == 1 and pack_gqa_factor(3, 128, 128) == 1
+    def decode(sq, h, hk, d=128, **kw):
+        k = torch.randn(2, 900, hk, d, dtype=torch.bfloat16)
+        return cute_kernels.config_for(_req(torch.randn(2, sq, h, d, dtype=torch.bfloat16), k, k, **kw))
+
+    assert decode(1, 32, 8).pack_gqa == 4 and decode(1, 8, 1).pack_gqa == 8 and decode(1, 8, 8).pack_gqa == 1
+    assert decode(4096, 32, 8).pack_gqa == 1
+    # Causal hdim64: 100 positions x 8 heads = 800 rows take the short tile, 200 x 8 the table's.
+    assert [decode(sq, 8, 1, 64, window_right=0).tile.tile_m for sq in (100, 200)] == [128, 192]
+
+
 def test_bench_variants():
     """The variants `bench` and `cycles` time: the table config, tile specs that change it, toggles."""
     from cute_kernels.bench import variants
@@ -631,6 +675,34 @@ def test_gpu_lazy_rescale(hdim, causal, ramp):
         k = (k.float() * (r if ramp == "up" else r.flip(0))[None, :, None, None]).to(k.dtype)
     req = _req(q, k, v, window_right=0 if causal else -1, softcap=5.0 if ramp == "softcap" else 0.0)
     _check(req, _with_tile(req, lazy_rescale=8.0))
+
+
+@gpu
+@pytest.mark.parametrize("sq,sk", [(1, 1000), (7, 333), (64, 517), (200, 1024)])
+@pytest.mark.parametrize("h,hk", [(8, 1), (8, 2), (12, 2)])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11)])
+def test_gpu_pack_gqa(sq, sk, h, hk, wl, wr):
+    """GQA packing (FwdConfig.pack_gqa, chosen by config_for for few query positions): MQA,
+    GQA and a group of 6 (not a power of 2), with causal and local masks."""
+    q, k, v = _qkv(2, sq, sk, h, hk, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    assert cute_kernels.config_for(req).pack_gqa == h // hk
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqused", [False, True])
+def test_gpu_pack_gqa_varlen(causal, seqused):
+    """GQA packing with packed (varlen) queries and keys, empty and one-token sequences, and
+    seqused_q / seqused_k cutting sequences short."""
+    q, k, v, kw = _packed_qkv([1, 5, 0, 77, 2], [3, 203, 5, 1024, 64], 8, 2, 64, torch.float16)
+    if seqused:
+        kw.update(seqused_q=torch.tensor([1, 3, 0, 70, 2], dtype=torch.int32, device="cuda"),
+                  seqused_k=torch.tensor([3, 100, 0, 1000, 1], dtype=torch.int32, device="cuda"))
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    assert cute_kernels.config_for(req).pack_gqa == 4
+    _check(req)
 
 
 @gpu
