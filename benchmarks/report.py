@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROW_KEYS = ("provider", "peer", "precision", "mode", "hdim", "seqlen", "causal", "batch",
             "nheads", "ms", "tflops", "ratio", "status", "note", "times_ms",  # ms: median of times_ms
-            "sm_mhz", "power_w", "clock_limits")  # per round, with --clocks (clocks.py)
+            "sm_mhz", "power_w", "clock_limits",  # per round, with --clocks (clocks.py)
+            "seqlen_q", "nheads_kv")  # queries and KV heads (older results: seqlen, nheads)
 
 
 def _config(row):
@@ -68,6 +69,10 @@ def format_markdown(doc) -> str:
            "- TFLOP/s counts only unmasked (query, key) pairs; `*` marks a failed spot-check, "
            "`x` an error; ratio = fa3py / best non-fa3py provider in bf16/fp16 "
            "(quantized peers such as sage's INT8 are shown but are not the baseline).", ""]
+    args = meta["args"]
+    if args.get("seqlen_q") or args.get("kv_heads"):
+        out.insert(-1, f"- queries per sequence: {args.get('seqlen_q') or 'seqlen'} (`seqlen` counts the keys); "
+                       f"KV heads: {args.get('kv_heads') or 'nheads'} (query heads: see results.json)")
     mm = meta.get("matmul_tflops")
     if mm:
         out.insert(-1, f"- dense matmul in the same run (torch.matmul, {meta['args']['dtype']}, "

@@ -142,6 +142,35 @@ def test_spot_check_catches_a_wrong_provider():
         assert run.spot_check(wrong, forward, case, device, gen)["ok"] is expect_ok
 
 
+def test_decoding_shapes_run_and_count_query_rows(tmp_path):
+    """--seqlen-q / --kv-heads: few queries against a longer KV, query heads sharing KV heads;
+    rows record both, FLOPs count the queries, the spot-check runs at a GQA shape too."""
+    doc = run.main(["--device", "cpu", "--hdim", "64", "--seqlen", "96", "--seqlen-q", "5", "--kv-heads", "2",
+                    "--nheads", "6", "--mode", "fwd", "--threads", "1", "--quiet", "--rep-ms", "5",
+                    "--out", str(tmp_path)])
+    assert {(r["seqlen_q"], r["seqlen"], r["nheads"], r["nheads_kv"], r["status"]) for r in doc["rows"]} == \
+        {(5, 96, 6, 2, "ok")}
+    for r in doc["rows"]:
+        expect = flops(r["batch"], 6, 5, 96, 64, causal=r["causal"], mode="fwd") / (r["ms"] * 1e-3) / 1e12
+        assert r["tflops"] == pytest.approx(expect, rel=1e-3)
+    assert all(c["ok"] for c in doc["checks"])
+    assert "queries per sequence: 5" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_provider_decoding_shapes(causal):
+    """The SDPA peer with fewer queries than keys (causal bottom-right aligned, as fa3py and
+    FlashAttention count it, not SDPA's top-left is_causal) and GQA, against the reference."""
+    from benchmarks.providers import _sdpa
+
+    forward = _sdpa("math", "MATH", cuda_only=False).load()
+    case = run.Case(2, 6, 40, 32, causal, "fwd", torch.float32, seqlen_q=7, nheads_kv=2)
+    (q, k, v, _), = run.make_inputs(case, torch.device("cpu"), 1, torch.Generator().manual_seed(0))
+    assert q.shape == (2, 7, 6, 32) and k.shape == v.shape == (2, 40, 2, 32)
+    want = run.reference(q.double(), k.double(), v.double(), causal, torch.float64)
+    assert (forward(q, k, v, case).double() - want).abs().max() < 1e-5
+
+
 def test_clock_sampler_averages_nvidia_smi_samples(tmp_path):
     """`--clocks`: mean SM clock and power over the samples taken while the block ran; None
     (not an error) without nvidia-smi."""
