@@ -85,15 +85,16 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
 
 
 # Rows of the M tile that GQA packing aims to fill (config.pack_gqa_factor); the tables' tiles
-# have 128 or 192.
+# have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
 PACK_TILE_M = 128
+pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
 
 
 def config_for(req: "AttentionRequest") -> FwdConfig:
     p = req.params
     seqlen_q = req.max_seqlen_q if req.packed_q else req.q.shape[1]
     seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
-    pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M)
+    pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
     rows = seqlen_q * pack  # what the tiles see
     key = (req.dtype, req.headdim, req.headdim_v, p.window_left >= 0, p.window_right >= 0, p.softcap > 0,
            req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,

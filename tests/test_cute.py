@@ -196,7 +196,7 @@ def test_pack_rows_layout():
     assert cute_kernels.pack_rows(mqa, 4).data_ptr() == mqa.data_ptr()  # a view
 
 
-def test_pack_gqa_choice():
+def test_pack_gqa_choice(monkeypatch):
     """Packing where it fills the M tile better (few query positions, more than one query head
     per KV head), not for long queries nor MHA; the packed rows decide the short tiles."""
     from cute_kernels.config import pack_gqa_factor
@@ -211,6 +211,8 @@ def test_pack_gqa_choice():
     assert decode(4096, 32, 8).pack_gqa == 1
     # Causal hdim64: 100 positions x 8 heads = 800 rows take the short tile, 200 x 8 the table's.
     assert [decode(sq, 8, 1, 64, window_right=0).tile.tile_m for sq in (100, 200)] == [128, 192]
+    monkeypatch.setattr(cute_kernels, "pack_gqa_enabled", False)  # FA3PY_CUTE_PACK_GQA=0
+    assert decode(1, 32, 8).pack_gqa == 1
 
 
 def test_bench_variants():
