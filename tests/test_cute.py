@@ -8,9 +8,11 @@ ragged sizes against the fp64 reference, tolerance per shared/STYLE.md (tests/_u
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,6 +196,119 @@ def test_pack_rows_layout():
         assert torch.equal(cute_kernels.unpack_lse(packed_lse, g), lse)
     mqa = torch.randn(2, 5, 4, 16)
     assert cute_kernels.pack_rows(mqa, 4).data_ptr() == mqa.data_ptr()  # a view
+
+
+def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
+    """AttentionMask's KV-block bounds for every m_block, run on the host by CuTe DSL's JIT."""
+    from cutlass import Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.mask import AttentionMask, SeqlenInfo
+
+    @cutlass.cute.jit  # (annotations are strings here: resolved in this module's globals)
+    def ranges(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
+               wr: cutlass.Int32):
+        seqlen = SeqlenInfo(Int32(0), Int32(0), sq, sk)
+        for m in cutlass.range(out.shape[0]):
+            mask = AttentionMask(tile_m, tile_n, has_left, has_right, wl, wr, seqlen, m, rows_per_pos=g)
+            lo, hi = mask.n_block_range()
+            out[m, 0] = lo
+            out[m, 1] = hi
+            out[m, 2] = mask.n_block_min_right_masked(lo)
+            out[m, 3] = mask.n_block_max_left_masked(lo)
+
+    def call(rows, sk, wl, wr):
+        out = torch.zeros(-(-rows // tile_m), 4, dtype=torch.int32)
+        ranges(from_dlpack(out), Int32(rows), Int32(sk), Int32(wl), Int32(wr))
+        return out.tolist()
+
+    return call
+
+
+@pytest.mark.parametrize("g", [1, 3, 4])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
+@pytest.mark.parametrize("thr0", [True, False], ids=["mask_thr0", "per_element"])
+def test_mask_apply_on_the_host(g, wl, wr, thr0):
+    """AttentionMask.apply, the kernel's own code run by CuTe DSL's host JIT for every consumer
+    thread of a tile (each thread's WGMMA accumulator fragment, scattered back to (row, col)),
+    against a brute-force mask: sequence end, causal / local window edges, g rows per position."""
+    from cutlass import Float32, Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+    from cute_kernels.mask import AttentionMask, SeqlenInfo
+
+    cute = cutlass.cute
+    cfg = FwdConfig.make("bf16", 128, has_left=wl >= 0, has_right=wr >= 0, pack_gqa=g)
+    kernel = FlashAttentionForwardSm90(cfg)
+    tile_m, tile_n, threads = cfg.tile.tile_m, cfg.tile.tile_n, kernel.num_mma_threads
+
+    @cutlass.cute.jit
+    def masked(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
+               wr: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
+        tiled_mma, _ = kernel._tiled_mmas()
+        mask = AttentionMask(tile_m, tile_n, wl_on, wr_on, wl, wr, SeqlenInfo(Int32(0), Int32(0), sq, sk),
+                             m_block, rows_per_pos=g)
+        coords = cute.make_identity_tensor((tile_m, tile_n))
+        for t in cutlass.range(threads):
+            thr = tiled_mma.get_slice(t)
+            acc = cute.make_rmem_tensor(tiled_mma.partition_shape_C((tile_m, tile_n)), Float32)
+            acc.fill(1.0)
+            mask.apply(acc, thr, n_block, True, True, True, tiled_mma.get_slice(0) if thr0 else None)
+            rc = thr.partition_C(coords)
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                out[rc[i]] = acc[i]
+
+    wl_on, wr_on = wl >= 0, wr >= 0
+    rng = np.random.default_rng()
+    for sq, sk in [(10, 100), (77, 300), (300, 77), (64, 165)] + [tuple(rng.integers(1, 700, 2)) for _ in range(2)]:
+        rows = int(sq) * g
+        m_block = int(rng.integers(0, -(-rows // tile_m)))
+        n_block = int(rng.integers(0, -(-int(sk) // tile_n)))
+        out = torch.zeros(tile_m, tile_n)
+        masked(from_dlpack(out), Int32(rows), Int32(int(sk)), Int32(wl), Int32(wr), Int32(m_block), Int32(n_block))
+        pos = (m_block * tile_m + torch.arange(tile_m))[:, None] // g
+        col = (n_block * tile_n + torch.arange(tile_n))[None, :]
+        keep = (col < sk).expand(tile_m, tile_n)
+        if wr >= 0:
+            keep = keep & (col <= pos + sk - sq + wr)
+        if wl >= 0:
+            keep = keep & (col >= pos + sk - sq - wl)
+        assert torch.equal(out == 1.0, keep), (sq, sk, m_block, n_block)
+        assert torch.equal(out[~keep], torch.full_like(out[~keep], -math.inf))
+
+
+@pytest.mark.parametrize("g", [1, 3, 4, 8])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1), (0, 0)])
+def test_mask_block_ranges_with_packed_rows(g, wl, wr):
+    """The KV blocks a tile visits and the ones it masks, against brute force over its rows, with
+    g rows per query position (GQA packing; g = 1: none): every kept key's block is visited (all
+    of them exactly, for a tile of real rows only); blocks below the right-masked bound hold no
+    key right of any row's window, blocks from the left-masked bound none left of it."""
+    tile_m, tile_n = 128, 64
+    ranges = _block_ranges_fn(g, wl >= 0, wr >= 0, tile_m, tile_n)
+    rng = np.random.default_rng()
+    # (Window edges that land on a block boundary: Lk - Lq = 1 (mod 64) with the causal edge,
+    # = 37 (mod 64) with the left window of 37, so an off-by-one bound drops or adds a block.)
+    sizes = [(1, 1), (10, 1000), (77, 300), (300, 77), (129, 129), (256, 321), (512, 577), (100, 137),
+             (300, 401), (64, 165)]
+    for sq, sk in sizes + [tuple(rng.integers(1, 700, 2)) for _ in range(3)]:
+        rows = int(sq) * g
+        diag = int(sk) - int(sq)
+        for m, (lo, hi, right_masked, left_masked) in enumerate(ranges(rows, int(sk), wl, wr)):
+            pos = np.arange(m * tile_m, min((m + 1) * tile_m, rows)) // g
+            first = np.maximum(pos + diag - wl, 0) if wl >= 0 else np.zeros_like(pos)
+            last = np.minimum(pos + diag + wr, sk - 1) if wr >= 0 else np.full_like(pos, sk - 1)
+            kept = first <= last
+            if kept.any():
+                blocks = np.concatenate([np.arange(a // tile_n, b // tile_n + 1) for a, b in zip(first[kept], last[kept])])
+                assert lo <= blocks.min() and hi >= blocks.max() + 1, (sq, sk, m)
+                if (m + 1) * tile_m <= rows and kept.all():
+                    assert (lo, hi) == (blocks.min(), blocks.max() + 1), (sq, sk, m)
+            if wr >= 0:  # no key right of a window below right_masked
+                assert all((b + 1) * tile_n - 1 <= pos.min() + diag + wr for b in range(lo, min(right_masked, hi)))
+            if wl >= 0:  # no key left of a window from left_masked on
+                assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
 
 
 def test_pack_gqa_choice(monkeypatch):
