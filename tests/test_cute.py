@@ -888,3 +888,16 @@ def test_gpu_compile_time_recorded():
     q, k, v = _qkv(1, 64, 64, 2, 2, 128, 128, torch.bfloat16)
     cute_kernels.forward(_req(q, k, v, window_left=5, window_right=3, softcap=3.0))
     assert cute_kernels.last_compile_seconds is not None and cute_kernels.last_compile_seconds > 0
+
+
+def test_cycles_markdown():
+    """`cycles --md`: the table config (any tile) as one fa3py column beside the peers, and its
+    cycles over the best peer's; a point without peers gets no ratio."""
+    from cute_kernels.cycles import markdown
+
+    md = markdown([(128, False, 512, "table 128x128s2", 0.2), (128, False, 512, "fa4", 0.25),
+                   (128, False, 512, "cudnn", 0.16), (64, False, 512, "table 192x128s2", 0.3),
+                   (64, False, 512, "q_stages=1", 0.33), (128, True, 512, "table 128x128s2", 0.1)])
+    assert "| hdim | seqlen | fa3py | fa4 | cudnn | q_stages=1 | fa3py / best peer |" in md
+    assert "| 128 | 512 | 0.200 | 0.250 | 0.160 |  | 1.250 |" in md
+    assert "| 64 | 512 | 0.300 |  |  | 0.330 |  |" in md and "## causal=True" in md
