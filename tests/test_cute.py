@@ -8,6 +8,7 @@ ragged sizes against the fp64 reference, tolerance per shared/STYLE.md (tests/_u
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import tempfile
@@ -280,7 +281,7 @@ def test_mask_apply_on_the_host(g, wl, wr, thr0):
 
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1), (0, 0)])
-def test_mask_block_ranges_with_packed_rows(g, wl, wr):
+def test_mask_block_ranges_on_the_host(g, wl, wr):
     """The KV blocks a tile visits and the ones it masks, against brute force over its rows, with
     g rows per query position (GQA packing; g = 1: none): every kept key's block is visited (all
     of them exactly, for a tile of real rows only); blocks below the right-masked bound hold no
@@ -328,6 +329,47 @@ def test_pack_gqa_choice(monkeypatch):
     assert [decode(sq, 8, 1, 64, window_right=0).tile.tile_m for sq in (100, 200)] == [128, 192]
     monkeypatch.setattr(cute_kernels, "pack_gqa_enabled", False)  # FA3PY_CUTE_PACK_GQA=0
     assert decode(1, 32, 8).pack_gqa == 1
+
+
+@pytest.mark.parametrize("persistent,lpt", [(True, True), (True, False)])
+def test_tile_order_on_the_host(persistent, lpt):
+    """TileScheduler.coords, run by CuTe DSL's host JIT over every tile index: a bijection onto the
+    (m_block, head, batch) tiles; with `lpt`, sections of l2_heads (batch, head) pairs, then one of
+    the last tail_heads pairs, each in m_block-descending order (longest first)."""
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.scheduler import TileScheduler
+
+    @cutlass.cute.jit
+    def order(out: cutlass.cute.Tensor, m_blocks: cutlass.Int32, heads: cutlass.Int32, batch: cutlass.Int32,
+              l2_heads: cutlass.Int32, tail_heads: cutlass.Int32):
+        sched = TileScheduler(m_blocks, heads, batch, persistent, lpt, l2_heads, tail_heads)
+        for t in cutlass.range(out.shape[0]):
+            m, h, b = sched.coords(t)
+            out[t, 0] = m
+            out[t, 1] = h
+            out[t, 2] = b
+
+    rng = np.random.default_rng()
+    for m_blocks, heads, batch, l2, tail in [(5, 4, 3, 1, 0), (9, 8, 3, 5, 7), (1, 16, 2, 3, 40), (16, 3, 1, 1, 2)] + [
+            tuple(int(x) for x in rng.integers(1, 12, 5)) for _ in range(4)]:
+        out = torch.zeros(m_blocks * heads * batch, 3, dtype=torch.int32)
+        order(from_dlpack(out), *(cutlass.Int32(x) for x in (m_blocks, heads, batch, l2, tail)))
+        tiles = [tuple(r) for r in out.tolist()]
+        assert sorted(tiles) == sorted(itertools.product(range(m_blocks), range(heads), range(batch)))
+        if not lpt:
+            assert tiles[:m_blocks] == [(m, 0, 0) for m in range(m_blocks)]  # m_block fastest
+            continue
+        pairs = heads * batch
+        tail = min(tail, pairs)
+        bounds = [(s * l2, min((s + 1) * l2, pairs - tail)) for s in range(-(-(pairs - tail) // l2))]
+        start = 0
+        for lo, hi in bounds + ([(pairs - tail, pairs)] if tail else []):
+            section = tiles[start:start + (hi - lo) * m_blocks]
+            start += len(section)
+            assert {h + heads * b for _, h, b in section} == set(range(lo, hi))
+            ms = [m for m, _, _ in section]
+            assert ms == sorted(ms, reverse=True)  # longest first within the section
 
 
 def test_bench_variants():
