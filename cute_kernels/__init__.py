@@ -254,6 +254,14 @@ def _int32(t: Optional[torch.Tensor], times: int = 1) -> Optional[torch.Tensor]:
     return t * times if times > 1 else t
 
 
+def sequence_args(req: "AttentionRequest", q: torch.Tensor, g: int) -> tuple:
+    """The kernel's max_seqlen_q and its int32 (cu_seqlens_q, cu_seqlens_k, seqused_q,
+    seqused_k): on the query side in rows of `q` (positions times g with GQA packing)."""
+    max_seqlen_q = req.max_seqlen_q * g if req.packed_q else q.shape[1]
+    return max_seqlen_q, [_int32(req.cu_seqlens_q, g), _int32(req.cu_seqlens_k), _int32(req.seqused_q, g),
+                          _int32(req.seqused_k)]
+
+
 def _launch(req, cfg, q, k, v, out, lse):
     """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa)."""
     p, dev, g = req.params, q.device, cfg.pack_gqa
@@ -262,11 +270,9 @@ def _launch(req, cfg, q, k, v, out, lse):
         scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
     else:
         scale_log2, premul = p.softmax_scale * math.log2(math.e), 1.0
-    max_seqlen_q = req.max_seqlen_q * g if req.packed_q else q.shape[1]
+    max_seqlen_q, ints = sequence_args(req, q, g)
     if max_seqlen_q == 0:
         return out, lse
-    # (The query side counts packed rows.)
-    ints = [_int32(req.cu_seqlens_q, g), _int32(req.cu_seqlens_k), _int32(req.seqused_q, g), _int32(req.seqused_k)]
     ints.append(_tile_counter(dev) if cfg.tile.dynamic else None)
     sections = l2_heads(req) // g if cfg.tile.lpt_l2_sections else 1
     scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections)

@@ -312,6 +312,73 @@ def test_mask_block_ranges_on_the_host(g, wl, wr):
                 assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
 
 
+def _emulated_launch(req, cfg, q, k, v, out, lse):
+    """What `cute_kernels._launch` asks of the kernel, in float32 torch ops on the CPU, from the
+    arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
+    row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
+    where the kernel writes them (padded rows left as initialized)."""
+    g, p = cfg.pack_gqa, req.params
+    max_rows, (cu_q, cu_k, used_q, used_k) = cute_kernels.sequence_args(req, q, g)  # the kernel's view
+    n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
+    for b in range(n):
+        q0 = int(cu_q[b]) if cu_q is not None else 0
+        k0 = int(cu_k[b]) if cu_k is not None else 0
+        sq = (int(cu_q[b + 1]) - q0) if cu_q is not None else q.shape[1]
+        sk = (int(cu_k[b + 1]) - k0) if cu_k is not None else k.shape[1]
+        sq = int(used_q[b]) if used_q is not None else sq
+        sk = int(used_k[b]) if used_k is not None else sk
+        assert sq <= max_rows
+        qb = (q[q0:q0 + sq] if req.packed_q else q[b, :sq]).float()
+        kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
+        s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale
+        if p.softcap > 0:
+            s = p.softcap * torch.tanh(s / p.softcap)
+        pos = torch.arange(sq)[:, None] // g
+        col = torch.arange(sk)[None, :]
+        keep = torch.ones(sq, sk, dtype=torch.bool)
+        if p.window_right >= 0:
+            keep &= col <= pos + sk - sq // g + p.window_right
+        if p.window_left >= 0:
+            keep &= col >= pos + sk - sq // g - p.window_left
+        s = s.masked_fill(~keep, -math.inf)
+        row_lse = torch.logsumexp(s, -1)  # (heads, rows)
+        o = torch.einsum("hrk,khd->rhd", torch.exp(s - row_lse[..., None]).nan_to_num(0.0), vb)
+        if cu_q is not None:
+            out[q0:q0 + sq], lse[:, q0:q0 + sq] = o.to(out.dtype), row_lse
+        else:
+            out[b, :sq], lse[b, :, :sq] = o.to(out.dtype), row_lse
+    return out, lse
+
+
+@pytest.mark.parametrize("layout", ["batched", "varlen", "seqused"])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (5, 2)])
+@pytest.mark.parametrize("h,hk", [(8, 2), (6, 1)])
+def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
+    """cute_kernels.run's packing of Q and unpacking of out / LSE, with the kernel emulated on the
+    CPU (`_emulated_launch`): the answer against the reference, for batched, packed (varlen)
+    and seqused queries, GQA and MQA (packing by view), causal and local masks."""
+    from tests._util import check_forward, packed
+
+    monkeypatch.setattr(cute_kernels, "_launch", _emulated_launch)
+    if layout == "batched":
+        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((7, h), (90, hk), (90, hk)))
+        kw = {}
+    else:
+        q, cu_q = packed([3, 1, 0, 9], h, 64, torch.bfloat16, "cpu")
+        k, cu_k = packed([50, 4, 7, 120], hk, 64, torch.bfloat16, "cpu")
+        v = torch.randn_like(k)
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=9, max_seqlen_k=120)
+        if layout == "seqused":
+            kw.update(seqused_q=torch.tensor([2, 1, 0, 9], dtype=torch.int32),
+                      seqused_k=torch.tensor([50, 0, 7, 100], dtype=torch.int32))
+    req = _req(q, k, v, window_left=wl, window_right=wr, **kw)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.pack_gqa == h // hk
+    out, lse = cute_kernels.run(req, cfg)
+    assert out.shape == req.out_shape and lse.shape == req.lse_shape
+    check_forward(req, out, lse)
+
+
 def test_pack_gqa_choice(monkeypatch):
     """Packing where it fills the M tile better (few query positions, more than one query head
     per KV head), not for long queries nor MHA; the packed rows decide the short tiles."""
