@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short
+from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, pack_gqa_factor
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -84,22 +84,49 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
     return None
 
 
+# Rows of the M tile that GQA packing aims to fill (config.pack_gqa_factor); the tables' tiles
+# have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
+PACK_TILE_M = 128
+pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
+
+
 def config_for(req: "AttentionRequest") -> FwdConfig:
     p = req.params
     seqlen_q = req.max_seqlen_q if req.packed_q else req.q.shape[1]
     seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
+    rows = seqlen_q * pack  # what the tiles see
     key = (req.dtype, req.headdim, req.headdim_v, p.window_left >= 0, p.window_right >= 0, p.softcap > 0,
            req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,
-           req.seqused_k is not None, is_short(p.window_right >= 0, seqlen_q, seqlen_k),
-           is_medium(p.window_right >= 0, seqlen_k))
+           req.seqused_k is not None, is_short(p.window_right >= 0, rows, seqlen_k),
+           is_medium(p.window_right >= 0, seqlen_k), pack)
     cfg = _configs.get(key)
     if cfg is None:
         cfg = _configs[key] = FwdConfig.make(
             _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
             softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
-            short=key[10], medium=key[11],
+            short=key[10], medium=key[11], pack_gqa=pack,
         )
     return cfg
+
+
+def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
+    """(..., rows, heads, d) -> (..., rows * g, heads / g, d): query head kh * g + i of row r
+    becomes head kh of row r * g + i (a view when heads == g, i.e. MQA; else a copy)."""
+    *lead, rows, heads, d = t.shape
+    return t.view(*lead, rows, heads // g, g, d).transpose(-3, -2).reshape(*lead, rows * g, heads // g, d)
+
+
+def unpack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
+    """`pack_rows`'s inverse."""
+    *lead, rows_g, kv_heads, d = t.shape
+    return t.view(*lead, rows_g // g, g, kv_heads, d).transpose(-3, -2).reshape(*lead, rows_g // g, kv_heads * g, d)
+
+
+def unpack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
+    """The packed kernel's LSE (..., kv_heads, rows * g) -> (..., kv_heads * g, rows)."""
+    *lead, kv_heads, rows_g = t.shape
+    return t.view(*lead, kv_heads, rows_g // g, g).transpose(-1, -2).reshape(*lead, kv_heads * g, rows_g // g)
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -192,30 +219,62 @@ def _tile_counter(dev: torch.device) -> torch.Tensor:
 
 def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward` with an explicit config (tests and benchmarks override tiles/schedules)."""
-    p = req.params
-    q, k, v = (_tma_ready(t) for t in (req.q, req.k, req.v))
+    g = cfg.pack_gqa
+    if q_empty_or_no_keys(req):
+        return (torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device),
+                torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=req.device))
+    q = pack_rows(req.q, g) if g > 1 else req.q
+    q, k, v = (_tma_ready(t) for t in (q, req.k, req.v))
     padded_rows = req.packed_q or req.seqused_q is not None
     dev = q.device
-    out = (torch.zeros if padded_rows else torch.empty)(req.out_shape, dtype=req.out_dtype, device=dev)
+    out_shape, lse_shape = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
+    out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=req.out_dtype, device=dev)
     # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
-    lse = (torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
-           else torch.empty(req.lse_shape, dtype=torch.float32, device=dev))
-    if q.numel() == 0 or k.shape[-3] == 0 or (not req.packed_k and k.shape[0] == 0):
-        out.zero_()
-        lse.fill_(-math.inf)
-        return out, lse
+    lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
+           else torch.empty(lse_shape, dtype=torch.float32, device=dev))
+    out, lse = _launch(req, cfg, q, k, v, out, lse)
+    return (unpack_rows(out, g), unpack_lse(lse, g)) if g > 1 else (out, lse)
+
+
+def q_empty_or_no_keys(req: "AttentionRequest") -> bool:
+    k = req.k
+    return req.q.numel() == 0 or k.shape[-3] == 0 or (not req.packed_k and k.shape[0] == 0)
+
+
+def _packed_lse_shape(req: "AttentionRequest", g: int) -> tuple:
+    """req.lse_shape with heads / g and rows * g."""
+    *lead, heads, rows = req.lse_shape
+    return (*lead, heads // g, rows * g)
+
+
+def _int32(t: Optional[torch.Tensor], times: int = 1) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    t = t.to(torch.int32).contiguous()
+    return t * times if times > 1 else t
+
+
+def sequence_args(req: "AttentionRequest", q: torch.Tensor, g: int) -> tuple:
+    """The kernel's max_seqlen_q and its int32 (cu_seqlens_q, cu_seqlens_k, seqused_q,
+    seqused_k): on the query side in rows of `q` (positions times g with GQA packing)."""
+    max_seqlen_q = req.max_seqlen_q * g if req.packed_q else q.shape[1]
+    return max_seqlen_q, [_int32(req.cu_seqlens_q, g), _int32(req.cu_seqlens_k), _int32(req.seqused_q, g),
+                          _int32(req.seqused_k)]
+
+
+def _launch(req, cfg, q, k, v, out, lse):
+    """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa)."""
+    p, dev, g = req.params, q.device, cfg.pack_gqa
 
     if p.softcap > 0:
         scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
     else:
         scale_log2, premul = p.softmax_scale * math.log2(math.e), 1.0
-    max_seqlen_q = req.max_seqlen_q if req.packed_q else q.shape[1]
+    max_seqlen_q, ints = sequence_args(req, q, g)
     if max_seqlen_q == 0:
         return out, lse
-    ints = [None if t is None else t.to(torch.int32).contiguous()
-            for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
     ints.append(_tile_counter(dev) if cfg.tile.dynamic else None)
-    sections = l2_heads(req) if cfg.tile.lpt_l2_sections else 1
+    sections = l2_heads(req) // g if cfg.tile.lpt_l2_sections else 1
     scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections)
     tvm_ffi = use_tvm_ffi
     fn = _compiled.get((cfg, tvm_ffi))

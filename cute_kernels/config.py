@@ -193,6 +193,15 @@ SHORT_TILES: dict[tuple[int, bool], TileConfig] = {(64, True): TileConfig(128, 1
 MEDIUM_SEQLEN_K = 2048
 
 
+def pack_gqa_factor(group: int, max_seqlen_q: int, tile_m: int) -> int:
+    """Query heads per KV head to pack into the M tile (1: none): the group when that fills the
+    tiles' rows better by more than 10%: few query positions (decoding, short chunks), where an
+    unpacked tile of tile_m rows holds max_seqlen_q of them and each query head reads all of its
+    KV head's keys again."""
+    fill = lambda rows: rows / (-(-rows // tile_m) * tile_m)
+    return group if group > 1 and max_seqlen_q > 0 and fill(max_seqlen_q * group) > 1.1 * fill(max_seqlen_q) else 1
+
+
 def is_short(has_right: bool, max_seqlen_q: int, max_seqlen_k: int) -> bool:
     """Whether a problem takes SHORT_TILES: few KV blocks per query tile."""
     return max_seqlen_q <= SHORT_CAUSAL_SEQLEN if has_right else max_seqlen_k <= SHORT_SEQLEN_K
@@ -224,8 +233,7 @@ class FwdConfig:
     # > 1: GQA packing. The caller lays the query heads of one KV head out as rows of one
     # sequence (row = position * pack_gqa + head within the group: `pack_rows`), so a tile of
     # tile_m rows holds tile_m / pack_gqa positions of every head of the group and K/V are read
-    # once per KV head; the masks map a row to its position (mask.AttentionMask). The host side
-    # (choosing it, packing Q, unpacking O and LSE) is on branch wip/pack-gqa until GPU-tested.
+    # once per KV head; the masks map a row to its position (mask.AttentionMask).
     pack_gqa: int = 1
 
     @staticmethod

@@ -180,6 +180,25 @@ def test_compile_pack_gqa(g, features):
     _compile_and_check(FwdConfig.make("bf16", 128, pack_gqa=g, short=True, **features))
 
 
+def test_pack_rows_layout():
+    """pack_rows puts query head kh * g + i of row r at row r * g + i of KV head kh, batched and
+    packed (varlen) alike; unpack_rows / unpack_lse invert it; MQA (one KV head) packs by view."""
+    g = 4
+    for lead in ((3, 5), (11,)):
+        t = torch.randn(*lead, 8, 16)
+        p = cute_kernels.pack_rows(t, g)
+        assert p.shape == (*lead[:-1], lead[-1] * g, 2, 16)
+        r, i, kh = lead[-1] - 1, 3, 1
+        assert torch.equal(p[..., r * g + i, kh, :], t[..., r, kh * g + i, :])
+        assert torch.equal(cute_kernels.unpack_rows(p, g), t)
+        lse = torch.randn(*lead[:-1], 8, lead[-1])
+        packed_lse = lse.view(*lead[:-1], 2, g, lead[-1]).transpose(-1, -2).reshape(*lead[:-1], 2, lead[-1] * g)
+        assert torch.equal(packed_lse[..., kh, r * g + i], lse[..., kh * g + i, r])
+        assert torch.equal(cute_kernels.unpack_lse(packed_lse, g), lse)
+    mqa = torch.randn(2, 5, 4, 16)
+    assert cute_kernels.pack_rows(mqa, 4).data_ptr() == mqa.data_ptr()  # a view
+
+
 def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
     """AttentionMask's KV-block bounds for every m_block, run on the host by CuTe DSL's JIT."""
     from cutlass import Int32
@@ -291,6 +310,92 @@ def test_mask_block_ranges_on_the_host(g, wl, wr):
                 assert all((b + 1) * tile_n - 1 <= pos.min() + diag + wr for b in range(lo, min(right_masked, hi)))
             if wl >= 0:  # no key left of a window from left_masked on
                 assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
+
+
+def _emulated_launch(req, cfg, q, k, v, out, lse):
+    """What `cute_kernels._launch` asks of the kernel, in float32 torch ops on the CPU, from the
+    arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
+    row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
+    where the kernel writes them (padded rows left as initialized)."""
+    g, p = cfg.pack_gqa, req.params
+    max_rows, (cu_q, cu_k, used_q, used_k) = cute_kernels.sequence_args(req, q, g)  # the kernel's view
+    n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
+    for b in range(n):
+        q0 = int(cu_q[b]) if cu_q is not None else 0
+        k0 = int(cu_k[b]) if cu_k is not None else 0
+        sq = (int(cu_q[b + 1]) - q0) if cu_q is not None else q.shape[1]
+        sk = (int(cu_k[b + 1]) - k0) if cu_k is not None else k.shape[1]
+        sq = int(used_q[b]) if used_q is not None else sq
+        sk = int(used_k[b]) if used_k is not None else sk
+        assert sq <= max_rows
+        qb = (q[q0:q0 + sq] if req.packed_q else q[b, :sq]).float()
+        kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
+        s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale
+        if p.softcap > 0:
+            s = p.softcap * torch.tanh(s / p.softcap)
+        pos = torch.arange(sq)[:, None] // g
+        col = torch.arange(sk)[None, :]
+        keep = torch.ones(sq, sk, dtype=torch.bool)
+        if p.window_right >= 0:
+            keep &= col <= pos + sk - sq // g + p.window_right
+        if p.window_left >= 0:
+            keep &= col >= pos + sk - sq // g - p.window_left
+        s = s.masked_fill(~keep, -math.inf)
+        row_lse = torch.logsumexp(s, -1)  # (heads, rows)
+        o = torch.einsum("hrk,khd->rhd", torch.exp(s - row_lse[..., None]).nan_to_num(0.0), vb)
+        if cu_q is not None:
+            out[q0:q0 + sq], lse[:, q0:q0 + sq] = o.to(out.dtype), row_lse
+        else:
+            out[b, :sq], lse[b, :, :sq] = o.to(out.dtype), row_lse
+    return out, lse
+
+
+@pytest.mark.parametrize("layout", ["batched", "varlen", "seqused"])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (5, 2)])
+@pytest.mark.parametrize("h,hk", [(8, 2), (6, 1)])
+def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
+    """cute_kernels.run's packing of Q and unpacking of out / LSE, with the kernel emulated on the
+    CPU (`_emulated_launch`): the answer against the reference, for batched, packed (varlen)
+    and seqused queries, GQA and MQA (packing by view), causal and local masks."""
+    from tests._util import check_forward, packed
+
+    monkeypatch.setattr(cute_kernels, "_launch", _emulated_launch)
+    if layout == "batched":
+        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((7, h), (90, hk), (90, hk)))
+        kw = {}
+    else:
+        q, cu_q = packed([3, 1, 0, 9], h, 64, torch.bfloat16, "cpu")
+        k, cu_k = packed([50, 4, 7, 120], hk, 64, torch.bfloat16, "cpu")
+        v = torch.randn_like(k)
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=9, max_seqlen_k=120)
+        if layout == "seqused":
+            kw.update(seqused_q=torch.tensor([2, 1, 0, 9], dtype=torch.int32),
+                      seqused_k=torch.tensor([50, 0, 7, 100], dtype=torch.int32))
+    req = _req(q, k, v, window_left=wl, window_right=wr, **kw)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.pack_gqa == h // hk
+    out, lse = cute_kernels.run(req, cfg)
+    assert out.shape == req.out_shape and lse.shape == req.lse_shape
+    check_forward(req, out, lse)
+
+
+def test_pack_gqa_choice(monkeypatch):
+    """Packing where it fills the M tile better (few query positions, more than one query head
+    per KV head), not for long queries nor MHA; the packed rows decide the short tiles."""
+    from cute_kernels.config import pack_gqa_factor
+
+    assert [pack_gqa_factor(8, s, 128) for s in (1, 16, 100, 200, 1000, 4096)] == [8, 8, 8, 8, 1, 1]
+    assert pack_gqa_factor(1, 1, 128) == 1 and pack_gqa_factor(3, 128, 128) == 1
+    def decode(sq, h, hk, d=128, **kw):
+        k = torch.randn(2, 900, hk, d, dtype=torch.bfloat16)
+        return cute_kernels.config_for(_req(torch.randn(2, sq, h, d, dtype=torch.bfloat16), k, k, **kw))
+
+    assert decode(1, 32, 8).pack_gqa == 4 and decode(1, 8, 1).pack_gqa == 8 and decode(1, 8, 8).pack_gqa == 1
+    assert decode(4096, 32, 8).pack_gqa == 1
+    # Causal hdim64: 100 positions x 8 heads = 800 rows take the short tile, 200 x 8 the table's.
+    assert [decode(sq, 8, 1, 64, window_right=0).tile.tile_m for sq in (100, 200)] == [128, 192]
+    monkeypatch.setattr(cute_kernels, "pack_gqa_enabled", False)  # FA3PY_CUTE_PACK_GQA=0
+    assert decode(1, 32, 8).pack_gqa == 1
 
 
 @pytest.mark.parametrize("persistent,lpt", [(True, True), (True, False)])
@@ -796,6 +901,34 @@ def test_gpu_lazy_rescale(hdim, causal, ramp):
         k = (k.float() * (r if ramp == "up" else r.flip(0))[None, :, None, None]).to(k.dtype)
     req = _req(q, k, v, window_right=0 if causal else -1, softcap=5.0 if ramp == "softcap" else 0.0)
     _check(req, _with_tile(req, lazy_rescale=8.0))
+
+
+@gpu
+@pytest.mark.parametrize("sq,sk", [(1, 1000), (7, 333), (64, 517), (200, 1024)])
+@pytest.mark.parametrize("h,hk", [(8, 1), (8, 2), (12, 2)])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11)])
+def test_gpu_pack_gqa(sq, sk, h, hk, wl, wr):
+    """GQA packing (FwdConfig.pack_gqa, chosen by config_for for few query positions): MQA,
+    GQA and a group of 6 (not a power of 2), with causal and local masks."""
+    q, k, v = _qkv(2, sq, sk, h, hk, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    assert cute_kernels.config_for(req).pack_gqa == h // hk
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqused", [False, True])
+def test_gpu_pack_gqa_varlen(causal, seqused):
+    """GQA packing with packed (varlen) queries and keys, empty and one-token sequences, and
+    seqused_q / seqused_k cutting sequences short."""
+    q, k, v, kw = _packed_qkv([1, 5, 0, 77, 2], [3, 203, 5, 1024, 64], 8, 2, 64, torch.float16)
+    if seqused:
+        kw.update(seqused_q=torch.tensor([1, 3, 0, 70, 2], dtype=torch.int32, device="cuda"),
+                  seqused_k=torch.tensor([3, 100, 0, 1000, 1], dtype=torch.int32, device="cuda"))
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    assert cute_kernels.config_for(req).pack_gqa == 4
+    _check(req)
 
 
 @gpu
