@@ -18,7 +18,8 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark configuration (seqlen_q == seqlen_k, as in the FlashAttention-3 paper)."""
+    """One benchmark configuration: seqlen keys (and queries, as in the FlashAttention-3 paper,
+    unless seqlen_q is set: decoding), nheads query heads (and KV heads unless nheads_kv is set)."""
 
     batch: int
     nheads: int
@@ -28,6 +29,16 @@ class Case:
     mode: str  # "fwd" or "bwd"
     dtype: torch.dtype
     fp8: bool = False
+    seqlen_q: int = 0  # 0: seqlen
+    nheads_kv: int = 0  # 0: nheads
+
+    @property
+    def sq(self) -> int:
+        return self.seqlen_q or self.seqlen
+
+    @property
+    def hk(self) -> int:
+        return self.nheads_kv or self.nheads
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Case], torch.Tensor]
@@ -79,10 +90,19 @@ def _sdpa(label: str, backend_name: str, cuda_only: bool = True) -> Provider:
         backend = getattr(SDPBackend, backend_name)
 
         def forward(q, k, v, case):
-            # SDPA wants (b, h, s, d): transposed views, and the output transposed back.
+            # SDPA wants (b, h, s, d): transposed views, and the output transposed back. Its
+            # is_causal is top-left aligned: with fewer queries than keys, bottom-right (fa3py's,
+            # FlashAttention's) needs an explicit mask.
+            gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+            causal, mask = case.causal, None
+            sq, sk = q.shape[1], k.shape[1]
+            if causal and sq != sk:  # (one query sees every key: no mask)
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq) if sq > 1 else None
+                causal = False
             with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=case.causal
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+                    **gqa,
                 )
             return out.transpose(1, 2)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROW_KEYS = ("provider", "peer", "precision", "mode", "hdim", "seqlen", "causal", "batch",
             "nheads", "ms", "tflops", "ratio", "status", "note", "times_ms",  # ms: median of times_ms
-            "sm_mhz", "power_w")  # per round, with --clocks (clocks.py)
+            "sm_mhz", "power_w", "clock_limits",  # per round, with --clocks (clocks.py)
+            "seqlen_q", "nheads_kv")  # queries and KV heads (older results: seqlen, nheads)
 
 
 def _config(row):
@@ -68,6 +69,10 @@ def format_markdown(doc) -> str:
            "- TFLOP/s counts only unmasked (query, key) pairs; `*` marks a failed spot-check, "
            "`x` an error; ratio = fa3py / best non-fa3py provider in bf16/fp16 "
            "(quantized peers such as sage's INT8 are shown but are not the baseline).", ""]
+    args = meta["args"]
+    if args.get("seqlen_q") or args.get("kv_heads"):
+        out.insert(-1, f"- queries per sequence: {args.get('seqlen_q') or 'seqlen'} (`seqlen` counts the keys); "
+                       f"KV heads: {args.get('kv_heads') or 'nheads'} (query heads: see results.json)")
     mm = meta.get("matmul_tflops")
     if mm:
         out.insert(-1, f"- dense matmul in the same run (torch.matmul, {meta['args']['dtype']}, "
@@ -144,7 +149,8 @@ def _clock_tables(rows, providers) -> list[str]:
     med = lambda xs: statistics.median(x for x in xs if x is not None)
     out = ["", "## SM clock (MHz) / power (W) while timed", "",
            "Wall time moves with the clock: at equal SM cycles a provider timed at a lower clock "
-           "shows a lower rate.", ""]
+           "shows a lower rate. After them, where the driver reported it: the share of samples in "
+           "which it held the clock down, and why (power cap, hw-slowdown, thermal, power-brake).", ""]
     for (mode, causal), cells, points in _pivots(timed):
         out += [f"{mode}, causal={causal}:", "", "| hdim | seqlen | " + " | ".join(providers) + " |",
                 "|---:|---:|" + "---:|" * len(providers)]
@@ -153,10 +159,20 @@ def _clock_tables(rows, providers) -> list[str]:
             for p in providers:
                 r = cells.get((hdim, seqlen, p))
                 ok = r is not None and any(x is not None for x in r["sm_mhz"])
-                line.append(f"{med(r['sm_mhz']):.0f} / {med(r['power_w']):.0f}" if ok else "")
+                line.append(f"{med(r['sm_mhz']):.0f} / {med(r['power_w']):.0f}{_limits(r)}" if ok else "")
             out.append(f"| {hdim} | {seqlen} | " + " | ".join(line) + " |")
         out.append("")
     return out
+
+
+def _limits(row) -> str:
+    """" power 45%, thermal 3%": each clock-limit reason's share of samples, the mean over the
+    rounds that recorded reasons ("" where none did or none was seen)."""
+    rounds = [x for x in row.get("clock_limits") or [] if x is not None]
+    if not rounds:
+        return ""
+    names = sorted({n for x in rounds for n in x}, key=lambda n: -sum(x.get(n, 0) for x in rounds))
+    return "".join(f" {n} {100 * statistics.fmean(x.get(n, 0) for x in rounds):.0f}%" for n in names)
 
 
 def write_json(doc, path: Path, compact: bool = False):

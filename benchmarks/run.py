@@ -3,6 +3,7 @@
     python -m benchmarks.run                  # FlashAttention-3 paper grid (GPU) / small CPU run
     python -m benchmarks.run --quick --out $OUT/bench --budget-s 420
     python -m benchmarks.run --hdim 128 --seqlen 4096 8192 --mode fwd --providers fa3py fa4
+    python -m benchmarks.run --hdim 128 --seqlen 8192 --seqlen-q 1 --kv-heads 4 --nheads 32 --batch 64  # decoding
     python -m benchmarks.run --from-json bench_out/results.json --save-results
 
 GPU grid (FlashAttention-3 paper): 16k tokens (batch = 16384 // seqlen), hidden 2048
@@ -67,6 +68,11 @@ def parse_args(argv=None):
     ap.add_argument("--hidden", type=int, default=2048, help="nheads = hidden // hdim (GPU)")
     ap.add_argument("--batch", type=int, help="fixed batch instead of tokens // seqlen")
     ap.add_argument("--nheads", type=int, help="fixed nheads instead of hidden // hdim")
+    ap.add_argument("--seqlen-q", type=int, metavar="N",
+                    help="queries per sequence (default: --seqlen's value); e.g. 1 for decoding, "
+                         "--seqlen then being the keys (KV cache length)")
+    ap.add_argument("--kv-heads", type=int, metavar="N",
+                    help="KV heads (MQA/GQA): nheads / this query heads share each (default: nheads)")
     ap.add_argument("--quick", action="store_true",
                     help="GPU preset: fwd on the full grid, bwd at hdim 128 only, shorter timing, "
                          "fa3py:torch left out unless --providers names it")
@@ -77,8 +83,9 @@ def parse_args(argv=None):
                          "point's median: a GPU whose clock drifts (power, heat) then biases no provider "
                          "(default 3 on a GPU, 1 on the CPU)")
     ap.add_argument("--clocks", action="store_true",
-                    help="also record the mean SM clock (MHz) and power (W) while each point is timed "
-                         "(nvidia-smi; CUDA only): wall time moves with the clock")
+                    help="also record the mean SM clock (MHz) and power (W) while each point is timed, "
+                         "and how often the driver held the clock down and why (nvidia-smi; CUDA "
+                         "only): wall time moves with the clock")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)
@@ -112,7 +119,10 @@ def build_cases(args, device) -> list[Case]:
             continue
         batch = args.batch or (CPU_DEFAULT["batch"] if cpu else max(1, args.tokens // seqlen))
         nheads = args.nheads or (CPU_DEFAULT["nheads"] if cpu else max(1, args.hidden // hdim))
-        cases.append(Case(batch, nheads, seqlen, hdim, causal, mode, dtype, args.fp8))
+        if args.kv_heads and nheads % args.kv_heads:
+            raise SystemExit(f"--kv-heads {args.kv_heads} must divide nheads {nheads} (hdim {hdim})")
+        cases.append(Case(batch, nheads, seqlen, hdim, causal, mode, dtype, args.fp8,
+                          seqlen_q=args.seqlen_q or 0, nheads_kv=args.kv_heads or 0))
     return cases
 
 
@@ -120,10 +130,11 @@ def build_cases(args, device) -> list[Case]:
 
 def make_inputs(case: Case, device, n_sets: int, gen: torch.Generator):
     """`n_sets` fresh random (q, k, v, dout) sets; leaves require grad for bwd."""
-    shape = (case.batch, case.seqlen, case.nheads, case.hdim)
+    q_shape, kv_shape = (case.batch, case.sq, case.nheads, case.hdim), (case.batch, case.seqlen, case.hk, case.hdim)
     sets = []
     for _ in range(n_sets):
-        q, k, v, dout = (torch.randn(shape, generator=gen, device=device, dtype=case.dtype) for _ in range(4))
+        q, k, v, dout = (torch.randn(shape, generator=gen, device=device, dtype=case.dtype)
+                         for shape in (q_shape, kv_shape, kv_shape, q_shape))
         if case.mode == "bwd":
             for x in (q, k, v):
                 x.requires_grad_(True)
@@ -136,15 +147,18 @@ def n_input_sets(case: Case, device) -> int:
     if device.type != "cuda":
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
-    set_bytes = 4 * case.batch * case.seqlen * case.nheads * case.hdim * torch.finfo(case.dtype).bits // 8
+    set_bytes = (2 * case.batch * case.hdim * (case.sq * case.nheads + case.seqlen * case.hk)
+                 * torch.finfo(case.dtype).bits // 8)
     return max(1, min(8, math.ceil(2 * l2 / set_bytes)))
 
 
 def reference(q, k, v, causal: bool, dtype):
     """Attention in `dtype` with PyTorch ops: the fp32 yardstick, or PyTorch's own error."""
     q, k, v = (x.to(dtype) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]  # query heads per KV head
+    k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (q.shape[-1] ** -0.5)
-    if causal:  # bottom-right aligned; seqlen_q == seqlen_k here
+    if causal:  # bottom-right aligned
         sq, sk = s.shape[-2:]
         keep = torch.arange(sk, device=s.device)[None] <= torch.arange(sq, device=s.device)[:, None] + sk - sq
         s = s.masked_fill(~keep, float("-inf"))
@@ -179,8 +193,10 @@ def spot_check(provider, forward, case: Case, device, gen) -> dict:
 
 
 def _check_at(seqlen, provider, forward, case, device, gen) -> dict:
-    small = Case(batch=2, nheads=3, seqlen=seqlen, hdim=case.hdim, causal=case.causal,
-                 mode=case.mode, dtype=case.dtype, fp8=case.fp8)
+    group = case.nheads // case.hk
+    small = Case(batch=2, nheads=3 if group == 1 else 2 * group, seqlen=seqlen, hdim=case.hdim,
+                 causal=case.causal, mode=case.mode, dtype=case.dtype, fp8=case.fp8,
+                 seqlen_q=min(case.seqlen_q, seqlen), nheads_kv=0 if group == 1 else 2)
     (q, k, v, dout), = make_inputs(small, device, 1, gen)
     got = _outputs(provider, forward, q.detach().clone().requires_grad_(q.requires_grad),
                    k.detach().clone().requires_grad_(k.requires_grad),
@@ -418,7 +434,8 @@ def run(args) -> dict:
             short_rounds = len(schedule) - i - not_run
             break
         case, provider, forward = steps[n]
-        progress.step(f"{provider.name} h{case.hdim} s{case.seqlen} {'causal ' if case.causal else ''}"
+        progress.step(f"{provider.name} h{case.hdim} s{case.seqlen}{f' q{case.sq}' if case.seqlen_q else ''} "
+                      f"{'causal ' if case.causal else ''}"
                       f"{case.mode}{f' (round {r + 1})' if rounds > 1 else ''}")
         if r == 0:
             if fa3py_backends:
@@ -441,7 +458,7 @@ def run(args) -> dict:
 def _set_time(row, case, times):
     """The row's ms (median of its rounds) and TFLOP/s."""
     ms = statistics.median(times)
-    tf = flops(case.batch, case.nheads, case.seqlen, case.seqlen, case.hdim, causal=case.causal,
+    tf = flops(case.batch, case.nheads, case.sq, case.seqlen, case.hdim, causal=case.causal,
                mode=case.mode) / (ms * 1e-3) / 1e12
     row.update(ms=float(f"{ms:.5g}"), tflops=float(f"{tf:.4g}"), times_ms=[float(f"{t:.5g}") for t in times])
 
@@ -460,10 +477,12 @@ def _remeasure(row, provider, forward, case, device, gen, args):
 
 
 def _add_clock(row, clock, args):
-    """With --clocks, per round: the mean SM clock and power while timed (None where unknown)."""
+    """With --clocks, per round: the mean SM clock and power while timed, and the share of
+    samples with each clock-limit reason (None where unknown)."""
     if args.clocks:
         row["sm_mhz"].append(clock and clock["sm_mhz"])
         row["power_w"].append(clock and clock["power_w"])
+        row["clock_limits"].append(clock and clock.get("limits"))
 
 
 def _explain(doc, case, device, backends):
@@ -472,12 +491,13 @@ def _explain(doc, case, device, backends):
     keys = {b: key for b, key in keys.items() if key not in doc["explain"]}
     if not keys:
         return
-    q = torch.empty(case.batch, case.seqlen, case.nheads, case.hdim, device=device, dtype=case.dtype)
+    q = torch.empty(case.batch, case.sq, case.nheads, case.hdim, device=device, dtype=case.dtype)
+    k = torch.empty(case.batch, case.seqlen, case.hk, case.hdim, device=device, dtype=case.dtype)
     for backend, key in keys.items():
         try:
             import fa3py
 
-            doc["explain"][key] = str(fa3py.explain(q, q, q, causal=case.causal, backend=backend))
+            doc["explain"][key] = str(fa3py.explain(q, k, k, causal=case.causal, backend=backend))
         except Exception as e:
             doc["explain"][key] = _error_text(e)
 
@@ -485,8 +505,8 @@ def _explain(doc, case, device, backends):
 def _measure(provider, forward, case, device, gen, args, doc) -> dict:
     row = {"provider": provider.name, "peer": provider.peer, "precision": provider.precision(case),
            "mode": case.mode, "hdim": case.hdim, "seqlen": case.seqlen, "causal": case.causal,
-           "batch": case.batch, "nheads": case.nheads, "ms": None, "tflops": None, "ratio": None,
-           "status": "ok", "note": "", "times_ms": [], "sm_mhz": [], "power_w": []}
+           "batch": case.batch, "nheads": case.nheads, "seqlen_q": case.sq, "nheads_kv": case.hk, "ms": None, "tflops": None, "ratio": None,
+           "status": "ok", "note": "", "times_ms": [], "sm_mhz": [], "power_w": [], "clock_limits": []}
     group = [provider.name, case.hdim, case.causal, case.mode]
     if case.mode == "bwd" and not provider.backward:
         return {**row, "status": "error", "note": "no backward"}

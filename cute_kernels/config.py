@@ -225,6 +225,12 @@ class FwdConfig:
     cu_seqlens_k: bool = False
     seqused_q: bool = False
     seqused_k: bool = False
+    # > 1: GQA packing. The caller lays the query heads of one KV head out as rows of one
+    # sequence (row = position * pack_gqa + head within the group: `pack_rows`), so a tile of
+    # tile_m rows holds tile_m / pack_gqa positions of every head of the group and K/V are read
+    # once per KV head; the masks map a row to its position (mask.AttentionMask). The host side
+    # (choosing it, packing Q, unpacking O and LSE) is on branch wip/pack-gqa until GPU-tested.
+    pack_gqa: int = 1
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -292,6 +298,7 @@ class FwdConfig:
     def short(self) -> str:
         flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
                              "seqused_q", "seqused_k") if getattr(self, n)]
+        flags += [f"pack_gqa={self.pack_gqa}"] if self.pack_gqa > 1 else []
         t = self.tile
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"

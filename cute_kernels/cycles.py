@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--fa4", action="store_true", help="flash-attn-4's forward too (a peer)")
     p.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN forward too (a peer)")
     p.add_argument("--metrics", default="", help="comma list of extra ncu metrics to print per variant")
+    p.add_argument("--md", metavar="FILE", help="also write the cycles as a markdown table per causal "
+                                                "(variants and peers as columns, fa3py / best peer)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -87,14 +89,46 @@ def main(argv=None) -> int:
     rows = [r for r in rows if r.get(METRICS[0], "").replace(".", "").replace(",", "").isdigit()]
     assert len(rows) == 2 * len(labels), f"{len(rows)} profiled launches for {len(labels)} variants"
     print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'variant':>24} {'Mcycles':>9} {'us':>9}  (2nd call)")
+    results = []
     for label, row in zip(labels, rows[1::2]):
         d, c, s, name = label.split(" ", 3)
         cyc = float(row[METRICS[0]].replace(",", "")) / 1e6
         us = float(row[METRICS[1]].replace(",", "")) / 1e3
+        results.append((int(d), c == "1", int(s), name, cyc))
         print(f"{d:>4} {c:>6} {s:>6} {name:>24} {cyc:9.3f} {us:9.1f}")
         for m in extra:
             print(f"{'':>44} {m} = {row.get(m)}")
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(markdown(results))
+        print(f"wrote {a.md}")
     return 0
+
+
+PEERS = ("fa4", "cudnn")
+
+
+def markdown(results: list[tuple]) -> str:
+    """(hdim, causal, seqlen, variant, Mcycles) -> one table per causal: a row per (hdim, seqlen),
+    a column per variant and peer, and the table config's cycles over the best peer's (< 1:
+    fewer cycles than every peer)."""
+    column = lambda name: "fa3py" if name.startswith("table") else name  # the table config, any tile
+    names = list(dict.fromkeys(column(r[3]) for r in results))
+    out = []
+    for causal in sorted({r[1] for r in results}):
+        cells = {(d, s, column(n)): cyc for d, c, s, n, cyc in results if c == causal}
+        points = sorted({(d, s) for d, s, _ in cells})
+        out += [f"## causal={causal} (SM Mcycles, ncu, second call)", "",
+                "| hdim | seqlen | " + " | ".join(names) + " | fa3py / best peer |",
+                "|---:|---:|" + "---:|" * (len(names) + 1)]
+        for d, s in points:
+            row = [cells.get((d, s, n)) for n in names]
+            ours = cells.get((d, s, "fa3py"))
+            peers = [cells[d, s, n] for n in PEERS if (d, s, n) in cells]
+            ratio = f"{ours / min(peers):.3f}" if ours is not None and peers else ""
+            out.append(f"| {d} | {s} | " + " | ".join("" if x is None else f"{x:.3f}" for x in row) + f" | {ratio} |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

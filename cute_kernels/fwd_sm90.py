@@ -295,7 +295,7 @@ class FlashAttentionForwardSm90:
                             mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                             mSeqUsedK=mSeqUsedK)
         mask_fn = partial(AttentionMask, self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
-                          window_left, window_right)
+                          window_left, window_right, rows_per_pos=self.cfg.pack_gqa)
         # dynamic: the next tile's index, written by the producer before it issues that tile's Q
         # (one slot per Q stage: a slot is rewritten only once its Q stage has been released)
         next_tile = storage.next_tile.get_tensor(cute.make_layout(self.q_stages)) \

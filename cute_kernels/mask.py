@@ -4,6 +4,9 @@ Mask semantics (fa3py/request.py, bottom-right aligned): query row i keeps key j
     (no left window  or j >= i + Lk - Lq - window_left) and
     (no right window or j <= i + Lk - Lq + window_right);  causal is window_right = 0.
 Only blocks that straddle a boundary are masked; blocks outside the window are never loaded.
+
+With GQA packing (`rows_per_pos` g > 1) the tile's rows are (query position, query head of the
+KV head) pairs, row = position * g + head: i above is row // g and Lq the rows / g.
 """
 
 from __future__ import annotations
@@ -60,22 +63,39 @@ class AttentionMask:
     window_right: Int32
     seqlen: SeqlenInfo
     m_block: Int32
+    rows_per_pos: cutlass.Constexpr[int] = 1  # GQA packing: query heads per KV head in the tile
+
+    def pos(self, row):
+        """The query position of tile row `row` (its index in the sequence's rows)."""
+        return row if const_expr(self.rows_per_pos == 1) else row // self.rows_per_pos
+
+    @property
+    def pos_begin(self):
+        """The first query position of this m_block."""
+        return self.pos(self.m_block * self.tile_m)
+
+    @property
+    def pos_end(self):
+        """One past the last query position of this m_block."""
+        if const_expr(self.rows_per_pos == 1):
+            return (self.m_block + 1) * self.tile_m
+        return self.pos((self.m_block + 1) * self.tile_m - 1) + 1
 
     @property
     def diag(self):
-        """Column of the diagonal for query row 0 (bottom-right alignment)."""
-        return self.seqlen.seqlen_k - self.seqlen.seqlen_q
+        """Column of the diagonal for query position 0 (bottom-right alignment)."""
+        return self.seqlen.seqlen_k - self.pos(self.seqlen.seqlen_q)
 
     @cute.jit
     def n_block_range(self):
         """[n_block_min, n_block_max): KV blocks with at least one kept key for this m_block."""
         n_block_max = cute.ceil_div(self.seqlen.seqlen_k, self.tile_n)
         if const_expr(self.has_right):
-            col_max = (self.m_block + 1) * self.tile_m + self.diag + self.window_right  # exclusive
+            col_max = self.pos_end + self.diag + self.window_right  # exclusive
             n_block_max = cutlass.min(n_block_max, cute.ceil_div(cutlass.max(col_max, 0), self.tile_n))
         n_block_min = Int32(0)
         if const_expr(self.has_left):
-            col_min = self.m_block * self.tile_m + self.diag - self.window_left
+            col_min = self.pos_begin + self.diag - self.window_left
             n_block_min = cutlass.max(col_min, 0) // self.tile_n
         return n_block_min, n_block_max
 
@@ -84,7 +104,7 @@ class AttentionMask:
         """Blocks >= this may contain keys right of the window for some row of the m_block."""
         if const_expr(not self.has_right):
             return Int32(1 << 30)
-        col = self.m_block * self.tile_m + self.diag + self.window_right
+        col = self.pos_begin + self.diag + self.window_right
         return cutlass.max(n_block_min, cutlass.max(col, 0) // self.tile_n)
 
     @cute.jit
@@ -92,7 +112,7 @@ class AttentionMask:
         """Blocks < this may contain keys left of the window for some row of the m_block."""
         if const_expr(not self.has_left):
             return n_block_min
-        col = (self.m_block + 1) * self.tile_m + self.diag - self.window_left
+        col = self.pos_end + self.diag - self.window_left
         return cutlass.max(n_block_min, cute.ceil_div(cutlass.max(col, 0), self.tile_n))
 
     @cute.jit
@@ -122,7 +142,7 @@ class AttentionMask:
             row0 = self.m_block * self.tile_m + tScS[0, 0][0]
             col0 = n_block * self.tile_n + tScS[0, 0][1]
             for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
-                row = row0 + t0ScS[r, 0][0]
+                row = self.pos(row0 + t0ScS[r, 0][0])
                 # Keep columns c (thread-0 coordinates) with lo <= c < hi.
                 hi = Int32(self.seqlen.seqlen_k) - col0
                 if const_expr(use_right):
@@ -140,7 +160,7 @@ class AttentionMask:
             return
         col0 = n_block * self.tile_n
         for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
-            row = self.m_block * self.tile_m + tScS[r, 0][0]
+            row = self.pos(self.m_block * self.tile_m + tScS[r, 0][0])
             limit_hi = Int32(self.seqlen.seqlen_k) if const_expr(mask_seqlen) else Int32(1 << 30)
             if const_expr(use_right):
                 limit_hi = cutlass.min(limit_hi, row + self.diag + self.window_right + 1)

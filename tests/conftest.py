@@ -6,6 +6,9 @@ import torch
 # Without a GPU, Triton kernels run in Triton's interpreter. Set before any test imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# CuTe DSL reads its target arch once, when it is first imported (by whichever test module comes
+# first): the cute kernels' compile-only and host-JIT tests target Hopper.
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -45,6 +45,22 @@ def test_backward(feature, lq, lk):
     check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])
 
 
+@pytest.mark.parametrize("scale,softcap", [(-0.2, 0.0), (-0.2, 3.0), (0.0, 0.0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_scale_sign(scale, softcap, causal):
+    """A negative softmax_scale flips which key scores highest and zero makes every kept key equal:
+    a kernel that takes the row max before scaling (the cute one) must not serve a negative scale
+    without softcap. Forward and backward against the reference."""
+    q, k, v = inputs(2, 113, 203, 4, 2, 64, 64, torch.bfloat16)
+    kw = dict(causal=causal, softmax_scale=scale, softcap=softcap)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fa3py.attention(*leaves, return_lse=True, **kw)
+    check_forward(make_request(q, k, v, **kw), out.detach(), lse)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])
+
+
 def test_varlen_packed_and_seqused_forward_backward():
     lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 0]
     q, cu_q = packed(lens_q, 4, 64, torch.float16)

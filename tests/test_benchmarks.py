@@ -142,6 +142,35 @@ def test_spot_check_catches_a_wrong_provider():
         assert run.spot_check(wrong, forward, case, device, gen)["ok"] is expect_ok
 
 
+def test_decoding_shapes_run_and_count_query_rows(tmp_path):
+    """--seqlen-q / --kv-heads: few queries against a longer KV, query heads sharing KV heads;
+    rows record both, FLOPs count the queries, the spot-check runs at a GQA shape too."""
+    doc = run.main(["--device", "cpu", "--hdim", "64", "--seqlen", "96", "--seqlen-q", "5", "--kv-heads", "2",
+                    "--nheads", "6", "--mode", "fwd", "--threads", "1", "--quiet", "--rep-ms", "5",
+                    "--out", str(tmp_path)])
+    assert {(r["seqlen_q"], r["seqlen"], r["nheads"], r["nheads_kv"], r["status"]) for r in doc["rows"]} == \
+        {(5, 96, 6, 2, "ok")}
+    for r in doc["rows"]:
+        expect = flops(r["batch"], 6, 5, 96, 64, causal=r["causal"], mode="fwd") / (r["ms"] * 1e-3) / 1e12
+        assert r["tflops"] == pytest.approx(expect, rel=1e-3)
+    assert all(c["ok"] for c in doc["checks"])
+    assert "queries per sequence: 5" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_provider_decoding_shapes(causal):
+    """The SDPA peer with fewer queries than keys (causal bottom-right aligned, as fa3py and
+    FlashAttention count it, not SDPA's top-left is_causal) and GQA, against the reference."""
+    from benchmarks.providers import _sdpa
+
+    forward = _sdpa("math", "MATH", cuda_only=False).load()
+    case = run.Case(2, 6, 40, 32, causal, "fwd", torch.float32, seqlen_q=7, nheads_kv=2)
+    (q, k, v, _), = run.make_inputs(case, torch.device("cpu"), 1, torch.Generator().manual_seed(0))
+    assert q.shape == (2, 7, 6, 32) and k.shape == v.shape == (2, 40, 2, 32)
+    want = run.reference(q.double(), k.double(), v.double(), causal, torch.float64)
+    assert (forward(q, k, v, case).double() - want).abs().max() < 1e-5
+
+
 def test_clock_sampler_averages_nvidia_smi_samples(tmp_path):
     """`--clocks`: mean SM clock and power over the samples taken while the block ran; None
     (not an error) without nvidia-smi."""
@@ -158,9 +187,29 @@ def test_clock_sampler_averages_nvidia_smi_samples(tmp_path):
         time.sleep(0.3)
     assert s.result["samples"] >= 5
     assert 1900 <= s.result["sm_mhz"] <= 1920 and 600 <= s.result["power_w"] <= 610
+    assert "limits" not in s.result  # this nvidia-smi refused the reasons field: sampled without
     with ClockSampler("0", smi=str(tmp_path / "missing")) as s:
         pass
     assert s.result is None
+
+
+def test_clock_sampler_reports_clock_limit_reasons(tmp_path):
+    """Where nvidia-smi knows `clocks_throttle_reasons.active`: the share of samples with each
+    limiting reason (power cap in every other sample here, idle and sync boost not counted)."""
+    import time
+
+    from benchmarks.clocks import ClockSampler
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    "[ \"$1\" = --query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active ] || exit 3\n"
+                    "i=0\nwhile true; do [ $((i % 2)) = 0 ] && r=0x0000000000000004 || r=0x0000000000000011\n"
+                    "echo \"1800, 690, $r\"; i=$((i + 1)); sleep 0.01; done\n")
+    fake.chmod(0o755)
+    with ClockSampler("0", period_ms=10, smi=str(fake)) as s:
+        time.sleep(0.3)
+    assert s.result["samples"] >= 5 and s.result["sm_mhz"] == 1800
+    assert set(s.result["limits"]) == {"power"} and 0.3 <= s.result["limits"]["power"] <= 0.7
 
 
 def test_markdown_shows_clocks_per_provider(cpu_run, tmp_path):
@@ -170,7 +219,11 @@ def test_markdown_shows_clocks_per_provider(cpu_run, tmp_path):
     r = rows[0]
     assert "## SM clock (MHz) / power (W) while timed" in md
     line = next(l for l in md.split("## SM clock")[1].splitlines() if l.startswith(f"| {r['hdim']} | {r['seqlen']} |"))
-    assert f"{r['sm_mhz'][0]} / 650" in line  # medians over the rounds: 1700 and 650
+    assert f"{r['sm_mhz'][0]} / 650 |" in line  # medians over the rounds: 1700 and 650
+    limited = [dict(rows[0], clock_limits=[{"power": 0.5, "thermal": 0.1}, None, {"power": 0.3}])] + rows[1:]
+    line = next(l for l in report.format_markdown({**doc, "rows": limited}).split("## SM clock")[1].splitlines()
+                if l.startswith(f"| {r['hdim']} | {r['seqlen']} |"))
+    assert f"{r['sm_mhz'][0]} / 650 power 40% thermal 5%" in line  # means over the rounds with reasons
     report.write_json({**doc, "rows": rows}, tmp_path / "r.json", compact=True)
     assert report.load_json(tmp_path / "r.json")["rows"][0]["sm_mhz"] == r["sm_mhz"]
     assert "SM clock" not in report.format_markdown(doc)  # no --clocks: no table

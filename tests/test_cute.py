@@ -8,9 +8,12 @@ ragged sizes against the fp64 reference, tolerance per shared/STYLE.md (tests/_u
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +172,168 @@ def test_compile_short(hdim, causal):
     _compile_and_check(cfg)
 
 
+@pytest.mark.parametrize("g,features", [(4, dict(has_right=True)), (8, {}), (6, dict(has_left=True, has_right=True)),
+                                         (4, dict(has_right=True, cu_seqlens_q=True, seqused_q=True))])
+def test_compile_pack_gqa(g, features):
+    """GQA packing only changes how the masks map a row to its position (row // g; a multiply
+    by a constant where g is not a power of 2): compiles spill-free with the masks it needs."""
+    _compile_and_check(FwdConfig.make("bf16", 128, pack_gqa=g, short=True, **features))
+
+
+def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
+    """AttentionMask's KV-block bounds for every m_block, run on the host by CuTe DSL's JIT."""
+    from cutlass import Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.mask import AttentionMask, SeqlenInfo
+
+    @cutlass.cute.jit  # (annotations are strings here: resolved in this module's globals)
+    def ranges(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
+               wr: cutlass.Int32):
+        seqlen = SeqlenInfo(Int32(0), Int32(0), sq, sk)
+        for m in cutlass.range(out.shape[0]):
+            mask = AttentionMask(tile_m, tile_n, has_left, has_right, wl, wr, seqlen, m, rows_per_pos=g)
+            lo, hi = mask.n_block_range()
+            out[m, 0] = lo
+            out[m, 1] = hi
+            out[m, 2] = mask.n_block_min_right_masked(lo)
+            out[m, 3] = mask.n_block_max_left_masked(lo)
+
+    def call(rows, sk, wl, wr):
+        out = torch.zeros(-(-rows // tile_m), 4, dtype=torch.int32)
+        ranges(from_dlpack(out), Int32(rows), Int32(sk), Int32(wl), Int32(wr))
+        return out.tolist()
+
+    return call
+
+
+@pytest.mark.parametrize("g", [1, 3, 4])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
+@pytest.mark.parametrize("thr0", [True, False], ids=["mask_thr0", "per_element"])
+def test_mask_apply_on_the_host(g, wl, wr, thr0):
+    """AttentionMask.apply, the kernel's own code run by CuTe DSL's host JIT for every consumer
+    thread of a tile (each thread's WGMMA accumulator fragment, scattered back to (row, col)),
+    against a brute-force mask: sequence end, causal / local window edges, g rows per position."""
+    from cutlass import Float32, Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+    from cute_kernels.mask import AttentionMask, SeqlenInfo
+
+    cute = cutlass.cute
+    cfg = FwdConfig.make("bf16", 128, has_left=wl >= 0, has_right=wr >= 0, pack_gqa=g)
+    kernel = FlashAttentionForwardSm90(cfg)
+    tile_m, tile_n, threads = cfg.tile.tile_m, cfg.tile.tile_n, kernel.num_mma_threads
+
+    @cutlass.cute.jit
+    def masked(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
+               wr: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
+        tiled_mma, _ = kernel._tiled_mmas()
+        mask = AttentionMask(tile_m, tile_n, wl_on, wr_on, wl, wr, SeqlenInfo(Int32(0), Int32(0), sq, sk),
+                             m_block, rows_per_pos=g)
+        coords = cute.make_identity_tensor((tile_m, tile_n))
+        for t in cutlass.range(threads):
+            thr = tiled_mma.get_slice(t)
+            acc = cute.make_rmem_tensor(tiled_mma.partition_shape_C((tile_m, tile_n)), Float32)
+            acc.fill(1.0)
+            mask.apply(acc, thr, n_block, True, True, True, tiled_mma.get_slice(0) if thr0 else None)
+            rc = thr.partition_C(coords)
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                out[rc[i]] = acc[i]
+
+    wl_on, wr_on = wl >= 0, wr >= 0
+    rng = np.random.default_rng()
+    for sq, sk in [(10, 100), (77, 300), (300, 77), (64, 165)] + [tuple(rng.integers(1, 700, 2)) for _ in range(2)]:
+        rows = int(sq) * g
+        m_block = int(rng.integers(0, -(-rows // tile_m)))
+        n_block = int(rng.integers(0, -(-int(sk) // tile_n)))
+        out = torch.zeros(tile_m, tile_n)
+        masked(from_dlpack(out), Int32(rows), Int32(int(sk)), Int32(wl), Int32(wr), Int32(m_block), Int32(n_block))
+        pos = (m_block * tile_m + torch.arange(tile_m))[:, None] // g
+        col = (n_block * tile_n + torch.arange(tile_n))[None, :]
+        keep = (col < sk).expand(tile_m, tile_n)
+        if wr >= 0:
+            keep = keep & (col <= pos + sk - sq + wr)
+        if wl >= 0:
+            keep = keep & (col >= pos + sk - sq - wl)
+        assert torch.equal(out == 1.0, keep), (sq, sk, m_block, n_block)
+        assert torch.equal(out[~keep], torch.full_like(out[~keep], -math.inf))
+
+
+@pytest.mark.parametrize("g", [1, 3, 4, 8])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1), (0, 0)])
+def test_mask_block_ranges_on_the_host(g, wl, wr):
+    """The KV blocks a tile visits and the ones it masks, against brute force over its rows, with
+    g rows per query position (GQA packing; g = 1: none): every kept key's block is visited (all
+    of them exactly, for a tile of real rows only); blocks below the right-masked bound hold no
+    key right of any row's window, blocks from the left-masked bound none left of it."""
+    tile_m, tile_n = 128, 64
+    ranges = _block_ranges_fn(g, wl >= 0, wr >= 0, tile_m, tile_n)
+    rng = np.random.default_rng()
+    # (Window edges that land on a block boundary: Lk - Lq = 1 (mod 64) with the causal edge,
+    # = 37 (mod 64) with the left window of 37, so an off-by-one bound drops or adds a block.)
+    sizes = [(1, 1), (10, 1000), (77, 300), (300, 77), (129, 129), (256, 321), (512, 577), (100, 137),
+             (300, 401), (64, 165)]
+    for sq, sk in sizes + [tuple(rng.integers(1, 700, 2)) for _ in range(3)]:
+        rows = int(sq) * g
+        diag = int(sk) - int(sq)
+        for m, (lo, hi, right_masked, left_masked) in enumerate(ranges(rows, int(sk), wl, wr)):
+            pos = np.arange(m * tile_m, min((m + 1) * tile_m, rows)) // g
+            first = np.maximum(pos + diag - wl, 0) if wl >= 0 else np.zeros_like(pos)
+            last = np.minimum(pos + diag + wr, sk - 1) if wr >= 0 else np.full_like(pos, sk - 1)
+            kept = first <= last
+            if kept.any():
+                blocks = np.concatenate([np.arange(a // tile_n, b // tile_n + 1) for a, b in zip(first[kept], last[kept])])
+                assert lo <= blocks.min() and hi >= blocks.max() + 1, (sq, sk, m)
+                if (m + 1) * tile_m <= rows and kept.all():
+                    assert (lo, hi) == (blocks.min(), blocks.max() + 1), (sq, sk, m)
+            if wr >= 0:  # no key right of a window below right_masked
+                assert all((b + 1) * tile_n - 1 <= pos.min() + diag + wr for b in range(lo, min(right_masked, hi)))
+            if wl >= 0:  # no key left of a window from left_masked on
+                assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
+
+
+@pytest.mark.parametrize("persistent,lpt", [(True, True), (True, False)])
+def test_tile_order_on_the_host(persistent, lpt):
+    """TileScheduler.coords, run by CuTe DSL's host JIT over every tile index: a bijection onto the
+    (m_block, head, batch) tiles; with `lpt`, sections of l2_heads (batch, head) pairs, then one of
+    the last tail_heads pairs, each in m_block-descending order (longest first)."""
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.scheduler import TileScheduler
+
+    @cutlass.cute.jit
+    def order(out: cutlass.cute.Tensor, m_blocks: cutlass.Int32, heads: cutlass.Int32, batch: cutlass.Int32,
+              l2_heads: cutlass.Int32, tail_heads: cutlass.Int32):
+        sched = TileScheduler(m_blocks, heads, batch, persistent, lpt, l2_heads, tail_heads)
+        for t in cutlass.range(out.shape[0]):
+            m, h, b = sched.coords(t)
+            out[t, 0] = m
+            out[t, 1] = h
+            out[t, 2] = b
+
+    rng = np.random.default_rng()
+    for m_blocks, heads, batch, l2, tail in [(5, 4, 3, 1, 0), (9, 8, 3, 5, 7), (1, 16, 2, 3, 40), (16, 3, 1, 1, 2)] + [
+            tuple(int(x) for x in rng.integers(1, 12, 5)) for _ in range(4)]:
+        out = torch.zeros(m_blocks * heads * batch, 3, dtype=torch.int32)
+        order(from_dlpack(out), *(cutlass.Int32(x) for x in (m_blocks, heads, batch, l2, tail)))
+        tiles = [tuple(r) for r in out.tolist()]
+        assert sorted(tiles) == sorted(itertools.product(range(m_blocks), range(heads), range(batch)))
+        if not lpt:
+            assert tiles[:m_blocks] == [(m, 0, 0) for m in range(m_blocks)]  # m_block fastest
+            continue
+        pairs = heads * batch
+        tail = min(tail, pairs)
+        bounds = [(s * l2, min((s + 1) * l2, pairs - tail)) for s in range(-(-(pairs - tail) // l2))]
+        start = 0
+        for lo, hi in bounds + ([(pairs - tail, pairs)] if tail else []):
+            section = tiles[start:start + (hi - lo) * m_blocks]
+            start += len(section)
+            assert {h + heads * b for _, h, b in section} == set(range(lo, hi))
+            ms = [m for m, _, _ in section]
+            assert ms == sorted(ms, reverse=True)  # longest first within the section
+
+
 def test_bench_variants():
     """The variants `bench` and `cycles` time: the table config, tile specs that change it, toggles."""
     from cute_kernels.bench import variants
@@ -287,6 +452,9 @@ def test_why_not_reasons():
     assert "dtype" in cute_kernels.why_not(_req(z, z, z), backward=False)
     f8 = x.to(torch.float8_e4m3fn)
     assert cute_kernels.why_not(_req(f8, f8, f8), backward=False)
+    assert "softmax_scale" in cute_kernels.why_not(_req(x, x, x, softmax_scale=-0.1), backward=False)
+    for params in (dict(softmax_scale=-0.1, softcap=2.0), dict(softmax_scale=0.0)):  # served (on CUDA)
+        assert cute_kernels.why_not(_req(x, x, x, **params), backward=False) == "cute_kernels: CUDA tensors only"
 
 
 def test_config_for_request():
@@ -576,6 +744,21 @@ def test_gpu_tile_counter_reuse():
     assert cute_kernels._tile_counters[(out.device.index, side.cuda_stream)].tolist() == [0, 0]
 
 
+def _epilogue_req(layout, causal, hdim):
+    """Row counts that end O's 16-row slabs mid-slab: batched (239 rows), packed sequences of
+    ragged lengths (0 and 1 included), or seqused_q cutting batched rows short."""
+    kw = {}
+    if layout == "packed":
+        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, hdim,
+                                  torch.bfloat16)
+    else:
+        q, k, v = _qkv(3, 239, 300, 4, 2, hdim, hdim, torch.bfloat16)
+        if layout == "seqused_q":
+            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
+                      max_seqlen_q=239)
+    return _req(q, k, v, window_right=0 if causal else -1, **kw)
+
+
 @gpu
 @pytest.mark.parametrize("layout", ["batched", "packed", "seqused_q"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -583,16 +766,7 @@ def test_gpu_epilogue_variants(layout, causal):
     """The O store the defaults do not use for this masking: predicated 16-byte stores from every
     warp for non-causal (tma_store=False), per-warp TMA stores for causal (tma_store=True, with
     the predicated fallback for slabs crossing a packed / seqused sequence end)."""
-    if layout == "packed":
-        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 128,
-                                  torch.bfloat16)
-    else:
-        q, k, v = _qkv(3, 239, 300, 4, 2, 128, 128, torch.bfloat16)
-        kw = {}
-        if layout == "seqused_q":
-            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
-                      max_seqlen_q=239)
-    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    req = _epilogue_req(layout, causal, 128)
     assert cute_kernels.config_for(req).tile.tma_store == (not causal)
     _check(req, _with_tile(req, tma_store=causal))
 
@@ -604,16 +778,7 @@ def test_gpu_epilogue_variants(layout, causal):
 def test_gpu_o_chunks(layout, causal, tma_store):
     """O staged in two column chunks (TileConfig.o_chunks) at hdim 256, tile 128x64, where sO
     then has its own buffer: by TMA and by predicated stores, ragged sequence ends included."""
-    if layout == "packed":
-        q, k, v, kw = _packed_qkv([1, 113, 239, 799, 0, 64], [3, 203, 1, 1024, 5, 64], 4, 2, 256,
-                                  torch.bfloat16)
-    else:
-        q, k, v = _qkv(3, 239, 300, 4, 2, 256, 256, torch.bfloat16)
-        kw = {}
-        if layout == "seqused_q":
-            kw = dict(seqused_q=torch.tensor([239, 17, 0], dtype=torch.int32, device="cuda"),
-                      max_seqlen_q=239)
-    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    req = _epilogue_req(layout, causal, 256)
     _check(req, _with_tile(req, tile_n=64, o_chunks=2, tma_store=tma_store))
 
 
@@ -699,3 +864,16 @@ def test_gpu_compile_time_recorded():
     q, k, v = _qkv(1, 64, 64, 2, 2, 128, 128, torch.bfloat16)
     cute_kernels.forward(_req(q, k, v, window_left=5, window_right=3, softcap=3.0))
     assert cute_kernels.last_compile_seconds is not None and cute_kernels.last_compile_seconds > 0
+
+
+def test_cycles_markdown():
+    """`cycles --md`: the table config (any tile) as one fa3py column beside the peers, and its
+    cycles over the best peer's; a point without peers gets no ratio."""
+    from cute_kernels.cycles import markdown
+
+    md = markdown([(128, False, 512, "table 128x128s2", 0.2), (128, False, 512, "fa4", 0.25),
+                   (128, False, 512, "cudnn", 0.16), (64, False, 512, "table 192x128s2", 0.3),
+                   (64, False, 512, "q_stages=1", 0.33), (128, True, 512, "table 128x128s2", 0.1)])
+    assert "| hdim | seqlen | fa3py | fa4 | cudnn | q_stages=1 | fa3py / best peer |" in md
+    assert "| 128 | 512 | 0.200 | 0.250 | 0.160 |  | 1.250 |" in md
+    assert "| 64 | 512 | 0.300 |  |  | 0.330 |  |" in md and "## causal=True" in md

@@ -147,6 +147,13 @@ def test_strided_inputs():
     check_backward(req, dout, grads)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_negative_softmax_scale(causal):
+    """The row max is taken over scaled scores, so a negative scale (flipped scores) is right."""
+    q, k, v = inputs(1, 77, 130, 2, 1, 64, 64)
+    run_and_check(make_request(q, k, v, causal=causal, softmax_scale=-0.3))
+
+
 @pytest.mark.parametrize("split_gqa", [True, False], ids=["split", "loop"])
 @pytest.mark.parametrize("feature", ["causal", "window"])
 def test_atomic_and_deterministic_backward(feature, split_gqa, monkeypatch):
