@@ -155,7 +155,11 @@ TILES: dict[int, TileConfig] = {
     96: TileConfig(128, 128, 2, 24, 240),  # untuned
     # hdim128: 128x176 slower (8k 591 vs 632; causal 348 vs 571), 128x192 spills (CPU SASS).
     128: TileConfig(128, 128, 2, 24, 240),  # measured 673 TFLOP/s at 8k (cuDNN 664)
-    192: TileConfig(128, 112, 2, 24, 240),  # untuned (smem: 48K + 2*(42K+42K) = 216 KB)
+    # hdim192 (smem: 48K + 2*(36K+36K) = 192 KB; sO in sQ): 128x96 with make's lazy_rescale. H200
+    # SM cycles, 16k tokens, hdim_v 192, against 128x112 (no lazy): 2k 0.607 -> 0.602, causal
+    # 0.373 -> 0.360; 8k 2.131 -> 2.109, causal 1.107 -> 1.092 (128x96 without lazy rescaling
+    # +0.3..+2%; 128x112 with it -0.2..-0.7%). hdim_v 128 (192x128) takes it too, unmeasured.
+    192: TileConfig(128, 96, 2, 24, 240),
     # hdim256: 128x64 with O staged in two column chunks (o_chunks=2), so sO has its own 32 KB
     # beside Q and two K/V stages (64K + 2*(32K+32K) + 32K = 224 KB) and Q is freed after the
     # last QK^T; with FwdConfig.make's lazy_rescale. H200 SM cycles (`cute_kernels.cycles`, 16k
@@ -284,11 +288,11 @@ class FwdConfig:
         # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
         # +4.9 / +6.6%; non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
         tma_store = not windowed or plain
-        # Lazy O rescaling (TileConfig.lazy_rescale, threshold 2^8) at hdim_v 256 (with its 128x64
-        # tile: see TILES) and hdim64 windowed. H200 SM cycles, 16k tokens, against none: hdim64
+        # Lazy O rescaling (TileConfig.lazy_rescale, threshold 2^8) at hdim_v 192 / 256 (with their
+        # 128x96 / 128x64 tiles: see TILES) and hdim64 windowed. H200 SM cycles, 16k tokens: hdim64
         # causal 2k / 8k / 16k -1.7 / -1.4 / -1.7% (wall, 3 rounds: 8k / 16k +2.4 / +2.0% TFLOP/s;
         # 512 / 1k equal); hdim64 non-causal +2..+3%, hdim128 +0.3..+1.6%: off there.
-        lazy = 8.0 if hdimv == 256 or hdim == 64 and windowed else 0.0
+        lazy = 8.0 if hdimv > 128 or hdim == 64 and windowed else 0.0
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
                        pin_desc=hdim <= 192, tma_store=tma_store, k_release_gate=gate,
                        q_stages=q_stages, intra_wg_overlap=not plain, lazy_rescale=lazy)
