@@ -5,8 +5,9 @@ Contract with `fa3py.dispatch`:
                               checks that the GPU is sm90), else a reason string.
     forward(req) -> (out, lse) with req.out_shape / req.lse_shape / req.out_dtype.
 
-Compiled kernels are cached in memory per `FwdConfig`; `last_compile_seconds` holds the time of
-the most recent compile (also logged at DEBUG level).
+Compiled kernels are cached in memory per `FwdConfig` and, on the TVM-FFI path, on disk across
+processes (`disk_cache`: FA3PY_CACHE_DIR); `last_compile_seconds` holds the time of the most
+recent compile (also logged at DEBUG level).
 
 Calling path: when the optional `apache-tvm-ffi` package is importable (and CUTE_KERNELS_TVM_FFI
 is not "0"), kernels are compiled once against symbolic-shape fake tensors with
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from cute_kernels import disk_cache
 from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, pack_gqa_factor
 
 if TYPE_CHECKING:
@@ -170,15 +172,18 @@ def _compile(cfg: FwdConfig, args: Optional[tuple]):
 
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
-    t0 = time.perf_counter()
-    kernel = FlashAttentionForwardSm90(cfg)
     tvm_ffi = args is None
-    if tvm_ffi:
-        fn = cute.compile(kernel, *kernel.fake_args(cfg, env_stream=True), options="--enable-tvm-ffi")
-    else:
-        fn = cute.compile(kernel, *args)
-    last_compile_seconds = time.perf_counter() - t0
-    log.debug("cute_kernels: compiled %s (tvm-ffi %s) in %.1fs", cfg.short(), tvm_ffi, last_compile_seconds)
+    fn = disk_cache.load(cfg) if tvm_ffi else None
+    if fn is None:
+        t0 = time.perf_counter()
+        kernel = FlashAttentionForwardSm90(cfg)
+        if tvm_ffi:
+            fn = cute.compile(kernel, *kernel.fake_args(cfg, env_stream=True), options="--enable-tvm-ffi")
+            disk_cache.store(cfg, fn)
+        else:
+            fn = cute.compile(kernel, *args)
+        last_compile_seconds = time.perf_counter() - t0
+        log.debug("cute_kernels: compiled %s (tvm-ffi %s) in %.1fs", cfg.short(), tvm_ffi, last_compile_seconds)
     _compiled[cfg, tvm_ffi] = fn
     return fn
 
