@@ -37,10 +37,16 @@ def smi_id(device: torch.device) -> str:
     return visible[index] if index < len(visible) else str(index)
 
 
+# The query each nvidia-smi answered (with the reasons field or without), so a driver that
+# refuses the field is not asked again at every measured point.
+_working_query: dict[str, str] = {}
+
+
 class ClockSampler:
     """`with ClockSampler(id) as s: ...` samples SM clock and power every `period_ms` while the
     block runs (sampling has begun when the block starts); then `s.result` is {"sm_mhz": mean,
-    "power_w": mean, "samples": n}, or None when nvidia-smi is missing or gave no sample."""
+    "power_w": mean, "samples": n} plus "limits" (see `summarize`) where nvidia-smi reports the
+    reasons, or None when nvidia-smi is missing or gave no sample."""
 
     def __init__(self, smi_device: str, period_ms: int = 20, smi: str = "nvidia-smi"):
         self.smi, self.args = smi, ["--format=csv,noheader,nounits", "-i", smi_device, "-lms", str(period_ms)]
@@ -52,12 +58,14 @@ class ClockSampler:
         if shutil.which(self.smi) is None:
             return self
         # With the clock-limit reasons where this nvidia-smi knows the field, else without.
-        for query in (f"{QUERY},{REASONS}", QUERY):
+        known = _working_query.get(self.smi)
+        for query in [known] if known else [f"{QUERY},{REASONS}", QUERY]:
             self.proc = subprocess.Popen([self.smi, f"--query-gpu={query}", *self.args],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             first = self.proc.stdout.readline()  # blocks until sampling has begun (or nvidia-smi exits)
             if _parse(first) is not None:
                 self.lines.append(first)
+                _working_query[self.smi] = query
                 break
             self._stop()
         return self

@@ -582,9 +582,9 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, needed = softmax.step(acc_S, is_first=is_first)
+        row_scale = softmax.step(acc_S, is_first=is_first)
         convert_to(acc_to_frgA(acc_S), tOrP)
-        return row_scale, needed
+        return row_scale
 
     @cute.jit
     def step_plain(
@@ -599,9 +599,9 @@ class FlashAttentionForwardSm90:
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(0)
         pipeline_k.consumer_release(kv_state)
-        row_scale, needed = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
-                                               softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
-        softmax.rescale_O(acc_O, row_scale, needed)
+        row_scale = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
+                                       softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
+        softmax.rescale_O(acc_O, row_scale, lazy=not is_first)
         pipeline_v.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
         pv_gemm(kv_state.index, wg_wait=0)  # O += P @ V
@@ -635,7 +635,7 @@ class FlashAttentionForwardSm90:
         self.scheduler_sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
         if const_expr(self.cfg.tile.rescale_o_before_pv):
-            softmax.rescale_O(acc_O, o_scale, softmax.any_moved(o_scale))  # the previous block's, under QK^T
+            softmax.rescale_O(acc_O, o_scale)  # the previous block's factors, under QK^T
         pipeline_v.consumer_wait(v_state)
         pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
         self.scheduler_arrive(wg_idx)
@@ -646,7 +646,7 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, needed = softmax.step(acc_S, is_first=False)
+        row_scale = softmax.step(acc_S, is_first=False)
         if const_expr(gate > 0):
             self.release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
@@ -655,7 +655,7 @@ class FlashAttentionForwardSm90:
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             o_scale.store(row_scale.load())
         else:
-            softmax.rescale_O(acc_O, row_scale, needed)
+            softmax.rescale_O(acc_O, row_scale)
         return kv_state
 
     @cute.jit
@@ -670,7 +670,7 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale):
         if const_expr(self.cfg.tile.rescale_o_before_pv):
-            softmax.rescale_O(acc_O, o_scale, softmax.any_moved(o_scale))
+            softmax.rescale_O(acc_O, o_scale)
         pipeline_v.consumer_wait(kv_state)
         pv_gemm(kv_state.index, wg_wait=0)
         pipeline_v.consumer_release(kv_state)
@@ -726,7 +726,7 @@ class FlashAttentionForwardSm90:
         column chunks. No barrier across warps except, when sO aliases sQ, one that waits for
         every warpgroup's last QK^T. LSE from the lanes that own column 0."""
         inv_sum = softmax.finalize()
-        softmax.rescale_O(acc_O, inv_sum)
+        softmax.rescale_O(acc_O, inv_sum, lazy=False)
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
         convert_to(acc_O, rO)
         b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0

@@ -36,8 +36,8 @@ class OnlineSoftmax:
     row_max: cute.Tensor  # the reference max of each row: with `lazy`, possibly below the true max
     row_sum: cute.Tensor
     # > 0: lazy rescaling. A row keeps its reference max while its running max exceeds it by at
-    # most `lazy` (log2 units; its probabilities then stay <= 2^lazy), and `step` says whether
-    # any row of the warp moved its reference, so O's rescale can be skipped when none did.
+    # most `lazy` (log2 units; its probabilities then stay <= 2^lazy); a kept reference gives a
+    # factor of exactly exp2(0) = 1, so `rescale_O` skips O's rescale when a warp has no other.
     lazy: float = 0.0
 
     @staticmethod
@@ -53,14 +53,12 @@ class OnlineSoftmax:
         self.row_sum.fill(0.0)
 
     @cute.jit
-    def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]):
+    def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]) -> cute.Tensor:
         """Turn scores into unnormalized probabilities in place; return the factor by which
-        each row of O must be rescaled and, with `lazy` (else None), whether any row of the warp
-        has a factor other than 1."""
+        each row of O must be rescaled."""
         s_mn = acc_to_mn(acc_S)
         row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
         lazy = const_expr(self.lazy > 0 and not is_first)
-        moved = cutlass.Boolean(False)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             row = s_mn[r, None].load()
             m_prev = self.row_max[r]
@@ -71,7 +69,6 @@ class OnlineSoftmax:
                 # the reference then "moves" to -inf, a no-op).
                 keep = (m_cur - m_prev) * self.scale_log2 <= Float32(self.lazy)
                 m_cur = m_prev if keep else m_cur
-                moved = moved | (not keep)
             self.row_max[r] = m_cur
             # A row with every key masked so far keeps max -inf: use 0 so exp2 gives 0, not NaN.
             m_safe = m_cur if m_cur != -Float32.inf else Float32(0.0)
@@ -84,8 +81,7 @@ class OnlineSoftmax:
                 scale = cute.math.exp2((m_prev - m_safe) * self.scale_log2, fastmath=True)
                 row_scale[r] = scale
                 self.row_sum[r] = p.reduce(cute.ReductionOp.ADD, self.row_sum[r] * scale, 0)
-        needed = cute.arch.vote_any_sync(moved) if const_expr(lazy) else None
-        return row_scale, needed
+        return row_scale
 
     @cute.jit
     def finalize(self) -> cute.Tensor:
@@ -102,26 +98,20 @@ class OnlineSoftmax:
         return inv
 
     @cute.jit
-    def any_moved(self, row_scale: cute.Tensor):
-        """With `lazy`: whether any row of the warp has a factor other than 1 (a kept reference
-        gives exactly exp2(0) = 1), for factors kept past `step` (rescale_o_before_pv); else None."""
-        if const_expr(self.lazy > 0):
+    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor, lazy: cutlass.Constexpr[bool] = True):
+        """O's rows times row_scale. With `lazy` (and lazy rescaling on), only if some row of the
+        warp has a factor other than 1 (a warp vote, so the branch is warp-uniform)."""
+        if const_expr(lazy and self.lazy > 0):
             moved = cutlass.Boolean(False)
             for r in cutlass.range_constexpr(cute.size(row_scale)):
                 moved = moved | (row_scale[r] != Float32(1.0))
-            return cute.arch.vote_any_sync(moved)
-        return None
+            if cute.arch.vote_any_sync(moved):
+                self._scale_rows(acc_O, row_scale)
+        else:
+            self._scale_rows(acc_O, row_scale)
 
     @cute.jit
-    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor, needed=None):
-        """O's rows times row_scale; with `needed` (a warp-uniform flag from `step`), only if set."""
-        if const_expr(needed is None):
-            self.scale_rows(acc_O, row_scale)
-        elif needed:
-            self.scale_rows(acc_O, row_scale)
-
-    @cute.jit
-    def scale_rows(self, acc_O: cute.Tensor, row_scale: cute.Tensor):
+    def _scale_rows(self, acc_O: cute.Tensor, row_scale: cute.Tensor):
         o_mn = acc_to_mn(acc_O)
         for r in cutlass.range_constexpr(cute.size(row_scale)):
             o_mn[r, None].store(o_mn[r, None].load() * row_scale[r])

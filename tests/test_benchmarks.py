@@ -188,6 +188,11 @@ def test_clock_sampler_averages_nvidia_smi_samples(tmp_path):
     assert s.result["samples"] >= 5
     assert 1900 <= s.result["sm_mhz"] <= 1920 and 600 <= s.result["power_w"] <= 610
     assert "limits" not in s.result  # this nvidia-smi refused the reasons field: sampled without
+    fake.write_text(fake.read_text().replace("|| exit 3", "|| { echo asked >> " + str(tmp_path / "asked")
+                                             + "; exit 3; }"))
+    with ClockSampler("0", period_ms=10, smi=str(fake)) as s:
+        time.sleep(0.05)
+    assert s.result["samples"] >= 1 and not (tmp_path / "asked").exists()  # not asked again
     with ClockSampler("0", smi=str(tmp_path / "missing")) as s:
         pass
     assert s.result is None

@@ -156,6 +156,7 @@ def test_compile_o_chunks(causal):
     assert ops["STSM"] > 0
     assert "SYNC 0x1" not in sass.named_barrier_ids(text[0])  # NamedBarrierFwd.Epilogue
 
+
 @pytest.mark.parametrize("hdim,causal", [(128, False), (64, True), (256, False)])
 def test_compile_lazy_rescale(hdim, causal):
     """Lazy O rescaling: a warp vote decides whether O is rescaled (a branch over its FMULs)."""
