@@ -74,13 +74,14 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
         return "cute_kernels: nheads must be a multiple of nheads_kv"
     if any(t is not None for t in (req.q_descale, req.k_descale, req.v_descale)):
         return "cute_kernels: descales are FP8-only"
-    if req.params.softmax_scale < 0 and req.params.softcap == 0:
+    if req.params.softmax_scale <= 0 and req.params.softcap == 0:
         # The kernel takes each row's max over unscaled scores (one FMUL per score saved), which
-        # is the max of the scaled ones only for a scale >= 0. Below 0 the probabilities are
+        # is the max of the scaled ones only for a scale > 0. Below 0 the probabilities are
         # 2^((s - max) * scale) >= 1 instead of <= 1: they overflow fp16's P (2^16) or fp32 once
-        # a row's scores spread wide enough. (With softcap the scale goes into tanh's argument
-        # and the max is taken over the capped scores.)
-        return "cute_kernels: softmax_scale < 0 needs softcap (the row max is taken before scaling)"
+        # a row's scores spread wide enough. At 0 a masked score (-inf) times the scale is NaN.
+        # (With softcap the scale goes into tanh's argument and the max is taken over the
+        # capped scores.)
+        return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
     if req.device.type != "cuda":
         return "cute_kernels: CUDA tensors only"
     return None

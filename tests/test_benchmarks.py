@@ -108,6 +108,20 @@ def test_rounds_keep_the_median_of_interleaved_repeats(tmp_path):
     assert cut["meta"]["not_run_budget"] == 1 and cut["rows"] == []
 
 
+def test_each_round_starts_a_point_with_the_next_provider():
+    for cases, providers in ((1, 1), (2, 3), (3, 2)):
+        firsts = set()
+        for r in range(providers):
+            order = run.interleaved(cases, providers, r)
+            assert sorted(order) == list(range(cases * providers))  # every step once a round
+            for c in range(cases):  # a point's providers stay together
+                block = order[c * providers:(c + 1) * providers]
+                assert {n // providers for n in block} == {c}
+                firsts.add((c, block[0] % providers))
+        assert firsts == {(c, j) for c in range(cases) for j in range(providers)}
+    assert run.interleaved(2, 3, 0) == [0, 1, 2, 3, 4, 5]  # round 1 in table order (rows append)
+
+
 def test_markdown_reads_rates_against_the_same_run_matmul(cpu_run):
     doc, _ = cpu_run
     assert "matmul_tflops" not in doc["meta"]  # measured on CUDA only

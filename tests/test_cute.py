@@ -558,8 +558,10 @@ def test_why_not_reasons():
     assert "dtype" in cute_kernels.why_not(_req(z, z, z), backward=False)
     f8 = x.to(torch.float8_e4m3fn)
     assert cute_kernels.why_not(_req(f8, f8, f8), backward=False)
-    assert "softmax_scale" in cute_kernels.why_not(_req(x, x, x, softmax_scale=-0.1), backward=False)
-    for params in (dict(softmax_scale=-0.1, softcap=2.0), dict(softmax_scale=0.0)):  # served (on CUDA)
+    for scale in (-0.1, 0.0):  # (0: a masked -inf score times the scale would be NaN)
+        assert "softmax_scale" in cute_kernels.why_not(_req(x, x, x, softmax_scale=scale), backward=False)
+    for params in (dict(softmax_scale=-0.1, softcap=2.0), dict(softmax_scale=0.0, softcap=2.0),
+                   dict(softmax_scale=1e-6)):  # served (on CUDA)
         assert cute_kernels.why_not(_req(x, x, x, **params), backward=False) == "cute_kernels: CUDA tensors only"
 
 
