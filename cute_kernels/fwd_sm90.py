@@ -578,13 +578,13 @@ class FlashAttentionForwardSm90:
     def softmax_block(self, acc_S, n_block, softmax: OnlineSoftmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
                       softcap_premul, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
                       mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool]):
-        """Scores -> P (in tOrP); returns the O row rescale factors."""
+        """Scores -> P (in tOrP); returns the O row rescale factors and step's `moved`."""
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale = softmax.step(acc_S, is_first=is_first)
+        row_scale, moved = softmax.step(acc_S, is_first=is_first)
         convert_to(acc_to_frgA(acc_S), tOrP)
-        return row_scale
+        return row_scale, moved
 
     @cute.jit
     def step_plain(
@@ -599,9 +599,9 @@ class FlashAttentionForwardSm90:
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(0)
         pipeline_k.consumer_release(kv_state)
-        row_scale = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
-                                       softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
-        softmax.rescale_O(acc_O, row_scale, lazy=not is_first)
+        row_scale, moved = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
+                                              softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
+        softmax.rescale_O(acc_O, row_scale, moved, lazy=not is_first)
         pipeline_v.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
         pv_gemm(kv_state.index, wg_wait=0)  # O += P @ V
@@ -646,7 +646,7 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale = softmax.step(acc_S, is_first=False)
+        row_scale, moved = softmax.step(acc_S, is_first=False)
         if const_expr(gate > 0):
             self.release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
@@ -655,7 +655,7 @@ class FlashAttentionForwardSm90:
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             o_scale.store(row_scale.load())
         else:
-            softmax.rescale_O(acc_O, row_scale)
+            softmax.rescale_O(acc_O, row_scale, moved)
         return kv_state
 
     @cute.jit

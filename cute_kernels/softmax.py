@@ -37,7 +37,7 @@ class OnlineSoftmax:
     row_sum: cute.Tensor
     # > 0: lazy rescaling. A row keeps its reference max while its running max exceeds it by at
     # most `lazy` (log2 units; its probabilities then stay <= 2^lazy); a kept reference gives a
-    # factor of exactly exp2(0) = 1, so `rescale_O` skips O's rescale when a warp has no other.
+    # factor of exactly exp2(0) = 1, and `rescale_O` skips O's rescale when no row of a warp moved.
     lazy: float = 0.0
 
     @staticmethod
@@ -53,12 +53,14 @@ class OnlineSoftmax:
         self.row_sum.fill(0.0)
 
     @cute.jit
-    def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]) -> cute.Tensor:
+    def step(self, acc_S: cute.Tensor, is_first: cutlass.Constexpr[bool]):
         """Turn scores into unnormalized probabilities in place; return the factor by which
-        each row of O must be rescaled."""
+        each row of O must be rescaled and, with lazy rescaling (else None), whether a row of the
+        warp moved its reference (for `rescale_O`)."""
         s_mn = acc_to_mn(acc_S)
         row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
         lazy = const_expr(self.lazy > 0 and not is_first)
+        moved = cutlass.Boolean(False)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
             row = s_mn[r, None].load()
             m_prev = self.row_max[r]
@@ -69,6 +71,7 @@ class OnlineSoftmax:
                 # the reference then "moves" to -inf, a no-op).
                 keep = (m_cur - m_prev) * self.scale_log2 <= Float32(self.lazy)
                 m_cur = m_prev if keep else m_cur
+                moved = moved | (not keep)
             self.row_max[r] = m_cur
             # A row with every key masked so far keeps max -inf: use 0 so exp2 gives 0, not NaN.
             m_safe = m_cur if m_cur != -Float32.inf else Float32(0.0)
@@ -81,7 +84,10 @@ class OnlineSoftmax:
                 scale = cute.math.exp2((m_prev - m_safe) * self.scale_log2, fastmath=True)
                 row_scale[r] = scale
                 self.row_sum[r] = p.reduce(cute.ReductionOp.ADD, self.row_sum[r] * scale, 0)
-        return row_scale
+        # The vote on `keep` is ready before the factors' exp2: voting on the factors instead
+        # (as rescale_O does for factors kept from an earlier block) puts MUFU's latency in front
+        # of the branch, +2.5% SM cycles at hdim 64 causal 16k (H200).
+        return row_scale, (cute.arch.vote_any_sync(moved) if const_expr(lazy) else None)
 
     @cute.jit
     def finalize(self) -> cute.Tensor:
@@ -98,14 +104,18 @@ class OnlineSoftmax:
         return inv
 
     @cute.jit
-    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor, lazy: cutlass.Constexpr[bool] = True):
-        """O's rows times row_scale. With `lazy` (and lazy rescaling on), only if some row of the
-        warp has a factor other than 1 (a warp vote, so the branch is warp-uniform)."""
+    def rescale_O(self, acc_O: cute.Tensor, row_scale: cute.Tensor, moved=None,
+                  lazy: cutlass.Constexpr[bool] = True):
+        """O's rows times row_scale. With `lazy` (and lazy rescaling on), only if a row of the
+        warp moved its reference: `moved` from `step`, or, for factors kept past it (None), a
+        factor other than 1. Both are warp votes, so the branch is warp-uniform."""
         if const_expr(lazy and self.lazy > 0):
-            moved = cutlass.Boolean(False)
-            for r in cutlass.range_constexpr(cute.size(row_scale)):
-                moved = moved | (row_scale[r] != Float32(1.0))
-            if cute.arch.vote_any_sync(moved):
+            if const_expr(moved is None):
+                factor_not_1 = cutlass.Boolean(False)
+                for r in cutlass.range_constexpr(cute.size(row_scale)):
+                    factor_not_1 = factor_not_1 | (row_scale[r] != Float32(1.0))
+                moved = cute.arch.vote_any_sync(factor_not_1)
+            if moved:
                 self._scale_rows(acc_O, row_scale)
         else:
             self._scale_rows(acc_O, row_scale)
