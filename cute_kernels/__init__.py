@@ -132,6 +132,12 @@ def unpack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
     return t.view(*lead, kv_heads, rows_g // g, g).transpose(-1, -2).reshape(*lead, kv_heads * g, rows_g // g)
 
 
+def pack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
+    """`unpack_lse`'s inverse: (..., heads, rows) -> (..., heads / g, rows * g)."""
+    *lead, heads, rows = t.shape
+    return t.view(*lead, heads // g, g, rows).transpose(-1, -2).reshape(*lead, heads // g, rows * g)
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """TMA needs a unit last stride, 16-byte strides and a 16-byte aligned base."""
     ok = (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
@@ -233,13 +239,22 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
     q, k, v = (_tma_ready(t) for t in (q, req.k, req.v))
     padded_rows = req.packed_q or req.seqused_q is not None
     dev = q.device
-    out_shape, lse_shape = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
+    # With one query row (decoding) the packed layout is a view of the caller's: the kernel
+    # writes out and LSE in place (no copies, no extra launches). Else it gets packed buffers.
+    in_place = g == 1 or req.q.shape[-3] == 1
+    out_shape, lse_shape = ((req.out_shape, req.lse_shape) if in_place
+                            else ((*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)))
     out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=req.out_dtype, device=dev)
     # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
     lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
            else torch.empty(lse_shape, dtype=torch.float32, device=dev))
+    if g == 1:
+        return _launch(req, cfg, q, k, v, out, lse)
+    if in_place:
+        _launch(req, cfg, q, k, v, pack_rows(out, g), pack_lse(lse, g))
+        return out, lse
     out, lse = _launch(req, cfg, q, k, v, out, lse)
-    return (unpack_rows(out, g), unpack_lse(lse, g)) if g > 1 else (out, lse)
+    return unpack_rows(out, g), unpack_lse(lse, g)
 
 
 def q_empty_or_no_keys(req: "AttentionRequest") -> bool:

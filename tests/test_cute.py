@@ -351,18 +351,26 @@ def _emulated_launch(req, cfg, q, k, v, out, lse):
     return out, lse
 
 
-@pytest.mark.parametrize("layout", ["batched", "varlen", "seqused"])
+@pytest.mark.parametrize("layout", ["batched", "decode", "varlen", "seqused"])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (5, 2)])
 @pytest.mark.parametrize("h,hk", [(8, 2), (6, 1)])
 def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
     """cute_kernels.run's packing of Q and unpacking of out / LSE, with the kernel emulated on the
     CPU (`_emulated_launch`): the answer against the reference, for batched, packed (varlen)
-    and seqused queries, GQA and MQA (packing by view), causal and local masks."""
+    and seqused queries, GQA and MQA (packing by view), causal and local masks. With one query
+    (decode) the kernel writes into views of the returned out and LSE."""
     from tests._util import check_forward, packed
 
-    monkeypatch.setattr(cute_kernels, "_launch", _emulated_launch)
-    if layout == "batched":
-        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((7, h), (90, hk), (90, hk)))
+    given = []
+
+    def launch(req, cfg, q, k, v, out, lse):
+        given.append((out, lse))
+        return _emulated_launch(req, cfg, q, k, v, out, lse)
+
+    monkeypatch.setattr(cute_kernels, "_launch", launch)
+    if layout in ("batched", "decode"):
+        sq = 1 if layout == "decode" else 7
+        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((sq, h), (90, hk), (90, hk)))
         kw = {}
     else:
         q, cu_q = packed([3, 1, 0, 9], h, 64, torch.bfloat16, "cpu")
@@ -377,6 +385,9 @@ def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
     assert cfg.pack_gqa == h // hk
     out, lse = cute_kernels.run(req, cfg)
     assert out.shape == req.out_shape and lse.shape == req.lse_shape
+    (k_out, k_lse), = given
+    in_place = (k_out._base is out and k_lse._base is lse)
+    assert in_place == (layout == "decode")
     check_forward(req, out, lse)
 
 
@@ -916,6 +927,19 @@ def test_gpu_pack_gqa(sq, sk, h, hk, wl, wr):
     q, k, v = _qkv(2, sq, sk, h, hk, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.config_for(req).pack_gqa == h // hk
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("d,dv", [(64, 64), (96, 96), (192, 128), (256, 256)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_pack_gqa_decode_headdims(d, dv, causal):
+    """Decoding (one query) with GQA packing at every head dim: the kernel writes out and LSE in
+    place through strided views of the returned tensors (cute_kernels.run), through each head
+    dim's epilogue (TMA store or vector stores)."""
+    q, k, v = _qkv(3, 1, 777, 16, 4, d, dv, torch.bfloat16)
+    req = _req(q, k, v, window_right=0 if causal else -1)
+    assert cute_kernels.config_for(req).pack_gqa == 4
     _check(req)
 
 
