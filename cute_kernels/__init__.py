@@ -283,7 +283,7 @@ def sequence_args(req: "AttentionRequest", q: torch.Tensor, g: int) -> tuple:
                           _int32(req.seqused_k)]
 
 
-def _launch(req, cfg, q, k, v, out, lse):
+def _launch(req, cfg, q, k, v, out, lse, num_splits: int = 1):
     """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa)."""
     p, dev, g = req.params, q.device, cfg.pack_gqa
 
@@ -296,7 +296,8 @@ def _launch(req, cfg, q, k, v, out, lse):
         return out, lse
     ints.append(_tile_counter(dev) if cfg.tile.dynamic else None)
     sections = l2_heads(req) // g if cfg.tile.lpt_l2_sections else 1
-    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections)
+    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections,
+               num_splits)
     tvm_ffi = use_tvm_ffi
     fn = _compiled.get((cfg, tvm_ffi))
     if tvm_ffi:

@@ -239,6 +239,11 @@ class FwdConfig:
     # tile_m rows holds tile_m / pack_gqa positions of every head of the group and K/V are read
     # once per KV head; the masks map a row to its position (mask.AttentionMask).
     pack_gqa: int = 1
+    # Split-KV (flash-decoding): a tile's KV blocks are split into `num_splits` (a launch argument)
+    # runs, each a tile of its own; each writes its O (normalized by its own row sums) in float32
+    # and its LSE to partial tensors with the splits folded into the batch (or packed-rows) index,
+    # which the host combines (cute_kernels.combine_splits). For grids under one wave.
+    split_kv: bool = False
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -287,7 +292,8 @@ class FwdConfig:
         # O by TMA store for non-causal / non-local (and `plain`); causal / local keep the
         # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
         # +4.9 / +6.6%; non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
-        tma_store = not windowed or plain
+        # (Split-KV writes its float32 partial O from registers: no TMA store.)
+        tma_store = (not windowed or plain) and not features.get("split_kv", False)
         # Lazy O rescaling (TileConfig.lazy_rescale, threshold 2^8) at hdim_v 192 / 256 (with their
         # 128x96 / 128x64 tiles: see TILES) and hdim64 windowed. H200 SM cycles, 16k tokens: hdim64
         # causal 2k / 8k / 16k -1.7 / -1.4 / -1.7% (wall, 3 rounds: 8k / 16k +2.4 / +2.0% TFLOP/s;
@@ -307,6 +313,7 @@ class FwdConfig:
         flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
                              "seqused_q", "seqused_k") if getattr(self, n)]
         flags += [f"pack_gqa={self.pack_gqa}"] if self.pack_gqa > 1 else []
+        flags += ["split_kv"] if self.split_kv else []
         t = self.tile
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"
