@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from cute_kernels import disk_cache
-from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, pack_gqa_factor
+from cute_kernels.config import (SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, num_splits_for,
+                                  pack_gqa_factor)
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -91,6 +92,9 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
 # have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
 PACK_TILE_M = 128
 pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
+# Split-KV: "auto" (config.num_splits_for), or a count used for every call (1: never split; more
+# than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
+split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto")
 
 
 def config_for(req: "AttentionRequest") -> FwdConfig:
@@ -103,14 +107,32 @@ def config_for(req: "AttentionRequest") -> FwdConfig:
            req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,
            req.seqused_k is not None, is_short(p.window_right >= 0, rows, seqlen_k),
            is_medium(p.window_right >= 0, seqlen_k), pack)
+    cfg = _make_config(req, key)
+    return _make_config(req, (*key, True)) if num_splits(req, cfg) > 1 else cfg
+
+
+def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
     cfg = _configs.get(key)
     if cfg is None:
         cfg = _configs[key] = FwdConfig.make(
             _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
             softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
-            short=key[10], medium=key[11], pack_gqa=pack,
+            short=key[10], medium=key[11], pack_gqa=key[12], split_kv=len(key) > 13,
         )
     return cfg
+
+
+def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
+    """KV splits for `req` with `cfg`'s tile (split_kv_setting; auto: config.num_splits_for)."""
+    if split_kv_setting != "auto":
+        return int(split_kv_setting)
+    g = cfg.pack_gqa
+    seqlen_q = req.max_seqlen_q if req.packed_q else req.q.shape[1]
+    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
+    tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
+    sms = _num_sms(req.device) if req.device.type == "cuda" else 132
+    return num_splits_for(tiles, -(-seqlen_k // cfg.tile.tile_n), sms)
 
 
 def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
@@ -244,10 +266,26 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
     in_place = g == 1 or req.q.shape[-3] == 1
     out_shape, lse_shape = ((req.out_shape, req.lse_shape) if in_place
                             else ((*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)))
-    out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=req.out_dtype, device=dev)
-    # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
-    lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
-           else torch.empty(lse_shape, dtype=torch.float32, device=dev))
+
+    def outputs(out_shape, lse_shape, dtype):
+        out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=dtype, device=dev)
+        # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
+        lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
+               else torch.empty(lse_shape, dtype=torch.float32, device=dev))
+        return out, lse
+
+    if cfg.split_kv:
+        # float32 partials, the splits folded into the first dim of out / the last of LSE.
+        splits = num_splits(req, cfg)
+        packed_out, packed_lse = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
+        o_part, lse_part = outputs((splits * packed_out[0], *packed_out[1:]),
+                                   (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
+                                   else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
+        _launch(req, cfg, q, k, v, o_part, lse_part, splits)
+        out, lse = combine_splits(o_part, lse_part, splits, req.packed_q)
+        out = out.to(req.out_dtype)
+        return (unpack_rows(out, g), unpack_lse(lse, g)) if g > 1 else (out, lse)
+    out, lse = outputs(out_shape, lse_shape, req.out_dtype)
     if g == 1:
         return _launch(req, cfg, q, k, v, out, lse)
     if in_place:
@@ -255,6 +293,23 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         return out, lse
     out, lse = _launch(req, cfg, q, k, v, out, lse)
     return unpack_rows(out, g), unpack_lse(lse, g)
+
+
+def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool):
+    """Split-KV's partial results -> (out in float32, LSE): LSE = logsumexp over the splits of
+    theirs, out = the sum of each split's O times exp(its LSE - LSE). A row no split saw (every
+    LSE -inf) gets 0 and -inf. Batched: o_part (splits * b, rows, h, dv), lse_part
+    (splits * b, h, rows); packed: (splits * total, h, dv) and (h, splits * total)."""
+    if packed_q:
+        o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, total, h, dv)
+        lse_s = lse_part.view(lse_part.shape[0], splits, -1).transpose(0, 1)  # (splits, h, total)
+    else:
+        o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, b, rows, h, dv)
+        lse_s = lse_part.view(splits, -1, *lse_part.shape[1:])  # (splits, b, h, rows)
+    lse = torch.logsumexp(lse_s, dim=0)
+    weight = torch.exp(lse_s - lse).nan_to_num_(0.0)  # -inf - -inf: a row no split saw
+    out = (o * weight.transpose(-1, -2).unsqueeze(-1)).sum(0)
+    return out, lse
 
 
 def q_empty_or_no_keys(req: "AttentionRequest") -> bool:

@@ -206,6 +206,28 @@ def pack_gqa_factor(group: int, max_seqlen_q: int, tile_m: int) -> int:
     return group if group > 1 and max_seqlen_q > 0 and fill(max_seqlen_q * group) > 1.1 * fill(max_seqlen_q) else 1
 
 
+# Split-KV's cost of a tile beyond its KV blocks (Q load, pipeline fill, epilogue), in KV blocks,
+# and the fewest KV blocks a tile must have to be split (below, the combine's launches outweigh
+# the gain): guesses until measured.
+SPLIT_TILE_OVERHEAD_BLOCKS = 2
+SPLIT_MIN_BLOCKS = 32
+
+
+def num_splits_for(tiles: int, n_blocks: int, num_sms: int, max_splits: int = 64) -> int:
+    """KV splits (split-KV) for a grid of `tiles` tiles of up to `n_blocks` KV blocks each on
+    `num_sms` SMs: 1 while the tiles fill 80% of one wave or have fewer than SPLIT_MIN_BLOCKS
+    blocks; else the count that
+    minimizes waves * (blocks per split + SPLIT_TILE_OVERHEAD_BLOCKS), with at least 2 blocks a
+    split: the smallest count within 5% of the best, since each split adds to the combine
+    (decoding, 4 (batch, KV head) tiles of 64 blocks on 132 SMs: 32 splits)."""
+    if tiles <= 0 or tiles * 5 >= num_sms * 4 or n_blocks < SPLIT_MIN_BLOCKS:
+        return 1
+    counts = range(1, min(max_splits, n_blocks // 2) + 1)
+    cost = {s: -(-tiles * s // num_sms) * (-(-n_blocks // s) + SPLIT_TILE_OVERHEAD_BLOCKS) for s in counts}
+    best = min(cost.values())
+    return next(s for s in counts if cost[s] <= best * 1.05)
+
+
 def is_short(has_right: bool, max_seqlen_q: int, max_seqlen_k: int) -> bool:
     """Whether a problem takes SHORT_TILES: few KV blocks per query tile."""
     return max_seqlen_q <= SHORT_CAUSAL_SEQLEN if has_right else max_seqlen_k <= SHORT_SEQLEN_K

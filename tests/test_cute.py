@@ -181,6 +181,21 @@ def test_compile_pack_gqa(g, features):
     _compile_and_check(FwdConfig.make("bf16", 128, pack_gqa=g, short=True, **features))
 
 
+@pytest.mark.parametrize("hdim,hdimv,features", [
+    (128, 128, dict(pack_gqa=8, short=True)), (64, 64, dict(has_right=True)),
+    (256, 256, dict(has_left=True, has_right=True)), (192, 128, dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True)),
+    (96, 96, dict(pack_gqa=4, has_right=True, seqused_q=True, cu_seqlens_q=True)),
+])
+def test_compile_split_kv(hdim, hdimv, features):
+    """Split-KV: spill-free at every head dim, with windows, varlen and packing; no TMA store (O
+    leaves as float32 from registers by 8-byte stores, STG.E.64)."""
+    cfg = FwdConfig.make("bf16", hdim, hdimv, split_kv=True, **features)
+    assert not cfg.tile.tma_store
+    text = []
+    _compile_and_check(cfg, text_out=text)
+    assert sass.opcode_counts(text[0], True)["STG.E.64"] > 0
+
+
 def test_pack_rows_layout():
     """pack_rows puts query head kh * g + i of row r at row r * g + i of KV head kh, batched and
     packed (varlen) alike; unpack_rows / unpack_lse invert it; MQA (one KV head) packs by view."""
@@ -313,11 +328,67 @@ def test_mask_block_ranges_on_the_host(g, wl, wr):
                 assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
 
 
-def _emulated_launch(req, cfg, q, k, v, out, lse):
+def test_split_block_range_on_the_host():
+    """mask.split_block_range, run by CuTe DSL's host JIT: the splits of [lo, hi) are consecutive,
+    in split order, cover it exactly, differ in length by at most ... one run (all but the last
+    non-empty ones have ceil(blocks / splits) blocks), and splits past the blocks are empty."""
+    from cutlass import Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.mask import split_block_range
+
+    @cutlass.cute.jit
+    def ranges(out: cutlass.cute.Tensor, lo: cutlass.Int32, hi: cutlass.Int32):
+        for s in cutlass.range(out.shape[0]):
+            a, b = split_block_range(lo, hi, s, out.shape[0])
+            out[s, 0] = a
+            out[s, 1] = b
+
+    for lo, hi, splits in [(0, 1, 1), (0, 64, 32), (3, 17, 4), (5, 5, 3), (0, 7, 7), (2, 9, 10), (0, 100, 64)]:
+        out = torch.zeros(splits, 2, dtype=torch.int32)
+        ranges(from_dlpack(out), Int32(lo), Int32(hi))
+        per = -(-(hi - lo) // splits)
+        covered = []
+        for s, (a, b) in enumerate(out.tolist()):
+            assert a == lo + s * per and b == min(hi, a + per), (lo, hi, splits, s)
+            covered += list(range(a, b))
+        assert covered == list(range(lo, hi)), (lo, hi, splits)
+
+
+def test_num_splits_choice(monkeypatch):
+    """Split-KV only for grids under 80% of a wave with >= SPLIT_MIN_BLOCKS KV blocks; the count minimizes
+    waves * (blocks per split + overhead) over 1 .. blocks / 2 (brute force), the smallest within
+    5%; config_for takes the split_kv config then, and FA3PY_CUTE_NUM_SPLITS overrides."""
+    from cute_kernels.config import SPLIT_MIN_BLOCKS, SPLIT_TILE_OVERHEAD_BLOCKS, num_splits_for
+
+    assert num_splits_for(106, 64, 132) == 1 and num_splits_for(0, 64, 132) == 1
+    assert num_splits_for(4, SPLIT_MIN_BLOCKS - 1, 132) == 1 < num_splits_for(4, SPLIT_MIN_BLOCKS, 132)
+    for tiles, blocks in [(1, 64), (4, 64), (48, 64), (100, 64), (16, 256), (4, SPLIT_MIN_BLOCKS)]:
+        s = num_splits_for(tiles, blocks, 132)
+        cost = lambda n: -(-tiles * n // 132) * (-(-blocks // n) + SPLIT_TILE_OVERHEAD_BLOCKS)
+        best = min(cost(n) for n in range(1, blocks // 2 + 1))
+        assert 1 <= s <= blocks // 2 and cost(s) <= 1.05 * best
+        assert all(cost(n) > 1.05 * best for n in range(1, s))
+    k = torch.randn(1, 8192, 4, 128, dtype=torch.bfloat16)
+    decode = _req(torch.randn(1, 1, 32, 128, dtype=torch.bfloat16), k, k)
+    cfg = cute_kernels.config_for(decode)  # 4 (batch, KV head) tiles, 64 blocks
+    assert cfg.split_kv and cfg.pack_gqa == 8 and cute_kernels.num_splits(decode, cfg) == 32
+    long = torch.randn(2, 4096, 16, 128, dtype=torch.bfloat16)
+    assert not cute_kernels.config_for(_req(long, long, long)).split_kv
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", "1")
+    assert not cute_kernels.config_for(decode).split_kv
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", "3")
+    assert cute_kernels.config_for(decode).split_kv and cute_kernels.num_splits(decode, cfg) == 3
+
+
+def _emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
     """What `cute_kernels._launch` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
     row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
-    where the kernel writes them (padded rows left as initialized)."""
+    where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
+    its run of the sequence's KV blocks (the kernel splits each m_block's own range:
+    test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
+    s * batch + b, or rows from s * total_q + offset."""
     g, p = cfg.pack_gqa, req.params
     max_rows, (cu_q, cu_k, used_q, used_k) = cute_kernels.sequence_args(req, q, g)  # the kernel's view
     n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
@@ -342,44 +413,55 @@ def _emulated_launch(req, cfg, q, k, v, out, lse):
         if p.window_left >= 0:
             keep &= col >= pos + sk - sq // g - p.window_left
         s = s.masked_fill(~keep, -math.inf)
-        row_lse = torch.logsumexp(s, -1)  # (heads, rows)
-        o = torch.einsum("hrk,khd->rhd", torch.exp(s - row_lse[..., None]).nan_to_num(0.0), vb)
-        if cu_q is not None:
-            out[q0:q0 + sq], lse[:, q0:q0 + sq] = o.to(out.dtype), row_lse
-        else:
-            out[b, :sq], lse[b, :, :sq] = o.to(out.dtype), row_lse
+        tile_n = cfg.tile.tile_n
+        per_split = -(-(-(-sk // tile_n)) // num_splits) * tile_n  # keys per split
+        for split in range(num_splits):
+            in_split = (col >= split * per_split) & (col < (split + 1) * per_split)
+            s_split = s.masked_fill(~in_split, -math.inf) if cfg.split_kv else s
+            row_lse = torch.logsumexp(s_split, -1)  # (heads, rows)
+            o = torch.einsum("hrk,khd->rhd", torch.exp(s_split - row_lse[..., None]).nan_to_num(0.0), vb)
+            if cu_q is not None:
+                r0 = q0 + split * (out.shape[0] // num_splits)
+                out[r0:r0 + sq], lse[:, r0:r0 + sq] = o.to(out.dtype), row_lse
+            else:
+                bo = b + split * (out.shape[0] // num_splits)
+                out[bo, :sq], lse[bo, :, :sq] = o.to(out.dtype), row_lse
     return out, lse
 
 
+@pytest.mark.parametrize("splits", ["1", "3", "8"], ids=["whole", "split_kv3", "split_kv8"])
 @pytest.mark.parametrize("layout", ["batched", "decode", "varlen", "seqused"])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (5, 2)])
 @pytest.mark.parametrize("h,hk", [(8, 2), (6, 1)])
-def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
+def test_pack_gqa_host_side(layout, wl, wr, h, hk, splits, monkeypatch):
     """cute_kernels.run's packing of Q and unpacking of out / LSE, with the kernel emulated on the
     CPU (`_emulated_launch`): the answer against the reference, for batched, packed (varlen)
     and seqused queries, GQA and MQA (packing by view), causal and local masks. With one query
-    (decode) the kernel writes into views of the returned out and LSE."""
+    (decode) the kernel writes into views of the returned out and LSE. Split-KV (forced 3 or 8
+    splits): float32 partials combined by combine_splits; with 8 splits of up to 6 KV blocks of
+    128 some splits are empty, and short sequences leave most of them empty."""
     from tests._util import check_forward, packed
 
     given = []
 
-    def launch(req, cfg, q, k, v, out, lse):
+    def launch(req, cfg, q, k, v, out, lse, num_splits=1):
         given.append((out, lse))
-        return _emulated_launch(req, cfg, q, k, v, out, lse)
+        return _emulated_launch(req, cfg, q, k, v, out, lse, num_splits)
 
     monkeypatch.setattr(cute_kernels, "_launch", launch)
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", splits)
     if layout in ("batched", "decode"):
         sq = 1 if layout == "decode" else 7
-        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((sq, h), (90, hk), (90, hk)))
+        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((sq, h), (700, hk), (700, hk)))
         kw = {}
     else:
         q, cu_q = packed([3, 1, 0, 9], h, 64, torch.bfloat16, "cpu")
-        k, cu_k = packed([50, 4, 7, 120], hk, 64, torch.bfloat16, "cpu")
+        k, cu_k = packed([50, 4, 7, 620], hk, 64, torch.bfloat16, "cpu")
         v = torch.randn_like(k)
-        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=9, max_seqlen_k=120)
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=9, max_seqlen_k=620)
         if layout == "seqused":
             kw.update(seqused_q=torch.tensor([2, 1, 0, 9], dtype=torch.int32),
-                      seqused_k=torch.tensor([50, 0, 7, 100], dtype=torch.int32))
+                      seqused_k=torch.tensor([50, 0, 7, 500], dtype=torch.int32))
     req = _req(q, k, v, window_left=wl, window_right=wr, **kw)
     cfg = cute_kernels.config_for(req)
     assert cfg.pack_gqa == h // hk
@@ -387,7 +469,8 @@ def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
     assert out.shape == req.out_shape and lse.shape == req.lse_shape
     (k_out, k_lse), = given
     in_place = (k_out._base is out and k_lse._base is lse)
-    assert in_place == (layout == "decode")
+    assert in_place == (layout == "decode" and splits == "1")
+    assert cfg.split_kv == (splits != "1") and (k_out.dtype == torch.float32) == cfg.split_kv
     check_forward(req, out, lse)
 
 
@@ -927,6 +1010,48 @@ def test_gpu_pack_gqa(sq, sk, h, hk, wl, wr):
     q, k, v = _qkv(2, sq, sk, h, hk, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.config_for(req).pack_gqa == h // hk
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("splits", ["2", "5", "40"])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11)])
+@pytest.mark.parametrize("d,dv,h,hk,sq", [(128, 128, 8, 2, 1), (64, 64, 4, 4, 77), (256, 256, 6, 2, 3),
+                                          (192, 128, 8, 1, 1), (96, 96, 2, 1, 300)])
+def test_gpu_split_kv(splits, wl, wr, d, dv, h, hk, sq, monkeypatch):
+    """Split-KV forced to 2, 5 and 40 splits of 1000 keys (40: more splits than KV blocks, so
+    some are empty), with and without GQA packing, causal / local windows, every head dim:
+    float32 partials from the kernel combined on the host, against the reference."""
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", splits)
+    q, k, v = _qkv(2, sq, 1000, h, hk, d, dv, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    assert cute_kernels.config_for(req).split_kv
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqused", [False, True])
+def test_gpu_split_kv_varlen(causal, seqused, monkeypatch):
+    """Split-KV with packed (varlen) queries and keys, empty and one-token sequences, seqused."""
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", "4")
+    q, k, v, kw = _packed_qkv([1, 5, 0, 77, 2], [3, 203, 5, 1024, 640], 8, 2, 128, torch.float16)
+    if seqused:
+        kw.update(seqused_q=torch.tensor([1, 3, 0, 70, 2], dtype=torch.int32, device="cuda"),
+                  seqused_k=torch.tensor([3, 100, 0, 1000, 1], dtype=torch.int32, device="cuda"))
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    assert cute_kernels.config_for(req).split_kv
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_split_kv_auto_decode(causal):
+    """The automatic choice: decoding one sequence (4 KV heads, 8192 keys) splits the keys."""
+    q, k, v = _qkv(1, 1, 8192, 32, 4, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_right=0 if causal else -1)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.split_kv and cute_kernels.num_splits(req, cfg) > 1
     _check(req)
 
 
