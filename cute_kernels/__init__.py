@@ -264,8 +264,7 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
     # With one query row (decoding) the packed layout is a view of the caller's: the kernel
     # writes out and LSE in place (no copies, no extra launches). Else it gets packed buffers.
     in_place = g == 1 or req.q.shape[-3] == 1
-    out_shape, lse_shape = ((req.out_shape, req.lse_shape) if in_place
-                            else ((*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)))
+    packed_out, packed_lse = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
 
     def outputs(out_shape, lse_shape, dtype):
         out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=dtype, device=dev)
@@ -274,42 +273,42 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
                else torch.empty(lse_shape, dtype=torch.float32, device=dev))
         return out, lse
 
+    out, lse = outputs(*((req.out_shape, req.lse_shape) if in_place else (packed_out, packed_lse)),
+                       req.out_dtype)
+    k_out, k_lse = (pack_rows(out, g), pack_lse(lse, g)) if g > 1 and in_place else (out, lse)
     if cfg.split_kv:
         # float32 partials, the splits folded into the first dim of out / the last of LSE.
         splits = num_splits(req, cfg)
-        packed_out, packed_lse = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
         o_part, lse_part = outputs((splits * packed_out[0], *packed_out[1:]),
                                    (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
                                    else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
         _launch(req, cfg, q, k, v, o_part, lse_part, splits)
-        out, lse = combine_splits(o_part, lse_part, splits, req.packed_q)
-        out = out.to(req.out_dtype)
-        return (unpack_rows(out, g), unpack_lse(lse, g)) if g > 1 else (out, lse)
-    out, lse = outputs(out_shape, lse_shape, req.out_dtype)
-    if g == 1:
-        return _launch(req, cfg, q, k, v, out, lse)
-    if in_place:
-        _launch(req, cfg, q, k, v, pack_rows(out, g), pack_lse(lse, g))
-        return out, lse
-    out, lse = _launch(req, cfg, q, k, v, out, lse)
-    return unpack_rows(out, g), unpack_lse(lse, g)
+        combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse)
+    else:
+        _launch(req, cfg, q, k, v, k_out, k_lse)
+    return (out, lse) if in_place else (unpack_rows(out, g), unpack_lse(lse, g))
 
 
-def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool):
-    """Split-KV's partial results -> (out in float32, LSE): LSE = logsumexp over the splits of
-    theirs, out = the sum of each split's O times exp(its LSE - LSE). A row no split saw (every
-    LSE -inf) gets 0 and -inf. Batched: o_part (splits * b, rows, h, dv), lse_part
-    (splits * b, h, rows); packed: (splits * total, h, dv) and (h, splits * total)."""
+def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
+                   out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Split-KV's partial results into `out` and `lse`: LSE = logsumexp over the splits of theirs,
+    out = the sum of each split's O times exp(its LSE - LSE). A row no split saw (every LSE -inf)
+    gets 0 and -inf; a NaN LSE makes the row NaN. Batched: o_part (splits * b, rows, h, dv),
+    lse_part (splits * b, h, rows); packed: (splits * total, h, dv) and (h, splits * total).
+    On CUDA one Triton kernel (triton_fallback.combine); these torch ops are its reference."""
+    if o_part.is_cuda:
+        from triton_fallback.combine import combine_splits as combine_triton
+
+        return combine_triton(o_part, lse_part, splits, packed_q, out, lse)
+    o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, total, h, dv) / (splits, b, rows, h, dv)
     if packed_q:
-        o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, total, h, dv)
         lse_s = lse_part.view(lse_part.shape[0], splits, -1).transpose(0, 1)  # (splits, h, total)
     else:
-        o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, b, rows, h, dv)
         lse_s = lse_part.view(splits, -1, *lse_part.shape[1:])  # (splits, b, h, rows)
-    lse = torch.logsumexp(lse_s, dim=0)
-    weight = torch.exp(lse_s - lse).nan_to_num_(0.0)  # -inf - -inf: a row no split saw
-    out = (o * weight.transpose(-1, -2).unsqueeze(-1)).sum(0)
-    return out, lse
+    total = torch.logsumexp(lse_s, dim=0)
+    weight = torch.exp(lse_s - total.masked_fill(total == -math.inf, 0.0))  # exp(-inf) = 0 where no split saw a row
+    out.copy_((o * weight.transpose(-1, -2).unsqueeze(-1)).sum(0))
+    lse.copy_(total)
 
 
 def q_empty_or_no_keys(req: "AttentionRequest") -> bool:

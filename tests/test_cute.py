@@ -355,6 +355,44 @@ def test_split_block_range_on_the_host():
         assert covered == list(range(lo, hi)), (lo, hi, splits)
 
 
+@pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
+@pytest.mark.parametrize("splits,dv", [(1, 64), (3, 96), (40, 128), (5, 256)])
+def test_combine_splits_triton(packed_q, splits, dv):
+    """triton_fallback.combine (the CUDA path, here under Triton's interpreter) against
+    cute_kernels.combine_splits' torch ops and against a float64 recomputation: random split
+    LSEs with -inf ones (empty splits), a row no split saw (0 / -inf) and a row with a NaN LSE
+    (NaN), written into strided views of the outputs."""
+    from triton_fallback.combine import combine_splits as combine_triton
+
+    b, rows, h = (1, 37, 3) if packed_q else (2, 5, 3)
+    lead = (splits * rows,) if packed_q else (splits * b, rows)
+    o_part = torch.randn(*lead, h, dv)
+    lse_part = torch.randn(h, splits * rows) * 3 if packed_q else torch.randn(splits * b, h, rows) * 3
+    lse_part[lse_part < -4] = -math.inf  # some empty splits
+    lse_s = lse_part.view(h, splits, rows).transpose(0, 1) if packed_q else lse_part.view(splits, b, h, rows)
+    lse_s[..., 0, 1] = -math.inf  # (head 0, row 1) seen by no split  [views of lse_part]
+    lse_s[0, ..., 2, 3] = math.nan  # (head 2, row 3): a NaN score in split 0
+    out_shape = (rows, h, dv) if packed_q else (b, rows, h, dv)
+    lse_shape = (h, rows) if packed_q else (b, h, rows)
+    results = []
+    for combine in (cute_kernels.combine_splits, combine_triton):
+        out = torch.full((*out_shape[:-1], dv + 8), 7.0)[..., :dv]  # strided: rows of dv + 8
+        lse = torch.full(lse_shape[::-1], 7.0).permute(*reversed(range(len(lse_shape))))  # transposed
+        combine(o_part, lse_part, splits, packed_q, out, lse)
+        results.append((out, lse))
+    # float64 reference, (split, ..., head, row) -> (..., row, head)
+    ls = lse_s.double()
+    total = torch.logsumexp(ls, 0)
+    w = torch.exp(ls - total.masked_fill(total == -math.inf, 0.0))
+    o = o_part.double().view(splits, *out_shape)
+    ref_out = (o * w.transpose(-1, -2).unsqueeze(-1)).sum(0)
+    for out, lse in results:
+        torch.testing.assert_close(lse.double(), total, equal_nan=True, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.double(), ref_out, equal_nan=True, rtol=1e-5, atol=1e-5)
+        assert (out[..., 1, 0, :] == 0).all() if packed_q else (out[:, 1, 0, :] == 0).all()
+        assert out[..., 3, 2, :].isnan().all() if packed_q else out[:, 3, 2, :].isnan().all()
+
+
 def test_num_splits_choice(monkeypatch):
     """Split-KV only for grids under 80% of a wave with >= SPLIT_MIN_BLOCKS KV blocks; the count minimizes
     waves * (blocks per split + overhead) over 1 .. blocks / 2 (brute force), the smallest within

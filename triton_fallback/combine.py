@@ -1,0 +1,78 @@
+"""Split-KV's combine in one Triton kernel (used by `cute_kernels` on CUDA tensors).
+
+Each of `splits` splits of a row's keys left its O, normalized by its own row sum, in float32,
+and its LSE. The row's LSE is the logsumexp of theirs and its O the sum of theirs weighted by
+exp(split LSE - LSE). A row no split saw (every LSE -inf) gets O = 0 and LSE -inf; a NaN LSE
+makes the row NaN, as the unsplit kernel would.
+
+Layouts (as `cute_kernels.run` allocates the partials, splits folded into the first index):
+batched, o_part (splits * b, rows, h, dv) and lse_part (splits * b, h, rows); packed (varlen),
+o_part (splits * total, h, dv) and lse_part (h, splits * total). The results go into `out`
+((b, rows, h, dv) or (total, h, dv), any strides with a unit last one) and `lse` ((b, h, rows) or
+(h, total), any strides).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine(
+    OP, LP, Out, LO, n_rows, rows, heads, splits,
+    lp_s, lp_b, lp_r, lp_h,  # LP strides: split, batch, row, head
+    out_b, out_r, out_h,  # Out strides (dv contiguous)
+    lo_b, lo_r, lo_h,  # LO strides
+    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (batch, row, head), head fastest
+    valid = m < n_rows
+    h = m % heads
+    r = (m // heads) % rows
+    b = m // (heads * rows)
+    s = tl.arange(0, BLOCK_S)
+    lp_row = b * lp_b + r * lp_r + h * lp_h
+    lse_s = tl.load(LP + s[:, None] * lp_s + lp_row[None, :], mask=(s[:, None] < splits) & valid[None, :],
+                    other=float("-inf"))
+    top = tl.max(lse_s, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # no split saw the row: every weight exp(-inf) = 0
+    total = tl.sum(tl.exp(lse_s - top[None, :]), 0)
+    lse = top + tl.log(total)  # -inf for total 0, NaN for a NaN split LSE
+    lse_w = tl.where(total == 0.0, 0.0, lse)
+    d = tl.arange(0, BLOCK_D)
+    keep = valid[:, None] & (d[None, :] < DV)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for i in range(0, splits):
+        w = tl.exp(tl.load(LP + i * lp_s + lp_row, mask=valid, other=float("-inf")) - lse_w)
+        o = tl.load(OP + (i * n_rows + m[:, None]) * DV + d[None, :], mask=keep, other=0.0)
+        acc += w[:, None] * o
+    tl.store(Out + (b * out_b + r * out_r + h * out_h)[:, None] + d[None, :],
+             acc.to(Out.dtype.element_ty), mask=keep)
+    tl.store(LO + b * lo_b + r * lo_r + h * lo_h, lse, mask=valid)
+
+
+def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
+                   out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Combine the partials into `out` and `lse` (see the module docstring)."""
+    dv = o_part.shape[-1]
+    assert o_part.is_contiguous() and lse_part.is_contiguous() and out.stride(-1) == 1
+    if packed_q:
+        total, h = o_part.shape[0] // splits, o_part.shape[1]
+        batch, rows = 1, total
+        lp = (total, 0, 1, splits * total)
+        so = (0, out.stride(0), out.stride(1))
+        slo = (0, lse.stride(1), lse.stride(0))
+    else:
+        batch, rows, h = o_part.shape[0] // splits, o_part.shape[1], o_part.shape[2]
+        lp = (batch * h * rows, h * rows, 1, rows)
+        so = out.stride()[:3]
+        slo = (lse.stride(0), lse.stride(2), lse.stride(1))
+    m = batch * rows * h
+    block_m = 32
+    _combine[(triton.cdiv(m, block_m),)](
+        o_part, lse_part, out, lse, m, rows, h, splits, *lp, *so, *slo,
+        DV=dv, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(dv),
+        BLOCK_S=max(16, triton.next_power_of_2(splits)),
+    )
