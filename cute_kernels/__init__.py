@@ -123,9 +123,12 @@ def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
 
 
 def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
-    """KV splits for `req` with `cfg`'s tile (split_kv_setting; auto: config.num_splits_for)."""
+    """KV splits for `req` with `cfg`'s tile: split_kv_setting when not "auto", else the call's
+    num_splits when not 0 (FA3's argument), else config.num_splits_for."""
     if split_kv_setting != "auto":
         return int(split_kv_setting)
+    if req.params.num_splits > 0:
+        return req.params.num_splits
     g = cfg.pack_gqa
     seqlen_q = req.max_seqlen_q if req.packed_q else req.q.shape[1]
     seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]

@@ -413,8 +413,12 @@ def test_num_splits_choice(monkeypatch):
     assert cfg.split_kv and cfg.pack_gqa == 8 and cute_kernels.num_splits(decode, cfg) == 32
     long = torch.randn(2, 4096, 16, 128, dtype=torch.bfloat16)
     assert not cute_kernels.config_for(_req(long, long, long)).split_kv
+    # FA3's num_splits: 1 never splits, N splits N times (flash_attn_func's default is 1, as in FA3).
+    assert not cute_kernels.config_for(_req(decode.q, k, k, num_splits=1)).split_kv
+    five = _req(decode.q, k, k, num_splits=5)
+    assert cute_kernels.num_splits(five, cute_kernels.config_for(five)) == 5
     monkeypatch.setattr(cute_kernels, "split_kv_setting", "1")
-    assert not cute_kernels.config_for(decode).split_kv
+    assert not cute_kernels.config_for(decode).split_kv and not cute_kernels.config_for(five).split_kv
     monkeypatch.setattr(cute_kernels, "split_kv_setting", "3")
     assert cute_kernels.config_for(decode).split_kv and cute_kernels.num_splits(decode, cfg) == 3
 
