@@ -82,6 +82,8 @@ def format_markdown(doc) -> str:
         out.insert(-1, f"- each time: the median of {meta['rounds']} rounds over the whole grid, providers "
                        f"interleaved (the GPU clock's drift reaches every provider alike)"
                        f"{f'; {cut} repeats cut by the time budget' if cut else ''}")
+    if args.get("cuda_graph"):
+        out.insert(-1, "- times are CUDA-graph replays (host time per call left out)")
     if meta.get("not_run_budget"):
         out.insert(-1, f"- **time budget reached: {meta['not_run_budget']} measurements not run**")
     if meta.get("no_cuda"):

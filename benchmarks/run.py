@@ -86,6 +86,10 @@ def parse_args(argv=None):
                     help="also record the mean SM clock (MHz) and power (W) while each point is timed, "
                          "and how often the driver held the clock down and why (nvidia-smi; CUDA "
                          "only): wall time moves with the clock")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time forward calls replayed from CUDA graphs (each provider's call captured "
+                         "once per input set), so host time per call is left out: what a server that "
+                         "captures its decoding steps sees (CUDA, --mode fwd only)")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)
@@ -290,11 +294,31 @@ def bench_case(provider, forward, case: Case, device, gen, args) -> tuple[float,
 
     for call in calls:  # compile and warm every set outside the timing
         call()
+    if args.cuda_graph:
+        graphs = [cuda_graph(call) for call in calls]
+        rotation = itertools.cycle(g.replay for g in graphs)
     if not (args.clocks and device.type == "cuda"):
         return time_ms(fn, device, args.warmup_ms, args.rep_ms), None
     with ClockSampler(smi_id(device)) as sampler:
         ms = time_ms(fn, device, args.warmup_ms, args.rep_ms)
     return ms, sampler.result
+
+
+def cuda_graph(call) -> "torch.cuda.CUDAGraph":
+    """`call` captured in a CUDA graph (after a warm-up call on a side stream, as PyTorch asks).
+    A provider that cannot be captured raises here, and its row says so."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            call()
+    except Exception as e:
+        raise RuntimeError(f"CUDA graph capture failed: {_error_text(e)}") from e
+    return graph
 
 
 # ---- metadata and output ----------------------------------------------------------------
@@ -405,6 +429,8 @@ def run(args) -> dict:
     if device.type != "cuda":
         why = "no CUDA GPU found" if args.device == "auto" else "--device cpu"
         print(f"NOTE: {why}: these are CPU numbers of the PyTorch path, not kernel performance.", flush=True)
+    if args.cuda_graph and (device.type != "cuda" or args.mode != "fwd"):
+        raise SystemExit("benchmarks.run: --cuda-graph needs a CUDA GPU and --mode fwd")
     cases = build_cases(args, device)
     selection = args.providers
     if args.quick and selection is None and device.type == "cuda":

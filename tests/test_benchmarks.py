@@ -246,3 +246,28 @@ def test_markdown_shows_clocks_per_provider(cpu_run, tmp_path):
     report.write_json({**doc, "rows": rows}, tmp_path / "r.json", compact=True)
     assert report.load_json(tmp_path / "r.json")["rows"][0]["sm_mhz"] == r["sm_mhz"]
     assert "SM clock" not in report.format_markdown(doc)  # no --clocks: no table
+
+
+def test_cuda_graph_needs_a_gpu_and_fwd(cpu_run):
+    """--cuda-graph refuses what it cannot do (no CUDA, a backward) with a message that names it;
+    the markdown says when times are graph replays."""
+    for argv in (["--device", "cpu", "--mode", "fwd"], ["--mode", "both"]):
+        with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA GPU and --mode fwd"):
+            run.main([*argv, "--cuda-graph", "--seqlen", "64", "--quiet"])
+    doc, _ = cpu_run
+    graphed = {**doc, "meta": {**doc["meta"], "args": {**doc["meta"]["args"], "cuda_graph": True}}}
+    assert "CUDA-graph replays" in report.format_markdown(graphed)
+    assert "CUDA-graph replays" not in report.format_markdown(doc)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_decode(tmp_path):
+    """Decoding shapes timed from CUDA-graph replays: every provider that captures gives a
+    checked, timed row (a provider that cannot be captured says so in its row)."""
+    doc = run.main(["--mode", "fwd", "--hdim", "128", "--seqlen", "2048", "--seqlen-q", "1",
+                    "--kv-heads", "2", "--nheads", "8", "--batch", "2", "--causal", "false",
+                    "--cuda-graph", "--rounds", "1", "--quiet", "--out", str(tmp_path)])
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert rows and all(r["status"] == "ok" or "capture" in r["note"] for r in rows.values())
+    assert any(r["status"] == "ok" and r["ms"] > 0 for name, r in rows.items() if name.startswith("fa3py"))
