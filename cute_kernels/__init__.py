@@ -92,9 +92,11 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
 # have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
 PACK_TILE_M = 128
 pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
-# Split-KV: "auto" (config.num_splits_for), or a count used for every call (1: never split; more
-# than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
-split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto")
+# Split-KV: "auto" or "0" (config.num_splits_for), or a count used for every call (1: never split;
+# more than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
+split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto").strip().lower()
+if split_kv_setting not in ("auto", "0") and not split_kv_setting.isdigit():
+    raise ValueError(f"FA3PY_CUTE_NUM_SPLITS must be 'auto' or an int >= 0, got {split_kv_setting!r}")
 
 
 def config_for(req: "AttentionRequest") -> FwdConfig:
@@ -107,8 +109,8 @@ def config_for(req: "AttentionRequest") -> FwdConfig:
            req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,
            req.seqused_k is not None, is_short(p.window_right >= 0, rows, seqlen_k),
            is_medium(p.window_right >= 0, seqlen_k), pack)
-    cfg = _make_config(req, key)
-    return _make_config(req, (*key, True)) if num_splits(req, cfg) > 1 else cfg
+    cfg = _make_config(req, (*key, False))
+    return _make_config(req, (*key, True)) if num_splits(req, cfg) > 1 else cfg  # same tile
 
 
 def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
@@ -117,7 +119,7 @@ def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
         cfg = _configs[key] = FwdConfig.make(
             _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
             softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
-            short=key[10], medium=key[11], pack_gqa=key[12], split_kv=len(key) > 13,
+            short=key[10], medium=key[11], pack_gqa=key[12], split_kv=key[13],
         )
     return cfg
 
@@ -125,7 +127,7 @@ def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
 def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
     """KV splits for `req` with `cfg`'s tile: split_kv_setting when not "auto", else the call's
     num_splits when not 0 (FA3's argument), else config.num_splits_for."""
-    if split_kv_setting != "auto":
+    if split_kv_setting not in ("auto", "0"):
         return int(split_kv_setting)
     if req.params.num_splits > 0:
         return req.params.num_splits
