@@ -142,7 +142,7 @@ def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
 
 def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
     """(..., rows, heads, d) -> (..., rows * g, heads / g, d): query head kh * g + i of row r
-    becomes head kh of row r * g + i (a view when heads == g, i.e. MQA; else a copy)."""
+    becomes head kh of row r * g + i (a view for MQA, heads == g, or one row; else a copy)."""
     *lead, rows, heads, d = t.shape
     return t.view(*lead, rows, heads // g, g, d).transpose(-3, -2).reshape(*lead, rows * g, heads // g, d)
 
