@@ -31,7 +31,7 @@ import torch
 
 from cute_kernels import disk_cache
 from cute_kernels.config import (SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, num_splits_for,
-                                  pack_gqa_factor)
+                                  pack_gqa_factor, padded_hdim)
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -68,9 +68,9 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
         return f"cute_kernels: dtype {req.dtype} not supported (bf16/fp16 only)"
     if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
         return "cute_kernels: q, k, v must share a dtype"
-    if (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:
-        return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) not in "
-                f"{sorted(SUPPORTED_HDIM_PAIRS)}")
+    if (padded_hdim(req.headdim), padded_hdim(req.headdim_v)) not in SUPPORTED_HDIM_PAIRS:
+        return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) does not round up "
+                f"(multiples of 8) to one of {sorted(SUPPORTED_HDIM_PAIRS)}")
     if req.nheads % req.nheads_kv != 0:
         return "cute_kernels: nheads must be a multiple of nheads_kv"
     if any(t is not None for t in (req.q_descale, req.k_descale, req.v_descale)):
@@ -116,10 +116,12 @@ def config_for(req: "AttentionRequest") -> FwdConfig:
 def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
     cfg = _configs.get(key)
     if cfg is None:
+        d, dv = padded_hdim(req.headdim), padded_hdim(req.headdim_v)
         cfg = _configs[key] = FwdConfig.make(
-            _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
+            _DTYPES[req.dtype], d, dv, has_left=key[3], has_right=key[4],
             softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
             short=key[10], medium=key[11], pack_gqa=key[12], split_kv=key[13],
+            hdim_in=0 if d == req.headdim else req.headdim, hdimv_in=0 if dv == req.headdim_v else req.headdim_v,
         )
     return cfg
 

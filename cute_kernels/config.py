@@ -243,6 +243,15 @@ SUPPORTED_HDIM = tuple(TILES)
 SUPPORTED_HDIM_PAIRS = {(d, d) for d in SUPPORTED_HDIM} | {(192, 128)}
 
 
+def padded_hdim(d: int) -> int | None:
+    """The kernel head dim that serves tensors of head dim `d` (a multiple of 8 up to 256): the
+    smallest in SUPPORTED_HDIM >= d, as FA3 rounds up. Its TMA loads read zeros past `d` (a zero
+    column adds nothing to QK^T and gives O a zero column), its stores stop at `d`. None: none."""
+    if d % 8 or d <= 0:
+        return None
+    return next((h for h in sorted(SUPPORTED_HDIM) if h >= d), None)
+
+
 @dataclass(frozen=True)
 class FwdConfig:
     dtype: str  # "bf16" | "fp16"
@@ -266,6 +275,10 @@ class FwdConfig:
     # and its LSE to partial tensors with the splits folded into the batch (or packed-rows) index,
     # which the host combines (cute_kernels.combine_splits). For grids under one wave.
     split_kv: bool = False
+    # The tensors' head dims where they are below the tile's (hdim / hdimv, see padded_hdim);
+    # 0: equal. The kernel is compiled for them (static shapes in the last mode).
+    hdim_in: int = 0
+    hdimv_in: int = 0
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -336,6 +349,7 @@ class FwdConfig:
                              "seqused_q", "seqused_k") if getattr(self, n)]
         flags += [f"pack_gqa={self.pack_gqa}"] if self.pack_gqa > 1 else []
         flags += ["split_kv"] if self.split_kv else []
+        flags += [f"tensors_d{self.hdim_in or self.hdim}x{self.hdimv_in or self.hdimv}"] if self.hdim_in or self.hdimv_in else []
         t = self.tile
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"

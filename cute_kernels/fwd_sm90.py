@@ -843,7 +843,10 @@ class FlashAttentionForwardSm90:
         for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
             if tOcO[r, 0][0] < rows_left:
                 for c in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
-                    tOgO[r, c] = o_mn[r, c]
+                    if const_expr(not self.cfg.hdimv_in):
+                        tOgO[r, c] = o_mn[r, c]
+                    elif tOcO[r, c][1] < self.cfg.hdimv_in:  # O's head dim ends inside the tile
+                        tOgO[r, c] = o_mn[r, c]
         self.store_lse(softmax, mLSE, tiled_mma_pv, tidx, m_block, head, b_o, offset, rows_left)
         if const_expr(release_q is not None):
             cute.arch.sync_warp()
@@ -879,7 +882,12 @@ class FlashAttentionForwardSm90:
         cute.autovec_copy(tOsO, tOrO)
         for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
             if tOcO[0, m, 0][0] < rows_w:
-                cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
+                if const_expr(not self.cfg.hdimv_in):
+                    cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
+                else:  # O's head dim ends inside the tile: only the 16-byte columns before it
+                    for n in cutlass.range_constexpr(cute.size(tOrO.shape[2])):
+                        if tOcO[0, m, n][1] + chunk * self.o_width < self.cfg.hdimv_in:
+                            cute.copy(gmem_copy, tOrO[None, m, n], tOgO[None, m, n])
 
     # ------------------------------------------------------------------ compile
     @staticmethod
@@ -899,10 +907,11 @@ class FlashAttentionForwardSm90:
         tq, tk = sym(), sym()
         q_rows = (tq,) if cfg.cu_seqlens_q else (b, sq)
         k_rows = (tk,) if cfg.cu_seqlens_k else (b, sk)
-        mQ = t((*q_rows, h, cfg.hdim))
-        mK = t((*k_rows, hk, cfg.hdim))
-        mV = t((*k_rows, hk, cfg.hdimv))
-        mO = t((*q_rows, h, cfg.hdimv), Float32, 4) if cfg.split_kv else t((*q_rows, h, cfg.hdimv))
+        d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
+        mQ = t((*q_rows, h, d))
+        mK = t((*k_rows, hk, d))
+        mV = t((*k_rows, hk, dv))
+        mO = t((*q_rows, h, dv), Float32, 4) if cfg.split_kv else t((*q_rows, h, dv))
         mLSE = t((h, tq) if cfg.cu_seqlens_q else (b, h, sq), Float32, 1)
         bp1 = sym()
         vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)

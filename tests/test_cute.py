@@ -185,6 +185,7 @@ def test_compile_pack_gqa(g, features):
     (128, 128, dict(pack_gqa=8, short=True)), (64, 64, dict(has_right=True)),
     (256, 256, dict(has_left=True, has_right=True)), (192, 128, dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True)),
     (96, 96, dict(pack_gqa=4, has_right=True, seqused_q=True, cu_seqlens_q=True)),
+    (96, 96, dict(hdim_in=80, hdimv_in=80, has_right=True)),
 ])
 def test_compile_split_kv(hdim, hdimv, features):
     """Split-KV: spill-free at every head dim, with windows, varlen and packing; no TMA store (O
@@ -194,6 +195,41 @@ def test_compile_split_kv(hdim, hdimv, features):
     text = []
     _compile_and_check(cfg, text_out=text)
     assert sass.opcode_counts(text[0], True)["STG.E.64"] > 0
+
+
+@pytest.mark.parametrize("d,dv,features", [
+    (80, 80, {}), (80, 80, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    (32, 32, dict(has_right=True)), (232, 232, dict(has_right=True, seqused_q=True)),
+    (144, 128, dict(has_left=True, has_right=True)), (48, 40, dict(pack_gqa=4, short=True)),
+])
+def test_compile_padded_headdims(d, dv, features):
+    """Head dims below a tile's (FA3 rounds them up the same way): compiled for the tensors'
+    dims, spill-free, the TMA store where the config has one, the predicated stores stopping at
+    the head dim otherwise."""
+    from cute_kernels.config import padded_hdim
+
+    cfg = FwdConfig.make("bf16", padded_hdim(d), padded_hdim(dv), hdim_in=d, hdimv_in=dv, **features)
+    assert f"tensors_d{d}x{dv}" in cfg.short()
+    _compile_and_check(cfg)
+
+
+def test_padded_headdim_choice():
+    """why_not serves every head dim (multiple of 8, <= 256) that rounds up to a served pair;
+    config_for compiles the rounded tile for the tensors' dims (0 where they match)."""
+    from cute_kernels.config import padded_hdim
+
+    assert [padded_hdim(d) for d in (8, 32, 64, 72, 96, 104, 128, 136, 192, 200, 256, 264, 84)] == \
+        [64, 64, 64, 96, 96, 128, 128, 192, 192, 256, 256, None, None]
+    for d, dv, served in [(80, 80, True), (32, 32, True), (144, 128, True), (48, 40, True), (232, 232, True),
+                          (200, 128, False), (128, 64, False), (84, 84, False), (264, 264, False)]:
+        q = torch.randn(1, 8, 4, d, dtype=torch.bfloat16)
+        v = torch.randn(1, 8, 4, dv, dtype=torch.bfloat16)
+        reason = cute_kernels.why_not(_req(q, q, v), backward=False)
+        assert (reason == "cute_kernels: CUDA tensors only") == served, (d, dv, reason)
+        if served:
+            cfg = cute_kernels.config_for(_req(q, q, v))
+            assert (cfg.hdim, cfg.hdimv) == (padded_hdim(d), padded_hdim(dv))
+            assert (cfg.hdim_in, cfg.hdimv_in) == (0 if d == cfg.hdim else d, 0 if dv == cfg.hdimv else dv)
 
 
 def test_pack_rows_layout():
@@ -688,7 +724,7 @@ def test_why_not_reasons():
     x = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
     assert cute_kernels.why_not(_req(x, x, x), backward=True)
     assert "FP8" in cute_kernels.why_not(_req(x, x, x, fp8=True), backward=False)
-    y = torch.randn(1, 8, 2, 80, dtype=torch.bfloat16)
+    y = torch.randn(1, 8, 2, 84, dtype=torch.bfloat16)  # (80 rounds up to 96; 84 is no multiple of 8)
     assert "headdim" in cute_kernels.why_not(_req(y, y, y), backward=False)
     z = torch.randn(1, 8, 2, 128, dtype=torch.float32)
     assert "dtype" in cute_kernels.why_not(_req(z, z, z), backward=False)
@@ -1059,7 +1095,7 @@ def test_gpu_pack_gqa(sq, sk, h, hk, wl, wr):
 @pytest.mark.parametrize("splits", ["2", "5", "40"])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11)])
 @pytest.mark.parametrize("d,dv,h,hk,sq", [(128, 128, 8, 2, 1), (64, 64, 4, 4, 77), (256, 256, 6, 2, 3),
-                                          (192, 128, 8, 1, 1), (96, 96, 2, 1, 300)])
+                                          (192, 128, 8, 1, 1), (96, 96, 2, 1, 300), (80, 80, 4, 2, 1)])
 def test_gpu_split_kv(splits, wl, wr, d, dv, h, hk, sq, monkeypatch):
     """Split-KV forced to 2, 5 and 40 splits of 1000 keys (40: more splits than KV blocks, so
     some are empty), with and without GQA packing, causal / local windows, every head dim:
@@ -1095,6 +1131,37 @@ def test_gpu_split_kv_auto_decode(causal):
     cfg = cute_kernels.config_for(req)
     assert cfg.split_kv and cute_kernels.num_splits(req, cfg) > 1
     _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("d,dv", [(32, 32), (80, 80), (112, 112), (144, 128), (48, 40), (232, 232)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["batched", "varlen"])
+def test_gpu_padded_headdims(d, dv, causal, layout):
+    """Head dims the tiles do not have, rounded up inside the kernel: zeros past the head dim on
+    load (TMA), stores that stop at it (the TMA store's clipping, or the predicated stores'
+    column test with varlen), against the reference; the bytes right after each row of out
+    (a wider buffer) must stay untouched."""
+    if layout == "batched":
+        q, k, v = _qkv(2, 333, 517, 4, 2, d, dv, torch.bfloat16)
+        kw = {}
+    else:
+        q, k, v, kw = _packed_qkv([1, 113, 0, 300], [3, 203, 5, 517], 4, 4, d, torch.bfloat16)
+        v = torch.randn(*v.shape[:-1], dv, device="cuda", dtype=torch.bfloat16)
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.hdim_in == (0 if d == cfg.hdim else d) and cfg.pack_gqa == 1  # (so _launch takes q as is)
+    _check(req)
+    # out written through a view with padding after each row: the padding must stay untouched.
+    wide = torch.full((*req.out_shape[:-1], dv + 24), 7.0, device="cuda", dtype=torch.bfloat16)
+    out = wide[..., :dv]
+    lse = torch.empty(req.lse_shape, device="cuda", dtype=torch.float32)
+    if kw:  # padded rows are the caller's to initialize
+        out.zero_()
+        lse.fill_(-math.inf)
+    cute_kernels._launch(req, cfg, q, k, v, out, lse)
+    torch.cuda.synchronize()
+    assert (wide[..., dv:] == 7.0).all()
 
 
 @gpu
