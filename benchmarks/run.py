@@ -287,16 +287,15 @@ def bench_case(provider, forward, case: Case, device, gen, args) -> tuple[float,
             out = forward(qp, kp, vp, case)
             calls.append(lambda out=out, leaves=(q, k, v), dout=dout:
                          torch.autograd.grad(out, leaves, dout, retain_graph=True))
+    for call in calls:  # compile and warm every set outside the timing
+        call()
+    if args.cuda_graph:
+        calls = [cuda_graph(call).replay for call in calls]
     rotation = itertools.cycle(calls)
 
     def fn():
         return next(rotation)()
 
-    for call in calls:  # compile and warm every set outside the timing
-        call()
-    if args.cuda_graph:
-        graphs = [cuda_graph(call) for call in calls]
-        rotation = itertools.cycle(g.replay for g in graphs)
     if not (args.clocks and device.type == "cuda"):
         return time_ms(fn, device, args.warmup_ms, args.rep_ms), None
     with ClockSampler(smi_id(device)) as sampler:

@@ -160,6 +160,7 @@ def launch_gap(hdim: int = 128, seqlen: int = 512, tokens: int = 16384) -> list:
     import triton.testing
 
     import fa3py
+    from benchmarks.run import cuda_graph
 
     b, h = max(tokens // seqlen, 1), 2048 // hdim
     q, k, v = (torch.randn(b, seqlen, h, hdim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -170,16 +171,8 @@ def launch_gap(hdim: int = 128, seqlen: int = 512, tokens: int = 16384) -> list:
     rows = []
     for name, fn in calls.items():
         fn()
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        for label, f in ((name, fn), (name + " graph replay", g.replay)):
+        graph = cuda_graph(fn)
+        for label, f in ((name, fn), (name + " graph replay", graph.replay)):
             us = 1e3 * triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
             rows.append(dict(name=f"gap d{hdim} s{seqlen} causal: {label}", us=us))
             print(f"wall {us:8.1f} us  {label} (hdim {hdim}, seqlen {seqlen}, causal)")

@@ -29,8 +29,6 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 OFF = ("0", "off", "")
-# The sources whose text decides the compiled code.
-SOURCES = ("config.py", "fwd_sm90.py", "mask.py", "scheduler.py", "softmax.py", "utils.py")
 
 
 def cache_dir() -> Optional[Path]:
@@ -46,12 +44,13 @@ def cache_dir() -> Optional[Path]:
 
 @functools.lru_cache(maxsize=None)
 def _environment_digest() -> str:
-    """The kernel sources and the toolchain: what every entry's name depends on besides its config."""
+    """The kernel sources and the toolchain: what every entry's name depends on besides its config.
+    Every module of the package counts (tools too: a list of the kernel's own modules would go
+    stale the day one is added, and a stale entry is a wrong kernel)."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in SOURCES:
-        h.update(name.encode())
-        h.update((here / name).read_bytes())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     for dist in ("nvidia-cutlass-dsl", "apache-tvm-ffi"):
         try:
             h.update(f"{dist}=={importlib.metadata.version(dist)}".encode())

@@ -233,8 +233,9 @@ def test_padded_headdim_choice():
 
 
 def test_pack_rows_layout():
-    """pack_rows puts query head kh * g + i of row r at row r * g + i of KV head kh, batched and
-    packed (varlen) alike; unpack_rows / unpack_lse invert it; MQA (one KV head) packs by view."""
+    """pack_rows / pack_lse put query head kh * g + i of row r at row r * g + i of KV head kh,
+    batched and packed (varlen) alike; unpack_rows / unpack_lse invert them; MQA (one KV head)
+    packs by view."""
     g = 4
     for lead in ((3, 5), (11,)):
         t = torch.randn(*lead, 8, 16)
@@ -244,7 +245,8 @@ def test_pack_rows_layout():
         assert torch.equal(p[..., r * g + i, kh, :], t[..., r, kh * g + i, :])
         assert torch.equal(cute_kernels.unpack_rows(p, g), t)
         lse = torch.randn(*lead[:-1], 8, lead[-1])
-        packed_lse = lse.view(*lead[:-1], 2, g, lead[-1]).transpose(-1, -2).reshape(*lead[:-1], 2, lead[-1] * g)
+        packed_lse = cute_kernels.pack_lse(lse, g)
+        assert packed_lse.shape == (*lead[:-1], 2, lead[-1] * g)
         assert torch.equal(packed_lse[..., kh, r * g + i], lse[..., kh * g + i, r])
         assert torch.equal(cute_kernels.unpack_lse(packed_lse, g), lse)
     mqa = torch.randn(2, 5, 4, 16)
