@@ -911,8 +911,13 @@ class FlashAttentionForwardSm90:
         mQ = t((*q_rows, h, d))
         mK = t((*k_rows, hk, d))
         mV = t((*k_rows, hk, dv))
-        mO = t((*q_rows, h, dv), Float32, 4) if cfg.split_kv else t((*q_rows, h, dv))
-        mLSE = t((h, tq) if cfg.cu_seqlens_q else (b, h, sq), Float32, 1)
+        if cfg.split_kv:  # float32 partials, the splits folded into O's first dim / LSE's rows
+            o_rows, lse_rows = sym(), sym()
+            mO = t((o_rows, *q_rows[1:], h, dv), Float32, 4)
+            mLSE = t((h, lse_rows) if cfg.cu_seqlens_q else (o_rows, h, sq), Float32, 1)
+        else:
+            mO = t((*q_rows, h, dv))
+            mLSE = t((h, tq) if cfg.cu_seqlens_q else (b, h, sq), Float32, 1)
         bp1 = sym()
         vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
         return (

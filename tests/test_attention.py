@@ -234,9 +234,12 @@ def test_32k_tokens_never_allocate_the_score_matrix():
 
 
 def test_num_splits_is_a_hint():
-    """FA3's num_splits only schedules: every value gives the same answer (the CPU path ignores
-    it; the Hopper kernel's splits are checked in tests/test_cute.py)."""
+    """FA3's num_splits only schedules: every value gives the reference's answer (bit for bit on
+    the CPU path, which ignores it; within tolerance on the Hopper kernel, where split partials
+    round differently: its splits are checked in tests/test_cute.py)."""
     q, k, v = inputs(2, 1, 300, 4, 2, 64, 64, torch.bfloat16)
     results = [fa3py.flash_attn_func(q, k, v, num_splits=n, return_attn_probs=True) for n in (0, 1, 3)]
-    assert all(torch.equal(results[0][0], o) and torch.equal(results[0][1], l) for o, l in results[1:])
-    check_forward(make_request(q, k, v), *results[2])
+    for o, lse in results:
+        check_forward(make_request(q, k, v), o, lse)
+    if q.device.type == "cpu":
+        assert all(torch.equal(results[0][0], o) and torch.equal(results[0][1], l) for o, l in results[1:])

@@ -197,6 +197,24 @@ def test_compile_split_kv(hdim, hdimv, features):
     assert sass.opcode_counts(text[0], True)["STG.E.64"] > 0
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_split_kv_fake_args(varlen):
+    """The TVM-FFI compile's shape checks: split-KV's float32 partials fold the splits into O's
+    first dim and LSE's rows, so those are symbols of their own (the same symbol as Q's rows made
+    every split launch fail with "Mismatched mO.shape[0]"); unsplit, they are Q's."""
+    import cutlass
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    feats = dict(cu_seqlens_q=True, cu_seqlens_k=True) if varlen else {}
+    lse_rows = (lambda lse: lse.shape[1]) if varlen else (lambda lse: lse.shape[0])
+    mQ, _, _, mO, mLSE = FlashAttentionForwardSm90.fake_args(FwdConfig.make("bf16", 128, **feats))[:5]
+    assert mO.shape[0] is mQ.shape[0] and lse_rows(mLSE) is mQ.shape[0]
+    mQ, _, _, mO, mLSE = FlashAttentionForwardSm90.fake_args(FwdConfig.make("bf16", 128, split_kv=True, **feats))[:5]
+    assert mO.shape[0] is not mQ.shape[0] and lse_rows(mLSE) is not mQ.shape[0]
+    assert all(a is b for a, b in zip(mO.shape[1:-1], mQ.shape[1:-1])) and mO.element_type == cutlass.Float32
+
+
 @pytest.mark.parametrize("d,dv,features", [
     (80, 80, {}), (80, 80, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
     (32, 32, dict(has_right=True)), (232, 232, dict(has_right=True, seqused_q=True)),
