@@ -25,32 +25,38 @@ def _combine(
     lp_s, lp_b, lp_r, lp_h,  # LP strides: split, batch, row, head
     out_b, out_r, out_h,  # Out strides (dv contiguous)
     lo_b, lo_r, lo_h,  # LO strides
-    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (batch, row, head), head fastest
-    valid = m < n_rows
+    # One program per (row, BLOCK_D columns of it); each loop visits BLOCK_S splits at once, so a
+    # decode's few rows with many splits load in parallel (not one dependent load per split).
+    m = tl.program_id(0)  # (batch, row, head), head fastest
     h = m % heads
     r = (m // heads) % rows
     b = m // (heads * rows)
-    s = tl.arange(0, BLOCK_S)
     lp_row = b * lp_b + r * lp_r + h * lp_h
-    lse_s = tl.load(LP + s[:, None] * lp_s + lp_row[None, :], mask=(s[:, None] < splits) & valid[None, :],
-                    other=float("-inf"))
-    top = tl.max(lse_s, 0)
+    s = tl.arange(0, BLOCK_S)
+    top = tl.full((), float("-inf"), tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        lse_s = tl.load(LP + (s0 + s) * lp_s + lp_row, mask=s0 + s < splits, other=float("-inf"))
+        top = tl.maximum(top, tl.max(lse_s, 0))
     top = tl.where(top == float("-inf"), 0.0, top)  # no split saw the row: every weight exp(-inf) = 0
-    total = tl.sum(tl.exp(lse_s - top[None, :]), 0)
+    total = tl.zeros((), tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        lse_s = tl.load(LP + (s0 + s) * lp_s + lp_row, mask=s0 + s < splits, other=float("-inf"))
+        total += tl.sum(tl.exp(lse_s - top), 0)
     lse = top + tl.log(total)  # -inf for total 0, NaN for a NaN split LSE
     lse_w = tl.where(total == 0.0, 0.0, lse)
-    d = tl.arange(0, BLOCK_D)
-    keep = valid[:, None] & (d[None, :] < DV)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for i in range(0, splits):
-        w = tl.exp(tl.load(LP + i * lp_s + lp_row, mask=valid, other=float("-inf")) - lse_w)
-        o = tl.load(OP + (i * n_rows + m[:, None]) * DV + d[None, :], mask=keep, other=0.0)
-        acc += w[:, None] * o
-    tl.store(Out + (b * out_b + r * out_r + h * out_h)[:, None] + d[None, :],
-             acc.to(Out.dtype.element_ty), mask=keep)
-    tl.store(LO + b * lo_b + r * lo_r + h * lo_h, lse, mask=valid)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        in_split = s0 + s < splits
+        w = tl.exp(tl.load(LP + (s0 + s) * lp_s + lp_row, mask=in_split, other=float("-inf")) - lse_w)
+        o = tl.load(OP + ((s0 + s)[:, None] * n_rows + m) * DV + d[None, :],
+                    mask=in_split[:, None] & (d[None, :] < DV), other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+    tl.store(Out + b * out_b + r * out_r + h * out_h + d, acc.to(Out.dtype.element_ty), mask=d < DV)
+    if tl.program_id(1) == 0:
+        tl.store(LO + b * lo_b + r * lo_r + h * lo_h, lse)
 
 
 def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
@@ -70,9 +76,8 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, pa
         so = out.stride()[:3]
         slo = (lse.stride(0), lse.stride(2), lse.stride(1))
     m = batch * rows * h
-    block_m = 32
-    _combine[(triton.cdiv(m, block_m),)](
+    block_d = min(64, triton.next_power_of_2(dv))
+    _combine[(m, triton.cdiv(dv, block_d))](
         o_part, lse_part, out, lse, m, rows, h, splits, *lp, *so, *slo,
-        DV=dv, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(dv),
-        BLOCK_S=max(16, triton.next_power_of_2(splits)),
+        DV=dv, BLOCK_D=block_d, BLOCK_S=min(32, max(8, triton.next_power_of_2(splits))),
     )
