@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from cute_kernels import disk_cache
-from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, pack_gqa_factor
+from cute_kernels.config import (SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, num_splits_for,
+                                  pack_gqa_factor, padded_hdim)
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -67,9 +68,9 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
         return f"cute_kernels: dtype {req.dtype} not supported (bf16/fp16 only)"
     if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
         return "cute_kernels: q, k, v must share a dtype"
-    if (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:
-        return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) not in "
-                f"{sorted(SUPPORTED_HDIM_PAIRS)}")
+    if (padded_hdim(req.headdim), padded_hdim(req.headdim_v)) not in SUPPORTED_HDIM_PAIRS:
+        return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) does not round up "
+                f"(multiples of 8) to one of {sorted(SUPPORTED_HDIM_PAIRS)}")
     if req.nheads % req.nheads_kv != 0:
         return "cute_kernels: nheads must be a multiple of nheads_kv"
     if any(t is not None for t in (req.q_descale, req.k_descale, req.v_descale)):
@@ -91,6 +92,11 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
 # have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
 PACK_TILE_M = 128
 pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
+# Split-KV: "auto" or "0" (config.num_splits_for), or a count used for every call (1: never split;
+# more than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
+split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto").strip().lower()
+if split_kv_setting not in ("auto", "0") and not split_kv_setting.isdigit():
+    raise ValueError(f"FA3PY_CUTE_NUM_SPLITS must be 'auto' or an int >= 0, got {split_kv_setting!r}")
 
 
 def config_for(req: "AttentionRequest") -> FwdConfig:
@@ -103,14 +109,37 @@ def config_for(req: "AttentionRequest") -> FwdConfig:
            req.cu_seqlens_q is not None, req.cu_seqlens_k is not None, req.seqused_q is not None,
            req.seqused_k is not None, is_short(p.window_right >= 0, rows, seqlen_k),
            is_medium(p.window_right >= 0, seqlen_k), pack)
+    cfg = _make_config(req, (*key, False))
+    return _make_config(req, (*key, True)) if num_splits(req, cfg) > 1 else cfg  # same tile
+
+
+def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
     cfg = _configs.get(key)
     if cfg is None:
+        d, dv = padded_hdim(req.headdim), padded_hdim(req.headdim_v)
         cfg = _configs[key] = FwdConfig.make(
-            _DTYPES[req.dtype], req.headdim, req.headdim_v, has_left=key[3], has_right=key[4],
+            _DTYPES[req.dtype], d, dv, has_left=key[3], has_right=key[4],
             softcap=key[5], cu_seqlens_q=key[6], cu_seqlens_k=key[7], seqused_q=key[8], seqused_k=key[9],
-            short=key[10], medium=key[11], pack_gqa=pack,
+            short=key[10], medium=key[11], pack_gqa=key[12], split_kv=key[13],
+            hdim_in=0 if d == req.headdim else req.headdim, hdimv_in=0 if dv == req.headdim_v else req.headdim_v,
         )
     return cfg
+
+
+def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
+    """KV splits for `req` with `cfg`'s tile: split_kv_setting when not "auto", else the call's
+    num_splits when not 0 (FA3's argument), else config.num_splits_for."""
+    if split_kv_setting not in ("auto", "0"):
+        return int(split_kv_setting)
+    if req.params.num_splits > 0:
+        return req.params.num_splits
+    g = cfg.pack_gqa
+    seqlen_q = req.max_seqlen_q if req.packed_q else req.q.shape[1]
+    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
+    tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
+    sms = _num_sms(req.device) if req.device.type == "cuda" else 132
+    return num_splits_for(tiles, -(-seqlen_k // cfg.tile.tile_n), sms)
 
 
 def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
@@ -242,19 +271,51 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
     # With one query row (decoding) the packed layout is a view of the caller's: the kernel
     # writes out and LSE in place (no copies, no extra launches). Else it gets packed buffers.
     in_place = g == 1 or req.q.shape[-3] == 1
-    out_shape, lse_shape = ((req.out_shape, req.lse_shape) if in_place
-                            else ((*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)))
-    out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=req.out_dtype, device=dev)
-    # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
-    lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
-           else torch.empty(lse_shape, dtype=torch.float32, device=dev))
-    if g == 1:
-        return _launch(req, cfg, q, k, v, out, lse)
-    if in_place:
-        _launch(req, cfg, q, k, v, pack_rows(out, g), pack_lse(lse, g))
+    packed_out, packed_lse = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
+
+    def outputs(out_shape, lse_shape, dtype):
+        out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=dtype, device=dev)
+        # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
+        lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
+               else torch.empty(lse_shape, dtype=torch.float32, device=dev))
         return out, lse
-    out, lse = _launch(req, cfg, q, k, v, out, lse)
-    return unpack_rows(out, g), unpack_lse(lse, g)
+
+    out, lse = outputs(*((req.out_shape, req.lse_shape) if in_place else (packed_out, packed_lse)),
+                       req.out_dtype)
+    k_out, k_lse = (pack_rows(out, g), pack_lse(lse, g)) if g > 1 and in_place else (out, lse)
+    if cfg.split_kv:
+        # float32 partials, the splits folded into the first dim of out / the last of LSE.
+        splits = num_splits(req, cfg)
+        o_part, lse_part = outputs((splits * packed_out[0], *packed_out[1:]),
+                                   (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
+                                   else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
+        _launch(req, cfg, q, k, v, o_part, lse_part, splits)
+        combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse)
+    else:
+        _launch(req, cfg, q, k, v, k_out, k_lse)
+    return (out, lse) if in_place else (unpack_rows(out, g), unpack_lse(lse, g))
+
+
+def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
+                   out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Split-KV's partial results into `out` and `lse`: LSE = logsumexp over the splits of theirs,
+    out = the sum of each split's O times exp(its LSE - LSE). A row no split saw (every LSE -inf)
+    gets 0 and -inf; a NaN LSE makes the row NaN. Batched: o_part (splits * b, rows, h, dv),
+    lse_part (splits * b, h, rows); packed: (splits * total, h, dv) and (h, splits * total).
+    On CUDA one Triton kernel (triton_fallback.combine); these torch ops are its reference."""
+    if o_part.is_cuda:
+        from triton_fallback.combine import combine_splits as combine_triton
+
+        return combine_triton(o_part, lse_part, splits, packed_q, out, lse)
+    o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, total, h, dv) / (splits, b, rows, h, dv)
+    if packed_q:
+        lse_s = lse_part.view(lse_part.shape[0], splits, -1).transpose(0, 1)  # (splits, h, total)
+    else:
+        lse_s = lse_part.view(splits, -1, *lse_part.shape[1:])  # (splits, b, h, rows)
+    total = torch.logsumexp(lse_s, dim=0)
+    weight = torch.exp(lse_s - total.masked_fill(total == -math.inf, 0.0))  # exp(-inf) = 0 where no split saw a row
+    out.copy_((o * weight.transpose(-1, -2).unsqueeze(-1)).sum(0))
+    lse.copy_(total)
 
 
 def q_empty_or_no_keys(req: "AttentionRequest") -> bool:
@@ -283,7 +344,7 @@ def sequence_args(req: "AttentionRequest", q: torch.Tensor, g: int) -> tuple:
                           _int32(req.seqused_k)]
 
 
-def _launch(req, cfg, q, k, v, out, lse):
+def _launch(req, cfg, q, k, v, out, lse, num_splits: int = 1):
     """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa)."""
     p, dev, g = req.params, q.device, cfg.pack_gqa
 
@@ -296,7 +357,8 @@ def _launch(req, cfg, q, k, v, out, lse):
         return out, lse
     ints.append(_tile_counter(dev) if cfg.tile.dynamic else None)
     sections = l2_heads(req) // g if cfg.tile.lpt_l2_sections else 1
-    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections)
+    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections,
+               num_splits)
     tvm_ffi = use_tvm_ffi
     fn = _compiled.get((cfg, tvm_ffi))
     if tvm_ffi:

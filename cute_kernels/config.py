@@ -206,6 +206,28 @@ def pack_gqa_factor(group: int, max_seqlen_q: int, tile_m: int) -> int:
     return group if group > 1 and max_seqlen_q > 0 and fill(max_seqlen_q * group) > 1.1 * fill(max_seqlen_q) else 1
 
 
+# Split-KV's cost of a tile beyond its KV blocks (Q load, pipeline fill, epilogue), in KV blocks,
+# and the fewest KV blocks a tile must have to be split (below, the combine's launches outweigh
+# the gain): guesses until measured.
+SPLIT_TILE_OVERHEAD_BLOCKS = 2
+SPLIT_MIN_BLOCKS = 32
+
+
+def num_splits_for(tiles: int, n_blocks: int, num_sms: int, max_splits: int = 64) -> int:
+    """KV splits (split-KV) for a grid of `tiles` tiles of up to `n_blocks` KV blocks each on
+    `num_sms` SMs: 1 while the tiles fill 80% of one wave or have fewer than SPLIT_MIN_BLOCKS
+    blocks; else the count that
+    minimizes waves * (blocks per split + SPLIT_TILE_OVERHEAD_BLOCKS), with at least 2 blocks a
+    split: the smallest count within 5% of the best, since each split adds to the combine
+    (decoding, 4 (batch, KV head) tiles of 64 blocks on 132 SMs: 32 splits)."""
+    if tiles <= 0 or tiles * 5 >= num_sms * 4 or n_blocks < SPLIT_MIN_BLOCKS:
+        return 1
+    counts = range(1, min(max_splits, n_blocks // 2) + 1)
+    cost = {s: -(-tiles * s // num_sms) * (-(-n_blocks // s) + SPLIT_TILE_OVERHEAD_BLOCKS) for s in counts}
+    best = min(cost.values())
+    return next(s for s in counts if cost[s] <= best * 1.05)
+
+
 def is_short(has_right: bool, max_seqlen_q: int, max_seqlen_k: int) -> bool:
     """Whether a problem takes SHORT_TILES: few KV blocks per query tile."""
     return max_seqlen_q <= SHORT_CAUSAL_SEQLEN if has_right else max_seqlen_k <= SHORT_SEQLEN_K
@@ -219,6 +241,15 @@ def is_medium(has_right: bool, max_seqlen_k: int) -> bool:
 SUPPORTED_HDIM = tuple(TILES)
 # (hdim, hdim_v) pairs served: hdim_v == hdim, plus FA3's 192x128 (DeepSeek-style).
 SUPPORTED_HDIM_PAIRS = {(d, d) for d in SUPPORTED_HDIM} | {(192, 128)}
+
+
+def padded_hdim(d: int) -> int | None:
+    """The kernel head dim that serves tensors of head dim `d` (a multiple of 8 up to 256): the
+    smallest in SUPPORTED_HDIM >= d, as FA3 rounds up. Its TMA loads read zeros past `d` (a zero
+    column adds nothing to QK^T and gives O a zero column), its stores stop at `d`. None: none."""
+    if d % 8 or d <= 0:
+        return None
+    return next((h for h in sorted(SUPPORTED_HDIM) if h >= d), None)
 
 
 @dataclass(frozen=True)
@@ -239,6 +270,15 @@ class FwdConfig:
     # tile_m rows holds tile_m / pack_gqa positions of every head of the group and K/V are read
     # once per KV head; the masks map a row to its position (mask.AttentionMask).
     pack_gqa: int = 1
+    # Split-KV (flash-decoding): a tile's KV blocks are split into `num_splits` (a launch argument)
+    # runs, each a tile of its own; each writes its O (normalized by its own row sums) in float32
+    # and its LSE to partial tensors with the splits folded into the batch (or packed-rows) index,
+    # which the host combines (cute_kernels.combine_splits). For grids under one wave.
+    split_kv: bool = False
+    # The tensors' head dims where they are below the tile's (hdim / hdimv, see padded_hdim);
+    # 0: equal. The kernel is compiled for them (static shapes in the last mode).
+    hdim_in: int = 0
+    hdimv_in: int = 0
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -287,7 +327,8 @@ class FwdConfig:
         # O by TMA store for non-causal / non-local (and `plain`); causal / local keep the
         # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
         # +4.9 / +6.6%; non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
-        tma_store = not windowed or plain
+        # (Split-KV writes its float32 partial O from registers: no TMA store.)
+        tma_store = (not windowed or plain) and not features.get("split_kv", False)
         # Lazy O rescaling (TileConfig.lazy_rescale, threshold 2^8) at hdim_v 192 / 256 (with their
         # 128x96 / 128x64 tiles: see TILES) and hdim64 windowed. H200 SM cycles, 16k tokens: hdim64
         # causal 2k / 8k / 16k -1.7 / -1.4 / -1.7% (wall, 3 rounds: 8k / 16k +2.4 / +2.0% TFLOP/s;
@@ -307,6 +348,8 @@ class FwdConfig:
         flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
                              "seqused_q", "seqused_k") if getattr(self, n)]
         flags += [f"pack_gqa={self.pack_gqa}"] if self.pack_gqa > 1 else []
+        flags += ["split_kv"] if self.split_kv else []
+        flags += [f"tensors_d{self.hdim_in or self.hdim}x{self.hdimv_in or self.hdimv}"] if self.hdim_in or self.hdimv_in else []
         t = self.tile
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages}"
                 f"{' ol' if t.intra_wg_overlap else ''}{' pp' if t.pingpong else ''}"

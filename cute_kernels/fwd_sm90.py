@@ -50,7 +50,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
 from cute_kernels.config import FwdConfig
-from cute_kernels.mask import AttentionMask, SeqlenInfo
+from cute_kernels.mask import AttentionMask, SeqlenInfo, split_block_range
 from cute_kernels.scheduler import TileScheduler
 from cute_kernels.softmax import OnlineSoftmax
 from cute_kernels.utils import (
@@ -146,8 +146,8 @@ class FlashAttentionForwardSm90:
         mQ: cute.Tensor,  # (b, s_q, h, d) or (total_q, h, d)
         mK: cute.Tensor,  # (b, s_k, h_kv, d) or (total_k, h_kv, d)
         mV: cute.Tensor,  # (b, s_k, h_kv, dv) or (total_k, h_kv, dv)
-        mO: cute.Tensor,  # like mQ with dv
-        mLSE: cute.Tensor,  # (b, h, s_q) or (h, total_q), float32
+        mO: cute.Tensor,  # like mQ with dv; split_kv: float32, (splits * b, ...) or (splits * total_q, ...)
+        mLSE: cute.Tensor,  # (b, h, s_q) or (h, total_q), float32; split_kv: splits * b or splits * total_q
         mCuSeqlensQ: Optional[cute.Tensor],
         mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor],
@@ -160,11 +160,13 @@ class FlashAttentionForwardSm90:
         max_seqlen_q: Int32,
         num_ctas: Int32,  # persistent: CTAs to launch (number of SMs)
         l2_heads: Int32,  # causal/local single-tile LPT grid: (batch, head) pairs per L2 section
+        num_splits: Int32,  # split_kv: KV splits per tile (else unused)
         stream: cuda.CUstream,
     ):
         cfg = self.cfg
         divby = 128 // self.dtype.width
-        mQ, mK, mV, mO = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV, mO)]
+        mQ, mK, mV = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV)]
+        mO = assume_aligned_strides(mO, 128 // mO.element_type.width)
         mQ, mO = [_sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mO)]
         mK, mV = [_sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
         mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
@@ -207,7 +209,7 @@ class FlashAttentionForwardSm90:
         tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
             g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.hdimv)
         )
-        tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
+        tma_atom_O, tma_O = (None, None) if const_expr(cfg.split_kv) else cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
         tx_bytes = {
             name: cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
@@ -218,6 +220,8 @@ class FlashAttentionForwardSm90:
         # LPT: the last pairs whose tiles make ~lpt_tail_waves waves on num_ctas SMs.
         tail_heads = (self.cfg.tile.lpt_tail_waves * num_ctas + num_m_blocks - 1) // num_m_blocks
         num_heads = cute.size(mQ.shape[2])
+        # Split-KV: the scheduler's heads are (head, split) pairs (`tile_coords`).
+        sched_heads = num_heads * num_splits if const_expr(cfg.split_kv) else num_heads
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
             tma_Q, tma_K, tma_V, mO, tma_O, mLSE,
@@ -226,9 +230,9 @@ class FlashAttentionForwardSm90:
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
-            num_m_blocks, num_heads, batch, l2_heads, tail_heads, SharedStorage,
+            num_m_blocks, sched_heads, batch, l2_heads, tail_heads, num_splits, SharedStorage,
         ).launch(
-            grid=TileScheduler.grid(num_m_blocks, num_heads, batch, num_ctas, self.persistent,
+            grid=TileScheduler.grid(num_m_blocks, sched_heads, batch, num_ctas, self.persistent,
                                     self.lpt),
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
@@ -257,12 +261,14 @@ class FlashAttentionForwardSm90:
         num_batch: Int32,
         l2_heads: Int32,
         tail_heads: Int32,
+        num_splits: Int32,
         SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
             for atom in (tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O):
-                cpasync.prefetch_descriptor(atom)
+                if const_expr(atom is not None):
+                    cpasync.prefetch_descriptor(atom)
 
         smem = cutlass_utils.SmemAllocator()
         storage = smem.allocate(SharedStorage)
@@ -300,7 +306,8 @@ class FlashAttentionForwardSm90:
         # (one slot per Q stage: a slot is rewritten only once its Q stage has been released)
         next_tile = storage.next_tile.get_tensor(cute.make_layout(self.q_stages)) \
             if const_expr(self.cfg.tile.dynamic) else None
-        tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn, next_tile=next_tile)
+        tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn, next_tile=next_tile,
+                         num_splits=num_splits)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
@@ -316,6 +323,7 @@ class FlashAttentionForwardSm90:
     def load(
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
         pipeline_q, pipeline_k, pipeline_v, scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile,
+        num_splits,
     ):
         """Producer warp: per tile, K of the last KV block, then Q (with two Q stages: Q first,
         its slot freed a tile ago), then K(n-1) and V(n) for the remaining blocks right to left
@@ -329,9 +337,9 @@ class FlashAttentionForwardSm90:
         one = cute.make_layout(1)
         tile = scheduler.initial()
         while scheduler.valid(tile):
-            m_block, head, batch = scheduler.coords(tile)
+            m_block, head, batch, split = self.tile_coords(scheduler, tile, num_splits)
             seqlen = seqlen_fn(batch)
-            n_block_min, n_block_max = mask_fn(seqlen, m_block).n_block_range()
+            n_block_min, n_block_max = self.kv_block_range(mask_fn(seqlen, m_block), split, num_splits)
             if m_block * self.tile_m < seqlen.seqlen_q:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
@@ -442,7 +450,7 @@ class FlashAttentionForwardSm90:
         self, mO, tma_O, tma_atom_O, mLSE, sQ, sK, sV, sO, tiled_mma_qk: cute.TiledMma,
         tiled_mma_pv: cute.TiledMma,
         pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
-        scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile,
+        scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile, num_splits,
     ):
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
@@ -481,7 +489,7 @@ class FlashAttentionForwardSm90:
             pipeline_q.consumer_wait(q_state)
             tile = self.read_tile(next_tile, q_state.index)
         while scheduler.valid(tile):
-            m_block, head, batch = scheduler.coords(tile)
+            m_block, head, batch, split = self.tile_coords(scheduler, tile, num_splits)
             seqlen = seqlen_fn(batch)
             mask = mask_fn(seqlen, m_block)
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
@@ -491,7 +499,7 @@ class FlashAttentionForwardSm90:
                 softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
                 mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale,
             )
-            n_block_min, n_block_max = mask.n_block_range()
+            n_block_min, n_block_max = self.kv_block_range(mask, split, num_splits)
             if m_block * self.tile_m < seqlen.seqlen_q:
                 acc_O.fill(0.0)
                 softmax.reset()
@@ -538,10 +546,13 @@ class FlashAttentionForwardSm90:
                             pipeline_q.consumer_release(q_state)
                 elif const_expr(self.separate_o):
                     pipeline_q.consumer_release(q_state)  # no KV block: Q is never read
-                self.epilogue(acc_O, softmax, mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_pv, tidx,
-                              m_block, head, batch, seqlen,
-                              release_q=None if const_expr(self.separate_o)
-                              else partial(pipeline_q.consumer_release, q_state))
+                release_q = None if const_expr(self.separate_o) else partial(pipeline_q.consumer_release, q_state)
+                if const_expr(self.cfg.split_kv):
+                    self.epilogue_split(acc_O, softmax, mO, mLSE, tiled_mma_pv, tidx, m_block, head, batch,
+                                        split, num_splits, scheduler.num_batch, seqlen, release_q)
+                else:
+                    self.epilogue(acc_O, softmax, mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_pv, tidx,
+                                  m_block, head, batch, seqlen, release_q=release_q)
                 q_state.advance()
             if const_expr(next_tile is not None):
                 pipeline_q.consumer_wait(q_state)  # the waits inside the tile then return at once
@@ -677,6 +688,21 @@ class FlashAttentionForwardSm90:
         kv_state.advance()
         return kv_state
 
+    def tile_coords(self, scheduler: TileScheduler, tile: Int32, num_splits: Int32):
+        """(m_block, head, batch, split) of `tile`: with split_kv the scheduler's heads are
+        (head, split) pairs, a head's splits next to each other."""
+        m_block, head, batch = scheduler.coords(tile)
+        if const_expr(self.cfg.split_kv):
+            return m_block, head // num_splits, batch, head % num_splits
+        return m_block, head, batch, Int32(0)
+
+    def kv_block_range(self, mask: AttentionMask, split: Int32, num_splits: Int32):
+        """[n_block_min, n_block_max): the KV blocks this tile visits (its split's share)."""
+        n_block_min, n_block_max = mask.n_block_range()
+        if const_expr(self.cfg.split_kv):
+            n_block_min, n_block_max = split_block_range(n_block_min, n_block_max, split, num_splits)
+        return n_block_min, n_block_max
+
     # ------------------------------------------------------------------ pingpong
     # A ring over the consumer warpgroups: WG i waits on barrier WarpSchedulerWG1 + i (its own
     # 128 threads + 128 arrivals of WG i-1) before issuing GEMMs and then arrives on WG i+1's.
@@ -773,20 +799,56 @@ class FlashAttentionForwardSm90:
                 self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, c, head, b_q, seqlen)
             elif rows_w > 0:
                 self.store_slab_predicated(mO, sO_w, rows_w, m_slab, c, head, b_q, seqlen)
-        # LSE (after the fence: its global stores need not complete before the TMA store issues):
-        # lanes holding column 0 write their rows.
+        # LSE (after the fence: its global stores need not complete before the TMA store issues).
+        self.store_lse(softmax, mLSE, tiled_mma_pv, tidx, m_block, head, b_q, seqlen.offset_q, rows_left)
+        if const_expr(release_q is not None):
+            # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
+            if const_expr(tma):
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+            cute.arch.sync_warp()
+            release_q()
+
+    @cute.jit
+    def store_lse(self, softmax: OnlineSoftmax, mLSE, tiled_mma_pv, tidx, m_block, head, b, offset, rows_left):
+        """The lanes holding column 0 write their rows' LSE (rows of sequence `b` from `offset`)."""
         tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(
             cute.make_identity_tensor((self.tile_m, self.hdimv))))
-        mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b_q])
+        mLSE_cur = cute.domain_offset((offset,), mLSE[None, head, b])
         if tOcO[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
                 row = tOcO[r, 0][0]
                 if row < rows_left:
                     mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
+
+    @cute.jit
+    def epilogue_split(self, acc_O, softmax: OnlineSoftmax, mO, mLSE, tiled_mma_pv, tidx, m_block, head,
+                       batch, split, num_splits, num_batch, seqlen: SeqlenInfo, release_q):
+        """Split-KV: this split's O, normalized by its own row sums, in float32 straight from the
+        accumulator registers to global memory (no smem), and its LSE. Split s of sequence b is
+        batch s * num_batch + b of the partial tensors, or, with packed queries, its rows start at
+        s * total_q + offset_q. An empty split writes O = 0 and LSE = -inf."""
+        inv_sum = softmax.finalize()
+        softmax.rescale_O(acc_O, inv_sum, lazy=False)
+        rows_left = seqlen.seqlen_q - m_block * self.tile_m
+        if const_expr(self.cfg.cu_seqlens_q):
+            b_o, offset = Int32(0), seqlen.offset_q + split * (mO.shape[0] // num_splits)
+        else:
+            b_o, offset = batch + split * num_batch, seqlen.offset_q
+        thr_mma = tiled_mma_pv.get_slice(tidx)
+        mO_cur = cute.domain_offset((offset, 0), mO[None, None, head, b_o])
+        gO = cute.local_tile(mO_cur, (self.tile_m, self.hdimv), (m_block, 0))
+        tOgO = acc_to_mn(thr_mma.partition_C(gO))
+        tOcO = acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.hdimv))))
+        o_mn = acc_to_mn(acc_O)
+        for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
+            if tOcO[r, 0][0] < rows_left:
+                for c in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
+                    if const_expr(not self.cfg.hdimv_in):
+                        tOgO[r, c] = o_mn[r, c]
+                    elif tOcO[r, c][1] < self.cfg.hdimv_in:  # O's head dim ends inside the tile
+                        tOgO[r, c] = o_mn[r, c]
+        self.store_lse(softmax, mLSE, tiled_mma_pv, tidx, m_block, head, b_o, offset, rows_left)
         if const_expr(release_q is not None):
-            # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
-            if const_expr(tma):
-                cute.arch.cp_async_bulk_wait_group(0, read=True)
             cute.arch.sync_warp()
             release_q()
 
@@ -820,7 +882,12 @@ class FlashAttentionForwardSm90:
         cute.autovec_copy(tOsO, tOrO)
         for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
             if tOcO[0, m, 0][0] < rows_w:
-                cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
+                if const_expr(not self.cfg.hdimv_in):
+                    cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
+                else:  # O's head dim ends inside the tile: only the 16-byte columns before it
+                    for n in cutlass.range_constexpr(cute.size(tOrO.shape[2])):
+                        if tOcO[0, m, n][1] + chunk * self.o_width < self.cfg.hdimv_in:
+                            cute.copy(gmem_copy, tOrO[None, m, n], tOgO[None, m, n])
 
     # ------------------------------------------------------------------ compile
     @staticmethod
@@ -840,11 +907,17 @@ class FlashAttentionForwardSm90:
         tq, tk = sym(), sym()
         q_rows = (tq,) if cfg.cu_seqlens_q else (b, sq)
         k_rows = (tk,) if cfg.cu_seqlens_k else (b, sk)
-        mQ = t((*q_rows, h, cfg.hdim))
-        mK = t((*k_rows, hk, cfg.hdim))
-        mV = t((*k_rows, hk, cfg.hdimv))
-        mO = t((*q_rows, h, cfg.hdimv))
-        mLSE = t((h, tq) if cfg.cu_seqlens_q else (b, h, sq), Float32, 1)
+        d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
+        mQ = t((*q_rows, h, d))
+        mK = t((*k_rows, hk, d))
+        mV = t((*k_rows, hk, dv))
+        if cfg.split_kv:  # float32 partials, the splits folded into O's first dim / LSE's rows
+            o_rows, lse_rows = sym(), sym()
+            mO = t((o_rows, *q_rows[1:], h, dv), Float32, 4)
+            mLSE = t((h, lse_rows) if cfg.cu_seqlens_q else (o_rows, h, sq), Float32, 1)
+        else:
+            mO = t((*q_rows, h, dv))
+            mLSE = t((h, tq) if cfg.cu_seqlens_q else (b, h, sq), Float32, 1)
         bp1 = sym()
         vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
         return (
@@ -854,6 +927,6 @@ class FlashAttentionForwardSm90:
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
             vec(2) if cfg.tile.dynamic else None,
-            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132), Int32(1),
+            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132), Int32(1), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )

@@ -51,6 +51,16 @@ def _offset_and_length(batch, static_len, mCuSeqlens, mSeqUsed):
     return offset, Int32(length)
 
 
+@cute.jit
+def split_block_range(n_block_min: Int32, n_block_max: Int32, split: Int32, num_splits: Int32):
+    """Split-KV: split `split`'s share of the KV blocks [n_block_min, n_block_max): consecutive
+    runs of ceil(blocks / num_splits) blocks, from the left; the last ones may be shorter or
+    empty (then the range it returns has n_block_min >= n_block_max)."""
+    per_split = (cutlass.max(n_block_max - n_block_min, 0) + num_splits - 1) // num_splits
+    lo = n_block_min + split * per_split
+    return lo, cutlass.min(n_block_max, lo + per_split)
+
+
 @dataclass(frozen=True)
 class AttentionMask:
     """Window bounds of one m_block, and the masking of its boundary KV blocks."""

@@ -3,7 +3,8 @@ keep the cubin and count SASS opcodes.
 
     python -m cute_kernels.sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
                                 [--softcap] [--varlen] [--no-overlap] [--no-pingpong]
-                                [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops] [--keep DIR]
+                                [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
+                                [--keep DIR]
 
 Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
 threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--local", action="store_true", help="sliding window (left and right)")
     p.add_argument("--softcap", action="store_true")
     p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
+    p.add_argument("--split-kv", action="store_true", help="split-KV (float32 partial O and LSE)")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--no-pingpong", action="store_true")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     cfg = FwdConfig.make(
         a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
-        pingpong=not a.no_pingpong,
+        pingpong=not a.no_pingpong, split_kv=a.split_kv,
     )
     cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
     with tempfile.TemporaryDirectory() as d:

@@ -48,6 +48,9 @@ class AttentionParams:
     softcap: float = 0.0  # 0: off
     deterministic: bool = False  # backward: bitwise-reproducible gradients
     fp8: bool = False  # quantize bf16/fp16 inputs to FP8 internally (forward only)
+    # KV splits, a scheduling hint that never changes results: 0 lets the kernel choose, 1 never
+    # splits, N > 1 asks for N (cute_kernels' split-KV honors it; other backends ignore it).
+    num_splits: int = 0
 
     @property
     def causal(self) -> bool:

@@ -132,6 +132,7 @@ def make_request(
     softcap: float = 0.0,
     fp8: bool = False,
     deterministic: bool = False,
+    num_splits: int = 0,
     cu_seqlens_q=None,
     cu_seqlens_k=None,
     max_seqlen_q=None,
@@ -209,6 +210,8 @@ def make_request(
         _fail(TypeError, "softcap", f"must be a float, got {type(softcap).__name__}")
     if not math.isfinite(softcap) or softcap < 0:
         _fail(ValueError, "softcap", f"must be finite and >= 0 (0 disables it), got {softcap}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        _fail(ValueError, "num_splits", f"must be an int >= 0 (0: automatic, 1: no split), got {num_splits!r}")
     left, right = _check_window(window_size)
     if causal:
         right = 0
@@ -219,7 +222,8 @@ def make_request(
                 for n, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
 
     params = AttentionParams(softmax_scale=softmax_scale, window_left=left, window_right=right,
-                             softcap=softcap, deterministic=bool(deterministic), fp8=bool(fp8))
+                             softcap=softcap, deterministic=bool(deterministic), fp8=bool(fp8),
+                             num_splits=num_splits)
     return AttentionRequest(
         q=q, k=k, v=v, params=params,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

@@ -181,6 +181,75 @@ def test_compile_pack_gqa(g, features):
     _compile_and_check(FwdConfig.make("bf16", 128, pack_gqa=g, short=True, **features))
 
 
+@pytest.mark.parametrize("hdim,hdimv,features", [
+    (128, 128, dict(pack_gqa=8, short=True)), (64, 64, dict(has_right=True)),
+    (256, 256, dict(has_left=True, has_right=True)), (192, 128, dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True)),
+    (96, 96, dict(pack_gqa=4, has_right=True, seqused_q=True, cu_seqlens_q=True)),
+    (96, 96, dict(hdim_in=80, hdimv_in=80, has_right=True)),
+])
+def test_compile_split_kv(hdim, hdimv, features):
+    """Split-KV: spill-free at every head dim, with windows, varlen and packing; no TMA store (O
+    leaves as float32 from registers by 8-byte stores, STG.E.64)."""
+    cfg = FwdConfig.make("bf16", hdim, hdimv, split_kv=True, **features)
+    assert not cfg.tile.tma_store
+    text = []
+    _compile_and_check(cfg, text_out=text)
+    assert sass.opcode_counts(text[0], True)["STG.E.64"] > 0
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_split_kv_fake_args(varlen):
+    """The TVM-FFI compile's shape checks: split-KV's float32 partials fold the splits into O's
+    first dim and LSE's rows, so those are symbols of their own (the same symbol as Q's rows made
+    every split launch fail with "Mismatched mO.shape[0]"); unsplit, they are Q's."""
+    import cutlass
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    feats = dict(cu_seqlens_q=True, cu_seqlens_k=True) if varlen else {}
+    lse_rows = (lambda lse: lse.shape[1]) if varlen else (lambda lse: lse.shape[0])
+    mQ, _, _, mO, mLSE = FlashAttentionForwardSm90.fake_args(FwdConfig.make("bf16", 128, **feats))[:5]
+    assert mO.shape[0] is mQ.shape[0] and lse_rows(mLSE) is mQ.shape[0]
+    mQ, _, _, mO, mLSE = FlashAttentionForwardSm90.fake_args(FwdConfig.make("bf16", 128, split_kv=True, **feats))[:5]
+    assert mO.shape[0] is not mQ.shape[0] and lse_rows(mLSE) is not mQ.shape[0]
+    assert all(a is b for a, b in zip(mO.shape[1:-1], mQ.shape[1:-1])) and mO.element_type == cutlass.Float32
+
+
+@pytest.mark.parametrize("d,dv,features", [
+    (80, 80, {}), (80, 80, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    (32, 32, dict(has_right=True)), (232, 232, dict(has_right=True, seqused_q=True)),
+    (144, 128, dict(has_left=True, has_right=True)), (48, 40, dict(pack_gqa=4, short=True)),
+])
+def test_compile_padded_headdims(d, dv, features):
+    """Head dims below a tile's (FA3 rounds them up the same way): compiled for the tensors'
+    dims, spill-free, the TMA store where the config has one, the predicated stores stopping at
+    the head dim otherwise."""
+    from cute_kernels.config import padded_hdim
+
+    cfg = FwdConfig.make("bf16", padded_hdim(d), padded_hdim(dv), hdim_in=d, hdimv_in=dv, **features)
+    assert f"tensors_d{d}x{dv}" in cfg.short()
+    _compile_and_check(cfg)
+
+
+def test_padded_headdim_choice():
+    """why_not serves every head dim (multiple of 8, <= 256) that rounds up to a served pair;
+    config_for compiles the rounded tile for the tensors' dims (0 where they match)."""
+    from cute_kernels.config import padded_hdim
+
+    assert [padded_hdim(d) for d in (8, 32, 64, 72, 96, 104, 128, 136, 192, 200, 256, 264, 84)] == \
+        [64, 64, 64, 96, 96, 128, 128, 192, 192, 256, 256, None, None]
+    for d, dv, served in [(80, 80, True), (32, 32, True), (144, 128, True), (48, 40, True), (232, 232, True),
+                          (200, 128, False), (128, 64, False), (84, 84, False), (264, 264, False)]:
+        q = torch.randn(1, 8, 4, d, dtype=torch.bfloat16)
+        v = torch.randn(1, 8, 4, dv, dtype=torch.bfloat16)
+        reason = cute_kernels.why_not(_req(q, q, v), backward=False)
+        assert (reason == "cute_kernels: CUDA tensors only") == served, (d, dv, reason)
+        if served:
+            cfg = cute_kernels.config_for(_req(q, q, v))
+            assert (cfg.hdim, cfg.hdimv) == (padded_hdim(d), padded_hdim(dv))
+            assert (cfg.hdim_in, cfg.hdimv_in) == (0 if d == cfg.hdim else d, 0 if dv == cfg.hdimv else dv)
+
+
 def test_pack_rows_layout():
     """pack_rows / pack_lse put query head kh * g + i of row r at row r * g + i of KV head kh,
     batched and packed (varlen) alike; unpack_rows / unpack_lse invert them; MQA (one KV head)
@@ -315,11 +384,109 @@ def test_mask_block_ranges_on_the_host(g, wl, wr):
                 assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
 
 
-def _emulated_launch(req, cfg, q, k, v, out, lse):
+def test_split_block_range_on_the_host():
+    """mask.split_block_range, run by CuTe DSL's host JIT: the splits of [lo, hi) are consecutive,
+    in split order, cover it exactly, differ in length by at most ... one run (all but the last
+    non-empty ones have ceil(blocks / splits) blocks), and splits past the blocks are empty."""
+    from cutlass import Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.mask import split_block_range
+
+    @cutlass.cute.jit
+    def ranges(out: cutlass.cute.Tensor, lo: cutlass.Int32, hi: cutlass.Int32):
+        for s in cutlass.range(out.shape[0]):
+            a, b = split_block_range(lo, hi, s, out.shape[0])
+            out[s, 0] = a
+            out[s, 1] = b
+
+    for lo, hi, splits in [(0, 1, 1), (0, 64, 32), (3, 17, 4), (5, 5, 3), (0, 7, 7), (2, 9, 10), (0, 100, 64)]:
+        out = torch.zeros(splits, 2, dtype=torch.int32)
+        ranges(from_dlpack(out), Int32(lo), Int32(hi))
+        per = -(-(hi - lo) // splits)
+        covered = []
+        for s, (a, b) in enumerate(out.tolist()):
+            assert a == lo + s * per and b == min(hi, a + per), (lo, hi, splits, s)
+            covered += list(range(a, b))
+        assert covered == list(range(lo, hi)), (lo, hi, splits)
+
+
+@pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
+@pytest.mark.parametrize("splits,dv", [(1, 64), (3, 96), (40, 128), (5, 256)])
+def test_combine_splits_triton(packed_q, splits, dv):
+    """triton_fallback.combine (the CUDA path, here under Triton's interpreter) against
+    cute_kernels.combine_splits' torch ops and against a float64 recomputation: random split
+    LSEs with -inf ones (empty splits), a row no split saw (0 / -inf) and a row with a NaN LSE
+    (NaN), written into strided views of the outputs."""
+    from triton_fallback.combine import combine_splits as combine_triton
+
+    b, rows, h = (1, 37, 3) if packed_q else (2, 5, 3)
+    lead = (splits * rows,) if packed_q else (splits * b, rows)
+    o_part = torch.randn(*lead, h, dv)
+    lse_part = torch.randn(h, splits * rows) * 3 if packed_q else torch.randn(splits * b, h, rows) * 3
+    lse_part[lse_part < -4] = -math.inf  # some empty splits
+    lse_s = lse_part.view(h, splits, rows).transpose(0, 1) if packed_q else lse_part.view(splits, b, h, rows)
+    lse_s[..., 0, 1] = -math.inf  # (head 0, row 1) seen by no split  [views of lse_part]
+    lse_s[0, ..., 2, 3] = math.nan  # (head 2, row 3): a NaN score in split 0
+    out_shape = (rows, h, dv) if packed_q else (b, rows, h, dv)
+    lse_shape = (h, rows) if packed_q else (b, h, rows)
+    results = []
+    for combine in (cute_kernels.combine_splits, combine_triton):
+        out = torch.full((*out_shape[:-1], dv + 8), 7.0)[..., :dv]  # strided: rows of dv + 8
+        lse = torch.full(lse_shape[::-1], 7.0).permute(*reversed(range(len(lse_shape))))  # transposed
+        combine(o_part, lse_part, splits, packed_q, out, lse)
+        results.append((out, lse))
+    # float64 reference, (split, ..., head, row) -> (..., row, head)
+    ls = lse_s.double()
+    total = torch.logsumexp(ls, 0)
+    w = torch.exp(ls - total.masked_fill(total == -math.inf, 0.0))
+    o = o_part.double().view(splits, *out_shape)
+    ref_out = (o * w.transpose(-1, -2).unsqueeze(-1)).sum(0)
+    for out, lse in results:
+        torch.testing.assert_close(lse.double(), total, equal_nan=True, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.double(), ref_out, equal_nan=True, rtol=1e-5, atol=1e-5)
+        assert (out[..., 1, 0, :] == 0).all() if packed_q else (out[:, 1, 0, :] == 0).all()
+        assert out[..., 3, 2, :].isnan().all() if packed_q else out[:, 3, 2, :].isnan().all()
+
+
+def test_num_splits_choice(monkeypatch):
+    """Split-KV only for grids under 80% of a wave with >= SPLIT_MIN_BLOCKS KV blocks; the count minimizes
+    waves * (blocks per split + overhead) over 1 .. blocks / 2 (brute force), the smallest within
+    5%; config_for takes the split_kv config then, and FA3PY_CUTE_NUM_SPLITS overrides."""
+    from cute_kernels.config import SPLIT_MIN_BLOCKS, SPLIT_TILE_OVERHEAD_BLOCKS, num_splits_for
+
+    assert num_splits_for(106, 64, 132) == 1 and num_splits_for(0, 64, 132) == 1
+    assert num_splits_for(4, SPLIT_MIN_BLOCKS - 1, 132) == 1 < num_splits_for(4, SPLIT_MIN_BLOCKS, 132)
+    for tiles, blocks in [(1, 64), (4, 64), (48, 64), (100, 64), (16, 256), (4, SPLIT_MIN_BLOCKS)]:
+        s = num_splits_for(tiles, blocks, 132)
+        cost = lambda n: -(-tiles * n // 132) * (-(-blocks // n) + SPLIT_TILE_OVERHEAD_BLOCKS)
+        best = min(cost(n) for n in range(1, blocks // 2 + 1))
+        assert 1 <= s <= blocks // 2 and cost(s) <= 1.05 * best
+        assert all(cost(n) > 1.05 * best for n in range(1, s))
+    k = torch.randn(1, 8192, 4, 128, dtype=torch.bfloat16)
+    decode = _req(torch.randn(1, 1, 32, 128, dtype=torch.bfloat16), k, k)
+    cfg = cute_kernels.config_for(decode)  # 4 (batch, KV head) tiles, 64 blocks
+    assert cfg.split_kv and cfg.pack_gqa == 8 and cute_kernels.num_splits(decode, cfg) == 32
+    long = torch.randn(2, 4096, 16, 128, dtype=torch.bfloat16)
+    assert not cute_kernels.config_for(_req(long, long, long)).split_kv
+    # FA3's num_splits: 1 never splits, N splits N times (flash_attn_func's default is 1, as in FA3).
+    assert not cute_kernels.config_for(_req(decode.q, k, k, num_splits=1)).split_kv
+    five = _req(decode.q, k, k, num_splits=5)
+    assert cute_kernels.num_splits(five, cute_kernels.config_for(five)) == 5
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", "1")
+    assert not cute_kernels.config_for(decode).split_kv and not cute_kernels.config_for(five).split_kv
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", "3")
+    assert cute_kernels.config_for(decode).split_kv and cute_kernels.num_splits(decode, cfg) == 3
+
+
+def _emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
     """What `cute_kernels._launch` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
     row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
-    where the kernel writes them (padded rows left as initialized)."""
+    where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
+    its run of the sequence's KV blocks (the kernel splits each m_block's own range:
+    test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
+    s * batch + b, or rows from s * total_q + offset."""
     g, p = cfg.pack_gqa, req.params
     max_rows, (cu_q, cu_k, used_q, used_k) = cute_kernels.sequence_args(req, q, g)  # the kernel's view
     n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
@@ -344,44 +511,55 @@ def _emulated_launch(req, cfg, q, k, v, out, lse):
         if p.window_left >= 0:
             keep &= col >= pos + sk - sq // g - p.window_left
         s = s.masked_fill(~keep, -math.inf)
-        row_lse = torch.logsumexp(s, -1)  # (heads, rows)
-        o = torch.einsum("hrk,khd->rhd", torch.exp(s - row_lse[..., None]).nan_to_num(0.0), vb)
-        if cu_q is not None:
-            out[q0:q0 + sq], lse[:, q0:q0 + sq] = o.to(out.dtype), row_lse
-        else:
-            out[b, :sq], lse[b, :, :sq] = o.to(out.dtype), row_lse
+        tile_n = cfg.tile.tile_n
+        per_split = -(-(-(-sk // tile_n)) // num_splits) * tile_n  # keys per split
+        for split in range(num_splits):
+            in_split = (col >= split * per_split) & (col < (split + 1) * per_split)
+            s_split = s.masked_fill(~in_split, -math.inf) if cfg.split_kv else s
+            row_lse = torch.logsumexp(s_split, -1)  # (heads, rows)
+            o = torch.einsum("hrk,khd->rhd", torch.exp(s_split - row_lse[..., None]).nan_to_num(0.0), vb)
+            if cu_q is not None:
+                r0 = q0 + split * (out.shape[0] // num_splits)
+                out[r0:r0 + sq], lse[:, r0:r0 + sq] = o.to(out.dtype), row_lse
+            else:
+                bo = b + split * (out.shape[0] // num_splits)
+                out[bo, :sq], lse[bo, :, :sq] = o.to(out.dtype), row_lse
     return out, lse
 
 
+@pytest.mark.parametrize("splits", ["1", "3", "8"], ids=["whole", "split_kv3", "split_kv8"])
 @pytest.mark.parametrize("layout", ["batched", "decode", "varlen", "seqused"])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (5, 2)])
 @pytest.mark.parametrize("h,hk", [(8, 2), (6, 1)])
-def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
+def test_pack_gqa_host_side(layout, wl, wr, h, hk, splits, monkeypatch):
     """cute_kernels.run's packing of Q and unpacking of out / LSE, with the kernel emulated on the
     CPU (`_emulated_launch`): the answer against the reference, for batched, packed (varlen)
     and seqused queries, GQA and MQA (packing by view), causal and local masks. With one query
-    (decode) the kernel writes into views of the returned out and LSE."""
+    (decode) the kernel writes into views of the returned out and LSE. Split-KV (forced 3 or 8
+    splits): float32 partials combined by combine_splits; with 8 splits of up to 6 KV blocks of
+    128 some splits are empty, and short sequences leave most of them empty."""
     from tests._util import check_forward, packed
 
     given = []
 
-    def launch(req, cfg, q, k, v, out, lse):
+    def launch(req, cfg, q, k, v, out, lse, num_splits=1):
         given.append((out, lse))
-        return _emulated_launch(req, cfg, q, k, v, out, lse)
+        return _emulated_launch(req, cfg, q, k, v, out, lse, num_splits)
 
     monkeypatch.setattr(cute_kernels, "_launch", launch)
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", splits)
     if layout in ("batched", "decode"):
         sq = 1 if layout == "decode" else 7
-        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((sq, h), (90, hk), (90, hk)))
+        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((sq, h), (700, hk), (700, hk)))
         kw = {}
     else:
         q, cu_q = packed([3, 1, 0, 9], h, 64, torch.bfloat16, "cpu")
-        k, cu_k = packed([50, 4, 7, 120], hk, 64, torch.bfloat16, "cpu")
+        k, cu_k = packed([50, 4, 7, 620], hk, 64, torch.bfloat16, "cpu")
         v = torch.randn_like(k)
-        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=9, max_seqlen_k=120)
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=9, max_seqlen_k=620)
         if layout == "seqused":
             kw.update(seqused_q=torch.tensor([2, 1, 0, 9], dtype=torch.int32),
-                      seqused_k=torch.tensor([50, 0, 7, 100], dtype=torch.int32))
+                      seqused_k=torch.tensor([50, 0, 7, 500], dtype=torch.int32))
     req = _req(q, k, v, window_left=wl, window_right=wr, **kw)
     cfg = cute_kernels.config_for(req)
     assert cfg.pack_gqa == h // hk
@@ -389,7 +567,8 @@ def test_pack_gqa_host_side(layout, wl, wr, h, hk, monkeypatch):
     assert out.shape == req.out_shape and lse.shape == req.lse_shape
     (k_out, k_lse), = given
     in_place = (k_out._base is out and k_lse._base is lse)
-    assert in_place == (layout == "decode")
+    assert in_place == (layout == "decode" and splits == "1")
+    assert cfg.split_kv == (splits != "1") and (k_out.dtype == torch.float32) == cfg.split_kv
     check_forward(req, out, lse)
 
 
@@ -565,7 +744,7 @@ def test_why_not_reasons():
     x = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
     assert cute_kernels.why_not(_req(x, x, x), backward=True)
     assert "FP8" in cute_kernels.why_not(_req(x, x, x, fp8=True), backward=False)
-    y = torch.randn(1, 8, 2, 80, dtype=torch.bfloat16)
+    y = torch.randn(1, 8, 2, 84, dtype=torch.bfloat16)  # (80 rounds up to 96; 84 is no multiple of 8)
     assert "headdim" in cute_kernels.why_not(_req(y, y, y), backward=False)
     z = torch.randn(1, 8, 2, 128, dtype=torch.float32)
     assert "dtype" in cute_kernels.why_not(_req(z, z, z), backward=False)
@@ -930,6 +1109,79 @@ def test_gpu_pack_gqa(sq, sk, h, hk, wl, wr):
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.config_for(req).pack_gqa == h // hk
     _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("splits", ["2", "5", "40"])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11)])
+@pytest.mark.parametrize("d,dv,h,hk,sq", [(128, 128, 8, 2, 1), (64, 64, 4, 4, 77), (256, 256, 6, 2, 3),
+                                          (192, 128, 8, 1, 1), (96, 96, 2, 1, 300), (80, 80, 4, 2, 1)])
+def test_gpu_split_kv(splits, wl, wr, d, dv, h, hk, sq, monkeypatch):
+    """Split-KV forced to 2, 5 and 40 splits of 1000 keys (40: more splits than KV blocks, so
+    some are empty), with and without GQA packing, causal / local windows, every head dim:
+    float32 partials from the kernel combined on the host, against the reference."""
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", splits)
+    q, k, v = _qkv(2, sq, 1000, h, hk, d, dv, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    assert cute_kernels.config_for(req).split_kv
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqused", [False, True])
+def test_gpu_split_kv_varlen(causal, seqused, monkeypatch):
+    """Split-KV with packed (varlen) queries and keys, empty and one-token sequences, seqused."""
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", "4")
+    q, k, v, kw = _packed_qkv([1, 5, 0, 77, 2], [3, 203, 5, 1024, 640], 8, 2, 128, torch.float16)
+    if seqused:
+        kw.update(seqused_q=torch.tensor([1, 3, 0, 70, 2], dtype=torch.int32, device="cuda"),
+                  seqused_k=torch.tensor([3, 100, 0, 1000, 1], dtype=torch.int32, device="cuda"))
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    assert cute_kernels.config_for(req).split_kv
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_split_kv_auto_decode(causal):
+    """The automatic choice: decoding one sequence (4 KV heads, 8192 keys) splits the keys."""
+    q, k, v = _qkv(1, 1, 8192, 32, 4, 128, 128, torch.bfloat16)
+    req = _req(q, k, v, window_right=0 if causal else -1)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.split_kv and cute_kernels.num_splits(req, cfg) > 1
+    _check(req)
+
+
+@gpu
+@pytest.mark.parametrize("d,dv", [(32, 32), (80, 80), (112, 112), (144, 128), (48, 40), (232, 232)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["batched", "varlen"])
+def test_gpu_padded_headdims(d, dv, causal, layout):
+    """Head dims the tiles do not have, rounded up inside the kernel: zeros past the head dim on
+    load (TMA), stores that stop at it (the TMA store's clipping, or the predicated stores'
+    column test with varlen), against the reference; the bytes right after each row of out
+    (a wider buffer) must stay untouched."""
+    if layout == "batched":
+        q, k, v = _qkv(2, 333, 517, 4, 2, d, dv, torch.bfloat16)
+        kw = {}
+    else:
+        q, k, v, kw = _packed_qkv([1, 113, 0, 300], [3, 203, 5, 517], 4, 4, d, torch.bfloat16)
+        v = torch.randn(*v.shape[:-1], dv, device="cuda", dtype=torch.bfloat16)
+    req = _req(q, k, v, window_right=0 if causal else -1, **kw)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.hdim_in == (0 if d == cfg.hdim else d) and cfg.pack_gqa == 1  # (so _launch takes q as is)
+    _check(req)
+    # out written through a view with padding after each row: the padding must stay untouched.
+    wide = torch.full((*req.out_shape[:-1], dv + 24), 7.0, device="cuda", dtype=torch.bfloat16)
+    out = wide[..., :dv]
+    lse = torch.empty(req.lse_shape, device="cuda", dtype=torch.float32)
+    if kw:  # padded rows are the caller's to initialize
+        out.zero_()
+        lse.fill_(-math.inf)
+    cute_kernels._launch(req, cfg, q, k, v, out, lse)
+    torch.cuda.synchronize()
+    assert (wide[..., dv:] == 7.0).all()
 
 
 @gpu

@@ -16,11 +16,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .bwd import attn_bwd, attn_bwd_dq, attn_bwd_dq_epilogue, attn_bwd_preprocess
+from .combine import _combine
 from .fwd import attn_fwd
 
 _FLOAT_ARGS = ("softmax_scale", "softcap")
 _INT_PTRS = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_Q", "SEQUSED_K")
-_F32_PTRS = ("LSE", "LSE2", "DELTA", "DQ_ACC", "Q_DESCALE", "K_DESCALE", "V_DESCALE")
+_F32_PTRS = ("LSE", "LSE2", "DELTA", "DQ_ACC", "Q_DESCALE", "K_DESCALE", "V_DESCALE", "OP", "LP", "LO")
 
 _FEATURES = dict(PACKED_Q=False, PACKED_K=False, HAS_SEQUSED_Q=False, HAS_SEQUSED_K=False,
                  HAS_WL=False, HAS_WR=False, SOFTCAP=False)
@@ -62,6 +63,9 @@ VARIANTS = [
     (attn_bwd_dq, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=32),
      8, 2),
     (attn_bwd_dq, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=64, BLOCK_N=32), 4, 1),
+    # split-KV's combine (used by cute_kernels on sm90)
+    (_combine, 90, "bf16", dict(DV=128, BLOCK_M=32, BLOCK_D=128, BLOCK_S=64), 4, 1),
+    (_combine, 90, "fp16", dict(DV=96, BLOCK_M=32, BLOCK_D=128, BLOCK_S=16), 4, 1),
 ]
 
 
@@ -75,7 +79,7 @@ def _signature(fn, elem: str, const: dict) -> dict:
             sig[name] = "*i32"
         elif name in _F32_PTRS:
             sig[name] = "*fp32"
-        elif name in ("O", "DO", "DQ", "DK", "DV"):
+        elif name in ("O", "DO", "DQ", "DK", "DV", "Out"):
             sig[name] = f"*{out_elem}"
         elif name.isupper():
             sig[name] = f"*{elem}"
