@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, replace
 
 
@@ -213,6 +215,7 @@ SPLIT_TILE_OVERHEAD_BLOCKS = 2
 SPLIT_MIN_BLOCKS = 32
 
 
+@functools.lru_cache(maxsize=4096)  # runs on every call (twice): a pure function of four ints
 def num_splits_for(tiles: int, n_blocks: int, num_sms: int, max_splits: int = 64) -> int:
     """KV splits (split-KV) for a grid of `tiles` tiles of up to `n_blocks` KV blocks each on
     `num_sms` SMs: 1 while the tiles fill 80% of one wave or have fewer than SPLIT_MIN_BLOCKS
