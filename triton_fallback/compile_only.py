@@ -64,8 +64,8 @@ VARIANTS = [
      8, 2),
     (attn_bwd_dq, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=64, BLOCK_N=32), 4, 1),
     # split-KV's combine (used by cute_kernels on sm90)
-    (_combine, 90, "bf16", dict(DV=128, BLOCK_M=32, BLOCK_D=128, BLOCK_S=64), 4, 1),
-    (_combine, 90, "fp16", dict(DV=96, BLOCK_M=32, BLOCK_D=128, BLOCK_S=16), 4, 1),
+    (_combine, 90, "bf16", dict(DV=128, BLOCK_D=64, BLOCK_S=32), 4, 1),
+    (_combine, 90, "fp16", dict(DV=96, BLOCK_D=64, BLOCK_S=8), 4, 1),
 ]
 
 
