@@ -146,6 +146,9 @@ def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
     """(..., rows, heads, d) -> (..., rows * g, heads / g, d): query head kh * g + i of row r
     becomes head kh of row r * g + i (a view for MQA, heads == g, or one row; else a copy)."""
     *lead, rows, heads, d = t.shape
+    if rows == 1:  # decoding: the same view in one op (this runs on every call)
+        *lead_strides, _, s_h, s_d = t.stride()
+        return t.as_strided((*lead, g, heads // g, d), (*lead_strides, s_h, g * s_h, s_d))
     return t.view(*lead, rows, heads // g, g, d).transpose(-3, -2).reshape(*lead, rows * g, heads // g, d)
 
 
@@ -164,6 +167,9 @@ def unpack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
 def pack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
     """`unpack_lse`'s inverse: (..., heads, rows) -> (..., heads / g, rows * g)."""
     *lead, heads, rows = t.shape
+    if rows == 1:  # decoding: the same view in one op
+        *lead_strides, s_h, _ = t.stride()
+        return t.as_strided((*lead, heads // g, g), (*lead_strides, g * s_h, s_h))
     return t.view(*lead, heads // g, g, rows).transpose(-1, -2).reshape(*lead, heads // g, rows * g)
 
 

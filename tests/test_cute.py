@@ -253,16 +253,18 @@ def test_padded_headdim_choice():
 def test_pack_rows_layout():
     """pack_rows / pack_lse put query head kh * g + i of row r at row r * g + i of KV head kh,
     batched and packed (varlen) alike; unpack_rows / unpack_lse invert them; MQA (one KV head)
-    packs by view."""
+    and one row (decoding, also of strided views: the in-place outputs) pack by view."""
     g = 4
-    for lead in ((3, 5), (11,)):
-        t = torch.randn(*lead, 8, 16)
+    for lead in ((3, 5), (11,), (3, 1), (1,)):
+        t = torch.randn(*lead, 8, 24)[..., 3:19]  # strided rows
         p = cute_kernels.pack_rows(t, g)
         assert p.shape == (*lead[:-1], lead[-1] * g, 2, 16)
         r, i, kh = lead[-1] - 1, 3, 1
         assert torch.equal(p[..., r * g + i, kh, :], t[..., r, kh * g + i, :])
         assert torch.equal(cute_kernels.unpack_rows(p, g), t)
-        lse = torch.randn(*lead[:-1], 8, lead[-1])
+        if lead[-1] == 1:
+            assert p.data_ptr() == t.data_ptr()
+        lse = torch.randn(*lead[:-1], 8, lead[-1] + 2)[..., 1:-1]
         packed_lse = cute_kernels.pack_lse(lse, g)
         assert packed_lse.shape == (*lead[:-1], 2, lead[-1] * g)
         assert torch.equal(packed_lse[..., kh, r * g + i], lse[..., kh * g + i, r])
