@@ -128,18 +128,20 @@ def _make_config(req: "AttentionRequest", key: tuple) -> FwdConfig:
 
 def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
     """KV splits for `req` with `cfg`'s tile: split_kv_setting when not "auto", else the call's
-    num_splits when not 0 (FA3's argument), else config.num_splits_for."""
+    num_splits when not 0 (FA3's argument; at most the KV blocks a tile has, beyond which splits
+    would be empty partials to allocate and combine), else config.num_splits_for."""
     if split_kv_setting not in ("auto", "0"):
         return int(split_kv_setting)
+    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    n_blocks = -(-seqlen_k // cfg.tile.tile_n)
     if req.params.num_splits > 0:
-        return req.params.num_splits
+        return max(1, min(req.params.num_splits, n_blocks))
     g = cfg.pack_gqa
     seqlen_q = req.max_seqlen_q if req.packed_q else req.q.shape[1]
-    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
     batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
     tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
     sms = _num_sms(req.device) if req.device.type == "cuda" else 132
-    return num_splits_for(tiles, -(-seqlen_k // cfg.tile.tile_n), sms)
+    return num_splits_for(tiles, n_blocks, sms)
 
 
 def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:

@@ -475,6 +475,8 @@ def test_num_splits_choice(monkeypatch):
     assert not cute_kernels.config_for(_req(decode.q, k, k, num_splits=1)).split_kv
     five = _req(decode.q, k, k, num_splits=5)
     assert cute_kernels.num_splits(five, cute_kernels.config_for(five)) == 5
+    many = _req(decode.q, k, k, num_splits=1000)  # capped at the 64 KV blocks a tile has
+    assert cute_kernels.num_splits(many, cute_kernels.config_for(many)) == 64
     monkeypatch.setattr(cute_kernels, "split_kv_setting", "1")
     assert not cute_kernels.config_for(decode).split_kv and not cute_kernels.config_for(five).split_kv
     monkeypatch.setattr(cute_kernels, "split_kv_setting", "3")
