@@ -8,7 +8,9 @@ Signatures, defaults, layouts and return values follow FlashAttention-3's
 Arguments that no fa3py backend serves raise NotImplementedError naming them: ``qv``,
 ``attention_chunk != 0``, ``sm_margin != 0``. ``num_splits`` and ``pack_gqa`` are scheduling
 hints that never change results: the Hopper kernel splits the keys as ``num_splits`` says (0:
-its own choice, 1: never, as in FA3), other backends ignore it; fa3py packs GQA heads by itself. ``return_attn_probs=True`` returns ``(out, softmax_lse)`` as FA3 does.
+its own choice, 1: never, as in FA3 and its default; at most one split per KV block), other
+backends ignore it; fa3py packs GQA heads by itself. ``return_attn_probs=True`` returns
+``(out, softmax_lse)`` as FA3 does.
 """
 
 from __future__ import annotations
