@@ -3,6 +3,7 @@
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,3 +272,64 @@ def test_gpu_cuda_graph_decode(tmp_path):
     rows = {r["provider"]: r for r in doc["rows"]}
     assert rows and all(r["status"] == "ok" or "capture" in r["note"] for r in rows.values())
     assert any(r["status"] == "ok" and r["ms"] > 0 for name, r in rows.items() if name.startswith("fa3py"))
+
+
+# ---- benchmarks.paired ----------------------------------------------------------------------
+
+def test_median_ratio_of_pairs():
+    """Per-pair ratios: a 3% lead under 10% common-mode noise (the clock moving both providers
+    alike) is found with an interval that excludes 1; swapping the two gives the inverse."""
+    from benchmarks.paired import median_ratio
+
+    rng = np.random.default_rng(1)
+    clock = 1.0 + 0.1 * rng.random(400)  # moves both calls of a pair
+    theirs = 2.0 * clock * (1 + 0.002 * rng.standard_normal(400))
+    ours = 0.97 * 2.0 * clock * (1 + 0.002 * rng.standard_normal(400))
+    s = median_ratio(ours, theirs)
+    assert abs(s["median"] - 0.97) < 0.002 and s["ci95"][0] <= 0.97 <= s["ci95"][1] < 1.0
+    assert s["won"] > 0.99 and s["pairs"] == 400
+    t = median_ratio(theirs, ours)
+    assert abs(t["median"] - 1 / 0.97) < 0.003 and t["won"] < 0.01
+
+
+def test_time_pairs_rotates_the_order():
+    """Every pair calls each provider once; the first one rotates from pair to pair; the first
+    pair (the warm-up from an idle GPU) is dropped."""
+    from benchmarks.paired import time_pairs
+
+    log = []
+    calls = [lambda i=i: log.append(i) for i in range(3)]
+    times, _ = time_pairs(calls, 4, torch.device("cpu"))
+    assert [len(t) for t in times] == [4, 4, 4]
+    pairs = [log[i:i + 3] for i in range(0, len(log), 3)]
+    assert len(pairs) == 5 and all(sorted(p) == [0, 1, 2] for p in pairs)
+    assert [p[0] for p in pairs] == [0, 1, 2, 0, 1]
+
+
+def test_paired_cpu_run(tmp_path):
+    """End to end on the CPU: two providers, a ratio per fa3py provider and peer, JSON written."""
+    from benchmarks import paired
+
+    doc = paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--causal", "true", "--batch", "1",
+                       "--nheads", "2", "--providers", "fa3py:torch", "sdpa:math", "--pairs", "6",
+                       "--json", str(tmp_path / "p.json")])
+    (row,) = doc["rows"]
+    assert set(row["ms"]) == {"fa3py:torch", "sdpa:math"} and all(ms > 0 for ms in row["ms"].values())
+    (label, s), = row["ratios"].items()
+    assert label == "fa3py:torch / sdpa:math" and s["pairs"] == 6 and s["ci95"][0] <= s["median"] <= s["ci95"][1]
+    assert json.loads((tmp_path / "p.json").read_text())["meta"]["pairs"] == 6
+    with pytest.raises(SystemExit, match="two providers"):
+        paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--providers", "sdpa:math"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_paired():
+    """On the GPU: CUDA events between back-to-back calls; the host time per call is recorded."""
+    from benchmarks import paired
+
+    doc = paired.main(["--hdim", "128", "--seqlen", "4096", "--causal", "true", "--providers", "fa3py:cute",
+                       "sdpa:cudnn", "--pairs", "20"])
+    (row,) = doc["rows"]
+    assert row["host_ms_per_call"] > 0 and any(k.startswith("fa3py") for k in row["ms"])
+    assert all(0.1 < s["median"] < 10 for s in row["ratios"].values())

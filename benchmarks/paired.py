@@ -1,0 +1,138 @@
+"""Paired timing: providers called in turn, call by call, for close races on a power-limited GPU.
+
+    python -m benchmarks.paired --hdim 64 --seqlen 16384 --causal true --providers fa3py:cute fa4 sdpa:cudnn
+    python -m benchmarks.paired --hdim 128 256 --seqlen 16384 --pairs 300 --out bench_out/paired.json
+
+`benchmarks.run` times each provider for a stretch of calls in turn. On a GPU held at its power
+cap the clock drifts by several percent between those stretches, more than a 1-2% race between
+two kernels. Here every "pair" runs each provider once, in an order rotated from pair to pair,
+back to back on one stream with CUDA events between the calls, so neighbouring calls see the
+same clock and temperature. For each fa3py provider and each peer the per-pair time ratios give
+a median with a bootstrap 95% interval, and the share of pairs fa3py won.
+
+The queue stays full as long as a call takes longer on the GPU than its host time (about
+0.1 ms for fa3py's eager calls): meant for long kernels such as the 16k-token grid points; the
+host time per call is printed for that check. Takes benchmarks.run's options for the point
+(--hdim, --seqlen, --causal, --tokens, --hidden, --batch, --nheads, --seqlen-q, --kv-heads,
+--dtype, --providers, --device, --seed); forward only. No correctness check: run benchmarks.run
+for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import run
+from benchmarks.flops import flops
+from benchmarks.providers import select
+
+
+def median_ratio(ours: list[float], theirs: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Per-pair ratios ours / theirs: their median, a bootstrap 95% interval of it, and the share
+    of pairs where ours took less time."""
+    r = np.asarray(ours, dtype=float) / np.asarray(theirs, dtype=float)
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, len(r), size=(resamples, len(r)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(r)), "ci95": [float(lo), float(hi)], "won": float(np.mean(r < 1.0)),
+            "pairs": int(len(r))}
+
+
+def time_pairs(calls: list, pairs: int, device: torch.device) -> tuple[list[list[float]], float]:
+    """Each call once per pair, in an order rotated by one each pair, back to back; the ms of
+    every call (per call index, pair order) and the host ms per call. The first pair is a warm-up
+    (it starts on an idle GPU) and is not returned."""
+    n = len(calls)
+    order = [(i + j) % n for i in range(pairs + 1) for j in range(n)]
+    times: list[list[float]] = [[] for _ in range(n)]
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(order) + 1)]
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        events[0].record()
+        for c, j in enumerate(order):
+            calls[j]()
+            events[c + 1].record()
+        host_ms = (time.perf_counter() - t0) * 1e3 / len(order)
+        torch.cuda.synchronize(device)
+        for c, j in enumerate(order):
+            if c >= n:
+                times[j].append(events[c].elapsed_time(events[c + 1]))
+        return times, host_ms
+    for c, j in enumerate(order):
+        t = time.perf_counter()
+        calls[j]()
+        if c >= n:
+            times[j].append((time.perf_counter() - t) * 1e3)
+    return times, float("nan")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=200, help="rounds of one call per provider (default 200)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    own, rest = ap.parse_known_args(argv)
+    if own.pairs < 1:
+        ap.error("--pairs must be >= 1")
+    args = run.parse_args(["--mode", "fwd", *rest])
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    chosen, skipped = select(args.providers, device)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    if len(chosen) < 2:
+        raise SystemExit("benchmarks.paired needs two providers or more (--providers)")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    results = []
+    for case in run.build_cases(args, device):
+        q, k, v, _ = run.make_inputs(case, device, 1, gen)[0]
+        calls, names = [], []
+        for p, forward in chosen:
+            qp, kp, vp = p.prepare(q, k, v, case) if p.prepare else (q, k, v)
+            call = (lambda f=forward, a=(qp, kp, vp): f(*a, case))
+            try:
+                for _ in range(3):  # compile and warm up outside the timing
+                    call()
+            except Exception as e:
+                print(f"skipped {p.name} at hdim {case.hdim} seqlen {case.seqlen}: {run._error_text(e)}")
+                continue
+            calls.append(call)
+            names.append(p.name)
+        if len(calls) < 2:
+            continue
+        times, host_ms = time_pairs(calls, own.pairs, device)
+        work = flops(case.batch, case.nheads, case.sq, case.seqlen, case.hdim, causal=case.causal)
+        row = {"hdim": case.hdim, "seqlen": case.seqlen, "causal": case.causal, "batch": case.batch,
+               "nheads": case.nheads, "host_ms_per_call": host_ms,
+               "ms": {n: float(np.median(t)) for n, t in zip(names, times)},
+               "tflops": {n: work / (float(np.median(t)) * 1e-3) / 1e12 for n, t in zip(names, times)},
+               "ratios": {}}
+        ours = [i for i, n in enumerate(names) if n.startswith("fa3py")]
+        for i in ours:
+            for j, n in enumerate(names):
+                if j not in ours:
+                    row["ratios"][f"{names[i]} / {n}"] = median_ratio(times[i], times[j], seed=args.seed)
+        results.append(row)
+        print(f"\nhdim {case.hdim} seqlen {case.seqlen} causal {case.causal} (batch {case.batch}, "
+              f"{case.nheads} heads), {own.pairs} pairs, host {host_ms:.3f} ms per call")
+        for n in names:
+            print(f"  {n:<14} {row['ms'][n]:8.4f} ms  {row['tflops'][n]:7.1f} TFLOP/s")
+        for label, s in row["ratios"].items():
+            print(f"  {label:<28} time ratio {s['median']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}], "
+                  f"faster in {100 * s['won']:.0f}% of pairs")
+    doc = {"meta": run.metadata(args, device) | {"pairs": own.pairs, "tool": "benchmarks.paired"}, "rows": results}
+    if own.json:
+        Path(own.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(own.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
