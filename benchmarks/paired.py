@@ -82,8 +82,7 @@ def main(argv=None) -> dict:
     if own.pairs < 1:
         ap.error("--pairs must be >= 1")
     args = run.parse_args(["--mode", "fwd", *rest])
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = run.resolve_device(args)
     chosen, skipped = select(args.providers, device)
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")

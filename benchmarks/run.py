@@ -419,9 +419,14 @@ class Progress:
 
 # ---- main -------------------------------------------------------------------------------
 
-def run(args) -> dict:
+def resolve_device(args) -> torch.device:
+    """--device: auto is the CUDA GPU if there is one."""
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    device = torch.device("cuda" if cuda else "cpu")
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def run(args) -> dict:
+    device = resolve_device(args)
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, replace
 
 
@@ -244,6 +243,7 @@ def is_medium(has_right: bool, max_seqlen_k: int) -> bool:
 SUPPORTED_HDIM = tuple(TILES)
 # (hdim, hdim_v) pairs served: hdim_v == hdim, plus FA3's 192x128 (DeepSeek-style).
 SUPPORTED_HDIM_PAIRS = {(d, d) for d in SUPPORTED_HDIM} | {(192, 128)}
+_SUPPORTED_HDIM_ASCENDING = tuple(sorted(SUPPORTED_HDIM))  # padded_hdim runs on every call
 
 
 def padded_hdim(d: int) -> int | None:
@@ -252,7 +252,7 @@ def padded_hdim(d: int) -> int | None:
     column adds nothing to QK^T and gives O a zero column), its stores stop at `d`. None: none."""
     if d % 8 or d <= 0:
         return None
-    return next((h for h in sorted(SUPPORTED_HDIM) if h >= d), None)
+    return next((h for h in _SUPPORTED_HDIM_ASCENDING if h >= d), None)
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,9 @@ def make_request(
         _fail(TypeError, "softcap", f"must be a float, got {type(softcap).__name__}")
     if not math.isfinite(softcap) or softcap < 0:
         _fail(ValueError, "softcap", f"must be finite and >= 0 (0 disables it), got {softcap}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        _fail(TypeError, "num_splits", f"must be an int >= 0 (0: automatic, 1: no split), got {num_splits!r}")
+    if num_splits < 0:
         _fail(ValueError, "num_splits", f"must be an int >= 0 (0: automatic, 1: no split), got {num_splits!r}")
     left, right = _check_window(window_size)
     if causal:

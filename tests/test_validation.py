@@ -49,8 +49,8 @@ BAD_BATCHED = [
     (lambda: fa3py.flash_attn_func(*qkv(), qv=torch.randn(1)), NotImplementedError, "`qv`"),
     (lambda: fa3py.flash_attn_func(*qkv(), attention_chunk=128), NotImplementedError, "`attention_chunk`"),
     (lambda: fa3py.flash_attn_func(*qkv(), num_splits=-1), ValueError, "`num_splits` must be an int >= 0"),
-    (lambda: fa3py.flash_attn_func(*qkv(), num_splits=2.0), ValueError, "`num_splits` must be an int >= 0"),
-    (lambda: fa3py.flash_attn_func(*qkv(), num_splits=True), ValueError, "`num_splits` must be an int >= 0"),
+    (lambda: fa3py.flash_attn_func(*qkv(), num_splits=2.0), TypeError, "`num_splits` must be an int >= 0"),
+    (lambda: fa3py.flash_attn_func(*qkv(), num_splits=True), TypeError, "`num_splits` must be an int >= 0"),
     (lambda: fa3py.flash_attn_func(*qkv(), sm_margin=8), NotImplementedError, "`sm_margin`"),
 ]
 
