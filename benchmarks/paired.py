@@ -11,10 +11,12 @@ same clock and temperature. For each fa3py provider and each peer the per-pair t
 a median with a bootstrap 95% interval, and the share of pairs fa3py won.
 
 The queue stays full as long as a call takes longer on the GPU than its host time (about
-0.1 ms for fa3py's eager calls): meant for long kernels such as the 16k-token grid points; the
-host time per call is printed for that check. Takes benchmarks.run's options for the point
+0.1 ms for fa3py's eager calls), so eager pairs suit long kernels such as the 16k-token grid
+points; the host time per call is printed for that check. With `--cuda-graph` each provider's
+call is captured once and the pairs replay the graphs (a few microseconds of host time each), so
+short points such as 512 tokens keep the queue full too. Takes benchmarks.run's options for the point
 (--hdim, --seqlen, --causal, --tokens, --hidden, --batch, --nheads, --seqlen-q, --kv-heads,
---dtype, --providers, --device, --seed); forward only. No correctness check: run benchmarks.run
+--dtype, --providers, --device, --seed, --cuda-graph); forward only. No correctness check: run benchmarks.run
 for that.
 """
 
@@ -83,6 +85,8 @@ def main(argv=None) -> dict:
         ap.error("--pairs must be >= 1")
     args = run.parse_args(["--mode", "fwd", *rest])
     device = run.resolve_device(args)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit("benchmarks.paired: --cuda-graph needs a CUDA GPU")
     chosen, skipped = select(args.providers, device)
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
@@ -99,6 +103,8 @@ def main(argv=None) -> dict:
             try:
                 for _ in range(3):  # compile and warm up outside the timing
                     call()
+                if args.cuda_graph:
+                    call = run.cuda_graph(call).replay
             except Exception as e:
                 print(f"skipped {p.name} at hdim {case.hdim} seqlen {case.seqlen}: {run._error_text(e)}")
                 continue
@@ -120,13 +126,15 @@ def main(argv=None) -> dict:
                     row["ratios"][f"{names[i]} / {n}"] = median_ratio(times[i], times[j], seed=args.seed)
         results.append(row)
         print(f"\nhdim {case.hdim} seqlen {case.seqlen} causal {case.causal} (batch {case.batch}, "
-              f"{case.nheads} heads), {own.pairs} pairs, host {host_ms:.3f} ms per call")
+              f"{case.nheads} heads), {own.pairs} pairs{', CUDA graphs' if args.cuda_graph else ''}, "
+              f"host {host_ms:.3f} ms per call")
         for n in names:
             print(f"  {n:<14} {row['ms'][n]:8.4f} ms  {row['tflops'][n]:7.1f} TFLOP/s")
         for label, s in row["ratios"].items():
             print(f"  {label:<28} time ratio {s['median']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}], "
                   f"faster in {100 * s['won']:.0f}% of pairs")
-    doc = {"meta": run.metadata(args, device) | {"pairs": own.pairs, "tool": "benchmarks.paired"}, "rows": results}
+    doc = {"meta": run.metadata(args, device) | {"pairs": own.pairs, "tool": "benchmarks.paired",
+                                                  "cuda_graph": bool(args.cuda_graph)}, "rows": results}
     if own.json:
         Path(own.json).parent.mkdir(parents=True, exist_ok=True)
         Path(own.json).write_text(json.dumps(doc, indent=1) + "\n")

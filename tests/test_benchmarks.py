@@ -320,16 +320,23 @@ def test_paired_cpu_run(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["meta"]["pairs"] == 6
     with pytest.raises(SystemExit, match="two providers"):
         paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--providers", "sdpa:math"])
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA GPU"):
+        paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--cuda-graph"])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_paired():
-    """On the GPU: CUDA events between back-to-back calls; the host time per call is recorded."""
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_gpu_paired(graph):
+    """On the GPU: CUDA events between back-to-back calls (eager, or graph replays); the host
+    time per call is recorded, and a replay costs the host less than an eager call."""
     from benchmarks import paired
 
     doc = paired.main(["--hdim", "128", "--seqlen", "4096", "--causal", "true", "--providers", "fa3py:cute",
-                       "sdpa:cudnn", "--pairs", "20"])
+                       "sdpa:cudnn", "--pairs", "20"] + (["--cuda-graph"] if graph else []))
     (row,) = doc["rows"]
+    assert doc["meta"]["cuda_graph"] is graph
     assert row["host_ms_per_call"] > 0 and any(k.startswith("fa3py") for k in row["ms"])
     assert all(0.1 < s["median"] < 10 for s in row["ratios"].values())
+    if graph:
+        assert row["host_ms_per_call"] < 0.05
