@@ -8,7 +8,8 @@ cap the clock drifts by several percent between those stretches, more than a 1-2
 two kernels. Here every "pair" runs each provider once, in an order rotated from pair to pair,
 back to back on one stream with CUDA events between the calls, so neighbouring calls see the
 same clock and temperature. For each fa3py provider and each peer the per-pair time ratios give
-a median with a bootstrap 95% interval, and the share of pairs fa3py won.
+a median with a bootstrap 95% interval, and the share of pairs fa3py won; with two peers or
+more, also against the faster peer of each pair ("best peer").
 
 The queue stays full as long as a call takes longer on the GPU than its host time (about
 0.1 ms for fa3py's eager calls), so eager pairs suit long kernels such as the 16k-token grid
@@ -44,6 +45,21 @@ def median_ratio(ours: list[float], theirs: list[float], resamples: int = 2000, 
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"median": float(np.median(r)), "ci95": [float(lo), float(hi)], "won": float(np.mean(r < 1.0)),
             "pairs": int(len(r))}
+
+
+def pair_ratios(names: list[str], times: list[list[float]], seed: int = 0) -> dict:
+    """`median_ratio` of each fa3py provider against each peer and, with two peers or more,
+    against the faster peer of each pair ("best peer": the bar the grid is held to)."""
+    ours = [i for i, n in enumerate(names) if n.startswith("fa3py")]
+    peers = [j for j in range(len(names)) if j not in ours]
+    out = {}
+    for i in ours:
+        for j in peers:
+            out[f"{names[i]} / {names[j]}"] = median_ratio(times[i], times[j], seed=seed)
+        if len(peers) > 1:
+            best = np.min([times[j] for j in peers], axis=0)
+            out[f"{names[i]} / best peer"] = median_ratio(times[i], best, seed=seed)
+    return out
 
 
 def time_pairs(calls: list, pairs: int, device: torch.device) -> tuple[list[list[float]], float]:
@@ -118,12 +134,8 @@ def main(argv=None) -> dict:
                "nheads": case.nheads, "host_ms_per_call": host_ms,
                "ms": {n: float(np.median(t)) for n, t in zip(names, times)},
                "tflops": {n: work / (float(np.median(t)) * 1e-3) / 1e12 for n, t in zip(names, times)},
-               "ratios": {}}
-        ours = [i for i, n in enumerate(names) if n.startswith("fa3py")]
-        for i in ours:
-            for j, n in enumerate(names):
-                if j not in ours:
-                    row["ratios"][f"{names[i]} / {n}"] = median_ratio(times[i], times[j], seed=args.seed)
+               "ratios": None}
+        row["ratios"] = pair_ratios(names, times, seed=args.seed)
         results.append(row)
         print(f"\nhdim {case.hdim} seqlen {case.seqlen} causal {case.causal} (batch {case.batch}, "
               f"{case.nheads} heads), {own.pairs} pairs{', CUDA graphs' if args.cuda_graph else ''}, "

@@ -292,6 +292,20 @@ def test_median_ratio_of_pairs():
     assert abs(t["median"] - 1 / 0.97) < 0.003 and t["won"] < 0.01
 
 
+def test_pair_ratios_best_peer():
+    """Against the faster peer of each pair: here peer a wins the even pairs and b the odd ones,
+    so ours (1.0) / best peer is 1 / 0.9 although ours beats each peer's median (1.05)."""
+    from benchmarks.paired import pair_ratios
+
+    a = [0.9, 1.2] * 50
+    b = [1.2, 0.9] * 50
+    r = pair_ratios(["fa3py:cute", "a", "b"], [[1.0] * 100, a, b])
+    assert set(r) == {"fa3py:cute / a", "fa3py:cute / b", "fa3py:cute / best peer"}
+    assert abs(r["fa3py:cute / best peer"]["median"] - 1 / 0.9) < 1e-9 and r["fa3py:cute / best peer"]["won"] == 0
+    assert r["fa3py:cute / a"]["won"] == 0.5
+    assert set(pair_ratios(["fa3py:cute", "a"], [[1.0], [2.0]])) == {"fa3py:cute / a"}
+
+
 def test_time_pairs_rotates_the_order():
     """Every pair calls each provider once; the first one rotates from pair to pair; the first
     pair (the warm-up from an idle GPU) is dropped."""
@@ -315,7 +329,7 @@ def test_paired_cpu_run(tmp_path):
                        "--json", str(tmp_path / "p.json")])
     (row,) = doc["rows"]
     assert set(row["ms"]) == {"fa3py:torch", "sdpa:math"} and all(ms > 0 for ms in row["ms"].values())
-    (label, s), = row["ratios"].items()
+    (label, s), = row["ratios"].items()  # one peer: no "best peer" row
     assert label == "fa3py:torch / sdpa:math" and s["pairs"] == 6 and s["ci95"][0] <= s["median"] <= s["ci95"][1]
     assert json.loads((tmp_path / "p.json").read_text())["meta"]["pairs"] == 6
     with pytest.raises(SystemExit, match="two providers"):
