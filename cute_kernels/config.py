@@ -153,7 +153,12 @@ TILES: dict[int, TileConfig] = {
     # (FA4 536), causal 419 -> 493 (FA4 496); 2k 398 -> 465, causal 330 -> 362. 128x176 / 128x192
     # were slower than 128x128 (8k 426 / 438 vs 450), 3 stages within noise.
     64: TileConfig(192, 128, 2, 24, 160),
-    96: TileConfig(128, 128, 2, 24, 240),  # untuned
+    # hdim96 (and 65-88, padded to it): FA3's 3-consumer-WG tile at tile_n 112. H200 SM cycles
+    # (`cute_kernels.cycles`, 16k tokens, session 12), 2k / 8k non-causal, causal: 128x128 (the
+    # untuned entry before) 0.864 / 3.265, 0.483 / 1.649; 192x112 0.741 / 2.723, 0.480 / 1.438;
+    # 192x96 0.752 / 2.782, 0.466 / 1.440; 128x{144,160,176}s2 0.867-0.888 / 3.176-3.253, 0.506-0.519 / 1.647-1.715;
+    # flash-attn-4 0.800 / 2.700, 0.506 / 1.462; cuDNN 0.942 / 3.594, 0.597 / 2.072.
+    96: TileConfig(192, 112, 2, 24, 160),
     # hdim128: 128x176 slower (8k 591 vs 632; causal 348 vs 571), 128x192 spills (CPU SASS).
     128: TileConfig(128, 128, 2, 24, 240),  # measured 673 TFLOP/s at 8k (cuDNN 664)
     # hdim192 (smem: 48K + 2*(36K+36K) = 192 KB; sO in sQ): 128x96 with make's lazy_rescale. H200
@@ -178,7 +183,7 @@ TILES: dict[int, TileConfig] = {
 # (3 STL/LDL without it). hdim 128 at 192 x {128, 112, 96, 80} spills at 160 registers (71/45/17/3
 # STL): acc_O alone is 64 of them, so it needs P in smem (SS PV), not implemented.
 CANDIDATES: dict[int, list[TileConfig]] = {
-    96: [TileConfig(192, 96, 2, *REG_SPLIT[3])],  # 192x128 spills (30 STL)
+    96: [TileConfig(192, 96, 2, *REG_SPLIT[3])],  # 3% ahead of 192x112 at causal 2k only; 192x128 spills (30 STL)
 }
 
 # Short problems: few KV blocks per tile, where a tile's prologue and epilogue weigh more and the
