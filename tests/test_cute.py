@@ -670,7 +670,10 @@ def test_short_tile():
     assert tile(SHORT_CAUSAL_SEQLEN, 0, d, sk=4096) == short
     assert tile(SHORT_SEQLEN_K, -1, d) == tile(SHORT_SEQLEN_K + 1, -1, d) == table
     assert tile(4096, -1, d, sk=SHORT_SEQLEN_K) == tile(256, -1, d, sk=1024) == table
-    assert tile(256, 0, 128) == tile(256, -1, 128) == (128, 128) and tile(256, -1, 96) == (192, 112)
+    assert tile(256, 0, 128) == tile(256, -1, 128) == (128, 128)
+    # hdim96: the 2-WG tile when short, causal or not; the table's 3-WG tile otherwise.
+    assert tile(256, 0, 96) == tile(SHORT_SEQLEN_K, -1, 96) == (128, 128)
+    assert tile(SHORT_CAUSAL_SEQLEN + 1, 0, 96) == tile(SHORT_SEQLEN_K + 1, -1, 96) == (192, 112)
     # hdim256: one tile, short or not, with O staged in two chunks and lazy rescaling.
     for sq, wr in ((512, 0), (4096, 0), (512, -1), (4096, -1)):
         t = config(sq, wr, 256)
