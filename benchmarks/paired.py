@@ -15,7 +15,10 @@ The queue stays full as long as a call takes longer on the GPU than its host tim
 0.1 ms for fa3py's eager calls), so eager pairs suit long kernels such as the 16k-token grid
 points; the host time per call is printed for that check. With `--cuda-graph` each provider's
 call is captured once and the pairs replay the graphs (a few microseconds of host time each), so
-short points such as 512 tokens keep the queue full too. Takes benchmarks.run's options for the point
+short points such as 512 tokens keep the queue full too. `--matmul` adds the dense matmul of
+`benchmarks.run` (N = MATMUL_N unless --matmul-n, the run's dtype) to every pair and reports each
+provider's TFLOP/s as a share of the matmul's in the same pair: the "share of the matmul rate"
+bar, read under the same clock. Takes benchmarks.run's options for the point
 (--hdim, --seqlen, --causal, --tokens, --hidden, --batch, --nheads, --seqlen-q, --kv-heads,
 --dtype, --providers, --device, --seed, --cuda-graph); forward only. No correctness check: run benchmarks.run
 for that.
@@ -96,6 +99,9 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=200, help="rounds of one call per provider (default 200)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--matmul", action="store_true",
+                    help="add the dense matmul to every pair; report each provider's share of its rate")
+    ap.add_argument("--matmul-n", type=int, default=run.MATMUL_N, help="its size N (N x N x N; default %(default)s)")
     own, rest = ap.parse_known_args(argv)
     if own.pairs < 1:
         ap.error("--pairs must be >= 1")
@@ -109,6 +115,14 @@ def main(argv=None) -> dict:
     if len(chosen) < 2:
         raise SystemExit("benchmarks.paired needs two providers or more (--providers)")
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    matmul = None
+    if own.matmul:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        a, b = (torch.randn(own.matmul_n, own.matmul_n, generator=gen, device=device, dtype=dtype) for _ in range(2))
+        matmul = lambda: torch.matmul(a, b)  # noqa: E731
+        matmul()
+        if args.cuda_graph:
+            matmul = run.cuda_graph(matmul).replay
     results = []
     for case in run.build_cases(args, device):
         q, k, v, _ = run.make_inputs(case, device, 1, gen)[0]
@@ -128,7 +142,8 @@ def main(argv=None) -> dict:
             names.append(p.name)
         if len(calls) < 2:
             continue
-        times, host_ms = time_pairs(calls, own.pairs, device)
+        times, host_ms = time_pairs(calls + ([matmul] if matmul else []), own.pairs, device)
+        mm_times = times.pop() if matmul else None
         work = flops(case.batch, case.nheads, case.sq, case.seqlen, case.hdim, causal=case.causal)
         row = {"hdim": case.hdim, "seqlen": case.seqlen, "causal": case.causal, "batch": case.batch,
                "nheads": case.nheads, "host_ms_per_call": host_ms,
@@ -136,17 +151,28 @@ def main(argv=None) -> dict:
                "tflops": {n: work / (float(np.median(t)) * 1e-3) / 1e12 for n, t in zip(names, times)},
                "ratios": None}
         row["ratios"] = pair_ratios(names, times, seed=args.seed)
+        if matmul:  # rate / matmul rate = (matmul time / call time) * (call flops / matmul flops)
+            mm_work = 2 * own.matmul_n**3
+            row["matmul_tflops"] = mm_work / (float(np.median(mm_times)) * 1e-3) / 1e12
+            row["matmul_share"] = {}
+            for n, t in zip(names, times):
+                s = median_ratio(work * np.asarray(mm_times), mm_work * np.asarray(t), seed=args.seed)
+                row["matmul_share"][n] = {k: s[k] for k in ("median", "ci95", "pairs")}
         results.append(row)
         print(f"\nhdim {case.hdim} seqlen {case.seqlen} causal {case.causal} (batch {case.batch}, "
               f"{case.nheads} heads), {own.pairs} pairs{', CUDA graphs' if args.cuda_graph else ''}, "
               f"host {host_ms:.3f} ms per call")
         for n in names:
             print(f"  {n:<14} {row['ms'][n]:8.4f} ms  {row['tflops'][n]:7.1f} TFLOP/s")
+        for n, s in (row.get("matmul_share") or {}).items():
+            print(f"  {n:<14} {100 * s['median']:.1f}% of the matmul rate [{100 * s['ci95'][0]:.1f}, "
+                  f"{100 * s['ci95'][1]:.1f}] (matmul {row['matmul_tflops']:.0f} TFLOP/s)")
         for label, s in row["ratios"].items():
             print(f"  {label:<28} time ratio {s['median']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}], "
                   f"faster in {100 * s['won']:.0f}% of pairs")
     doc = {"meta": run.metadata(args, device) | {"pairs": own.pairs, "tool": "benchmarks.paired",
-                                                  "cuda_graph": bool(args.cuda_graph)}, "rows": results}
+                                                  "cuda_graph": bool(args.cuda_graph),
+                                                  "matmul_n": own.matmul_n if own.matmul else None}, "rows": results}
     if own.json:
         Path(own.json).parent.mkdir(parents=True, exist_ok=True)
         Path(own.json).write_text(json.dumps(doc, indent=1) + "\n")
