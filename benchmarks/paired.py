@@ -1,7 +1,9 @@
 """Paired timing: providers called in turn, call by call, for close races on a power-limited GPU.
 
     python -m benchmarks.paired --hdim 64 --seqlen 16384 --causal true --providers fa3py:cute fa4 sdpa:cudnn
-    python -m benchmarks.paired --hdim 128 256 --seqlen 16384 --pairs 300 --out bench_out/paired.json
+    python -m benchmarks.paired --hdim 128 256 --seqlen 16384 --pairs 300 --json bench_out/paired.json
+    python -m benchmarks.paired --providers fa3py:cute fa4 sdpa:cudnn --cuda-graph --md grid.md --plot grid.png
+    python -m benchmarks.paired --from-json bench_out/paired.json --md paired.md   # re-render only
 
 `benchmarks.run` times each provider for a stretch of calls in turn. On a GPU held at its power
 cap the clock drifts by several percent between those stretches, more than a 1-2% race between
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import run
+from benchmarks import report, run
 from benchmarks.flops import flops
 from benchmarks.providers import select
 
@@ -94,15 +96,82 @@ def time_pairs(calls: list, pairs: int, device: torch.device) -> tuple[list[list
     return times, float("nan")
 
 
+def format_markdown(doc) -> str:
+    """A paired run as markdown: per causal, one line per point with each provider's ms, fa3py's
+    time ratio against the best peer (median, 95% interval, pairs won) and, with --matmul,
+    fa3py's share of the matmul rate."""
+    meta = doc["meta"]
+    out = [f"# benchmarks.paired: {meta['device_name']}", "",
+           f"- date {meta['date']}, commit `{meta['commit']}`{' (tree modified)' if meta.get('dirty') else ''}, "
+           f"torch {meta['torch']}, dtype {meta['args']['dtype']}, peers {json.dumps(meta.get('versions', {}))}",
+           f"- {meta['pairs']} pairs per point, providers in rotated order call by call"
+           f"{', CUDA-graph replays' if meta.get('cuda_graph') else ', eager calls'}; ratio = fa3py time / "
+           "the faster peer's time in the same pair (median [bootstrap 95% interval], share of pairs won); "
+           "below 1 is faster"]
+    rows = doc["rows"]
+    for causal in sorted({r["causal"] for r in rows}):
+        sub = [r for r in rows if r["causal"] == causal]
+        names = list(dict.fromkeys(n for r in sub for n in r["ms"]))
+        ours = [n for n in names if n.startswith("fa3py")]
+        mm = any(r.get("matmul_share") for r in sub)
+        out += ["", f"## causal={causal} (ms)", "",
+                "| hdim | seqlen | " + " | ".join(names) + " | "
+                + " | ".join(f"{n} / best peer" for n in ours) + (" | " + " | ".join(f"{n} / matmul" for n in ours)
+                                                                  if mm else "") + " |",
+                "|---:|---:|" + "---:|" * len(names) + "---:|" * len(ours) * (1 + mm)]
+        for r in sorted(sub, key=lambda r: (r["hdim"], r["seqlen"])):
+            cells = [f"{r['ms'][n]:.4f}" if n in r["ms"] else "" for n in names]
+            for n in ours:
+                b = r["ratios"].get(f"{n} / best peer") or next(
+                    (v for k, v in r["ratios"].items() if k.startswith(f"{n} / ")), None)
+                cells.append(f"{b['median']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] {100 * b['won']:.0f}%"
+                             if b else "")
+            if mm:
+                cells += [f"{100 * r['matmul_share'][n]['median']:.1f}% of {r['matmul_tflops']:.0f}"
+                          if n in r.get("matmul_share", {}) else "" for n in ours]
+            out.append(f"| {r['hdim']} | {r['seqlen']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def report_rows(doc) -> list[dict]:
+    """The rows of a paired run in benchmarks.report's form (one per provider and point), for its plot."""
+    return [{"provider": n, "peer": not n.startswith("fa3py"), "precision": doc["meta"]["args"]["dtype"],
+             "mode": "fwd", "hdim": r["hdim"], "seqlen": r["seqlen"], "causal": r["causal"], "batch": r["batch"],
+             "nheads": r["nheads"], "ms": ms, "tflops": r["tflops"][n], "ratio": None, "status": "ok", "note": ""}
+            for r in doc["rows"] for n, ms in r["ms"].items()]
+
+
+def write_outputs(doc, json_path=None, md_path=None, plot_path=None) -> None:
+    """Writes the JSON, the markdown (format_markdown) and the TFLOP/s plot (benchmarks.report's)."""
+    for path in (json_path, md_path, plot_path):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(doc, indent=1) + "\n")
+    if md_path:
+        Path(md_path).write_text(format_markdown(doc))
+    if plot_path:
+        why = report.plot({"meta": doc["meta"], "rows": report_rows(doc)}, Path(plot_path))
+        if why:
+            print(f"no plot: {why}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=200, help="rounds of one call per provider (default 200)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--md", metavar="FILE", help="also write them as markdown tables")
+    ap.add_argument("--plot", metavar="FILE", help="also plot TFLOP/s per provider (PNG; needs matplotlib)")
+    ap.add_argument("--from-json", metavar="FILE", help="run nothing: write --md / --plot from a paired JSON")
     ap.add_argument("--matmul", action="store_true",
                     help="add the dense matmul to every pair; report each provider's share of its rate")
     ap.add_argument("--matmul-n", type=int, default=run.MATMUL_N, help="its size N (N x N x N; default %(default)s)")
     own, rest = ap.parse_known_args(argv)
+    if own.from_json:
+        doc = json.loads(Path(own.from_json).read_text())
+        write_outputs(doc, None, own.md, own.plot)
+        return doc
     if own.pairs < 1:
         ap.error("--pairs must be >= 1")
     args = run.parse_args(["--mode", "fwd", *rest])
@@ -173,9 +242,7 @@ def main(argv=None) -> dict:
     doc = {"meta": run.metadata(args, device) | {"pairs": own.pairs, "tool": "benchmarks.paired",
                                                   "cuda_graph": bool(args.cuda_graph),
                                                   "matmul_n": own.matmul_n if own.matmul else None}, "rows": results}
-    if own.json:
-        Path(own.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(own.json).write_text(json.dumps(doc, indent=1) + "\n")
+    write_outputs(doc, own.json, own.md, own.plot)
     return doc
 
 

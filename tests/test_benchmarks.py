@@ -332,16 +332,21 @@ def test_paired_cpu_run(tmp_path):
     (label, s), = row["ratios"].items()  # one peer: no "best peer" row
     assert label == "fa3py:torch / sdpa:math" and s["pairs"] == 6 and s["ci95"][0] <= s["median"] <= s["ci95"][1]
     assert json.loads((tmp_path / "p.json").read_text())["meta"]["pairs"] == 6
+    paired.main(["--from-json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md")])
+    md = (tmp_path / "p.md").read_text()  # one table per causal; the ratio cell with its interval
+    assert "## causal=True" in md and f"| 64 | 64 | {row['ms']['fa3py:torch']:.4f} |" in md
+    assert f"{s['median']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" in md
     with pytest.raises(SystemExit, match="two providers"):
         paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--providers", "sdpa:math"])
     doc = paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--batch", "1", "--nheads", "2",
                        "--causal", "true", "--providers", "fa3py:torch", "sdpa:math", "--pairs", "3", "--matmul",
-                       "--matmul-n", "256"])
+                       "--matmul-n", "256", "--md", str(tmp_path / "m.md")])
     (row,) = doc["rows"]  # the matmul is in every pair but is neither ours nor a peer
     assert set(row["ms"]) == set(row["matmul_share"]) == {"fa3py:torch", "sdpa:math"} and len(row["ratios"]) == 1
     for n, s in row["matmul_share"].items():  # per-pair shares: their median is near the medians' quotient
         assert s["pairs"] == 3 and 0 < s["median"] and s["ci95"][0] <= s["median"] <= s["ci95"][1]
         assert 0.5 < s["median"] / (row["tflops"][n] / row["matmul_tflops"]) < 2
+    assert "fa3py:torch / matmul" in (tmp_path / "m.md").read_text()
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA GPU"):
         paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--cuda-graph"])
 
