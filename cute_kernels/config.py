@@ -143,10 +143,9 @@ def _field_value(tile: TileConfig, setting: str) -> tuple:
     return field, bool(int(value)) if isinstance(current, bool) else type(current)(value)
 
 
-# Per head dim (exact: other head dims are refused by why_not, not padded).
+# Per kernel head dim (other multiples of 8 run the next one up: padded_hdim).
 # Chosen by smem/register budget (sQ + stages*(sK + sV) <= 227 KB, acc_O + acc_S fit in 240
-# regs, no spills in SASS). "measured" = cute_kernels/NOTES.md (H200, 16k tokens, bf16, tile
-# sweep of the 2025 session run 1 and v_lags_k run 2); hdim 96/192 not swept.
+# regs, no spills in SASS) and measured as each entry says (cute_kernels/NOTES.md, results/).
 TILES: dict[int, TileConfig] = {
     # hdim64: FA3's 192x128 with 3 consumer WGs (24/160 registers) + mask_thr0 (spill-free causal):
     # H200, 16k tokens, same run as flash-attn-4 (NOTES.md, 2026-11-22 session 2): 8k 447 -> 550
