@@ -174,6 +174,8 @@ def main(argv=None) -> dict:
         return doc
     if own.pairs < 1:
         ap.error("--pairs must be >= 1")
+    if own.matmul_n < 1:
+        ap.error("--matmul-n must be >= 1")
     args = run.parse_args(["--mode", "fwd", *rest])
     device = run.resolve_device(args)
     if args.cuda_graph and device.type != "cuda":
@@ -186,10 +188,7 @@ def main(argv=None) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     matmul = None
     if own.matmul:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        a, b = (torch.randn(own.matmul_n, own.matmul_n, generator=gen, device=device, dtype=dtype) for _ in range(2))
-        matmul = lambda: torch.matmul(a, b)  # noqa: E731
-        matmul()
+        matmul = run.dense_matmul(args, device, own.matmul_n, gen)
         if args.cuda_graph:
             matmul = run.cuda_graph(matmul).replay
     results = []

@@ -262,13 +262,19 @@ def time_ms(fn, device, warmup_ms: float, rep_ms: float) -> float:
 MATMUL_N = 8192
 
 
+def dense_matmul(args, device, n: int = MATMUL_N, gen=None):
+    """A call of torch.matmul on two random n x n matrices in the run's dtype (called once)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    a, b = (torch.randn(n, n, generator=gen, device=device, dtype=dtype) for _ in range(2))
+    fn = lambda: torch.matmul(a, b)  # noqa: E731
+    fn()
+    return fn
+
+
 def matmul_tflops(args, device) -> float:
     """The dense matmul rate in the run's dtype on this GPU, same run (torch.matmul, N^3 with
     N = MATMUL_N): the ceiling the attention rates are read against."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=dtype) for _ in range(2))
-    fn = lambda: torch.matmul(a, b)  # noqa: E731
-    fn()
+    fn = dense_matmul(args, device)
     ms = time_ms(fn, device, args.warmup_ms, args.rep_ms)
     return round(2 * MATMUL_N**3 / ms / 1e9, 1)
 
