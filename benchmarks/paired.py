@@ -22,8 +22,8 @@ short points such as 512 tokens keep the queue full too. `--matmul` adds the den
 provider's TFLOP/s as a share of the matmul's in the same pair: the "share of the matmul rate"
 bar, read under the same clock. Takes benchmarks.run's options for the point
 (--hdim, --seqlen, --causal, --tokens, --hidden, --batch, --nheads, --seqlen-q, --kv-heads,
---dtype, --providers, --device, --seed, --cuda-graph); forward only. No correctness check: run benchmarks.run
-for that.
+--dtype, --providers, --device, --seed, --cuda-graph); forward only. No correctness check: run
+benchmarks.run for that.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ MATMUL_N = 8192
 
 
 def dense_matmul(args, device, n: int = MATMUL_N, gen=None):
-    """A call of torch.matmul on two random n x n matrices in the run's dtype (called once)."""
+    """A call of torch.matmul on two random n x n matrices in the run's dtype, warmed by one call."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     a, b = (torch.randn(n, n, generator=gen, device=device, dtype=dtype) for _ in range(2))
     fn = lambda: torch.matmul(a, b)  # noqa: E731

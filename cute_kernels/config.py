@@ -155,8 +155,9 @@ TILES: dict[int, TileConfig] = {
     # hdim96 (and 65-88, padded to it): FA3's 3-consumer-WG tile at tile_n 112. H200 SM cycles
     # (`cute_kernels.cycles`, 16k tokens, session 12), 2k / 8k non-causal, causal: 128x128 (the
     # untuned entry before) 0.864 / 3.265, 0.483 / 1.649; 192x112 0.741 / 2.723, 0.480 / 1.438;
-    # 192x96 0.752 / 2.782, 0.466 / 1.440; 128x{144,160,176}s2 0.867-0.888 / 3.176-3.253, 0.506-0.519 / 1.647-1.715;
-    # flash-attn-4 0.800 / 2.700, 0.506 / 1.462; cuDNN 0.942 / 3.594, 0.597 / 2.072.
+    # 192x96 0.752 / 2.782, 0.466 / 1.440; 128x{144,160,176}s2 0.867-0.888 / 3.176-3.253,
+    # 0.506-0.519 / 1.647-1.715; flash-attn-4 0.800 / 2.700, 0.506 / 1.462; cuDNN 0.942 / 3.594,
+    # 0.597 / 2.072.
     96: TileConfig(192, 112, 2, 24, 160),
     # hdim128: 128x176 slower (8k 591 vs 632; causal 348 vs 571), 128x192 spills (CPU SASS).
     128: TileConfig(128, 128, 2, 24, 240),  # measured 673 TFLOP/s at 8k (cuDNN 664)
@@ -200,11 +201,9 @@ SHORT_SEQLEN_K = 512
 # hdim96 (and 65-88): 128x128 for short problems, causal or not. H200 SM cycles, 16k tokens, session
 # 12, 192x112 (table) -> 128x128: causal 512 0.243 -> 0.197, 1k 0.352 -> 0.291 (cuDNN 0.218 / 0.345);
 # non-causal 512 0.260 -> 0.248 (cuDNN 0.280); 192x96 in between.
-SHORT_TILES: dict[tuple[int, bool], TileConfig] = {
-    (64, True): TileConfig(128, 128, 2, 24, 240),
-    (96, True): TileConfig(128, 128, 2, 24, 240),
-    (96, False): TileConfig(128, 128, 2, 24, 240),
-}
+_TWO_WG_128 = TileConfig(128, 128, 2, *REG_SPLIT[2])
+SHORT_TILES: dict[tuple[int, bool], TileConfig] = {(64, True): _TWO_WG_128, (96, True): _TWO_WG_128,
+                                                   (96, False): _TWO_WG_128}
 # Not right-windowed with at most this many keys: `medium` (two Q buffers at hdim 64, see make).
 MEDIUM_SEQLEN_K = 2048
 

@@ -843,9 +843,8 @@ class FlashAttentionForwardSm90:
         for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
             if tOcO[r, 0][0] < rows_left:
                 for c in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
-                    if const_expr(not self.cfg.hdimv_in):
-                        tOgO[r, c] = o_mn[r, c]
-                    elif tOcO[r, c][1] < self.cfg.hdimv_in:  # O's head dim ends inside the tile
+                    # (with hdimv_in, O's head dim ends inside the tile: columns before it only)
+                    if const_expr(not self.cfg.hdimv_in) or tOcO[r, c][1] < self.cfg.hdimv_in:
                         tOgO[r, c] = o_mn[r, c]
         self.store_lse(softmax, mLSE, tiled_mma_pv, tidx, m_block, head, b_o, offset, rows_left)
         if const_expr(release_q is not None):
