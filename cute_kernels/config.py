@@ -86,6 +86,12 @@ class TileConfig:
     # running max exceeds it by more than this (log2 units), and a warp skips O's rescale (64
     # FMULs per KV block at hdim 128, 128 at hdim 256) when none of its rows moved.
     lazy_rescale: float = 0.0
+    # Plain schedule (no intra-WG overlap): on a tile's first KV block, a consumer warpgroup none
+    # of whose rows keeps a key in the block's second half (causal diagonal: the first 64 rows of
+    # a 128x128 tile see keys 0-63 of it; or the block ends past seqlen_k) computes QK^T over the
+    # first tile_n / 2 keys only (an N = tile_n / 2 WGMMA into the first half of the accumulator;
+    # the masks set the other half to -inf) and PV over their k-blocks only.
+    diag_half: bool = False
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
@@ -349,7 +355,7 @@ class FwdConfig:
         lazy = 8.0 if hdimv > 128 or hdim == 64 and windowed else 0.0
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
                        pin_desc=hdim <= 192, tma_store=tma_store, k_release_gate=gate,
-                       q_stages=q_stages, intra_wg_overlap=not plain, lazy_rescale=lazy)
+                       q_stages=q_stages, intra_wg_overlap=not plain, lazy_rescale=lazy, diag_half=plain)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 

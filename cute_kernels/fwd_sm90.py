@@ -108,6 +108,8 @@ class FlashAttentionForwardSm90:
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
         assert self.num_threads == t.num_threads
         self.use_scheduler_barrier = t.pingpong
+        assert not t.diag_half or (t.tile_n % 32 == 0 and not t.intra_wg_overlap), \
+            "diag_half: the plain schedule, with tile_n / 2 a whole number of 16-key k-blocks"
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
@@ -126,11 +128,14 @@ class FlashAttentionForwardSm90:
 
     # ------------------------------------------------------------------ host side
     def _tiled_mmas(self):
-        qk = sm90_utils.make_trivial_tiled_mma(
+        return self._tiled_mma_qk(self.tile_n), self._tiled_mma_pv(self.hdimv)
+
+    def _tiled_mma_qk(self, n: int):
+        """S = Q K^T over n keys (the KV block; its first half for diag_half)."""
+        return sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
-            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n),
+            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
         )
-        return qk, self._tiled_mma_pv(self.hdimv)
 
     def _tiled_mma_pv(self, n: int):
         """O += P V over n columns of V (the whole hdim_v; a column chunk of O for its layout)."""
@@ -472,13 +477,37 @@ class FlashAttentionForwardSm90:
         # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.
         o_scale = cute.make_rmem_tensor_like(softmax.row_max, Float32)
 
-        def qk_gemm(tSrQ_cur, stage, wg_wait):
-            acc_S = cute.make_rmem_tensor(tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32)
-            gemm(tiled_mma_qk, acc_S, tSrQ_cur, tSrK[None, None, None, stage], zero_init=True, wg_wait=wg_wait)
+        def qk_gemm(tSrQ_cur, stage, wg_wait, mma=None):
+            """S = Q K^T of the K block in `stage`; `mma`: (tiled MMA, K fragment, keys) of
+            diag_half's half-width GEMM instead of the whole block's."""
+            tiled_mma, tSrK_cur, n = mma if const_expr(mma is not None) else (tiled_mma_qk, tSrK, self.tile_n)
+            acc_S = cute.make_rmem_tensor(tiled_mma.partition_shape_C((self.tile_m, n)), Float32)
+            gemm(tiled_mma, acc_S, tSrQ_cur, tSrK_cur[None, None, None, stage], zero_init=True, wg_wait=wg_wait)
             return acc_S
 
-        def pv_gemm(stage, wg_wait):
-            gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait)
+        def pv_gemm(stage, wg_wait, k_blocks: cutlass.Constexpr[int] = 0):
+            gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait, k_blocks=k_blocks)
+
+        # diag_half: the same per-block code over the first tile_n / 2 keys (step_plain's `half`):
+        # an N = tile_n / 2 QK^T, its own accumulator and masks' coordinates, the first half of
+        # P (its first k-blocks: P's registers are k-block major) and of PV's k-blocks.
+        half = None
+        if const_expr(self.cfg.tile.diag_half):
+            half_n = self.tile_n // 2
+            tiled_mma_qk_half = self._tiled_mma_qk(half_n)
+            wg_mma_qk_half = tiled_mma_qk_half.get_slice(wg_idx * NUM_THREADS_PER_WG)
+            sK_half = cute.logical_divide(sK, (half_n,))[(None, 0), None, None]
+            tSrK_half = wg_mma_qk_half.make_fragment_B(wg_mma_qk_half.partition_B(sK_half))
+            if const_expr(self.cfg.tile.pin_desc):
+                tSrK_half = pin_smem_desc(tSrK_half)
+            half = dict(
+                qk_mma=(tiled_mma_qk_half, tSrK_half, half_n),
+                thr_mma_qk=tiled_mma_qk_half.get_slice(tidx),
+                thr0_mma_qk=tiled_mma_qk_half.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None,
+                tOrP=cute.make_tensor(tOrP.iterator, cute.make_layout(
+                    wg_mma_pv.partition_shape_A((self.tile_m, half_n)))),
+                pv_k_blocks=half_n // 16,
+            )
 
         overlap = self.cfg.tile.intra_wg_overlap
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
@@ -498,6 +527,7 @@ class FlashAttentionForwardSm90:
                 qk_gemm=qk_gemm_tile, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
                 softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
                 mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale,
+                **({} if const_expr(overlap) else dict(half=half)),
             )
             n_block_min, n_block_max = self.kv_block_range(mask, split, num_splits)
             if m_block * self.tile_m < seqlen.seqlen_q:
@@ -518,7 +548,7 @@ class FlashAttentionForwardSm90:
                     else:
                         self.scheduler_sync(wg_idx)
                         kv_state = step(kv_state, n_block, is_first=True, mask_seqlen=True,
-                                        mask_right=True, mask_left=True)
+                                        mask_right=True, mask_left=True, halvable=True)
                     # 2) blocks that cross the right edge of the window (causal diagonal).
                     n_hi = n_block_max - 1
                     if const_expr(self.cfg.has_right):
@@ -602,11 +632,36 @@ class FlashAttentionForwardSm90:
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
         thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, o_scale, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
-        mask_left: cutlass.Constexpr[bool] = False,
+        mask_left: cutlass.Constexpr[bool] = False, half: Optional[dict] = None,
+        halvable: cutlass.Constexpr[bool] = False,
     ):
-        """One KV block without intra-WG overlap: S = QK^T, softmax, O = O*scale + PV."""
+        """One KV block without intra-WG overlap: S = QK^T, softmax, O = O*scale + PV.
+        `halvable` (TileConfig.diag_half; a block with every mask on): where none of this
+        warpgroup's rows keeps a key in the block's second half, the block runs over its first
+        half only, with `half`'s GEMM, coordinates and P (a branch on a warp-uniform value)."""
+        block = partial(self.block_plain, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax,
+                        acc_O, mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, is_first=is_first,
+                        mask_seqlen=mask_seqlen, mask_right=mask_right, mask_left=mask_left)
+        full = dict(tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk)
+        if const_expr(halvable and half is not None):
+            if mask.keys_end(NUM_THREADS_PER_WG // 2 * (wg_idx + 1)) <= (2 * n_block + 1) * (self.tile_n // 2):
+                block(**half)
+            else:
+                block(**full)
+        else:
+            block(**full)
+        kv_state.advance()
+        return kv_state
+
+    @cute.jit
+    def block_plain(
+        self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP, thr_mma_qk,
+        thr0_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool],
+        mask_seqlen: cutlass.Constexpr[bool], mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool],
+        qk_mma=None, pv_k_blocks: cutlass.Constexpr[int] = 0,
+    ):
         pipeline_k.consumer_wait(kv_state)
-        acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
+        acc_S = qk_gemm(kv_state.index, wg_wait=-1, mma=qk_mma)  # S = Q @ K^T
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(0)
         pipeline_k.consumer_release(kv_state)
@@ -615,10 +670,8 @@ class FlashAttentionForwardSm90:
         softmax.rescale_O(acc_O, row_scale, moved, lazy=not is_first)
         pipeline_v.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
-        pv_gemm(kv_state.index, wg_wait=0)  # O += P @ V
+        pv_gemm(kv_state.index, wg_wait=0, k_blocks=pv_k_blocks)  # O += P @ V
         pipeline_v.consumer_release(kv_state)
-        kv_state.advance()
-        return kv_state
 
     @cute.jit
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,

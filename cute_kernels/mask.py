@@ -110,6 +110,16 @@ class AttentionMask:
         return n_block_min, n_block_max
 
     @cute.jit
+    def keys_end(self, rows: int) -> Int32:
+        """One past the last key that any of the tile's first `rows` rows keeps (seqlen_k, or the
+        right window edge of row rows - 1)."""
+        end = Int32(self.seqlen.seqlen_k)
+        if const_expr(self.has_right):
+            end = cutlass.min(end, self.pos(self.m_block * self.tile_m + rows - 1) + self.diag
+                              + self.window_right + 1)
+        return end
+
+    @cute.jit
     def n_block_min_right_masked(self, n_block_min: Int32) -> Int32:
         """Blocks >= this may contain keys right of the window for some row of the m_block."""
         if const_expr(not self.has_right):

@@ -98,7 +98,17 @@ def check(sass: str, cfg) -> list[str]:
     bars = named_barrier_ids(sass)
     if cfg.tile.pingpong and not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
+    if serialized_wgmma(sass):
+        missing.append("pipelined HGMMA (ptxas serialized them: C7511)")
     return missing
+
+
+def serialized_wgmma(sass: str) -> bool:
+    """Whether ptxas serialized the WGMMAs (its C7511 "Potential Performance Loss" note): it then
+    fences every HGMMA with its own WARPGROUP.ARRIVE / DEPBAR, so no GEMM overlaps anything."""
+    ops = opcode_counts(sass, full=True)
+    hgmma = sum(n for op, n in ops.items() if op.startswith("HGMMA"))
+    return hgmma > 0 and ops["WARPGROUP.ARRIVE"] >= hgmma
 
 
 def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:

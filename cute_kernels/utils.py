@@ -81,14 +81,15 @@ def gemm(
     tCrB: cute.Tensor,
     zero_init: cutlass.Constexpr[bool] = False,
     wg_wait: cutlass.Constexpr[int] = 0,
+    k_blocks: cutlass.Constexpr[int] = 0,
 ):
-    """acc (+)= A @ B over all k-blocks as one WGMMA group; wait until `wg_wait` groups remain
-    in flight (-1: do not wait). `tCrA` may be a tuple of per-k-block fragments (`pin_smem_desc`
-    with per_k)."""
+    """acc (+)= A @ B over all k-blocks (`k_blocks` > 0: the first that many) as one WGMMA group;
+    wait until `wg_wait` groups remain in flight (-1: do not wait). `tCrA` may be a tuple of
+    per-k-block fragments (`pin_smem_desc` with per_k)."""
     warpgroup.fence()
     atom = cute.make_mma_atom(tiled_mma.op)
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
-    for k in cutlass.range_constexpr(cute.size(tCrB.shape[2])):
+    for k in cutlass.range_constexpr(k_blocks or cute.size(tCrB.shape[2])):
         a = tCrA[k] if const_expr(isinstance(tCrA, tuple)) else tCrA[None, None, k]
         cute.gemm(atom, acc, a, tCrB[None, None, k], acc)
         atom.set(warpgroup.Field.ACCUMULATE, True)

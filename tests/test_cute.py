@@ -25,7 +25,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 import cute_kernels  # noqa: E402
 from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import (  # noqa: E402
-    CANDIDATES, SHORT_TILES, TILES, FwdConfig, TileConfig, tile_variant,
+    CANDIDATES, SHORT_TILES, TILES, FwdConfig, TileConfig, tile_from_spec, tile_variant,
 )
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -171,6 +171,30 @@ def test_compile_short(hdim, causal):
     t = SHORT_TILES[hdim, causal]
     assert (cfg.tile.tile_m, cfg.tile.tile_n) == (t.tile_m, t.tile_n)
     _compile_and_check(cfg)
+
+
+@pytest.mark.parametrize("hdim,tile,features", [
+    (64, "128x128", dict(has_right=True)), (64, "192x128", dict(has_left=True, has_right=True)),
+    (128, "128x128", dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True, pack_gqa=2)),
+    (96, "128x64", {})])
+def test_compile_diag_half(hdim, tile, features):
+    """diag_half: the first block's half-width QK^T (its own N = tile_n / 2 HGMMAs) and half-depth
+    PV beside the full ones, pipelined (`sass.check`: ptxas serialized every WGMMA when the half
+    QK^T wrote straight into the first half of the full accumulator)."""
+    cfg = FwdConfig.make("bf16", hdim, **features)
+    plain = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, tile, ["intra_wg_overlap=0"]))
+    half = dataclasses.replace(plain, tile=dataclasses.replace(plain.tile, diag_half=True))
+    ops_plain, ops_half = _compile_and_check(plain), _compile_and_check(half)
+    # per consumer warpgroup: one more QK^T of tile_n / 2 keys and one PV of half the k-blocks
+    k_qk, k_pv = hdim // 16, plain.tile.tile_n // 32
+    assert ops_half["HGMMA"] - ops_plain["HGMMA"] == k_qk + k_pv, (ops_plain["HGMMA"], ops_half["HGMMA"])
+
+
+def test_serialized_wgmma():
+    ok = "/*0010*/ WARPGROUP.ARRIVE ;\n/*0020*/ HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ ;\n" \
+         "/*0030*/ HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;\n"
+    bad = ok.replace("/*0030*/", "/*0028*/ WARPGROUP.ARRIVE ;\n/*0030*/")
+    assert not sass.serialized_wgmma(ok) and sass.serialized_wgmma(bad)
 
 
 @pytest.mark.parametrize("g,features", [(4, dict(has_right=True)), (8, {}), (6, dict(has_left=True, has_right=True)),
@@ -1024,6 +1048,32 @@ def test_gpu_q_stages(hdim, wl, wr, dynamic):
     q, k, v = _qkv(3, 1100, 777, 8, 2, hdim, hdim, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     _check(req, _with_tile(req, q_stages=2, persistent=True, dynamic=dynamic))
+
+
+@gpu
+@pytest.mark.parametrize("hdim,tile", [(64, "128x128"), (64, "192x128"), (128, "128x128"), (96, "128x64")])
+@pytest.mark.parametrize("sq,sk,h,hk,wl,wr", [
+    (512, 512, 4, 2, -1, 0), (1023, 1024, 4, 4, -1, 0), (300, 700, 4, 2, -1, 0), (700, 300, 4, 2, -1, 0),
+    (64, 517, 8, 2, -1, 0), (113, 203, 4, 2, 37, 11), (799, 3, 4, 4, -1, -1), (239, 64, 4, 2, -1, -1),
+    (1000, 1000, 4, 2, -1, 40)])
+def test_gpu_diag_half(hdim, tile, sq, sk, h, hk, wl, wr):
+    """diag_half: a warpgroup whose rows keep none of the first block's second half (causal
+    diagonal, a right window, a last block past seqlen_k) computes only its first half; the
+    others the whole block. sq 64 with 4 query heads per KV head packs them (pack_gqa)."""
+    q, k, v = _qkv(2, sq, sk, h, hk, hdim, hdim, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    cfg = cute_kernels.config_for(req)
+    tile = tile_from_spec(cfg.tile, tile, ["intra_wg_overlap=0", "diag_half=1"])
+    _check(req, dataclasses.replace(cfg, tile=tile))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_diag_half_varlen(dtype):
+    q, k, v, varlen = _packed_qkv([1, 113, 0, 799, 64, 1500, 300], [3, 203, 7, 1024, 0, 1400, 300],
+                                  8, 2, 64, dtype)
+    req = _req(q, k, v, window_right=0, **varlen)
+    _check(req, _with_tile(req, intra_wg_overlap=False, diag_half=True))
 
 
 @gpu
