@@ -341,7 +341,10 @@ class FwdConfig:
                                           or medium and hdim == 64) else 1
         # Short causal hdim64 (1-4 KV blocks of 128 per tile): no intra-WG overlap, O by TMA store.
         # H200 SM cycles, 16k tokens, 512 / 1k: 0.249 -> 0.231 / 0.381 -> 0.358 Mcycles (cuDNN 0.229
-        # / 0.359); overlap off alone -3 / -2%, TMA store alone -1.6 / -1.5%.
+        # / 0.359); overlap off alone -3 / -2%, TMA store alone -1.6 / -1.5%. With diag_half (session
+        # 13): 0.231 -> 0.227 / 0.361 -> 0.358 (cuDNN 0.229 / 0.359; results/2026-12-02_h200_751a43e).
+        # (At hdim 96 / 128 its first version, the GEMMs halved but not the softmax, took 3-4% off
+        # the plain schedule; the overlapped schedule is faster still there.)
         plain = short and has_right and hdim == 64
         # O by TMA store for non-causal / non-local (and `plain`); causal / local keep the
         # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
