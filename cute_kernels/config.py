@@ -379,6 +379,6 @@ class FwdConfig:
                 f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''}{' dynamic' if t.dynamic else ''}"
                 f"{' lpt_l2_sections' if t.lpt_l2_sections else ''}{' tma_store' if t.tma_store else ''}"
                 f"{f' k_release_gate={t.k_release_gate}' if t.k_release_gate else ''}"
-                f"{f' q_stages={t.q_stages}' if t.q_stages > 1 else ''}"
+                f"{f' q_stages={t.q_stages}' if t.q_stages > 1 else ''}{' diag_half' if t.diag_half else ''}"
                 f"{f' lpt_tail_waves={t.lpt_tail_waves}' if self.has_right and t.lpt_tail_waves else ''}"
                 f" {' '.join(flags)}")
