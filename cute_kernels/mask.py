@@ -110,7 +110,7 @@ class AttentionMask:
         return n_block_min, n_block_max
 
     @cute.jit
-    def keys_end(self, rows: int) -> Int32:
+    def keys_end(self, rows) -> Int32:
         """One past the last key that any of the tile's first `rows` rows keeps (seqlen_k, or the
         right window edge of row rows - 1)."""
         end = Int32(self.seqlen.seqlen_k)

@@ -315,9 +315,11 @@ def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
             out[m, 1] = hi
             out[m, 2] = mask.n_block_min_right_masked(lo)
             out[m, 3] = mask.n_block_max_left_masked(lo)
+            out[m, 4] = mask.keys_end(Int32(tile_m // 2))  # (diag_half: first warpgroup's rows)
+            out[m, 5] = mask.keys_end(Int32(tile_m))
 
     def call(rows, sk, wl, wr):
-        out = torch.zeros(-(-rows // tile_m), 4, dtype=torch.int32)
+        out = torch.zeros(-(-rows // tile_m), 6, dtype=torch.int32)
         ranges(from_dlpack(out), Int32(rows), Int32(sk), Int32(wl), Int32(wr))
         return out.tolist()
 
@@ -327,10 +329,12 @@ def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
 @pytest.mark.parametrize("g", [1, 3, 4])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
 @pytest.mark.parametrize("thr0", [True, False], ids=["mask_thr0", "per_element"])
-def test_mask_apply_on_the_host(g, wl, wr, thr0):
+@pytest.mark.parametrize("half", [False, True], ids=["block", "half"])
+def test_mask_apply_on_the_host(g, wl, wr, thr0, half):
     """AttentionMask.apply, the kernel's own code run by CuTe DSL's host JIT for every consumer
     thread of a tile (each thread's WGMMA accumulator fragment, scattered back to (row, col)),
-    against a brute-force mask: sequence end, causal / local window edges, g rows per position."""
+    against a brute-force mask: sequence end, causal / local window edges, g rows per position.
+    `half`: the accumulator of diag_half's QK^T over the block's first tile_n / 2 keys."""
     from cutlass import Float32, Int32
     from cutlass.cute.runtime import from_dlpack
 
@@ -345,13 +349,13 @@ def test_mask_apply_on_the_host(g, wl, wr, thr0):
     @cutlass.cute.jit
     def masked(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
                wr: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
-        tiled_mma, _ = kernel._tiled_mmas()
+        tiled_mma = kernel._tiled_mma_qk(width)
         mask = AttentionMask(tile_m, tile_n, wl_on, wr_on, wl, wr, SeqlenInfo(Int32(0), Int32(0), sq, sk),
                              m_block, rows_per_pos=g)
-        coords = cute.make_identity_tensor((tile_m, tile_n))
+        coords = cute.make_identity_tensor((tile_m, width))
         for t in cutlass.range(threads):
             thr = tiled_mma.get_slice(t)
-            acc = cute.make_rmem_tensor(tiled_mma.partition_shape_C((tile_m, tile_n)), Float32)
+            acc = cute.make_rmem_tensor(tiled_mma.partition_shape_C((tile_m, width)), Float32)
             acc.fill(1.0)
             mask.apply(acc, thr, n_block, True, True, True, tiled_mma.get_slice(0) if thr0 else None)
             rc = thr.partition_C(coords)
@@ -359,16 +363,17 @@ def test_mask_apply_on_the_host(g, wl, wr, thr0):
                 out[rc[i]] = acc[i]
 
     wl_on, wr_on = wl >= 0, wr >= 0
+    width = tile_n // 2 if half else tile_n
     rng = np.random.default_rng()
     for sq, sk in [(10, 100), (77, 300), (300, 77), (64, 165)] + [tuple(rng.integers(1, 700, 2)) for _ in range(2)]:
         rows = int(sq) * g
         m_block = int(rng.integers(0, -(-rows // tile_m)))
         n_block = int(rng.integers(0, -(-int(sk) // tile_n)))
-        out = torch.zeros(tile_m, tile_n)
+        out = torch.zeros(tile_m, width)
         masked(from_dlpack(out), Int32(rows), Int32(int(sk)), Int32(wl), Int32(wr), Int32(m_block), Int32(n_block))
         pos = (m_block * tile_m + torch.arange(tile_m))[:, None] // g
-        col = (n_block * tile_n + torch.arange(tile_n))[None, :]
-        keep = (col < sk).expand(tile_m, tile_n)
+        col = (n_block * tile_n + torch.arange(width))[None, :]
+        keep = (col < sk).expand(tile_m, width)
         if wr >= 0:
             keep = keep & (col <= pos + sk - sq + wr)
         if wl >= 0:
@@ -394,7 +399,13 @@ def test_mask_block_ranges_on_the_host(g, wl, wr):
     for sq, sk in sizes + [tuple(rng.integers(1, 700, 2)) for _ in range(3)]:
         rows = int(sq) * g
         diag = int(sk) - int(sq)
-        for m, (lo, hi, right_masked, left_masked) in enumerate(ranges(rows, int(sk), wl, wr)):
+        for m, (lo, hi, right_masked, left_masked, *keys_end) in enumerate(ranges(rows, int(sk), wl, wr)):
+            for r, end in zip((tile_m // 2, tile_m), keys_end):
+                # one past the last key any of the tile's first r rows keeps: the right window
+                # edge of the furthest of them (brute force: the max over the rows), or sk
+                p = np.arange(m * tile_m, m * tile_m + r) // g
+                want = min(int(sk), (p + diag + wr + 1).max()) if wr >= 0 else int(sk)
+                assert end == want, (sq, sk, m, r)
             pos = np.arange(m * tile_m, min((m + 1) * tile_m, rows)) // g
             first = np.maximum(pos + diag - wl, 0) if wl >= 0 else np.zeros_like(pos)
             last = np.minimum(pos + diag + wr, sk - 1) if wr >= 0 else np.full_like(pos, sk - 1)
