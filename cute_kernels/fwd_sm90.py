@@ -27,7 +27,9 @@ Named barriers (NamedBarrierFwd):
                       in o_chunks column chunks (hdim 256: two, so sO fits beside Q).
 
 Intra-warpgroup overlap: the consumer issues QK^T for block n and PV for block n+1 (already
-softmaxed) back to back, then does the softmax of block n while PV runs. With lazy_rescale a
+softmaxed) back to back, then does the softmax of block n while PV runs. Without it (the plain
+schedule) and with diag_half, a warpgroup whose rows see none of the first block's second half
+(the causal diagonal) runs that block over its first tile_n / 2 keys only. With lazy_rescale a
 row keeps its reference max until the running max outgrows it by 2^lazy_rescale, and a warp
 skips O's rescale when none of its rows moved (softmax.OnlineSoftmax).
 """
