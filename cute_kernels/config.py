@@ -92,6 +92,11 @@ class TileConfig:
     # first tile_n / 2 keys only (an N = tile_n / 2 WGMMA into the first half of the accumulator;
     # the masks set the other half to -inf) and PV over their k-blocks only.
     diag_half: bool = False
+    # Plain schedule: a block's PV is left in flight and waited for after the next block's QK^T is
+    # issued (one wait for both; the V stage is released then), so the tensor core gets that QK^T
+    # right behind the PV and the other warpgroup's turn comes as soon as both are issued, instead
+    # of waiting for PV, then issuing QK^T.
+    chain_pv_qk: bool = False
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
@@ -379,6 +384,6 @@ class FwdConfig:
                 f"{' rescale_o_before_pv' if t.rescale_o_before_pv else ''}{' dynamic' if t.dynamic else ''}"
                 f"{' lpt_l2_sections' if t.lpt_l2_sections else ''}{' tma_store' if t.tma_store else ''}"
                 f"{f' k_release_gate={t.k_release_gate}' if t.k_release_gate else ''}"
-                f"{f' q_stages={t.q_stages}' if t.q_stages > 1 else ''}{' diag_half' if t.diag_half else ''}"
+                f"{f' q_stages={t.q_stages}' if t.q_stages > 1 else ''}{' diag_half' if t.diag_half else ''}{' chain_pv_qk' if t.chain_pv_qk else ''}"
                 f"{f' lpt_tail_waves={t.lpt_tail_waves}' if self.has_right and t.lpt_tail_waves else ''}"
                 f" {' '.join(flags)}")

@@ -112,6 +112,7 @@ class FlashAttentionForwardSm90:
         self.use_scheduler_barrier = t.pingpong
         assert not t.diag_half or (t.tile_n % 32 == 0 and not t.intra_wg_overlap), \
             "diag_half: the plain schedule, with tile_n / 2 a whole number of 16-key k-blocks"
+        assert not (t.chain_pv_qk and t.intra_wg_overlap), "chain_pv_qk: the plain schedule"
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
@@ -573,6 +574,9 @@ class FlashAttentionForwardSm90:
                                                            pipeline_v=pipeline_v, softmax=softmax,
                                                            acc_O=acc_O, o_scale=o_scale)
                     else:
+                        if const_expr(self.cfg.tile.chain_pv_qk):
+                            warpgroup.wait_group(0)  # the last PV
+                            self.release_previous(pipeline_v, kv_state)
                         self.scheduler_arrive(wg_idx)
                         if const_expr(self.separate_o):
                             pipeline_q.consumer_release(q_state)
@@ -662,18 +666,22 @@ class FlashAttentionForwardSm90:
         mask_seqlen: cutlass.Constexpr[bool], mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool],
         qk_mma=None, pv_k_blocks: cutlass.Constexpr[int] = 0,
     ):
+        chain = self.cfg.tile.chain_pv_qk
         pipeline_k.consumer_wait(kv_state)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1, mma=qk_mma)  # S = Q @ K^T
         self.scheduler_arrive(wg_idx)
-        warpgroup.wait_group(0)
+        warpgroup.wait_group(0)  # (chain_pv_qk: and the previous block's PV)
         pipeline_k.consumer_release(kv_state)
+        if const_expr(chain and not is_first):
+            self.release_previous(pipeline_v, kv_state)
         row_scale, moved = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
                                               softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
         softmax.rescale_O(acc_O, row_scale, moved, lazy=not is_first)
         pipeline_v.consumer_wait(kv_state)
         self.scheduler_sync(wg_idx)
-        pv_gemm(kv_state.index, wg_wait=0, k_blocks=pv_k_blocks)  # O += P @ V
-        pipeline_v.consumer_release(kv_state)
+        pv_gemm(kv_state.index, wg_wait=-1 if const_expr(chain) else 0, k_blocks=pv_k_blocks)  # O += P @ V
+        if const_expr(not chain):
+            pipeline_v.consumer_release(kv_state)
 
     @cute.jit
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
@@ -723,6 +731,14 @@ class FlashAttentionForwardSm90:
         else:
             softmax.rescale_O(acc_O, row_scale, moved)
         return kv_state
+
+    @cute.jit
+    def release_previous(self, pipe, state):
+        """pipe.consumer_release of the stage before `state`'s (chain_pv_qk: the last block's V,
+        whose PV has just been waited for)."""
+        prev = state.index - 1 if state.index > 0 else Int32(pipe.num_stages - 1)
+        if pipe.is_signaling_thread:
+            pipe.sync_object_empty.arrive(prev, pipe.consumer_mask)
 
     @cute.jit
     def release_after(self, pipe, state, p_mn: cute.Tensor, col: cutlass.Constexpr[int]):

@@ -190,6 +190,16 @@ def test_compile_diag_half(hdim, tile, features):
     assert ops_half["HGMMA"] - ops_plain["HGMMA"] == k_qk + k_pv, (ops_plain["HGMMA"], ops_half["HGMMA"])
 
 
+@pytest.mark.parametrize("hdim,causal", [(64, True), (128, False), (256, True)])
+def test_compile_chain_pv_qk(hdim, causal):
+    """chain_pv_qk: the plain schedule's PV stays in flight across the next QK^T's issue (and,
+    with diag_half, across its branch): the WGMMAs stay pipelined and nothing spills."""
+    cfg = FwdConfig.make("bf16", hdim, has_right=causal, short=hdim == 64)
+    tile = dataclasses.replace(cfg.tile, intra_wg_overlap=False, chain_pv_qk=True)
+    ops = _compile_and_check(dataclasses.replace(cfg, tile=tile))
+    assert ops["HGMMA"] > 0
+
+
 def test_serialized_wgmma():
     ok = "/*0010*/ WARPGROUP.ARRIVE ;\n/*0020*/ HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ ;\n" \
          "/*0030*/ HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;\n"
@@ -1076,6 +1086,19 @@ def test_gpu_diag_half(hdim, tile, sq, sk, h, hk, wl, wr):
     cfg = cute_kernels.config_for(req)
     tile = tile_from_spec(cfg.tile, tile, ["intra_wg_overlap=0", "diag_half=1"])
     _check(req, dataclasses.replace(cfg, tile=tile))
+
+
+@gpu
+@pytest.mark.parametrize("hdim", [64, 128])
+@pytest.mark.parametrize("sq,sk,h,hk,wl,wr", [
+    (512, 512, 4, 2, -1, 0), (300, 700, 4, 2, -1, 0), (700, 300, 4, 2, -1, 0), (113, 203, 4, 2, 37, 11),
+    (799, 3, 4, 4, -1, -1), (1000, 1000, 4, 2, -1, -1), (64, 517, 8, 2, -1, 0)])
+def test_gpu_chain_pv_qk(hdim, sq, sk, h, hk, wl, wr):
+    """chain_pv_qk: a block's V stage is released one block later (after the next QK^T), the
+    last one after the loop; tiles of one block, many blocks, empty rows and windows."""
+    q, k, v = _qkv(2, sq, sk, h, hk, hdim, hdim, torch.bfloat16)
+    req = _req(q, k, v, window_left=wl, window_right=wr)
+    _check(req, _with_tile(req, intra_wg_overlap=False, chain_pv_qk=True))
 
 
 @gpu
