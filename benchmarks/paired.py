@@ -217,8 +217,7 @@ def main(argv=None) -> dict:
                "nheads": case.nheads, "host_ms_per_call": host_ms,
                "ms": {n: float(np.median(t)) for n, t in zip(names, times)},
                "tflops": {n: work / (float(np.median(t)) * 1e-3) / 1e12 for n, t in zip(names, times)},
-               "ratios": None}
-        row["ratios"] = pair_ratios(names, times, seed=args.seed)
+               "ratios": pair_ratios(names, times, seed=args.seed)}
         if matmul:  # rate / matmul rate = (matmul time / call time) * (call flops / matmul flops)
             mm_work = 2 * own.matmul_n**3
             row["matmul_tflops"] = mm_work / (float(np.median(mm_times)) * 1e-3) / 1e12

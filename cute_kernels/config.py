@@ -89,8 +89,8 @@ class TileConfig:
     # Plain schedule (no intra-WG overlap): on a tile's first KV block, a consumer warpgroup none
     # of whose rows keeps a key in the block's second half (causal diagonal: the first 64 rows of
     # a 128x128 tile see keys 0-63 of it; or the block ends past seqlen_k) computes QK^T over the
-    # first tile_n / 2 keys only (an N = tile_n / 2 WGMMA into the first half of the accumulator;
-    # the masks set the other half to -inf) and PV over their k-blocks only.
+    # first tile_n / 2 keys only: an N = tile_n / 2 WGMMA into its own accumulator, masks and
+    # softmax over those columns, the first half of P and of PV's k-blocks.
     diag_half: bool = False
     # Plain schedule: a block's PV is left in flight and waited for after the next block's QK^T is
     # issued (one wait for both; the V stage is released then), so the tensor core gets that QK^T

@@ -530,7 +530,6 @@ class FlashAttentionForwardSm90:
                 qk_gemm=qk_gemm_tile, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
                 softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
                 mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale,
-                **({} if const_expr(overlap) else dict(half=half)),
             )
             n_block_min, n_block_max = self.kv_block_range(mask, split, num_splits)
             if m_block * self.tile_m < seqlen.seqlen_q:
@@ -551,7 +550,7 @@ class FlashAttentionForwardSm90:
                     else:
                         self.scheduler_sync(wg_idx)
                         kv_state = step(kv_state, n_block, is_first=True, mask_seqlen=True,
-                                        mask_right=True, mask_left=True, halvable=True)
+                                        mask_right=True, mask_left=True, half=half)
                     # 2) blocks that cross the right edge of the window (causal diagonal).
                     n_hi = n_block_max - 1
                     if const_expr(self.cfg.has_right):
@@ -639,18 +638,18 @@ class FlashAttentionForwardSm90:
         thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, o_scale, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
         mask_left: cutlass.Constexpr[bool] = False, half: Optional[dict] = None,
-        halvable: cutlass.Constexpr[bool] = False,
     ):
         """One KV block without intra-WG overlap: S = QK^T, softmax, O = O*scale + PV.
-        `halvable` (TileConfig.diag_half; a block with every mask on): where none of this
-        warpgroup's rows keeps a key in the block's second half, the block runs over its first
-        half only, with `half`'s GEMM, coordinates and P (a branch on a warp-uniform value)."""
+        `half` (TileConfig.diag_half, given for the tile's first block, every mask on): where none
+        of this warpgroup's rows keeps a key in the block's second half, the block runs over its
+        first half only, with `half`'s GEMM, coordinates and P (a branch on a warp-uniform value)."""
         block = partial(self.block_plain, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax,
                         acc_O, mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, is_first=is_first,
                         mask_seqlen=mask_seqlen, mask_right=mask_right, mask_left=mask_left)
         full = dict(tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk)
-        if const_expr(halvable and half is not None):
-            if mask.keys_end(NUM_THREADS_PER_WG // 2 * (wg_idx + 1)) <= (2 * n_block + 1) * (self.tile_n // 2):
+        if const_expr(half is not None):
+            wg_rows = self.tile_m // self.num_mma_wg  # this warpgroup's rows end at wg_rows * (wg_idx + 1)
+            if mask.keys_end(wg_rows * (wg_idx + 1)) <= (2 * n_block + 1) * (self.tile_n // 2):
                 block(**half)
             else:
                 block(**full)
