@@ -349,13 +349,20 @@ class FwdConfig:
         # / 0.359); overlap off alone -3 / -2%, TMA store alone -1.6 / -1.5%. With diag_half (session
         # 13): 0.231 -> 0.227 / 0.361 -> 0.358 (cuDNN 0.229 / 0.359; results/2026-12-02_h200_751a43e).
         # (At hdim 96 / 128 its first version, the GEMMs halved but not the softmax, took 3-4% off
-        # the plain schedule; the overlapped schedule is faster still there.)
-        plain = short and has_right and hdim == 64
-        # O by TMA store for non-causal / non-local (and `plain`); causal / local keep the
+        # the plain schedule; the overlapped schedule was faster still there.)
+        # chain_pv_qk (session 14, H200 SM cycles, 16k tokens, results/2026-12-02_h200_chain): hdim64
+        # 512 / 1k 0.228 -> 0.217 / 0.359 -> 0.332 (cuDNN 0.229 / 0.361); hdim96 (with diag_half, O
+        # by predicated stores as before) 0.195 -> 0.189 / 0.290 -> 0.279, where the plain schedule
+        # now beats the overlapped one. Not hdim 128 (512: 0.163 -> 0.184 without diag_half), nor
+        # hdim64 at 2k+ (128x128 plain 0.598 vs 192x128 0.596 at 2k, 1.072 vs 1.015 at 4k), nor
+        # elsewhere (the plain schedule with it against the table's overlapped one, 512-8k, causal
+        # or not: hdim64 +1..+5%, hdim128 +2..+13%, hdim256 +0.4..+9%).
+        plain = short and has_right and hdim in (64, 96)
+        # O by TMA store for non-causal / non-local (and hdim64's `plain`); causal / local keep the
         # predicated stores (H100 SM cycles, 32k tokens, 1k / 4k / 16k: hdim128 causal TMA +2.6 /
         # +4.9 / +6.6%; non-causal TMA -1.3 / -0.5 / -0.8%; hdim64 -0.4..-1.3%; hdim256 within 0.3%).
         # (Split-KV writes its float32 partial O from registers: no TMA store.)
-        tma_store = (not windowed or plain) and not features.get("split_kv", False)
+        tma_store = (not windowed or plain and hdim == 64) and not features.get("split_kv", False)
         # Lazy O rescaling (TileConfig.lazy_rescale, threshold 2^8) at hdim_v 192 / 256 (with their
         # 128x96 / 128x64 tiles: see TILES) and hdim64 windowed. H200 SM cycles, 16k tokens: hdim64
         # causal 2k / 8k / 16k -1.7 / -1.4 / -1.7% (wall, 3 rounds: 8k / 16k +2.4 / +2.0% TFLOP/s;
@@ -363,7 +370,8 @@ class FwdConfig:
         lazy = 8.0 if hdimv > 128 or hdim == 64 and windowed else 0.0
         tile = replace(base, persistent=not windowed, dynamic=dynamic, rescale_o_before_pv=rescale,
                        pin_desc=hdim <= 192, tma_store=tma_store, k_release_gate=gate,
-                       q_stages=q_stages, intra_wg_overlap=not plain, lazy_rescale=lazy, diag_half=plain)
+                       q_stages=q_stages, intra_wg_overlap=not plain, lazy_rescale=lazy, diag_half=plain,
+                       chain_pv_qk=plain)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
