@@ -123,11 +123,13 @@ REG_SPLIT = {2: (24, 240), 3: (24, 160)}
 
 def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | None = None,
                  **fields) -> TileConfig:
-    """`base` with another tile shape; the register split follows the consumer WG count."""
+    """`base` with another tile shape; the register split follows the consumer WG count, and
+    diag_half is kept only where tile_n / 2 is a whole number of 16-key k-blocks."""
     if tile_m % 64 or tile_m // 64 not in REG_SPLIT:
         raise ValueError(f"tile_m must be one of {[64 * w for w in REG_SPLIT]} (64 rows per consumer "
                          f"warpgroup), got {tile_m}")
     producer_regs, consumer_regs = REG_SPLIT[tile_m // 64]
+    fields.setdefault("diag_half", base.diag_half and tile_n % 32 == 0)
     return replace(base, tile_m=tile_m, tile_n=tile_n, num_stages=num_stages or base.num_stages,
                    producer_regs=producer_regs, consumer_regs=consumer_regs, **fields)
 

@@ -731,9 +731,14 @@ def test_short_tile():
     assert config(4096, -1, 128).q_stages == config(2048, 0, 64).q_stages == 1
     assert config(256, -1, 64, sk=MEDIUM_SEQLEN_K).q_stages == 2
     assert config(MEDIUM_SEQLEN_K + 1, -1, 64).q_stages == config(1024, -1, 128).q_stages == 1
-    # Short causal hdim64: no intra-WG overlap, O by TMA store.
+    # Short causal hdim64 / 96: the plain schedule (no intra-WG overlap) with diag_half and
+    # chain_pv_qk; O by TMA store at hdim 64 only.
     assert [(config(512, wr, d).intra_wg_overlap, config(512, wr, d).tma_store) for wr, d in
-            ((0, 64), (0, 128), (-1, 64), (0, 256))] == [(False, True), (True, False), (True, True), (True, False)]
+            ((0, 64), (0, 96), (0, 128), (-1, 64), (0, 256))] == \
+        [(False, True), (False, False), (True, False), (True, True), (True, False)]
+    assert [(config(sq, wr, d).diag_half, config(sq, wr, d).chain_pv_qk) for sq, wr, d in
+            ((512, 0, 64), (1024, 0, 96), (2048, 0, 64), (512, -1, 64), (512, 0, 128))] == \
+        [(True, True)] * 2 + [(False, False)] * 3
     assert config(2048, 0, 64).intra_wg_overlap
 
 
@@ -743,6 +748,10 @@ def test_tile_config_budget():
     t = tile_variant(TileConfig(128, 128, 2, 24, 240), 192, 128)
     assert (t.num_mma_wg, t.num_threads, t.producer_regs, t.consumer_regs) == (3, 512, 24, 160)
     assert all(c.num_mma_wg == 3 for cs in CANDIDATES.values() for c in cs)
+    # diag_half needs tile_n / 2 in whole 16-key k-blocks: another shape keeps it only then.
+    plain = FwdConfig.make("bf16", 64, has_right=True, short=True).tile
+    assert plain.diag_half and tile_variant(plain, 128, 64).diag_half
+    assert not tile_variant(plain, 128, 176).diag_half and tile_variant(plain, 128, 176).chain_pv_qk
 
 
 def test_compile_tvm_ffi():
