@@ -352,7 +352,7 @@ class FwdConfig:
         # 13): 0.231 -> 0.227 / 0.361 -> 0.358 (cuDNN 0.229 / 0.359; results/2026-12-02_h200_751a43e).
         # (At hdim 96 / 128 its first version, the GEMMs halved but not the softmax, took 3-4% off
         # the plain schedule; the overlapped schedule was faster still there.)
-        # chain_pv_qk (session 14, H200 SM cycles, 16k tokens, results/2026-12-02_h200_chain): hdim64
+        # chain_pv_qk (session 14, H200 SM cycles, 16k tokens, results/2026-12-02_h200_11e42f8): hdim64
         # 512 / 1k 0.228 -> 0.217 / 0.359 -> 0.332 (cuDNN 0.229 / 0.361); hdim96 (with diag_half, O
         # by predicated stores as before) 0.195 -> 0.189 / 0.290 -> 0.279, where the plain schedule
         # now beats the overlapped one. Not hdim 128 (512: 0.163 -> 0.184 without diag_half), nor
