@@ -106,6 +106,9 @@ class TileConfig:
         assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
         assert self.producer_regs % 8 == 0 and self.consumer_regs % 8 == 0, "setmaxnreg: multiples of 8"
         assert self.q_stages in (1, 2), f"q_stages {self.q_stages}: 1 or 2"
+        assert not self.diag_half or (halves_into_k_blocks(self.tile_n) and not self.intra_wg_overlap), \
+            f"{self}: diag_half needs the plain schedule and tile_n / 2 in whole 16-key k-blocks"
+        assert not (self.chain_pv_qk and self.intra_wg_overlap), f"{self}: chain_pv_qk needs the plain schedule"
 
     @property
     def num_mma_wg(self) -> int:
@@ -114,6 +117,11 @@ class TileConfig:
     @property
     def num_threads(self) -> int:
         return THREADS_PER_WG * (self.num_mma_wg + 1)
+
+
+def halves_into_k_blocks(tile_n: int) -> bool:
+    """Whether a KV block's first tile_n / 2 keys are whole 16-key WGMMA k-blocks (diag_half)."""
+    return tile_n % 32 == 0
 
 
 # setmaxnreg split per consumer warpgroup count (producer, consumer): FA3 uses 24/240 for two
@@ -129,7 +137,7 @@ def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | N
         raise ValueError(f"tile_m must be one of {[64 * w for w in REG_SPLIT]} (64 rows per consumer "
                          f"warpgroup), got {tile_m}")
     producer_regs, consumer_regs = REG_SPLIT[tile_m // 64]
-    fields.setdefault("diag_half", base.diag_half and tile_n % 32 == 0)
+    fields.setdefault("diag_half", base.diag_half and halves_into_k_blocks(tile_n))
     return replace(base, tile_m=tile_m, tile_n=tile_n, num_stages=num_stages or base.num_stages,
                    producer_regs=producer_regs, consumer_regs=consumer_regs, **fields)
 

@@ -110,9 +110,6 @@ class FlashAttentionForwardSm90:
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
         assert self.num_threads == t.num_threads
         self.use_scheduler_barrier = t.pingpong
-        assert not t.diag_half or (t.tile_n % 32 == 0 and not t.intra_wg_overlap), \
-            "diag_half: the plain schedule, with tile_n / 2 a whole number of 16-key k-blocks"
-        assert not (t.chain_pv_qk and t.intra_wg_overlap), "chain_pv_qk: the plain schedule"
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8

@@ -193,11 +193,15 @@ def test_compile_diag_half(hdim, tile, features):
 @pytest.mark.parametrize("hdim,causal", [(64, True), (128, False), (256, True)])
 def test_compile_chain_pv_qk(hdim, causal):
     """chain_pv_qk: the plain schedule's PV stays in flight across the next QK^T's issue (and,
-    with diag_half, across its branch): the WGMMAs stay pipelined and nothing spills."""
+    with diag_half, across its branch): the WGMMAs stay pipelined and nothing spills, and the
+    PV's own wait (a WARPGROUP.DEPBAR per KV-loop site) is gone while the GEMMs are the same."""
     cfg = FwdConfig.make("bf16", hdim, has_right=causal, short=hdim == 64)
-    tile = dataclasses.replace(cfg.tile, intra_wg_overlap=False, chain_pv_qk=True)
-    ops = _compile_and_check(dataclasses.replace(cfg, tile=tile))
-    assert ops["HGMMA"] > 0
+    plain = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, intra_wg_overlap=False, chain_pv_qk=False))
+    chain = dataclasses.replace(plain, tile=dataclasses.replace(plain.tile, chain_pv_qk=True))
+    ops_plain, ops_chain = _compile_and_check(plain), _compile_and_check(chain)
+    assert ops_chain["HGMMA"] == ops_plain["HGMMA"] > 0
+    # WARPGROUP: the ARRIVE before each GEMM group (as many either way) and the DEPBAR waits
+    assert ops_chain["WARPGROUP"] < ops_plain["WARPGROUP"], (ops_plain["WARPGROUP"], ops_chain["WARPGROUP"])
 
 
 def test_serialized_wgmma():
@@ -752,6 +756,10 @@ def test_tile_config_budget():
     plain = FwdConfig.make("bf16", 64, has_right=True, short=True).tile
     assert plain.diag_half and tile_variant(plain, 128, 64).diag_half
     assert not tile_variant(plain, 128, 176).diag_half and tile_variant(plain, 128, 176).chain_pv_qk
+    with pytest.raises(AssertionError, match="diag_half needs"):  # shapes set directly are checked
+        dataclasses.replace(plain, tile_n=176)
+    with pytest.raises(AssertionError, match="chain_pv_qk needs the plain schedule"):
+        dataclasses.replace(plain, diag_half=False, intra_wg_overlap=True)
 
 
 def test_compile_tvm_ffi():
