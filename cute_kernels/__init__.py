@@ -155,15 +155,19 @@ def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def unpack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
-    """`pack_rows`'s inverse."""
+    """`pack_rows`'s inverse, contiguous (a reshape can return a view with other strides)."""
     *lead, rows_g, kv_heads, d = t.shape
-    return t.view(*lead, rows_g // g, g, kv_heads, d).transpose(-3, -2).reshape(*lead, rows_g // g, kv_heads * g, d)
+    t = t.view(*lead, rows_g // g, g, kv_heads, d).transpose(-3, -2)
+    return t.reshape(*lead, rows_g // g, kv_heads * g, d).contiguous()
 
 
 def unpack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
-    """The packed kernel's LSE (..., kv_heads, rows * g) -> (..., kv_heads * g, rows)."""
+    """The packed kernel's LSE (..., kv_heads, rows * g) -> (..., kv_heads * g, rows), contiguous
+    as FA3 returns it. With one KV head the reshape alone is a view whose rows have stride g:
+    a consumer that assumed unit row stride (the Triton backward did) read other rows' LSE."""
     *lead, kv_heads, rows_g = t.shape
-    return t.view(*lead, kv_heads, rows_g // g, g).transpose(-1, -2).reshape(*lead, kv_heads * g, rows_g // g)
+    t = t.view(*lead, kv_heads, rows_g // g, g).transpose(-1, -2)
+    return t.reshape(*lead, kv_heads * g, rows_g // g).contiguous()
 
 
 def pack_lse(t: torch.Tensor, g: int) -> torch.Tensor:

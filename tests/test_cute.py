@@ -24,6 +24,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import cute_kernels  # noqa: E402
 from cute_kernels import sass  # noqa: E402
+from tests.cute_emulation import emulated_launch  # noqa: E402
 from cute_kernels.config import (  # noqa: E402
     CANDIDATES, SHORT_TILES, TILES, FwdConfig, TileConfig, tile_from_spec, tile_variant,
 )
@@ -532,61 +533,13 @@ def test_num_splits_choice(monkeypatch):
     assert cute_kernels.config_for(decode).split_kv and cute_kernels.num_splits(decode, cfg) == 3
 
 
-def _emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
-    """What `cute_kernels._launch` asks of the kernel, in float32 torch ops on the CPU, from the
-    arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
-    row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
-    where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
-    its run of the sequence's KV blocks (the kernel splits each m_block's own range:
-    test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
-    s * batch + b, or rows from s * total_q + offset."""
-    g, p = cfg.pack_gqa, req.params
-    max_rows, (cu_q, cu_k, used_q, used_k) = cute_kernels.sequence_args(req, q, g)  # the kernel's view
-    n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
-    for b in range(n):
-        q0 = int(cu_q[b]) if cu_q is not None else 0
-        k0 = int(cu_k[b]) if cu_k is not None else 0
-        sq = (int(cu_q[b + 1]) - q0) if cu_q is not None else q.shape[1]
-        sk = (int(cu_k[b + 1]) - k0) if cu_k is not None else k.shape[1]
-        sq = int(used_q[b]) if used_q is not None else sq
-        sk = int(used_k[b]) if used_k is not None else sk
-        assert sq <= max_rows
-        qb = (q[q0:q0 + sq] if req.packed_q else q[b, :sq]).float()
-        kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
-        s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale
-        if p.softcap > 0:
-            s = p.softcap * torch.tanh(s / p.softcap)
-        pos = torch.arange(sq)[:, None] // g
-        col = torch.arange(sk)[None, :]
-        keep = torch.ones(sq, sk, dtype=torch.bool)
-        if p.window_right >= 0:
-            keep &= col <= pos + sk - sq // g + p.window_right
-        if p.window_left >= 0:
-            keep &= col >= pos + sk - sq // g - p.window_left
-        s = s.masked_fill(~keep, -math.inf)
-        tile_n = cfg.tile.tile_n
-        per_split = -(-(-(-sk // tile_n)) // num_splits) * tile_n  # keys per split
-        for split in range(num_splits):
-            in_split = (col >= split * per_split) & (col < (split + 1) * per_split)
-            s_split = s.masked_fill(~in_split, -math.inf) if cfg.split_kv else s
-            row_lse = torch.logsumexp(s_split, -1)  # (heads, rows)
-            o = torch.einsum("hrk,khd->rhd", torch.exp(s_split - row_lse[..., None]).nan_to_num(0.0), vb)
-            if cu_q is not None:
-                r0 = q0 + split * (out.shape[0] // num_splits)
-                out[r0:r0 + sq], lse[:, r0:r0 + sq] = o.to(out.dtype), row_lse
-            else:
-                bo = b + split * (out.shape[0] // num_splits)
-                out[bo, :sq], lse[bo, :, :sq] = o.to(out.dtype), row_lse
-    return out, lse
-
-
 @pytest.mark.parametrize("splits", ["1", "3", "8"], ids=["whole", "split_kv3", "split_kv8"])
 @pytest.mark.parametrize("layout", ["batched", "decode", "varlen", "seqused"])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (5, 2)])
 @pytest.mark.parametrize("h,hk", [(8, 2), (6, 1)])
 def test_pack_gqa_host_side(layout, wl, wr, h, hk, splits, monkeypatch):
     """cute_kernels.run's packing of Q and unpacking of out / LSE, with the kernel emulated on the
-    CPU (`_emulated_launch`): the answer against the reference, for batched, packed (varlen)
+    CPU (`tests.cute_emulation`): the answer against the reference, for batched, packed (varlen)
     and seqused queries, GQA and MQA (packing by view), causal and local masks. With one query
     (decode) the kernel writes into views of the returned out and LSE. Split-KV (forced 3 or 8
     splits): float32 partials combined by combine_splits; with 8 splits of up to 6 KV blocks of
@@ -597,7 +550,7 @@ def test_pack_gqa_host_side(layout, wl, wr, h, hk, splits, monkeypatch):
 
     def launch(req, cfg, q, k, v, out, lse, num_splits=1):
         given.append((out, lse))
-        return _emulated_launch(req, cfg, q, k, v, out, lse, num_splits)
+        return emulated_launch(req, cfg, q, k, v, out, lse, num_splits)
 
     monkeypatch.setattr(cute_kernels, "_launch", launch)
     monkeypatch.setattr(cute_kernels, "split_kv_setting", splits)

@@ -27,8 +27,8 @@ from .common import (
 @triton.jit
 def attn_bwd_preprocess(
     O, DO, LSE, LSE2, DELTA, DQ_ACC, CU_SEQLENS_Q, SEQUSED_Q,
-    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-    stride_ab, stride_ah, stride_dqb, stride_dqs, stride_dqh, seqlen_q,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, stride_lm, stride_ab, stride_ah, stride_dqb, stride_dqs, stride_dqh, seqlen_q,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PACKED_Q: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
     ZERO_DQ_ACC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -47,7 +47,7 @@ def attn_bwd_preprocess(
                    offs_m, offs_dv, q_len, HEADDIM_V, False, EVEN_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     b64 = b.to(tl.int64)
-    lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows, mask=offs_m < q_len,
+    lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + rows * stride_lm, mask=offs_m < q_len,
                   other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     aux = b64 * stride_ab + h * stride_ah + offs_m

@@ -49,7 +49,7 @@ def attn_fwd(
     Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_Q, SEQUSED_K,
     Q_DESCALE, K_DESCALE, V_DESCALE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_lm,
     seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
     bucket_q, bucket_k,  # autotune key only: rounded max seqlens
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -121,5 +121,5 @@ def attn_fwd(
     o_ptrs = tile_ptrs(O, b, stride_ob, h, stride_oh, q_start + offs_m, stride_os, offs_dv)
     tl.store(o_ptrs, cast(out, O.dtype.element_ty),
              mask=(offs_m[:, None] < q_owned) & (offs_dv[None, :] < HEADDIM_V))
-    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + offs_m
+    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
     tl.store(lse_ptrs, lse, mask=offs_m < q_owned)

@@ -41,6 +41,12 @@ def _strides(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
     return (0, x.stride(0), x.stride(1)) if packed else (x.stride(0), x.stride(1), x.stride(2))
 
 
+def _lse_strides(lse: torch.Tensor, packed: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of an LSE, (b, h, rows) or packed (h, total): taken, not
+    assumed, since an LSE from another backend's forward may be any view of its storage."""
+    return (0, lse.stride(0), lse.stride(1)) if packed else (lse.stride(0), lse.stride(1), lse.stride(2))
+
+
 def _new(shape, dtype, device, prefill: float | None) -> torch.Tensor:
     """Output buffer; prefilled where the kernels leave rows unwritten (packed + seqused)."""
     if prefill is None:
@@ -120,7 +126,6 @@ def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
     prefill = req.packed_q and req.seqused_q is not None
     out = _new(req.out_shape, req.out_dtype, req.device, 0.0 if prefill else None)
     lse = _new(req.lse_shape, torch.float32, req.device, float("-inf") if prefill else None)
-    lse_strides = (0, lse.stride(0)) if req.packed_q else (lse.stride(0), lse.stride(1))
     descales = [None, None, None]
     if req.is_fp8_input:  # a missing descale means 1
         ones = torch.ones(req.batch, req.nheads_kv, dtype=torch.float32, device=req.device)
@@ -132,7 +137,7 @@ def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
     args = (
         *qkv, out, lse, req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k,
         *descales, *_strides(q, req.packed_q), *_strides(k, req.packed_k),
-        *_strides(v, req.packed_k), *_strides(out, req.packed_q), *lse_strides,
+        *_strides(v, req.packed_k), *_strides(out, req.packed_q), *_lse_strides(lse, req.packed_q),
     )
     prob.launch("fwd", prob.rows_q, req.nheads, args, HAS_DESCALE=req.is_fp8_input,
                 FP8_DEQUANT=fp8_dequant)
@@ -175,12 +180,11 @@ def backward(req: AttentionRequest, out: torch.Tensor, lse: torch.Tensor, dout: 
     rows_pad = triton.cdiv(max(prob.rows_q, 1), 128) * 128
     lse2 = _new((batch, nheads, rows_pad), torch.float32, device, None)
     delta = _new((batch, nheads, rows_pad), torch.float32, device, None)
-    lse_strides = (0, lse.stride(0)) if req.packed_q else (lse.stride(0), lse.stride(1))
     acc = dq_acc if atomic else dq
     pre_block = 64
     attn_bwd_preprocess[(triton.cdiv(prob.rows_q, pre_block), nheads, batch)](
         out, dout, lse, lse2, delta, acc, req.cu_seqlens_q, req.seqused_q,
-        *_strides(out, req.packed_q), *_strides(dout, req.packed_q), *lse_strides,
+        *_strides(out, req.packed_q), *_strides(dout, req.packed_q), *_lse_strides(lse, req.packed_q),
         lse2.stride(0), lse2.stride(1), *_strides(acc, req.packed_q),
         0 if req.packed_q else q.shape[1],
         HEADDIM=req.headdim, HEADDIM_V=req.headdim_v, BLOCK_D=const["BLOCK_D"],
