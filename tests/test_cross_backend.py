@@ -96,6 +96,22 @@ def test_cute_forward_triton_backward_emulated(emulated_sm90, layout, heads, d, 
     assert (fwd, bwd) == ("cute", "triton")
 
 
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("layout", ["batched_decode", "varlen"])
+def test_split_kv_forward_triton_backward_emulated(emulated_sm90, monkeypatch, layout, heads):
+    """Split-KV forced to 3 splits over up to 3 KV blocks of keys: the float32 partials combined
+    into out / LSE (for one query, into views of the returned tensors), then the Triton backward."""
+    import cute_kernels
+
+    monkeypatch.setattr(cute_kernels, "split_kv_setting", "3")
+    monkeypatch.setitem(LAYOUTS, "batched_decode", [(1, 300), (1, 300)])
+    monkeypatch.setitem(LAYOUTS, "varlen", [(1, 300), (2, 5), (1, 260)])
+    h, hk = HEADS[heads]
+    q, k, v, kw = _inputs(layout, h, hk, 64, 64, torch.bfloat16, "cpu")
+    req, fwd, bwd = _train_step(q, k, v, kw, causal=True)
+    assert (fwd, bwd) == ("cute", "triton") and cute_kernels.config_for(req).split_kv
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_SM90, reason="the cute forward needs an sm90 GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,0 +1,190 @@
+"""A seeded randomized test over the whole API: each case draws an entry point (`attention`,
+`flash_attn_func`, `flash_attn_varlen_func`), a layout (batched, packed, packed with seqused,
+sequences of 0 and 1 tokens), MHA / GQA / MQA, head dims (any multiple of 8 up to 256, hdim_v
+apart), fp16 / bf16, causal, windows, softcap, softmax_scale, strided input views and
+deterministic, then checks out, the LSE (values and contiguity), the gradients, and that no
+input changed, against the fp64 reference with the tolerance rule of shared/STYLE.md.
+
+Routes: on a GPU every case goes through auto-dispatch (the cute forward and the backward it
+hands to on Hopper; Triton elsewhere), FA3PY_RANDOM_CASES cases (300 by default). On the CPU:
+the torch backend, then a few small cases with the cute kernel emulated and the Triton
+backward interpreted (`tests.cute_emulation`), and a few on Triton alone (interpreted).
+A failure's id is its case number: `draw(random.Random(SEED + i))` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import fa3py
+from fa3py import dispatch
+from fa3py.validation import make_request
+from tests._util import check_backward, check_forward
+
+SEED = 20261204
+GPU = torch.cuda.is_available()
+N_GPU = int(os.environ.get("FA3PY_RANDOM_CASES", "300"))
+N_CPU = {"torch": 48, "emulated_sm90": 24, "triton": 8}
+
+
+@dataclass
+class Case:
+    api: str  # "attention", "func" (flash_attn_func) or "varlen" (flash_attn_varlen_func)
+    dtype: torch.dtype
+    h: int
+    hk: int
+    d: int
+    dv: int
+    lens: list  # (query, key) lengths per sequence; batched layouts use one pair for all
+    seqused: bool = False
+    strided: bool = False
+    grad: bool = True
+    kwargs: dict = field(default_factory=dict)  # causal, window_size, softcap, softmax_scale, ...
+
+    def __str__(self):
+        return (f"{self.api} {str(self.dtype)[6:]} heads {self.h}/{self.hk} d {self.d}/{self.dv} "
+                f"lens {self.lens} seqused={self.seqused} strided={self.strided} grad={self.grad} "
+                f"{self.kwargs}")
+
+
+def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
+    hk = rng.choice([1, 1, 2, 3, 4])
+    h = hk * rng.choice([1, 2, 3, 4, 8])
+    d = 8 * rng.randint(1, max_d // 8)
+    dv = d if rng.random() < 0.7 else 8 * rng.randint(1, max_d // 8)
+    api = rng.choice(["attention", "func", "varlen", "varlen"])
+    n = rng.randint(1, 3)
+
+    def length():
+        r = rng.random()
+        return 0 if r < 0.08 else 1 if r < 0.2 else rng.randint(2, max_len)
+
+    if api == "varlen":
+        lens = [(length(), length()) for _ in range(n)]
+    else:
+        lens = [(max(length(), 1), max(length(), 1))] * n
+    kwargs = {}
+    if rng.random() < 0.4:
+        kwargs["causal"] = True
+    if rng.random() < 0.3:
+        kwargs["window_size"] = (rng.choice([-1, 0, rng.randint(1, max_len)]),
+                                 rng.choice([-1, 0, rng.randint(1, max_len)]))
+    if rng.random() < 0.2:
+        kwargs["softcap"] = rng.choice([1.0, 5.0, 30.0])
+    if rng.random() < 0.2:
+        # The default times 0.1-3. Far above that, probability rows turn one-hot and dQ's error
+        # from delta = rowsum(dO * O) over the rounded O (every FlashAttention backward has it)
+        # outgrows twice PyTorch's, which differentiates its own rounded softmax instead.
+        kwargs["softmax_scale"] = rng.uniform(0.1, 3.0) / d ** 0.5
+    if api != "attention" and rng.random() < 0.2:
+        kwargs["deterministic"] = True
+    return Case(api, rng.choice([torch.bfloat16, torch.float16]), h, hk, d, dv, lens,
+                seqused=api == "varlen" and rng.random() < 0.3, strided=rng.random() < 0.3,
+                grad=rng.random() < 0.7, kwargs=kwargs)
+
+
+def _tensor(shape, dtype, device, strided, rng):
+    """Fresh normal values; `strided`: a non-contiguous view (a slice of a wider last dim, or
+    heads and rows swapped in storage), as users pass SDPA-layout or fused-QKV tensors."""
+    if not strided:
+        return torch.randn(shape, device=device).to(dtype)
+    if rng.random() < 0.5:
+        wide = torch.randn(*shape[:-1], shape[-1] + 8, device=device).to(dtype)
+        return wide[..., 4:4 + shape[-1]]
+    return torch.randn(*shape[:-3], shape[-2], shape[-3], shape[-1], device=device).to(dtype).transpose(-3, -2)
+
+
+def build(case: Case, device, rng: random.Random):
+    """(q, k, v, request kwargs of the index tensors) for `case`."""
+    b = len(case.lens)
+    mk = lambda shape: _tensor(shape, case.dtype, device, case.strided, rng)
+    if case.api != "varlen":
+        sq, sk = case.lens[0]
+        return (mk((b, sq, case.h, case.d)), mk((b, sk, case.hk, case.d)),
+                mk((b, sk, case.hk, case.dv)), {})
+    lq, lk = [x for x, _ in case.lens], [y for _, y in case.lens]
+    cu = lambda ls: torch.tensor([0] + list(torch.tensor(ls).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    q = mk((sum(lq), case.h, case.d))
+    k = mk((sum(lk), case.hk, case.d))
+    v = mk((sum(lk), case.hk, case.dv))
+    kw = dict(cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk), max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    if case.seqused:
+        kw["seqused_q"] = torch.tensor([rng.randint(0, x) for x in lq], dtype=torch.int32, device=device)
+        kw["seqused_k"] = torch.tensor([rng.randint(0, y) for y in lk], dtype=torch.int32, device=device)
+    return q, k, v, kw
+
+
+def run_case(case: Case, device, rng: random.Random, backend=None):
+    """Runs and checks one case; returns the backends that served (forward, backward)."""
+    q, k, v, index_kw = build(case, device, rng)
+    originals = [x.clone() for x in (q, k, v)]
+    leaves = [x.detach().requires_grad_(case.grad) for x in (q, k, v)]
+    kw = dict(case.kwargs)
+    if case.api == "attention":
+        kw.pop("deterministic", None)
+        out, lse = fa3py.attention(*leaves, return_lse=True, backend=backend, **kw)
+    elif case.api == "func":
+        out, lse = fa3py.flash_attn_func(*leaves, return_attn_probs=True, **kw)
+    else:
+        out, lse = fa3py.flash_attn_varlen_func(*leaves, **index_kw, return_attn_probs=True, **kw)
+    req = make_request(q, k, v, **index_kw, **kw)
+    assert lse.is_contiguous(), f"LSE strides {lse.stride()}"
+    check_forward(req, out, lse)
+    served = (dispatch.choose(req, backend=backend).name,
+              dispatch.choose(req, backward=True, backend=backend).name if case.grad else None)
+    if case.grad:
+        dout = torch.randn_like(out)
+        out.backward(dout)
+        check_backward(req, dout, [x.grad for x in leaves])
+    for name, x, x0 in zip("qkv", (q, k, v), originals):
+        assert torch.equal(x, x0), f"{name} was modified"
+    return served
+
+
+def _cpu_cases(route):
+    return [pytest.param(route, i, id=f"{route}-{i}") for i in range(N_CPU[route])]
+
+
+@pytest.mark.skipif(GPU, reason="the CPU routes; on a GPU test_gpu_random_api runs")
+@pytest.mark.parametrize("route,i", _cpu_cases("torch") + _cpu_cases("emulated_sm90") + _cpu_cases("triton"))
+def test_random_api(route, i, request, monkeypatch):
+    rng = random.Random(SEED + i)
+    # The interpreted routes draw small problems: the interpreter runs a tile op at numpy speed.
+    case = draw(rng, max_len=64 if route == "torch" else 12, max_d=256 if route == "torch" else 96)
+    backend = None
+    if route == "emulated_sm90":
+        request.getfixturevalue("emulated_sm90")
+    elif route == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if case.api != "attention":  # the drop-ins take no backend: force it for this test
+            monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+        backend = "triton"
+    try:
+        served = run_case(case, "cpu", rng, backend)
+    except AssertionError as e:
+        raise AssertionError(f"case {i} ({case}): {e}") from e
+    expected = {"torch": "torch", "emulated_sm90": None, "triton": "triton"}[route]
+    if expected is not None:
+        assert served[0] == expected
+
+
+if not GPU:
+    from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (fixture, by name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(N_GPU))
+def test_gpu_random_api(i):
+    """FA3PY_RANDOM_CASES cases through auto-dispatch on the GPU (sequences up to 700 tokens)."""
+    rng = random.Random(SEED + i)
+    case = draw(rng, max_len=700)
+    try:
+        served = run_case(case, "cuda", rng)
+    except AssertionError as e:
+        raise AssertionError(f"case {i} ({case}): {e}") from e
+    print(f"case {i}: {case} -> forward {served[0]}, backward {served[1]}")
