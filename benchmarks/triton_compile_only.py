@@ -15,9 +15,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .bwd import attn_bwd, attn_bwd_dq, attn_bwd_dq_epilogue, attn_bwd_preprocess
-from .combine import _combine
-from .fwd import attn_fwd
+from triton_fallback.bwd import attn_bwd, attn_bwd_dq, attn_bwd_dq_epilogue, attn_bwd_preprocess
+from triton_fallback.combine import _combine
+from triton_fallback.fwd import attn_fwd
 
 _FLOAT_ARGS = ("softmax_scale", "softcap")
 _INT_PTRS = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_Q", "SEQUSED_K")

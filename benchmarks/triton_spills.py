@@ -17,9 +17,9 @@ import tempfile
 
 import triton
 
-from .bwd import attn_bwd, attn_bwd_dq
-from .compile_only import compile_variant
-from .configs import TUNED
+from triton_fallback.bwd import attn_bwd, attn_bwd_dq
+from benchmarks.triton_compile_only import compile_variant
+from triton_fallback.configs import TUNED
 
 _KERNELS = (("bwd", attn_bwd, dict(ATOMIC_DQ=True)), ("bwd_dkdv", attn_bwd, {}),
             ("bwd_dq", attn_bwd_dq, {}))

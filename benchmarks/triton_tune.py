@@ -20,7 +20,7 @@ import triton
 
 from fa3py.request import AttentionParams, AttentionRequest
 
-from . import configs, ops
+from triton_fallback import configs, ops
 
 HEADS, TOKENS, SEQLEN = 16, 16384, 4096
 

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from cute_kernels.bench import CAUSALS, _parse_tiles, _sdpa, points, variants
+from benchmarks.cute_bench import CAUSALS, _parse_tiles, _sdpa, points, variants
 
 MARK = "#variant "
 METRICS = ("sm__cycles_elapsed.max", "gpu__time_duration.sum")
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     kernels = "regex:kernel_cutlass" + ("|sdpa|fprop" if a.cudnn else "")
     cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([*METRICS, *extra]), "--kernel-name",
            kernels, "--csv", "--page", "raw", "--print-units", "base",
-           sys.executable, "-m", "cute_kernels.cycles", "--child", *args]
+           sys.executable, "-m", "benchmarks.cute_cycles", "--child", *args]
     run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if run.returncode != 0:
         print(run.stdout[-3000:], run.stderr[-3000:], sep="\n")
