@@ -2,11 +2,11 @@
 
 FA3-paper grid: `--tokens` in total (batch = tokens // seqlen), nheads = 2048 // hdim, bf16.
 
-    python -m cute_kernels.bench [--seqlens 512,8192] [--hdims 64,128,256] [--causal both]
+    python -m benchmarks.cute_bench [--seqlens 512,8192] [--hdims 64,128,256] [--causal both]
                                  [--tiles "128:128x128,128x176;256:128x80s2"] [--candidates]
                                  [--ab mask_thr0] [--json out.json]
-    python -m cute_kernels.bench --host     # host microseconds per call (tiny problem)
-    python -m cute_kernels.bench --check ...  # GPU tests first, in this process (compiled
+    python -m benchmarks.cute_bench --host     # host microseconds per call (tiny problem)
+    python -m benchmarks.cute_bench --check ...  # GPU tests first, in this process (compiled
                                               # kernels are shared); no timing if they fail
 
 `--tiles` lists tile variants per head dim (MxN, optional sS stages, optional +field to switch
@@ -26,10 +26,7 @@ import time
 
 import torch
 
-
-def flops(b, h, sq, sk, d, dv, causal):
-    f = 2 * b * h * sq * sk * (d + dv)
-    return f / 2 if causal else f
+from benchmarks.flops import flops
 
 
 def _parse_tiles(spec: str) -> dict:
@@ -231,7 +228,7 @@ def main(argv=None):
     print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'variant':>28} {'ms':>8} {'TFLOP/s':>8}")
     for d, s, b, h, q, k, v, causal, req in points(a.hdims, a.seqlens, a.causal, a.tokens):
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        f = flops(b, h, s, s, d, d, causal)
+        f = flops(b, h, s, s, d, d, causal=causal)
         base = cute_kernels.config_for(req)
         named = variants(base, tiles.get(d, []), filter(None, a.ab.split(",")))
         for c in cands.get(d, []):

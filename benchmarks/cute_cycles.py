@@ -6,7 +6,7 @@ variant of every point twice (compile + warm-up, then the measured call) under `
 control off (the GPU's clocks are left alone) and prints the kernel's elapsed SM cycles (max over
 SMs) and duration per variant. Throughput claims still come from `benchmarks.run` / `bench`.
 
-    python -m cute_kernels.cycles [--hdims 128] [--seqlens 8192] [--causal both] [--ab tma_store]
+    python -m benchmarks.cute_cycles [--hdims 128] [--seqlens 8192] [--causal both] [--ab tma_store]
                                   [--tiles "128:128x176"] [--fa4] [--cudnn] [--tokens 16384]
 """
 
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", default="8192")
     p.add_argument("--causal", default="both", choices=list(CAUSALS))
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--tiles", default="", help="as in cute_kernels.bench")
-    p.add_argument("--ab", default="", help="as in cute_kernels.bench")
+    p.add_argument("--tiles", default="", help="as in benchmarks.cute_bench")
+    p.add_argument("--ab", default="", help="as in benchmarks.cute_bench")
     p.add_argument("--fa4", action="store_true", help="flash-attn-4's forward too (a peer)")
     p.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN forward too (a peer)")
     p.add_argument("--metrics", default="", help="comma list of extra ncu metrics to print per variant")

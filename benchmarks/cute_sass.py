@@ -1,7 +1,7 @@
 """Compile-only harness: build the sm90 kernel for sm_90a against fake tensors (no GPU needed),
 keep the cubin and count SASS opcodes.
 
-    python -m cute_kernels.sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
+    python -m benchmarks.cute_sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
                                 [--softcap] [--varlen] [--no-overlap] [--no-pingpong]
                                 [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
                                 [--keep DIR]

@@ -1,6 +1,6 @@
 """Compile the kernels for a GPU target without a GPU (no tensors; ptxas only).
 
-    python -m triton_fallback.compile_only        # prints one line per compiled variant
+    python -m benchmarks.triton_compile_only        # prints one line per compiled variant
 
 Catches what the interpreter lets through (non-constexpr globals, type mismatches between
 branches, unsupported ops on a target, shared-memory overflow). Must run with
@@ -97,7 +97,7 @@ def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_s
     """aligned=False: no specialization (every pointer and integer may be odd). aligned=True:
     what a typical launch compiles (16-byte aligned pointers, integers multiples of 16 except
     the window bounds, heads_per_program == 1), as triton's launcher specializes them: the
-    spill numbers of `triton_fallback.spills` need it, since unaligned pointers turn every
+    spill numbers of `benchmarks.triton_spills` need it, since unaligned pointers turn every
     tile load into per-element loads, each with its own 64-bit address."""
     const = dict(const)
     if aligned and "heads_per_program" in fn.arg_names:

@@ -1,7 +1,7 @@
 """Registers and spills of the backward kernels at the sm90 table tiles, without a GPU.
 
-    python -m triton_fallback.spills              # one line per kernel x head dim x causal
-    python -m triton_fallback.spills --unaligned  # without the launcher's specialization
+    python -m benchmarks.triton_spills              # one line per kernel x head dim x causal
+    python -m benchmarks.triton_spills --unaligned  # without the launcher's specialization
 
 Compiles to sm_90a PTX (as `compile_only`) and runs `ptxas -v` on it with triton's bundled
 ptxas that accepts the PTX version (triton 3.9: `ptxas-blackwell`; the plain `ptxas` rejects

@@ -1,10 +1,10 @@
 """Tune and benchmark the Triton kernels on the local GPU.
 
-    python -m triton_fallback.tune            # autotune, print `configs.TUNED` entries to paste
-    python -m triton_fallback.tune --bench    # ms and TFLOP/s, table/autotuned configs vs. SDPA
-    python -m triton_fallback.tune --tune --bench --dims 128 --atomic-max 128
+    python -m benchmarks.triton_tune            # autotune, print `configs.TUNED` entries to paste
+    python -m benchmarks.triton_tune --bench    # ms and TFLOP/s, table/autotuned configs vs. SDPA
+    python -m benchmarks.triton_tune --tune --bench --dims 128 --atomic-max 128
                                               # tune, then time the tuned picks (one process)
-    python -m triton_fallback.tune --dims 64 --causal true --kernels bwd --seqlen 2048
+    python -m benchmarks.triton_tune --dims 64 --causal true --kernels bwd --seqlen 2048
                                               # one kernel at one shape (minutes, not tens)
 
 Shapes: 16 heads, 16k tokens (batch 4 x seqlen 4096 by default: 2 * batch * heads * seqlen * d
@@ -18,6 +18,7 @@ import argparse
 import torch
 import triton
 
+from benchmarks.flops import flops
 from fa3py.request import AttentionParams, AttentionRequest
 
 from triton_fallback import configs, ops
@@ -25,13 +26,11 @@ from triton_fallback import configs, ops
 HEADS, TOKENS, SEQLEN = 16, 16384, 4096
 
 
-def flops(req: AttentionRequest, backward: bool = False) -> float:
-    """4 * b * h * s_q * s_k * d (QK^T and PV), halved for causal, x2.5 for the backward."""
-    d = (req.headdim + req.headdim_v) / 2
-    f = 4 * req.batch * req.nheads * req.q.shape[1] * req.k.shape[1] * d
-    if req.params.causal:
-        f /= 2
-    return f * (2.5 if backward else 1.0)
+def request_flops(req: AttentionRequest, backward: bool = False) -> float:
+    """benchmarks.flops for a request (x2.5 for the backward)."""
+    p = req.params
+    return flops(req.batch, req.nheads, req.q.shape[1], req.k.shape[1], req.headdim, req.headdim_v,
+                 window=(p.window_left, p.window_right), mode="bwd" if backward else "fwd")
 
 
 def make(d: int, dtype: torch.dtype, causal: bool, deterministic: bool = False,
@@ -44,7 +43,7 @@ def make(d: int, dtype: torch.dtype, causal: bool, deterministic: bool = False,
 
 def report(name: str, req: AttentionRequest, fn, backward: bool = False):
     ms = triton.testing.do_bench(fn)
-    print(f"{name:<44} {ms:8.3f} ms {flops(req, backward) / ms * 1e-9:8.1f} TFLOP/s")
+    print(f"{name:<44} {ms:8.3f} ms {request_flops(req, backward) / ms * 1e-9:8.1f} TFLOP/s")
 
 
 def bench(dims, dtypes, causals, seqlen=SEQLEN):

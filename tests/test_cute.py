@@ -946,7 +946,7 @@ def test_gpu_rescale_o_before_pv(hdim, hdimv, pingpong, sq, sk, wl, wr):
     _check(req, _with_tile(req, rescale_o_before_pv=True, pingpong=pingpong))
 
 
-# Tile shapes swept by `python -m cute_kernels.bench --tiles ...` (CPU-checked: no spills,
+# Tile shapes swept by `python -m benchmarks.cute_bench --tiles ...` (CPU-checked: no spills,
 # smem fits); checked here so a winner can enter the config table already verified.
 TILE_VARIANTS = [(64, 128, 128, 2), (64, 128, 176, 2), (64, 128, 192, 2), (64, 128, 128, 3),
                  (128, 128, 176, 2), (256, 128, 64, 2)]
