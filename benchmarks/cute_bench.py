@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from benchmarks import need
 from benchmarks.flops import flops
 
 
@@ -177,11 +178,6 @@ def launch_gap(hdim: int = 128, seqlen: int = 512, tokens: int = 16384) -> list:
 
 
 def main(argv=None):
-    import triton.testing
-
-    import cute_kernels
-    from cute_kernels.config import CANDIDATES
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", default="8192")
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seqlen")
@@ -202,6 +198,14 @@ def main(argv=None):
     p.add_argument("--check-k", default=None, help="with --check: only gpu tests matching this -k expression")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    need.module("benchmarks.cute_bench", "cutlass", "hopper")
+    need.module("benchmarks.cute_bench", "triton", "triton")
+    need.cuda_gpu("benchmarks.cute_bench", sm90=True)
+    import triton.testing
+
+    import cute_kernels
+    from cute_kernels.config import CANDIDATES
+
     if a.check:
         import pytest
 

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 
+from benchmarks import need
 from benchmarks.cute_bench import CAUSALS, _parse_tiles, _sdpa, points, variants
 
 MARK = "#variant "
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     if a.child:
         child(a)
         return 0
+    need.program("benchmarks.cute_cycles", "ncu", "Nsight Compute")
+    need.module("benchmarks.cute_cycles", "cutlass", "hopper")
+    need.cuda_gpu("benchmarks.cute_cycles", sm90=True)
     args = list(argv if argv is not None else sys.argv[1:])  # the child ignores --metrics
     extra = [m for m in a.metrics.split(",") if m]
     # CuTe DSL kernels (ours, flash-attn-4) are named kernel_cutlass_*; cuDNN's fused attention

@@ -15,8 +15,11 @@ import dataclasses
 
 import torch
 
+from benchmarks import need
+
 
 def main(argv=None):
+    need.module("benchmarks.cute_errmap", "cutlass", "hopper")
     import cute_kernels
     from cute_kernels.config import tile_from_spec
     from fa3py import reference
@@ -34,6 +37,7 @@ def main(argv=None):
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     a = p.parse_args(argv)
+    need.cuda_gpu("benchmarks.cute_errmap", sm90=True)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     torch.manual_seed(0)
     mk = lambda s, h: torch.randn(a.batch, s, h, a.hdim, device="cuda", dtype=dt)

@@ -131,7 +131,7 @@ def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
 def main(argv=None) -> int:
     import dataclasses
 
-    from cute_kernels.config import FwdConfig, tile_from_spec
+    from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
@@ -153,8 +153,14 @@ def main(argv=None) -> int:
                    help="print the size and opcode mix of the innermost loops that issue HGMMA (the KV loops)")
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the cubin and PTX in DIR")
     a = p.parse_args(argv)
+    hdimv = a.hdim if a.hdimv is None else a.hdimv
+    d, dv = padded_hdim(a.hdim), padded_hdim(hdimv)  # as the dispatcher rounds (hdim 80 runs the 96 tile)
+    if a.hdim % 8 or hdimv % 8 or (d, dv) not in SUPPORTED_HDIM_PAIRS:
+        p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}: the sm90 kernel serves multiples of 8 "
+                  f"that round up to one of {sorted(SUPPORTED_HDIM_PAIRS)}\n")
     cfg = FwdConfig.make(
-        a.dtype, a.hdim, a.hdimv, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
+        a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
+        has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
         pingpong=not a.no_pingpong, split_kv=a.split_kv,
     )

@@ -18,6 +18,7 @@ import argparse
 import torch
 import triton
 
+from benchmarks import need
 from benchmarks.flops import flops
 from fa3py.request import AttentionParams, AttentionRequest
 
@@ -92,7 +93,7 @@ def tune(dims, dtypes, causals, kernels=configs.KERNELS, seqlen=SEQLEN):
                     print(f'    ("{family}", "{kernel}", {d}, "{str(dtype)[6:]}", {causal}): {tile},')
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--bench", action="store_true", help="benchmark (after tuning with --tune)")
     parser.add_argument("--tune", action="store_true", help="autotune (the default without --bench)")
@@ -106,7 +107,8 @@ def main():
                         help="tune only these kernels (the rest keep their table tiles)")
     parser.add_argument("--seqlen", type=int, default=SEQLEN, help=f"tuning shape's seqlen (default {SEQLEN}; "
                         f"batch = {TOKENS} // seqlen)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    need.cuda_gpu("benchmarks.triton_tune")
     dtypes = [{"fp16": torch.float16, "bf16": torch.bfloat16}[d] for d in args.dtypes]
     causals = [c == "true" for c in args.causal]
     if args.atomic_max is not None:
