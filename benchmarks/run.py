@@ -343,7 +343,7 @@ def metadata(args, device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    # --commit / FA3PY_COMMIT first: a copied tree (the device tool's) may carry a stale .git.
+    # --commit / FA3PY_COMMIT first: a copied tree may carry a stale .git.
     given = args.commit or os.environ.get("FA3PY_COMMIT")
     commit = given or _git("rev-parse", "HEAD") or "unknown"
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if not given else None

@@ -74,10 +74,10 @@ TUNED: dict[tuple, Tile] = {
     **{("sm90", "bwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (16, Tile(64, 128, 8, 2)), (32, Tile(64, 128, 8, 2)), (64, Tile(64, 128, 8, 2)),
         (128, Tile(32, 64, 8, 2)), (256, Tile(16, 64, 8, 1)))},
-    # hdim64 "bwd" unmasked: autotuned on the H200 (session 2, `tune --dims 64 --dtypes bf16
+    # hdim64 "bwd" unmasked: autotuned on the H200 (`benchmarks.triton_tune --dims 64 --dtypes bf16
     # --causal false`): 64x64 w4 s3, 328 TFLOP/s at batch 4 x 16 heads x 4k (ptxas: 244 registers,
     # no spills; with the causal mask it spills 80 B, so masked keeps 64x128). Checked in CI through
-    # the interpreter (test_sm90_table_tiles_in_interpreter) and in the GPU tests (session 3).
+    # the interpreter (test_sm90_table_tiles_in_interpreter) and in the GPU tests.
     **{("sm90", "bwd", 64, dt, False): Tile(64, 64, 4, 3) for dt in _F16},
     # hdim64 "bwd" masked (causal): 64x128 w8 with 3 stages instead of 2 (autotuned at 2k, then
     # H200, bf16, 32 heads x 16k tokens, same run as FA2 221 / 263 / 279 TFLOP/s at 2k / 8k / 16k:
