@@ -4,6 +4,7 @@ the packages a user runs (no benchmarks, tests, results or notes)."""
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -79,12 +80,24 @@ def test_wheel_ships_only_the_packages(tmp_path):
 
     if int(setuptools.__version__.split(".")[0]) < 77:
         pytest.skip("building needs setuptools >= 77 (license expressions)")
+    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ and egg-info in the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                             "bench_out", ".device", ".peers"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), REPO], capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "deprecat" not in done.stderr.lower(), done.stderr
-    (wheel,) = glob.glob(str(tmp_path / "*.whl"))
+    (wheel,) = glob.glob(str(tmp_path / "dist" / "*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"fa3py", "cute_kernels", "triton_fallback", "fa3py-0.1.0.dist-info"}
     assert "fa3py-0.1.0.dist-info/licenses/LICENSE" in names
     assert [n for n in names if not n.endswith(".py") and ".dist-info/" not in n] == []  # no notes, no results
+
+
+def test_kernel_packages_do_not_import_benchmarks():
+    """The measuring tools live in benchmarks/ (not shipped); the shipped packages never need it."""
+    for package in ("fa3py", "cute_kernels", "triton_fallback"):
+        for path in glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True):
+            with open(path) as f:
+                text = f.read()
+            assert not re.search(r"^\s*(from|import) benchmarks\b", text, re.M), path
