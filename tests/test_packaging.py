@@ -101,3 +101,16 @@ def test_kernel_packages_do_not_import_benchmarks():
             with open(path) as f:
                 text = f.read()
             assert not re.search(r"^\s*(from|import) benchmarks\b", text, re.M), path
+
+
+def test_docs_are_not_a_diary_and_stay_in_the_repository():
+    """README, notes and result READMEs say what is, not who measured what in which session, and
+    send readers to no path outside the repository."""
+    docs = ["README.md", "benchmarks/README.md", "cute_kernels/NOTES.md", "triton_fallback/NOTES.md",
+            *glob.glob("benchmarks/results/**/*.md", root_dir=REPO, recursive=True)]
+    for doc in docs:
+        with open(os.path.join(REPO, doc)) as f:
+            text = f.read()
+        assert not re.search(r"\bsession \d|\bnext (time|session)\b|\.\./shared", text, re.I), doc
+    for notes in ("cute_kernels/NOTES.md", "triton_fallback/NOTES.md"):
+        assert os.path.getsize(os.path.join(REPO, notes)) < 12_000, notes
