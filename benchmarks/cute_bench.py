@@ -28,6 +28,7 @@ import torch
 
 from benchmarks import need
 from benchmarks.flops import flops
+from benchmarks.run import _error_text
 
 
 def _parse_tiles(spec: str) -> dict:
@@ -250,7 +251,7 @@ def main(argv=None):
                     fn()
                     times[name].append(bench(fn))
                 except Exception as e:  # noqa: BLE001  (a variant may not fit / be supported)
-                    print(f"# {name}: {type(e).__name__}: {str(e)[:200]}")
+                    print(f"# {name}: {_error_text(e)}")
                     times[name].append(float("nan"))
         for name, _ in named:
             ms = statistics.median(times[name])
