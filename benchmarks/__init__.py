@@ -1,1 +1,2 @@
-"""Benchmarks for fa3py against its peers: `python -m benchmarks.run --help`."""
+"""Benchmarks and measuring tools for fa3py, run from the repository (the wheel does not ship
+them): `python -m benchmarks.run --help`; benchmarks/README.md lists the tools."""

@@ -93,7 +93,7 @@ def time_pairs(calls: list, pairs: int, device: torch.device) -> tuple[list[list
         calls[j]()
         if c >= n:
             times[j].append((time.perf_counter() - t) * 1e3)
-    return times, float("nan")
+    return times, float(np.mean([t for ts in times for t in ts]))  # on the CPU the host runs the call
 
 
 def format_markdown(doc) -> str:
@@ -177,10 +177,13 @@ def main(argv=None) -> dict:
     if own.matmul_n < 1:
         ap.error("--matmul-n must be >= 1")
     args = run.parse_args(["--mode", "fwd", *rest])
-    device = run.resolve_device(args)
+    device = run.resolve_device(args, "benchmarks.paired")
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit("benchmarks.paired: --cuda-graph needs a CUDA GPU")
     chosen, skipped = select(args.providers, device)
+    unknown = [name for name, why in skipped.items() if why.startswith("unknown provider")]
+    if unknown:
+        raise SystemExit(f"benchmarks.paired: --providers: {', '.join(unknown)}: {skipped[unknown[0]]}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     if len(chosen) < 2:
@@ -230,13 +233,15 @@ def main(argv=None) -> dict:
               f"{case.nheads} heads), {own.pairs} pairs{', CUDA graphs' if args.cuda_graph else ''}, "
               f"host {host_ms:.3f} ms per call")
         for n in names:
-            print(f"  {n:<14} {row['ms'][n]:8.4f} ms  {row['tflops'][n]:7.1f} TFLOP/s")
+            print(f"  {n:<14} {row['ms'][n]:8.4f} ms  {row['tflops'][n]:7.3g} TFLOP/s")
         for n, s in (row.get("matmul_share") or {}).items():
             print(f"  {n:<14} {100 * s['median']:.1f}% of the matmul rate [{100 * s['ci95'][0]:.1f}, "
                   f"{100 * s['ci95'][1]:.1f}] (matmul {row['matmul_tflops']:.0f} TFLOP/s)")
         for label, s in row["ratios"].items():
             print(f"  {label:<28} time ratio {s['median']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}], "
                   f"faster in {100 * s['won']:.0f}% of pairs")
+    if not results:
+        raise SystemExit("benchmarks.paired: nothing was timed: fewer than two providers ran at every point (above)")
     doc = {"meta": run.metadata(args, device) | {"pairs": own.pairs, "tool": "benchmarks.paired",
                                                   "cuda_graph": bool(args.cuda_graph),
                                                   "matmul_n": own.matmul_n if own.matmul else None}, "rows": results}

@@ -52,7 +52,7 @@ def format_table(rows) -> str:
         ratio = f"{r['ratio']:6.2f}" if r["ratio"] is not None else f"{'-':>6}"
         status = r["status"] + (f" ({r['note']})" if r["note"] else "")
         if r["status"] != "ok":
-            status = f"{r['status'].upper()}: {r['note']}"[:100]
+            status = f"{r['status'].upper()}: {r['note']}"  # whole: a cut "got 33" would read "got 3"
         lines.append(f"{r['provider']:<12} {r['precision']:>4} {r['hdim']:>4} {r['seqlen']:>6} {str(r['causal']):>6} "
                      f"{r['mode']:>4} {ms} {tf} {ratio}  {status}")
     return "\n".join(lines)
@@ -128,7 +128,7 @@ def format_markdown(doc) -> str:
             if key not in seen:
                 seen.add(key)
                 out.append(f"- `{r['provider']}` hdim {r['hdim']} {r['mode']} causal={r['causal']}: "
-                           f"{r['status']}: {r['note'][:300]}")
+                           f"{r['status']}: {r['note']}")
     return "\n".join(out) + "\n"
 
 

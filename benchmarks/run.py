@@ -93,7 +93,7 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(REPO / "bench_out"), help="output dir (default bench_out/)")
+    ap.add_argument("--out", default="bench_out", help="output dir (default bench_out/ in the working directory)")
     ap.add_argument("--save-results", nargs="?", const=str(REPO / "benchmarks" / "results"), metavar="DIR",
                     help="also copy JSON, PNG and markdown to DIR/<date>_<gpu>_<commit>/ "
                          "(default DIR: benchmarks/results)")
@@ -343,7 +343,7 @@ def metadata(args, device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    # --commit / FA3PY_COMMIT first: a copied tree (the device tool's) may carry a stale .git.
+    # --commit / FA3PY_COMMIT first: a copied tree may carry a stale .git.
     given = args.commit or os.environ.get("FA3PY_COMMIT")
     commit = given or _git("rev-parse", "HEAD") or "unknown"
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if not given else None
@@ -425,8 +425,12 @@ class Progress:
 
 # ---- main -------------------------------------------------------------------------------
 
-def resolve_device(args) -> torch.device:
-    """--device: auto is the CUDA GPU if there is one."""
+def resolve_device(args, tool: str = "benchmarks.run") -> torch.device:
+    """--device: auto is the CUDA GPU if there is one; cuda without one ends the run, saying why."""
+    from fa3py.dispatch import cuda_missing
+
+    if args.device == "cuda" and cuda_missing(torch.device("cuda")):
+        raise SystemExit(f"{tool}: --device cuda: {cuda_missing(torch.device('cuda'))}")
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     return torch.device("cuda" if cuda else "cpu")
 
@@ -448,8 +452,13 @@ def run(args) -> dict:
     chosen, skipped = select(selection, device)
     if selection is not args.providers:
         skipped.update({name: "left out by --quick (name it in --providers to include)" for name in QUICK_EXCLUDED})
+    unknown = [name for name, why in skipped.items() if why.startswith("unknown provider")]
+    if unknown:
+        raise SystemExit(f"benchmarks.run: --providers: {', '.join(unknown)}: {skipped[unknown[0]]}")
     for name, why in skipped.items():
         print(f"skip {name}: {why}", file=sys.stderr)
+    if not chosen:
+        raise SystemExit("benchmarks.run: nothing to run: every selected provider was skipped (above)")
     doc = {"meta": metadata(args, device), "skipped": skipped, "checks": [], "explain": {}, "rows": []}
     if device.type == "cuda":
         doc["meta"].update(matmul_n=MATMUL_N, matmul_tflops=matmul_tflops(args, device))
@@ -596,7 +605,8 @@ def _handed_on(provider, case, doc) -> str:
 
 def _error_text(e: Exception) -> str:
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " [...]"  # never mid-word
 
 
 def main(argv=None) -> dict:

@@ -68,7 +68,6 @@ from cute_kernels.utils import (
 )
 
 DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
-LOG2_E = math.log2(math.e)
 NUM_THREADS_PER_WG = 128
 SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
 O_SLAB_ROWS = 16  # rows of O one warp holds (WGMMA: warp w of a warpgroup owns rows 16w .. 16w+15)

@@ -32,9 +32,11 @@ def attention(
     Any strides are accepted.
 
     causal: bottom-right aligned mask, as FlashAttention. window_size=(left, right): query i
-    sees keys in [i + sk - sq - left, i + sk - sq + right]; -1 is unbounded. softcap > 0:
-    scores become softcap * tanh(scores / softcap). fp8=True: quantize q, k, v to FP8 with a
-    random-sign Hadamard rotation of q and k and per-block scales (forward only).
+    sees keys in [i + sk - sq - left, i + sk - sq + right]; -1 is unbounded; with causal=True the
+    right bound is 0 whatever window_size says (as FlashAttention-3). softcap > 0: scores become
+    softcap * tanh(scores / softcap). fp8=True: quantize q, k, v to FP8 with a random-sign
+    Hadamard rotation of q and k and per-block scales (forward only; no kernel runs FP8 yet: the
+    torch backend emulates it in float32 and warns once).
     backend: "cute", "triton" or "torch" forces one (also via FA3PY_BACKEND).
 
     Returns out (batch, seqlen_q, nheads, headdim_v) in q's dtype, and with return_lse also
@@ -48,11 +50,14 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def explain(q, k, v, *, backend: Optional[str] = None, **kwargs) -> str:
+def explain(q, k=None, v=None, *, backend: Optional[str] = None, **kwargs) -> str:
     """Which backend `attention(q, k, v, **kwargs)` would use for forward and backward, and why.
 
     Accepts the keyword arguments of `attention` and of the FlashAttention-3 functions
-    (cu_seqlens_q, seqused_k, q_descale, ...)."""
+    (cu_seqlens_q, seqused_k, q_descale, ...). `explain("cuda")` (a device alone) says which
+    backends can run there and why the others cannot."""
+    if k is None and v is None and isinstance(q, (str, torch.device)):
+        return dispatch.explain_device(q)
     kwargs.pop("return_lse", None)
     req = make_request(q, k, v, **kwargs)
     return dispatch.explain_choice(req, backend)

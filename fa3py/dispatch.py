@@ -24,6 +24,7 @@ from .request import AttentionRequest
 
 BACKENDS = ("cute", "triton", "torch")
 _MODULES = {"cute": "cute_kernels", "triton": "triton_fallback", "torch": "fa3py.torch_backend"}
+_EXTRAS = {"cute": "hopper", "triton": "triton"}  # the pip extra that installs a backend's packages
 ENV_VAR = "FA3PY_BACKEND"
 
 
@@ -55,8 +56,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_missing(device: torch.device) -> Optional[str]:
+    """Why nothing can run on a CUDA `device` (torch without CUDA, or no GPU), or None. Asked only
+    where no tensor shows the device exists (available_backends, explain_device)."""
+    if device.type != "cuda" or torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build: nothing can run on {device}"
+    return f"torch sees no CUDA GPU: nothing can run on {device}"
+
+
 def hardware_reason(name: str, device: torch.device, forced: bool = False) -> Optional[str]:
-    """Why backend `name` cannot run on `device`, or None if it can."""
+    """Why backend `name` cannot run on `device` (whose tensors exist), or None if it can."""
     cap = device_capability(device)
     if name == "torch":
         return None
@@ -87,7 +98,9 @@ def load(name: str):
         try:
             module = importlib.import_module(_MODULES[name])
         except Exception as e:  # a broken optional backend must not break the others
-            _loaded[name] = (None, f"{_MODULES[name]} could not be imported ({type(e).__name__}: {e})")
+            hint = (f"; pip install \"fa3py[{_EXTRAS[name]}]\" installs it"
+                    if isinstance(e, ImportError) and name in _EXTRAS else "")
+            _loaded[name] = (None, f"{_MODULES[name]} could not be imported ({type(e).__name__}: {e}){hint}")
         else:
             missing = [f for f in ("why_not", "forward", "backward") if not hasattr(module, f)]
             if "why_not" in missing or "forward" in missing:
@@ -156,10 +169,29 @@ def explain_choice(req: AttentionRequest, backend: Optional[str] = None) -> str:
             continue
         why = "; ".join(f"not {n}: {r}" for n, r in c.reasons)
         lines.append(f"{phase}: {c.name}" + (f" ({why})" if why else ""))
+    if req.params.fp8:
+        lines.append(f"fp8: {FP8_EMULATION}")
+    return "\n".join(lines)
+
+
+FP8_EMULATION = ("fp8=True runs a float32 emulation of the FP8 numerics on the torch backend (no FP8 "
+                 "kernel yet): the results of an FP8 kernel, not its speed")
+
+
+def explain_device(device) -> str:
+    """One line per backend: whether it can run on `device`, and why not."""
+    device = torch.device(device)
+    lines = []
+    for name in BACKENDS:
+        why = cuda_missing(device) or hardware_reason(name, device) or load(name)[1]
+        lines.append(f"{name}: " + (f"unavailable: {why}" if why else "available"))
     return "\n".join(lines)
 
 
 def available_backends(device="cpu") -> list:
-    """Backends whose hardware rule passes on `device`, in priority order."""
+    """Backends whose hardware rule passes on `device` and whose module imports, in priority order
+    (empty for "cuda" on a torch without CUDA; `explain_device` says why)."""
     device = torch.device(device)
+    if cuda_missing(device):
+        return []
     return [n for n in BACKENDS if hardware_reason(n, device) is None and load(n)[0] is not None]

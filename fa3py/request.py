@@ -10,8 +10,7 @@ Semantics (shared by every backend and by `fa3py.reference`):
   headdim), v (batch, seqlen_k, nheads_kv, headdim_v). Packed (varlen): q (total_q, nheads,
   headdim) with ``cu_seqlens_q`` (batch + 1,) int32 offsets; likewise k/v with
   ``cu_seqlens_k``. Either side may be packed or batched independently. Tensors may be
-  arbitrary strided views; only the last dim is guaranteed contiguous when a backend asks
-  for it through `AttentionRequest.contiguous_last_dim`.
+  arbitrary strided views; a backend that needs a unit last stride copies by itself.
 * Lengths. Sequence b has ``Lq = seqused_q[b]`` if given, else ``cu_seqlens_q[b+1] -
   cu_seqlens_q[b]`` (packed) or ``seqlen_q`` (batched); ``Lk`` likewise.
 * Heads. Query head h reads KV head ``h // (nheads // nheads_kv)`` (MQA/GQA).
@@ -56,11 +55,6 @@ class AttentionParams:
     def causal(self) -> bool:
         return self.window_left < 0 and self.window_right == 0
 
-    @property
-    def is_local(self) -> bool:
-        """A sliding window other than plain causal."""
-        return self.window_left >= 0 or self.window_right > 0
-
 
 @dataclass(frozen=True, eq=False)
 class AttentionRequest:
@@ -89,12 +83,6 @@ class AttentionRequest:
     @property
     def packed_k(self) -> bool:
         return self.cu_seqlens_k is not None
-
-    @property
-    def is_varlen(self) -> bool:
-        return (
-            self.packed_q or self.packed_k or self.seqused_q is not None or self.seqused_k is not None
-        )
 
     @property
     def batch(self) -> int:

@@ -7,6 +7,8 @@ ValueError / NotImplementedError. It never modifies its inputs.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -55,12 +57,21 @@ def _check_headdim(name, d):
 def _check_window(window_size):
     try:
         left, right = window_size
-        left, right = int(left), int(right)
+        if isinstance(left, bool) or isinstance(right, bool):
+            raise TypeError
+        left, right = operator.index(left), operator.index(right)  # ints only: 1.7 is an error, not 1
     except (TypeError, ValueError):
         _fail(TypeError, "window_size", f"must be a pair of ints (left, right), got {window_size!r}")
     if left < -1 or right < -1:
         _fail(ValueError, "window_size", f"entries must be >= -1 (-1 means unbounded), got {(left, right)}")
     return left, right
+
+
+def _check_real(name, x, what):
+    """A Python or NumPy real number (not a bool, not a string) as a float."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        _fail(TypeError, name, f"must be {what}, got {type(x).__name__}")
+    return float(x)
 
 
 def _check_descale(name, x, dtype, batch, nheads_kv, device):
@@ -174,7 +185,11 @@ def make_request(
         _fail(ValueError, "k", f"head dimension {k_shape[-1]} must equal q's head dimension {headdim}")
     _check_headdim("q", headdim)
     _check_headdim("v", v_shape[-1])
-    if nheads_kv == 0 or nheads % nheads_kv != 0:
+    if nheads == 0:
+        _fail(ValueError, "q", f"must have at least one head, got shape {tuple(q_shape)}")
+    if nheads_kv == 0:
+        _fail(ValueError, "k", f"must have at least one head, got shape {tuple(k_shape)}")
+    if nheads % nheads_kv != 0:
         _fail(ValueError, "k", f"nheads_kv ({nheads_kv}) must divide q's nheads ({nheads}) (MQA/GQA)")
 
     # batch size and sequence lengths
@@ -189,6 +204,9 @@ def make_request(
             _fail(ValueError, "k", f"batch size {k_shape[0]} must equal q's batch size {batch}")
     if batch < 0:
         _fail(ValueError, "cu_seqlens_q", f"must be 1-D of length batch + 1, got shape {tuple(cu_seqlens_q.shape)}")
+    if packed_q and packed_k and cu_seqlens_k.dim() == 1 and cu_seqlens_k.shape[0] != batch + 1:
+        _fail(ValueError, "cu_seqlens_q", f"and `cu_seqlens_k` must both have length batch + 1, got "
+              f"{batch + 1} and {cu_seqlens_k.shape[0]}")
     if not packed_k and packed_q and k_shape[0] != batch:
         _fail(ValueError, "k", f"batch size {k_shape[0]} must equal len(cu_seqlens_q) - 1 = {batch}")
 
@@ -198,16 +216,10 @@ def make_request(
     # scalar parameters
     if softmax_scale is None:
         softmax_scale = headdim ** -0.5
-    try:
-        softmax_scale = float(softmax_scale)
-    except (TypeError, ValueError):
-        _fail(TypeError, "softmax_scale", f"must be a float or None, got {type(softmax_scale).__name__}")
+    softmax_scale = _check_real("softmax_scale", softmax_scale, "a float or None")
     if not math.isfinite(softmax_scale):
         _fail(ValueError, "softmax_scale", f"must be finite, got {softmax_scale}")
-    try:
-        softcap = float(softcap)
-    except (TypeError, ValueError):
-        _fail(TypeError, "softcap", f"must be a float, got {type(softcap).__name__}")
+    softcap = _check_real("softcap", softcap, "a float")
     if not math.isfinite(softcap) or softcap < 0:
         _fail(ValueError, "softcap", f"must be finite and >= 0 (0 disables it), got {softcap}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int):
@@ -215,7 +227,7 @@ def make_request(
     if num_splits < 0:
         _fail(ValueError, "num_splits", f"must be an int >= 0 (0: automatic, 1: no split), got {num_splits!r}")
     left, right = _check_window(window_size)
-    if causal:
+    if causal:  # as FlashAttention-3: causal sets the right window to 0, whatever was passed
         right = 0
     if fp8 and dtype not in FLOAT_DTYPES:
         _fail(ValueError, "fp8", f"quantizes fp16/bf16 inputs; q is already {dtype} (pass descales instead)")

@@ -1,4 +1,5 @@
-"""Shared test helpers: the tolerance rule of shared/STYLE.md and input builders."""
+"""Shared test helpers: the tolerance rule (a kernel may be at most twice as wrong as PyTorch in the
+test's own precision) and input builders."""
 
 from __future__ import annotations
 

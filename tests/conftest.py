@@ -14,7 +14,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bash tests/run_gpu.sh on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

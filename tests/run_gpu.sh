@@ -5,15 +5,29 @@
 #   CUTE_SHARDS=3 ONLY=cute bash tests/run_gpu.sh   # the cute tests alone, in 3 parallel shards
 # The cute kernels are called through TVM-FFI when apache-tvm-ffi (and, for torch < 2.10,
 # torch-c-dlpack-ext) is importable, else through from_dlpack: the first line says which.
+# Exits non-zero when there is no GPU (nothing runs) or when any partition fails.
 set -u
+if ! why=$(python3 -c "
+import torch
+from fa3py.dispatch import cuda_missing
+why = cuda_missing(torch.device('cuda'))
+print(why or '')
+raise SystemExit(1 if why else 0)" 2>&1); then
+    echo "run_gpu.sh: no GPU tests ran: ${why:-torch could not be imported}" >&2
+    exit 1
+fi
 out=${OUT:-/tmp}/gpu_tests
 mkdir -p "$out"
-python3 -c "import cute_kernels as c; print('cute_kernels calling path:', 'tvm-ffi' if c.use_tvm_ffi else 'from_dlpack')"
+rm -f "$out"/*.log "$out"/*.rc
+python3 -c "import cute_kernels as c; print('cute_kernels calling path:', 'tvm-ffi' if c.use_tvm_ffi else 'from_dlpack')" \
+    || echo "cute_kernels cannot be imported: the cute tests will fail (pip install -e \".[hopper]\")"
 run() {
     local name=$1; shift
     timeout "${GPU_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --tb=short "$@" \
         > "$out/$name.log" 2>&1
-    echo "$name (exit $?): $(grep -E '(passed|failed|error)' "$out/$name.log" | tail -1)"
+    local rc=$?
+    echo "$rc" > "$out/$name.rc"
+    echo "$name (exit $rc): $(grep -E '(passed|failed|error)' "$out/$name.log" | tail -1)"
 }
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 shards=${CUTE_SHARDS:-1}
@@ -38,3 +52,9 @@ want cross && run cross -m gpu tests/test_cross_backend.py tests/test_api_random
 want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py &
 wait
 grep -h "^FAILED\|^ERROR" "$out"/*.log 2>/dev/null | head -40
+status=0
+for f in "$out"/*.rc; do
+    [ -e "$f" ] || { echo "run_gpu.sh: no partition ran (ONLY=${ONLY:-})" >&2; exit 1; }
+    [ "$(cat "$f")" = 0 ] || status=1
+done
+exit $status

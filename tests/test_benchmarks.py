@@ -367,3 +367,92 @@ def test_gpu_paired(graph):
     assert all(0.1 < s["median"] < 10 for s in row["ratios"].values())
     if graph:
         assert row["host_ms_per_call"] < 0.05
+
+
+# ---- what a user without a GPU (or with a typo) sees: one line, a non-zero exit -----------------
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """torch as a CPU-only build sees it, on any machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+
+
+def test_run_unknown_provider_ends_the_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"--providers: nosuch: unknown provider \(known: fa3py:cute") as e:
+        run.main(["--device", "cpu", "--providers", "nosuch", "--out", str(tmp_path)])
+    assert isinstance(e.value.code, str)  # exit status 1, the message on stderr
+    from benchmarks import paired
+
+    with pytest.raises(SystemExit, match="nosuch: unknown provider"):
+        paired.main(["--device", "cpu", "--providers", "nosuch", "sdpa:math"])
+
+
+def test_run_with_nothing_to_run_ends_the_run(tmp_path):
+    with pytest.raises(SystemExit, match="nothing to run: every selected provider was skipped"):
+        run.main(["--device", "cpu", "--providers", "fa4", "--out", str(tmp_path)])
+
+
+def test_output_goes_to_the_working_directory():
+    assert run.parse_args([]).out == "bench_out"  # relative: not inside an installed package
+
+
+@pytest.mark.parametrize("tool", ["run", "paired", "cute_bench", "cute_errmap", "triton_tune"])
+def test_gpu_tools_without_cuda_say_so(no_cuda, tool):
+    import importlib
+
+    if tool.startswith("cute_"):
+        pytest.importorskip("cutlass")
+    main = importlib.import_module(f"benchmarks.{tool}").main
+    with pytest.raises(SystemExit, match="CPU-only build: nothing can run on cuda") as e:
+        main(["--device", "cuda"] if tool in ("run", "paired") else [])
+    assert str(e.value.code).startswith(f"benchmarks.{tool}: ")
+
+
+def test_cycles_without_ncu_says_so(monkeypatch):
+    import shutil
+
+    from benchmarks import cute_cycles
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match=r"benchmarks.cute_cycles: needs Nsight Compute \(`ncu`\) on PATH"):
+        cute_cycles.main([])
+
+
+def test_sass_rejects_a_head_dim_the_kernel_does_not_serve(capsys):
+    pytest.importorskip("cutlass")
+    from benchmarks import cute_sass
+
+    with pytest.raises(SystemExit) as e:
+        cute_sass.main(["--hdim", "33"])
+    assert e.value.code == 2 and "--hdim 33 --hdimv 33: the sm90 kernel serves multiples of 8" in capsys.readouterr().err
+
+
+def test_run_gpu_sh_without_a_gpu_fails_saying_so(tmp_path):
+    import os
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path))
+    done = subprocess.run(["bash", "tests/run_gpu.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "run_gpu.sh: no GPU tests ran: " in done.stderr and "nothing can run on cuda" in done.stderr
+
+
+def test_paired_on_the_cpu_reports_host_time_and_small_rates():
+    from benchmarks import paired
+
+    times, host_ms = paired.time_pairs([lambda: sum(range(1000))] * 2, 3, torch.device("cpu"))
+    assert len(times[0]) == 3 and np.isfinite(host_ms) and host_ms > 0
+    assert f"{0.0123:7.3g}".strip() == "0.0123"  # the TFLOP/s column's format keeps CPU rates
+
+
+def test_error_notes_are_never_cut_mid_number():
+    row = dict(provider="fa3py:cute", precision="bf16", hdim=64, seqlen=128, causal=False, mode="fwd", ms=None,
+               tflops=None, ratio=None, status="error", note="ValueError: " + "x" * 95 + " got 33")
+    assert report.format_table([row]).endswith("got 33")
+    text = run._error_text(ValueError("y" * 290 + " got 33333"))
+    assert text.endswith(" [...]") and "got 3" not in text

@@ -23,7 +23,7 @@ cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import cute_kernels  # noqa: E402
-from cute_kernels import sass  # noqa: E402
+from benchmarks import cute_sass as sass  # noqa: E402
 from tests.cute_emulation import emulated_launch  # noqa: E402
 from cute_kernels.config import (  # noqa: E402
     CANDIDATES, SHORT_TILES, TILES, FwdConfig, TileConfig, tile_from_spec, tile_variant,
@@ -640,7 +640,7 @@ def test_tile_order_on_the_host(persistent, lpt):
 
 def test_bench_variants():
     """The variants `bench` and `cycles` time: the table config, tile specs that change it, toggles."""
-    from cute_kernels.bench import variants
+    from benchmarks.cute_bench import variants
 
     base = FwdConfig.make("bf16", 128)
     named = variants(base, ["128x128", "128x176s2"], ["tma_store", "k_release_gate=7", "tma_store+pin_desc=0"])
@@ -899,7 +899,7 @@ def test_gpu_rescale_o_before_pv(hdim, hdimv, pingpong, sq, sk, wl, wr):
     _check(req, _with_tile(req, rescale_o_before_pv=True, pingpong=pingpong))
 
 
-# Tile shapes swept by `python -m cute_kernels.bench --tiles ...` (CPU-checked: no spills,
+# Tile shapes swept by `python -m benchmarks.cute_bench --tiles ...` (CPU-checked: no spills,
 # smem fits); checked here so a winner can enter the config table already verified.
 TILE_VARIANTS = [(64, 128, 128, 2), (64, 128, 176, 2), (64, 128, 192, 2), (64, 128, 128, 3),
                  (128, 128, 176, 2), (256, 128, 64, 2)]
@@ -1344,7 +1344,7 @@ def test_gpu_compile_time_recorded():
 def test_cycles_markdown():
     """`cycles --md`: the table config (any tile) as one fa3py column beside the peers, and its
     cycles over the best peer's; a point without peers gets no ratio."""
-    from cute_kernels.cycles import markdown
+    from benchmarks.cute_cycles import markdown
 
     md = markdown([(128, False, 512, "table 128x128s2", 0.2), (128, False, 512, "fa4", 0.25),
                    (128, False, 512, "cudnn", 0.16), (64, False, 512, "table 192x128s2", 0.3),

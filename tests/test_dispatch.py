@@ -2,6 +2,7 @@
 
 import inspect
 import types
+import warnings
 
 import pytest
 import torch
@@ -131,3 +132,41 @@ def test_fa3_signatures(fn, expected):
     for p, (name, default) in zip(params, expected):
         assert p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, name
         assert p.default == default, f"{name}: {p.default!r} != {default!r}"
+
+
+def test_cuda_on_a_torch_without_cuda(monkeypatch):
+    """available_backends("cuda") returns nothing (no AssertionError) and explain says why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert fa3py.available_backends("cuda") == []
+    text = fa3py.explain("cuda")
+    assert text.count("CPU-only build: nothing can run on cuda") == 3, text
+    assert fa3py.explain("cpu").splitlines()[-1] == "torch: available"
+
+
+def test_a_missing_backend_names_its_extra(monkeypatch):
+    real_import = dispatch.importlib.import_module
+
+    def no_cutlass(name):
+        if name in ("cute_kernels", "triton_fallback"):
+            raise ModuleNotFoundError(f"No module named {'cutlass' if name == 'cute_kernels' else 'triton'!r}")
+        return real_import(name)
+
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch.importlib, "import_module", no_cutlass)
+    assert 'pip install "fa3py[hopper]"' in dispatch.load("cute")[1]
+    assert 'pip install "fa3py[triton]"' in dispatch.load("triton")[1]
+
+
+def test_fp8_emulation_warns_once_and_explain_says_so(monkeypatch):
+    from fa3py import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_warned_fp8", False)
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="fp8=True runs a float32 emulation"):
+        fa3py.attention(q, q, q, fp8=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fa3py.attention(q, q, q, fp8=True)  # once per process
+    assert "fp8: fp8=True runs a float32 emulation" in fa3py.explain(q, q, q, fp8=True)
+    assert "fp8" not in fa3py.explain(q, q, q)

@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 import triton_fallback  # noqa: E402
 from fa3py.request import AttentionParams, AttentionRequest  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
-from triton_fallback import compile_only, configs, ops  # noqa: E402
+from benchmarks import triton_compile_only as compile_only  # noqa: E402
+from triton_fallback import configs, ops  # noqa: E402
 
 from _util import FEATURES, check_backward, check_forward, check_nan_rows, max_err, nan_inputs, packed  # noqa: E402
 from _util import inputs as _inputs  # noqa: E402
@@ -237,7 +238,7 @@ def test_tune_prints_only_the_kernels_a_shape_launches(monkeypatch, capsys):
     kernel, above ops.ATOMIC_DQ_MAX_HEADDIM, must not repeat the previous head dim's pick."""
     from types import SimpleNamespace
 
-    from triton_fallback import tune
+    from benchmarks import triton_tune as tune
 
     fake = {k: SimpleNamespace(best_config=None) for k in configs.KERNELS}
     pick = SimpleNamespace(kwargs={"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
@@ -312,7 +313,7 @@ def test_why_not():
 def test_compiles_for_gpu_targets():
     """Compile-only (sm80/86/89/90 targets, no GPU): catches what the interpreter lets through."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "triton_fallback.compile_only"], env=env,
+    run = subprocess.run([sys.executable, "-m", "benchmarks.triton_compile_only"], env=env,
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]

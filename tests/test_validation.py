@@ -1,5 +1,7 @@
 """Every bad input gets the right exception, naming the argument and what is expected."""
 
+import re
+
 import pytest
 import torch
 
@@ -68,7 +70,8 @@ def varlen(cu_q=None, cu_k=None, used_q=None, used_k=None, max_q=None, max_k=Non
 
 BAD_VARLEN = [
     (lambda: varlen(cu_q=torch.tensor([0, 5, 12])), TypeError, "`cu_seqlens_q` must have dtype torch.int32"),
-    (lambda: varlen(cu_q=i32([0, 5, 7, 12])), ValueError, "`cu_seqlens_k` must be 1-D of length 4"),
+    (lambda: varlen(cu_q=i32([0, 5, 7, 12])), ValueError,
+     "`cu_seqlens_q` and `cu_seqlens_k` must both have length batch + 1, got 4 and 3"),
     (lambda: varlen(cu_q=i32([0, 7, 5])), ValueError, "`cu_seqlens_q` must be non-decreasing"),
     (lambda: varlen(cu_q=i32([0, 5, 11])), ValueError, "`cu_seqlens_q` last value (11) must equal"),
     (lambda: varlen(cu_k=i32([1, 7, 15])), ValueError, "`cu_seqlens_k` must start at 0"),
@@ -114,3 +117,52 @@ def test_errors_leave_inputs_unchanged():
     with pytest.raises(ValueError):
         fa3py.attention(q, k, v, window_size=(-5, 0))
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+
+
+MISTYPED_SCALARS = [
+    (dict(window_size=(1.7, 0.2)), "`window_size` must be a pair of ints"),  # not truncated to (1, 0)
+    (dict(window_size=("4", 0)), "`window_size` must be a pair of ints"),
+    (dict(window_size=(True, 0)), "`window_size` must be a pair of ints"),
+    (dict(softmax_scale="0.1"), "`softmax_scale` must be a float or None, got str"),
+    (dict(softmax_scale=torch.tensor(0.1)), "`softmax_scale` must be a float or None, got Tensor"),
+    (dict(softmax_scale=True), "`softmax_scale` must be a float or None, got bool"),
+    (dict(softcap="30"), "`softcap` must be a float, got str"),
+]
+
+
+@pytest.mark.parametrize("kwargs,msg", MISTYPED_SCALARS)
+def test_mistyped_scalars_are_errors(kwargs, msg):
+    with pytest.raises(TypeError, match=re.escape(msg)):
+        call(**kwargs)
+
+
+def test_numeric_scalars_of_any_kind_are_accepted():
+    import numpy as np
+
+    q, k, v = qkv()
+    ref = fa3py.attention(q, k, v, softmax_scale=0.5, window_size=(3, 1))
+    out = fa3py.attention(q, k, v, softmax_scale=np.float32(0.5), window_size=(np.int64(3), 1))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    fa3py.attention(q, k, v, softmax_scale=1, softcap=30)  # ints are numbers too
+
+
+def test_causal_sets_the_right_window_to_zero():
+    """As FlashAttention-3: causal=True replaces any right window by 0 (documented, not an error)."""
+    q, k, v = qkv()
+    ref = fa3py.attention(q, k, v, causal=True, window_size=(4, 0))
+    for right in (-1, 3):
+        out = fa3py.attention(q, k, v, causal=True, window_size=(4, right))
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert "whatever window_size says" in fa3py.attention.__doc__
+
+
+@pytest.mark.parametrize("arg,q_heads,kv_heads", [("q", 0, 2), ("k", 4, 0), ("q", 0, 0)])
+def test_zero_heads_name_the_tensor(arg, q_heads, kv_heads):
+    q, k, v = qkv(h=q_heads, hk=kv_heads)
+    with pytest.raises(ValueError, match=re.escape(f"`{arg}` must have at least one head")):
+        fa3py.attention(q, k, v)
+
+
+def test_cu_seqlens_of_different_lengths_name_cu_seqlens_q():
+    with pytest.raises(ValueError, match="`cu_seqlens_q` and `cu_seqlens_k` must both have length"):
+        varlen(cu_k=i32([0, 3, 7, 15]))

@@ -5,7 +5,7 @@ or None, meaning "use the autotuned kernel". The autotuner's key is (head dims, 
 softcap flags, rounded seqlens, dtypes), so a new sequence length within the same power-of-two
 bucket does not re-tune.
 
-Regenerate `TUNED` on a GPU with ``python -m triton_fallback.tune`` (prints the entries).
+Regenerate `TUNED` on a GPU with ``python -m benchmarks.triton_tune`` (prints the entries).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ INTERPRET_TILE = Tile(32, 32, 4, 1)
 
 # (gpu family, kernel, padded head dim, dtype, causal-or-window) -> Tile. Seed entries follow
 # the FlashAttention-2 Triton defaults for Ampere/Ada (64..128 x 64 tiles, 4-8 warps); they are
-# not yet re-measured on this code: run `python -m triton_fallback.tune` on the target GPU and
+# not yet re-measured on this code: run `python -m benchmarks.triton_tune` on the target GPU and
 # paste its output here.
 _F16 = ("float16", "bfloat16")
 TUNED: dict[tuple, Tile] = {
@@ -58,14 +58,14 @@ TUNED: dict[tuple, Tile] = {
     **{("sm89", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (64, Tile(128, 64, 4, 2)), (128, Tile(128, 32, 8, 2)), (256, Tile(64, 32, 8, 1)))},
     # sm90 (H100/H200: when the cute backend cannot serve, for every backward, or with
-    # backend="triton"). hdim 64/128: `python -m triton_fallback.tune --dims 128 64 --dtypes bf16
+    # backend="triton"). hdim 64/128: `python -m benchmarks.triton_tune --dims 128 64 --dtypes bf16
     # --causal false` on an H200, 2026-11-22 (commit after c4995eb); the same tile is used for
     # fp16 and causal, which were not tuned. hdim 16/32/256: unmeasured seeds. bwd_dkdv and
     # bwd_dq were tuned as the default backward; they now serve only deterministic=True.
     # "bwd" (the default backward since it went atomic): unmeasured seeds, picked offline by
     # `ptxas -v` on the sm_90a PTX, first without the launcher's alignment specialization
     # (which made every tile spill: an artifact). Specialized as a real launch
-    # (`python -m triton_fallback.spills`, NOTES.md): hdim 64 (64, 128, 8 warps) 238
+    # (`python -m benchmarks.triton_spills`, NOTES.md): hdim 64 (64, 128, 8 warps) 238
     # registers, no spills, 128 keys halve the dQ atomics per FLOP against 64; hdim 128
     # (32, 64, 8 warps) 210 registers, no spills (32x128 w8: 252, no spills).
     **{("sm90", "fwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
@@ -74,10 +74,10 @@ TUNED: dict[tuple, Tile] = {
     **{("sm90", "bwd", d, dt, c): t for dt in _F16 for c in (False, True) for d, t in (
         (16, Tile(64, 128, 8, 2)), (32, Tile(64, 128, 8, 2)), (64, Tile(64, 128, 8, 2)),
         (128, Tile(32, 64, 8, 2)), (256, Tile(16, 64, 8, 1)))},
-    # hdim64 "bwd" unmasked: autotuned on the H200 (session 2, `tune --dims 64 --dtypes bf16
+    # hdim64 "bwd" unmasked: autotuned on the H200 (`benchmarks.triton_tune --dims 64 --dtypes bf16
     # --causal false`): 64x64 w4 s3, 328 TFLOP/s at batch 4 x 16 heads x 4k (ptxas: 244 registers,
     # no spills; with the causal mask it spills 80 B, so masked keeps 64x128). Checked in CI through
-    # the interpreter (test_sm90_table_tiles_in_interpreter) and in the GPU tests (session 3).
+    # the interpreter (test_sm90_table_tiles_in_interpreter) and in the GPU tests.
     **{("sm90", "bwd", 64, dt, False): Tile(64, 64, 4, 3) for dt in _F16},
     # hdim64 "bwd" masked (causal): 64x128 w8 with 3 stages instead of 2 (autotuned at 2k, then
     # H200, bf16, 32 heads x 16k tokens, same run as FA2 221 / 263 / 279 TFLOP/s at 2k / 8k / 16k:
@@ -151,7 +151,7 @@ def _candidates(kernel: str) -> list[Tile]:
 
 def _fits(kernel: str, t: Tile, d: int, dv: int, elem: int, smem: int) -> bool:
     """Shared memory of the resident tile plus (num_stages - 1) pipelined copies of the
-    streamed tiles (an upper bound: `python -m triton_fallback.compile_only` shows what triton
+    streamed tiles (an upper bound: `python -m benchmarks.triton_compile_only` shows what triton
     really allocates), and fp32 accumulators per thread. Over-estimates only cost tuning
     time: the autotuner also skips configs that fail to compile for lack of resources."""
     copies = max(t.num_stages - 1, 1)

@@ -1,0 +1,190 @@
+"""Compile-only harness: build the sm90 kernel for sm_90a against fake tensors (no GPU needed),
+keep the cubin and count SASS opcodes.
+
+    python -m benchmarks.cute_sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
+                                [--softcap] [--varlen] [--no-overlap] [--no-pingpong]
+                                [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
+                                [--keep DIR]
+
+Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
+threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
+setmaxnreg must cover), `STACK`/`LOCAL` bytes of local memory (spills).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+REQUIRED = ("HGMMA", "UTMALDG", "USETMAXREG")
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def compile_cubin(cfg, out_dir: str, keep_ptx: bool = False) -> tuple[str, float]:
+    """Compile `cfg` for sm_90a into out_dir; return (cubin path, compile seconds)."""
+    import cutlass.cute as cute
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    os.makedirs(out_dir, exist_ok=True)
+    os.environ["CUTE_DSL_DUMP_DIR"] = out_dir
+    t0 = time.perf_counter()
+    cute.compile(FlashAttentionForwardSm90(cfg), *FlashAttentionForwardSm90.fake_args(cfg),
+                 options=f"--gpu-arch=sm_90a --keep-cubin {'--keep-ptx ' if keep_ptx else ''}--dump-dir={out_dir}")
+    dt = time.perf_counter() - t0
+    cubins = sorted(glob.glob(os.path.join(out_dir, "**", "*.cubin"), recursive=True), key=os.path.getmtime)
+    if not cubins:
+        raise RuntimeError(f"no cubin written under {out_dir}")
+    return cubins[-1], dt
+
+
+def sass_text(cubin: str) -> str:
+    return subprocess.run([_tool("cuobjdump"), "-sass", cubin], check=True, capture_output=True,
+                          text=True).stdout
+
+
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+
+
+def resource_usage(cubin: str) -> dict:
+    """ptxas resources of the (single) kernel: REG, STACK, SHARED, LOCAL, ..."""
+    out = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], check=True, capture_output=True,
+                         text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)", out.split("Function", 1)[-1])}
+
+
+def max_register(sass: str) -> int:
+    """Highest general register named in the code (R0..R254; RZ excluded)."""
+    return max((int(r) for r in re.findall(r"\bR(\d+)\b", sass)), default=-1)
+
+
+def opcode_counts(sass: str, full: bool = False) -> collections.Counter:
+    """Count opcodes (`full`: with modifiers, e.g. BAR.SYNC.DEFER_BLOCKING)."""
+    c = collections.Counter()
+    for m in _INSTR.finditer(sass):
+        c[m.group(1) + (m.group(2) if full else "")] += 1
+    return c
+
+
+def named_barrier_ids(sass: str) -> collections.Counter:
+    """BAR.SYNC / BAR.ARV instructions by barrier id (immediate or register)."""
+    c = collections.Counter()
+    for m in re.finditer(r"\b(BAR\.(?:SYNC|ARV|RED)[.A-Z_]*)\s+([^,;]+)", sass):
+        c[f"{m.group(1).split('.')[1]} {m.group(2).strip()}"] += 1
+    return c
+
+
+def check(sass: str, cfg) -> list[str]:
+    """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
+    barrier (the pingpong's) is required when `cfg` has the pingpong on; without it, a kernel
+    whose O has its own smem uses none."""
+    ops = opcode_counts(sass)
+    missing = [op for op in REQUIRED if ops[op] == 0]
+    bars = named_barrier_ids(sass)
+    if cfg.tile.pingpong and not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
+        missing.append("named BAR with id != 0")
+    if serialized_wgmma(sass):
+        missing.append("pipelined HGMMA (ptxas serialized them: C7511)")
+    return missing
+
+
+def serialized_wgmma(sass: str) -> bool:
+    """Whether ptxas serialized the WGMMAs (its C7511 "Potential Performance Loss" note): it then
+    fences every HGMMA with its own WARPGROUP.ARRIVE / DEPBAR, so no GEMM overlaps anything."""
+    ops = opcode_counts(sass, full=True)
+    hgmma = sum(n for op, n in ops.items() if op.startswith("HGMMA"))
+    return hgmma > 0 and ops["WARPGROUP.ARRIVE"] >= hgmma
+
+
+def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
+    """Innermost loops (backward branches) whose body holds an HGMMA: (start, end, opcode counts).
+    These are the KV loops (interior, causal-diagonal, window edge); the instruction count of the
+    interior one is what to compare between variants."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    out = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t).group(1) for t in body)
+            if ops["HGMMA"]:
+                out.append((int(m.group(1), 16), addr, ops))
+    # innermost only: an outer loop (the tile loop) contains the KV loops
+    return [l for l in out if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in out)]
+
+
+def main(argv=None) -> int:
+    import dataclasses
+
+    from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--hdim", type=int, default=128)
+    p.add_argument("--hdimv", type=int, default=None)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--local", action="store_true", help="sliding window (left and right)")
+    p.add_argument("--softcap", action="store_true")
+    p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
+    p.add_argument("--split-kv", action="store_true", help="split-KV (float32 partial O and LSE)")
+    p.add_argument("--no-overlap", action="store_true")
+    p.add_argument("--no-pingpong", action="store_true")
+    p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
+    p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
+    p.add_argument("--dump", action="store_true", help="print the whole SASS")
+    p.add_argument("--loops", action="store_true",
+                   help="print the size and opcode mix of the innermost loops that issue HGMMA (the KV loops)")
+    p.add_argument("--keep", metavar="DIR", default=None, help="keep the cubin and PTX in DIR")
+    a = p.parse_args(argv)
+    hdimv = a.hdim if a.hdimv is None else a.hdimv
+    d, dv = padded_hdim(a.hdim), padded_hdim(hdimv)  # as the dispatcher rounds (hdim 80 runs the 96 tile)
+    if a.hdim % 8 or hdimv % 8 or (d, dv) not in SUPPORTED_HDIM_PAIRS:
+        p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}: the sm90 kernel serves multiples of 8 "
+                  f"that round up to one of {sorted(SUPPORTED_HDIM_PAIRS)}\n")
+    cfg = FwdConfig.make(
+        a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
+        has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
+        cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
+        pingpong=not a.no_pingpong, split_kv=a.split_kv,
+    )
+    cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
+    with tempfile.TemporaryDirectory() as d:
+        cubin, dt = compile_cubin(cfg, a.keep or d, keep_ptx=a.keep is not None)
+        sass = sass_text(cubin)
+        res = resource_usage(cubin)
+    if a.dump:
+        print(sass)
+    if a.loops:
+        for start, end, ops in hgmma_loops(sass):
+            top = " ".join(f"{op}:{n}" for op, n in ops.most_common(16))
+            print(f"# loop {start:#x}-{end:#x}: {sum(ops.values())} instructions, {top}")
+    print(f"# {cfg.short()}  compile {dt:.1f}s")
+    for op, n in sorted(opcode_counts(sass, a.full).items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"{op:32s} {n}")
+    print(f"# registers: REG {res.get('REG')} (launch), max R{max_register(sass)}; "
+          f"STACK {res.get('STACK')} LOCAL {res.get('LOCAL')} bytes")
+    print("# named barriers:", dict(named_barrier_ids(sass)))
+    missing = check(sass, cfg)
+    print("# required:", "ok" if not missing else "MISSING " + ", ".join(missing))
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
