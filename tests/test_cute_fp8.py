@@ -1,0 +1,116 @@
+"""cute_kernels.fp8: the FP8 P V GEMM's key order, checked against the tiled MMAs' own layouts
+(CuTe DSL's host JIT: every thread's fragment coordinates), and the P conversion compiled for
+sm_90a."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+cutlass = pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+import cutlass.cute as cute  # noqa: E402  (kernels' annotations resolve in this module)
+
+from cute_kernels import fp8  # noqa: E402
+
+
+def _fragment_coords(tile_m: int, tile_n: int):
+    """Per consumer thread: the (row, col) of every QK^T accumulator value and of every e4m3
+    A-operand value of the P V GEMM, from the tiled MMAs the FP8 kernel builds."""
+    import cutlass.utils.hopper_helpers as sm90_utils
+    from cutlass import Float32
+    from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+    from cutlass.cute.runtime import from_dlpack
+
+    e4m3, wgs = cutlass.Float8E4M3FN, tile_m // 64
+    threads, per_thread = 128 * wgs, tile_m * tile_n // (128 * wgs)
+
+    @cute.jit
+    def coords(out_c: cute.Tensor, out_a: cute.Tensor):
+        mma_qk = sm90_utils.make_trivial_tiled_mma(e4m3, e4m3, OperandMajorMode.K, OperandMajorMode.K, Float32,
+                                                   atom_layout_mnk=(wgs, 1, 1), tiler_mn=(64, tile_n))
+        mma_pv = sm90_utils.make_trivial_tiled_mma(e4m3, e4m3, OperandMajorMode.K, OperandMajorMode.K, Float32,
+                                                   atom_layout_mnk=(wgs, 1, 1), tiler_mn=(64, 128),
+                                                   a_source=warpgroup.OperandSource.RMEM)
+        identity = cute.make_identity_tensor((tile_m, tile_n))
+        for t in cutlass.range(threads):
+            c = mma_qk.get_slice(t).partition_C(identity)
+            a = mma_pv.get_slice(t).partition_A(identity)
+            for i in cutlass.range_constexpr(cute.size(c)):
+                out_c[t, i, 0], out_c[t, i, 1] = c[i]
+            for i in cutlass.range_constexpr(cute.size(a)):
+                out_a[t, i, 0], out_a[t, i, 1] = a[i]
+
+    out_c, out_a = (torch.full((threads, per_thread, 2), -1, dtype=torch.int32) for _ in range(2))
+    coords(from_dlpack(out_c), from_dlpack(out_a))
+    return out_c, out_a
+
+
+@pytest.mark.parametrize("tile_m,tile_n", [(128, 128), (192, 128), (128, 64), (128, 96)])
+def test_pv_key_order_matches_the_mma_layouts(tile_m, tile_n):
+    """A-operand value i of every thread must be the thread's own accumulator value
+    REGISTER_ORDER-permuted, at the key PV_KEY_ORDER puts at A's column: then P never leaves
+    its thread. Fails if either order (or the DSL's fragment layouts) changes."""
+    out_c, out_a = _fragment_coords(tile_m, tile_n)
+    order = fp8.REGISTER_ORDER
+    j = torch.tensor([(i // 8) * 8 + order[i % 8] for i in range(out_a.shape[1])])
+    row, col = out_a[..., 0], out_a[..., 1]
+    key = (col // 16) * 16 + torch.tensor(fp8.PV_KEY_ORDER)[col % 16]
+    assert torch.equal(out_c[:, j, 0], row) and torch.equal(out_c[:, j, 1], key)
+    # every (row, key) of the tile is covered once
+    assert len({(r, c) for r, c in out_a.reshape(-1, 2).tolist()}) == tile_m * tile_n
+
+
+def test_key_order():
+    order = fp8.key_order(20)
+    assert len(order) == 32 and sorted(order) == list(range(32))
+    assert order[:4] == [0, 1, 8, 9] and order[16:20] == [16, 17, 24, 25]
+
+
+def test_convert_p_e4m3_compiles_to_paired_conversions():
+    """The conversion for a 2-WG 128 x 128 tile's P compiles for sm_90a to e4m3x2 conversions
+    (F2FP) and byte packing, with no shuffles between lanes."""
+    import cutlass.utils.hopper_helpers as sm90_utils
+    from cutlass import Float32
+    from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+
+    from benchmarks.cute_sass import opcode_counts, sass_text
+
+    e4m3 = cutlass.Float8E4M3FN
+
+    @cute.kernel
+    def kernel(out: cute.Tensor):
+        mma_qk = sm90_utils.make_trivial_tiled_mma(e4m3, e4m3, OperandMajorMode.K, OperandMajorMode.K, Float32,
+                                                   atom_layout_mnk=(2, 1, 1), tiler_mn=(64, 128))
+        mma_pv = sm90_utils.make_trivial_tiled_mma(e4m3, e4m3, OperandMajorMode.K, OperandMajorMode.K, Float32,
+                                                   atom_layout_mnk=(2, 1, 1), tiler_mn=(64, 128),
+                                                   a_source=warpgroup.OperandSource.RMEM)
+        tidx = cute.arch.thread_idx()[0]
+        acc = cute.make_rmem_tensor(mma_qk.partition_shape_C((128, 128)), Float32)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            acc[i] = Float32(i) * Float32(tidx)
+        frag = cute.make_rmem_tensor(mma_pv.get_slice(tidx).partition_shape_A((128, 128)), e4m3)
+        fp8.convert_p_e4m3(acc, frag)
+        words = cute.recast_tensor(frag, cutlass.Int32)
+        for i in cutlass.range_constexpr(cute.size(words)):
+            out[tidx, i] = words[i]
+
+    @cute.jit
+    def launch(out: cute.Tensor):
+        kernel(out).launch(grid=[1, 1, 1], block=[256, 1, 1])
+
+    from cutlass.cute.runtime import from_dlpack
+
+    out = torch.zeros(256, 16, dtype=torch.int32)
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["CUTE_DSL_DUMP_DIR"] = d
+        cute.compile(launch, from_dlpack(out), options=f"--gpu-arch=sm_90a --keep-cubin --dump-dir={d}")
+        cubins = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".cubin")]
+        assert cubins, "no cubin kept"
+        ops = opcode_counts(sass_text(cubins[0]))
+    assert ops["F2FP"] >= 32, ops  # 64 values -> 32 e4m3x2 conversions
+    assert ops["SHFL"] == 0, "P must not move between lanes"
