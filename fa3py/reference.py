@@ -1,6 +1,6 @@
 """Exact attention in float64 (or float32): the yardstick for every backend and test.
 
-Supports every feature of `fa3py.request` (causal, windows, softcap, GQA, varlen, seqused,
+Supports every feature of `fa3py.request` (causal, windows, chunked attention, softcap, GQA, varlen, seqused,
 float8 descales, headdim_v != headdim, LSE). It materializes the full score matrix per
 sequence, so it is for tests and spot checks, not for long sequences.
 """
@@ -12,7 +12,8 @@ import torch
 from .request import AttentionRequest
 
 
-def keep_mask(len_q: int, len_k: int, window_left: int, window_right: int, device=None):
+def keep_mask(len_q: int, len_k: int, window_left: int, window_right: int, device=None,
+              attention_chunk: int = 0):
     """Boolean (len_q, len_k) mask of kept (query, key) pairs, bottom-right aligned."""
     i = torch.arange(len_q, device=device).unsqueeze(1)
     j = torch.arange(len_k, device=device).unsqueeze(0)
@@ -22,6 +23,9 @@ def keep_mask(len_q: int, len_k: int, window_left: int, window_right: int, devic
         keep &= j >= diag - window_left
     if window_right >= 0:
         keep &= j <= diag + window_right
+    if attention_chunk > 0:  # the key lies in the chunk of the query's diagonal position
+        start = torch.div(diag, attention_chunk, rounding_mode="floor") * attention_chunk
+        keep &= (j >= start) & (j < start + attention_chunk)
     return keep
 
 
@@ -80,7 +84,8 @@ def attention(req: AttentionRequest, dtype: torch.dtype = torch.float64, q=None,
         s = torch.einsum("qhd,khd->hqk", qb, kb) * p.softmax_scale
         if p.softcap > 0:
             s = p.softcap * torch.tanh(s / p.softcap)
-        keep = keep_mask(lq, lk, p.window_left, p.window_right, device=q.device)
+        keep = keep_mask(lq, lk, p.window_left, p.window_right, device=q.device,
+                         attention_chunk=p.attention_chunk)
         prob, lse_b = masked_softmax(s, keep)
         outs.append(torch.einsum("hqk,khd->qhd", prob, vb))
         lses.append(lse_b)

@@ -20,8 +20,10 @@ Semantics (shared by every backend and by `fa3py.reference`):
   only for float8_e4m3fn inputs.
 * Mask (bottom-right aligned, as FlashAttention). Query row i (0 <= i < Lq) keeps key
   j (0 <= j < Lk) iff ``(window_left < 0 or j >= i + Lk - Lq - window_left)`` and
-  ``(window_right < 0 or j <= i + Lk - Lq + window_right)``. ``causal`` is stored as
-  ``window_right = 0``.
+  ``(window_right < 0 or j <= i + Lk - Lq + window_right)`` and, with ``attention_chunk = C >
+  0`` (chunked local attention, Llama 4), j lies in the chunk of i's diagonal:
+  ``c <= j < c + C`` for ``c = C * floor((i + Lk - Lq) / C)``. ``causal`` is stored as
+  ``window_right = 0``; the three bounds intersect, as in FlashAttention-3.
 * Output. ``out = softmax(s over kept keys) @ (v * v_descale)`` in `out_dtype`; ``lse`` is the
   natural-log ``logsumexp`` of the kept scores, float32, shape (batch, nheads, seqlen_q)
   when q is batched and (nheads, total_q) when packed. A row with no kept key (and a
@@ -46,6 +48,7 @@ class AttentionParams:
     window_left: int = -1  # -1: unbounded
     window_right: int = -1  # -1: unbounded; causal stores 0 here
     softcap: float = 0.0  # 0: off
+    attention_chunk: int = 0  # 0: off; C > 0: keys only from the query's chunk of C positions
     deterministic: bool = False  # backward: bitwise-reproducible gradients
     fp8: bool = False  # quantize bf16/fp16 inputs to FP8 internally (forward only)
     # KV splits, a scheduling hint that never changes results: 0 lets the kernel choose, 1 never
@@ -54,12 +57,12 @@ class AttentionParams:
 
     @property
     def causal(self) -> bool:
-        return self.window_left < 0 and self.window_right == 0
+        return self.window_left < 0 and self.window_right == 0 and self.attention_chunk == 0
 
     @property
     def is_local(self) -> bool:
-        """A sliding window other than plain causal."""
-        return self.window_left >= 0 or self.window_right > 0
+        """A sliding window other than plain causal, or chunked attention."""
+        return self.window_left >= 0 or self.window_right > 0 or self.attention_chunk > 0
 
 
 @dataclass(frozen=True, eq=False)

@@ -70,12 +70,21 @@ class _Tiles:
     def __init__(self, req: AttentionRequest, lq: int, lk: int):
         p = req.params
         self.lq, self.lk, self.left, self.right = lq, lk, p.window_left, p.window_right
+        self.chunk = p.attention_chunk
         self.scale, self.softcap = p.softmax_scale, p.softcap
+
+    def chunk_start(self, i):
+        """First key of the chunk that query row i (its diagonal position) lies in."""
+        pos = i + self.lk - self.lq
+        return pos - pos % self.chunk  # floor, for a negative diagonal too
 
     def key_range(self, i0, i1):
         shift = self.lk - self.lq
         lo = max(0, i0 + shift - self.left) if self.left >= 0 else 0
         hi = min(self.lk, i1 - 1 + shift + self.right + 1) if self.right >= 0 else self.lk
+        if self.chunk > 0:
+            lo = max(lo, self.chunk_start(i0))
+            hi = min(hi, self.chunk_start(i1 - 1) + self.chunk)
         return lo, hi
 
     def mask(self, i0, i1, j0, j1, device):
@@ -83,7 +92,7 @@ class _Tiles:
         shift = self.lk - self.lq
         full = (self.left < 0 or j0 >= (i1 - 1) + shift - self.left) and (
             self.right < 0 or j1 - 1 <= i0 + shift + self.right
-        )
+        ) and (self.chunk <= 0 or (j0 >= self.chunk_start(i1 - 1) and j1 <= self.chunk_start(i0) + self.chunk))
         if full:
             return None
         i = torch.arange(i0, i1, device=device).unsqueeze(1) + shift
@@ -93,6 +102,9 @@ class _Tiles:
             keep &= j >= i - self.left
         if self.right >= 0:
             keep &= j <= i + self.right
+        if self.chunk > 0:
+            start = i - i % self.chunk
+            keep &= (j >= start) & (j < start + self.chunk)
         return keep
 
     def scores(self, q, k):

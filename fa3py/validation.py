@@ -63,6 +63,14 @@ def _check_window(window_size):
     return left, right
 
 
+def _check_chunk(attention_chunk):
+    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int):
+        _fail(TypeError, "attention_chunk", f"must be an int >= 0 (0: off), got {attention_chunk!r}")
+    if attention_chunk < 0:
+        _fail(ValueError, "attention_chunk", f"must be >= 0 (0: off), got {attention_chunk}")
+    return attention_chunk
+
+
 def _check_descale(name, x, dtype, batch, nheads_kv, device):
     if x is None:
         return None
@@ -130,6 +138,7 @@ def make_request(
     causal: bool = False,
     window_size=(-1, -1),
     softcap: float = 0.0,
+    attention_chunk: int = 0,
     fp8: bool = False,
     deterministic: bool = False,
     num_splits: int = 0,
@@ -217,6 +226,7 @@ def make_request(
     left, right = _check_window(window_size)
     if causal:
         right = 0
+    chunk = _check_chunk(attention_chunk)
     if fp8 and dtype not in FLOAT_DTYPES:
         _fail(ValueError, "fp8", f"quantizes fp16/bf16 inputs; q is already {dtype} (pass descales instead)")
 
@@ -224,7 +234,7 @@ def make_request(
                 for n, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
 
     params = AttentionParams(softmax_scale=softmax_scale, window_left=left, window_right=right,
-                             softcap=softcap, deterministic=bool(deterministic), fp8=bool(fp8),
+                             softcap=softcap, attention_chunk=chunk, deterministic=bool(deterministic), fp8=bool(fp8),
                              num_splits=num_splits)
     return AttentionRequest(
         q=q, k=k, v=v, params=params,

@@ -24,10 +24,10 @@ _INT_PTRS = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_Q", "SEQUSED_K")
 _F32_PTRS = ("LSE", "LSE2", "DELTA", "DQ_ACC", "Q_DESCALE", "K_DESCALE", "V_DESCALE", "OP", "LP", "LO")
 
 _FEATURES = dict(PACKED_Q=False, PACKED_K=False, HAS_SEQUSED_Q=False, HAS_SEQUSED_K=False,
-                 HAS_WL=False, HAS_WR=False, SOFTCAP=False)
+                 HAS_WL=False, HAS_WR=False, HAS_CHUNK=False, SOFTCAP=False)
 # (kernel, arch, element type, constexprs, num_warps, num_stages)
 _D64, _D96, _D128 = (dict(HEADDIM=d, HEADDIM_V=d) for d in (64, 96, 128))
-_ALL_VARLEN = dict(HAS_WL=True, HAS_WR=True, SOFTCAP=True, PACKED_Q=True, PACKED_K=True,
+_ALL_VARLEN = dict(HAS_WL=True, HAS_WR=True, HAS_CHUNK=True, SOFTCAP=True, PACKED_Q=True, PACKED_K=True,
                    HAS_SEQUSED_Q=True, HAS_SEQUSED_K=True)
 VARIANTS = [
     (attn_fwd, 80, "fp16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
@@ -88,8 +88,8 @@ def _signature(fn, elem: str, const: dict) -> dict:
     return sig
 
 
-# Integer arguments that are not multiples of 16 in a typical launch (-1: no window).
-_UNALIGNED_INTS = ("window_left", "window_right")
+# Integer arguments that are not multiples of 16 in a typical launch (-1: no window; any chunk).
+_UNALIGNED_INTS = ("window_left", "window_right", "chunk")
 
 
 def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_stages: int,

@@ -12,9 +12,9 @@ from .common import (
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-    n_start, n_end, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+    n_start, n_end, q_len, k_len, window_left, window_right, chunk, qk_scale, softcap_log2,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
     FP8_DEQUANT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over key blocks [n_start, n_end). MASKED: some score of each block may be
@@ -30,7 +30,7 @@ def _fwd_inner(
         s, _ = scores_log2(dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
             keep = keep_mask(offs_m[:, None], rows[None, :], q_len, k_len, window_left,
-                             window_right, HAS_WL, HAS_WR)
+                             window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK)
             s = tl.where(keep, s, float("-inf"))
         # online softmax; a row with nothing kept yet has max -inf: subtract 0 instead
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -50,11 +50,11 @@ def attn_fwd(
     Q_DESCALE, K_DESCALE, V_DESCALE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
+    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right, chunk,
     bucket_q, bucket_k,  # autotune key only: rounded max seqlens
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PACKED_Q: tl.constexpr, PACKED_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_DESCALE: tl.constexpr, FP8_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -90,22 +90,22 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     n_lo, u_lo, u_hi, n_hi = key_block_range(
-        m0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        m0, q_len, k_len, window_left, window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK, BLOCK_M, BLOCK_N)
     # left window edge (masked), interior (unmasked), causal diagonal / right edge / tail (masked)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-        n_lo, u_lo, q_len, k_len, window_left, window_right,
-        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
+        n_lo, u_lo, q_len, k_len, window_left, window_right, chunk,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP,
         FP8_DEQUANT, True, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-        u_lo, u_hi, q_len, k_len, window_left, window_right,
-        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
+        u_lo, u_hi, q_len, k_len, window_left, window_right, chunk,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP,
         FP8_DEQUANT, False, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-        u_hi, n_hi, q_len, k_len, window_left, window_right,
-        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
+        u_hi, n_hi, q_len, k_len, window_left, window_right, chunk,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP,
         FP8_DEQUANT, True, BLOCK_N)
 
     # epilogue: rows with no kept key (l = 0) and padding rows give out 0, lse -inf; a NaN l (a

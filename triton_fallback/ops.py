@@ -68,6 +68,7 @@ class _Problem:
         return (
             0 if req.packed_q else req.q.shape[1], 0 if req.packed_k else req.k.shape[1],
             req.nheads, req.nheads_kv, p.softmax_scale, p.softcap, p.window_left, p.window_right,
+            p.attention_chunk,
             configs.seqlen_bucket(self.rows_q), configs.seqlen_bucket(self.rows_k),
         )
 
@@ -79,7 +80,8 @@ class _Problem:
             BLOCK_DV=max(16, triton.next_power_of_2(req.headdim_v)),
             PACKED_Q=req.packed_q, PACKED_K=req.packed_k,
             HAS_SEQUSED_Q=req.seqused_q is not None, HAS_SEQUSED_K=req.seqused_k is not None,
-            HAS_WL=p.window_left >= 0, HAS_WR=p.window_right >= 0, SOFTCAP=p.softcap > 0,
+            HAS_WL=p.window_left >= 0, HAS_WR=p.window_right >= 0, HAS_CHUNK=p.attention_chunk > 0,
+            SOFTCAP=p.softcap > 0,
         )
 
     def launch(self, kernel: str, grid_rows: int, grid_heads: int, args: tuple, **extra):
@@ -91,7 +93,7 @@ class _Problem:
         def grid(meta):
             return (triton.cdiv(grid_rows, meta[block]), grid_heads, req.batch)
 
-        masked = p.window_left >= 0 or p.window_right >= 0
+        masked = p.window_left >= 0 or p.window_right >= 0 or p.attention_chunk > 0
         tile = configs.pick(kernel, req.device, const["BLOCK_D"], req.dtype, masked, self.rows_q)
         if tile is not None:
             _PLAIN[kernel][grid](*args, *self.scalars(), **const, **tile.launch_kwargs())
