@@ -8,7 +8,7 @@ import torch
 
 from . import dispatch
 from .autograd import run
-from .validation import check_no_grad_for_fp8, make_request
+from .validation import make_request
 
 
 def attention(
@@ -46,7 +46,6 @@ def attention(
     """
     req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                        softcap=softcap, attention_chunk=attention_chunk, fp8=fp8)
-    check_no_grad_for_fp8(req)
     out, lse = run(req, backend)
     return (out, lse) if return_lse else out
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from . import dispatch
+from . import dispatch, ops
 from .request import AttentionRequest
 
 
@@ -25,13 +25,17 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         req = dataclasses.replace(ctx.req, q=q, k=k, v=v)
+        ops.check_backward_supported(req)
         choice = dispatch.choose(req, backward=True, backend=ctx.backend)
         dq, dk, dv = choice.module.backward(req, out, lse, dout)
         return None, None, dq, dk, dv
 
 
 def run(req: AttentionRequest, backend=None):
-    """(out, lse) for a validated request, differentiable in q, k and v."""
+    """(out, lse) for a validated request, differentiable in q, k and v (FP8 requests: the
+    forward runs, a backward raises). While `torch.compile` traces, through the custom op."""
+    if torch.compiler.is_compiling():
+        return ops.run(req, backend)
     if torch.is_grad_enabled() and (req.q.requires_grad or req.k.requires_grad or req.v.requires_grad):
         return _Attention.apply(req, backend, req.q, req.k, req.v)
     # Inference: no graph to record, so skip autograd.Function's per-call cost.

@@ -16,7 +16,7 @@ backends ignore it; fa3py packs GQA heads by itself. ``return_attn_probs=True`` 
 from __future__ import annotations
 
 from .autograd import run
-from .validation import check_no_grad_for_fp8, make_request
+from .validation import make_request
 
 
 def _unsupported(qv, sm_margin):
@@ -52,7 +52,6 @@ def flash_attn_func(
                        attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
                        num_splits=num_splits,
                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
-    check_no_grad_for_fp8(req)
     out, lse = run(req)
     return (out, lse) if return_attn_probs else out
 
@@ -94,6 +93,5 @@ def flash_attn_varlen_func(
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                        seqused_q=seqused_q, seqused_k=seqused_k,
                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
-    check_no_grad_for_fp8(req)
     out, lse = run(req)
     return (out, lse) if return_attn_probs else out

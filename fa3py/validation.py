@@ -39,8 +39,9 @@ def _check_int_tensor(name, x, device, length):
 
 def _host_values(x):
     """Values of a small index tensor on the host, or None while a CUDA graph is being captured
-    (a device->host copy is not allowed then; the value checks are skipped)."""
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    or `torch.compile` traces (a device->host copy is not allowed then, and the values are not
+    known; the value checks are skipped)."""
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     return x.to("cpu", torch.int64)
 
@@ -243,14 +244,3 @@ def make_request(
         max_seqlen_q=max_q, max_seqlen_k=max_k,
         q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
     )
-
-
-def check_no_grad_for_fp8(req: AttentionRequest):
-    """FP8 paths are forward-only (as in FlashAttention-3)."""
-    if not torch.is_grad_enabled():
-        return
-    if any(x.requires_grad for x in (req.q, req.k, req.v)):
-        if req.params.fp8:
-            _fail(NotImplementedError, "fp8", "=True has no backward pass; call it under torch.no_grad()")
-        if req.is_fp8_input:
-            _fail(NotImplementedError, "q", "float8_e4m3fn inputs have no backward pass")
