@@ -3,7 +3,8 @@
 Signatures, defaults, layouts and return values follow FlashAttention-3's
 ``hopper/flash_attn_interface.py``, so switching is one import:
 
-    from fa3py import flash_attn_func, flash_attn_varlen_func
+    from fa3py import flash_attn_func, flash_attn_varlen_func, flash_attn_qkvpacked_func
+    from fa3py import flash_attn_with_kvcache, flash_attn_combine, get_scheduler_metadata
 
 Arguments that no fa3py backend serves raise NotImplementedError naming them: ``qv``,
 ``sm_margin != 0``. ``num_splits`` and ``pack_gqa`` are scheduling hints that never change
@@ -95,3 +96,44 @@ def flash_attn_varlen_func(
                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
     out, lse = run(req)
     return (out, lse) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    softmax_scale=None,
+    causal=False,
+    q_descale=None, k_descale=None, v_descale=None,
+    window_size=(-1, -1),
+    attention_chunk=0,
+    softcap=0.0,
+    deterministic=False,
+    num_heads_q=None,
+    sm_margin=0,
+    return_attn_probs=False,
+):
+    """FlashAttention-3's `flash_attn_qkvpacked_func`: qkv (batch, seqlen, 3, nheads, headdim),
+    or (batch, seqlen, num_heads_q + 2 * nheads_kv, headdim) with `num_heads_q` (GQA). Views of
+    qkv go to `flash_attn_func` (no copy); the gradient of qkv is assembled by autograd."""
+    from .validation import _check_tensor, _fail
+
+    _check_tensor("qkv", qkv)
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3:
+            _fail(ValueError, "qkv", f"5-D qkv must be (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
+        q, k, v = qkv.unbind(dim=2)
+    elif qkv.dim() == 4:
+        if isinstance(num_heads_q, bool) or not isinstance(num_heads_q, int) or num_heads_q <= 0:
+            _fail(ValueError, "num_heads_q", f"must be a positive int for 4-D qkv (batch, seqlen, num_heads_q + "
+                                             f"2 * nheads_kv, headdim), got {num_heads_q!r}")
+        num_heads_k = (qkv.shape[2] - num_heads_q) // 2
+        if num_heads_k <= 0 or num_heads_q + 2 * num_heads_k != qkv.shape[2]:
+            _fail(ValueError, "num_heads_q", f"({num_heads_q}) leaves {qkv.shape[2] - num_heads_q} heads of qkv, "
+                                             "not a positive even count for k and v")
+        q, k, v = qkv.split([num_heads_q, num_heads_k, num_heads_k], dim=2)
+    else:
+        _fail(ValueError, "qkv", f"must be 5-D (batch, seqlen, 3, nheads, headdim) or 4-D with num_heads_q, got "
+                                 f"shape {tuple(qkv.shape)}")
+    return flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, q_descale=q_descale,
+                           k_descale=k_descale, v_descale=v_descale, window_size=window_size,
+                           attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
+                           sm_margin=sm_margin, return_attn_probs=return_attn_probs)
