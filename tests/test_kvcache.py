@@ -239,3 +239,29 @@ def test_qkvpacked_bad_num_heads_q():
     qkv = torch.randn(1, 8, 7, 32, device=DEVICE).to(torch.bfloat16)
     with pytest.raises(ValueError, match="num_heads_q"):
         fa3py.flash_attn_qkvpacked_func(qkv, num_heads_q=4)
+
+
+@pytest.mark.gpu
+def test_gpu_kvcache_decode_step_in_a_cuda_graph():
+    """A decode step (append one token with rotary into a paged cache, attend) captured in a
+    CUDA graph and replayed gives the eager result: nothing reads the index tensors on the host
+    during capture."""
+    kw = _make(page_size=16, rotary_dim=16, leftpad=True)
+    kw["q"], kw["k"], kw["v"] = kw["q"][:, :1], kw["k"][:, :1], kw["v"][:, :1]
+    saved = kw["k_cache"].clone(), kw["v_cache"].clone()
+    eager = fa3py.flash_attn_with_kvcache(**kw, causal=True)
+    want_cache = kw["k_cache"].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compiles) outside capture
+        for _ in range(2):
+            kw["k_cache"].copy_(saved[0]), kw["v_cache"].copy_(saved[1])
+            fa3py.flash_attn_with_kvcache(**kw, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fa3py.flash_attn_with_kvcache(**kw, causal=True)
+    kw["k_cache"].copy_(saved[0]), kw["v_cache"].copy_(saved[1])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager) and torch.equal(kw["k_cache"], want_cache)
