@@ -21,6 +21,7 @@ def attention(
     window_size: tuple = (-1, -1),
     softcap: float = 0.0,
     attention_chunk: int = 0,
+    qv: Optional[torch.Tensor] = None,
     fp8: bool = False,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -35,7 +36,9 @@ def attention(
     causal: bottom-right aligned mask, as FlashAttention. window_size=(left, right): query i
     sees keys in [i + sk - sq - left, i + sk - sq + right]; -1 is unbounded. attention_chunk=C > 0
     (chunked local attention, Llama 4): query i also sees only keys j with
-    floor(j / C) == floor((i + sk - sq) / C), on top of causal / window_size. softcap > 0:
+    floor(j / C) == floor((i + sk - sq) / C), on top of causal / window_size. qv (MLA; shape of
+    the output, fp16/bf16): scores gain qv . v, softmax_scale defaults to 1 / sqrt(headdim +
+    headdim_v); forward only, on the torch path. softcap > 0:
     scores become softcap * tanh(scores / softcap). fp8=True: quantize q, k, v to FP8 with a
     random-sign Hadamard rotation of q and k and per-block scales (forward only).
     backend: "cute", "triton" or "torch" forces one (also via FA3PY_BACKEND).
@@ -45,7 +48,7 @@ def attention(
     query that sees no key; its output row is 0).
     """
     req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                       softcap=softcap, attention_chunk=attention_chunk, fp8=fp8)
+                       softcap=softcap, attention_chunk=attention_chunk, fp8=fp8, qv=qv)
     out, lse = run(req, backend)
     return (out, lse) if return_lse else out
 

@@ -12,7 +12,7 @@ from .request import AttentionRequest
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, req: AttentionRequest, backend, q, k, v):
+    def forward(ctx, req: AttentionRequest, backend, q, k, v, qv):
         choice = dispatch.choose(req, backward=False, backend=backend)
         out, lse = choice.module.forward(req)
         ctx.req = dataclasses.replace(req, q=None, k=None, v=None)
@@ -28,7 +28,7 @@ class _Attention(torch.autograd.Function):
         ops.check_backward_supported(req)
         choice = dispatch.choose(req, backward=True, backend=ctx.backend)
         dq, dk, dv = choice.module.backward(req, out, lse, dout)
-        return None, None, dq, dk, dv
+        return None, None, dq, dk, dv, None
 
 
 def run(req: AttentionRequest, backend=None):
@@ -36,7 +36,9 @@ def run(req: AttentionRequest, backend=None):
     forward runs, a backward raises). While `torch.compile` traces, through the custom op."""
     if torch.compiler.is_compiling():
         return ops.run(req, backend)
-    if torch.is_grad_enabled() and (req.q.requires_grad or req.k.requires_grad or req.v.requires_grad):
-        return _Attention.apply(req, backend, req.q, req.k, req.v)
+    qv = req.qv
+    if torch.is_grad_enabled() and (req.q.requires_grad or req.k.requires_grad or req.v.requires_grad
+                                    or (qv is not None and qv.requires_grad)):
+        return _Attention.apply(req, backend, req.q, req.k, req.v, qv)
     # Inference: no graph to record, so skip autograd.Function's per-call cost.
     return dispatch.choose(req, backward=False, backend=backend).module.forward(req)

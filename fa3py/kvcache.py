@@ -12,6 +12,7 @@ K / V; reading pages in the kernel (FA3's paged TMA loads) is not there yet.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -109,8 +110,6 @@ def flash_attn_with_kvcache(
     """
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x)
-    if qv is not None:
-        raise NotImplementedError("fa3py: `qv` (extra query component for MLA) is not supported yet")
     if sm_margin != 0:
         raise NotImplementedError(f"fa3py: `sm_margin` must be 0 (reserving SMs is not supported yet), got {sm_margin}")
     if scheduler_metadata is not None:
@@ -240,6 +239,26 @@ def flash_attn_with_kvcache(
         page_size = k_cache.shape[1]
         return page_table[rows[b], torch.div(pos, page_size, rounding_mode="floor")].long(), pos % page_size
 
+    # every check before the cache is written: the attention's own arguments are validated on
+    # stand-ins of the gathered K / V (same shapes, no memory)
+    gather = paged or cache_batch_idx is not None or cache_leftpad is not None
+    seqused_k = None
+    if cache_seqlens is not None:
+        seqused_k = cache_seqlens + (new_lens if new_lens is not None else 0)
+    if cache_leftpad is not None:
+        if seqused_k is None:
+            seqused_k = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+        seqused_k = seqused_k - cache_leftpad
+    if seqused_k is not None:
+        seqused_k = seqused_k.to(torch.int32)
+    kv_shape = (batch, capacity, hk) if gather else tuple(k_cache.shape[:3])
+    stand_in = [torch.empty((), dtype=dtype, device=device).expand(*kv_shape, dim) for dim in (d, dv)]
+    req = make_request(q, *stand_in, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                       attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits,
+                       cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
+                       max_seqlen_k=capacity if seqused_k is not None else None,
+                       q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, qv=qv)
+
     # 1. rotary and the in-place append
     ro_base = (rotary_seqlens if rotary_seqlens is not None else cache_seqlens)
     if k is not None:
@@ -252,7 +271,7 @@ def flash_attn_with_kvcache(
         k_cache[i, j] = k_flat
         v_cache[i, j] = v_flat
     if rotary_cos is not None:
-        max_q = max_seqlen_q if packed_q and max_seqlen_q is not None else (q.shape[0] if packed_q else q.shape[1])
+        max_q = req.max_seqlen_q
         qb, qt = _token_index(cu_seqlens_q, batch, q.shape[1] if not packed_q else 0, q.shape[0], device)
         if not _rotates_q_sequentially(causal, window_size, attention_chunk, max_q, capacity):
             qt = torch.zeros_like(qt)
@@ -260,30 +279,18 @@ def flash_attn_with_kvcache(
         q = _rotate(q.reshape(-1, *q.shape[-2:]), rotary_cos[pos].unsqueeze(1), rotary_sin[pos].unsqueeze(1),
                     rotary_interleaved).view(q.shape)
 
-    # 2. the keys of each sequence as a (batch, capacity, ...) prefix
-    seqused_k = None
-    if cache_seqlens is not None:
-        seqused_k = cache_seqlens + (new_lens if new_lens is not None else 0)
-    if paged or cache_batch_idx is not None or cache_leftpad is not None:
+    # 2. the keys of each sequence as a (batch, capacity, ...) prefix of K / V
+    if gather:
         pos = torch.arange(capacity, device=device).unsqueeze(0)
         if cache_leftpad is not None:
             pos = (pos + cache_leftpad.long().unsqueeze(1)).clamp_(max=capacity - 1)
-            if seqused_k is None:
-                seqused_k = torch.full((batch,), capacity, dtype=torch.int32, device=device)
-            seqused_k = seqused_k - cache_leftpad
         i, j = locate(torch.arange(batch, device=device).unsqueeze(1), pos)
         keys, values = k_cache[i, j], v_cache[i, j]
     else:
-        keys, values = k_cache[:batch], v_cache[:batch]
-    if seqused_k is not None:
-        seqused_k = seqused_k.to(torch.int32)
+        keys, values = k_cache, v_cache
 
     # 3. attention
-    req = make_request(q, keys, values, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                       attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits,
-                       cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
-                       max_seqlen_k=capacity if seqused_k is not None else None,
-                       q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    req = dataclasses.replace(req, q=q, k=keys, v=values)
     with torch.no_grad():
         out, lse = dispatch.choose(req, backward=False).module.forward(req)
     if not return_softmax_lse:

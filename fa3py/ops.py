@@ -22,19 +22,15 @@ import torch
 from . import dispatch
 from .request import AttentionParams, AttentionRequest
 
-_SCALARS = ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left", "window_right", "softcap",
-            "attention_chunk", "deterministic", "fp8", "num_splits")
-
-
 def request_args(req: AttentionRequest) -> tuple:
     """The ops' arguments after q, k, v (and before `backend`), from a request."""
     p = req.params
     return (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k, req.q_descale, req.k_descale,
-            req.v_descale, req.max_seqlen_q, req.max_seqlen_k, p.softmax_scale, p.window_left, p.window_right,
+            req.v_descale, req.qv, req.max_seqlen_q, req.max_seqlen_k, p.softmax_scale, p.window_left, p.window_right,
             p.softcap, p.attention_chunk, p.deterministic, p.fp8, p.num_splits)
 
 
-def _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale,
+def _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale, qv,
              max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, attention_chunk,
              deterministic, fp8, num_splits) -> AttentionRequest:
     params = AttentionParams(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
@@ -43,7 +39,7 @@ def _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descal
     return AttentionRequest(q=q, k=k, v=v, params=params, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                             seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale,
-                            v_descale=v_descale)
+                            v_descale=v_descale, qv=qv)
 
 
 @torch.library.custom_op("fa3py::fwd", mutates_args=())
@@ -52,12 +48,13 @@ def fwd(
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     seqused_q: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
     q_descale: Optional[torch.Tensor], k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor],
+    qv: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
     softcap: float, attention_chunk: int, deterministic: bool, fp8: bool, num_splits: int,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the request these arguments spell (already validated)."""
-    req = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale,
+    req = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale, qv,
                    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, attention_chunk,
                    deterministic, fp8, num_splits)
     out, lse = dispatch.choose(req, backward=False, backend=backend).module.forward(req)
@@ -81,12 +78,13 @@ def bwd(
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     seqused_q: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
     q_descale: Optional[torch.Tensor], k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor],
+    qv: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
     softcap: float, attention_chunk: int, deterministic: bool, fp8: bool, num_splits: int,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the saved (out, lse)."""
-    req = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale,
+    req = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale, qv,
                    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, attention_chunk,
                    deterministic, fp8, num_splits)
     check_backward_supported(req)
@@ -106,6 +104,9 @@ def check_backward_supported(req: AttentionRequest):
     if req.params.fp8:
         raise NotImplementedError("fa3py: `fp8=True` has no backward pass (no FP8 backward kernel "
                                   "or gradient of the quantization); call it under torch.no_grad()")
+    if req.qv is not None:
+        raise NotImplementedError("fa3py: `qv` (MLA) has no backward pass yet (FA3 has none either); call it "
+                                  "under torch.no_grad()")
     if req.is_fp8_input:
         raise NotImplementedError("fa3py: float8_e4m3fn `q`/`k`/`v` have no backward pass (no FP8 backward "
                                   "kernel); pass fp16/bf16 inputs to train, or call it under torch.no_grad()")
@@ -114,8 +115,8 @@ def check_backward_supported(req: AttentionRequest):
 def _setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *rest[:7])
-    ctx.scalars = tuple(rest[7:])
+    ctx.save_for_backward(q, k, v, out, lse, *rest[:8])
+    ctx.scalars = tuple(rest[8:])
     ctx.mark_non_differentiable(lse)
 
 

@@ -62,6 +62,7 @@ def attention(req: AttentionRequest, dtype: torch.dtype = torch.float64, q=None,
     by default the request's own tensors are upcast.
     """
     p = req.params
+    qv = None if req.qv is None else req.qv.to(dtype)
     q = (req.q if q is None else q).to(dtype)
     k = (req.k if k is None else k).to(dtype)
     v = (req.v if v is None else v).to(dtype)
@@ -81,7 +82,11 @@ def attention(req: AttentionRequest, dtype: torch.dtype = torch.float64, q=None,
         vb = _dequant(vb, req.v_descale, b, 1)
         kb = kb.repeat_interleave(group, dim=1)
         vb = vb.repeat_interleave(group, dim=1)
-        s = torch.einsum("qhd,khd->hqk", qb, kb) * p.softmax_scale
+        s = torch.einsum("qhd,khd->hqk", qb, kb)
+        if qv is not None:
+            qvb = qv[start_q[b] : start_q[b] + lq] if req.packed_q else qv[b, :lq]
+            s = s + torch.einsum("qhd,khd->hqk", qvb, vb)
+        s = s * p.softmax_scale
         if p.softcap > 0:
             s = p.softcap * torch.tanh(s / p.softcap)
         keep = keep_mask(lq, lk, p.window_left, p.window_right, device=q.device,
@@ -127,7 +132,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                            cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None,
                            rotary_cos=None, rotary_sin=None, rotary_seqlens=None, rotary_interleaved=True,
                            q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
-                           window_size=(-1, -1), attention_chunk=0, softcap=0.0, dtype=torch.float64):
+                           window_size=(-1, -1), attention_chunk=0, softcap=0.0, qv=None, dtype=torch.float64):
     """FlashAttention-3's `flash_attn_with_kvcache`, one sequence at a time with plain loops: the
     new k (rotated) and v are written at cache positions cache_seqlens[b] + t of cache row
     cache_batch_idx[b] (through page_table when paged); sequence b then attends to the cache
@@ -166,6 +171,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     outs, lses = [], []
     for b in range(batch):
         qb = q[cu_q[b]:cu_q[b + 1]] if packed_q else q[b]
+        qvb = None if qv is None else (qv[cu_q[b]:cu_q[b + 1]] if packed_q else qv[b]).unsqueeze(0)
         if k is not None:
             kb = k[cu_new[b]:cu_new[b + 1]] if cu_new is not None else k[b]
             vb = v[cu_new[b]:cu_new[b + 1]] if cu_new is not None else v[b]
@@ -189,7 +195,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                     (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))}
         req = make_request(qb.unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), softmax_scale=softmax_scale,
                            causal=causal, window_size=window_size, attention_chunk=attention_chunk,
-                           softcap=softcap, **descales)
+                           softcap=softcap, qv=qvb, **descales)
         o, lse = attention(req, dtype)
         outs.append(o[0])
         lses.append(lse[0])

@@ -15,7 +15,9 @@ Semantics (shared by every backend and by `fa3py.reference`):
 * Lengths. Sequence b has ``Lq = seqused_q[b]`` if given, else ``cu_seqlens_q[b+1] -
   cu_seqlens_q[b]`` (packed) or ``seqlen_q`` (batched); ``Lk`` likewise.
 * Heads. Query head h reads KV head ``h // (nheads // nheads_kv)`` (MQA/GQA).
-* Scores. ``s = softmax_scale * (q * q_descale) . (k * k_descale)``; with ``softcap > 0``,
+* Scores. ``s = softmax_scale * (q * q_descale) . (k * k_descale)``, plus
+  ``softmax_scale * qv . v`` when ``qv`` (MLA's extra query part, (..., nheads, headdim_v) like
+  the output; fp16/bf16 only) is given; with ``softcap > 0``,
   ``s = softcap * tanh(s / softcap)``. Descales (float32, shape (batch, nheads_kv)) exist
   only for float8_e4m3fn inputs.
 * Mask (bottom-right aligned, as FlashAttention). Query row i (0 <= i < Lq) keeps key
@@ -83,6 +85,7 @@ class AttentionRequest:
     q_descale: Optional[torch.Tensor] = None
     k_descale: Optional[torch.Tensor] = None
     v_descale: Optional[torch.Tensor] = None
+    qv: Optional[torch.Tensor] = None  # MLA: scores gain qv . v (torch path only so far)
 
     # ---- shape facts -------------------------------------------------------------
     @property

@@ -107,9 +107,13 @@ class _Tiles:
             keep &= (j >= start) & (j < start + self.chunk)
         return keep
 
-    def scores(self, q, k):
-        """Returns (s, tanh) with s the (softcapped) scores; tanh is kept for the backward."""
-        s = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+    def scores(self, q, k, qv=None, v=None):
+        """Returns (s, tanh) with s the (softcapped) scores; tanh is kept for the backward.
+        With qv (MLA) the scores gain qv . v."""
+        s = torch.matmul(q, k.transpose(-1, -2))
+        if qv is not None:
+            s = s + torch.matmul(qv, v.transpose(-1, -2))
+        s = s * self.scale
         if self.softcap > 0:
             t = torch.tanh(s / self.softcap)
             return t * self.softcap, t
@@ -131,12 +135,14 @@ def forward(req: AttentionRequest):
             continue
         qb, kb, vb = _dequantized(req, b, q_all[q_rows], k_all[k_rows], v_all[k_rows])
         q, k, v = _heads_first(qb, hk), _heads_first(kb, hk), _heads_first(vb, hk)
+        qv = None if req.qv is None else _heads_first(req.qv[q_rows], hk)
         tiles = _Tiles(req, lq, lk)
         o_seq = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
         lse_seq = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         for i0 in range(0, lq, BLOCK_Q):
             i1 = min(i0 + BLOCK_Q, lq)
-            o_seq[:, :, i0:i1], lse_seq[:, :, i0:i1] = _forward_query_block(tiles, q[:, :, i0:i1], k, v, i0, i1)
+            qv_i = None if qv is None else qv[:, :, i0:i1]
+            o_seq[:, :, i0:i1], lse_seq[:, :, i0:i1] = _forward_query_block(tiles, q[:, :, i0:i1], k, v, i0, i1, qv_i)
         out[q_rows] = _rows_first(o_seq).to(req.out_dtype)
         lse_rows = lse_seq.reshape(req.nheads, lq)
         if req.packed_q:
@@ -146,7 +152,7 @@ def forward(req: AttentionRequest):
     return out, lse
 
 
-def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1):
+def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1, qv=None):
     """Online softmax over the key blocks that the mask lets this query block see."""
     shape = q.shape[:3]
     row_max = torch.full(shape, float("-inf"), device=q.device)
@@ -155,7 +161,7 @@ def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1):
     lo, hi = tiles.key_range(i0, i1)
     for j0 in range(lo, hi, BLOCK_K):
         j1 = min(j0 + BLOCK_K, hi)
-        s, _ = tiles.scores(q, k[:, :, j0:j1])
+        s, _ = tiles.scores(q, k[:, :, j0:j1], qv, v[:, :, j0:j1])
         keep = tiles.mask(i0, i1, j0, j1, q.device)
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
@@ -177,7 +183,8 @@ def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1):
 
 
 def backward(req: AttentionRequest, out, lse, dout):
-    """FlashAttention-2 style backward from the saved (out, lse): recompute P tile by tile."""
+    """FlashAttention-2 style backward from the saved (out, lse): recompute P tile by tile.
+    (Requests with qv have no backward: `fa3py.ops.check_backward_supported` raises first.)"""
     dq = torch.zeros_like(req.q, dtype=torch.float32)
     dk = torch.zeros_like(req.k, dtype=torch.float32)
     dv = torch.zeros_like(req.v, dtype=torch.float32)

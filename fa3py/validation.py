@@ -14,6 +14,9 @@ import torch
 from .request import FP8_DTYPES, AttentionParams, AttentionRequest
 
 MAX_HEADDIM = 256
+# headdim_v may reach this when headdim <= MAX_HEADDIM_QK_FOR_WIDE_V (FA3's rule, for MLA)
+MAX_HEADDIM_V_WIDE = 512
+MAX_HEADDIM_QK_FOR_WIDE_V = 64
 FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "torch.float16, torch.bfloat16 or torch.float8_e4m3fn"
 
@@ -46,10 +49,10 @@ def _host_values(x):
     return x.to("cpu", torch.int64)
 
 
-def _check_headdim(name, d):
-    if d % 8 != 0 or d <= 0 or d > MAX_HEADDIM:
+def _check_headdim(name, d, limit=MAX_HEADDIM):
+    if d % 8 != 0 or d <= 0 or d > limit:
         _fail(
-            ValueError, name, f"head dimension must be a positive multiple of 8 and at most {MAX_HEADDIM}, got {d}"
+            ValueError, name, f"head dimension must be a positive multiple of 8 and at most {limit}, got {d}"
         )
 
 
@@ -152,6 +155,7 @@ def make_request(
     q_descale=None,
     k_descale=None,
     v_descale=None,
+    qv=None,
 ) -> AttentionRequest:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
@@ -183,7 +187,11 @@ def make_request(
     if headdim != k_shape[-1]:
         _fail(ValueError, "k", f"head dimension {k_shape[-1]} must equal q's head dimension {headdim}")
     _check_headdim("q", headdim)
-    _check_headdim("v", v_shape[-1])
+    wide_v = headdim <= MAX_HEADDIM_QK_FOR_WIDE_V
+    if v_shape[-1] > MAX_HEADDIM and not wide_v:
+        _fail(ValueError, "v", f"head dimension {v_shape[-1]} > {MAX_HEADDIM} needs q/k's head dimension <= "
+                               f"{MAX_HEADDIM_QK_FOR_WIDE_V} (as in FlashAttention-3), got {headdim}")
+    _check_headdim("v", v_shape[-1], MAX_HEADDIM_V_WIDE if wide_v else MAX_HEADDIM)
     if nheads_kv == 0 or nheads % nheads_kv != 0:
         _fail(ValueError, "k", f"nheads_kv ({nheads_kv}) must divide q's nheads ({nheads}) (MQA/GQA)")
 
@@ -205,9 +213,21 @@ def make_request(
     max_q = _max_seqlen("q", q, cu_seqlens_q, seqused_q, max_seqlen_q, batch)
     max_k = _max_seqlen("k", k, cu_seqlens_k, seqused_k, max_seqlen_k, batch)
 
+    if qv is not None:
+        _check_tensor("qv", qv)
+        if qv.dtype != dtype or qv.device != device:
+            _fail(TypeError, "qv", f"must have q's dtype and device ({dtype}, {device}), got {qv.dtype}, {qv.device}")
+        if dtype not in FLOAT_DTYPES:
+            _fail(NotImplementedError, "qv", f"needs fp16/bf16 inputs (as in FlashAttention-3), got {dtype}")
+        if tuple(qv.shape) != (*q_shape[:-1], v_shape[-1]):
+            _fail(ValueError, "qv", f"must have shape {(*q_shape[:-1], v_shape[-1])} (q's, with v's head dimension), "
+                                    f"got {tuple(qv.shape)}")
+        if fp8:
+            _fail(NotImplementedError, "qv", "is not supported with fp8=True")
+
     # scalar parameters
-    if softmax_scale is None:
-        softmax_scale = headdim ** -0.5
+    if softmax_scale is None:  # FA3: 1 / sqrt(headdim + headdim_v) with qv
+        softmax_scale = (headdim + (v_shape[-1] if qv is not None else 0)) ** -0.5
     try:
         softmax_scale = float(softmax_scale)
     except (TypeError, ValueError):
@@ -242,5 +262,5 @@ def make_request(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k,
         max_seqlen_q=max_q, max_seqlen_k=max_k,
-        q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+        q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], qv=qv,
     )

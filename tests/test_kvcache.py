@@ -175,7 +175,8 @@ def test_fp8_descales():
      ValueError, "rotary_cos"),
     (dict(rotary_cos=torch.zeros(50, 8, dtype=torch.bfloat16)), ValueError, "rotary_sin"),
     (dict(k=None), ValueError, "`k`"),
-    (dict(qv=torch.zeros(1)), NotImplementedError, "qv"),
+    (dict(qv=torch.zeros(1)), TypeError, "qv"),
+    (dict(window_size=(-3, 0)), ValueError, "window_size"),
     (dict(sm_margin=4), NotImplementedError, "sm_margin"),
 ])
 def test_bad_arguments(call, exc, name):

@@ -46,7 +46,7 @@ BAD_BATCHED = [
      "`k_descale` must have shape (batch, nheads_kv)"),
     (lambda: fa3py.flash_attn_func(*qkv(dtype=torch.float8_e4m3fn), v_descale=torch.ones(2, 2, dtype=torch.float64)),
      TypeError, "`v_descale` must have dtype torch.float32"),
-    (lambda: fa3py.flash_attn_func(*qkv(), qv=torch.randn(1)), NotImplementedError, "`qv`"),
+    (lambda: fa3py.flash_attn_func(*qkv(), qv=torch.randn(1)), TypeError, "`qv`"),
     (lambda: fa3py.flash_attn_func(*qkv(), attention_chunk=-128), ValueError, "`attention_chunk`"),
     (lambda: fa3py.flash_attn_func(*qkv(), num_splits=-1), ValueError, "`num_splits` must be an int >= 0"),
     (lambda: fa3py.flash_attn_func(*qkv(), num_splits=2.0), TypeError, "`num_splits` must be an int >= 0"),
