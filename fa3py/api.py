@@ -38,7 +38,7 @@ def attention(
     (chunked local attention, Llama 4): query i also sees only keys j with
     floor(j / C) == floor((i + sk - sq) / C), on top of causal / window_size. qv (MLA; shape of
     the output, fp16/bf16): scores gain qv . v, softmax_scale defaults to 1 / sqrt(headdim +
-    headdim_v); forward only, on the torch path. softcap > 0:
+    headdim_v); forward only (torch path, Triton forward). softcap > 0:
     scores become softcap * tanh(scores / softcap). fp8=True: quantize q, k, v to FP8 with a
     random-sign Hadamard rotation of q and k and per-block scales (forward only).
     backend: "cute", "triton" or "torch" forces one (also via FA3PY_BACKEND).

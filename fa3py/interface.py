@@ -6,12 +6,12 @@ Signatures, defaults, layouts and return values follow FlashAttention-3's
     from fa3py import flash_attn_func, flash_attn_varlen_func, flash_attn_qkvpacked_func
     from fa3py import flash_attn_with_kvcache, flash_attn_combine, get_scheduler_metadata
 
-``qv`` (MLA) runs on the torch path, forward only. Arguments that no fa3py backend serves raise
-NotImplementedError naming them: ``sm_margin != 0``. ``num_splits`` and ``pack_gqa`` are scheduling hints that never change
-results: the Hopper kernel splits the keys as ``num_splits`` says (0:
-its own choice, 1: never, as in FA3 and its default; at most one split per KV block), other
-backends ignore it; fa3py packs GQA heads by itself. ``return_attn_probs=True`` returns
-``(out, softmax_lse)`` as FA3 does.
+``qv`` (MLA) is forward only (torch path, Triton forward). Arguments that no fa3py backend
+serves raise NotImplementedError naming them: ``sm_margin != 0``. ``num_splits`` and
+``pack_gqa`` are scheduling hints that never change results: the Hopper kernel splits the keys
+as ``num_splits`` says (0: its own choice, 1: never, as in FA3 and its default; at most one
+split per KV block), other backends ignore it; fa3py packs GQA heads by itself.
+``return_attn_probs=True`` returns ``(out, softmax_lse)`` as FA3 does.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class AttentionRequest:
     q_descale: Optional[torch.Tensor] = None
     k_descale: Optional[torch.Tensor] = None
     v_descale: Optional[torch.Tensor] = None
-    qv: Optional[torch.Tensor] = None  # MLA: scores gain qv . v (torch path only so far)
+    qv: Optional[torch.Tensor] = None  # MLA: scores gain qv . v (torch path and Triton forward)
 
     # ---- shape facts -------------------------------------------------------------
     @property

@@ -1,7 +1,9 @@
 """MLA's qv (scores = q k^T + qv v^T) and wide V head dims (headdim_v up to 512 with headdim <=
-64), FlashAttention-3's rules, on the torch path: the reference against a direct einsum, then
-fa3py.attention, the FA3 functions and flash_attn_with_kvcache against the reference."""
+64), FlashAttention-3's rules, on the torch path (qv also in the Triton forward): the reference
+against a direct einsum, then fa3py.attention, the FA3 functions and flash_attn_with_kvcache
+against the reference."""
 
+import os
 
 import pytest
 import torch
@@ -47,7 +49,8 @@ def test_varlen_qv():
 def test_kvcache_qv():
     q = torch.randn(2, 3, 4, 64, device=DEVICE).bfloat16()
     qv = torch.randn(2, 3, 4, 256, device=DEVICE).bfloat16()
-    k_cache, v_cache = torch.randn(2, 40, 1, 64, device=DEVICE).bfloat16(), torch.randn(2, 40, 1, 256, device=DEVICE).bfloat16()
+    k_cache = torch.randn(2, 40, 1, 64, device=DEVICE).bfloat16()
+    v_cache = torch.randn(2, 40, 1, 256, device=DEVICE).bfloat16()
     k, v = torch.randn(2, 3, 1, 64, device=DEVICE).bfloat16(), torch.randn(2, 3, 1, 256, device=DEVICE).bfloat16()
     seqlens = torch.tensor([10, 30], dtype=torch.int32, device=DEVICE)
     kw = dict(cache_seqlens=seqlens, causal=True, qv=qv)
@@ -102,3 +105,22 @@ def test_qv_compiles():
     qv = torch.randn(1, 9, 2, 256, device=DEVICE).bfloat16()
     fn = lambda q, k, v, qv: fa3py.flash_attn_func(q, k, v, qv=qv, causal=True)  # noqa: E731
     assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, qv), fn(q, k, v, qv))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("lq,lk,kw", [(77, 130, dict(causal=True)), (40, 23, dict(attention_chunk=16, softcap=4.0))])
+def test_triton_forward_qv(lq, lk, kw, monkeypatch):
+    """The Triton forward adds qv . v from the V tile it loads anyway; poisoned outputs."""
+    import triton_fallback
+    from triton_fallback import ops as triton_ops
+
+    monkeypatch.setattr(triton_ops, "POISON", True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = inputs(2, lq, lk, 4, 2, 32, 64, torch.bfloat16, device=device)
+    qv = torch.randn(2, lq, 4, 64, device=device).to(torch.bfloat16)
+    req = make_request(q, k, v, qv=qv, **kw)
+    assert triton_fallback.why_not(req, False) is None and triton_fallback.why_not(req, True) is not None
+    check_forward(req, *triton_fallback.forward(req))
+    out = fa3py.attention(q, k, v, qv=qv, backend="triton", **kw)
+    assert torch.equal(out, triton_fallback.forward(req)[0])

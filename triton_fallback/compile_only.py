@@ -40,6 +40,8 @@ VARIANTS = [
      4, 2),
     (attn_fwd, 90, "fp8e4nv", dict(**_D128, HAS_DESCALE=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
     (attn_fwd, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
+    (attn_fwd, 90, "bf16", dict(HEADDIM=64, HEADDIM_V=256, HAS_QV=True, HAS_CHUNK=True, BLOCK_M=64,
+     BLOCK_N=64), 4, 2),  # MLA's qv
     (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM=80, HEADDIM_V=96, PACKED_Q=True,
      HAS_SEQUSED_Q=True, ZERO_DQ_ACC=True, BLOCK_M=64), 4, 1),
     # attn_bwd: the default (ATOMIC_DQ) at the sm80/sm90 table tiles, then deterministic ones
@@ -106,7 +108,7 @@ def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_s
     for name, value in _FEATURES.items():
         if name in names:
             const.setdefault(name, value)
-    for name in ("HAS_DESCALE", "FP8_DEQUANT", "ATOMIC_DQ", "ZERO_DQ_ACC"):
+    for name in ("HAS_DESCALE", "FP8_DEQUANT", "HAS_QV", "ATOMIC_DQ", "ZERO_DQ_ACC"):
         if name in names:
             const.setdefault(name, False)
     for dim, block in (("HEADDIM", "BLOCK_D"), ("HEADDIM_V", "BLOCK_DV")):

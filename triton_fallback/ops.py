@@ -131,13 +131,15 @@ def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
     fp8_dequant = req.is_fp8_input and _fp8_mode(req)
     # before sm89 Triton has no float8 e4m3 type: the kernel decodes the bytes itself
     qkv = [x.view(torch.uint8) for x in (q, k, v)] if fp8_dequant else [q, k, v]
+    qv = None if req.qv is None else _contiguous_last_dim(req.qv)
     args = (
         *qkv, out, lse, req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k,
-        *descales, *_strides(q, req.packed_q), *_strides(k, req.packed_k),
+        *descales, qv, *_strides(q, req.packed_q), *_strides(k, req.packed_k),
         *_strides(v, req.packed_k), *_strides(out, req.packed_q), *lse_strides,
+        *(_strides(qv, req.packed_q) if qv is not None else (0, 0, 0)),
     )
     prob.launch("fwd", prob.rows_q, req.nheads, args, HAS_DESCALE=req.is_fp8_input,
-                FP8_DEQUANT=fp8_dequant)
+                FP8_DEQUANT=fp8_dequant, HAS_QV=qv is not None)
     return out, lse
 
 
