@@ -221,6 +221,8 @@ def flash_attn_with_kvcache(
         base = _host_values(rotary_seqlens) if rotary_seqlens is not None else seqlens_host
         new_max = int(_host_values(new_lens).max()) if batch else 0
         q_len = max_seqlen_q if packed_q and max_seqlen_q is not None else q.shape[0 if packed_q else 1]
+        if not _rotates_q_sequentially(causal, window_size, attention_chunk, q_len, capacity):
+            q_len = 1  # every q token at rotary_seqlens
         last = base + max(new_max, q_len) - 1
         if batch and int(last.max()) >= rotary_cos.shape[0]:
             _fail(ValueError, "rotary_cos", f"has {rotary_cos.shape[0]} positions; rotating at rotary_seqlens "

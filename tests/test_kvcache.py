@@ -266,3 +266,14 @@ def test_gpu_kvcache_decode_step_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager) and torch.equal(kw["k_cache"], want_cache)
+
+
+def test_rotary_table_only_as_long_as_needed():
+    """Not causal nor local: every q token sits at rotary_seqlens, so cos / sin need only cover
+    the new keys (FA3's test sizes them so); causal needs room for every q token."""
+    kw = _make(rotary_dim=16)
+    kw["cache_seqlens"] = torch.full((BATCH,), CAP - 3, dtype=torch.int32, device=DEVICE)
+    kw["rotary_cos"], kw["rotary_sin"] = kw["rotary_cos"][:CAP], kw["rotary_sin"][:CAP]  # 3 new keys, 5 queries
+    run_and_check(kw)
+    with pytest.raises(ValueError, match="rotary_cos"):
+        run_and_check(kw, causal=True)
