@@ -110,3 +110,22 @@ def test_fp8_backward_raises_through_the_op():
     out, _ = torch.ops.fa3py.fwd(*leaves, *ops.request_args(req), None)
     with pytest.raises(NotImplementedError, match="`fp8=True` has no backward"):
         out.sum().backward()
+
+
+def test_compile_new_sequence_lengths():
+    """torch.compile's default (automatic dynamic shapes): a second sequence length recompiles with
+    dynamic lengths, still one graph, forward and backward as in eager."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v):
+        return fa3py.flash_attn_func(q, k, v, causal=True, attention_chunk=8) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for s in (17, 29, 40):
+        q, k, v = (x.requires_grad_() for x in inputs(2, s, s + 3, 4, 2, 32, 32, torch.bfloat16))
+        out = compiled(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        want = fn(q, k, v)
+        assert torch.equal(out, want)
+        for g, w in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
+            assert torch.equal(g, w)
