@@ -1,6 +1,8 @@
 """torch.compile and the custom ops (`fa3py.ops`): opcheck on forward and backward, and
 models that call fa3py compiled with fullgraph=True (no graph break), against eager."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -72,7 +74,11 @@ def _graph_ops(seen):
     return backend
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+_NO_CXX = DEVICE == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"))
+
+
+@pytest.mark.parametrize("compile_backend", [
+    "aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(_NO_CXX, reason="inductor on CPU needs a C++ compiler"))])
 def test_compile_fullgraph_model(compile_backend):
     torch._dynamo.reset()
     model = _Block().to(device=DEVICE, dtype=torch.bfloat16)
