@@ -24,10 +24,10 @@ _INT_PTRS = ("CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQUSED_Q", "SEQUSED_K")
 _F32_PTRS = ("LSE", "LSE2", "DELTA", "DQ_ACC", "Q_DESCALE", "K_DESCALE", "V_DESCALE", "OP", "LP", "LO")
 
 _FEATURES = dict(PACKED_Q=False, PACKED_K=False, HAS_SEQUSED_Q=False, HAS_SEQUSED_K=False,
-                 HAS_WL=False, HAS_WR=False, SOFTCAP=False)
+                 HAS_WL=False, HAS_WR=False, HAS_CHUNK=False, SOFTCAP=False)
 # (kernel, arch, element type, constexprs, num_warps, num_stages)
 _D64, _D96, _D128 = (dict(HEADDIM=d, HEADDIM_V=d) for d in (64, 96, 128))
-_ALL_VARLEN = dict(HAS_WL=True, HAS_WR=True, SOFTCAP=True, PACKED_Q=True, PACKED_K=True,
+_ALL_VARLEN = dict(HAS_WL=True, HAS_WR=True, HAS_CHUNK=True, SOFTCAP=True, PACKED_Q=True, PACKED_K=True,
                    HAS_SEQUSED_Q=True, HAS_SEQUSED_K=True)
 VARIANTS = [
     (attn_fwd, 80, "fp16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
@@ -40,6 +40,8 @@ VARIANTS = [
      4, 2),
     (attn_fwd, 90, "fp8e4nv", dict(**_D128, HAS_DESCALE=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
     (attn_fwd, 90, "bf16", dict(**_D128, HAS_WR=True, BLOCK_M=128, BLOCK_N=64), 8, 2),
+    (attn_fwd, 90, "bf16", dict(HEADDIM=64, HEADDIM_V=256, HAS_QV=True, HAS_CHUNK=True, BLOCK_M=64,
+     BLOCK_N=64), 4, 2),  # MLA's qv
     (attn_bwd_preprocess, 80, "bf16", dict(HEADDIM=80, HEADDIM_V=96, PACKED_Q=True,
      HAS_SEQUSED_Q=True, ZERO_DQ_ACC=True, BLOCK_M=64), 4, 1),
     # attn_bwd: the default (ATOMIC_DQ) at the sm80/sm90 table tiles, then deterministic ones
@@ -88,8 +90,8 @@ def _signature(fn, elem: str, const: dict) -> dict:
     return sig
 
 
-# Integer arguments that are not multiples of 16 in a typical launch (-1: no window).
-_UNALIGNED_INTS = ("window_left", "window_right")
+# Integer arguments that are not multiples of 16 in a typical launch (-1: no window; any chunk).
+_UNALIGNED_INTS = ("window_left", "window_right", "chunk")
 
 
 def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_stages: int,
@@ -106,7 +108,7 @@ def compile_variant(fn, arch: int, elem: str, const: dict, num_warps: int, num_s
     for name, value in _FEATURES.items():
         if name in names:
             const.setdefault(name, value)
-    for name in ("HAS_DESCALE", "FP8_DEQUANT", "ATOMIC_DQ", "ZERO_DQ_ACC"):
+    for name in ("HAS_DESCALE", "FP8_DEQUANT", "HAS_QV", "ATOMIC_DQ", "ZERO_DQ_ACC"):
         if name in names:
             const.setdefault(name, False)
     for dim, block in (("HEADDIM", "BLOCK_D"), ("HEADDIM_V", "BLOCK_DV")):

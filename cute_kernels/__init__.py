@@ -83,6 +83,8 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
         # (With softcap the scale goes into tanh's argument and the max is taken over the
         # capped scores.)
         return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
+    if req.params.attention_chunk:
+        return "attention_chunk not in the cute kernel yet"
     if req.device.type != "cuda":
         return "cute_kernels: CUDA tensors only"
     return None

@@ -8,7 +8,7 @@ import torch
 
 from . import dispatch
 from .autograd import run
-from .validation import check_no_grad_for_fp8, make_request
+from .validation import make_request
 
 
 def attention(
@@ -20,6 +20,8 @@ def attention(
     softmax_scale: Optional[float] = None,
     window_size: tuple = (-1, -1),
     softcap: float = 0.0,
+    attention_chunk: int = 0,
+    qv: Optional[torch.Tensor] = None,
     fp8: bool = False,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -33,7 +35,11 @@ def attention(
 
     causal: bottom-right aligned mask, as FlashAttention. window_size=(left, right): query i
     sees keys in [i + sk - sq - left, i + sk - sq + right]; -1 is unbounded; with causal=True the
-    right bound is 0 whatever window_size says (as FlashAttention-3). softcap > 0: scores become
+    right bound is 0 whatever window_size says (as FlashAttention-3). attention_chunk=C > 0
+    (chunked local attention, Llama 4): query i also sees only keys j with
+    floor(j / C) == floor((i + sk - sq) / C), on top of causal / window_size. qv (MLA; shape of
+    the output, fp16/bf16): scores gain qv . v, softmax_scale defaults to 1 / sqrt(headdim +
+    headdim_v); forward only (torch path, Triton forward). softcap > 0: scores become
     softcap * tanh(scores / softcap). fp8=True: quantize q, k, v to FP8 with a random-sign
     Hadamard rotation of q and k and per-block scales (forward only; no kernel runs FP8 yet: the
     torch backend emulates it in float32 and warns once).
@@ -44,8 +50,7 @@ def attention(
     query that sees no key; its output row is 0).
     """
     req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                       softcap=softcap, fp8=fp8)
-    check_no_grad_for_fp8(req)
+                       softcap=softcap, attention_chunk=attention_chunk, fp8=fp8, qv=qv)
     out, lse = run(req, backend)
     return (out, lse) if return_lse else out
 

@@ -14,13 +14,17 @@ Semantics (shared by every backend and by `fa3py.reference`):
 * Lengths. Sequence b has ``Lq = seqused_q[b]`` if given, else ``cu_seqlens_q[b+1] -
   cu_seqlens_q[b]`` (packed) or ``seqlen_q`` (batched); ``Lk`` likewise.
 * Heads. Query head h reads KV head ``h // (nheads // nheads_kv)`` (MQA/GQA).
-* Scores. ``s = softmax_scale * (q * q_descale) . (k * k_descale)``; with ``softcap > 0``,
+* Scores. ``s = softmax_scale * (q * q_descale) . (k * k_descale)``, plus
+  ``softmax_scale * qv . v`` when ``qv`` (MLA's extra query part, (..., nheads, headdim_v) like
+  the output; fp16/bf16 only) is given; with ``softcap > 0``,
   ``s = softcap * tanh(s / softcap)``. Descales (float32, shape (batch, nheads_kv)) exist
   only for float8_e4m3fn inputs.
 * Mask (bottom-right aligned, as FlashAttention). Query row i (0 <= i < Lq) keeps key
   j (0 <= j < Lk) iff ``(window_left < 0 or j >= i + Lk - Lq - window_left)`` and
-  ``(window_right < 0 or j <= i + Lk - Lq + window_right)``. ``causal`` is stored as
-  ``window_right = 0``.
+  ``(window_right < 0 or j <= i + Lk - Lq + window_right)`` and, with ``attention_chunk = C >
+  0`` (chunked local attention, Llama 4), j lies in the chunk of i's diagonal:
+  ``c <= j < c + C`` for ``c = C * floor((i + Lk - Lq) / C)``. ``causal`` is stored as
+  ``window_right = 0``; the three bounds intersect, as in FlashAttention-3.
 * Output. ``out = softmax(s over kept keys) @ (v * v_descale)`` in `out_dtype`; ``lse`` is the
   natural-log ``logsumexp`` of the kept scores, float32, shape (batch, nheads, seqlen_q)
   when q is batched and (nheads, total_q) when packed. A row with no kept key (and a
@@ -45,6 +49,7 @@ class AttentionParams:
     window_left: int = -1  # -1: unbounded
     window_right: int = -1  # -1: unbounded; causal stores 0 here
     softcap: float = 0.0  # 0: off
+    attention_chunk: int = 0  # 0: off; C > 0: keys only from the query's chunk of C positions
     deterministic: bool = False  # backward: bitwise-reproducible gradients
     fp8: bool = False  # quantize bf16/fp16 inputs to FP8 internally (forward only)
     # KV splits, a scheduling hint that never changes results: 0 lets the kernel choose, 1 never
@@ -53,7 +58,7 @@ class AttentionParams:
 
     @property
     def causal(self) -> bool:
-        return self.window_left < 0 and self.window_right == 0
+        return self.window_left < 0 and self.window_right == 0 and self.attention_chunk == 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +79,7 @@ class AttentionRequest:
     q_descale: Optional[torch.Tensor] = None
     k_descale: Optional[torch.Tensor] = None
     v_descale: Optional[torch.Tensor] = None
+    qv: Optional[torch.Tensor] = None  # MLA: scores gain qv . v (torch path and Triton forward)
 
     # ---- shape facts -------------------------------------------------------------
     @property

@@ -73,12 +73,21 @@ class _Tiles:
     def __init__(self, req: AttentionRequest, lq: int, lk: int):
         p = req.params
         self.lq, self.lk, self.left, self.right = lq, lk, p.window_left, p.window_right
+        self.chunk = p.attention_chunk
         self.scale, self.softcap = p.softmax_scale, p.softcap
+
+    def chunk_start(self, i):
+        """First key of the chunk that query row i (its diagonal position) lies in."""
+        pos = i + self.lk - self.lq
+        return pos - pos % self.chunk  # floor, for a negative diagonal too
 
     def key_range(self, i0, i1):
         shift = self.lk - self.lq
         lo = max(0, i0 + shift - self.left) if self.left >= 0 else 0
         hi = min(self.lk, i1 - 1 + shift + self.right + 1) if self.right >= 0 else self.lk
+        if self.chunk > 0:
+            lo = max(lo, self.chunk_start(i0))
+            hi = min(hi, self.chunk_start(i1 - 1) + self.chunk)
         return lo, hi
 
     def mask(self, i0, i1, j0, j1, device):
@@ -86,7 +95,7 @@ class _Tiles:
         shift = self.lk - self.lq
         full = (self.left < 0 or j0 >= (i1 - 1) + shift - self.left) and (
             self.right < 0 or j1 - 1 <= i0 + shift + self.right
-        )
+        ) and (self.chunk <= 0 or (j0 >= self.chunk_start(i1 - 1) and j1 <= self.chunk_start(i0) + self.chunk))
         if full:
             return None
         i = torch.arange(i0, i1, device=device).unsqueeze(1) + shift
@@ -96,11 +105,18 @@ class _Tiles:
             keep &= j >= i - self.left
         if self.right >= 0:
             keep &= j <= i + self.right
+        if self.chunk > 0:
+            start = i - i % self.chunk
+            keep &= (j >= start) & (j < start + self.chunk)
         return keep
 
-    def scores(self, q, k):
-        """Returns (s, tanh) with s the (softcapped) scores; tanh is kept for the backward."""
-        s = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+    def scores(self, q, k, qv=None, v=None):
+        """Returns (s, tanh) with s the (softcapped) scores; tanh is kept for the backward.
+        With qv (MLA) the scores gain qv . v."""
+        s = torch.matmul(q, k.transpose(-1, -2))
+        if qv is not None:
+            s = s + torch.matmul(qv, v.transpose(-1, -2))
+        s = s * self.scale
         if self.softcap > 0:
             t = torch.tanh(s / self.softcap)
             return t * self.softcap, t
@@ -128,12 +144,14 @@ def forward(req: AttentionRequest):
             continue
         qb, kb, vb = _dequantized(req, b, q_all[q_rows], k_all[k_rows], v_all[k_rows])
         q, k, v = _heads_first(qb, hk), _heads_first(kb, hk), _heads_first(vb, hk)
+        qv = None if req.qv is None else _heads_first(req.qv[q_rows], hk)
         tiles = _Tiles(req, lq, lk)
         o_seq = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
         lse_seq = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         for i0 in range(0, lq, BLOCK_Q):
             i1 = min(i0 + BLOCK_Q, lq)
-            o_seq[:, :, i0:i1], lse_seq[:, :, i0:i1] = _forward_query_block(tiles, q[:, :, i0:i1], k, v, i0, i1)
+            qv_i = None if qv is None else qv[:, :, i0:i1]
+            o_seq[:, :, i0:i1], lse_seq[:, :, i0:i1] = _forward_query_block(tiles, q[:, :, i0:i1], k, v, i0, i1, qv_i)
         out[q_rows] = _rows_first(o_seq).to(req.out_dtype)
         lse_rows = lse_seq.reshape(req.nheads, lq)
         if req.packed_q:
@@ -143,7 +161,7 @@ def forward(req: AttentionRequest):
     return out, lse
 
 
-def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1):
+def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1, qv=None):
     """Online softmax over the key blocks that the mask lets this query block see."""
     shape = q.shape[:3]
     row_max = torch.full(shape, float("-inf"), device=q.device)
@@ -152,7 +170,7 @@ def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1):
     lo, hi = tiles.key_range(i0, i1)
     for j0 in range(lo, hi, BLOCK_K):
         j1 = min(j0 + BLOCK_K, hi)
-        s, _ = tiles.scores(q, k[:, :, j0:j1])
+        s, _ = tiles.scores(q, k[:, :, j0:j1], qv, v[:, :, j0:j1])
         keep = tiles.mask(i0, i1, j0, j1, q.device)
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
@@ -174,7 +192,8 @@ def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1):
 
 
 def backward(req: AttentionRequest, out, lse, dout):
-    """FlashAttention-2 style backward from the saved (out, lse): recompute P tile by tile."""
+    """FlashAttention-2 style backward from the saved (out, lse): recompute P tile by tile.
+    (Requests with qv have no backward: `fa3py.ops.check_backward_supported` raises first.)"""
     dq = torch.zeros_like(req.q, dtype=torch.float32)
     dk = torch.zeros_like(req.k, dtype=torch.float32)
     dv = torch.zeros_like(req.v, dtype=torch.float32)

@@ -16,6 +16,9 @@ import torch
 from .request import FP8_DTYPES, AttentionParams, AttentionRequest
 
 MAX_HEADDIM = 256
+# headdim_v may reach this when headdim <= MAX_HEADDIM_QK_FOR_WIDE_V (FA3's rule, for MLA)
+MAX_HEADDIM_V_WIDE = 512
+MAX_HEADDIM_QK_FOR_WIDE_V = 64
 FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "torch.float16, torch.bfloat16 or torch.float8_e4m3fn"
 
@@ -41,16 +44,17 @@ def _check_int_tensor(name, x, device, length):
 
 def _host_values(x):
     """Values of a small index tensor on the host, or None while a CUDA graph is being captured
-    (a device->host copy is not allowed then; the value checks are skipped)."""
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    or `torch.compile` traces (a device->host copy is not allowed then, and the values are not
+    known; the value checks are skipped)."""
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
     return x.to("cpu", torch.int64)
 
 
-def _check_headdim(name, d):
-    if d % 8 != 0 or d <= 0 or d > MAX_HEADDIM:
+def _check_headdim(name, d, limit=MAX_HEADDIM):
+    if d % 8 != 0 or d <= 0 or d > limit:
         _fail(
-            ValueError, name, f"head dimension must be a positive multiple of 8 and at most {MAX_HEADDIM}, got {d}"
+            ValueError, name, f"head dimension must be a positive multiple of 8 and at most {limit}, got {d}"
         )
 
 
@@ -72,6 +76,14 @@ def _check_real(name, x, what):
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         _fail(TypeError, name, f"must be {what}, got {type(x).__name__}")
     return float(x)
+
+
+def _check_chunk(attention_chunk):
+    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int):
+        _fail(TypeError, "attention_chunk", f"must be an int >= 0 (0: off), got {attention_chunk!r}")
+    if attention_chunk < 0:
+        _fail(ValueError, "attention_chunk", f"must be >= 0 (0: off), got {attention_chunk}")
+    return attention_chunk
 
 
 def _check_descale(name, x, dtype, batch, nheads_kv, device):
@@ -141,6 +153,7 @@ def make_request(
     causal: bool = False,
     window_size=(-1, -1),
     softcap: float = 0.0,
+    attention_chunk: int = 0,
     fp8: bool = False,
     deterministic: bool = False,
     num_splits: int = 0,
@@ -153,6 +166,7 @@ def make_request(
     q_descale=None,
     k_descale=None,
     v_descale=None,
+    qv=None,
 ) -> AttentionRequest:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
@@ -184,7 +198,11 @@ def make_request(
     if headdim != k_shape[-1]:
         _fail(ValueError, "k", f"head dimension {k_shape[-1]} must equal q's head dimension {headdim}")
     _check_headdim("q", headdim)
-    _check_headdim("v", v_shape[-1])
+    wide_v = headdim <= MAX_HEADDIM_QK_FOR_WIDE_V
+    if v_shape[-1] > MAX_HEADDIM and not wide_v:
+        _fail(ValueError, "v", f"head dimension {v_shape[-1]} > {MAX_HEADDIM} needs q/k's head dimension <= "
+                               f"{MAX_HEADDIM_QK_FOR_WIDE_V} (as in FlashAttention-3), got {headdim}")
+    _check_headdim("v", v_shape[-1], MAX_HEADDIM_V_WIDE if wide_v else MAX_HEADDIM)
     if nheads == 0:
         _fail(ValueError, "q", f"must have at least one head, got shape {tuple(q_shape)}")
     if nheads_kv == 0:
@@ -213,9 +231,21 @@ def make_request(
     max_q = _max_seqlen("q", q, cu_seqlens_q, seqused_q, max_seqlen_q, batch)
     max_k = _max_seqlen("k", k, cu_seqlens_k, seqused_k, max_seqlen_k, batch)
 
+    if qv is not None:
+        _check_tensor("qv", qv)
+        if qv.dtype != dtype or qv.device != device:
+            _fail(TypeError, "qv", f"must have q's dtype and device ({dtype}, {device}), got {qv.dtype}, {qv.device}")
+        if dtype not in FLOAT_DTYPES:
+            _fail(NotImplementedError, "qv", f"needs fp16/bf16 inputs (as in FlashAttention-3), got {dtype}")
+        if tuple(qv.shape) != (*q_shape[:-1], v_shape[-1]):
+            _fail(ValueError, "qv", f"must have shape {(*q_shape[:-1], v_shape[-1])} (q's, with v's head dimension), "
+                                    f"got {tuple(qv.shape)}")
+        if fp8:
+            _fail(NotImplementedError, "qv", "is not supported with fp8=True")
+
     # scalar parameters
-    if softmax_scale is None:
-        softmax_scale = headdim ** -0.5
+    if softmax_scale is None:  # FA3: 1 / sqrt(headdim + headdim_v) with qv
+        softmax_scale = (headdim + (v_shape[-1] if qv is not None else 0)) ** -0.5
     softmax_scale = _check_real("softmax_scale", softmax_scale, "a float or None")
     if not math.isfinite(softmax_scale):
         _fail(ValueError, "softmax_scale", f"must be finite, got {softmax_scale}")
@@ -229,6 +259,7 @@ def make_request(
     left, right = _check_window(window_size)
     if causal:  # as FlashAttention-3: causal sets the right window to 0, whatever was passed
         right = 0
+    chunk = _check_chunk(attention_chunk)
     if fp8 and dtype not in FLOAT_DTYPES:
         _fail(ValueError, "fp8", f"quantizes fp16/bf16 inputs; q is already {dtype} (pass descales instead)")
 
@@ -236,23 +267,12 @@ def make_request(
                 for n, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
 
     params = AttentionParams(softmax_scale=softmax_scale, window_left=left, window_right=right,
-                             softcap=softcap, deterministic=bool(deterministic), fp8=bool(fp8),
+                             softcap=softcap, attention_chunk=chunk, deterministic=bool(deterministic), fp8=bool(fp8),
                              num_splits=num_splits)
     return AttentionRequest(
         q=q, k=k, v=v, params=params,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k,
         max_seqlen_q=max_q, max_seqlen_k=max_k,
-        q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+        q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], qv=qv,
     )
-
-
-def check_no_grad_for_fp8(req: AttentionRequest):
-    """FP8 paths are forward-only (as in FlashAttention-3)."""
-    if not torch.is_grad_enabled():
-        return
-    if any(x.requires_grad for x in (req.q, req.k, req.v)):
-        if req.params.fp8:
-            _fail(NotImplementedError, "fp8", "=True has no backward pass; call it under torch.no_grad()")
-        if req.is_fp8_input:
-            _fail(NotImplementedError, "q", "float8_e4m3fn inputs have no backward pass")

@@ -178,10 +178,28 @@ def test_fp8_quantized_path_beats_per_tensor_quantization():
     assert rmse(out) < 0.02 * float(ref.pow(2).mean().sqrt()) + 1e-2
 
 
-def test_fp8_has_no_backward():
+def test_fp8_with_grad_runs_forward_and_backward_raises():
+    """FP8 inputs that require grad: the forward is the no-grad forward; only backward raises,
+    naming what has no backward."""
     q, k, v = inputs(1, 8, 8, 1, 1, 16, 16, torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="fp8"):
-        fa3py.attention(q.requires_grad_(), k, v, fp8=True)
+    with torch.no_grad():
+        want = fa3py.attention(q, k, v, fp8=True)
+    out = fa3py.attention(q.clone().requires_grad_(), k, v, fp8=True)
+    assert torch.equal(out.detach(), want) and out.requires_grad
+    with pytest.raises(NotImplementedError, match="`fp8=True` has no backward"):
+        out.sum().backward()
+
+    q8, k8, v8 = (x.float().to(torch.float8_e4m3fn) for x in inputs(2, 9, 13, 4, 2, 32, 32, torch.bfloat16))
+    descales = [torch.rand(2, 2, device=DEVICE) + 0.5 for _ in range(3)]
+    with torch.no_grad():
+        want = fa3py.flash_attn_func(q8, k8, v8, causal=True, q_descale=descales[0], k_descale=descales[1],
+                                     v_descale=descales[2])
+    leaves = [x.clone().requires_grad_() for x in (q8, k8, v8)]
+    out = fa3py.flash_attn_func(*leaves, causal=True, q_descale=descales[0], k_descale=descales[1],
+                                v_descale=descales[2])
+    assert torch.equal(out.detach(), want) and out.dtype == torch.bfloat16
+    with pytest.raises(NotImplementedError, match="float8_e4m3fn `q`/`k`/`v` have no backward"):
+        out.backward(torch.randn_like(out))
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 0, 2, 16)])

@@ -29,6 +29,8 @@ def why_not(req: AttentionRequest, backward: bool) -> str | None:
         return f"dtype {req.dtype} is not supported (float16, bfloat16, float8_e4m3fn)"
     if req.is_fp8_input and backward:
         return "the Triton kernels have no backward for float8 inputs"
+    if req.qv is not None and backward:
+        return "the Triton kernels have no backward for qv (MLA)"
     for name, d in (("headdim", req.headdim), ("headdim_v", req.headdim_v)):
         if d % 8 or not 8 <= d <= 256:
             return f"{name}={d} is not a multiple of 8 in [8, 256]"

@@ -63,10 +63,11 @@ def attn_bwd_preprocess(
 @triton.jit
 def _bwd_inner(
     dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE2, DELTA, stride_qs, stride_dos, stride_dqs,
-    offs_m0, offs_n, offs_d, offs_dv, m_start, m_end, q_len, k_len, window_left, window_right,
+    offs_m0, offs_n, offs_d, offs_dv, m_start, m_end, q_len, k_len, window_left, window_right, chunk,
     qk_scale, softcap_log2,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One key tile over query blocks [m_start, m_end); everything transposed (keys on rows).
@@ -89,7 +90,7 @@ def _bwd_inner(
         s, t = scores_log2(dot(k, tl.trans(q)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
             keep = keep_mask(offs_m[None, :], offs_n[:, None], q_len, k_len, window_left,
-                             window_right, HAS_WL, HAS_WR)
+                             window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK)
             s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse2[None, :])
         # dV += P^T @ dO
@@ -122,11 +123,11 @@ def attn_bwd(
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_dqb, stride_dqs, stride_dqh, stride_ab, stride_ah, heads_per_program,
-    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
+    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right, chunk,
     bucket_q, bucket_k,  # autotune key only
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PACKED_Q: tl.constexpr, PACKED_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
     SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV (head `pid_h` of DK/DV) and, with ATOMIC_DQ, dQ of the query heads
@@ -158,7 +159,7 @@ def attn_bwd(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     m_lo, u_lo, u_hi, m_hi = query_block_range(
-        n0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        n0, q_len, k_len, window_left, window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK, BLOCK_M, BLOCK_N)
     q_rows = q_start + offs_m0
     for h in range(h_first, h_first + heads_per_program):
         q_ptrs = tile_ptrs(Q, b, stride_qb, h, stride_qh, q_rows, stride_qs, offs_d)
@@ -169,18 +170,18 @@ def attn_bwd(
         dk, dv = _bwd_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE2 + aux, DELTA + aux, stride_qs,
             stride_dos, stride_dqs, offs_m0, offs_n, offs_d, offs_dv, m_lo, u_lo, q_len, k_len,
-            window_left, window_right, qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D,
-            EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, ATOMIC_DQ, True, BLOCK_M)
+            window_left, window_right, chunk, qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D,
+            EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP, ATOMIC_DQ, True, BLOCK_M)
         dk, dv = _bwd_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE2 + aux, DELTA + aux, stride_qs,
             stride_dos, stride_dqs, offs_m0, offs_n, offs_d, offs_dv, u_lo, u_hi, q_len, k_len,
-            window_left, window_right, qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D,
-            EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, ATOMIC_DQ, False, BLOCK_M)
+            window_left, window_right, chunk, qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D,
+            EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP, ATOMIC_DQ, False, BLOCK_M)
         dk, dv = _bwd_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE2 + aux, DELTA + aux, stride_qs,
             stride_dos, stride_dqs, offs_m0, offs_n, offs_d, offs_dv, u_hi, m_hi, q_len, k_len,
-            window_left, window_right, qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D,
-            EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, ATOMIC_DQ, True, BLOCK_M)
+            window_left, window_right, chunk, qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D,
+            EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP, ATOMIC_DQ, True, BLOCK_M)
 
     valid = offs_n[:, None] < k_len  # padding keys get zero gradients
     dk = tl.where(valid, dk * softmax_scale, 0.0)
@@ -217,9 +218,10 @@ def attn_bwd_dq_epilogue(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d, offs_dv,
-    n_start, n_end, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+    n_start, n_end, q_len, k_len, window_left, window_right, chunk, qk_scale, softcap_log2,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dQ of one query tile over key blocks [n_start, n_end) (same split as the forward)."""
@@ -231,7 +233,7 @@ def _dq_inner(
         s, t = scores_log2(dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
             keep = keep_mask(offs_m[:, None], offs_n[None, :], q_len, k_len, window_left,
-                             window_right, HAS_WL, HAS_WR)
+                             window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK)
             s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         # dS = P * (dO @ V^T - delta), through the softcap
@@ -249,11 +251,11 @@ def attn_bwd_dq(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh, stride_ab, stride_ah,
-    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
+    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right, chunk,
     bucket_q, bucket_k,  # autotune key only
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PACKED_Q: tl.constexpr, PACKED_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = query_block(HAS_WR)
@@ -286,19 +288,19 @@ def attn_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_lo, u_lo, u_hi, n_hi = key_block_range(
-        m0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        m0, q_len, k_len, window_left, window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK, BLOCK_M, BLOCK_N)
     dq = _dq_inner(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d,
-        offs_dv, n_lo, u_lo, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
-        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, True, BLOCK_N)
+        offs_dv, n_lo, u_lo, q_len, k_len, window_left, window_right, chunk, qk_scale, softcap_log2,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP, True, BLOCK_N)
     dq = _dq_inner(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d,
-        offs_dv, u_lo, u_hi, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
-        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, False, BLOCK_N)
+        offs_dv, u_lo, u_hi, q_len, k_len, window_left, window_right, chunk, qk_scale, softcap_log2,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP, False, BLOCK_N)
     dq = _dq_inner(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n0, offs_d,
-        offs_dv, u_hi, n_hi, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
-        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP, True, BLOCK_N)
+        offs_dv, u_hi, n_hi, q_len, k_len, window_left, window_right, chunk, qk_scale, softcap_log2,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP, True, BLOCK_N)
 
     dq = tl.where(offs_m[:, None] < q_len, dq * softmax_scale, 0.0)
     tl.store(tile_ptrs(DQ, b, stride_dqb, h, stride_dqh, q_rows, stride_dqs, offs_d),

@@ -118,14 +118,23 @@ def _round_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def chunk_start(pos, chunk):
+    """First position of the attention chunk holding `pos` (floor division, pos may be < 0)."""
+    r = pos % chunk
+    return pos - tl.where(r < 0, r + chunk, r)
+
+
+@triton.jit
 def key_block_range(
-    m0, q_len, k_len, window_left, window_right,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    m0, q_len, k_len, window_left, window_right, chunk,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Key blocks seen by the query rows [m0, m0 + BLOCK_M), split masked / unmasked.
 
     Row i keeps key j iff i + diag - window_left <= j <= i + diag + window_right, j < k_len,
-    with diag = k_len - q_len (bottom-right alignment). Blocks outside [lo, hi) are skipped.
+    with diag = k_len - q_len (bottom-right alignment), and (HAS_CHUNK) j lies in the chunk of
+    i + diag. Blocks outside [lo, hi) are skipped.
     """
     diag = k_len - q_len
     last = tl.minimum(m0 + BLOCK_M, q_len) - 1
@@ -139,14 +148,21 @@ def key_block_range(
     if HAS_WR:
         hi = tl.minimum(last + diag + window_right + 1, k_len)
         full_hi = tl.minimum(m0 + diag + window_right + 1, k_len)
+    if HAS_CHUNK:  # the first row's chunk starts the range, the last row's ends it
+        first_chunk, last_chunk = chunk_start(m0 + diag, chunk), chunk_start(last + diag, chunk)
+        lo = tl.maximum(lo, first_chunk)
+        full_lo = tl.maximum(full_lo, last_chunk)
+        hi = tl.minimum(hi, last_chunk + chunk)
+        full_hi = tl.minimum(full_hi, first_chunk + chunk)
     hi = tl.where(m0 < q_len, hi, 0)
     return _round_range(lo, hi, full_lo, full_hi, BLOCK_N)
 
 
 @triton.jit
 def query_block_range(
-    n0, q_len, k_len, window_left, window_right,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    n0, q_len, k_len, window_left, window_right, chunk,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Query blocks that see the keys [n0, n0 + BLOCK_N), split masked / unmasked (the
     transpose of `key_block_range`). Unmasked blocks hold only rows < q_len, and a key block
@@ -163,6 +179,12 @@ def query_block_range(
     if HAS_WL:
         hi = tl.minimum(last - diag + window_left + 1, q_len)
         full_hi = tl.minimum(n0 - diag + window_left + 1, q_len)
+    if HAS_CHUNK:  # rows whose diagonal lies in the chunk of the first key ... of the last key
+        first_chunk, last_chunk = chunk_start(n0, chunk), chunk_start(last, chunk)
+        lo = tl.maximum(lo, first_chunk - diag)
+        full_lo = tl.maximum(full_lo, last_chunk - diag)
+        hi = tl.minimum(hi, last_chunk + chunk - diag)
+        full_hi = tl.minimum(full_hi, first_chunk + chunk - diag)
     hi = tl.where(n0 < k_len, hi, 0)
     full_hi = tl.where(n0 + BLOCK_N <= k_len, full_hi, 0)
     return _round_range(lo, hi, full_lo, full_hi, BLOCK_M)
@@ -170,16 +192,20 @@ def query_block_range(
 
 @triton.jit
 def keep_mask(
-    rows, cols, q_len, k_len, window_left, window_right, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    rows, cols, q_len, k_len, window_left, window_right, chunk, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
 ):
     """Mask of kept scores for broadcastable query `rows` and key `cols` (either orientation):
-    key in range and inside the window."""
+    key in range, inside the window and (HAS_CHUNK) in the query's chunk."""
     diag = k_len - q_len
     keep = cols < k_len
     if HAS_WL:
         keep = keep & (cols >= rows + diag - window_left)
     if HAS_WR:
         keep = keep & (cols <= rows + diag + window_right)
+    if HAS_CHUNK:
+        start = chunk_start(rows + diag, chunk)
+        keep = keep & (cols >= start) & (cols < start + chunk)
     return keep
 
 

@@ -190,7 +190,7 @@ def _tile(c: triton.Config) -> Tile:
     return Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
 
-AUTOTUNE_KEY = ["HEADDIM", "HEADDIM_V", "HAS_WL", "HAS_WR", "SOFTCAP", "bucket_q", "bucket_k"]
+AUTOTUNE_KEY = ["HEADDIM", "HEADDIM_V", "HAS_WL", "HAS_WR", "HAS_CHUNK", "SOFTCAP", "bucket_q", "bucket_k"]
 
 
 def autotuned(kernel: str, fn):

@@ -11,14 +11,15 @@ from .common import (
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-    n_start, n_end, q_len, k_len, window_left, window_right, qk_scale, softcap_log2,
+    acc, l_i, m_i, q, qv, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+    n_start, n_end, q_len, k_len, window_left, window_right, chunk, qk_scale, softcap_log2,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
-    FP8_DEQUANT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, SOFTCAP: tl.constexpr,
+    FP8_DEQUANT: tl.constexpr, HAS_QV: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over key blocks [n_start, n_end). MASKED: some score of each block may be
-    dropped (sequence end, causal diagonal, window edge); else every key is in range and kept."""
+    dropped (sequence end, causal diagonal, window edge); else every key is in range and kept.
+    HAS_QV (MLA): the scores gain qv . v, from the V tile already loaded for P @ V."""
     for n0 in range(n_start, n_end, BLOCK_N):
         rows = n0 + offs_n
         k = load_tile(k_ptrs + n0 * stride_ks, rows, offs_d, k_len, HEADDIM, not MASKED, EVEN_D)
@@ -26,11 +27,14 @@ def _fwd_inner(
         if FP8_DEQUANT:
             k = e4m3_to_f16(k)
             v = e4m3_to_f16(v)
-        # S = Q @ K^T, in the log2 domain
-        s, _ = scores_log2(dot(q, tl.trans(k)), qk_scale, softcap_log2, SOFTCAP)
+        # S = Q @ K^T (+ QV @ V^T), in the log2 domain
+        qk = dot(q, tl.trans(k))
+        if HAS_QV:
+            qk += dot(qv, tl.trans(v))
+        s, _ = scores_log2(qk, qk_scale, softcap_log2, SOFTCAP)
         if MASKED:
             keep = keep_mask(offs_m[:, None], rows[None, :], q_len, k_len, window_left,
-                             window_right, HAS_WL, HAS_WR)
+                             window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK)
             s = tl.where(keep, s, float("-inf"))
         # online softmax; a row with nothing kept yet has max -inf: subtract 0 instead
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -47,15 +51,16 @@ def _fwd_inner(
 @triton.jit
 def attn_fwd(
     Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_Q, SEQUSED_K,
-    Q_DESCALE, K_DESCALE, V_DESCALE,
+    Q_DESCALE, K_DESCALE, V_DESCALE, QV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_lm,
-    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right,
+    stride_qvb, stride_qvs, stride_qvh,
+    seqlen_q, seqlen_k, nheads, nheads_kv, softmax_scale, softcap, window_left, window_right, chunk,
     bucket_q, bucket_k,  # autotune key only: rounded max seqlens
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PACKED_Q: tl.constexpr, PACKED_K: tl.constexpr, HAS_SEQUSED_Q: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_DESCALE: tl.constexpr, FP8_DEQUANT: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_DESCALE: tl.constexpr, FP8_DEQUANT: tl.constexpr, HAS_QV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = query_block(HAS_WR)
@@ -85,28 +90,32 @@ def attn_fwd(
     q = load_tile(q_ptrs, offs_m, offs_d, q_len, HEADDIM, False, EVEN_D)
     if FP8_DEQUANT:  # q, k, v hold float8 bit patterns as uint8
         q = e4m3_to_f16(q)
+    qv = q  # unused without HAS_QV
+    if HAS_QV:
+        qv_ptrs = tile_ptrs(QV, b, stride_qvb, h, stride_qvh, q_start + offs_m, stride_qvs, offs_dv)
+        qv = load_tile(qv_ptrs, offs_m, offs_dv, q_len, HEADDIM_V, False, EVEN_DV)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     n_lo, u_lo, u_hi, n_hi = key_block_range(
-        m0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        m0, q_len, k_len, window_left, window_right, chunk, HAS_WL, HAS_WR, HAS_CHUNK, BLOCK_M, BLOCK_N)
     # left window edge (masked), interior (unmasked), causal diagonal / right edge / tail (masked)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-        n_lo, u_lo, q_len, k_len, window_left, window_right,
-        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
-        FP8_DEQUANT, True, BLOCK_N)
+        acc, l_i, m_i, q, qv, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        n_lo, u_lo, q_len, k_len, window_left, window_right, chunk,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP,
+        FP8_DEQUANT, HAS_QV, True, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-        u_lo, u_hi, q_len, k_len, window_left, window_right,
-        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
-        FP8_DEQUANT, False, BLOCK_N)
+        acc, l_i, m_i, q, qv, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        u_lo, u_hi, q_len, k_len, window_left, window_right, chunk,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP,
+        FP8_DEQUANT, HAS_QV, False, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
-        u_hi, n_hi, q_len, k_len, window_left, window_right,
-        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, SOFTCAP,
-        FP8_DEQUANT, True, BLOCK_N)
+        acc, l_i, m_i, q, qv, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        u_hi, n_hi, q_len, k_len, window_left, window_right, chunk,
+        qk_scale, softcap_log2, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, HAS_WL, HAS_WR, HAS_CHUNK, SOFTCAP,
+        FP8_DEQUANT, HAS_QV, True, BLOCK_N)
 
     # epilogue: rows with no kept key (l = 0) and padding rows give out 0, lse -inf; a NaN l (a
     # NaN or inf score) leaves the row NaN, as PyTorch does

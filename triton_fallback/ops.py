@@ -74,6 +74,7 @@ class _Problem:
         return (
             0 if req.packed_q else req.q.shape[1], 0 if req.packed_k else req.k.shape[1],
             req.nheads, req.nheads_kv, p.softmax_scale, p.softcap, p.window_left, p.window_right,
+            p.attention_chunk,
             configs.seqlen_bucket(self.rows_q), configs.seqlen_bucket(self.rows_k),
         )
 
@@ -85,7 +86,8 @@ class _Problem:
             BLOCK_DV=max(16, triton.next_power_of_2(req.headdim_v)),
             PACKED_Q=req.packed_q, PACKED_K=req.packed_k,
             HAS_SEQUSED_Q=req.seqused_q is not None, HAS_SEQUSED_K=req.seqused_k is not None,
-            HAS_WL=p.window_left >= 0, HAS_WR=p.window_right >= 0, SOFTCAP=p.softcap > 0,
+            HAS_WL=p.window_left >= 0, HAS_WR=p.window_right >= 0, HAS_CHUNK=p.attention_chunk > 0,
+            SOFTCAP=p.softcap > 0,
         )
 
     def launch(self, kernel: str, grid_rows: int, grid_heads: int, args: tuple, **extra):
@@ -97,7 +99,7 @@ class _Problem:
         def grid(meta):
             return (triton.cdiv(grid_rows, meta[block]), grid_heads, req.batch)
 
-        masked = p.window_left >= 0 or p.window_right >= 0
+        masked = p.window_left >= 0 or p.window_right >= 0 or p.attention_chunk > 0
         tile = configs.pick(kernel, req.device, const["BLOCK_D"], req.dtype, masked, self.rows_q)
         if tile is not None:
             _PLAIN[kernel][grid](*args, *self.scalars(), **const, **tile.launch_kwargs())
@@ -134,13 +136,15 @@ def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
     fp8_dequant = req.is_fp8_input and _fp8_mode(req)
     # before sm89 Triton has no float8 e4m3 type: the kernel decodes the bytes itself
     qkv = [x.view(torch.uint8) for x in (q, k, v)] if fp8_dequant else [q, k, v]
+    qv = None if req.qv is None else _contiguous_last_dim(req.qv)
     args = (
         *qkv, out, lse, req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k,
-        *descales, *_strides(q, req.packed_q), *_strides(k, req.packed_k),
+        *descales, qv, *_strides(q, req.packed_q), *_strides(k, req.packed_k),
         *_strides(v, req.packed_k), *_strides(out, req.packed_q), *_lse_strides(lse, req.packed_q),
+        *(_strides(qv, req.packed_q) if qv is not None else (0, 0, 0)),
     )
     prob.launch("fwd", prob.rows_q, req.nheads, args, HAS_DESCALE=req.is_fp8_input,
-                FP8_DEQUANT=fp8_dequant)
+                FP8_DEQUANT=fp8_dequant, HAS_QV=qv is not None)
     return out, lse
 
 

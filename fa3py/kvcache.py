@@ -1,0 +1,369 @@
+"""FlashAttention-3's inference entry points: `flash_attn_with_kvcache`, `flash_attn_combine`,
+`get_scheduler_metadata`.
+
+`flash_attn_with_kvcache` runs in three steps, all on the device (no host sync, so a decode step
+can be captured in a CUDA graph; the value checks read the index tensors on the host only
+outside capture): the new k / v (k rotated) are written into the cache in place; when the
+keys are not already a plain (batch, seqlen, ...) prefix of the cache (paged, cache_batch_idx,
+cache_leftpad) each sequence's keys are gathered into a contiguous K / V; then the normal
+kernels run on (rotated q, K, V) with seqused_k. On Hopper the cute kernel reads the gathered
+K / V; reading pages in the kernel (FA3's paged TMA loads) is not there yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+
+from . import dispatch
+from .validation import _check_int_tensor, _check_tensor, _fail, _host_values, make_request
+
+
+def _rotate(x, cos, sin, interleaved: bool):
+    """Rotary embedding of x (..., D) with cos / sin (..., rotary_dim / 2) broadcast against it,
+    computed in float32 and rounded to x's dtype once."""
+    half = cos.shape[-1]
+    xf = x.float()
+    cos, sin = cos.float(), sin.float()
+    if interleaved:
+        x1, x2 = xf[..., 0:2 * half:2], xf[..., 1:2 * half:2]
+        rot = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf[..., :half], xf[..., half:2 * half]
+        rot = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((rot, xf[..., 2 * half:]), dim=-1).to(x.dtype)
+
+
+def _token_index(cu: Optional[torch.Tensor], batch: int, length: int, total: int, device):
+    """(sequence, position in it) of every token of a batched (batch, length) or packed (total,)
+    layout, as int64 device tensors."""
+    if cu is None:
+        b = torch.arange(batch, device=device).repeat_interleave(length)
+        return b, torch.arange(length, device=device).repeat(batch)
+    n = torch.arange(total, device=device)
+    b = torch.searchsorted(cu[1:].long(), n, right=True)
+    return b, n - cu.long()[b]
+
+
+def _check_optional_int(name, x, device, batch):
+    if x is not None:
+        _check_int_tensor(name, x, device, batch)
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    qv=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    page_table: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k_new: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    rotary_seqlens: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    attention_chunk=0,
+    softcap=0.0,
+    rotary_interleaved=True,
+    scheduler_metadata=None,
+    num_splits=0,
+    pack_gqa=None,
+    sm_margin=0,
+    return_softmax_lse=False,
+):
+    """FlashAttention-3's `flash_attn_with_kvcache` (forward only, as in FA3).
+
+    q: (batch, seqlen_q, nheads, headdim), or (total_q, nheads, headdim) with cu_seqlens_q.
+    k_cache / v_cache: (batch_cache, seqlen_cache, nheads_kv, headdim[_v]), or with page_table
+    (batch, max_pages) int32 the pages (num_pages, page_size, nheads_kv, headdim[_v]), any
+    page_size >= 1. k / v (optional): (batch, seqlen_new, nheads_kv, headdim[_v]), or packed
+    (total_new, ...) with cu_seqlens_k_new; written **in place** into the cache at positions
+    cache_seqlens[b] + t (the only input fa3py modifies, as FA3 does). cache_seqlens: int or
+    (batch,) int32, tokens already in the cache (None: the whole cache). cache_batch_idx:
+    (batch,) int32 cache row (or page_table row) of each sequence. cache_leftpad: (batch,) int32
+    first valid cache position. Sequence b attends to cache positions [cache_leftpad[b],
+    cache_seqlens[b] + new_b), bottom-right aligned for causal / window_size / attention_chunk.
+
+    rotary_cos / rotary_sin (seqlen_ro, rotary_dim / 2), q's dtype, rotary_dim a multiple of 16
+    (only with k / v): k is rotated at positions rotary_seqlens[b] + t (rotary_seqlens defaults
+    to cache_seqlens); q likewise when causal or local, else every q token at rotary_seqlens[b].
+    rotary_interleaved: pairs (2i, 2i+1), else (i, i + rotary_dim / 2) (GPT-NeoX).
+
+    scheduler_metadata, num_splits, pack_gqa are scheduling hints that never change results.
+    Returns out (q's layout, headdim_v), or with return_softmax_lse (out, softmax_lse,
+    out_accum, softmax_lse_accum) as FA3 does; fa3py's split partials never leave the kernels,
+    so the last two are empty tensors. Non-Hopper paths and paged caches gather the keys (see
+    the module docstring).
+    """
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x)
+    if sm_margin != 0:
+        raise NotImplementedError(f"fa3py: `sm_margin` must be 0 (reserving SMs is not supported yet), got {sm_margin}")
+    if scheduler_metadata is not None:
+        _check_tensor("scheduler_metadata", scheduler_metadata)
+    device, dtype = q.device, q.dtype
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dim() != 4:
+            _fail(ValueError, name, f"must be 4-D (batch_cache or num_pages, seqlen_cache or page_size, nheads_kv, "
+                                    f"headdim), got shape {tuple(x.shape)}")
+        if x.dtype != dtype:
+            _fail(TypeError, name, f"must have the same dtype as q ({dtype}), got {x.dtype}")
+        if x.device != device:
+            _fail(ValueError, name, f"must be on the same device as q ({device}), got {x.device}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        _fail(ValueError, "v_cache", f"must match k_cache in every dim but the last: {tuple(k_cache.shape)} vs "
+                                     f"{tuple(v_cache.shape)}")
+    packed_q = cu_seqlens_q is not None
+    if packed_q:
+        _check_tensor("cu_seqlens_q", cu_seqlens_q)
+        batch = cu_seqlens_q.shape[0] - 1
+    else:
+        if q.dim() != 4:
+            _fail(ValueError, "q", f"must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+        batch = q.shape[0]
+    hk, d, dv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
+
+    # cache layout: capacity per sequence, rows
+    paged = page_table is not None
+    if paged:
+        _check_tensor("page_table", page_table)
+        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.device != device:
+            _fail(TypeError, "page_table", f"must be a 2-D (batch, max_pages) torch.int32 tensor on {device}, got "
+                                           f"{page_table.dtype} {tuple(page_table.shape)} on {page_table.device}")
+        capacity = page_table.shape[1] * k_cache.shape[1]
+        rows_available = page_table.shape[0]
+    else:
+        capacity = k_cache.shape[1]
+        rows_available = k_cache.shape[0]
+    _check_optional_int("cache_batch_idx", cache_batch_idx, device, batch)
+    _check_optional_int("cache_leftpad", cache_leftpad, device, batch)
+    _check_optional_int("rotary_seqlens", rotary_seqlens, device, batch)
+    if cache_batch_idx is None and rows_available != batch:
+        what = "page_table" if paged else "k_cache"
+        _fail(ValueError, what, f"has {rows_available} rows; without cache_batch_idx it needs one per sequence "
+                                f"({batch})")
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    elif cache_seqlens is not None:
+        _check_int_tensor("cache_seqlens", cache_seqlens, device, batch)
+
+    # new keys / values
+    new_lens = None
+    if (k is None) != (v is None):
+        _fail(ValueError, "v" if k is not None else "k", "k and v must be given together")
+    if k is not None:
+        if cache_seqlens is None:
+            _fail(ValueError, "cache_seqlens", "is needed with k / v: it says where they are appended")
+        _check_tensor("k", k)
+        _check_tensor("v", v)
+        want = 3 if cu_seqlens_k_new is not None else 4
+        for name, x, dim in (("k", k, d), ("v", v, dv)):
+            if x.dim() != want or x.shape[-2:] != (hk, dim) or x.dtype != dtype or x.device != device:
+                layout = "(total_new, nheads_kv, headdim)" if want == 3 else "(batch, seqlen_new, nheads_kv, headdim)"
+                _fail(ValueError, name, f"must be {layout} matching the cache's heads / head dim, dtype {dtype} on "
+                                        f"{device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        if k.shape[:-1] != v.shape[:-1]:
+            _fail(ValueError, "v", f"must match k in every dim but the last: k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if cu_seqlens_k_new is not None:
+            _check_int_tensor("cu_seqlens_k_new", cu_seqlens_k_new, device, batch + 1)
+            new_lens = (cu_seqlens_k_new[1:] - cu_seqlens_k_new[:-1])
+        else:
+            if k.shape[0] != batch:
+                _fail(ValueError, "k", f"batch size {k.shape[0]} must equal q's batch size {batch}")
+            new_lens = torch.full((batch,), k.shape[1], dtype=torch.int32, device=device)
+    elif cu_seqlens_k_new is not None:
+        _fail(ValueError, "cu_seqlens_k_new", "is only meaningful with k / v")
+
+    # rotary
+    if rotary_cos is not None or rotary_sin is not None:
+        if rotary_cos is None or rotary_sin is None:
+            _fail(ValueError, "rotary_sin" if rotary_cos is not None else "rotary_cos",
+                  "rotary_cos and rotary_sin must be given together")
+        if k is None:
+            _fail(ValueError, "rotary_cos", "needs the new k / v to rotate (as in FlashAttention-3)")
+        for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            _check_tensor(name, x)
+            if x.dim() != 2 or x.shape != rotary_cos.shape or x.dtype != dtype or x.device != device:
+                _fail(ValueError, name, f"must be 2-D (seqlen_ro, rotary_dim / 2) like rotary_cos, dtype {dtype} on "
+                                        f"{device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        rotary_dim = 2 * rotary_cos.shape[1]
+        if rotary_dim % 16 or rotary_dim > d:
+            _fail(ValueError, "rotary_cos", f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a multiple "
+                                            f"of 16 and at most headdim {d}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            _fail(NotImplementedError, "rotary_cos", f"rotary embedding needs fp16/bf16 inputs, got {dtype}")
+
+    # value checks on the host (skipped while a CUDA graph is captured or torch.compile traces)
+    seqlens_host = _host_values(cache_seqlens) if cache_seqlens is not None else None
+    if seqlens_host is not None:
+        end = seqlens_host + (_host_values(new_lens) if new_lens is not None else 0)
+        if (seqlens_host < 0).any() or (end > capacity).any():
+            _fail(ValueError, "cache_seqlens", f"plus the new tokens must lie in [0, {capacity}] (the cache's "
+                                               f"length), got {seqlens_host.tolist()} + new")
+        if cache_leftpad is not None:
+            pad = _host_values(cache_leftpad)
+            if (pad < 0).any() or (pad > end).any():
+                _fail(ValueError, "cache_leftpad", f"must lie in [0, cache_seqlens + new], got {pad.tolist()}")
+    if rotary_cos is not None and seqlens_host is not None:
+        base = _host_values(rotary_seqlens) if rotary_seqlens is not None else seqlens_host
+        new_max = int(_host_values(new_lens).max()) if batch else 0
+        q_len = max_seqlen_q if packed_q and max_seqlen_q is not None else q.shape[0 if packed_q else 1]
+        if not _rotates_q_sequentially(causal, window_size, attention_chunk, q_len, capacity):
+            q_len = 1  # every q token at rotary_seqlens
+        last = base + max(new_max, q_len) - 1
+        if batch and int(last.max()) >= rotary_cos.shape[0]:
+            _fail(ValueError, "rotary_cos", f"has {rotary_cos.shape[0]} positions; rotating at rotary_seqlens "
+                                            f"{base.tolist()} plus the new tokens needs {int(last.max()) + 1}")
+    if cache_batch_idx is not None:
+        idx = _host_values(cache_batch_idx)
+        if idx is not None and ((idx < 0) | (idx >= rows_available)).any():
+            _fail(ValueError, "cache_batch_idx", f"must index the {rows_available} cache rows, got {idx.tolist()}")
+
+    rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=device)
+
+    def locate(b, pos):
+        """(cache index, position in it) of position pos of sequence b."""
+        if not paged:
+            return rows[b], pos
+        page_size = k_cache.shape[1]
+        return page_table[rows[b], torch.div(pos, page_size, rounding_mode="floor")].long(), pos % page_size
+
+    # every check before the cache is written: the attention's own arguments are validated on
+    # stand-ins of the gathered K / V (same shapes, no memory)
+    gather = paged or cache_batch_idx is not None or cache_leftpad is not None
+    seqused_k = None
+    if cache_seqlens is not None:
+        seqused_k = cache_seqlens + (new_lens if new_lens is not None else 0)
+    if cache_leftpad is not None:
+        if seqused_k is None:
+            seqused_k = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+        seqused_k = seqused_k - cache_leftpad
+    if seqused_k is not None:
+        seqused_k = seqused_k.to(torch.int32)
+    kv_shape = (batch, capacity, hk) if gather else tuple(k_cache.shape[:3])
+    stand_in = [torch.empty((), dtype=dtype, device=device).expand(*kv_shape, dim) for dim in (d, dv)]
+    req = make_request(q, *stand_in, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                       attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits,
+                       cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
+                       max_seqlen_k=capacity if seqused_k is not None else None,
+                       q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, qv=qv)
+
+    # 1. rotary and the in-place append
+    ro_base = (rotary_seqlens if rotary_seqlens is not None else cache_seqlens)
+    if k is not None:
+        kb, kt = _token_index(cu_seqlens_k_new, batch, k.shape[1] if k.dim() == 4 else 0, k.shape[0], device)
+        k_flat, v_flat = k.reshape(-1, hk, d), v.reshape(-1, hk, dv)
+        if rotary_cos is not None:
+            pos = ro_base.long()[kb] + kt
+            k_flat = _rotate(k_flat, rotary_cos[pos].unsqueeze(1), rotary_sin[pos].unsqueeze(1), rotary_interleaved)
+        i, j = locate(kb, cache_seqlens.long()[kb] + kt)
+        k_cache[i, j] = k_flat
+        v_cache[i, j] = v_flat
+    if rotary_cos is not None:
+        max_q = req.max_seqlen_q
+        qb, qt = _token_index(cu_seqlens_q, batch, q.shape[1] if not packed_q else 0, q.shape[0], device)
+        if not _rotates_q_sequentially(causal, window_size, attention_chunk, max_q, capacity):
+            qt = torch.zeros_like(qt)
+        pos = ro_base.long()[qb] + qt
+        q = _rotate(q.reshape(-1, *q.shape[-2:]), rotary_cos[pos].unsqueeze(1), rotary_sin[pos].unsqueeze(1),
+                    rotary_interleaved).view(q.shape)
+
+    # 2. the keys of each sequence as a (batch, capacity, ...) prefix of K / V
+    if gather:
+        pos = torch.arange(capacity, device=device).unsqueeze(0)
+        if cache_leftpad is not None:
+            pos = (pos + cache_leftpad.long().unsqueeze(1)).clamp_(max=capacity - 1)
+        i, j = locate(torch.arange(batch, device=device).unsqueeze(1), pos)
+        keys, values = k_cache[i, j], v_cache[i, j]
+    else:
+        keys, values = k_cache, v_cache
+
+    # 3. attention
+    req = dataclasses.replace(req, q=q, k=keys, v=values)
+    with torch.no_grad():
+        out, lse = dispatch.choose(req, backward=False).module.forward(req)
+    if not return_softmax_lse:
+        return out
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    return out, lse, empty, empty
+
+
+def _rotates_q_sequentially(causal, window_size, attention_chunk, max_seqlen_q, max_seqlen_k) -> bool:
+    """FA3 rotates q token t at rotary_seqlens + t when causal or local, else every token at
+    rotary_seqlens. It drops a window side that covers the whole cache / query first."""
+    left, right = (int(w) for w in window_size)
+    local = (0 <= left < max_seqlen_k - 1) or (0 <= right < max_seqlen_q - 1) or attention_chunk > 0
+    return bool(causal) or local
+
+
+def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """FlashAttention-3's `flash_attn_combine`: merges split-KV partials. out_partial
+    (num_splits, batch, seqlen, nheads, headdim) float32, each split normalized by its own row
+    sum; lse_partial (num_splits, batch, seqlen, nheads) float32. Returns (out (batch, seqlen,
+    nheads, headdim) in out_dtype, default float32, written into `out` when given; lse (batch,
+    seqlen, nheads)). A row no split saw (every LSE -inf) gets 0 and -inf. Plain PyTorch ops, on
+    any device."""
+    for name, x in (("out_partial", out_partial), ("lse_partial", lse_partial)):
+        _check_tensor(name, x)
+        if x.dtype != torch.float32:
+            _fail(TypeError, name, f"must have dtype torch.float32, got {x.dtype}")
+    if out_partial.dim() != 5:
+        _fail(ValueError, "out_partial", f"must be 5-D (num_splits, batch, seqlen, nheads, headdim), got shape "
+                                         f"{tuple(out_partial.shape)}")
+    if tuple(lse_partial.shape) != tuple(out_partial.shape[:4]):
+        _fail(ValueError, "lse_partial", f"must have shape (num_splits, batch, seqlen, nheads) = "
+                                         f"{tuple(out_partial.shape[:4])}, got {tuple(lse_partial.shape)}")
+    out_dtype = out_dtype or torch.float32
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        _fail(TypeError, "out_dtype", f"must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
+    lse = torch.logsumexp(lse_partial, dim=0)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    scale = torch.exp(lse_partial - finite)
+    scale = torch.where(torch.isinf(lse_partial) & (lse_partial < 0), torch.zeros_like(scale), scale)
+    result = (scale.unsqueeze(-1) * out_partial).sum(0)
+    if out is not None:
+        _check_tensor("out", out)
+        if out.shape != result.shape or out.dtype != out_dtype:
+            _fail(ValueError, "out", f"must be {tuple(result.shape)} of dtype {out_dtype}, got {tuple(out.shape)} "
+                                     f"{out.dtype}")
+        out.copy_(result)
+        return out, lse
+    return result.to(out_dtype), lse
+
+
+def get_scheduler_metadata(
+    batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim,
+    cache_seqlens: torch.Tensor,
+    qkv_dtype=torch.bfloat16,
+    headdim_v=None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k_new: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    page_size: Optional[int] = None,
+    max_seqlen_k_new=0,
+    causal=False,
+    window_size=(-1, -1),
+    attention_chunk=0,
+    has_softcap=False,
+    num_splits=0,
+    pack_gqa=None,
+    sm_margin=0,
+):
+    """FlashAttention-3's `get_scheduler_metadata`. fa3py schedules inside its kernels, so the
+    result is an empty int32 tensor on cache_seqlens' device; `flash_attn_with_kvcache` accepts it
+    as `scheduler_metadata` and it never changes results."""
+    _check_tensor("cache_seqlens", cache_seqlens)
+    return torch.empty(0, dtype=torch.int32, device=cache_seqlens.device)

@@ -1,0 +1,126 @@
+"""MLA's qv (scores = q k^T + qv v^T) and wide V head dims (headdim_v up to 512 with headdim <=
+64), FlashAttention-3's rules, on the torch path (qv also in the Triton forward): the reference
+against a direct einsum, then fa3py.attention, the FA3 functions and flash_attn_with_kvcache
+against the reference."""
+
+import os
+
+import pytest
+import torch
+
+import fa3py
+from fa3py import reference
+from fa3py.validation import make_request
+
+from _util import DEVICE, assert_within, check_backward, check_forward, inputs, packed
+
+
+def test_reference_qv_is_the_einsum():
+    q, k, v = inputs(2, 7, 11, 4, 2, 16, 32, torch.float64)
+    qv = torch.randn(2, 7, 4, 32, dtype=torch.float64, device=DEVICE)
+    out, lse = reference.attention(make_request(q.bfloat16(), k.bfloat16(), v.bfloat16(), qv=qv.bfloat16()))
+    q, k, v, qv = (x.bfloat16().double() for x in (q, k, v, qv))
+    kk, vv = k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)
+    s = (torch.einsum("bqhd,bkhd->bhqk", q, kk) + torch.einsum("bqhd,bkhd->bhqk", qv, vv)) / (16 + 32) ** 0.5
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vv))
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (113, 203), (65, 17)])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(20, 3), softcap=5.0), dict(attention_chunk=16)])
+def test_attention_qv_wide_v(lq, lk, kw):
+    q, k, v = inputs(2, lq, lk, 4, 1, 64, 512, torch.bfloat16)
+    qv = torch.randn(2, lq, 4, 512, device=DEVICE).to(torch.bfloat16)
+    out, lse = fa3py.attention(q, k, v, qv=qv, return_lse=True, **kw)
+    check_forward(make_request(q, k, v, qv=qv, **kw), out, lse)
+    assert "forward: torch" in fa3py.explain(q, k, v, qv=qv, **kw)
+
+
+def test_varlen_qv():
+    lens_q, lens_k = [37, 0, 13], [50, 9, 0]
+    q, cu_q = packed(lens_q, 4, 64, torch.float16)
+    qv, _ = packed(lens_q, 4, 256, torch.float16)
+    k, cu_k = packed(lens_k, 2, 64, torch.float16)
+    v, _ = packed(lens_k, 2, 256, torch.float16)
+    out, lse = fa3py.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 37, 50, causal=True, qv=qv, return_attn_probs=True)
+    check_forward(make_request(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, qv=qv), out, lse)
+
+
+def test_kvcache_qv():
+    q = torch.randn(2, 3, 4, 64, device=DEVICE).bfloat16()
+    qv = torch.randn(2, 3, 4, 256, device=DEVICE).bfloat16()
+    k_cache = torch.randn(2, 40, 1, 64, device=DEVICE).bfloat16()
+    v_cache = torch.randn(2, 40, 1, 256, device=DEVICE).bfloat16()
+    k, v = torch.randn(2, 3, 1, 64, device=DEVICE).bfloat16(), torch.randn(2, 3, 1, 256, device=DEVICE).bfloat16()
+    seqlens = torch.tensor([10, 30], dtype=torch.int32, device=DEVICE)
+    kw = dict(cache_seqlens=seqlens, causal=True, qv=qv)
+    ref = reference.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw)
+    pt = reference.attention_with_kvcache(q, k_cache, v_cache, k, v, **kw, dtype=torch.bfloat16)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out, lse, *_ = fa3py.flash_attn_with_kvcache(q, kc, vc, k, v, **kw, return_softmax_lse=True)
+    assert_within("out", out, ref[0], pt[0], 2e-3)
+    assert_within("lse", lse, ref[1], pt[1], 2e-3)
+    assert torch.equal(kc, ref[2]) and torch.equal(vc, ref[3])
+
+
+def test_wide_v_backward_and_qv_backward_raises():
+    q, k, v = inputs(1, 33, 47, 2, 1, 32, 384, torch.bfloat16)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = fa3py.attention(*leaves, causal=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    check_backward(make_request(q, k, v, causal=True), dout, [x.grad for x in leaves])
+
+    qv = torch.randn(1, 33, 2, 384, device=DEVICE).bfloat16().requires_grad_()
+    with torch.no_grad():
+        want = fa3py.attention(q, k, v, qv=qv)
+    out = fa3py.attention(q, k, v, qv=qv)  # only qv requires grad
+    assert out.requires_grad and torch.equal(out.detach(), want)
+    with pytest.raises(NotImplementedError, match="`qv`"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda q, k, v: dict(qv=torch.randn(1, 5, 2, 64, device=DEVICE).bfloat16()), ValueError, "`qv` must have shape"),
+    (lambda q, k, v: dict(qv=torch.randn(1, 5, 2, 512, device=DEVICE).half()), TypeError, "`qv` must have q's dtype"),
+])
+def test_bad_qv(make, exc, match):
+    q, k, v = inputs(1, 5, 6, 2, 1, 64, 512, torch.bfloat16)
+    with pytest.raises(exc, match=match):
+        fa3py.flash_attn_func(q, k, v, **make(q, k, v))
+
+
+def test_wide_v_needs_small_qk_headdim():
+    q, k, v = inputs(1, 5, 6, 2, 1, 128, 512, torch.bfloat16)
+    with pytest.raises(ValueError, match="`v` head dimension 512 > 256 needs q/k's head dimension <= 64"):
+        fa3py.attention(q, k, v)
+    q, k, v = inputs(1, 5, 6, 2, 1, 64, 520, torch.bfloat16)
+    with pytest.raises(ValueError, match="at most 512"):
+        fa3py.attention(q, k, v)
+
+
+def test_qv_compiles():
+    torch._dynamo.reset()
+    q, k, v = inputs(1, 9, 9, 2, 1, 32, 256, torch.bfloat16)
+    qv = torch.randn(1, 9, 2, 256, device=DEVICE).bfloat16()
+    fn = lambda q, k, v, qv: fa3py.flash_attn_func(q, k, v, qv=qv, causal=True)  # noqa: E731
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, qv), fn(q, k, v, qv))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("lq,lk,kw", [(77, 130, dict(causal=True)), (40, 23, dict(attention_chunk=16, softcap=4.0))])
+def test_triton_forward_qv(lq, lk, kw, monkeypatch):
+    """The Triton forward adds qv . v from the V tile it loads anyway; poisoned outputs."""
+    import triton_fallback
+    from triton_fallback import ops as triton_ops
+
+    monkeypatch.setattr(triton_ops, "POISON", True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = inputs(2, lq, lk, 4, 2, 32, 64, torch.bfloat16, device=device)
+    qv = torch.randn(2, lq, 4, 64, device=device).to(torch.bfloat16)
+    req = make_request(q, k, v, qv=qv, **kw)
+    assert triton_fallback.why_not(req, False) is None and triton_fallback.why_not(req, True) is not None
+    check_forward(req, *triton_fallback.forward(req))
+    out = fa3py.attention(q, k, v, qv=qv, backend="triton", **kw)
+    assert torch.equal(out, triton_fallback.forward(req)[0])
