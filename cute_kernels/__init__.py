@@ -298,32 +298,12 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
                                    (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
                                    else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
         _launch(req, cfg, q, k, v, o_part, lse_part, splits)
+        from cute_kernels.combine import combine_splits  # (imports Triton: only where split)
+
         combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse)
     else:
         _launch(req, cfg, q, k, v, k_out, k_lse)
     return (out, lse) if in_place else (unpack_rows(out, g), unpack_lse(lse, g))
-
-
-def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
-                   out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Split-KV's partial results into `out` and `lse`: LSE = logsumexp over the splits of theirs,
-    out = the sum of each split's O times exp(its LSE - LSE). A row no split saw (every LSE -inf)
-    gets 0 and -inf; a NaN LSE makes the row NaN. Batched: o_part (splits * b, rows, h, dv),
-    lse_part (splits * b, h, rows); packed: (splits * total, h, dv) and (h, splits * total).
-    On CUDA one Triton kernel (triton_fallback.combine); these torch ops are its reference."""
-    if o_part.is_cuda:
-        from triton_fallback.combine import combine_splits as combine_triton
-
-        return combine_triton(o_part, lse_part, splits, packed_q, out, lse)
-    o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, total, h, dv) / (splits, b, rows, h, dv)
-    if packed_q:
-        lse_s = lse_part.view(lse_part.shape[0], splits, -1).transpose(0, 1)  # (splits, h, total)
-    else:
-        lse_s = lse_part.view(splits, -1, *lse_part.shape[1:])  # (splits, b, h, rows)
-    total = torch.logsumexp(lse_s, dim=0)
-    weight = torch.exp(lse_s - total.masked_fill(total == -math.inf, 0.0))  # exp(-inf) = 0 where no split saw a row
-    out.copy_((o * weight.transpose(-1, -2).unsqueeze(-1)).sum(0))
-    lse.copy_(total)
 
 
 def q_empty_or_no_keys(req: "AttentionRequest") -> bool:

@@ -307,7 +307,7 @@ class FwdConfig:
     # Split-KV (flash-decoding): a tile's KV blocks are split into `num_splits` (a launch argument)
     # runs, each a tile of its own; each writes its O (normalized by its own row sums) in float32
     # and its LSE to partial tensors with the splits folded into the batch (or packed-rows) index,
-    # which the host combines (cute_kernels.combine_splits). For grids under one wave.
+    # which the host combines (cute_kernels.combine). For grids under one wave.
     split_kv: bool = False
     # The tensors' head dims where they are below the tile's (hdim / hdimv, see padded_hdim);
     # 0: equal. The kernel is compiled for them (static shapes in the last mode).

@@ -465,11 +465,11 @@ def test_split_block_range_on_the_host():
 @pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
 @pytest.mark.parametrize("splits,dv", [(1, 64), (3, 96), (40, 128), (5, 256)])
 def test_combine_splits_triton(packed_q, splits, dv):
-    """triton_fallback.combine (the CUDA path, here under Triton's interpreter) against
-    cute_kernels.combine_splits' torch ops and against a float64 recomputation: random split
+    """cute_kernels.combine's Triton kernel (the CUDA path, here under Triton's interpreter)
+    against its torch ops and against a float64 recomputation: random split
     LSEs with -inf ones (empty splits), a row no split saw (0 / -inf) and a row with a NaN LSE
     (NaN), written into strided views of the outputs."""
-    from triton_fallback.combine import combine_splits as combine_triton
+    from cute_kernels.combine import combine_splits_torch, combine_splits_triton
 
     b, rows, h = (1, 37, 3) if packed_q else (2, 5, 3)
     lead = (splits * rows,) if packed_q else (splits * b, rows)
@@ -482,7 +482,7 @@ def test_combine_splits_triton(packed_q, splits, dv):
     out_shape = (rows, h, dv) if packed_q else (b, rows, h, dv)
     lse_shape = (h, rows) if packed_q else (b, h, rows)
     results = []
-    for combine in (cute_kernels.combine_splits, combine_triton):
+    for combine in (combine_splits_torch, combine_splits_triton):
         out = torch.full((*out_shape[:-1], dv + 8), 7.0)[..., :dv]  # strided: rows of dv + 8
         lse = torch.full(lse_shape[::-1], 7.0).permute(*reversed(range(len(lse_shape))))  # transposed
         combine(o_part, lse_part, splits, packed_q, out, lse)
