@@ -194,20 +194,6 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
-def _l2_bytes(device) -> int:
-    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
-
-
-def l2_heads(req: "AttentionRequest") -> int:
-    """(batch, head) pairs whose K and V fit in L2 together: one section of the causal/local
-    longest-first grid (scheduler.py). Query heads of one KV head share its K/V."""
-    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
-    per_kv_head = max(seqlen_k, 1) * (req.headdim + req.headdim_v) * req.k.element_size()
-    group = req.nheads // req.nheads_kv
-    return max(1, _l2_bytes(req.device) // per_kv_head) * group
-
-
 def _compile(cfg: FwdConfig, args: Optional[tuple]):
     """Compile `cfg` for the TVM-FFI path (args None: symbolic fake tensors) or for the
     from_dlpack path (args: this call's converted arguments, marked dynamic)."""
@@ -344,9 +330,7 @@ def _launch(req, cfg, q, k, v, out, lse, num_splits: int = 1):
     if max_seqlen_q == 0:
         return out, lse
     ints.append(_tile_counter(dev) if cfg.tile.dynamic else None)
-    sections = l2_heads(req) // g if cfg.tile.lpt_l2_sections else 1
-    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), sections,
-               num_splits)
+    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), 1, num_splits)
     tvm_ffi = use_tvm_ffi
     fn = _compiled.get((cfg, tvm_ffi))
     if tvm_ffi:

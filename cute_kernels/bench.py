@@ -4,13 +4,13 @@ FA3-paper grid: `--tokens` in total (batch = tokens // seqlen), nheads = 2048 //
 
     python -m cute_kernels.bench [--seqlens 512,8192] [--hdims 64,128,256] [--causal both]
                                  [--tiles "128:128x128,128x176;256:128x80s2"] [--candidates]
-                                 [--ab mask_thr0] [--json out.json]
+                                 [--ab diag_half] [--json out.json]
     python -m cute_kernels.bench --host     # host microseconds per call (tiny problem)
     python -m cute_kernels.bench --check ...  # GPU tests first, in this process (compiled
                                               # kernels are shared); no timing if they fail
 
 `--tiles` lists tile variants per head dim (MxN, optional sS stages, optional +field to switch
-boolean TileConfig fields on, e.g. 192x128+mask_thr0); tile_m 192 = 3 consumer warpgroups with
+boolean TileConfig fields on, e.g. 192x128+diag_half); tile_m 192 = 3 consumer warpgroups with
 the 24/160 register split (config.tile_from_spec). `--candidates` adds config.CANDIDATES. Times are
 `triton.testing.do_bench` medians of whole calls (host overhead included).
 """
@@ -33,7 +33,7 @@ def flops(b, h, sq, sk, d, dv, causal):
 
 
 def _parse_tiles(spec: str) -> dict:
-    """"128:128x128,128x176s2+mask_thr0;256:128x80" -> {128: ["128x128", "128x176s2+mask_thr0"],
+    """"128:128x128,128x176s2+diag_half;256:128x80" -> {128: ["128x128", "128x176s2+diag_half"],
     256: ["128x80"]} (each entry for config.tile_from_spec)."""
     return {int(hd): tiles.split(",") for hd, tiles in (part.split(":") for part in filter(None, spec.split(";")))}
 

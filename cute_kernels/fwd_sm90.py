@@ -53,7 +53,7 @@ from cutlass.utils import LayoutEnum
 
 from cute_kernels.config import FwdConfig
 from cute_kernels.mask import AttentionMask, SeqlenInfo, split_block_range
-from cute_kernels.scheduler import TileScheduler
+from cute_kernels.scheduler import LPT_TAIL_WAVES, TileScheduler
 from cute_kernels.softmax import OnlineSoftmax
 from cute_kernels.utils import (
     NamedBarrierFwd,
@@ -109,7 +109,6 @@ class FlashAttentionForwardSm90:
         self.num_mma_threads = self.num_mma_wg * NUM_THREADS_PER_WG
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
         assert self.num_threads == t.num_threads
-        self.use_scheduler_barrier = t.pingpong
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
@@ -118,7 +117,7 @@ class FlashAttentionForwardSm90:
         self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
         smem = elem * (self.tile_m * (self.hdim + self.o_width)
                        + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
-        self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
+        self.separate_o = smem + 1024 <= SMEM_BYTES
         # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
         # release of a Q stage must not wait for an epilogue that writes O over it).
         second_q = elem * self.tile_m * self.hdim
@@ -222,8 +221,8 @@ class FlashAttentionForwardSm90:
         }
 
         num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
-        # LPT: the last pairs whose tiles make ~lpt_tail_waves waves on num_ctas SMs.
-        tail_heads = (self.cfg.tile.lpt_tail_waves * num_ctas + num_m_blocks - 1) // num_m_blocks
+        # LPT: the last pairs whose tiles make ~LPT_TAIL_WAVES waves on num_ctas SMs.
+        tail_heads = (LPT_TAIL_WAVES * num_ctas + num_m_blocks - 1) // num_m_blocks
         num_heads = cute.size(mQ.shape[2])
         # Split-KV: the scheduler's heads are (head, split) pairs (`tile_coords`).
         sched_heads = num_heads * num_splits if const_expr(cfg.split_kv) else num_heads
@@ -332,8 +331,7 @@ class FlashAttentionForwardSm90:
     ):
         """Producer warp: per tile, K of the last KV block, then Q (with two Q stages: Q first,
         its slot freed a tile ago), then K(n-1) and V(n) for the remaining blocks right to left
-        (V lags K by one block, matching the overlapped consumer; with `v_lags_k` off: K(n), V(n)
-        together). Q is loaded for every tile with rows (even one with no KV block) because the
+        (V lags K by one block, as the overlapped consumer uses them). Q is loaded for every tile with rows (even one with no KV block) because the
         consumers release sQ only once their epilogue no longer reads sO."""
         q_first = self.q_stages > 1
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_q.num_stages)
@@ -374,29 +372,19 @@ class FlashAttentionForwardSm90:
                 if n_block_min < n_block_max:
                     load_k(n_block_max - 1, k_state)
                     k_state.advance()
-                    if const_expr(not self.cfg.tile.v_lags_k):
-                        load_v(n_block_max - 1, v_state)
-                        v_state.advance()
                 if const_expr(not q_first):
                     load_q(q_state)
                     q_state.advance()
-                if const_expr(self.cfg.tile.v_lags_k):
-                    # K leads V by one block, as the consumers need them: QK^T(n) is issued
-                    # together with PV(n + 1).
-                    for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-                        load_k(n_block_max - 2 - i, k_state)
-                        k_state.advance()
-                        load_v(n_block_max - 1 - i, v_state)
-                        v_state.advance()
-                    if n_block_min < n_block_max:
-                        load_v(n_block_min, v_state)
-                        v_state.advance()
-                else:
-                    for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-                        load_k(n_block_max - 2 - i, k_state)
-                        load_v(n_block_max - 2 - i, v_state)
-                        k_state.advance()
-                        v_state.advance()
+                # K leads V by one block, as the consumers need them: QK^T(n) is issued together
+                # with PV(n + 1).
+                for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
+                    load_k(n_block_max - 2 - i, k_state)
+                    k_state.advance()
+                    load_v(n_block_max - 1 - i, v_state)
+                    v_state.advance()
+                if n_block_min < n_block_max:
+                    load_v(n_block_min, v_state)
+                    v_state.advance()
             tile = scheduler.fetch_next(tile)
         if const_expr(next_tile is not None):
             # No more tiles: announce one past the last, completing Q's phase without a TMA.
@@ -460,7 +448,7 @@ class FlashAttentionForwardSm90:
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
-        thr0_mma_qk = tiled_mma_qk.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None
+        thr0_mma_qk = tiled_mma_qk.get_slice(0)
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
         wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))  # (MMA, M, K, q stage)
@@ -503,7 +491,7 @@ class FlashAttentionForwardSm90:
             half = dict(
                 qk_mma=(tiled_mma_qk_half, tSrK_half, half_n),
                 thr_mma_qk=tiled_mma_qk_half.get_slice(tidx),
-                thr0_mma_qk=tiled_mma_qk_half.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None,
+                thr0_mma_qk=tiled_mma_qk_half.get_slice(0),
                 tOrP=cute.make_tensor(tOrP.iterator, cute.make_layout(
                     wg_mma_pv.partition_shape_A((self.tile_m, half_n)))),
                 pv_k_blocks=half_n // 16,
@@ -780,23 +768,18 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def scheduler_init(self, wg_idx):
         """WG1 goes first: it pre-arrives on its own barrier."""
-        if const_expr(self.use_scheduler_barrier):
-            if wg_idx == 0:
-                cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1),
-                                         number_of_threads=2 * NUM_THREADS_PER_WG)
+        if wg_idx == 0:
+            cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1),
+                                     number_of_threads=2 * NUM_THREADS_PER_WG)
 
     @cute.jit
     def scheduler_sync(self, wg_idx):
-        if const_expr(self.use_scheduler_barrier):
-            cute.arch.barrier(barrier_id=self.scheduler_barrier(wg_idx),
-                              number_of_threads=2 * NUM_THREADS_PER_WG)
+        cute.arch.barrier(barrier_id=self.scheduler_barrier(wg_idx), number_of_threads=2 * NUM_THREADS_PER_WG)
 
     @cute.jit
     def scheduler_arrive(self, wg_idx):
-        if const_expr(self.use_scheduler_barrier):
-            next_wg = 1 - wg_idx if const_expr(self.num_mma_wg == 2) else (wg_idx + 1) % self.num_mma_wg
-            cute.arch.barrier_arrive(barrier_id=self.scheduler_barrier(next_wg),
-                                     number_of_threads=2 * NUM_THREADS_PER_WG)
+        next_wg = 1 - wg_idx if const_expr(self.num_mma_wg == 2) else (wg_idx + 1) % self.num_mma_wg
+        cute.arch.barrier_arrive(barrier_id=self.scheduler_barrier(next_wg), number_of_threads=2 * NUM_THREADS_PER_WG)
 
     def check_arrive_counts(self, pipe):
         """Trace-time check of a PipelineTmaAsync's mbarrier arrive counts: full = the one TMA

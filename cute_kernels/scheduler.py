@@ -6,7 +6,7 @@ Single-tile: one tile per CTA, the hardware hands CTAs to SMs greedily in launch
   longest-processing-time-first order, in sections of (batch, head) pairs: inside a section the
   order is m_block descending, pairs fastest. A section is `l2_heads` pairs (1 by default:
   head-major, each head's m_blocks descending, so the CTAs in flight share few heads' K/V in L2),
-  except the last `tail_heads` pairs, which form one final section of about `lpt_tail_waves`
+  except the last `tail_heads` pairs, which form one final section of about LPT_TAIL_WAVES
   waves of tiles: without it the last head's longest tile starts near the very end and runs
   alone while the other SMs idle (hdim256 causal 8k, 16 heads: 8% of the kernel's cycles).
 Persistent: grid = min(tiles, #SMs) CTAs stride over a linear tile index (static round robin,
@@ -29,6 +29,11 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, const_expr
 
+# The longest-first order's final section: the last (batch, head) pairs whose tiles make about
+# this many waves on the SMs. H100 SM cycles, causal, against none: 16k tokens, 512 / 2k / 8k:
+# hdim128 -0.5 / -4.9 / -4.0%, hdim256 -3.5 / -7.8 / -7.7%; 4 waves similar but hdim256 512 +13%
+# (cute_kernels/NOTES.md §Session 5).
+LPT_TAIL_WAVES = 2
 
 @dataclass(frozen=True)
 class TileScheduler:

@@ -71,14 +71,14 @@ def test_compile_sm90a(dtype, hdim, hdimv, causal):
         dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True, has_right=True),
         dict(seqused_q=True, has_left=True),
         dict(intra_wg_overlap=False),
-        dict(intra_wg_overlap=False, pingpong=False, has_right=True),
+        dict(intra_wg_overlap=False, has_right=True),
         dict(persistent=True, dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
-        dict(rescale_o_before_pv=True, pingpong=False, has_right=True),
+        dict(rescale_o_before_pv=True, has_right=True),
         dict(dynamic=False, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
         dict(tma_store=True, seqused_q=True, has_right=True),
     ],
-    ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-no-pingpong",
-         "static-persistent-varlen-causal", "rescale-before-pv-no-pingpong", "single-tile-varlen-causal",
+    ids=["local-softcap", "varlen-causal", "seqused-left", "no-overlap", "no-overlap-causal",
+         "static-persistent-varlen-causal", "rescale-before-pv-causal", "single-tile-varlen-causal",
          "tma-store-seqused-causal"],
 )
 def test_compile_features(features):
@@ -92,15 +92,15 @@ def _three_wg(cfg: FwdConfig, tile_n: int = 128, **fields) -> FwdConfig:
     return dataclasses.replace(cfg, tile=tile_variant(cfg.tile, 192, tile_n, **fields))
 
 
-@pytest.mark.parametrize("features", [dict(), dict(has_left=True, has_right=True, mask_thr0=True,
-                                                   separate_o=False)],
-                         ids=["noncausal", "local-mask_thr0-o_in_q"])
+@pytest.mark.parametrize("features", [dict(), dict(has_left=True, has_right=True)], ids=["noncausal", "local"])
 def test_compile_three_wg(features):
     """tile_m 192: 3 consumer WGs at 512 threads, setmaxnreg 24/160, a 3-barrier pingpong ring,
-    12-warp pipeline arrive counts (asserted at trace time), no spills at hdim 64; an epilogue
-    barrier over the 12 consumer warps only where O is staged in Q's smem."""
-    fields = {k: features.pop(k) for k in ("mask_thr0", "separate_o") if k in features}
-    cfg = _three_wg(FwdConfig.make("bf16", 64, **features), **fields)
+    12-warp pipeline arrive counts (asserted at trace time), no spills at hdim 64; no epilogue
+    barrier (O has its own smem)."""
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    cfg = _three_wg(FwdConfig.make("bf16", 64, **features))
+    assert FlashAttentionForwardSm90(cfg).separate_o
     with tempfile.TemporaryDirectory() as d:
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
@@ -110,41 +110,39 @@ def test_compile_three_wg(features):
     assert ops["STL"] == 0 and ops["LDL"] == 0 and res["STACK"] == 0 and res["LOCAL"] == 0
     assert res["REG"] <= 128 and sass.max_register(text) < 160
     assert "USETMAXREG.DEALLOC.CTAPOOL 0x18" in text and "0xa0 ;" in text  # 24 / 160
-    if cfg.tile.separate_o:
-        assert "BAR.SYNC.DEFER_BLOCKING 0x1" not in text  # each warp stores its own rows of O
-    else:
-        assert "BAR.SYNC.DEFER_BLOCKING 0x1, 0x180" in text  # epilogue: 384 consumer threads
+    assert "BAR.SYNC.DEFER_BLOCKING 0x1" not in text  # each warp stores its own rows of O
     assert "BAR.ARV 0x2, 0x100" in text  # WG1 starts the ring
     assert ops["HGMMA"] > 0 and all(l.split()[1].startswith("HGMMA.64x") for l in text.splitlines()
                                     if " HGMMA" in l)
 
 
-def test_compile_mask_thr0_two_wg():
-    """mask_thr0 on the default 2-WG tile: no spills, fewer integer ops than the default mask."""
-    cfg = FwdConfig.make("bf16", 128, has_right=True)
-    ops = _compile_and_check(dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, mask_thr0=True)))
-    assert ops["VIADD"] < 60  # 27 vs 96 with the default mask (CPU SASS, cutlass-dsl 4.8.1)
+def test_compile_mask_integer_ops():
+    """The mask compares thread 0's compile-time columns against per-row limits: few integer ops
+    (27 VIADD at hdim 128 causal; 96 with per-element coordinates, CPU SASS, cutlass-dsl 4.8.1)."""
+    ops = _compile_and_check(FwdConfig.make("bf16", 128, has_right=True))
+    assert ops["VIADD"] < 60
 
 
 @pytest.mark.parametrize("hdim,causal", [(64, False), (128, False), (128, True)])
 def test_compile_q_stages(hdim, causal):
     """Two Q buffers: Q's TMA and WGMMA descriptors take the stage; the dynamic scheduler's tile
     slot is per stage. Where a second Q and a separate sO do not both fit (hdim 256, a wider
-    tile, or sO asked to alias sQ), the kernel keeps one Q buffer, as it keeps sO in sQ where sO
+    tile, or hdim 192 where sO aliases sQ), the kernel keeps one Q buffer, as it keeps sO in sQ where sO
     does not fit."""
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
     cfg = FwdConfig.make("bf16", hdim, has_right=causal, q_stages=2)
     assert FlashAttentionForwardSm90(cfg).q_stages == 2
     _compile_and_check(cfg)
-    for d, tile in ((256, {}), (128, dict(tile_n=176)), (128, dict(separate_o=False))):
+    for d, tile in ((256, {}), (128, dict(tile_n=176)), (192, {})):
         assert FlashAttentionForwardSm90(FwdConfig.make("bf16", d, q_stages=2, **tile)).q_stages == 1
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_compile_o_chunks(causal):
     """O staged in two column chunks: at hdim 256 with tile_n 64 a separate sO then fits (224 KB),
-    so there is no epilogue barrier across warpgroups (sO no longer aliases sQ)."""
+    so there is no epilogue barrier across warpgroups (sO no longer aliases sQ); with one chunk
+    sO aliases sQ and the epilogue waits for all 256 consumer threads' last QK^T."""
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
     cfg = FwdConfig.make("bf16", 256, has_right=causal, tile_n=64, o_chunks=2)
@@ -155,6 +153,8 @@ def test_compile_o_chunks(causal):
     ops = _compile_and_check(cfg, text)
     assert ops["STSM"] > 0
     assert "SYNC 0x1" not in sass.named_barrier_ids(text[0])  # NamedBarrierFwd.Epilogue
+    _compile_and_check(one_chunk, text)
+    assert "BAR.SYNC.DEFER_BLOCKING 0x1, 0x100" in text[1]
 
 
 @pytest.mark.parametrize("hdim,causal", [(128, False), (64, True), (256, False)])
@@ -342,9 +342,8 @@ def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
 
 @pytest.mark.parametrize("g", [1, 3, 4])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
-@pytest.mark.parametrize("thr0", [True, False], ids=["mask_thr0", "per_element"])
 @pytest.mark.parametrize("half", [False, True], ids=["block", "half"])
-def test_mask_apply_on_the_host(g, wl, wr, thr0, half):
+def test_mask_apply_on_the_host(g, wl, wr, half):
     """AttentionMask.apply, the kernel's own code run by CuTe DSL's host JIT for every consumer
     thread of a tile (each thread's WGMMA accumulator fragment, scattered back to (row, col)),
     against a brute-force mask: sequence end, causal / local window edges, g rows per position.
@@ -371,7 +370,7 @@ def test_mask_apply_on_the_host(g, wl, wr, thr0, half):
             thr = tiled_mma.get_slice(t)
             acc = cute.make_rmem_tensor(tiled_mma.partition_shape_C((tile_m, width)), Float32)
             acc.fill(1.0)
-            mask.apply(acc, thr, n_block, True, True, True, tiled_mma.get_slice(0) if thr0 else None)
+            mask.apply(acc, thr, n_block, True, True, True, tiled_mma.get_slice(0))
             rc = thr.partition_C(coords)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 out[rc[i]] = acc[i]
@@ -927,23 +926,20 @@ def _with_tile(req, **tile):
 
 
 @gpu
-@pytest.mark.parametrize("overlap,pingpong,v_lags_k",
-                         [(False, True, True), (False, False, True), (True, False, True), (True, True, False),
-                          (False, True, False)])
-def test_gpu_schedules(overlap, pingpong, v_lags_k):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_schedules(overlap):
     q, k, v = _qkv(2, 300, 700, 4, 4, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_right=0)
-    _check(req, _with_tile(req, intra_wg_overlap=overlap, pingpong=pingpong, v_lags_k=v_lags_k))
+    _check(req, _with_tile(req, intra_wg_overlap=overlap))
 
 
 @gpu
 @pytest.mark.parametrize("hdim,hdimv", [(128, 128), (192, 128), (192, 192), (256, 256)])
-@pytest.mark.parametrize("pingpong", [True, False])
 @pytest.mark.parametrize("sq,sk,wl,wr", [(300, 700, -1, 0), (799, 1023, -1, -1), (113, 203, 37, 11)])
-def test_gpu_rescale_o_before_pv(hdim, hdimv, pingpong, sq, sk, wl, wr):
+def test_gpu_rescale_o_before_pv(hdim, hdimv, sq, sk, wl, wr):
     q, k, v = _qkv(2, sq, sk, 4, 2, hdim, hdimv, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
-    _check(req, _with_tile(req, rescale_o_before_pv=True, pingpong=pingpong))
+    _check(req, _with_tile(req, rescale_o_before_pv=True))
 
 
 # Tile shapes swept by `python -m cute_kernels.bench --tiles ...` (CPU-checked: no spills,
@@ -984,9 +980,7 @@ def test_gpu_three_wg(hdim, sq, sk, wl, wr):
 
 
 @gpu
-@pytest.mark.parametrize("fields", [dict(persistent=True), dict(mask_thr0=False),
-                                    dict(intra_wg_overlap=False), dict(pingpong=False),
-                                    dict(v_lags_k=False)], ids=str)
+@pytest.mark.parametrize("fields", [dict(persistent=True), dict(intra_wg_overlap=False)], ids=str)
 def test_gpu_three_wg_schedules(fields):
     # 3 * 8 * 6 = 144 tiles of 192 rows > 132 SMs: persistent CTAs run several tiles.
     q, k, v = _qkv(3, 1000, 777, 8, 2, 64, 64, torch.float16)
@@ -1004,45 +998,30 @@ def test_gpu_three_wg_varlen_softcap():
 
 
 @gpu
-@pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129)])
-@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (0, 0), (200, -1), (-1, 64)])
-def test_gpu_mask_thr0(sq, sk, wl, wr):
-    """The per-thread mask (mask_thr0 off; the default is on and runs in every other test)."""
-    q, k, v = _qkv(2, sq, sk, 4, 2, 128, 128, torch.bfloat16)
-    req = _req(q, k, v, window_left=wl, window_right=wr)
-    _check(req, _with_tile(req, mask_thr0=False))
-
-
-@gpu
 @pytest.mark.parametrize("overlap", [True, False])
-@pytest.mark.parametrize("separate_o", [True, False])
+@pytest.mark.parametrize("hdim", [128, 192], ids=["separate_o", "o_in_q"])
 @pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (100, 30)])
-def test_gpu_persistent(overlap, separate_o, wl, wr):
+def test_gpu_persistent(overlap, hdim, wl, wr):
     """Static persistent CTAs (not the dynamic scheduler, the causal/local default):
     3 * 8 * 8 = 192 tiles > #SMs, every CTA runs several tiles (and some rows are empty, so
-    with separate_o some tiles release Q without reading it)."""
-    q, k, v = _qkv(3, 1000, 777, 8, 2, 128, 128, torch.bfloat16)
+    with a separate sO, hdim 128, some tiles release Q without reading it; hdim 192 stages O in
+    sQ)."""
+    q, k, v = _qkv(3, 1000, 777, 8, 2, hdim, hdim, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
-    _check(req, _with_tile(req, persistent=True, dynamic=False, intra_wg_overlap=overlap,
-                           separate_o=separate_o))
+    _check(req, _with_tile(req, persistent=True, dynamic=False, intra_wg_overlap=overlap))
 
 
 @gpu
-@pytest.mark.parametrize("l2_kv_heads", [0, 5, 10**6])  # sections of 4, 20 (+ a short one of 4), all
 @pytest.mark.parametrize("wl,wr", [(-1, 0), (100, 30)])
 @pytest.mark.parametrize("dynamic", [True, False])
-@pytest.mark.parametrize("tail_waves", [0, 1, 2])  # 24 pairs x 8 m_blocks, 132 SMs: final section none / 17 / all
-def test_gpu_lpt_sections(monkeypatch, l2_kv_heads, wl, wr, dynamic, tail_waves):
-    """The causal/local longest-first order visits every (m_block, batch, head) once, for
-    sections that do and do not divide batch * heads and a final section of none, some or all
-    pairs (scheduler.TileScheduler.coords), as the single-tile grid and as the dynamic
-    scheduler's tile numbering."""
-    q, k, v = _qkv(3, 1000, 1000, 8, 2, 64, 64, torch.bfloat16)
-    per_kv_head = 1000 * (64 + 64) * 2
-    monkeypatch.setattr(cute_kernels, "_l2_bytes", lambda device: l2_kv_heads * per_kv_head)
+@pytest.mark.parametrize("batch,heads", [(3, 8), (12, 16)])  # 24 / 192 pairs: final section all / some
+def test_gpu_lpt_order(wl, wr, dynamic, batch, heads):
+    """The causal/local longest-first order visits every (m_block, batch, head) once, with a
+    final section of all or some pairs (scheduler.TileScheduler.coords), as the single-tile
+    grid and as the dynamic scheduler's tile numbering."""
+    q, k, v = _qkv(batch, 1000, 1000, heads, 2, 64, 64, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
-    assert cute_kernels.l2_heads(req) == max(1, min(l2_kv_heads, 10**6)) * 4
-    _check(req, _with_tile(req, lpt_l2_sections=True, dynamic=dynamic, lpt_tail_waves=tail_waves))
+    _check(req, _with_tile(req, dynamic=dynamic))
 
 
 @gpu
@@ -1064,14 +1043,14 @@ def test_gpu_dynamic(hdim, wl, wr, dynamic):
 
 
 @gpu
-@pytest.mark.parametrize("separate_o,q_stages", [(True, 1), (False, 1), (True, 2)])
-def test_gpu_dynamic_varlen(separate_o, q_stages):
+@pytest.mark.parametrize("hdim,q_stages", [(128, 1), (192, 1), (128, 2)])  # hdim 192: sO in sQ
+def test_gpu_dynamic_varlen(hdim, q_stages):
     """Empty sequences and m_blocks past a sequence's end are skipped by the producer: the
     consumers only see the tiles it announces, then the end marker."""
     q, k, v, varlen = _packed_qkv([1, 113, 0, 799, 0, 64, 1500, 300], [3, 203, 7, 1024, 5, 0, 1400, 900],
-                                  8, 2, 128, torch.bfloat16)
+                                  8, 2, hdim, torch.bfloat16)
     req = _req(q, k, v, window_right=0, **varlen)
-    _check(req, _with_tile(req, dynamic=True, separate_o=separate_o, q_stages=q_stages))
+    _check(req, _with_tile(req, dynamic=True, q_stages=q_stages))
 
 
 @gpu
