@@ -120,14 +120,14 @@ def host_overhead(n: int = 300) -> list:
         return dt
 
     rows = []
-    saved = cute_kernels.use_tvm_ffi
+    saved = cute_kernels.launch.use_tvm_ffi
     for path in ([True, False] if saved else [False]):
-        cute_kernels.use_tvm_ffi = path
+        cute_kernels.launch.use_tvm_ffi = path
         rows.append((f"cute_kernels.forward ({'tvm-ffi' if path else 'from_dlpack'})",
                      timed(lambda: cute_kernels.forward(req))))
         rows.append((f"fa3py.attention(backend='cute') ({'tvm-ffi' if path else 'from_dlpack'})",
                      timed(lambda: fa3py.attention(q, k, v, backend="cute"))))
-    cute_kernels.use_tvm_ffi = saved
+    cute_kernels.launch.use_tvm_ffi = saved
     rows.append(("AttentionRequest(...) + config_for", timed(
         lambda: cute_kernels.config_for(AttentionRequest(q, k, v, AttentionParams(128**-0.5))))))
     rows.append(("torch SDPA (default backend)", timed(
@@ -145,7 +145,7 @@ def host_overhead(n: int = 300) -> list:
         ("  out + lse torch.empty", timed(lambda: (torch.empty(creq.out_shape, dtype=q.dtype, device=q.device),
                                                    torch.empty(creq.lse_shape, dtype=torch.float32,
                                                                device=q.device)))),
-        ("  _tile_counter", timed(lambda: cute_kernels._tile_counter(q.device))),
+        ("  tile_counters", timed(lambda: cute_kernels.launch.tile_counters(q.device))),
         ("  cute_kernels.run (causal)", timed(lambda: cute_kernels.run(creq, cfg))),
     ]
     for name, us in rows:
@@ -214,7 +214,7 @@ def main(argv=None):
         print(f"# gpu tests: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
         if rc != 0:
             raise SystemExit(int(rc))
-    result = dict(gpu=torch.cuda.get_device_name(), tvm_ffi=cute_kernels.use_tvm_ffi, rows=[])
+    result = dict(gpu=torch.cuda.get_device_name(), tvm_ffi=cute_kernels.launch.use_tvm_ffi, rows=[])
     if a.host:
         result["host"] = host_overhead()
     tiles = _parse_tiles(a.tiles)
@@ -227,7 +227,7 @@ def main(argv=None):
         except ImportError as e:
             print(f"# fa4 not importable: {e}")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=a.rep, return_mode="median")
-    print(f"# {result['gpu']} tvm_ffi={cute_kernels.use_tvm_ffi} tokens={a.tokens}")
+    print(f"# {result['gpu']} tvm_ffi={cute_kernels.launch.use_tvm_ffi} tokens={a.tokens}")
     print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'variant':>28} {'ms':>8} {'TFLOP/s':>8}")
     for d, s, b, h, q, k, v, causal, req in points(a.hdims, a.seqlens, a.causal, a.tokens):
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))

@@ -23,6 +23,7 @@ cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import cute_kernels  # noqa: E402
+from cute_kernels import launch  # noqa: E402
 from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import (  # noqa: E402
     CANDIDATES, SHORT_TILES, TILES, FwdConfig, TileConfig, tile_from_spec, tile_variant,
@@ -525,14 +526,14 @@ def test_num_splits_choice(monkeypatch):
     assert cute_kernels.num_splits(five, cute_kernels.config_for(five)) == 5
     many = _req(decode.q, k, k, num_splits=1000)  # capped at the 64 KV blocks a tile has
     assert cute_kernels.num_splits(many, cute_kernels.config_for(many)) == 64
-    monkeypatch.setattr(cute_kernels, "split_kv_setting", "1")
+    monkeypatch.setattr(launch, "split_kv_setting", "1")
     assert not cute_kernels.config_for(decode).split_kv and not cute_kernels.config_for(five).split_kv
-    monkeypatch.setattr(cute_kernels, "split_kv_setting", "3")
+    monkeypatch.setattr(launch, "split_kv_setting", "3")
     assert cute_kernels.config_for(decode).split_kv and cute_kernels.num_splits(decode, cfg) == 3
 
 
 def _emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
-    """What `cute_kernels._launch` asks of the kernel, in float32 torch ops on the CPU, from the
+    """What `cute_kernels.launch.launch_kernel` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
     row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
     where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
@@ -540,7 +541,7 @@ def _emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
     test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
     s * batch + b, or rows from s * total_q + offset."""
     g, p = cfg.pack_gqa, req.params
-    max_rows, (cu_q, cu_k, used_q, used_k) = cute_kernels.sequence_args(req, q, g)  # the kernel's view
+    max_rows, (cu_q, cu_k, used_q, used_k) = launch.sequence_args(req, q, g)  # the kernel's view
     n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
     for b in range(n):
         q0 = int(cu_q[b]) if cu_q is not None else 0
@@ -594,12 +595,12 @@ def test_pack_gqa_host_side(layout, wl, wr, h, hk, splits, monkeypatch):
 
     given = []
 
-    def launch(req, cfg, q, k, v, out, lse, num_splits=1):
+    def emulated(req, cfg, q, k, v, out, lse, num_splits=1):
         given.append((out, lse))
         return _emulated_launch(req, cfg, q, k, v, out, lse, num_splits)
 
-    monkeypatch.setattr(cute_kernels, "_launch", launch)
-    monkeypatch.setattr(cute_kernels, "split_kv_setting", splits)
+    monkeypatch.setattr(launch, "launch_kernel", emulated)
+    monkeypatch.setattr(launch, "split_kv_setting", splits)
     if layout in ("batched", "decode"):
         sq = 1 if layout == "decode" else 7
         q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((sq, h), (700, hk), (700, hk)))
@@ -639,7 +640,7 @@ def test_pack_gqa_choice(monkeypatch):
     assert decode(4096, 32, 8).pack_gqa == 1
     # Causal hdim64: 100 positions x 8 heads = 800 rows take the short tile, 200 x 8 the table's.
     assert [decode(sq, 8, 1, 64, window_right=0).tile.tile_m for sq in (100, 200)] == [128, 192]
-    monkeypatch.setattr(cute_kernels, "pack_gqa_enabled", False)  # FA3PY_CUTE_PACK_GQA=0
+    monkeypatch.setattr(launch, "pack_gqa_enabled", False)  # FA3PY_CUTE_PACK_GQA=0
     assert decode(1, 32, 8).pack_gqa == 1
 
 
@@ -793,19 +794,18 @@ def test_tile_counters_are_bounded(monkeypatch):
 
     stream = SimpleNamespace(cuda_stream=0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(cute_kernels, "_current_stream_handle", lambda dev: stream.cuda_stream)
-    monkeypatch.setattr(cute_kernels, "_tile_counters", type(cute_kernels._tile_counters)())
+    counters = launch.TileCounters(stream_handle=lambda dev: stream.cuda_stream)
     cpu = torch.device("cpu")
-    first = cute_kernels._tile_counter(cpu)
-    assert cute_kernels._tile_counter(cpu) is first and first.tolist() == [0, 0]
-    for handle in range(1, cute_kernels._TILE_COUNTERS_MAX + 1):
+    first = counters(cpu)
+    assert counters(cpu) is first and first.tolist() == [0, 0]
+    for handle in range(1, counters.max_streams + 1):
         stream.cuda_stream = handle
-        cute_kernels._tile_counter(cpu)
+        counters(cpu)
         if handle == 5:  # stream 0 used again: it becomes the most recent
             stream.cuda_stream = 0
-            assert cute_kernels._tile_counter(cpu) is first
-    assert len(cute_kernels._tile_counters) == cute_kernels._TILE_COUNTERS_MAX
-    assert (None, 0) in cute_kernels._tile_counters and (None, 1) not in cute_kernels._tile_counters
+            assert counters(cpu) is first
+    assert len(counters.buffers) == counters.max_streams == launch.tile_counters.max_streams
+    assert (None, 0) in counters.buffers and (None, 1) not in counters.buffers
 
 
 def test_why_not_reasons():
@@ -1118,7 +1118,7 @@ def test_gpu_tile_counter_reuse():
         req = _req(q, k, v, window_right=0)
         assert cute_kernels.config_for(req).tile.dynamic
         _check(req)
-        assert cute_kernels._tile_counters[(q.device.index, stream.cuda_stream)].tolist() == [0, 0]
+        assert launch.tile_counters.buffers[(q.device.index, stream.cuda_stream)].tolist() == [0, 0]
     side = torch.cuda.Stream()
     side.wait_stream(stream)
     with torch.cuda.stream(side):
@@ -1128,7 +1128,7 @@ def test_gpu_tile_counter_reuse():
     from tests._util import check_forward
 
     check_forward(req, out, lse)
-    assert cute_kernels._tile_counters[(out.device.index, side.cuda_stream)].tolist() == [0, 0]
+    assert launch.tile_counters.buffers[(out.device.index, side.cuda_stream)].tolist() == [0, 0]
 
 
 def _epilogue_req(layout, causal, hdim):
@@ -1207,7 +1207,7 @@ def test_gpu_split_kv(splits, wl, wr, d, dv, h, hk, sq, monkeypatch):
     """Split-KV forced to 2, 5 and 40 splits of 1000 keys (40: more splits than KV blocks, so
     some are empty), with and without GQA packing, causal / local windows, every head dim:
     float32 partials from the kernel combined on the host, against the reference."""
-    monkeypatch.setattr(cute_kernels, "split_kv_setting", splits)
+    monkeypatch.setattr(launch, "split_kv_setting", splits)
     q, k, v = _qkv(2, sq, 1000, h, hk, d, dv, torch.bfloat16)
     req = _req(q, k, v, window_left=wl, window_right=wr)
     assert cute_kernels.config_for(req).split_kv
@@ -1219,7 +1219,7 @@ def test_gpu_split_kv(splits, wl, wr, d, dv, h, hk, sq, monkeypatch):
 @pytest.mark.parametrize("seqused", [False, True])
 def test_gpu_split_kv_varlen(causal, seqused, monkeypatch):
     """Split-KV with packed (varlen) queries and keys, empty and one-token sequences, seqused."""
-    monkeypatch.setattr(cute_kernels, "split_kv_setting", "4")
+    monkeypatch.setattr(launch, "split_kv_setting", "4")
     q, k, v, kw = _packed_qkv([1, 5, 0, 77, 2], [3, 203, 5, 1024, 640], 8, 2, 128, torch.float16)
     if seqused:
         kw.update(seqused_q=torch.tensor([1, 3, 0, 70, 2], dtype=torch.int32, device="cuda"),
@@ -1257,7 +1257,7 @@ def test_gpu_padded_headdims(d, dv, causal, layout):
         v = torch.randn(*v.shape[:-1], dv, device="cuda", dtype=torch.bfloat16)
     req = _req(q, k, v, window_right=0 if causal else -1, **kw)
     cfg = cute_kernels.config_for(req)
-    assert cfg.hdim_in == (0 if d == cfg.hdim else d) and cfg.pack_gqa == 1  # (so _launch takes q as is)
+    assert cfg.hdim_in == (0 if d == cfg.hdim else d) and cfg.pack_gqa == 1  # (so launch_kernel takes q as is)
     _check(req)
     # out written through a view with padding after each row: the padding must stay untouched.
     wide = torch.full((*req.out_shape[:-1], dv + 24), 7.0, device="cuda", dtype=torch.bfloat16)
@@ -1266,7 +1266,7 @@ def test_gpu_padded_headdims(d, dv, causal, layout):
     if kw:  # padded rows are the caller's to initialize
         out.zero_()
         lse.fill_(-math.inf)
-    cute_kernels._launch(req, cfg, q, k, v, out, lse)
+    launch.launch_kernel(req, cfg, q, k, v, out, lse)
     torch.cuda.synchronize()
     assert (wide[..., dv:] == 7.0).all()
 
@@ -1355,7 +1355,7 @@ def test_gpu_current_stream():
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_from_dlpack_path(monkeypatch, causal):
     """The fallback calling path (no TVM-FFI): from_dlpack conversions per call."""
-    monkeypatch.setattr(cute_kernels, "use_tvm_ffi", False)
+    monkeypatch.setattr(launch, "use_tvm_ffi", False)
     q, k, v = _qkv(2, 239, 517, 4, 2, 128, 128, torch.bfloat16)
     _check(_req(q, k, v, window_right=0 if causal else -1))
 
@@ -1364,7 +1364,7 @@ def test_gpu_from_dlpack_path(monkeypatch, causal):
 def test_gpu_compile_time_recorded():
     q, k, v = _qkv(1, 64, 64, 2, 2, 128, 128, torch.bfloat16)
     cute_kernels.forward(_req(q, k, v, window_left=5, window_right=3, softcap=3.0))
-    assert cute_kernels.last_compile_seconds is not None and cute_kernels.last_compile_seconds > 0
+    assert launch.last_compile_seconds is not None and launch.last_compile_seconds > 0
 
 
 def test_cycles_markdown():
@@ -1391,21 +1391,21 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch, caplog):
     from cute_kernels import disk_cache
 
     monkeypatch.setenv("FA3PY_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cute_kernels, "_compiled", {})
+    monkeypatch.setattr(launch, "kernels", {})
     cfg = FwdConfig.make("bf16", 64, has_right=True, short=True)
-    cute_kernels._compile(cfg, None)
+    launch.compile_kernel(cfg)
     entry = tmp_path / "cute" / f"{disk_cache.entry_name(cfg)}.o"
     assert entry.stat().st_size > 10_000 and list(entry.parent.iterdir()) == [entry]
 
     real_compile = cute.compile
     monkeypatch.setattr(cute, "compile", lambda *a, **k: pytest.fail("compiled despite a cached entry"))
-    monkeypatch.setattr(cute_kernels, "_compiled", {})
-    assert isinstance(cute_kernels._compile(cfg, None), tvm_ffi.Function)
+    monkeypatch.setattr(launch, "kernels", {})
+    assert isinstance(launch.compile_kernel(cfg), tvm_ffi.Function)
 
     entry.write_bytes(b"not an object file")
     monkeypatch.setattr(cute, "compile", real_compile)
-    monkeypatch.setattr(cute_kernels, "_compiled", {})
-    cute_kernels._compile(cfg, None)
+    monkeypatch.setattr(launch, "kernels", {})
+    launch.compile_kernel(cfg)
     assert "unreadable cached kernel" in caplog.text and entry.stat().st_size > 10_000
 
     assert disk_cache.entry_name(cfg) != disk_cache.entry_name(FwdConfig.make("bf16", 64, has_right=True))
@@ -1417,16 +1417,16 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_disk_cache_kernel_runs(causal, tmp_path, monkeypatch):
     """A kernel loaded from the disk cache (TVM-FFI path) computes the same attention."""
-    if not cute_kernels.use_tvm_ffi:
+    if not launch.use_tvm_ffi:
         pytest.skip("the disk cache serves the TVM-FFI path (apache-tvm-ffi not importable)")
     monkeypatch.setenv("FA3PY_CACHE_DIR", str(tmp_path))
     q, k, v = _qkv(2, 300, 517, 4, 2, 128, 128, torch.bfloat16)
     req = _req(q, k, v, window_right=0 if causal else -1)
-    monkeypatch.setattr(cute_kernels, "_compiled", {})
+    monkeypatch.setattr(launch, "kernels", {})
     first = cute_kernels.run(req, cute_kernels.config_for(req))
     assert len(list((tmp_path / "cute").iterdir())) == 1
-    monkeypatch.setattr(cute_kernels, "_compiled", {})  # a new process: load, not compile
-    monkeypatch.setattr(cute_kernels, "last_compile_seconds", None)
+    monkeypatch.setattr(launch, "kernels", {})  # a new process: load, not compile
+    monkeypatch.setattr(launch, "last_compile_seconds", None)
     _check(req)
-    assert cute_kernels.last_compile_seconds is None
+    assert launch.last_compile_seconds is None
     torch.testing.assert_close(cute_kernels.run(req, cute_kernels.config_for(req)), first, rtol=0, atol=0)
