@@ -201,7 +201,7 @@ def main(argv=None):
                         "(evens out clock/thermal drift between variants)")
     p.add_argument("--fa4", action="store_true", help="add flash-attn-4's forward when importable (a peer)")
     p.add_argument("--host", action="store_true", help="also measure host overhead per call")
-    p.add_argument("--check", action="store_true", help="run `pytest -m gpu tests/test_cute.py` first")
+    p.add_argument("--check", action="store_true", help="run `pytest -m gpu tests/test_cute_gpu.py` first")
     p.add_argument("--check-k", default=None, help="with --check: only gpu tests matching this -k expression")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -210,7 +210,7 @@ def main(argv=None):
 
         t0 = time.perf_counter()
         sel = ["-k", a.check_k] if a.check_k else []
-        rc = pytest.main(["-q", "-x", "-m", "gpu", "tests/test_cute.py", "-p", "no:cacheprovider", *sel])
+        rc = pytest.main(["-q", "-x", "-m", "gpu", "tests/test_cute_gpu.py", "-p", "no:cacheprovider", *sel])
         print(f"# gpu tests: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
         if rc != 0:
             raise SystemExit(int(rc))
