@@ -180,7 +180,7 @@ class FlashAttentionForwardSm90:
         window_right: Int32,
         max_seqlen_q: Int32,
         num_ctas: Int32,  # persistent: CTAs to launch (number of SMs)
-        l2_heads: Int32,  # causal/local single-tile LPT grid: (batch, head) pairs per L2 section
+        l2_heads: Int32,  # causal/local LPT order: (batch, head) pairs per section (launch passes 1)
         num_splits: Int32,  # split_kv: KV splits per tile (else unused)
         stream: cuda.CUstream,
     ):

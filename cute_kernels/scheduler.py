@@ -4,7 +4,7 @@ Single-tile: one tile per CTA, the hardware hands CTAs to SMs greedily in launch
   Plain: grid (num_m_blocks, nheads, batch).
   `lpt` (causal/local: tile m_block has ~m_block + 1 KV blocks): a 1-D grid in
   longest-processing-time-first order, in sections of (batch, head) pairs: inside a section the
-  order is m_block descending, pairs fastest. A section is `l2_heads` pairs (1 by default:
+  order is m_block descending, pairs fastest. A section is `l2_heads` pairs (launch passes 1:
   head-major, each head's m_blocks descending, so the CTAs in flight share few heads' K/V in L2),
   except the last `tail_heads` pairs, which form one final section of about LPT_TAIL_WAVES
   waves of tiles: without it the last head's longest tile starts near the very end and runs
@@ -44,7 +44,7 @@ class TileScheduler:
     num_batch: Int32
     persistent: cutlass.Constexpr[bool]
     lpt: cutlass.Constexpr[bool]
-    l2_heads: Int32  # lpt (single-tile or dynamic): (batch, head) pairs per L2 section
+    l2_heads: Int32  # lpt (single-tile or dynamic): (batch, head) pairs per section (launch: 1)
     tail_heads: Int32  # lpt: the last pairs, one longest-first section of their own (0: none)
     dynamic: cutlass.Constexpr[bool] = False
     counter: Optional[cute.Tensor] = None  # dynamic: (tiles taken, CTAs done), zero at launch
