@@ -9,7 +9,7 @@ Warp roles (128 x (1 + W) threads, W = tile_m / 64 consumer warpgroups, 2 or 3):
                    O += P V (RS WGMMA, P stays in registers), then the epilogue.
 
 Pipelines (PipelineTmaAsync, mbarriers in smem; counts asserted at trace time by
-`check_arrive_counts`):
+`pipeline.check_arrive_counts`):
   pipeline_q  q_stages (1, 2).  full: 1 producer arrive + Q tx bytes; empty: 4W consumer warps.
               With 2, the producer loads the next tile's Q while the consumers run this one.
   pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 4W consumer warps.
@@ -59,10 +59,10 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cute_kernels.config import FwdConfig
 from cute_kernels.epilogue import O_SLAB_ROWS, EpilogueSm90, OutputOperands
 from cute_kernels.mask import AttentionMask, SeqlenInfo
+from cute_kernels.pipeline import WarpgroupRing, check_arrive_counts, release_after, release_previous
 from cute_kernels.scheduler import LPT_TAIL_WAVES, TileScheduler, TileWork
 from cute_kernels.softmax import OnlineSoftmax
 from cute_kernels.utils import (
-    NamedBarrierFwd,
     acc_to_frgA,
     acc_to_mn,
     assume_aligned_strides,
@@ -118,8 +118,7 @@ class FlashAttentionForwardSm90:
         self.num_mma_wg = t.num_mma_wg
         assert self.num_mma_wg in (2, 3) and t.tile_m == 64 * self.num_mma_wg, \
             "one 64-row slab per consumer warpgroup"
-        assert self.num_mma_wg <= len(NamedBarrierFwd) - int(NamedBarrierFwd.WarpSchedulerWG1) + 1, \
-            "one pingpong barrier per consumer warpgroup"
+        self.ring = WarpgroupRing(self.num_mma_wg)  # the consumer warpgroups' GEMM turns
         assert cfg.hdim % 16 == 0 and cfg.hdimv % 16 == 0 and t.tile_n % 16 == 0
         self.tile_m, self.tile_n, self.num_stages = t.tile_m, t.tile_n, t.num_stages
         self.hdim, self.hdimv = cfg.hdim, cfg.hdimv
@@ -143,17 +142,14 @@ class FlashAttentionForwardSm90:
         self.persistent = t.persistent or t.dynamic
 
     # ------------------------------------------------------------------ host side
-    def _tiled_mmas(self):
-        return self._tiled_mma_qk(self.tile_n), self._tiled_mma_pv(self.hdimv)
-
-    def _tiled_mma_qk(self, n: int):
+    def make_tiled_mma_qk(self, n: int):
         """S = Q K^T over n keys (the KV block; its first half for diag_half)."""
         return sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
             Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
         )
 
-    def _tiled_mma_pv(self, n: int):
+    def make_tiled_mma_pv(self, n: int):
         """O += P V over n columns of V (the whole hdim_v; a column chunk of O for its layout)."""
         return sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN,
@@ -192,7 +188,7 @@ class FlashAttentionForwardSm90:
         mK, mV = [_sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
         mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
 
-        tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
+        tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.hdimv)
         sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
@@ -302,7 +298,7 @@ class FlashAttentionForwardSm90:
         pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.num_stages,
                                tx_count=tx_v)
         for pipe in (pipeline_q, pipeline_k, pipeline_v):
-            self.check_arrive_counts(pipe)
+            check_arrive_counts(pipe, self.num_mma_threads // 32)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
 
@@ -335,7 +331,7 @@ class FlashAttentionForwardSm90:
         else:
             cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
             # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
-            tiled_mma_o = tiled_mma_pv if const_expr(self.cfg.tile.o_chunks == 1) else self._tiled_mma_pv(self.o_width)
+            tiled_mma_o = tiled_mma_pv if const_expr(self.cfg.tile.o_chunks == 1) else self.make_tiled_mma_pv(self.o_width)
             out = OutputOperands(mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_o)
             self.mma(out, sQ, sK, sV, tiled_mma_qk, tiled_mma_pv,
                      pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, tiles)
@@ -475,7 +471,7 @@ class FlashAttentionForwardSm90:
         half = None
         if const_expr(self.cfg.tile.diag_half):
             half_n = self.tile_n // 2
-            tiled_mma_qk_half = self._tiled_mma_qk(half_n)
+            tiled_mma_qk_half = self.make_tiled_mma_qk(half_n)
             wg_mma_qk_half = tiled_mma_qk_half.get_slice(wg_idx * NUM_THREADS_PER_WG)
             sK_half = cute.logical_divide(sK, (half_n,))[(None, 0), None, None]
             tSrK_half = wg_mma_qk_half.make_fragment_B(wg_mma_qk_half.partition_B(sK_half))
@@ -493,7 +489,7 @@ class FlashAttentionForwardSm90:
         overlap = self.cfg.tile.intra_wg_overlap
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_k.num_stages)
-        self.scheduler_init(wg_idx)
+        self.ring.init(wg_idx)
         scheduler = tiles.scheduler
         tile = scheduler.initial()
         if const_expr(tiles.next_tile is not None):  # dynamic: the producer says which tile is next
@@ -527,7 +523,7 @@ class FlashAttentionForwardSm90:
                             softcap_premul=softcap_premul,
                         )
                     else:
-                        self.scheduler_sync(wg_idx)
+                        self.ring.sync(wg_idx)
                         kv_state = step(kv_state, n_block, is_first=True, mask_seqlen=True,
                                         mask_right=True, mask_left=True, half=half)
                     # 2) blocks that cross the right edge of the window (causal diagonal).
@@ -554,8 +550,8 @@ class FlashAttentionForwardSm90:
                     else:
                         if const_expr(self.cfg.tile.chain_pv_qk):
                             warpgroup.wait_group(0)  # the last PV
-                            self.release_previous(pipeline_v, kv_state)
-                        self.scheduler_arrive(wg_idx)
+                            release_previous(pipeline_v, kv_state)
+                        self.ring.arrive(wg_idx)
                         if const_expr(self.separate_o):
                             pipeline_q.consumer_release(q_state)
                 elif const_expr(self.separate_o):
@@ -645,16 +641,16 @@ class FlashAttentionForwardSm90:
         chain = self.cfg.tile.chain_pv_qk
         pipeline_k.consumer_wait(kv_state)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1, mma=ops.qk_mma)  # S = Q @ K^T
-        self.scheduler_arrive(wg_idx)
+        self.ring.arrive(wg_idx)
         warpgroup.wait_group(0)  # (chain_pv_qk: and the previous block's PV)
         pipeline_k.consumer_release(kv_state)
         if const_expr(chain and not is_first):
-            self.release_previous(pipeline_v, kv_state)
+            release_previous(pipeline_v, kv_state)
         row_scale, moved = self.softmax_block(acc_S, n_block, softmax, ops.tOrP, ops.thr_mma_qk, ops.thr0_mma_qk,
                                               mask, softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
         softmax.rescale_O(acc_O, row_scale, moved, lazy=not is_first)
         pipeline_v.consumer_wait(kv_state)
-        self.scheduler_sync(wg_idx)
+        self.ring.sync(wg_idx)
         pv_gemm(kv_state.index, wg_wait=-1 if const_expr(chain) else 0, k_blocks=ops.pv_k_blocks)  # O += P @ V
         if const_expr(not chain):
             pipeline_v.consumer_release(kv_state)
@@ -682,13 +678,13 @@ class FlashAttentionForwardSm90:
         v_state = kv_state.clone()
         kv_state.advance()
         pipeline_k.consumer_wait(kv_state)
-        self.scheduler_sync(wg_idx)
+        self.ring.sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             softmax.rescale_O(acc_O, o_scale)  # the previous block's factors, under QK^T
         pipeline_v.consumer_wait(v_state)
         pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
-        self.scheduler_arrive(wg_idx)
+        self.ring.arrive(wg_idx)
         warpgroup.wait_group(1)
         gate = self.cfg.tile.k_release_gate
         if const_expr(gate == 0):
@@ -698,7 +694,7 @@ class FlashAttentionForwardSm90:
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
         row_scale, moved = softmax.step(acc_S, is_first=False)
         if const_expr(gate > 0):
-            self.release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
+            release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
         pipeline_v.consumer_release(v_state)
         convert_to(acc_to_frgA(acc_S), tOrP)
@@ -709,23 +705,6 @@ class FlashAttentionForwardSm90:
         return kv_state
 
     @cute.jit
-    def release_previous(self, pipe, state):
-        """pipe.consumer_release of the stage before `state`'s (chain_pv_qk: the last block's V,
-        whose PV has just been waited for)."""
-        prev = state.index - 1 if state.index > 0 else Int32(pipe.num_stages - 1)
-        if pipe.is_signaling_thread:
-            pipe.sync_object_empty.arrive(prev, pipe.consumer_mask)
-
-    @cute.jit
-    def release_after(self, pipe, state, p_mn: cute.Tensor, col: cutlass.Constexpr[int]):
-        """pipe.consumer_release(state), made to depend on the probability p_mn[0, col]: it is
-        >= 0 or NaN, so the test always passes, but ptxas cannot know that and must compute that
-        exp2 (and, in its order, about 2 * col others) before the arrive."""
-        assert col < cute.size(p_mn.shape[1]), f"k_release_gate {col + 1} > {cute.size(p_mn.shape[1])} columns"
-        if pipe.is_signaling_thread & (not (p_mn[0, col] < 0.0)):
-            pipe.sync_object_empty.arrive(state.index, pipe.consumer_mask)
-
-    @cute.jit
     def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale):
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             softmax.rescale_O(acc_O, o_scale)
@@ -734,38 +713,6 @@ class FlashAttentionForwardSm90:
         pipeline_v.consumer_release(kv_state)
         kv_state.advance()
         return kv_state
-
-    # ------------------------------------------------------------------ pingpong
-    # A ring over the consumer warpgroups: WG i waits on barrier WarpSchedulerWG1 + i (its own
-    # 128 threads + 128 arrivals of WG i-1) before issuing GEMMs and then arrives on WG i+1's.
-    # With 2 WGs the ring is the FA3 pingpong; with 3 it is FA3's 3-WG round robin.
-    def scheduler_barrier(self, wg_idx) -> Int32:
-        return int(NamedBarrierFwd.WarpSchedulerWG1) + wg_idx
-
-    @cute.jit
-    def scheduler_init(self, wg_idx):
-        """WG1 goes first: it pre-arrives on its own barrier."""
-        if wg_idx == 0:
-            cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1),
-                                     number_of_threads=2 * NUM_THREADS_PER_WG)
-
-    @cute.jit
-    def scheduler_sync(self, wg_idx):
-        cute.arch.barrier(barrier_id=self.scheduler_barrier(wg_idx), number_of_threads=2 * NUM_THREADS_PER_WG)
-
-    @cute.jit
-    def scheduler_arrive(self, wg_idx):
-        next_wg = 1 - wg_idx if const_expr(self.num_mma_wg == 2) else (wg_idx + 1) % self.num_mma_wg
-        cute.arch.barrier_arrive(barrier_id=self.scheduler_barrier(next_wg), number_of_threads=2 * NUM_THREADS_PER_WG)
-
-    def check_arrive_counts(self, pipe):
-        """Trace-time check of a PipelineTmaAsync's mbarrier arrive counts: full = the one TMA
-        thread (+ tx bytes), empty = lane 0 of every consumer warp (PipelineTmaAsync's
-        consumer_release signals from lane 0 only, without cluster multicast)."""
-        full, empty = pipe.sync_object_full.arrive_count, pipe.sync_object_empty.arrive_count
-        consumer_warps = self.num_mma_wg * NUM_THREADS_PER_WG // 32
-        assert full == 1, f"full barrier arrive count {full} != 1 producer thread"
-        assert empty == consumer_warps, f"empty barrier arrive count {empty} != {consumer_warps} warps"
 
     # ------------------------------------------------------------------ compile
     @staticmethod

@@ -406,7 +406,7 @@ def test_mask_apply_on_the_host(g, wl, wr, half):
     @cutlass.cute.jit
     def masked(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
                wr: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
-        tiled_mma = kernel._tiled_mma_qk(width)
+        tiled_mma = kernel.make_tiled_mma_qk(width)
         mask = AttentionMask(tile_m, tile_n, wl_on, wr_on, wl, wr, SeqlenInfo(Int32(0), Int32(0), sq, sk),
                              m_block, rows_per_pos=g)
         coords = cute.make_identity_tensor((tile_m, width))
