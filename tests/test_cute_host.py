@@ -42,6 +42,22 @@ def test_padded_headdim_choice():
             assert (cfg.hdim_in, cfg.hdimv_in) == (0 if d == cfg.hdim else d, 0 if dv == cfg.hdimv else dv)
 
 
+def test_warpgroup_ring_barriers():
+    """The consumer warpgroups' GEMM ring: one named barrier per warpgroup after the epilogue's,
+    checked where the ring is made (a wrong count should fail the compile, not hang the GPU)."""
+    from cute_kernels.pipeline import WarpgroupRing
+    from cute_kernels.utils import NamedBarrierFwd
+
+    for w in (2, 3):
+        ring = WarpgroupRing(w)
+        ids = [ring.barrier_id(i) for i in range(w)]
+        assert ids == list(range(int(NamedBarrierFwd.WarpSchedulerWG1), int(NamedBarrierFwd.WarpSchedulerWG1) + w))
+        assert int(NamedBarrierFwd.Epilogue) not in ids
+    for w in (1, 4):
+        with pytest.raises(AssertionError, match="one named barrier per consumer warpgroup"):
+            WarpgroupRing(w)
+
+
 def test_tile_config_budget():
     with pytest.raises(AssertionError, match="registers"):
         TileConfig(192, 128, 2, 24, 240)
