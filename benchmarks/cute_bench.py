@@ -4,13 +4,13 @@ FA3-paper grid: `--tokens` in total (batch = tokens // seqlen), nheads = 2048 //
 
     python -m benchmarks.cute_bench [--seqlens 512,8192] [--hdims 64,128,256] [--causal both]
                                  [--tiles "128:128x128,128x176;256:128x80s2"] [--candidates]
-                                 [--ab mask_thr0] [--json out.json]
+                                 [--ab diag_half] [--json out.json]
     python -m benchmarks.cute_bench --host     # host microseconds per call (tiny problem)
     python -m benchmarks.cute_bench --check ...  # GPU tests first, in this process (compiled
                                               # kernels are shared); no timing if they fail
 
 `--tiles` lists tile variants per head dim (MxN, optional sS stages, optional +field to switch
-boolean TileConfig fields on, e.g. 192x128+mask_thr0); tile_m 192 = 3 consumer warpgroups with
+boolean TileConfig fields on, e.g. 192x128+diag_half); tile_m 192 = 3 consumer warpgroups with
 the 24/160 register split (config.tile_from_spec). `--candidates` adds config.CANDIDATES. Times are
 `triton.testing.do_bench` medians of whole calls (host overhead included).
 """
@@ -32,7 +32,7 @@ from benchmarks.run import _error_text
 
 
 def _parse_tiles(spec: str) -> dict:
-    """"128:128x128,128x176s2+mask_thr0;256:128x80" -> {128: ["128x128", "128x176s2+mask_thr0"],
+    """"128:128x128,128x176s2+diag_half;256:128x80" -> {128: ["128x128", "128x176s2+diag_half"],
     256: ["128x80"]} (each entry for config.tile_from_spec)."""
     return {int(hd): tiles.split(",") for hd, tiles in (part.split(":") for part in filter(None, spec.split(";")))}
 
@@ -119,14 +119,14 @@ def host_overhead(n: int = 300) -> list:
         return dt
 
     rows = []
-    saved = cute_kernels.use_tvm_ffi
+    saved = cute_kernels.launch.use_tvm_ffi
     for path in ([True, False] if saved else [False]):
-        cute_kernels.use_tvm_ffi = path
+        cute_kernels.launch.use_tvm_ffi = path
         rows.append((f"cute_kernels.forward ({'tvm-ffi' if path else 'from_dlpack'})",
                      timed(lambda: cute_kernels.forward(req))))
         rows.append((f"fa3py.attention(backend='cute') ({'tvm-ffi' if path else 'from_dlpack'})",
                      timed(lambda: fa3py.attention(q, k, v, backend="cute"))))
-    cute_kernels.use_tvm_ffi = saved
+    cute_kernels.launch.use_tvm_ffi = saved
     rows.append(("AttentionRequest(...) + config_for", timed(
         lambda: cute_kernels.config_for(AttentionRequest(q, k, v, AttentionParams(128**-0.5))))))
     rows.append(("torch SDPA (default backend)", timed(
@@ -144,7 +144,7 @@ def host_overhead(n: int = 300) -> list:
         ("  out + lse torch.empty", timed(lambda: (torch.empty(creq.out_shape, dtype=q.dtype, device=q.device),
                                                    torch.empty(creq.lse_shape, dtype=torch.float32,
                                                                device=q.device)))),
-        ("  _tile_counter", timed(lambda: cute_kernels._tile_counter(q.device))),
+        ("  tile_counters", timed(lambda: cute_kernels.launch.tile_counters(q.device))),
         ("  cute_kernels.run (causal)", timed(lambda: cute_kernels.run(creq, cfg))),
     ]
     for name, us in rows:
@@ -195,7 +195,7 @@ def main(argv=None):
                         "(evens out clock/thermal drift between variants)")
     p.add_argument("--fa4", action="store_true", help="add flash-attn-4's forward when importable (a peer)")
     p.add_argument("--host", action="store_true", help="also measure host overhead per call")
-    p.add_argument("--check", action="store_true", help="run `pytest -m gpu tests/test_cute.py` first")
+    p.add_argument("--check", action="store_true", help="run `pytest -m gpu tests/test_cute_gpu.py` first")
     p.add_argument("--check-k", default=None, help="with --check: only gpu tests matching this -k expression")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -212,11 +212,11 @@ def main(argv=None):
 
         t0 = time.perf_counter()
         sel = ["-k", a.check_k] if a.check_k else []
-        rc = pytest.main(["-q", "-x", "-m", "gpu", "tests/test_cute.py", "-p", "no:cacheprovider", *sel])
+        rc = pytest.main(["-q", "-x", "-m", "gpu", "tests/test_cute_gpu.py", "-p", "no:cacheprovider", *sel])
         print(f"# gpu tests: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
         if rc != 0:
             raise SystemExit(int(rc))
-    result = dict(gpu=torch.cuda.get_device_name(), tvm_ffi=cute_kernels.use_tvm_ffi, rows=[])
+    result = dict(gpu=torch.cuda.get_device_name(), tvm_ffi=cute_kernels.launch.use_tvm_ffi, rows=[])
     if a.host:
         result["host"] = host_overhead()
     tiles = _parse_tiles(a.tiles)
@@ -229,7 +229,7 @@ def main(argv=None):
         except ImportError as e:
             print(f"# fa4 not importable: {e}")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=a.rep, return_mode="median")
-    print(f"# {result['gpu']} tvm_ffi={cute_kernels.use_tvm_ffi} tokens={a.tokens}")
+    print(f"# {result['gpu']} tvm_ffi={cute_kernels.launch.use_tvm_ffi} tokens={a.tokens}")
     print(f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'variant':>28} {'ms':>8} {'TFLOP/s':>8}")
     for d, s, b, h, q, k, v, causal, req in points(a.hdims, a.seqlens, a.causal, a.tokens):
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))

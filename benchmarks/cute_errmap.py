@@ -1,6 +1,6 @@
 """Where is a kernel config wrong? Error map per (batch, head, m_block) against an fp32 reference.
 
-    python -m benchmarks.cute_errmap --hdim 64 --tile 192x128 --set persistent=1 --set mask_thr0=1 \
+    python -m benchmarks.cute_errmap --hdim 64 --tile 192x128 --set persistent=1 --set q_stages=2 \
         --batch 3 --sq 1000 --sk 777 --heads 8 --kv-heads 2 --causal
 
 Prints the tiles whose max |out - ref| (ref: `fa3py.reference` in float32) exceeds 20x the

@@ -2,7 +2,7 @@
 keep the cubin and count SASS opcodes.
 
     python -m benchmarks.cute_sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
-                                [--softcap] [--varlen] [--no-overlap] [--no-pingpong]
+                                [--softcap] [--varlen] [--no-overlap]
                                 [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
                                 [--keep DIR]
 
@@ -91,12 +91,11 @@ def named_barrier_ids(sass: str) -> collections.Counter:
 
 def check(sass: str, cfg) -> list[str]:
     """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
-    barrier (the pingpong's) is required when `cfg` has the pingpong on; without it, a kernel
-    whose O has its own smem uses none."""
+    barrier (the pingpong's) is required."""
     ops = opcode_counts(sass)
     missing = [op for op in REQUIRED if ops[op] == 0]
     bars = named_barrier_ids(sass)
-    if cfg.tile.pingpong and not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
+    if not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
     if serialized_wgmma(sass):
         missing.append("pipelined HGMMA (ptxas serialized them: C7511)")
@@ -143,7 +142,6 @@ def main(argv=None) -> int:
     p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
     p.add_argument("--split-kv", action="store_true", help="split-KV (float32 partial O and LSE)")
     p.add_argument("--no-overlap", action="store_true")
-    p.add_argument("--no-pingpong", action="store_true")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
@@ -162,7 +160,7 @@ def main(argv=None) -> int:
         a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
         has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
-        pingpong=not a.no_pingpong, split_kv=a.split_kv,
+        split_kv=a.split_kv,
     )
     cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
     with tempfile.TemporaryDirectory() as d:

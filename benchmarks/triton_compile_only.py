@@ -15,8 +15,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from cute_kernels.combine import combine_kernel
 from triton_fallback.bwd import attn_bwd, attn_bwd_dq, attn_bwd_dq_epilogue, attn_bwd_preprocess
-from triton_fallback.combine import _combine
 from triton_fallback.fwd import attn_fwd
 
 _FLOAT_ARGS = ("softmax_scale", "softcap")
@@ -65,9 +65,9 @@ VARIANTS = [
     (attn_bwd_dq, 80, "bf16", dict(HEADDIM=64, HEADDIM_V=128, HAS_WR=True, BLOCK_M=128, BLOCK_N=32),
      8, 2),
     (attn_bwd_dq, 86, "fp16", dict(**_D96, **_ALL_VARLEN, BLOCK_M=64, BLOCK_N=32), 4, 1),
-    # split-KV's combine (used by cute_kernels on sm90)
-    (_combine, 90, "bf16", dict(DV=128, BLOCK_D=64, BLOCK_S=32), 4, 1),
-    (_combine, 90, "fp16", dict(DV=96, BLOCK_D=64, BLOCK_S=8), 4, 1),
+    # split-KV's combine (cute_kernels.combine, sm90)
+    (combine_kernel, 90, "bf16", dict(DV=128, BLOCK_D=64, BLOCK_S=32), 4, 1),
+    (combine_kernel, 90, "fp16", dict(DV=96, BLOCK_D=64, BLOCK_S=8), 4, 1),
 ]
 
 

@@ -9,7 +9,7 @@ Warp roles (128 x (1 + W) threads, W = tile_m / 64 consumer warpgroups, 2 or 3):
                    O += P V (RS WGMMA, P stays in registers), then the epilogue.
 
 Pipelines (PipelineTmaAsync, mbarriers in smem; counts asserted at trace time by
-`check_arrive_counts`):
+`pipeline.check_arrive_counts`):
   pipeline_q  q_stages (1, 2).  full: 1 producer arrive + Q tx bytes; empty: 4W consumer warps.
               With 2, the producer loads the next tile's Q while the consumers run this one.
   pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 4W consumer warps.
@@ -21,7 +21,7 @@ Named barriers (NamedBarrierFwd):
                       128 arrivals of WG i-1) before issuing GEMMs and arrives on WG i+1's
                       barrier (mod W) right after, so one WG's softmax overlaps the others'
                       GEMMs. W = 2 is FA3's pingpong, W = 3 FA3's 3-WG round robin.
-  Epilogue            128W consumer threads, only where sO aliases sQ (no separate_o): every
+  Epilogue            128W consumer threads, only where sO aliases sQ (no room for sO): every
                       WG's last QK^T is done before any warp stages O. Otherwise each consumer
                       warp stages and stores its own 16 rows of O (TMA store) with no barrier,
                       in o_chunks column chunks (hdim 256: two, so sO fits beside Q).
@@ -32,11 +32,17 @@ schedule) and with diag_half, a warpgroup whose rows see none of the first block
 (the causal diagonal) runs that block over its first tile_n / 2 keys only. With lazy_rescale a
 row keeps its reference max until the running max outgrows it by 2^lazy_rescale, and a warp
 skips O's rescale when none of its rows moved (softmax.OnlineSoftmax).
+
+This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
+it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
+scheduler.py (`TileScheduler`, `TileWork`), masks and sequence lengths in mask.py, the online
+softmax in softmax.py, O / LSE stores and split-KV's partials in epilogue.py, the host side
+(config choice, compile caches, launch) in launch.py.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -49,14 +55,14 @@ import cutlass.utils as cutlass_utils
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
-from cutlass.utils import LayoutEnum
 
 from cute_kernels.config import FwdConfig
-from cute_kernels.mask import AttentionMask, SeqlenInfo, split_block_range
-from cute_kernels.scheduler import TileScheduler
+from cute_kernels.epilogue import O_SLAB_ROWS, EpilogueSm90, OutputOperands
+from cute_kernels.mask import AttentionMask, SeqlenInfo
+from cute_kernels.pipeline import WarpgroupRing, check_arrive_counts, release_after, release_previous
+from cute_kernels.scheduler import LPT_TAIL_WAVES, TileScheduler, TileWork
 from cute_kernels.softmax import OnlineSoftmax
 from cute_kernels.utils import (
-    NamedBarrierFwd,
     acc_to_frgA,
     acc_to_mn,
     assume_aligned_strides,
@@ -70,7 +76,6 @@ from cute_kernels.utils import (
 DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
 NUM_THREADS_PER_WG = 128
 SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
-O_SLAB_ROWS = 16  # rows of O one warp holds (WGMMA: warp w of a warpgroup owns rows 16w .. 16w+15)
 
 
 def _sdhb(t: cute.Tensor, packed: bool) -> cute.Tensor:
@@ -92,6 +97,19 @@ def _lse_shb(t: cute.Tensor, packed: bool) -> cute.Tensor:
     return cute.make_tensor(t.iterator, lay)
 
 
+@dataclass(frozen=True)
+class BlockOperands:
+    """One KV block's operands in the plain schedule: P's registers, the QK^T MMA's thread slices
+    (this thread's and thread 0's, for the mask) and, for diag_half's half block, its QK^T as
+    (tiled MMA, K fragment, keys) and PV's k-blocks (None / 0: the whole block's)."""
+
+    tOrP: cute.Tensor
+    thr_mma_qk: cute.ThrMma
+    thr0_mma_qk: cute.ThrMma
+    qk_mma: Optional[tuple] = None
+    pv_k_blocks: cutlass.Constexpr[int] = 0
+
+
 class FlashAttentionForwardSm90:
     def __init__(self, cfg: FwdConfig):
         self.cfg = cfg
@@ -100,15 +118,13 @@ class FlashAttentionForwardSm90:
         self.num_mma_wg = t.num_mma_wg
         assert self.num_mma_wg in (2, 3) and t.tile_m == 64 * self.num_mma_wg, \
             "one 64-row slab per consumer warpgroup"
-        assert self.num_mma_wg <= len(NamedBarrierFwd) - int(NamedBarrierFwd.WarpSchedulerWG1) + 1, \
-            "one pingpong barrier per consumer warpgroup"
+        self.ring = WarpgroupRing(self.num_mma_wg)  # the consumer warpgroups' GEMM turns
         assert cfg.hdim % 16 == 0 and cfg.hdimv % 16 == 0 and t.tile_n % 16 == 0
         self.tile_m, self.tile_n, self.num_stages = t.tile_m, t.tile_n, t.num_stages
         self.hdim, self.hdimv = cfg.hdim, cfg.hdimv
         self.num_mma_threads = self.num_mma_wg * NUM_THREADS_PER_WG
         self.num_threads = self.num_mma_threads + NUM_THREADS_PER_WG
         assert self.num_threads == t.num_threads
-        self.use_scheduler_barrier = t.pingpong
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
         elem = self.dtype.width // 8
@@ -117,7 +133,7 @@ class FlashAttentionForwardSm90:
         self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
         smem = elem * (self.tile_m * (self.hdim + self.o_width)
                        + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
-        self.separate_o = t.separate_o and smem + 1024 <= SMEM_BYTES
+        self.separate_o = smem + 1024 <= SMEM_BYTES
         # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
         # release of a Q stage must not wait for an epilogue that writes O over it).
         second_q = elem * self.tile_m * self.hdim
@@ -126,17 +142,14 @@ class FlashAttentionForwardSm90:
         self.persistent = t.persistent or t.dynamic
 
     # ------------------------------------------------------------------ host side
-    def _tiled_mmas(self):
-        return self._tiled_mma_qk(self.tile_n), self._tiled_mma_pv(self.hdimv)
-
-    def _tiled_mma_qk(self, n: int):
+    def make_tiled_mma_qk(self, n: int):
         """S = Q K^T over n keys (the KV block; its first half for diag_half)."""
         return sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
             Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
         )
 
-    def _tiled_mma_pv(self, n: int):
+    def make_tiled_mma_pv(self, n: int):
         """O += P V over n columns of V (the whole hdim_v; a column chunk of O for its layout)."""
         return sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN,
@@ -163,7 +176,7 @@ class FlashAttentionForwardSm90:
         window_right: Int32,
         max_seqlen_q: Int32,
         num_ctas: Int32,  # persistent: CTAs to launch (number of SMs)
-        l2_heads: Int32,  # causal/local single-tile LPT grid: (batch, head) pairs per L2 section
+        l2_heads: Int32,  # causal/local LPT order: (batch, head) pairs per section (launch passes 1)
         num_splits: Int32,  # split_kv: KV splits per tile (else unused)
         stream: cuda.CUstream,
     ):
@@ -175,7 +188,7 @@ class FlashAttentionForwardSm90:
         mK, mV = [_sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
         mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
 
-        tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
+        tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.hdimv)
         sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
@@ -215,16 +228,14 @@ class FlashAttentionForwardSm90:
         )
         tma_atom_O, tma_O = (None, None) if const_expr(cfg.split_kv) else cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
-        tx_bytes = {
-            name: cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
-            for name, layout in (("Q", sQ_layout), ("K", sK_layout), ("V", sV_layout))
-        }
+        tx_q, tx_k, tx_v = (cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
+                            for layout in (sQ_layout, sK_layout, sV_layout))
 
         num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
-        # LPT: the last pairs whose tiles make ~lpt_tail_waves waves on num_ctas SMs.
-        tail_heads = (self.cfg.tile.lpt_tail_waves * num_ctas + num_m_blocks - 1) // num_m_blocks
+        # LPT: the last pairs whose tiles make ~LPT_TAIL_WAVES waves on num_ctas SMs.
+        tail_heads = (LPT_TAIL_WAVES * num_ctas + num_m_blocks - 1) // num_m_blocks
         num_heads = cute.size(mQ.shape[2])
-        # Split-KV: the scheduler's heads are (head, split) pairs (`tile_coords`).
+        # Split-KV: the scheduler's heads are (head, split) pairs (`TileWork.coords`).
         sched_heads = num_heads * num_splits if const_expr(cfg.split_kv) else num_heads
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
@@ -233,7 +244,7 @@ class FlashAttentionForwardSm90:
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O,
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
-            tiled_mma_qk, tiled_mma_pv, tx_bytes["Q"], tx_bytes["K"], tx_bytes["V"],
+            tiled_mma_qk, tiled_mma_pv, tx_q, tx_k, tx_v,
             num_m_blocks, sched_heads, batch, l2_heads, tail_heads, num_splits, SharedStorage,
         ).launch(
             grid=TileScheduler.grid(num_m_blocks, sched_heads, batch, num_ctas, self.persistent,
@@ -287,7 +298,7 @@ class FlashAttentionForwardSm90:
         pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.num_stages,
                                tx_count=tx_v)
         for pipe in (pipeline_q, pipeline_k, pipeline_v):
-            self.check_arrive_counts(pipe)
+            check_arrive_counts(pipe, self.num_mma_threads // 32)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
 
@@ -310,40 +321,41 @@ class FlashAttentionForwardSm90:
         # (one slot per Q stage: a slot is rewritten only once its Q stage has been released)
         next_tile = storage.next_tile.get_tensor(cute.make_layout(self.q_stages)) \
             if const_expr(self.cfg.tile.dynamic) else None
-        tile_args = dict(scheduler=scheduler, seqlen_fn=seqlen_fn, mask_fn=mask_fn, next_tile=next_tile,
-                         num_splits=num_splits)
+        tiles = TileWork(scheduler, seqlen_fn, mask_fn, next_tile, num_splits, self.cfg.split_kv)
 
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
             if warp_idx == 0:
                 self.load(mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
-                          pipeline_q, pipeline_k, pipeline_v, **tile_args)
+                          pipeline_q, pipeline_k, pipeline_v, tiles)
         else:
             cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
-            self.mma(mO, tma_O, tma_atom_O, mLSE, sQ, sK, sV, sO, tiled_mma_qk, tiled_mma_pv,
-                     pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, **tile_args)
+            # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
+            tiled_mma_o = tiled_mma_pv if const_expr(self.cfg.tile.o_chunks == 1) else self.make_tiled_mma_pv(self.o_width)
+            out = OutputOperands(mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_o)
+            self.mma(out, sQ, sK, sV, tiled_mma_qk, tiled_mma_pv,
+                     pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, tiles)
 
     @cute.jit
     def load(
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
-        pipeline_q, pipeline_k, pipeline_v, scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile,
-        num_splits,
+        pipeline_q, pipeline_k, pipeline_v, tiles: TileWork,
     ):
         """Producer warp: per tile, K of the last KV block, then Q (with two Q stages: Q first,
         its slot freed a tile ago), then K(n-1) and V(n) for the remaining blocks right to left
-        (V lags K by one block, matching the overlapped consumer; with `v_lags_k` off: K(n), V(n)
-        together). Q is loaded for every tile with rows (even one with no KV block) because the
+        (V lags K by one block, as the overlapped consumer uses them). Q is loaded for every tile with rows (even one with no KV block) because the
         consumers release sQ only once their epilogue no longer reads sO."""
         q_first = self.q_stages > 1
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_q.num_stages)
         k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_k.num_stages)
         v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_v.num_stages)
         one = cute.make_layout(1)
+        scheduler = tiles.scheduler
         tile = scheduler.initial()
         while scheduler.valid(tile):
-            m_block, head, batch, split = self.tile_coords(scheduler, tile, num_splits)
-            seqlen = seqlen_fn(batch)
-            n_block_min, n_block_max = self.kv_block_range(mask_fn(seqlen, m_block), split, num_splits)
+            m_block, head, batch, split = tiles.coords(tile)
+            seqlen = tiles.seqlen_fn(batch)
+            n_block_min, n_block_max = tiles.kv_block_range(tiles.mask_fn(seqlen, m_block), split)
             if m_block * self.tile_m < seqlen.seqlen_q:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
@@ -363,7 +375,7 @@ class FlashAttentionForwardSm90:
                 load_k = partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK)
                 load_v = partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV)
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
-                                 next_tile=next_tile, tile=tile)
+                                 tiles=tiles, tile=tile)
 
                 # Q first where its stage was freed a tile ago (two Q stages); else after the last
                 # block's K (and V), which then need not wait for the previous tile's epilogue.
@@ -373,35 +385,24 @@ class FlashAttentionForwardSm90:
                 if n_block_min < n_block_max:
                     load_k(n_block_max - 1, k_state)
                     k_state.advance()
-                    if const_expr(not self.cfg.tile.v_lags_k):
-                        load_v(n_block_max - 1, v_state)
-                        v_state.advance()
                 if const_expr(not q_first):
                     load_q(q_state)
                     q_state.advance()
-                if const_expr(self.cfg.tile.v_lags_k):
-                    # K leads V by one block, as the consumers need them: QK^T(n) is issued
-                    # together with PV(n + 1).
-                    for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-                        load_k(n_block_max - 2 - i, k_state)
-                        k_state.advance()
-                        load_v(n_block_max - 1 - i, v_state)
-                        v_state.advance()
-                    if n_block_min < n_block_max:
-                        load_v(n_block_min, v_state)
-                        v_state.advance()
-                else:
-                    for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-                        load_k(n_block_max - 2 - i, k_state)
-                        load_v(n_block_max - 2 - i, v_state)
-                        k_state.advance()
-                        v_state.advance()
+                # K leads V by one block, as the consumers need them: QK^T(n) is issued together
+                # with PV(n + 1).
+                for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
+                    load_k(n_block_max - 2 - i, k_state)
+                    k_state.advance()
+                    load_v(n_block_max - 1 - i, v_state)
+                    v_state.advance()
+                if n_block_min < n_block_max:
+                    load_v(n_block_min, v_state)
+                    v_state.advance()
             tile = scheduler.fetch_next(tile)
-        if const_expr(next_tile is not None):
+        if const_expr(tiles.next_tile is not None):
             # No more tiles: announce one past the last, completing Q's phase without a TMA.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            self.announce_tile(next_tile, q_state.index, scheduler.num_tiles(),
-                               pipeline_q.producer_get_barrier(q_state))
+            tiles.announce(q_state.index, scheduler.num_tiles(), pipeline_q.producer_get_barrier(q_state))
             scheduler.retire()
 
     @cute.jit
@@ -412,37 +413,14 @@ class FlashAttentionForwardSm90:
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
     @cute.jit
-    def announce_tile(self, next_tile, slot, tile, q_full, tx_bytes: cutlass.Constexpr[int] = 0):
-        """Producer warp, Q's stage `slot` free: one thread stores the next tile index there and
-        then arrives on Q's full barrier (expecting `tx_bytes` of Q's TMA; 0: the end marker, no
-        TMA follows), so the store is ordered before the arrive that publishes it. (Every lane
-        storing it and an elected lane arriving raced under compute-sanitizer racecheck.)"""
-        with cute.arch.elect_one():
-            next_tile[slot] = tile
-            if const_expr(tx_bytes > 0):
-                cute.arch.mbarrier_arrive_and_expect_tx(q_full, tx_bytes)
-            else:
-                cute.arch.mbarrier_arrive(q_full)
-
-    @cute.jit
-    def read_tile(self, next_tile, slot) -> Int32:
-        """Consumer warp, after its wait on Q stage `slot`: the announced tile index, read by
-        lane 0 (the lane that later releases that stage, after which the producer may overwrite
-        the slot) and passed to the warp by shuffle."""
-        tile = Int32(0)
-        if cute.arch.lane_idx() == 0:
-            tile = next_tile[slot]
-        return cute.arch.shuffle_sync(tile, 0)
-
-    @cute.jit
-    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, next_tile, tile):
-        if const_expr(next_tile is not None):
+    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, tiles: TileWork, tile):
+        if const_expr(tiles.next_tile is not None):
             # The tile index is stored after every consumer warp released the previous Q (each
             # reads the slot right after that Q landed, before releasing it) and before the
             # arrive on Q's full barrier, whose release the consumers' wait on Q acquires.
             pipeline_q.sync_object_empty.wait(q_state.index, q_state.phase)
-            self.announce_tile(next_tile, q_state.index, tile, pipeline_q.producer_get_barrier(q_state),
-                               pipeline_q.sync_object_full.tx_count)
+            tiles.announce(q_state.index, tile, pipeline_q.producer_get_barrier(q_state),
+                           pipeline_q.sync_object_full.tx_count)
         else:
             pipeline_q.producer_acquire(q_state)
         cute.copy(tma_atom_Q, tQgQ, tQsQ[None, q_state.index],
@@ -451,15 +429,15 @@ class FlashAttentionForwardSm90:
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def mma(
-        self, mO, tma_O, tma_atom_O, mLSE, sQ, sK, sV, sO, tiled_mma_qk: cute.TiledMma,
-        tiled_mma_pv: cute.TiledMma,
+        self, out: OutputOperands, sQ, sK, sV, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
-        scheduler: TileScheduler, seqlen_fn, mask_fn, next_tile, num_splits,
+        tiles: TileWork,
     ):
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
+        epilogue = EpilogueSm90.create(self.cfg, self.dtype, self.separate_o, self.num_mma_threads)
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
-        thr0_mma_qk = tiled_mma_qk.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None
+        thr0_mma_qk = tiled_mma_qk.get_slice(0)
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
         wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))  # (MMA, M, K, q stage)
@@ -493,33 +471,34 @@ class FlashAttentionForwardSm90:
         half = None
         if const_expr(self.cfg.tile.diag_half):
             half_n = self.tile_n // 2
-            tiled_mma_qk_half = self._tiled_mma_qk(half_n)
+            tiled_mma_qk_half = self.make_tiled_mma_qk(half_n)
             wg_mma_qk_half = tiled_mma_qk_half.get_slice(wg_idx * NUM_THREADS_PER_WG)
             sK_half = cute.logical_divide(sK, (half_n,))[(None, 0), None, None]
             tSrK_half = wg_mma_qk_half.make_fragment_B(wg_mma_qk_half.partition_B(sK_half))
             if const_expr(self.cfg.tile.pin_desc):
                 tSrK_half = pin_smem_desc(tSrK_half)
-            half = dict(
-                qk_mma=(tiled_mma_qk_half, tSrK_half, half_n),
-                thr_mma_qk=tiled_mma_qk_half.get_slice(tidx),
-                thr0_mma_qk=tiled_mma_qk_half.get_slice(0) if const_expr(self.cfg.tile.mask_thr0) else None,
+            half = BlockOperands(
                 tOrP=cute.make_tensor(tOrP.iterator, cute.make_layout(
                     wg_mma_pv.partition_shape_A((self.tile_m, half_n)))),
+                thr_mma_qk=tiled_mma_qk_half.get_slice(tidx),
+                thr0_mma_qk=tiled_mma_qk_half.get_slice(0),
+                qk_mma=(tiled_mma_qk_half, tSrK_half, half_n),
                 pv_k_blocks=half_n // 16,
             )
 
         overlap = self.cfg.tile.intra_wg_overlap
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_k.num_stages)
-        self.scheduler_init(wg_idx)
+        self.ring.init(wg_idx)
+        scheduler = tiles.scheduler
         tile = scheduler.initial()
-        if const_expr(next_tile is not None):  # dynamic: the producer says which tile is next
+        if const_expr(tiles.next_tile is not None):  # dynamic: the producer says which tile is next
             pipeline_q.consumer_wait(q_state)
-            tile = self.read_tile(next_tile, q_state.index)
+            tile = tiles.read(q_state.index)
         while scheduler.valid(tile):
-            m_block, head, batch, split = self.tile_coords(scheduler, tile, num_splits)
-            seqlen = seqlen_fn(batch)
-            mask = mask_fn(seqlen, m_block)
+            m_block, head, batch, split = tiles.coords(tile)
+            seqlen = tiles.seqlen_fn(batch)
+            mask = tiles.mask_fn(seqlen, m_block)
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,
@@ -527,7 +506,7 @@ class FlashAttentionForwardSm90:
                 softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
                 mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale,
             )
-            n_block_min, n_block_max = self.kv_block_range(mask, split, num_splits)
+            n_block_min, n_block_max = tiles.kv_block_range(mask, split)
             if m_block * self.tile_m < seqlen.seqlen_q:
                 acc_O.fill(0.0)
                 softmax.reset()
@@ -544,7 +523,7 @@ class FlashAttentionForwardSm90:
                             softcap_premul=softcap_premul,
                         )
                     else:
-                        self.scheduler_sync(wg_idx)
+                        self.ring.sync(wg_idx)
                         kv_state = step(kv_state, n_block, is_first=True, mask_seqlen=True,
                                         mask_right=True, mask_left=True, half=half)
                     # 2) blocks that cross the right edge of the window (causal diagonal).
@@ -571,23 +550,22 @@ class FlashAttentionForwardSm90:
                     else:
                         if const_expr(self.cfg.tile.chain_pv_qk):
                             warpgroup.wait_group(0)  # the last PV
-                            self.release_previous(pipeline_v, kv_state)
-                        self.scheduler_arrive(wg_idx)
+                            release_previous(pipeline_v, kv_state)
+                        self.ring.arrive(wg_idx)
                         if const_expr(self.separate_o):
                             pipeline_q.consumer_release(q_state)
                 elif const_expr(self.separate_o):
                     pipeline_q.consumer_release(q_state)  # no KV block: Q is never read
                 release_q = None if const_expr(self.separate_o) else partial(pipeline_q.consumer_release, q_state)
                 if const_expr(self.cfg.split_kv):
-                    self.epilogue_split(acc_O, softmax, mO, mLSE, tiled_mma_pv, tidx, m_block, head, batch,
-                                        split, num_splits, scheduler.num_batch, seqlen, release_q)
+                    epilogue.store_split(acc_O, softmax, out, tiled_mma_pv, tidx, m_block, head, batch, split,
+                                         tiles.num_splits, scheduler.num_batch, seqlen, release_q)
                 else:
-                    self.epilogue(acc_O, softmax, mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_pv, tidx,
-                                  m_block, head, batch, seqlen, release_q=release_q)
+                    epilogue.store(acc_O, softmax, out, tiled_mma_pv, tidx, m_block, head, batch, seqlen, release_q)
                 q_state.advance()
-            if const_expr(next_tile is not None):
+            if const_expr(tiles.next_tile is not None):
                 pipeline_q.consumer_wait(q_state)  # the waits inside the tile then return at once
-                tile = self.read_tile(next_tile, q_state.index)
+                tile = tiles.read(q_state.index)
             else:
                 tile = scheduler.next(tile)
         if const_expr(self.cfg.tile.tma_store):
@@ -633,7 +611,7 @@ class FlashAttentionForwardSm90:
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
         thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, o_scale, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
-        mask_left: cutlass.Constexpr[bool] = False, half: Optional[dict] = None,
+        mask_left: cutlass.Constexpr[bool] = False, half: Optional[BlockOperands] = None,
     ):
         """One KV block without intra-WG overlap: S = QK^T, softmax, O = O*scale + PV.
         `half` (TileConfig.diag_half, given for the tile's first block, every mask on): where none
@@ -642,39 +620,38 @@ class FlashAttentionForwardSm90:
         block = partial(self.block_plain, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax,
                         acc_O, mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, is_first=is_first,
                         mask_seqlen=mask_seqlen, mask_right=mask_right, mask_left=mask_left)
-        full = dict(tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk)
+        full = BlockOperands(tOrP, thr_mma_qk, thr0_mma_qk)
         if const_expr(half is not None):
             wg_rows = self.tile_m // self.num_mma_wg  # this warpgroup's rows end at wg_rows * (wg_idx + 1)
             if mask.keys_end(wg_rows * (wg_idx + 1)) <= (2 * n_block + 1) * (self.tile_n // 2):
-                block(**half)
+                block(ops=half)
             else:
-                block(**full)
+                block(ops=full)
         else:
-            block(**full)
+            block(ops=full)
         kv_state.advance()
         return kv_state
 
     @cute.jit
     def block_plain(
-        self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP, thr_mma_qk,
-        thr0_mma_qk, mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool],
-        mask_seqlen: cutlass.Constexpr[bool], mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool],
-        qk_mma=None, pv_k_blocks: cutlass.Constexpr[int] = 0,
+        self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, ops: "BlockOperands",
+        mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
+        mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool],
     ):
         chain = self.cfg.tile.chain_pv_qk
         pipeline_k.consumer_wait(kv_state)
-        acc_S = qk_gemm(kv_state.index, wg_wait=-1, mma=qk_mma)  # S = Q @ K^T
-        self.scheduler_arrive(wg_idx)
+        acc_S = qk_gemm(kv_state.index, wg_wait=-1, mma=ops.qk_mma)  # S = Q @ K^T
+        self.ring.arrive(wg_idx)
         warpgroup.wait_group(0)  # (chain_pv_qk: and the previous block's PV)
         pipeline_k.consumer_release(kv_state)
         if const_expr(chain and not is_first):
-            self.release_previous(pipeline_v, kv_state)
-        row_scale, moved = self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
-                                              softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
+            release_previous(pipeline_v, kv_state)
+        row_scale, moved = self.softmax_block(acc_S, n_block, softmax, ops.tOrP, ops.thr_mma_qk, ops.thr0_mma_qk,
+                                              mask, softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
         softmax.rescale_O(acc_O, row_scale, moved, lazy=not is_first)
         pipeline_v.consumer_wait(kv_state)
-        self.scheduler_sync(wg_idx)
-        pv_gemm(kv_state.index, wg_wait=-1 if const_expr(chain) else 0, k_blocks=pv_k_blocks)  # O += P @ V
+        self.ring.sync(wg_idx)
+        pv_gemm(kv_state.index, wg_wait=-1 if const_expr(chain) else 0, k_blocks=ops.pv_k_blocks)  # O += P @ V
         if const_expr(not chain):
             pipeline_v.consumer_release(kv_state)
 
@@ -701,13 +678,13 @@ class FlashAttentionForwardSm90:
         v_state = kv_state.clone()
         kv_state.advance()
         pipeline_k.consumer_wait(kv_state)
-        self.scheduler_sync(wg_idx)
+        self.ring.sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             softmax.rescale_O(acc_O, o_scale)  # the previous block's factors, under QK^T
         pipeline_v.consumer_wait(v_state)
         pv_gemm(v_state.index, wg_wait=-1)  # O += P @ V (previous block)
-        self.scheduler_arrive(wg_idx)
+        self.ring.arrive(wg_idx)
         warpgroup.wait_group(1)
         gate = self.cfg.tile.k_release_gate
         if const_expr(gate == 0):
@@ -717,7 +694,7 @@ class FlashAttentionForwardSm90:
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
         row_scale, moved = softmax.step(acc_S, is_first=False)
         if const_expr(gate > 0):
-            self.release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
+            release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
         pipeline_v.consumer_release(v_state)
         convert_to(acc_to_frgA(acc_S), tOrP)
@@ -728,23 +705,6 @@ class FlashAttentionForwardSm90:
         return kv_state
 
     @cute.jit
-    def release_previous(self, pipe, state):
-        """pipe.consumer_release of the stage before `state`'s (chain_pv_qk: the last block's V,
-        whose PV has just been waited for)."""
-        prev = state.index - 1 if state.index > 0 else Int32(pipe.num_stages - 1)
-        if pipe.is_signaling_thread:
-            pipe.sync_object_empty.arrive(prev, pipe.consumer_mask)
-
-    @cute.jit
-    def release_after(self, pipe, state, p_mn: cute.Tensor, col: cutlass.Constexpr[int]):
-        """pipe.consumer_release(state), made to depend on the probability p_mn[0, col]: it is
-        >= 0 or NaN, so the test always passes, but ptxas cannot know that and must compute that
-        exp2 (and, in its order, about 2 * col others) before the arrive."""
-        assert col < cute.size(p_mn.shape[1]), f"k_release_gate {col + 1} > {cute.size(p_mn.shape[1])} columns"
-        if pipe.is_signaling_thread & (not (p_mn[0, col] < 0.0)):
-            pipe.sync_object_empty.arrive(state.index, pipe.consumer_mask)
-
-    @cute.jit
     def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale):
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             softmax.rescale_O(acc_O, o_scale)
@@ -753,206 +713,6 @@ class FlashAttentionForwardSm90:
         pipeline_v.consumer_release(kv_state)
         kv_state.advance()
         return kv_state
-
-    def tile_coords(self, scheduler: TileScheduler, tile: Int32, num_splits: Int32):
-        """(m_block, head, batch, split) of `tile`: with split_kv the scheduler's heads are
-        (head, split) pairs, a head's splits next to each other."""
-        m_block, head, batch = scheduler.coords(tile)
-        if const_expr(self.cfg.split_kv):
-            return m_block, head // num_splits, batch, head % num_splits
-        return m_block, head, batch, Int32(0)
-
-    def kv_block_range(self, mask: AttentionMask, split: Int32, num_splits: Int32):
-        """[n_block_min, n_block_max): the KV blocks this tile visits (its split's share)."""
-        n_block_min, n_block_max = mask.n_block_range()
-        if const_expr(self.cfg.split_kv):
-            n_block_min, n_block_max = split_block_range(n_block_min, n_block_max, split, num_splits)
-        return n_block_min, n_block_max
-
-    # ------------------------------------------------------------------ pingpong
-    # A ring over the consumer warpgroups: WG i waits on barrier WarpSchedulerWG1 + i (its own
-    # 128 threads + 128 arrivals of WG i-1) before issuing GEMMs and then arrives on WG i+1's.
-    # With 2 WGs the ring is the FA3 pingpong; with 3 it is FA3's 3-WG round robin.
-    def scheduler_barrier(self, wg_idx) -> Int32:
-        return int(NamedBarrierFwd.WarpSchedulerWG1) + wg_idx
-
-    @cute.jit
-    def scheduler_init(self, wg_idx):
-        """WG1 goes first: it pre-arrives on its own barrier."""
-        if const_expr(self.use_scheduler_barrier):
-            if wg_idx == 0:
-                cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1),
-                                         number_of_threads=2 * NUM_THREADS_PER_WG)
-
-    @cute.jit
-    def scheduler_sync(self, wg_idx):
-        if const_expr(self.use_scheduler_barrier):
-            cute.arch.barrier(barrier_id=self.scheduler_barrier(wg_idx),
-                              number_of_threads=2 * NUM_THREADS_PER_WG)
-
-    @cute.jit
-    def scheduler_arrive(self, wg_idx):
-        if const_expr(self.use_scheduler_barrier):
-            next_wg = 1 - wg_idx if const_expr(self.num_mma_wg == 2) else (wg_idx + 1) % self.num_mma_wg
-            cute.arch.barrier_arrive(barrier_id=self.scheduler_barrier(next_wg),
-                                     number_of_threads=2 * NUM_THREADS_PER_WG)
-
-    def check_arrive_counts(self, pipe):
-        """Trace-time check of a PipelineTmaAsync's mbarrier arrive counts: full = the one TMA
-        thread (+ tx bytes), empty = lane 0 of every consumer warp (PipelineTmaAsync's
-        consumer_release signals from lane 0 only, without cluster multicast)."""
-        full, empty = pipe.sync_object_full.arrive_count, pipe.sync_object_empty.arrive_count
-        consumer_warps = self.num_mma_wg * NUM_THREADS_PER_WG // 32
-        assert full == 1, f"full barrier arrive count {full} != 1 producer thread"
-        assert empty == consumer_warps, f"empty barrier arrive count {empty} != {consumer_warps} warps"
-
-    # ------------------------------------------------------------------ epilogue
-    @cute.jit
-    def epilogue(self, acc_O, softmax: OnlineSoftmax, mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_pv,
-                 tidx, m_block, head, batch, seqlen: SeqlenInfo, release_q):
-        """O = acc_O / rowsum -> bf16 -> smem (stmatrix) -> global, each consumer warp on its own:
-        it stages the 16 rows its accumulator holds in its own sO slab and stores them with one
-        TMA (the box clips at the tensor's last row), or, where the slab runs past the end of a
-        packed / seqused sequence (TMA would write the next sequence's rows), with predicated
-        16-byte stores. With o_chunks 2 the slab is half as wide and O goes through it in two
-        column chunks. No barrier across warps except, when sO aliases sQ, one that waits for
-        every warpgroup's last QK^T. LSE from the lanes that own column 0."""
-        inv_sum = softmax.finalize()
-        softmax.rescale_O(acc_O, inv_sum, lazy=False)
-        rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
-        convert_to(acc_O, rO)
-        b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m
-
-        if const_expr(not self.separate_o):
-            # sO overlays sQ, whose rows every warpgroup reads: wait for all last QK^Ts.
-            cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_mma_threads)
-        tma = self.cfg.tile.tma_store
-        if const_expr(tma):
-            # This warp's previous TMA store has read its slab (only the issuing lane has one).
-            cute.arch.cp_async_bulk_wait_group(0, read=True)
-        cute.arch.sync_warp()  # and every lane's loads of its previous predicated store are done
-        store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
-        chunks = self.cfg.tile.o_chunks
-        # The stmatrix copy of one chunk-wide tile of O. With one MMA tile per thread in M and N,
-        # a chunk of the accumulator's columns is a contiguous run of its (column-major)
-        # registers: chunk c starts at c * size(rO_chunk).
-        mma_chunk = tiled_mma_pv if const_expr(chunks == 1) else self._tiled_mma_pv(self.o_width)
-        thr_copy_O = cute.make_tiled_copy_C(store_atom, mma_chunk).get_slice(tidx)
-        rO_chunk = cute.make_layout(mma_chunk.partition_shape_C((self.tile_m, self.o_width)))
-        assert chunks == 1 or cute.size(rO.shape[1]) * cute.size(rO.shape[2]) == 1
-        warp = tidx // 32  # rows O_SLAB_ROWS * warp .. of the tile: this warp's accumulator rows
-        sO_w = cute.local_tile(sO, (O_SLAB_ROWS, self.o_width), (warp, 0))
-        rows_w = rows_left - warp * O_SLAB_ROWS
-        m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
-        # By TMA: a full slab, or any slab of an unpacked tensor without seqused_q (the box clips
-        # at the tensor's last row); otherwise the rows there are, by predicated stores.
-        ragged = self.cfg.cu_seqlens_q or self.cfg.seqused_q
-        by_tma = (rows_w >= O_SLAB_ROWS if const_expr(ragged) else rows_w > 0) if const_expr(tma) else False
-        for c in cutlass.range_constexpr(chunks):
-            if const_expr(c > 0):
-                # The previous chunk has been read out of this warp's slab.
-                if const_expr(tma):
-                    cute.arch.cp_async_bulk_wait_group(0, read=True)
-                cute.arch.sync_warp()
-            rO_c = rO if const_expr(chunks == 1) else cute.make_tensor(
-                rO.iterator + c * cute.size(rO_chunk), rO_chunk)
-            cute.copy(thr_copy_O, thr_copy_O.retile(rO_c), thr_copy_O.partition_D(sO))
-            if const_expr(tma):
-                cute.arch.fence_view_async_shared()  # stmatrix writes -> the TMA's async-proxy reads
-            cute.arch.sync_warp()
-            if by_tma:
-                self.store_slab_tma(tma_O, tma_atom_O, sO_w, m_slab, c, head, b_q, seqlen)
-            elif rows_w > 0:
-                self.store_slab_predicated(mO, sO_w, rows_w, m_slab, c, head, b_q, seqlen)
-        # LSE (after the fence: its global stores need not complete before the TMA store issues).
-        self.store_lse(softmax, mLSE, tiled_mma_pv, tidx, m_block, head, b_q, seqlen.offset_q, rows_left)
-        if const_expr(release_q is not None):
-            # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
-            if const_expr(tma):
-                cute.arch.cp_async_bulk_wait_group(0, read=True)
-            cute.arch.sync_warp()
-            release_q()
-
-    @cute.jit
-    def store_lse(self, softmax: OnlineSoftmax, mLSE, tiled_mma_pv, tidx, m_block, head, b, offset, rows_left):
-        """The lanes holding column 0 write their rows' LSE (rows of sequence `b` from `offset`)."""
-        tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(
-            cute.make_identity_tensor((self.tile_m, self.hdimv))))
-        mLSE_cur = cute.domain_offset((offset,), mLSE[None, head, b])
-        if tOcO[0, 0][1] == 0:
-            for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
-                row = tOcO[r, 0][0]
-                if row < rows_left:
-                    mLSE_cur[m_block * self.tile_m + row] = softmax.row_sum[r]
-
-    @cute.jit
-    def epilogue_split(self, acc_O, softmax: OnlineSoftmax, mO, mLSE, tiled_mma_pv, tidx, m_block, head,
-                       batch, split, num_splits, num_batch, seqlen: SeqlenInfo, release_q):
-        """Split-KV: this split's O, normalized by its own row sums, in float32 straight from the
-        accumulator registers to global memory (no smem), and its LSE. Split s of sequence b is
-        batch s * num_batch + b of the partial tensors, or, with packed queries, its rows start at
-        s * total_q + offset_q. An empty split writes O = 0 and LSE = -inf."""
-        inv_sum = softmax.finalize()
-        softmax.rescale_O(acc_O, inv_sum, lazy=False)
-        rows_left = seqlen.seqlen_q - m_block * self.tile_m
-        if const_expr(self.cfg.cu_seqlens_q):
-            b_o, offset = Int32(0), seqlen.offset_q + split * (mO.shape[0] // num_splits)
-        else:
-            b_o, offset = batch + split * num_batch, seqlen.offset_q
-        thr_mma = tiled_mma_pv.get_slice(tidx)
-        mO_cur = cute.domain_offset((offset, 0), mO[None, None, head, b_o])
-        gO = cute.local_tile(mO_cur, (self.tile_m, self.hdimv), (m_block, 0))
-        tOgO = acc_to_mn(thr_mma.partition_C(gO))
-        tOcO = acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.hdimv))))
-        o_mn = acc_to_mn(acc_O)
-        for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
-            if tOcO[r, 0][0] < rows_left:
-                for c in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
-                    # (with hdimv_in, O's head dim ends inside the tile: columns before it only)
-                    if const_expr(not self.cfg.hdimv_in) or tOcO[r, c][1] < self.cfg.hdimv_in:
-                        tOgO[r, c] = o_mn[r, c]
-        self.store_lse(softmax, mLSE, tiled_mma_pv, tidx, m_block, head, b_o, offset, rows_left)
-        if const_expr(release_q is not None):
-            cute.arch.sync_warp()
-            release_q()
-
-    @cute.jit
-    def store_slab_tma(self, tma_O, tma_atom_O, sO_w, m_slab, chunk, head, b_q, seqlen: SeqlenInfo):
-        mO_cur = cute.domain_offset((seqlen.offset_q, 0), tma_O[None, None, head, b_q])
-        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.o_width), (m_slab, chunk))
-        tOsO, tOgO = cpasync.tma_partition(tma_atom_O, 0, cute.make_layout(1),
-                                           cute.group_modes(sO_w, 0, 2), cute.group_modes(gO_w, 0, 2))
-        cute.copy(tma_atom_O, tOsO, tOgO)  # issued by one elected lane
-        cute.arch.cp_async_bulk_commit_group()
-
-    @cute.jit
-    def store_slab_predicated(self, mO, sO_w, rows_w, m_slab, chunk, head, b_q, seqlen: SeqlenInfo):
-        """The warp's first `rows_w` slab rows (column chunk `chunk`) by 16-byte loads from smem and
-        stores to global."""
-        vec = 128 // self.dtype.width
-        threads_per_row = math.gcd(self.o_width // vec, 32)
-        gmem_copy = cute.make_tiled_copy_tv(
-            cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128),
-            cute.make_ordered_layout((32 // threads_per_row, threads_per_row), order=(1, 0)),
-            cute.make_layout((1, vec)),
-        )
-        thr_gmem = gmem_copy.get_slice(cute.arch.lane_idx())
-        mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b_q])
-        gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.o_width), (m_slab, chunk))
-        tOsO = thr_gmem.partition_S(sO_w)
-        tOgO = thr_gmem.partition_D(gO_w)
-        tOcO = thr_gmem.partition_S(cute.make_identity_tensor((O_SLAB_ROWS, self.o_width)))
-        tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
-        cute.autovec_copy(tOsO, tOrO)
-        for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
-            if tOcO[0, m, 0][0] < rows_w:
-                if const_expr(not self.cfg.hdimv_in):
-                    cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
-                else:  # O's head dim ends inside the tile: only the 16-byte columns before it
-                    for n in cutlass.range_constexpr(cute.size(tOrO.shape[2])):
-                        if tOcO[0, m, n][1] + chunk * self.o_width < self.cfg.hdimv_in:
-                            cute.copy(gmem_copy, tOrO[None, m, n], tOgO[None, m, n])
 
     # ------------------------------------------------------------------ compile
     @staticmethod

@@ -12,7 +12,6 @@ KV head) pairs, row = position * g + head: i above is row // g and Lq the rows /
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -144,12 +143,12 @@ class AttentionMask:
         mask_seqlen: cutlass.Constexpr[bool],
         mask_right: cutlass.Constexpr[bool],
         mask_left: cutlass.Constexpr[bool],
-        thr0_mma: Optional[cute.ThrMma] = None,
+        thr0_mma: cute.ThrMma,
     ):
         """Set masked scores of block `n_block` to -inf.
 
-        With `thr0_mma` (the MMA slice of thread 0), a thread's (row, col) is its own offset
-        (tScS[0, 0]) plus thread 0's coordinates, which are compile-time constants: the column
+        `thr0_mma` is the MMA slice of thread 0: a thread's (row, col) is its own offset
+        (tScS[0, 0]) plus thread 0's coordinates, which are compile-time constants, so the column
         limits are shifted once per row and every element compares a constant against them
         (no per-element address arithmetic, fewer live registers)."""
         s_mn = acc_to_mn(acc_S)
@@ -157,37 +156,22 @@ class AttentionMask:
         tScS = acc_to_mn(thr_mma.partition_C(cS))
         use_left = const_expr(mask_left and self.has_left)
         use_right = const_expr(mask_right and self.has_right)
-        if const_expr(thr0_mma is not None):
-            t0ScS = acc_to_mn(thr0_mma.partition_C(cS))
-            row0 = self.m_block * self.tile_m + tScS[0, 0][0]
-            col0 = n_block * self.tile_n + tScS[0, 0][1]
-            for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
-                row = self.pos(row0 + t0ScS[r, 0][0])
-                # Keep columns c (thread-0 coordinates) with lo <= c < hi.
-                hi = Int32(self.seqlen.seqlen_k) - col0
-                if const_expr(use_right):
-                    right = row + self.diag + self.window_right + 1 - col0
-                    hi = cutlass.min(hi, right) if const_expr(mask_seqlen) else right
-                lo = row + self.diag - self.window_left - col0
-                # Selects, not branches: with `if` the compiler chains the monotone conditions
-                # into a cascade of FSELs (10x the instructions, CPU SASS).
-                for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                    col = t0ScS[r, c][1]
-                    if const_expr(mask_seqlen or use_right):
-                        s_mn[r, c] = -Float32.inf if col >= hi else s_mn[r, c]
-                    if const_expr(use_left):
-                        s_mn[r, c] = -Float32.inf if col < lo else s_mn[r, c]
-            return
-        col0 = n_block * self.tile_n
+        t0ScS = acc_to_mn(thr0_mma.partition_C(cS))
+        row0 = self.m_block * self.tile_m + tScS[0, 0][0]
+        col0 = n_block * self.tile_n + tScS[0, 0][1]
         for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
-            row = self.pos(self.m_block * self.tile_m + tScS[r, 0][0])
-            limit_hi = Int32(self.seqlen.seqlen_k) if const_expr(mask_seqlen) else Int32(1 << 30)
+            row = self.pos(row0 + t0ScS[r, 0][0])
+            # Keep columns c (thread-0 coordinates) with lo <= c < hi.
+            hi = Int32(self.seqlen.seqlen_k) - col0
             if const_expr(use_right):
-                limit_hi = cutlass.min(limit_hi, row + self.diag + self.window_right + 1)
-            limit_lo = Int32(-(1 << 30))
-            if const_expr(use_left):
-                limit_lo = row + self.diag - self.window_left
+                right = row + self.diag + self.window_right + 1 - col0
+                hi = cutlass.min(hi, right) if const_expr(mask_seqlen) else right
+            lo = row + self.diag - self.window_left - col0
+            # Selects, not branches: with `if` the compiler chains the monotone conditions
+            # into a cascade of FSELs (10x the instructions, CPU SASS).
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                col = col0 + tScS[r, c][1]
-                if col >= limit_hi or col < limit_lo:
-                    s_mn[r, c] = -Float32.inf
+                col = t0ScS[r, c][1]
+                if const_expr(mask_seqlen or use_right):
+                    s_mn[r, c] = -Float32.inf if col >= hi else s_mn[r, c]
+                if const_expr(use_left):
+                    s_mn[r, c] = -Float32.inf if col < lo else s_mn[r, c]

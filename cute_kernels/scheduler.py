@@ -4,9 +4,9 @@ Single-tile: one tile per CTA, the hardware hands CTAs to SMs greedily in launch
   Plain: grid (num_m_blocks, nheads, batch).
   `lpt` (causal/local: tile m_block has ~m_block + 1 KV blocks): a 1-D grid in
   longest-processing-time-first order, in sections of (batch, head) pairs: inside a section the
-  order is m_block descending, pairs fastest. A section is `l2_heads` pairs (1 by default:
+  order is m_block descending, pairs fastest. A section is `l2_heads` pairs (launch passes 1:
   head-major, each head's m_blocks descending, so the CTAs in flight share few heads' K/V in L2),
-  except the last `tail_heads` pairs, which form one final section of about `lpt_tail_waves`
+  except the last `tail_heads` pairs, which form one final section of about LPT_TAIL_WAVES
   waves of tiles: without it the last head's longest tile starts near the very end and runs
   alone while the other SMs idle (hdim256 causal 8k, 16 heads: 8% of the kernel's cycles).
 Persistent: grid = min(tiles, #SMs) CTAs stride over a linear tile index (static round robin,
@@ -16,19 +16,26 @@ Dynamic (persistent): the first tile of a CTA is its block index, every later on
 atomic counter (`grid + atomicAdd(counter, 1)`), taken by the producer warp; tiles are numbered
 as in the single-tile grid (longest first in L2 sections with `lpt`), so handing them out in
 counter order is greedy longest-first scheduling. The producer tells the consumers which tile
-comes next through shared memory, ahead of that tile's Q (fwd_sm90.py), and ends with a tile
-index past the last one. The last CTA to finish taking tiles zeroes the counter again.
+comes next through shared memory, ahead of that tile's Q (`TileWork.announce` / `read`), and
+ends with a tile index past the last one. The last CTA to finish taking tiles zeroes the counter again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, const_expr
 
+from cute_kernels.mask import AttentionMask, split_block_range
+
+# The longest-first order's final section: the last (batch, head) pairs whose tiles make about
+# this many waves on the SMs. H100 SM cycles, causal, against none: 16k tokens, 512 / 2k / 8k:
+# hdim128 -0.5 / -4.9 / -4.0%, hdim256 -3.5 / -7.8 / -7.7%; 4 waves similar but hdim256 512 +13%
+# (cute_kernels/NOTES.md §Session 5).
+LPT_TAIL_WAVES = 2
 
 @dataclass(frozen=True)
 class TileScheduler:
@@ -37,7 +44,7 @@ class TileScheduler:
     num_batch: Int32
     persistent: cutlass.Constexpr[bool]
     lpt: cutlass.Constexpr[bool]
-    l2_heads: Int32  # lpt (single-tile or dynamic): (batch, head) pairs per L2 section
+    l2_heads: Int32  # lpt (single-tile or dynamic): (batch, head) pairs per section (launch: 1)
     tail_heads: Int32  # lpt: the last pairs, one longest-first section of their own (0: none)
     dynamic: cutlass.Constexpr[bool] = False
     counter: Optional[cute.Tensor] = None  # dynamic: (tiles taken, CTAs done), zero at launch
@@ -113,3 +120,56 @@ class TileScheduler:
         m_block = tile % self.num_m_blocks
         rest = tile // self.num_m_blocks
         return m_block, rest % self.num_heads, rest // self.num_heads
+
+
+@dataclass(frozen=True)
+class TileWork:
+    """What the producer and consumer warps walk their CTA's tiles with: the scheduler, each
+    batch entry's sequence lengths (`seqlen_fn(batch)` -> SeqlenInfo), the tile's mask
+    (`mask_fn(seqlen, m_block)` -> AttentionMask), the dynamic scheduler's hand-off slots in
+    smem (`next_tile`, one tile index per Q stage; None otherwise) and split-KV's splits."""
+
+    scheduler: TileScheduler
+    seqlen_fn: Callable
+    mask_fn: Callable
+    next_tile: Optional[cute.Tensor]
+    num_splits: Int32
+    split_kv: cutlass.Constexpr[bool]
+
+    def coords(self, tile: Int32):
+        """(m_block, head, batch, split) of `tile`: with split_kv the scheduler's heads are
+        (head, split) pairs, a head's splits next to each other."""
+        m_block, head, batch = self.scheduler.coords(tile)
+        if const_expr(self.split_kv):
+            return m_block, head // self.num_splits, batch, head % self.num_splits
+        return m_block, head, batch, Int32(0)
+
+    def kv_block_range(self, mask: AttentionMask, split: Int32):
+        """[n_block_min, n_block_max): the KV blocks this tile visits (its split's share)."""
+        n_block_min, n_block_max = mask.n_block_range()
+        if const_expr(self.split_kv):
+            n_block_min, n_block_max = split_block_range(n_block_min, n_block_max, split, self.num_splits)
+        return n_block_min, n_block_max
+
+    @cute.jit
+    def announce(self, slot, tile, q_full, tx_bytes: cutlass.Constexpr[int] = 0):
+        """Producer warp, Q's stage `slot` free: one thread stores the next tile index there and
+        then arrives on Q's full barrier (expecting `tx_bytes` of Q's TMA; 0: the end marker, no
+        TMA follows), so the store is ordered before the arrive that publishes it. (Every lane
+        storing it and an elected lane arriving raced under compute-sanitizer racecheck.)"""
+        with cute.arch.elect_one():
+            self.next_tile[slot] = tile
+            if const_expr(tx_bytes > 0):
+                cute.arch.mbarrier_arrive_and_expect_tx(q_full, tx_bytes)
+            else:
+                cute.arch.mbarrier_arrive(q_full)
+
+    @cute.jit
+    def read(self, slot) -> Int32:
+        """Consumer warp, after its wait on Q stage `slot`: the announced tile index, read by
+        lane 0 (the lane that later releases that stage, after which the producer may overwrite
+        the slot) and passed to the warp by shuffle."""
+        tile = Int32(0)
+        if cute.arch.lane_idx() == 0:
+            tile = self.next_tile[slot]
+        return cute.arch.shuffle_sync(tile, 0)

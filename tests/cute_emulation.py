@@ -1,5 +1,5 @@
 """The sm90 forward kernel emulated by torch ops on the CPU, for tests of the host code around it
-(`cute_kernels.run`'s packing, split-KV combine, and what it hands the backward) on a machine
+(`cute_kernels.launch.run`'s packing, split-KV combine, and what it hands the backward) on a machine
 with no GPU. `emulated_sm90` dispatches CPU tensors as on an H100: the cute forward with this
 emulation in place of the kernel, the Triton backward in Triton's interpreter."""
 
@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import cute_kernels
+from cute_kernels import launch
 from fa3py import dispatch
 
 CUDA_ONLY = "cute_kernels: CUDA tensors only"
 
 
 def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
-    """What `cute_kernels._launch` asks of the kernel, in float32 torch ops on the CPU, from the
+    """What `cute_kernels.launch.launch_kernel` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
     row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
     where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
@@ -25,7 +26,7 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
     test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
     s * batch + b, or rows from s * total_q + offset."""
     g, p = cfg.pack_gqa, req.params
-    max_rows, (cu_q, cu_k, used_q, used_k) = cute_kernels.sequence_args(req, q, g)  # the kernel's view
+    max_rows, (cu_q, cu_k, used_q, used_k) = launch.sequence_args(req, q, g)  # the kernel's view
     n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
     for b in range(n):
         q0 = int(cu_q[b]) if cu_q is not None else 0
@@ -78,5 +79,5 @@ def emulated_sm90(monkeypatch):
 
     monkeypatch.setattr(dispatch, "device_capability", lambda device: (9, 0))
     monkeypatch.setattr(cute_kernels, "why_not", why_not_on_cpu)
-    monkeypatch.setattr(cute_kernels, "_launch", emulated_launch)
+    monkeypatch.setattr(launch, "launch_kernel", emulated_launch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

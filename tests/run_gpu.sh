@@ -19,7 +19,7 @@ fi
 out=${OUT:-/tmp}/gpu_tests
 mkdir -p "$out"
 rm -f "$out"/*.log "$out"/*.rc
-python3 -c "import cute_kernels as c; print('cute_kernels calling path:', 'tvm-ffi' if c.use_tvm_ffi else 'from_dlpack')" \
+python3 -c "import cute_kernels as c; print('cute_kernels calling path:', 'tvm-ffi' if c.launch.use_tvm_ffi else 'from_dlpack')" \
     || echo "cute_kernels cannot be imported: the cute tests will fail (pip install -e \".[hopper]\")"
 run() {
     local name=$1; shift
@@ -33,7 +33,7 @@ want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 shards=${CUTE_SHARDS:-1}
 if want cute; then
     if [ "$shards" -gt 1 ]; then
-        python3 -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/test_cute.py 2>/dev/null \
+        python3 -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/test_cute_*.py 2>/dev/null \
             | grep '::' > "$out/cute_ids.txt"
         for i in $(seq 0 $((shards - 1))); do
             # (test ids may hold spaces: one argument per line)
@@ -41,7 +41,7 @@ if want cute; then
             run "cute_$i" "${ids[@]}" &
         done
     else
-        run cute -m gpu tests/test_cute.py &
+        run cute -m gpu tests/test_cute_*.py &
     fi
 fi
 want triton_features && run triton_features tests/test_triton.py -k test_features &

@@ -254,7 +254,7 @@ def test_32k_tokens_never_allocate_the_score_matrix():
 def test_num_splits_is_a_hint():
     """FA3's num_splits only schedules: every value gives the reference's answer (bit for bit on
     the CPU path, which ignores it; within tolerance on the Hopper kernel, where split partials
-    round differently: its splits are checked in tests/test_cute.py)."""
+    round differently: its splits are checked in tests/test_cute_gpu.py)."""
     q, k, v = inputs(2, 1, 300, 4, 2, 64, 64, torch.bfloat16)
     results = [fa3py.flash_attn_func(q, k, v, num_splits=n, return_attn_probs=True) for n in (0, 1, 3)]
     for o, lse in results:

@@ -102,8 +102,9 @@ def test_split_kv_forward_triton_backward_emulated(emulated_sm90, monkeypatch, l
     """Split-KV forced to 3 splits over up to 3 KV blocks of keys: the float32 partials combined
     into out / LSE (for one query, into views of the returned tensors), then the Triton backward."""
     import cute_kernels
+    from cute_kernels import launch
 
-    monkeypatch.setattr(cute_kernels, "split_kv_setting", "3")
+    monkeypatch.setattr(launch, "split_kv_setting", "3")
     monkeypatch.setitem(LAYOUTS, "batched_decode", [(1, 300), (1, 300)])
     monkeypatch.setitem(LAYOUTS, "varlen", [(1, 300), (2, 5), (1, 260)])
     h, hk = HEADS[heads]

@@ -1,18 +1,23 @@
-"""Split-KV's combine in one Triton kernel (used by `cute_kernels` on CUDA tensors).
+"""Split-KV's combine: the partial results of a tile's KV splits into one O and LSE.
 
 Each of `splits` splits of a row's keys left its O, normalized by its own row sum, in float32,
 and its LSE. The row's LSE is the logsumexp of theirs and its O the sum of theirs weighted by
 exp(split LSE - LSE). A row no split saw (every LSE -inf) gets O = 0 and LSE -inf; a NaN LSE
 makes the row NaN, as the unsplit kernel would.
 
-Layouts (as `cute_kernels.run` allocates the partials, splits folded into the first index):
+Layouts (as `cute_kernels.launch.run` allocates the partials, splits folded into the first index):
 batched, o_part (splits * b, rows, h, dv) and lse_part (splits * b, h, rows); packed (varlen),
 o_part (splits * total, h, dv) and lse_part (h, splits * total). The results go into `out`
 ((b, rows, h, dv) or (total, h, dv), any strides with a unit last one) and `lse` ((b, h, rows) or
 (h, total), any strides).
+
+On CUDA tensors one Triton kernel (`combine_kernel`); elsewhere `combine_splits_torch`, its
+reference in torch ops.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -20,7 +25,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _combine(
+def combine_kernel(
     OP, LP, Out, LO, n_rows, rows, heads, splits,
     lp_s, lp_b, lp_r, lp_h,  # LP strides: split, batch, row, head
     out_b, out_r, out_h,  # Out strides (dv contiguous)
@@ -59,9 +64,9 @@ def _combine(
         tl.store(LO + b * lo_b + r * lo_r + h * lo_h, lse)
 
 
-def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
+def combine_splits_triton(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
                    out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Combine the partials into `out` and `lse` (see the module docstring)."""
+    """`combine_splits` by `combine_kernel` (CUDA tensors, or Triton's interpreter)."""
     dv = o_part.shape[-1]
     assert o_part.is_contiguous() and lse_part.is_contiguous() and out.stride(-1) == 1
     if packed_q:
@@ -77,7 +82,28 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, pa
         slo = (lse.stride(0), lse.stride(2), lse.stride(1))
     m = batch * rows * h
     block_d = min(64, triton.next_power_of_2(dv))
-    _combine[(m, triton.cdiv(dv, block_d))](
+    combine_kernel[(m, triton.cdiv(dv, block_d))](
         o_part, lse_part, out, lse, m, rows, h, splits, *lp, *so, *slo,
         DV=dv, BLOCK_D=block_d, BLOCK_S=min(32, max(8, triton.next_power_of_2(splits))),
     )
+
+
+def combine_splits_torch(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
+                         out: torch.Tensor, lse: torch.Tensor) -> None:
+    """`combine_splits` in torch ops: the reference of `combine_kernel`, and the CPU path."""
+    o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, total, h, dv) / (splits, b, rows, h, dv)
+    if packed_q:
+        lse_s = lse_part.view(lse_part.shape[0], splits, -1).transpose(0, 1)  # (splits, h, total)
+    else:
+        lse_s = lse_part.view(splits, -1, *lse_part.shape[1:])  # (splits, b, h, rows)
+    total = torch.logsumexp(lse_s, dim=0)
+    weight = torch.exp(lse_s - total.masked_fill(total == -math.inf, 0.0))  # exp(-inf) = 0 where no split saw a row
+    out.copy_((o * weight.transpose(-1, -2).unsqueeze(-1)).sum(0))
+    lse.copy_(total)
+
+
+def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
+                   out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Split-KV's partial results into `out` and `lse` (see the module docstring)."""
+    combine = combine_splits_triton if o_part.is_cuda else combine_splits_torch
+    combine(o_part, lse_part, splits, packed_q, out, lse)

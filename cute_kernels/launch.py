@@ -1,0 +1,343 @@
+"""Host side of the sm90 forward: config choice, tensor layout, compile and kernel caches, launch.
+
+Compiled kernels are cached in memory per `FwdConfig` (`kernels`) and, on the TVM-FFI path, on
+disk across processes (`disk_cache`: FA3PY_CACHE_DIR); `last_compile_seconds` holds the time of
+the most recent compile (also logged at DEBUG level).
+
+Calling path: when the optional `apache-tvm-ffi` package is importable (and CUTE_KERNELS_TVM_FFI
+is not "0"), kernels are compiled once against symbolic-shape fake tensors with
+`--enable-tvm-ffi` and called with the torch tensors and Python scalars directly, on torch's
+current stream (a few microseconds of host time). Otherwise every call converts its tensors with
+`from_dlpack(...).mark_layout_dynamic()` (~25 us per tensor on a slow host CPU).
+
+Switches (module attributes; tests and benchmarks may set them): `use_tvm_ffi`,
+`pack_gqa_enabled` (FA3PY_CUTE_PACK_GQA), `split_kv_setting` (FA3PY_CUTE_NUM_SPLITS).
+Test hook: `run` calls the kernel through `launch_kernel`, which a test may replace (e.g. by a
+CPU emulation of the kernel) to check the host-side layout work without a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import importlib.util
+import logging
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from cute_kernels import disk_cache
+from cute_kernels.config import FwdConfig, is_medium, is_short, num_splits_for, pack_gqa_factor, padded_hdim
+
+if TYPE_CHECKING:
+    from fa3py.request import AttentionRequest
+
+log = logging.getLogger(__name__)
+
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _tvm_ffi_available() -> bool:
+    """tvm_ffi importable, and torch exposes the DLPack C exchange API (natively, or through
+    torch_c_dlpack_ext) that gives tvm_ffi fast tensor conversion and torch's current stream."""
+    if os.environ.get("CUTE_KERNELS_TVM_FFI", "1") == "0" or importlib.util.find_spec("tvm_ffi") is None:
+        return False
+    native = any(hasattr(torch.Tensor, a) for a in ("__dlpack_c_exchange_api__", "__c_dlpack_exchange_api__"))
+    return native or importlib.util.find_spec("torch_c_dlpack_ext") is not None
+
+
+use_tvm_ffi: bool = _tvm_ffi_available()  # compiled kernels are cached per path
+# Rows of the M tile that GQA packing aims to fill (config.pack_gqa_factor); the tables' tiles
+# have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
+PACK_TILE_M = 128
+pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
+# Split-KV: "auto" or "0" (config.num_splits_for), or a count used for every call (1: never split;
+# more than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
+split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto").strip().lower()
+if split_kv_setting not in ("auto", "0") and not split_kv_setting.isdigit():
+    raise ValueError(f"FA3PY_CUTE_NUM_SPLITS must be 'auto' or an int >= 0, got {split_kv_setting!r}")
+
+
+# ----------------------------------------------------------------------------- config
+def _seqlens(req: "AttentionRequest") -> tuple[int, int]:
+    """(max query rows, max keys) of a sequence."""
+    return (req.max_seqlen_q if req.packed_q else req.q.shape[1],
+            req.max_seqlen_k if req.packed_k else req.k.shape[1])
+
+
+def config_for(req: "AttentionRequest") -> FwdConfig:
+    """The default config (FwdConfig.make) for `req`, split-KV where `num_splits` splits."""
+    p = req.params
+    seqlen_q, seqlen_k = _seqlens(req)
+    pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
+    has_right = p.window_right >= 0
+    d, dv = padded_hdim(req.headdim), padded_hdim(req.headdim_v)
+    make = functools.partial(
+        _cached_config, DTYPES[req.dtype], d, dv,
+        has_left=p.window_left >= 0, has_right=has_right, softcap=p.softcap > 0,
+        cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
+        seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
+        short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
+        pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
+        hdimv_in=0 if dv == req.headdim_v else req.headdim_v,
+    )
+    cfg = make(split_kv=False)
+    return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
+
+
+@functools.lru_cache(maxsize=4096)  # config_for runs on every call
+def _cached_config(dtype: str, hdim: int, hdimv: int, **features) -> FwdConfig:
+    return FwdConfig.make(dtype, hdim, hdimv, **features)
+
+
+def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
+    """KV splits for `req` with `cfg`'s tile: split_kv_setting when not "auto", else the call's
+    num_splits when not 0 (FA3's argument; at most the KV blocks a tile has, beyond which splits
+    would be empty partials to allocate and combine), else config.num_splits_for."""
+    if split_kv_setting not in ("auto", "0"):
+        return int(split_kv_setting)
+    seqlen_q, seqlen_k = _seqlens(req)
+    n_blocks = -(-seqlen_k // cfg.tile.tile_n)
+    if req.params.num_splits > 0:
+        return max(1, min(req.params.num_splits, n_blocks))
+    g = cfg.pack_gqa
+    batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
+    tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
+    sms = _num_sms(req.device) if req.device.type == "cuda" else 132
+    return num_splits_for(tiles, n_blocks, sms)
+
+
+# ----------------------------------------------------------------------------- GQA packing
+def pack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
+    """(..., rows, heads, d) -> (..., rows * g, heads / g, d): query head kh * g + i of row r
+    becomes head kh of row r * g + i (a view for MQA, heads == g, or one row; else a copy)."""
+    *lead, rows, heads, d = t.shape
+    if rows == 1:  # decoding: the same view in one op (this runs on every call)
+        *lead_strides, _, s_h, s_d = t.stride()
+        return t.as_strided((*lead, g, heads // g, d), (*lead_strides, s_h, g * s_h, s_d))
+    return t.view(*lead, rows, heads // g, g, d).transpose(-3, -2).reshape(*lead, rows * g, heads // g, d)
+
+
+def unpack_rows(t: torch.Tensor, g: int) -> torch.Tensor:
+    """`pack_rows`'s inverse, contiguous (a reshape can return a view with other strides)."""
+    *lead, rows_g, kv_heads, d = t.shape
+    t = t.view(*lead, rows_g // g, g, kv_heads, d).transpose(-3, -2)
+    return t.reshape(*lead, rows_g // g, kv_heads * g, d).contiguous()
+
+
+def unpack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
+    """The packed kernel's LSE (..., kv_heads, rows * g) -> (..., kv_heads * g, rows), contiguous
+    as FA3 returns it. With one KV head the reshape alone is a view whose rows have stride g:
+    a consumer that assumed unit row stride (the Triton backward did) read other rows' LSE."""
+    *lead, kv_heads, rows_g = t.shape
+    t = t.view(*lead, kv_heads, rows_g // g, g).transpose(-1, -2)
+    return t.reshape(*lead, kv_heads * g, rows_g // g).contiguous()
+
+
+def pack_lse(t: torch.Tensor, g: int) -> torch.Tensor:
+    """`unpack_lse`'s inverse: (..., heads, rows) -> (..., heads / g, rows * g)."""
+    *lead, heads, rows = t.shape
+    if rows == 1:  # decoding: the same view in one op
+        *lead_strides, s_h, _ = t.stride()
+        return t.as_strided((*lead, heads // g, g), (*lead_strides, g * s_h, s_h))
+    return t.view(*lead, heads // g, g, rows).transpose(-1, -2).reshape(*lead, heads // g, rows * g)
+
+
+def _packed_lse_shape(req: "AttentionRequest", g: int) -> tuple:
+    """req.lse_shape with heads / g and rows * g."""
+    *lead, heads, rows = req.lse_shape
+    return (*lead, heads // g, rows * g)
+
+
+# ----------------------------------------------------------------------------- run
+def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward` with an explicit config (tests and benchmarks override tiles/schedules)."""
+    g = cfg.pack_gqa
+    if q_empty_or_no_keys(req):
+        return (torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device),
+                torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=req.device))
+    q = pack_rows(req.q, g) if g > 1 else req.q
+    q, k, v = (_tma_ready(t) for t in (q, req.k, req.v))
+    padded_rows = req.packed_q or req.seqused_q is not None
+    dev = q.device
+    # With one query row (decoding) the packed layout is a view of the caller's: the kernel
+    # writes out and LSE in place (no copies, no extra launches). Else it gets packed buffers.
+    in_place = g == 1 or req.q.shape[-3] == 1
+    packed_out, packed_lse = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
+
+    def outputs(out_shape, lse_shape, dtype):
+        out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=dtype, device=dev)
+        # Without padded rows every LSE entry is written by the kernel (-inf for an empty row).
+        lse = (torch.full(lse_shape, -math.inf, dtype=torch.float32, device=dev) if padded_rows
+               else torch.empty(lse_shape, dtype=torch.float32, device=dev))
+        return out, lse
+
+    out, lse = outputs(*((req.out_shape, req.lse_shape) if in_place else (packed_out, packed_lse)),
+                       req.out_dtype)
+    k_out, k_lse = (pack_rows(out, g), pack_lse(lse, g)) if g > 1 and in_place else (out, lse)
+    if cfg.split_kv:
+        from cute_kernels.combine import combine_splits  # (imports Triton: only where split)
+
+        # float32 partials, the splits folded into the first dim of out / the last of LSE.
+        splits = num_splits(req, cfg)
+        o_part, lse_part = outputs((splits * packed_out[0], *packed_out[1:]),
+                                   (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
+                                   else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
+        launch_kernel(req, cfg, q, k, v, o_part, lse_part, splits)
+        combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse)
+    else:
+        launch_kernel(req, cfg, q, k, v, k_out, k_lse)
+    return (out, lse) if in_place else (unpack_rows(out, g), unpack_lse(lse, g))
+
+
+def q_empty_or_no_keys(req: "AttentionRequest") -> bool:
+    k = req.k
+    return req.q.numel() == 0 or k.shape[-3] == 0 or (not req.packed_k and k.shape[0] == 0)
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """TMA needs a unit last stride, 16-byte strides and a 16-byte aligned base."""
+    ok = (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
+    return t if ok else t.contiguous()
+
+
+def _int32(t: Optional[torch.Tensor], times: int = 1) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    t = t.to(torch.int32).contiguous()
+    return t * times if times > 1 else t
+
+
+def sequence_args(req: "AttentionRequest", q: torch.Tensor, g: int) -> tuple:
+    """The kernel's max_seqlen_q and its int32 (cu_seqlens_q, cu_seqlens_k, seqused_q,
+    seqused_k): on the query side in rows of `q` (positions times g with GQA packing)."""
+    max_seqlen_q = req.max_seqlen_q * g if req.packed_q else q.shape[1]
+    return max_seqlen_q, [_int32(req.cu_seqlens_q, g), _int32(req.cu_seqlens_k), _int32(req.seqused_q, g),
+                          _int32(req.seqused_k)]
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ----------------------------------------------------------------------------- dynamic scheduler
+def _current_stream_handle(dev: torch.device) -> int:
+    """torch's current stream on `dev` as a raw handle, read as inductor's generated code reads
+    it: torch.cuda.current_stream(dev) builds a Stream object per call (a few us of host time)."""
+    return torch._C._cuda_getCurrentRawStream(dev.index)
+
+
+class TileCounters:
+    """The dynamic scheduler's counters (tiles taken, CTAs done), one int32 pair per (device,
+    stream): zero at launch, and the kernel's last CTA zeroes them again, so one buffer per stream
+    serves every call without a memset (calls on one stream run in order; another stream gets its
+    own). Under CUDA graph capture a fresh zeroed buffer per call, so the memset is part of the
+    graph. At most `max_streams` buffers are kept, the least recently used forgotten."""
+
+    def __init__(self, max_streams: int = 64,
+                 stream_handle: Callable[[torch.device], int] = _current_stream_handle):
+        self.max_streams = max_streams
+        self.stream_handle = stream_handle
+        self.buffers: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+    def __call__(self, dev: torch.device) -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(2, dtype=torch.int32, device=dev)
+        key = (dev.index, self.stream_handle(dev))
+        counter = self.buffers.get(key)
+        if counter is None:
+            counter = self.buffers[key] = torch.zeros(2, dtype=torch.int32, device=dev)
+            if len(self.buffers) > self.max_streams:
+                # The least recently used stream's buffer: its memory returns to that stream's
+                # pool (stream-ordered), so a kernel still running on it is not disturbed.
+                self.buffers.popitem(last=False)
+        else:
+            self.buffers.move_to_end(key)
+        return counter
+
+
+tile_counters = TileCounters()
+
+
+# ----------------------------------------------------------------------------- compile, launch
+last_compile_seconds: Optional[float] = None
+kernels: dict = {}  # (FwdConfig, tvm_ffi) -> compiled kernel; clear it to act as a new process
+
+
+def compile_kernel(cfg: FwdConfig, args: Optional[tuple] = None):
+    """Compile `cfg` for the TVM-FFI path (args None: symbolic fake tensors; loaded from the disk
+    cache when there) or for the from_dlpack path (args: a call's converted arguments, marked
+    dynamic), and keep it in `kernels`."""
+    global last_compile_seconds
+    import cutlass.cute as cute
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    tvm_ffi = args is None
+    fn = disk_cache.load(cfg) if tvm_ffi else None
+    if fn is None:
+        t0 = time.perf_counter()
+        kernel = FlashAttentionForwardSm90(cfg)
+        if tvm_ffi:
+            fn = cute.compile(kernel, *kernel.fake_args(cfg, env_stream=True), options="--enable-tvm-ffi")
+            disk_cache.store(cfg, fn)
+        else:
+            fn = cute.compile(kernel, *args)
+        last_compile_seconds = time.perf_counter() - t0
+        log.debug("cute_kernels: compiled %s (tvm-ffi %s) in %.1fs", cfg.short(), tvm_ffi, last_compile_seconds)
+    kernels[cfg, tvm_ffi] = fn
+    return fn
+
+
+def _cute(t: Optional[torch.Tensor], align: int = 16):
+    from cutlass.cute.runtime import from_dlpack
+
+    if t is None:
+        return None
+    return from_dlpack(t.detach(), assumed_align=align).mark_layout_dynamic(leading_dim=t.ndim - 1)
+
+
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, num_splits: int = 1):
+    """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa); `run`'s
+    only call into the kernel (the module docstring's test hook)."""
+    p, dev, g = req.params, q.device, cfg.pack_gqa
+
+    if p.softcap > 0:
+        scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
+    else:
+        scale_log2, premul = p.softmax_scale * math.log2(math.e), 1.0
+    max_seqlen_q, ints = sequence_args(req, q, g)
+    if max_seqlen_q == 0:
+        return out, lse
+    ints.append(tile_counters(dev) if cfg.tile.dynamic else None)
+    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), 1, num_splits)
+    tvm_ffi = use_tvm_ffi
+    fn = kernels.get((cfg, tvm_ffi))
+    if tvm_ffi:
+        tensors = [t.detach() if t.requires_grad else t for t in (q, k, v)]
+        if fn is None:
+            fn = compile_kernel(cfg)
+        with torch.cuda.device(dev) if dev.index != torch.cuda.current_device() else _SAME_DEVICE:
+            fn(*tensors, out, lse, *ints, *scalars)
+        return out, lse
+
+    import cuda.bindings.driver as cuda
+    import cutlass
+
+    args = (
+        _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints),
+        *map(cutlass.Float32, scalars[:2]), *map(cutlass.Int32, scalars[2:]),
+        cuda.CUstream(torch.cuda.current_stream(dev).cuda_stream),
+    )
+    if fn is None:
+        fn = compile_kernel(cfg, args)
+    fn(*args)
+    return out, lse

@@ -1,0 +1,515 @@
+"""cute_kernels on the CPU: the config table and its choices (tiles, GQA packing, split-KV), the
+host-side layout work of `launch.run` with the kernel emulated in torch (`launch.launch_kernel`
+replaced), split-KV's combine, and the kernel's own mask and tile-scheduler code run by CuTe
+DSL's host JIT against brute force (`-k on_the_host`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+cutlass = pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+import cute_kernels  # noqa: E402
+from cute_kernels import launch  # noqa: E402
+from cute_kernels.config import CANDIDATES, FwdConfig, TileConfig, tile_variant  # noqa: E402
+from tests._cute import make_req  # noqa: E402
+from tests.cute_emulation import emulated_launch  # noqa: E402
+
+
+def test_padded_headdim_choice():
+    """why_not serves every head dim (multiple of 8, <= 256) that rounds up to a served pair;
+    config_for compiles the rounded tile for the tensors' dims (0 where they match)."""
+    from cute_kernels.config import padded_hdim
+
+    assert [padded_hdim(d) for d in (8, 32, 64, 72, 96, 104, 128, 136, 192, 200, 256, 264, 84)] == \
+        [64, 64, 64, 96, 96, 128, 128, 192, 192, 256, 256, None, None]
+    for d, dv, served in [(80, 80, True), (32, 32, True), (144, 128, True), (48, 40, True), (232, 232, True),
+                          (200, 128, False), (128, 64, False), (84, 84, False), (264, 264, False)]:
+        q = torch.randn(1, 8, 4, d, dtype=torch.bfloat16)
+        v = torch.randn(1, 8, 4, dv, dtype=torch.bfloat16)
+        reason = cute_kernels.why_not(make_req(q, q, v), backward=False)
+        assert (reason == "cute_kernels: CUDA tensors only") == served, (d, dv, reason)
+        if served:
+            cfg = cute_kernels.config_for(make_req(q, q, v))
+            assert (cfg.hdim, cfg.hdimv) == (padded_hdim(d), padded_hdim(dv))
+            assert (cfg.hdim_in, cfg.hdimv_in) == (0 if d == cfg.hdim else d, 0 if dv == cfg.hdimv else dv)
+
+
+def test_warpgroup_ring_barriers():
+    """The consumer warpgroups' GEMM ring: one named barrier per warpgroup after the epilogue's,
+    checked where the ring is made (a wrong count should fail the compile, not hang the GPU)."""
+    from cute_kernels.pipeline import WarpgroupRing
+    from cute_kernels.utils import NamedBarrierFwd
+
+    for w in (2, 3):
+        ring = WarpgroupRing(w)
+        ids = [ring.barrier_id(i) for i in range(w)]
+        assert ids == list(range(int(NamedBarrierFwd.WarpSchedulerWG1), int(NamedBarrierFwd.WarpSchedulerWG1) + w))
+        assert int(NamedBarrierFwd.Epilogue) not in ids
+    for w in (1, 4):
+        with pytest.raises(AssertionError, match="one named barrier per consumer warpgroup"):
+            WarpgroupRing(w)
+
+
+def test_tile_config_budget():
+    with pytest.raises(AssertionError, match="registers"):
+        TileConfig(192, 128, 2, 24, 240)
+    t = tile_variant(TileConfig(128, 128, 2, 24, 240), 192, 128)
+    assert (t.num_mma_wg, t.num_threads, t.producer_regs, t.consumer_regs) == (3, 512, 24, 160)
+    assert all(c.num_mma_wg == 3 for cs in CANDIDATES.values() for c in cs)
+    # diag_half needs tile_n / 2 in whole 16-key k-blocks: another shape keeps it only then.
+    plain = FwdConfig.make("bf16", 64, has_right=True, short=True).tile
+    assert plain.diag_half and tile_variant(plain, 128, 64).diag_half
+    assert not tile_variant(plain, 128, 176).diag_half and tile_variant(plain, 128, 176).chain_pv_qk
+    with pytest.raises(AssertionError, match="diag_half needs"):  # shapes set directly are checked
+        dataclasses.replace(plain, tile_n=176)
+    with pytest.raises(AssertionError, match="chain_pv_qk needs the plain schedule"):
+        dataclasses.replace(plain, diag_half=False, intra_wg_overlap=True)
+
+
+def test_short_tile():
+    """Few KV blocks per tile: causal with <= SHORT_CAUSAL_SEQLEN query rows, or non-causal with
+    <= SHORT_SEQLEN_K keys. Causal hdim64 takes the 2-WG tile there, longer problems the table
+    tile; causal goes by the query length, non-causal by the key length."""
+    from cute_kernels.config import MEDIUM_SEQLEN_K, SHORT_CAUSAL_SEQLEN, SHORT_SEQLEN_K
+
+    def config(sq, wr, d=64, sk=None):
+        q = torch.randn(1, sq, 2, d, dtype=torch.bfloat16)
+        k = torch.randn(1, sk or sq, 2, d, dtype=torch.bfloat16)
+        return cute_kernels.config_for(make_req(q, k, k, window_right=wr)).tile
+
+    def tile(*args, **kw):
+        t = config(*args, **kw)
+        return t.tile_m, t.tile_n
+
+    d = 64
+    short, table = (128, 128), (192, 128)
+    assert tile(SHORT_CAUSAL_SEQLEN, 0, d) == short and tile(SHORT_CAUSAL_SEQLEN + 1, 0, d) == table
+    assert tile(SHORT_CAUSAL_SEQLEN, 0, d, sk=4096) == short
+    assert tile(SHORT_SEQLEN_K, -1, d) == tile(SHORT_SEQLEN_K + 1, -1, d) == table
+    assert tile(4096, -1, d, sk=SHORT_SEQLEN_K) == tile(256, -1, d, sk=1024) == table
+    assert tile(256, 0, 128) == tile(256, -1, 128) == (128, 128)
+    # hdim96: the 2-WG tile when short, causal or not; the table's 3-WG tile otherwise.
+    assert tile(256, 0, 96) == tile(SHORT_SEQLEN_K, -1, 96) == (128, 128)
+    assert tile(SHORT_CAUSAL_SEQLEN + 1, 0, 96) == tile(SHORT_SEQLEN_K + 1, -1, 96) == (192, 112)
+    # hdim256: one tile, short or not, with O staged in two chunks and lazy rescaling.
+    for sq, wr in ((512, 0), (4096, 0), (512, -1), (4096, -1)):
+        t = config(sq, wr, 256)
+        assert (t.tile_m, t.tile_n, t.o_chunks, t.lazy_rescale) == (128, 64, 2, 8.0)
+    # Lazy rescaling otherwise only at hdim 64, windowed.
+    assert [config(2048, wr, d).lazy_rescale for wr in (-1, 0) for d in (64, 128)] == [0, 0, 8.0, 0]
+    # Two Q buffers for short problems up to hdim 128 (hdim 256 has no smem for them), causal
+    # ones at hdim 64 only; non-causal hdim64 up to MEDIUM_SEQLEN_K keys.
+    assert [config(512, wr, d).q_stages for wr in (-1, 0) for d in (64, 128, 256)] == [2, 2, 1, 2, 1, 1]
+    assert config(4096, -1, 128).q_stages == config(2048, 0, 64).q_stages == 1
+    assert config(256, -1, 64, sk=MEDIUM_SEQLEN_K).q_stages == 2
+    assert config(MEDIUM_SEQLEN_K + 1, -1, 64).q_stages == config(1024, -1, 128).q_stages == 1
+    # Short causal hdim64 / 96: the plain schedule (no intra-WG overlap) with diag_half and
+    # chain_pv_qk; O by TMA store at hdim 64 only.
+    assert [(config(512, wr, d).intra_wg_overlap, config(512, wr, d).tma_store) for wr, d in
+            ((0, 64), (0, 96), (0, 128), (-1, 64), (0, 256))] == \
+        [(False, True), (False, False), (True, False), (True, True), (True, False)]
+    assert [(config(sq, wr, d).diag_half, config(sq, wr, d).chain_pv_qk) for sq, wr, d in
+            ((512, 0, 64), (1024, 0, 96), (2048, 0, 64), (512, -1, 64), (512, 0, 128))] == \
+        [(True, True)] * 2 + [(False, False)] * 3
+    assert config(2048, 0, 64).intra_wg_overlap
+
+
+def test_pack_gqa_choice(monkeypatch):
+    """Packing where it fills the M tile better (few query positions, more than one query head
+    per KV head), not for long queries nor MHA; the packed rows decide the short tiles."""
+    from cute_kernels.config import pack_gqa_factor
+
+    assert [pack_gqa_factor(8, s, 128) for s in (1, 16, 100, 200, 1000, 4096)] == [8, 8, 8, 8, 1, 1]
+    assert pack_gqa_factor(1, 1, 128) == 1 and pack_gqa_factor(3, 128, 128) == 1
+    def decode(sq, h, hk, d=128, **kw):
+        k = torch.randn(2, 900, hk, d, dtype=torch.bfloat16)
+        return cute_kernels.config_for(make_req(torch.randn(2, sq, h, d, dtype=torch.bfloat16), k, k, **kw))
+
+    assert decode(1, 32, 8).pack_gqa == 4 and decode(1, 8, 1).pack_gqa == 8 and decode(1, 8, 8).pack_gqa == 1
+    assert decode(4096, 32, 8).pack_gqa == 1
+    # Causal hdim64: 100 positions x 8 heads = 800 rows take the short tile, 200 x 8 the table's.
+    assert [decode(sq, 8, 1, 64, window_right=0).tile.tile_m for sq in (100, 200)] == [128, 192]
+    monkeypatch.setattr(launch, "pack_gqa_enabled", False)  # FA3PY_CUTE_PACK_GQA=0
+    assert decode(1, 32, 8).pack_gqa == 1
+
+
+def test_num_splits_choice(monkeypatch):
+    """Split-KV only for grids under 80% of a wave with >= SPLIT_MIN_BLOCKS KV blocks; the count minimizes
+    waves * (blocks per split + overhead) over 1 .. blocks / 2 (brute force), the smallest within
+    5%; config_for takes the split_kv config then, and FA3PY_CUTE_NUM_SPLITS overrides."""
+    from cute_kernels.config import SPLIT_MIN_BLOCKS, SPLIT_TILE_OVERHEAD_BLOCKS, num_splits_for
+
+    assert num_splits_for(106, 64, 132) == 1 and num_splits_for(0, 64, 132) == 1
+    assert num_splits_for(4, SPLIT_MIN_BLOCKS - 1, 132) == 1 < num_splits_for(4, SPLIT_MIN_BLOCKS, 132)
+    for tiles, blocks in [(1, 64), (4, 64), (48, 64), (100, 64), (16, 256), (4, SPLIT_MIN_BLOCKS)]:
+        s = num_splits_for(tiles, blocks, 132)
+        cost = lambda n: -(-tiles * n // 132) * (-(-blocks // n) + SPLIT_TILE_OVERHEAD_BLOCKS)
+        best = min(cost(n) for n in range(1, blocks // 2 + 1))
+        assert 1 <= s <= blocks // 2 and cost(s) <= 1.05 * best
+        assert all(cost(n) > 1.05 * best for n in range(1, s))
+    k = torch.randn(1, 8192, 4, 128, dtype=torch.bfloat16)
+    decode = make_req(torch.randn(1, 1, 32, 128, dtype=torch.bfloat16), k, k)
+    cfg = cute_kernels.config_for(decode)  # 4 (batch, KV head) tiles, 64 blocks
+    assert cfg.split_kv and cfg.pack_gqa == 8 and cute_kernels.num_splits(decode, cfg) == 32
+    long = torch.randn(2, 4096, 16, 128, dtype=torch.bfloat16)
+    assert not cute_kernels.config_for(make_req(long, long, long)).split_kv
+    # FA3's num_splits: 1 never splits, N splits N times (flash_attn_func's default is 1, as in FA3).
+    assert not cute_kernels.config_for(make_req(decode.q, k, k, num_splits=1)).split_kv
+    five = make_req(decode.q, k, k, num_splits=5)
+    assert cute_kernels.num_splits(five, cute_kernels.config_for(five)) == 5
+    many = make_req(decode.q, k, k, num_splits=1000)  # capped at the 64 KV blocks a tile has
+    assert cute_kernels.num_splits(many, cute_kernels.config_for(many)) == 64
+    monkeypatch.setattr(launch, "split_kv_setting", "1")
+    assert not cute_kernels.config_for(decode).split_kv and not cute_kernels.config_for(five).split_kv
+    monkeypatch.setattr(launch, "split_kv_setting", "3")
+    assert cute_kernels.config_for(decode).split_kv and cute_kernels.num_splits(decode, cfg) == 3
+
+
+def test_config_for_request():
+    x = torch.randn(2, 8, 2, 192, dtype=torch.float16)
+    v = torch.randn(2, 8, 2, 128, dtype=torch.float16)
+    cfg = cute_kernels.config_for(make_req(x, x, v, window_right=0, softcap=5.0))
+    assert (cfg.dtype, cfg.hdim, cfg.hdimv, cfg.causal, cfg.softcap) == ("fp16", 192, 128, True, True)
+
+
+def test_why_not_reasons():
+    x = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    assert cute_kernels.why_not(make_req(x, x, x), backward=True)
+    assert "FP8" in cute_kernels.why_not(make_req(x, x, x, fp8=True), backward=False)
+    y = torch.randn(1, 8, 2, 84, dtype=torch.bfloat16)  # (80 rounds up to 96; 84 is no multiple of 8)
+    assert "headdim" in cute_kernels.why_not(make_req(y, y, y), backward=False)
+    z = torch.randn(1, 8, 2, 128, dtype=torch.float32)
+    assert "dtype" in cute_kernels.why_not(make_req(z, z, z), backward=False)
+    f8 = x.to(torch.float8_e4m3fn)
+    assert cute_kernels.why_not(make_req(f8, f8, f8), backward=False)
+    for scale in (-0.1, 0.0):  # (0: a masked -inf score times the scale would be NaN)
+        assert "softmax_scale" in cute_kernels.why_not(make_req(x, x, x, softmax_scale=scale), backward=False)
+    for params in (dict(softmax_scale=-0.1, softcap=2.0), dict(softmax_scale=0.0, softcap=2.0),
+                   dict(softmax_scale=1e-6)):  # served (on CUDA)
+        assert cute_kernels.why_not(make_req(x, x, x, **params), backward=False) == "cute_kernels: CUDA tensors only"
+
+
+def test_pack_rows_layout():
+    """pack_rows / pack_lse put query head kh * g + i of row r at row r * g + i of KV head kh,
+    batched and packed (varlen) alike; unpack_rows / unpack_lse invert them; MQA (one KV head)
+    and one row (decoding, also of strided views: the in-place outputs) pack by view."""
+    g = 4
+    for lead in ((3, 5), (11,), (3, 1), (1,)):
+        t = torch.randn(*lead, 8, 24)[..., 3:19]  # strided rows
+        p = cute_kernels.pack_rows(t, g)
+        assert p.shape == (*lead[:-1], lead[-1] * g, 2, 16)
+        r, i, kh = lead[-1] - 1, 3, 1
+        assert torch.equal(p[..., r * g + i, kh, :], t[..., r, kh * g + i, :])
+        assert torch.equal(cute_kernels.unpack_rows(p, g), t)
+        if lead[-1] == 1:
+            assert p.data_ptr() == t.data_ptr()
+        lse = torch.randn(*lead[:-1], 8, lead[-1] + 2)[..., 1:-1]
+        packed_lse = cute_kernels.pack_lse(lse, g)
+        assert packed_lse.shape == (*lead[:-1], 2, lead[-1] * g)
+        assert torch.equal(packed_lse[..., kh, r * g + i], lse[..., kh * g + i, r])
+        assert torch.equal(cute_kernels.unpack_lse(packed_lse, g), lse)
+    mqa = torch.randn(2, 5, 4, 16)
+    assert cute_kernels.pack_rows(mqa, 4).data_ptr() == mqa.data_ptr()  # a view
+
+
+@pytest.mark.parametrize("splits", ["1", "3", "8"], ids=["whole", "split_kv3", "split_kv8"])
+@pytest.mark.parametrize("layout", ["batched", "decode", "varlen", "seqused"])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (5, 2)])
+@pytest.mark.parametrize("h,hk", [(8, 2), (6, 1)])
+def test_pack_gqa_host_side(layout, wl, wr, h, hk, splits, monkeypatch):
+    """cute_kernels.run's packing of Q and unpacking of out / LSE, with the kernel emulated on the
+    CPU (`tests.cute_emulation`): the answer against the reference, for batched, packed (varlen)
+    and seqused queries, GQA and MQA (packing by view), causal and local masks. With one query
+    (decode) the kernel writes into views of the returned out and LSE. Split-KV (forced 3 or 8
+    splits): float32 partials combined by combine_splits; with 8 splits of up to 6 KV blocks of
+    128 some splits are empty, and short sequences leave most of them empty."""
+    from tests._util import check_forward, packed
+
+    given = []
+
+    def emulated(req, cfg, q, k, v, out, lse, num_splits=1):
+        given.append((out, lse))
+        return emulated_launch(req, cfg, q, k, v, out, lse, num_splits)
+
+    monkeypatch.setattr(launch, "launch_kernel", emulated)
+    monkeypatch.setattr(launch, "split_kv_setting", splits)
+    if layout in ("batched", "decode"):
+        sq = 1 if layout == "decode" else 7
+        q, k, v = (torch.randn(2, s, n, 64, dtype=torch.bfloat16) for s, n in ((sq, h), (700, hk), (700, hk)))
+        kw = {}
+    else:
+        q, cu_q = packed([3, 1, 0, 9], h, 64, torch.bfloat16, "cpu")
+        k, cu_k = packed([50, 4, 7, 620], hk, 64, torch.bfloat16, "cpu")
+        v = torch.randn_like(k)
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=9, max_seqlen_k=620)
+        if layout == "seqused":
+            kw.update(seqused_q=torch.tensor([2, 1, 0, 9], dtype=torch.int32),
+                      seqused_k=torch.tensor([50, 0, 7, 500], dtype=torch.int32))
+    req = make_req(q, k, v, window_left=wl, window_right=wr, **kw)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.pack_gqa == h // hk
+    out, lse = cute_kernels.run(req, cfg)
+    assert out.shape == req.out_shape and lse.shape == req.lse_shape
+    (k_out, k_lse), = given
+    in_place = (k_out._base is out and k_lse._base is lse)
+    assert in_place == (layout == "decode" and splits == "1")
+    assert cfg.split_kv == (splits != "1") and (k_out.dtype == torch.float32) == cfg.split_kv
+    check_forward(req, out, lse)
+
+
+@pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
+@pytest.mark.parametrize("splits,dv", [(1, 64), (3, 96), (40, 128), (5, 256)])
+def test_combine_splits_triton(packed_q, splits, dv):
+    """cute_kernels.combine's Triton kernel (the CUDA path, here under Triton's interpreter)
+    against its torch ops and against a float64 recomputation: random split
+    LSEs with -inf ones (empty splits), a row no split saw (0 / -inf) and a row with a NaN LSE
+    (NaN), written into strided views of the outputs."""
+    from cute_kernels.combine import combine_splits_torch, combine_splits_triton
+
+    b, rows, h = (1, 37, 3) if packed_q else (2, 5, 3)
+    lead = (splits * rows,) if packed_q else (splits * b, rows)
+    o_part = torch.randn(*lead, h, dv)
+    lse_part = torch.randn(h, splits * rows) * 3 if packed_q else torch.randn(splits * b, h, rows) * 3
+    lse_part[lse_part < -4] = -math.inf  # some empty splits
+    lse_s = lse_part.view(h, splits, rows).transpose(0, 1) if packed_q else lse_part.view(splits, b, h, rows)
+    lse_s[..., 0, 1] = -math.inf  # (head 0, row 1) seen by no split  [views of lse_part]
+    lse_s[0, ..., 2, 3] = math.nan  # (head 2, row 3): a NaN score in split 0
+    out_shape = (rows, h, dv) if packed_q else (b, rows, h, dv)
+    lse_shape = (h, rows) if packed_q else (b, h, rows)
+    results = []
+    for combine in (combine_splits_torch, combine_splits_triton):
+        out = torch.full((*out_shape[:-1], dv + 8), 7.0)[..., :dv]  # strided: rows of dv + 8
+        lse = torch.full(lse_shape[::-1], 7.0).permute(*reversed(range(len(lse_shape))))  # transposed
+        combine(o_part, lse_part, splits, packed_q, out, lse)
+        results.append((out, lse))
+    # float64 reference, (split, ..., head, row) -> (..., row, head)
+    ls = lse_s.double()
+    total = torch.logsumexp(ls, 0)
+    w = torch.exp(ls - total.masked_fill(total == -math.inf, 0.0))
+    o = o_part.double().view(splits, *out_shape)
+    ref_out = (o * w.transpose(-1, -2).unsqueeze(-1)).sum(0)
+    for out, lse in results:
+        torch.testing.assert_close(lse.double(), total, equal_nan=True, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.double(), ref_out, equal_nan=True, rtol=1e-5, atol=1e-5)
+        assert (out[..., 1, 0, :] == 0).all() if packed_q else (out[:, 1, 0, :] == 0).all()
+        assert out[..., 3, 2, :].isnan().all() if packed_q else out[:, 3, 2, :].isnan().all()
+
+
+def test_tile_counters_are_bounded(monkeypatch):
+    """One counter buffer per (device, stream), the least recently used forgotten past the cap."""
+    from types import SimpleNamespace
+
+    stream = SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    counters = launch.TileCounters(stream_handle=lambda dev: stream.cuda_stream)
+    cpu = torch.device("cpu")
+    first = counters(cpu)
+    assert counters(cpu) is first and first.tolist() == [0, 0]
+    for handle in range(1, counters.max_streams + 1):
+        stream.cuda_stream = handle
+        counters(cpu)
+        if handle == 5:  # stream 0 used again: it becomes the most recent
+            stream.cuda_stream = 0
+            assert counters(cpu) is first
+    assert len(counters.buffers) == counters.max_streams == launch.tile_counters.max_streams
+    assert (None, 0) in counters.buffers and (None, 1) not in counters.buffers
+
+
+def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
+    """AttentionMask's KV-block bounds for every m_block, run on the host by CuTe DSL's JIT."""
+    from cutlass import Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.mask import AttentionMask, SeqlenInfo
+
+    @cutlass.cute.jit  # (annotations are strings here: resolved in this module's globals)
+    def ranges(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
+               wr: cutlass.Int32):
+        seqlen = SeqlenInfo(Int32(0), Int32(0), sq, sk)
+        for m in cutlass.range(out.shape[0]):
+            mask = AttentionMask(tile_m, tile_n, has_left, has_right, wl, wr, seqlen, m, rows_per_pos=g)
+            lo, hi = mask.n_block_range()
+            out[m, 0] = lo
+            out[m, 1] = hi
+            out[m, 2] = mask.n_block_min_right_masked(lo)
+            out[m, 3] = mask.n_block_max_left_masked(lo)
+            out[m, 4] = mask.keys_end(Int32(tile_m // 2))  # (diag_half: first warpgroup's rows)
+            out[m, 5] = mask.keys_end(Int32(tile_m))
+
+    def call(rows, sk, wl, wr):
+        out = torch.zeros(-(-rows // tile_m), 6, dtype=torch.int32)
+        ranges(from_dlpack(out), Int32(rows), Int32(sk), Int32(wl), Int32(wr))
+        return out.tolist()
+
+    return call
+
+
+@pytest.mark.parametrize("g", [1, 3, 4])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
+@pytest.mark.parametrize("half", [False, True], ids=["block", "half"])
+def test_mask_apply_on_the_host(g, wl, wr, half):
+    """AttentionMask.apply, the kernel's own code run by CuTe DSL's host JIT for every consumer
+    thread of a tile (each thread's WGMMA accumulator fragment, scattered back to (row, col)),
+    against a brute-force mask: sequence end, causal / local window edges, g rows per position.
+    `half`: the accumulator of diag_half's QK^T over the block's first tile_n / 2 keys."""
+    from cutlass import Float32, Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+    from cute_kernels.mask import AttentionMask, SeqlenInfo
+
+    cute = cutlass.cute
+    cfg = FwdConfig.make("bf16", 128, has_left=wl >= 0, has_right=wr >= 0, pack_gqa=g)
+    kernel = FlashAttentionForwardSm90(cfg)
+    tile_m, tile_n, threads = cfg.tile.tile_m, cfg.tile.tile_n, kernel.num_mma_threads
+
+    @cutlass.cute.jit
+    def masked(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
+               wr: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
+        tiled_mma = kernel.make_tiled_mma_qk(width)
+        mask = AttentionMask(tile_m, tile_n, wl_on, wr_on, wl, wr, SeqlenInfo(Int32(0), Int32(0), sq, sk),
+                             m_block, rows_per_pos=g)
+        coords = cute.make_identity_tensor((tile_m, width))
+        for t in cutlass.range(threads):
+            thr = tiled_mma.get_slice(t)
+            acc = cute.make_rmem_tensor(tiled_mma.partition_shape_C((tile_m, width)), Float32)
+            acc.fill(1.0)
+            mask.apply(acc, thr, n_block, True, True, True, tiled_mma.get_slice(0))
+            rc = thr.partition_C(coords)
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                out[rc[i]] = acc[i]
+
+    wl_on, wr_on = wl >= 0, wr >= 0
+    width = tile_n // 2 if half else tile_n
+    rng = np.random.default_rng()
+    for sq, sk in [(10, 100), (77, 300), (300, 77), (64, 165)] + [tuple(rng.integers(1, 700, 2)) for _ in range(2)]:
+        rows = int(sq) * g
+        m_block = int(rng.integers(0, -(-rows // tile_m)))
+        n_block = int(rng.integers(0, -(-int(sk) // tile_n)))
+        out = torch.zeros(tile_m, width)
+        masked(from_dlpack(out), Int32(rows), Int32(int(sk)), Int32(wl), Int32(wr), Int32(m_block), Int32(n_block))
+        pos = (m_block * tile_m + torch.arange(tile_m))[:, None] // g
+        col = (n_block * tile_n + torch.arange(width))[None, :]
+        keep = (col < sk).expand(tile_m, width)
+        if wr >= 0:
+            keep = keep & (col <= pos + sk - sq + wr)
+        if wl >= 0:
+            keep = keep & (col >= pos + sk - sq - wl)
+        assert torch.equal(out == 1.0, keep), (sq, sk, m_block, n_block)
+        assert torch.equal(out[~keep], torch.full_like(out[~keep], -math.inf))
+
+
+@pytest.mark.parametrize("g", [1, 3, 4, 8])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1), (0, 0)])
+def test_mask_block_ranges_on_the_host(g, wl, wr):
+    """The KV blocks a tile visits and the ones it masks, against brute force over its rows, with
+    g rows per query position (GQA packing; g = 1: none): every kept key's block is visited (all
+    of them exactly, for a tile of real rows only); blocks below the right-masked bound hold no
+    key right of any row's window, blocks from the left-masked bound none left of it."""
+    tile_m, tile_n = 128, 64
+    ranges = _block_ranges_fn(g, wl >= 0, wr >= 0, tile_m, tile_n)
+    rng = np.random.default_rng()
+    # (Window edges that land on a block boundary: Lk - Lq = 1 (mod 64) with the causal edge,
+    # = 37 (mod 64) with the left window of 37, so an off-by-one bound drops or adds a block.)
+    sizes = [(1, 1), (10, 1000), (77, 300), (300, 77), (129, 129), (256, 321), (512, 577), (100, 137),
+             (300, 401), (64, 165)]
+    for sq, sk in sizes + [tuple(rng.integers(1, 700, 2)) for _ in range(3)]:
+        rows = int(sq) * g
+        diag = int(sk) - int(sq)
+        for m, (lo, hi, right_masked, left_masked, *keys_end) in enumerate(ranges(rows, int(sk), wl, wr)):
+            for r, end in zip((tile_m // 2, tile_m), keys_end):
+                # one past the last key any of the tile's first r rows keeps: the right window
+                # edge of the furthest of them (brute force: the max over the rows), or sk
+                p = np.arange(m * tile_m, m * tile_m + r) // g
+                want = min(int(sk), (p + diag + wr + 1).max()) if wr >= 0 else int(sk)
+                assert end == want, (sq, sk, m, r)
+            pos = np.arange(m * tile_m, min((m + 1) * tile_m, rows)) // g
+            first = np.maximum(pos + diag - wl, 0) if wl >= 0 else np.zeros_like(pos)
+            last = np.minimum(pos + diag + wr, sk - 1) if wr >= 0 else np.full_like(pos, sk - 1)
+            kept = first <= last
+            if kept.any():
+                blocks = np.concatenate([np.arange(a // tile_n, b // tile_n + 1) for a, b in zip(first[kept], last[kept])])
+                assert lo <= blocks.min() and hi >= blocks.max() + 1, (sq, sk, m)
+                if (m + 1) * tile_m <= rows and kept.all():
+                    assert (lo, hi) == (blocks.min(), blocks.max() + 1), (sq, sk, m)
+            if wr >= 0:  # no key right of a window below right_masked
+                assert all((b + 1) * tile_n - 1 <= pos.min() + diag + wr for b in range(lo, min(right_masked, hi)))
+            if wl >= 0:  # no key left of a window from left_masked on
+                assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
+
+
+def test_split_block_range_on_the_host():
+    """mask.split_block_range, run by CuTe DSL's host JIT: the splits of [lo, hi) are consecutive,
+    in split order, cover it exactly, differ in length by at most ... one run (all but the last
+    non-empty ones have ceil(blocks / splits) blocks), and splits past the blocks are empty."""
+    from cutlass import Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.mask import split_block_range
+
+    @cutlass.cute.jit
+    def ranges(out: cutlass.cute.Tensor, lo: cutlass.Int32, hi: cutlass.Int32):
+        for s in cutlass.range(out.shape[0]):
+            a, b = split_block_range(lo, hi, s, out.shape[0])
+            out[s, 0] = a
+            out[s, 1] = b
+
+    for lo, hi, splits in [(0, 1, 1), (0, 64, 32), (3, 17, 4), (5, 5, 3), (0, 7, 7), (2, 9, 10), (0, 100, 64)]:
+        out = torch.zeros(splits, 2, dtype=torch.int32)
+        ranges(from_dlpack(out), Int32(lo), Int32(hi))
+        per = -(-(hi - lo) // splits)
+        covered = []
+        for s, (a, b) in enumerate(out.tolist()):
+            assert a == lo + s * per and b == min(hi, a + per), (lo, hi, splits, s)
+            covered += list(range(a, b))
+        assert covered == list(range(lo, hi)), (lo, hi, splits)
+
+
+@pytest.mark.parametrize("persistent,lpt", [(True, True), (True, False)])
+def test_tile_order_on_the_host(persistent, lpt):
+    """TileScheduler.coords, run by CuTe DSL's host JIT over every tile index: a bijection onto the
+    (m_block, head, batch) tiles; with `lpt`, sections of l2_heads (batch, head) pairs, then one of
+    the last tail_heads pairs, each in m_block-descending order (longest first)."""
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.scheduler import TileScheduler
+
+    @cutlass.cute.jit
+    def order(out: cutlass.cute.Tensor, m_blocks: cutlass.Int32, heads: cutlass.Int32, batch: cutlass.Int32,
+              l2_heads: cutlass.Int32, tail_heads: cutlass.Int32):
+        sched = TileScheduler(m_blocks, heads, batch, persistent, lpt, l2_heads, tail_heads)
+        for t in cutlass.range(out.shape[0]):
+            m, h, b = sched.coords(t)
+            out[t, 0] = m
+            out[t, 1] = h
+            out[t, 2] = b
+
+    rng = np.random.default_rng()
+    for m_blocks, heads, batch, l2, tail in [(5, 4, 3, 1, 0), (9, 8, 3, 5, 7), (1, 16, 2, 3, 40), (16, 3, 1, 1, 2)] + [
+            tuple(int(x) for x in rng.integers(1, 12, 5)) for _ in range(4)]:
+        out = torch.zeros(m_blocks * heads * batch, 3, dtype=torch.int32)
+        order(from_dlpack(out), *(cutlass.Int32(x) for x in (m_blocks, heads, batch, l2, tail)))
+        tiles = [tuple(r) for r in out.tolist()]
+        assert sorted(tiles) == sorted(itertools.product(range(m_blocks), range(heads), range(batch)))
+        if not lpt:
+            assert tiles[:m_blocks] == [(m, 0, 0) for m in range(m_blocks)]  # m_block fastest
+            continue
+        pairs = heads * batch
+        tail = min(tail, pairs)
+        bounds = [(s * l2, min((s + 1) * l2, pairs - tail)) for s in range(-(-(pairs - tail) // l2))]
+        start = 0
+        for lo, hi in bounds + ([(pairs - tail, pairs)] if tail else []):
+            section = tiles[start:start + (hi - lo) * m_blocks]
+            start += len(section)
+            assert {h + heads * b for _, h, b in section} == set(range(lo, hi))
+            ms = [m for m, _, _ in section]
+            assert ms == sorted(ms, reverse=True)  # longest first within the section

@@ -1,0 +1,45 @@
+"""cute_kernels' measurement tools: the SASS CLI, bench variants, the cycles report."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels.config import FwdConfig  # noqa: E402
+
+
+def test_sass_cli(capsys):
+    assert sass.main(["--hdim", "64", "--causal"]) == 0
+    out = capsys.readouterr().out
+    assert "HGMMA" in out and "required: ok" in out
+
+
+def test_bench_variants():
+    """The variants `bench` and `cycles` time: the table config, tile specs that change it, toggles."""
+    from benchmarks.cute_bench import variants
+
+    base = FwdConfig.make("bf16", 128)
+    named = variants(base, ["128x128", "128x176s2"], ["tma_store", "k_release_gate=7", "tma_store+pin_desc=0"])
+    assert [n for n, _ in named] == ["table 128x128s2", "128x176s2", "tma_store=False", "k_release_gate=7",
+                                     "tma_store=False+pin_desc=False"]
+    assert not named[4][1].tile.tma_store and not named[4][1].tile.pin_desc
+    assert named[1][1].tile.tile_n == 176 and not named[2][1].tile.tma_store and named[0][1] is base
+    assert named[3][1].tile.k_release_gate == 7 and named[3][1].tile.tma_store == base.tile.tma_store
+
+
+def test_cycles_markdown():
+    """`cycles --md`: the table config (any tile) as one fa3py column beside the peers, and its
+    cycles over the best peer's; a point without peers gets no ratio."""
+    from benchmarks.cute_cycles import markdown
+
+    md = markdown([(128, False, 512, "table 128x128s2", 0.2), (128, False, 512, "fa4", 0.25),
+                   (128, False, 512, "cudnn", 0.16), (64, False, 512, "table 192x128s2", 0.3),
+                   (64, False, 512, "q_stages=1", 0.33), (128, True, 512, "table 128x128s2", 0.1)])
+    assert "| hdim | seqlen | fa3py | fa4 | cudnn | q_stages=1 | fa3py / best peer |" in md
+    assert "| 128 | 512 | 0.200 | 0.250 | 0.160 |  | 1.250 |" in md
+    assert "| 64 | 512 | 0.300 |  |  | 0.330 |  |" in md and "## causal=True" in md
