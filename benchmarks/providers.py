@@ -82,7 +82,7 @@ def _fa3py(backend: str) -> Provider:
 
 # ---- PyTorch SDPA ---------------------------------------------------------------------
 
-def _sdpa(label: str, backend_name: str, cuda_only: bool = True) -> Provider:
+def sdpa_provider(label: str, backend_name: str, cuda_only: bool = True) -> Provider:
     def load() -> Forward:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -147,12 +147,12 @@ FA3PY_BACKENDS = ("cute", "triton", "torch")
 
 PROVIDERS: tuple[Provider, ...] = (
     *(_fa3py(b) for b in FA3PY_BACKENDS),
-    _sdpa("cudnn", "CUDNN_ATTENTION"),
-    _sdpa("flash", "FLASH_ATTENTION"),
+    sdpa_provider("cudnn", "CUDNN_ATTENTION"),
+    sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),
     Provider("fa3", peer=True, load=_fa3_load, fp8=True, prepare=_to_fp8),
     Provider("sage", peer=True, load=_sage_load, backward=False, fixed_precision="int8"),
-    _sdpa("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
+    sdpa_provider("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
 )
 DEFAULT_EXCLUDED = ("sdpa:math",)
 

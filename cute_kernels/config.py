@@ -106,13 +106,14 @@ def _field_value(tile: TileConfig, setting: str) -> tuple:
 
 
 # The tile per kernel head dim (others run the next one up: padded_hdim); each fits the smem and
-# register budget without spills (CPU SASS) and won its measurement (cute_kernels/NOTES.md).
+# register budget without spills (CPU SASS) and won its measurement ("log §N": section N of the
+# measurement log, `git show ff8d2aa:cute_kernels/NOTES.md`).
 TILES: dict[int, TileConfig] = {
-    64: TileConfig(192, 128, 2, 24, 160),  # FA3's 3 WGs: 8k 447 -> 550 TFLOP/s vs 128x128 (NOTES §Session 2)
-    96: TileConfig(192, 112, 2, 24, 160),  # 8k 3.265 -> 2.723 Mcycles vs 128x128 (NOTES §Session 12)
-    128: TileConfig(128, 128, 2, 24, 240),  # 8k 673 TFLOP/s; 128x176 591, 128x192 spills (NOTES §Host overhead, tile sweep)
-    192: TileConfig(128, 96, 2, 24, 240),  # with lazy rescale: -1..-3% vs 128x112 (NOTES §Session 9)
-    256: TileConfig(128, 64, 2, 24, 240, o_chunks=2),  # sO beside Q: -16% at 512, -2% at 8k vs 128x80 (NOTES §Session 9)
+    64: TileConfig(192, 128, 2, 24, 160),  # FA3's 3 WGs: 8k 447 -> 550 TFLOP/s vs 128x128 (log §2)
+    96: TileConfig(192, 112, 2, 24, 160),  # 8k 3.265 -> 2.723 Mcycles vs 128x128 (log §12)
+    128: TileConfig(128, 128, 2, 24, 240),  # 8k 673 TFLOP/s; 128x176 591, 128x192 spills (log §Host overhead, tile sweep)
+    192: TileConfig(128, 96, 2, 24, 240),  # with lazy rescale: -1..-3% vs 128x112 (log §9)
+    256: TileConfig(128, 64, 2, 24, 240, o_chunks=2),  # sO beside Q: -16% at 512, -2% at 8k vs 128x80 (log §9)
 }
 
 # Not in the table: spill-free 3-WG tiles not yet measured against it.
@@ -127,9 +128,9 @@ SHORT_SEQLEN_K = 512
 MEDIUM_SEQLEN_K = 2048  # `is_medium`: not right-windowed with at most this many keys
 _TWO_WG_128 = TileConfig(128, 128, 2, *REG_SPLIT[2])
 SHORT_TILES: dict[tuple[int, bool], TileConfig] = {
-    (64, True): _TWO_WG_128,  # causal 512 170 -> 180, 1k 239 -> 258 TFLOP/s (NOTES §Session 2)
-    (96, True): _TWO_WG_128,  # causal 512 0.243 -> 0.197 Mcycles (NOTES §Session 12)
-    (96, False): _TWO_WG_128,  # 512 0.260 -> 0.248 Mcycles (NOTES §Session 12)
+    (64, True): _TWO_WG_128,  # causal 512 170 -> 180, 1k 239 -> 258 TFLOP/s (log §2)
+    (96, True): _TWO_WG_128,  # causal 512 0.243 -> 0.197 Mcycles (log §12)
+    (96, False): _TWO_WG_128,  # 512 0.260 -> 0.248 Mcycles (log §12)
 }
 
 
@@ -222,42 +223,42 @@ class FwdConfig:
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
              medium: bool = False, **features) -> "FwdConfig":
         """The default config: one line per choice, its reason and where it was measured
-        (cute_kernels/NOTES.md §section; H100/H200 SM cycles or TFLOP/s). `short` / `medium`:
+        ("log §N": section N of the measurement log, `git show ff8d2aa:cute_kernels/NOTES.md`; H100/H200 SM cycles or TFLOP/s). `short` / `medium`:
         `is_short` / `is_medium`. TileConfig fields in `features` override the table."""
         hdimv = hdim if hdimv is None else hdimv
         has_left, has_right = features.get("has_left", False), features.get("has_right", False)
         windowed = has_left or has_right
         base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
-        # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (NOTES §Session 7, 13, 14).
+        # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14).
         plain = short and has_right and hdim in (64, 96)
         tile = replace(
             base,
-            # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (NOTES §Persistent scheduler).
+            # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
             persistent=not windowed,
-            # Causal/local: atomic tile counter, hdim128 512 274 -> 352 TFLOP/s (NOTES §Session 3);
+            # Causal/local: atomic tile counter, hdim128 512 274 -> 352 TFLOP/s (log §3);
             # not 3 WGs with a left edge (spills 80 bytes).
             dynamic=windowed and not (base.num_mma_wg == 3 and has_left),
-            # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (NOTES §Session 2); hdim128 -1%.
+            # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (log §2); hdim128 -1%.
             rescale_o_before_pv=hdimv > 128,
             # Up to hdim 192 (Q's descriptors fit in registers): hdim64 causal 8k 449 -> 480;
-            # hdim256 8k 719 -> 712 (NOTES §Session 3).
+            # hdim256 8k 719 -> 712 (log §3).
             pin_desc=hdim <= 192,
             # Non-causal and short causal hdim64: -0.4..-1.3%; causal hdim128 +3..+7%; split-KV
-            # stores float32 from registers (NOTES §Session 4, 7).
+            # stores float32 from registers (log §4, 7).
             tma_store=(not windowed or plain and hdim == 64) and not features.get("split_kv", False),
-            # hdim128 2k / 8k -4.0 / -4.6%, hdim64 non-causal -1.8 / -2.4% (NOTES §Session 5).
+            # hdim128 2k / 8k -4.0 / -4.6%, hdim64 non-causal -1.8 / -2.4% (log §5).
             k_release_gate=2 if hdim == 128 else 4 if hdim == 64 and not windowed else 0,
             # Short (not windowed hdim > 64): 512 -2.7%; medium hdim64: 1k -5.9%; long +1..+4%
-            # (NOTES §Session 7, 8).
+            # (log §7, 8).
             q_stages=2 if hdim <= 128 and (short and (hdim <= 64 or not windowed)
                                             or medium and hdim == 64) else 1,
             intra_wg_overlap=not plain,
             # hdim_v > 128 (with TILES' 128x96 / 128x64) and windowed hdim64: causal 8k -1.4%;
-            # hdim64 non-causal +2%, hdim128 +1%: off there (NOTES §Session 9).
+            # hdim64 non-causal +2%, hdim128 +1%: off there (log §9).
             lazy_rescale=8.0 if hdimv > 128 or hdim == 64 and windowed else 0.0,
-            diag_half=plain,  # hdim64 512 0.231 -> 0.227 (NOTES §Session 13, results/2026-12-02_h200_751a43e)
-            chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (NOTES §Session 14, results/2026-12-02_h200_11e42f8)
+            diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
+            chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
         )
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)

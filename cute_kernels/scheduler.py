@@ -34,7 +34,7 @@ from cute_kernels.mask import AttentionMask, split_block_range
 # The longest-first order's final section: the last (batch, head) pairs whose tiles make about
 # this many waves on the SMs. H100 SM cycles, causal, against none: 16k tokens, 512 / 2k / 8k:
 # hdim128 -0.5 / -4.9 / -4.0%, hdim256 -3.5 / -7.8 / -7.7%; 4 waves similar but hdim256 512 +13%
-# (cute_kernels/NOTES.md §Session 5).
+# (log §5: `git show ff8d2aa:cute_kernels/NOTES.md`).
 LPT_TAIL_WAVES = 2
 
 @dataclass(frozen=True)

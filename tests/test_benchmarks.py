@@ -176,9 +176,9 @@ def test_decoding_shapes_run_and_count_query_rows(tmp_path):
 def test_sdpa_provider_decoding_shapes(causal):
     """The SDPA peer with fewer queries than keys (causal bottom-right aligned, as fa3py and
     FlashAttention count it, not SDPA's top-left is_causal) and GQA, against the reference."""
-    from benchmarks.providers import _sdpa
+    from benchmarks.providers import sdpa_provider
 
-    forward = _sdpa("math", "MATH", cuda_only=False).load()
+    forward = sdpa_provider("math", "MATH", cuda_only=False).load()
     case = run.Case(2, 6, 40, 32, causal, "fwd", torch.float32, seqlen_q=7, nheads_kv=2)
     (q, k, v, _), = run.make_inputs(case, torch.device("cpu"), 1, torch.Generator().manual_seed(0))
     assert q.shape == (2, 7, 6, 32) and k.shape == v.shape == (2, 40, 2, 32)

@@ -275,7 +275,7 @@ def test_autotune_pruning(monkeypatch):
     monkeypatch.setattr(configs, "smem_limit", lambda index: 99 * 1024)
     q = torch.empty(1, 1, 1, 256, dtype=torch.bfloat16)
     for kernel in configs.KERNELS:
-        candidates = [t.to_triton() for t in configs._candidates(kernel)]
+        candidates = [t.to_triton() for t in configs.candidates(kernel)]
         small = configs.prune(kernel)(candidates, {"Q": q}, BLOCK_D=64, BLOCK_DV=64)
         large = configs.prune(kernel)(candidates, {"Q": q}, BLOCK_D=256, BLOCK_DV=256)
         assert 0 < len(large) < len(small) <= len(candidates)
@@ -324,7 +324,7 @@ def test_tuned_table_fits_its_gpu():
     smem = {"sm80": 163 * 1024, "sm89": 99 * 1024, "sm90": 227 * 1024}
     for (family, kernel, d, dtype, _), tile in [*configs.TUNED.items(), *configs.TUNED_SHORT.items()]:
         assert kernel in configs.KERNELS
-        assert configs._fits(kernel, tile, d, d, 2, smem[family]), (family, kernel, d, tile)
+        assert configs.fits(kernel, tile, d, d, 2, smem[family]), (family, kernel, d, tile)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU the table tiles run in every test")

@@ -135,7 +135,7 @@ def pick(kernel: str, device: torch.device, headdim_padded: int, dtype: torch.dt
     return TUNED.get(key)
 
 
-def _candidates(kernel: str) -> list[Tile]:
+def candidates(kernel: str) -> list[Tile]:
     if kernel == "fwd":
         return [Tile(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
                 for s in (1, 2, 3)]
@@ -149,7 +149,7 @@ def _candidates(kernel: str) -> list[Tile]:
             for s in (1, 2)]
 
 
-def _fits(kernel: str, t: Tile, d: int, dv: int, elem: int, smem: int) -> bool:
+def fits(kernel: str, t: Tile, d: int, dv: int, elem: int, smem: int) -> bool:
     """Shared memory of the resident tile plus (num_stages - 1) pipelined copies of the
     streamed tiles (an upper bound: `python -m benchmarks.triton_compile_only` shows what triton
     really allocates), and fp32 accumulators per thread. Over-estimates only cost tuning
@@ -178,7 +178,7 @@ def prune(kernel: str):
         q = args["Q"]
         elem = q.element_size()
         smem = smem_limit(q.device.index or 0)
-        kept = [c for c in configs if _fits(kernel, _tile(c), d, dv, elem, smem)]
+        kept = [c for c in configs if fits(kernel, _tile(c), d, dv, elem, smem)]
         if q.dtype in (torch.float8_e4m3fn,):  # fp8 MMA needs K >= 32 for P @ V
             kept = [c for c in kept if c.kwargs["BLOCK_N"] >= 32]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -195,7 +195,7 @@ AUTOTUNE_KEY = ["HEADDIM", "HEADDIM_V", "HAS_WL", "HAS_WR", "HAS_CHUNK", "SOFTCA
 
 def autotuned(kernel: str, fn):
     return triton.autotune(
-        configs=[t.to_triton() for t in _candidates(kernel)], key=AUTOTUNE_KEY,
+        configs=[t.to_triton() for t in candidates(kernel)], key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": prune(kernel)},
         restore_value=["DQ_ACC"] if kernel == "bwd" else None,  # each trial adds into it
     )(fn)
