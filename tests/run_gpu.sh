@@ -49,7 +49,8 @@ want triton_long && run triton_long tests/test_triton.py -k test_gpu_long &
 want triton_rest && run triton_rest tests/test_triton.py -k "not test_features and not test_gpu_long" &
 # gradients across backends (cute forward -> its backward) and the randomized API test
 want cross && run cross -m gpu tests/test_cross_backend.py tests/test_api_random.py &
-want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py &
+want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py \
+    tests/test_chunk.py tests/test_kvcache.py tests/test_mla.py tests/test_compile.py &
 wait
 grep -h "^FAILED\|^ERROR" "$out"/*.log 2>/dev/null | head -40
 status=0
