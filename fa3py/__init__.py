@@ -12,6 +12,7 @@ FlashAttention-3's functions of the same names.
 from . import reference
 from .api import attention, available_backends, explain
 from .dispatch import BackendUnavailable
+from .fp8 import Fp8Format, Fp8QKV, Fp8Tensor, quantize_fp8
 from .interface import flash_attn_func, flash_attn_varlen_func
 
 __version__ = "0.1.0"
@@ -23,4 +24,8 @@ __all__ = [
     "available_backends",
     "reference",
     "BackendUnavailable",
+    "quantize_fp8",
+    "Fp8QKV",
+    "Fp8Tensor",
+    "Fp8Format",
 ]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch
+from . import dispatch, fp8 as _fp8
 from .autograd import run
 from .validation import check_no_grad_for_fp8, make_request
 
@@ -41,8 +41,9 @@ def attention(
     the float32 log-sum-exp (batch, nheads, seqlen_q) of the scaled scores (-inf for a
     query that sees no key; its output row is 0).
     """
-    req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                       softcap=softcap, fp8=fp8)
+    build = _fp8.make_request if _fp8.is_quantized(q, k, v) else make_request
+    req = build(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                softcap=softcap, fp8=fp8)
     check_no_grad_for_fp8(req)
     out, lse = run(req, backend)
     return (out, lse) if return_lse else out
@@ -54,7 +55,7 @@ def explain(q, k, v, *, backend: Optional[str] = None, **kwargs) -> str:
     Accepts the keyword arguments of `attention` and of the FlashAttention-3 functions
     (cu_seqlens_q, seqused_k, q_descale, ...)."""
     kwargs.pop("return_lse", None)
-    req = make_request(q, k, v, **kwargs)
+    req = (_fp8.make_request if _fp8.is_quantized(q, k, v) else make_request)(q, k, v, **kwargs)
     return dispatch.explain_choice(req, backend)
 
 

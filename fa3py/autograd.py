@@ -25,6 +25,8 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         req = dataclasses.replace(ctx.req, q=q, k=k, v=v)
+        if req.params.fp8:  # straight-through: the 16-bit backward at the original inputs
+            req = dataclasses.replace(req, params=dataclasses.replace(req.params, fp8=False))
         choice = dispatch.choose(req, backward=True, backend=ctx.backend)
         dq, dk, dv = choice.module.backward(req, out, lse, dout)
         return None, None, dq, dk, dv

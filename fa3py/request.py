@@ -80,6 +80,8 @@ class AttentionRequest:
     q_descale: Optional[torch.Tensor] = None
     k_descale: Optional[torch.Tensor] = None
     v_descale: Optional[torch.Tensor] = None
+    # Block-scaled FP8 operands (`fa3py.fp8.Fp8QKV`): q, k, v are then their float8 views.
+    fp8_tensors: Optional[object] = None
 
     # ---- shape facts -------------------------------------------------------------
     @property
@@ -128,6 +130,8 @@ class AttentionRequest:
 
     @property
     def out_dtype(self) -> torch.dtype:
+        if self.fp8_tensors is not None:
+            return self.fp8_tensors.q.source_dtype
         return torch.bfloat16 if self.is_fp8_input else self.q.dtype
 
     @property

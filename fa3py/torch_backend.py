@@ -108,11 +108,11 @@ class _Tiles:
 
 
 def forward(req: AttentionRequest):
+    if req.params.fp8 or req.fp8_tensors is not None:
+        return fp8_emulation.forward(req)
     out = torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device)
     lse = torch.full(req.lse_shape, float("-inf"), dtype=torch.float32, device=req.device)
     q_all, k_all, v_all = req.q, req.k, req.v
-    if req.params.fp8:
-        q_all, k_all, v_all = fp8_emulation.fake_quantize(req)
     hk = req.nheads_kv
     for b, q_rows, k_rows, lq, lk in _sequences(req):
         if lq == 0:

@@ -178,10 +178,12 @@ def test_fp8_quantized_path_beats_per_tensor_quantization():
     assert rmse(out) < 0.02 * float(ref.pow(2).mean().sqrt()) + 1e-2
 
 
-def test_fp8_has_no_backward():
+def test_fp8_backward_is_16_bit():
+    """fp8=True: FP8 forward, straight-through 16-bit backward (tests/test_fp8.py checks it)."""
     q, k, v = inputs(1, 8, 8, 1, 1, 16, 16, torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="fp8"):
-        fa3py.attention(q.requires_grad_(), k, v, fp8=True)
+    out = fa3py.attention(q.requires_grad_(), k, v, fp8=True)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 2, 16), (2, 0, 2, 16)])

@@ -25,6 +25,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 def why_not(req: AttentionRequest, backward: bool) -> str | None:
     if req.params.fp8:
         return "internal FP8 quantization (params.fp8) is not implemented in the Triton kernels"
+    if req.fp8_tensors is not None:
+        return "block-scaled FP8 operands (fa3py.quantize_fp8) are not implemented in the Triton kernels"
     if req.dtype not in _DTYPES:
         return f"dtype {req.dtype} is not supported (float16, bfloat16, float8_e4m3fn)"
     if req.is_fp8_input and backward:

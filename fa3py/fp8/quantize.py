@@ -1,0 +1,111 @@
+"""The quantizer in PyTorch: the specification that the fused Triton pass reproduces byte for byte."""
+
+from __future__ import annotations
+
+import torch
+
+from .format import E4M3, Fp8Format, Fp8QKV, Fp8Tensor, VT_ALIGN, rotate
+
+_16BIT = (torch.float16, torch.bfloat16)
+
+
+def pow2_scale(amax: torch.Tensor):
+    """(scale, 1 / scale) for float32 amax >= 0: the smallest power of two 2^e with
+    amax / 2^e <= 448, e clamped to [-126, 126] (finite amax never exceeds e = 120). Read from amax's bits, so every device and
+    the kernels get the same e: amax = 1.f * 2^(E - 127) fits as-is below 1.75 * 2^(8 + e),
+    i.e. e = E - 135, plus one when the mantissa f exceeds 0.75 (0x600000). Zero and subnormal
+    amax give 2^-126."""
+    bits = amax.float().contiguous().view(torch.int32)
+    e = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).int()
+    e = e.clamp(-126, 126)
+    scale = ((e + 127) << 23).view(torch.float32)
+    inv = ((127 - e) << 23).view(torch.float32)
+    return scale, inv
+
+
+def finite_abs(y: torch.Tensor) -> torch.Tensor:
+    """|y| with NaN and +-Inf counted as 0: scales come from finite values only."""
+    a = y.abs()
+    return torch.where(a < float("inf"), a, torch.zeros_like(a))
+
+
+def to_e4m3(y: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even; NaN and +-Inf become NaN (e4m3fn has no infinity, and a plain
+    cast would saturate Inf to 448: a silently finite value)."""
+    return torch.where(y.abs() < float("inf"), y, torch.full_like(y, float("nan"))).to(E4M3)
+
+
+def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
+    """x (batch, seqlen, nheads, dim) fp16/bf16 -> Fp8Tensor (see `fa3py.fp8`, "Prep")."""
+    b, s, h, d = x.shape
+    y = rotate(x, fmt.seed) if role in ("q", "k") else x.float()
+    if role == "v" and fmt.v_scaling == "channel":
+        scale, inv = pow2_scale(finite_abs(y).amax(dim=1) if s else torch.zeros(b, h, d, device=x.device))
+        data = to_e4m3(y * inv.unsqueeze(1))
+    else:
+        blk = fmt.block_m if role == "q" else fmt.block_n
+        nblk = -(-s // blk)
+        a = torch.nn.functional.pad(finite_abs(y), (0, 0, 0, 0, 0, nblk * blk - s))
+        amax = a.reshape(b, nblk, blk, h, d).amax(dim=(2, 4)).transpose(1, 2)  # (b, h, nblk)
+        scale, inv = pow2_scale(amax)
+        inv_tok = inv.repeat_interleave(blk, dim=2)[:, :, :s].transpose(1, 2).unsqueeze(-1)
+        data = to_e4m3(y * inv_tok)
+    if role == "v" and fmt.v_transposed:
+        vt = torch.zeros(b, h, d, -(-s // VT_ALIGN) * VT_ALIGN, dtype=E4M3, device=x.device)
+        vt[..., :s] = data.permute(0, 2, 3, 1)
+        data = vt
+    return Fp8Tensor(data=data, scale=scale.contiguous(), role=role, fmt=fmt, seqlen=s, source_dtype=x.dtype)
+
+
+def check_operand(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fa3py: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _16BIT:
+        raise TypeError(f"fa3py: `{name}` must be float16 or bfloat16 to be quantized, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"fa3py: `{name}` must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+    if x.shape[-1] % 8 or not 0 < x.shape[-1] <= 256:
+        raise ValueError(f"fa3py: `{name}` head dimension must be a positive multiple of 8 and at most 256, "
+                         f"got {x.shape[-1]}")
+
+
+def _prep_backend(x: torch.Tensor, backend):
+    if backend is not None:
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"fa3py: `backend` must be 'torch' or 'triton', got {backend!r}")
+        return backend
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        import importlib.util
+
+        if importlib.util.find_spec("triton_fallback.fp8_prep") is not None:
+            return "triton"
+    return "torch"
+
+
+def quantize(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None) -> Fp8Tensor:
+    check_operand(role, x)
+    if _prep_backend(x, backend) == "triton":
+        from triton_fallback import fp8_prep
+
+        return fp8_prep.quantize_operand(x, role, fmt)
+    return quantize_operand(x, role, fmt)
+
+
+def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 128, v_scaling: str = "block",
+                 v_transposed: bool = True, seed: int | None = None, backend=None) -> Fp8QKV:
+    """Quantizes any of q, k, v (fp16/bf16, (batch, seqlen, nheads, headdim)) to the block-scaled
+    FP8 format of `fa3py.fp8`; returns an `Fp8QKV` that `fa3py.attention` takes in place of
+    the tensors (``attention(*quantize_fp8(q, k, v))``, or a KV cache quantized once:
+    ``kv = quantize_fp8(k=k, v=v)`` then ``attention(q, kv.k, kv.v)`` per step, q being
+    quantized on the fly with kv's format). backend: "triton" (one fused pass, CUDA) or "torch";
+    by default triton on CUDA GPUs, torch elsewhere. Both produce the same bytes."""
+    from .format import SIGN_SEED
+
+    fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
+                    seed=SIGN_SEED if seed is None else seed)
+    if q is None and k is None and v is None:
+        raise ValueError("fa3py: quantize_fp8 needs at least one of q, k, v")
+    with torch.no_grad():
+        out = {name: None if x is None else quantize(x, name, fmt, backend)
+               for name, x in (("q", q), ("k", k), ("v", v))}
+    return Fp8QKV(**out)
