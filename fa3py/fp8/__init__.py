@@ -138,5 +138,5 @@ def forward(req):
     if qkv is None:
         if req.is_varlen:
             raise NotImplementedError("fa3py: fp8=True takes batched q, k, v (no cu_seqlens / seqused)")
-        qkv = quantize_fp8(req.q, req.k, req.v, backend="torch")
+        qkv = quantize_fp8(req.q, req.k, req.v)
     return emulated_attention(qkv, req.params, req.out_dtype)

@@ -74,20 +74,19 @@ def _prep_backend(x: torch.Tensor, backend):
         if backend not in ("torch", "triton"):
             raise ValueError(f"fa3py: `backend` must be 'torch' or 'triton', got {backend!r}")
         return backend
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0):
-        import importlib.util
-
-        if importlib.util.find_spec("triton_fallback.fp8_prep") is not None:
-            return "triton"
-    return "torch"
+    return "triton" if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) else "torch"
 
 
 def quantize(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None) -> Fp8Tensor:
     check_operand(role, x)
     if _prep_backend(x, backend) == "triton":
-        from triton_fallback import fp8_prep
-
-        return fp8_prep.quantize_operand(x, role, fmt)
+        try:
+            from triton_fallback import fp8_prep
+        except ImportError:
+            if backend == "triton":
+                raise
+        else:
+            return fp8_prep.quantize_operand(x, role, fmt)
     return quantize_operand(x, role, fmt)
 
 
