@@ -17,6 +17,7 @@ differently quantized operands; P is rounded to e4m3 in all of them, as every FP
   fp8           rotation + block scales: `fp8=True`
   fp8_tok_vch   fp8 with per-token Q scales (block_m=1) and per-channel V scales
   fp8_vch       fp8 with per-channel V scales
+  int8_qk       the higher-accuracy mode: int8 rotated Q (per token) and K (per block), e4m3 V and P
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fa3py.fp8.emulate import attention as emulated  # noqa: E402
 from fa3py.fp8.quantize import finite_abs, to_e4m3  # noqa: E402
 from fa3py.request import AttentionParams  # noqa: E402
 
-VARIANTS = ("bf16", "fp8_tensor", "fp8_block", "fp8_hadamard", "fp8", "fp8_vch", "fp8_tok_vch")
+VARIANTS = ("bf16", "fp8_tensor", "fp8_block", "fp8_hadamard", "fp8", "fp8_vch", "fp8_tok_vch", "int8_qk")
 DEFAULT_GRID = ((8192, 128), (2048, 128), (32768, 128), (8192, 64), (8192, 256))
 
 
@@ -95,7 +96,9 @@ def variant(name, q, k, v):
         return fa3py.attention(q, k, v)
     fmt = {"fp8_vch": Fp8Format(v_scaling="channel"),
            "fp8_tok_vch": Fp8Format(block_m=1, v_scaling="channel")}.get(name, Fp8Format())
-    if name in ("fp8", "fp8_vch", "fp8_tok_vch"):
+    if name == "int8_qk":
+        qkv = fa3py.quantize_fp8(q, k, v, block_m=1, qk_int8=True)
+    elif name in ("fp8", "fp8_vch", "fp8_tok_vch"):
         qkv = fa3py.quantize_fp8(q, k, v, block_m=fmt.block_m, v_scaling=fmt.v_scaling)
     elif name == "fp8_block":
         qkv = Fp8QKV(blockwise_unrotated(q, "q", fmt), blockwise_unrotated(k, "k", fmt),

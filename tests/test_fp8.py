@@ -309,3 +309,41 @@ def test_fa3_format_inputs_still_work():
     d = torch.rand(1, 1) + 0.5
     out = fa3py.flash_attn_func(q, k, v, q_descale=d, k_descale=d, v_descale=d)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
+
+
+# ---- the int8 Q K^T mode ---------------------------------------------------------------------
+
+
+def test_int8_qk_roundtrip_and_bad_rows():
+    x = torch.randn(1, 50, 2, 64).bfloat16()
+    x[0, 7, 1, 3] = float("nan")
+    fmt = Fp8Format(block_m=1, qk_int8=True)
+    t = quantize_operand(x, "q", fmt)
+    assert t.data.dtype == torch.int8 and t.scale.shape == (1, 2, 50)
+    y = fp8.rotate(x)
+    s = t.scale_per_token()
+    good = torch.isfinite(s)
+    assert torch.all(((t.data.float() * s - y).abs() <= s / 2)[good.expand_as(y)])
+    assert torch.equal(~good[..., 0], torch.zeros(1, 50, 2, dtype=torch.bool).index_fill_(1, torch.tensor(7), True)
+                       & torch.tensor([False, True]))
+
+
+def test_int8_qk_mode_against_reference_and_more_accurate():
+    from benchmarks import accuracy
+
+    q, k, v = inputs(1, 113, 203, 4, 2, 64, 64, torch.bfloat16, "cpu")
+    qkv = fa3py.quantize_fp8(q, k, v, block_m=1, block_n=64, qk_int8=True)
+    req = make_request(q, k, v, causal=True)
+    out = fa3py.attention(*qkv, causal=True)
+    ref_out, _ = reference.attention(req)
+    baseline, _ = fp8_math_in_pytorch(qkv, req)
+    assert max_err(out, ref_out) <= 2 * max_err(baseline, ref_out) + 2e-3
+    q, k, v = accuracy.paper_inputs(1, 512, 2, 128, "cpu", seed=0)
+    ref = accuracy.reference(q, k, v, 128**-0.5)
+    rmse = {name: accuracy.metrics(accuracy.variant(name, q, k, v), ref)["rmse"] for name in ("fp8", "int8_qk")}
+    assert rmse["int8_qk"] < 0.8 * rmse["fp8"]
+    bad = q.clone()
+    bad[0, 9, 1, 0] = float("inf")
+    out = fa3py.attention(*fa3py.quantize_fp8(bad, k, v, block_m=1, qk_int8=True))
+    rows = out.isnan().any(-1)
+    assert rows.sum() == 1 and rows[0, 9, 1] and out[0, 9, 1].isnan().all()

@@ -66,13 +66,16 @@ class Fp8Format:
     v_scaling: "block" (one scale per block_n keys, applied to each KV block's P V partial
     sum) or "channel" (one scale per output channel over the whole sequence, applied in the
     epilogue). v_transposed: V stored (batch, nheads_kv, headdim_v, seqlen_k) for the FP8
-    PV GEMM, which reads V k-major. seed: the rotation's random signs."""
+    PV GEMM, which reads V k-major. seed: the rotation's random signs. qk_int8: the
+    higher-accuracy mode: rotated Q and K as int8 with amax / 127 scales (an s8 x s8 -> s32
+    GEMM, which Hopper runs at the FP8 rate), V and P still e4m3; best with block_m=1."""
 
     block_m: int = 128
     block_n: int = 128
     v_scaling: str = "block"
     v_transposed: bool = True
     seed: int = SIGN_SEED
+    qk_int8: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -89,11 +92,11 @@ class Fp8Format:
 class Fp8Tensor:
     """One quantized operand (batched layout only).
 
-    data: float8_e4m3fn. Q and K: (batch, seqlen, nheads, headdim), rotated, so
+    data: float8_e4m3fn (int8 for Q and K with fmt.qk_int8). Q and K: (batch, seqlen, nheads, headdim), rotated, so
     data[b, t, h] * scale[b, h, t // block] is row t of x R (x R / sqrt(n) is the orthonormal
     rotation). V: (batch, nheads_kv, headdim_v, seqlen_pad) when fmt.v_transposed (seqlen_pad
     = seqlen rounded up to 16, zero-filled), else (batch, seqlen, nheads_kv, headdim_v); not
-    rotated. scale: float32 powers of two, (batch, nheads, ceil(seqlen / block)) for Q, K and
+    rotated. scale: float32 powers of two (amax / 127 with qk_int8), (batch, nheads, ceil(seqlen / block)) for Q, K and
     block-scaled V, (batch, nheads_kv, headdim_v) for channel-scaled V. source_dtype: the
     16-bit dtype it was quantized from (the output dtype of attention on it)."""
 
