@@ -56,7 +56,8 @@ def explain(q, k, v, *, backend: Optional[str] = None, **kwargs) -> str:
     (cu_seqlens_q, seqused_k, q_descale, ...)."""
     kwargs.pop("return_lse", None)
     req = (_fp8.make_request if _fp8.is_quantized(q, k, v) else make_request)(q, k, v, **kwargs)
-    return dispatch.explain_choice(req, backend)
+    text = dispatch.explain_choice(req, backend)
+    return text + _fp8.explain(req, backend) if req.params.fp8 or req.fp8_tensors is not None else text
 
 
 def available_backends(device="cpu") -> list:

@@ -280,7 +280,11 @@ def test_quantized_operands_must_agree():
 
 def test_explain_quantized():
     q, k, v = inputs(1, 20, 30, 2, 1, 32, 32, torch.bfloat16, "cpu")
-    assert "torch" in fa3py.explain(*fa3py.quantize_fp8(q, k, v))
+    text = fa3py.explain(*fa3py.quantize_fp8(q, k, v))
+    assert "forward: torch" in text and "emulation" in text and "already quantized" in text
+    text = fa3py.explain(q, k, v, fp8=True)
+    assert "slower than 16-bit" in text and "straight-through" in text
+    assert "fp8" not in fa3py.explain(q, k, v)
 
 
 def test_fp8_gradients_are_straight_through():

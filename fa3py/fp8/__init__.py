@@ -145,6 +145,30 @@ def make_request(q, k, v, **kwargs):
     return dataclasses.replace(req, fp8_tensors=qkv)
 
 
+def explain(req, backend=None) -> str:
+    """The FP8 lines of `fa3py.explain`: who quantizes, what computes, and whether it is faster."""
+    from .. import dispatch
+
+    try:
+        runs = dispatch.choose(req, backward=False, backend=backend).name
+    except dispatch.BackendUnavailable:
+        return ""
+    if req.fp8_tensors is not None:
+        prep = "operands already quantized (fa3py.quantize_fp8)"
+    elif req.device.type == "cuda":
+        prep = "q, k, v quantized by the fused Triton prep pass (triton_fallback/fp8_prep.py)"
+    else:
+        prep = "q, k, v quantized by the PyTorch quantizer (fa3py/fp8/quantize.py)"
+    if runs == "torch":
+        what = ("attention: the float32 emulation of the FP8 kernel in PyTorch (FP8 numerics; slower than "
+                "16-bit attention here: no FP8 kernel serves the block format on this device yet)")
+    else:
+        what = f"attention: the {runs} FP8 kernel"
+    backward = ("backward: straight-through, the 16-bit backward at the original inputs"
+                if req.params.fp8 else "backward: none (quantized operands)")
+    return f"\nfp8: {prep}; {what}; {backward}"
+
+
 def forward(req):
     """(out, lse) of an fp8=True request or one on quantized operands, emulated in PyTorch."""
     warn_emulated(req.device)
