@@ -78,9 +78,12 @@ gradient.
 
 Where it runs
 -------------
-This is emulated in float32 PyTorch on every device today (correct, slower than 16-bit;
-a one-time warning says so). The Triton prep pass writes the format on CUDA GPUs; FP8
-attention kernels (Hopper WGMMA, Triton on sm89+) consume it.
+The Triton prep pass writes the format on CUDA GPUs (`triton_fallback/fp8_prep.py`). The
+attention runs as this float32 emulation in PyTorch (correct, slower than 16-bit; a one-time
+warning says so) on the CPU, on sm80/86 (no FP8 tensor cores) and, until it has been timed on
+a GPU, everywhere else too: `triton_fallback/fp8_fwd.py` (sm89+, keys first to last) computes
+the same arithmetic and is opt-in (FA3PY_TRITON_FP8=1). The Hopper WGMMA kernel will consume
+the same format. `fa3py.explain(..., fp8=True)` says which runs.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ def explain(req, backend=None) -> str:
         what = ("attention: the float32 emulation of the FP8 kernel in PyTorch (FP8 numerics; slower than "
                 "16-bit attention here: no FP8 kernel serves the block format on this device yet)")
     else:
-        what = f"attention: the {runs} FP8 kernel"
+        what = f"attention: the {runs} FP8 kernel (FP8 tensor cores; not yet timed against 16-bit attention)"
     backward = ("backward: straight-through, the 16-bit backward at the original inputs"
                 if req.params.fp8 else "backward: none (quantized operands)")
     return f"\nfp8: {prep}; {what}; {backward}"
