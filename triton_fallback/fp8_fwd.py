@@ -45,7 +45,7 @@ def why_not(req, backward: bool) -> str | None:
     if backward:
         return "the FP8 kernel is forward only (fp8=True's backward is 16-bit)"
     if not ENABLED:
-        return "the Triton FP8 kernel is opt-in until timed on a GPU (FA3PY_TRITON_FP8=1)"
+        return "fp8: the Triton FP8 kernel is opt-in until timed on a GPU (FA3PY_TRITON_FP8=1)"
     if req.device.type == "cuda" and torch.cuda.get_device_capability(req.device) < (8, 9):
         return "no FP8 tensor cores before sm89 (the float32 emulation runs instead)"
     if req.is_varlen:

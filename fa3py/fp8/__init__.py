@@ -90,6 +90,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .emulate import attention as emulated_attention
 from .emulate import warn_emulated
 from .format import (E4M3_MAX, MAX_HADAMARD, P_OFFSET, SIGN_SEED, Fp8Format, Fp8QKV, Fp8Tensor, hadamard_block,
@@ -124,8 +126,6 @@ def complete(q, k, v) -> Fp8QKV:
             if getattr(x, "requires_grad", False):
                 raise NotImplementedError(f"fa3py: `{role}` requires grad, but with pre-quantized operands there is "
                                           "no backward; use fp8=True on 16-bit tensors for straight-through gradients")
-            import torch
-
             with torch.no_grad():
                 x = quantize(x, role, fmt)
         out[role] = x
@@ -141,8 +141,6 @@ def make_request(q, k, v, **kwargs):
     qkv = complete(q, k, v)
     if qkv.k.seqlen != qkv.v.seqlen:
         raise ValueError(f"fa3py: quantized k and v have different seqlens ({qkv.k.seqlen}, {qkv.v.seqlen})")
-    import torch
-
     # the request's q, k, v carry shapes (int8 Q / K as float8 views of the same bytes)
     req = make(*(x.tokens().view(torch.float8_e4m3fn) for x in qkv), **kwargs)
     return dataclasses.replace(req, fp8_tensors=qkv)

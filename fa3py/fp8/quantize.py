@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import E4M3, Fp8Format, Fp8QKV, Fp8Tensor, VT_ALIGN, rotate
+from .format import E4M3, SIGN_SEED, VT_ALIGN, Fp8Format, Fp8QKV, Fp8Tensor, rotate
 
 _16BIT = (torch.float16, torch.bfloat16)
 
@@ -126,8 +126,6 @@ def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 1
     quantized on the fly with kv's format). qk_int8=True: the higher-accuracy mode (int8 Q
     and K, see `Fp8Format`; use block_m=1). backend: "triton" (one fused pass, CUDA) or "torch";
     by default triton on CUDA GPUs, torch elsewhere. Both produce the same bytes."""
-    from .format import SIGN_SEED
-
     fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
                     seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8)
     if q is None and k is None and v is None:
