@@ -33,6 +33,7 @@ fi
 want triton_features && run triton_features tests/test_triton.py -k test_features &
 want triton_long && run triton_long tests/test_triton.py -k test_gpu_long &
 want triton_rest && run triton_rest tests/test_triton.py -k "not test_features and not test_gpu_long" &
+want fp8 && run fp8 tests/test_fp8.py tests/test_fp8_prep.py tests/test_fp8_triton.py &
 want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py &
 wait
 grep -h "^FAILED\|^ERROR" "$out"/*.log 2>/dev/null | head -40

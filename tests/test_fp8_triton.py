@@ -19,6 +19,8 @@ from _util import DEVICE, FEATURES, inputs, max_err
 pytestmark = [
     pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                        reason="needs a GPU or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9),
+                       reason="FP8 tensor cores: sm89+"),
     pytest.mark.filterwarnings("ignore:fa3py. fp8=True"),
 ]
 
@@ -83,7 +85,8 @@ def test_triton_fp8_declines():
     fp8_fwd.ENABLED = False
     assert "opt-in" in triton_fallback.why_not(make_request(q, k, v, fp8=True), False)
     fp8_fwd.ENABLED = True
-    assert "forward only" in triton_fallback.why_not(make_request(q, k, v, fp8=True), True)
+    assert triton_fallback.why_not(make_request(q, k, v, fp8=True), True) is None  # 16-bit backward
+    assert "no backward" in triton_fallback.why_not(fp8_request(*fa3py.quantize_fp8(q, k, v)), True)
     assert "block_n" in triton_fallback.why_not(fp8_request(*fa3py.quantize_fp8(q, k, v, block_n=24)), False)
 
 
@@ -92,7 +95,5 @@ def test_triton_fp8_declines():
 @pytest.mark.parametrize("feature", ["plain", "causal"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_triton_fp8(fmt, feature, d):
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 tensor cores: sm89+")
     q, k, v = inputs(2, 1000, 1500, 8, 2, d, d, torch.bfloat16)
     check(q, k, v, {**FORMATS[fmt], "block_m": 128 if fmt == "e4m3" else 1, "block_n": 128}, **FEATURES[feature])

@@ -24,7 +24,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def why_not(req: AttentionRequest, backward: bool) -> str | None:
-    if req.params.fp8 or req.fp8_tensors is not None:  # the block-scaled FP8 format (fa3py.fp8)
+    # the block-scaled FP8 format (fa3py.fp8); fp8=True's backward is the 16-bit one (checked below)
+    if req.fp8_tensors is not None or (req.params.fp8 and not backward):
         return fp8_fwd.why_not(req, backward)
     if req.dtype not in _DTYPES:
         return f"dtype {req.dtype} is not supported (float16, bfloat16, float8_e4m3fn)"

@@ -43,7 +43,7 @@ def why_not(req, backward: bool) -> str | None:
     from fa3py.fp8 import Fp8Format
 
     if backward:
-        return "the FP8 kernel is forward only (fp8=True's backward is 16-bit)"
+        return "pre-quantized FP8 operands have no backward"
     if not ENABLED:
         return "fp8: the Triton FP8 kernel is opt-in until timed on a GPU (FA3PY_TRITON_FP8=1)"
     if req.device.type == "cuda" and torch.cuda.get_device_capability(req.device) < (8, 9):
