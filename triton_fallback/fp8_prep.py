@@ -1,6 +1,9 @@
 """The FP8 prep pass: rotate, take block amax, quantize and (for V) transpose in one read of the
 16-bit tensor and one write of the float8 one. Produces the bytes of `fa3py.fp8.quantize`'s
-PyTorch specification (tests/test_fp8_prep.py compares them under TRITON_INTERPRET=1).
+PyTorch specification (tests/test_fp8_prep.py compares them under TRITON_INTERPRET=1). The one
+exception is the rotation's float32 sums when they are inexact (a row mixing values more than
+~2^9 apart): tensor cores and the CPU sum in different orders, and a sum within an ulp of an
+e4m3 rounding boundary (~1e-6 of the elements) may then take the neighbouring code.
 
 One program takes `ROWS` (>= 16) consecutive tokens of one (batch, head): a single scale
 block of `block` rows (block >= 16), or 16 // block whole blocks (block = 1, 2, 4, 8). The

@@ -12,8 +12,10 @@ Prep (one pass over q, k, v; `quantize_fp8`, `triton_fallback/fp8_prep.py`)
    of two dividing d, at most 128 (128 for d = 128 / 256, 32 for 96, 16 for 80, 8 for 72).
    R R^T = n I, so (q R)(k R)^T = n q k^T: the rotation keeps Q K^T up to the factor n, which is
    folded into the softmax scale (a power of two: exact), and spreads an outlier feature over
-   its block. R's entries are +-1, so the float32 sums are exact unless a block mixes values
-   more than ~2^8 apart in magnitude; then they are rounded, in any summation order.
+   its block. R's entries are +-1, so the float32 sums are exact unless a row's block mixes
+   values more than ~2^9 apart in magnitude (common: a Gaussian row holds some tiny values);
+   then they are rounded, in whatever order the device sums, and a sum within an ulp of an
+   e4m3 rounding boundary (~1e-6 of the elements) may take the neighbouring code.
 2. Scales. One per (batch, head, block of `block_m` query rows) for Q, per `block_n` keys for
    K, and for V either per `block_n` keys ("block") or per output channel over the whole
    sequence ("channel"). A scale is the power of two 2^e with e the smallest integer such that
