@@ -18,6 +18,8 @@ differently quantized operands; P is rounded to e4m3 in all of them, as every FP
   fp8_tok_vch   fp8 with per-token Q scales (block_m=1) and per-channel V scales
   fp8_vch       fp8 with per-channel V scales
   int8_qk       the higher-accuracy mode: int8 rotated Q (per token) and K (per block), e4m3 V and P
+  fp8_api       fa3py.attention(q, k, v, fp8=True) as dispatched (not in the default list): on a
+                GPU with FA3PY_TRITON_FP8=1 the Triton FP8 kernel, to hold it against `fp8`
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from fa3py.fp8.quantize import finite_abs, to_e4m3  # noqa: E402
 from fa3py.request import AttentionParams  # noqa: E402
 
 VARIANTS = ("bf16", "fp8_tensor", "fp8_block", "fp8_hadamard", "fp8", "fp8_vch", "fp8_tok_vch", "int8_qk")
+EXTRA_VARIANTS = ("fp8_api",)
 DEFAULT_GRID = ((8192, 128), (2048, 128), (32768, 128), (8192, 64), (8192, 256))
 
 
@@ -94,6 +97,8 @@ def blockwise_unrotated(x, role, fmt):
 def variant(name, q, k, v):
     if name == "bf16":
         return fa3py.attention(q, k, v)
+    if name == "fp8_api":
+        return fa3py.attention(q, k, v, fp8=True)
     fmt = {"fp8_vch": Fp8Format(v_scaling="channel"),
            "fp8_tok_vch": Fp8Format(block_m=1, v_scaling="channel")}.get(name, Fp8Format())
     if name == "int8_qk":
@@ -125,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--hdim", type=int, nargs="+", default=[128])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--nheads", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--md", help="also write the table as markdown here")
