@@ -98,7 +98,7 @@ from .emulate import attention as emulated_attention
 from .emulate import warn_emulated
 from .format import (E4M3_MAX, MAX_HADAMARD, P_OFFSET, SIGN_SEED, Fp8Format, Fp8QKV, Fp8Tensor, hadamard_block,
                      hadamard_signs, rotate, rotation_matrix)
-from .quantize import pow2_scale, quantize, quantize_fp8, quantize_operand
+from .quantize import pow2_scale, quantize_checked, quantize_fp8, quantize_operand
 
 __all__ = [
     "Fp8Format", "Fp8QKV", "Fp8Tensor", "quantize_fp8", "quantize_operand", "pow2_scale", "rotate",
@@ -129,7 +129,7 @@ def complete(q, k, v) -> Fp8QKV:
                 raise NotImplementedError(f"fa3py: `{role}` requires grad, but with pre-quantized operands there is "
                                           "no backward; use fp8=True on 16-bit tensors for straight-through gradients")
             with torch.no_grad():
-                x = quantize(x, role, fmt)
+                x = quantize_checked(x, role, fmt)
         out[role] = x
     return Fp8QKV(**out)
 

@@ -104,7 +104,8 @@ def _prep_backend(x: torch.Tensor, backend):
     return "triton" if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) else "torch"
 
 
-def quantize(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None) -> Fp8Tensor:
+def quantize_checked(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None) -> Fp8Tensor:
+    """One operand, its arguments checked, by the Triton pass on CUDA (else PyTorch)."""
     check_operand(role, x)
     if _prep_backend(x, backend) == "triton":
         try:
@@ -131,6 +132,6 @@ def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 1
     if q is None and k is None and v is None:
         raise ValueError("fa3py: quantize_fp8 needs at least one of q, k, v")
     with torch.no_grad():
-        out = {name: None if x is None else quantize(x, name, fmt, backend)
+        out = {name: None if x is None else quantize_checked(x, name, fmt, backend)
                for name, x in (("q", q), ("k", k), ("v", v))}
     return Fp8QKV(**out)
