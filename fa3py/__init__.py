@@ -13,6 +13,7 @@ replacements for FlashAttention-3's functions of the same names.
 from . import reference
 from .api import attention, available_backends, explain
 from .dispatch import BackendUnavailable
+from .fp8 import Fp8Format, Fp8QKV, Fp8Tensor, quantize_fp8
 from .interface import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
 from .kvcache import flash_attn_combine, flash_attn_with_kvcache, get_scheduler_metadata
 
@@ -29,4 +30,8 @@ __all__ = [
     "available_backends",
     "reference",
     "BackendUnavailable",
+    "quantize_fp8",
+    "Fp8QKV",
+    "Fp8Tensor",
+    "Fp8Format",
 ]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch
+from . import dispatch, fp8 as _fp8
 from .autograd import run
 from .validation import make_request
 
@@ -49,8 +49,9 @@ def attention(
     the float32 log-sum-exp (batch, nheads, seqlen_q) of the scaled scores (-inf for a
     query that sees no key; its output row is 0).
     """
-    req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                       softcap=softcap, attention_chunk=attention_chunk, fp8=fp8, qv=qv)
+    build = _fp8.make_request if _fp8.is_quantized(q, k, v) else make_request
+    req = build(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                softcap=softcap, attention_chunk=attention_chunk, fp8=fp8, qv=qv)
     out, lse = run(req, backend)
     return (out, lse) if return_lse else out
 
@@ -64,8 +65,9 @@ def explain(q, k=None, v=None, *, backend: Optional[str] = None, **kwargs) -> st
     if k is None and v is None and isinstance(q, (str, torch.device)):
         return dispatch.explain_device(q)
     kwargs.pop("return_lse", None)
-    req = make_request(q, k, v, **kwargs)
-    return dispatch.explain_choice(req, backend)
+    req = (_fp8.make_request if _fp8.is_quantized(q, k, v) else make_request)(q, k, v, **kwargs)
+    text = dispatch.explain_choice(req, backend)
+    return text + _fp8.explain(req, backend) if req.params.fp8 or req.fp8_tensors is not None else text
 
 
 def available_backends(device="cpu") -> list:

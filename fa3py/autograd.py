@@ -25,6 +25,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         req = dataclasses.replace(ctx.req, q=q, k=k, v=v)
+        req = ops.straight_through(req)
         ops.check_backward_supported(req)
         choice = dispatch.choose(req, backward=True, backend=ctx.backend)
         dq, dk, dv = choice.module.backward(req, out, lse, dout)
@@ -35,6 +36,9 @@ def run(req: AttentionRequest, backend=None):
     """(out, lse) for a validated request, differentiable in q, k and v (FP8 requests: the
     forward runs, a backward raises). While `torch.compile` traces, through the custom op."""
     if torch.compiler.is_compiling():
+        if req.fp8_tensors is not None:  # the custom op's arguments carry no block scales
+            raise NotImplementedError("fa3py: torch.compile of attention on pre-quantized FP8 operands "
+                                      "(fa3py.quantize_fp8) is not supported yet; use fp8=True on 16-bit tensors")
         return ops.run(req, backend)
     qv = req.qv
     if torch.is_grad_enabled() and (req.q.requires_grad or req.k.requires_grad or req.v.requires_grad

@@ -171,13 +171,7 @@ def explain_choice(req: AttentionRequest, backend: Optional[str] = None) -> str:
             continue
         why = "; ".join(f"not {n}: {r}" for n, r in c.reasons)
         lines.append(f"{phase}: {c.name}" + (f" ({why})" if why else ""))
-    if req.params.fp8:
-        lines.append(f"fp8: {FP8_EMULATION}")
     return "\n".join(lines)
-
-
-FP8_EMULATION = ("fp8=True runs a float32 emulation of the FP8 numerics on the torch backend (no FP8 "
-                 "kernel yet): the results of an FP8 kernel, not its speed")
 
 
 def explain_device(device) -> str:

@@ -80,8 +80,16 @@ class AttentionRequest:
     k_descale: Optional[torch.Tensor] = None
     v_descale: Optional[torch.Tensor] = None
     qv: Optional[torch.Tensor] = None  # MLA: scores gain qv . v (torch path and Triton forward)
+    # Block-scaled FP8 operands (`fa3py.fp8.Fp8QKV`): q, k, v are then their float8 views.
+    fp8_tensors: Optional[object] = None
 
     # ---- shape facts -------------------------------------------------------------
+    @property
+    def is_varlen(self) -> bool:
+        """Packed (cu_seqlens) or seqused on either side: sequences of their own lengths."""
+        return (self.cu_seqlens_q is not None or self.cu_seqlens_k is not None
+                or self.seqused_q is not None or self.seqused_k is not None)
+
     @property
     def packed_q(self) -> bool:
         return self.cu_seqlens_q is not None
@@ -122,6 +130,8 @@ class AttentionRequest:
 
     @property
     def out_dtype(self) -> torch.dtype:
+        if self.fp8_tensors is not None:
+            return self.fp8_tensors.q.source_dtype
         return torch.bfloat16 if self.is_fp8_input else self.q.dtype
 
     @property

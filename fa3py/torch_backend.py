@@ -9,7 +9,6 @@ that straddle a mask boundary.
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 
@@ -18,7 +17,6 @@ from .request import AttentionRequest
 
 BLOCK_Q = 512
 BLOCK_K = 512
-_warned_fp8 = False  # fp8=True's emulation warning is given once per process
 
 
 def why_not(req: AttentionRequest, backward: bool) -> str | None:
@@ -127,17 +125,11 @@ class _Tiles:
 
 
 def forward(req: AttentionRequest):
+    if req.params.fp8 or req.fp8_tensors is not None:
+        return fp8_emulation.forward(req)
     out = torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device)
     lse = torch.full(req.lse_shape, float("-inf"), dtype=torch.float32, device=req.device)
     q_all, k_all, v_all = req.q, req.k, req.v
-    if req.params.fp8:
-        global _warned_fp8
-        if not _warned_fp8:
-            _warned_fp8 = True
-            from .dispatch import FP8_EMULATION
-
-            warnings.warn(f"fa3py: {FP8_EMULATION}", stacklevel=4)
-        q_all, k_all, v_all = fp8_emulation.fake_quantize(req)
     hk = req.nheads_kv
     for b, q_rows, k_rows, lq, lk in _sequences(req):
         if lq == 0:

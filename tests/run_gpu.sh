@@ -51,6 +51,7 @@ want triton_rest && run triton_rest tests/test_triton.py -k "not test_features a
 want cross && run cross -m gpu tests/test_cross_backend.py tests/test_api_random.py &
 want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py \
     tests/test_chunk.py tests/test_kvcache.py tests/test_mla.py tests/test_compile.py &
+want fp8 && run fp8 tests/test_fp8.py tests/test_fp8_prep.py tests/test_fp8_triton.py &
 wait
 grep -h "^FAILED\|^ERROR" "$out"/*.log 2>/dev/null | head -40
 status=0

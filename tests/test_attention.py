@@ -178,17 +178,17 @@ def test_fp8_quantized_path_beats_per_tensor_quantization():
     assert rmse(out) < 0.02 * float(ref.pow(2).mean().sqrt()) + 1e-2
 
 
-def test_fp8_with_grad_runs_forward_and_backward_raises():
-    """FP8 inputs that require grad: the forward is the no-grad forward; only backward raises,
-    naming what has no backward."""
+def test_fp8_backward_is_16_bit():
+    """fp8=True: FP8 forward, straight-through 16-bit backward (tests/test_fp8.py checks it)."""
     q, k, v = inputs(1, 8, 8, 1, 1, 16, 16, torch.bfloat16)
-    with torch.no_grad():
-        want = fa3py.attention(q, k, v, fp8=True)
-    out = fa3py.attention(q.clone().requires_grad_(), k, v, fp8=True)
-    assert torch.equal(out.detach(), want) and out.requires_grad
-    with pytest.raises(NotImplementedError, match="`fp8=True` has no backward"):
-        out.sum().backward()
+    out = fa3py.attention(q.requires_grad_(), k, v, fp8=True)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
 
+
+def test_fp8_inputs_with_grad_run_forward_and_backward_raises():
+    """float8_e4m3fn inputs with descales that require grad: the forward is the no-grad forward;
+    only backward raises, naming what has no backward."""
     q8, k8, v8 = (x.float().to(torch.float8_e4m3fn) for x in inputs(2, 9, 13, 4, 2, 32, 32, torch.bfloat16))
     descales = [torch.rand(2, 2, device=DEVICE) + 0.5 for _ in range(3)]
     with torch.no_grad():

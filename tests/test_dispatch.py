@@ -159,14 +159,15 @@ def test_a_missing_backend_names_its_extra(monkeypatch):
 
 
 def test_fp8_emulation_warns_once_and_explain_says_so(monkeypatch):
-    from fa3py import torch_backend
+    from fa3py.fp8 import emulate
 
-    monkeypatch.setattr(torch_backend, "_warned_fp8", False)
+    monkeypatch.setattr(emulate, "_warned", False)
     q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="fp8=True runs a float32 emulation"):
+    with pytest.warns(UserWarning, match="fp8=True on cpu runs the float32 emulation"):
         fa3py.attention(q, q, q, fp8=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fa3py.attention(q, q, q, fp8=True)  # once per process
-    assert "fp8: fp8=True runs a float32 emulation" in fa3py.explain(q, q, q, fp8=True)
+    text = fa3py.explain(q, q, q, fp8=True)
+    assert "the float32 emulation of the FP8 kernel" in text and text.count("fp8:") == 1
     assert "fp8" not in fa3py.explain(q, q, q)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
 
+from . import fp8_fwd
 from .ops import backward, forward
 
 __all__ = ["why_not", "forward", "backward"]
@@ -23,8 +24,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def why_not(req: AttentionRequest, backward: bool) -> str | None:
-    if req.params.fp8:
-        return "internal FP8 quantization (params.fp8) is not implemented in the Triton kernels"
+    # the block-scaled FP8 format (fa3py.fp8); fp8=True's backward is the 16-bit one (checked below)
+    if req.fp8_tensors is not None or (req.params.fp8 and not backward):
+        return fp8_fwd.why_not(req, backward)
     if req.dtype not in _DTYPES:
         return f"dtype {req.dtype} is not supported (float16, bfloat16, float8_e4m3fn)"
     if req.is_fp8_input and backward:

@@ -123,6 +123,10 @@ def _fp8_mode(req: AttentionRequest) -> bool:
 
 
 def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    if req.params.fp8 or req.fp8_tensors is not None:
+        from . import fp8_fwd
+
+        return fp8_fwd.forward(req)
     q, k, v = (_contiguous_last_dim(x) for x in (req.q, req.k, req.v))
     prob = _Problem.create(req)
     prefill = req.packed_q and req.seqused_q is not None

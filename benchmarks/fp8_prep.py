@@ -1,0 +1,58 @@
+"""GB/s of the fused FP8 prep pass (rotate + block amax + quantize + V transpose) against a plain
+copy of the same tensor, on a CUDA GPU.
+
+    python -m benchmarks.fp8_prep                                    # hdim 64/128/256, 16k tokens
+    python -m benchmarks.fp8_prep --hdim 128 --seqlen 8192 --batch 2 --nheads 16
+
+Bytes counted per pass: the 16-bit input read once and the float8 output (plus scales)
+written once; the copy reads and writes 2 bytes per element (`torch.Tensor.copy_`). The
+ratio (prep GB/s) / (copy GB/s) says how close the pass is to the memory rate. Also times
+the PyTorch quantizer (several passes) for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fp8_prep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hdim", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--seqlen", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--nheads", type=int, default=16)
+    ap.add_argument("--roles", nargs="+", default=["q", "k", "v"])
+    ap.add_argument("--v-scaling", default="block", choices=("block", "channel"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.fp8_prep times GPU kernels: no CUDA device here")
+    import triton.testing
+
+    from fa3py.fp8 import Fp8Format, quantize_operand
+    from triton_fallback import fp8_prep
+
+    fmt = Fp8Format(v_scaling=args.v_scaling)
+    print(f"# {torch.cuda.get_device_name()}, batch {args.batch}, {args.nheads} heads, seqlen {args.seqlen}, "
+          f"V scaling {args.v_scaling}")
+    print(f"{'hdim':>4} {'op':<3} {'prep us':>9} {'prep GB/s':>10} {'copy GB/s':>10} {'ratio':>6} {'torch us':>9}")
+    for d in args.hdim:
+        x = torch.randn(args.batch, args.seqlen, args.nheads, d, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(x)
+        copy_ms = triton.testing.do_bench(lambda: dst.copy_(x), return_mode="median")
+        copy_gbs = 2 * x.numel() * 2 / copy_ms / 1e6
+        for role in args.roles:
+            assert fp8_prep.why_not(x, role, fmt) is None
+            t = fp8_prep.quantize_operand(x, role, fmt)
+            ms = triton.testing.do_bench(lambda: fp8_prep.quantize_operand(x, role, fmt), return_mode="median")
+            torch_ms = triton.testing.do_bench(lambda: quantize_operand(x, role, fmt), return_mode="median")
+            moved = x.numel() * 2 + t.data.numel() + t.scale.numel() * 4
+            gbs = moved / ms / 1e6
+            print(f"{d:>4} {role:<3} {ms * 1e3:>9.1f} {gbs:>10.0f} {copy_gbs:>10.0f} {gbs / copy_gbs:>6.2f} "
+                  f"{torch_ms * 1e3:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

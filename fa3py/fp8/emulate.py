@@ -1,0 +1,103 @@
+"""The FP8 attention kernel's arithmetic, in PyTorch float32: the executable form of the spec
+in `fa3py.fp8` ("Attention"). Runs on any device; the one-time warning says it is no faster
+than 16-bit attention."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..request import AttentionParams
+from .format import E4M3, P_OFFSET, Fp8QKV, hadamard_block
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+_warned = False
+
+
+def warn_emulated(device: torch.device) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"fa3py: fp8=True on {device.type} runs the float32 emulation of the FP8 kernel in "
+                      "PyTorch: FP8 numerics, but slower than 16-bit attention there "
+                      "(fa3py.explain says what runs).", stacklevel=6)
+
+
+def _heads_first(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(b, s, hk, d) float8 -> (b, hk * group, s, d) float32."""
+    return x.float().permute(0, 2, 1, 3).repeat_interleave(group, dim=1)
+
+
+def _keep(lq, lk, j0, j1, p: AttentionParams, device):
+    """Keep-mask (lq, j1 - j0) of key block [j0, j1), or None when every pair is kept."""
+    if p.window_left < 0 and p.window_right < 0:
+        return None
+    i = torch.arange(lq, device=device).unsqueeze(1) + (lk - lq)
+    j = torch.arange(j0, j1, device=device).unsqueeze(0)
+    keep = torch.ones(lq, j1 - j0, dtype=torch.bool, device=device)
+    if p.window_left >= 0:
+        keep &= j >= i - p.window_left
+    if p.window_right >= 0:
+        keep &= j <= i + p.window_right
+    return keep
+
+
+def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool = True):
+    """(out (b, sq, h, dv) in out_dtype, lse (b, h, sq) float32) of the quantized q, k, v.
+
+    Keys are taken block_n at a time, last block first (`descending`, as the Hopper kernel
+    iterates; the Triton kernel goes first to last): the order decides which running max each
+    P block is rounded against, nothing else."""
+    q, k, v = qkv
+    fmt = q.fmt
+    b, lq, h, d = q.shape
+    lk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    group, bn = h // hk, fmt.block_n
+    dev = q.device
+    qf = _heads_first(q.tokens(), 1)
+    kf, vf = _heads_first(k.tokens(), group), _heads_first(v.tokens(), group)
+    sq = q.scale.repeat_interleave(fmt.block_m, dim=2)[:, :, :lq].unsqueeze(-1)  # (b, h, lq, 1)
+    sk = k.scale.repeat_interleave(group, dim=1)  # (b, h, nblk)
+    sv = v.scale.repeat_interleave(group, dim=1)  # (b, h, nblk) or (b, h, dv)
+    # scores in log2 units: s2 = (q8 . k8) * (sq * sk) * c, c rounded to float32 once on the host
+    scale_n = params.softmax_scale / hadamard_block(d)
+    c = torch.tensor(scale_n * LOG2E, dtype=torch.float32, device=dev)
+    m = torch.full((b, h, lq), float("-inf"), device=dev)
+    row_sum = torch.zeros(b, h, lq, device=dev)
+    acc = torch.zeros(b, h, lq, dv, device=dev)
+    nblk = -(-lk // bn)
+    for j in (reversed(range(nblk)) if descending else range(nblk)):
+        j0, j1 = j * bn, min(lk, (j + 1) * bn)
+        keep = _keep(lq, lk, j0, j1, params, dev)
+        if keep is not None and not keep.any():
+            continue  # a tile the kernel skips
+        acc_s = torch.matmul(qf, kf[:, :, j0:j1].transpose(-1, -2))  # S = Q8 K8^T, float32
+        mult = sq * sk[:, :, j, None, None]  # a power of two: exact
+        if params.softcap > 0:
+            s2 = params.softcap * torch.tanh(acc_s * mult * scale_n / params.softcap) * LOG2E
+        else:
+            s2 = acc_s * (mult * c)
+        if keep is not None:
+            s2 = s2.masked_fill(~keep, float("-inf"))
+        m_new = torch.maximum(m, s2.amax(dim=-1))
+        m_safe = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+        p = torch.exp2(s2 - m_safe.unsqueeze(-1) + P_OFFSET)  # in [0, 2^8]
+        corr = torch.exp2(m - m_safe)
+        row_sum = row_sum * corr + p.sum(dim=-1)  # of P before its rounding, as FA3
+        pv = torch.matmul(p.to(E4M3).float(), vf[:, :, j0:j1])  # O_j = P8 V8, a fresh accumulator
+        if fmt.v_scaling == "block":
+            acc = acc * corr.unsqueeze(-1) + pv * sv[:, :, j, None, None]
+        else:
+            acc = acc * corr.unsqueeze(-1) + pv
+        m = m_new
+    has_keys = row_sum != 0  # NaN rows stay NaN
+    out = acc / torch.where(has_keys, row_sum, torch.ones_like(row_sum)).unsqueeze(-1)
+    if fmt.v_scaling == "channel":
+        out = out * sv.unsqueeze(2)
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    lse = torch.where(has_keys, (m_safe + torch.log2(row_sum) - P_OFFSET) * LN2,
+                      torch.full_like(row_sum, float("-inf")))
+    return out.permute(0, 2, 1, 3).to(out_dtype), lse

@@ -1,0 +1,166 @@
+"""The block-scaled FP8 format: constants, the Hadamard rotation and the tensor containers.
+
+See `fa3py.fp8` for the specification these implement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# P = exp2(s - rowmax + P_OFFSET) lies in [0, 2^8] before its cast to e4m3 (FA3's Max_offset).
+P_OFFSET = 8
+SIGN_SEED = 0x5EED
+MAX_HADAMARD = 128
+V_SCALINGS = ("block", "channel")
+# Rows of the transposed V are padded to this many tokens: a TMA global stride must be a
+# multiple of 16 bytes.
+VT_ALIGN = 16
+
+
+def hadamard_block(headdim: int) -> int:
+    """Size n of the diagonal blocks of the rotation: the largest power of two that divides
+    the head dim, at most 128 (hdim 96 -> 32, 80 -> 16, 72 -> 8)."""
+    return min(headdim & -headdim, MAX_HADAMARD)
+
+
+@functools.lru_cache(maxsize=32)
+def hadamard_signs(n: int, seed: int) -> torch.Tensor:
+    """The random signs D (n,) of the rotation, +-1 as float32 on the CPU; a pure function
+    of (n, seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).float()
+
+
+@functools.lru_cache(maxsize=32)
+def rotation_matrix(n: int, seed: int) -> torch.Tensor:
+    """R = D H (n, n), float32, entries +-1 (unnormalized: R R^T = n I)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return hadamard_signs(n, seed).unsqueeze(1) * h
+
+
+def rotate(x: torch.Tensor, seed: int = SIGN_SEED) -> torch.Tensor:
+    """x @ blockdiag(R, ..., R) over the last dim, in float32 (unnormalized: inner products
+    of rotated rows are n times the original ones)."""
+    d = x.shape[-1]
+    n = hadamard_block(d)
+    r = rotation_matrix(n, seed).to(x.device)
+    return (x.float().reshape(*x.shape[:-1], d // n, n) @ r).reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class Fp8Format:
+    """What a kernel needs to know about quantized tensors besides their shapes (hashable:
+    part of a compiled kernel's key).
+
+    block_m: query rows per Q scale (1: one scale per token). block_n: keys per K scale and,
+    with v_scaling="block", per V scale; a kernel's N tile must be a multiple of it.
+    v_scaling: "block" (one scale per block_n keys, applied to each KV block's P V partial
+    sum) or "channel" (one scale per output channel over the whole sequence, applied in the
+    epilogue). v_transposed: V stored (batch, nheads_kv, headdim_v, seqlen_k) for the FP8
+    PV GEMM, which reads V k-major. seed: the rotation's random signs. qk_int8: the
+    higher-accuracy mode: rotated Q and K as int8 with amax / 127 scales (an s8 x s8 -> s32
+    GEMM, which Hopper runs at the FP8 rate), V and P still e4m3; best with block_m=1."""
+
+    block_m: int = 128
+    block_n: int = 128
+    v_scaling: str = "block"
+    v_transposed: bool = True
+    seed: int = SIGN_SEED
+    qk_int8: bool = False
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            b = getattr(self, name)
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ValueError(f"fa3py: `{name}` must be a positive int, got {b!r}")
+        if self.v_scaling not in V_SCALINGS:
+            raise ValueError(f"fa3py: `v_scaling` must be one of {V_SCALINGS}, got {self.v_scaling!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"fa3py: `seed` must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Fp8Tensor:
+    """One quantized operand (batched layout only).
+
+    data: float8_e4m3fn (int8 for Q and K with fmt.qk_int8). Q and K: (batch, seqlen, nheads, headdim), rotated, so
+    data[b, t, h] * scale[b, h, t // block] is row t of x R (x R / sqrt(n) is the orthonormal
+    rotation). V: (batch, nheads_kv, headdim_v, seqlen_pad) when fmt.v_transposed (seqlen_pad
+    = seqlen rounded up to 16, zero-filled), else (batch, seqlen, nheads_kv, headdim_v); not
+    rotated. scale: float32 powers of two (amax / 127 with qk_int8), (batch, nheads, ceil(seqlen / block)) for Q, K and
+    block-scaled V, (batch, nheads_kv, headdim_v) for channel-scaled V. source_dtype: the
+    16-bit dtype it was quantized from (the output dtype of attention on it)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    role: str  # "q", "k" or "v"
+    fmt: Fp8Format
+    seqlen: int
+    source_dtype: torch.dtype
+
+    @property
+    def block(self) -> int:
+        return self.fmt.block_m if self.role == "q" else self.fmt.block_n
+
+    @property
+    def transposed(self) -> bool:
+        return self.role == "v" and self.fmt.v_transposed
+
+    def tokens(self) -> torch.Tensor:
+        """data as a (batch, seqlen, nheads, dim) float8 view (no copy)."""
+        if self.transposed:
+            return self.data.permute(0, 3, 1, 2)[:, : self.seqlen]
+        return self.data
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.tokens().shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def scale_per_token(self) -> torch.Tensor:
+        """Scales broadcast to (batch, seqlen, nheads, 1), or (batch, 1, nheads_kv, headdim_v)
+        for channel-scaled V."""
+        if self.role == "v" and self.fmt.v_scaling == "channel":
+            return self.scale.unsqueeze(1)
+        s = self.scale.repeat_interleave(self.block, dim=2)[:, :, : self.seqlen]
+        return s.transpose(1, 2).unsqueeze(-1)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (batch, seqlen, nheads, dim). Q and K come back rotated and normalized,
+        x R / sqrt(n), so that dequantized q k^T approximates the original q k^T."""
+        x = self.tokens().float() * self.scale_per_token()
+        if self.role != "v":
+            x = x / hadamard_block(x.shape[-1]) ** 0.5
+        return x
+
+
+@dataclass(frozen=True, eq=False)
+class Fp8QKV:
+    """What `fa3py.quantize_fp8` returns: any of q, k, v may be None (not quantized).
+    Unpacks as (q, k, v), so ``fa3py.attention(*fa3py.quantize_fp8(q, k, v))`` works."""
+
+    q: Optional[Fp8Tensor]
+    k: Optional[Fp8Tensor]
+    v: Optional[Fp8Tensor]
+
+    def __iter__(self):
+        return iter((self.q, self.k, self.v))
+
+    @property
+    def fmt(self) -> Fp8Format:
+        return next(x.fmt for x in self if x is not None)
+
+    def replace(self, **kw) -> "Fp8QKV":
+        return dataclasses.replace(self, **kw)

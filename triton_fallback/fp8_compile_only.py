@@ -1,0 +1,68 @@
+"""Compile the FP8 kernels (prep pass, FP8 forward) for GPU targets without a GPU.
+
+    python -m triton_fallback.fp8_compile_only      # one line per compiled variant
+
+As `triton_fallback.compile_only`: catches what the interpreter lets through. Run with
+TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .fp8_fwd import attn_fwd_fp8
+from .fp8_prep import fp8_prep
+
+_FLOATS = ("c", "softcap_scale", "softcap_log2")
+_PTRS = {"X": "*bf16", "R": "*bf16", "OUT": "*u8", "SCALE": "*fp32", "CH_INV": "*fp32", "QS": "*fp32",
+         "KS": "*fp32", "VS": "*fp32", "O": "*bf16", "LSE": "*fp32", "VT": "*fp8e4nv"}
+
+_PREP = dict(DOT_F32=False, ROTATE=True, MODE=0)
+_FWD = dict(HAS_WL=False, HAS_WR=False, SOFTCAP=False, V_BLOCK=True, SCALE_M=128, SCALE_N=128)
+# (kernel, arch, q/k element type, constexprs, num_warps)
+VARIANTS = [
+    (fp8_prep, 80, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1), 8),
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=96, BLOCK_D=128, N_HAD=32, BLOCK=1, ROWS=16, GROUPS=16), 4),
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=256, BLOCK_D=256, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1), 8),
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
+                              ROTATE=False, MODE=1), 8),
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
+                              ROTATE=False, MODE=2), 8),
+    (attn_fwd_fp8, 89, "fp8e4nv", dict(_FWD, HEADDIM=128, HEADDIM_V=128, BLOCK_D=128, BLOCK_DV=128,
+                                       HAS_WR=True, BLOCK_M=64, BLOCK_N=64), 4),
+    (attn_fwd_fp8, 90, "fp8e4nv", dict(_FWD, HEADDIM=64, HEADDIM_V=64, BLOCK_D=64, BLOCK_DV=64,
+                                       SOFTCAP=True, V_BLOCK=False, BLOCK_M=64, BLOCK_N=64), 4),
+    (attn_fwd_fp8, 90, "i8", dict(_FWD, HEADDIM=128, HEADDIM_V=128, BLOCK_D=128, BLOCK_DV=128, SCALE_M=1,
+                                  HAS_WL=True, HAS_WR=True, BLOCK_M=64, BLOCK_N=64), 4),
+]
+
+
+def compile_variant(fn, arch, elem, const, num_warps):
+    sig = {}
+    for name in fn.arg_names:
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ("Q", "K"):
+            sig[name] = f"*{elem}"
+        elif name in _PTRS:
+            sig[name] = _PTRS[name]
+        else:
+            sig[name] = "fp32" if name in _FLOATS else "i32"
+    names = fn.arg_names
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=2))
+
+
+def main():
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile"
+    for fn, arch, elem, const, warps in VARIANTS:
+        kernel = compile_variant(fn, arch, elem, const, warps)
+        print(f"sm{arch} {fn.__name__} {elem or ''}: {kernel.metadata.shared} B shared", flush=True)
+
+
+if __name__ == "__main__":
+    main()

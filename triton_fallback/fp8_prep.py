@@ -1,0 +1,164 @@
+"""The FP8 prep pass: rotate, take block amax, quantize and (for V) transpose in one read of the
+16-bit tensor and one write of the float8 one. Produces the bytes of `fa3py.fp8.quantize`'s
+PyTorch specification (tests/test_fp8_prep.py compares them under TRITON_INTERPRET=1). The one
+exception is the rotation's float32 sums when they are inexact (a row mixing values more than
+~2^9 apart): tensor cores and the CPU sum in different orders, and a sum within an ulp of an
+e4m3 rounding boundary (~1e-6 of the elements) may then take the neighbouring code.
+
+One program takes `ROWS` (>= 16) consecutive tokens of one (batch, head): a single scale
+block of `block` rows (block >= 16), or 16 // block whole blocks (block = 1, 2, 4, 8). The
+rotation is a tensor-core matmul of the (ROWS * BLOCK_D / n, n) view of the tile by R = D H
+(entries +-1: exact products, float32 sums). Channel-scaled V takes two launches: per-block
+column maxima, then (after a max over blocks on the host side) the quantization.
+
+The e4m3 codes are computed with integer arithmetic (`_e4m3_bits`), so any CUDA GPU Triton
+runs on serves it. Served: Hadamard block n >= 16 (head dims that are multiples of 16),
+blocks >= 16 or a power of two below. Everything else goes to the
+PyTorch quantizer, which writes the same format.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fa3py.fp8.format import VT_ALIGN, Fp8Format, Fp8Tensor, hadamard_block, rotation_matrix
+from fa3py.fp8.quantize import pow2_scale
+
+
+def why_not(x: torch.Tensor, role: str, fmt: Fp8Format):
+    """None if this pass serves the operand, else why not."""
+    block = fmt.block_m if role == "q" else fmt.block_n
+    if role != "v" and fmt.qk_int8:
+        return "int8 Q / K (qk_int8) are quantized by PyTorch for now"
+    if role != "v" and hadamard_block(x.shape[-1]) < 16:
+        return f"head dim {x.shape[-1]}: Hadamard blocks of {hadamard_block(x.shape[-1])} (tl.dot needs 16)"
+    if block < 16 and block & (block - 1):
+        return f"block {block}: below 16 only powers of two"
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+@triton.jit
+def _pow2_inv_scale(amax):
+    """(2^e, 2^-e): the smallest 2^e with amax / 2^e <= 448, from amax's bits (fa3py.fp8.pow2_scale)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    e = tl.minimum(tl.maximum(e, -126), 126)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_bits(q):
+    """float8_e4m3fn codes (as uint8) of float32 q with |q| <= 448 or NaN, rounded to nearest
+    even; NaN -> 0x7F. Integer arithmetic, so the interpreter (whose float8 cast loses the carry
+    of a rounding into the exponent) and GPUs without an e4m3 type write the same bytes."""
+    bits = q.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - 960  # keep 3 mantissa bits; rebias 127 -> 7
+    # below 2^-6: subnormal m * 2^-9, m = rint(|q| * 2^9) read off the bits of |q| * 2^9 + 2^23
+    sub = (a.to(tl.float32, bitcast=True) * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    code = tl.where(a < 0x3C800000, sub, normal) | sign
+    return tl.where(q != q, 0x7F, code).to(tl.uint8)
+
+
+@triton.jit
+def fp8_prep(
+    X, OUT, SCALE, R, CH_INV,
+    seqlen, nblocks,
+    stride_xb, stride_xs, stride_xh,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_sb, stride_sh,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, N_HAD: tl.constexpr, ROTATE: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr,
+    MODE: tl.constexpr,  # 0: block scales; 1: per-block column maxima (channel pass 1); 2: channel quantize
+    DOT_F32: tl.constexpr,  # the interpreter's tl.dot mishandles bfloat16: multiply in float32 there
+):
+    pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, BLOCK_D)
+    rows = pid * (GROUPS * BLOCK) + r
+    valid = (r < GROUPS * BLOCK) & (rows < seqlen)
+    mask = valid[:, None] & (c < HEADDIM)[None, :]
+    x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + c[None, :], mask=mask, other=0.0)
+    if ROTATE:  # y = x blockdiag(R, ..., R): the (ROWS * BLOCK_D / n, n) view times R
+        k = tl.arange(0, N_HAD)
+        rot = tl.load(R + k[:, None] * N_HAD + k[None, :])
+        xs = tl.reshape(x, (ROWS * BLOCK_D // N_HAD, N_HAD))
+        if DOT_F32:
+            y = tl.dot(xs.to(tl.float32), rot.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(xs, rot.to(x.dtype))
+        y = tl.reshape(y, (ROWS, BLOCK_D))
+    else:
+        y = x.to(tl.float32)
+    a = tl.abs(y)
+    a = tl.where(a < float("inf"), a, 0.0)  # scales from finite values only
+    if MODE == 1:
+        tl.store(CH_INV + ((b * tl.num_programs(1) + h) * nblocks + pid) * BLOCK_D + c, tl.max(a, axis=0))
+    else:
+        if MODE == 2:
+            inv = tl.load(CH_INV + (b * tl.num_programs(1) + h) * BLOCK_D + c)
+            q = y * inv[None, :]
+        else:
+            amax = tl.max(tl.reshape(a, (GROUPS, ROWS // GROUPS * BLOCK_D)), axis=1)  # (GROUPS,)
+            scale, inv = _pow2_inv_scale(amax)
+            g = pid * GROUPS + tl.arange(0, GROUPS)
+            tl.store(SCALE + b * stride_sb + h * stride_sh + g, scale, mask=g < nblocks)
+            q = tl.reshape(tl.reshape(y, (GROUPS, ROWS // GROUPS * BLOCK_D)) * inv[:, None], (ROWS, BLOCK_D))
+        q = tl.where(tl.abs(q) < float("inf"), q, float("nan"))  # NaN, Inf -> NaN (a cast saturates Inf)
+        out = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + c[None, :] * stride_od
+        tl.store(out, _e4m3_bits(q), mask=mask)
+
+
+def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
+    """`fa3py.fp8.quantize_operand` in one fused pass (two for channel-scaled V); falls back to
+    it for what `why_not` declines."""
+    why = why_not(x, role, fmt)
+    if why is not None:
+        from fa3py.fp8.quantize import quantize_operand as spec
+
+        return spec(x, role, fmt)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, s, h, d = x.shape
+    rotate = role in ("q", "k")
+    block = fmt.block_m if role == "q" else fmt.block_n
+    groups = 16 // block if block < 16 else 1
+    rows = 16 if block < 16 else triton.next_power_of_2(block)
+    nblocks = -(-s // block)
+    transposed = role == "v" and fmt.v_transposed
+    if transposed:
+        s_pad = -(-s // VT_ALIGN) * VT_ALIGN
+        data = torch.empty(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=x.device)
+        data[..., s:].zero_()
+        out_strides = (data.stride(0), 1, data.stride(1), data.stride(2))
+    else:
+        data = torch.empty(b, s, h, d, dtype=torch.float8_e4m3fn, device=x.device)
+        out_strides = (data.stride(0), data.stride(1), data.stride(2), 1)
+    n = hadamard_block(d)
+    rot = rotation_matrix(n, fmt.seed).to(x.device, x.dtype) if rotate else x.new_empty(1)
+    block_d = triton.next_power_of_2(d)
+    channel = role == "v" and fmt.v_scaling == "channel"
+    scale = torch.empty(b, h, d if channel else nblocks, dtype=torch.float32, device=x.device)
+    codes = data.view(torch.uint8)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    grid = (triton.cdiv(s, groups * block), h, b)
+    common = dict(HEADDIM=d, BLOCK_D=block_d, N_HAD=n, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
+                  DOT_F32=interpreting, num_warps=4 if rows * block_d <= 8192 else 8)
+    flat = (s, nblocks, x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1))
+    if channel:
+        part = torch.empty(b, h, nblocks, block_d, dtype=torch.float32, device=x.device)
+        fp8_prep[grid](x, codes, scale, rot, part, *flat, MODE=1, **common)
+        amax = part.amax(dim=2)[..., :d] if nblocks else torch.zeros(b, h, d, device=x.device)
+        scale, inv = pow2_scale(amax)
+        inv = torch.nn.functional.pad(inv, (0, block_d - d)).contiguous()
+        fp8_prep[grid](x, codes, scale, rot, inv, *flat, MODE=2, **common)
+    else:
+        fp8_prep[grid](x, codes, scale, rot, scale, *flat, MODE=0, **common)
+    return Fp8Tensor(data=data, scale=scale.contiguous(), role=role, fmt=fmt, seqlen=s, source_dtype=x.dtype)
