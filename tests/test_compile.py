@@ -109,13 +109,18 @@ def test_compile_traces_the_custom_op_and_varlen():
     assert "fa3py.fwd" in seen, seen
 
 
-def test_fp8_backward_raises_through_the_op():
+def test_fp8_backward_is_straight_through_in_the_op():
+    """fp8=True through the custom ops: the same straight-through 16-bit gradients as eager."""
     q, k, v = inputs(1, 8, 8, 1, 1, 16, 16, torch.bfloat16)
     req = make_request(q, k, v, fp8=True)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, _ = torch.ops.fa3py.fwd(*leaves, *ops.request_args(req), None)
-    with pytest.raises(NotImplementedError, match="`fp8=True` has no backward"):
-        out.sum().backward()
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    eager = [x.clone().requires_grad_() for x in (q, k, v)]
+    fa3py.attention(*eager, fp8=True).backward(dout)
+    for a, b in zip(leaves, eager):
+        assert torch.equal(a.grad, b.grad)
 
 
 def test_compile_new_sequence_lengths():

@@ -351,3 +351,16 @@ def test_int8_qk_mode_against_reference_and_more_accurate():
     out = fa3py.attention(*fa3py.quantize_fp8(bad, k, v, block_m=1, qk_int8=True))
     rows = out.isnan().any(-1)
     assert rows.sum() == 1 and rows[0, 9, 1] and out[0, 9, 1].isnan().all()
+
+
+def test_fp8_refuses_attention_chunk():
+    """The FP8 emulation and kernels mask causal and windows only: a chunk is an error, never
+    silently dropped."""
+    import fa3py
+
+    q = torch.randn(1, 16, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="attention_chunk"):
+        fa3py.attention(q, q, q, fp8=True, attention_chunk=8)
+    qkv = fa3py.quantize_fp8(q, q, q)
+    with pytest.raises(NotImplementedError, match="attention_chunk"):
+        fa3py.attention(*qkv, attention_chunk=8)

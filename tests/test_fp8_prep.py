@@ -112,10 +112,10 @@ def test_fp8_kernels_compile_for_gpu_targets():
     import sys
     from pathlib import Path
 
-    from triton_fallback import fp8_compile_only
+    from benchmarks import triton_fp8_compile_only as fp8_compile_only
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "triton_fallback.fp8_compile_only"], env=env,
+    run = subprocess.run([sys.executable, "-m", "benchmarks.triton_fp8_compile_only"], env=env,
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("B shared") == len(fp8_compile_only.VARIANTS)

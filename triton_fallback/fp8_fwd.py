@@ -77,8 +77,8 @@ def _fp8_inner(
         else:
             s = qk * (mult * c)[:, None]
         if MASKED:
-            keep = keep_mask(offs_m[:, None], rows[None, :], q_len, k_len, window_left, window_right,
-                             HAS_WL, HAS_WR)
+            keep = keep_mask(offs_m[:, None], rows[None, :], q_len, k_len, window_left, window_right, 0,
+                             HAS_WL, HAS_WR, False)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -128,7 +128,7 @@ def attn_fwd_fp8(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     n_lo, u_lo, u_hi, n_hi = key_block_range(
-        m0, q_len, k_len, window_left, window_right, HAS_WL, HAS_WR, BLOCK_M, BLOCK_N)
+        m0, q_len, k_len, window_left, window_right, 0, HAS_WL, HAS_WR, False, BLOCK_M, BLOCK_N)
     # left window edge (masked), interior (unmasked), causal diagonal / right edge / tail (masked)
     acc, l_i, m_i = _fp8_inner(
         acc, l_i, m_i, q, sq, k_ptrs, vt_ptrs, KS, VS, stride_ks, offs_m, offs_n, offs_d, offs_dv,

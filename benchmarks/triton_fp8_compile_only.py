@@ -1,6 +1,6 @@
 """Compile the FP8 kernels (prep pass, FP8 forward) for GPU targets without a GPU.
 
-    python -m triton_fallback.fp8_compile_only      # one line per compiled variant
+    python -m benchmarks.triton_fp8_compile_only    # one line per compiled variant
 
 As `triton_fallback.compile_only`: catches what the interpreter lets through. Run with
 TRITON_INTERPRET unset.
@@ -14,8 +14,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .fp8_fwd import attn_fwd_fp8
-from .fp8_prep import fp8_prep
+from triton_fallback.fp8_fwd import attn_fwd_fp8
+from triton_fallback.fp8_prep import fp8_prep
 
 _FLOATS = ("c", "softcap_scale", "softcap_log2")
 _PTRS = {"X": "*bf16", "R": "*bf16", "OUT": "*u8", "SCALE": "*fp32", "CH_INV": "*fp32", "QS": "*fp32",
