@@ -43,3 +43,22 @@ def test_cycles_markdown():
     assert "| hdim | seqlen | fa3py | fa4 | cudnn | q_stages=1 | fa3py / best peer |" in md
     assert "| 128 | 512 | 0.200 | 0.250 | 0.160 |  | 1.250 |" in md
     assert "| 64 | 512 | 0.300 |  |  | 0.330 |  |" in md and "## causal=True" in md
+
+
+def test_fingerprint_cli(tmp_path, capsys):
+    """`benchmarks.cute_fingerprint`: a baseline, then the same tree against it is all SAME (exit
+    0); a baseline whose hash differs is reported and exits 1."""
+    import json
+
+    from benchmarks import cute_fingerprint
+
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    only = ["--only", "bf16 d128x128 causal$"]
+    assert cute_fingerprint.main([str(base), *only]) == 0
+    assert cute_fingerprint.main([str(new), "--against", str(base), *only]) == 0
+    assert "all identical" in capsys.readouterr().out
+    tampered = json.loads(base.read_text())
+    tampered["bf16 d128x128 causal"]["hash"] = "0" * 16
+    base.write_text(json.dumps(tampered))
+    assert cute_fingerprint.main([str(new), "--against", str(base), *only, "--dump", str(tmp_path)]) == 1
+    assert (tmp_path / "bf16_d128x128_causal.sass").exists()
