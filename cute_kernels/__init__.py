@@ -52,7 +52,9 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
         # capped scores.)
         return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
     if req.params.attention_chunk:
-        return "attention_chunk not in the cute kernel yet"
+        return "cute_kernels: attention_chunk is not in the cute kernel yet"
+    if req.qv is not None:
+        return "cute_kernels: qv (MLA) is not in the cute kernel yet"
     if req.device.type != "cuda":
         return "cute_kernels: CUDA tensors only"
     return None

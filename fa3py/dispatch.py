@@ -117,8 +117,6 @@ def reason(name: str, req: AttentionRequest, backward: bool = False, forced: boo
     module, why = load(name)
     if module is None:
         return why
-    if req.qv is not None and name == "cute":  # cute_kernels.why_not predates qv
-        return "cute backend: qv (MLA) is not in the cute kernel yet"
     why = module.why_not(req, backward)
     return f"{name} backend: {why}" if why else None
 

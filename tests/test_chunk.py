@@ -112,7 +112,9 @@ def test_cute_refuses_and_explain_says_why():
 
     q, k, v = inputs(1, 8, 8, 2, 2, 64, 64, torch.bfloat16, device="cpu")
     req = make_request(q, k, v, attention_chunk=8)
-    assert cute_kernels.why_not(req, False) == "attention_chunk not in the cute kernel yet"
+    assert cute_kernels.why_not(req, False) == "cute_kernels: attention_chunk is not in the cute kernel yet"
+    qv = make_request(q, k, v, qv=torch.randn_like(q))
+    assert cute_kernels.why_not(qv, False) == "cute_kernels: qv (MLA) is not in the cute kernel yet"
 
 
 @pytest.mark.parametrize("value,exc", [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("8", TypeError)])
