@@ -6,7 +6,6 @@ ValueError / NotImplementedError. It never modifies its inputs.
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from typing import Optional
@@ -69,6 +68,12 @@ def _check_window(window_size):
     if left < -1 or right < -1:
         _fail(ValueError, "window_size", f"entries must be >= -1 (-1 means unbounded), got {(left, right)}")
     return left, right
+
+
+def _finite(x) -> bool:
+    """math.isfinite as arithmetic: torch.compile traces it as a guard on a symbolic float
+    (dynamic=True), where math.isfinite would break the graph."""
+    return x - x == 0
 
 
 def _check_real(name, x, what):
@@ -244,13 +249,15 @@ def make_request(
             _fail(NotImplementedError, "qv", "is not supported with fp8=True")
 
     # scalar parameters
-    if softmax_scale is None:  # FA3: 1 / sqrt(headdim + headdim_v) with qv
+    if softmax_scale is None:  # FA3: 1 / sqrt(headdim + headdim_v) with qv; finite (head dims > 0),
+        # and left as computed: under torch.compile(dynamic=True) the head dim is symbolic
         softmax_scale = (headdim + (v_shape[-1] if qv is not None else 0)) ** -0.5
-    softmax_scale = _check_real("softmax_scale", softmax_scale, "a float or None")
-    if not math.isfinite(softmax_scale):
-        _fail(ValueError, "softmax_scale", f"must be finite, got {softmax_scale}")
+    else:
+        softmax_scale = _check_real("softmax_scale", softmax_scale, "a float or None")
+        if not _finite(softmax_scale):
+            _fail(ValueError, "softmax_scale", f"must be finite, got {softmax_scale}")
     softcap = _check_real("softcap", softcap, "a float")
-    if not math.isfinite(softcap) or softcap < 0:
+    if not _finite(softcap) or softcap < 0:
         _fail(ValueError, "softcap", f"must be finite and >= 0 (0 disables it), got {softcap}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int):
         _fail(TypeError, "num_splits", f"must be an int >= 0 (0: automatic, 1: no split), got {num_splits!r}")

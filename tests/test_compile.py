@@ -140,3 +140,17 @@ def test_compile_new_sequence_lengths():
         assert torch.equal(out, want)
         for g, w in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
             assert torch.equal(g, w)
+
+
+def test_compile_dynamic_true():
+    """torch.compile(dynamic=True): head dims and float arguments symbolic too; one graph, the
+    eager result."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v):
+        return fa3py.flash_attn_func(q, k, v, causal=True, softcap=5.0) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for s, d in ((17, 32), (23, 64)):
+        q, k, v = inputs(2, s, s + 3, 4, 2, d, d, torch.bfloat16)
+        assert torch.equal(compiled(q, k, v), fn(q, k, v))
