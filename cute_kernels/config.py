@@ -238,9 +238,14 @@ class FwdConfig:
         has_left, has_right = features.get("has_left", False), features.get("has_right", False)
         windowed = has_left or has_right
         base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
+        fp8 = dtype == "e4m3"
+        if fp8 and base.tile_n % 32:
+            # FP8 WGMMA's k is 32: hdim 96's 192x112 -> 192x96 (spill-free in bf16: CANDIDATES)
+            base = tile_variant(base, base.tile_m, base.tile_n // 32 * 32)
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
-        # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14).
-        plain = short and has_right and hdim in (64, 96)
+        # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
+        # scaling adds each PV right after its wait.)
+        plain = short and has_right and hdim in (64, 96) and not fp8
         tile = replace(
             base,
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
@@ -266,7 +271,7 @@ class FwdConfig:
             # hdim_v > 128 (with TILES' 128x96 / 128x64) and windowed hdim64: causal 8k -1.4%;
             # hdim64 non-causal +2%, hdim128 +1%: off there (log §9).
             # (FP8: off, its row max is in per-block scaled units.)
-            lazy_rescale=8.0 if (hdimv > 128 or hdim == 64 and windowed) and dtype != "e4m3" else 0.0,
+            lazy_rescale=8.0 if (hdimv > 128 or hdim == 64 and windowed) and not fp8 else 0.0,
             diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
         )

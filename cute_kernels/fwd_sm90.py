@@ -162,7 +162,7 @@ class FlashAttentionForwardSm90:
             assert not (cfg.softcap or cfg.split_kv or cfg.pack_gqa > 1 or cfg.cu_seqlens_q or cfg.cu_seqlens_k
                         or cfg.seqused_q or cfg.seqused_k or cfg.hdim_in or cfg.hdimv_in), \
                 f"{cfg.short()}: FP8 takes batched, unpacked, unpadded, uncapped problems (for now)"
-            assert not (t.lazy_rescale or t.chain_pv_qk or t.diag_half or t.rescale_o_before_pv), \
+            assert not (t.lazy_rescale or t.chain_pv_qk or t.diag_half), \
                 f"{cfg.short()}: FP8 schedule switches not supported"
         # FP8 block V scaling: each block's PV into a fresh accumulator (two-level accumulation).
         self.fresh_pv = self.fp8 and cfg.fp8_v_scaling == "block"

@@ -34,6 +34,8 @@ def why_not(x: torch.Tensor, role: str, fmt: Fp8Format):
     block = fmt.block_m if role == "q" else fmt.block_n
     if role != "v" and fmt.qk_int8:
         return "int8 Q / K (qk_int8) are quantized by PyTorch for now"
+    if role == "v" and fmt.v_pv_order:
+        return "V in the FP8 PV key order (v_pv_order) is written by PyTorch for now"
     if role != "v" and hadamard_block(x.shape[-1]) < 16:
         return f"head dim {x.shape[-1]}: Hadamard blocks of {hadamard_block(x.shape[-1])} (tl.dot needs 16)"
     if block < 16 and block & (block - 1):
