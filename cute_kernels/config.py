@@ -242,6 +242,10 @@ class FwdConfig:
         if fp8 and base.tile_n % 32:
             # FP8 WGMMA's k is 32: hdim 96's 192x112 -> 192x96 (spill-free in bf16: CANDIDATES)
             base = tile_variant(base, base.tile_m, base.tile_n // 32 * 32)
+        if fp8 and features["fp8_v_scaling"] == "block" and base.num_mma_wg == 3:
+            # block V's second accumulator at 160 registers spills in 3-WG kernels (hdim 64:
+            # 8 / 22 STL non-causal / causal, hdim 96: 22 / 43; CPU SASS); 2 WGs at 240 do not.
+            base = tile_variant(base, 128, 128)
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
         # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
         # scaling adds each PV right after its wait.)

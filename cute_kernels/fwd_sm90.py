@@ -162,6 +162,9 @@ class FlashAttentionForwardSm90:
             assert not (cfg.softcap or cfg.split_kv or cfg.pack_gqa > 1 or cfg.cu_seqlens_q or cfg.cu_seqlens_k
                         or cfg.seqused_q or cfg.seqused_k or cfg.hdim_in or cfg.hdimv_in), \
                 f"{cfg.short()}: FP8 takes batched, unpacked, unpadded, uncapped problems (for now)"
+            # block V: O and each block's PV accumulator (2 x hdim_v / 2 registers a thread)
+            assert cfg.fp8_v_scaling == "channel" or self.hdimv <= 128, \
+                f"{cfg.short()}: block V scaling spills above hdim_v 128 (192: 58, 256: 88 STL); channel V"
             assert not (t.lazy_rescale or t.chain_pv_qk or t.diag_half), \
                 f"{cfg.short()}: FP8 schedule switches not supported"
         # FP8 block V scaling: each block's PV into a fresh accumulator (two-level accumulation).

@@ -25,13 +25,28 @@ def _compile(cfg: FwdConfig):
     return text, res
 
 
-# (hdim, v_scaling, features): hdim 128 both ways, the other head dims where they compile
-# without spills (see cute_kernels.config.FwdConfig.make's FP8 lines).
+# (hdim, v_scaling, features): block V scaling (a second accumulator) up to hdim 128, channel V
+# at every head dim (FwdConfig.make's FP8 lines pick the tiles).
 FP8_GRID = [
     (128, "block", dict()),
     (128, "block", dict(has_right=True)),
     (128, "channel", dict()),
+    (128, "block", dict(has_left=True, has_right=True)),
+    (64, "block", dict()),
+    (64, "block", dict(has_right=True)),
+    (96, "block", dict()),
+    (96, "channel", dict(has_right=True)),
+    (192, "channel", dict()),
+    (256, "channel", dict(has_right=True)),
 ]
+
+
+@pytest.mark.parametrize("hdim", [192, 256])
+def test_fp8_block_v_above_128_is_refused(hdim):
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    with pytest.raises(AssertionError, match="block V scaling spills"):
+        FlashAttentionForwardSm90(FwdConfig.make("e4m3", hdim, fp8_v_scaling="block"))
 
 
 @pytest.mark.parametrize("hdim,v_scaling,features", FP8_GRID)
@@ -46,7 +61,8 @@ def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
     # the interior KV loop: QK^T's hdim / 32 and PV's tile_n / 32 QGMMAs; P stays in its lanes
     loops = sass.hgmma_loops(text)
     assert loops, "no KV loop with a WGMMA"
-    interior = min(loops, key=lambda l: sum(l[2].values()))[2]
+    # the smallest of the loops that run both GEMMs (the tile loop's last-PV loop runs one)
+    interior = min((l[2] for l in loops if l[2]["QGMMA"] > cfg.tile.tile_n // 32), key=lambda c: sum(c.values()))
     assert interior["QGMMA"] == hdim // 32 + cfg.tile.tile_n // 32, interior
     assert interior["SHFL"] <= 4, f"P moved between lanes: {interior['SHFL']} SHFL (the row max takes 4)"
 
