@@ -33,6 +33,16 @@ schedule) and with diag_half, a warpgroup whose rows see none of the first block
 row keeps its reference max until the running max outgrows it by 2^lazy_rescale, and a warp
 skips O's rescale when none of its rows moved (softmax.OnlineSoftmax).
 
+FP8 (FwdConfig dtype "e4m3", fa3py.fp8's block-scaled format; `self.fp8` const_expr branches, the
+16-bit kernels' code unchanged): Q, K e4m3 as above; V arrives transposed, (b, h_kv, dv, s_pad),
+and is TMA'd as (hdim_v, tile_n) K-major tiles (FP8 WGMMA reads both operands K-major, QGMMA);
+P is packed into e4m3 A registers in place (fp8.convert_p_e4m3: V^T's keys come in
+fp8.PV_KEY_ORDER); the score multiplier sq[row] * sk[block] * c changes per block, so the softmax
+keeps its row max in scaled log2 units (OnlineSoftmax.step_scaled) with P's 2^8 offset; with
+block V scaling each block's PV goes into a fresh accumulator added into O times the block's
+V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
+columns scaled in the epilogue; O is bf16.
+
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
 scheduler.py (`TileScheduler`, `TileWork`), masks and sequence lengths in mask.py, the online
