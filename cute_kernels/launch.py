@@ -407,8 +407,7 @@ def _tma_ready_e4m3(t: torch.Tensor) -> torch.Tensor:
 
 def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of an FP8 request: fp8=True quantizes q, k, v first (quantize_fp8: the Triton
-    prep on CUDA, with block_n = the kernel's tile_n and V^T in the PV key order, which the prep
-    leaves to PyTorch for now); quantized operands in natural key order get V^T permuted here (one
+    prep on CUDA, with block_n = the kernel's tile_n and V^T in the PV key order); quantized operands in natural key order get V^T permuted here (one
     copy of V). The kernel writes bf16 (another dtype: converted after)."""
     from fa3py.fp8 import hadamard_block, quantize_fp8
     from fa3py.fp8.format import pv_key_order

@@ -128,7 +128,7 @@ def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 1
     quantized on the fly with kv's format). qk_int8=True: the higher-accuracy mode (int8 Q
     and K, see `Fp8Format`; use block_m=1). backend: "triton" (one fused pass, CUDA) or "torch";
     by default triton on CUDA GPUs, torch elsewhere. Both produce the same bytes. v_pv_order=True:
-    V^T's keys in the Hopper FP8 kernel's order (`Fp8Format`; PyTorch only for now)."""
+    V^T's keys in the Hopper FP8 kernel's order (`Fp8Format`)."""
     fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
                     seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8, v_pv_order=v_pv_order)
     if q is None and k is None and v is None:
