@@ -39,6 +39,9 @@ FP8_GRID = [
     (96, "channel", dict(has_right=True)),
     (192, "channel", dict()),
     (256, "channel", dict(has_right=True)),
+    (128, "block", dict(short=True, medium=True)),  # two Q stages
+    (64, "block", dict(has_right=True, short=True)),
+    (192, "block", dict(hdimv=128, has_right=True)),
 ]
 
 
@@ -52,7 +55,8 @@ def test_fp8_block_v_above_128_is_refused(hdim):
 
 @pytest.mark.parametrize("hdim,v_scaling,features", FP8_GRID)
 def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
-    cfg = FwdConfig.make("e4m3", hdim, hdim, fp8_v_scaling=v_scaling, **features)
+    features = dict(features)
+    cfg = FwdConfig.make("e4m3", hdim, features.pop("hdimv", hdim), fp8_v_scaling=v_scaling, **features)
     text, res = _compile(cfg)
     assert sass.check(text, cfg) == [], cfg.short()
     ops = sass.opcode_counts(text)
