@@ -26,6 +26,8 @@ import time
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 REQUIRED = ("HGMMA", "UTMALDG", "USETMAXREG")
+# FP8 (e4m3): the GEMMs are QGMMA (FP8 WGMMA) and none is HGMMA (16-bit).
+REQUIRED_FP8 = ("QGMMA", "UTMALDG", "USETMAXREG")
 
 
 def _tool(name: str) -> str:
@@ -93,7 +95,10 @@ def check(sass: str, cfg) -> list[str]:
     """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
     barrier (the pingpong's) is required."""
     ops = opcode_counts(sass)
-    missing = [op for op in REQUIRED if ops[op] == 0]
+    fp8 = getattr(cfg, "dtype", None) == "e4m3"
+    missing = [op for op in (REQUIRED_FP8 if fp8 else REQUIRED) if ops[op] == 0]
+    if fp8 and ops["HGMMA"]:
+        missing.append(f"no HGMMA in an FP8 kernel ({ops['HGMMA']} found)")
     bars = named_barrier_ids(sass)
     if not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
@@ -106,7 +111,7 @@ def serialized_wgmma(sass: str) -> bool:
     """Whether ptxas serialized the WGMMAs (its C7511 "Potential Performance Loss" note): it then
     fences every HGMMA with its own WARPGROUP.ARRIVE / DEPBAR, so no GEMM overlaps anything."""
     ops = opcode_counts(sass, full=True)
-    hgmma = sum(n for op, n in ops.items() if op.startswith("HGMMA"))
+    hgmma = sum(n for op, n in ops.items() if op.startswith(("HGMMA", "QGMMA")))
     return hgmma > 0 and ops["WARPGROUP.ARRIVE"] >= hgmma
 
 
@@ -121,7 +126,7 @@ def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
         if m and int(m.group(1), 16) < addr:
             body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
             ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t).group(1) for t in body)
-            if ops["HGMMA"]:
+            if ops["HGMMA"] or ops["QGMMA"]:
                 out.append((int(m.group(1), 16), addr, ops))
     # innermost only: an outer loop (the tile loop) contains the KV loops
     return [l for l in out if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in out)]
@@ -133,7 +138,8 @@ def main(argv=None) -> int:
     from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "e4m3", "fp8"],
+                   help="fp8 = e4m3: the FP8 kernel (fa3py.fp8's format, block V scaling)")
     p.add_argument("--hdim", type=int, default=128)
     p.add_argument("--hdimv", type=int, default=None)
     p.add_argument("--causal", action="store_true")
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
         p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}: the sm90 kernel serves multiples of 8 "
                   f"that round up to one of {sorted(SUPPORTED_HDIM_PAIRS)}\n")
     cfg = FwdConfig.make(
-        a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
+        "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
         has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
         split_kv=a.split_kv,

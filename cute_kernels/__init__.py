@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from cute_kernels.config import SUPPORTED_HDIM_PAIRS, padded_hdim
-from cute_kernels.launch import (DTYPES, config_for, num_splits, pack_lse, pack_rows, run, unpack_lse,
-                                 unpack_rows)
+from cute_kernels.launch import (DTYPES, config_for, fp8_config_for, fp8_why_not, num_splits, pack_lse, pack_rows,
+                                 run, run_fp8, unpack_lse, unpack_rows)
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
     if backward:
         return "cute_kernels: forward only (no sm90 backward kernel yet)"
     if req.is_fp8_input or req.params.fp8:
-        return "cute_kernels: FP8 forward not implemented yet"
+        return fp8_why_not(req)
     if req.dtype not in DTYPES:
         return f"cute_kernels: dtype {req.dtype} not supported (bf16/fp16 only)"
     if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
@@ -61,4 +61,6 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
 
 
 def forward(req: "AttentionRequest") -> tuple["torch.Tensor", "torch.Tensor"]:
+    if req.is_fp8_input or req.params.fp8:
+        return run_fp8(req, fp8_config_for(req))
     return run(req, config_for(req))

@@ -193,7 +193,7 @@ def padded_hdim(d: int) -> int | None:
 
 @dataclass(frozen=True)
 class FwdConfig:
-    dtype: str  # "bf16" | "fp16"
+    dtype: str  # "bf16" | "fp16" | "e4m3" (FP8: fa3py.fp8's block-scaled format, out in bf16)
     hdim: int
     hdimv: int
     tile: TileConfig
@@ -218,6 +218,12 @@ class FwdConfig:
     # 0: equal. The kernel is compiled for them (static shapes in the last mode).
     hdim_in: int = 0
     hdimv_in: int = 0
+    # e4m3 only (0 / "" otherwise): the FP8 format (fa3py.fp8.Fp8Format) the kernel reads: query
+    # rows per Q scale, and V scaled per KV block ("block": each block's PV into a fresh
+    # accumulator, added into O times the block's scale) or per channel ("channel": in the
+    # epilogue). The format's block_n (keys per K / V scale) is the tile's tile_n.
+    fp8_block_m: int = 0
+    fp8_v_scaling: str = ""
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -226,12 +232,24 @@ class FwdConfig:
         ("log §N": section N of the measurement log, `git show ff8d2aa:cute_kernels/NOTES.md`; H100/H200 SM cycles or TFLOP/s). `short` / `medium`:
         `is_short` / `is_medium`. TileConfig fields in `features` override the table."""
         hdimv = hdim if hdimv is None else hdimv
+        if dtype == "e4m3":
+            features.setdefault("fp8_block_m", 128)  # fa3py.fp8.Fp8Format's defaults
+            features.setdefault("fp8_v_scaling", "block")
         has_left, has_right = features.get("has_left", False), features.get("has_right", False)
         windowed = has_left or has_right
         base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
+        fp8 = dtype == "e4m3"
+        if fp8 and base.tile_n % 32:
+            # FP8 WGMMA's k is 32: hdim 96's 192x112 -> 192x96 (spill-free in bf16: CANDIDATES)
+            base = tile_variant(base, base.tile_m, base.tile_n // 32 * 32)
+        if fp8 and features["fp8_v_scaling"] == "block" and base.num_mma_wg == 3:
+            # block V's second accumulator at 160 registers spills in 3-WG kernels (hdim 64:
+            # 8 / 22 STL non-causal / causal, hdim 96: 22 / 43; CPU SASS); 2 WGs at 240 do not.
+            base = tile_variant(base, 128, 128)
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
-        # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14).
-        plain = short and has_right and hdim in (64, 96)
+        # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
+        # scaling adds each PV right after its wait.)
+        plain = short and has_right and hdim in (64, 96) and not fp8
         tile = replace(
             base,
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
@@ -256,7 +274,8 @@ class FwdConfig:
             intra_wg_overlap=not plain,
             # hdim_v > 128 (with TILES' 128x96 / 128x64) and windowed hdim64: causal 8k -1.4%;
             # hdim64 non-causal +2%, hdim128 +1%: off there (log §9).
-            lazy_rescale=8.0 if hdimv > 128 or hdim == 64 and windowed else 0.0,
+            # (FP8: off, its row max is in per-block scaled units.)
+            lazy_rescale=8.0 if (hdimv > 128 or hdim == 64 and windowed) and not fp8 else 0.0,
             diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
         )
@@ -271,6 +290,7 @@ class FwdConfig:
         flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
                              "seqused_q", "seqused_k", "split_kv") if getattr(self, n)]
         flags += [f"pack_gqa={self.pack_gqa}"] if self.pack_gqa > 1 else []
+        flags += [f"fp8_block_m={self.fp8_block_m} v_{self.fp8_v_scaling}"] if self.dtype == "e4m3" else []
         flags += [f"tensors_d{self.hdim_in or self.hdim}x{self.hdimv_in or self.hdimv}"] if self.hdim_in or self.hdimv_in else []
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",

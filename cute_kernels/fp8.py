@@ -16,6 +16,8 @@ across lanes. `tests/test_cute_fp8.py` derives both orders from the tiled MMAs' 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
@@ -26,6 +28,8 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 PV_KEY_ORDER = tuple(2 * (i // 4) + i % 2 + 8 * ((i % 4) // 2) for i in range(16))
 # A register 2r / 2r + 1 of a group of 8 accumulator values: these four, lowest byte first.
 REGISTER_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)
+# P = exp2(s2 - rowmax + P_OFFSET) in [0, 256] before its e4m3 rounding (fa3py.fp8.P_OFFSET).
+P_OFFSET = 8
 # FP8 WGMMA's k per instruction: the KV tile and hdim must be multiples of it.
 K_PER_MMA = 32
 
@@ -61,3 +65,72 @@ def convert_p_e4m3(acc: cute.Tensor, dst: cute.Tensor):
     for r in cutlass.range_constexpr(cute.size(d32)):
         base, o = (r // 2) * 8, REGISTER_ORDER[4 * (r % 2):4 * (r % 2) + 4]
         d32[r] = _cvt_e4m3x4(acc[base + o[0]], acc[base + o[1]], acc[base + o[2]], acc[base + o[3]])
+
+
+@dataclass(frozen=True)
+class Fp8Scales:
+    """A tile's FP8 scales (fa3py.fp8's format) as the consumer needs them: its rows' Q scales
+    times c (the softmax scale in log2 units over the Hadamard factor n), this (batch, KV head)'s
+    K and V scales per KV block (the kernel's tile_n is the format's block_n), and the V scale of
+    the block whose P is in the PV operand (block V scaling: `add_pv` multiplies that block's
+    fresh PV accumulator by it; two-level accumulation).
+
+    The score multiplier of a row in KV block n is sq[row] * sk[n] * c. Scales are powers of two,
+    so (sq * c) * sk is the emulation's (sq * sk) * c exactly."""
+
+    q_row_c: cute.Tensor  # (rows of this thread,) sq[row] * c
+    mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head)
+    mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel
+    v_pending: cute.Tensor  # (1,) the V scale of the block whose P is in the PV operand
+
+    @staticmethod
+    def create(mQScale: cute.Tensor, mKScale: cute.Tensor, mVScale: cute.Tensor, c: Float32,
+               block_m: cutlass.Constexpr[int], tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int],
+               thr_mma_qk: cute.ThrMma, m_block, head, batch, seqlen_q) -> "Fp8Scales":
+        from cute_kernels.utils import acc_to_mn
+
+        head_kv = head // (mQScale.shape[1] // mKScale.shape[1])
+        tScS = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((tile_m, tile_n))))
+        rows = cute.size(tScS.shape[0])
+        q_row_c = cute.make_rmem_tensor(rows, Float32)
+        for r in range(rows):  # (create is not preprocessed: a Python loop, unrolled)
+            # rows past the sequence read the last row's scale (their results are not stored)
+            row = cutlass.min(m_block * tile_m + tScS[r, 0][0], seqlen_q - 1)
+            q_row_c[r] = mQScale[batch, head, row // block_m] * c
+        v_pending = cute.make_rmem_tensor(1, Float32)
+        v_pending[0] = Float32(1.0)
+        return Fp8Scales(q_row_c, mKScale[batch, head_kv, None], mVScale[batch, head_kv, None], v_pending)
+
+    @cute.jit
+    def row_mult(self, n_block) -> cute.Tensor:
+        """The score multiplier of each of this thread's rows in KV block n_block."""
+        sk = self.mK_scale[n_block]
+        mult = cute.make_rmem_tensor_like(self.q_row_c, Float32)
+        for r in cutlass.range_constexpr(cute.size(mult)):
+            mult[r] = self.q_row_c[r] * sk
+        return mult
+
+    @cute.jit
+    def add_pv(self, acc_O: cute.Tensor, acc_PV: cute.Tensor):
+        """O += PV * sv of the block PV was computed for (block V scaling)."""
+        sv = self.v_pending[0]
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            acc_O[i] = acc_O[i] + acc_PV[i] * sv
+
+    @cute.jit
+    def set_pending_v(self, n_block):
+        """P of KV block n_block now fills the PV operand: its V scale goes with it."""
+        self.v_pending[0] = self.mV_scale[n_block]
+
+    @cute.jit
+    def scale_channels(self, acc_O: cute.Tensor, tiled_mma_pv: cute.TiledMma, tidx, tile_m: cutlass.Constexpr[int],
+                       hdimv: cutlass.Constexpr[int]):
+        """O's columns times their V channel scales (channel V scaling, in the epilogue)."""
+        from cute_kernels.utils import acc_to_mn
+
+        tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(cute.make_identity_tensor((tile_m, hdimv))))
+        o_mn = acc_to_mn(acc_O)
+        for j in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
+            sv = self.mV_scale[tOcO[0, j][1]]
+            for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
+                o_mn[r, j] = o_mn[r, j] * sv

@@ -33,6 +33,16 @@ schedule) and with diag_half, a warpgroup whose rows see none of the first block
 row keeps its reference max until the running max outgrows it by 2^lazy_rescale, and a warp
 skips O's rescale when none of its rows moved (softmax.OnlineSoftmax).
 
+FP8 (FwdConfig dtype "e4m3", fa3py.fp8's block-scaled format; `self.fp8` const_expr branches, the
+16-bit kernels' code unchanged): Q, K e4m3 as above; V arrives transposed, (b, h_kv, dv, s_pad),
+and is TMA'd as (hdim_v, tile_n) K-major tiles (FP8 WGMMA reads both operands K-major, QGMMA);
+P is packed into e4m3 A registers in place (fp8.convert_p_e4m3: V^T's keys come in
+fp8.PV_KEY_ORDER); the score multiplier sq[row] * sk[block] * c changes per block, so the softmax
+keeps its row max in scaled log2 units (OnlineSoftmax.step_scaled) with P's 2^8 offset; with
+block V scaling each block's PV goes into a fresh accumulator added into O times the block's
+V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
+columns scaled in the epilogue; O is bf16.
+
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
 scheduler.py (`TileScheduler`, `TileWork`), masks and sequence lengths in mask.py, the online
@@ -56,6 +66,7 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
+from cute_kernels import fp8
 from cute_kernels.config import FwdConfig
 from cute_kernels.epilogue import O_SLAB_ROWS, EpilogueSm90, OutputOperands
 from cute_kernels.mask import AttentionMask, SeqlenInfo
@@ -73,7 +84,7 @@ from cute_kernels.utils import (
     transpose_view,
 )
 
-DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
+DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16, "e4m3": cutlass.Float8E4M3FN}
 NUM_THREADS_PER_WG = 128
 SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
 
@@ -110,10 +121,22 @@ class BlockOperands:
     pv_k_blocks: cutlass.Constexpr[int] = 0
 
 
+def _fake_fp8_scales(cfg: FwdConfig, b, h, hk, dv) -> tuple:
+    """Fake FP8 scale tensors (float32, compact): Q per block_m rows, K per KV block, V per KV
+    block or per channel."""
+    sym = cute.sym_int
+    t = lambda shape: cute.runtime.make_fake_tensor(Float32, shape, stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+    nk = sym()
+    return t((b, h, sym())), t((b, hk, nk)), t((b, hk, nk if cfg.fp8_v_scaling == "block" else dv))
+
+
 class FlashAttentionForwardSm90:
     def __init__(self, cfg: FwdConfig):
         self.cfg = cfg
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype = DTYPES[cfg.dtype]  # Q, K, V
+        # FP8: e4m3 Q, K and V^T (fa3py.fp8's format), O in bf16.
+        self.fp8 = cfg.dtype == "e4m3"
+        self.o_dtype = cutlass.BFloat16 if self.fp8 else self.dtype
         t = cfg.tile
         self.num_mma_wg = t.num_mma_wg
         assert self.num_mma_wg in (2, 3) and t.tile_m == 64 * self.num_mma_wg, \
@@ -127,12 +150,12 @@ class FlashAttentionForwardSm90:
         assert self.num_threads == t.num_threads
         # Q, O and the K/V stages (each a multiple of 1 KB) plus 1 KB for the mbarriers before the
         # 1 KB-aligned buffers: __call__ checks the SharedStorage it builds against the same limit.
-        elem = self.dtype.width // 8
+        elem, o_elem = self.dtype.width // 8, self.o_dtype.width // 8
         assert t.o_chunks == 1 or (t.o_chunks == 2 and self.hdimv % 128 == 0), \
             "o_chunks: 1, or 2 for hdim_v a multiple of 128 (chunks of 64 columns or more)"
         self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
-        smem = elem * (self.tile_m * (self.hdim + self.o_width)
-                       + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
+        smem = (elem * (self.tile_m * self.hdim + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
+                + o_elem * self.tile_m * self.o_width)
         self.separate_o = smem + 1024 <= SMEM_BYTES
         # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
         # release of a Q stage must not wait for an epilogue that writes O over it).
@@ -140,6 +163,22 @@ class FlashAttentionForwardSm90:
         self.q_stages = 2 if t.q_stages == 2 and self.separate_o and smem + second_q + 1024 <= SMEM_BYTES else 1
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
+        if self.fp8:
+            k = fp8.K_PER_MMA
+            assert self.hdim % k == 0 and self.hdimv % k == 0 and self.tile_n % k == 0, \
+                f"FP8 WGMMA: hdim, hdim_v and tile_n multiples of {k}"
+            assert cfg.fp8_v_scaling in ("block", "channel") and cfg.fp8_block_m > 0
+            assert self.separate_o, "FP8: sO (bf16) does not alias the e4m3 sQ"
+            assert not (cfg.softcap or cfg.split_kv or cfg.pack_gqa > 1 or cfg.cu_seqlens_q or cfg.cu_seqlens_k
+                        or cfg.seqused_q or cfg.seqused_k or cfg.hdim_in or cfg.hdimv_in), \
+                f"{cfg.short()}: FP8 takes batched, unpacked, unpadded, uncapped problems (for now)"
+            # block V: O and each block's PV accumulator (2 x hdim_v / 2 registers a thread)
+            assert cfg.fp8_v_scaling == "channel" or self.hdimv <= 128, \
+                f"{cfg.short()}: block V scaling spills above hdim_v 128 (192: 58, 256: 88 STL); channel V"
+            assert not (t.lazy_rescale or t.chain_pv_qk or t.diag_half), \
+                f"{cfg.short()}: FP8 schedule switches not supported"
+        # FP8 block V scaling: each block's PV into a fresh accumulator (two-level accumulation).
+        self.fresh_pv = self.fp8 and cfg.fp8_v_scaling == "block"
 
     # ------------------------------------------------------------------ host side
     def make_tiled_mma_qk(self, n: int):
@@ -150,9 +189,11 @@ class FlashAttentionForwardSm90:
         )
 
     def make_tiled_mma_pv(self, n: int):
-        """O += P V over n columns of V (the whole hdim_v; a column chunk of O for its layout)."""
+        """O += P V over n columns of V (the whole hdim_v; a column chunk of O for its layout).
+        FP8 WGMMA reads both operands K-major: V^T (hdim_v, keys) from the transposed FP8 V."""
+        v_major = warpgroup.OperandMajorMode.K if self.fp8 else warpgroup.OperandMajorMode.MN
         return sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN,
+            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, v_major,
             Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
             a_source=warpgroup.OperandSource.RMEM,
         )
@@ -162,7 +203,7 @@ class FlashAttentionForwardSm90:
         self,
         mQ: cute.Tensor,  # (b, s_q, h, d) or (total_q, h, d)
         mK: cute.Tensor,  # (b, s_k, h_kv, d) or (total_k, h_kv, d)
-        mV: cute.Tensor,  # (b, s_k, h_kv, dv) or (total_k, h_kv, dv)
+        mV: cute.Tensor,  # (b, s_k, h_kv, dv) or (total_k, h_kv, dv); FP8: V^T (b, h_kv, dv, s_k padded to 16)
         mO: cute.Tensor,  # like mQ with dv; split_kv: float32, (splits * b, ...) or (splits * total_q, ...)
         mLSE: cute.Tensor,  # (b, h, s_q) or (h, total_q), float32; split_kv: splits * b or splits * total_q
         mCuSeqlensQ: Optional[cute.Tensor],
@@ -170,7 +211,10 @@ class FlashAttentionForwardSm90:
         mSeqUsedQ: Optional[cute.Tensor],
         mSeqUsedK: Optional[cute.Tensor],
         mTileCounter: Optional[cute.Tensor],  # dynamic scheduler: 2 int32, zero at launch and exit
-        scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e)
+        mQScale: Optional[cute.Tensor],  # FP8: (b, h, ceil(s_q / fp8_block_m)) float32
+        mKScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n))
+        mVScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n)) block, (b, h_kv, dv) channel
+        scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e); FP8: that / n (Hadamard)
         softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
         window_left: Int32,
         window_right: Int32,
@@ -185,16 +229,22 @@ class FlashAttentionForwardSm90:
         mQ, mK, mV = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV)]
         mO = assume_aligned_strides(mO, 128 // mO.element_type.width)
         mQ, mO = [_sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mO)]
-        mK, mV = [_sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
+        if const_expr(self.fp8):  # V^T (b, h_kv, dv, s) -> (dv, s, h_kv, b)
+            mK = _sdhb(mK, cfg.cu_seqlens_k)
+            mV = cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[2, 3, 1, 0]))
+        else:
+            mK, mV = [_sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
         mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
 
         tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.hdimv)
         sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
-        sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.num_stages)
+        # FP8: V^T tiles (hdim_v, tile_n), keys contiguous (the K-major B operand of PV).
+        v_tile = (self.hdimv, self.tile_n) if const_expr(self.fp8) else (self.tile_n, self.hdimv)
+        sV_layout = make_smem_layout(self.dtype, v_tile, self.num_stages)
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
         # each compact in smem, so a warp stores its slab by TMA without waiting for the others.
-        sO_slab_layout = make_smem_layout(self.dtype, (O_SLAB_ROWS, self.o_width))
+        sO_slab_layout = make_smem_layout(self.o_dtype, (O_SLAB_ROWS, self.o_width))
         sO_layout = cute.tile_to_shape(sO_slab_layout, (self.tile_m, self.o_width), order=(0, 1))
 
         # sQ also holds O unless O has its own buffer (separate_o).
@@ -210,7 +260,7 @@ class FlashAttentionForwardSm90:
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
             if const_expr(self.separate_o):
-                sO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sO_layout)], 1024]
+                sO: cute.struct.Align[cute.struct.MemRange[self.o_dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
                 next_tile: cute.struct.MemRange[Int32, self.q_stages]  # per Q stage, see load_q
 
@@ -224,7 +274,7 @@ class FlashAttentionForwardSm90:
             g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.hdim)
         )
         tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
-            g2s, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.hdimv)
+            g2s, mV, cute.select(sV_layout, mode=[0, 1]), v_tile
         )
         tma_atom_O, tma_O = (None, None) if const_expr(cfg.split_kv) else cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
@@ -240,7 +290,7 @@ class FlashAttentionForwardSm90:
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
             tma_Q, tma_K, tma_V, mO, tma_O, mLSE,
-            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mTileCounter,
+            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mTileCounter, mQScale, mKScale, mVScale,
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O,
             scale_log2, softcap_premul, window_left, window_right,
             sQ_layout, sK_layout, sV_layout, sO_layout,
@@ -264,6 +314,7 @@ class FlashAttentionForwardSm90:
         mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
         mTileCounter: Optional[cute.Tensor],
+        mQScale: Optional[cute.Tensor], mKScale: Optional[cute.Tensor], mVScale: Optional[cute.Tensor],
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
         tma_atom_O: cute.CopyAtom,
         scale_log2: Float32, softcap_premul: Float32, window_left: Int32, window_right: Int32,
@@ -333,8 +384,9 @@ class FlashAttentionForwardSm90:
             # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
             tiled_mma_o = tiled_mma_pv if const_expr(self.cfg.tile.o_chunks == 1) else self.make_tiled_mma_pv(self.o_width)
             out = OutputOperands(mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_o)
+            scales = (mQScale, mKScale, mVScale) if const_expr(self.fp8) else None
             self.mma(out, sQ, sK, sV, tiled_mma_qk, tiled_mma_pv,
-                     pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, tiles)
+                     pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, tiles, scales)
 
     @cute.jit
     def load(
@@ -362,10 +414,13 @@ class FlashAttentionForwardSm90:
                 b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
                 mQ_cur = cute.domain_offset((seqlen.offset_q, 0), mQ[None, None, head, b_q])
                 mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
-                mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
                 gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
                 gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
-                gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
+                if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
+                    gV = cute.local_tile(mV[None, None, head_kv, b_k], (self.hdimv, self.tile_n), (0, None))
+                else:
+                    mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
+                    gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
                 tQsQ, tQgQ = cpasync.tma_partition(tma_atom_Q, 0, one, cute.group_modes(sQ, 0, 2),
                                                    cute.group_modes(gQ, 0, 2))
                 tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
@@ -431,11 +486,12 @@ class FlashAttentionForwardSm90:
     def mma(
         self, out: OutputOperands, sQ, sK, sV, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
-        tiles: TileWork,
+        tiles: TileWork, scales: Optional[tuple] = None,
     ):
+        """`scales`: FP8's (mQScale, mKScale, mVScale), else None."""
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
-        epilogue = EpilogueSm90.create(self.cfg, self.dtype, self.separate_o, self.num_mma_threads)
+        epilogue = EpilogueSm90.create(self.cfg, self.o_dtype, self.separate_o, self.num_mma_threads)
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
         thr0_mma_qk = tiled_mma_qk.get_slice(0)
         wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
@@ -444,13 +500,15 @@ class FlashAttentionForwardSm90:
         if const_expr(self.q_stages == 1):
             tSrQ = self.pin_q(tSrQ[None, None, None, 0])
         tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
-        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_view(sV)))
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sV if const_expr(self.fp8) else transpose_view(sV)))
         if const_expr(self.cfg.tile.pin_desc):
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]),
-                                       lazy=self.cfg.tile.lazy_rescale)
+                                       lazy=self.cfg.tile.lazy_rescale, p_offset=fp8.P_OFFSET if self.fp8 else 0.0)
+        # FP8 block V scaling: each block's PV accumulator, added into O times its V scale.
+        acc_PV = cute.make_rmem_tensor_like(acc_O, Float32) if const_expr(self.fresh_pv) else None
         # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.
         o_scale = cute.make_rmem_tensor_like(softmax.row_max, Float32)
 
@@ -463,7 +521,9 @@ class FlashAttentionForwardSm90:
             return acc_S
 
         def pv_gemm(stage, wg_wait, k_blocks: cutlass.Constexpr[int] = 0):
-            gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], wg_wait=wg_wait, k_blocks=k_blocks)
+            acc = acc_PV if const_expr(self.fresh_pv) else acc_O
+            gemm(tiled_mma_pv, acc, tOrP, tOrVt[None, None, None, stage], zero_init=self.fresh_pv, wg_wait=wg_wait,
+                 k_blocks=k_blocks)
 
         # diag_half: the same per-block code over the first tile_n / 2 keys (step_plain's `half`):
         # an N = tile_n / 2 QK^T, its own accumulator and masks' coordinates, the first half of
@@ -499,12 +559,17 @@ class FlashAttentionForwardSm90:
             m_block, head, batch, split = tiles.coords(tile)
             seqlen = tiles.seqlen_fn(batch)
             mask = tiles.mask_fn(seqlen, m_block)
+            fp8_scales = None
+            if const_expr(self.fp8):
+                fp8_scales = fp8.Fp8Scales.create(*scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n,
+                                                  thr_mma_qk, m_block, head, batch, seqlen.seqlen_q)
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,
                 qk_gemm=qk_gemm_tile, pv_gemm=pv_gemm, pipeline_k=pipeline_k, pipeline_v=pipeline_v,
                 softmax=softmax, acc_O=acc_O, tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk,
-                mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale,
+                mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, o_scale=o_scale, fp8_scales=fp8_scales,
+                acc_PV=acc_PV,
             )
             n_block_min, n_block_max = tiles.kv_block_range(mask, split)
             if m_block * self.tile_m < seqlen.seqlen_q:
@@ -520,7 +585,7 @@ class FlashAttentionForwardSm90:
                         kv_state = self.first_block_overlap(
                             kv_state, n_block, qk_gemm=qk_gemm_tile, pipeline_k=pipeline_k, softmax=softmax,
                             tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk, mask=mask,
-                            softcap_premul=softcap_premul,
+                            softcap_premul=softcap_premul, fp8_scales=fp8_scales,
                         )
                     else:
                         self.ring.sync(wg_idx)
@@ -546,7 +611,8 @@ class FlashAttentionForwardSm90:
                             pipeline_q.consumer_release(q_state)  # every QK^T of the tile is done
                         kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
                                                            pipeline_v=pipeline_v, softmax=softmax,
-                                                           acc_O=acc_O, o_scale=o_scale)
+                                                           acc_O=acc_O, o_scale=o_scale, fp8_scales=fp8_scales,
+                                                           acc_PV=acc_PV)
                     else:
                         if const_expr(self.cfg.tile.chain_pv_qk):
                             warpgroup.wait_group(0)  # the last PV
@@ -556,6 +622,8 @@ class FlashAttentionForwardSm90:
                             pipeline_q.consumer_release(q_state)
                 elif const_expr(self.separate_o):
                     pipeline_q.consumer_release(q_state)  # no KV block: Q is never read
+                if const_expr(self.fp8 and self.cfg.fp8_v_scaling == "channel"):
+                    fp8_scales.scale_channels(acc_O, tiled_mma_pv, tidx, self.tile_m, self.hdimv)
                 release_q = None if const_expr(self.separate_o) else partial(pipeline_q.consumer_release, q_state)
                 if const_expr(self.cfg.split_kv):
                     epilogue.store_split(acc_O, softmax, out, tiled_mma_pv, tidx, m_block, head, batch, split,
@@ -597,21 +665,35 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def softmax_block(self, acc_S, n_block, softmax: OnlineSoftmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
                       softcap_premul, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
-                      mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool]):
+                      mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool], fp8_scales=None):
         """Scores -> P (in tOrP); returns the O row rescale factors and step's `moved`."""
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = softmax.step(acc_S, is_first=is_first)
-        convert_to(acc_to_frgA(acc_S), tOrP)
+        if const_expr(self.fp8):
+            row_scale, moved = softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
+            if const_expr(self.fresh_pv):
+                fp8_scales.set_pending_v(n_block)
+        else:
+            row_scale, moved = softmax.step(acc_S, is_first=is_first)
+        self.convert_p(acc_S, tOrP)
         return row_scale, moved
+
+    def convert_p(self, acc_S, tOrP):
+        """P (fp32, in the QK^T accumulator) into the PV WGMMA's register A operand. FP8: packed
+        in fp8.REGISTER_ORDER, which V^T's PV_KEY_ORDER key order matches."""
+        if const_expr(self.fp8):
+            fp8.convert_p_e4m3(acc_S, tOrP)
+        else:
+            convert_to(acc_to_frgA(acc_S), tOrP)
 
     @cute.jit
     def step_plain(
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
         thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, o_scale, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
-        mask_left: cutlass.Constexpr[bool] = False, half: Optional[BlockOperands] = None,
+        mask_left: cutlass.Constexpr[bool] = False, half: Optional[BlockOperands] = None, fp8_scales=None,
+        acc_PV=None,
     ):
         """One KV block without intra-WG overlap: S = QK^T, softmax, O = O*scale + PV.
         `half` (TileConfig.diag_half, given for the tile's first block, every mask on): where none
@@ -619,7 +701,8 @@ class FlashAttentionForwardSm90:
         first half only, with `half`'s GEMM, coordinates and P (a branch on a warp-uniform value)."""
         block = partial(self.block_plain, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax,
                         acc_O, mask=mask, softcap_premul=softcap_premul, wg_idx=wg_idx, is_first=is_first,
-                        mask_seqlen=mask_seqlen, mask_right=mask_right, mask_left=mask_left)
+                        mask_seqlen=mask_seqlen, mask_right=mask_right, mask_left=mask_left,
+                        fp8_scales=fp8_scales, acc_PV=acc_PV)
         full = BlockOperands(tOrP, thr_mma_qk, thr0_mma_qk)
         if const_expr(half is not None):
             wg_rows = self.tile_m // self.num_mma_wg  # this warpgroup's rows end at wg_rows * (wg_idx + 1)
@@ -636,7 +719,7 @@ class FlashAttentionForwardSm90:
     def block_plain(
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, ops: "BlockOperands",
         mask, softcap_premul, wg_idx, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
-        mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool],
+        mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool], fp8_scales=None, acc_PV=None,
     ):
         chain = self.cfg.tile.chain_pv_qk
         pipeline_k.consumer_wait(kv_state)
@@ -647,23 +730,26 @@ class FlashAttentionForwardSm90:
         if const_expr(chain and not is_first):
             release_previous(pipeline_v, kv_state)
         row_scale, moved = self.softmax_block(acc_S, n_block, softmax, ops.tOrP, ops.thr_mma_qk, ops.thr0_mma_qk,
-                                              mask, softcap_premul, is_first, mask_seqlen, mask_right, mask_left)
+                                              mask, softcap_premul, is_first, mask_seqlen, mask_right, mask_left,
+                                              fp8_scales)
         softmax.rescale_O(acc_O, row_scale, moved, lazy=not is_first)
         pipeline_v.consumer_wait(kv_state)
         self.ring.sync(wg_idx)
         pv_gemm(kv_state.index, wg_wait=-1 if const_expr(chain) else 0, k_blocks=ops.pv_k_blocks)  # O += P @ V
         if const_expr(not chain):
             pipeline_v.consumer_release(kv_state)
+        if const_expr(self.fresh_pv):
+            fp8_scales.add_pv(acc_O, acc_PV)
 
     @cute.jit
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
-                            thr0_mma_qk, mask, softcap_premul):
+                            thr0_mma_qk, mask, softcap_premul, fp8_scales=None):
         """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
         pipeline_k.consumer_wait(kv_state)
         acc_S = qk_gemm(kv_state.index, wg_wait=0)
         pipeline_k.consumer_release(kv_state)
         self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask, softcap_premul,
-                           True, True, True, True)
+                           True, True, True, True, fp8_scales)
         return kv_state
 
     @cute.jit
@@ -671,7 +757,7 @@ class FlashAttentionForwardSm90:
         self, kv_state, n_block, qk_gemm, pv_gemm, pipeline_k, pipeline_v, softmax, acc_O, tOrP,
         thr_mma_qk, thr0_mma_qk, mask, softcap_premul, wg_idx, o_scale, is_first: cutlass.Constexpr[bool] = False,
         mask_seqlen: cutlass.Constexpr[bool] = False, mask_right: cutlass.Constexpr[bool] = False,
-        mask_left: cutlass.Constexpr[bool] = False,
+        mask_left: cutlass.Constexpr[bool] = False, fp8_scales=None, acc_PV=None,
     ):
         """Overlapped schedule: issue S = QK^T(n_block) and O += P V(previous block) together,
         then the softmax of n_block runs while PV is in flight."""
@@ -692,12 +778,19 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = softmax.step(acc_S, is_first=False)
+        if const_expr(self.fp8):
+            row_scale, moved = softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first=False), None
+        else:
+            row_scale, moved = softmax.step(acc_S, is_first=False)
         if const_expr(gate > 0):
             release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
         pipeline_v.consumer_release(v_state)
-        convert_to(acc_to_frgA(acc_S), tOrP)
+        if const_expr(self.fresh_pv):
+            # the previous block's PV (at its own max, like O) in, before O moves to this block's
+            fp8_scales.add_pv(acc_O, acc_PV)
+            fp8_scales.set_pending_v(n_block)
+        self.convert_p(acc_S, tOrP)
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             o_scale.store(row_scale.load())
         else:
@@ -705,12 +798,15 @@ class FlashAttentionForwardSm90:
         return kv_state
 
     @cute.jit
-    def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale):
+    def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale, fp8_scales=None,
+                           acc_PV=None):
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             softmax.rescale_O(acc_O, o_scale)
         pipeline_v.consumer_wait(kv_state)
         pv_gemm(kv_state.index, wg_wait=0)
         pipeline_v.consumer_release(kv_state)
+        if const_expr(self.fresh_pv):
+            fp8_scales.add_pv(acc_O, acc_PV)
         kv_state.advance()
         return kv_state
 
@@ -735,13 +831,18 @@ class FlashAttentionForwardSm90:
         d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
         mQ = t((*q_rows, h, d))
         mK = t((*k_rows, hk, d))
-        mV = t((*k_rows, hk, dv))
+        if cfg.dtype == "e4m3":  # V^T (b, h_kv, dv, s_k padded to 16)
+            mV = t((b, hk, dv, sym(divisibility=16)))
+            o_dt = cutlass.BFloat16
+        else:
+            mV = t((*k_rows, hk, dv))
+            o_dt = dt
         if cfg.split_kv:  # float32 partials, the splits folded into O's first dim / LSE's rows
             o_rows, lse_rows = sym(), sym()
             mO = t((o_rows, *q_rows[1:], h, dv), Float32, 4)
             mLSE = t((h, lse_rows) if cfg.cu_seqlens_q else (o_rows, h, sq), Float32, 1)
         else:
-            mO = t((*q_rows, h, dv))
+            mO = t((*q_rows, h, dv), o_dt, 128 // o_dt.width)
             mLSE = t((h, tq) if cfg.cu_seqlens_q else (b, h, sq), Float32, 1)
         bp1 = sym()
         vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
@@ -752,6 +853,7 @@ class FlashAttentionForwardSm90:
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
             vec(2) if cfg.tile.dynamic else None,
+            *(_fake_fp8_scales(cfg, b, h, hk, dv) if cfg.dtype == "e4m3" else (None, None, None)),
             Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132), Int32(1), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )

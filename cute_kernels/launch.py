@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from cute_kernels import disk_cache
-from cute_kernels.config import FwdConfig, is_medium, is_short, num_splits_for, pack_gqa_factor, padded_hdim
+from cute_kernels.config import (SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, num_splits_for,
+                                 pack_gqa_factor, padded_hdim)
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -305,12 +306,16 @@ def _cute(t: Optional[torch.Tensor], align: int = 16):
 _SAME_DEVICE = contextlib.nullcontext()
 
 
-def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, num_splits: int = 1):
+def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, num_splits: int = 1,
+                  fp8_scales: tuple = (None, None, None), fp8_scale_log2: Optional[float] = None):
     """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa); `run`'s
-    only call into the kernel (the module docstring's test hook)."""
+    (and `run_fp8`'s) only call into the kernel (the module docstring's test hook). FP8:
+    `fp8_scales` = the Q, K, V scale tensors, `fp8_scale_log2` = c (fa3py.fp8's multiplier)."""
     p, dev, g = req.params, q.device, cfg.pack_gqa
 
-    if p.softcap > 0:
+    if fp8_scale_log2 is not None:
+        scale_log2, premul = fp8_scale_log2, 1.0
+    elif p.softcap > 0:
         scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
     else:
         scale_log2, premul = p.softmax_scale * math.log2(math.e), 1.0
@@ -318,6 +323,7 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
     if max_seqlen_q == 0:
         return out, lse
     ints.append(tile_counters(dev) if cfg.tile.dynamic else None)
+    ints.extend(fp8_scales)
     scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), 1, num_splits)
     tvm_ffi = use_tvm_ffi
     fn = kernels.get((cfg, tvm_ffi))
@@ -341,3 +347,86 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
         fn = compile_kernel(cfg, args)
     fn(*args)
     return out, lse
+
+
+# ----------------------------------------------------------------------------- FP8
+# The FP8 kernel has not run on a GPU yet: the dispatcher sends it FP8 requests only on opt-in.
+fp8_enabled = os.environ.get("FA3PY_CUTE_FP8", "0") == "1"
+FP8_HDIMS = (64, 96, 128, 192, 256)
+
+
+def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
+    """The e4m3 config for an FP8 request (fp8=True or quantized operands): fa3py.fp8's default
+    format (block V scaling) where the request brings none."""
+    from fa3py.fp8 import Fp8Format
+
+    fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format()
+    p = req.params
+    has_right = p.window_right >= 0
+    seqlen_q, seqlen_k = _seqlens(req)
+    return _cached_config("e4m3", req.headdim, req.headdim_v, has_left=p.window_left >= 0, has_right=has_right,
+                          short=is_short(has_right, seqlen_q, seqlen_k), medium=is_medium(has_right, seqlen_k),
+                          fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling)
+
+
+def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
+    """None if the FP8 kernel serves `req` (with FA3PY_CUTE_FP8=1), else why not."""
+    if req.fp8_tensors is None and not req.params.fp8:
+        return "cute_kernels: float8 tensors with per-tensor descales (FA3's format) are not fa3py.fp8's block format"
+    if not fp8_enabled:
+        return ("cute_kernels: the FP8 kernel is compile-checked only, not yet run on a GPU; opt in with "
+                "FA3PY_CUTE_FP8=1")
+    fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
+    if fmt is not None and (fmt.qk_int8 or not fmt.v_transposed):
+        return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8) and transposed V"
+    if req.is_varlen:
+        return "cute_kernels: FP8 takes batched q, k, v (no cu_seqlens / seqused)"
+    p = req.params
+    if p.softcap > 0 or p.attention_chunk:
+        return "cute_kernels: FP8 has no softcap / attention_chunk yet"
+    if p.softmax_scale <= 0:
+        return "cute_kernels: FP8 needs softmax_scale > 0 (the row max is taken before the multiplier)"
+    if req.headdim not in FP8_HDIMS or (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:
+        return f"cute_kernels: FP8 head dims {FP8_HDIMS} (hdim_v = hdim, or 192 x 128), got ({req.headdim}, {req.headdim_v})"
+    if req.nheads % req.nheads_kv:
+        return "cute_kernels: nheads must be a multiple of nheads_kv"
+    cfg = fp8_config_for(req)
+    if cfg.fp8_v_scaling == "block" and cfg.hdimv > 128:
+        return "cute_kernels: FP8 block V scaling up to hdim_v 128 (above, its second accumulator spills): channel V"
+    if fmt is not None and fmt.block_n != cfg.tile.tile_n:
+        return f"cute_kernels: FP8 block_n {fmt.block_n} must be the kernel's KV tile ({cfg.tile.tile_n}) here"
+    if req.device.type != "cuda":
+        return "cute_kernels: CUDA tensors only"
+    return None
+
+
+def _tma_ready_e4m3(t: torch.Tensor) -> torch.Tensor:
+    ok = t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+    return t if ok else t.contiguous()
+
+
+def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of an FP8 request: fp8=True quantizes q, k, v first (quantize_fp8: the Triton
+    prep on CUDA, with block_n = the kernel's tile_n and V^T in the PV key order); quantized operands in natural key order get V^T permuted here (one
+    copy of V). The kernel writes bf16 (another dtype: converted after)."""
+    from fa3py.fp8 import hadamard_block, quantize_fp8
+    from fa3py.fp8.format import pv_key_order
+
+    qkv = req.fp8_tensors
+    if qkv is None:
+        qkv = quantize_fp8(req.q, req.k, req.v, block_n=cfg.tile.tile_n, v_pv_order=True)
+    q, k, v = qkv
+    b, sq, h, _ = q.shape
+    if q.numel() == 0 or k.shape[1] == 0:
+        return (torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device),
+                torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=req.device))
+    vt = v.data if v.fmt.v_pv_order else v.data.index_select(-1, pv_key_order(v.data.shape[-1], v.device))
+    q8, k8, vt = (_tma_ready_e4m3(t) for t in (q.data, k.data, vt))
+    out = torch.empty(b, sq, h, req.headdim_v, dtype=torch.bfloat16, device=req.device)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=req.device)
+    # c = float32(softmax_scale / n * log2(e)), as fa3py.fp8.emulate rounds it
+    c = float(torch.tensor(req.params.softmax_scale / hadamard_block(req.headdim) / math.log(2.0),
+                           dtype=torch.float32))
+    scales = tuple(t.scale.float().contiguous() for t in (q, k, v))
+    launch_kernel(req, cfg, q8, k8, vt, out, lse, fp8_scales=scales, fp8_scale_log2=c)
+    return (out if req.out_dtype == torch.bfloat16 else out.to(req.out_dtype)), lse

@@ -39,12 +39,17 @@ class OnlineSoftmax:
     # most `lazy` (log2 units; its probabilities then stay <= 2^lazy); a kept reference gives a
     # factor of exactly exp2(0) = 1, and `rescale_O` skips O's rescale when no row of a warp moved.
     lazy: float = 0.0
+    # FP8 (> 0): the score multiplier changes per block (`step`'s row_mult), so row_max is kept
+    # in scaled log2 units, and P = exp2(s2 - max + p_offset) (fa3py.fp8's 2^8 offset: P in
+    # [0, 256] before its e4m3 rounding; the LSE takes it back out).
+    p_offset: float = 0.0
 
     @staticmethod
-    def create(scale_log2: Float32, num_rows: cutlass.Constexpr[int], lazy: float = 0.0) -> "OnlineSoftmax":
+    def create(scale_log2: Float32, num_rows: cutlass.Constexpr[int], lazy: float = 0.0,
+               p_offset: float = 0.0) -> "OnlineSoftmax":
         row_max = cute.make_rmem_tensor(num_rows, Float32)
         row_sum = cute.make_rmem_tensor(num_rows, Float32)
-        state = OnlineSoftmax(scale_log2, row_max, row_sum, lazy)
+        state = OnlineSoftmax(scale_log2, row_max, row_sum, lazy, p_offset)
         state.reset()
         return state
 
@@ -90,6 +95,33 @@ class OnlineSoftmax:
         return row_scale, (cute.arch.vote_any_sync(moved) if const_expr(lazy) else None)
 
     @cute.jit
+    def step_scaled(self, acc_S: cute.Tensor, row_mult: cute.Tensor, is_first: cutlass.Constexpr[bool]):
+        """`step` for FP8: row r's scores in log2 units are S * row_mult[r] (the block's
+        multiplier); row_max is kept in those units. row_mult > 0, so max(S) * mult is
+        max(S * mult) exactly. No lazy rescaling. Returns the O row rescale factors."""
+        s_mn = acc_to_mn(acc_S)
+        row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
+        for r in cutlass.range_constexpr(cute.size(self.row_max)):
+            row = s_mn[r, None].load()
+            mult = row_mult[r]
+            m_prev = self.row_max[r]
+            m_cur = quad_allreduce(row_max(s_mn, r, None), cute.arch.fmax) * mult
+            if const_expr(not is_first):
+                m_cur = cute.arch.fmax(m_cur, m_prev)
+            self.row_max[r] = m_cur
+            m_safe = m_cur if m_cur != -Float32.inf else Float32(0.0)
+            p = cute.math.exp2(row * mult + (Float32(self.p_offset) - m_safe), fastmath=True)
+            s_mn[r, None].store(p)
+            if const_expr(is_first):
+                row_scale[r] = Float32(1.0)
+                self.row_sum[r] = p.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            else:
+                scale = cute.math.exp2(m_prev - m_safe, fastmath=True)
+                row_scale[r] = scale
+                self.row_sum[r] = p.reduce(cute.ReductionOp.ADD, self.row_sum[r] * scale, 0)
+        return row_scale
+
+    @cute.jit
     def finalize(self) -> cute.Tensor:
         """Return 1/rowsum (0 for an empty row) and leave the natural-log LSE in row_sum."""
         inv = cute.make_rmem_tensor_like(self.row_sum, Float32)
@@ -99,7 +131,10 @@ class OnlineSoftmax:
             # make the row NaN, as PyTorch's attention does.
             empty = total == 0.0
             inv[r] = Float32(0.0) if empty else cute.arch.rcp_approx(total)
-            lse = (self.row_max[r] * self.scale_log2 + cute.math.log2(total, fastmath=True)) * LN2
+            if const_expr(self.p_offset > 0):  # row_max in scaled log2 units (step_scaled)
+                lse = (self.row_max[r] + cute.math.log2(total, fastmath=True) - Float32(self.p_offset)) * LN2
+            else:
+                lse = (self.row_max[r] * self.scale_log2 + cute.math.log2(total, fastmath=True)) * LN2
             self.row_sum[r] = -Float32.inf if empty else lse
         return inv
 

@@ -364,3 +364,31 @@ def test_fp8_refuses_attention_chunk():
     qkv = fa3py.quantize_fp8(q, q, q)
     with pytest.raises(NotImplementedError, match="attention_chunk"):
         fa3py.attention(*qkv, attention_chunk=8)
+
+
+def test_v_pv_order_stores_the_same_values_in_the_kernel_key_order():
+    """v_pv_order permutes the keys of each 16-key group of the transposed V (PV_KEY_ORDER); the
+    token view, dequantization and the emulated attention are those of the natural order."""
+    from fa3py.fp8.format import PV_KEY_ORDER, pv_key_order
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    plain = fa3py.quantize_fp8(q, k, v, block_n=32)
+    pv = fa3py.quantize_fp8(q, k, v, block_n=32, v_pv_order=True)
+    assert pv.v.data.shape == plain.v.data.shape == (2, 2, 64, 48)
+    assert torch.equal(pv.v.data.view(torch.uint8), plain.v.data[..., pv_key_order(48)].view(torch.uint8))
+    assert torch.equal(pv.v.data[..., 16 + 2].view(torch.uint8), plain.v.data[..., 16 + PV_KEY_ORDER[2]].view(torch.uint8))
+    assert torch.equal(pv.v.tokens().view(torch.uint8), plain.v.tokens().view(torch.uint8))
+    params = make_request(q, k, v, causal=True).params
+    out_plain, lse_plain = fp8.emulated_attention(plain, params, torch.bfloat16)
+    out_pv, lse_pv = fp8.emulated_attention(pv, params, torch.bfloat16)
+    assert torch.equal(out_plain, out_pv) and torch.equal(lse_plain, lse_pv)
+    with pytest.raises(ValueError, match="v_transposed"):
+        fa3py.fp8.Fp8Format(v_transposed=False, v_pv_order=True)
+
+
+def test_cute_key_order_is_the_format_s():
+    cute_fp8 = pytest.importorskip("cute_kernels.fp8")
+    from fa3py.fp8.format import PV_KEY_ORDER
+
+    assert cute_fp8.PV_KEY_ORDER == PV_KEY_ORDER

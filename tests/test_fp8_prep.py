@@ -29,6 +29,8 @@ def _same_bytes(x, role, fmt):
 FORMATS = {
     "default": Fp8Format(block_m=32, block_n=16),
     "tokens_channel": Fp8Format(block_m=1, block_n=24, v_scaling="channel", v_transposed=False),
+    "pv_order": Fp8Format(block_m=32, block_n=16, v_pv_order=True),
+    "pv_order_channel": Fp8Format(block_m=16, block_n=32, v_scaling="channel", v_pv_order=True),
 }
 
 

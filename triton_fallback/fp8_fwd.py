@@ -51,6 +51,8 @@ def why_not(req, backward: bool) -> str | None:
     if req.is_varlen:
         return "the FP8 kernel takes batched q, k, v only"
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format()
+    if fmt.v_pv_order:
+        return "V in the Hopper kernel's PV key order (v_pv_order): the Triton FP8 kernel reads keys in order"
     if tiles(fmt, req.device) is None:
         return f"block_n={fmt.block_n} has no divisor among the kernel's tiles (64, 32{', 16' if _interpreting() else ''})"
     return None

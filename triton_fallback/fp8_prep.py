@@ -78,6 +78,7 @@ def fp8_prep(
     BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr,
     MODE: tl.constexpr,  # 0: block scales; 1: per-block column maxima (channel pass 1); 2: channel quantize
     DOT_F32: tl.constexpr,  # the interpreter's tl.dot mishandles bfloat16: multiply in float32 there
+    PV_ORDER: tl.constexpr = False,  # transposed V, Fp8Format.v_pv_order: keys of each 16 permuted
 ):
     pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, ROWS)
@@ -112,7 +113,10 @@ def fp8_prep(
             tl.store(SCALE + b * stride_sb + h * stride_sh + g, scale, mask=g < nblocks)
             q = tl.reshape(tl.reshape(y, (GROUPS, ROWS // GROUPS * BLOCK_D)) * inv[:, None], (ROWS, BLOCK_D))
         q = tl.where(tl.abs(q) < float("inf"), q, float("nan"))  # NaN, Inf -> NaN (a cast saturates Inf)
-        out = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + c[None, :] * stride_od
+        pos = rows
+        if PV_ORDER:  # key k of a 16-key group at the position i with PV_KEY_ORDER[i] = k
+            pos = (rows // 16) * 16 + 4 * ((rows % 8) // 2) + 2 * ((rows % 16) // 8) + rows % 2
+        out = OUT + b * stride_ob + h * stride_oh + pos[:, None] * stride_os + c[None, :] * stride_od
         tl.store(out, _e4m3_bits(q), mask=mask)
 
 
@@ -136,7 +140,8 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
     if transposed:
         s_pad = -(-s // VT_ALIGN) * VT_ALIGN
         data = torch.empty(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=x.device)
-        data[..., s:].zero_()
+        # padding keys are zeros (with v_pv_order they sit anywhere in the last 16-key group)
+        data[..., (s // VT_ALIGN) * VT_ALIGN if fmt.v_pv_order else s:].zero_()
         out_strides = (data.stride(0), 1, data.stride(1), data.stride(2))
     else:
         data = torch.empty(b, s, h, d, dtype=torch.float8_e4m3fn, device=x.device)
@@ -150,6 +155,7 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     grid = (triton.cdiv(s, groups * block), h, b)
     common = dict(HEADDIM=d, BLOCK_D=block_d, N_HAD=n, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
+                  PV_ORDER=transposed and fmt.v_pv_order,
                   DOT_F32=interpreting, num_warps=4 if rows * block_d <= 8192 else 8)
     flat = (s, nblocks, x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1))
     if channel:

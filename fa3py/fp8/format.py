@@ -22,6 +22,10 @@ V_SCALINGS = ("block", "channel")
 # Rows of the transposed V are padded to this many tokens: a TMA global stride must be a
 # multiple of 16 bytes.
 VT_ALIGN = 16
+# v_pv_order: within each group of 16 keys of the transposed V, position i holds key
+# PV_KEY_ORDER[i], the order in which the Hopper FP8 PV WGMMA's register A operand meets P
+# (cute_kernels/fp8.py derives it; tests/test_cute_fp8.py checks the two agree).
+PV_KEY_ORDER = tuple(2 * (i // 4) + i % 2 + 8 * ((i % 4) // 2) for i in range(16))
 
 
 def hadamard_block(headdim: int) -> int:
@@ -66,7 +70,9 @@ class Fp8Format:
     v_scaling: "block" (one scale per block_n keys, applied to each KV block's P V partial
     sum) or "channel" (one scale per output channel over the whole sequence, applied in the
     epilogue). v_transposed: V stored (batch, nheads_kv, headdim_v, seqlen_k) for the FP8
-    PV GEMM, which reads V k-major. seed: the rotation's random signs. qk_int8: the
+    PV GEMM, which reads V k-major. v_pv_order (with v_transposed): the keys of every 16-key group
+    of the transposed V stored in PV_KEY_ORDER, the order the Hopper FP8 kernel's PV GEMM takes
+    them in (a sum over keys does not care; P stays in its registers). seed: the rotation's random signs. qk_int8: the
     higher-accuracy mode: rotated Q and K as int8 with amax / 127 scales (an s8 x s8 -> s32
     GEMM, which Hopper runs at the FP8 rate), V and P still e4m3; best with block_m=1."""
 
@@ -76,6 +82,7 @@ class Fp8Format:
     v_transposed: bool = True
     seed: int = SIGN_SEED
     qk_int8: bool = False
+    v_pv_order: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -84,8 +91,22 @@ class Fp8Format:
                 raise ValueError(f"fa3py: `{name}` must be a positive int, got {b!r}")
         if self.v_scaling not in V_SCALINGS:
             raise ValueError(f"fa3py: `v_scaling` must be one of {V_SCALINGS}, got {self.v_scaling!r}")
+        if self.v_pv_order and not self.v_transposed:
+            raise ValueError("fa3py: `v_pv_order` orders the keys of the transposed V: it needs v_transposed=True")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"fa3py: `seed` must be an int, got {self.seed!r}")
+
+
+def pv_key_order(padded: int, device=None) -> torch.Tensor:
+    """The key stored at each position of a v_pv_order transposed V with `padded` (a multiple of
+    16) positions: data_pv[..., i] = data[..., pv_key_order(...)[i]]."""
+    order = torch.tensor(PV_KEY_ORDER)
+    return (torch.arange(0, padded, 16).unsqueeze(1) + order).reshape(-1).to(device)
+
+
+def pv_key_positions(padded: int, device=None) -> torch.Tensor:
+    """The inverse: the position of each key (data[..., k] = data_pv[..., positions[k]])."""
+    return torch.argsort(pv_key_order(padded)).to(device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,9 +137,13 @@ class Fp8Tensor:
         return self.role == "v" and self.fmt.v_transposed
 
     def tokens(self) -> torch.Tensor:
-        """data as a (batch, seqlen, nheads, dim) float8 view (no copy)."""
+        """data as a (batch, seqlen, nheads, dim) float8 view (no copy; a copy in key order with
+        fmt.v_pv_order)."""
         if self.transposed:
-            return self.data.permute(0, 3, 1, 2)[:, : self.seqlen]
+            data = self.data
+            if self.fmt.v_pv_order:
+                data = data.index_select(-1, pv_key_positions(data.shape[-1], data.device))
+            return data.permute(0, 3, 1, 2)[:, : self.seqlen]
         return self.data
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import E4M3, SIGN_SEED, VT_ALIGN, Fp8Format, Fp8QKV, Fp8Tensor, rotate
+from .format import E4M3, SIGN_SEED, VT_ALIGN, Fp8Format, Fp8QKV, Fp8Tensor, pv_key_order, rotate
 
 _16BIT = (torch.float16, torch.bfloat16)
 
@@ -80,7 +80,7 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
     if role == "v" and fmt.v_transposed:
         vt = torch.zeros(b, h, d, -(-s // VT_ALIGN) * VT_ALIGN, dtype=E4M3, device=x.device)
         vt[..., :s] = data.permute(0, 2, 3, 1)
-        data = vt
+        data = vt.index_select(-1, pv_key_order(vt.shape[-1], x.device)) if fmt.v_pv_order else vt
     return Fp8Tensor(data=data, scale=scale.contiguous(), role=role, fmt=fmt, seqlen=s, source_dtype=x.dtype)
 
 
@@ -119,16 +119,18 @@ def quantize_checked(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None) -
 
 
 def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 128, v_scaling: str = "block",
-                 v_transposed: bool = True, seed: int | None = None, qk_int8: bool = False, backend=None) -> Fp8QKV:
+                 v_transposed: bool = True, seed: int | None = None, qk_int8: bool = False,
+                 v_pv_order: bool = False, backend=None) -> Fp8QKV:
     """Quantizes any of q, k, v (fp16/bf16, (batch, seqlen, nheads, headdim)) to the block-scaled
     FP8 format of `fa3py.fp8`; returns an `Fp8QKV` that `fa3py.attention` takes in place of
     the tensors (``attention(*quantize_fp8(q, k, v))``, or a KV cache quantized once:
     ``kv = quantize_fp8(k=k, v=v)`` then ``attention(q, kv.k, kv.v)`` per step, q being
     quantized on the fly with kv's format). qk_int8=True: the higher-accuracy mode (int8 Q
     and K, see `Fp8Format`; use block_m=1). backend: "triton" (one fused pass, CUDA) or "torch";
-    by default triton on CUDA GPUs, torch elsewhere. Both produce the same bytes."""
+    by default triton on CUDA GPUs, torch elsewhere. Both produce the same bytes. v_pv_order=True:
+    V^T's keys in the Hopper FP8 kernel's order (`Fp8Format`)."""
     fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
-                    seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8)
+                    seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8, v_pv_order=v_pv_order)
     if q is None and k is None and v is None:
         raise ValueError("fa3py: quantize_fp8 needs at least one of q, k, v")
     with torch.no_grad():

@@ -1,0 +1,217 @@
+"""cute_kernels' FP8 forward, compile-only: the e4m3 configs of the sm90 kernel built for sm_90a
+against fake tensors (no GPU), with their SASS checked: FP8 WGMMAs (QGMMA) and no 16-bit ones
+(HGMMA), TMA loads, setmaxnreg, a named barrier, pipelined WGMMAs, no local-memory spills, and
+P converted without shuffles in the KV loop."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+cutlass = pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels.config import FwdConfig  # noqa: E402
+
+
+def _compile(cfg: FwdConfig):
+    with tempfile.TemporaryDirectory() as d:
+        cubin, _ = sass.compile_cubin(cfg, d)
+        text = sass.sass_text(cubin)
+        res = sass.resource_usage(cubin)
+    return text, res
+
+
+# (hdim, v_scaling, features): block V scaling (a second accumulator) up to hdim 128, channel V
+# at every head dim (FwdConfig.make's FP8 lines pick the tiles).
+FP8_GRID = [
+    (128, "block", dict()),
+    (128, "block", dict(has_right=True)),
+    (128, "channel", dict()),
+    (128, "block", dict(has_left=True, has_right=True)),
+    (64, "block", dict()),
+    (64, "block", dict(has_right=True)),
+    (96, "block", dict()),
+    (96, "channel", dict(has_right=True)),
+    (192, "channel", dict()),
+    (256, "channel", dict(has_right=True)),
+    (128, "block", dict(short=True, medium=True)),  # two Q stages
+    (64, "block", dict(has_right=True, short=True)),
+    (192, "block", dict(hdimv=128, has_right=True)),
+]
+
+
+@pytest.mark.parametrize("hdim", [192, 256])
+def test_fp8_block_v_above_128_is_refused(hdim):
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    with pytest.raises(AssertionError, match="block V scaling spills"):
+        FlashAttentionForwardSm90(FwdConfig.make("e4m3", hdim, fp8_v_scaling="block"))
+
+
+@pytest.mark.parametrize("hdim,v_scaling,features", FP8_GRID)
+def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
+    features = dict(features)
+    cfg = FwdConfig.make("e4m3", hdim, features.pop("hdimv", hdim), fp8_v_scaling=v_scaling, **features)
+    text, res = _compile(cfg)
+    assert sass.check(text, cfg) == [], cfg.short()
+    ops = sass.opcode_counts(text)
+    assert ops["QGMMA"] > 0 and ops["HGMMA"] == 0, ops
+    assert ops["STL"] == 0 and ops["LDL"] == 0 and not res.get("LOCAL"), f"{cfg.short()}: spills {res}"
+    assert sass.max_register(text) < cfg.tile.consumer_regs
+    # the interior KV loop: QK^T's hdim / 32 and PV's tile_n / 32 QGMMAs; P stays in its lanes
+    loops = sass.hgmma_loops(text)
+    assert loops, "no KV loop with a WGMMA"
+    # the smallest of the loops that run both GEMMs (the tile loop's last-PV loop runs one)
+    interior = min((l[2] for l in loops if l[2]["QGMMA"] > cfg.tile.tile_n // 32), key=lambda c: sum(c.values()))
+    assert interior["QGMMA"] == hdim // 32 + cfg.tile.tile_n // 32, interior
+    assert interior["SHFL"] <= 4, f"P moved between lanes: {interior['SHFL']} SHFL (the row max takes 4)"
+
+
+def test_fp8_check_rejects_hgmma():
+    """check() for an e4m3 config asks for QGMMA and refuses HGMMA."""
+    cfg = FwdConfig.make("e4m3", 128)
+    fake = "/*0010*/ HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ ;\n/*0020*/ UTMALDG.2D [UR8], [UR4] ;"
+    missing = sass.check(fake, cfg)
+    assert any("QGMMA" in m for m in missing) and any("HGMMA" in m for m in missing), missing
+
+
+def test_fp8_config_fields():
+    cfg = FwdConfig.make("e4m3", 128, has_right=True)
+    assert (cfg.fp8_block_m, cfg.fp8_v_scaling) == (128, "block")
+    assert cfg.tile.tile_n % 32 == 0 and cfg.tile.lazy_rescale == 0 and not cfg.tile.chain_pv_qk
+    assert FwdConfig.make("e4m3", 96).tile.tile_n % 32 == 0
+    bf16 = FwdConfig.make("bf16", 128)
+    assert (bf16.fp8_block_m, bf16.fp8_v_scaling) == (0, "")
+
+
+def test_p_offset_matches_the_format():
+    from cute_kernels import fp8
+    from fa3py.fp8 import P_OFFSET
+
+    assert fp8.P_OFFSET == P_OFFSET
+
+
+def test_cute_sass_accepts_fp8(capsys):
+    assert sass.main(["--dtype", "fp8", "--hdim", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "QGMMA" in out and "e4m3" in out
+
+
+# ---- host glue: dispatch refusal, configs (CPU) ---------------------------------------------------
+
+def _fp8_request(b, sq, sk, h, hk, d, device="cpu", quantized=True, **kw):
+    import fa3py
+    from fa3py import fp8 as fa3py_fp8
+
+    torch.manual_seed(sq * 7 + sk)
+    q = torch.randn(b, sq, h, d, dtype=torch.bfloat16, device=device)
+    k = torch.randn(b, sk, hk, d, dtype=torch.bfloat16, device=device)
+    v = torch.randn(b, sk, hk, d, dtype=torch.bfloat16, device=device)
+    if quantized:
+        qkv = fa3py.quantize_fp8(q, k, v, block_n=kw.pop("block_n", 128), v_scaling=kw.pop("v_scaling", "block"),
+                                 v_pv_order=kw.pop("v_pv_order", True))
+        return fa3py_fp8.make_request(*qkv, **kw)
+    from fa3py.validation import make_request
+
+    return make_request(q, k, v, fp8=True, **kw)
+
+
+
+def test_fp8_requests_are_refused_without_opt_in(monkeypatch):
+    import cute_kernels
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", False)
+    for req in (_fp8_request(1, 64, 64, 2, 2, 128), _fp8_request(1, 64, 64, 2, 2, 128, quantized=False)):
+        assert "FA3PY_CUTE_FP8=1" in cute_kernels.why_not(req, backward=False)
+
+
+def test_fp8_why_not_with_opt_in(monkeypatch):
+    import cute_kernels
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    why = lambda req: cute_kernels.why_not(req, backward=False)
+    assert "CUDA" in why(_fp8_request(2, 65, 130, 4, 2, 128, causal=True))  # served but for the device
+    assert "block_n" in why(_fp8_request(1, 64, 64, 2, 2, 128, block_n=64))
+    assert "softcap" in why(_fp8_request(1, 64, 64, 2, 2, 128, softcap=5.0))
+    assert "block V" in why(_fp8_request(1, 64, 64, 2, 2, 256, block_n=64))
+    assert "CUDA" in why(_fp8_request(1, 64, 64, 2, 2, 256, block_n=64, v_scaling="channel"))
+    cfg = launch.fp8_config_for(_fp8_request(2, 65, 130, 4, 2, 128, causal=True))
+    assert (cfg.dtype, cfg.fp8_block_m, cfg.fp8_v_scaling, cfg.has_right) == ("e4m3", 128, "block", True)
+
+
+# ---- on an sm90 GPU: the kernel against fa3py.fp8.emulate on the same quantized inputs -------------
+
+FP8_ACC_BITS = 13  # Hopper's FP8 WGMMA keeps ~14 significant bits in its accumulator (DeepSeek-V3 §3.3.2)
+
+
+def _fp8_mma_model(a, b):
+    """a @ b summed 32 products (one FP8 WGMMA k-step) at a time, the running sum rounded to
+    FP8_ACC_BITS mantissa bits after each step: a model of the FP8 tensor core's accumulation."""
+    acc = None
+    for c in range(0, a.shape[-1], 32):
+        part = a[..., c:c + 32] @ b[..., c:c + 32, :]
+        acc = part if acc is None else acc + part
+        m, e = torch.frexp(acc)
+        acc = torch.ldexp(torch.round(m * 2.0**FP8_ACC_BITS) / 2.0**FP8_ACC_BITS, e)
+    return acc
+
+
+def fp8_tolerance(qkv, params, monkeypatch):
+    """(emulated out, lse, out tolerance, lse tolerance). The kernel computes the emulation's
+    arithmetic except in how the tensor cores accumulate (order and, for FP8, precision) and in
+    exp2 / log2 (MUFU approximations, ~2^-22 relative). The bound: twice the difference between
+    the emulation and the emulation with its GEMMs accumulated as `_fp8_mma_model`, plus one bf16
+    rounding of the output (both round to bf16), plus 1e-5 on the LSE for the approximations."""
+    from fa3py.fp8 import emulate
+
+    out, lse = emulate.attention(qkv, params, torch.bfloat16)
+    with monkeypatch.context() as m:
+        m.setattr(emulate.torch, "matmul", _fp8_mma_model)
+        out_m, lse_m = emulate.attention(qkv, params, torch.bfloat16)
+    finite = torch.isfinite(lse)
+    tol_out = 2 * float((out_m.float() - out.float()).abs().max()) + 2.0**-8 * float(out.float().abs().max())
+    tol_lse = 2 * float((lse_m - lse)[finite].abs().max()) + 1e-5
+    return out, lse, tol_out, tol_lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (128, 384)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("v_scaling,d", [("block", 128), ("block", 64), ("channel", 128), ("channel", 256)])
+def test_gpu_fp8_kernel_is_the_emulation(sq, sk, causal, v_scaling, d, monkeypatch):
+    import fa3py
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    block_n = 64 if d == 256 else 128
+    req = _fp8_request(2, sq, sk, 4, 2, d, device="cuda", causal=causal, block_n=block_n, v_scaling=v_scaling)
+    cfg = launch.fp8_config_for(req)
+    assert cfg.tile.tile_n == block_n
+    out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(req.fp8_tensors, req.params, monkeypatch)
+    out, lse = launch.run_fp8(req, cfg)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(finite, torch.isfinite(lse)), "empty rows differ"
+    assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
+    assert float((lse - lse_ref)[finite].abs().max(initial=0.0)) <= tol_lse
+    # through the API (fp8=True on 16-bit tensors quantizes with the kernel's key order first)
+    q, k, v = (t.dequantize().to(torch.bfloat16) for t in req.fp8_tensors)
+    assert fa3py.attention(q, k, v, fp8=True, causal=causal).isfinite().all()
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_natural_key_order_is_permuted_on_the_host(monkeypatch):
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    a = _fp8_request(1, 300, 500, 4, 4, 128, device="cuda", v_pv_order=False)
+    b = _fp8_request(1, 300, 500, 4, 4, 128, device="cuda", v_pv_order=True)
+    out_a, lse_a = launch.run_fp8(a, launch.fp8_config_for(a))
+    out_b, lse_b = launch.run_fp8(b, launch.fp8_config_for(b))
+    assert torch.equal(out_a, out_b) and torch.equal(lse_a, lse_b)
