@@ -6,7 +6,7 @@ left the kernels the dispatcher runs unchanged (or a list of the ones it changed
     python -m benchmarks.cute_fingerprint new.json --only "d128.*causal" --dump DIR
 
 Each config (every head-dim pair x non-causal / short / causal / local, plus dtypes, softcap,
-varlen, seqused, GQA packing, split-KV and padded head dims: 57 configs, 46 distinct kernels)
+varlen, seqused, GQA packing, split-KV, padded head dims and the FP8 path: 61 configs)
 is compiled for sm_90a (`benchmarks.cute_sass`), its SASS reduced to the instruction lines (the
 kernel's symbol name changes with module and class names) and hashed. Exit status 1 when a
 config differs from the baseline; --dump writes the differing SASS there.
@@ -58,6 +58,11 @@ EXTRA = {
     "bf16 d96in80 causal_short": dict(hdim=96, hdim_in=80, hdimv_in=80, has_right=True, short=True),
     "bf16 d256in200 split nc": dict(hdim=256, hdim_in=200, hdimv_in=200, split_kv=True),
     "bf16 d128in120 varlen nc": dict(hdim=128, hdim_in=120, hdimv_in=120, **_VARLEN),
+    # the FP8 path (opt-in until it has run on a GPU): block and channel V scales
+    "e4m3 d128 nc": dict(dtype="e4m3", hdim=128),
+    "e4m3 d128 causal": dict(dtype="e4m3", hdim=128, has_right=True),
+    "e4m3 d64 causal_short": dict(dtype="e4m3", hdim=64, has_right=True, short=True),
+    "e4m3 d256 channel nc": dict(dtype="e4m3", hdim=256, fp8_v_scaling="channel"),
 }
 
 
@@ -65,7 +70,7 @@ def cases() -> dict:
     """label -> FwdConfig.make keyword arguments (dtype and head dims included)."""
     out = {f"bf16 d{d}x{dv} {m}": dict(dtype="bf16", hdim=d, hdimv=dv, **MODES[m])
            for d, dv in PAIRS for m in ("nc", "nc_short", "causal", "causal_short", "local")}
-    out.update({k: {"dtype": "bf16", **v} for k, v in EXTRA.items()})
+    out.update({k: {"dtype": "bf16", **v} for k, v in EXTRA.items()})  # (an entry's dtype wins)
     return out
 
 
