@@ -41,8 +41,9 @@ def attention(
     the output, fp16/bf16): scores gain qv . v, softmax_scale defaults to 1 / sqrt(headdim +
     headdim_v); forward only (torch path, Triton forward). softcap > 0: scores become
     softcap * tanh(scores / softcap). fp8=True: quantize q, k, v to FP8 with a random-sign
-    Hadamard rotation of q and k and per-block scales (forward only; no kernel runs FP8 yet: the
-    torch backend emulates it in float32 and warns once).
+    Hadamard rotation of q and k and per-block scales (fa3py.fp8; the backward is the 16-bit one
+    at the original inputs, straight-through); where no FP8 kernel serves the call, the torch
+    backend emulates it in float32 and warns once.
     backend: "cute", "triton" or "torch" forces one (also via FA3PY_BACKEND).
 
     Returns out (batch, seqlen_q, nheads, headdim_v) in q's dtype, and with return_lse also

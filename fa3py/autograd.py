@@ -25,8 +25,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         req = dataclasses.replace(ctx.req, q=q, k=k, v=v)
-        req = ops.straight_through(req)
-        ops.check_backward_supported(req)
+        req = dispatch.backward_request(req)
         choice = dispatch.choose(req, backward=True, backend=ctx.backend)
         dq, dk, dv = choice.module.backward(req, out, lse, dout)
         return None, None, dq, dk, dv, None

@@ -12,6 +12,7 @@ for instance) hands its saved (out, lse) to the next backend that has one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -157,6 +158,22 @@ def _forward_only(name: str, req: AttentionRequest) -> bool:
     """A forced backend whose kernels have no backward hands the backward on."""
     module, _ = load(name)
     return module is not None and module.why_not(req, False) is None and module.why_not(req, True) is not None
+
+
+def backward_request(req: AttentionRequest) -> AttentionRequest:
+    """The request a backward runs for forward request `req` (autograd and the torch.compile op
+    alike). fp8=True is straight-through: the 16-bit backward at the original inputs
+    (fa3py.fp8's spec). float8 inputs and qv have a forward only, as in FlashAttention-3: their
+    backward raises, naming what is missing."""
+    if req.qv is not None:
+        raise NotImplementedError("fa3py: `qv` (MLA) has no backward pass yet (FA3 has none either); call it "
+                                  "under torch.no_grad()")
+    if req.is_fp8_input:
+        raise NotImplementedError("fa3py: float8_e4m3fn `q`/`k`/`v` have no backward pass (no FP8 backward "
+                                  "kernel); pass fp16/bf16 inputs to train, or call it under torch.no_grad()")
+    if req.params.fp8:
+        return dataclasses.replace(req, params=dataclasses.replace(req.params, fp8=False))
+    return req
 
 
 def explain_choice(req: AttentionRequest, backend: Optional[str] = None) -> str:

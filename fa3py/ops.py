@@ -15,7 +15,6 @@ and while a CUDA graph is captured.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -88,8 +87,7 @@ def bwd(
     req = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale, qv,
                    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, attention_chunk,
                    deterministic, fp8, num_splits)
-    req = straight_through(req)
-    check_backward_supported(req)
+    req = dispatch.backward_request(req)
     grads = dispatch.choose(req, backward=True, backend=backend).module.backward(req, out, lse, dout)
     return tuple(g.contiguous() for g in grads)
 
@@ -98,24 +96,6 @@ def bwd(
 def _(dout, q, k, v, *args, backend=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
-
-
-def straight_through(req: AttentionRequest) -> AttentionRequest:
-    """fp8=True's backward: the 16-bit backward at the original inputs (fa3py.fp8's spec)."""
-    if not req.params.fp8:
-        return req
-    return dataclasses.replace(req, params=dataclasses.replace(req.params, fp8=False))
-
-
-def check_backward_supported(req: AttentionRequest):
-    """float8 inputs and qv have a forward only (as in FlashAttention-3): their backward raises,
-    naming what is missing. (fp8=True on 16-bit inputs is straight-through: `straight_through`.)"""
-    if req.qv is not None:
-        raise NotImplementedError("fa3py: `qv` (MLA) has no backward pass yet (FA3 has none either); call it "
-                                  "under torch.no_grad()")
-    if req.is_fp8_input:
-        raise NotImplementedError("fa3py: float8_e4m3fn `q`/`k`/`v` have no backward pass (no FP8 backward "
-                                  "kernel); pass fp16/bf16 inputs to train, or call it under torch.no_grad()")
 
 
 def _setup_context(ctx, inputs, output):

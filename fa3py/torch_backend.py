@@ -9,7 +9,6 @@ that straddle a mask boundary.
 
 from __future__ import annotations
 
-
 import torch
 
 from . import fp8 as fp8_emulation
@@ -185,7 +184,7 @@ def _forward_query_block(tiles: _Tiles, q, k, v, i0, i1, qv=None):
 
 def backward(req: AttentionRequest, out, lse, dout):
     """FlashAttention-2 style backward from the saved (out, lse): recompute P tile by tile.
-    (Requests with qv have no backward: `fa3py.ops.check_backward_supported` raises first.)"""
+    (Requests with qv have no backward: `fa3py.dispatch.backward_request` raises first.)"""
     dq = torch.zeros_like(req.q, dtype=torch.float32)
     dk = torch.zeros_like(req.k, dtype=torch.float32)
     dv = torch.zeros_like(req.v, dtype=torch.float32)

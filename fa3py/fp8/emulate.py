@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from ..reference import keep_mask
 from ..request import AttentionParams
 from .format import E4M3, P_OFFSET, Fp8QKV, hadamard_block
 
@@ -29,20 +30,6 @@ def warn_emulated(device: torch.device) -> None:
 def _heads_first(x: torch.Tensor, group: int) -> torch.Tensor:
     """(b, s, hk, d) float8 -> (b, hk * group, s, d) float32."""
     return x.float().permute(0, 2, 1, 3).repeat_interleave(group, dim=1)
-
-
-def _keep(lq, lk, j0, j1, p: AttentionParams, device):
-    """Keep-mask (lq, j1 - j0) of key block [j0, j1), or None when every pair is kept."""
-    if p.window_left < 0 and p.window_right < 0:
-        return None
-    i = torch.arange(lq, device=device).unsqueeze(1) + (lk - lq)
-    j = torch.arange(j0, j1, device=device).unsqueeze(0)
-    keep = torch.ones(lq, j1 - j0, dtype=torch.bool, device=device)
-    if p.window_left >= 0:
-        keep &= j >= i - p.window_left
-    if p.window_right >= 0:
-        keep &= j <= i + p.window_right
-    return keep
 
 
 def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool = True):
@@ -69,9 +56,11 @@ def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, desc
     row_sum = torch.zeros(b, h, lq, device=dev)
     acc = torch.zeros(b, h, lq, dv, device=dev)
     nblk = -(-lk // bn)
+    windowed = params.window_left >= 0 or params.window_right >= 0
+    keep_all = keep_mask(lq, lk, params.window_left, params.window_right, device=dev) if windowed else None
     for j in (reversed(range(nblk)) if descending else range(nblk)):
         j0, j1 = j * bn, min(lk, (j + 1) * bn)
-        keep = _keep(lq, lk, j0, j1, params, dev)
+        keep = None if keep_all is None else keep_all[:, j0:j1]
         if keep is not None and not keep.any():
             continue  # a tile the kernel skips
         acc_s = torch.matmul(qf, kf[:, :, j0:j1].transpose(-1, -2))  # S = Q8 K8^T, float32
