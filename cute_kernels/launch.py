@@ -202,7 +202,8 @@ def q_empty_or_no_keys(req: "AttentionRequest") -> bool:
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """TMA needs a unit last stride, 16-byte strides and a 16-byte aligned base."""
-    ok = (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
+    per_16b = 16 // t.element_size()  # elements in 16 bytes: 8 for bf16 / fp16, 16 for e4m3
+    ok = (t.stride(-1) == 1 and all(s % per_16b == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
     return t if ok else t.contiguous()
 
 
@@ -400,15 +401,10 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     return None
 
 
-def _tma_ready_e4m3(t: torch.Tensor) -> torch.Tensor:
-    ok = t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
-    return t if ok else t.contiguous()
-
-
 def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of an FP8 request: fp8=True quantizes q, k, v first (quantize_fp8: the Triton
-    prep on CUDA, with block_n = the kernel's tile_n and V^T in the PV key order); quantized operands in natural key order get V^T permuted here (one
-    copy of V). The kernel writes bf16 (another dtype: converted after)."""
+    prep on CUDA, with block_n = the kernel's tile_n and V^T in the PV key order); quantized
+    operands in natural key order get V^T permuted here (one copy of V). The kernel writes bf16 (another dtype: converted after)."""
     from fa3py.fp8 import hadamard_block, quantize_fp8
     from fa3py.fp8.format import pv_key_order
 
@@ -421,7 +417,7 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
         return (torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device),
                 torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=req.device))
     vt = v.data if v.fmt.v_pv_order else v.data.index_select(-1, pv_key_order(v.data.shape[-1], v.device))
-    q8, k8, vt = (_tma_ready_e4m3(t) for t in (q.data, k.data, vt))
+    q8, k8, vt = (_tma_ready(t) for t in (q.data, k.data, vt))
     out = torch.empty(b, sq, h, req.headdim_v, dtype=torch.bfloat16, device=req.device)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=req.device)
     # c = float32(softmax_scale / n * log2(e)), as fa3py.fp8.emulate rounds it
