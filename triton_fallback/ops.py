@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
 
-from . import configs
+from . import configs, fp8_fwd
 from .bwd import attn_bwd, attn_bwd_dq, attn_bwd_dq_epilogue, attn_bwd_preprocess
 from .fwd import attn_fwd
 
@@ -124,8 +124,6 @@ def _fp8_mode(req: AttentionRequest) -> bool:
 
 def forward(req: AttentionRequest) -> tuple[torch.Tensor, torch.Tensor]:
     if req.params.fp8 or req.fp8_tensors is not None:
-        from . import fp8_fwd
-
         return fp8_fwd.forward(req)
     q, k, v = (_contiguous_last_dim(x) for x in (req.q, req.k, req.v))
     prob = _Problem.create(req)
