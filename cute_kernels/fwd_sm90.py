@@ -670,14 +670,18 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        if const_expr(self.fp8):
-            row_scale, moved = softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
-            if const_expr(self.fresh_pv):
-                fp8_scales.set_pending_v(n_block)
-        else:
-            row_scale, moved = softmax.step(acc_S, is_first=is_first)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales)
+        if const_expr(self.fresh_pv):
+            fp8_scales.set_pending_v(n_block)
         self.convert_p(acc_S, tOrP)
         return row_scale, moved
+
+    def softmax_step(self, softmax: OnlineSoftmax, acc_S, n_block, is_first: cutlass.Constexpr[bool], fp8_scales):
+        """OnlineSoftmax's step; FP8: with the block's score multiplier (row max in scaled log2
+        units, no lazy rescaling)."""
+        if const_expr(self.fp8):
+            return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
+        return softmax.step(acc_S, is_first=is_first)
 
     def convert_p(self, acc_S, tOrP):
         """P (fp32, in the QK^T accumulator) into the PV WGMMA's register A operand. FP8: packed
@@ -778,10 +782,7 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        if const_expr(self.fp8):
-            row_scale, moved = softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first=False), None
-        else:
-            row_scale, moved = softmax.step(acc_S, is_first=False)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales)
         if const_expr(gate > 0):
             release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
