@@ -24,21 +24,16 @@ from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-# Key k of a 16-key group sits at position i of the k index where PV_KEY_ORDER[i] == k.
-PV_KEY_ORDER = tuple(2 * (i // 4) + i % 2 + 8 * ((i % 4) // 2) for i in range(16))
+# The format's constants (fa3py.fp8): PV_KEY_ORDER, where key k of a 16-key group of V^T sits
+# (position i with PV_KEY_ORDER[i] == k; Fp8Format.v_pv_order), checked against the MMAs'
+# layouts in tests/test_cute_fp8.py; P_OFFSET, P = exp2(s2 - rowmax + P_OFFSET) in [0, 256]
+# before its e4m3 rounding.
+from fa3py.fp8.format import P_OFFSET, PV_KEY_ORDER  # noqa: F401
+
 # A register 2r / 2r + 1 of a group of 8 accumulator values: these four, lowest byte first.
 REGISTER_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)
-# P = exp2(s2 - rowmax + P_OFFSET) in [0, 256] before its e4m3 rounding (fa3py.fp8.P_OFFSET).
-P_OFFSET = 8
 # FP8 WGMMA's k per instruction: the KV tile and hdim must be multiples of it.
 K_PER_MMA = 32
-
-
-def key_order(seqlen: int):
-    """The position of every key in V's transposed FP8 layout: for each 16-key group, its keys
-    in PV_KEY_ORDER (a list of length seqlen rounded up to 16; entries >= seqlen are padding)."""
-    padded = -(-seqlen // 16) * 16
-    return [g + PV_KEY_ORDER[i] for g in range(0, padded, 16) for i in range(16)]
 
 
 @dsl_user_op

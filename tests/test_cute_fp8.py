@@ -66,8 +66,11 @@ def test_pv_key_order_matches_the_mma_layouts(tile_m, tile_n):
 
 
 def test_key_order():
-    order = fp8.key_order(20)
-    assert len(order) == 32 and sorted(order) == list(range(32))
+    """fa3py.fp8's V^T layout (v_pv_order) stores the keys in this module's order."""
+    from fa3py.fp8.format import pv_key_order
+
+    order = pv_key_order(32).tolist()
+    assert sorted(order) == list(range(32)) and order[:16] == list(fp8.PV_KEY_ORDER)
     assert order[:4] == [0, 1, 8, 9] and order[16:20] == [16, 17, 24, 25]
 
 
