@@ -4,16 +4,19 @@ Contract with `fa3py.dispatch`:
     why_not(req, backward) -> None if this backend computes `req` (features only; the dispatcher
                               checks that the GPU is sm90), else a reason string.
     forward(req) -> (out, lse) with req.out_shape / req.lse_shape / req.out_dtype.
+    backward(req, out, lse, dout) -> (dq, dk, dv) shaped and typed as req.q, req.k, req.v.
 
 Modules: `config` (the default config table), `launch` (host side: config choice, layouts,
 compile caches, launch), `fwd_sm90` (the kernel) with `scheduler`, `mask`, `softmax`,
-`epilogue`, `combine` (split-KV's combine) and `utils`.
+`epilogue`, `combine` (split-KV's combine) and `utils`; the backward: `bwd_sm90` (the kernel) and
+`bwd_launch` (its host side).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from cute_kernels import bwd_launch
 from cute_kernels.config import SUPPORTED_HDIM_PAIRS, padded_hdim
 from cute_kernels.launch import (DTYPES, config_for, fp8_config_for, fp8_why_not, num_splits, pack_lse, pack_rows,
                                  run, run_fp8, unpack_lse, unpack_rows)
@@ -23,15 +26,24 @@ if TYPE_CHECKING:
 
     from fa3py.request import AttentionRequest
 
-__all__ = ["why_not", "forward", "config_for", "num_splits", "run", "pack_rows", "unpack_rows", "pack_lse",
+__all__ = ["why_not", "forward", "backward", "config_for", "num_splits", "run", "pack_rows", "unpack_rows", "pack_lse",
            "unpack_lse"]
 
 
 def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
     if backward:
-        return "cute_kernels: forward only (no sm90 backward kernel yet)"
+        # what the forward serves, within the backward kernel's limits (its own reasons first:
+        # the forward's last one is the device's)
+        if req.is_fp8_input or req.params.fp8:
+            return "cute_kernels: no FP8 backward"
+        return bwd_launch.why_not(req) or _forward_why_not(req)
     if req.is_fp8_input or req.params.fp8:
         return fp8_why_not(req)
+    return _forward_why_not(req)
+
+
+def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
+    """The 16-bit forward's checks (FP8 requests are fp8_why_not's)."""
     if req.dtype not in DTYPES:
         return f"cute_kernels: dtype {req.dtype} not supported (bf16/fp16 only)"
     if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
@@ -58,6 +70,11 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
     if req.device.type != "cuda":
         return "cute_kernels: CUDA tensors only"
     return None
+
+
+def backward(req: "AttentionRequest", out: "torch.Tensor", lse: "torch.Tensor", dout: "torch.Tensor"):
+    """(dq, dk, dv) by the sm90 backward kernel (bwd_sm90.py, host side in bwd_launch.py)."""
+    return bwd_launch.run(req, out, lse, dout)
 
 
 def forward(req: "AttentionRequest") -> tuple["torch.Tensor", "torch.Tensor"]:

@@ -299,3 +299,53 @@ class FwdConfig:
                      if getattr(t, n) != getattr(TileConfig, n)]
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages} "
                 f"{' '.join(switches)} {' '.join(flags)}")
+
+
+# ----------------------------------------------------------------------------- backward
+# The backward's tile per kernel head dim: (tile_m query rows per step, tile_n keys per CTA).
+# Two consumer warpgroups own 64 keys each (S^T = K Q^T and dP^T = V dO^T with the keys as
+# WGMMA's M), so P^T and dS^T stay in registers as the A operand of dV += P^T dO and
+# dK += dS^T Q; FA3's sm90 shapes for these head dims. hdim 192 / 256 need P through smem
+# (dK and dV of 128 keys do not fit two warpgroups' registers): not built yet.
+# (FA3 takes 128 x 128 at hdim 64: S^T and dP^T of 64 x 128 per warpgroup spill here (256 bytes
+# of stack, CPU SASS) without its shuffled LSE / dPsum.)
+BWD_TILES: dict[int, tuple[int, int]] = {64: (64, 128), 96: (64, 128), 128: (64, 128)}
+BWD_REG_SPLIT = (24, 240)  # producer, consumer setmaxnreg (2 consumer warpgroups)
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Codegen configuration of the sm90 backward kernel (bwd_sm90.py): the compile cache key."""
+
+    dtype: str  # "bf16" | "fp16"
+    hdim: int  # the kernel's head dim (padded_hdim of the tensors'); hdim_v is the same
+    tile_m: int
+    tile_n: int
+    q_stages: int = 2  # Q / dO (+ LSE / dPsum) pipeline depth
+    has_left: bool = False
+    has_right: bool = False
+    softcap: bool = False
+    cu_seqlens_q: bool = False
+    cu_seqlens_k: bool = False
+    seqused_q: bool = False
+    seqused_k: bool = False
+    hdim_in: int = 0  # the tensors' head dim where below `hdim` (0: equal)
+    producer_regs: int = BWD_REG_SPLIT[0]
+    consumer_regs: int = BWD_REG_SPLIT[1]
+
+    def __post_init__(self):
+        assert self.tile_n == 128, "two consumer warpgroups of 64 keys"
+        assert self.tile_m == 64 and self.hdim % 32 == 0, "dQ's columns split in two 16-column multiples"
+        total = THREADS_PER_WG * (self.producer_regs + 2 * self.consumer_regs)
+        assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
+
+    @staticmethod
+    def make(dtype: str, hdim: int, **features) -> "BwdConfig":
+        tile_m, tile_n = BWD_TILES[hdim]
+        return BwdConfig(dtype, hdim, tile_m, tile_n, **features)
+
+    def short(self) -> str:
+        flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
+                             "seqused_q", "seqused_k") if getattr(self, n)]
+        flags += [f"tensors_d{self.hdim_in}"] if self.hdim_in else []
+        return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

@@ -80,32 +80,15 @@ from cute_kernels.utils import (
     convert_to,
     gemm,
     make_smem_layout,
+    lse_shb,
     pin_smem_desc,
+    sdhb,
     transpose_view,
 )
 
 DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16, "e4m3": cutlass.Float8E4M3FN}
 NUM_THREADS_PER_WG = 128
 SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
-
-
-def _sdhb(t: cute.Tensor, packed: bool) -> cute.Tensor:
-    """(b, s, h, d) or packed (t, h, d) -> (s, d, h, b), with b of size 1 for packed."""
-    if const_expr(packed):
-        lay = cute.select(t.layout, mode=[0, 2, 1])
-        lay = cute.append(lay, cute.make_layout(1, stride=0))
-    else:
-        lay = cute.select(t.layout, mode=[1, 3, 2, 0])
-    return cute.make_tensor(t.iterator, lay)
-
-
-def _lse_shb(t: cute.Tensor, packed: bool) -> cute.Tensor:
-    """(b, h, s) or packed (h, t) -> (s, h, b)."""
-    if const_expr(packed):
-        lay = cute.append(cute.select(t.layout, mode=[1, 0]), cute.make_layout(1, stride=0))
-    else:
-        lay = cute.select(t.layout, mode=[2, 1, 0])
-    return cute.make_tensor(t.iterator, lay)
 
 
 @dataclass(frozen=True)
@@ -228,13 +211,13 @@ class FlashAttentionForwardSm90:
         divby = 128 // self.dtype.width
         mQ, mK, mV = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV)]
         mO = assume_aligned_strides(mO, 128 // mO.element_type.width)
-        mQ, mO = [_sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mO)]
+        mQ, mO = [sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mO)]
         if const_expr(self.fp8):  # V^T (b, h_kv, dv, s) -> (dv, s, h_kv, b)
-            mK = _sdhb(mK, cfg.cu_seqlens_k)
+            mK = sdhb(mK, cfg.cu_seqlens_k)
             mV = cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[2, 3, 1, 0]))
         else:
-            mK, mV = [_sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
-        mLSE = _lse_shb(mLSE, cfg.cu_seqlens_q)
+            mK, mV = [sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
+        mLSE = lse_shb(mLSE, cfg.cu_seqlens_q)
 
         tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.hdimv)
         sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from cute_kernels import disk_cache
-from cute_kernels.config import (SUPPORTED_HDIM_PAIRS, FwdConfig, is_medium, is_short, num_splits_for,
+from cute_kernels.config import (SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig, is_medium, is_short, num_splits_for,
                                  pack_gqa_factor, padded_hdim)
 
 if TYPE_CHECKING:
@@ -271,20 +271,29 @@ last_compile_seconds: Optional[float] = None
 kernels: dict = {}  # (FwdConfig, tvm_ffi) -> compiled kernel; clear it to act as a new process
 
 
-def compile_kernel(cfg: FwdConfig, args: Optional[tuple] = None):
+def kernel_class(cfg):
+    """The kernel class a config compiles: the forward's or the backward's."""
+    if isinstance(cfg, BwdConfig):
+        from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
+
+        return FlashAttentionBackwardSm90
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    return FlashAttentionForwardSm90
+
+
+def compile_kernel(cfg, args: Optional[tuple] = None):
     """Compile `cfg` for the TVM-FFI path (args None: symbolic fake tensors; loaded from the disk
     cache when there) or for the from_dlpack path (args: a call's converted arguments, marked
     dynamic), and keep it in `kernels`."""
     global last_compile_seconds
     import cutlass.cute as cute
 
-    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
-
     tvm_ffi = args is None
     fn = disk_cache.load(cfg) if tvm_ffi else None
     if fn is None:
         t0 = time.perf_counter()
-        kernel = FlashAttentionForwardSm90(cfg)
+        kernel = kernel_class(cfg)(cfg)
         if tvm_ffi:
             fn = cute.compile(kernel, *kernel.fake_args(cfg, env_stream=True), options="--enable-tvm-ffi")
             disk_cache.store(cfg, fn)

@@ -175,3 +175,98 @@ class AttentionMask:
                     s_mn[r, c] = -Float32.inf if col >= hi else s_mn[r, c]
                 if const_expr(use_left):
                     s_mn[r, c] = -Float32.inf if col < lo else s_mn[r, c]
+
+
+@dataclass(frozen=True)
+class KeyBlockMask:
+    """The backward's view of the same mask: one block of tile_n keys (`n_block`) against the
+    query blocks of tile_m rows that see it, with scores transposed (S^T: keys are the rows of
+    the accumulator, queries its columns). No GQA packing: rows are query positions."""
+
+    tile_m: cutlass.Constexpr[int]
+    tile_n: cutlass.Constexpr[int]
+    has_left: cutlass.Constexpr[bool]
+    has_right: cutlass.Constexpr[bool]
+    window_left: Int32
+    window_right: Int32
+    seqlen: SeqlenInfo
+    n_block: Int32
+
+    @property
+    def diag(self):
+        return self.seqlen.seqlen_k - self.seqlen.seqlen_q
+
+    @cute.jit
+    def m_block_range(self):
+        """[m_block_min, m_block_max): query blocks with a row that keeps a key of this block.
+        Key j is kept by row i iff i >= j - diag - window_right and i <= j - diag + window_left."""
+        m_block_max = cute.ceil_div(self.seqlen.seqlen_q, self.tile_m)
+        m_block_min = Int32(0)
+        if const_expr(self.has_right):
+            row_min = self.n_block * self.tile_n - self.diag - self.window_right
+            m_block_min = cutlass.max(row_min, 0) // self.tile_m
+        if const_expr(self.has_left):
+            row_max = (self.n_block + 1) * self.tile_n - 1 - self.diag + self.window_left  # inclusive
+            m_block_max = cutlass.min(m_block_max, cute.ceil_div(cutlass.max(row_max + 1, 0), self.tile_m))
+        return m_block_min, m_block_max
+
+    @cute.jit
+    def m_block_right_masked_end(self, m_block_min: Int32, m_block_max: Int32) -> Int32:
+        """Blocks in [m_block_min, this) may hold a row left of some key's diagonal (a row that
+        drops a key of this block on the right side of its window): they take the right mask."""
+        if const_expr(not self.has_right):
+            return m_block_min
+        row = (self.n_block + 1) * self.tile_n - 1 - self.diag - self.window_right  # first row keeping every key
+        end = cute.ceil_div(cutlass.max(row, 0), self.tile_m)
+        return cutlass.max(m_block_min, cutlass.min(end, m_block_max))
+
+    @cute.jit
+    def m_block_left_masked_begin(self, m_block_lo: Int32, m_block_max: Int32) -> Int32:
+        """Blocks in [this, m_block_max) may hold a row past the left window edge of some key of
+        this block: they take the left mask."""
+        if const_expr(not self.has_left):
+            return m_block_max
+        row = self.n_block * self.tile_n - self.diag + self.window_left  # last row keeping every key
+        begin = cutlass.max(row + 1, 0) // self.tile_m
+        return cutlass.max(m_block_lo, cutlass.min(begin, m_block_max))
+
+    @cute.jit
+    def apply(
+        self,
+        acc_St: cute.Tensor,
+        thr_mma: cute.ThrMma,
+        thr0_mma: cute.ThrMma,
+        m_block: Int32,
+        mask_keys: cutlass.Boolean,
+        mask_right: cutlass.Constexpr[bool],
+        mask_left: cutlass.Constexpr[bool],
+    ):
+        """Set masked entries of S^T (rows: this block's keys, columns: block m_block's rows) to
+        -inf: keys at or past seqlen_k where `mask_keys` (the last key block; a runtime branch per
+        row), and the window's edges. Query rows past seqlen_q are not masked here: the
+        backward's LSE is +inf there, so their probabilities are 0. Column limits per row as in
+        AttentionMask.apply (thread 0's coordinates are compile-time constants)."""
+        s_mn = acc_to_mn(acc_St)
+        cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
+        tScS = acc_to_mn(thr_mma.partition_C(cS))
+        t0ScS = acc_to_mn(thr0_mma.partition_C(cS))
+        key0 = self.n_block * self.tile_n + tScS[0, 0][0]
+        col0 = m_block * self.tile_m + tScS[0, 0][1]
+        use_right = const_expr(mask_right and self.has_right)
+        use_left = const_expr(mask_left and self.has_left)
+        for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+            key = key0 + t0ScS[r, 0][0]
+            if mask_keys:
+                if key >= self.seqlen.seqlen_k:
+                    for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                        s_mn[r, c] = -Float32.inf
+            if const_expr(use_right or use_left):
+                # Keep columns c (thread-0 coordinates) with lo <= c <= hi.
+                lo = key - self.diag - self.window_right - col0
+                hi = key - self.diag + self.window_left - col0
+                for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                    col = t0ScS[r, c][1]
+                    if const_expr(use_right):
+                        s_mn[r, c] = -Float32.inf if col < lo else s_mn[r, c]
+                    if const_expr(use_left):
+                        s_mn[r, c] = -Float32.inf if col > hi else s_mn[r, c]

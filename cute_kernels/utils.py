@@ -30,10 +30,24 @@ class NamedBarrierFwd(enum.IntEnum):
     WarpSchedulerWG3 = 4  # 3 consumer WGs (tile_m 192): WG3 may issue its GEMMs
 
 
-def make_smem_layout(dtype: Type[cutlass.Numeric], shape: tuple, stages: Optional[int] = None):
-    """Row-major (last dim contiguous) swizzled smem layout for a TMA tile, optionally staged."""
+class NamedBarrierBwd(enum.IntEnum):
+    """The backward's named-barrier ids (bwd_sm90.py)."""
+
+    PdS = 1  # both consumer WGs: sdS free to write (previous dQ GEMMs done) / written (next dQ GEMM)
+    dQFullWG0 = 2  # consumer WG i's dQ is in sdQ[i] (128 consumer threads + the 32 of the dQ warp)
+    dQFullWG1 = 3
+    dQEmptyWG0 = 4  # the dQ warp's bulk reduce has read sdQ[i]: WG i may write it again
+    dQEmptyWG1 = 5
+
+
+def make_smem_layout(dtype: Type[cutlass.Numeric], shape: tuple, stages: Optional[int] = None,
+                     atom_cols: Optional[int] = None):
+    """Row-major (last dim contiguous) swizzled smem layout for a TMA tile, optionally staged.
+    The swizzle atom is the widest whose row divides `atom_cols` (default: the tile's columns);
+    a tile that a GEMM also reads transposed in column slices (the backward's K in dQ = dS K,
+    hdim / 2 columns per warpgroup) needs an atom that divides the slice."""
     atom = warpgroup.make_smem_layout_atom(
-        sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, shape[1]), dtype
+        sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, atom_cols or shape[1]), dtype
     )
     if stages is None:
         return cute.tile_to_shape(atom, shape, order=(0, 1))
@@ -155,3 +169,51 @@ def assume_aligned_strides(t: cute.Tensor, divby: int) -> cute.Tensor:
     16-byte strides; the host checks this before launch)."""
     strides = tuple(s if isinstance(s, int) else cute.assume(s, divby=divby) for s in t.stride)
     return cute.make_tensor(t.iterator, cute.make_layout(t.shape, stride=strides))
+
+
+@dsl_user_op
+def bulk_load(gmem_ptr: cute.Pointer, smem_ptr: cute.Pointer, mbar_ptr: cute.Pointer, num_bytes: int,
+              *, loc=None, ip=None):
+    """cp.async.bulk of `num_bytes` contiguous bytes (a multiple of 16, both ends 16-byte aligned)
+    from global to shared memory, completing on the mbarrier as transaction bytes. One thread
+    issues it (no election inside)."""
+    llvm.inline_asm(
+        None,
+        [gmem_ptr.toint(loc=loc, ip=ip).ir_value(), smem_ptr.toint(loc=loc, ip=ip).ir_value(),
+         mbar_ptr.toint(loc=loc, ip=ip).ir_value(), Int32(num_bytes).ir_value(loc=loc, ip=ip)],
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$1], [$0], $3, [$2];",
+        "l,r,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+
+
+@dsl_user_op
+def bulk_reduce_add_f32(smem_ptr: cute.Pointer, gmem_ptr: cute.Pointer, num_bytes: int, *, loc=None, ip=None):
+    """cp.reduce.async.bulk .add.f32: global[i] += shared[i] over `num_bytes` contiguous bytes
+    (a multiple of 16), in the issuing thread's bulk group (commit / wait with
+    cp_async_bulk_commit_group / wait_group). One thread issues it."""
+    llvm.inline_asm(
+        None,
+        [gmem_ptr.toint(loc=loc, ip=ip).ir_value(), smem_ptr.toint(loc=loc, ip=ip).ir_value(),
+         Int32(num_bytes).ir_value(loc=loc, ip=ip)],
+        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], $2;",
+        "l,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+
+
+def sdhb(t: cute.Tensor, packed: bool) -> cute.Tensor:
+    """(b, s, h, d) or packed (t, h, d) -> (s, d, h, b), with b of size 1 for packed."""
+    if const_expr(packed):
+        lay = cute.select(t.layout, mode=[0, 2, 1])
+        lay = cute.append(lay, cute.make_layout(1, stride=0))
+    else:
+        lay = cute.select(t.layout, mode=[1, 3, 2, 0])
+    return cute.make_tensor(t.iterator, lay)
+
+
+def lse_shb(t: cute.Tensor, packed: bool) -> cute.Tensor:
+    """(b, h, s) or packed (h, t) -> (s, h, b)."""
+    if const_expr(packed):
+        lay = cute.append(cute.select(t.layout, mode=[1, 0]), cute.make_layout(1, stride=0))
+    else:
+        lay = cute.select(t.layout, mode=[2, 1, 0])
+    return cute.make_tensor(t.iterator, lay)

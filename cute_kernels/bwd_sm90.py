@@ -1,0 +1,579 @@
+"""FlashAttention-3-style backward attention for sm90 (H100/H200), bf16/fp16, in CuTe DSL.
+
+One CTA per (key block of tile_n = 128 keys, KV head, batch). It holds K, V and the dK, dV
+accumulators of its keys and walks the query blocks of tile_m rows that see them, for every
+query head of its KV head (GQA / MQA: dK and dV summed over the group in registers, no second
+pass), in increasing m_block order.
+
+Warp roles (384 threads):
+  WG0 warp 0   producer: K and V once (pipeline_kv), then per (head, m_block) Q + LSE
+               (pipeline_q) and dO + dPsum (pipeline_do) by TMA / bulk copies.
+  WG0 warp 1   dQ writer: per (head, m_block) and consumer warpgroup, one bulk reduce-add
+               (cp.reduce.async.bulk .add.f32) of that warpgroup's fp32 dQ from smem into the
+               dQ accumulator in global memory, overlapped with the next block's GEMMs.
+  WG1, WG2     consumers, 64 keys each (setmaxnreg 240; the producer warpgroup 24). Per m_block:
+                 S^T  = K Q^T          SS WGMMA, keys as M: P^T stays in this thread's registers
+                 dP^T = V dO^T         SS WGMMA
+                 P^T  = exp2(S^T * scale_log2 - LSE_log2[query])   (masked entries -inf -> 0)
+                 dS^T = P^T * (dP^T - dPsum[query])  (softcap: times 1 - tanh^2)
+                 dS^T -> sdS (stmatrix), shared by both warpgroups
+                 dV  += P^T dO         RS WGMMA
+                 dQ   = dS K           SS WGMMA from sdS (each warpgroup: half of dQ's columns, or
+                                       of its rows at tile_m 128), -> sdQ in fragment order
+                 dK  += dS^T Q         RS WGMMA
+               then dK * softmax_scale and dV to global memory.
+
+Layouts the host prepares (bwd_launch.py): LSE_log2 = LSE * log2(e) (+inf where LSE is -inf
+or the row is padding, so P = 0 there) and dPsum = rowsum(dO * O), float32, per head in
+query rows padded per sequence to whole tile_m blocks (`padded_offset`); the dQ accumulator,
+float32, zeroed, with each (head, m_block) chunk of tile_m x hdim values in the order the
+consumer threads hold them (`dq_fragment_order`), which the host permutes back while it scales
+and converts dQ.
+
+Pipelines (PipelineTmaAsync, counts checked at trace time): pipeline_kv 1 stage (K + V bytes),
+pipeline_q / pipeline_do q_stages (Q + LSE / dO + dPsum bytes); consumer release from lane 0
+of each of the 8 consumer warps. Named barriers (utils.NamedBarrierBwd): PdS over both consumer
+warpgroups around sdS; dQFull / dQEmpty per consumer warpgroup with the dQ warp around sdQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils as cutlass_utils
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.utils import LayoutEnum
+
+from cute_kernels.config import BwdConfig
+from cute_kernels.mask import KeyBlockMask, SeqlenInfo
+from cute_kernels.pipeline import check_arrive_counts
+from cute_kernels.utils import (
+    NamedBarrierBwd,
+    acc_to_frgA,
+    acc_to_mn,
+    assume_aligned_strides,
+    bulk_load,
+    bulk_reduce_add_f32,
+    convert_to,
+    gemm,
+    lse_shb,
+    make_smem_layout,
+    sdhb,
+    transpose_view,
+)
+
+DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}
+THREADS_PER_WG = 128
+NUM_MMA_WG = 2
+SMEM_BYTES = 227 * 1024
+DQ_VEC = 4  # fp32 values per 16-byte store of dQ into sdQ
+
+
+def padded_offset(offset_q, batch, tile_m: int):
+    """First row of sequence `batch` in the padded per-head rows (LSE_log2, dPsum, dQ
+    accumulator) of packed queries: rows offset_q .. offset_q + L - 1 move to start at a
+    multiple of tile_m, and every sequence's whole blocks stay apart (FA3's layout:
+    (offset_q + batch * tile_m) rounded down to tile_m; total rows <= total_q + batch * tile_m)."""
+    return (offset_q + batch * tile_m) // tile_m * tile_m
+
+
+class FlashAttentionBackwardSm90:
+    def __init__(self, cfg: BwdConfig):
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.dtype]
+        self.tile_m, self.tile_n, self.hdim = cfg.tile_m, cfg.tile_n, cfg.hdim
+        self.q_stages = cfg.q_stages
+        self.num_mma_threads = NUM_MMA_WG * THREADS_PER_WG
+        self.num_threads = self.num_mma_threads + THREADS_PER_WG
+        # fp32 dQ values one consumer thread holds per m_block
+        self.dq_per_thread = self.tile_m * self.hdim // self.num_mma_threads
+        assert self.dq_per_thread % DQ_VEC == 0
+
+    # ------------------------------------------------------------------ host side
+    def _mma(self, a_major, b_major, atoms, n, a_source=warpgroup.OperandSource.SMEM):
+        return sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, a_major, b_major, Float32, atom_layout_mnk=atoms, tiler_mn=(64, n),
+            a_source=a_source)
+
+    def make_tiled_mmas(self):
+        K, MN = warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN
+        # S^T = K Q^T and dP^T = V dO^T: M = the 128 keys (64 per warpgroup), N = tile_m queries
+        sdp = self._mma(K, K, (NUM_MMA_WG, 1, 1), self.tile_m)
+        # dV += P^T dO, dK += dS^T Q: A in registers, B = dO / Q read transposed (MN-major)
+        dkv = self._mma(K, MN, (NUM_MMA_WG, 1, 1), self.hdim, a_source=warpgroup.OperandSource.RMEM)
+        # dQ = dS K: A = dS from sdS (stored keys x queries: MN-major), B = K transposed; each
+        # warpgroup computes hdim / 2 of dQ's columns
+        dq = self._mma(MN, MN, (1, NUM_MMA_WG, 1), self.hdim // NUM_MMA_WG)
+        return sdp, dkv, dq
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (b, s_q, h, d) or (total_q, h, d)
+        mK: cute.Tensor,  # (b, s_k, h_kv, d) or (total_k, h_kv, d)
+        mV: cute.Tensor,  # like mK
+        mdO: cute.Tensor,  # like mQ
+        mdK: cute.Tensor,  # like mK
+        mdV: cute.Tensor,  # like mV
+        mLSE2: cute.Tensor,  # (b, h, rows_pad) or (h, total_pad) float32
+        mdPsum: cute.Tensor,  # like mLSE2
+        mdQacc: cute.Tensor,  # (b, h, rows_pad * hdim) or (h, total_pad * hdim) float32, zeroed
+        mCuSeqlensQ: Optional[cute.Tensor],
+        mCuSeqlensK: Optional[cute.Tensor],
+        mSeqUsedQ: Optional[cute.Tensor],
+        mSeqUsedK: Optional[cute.Tensor],
+        scale_log2: Float32,  # softmax_scale * log2(e); softcap: softcap * log2(e)
+        softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
+        softmax_scale: Float32,
+        window_left: Int32,
+        window_right: Int32,
+        max_seqlen_k: Int32,
+        stream: cuda.CUstream,
+    ):
+        cfg = self.cfg
+        divby = 128 // self.dtype.width
+        mQ, mK, mV, mdO, mdK, mdV = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV, mdO, mdK, mdV)]
+        mQ, mdO = [sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mdO)]
+        mK, mV, mdK, mdV = [sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV, mdK, mdV)]
+        mLSE2, mdPsum, mdQacc = [lse_shb(t, cfg.cu_seqlens_q) for t in (mLSE2, mdPsum, mdQacc)]
+
+        tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq = self.make_tiled_mmas()
+        self.check_dq_fragment_order(tiled_mma_dq)
+        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
+        sdO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
+        # (dQ = dS K reads K transposed in hdim / 2-column halves: a swizzle atom that divides them)
+        sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), atom_cols=self.hdim // NUM_MMA_WG)
+        sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim))
+        # dS^T as the S^T accumulator holds it: keys x queries, queries contiguous
+        sdS_layout = make_smem_layout(self.dtype, (self.tile_n, self.tile_m))
+        dq_chunk = THREADS_PER_WG * self.dq_per_thread  # one warpgroup's share of a dQ block
+        # (vector, thread, vectors, warpgroup): each thread's 16-byte vectors THREADS_PER_WG apart
+        sdQ_layout = cute.make_layout(
+            (DQ_VEC, THREADS_PER_WG, self.dq_per_thread // DQ_VEC, NUM_MMA_WG),
+            stride=(1, DQ_VEC, DQ_VEC * THREADS_PER_WG, dq_chunk))
+        sRow_layout = cute.make_layout((self.tile_m, self.q_stages))  # LSE_log2 / dPsum
+
+        @cute.struct
+        class SharedStorage:
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
+            mbar_do: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
+            sLSE: cute.struct.Align[cute.struct.MemRange[Float32, cute.cosize(sRow_layout)], 128]
+            sdPsum: cute.struct.Align[cute.struct.MemRange[Float32, cute.cosize(sRow_layout)], 128]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
+            sdO: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sdO_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
+            sdS: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sdS_layout)], 1024]
+            sdQ: cute.struct.Align[cute.struct.MemRange[Float32, cute.cosize(sdQ_layout)], 128]
+
+        assert SharedStorage.size_in_bytes() <= SMEM_BYTES, \
+            f"{cfg.short()}: {SharedStorage.size_in_bytes()} bytes of shared memory > {SMEM_BYTES}"
+
+        g2s = cpasync.CopyBulkTensorTileG2SOp()
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (self.tile_m, self.hdim))
+        tma_atom_dO, tma_dO = cpasync.make_tiled_tma_atom(
+            g2s, mdO, cute.select(sdO_layout, mode=[0, 1]), (self.tile_m, self.hdim))
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(g2s, mK, sK_layout, (self.tile_n, self.hdim))
+        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(g2s, mV, sV_layout, (self.tile_n, self.hdim))
+        row_bytes = self.tile_m * 4
+        tx_q = cute.size_in_bytes(self.dtype, cute.select(sQ_layout, mode=[0, 1])) + row_bytes
+        tx_do = cute.size_in_bytes(self.dtype, cute.select(sdO_layout, mode=[0, 1])) + row_bytes
+        tx_kv = 2 * cute.size_in_bytes(self.dtype, sK_layout)
+
+        batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
+        self.kernel(
+            tma_Q, tma_K, tma_V, tma_dO, mdK, mdV, mLSE2, mdPsum, mdQacc,
+            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,
+            tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
+            scale_log2, softcap_premul, softmax_scale, window_left, window_right,
+            sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout,
+            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
+        ).launch(
+            grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]), batch],
+            block=[self.num_threads, 1, 1],
+            smem=SharedStorage.size_in_bytes(),
+            stream=stream,
+            min_blocks_per_mp=1,
+        )
+
+    def check_dq_fragment_order(self, tiled_mma_dq):
+        """Trace time: the (row, column) of every dQ value of a few threads, read from the tiled
+        MMA's layout, is what `dq_value_coords` (the host's permutation) says it is."""
+        from cute_kernels.bwd_launch import dq_value_coords
+
+        cdQ = cute.make_identity_tensor((self.tile_m, self.hdim))
+        for t in (0, 1, 5, 37, 100, 128, 133, 255):
+            coords = tiled_mma_dq.get_slice(t).partition_C(cdQ)
+            assert cute.size(coords) == self.dq_per_thread
+            for r in range(self.dq_per_thread):
+                got = tuple(int(x) for x in coords[r])
+                want = dq_value_coords(self.tile_m, self.hdim, t, r)
+                assert got == want, f"dQ value {r} of thread {t}: MMA layout {got}, host order {want}"
+
+    # ------------------------------------------------------------------ device side
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
+        mdK: cute.Tensor, mdV: cute.Tensor, mLSE2: cute.Tensor, mdPsum: cute.Tensor, mdQacc: cute.Tensor,
+        mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
+        mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
+        tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
+        tma_atom_dO: cute.CopyAtom,
+        scale_log2: Float32, softcap_premul: Float32, softmax_scale: Float32,
+        window_left: Int32, window_right: Int32,
+        sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
+        sV_layout: cute.ComposedLayout, sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
+        sRow_layout: cute.Layout,
+        tiled_mma_sdp: cute.TiledMma, tiled_mma_dkv: cute.TiledMma, tiled_mma_dq: cute.TiledMma,
+        tx_q: cutlass.Constexpr[int], tx_do: cutlass.Constexpr[int], tx_kv: cutlass.Constexpr[int],
+        SharedStorage: cutlass.Constexpr,
+    ):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp_idx == 0:
+            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO):
+                cpasync.prefetch_descriptor(atom)
+
+        smem = cutlass_utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
+        consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
+        make_pipe = partial(pipeline.PipelineTmaAsync.create, producer_group=producer,
+                            consumer_group=consumer_warps, defer_sync=True)
+        pipeline_kv = make_pipe(barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, tx_count=tx_kv)
+        pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.q_stages, tx_count=tx_q)
+        pipeline_do = make_pipe(barrier_storage=storage.mbar_do.data_ptr(), num_stages=self.q_stages,
+                                tx_count=tx_do)
+        for pipe in (pipeline_kv, pipeline_q, pipeline_do):
+            check_arrive_counts(pipe, self.num_mma_threads // 32)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.barrier()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sdO = storage.sdO.get_tensor(sdO_layout.outer, swizzle=sdO_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sdS = storage.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
+        sdQ = storage.sdQ.get_tensor(sdQ_layout)
+        sLSE = storage.sLSE.get_tensor(sRow_layout)
+        sdPsum = storage.sdPsum.get_tensor(sRow_layout)
+
+        n_block, head_kv, batch = cute.arch.block_idx()
+        seqlen = SeqlenInfo.create(batch, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
+                                   mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
+                                   mSeqUsedK=mSeqUsedK)
+        mask = KeyBlockMask(self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right, window_left,
+                            window_right, seqlen, n_block)
+        group = cute.size(mQ.shape[2]) // cute.size(mK.shape[2])
+        work = _Work(n_block, head_kv, batch, group, seqlen, mask,
+                     padded_offset(seqlen.offset_q, batch, self.tile_m) if const_expr(self.cfg.cu_seqlens_q) else 0)
+
+        if n_block * self.tile_n < seqlen.seqlen_k:  # (varlen: a key block past this sequence has no work)
+            if warp_idx < 4:
+                cute.arch.setmaxregister_decrease(self.cfg.producer_regs)
+                if warp_idx == 0:
+                    self.load(mQ, mK, mV, mdO, mLSE2, mdPsum, sQ, sK, sV, sdO, sLSE, sdPsum,
+                              tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
+                              pipeline_kv, pipeline_q, pipeline_do, work)
+                elif warp_idx == 1:
+                    self.store_dq(mdQacc, sdQ, work)
+            else:
+                cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
+                self.mma(mdK, mdV, sQ, sK, sV, sdO, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
+                         tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
+                         softmax_scale, work)
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(self, mQ, mK, mV, mdO, mLSE2, mdPsum, sQ, sK, sV, sdO, sLSE, sdPsum,
+             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO, pipeline_kv, pipeline_q, pipeline_do, work):
+        """Producer warp: K and V of the key block, then Q + LSE_log2 and dO + dPsum per
+        (query head of the group, m_block), in the consumers' order."""
+        cfg, seqlen = self.cfg, work.seqlen
+        m_block_min, m_block_max = work.mask.m_block_range()
+        if m_block_min < m_block_max:
+            one = cute.make_layout(1)
+            b_q = work.batch if const_expr(not cfg.cu_seqlens_q) else 0
+            b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
+            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+            pipeline_kv.producer_acquire(kv_state)
+            for atom, mX, sX in ((tma_atom_K, mK, sK), (tma_atom_V, mV, sV)):
+                mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.head_kv, b_k])
+                gX = cute.local_tile(mX_cur, (self.tile_n, self.hdim), (work.n_block, 0))
+                tXsX, tXgX = cpasync.tma_partition(atom, 0, one, cute.group_modes(sX, 0, 2),
+                                                   cute.group_modes(gX, 0, 2))
+                cute.copy(atom, tXgX, tXsX, tma_bar_ptr=pipeline_kv.producer_get_barrier(kv_state))
+
+            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.q_stages)
+            for h in cutlass.range(work.group, unroll=1):
+                head = work.head_kv * work.group + h
+                rows = (work.row_offset, b_q, head)
+                load_q = partial(self.load_rows, mX=mQ, mRow=mLSE2, sX=sQ, sRow=sLSE, atom=tma_atom_Q,
+                                 pipe=pipeline_q, rows=rows)
+                load_do = partial(self.load_rows, mX=mdO, mRow=mdPsum, sX=sdO, sRow=sdPsum, atom=tma_atom_dO,
+                                  pipe=pipeline_do, rows=rows)
+                for m_block in cutlass.range(m_block_min, m_block_max, unroll=1):
+                    load_q(m_block, q_state, seqlen)
+                    load_do(m_block, q_state, seqlen)
+                    q_state.advance()
+
+    @cute.jit
+    def load_rows(self, m_block, state, seqlen: SeqlenInfo, mX, mRow, sX, sRow, atom, pipe, rows):
+        """Stage `state`: block m_block of Q (dO) by TMA and its LSE_log2 (dPsum) by a bulk copy,
+        on the stage's one full barrier."""
+        row_offset, b, head = rows
+        pipe.producer_acquire(state)
+        mX_cur = cute.domain_offset((seqlen.offset_q, 0), mX[None, None, head, b])
+        gX = cute.local_tile(mX_cur, (self.tile_m, self.hdim), (m_block, 0))
+        tXsX, tXgX = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2),
+                                           cute.group_modes(gX, 0, 2))
+        cute.copy(atom, tXgX, tXsX[None, state.index], tma_bar_ptr=pipe.producer_get_barrier(state))
+        gRow = cute.local_tile(cute.domain_offset((row_offset,), mRow[None, head, b]), (self.tile_m,), (m_block,))
+        with cute.arch.elect_one():
+            bulk_load(gRow.iterator, sRow[None, state.index].iterator, pipe.producer_get_barrier(state),
+                      self.tile_m * 4)
+
+    @cute.jit
+    def store_dq(self, mdQacc, sdQ, work):
+        """dQ warp: per (head, m_block), each consumer warpgroup's dQ from sdQ added into the
+        accumulator's chunk by one bulk reduce; the warpgroup may write sdQ again once the
+        reduce has read it."""
+        m_block_min, m_block_max = work.mask.m_block_range()
+        b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
+        chunk = THREADS_PER_WG * self.dq_per_thread
+        for h in cutlass.range(work.group, unroll=1):
+            head = work.head_kv * work.group + h
+            mdQ_cur = cute.domain_offset((work.row_offset * self.hdim,), mdQacc[None, head, b_q])
+            for m_block in cutlass.range(m_block_min, m_block_max, unroll=1):
+                gdQ = cute.local_tile(mdQ_cur, (self.tile_m * self.hdim,), (m_block,))
+                for wg in cutlass.range_constexpr(NUM_MMA_WG):
+                    # this warpgroup's previous reduce has read sdQ[wg] (the later ones may run on)
+                    cute.arch.cp_async_bulk_wait_group(NUM_MMA_WG - 1 - wg, read=True)
+                    cute.arch.barrier_arrive(barrier_id=int(NamedBarrierBwd.dQEmptyWG0) + wg,
+                                             number_of_threads=THREADS_PER_WG + 32)
+                for wg in cutlass.range_constexpr(NUM_MMA_WG):
+                    cute.arch.barrier(barrier_id=int(NamedBarrierBwd.dQFullWG0) + wg,
+                                      number_of_threads=THREADS_PER_WG + 32)
+                    with cute.arch.elect_one():
+                        bulk_reduce_add_f32(sdQ[None, None, None, wg].iterator, (gdQ.iterator + wg * chunk),
+                                            chunk * 4)
+                    cute.arch.cp_async_bulk_commit_group()
+        cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def mma(self, mdK, mdV, sQ, sK, sV, sdO, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
+            tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul, softmax_scale, work):
+        tidx = cute.arch.thread_idx()[0] - THREADS_PER_WG
+        wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WG)
+        wg_sdp = tiled_mma_sdp.get_slice(wg_idx * THREADS_PER_WG)
+        wg_dkv = tiled_mma_dkv.get_slice(wg_idx * THREADS_PER_WG)
+        wg_dq = tiled_mma_dq.get_slice(wg_idx * THREADS_PER_WG)
+        # operands: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K
+        tSrK = wg_sdp.make_fragment_A(wg_sdp.partition_A(sK))
+        tSrQ = wg_sdp.make_fragment_B(wg_sdp.partition_B(sQ))
+        tdPrV = wg_sdp.make_fragment_A(wg_sdp.partition_A(sV))
+        tdPrdO = wg_sdp.make_fragment_B(wg_sdp.partition_B(sdO))
+        tdVrdOt = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdO)))
+        tdKrQt = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
+        tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))
+        tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
+        acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
+        acc_dV = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
+        acc_dK.fill(0.0)
+        acc_dV.fill(0.0)
+        thr_sdp = tiled_mma_sdp.get_slice(tidx)
+        thr0_sdp = tiled_mma_sdp.get_slice(0)
+        # dS^T registers -> sdS (stmatrix, as the forward stages O)
+        store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
+        thr_copy_dS = cute.make_tiled_copy_C(store_atom, tiled_mma_sdp).get_slice(tidx)
+        tdSsdS = thr_copy_dS.partition_D(sdS)
+        # this thread's queries (columns of S^T): its own offset plus thread 0's constant ones
+        cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
+        col0 = acc_to_mn(thr_sdp.partition_C(cS))[0, 0][1]
+        t0_cols = acc_to_mn(thr0_sdp.partition_C(cS))
+        # this thread's dQ vectors in sdQ
+        tdQsdQ = sdQ[None, tidx % THREADS_PER_WG, None, wg_idx]
+        step = partial(
+            self.step, tSrK=tSrK, tSrQ=tSrQ, tdPrV=tdPrV, tdPrdO=tdPrdO, tdVrdOt=tdVrdOt, tdKrQt=tdKrQt,
+            tdQrdS=tdQrdS, tdQrKt=tdQrKt, acc_dK=acc_dK, acc_dV=acc_dV, tiled_mma_sdp=tiled_mma_sdp,
+            tiled_mma_dkv=tiled_mma_dkv, tiled_mma_dq=tiled_mma_dq, thr_sdp=thr_sdp, thr0_sdp=thr0_sdp,
+            thr_copy_dS=thr_copy_dS, tdSsdS=tdSsdS, col0=col0, t0_cols=t0_cols, tdQsdQ=tdQsdQ, sLSE=sLSE,
+            sdPsum=sdPsum, pipeline_q=pipeline_q, pipeline_do=pipeline_do, scale_log2=scale_log2,
+            softcap_premul=softcap_premul, wg_idx=wg_idx, mask=work.mask,
+        )
+
+        mask = work.mask
+        m_block_min, m_block_max = mask.m_block_range()
+        if m_block_min < m_block_max:
+            pipeline_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
+            mask_keys = (work.n_block + 1) * self.tile_n > work.seqlen.seqlen_k
+            m_right_end = mask.m_block_right_masked_end(m_block_min, m_block_max)
+            m_left_begin = mask.m_block_left_masked_begin(m_right_end, m_block_max)
+            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.q_stages)
+            for h in cutlass.range(work.group, unroll=1):
+                # 1) query blocks with rows before some key's diagonal: right (and left) mask
+                if const_expr(self.cfg.has_right):
+                    for m_block in cutlass.range(m_block_min, m_right_end, unroll=1):
+                        q_state = step(q_state, m_block, mask_keys, mask_right=True, mask_left=True)
+                # 2) no window edge inside
+                for m_block in cutlass.range(m_right_end, m_left_begin, unroll=1):
+                    q_state = step(q_state, m_block, mask_keys)
+                # 3) rows past some key's left window edge
+                if const_expr(self.cfg.has_left):
+                    for m_block in cutlass.range(m_left_begin, m_block_max, unroll=1):
+                        q_state = step(q_state, m_block, mask_keys, mask_left=True)
+        for i in cutlass.range_constexpr(cute.size(acc_dK)):
+            acc_dK[i] = acc_dK[i] * softmax_scale
+        self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work)
+        self.store_dkv(acc_dV, mdV, tiled_mma_dkv, tidx, work)
+
+    @cute.jit
+    def step(self, q_state, m_block, mask_keys, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdQrdS, tdQrKt,
+             acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq, thr_sdp, thr0_sdp, thr_copy_dS, tdSsdS,
+             col0, t0_cols, tdQsdQ, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
+             mask: KeyBlockMask, mask_right: cutlass.Constexpr[bool] = False,
+             mask_left: cutlass.Constexpr[bool] = False):
+        """One query block against this CTA's keys (see the module docstring)."""
+        stage = q_state.index
+        shape_s = tiled_mma_sdp.partition_shape_C((self.tile_n, self.tile_m))
+        # S^T = K Q^T and dP^T = V dO^T, issued back to back
+        pipeline_q.consumer_wait(q_state)
+        acc_S = cute.make_rmem_tensor(shape_s, Float32)
+        gemm(tiled_mma_sdp, acc_S, tSrK, tSrQ[None, None, None, stage], zero_init=True, wg_wait=-1)
+        pipeline_do.consumer_wait(q_state)
+        acc_dP = cute.make_rmem_tensor(shape_s, Float32)
+        gemm(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], zero_init=True, wg_wait=1)
+
+        # P^T = exp2(S^T * scale_log2 - LSE_log2[query])
+        s_mn = acc_to_mn(acc_S)
+        dtanh = None
+        if const_expr(self.cfg.softcap):
+            # d tanh = 1 - tanh^2 kept until dS in fp16 (10 mantissa bits, finer than dS's bf16;
+            # in fp32 its 32 more registers spill at hdim 128)
+            dtanh = cute.make_rmem_tensor_like(acc_S, cutlass.Float16)
+            for i in cutlass.range_constexpr(cute.size(acc_S)):
+                t = cute.math.tanh(acc_S[i] * softcap_premul)
+                acc_S[i] = t
+                dtanh[i] = (1.0 - t * t).to(cutlass.Float16)
+        mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left)
+        for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+            lse = sLSE[col0 + t0_cols[0, c][1], stage]
+            for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+                s_mn[r, c] = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
+        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+        convert_to(acc_S, rP)
+
+        # dS^T = P^T * (dP^T - dPsum[query])  (softcap: times d tanh)
+        warpgroup.wait_group(0)
+        dp_mn = acc_to_mn(acc_dP)
+        for c in cutlass.range_constexpr(cute.size(dp_mn.shape[1])):
+            dpsum = sdPsum[col0 + t0_cols[0, c][1], stage]
+            for r in cutlass.range_constexpr(cute.size(dp_mn.shape[0])):
+                dp_mn[r, c] = s_mn[r, c] * (dp_mn[r, c] - dpsum)
+        if const_expr(self.cfg.softcap):
+            for i in cutlass.range_constexpr(cute.size(acc_dP)):
+                acc_dP[i] = acc_dP[i] * dtanh[i].to(Float32)
+        rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
+        convert_to(acc_dP, rdS)
+
+        # dS^T into sdS, once both warpgroups' previous dQ GEMMs have read it
+        cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
+        cute.copy(thr_copy_dS, thr_copy_dS.retile(rdS), tdSsdS)
+        cute.arch.fence_view_async_shared()  # stmatrix writes -> WGMMA's async-proxy reads
+        # dV += P^T dO
+        gemm(tiled_mma_dkv, acc_dV, acc_to_frgA(rP), tdVrdOt[None, None, None, stage], wg_wait=-1)
+        cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
+        # dQ = dS K (this warpgroup's half), then dK += dS^T Q
+        acc_dQ = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C((self.tile_m, self.hdim)), Float32)
+        gemm(tiled_mma_dq, acc_dQ, tdQrdS, tdQrKt, zero_init=True, wg_wait=-1)
+        gemm(tiled_mma_dkv, acc_dK, acc_to_frgA(rdS), tdKrQt[None, None, None, stage], wg_wait=1)
+        pipeline_do.consumer_release(q_state)  # dV's GEMM (and dQ's) done with dO
+        # dQ -> sdQ once the dQ warp's previous reduce has read it, then hand it over
+        cute.arch.barrier(barrier_id=int(NamedBarrierBwd.dQEmptyWG0) + wg_idx, number_of_threads=THREADS_PER_WG + 32)
+        cute.autovec_copy(cute.make_tensor(acc_dQ.iterator, cute.make_layout(tdQsdQ.shape)), tdQsdQ)
+        cute.arch.fence_view_async_shared()  # st.shared -> the bulk reduce's async-proxy reads
+        cute.arch.barrier_arrive(barrier_id=int(NamedBarrierBwd.dQFullWG0) + wg_idx,
+                                 number_of_threads=THREADS_PER_WG + 32)
+        warpgroup.wait_group(0)
+        pipeline_q.consumer_release(q_state)  # dK's GEMM done with Q
+        q_state.advance()
+        return q_state
+
+    @cute.jit
+    def store_dkv(self, acc, mX, tiled_mma_dkv, tidx, work):
+        """dK or dV of this CTA's keys (rows before seqlen_k, columns before the tensors' head
+        dim) from registers to global memory."""
+        cfg, seqlen = self.cfg, work.seqlen
+        r16 = cute.make_rmem_tensor_like(acc, self.dtype)
+        convert_to(acc, r16)
+        b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
+        thr = tiled_mma_dkv.get_slice(tidx)
+        mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.head_kv, b_k])
+        gX = cute.local_tile(mX_cur, (self.tile_n, self.hdim), (work.n_block, 0))
+        tXgX = acc_to_mn(thr.partition_C(gX))
+        tXcX = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, self.hdim))))
+        r_mn = acc_to_mn(r16)
+        rows_left = seqlen.seqlen_k - work.n_block * self.tile_n
+        for r in cutlass.range_constexpr(cute.size(r_mn.shape[0])):
+            if tXcX[r, 0][0] < rows_left:
+                for c in cutlass.range_constexpr(cute.size(r_mn.shape[1])):
+                    if const_expr(not cfg.hdim_in) or tXcX[r, c][1] < cfg.hdim_in:
+                        tXgX[r, c] = r_mn[r, c]
+
+    # ------------------------------------------------------------------ compile
+    @staticmethod
+    def fake_args(cfg: BwdConfig, env_stream: bool = False):
+        """Fake tensors / scalars matching the launch (symbolic shapes, 16-byte strides)."""
+        sym, sym64 = cute.sym_int, cute.sym_int64
+        dt = DTYPES[cfg.dtype]
+        div = 128 // dt.width
+
+        def t(shape, dtype=dt, d=div):
+            stride = tuple(1 if i == len(shape) - 1 else sym64(divisibility=d) for i in range(len(shape)))
+            return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=16)
+
+        b, sq, sk, h, hk = sym(), sym(), sym(), sym(), sym()
+        q_rows = (sym(),) if cfg.cu_seqlens_q else (b, sq)
+        k_rows = (sym(),) if cfg.cu_seqlens_k else (b, sk)
+        d = cfg.hdim_in or cfg.hdim
+        rows = sym(divisibility=cfg.tile_m)
+        row_t = lambda n: t((h, n) if cfg.cu_seqlens_q else (b, h, n), Float32, 4)
+        bp1 = sym()
+        vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
+        return (
+            t((*q_rows, h, d)), t((*k_rows, hk, d)), t((*k_rows, hk, d)), t((*q_rows, h, d)),
+            t((*k_rows, hk, d)), t((*k_rows, hk, d)),
+            row_t(rows), row_t(rows), row_t(sym(divisibility=cfg.tile_m * cfg.hdim)),
+            vec(bp1) if cfg.cu_seqlens_q else None,
+            vec(bp1) if cfg.cu_seqlens_k else None,
+            vec(b) if cfg.seqused_q else None,
+            vec(b) if cfg.seqused_k else None,
+            Float32(1.0), Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1),
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
+        )
+
+
+@dataclass(frozen=True)
+class _Work:
+    """This CTA's key block and what every role derives from it: the query heads of its KV head
+    (`group` of them), the sequence, the mask and where the sequence's padded rows start."""
+
+    n_block: Int32
+    head_kv: Int32
+    batch: Int32
+    group: Int32
+    seqlen: SeqlenInfo
+    mask: KeyBlockMask
+    row_offset: Int32
