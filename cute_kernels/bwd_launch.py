@@ -44,8 +44,6 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
                 f"(padded to {sorted(BWD_TILES)}), got ({req.headdim}, {req.headdim_v})")
     if req.headdim_v != req.headdim:
         return "cute_kernels: the backward kernel needs hdim_v = hdim"
-    if req.params.deterministic:
-        return "cute_kernels: deterministic backward (a fixed dQ accumulation order) is not built yet"
     if req.params.attention_chunk:
         return "cute_kernels: attention_chunk is not in the backward kernel yet"
     from cute_kernels import launch
@@ -61,7 +59,8 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
     return _cached_config(DTYPES[req.dtype], d, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
                           softcap=p.softcap > 0, cu_seqlens_q=req.cu_seqlens_q is not None,
                           cu_seqlens_k=req.cu_seqlens_k is not None, seqused_q=req.seqused_q is not None,
-                          seqused_k=req.seqused_k is not None, hdim_in=0 if d == req.headdim else req.headdim)
+                          seqused_k=req.seqused_k is not None, hdim_in=0 if d == req.headdim else req.headdim,
+                          deterministic=p.deterministic)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -147,6 +146,14 @@ def preprocess(req: "AttentionRequest", cfg: BwdConfig, out: torch.Tensor, lse: 
     return lse2, dpsum, dq_acc
 
 
+def semaphores(req: "AttentionRequest", cfg: BwdConfig) -> Optional[torch.Tensor]:
+    """deterministic: one zeroed int32 counter per (head, query block) of the padded rows."""
+    if not cfg.deterministic:
+        return None
+    lead = (req.nheads,) if req.packed_q else (req.q.shape[0], req.nheads)
+    return torch.zeros((*lead, padded_rows(req, cfg.tile_m) // cfg.tile_m), dtype=torch.int32, device=req.device)
+
+
 def postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc: torch.Tensor, row_index: Optional[torch.Tensor]):
     """dQ (req.q's shape and dtype) from the accumulator."""
     d, tm = req.headdim, cfg.tile_m
@@ -177,11 +184,11 @@ def run(req: "AttentionRequest", out: torch.Tensor, lse: torch.Tensor, dout: tor
     new = torch.zeros if req.seqused_k is not None else torch.empty
     dk = new(k.shape, dtype=k.dtype, device=k.device)
     dv = new(v.shape, dtype=v.dtype, device=v.device)
-    launch_kernel(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc)
+    launch_kernel(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, semaphores(req, cfg))
     return postprocess(req, cfg, dq_acc, row_index), dk, dv
 
 
-def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc):
+def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=None):
     """Run the compiled backward kernel (the test hook: a CPU emulation may replace it)."""
     from cute_kernels import launch
 
@@ -195,5 +202,5 @@ def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, 
     fn = launch.kernels.get((cfg, True)) or launch.compile_kernel(cfg)
     dev = q.device
     with torch.cuda.device(dev) if dev.index != torch.cuda.current_device() else launch._SAME_DEVICE:
-        fn(q, k, v, do, dk, dv, lse2, dpsum, dq_acc, *ints, scale_log2, premul, p.softmax_scale,
+        fn(q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, *ints, scale_log2, premul, p.softmax_scale,
            p.window_left, p.window_right, max_seqlen_k)

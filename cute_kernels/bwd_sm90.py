@@ -65,8 +65,10 @@ from cute_kernels.utils import (
     bulk_reduce_add_f32,
     convert_to,
     gemm,
+    load_acquire_i32,
     lse_shb,
     make_smem_layout,
+    red_release_add_i32,
     sdhb,
     transpose_view,
 )
@@ -127,6 +129,7 @@ class FlashAttentionBackwardSm90:
         mLSE2: cute.Tensor,  # (b, h, rows_pad) or (h, total_pad) float32
         mdPsum: cute.Tensor,  # like mLSE2
         mdQacc: cute.Tensor,  # (b, h, rows_pad * hdim) or (h, total_pad * hdim) float32, zeroed
+        mSemaphore: Optional[cute.Tensor],  # deterministic: (b, h, rows_pad / tile_m) or (h, total_pad / tile_m) int32, zeroed
         mCuSeqlensQ: Optional[cute.Tensor],
         mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor],
@@ -145,6 +148,8 @@ class FlashAttentionBackwardSm90:
         mQ, mdO = [sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mdO)]
         mK, mV, mdK, mdV = [sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV, mdK, mdV)]
         mLSE2, mdPsum, mdQacc = [lse_shb(t, cfg.cu_seqlens_q) for t in (mLSE2, mdPsum, mdQacc)]
+        if const_expr(cfg.deterministic):
+            mSemaphore = lse_shb(mSemaphore, cfg.cu_seqlens_q)
 
         tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq = self.make_tiled_mmas()
         self.check_dq_fragment_order(tiled_mma_dq)
@@ -193,7 +198,7 @@ class FlashAttentionBackwardSm90:
 
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
-            tma_Q, tma_K, tma_V, tma_dO, mdK, mdV, mLSE2, mdPsum, mdQacc,
+            tma_Q, tma_K, tma_V, tma_dO, mdK, mdV, mLSE2, mdPsum, mdQacc, mSemaphore,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
             scale_log2, softcap_premul, softmax_scale, window_left, window_right,
@@ -227,6 +232,7 @@ class FlashAttentionBackwardSm90:
         self,
         mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
         mdK: cute.Tensor, mdV: cute.Tensor, mLSE2: cute.Tensor, mdPsum: cute.Tensor, mdQacc: cute.Tensor,
+        mSemaphore: Optional[cute.Tensor],
         mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
@@ -287,7 +293,7 @@ class FlashAttentionBackwardSm90:
                               tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
                               pipeline_kv, pipeline_q, pipeline_do, work)
                 elif warp_idx == 1:
-                    self.store_dq(mdQacc, sdQ, work)
+                    self.store_dq(mdQacc, mSemaphore, sdQ, work)
             else:
                 cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
                 self.mma(mdK, mdV, sQ, sK, sV, sdO, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
@@ -345,16 +351,26 @@ class FlashAttentionBackwardSm90:
                       self.tile_m * 4)
 
     @cute.jit
-    def store_dq(self, mdQacc, sdQ, work):
+    def store_dq(self, mdQacc, mSemaphore, sdQ, work):
         """dQ warp: per (head, m_block), each consumer warpgroup's dQ from sdQ added into the
         accumulator's chunk by one bulk reduce; the warpgroup may write sdQ again once the
-        reduce has read it."""
+        reduce has read it.
+        deterministic: the key blocks add into an m_block in increasing n_block order. The
+        block's semaphore counts the key blocks done with it: this CTA waits for it to reach
+        n_block, adds, waits for its adds to complete and increments it. Key blocks left of every
+        key a query block sees (a left window) count without adding, so the count stays the
+        n_block index; waits are on lower n_blocks only, launched earlier (the grid's x), so
+        resident or done: no deadlock."""
+        det = self.cfg.deterministic
         m_block_min, m_block_max = work.mask.m_block_range()
         b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
         chunk = THREADS_PER_WG * self.dq_per_thread
         for h in cutlass.range(work.group, unroll=1):
             head = work.head_kv * work.group + h
             mdQ_cur = cute.domain_offset((work.row_offset * self.hdim,), mdQacc[None, head, b_q])
+            sem = None
+            if const_expr(det):
+                sem = cute.domain_offset((work.row_offset // self.tile_m,), mSemaphore[None, head, b_q])
             for m_block in cutlass.range(m_block_min, m_block_max, unroll=1):
                 gdQ = cute.local_tile(mdQ_cur, (self.tile_m * self.hdim,), (m_block,))
                 for wg in cutlass.range_constexpr(NUM_MMA_WG):
@@ -362,6 +378,10 @@ class FlashAttentionBackwardSm90:
                     cute.arch.cp_async_bulk_wait_group(NUM_MMA_WG - 1 - wg, read=True)
                     cute.arch.barrier_arrive(barrier_id=int(NamedBarrierBwd.dQEmptyWG0) + wg,
                                              number_of_threads=THREADS_PER_WG + 32)
+                if const_expr(det):
+                    while load_acquire_i32(sem.iterator + m_block) != work.n_block:
+                        pass
+                    cute.arch.fence_proxy("async.global")  # the earlier adds -> this one's reads
                 for wg in cutlass.range_constexpr(NUM_MMA_WG):
                     cute.arch.barrier(barrier_id=int(NamedBarrierBwd.dQFullWG0) + wg,
                                       number_of_threads=THREADS_PER_WG + 32)
@@ -369,6 +389,15 @@ class FlashAttentionBackwardSm90:
                         bulk_reduce_add_f32(sdQ[None, None, None, wg].iterator, (gdQ.iterator + wg * chunk),
                                             chunk * 4)
                     cute.arch.cp_async_bulk_commit_group()
+                if const_expr(det):
+                    cute.arch.cp_async_bulk_wait_group(0, read=False)  # the adds are done
+                    if cute.arch.lane_idx() == 0:
+                        red_release_add_i32(sem.iterator + m_block, 1)
+            if const_expr(det and self.cfg.has_left):
+                m_block_end = cute.ceil_div(work.seqlen.seqlen_q, self.tile_m)
+                if cute.arch.lane_idx() == 0:
+                    for m_block in cutlass.range(m_block_max, m_block_end, unroll=1):
+                        red_release_add_i32(sem.iterator + m_block, 1)
         cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     # ------------------------------------------------------------------ consumers
@@ -556,6 +585,9 @@ class FlashAttentionBackwardSm90:
             t((*q_rows, h, d)), t((*k_rows, hk, d)), t((*k_rows, hk, d)), t((*q_rows, h, d)),
             t((*k_rows, hk, d)), t((*k_rows, hk, d)),
             row_t(rows), row_t(rows), row_t(sym(divisibility=cfg.tile_m * cfg.hdim)),
+            cute.runtime.make_fake_tensor(Int32, (sym(), sym()) if cfg.cu_seqlens_q else (sym(), sym(), sym()),
+                                          stride=(sym64(), 1) if cfg.cu_seqlens_q else (sym64(), sym64(), 1),
+                                          assumed_align=4) if cfg.deterministic else None,
             vec(bp1) if cfg.cu_seqlens_q else None,
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,

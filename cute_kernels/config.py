@@ -330,6 +330,9 @@ class BwdConfig:
     seqused_q: bool = False
     seqused_k: bool = False
     hdim_in: int = 0  # the tensors' head dim where below `hdim` (0: equal)
+    # dQ's adds in a fixed order (key blocks ascending, one semaphore per query block): the
+    # same bits on every run
+    deterministic: bool = False
     producer_regs: int = BWD_REG_SPLIT[0]
     consumer_regs: int = BWD_REG_SPLIT[1]
 
@@ -346,6 +349,6 @@ class BwdConfig:
 
     def short(self) -> str:
         flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
-                             "seqused_q", "seqused_k") if getattr(self, n)]
+                             "seqused_q", "seqused_k", "deterministic") if getattr(self, n)]
         flags += [f"tensors_d{self.hdim_in}"] if self.hdim_in else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

@@ -217,3 +217,22 @@ def lse_shb(t: cute.Tensor, packed: bool) -> cute.Tensor:
     else:
         lay = cute.select(t.layout, mode=[2, 1, 0])
     return cute.make_tensor(t.iterator, lay)
+
+
+@dsl_user_op
+def load_acquire_i32(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
+    """ld.acquire.gpu of one int32 in global memory (a semaphore read)."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [ptr.toint(loc=loc, ip=ip).ir_value()], "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l",
+        has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
+
+
+@dsl_user_op
+def red_release_add_i32(ptr: cute.Pointer, value, *, loc=None, ip=None):
+    """red.release.gpu.add of an int32 in global memory (a semaphore increment)."""
+    llvm.inline_asm(
+        None, [ptr.toint(loc=loc, ip=ip).ir_value(), Int32(value).ir_value(loc=loc, ip=ip)],
+        "red.release.gpu.global.add.s32 [$0], $1;", "l,r",
+        has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
