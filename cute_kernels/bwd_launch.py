@@ -9,9 +9,10 @@ around the kernel (bwd_sm90.py), and the launch.
     postprocess  dQ: the accumulator's chunks permuted from the consumer threads' register order
                  (`dq_fragment_order`) to rows x head dim, times softmax_scale, converted.
 
-The pre / post steps are torch ops for now (one fused pass each is the faster form).
-The kernel has not yet run on a GPU: the dispatcher sends backwards here only with
-FA3PY_CUTE_BWD=1 (`enabled`).
+On CUDA the pre / post steps are CuTe DSL kernels (bwd_prepost.py); `preprocess` /
+`postprocess` here are the same in torch ops (the CPU path of the emulation tests, and the
+reference of the GPU tests). None of these kernels has run on a GPU yet: the dispatcher sends
+backwards here only with FA3PY_CUTE_BWD=1 (`enabled`).
 """
 
 from __future__ import annotations
@@ -165,42 +166,102 @@ def postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc: torch.Tensor, r
         dq = rows[:, row_index].transpose(0, 1)  # (total, h, d)
     else:
         dq = rows[:, :, :req.q.shape[1]].transpose(1, 2)  # (b, s, h, d)
+    if req.seqused_q is not None:  # rows past seqused_q are no sequence's: zero
+        dq = dq * _used_rows(req)[..., None, None]
     return dq.to(req.dtype).contiguous()
+
+
+def _used_rows(req: "AttentionRequest") -> torch.Tensor:
+    """With seqused_q: which query rows (packed (total,) or batched (b, s)) are in their sequence."""
+    used = req.seqused_q.to(torch.long)
+    if req.packed_q:
+        cu = req.cu_seqlens_q.to(torch.long)
+        rows = torch.arange(req.q.shape[0], device=cu.device)
+        batch = torch.searchsorted(cu[1:], rows, right=True)
+        return rows - cu[batch] < used[batch]
+    return torch.arange(req.q.shape[1], device=used.device)[None] < used[:, None]
 
 
 # ----------------------------------------------------------------------------- run
 def run(req: "AttentionRequest", out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
         cfg: Optional[BwdConfig] = None):
-    """(dq, dk, dv) of `req` given the forward's out / lse and the gradient dout."""
+    """(dq, dk, dv) of `req` given the forward's out / lse and the gradient dout. On CUDA the
+    pre / post steps are bwd_prepost's kernels; elsewhere (CPU emulation tests) their torch
+    form here."""
     from cute_kernels.launch import _tma_ready, q_empty_or_no_keys
 
     cfg = cfg or config_for(req)
     if q_empty_or_no_keys(req):
         return torch.zeros_like(req.q), torch.zeros_like(req.k), torch.zeros_like(req.v)
-    row_index = packed_row_index(req, cfg.tile_m) if req.packed_q else None
-    lse2, dpsum, dq_acc = preprocess(req, cfg, out, lse, dout, row_index)
     q, k, v, do = (_tma_ready(t.detach()) for t in (req.q, req.k, req.v, dout))
+    on_gpu = req.device.type == "cuda"
+    row_index = None if on_gpu or not req.packed_q else packed_row_index(req, cfg.tile_m)
+    if on_gpu:
+        lse2, dpsum, dq_acc = launch_preprocess(req, cfg, _tma_ready(out.detach()), do, lse)
+    else:
+        lse2, dpsum, dq_acc = preprocess(req, cfg, out, lse, dout, row_index)
     # keys no CTA writes (past seqused_k) must read as zero
     new = torch.zeros if req.seqused_k is not None else torch.empty
     dk = new(k.shape, dtype=k.dtype, device=k.device)
     dv = new(v.shape, dtype=v.dtype, device=v.device)
     launch_kernel(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, semaphores(req, cfg))
-    return postprocess(req, cfg, dq_acc, row_index), dk, dv
+    dq = launch_postprocess(req, cfg, dq_acc) if on_gpu else postprocess(req, cfg, dq_acc, row_index)
+    return dq, dk, dv
+
+
+def _call(cfg, dev: torch.device, *args):
+    from cute_kernels import launch
+
+    fn = launch.kernels.get((cfg, True)) or launch.compile_kernel(cfg)
+    with torch.cuda.device(dev) if dev.index != torch.cuda.current_device() else launch._SAME_DEVICE:
+        fn(*args)
+
+
+def _seq_ints(req: "AttentionRequest") -> list:
+    from cute_kernels.launch import _int32
+
+    return [_int32(t) for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
+
+
+def _max_seqlen_q(req: "AttentionRequest") -> int:
+    return req.max_seqlen_q if req.packed_q else req.q.shape[1]
+
+
+def launch_preprocess(req: "AttentionRequest", cfg: BwdConfig, out, dout, lse):
+    """bwd_prepost's preprocessing kernel: (LSE_log2, dPsum, zeroed dQ accumulator). Rows of
+    blocks past a sequence's last are left unwritten: no kernel reads them."""
+    from cute_kernels.bwd_prepost import BwdRowsConfig
+
+    dev, h, rows = req.device, req.nheads, padded_rows(req, cfg.tile_m)
+    lead = (h,) if req.packed_q else (req.q.shape[0], h)
+    lse2 = torch.empty((*lead, rows), dtype=torch.float32, device=dev)
+    dpsum = torch.empty_like(lse2)
+    dq_acc = torch.empty((*lead, rows * cfg.hdim), dtype=torch.float32, device=dev)
+    cu_q, _, su_q, _ = _seq_ints(req)
+    _call(BwdRowsConfig.of("pre", cfg), dev, out, dout, lse if lse.stride(-1) == 1 else lse.contiguous(), lse2,
+          dpsum, dq_acc, cu_q, su_q, _max_seqlen_q(req))
+    return lse2, dpsum, dq_acc
+
+
+def launch_postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc):
+    """bwd_prepost's postprocessing kernel: dQ in req.q's shape and dtype."""
+    from cute_kernels.bwd_prepost import BwdRowsConfig
+
+    # rows past seqused_q are no sequence's: zero
+    dq = (torch.zeros if req.seqused_q is not None else torch.empty)(req.q.shape, dtype=req.dtype, device=req.device)
+    cu_q, _, su_q, _ = _seq_ints(req)
+    _call(BwdRowsConfig.of("post", cfg), req.device, dq_acc, dq, cu_q, su_q, req.params.softmax_scale,
+          _max_seqlen_q(req))
+    return dq
 
 
 def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=None):
     """Run the compiled backward kernel (the test hook: a CPU emulation may replace it)."""
-    from cute_kernels import launch
-
     p = req.params
     if p.softcap > 0:
         scale_log2, premul = p.softcap * LOG2E, p.softmax_scale / p.softcap
     else:
         scale_log2, premul = p.softmax_scale * LOG2E, 1.0
     max_seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
-    ints = [launch._int32(t) for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
-    fn = launch.kernels.get((cfg, True)) or launch.compile_kernel(cfg)
-    dev = q.device
-    with torch.cuda.device(dev) if dev.index != torch.cuda.current_device() else launch._SAME_DEVICE:
-        fn(q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, *ints, scale_log2, premul, p.softmax_scale,
-           p.window_left, p.window_right, max_seqlen_k)
+    _call(cfg, q.device, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, *_seq_ints(req), scale_log2, premul,
+          p.softmax_scale, p.window_left, p.window_right, max_seqlen_k)

@@ -277,6 +277,10 @@ def kernel_class(cfg):
         from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
 
         return FlashAttentionBackwardSm90
+    if type(cfg).__name__ == "BwdRowsConfig":  # the backward's pre / post-processing
+        from cute_kernels.bwd_prepost import BwdPostprocessSm90, BwdPreprocessSm90
+
+        return BwdPreprocessSm90 if cfg.kind == "pre" else BwdPostprocessSm90
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
     return FlashAttentionForwardSm90

@@ -1,0 +1,233 @@
+"""The sm90 backward's pre- and post-processing kernels, in CuTe DSL, around bwd_sm90's main
+kernel; one CTA per (query block of tile_m rows, head, batch) in both.
+
+  preprocess   dPsum = rowsum(dO * O) in float32 and LSE_log2 = LSE * log2(e) (+inf where LSE
+               is -inf and on the padding rows of the sequence's last block) into the padded
+               per-sequence rows (bwd_sm90.padded_offset), and the block's chunk of the dQ
+               accumulator zeroed. 16 threads per row, one 16-byte vector each per 128 columns.
+  postprocess  dQ = softmax_scale * the accumulator's chunk, read in the consumer threads'
+               order and written through the main kernel's own dQ MMA partition (the same
+               tiled MMA: no permutation table to keep in step), converted to the tensors'
+               dtype, rows before seqlen_q and columns before the tensors' head dim.
+
+`bwd_launch.preprocess` / `postprocess` are the same steps in torch ops: the CPU path and the
+reference the GPU tests compare these kernels with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cute_kernels.bwd_sm90 import DTYPES, NUM_MMA_WG, THREADS_PER_WG, FlashAttentionBackwardSm90, padded_offset
+from cute_kernels.config import BwdConfig
+from cute_kernels.mask import SeqlenInfo
+from cute_kernels.utils import acc_to_mn, assume_aligned_strides, convert_to, lse_shb, sdhb
+
+LOG2E = 1.4426950408889634
+VEC = 8  # 16-bit elements per 16-byte vector
+ROW_THREADS = 16  # preprocess: threads per row
+PRE_THREADS = 128
+
+
+@dataclass(frozen=True)
+class BwdRowsConfig:
+    """The compile key of a pre- or post-processing kernel: what of the backward's BwdConfig
+    their code depends on."""
+
+    kind: str  # "pre" | "post"
+    dtype: str
+    hdim: int
+    tile_m: int
+    hdim_in: int = 0
+    cu_seqlens_q: bool = False
+    seqused_q: bool = False
+
+    @staticmethod
+    def of(kind: str, cfg: BwdConfig) -> "BwdRowsConfig":
+        return BwdRowsConfig(kind, cfg.dtype, cfg.hdim, cfg.tile_m, cfg.hdim_in, cfg.cu_seqlens_q, cfg.seqused_q)
+
+    def short(self) -> str:
+        return f"bwd-{self.kind} {self.dtype} d{self.hdim} m{self.tile_m} {self.hdim_in or ''} " \
+               f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}"
+
+    def bwd_config(self) -> BwdConfig:
+        return BwdConfig(self.dtype, self.hdim, self.tile_m, 128, hdim_in=self.hdim_in,
+                         cu_seqlens_q=self.cu_seqlens_q, seqused_q=self.seqused_q)
+
+
+def _seqlen_q(batch, mQ, mCuSeqlensQ, mSeqUsedQ) -> SeqlenInfo:
+    return SeqlenInfo.create(batch, seqlen_q_static=mQ.shape[0], seqlen_k_static=0, mCuSeqlensQ=mCuSeqlensQ,
+                             mSeqUsedQ=mSeqUsedQ)
+
+
+class BwdPreprocessSm90:
+    def __init__(self, cfg: BwdRowsConfig):
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.dtype]
+        self.vecs = -(-cfg.hdim // (ROW_THREADS * VEC))  # 16-byte vectors per thread per row
+
+    @cute.jit
+    def __call__(self, mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mLSE2: cute.Tensor,
+                 mdPsum: cute.Tensor, mdQacc: cute.Tensor, mCuSeqlensQ: Optional[cute.Tensor],
+                 mSeqUsedQ: Optional[cute.Tensor], max_seqlen_q: Int32, stream: cuda.CUstream):
+        cfg = self.cfg
+        mO, mdO = [sdhb(assume_aligned_strides(t, VEC), cfg.cu_seqlens_q) for t in (mO, mdO)]
+        mLSE, mLSE2, mdPsum, mdQacc = [lse_shb(t, cfg.cu_seqlens_q) for t in (mLSE, mLSE2, mdPsum, mdQacc)]
+        batch = cute.size(mO.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
+        self.kernel(mO, mdO, mLSE, mLSE2, mdPsum, mdQacc, mCuSeqlensQ, mSeqUsedQ).launch(
+            grid=[cute.ceil_div(max_seqlen_q, cfg.tile_m), cute.size(mO.shape[2]), batch],
+            block=[PRE_THREADS, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mLSE2: cute.Tensor,
+               mdPsum: cute.Tensor, mdQacc: cute.Tensor, mCuSeqlensQ: Optional[cute.Tensor],
+               mSeqUsedQ: Optional[cute.Tensor]):
+        cfg = self.cfg
+        tidx = cute.arch.thread_idx()[0]
+        m_block, head, batch = cute.arch.block_idx()
+        seqlen = _seqlen_q(batch, mO, mCuSeqlensQ, mSeqUsedQ)
+        b = batch if const_expr(not cfg.cu_seqlens_q) else 0
+        row_offset = padded_offset(seqlen.offset_q, batch, cfg.tile_m) if const_expr(cfg.cu_seqlens_q) else 0
+        if m_block * cfg.tile_m < seqlen.seqlen_q:
+            d_in = cfg.hdim_in or cfg.hdim
+            mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b])
+            mdO_cur = cute.domain_offset((seqlen.offset_q, 0), mdO[None, None, head, b])
+            mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b])
+            mLSE2_cur = cute.domain_offset((row_offset,), mLSE2[None, head, b])
+            mdPsum_cur = cute.domain_offset((row_offset,), mdPsum[None, head, b])
+            col = (tidx % ROW_THREADS) * VEC
+            rows_per_pass = PRE_THREADS // ROW_THREADS
+            for p in cutlass.range_constexpr(cfg.tile_m // rows_per_pass):
+                r = p * rows_per_pass + tidx // ROW_THREADS
+                pos = m_block * cfg.tile_m + r
+                acc = Float32(0.0)
+                if pos < seqlen.seqlen_q:
+                    for v in cutlass.range_constexpr(self.vecs):
+                        c = col + v * ROW_THREADS * VEC
+                        if c < d_in:
+                            o = cute.make_rmem_tensor((VEC,), self.dtype)
+                            do = cute.make_rmem_tensor((VEC,), self.dtype)
+                            cute.autovec_copy(cute.local_tile(mO_cur[pos, None], (VEC,), (c // VEC,)), o)
+                            cute.autovec_copy(cute.local_tile(mdO_cur[pos, None], (VEC,), (c // VEC,)), do)
+                            for i in cutlass.range_constexpr(VEC):
+                                acc += o[i].to(Float32) * do[i].to(Float32)
+                for off in (8, 4, 2, 1):  # the row's 16 lanes
+                    acc += cute.arch.shuffle_sync_bfly(acc, offset=off)
+                if tidx % ROW_THREADS == 0:
+                    lse2 = Float32.inf
+                    if pos < seqlen.seqlen_q:
+                        lse = mLSE_cur[pos]
+                        lse2 = Float32.inf if lse == -Float32.inf else lse * LOG2E
+                    mLSE2_cur[pos] = lse2
+                    mdPsum_cur[pos] = acc
+            # the block's dQ accumulator chunk
+            chunk = cfg.tile_m * cfg.hdim
+            mdQ_cur = cute.domain_offset((row_offset * cfg.hdim,), mdQacc[None, head, b])
+            gdQ = cute.local_tile(mdQ_cur, (chunk,), (m_block,))
+            for i in cutlass.range_constexpr(chunk // (4 * PRE_THREADS)):
+                zero = cute.make_rmem_tensor((4,), Float32)
+                zero.fill(0.0)
+                dst = (gdQ.iterator + 4 * (i * PRE_THREADS + tidx)).align(16)  # chunks start at 64-row multiples
+                cute.autovec_copy(zero, cute.make_tensor(dst, cute.make_layout(4)))
+
+    @staticmethod
+    def fake_args(cfg: BwdRowsConfig, env_stream: bool = False):
+        sym, sym64 = cute.sym_int, cute.sym_int64
+        dt = DTYPES[cfg.dtype]
+        b, sq, h = sym(), sym(), sym()
+        q_rows = (sym(),) if cfg.cu_seqlens_q else (b, sq)
+        d = cfg.hdim_in or cfg.hdim
+
+        def t(shape, dtype, div, align):
+            stride = tuple(1 if i == len(shape) - 1 else sym64(divisibility=div) for i in range(len(shape)))
+            return cute.runtime.make_fake_tensor(dtype, shape, stride=stride, assumed_align=align)
+
+        rows = lambda n: (h, n) if cfg.cu_seqlens_q else (b, h, n)
+        vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
+        return (t((*q_rows, h, d), dt, VEC, 16), t((*q_rows, h, d), dt, VEC, 16),
+                t(rows(q_rows[0] if cfg.cu_seqlens_q else sq), Float32, 1, 4),
+                t(rows(sym(divisibility=cfg.tile_m)), Float32, 4, 16), t(rows(sym(divisibility=cfg.tile_m)), Float32, 4, 16),
+                t(rows(sym(divisibility=cfg.tile_m * cfg.hdim)), Float32, 4, 16),
+                vec(sym()) if cfg.cu_seqlens_q else None, vec(b) if cfg.seqused_q else None,
+                Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream))
+
+
+class BwdPostprocessSm90:
+    def __init__(self, cfg: BwdRowsConfig):
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.dtype]
+        self.main = FlashAttentionBackwardSm90(cfg.bwd_config())
+
+    @cute.jit
+    def __call__(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, mCuSeqlensQ: Optional[cute.Tensor],
+                 mSeqUsedQ: Optional[cute.Tensor], softmax_scale: Float32, max_seqlen_q: Int32,
+                 stream: cuda.CUstream):
+        cfg = self.cfg
+        mdQ = sdhb(assume_aligned_strides(mdQ, VEC), cfg.cu_seqlens_q)
+        mdQacc = lse_shb(mdQacc, cfg.cu_seqlens_q)
+        _, _, tiled_mma_dq = self.main.make_tiled_mmas()
+        batch = cute.size(mdQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
+        self.kernel(mdQacc, mdQ, mCuSeqlensQ, mSeqUsedQ, softmax_scale, tiled_mma_dq).launch(
+            grid=[cute.ceil_div(max_seqlen_q, cfg.tile_m), cute.size(mdQ.shape[2]), batch],
+            block=[NUM_MMA_WG * THREADS_PER_WG, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, mCuSeqlensQ: Optional[cute.Tensor],
+               mSeqUsedQ: Optional[cute.Tensor], softmax_scale: Float32, tiled_mma_dq: cute.TiledMma):
+        cfg = self.cfg
+        tidx = cute.arch.thread_idx()[0]
+        m_block, head, batch = cute.arch.block_idx()
+        seqlen = _seqlen_q(batch, mdQ, mCuSeqlensQ, mSeqUsedQ)
+        b = batch if const_expr(not cfg.cu_seqlens_q) else 0
+        row_offset = padded_offset(seqlen.offset_q, batch, cfg.tile_m) if const_expr(cfg.cu_seqlens_q) else 0
+        rows_left = seqlen.seqlen_q - m_block * cfg.tile_m
+        if rows_left > 0:
+            main = self.main
+            # this thread's values, as the main kernel's consumer thread `tidx` wrote them to sdQ
+            mdQ_acc = cute.domain_offset((row_offset * cfg.hdim,), mdQacc[None, head, b])
+            chunk = cute.local_tile(mdQ_acc, (cfg.tile_m * cfg.hdim,), (m_block,))
+            per_thread = main.dq_per_thread
+            wg, t = tidx // THREADS_PER_WG, tidx % THREADS_PER_WG
+            base = (chunk.iterator + wg * THREADS_PER_WG * per_thread + 4 * t).align(16)
+            src = cute.make_tensor(base, cute.make_layout((4, per_thread // 4), stride=(1, 4 * THREADS_PER_WG)))
+            thr = tiled_mma_dq.get_slice(tidx)
+            acc = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C((cfg.tile_m, cfg.hdim)), Float32)
+            cute.autovec_copy(src, cute.make_tensor(acc.iterator, cute.make_layout(src.shape)))
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                acc[i] = acc[i] * softmax_scale
+            r16 = cute.make_rmem_tensor_like(acc, self.dtype)
+            convert_to(acc, r16)
+            mdQ_cur = cute.domain_offset((seqlen.offset_q, 0), mdQ[None, None, head, b])
+            gdQ = cute.local_tile(mdQ_cur, (cfg.tile_m, cfg.hdim), (m_block, 0))
+            tXgX = acc_to_mn(thr.partition_C(gdQ))
+            tXcX = acc_to_mn(thr.partition_C(cute.make_identity_tensor((cfg.tile_m, cfg.hdim))))
+            r_mn = acc_to_mn(r16)
+            for r in cutlass.range_constexpr(cute.size(r_mn.shape[0])):
+                if tXcX[r, 0][0] < rows_left:
+                    for c in cutlass.range_constexpr(cute.size(r_mn.shape[1])):
+                        if const_expr(not cfg.hdim_in) or tXcX[r, c][1] < cfg.hdim_in:
+                            tXgX[r, c] = r_mn[r, c]
+
+    @staticmethod
+    def fake_args(cfg: BwdRowsConfig, env_stream: bool = False):
+        sym, sym64 = cute.sym_int, cute.sym_int64
+        dt = DTYPES[cfg.dtype]
+        b, sq, h = sym(), sym(), sym()
+        q_rows = (sym(),) if cfg.cu_seqlens_q else (b, sq)
+        d = cfg.hdim_in or cfg.hdim
+        stride = lambda n: tuple(1 if i == n - 1 else sym64(divisibility=VEC) for i in range(n))
+        dq = cute.runtime.make_fake_tensor(dt, (*q_rows, h, d), stride=stride(len(q_rows) + 2), assumed_align=16)
+        acc_shape = (h, sym(divisibility=cfg.tile_m * cfg.hdim)) if cfg.cu_seqlens_q else \
+            (b, h, sym(divisibility=cfg.tile_m * cfg.hdim))
+        acc = cute.runtime.make_fake_tensor(Float32, acc_shape, stride=tuple(
+            1 if i == len(acc_shape) - 1 else sym64(divisibility=4) for i in range(len(acc_shape))), assumed_align=16)
+        vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
+        return (acc, dq, vec(sym()) if cfg.cu_seqlens_q else None, vec(b) if cfg.seqused_q else None,
+                Float32(1.0), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream))

@@ -1,0 +1,100 @@
+"""The sm90 backward's pre- / post-processing kernels (cute_kernels/bwd_prepost.py): compiled
+for sm_90a on the CPU (vectorized loads and stores, no local memory), and on a GPU compared with
+their torch form in bwd_launch (`preprocess` / `postprocess`) on batched, packed and seqused
+queries and padded head dims."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+
+cutlass = pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels import bwd_launch  # noqa: E402
+from cute_kernels.bwd_prepost import BwdPostprocessSm90, BwdPreprocessSm90, BwdRowsConfig  # noqa: E402
+from tests._cute import gpu, make_req  # noqa: E402
+
+
+def _compile(cfg: BwdRowsConfig) -> dict:
+    import glob
+
+    import cutlass.cute as cute
+
+    kernel = BwdPreprocessSm90 if cfg.kind == "pre" else BwdPostprocessSm90
+    with tempfile.TemporaryDirectory() as d:
+        cute.compile(kernel(cfg), *kernel.fake_args(cfg), options=f"--gpu-arch=sm_90a --keep-cubin --dump-dir={d}")
+        cubin = glob.glob(os.path.join(d, "*.cubin"))[0]
+        text, res = sass.sass_text(cubin), sass.resource_usage(cubin)
+    assert res.get("STACK", 0) == 0 and res.get("LOCAL", 0) == 0, f"{cfg.short()}: local memory {res}"
+    return sass.opcode_counts(text, full=True)
+
+
+@pytest.mark.parametrize("hdim,hdim_in,packed,seqused", [(128, 0, False, False), (64, 0, True, True),
+                                                         (96, 80, True, False)])
+def test_compile_preprocess(hdim, hdim_in, packed, seqused):
+    ops = _compile(BwdRowsConfig("pre", "bf16", hdim, 64, hdim_in, packed, seqused))
+    # O and dO in 16-byte vectors, the dQ accumulator zeroed in 16-byte stores, rows reduced by shuffles
+    assert ops["LDG.E.128"] >= 16 and ops["STG.E.128"] > 0 and ops["SHFL.BFLY"] > 0
+
+
+@pytest.mark.parametrize("hdim,hdim_in,packed,seqused", [(128, 0, False, False), (64, 0, True, True),
+                                                         (96, 80, False, True)])
+def test_compile_postprocess(hdim, hdim_in, packed, seqused):
+    ops = _compile(BwdRowsConfig("post", "fp16", hdim, 64, hdim_in, packed, seqused))
+    per_thread = 64 * hdim // 256
+    assert ops["LDG.E.128"] == per_thread // 4, "the accumulator read in 16-byte vectors"
+    assert ops["STG.E"] > 0
+
+
+# ----------------------------------------------------------------------------- GPU
+def _request(case, d, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    h = 3
+    if case == "batched":
+        q = torch.randn(2, 77, h, d, device="cuda", dtype=dtype)
+        return make_req(q, q, q)
+    lengths = [0, 1, 64, 130, 37]
+    total = sum(lengths)
+    q = torch.randn(total, h, d, device="cuda", dtype=dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    if case == "seqused":
+        kw["seqused_q"] = torch.tensor([0, 1, 50, 129, 10], dtype=torch.int32, device="cuda")
+    return make_req(q, q, q, **kw)
+
+
+@gpu
+@pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_prepost_kernels_match_torch(case, d):
+    req = _request(case, d)
+    cfg = bwd_launch.config_for(req)
+    out, dout = torch.randn_like(req.q), torch.randn_like(req.q)
+    lse = torch.randn(req.lse_shape, device="cuda")
+    lse[..., ::7] = -math.inf  # rows without keys
+    row_index = bwd_launch.packed_row_index(req, cfg.tile_m) if req.packed_q else None
+    want = bwd_launch.preprocess(req, cfg, out, lse, dout, row_index)
+    got = bwd_launch.launch_preprocess(req, cfg, out, dout, lse)
+    # compare the rows the main kernel reads: every block of every sequence
+    lq = (req.seqused_q if req.seqused_q is not None else
+          (req.cu_seqlens_q.diff() if req.packed_q else torch.full((req.batch,), req.q.shape[1], device="cuda")))
+    for b, n in enumerate(lq.tolist()):
+        blocks = -(-n // cfg.tile_m)
+        start = (int(req.cu_seqlens_q[b]) + b * cfg.tile_m) // cfg.tile_m * cfg.tile_m if req.packed_q else 0
+        rows = slice(start, start + blocks * cfg.tile_m)
+        sel = (lambda t: t[:, rows]) if req.packed_q else (lambda t: t[b, :, rows])
+        torch.testing.assert_close(sel(got[0]), sel(want[0]), rtol=0, atol=0)  # LSE_log2: same float ops
+        torch.testing.assert_close(sel(got[1]), sel(want[1]), rtol=1e-5, atol=1e-5)  # dPsum: another sum order
+        acc_rows = slice(rows.start * cfg.hdim, rows.stop * cfg.hdim)
+        sel_acc = (lambda t: t[:, acc_rows]) if req.packed_q else (lambda t: t[b, :, acc_rows])
+        assert (sel_acc(got[2]) == 0).all()
+    # postprocess: random accumulator contents, both paths
+    acc = torch.randn_like(want[2])
+    torch.testing.assert_close(bwd_launch.launch_postprocess(req, cfg, acc),
+                               bwd_launch.postprocess(req, cfg, acc, row_index), rtol=0, atol=0)
