@@ -54,10 +54,29 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
     return None
 
 
+# Head splits: enough CTAs for this many waves of the SMs before splitting a GQA group further.
+SPLIT_WAVES = 2
+
+
+def head_splits(req: "AttentionRequest", tile_n: int = 128) -> int:
+    """CTAs per KV head: 1 (the group's dK / dV summed in registers), or, where one CTA per
+    (key block, KV head) fills under SPLIT_WAVES waves of the SMs, the largest divisor of the
+    group up to the count that does (each split writes float32 dK / dV partials; the host sums
+    them)."""
+    group = req.nheads // req.nheads_kv
+    if group == 1:
+        return 1
+    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    ctas = -(-seqlen_k // tile_n) * req.nheads_kv * req.batch
+    sms = torch.cuda.get_device_properties(req.device).multi_processor_count if req.device.type == "cuda" else 132
+    want = -(-SPLIT_WAVES * sms // max(ctas, 1))
+    return max(s for s in range(1, group + 1) if group % s == 0 and s <= want)
+
+
 def config_for(req: "AttentionRequest") -> BwdConfig:
     p = req.params
     d = padded_hdim(req.headdim)
-    return _cached_config(DTYPES[req.dtype], d, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
+    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req) > 1, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
                           softcap=p.softcap > 0, cu_seqlens_q=req.cu_seqlens_q is not None,
                           cu_seqlens_k=req.cu_seqlens_k is not None, seqused_q=req.seqused_q is not None,
                           seqused_k=req.seqused_k is not None, hdim_in=0 if d == req.headdim else req.headdim,
@@ -202,9 +221,17 @@ def run(req: "AttentionRequest", out: torch.Tensor, lse: torch.Tensor, dout: tor
         lse2, dpsum, dq_acc = preprocess(req, cfg, out, lse, dout, row_index)
     # keys no CTA writes (past seqused_k) must read as zero
     new = torch.zeros if req.seqused_k is not None else torch.empty
-    dk = new(k.shape, dtype=k.dtype, device=k.device)
-    dv = new(v.shape, dtype=v.dtype, device=v.device)
-    launch_kernel(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, semaphores(req, cfg))
+    splits = head_splits(req, cfg.tile_n) if cfg.dkv_partial else 1
+    if cfg.dkv_partial:  # float32 partials, split s of KV head h at head h * splits + s
+        dk = new((*k.shape[:-2], k.shape[-2] * splits, k.shape[-1]), dtype=torch.float32, device=k.device)
+        dv = new((*v.shape[:-2], v.shape[-2] * splits, v.shape[-1]), dtype=torch.float32, device=v.device)
+    else:
+        dk = new(k.shape, dtype=k.dtype, device=k.device)
+        dv = new(v.shape, dtype=v.dtype, device=v.device)
+    launch_kernel(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, semaphores(req, cfg), splits)
+    if cfg.dkv_partial:
+        dk = dk.unflatten(-2, (k.shape[-2], splits)).sum(-2).to(k.dtype)
+        dv = dv.unflatten(-2, (v.shape[-2], splits)).sum(-2).to(v.dtype)
     dq = launch_postprocess(req, cfg, dq_acc) if on_gpu else postprocess(req, cfg, dq_acc, row_index)
     return dq, dk, dv
 
@@ -255,8 +282,10 @@ def launch_postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc):
     return dq
 
 
-def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=None):
-    """Run the compiled backward kernel (the test hook: a CPU emulation may replace it)."""
+def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=None,
+                  splits: int = 1):
+    """Run the compiled backward kernel (the test hook: a CPU emulation may replace it). dk / dv:
+    the tensors' shape and dtype, or (cfg.dkv_partial) float32 with `splits` heads per KV head."""
     p = req.params
     if p.softcap > 0:
         scale_log2, premul = p.softcap * LOG2E, p.softmax_scale / p.softcap
@@ -264,4 +293,4 @@ def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, 
         scale_log2, premul = p.softmax_scale * LOG2E, 1.0
     max_seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
     _call(cfg, q.device, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, *_seq_ints(req), scale_log2, premul,
-          p.softmax_scale, p.window_left, p.window_right, max_seqlen_k)
+          p.softmax_scale, p.window_left, p.window_right, max_seqlen_k, splits)

@@ -3,7 +3,9 @@
 One CTA per (key block of tile_n = 128 keys, KV head, batch). It holds K, V and the dK, dV
 accumulators of its keys and walks the query blocks of tile_m rows that see them, for every
 query head of its KV head (GQA / MQA: dK and dV summed over the group in registers, no second
-pass), in increasing m_block order.
+pass), in increasing m_block order. Where that grid is small (few KV heads, short keys),
+`dkv_partial` splits each group over `head_splits` CTAs that write float32 dK / dV partials
+(split s of KV head h at head index h * head_splits + s), which the host sums.
 
 Warp roles (384 threads):
   WG0 warp 0   producer: K and V once (pipeline_kv), then per (head, m_block) Q + LSE
@@ -140,11 +142,13 @@ class FlashAttentionBackwardSm90:
         window_left: Int32,
         window_right: Int32,
         max_seqlen_k: Int32,
+        head_splits: Int32,  # CTAs per KV head, each over group / head_splits query heads (dkv_partial)
         stream: cuda.CUstream,
     ):
         cfg = self.cfg
         divby = 128 // self.dtype.width
-        mQ, mK, mV, mdO, mdK, mdV = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV, mdO, mdK, mdV)]
+        mQ, mK, mV, mdO = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV, mdO)]
+        mdK, mdV = [assume_aligned_strides(t, 128 // t.element_type.width) for t in (mdK, mdV)]
         mQ, mdO = [sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mdO)]
         mK, mV, mdK, mdV = [sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV, mdK, mdV)]
         mLSE2, mdPsum, mdQacc = [lse_shb(t, cfg.cu_seqlens_q) for t in (mLSE2, mdPsum, mdQacc)]
@@ -201,11 +205,11 @@ class FlashAttentionBackwardSm90:
             tma_Q, tma_K, tma_V, tma_dO, mdK, mdV, mLSE2, mdPsum, mdQacc, mSemaphore,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
-            scale_log2, softcap_premul, softmax_scale, window_left, window_right,
+            scale_log2, softcap_premul, softmax_scale, window_left, window_right, head_splits,
             sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout,
             tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
         ).launch(
-            grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]), batch],
+            grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]) * head_splits, batch],
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
@@ -238,7 +242,7 @@ class FlashAttentionBackwardSm90:
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
         tma_atom_dO: cute.CopyAtom,
         scale_log2: Float32, softcap_premul: Float32, softmax_scale: Float32,
-        window_left: Int32, window_right: Int32,
+        window_left: Int32, window_right: Int32, head_splits: Int32,
         sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
         sRow_layout: cute.Layout,
@@ -275,14 +279,17 @@ class FlashAttentionBackwardSm90:
         sLSE = storage.sLSE.get_tensor(sRow_layout)
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
 
-        n_block, head_kv, batch = cute.arch.block_idx()
+        n_block, kv_split, batch = cute.arch.block_idx()  # kv_split = head_kv * head_splits + split
         seqlen = SeqlenInfo.create(batch, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
                                    mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                                    mSeqUsedK=mSeqUsedK)
         mask = KeyBlockMask(self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right, window_left,
                             window_right, seqlen, n_block)
         group = cute.size(mQ.shape[2]) // cute.size(mK.shape[2])
-        work = _Work(n_block, head_kv, batch, group, seqlen, mask,
+        heads = group // head_splits
+        head_kv = kv_split // head_splits
+        work = _Work(n_block, head_kv, kv_split if const_expr(self.cfg.dkv_partial) else head_kv, batch,
+                     head_kv * group + (kv_split - head_kv * head_splits) * heads, heads, seqlen, mask,
                      padded_offset(seqlen.offset_q, batch, self.tile_m) if const_expr(self.cfg.cu_seqlens_q) else 0)
 
         if n_block * self.tile_n < seqlen.seqlen_k:  # (varlen: a key block past this sequence has no work)
@@ -322,8 +329,8 @@ class FlashAttentionBackwardSm90:
                 cute.copy(atom, tXgX, tXsX, tma_bar_ptr=pipeline_kv.producer_get_barrier(kv_state))
 
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.q_stages)
-            for h in cutlass.range(work.group, unroll=1):
-                head = work.head_kv * work.group + h
+            for h in cutlass.range(work.heads, unroll=1):
+                head = work.first_head + h
                 rows = (work.row_offset, b_q, head)
                 load_q = partial(self.load_rows, mX=mQ, mRow=mLSE2, sX=sQ, sRow=sLSE, atom=tma_atom_Q,
                                  pipe=pipeline_q, rows=rows)
@@ -365,8 +372,8 @@ class FlashAttentionBackwardSm90:
         m_block_min, m_block_max = work.mask.m_block_range()
         b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
         chunk = THREADS_PER_WG * self.dq_per_thread
-        for h in cutlass.range(work.group, unroll=1):
-            head = work.head_kv * work.group + h
+        for h in cutlass.range(work.heads, unroll=1):
+            head = work.first_head + h
             mdQ_cur = cute.domain_offset((work.row_offset * self.hdim,), mdQacc[None, head, b_q])
             sem = None
             if const_expr(det):
@@ -451,7 +458,7 @@ class FlashAttentionBackwardSm90:
             m_right_end = mask.m_block_right_masked_end(m_block_min, m_block_max)
             m_left_begin = mask.m_block_left_masked_begin(m_right_end, m_block_max)
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.q_stages)
-            for h in cutlass.range(work.group, unroll=1):
+            for h in cutlass.range(work.heads, unroll=1):
                 # 1) query blocks with rows before some key's diagonal: right (and left) mask
                 if const_expr(self.cfg.has_right):
                     for m_block in cutlass.range(m_block_min, m_right_end, unroll=1):
@@ -545,11 +552,14 @@ class FlashAttentionBackwardSm90:
         """dK or dV of this CTA's keys (rows before seqlen_k, columns before the tensors' head
         dim) from registers to global memory."""
         cfg, seqlen = self.cfg, work.seqlen
-        r16 = cute.make_rmem_tensor_like(acc, self.dtype)
-        convert_to(acc, r16)
+        if const_expr(cfg.dkv_partial):
+            r16 = acc  # float32 partials of this CTA's query heads, summed by the host
+        else:
+            r16 = cute.make_rmem_tensor_like(acc, self.dtype)
+            convert_to(acc, r16)
         b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
         thr = tiled_mma_dkv.get_slice(tidx)
-        mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.head_kv, b_k])
+        mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.out_head, b_k])
         gX = cute.local_tile(mX_cur, (self.tile_n, self.hdim), (work.n_block, 0))
         tXgX = acc_to_mn(thr.partition_C(gX))
         tXcX = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, self.hdim))))
@@ -581,9 +591,10 @@ class FlashAttentionBackwardSm90:
         row_t = lambda n: t((h, n) if cfg.cu_seqlens_q else (b, h, n), Float32, 4)
         bp1 = sym()
         vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
+        dkv = (lambda: t((*k_rows, sym(), d), Float32, 4)) if cfg.dkv_partial else (lambda: t((*k_rows, hk, d)))
         return (
             t((*q_rows, h, d)), t((*k_rows, hk, d)), t((*k_rows, hk, d)), t((*q_rows, h, d)),
-            t((*k_rows, hk, d)), t((*k_rows, hk, d)),
+            dkv(), dkv(),
             row_t(rows), row_t(rows), row_t(sym(divisibility=cfg.tile_m * cfg.hdim)),
             cute.runtime.make_fake_tensor(Int32, (sym(), sym()) if cfg.cu_seqlens_q else (sym(), sym(), sym()),
                                           stride=(sym64(), 1) if cfg.cu_seqlens_q else (sym64(), sym64(), 1),
@@ -592,20 +603,23 @@ class FlashAttentionBackwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
-            Float32(1.0), Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1),
+            Float32(1.0), Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )
 
 
 @dataclass(frozen=True)
 class _Work:
-    """This CTA's key block and what every role derives from it: the query heads of its KV head
-    (`group` of them), the sequence, the mask and where the sequence's padded rows start."""
+    """This CTA's key block and what every role derives from it: its query heads (the KV head's
+    group, or a 1 / head_splits share of it), the sequence, the mask and where the sequence's
+    padded rows start."""
 
     n_block: Int32
     head_kv: Int32
+    out_head: Int32  # dK / dV's head index: head_kv, or with dkv_partial head_kv * head_splits + split
     batch: Int32
-    group: Int32
+    first_head: Int32  # the query heads this CTA walks: first_head .. first_head + heads - 1
+    heads: Int32
     seqlen: SeqlenInfo
     mask: KeyBlockMask
     row_offset: Int32

@@ -333,6 +333,9 @@ class BwdConfig:
     # dQ's adds in a fixed order (key blocks ascending, one semaphore per query block): the
     # same bits on every run
     deterministic: bool = False
+    # dK / dV as float32 partials per split of the query heads of a KV head (a launch argument,
+    # head_splits): more CTAs where one per (key block, KV head) is under two waves (MQA / GQA)
+    dkv_partial: bool = False
     producer_regs: int = BWD_REG_SPLIT[0]
     consumer_regs: int = BWD_REG_SPLIT[1]
 
@@ -349,6 +352,6 @@ class BwdConfig:
 
     def short(self) -> str:
         flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
-                             "seqused_q", "seqused_k", "deterministic") if getattr(self, n)]
+                             "seqused_q", "seqused_k", "deterministic", "dkv_partial") if getattr(self, n)]
         flags += [f"tensors_d{self.hdim_in}"] if self.hdim_in else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"
