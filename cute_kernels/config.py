@@ -250,6 +250,10 @@ class FwdConfig:
             # block V's second accumulator at 160 registers spills in 3-WG kernels (hdim 64:
             # 8 / 22 STL non-causal / causal, hdim 96: 22 / 43; CPU SASS); 2 WGs at 240 do not.
             base = tile_variant(base, 128, 128)
+        if features.get("chunk") and features.get("split_kv") and has_right and base.num_mma_wg == 3:
+            # causal + chunk + split-KV spills at 160 registers (hdim 64: 8 bytes, CPU SASS); 2 WGs
+            # at 240 do not. (launch.run counts the splits for this tile.)
+            base = tile_variant(base, 128, 128)
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
         # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
         # scaling adds each PV right after its wait.)

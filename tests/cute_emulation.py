@@ -38,6 +38,8 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
         assert sq <= max_rows
         qb = (q[q0:q0 + sq] if req.packed_q else q[b, :sq]).float()
         kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
+        # GQA left unpacked: query head h reads KV head h // (heads / KV heads)
+        kb, vb = (x.repeat_interleave(qb.shape[1] // x.shape[1], dim=1) for x in (kb, vb))
         s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale
         if p.softcap > 0:
             s = p.softcap * torch.tanh(s / p.softcap)

@@ -502,7 +502,7 @@ def test_mask_block_ranges_chunk_on_the_host(g, wl, wr, chunk):
     (_key_limits, checked against fa3py.reference's mask): every kept key's block is visited, a
     tile of real rows that all keep keys visits exactly their blocks; blocks outside
     [left_masked, right_masked) are the only ones that hold a key outside some row's window and
-    chunk; keys_end is the furthest kept key's end. Sizes with Lq > Lk (chunks starting below
+    chunk; keys_end is the furthest kept key's end; launch.chunk_blocks bounds the range. Sizes with Lq > Lk (chunks starting below
     key 0), with chunk edges on block edges, and tiles that straddle a chunk edge."""
     tile_m, tile_n = 128, 64
     ranges = _block_ranges_fn(g, wl >= 0, wr >= 0, tile_m, tile_n, chunk=True)
@@ -513,6 +513,7 @@ def test_mask_block_ranges_chunk_on_the_host(g, wl, wr, chunk):
         _check_key_limits(sq, sk, wl, wr, chunk)
         rows = sq * g
         for m, (lo, hi, right_masked, left_masked, *keys_end) in enumerate(ranges(rows, sk, wl, wr, chunk)):
+            assert hi - lo <= launch.chunk_blocks(chunk, tile_m, g, tile_n)  # (split-KV's tile length)
             for r, end in zip((tile_m // 2, tile_m), keys_end):
                 _, last = _key_limits(np.arange(m * tile_m, m * tile_m + r) // g, sq, sk, wl, wr, chunk)
                 assert end == min(sk, int(last.max()) + 1), (sq, sk, m, r)
