@@ -2,7 +2,7 @@
 keep the cubin and count SASS opcodes.
 
     python -m benchmarks.cute_sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
-                                [--softcap] [--varlen] [--no-overlap]
+                                [--chunk] [--softcap] [--varlen] [--no-overlap]
                                 [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
                                 [--keep DIR]
 
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--hdimv", type=int, default=None)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--local", action="store_true", help="sliding window (left and right)")
+    p.add_argument("--chunk", action="store_true", help="attention_chunk (chunked local attention)")
     p.add_argument("--softcap", action="store_true")
     p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
     p.add_argument("--split-kv", action="store_true", help="split-KV (float32 partial O and LSE)")
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
                   f"that round up to one of {sorted(SUPPORTED_HDIM_PAIRS)}\n")
     cfg = FwdConfig.make(
         "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
-        has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
+        has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
         split_kv=a.split_kv,
     )

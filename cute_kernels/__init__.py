@@ -63,8 +63,6 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
         # (With softcap the scale goes into tanh's argument and the max is taken over the
         # capped scores.)
         return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
-    if req.params.attention_chunk:
-        return "cute_kernels: attention_chunk is not in the cute kernel yet"
     if req.qv is not None:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
     if req.device.type != "cuda":

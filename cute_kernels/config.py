@@ -214,6 +214,9 @@ class FwdConfig:
     # and its LSE to partial tensors with the splits folded into the batch (or packed-rows) index,
     # which the host combines (cute_kernels.combine). For grids under one wave.
     split_kv: bool = False
+    # attention_chunk (chunked local attention): the kernel takes C > 0 (a launch argument) and
+    # bounds each row's keys by its chunk, one more edge of the KV-block range and the masks.
+    chunk: bool = False
     # The tensors' head dims where they are below the tile's (hdim / hdimv, see padded_hdim);
     # 0: equal. The kernel is compiled for them (static shapes in the last mode).
     hdim_in: int = 0
@@ -236,7 +239,8 @@ class FwdConfig:
             features.setdefault("fp8_block_m", 128)  # fa3py.fp8.Fp8Format's defaults
             features.setdefault("fp8_v_scaling", "block")
         has_left, has_right = features.get("has_left", False), features.get("has_right", False)
-        windowed = has_left or has_right
+        # A chunk bounds each row's keys on both sides, like a local window.
+        windowed = has_left or has_right or features.get("chunk", False)
         base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
         fp8 = dtype == "e4m3"
         if fp8 and base.tile_n % 32:
@@ -245,6 +249,10 @@ class FwdConfig:
         if fp8 and features["fp8_v_scaling"] == "block" and base.num_mma_wg == 3:
             # block V's second accumulator at 160 registers spills in 3-WG kernels (hdim 64:
             # 8 / 22 STL non-causal / causal, hdim 96: 22 / 43; CPU SASS); 2 WGs at 240 do not.
+            base = tile_variant(base, 128, 128)
+        if features.get("chunk") and features.get("split_kv") and has_right and base.num_mma_wg == 3:
+            # causal + chunk + split-KV spills at 160 registers (hdim 64: 8 bytes, CPU SASS); 2 WGs
+            # at 240 do not. (launch.run counts the splits for this tile.)
             base = tile_variant(base, 128, 128)
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
         # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
@@ -255,8 +263,8 @@ class FwdConfig:
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
             persistent=not windowed,
             # Causal/local: atomic tile counter, hdim128 512 274 -> 352 TFLOP/s (log §3);
-            # not 3 WGs with a left edge (spills 80 bytes).
-            dynamic=windowed and not (base.num_mma_wg == 3 and has_left),
+            # not 3 WGs with a left edge (spills 80 bytes; a chunk has one too).
+            dynamic=windowed and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False))),
             # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (log §2); hdim128 -1%.
             rescale_o_before_pv=hdimv > 128,
             # Up to hdim 192 (Q's descriptors fit in registers): hdim64 causal 8k 449 -> 480;
@@ -287,7 +295,7 @@ class FwdConfig:
         return self.has_right and not self.has_left
 
     def short(self) -> str:
-        flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
+        flags = [n for n in ("has_left", "has_right", "chunk", "softcap", "cu_seqlens_q", "cu_seqlens_k",
                              "seqused_q", "seqused_k", "split_kv") if getattr(self, n)]
         flags += [f"pack_gqa={self.pack_gqa}"] if self.pack_gqa > 1 else []
         flags += [f"fp8_block_m={self.fp8_block_m} v_{self.fp8_v_scaling}"] if self.dtype == "e4m3" else []

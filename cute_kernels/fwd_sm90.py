@@ -201,6 +201,7 @@ class FlashAttentionForwardSm90:
         softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
         window_left: Int32,
         window_right: Int32,
+        attention_chunk: Int32,  # chunk: C > 0 (else unused, and not passed to the kernel)
         max_seqlen_q: Int32,
         num_ctas: Int32,  # persistent: CTAs to launch (number of SMs)
         l2_heads: Int32,  # causal/local LPT order: (batch, head) pairs per section (launch passes 1)
@@ -276,6 +277,8 @@ class FlashAttentionForwardSm90:
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mTileCounter, mQScale, mKScale, mVScale,
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O,
             scale_log2, softcap_premul, window_left, window_right,
+            # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
+            attention_chunk if const_expr(cfg.chunk) else None,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, tx_q, tx_k, tx_v,
             num_m_blocks, sched_heads, batch, l2_heads, tail_heads, num_splits, SharedStorage,
@@ -301,6 +304,7 @@ class FlashAttentionForwardSm90:
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
         tma_atom_O: cute.CopyAtom,
         scale_log2: Float32, softcap_premul: Float32, window_left: Int32, window_right: Int32,
+        attention_chunk: Optional[Int32],
         sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
@@ -350,7 +354,7 @@ class FlashAttentionForwardSm90:
                             mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                             mSeqUsedK=mSeqUsedK)
         mask_fn = partial(AttentionMask, self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
-                          window_left, window_right, rows_per_pos=self.cfg.pack_gqa)
+                          window_left, window_right, rows_per_pos=self.cfg.pack_gqa, chunk=attention_chunk)
         # dynamic: the next tile's index, written by the producer before it issues that tile's Q
         # (one slot per Q stage: a slot is rewritten only once its Q stage has been released)
         next_tile = storage.next_tile.get_tensor(cute.make_layout(self.q_stages)) \
@@ -574,9 +578,10 @@ class FlashAttentionForwardSm90:
                         self.ring.sync(wg_idx)
                         kv_state = step(kv_state, n_block, is_first=True, mask_seqlen=True,
                                         mask_right=True, mask_left=True, half=half)
-                    # 2) blocks that cross the right edge of the window (causal diagonal).
+                    # 2) blocks that cross the right edge of the window (causal diagonal) or a
+                    #    row's chunk.
                     n_hi = n_block_max - 1
-                    if const_expr(self.cfg.has_right):
+                    if const_expr(self.cfg.has_right or self.cfg.chunk):
                         n_lo = cutlass.min(mask.n_block_min_right_masked(n_block_min), n_hi)
                         for i in cutlass.range(n_hi - n_lo, unroll=1):
                             kv_state = step(kv_state, n_hi - 1 - i, mask_right=True, mask_left=True)
@@ -585,8 +590,8 @@ class FlashAttentionForwardSm90:
                     n_lo = cutlass.min(mask.n_block_max_left_masked(n_block_min), n_hi)
                     for i in cutlass.range(n_hi - n_lo, unroll=1):
                         kv_state = step(kv_state, n_hi - 1 - i)
-                    # 4) blocks that cross the left edge of the window.
-                    if const_expr(self.cfg.has_left):
+                    # 4) blocks that cross the left edge of the window or a row's chunk.
+                    if const_expr(self.cfg.has_left or self.cfg.chunk):
                         for i in cutlass.range(n_lo - n_block_min, unroll=1):
                             kv_state = step(kv_state, n_lo - 1 - i, mask_left=True)
                     if const_expr(overlap):
@@ -838,6 +843,6 @@ class FlashAttentionForwardSm90:
             vec(b) if cfg.seqused_k else None,
             vec(2) if cfg.tile.dynamic else None,
             *(_fake_fp8_scales(cfg, b, h, hk, dv) if cfg.dtype == "e4m3" else (None, None, None)),
-            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(132), Int32(1), Int32(1),
+            Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(0), Int32(1), Int32(132), Int32(1), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )

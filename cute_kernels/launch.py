@@ -79,7 +79,7 @@ def config_for(req: "AttentionRequest") -> FwdConfig:
     d, dv = padded_hdim(req.headdim), padded_hdim(req.headdim_v)
     make = functools.partial(
         _cached_config, DTYPES[req.dtype], d, dv,
-        has_left=p.window_left >= 0, has_right=has_right, softcap=p.softcap > 0,
+        has_left=p.window_left >= 0, has_right=has_right, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,
         cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
         seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
         short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
@@ -103,6 +103,9 @@ def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
         return int(split_kv_setting)
     seqlen_q, seqlen_k = _seqlens(req)
     n_blocks = -(-seqlen_k // cfg.tile.tile_n)
+    if cfg.chunk:
+        n_blocks = min(n_blocks, chunk_blocks(req.params.attention_chunk, cfg.tile.tile_m, cfg.pack_gqa,
+                                              cfg.tile.tile_n))
     if req.params.num_splits > 0:
         return max(1, min(req.params.num_splits, n_blocks))
     g = cfg.pack_gqa
@@ -110,6 +113,16 @@ def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
     tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
     sms = _num_sms(req.device) if req.device.type == "cuda" else 132
     return num_splits_for(tiles, n_blocks, sms)
+
+
+def chunk_blocks(chunk: int, tile_m: int, g: int, tile_n: int) -> int:
+    """At most the KV blocks a tile visits under attention_chunk `chunk` (a tile's length for
+    split-KV's choice): its rows' positions lie at most (tile_m - 1) // g + 1 apart, and its keys
+    run from the first one's chunk start (at most chunk - 1 before it) to the last one's chunk
+    end (at most chunk after it); a run of keys touches one block more than its length in blocks
+    where it starts inside one."""
+    keys = (tile_m - 1) // g + 1 + 2 * chunk
+    return -(-keys // tile_n) + 1
 
 
 # ----------------------------------------------------------------------------- GQA packing
@@ -338,7 +351,8 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
         return out, lse
     ints.append(tile_counters(dev) if cfg.tile.dynamic else None)
     ints.extend(fp8_scales)
-    scalars = (scale_log2, premul, p.window_left, p.window_right, max_seqlen_q, _num_sms(dev), 1, num_splits)
+    scalars = (scale_log2, premul, p.window_left, p.window_right, p.attention_chunk, max_seqlen_q, _num_sms(dev), 1,
+               num_splits)
     tvm_ffi = use_tvm_ffi
     fn = kernels.get((cfg, tvm_ffi))
     if tvm_ffi:

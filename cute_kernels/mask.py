@@ -2,7 +2,11 @@
 
 Mask semantics (fa3py/request.py, bottom-right aligned): query row i keeps key j iff
     (no left window  or j >= i + Lk - Lq - window_left) and
-    (no right window or j <= i + Lk - Lq + window_right);  causal is window_right = 0.
+    (no right window or j <= i + Lk - Lq + window_right);  causal is window_right = 0;
+and with attention_chunk C (chunked local attention) c <= j < c + C for the chunk start
+c = C * floor((i + Lk - Lq) / C) of i's diagonal position. Each bound gives a row a key range
+[lo(i), hi(i)) whose ends never decrease with i, so the chunk is one more left and right edge:
+it narrows the KV-block range and the boundary blocks mask it with the window's edges.
 Only blocks that straddle a boundary are masked; blocks outside the window are never loaded.
 
 With GQA packing (`rows_per_pos` g > 1) the tile's rows are (query position, query head of the
@@ -12,6 +16,7 @@ KV head) pairs, row = position * g + head: i above is row // g and Lq the rows /
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -73,6 +78,20 @@ class AttentionMask:
     seqlen: SeqlenInfo
     m_block: Int32
     rows_per_pos: cutlass.Constexpr[int] = 1  # GQA packing: query heads per KV head in the tile
+    # attention_chunk C > 0 (FwdConfig.chunk); None: no chunk bound (decided at trace time).
+    chunk: Optional[Int32] = None
+
+    @property
+    def has_chunk(self) -> bool:
+        return self.chunk is not None
+
+    def chunk_start(self, pos):
+        """First key of the chunk of query position `pos` (>= 0): C * floor((pos + diag) / C).
+        pos + diag is negative for the first Lq - Lk positions, so it is shifted by a multiple
+        of C first: `//` truncates on values derived from layout coordinates (apply's rows) and
+        floors on plain Int32, and only divides non-negative values alike."""
+        shift = cute.ceil_div(cutlass.max(-self.diag, 0), self.chunk) * self.chunk
+        return (pos + self.diag + shift) // self.chunk * self.chunk - shift
 
     def pos(self, row):
         """The query position of tile row `row` (its index in the sequence's rows)."""
@@ -106,32 +125,52 @@ class AttentionMask:
         if const_expr(self.has_left):
             col_min = self.pos_begin + self.diag - self.window_left
             n_block_min = cutlass.max(col_min, 0) // self.tile_n
+        if const_expr(self.has_chunk):
+            # from the first row's chunk to the end of the last row's
+            first = self.chunk_start(self.pos_begin)
+            end = self.chunk_start(self.pos_end - 1) + self.chunk  # exclusive
+            n_block_min = cutlass.max(n_block_min, cutlass.max(first, 0) // self.tile_n)
+            n_block_max = cutlass.min(n_block_max, cute.ceil_div(cutlass.max(end, 0), self.tile_n))
         return n_block_min, n_block_max
 
     @cute.jit
     def keys_end(self, rows) -> Int32:
         """One past the last key that any of the tile's first `rows` rows keeps (seqlen_k, or the
-        right window edge of row rows - 1)."""
+        right window / chunk edge of row rows - 1)."""
         end = Int32(self.seqlen.seqlen_k)
+        last = self.pos(self.m_block * self.tile_m + rows - 1)
         if const_expr(self.has_right):
-            end = cutlass.min(end, self.pos(self.m_block * self.tile_m + rows - 1) + self.diag
-                              + self.window_right + 1)
+            end = cutlass.min(end, last + self.diag + self.window_right + 1)
+        if const_expr(self.has_chunk):
+            end = cutlass.min(end, self.chunk_start(last) + self.chunk)
         return end
 
     @cute.jit
     def n_block_min_right_masked(self, n_block_min: Int32) -> Int32:
-        """Blocks >= this may contain keys right of the window for some row of the m_block."""
-        if const_expr(not self.has_right):
+        """Blocks >= this may contain keys right of the window (or chunk) for some row of the
+        m_block: from the block of the first row's last kept key (the lowest right edge)."""
+        if const_expr(not self.has_right and not self.has_chunk):
             return Int32(1 << 30)
-        col = self.pos_begin + self.diag + self.window_right
+        if const_expr(self.has_right):
+            col = self.pos_begin + self.diag + self.window_right
+            if const_expr(self.has_chunk):
+                col = cutlass.min(col, self.chunk_start(self.pos_begin) + self.chunk - 1)
+        else:
+            col = self.chunk_start(self.pos_begin) + self.chunk - 1
         return cutlass.max(n_block_min, cutlass.max(col, 0) // self.tile_n)
 
     @cute.jit
     def n_block_max_left_masked(self, n_block_min: Int32) -> Int32:
-        """Blocks < this may contain keys left of the window for some row of the m_block."""
-        if const_expr(not self.has_left):
+        """Blocks < this may contain keys left of the window (or chunk) for some row of the
+        m_block: up to the block of the last row's left edge (the highest)."""
+        if const_expr(not self.has_left and not self.has_chunk):
             return n_block_min
-        col = self.pos_end + self.diag - self.window_left
+        if const_expr(self.has_left):
+            col = self.pos_end + self.diag - self.window_left
+            if const_expr(self.has_chunk):
+                col = cutlass.max(col, self.chunk_start(self.pos_end - 1))
+        else:
+            col = self.chunk_start(self.pos_end - 1)
         return cutlass.max(n_block_min, cute.ceil_div(cutlass.max(col, 0), self.tile_n))
 
     @cute.jit
@@ -154,8 +193,8 @@ class AttentionMask:
         s_mn = acc_to_mn(acc_S)
         cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
         tScS = acc_to_mn(thr_mma.partition_C(cS))
-        use_left = const_expr(mask_left and self.has_left)
-        use_right = const_expr(mask_right and self.has_right)
+        use_left = const_expr(mask_left and (self.has_left or self.has_chunk))
+        use_right = const_expr(mask_right and (self.has_right or self.has_chunk))
         t0ScS = acc_to_mn(thr0_mma.partition_C(cS))
         row0 = self.m_block * self.tile_m + tScS[0, 0][0]
         col0 = n_block * self.tile_n + tScS[0, 0][1]
@@ -163,10 +202,22 @@ class AttentionMask:
             row = self.pos(row0 + t0ScS[r, 0][0])
             # Keep columns c (thread-0 coordinates) with lo <= c < hi.
             hi = Int32(self.seqlen.seqlen_k) - col0
+            if const_expr(self.has_chunk):
+                start = self.chunk_start(row) - col0  # the row's chunk is [start, start + C)
             if const_expr(use_right):
-                right = row + self.diag + self.window_right + 1 - col0
+                if const_expr(self.has_right):
+                    right = row + self.diag + self.window_right + 1 - col0
+                    if const_expr(self.has_chunk):
+                        right = cutlass.min(right, start + self.chunk)
+                else:
+                    right = start + self.chunk
                 hi = cutlass.min(hi, right) if const_expr(mask_seqlen) else right
-            lo = row + self.diag - self.window_left - col0
+            if const_expr(not self.has_chunk):
+                lo = row + self.diag - self.window_left - col0
+            elif const_expr(self.has_left):
+                lo = cutlass.max(row + self.diag - self.window_left - col0, start)
+            else:
+                lo = start
             # Selects, not branches: with `if` the compiler chains the monotone conditions
             # into a cascade of FSELs (10x the instructions, CPU SASS).
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):

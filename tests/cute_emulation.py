@@ -20,11 +20,11 @@ CUDA_ONLY = "cute_kernels: CUDA tensors only"
 def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
     """What `cute_kernels.launch.launch_kernel` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
-    row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
-    where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
-    its run of the sequence's KV blocks (the kernel splits each m_block's own range:
-    test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
-    s * batch + b, or rows from s * total_q + offset."""
+    row // pack_gqa, masks (window, and attention_chunk where cfg.chunk) are bottom-right aligned
+    over positions; out and lse are written where the kernel writes them (padded rows left as
+    initialized). Split-KV: split s attends to its run of the sequence's KV blocks (the kernel
+    splits each m_block's own range: test_split_block_range_on_the_host) and writes its
+    normalized O and LSE at batch s * batch + b, or rows from s * total_q + offset."""
     g, p = cfg.pack_gqa, req.params
     max_rows, (cu_q, cu_k, used_q, used_k) = launch.sequence_args(req, q, g)  # the kernel's view
     n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
@@ -38,16 +38,22 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
         assert sq <= max_rows
         qb = (q[q0:q0 + sq] if req.packed_q else q[b, :sq]).float()
         kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
+        # GQA left unpacked: query head h reads KV head h // (heads / KV heads)
+        kb, vb = (x.repeat_interleave(qb.shape[1] // x.shape[1], dim=1) for x in (kb, vb))
         s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale
         if p.softcap > 0:
             s = p.softcap * torch.tanh(s / p.softcap)
         pos = torch.arange(sq)[:, None] // g
         col = torch.arange(sk)[None, :]
+        diag = pos + sk - sq // g  # the row's diagonal key
         keep = torch.ones(sq, sk, dtype=torch.bool)
         if p.window_right >= 0:
-            keep &= col <= pos + sk - sq // g + p.window_right
+            keep &= col <= diag + p.window_right
         if p.window_left >= 0:
-            keep &= col >= pos + sk - sq // g - p.window_left
+            keep &= col >= diag - p.window_left
+        if cfg.chunk:  # the key lies in the chunk of the row's diagonal
+            start = torch.div(diag, p.attention_chunk, rounding_mode="floor") * p.attention_chunk
+            keep &= (col >= start) & (col < start + p.attention_chunk)
         s = s.masked_fill(~keep, -math.inf)
         tile_n = cfg.tile.tile_n
         per_split = -(-(-(-sk // tile_n)) // num_splits) * tile_n  # keys per split

@@ -1,8 +1,10 @@
 """attention_chunk (chunked local attention, Llama 4): a query sees only the keys of its own
 chunk, intersected with causal / window_size as FlashAttention-3 intersects them. The
 reference against a brute-force transcription of FA3's `construct_chunk_mask`, then the torch
-backend (with small tiles, so boundaries cross tiles), the public functions, and the Triton
-kernels in the interpreter, each against the reference."""
+backend (with small tiles, so boundaries cross tiles), the public functions, the Triton
+kernels in the interpreter, and the cute forward's host path with its kernel emulated on the
+CPU (`tests.cute_emulation`; the kernel's own mask code: tests/test_cute_host.py), each against
+the reference."""
 
 import os
 
@@ -107,14 +109,77 @@ def test_triton_kernels(lq, lk, chunk, causal, window, deterministic, monkeypatc
     check_backward(req, dout, triton_fallback.backward(req, out, lse, dout))
 
 
-def test_cute_refuses_and_explain_says_why():
+def test_cute_serves_chunk():
+    """The cute forward takes attention_chunk (on CUDA tensors): config_for compiles the chunked
+    kernel; qv it still refuses."""
     import cute_kernels
 
     q, k, v = inputs(1, 8, 8, 2, 2, 64, 64, torch.bfloat16, device="cpu")
     req = make_request(q, k, v, attention_chunk=8)
-    assert cute_kernels.why_not(req, False) == "cute_kernels: attention_chunk is not in the cute kernel yet"
+    assert cute_kernels.why_not(req, False) == "cute_kernels: CUDA tensors only"
+    assert cute_kernels.config_for(req).chunk and not cute_kernels.config_for(make_request(q, k, v)).chunk
     qv = make_request(q, k, v, qv=torch.randn_like(q))
     assert cute_kernels.why_not(qv, False) == "cute_kernels: qv (MLA) is not in the cute kernel yet"
+
+
+try:  # (cute_kernels' host code; its kernel emulated)
+    from tests.cute_emulation import emulated_sm90  # noqa: F401  (fixture, by name)
+except ImportError:  # pragma: no cover
+    emulated_sm90 = None
+
+# (lq, lk, h, hk, chunk, causal, window, splits): chunks below / across / above the emulated
+# config's 128-key blocks, Lq > Lk (chunks before key 0), GQA packing (few query positions),
+# split-KV forced, a window inside the chunk.
+EMULATED = [
+    (77, 300, 4, 4, 64, True, (-1, -1), "1"), (300, 77, 4, 2, 24, False, (-1, -1), "1"),
+    (1, 700, 8, 2, 128, False, (-1, -1), "1"), (5, 700, 8, 1, 100, True, (-1, -1), "3"),
+    (113, 203, 4, 2, 40, False, (20, 5), "1"), (40, 40, 2, 2, 1, True, (3, -1), "1"),
+    (200, 900, 4, 4, 300, False, (-1, -1), "4"),
+]
+
+
+@pytest.mark.skipif(emulated_sm90 is None, reason="needs cute_kernels' host code")
+@pytest.mark.parametrize("lq,lk,h,hk,chunk,causal,window,splits", EMULATED)
+def test_cute_emulated(lq, lk, h, hk, chunk, causal, window, splits, emulated_sm90, monkeypatch):
+    """On an (emulated) sm90 the dispatcher sends chunked forwards to cute: its host path (config
+    with the chunk flag, GQA packing, split-KV's partials and combine) around the emulated kernel
+    gives the reference's out and LSE."""
+    import cute_kernels
+    from cute_kernels import launch
+    from fa3py import dispatch
+
+    monkeypatch.setattr(launch, "split_kv_setting", splits)
+    q, k, v = inputs(2, lq, lk, h, hk, 64, 64, torch.bfloat16, device="cpu")
+    kw = dict(attention_chunk=chunk, causal=causal, window_size=window)
+    req = make_request(q, k, v, **kw)
+    assert dispatch.choose(req).name == "cute"
+    cfg = cute_kernels.config_for(req)
+    assert cfg.chunk and cfg.split_kv == (splits != "1") and (cfg.pack_gqa > 1 or lq > 5 or h == hk)
+    out, lse = fa3py.attention(q, k, v, return_lse=True, **kw)
+    check_forward(req, out, lse)
+
+
+@pytest.mark.skipif(emulated_sm90 is None, reason="needs cute_kernels' host code")
+def test_cute_emulated_varlen_and_backward(emulated_sm90):
+    """Packed sequences with seqused_k through flash_attn_varlen_func: the cute forward (emulated)
+    and the Triton backward (interpreted) it hands out and LSE to."""
+    lens_q, lens_k = [37, 0, 13, 1], [50, 9, 130, 0]
+    q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, "cpu")
+    k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, "cpu")
+    v, _ = packed(lens_k, 2, 64, torch.bfloat16, "cpu")
+    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=37, max_seqlen_k=130, seqused_k=used_k,
+              causal=True, attention_chunk=24)
+    from fa3py import dispatch
+
+    req = make_request(q, k, v, **kw)
+    assert (dispatch.choose(req).name, dispatch.choose(req, backward=True).name) == ("cute", "triton")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fa3py.flash_attn_varlen_func(*leaves, return_attn_probs=True, **kw)
+    check_forward(req, out.detach(), lse)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    check_backward(req, dout, [x.grad for x in leaves])
 
 
 @pytest.mark.parametrize("value,exc", [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("8", TypeError)])
@@ -128,12 +193,13 @@ def test_bad_attention_chunk(value, exc):
 
 
 @pytest.mark.gpu
-def test_gpu_dispatch_runs_triton_and_matches():
-    """On a GPU (Hopper included: the cute kernel refuses attention_chunk) dispatch picks Triton,
+def test_gpu_dispatch_and_matches():
+    """On a GPU dispatch picks the cute forward on Hopper (Triton elsewhere) and Triton's backward,
     long enough for chunks of whole and partial blocks."""
     q, k, v = inputs(2, 1000, 1500, 8, 2, 128, 128, torch.bfloat16, device="cuda")
     kw = dict(causal=True, attention_chunk=192)
-    assert fa3py.explain(q, k, v, **kw).splitlines()[0].startswith("forward: triton")
+    forward = "cute" if torch.cuda.get_device_capability()[0] == 9 else "triton"
+    assert fa3py.explain(q, k, v, **kw).splitlines()[0].startswith(f"forward: {forward}")
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = fa3py.attention(*leaves, return_lse=True, **kw)
     req = make_request(q, k, v, **kw)

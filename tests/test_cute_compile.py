@@ -238,6 +238,27 @@ def test_split_kv_fake_args(varlen):
     assert all(a is b for a, b in zip(mO.shape[1:-1], mQ.shape[1:-1])) and mO.element_type == cutlass.Float32
 
 
+@pytest.mark.parametrize("hdim,features", [
+    (128, dict(has_right=True)), (128, {}), (64, {}), (64, dict(has_right=True)),
+    (128, dict(has_left=True, has_right=True)), (64, dict(has_right=True, short=True)),
+    (128, dict(has_right=True, short=True, pack_gqa=4)), (128, dict(split_kv=True, pack_gqa=8)),
+    (64, dict(split_kv=True, has_right=True)), (256, dict(has_right=True)),
+    (96, dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True)),
+], ids=["causal128", "chunk128", "chunk64", "causal64", "local128", "causal64_short_plain", "causal128_pack4",
+        "split128_pack8", "split64_causal", "causal256", "varlen96"])
+def test_compile_chunk(hdim, features):
+    """attention_chunk: spill-free with causal, alone, with a window, GQA packing, split-KV, the
+    plain schedule with diag_half, varlen; the chunk's edges are a window's two edges, so the KV
+    loops are a local kernel's (last block, right-edge blocks, interior, left-edge blocks)."""
+    cfg = FwdConfig.make("bf16", hdim, chunk=True, **features)
+    assert cfg.tile.dynamic == (cfg.tile.num_mma_wg == 2)  # (3 WGs with a left edge: single tiles)
+    text = []
+    _compile_and_check(cfg, text)
+    local = dataclasses.replace(cfg, chunk=False, has_left=True, has_right=True)
+    _compile_and_check(local, text)
+    assert len(sass.hgmma_loops(text[0])) == len(sass.hgmma_loops(text[1])), cfg.short()
+
+
 @pytest.mark.parametrize("d,dv,features", [
     (80, 80, {}), (80, 80, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
     (32, 32, dict(has_right=True)), (232, 232, dict(has_right=True, seqused_q=True)),

@@ -525,3 +525,62 @@ def test_gpu_compile_time_recorded():
     q, k, v = qkv(1, 64, 64, 2, 2, 128, 128, torch.bfloat16)
     cute_kernels.forward(make_req(q, k, v, window_left=5, window_right=3, softcap=3.0))
     assert launch.last_compile_seconds is not None and launch.last_compile_seconds > 0
+
+
+# attention_chunk (chunked local attention): (chunk, window_left, window_right); chunks below,
+# across and above the KV tiles (64-128 keys), alone, causal, with a window on either side.
+CHUNKS = [(16, -1, -1), (100, -1, 0), (128, -1, 0), (300, -1, -1), (40, 20, 5), (1, -1, 0), (256, 5, 300)]
+
+
+@gpu
+@pytest.mark.parametrize("chunk,wl,wr", CHUNKS)
+@pytest.mark.parametrize("sq,sk", SIZES + [(300, 129)])
+@pytest.mark.parametrize("hdim", [64, 128])
+def test_gpu_chunk(hdim, sq, sk, chunk, wl, wr):
+    """attention_chunk in the KV-block range and the boundary masks, on ragged sizes (Lq > Lk:
+    chunks that start before key 0), GQA, the default config (3 WGs at hdim 64 unless short)."""
+    q, k, v = qkv(2, sq, sk, 6, 2, hdim, hdim, torch.bfloat16)
+    req = make_req(q, k, v, window_left=wl, window_right=wr, attention_chunk=chunk)
+    assert cute_kernels.config_for(req).chunk
+    check_run(req)
+
+
+@gpu
+@pytest.mark.parametrize("chunk,wl,wr", [(100, -1, 0), (300, -1, -1), (40, 20, 5)])
+@pytest.mark.parametrize("hdim,tile,fields", [
+    (64, "128x128", dict(intra_wg_overlap=False, diag_half=True, chain_pv_qk=True)),
+    (64, "192x128", dict(dynamic=True)), (128, "128x128", dict(dynamic=False)),
+    (96, "128x64", dict(intra_wg_overlap=False)), (256, "128x64", {}), (192, "128x96", dict(persistent=True)),
+])
+def test_gpu_chunk_schedules(hdim, tile, fields, chunk, wl, wr):
+    """Chunked masks through every schedule: the plain one with diag_half, the dynamic counter on
+    3 WGs, single tiles, static persistent, and the head dims' tiles."""
+    q, k, v = qkv(2, 799, 1023, 4, 2, hdim, hdim, torch.bfloat16)
+    req = make_req(q, k, v, window_left=wl, window_right=wr, attention_chunk=chunk)
+    cfg = cute_kernels.config_for(req)
+    tile_cfg = tile_from_spec(cfg.tile, tile)
+    check_run(req, dataclasses.replace(cfg, tile=dataclasses.replace(tile_cfg, **fields)))
+
+
+@gpu
+@pytest.mark.parametrize("splits", ["auto", "3", "40"])
+@pytest.mark.parametrize("chunk,wr", [(256, 0), (1000, -1), (64, -1)])
+@pytest.mark.parametrize("d,h,hk,sq", [(128, 8, 2, 1), (64, 4, 4, 77), (128, 32, 4, 3), (64, 8, 1, 1)])
+def test_gpu_chunk_split_kv_pack_gqa(splits, chunk, wr, d, h, hk, sq, monkeypatch):
+    """Chunked decoding: GQA packing and split-KV (forced, or chosen: the chunk bounds a tile's
+    blocks) over 4000 keys, the splits of each tile's chunk-narrowed range combined on the host."""
+    monkeypatch.setattr(launch, "split_kv_setting", splits)
+    q, k, v = qkv(2, sq, 4000, h, hk, d, d, torch.bfloat16)
+    req = make_req(q, k, v, window_right=wr, attention_chunk=chunk)
+    cfg = cute_kernels.config_for(req)
+    assert cfg.chunk and (splits == "auto" or cfg.split_kv)
+    check_run(req)
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_chunk_varlen(causal):
+    """Packed sequences with seqused: each sequence's own diagonal and chunks."""
+    q, k, v, kw = packed_qkv([37, 0, 513, 1, 200], [50, 9, 700, 0, 129], 4, 2, 128, torch.bfloat16)
+    kw["seqused_k"] = torch.tensor([40, 9, 650, 0, 129], dtype=torch.int32, device="cuda")
+    check_run(make_req(q, k, v, window_right=0 if causal else -1, attention_chunk=96, **kw))

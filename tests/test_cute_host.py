@@ -324,8 +324,9 @@ def test_tile_counters_are_bounded(monkeypatch):
     assert (None, 0) in counters.buffers and (None, 1) not in counters.buffers
 
 
-def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
-    """AttentionMask's KV-block bounds for every m_block, run on the host by CuTe DSL's JIT."""
+def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64, chunk=False):
+    """AttentionMask's KV-block bounds for every m_block, run on the host by CuTe DSL's JIT
+    (`chunk`: with an attention_chunk, its size the call's last argument)."""
     from cutlass import Int32
     from cutlass.cute.runtime import from_dlpack
 
@@ -333,10 +334,11 @@ def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
 
     @cutlass.cute.jit  # (annotations are strings here: resolved in this module's globals)
     def ranges(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
-               wr: cutlass.Int32):
+               wr: cutlass.Int32, c: cutlass.Int32):
         seqlen = SeqlenInfo(Int32(0), Int32(0), sq, sk)
         for m in cutlass.range(out.shape[0]):
-            mask = AttentionMask(tile_m, tile_n, has_left, has_right, wl, wr, seqlen, m, rows_per_pos=g)
+            mask = AttentionMask(tile_m, tile_n, has_left, has_right, wl, wr, seqlen, m, rows_per_pos=g,
+                                 chunk=c if chunk else None)
             lo, hi = mask.n_block_range()
             out[m, 0] = lo
             out[m, 1] = hi
@@ -345,22 +347,45 @@ def _block_ranges_fn(g, has_left, has_right, tile_m=128, tile_n=64):
             out[m, 4] = mask.keys_end(Int32(tile_m // 2))  # (diag_half: first warpgroup's rows)
             out[m, 5] = mask.keys_end(Int32(tile_m))
 
-    def call(rows, sk, wl, wr):
+    def call(rows, sk, wl, wr, c=0):
         out = torch.zeros(-(-rows // tile_m), 6, dtype=torch.int32)
-        ranges(from_dlpack(out), Int32(rows), Int32(sk), Int32(wl), Int32(wr))
+        ranges(from_dlpack(out), Int32(rows), Int32(sk), Int32(wl), Int32(wr), Int32(c))
         return out.tolist()
 
     return call
 
 
-@pytest.mark.parametrize("g", [1, 3, 4])
-@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
-@pytest.mark.parametrize("half", [False, True], ids=["block", "half"])
-def test_mask_apply_on_the_host(g, wl, wr, half):
+def _key_limits(pos, lq, lk, wl, wr, chunk=0):
+    """(first, last): the keys query position(s) `pos` may keep by the window and the chunk, as
+    fa3py.request states them (not clipped to 0 .. lk - 1; +-2^40 where unbounded)."""
+    diag = pos + lk - lq
+    first, last = np.full_like(diag, -2**40), np.full_like(diag, 2**40)
+    if wl >= 0:
+        first = np.maximum(first, diag - wl)
+    if wr >= 0:
+        last = np.minimum(last, diag + wr)
+    if chunk:
+        start = diag // chunk * chunk  # (numpy's // floors, as the chunk's floor division)
+        first, last = np.maximum(first, start), np.minimum(last, start + chunk - 1)
+    return first, last
+
+
+def _check_key_limits(lq, lk, wl, wr, chunk):
+    """_key_limits is fa3py.reference's mask on the sequence's rows."""
+    from fa3py import reference
+
+    first, last = _key_limits(np.arange(lq)[:, None], lq, lk, wl, wr, chunk)
+    j = np.arange(lk)[None, :]
+    want = reference.keep_mask(lq, lk, wl, wr, attention_chunk=chunk).numpy()
+    assert np.array_equal((j >= first) & (j <= last), want), (lq, lk, wl, wr, chunk)
+
+
+def _check_mask_apply(g, wl, wr, half, chunk=0):
     """AttentionMask.apply, the kernel's own code run by CuTe DSL's host JIT for every consumer
     thread of a tile (each thread's WGMMA accumulator fragment, scattered back to (row, col)),
-    against a brute-force mask: sequence end, causal / local window edges, g rows per position.
-    `half`: the accumulator of diag_half's QK^T over the block's first tile_n / 2 keys."""
+    against a brute-force mask (_key_limits): sequence end, window edges, attention_chunk `chunk`
+    (0: none), g rows per position. `half`: the accumulator of diag_half's QK^T over the block's
+    first tile_n / 2 keys."""
     from cutlass import Float32, Int32
     from cutlass.cute.runtime import from_dlpack
 
@@ -368,16 +393,16 @@ def test_mask_apply_on_the_host(g, wl, wr, half):
     from cute_kernels.mask import AttentionMask, SeqlenInfo
 
     cute = cutlass.cute
-    cfg = FwdConfig.make("bf16", 128, has_left=wl >= 0, has_right=wr >= 0, pack_gqa=g)
+    cfg = FwdConfig.make("bf16", 128, has_left=wl >= 0, has_right=wr >= 0, chunk=chunk > 0, pack_gqa=g)
     kernel = FlashAttentionForwardSm90(cfg)
     tile_m, tile_n, threads = cfg.tile.tile_m, cfg.tile.tile_n, kernel.num_mma_threads
 
     @cutlass.cute.jit
     def masked(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
-               wr: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
+               wr: cutlass.Int32, c: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
         tiled_mma = kernel.make_tiled_mma_qk(width)
         mask = AttentionMask(tile_m, tile_n, wl_on, wr_on, wl, wr, SeqlenInfo(Int32(0), Int32(0), sq, sk),
-                             m_block, rows_per_pos=g)
+                             m_block, rows_per_pos=g, chunk=c if chunk_on else None)
         coords = cute.make_identity_tensor((tile_m, width))
         for t in cutlass.range(threads):
             thr = tiled_mma.get_slice(t)
@@ -388,24 +413,48 @@ def test_mask_apply_on_the_host(g, wl, wr, half):
             for i in cutlass.range_constexpr(cute.size(acc)):
                 out[rc[i]] = acc[i]
 
-    wl_on, wr_on = wl >= 0, wr >= 0
+    wl_on, wr_on, chunk_on = wl >= 0, wr >= 0, chunk > 0
     width = tile_n // 2 if half else tile_n
     rng = np.random.default_rng()
     for sq, sk in [(10, 100), (77, 300), (300, 77), (64, 165)] + [tuple(rng.integers(1, 700, 2)) for _ in range(2)]:
-        rows = int(sq) * g
-        m_block = int(rng.integers(0, -(-rows // tile_m)))
-        n_block = int(rng.integers(0, -(-int(sk) // tile_n)))
-        out = torch.zeros(tile_m, width)
-        masked(from_dlpack(out), Int32(rows), Int32(int(sk)), Int32(wl), Int32(wr), Int32(m_block), Int32(n_block))
-        pos = (m_block * tile_m + torch.arange(tile_m))[:, None] // g
-        col = (n_block * tile_n + torch.arange(width))[None, :]
-        keep = (col < sk).expand(tile_m, width)
-        if wr >= 0:
-            keep = keep & (col <= pos + sk - sq + wr)
-        if wl >= 0:
-            keep = keep & (col >= pos + sk - sq - wl)
-        assert torch.equal(out == 1.0, keep), (sq, sk, m_block, n_block)
-        assert torch.equal(out[~keep], torch.full_like(out[~keep], -math.inf))
+        sq, sk = int(sq), int(sk)
+        rows = sq * g
+        if chunk:
+            _check_key_limits(sq, sk, wl, wr, chunk)
+        # chunked: more blocks per size, one of them where the tile's rows keep keys (chunk edges)
+        for trial in range(4 if chunk else 1):
+            m_block = int(rng.integers(0, -(-rows // tile_m)))
+            first, last = _key_limits(np.arange(m_block * tile_m, (m_block + 1) * tile_m) // g, sq, sk, wl, wr, chunk)
+            lo, hi = max(int(first.min()), 0) // tile_n, min(int(last.max()), sk - 1) // tile_n
+            n_block = int(rng.integers(lo, hi + 1)) if trial and lo <= hi else int(rng.integers(0, -(-sk // tile_n)))
+            out = torch.zeros(tile_m, width)
+            masked(from_dlpack(out), Int32(rows), Int32(sk), Int32(wl), Int32(wr), Int32(chunk), Int32(m_block),
+                   Int32(n_block))
+            col = (n_block * tile_n + np.arange(width))[None, :]
+            keep = torch.from_numpy((col < sk) & (col >= first[:, None]) & (col <= last[:, None]))
+            assert torch.equal(out == 1.0, keep), (sq, sk, m_block, n_block)
+            assert torch.equal(out[~keep], torch.full_like(out[~keep], -math.inf))
+
+
+@pytest.mark.parametrize("g", [1, 3, 4])
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (37, 11), (200, -1)])
+@pytest.mark.parametrize("half", [False, True], ids=["block", "half"])
+def test_mask_apply_on_the_host(g, wl, wr, half):
+    _check_mask_apply(g, wl, wr, half)
+
+
+# (g, window_left, window_right, attention_chunk): chunks below, across and above a 128-key
+# block, alone, with causal, with a window on either side, GQA-packed rows.
+CHUNK_CASES = [(1, -1, -1, 16), (1, -1, 0, 40), (3, -1, -1, 100), (4, 37, 11, 64), (1, 200, -1, 24),
+               (8, -1, 0, 1), (3, -1, 0, 130), (1, 5, 300, 256)]
+
+
+@pytest.mark.parametrize("g,wl,wr,chunk", CHUNK_CASES)
+@pytest.mark.parametrize("half", [False, True], ids=["block", "half"])
+def test_mask_apply_chunk_on_the_host(g, wl, wr, chunk, half):
+    """apply with attention_chunk: a row keeps only its diagonal's chunk of keys, intersected with
+    the window; positions before key 0 (Lq > Lk) have chunks that start below 0."""
+    _check_mask_apply(g, wl, wr, half, chunk)
 
 
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
@@ -445,6 +494,42 @@ def test_mask_block_ranges_on_the_host(g, wl, wr):
                 assert all((b + 1) * tile_n - 1 <= pos.min() + diag + wr for b in range(lo, min(right_masked, hi)))
             if wl >= 0:  # no key left of a window from left_masked on
                 assert all(b * tile_n >= pos.max() + diag - wl for b in range(max(left_masked, lo), hi))
+
+
+@pytest.mark.parametrize("g,wl,wr,chunk", CHUNK_CASES)
+def test_mask_block_ranges_chunk_on_the_host(g, wl, wr, chunk):
+    """The block bounds with attention_chunk, against brute force over the tile's rows
+    (_key_limits, checked against fa3py.reference's mask): every kept key's block is visited, a
+    tile of real rows that all keep keys visits exactly their blocks; blocks outside
+    [left_masked, right_masked) are the only ones that hold a key outside some row's window and
+    chunk; keys_end is the furthest kept key's end; launch.chunk_blocks bounds the range. Sizes with Lq > Lk (chunks starting below
+    key 0), with chunk edges on block edges, and tiles that straddle a chunk edge."""
+    tile_m, tile_n = 128, 64
+    ranges = _block_ranges_fn(g, wl >= 0, wr >= 0, tile_m, tile_n, chunk=True)
+    rng = np.random.default_rng()
+    sizes = [(1, 1), (10, 1000), (77, 300), (300, 77), (129, 129), (256, 321), (512, 577), (100, 137),
+             (300, 401), (64, 165), (700, 64), (1000, 1000)]
+    for sq, sk in sizes + [tuple(int(x) for x in rng.integers(1, 700, 2)) for _ in range(3)]:
+        _check_key_limits(sq, sk, wl, wr, chunk)
+        rows = sq * g
+        for m, (lo, hi, right_masked, left_masked, *keys_end) in enumerate(ranges(rows, sk, wl, wr, chunk)):
+            assert hi - lo <= launch.chunk_blocks(chunk, tile_m, g, tile_n)  # (split-KV's tile length)
+            for r, end in zip((tile_m // 2, tile_m), keys_end):
+                _, last = _key_limits(np.arange(m * tile_m, m * tile_m + r) // g, sq, sk, wl, wr, chunk)
+                assert end == min(sk, int(last.max()) + 1), (sq, sk, m, r)
+            pos = np.arange(m * tile_m, min((m + 1) * tile_m, rows)) // g
+            first, last = _key_limits(pos, sq, sk, wl, wr, chunk)
+            first, last_in = np.maximum(first, 0), np.minimum(last, sk - 1)
+            kept = first <= last_in
+            if kept.any():
+                blocks = np.concatenate([np.arange(a // tile_n, b // tile_n + 1)
+                                         for a, b in zip(first[kept], last_in[kept])])
+                assert lo <= blocks.min() and hi >= blocks.max() + 1, (sq, sk, m)
+                if (m + 1) * tile_m <= rows and kept.all():
+                    assert (lo, hi) == (blocks.min(), blocks.max() + 1), (sq, sk, m, lo, hi)
+            # no key right of any row's limit below right_masked, none left of it from left_masked
+            assert all((b + 1) * tile_n - 1 <= last.min() for b in range(lo, min(right_masked, hi))), (sq, sk, m)
+            assert all(b * tile_n >= first.max() for b in range(max(left_masked, lo), hi)), (sq, sk, m)
 
 
 def test_split_block_range_on_the_host():
