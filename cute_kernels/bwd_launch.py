@@ -181,19 +181,31 @@ def run(req: "AttentionRequest", out: torch.Tensor, lse: torch.Tensor, dout: tor
     return postprocess(req, cfg, dq_acc, row_index), dk, dv
 
 
-def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc):
-    """Run the compiled backward kernel (the test hook: a CPU emulation may replace it)."""
-    from cute_kernels import launch
-
+def kernel_scalars(req: "AttentionRequest") -> tuple:
+    """The kernel's scalar arguments: (scale_log2, softcap_premul, softmax_scale, window_left,
+    window_right, max_seqlen_k). With softcap the scores are softcap * tanh(qk * premul) and
+    scale_log2 = softcap * log2(e), else scale_log2 = softmax_scale * log2(e)."""
     p = req.params
     if p.softcap > 0:
         scale_log2, premul = p.softcap * LOG2E, p.softmax_scale / p.softcap
     else:
         scale_log2, premul = p.softmax_scale * LOG2E, 1.0
     max_seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
-    ints = [launch._int32(t) for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
+    return scale_log2, premul, p.softmax_scale, p.window_left, p.window_right, max_seqlen_k
+
+
+def sequence_tensors(req: "AttentionRequest") -> list:
+    """The kernel's int32 (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), None where absent."""
+    from cute_kernels import launch
+
+    return [launch._int32(t) for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
+
+
+def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc):
+    """Run the compiled backward kernel (the test hook: a CPU emulation may replace it)."""
+    from cute_kernels import launch
+
     fn = launch.kernels.get((cfg, True)) or launch.compile_kernel(cfg)
     dev = q.device
     with torch.cuda.device(dev) if dev.index != torch.cuda.current_device() else launch._SAME_DEVICE:
-        fn(q, k, v, do, dk, dv, lse2, dpsum, dq_acc, *ints, scale_log2, premul, p.softmax_scale,
-           p.window_left, p.window_right, max_seqlen_k)
+        fn(q, k, v, do, dk, dv, lse2, dpsum, dq_acc, *sequence_tensors(req), *kernel_scalars(req))

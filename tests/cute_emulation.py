@@ -20,7 +20,7 @@ CUDA_ONLY = "cute_kernels: CUDA tensors only"
 def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
     """What `cute_kernels.launch.launch_kernel` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
-    row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
+    row // pack_gqa (unpacked GQA: query head h reads KV head h // group), masks are bottom-right aligned over positions; out and lse are written
     where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
     its run of the sequence's KV blocks (the kernel splits each m_block's own range:
     test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
@@ -38,6 +38,8 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
         assert sq <= max_rows
         qb = (q[q0:q0 + sq] if req.packed_q else q[b, :sq]).float()
         kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
+        # GQA not packed into rows (g = 1 while the group is > 1): query head h reads KV head h // group
+        kb, vb = (x.repeat_interleave(qb.shape[1] // x.shape[1], dim=1) for x in (kb, vb))
         s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale
         if p.softcap > 0:
             s = p.softcap * torch.tanh(s / p.softcap)
