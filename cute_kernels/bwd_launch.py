@@ -69,7 +69,7 @@ def head_splits(req: "AttentionRequest", tile_n: int = 128) -> int:
     seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
     ctas = -(-seqlen_k // tile_n) * req.nheads_kv * req.batch
     sms = torch.cuda.get_device_properties(req.device).multi_processor_count if req.device.type == "cuda" else 132
-    want = -(-SPLIT_WAVES * sms // max(ctas, 1))
+    want = max(1, -(-SPLIT_WAVES * sms // max(ctas, 1)))
     return max(s for s in range(1, group + 1) if group % s == 0 and s <= want)
 
 
@@ -244,12 +244,6 @@ def _call(cfg, dev: torch.device, *args):
         fn(*args)
 
 
-def _seq_ints(req: "AttentionRequest") -> list:
-    from cute_kernels.launch import _int32
-
-    return [_int32(t) for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
-
-
 def _max_seqlen_q(req: "AttentionRequest") -> int:
     return req.max_seqlen_q if req.packed_q else req.q.shape[1]
 
@@ -264,7 +258,7 @@ def launch_preprocess(req: "AttentionRequest", cfg: BwdConfig, out, dout, lse):
     lse2 = torch.empty((*lead, rows), dtype=torch.float32, device=dev)
     dpsum = torch.empty_like(lse2)
     dq_acc = torch.empty((*lead, rows * cfg.hdim), dtype=torch.float32, device=dev)
-    cu_q, _, su_q, _ = _seq_ints(req)
+    cu_q, _, su_q, _ = sequence_tensors(req)
     _call(BwdRowsConfig.of("pre", cfg), dev, out, dout, lse if lse.stride(-1) == 1 else lse.contiguous(), lse2,
           dpsum, dq_acc, cu_q, su_q, _max_seqlen_q(req))
     return lse2, dpsum, dq_acc
@@ -276,21 +270,36 @@ def launch_postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc):
 
     # rows past seqused_q are no sequence's: zero
     dq = (torch.zeros if req.seqused_q is not None else torch.empty)(req.q.shape, dtype=req.dtype, device=req.device)
-    cu_q, _, su_q, _ = _seq_ints(req)
+    cu_q, _, su_q, _ = sequence_tensors(req)
     _call(BwdRowsConfig.of("post", cfg), req.device, dq_acc, dq, cu_q, su_q, req.params.softmax_scale,
           _max_seqlen_q(req))
     return dq
 
 
-def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=None,
-                  splits: int = 1):
-    """Run the compiled backward kernel (the test hook: a CPU emulation may replace it). dk / dv:
-    the tensors' shape and dtype, or (cfg.dkv_partial) float32 with `splits` heads per KV head."""
+def kernel_scalars(req: "AttentionRequest") -> tuple:
+    """The kernel's scalar arguments: (scale_log2, softcap_premul, softmax_scale, window_left,
+    window_right, max_seqlen_k). With softcap the scores are softcap * tanh(qk * premul) and
+    scale_log2 = softcap * log2(e), else scale_log2 = softmax_scale * log2(e)."""
     p = req.params
     if p.softcap > 0:
         scale_log2, premul = p.softcap * LOG2E, p.softmax_scale / p.softcap
     else:
         scale_log2, premul = p.softmax_scale * LOG2E, 1.0
     max_seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
-    _call(cfg, q.device, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, *_seq_ints(req), scale_log2, premul,
-          p.softmax_scale, p.window_left, p.window_right, max_seqlen_k, splits)
+    return scale_log2, premul, p.softmax_scale, p.window_left, p.window_right, max_seqlen_k
+
+
+def sequence_tensors(req: "AttentionRequest") -> list:
+    """The kernel's int32 (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k), None where absent."""
+    from cute_kernels import launch
+
+    return [launch._int32(t) for t in (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k)]
+
+
+def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=None,
+                  splits: int = 1):
+    """Run the compiled backward kernel (the test hook: a CPU emulation may replace it). dk / dv:
+    the tensors' shape and dtype, or (cfg.dkv_partial) float32 with `splits` heads per KV head;
+    `sem`: deterministic's zeroed semaphores."""
+    _call(cfg, q.device, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, *sequence_tensors(req),
+          *kernel_scalars(req), splits)

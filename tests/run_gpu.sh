@@ -3,6 +3,9 @@
 # Needs a CUDA GPU and, for the cute tests, nvidia-cutlass-dsl. Logs: ${OUT:-/tmp}/gpu_tests/*.log
 #   bash tests/run_gpu.sh            # GPU_TEST_TIMEOUT=420 seconds per partition by default
 #   CUTE_SHARDS=3 ONLY=cute bash tests/run_gpu.sh   # the cute tests alone, in 3 parallel shards
+#   ONLY="bwd bwd_api" bash tests/run_gpu.sh        # the cute backward (opt-in, FA3PY_CUTE_BWD=1)
+#     alone: its kernel's tests (bwd), and the cross-backend and randomized API tests with every
+#     backward it serves routed to it (bwd_api); BWD_TEST_TIMEOUT=900 seconds each by default
 # The cute kernels are called through TVM-FFI when apache-tvm-ffi (and, for torch < 2.10,
 # torch-c-dlpack-ext) is importable, else through from_dlpack: the first line says which.
 # Exits non-zero when there is no GPU (nothing runs) or when any partition fails.
@@ -33,7 +36,8 @@ want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 shards=${CUTE_SHARDS:-1}
 if want cute; then
     if [ "$shards" -gt 1 ]; then
-        python3 -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/test_cute_*.py 2>/dev/null \
+        python3 -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/test_cute_*.py \
+            --ignore=tests/test_cute_bwd_gpu.py 2>/dev/null \
             | grep '::' > "$out/cute_ids.txt"
         for i in $(seq 0 $((shards - 1))); do
             # (test ids may hold spaces: one argument per line)
@@ -41,7 +45,7 @@ if want cute; then
             run "cute_$i" "${ids[@]}" &
         done
     else
-        run cute -m gpu tests/test_cute_*.py &
+        run cute -m gpu tests/test_cute_*.py --ignore=tests/test_cute_bwd_gpu.py &
     fi
 fi
 want triton_features && run triton_features tests/test_triton.py -k test_features &
@@ -49,6 +53,10 @@ want triton_long && run triton_long tests/test_triton.py -k test_gpu_long &
 want triton_rest && run triton_rest tests/test_triton.py -k "not test_features and not test_gpu_long" &
 # gradients across backends (cute forward -> its backward) and the randomized API test
 want cross && run cross -m gpu tests/test_cross_backend.py tests/test_api_random.py &
+# the cute backward kernel (its own partitions: opt-in, and the kernel compiles per feature set)
+want bwd && FA3PY_CUTE_BWD=1 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} run bwd -m gpu tests/test_cute_bwd_gpu.py &
+want bwd_api && FA3PY_CUTE_BWD=1 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} \
+    run bwd_api -m gpu tests/test_cross_backend.py tests/test_api_random.py &
 want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py \
     tests/test_chunk.py tests/test_kvcache.py tests/test_mla.py tests/test_compile.py &
 want fp8 && run fp8 tests/test_fp8.py tests/test_fp8_prep.py tests/test_fp8_triton.py &

@@ -6,9 +6,11 @@ deterministic, then checks out, the LSE (values and contiguity), the gradients, 
 input changed, against the fp64 reference with the tolerance rule of shared/STYLE.md.
 
 Routes: on a GPU every case goes through auto-dispatch (the cute forward and the backward it
-hands to on Hopper; Triton elsewhere), FA3PY_RANDOM_CASES cases (300 by default). On the CPU:
+hands to on Hopper; Triton elsewhere), FA3PY_RANDOM_CASES cases (300 by default); with
+FA3PY_CUTE_BWD=1 the backward must be the cute one wherever it serves the case. On the CPU:
 the torch backend, then a few small cases with the cute kernel emulated and the Triton
-backward interpreted (`tests.cute_emulation`), and a few on Triton alone (interpreted).
+backward interpreted (`tests.cute_emulation`), a few with the cute backward's kernel emulated
+too (`tests.cute_bwd_emulation`), and a few on Triton alone (interpreted).
 A failure's id is its case number: `draw(random.Random(SEED + i))` rebuilds it.
 """
 
@@ -24,12 +26,13 @@ import torch
 import fa3py
 from fa3py import dispatch
 from fa3py.validation import make_request
+from tests._cute_bwd import cute_serves_backward
 from tests._util import check_backward, check_forward
 
 SEED = 20261204
 GPU = torch.cuda.is_available()
 N_GPU = int(os.environ.get("FA3PY_RANDOM_CASES", "300"))
-N_CPU = {"torch": 48, "emulated_sm90": 24, "triton": 8}
+N_CPU = {"torch": 48, "emulated_sm90": 24, "emulated_sm90_bwd": 16, "triton": 8}
 
 
 @dataclass
@@ -120,7 +123,8 @@ def build(case: Case, device, rng: random.Random):
 
 
 def run_case(case: Case, device, rng: random.Random, backend=None):
-    """Runs and checks one case; returns the backends that served (forward, backward)."""
+    """Runs and checks one case; returns the backends that served (forward, backward) and the
+    request."""
     q, k, v, index_kw = build(case, device, rng)
     originals = [x.clone() for x in (q, k, v)]
     leaves = [x.detach().requires_grad_(case.grad) for x in (q, k, v)]
@@ -143,7 +147,7 @@ def run_case(case: Case, device, rng: random.Random, backend=None):
         check_backward(req, dout, [x.grad for x in leaves])
     for name, x, x0 in zip("qkv", (q, k, v), originals):
         assert torch.equal(x, x0), f"{name} was modified"
-    return served
+    return served, req
 
 
 def _cpu_cases(route):
@@ -151,41 +155,53 @@ def _cpu_cases(route):
 
 
 @pytest.mark.skipif(GPU, reason="the CPU routes; on a GPU test_gpu_random_api runs")
-@pytest.mark.parametrize("route,i", _cpu_cases("torch") + _cpu_cases("emulated_sm90") + _cpu_cases("triton"))
+@pytest.mark.parametrize("route,i", _cpu_cases("torch") + _cpu_cases("emulated_sm90")
+                         + _cpu_cases("emulated_sm90_bwd") + _cpu_cases("triton"))
 def test_random_api(route, i, request, monkeypatch):
     rng = random.Random(SEED + i)
     # The interpreted routes draw small problems: the interpreter runs a tile op at numpy speed.
-    case = draw(rng, max_len=64 if route == "torch" else 12, max_d=256 if route == "torch" else 96)
+    # The emulated cute backward draws sequences past one 64-row block, head dims up to its 128
+    # (the Triton backward, interpreted, takes the rest).
+    max_len, max_d = {"torch": (64, 256), "emulated_sm90_bwd": (150, 128)}.get(route, (12, 96))
+    case = draw(rng, max_len=max_len, max_d=max_d)
     backend = None
-    if route == "emulated_sm90":
-        request.getfixturevalue("emulated_sm90")
+    if route in ("emulated_sm90", "emulated_sm90_bwd"):
+        request.getfixturevalue(route)
     elif route == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         if case.api != "attention":  # the drop-ins take no backend: force it for this test
             monkeypatch.setenv(dispatch.ENV_VAR, "triton")
         backend = "triton"
     try:
-        served = run_case(case, "cpu", rng, backend)
+        served, req = run_case(case, "cpu", rng, backend)
     except AssertionError as e:
         raise AssertionError(f"case {i} ({case}): {e}") from e
     if route == "emulated_sm90":  # cute where it serves the case, else Triton; never the torch path
         assert served[0] in ("cute", "triton") and served[1] in (None, "triton"), served
+    elif route == "emulated_sm90_bwd":  # and the backward on cute wherever its kernel serves the case
+        assert served[0] in ("cute", "triton"), served
+        if case.grad:
+            assert served[1] == ("cute" if served[0] == "cute" and cute_serves_backward(req) else "triton"), served
     else:
         assert served[0] == route, served
 
 
 if not GPU:
+    from tests.cute_bwd_emulation import emulated_sm90_bwd  # noqa: E402,F401  (fixture, by name)
     from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (fixture, by name)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(N_GPU))
 def test_gpu_random_api(i):
-    """FA3PY_RANDOM_CASES cases through auto-dispatch on the GPU (sequences up to 700 tokens)."""
+    """FA3PY_RANDOM_CASES cases through auto-dispatch on the GPU (sequences up to 700 tokens);
+    with FA3PY_CUTE_BWD=1 the cute backward takes every backward it serves."""
     rng = random.Random(SEED + i)
     case = draw(rng, max_len=700)
     try:
-        served = run_case(case, "cuda", rng)
+        served, req = run_case(case, "cuda", rng)
     except AssertionError as e:
         raise AssertionError(f"case {i} ({case}): {e}") from e
+    if case.grad and served[0] == "cute" and cute_serves_backward(req):
+        assert served[1] == "cute", f"case {i} ({case}): backward on {served[1]} with FA3PY_CUTE_BWD=1"
     print(f"case {i}: {case} -> forward {served[0]}, backward {served[1]}")

@@ -6,8 +6,10 @@ cute kernel's out and LSE. With one KV head the LSE came back from GQA packing a
 rows had stride g, and the Triton backward, which assumed unit row stride, read other rows'
 LSE: outputs right, gradients off by up to 650x PyTorch's own error. These tests check every
 such hand-over: on the CPU with the cute kernel emulated (`tests.cute_emulation`) and the
-Triton kernels interpreted; on an sm90 GPU (`-m gpu`) with the real kernels. Tolerances follow
-shared/STYLE.md (`tests._util`).
+Triton kernels interpreted; on an sm90 GPU (`-m gpu`) with the real kernels. The cute backward
+(opt-in, FA3PY_CUTE_BWD=1) takes the backward where it serves the request: on the CPU with its
+kernel emulated too (`tests.cute_bwd_emulation`), on the GPU when the variable is set (the `bwd`
+partition of tests/run_gpu.sh). Tolerances follow shared/STYLE.md (`tests._util`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import torch
 import fa3py
 from fa3py import dispatch
 from fa3py.validation import make_request
+from tests._cute_bwd import cute_serves_backward
 from tests._util import check_backward, check_forward, packed
 
 cute_emulation = pytest.importorskip("tests.cute_emulation")  # needs cutlass (cute_kernels' config)
 emulated_sm90 = cute_emulation.emulated_sm90
+emulated_sm90_bwd = pytest.importorskip("tests.cute_bwd_emulation").emulated_sm90_bwd
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -96,6 +100,25 @@ def test_cute_forward_triton_backward_emulated(emulated_sm90, layout, heads, d, 
     assert (fwd, bwd) == ("cute", "triton")
 
 
+@pytest.mark.parametrize("layout,heads,d,dv", _cases(CPU_HEAD_DIMS))
+def test_cute_forward_cute_backward_emulated(emulated_sm90_bwd, layout, heads, d, dv):
+    """The same hand-overs with the cute backward enabled and its kernel emulated: the forward's
+    out / LSE (GQA-packed, in place for one query, padded rows) into bwd_launch's pre- and
+    post-processing."""
+    h, hk = HEADS[heads]
+    q, k, v, kw = _inputs(layout, h, hk, d, dv, torch.bfloat16, "cpu")
+    _, fwd, bwd = _train_step(q, k, v, kw, causal=layout != "long")
+    assert (fwd, bwd) == ("cute", "cute") and len(emulated_sm90_bwd) == 1
+
+
+def _assert_gpu_backward(req, bwd):
+    """The cute backward where it serves `req` (FA3PY_CUTE_BWD=1), else another GPU backend."""
+    if cute_serves_backward(req):
+        assert bwd == "cute", f"backward on {bwd}, not the cute backward (FA3PY_CUTE_BWD=1)"
+    else:
+        assert bwd == "triton", bwd
+
+
 @pytest.mark.parametrize("heads", ["gqa", "mqa"])
 @pytest.mark.parametrize("layout", ["batched_decode", "varlen"])
 def test_split_kv_forward_triton_backward_emulated(emulated_sm90, monkeypatch, layout, heads):
@@ -118,11 +141,13 @@ def test_split_kv_forward_triton_backward_emulated(emulated_sm90, monkeypatch, l
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout,heads,d,dv", _cases(GPU_HEAD_DIMS))
 def test_gpu_grads_auto_dispatch(layout, heads, d, dv, dtype):
-    """The real cute forward and the backward it hands to (Triton today), causal, on the GPU."""
+    """The real cute forward and the backward it hands to (the cute backward with
+    FA3PY_CUTE_BWD=1 where it serves the head dims, else Triton), causal, on the GPU."""
     h, hk = HEADS[heads]
     q, k, v, kw = _inputs(layout, h, hk, d, dv, dtype, "cuda")
-    _, fwd, bwd = _train_step(q, k, v, kw, causal=True)
-    assert fwd == "cute" and bwd != "torch"
+    req, fwd, bwd = _train_step(q, k, v, kw, causal=True)
+    assert fwd == "cute"
+    _assert_gpu_backward(req, bwd)
 
 
 @pytest.mark.gpu
@@ -134,7 +159,9 @@ def test_gpu_grads_auto_dispatch_features(layout, heads, features):
     """The issue's MQA cases with windows and softcap (hdim 128, bf16)."""
     h, hk = HEADS[heads]
     q, k, v, kw = _inputs(layout, h, hk, 128, 128, torch.bfloat16, "cuda")
-    assert _train_step(q, k, v, kw, **features)[1] == "cute"
+    req, fwd, bwd = _train_step(q, k, v, kw, **features)
+    assert fwd == "cute"
+    _assert_gpu_backward(req, bwd)
 
 
 # ----------------------------------------------------------------------------- strides

@@ -1,0 +1,309 @@
+"""The cute backward's host side on the CPU: bwd_launch's pieces (dQ's fragment order, the padded
+per-sequence rows, preprocess, postprocess) one by one, and gradients through the public API and
+autograd with the cute forward and the cute backward both emulated (`tests.cute_emulation`,
+`tests.cute_bwd_emulation`), against the fp64 reference with the tolerance rule of
+shared/STYLE.md. The real kernel's GPU tests are tests/test_cute_bwd_gpu.py."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+import fa3py  # noqa: E402
+from cute_kernels import bwd_launch  # noqa: E402
+from cute_kernels.bwd_sm90 import DQ_VEC, NUM_MMA_WG, THREADS_PER_WG, padded_offset  # noqa: E402
+from cute_kernels.config import BWD_TILES  # noqa: E402
+from fa3py.validation import make_request  # noqa: E402
+from tests._cute_bwd import FEATURES, HEADS, make_inputs, train_step  # noqa: E402
+from tests._util import check_backward  # noqa: E402
+from tests.cute_bwd_emulation import emulated_sm90_bwd  # noqa: E402,F401  (fixture, by name)
+from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (fixture, by name)
+
+TILE_M = 64
+
+
+# ----------------------------------------------------------------------------- dQ's order
+@pytest.mark.parametrize("hdim", sorted(BWD_TILES))
+def test_dq_value_coords_cover_the_tile_once(hdim):
+    """The 256 consumer threads' dQ values land on every (row, column) of the block exactly once."""
+    per_thread = TILE_M * hdim // (NUM_MMA_WG * THREADS_PER_WG)
+    coords = [bwd_launch.dq_value_coords(TILE_M, hdim, t, r)
+              for t in range(NUM_MMA_WG * THREADS_PER_WG) for r in range(per_thread)]
+    assert sorted(coords) == [(r, c) for r in range(TILE_M) for c in range(hdim)]
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_chunk_positions(hdim: int) -> torch.Tensor:
+    """Where in a dQ chunk the kernel puts each (row * hdim + column): thread t's value r goes to
+    bwd_sm90's sdQ layout (DQ_VEC, THREADS_PER_WG, vectors, NUM_MMA_WG) : (1, DQ_VEC,
+    DQ_VEC * THREADS_PER_WG, THREADS_PER_WG * values per thread), which the dQ warp's bulk
+    reduce adds into the chunk as it is."""
+    per_thread = TILE_M * hdim // (NUM_MMA_WG * THREADS_PER_WG)
+    pos = torch.full((TILE_M * hdim,), -1, dtype=torch.long)
+    for thread in range(NUM_MMA_WG * THREADS_PER_WG):
+        wg, t = divmod(thread, THREADS_PER_WG)
+        for r in range(per_thread):
+            row, col = bwd_launch.dq_value_coords(TILE_M, hdim, thread, r)
+            pos[row * hdim + col] = (r % DQ_VEC + DQ_VEC * t + DQ_VEC * THREADS_PER_WG * (r // DQ_VEC)
+                                     + THREADS_PER_WG * per_thread * wg)
+    return pos
+
+
+@pytest.mark.parametrize("hdim", sorted(BWD_TILES))
+def test_dq_fragment_order_is_the_kernels(hdim):
+    order = bwd_launch.dq_fragment_order(TILE_M, hdim, "cpu")
+    assert torch.equal(order.sort().values, torch.arange(TILE_M * hdim)), "not a permutation"
+    assert torch.equal(order, kernel_chunk_positions(hdim))
+
+
+@pytest.mark.parametrize("hdim", sorted(BWD_TILES))
+def test_dq_value_coords_match_the_mma_layout(hdim):
+    """Tracing the kernel asserts dq_value_coords against the dQ MMA's partition of a few threads
+    (FlashAttentionBackwardSm90.check_dq_fragment_order); compile-only, sm_90a."""
+    import cutlass.cute as cute
+
+    from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
+    from cute_kernels.config import BwdConfig
+
+    cfg = BwdConfig.make("bf16", hdim)
+    kernel = FlashAttentionBackwardSm90(cfg)
+    cute.compile(kernel, *kernel.fake_args(cfg))
+
+
+# ----------------------------------------------------------------------------- padded rows
+def _packed_request(lengths, h=2, d=64, dtype=torch.bfloat16):
+    q = torch.randn(sum(lengths), h, d).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return make_request(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths),
+                        max_seqlen_k=max(lengths))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_padded_rows_keep_sequences_apart(seed):
+    """Packed rows move to padded_offset(cu_seqlens[b], b, tile_m) + i (the kernel's), and every
+    sequence's whole tile_m blocks lie apart from the others' and inside padded_rows."""
+    rng = random.Random(seed)
+    lengths = [rng.choice([0, 1, 2, 63, 64, 65, 127, 128, 129, rng.randint(0, 300)])
+               for _ in range(rng.randint(1, 7))]
+    if sum(lengths) == 0:
+        lengths[0] = 1
+    req = _packed_request(lengths, h=1, d=8)
+    index = bwd_launch.packed_row_index(req, TILE_M)
+    rows = bwd_launch.padded_rows(req, TILE_M)
+    cu = req.cu_seqlens_q.tolist()
+    taken = torch.zeros(rows, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        start = padded_offset(cu[b], b, TILE_M)
+        assert start % TILE_M == 0
+        assert torch.equal(index[cu[b]:cu[b + 1]], start + torch.arange(n)), f"sequence {b} of {lengths}"
+        end = start + -(-n // TILE_M) * TILE_M
+        assert end <= rows, f"sequence {b} of {lengths}: blocks end at {end} > {rows} rows"
+        assert not taken[start:end].any(), f"sequence {b} of {lengths} shares a block"
+        taken[start:end] = True
+
+
+@pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
+def test_preprocess(packed_q):
+    """LSE_log2 = LSE log2(e) on the sequences' rows, +inf where LSE is -inf and on every padding
+    row; dPsum = rowsum(dO O) there and 0 elsewhere; the dQ accumulator zeroed, tile_m x hdim per
+    block. Against float64."""
+    if packed_q:
+        req = _packed_request([5, 0, 64, 130, 1], h=3, d=72)
+        lse = torch.randn(3, 200)
+    else:
+        q = torch.randn(2, 130, 3, 72).to(torch.bfloat16)
+        req = make_request(q, q, q)
+        lse = torch.randn(2, 3, 130)
+    out, dout = torch.randn_like(req.q), torch.randn_like(req.q)
+    lse.view(-1)[::7] = -math.inf
+    cfg = bwd_launch.config_for(req)
+    index = bwd_launch.packed_row_index(req, cfg.tile_m) if packed_q else None
+    lse2, dpsum, dq_acc = bwd_launch.preprocess(req, cfg, out, lse, dout, index)
+    rows = bwd_launch.padded_rows(req, cfg.tile_m)
+    lead = (3,) if packed_q else (2, 3)
+    assert lse2.shape == dpsum.shape == (*lead, rows) and dq_acc.shape == (*lead, rows * cfg.hdim)
+    assert lse2.dtype == dpsum.dtype == dq_acc.dtype == torch.float32
+    assert not dq_acc.any()
+    want_lse2 = torch.where(lse == -math.inf, math.inf, lse.double() * math.log2(math.e))
+    want_dpsum = (dout.double() * out.double()).sum(-1)  # (b, s, h) or (total, h)
+    if packed_q:
+        got_lse2, got_dpsum, want_dpsum = lse2[:, index], dpsum[:, index], want_dpsum.t()
+        used = torch.zeros(rows, dtype=torch.bool)
+        used[index] = True
+        pad_lse2, pad_dpsum = lse2[:, ~used], dpsum[:, ~used]
+    else:
+        got_lse2, got_dpsum, want_dpsum = lse2[..., :130], dpsum[..., :130], want_dpsum.transpose(1, 2)
+        pad_lse2, pad_dpsum = lse2[..., 130:], dpsum[..., 130:]
+    assert torch.equal(got_lse2.isinf(), want_lse2.isinf()) and (got_lse2[got_lse2.isinf()] > 0).all()
+    fin = want_lse2.isfinite()
+    torch.testing.assert_close(got_lse2[fin].double(), want_lse2[fin], rtol=2e-7, atol=0)
+    torch.testing.assert_close(got_dpsum.double(), want_dpsum, rtol=1e-5, atol=1e-5)
+    assert pad_lse2.numel() > 0 and (pad_lse2 == math.inf).all(), "a padding row's LSE_log2 is not +inf"
+    assert not pad_dpsum.any()
+
+
+@pytest.mark.parametrize("d", [64, 72, 96, 120])
+@pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
+def test_postprocess_inverts_the_fragment_order(packed_q, d):
+    """dQ laid out in the kernel's chunks (kernel_chunk_positions, independent of
+    dq_fragment_order), with garbage on the padding rows and columns, comes back as dQ * scale
+    in the tensors' layout and dtype."""
+    dtype = torch.float16
+    if packed_q:
+        req = _packed_request([5, 0, 64, 130, 1], h=3, d=d, dtype=dtype)
+    else:
+        q = torch.randn(2, 130, 3, d).to(dtype)
+        req = make_request(q, q, q)
+    cfg = bwd_launch.config_for(req)
+    tm, hd = cfg.tile_m, cfg.hdim
+    index = bwd_launch.packed_row_index(req, tm) if packed_q else None
+    rows = bwd_launch.padded_rows(req, tm)
+    lead = (3,) if packed_q else (2, 3)
+    dq = torch.randn(*lead, rows, hd)  # per head: padded rows x the kernel's head dim
+    acc = torch.empty(*lead, rows // tm, tm * hd)
+    acc[..., kernel_chunk_positions(hd)] = dq.view(*lead, rows // tm, tm * hd)
+    got = bwd_launch.postprocess(req, cfg, acc.view(*lead, rows * hd), index)
+    scale = req.params.softmax_scale
+    want = dq[..., index, :d].transpose(0, 1) if packed_q else dq[:, :, :130, :d].transpose(1, 2)
+    assert got.shape == req.q.shape and got.dtype == dtype
+    assert torch.equal(got, (want * scale).to(dtype))
+
+
+# ----------------------------------------------------------------------------- gradients
+# (query, key) lengths per sequence: batched use the first pair for all sequences
+LAYOUTS = {
+    "batched": [(113, 203)] * 2,  # seqlen_q < seqlen_k, neither a multiple of 64 / 128
+    "batched_tall": [(203, 77)] * 2,  # seqlen_q > seqlen_k
+    "ragged": [(0, 5), (1, 1), (65, 130), (7, 0), (130, 64), (64, 129)],  # 0- and 1-token sequences
+    "seqused": [(70, 150), (5, 9), (129, 60), (3, 3)],
+}
+SEQUSED = [(63, 130), (5, 0), (100, 60), (0, 2)]  # (seqused_q, seqused_k) of "seqused"
+HDIMS = [64, 96, 128, 72, 80, 120]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _grid():
+    """Every feature on every layout; head dims, heads and dtypes spread over the cases by a
+    seeded draw (each of them appears on batched and packed layouts)."""
+    rng = random.Random(7)
+    cases = []
+    for feature in FEATURES:
+        for layout in LAYOUTS:
+            d, heads, dtype = rng.choice(HDIMS), rng.choice(list(HEADS)), rng.choice(DTYPES)
+            api = "varlen" if layout in ("ragged", "seqused") else rng.choice(["attention", "func", "grad"])
+            cases.append(pytest.param(api, layout, feature, heads, d, dtype,
+                                      id=f"{api}-{layout}-{feature}-{heads}-d{d}-{str(dtype)[6:]}"))
+    return cases
+
+
+GRID = _grid()
+
+
+def test_grid_covers_every_head_dim_heads_and_dtype():
+    values = [p.values for p in GRID]
+    assert {v[4] for v in values} == set(HDIMS) and {v[3] for v in values} == set(HEADS)
+    assert {v[5] for v in values} == set(DTYPES) and {v[0] for v in values} == {"attention", "func", "grad", "varlen"}
+
+
+@pytest.mark.parametrize("api,layout,feature,heads,d,dtype", GRID)
+def test_grads_cute_forward_cute_backward_emulated(emulated_sm90_bwd, api, layout, feature, heads, d, dtype):
+    h, hk = HEADS[heads]
+    seqused = SEQUSED if layout == "seqused" else None
+    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, d, dtype, "cpu", api == "varlen", seqused)
+    req, fwd, bwd = train_step(api, q, k, v, kw, **FEATURES[feature])
+    assert (fwd, bwd) == ("cute", "cute") and len(emulated_sm90_bwd) == 1
+    text = fa3py.explain(q, k, v, **kw, **FEATURES[feature])
+    assert "forward: cute" in text and "backward: cute" in text, text
+
+
+@pytest.mark.parametrize("sq,sk,window", [(1, 1, (-1, -1)), (239, 1, (-1, 0)), (1, 190, (0, 0)),
+                                          (129, 300, (5, 130)), (300, 129, (130, 5)), (64, 128, (0, -1))])
+def test_grads_emulated_ragged_sizes(emulated_sm90_bwd, sq, sk, window):
+    """Single rows and keys, blocks exactly full, windows narrower and wider than the tiles."""
+    q, k, v, _ = make_inputs([(sq, sk)] * 2, 4, 2, 64, torch.bfloat16, "cpu", False)
+    assert train_step("func", q, k, v, {}, window_size=window)[1:] == ("cute", "cute")
+    assert emulated_sm90_bwd
+
+
+@pytest.mark.parametrize("heads", ["mha", "mqa"])
+def test_deterministic_backward_on_cute(emulated_sm90_bwd, heads):
+    """deterministic=True runs the cute backward with its semaphores (the emulation checks they
+    come zeroed, one per (head, query block)), and gives the reference's gradients."""
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs([(70, 70), (130, 45)], h, hk, 64, torch.bfloat16, "cpu", True)
+    req, fwd, bwd = train_step("varlen", q, k, v, kw, deterministic=True, window_size=(40, 5))
+    assert (fwd, bwd) == ("cute", "cute") and emulated_sm90_bwd[-1].params.deterministic
+
+
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+def test_group_summed_in_registers(emulated_sm90_bwd, monkeypatch, heads):
+    """Without head splits (a grid the group need not be split for) one CTA walks every query head
+    of its KV head: dK / dV summed over the group in registers, in the tensors' dtype. (The small
+    shapes of the other CPU tests make splits the default.)"""
+    from cute_kernels import bwd_launch
+
+    monkeypatch.setattr(bwd_launch, "SPLIT_WAVES", 0)
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs([(90, 200), (0, 7), (64, 1)], h, hk, 96, torch.bfloat16, "cpu", True)
+    req = make_request(q, k, v, **kw, causal=True)
+    assert bwd_launch.head_splits(req) == 1 and not bwd_launch.config_for(req).dkv_partial
+    req, fwd, bwd = train_step("varlen", q, k, v, kw, causal=True)
+    assert bwd == "cute" and emulated_sm90_bwd
+
+
+def test_mqa_head_splits_partials(emulated_sm90_bwd, monkeypatch):
+    """A small MQA grid splits the group over CTAs (float32 dK / dV partials summed by the host)."""
+    from cute_kernels import bwd_launch
+
+    monkeypatch.setattr(bwd_launch, "SPLIT_WAVES", 64)  # the CPU's 132 "SMs": force splitting
+    q, k, v, kw = make_inputs([(100, 150)], 8, 1, 64, torch.float16, "cpu", False)
+    req = make_request(q, k, v, causal=True)
+    assert bwd_launch.head_splits(req) == 8 and bwd_launch.config_for(req).dkv_partial
+    req, fwd, bwd = train_step("attention", q, k, v, kw, causal=True)
+    assert bwd == "cute" and emulated_sm90_bwd
+
+
+# ----------------------------------------------------------------------------- the tests can fail
+def _unpadded_rows(req, tile_m):
+    return torch.arange(req.q.shape[0])
+
+
+def _padding_lse_zero(preprocess):
+    def wrapped(*args):
+        lse2, dpsum, dq_acc = preprocess(*args)
+        return lse2.nan_to_num(posinf=0.0), dpsum, dq_acc
+    return wrapped
+
+
+def _dq_rows_shifted(postprocess):
+    def wrapped(req, cfg, dq_acc, row_index):
+        return postprocess(req, cfg, dq_acc, None if row_index is None else row_index.roll(1))
+    return wrapped
+
+
+@pytest.mark.parametrize("bug", ["unpadded_rows", "padding_lse_zero", "dq_rows_shifted"])
+def test_emulation_catches_host_bugs(emulated_sm90_bwd, monkeypatch, bug):
+    """The emulated kernel reads the host's layouts as the kernel would: a host that packs rows
+    without padding, gives padding rows a finite LSE, or unpacks dQ to the wrong rows fails."""
+    if bug == "unpadded_rows":
+        monkeypatch.setattr(bwd_launch, "packed_row_index", _unpadded_rows)
+    elif bug == "padding_lse_zero":
+        monkeypatch.setattr(bwd_launch, "preprocess", _padding_lse_zero(bwd_launch.preprocess))
+    else:
+        monkeypatch.setattr(bwd_launch, "postprocess", _dq_rows_shifted(bwd_launch.postprocess))
+    q, k, v, kw = make_inputs([(5, 9), (70, 70), (1, 3)], 2, 2, 64, torch.bfloat16, "cpu", True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = fa3py.flash_attn_varlen_func(*leaves, **kw)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert emulated_sm90_bwd
+    with pytest.raises(AssertionError):
+        check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])

@@ -1,0 +1,159 @@
+"""The sm90 backward kernel (cute_kernels/bwd_sm90.py) on an sm90 GPU (`-m gpu`): dq, dk and dv of
+every feature over ragged sizes against the fp64 reference, tolerance per shared/STYLE.md (at
+most twice PyTorch's own error on the same inputs plus a small atol: tests/_util.py's
+check_backward). Each test enables the kernel (opt-in, FA3PY_CUTE_BWD=1) itself, poisons dK and
+dV with NaN before the launch wherever the kernel must write every row (no seqused_k), and checks
+that the kernel ran. tests/run_gpu.sh runs them in its `bwd` partition; on the CPU
+tests/test_cute_bwd_emulated.py covers the host side with the kernel emulated."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("cutlass")
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+import cute_kernels  # noqa: E402
+from cute_kernels import bwd_launch  # noqa: E402
+from fa3py.validation import make_request  # noqa: E402
+from tests._cute_bwd import FEATURES, HEADS, make_inputs, train_step  # noqa: E402
+from tests._util import check_backward, check_forward  # noqa: E402
+
+HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_SM90, reason="the cute backward needs an sm90 GPU")]
+DEVICE = "cuda"
+
+SIZES = [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (128, 384), (384, 128), (64, 64), (65, 129),
+         (1000, 17)]
+WINDOWS = [(37, 11), (0, 0), (200, -1), (-1, 64), (5, 130), (130, 5), (-1, 0), (0, -1)]
+# packed layouts: per-sequence (query, key) lengths, 0- and 1-token sequences, up to ~1000
+VARLEN = {
+    "ragged": ([(0, 5), (1, 1), (1000, 997), (65, 130), (7, 0), (130, 64), (513, 1), (1, 800)], None),
+    "seqused": ([(300, 400), (5, 9), (129, 60), (64, 64), (0, 3)],
+                [(263, 130), (5, 0), (100, 60), (64, 1), (0, 3)]),
+}
+
+
+@pytest.fixture(autouse=True)
+def cute_bwd(monkeypatch):
+    """The backward kernel enabled; each launch recorded (its config), dK / dV poisoned first."""
+    launches = []
+    real = bwd_launch.launch_kernel
+
+    def launch(req, cfg, q, k, v, do, dk, dv, *rest):
+        if req.seqused_k is None:  # the kernel writes every key row (else rows past seqused_k stay 0)
+            dk.fill_(float("nan"))
+            dv.fill_(float("nan"))
+        launches.append(cfg)
+        return real(req, cfg, q, k, v, do, dk, dv, *rest)
+
+    monkeypatch.setattr(bwd_launch, "enabled", True)
+    monkeypatch.setattr(bwd_launch, "launch_kernel", launch)
+    return launches
+
+
+def check_grads(launches, q, k, v, index_kw=None, **features):
+    """The cute forward, then the cute backward, against the fp64 reference."""
+    req = make_request(q, k, v, **(index_kw or {}), **features)
+    assert cute_kernels.why_not(req, backward=True) is None, cute_kernels.why_not(req, backward=True)
+    out, lse = cute_kernels.forward(req)
+    check_forward(req, out, lse)
+    dout = torch.randn_like(out)
+    grads = cute_kernels.backward(req, out, lse, dout)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert launches, "the backward kernel did not run"
+    assert launches[-1] == bwd_launch.config_for(req)
+    check_backward(req, dout, grads)
+
+
+def batched(sq, sk, heads="mha", d=128, dtype=torch.bfloat16, b=2):
+    h, hk = HEADS[heads]
+    return make_inputs([(sq, sk)] * b, h, hk, d, dtype, DEVICE, False)[:3]
+
+
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", SIZES)
+def test_gpu_bwd_sizes(cute_bwd, sq, sk, causal, d):
+    check_grads(cute_bwd, *batched(sq, sk, d=d), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(113, 203), (799, 1023), (1, 300), (300, 1)])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_bwd_dtypes_heads(cute_bwd, dtype, heads, sq, sk, causal):
+    """MHA, GQA and MQA (dK / dV summed over the group in the kernel), fp16 and bf16."""
+    check_grads(cute_bwd, *batched(sq, sk, heads, 128, dtype), causal=causal)
+
+
+@pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129), (129, 300)])
+@pytest.mark.parametrize("window", WINDOWS, ids=[f"w{wl}_{wr}" for wl, wr in WINDOWS])
+def test_gpu_bwd_local(cute_bwd, window, sq, sk):
+    """Windows narrower and wider than the tiles, left / right edge only and both (GQA)."""
+    check_grads(cute_bwd, *batched(sq, sk, "gqa"), window_size=window)
+
+
+@pytest.mark.parametrize("d", [64, 96])
+@pytest.mark.parametrize("window", [(37, 11), (200, -1), (-1, 64)], ids=["both", "left", "right"])
+def test_gpu_bwd_local_hdims(cute_bwd, window, d):
+    check_grads(cute_bwd, *batched(333, 517, "mqa", d), window_size=window)
+
+
+@pytest.mark.parametrize("sq,sk", [(239, 517), (517, 239)])
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("softcap", [7.5, 30.0])
+def test_gpu_bwd_softcap(cute_bwd, softcap, causal, d, sq, sk):
+    q, k, v = batched(sq, sk, "gqa", d)
+    check_grads(cute_bwd, q * 3, k, v, softcap=softcap, causal=causal)  # scores into tanh's bend
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [8, 40, 72, 80, 120])
+def test_gpu_bwd_padded_hdims(cute_bwd, d, causal, dtype):
+    """Head dims the kernel pads (to 64 / 96 / 128): zero columns loaded, dQ / dK / dV cut."""
+    check_grads(cute_bwd, *batched(333, 517, "gqa", d, dtype), causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("layout", list(VARLEN))
+def test_gpu_bwd_varlen(cute_bwd, layout, feature, heads, d):
+    """Packed sequences (cu_seqlens, seqused_q / seqused_k), 0- and 1-token ones, every feature."""
+    lens, seqused = VARLEN[layout]
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs(lens, h, hk, d, torch.bfloat16, DEVICE, True, seqused)
+    check_grads(cute_bwd, q, k, v, kw, **FEATURES[feature])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_gpu_bwd_random_lengths(cute_bwd, seed):
+    """Seeded draws: lengths 1..1000 (batched or packed), head dims, heads, dtype, feature."""
+    rng = random.Random(seed)
+    heads, d = rng.choice(list(HEADS)), rng.choice([64, 72, 80, 96, 120, 128])
+    dtype, feature = rng.choice([torch.bfloat16, torch.float16]), rng.choice(list(FEATURES))
+    h, hk = HEADS[heads]
+    varlen = rng.random() < 0.5
+    lens = [(rng.randint(1, 1000), rng.randint(1, 1000)) for _ in range(rng.randint(1, 4))]
+    q, k, v, kw = make_inputs(lens, h, hk, d, dtype, DEVICE, varlen)
+    check_grads(cute_bwd, q, k, v, kw, **FEATURES[feature])
+
+
+@pytest.mark.parametrize("feature", ["causal", "both", "softcap"])
+@pytest.mark.parametrize("api", ["attention", "func", "varlen", "grad"])
+def test_gpu_bwd_through_autograd(cute_bwd, api, feature):
+    """fa3py.attention / flash_attn_func / flash_attn_varlen_func / autograd.grad: the forward and
+    the backward both on cute, the backward kernel launched."""
+    h, hk = HEADS["gqa"]
+    lens = [(300, 517), (1, 40), (129, 129)] if api == "varlen" else [(300, 517)] * 2
+    q, k, v, kw = make_inputs(lens, h, hk, 128, torch.bfloat16, DEVICE, api == "varlen")
+    assert train_step(api, q, k, v, kw, **FEATURES[feature])[1:] == ("cute", "cute")
+    assert len(cute_bwd) == 1
