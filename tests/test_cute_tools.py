@@ -62,3 +62,17 @@ def test_fingerprint_cli(tmp_path, capsys):
     base.write_text(json.dumps(tampered))
     assert cute_fingerprint.main([str(new), "--against", str(base), *only, "--dump", str(tmp_path)]) == 1
     assert (tmp_path / "bf16_d128x128_causal.sass").exists()
+
+
+def test_sass_cli_backward(capsys):
+    """`--bwd`: the backward kernel's opcode counts and its checks (the dQ reduce, no local
+    memory); forward-only options and what the backward does not serve are refused."""
+    assert sass.main(["--bwd", "--hdim", "64", "--dtype", "fp16", "--varlen", "--seqused"]) == 0
+    out = capsys.readouterr().out
+    assert "# bwd fp16 d64 tile64x128" in out and "cu_seqlens_q" in out and "seqused_k" in out
+    assert "UBLKRED" in out and "STACK 0 LOCAL 0" in out and "required: ok" in out
+    for argv, why in ((["--dtype", "fp8"], "bf16 / fp16 only"), (["--hdim", "192"], "round up to one of [64, 96, 128]"),
+                      (["--split-kv"], "--split-kv: forward options"), (["--hdimv", "64"], "--hdimv: forward options")):
+        with pytest.raises(SystemExit) as e:
+            sass.main(["--bwd", *argv])
+        assert e.value.code == 2 and why in capsys.readouterr().err, argv
