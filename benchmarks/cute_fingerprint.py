@@ -1,15 +1,18 @@
-"""SASS fingerprints of the sm90 forward's default configs: proof, without a GPU, that a refactor
-left the kernels the dispatcher runs unchanged (or a list of the ones it changed).
+"""SASS fingerprints of the sm90 forward's and backward's default configs: proof, without a GPU,
+that a refactor left the kernels the dispatcher runs unchanged (or a list of the ones it changed).
 
     python -m benchmarks.cute_fingerprint base.json                    # before the change
     python -m benchmarks.cute_fingerprint new.json --against base.json # after: SAME / DIFF per config
     python -m benchmarks.cute_fingerprint new.json --only "d128.*causal" --dump DIR
 
 Each config (every head-dim pair x non-causal / short / causal / local, plus dtypes, softcap,
-varlen, seqused, GQA packing, split-KV, padded head dims and the FP8 path: 61 configs)
-is compiled for sm_90a (`benchmarks.cute_sass`), its SASS reduced to the instruction lines (the
-kernel's symbol name changes with module and class names) and hashed. Exit status 1 when a
-config differs from the baseline; --dump writes the differing SASS there.
+varlen, seqused, GQA packing, split-KV, padded head dims and the FP8 path: 61 configs; then the
+backward's, labelled "bwd ...": every head dim x non-causal / causal / local, plus fp16, softcap,
+varlen, seqused and padded head dims: 18 configs) is compiled for sm_90a (`benchmarks.cute_sass`),
+its SASS reduced to the instruction lines (the kernel's symbol name changes with module and class
+names) and hashed. Exit status 1 when a config differs from the baseline; a label the baseline
+lacks (a baseline from before the backward's section) is NEW, listed, and not a difference.
+--dump writes the differing SASS there.
 """
 
 from __future__ import annotations
@@ -66,12 +69,47 @@ EXTRA = {
 }
 
 
+# The backward (bwd_sm90.py, BwdConfig.make's defaults): a section of its own, so the forward's
+# labels and hashes stay as they were.
+BWD_HDIMS = (64, 96, 128)
+BWD_MODES = {"nc": dict(), "causal": dict(has_right=True), "local": dict(has_left=True, has_right=True)}
+_SEQUSED = dict(seqused_q=True, seqused_k=True)
+BWD_EXTRA = {
+    "bwd fp16 d128 causal": dict(dtype="fp16", hdim=128, has_right=True),
+    "bwd fp16 d64 nc": dict(dtype="fp16", hdim=64),
+    "bwd bf16 d128 softcap nc": dict(hdim=128, softcap=True),
+    "bwd bf16 d64 softcap causal": dict(hdim=64, softcap=True, has_right=True),
+    "bwd bf16 d128 varlen causal": dict(hdim=128, has_right=True, **_VARLEN),
+    "bwd bf16 d128 seqused nc": dict(hdim=128, **_SEQUSED),
+    "bwd bf16 d96 varlen_seqused local": dict(hdim=96, has_left=True, has_right=True, **_VARLEN, **_SEQUSED),
+    "bwd bf16 d96in80 causal": dict(hdim=96, hdim_in=80, has_right=True),
+    "bwd bf16 d128in112 varlen nc": dict(hdim=128, hdim_in=112, **_VARLEN),
+}
+
+
 def cases() -> dict:
     """label -> FwdConfig.make keyword arguments (dtype and head dims included)."""
     out = {f"bf16 d{d}x{dv} {m}": dict(dtype="bf16", hdim=d, hdimv=dv, **MODES[m])
            for d, dv in PAIRS for m in ("nc", "nc_short", "causal", "causal_short", "local")}
     out.update({k: {"dtype": "bf16", **v} for k, v in EXTRA.items()})  # (an entry's dtype wins)
     return out
+
+
+def bwd_cases() -> dict:
+    """label ("bwd ...") -> BwdConfig.make keyword arguments (dtype and head dim included)."""
+    out = {f"bwd bf16 d{d} {m}": dict(dtype="bf16", hdim=d, **BWD_MODES[m]) for d in BWD_HDIMS for m in BWD_MODES}
+    out.update({k: {"dtype": "bf16", **v} for k, v in BWD_EXTRA.items()})
+    return out
+
+
+def make_config(label: str, kw: dict):
+    """The config of case `label`: a BwdConfig for the backward's ("bwd ..."), else a FwdConfig."""
+    from cute_kernels.config import BwdConfig, FwdConfig
+
+    kw = dict(kw)
+    if label.startswith("bwd "):
+        return BwdConfig.make(kw.pop("dtype"), kw.pop("hdim"), **kw)
+    return FwdConfig.make(kw.pop("dtype"), kw.pop("hdim"), kw.pop("hdimv", None), **kw)
 
 
 def instructions(sass: str) -> str:
@@ -87,15 +125,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
     from benchmarks.cute_sass import compile_cubin, sass_text
-    from cute_kernels.config import FwdConfig
 
     base = json.load(open(a.against)) if a.against else None
-    result, differ = {}, []
-    for label, kw in cases().items():
+    result, differ, new = {}, [], []
+    for label, kw in {**cases(), **bwd_cases()}.items():
         if a.only and not re.search(a.only, label):
             continue
-        kw = dict(kw)
-        cfg = FwdConfig.make(kw.pop("dtype"), kw.pop("hdim"), kw.pop("hdimv", None), **kw)
+        cfg = make_config(label, kw)
         with tempfile.TemporaryDirectory() as d:
             text = instructions(sass_text(compile_cubin(cfg, d)[0]))
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -103,8 +139,10 @@ def main(argv=None) -> int:
         mark = ""
         if base is not None:
             b = base.get(label)
-            mark = "SAME" if b and b["hash"] == digest else f"DIFF (base {b and b['hash']}, {b and b['n']} lines)"
-            if mark != "SAME":
+            mark = "NEW" if b is None else "SAME" if b["hash"] == digest else f"DIFF (base {b['hash']}, {b['n']} lines)"
+            if mark == "NEW":
+                new.append(label)
+            elif mark != "SAME":
                 differ.append(label)
                 if a.dump:
                     os.makedirs(a.dump, exist_ok=True)
@@ -114,6 +152,8 @@ def main(argv=None) -> int:
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     summary = (f"differ: {', '.join(differ)}" if differ else "all identical") if base is not None else "baseline"
+    if new:
+        summary += f"; {len(new)} not in the baseline: {', '.join(new)}"
     print(f"# {len(result)} configs, {len({r['hash'] for r in result.values()})} distinct SASS; {summary}")
     return 1 if differ else 0
 

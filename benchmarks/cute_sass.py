@@ -1,14 +1,17 @@
-"""Compile-only harness: build the sm90 kernel for sm_90a against fake tensors (no GPU needed),
-keep the cubin and count SASS opcodes.
+"""Compile-only harness: build an sm90 kernel (the forward, or with --bwd the backward) for sm_90a
+against fake tensors (no GPU needed), keep the cubin and count SASS opcodes.
 
     python -m benchmarks.cute_sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
-                                [--chunk] [--softcap] [--varlen] [--no-overlap]
+                                [--chunk] [--softcap] [--varlen] [--seqused] [--no-overlap]
                                 [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
                                 [--keep DIR]
+    python -m benchmarks.cute_sass --bwd [--dtype bf16|fp16] [--hdim 128] [--causal] [--local]
+                                [--softcap] [--varlen] [--seqused] [--set FIELD=VALUE] [--dump] [--loops]
 
 Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
 threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
-setmaxnreg must cover), `STACK`/`LOCAL` bytes of local memory (spills).
+setmaxnreg must cover), `STACK`/`LOCAL` bytes of local memory (spills). Exit status 1 when a
+required instruction is missing (`check`); for the backward also when it uses local memory.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 REQUIRED = ("HGMMA", "UTMALDG", "USETMAXREG")
 # FP8 (e4m3): the GEMMs are QGMMA (FP8 WGMMA) and none is HGMMA (16-bit).
 REQUIRED_FP8 = ("QGMMA", "UTMALDG", "USETMAXREG")
+# The backward (bwd_sm90.py): the same, and dQ added into global memory by a reduction: the bulk
+# reduce (cp.reduce.async.bulk: UBLKRED) or per-element atomics (RED / REDG).
+REQUIRED_BWD = REQUIRED
+DQ_REDUCE = ("UBLKRED", "RED", "REDG")
 
 
 def _tool(name: str) -> str:
@@ -41,12 +48,13 @@ def compile_cubin(cfg, out_dir: str, keep_ptx: bool = False) -> tuple[str, float
     """Compile `cfg` for sm_90a into out_dir; return (cubin path, compile seconds)."""
     import cutlass.cute as cute
 
-    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+    from cute_kernels.launch import kernel_class
 
+    kernel = kernel_class(cfg)  # FwdConfig: the forward; BwdConfig: the backward
     os.makedirs(out_dir, exist_ok=True)
     os.environ["CUTE_DSL_DUMP_DIR"] = out_dir
     t0 = time.perf_counter()
-    cute.compile(FlashAttentionForwardSm90(cfg), *FlashAttentionForwardSm90.fake_args(cfg),
+    cute.compile(kernel(cfg), *kernel.fake_args(cfg),
                  options=f"--gpu-arch=sm_90a --keep-cubin {'--keep-ptx ' if keep_ptx else ''}--dump-dir={out_dir}")
     dt = time.perf_counter() - t0
     cubins = sorted(glob.glob(os.path.join(out_dir, "**", "*.cubin"), recursive=True), key=os.path.getmtime)
@@ -91,14 +99,28 @@ def named_barrier_ids(sass: str) -> collections.Counter:
     return c
 
 
-def check(sass: str, cfg) -> list[str]:
+def is_backward(cfg) -> bool:
+    from cute_kernels.config import BwdConfig
+
+    return isinstance(cfg, BwdConfig)
+
+
+def check(sass: str, cfg, res: dict | None = None) -> list[str]:
     """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
-    barrier (the pingpong's) is required."""
+    barrier (the forward's pingpong, the backward's dS / dQ hand-offs) is required. The
+    backward's dQ needs a reduction into global memory (DQ_REDUCE). With `res`
+    (`resource_usage`), local memory (STACK / LOCAL bytes, spills) is reported missing too."""
     ops = opcode_counts(sass)
     fp8 = getattr(cfg, "dtype", None) == "e4m3"
-    missing = [op for op in (REQUIRED_FP8 if fp8 else REQUIRED) if ops[op] == 0]
+    bwd = is_backward(cfg)
+    missing = [op for op in (REQUIRED_BWD if bwd else REQUIRED_FP8 if fp8 else REQUIRED) if ops[op] == 0]
     if fp8 and ops["HGMMA"]:
         missing.append(f"no HGMMA in an FP8 kernel ({ops['HGMMA']} found)")
+    if bwd and not any(ops[op] for op in DQ_REDUCE):
+        missing.append(f"dQ reduction ({' or '.join(DQ_REDUCE)})")
+    if res is not None and (res.get("STACK") or res.get("LOCAL") or ops["STL"] or ops["LDL"]):
+        missing.append(f"no local memory (STACK {res.get('STACK')} LOCAL {res.get('LOCAL')} bytes, "
+                       f"{ops['STL']} STL {ops['LDL']} LDL)")
     bars = named_barrier_ids(sass)
     if not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
@@ -133,11 +155,9 @@ def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
 
 
 def main(argv=None) -> int:
-    import dataclasses
-
-    from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bwd", action="store_true",
+                   help="the backward kernel (bwd_sm90.py; bf16/fp16, head dims up to 128, hdim_v = hdim)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "e4m3", "fp8"],
                    help="fp8 = e4m3: the FP8 kernel (fa3py.fp8's format, block V scaling)")
     p.add_argument("--hdim", type=int, default=128)
@@ -147,29 +167,20 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", action="store_true", help="attention_chunk (chunked local attention)")
     p.add_argument("--softcap", action="store_true")
     p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
+    p.add_argument("--seqused", action="store_true", help="seqused for q and k")
     p.add_argument("--split-kv", action="store_true", help="split-KV (float32 partial O and LSE)")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
+                   help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable); with --bwd "
+                        "a BwdConfig field, e.g. --set q_stages=1")
     p.add_argument("--full", action="store_true", help="count opcodes with modifiers")
     p.add_argument("--dump", action="store_true", help="print the whole SASS")
     p.add_argument("--loops", action="store_true",
                    help="print the size and opcode mix of the innermost loops that issue HGMMA (the KV loops)")
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the cubin and PTX in DIR")
     a = p.parse_args(argv)
-    hdimv = a.hdim if a.hdimv is None else a.hdimv
-    d, dv = padded_hdim(a.hdim), padded_hdim(hdimv)  # as the dispatcher rounds (hdim 80 runs the 96 tile)
-    if a.hdim % 8 or hdimv % 8 or (d, dv) not in SUPPORTED_HDIM_PAIRS:
-        p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}: the sm90 kernel serves multiples of 8 "
-                  f"that round up to one of {sorted(SUPPORTED_HDIM_PAIRS)}\n")
-    cfg = FwdConfig.make(
-        "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
-        has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
-        cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
-        split_kv=a.split_kv,
-    )
-    cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
+    cfg = backward_config(p, a) if a.bwd else forward_config(p, a)
     with tempfile.TemporaryDirectory() as d:
         cubin, dt = compile_cubin(cfg, a.keep or d, keep_ptx=a.keep is not None)
         sass = sass_text(cubin)
@@ -186,9 +197,55 @@ def main(argv=None) -> int:
     print(f"# registers: REG {res.get('REG')} (launch), max R{max_register(sass)}; "
           f"STACK {res.get('STACK')} LOCAL {res.get('LOCAL')} bytes")
     print("# named barriers:", dict(named_barrier_ids(sass)))
-    missing = check(sass, cfg)
+    # (the forward's tile experiments may spill and still be worth reading: only the backward,
+    # whose config table has no such variants, fails on local memory)
+    missing = check(sass, cfg, res if a.bwd else None)
     print("# required:", "ok" if not missing else "MISSING " + ", ".join(missing))
     return 1 if missing else 0
+
+
+def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
+    import dataclasses
+
+    from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
+
+    hdimv = a.hdim if a.hdimv is None else a.hdimv
+    d, dv = padded_hdim(a.hdim), padded_hdim(hdimv)  # as the dispatcher rounds (hdim 80 runs the 96 tile)
+    if a.hdim % 8 or hdimv % 8 or (d, dv) not in SUPPORTED_HDIM_PAIRS:
+        p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}: the sm90 kernel serves multiples of 8 "
+                  f"that round up to one of {sorted(SUPPORTED_HDIM_PAIRS)}\n")
+    cfg = FwdConfig.make(
+        "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
+        has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
+        cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
+        intra_wg_overlap=not a.no_overlap, split_kv=a.split_kv,
+    )
+    return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
+
+
+def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
+    """The BwdConfig the host side (bwd_launch.config_for) picks for these options."""
+    import dataclasses
+
+    from cute_kernels.config import BWD_TILES, BwdConfig, _field_value, padded_hdim
+
+    def refuse(why: str):
+        p.exit(2, f"benchmarks.cute_sass: --bwd: {why}\n")
+
+    if a.dtype not in ("bf16", "fp16"):
+        refuse(f"--dtype {a.dtype}: the backward is bf16 / fp16 only")
+    unused = [flag for flag, on in (("--split-kv", a.split_kv), ("--no-overlap", a.no_overlap), ("--tile", a.tile),
+                                    ("--hdimv", a.hdimv not in (None, a.hdim))) if on]
+    if unused:
+        refuse(f"{', '.join(unused)}: forward options (the backward has one tile per head dim, hdim_v = hdim)")
+    d = padded_hdim(a.hdim)
+    if a.hdim % 8 or d not in BWD_TILES:
+        refuse(f"--hdim {a.hdim}: the backward kernel serves multiples of 8 that round up to one of "
+               f"{sorted(BWD_TILES)}")
+    cfg = BwdConfig.make(a.dtype, d, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
+                         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
+                         hdim_in=0 if d == a.hdim else a.hdim)
+    return dataclasses.replace(cfg, **dict(_field_value(cfg, kv) for kv in a.set))
 
 
 if __name__ == "__main__":

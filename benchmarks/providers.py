@@ -54,6 +54,7 @@ class Provider:
     fixed_precision: Optional[str] = None  # e.g. sageattention is always INT8 QK^T
     prepare: Optional[Callable] = None  # (q, k, v, case) -> (q, k, v), outside the timing
     cuda_only: bool = True
+    fa3py_backend: Optional[str] = None  # fa3py's: the backend it needs in fa3py.available_backends
 
     def precision(self, case: Case) -> str:
         if self.fixed_precision:
@@ -77,7 +78,40 @@ def _fa3py(backend: str) -> Provider:
 
         return forward
 
-    return Provider(f"fa3py:{backend}", peer=False, load=load, fp8=True, cuda_only=False)
+    return Provider(f"fa3py:{backend}", peer=False, load=load, fp8=True, cuda_only=False, fa3py_backend=backend)
+
+
+def _cute_bwd_load() -> Forward:
+    """fa3py's sm90 forward with the sm90 backward kernel (cute_kernels/bwd_sm90.py) as its
+    gradient, called directly (`cute_kernels.bwd_launch.run` after `cute_kernels.forward`): what
+    FA3PY_CUTE_BWD=1 dispatches, without changing fa3py:cute's path (whose backward is Triton's
+    until the kernel has run on a GPU). A point the backward kernel does not serve raises with
+    its reason (no silent Triton stand-in)."""
+    import cute_kernels
+    from cute_kernels import bwd_launch
+    from fa3py.validation import make_request
+
+    class CuteForwardBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, causal):
+            req = make_request(q, k, v, causal=causal)
+            saved, bwd_launch.enabled = bwd_launch.enabled, True  # the opt-in, for its checks only
+            try:
+                why = cute_kernels.why_not(req, backward=False) or cute_kernels.why_not(req, backward=True)
+            finally:
+                bwd_launch.enabled = saved
+            if why:
+                raise ValueError(why)
+            out, lse = cute_kernels.forward(req)
+            ctx.req, ctx.out, ctx.lse = req, out, lse
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            dq, dk, dv = bwd_launch.run(ctx.req, ctx.out, ctx.lse, dout)
+            return dq, dk, dv, None
+
+    return lambda q, k, v, case: CuteForwardBackward.apply(q, k, v, case.causal)
 
 
 # ---- PyTorch SDPA ---------------------------------------------------------------------
@@ -147,6 +181,8 @@ FA3PY_BACKENDS = ("cute", "triton", "torch")
 
 PROVIDERS: tuple[Provider, ...] = (
     *(_fa3py(b) for b in FA3PY_BACKENDS),
+    # the sm90 backward kernel: opt-in (named exactly) until it has run on a GPU
+    Provider("fa3py:cute-bwd", peer=False, load=_cute_bwd_load, fa3py_backend="cute"),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),
@@ -154,7 +190,8 @@ PROVIDERS: tuple[Provider, ...] = (
     Provider("sage", peer=True, load=_sage_load, backward=False, fixed_precision="int8"),
     sdpa_provider("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
 )
-DEFAULT_EXCLUDED = ("sdpa:math",)
+# Only when named exactly (a prefix such as "fa3py" or "sdpa" leaves them out too).
+DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd")
 
 PEER_PACKAGES = {  # provider -> distribution name, for the versions in the metadata
     "fa4": "flash-attn-4",
@@ -167,11 +204,14 @@ def select(selection: Optional[list[str]], device: torch.device):
     """Returns (usable providers with their forward fns, {name: why skipped}).
 
     `selection` holds names or prefixes ("fa3py", "sdpa", "fa4"); None means all but the
-    opt-in ones. A fa3py backend is used when `fa3py.available_backends(device)` lists it.
+    opt-in ones (DEFAULT_EXCLUDED), which only their exact name selects. A fa3py provider is used
+    when `fa3py.available_backends(device)` lists its backend.
     """
     def wanted(p: Provider) -> bool:
         if selection is None:
             return p.name not in DEFAULT_EXCLUDED
+        if p.name in DEFAULT_EXCLUDED:
+            return p.name in selection
         return any(p.name == s or p.name.startswith(s + ":") for s in selection)
 
     chosen, skipped = [], {}
@@ -186,11 +226,11 @@ def select(selection: Optional[list[str]], device: torch.device):
         if p.cuda_only and device.type != "cuda":
             skipped[p.name] = "needs a CUDA GPU"
             continue
-        if p.name.startswith("fa3py:"):
+        if p.fa3py_backend:
             if isinstance(fa3py_backends, str):
                 skipped[p.name] = fa3py_backends
                 continue
-            if p.name.split(":", 1)[1] not in fa3py_backends:
+            if p.fa3py_backend not in fa3py_backends:
                 skipped[p.name] = f"not in fa3py.available_backends({device.type!r}) = {fa3py_backends}"
                 continue
         try:

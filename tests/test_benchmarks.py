@@ -456,3 +456,109 @@ def test_error_notes_are_never_cut_mid_number():
     assert report.format_table([row]).endswith("got 33")
     text = run._error_text(ValueError("y" * 290 + " got 33333"))
     assert text.endswith(" [...]") and "got 3" not in text
+
+
+# ---- benchmarks.paired --pass bwd / fwdbwd ----------------------------------------------------
+
+def test_paired_make_call_times_only_the_pass():
+    """`--pass bwd`: the provider's forward runs once, when the call is made, and each call is
+    only the gradient of that output (the same every call); `fwdbwd`: forward and gradient in
+    every call; `fwd`: the forward. The gradients are autograd's."""
+    from benchmarks.paired import make_call
+    from benchmarks.providers import sdpa_provider
+
+    math = sdpa_provider("math", "MATH", cuda_only=False)
+    inner = math.load()
+    forwards = []
+
+    def forward(q, k, v, case):
+        forwards.append(1)
+        return inner(q, k, v, case)
+
+    case = run.Case(1, 2, 40, 32, True, "bwd", torch.float32)
+    q, k, v, dout = run.make_inputs(case, torch.device("cpu"), 1, torch.Generator().manual_seed(0))[0]
+    want = torch.autograd.grad(run.reference(q, k, v, True, torch.float32), (q, k, v), dout)
+    bwd = make_call(math, forward, q, k, v, dout, case, "bwd")
+    assert len(forwards) == 1
+    for _ in range(2):
+        got = bwd()
+        assert all((g - w).abs().max() < 1e-5 for g, w in zip(got, want))
+    assert len(forwards) == 1
+    step = make_call(math, forward, q, k, v, dout, case, "fwdbwd")
+    assert len(forwards) == 1
+    got = step()
+    assert len(forwards) == 2 and all((g - w).abs().max() < 1e-5 for g, w in zip(got, want))
+    out = make_call(math, forward, q, k, v, dout, case, "fwd")()
+    assert len(forwards) == 3 and out.shape == q.shape
+
+
+@pytest.mark.parametrize("pass_,factor", [("bwd", 2.5), ("fwdbwd", 3.5)])
+def test_paired_backward_passes_on_the_cpu(tmp_path, pass_, factor):
+    """End to end on the CPU: TFLOP/s count 2.5x (bwd) / 3.5x (fwdbwd) the forward's FLOPs; the
+    pass is in the JSON, the markdown's title and tables, and the plot rows' mode; the backend
+    that ran fa3py's backward is recorded."""
+    from benchmarks import paired
+
+    doc = paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "48", "--causal", "false", "--batch", "1",
+                       "--nheads", "2", "--providers", "fa3py:torch", "sdpa:math", "--pairs", "2",
+                       "--pass", pass_, "--json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md")])
+    (row,) = doc["rows"]
+    assert doc["meta"]["pass"] == pass_ and row["backward_ran_on"] == {"fa3py:torch": "torch"}
+    for n, ms in row["ms"].items():
+        assert row["tflops"][n] == pytest.approx(factor * flops(1, 2, 48, 48, 64) / (ms * 1e-3) / 1e12)
+    md = (tmp_path / "p.md").read_text()
+    assert paired.PASS_TITLES[pass_] in md.splitlines()[0] and f"## {pass_}, causal=False (ms)" in md
+    assert "backward ran on: fa3py:torch: torch" in md
+    assert {r["mode"] for r in paired.report_rows(doc)} == {paired.PASSES[pass_]}
+
+
+def test_paired_pass_arguments(capsys):
+    from benchmarks import paired
+
+    with pytest.raises(SystemExit) as e:
+        paired.main(["--device", "cpu", "--pass", "backward"])
+    assert e.value.code == 2 and "--pass: invalid choice: 'backward'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        paired.main(["--device", "cpu", "--pass", "bwd", "--fp8"])
+    assert e.value.code == 2 and "--fp8 is forward-only" in capsys.readouterr().err
+    assert paired.PASSES == {"fwd": "fwd", "bwd": "bwd", "fwdbwd": "fwd_bwd"}
+    assert {m: MODE_FACTOR[paired.PASSES[m]] for m in paired.PASSES} == {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+
+
+def test_cute_bwd_provider_is_opt_in_by_its_name():
+    """fa3py:cute-bwd (the sm90 backward kernel, not yet run on a GPU) is in no default or prefix
+    selection; named, it needs CUDA like the cute backend it sits on."""
+    from benchmarks.providers import select
+
+    cpu = torch.device("cpu")
+    for selection in (None, ["fa3py"], ["fa3py:cute"]):
+        chosen, skipped = select(selection, cpu)
+        assert "fa3py:cute-bwd" not in [p.name for p, _ in chosen] and "fa3py:cute-bwd" not in skipped
+    _, skipped = select(["fa3py:cute-bwd", "sdpa:math"], cpu)
+    assert skipped == {"fa3py:cute-bwd": "needs a CUDA GPU"}
+    chosen, _ = select(["sdpa"], cpu)  # sdpa:math too is only selected by its name
+    assert [p.name for p, _ in chosen] == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pass_", ["bwd", "fwdbwd"])
+def test_gpu_paired_backward(pass_):
+    """On the GPU: fa3py's path (cute forward, the backward fa3py dispatches) against cuDNN's
+    backward, eager and in CUDA graphs. With FA3PY_CUTE_BWD=1 (the sm90 backward kernel's opt-in;
+    it has not run on a GPU before, and a hang here would stall this partition) also
+    fa3py:cute-bwd, which hdim 256 skips with its reason while the others are still timed."""
+    from benchmarks import paired
+    from cute_kernels import bwd_launch
+
+    kernel = ["fa3py:cute-bwd"] if bwd_launch.enabled else []
+    for graph in ([], ["--cuda-graph"]):
+        doc = paired.main(["--hdim", "128", "256", "--seqlen", "2048", "--causal", "true", "--providers", "fa3py:cute",
+                           *kernel, "sdpa:cudnn", "--pairs", "10", "--pass", pass_, *graph])
+        rows = {r["hdim"]: r for r in doc["rows"]}
+        assert set(rows[128]["ms"]) == {"fa3py:cute", *kernel, "sdpa:cudnn"}
+        assert rows[128]["backward_ran_on"]["fa3py:cute"] == ("cute" if kernel else "triton")
+        assert all(0.05 < s["median"] < 20 for s in rows[128]["ratios"].values())
+        if kernel:
+            assert rows[128]["backward_ran_on"]["fa3py:cute-bwd"] == "cute"
+            assert "fa3py:cute-bwd" not in rows[256]["ms"] and "sdpa:cudnn" in rows[256]["ms"]

@@ -62,3 +62,39 @@ def test_fingerprint_cli(tmp_path, capsys):
     base.write_text(json.dumps(tampered))
     assert cute_fingerprint.main([str(new), "--against", str(base), *only, "--dump", str(tmp_path)]) == 1
     assert (tmp_path / "bf16_d128x128_causal.sass").exists()
+
+
+def test_sass_cli_backward(capsys):
+    """`--bwd`: the backward kernel's opcode counts and its checks (the dQ reduce, no local
+    memory); forward-only options and what the backward does not serve are refused."""
+    assert sass.main(["--bwd", "--hdim", "64", "--dtype", "fp16", "--varlen", "--seqused"]) == 0
+    out = capsys.readouterr().out
+    assert "# bwd fp16 d64 tile64x128" in out and "cu_seqlens_q" in out and "seqused_k" in out
+    assert "UBLKRED" in out and "STACK 0 LOCAL 0" in out and "required: ok" in out
+    for argv, why in ((["--dtype", "fp8"], "bf16 / fp16 only"), (["--hdim", "192"], "round up to one of [64, 96, 128]"),
+                      (["--split-kv"], "--split-kv: forward options"), (["--hdimv", "64"], "--hdimv: forward options")):
+        with pytest.raises(SystemExit) as e:
+            sass.main(["--bwd", *argv])
+        assert e.value.code == 2 and why in capsys.readouterr().err, argv
+
+
+def test_fingerprint_backward_section(tmp_path, capsys):
+    """The backward's configs are labelled "bwd ..." beside the forward's (whose labels a regex
+    for the forward's keeps apart); against a baseline without them they are NEW, listed, and not
+    a difference (exit 0)."""
+    import json
+    import re
+
+    from benchmarks import cute_fingerprint
+
+    bwd = cute_fingerprint.bwd_cases()
+    assert len(bwd) == 18 and all(label.startswith("bwd ") for label in bwd)
+    assert not set(bwd) & set(cute_fingerprint.cases())
+    assert not [label for label in bwd if re.search("bf16 d128x128 causal$", label)]  # test_fingerprint_cli's
+    assert type(cute_fingerprint.make_config("bwd bf16 d64 nc", bwd["bwd bf16 d64 nc"])).__name__ == "BwdConfig"
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    base.write_text("{}")
+    assert cute_fingerprint.main([str(new), "--against", str(base), "--only", "^bwd bf16 d64 nc$"]) == 0
+    out = capsys.readouterr().out
+    assert " NEW " in out and "1 not in the baseline: bwd bf16 d64 nc" in out
+    assert json.loads(new.read_text())["bwd bf16 d64 nc"]["config"].startswith("bwd bf16 d64 tile64x128")
