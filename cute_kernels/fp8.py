@@ -81,17 +81,26 @@ class Fp8Scales:
     @staticmethod
     def create(mQScale: cute.Tensor, mKScale: cute.Tensor, mVScale: cute.Tensor, c: Float32,
                block_m: cutlass.Constexpr[int], tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int],
-               thr_mma_qk: cute.ThrMma, m_block, head, batch, seqlen_q) -> "Fp8Scales":
+               thr_mma_qk: cute.ThrMma, m_block, head, batch, seqlen_q,
+               pack_gqa: cutlass.Constexpr[int] = 1) -> "Fp8Scales":
+        """`head`, `seqlen_q`: the kernel's (with GQA packing, head is a KV head's group of
+        pack_gqa query heads and rows are positions times pack_gqa); the scale tensors are
+        unpacked, (b, h, blocks of positions): packed row r reads query head head * pack_gqa +
+        r % pack_gqa at position r // pack_gqa, so any block_m works with packing."""
         from cute_kernels.utils import acc_to_mn
 
-        head_kv = head // (mQScale.shape[1] // mKScale.shape[1])
+        g = pack_gqa
+        head_kv = head * g // (mQScale.shape[1] // mKScale.shape[1])
         tScS = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((tile_m, tile_n))))
         rows = cute.size(tScS.shape[0])
         q_row_c = cute.make_rmem_tensor(rows, Float32)
         for r in range(rows):  # (create is not preprocessed: a Python loop, unrolled)
             # rows past the sequence read the last row's scale (their results are not stored)
             row = cutlass.min(m_block * tile_m + tScS[r, 0][0], seqlen_q - 1)
-            q_row_c[r] = mQScale[batch, head, row // block_m] * c
+            if g == 1:
+                q_row_c[r] = mQScale[batch, head, row // block_m] * c
+            else:
+                q_row_c[r] = mQScale[batch, head * g + row % g, row // g // block_m] * c
         v_pending = cute.make_rmem_tensor(1, Float32)
         v_pending[0] = Float32(1.0)
         return Fp8Scales(q_row_c, mKScale[batch, head_kv, None], mVScale[batch, head_kv, None], v_pending)
@@ -104,6 +113,13 @@ class Fp8Scales:
         for r in cutlass.range_constexpr(cute.size(mult)):
             mult[r] = self.q_row_c[r] * sk
         return mult
+
+    @cute.jit
+    def uniform_mult(self, mult: Float32) -> cute.Tensor:
+        """`mult` for each of this thread's rows (softcap: softcap*log2(e) after the tanh)."""
+        out = cute.make_rmem_tensor_like(self.q_row_c, Float32)
+        out.fill(mult)
+        return out
 
     @cute.jit
     def add_pv(self, acc_O: cute.Tensor, acc_PV: cute.Tensor):

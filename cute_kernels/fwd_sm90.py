@@ -169,9 +169,9 @@ class FlashAttentionForwardSm90:
                 f"FP8 WGMMA: hdim, hdim_v and tile_n multiples of {k}"
             assert cfg.fp8_v_scaling in ("block", "channel") and cfg.fp8_block_m > 0
             assert self.separate_o, "FP8: sO (bf16) does not alias the e4m3 sQ"
-            assert not (cfg.softcap or cfg.split_kv or cfg.pack_gqa > 1 or cfg.cu_seqlens_q or cfg.cu_seqlens_k
-                        or cfg.seqused_q or cfg.seqused_k or cfg.hdim_in or cfg.hdimv_in), \
-                f"{cfg.short()}: FP8 takes batched, unpacked, unpadded, uncapped problems (for now)"
+            assert not (cfg.cu_seqlens_q or cfg.cu_seqlens_k or cfg.seqused_q or cfg.seqused_k
+                        or cfg.hdim_in or cfg.hdimv_in), \
+                f"{cfg.short()}: FP8 takes batched, unpadded problems (for now)"
             # block V: O and each block's PV accumulator (2 x hdim_v / 2 registers a thread)
             assert cfg.fp8_v_scaling == "channel" or self.hdimv <= 128, \
                 f"{cfg.short()}: block V scaling spills above hdim_v 128 (192: 58, 256: 88 STL); channel V"
@@ -562,7 +562,8 @@ class FlashAttentionForwardSm90:
             fp8_scales = None
             if const_expr(self.fp8):
                 fp8_scales = fp8.Fp8Scales.create(*scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n,
-                                                  thr_mma_qk, m_block, head, batch, seqlen.seqlen_q)
+                                                  thr_mma_qk, m_block, head, batch, seqlen.seqlen_q,
+                                                  self.cfg.pack_gqa)
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,
@@ -656,30 +657,44 @@ class FlashAttentionForwardSm90:
         return frag
 
     @cute.jit
-    def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
-        """softcap: s = softcap * tanh(scale * qk / softcap); softcap*log2(e) is in scale_log2."""
+    def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32, n_block=None, fp8_scales=None):
+        """softcap: s = softcap * tanh(scale * qk / softcap); softcap*log2(e) is in scale_log2.
+        FP8: tanh(S * sq[row] * sk[n_block] * c), c = softmax_scale / (n softcap) (the block
+        scales go inside the tanh); softcap*log2(e), in softcap_premul, multiplies it in
+        softmax_step."""
         if const_expr(self.cfg.softcap):
-            for i in cutlass.range_constexpr(cute.size(acc_S)):
-                acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
+            if const_expr(self.fp8):
+                s_mn = acc_to_mn(acc_S)
+                mult = fp8_scales.row_mult(n_block)
+                for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+                    for j in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                        s_mn[r, j] = cute.math.tanh(s_mn[r, j] * mult[r])
+            else:
+                for i in cutlass.range_constexpr(cute.size(acc_S)):
+                    acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
 
     @cute.jit
     def softmax_block(self, acc_S, n_block, softmax: OnlineSoftmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
                       softcap_premul, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
                       mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool], fp8_scales=None):
         """Scores -> P (in tOrP); returns the O row rescale factors and step's `moved`."""
-        self.score_mod(acc_S, softcap_premul)
+        self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales, softcap_premul)
         if const_expr(self.fresh_pv):
             fp8_scales.set_pending_v(n_block)
         self.convert_p(acc_S, tOrP)
         return row_scale, moved
 
-    def softmax_step(self, softmax: OnlineSoftmax, acc_S, n_block, is_first: cutlass.Constexpr[bool], fp8_scales):
+    def softmax_step(self, softmax: OnlineSoftmax, acc_S, n_block, is_first: cutlass.Constexpr[bool], fp8_scales,
+                     softcap_premul=None):
         """OnlineSoftmax's step; FP8: with the block's score multiplier (row max in scaled log2
-        units, no lazy rescaling)."""
+        units, no lazy rescaling); with softcap the scores are tanh values (score_mod) and the
+        multiplier softcap*log2(e), the same for every row."""
         if const_expr(self.fp8):
+            if const_expr(self.cfg.softcap):
+                return softmax.step_scaled(acc_S, fp8_scales.uniform_mult(softcap_premul), is_first), None
             return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
         return softmax.step(acc_S, is_first=is_first)
 
@@ -779,10 +794,10 @@ class FlashAttentionForwardSm90:
         gate = self.cfg.tile.k_release_gate
         if const_expr(gate == 0):
             pipeline_k.consumer_release(kv_state)
-        self.score_mod(acc_S, softcap_premul)
+        self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales, softcap_premul)
         if const_expr(gate > 0):
             release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)

@@ -81,3 +81,77 @@ def emulated_sm90(monkeypatch):
     monkeypatch.setattr(cute_kernels, "why_not", why_not_on_cpu)
     monkeypatch.setattr(launch, "launch_kernel", emulated_launch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(None, None, None),
+                        fp8_constants=None):
+    """What `launch_kernel` asks of the FP8 kernel (fa3py.fp8's arithmetic), computed on the CPU
+    from the kernel's own arguments, indexed as the kernel indexes them: q e4m3 (b, rows, heads / g,
+    d) with rows packed by g = cfg.pack_gqa (row r: position r // g, query head kh * g + r % g,
+    whose Q scale is q_scale[b, kh * g + r % g, (r // g) // block_m]); k (b, s_k, h_kv, d); v the
+    transposed V (b, h_kv, dv, s_pad) in the PV key order; K (and block V) scales per KV block of
+    tile_n; (c, cap) the multiplier's constants (softcap: tanh inside, cap after). KV blocks last
+    to first, P rounded to e4m3 at the running max, block V's PV in a fresh accumulator. Split-KV:
+    split s runs its run of the KV blocks and writes its normalized O and LSE at batch s * b + b."""
+    from fa3py.fp8.format import E4M3, P_OFFSET, pv_key_positions
+
+    assert not req.is_varlen
+    g, p, tile_n = cfg.pack_gqa, req.params, cfg.tile.tile_n
+    q_scale, k_scale, v_scale = fp8_scales
+    c, cap = fp8_constants
+    batch, rows, hp, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    group = q_scale.shape[1] // hk
+    r = torch.arange(rows)
+    pos, head = r // g, torch.arange(hp)[:, None] * g + r % g  # (hp, rows)
+    head_kv = torch.arange(hp) * g // group
+    keys = pv_key_positions(v.shape[-1])[:sk]
+    col = torch.arange(sk)[None, :]
+    keep = torch.ones(rows, sk, dtype=torch.bool)
+    sq = rows // g
+    if p.window_right >= 0:
+        keep &= col <= pos[:, None] + sk - sq + p.window_right
+    if p.window_left >= 0:
+        keep &= col >= pos[:, None] + sk - sq - p.window_left
+    nblk = -(-sk // tile_n)
+    per_split = -(-nblk // num_splits)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)
+    for b in range(batch):
+        q8 = q[b].float().transpose(0, 1)  # (hp, rows, d)
+        k8 = k[b].float().transpose(0, 1)[head_kv]  # (hp, sk, d)
+        v8 = v[b].float()[..., keys].transpose(-1, -2)[head_kv]  # (hp, sk, dv), keys in order
+        q_row_c = q_scale[b][head, pos // cfg.fp8_block_m] * f32(c)  # (hp, rows)
+        for split in range(num_splits):
+            lo, hi = split * per_split, min(nblk, (split + 1) * per_split)
+            m = torch.full((hp, rows), -math.inf)
+            row_sum = torch.zeros(hp, rows)
+            acc = torch.zeros(hp, rows, v8.shape[-1])
+            for j in reversed(range(lo, hi)):
+                j0, j1 = j * tile_n, min(sk, (j + 1) * tile_n)
+                if not keep[:, j0:j1].any():
+                    continue
+                s = q8 @ k8[:, j0:j1].transpose(-1, -2)
+                mult = q_row_c * k_scale[b, head_kv, j][:, None]
+                s2 = torch.tanh(s * mult[..., None]) * f32(cap) if p.softcap > 0 else s * mult[..., None]
+                s2 = s2.masked_fill(~keep[:, j0:j1], -math.inf)
+                m_new = torch.maximum(m, s2.amax(-1))
+                m_safe = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
+                prob = torch.exp2(s2 - m_safe[..., None] + P_OFFSET)
+                corr = torch.exp2(m - m_safe)
+                row_sum = row_sum * corr + prob.sum(-1)
+                pv = prob.to(E4M3).float() @ v8[:, j0:j1]
+                if cfg.fp8_v_scaling == "block":
+                    pv = pv * v_scale[b, head_kv, j][:, None, None]
+                acc = acc * corr[..., None] + pv
+                m = m_new
+            empty = row_sum == 0
+            o = acc / torch.where(empty, torch.ones_like(row_sum), row_sum)[..., None]
+            if cfg.fp8_v_scaling == "channel":
+                o = o * v_scale[b, head_kv][:, None, :]
+            m_safe = torch.where(m == -math.inf, torch.zeros_like(m), m)
+            row_lse = torch.where(empty, torch.full_like(m, -math.inf),
+                                  (m_safe + torch.log2(row_sum) - P_OFFSET) * math.log(2.0))
+            bo = b + split * batch if cfg.split_kv else b
+            out[bo] = o.transpose(0, 1).to(out.dtype)
+            lse[bo] = row_lse
+    return out, lse

@@ -96,14 +96,14 @@ import torch
 
 from .emulate import attention as emulated_attention
 from .emulate import warn_emulated
-from .format import (E4M3_MAX, MAX_HADAMARD, P_OFFSET, SIGN_SEED, Fp8Format, Fp8QKV, Fp8Tensor, hadamard_block,
-                     hadamard_signs, rotate, rotation_matrix)
+from .format import (E4M3_MAX, FA3_FORMAT, MAX_HADAMARD, P_OFFSET, SIGN_SEED, Fp8Format, Fp8QKV, Fp8Tensor,
+                     from_descales, hadamard_block, hadamard_signs, rotate, rotation_matrix, transpose_v)
 from .quantize import pow2_scale, quantize_checked, quantize_fp8, quantize_operand
 
 __all__ = [
     "Fp8Format", "Fp8QKV", "Fp8Tensor", "quantize_fp8", "quantize_operand", "pow2_scale", "rotate",
     "rotation_matrix", "hadamard_block", "hadamard_signs", "forward", "is_quantized", "make_request",
-    "E4M3_MAX", "P_OFFSET", "SIGN_SEED", "MAX_HADAMARD",
+    "E4M3_MAX", "P_OFFSET", "SIGN_SEED", "MAX_HADAMARD", "FA3_FORMAT", "from_descales", "transpose_v",
 ]
 
 

@@ -11,9 +11,8 @@ import torch
 
 from ..reference import keep_mask
 from ..request import AttentionParams
-from .format import E4M3, P_OFFSET, Fp8QKV, hadamard_block
+from .format import E4M3, P_OFFSET, Fp8QKV, rotation_factor, score_constants
 
-LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 _warned = False
 
@@ -49,9 +48,10 @@ def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, desc
     sq = q.scale.repeat_interleave(fmt.block_m, dim=2)[:, :, :lq].unsqueeze(-1)  # (b, h, lq, 1)
     sk = k.scale.repeat_interleave(group, dim=1)  # (b, h, nblk)
     sv = v.scale.repeat_interleave(group, dim=1)  # (b, h, nblk) or (b, h, dv)
-    # scores in log2 units: s2 = (q8 . k8) * (sq * sk) * c, c rounded to float32 once on the host
-    scale_n = params.softmax_scale / hadamard_block(d)
-    c = torch.tensor(scale_n * LOG2E, dtype=torch.float32, device=dev)
+    # scores in log2 units: s2 = (q8 . k8) * ((sq * sk) * c), c rounded to float32 once on the host;
+    # softcap: s2 = tanh((q8 . k8) * ((sq * sk) * c)) * cap (score_constants)
+    c, cap = (torch.tensor(x, dtype=torch.float32, device=dev)
+              for x in score_constants(params.softmax_scale, params.softcap, rotation_factor(fmt, d)))
     m = torch.full((b, h, lq), float("-inf"), device=dev)
     row_sum = torch.zeros(b, h, lq, device=dev)
     acc = torch.zeros(b, h, lq, dv, device=dev)
@@ -64,11 +64,10 @@ def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, desc
         if keep is not None and not keep.any():
             continue  # a tile the kernel skips
         acc_s = torch.matmul(qf, kf[:, :, j0:j1].transpose(-1, -2))  # S = Q8 K8^T, float32
-        mult = sq * sk[:, :, j, None, None]  # a power of two: exact
+        mult = sq * sk[:, :, j, None, None]  # a power of two: exact (rotated formats)
+        s2 = acc_s * (mult * c)
         if params.softcap > 0:
-            s2 = params.softcap * torch.tanh(acc_s * mult * scale_n / params.softcap) * LOG2E
-        else:
-            s2 = acc_s * (mult * c)
+            s2 = torch.tanh(s2) * cap
         if keep is not None:
             s2 = s2.masked_fill(~keep, float("-inf"))
         m_new = torch.maximum(m, s2.amax(dim=-1))
