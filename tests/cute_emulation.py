@@ -17,14 +17,16 @@ from fa3py import dispatch
 CUDA_ONLY = "cute_kernels: CUDA tensors only"
 
 
-def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
+def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
     """What `cute_kernels.launch.launch_kernel` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
     row // pack_gqa, masks are bottom-right aligned over positions; out and lse are written
     where the kernel writes them (padded rows left as initialized). Split-KV: split s attends to
     its run of the sequence's KV blocks (the kernel splits each m_block's own range:
     test_split_block_range_on_the_host) and writes its normalized O and LSE at batch
-    s * batch + b, or rows from s * total_q + offset."""
+    s * batch + b, or rows from s * total_q + offset. FP8 (`fp8_args`): `emulated_fp8_launch`."""
+    if fp8_args.get("fp8_constants") is not None:
+        return emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits, **fp8_args)
     g, p = cfg.pack_gqa, req.params
     max_rows, (cu_q, cu_k, used_q, used_k) = launch.sequence_args(req, q, g)  # the kernel's view
     n = len(cu_q) - 1 if cu_q is not None else q.shape[0]

@@ -16,6 +16,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 from benchmarks import cute_sass as sass  # noqa: E402
 from cute_kernels.config import FwdConfig  # noqa: E402
+from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (a fixture, by name)
 
 
 def _compile(cfg: FwdConfig):
@@ -224,6 +225,36 @@ FP8_HOST_CASES = {  # name: (request maker args, kwargs, splits setting, cfg fac
 }
 
 
+def _feature_request(case: str, device: str, monkeypatch):
+    """FP8_HOST_CASES[case]'s request on `device`, with FA3PY_CUTE_FP8 on and its split setting;
+    checks that fp8_config_for picks the case's features."""
+    from cute_kernels import launch
+
+    args, kw, splits, facts = FP8_HOST_CASES[case]
+    kw = dict(kw)
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    monkeypatch.setattr(launch, "split_kv_setting", splits)
+    if case.startswith("fa3"):
+        req = _fa3_request(*args, device=device, **kw)
+    else:
+        b, sq, sk, h, hk, d = args
+        block_m = kw.pop("block_m", 128)
+        v_scaling = kw.pop("v_scaling", "block")
+        block_n = launch.FwdConfig.make("e4m3", d, fp8_v_scaling=v_scaling).tile.tile_n
+        req = _fp8_request(b, sq, sk, h, hk, d, device=device, block_n=block_n, v_scaling=v_scaling, spread=True,
+                           **kw)
+        if block_m != 128:  # re-quantized with that Q block
+            import fa3py
+            from fa3py import fp8 as fa3py_fp8
+
+            q, k, v = (t.dequantize().to(torch.bfloat16) for t in req.fp8_tensors)
+            req = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_m=block_m, block_n=block_n,
+                                                             v_pv_order=True), **kw)
+    cfg = launch.fp8_config_for(req)
+    assert all(getattr(cfg, f) == want for f, want in facts.items()), cfg.short()
+    return req, cfg
+
+
 @pytest.mark.parametrize("case", list(FP8_HOST_CASES))
 def test_fp8_host_path_on_the_emulated_kernel(case, monkeypatch):
     """run_fp8's host work (quantized / FA3 operands, GQA packing of e4m3 rows with unpacked
@@ -232,31 +263,41 @@ def test_fp8_host_path_on_the_emulated_kernel(case, monkeypatch):
     from cute_kernels import launch
     from tests.cute_emulation import emulated_fp8_launch
 
-    args, kw, splits, facts = FP8_HOST_CASES[case]
-    kw = dict(kw)
-    monkeypatch.setattr(launch, "fp8_enabled", True)
-    monkeypatch.setattr(launch, "split_kv_setting", splits)
+    req, cfg = _feature_request(case, "cpu", monkeypatch)
     monkeypatch.setattr(launch, "launch_kernel", emulated_fp8_launch)
-    if case.startswith("fa3"):
-        req = _fa3_request(*args, **kw)
-    else:
-        b, sq, sk, h, hk, d = args
-        block_m = kw.pop("block_m", 128)
-        v_scaling = kw.pop("v_scaling", "block")
-        block_n = launch.FwdConfig.make("e4m3", d, fp8_v_scaling=v_scaling).tile.tile_n
-        req = _fp8_request(b, sq, sk, h, hk, d, block_n=block_n, v_scaling=v_scaling, spread=True, **kw)
-        if block_m != 128:  # re-quantized with that Q block
-            import fa3py
-            from fa3py import fp8 as fa3py_fp8
-
-            q, k, v = (t.dequantize().to(torch.bfloat16) for t in req.fp8_tensors)
-            req = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_m=block_m, block_n=block_n,
-                                                             v_pv_order=True), **kw)
     assert launch.fp8_why_not(req) == "cute_kernels: CUDA tensors only"
-    cfg = launch.fp8_config_for(req)
-    assert all(getattr(cfg, f) == want for f, want in facts.items()), cfg.short()
     out, lse = launch.run_fp8(req, cfg)
     _check_against_reference(out, lse, req)
+
+
+def test_fa3_format_through_the_api_on_the_emulated_sm90(emulated_sm90, monkeypatch):
+    """flash_attn_func on float8 q, k, v with descales, dispatched as on an H100 with the FP8 kernel
+    opted in: served by cute (run_fp8 around the emulated kernel), bf16, close to the reference."""
+    import fa3py
+    from cute_kernels import launch
+    from fa3py import dispatch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    req = _fa3_request(2, 77, 150, 4, 2, 64, causal=True, softcap=8.0)
+    assert dispatch.choose(req).name == "cute"
+    out, lse = fa3py.flash_attn_func(req.q, req.k, req.v, causal=True, softcap=8.0, q_descale=req.q_descale,
+                                     k_descale=req.k_descale, v_descale=req.v_descale, return_attn_probs=True)
+    _check_against_reference(out, lse, req)
+
+
+def test_transpose_v_is_one_copy_in_the_pv_key_order():
+    """FA3's V (b, s, h_kv, dv) -> V^T (b, h_kv, dv, s_pad): the format's transposed V with
+    v_pv_order, zero-padded; ragged lengths take the tail group's index copy."""
+    from fa3py.fp8.format import pv_key_order, transpose_v
+
+    for s in (1, 15, 16, 17, 203):
+        v = torch.randn(2, s, 3, 32).to(torch.float8_e4m3fn)
+        vt = transpose_v(v)
+        pad = -(-s // 16) * 16
+        want = torch.zeros(2, 3, 32, pad, dtype=torch.uint8)
+        want[..., :s] = v.view(torch.uint8).permute(0, 2, 3, 1)
+        assert vt.shape == (2, 3, 32, pad) and vt.dtype == torch.float8_e4m3fn
+        assert torch.equal(vt.view(torch.uint8), want.index_select(-1, pv_key_order(pad)))
 
 
 # ---- on an sm90 GPU: the kernel against fa3py.fp8.emulate on the same quantized inputs -------------
@@ -328,3 +369,44 @@ def test_gpu_fp8_natural_key_order_is_permuted_on_the_host(monkeypatch):
     out_a, lse_a = launch.run_fp8(a, launch.fp8_config_for(a))
     out_b, lse_b = launch.run_fp8(b, launch.fp8_config_for(b))
     assert torch.equal(out_a, out_b) and torch.equal(lse_a, lse_b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(FP8_HOST_CASES))
+def test_gpu_fp8_features(case, monkeypatch):
+    """Softcap, GQA packing, split-KV and FA3's float8 inputs on the kernel: at most twice as far
+    from the fp64 reference as the emulation (the host tests' rule); unsplit, also within the
+    emulation's tolerance (a split rounds P against its own running max, so not there)."""
+    from cute_kernels import launch
+
+    req, cfg = _feature_request(case, "cuda", monkeypatch)
+    assert launch.fp8_why_not(req) is None
+    out, lse = launch.run_fp8(req, cfg)
+    _check_against_reference(out, lse, req)
+    if not cfg.split_kv:
+        from fa3py.fp8 import from_descales
+
+        qkv = req.fp8_tensors or from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale)
+        out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(qkv, req.params, monkeypatch)
+        finite = torch.isfinite(lse_ref)
+        assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
+        assert float((lse - lse_ref)[finite].abs().amax()) <= tol_lse if finite.any() else True
+
+
+@pytest.mark.gpu
+def test_gpu_fa3_format_goes_to_cute_with_opt_in(monkeypatch):
+    """flash_attn_func on float8 q, k, v with descales runs the cute FP8 kernel (opted in) and
+    returns bf16 close to the fp64 reference."""
+    import fa3py
+    from cute_kernels import launch
+    from fa3py import dispatch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    req = _fa3_request(2, 300, 500, 8, 2, 128, device="cuda", causal=True)
+    assert dispatch.choose(req).name == "cute"
+    out = fa3py.flash_attn_func(req.q, req.k, req.v, causal=True, q_descale=req.q_descale,
+                                k_descale=req.k_descale, v_descale=req.v_descale)
+    assert out.dtype == torch.bfloat16
+    out_k, lse_k = launch.run_fp8(req, launch.fp8_config_for(req))
+    assert torch.equal(out, out_k)
+    _check_against_reference(out_k, lse_k, req)

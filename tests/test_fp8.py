@@ -223,6 +223,26 @@ def test_emulation_against_reference(case, feature, v_scaling):
     assert max_err(lse, ref_lse) <= 2 * max_err(baseline_lse, ref_lse) + 1e-3
 
 
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+def test_fa3_descales_as_the_format_against_reference(feature):
+    """FA3's float8 inputs with (batch, nheads_kv) descales, seen as the unrotated format
+    (fp8.from_descales: what the Hopper FP8 kernel is given), through the emulation: no worse than
+    twice the plain PyTorch FP8 math against the fp64 reference of the descaled inputs."""
+    q, k, v = (x.float().mul(3).to(torch.float8_e4m3fn) for x in inputs(2, 113, 203, 4, 2, 64, 64, torch.bfloat16,
+                                                                         "cpu"))
+    gen = torch.Generator().manual_seed(0)
+    ds = [torch.rand(2, 2, generator=gen) + 0.25 for _ in range(3)]
+    req = make_request(q, k, v, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2], **FEATURES[feature])
+    qkv = fp8.from_descales(q, k, v, *ds, block_m=64, block_n=32)
+    assert not qkv.fmt.rotated and qkv.fmt.v_scaling == "channel"
+    out, lse = fp8.emulate.attention(qkv, req.params, torch.bfloat16)
+    ref_out, ref_lse = reference.attention(req)
+    baseline, baseline_lse = fp8_math_in_pytorch(qkv, req)
+    assert out.dtype == torch.bfloat16
+    assert max_err(out, ref_out) <= 2 * max_err(baseline, ref_out) + 2e-3
+    assert max_err(lse, ref_lse) <= 2 * max_err(baseline_lse, ref_lse) + 1e-3
+
+
 @pytest.mark.parametrize("v_scaling", ["block", "channel"])
 def test_one_key_tile_is_the_plain_fp8_math(v_scaling):
     """With every key in one tile the running max is the final max: the emulation is the plain
