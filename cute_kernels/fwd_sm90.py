@@ -123,11 +123,18 @@ class BlockOperands:
 
 def _fake_fp8_scales(cfg: FwdConfig, b, h, hk, dv) -> tuple:
     """Fake FP8 scale tensors (float32, compact): Q per block_m rows, K per KV block, V per KV
-    block or per channel."""
+    block or per channel; a packed side's (1, heads, columns) (its own symbols: b is not its
+    batch)."""
     sym = cute.sym_int
     t = lambda shape: cute.runtime.make_fake_tensor(Float32, shape, stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
     nk = sym()
-    return t((b, h, sym())), t((b, hk, nk)), t((b, hk, nk if cfg.fp8_v_scaling == "block" else dv))
+    bq = sym() if cfg.cu_seqlens_q else b
+    bk = sym() if cfg.cu_seqlens_k else b
+    if cfg.fp8_v_scaling == "block":
+        v = t((bk, hk, nk))
+    else:  # per sequence
+        v = t((sym() if cfg.cu_seqlens_k else b, hk, dv))
+    return t((bq, h, sym())), t((bk, hk, nk)), v
 
 
 class FlashAttentionForwardSm90:
@@ -169,9 +176,7 @@ class FlashAttentionForwardSm90:
                 f"FP8 WGMMA: hdim, hdim_v and tile_n multiples of {k}"
             assert cfg.fp8_v_scaling in ("block", "channel") and cfg.fp8_block_m > 0
             assert self.separate_o, "FP8: sO (bf16) does not alias the e4m3 sQ"
-            assert not (cfg.cu_seqlens_q or cfg.cu_seqlens_k or cfg.seqused_q or cfg.seqused_k
-                        or cfg.hdim_in or cfg.hdimv_in), \
-                f"{cfg.short()}: FP8 takes batched, unpadded problems (for now)"
+            assert not (cfg.hdim_in or cfg.hdimv_in), f"{cfg.short()}: FP8 takes unpadded head dims"
             # block V: O and each block's PV accumulator (2 x hdim_v / 2 registers a thread)
             assert cfg.fp8_v_scaling == "channel" or self.hdimv <= 128, \
                 f"{cfg.short()}: block V scaling spills above hdim_v 128 (192: 58, 256: 88 STL); channel V"
@@ -417,7 +422,10 @@ class FlashAttentionForwardSm90:
                 gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
                 gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
                 if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
-                    gV = cute.local_tile(mV[None, None, head_kv, b_k], (self.hdimv, self.tile_n), (0, None))
+                    mVt = mV[None, None, head_kv, b_k]
+                    if const_expr(self.cfg.cu_seqlens_k):  # packed: the sequence's 16-aligned columns
+                        mVt = cute.domain_offset((0, fp8.vt_column(seqlen.offset_k, batch)), mVt)
+                    gV = cute.local_tile(mVt, (self.hdimv, self.tile_n), (0, None))
                 else:
                     mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
                     gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
@@ -561,9 +569,11 @@ class FlashAttentionForwardSm90:
             mask = tiles.mask_fn(seqlen, m_block)
             fp8_scales = None
             if const_expr(self.fp8):
-                fp8_scales = fp8.Fp8Scales.create(*scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n,
-                                                  thr_mma_qk, m_block, head, batch, seqlen.seqlen_q,
-                                                  self.cfg.pack_gqa)
+                fp8_scales = fp8.Fp8Scales.create(
+                    *scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n, thr_mma_qk, m_block, head,
+                    batch, seqlen, self.cfg.pack_gqa, packed_q=self.cfg.cu_seqlens_q,
+                    packed_k=self.cfg.cu_seqlens_k, ragged_q=self.cfg.cu_seqlens_q or self.cfg.seqused_q,
+                    v_channel=self.cfg.fp8_v_scaling == "channel")
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,
@@ -847,8 +857,8 @@ class FlashAttentionForwardSm90:
         d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
         mQ = t((*q_rows, h, d))
         mK = t((*k_rows, hk, d))
-        if cfg.dtype == "e4m3":  # V^T (b, h_kv, dv, s_k padded to 16)
-            mV = t((b, hk, dv, sym(divisibility=16)))
+        if cfg.dtype == "e4m3":  # V^T (b, h_kv, dv, s_k padded to 16); packed: (1, h_kv, dv, columns)
+            mV = t((sym() if cfg.cu_seqlens_k else b, hk, dv, sym(divisibility=16)))
             o_dt = cutlass.BFloat16
         else:
             mV = t((*k_rows, hk, dv))

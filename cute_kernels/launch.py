@@ -386,7 +386,9 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     make = functools.partial(
         _cached_config, "e4m3", req.headdim, req.headdim_v, has_left=p.window_left >= 0, has_right=has_right,
         softcap=p.softcap > 0, short=is_short(has_right, seqlen_q * pack, seqlen_k),
-        medium=is_medium(has_right, seqlen_k), pack_gqa=pack, fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling)
+        medium=is_medium(has_right, seqlen_k), pack_gqa=pack, fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling,
+        cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
+        seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None)
     cfg = make(split_kv=False)
     return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
 
@@ -406,8 +408,6 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
         return "cute_kernels: FP8 takes q, k, v all float8_e4m3fn"
     if fa3 and req.qv is not None:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
-    if req.is_varlen:
-        return "cute_kernels: FP8 takes batched q, k, v (no cu_seqlens / seqused)"
     p = req.params
     if p.attention_chunk:
         return "cute_kernels: FP8 has no attention_chunk yet"
@@ -438,17 +438,22 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
     from fa3py.fp8.format import pv_key_order, rotation_factor, score_constants
 
     qkv = req.fp8_tensors
+    cu = dict(cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
     if qkv is None and req.params.fp8:
-        qkv = quantize_fp8(req.q, req.k, req.v, block_n=cfg.tile.tile_n, v_pv_order=True)
+        qkv = quantize_fp8(req.q, req.k, req.v, block_n=cfg.tile.tile_n, v_pv_order=True, **cu)
     elif qkv is None:
         qkv = from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
-                            block_m=cfg.fp8_block_m, block_n=cfg.tile.tile_n)
+                            block_m=cfg.fp8_block_m, block_n=cfg.tile.tile_n, **cu)
     q, k, v = qkv
     if q.data.numel() == 0 or k.seqlen == 0:
         return _empty_result(req)
     vt = v.data if v.fmt.v_pv_order else v.data.index_select(-1, pv_key_order(v.data.shape[-1], v.device))
     p = req.params
-    scales = tuple(t.scale.float().contiguous() for t in (q, k, v))
+    # packed operands' V^T and block scales are (heads, columns): the kernel takes a batch of 1
+    vt = vt.unsqueeze(0) if v.packed else vt
+    scales = tuple(t.scale.float().unsqueeze(0) if t.packed and t.scale.dim() == 2 else t.scale.float()
+                   for t in (q, k, v))
+    scales = tuple(t.contiguous() for t in scales)
     constants = score_constants(p.softmax_scale, p.softcap, rotation_factor(qkv.fmt, req.headdim))
     out, lse = _run_kernel(req, cfg, q.data, k.data, vt, torch.bfloat16, fp8_scales=scales, fp8_constants=constants)
     return (out if req.out_dtype == torch.bfloat16 else out.to(req.out_dtype)), lse

@@ -51,6 +51,12 @@ FP8_GRID = [
     (256, "channel", dict(split_kv=True, pack_gqa=4, softcap=True)),
     (64, "block", dict(pack_gqa=8, has_right=True, short=True)),
     (128, "channel", dict(softcap=True, has_left=True, has_right=True)),
+    # varlen: packed operands' scales from each sequence's columns, packed V^T from its 16-aligned
+    # column; seqused
+    (128, "block", dict(cu_seqlens_q=True, cu_seqlens_k=True, has_right=True)),
+    (128, "block", dict(seqused_q=True, seqused_k=True)),
+    (64, "block", dict(cu_seqlens_q=True, cu_seqlens_k=True, pack_gqa=4, short=True, has_right=True)),
+    (256, "channel", dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True, split_kv=True)),
 ]
 
 
@@ -153,7 +159,7 @@ def test_fp8_why_not_with_opt_in(monkeypatch):
     assert "CUDA" in why(_fp8_request(2, 65, 130, 4, 2, 128, causal=True))  # served but for the device
     assert "block_n" in why(_fp8_request(1, 64, 64, 2, 2, 128, block_n=64))
     assert "CUDA" in why(_fp8_request(1, 64, 64, 2, 2, 128, softcap=5.0))
-    assert "cu_seqlens" in why(_fp8_request(1, 64, 64, 2, 2, 128, seqused_k=torch.tensor([40], dtype=torch.int32)))
+    assert "CUDA" in why(_fp8_request(1, 64, 64, 2, 2, 128, seqused_k=torch.tensor([40], dtype=torch.int32)))
     assert "CUDA" in why(_fa3_request(2, 65, 130, 4, 2, 128, causal=True))  # FA3's format: served
     assert "head dims" in why(_fa3_request(1, 8, 8, 2, 2, 32))
     assert "block V" in why(_fp8_request(1, 64, 64, 2, 2, 256, block_n=64))
@@ -175,23 +181,70 @@ def _fa3_request(b, sq, sk, h, hk, d, device="cpu", descales=True, **kw):
     return make_request(q, k, v, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2], **kw)
 
 
+VARLEN_Q, VARLEN_K = [5, 130, 1, 0, 77], [40, 300, 3, 9, 129]
+
+
+def _cu(lens, device):
+    return torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+
+
+def _varlen_fp8_request(h, hk, d, device="cpu", packed=(True, True), seqused=(False, False), fa3=False,
+                        v_scaling="block", **kw):
+    """Sequences of VARLEN_Q / VARLEN_K tokens, packed (cu_seqlens) on the sides `packed` says
+    (else batched, padded to the longest, with seqused), quantized with the kernel's block_n, or
+    FA3's float8 with descales (`fa3`); seqused also on packed sides where `seqused` says (each
+    sequence's first ~2/3)."""
+    import fa3py
+    from cute_kernels import launch
+    from fa3py import fp8 as fa3py_fp8
+    from fa3py.validation import make_request
+
+    gen = torch.Generator().manual_seed(11)
+    b = len(VARLEN_Q)
+    side = {}
+    for name, lens, heads, pk, used in (("q", VARLEN_Q, h, packed[0], seqused[0]),
+                                        ("k", VARLEN_K, hk, packed[1], seqused[1])):
+        shape = (sum(lens),) if pk else (b, max(lens))
+        xs = [torch.randn(*shape, heads, d, generator=gen) * (3.0 if fa3 else 1.0) for _ in range(1 if name == "q" else 2)]
+        cu = _cu(lens, device) if pk else None
+        use = (torch.tensor([(2 * n + 2) // 3 for n in lens], dtype=torch.int32) if pk and used
+               else torch.tensor(lens, dtype=torch.int32) if not pk else None)
+        side[name] = (xs, cu, None if use is None else use.to(device), max(lens))
+    (qs, cu_q, used_q, max_q), (kvs, cu_k, used_k, max_k) = side["q"], side["k"]
+    seq = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k, max_seqlen_q=max_q,
+               max_seqlen_k=max_k, **kw)
+    if fa3:
+        q, k, v = (x.to(torch.float8_e4m3fn).to(device) for x in (*qs, *kvs))
+        ds = [torch.rand(b, hk, generator=gen).add(0.25).to(device) for _ in range(3)]
+        return make_request(q, k, v, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2], **seq)
+    q, k, v = (x.to(torch.bfloat16).to(device) for x in (*qs, *kvs))
+    block_n = launch.FwdConfig.make("e4m3", d, fp8_v_scaling=v_scaling).tile.tile_n
+    qkv = fa3py.quantize_fp8(q, k, v, block_n=block_n, v_scaling=v_scaling, v_pv_order=True, cu_seqlens_q=cu_q,
+                             cu_seqlens_k=cu_k)
+    return fa3py_fp8.make_request(*qkv, **seq)
+
+
 def _host_reference(req):
     """(fp64 reference out, lse) of the dequantized operands, and fa3py.fp8.emulate's (out, lse)."""
     from fa3py import reference
     from fa3py.fp8 import emulate, from_descales
     from fa3py.validation import make_request
 
+    seq = dict(cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k, seqused_q=req.seqused_q,
+               seqused_k=req.seqused_k)
     if req.fp8_tensors is not None:
         qkv = req.fp8_tensors
         qf, kf, vf = (t.dequantize() for t in qkv)
         deq = make_request(*(x.to(torch.bfloat16) for x in (qf, kf, vf)), softmax_scale=req.params.softmax_scale,
                            window_size=(req.params.window_left, req.params.window_right),
-                           softcap=req.params.softcap)
+                           softcap=req.params.softcap, max_seqlen_q=req.max_seqlen_q, max_seqlen_k=req.max_seqlen_k,
+                           **seq)
         ref = reference.attention(deq, q=qf, k=kf, v=vf)
     else:
-        qkv = from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale)
+        qkv = from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
+                            cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
         ref = reference.attention(req)
-    return ref, emulate.attention(qkv, req.params, torch.bfloat16)
+    return ref, emulate.attention(qkv, req.params, torch.bfloat16, seqused_q=req.seqused_q, seqused_k=req.seqused_k)
 
 
 def _check_against_reference(out, lse, req):
@@ -222,6 +275,18 @@ FP8_HOST_CASES = {  # name: (request maker args, kwargs, splits setting, cfg fac
     "fa3_softcap_pack_split": ((2, 1, 700, 8, 2, 64), dict(softcap=6.0, descales=False), "3",
                                dict(pack_gqa=4, split_kv=True)),
     "fa3_gqa_window": ((1, 200, 257, 6, 2, 96), dict(window_size=(64, 0)), "1", dict()),
+    # varlen: (h, hk, d) and _varlen_fp8_request's keywords
+    "varlen_causal": ((4, 2, 128), dict(causal=True), "1", dict(cu_seqlens_q=True, cu_seqlens_k=True)),
+    "varlen_seqused_channel": ((2, 2, 64), dict(seqused=(True, True), v_scaling="channel"), "1",
+                               dict(seqused_q=True, seqused_k=True)),
+    "varlen_packed_q_batched_k": ((4, 4, 128), dict(packed=(True, False), window_size=(50, 10)), "1",
+                                  dict(cu_seqlens_q=True, seqused_k=True)),
+    "varlen_split_softcap": ((4, 2, 128), dict(softcap=5.0), "3", dict(split_kv=True, cu_seqlens_k=True)),
+    "varlen_batched_seqused": ((4, 2, 128), dict(packed=(False, False), causal=True), "1",
+                               dict(seqused_q=True, seqused_k=True)),
+    "varlen_fa3": ((8, 2, 128), dict(fa3=True, causal=True), "1", dict(cu_seqlens_q=True)),
+    "varlen_fa3_seqused_split": ((4, 1, 64), dict(fa3=True, seqused=(False, True)), "2",
+                                 dict(split_kv=True, seqused_k=True)),
 }
 
 
@@ -234,7 +299,9 @@ def _feature_request(case: str, device: str, monkeypatch):
     kw = dict(kw)
     monkeypatch.setattr(launch, "fp8_enabled", True)
     monkeypatch.setattr(launch, "split_kv_setting", splits)
-    if case.startswith("fa3"):
+    if case.startswith("varlen"):
+        req = _varlen_fp8_request(*args, device=device, **kw)
+    elif case.startswith("fa3"):
         req = _fa3_request(*args, device=device, **kw)
     else:
         b, sq, sk, h, hk, d = args
@@ -317,7 +384,7 @@ def _fp8_mma_model(a, b):
     return acc
 
 
-def fp8_tolerance(qkv, params, monkeypatch):
+def fp8_tolerance(qkv, params, monkeypatch, **seqused):
     """(emulated out, lse, out tolerance, lse tolerance). The kernel computes the emulation's
     arithmetic except in how the tensor cores accumulate (order and, for FP8, precision) and in
     exp2 / log2 (MUFU approximations, ~2^-22 relative). The bound: twice the difference between
@@ -325,10 +392,10 @@ def fp8_tolerance(qkv, params, monkeypatch):
     rounding of the output (both round to bf16), plus 1e-5 on the LSE for the approximations."""
     from fa3py.fp8 import emulate
 
-    out, lse = emulate.attention(qkv, params, torch.bfloat16)
+    out, lse = emulate.attention(qkv, params, torch.bfloat16, **seqused)
     with monkeypatch.context() as m:
         m.setattr(emulate.torch, "matmul", _fp8_mma_model)
-        out_m, lse_m = emulate.attention(qkv, params, torch.bfloat16)
+        out_m, lse_m = emulate.attention(qkv, params, torch.bfloat16, **seqused)
     finite = torch.isfinite(lse)
     tol_out = 2 * float((out_m.float() - out.float()).abs().max()) + 2.0**-8 * float(out.float().abs().max())
     tol_lse = 2 * float((lse_m - lse)[finite].abs().max()) + 1e-5
@@ -386,8 +453,10 @@ def test_gpu_fp8_features(case, monkeypatch):
     if not cfg.split_kv:
         from fa3py.fp8 import from_descales
 
-        qkv = req.fp8_tensors or from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale)
-        out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(qkv, req.params, monkeypatch)
+        qkv = req.fp8_tensors or from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
+                                               cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
+        out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(qkv, req.params, monkeypatch, seqused_q=req.seqused_q,
+                                                           seqused_k=req.seqused_k)
         finite = torch.isfinite(lse_ref)
         assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
         assert float((lse - lse_ref)[finite].abs().amax()) <= tol_lse if finite.any() else True

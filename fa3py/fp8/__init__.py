@@ -111,9 +111,9 @@ def is_quantized(*xs) -> bool:
     return any(isinstance(x, Fp8Tensor) for x in xs)
 
 
-def complete(q, k, v) -> Fp8QKV:
+def complete(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None) -> Fp8QKV:
     """Quantizes whichever of q, k, v are still 16-bit tensors with the format of those that are
-    not; checks that the three agree."""
+    not (packed where the call's cu_seqlens say so); checks that the three agree."""
     given = [x for x in (q, k, v) if isinstance(x, Fp8Tensor)]
     fmt = given[0].fmt
     for x in given:
@@ -121,15 +121,19 @@ def complete(q, k, v) -> Fp8QKV:
             raise ValueError(f"fa3py: quantized q, k, v must share one format, got {given[0].fmt} and {x.fmt}")
     out = {}
     for role, x in (("q", q), ("k", k), ("v", v)):
+        cu = cu_seqlens_q if role == "q" else cu_seqlens_k
         if isinstance(x, Fp8Tensor):
             if x.role != role:
                 raise ValueError(f"fa3py: `{role}` was given the quantized {x.role!r} operand")
+            if x.packed != (cu is not None) or (cu is not None and not torch.equal(x.cu_seqlens.cpu(), cu.cpu())):
+                raise ValueError(f"fa3py: quantized `{role}` must be quantized with the cu_seqlens of the call "
+                                 "(quantize_fp8(..., cu_seqlens_q=..., cu_seqlens_k=...))")
         else:
             if getattr(x, "requires_grad", False):
                 raise NotImplementedError(f"fa3py: `{role}` requires grad, but with pre-quantized operands there is "
                                           "no backward; use fp8=True on 16-bit tensors for straight-through gradients")
             with torch.no_grad():
-                x = quantize_checked(x, role, fmt)
+                x = quantize_checked(x, role, fmt, cu_seqlens=cu)
         out[role] = x
     return Fp8QKV(**out)
 
@@ -143,7 +147,7 @@ def make_request(q, k, v, **kwargs):
     if kwargs.get("attention_chunk"):
         raise NotImplementedError("fa3py: `attention_chunk` is not supported on quantized FP8 operands yet (the FP8 "
                                   "format's kernels take causal and windows only)")
-    qkv = complete(q, k, v)
+    qkv = complete(q, k, v, kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k"))
     if qkv.k.seqlen != qkv.v.seqlen:
         raise ValueError(f"fa3py: quantized k and v have different seqlens ({qkv.k.seqlen}, {qkv.v.seqlen})")
     # the request's q, k, v carry shapes (int8 Q / K as float8 views of the same bytes)
@@ -180,7 +184,5 @@ def forward(req):
     warn_emulated(req.device)
     qkv = req.fp8_tensors
     if qkv is None:
-        if req.is_varlen:
-            raise NotImplementedError("fa3py: fp8=True takes batched q, k, v (no cu_seqlens / seqused)")
-        qkv = quantize_fp8(req.q, req.k, req.v)
-    return emulated_attention(qkv, req.params, req.out_dtype)
+        qkv = quantize_fp8(req.q, req.k, req.v, cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
+    return emulated_attention(qkv, req.params, req.out_dtype, seqused_q=req.seqused_q, seqused_k=req.seqused_k)

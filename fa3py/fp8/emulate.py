@@ -31,12 +31,41 @@ def _heads_first(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.float().permute(0, 2, 1, 3).repeat_interleave(group, dim=1)
 
 
-def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool = True):
-    """(out (b, sq, h, dv) in out_dtype, lse (b, h, sq) float32) of the quantized q, k, v.
+def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool = True,
+              seqused_q=None, seqused_k=None):
+    """(out (b, sq, h, dv) in out_dtype, lse (b, h, sq) float32) of the quantized q, k, v;
+    packed q: out (total_q, h, dv), lse (h, total_q). seqused_q / seqused_k: (batch,) lengths
+    used of each sequence (rows past them: out 0, lse -inf).
 
     Keys are taken block_n at a time, last block first (`descending`, as the Hopper kernel
     iterates; the Triton kernel goes first to last): the order decides which running max each
-    P block is rounded against, nothing else."""
+    P block is rounded against, nothing else. Sequences of their own lengths (packed operands,
+    seqused) are computed one at a time, each as a batch of one (`Fp8Tensor.sequence`)."""
+    q, k, v = qkv
+    if not (q.packed or k.packed or seqused_q is not None or seqused_k is not None):
+        return _attention(qkv, params, out_dtype, descending)
+    batch, h, dv = q.batch, q.data.shape[-2], v.shape[-1]
+    used_q, used_k = ([None] * batch if u is None else u.tolist() for u in (seqused_q, seqused_k))
+    if q.packed:
+        out = torch.zeros(q.data.shape[0], h, dv, dtype=out_dtype, device=q.device)
+        lse = torch.full((h, q.data.shape[0]), float("-inf"), device=q.device)
+        starts = q.cu_seqlens.tolist()
+    else:
+        out = torch.zeros(*q.data.shape[:-1], dv, dtype=out_dtype, device=q.device)
+        lse = torch.full((batch, h, q.seqlen), float("-inf"), device=q.device)
+    for b in range(batch):
+        one = Fp8QKV(q.sequence(b, used_q[b]), k.sequence(b, used_k[b]), v.sequence(b, used_k[b]))
+        n = one.q.seqlen
+        o, l = _attention(one, params, out_dtype, descending)
+        if q.packed:
+            out[starts[b]:starts[b] + n], lse[:, starts[b]:starts[b] + n] = o[0], l[0]
+        else:
+            out[b, :n], lse[b, :, :n] = o[0], l[0]
+    return out, lse
+
+
+def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool):
+    """`attention` of batched operands, every sequence its whole length."""
     q, k, v = qkv
     fmt = q.fmt
     b, lq, h, d = q.shape
