@@ -41,7 +41,11 @@ fp8.PV_KEY_ORDER); the score multiplier sq[row] * sk[block] * c changes per bloc
 keeps its row max in scaled log2 units (OnlineSoftmax.step_scaled) with P's 2^8 offset; with
 block V scaling each block's PV goes into a fresh accumulator added into O times the block's
 V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
-columns scaled in the epilogue; O is bf16.
+columns scaled in the epilogue; O is bf16. Softcap puts the block's multiplier inside the tanh
+(score_mod) and softcap*log2(e) after it; GQA-packed rows read their own query head's Q scale;
+split-KV writes the same float32 partials as 16-bit; packed sequences (cu_seqlens) find their
+scale columns and their 16-aligned V^T columns from cu_seqlens and the batch index
+(fp8.Fp8Scales.create, fp8.vt_column).
 
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
@@ -216,9 +220,9 @@ class FlashAttentionForwardSm90:
         mSeqUsedQ: Optional[cute.Tensor],
         mSeqUsedK: Optional[cute.Tensor],
         mTileCounter: Optional[cute.Tensor],  # dynamic scheduler: 2 int32, zero at launch and exit
-        mQScale: Optional[cute.Tensor],  # FP8: (b, h, ceil(s_q / fp8_block_m)) float32
-        mKScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n))
-        mVScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n)) block, (b, h_kv, dv) channel
+        mQScale: Optional[cute.Tensor],  # FP8: (b, h, ceil(s_q / fp8_block_m)) float32; packed q: (1, h, columns)
+        mKScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n)); packed k: (1, h_kv, columns)
+        mVScale: Optional[cute.Tensor],  # FP8: like mKScale (block V), or (b, h_kv, dv) (channel V)
         scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e); FP8: that / n (Hadamard)
         softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
         window_left: Int32,
