@@ -62,6 +62,12 @@ def convert_p_e4m3(acc: cute.Tensor, dst: cute.Tensor):
         d32[r] = _cvt_e4m3x4(acc[base + o[0]], acc[base + o[1]], acc[base + o[2]], acc[base + o[3]])
 
 
+def vt_column(offset_k, batch):
+    """The first column of packed sequence `batch` (starting at key offset_k) in a packed V^T:
+    16 * (offset_k // 16 + batch) (fa3py.fp8.format.packed_column in units of VT_ALIGN = 16)."""
+    return (offset_k // 16 + batch) * 16
+
+
 @dataclass(frozen=True)
 class Fp8Scales:
     """A tile's FP8 scales (fa3py.fp8's format) as the consumer needs them: its rows' Q scales
@@ -81,20 +87,44 @@ class Fp8Scales:
     @staticmethod
     def create(mQScale: cute.Tensor, mKScale: cute.Tensor, mVScale: cute.Tensor, c: Float32,
                block_m: cutlass.Constexpr[int], tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int],
-               thr_mma_qk: cute.ThrMma, m_block, head, batch, seqlen_q) -> "Fp8Scales":
+               thr_mma_qk: cute.ThrMma, m_block, head, batch, seqlen, pack_gqa: cutlass.Constexpr[int] = 1,
+               packed_q: cutlass.Constexpr[bool] = False, packed_k: cutlass.Constexpr[bool] = False,
+               ragged_q: cutlass.Constexpr[bool] = False, v_channel: cutlass.Constexpr[bool] = False) -> "Fp8Scales":
+        """`head`, `seqlen` (a mask.SeqlenInfo): the kernel's (with GQA packing, head is a KV
+        head's group of pack_gqa query heads and rows are positions times pack_gqa); the scale
+        tensors are unpacked, (b, h, blocks of positions): packed row r reads query head
+        head * pack_gqa + r % pack_gqa at position r // pack_gqa, so any block_m works with
+        packing. packed_q / packed_k (cu_seqlens): the scales are (1, heads, columns), sequence
+        b's blocks from column start // block + b (fa3py.fp8.format.packed_column); channel V
+        scales stay (batch, h_kv, dv). ragged_q (packed or seqused q): a sequence may have no
+        rows, so the row read is clamped at 0 too."""
         from cute_kernels.utils import acc_to_mn
 
-        head_kv = head // (mQScale.shape[1] // mKScale.shape[1])
+        g = pack_gqa
+        head_kv = head * g // (mQScale.shape[1] // mKScale.shape[1])
+        b_q, q_col0 = (0, seqlen.offset_q // g // block_m + batch) if packed_q else (batch, 0)
         tScS = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((tile_m, tile_n))))
         rows = cute.size(tScS.shape[0])
         q_row_c = cute.make_rmem_tensor(rows, Float32)
         for r in range(rows):  # (create is not preprocessed: a Python loop, unrolled)
             # rows past the sequence read the last row's scale (their results are not stored)
-            row = cutlass.min(m_block * tile_m + tScS[r, 0][0], seqlen_q - 1)
-            q_row_c[r] = mQScale[batch, head, row // block_m] * c
+            row = cutlass.min(m_block * tile_m + tScS[r, 0][0], seqlen.seqlen_q - 1)
+            if ragged_q:
+                row = cutlass.max(row, 0)
+            if g == 1 and not packed_q:
+                q_row_c[r] = mQScale[batch, head, row // block_m] * c
+            else:
+                q_row_c[r] = mQScale[b_q, head * g + row % g, q_col0 + row // g // block_m] * c
         v_pending = cute.make_rmem_tensor(1, Float32)
         v_pending[0] = Float32(1.0)
-        return Fp8Scales(q_row_c, mKScale[batch, head_kv, None], mVScale[batch, head_kv, None], v_pending)
+        if packed_k:
+            k_col0 = seqlen.offset_k // tile_n + batch
+            mK_scale = cute.domain_offset((k_col0,), mKScale[0, head_kv, None])
+            mV_scale = (mVScale[batch, head_kv, None] if v_channel
+                        else cute.domain_offset((k_col0,), mVScale[0, head_kv, None]))
+        else:
+            mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
+        return Fp8Scales(q_row_c, mK_scale, mV_scale, v_pending)
 
     @cute.jit
     def row_mult(self, n_block) -> cute.Tensor:
@@ -104,6 +134,13 @@ class Fp8Scales:
         for r in cutlass.range_constexpr(cute.size(mult)):
             mult[r] = self.q_row_c[r] * sk
         return mult
+
+    @cute.jit
+    def uniform_mult(self, mult: Float32) -> cute.Tensor:
+        """`mult` for each of this thread's rows (softcap: softcap*log2(e) after the tanh)."""
+        out = cute.make_rmem_tensor_like(self.q_row_c, Float32)
+        out.fill(mult)
+        return out
 
     @cute.jit
     def add_pv(self, acc_O: cute.Tensor, acc_PV: cute.Tensor):

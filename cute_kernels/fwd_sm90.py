@@ -41,7 +41,11 @@ fp8.PV_KEY_ORDER); the score multiplier sq[row] * sk[block] * c changes per bloc
 keeps its row max in scaled log2 units (OnlineSoftmax.step_scaled) with P's 2^8 offset; with
 block V scaling each block's PV goes into a fresh accumulator added into O times the block's
 V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
-columns scaled in the epilogue; O is bf16.
+columns scaled in the epilogue; O is bf16. Softcap puts the block's multiplier inside the tanh
+(score_mod) and softcap*log2(e) after it; GQA-packed rows read their own query head's Q scale;
+split-KV writes the same float32 partials as 16-bit; packed sequences (cu_seqlens) find their
+scale columns and their 16-aligned V^T columns from cu_seqlens and the batch index
+(fp8.Fp8Scales.create, fp8.vt_column).
 
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
@@ -106,11 +110,18 @@ class BlockOperands:
 
 def _fake_fp8_scales(cfg: FwdConfig, b, h, hk, dv) -> tuple:
     """Fake FP8 scale tensors (float32, compact): Q per block_m rows, K per KV block, V per KV
-    block or per channel."""
+    block or per channel; a packed side's (1, heads, columns) (its own symbols: b is not its
+    batch)."""
     sym = cute.sym_int
     t = lambda shape: cute.runtime.make_fake_tensor(Float32, shape, stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
     nk = sym()
-    return t((b, h, sym())), t((b, hk, nk)), t((b, hk, nk if cfg.fp8_v_scaling == "block" else dv))
+    bq = sym() if cfg.cu_seqlens_q else b
+    bk = sym() if cfg.cu_seqlens_k else b
+    if cfg.fp8_v_scaling == "block":
+        v = t((bk, hk, nk))
+    else:  # per sequence
+        v = t((sym() if cfg.cu_seqlens_k else b, hk, dv))
+    return t((bq, h, sym())), t((bk, hk, nk)), v
 
 
 class FlashAttentionForwardSm90:
@@ -152,9 +163,7 @@ class FlashAttentionForwardSm90:
                 f"FP8 WGMMA: hdim, hdim_v and tile_n multiples of {k}"
             assert cfg.fp8_v_scaling in ("block", "channel") and cfg.fp8_block_m > 0
             assert self.separate_o, "FP8: sO (bf16) does not alias the e4m3 sQ"
-            assert not (cfg.softcap or cfg.split_kv or cfg.pack_gqa > 1 or cfg.cu_seqlens_q or cfg.cu_seqlens_k
-                        or cfg.seqused_q or cfg.seqused_k or cfg.hdim_in or cfg.hdimv_in), \
-                f"{cfg.short()}: FP8 takes batched, unpacked, unpadded, uncapped problems (for now)"
+            assert not (cfg.hdim_in or cfg.hdimv_in), f"{cfg.short()}: FP8 takes unpadded head dims"
             # block V: O and each block's PV accumulator (2 x hdim_v / 2 registers a thread)
             assert cfg.fp8_v_scaling == "channel" or self.hdimv <= 128, \
                 f"{cfg.short()}: block V scaling spills above hdim_v 128 (192: 58, 256: 88 STL); channel V"
@@ -194,9 +203,9 @@ class FlashAttentionForwardSm90:
         mSeqUsedQ: Optional[cute.Tensor],
         mSeqUsedK: Optional[cute.Tensor],
         mTileCounter: Optional[cute.Tensor],  # dynamic scheduler: 2 int32, zero at launch and exit
-        mQScale: Optional[cute.Tensor],  # FP8: (b, h, ceil(s_q / fp8_block_m)) float32
-        mKScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n))
-        mVScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n)) block, (b, h_kv, dv) channel
+        mQScale: Optional[cute.Tensor],  # FP8: (b, h, ceil(s_q / fp8_block_m)) float32; packed q: (1, h, columns)
+        mKScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n)); packed k: (1, h_kv, columns)
+        mVScale: Optional[cute.Tensor],  # FP8: like mKScale (block V), or (b, h_kv, dv) (channel V)
         scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e); FP8: that / n (Hadamard)
         softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
         window_left: Int32,
@@ -404,7 +413,10 @@ class FlashAttentionForwardSm90:
                 gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
                 gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
                 if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
-                    gV = cute.local_tile(mV[None, None, head_kv, b_k], (self.hdimv, self.tile_n), (0, None))
+                    mVt = mV[None, None, head_kv, b_k]
+                    if const_expr(self.cfg.cu_seqlens_k):  # packed: the sequence's 16-aligned columns
+                        mVt = cute.domain_offset((0, fp8.vt_column(seqlen.offset_k, batch)), mVt)
+                    gV = cute.local_tile(mVt, (self.hdimv, self.tile_n), (0, None))
                 else:
                     mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
                     gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
@@ -548,8 +560,11 @@ class FlashAttentionForwardSm90:
             mask = tiles.mask_fn(seqlen, m_block)
             fp8_scales = None
             if const_expr(self.fp8):
-                fp8_scales = fp8.Fp8Scales.create(*scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n,
-                                                  thr_mma_qk, m_block, head, batch, seqlen.seqlen_q)
+                fp8_scales = fp8.Fp8Scales.create(
+                    *scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n, thr_mma_qk, m_block, head,
+                    batch, seqlen, self.cfg.pack_gqa, packed_q=self.cfg.cu_seqlens_q,
+                    packed_k=self.cfg.cu_seqlens_k, ragged_q=self.cfg.cu_seqlens_q or self.cfg.seqused_q,
+                    v_channel=self.cfg.fp8_v_scaling == "channel")
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,
@@ -644,30 +659,44 @@ class FlashAttentionForwardSm90:
         return frag
 
     @cute.jit
-    def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32):
-        """softcap: s = softcap * tanh(scale * qk / softcap); softcap*log2(e) is in scale_log2."""
+    def score_mod(self, acc_S: cute.Tensor, softcap_premul: Float32, n_block=None, fp8_scales=None):
+        """softcap: s = softcap * tanh(scale * qk / softcap); softcap*log2(e) is in scale_log2.
+        FP8: tanh(S * sq[row] * sk[n_block] * c), c = softmax_scale / (n softcap) (the block
+        scales go inside the tanh); softcap*log2(e), in softcap_premul, multiplies it in
+        softmax_step."""
         if const_expr(self.cfg.softcap):
-            for i in cutlass.range_constexpr(cute.size(acc_S)):
-                acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
+            if const_expr(self.fp8):
+                s_mn = acc_to_mn(acc_S)
+                mult = fp8_scales.row_mult(n_block)
+                for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+                    for j in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                        s_mn[r, j] = cute.math.tanh(s_mn[r, j] * mult[r])
+            else:
+                for i in cutlass.range_constexpr(cute.size(acc_S)):
+                    acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
 
     @cute.jit
     def softmax_block(self, acc_S, n_block, softmax: OnlineSoftmax, tOrP, thr_mma_qk, thr0_mma_qk, mask,
                       softcap_premul, is_first: cutlass.Constexpr[bool], mask_seqlen: cutlass.Constexpr[bool],
                       mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool], fp8_scales=None):
         """Scores -> P (in tOrP); returns the O row rescale factors and step's `moved`."""
-        self.score_mod(acc_S, softcap_premul)
+        self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales, softcap_premul)
         if const_expr(self.fresh_pv):
             fp8_scales.set_pending_v(n_block)
         self.convert_p(acc_S, tOrP)
         return row_scale, moved
 
-    def softmax_step(self, softmax: OnlineSoftmax, acc_S, n_block, is_first: cutlass.Constexpr[bool], fp8_scales):
+    def softmax_step(self, softmax: OnlineSoftmax, acc_S, n_block, is_first: cutlass.Constexpr[bool], fp8_scales,
+                     softcap_premul=None):
         """OnlineSoftmax's step; FP8: with the block's score multiplier (row max in scaled log2
-        units, no lazy rescaling)."""
+        units, no lazy rescaling); with softcap the scores are tanh values (score_mod) and the
+        multiplier softcap*log2(e), the same for every row."""
         if const_expr(self.fp8):
+            if const_expr(self.cfg.softcap):
+                return softmax.step_scaled(acc_S, fp8_scales.uniform_mult(softcap_premul), is_first), None
             return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
         return softmax.step(acc_S, is_first=is_first)
 
@@ -767,10 +796,10 @@ class FlashAttentionForwardSm90:
         gate = self.cfg.tile.k_release_gate
         if const_expr(gate == 0):
             pipeline_k.consumer_release(kv_state)
-        self.score_mod(acc_S, softcap_premul)
+        self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales, softcap_premul)
         if const_expr(gate > 0):
             release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)
@@ -820,8 +849,8 @@ class FlashAttentionForwardSm90:
         d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
         mQ = t((*q_rows, h, d))
         mK = t((*k_rows, hk, d))
-        if cfg.dtype == "e4m3":  # V^T (b, h_kv, dv, s_k padded to 16)
-            mV = t((b, hk, dv, sym(divisibility=16)))
+        if cfg.dtype == "e4m3":  # V^T (b, h_kv, dv, s_k padded to 16); packed: (1, h_kv, dv, columns)
+            mV = t((sym() if cfg.cu_seqlens_k else b, hk, dv, sym(divisibility=16)))
             o_dt = cutlass.BFloat16
         else:
             mV = t((*k_rows, hk, dv))

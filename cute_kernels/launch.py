@@ -170,12 +170,24 @@ def _packed_lse_shape(req: "AttentionRequest", g: int) -> tuple:
 # ----------------------------------------------------------------------------- run
 def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward` with an explicit config (tests and benchmarks override tiles/schedules)."""
-    g = cfg.pack_gqa
     if q_empty_or_no_keys(req):
-        return (torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device),
-                torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=req.device))
-    q = pack_rows(req.q, g) if g > 1 else req.q
-    q, k, v = (_tma_ready(t) for t in (q, req.k, req.v))
+        return _empty_result(req)
+    return _run_kernel(req, cfg, req.q, req.k, req.v, req.out_dtype)
+
+
+def _empty_result(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device),
+            torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=req.device))
+
+
+def _run_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out_dtype: torch.dtype,
+                **fp8_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on q, k, v (req's shapes; FP8: e4m3, V^T) with GQA packing (cfg.pack_gqa) and
+    split-KV (cfg.split_kv: float32 partials, then `combine_splits`); `fp8_args` go to
+    `launch_kernel`. Returns (out in out_dtype, lse) in req's layouts."""
+    g = cfg.pack_gqa
+    q = pack_rows(q, g) if g > 1 else q
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
     padded_rows = req.packed_q or req.seqused_q is not None
     dev = q.device
     # With one query row (decoding) the packed layout is a view of the caller's: the kernel
@@ -191,7 +203,7 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         return out, lse
 
     out, lse = outputs(*((req.out_shape, req.lse_shape) if in_place else (packed_out, packed_lse)),
-                       req.out_dtype)
+                       out_dtype)
     k_out, k_lse = (pack_rows(out, g), pack_lse(lse, g)) if g > 1 and in_place else (out, lse)
     if cfg.split_kv:
         from cute_kernels.combine import combine_splits  # (imports Triton: only where split)
@@ -201,10 +213,10 @@ def run(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Te
         o_part, lse_part = outputs((splits * packed_out[0], *packed_out[1:]),
                                    (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
                                    else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
-        launch_kernel(req, cfg, q, k, v, o_part, lse_part, splits)
+        launch_kernel(req, cfg, q, k, v, o_part, lse_part, splits, **fp8_args)
         combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse)
     else:
-        launch_kernel(req, cfg, q, k, v, k_out, k_lse)
+        launch_kernel(req, cfg, q, k, v, k_out, k_lse, **fp8_args)
     return (out, lse) if in_place else (unpack_rows(out, g), unpack_lse(lse, g))
 
 
@@ -334,14 +346,16 @@ _SAME_DEVICE = contextlib.nullcontext()
 
 
 def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, num_splits: int = 1,
-                  fp8_scales: tuple = (None, None, None), fp8_scale_log2: Optional[float] = None):
+                  fp8_scales: tuple = (None, None, None), fp8_constants: Optional[tuple] = None):
     """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa); `run`'s
     (and `run_fp8`'s) only call into the kernel (the module docstring's test hook). FP8:
-    `fp8_scales` = the Q, K, V scale tensors, `fp8_scale_log2` = c (fa3py.fp8's multiplier)."""
+    `fp8_scales` = the Q, K, V scale tensors (unpacked: the kernel finds a packed row's query
+    head and position), `fp8_constants` = (c, cap) (fa3py.fp8.format.score_constants: the
+    multiplier's constant, and softcap * log2(e) after the tanh)."""
     p, dev, g = req.params, q.device, cfg.pack_gqa
 
-    if fp8_scale_log2 is not None:
-        scale_log2, premul = fp8_scale_log2, 1.0
+    if fp8_constants is not None:
+        scale_log2, premul = fp8_constants
     elif p.softcap > 0:
         scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
     else:
@@ -388,32 +402,44 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     format (block V scaling) where the request brings none."""
     from fa3py.fp8 import Fp8Format
 
-    fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format()
+    from fa3py.fp8 import FA3_FORMAT
+
+    fmt = (req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format() if req.params.fp8
+           else Fp8Format(**FA3_FORMAT))
     p = req.params
     has_right = p.window_right >= 0
     seqlen_q, seqlen_k = _seqlens(req)
-    return _cached_config("e4m3", req.headdim, req.headdim_v, has_left=p.window_left >= 0, has_right=has_right,
-                          short=is_short(has_right, seqlen_q, seqlen_k), medium=is_medium(has_right, seqlen_k),
-                          fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling)
+    pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
+    make = functools.partial(
+        _cached_config, "e4m3", req.headdim, req.headdim_v, has_left=p.window_left >= 0, has_right=has_right,
+        softcap=p.softcap > 0, short=is_short(has_right, seqlen_q * pack, seqlen_k),
+        medium=is_medium(has_right, seqlen_k), pack_gqa=pack, fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling,
+        cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
+        seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None)
+    cfg = make(split_kv=False)
+    return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
 
 
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
-    """None if the FP8 kernel serves `req` (with FA3PY_CUTE_FP8=1), else why not."""
-    if req.fp8_tensors is None and not req.params.fp8:
-        return "cute_kernels: float8 tensors with per-tensor descales (FA3's format) are not fa3py.fp8's block format"
+    """None if the FP8 kernel serves `req` (with FA3PY_CUTE_FP8=1), else why not: fa3py.fp8's
+    block format (fp8=True, quantized operands) or FA3's float8 inputs with per-(batch, KV head)
+    descales (served as that format unrotated: `fa3py.fp8.from_descales`)."""
     if not fp8_enabled:
         return ("cute_kernels: the FP8 kernel is compile-checked only, not yet run on a GPU; opt in with "
                 "FA3PY_CUTE_FP8=1")
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
     if fmt is not None and (fmt.qk_int8 or not fmt.v_transposed):
         return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8) and transposed V"
-    if req.is_varlen:
-        return "cute_kernels: FP8 takes batched q, k, v (no cu_seqlens / seqused)"
+    fa3 = req.fp8_tensors is None and not req.params.fp8
+    if fa3 and (req.k.dtype != req.q.dtype or req.v.dtype != req.q.dtype):
+        return "cute_kernels: FP8 takes q, k, v all float8_e4m3fn"
+    if fa3 and req.qv is not None:
+        return "cute_kernels: qv (MLA) is not in the cute kernel yet"
     p = req.params
-    if p.softcap > 0 or p.attention_chunk:
-        return "cute_kernels: FP8 has no softcap / attention_chunk yet"
-    if p.softmax_scale <= 0:
-        return "cute_kernels: FP8 needs softmax_scale > 0 (the row max is taken before the multiplier)"
+    if p.attention_chunk:
+        return "cute_kernels: FP8 has no attention_chunk yet"
+    if p.softmax_scale <= 0 and p.softcap == 0:
+        return "cute_kernels: FP8 needs softmax_scale > 0 or softcap (the row max is taken before the multiplier)"
     if req.headdim not in FP8_HDIMS or (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:
         return f"cute_kernels: FP8 head dims {FP8_HDIMS} (hdim_v = hdim, or 192 x 128), got ({req.headdim}, {req.headdim_v})"
     if req.nheads % req.nheads_kv:
@@ -431,25 +457,30 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
 def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of an FP8 request: fp8=True quantizes q, k, v first (quantize_fp8: the Triton
     prep on CUDA, with block_n = the kernel's tile_n and V^T in the PV key order); quantized
-    operands in natural key order get V^T permuted here (one copy of V). The kernel writes bf16 (another dtype: converted after)."""
-    from fa3py.fp8 import hadamard_block, quantize_fp8
-    from fa3py.fp8.format import pv_key_order
+    operands in natural key order get V^T permuted here (one copy of V); FA3's float8 inputs
+    become the unrotated format (fa3py.fp8.from_descales: scales filled from the descales, V
+    transposed into the PV key order by one copy of V). GQA packing and split-KV as `run`. The
+    kernel writes bf16 (another dtype: converted after)."""
+    from fa3py.fp8 import from_descales, quantize_fp8
+    from fa3py.fp8.format import pv_key_order, rotation_factor, score_constants
 
     qkv = req.fp8_tensors
-    if qkv is None:
-        qkv = quantize_fp8(req.q, req.k, req.v, block_n=cfg.tile.tile_n, v_pv_order=True)
+    cu = dict(cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
+    if qkv is None and req.params.fp8:
+        qkv = quantize_fp8(req.q, req.k, req.v, block_n=cfg.tile.tile_n, v_pv_order=True, **cu)
+    elif qkv is None:
+        qkv = from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
+                            block_m=cfg.fp8_block_m, block_n=cfg.tile.tile_n, **cu)
     q, k, v = qkv
-    b, sq, h, _ = q.shape
-    if q.numel() == 0 or k.shape[1] == 0:
-        return (torch.zeros(req.out_shape, dtype=req.out_dtype, device=req.device),
-                torch.full(req.lse_shape, -math.inf, dtype=torch.float32, device=req.device))
+    if q.data.numel() == 0 or k.seqlen == 0:
+        return _empty_result(req)
     vt = v.data if v.fmt.v_pv_order else v.data.index_select(-1, pv_key_order(v.data.shape[-1], v.device))
-    q8, k8, vt = (_tma_ready(t) for t in (q.data, k.data, vt))
-    out = torch.empty(b, sq, h, req.headdim_v, dtype=torch.bfloat16, device=req.device)
-    lse = torch.empty(b, h, sq, dtype=torch.float32, device=req.device)
-    # c = float32(softmax_scale / n * log2(e)), as fa3py.fp8.emulate rounds it
-    c = float(torch.tensor(req.params.softmax_scale / hadamard_block(req.headdim) / math.log(2.0),
-                           dtype=torch.float32))
-    scales = tuple(t.scale.float().contiguous() for t in (q, k, v))
-    launch_kernel(req, cfg, q8, k8, vt, out, lse, fp8_scales=scales, fp8_scale_log2=c)
+    p = req.params
+    # packed operands' V^T and block scales are (heads, columns): the kernel takes a batch of 1
+    vt = vt.unsqueeze(0) if v.packed else vt
+    scales = tuple(t.scale.float().unsqueeze(0) if t.packed and t.scale.dim() == 2 else t.scale.float()
+                   for t in (q, k, v))
+    scales = tuple(t.contiguous() for t in scales)
+    constants = score_constants(p.softmax_scale, p.softcap, rotation_factor(qkv.fmt, req.headdim))
+    out, lse = _run_kernel(req, cfg, q.data, k.data, vt, torch.bfloat16, fp8_scales=scales, fp8_constants=constants)
     return (out if req.out_dtype == torch.bfloat16 else out.to(req.out_dtype)), lse

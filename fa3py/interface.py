@@ -83,9 +83,13 @@ def flash_attn_varlen_func(
     `cu_seqlens_k`. Either cu_seqlens may be None, the tensor then being batched (batch,
     seqlen, nheads, headdim). `seqused_q/k` (batch,) int32 limit each sequence to its first
     tokens. Returns out (total_q, nheads, headdim_v), or (out, softmax_lse) with
-    return_attn_probs; softmax_lse is (nheads, total_q)."""
+    return_attn_probs; softmax_lse is (nheads, total_q). q, k, v may also be fa3py.fp8 block-scaled
+    operands quantized with the same cu_seqlens (`quantize_fp8(..., cu_seqlens_q=, cu_seqlens_k=)`)."""
+    from . import fp8 as _fp8
+
     _unsupported(sm_margin)
-    req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+    build = _fp8.make_request if _fp8.is_quantized(q, k, v) else make_request
+    req = build(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                        attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
                        num_splits=num_splits,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

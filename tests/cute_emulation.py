@@ -17,14 +17,17 @@ from fa3py import dispatch
 CUDA_ONLY = "cute_kernels: CUDA tensors only"
 
 
-def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1):
+def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
     """What `cute_kernels.launch.launch_kernel` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
     row // pack_gqa, masks (window, and attention_chunk where cfg.chunk) are bottom-right aligned
     over positions; out and lse are written where the kernel writes them (padded rows left as
     initialized). Split-KV: split s attends to its run of the sequence's KV blocks (the kernel
     splits each m_block's own range: test_split_block_range_on_the_host) and writes its
-    normalized O and LSE at batch s * batch + b, or rows from s * total_q + offset."""
+    normalized O and LSE at batch s * batch + b, or rows from s * total_q + offset. FP8
+    (`fp8_args`): `emulated_fp8_launch`."""
+    if fp8_args.get("fp8_constants") is not None:
+        return emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits, **fp8_args)
     g, p = cfg.pack_gqa, req.params
     max_rows, (cu_q, cu_k, used_q, used_k) = launch.sequence_args(req, q, g)  # the kernel's view
     n = len(cu_q) - 1 if cu_q is not None else q.shape[0]
@@ -87,3 +90,101 @@ def emulated_sm90(monkeypatch):
     monkeypatch.setattr(cute_kernels, "why_not", why_not_on_cpu)
     monkeypatch.setattr(launch, "launch_kernel", emulated_launch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(None, None, None),
+                        fp8_constants=None):
+    """What `launch_kernel` asks of the FP8 kernel (fa3py.fp8's arithmetic), computed on the CPU
+    from the kernel's own arguments, indexed as the kernel indexes them: q e4m3 (b, rows, heads / g,
+    d) or packed (total rows, heads / g, d) with rows packed by g = cfg.pack_gqa (row r: position
+    r // g, query head kh * g + r % g, whose Q scale is q_scale[b, kh * g + r % g, (r // g) //
+    block_m]); k (b, s_k, h_kv, d) or packed; v the transposed V (b, h_kv, dv, s_pad) in the PV
+    key order (packed: (1, h_kv, dv, columns), sequence b from column 16 * (start // 16 + b));
+    packed scales (1, heads, columns), sequence b's blocks from column start // block + b; K (and
+    block V) scales per KV block of tile_n; (c, cap) the multiplier's constants (softcap: tanh
+    inside, cap after). Sequence lengths from `sequence_args` (cu_seqlens, seqused). KV blocks last
+    to first, P rounded to e4m3 at the running max, block V's PV in a fresh accumulator. Split-KV:
+    split s runs its run of the sequence's KV blocks and writes its normalized O and LSE at batch
+    s * batch + b (packed: rows from s * total_q + offset)."""
+    from fa3py.fp8.format import E4M3, P_OFFSET, pv_key_positions
+
+    g, p, tile_n, block_m = cfg.pack_gqa, req.params, cfg.tile.tile_n, cfg.fp8_block_m
+    q_scale, k_scale, v_scale = fp8_scales
+    c, cap = fp8_constants
+    max_rows, (cu_q, cu_k, used_q, used_k) = launch.sequence_args(req, q, g)  # the kernel's view
+    hp, hk = q.shape[-2], k.shape[-2]
+    group = q_scale.shape[1] // hk
+    head_kv = torch.arange(hp) * g // group
+    batch = len(cu_q) - 1 if cu_q is not None else q.shape[0]
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)
+    for b in range(batch):
+        q0 = int(cu_q[b]) if cu_q is not None else 0
+        k0 = int(cu_k[b]) if cu_k is not None else 0
+        rows = (int(cu_q[b + 1]) - q0) if cu_q is not None else q.shape[1]
+        sk = (int(cu_k[b + 1]) - k0) if cu_k is not None else k.shape[1]
+        rows = int(used_q[b]) if used_q is not None else rows
+        sk = int(used_k[b]) if used_k is not None else sk
+        assert rows <= max_rows
+        r = torch.arange(rows)
+        pos, head = r // g, torch.arange(hp)[:, None] * g + r % g  # (hp, rows)
+        q8 = (q[q0:q0 + rows] if cu_q is not None else q[b, :rows]).float().transpose(0, 1)  # (hp, rows, d)
+        k8 = (k[k0:k0 + sk] if cu_k is not None else k[b, :sk]).float().transpose(0, 1)[head_kv]  # (hp, sk, d)
+        if cu_k is not None:
+            col0 = 16 * (k0 // 16 + b)
+            vt = v[0, ..., col0:col0 + -(-sk // 16) * 16]
+            ks, vs = k_scale[0, :, k0 // tile_n + b:], v_scale[0, :, k0 // tile_n + b:]
+        else:
+            vt, ks, vs = v[b, ..., :-(-sk // 16) * 16], k_scale[b], v_scale[b]
+        if cfg.fp8_v_scaling == "channel":
+            vs = v_scale[b]  # (h_kv, dv) per sequence
+        v8 = vt.float()[..., pv_key_positions(vt.shape[-1])[:sk]].transpose(-1, -2)[head_kv]  # (hp, sk, dv)
+        if cu_q is not None:
+            q_row_c = q_scale[0][head, (q0 // g) // block_m + b + pos // block_m] * f32(c)
+        else:
+            q_row_c = q_scale[b][head, pos // block_m] * f32(c)  # (hp, rows)
+        col = torch.arange(sk)[None, :]
+        keep = torch.ones(rows, sk, dtype=torch.bool)
+        sq = rows // g
+        if p.window_right >= 0:
+            keep &= col <= pos[:, None] + sk - sq + p.window_right
+        if p.window_left >= 0:
+            keep &= col >= pos[:, None] + sk - sq - p.window_left
+        nblk = -(-sk // tile_n)
+        per_split = -(-nblk // num_splits)
+        for split in range(num_splits):
+            lo, hi = split * per_split, min(nblk, (split + 1) * per_split)
+            m = torch.full((hp, rows), -math.inf)
+            row_sum = torch.zeros(hp, rows)
+            acc = torch.zeros(hp, rows, v8.shape[-1])
+            for j in reversed(range(lo, hi)):
+                j0, j1 = j * tile_n, min(sk, (j + 1) * tile_n)
+                if not keep[:, j0:j1].any():
+                    continue
+                s = q8 @ k8[:, j0:j1].transpose(-1, -2)
+                mult = q_row_c * ks[head_kv, j][:, None]
+                s2 = torch.tanh(s * mult[..., None]) * f32(cap) if p.softcap > 0 else s * mult[..., None]
+                s2 = s2.masked_fill(~keep[:, j0:j1], -math.inf)
+                m_new = torch.maximum(m, s2.amax(-1))
+                m_safe = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
+                prob = torch.exp2(s2 - m_safe[..., None] + P_OFFSET)
+                corr = torch.exp2(m - m_safe)
+                row_sum = row_sum * corr + prob.sum(-1)
+                pv = prob.to(E4M3).float() @ v8[:, j0:j1]
+                if cfg.fp8_v_scaling == "block":
+                    pv = pv * vs[head_kv, j][:, None, None]
+                acc = acc * corr[..., None] + pv
+                m = m_new
+            empty = row_sum == 0
+            o = acc / torch.where(empty, torch.ones_like(row_sum), row_sum)[..., None]
+            if cfg.fp8_v_scaling == "channel":
+                o = o * vs[head_kv][:, None, :]
+            m_safe = torch.where(m == -math.inf, torch.zeros_like(m), m)
+            row_lse = torch.where(empty, torch.full_like(m, -math.inf),
+                                  (m_safe + torch.log2(row_sum) - P_OFFSET) * math.log(2.0))
+            if cu_q is not None:
+                r0 = q0 + (split * (out.shape[0] // num_splits) if cfg.split_kv else 0)
+                out[r0:r0 + rows], lse[:, r0:r0 + rows] = o.transpose(0, 1).to(out.dtype), row_lse
+            else:
+                bo = b + split * batch if cfg.split_kv else b
+                out[bo, :rows], lse[bo, :, :rows] = o.transpose(0, 1).to(out.dtype), row_lse
+    return out, lse

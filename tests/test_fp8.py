@@ -223,6 +223,75 @@ def test_emulation_against_reference(case, feature, v_scaling):
     assert max_err(lse, ref_lse) <= 2 * max_err(baseline_lse, ref_lse) + 1e-3
 
 
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+def test_fa3_descales_as_the_format_against_reference(feature):
+    """FA3's float8 inputs with (batch, nheads_kv) descales, seen as the unrotated format
+    (fp8.from_descales: what the Hopper FP8 kernel is given), through the emulation: no worse than
+    twice the plain PyTorch FP8 math against the fp64 reference of the descaled inputs."""
+    q, k, v = (x.float().mul(3).to(torch.float8_e4m3fn) for x in inputs(2, 113, 203, 4, 2, 64, 64, torch.bfloat16,
+                                                                         "cpu"))
+    gen = torch.Generator().manual_seed(0)
+    ds = [torch.rand(2, 2, generator=gen) + 0.25 for _ in range(3)]
+    req = make_request(q, k, v, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2], **FEATURES[feature])
+    qkv = fp8.from_descales(q, k, v, *ds, block_m=64, block_n=32)
+    assert not qkv.fmt.rotated and qkv.fmt.v_scaling == "channel"
+    out, lse = fp8.emulate.attention(qkv, req.params, torch.bfloat16)
+    ref_out, ref_lse = reference.attention(req)
+    baseline, baseline_lse = fp8_math_in_pytorch(qkv, req)
+    assert out.dtype == torch.bfloat16
+    assert max_err(out, ref_out) <= 2 * max_err(baseline, ref_out) + 2e-3
+    assert max_err(lse, ref_lse) <= 2 * max_err(baseline_lse, ref_lse) + 1e-3
+
+
+VARLEN_Q, VARLEN_K = [5, 70, 1, 0, 33], [40, 100, 3, 9, 1]
+
+
+@pytest.mark.parametrize("v_scaling", ["block", "channel"])
+def test_packed_operands_are_their_sequences_quantized_alone(v_scaling):
+    """quantize_fp8 with cu_seqlens: sequence b of the packed layout (Fp8Tensor.sequence) holds the
+    bytes and scales of that sequence quantized as a batch of one (its blocks from its start)."""
+    cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).to(torch.int32) for lens in (VARLEN_Q, VARLEN_K))
+    q, k, v = (torch.randn(int(cu[-1]), h, 64, dtype=torch.bfloat16) * (1 + torch.arange(h))[:, None]
+               for cu, h in ((cu_q, 4), (cu_k, 2), (cu_k, 2)))
+    kw = dict(block_m=16, block_n=32, v_scaling=v_scaling, v_pv_order=True)
+    qkv = fa3py.quantize_fp8(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+    for b in range(len(VARLEN_Q)):
+        one = fa3py.quantize_fp8(*(x[cu[b]:cu[b + 1]][None] for x, cu in ((q, cu_q), (k, cu_k), (v, cu_k))), **kw)
+        for packed, alone in zip(qkv, one):
+            seq = packed.sequence(b)
+            assert torch.equal(seq.data.view(torch.uint8), alone.data.view(torch.uint8)), (b, packed.role)
+            assert torch.equal(seq.scale, alone.scale), (b, packed.role)
+    assert qkv.v.tokens().shape == v.shape and qkv.k.dequantize().shape == k.shape
+
+
+@pytest.mark.parametrize("feature", ["plain", "causal", "softcap"])
+@pytest.mark.parametrize("seqused", [False, True])
+def test_varlen_emulation_against_reference(feature, seqused):
+    """Packed operands (and seqused) through flash_attn_varlen_func: each sequence as its own
+    batch of one, against the fp64 reference of the dequantized operands; fp8=True on packed 16-bit
+    inputs quantizes each sequence alone too."""
+    cu_q, cu_k = (torch.tensor([0] + lens).cumsum(0).to(torch.int32) for lens in (VARLEN_Q, VARLEN_K))
+    q, k, v = (torch.randn(int(cu[-1]), h, 64, dtype=torch.bfloat16) for cu, h in ((cu_q, 4), (cu_k, 2), (cu_k, 2)))
+    used = dict(seqused_q=torch.tensor([4, 50, 1, 0, 33], dtype=torch.int32),
+                seqused_k=torch.tensor([40, 64, 2, 9, 1], dtype=torch.int32)) if seqused else {}
+    qkv = fa3py.quantize_fp8(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_m=32, block_n=32)
+    kw = dict(max_seqlen_q=max(VARLEN_Q), max_seqlen_k=max(VARLEN_K), **used, **FEATURES[feature])
+    out, lse = fa3py.flash_attn_varlen_func(*qkv, cu_q, cu_k, return_attn_probs=True, **kw)
+    qf, kf, vf = (t.dequantize() for t in qkv)
+    req = make_request(*(x.to(torch.bfloat16) for x in (qf, kf, vf)), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+    ref_out, ref_lse = reference.attention(req, q=qf, k=kf, v=vf)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0]) and out.dtype == torch.bfloat16
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and torch.equal(out[~finite.T.any(-1)].abs().sum(), torch.tensor(0.0,
+                                                                                                                 dtype=out.dtype))
+    assert max_err(out, ref_out) <= 0.05 * float(ref_out.abs().max())  # P in e4m3: a few percent
+    assert max_err(lse[finite], ref_lse[finite]) <= 1e-4
+    # fp8=True on packed 16-bit inputs: the same quantization inside
+    req16 = make_request(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, fp8=True, **kw)
+    default = fa3py.quantize_fp8(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert torch.equal(fp8.forward(req16)[0], fp8.emulate.attention(default, req.params, torch.bfloat16, **used)[0])
+
+
 @pytest.mark.parametrize("v_scaling", ["block", "channel"])
 def test_one_key_tile_is_the_plain_fp8_math(v_scaling):
     """With every key in one tile the running max is the final max: the emulation is the plain

@@ -121,3 +121,17 @@ def test_fp8_kernels_compile_for_gpu_targets():
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("B shared") == len(fp8_compile_only.VARIANTS)
+
+
+@pytest.mark.parametrize("role", ["q", "k", "v"])
+@pytest.mark.parametrize("fmt", ["default", "pv_order_channel"])
+def test_prep_packed_matches_the_spec_bytes(role, fmt):
+    """Packed (varlen) operands: the Triton pass per sequence writes the PyTorch layout's bytes."""
+    from fa3py.fp8.quantize import quantize_packed
+
+    cu = torch.tensor([0, 5, 5, 38, 39], dtype=torch.int32, device=DEVICE)
+    x = (torch.randn(39, 2, 64, device=DEVICE) * 7).to(torch.bfloat16)
+    got = quantize_packed(x, cu, role, FORMATS[fmt], fp8_prep.quantize_operand)
+    want = quantize_packed(x, cu, role, FORMATS[fmt])
+    assert torch.equal(got.scale, want.scale)
+    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))

@@ -12,7 +12,6 @@ the CPU tests run it in Triton's interpreter only.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -159,7 +158,8 @@ def attn_fwd_fp8(
 
 def forward(req):
     """(out, lse) of an fp8=True request or one on quantized operands."""
-    from fa3py.fp8 import hadamard_block, quantize_fp8
+    from fa3py.fp8 import quantize_fp8
+    from fa3py.fp8.format import rotation_factor, score_constants
 
     qkv = req.fp8_tensors if req.fp8_tensors is not None else quantize_fp8(req.q, req.k, req.v)
     q, k, v = qkv
@@ -171,9 +171,8 @@ def forward(req):
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=req.device)
     qd, kd = q.data, k.data
     vt = v.data if fmt.v_transposed else v.data.permute(0, 2, 3, 1)  # (b, hk, dv, s) either way
-    scale_n = p.softmax_scale / hadamard_block(d)
-    c = float(torch.tensor(scale_n / math.log(2.0), dtype=torch.float32))  # rounded once, as the spec
-    softcap_scale = scale_n / p.softcap if p.softcap > 0 else 0.0
+    c, cap = score_constants(p.softmax_scale, p.softcap, rotation_factor(fmt, d))  # float32, as the spec
+    softcap_scale, softcap_log2 = (c, cap) if p.softcap > 0 else (0.0, 0.0)
     grid = (triton.cdiv(lq, block_m), h, b)
     attn_fwd_fp8[grid](
         qd, kd, vt, q.scale, k.scale, v.scale, out, lse,
@@ -182,7 +181,7 @@ def forward(req):
         q.scale.stride(0), q.scale.stride(1), k.scale.stride(0), k.scale.stride(1),
         v.scale.stride(0), v.scale.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        lq, lk, h, hk, c, softcap_scale, p.softcap / math.log(2.0) if p.softcap > 0 else 0.0,
+        lq, lk, h, hk, c, softcap_scale, softcap_log2,
         p.window_left, p.window_right,
         HEADDIM=d, HEADDIM_V=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)), HAS_WL=p.window_left >= 0, HAS_WR=p.window_right >= 0,

@@ -30,15 +30,31 @@ Prep (one pass over q, k, v; `quantize_fp8`, `triton_fallback/fp8_prep.py`)
    (batch, nheads_kv, headdim_v, seqlen rounded up to 16, zero-filled), the K-major operand
    of the FP8 P V GEMM (`v_transposed=False` keeps V's layout). Scales are float32 (batch,
    nheads, nblocks), channel scales (batch, nheads_kv, headdim_v).
+5. Packed sequences (varlen: `quantize_fp8(..., cu_seqlens_q=, cu_seqlens_k=)`): each sequence
+   is quantized on its own, its blocks counted from its first token. Q / K stay (total,
+   nheads, headdim); scales are (nheads, total // block + batch) with sequence b's block j in
+   column cu[b] // block + b + j (columns never overlap; unused ones hold 1); V^T is (nheads_kv,
+   headdim_v, 16 * (total // 16 + batch)) with sequence b's key j in column
+   16 * (cu[b] // 16 + b) + j (its 16-key groups aligned, zero-padded); channel scales stay
+   (batch, nheads_kv, headdim_v), per sequence. A kernel finds a sequence's columns from
+   cu_seqlens and its index alone.
+6. FA3's float8 inputs (`from_descales`): float8_e4m3fn q, k, v with float32 descales of shape
+   (batch, nheads_kv) are this format with `rotated=False` (no rotation: n = 1; scales any
+   positive float32): Q scales q_descale[b, h // group] in every block, K's k_descale[b, h_kv],
+   channel V scales v_descale[b, h_kv]; V transposed by one copy.
 
 Attention (`emulate.attention`)
 --------------------------------
-Per (batch, head), keys in tiles of block_n (the kernel's N tile is a multiple of block_n, so
-sk is one scalar per tile; the Hopper kernel visits the tiles last to first), with
-c = float32(softmax_scale * log2(e) / n) and a running row max m (log2 units):
+Per (batch, head) (per sequence, for packed operands and seqused), keys in tiles of block_n (the
+kernel's N tile is a multiple of block_n, so sk is one scalar per tile; the Hopper kernel visits
+the tiles last to first), with c = float32(softmax_scale * log2(e) / n) and a running row max m
+(log2 units):
 
     S  = Q8 K8_j^T                     float32 accumulation of exact e4m3 products
-    s2 = S * (sq[row] * sk[j] * c)     softcap: softcap * tanh(S * sq * sk * scale / n / softcap) * log2(e)
+    s2 = S * (sq[row] * sk[j] * c)
+    softcap: s2 = tanh(S * (sq[row] * sk[j] * c)) * cap, with c = float32(softmax_scale / (n *
+             softcap)) and cap = float32(softcap * log2(e)) (`format.score_constants`): the
+             block scales go inside the tanh, which then sees the score / softcap
     m' = max(m, rowmax(s2));  P = exp2(s2 - m' + 8)   in [0, 256], FA3's offset
     l  = l * exp2(m - m') + rowsum(P)  (P before its rounding)
     O_j = e4m3(P) V8_j                 a fresh float32 accumulator per tile (two-level
@@ -49,7 +65,8 @@ c = float32(softmax_scale * log2(e) / n) and a running row max m (log2 units):
     out = O / l;  lse = (m + log2(l) - 8) * ln(2)
 
 The q scale is per row in the softmax multiplier, so block_m = 1 (per-token Q scales) costs a
-kernel nothing either; packed GQA tiles mix heads and need exactly that per-row form.
+kernel nothing either; packed GQA tiles mix heads and need exactly that per-row form (the Hopper
+kernel reads row r of a packed tile's scale at query head kh * g + r % g, position r // g).
 
 NaN and Inf
 -----------
@@ -84,8 +101,11 @@ The Triton prep pass writes the format on CUDA GPUs (`triton_fallback/fp8_prep.p
 attention runs as this float32 emulation in PyTorch (correct, slower than 16-bit; a one-time
 warning says so) on the CPU, on sm80/86 (no FP8 tensor cores) and, until it has been timed on
 a GPU, everywhere else too: `triton_fallback/fp8_fwd.py` (sm89+, keys first to last) computes
-the same arithmetic and is opt-in (FA3PY_TRITON_FP8=1). The Hopper WGMMA kernel will consume
-the same format. `fa3py.explain(..., fp8=True)` says which runs.
+the same arithmetic and is opt-in (FA3PY_TRITON_FP8=1, batched operands only). The Hopper
+WGMMA kernel (`cute_kernels`, opt-in FA3PY_CUTE_FP8=1, not yet run on a GPU) consumes this
+format with V^T in its PV key order, packed and seqused sequences included, and FA3's float8
+inputs through `from_descales`. Packed operands are quantized one sequence at a time (the
+Triton pass once per sequence). `fa3py.explain(..., fp8=True)` says which runs.
 """
 
 from __future__ import annotations
@@ -96,14 +116,14 @@ import torch
 
 from .emulate import attention as emulated_attention
 from .emulate import warn_emulated
-from .format import (E4M3_MAX, MAX_HADAMARD, P_OFFSET, SIGN_SEED, Fp8Format, Fp8QKV, Fp8Tensor, hadamard_block,
-                     hadamard_signs, rotate, rotation_matrix)
+from .format import (E4M3_MAX, FA3_FORMAT, MAX_HADAMARD, P_OFFSET, SIGN_SEED, Fp8Format, Fp8QKV, Fp8Tensor,
+                     from_descales, hadamard_block, hadamard_signs, rotate, rotation_matrix, transpose_v)
 from .quantize import pow2_scale, quantize_checked, quantize_fp8, quantize_operand
 
 __all__ = [
     "Fp8Format", "Fp8QKV", "Fp8Tensor", "quantize_fp8", "quantize_operand", "pow2_scale", "rotate",
     "rotation_matrix", "hadamard_block", "hadamard_signs", "forward", "is_quantized", "make_request",
-    "E4M3_MAX", "P_OFFSET", "SIGN_SEED", "MAX_HADAMARD",
+    "E4M3_MAX", "P_OFFSET", "SIGN_SEED", "MAX_HADAMARD", "FA3_FORMAT", "from_descales", "transpose_v",
 ]
 
 
@@ -111,9 +131,9 @@ def is_quantized(*xs) -> bool:
     return any(isinstance(x, Fp8Tensor) for x in xs)
 
 
-def complete(q, k, v) -> Fp8QKV:
+def complete(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None) -> Fp8QKV:
     """Quantizes whichever of q, k, v are still 16-bit tensors with the format of those that are
-    not; checks that the three agree."""
+    not (packed where the call's cu_seqlens say so); checks that the three agree."""
     given = [x for x in (q, k, v) if isinstance(x, Fp8Tensor)]
     fmt = given[0].fmt
     for x in given:
@@ -121,15 +141,19 @@ def complete(q, k, v) -> Fp8QKV:
             raise ValueError(f"fa3py: quantized q, k, v must share one format, got {given[0].fmt} and {x.fmt}")
     out = {}
     for role, x in (("q", q), ("k", k), ("v", v)):
+        cu = cu_seqlens_q if role == "q" else cu_seqlens_k
         if isinstance(x, Fp8Tensor):
             if x.role != role:
                 raise ValueError(f"fa3py: `{role}` was given the quantized {x.role!r} operand")
+            if x.packed != (cu is not None) or (cu is not None and not torch.equal(x.cu_seqlens.cpu(), cu.cpu())):
+                raise ValueError(f"fa3py: quantized `{role}` must be quantized with the cu_seqlens of the call "
+                                 "(quantize_fp8(..., cu_seqlens_q=..., cu_seqlens_k=...))")
         else:
             if getattr(x, "requires_grad", False):
                 raise NotImplementedError(f"fa3py: `{role}` requires grad, but with pre-quantized operands there is "
                                           "no backward; use fp8=True on 16-bit tensors for straight-through gradients")
             with torch.no_grad():
-                x = quantize_checked(x, role, fmt)
+                x = quantize_checked(x, role, fmt, cu_seqlens=cu)
         out[role] = x
     return Fp8QKV(**out)
 
@@ -143,7 +167,7 @@ def make_request(q, k, v, **kwargs):
     if kwargs.get("attention_chunk"):
         raise NotImplementedError("fa3py: `attention_chunk` is not supported on quantized FP8 operands yet (the FP8 "
                                   "format's kernels take causal and windows only)")
-    qkv = complete(q, k, v)
+    qkv = complete(q, k, v, kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k"))
     if qkv.k.seqlen != qkv.v.seqlen:
         raise ValueError(f"fa3py: quantized k and v have different seqlens ({qkv.k.seqlen}, {qkv.v.seqlen})")
     # the request's q, k, v carry shapes (int8 Q / K as float8 views of the same bytes)
@@ -180,7 +204,5 @@ def forward(req):
     warn_emulated(req.device)
     qkv = req.fp8_tensors
     if qkv is None:
-        if req.is_varlen:
-            raise NotImplementedError("fa3py: fp8=True takes batched q, k, v (no cu_seqlens / seqused)")
-        qkv = quantize_fp8(req.q, req.k, req.v)
-    return emulated_attention(qkv, req.params, req.out_dtype)
+        qkv = quantize_fp8(req.q, req.k, req.v, cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
+    return emulated_attention(qkv, req.params, req.out_dtype, seqused_q=req.seqused_q, seqused_k=req.seqused_k)

@@ -11,9 +11,8 @@ import torch
 
 from ..reference import keep_mask
 from ..request import AttentionParams
-from .format import E4M3, P_OFFSET, Fp8QKV, hadamard_block
+from .format import E4M3, P_OFFSET, Fp8QKV, rotation_factor, score_constants
 
-LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 _warned = False
 
@@ -32,12 +31,41 @@ def _heads_first(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.float().permute(0, 2, 1, 3).repeat_interleave(group, dim=1)
 
 
-def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool = True):
-    """(out (b, sq, h, dv) in out_dtype, lse (b, h, sq) float32) of the quantized q, k, v.
+def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool = True,
+              seqused_q=None, seqused_k=None):
+    """(out (b, sq, h, dv) in out_dtype, lse (b, h, sq) float32) of the quantized q, k, v;
+    packed q: out (total_q, h, dv), lse (h, total_q). seqused_q / seqused_k: (batch,) lengths
+    used of each sequence (rows past them: out 0, lse -inf).
 
     Keys are taken block_n at a time, last block first (`descending`, as the Hopper kernel
     iterates; the Triton kernel goes first to last): the order decides which running max each
-    P block is rounded against, nothing else."""
+    P block is rounded against, nothing else. Sequences of their own lengths (packed operands,
+    seqused) are computed one at a time, each as a batch of one (`Fp8Tensor.sequence`)."""
+    q, k, v = qkv
+    if not (q.packed or k.packed or seqused_q is not None or seqused_k is not None):
+        return _attention(qkv, params, out_dtype, descending)
+    batch, h, dv = q.batch, q.data.shape[-2], v.shape[-1]
+    used_q, used_k = ([None] * batch if u is None else u.tolist() for u in (seqused_q, seqused_k))
+    if q.packed:
+        out = torch.zeros(q.data.shape[0], h, dv, dtype=out_dtype, device=q.device)
+        lse = torch.full((h, q.data.shape[0]), float("-inf"), device=q.device)
+        starts = q.cu_seqlens.tolist()
+    else:
+        out = torch.zeros(*q.data.shape[:-1], dv, dtype=out_dtype, device=q.device)
+        lse = torch.full((batch, h, q.seqlen), float("-inf"), device=q.device)
+    for b in range(batch):
+        one = Fp8QKV(q.sequence(b, used_q[b]), k.sequence(b, used_k[b]), v.sequence(b, used_k[b]))
+        n = one.q.seqlen
+        o, l = _attention(one, params, out_dtype, descending)
+        if q.packed:
+            out[starts[b]:starts[b] + n], lse[:, starts[b]:starts[b] + n] = o[0], l[0]
+        else:
+            out[b, :n], lse[b, :, :n] = o[0], l[0]
+    return out, lse
+
+
+def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool):
+    """`attention` of batched operands, every sequence its whole length."""
     q, k, v = qkv
     fmt = q.fmt
     b, lq, h, d = q.shape
@@ -49,9 +77,10 @@ def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, desc
     sq = q.scale.repeat_interleave(fmt.block_m, dim=2)[:, :, :lq].unsqueeze(-1)  # (b, h, lq, 1)
     sk = k.scale.repeat_interleave(group, dim=1)  # (b, h, nblk)
     sv = v.scale.repeat_interleave(group, dim=1)  # (b, h, nblk) or (b, h, dv)
-    # scores in log2 units: s2 = (q8 . k8) * (sq * sk) * c, c rounded to float32 once on the host
-    scale_n = params.softmax_scale / hadamard_block(d)
-    c = torch.tensor(scale_n * LOG2E, dtype=torch.float32, device=dev)
+    # scores in log2 units: s2 = (q8 . k8) * ((sq * sk) * c), c rounded to float32 once on the host;
+    # softcap: s2 = tanh((q8 . k8) * ((sq * sk) * c)) * cap (score_constants)
+    c, cap = (torch.tensor(x, dtype=torch.float32, device=dev)
+              for x in score_constants(params.softmax_scale, params.softcap, rotation_factor(fmt, d)))
     m = torch.full((b, h, lq), float("-inf"), device=dev)
     row_sum = torch.zeros(b, h, lq, device=dev)
     acc = torch.zeros(b, h, lq, dv, device=dev)
@@ -64,11 +93,10 @@ def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, desc
         if keep is not None and not keep.any():
             continue  # a tile the kernel skips
         acc_s = torch.matmul(qf, kf[:, :, j0:j1].transpose(-1, -2))  # S = Q8 K8^T, float32
-        mult = sq * sk[:, :, j, None, None]  # a power of two: exact
+        mult = sq * sk[:, :, j, None, None]  # a power of two: exact (rotated formats)
+        s2 = acc_s * (mult * c)
         if params.softcap > 0:
-            s2 = params.softcap * torch.tanh(acc_s * mult * scale_n / params.softcap) * LOG2E
-        else:
-            s2 = acc_s * (mult * c)
+            s2 = torch.tanh(s2) * cap
         if keep is not None:
             s2 = s2.masked_fill(~keep, float("-inf"))
         m_new = torch.maximum(m, s2.amax(dim=-1))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .format import E4M3, SIGN_SEED, VT_ALIGN, Fp8Format, Fp8QKV, Fp8Tensor, pv_key_order, rotate
+from .format import (E4M3, SIGN_SEED, VT_ALIGN, Fp8Format, Fp8QKV, Fp8Tensor, packed_column, packed_width,
+                     pv_key_order, rotate)
 
 _16BIT = (torch.float16, torch.bfloat16)
 
@@ -84,12 +85,43 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
     return Fp8Tensor(data=data, scale=scale.contiguous(), role=role, fmt=fmt, seqlen=s, source_dtype=x.dtype)
 
 
-def check_operand(name: str, x) -> None:
+def quantize_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, role: str, fmt: Fp8Format,
+                    quantize_one=quantize_operand) -> Fp8Tensor:
+    """x (total, nheads, dim) holding the sequences cu_seqlens delimits -> a packed Fp8Tensor
+    (the layout in `Fp8Tensor`'s docstring): each sequence quantized by `quantize_one` as a batch
+    of one (its blocks from its first token), then placed (reads cu_seqlens on the host)."""
+    cu = cu_seqlens.tolist()
+    batch, (total, h, d) = len(cu) - 1, x.shape
+    parts = [quantize_one(x[cu[b]:cu[b + 1]].unsqueeze(0), role, fmt) for b in range(batch)]
+    if role == "v" and fmt.v_scaling == "channel":
+        scale = torch.cat([t.scale for t in parts], 0) if parts else torch.ones(0, h, d, device=x.device)
+    else:
+        blk = fmt.block_m if role == "q" else fmt.block_n
+        scale = torch.ones(h, packed_width(total, batch, blk), dtype=torch.float32, device=x.device)
+        for b, t in enumerate(parts):
+            c0 = packed_column(cu[b], b, blk)
+            scale[:, c0:c0 + t.scale.shape[-1]] = t.scale[0]
+    if role == "v" and fmt.v_transposed:
+        data = torch.zeros(h, d, VT_ALIGN * packed_width(total, batch, VT_ALIGN), dtype=torch.uint8, device=x.device)
+        for b, t in enumerate(parts):
+            c0 = VT_ALIGN * packed_column(cu[b], b, VT_ALIGN)
+            data[..., c0:c0 + t.data.shape[-1]] = t.data[0].view(torch.uint8)
+        data = data.view(E4M3)
+    else:
+        dtype = torch.int8 if role != "v" and fmt.qk_int8 else E4M3
+        data = torch.cat([t.data[0] for t in parts], 0) if parts else torch.empty(0, h, d, dtype=dtype, device=x.device)
+    return Fp8Tensor(data=data, scale=scale.contiguous(), role=role, fmt=fmt, seqlen=total, source_dtype=x.dtype,
+                     cu_seqlens=cu_seqlens)
+
+
+def check_operand(name: str, x, packed: bool = False) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"fa3py: `{name}` must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _16BIT:
         raise TypeError(f"fa3py: `{name}` must be float16 or bfloat16 to be quantized, got {x.dtype}")
-    if x.dim() != 4:
+    if packed and x.dim() != 3:
+        raise ValueError(f"fa3py: packed `{name}` must be 3-D (total, nheads, headdim), got shape {tuple(x.shape)}")
+    if not packed and x.dim() != 4:
         raise ValueError(f"fa3py: `{name}` must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     if x.shape[-1] % 8 or not 0 < x.shape[-1] <= 256:
         raise ValueError(f"fa3py: `{name}` head dimension must be a positive multiple of 8 and at most 256, "
@@ -104,9 +136,11 @@ def _prep_backend(x: torch.Tensor, backend):
     return "triton" if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) else "torch"
 
 
-def quantize_checked(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None) -> Fp8Tensor:
-    """One operand, its arguments checked, by the Triton pass on CUDA (else PyTorch)."""
-    check_operand(role, x)
+def quantize_checked(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None, cu_seqlens=None) -> Fp8Tensor:
+    """One operand, its arguments checked, by the Triton pass on CUDA (else PyTorch); packed
+    (cu_seqlens): one pass per sequence (`quantize_packed`)."""
+    check_operand(role, x, packed=cu_seqlens is not None)
+    one = quantize_operand
     if _prep_backend(x, backend) == "triton":
         try:
             from triton_fallback import fp8_prep
@@ -114,13 +148,13 @@ def quantize_checked(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None) -
             if backend == "triton":
                 raise
         else:
-            return fp8_prep.quantize_operand(x, role, fmt)
-    return quantize_operand(x, role, fmt)
+            one = fp8_prep.quantize_operand
+    return one(x, role, fmt) if cu_seqlens is None else quantize_packed(x, cu_seqlens, role, fmt, one)
 
 
 def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 128, v_scaling: str = "block",
                  v_transposed: bool = True, seed: int | None = None, qk_int8: bool = False,
-                 v_pv_order: bool = False, backend=None) -> Fp8QKV:
+                 v_pv_order: bool = False, backend=None, cu_seqlens_q=None, cu_seqlens_k=None) -> Fp8QKV:
     """Quantizes any of q, k, v (fp16/bf16, (batch, seqlen, nheads, headdim)) to the block-scaled
     FP8 format of `fa3py.fp8`; returns an `Fp8QKV` that `fa3py.attention` takes in place of
     the tensors (``attention(*quantize_fp8(q, k, v))``, or a KV cache quantized once:
@@ -128,12 +162,14 @@ def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 1
     quantized on the fly with kv's format). qk_int8=True: the higher-accuracy mode (int8 Q
     and K, see `Fp8Format`; use block_m=1). backend: "triton" (one fused pass, CUDA) or "torch";
     by default triton on CUDA GPUs, torch elsewhere. Both produce the same bytes. v_pv_order=True:
-    V^T's keys in the Hopper FP8 kernel's order (`Fp8Format`)."""
+    V^T's keys in the Hopper FP8 kernel's order (`Fp8Format`). cu_seqlens_q / cu_seqlens_k: q (or
+    k and v) packed, (total, nheads, headdim), each sequence quantized on its own (`Fp8Tensor`);
+    pass the same cu_seqlens to `fa3py.attention`."""
     fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
                     seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8, v_pv_order=v_pv_order)
     if q is None and k is None and v is None:
         raise ValueError("fa3py: quantize_fp8 needs at least one of q, k, v")
     with torch.no_grad():
-        out = {name: None if x is None else quantize_checked(x, name, fmt, backend)
-               for name, x in (("q", q), ("k", k), ("v", v))}
+        out = {name: None if x is None else quantize_checked(x, name, fmt, backend, cu)
+               for name, x, cu in (("q", q, cu_seqlens_q), ("k", k, cu_seqlens_k), ("v", v, cu_seqlens_k))}
     return Fp8QKV(**out)
