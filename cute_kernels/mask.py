@@ -87,9 +87,9 @@ class AttentionMask:
 
     def chunk_start(self, pos):
         """First key of the chunk of query position `pos` (>= 0): C * floor((pos + diag) / C).
-        pos + diag is negative for the first Lq - Lk positions, so it is shifted by a multiple
-        of C first: `//` truncates on values derived from layout coordinates (apply's rows) and
-        floors on plain Int32, and only divides non-negative values alike."""
+        pos + diag < 0 for the first Lq - Lk positions, and `//` floors on plain Int32 but
+        truncates on values derived from layout coordinates (apply's rows), so it divides
+        pos + diag shifted up by a multiple of C, where both agree."""
         shift = cute.ceil_div(cutlass.max(-self.diag, 0), self.chunk) * self.chunk
         return (pos + self.diag + shift) // self.chunk * self.chunk - shift
 
