@@ -41,7 +41,7 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
                 "opt in with FA3PY_CUTE_BWD=1")
     d = padded_hdim(req.headdim)
     if d not in BWD_TILES or padded_hdim(req.headdim_v) != d:
-        return (f"cute_kernels: the backward kernel serves head dims up to 128 with hdim_v = hdim "
+        return (f"cute_kernels: the backward kernel serves head dims up to 256 with hdim_v = hdim "
                 f"(padded to {sorted(BWD_TILES)}), got ({req.headdim}, {req.headdim_v})")
     if req.headdim_v != req.headdim:
         return "cute_kernels: the backward kernel needs hdim_v = hdim"
@@ -76,7 +76,8 @@ def head_splits(req: "AttentionRequest", tile_n: int = 128) -> int:
 def config_for(req: "AttentionRequest") -> BwdConfig:
     p = req.params
     d = padded_hdim(req.headdim)
-    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req) > 1, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
+    tile_n = BWD_TILES[d][1]
+    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req, tile_n) > 1, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
                           softcap=p.softcap > 0, cu_seqlens_q=req.cu_seqlens_q is not None,
                           cu_seqlens_k=req.cu_seqlens_k is not None, seqused_q=req.seqused_q is not None,
                           seqused_k=req.seqused_k is not None, hdim_in=0 if d == req.headdim else req.headdim,

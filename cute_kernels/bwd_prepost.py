@@ -58,8 +58,12 @@ class BwdRowsConfig:
                f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}"
 
     def bwd_config(self) -> BwdConfig:
-        return BwdConfig(self.dtype, self.hdim, self.tile_m, 128, hdim_in=self.hdim_in,
-                         cu_seqlens_q=self.cu_seqlens_q, seqused_q=self.seqused_q)
+        """The main kernel's config (BWD_TILES' entry of this head dim), whose dQ MMA the
+        postprocessing reads the accumulator through."""
+        cfg = BwdConfig.make(self.dtype, self.hdim, hdim_in=self.hdim_in, cu_seqlens_q=self.cu_seqlens_q,
+                             seqused_q=self.seqused_q)
+        assert cfg.tile_m == self.tile_m, f"{self.short()}: the main kernel's tile_m is {cfg.tile_m}"
+        return cfg
 
 
 def _seqlen_q(batch, mQ, mCuSeqlensQ, mSeqUsedQ) -> SeqlenInfo:
