@@ -1,6 +1,6 @@
-"""The sm90 backward at head dims 192 / 256 (bwd_sm90.py's `dkv_split_hdim` layout: 64 keys per
-CTA, S^T / dP^T split by queries and dK / dV by head-dim columns over the two consumer
-warpgroups, P^T and dS^T through smem), compile-only: built for sm_90a against fake tensors
+"""The sm90 backward at head dims 192 / 256 and 192 x 128 (bwd_sm90.py's `dkv_split_hdim` layout:
+64 keys per CTA, S^T / dP^T split by queries and dK / dV by head-dim columns over the two
+consumer warpgroups, P^T and dS^T through smem), compile-only: built for sm_90a against fake tensors
 (no GPU) with SASS checks (HGMMA of the variant's shapes, UTMALDG, USETMAXREG, UBLKRED,
 pipelined WGMMA, no local memory, registers under setmaxnreg's 240), its pre / post kernels,
 and the host's choice of config for these head dims."""
@@ -49,6 +49,9 @@ GRID = [
     ("fp16", 256, dict(deterministic=True, has_right=True)),
     ("bf16", 192, dict(dkv_partial=True, has_right=True)),
     ("bf16", 256, dict(hdim_in=200, dkv_partial=True)),
+    ("bf16", 192, dict(hdimv=128)),
+    ("fp16", 192, dict(hdimv=128, has_right=True, softcap=True)),
+    ("bf16", 192, dict(hdimv=128, hdim_in=160, cu_seqlens_q=True, cu_seqlens_k=True, dkv_partial=True)),
 ]
 
 
@@ -64,13 +67,17 @@ def test_compile_wide_bwd(dtype, hdim, features):
     assert ops["STL"] == ops["LDL"] == 0 and res.get("STACK", 0) == res.get("LOCAL", 0) == 0, \
         f"{cfg.short()}: local memory (spills) {res}"
     assert sass.max_register(text) < cfg.consumer_regs, f"{cfg.short()}: registers past setmaxnreg's"
-    # S^T and dP^T: 64 keys x 32 queries per warpgroup; dV, dK, dQ: hdim / 2 columns per warpgroup
+    # S^T and dP^T: 64 keys x 32 queries per warpgroup; dK, dQ: hdim / 2 columns per warpgroup,
+    # dV hdimv / 2; each of these 64-query GEMMs is 4 k-blocks a step
+    hdimv = cfg.hdimv or hdim
     shapes = collections.Counter(re.findall(r"\bHGMMA\.(\d+x\d+x\d+)\.F32\b", text))
-    n_sdp, n_half = shapes.pop("64x32x16", 0), shapes.pop(f"64x{hdim // 2}x16", 0)
+    n_sdp, n_dkq = shapes.pop("64x32x16", 0), shapes.pop(f"64x{hdim // 2}x16", 0)
+    n_dv = shapes.pop(f"64x{hdimv // 2}x16", 0) if hdimv != hdim else n_dkq // 3
     assert not shapes, f"{cfg.short()}: other WGMMA shapes {shapes}"
-    steps = n_sdp // (2 * hdim // 16)  # per step: hdim / 16 k-blocks for each of S^T and dP^T
-    assert steps >= 1 and n_sdp == steps * 2 * hdim // 16, f"{cfg.short()}: {n_sdp} S^T / dP^T WGMMAs"
-    assert n_half == steps * 3 * 64 // 16, f"{cfg.short()}: {n_half} dV / dK / dQ WGMMAs for {steps} steps"
+    steps = n_sdp // ((hdim + hdimv) // 16)  # per step: hdim / 16 k-blocks of S^T, hdimv / 16 of dP^T
+    assert steps >= 1 and n_sdp == steps * (hdim + hdimv) // 16, f"{cfg.short()}: {n_sdp} S^T / dP^T WGMMAs"
+    assert (n_dkq, n_dv) == ((3 if hdimv == hdim else 2) * 4 * steps, 4 * steps), \
+        f"{cfg.short()}: {n_dkq} dK / dQ and {n_dv} dV WGMMAs for {steps} steps"
 
 
 def test_wide_tiles_and_smem():
@@ -83,10 +90,11 @@ def test_wide_tiles_and_smem():
         _compile(FlashAttentionBackwardSm90, BwdConfig("bf16", 256, 64, 64, q_stages=2, dkv_split_hdim=True))
 
 
-@pytest.mark.parametrize("kind,hdim,hdim_in,packed,seqused", [("pre", 256, 0, False, False), ("post", 256, 0, True, True),
-                                                             ("post", 192, 160, False, False)])
-def test_compile_wide_prepost(kind, hdim, hdim_in, packed, seqused):
-    cfg = BwdRowsConfig(kind, "bf16", hdim, 64, hdim_in, packed, seqused)
+@pytest.mark.parametrize("kind,hdim,hdim_in,packed,seqused,hdimv", [
+    ("pre", 256, 0, False, False, 0), ("post", 256, 0, True, True, 0), ("post", 192, 160, False, False, 0),
+    ("pre", 192, 160, True, False, 128), ("post", 192, 0, False, True, 128)])
+def test_compile_wide_prepost(kind, hdim, hdim_in, packed, seqused, hdimv):
+    cfg = BwdRowsConfig(kind, "bf16", hdim, 64, hdim_in, packed, seqused, hdimv)
     assert cfg.bwd_config().dkv_split_hdim  # the postprocessing reads dQ through this config's MMA
     text, res = _compile(BwdPreprocessSm90 if kind == "pre" else BwdPostprocessSm90, cfg)
     assert res.get("STACK", 0) == 0 and res.get("LOCAL", 0) == 0, f"{cfg.short()}: local memory {res}"
@@ -104,7 +112,15 @@ def test_wide_host(monkeypatch):
         assert bwd_launch.why_not(req) is None
         cfg = bwd_launch.config_for(req)
         assert (cfg.hdim, cfg.hdim_in, cfg.tile_n, cfg.dkv_split_hdim) == (kernel_d, 0 if d == kernel_d else d, 64, True)
-    q, v = torch.randn(1, 8, 2, 192, dtype=torch.bfloat16), torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    v = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    for d in (192, 160):
+        q = torch.randn(1, 8, 2, d, dtype=torch.bfloat16)
+        assert bwd_launch.why_not(make_req(q, q, v)) is None
+        cfg = bwd_launch.config_for(make_req(q, q, v))
+        assert (cfg.hdim, cfg.hdimv, cfg.hdim_in, cfg.dkv_split_hdim) == (192, 128, 0 if d == 192 else d, True)
+    q, v = torch.randn(1, 8, 2, 256, dtype=torch.bfloat16), torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    assert "hdim_v = hdim" in bwd_launch.why_not(make_req(q, q, v))
+    q, v = torch.randn(1, 8, 2, 192, dtype=torch.bfloat16), torch.randn(1, 8, 2, 120, dtype=torch.bfloat16)
     assert "hdim_v = hdim" in bwd_launch.why_not(make_req(q, q, v))
     # GQA: head_splits counts CTAs of 64 keys at these head dims
     q, k = torch.randn(1, 256, 8, 256, dtype=torch.bfloat16), torch.randn(1, 256, 1, 256, dtype=torch.bfloat16)
