@@ -42,7 +42,8 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
     d = padded_hdim(req.headdim)
     if d not in BWD_TILES or (padded_hdim(req.headdim_v) != d and not _is_192x128(req)):
         return (f"cute_kernels: the backward kernel serves head dims up to 256 with hdim_v = hdim "
-                f"(padded to {sorted(BWD_TILES)}), or hdim 192 with hdim_v 128, got ({req.headdim}, {req.headdim_v})")
+                f"(padded to {sorted(BWD_TILES)}), or hdim 192 with hdim_v 128, "
+                f"got ({req.headdim}, {req.headdim_v})")
     if req.headdim_v != req.headdim and not _is_192x128(req):
         return "cute_kernels: the backward kernel needs hdim_v = hdim (or hdim 192 with hdim_v 128)"
     if req.params.attention_chunk:

@@ -61,7 +61,8 @@ class BwdRowsConfig:
         return (self.hdimv, self.hdimv) if self.hdimv else (self.hdim, self.hdim_in or self.hdim)
 
     def short(self) -> str:
-        return f"bwd-{self.kind} {self.dtype} d{self.hdim}{f'x{self.hdimv}' if self.hdimv else ''} m{self.tile_m} {self.hdim_in or ''} " \
+        dv = f"x{self.hdimv}" if self.hdimv else ""
+        return f"bwd-{self.kind} {self.dtype} d{self.hdim}{dv} m{self.tile_m} {self.hdim_in or ''} " \
                f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}"
 
     def bwd_config(self) -> BwdConfig:

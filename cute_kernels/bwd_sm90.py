@@ -345,7 +345,9 @@ class FlashAttentionBackwardSm90:
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sdS = storage.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
-        sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner) if const_expr(self.split_hdim) else None
+        sP = None
+        if const_expr(self.split_hdim):
+            sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
         sdQ = storage.sdQ.get_tensor(sdQ_layout)
         sLSE = storage.sLSE.get_tensor(sRow_layout)
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
@@ -375,8 +377,8 @@ class FlashAttentionBackwardSm90:
             else:
                 cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
                 self.mma(mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
-                         tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
-                         softmax_scale, work)
+                         tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2,
+                         softcap_premul, softmax_scale, work)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
@@ -482,7 +484,8 @@ class FlashAttentionBackwardSm90:
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def mma(self, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
-            tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul, softmax_scale, work):
+            tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
+            softmax_scale, work):
         tidx = cute.arch.thread_idx()[0] - THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WG)
         wg_sdp = tiled_mma_sdp.get_slice(wg_idx * THREADS_PER_WG)
@@ -561,13 +564,13 @@ class FlashAttentionBackwardSm90:
         for i in cutlass.range_constexpr(cute.size(acc_dK)):
             acc_dK[i] = acc_dK[i] * softmax_scale
         self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, self.cfg.hdim_in)
+        # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
         self.store_dkv(acc_dV, mdV, tiled_mma_dv, tidx, work, self.hdimv, 0 if self.cfg.hdimv else self.cfg.hdim_in)
 
     @cute.jit
     def step(self, q_state, m_block, mask_keys, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdVrP, tdKrdS, tPsP,
-             tdQrdS, tdQrKt,
-             acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, thr_sdp, thr0_sdp, thr_copy_dS, tdSsdS,
-             col0, t0_cols, tdQsdQ, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
+             tdQrdS, tdQrKt, acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, thr_sdp,
+             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
              mask: KeyBlockMask, mask_right: cutlass.Constexpr[bool] = False,
              mask_left: cutlass.Constexpr[bool] = False):
         """One query block against this CTA's keys (see the module docstring)."""
@@ -690,7 +693,8 @@ class FlashAttentionBackwardSm90:
         row_t = lambda n: t((h, n) if cfg.cu_seqlens_q else (b, h, n), Float32, 4)
         bp1 = sym()
         vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
-        dkv = (lambda e: t((*k_rows, sym(), e), Float32, 4)) if cfg.dkv_partial else (lambda e: t((*k_rows, hk, e)))
+        dkv = (lambda e: t((*k_rows, sym(), e), Float32, 4)) if cfg.dkv_partial else \
+            (lambda e: t((*k_rows, hk, e)))
         return (
             t((*q_rows, h, d)), t((*k_rows, hk, d)), t((*k_rows, hk, dv)), t((*q_rows, h, dv)),
             dkv(d), dkv(dv),

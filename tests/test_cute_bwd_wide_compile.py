@@ -111,7 +111,8 @@ def test_wide_host(monkeypatch):
         req = make_req(x, x, x)
         assert bwd_launch.why_not(req) is None
         cfg = bwd_launch.config_for(req)
-        assert (cfg.hdim, cfg.hdim_in, cfg.tile_n, cfg.dkv_split_hdim) == (kernel_d, 0 if d == kernel_d else d, 64, True)
+        hdim_in = 0 if d == kernel_d else d
+        assert (cfg.hdim, cfg.hdim_in, cfg.tile_n, cfg.dkv_split_hdim) == (kernel_d, hdim_in, 64, True)
     v = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
     for d in (192, 160):
         q = torch.randn(1, 8, 2, d, dtype=torch.bfloat16)
