@@ -40,11 +40,12 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
         return ("cute_kernels: the sm90 backward kernel is compile-checked only, not yet run on a GPU; "
                 "opt in with FA3PY_CUTE_BWD=1")
     d = padded_hdim(req.headdim)
-    if d not in BWD_TILES or padded_hdim(req.headdim_v) != d:
-        return (f"cute_kernels: the backward kernel serves head dims up to 128 with hdim_v = hdim "
-                f"(padded to {sorted(BWD_TILES)}), got ({req.headdim}, {req.headdim_v})")
-    if req.headdim_v != req.headdim:
-        return "cute_kernels: the backward kernel needs hdim_v = hdim"
+    if d not in BWD_TILES or (padded_hdim(req.headdim_v) != d and not _is_192x128(req)):
+        return (f"cute_kernels: the backward kernel serves head dims up to 256 with hdim_v = hdim "
+                f"(padded to {sorted(BWD_TILES)}), or hdim 192 with hdim_v 128, "
+                f"got ({req.headdim}, {req.headdim_v})")
+    if req.headdim_v != req.headdim and not _is_192x128(req):
+        return "cute_kernels: the backward kernel needs hdim_v = hdim (or hdim 192 with hdim_v 128)"
     if req.params.attention_chunk:
         return "cute_kernels: attention_chunk is not in the backward kernel yet"
     from cute_kernels import launch
@@ -52,6 +53,11 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
     if not launch.use_tvm_ffi:
         return "cute_kernels: the backward kernel is called through TVM-FFI (pip install apache-tvm-ffi)"
     return None
+
+
+def _is_192x128(req: "AttentionRequest") -> bool:
+    """hdim_v 128 beside a head dim padded to 192: the kernel's hdimv (V, dO, dV 128 wide)."""
+    return padded_hdim(req.headdim) == 192 and req.headdim_v == 128
 
 
 # Head splits: enough CTAs for this many waves of the SMs before splitting a GQA group further.
@@ -76,11 +82,12 @@ def head_splits(req: "AttentionRequest", tile_n: int = 128) -> int:
 def config_for(req: "AttentionRequest") -> BwdConfig:
     p = req.params
     d = padded_hdim(req.headdim)
-    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req) > 1, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
+    tile_n = BWD_TILES[d][1]
+    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req, tile_n) > 1, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
                           softcap=p.softcap > 0, cu_seqlens_q=req.cu_seqlens_q is not None,
                           cu_seqlens_k=req.cu_seqlens_k is not None, seqused_q=req.seqused_q is not None,
                           seqused_k=req.seqused_k is not None, hdim_in=0 if d == req.headdim else req.headdim,
-                          deterministic=p.deterministic)
+                          deterministic=p.deterministic, hdimv=128 if _is_192x128(req) else 0)
 
 
 @functools.lru_cache(maxsize=1024)

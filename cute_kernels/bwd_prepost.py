@@ -48,18 +48,30 @@ class BwdRowsConfig:
     hdim_in: int = 0
     cu_seqlens_q: bool = False
     seqused_q: bool = False
+    hdimv: int = 0  # O / dO's head dim where below hdim (192 x 128; the tensors' own, unpadded)
 
     @staticmethod
     def of(kind: str, cfg: BwdConfig) -> "BwdRowsConfig":
-        return BwdRowsConfig(kind, cfg.dtype, cfg.hdim, cfg.tile_m, cfg.hdim_in, cfg.cu_seqlens_q, cfg.seqused_q)
+        return BwdRowsConfig(kind, cfg.dtype, cfg.hdim, cfg.tile_m, cfg.hdim_in, cfg.cu_seqlens_q, cfg.seqused_q,
+                             cfg.hdimv)
+
+    @property
+    def o_cols(self) -> tuple[int, int]:
+        """O / dO's columns: (in the kernel's vectors, in the tensors)."""
+        return (self.hdimv, self.hdimv) if self.hdimv else (self.hdim, self.hdim_in or self.hdim)
 
     def short(self) -> str:
-        return f"bwd-{self.kind} {self.dtype} d{self.hdim} m{self.tile_m} {self.hdim_in or ''} " \
+        dv = f"x{self.hdimv}" if self.hdimv else ""
+        return f"bwd-{self.kind} {self.dtype} d{self.hdim}{dv} m{self.tile_m} {self.hdim_in or ''} " \
                f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}"
 
     def bwd_config(self) -> BwdConfig:
-        return BwdConfig(self.dtype, self.hdim, self.tile_m, 128, hdim_in=self.hdim_in,
-                         cu_seqlens_q=self.cu_seqlens_q, seqused_q=self.seqused_q)
+        """The main kernel's config (BWD_TILES' entry of this head dim), whose dQ MMA the
+        postprocessing reads the accumulator through."""
+        cfg = BwdConfig.make(self.dtype, self.hdim, hdim_in=self.hdim_in, cu_seqlens_q=self.cu_seqlens_q,
+                             seqused_q=self.seqused_q, hdimv=self.hdimv)
+        assert cfg.tile_m == self.tile_m, f"{self.short()}: the main kernel's tile_m is {cfg.tile_m}"
+        return cfg
 
 
 def _seqlen_q(batch, mQ, mCuSeqlensQ, mSeqUsedQ) -> SeqlenInfo:
@@ -71,7 +83,7 @@ class BwdPreprocessSm90:
     def __init__(self, cfg: BwdRowsConfig):
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
-        self.vecs = -(-cfg.hdim // (ROW_THREADS * VEC))  # 16-byte vectors per thread per row
+        self.vecs = -(-cfg.o_cols[0] // (ROW_THREADS * VEC))  # 16-byte vectors per thread per row
 
     @cute.jit
     def __call__(self, mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mLSE2: cute.Tensor,
@@ -96,7 +108,7 @@ class BwdPreprocessSm90:
         b = batch if const_expr(not cfg.cu_seqlens_q) else 0
         row_offset = padded_offset(seqlen.offset_q, batch, cfg.tile_m) if const_expr(cfg.cu_seqlens_q) else 0
         if m_block * cfg.tile_m < seqlen.seqlen_q:
-            d_in = cfg.hdim_in or cfg.hdim
+            d_in = cfg.o_cols[1]
             mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b])
             mdO_cur = cute.domain_offset((seqlen.offset_q, 0), mdO[None, None, head, b])
             mLSE_cur = cute.domain_offset((seqlen.offset_q,), mLSE[None, head, b])
@@ -143,7 +155,7 @@ class BwdPreprocessSm90:
         dt = DTYPES[cfg.dtype]
         b, sq, h = sym(), sym(), sym()
         q_rows = (sym(),) if cfg.cu_seqlens_q else (b, sq)
-        d = cfg.hdim_in or cfg.hdim
+        d = cfg.o_cols[1]
 
         def t(shape, dtype, div, align):
             stride = tuple(1 if i == len(shape) - 1 else sym64(divisibility=div) for i in range(len(shape)))

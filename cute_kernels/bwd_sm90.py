@@ -1,6 +1,6 @@
 """FlashAttention-3-style backward attention for sm90 (H100/H200), bf16/fp16, in CuTe DSL.
 
-One CTA per (key block of tile_n = 128 keys, KV head, batch). It holds K, V and the dK, dV
+One CTA per (key block of tile_n keys, KV head, batch). It holds K, V and the dK, dV
 accumulators of its keys and walks the query blocks of tile_m rows that see them, for every
 query head of its KV head (GQA / MQA: dK and dV summed over the group in registers, no second
 pass), in increasing m_block order. Where that grid is small (few KV heads, short keys),
@@ -13,17 +13,36 @@ Warp roles (384 threads):
   WG0 warp 1   dQ writer: per (head, m_block) and consumer warpgroup, one bulk reduce-add
                (cp.reduce.async.bulk .add.f32) of that warpgroup's fp32 dQ from smem into the
                dQ accumulator in global memory, overlapped with the next block's GEMMs.
-  WG1, WG2     consumers, 64 keys each (setmaxnreg 240; the producer warpgroup 24). Per m_block:
-                 S^T  = K Q^T          SS WGMMA, keys as M: P^T stays in this thread's registers
-                 dP^T = V dO^T         SS WGMMA
-                 P^T  = exp2(S^T * scale_log2 - LSE_log2[query])   (masked entries -inf -> 0)
-                 dS^T = P^T * (dP^T - dPsum[query])  (softcap: times 1 - tanh^2)
-                 dS^T -> sdS (stmatrix), shared by both warpgroups
-                 dV  += P^T dO         RS WGMMA
-                 dQ   = dS K           SS WGMMA from sdS (each warpgroup: half of dQ's columns, or
-                                       of its rows at tile_m 128), -> sdQ in fragment order
-                 dK  += dS^T Q         RS WGMMA
-               then dK * softmax_scale and dV to global memory.
+  WG1, WG2     consumers (setmaxnreg 240; the producer warpgroup 24), in one of two layouts.
+
+hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
+    S^T  = K Q^T          SS WGMMA, keys as M: P^T stays in this thread's registers
+    dP^T = V dO^T         SS WGMMA
+    P^T  = exp2(S^T * scale_log2 - LSE_log2[query])   (masked entries -inf -> 0)
+    dS^T = P^T * (dP^T - dPsum[query])  (softcap: times 1 - tanh^2)
+    dS^T -> sdS (stmatrix), shared by both warpgroups
+    dV  += P^T dO         RS WGMMA
+    dQ   = dS K           SS WGMMA from sdS (each warpgroup: half of dQ's columns, or of its
+                          rows at tile_m 128), -> sdQ in fragment order
+    dK  += dS^T Q         RS WGMMA
+  then dK * softmax_scale and dV to global memory.
+
+hdim 192 / 256 (`dkv_split_hdim`, tile_n = 64): dK and dV of 128 keys do not fit two
+warpgroups' registers, so the warpgroups split the work by queries for S^T / dP^T and by head-dim
+columns for dK / dV (FA3's 64 x 64 tile at hdim 256):
+    S^T, dP^T             SS WGMMA, the 64 keys as M, warpgroup w's queries 32w .. 32w + 31 as N
+    P^T, dS^T             as above, for those queries, in registers
+    P^T -> sP, dS^T -> sdS  (stmatrix; both warpgroups' halves make the 64 x 64 tiles)
+    dV[:, cols_w] += P^T dO[:, cols_w]   SS WGMMA, A = sP, cols_w = warpgroup w's hdim / 2 columns
+    dQ   = dS K           as above (the same dQ MMA, sdQ layout and host order)
+    dK[:, cols_w] += dS^T Q[:, cols_w]   SS WGMMA, A = sdS
+  dK / dV: 64 keys x hdim / 2 per warpgroup (64 + 64 registers a thread at hdim 256). Q / dO
+  have one stage at hdim 256 (smem: 4 x 32 KB of Q, dO, K, V, 2 x 8 KB of sP / sdS and the
+  64 KB fp32 sdQ), two at 192. hdim 192 with hdim_v 128 (`hdimv`): V, dO and dV are 128 wide
+  (dP^T's K dimension, dV's hdimv / 2 = 64 columns per warpgroup, its own tiled MMA).
+  dK / dV start from an opaque zero (utils.opaque_f32): from a literal, LLVM materializes the
+  zeros before the warp-role branch and ptxas, holding them under that region's 168-register
+  budget, spilled dV and serialized the WGMMAs.
 
 Layouts the host prepares (bwd_launch.py): LSE_log2 = LSE * log2(e) (+inf where LSE is -inf
 or the row is padding, so P = 0 there) and dPsum = rowsum(dO * O), float32, per head in
@@ -35,7 +54,8 @@ and converts dQ.
 Pipelines (PipelineTmaAsync, counts checked at trace time): pipeline_kv 1 stage (K + V bytes),
 pipeline_q / pipeline_do q_stages (Q + LSE / dO + dPsum bytes); consumer release from lane 0
 of each of the 8 consumer warps. Named barriers (utils.NamedBarrierBwd): PdS over both consumer
-warpgroups around sdS; dQFull / dQEmpty per consumer warpgroup with the dQ warp around sdQ.
+warpgroups around sdS (and sP); dQFull / dQEmpty per consumer warpgroup with the dQ warp around
+sdQ.
 """
 
 from __future__ import annotations
@@ -70,6 +90,7 @@ from cute_kernels.utils import (
     load_acquire_i32,
     lse_shb,
     make_smem_layout,
+    opaque_f32,
     red_release_add_i32,
     sdhb,
     transpose_view,
@@ -95,7 +116,9 @@ class FlashAttentionBackwardSm90:
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
         self.tile_m, self.tile_n, self.hdim = cfg.tile_m, cfg.tile_n, cfg.hdim
+        self.hdimv = cfg.hdimv or cfg.hdim  # V, dO, dV (split_hdim: may be below hdim, 192 x 128)
         self.q_stages = cfg.q_stages
+        self.split_hdim = cfg.dkv_split_hdim
         self.num_mma_threads = NUM_MMA_WG * THREADS_PER_WG
         self.num_threads = self.num_mma_threads + THREADS_PER_WG
         # fp32 dQ values one consumer thread holds per m_block
@@ -110,6 +133,15 @@ class FlashAttentionBackwardSm90:
 
     def make_tiled_mmas(self):
         K, MN = warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN
+        if self.split_hdim:
+            # S^T = K Q^T and dP^T = V dO^T: M = the 64 keys, N = the queries, 32 per warpgroup
+            sdp = self._mma(K, K, (1, NUM_MMA_WG, 1), self.tile_m // NUM_MMA_WG)
+            # dV += P^T dO, dK += dS^T Q: A = sP / sdS (keys x queries, K-major), B = dO / Q read
+            # transposed (MN-major); each warpgroup holds hdim / 2 columns of dK (hdimv / 2 of dV:
+            # make_tiled_mma_dv)
+            dkv = self._mma(K, MN, (1, NUM_MMA_WG, 1), self.hdim // NUM_MMA_WG)
+            dq = self._mma(MN, MN, (1, NUM_MMA_WG, 1), self.hdim // NUM_MMA_WG)
+            return sdp, dkv, dq
         # S^T = K Q^T and dP^T = V dO^T: M = the 128 keys (64 per warpgroup), N = tile_m queries
         sdp = self._mma(K, K, (NUM_MMA_WG, 1, 1), self.tile_m)
         # dV += P^T dO, dK += dS^T Q: A in registers, B = dO / Q read transposed (MN-major)
@@ -118,6 +150,14 @@ class FlashAttentionBackwardSm90:
         # warpgroup computes hdim / 2 of dQ's columns
         dq = self._mma(MN, MN, (1, NUM_MMA_WG, 1), self.hdim // NUM_MMA_WG)
         return sdp, dkv, dq
+
+    def make_tiled_mma_dv(self, tiled_mma_dkv):
+        """dV's MMA: dK's, or with a narrower V (hdimv < hdim) the same layout at hdimv / 2
+        columns per warpgroup."""
+        if self.hdimv == self.hdim:
+            return tiled_mma_dkv
+        K, MN = warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN
+        return self._mma(K, MN, (1, NUM_MMA_WG, 1), self.hdimv // NUM_MMA_WG)
 
     @cute.jit
     def __call__(
@@ -156,14 +196,22 @@ class FlashAttentionBackwardSm90:
             mSemaphore = lse_shb(mSemaphore, cfg.cu_seqlens_q)
 
         tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq = self.make_tiled_mmas()
+        tiled_mma_dv = self.make_tiled_mma_dv(tiled_mma_dkv)
         self.check_dq_fragment_order(tiled_mma_dq)
-        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
-        sdO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
+        if const_expr(self.split_hdim):
+            self.check_split_partitions(tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv)
+        # (split_hdim: dK += dS^T Q and dV += P^T dO read Q and dO transposed in hdim / 2-column halves)
+        q_cols = self.hdim // NUM_MMA_WG if const_expr(self.split_hdim) else None
+        do_cols = self.hdimv // NUM_MMA_WG if const_expr(self.split_hdim) else None
+        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages, atom_cols=q_cols)
+        sdO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv), self.q_stages, atom_cols=do_cols)
         # (dQ = dS K reads K transposed in hdim / 2-column halves: a swizzle atom that divides them)
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), atom_cols=self.hdim // NUM_MMA_WG)
-        sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim))
+        sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv))
         # dS^T as the S^T accumulator holds it: keys x queries, queries contiguous
         sdS_layout = make_smem_layout(self.dtype, (self.tile_n, self.tile_m))
+        # split_hdim: P^T in smem like dS^T (empty otherwise: sdQ's offset as without it)
+        p_elems = cute.cosize(sdS_layout) if const_expr(self.split_hdim) else 0
         dq_chunk = THREADS_PER_WG * self.dq_per_thread  # one warpgroup's share of a dQ block
         # (vector, thread, vectors, warpgroup): each thread's 16-byte vectors THREADS_PER_WG apart
         sdQ_layout = cute.make_layout(
@@ -183,6 +231,7 @@ class FlashAttentionBackwardSm90:
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
             sdS: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sdS_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[self.dtype, p_elems], 1024]
             sdQ: cute.struct.Align[cute.struct.MemRange[Float32, cute.cosize(sdQ_layout)], 128]
 
         assert SharedStorage.size_in_bytes() <= SMEM_BYTES, \
@@ -192,13 +241,13 @@ class FlashAttentionBackwardSm90:
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (self.tile_m, self.hdim))
         tma_atom_dO, tma_dO = cpasync.make_tiled_tma_atom(
-            g2s, mdO, cute.select(sdO_layout, mode=[0, 1]), (self.tile_m, self.hdim))
+            g2s, mdO, cute.select(sdO_layout, mode=[0, 1]), (self.tile_m, self.hdimv))
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(g2s, mK, sK_layout, (self.tile_n, self.hdim))
-        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(g2s, mV, sV_layout, (self.tile_n, self.hdim))
+        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(g2s, mV, sV_layout, (self.tile_n, self.hdimv))
         row_bytes = self.tile_m * 4
         tx_q = cute.size_in_bytes(self.dtype, cute.select(sQ_layout, mode=[0, 1])) + row_bytes
         tx_do = cute.size_in_bytes(self.dtype, cute.select(sdO_layout, mode=[0, 1])) + row_bytes
-        tx_kv = 2 * cute.size_in_bytes(self.dtype, sK_layout)
+        tx_kv = cute.size_in_bytes(self.dtype, sK_layout) + cute.size_in_bytes(self.dtype, sV_layout)
 
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
@@ -207,7 +256,7 @@ class FlashAttentionBackwardSm90:
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
             scale_log2, softcap_premul, softmax_scale, window_left, window_right, head_splits,
             sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout,
-            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
+            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
         ).launch(
             grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]) * head_splits, batch],
             block=[self.num_threads, 1, 1],
@@ -230,6 +279,26 @@ class FlashAttentionBackwardSm90:
                 want = dq_value_coords(self.tile_m, self.hdim, t, r)
                 assert got == want, f"dQ value {r} of thread {t}: MMA layout {got}, host order {want}"
 
+    def check_split_partitions(self, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv):
+        """split_hdim, trace time: consumer thread t's S^T / dP^T values are this block's keys
+        x queries 32 (t // 128) .. 32 (t // 128) + 31 (the coordinates the mask, LSE_log2 and
+        dPsum are read at), and its dK / dV values all keys x head-dim columns
+        hdim / 2 * (t // 128) .. + hdim / 2 - 1 (dV: hdimv / 2)."""
+        cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
+        cK = cute.make_identity_tensor((self.tile_n, self.hdim))
+        cV = cute.make_identity_tensor((self.tile_n, self.hdimv))
+        q_half, d_half, dv_half = self.tile_m // NUM_MMA_WG, self.hdim // NUM_MMA_WG, self.hdimv // NUM_MMA_WG
+        for t in (0, 1, 5, 37, 100, 127, 128, 133, 200, 255):
+            wg = t // THREADS_PER_WG
+            for tiled, c, half in ((tiled_mma_sdp, cS, q_half), (tiled_mma_dkv, cK, d_half),
+                                   (tiled_mma_dv, cV, dv_half)):
+                coords = tiled.get_slice(t).partition_C(c)
+                assert cute.size(coords) == self.tile_n * half // THREADS_PER_WG
+                for r in range(cute.size(coords)):
+                    row, col = (int(x) for x in coords[r])
+                    assert 0 <= row < self.tile_n and wg * half <= col < (wg + 1) * half, \
+                        f"thread {t} value {r} at ({row}, {col}): not warpgroup {wg}'s columns"
+
     # ------------------------------------------------------------------ device side
     @cute.kernel
     def kernel(
@@ -246,7 +315,8 @@ class FlashAttentionBackwardSm90:
         sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
         sRow_layout: cute.Layout,
-        tiled_mma_sdp: cute.TiledMma, tiled_mma_dkv: cute.TiledMma, tiled_mma_dq: cute.TiledMma,
+        tiled_mma_sdp: cute.TiledMma, tiled_mma_dkv: cute.TiledMma, tiled_mma_dv: cute.TiledMma,
+        tiled_mma_dq: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_do: cutlass.Constexpr[int], tx_kv: cutlass.Constexpr[int],
         SharedStorage: cutlass.Constexpr,
     ):
@@ -275,6 +345,9 @@ class FlashAttentionBackwardSm90:
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sdS = storage.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
+        sP = None
+        if const_expr(self.split_hdim):
+            sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
         sdQ = storage.sdQ.get_tensor(sdQ_layout)
         sLSE = storage.sLSE.get_tensor(sRow_layout)
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
@@ -303,9 +376,9 @@ class FlashAttentionBackwardSm90:
                     self.store_dq(mdQacc, mSemaphore, sdQ, work)
             else:
                 cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
-                self.mma(mdK, mdV, sQ, sK, sV, sdO, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
-                         tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
-                         softmax_scale, work)
+                self.mma(mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
+                         tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2,
+                         softcap_premul, softmax_scale, work)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
@@ -321,9 +394,9 @@ class FlashAttentionBackwardSm90:
             b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
             kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
             pipeline_kv.producer_acquire(kv_state)
-            for atom, mX, sX in ((tma_atom_K, mK, sK), (tma_atom_V, mV, sV)):
+            for atom, mX, sX, cols in ((tma_atom_K, mK, sK, self.hdim), (tma_atom_V, mV, sV, self.hdimv)):
                 mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.head_kv, b_k])
-                gX = cute.local_tile(mX_cur, (self.tile_n, self.hdim), (work.n_block, 0))
+                gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
                 tXsX, tXgX = cpasync.tma_partition(atom, 0, one, cute.group_modes(sX, 0, 2),
                                                    cute.group_modes(gX, 0, 2))
                 cute.copy(atom, tXgX, tXsX, tma_bar_ptr=pipeline_kv.producer_get_barrier(kv_state))
@@ -333,22 +406,23 @@ class FlashAttentionBackwardSm90:
                 head = work.first_head + h
                 rows = (work.row_offset, b_q, head)
                 load_q = partial(self.load_rows, mX=mQ, mRow=mLSE2, sX=sQ, sRow=sLSE, atom=tma_atom_Q,
-                                 pipe=pipeline_q, rows=rows)
+                                 pipe=pipeline_q, rows=rows, cols=self.hdim)
                 load_do = partial(self.load_rows, mX=mdO, mRow=mdPsum, sX=sdO, sRow=sdPsum, atom=tma_atom_dO,
-                                  pipe=pipeline_do, rows=rows)
+                                  pipe=pipeline_do, rows=rows, cols=self.hdimv)
                 for m_block in cutlass.range(m_block_min, m_block_max, unroll=1):
                     load_q(m_block, q_state, seqlen)
                     load_do(m_block, q_state, seqlen)
                     q_state.advance()
 
     @cute.jit
-    def load_rows(self, m_block, state, seqlen: SeqlenInfo, mX, mRow, sX, sRow, atom, pipe, rows):
+    def load_rows(self, m_block, state, seqlen: SeqlenInfo, mX, mRow, sX, sRow, atom, pipe, rows,
+                  cols: cutlass.Constexpr[int]):
         """Stage `state`: block m_block of Q (dO) by TMA and its LSE_log2 (dPsum) by a bulk copy,
         on the stage's one full barrier."""
         row_offset, b, head = rows
         pipe.producer_acquire(state)
         mX_cur = cute.domain_offset((seqlen.offset_q, 0), mX[None, None, head, b])
-        gX = cute.local_tile(mX_cur, (self.tile_m, self.hdim), (m_block, 0))
+        gX = cute.local_tile(mX_cur, (self.tile_m, cols), (m_block, 0))
         tXsX, tXgX = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2),
                                            cute.group_modes(gX, 0, 2))
         cute.copy(atom, tXgX, tXsX[None, state.index], tma_bar_ptr=pipe.producer_get_barrier(state))
@@ -409,32 +483,47 @@ class FlashAttentionBackwardSm90:
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
-    def mma(self, mdK, mdV, sQ, sK, sV, sdO, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
-            tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul, softmax_scale, work):
+    def mma(self, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
+            tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
+            softmax_scale, work):
         tidx = cute.arch.thread_idx()[0] - THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WG)
         wg_sdp = tiled_mma_sdp.get_slice(wg_idx * THREADS_PER_WG)
         wg_dkv = tiled_mma_dkv.get_slice(wg_idx * THREADS_PER_WG)
+        wg_dv = tiled_mma_dv.get_slice(wg_idx * THREADS_PER_WG)
         wg_dq = tiled_mma_dq.get_slice(wg_idx * THREADS_PER_WG)
-        # operands: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K
+        # operands: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K (A of
+        # dV / dK: P^T / dS^T in registers, or with split_hdim in smem)
         tSrK = wg_sdp.make_fragment_A(wg_sdp.partition_A(sK))
         tSrQ = wg_sdp.make_fragment_B(wg_sdp.partition_B(sQ))
         tdPrV = wg_sdp.make_fragment_A(wg_sdp.partition_A(sV))
         tdPrdO = wg_sdp.make_fragment_B(wg_sdp.partition_B(sdO))
-        tdVrdOt = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdO)))
+        tdVrdOt = wg_dv.make_fragment_B(wg_dv.partition_B(transpose_view(sdO)))
         tdKrQt = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
+        tdVrP, tdKrdS = None, None
+        if const_expr(self.split_hdim):
+            tdVrP = wg_dv.make_fragment_A(wg_dv.partition_A(sP))
+            tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(sdS))
         tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))
         tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
         acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
-        acc_dV = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
-        acc_dK.fill(0.0)
-        acc_dV.fill(0.0)
+        acc_dV = cute.make_rmem_tensor(tiled_mma_dv.partition_shape_C((self.tile_n, self.hdimv)), Float32)
+        if const_expr(self.split_hdim):
+            # zeros made here, not before the warp-role branch (where LLVM puts a literal's
+            # materialization): there they would hold dK / dV to the first 168 registers
+            zero = opaque_f32(0.0)
+            acc_dK.fill(zero)
+            acc_dV.fill(zero)
+        else:
+            acc_dK.fill(0.0)
+            acc_dV.fill(0.0)
         thr_sdp = tiled_mma_sdp.get_slice(tidx)
         thr0_sdp = tiled_mma_sdp.get_slice(0)
         # dS^T registers -> sdS (stmatrix, as the forward stages O)
         store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
         thr_copy_dS = cute.make_tiled_copy_C(store_atom, tiled_mma_sdp).get_slice(tidx)
         tdSsdS = thr_copy_dS.partition_D(sdS)
+        tPsP = thr_copy_dS.partition_D(sP) if const_expr(self.split_hdim) else None
         # this thread's queries (columns of S^T): its own offset plus thread 0's constant ones
         cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
         col0 = acc_to_mn(thr_sdp.partition_C(cS))[0, 0][1]
@@ -443,8 +532,10 @@ class FlashAttentionBackwardSm90:
         tdQsdQ = sdQ[None, tidx % THREADS_PER_WG, None, wg_idx]
         step = partial(
             self.step, tSrK=tSrK, tSrQ=tSrQ, tdPrV=tdPrV, tdPrdO=tdPrdO, tdVrdOt=tdVrdOt, tdKrQt=tdKrQt,
+            tdVrP=tdVrP, tdKrdS=tdKrdS, tPsP=tPsP,
             tdQrdS=tdQrdS, tdQrKt=tdQrKt, acc_dK=acc_dK, acc_dV=acc_dV, tiled_mma_sdp=tiled_mma_sdp,
-            tiled_mma_dkv=tiled_mma_dkv, tiled_mma_dq=tiled_mma_dq, thr_sdp=thr_sdp, thr0_sdp=thr0_sdp,
+            tiled_mma_dkv=tiled_mma_dkv, tiled_mma_dv=tiled_mma_dv, tiled_mma_dq=tiled_mma_dq, thr_sdp=thr_sdp,
+            thr0_sdp=thr0_sdp,
             thr_copy_dS=thr_copy_dS, tdSsdS=tdSsdS, col0=col0, t0_cols=t0_cols, tdQsdQ=tdQsdQ, sLSE=sLSE,
             sdPsum=sdPsum, pipeline_q=pipeline_q, pipeline_do=pipeline_do, scale_log2=scale_log2,
             softcap_premul=softcap_premul, wg_idx=wg_idx, mask=work.mask,
@@ -472,13 +563,14 @@ class FlashAttentionBackwardSm90:
                         q_state = step(q_state, m_block, mask_keys, mask_left=True)
         for i in cutlass.range_constexpr(cute.size(acc_dK)):
             acc_dK[i] = acc_dK[i] * softmax_scale
-        self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work)
-        self.store_dkv(acc_dV, mdV, tiled_mma_dkv, tidx, work)
+        self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, self.cfg.hdim_in)
+        # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
+        self.store_dkv(acc_dV, mdV, tiled_mma_dv, tidx, work, self.hdimv, 0 if self.cfg.hdimv else self.cfg.hdim_in)
 
     @cute.jit
-    def step(self, q_state, m_block, mask_keys, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdQrdS, tdQrKt,
-             acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dq, thr_sdp, thr0_sdp, thr_copy_dS, tdSsdS,
-             col0, t0_cols, tdQsdQ, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
+    def step(self, q_state, m_block, mask_keys, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdVrP, tdKrdS, tPsP,
+             tdQrdS, tdQrKt, acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, thr_sdp,
+             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
              mask: KeyBlockMask, mask_right: cutlass.Constexpr[bool] = False,
              mask_left: cutlass.Constexpr[bool] = False):
         """One query block against this CTA's keys (see the module docstring)."""
@@ -524,17 +616,24 @@ class FlashAttentionBackwardSm90:
         rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
         convert_to(acc_dP, rdS)
 
-        # dS^T into sdS, once both warpgroups' previous dQ GEMMs have read it
+        # dS^T (split_hdim: and P^T) into smem, once both warpgroups' previous GEMMs have read it
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
+        if const_expr(self.split_hdim):
+            cute.copy(thr_copy_dS, thr_copy_dS.retile(rP), tPsP)
         cute.copy(thr_copy_dS, thr_copy_dS.retile(rdS), tdSsdS)
         cute.arch.fence_view_async_shared()  # stmatrix writes -> WGMMA's async-proxy reads
-        # dV += P^T dO
-        gemm(tiled_mma_dkv, acc_dV, acc_to_frgA(rP), tdVrdOt[None, None, None, stage], wg_wait=-1)
+        if const_expr(not self.split_hdim):
+            # dV += P^T dO (P^T from registers: before the other warpgroup's dS^T is in)
+            gemm(tiled_mma_dv, acc_dV, acc_to_frgA(rP), tdVrdOt[None, None, None, stage], wg_wait=-1)
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
+        if const_expr(self.split_hdim):
+            # dV[:, this warpgroup's columns] += P^T dO (P^T of both warpgroups' queries, from sP)
+            gemm(tiled_mma_dv, acc_dV, tdVrP, tdVrdOt[None, None, None, stage], wg_wait=-1)
         # dQ = dS K (this warpgroup's half), then dK += dS^T Q
         acc_dQ = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C((self.tile_m, self.hdim)), Float32)
         gemm(tiled_mma_dq, acc_dQ, tdQrdS, tdQrKt, zero_init=True, wg_wait=-1)
-        gemm(tiled_mma_dkv, acc_dK, acc_to_frgA(rdS), tdKrQt[None, None, None, stage], wg_wait=1)
+        tdKrdS_cur = tdKrdS if const_expr(self.split_hdim) else acc_to_frgA(rdS)
+        gemm(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], wg_wait=1)
         pipeline_do.consumer_release(q_state)  # dV's GEMM (and dQ's) done with dO
         # dQ -> sdQ once the dQ warp's previous reduce has read it, then hand it over
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.dQEmptyWG0) + wg_idx, number_of_threads=THREADS_PER_WG + 32)
@@ -548,9 +647,11 @@ class FlashAttentionBackwardSm90:
         return q_state
 
     @cute.jit
-    def store_dkv(self, acc, mX, tiled_mma_dkv, tidx, work):
-        """dK or dV of this CTA's keys (rows before seqlen_k, columns before the tensors' head
-        dim) from registers to global memory."""
+    def store_dkv(self, acc, mX, tiled_mma_dkv, tidx, work, cols: cutlass.Constexpr[int],
+                  cols_in: cutlass.Constexpr[int]):
+        """dK or dV (`cols` columns in the kernel, `cols_in` in the tensors where fewer, else 0)
+        of this CTA's keys (rows before seqlen_k, columns before cols_in) from registers to global
+        memory."""
         cfg, seqlen = self.cfg, work.seqlen
         if const_expr(cfg.dkv_partial):
             r16 = acc  # float32 partials of this CTA's query heads, summed by the host
@@ -560,15 +661,15 @@ class FlashAttentionBackwardSm90:
         b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
         thr = tiled_mma_dkv.get_slice(tidx)
         mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.out_head, b_k])
-        gX = cute.local_tile(mX_cur, (self.tile_n, self.hdim), (work.n_block, 0))
+        gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
         tXgX = acc_to_mn(thr.partition_C(gX))
-        tXcX = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, self.hdim))))
+        tXcX = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, cols))))
         r_mn = acc_to_mn(r16)
         rows_left = seqlen.seqlen_k - work.n_block * self.tile_n
         for r in cutlass.range_constexpr(cute.size(r_mn.shape[0])):
             if tXcX[r, 0][0] < rows_left:
                 for c in cutlass.range_constexpr(cute.size(r_mn.shape[1])):
-                    if const_expr(not cfg.hdim_in) or tXcX[r, c][1] < cfg.hdim_in:
+                    if const_expr(not cols_in) or tXcX[r, c][1] < cols_in:
                         tXgX[r, c] = r_mn[r, c]
 
     # ------------------------------------------------------------------ compile
@@ -587,14 +688,16 @@ class FlashAttentionBackwardSm90:
         q_rows = (sym(),) if cfg.cu_seqlens_q else (b, sq)
         k_rows = (sym(),) if cfg.cu_seqlens_k else (b, sk)
         d = cfg.hdim_in or cfg.hdim
+        dv = cfg.hdimv or d
         rows = sym(divisibility=cfg.tile_m)
         row_t = lambda n: t((h, n) if cfg.cu_seqlens_q else (b, h, n), Float32, 4)
         bp1 = sym()
         vec = lambda n: cute.runtime.make_fake_tensor(Int32, (n,), stride=(1,), assumed_align=4)
-        dkv = (lambda: t((*k_rows, sym(), d), Float32, 4)) if cfg.dkv_partial else (lambda: t((*k_rows, hk, d)))
+        dkv = (lambda e: t((*k_rows, sym(), e), Float32, 4)) if cfg.dkv_partial else \
+            (lambda e: t((*k_rows, hk, e)))
         return (
-            t((*q_rows, h, d)), t((*k_rows, hk, d)), t((*k_rows, hk, d)), t((*q_rows, h, d)),
-            dkv(), dkv(),
+            t((*q_rows, h, d)), t((*k_rows, hk, d)), t((*k_rows, hk, dv)), t((*q_rows, h, dv)),
+            dkv(d), dkv(dv),
             row_t(rows), row_t(rows), row_t(sym(divisibility=cfg.tile_m * cfg.hdim)),
             cute.runtime.make_fake_tensor(Int32, (sym(), sym()) if cfg.cu_seqlens_q else (sym(), sym(), sym()),
                                           stride=(sym64(), 1) if cfg.cu_seqlens_q else (sym64(), sym64(), 1),

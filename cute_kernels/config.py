@@ -310,14 +310,23 @@ class FwdConfig:
 
 
 # ----------------------------------------------------------------------------- backward
-# The backward's tile per kernel head dim: (tile_m query rows per step, tile_n keys per CTA).
-# Two consumer warpgroups own 64 keys each (S^T = K Q^T and dP^T = V dO^T with the keys as
-# WGMMA's M), so P^T and dS^T stay in registers as the A operand of dV += P^T dO and
-# dK += dS^T Q; FA3's sm90 shapes for these head dims. hdim 192 / 256 need P through smem
-# (dK and dV of 128 keys do not fit two warpgroups' registers): not built yet.
+# The backward's tile per kernel head dim: (tile_m query rows per step, tile_n keys per CTA,
+# Q / dO pipeline stages, dkv_split_hdim).
+# hdim <= 128: two consumer warpgroups own 64 keys each (S^T = K Q^T and dP^T = V dO^T with the
+# keys as WGMMA's M), so P^T and dS^T stay in registers as the A operand of dV += P^T dO and
+# dK += dS^T Q; FA3's sm90 shapes for these head dims.
+# hdim 192 / 256 (dkv_split_hdim): dK and dV of 128 keys do not fit two warpgroups' registers.
+# 64 keys per CTA; the warpgroups split S^T / dP^T by queries (32 each) and dK / dV by head-dim
+# columns (hdim / 2 each, all 64 keys), so P^T and dS^T go through smem as the SS A operand;
+# FA3 takes 64 x 64 with one Q / dO stage at hdim 256 too. hdim 256 has one Q / dO stage to
+# fit 227 KB beside the 64 KB fp32 sdQ; hdim 192 keeps two (208 KB; 184 KB with hdim_v 128,
+# BwdConfig.hdimv, which shares hdim 192's entry).
 # (FA3 takes 128 x 128 at hdim 64: S^T and dP^T of 64 x 128 per warpgroup spill here (256 bytes
 # of stack, CPU SASS) without its shuffled LSE / dPsum.)
-BWD_TILES: dict[int, tuple[int, int]] = {64: (64, 128), 96: (64, 128), 128: (64, 128)}
+BWD_TILES: dict[int, tuple[int, int, int, bool]] = {
+    64: (64, 128, 2, False), 96: (64, 128, 2, False), 128: (64, 128, 2, False),
+    192: (64, 64, 2, True), 256: (64, 64, 1, True),
+}
 BWD_REG_SPLIT = (24, 240)  # producer, consumer setmaxnreg (2 consumer warpgroups)
 
 
@@ -326,7 +335,7 @@ class BwdConfig:
     """Codegen configuration of the sm90 backward kernel (bwd_sm90.py): the compile cache key."""
 
     dtype: str  # "bf16" | "fp16"
-    hdim: int  # the kernel's head dim (padded_hdim of the tensors'); hdim_v is the same
+    hdim: int  # the kernel's head dim (padded_hdim of the tensors')
     tile_m: int
     tile_n: int
     q_stages: int = 2  # Q / dO (+ LSE / dPsum) pipeline depth
@@ -346,20 +355,31 @@ class BwdConfig:
     dkv_partial: bool = False
     producer_regs: int = BWD_REG_SPLIT[0]
     consumer_regs: int = BWD_REG_SPLIT[1]
+    # hdim 192 / 256: 64 keys per CTA, S^T / dP^T split by queries and dK / dV by head-dim
+    # columns over the two consumer warpgroups, P^T and dS^T through smem (bwd_sm90.py)
+    dkv_split_hdim: bool = False
+    hdimv: int = 0  # V / dO / dV's head dim where below hdim (192 x 128, dkv_split_hdim); 0: hdim
 
     def __post_init__(self):
-        assert self.tile_n == 128, "two consumer warpgroups of 64 keys"
+        if self.dkv_split_hdim:
+            assert self.tile_n == 64 and self.hdim % 64 == 0, "64 keys; dK / dV in two head-dim halves"
+            assert self.hdimv in (0, 128) and (not self.hdimv or self.hdim == 192), "hdimv: 192 x 128 only"
+        else:
+            assert not self.hdimv, "hdim_v = hdim"
+            assert self.tile_n == 128, "two consumer warpgroups of 64 keys"
         assert self.tile_m == 64 and self.hdim % 32 == 0, "dQ's columns split in two 16-column multiples"
         total = THREADS_PER_WG * (self.producer_regs + 2 * self.consumer_regs)
         assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
 
     @staticmethod
     def make(dtype: str, hdim: int, **features) -> "BwdConfig":
-        tile_m, tile_n = BWD_TILES[hdim]
-        return BwdConfig(dtype, hdim, tile_m, tile_n, **features)
+        tile_m, tile_n, q_stages, dkv_split_hdim = BWD_TILES[hdim]
+        return BwdConfig(dtype, hdim, tile_m, tile_n, q_stages=q_stages, dkv_split_hdim=dkv_split_hdim, **features)
 
     def short(self) -> str:
         flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
                              "seqused_q", "seqused_k", "deterministic", "dkv_partial") if getattr(self, n)]
         flags += [f"tensors_d{self.hdim_in}"] if self.hdim_in else []
+        flags += ["dkv_split_hdim"] if self.dkv_split_hdim else []
+        flags += [f"hdimv{self.hdimv}"] if self.hdimv else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

@@ -130,6 +130,17 @@ def _opaque_i64(x: Int64, *, loc=None, ip=None) -> Int64:
     ))
 
 
+@dsl_user_op
+def opaque_f32(x: Float32, *, loc=None, ip=None) -> Float32:
+    """`x` behind an opaque move: a value the compiler cannot treat as a constant. An
+    accumulator filled with a literal 0.0 has its zeros materialized where LLVM likes, which
+    can be before the warp-role branch (setmaxnreg's lower register budget there)."""
+    return Float32(llvm.inline_asm(
+        T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "mov.b32 $0, $1;", "=f,f",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
+
+
 def pin_smem_desc(frag: cute.Tensor, per_k: bool = False):
     """The WGMMA operand fragment `frag` (an smem-descriptor tensor) with its base descriptor
     computed here, once. Left alone, the compiler re-derives the descriptor from the smem address
