@@ -28,13 +28,15 @@ HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (4, 1)}
 def cute_serves_backward(req) -> bool:
     """Whether the cute backward (bwd_launch) should take `req`'s backward on sm90, stated apart
     from its why_not: opted in (FA3PY_CUTE_BWD=1), the cute forward's scope, fp16 / bf16, head
-    dims up to 128 with hdim_v = hdim (deterministic too), no attention_chunk."""
+    dims up to 256 with hdim_v = hdim, or hdim_v 128 beside a head dim in 136..192 (192 x 128),
+    deterministic too, no attention_chunk."""
     from cute_kernels import bwd_launch
 
     p = req.params
     return (bwd_launch.enabled and not dispatch.is_empty(req) and req.dtype in (torch.float16, torch.bfloat16)
             and not req.is_fp8_input and not p.fp8 and req.qv is None
-            and req.headdim == req.headdim_v and req.headdim <= 128 and req.headdim % 8 == 0
+            and (req.headdim == req.headdim_v or (136 <= req.headdim <= 192 and req.headdim_v == 128))
+            and req.headdim <= 256 and req.headdim % 8 == 0
             and not p.attention_chunk and req.nheads % req.nheads_kv == 0
             and (p.softmax_scale > 0 or p.softcap > 0))
 

@@ -97,7 +97,7 @@ def _check_args(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, splits)
         want = torch.float32 if cfg.dkv_partial and name in ("dk", "dv") else req.dtype
         assert t.dtype == want, f"{name}: dtype {t.dtype}, the kernel's is {want}"
         assert t.stride(-1) == 1 and all(s % per16 == 0 for s in t.stride()[:-1]), f"{name}: strides {t.stride()}"
-    assert do.shape == q.shape
+    assert do.shape == (*q.shape[:-1], v.shape[-1])
     heads_kv = k.shape[-2] * splits if cfg.dkv_partial else k.shape[-2]
     assert dk.shape == (*k.shape[:-2], heads_kv, k.shape[-1]) and dv.shape == (*v.shape[:-2], heads_kv, v.shape[-1])
     assert splits >= 1 and (q.shape[-2] // k.shape[-2]) % splits == 0 and (splits == 1 or cfg.dkv_partial)
@@ -190,9 +190,9 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
                         dq_b[head, start:start + tm * hd] += dQ.reshape(-1)[inverse]
                 n = min(tn, seqlen_k - n_block * tn)
                 k0 = offset_k + n_block * tn
-                d = dk.shape[-1]
+                d, dv_cols = dk.shape[-1], dv.shape[-1]
                 dkb[k0:k0 + n, out_head] = (acc_dk[:n, :d] * softmax_scale).to(dk.dtype)
-                dvb[k0:k0 + n, out_head] = acc_dv[:n, :d].to(dv.dtype)
+                dvb[k0:k0 + n, out_head] = acc_dv[:n, :dv_cols].to(dv.dtype)
 
 
 @pytest.fixture

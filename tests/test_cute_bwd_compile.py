@@ -31,7 +31,7 @@ _SOFTCAP_STACK = ("hdim 128 with softcap and a right window edge (causal or loca
                   "(3 STL, 6-9 LDL; CPU SASS, cutlass-dsl 4.8.1): the masked steps' extra live registers on "
                   "top of softcap's d tanh")
 GRID = [pytest.param(dtype, hdim, name, FEATURES[name], id=f"{dtype}-d{hdim}-{name}")
-        for hdim, dtype, name in itertools.product(sorted(BWD_TILES), ("bf16", "fp16"), FEATURES)]
+        for hdim, dtype, name in itertools.product((64, 96, 128), ("bf16", "fp16"), FEATURES)]
 GRID += [pytest.param("bf16", 128, name, dict(softcap=True, has_right=True, has_left=name == "local-softcap"),
                       id=f"bf16-d128-{name}", marks=pytest.mark.xfail(strict=True, reason=_SOFTCAP_STACK))
          for name in ("local-softcap", "causal-softcap")]

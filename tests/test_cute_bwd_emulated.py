@@ -233,6 +233,24 @@ def test_grads_emulated_ragged_sizes(emulated_sm90_bwd, sq, sk, window):
     assert emulated_sm90_bwd
 
 
+@pytest.mark.parametrize("d,dv,feature,heads,layout", [
+    (192, 192, "causal", "gqa", "varlen"), (256, 256, "plain", "mha", "batched"),
+    (256, 256, "softcap_causal", "mqa", "varlen"), (160, 160, "both", "mha", "batched"),
+    (192, 128, "plain", "mha", "varlen"), (176, 128, "causal", "gqa", "batched"),
+])
+def test_grads_emulated_wide_head_dims(emulated_sm90_bwd, d, dv, feature, heads, layout):
+    """Head dims 192 / 256 (and 192 x 128): the 64-key tile with dK / dV split by columns, through
+    the same host code (their tile, the V / dO width, dQ's order), against the fp64 reference."""
+    h, hk = HEADS[heads]
+    lens = [(70, 130), (0, 5), (65, 64)] if layout == "varlen" else [(70, 130)] * 2
+    q, k, v, kw = make_inputs(lens, h, hk, d, torch.float16, "cpu", layout == "varlen")
+    v = v[..., :dv].contiguous()
+    req, fwd, bwd = train_step("varlen" if layout == "varlen" else "attention", q, k, v, kw, **FEATURES[feature])
+    assert (fwd, bwd) == ("cute", "cute")
+    cfg = emulated_sm90_bwd[-1] and bwd_launch.config_for(req)
+    assert cfg.tile_n == 64 and cfg.dkv_split_hdim
+
+
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
 def test_deterministic_backward_on_cute(emulated_sm90_bwd, heads):
     """deterministic=True runs the cute backward with its semaphores (the emulation checks they
