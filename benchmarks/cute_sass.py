@@ -3,7 +3,7 @@ keep the cubin and count SASS opcodes.
 
     python -m benchmarks.cute_sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
                                 [--softcap] [--varlen] [--no-overlap]
-                                [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
+                                [--split-kv] [--page-size N] [--pack-gqa G] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
                                 [--keep DIR]
 
 Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
@@ -148,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--varlen", action="store_true", help="cu_seqlens for q and k")
     p.add_argument("--split-kv", action="store_true", help="split-KV (float32 partial O and LSE)")
     p.add_argument("--no-overlap", action="store_true")
+    p.add_argument("--page-size", type=int, default=0, help="paged K / V with pages of this many rows "
+                   "(with seqused_k, as flash_attn_with_kvcache calls it)")
+    p.add_argument("--pack-gqa", type=int, default=1, help="query heads per KV head packed into a tile's rows")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable)")
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
         "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
         has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, intra_wg_overlap=not a.no_overlap,
-        split_kv=a.split_kv,
+        split_kv=a.split_kv, page_size=a.page_size, seqused_k=a.page_size > 0, pack_gqa=a.pack_gqa,
     )
     cfg = dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
     with tempfile.TemporaryDirectory() as d:
