@@ -399,3 +399,32 @@ def test_paged_requests_are_refused_by_the_contiguous_backends():
     assert "page" in torch_backend.why_not(req, False) and "page" in triton_fallback.why_not(req, False)
     with pytest.raises(dispatch.BackendUnavailable, match="no backend serves"):
         dispatch.choose(req)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("batch,q_len,causal,splits", [(1, 1, False, 0), (8, 4, True, 0), (64, 1, False, 1),
+                                                       (3, 2, True, 5)])
+def test_gpu_paged_bitwise_equal_to_contiguous(monkeypatch, page_size, batch, q_len, causal, splits):
+    """hdim 128, 32 / 8 heads, one token appended: the paged cache read by the kernel gives the bits
+    of the same keys in a contiguous cache (same tiles, GQA packing and splits: only where the
+    producer reads a block from differs), and no gather on sm90."""
+    from fa3py import kvcache
+
+    cap = 1000 + 17 * page_size  # not a multiple of the KV tile
+    seqlens = [cap - 1 - 37 * b for b in range(batch)]
+    kw = _paged(page_size, batch=batch, q_len=q_len, heads=32, heads_kv=8, d=128, cap=cap, seqlens=seqlens,
+                device="cuda")
+    table = kw["page_table"].long()
+    contiguous = dict(kw, page_table=None)
+    for name in ("k_cache", "v_cache"):
+        contiguous[name] = kw[name][table].flatten(1, 2).contiguous()  # (batch, pages * page_size, ...)
+    if torch.cuda.get_device_capability()[0] == 9:
+        monkeypatch.setattr(kvcache, "_gather_keys", _no_gather)
+    call = dict(causal=causal, num_splits=splits, return_softmax_lse=True)
+    out_p, lse_p, *_ = fa3py.flash_attn_with_kvcache(**kw, **call)
+    out_c, lse_c, *_ = fa3py.flash_attn_with_kvcache(**contiguous, **call)
+    assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+    assert torch.equal(kw["k_cache"][table].flatten(1, 2), contiguous["k_cache"])  # the same token appended
+    run_and_check(_paged(page_size, batch=batch, q_len=q_len, heads=32, heads_kv=8, d=128, cap=cap,
+                         seqlens=seqlens, device="cuda"), causal=causal, num_splits=splits)
