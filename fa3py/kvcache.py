@@ -9,10 +9,11 @@ attention runs on (rotated q, the cache) with seqused_k.
 Paged caches: on Hopper the cute kernel reads the pages itself (the request carries the page
 table, rows picked by cache_batch_idx; its producer TMAs each KV block from its page, or from
 tile_n / page_size pages) for the page sizes it serves: multiples of its KV tile (128 keys at
-hdim 64 / 128, 112 at 96, 96 at 192, 64 at 256) and divisors of the tile that are multiples of 8
-(16, 32, 64 at hdim 128), without cache_leftpad. Anything else (other page sizes, cache_leftpad,
-other backends, cache_batch_idx or cache_leftpad on a contiguous cache) gathers each sequence's
-keys into a contiguous (batch, capacity, ...) K / V first (`_gather_keys`).
+hdim 64 / 128, 112 at 96 (128 up to 512 keys), 96 at 192, 64 at 256) and divisors of the tile
+that are multiples of 8 (8, 16, 32, 64 at hdim 128), without cache_leftpad. Anything else (other
+page sizes, cache_leftpad, other backends, cache_batch_idx or cache_leftpad on a contiguous
+cache) gathers each sequence's keys into a contiguous (batch, capacity, ...) K / V first
+(`_gather_keys`).
 """
 
 from __future__ import annotations
