@@ -43,6 +43,16 @@ block V scaling each block's PV goes into a fresh accumulator added into O times
 V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
 columns scaled in the epilogue; O is bf16.
 
+Paged K / V (FwdConfig page_size > 0, FA3's page_table): K and V are page pools (num_pages,
+page_size, h_kv, d) and mPageTable (b, max_pages) int32 maps a sequence's key j to row
+j % page_size of page mPageTable[b, j // page_size]. The producer loads a KV block in
+pages_per_block = tile_n / kv_rows TMA boxes of kv_rows = min(page_size, tile_n) rows: one page
+each into consecutive row slices of the stage (the smem tiles' 8-row swizzle atoms are laid rows
+first, so a page_size multiple of 8 keeps every box in phase), or one box from the page holding
+the block. Every box of a block arrives on the stage's one full barrier (tx count: the block's
+bytes); lane i of the producer warp reads box i's page table entry and the TMAs take the pages by
+shuffle (`load_block_paged`). The consumers do not change.
+
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
 scheduler.py (`TileScheduler`, `TileWork`), masks and sequence lengths in mask.py, the online
@@ -413,36 +423,12 @@ class FlashAttentionForwardSm90:
             if m_block * self.tile_m < seqlen.seqlen_q:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
-                b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
                 mQ_cur = cute.domain_offset((seqlen.offset_q, 0), mQ[None, None, head, b_q])
-                mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
                 gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
-                gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
-                if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
-                    gV = cute.local_tile(mV[None, None, head_kv, b_k], (self.hdimv, self.tile_n), (0, None))
-                else:
-                    mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
-                    gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
                 tQsQ, tQgQ = cpasync.tma_partition(tma_atom_Q, 0, one, cute.group_modes(sQ, 0, 2),
                                                    cute.group_modes(gQ, 0, 2))
-                tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
-                                                   cute.group_modes(gK, 0, 2))
-                tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
-                                                   cute.group_modes(gV, 0, 2))
-                if const_expr(self.paged):
-                    # (box, pages in a block, 1, stages) in smem; (box, boxes in a page, 1, pages) in gmem
-                    tKsK, tKgK = self.partition_pages(tma_atom_K, sK, mK[None, None, head_kv, None], self.hdim)
-                    tVsV, tVgV = self.partition_pages(tma_atom_V, sV, mV[None, None, head_kv, None], self.hdimv)
-                    # Pages past the sequence's last (in its last block) are loaded as its last:
-                    # their keys are masked, and the page table's row may end there.
-                    pages = (mPageTable[batch, None], (seqlen.seqlen_k - 1) // self.cfg.page_size)
-                    load_k = partial(self.load_block_paged, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK,
-                                     tXsX=tKsK, pages=pages)
-                    load_v = partial(self.load_block_paged, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV,
-                                     tXsX=tVsV, pages=pages)
-                else:
-                    load_k = partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK)
-                    load_v = partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV)
+                load_k, load_v = self.kv_loaders(mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v,
+                                                 head_kv, batch, seqlen, mPageTable)
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
                                  tiles=tiles, tile=tile)
 
@@ -480,6 +466,38 @@ class FlashAttentionForwardSm90:
         pipe.producer_acquire(state)
         cute.copy(tma_atom, tXgX[None, n_block], tXsX[None, state.index],
                   tma_bar_ptr=pipe.producer_get_barrier(state))
+
+    def kv_loaders(self, mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v, head_kv, batch,
+                   seqlen: SeqlenInfo, mPageTable):
+        """`load_block` (paged: `load_block_paged`) for K and for V of sequence `batch`, KV head
+        `head_kv`: their TMA partitions (paged: of the KV head's pages, with the sequence's page
+        table row)."""
+        one = cute.make_layout(1)
+        if const_expr(self.paged):
+            # (box, boxes in a block, 1, stage) in smem; (box, boxes in a page, 1, page) in gmem
+            tKsK, tKgK = self.partition_pages(tma_atom_K, sK, mK[None, None, head_kv, None], self.hdim)
+            tVsV, tVgV = self.partition_pages(tma_atom_V, sV, mV[None, None, head_kv, None], self.hdimv)
+            # Pages past the sequence's last (in its last block) are loaded as its last: their
+            # keys are masked, and the page table's row may end there.
+            pages = (mPageTable[batch, None], (seqlen.seqlen_k - 1) // self.cfg.page_size)
+            return (partial(self.load_block_paged, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK,
+                            pages=pages),
+                    partial(self.load_block_paged, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV,
+                            pages=pages))
+        b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
+        mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
+        gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
+        if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
+            gV = cute.local_tile(mV[None, None, head_kv, b_k], (self.hdimv, self.tile_n), (0, None))
+        else:
+            mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
+            gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
+        tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
+                                           cute.group_modes(gK, 0, 2))
+        tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
+                                           cute.group_modes(gV, 0, 2))
+        return (partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK),
+                partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV))
 
     def page_box(self, s_layout, cols: int):
         """The smem layout a paged TMA box fills: the first kv_rows rows of a stage's (tile_n, cols)
