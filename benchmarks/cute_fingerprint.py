@@ -75,6 +75,9 @@ BWD_HDIMS = (64, 96, 128)
 BWD_MODES = {"nc": dict(), "causal": dict(has_right=True), "local": dict(has_left=True, has_right=True)}
 _SEQUSED = dict(seqused_q=True, seqused_k=True)
 BWD_EXTRA = {
+    "bwd bf16 d192 causal": dict(hdim=192, has_right=True),  # the wide tile (dK / dV split by columns)
+    "bwd bf16 d256 nc": dict(hdim=256),
+    "bwd bf16 d192x128 local": dict(hdim=192, hdimv=128, has_left=True, has_right=True),
     "bwd fp16 d128 causal": dict(dtype="fp16", hdim=128, has_right=True),
     "bwd fp16 d64 nc": dict(dtype="fp16", hdim=64),
     "bwd bf16 d128 softcap nc": dict(hdim=128, softcap=True),

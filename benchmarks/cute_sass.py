@@ -3,7 +3,8 @@ against fake tensors (no GPU needed), keep the cubin and count SASS opcodes.
 
     python -m benchmarks.cute_sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
                                 [--chunk] [--softcap] [--varlen] [--seqused] [--no-overlap]
-                                [--split-kv] [--tile 192x128s2] [--set FIELD=0|1] [--dump] [--loops]
+                                [--split-kv] [--page-size N] [--pack-gqa G] [--tile 192x128s2]
+                                [--set FIELD=0|1] [--dump] [--loops]
                                 [--keep DIR]
     python -m benchmarks.cute_sass --bwd [--dtype bf16|fp16] [--hdim 128] [--causal] [--local]
                                 [--softcap] [--varlen] [--seqused] [--set FIELD=VALUE] [--dump] [--loops]
@@ -170,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--seqused", action="store_true", help="seqused for q and k")
     p.add_argument("--split-kv", action="store_true", help="split-KV (float32 partial O and LSE)")
     p.add_argument("--no-overlap", action="store_true")
+    p.add_argument("--page-size", type=int, default=0, help="paged K / V with pages of this many rows "
+                   "(with seqused_k, as flash_attn_with_kvcache calls it)")
+    p.add_argument("--pack-gqa", type=int, default=1, help="query heads per KV head packed into a tile's rows")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable); with --bwd "
@@ -217,8 +221,8 @@ def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     cfg = FwdConfig.make(
         "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
         has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
-        cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
-        intra_wg_overlap=not a.no_overlap, split_kv=a.split_kv,
+        cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused or a.page_size > 0,
+        intra_wg_overlap=not a.no_overlap, split_kv=a.split_kv, page_size=a.page_size, pack_gqa=a.pack_gqa,
     )
     return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
 
@@ -234,17 +238,19 @@ def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
 
     if a.dtype not in ("bf16", "fp16"):
         refuse(f"--dtype {a.dtype}: the backward is bf16 / fp16 only")
-    unused = [flag for flag, on in (("--split-kv", a.split_kv), ("--no-overlap", a.no_overlap), ("--tile", a.tile),
-                                    ("--hdimv", a.hdimv not in (None, a.hdim))) if on]
-    if unused:
-        refuse(f"{', '.join(unused)}: forward options (the backward has one tile per head dim, hdim_v = hdim)")
     d = padded_hdim(a.hdim)
+    wide_v = d == 192 and a.hdimv == 128  # the one hdim_v != hdim the backward serves
+    unused = [flag for flag, on in (("--split-kv", a.split_kv), ("--no-overlap", a.no_overlap), ("--tile", a.tile),
+                                    ("--hdimv", a.hdimv not in (None, a.hdim) and not wide_v)) if on]
+    if unused:
+        refuse(f"{', '.join(unused)}: forward options (the backward has one tile per head dim, hdim_v = hdim "
+               f"or 192 x 128)")
     if a.hdim % 8 or d not in BWD_TILES:
         refuse(f"--hdim {a.hdim}: the backward kernel serves multiples of 8 that round up to one of "
                f"{sorted(BWD_TILES)}")
     cfg = BwdConfig.make(a.dtype, d, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
                          cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
-                         hdim_in=0 if d == a.hdim else a.hdim)
+                         hdim_in=0 if d == a.hdim else a.hdim, hdimv=128 if wide_v else 0)
     return dataclasses.replace(cfg, **dict(_field_value(cfg, kv) for kv in a.set))
 
 

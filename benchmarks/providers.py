@@ -177,6 +177,45 @@ def _sage_load() -> Forward:
     return lambda q, k, v, case: sageattn(q, k, v, tensor_layout="NHD", is_causal=case.causal)
 
 
+# ---- fa3py.flash_attn_with_kvcache (decoding from a KV cache) --------------------------
+
+def kvcache_provider(page_size: int = 0) -> Provider:
+    """fa3py.flash_attn_with_kvcache over a cache holding the case's keys (cache_seqlens = seqlen):
+    contiguous (page_size 0), or in pages of page_size rows shuffled through a pool, one page table
+    row per sequence (as a paged serving stack holds them). The cache is built outside the timing."""
+
+    def prepare(q, k, v, case):
+        b, s, hk, _ = k.shape
+        seqlens = torch.full((b,), s, dtype=torch.int32, device=k.device)
+        if not page_size:
+            return q, (k, None, seqlens), (v, None, seqlens)
+        per_seq = -(-s // page_size)
+        order = torch.randperm(b * per_seq, device=k.device)
+        table = order.view(b, per_seq).to(torch.int32)
+
+        def pool(x):
+            rows = x.new_zeros(b, per_seq * page_size, hk, x.shape[-1])
+            rows[:, :s] = x
+            pages = torch.empty_like(rows).view(b * per_seq, page_size, hk, x.shape[-1])
+            pages[order] = rows.view(b * per_seq, page_size, hk, x.shape[-1])
+            return pages
+
+        return q, (pool(k), table, seqlens), (pool(v), table, seqlens)
+
+    def load() -> Forward:
+        import fa3py
+
+        def forward(q, k, v, case):
+            (k_cache, table, seqlens), (v_cache, _, _) = k, v
+            return fa3py.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, page_table=table,
+                                                 causal=case.causal)
+
+        return forward
+
+    name = f"paged{page_size}" if page_size else "contiguous"
+    return Provider(f"fa3py-kvcache:{name}", peer=False, load=load, backward=False, prepare=prepare)
+
+
 FA3PY_BACKENDS = ("cute", "triton", "torch")
 
 PROVIDERS: tuple[Provider, ...] = (

@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick --out $OUT/bench --budget-s 420
     python -m benchmarks.run --hdim 128 --seqlen 4096 8192 --mode fwd --providers fa3py fa4
     python -m benchmarks.run --hdim 128 --seqlen 8192 --seqlen-q 1 --kv-heads 4 --nheads 32 --batch 64  # decoding
+    python -m benchmarks.run --mode fwd --cuda-graph --hdim 128 --seqlen 4096 65536 --seqlen-q 1 --nheads 32 --kv-heads 8 --batch 1 --paged 16 64 256 --providers fa3py:cute sdpa:cudnn  # paged decoding
     python -m benchmarks.run --from-json bench_out/results.json --save-results
 
 GPU grid (FlashAttention-3 paper): 16k tokens (batch = 16384 // seqlen), hidden 2048
@@ -38,7 +39,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 from benchmarks import report  # noqa: E402
 from benchmarks.clocks import ClockSampler, smi_id  # noqa: E402
 from benchmarks.flops import flops  # noqa: E402
-from benchmarks.providers import DEFAULT_EXCLUDED, PROVIDERS, Case, select, versions  # noqa: E402
+from benchmarks.providers import DEFAULT_EXCLUDED, PROVIDERS, Case, kvcache_provider, select, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_HDIMS = (64, 128, 256)
@@ -91,6 +92,10 @@ def parse_args(argv=None):
                     help="time forward calls replayed from CUDA graphs (each provider's call captured "
                          "once per input set), so host time per call is left out: what a server that "
                          "captures its decoding steps sees (CUDA, --mode fwd only)")
+    ap.add_argument("--paged", type=int, nargs="+", metavar="PAGE_SIZE",
+                    help="also time fa3py.flash_attn_with_kvcache on the keys as a contiguous cache and as "
+                         "paged caches of these page sizes (fa3py-kvcache:contiguous, fa3py-kvcache:pagedN; "
+                         "CUDA, --mode fwd), e.g. --paged 16 64 256 with --seqlen-q 1 --cuda-graph")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)
@@ -451,6 +456,10 @@ def run(args) -> dict:
     if args.quick and selection is None and device.type == "cuda":
         selection = [p.name for p in PROVIDERS if p.name not in (*DEFAULT_EXCLUDED, *QUICK_EXCLUDED)]
     chosen, skipped = select(selection, device)
+    if args.paged:
+        if device.type != "cuda" or args.mode != "fwd":
+            raise SystemExit("benchmarks.run: --paged needs a CUDA GPU and --mode fwd")
+        chosen += [(p, p.load()) for p in map(kvcache_provider, (0, *args.paged))]
     if selection is not args.providers:
         skipped.update({name: "left out by --quick (name it in --providers to include)" for name in QUICK_EXCLUDED})
     unknown = [name for name, why in skipped.items() if why.startswith("unknown provider")]

@@ -191,6 +191,21 @@ def padded_hdim(d: int) -> int | None:
     return next((h for h in _SUPPORTED_HDIM_ASCENDING if h >= d), None)
 
 
+PAGE_ROWS_MULTIPLE = 8  # a page's rows fill whole 8-row swizzle atoms of the K / V smem tiles
+
+
+def page_size_ok(page_size: int, tile_n: int) -> bool:
+    """Whether the paged kernel loads KV blocks of tile_n keys from pages of page_size rows: one
+    TMA per block (page_size a multiple of tile_n) or tile_n / page_size TMAs of a page each
+    (page_size dividing tile_n, a multiple of 8, at most 32 pages a block: one per producer lane)."""
+    if page_size <= 0:
+        return False
+    if page_size >= tile_n:
+        return page_size % tile_n == 0
+    return (tile_n % page_size == 0 and page_size % PAGE_ROWS_MULTIPLE == 0
+            and tile_n // page_size <= 32)
+
+
 @dataclass(frozen=True)
 class FwdConfig:
     dtype: str  # "bf16" | "fp16" | "e4m3" (FP8: fa3py.fp8's block-scaled format, out in bf16)
@@ -227,6 +242,12 @@ class FwdConfig:
     # epilogue). The format's block_n (keys per K / V scale) is the tile's tile_n.
     fp8_block_m: int = 0
     fp8_v_scaling: str = ""
+    # > 0: paged K / V (FA3's page_table). K and V are page pools (num_pages, page_size, h_kv, d)
+    # and the kernel takes a page table (batch, max_pages) int32: key j of sequence b is row
+    # j % page_size of page page_table[b, j // page_size]. The producer loads a KV block from its
+    # page (page_size a multiple of tile_n) or as tile_n / page_size page-row boxes (page_size a
+    # divisor of tile_n, a multiple of 8: whole rows of the smem swizzle atom). `page_size_ok`.
+    page_size: int = 0
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -287,6 +308,11 @@ class FwdConfig:
             diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
         )
+        if features.get("page_size", 0):
+            # The paged producer (page table row, last page, one page per lane) spills at 24
+            # registers (3 STL, hdim 128 page 16 split pack_gqa=8, CPU SASS); 32 fills the 64K
+            # exactly beside 2 x 240 or 3 x 160.
+            tile = replace(tile, producer_regs=32)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
@@ -300,6 +326,7 @@ class FwdConfig:
         flags += [f"pack_gqa={self.pack_gqa}"] if self.pack_gqa > 1 else []
         flags += [f"fp8_block_m={self.fp8_block_m} v_{self.fp8_v_scaling}"] if self.dtype == "e4m3" else []
         flags += [f"tensors_d{self.hdim_in or self.hdim}x{self.hdimv_in or self.hdimv}"] if self.hdim_in or self.hdimv_in else []
+        flags += [f"page_size={self.page_size}"] if self.page_size else []
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]

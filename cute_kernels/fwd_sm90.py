@@ -47,6 +47,16 @@ split-KV writes the same float32 partials as 16-bit; packed sequences (cu_seqlen
 scale columns and their 16-aligned V^T columns from cu_seqlens and the batch index
 (fp8.Fp8Scales.create, fp8.vt_column).
 
+Paged K / V (FwdConfig page_size > 0, FA3's page_table): K and V are page pools (num_pages,
+page_size, h_kv, d) and mPageTable (b, max_pages) int32 maps a sequence's key j to row
+j % page_size of page mPageTable[b, j // page_size]. The producer loads a KV block in
+pages_per_block = tile_n / kv_rows TMA boxes of kv_rows = min(page_size, tile_n) rows: one page
+each into consecutive row slices of the stage (the smem tiles' 8-row swizzle atoms are laid rows
+first, so a page_size multiple of 8 keeps every box in phase), or one box from the page holding
+the block. Every box of a block arrives on the stage's one full barrier (tx count: the block's
+bytes); lane i of the producer warp reads box i's page table entry and the TMAs take the pages by
+shuffle (`load_block_paged`). The consumers do not change.
+
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
 scheduler.py (`TileScheduler`, `TileWork`), masks and sequence lengths in mask.py, the online
@@ -71,7 +81,7 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from cute_kernels import fp8
-from cute_kernels.config import FwdConfig
+from cute_kernels.config import PAGE_ROWS_MULTIPLE, FwdConfig, page_size_ok
 from cute_kernels.epilogue import O_SLAB_ROWS, EpilogueSm90, OutputOperands
 from cute_kernels.mask import AttentionMask, SeqlenInfo
 from cute_kernels.pipeline import WarpgroupRing, check_arrive_counts, release_after, release_previous
@@ -171,6 +181,15 @@ class FlashAttentionForwardSm90:
                 f"{cfg.short()}: FP8 schedule switches not supported"
         # FP8 block V scaling: each block's PV into a fresh accumulator (two-level accumulation).
         self.fresh_pv = self.fp8 and cfg.fp8_v_scaling == "block"
+        # Paged K / V: a KV block is pages_per_block TMA boxes of kv_rows rows (config.page_size_ok).
+        self.paged = cfg.page_size > 0
+        self.kv_rows = min(cfg.page_size, self.tile_n) if self.paged else self.tile_n
+        self.pages_per_block = self.tile_n // self.kv_rows
+        if self.paged:
+            assert page_size_ok(cfg.page_size, self.tile_n), \
+                f"{cfg.short()}: page_size {cfg.page_size} neither a multiple of tile_n {self.tile_n} nor a " \
+                f"divisor of it that is a multiple of {PAGE_ROWS_MULTIPLE}"
+            assert not (self.fp8 or cfg.cu_seqlens_k), f"{cfg.short()}: paged K / V are 16-bit, one page table row a sequence"
 
     # ------------------------------------------------------------------ host side
     def make_tiled_mma_qk(self, n: int):
@@ -194,7 +213,7 @@ class FlashAttentionForwardSm90:
     def __call__(
         self,
         mQ: cute.Tensor,  # (b, s_q, h, d) or (total_q, h, d)
-        mK: cute.Tensor,  # (b, s_k, h_kv, d) or (total_k, h_kv, d)
+        mK: cute.Tensor,  # (b, s_k, h_kv, d) or (total_k, h_kv, d); paged: (num_pages, page_size, h_kv, d)
         mV: cute.Tensor,  # (b, s_k, h_kv, dv) or (total_k, h_kv, dv); FP8: V^T (b, h_kv, dv, s_k padded to 16)
         mO: cute.Tensor,  # like mQ with dv; split_kv: float32, (splits * b, ...) or (splits * total_q, ...)
         mLSE: cute.Tensor,  # (b, h, s_q) or (h, total_q), float32; split_kv: splits * b or splits * total_q
@@ -202,6 +221,7 @@ class FlashAttentionForwardSm90:
         mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor],
         mSeqUsedK: Optional[cute.Tensor],
+        mPageTable: Optional[cute.Tensor],  # paged: (b, max_pages) int32; mK / mV are the page pools
         mTileCounter: Optional[cute.Tensor],  # dynamic scheduler: 2 int32, zero at launch and exit
         mQScale: Optional[cute.Tensor],  # FP8: (b, h, ceil(s_q / fp8_block_m)) float32; packed q: (1, h, columns)
         mKScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n)); packed k: (1, h_kv, columns)
@@ -263,12 +283,18 @@ class FlashAttentionForwardSm90:
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (self.tile_m, self.hdim))
-        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
-            g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.hdim)
-        )
-        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
-            g2s, mV, cute.select(sV_layout, mode=[0, 1]), v_tile
-        )
+        if const_expr(self.paged):  # one box: kv_rows rows of a page, the first kv_rows rows of a stage
+            tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+                g2s, mK, self.page_box(sK_layout, self.hdim), (self.kv_rows, self.hdim))
+            tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
+                g2s, mV, self.page_box(sV_layout, self.hdimv), (self.kv_rows, self.hdimv))
+        else:
+            tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+                g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.hdim)
+            )
+            tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
+                g2s, mV, cute.select(sV_layout, mode=[0, 1]), v_tile
+            )
         tma_atom_O, tma_O = (None, None) if const_expr(cfg.split_kv) else cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
         tx_q, tx_k, tx_v = (cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
@@ -283,7 +309,7 @@ class FlashAttentionForwardSm90:
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
             tma_Q, tma_K, tma_V, mO, tma_O, mLSE,
-            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mTileCounter, mQScale, mKScale, mVScale,
+            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mPageTable, mTileCounter, mQScale, mKScale, mVScale,
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O,
             scale_log2, softcap_premul, window_left, window_right,
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
@@ -308,6 +334,7 @@ class FlashAttentionForwardSm90:
         mLSE: cute.Tensor,
         mCuSeqlensQ: Optional[cute.Tensor], mCuSeqlensK: Optional[cute.Tensor],
         mSeqUsedQ: Optional[cute.Tensor], mSeqUsedK: Optional[cute.Tensor],
+        mPageTable: Optional[cute.Tensor],
         mTileCounter: Optional[cute.Tensor],
         mQScale: Optional[cute.Tensor], mKScale: Optional[cute.Tensor], mVScale: Optional[cute.Tensor],
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
@@ -359,7 +386,9 @@ class FlashAttentionForwardSm90:
                                   lpt=self.lpt, l2_heads=l2_heads, tail_heads=tail_heads,
                                   dynamic=self.cfg.tile.dynamic,
                                   counter=mTileCounter)
-        seqlen_fn = partial(SeqlenInfo.create, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
+        # paged: a sequence holds up to max_pages pages (its length without seqused_k)
+        seqlen_k_static = mPageTable.shape[1] * self.cfg.page_size if const_expr(self.paged) else mK.shape[0]
+        seqlen_fn = partial(SeqlenInfo.create, seqlen_q_static=mQ.shape[0], seqlen_k_static=seqlen_k_static,
                             mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                             mSeqUsedK=mSeqUsedK)
         mask_fn = partial(AttentionMask, self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right,
@@ -374,7 +403,7 @@ class FlashAttentionForwardSm90:
             cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
             if warp_idx == 0:
                 self.load(mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
-                          pipeline_q, pipeline_k, pipeline_v, tiles)
+                          pipeline_q, pipeline_k, pipeline_v, tiles, mPageTable)
         else:
             cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
             # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
@@ -387,7 +416,7 @@ class FlashAttentionForwardSm90:
     @cute.jit
     def load(
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
-        pipeline_q, pipeline_k, pipeline_v, tiles: TileWork,
+        pipeline_q, pipeline_k, pipeline_v, tiles: TileWork, mPageTable: Optional[cute.Tensor] = None,
     ):
         """Producer warp: per tile, K of the last KV block, then Q (with two Q stages: Q first,
         its slot freed a tile ago), then K(n-1) and V(n) for the remaining blocks right to left
@@ -407,27 +436,12 @@ class FlashAttentionForwardSm90:
             if m_block * self.tile_m < seqlen.seqlen_q:
                 head_kv = head // (mQ.shape[2] // mK.shape[2])
                 b_q = batch if const_expr(not self.cfg.cu_seqlens_q) else 0
-                b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
                 mQ_cur = cute.domain_offset((seqlen.offset_q, 0), mQ[None, None, head, b_q])
-                mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
                 gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
-                gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
-                if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
-                    mVt = mV[None, None, head_kv, b_k]
-                    if const_expr(self.cfg.cu_seqlens_k):  # packed: the sequence's 16-aligned columns
-                        mVt = cute.domain_offset((0, fp8.vt_column(seqlen.offset_k, batch)), mVt)
-                    gV = cute.local_tile(mVt, (self.hdimv, self.tile_n), (0, None))
-                else:
-                    mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
-                    gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
                 tQsQ, tQgQ = cpasync.tma_partition(tma_atom_Q, 0, one, cute.group_modes(sQ, 0, 2),
                                                    cute.group_modes(gQ, 0, 2))
-                tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
-                                                   cute.group_modes(gK, 0, 2))
-                tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
-                                                   cute.group_modes(gV, 0, 2))
-                load_k = partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK)
-                load_v = partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV)
+                load_k, load_v = self.kv_loaders(mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v,
+                                                 head_kv, batch, seqlen, mPageTable)
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
                                  tiles=tiles, tile=tile)
 
@@ -465,6 +479,82 @@ class FlashAttentionForwardSm90:
         pipe.producer_acquire(state)
         cute.copy(tma_atom, tXgX[None, n_block], tXsX[None, state.index],
                   tma_bar_ptr=pipe.producer_get_barrier(state))
+
+    def kv_loaders(self, mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v, head_kv, batch,
+                   seqlen: SeqlenInfo, mPageTable):
+        """`load_block` (paged: `load_block_paged`) for K and for V of sequence `batch`, KV head
+        `head_kv`: their TMA partitions (paged: of the KV head's pages, with the sequence's page
+        table row)."""
+        one = cute.make_layout(1)
+        if const_expr(self.paged):
+            # (box, boxes in a block, 1, stage) in smem; (box, boxes in a page, 1, page) in gmem
+            tKsK, tKgK = self.partition_pages(tma_atom_K, sK, mK[None, None, head_kv, None], self.hdim)
+            tVsV, tVgV = self.partition_pages(tma_atom_V, sV, mV[None, None, head_kv, None], self.hdimv)
+            # Pages past the sequence's last (in its last block) are loaded as its last: their
+            # keys are masked, and the page table's row may end there.
+            pages = (mPageTable[batch, None], (seqlen.seqlen_k - 1) // self.cfg.page_size)
+            return (partial(self.load_block_paged, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK,
+                            pages=pages),
+                    partial(self.load_block_paged, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV,
+                            pages=pages))
+        b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
+        mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
+        gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
+        if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
+            mVt = mV[None, None, head_kv, b_k]
+            if const_expr(self.cfg.cu_seqlens_k):  # packed: the sequence's 16-aligned columns
+                mVt = cute.domain_offset((0, fp8.vt_column(seqlen.offset_k, batch)), mVt)
+            gV = cute.local_tile(mVt, (self.hdimv, self.tile_n), (0, None))
+        else:
+            mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
+            gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
+        tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
+                                           cute.group_modes(gK, 0, 2))
+        tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
+                                           cute.group_modes(gV, 0, 2))
+        return (partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK),
+                partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV))
+
+    def page_box(self, s_layout, cols: int):
+        """The smem layout a paged TMA box fills: the first kv_rows rows of a stage's (tile_n, cols)
+        tile (its swizzle atoms are 8 rows, tiled rows first: box i of a block lands at row
+        i * kv_rows, the same swizzle phase)."""
+        stage = cute.select(s_layout, mode=[0, 1])
+        if const_expr(self.kv_rows == self.tile_n):
+            return stage
+        return cute.composition(stage, cute.make_layout((self.kv_rows, cols), stride=(1, self.tile_n)))
+
+    def partition_pages(self, tma_atom, sX, mX_head, cols: int):
+        """TMA partitions of the stages' smem tiles into kv_rows-row boxes (box, box in block, 1,
+        stage) and of one KV head's pages (page_size, cols, pages) into boxes (box, box in page, 1,
+        page)."""
+        sX_boxes = cute.flat_divide(sX, (self.kv_rows, cols))
+        gX_boxes = cute.flat_divide(mX_head, (self.kv_rows, cols))
+        return cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sX_boxes, 0, 2),
+                                     cute.group_modes(gX_boxes, 0, 2))
+
+    @cute.jit
+    def load_block_paged(self, n_block, state, pipe, tma_atom, tXgX, tXsX, pages):
+        """K or V block `n_block` from its pages into stage `state`: pages_per_block TMAs (one page
+        each, into consecutive kv_rows-row slices of the stage) or one from the page holding the
+        block, all on the stage's one full barrier (whose tx count is the whole block's).
+        `pages`: (the sequence's page table row, its last page's index in it)."""
+        page_row, last_page = pages
+        pipe.producer_acquire(state)
+        bar = pipe.producer_get_barrier(state)
+        if const_expr(self.pages_per_block > 1):
+            # lane i reads the page of the block's box i; box i's TMA takes it from lane i
+            first = n_block * self.pages_per_block
+            lane = cute.arch.lane_idx()
+            page = page_row[cutlass.min(first + cutlass.min(lane, self.pages_per_block - 1), last_page)]
+            for i in cutlass.range_constexpr(self.pages_per_block):
+                cute.copy(tma_atom, tXgX[None, 0, 0, cute.arch.shuffle_sync(page, i)], tXsX[None, i, 0, state.index],
+                          tma_bar_ptr=bar)
+        else:
+            blocks_per_page = self.cfg.page_size // self.tile_n
+            page = page_row[n_block // blocks_per_page]
+            cute.copy(tma_atom, tXgX[None, n_block % blocks_per_page, 0, page], tXsX[None, 0, 0, state.index],
+                      tma_bar_ptr=bar)
 
     @cute.jit
     def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, tiles: TileWork, tile):
@@ -870,6 +960,7 @@ class FlashAttentionForwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
+            t((b, sym()), Int32, 1) if cfg.page_size else None,
             vec(2) if cfg.tile.dynamic else None,
             *(_fake_fp8_scales(cfg, b, h, hk, dv) if cfg.dtype == "e4m3" else (None, None, None)),
             Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(0), Int32(1), Int32(132), Int32(1), Int32(1),

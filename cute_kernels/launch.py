@@ -67,7 +67,7 @@ if split_kv_setting not in ("auto", "0") and not split_kv_setting.isdigit():
 def _seqlens(req: "AttentionRequest") -> tuple[int, int]:
     """(max query rows, max keys) of a sequence."""
     return (req.max_seqlen_q if req.packed_q else req.q.shape[1],
-            req.max_seqlen_k if req.packed_k else req.k.shape[1])
+            req.max_seqlen_k if req.packed_k or req.paged else req.k.shape[1])
 
 
 def config_for(req: "AttentionRequest") -> FwdConfig:
@@ -84,7 +84,7 @@ def config_for(req: "AttentionRequest") -> FwdConfig:
         seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
         short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
         pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
-        hdimv_in=0 if dv == req.headdim_v else req.headdim_v,
+        hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size,
     )
     cfg = make(split_kv=False)
     return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
@@ -222,6 +222,8 @@ def _run_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out_dtype: tor
 
 def q_empty_or_no_keys(req: "AttentionRequest") -> bool:
     k = req.k
+    if req.paged:
+        return req.q.numel() == 0 or req.max_seqlen_k == 0 or k.shape[0] == 0
     return req.q.numel() == 0 or k.shape[-3] == 0 or (not req.packed_k and k.shape[0] == 0)
 
 
@@ -363,6 +365,7 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
     max_seqlen_q, ints = sequence_args(req, q, g)
     if max_seqlen_q == 0:
         return out, lse
+    ints.append(_int32(req.page_table))  # paged: the pages of each sequence (k, v: the page pools)
     ints.append(tile_counters(dev) if cfg.tile.dynamic else None)
     ints.extend(fp8_scales)
     scalars = (scale_log2, premul, p.window_left, p.window_right, p.attention_chunk, max_seqlen_q, _num_sms(dev), 1,

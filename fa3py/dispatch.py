@@ -151,7 +151,10 @@ def choose(req: AttentionRequest, backward: bool = False, backend: Optional[str]
         if why is None:
             return Choice(name, load(name)[0], tuple(passed))
         passed.append((name, why))
-    raise AssertionError("the torch backend serves every request")  # pragma: no cover
+    # Only a request validation does not build (paged K / V, which flash_attn_with_kvcache
+    # gathers when no backend reads its pages) gets here: the torch backend serves the rest.
+    raise BackendUnavailable("fa3py: no backend serves this request: "
+                             + "; ".join(f"{n}: {r}" for n, r in passed))
 
 
 def _forward_only(name: str, req: AttentionRequest) -> bool:

@@ -3,11 +3,17 @@
 
 `flash_attn_with_kvcache` runs in three steps, all on the device (no host sync, so a decode step
 can be captured in a CUDA graph; the value checks read the index tensors on the host only
-outside capture): the new k / v (k rotated) are written into the cache in place; when the
-keys are not already a plain (batch, seqlen, ...) prefix of the cache (paged, cache_batch_idx,
-cache_leftpad) each sequence's keys are gathered into a contiguous K / V; then the normal
-kernels run on (rotated q, K, V) with seqused_k. On Hopper the cute kernel reads the gathered
-K / V; reading pages in the kernel (FA3's paged TMA loads) is not there yet.
+outside capture): the new k / v (k rotated) are written into the cache in place; then the
+attention runs on (rotated q, the cache) with seqused_k.
+
+Paged caches: on Hopper the cute kernel reads the pages itself (the request carries the page
+table, rows picked by cache_batch_idx; its producer TMAs each KV block from its page, or from
+tile_n / page_size pages) for the page sizes it serves: multiples of its KV tile (128 keys at
+hdim 64 / 128, 112 at 96 (128 up to 512 keys), 96 at 192, 64 at 256) and divisors of the tile
+that are multiples of 8 (8, 16, 32, 64 at hdim 128), without cache_leftpad. Anything else (other
+page sizes, cache_leftpad, other backends, cache_batch_idx or cache_leftpad on a contiguous
+cache) gathers each sequence's keys into a contiguous (batch, capacity, ...) K / V first
+(`_gather_keys`).
 """
 
 from __future__ import annotations
@@ -105,8 +111,8 @@ def flash_attn_with_kvcache(
     scheduler_metadata, num_splits, pack_gqa are scheduling hints that never change results.
     Returns out (q's layout, headdim_v), or with return_softmax_lse (out, softmax_lse,
     out_accum, softmax_lse_accum) as FA3 does; fa3py's split partials never leave the kernels,
-    so the last two are empty tensors. Non-Hopper paths and paged caches gather the keys (see
-    the module docstring).
+    so the last two are empty tensors. Paged caches are read in place by the Hopper kernel for
+    the page sizes it serves; other cases gather the keys (see the module docstring).
     """
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x)
@@ -281,24 +287,49 @@ def flash_attn_with_kvcache(
         q = _rotate(q.reshape(-1, *q.shape[-2:]), rotary_cos[pos].unsqueeze(1), rotary_sin[pos].unsqueeze(1),
                     rotary_interleaved).view(q.shape)
 
-    # 2. the keys of each sequence as a (batch, capacity, ...) prefix of K / V
-    if gather:
-        pos = torch.arange(capacity, device=device).unsqueeze(0)
-        if cache_leftpad is not None:
-            pos = (pos + cache_leftpad.long().unsqueeze(1)).clamp_(max=capacity - 1)
-        i, j = locate(torch.arange(batch, device=device).unsqueeze(1), pos)
-        keys, values = k_cache[i, j], v_cache[i, j]
+    # 2. the keys: the pages, where the backend reads them itself; else each sequence's keys as a
+    # (batch, capacity, ...) prefix of K / V
+    choice = None
+    if paged and cache_leftpad is None:
+        table = page_table if cache_batch_idx is None else page_table[rows]
+        choice = _page_reader(dataclasses.replace(req, q=q, k=k_cache, v=v_cache, page_table=table))
+    if choice is not None:
+        req = dataclasses.replace(req, q=q, k=k_cache, v=v_cache, page_table=table)
     else:
-        keys, values = k_cache, v_cache
+        keys, values = (_gather_keys(k_cache, v_cache, locate, batch, capacity, cache_leftpad) if gather
+                        else (k_cache, v_cache))
+        req = dataclasses.replace(req, q=q, k=keys, v=values)
+        choice = dispatch.choose(req, backward=False)
 
     # 3. attention
-    req = dataclasses.replace(req, q=q, k=keys, v=values)
     with torch.no_grad():
-        out, lse = dispatch.choose(req, backward=False).module.forward(req)
+        out, lse = choice.module.forward(req)
     if not return_softmax_lse:
         return out
     empty = torch.empty(0, dtype=torch.float32, device=device)
     return out, lse, empty, empty
+
+
+def _page_reader(req) -> Optional[dispatch.Choice]:
+    """The backend for paged request `req` when it reads the pages itself (cute_kernels on Hopper,
+    for the page sizes it serves), else None: the caller gathers the keys."""
+    try:
+        choice = dispatch.choose(req, backward=False)
+    except dispatch.BackendUnavailable:
+        return None
+    # (an empty request goes to torch, which reads no pages)
+    return choice if choice.module.why_not(req, False) is None else None
+
+
+def _gather_keys(k_cache, v_cache, locate, batch: int, capacity: int, cache_leftpad):
+    """Each sequence's keys and values as a (batch, capacity, ...) prefix of contiguous K / V
+    (positions from cache_leftpad[b] on, through `locate`: cache_batch_idx rows, pages)."""
+    device = k_cache.device
+    pos = torch.arange(capacity, device=device).unsqueeze(0)
+    if cache_leftpad is not None:
+        pos = (pos + cache_leftpad.long().unsqueeze(1)).clamp_(max=capacity - 1)
+    i, j = locate(torch.arange(batch, device=device).unsqueeze(1), pos)
+    return k_cache[i, j], v_cache[i, j]
 
 
 def _rotates_q_sequentially(causal, window_size, attention_chunk, max_seqlen_q, max_seqlen_k) -> bool:

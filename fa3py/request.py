@@ -11,6 +11,12 @@ Semantics (shared by every backend and by `fa3py.reference`):
   headdim) with ``cu_seqlens_q`` (batch + 1,) int32 offsets; likewise k/v with
   ``cu_seqlens_k``. Either side may be packed or batched independently. Tensors may be
   arbitrary strided views; a backend that needs a unit last stride copies by itself.
+* Paged K / V (``page_table``, built by `fa3py.flash_attn_with_kvcache` for a backend that reads
+  pages itself; `validation.make_request` never sets it): k / v are page pools (num_pages,
+  page_size, nheads_kv, headdim[_v]) and ``page_table`` (batch, max_pages) int32 says where each
+  sequence's keys are: key j of sequence b is row ``j % page_size`` of page
+  ``page_table[b, j // page_size]``. The keys are then batched, ``seqlen_k`` = max_pages *
+  page_size (``max_seqlen_k``). Backends that do not read pages refuse such a request.
 * Lengths. Sequence b has ``Lq = seqused_q[b]`` if given, else ``cu_seqlens_q[b+1] -
   cu_seqlens_q[b]`` (packed) or ``seqlen_q`` (batched); ``Lk`` likewise.
 * Heads. Query head h reads KV head ``h // (nheads // nheads_kv)`` (MQA/GQA).
@@ -82,6 +88,8 @@ class AttentionRequest:
     qv: Optional[torch.Tensor] = None  # MLA: scores gain qv . v (torch path and Triton forward)
     # Block-scaled FP8 operands (`fa3py.fp8.Fp8QKV`): q, k, v are then their float8 views.
     fp8_tensors: Optional[object] = None
+    # Paged K / V (see the module docstring): (batch, max_pages) int32; k / v are page pools.
+    page_table: Optional[torch.Tensor] = None
 
     # ---- shape facts -------------------------------------------------------------
     @property
@@ -97,6 +105,15 @@ class AttentionRequest:
     @property
     def packed_k(self) -> bool:
         return self.cu_seqlens_k is not None
+
+    @property
+    def paged(self) -> bool:
+        return self.page_table is not None
+
+    @property
+    def page_size(self) -> int:
+        """Rows of a K / V page (0 when not paged)."""
+        return self.k.shape[1] if self.page_table is not None else 0
 
     @property
     def batch(self) -> int:
@@ -150,6 +167,9 @@ class AttentionRequest:
 
     def seqlens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence (Lq, Lk) as int64 CPU tensors of shape (batch,)."""
+        if self.page_table is not None and self.seqused_k is None:
+            return (_lengths(self.q, self.cu_seqlens_q, self.seqused_q, self.batch),
+                    torch.full((self.batch,), self.page_table.shape[1] * self.page_size, dtype=torch.int64))
         return _lengths(self.q, self.cu_seqlens_q, self.seqused_q, self.batch), _lengths(
             self.k, self.cu_seqlens_k, self.seqused_k, self.batch
         )

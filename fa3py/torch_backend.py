@@ -19,6 +19,8 @@ BLOCK_K = 512
 
 
 def why_not(req: AttentionRequest, backward: bool) -> str | None:
+    if req.paged:  # flash_attn_with_kvcache gathers the pages for this backend
+        return "paged K / V (page_table) are read only by the cute kernel; gather the pages first"
     return None  # serves every request the validation admits
 
 

@@ -24,8 +24,10 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
     over positions; out and lse are written where the kernel writes them (padded rows left as
     initialized). Split-KV: split s attends to its run of the sequence's KV blocks (the kernel
     splits each m_block's own range: test_split_block_range_on_the_host) and writes its
-    normalized O and LSE at batch s * batch + b, or rows from s * total_q + offset. FP8
-    (`fp8_args`): `emulated_fp8_launch`."""
+    normalized O and LSE at batch s * batch + b, or rows from s * total_q + offset. Paged
+    (req.page_table): k and v are the page pools and sequence b's key j is read as the kernel's
+    producer reads it, row j % page_size of page page_table[b, j // page_size], its length
+    seqused_k[b] or the table row's pages. FP8 (`fp8_args`): `emulated_fp8_launch`."""
     if fp8_args.get("fp8_constants") is not None:
         return emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits, **fp8_args)
     g, p = cfg.pack_gqa, req.params
@@ -36,11 +38,19 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
         k0 = int(cu_k[b]) if cu_k is not None else 0
         sq = (int(cu_q[b + 1]) - q0) if cu_q is not None else q.shape[1]
         sk = (int(cu_k[b + 1]) - k0) if cu_k is not None else k.shape[1]
+        if req.paged:
+            sk = req.page_table.shape[1] * req.page_size
         sq = int(used_q[b]) if used_q is not None else sq
         sk = int(used_k[b]) if used_k is not None else sk
         assert sq <= max_rows
         qb = (q[q0:q0 + sq] if req.packed_q else q[b, :sq]).float()
-        kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
+        if req.paged:
+            assert cfg.page_size == req.page_size and cu_k is None
+            j = torch.arange(sk)
+            page = req.page_table[b].long()[j // req.page_size]
+            kb, vb = (x[page, j % req.page_size].float() for x in (k, v))
+        else:
+            kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
         # GQA left unpacked: query head h reads KV head h // (heads / KV heads)
         kb, vb = (x.repeat_interleave(qb.shape[1] // x.shape[1], dim=1) for x in (kb, vb))
         s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale

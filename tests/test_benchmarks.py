@@ -562,3 +562,25 @@ def test_gpu_paired_backward(pass_):
         if kernel:
             assert rows[128]["backward_ran_on"]["fa3py:cute-bwd"] == "cute"
             assert "fa3py:cute-bwd" not in rows[256]["ms"] and "sdpa:cudnn" in rows[256]["ms"]
+
+
+@pytest.mark.parametrize("page_size", [0, 16, 48])
+def test_kvcache_providers_hold_the_case_keys(page_size):
+    """--paged's providers: the contiguous and paged caches `prepare` builds hold the case's keys
+    (pages shuffled through the pool), so flash_attn_with_kvcache gives attention's result (on the
+    CPU, the torch path after the gather)."""
+    import fa3py
+    from benchmarks.providers import Case, kvcache_provider
+
+    case = Case(batch=2, nheads=4, seqlen=70, hdim=32, causal=True, mode="fwd", dtype=torch.bfloat16, seqlen_q=3,
+                nheads_kv=2)
+    q, k, v = (torch.randn(2, n, h, 32).to(torch.bfloat16) for n, h in ((3, 4), (70, 2), (70, 2)))
+    provider = kvcache_provider(page_size)
+    assert provider.name == ("fa3py-kvcache:" + (f"paged{page_size}" if page_size else "contiguous"))
+    out = provider.load()(*provider.prepare(q, k, v, case), case)
+    assert torch.equal(out, fa3py.attention(q, k, v, causal=True))
+
+
+def test_paged_needs_a_gpu_and_fwd(tmp_path):
+    with pytest.raises(SystemExit, match="--paged"):
+        run.run(run.parse_args(["--device", "cpu", "--mode", "fwd", "--paged", "16", "--out", str(tmp_path)]))

@@ -286,3 +286,35 @@ def test_compile_tvm_ffi():
     fn = cute.compile(FlashAttentionForwardSm90(cfg), *FlashAttentionForwardSm90.fake_args(cfg, env_stream=True),
                       options="--enable-tvm-ffi --gpu-arch=sm_90a")
     assert callable(fn)
+
+
+PAGED = [
+    # (hdim, tensors' hdim, page_size, features): boxes per block = tile_n / page_size
+    (128, 128, 16, dict(split_kv=True, pack_gqa=8)),  # 8 boxes, flash_attn_with_kvcache's decode
+    (128, 128, 64, dict(pack_gqa=4, has_right=True, cu_seqlens_q=True)),  # 2 boxes, varlen q, causal
+    (128, 128, 256, dict(split_kv=True, pack_gqa=8)),  # one box, two blocks a page
+    (64, 64, 128, dict(has_right=True)),  # one box a block (tile 192x128, 3 consumer WGs)
+    (256, 256, 16, dict(split_kv=True)),  # 4 boxes of 16 rows (tile_n 64, O in two chunks)
+    (96, 80, 56, dict(pack_gqa=2)),  # tile_n 112: 2 boxes; head dim padded (TMA zero fill)
+]
+
+
+@pytest.mark.parametrize("hdim,d,page_size,features", PAGED,
+                         ids=[f"d{d}-page{p}-" + "-".join(f) for _, d, p, f in PAGED])
+def test_compile_paged(hdim, d, page_size, features):
+    """Paged K / V: the producer's TMAs, one per page box (two 64-column boxes per row tile at
+    hdim >= 128), its page table reads (one LDG per load site, lane-parallel) and shuffles, no spills
+    at 32 producer registers."""
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    cfg = FwdConfig.make("bf16", hdim, seqused_k=True, page_size=page_size, hdim_in=0 if d == hdim else d,
+                         hdimv_in=0 if d == hdim else d, **features)
+    kernel = FlashAttentionForwardSm90(cfg)
+    assert kernel.pages_per_block == max(1, cfg.tile.tile_n // page_size) and cfg.tile.producer_regs == 32
+    text = []
+    ops = _compile_and_check(cfg, text)
+    assert "USETMAXREG.DEALLOC.CTAPOOL 0x20" in text[0]
+    contiguous = _compile_and_check(dataclasses.replace(cfg, page_size=0))
+    # K and V each load at two sites (the tile's first block and the loop), unrolled per box
+    assert ops["UTMALDG"] > contiguous["UTMALDG"] or kernel.pages_per_block == 1
+    assert (ops["SHFL"] > contiguous["SHFL"]) == (kernel.pages_per_block > 1)

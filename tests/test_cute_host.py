@@ -598,3 +598,27 @@ def test_tile_order_on_the_host(persistent, lpt):
             assert {h + heads * b for _, h, b in section} == set(range(lo, hi))
             ms = [m for m, _, _ in section]
             assert ms == sorted(ms, reverse=True)  # longest first within the section
+
+
+@pytest.mark.parametrize("hdim,page_sizes", [
+    (128, {8: True, 16: True, 32: True, 64: True, 128: True, 256: True, 384: True, 24: False, 4: False, 1: False,
+           192: False, 200: False}),
+    (256, {16: True, 64: True, 192: True, 48: False, 96: False}),  # tile_n 64
+    (96, {8: True, 16: True, 56: True, 112: True, 224: True, 32: False, 128: False}),  # tile_n 112
+])
+def test_paged_page_sizes_served(hdim, page_sizes):
+    """why_not serves paged K / V whose pages tile the config's KV blocks (config.page_size_ok)
+    and names the rule otherwise; never the backward, FP8 or cu_seqlens_k."""
+    for page_size, served in page_sizes.items():
+        q = torch.randn(2, 1, 8, hdim, dtype=torch.bfloat16)
+        width = -(-1024 // page_size)  # > SHORT_SEQLEN_K keys: the table's tiles (hdim 96: 128 when short)
+        pages = torch.randn(2 * width, page_size, 2, hdim, dtype=torch.bfloat16)
+        table = torch.arange(2 * width, dtype=torch.int32).view(2, width)
+        req = make_req(q, pages, pages, page_table=table, max_seqlen_k=width * page_size)
+        reason = cute_kernels.why_not(req, backward=False)
+        assert (reason == "cute_kernels: CUDA tensors only") == served, (page_size, reason)
+        if not served:
+            assert f"page_size {page_size}" in reason
+        assert "forward only" in cute_kernels.why_not(req, backward=True)
+        cfg = launch.config_for(req)
+        assert cfg.page_size == page_size and launch._seqlens(req) == (1, width * page_size)

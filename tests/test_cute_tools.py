@@ -71,7 +71,7 @@ def test_sass_cli_backward(capsys):
     out = capsys.readouterr().out
     assert "# bwd fp16 d64 tile64x128" in out and "cu_seqlens_q" in out and "seqused_k" in out
     assert "UBLKRED" in out and "STACK 0 LOCAL 0" in out and "required: ok" in out
-    for argv, why in ((["--dtype", "fp8"], "bf16 / fp16 only"), (["--hdim", "192"], "round up to one of [64, 96, 128]"),
+    for argv, why in ((["--dtype", "fp8"], "bf16 / fp16 only"), (["--hdim", "264"], "round up to one of [64, 96, 128, 192, 256]"),
                       (["--split-kv"], "--split-kv: forward options"), (["--hdimv", "64"], "--hdimv: forward options")):
         with pytest.raises(SystemExit) as e:
             sass.main(["--bwd", *argv])
@@ -88,7 +88,7 @@ def test_fingerprint_backward_section(tmp_path, capsys):
     from benchmarks import cute_fingerprint
 
     bwd = cute_fingerprint.bwd_cases()
-    assert len(bwd) == 18 and all(label.startswith("bwd ") for label in bwd)
+    assert len(bwd) == 21 and all(label.startswith("bwd ") for label in bwd)
     assert not set(bwd) & set(cute_fingerprint.cases())
     assert not [label for label in bwd if re.search("bf16 d128x128 causal$", label)]  # test_fingerprint_cli's
     assert type(cute_fingerprint.make_config("bwd bf16 d64 nc", bwd["bwd bf16 d64 nc"])).__name__ == "BwdConfig"

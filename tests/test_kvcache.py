@@ -4,6 +4,7 @@ per-sequence loop written from FA3's semantics), on the torch path and in the Tr
 interpreter. The KV cache is the one input updated (in place, as FA3 does); every other input
 is checked unchanged."""
 
+import dataclasses
 import itertools
 import math
 import os
@@ -277,3 +278,153 @@ def test_rotary_table_only_as_long_as_needed():
     run_and_check(kw)
     with pytest.raises(ValueError, match="rotary_cos"):
         run_and_check(kw, causal=True)
+
+
+# ---- paged K / V read by the cute kernel (sm90 emulated on the CPU) --------------------------
+cute_emulation = pytest.importorskip("tests.cute_emulation") if not torch.cuda.is_available() else None
+emulated_sm90 = cute_emulation.emulated_sm90 if cute_emulation is not None else None
+
+
+def _paged(page_size, *, batch=3, q_len=1, heads=8, heads_kv=2, d=64, cap=700, seqlens=(1, 383, 700), new=1,
+           varlen_q=False, batch_idx=False, seed=1, device="cpu"):
+    """A decode-shaped paged flash_attn_with_kvcache call (kwargs): pages shuffled in a pool with
+    spare pages, ragged cache_seqlens (new tokens appended after them), optionally varlen q and a
+    cache_batch_idx over twice the sequences."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(device)  # noqa: E731
+    rows = 2 * batch if batch_idx else batch
+    per_seq = math.ceil(cap / page_size)
+    pages = per_seq * rows + 5
+    kw = dict(k_cache=rand(pages, page_size, heads_kv, d), v_cache=rand(pages, page_size, heads_kv, d),
+              page_table=torch.randperm(pages, generator=g)[:per_seq * rows].view(rows, per_seq).to(torch.int32)
+              .to(device),
+              cache_seqlens=torch.tensor([min(s, per_seq * page_size - new) for s in seqlens], dtype=torch.int32,
+                                         device=device))
+    if varlen_q:
+        lens = [q_len + i % 3 for i in range(batch)]
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+        kw.update(q=rand(int(cu[-1]), heads, d), cu_seqlens_q=cu, max_seqlen_q=max(lens))
+    else:
+        kw.update(q=rand(batch, q_len, heads, d))
+    if new:
+        kw.update(k=rand(batch, new, heads_kv, d), v=rand(batch, new, heads_kv, d))
+    if batch_idx:
+        kw["cache_batch_idx"] = torch.randperm(rows, generator=g)[:batch].to(torch.int32).to(device)
+    return kw
+
+
+def _no_gather(*args, **kwargs):
+    raise AssertionError("the paged cache was gathered")
+
+
+def _record_launches(monkeypatch):
+    """The configs the cute kernel is launched with (wrapping the emulated launch), and their splits."""
+    from cute_kernels import launch
+
+    seen, inner = [], launch.launch_kernel
+
+    def recording(req, cfg, *args, **kw):
+        seen.append((cfg, req))
+        return inner(req, cfg, *args, **kw)
+
+    monkeypatch.setattr(launch, "launch_kernel", recording)
+    return seen
+
+
+PAGED_CASES = {
+    "decode_gqa": dict(),
+    "split": dict(call=dict(num_splits=3)),
+    "queries4_causal": dict(q_len=4, call=dict(causal=True)),
+    "varlen_q_causal": dict(varlen_q=True, q_len=2, call=dict(causal=True)),
+    "batch_idx_mha": dict(batch_idx=True, heads=2, call=dict(window_size=(300, 0))),
+    "no_new_whole_cache": dict(new=0, drop_seqlens=True),
+}
+
+
+@pytest.mark.skipif(cute_emulation is None, reason="emulates sm90 on the CPU")
+@pytest.mark.parametrize("case", list(PAGED_CASES))
+@pytest.mark.parametrize("page_size", [16, 64, 128, 256])
+def test_paged_read_by_the_kernel_emulated_sm90(emulated_sm90, monkeypatch, page_size, case):
+    """On sm90 a paged cache goes to the cute kernel as pages (no gather), with the page size in
+    its config, GQA packing and split-KV as for contiguous keys; results match the float64
+    reference."""
+    from fa3py import kvcache
+
+    opts = dict(PAGED_CASES[case])
+    call, drop = opts.pop("call", {}), opts.pop("drop_seqlens", False)
+    kw = _paged(page_size, **opts)
+    if drop:
+        kw.pop("cache_seqlens")
+    monkeypatch.setattr(kvcache, "_gather_keys", _no_gather)
+    seen = _record_launches(monkeypatch)
+    run_and_check(kw, **call)
+    assert len(seen) == 1
+    cfg, req = seen[0]
+    assert cfg.page_size == page_size and req.page_table is not None and req.k.shape[1] == page_size
+    heads, heads_kv = kw["q"].shape[-2], kw["k_cache"].shape[-2]
+    assert (cfg.pack_gqa > 1) == (heads > heads_kv)
+    assert cfg.split_kv == (case == "split")
+
+
+@pytest.mark.skipif(cute_emulation is None, reason="emulates sm90 on the CPU")
+@pytest.mark.parametrize("page_size,extra", [(8, {}), (24, {}), (1, {}), (200, {}), (64, {"leftpad": True})])
+def test_paged_gathered_where_the_kernel_does_not_read_pages_emulated_sm90(emulated_sm90, monkeypatch, page_size,
+                                                                          extra):
+    """Page sizes the kernel does not tile KV blocks with (8 would need 16 boxes a block at hdim
+    64: served; 24, 1, 200 not) and cache_leftpad gather the keys, then run contiguous."""
+    from fa3py import kvcache
+
+    kw = _paged(page_size, cap=300, seqlens=(5, 150, 299))
+    if extra.get("leftpad"):
+        kw["cache_leftpad"] = torch.tensor([0, 3, 17], dtype=torch.int32)
+    gathered, inner = [], kvcache._gather_keys
+    monkeypatch.setattr(kvcache, "_gather_keys", lambda *a: gathered.append(1) or inner(*a))
+    seen = _record_launches(monkeypatch)
+    run_and_check(kw, causal=True)
+    served = page_size == 8
+    assert len(gathered) == (0 if served else 1)
+    assert len(seen) == 1 and (seen[0][0].page_size == (page_size if served else 0))
+
+
+def test_paged_requests_are_refused_by_the_contiguous_backends():
+    """triton and torch refuse a request with a page table (flash_attn_with_kvcache gathers for
+    them); with no backend left the dispatcher says so."""
+    import triton_fallback
+
+    from fa3py import dispatch, torch_backend
+
+    kw = _paged(16, cap=64, seqlens=(3, 40, 64), new=0)
+    req = make_request(kw["q"], *(torch.empty((), dtype=torch.bfloat16).expand(3, 64, 2, 64),) * 2)
+    req = dataclasses.replace(req, k=kw["k_cache"], v=kw["v_cache"], page_table=kw["page_table"])
+    assert "page" in torch_backend.why_not(req, False) and "page" in triton_fallback.why_not(req, False)
+    with pytest.raises(dispatch.BackendUnavailable, match="no backend serves"):
+        dispatch.choose(req)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("batch,q_len,causal,splits", [(1, 1, False, 0), (8, 4, True, 0), (64, 1, False, 1),
+                                                       (3, 2, True, 5)])
+def test_gpu_paged_bitwise_equal_to_contiguous(monkeypatch, page_size, batch, q_len, causal, splits):
+    """hdim 128, 32 / 8 heads, one token appended: the paged cache read by the kernel gives the bits
+    of the same keys in a contiguous cache (same tiles, GQA packing and splits: only where the
+    producer reads a block from differs), and no gather on sm90."""
+    from fa3py import kvcache
+
+    cap = 1000 + 17 * page_size  # not a multiple of the KV tile
+    seqlens = [cap - 1 - 37 * b for b in range(batch)]
+    kw = _paged(page_size, batch=batch, q_len=q_len, heads=32, heads_kv=8, d=128, cap=cap, seqlens=seqlens,
+                device="cuda")
+    table = kw["page_table"].long()
+    contiguous = dict(kw, page_table=None)
+    for name in ("k_cache", "v_cache"):
+        contiguous[name] = kw[name][table].flatten(1, 2).contiguous()  # (batch, pages * page_size, ...)
+    if torch.cuda.get_device_capability()[0] == 9:
+        monkeypatch.setattr(kvcache, "_gather_keys", _no_gather)
+    call = dict(causal=causal, num_splits=splits, return_softmax_lse=True)
+    out_p, lse_p, *_ = fa3py.flash_attn_with_kvcache(**kw, **call)
+    out_c, lse_c, *_ = fa3py.flash_attn_with_kvcache(**contiguous, **call)
+    assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+    assert torch.equal(kw["k_cache"][table].flatten(1, 2), contiguous["k_cache"])  # the same token appended
+    run_and_check(_paged(page_size, batch=batch, q_len=q_len, heads=32, heads_kv=8, d=128, cap=cap,
+                         seqlens=seqlens, device="cuda"), causal=causal, num_splits=splits)

@@ -24,6 +24,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def why_not(req: AttentionRequest, backward: bool) -> str | None:
+    if req.paged:  # flash_attn_with_kvcache gathers the pages for this backend
+        return "paged K / V (page_table): the Triton kernels read contiguous keys; gather the pages first"
     # the block-scaled FP8 format (fa3py.fp8); fp8=True's backward is the 16-bit one (checked below)
     if req.fp8_tensors is not None or (req.params.fp8 and not backward):
         return fp8_fwd.why_not(req, backward)
