@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 
 from . import dispatch
-from .validation import _check_int_tensor, _check_tensor, _fail, _host_values, make_request
+from .validation import _check_tensor, _fail, check_kvcache, make_request, rotates_q_sequentially
 
 
 def _rotate(x, cos, sin, interleaved: bool):
@@ -51,11 +51,6 @@ def _token_index(cu: Optional[torch.Tensor], batch: int, length: int, total: int
     n = torch.arange(total, device=device)
     b = torch.searchsorted(cu[1:].long(), n, right=True)
     return b, n - cu.long()[b]
-
-
-def _check_optional_int(name, x, device, batch):
-    if x is not None:
-        _check_int_tensor(name, x, device, batch)
 
 
 def flash_attn_with_kvcache(
@@ -114,129 +109,12 @@ def flash_attn_with_kvcache(
     so the last two are empty tensors. Paged caches are read in place by the Hopper kernel for
     the page sizes it serves; other cases gather the keys (see the module docstring).
     """
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_tensor(name, x)
-    if sm_margin != 0:
-        raise NotImplementedError(f"fa3py: `sm_margin` must be 0 (reserving SMs is not supported yet), got {sm_margin}")
-    if scheduler_metadata is not None:
-        _check_tensor("scheduler_metadata", scheduler_metadata)
-    device, dtype = q.device, q.dtype
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dim() != 4:
-            _fail(ValueError, name, f"must be 4-D (batch_cache or num_pages, seqlen_cache or page_size, nheads_kv, "
-                                    f"headdim), got shape {tuple(x.shape)}")
-        if x.dtype != dtype:
-            _fail(TypeError, name, f"must have the same dtype as q ({dtype}), got {x.dtype}")
-        if x.device != device:
-            _fail(ValueError, name, f"must be on the same device as q ({device}), got {x.device}")
-    if k_cache.shape[:3] != v_cache.shape[:3]:
-        _fail(ValueError, "v_cache", f"must match k_cache in every dim but the last: {tuple(k_cache.shape)} vs "
-                                     f"{tuple(v_cache.shape)}")
-    packed_q = cu_seqlens_q is not None
-    if packed_q:
-        _check_tensor("cu_seqlens_q", cu_seqlens_q)
-        batch = cu_seqlens_q.shape[0] - 1
-    else:
-        if q.dim() != 4:
-            _fail(ValueError, "q", f"must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
-        batch = q.shape[0]
-    hk, d, dv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
-
-    # cache layout: capacity per sequence, rows
-    paged = page_table is not None
-    if paged:
-        _check_tensor("page_table", page_table)
-        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.device != device:
-            _fail(TypeError, "page_table", f"must be a 2-D (batch, max_pages) torch.int32 tensor on {device}, got "
-                                           f"{page_table.dtype} {tuple(page_table.shape)} on {page_table.device}")
-        capacity = page_table.shape[1] * k_cache.shape[1]
-        rows_available = page_table.shape[0]
-    else:
-        capacity = k_cache.shape[1]
-        rows_available = k_cache.shape[0]
-    _check_optional_int("cache_batch_idx", cache_batch_idx, device, batch)
-    _check_optional_int("cache_leftpad", cache_leftpad, device, batch)
-    _check_optional_int("rotary_seqlens", rotary_seqlens, device, batch)
-    if cache_batch_idx is None and rows_available != batch:
-        what = "page_table" if paged else "k_cache"
-        _fail(ValueError, what, f"has {rows_available} rows; without cache_batch_idx it needs one per sequence "
-                                f"({batch})")
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
-    elif cache_seqlens is not None:
-        _check_int_tensor("cache_seqlens", cache_seqlens, device, batch)
-
-    # new keys / values
-    new_lens = None
-    if (k is None) != (v is None):
-        _fail(ValueError, "v" if k is not None else "k", "k and v must be given together")
-    if k is not None:
-        if cache_seqlens is None:
-            _fail(ValueError, "cache_seqlens", "is needed with k / v: it says where they are appended")
-        _check_tensor("k", k)
-        _check_tensor("v", v)
-        want = 3 if cu_seqlens_k_new is not None else 4
-        for name, x, dim in (("k", k, d), ("v", v, dv)):
-            if x.dim() != want or x.shape[-2:] != (hk, dim) or x.dtype != dtype or x.device != device:
-                layout = "(total_new, nheads_kv, headdim)" if want == 3 else "(batch, seqlen_new, nheads_kv, headdim)"
-                _fail(ValueError, name, f"must be {layout} matching the cache's heads / head dim, dtype {dtype} on "
-                                        f"{device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
-        if k.shape[:-1] != v.shape[:-1]:
-            _fail(ValueError, "v", f"must match k in every dim but the last: k {tuple(k.shape)}, v {tuple(v.shape)}")
-        if cu_seqlens_k_new is not None:
-            _check_int_tensor("cu_seqlens_k_new", cu_seqlens_k_new, device, batch + 1)
-            new_lens = (cu_seqlens_k_new[1:] - cu_seqlens_k_new[:-1])
-        else:
-            if k.shape[0] != batch:
-                _fail(ValueError, "k", f"batch size {k.shape[0]} must equal q's batch size {batch}")
-            new_lens = torch.full((batch,), k.shape[1], dtype=torch.int32, device=device)
-    elif cu_seqlens_k_new is not None:
-        _fail(ValueError, "cu_seqlens_k_new", "is only meaningful with k / v")
-
-    # rotary
-    if rotary_cos is not None or rotary_sin is not None:
-        if rotary_cos is None or rotary_sin is None:
-            _fail(ValueError, "rotary_sin" if rotary_cos is not None else "rotary_cos",
-                  "rotary_cos and rotary_sin must be given together")
-        if k is None:
-            _fail(ValueError, "rotary_cos", "needs the new k / v to rotate (as in FlashAttention-3)")
-        for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            _check_tensor(name, x)
-            if x.dim() != 2 or x.shape != rotary_cos.shape or x.dtype != dtype or x.device != device:
-                _fail(ValueError, name, f"must be 2-D (seqlen_ro, rotary_dim / 2) like rotary_cos, dtype {dtype} on "
-                                        f"{device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
-        rotary_dim = 2 * rotary_cos.shape[1]
-        if rotary_dim % 16 or rotary_dim > d:
-            _fail(ValueError, "rotary_cos", f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a multiple "
-                                            f"of 16 and at most headdim {d}")
-        if dtype not in (torch.float16, torch.bfloat16):
-            _fail(NotImplementedError, "rotary_cos", f"rotary embedding needs fp16/bf16 inputs, got {dtype}")
-
-    # value checks on the host (skipped while a CUDA graph is captured or torch.compile traces)
-    seqlens_host = _host_values(cache_seqlens) if cache_seqlens is not None else None
-    if seqlens_host is not None:
-        end = seqlens_host + (_host_values(new_lens) if new_lens is not None else 0)
-        if (seqlens_host < 0).any() or (end > capacity).any():
-            _fail(ValueError, "cache_seqlens", f"plus the new tokens must lie in [0, {capacity}] (the cache's "
-                                               f"length), got {seqlens_host.tolist()} + new")
-        if cache_leftpad is not None:
-            pad = _host_values(cache_leftpad)
-            if (pad < 0).any() or (pad > end).any():
-                _fail(ValueError, "cache_leftpad", f"must lie in [0, cache_seqlens + new], got {pad.tolist()}")
-    if rotary_cos is not None and seqlens_host is not None:
-        base = _host_values(rotary_seqlens) if rotary_seqlens is not None else seqlens_host
-        new_max = int(_host_values(new_lens).max()) if batch else 0
-        q_len = max_seqlen_q if packed_q and max_seqlen_q is not None else q.shape[0 if packed_q else 1]
-        if not _rotates_q_sequentially(causal, window_size, attention_chunk, q_len, capacity):
-            q_len = 1  # every q token at rotary_seqlens
-        last = base + max(new_max, q_len) - 1
-        if batch and int(last.max()) >= rotary_cos.shape[0]:
-            _fail(ValueError, "rotary_cos", f"has {rotary_cos.shape[0]} positions; rotating at rotary_seqlens "
-                                            f"{base.tolist()} plus the new tokens needs {int(last.max()) + 1}")
-    if cache_batch_idx is not None:
-        idx = _host_values(cache_batch_idx)
-        if idx is not None and ((idx < 0) | (idx >= rows_available)).any():
-            _fail(ValueError, "cache_batch_idx", f"must index the {rows_available} cache rows, got {idx.tolist()}")
+    kv = check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                       cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, max_seqlen_q, rotary_seqlens,
+                       causal, window_size, attention_chunk, scheduler_metadata, sm_margin)
+    device, dtype, batch, packed_q, paged = q.device, q.dtype, kv.batch, cu_seqlens_q is not None, page_table is not None
+    hk, d, dv, capacity = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3], kv.capacity
+    cache_seqlens, new_lens = kv.cache_seqlens, kv.new_lens
 
     rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=device)
 
@@ -281,7 +159,7 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None:
         max_q = req.max_seqlen_q
         qb, qt = _token_index(cu_seqlens_q, batch, q.shape[1] if not packed_q else 0, q.shape[0], device)
-        if not _rotates_q_sequentially(causal, window_size, attention_chunk, max_q, capacity):
+        if not rotates_q_sequentially(causal, window_size, attention_chunk, max_q, capacity):
             qt = torch.zeros_like(qt)
         pos = ro_base.long()[qb] + qt
         q = _rotate(q.reshape(-1, *q.shape[-2:]), rotary_cos[pos].unsqueeze(1), rotary_sin[pos].unsqueeze(1),
@@ -330,14 +208,6 @@ def _gather_keys(k_cache, v_cache, locate, batch: int, capacity: int, cache_left
         pos = (pos + cache_leftpad.long().unsqueeze(1)).clamp_(max=capacity - 1)
     i, j = locate(torch.arange(batch, device=device).unsqueeze(1), pos)
     return k_cache[i, j], v_cache[i, j]
-
-
-def _rotates_q_sequentially(causal, window_size, attention_chunk, max_seqlen_q, max_seqlen_k) -> bool:
-    """FA3 rotates q token t at rotary_seqlens + t when causal or local, else every token at
-    rotary_seqlens. It drops a window side that covers the whole cache / query first."""
-    left, right = (int(w) for w in window_size)
-    local = (0 <= left < max_seqlen_k - 1) or (0 <= right < max_seqlen_q - 1) or attention_chunk > 0
-    return bool(causal) or local
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -286,3 +287,162 @@ def make_request(
         max_seqlen_q=max_q, max_seqlen_k=max_k,
         q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], qv=qv,
     )
+
+
+@dataclass(frozen=True)
+class KvCacheArgs:
+    """What `check_kvcache` derives from flash_attn_with_kvcache's arguments."""
+
+    batch: int
+    capacity: int  # key positions a sequence's cache holds (pages per row * page_size when paged)
+    rows_available: int  # cache rows (or page table rows) cache_batch_idx may pick
+    cache_seqlens: Optional[torch.Tensor]  # (batch,) int32 (an int argument made a tensor), or None
+    new_lens: Optional[torch.Tensor]  # (batch,) tokens of the new k / v per sequence, or None
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                  page_table, cu_seqlens_q, cu_seqlens_k_new, max_seqlen_q, rotary_seqlens, causal, window_size,
+                  attention_chunk, scheduler_metadata, sm_margin) -> KvCacheArgs:
+    """flash_attn_with_kvcache's own arguments (the cache, the new k / v, rotary, the index
+    tensors); the attention arguments are `make_request`'s. Value checks read the index tensors
+    on the host, skipped while a CUDA graph is captured or torch.compile traces."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x)
+    if sm_margin != 0:
+        raise NotImplementedError(f"fa3py: `sm_margin` must be 0 (reserving SMs is not supported yet), got {sm_margin}")
+    if scheduler_metadata is not None:
+        _check_tensor("scheduler_metadata", scheduler_metadata)
+    device, dtype = q.device, q.dtype
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dim() != 4:
+            _fail(ValueError, name, f"must be 4-D (batch_cache or num_pages, seqlen_cache or page_size, nheads_kv, "
+                                    f"headdim), got shape {tuple(x.shape)}")
+        if x.dtype != dtype:
+            _fail(TypeError, name, f"must have the same dtype as q ({dtype}), got {x.dtype}")
+        if x.device != device:
+            _fail(ValueError, name, f"must be on the same device as q ({device}), got {x.device}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        _fail(ValueError, "v_cache", f"must match k_cache in every dim but the last: {tuple(k_cache.shape)} vs "
+                                     f"{tuple(v_cache.shape)}")
+    packed_q = cu_seqlens_q is not None
+    if packed_q:
+        _check_tensor("cu_seqlens_q", cu_seqlens_q)
+        batch = cu_seqlens_q.shape[0] - 1
+    else:
+        if q.dim() != 4:
+            _fail(ValueError, "q", f"must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+        batch = q.shape[0]
+    hk, d, dv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
+
+    # cache layout: capacity per sequence, rows
+    paged = page_table is not None
+    if paged:
+        _check_tensor("page_table", page_table)
+        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.device != device:
+            _fail(TypeError, "page_table", f"must be a 2-D (batch, max_pages) torch.int32 tensor on {device}, got "
+                                           f"{page_table.dtype} {tuple(page_table.shape)} on {page_table.device}")
+        capacity = page_table.shape[1] * k_cache.shape[1]
+        rows_available = page_table.shape[0]
+    else:
+        capacity = k_cache.shape[1]
+        rows_available = k_cache.shape[0]
+    _check_optional_int_tensor("cache_batch_idx", cache_batch_idx, device, batch)
+    _check_optional_int_tensor("cache_leftpad", cache_leftpad, device, batch)
+    _check_optional_int_tensor("rotary_seqlens", rotary_seqlens, device, batch)
+    if cache_batch_idx is None and rows_available != batch:
+        what = "page_table" if paged else "k_cache"
+        _fail(ValueError, what, f"has {rows_available} rows; without cache_batch_idx it needs one per sequence "
+                                f"({batch})")
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    elif cache_seqlens is not None:
+        _check_int_tensor("cache_seqlens", cache_seqlens, device, batch)
+
+    # new keys / values
+    new_lens = None
+    if (k is None) != (v is None):
+        _fail(ValueError, "v" if k is not None else "k", "k and v must be given together")
+    if k is not None:
+        if cache_seqlens is None:
+            _fail(ValueError, "cache_seqlens", "is needed with k / v: it says where they are appended")
+        _check_tensor("k", k)
+        _check_tensor("v", v)
+        want = 3 if cu_seqlens_k_new is not None else 4
+        for name, x, dim in (("k", k, d), ("v", v, dv)):
+            if x.dim() != want or x.shape[-2:] != (hk, dim) or x.dtype != dtype or x.device != device:
+                layout = "(total_new, nheads_kv, headdim)" if want == 3 else "(batch, seqlen_new, nheads_kv, headdim)"
+                _fail(ValueError, name, f"must be {layout} matching the cache's heads / head dim, dtype {dtype} on "
+                                        f"{device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        if k.shape[:-1] != v.shape[:-1]:
+            _fail(ValueError, "v", f"must match k in every dim but the last: k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if cu_seqlens_k_new is not None:
+            _check_int_tensor("cu_seqlens_k_new", cu_seqlens_k_new, device, batch + 1)
+            new_lens = (cu_seqlens_k_new[1:] - cu_seqlens_k_new[:-1])
+        else:
+            if k.shape[0] != batch:
+                _fail(ValueError, "k", f"batch size {k.shape[0]} must equal q's batch size {batch}")
+            new_lens = torch.full((batch,), k.shape[1], dtype=torch.int32, device=device)
+    elif cu_seqlens_k_new is not None:
+        _fail(ValueError, "cu_seqlens_k_new", "is only meaningful with k / v")
+
+    # rotary
+    if rotary_cos is not None or rotary_sin is not None:
+        if rotary_cos is None or rotary_sin is None:
+            _fail(ValueError, "rotary_sin" if rotary_cos is not None else "rotary_cos",
+                  "rotary_cos and rotary_sin must be given together")
+        if k is None:
+            _fail(ValueError, "rotary_cos", "needs the new k / v to rotate (as in FlashAttention-3)")
+        for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            _check_tensor(name, x)
+            if x.dim() != 2 or x.shape != rotary_cos.shape or x.dtype != dtype or x.device != device:
+                _fail(ValueError, name, f"must be 2-D (seqlen_ro, rotary_dim / 2) like rotary_cos, dtype {dtype} on "
+                                        f"{device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        rotary_dim = 2 * rotary_cos.shape[1]
+        if rotary_dim % 16 or rotary_dim > d:
+            _fail(ValueError, "rotary_cos", f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be a multiple "
+                                            f"of 16 and at most headdim {d}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            _fail(NotImplementedError, "rotary_cos", f"rotary embedding needs fp16/bf16 inputs, got {dtype}")
+
+    # value checks on the host (skipped while a CUDA graph is captured or torch.compile traces)
+    seqlens_host = _host_values(cache_seqlens) if cache_seqlens is not None else None
+    if seqlens_host is not None:
+        end = seqlens_host + (_host_values(new_lens) if new_lens is not None else 0)
+        if (seqlens_host < 0).any() or (end > capacity).any():
+            _fail(ValueError, "cache_seqlens", f"plus the new tokens must lie in [0, {capacity}] (the cache's "
+                                               f"length), got {seqlens_host.tolist()} + new")
+        if cache_leftpad is not None:
+            pad = _host_values(cache_leftpad)
+            if (pad < 0).any() or (pad > end).any():
+                _fail(ValueError, "cache_leftpad", f"must lie in [0, cache_seqlens + new], got {pad.tolist()}")
+    if rotary_cos is not None and seqlens_host is not None:
+        base = _host_values(rotary_seqlens) if rotary_seqlens is not None else seqlens_host
+        new_max = int(_host_values(new_lens).max()) if batch else 0
+        q_len = max_seqlen_q if packed_q and max_seqlen_q is not None else q.shape[0 if packed_q else 1]
+        if not rotates_q_sequentially(causal, window_size, attention_chunk, q_len, capacity):
+            q_len = 1  # every q token at rotary_seqlens
+        last = base + max(new_max, q_len) - 1
+        if batch and int(last.max()) >= rotary_cos.shape[0]:
+            _fail(ValueError, "rotary_cos", f"has {rotary_cos.shape[0]} positions; rotating at rotary_seqlens "
+                                            f"{base.tolist()} plus the new tokens needs {int(last.max()) + 1}")
+    if cache_batch_idx is not None:
+        idx = _host_values(cache_batch_idx)
+        if idx is not None and ((idx < 0) | (idx >= rows_available)).any():
+            _fail(ValueError, "cache_batch_idx", f"must index the {rows_available} cache rows, got {idx.tolist()}")
+
+    return KvCacheArgs(batch, capacity, rows_available, cache_seqlens, new_lens)
+
+
+def _check_optional_int_tensor(name, x, device, batch):
+    if x is not None:
+        _check_int_tensor(name, x, device, batch)
+
+
+def rotates_q_sequentially(causal, window_size, attention_chunk, max_seqlen_q, max_seqlen_k) -> bool:
+    """FA3 rotates q token t at rotary_seqlens + t when causal or local, else every token at
+    rotary_seqlens. It drops a window side that covers the whole cache / query first."""
+    left, right = (int(w) for w in window_size)
+    local = (0 <= left < max_seqlen_k - 1) or (0 <= right < max_seqlen_q - 1) or attention_chunk > 0
+    return bool(causal) or local
+
+
