@@ -28,7 +28,7 @@ from cutlass import Float32, Int32, const_expr
 from cute_kernels.bwd_sm90 import DTYPES, NUM_MMA_WG, THREADS_PER_WG, FlashAttentionBackwardSm90, padded_offset
 from cute_kernels.config import BwdConfig
 from cute_kernels.mask import SeqlenInfo
-from cute_kernels.utils import acc_to_mn, assume_aligned_strides, convert_to, lse_shb, sdhb
+from cute_kernels.utils import assume_aligned_strides, convert_to, lse_shb, sdhb, store_acc_predicated
 
 LOG2E = 1.4426950408889634
 VEC = 8  # 16-bit elements per 16-byte vector
@@ -74,9 +74,15 @@ class BwdRowsConfig:
         return cfg
 
 
-def _seqlen_q(batch, mQ, mCuSeqlensQ, mSeqUsedQ) -> SeqlenInfo:
-    return SeqlenInfo.create(batch, seqlen_q_static=mQ.shape[0], seqlen_k_static=0, mCuSeqlensQ=mCuSeqlensQ,
-                             mSeqUsedQ=mSeqUsedQ)
+def _query_block(cfg: BwdRowsConfig, mX, mCuSeqlensQ, mSeqUsedQ):
+    """This CTA's (m_block, head, batch), its sequence's SeqlenInfo, the batch index of mX
+    (0 when packed) and the sequence's first padded row."""
+    m_block, head, batch = cute.arch.block_idx()
+    seqlen = SeqlenInfo.create(batch, seqlen_q_static=mX.shape[0], seqlen_k_static=0, mCuSeqlensQ=mCuSeqlensQ,
+                               mSeqUsedQ=mSeqUsedQ)
+    b = batch if const_expr(not cfg.cu_seqlens_q) else 0
+    row_offset = padded_offset(seqlen.offset_q, batch, cfg.tile_m) if const_expr(cfg.cu_seqlens_q) else 0
+    return m_block, head, batch, seqlen, b, row_offset
 
 
 class BwdPreprocessSm90:
@@ -103,10 +109,7 @@ class BwdPreprocessSm90:
                mSeqUsedQ: Optional[cute.Tensor]):
         cfg = self.cfg
         tidx = cute.arch.thread_idx()[0]
-        m_block, head, batch = cute.arch.block_idx()
-        seqlen = _seqlen_q(batch, mO, mCuSeqlensQ, mSeqUsedQ)
-        b = batch if const_expr(not cfg.cu_seqlens_q) else 0
-        row_offset = padded_offset(seqlen.offset_q, batch, cfg.tile_m) if const_expr(cfg.cu_seqlens_q) else 0
+        m_block, head, batch, seqlen, b, row_offset = _query_block(cfg, mO, mCuSeqlensQ, mSeqUsedQ)
         if m_block * cfg.tile_m < seqlen.seqlen_q:
             d_in = cfg.o_cols[1]
             mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b])
@@ -195,10 +198,7 @@ class BwdPostprocessSm90:
                mSeqUsedQ: Optional[cute.Tensor], softmax_scale: Float32, tiled_mma_dq: cute.TiledMma):
         cfg = self.cfg
         tidx = cute.arch.thread_idx()[0]
-        m_block, head, batch = cute.arch.block_idx()
-        seqlen = _seqlen_q(batch, mdQ, mCuSeqlensQ, mSeqUsedQ)
-        b = batch if const_expr(not cfg.cu_seqlens_q) else 0
-        row_offset = padded_offset(seqlen.offset_q, batch, cfg.tile_m) if const_expr(cfg.cu_seqlens_q) else 0
+        m_block, head, batch, seqlen, b, row_offset = _query_block(cfg, mdQ, mCuSeqlensQ, mSeqUsedQ)
         rows_left = seqlen.seqlen_q - m_block * cfg.tile_m
         if rows_left > 0:
             main = self.main
@@ -218,14 +218,7 @@ class BwdPostprocessSm90:
             convert_to(acc, r16)
             mdQ_cur = cute.domain_offset((seqlen.offset_q, 0), mdQ[None, None, head, b])
             gdQ = cute.local_tile(mdQ_cur, (cfg.tile_m, cfg.hdim), (m_block, 0))
-            tXgX = acc_to_mn(thr.partition_C(gdQ))
-            tXcX = acc_to_mn(thr.partition_C(cute.make_identity_tensor((cfg.tile_m, cfg.hdim))))
-            r_mn = acc_to_mn(r16)
-            for r in cutlass.range_constexpr(cute.size(r_mn.shape[0])):
-                if tXcX[r, 0][0] < rows_left:
-                    for c in cutlass.range_constexpr(cute.size(r_mn.shape[1])):
-                        if const_expr(not cfg.hdim_in) or tXcX[r, c][1] < cfg.hdim_in:
-                            tXgX[r, c] = r_mn[r, c]
+            store_acc_predicated(r16, thr, gdQ, (cfg.tile_m, cfg.hdim), rows_left, cfg.hdim_in)
 
     @staticmethod
     def fake_args(cfg: BwdRowsConfig, env_stream: bool = False):

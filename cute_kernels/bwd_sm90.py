@@ -77,7 +77,7 @@ from cutlass.utils import LayoutEnum
 
 from cute_kernels.config import BwdConfig
 from cute_kernels.mask import KeyBlockMask, SeqlenInfo
-from cute_kernels.pipeline import check_arrive_counts
+from cute_kernels.pipeline import check_arrive_counts, tma_pipeline_maker
 from cute_kernels.utils import (
     NamedBarrierBwd,
     acc_to_frgA,
@@ -93,6 +93,7 @@ from cute_kernels.utils import (
     opaque_f32,
     red_release_add_i32,
     sdhb,
+    store_acc_predicated,
     transpose_view,
 )
 
@@ -327,10 +328,7 @@ class FlashAttentionBackwardSm90:
 
         smem = cutlass_utils.SmemAllocator()
         storage = smem.allocate(SharedStorage)
-        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
-        consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
-        make_pipe = partial(pipeline.PipelineTmaAsync.create, producer_group=producer,
-                            consumer_group=consumer_warps, defer_sync=True)
+        make_pipe = tma_pipeline_maker(self.num_mma_threads)
         pipeline_kv = make_pipe(barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, tx_count=tx_kv)
         pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.q_stages, tx_count=tx_q)
         pipeline_do = make_pipe(barrier_storage=storage.mbar_do.data_ptr(), num_stages=self.q_stages,
@@ -659,18 +657,10 @@ class FlashAttentionBackwardSm90:
             r16 = cute.make_rmem_tensor_like(acc, self.dtype)
             convert_to(acc, r16)
         b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
-        thr = tiled_mma_dkv.get_slice(tidx)
         mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.out_head, b_k])
         gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
-        tXgX = acc_to_mn(thr.partition_C(gX))
-        tXcX = acc_to_mn(thr.partition_C(cute.make_identity_tensor((self.tile_n, cols))))
-        r_mn = acc_to_mn(r16)
-        rows_left = seqlen.seqlen_k - work.n_block * self.tile_n
-        for r in cutlass.range_constexpr(cute.size(r_mn.shape[0])):
-            if tXcX[r, 0][0] < rows_left:
-                for c in cutlass.range_constexpr(cute.size(r_mn.shape[1])):
-                    if const_expr(not cols_in) or tXcX[r, c][1] < cols_in:
-                        tXgX[r, c] = r_mn[r, c]
+        store_acc_predicated(r16, tiled_mma_dkv.get_slice(tidx), gX, (self.tile_n, cols),
+                             seqlen.seqlen_k - work.n_block * self.tile_n, cols_in)
 
     # ------------------------------------------------------------------ compile
     @staticmethod

@@ -23,7 +23,7 @@ from cutlass.utils import LayoutEnum
 from cute_kernels.config import FwdConfig
 from cute_kernels.mask import SeqlenInfo
 from cute_kernels.softmax import OnlineSoftmax
-from cute_kernels.utils import NamedBarrierFwd, acc_to_mn, convert_to
+from cute_kernels.utils import NamedBarrierFwd, acc_to_mn, convert_to, store_acc_predicated
 
 O_SLAB_ROWS = 16  # rows of O one warp holds (WGMMA: warp w of a warpgroup owns rows 16w .. 16w+15)
 
@@ -162,18 +162,10 @@ class EpilogueSm90:
             b_o, offset = Int32(0), seqlen.offset_q + split * (out.mO.shape[0] // num_splits)
         else:
             b_o, offset = batch + split * num_batch, seqlen.offset_q
-        thr_mma = tiled_mma_pv.get_slice(tidx)
         mO_cur = cute.domain_offset((offset, 0), out.mO[None, None, head, b_o])
         gO = cute.local_tile(mO_cur, (self.tile_m, self.hdimv), (m_block, 0))
-        tOgO = acc_to_mn(thr_mma.partition_C(gO))
-        tOcO = acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.hdimv))))
-        o_mn = acc_to_mn(acc_O)
-        for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
-            if tOcO[r, 0][0] < rows_left:
-                for c in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
-                    # (with hdimv_in, O's head dim ends inside the tile: columns before it only)
-                    if const_expr(not self.hdimv_in) or tOcO[r, c][1] < self.hdimv_in:
-                        tOgO[r, c] = o_mn[r, c]
+        store_acc_predicated(acc_O, tiled_mma_pv.get_slice(tidx), gO, (self.tile_m, self.hdimv), rows_left,
+                             self.hdimv_in)
         self.store_lse(softmax, out.mLSE, tiled_mma_pv, tidx, m_block, head, b_o, offset, rows_left)
         if const_expr(release_q is not None):
             cute.arch.sync_warp()

@@ -84,7 +84,7 @@ from cute_kernels import fp8
 from cute_kernels.config import PAGE_ROWS_MULTIPLE, FwdConfig, page_size_ok
 from cute_kernels.epilogue import O_SLAB_ROWS, EpilogueSm90, OutputOperands
 from cute_kernels.mask import AttentionMask, SeqlenInfo
-from cute_kernels.pipeline import WarpgroupRing, check_arrive_counts, release_after, release_previous
+from cute_kernels.pipeline import WarpgroupRing, check_arrive_counts, release_after, release_previous, tma_pipeline_maker
 from cute_kernels.scheduler import LPT_TAIL_WAVES, TileScheduler, TileWork
 from cute_kernels.softmax import OnlineSoftmax
 from cute_kernels.utils import (
@@ -361,10 +361,7 @@ class FlashAttentionForwardSm90:
 
         smem = cutlass_utils.SmemAllocator()
         storage = smem.allocate(SharedStorage)
-        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
-        consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
-        make_pipe = partial(pipeline.PipelineTmaAsync.create, producer_group=producer,
-                            consumer_group=consumer_warps, defer_sync=True)
+        make_pipe = tma_pipeline_maker(self.num_mma_threads)
         pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.q_stages,
                                tx_count=tx_q)
         pipeline_k = make_pipe(barrier_storage=storage.mbar_k.data_ptr(), num_stages=self.num_stages,

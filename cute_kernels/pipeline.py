@@ -5,9 +5,11 @@ releases that a schedule places by hand."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import cutlass
 import cutlass.cute as cute
+import cutlass.pipeline as pipeline
 from cutlass import Int32, const_expr
 
 from cute_kernels.config import THREADS_PER_WG
@@ -75,3 +77,13 @@ def release_after(pipe, state, p_mn: cute.Tensor, col: cutlass.Constexpr[int]):
     assert col < cute.size(p_mn.shape[1]), f"k_release_gate {col + 1} > {cute.size(p_mn.shape[1])} columns"
     if pipe.is_signaling_thread & (not (p_mn[0, col] < 0.0)):
         pipe.sync_object_empty.arrive(state.index, pipe.consumer_mask)
+
+
+def tma_pipeline_maker(num_consumer_threads: int):
+    """PipelineTmaAsync.create with the kernels' groups bound: one producer thread (the TMA
+    warp's elected lane) and every consumer warp (release from lane 0); the caller gives the
+    barrier storage, stage count and tx bytes. Barrier init is deferred to the kernel's one sync."""
+    return partial(pipeline.PipelineTmaAsync.create,
+                   producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                   consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, num_consumer_threads // 32),
+                   defer_sync=True)

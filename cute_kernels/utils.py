@@ -247,3 +247,19 @@ def red_release_add_i32(ptr: cute.Pointer, value, *, loc=None, ip=None):
         "red.release.gpu.global.add.s32 [$0], $1;", "l,r",
         has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
     )
+
+
+@cute.jit
+def store_acc_predicated(acc: cute.Tensor, thr_mma: cute.ThrMma, gX: cute.Tensor, tile: cutlass.Constexpr,
+                         rows_left, cols_in: cutlass.Constexpr[int] = 0):
+    """A thread's accumulator-layout registers `acc` (its share, by `thr_mma`, of a `tile` =
+    (rows, cols) block) into the global block `gX`, element by element: rows before `rows_left`,
+    and (cols_in > 0: the tensor's head dim ends inside the tile) columns before cols_in."""
+    tXgX = acc_to_mn(thr_mma.partition_C(gX))
+    tXcX = acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor(tile)))
+    a_mn = acc_to_mn(acc)
+    for r in cutlass.range_constexpr(cute.size(a_mn.shape[0])):
+        if tXcX[r, 0][0] < rows_left:
+            for c in cutlass.range_constexpr(cute.size(a_mn.shape[1])):
+                if const_expr(not cols_in) or tXcX[r, c][1] < cols_in:
+                    tXgX[r, c] = a_mn[r, c]

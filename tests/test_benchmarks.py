@@ -345,7 +345,10 @@ def test_paired_cpu_run(tmp_path):
     assert set(row["ms"]) == set(row["matmul_share"]) == {"fa3py:torch", "sdpa:math"} and len(row["ratios"]) == 1
     for n, s in row["matmul_share"].items():  # per-pair shares: their median is near the medians' quotient
         assert s["pairs"] == 3 and 0 < s["median"] and s["ci95"][0] <= s["median"] <= s["ci95"][1]
-        assert 0.5 < s["median"] / (row["tflops"][n] / row["matmul_tflops"]) < 2
+        # (3 pairs of millisecond CPU timings: on a loaded 2-core machine the median of per-pair
+        # shares and the quotient of medians were seen 2.5x apart: the bound catches a share computed
+        # from the wrong timings, not timing noise)
+        assert 0.2 < s["median"] / (row["tflops"][n] / row["matmul_tflops"]) < 5
     assert "fa3py:torch / matmul" in (tmp_path / "m.md").read_text()
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA GPU"):
         paired.main(["--device", "cpu", "--hdim", "64", "--seqlen", "64", "--cuda-graph"])

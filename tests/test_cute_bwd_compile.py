@@ -17,7 +17,7 @@ cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 from benchmarks import cute_sass as sass  # noqa: E402
-from cute_kernels.config import BWD_TILES, BwdConfig  # noqa: E402
+from cute_kernels.config import BwdConfig  # noqa: E402
 
 FEATURES = {
     "noncausal": {},
