@@ -112,3 +112,17 @@ def packed(lengths, nheads, headdim, dtype, device=DEVICE):
     cu[1:] = torch.tensor(lengths).cumsum(0)
     x = torch.randn(int(cu[-1]), nheads, headdim, device=device).to(dtype)
     return x, cu.to(device)
+
+
+def ragged_varlen(dtype, device=DEVICE, lens_k=(50, 9, 130, 0), seqused_k=True):
+    """The ragged packed case the varlen tests share: query lengths 37 / 0 / 130 / 1 against key
+    lengths `lens_k`, GQA 4 / 2 heads, hdim 64; (q, k, v, index kwargs), the kwargs with
+    seqused_k 40 / 9 / 100 / 0 unless `seqused_k` is False."""
+    lens_q = [37, 0, 130, 1]
+    q, cu_q = packed(lens_q, 4, 64, dtype, device)
+    k, cu_k = packed(lens_k, 2, 64, dtype, device)
+    v, _ = packed(lens_k, 2, 64, dtype, device)
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    if seqused_k:
+        kw["seqused_k"] = torch.tensor([40, 9, 100, 0], dtype=torch.int32, device=device)
+    return q, k, v, kw

@@ -10,7 +10,7 @@ from fa3py import reference
 from fa3py.validation import make_request
 
 from _util import (
-    DEVICE, FEATURES, check_backward, check_forward, check_nan_rows, inputs, max_err, nan_inputs, packed,
+    DEVICE, FEATURES, check_backward, check_forward, check_nan_rows, inputs, max_err, nan_inputs, ragged_varlen,
 )
 
 SIZES = [(1, 1), (113, 203), (239, 1), (799, 3), (64, 128), (1023, 1024)]
@@ -62,12 +62,7 @@ def test_softmax_scale_sign(scale, softcap, causal):
 
 
 def test_varlen_packed_and_seqused_forward_backward():
-    lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 0]
-    q, cu_q = packed(lens_q, 4, 64, torch.float16)
-    k, cu_k = packed(lens_k, 2, 64, torch.float16)
-    v, _ = packed(lens_k, 2, 64, torch.float16)
-    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32, device=DEVICE)
-    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=130, seqused_k=used_k)
+    q, k, v, kw = ragged_varlen(torch.float16)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = fa3py.flash_attn_varlen_func(*leaves, causal=True, return_attn_probs=True, **kw)
     assert out.shape == q.shape and lse.shape == (4, q.shape[0])
@@ -98,11 +93,8 @@ def test_cuda_graph_replay(backend, layout, monkeypatch):
     if backend is not None:
         monkeypatch.setenv("FA3PY_BACKEND", backend)
     if layout == "packed":
-        lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 3]
-        q, cu_q = packed(lens_q, 4, 64, torch.bfloat16)
-        k, cu_k = packed(lens_k, 2, 64, torch.bfloat16)
-        v, _ = packed(lens_k, 2, 64, torch.bfloat16)
-        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=130, causal=True)
+        q, k, v, kw = ragged_varlen(torch.bfloat16, lens_k=(50, 9, 130, 3), seqused_k=False)
+        kw["causal"] = True
         call = lambda: fa3py.flash_attn_varlen_func(q, k, v, return_attn_probs=True, **kw)
     else:
         q, k, v = inputs(2, 239, 300, 4, 2, 128, 128, torch.bfloat16)

@@ -20,7 +20,7 @@ from fa3py import reference, torch_backend  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
 from triton_fallback import ops  # noqa: E402
 
-from _util import DEVICE, check_backward, check_forward, inputs, packed  # noqa: E402
+from _util import check_backward, check_forward, inputs, packed, ragged_varlen  # noqa: E402
 
 # (attention_chunk, causal, window_size)
 CASES = [(16, False, (-1, -1)), (32, True, (-1, -1)), (24, False, (20, 5)), (7, True, (3, -1)),
@@ -72,12 +72,7 @@ def test_flash_attn_func_and_varlen():
     out, lse = fa3py.flash_attn_func(q, k, v, causal=True, attention_chunk=32, return_attn_probs=True)
     check_forward(make_request(q, k, v, causal=True, attention_chunk=32), out, lse)
 
-    lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 0]
-    q, cu_q = packed(lens_q, 4, 64, torch.float16)
-    k, cu_k = packed(lens_k, 2, 64, torch.float16)
-    v, _ = packed(lens_k, 2, 64, torch.float16)
-    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32, device=DEVICE)
-    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=130, seqused_k=used_k)
+    q, k, v, kw = ragged_varlen(torch.float16)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = fa3py.flash_attn_varlen_func(*leaves, window_size=(30, 10), attention_chunk=24,
                                             return_attn_probs=True, **kw)

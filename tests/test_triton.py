@@ -26,7 +26,8 @@ from fa3py.validation import make_request  # noqa: E402
 from benchmarks import triton_compile_only as compile_only  # noqa: E402
 from triton_fallback import configs, ops  # noqa: E402
 
-from _util import FEATURES, check_backward, check_forward, check_nan_rows, max_err, nan_inputs, packed  # noqa: E402
+from _util import (FEATURES, check_backward, check_forward, check_nan_rows, max_err, nan_inputs,  # noqa: E402
+                   packed, ragged_varlen)
 from _util import inputs as _inputs  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -101,13 +102,8 @@ def test_nan_inputs_give_nan_rows(causal):
 
 def test_varlen_packed_seqused_k(monkeypatch):
     monkeypatch.setattr(ops, "SPLIT_GQA", True)  # float32 dK/dV partials, zero-prefilled
-    lens_q, lens_k = [37, 0, 130, 1], [50, 9, 130, 0]
-    q, cu_q = packed(lens_q, 4, 64, torch.float16, DEVICE)
-    k, cu_k = packed(lens_k, 2, 64, torch.float16, DEVICE)
-    v, _ = packed(lens_k, 2, 64, torch.float16, DEVICE)
-    used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32, device=DEVICE)
-    run_and_check(make_request(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                               max_seqlen_q=130, max_seqlen_k=130, seqused_k=used_k))
+    q, k, v, kw = ragged_varlen(torch.float16, DEVICE)
+    run_and_check(make_request(q, k, v, causal=True, **kw))
 
 
 def test_varlen_packed_seqused_q_window():
