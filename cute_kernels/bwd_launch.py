@@ -64,7 +64,7 @@ def _is_192x128(req: "AttentionRequest") -> bool:
 SPLIT_WAVES = 2
 
 
-def head_splits(req: "AttentionRequest", tile_n: int = 128) -> int:
+def head_splits(req: "AttentionRequest") -> int:
     """CTAs per KV head: 1 (the group's dK / dV summed in registers), or, where one CTA per
     (key block, KV head) fills under SPLIT_WAVES waves of the SMs, the largest divisor of the
     group up to the count that does (each split writes float32 dK / dV partials; the host sums
@@ -72,9 +72,12 @@ def head_splits(req: "AttentionRequest", tile_n: int = 128) -> int:
     group = req.nheads // req.nheads_kv
     if group == 1:
         return 1
+    from cute_kernels.launch import _num_sms
+
     seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    tile_n = BWD_TILES[padded_hdim(req.headdim)][1]
     ctas = -(-seqlen_k // tile_n) * req.nheads_kv * req.batch
-    sms = torch.cuda.get_device_properties(req.device).multi_processor_count if req.device.type == "cuda" else 132
+    sms = _num_sms(req.device) if req.device.type == "cuda" else 132  # (cached: this runs on every call)
     want = max(1, -(-SPLIT_WAVES * sms // max(ctas, 1)))
     return max(s for s in range(1, group + 1) if group % s == 0 and s <= want)
 
@@ -82,9 +85,8 @@ def head_splits(req: "AttentionRequest", tile_n: int = 128) -> int:
 def config_for(req: "AttentionRequest") -> BwdConfig:
     p = req.params
     d = padded_hdim(req.headdim)
-    tile_n = BWD_TILES[d][1]
-    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req, tile_n) > 1, has_left=p.window_left >= 0, has_right=p.window_right >= 0,
-                          softcap=p.softcap > 0, cu_seqlens_q=req.cu_seqlens_q is not None,
+    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req) > 1, has_left=p.window_left >= 0,
+                          has_right=p.window_right >= 0, softcap=p.softcap > 0, cu_seqlens_q=req.cu_seqlens_q is not None,
                           cu_seqlens_k=req.cu_seqlens_k is not None, seqused_q=req.seqused_q is not None,
                           seqused_k=req.seqused_k is not None, hdim_in=0 if d == req.headdim else req.headdim,
                           deterministic=p.deterministic, hdimv=128 if _is_192x128(req) else 0)
@@ -228,7 +230,7 @@ def run(req: "AttentionRequest", out: torch.Tensor, lse: torch.Tensor, dout: tor
         lse2, dpsum, dq_acc = preprocess(req, cfg, out, lse, dout, row_index)
     # keys no CTA writes (past seqused_k) must read as zero
     new = torch.zeros if req.seqused_k is not None else torch.empty
-    splits = head_splits(req, cfg.tile_n) if cfg.dkv_partial else 1
+    splits = head_splits(req) if cfg.dkv_partial else 1
     if cfg.dkv_partial:  # float32 partials, split s of KV head h at head h * splits + s
         dk = new((*k.shape[:-2], k.shape[-2] * splits, k.shape[-1]), dtype=torch.float32, device=k.device)
         dv = new((*v.shape[:-2], v.shape[-2] * splits, v.shape[-1]), dtype=torch.float32, device=v.device)

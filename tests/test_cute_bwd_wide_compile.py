@@ -123,7 +123,9 @@ def test_wide_host(monkeypatch):
     assert "hdim_v = hdim" in bwd_launch.why_not(make_req(q, q, v))
     q, v = torch.randn(1, 8, 2, 192, dtype=torch.bfloat16), torch.randn(1, 8, 2, 120, dtype=torch.bfloat16)
     assert "hdim_v = hdim" in bwd_launch.why_not(make_req(q, q, v))
-    # GQA: head_splits counts CTAs of 64 keys at these head dims
-    q, k = torch.randn(1, 256, 8, 256, dtype=torch.bfloat16), torch.randn(1, 256, 1, 256, dtype=torch.bfloat16)
-    req = make_req(q, k, k)
-    assert bwd_launch.head_splits(req, 64) > 1 and bwd_launch.config_for(req).dkv_partial
+    # GQA: head_splits counts CTAs of the head dim's key tile, 64 keys at 256 and 128 at 128: at
+    # 264 * 64 keys one KV head makes two waves of 132 SMs at hdim 256 (no split) and one at 128
+    for d, splits in ((256, 1), (128, 2)):
+        q, k = torch.empty(1, 264 * 64, 2, d, dtype=torch.bfloat16), torch.empty(1, 264 * 64, 1, d, dtype=torch.bfloat16)
+        req = make_req(q, k, k)
+        assert bwd_launch.head_splits(req) == splits and bwd_launch.config_for(req).dkv_partial == (splits > 1)
