@@ -299,18 +299,21 @@ kernels: dict = {}  # (FwdConfig, tvm_ffi) -> compiled kernel; clear it to act a
 
 
 def kernel_class(cfg):
-    """The kernel class a config compiles: the forward's or the backward's."""
+    """The kernel class a config compiles: the forward's, the backward's, or (BwdRowsConfig, in
+    bwd_prepost: imported only for those) the backward's pre- / post-processing."""
+    if isinstance(cfg, FwdConfig):
+        from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+        return FlashAttentionForwardSm90
     if isinstance(cfg, BwdConfig):
         from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
 
         return FlashAttentionBackwardSm90
-    if type(cfg).__name__ == "BwdRowsConfig":  # the backward's pre / post-processing
-        from cute_kernels.bwd_prepost import BwdPostprocessSm90, BwdPreprocessSm90
+    from cute_kernels.bwd_prepost import BwdPostprocessSm90, BwdPreprocessSm90, BwdRowsConfig
 
+    if isinstance(cfg, BwdRowsConfig):
         return BwdPreprocessSm90 if cfg.kind == "pre" else BwdPostprocessSm90
-    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
-
-    return FlashAttentionForwardSm90
+    raise TypeError(f"cute_kernels: no kernel compiles a {type(cfg).__name__}")
 
 
 def compile_kernel(cfg, args: Optional[tuple] = None):

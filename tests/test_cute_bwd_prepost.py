@@ -98,3 +98,19 @@ def test_prepost_kernels_match_torch(case, d):
     acc = torch.randn_like(want[2])
     torch.testing.assert_close(bwd_launch.launch_postprocess(req, cfg, acc),
                                bwd_launch.postprocess(req, cfg, acc, row_index), rtol=0, atol=0)
+
+
+def test_kernel_class_per_config():
+    """launch.compile_kernel compiles each config type with its own kernel class, and refuses
+    anything else (the caches key on the config, so a wrong class would be a wrong kernel)."""
+    from cute_kernels import launch
+    from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
+    from cute_kernels.config import BwdConfig, FwdConfig
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    assert launch.kernel_class(FwdConfig.make("bf16", 128)) is FlashAttentionForwardSm90
+    assert launch.kernel_class(BwdConfig.make("bf16", 128)) is FlashAttentionBackwardSm90
+    assert launch.kernel_class(BwdRowsConfig("pre", "bf16", 128, 64)) is BwdPreprocessSm90
+    assert launch.kernel_class(BwdRowsConfig("post", "bf16", 128, 64)) is BwdPostprocessSm90
+    with pytest.raises(TypeError, match="no kernel compiles a dict"):
+        launch.kernel_class({})
