@@ -154,7 +154,10 @@ def _fa4_load() -> Forward:
 
 
 def _fa3_load() -> Forward:
-    from flash_attn_interface import flash_attn_func
+    try:  # FlashAttention-3 built from source
+        from flash_attn_interface import flash_attn_func
+    except ImportError:  # its prebuilt forward-only wheel (fa3-fwd, FP8 included)
+        from fa3_fwd_interface import flash_attn_func
 
     def forward(q, k, v, case):
         out = _first(flash_attn_func(q, k, v, causal=case.causal))
