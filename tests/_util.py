@@ -126,3 +126,39 @@ def ragged_varlen(dtype, device=DEVICE, lens_k=(50, 9, 130, 0), seqused_k=True):
     if seqused_k:
         kw["seqused_k"] = torch.tensor([40, 9, 100, 0], dtype=torch.int32, device=device)
     return q, k, v, kw
+
+
+# Hopper's FP8 tensor cores do not accumulate in full fp32: measured on an H200 (benchmarks/
+# results/gpu_tests.md, 2026-12-05), the LSE errors of the cute FP8 kernel against fp64 match an
+# accumulator truncated to 13 mantissa bits after each 32-product k-step (a rounding one
+# predicts half of them; DeepSeek-V3 §3.3.2 reports ~14 bits on H800).
+FP8_ACC_BITS = 13
+
+
+def fp8_mma_model(a, b):
+    """a @ b summed 32 products (one FP8 WGMMA k-step) at a time, the running sum truncated to
+    FP8_ACC_BITS mantissa bits after each step: the FP8 tensor core's accumulation, modelled.
+    (Applied to every GEMM of the emulation, int8 Q K^T too, whose int32 accumulation is exact:
+    a bound that is looser than it needs to be there.)"""
+    acc = None
+    for c in range(0, a.shape[-1], 32):
+        part = a[..., c:c + 32] @ b[..., c:c + 32, :]
+        acc = part if acc is None else acc + part
+        m, e = torch.frexp(acc)
+        acc = torch.ldexp(torch.trunc(m * 2.0**FP8_ACC_BITS) / 2.0**FP8_ACC_BITS, e)
+    return acc
+
+
+def fp8_emulated_pair(qkv, params, out_dtype, **kw):
+    """fa3py.fp8.emulate.attention of `qkv` twice: exact fp32 GEMMs, and GEMMs accumulated as
+    `fp8_mma_model`. Their difference is how far a kernel on FP8 tensor cores may drift from
+    the exact emulation. Returns ((out, lse), (out_model, lse_model))."""
+    import pytest
+
+    from fa3py.fp8 import emulate
+
+    exact = emulate.attention(qkv, params, out_dtype, **kw)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(emulate.torch, "matmul", fp8_mma_model)
+        model = emulate.attention(qkv, params, out_dtype, **kw)
+    return exact, model

@@ -16,6 +16,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 from benchmarks import cute_sass as sass  # noqa: E402
 from cute_kernels.config import FwdConfig  # noqa: E402
+from tests._util import fp8_emulated_pair  # noqa: E402
 from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (a fixture, by name)
 
 
@@ -225,9 +226,11 @@ def _varlen_fp8_request(h, hk, d, device="cpu", packed=(True, True), seqused=(Fa
 
 
 def _host_reference(req):
-    """(fp64 reference out, lse) of the dequantized operands, and fa3py.fp8.emulate's (out, lse)."""
+    """(fp64 reference out, lse) of the dequantized operands, and fa3py.fp8.emulate's (out, lse)
+    twice: with exact GEMMs and with the FP8 tensor cores' accumulation modelled
+    (tests/_util.py's fp8_emulated_pair)."""
     from fa3py import reference
-    from fa3py.fp8 import emulate, from_descales
+    from fa3py.fp8 import from_descales
     from fa3py.validation import make_request
 
     seq = dict(cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k, seqused_q=req.seqused_q,
@@ -244,21 +247,25 @@ def _host_reference(req):
         qkv = from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
                             cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
         ref = reference.attention(req)
-    return ref, emulate.attention(qkv, req.params, torch.bfloat16, seqused_q=req.seqused_q, seqused_k=req.seqused_k)
+    return ref, fp8_emulated_pair(qkv, req.params, torch.bfloat16, seqused_q=req.seqused_q,
+                                  seqused_k=req.seqused_k)
 
 
 def _check_against_reference(out, lse, req):
     """The host path's result is at most twice as far from the fp64 reference as the emulation
-    (the repo's rule, the emulation in the role of the same math in PyTorch), plus one bf16
-    rounding of the output; LSEs within 1e-4 beyond twice the emulation's error."""
-    (ref_out, ref_lse), (emu_out, emu_lse) = _host_reference(req)
+    (the repo's rule, the emulation in the role of the same math in PyTorch; of its two forms,
+    exact and with the FP8 tensor cores' accumulation, the farther), plus one bf16 rounding of
+    the output; LSEs within 1e-4 beyond twice the emulation's error."""
+    (ref_out, ref_lse), emulations = _host_reference(req)
     assert out.shape == ref_out.shape and out.dtype == req.out_dtype and lse.shape == ref_lse.shape
     err = lambda a, b: float((a.double() - b.double()).abs().amax()) if a.numel() else 0.0
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite, torch.isfinite(lse)), "empty rows differ"
     atol = 2.0**-8 * float(ref_out.abs().max())
-    assert err(out, ref_out) <= 2 * err(emu_out, ref_out) + atol, (err(out, ref_out), err(emu_out, ref_out))
-    assert err(lse[finite], ref_lse[finite]) <= 2 * err(emu_lse[finite], ref_lse[finite]) + 1e-4
+    emu_err = max(err(o, ref_out) for o, _ in emulations)
+    emu_lse_err = max(err(x[finite], ref_lse[finite]) for _, x in emulations)
+    assert err(out, ref_out) <= 2 * emu_err + atol, (err(out, ref_out), emu_err)
+    assert err(lse[finite], ref_lse[finite]) <= 2 * emu_lse_err + 1e-4, (err(lse[finite], ref_lse[finite]), emu_lse_err)
 
 
 FP8_HOST_CASES = {  # name: (request maker args, kwargs, splits setting, cfg facts)
@@ -369,33 +376,14 @@ def test_transpose_v_is_one_copy_in_the_pv_key_order():
 
 # ---- on an sm90 GPU: the kernel against fa3py.fp8.emulate on the same quantized inputs -------------
 
-FP8_ACC_BITS = 13  # Hopper's FP8 WGMMA keeps ~14 significant bits in its accumulator (DeepSeek-V3 §3.3.2)
-
-
-def _fp8_mma_model(a, b):
-    """a @ b summed 32 products (one FP8 WGMMA k-step) at a time, the running sum rounded to
-    FP8_ACC_BITS mantissa bits after each step: a model of the FP8 tensor core's accumulation."""
-    acc = None
-    for c in range(0, a.shape[-1], 32):
-        part = a[..., c:c + 32] @ b[..., c:c + 32, :]
-        acc = part if acc is None else acc + part
-        m, e = torch.frexp(acc)
-        acc = torch.ldexp(torch.round(m * 2.0**FP8_ACC_BITS) / 2.0**FP8_ACC_BITS, e)
-    return acc
-
-
-def fp8_tolerance(qkv, params, monkeypatch, **seqused):
+def fp8_tolerance(qkv, params, **seqused):
     """(emulated out, lse, out tolerance, lse tolerance). The kernel computes the emulation's
     arithmetic except in how the tensor cores accumulate (order and, for FP8, precision) and in
     exp2 / log2 (MUFU approximations, ~2^-22 relative). The bound: twice the difference between
-    the emulation and the emulation with its GEMMs accumulated as `_fp8_mma_model`, plus one bf16
-    rounding of the output (both round to bf16), plus 1e-5 on the LSE for the approximations."""
-    from fa3py.fp8 import emulate
-
-    out, lse = emulate.attention(qkv, params, torch.bfloat16, **seqused)
-    with monkeypatch.context() as m:
-        m.setattr(emulate.torch, "matmul", _fp8_mma_model)
-        out_m, lse_m = emulate.attention(qkv, params, torch.bfloat16, **seqused)
+    the emulation and the emulation with its GEMMs accumulated as the FP8 tensor cores do
+    (tests/_util.py's fp8_mma_model), plus one bf16 rounding of the output (both round to bf16),
+    plus 1e-5 on the LSE for the approximations."""
+    (out, lse), (out_m, lse_m) = fp8_emulated_pair(qkv, params, torch.bfloat16, **seqused)
     finite = torch.isfinite(lse)
     tol_out = 2 * float((out_m.float() - out.float()).abs().max()) + 2.0**-8 * float(out.float().abs().max())
     tol_lse = 2 * float((lse_m - lse)[finite].abs().max()) + 1e-5
@@ -415,7 +403,7 @@ def test_gpu_fp8_kernel_is_the_emulation(sq, sk, causal, v_scaling, d, monkeypat
     req = _fp8_request(2, sq, sk, 4, 2, d, device="cuda", causal=causal, block_n=block_n, v_scaling=v_scaling)
     cfg = launch.fp8_config_for(req)
     assert cfg.tile.tile_n == block_n
-    out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(req.fp8_tensors, req.params, monkeypatch)
+    out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(req.fp8_tensors, req.params)
     out, lse = launch.run_fp8(req, cfg)
     finite = torch.isfinite(lse_ref)
     assert torch.equal(finite, torch.isfinite(lse)), "empty rows differ"
@@ -455,7 +443,7 @@ def test_gpu_fp8_features(case, monkeypatch):
 
         qkv = req.fp8_tensors or from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
                                                cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
-        out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(qkv, req.params, monkeypatch, seqused_q=req.seqused_q,
+        out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(qkv, req.params, seqused_q=req.seqused_q,
                                                            seqused_k=req.seqused_k)
         finite = torch.isfinite(lse_ref)
         assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
