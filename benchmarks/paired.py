@@ -33,7 +33,7 @@ provider's forward runs once outside the timing and every call is
 only that provider's backward (the gradient of SDPA's transposed output included); `fwdbwd`, the
 training step: the forward and that gradient in one call. TFLOP/s count 2.5x the forward's FLOPs
 for `bwd`, 3.5x for `fwdbwd` (benchmarks.flops.MODE_FACTOR). The backward a fa3py provider runs is
-fa3py's dispatch's: fa3py:cute's is Triton's unless FA3PY_CUTE_BWD=1; fa3py:cute-bwd calls
+fa3py's dispatch's: fa3py:cute's is the sm90 kernel's unless FA3PY_CUTE_BWD=0; fa3py:cute-bwd calls
 the sm90 backward kernel (cute_kernels/bwd_sm90.py) itself. Providers without a backward are
 skipped.
 """
@@ -128,7 +128,7 @@ def make_call(provider, forward, q, k, v, dout, case, pass_: str):
 
 def backward_backend(provider, q, case) -> str:
     """The backend that runs a fa3py provider's backward at this point: fa3py.explain's choice
-    (fa3py:cute's is Triton's unless FA3PY_CUTE_BWD=1); fa3py:cute-bwd calls bwd_sm90 itself."""
+    (fa3py:cute's is the sm90 kernel's unless FA3PY_CUTE_BWD=0); fa3py:cute-bwd calls bwd_sm90 itself."""
     if provider.name == "fa3py:cute-bwd":
         return "cute"
     try:

@@ -84,8 +84,8 @@ def _fa3py(backend: str) -> Provider:
 def _cute_bwd_load() -> Forward:
     """fa3py's sm90 forward with the sm90 backward kernel (cute_kernels/bwd_sm90.py) as its
     gradient, called directly (`cute_kernels.bwd_launch.run` after `cute_kernels.forward`): what
-    FA3PY_CUTE_BWD=1 dispatches, without changing fa3py:cute's path (whose backward is Triton's
-    until the kernel has run on a GPU). A point the backward kernel does not serve raises with
+    fa3py:cute dispatches too, unless FA3PY_CUTE_BWD=0 (then fa3py:cute's backward is Triton's
+    and this provider still times the kernel). A point the backward kernel does not serve raises with
     its reason (no silent Triton stand-in)."""
     import cute_kernels
     from cute_kernels import bwd_launch
@@ -223,7 +223,7 @@ FA3PY_BACKENDS = ("cute", "triton", "torch")
 
 PROVIDERS: tuple[Provider, ...] = (
     *(_fa3py(b) for b in FA3PY_BACKENDS),
-    # the sm90 backward kernel: opt-in (named exactly) until it has run on a GPU
+    # the sm90 backward kernel called directly (named exactly: fa3py:cute dispatches to it too)
     Provider("fa3py:cute-bwd", peer=False, load=_cute_bwd_load, fa3py_backend="cute"),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),

@@ -27,7 +27,7 @@ HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (4, 1)}
 
 def cute_serves_backward(req) -> bool:
     """Whether the cute backward (bwd_launch) should take `req`'s backward on sm90, stated apart
-    from its why_not: opted in (FA3PY_CUTE_BWD=1), the cute forward's scope, fp16 / bf16, head
+    from its why_not: on (not FA3PY_CUTE_BWD=0), the cute forward's scope, fp16 / bf16, head
     dims up to 256 with hdim_v = hdim, or hdim_v 128 beside a head dim in 136..192 (192 x 128),
     deterministic too, no attention_chunk."""
     from cute_kernels import bwd_launch

@@ -87,7 +87,10 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
 @pytest.fixture
 def emulated_sm90(monkeypatch):
     """CPU tensors dispatched as on an sm90 GPU: the cute backend's host code runs for real and
-    its kernel is `emulated_launch`; the backward goes to Triton (interpreted on the CPU)."""
+    its kernel is `emulated_launch`; the backward goes to Triton (interpreted on the CPU), as with
+    FA3PY_CUTE_BWD=0 (`emulated_sm90_bwd` in tests/cute_bwd_emulation.py emulates the cute one)."""
+    from cute_kernels import bwd_launch
+
     if torch.cuda.is_available():
         pytest.skip("emulates sm90 on CPU tensors; on a GPU the gpu tests run the real kernels")
     why_not = cute_kernels.why_not
@@ -99,6 +102,7 @@ def emulated_sm90(monkeypatch):
     monkeypatch.setattr(dispatch, "device_capability", lambda device: (9, 0))
     monkeypatch.setattr(cute_kernels, "why_not", why_not_on_cpu)
     monkeypatch.setattr(launch, "launch_kernel", emulated_launch)
+    monkeypatch.setattr(bwd_launch, "enabled", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 

@@ -3,9 +3,9 @@
 # Needs a CUDA GPU and, for the cute tests, nvidia-cutlass-dsl. Logs: ${OUT:-/tmp}/gpu_tests/*.log
 #   bash tests/run_gpu.sh            # GPU_TEST_TIMEOUT=420 seconds per partition by default
 #   CUTE_SHARDS=3 ONLY=cute bash tests/run_gpu.sh   # the cute tests alone, in 3 parallel shards
-#   ONLY="bwd bwd_api" bash tests/run_gpu.sh        # the cute backward (opt-in, FA3PY_CUTE_BWD=1)
-#     alone: its kernel's tests (bwd), and the cross-backend and randomized API tests with every
-#     backward it serves routed to it (bwd_api); BWD_TEST_TIMEOUT=900 seconds each by default
+#   ONLY="bwd bwd_api" bash tests/run_gpu.sh        # the cute backward alone: its kernel's tests
+#     (bwd), and the cross-backend and randomized API tests with it off (FA3PY_CUTE_BWD=0: the
+#     Triton backward takes the cute forward's out / LSE); BWD_TEST_TIMEOUT=900 seconds each
 # The cute kernels are called through TVM-FFI when apache-tvm-ffi (and, for torch < 2.10,
 # torch-c-dlpack-ext) is importable, else through from_dlpack: the first line says which.
 # Exits non-zero when there is no GPU (nothing runs) or when any partition fails.
@@ -53,9 +53,9 @@ want triton_long && run triton_long tests/test_triton.py -k test_gpu_long &
 want triton_rest && run triton_rest tests/test_triton.py -k "not test_features and not test_gpu_long" &
 # gradients across backends (cute forward -> its backward) and the randomized API test
 want cross && run cross -m gpu tests/test_cross_backend.py tests/test_api_random.py &
-# the cute backward kernel (its own partitions: opt-in, and the kernel compiles per feature set)
-want bwd && FA3PY_CUTE_BWD=1 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} run bwd -m gpu tests/test_cute_bwd_gpu.py &
-want bwd_api && FA3PY_CUTE_BWD=1 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} \
+# the cute backward kernel (its own partitions: the kernel compiles per feature set)
+want bwd && GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} run bwd -m gpu tests/test_cute_bwd_gpu.py &
+want bwd_api && FA3PY_CUTE_BWD=0 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} \
     run bwd_api -m gpu tests/test_cross_backend.py tests/test_api_random.py &
 want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py \
     tests/test_chunk.py tests/test_kvcache.py tests/test_mla.py tests/test_compile.py &

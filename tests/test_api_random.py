@@ -6,8 +6,8 @@ deterministic, then checks out, the LSE (values and contiguity), the gradients, 
 input changed, against the fp64 reference with the tolerance rule of shared/STYLE.md.
 
 Routes: on a GPU every case goes through auto-dispatch (the cute forward and the backward it
-hands to on Hopper; Triton elsewhere), FA3PY_RANDOM_CASES cases (300 by default); with
-FA3PY_CUTE_BWD=1 the backward must be the cute one wherever it serves the case. On the CPU:
+hands to on Hopper; Triton elsewhere), FA3PY_RANDOM_CASES cases (300 by default); the
+backward must be the cute one wherever it serves the case (unless FA3PY_CUTE_BWD=0). On the CPU:
 the torch backend, then a few small cases with the cute kernel emulated and the Triton
 backward interpreted (`tests.cute_emulation`), a few with the cute backward's kernel emulated
 too (`tests.cute_bwd_emulation`), and a few on Triton alone (interpreted).
@@ -195,7 +195,7 @@ if not GPU:
 @pytest.mark.parametrize("i", range(N_GPU))
 def test_gpu_random_api(i):
     """FA3PY_RANDOM_CASES cases through auto-dispatch on the GPU (sequences up to 700 tokens);
-    with FA3PY_CUTE_BWD=1 the cute backward takes every backward it serves."""
+    the cute backward takes every backward it serves (unless FA3PY_CUTE_BWD=0)."""
     rng = random.Random(SEED + i)
     case = draw(rng, max_len=700)
     try:
@@ -203,5 +203,5 @@ def test_gpu_random_api(i):
     except AssertionError as e:
         raise AssertionError(f"case {i} ({case}): {e}") from e
     if case.grad and served[0] == "cute" and cute_serves_backward(req):
-        assert served[1] == "cute", f"case {i} ({case}): backward on {served[1]} with FA3PY_CUTE_BWD=1"
+        assert served[1] == "cute", f"case {i} ({case}): backward on {served[1]}, not the cute backward"
     print(f"case {i}: {case} -> forward {served[0]}, backward {served[1]}")

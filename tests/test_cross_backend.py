@@ -7,9 +7,9 @@ rows had stride g, and the Triton backward, which assumed unit row stride, read 
 LSE: outputs right, gradients off by up to 650x PyTorch's own error. These tests check every
 such hand-over: on the CPU with the cute kernel emulated (`tests.cute_emulation`) and the
 Triton kernels interpreted; on an sm90 GPU (`-m gpu`) with the real kernels. The cute backward
-(opt-in, FA3PY_CUTE_BWD=1) takes the backward where it serves the request: on the CPU with its
-kernel emulated too (`tests.cute_bwd_emulation`), on the GPU when the variable is set (the `bwd`
-partition of tests/run_gpu.sh). Tolerances follow shared/STYLE.md (`tests._util`).
+(on by default; FA3PY_CUTE_BWD=0 turns it off) takes the backward where it serves the request:
+on the CPU with its kernel emulated too (`tests.cute_bwd_emulation`), on the GPU unless turned off
+(the `bwd_api` partition of tests/run_gpu.sh runs these tests with it off: the Triton hand-over). Tolerances follow shared/STYLE.md (`tests._util`).
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def test_cute_forward_cute_backward_emulated(emulated_sm90_bwd, layout, heads, d
 
 
 def _assert_gpu_backward(req, bwd):
-    """The cute backward where it serves `req` (FA3PY_CUTE_BWD=1), else another GPU backend."""
+    """The cute backward where it serves `req` (unless FA3PY_CUTE_BWD=0), else another GPU backend."""
     if cute_serves_backward(req):
-        assert bwd == "cute", f"backward on {bwd}, not the cute backward (FA3PY_CUTE_BWD=1)"
+        assert bwd == "cute", f"backward on {bwd}, not the cute backward"
     else:
         assert bwd == "triton", bwd
 
@@ -142,7 +142,7 @@ def test_split_kv_forward_triton_backward_emulated(emulated_sm90, monkeypatch, l
 @pytest.mark.parametrize("layout,heads,d,dv", _cases(GPU_HEAD_DIMS))
 def test_gpu_grads_auto_dispatch(layout, heads, d, dv, dtype):
     """The real cute forward and the backward it hands to (the cute backward with
-    FA3PY_CUTE_BWD=1 where it serves the head dims, else Triton), causal, on the GPU."""
+    where it serves the head dims, else Triton), causal, on the GPU."""
     h, hk = HEADS[heads]
     q, k, v, kw = _inputs(layout, h, hk, d, dv, dtype, "cuda")
     req, fwd, bwd = _train_step(q, k, v, kw, causal=True)

@@ -1,7 +1,7 @@
 """The sm90 backward kernel (cute_kernels/bwd_sm90.py) on an sm90 GPU (`-m gpu`): dq, dk and dv of
 every feature over ragged sizes against the fp64 reference, tolerance per shared/STYLE.md (at
 most twice PyTorch's own error on the same inputs plus a small atol: tests/_util.py's
-check_backward). Each test enables the kernel (opt-in, FA3PY_CUTE_BWD=1) itself, poisons dK and
+check_backward). Each test enables the kernel itself (on by default; FA3PY_CUTE_BWD=0 turns it off), poisons dK and
 dV with NaN before the launch wherever the kernel must write every row (no seqused_k), and checks
 that the kernel ran. tests/run_gpu.sh runs them in its `bwd` partition; on the CPU
 tests/test_cute_bwd_emulated.py covers the host side with the kernel emulated."""
@@ -157,3 +157,48 @@ def test_gpu_bwd_through_autograd(cute_bwd, api, feature):
     q, k, v, kw = make_inputs(lens, h, hk, 128, torch.bfloat16, DEVICE, api == "varlen")
     assert train_step(api, q, k, v, kw, **FEATURES[feature])[1:] == ("cute", "cute")
     assert len(cute_bwd) == 1
+
+
+@pytest.mark.parametrize("sq,sk", [(113, 203), (1023, 1024), (1, 300), (300, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d,dv", [(192, 192), (256, 256), (192, 128), (160, 160)])
+def test_gpu_bwd_wide_hdims(cute_bwd, d, dv, causal, sq, sk):
+    """Head dims above 128 (the 64-key variant: S^T / dP^T by query halves, P / dS through smem,
+    dK / dV split by columns), 192 x 128, and a padded one (160 -> 192); GQA."""
+    h, hk = HEADS["gqa"]
+    q, k, _, _ = make_inputs([(sq, sk)] * 2, h, hk, d, torch.bfloat16, DEVICE, False)
+    v = torch.randn(2, sk, hk, dv, device=DEVICE).to(torch.bfloat16)
+    check_grads(cute_bwd, q, k, v, causal=causal)
+    assert cute_bwd[-1].dkv_split_hdim
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("heads", ["mha", "mqa"])
+@pytest.mark.parametrize("feature", ["plain", "both"])
+def test_gpu_bwd_deterministic(cute_bwd, feature, heads, d):
+    """deterministic=True: the semaphores order the dQ adds, so two runs give the same bits, and
+    the gradients pass the reference check."""
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs([(700, 650), (1, 9), (300, 1000)], h, hk, d, torch.bfloat16, DEVICE, True)
+    check_grads(cute_bwd, q, k, v, kw, deterministic=True, **FEATURES[feature])
+    assert cute_bwd[-1].deterministic
+    req = make_request(q, k, v, **kw, deterministic=True, **FEATURES[feature])
+    out, lse = cute_kernels.forward(req)
+    dout = torch.randn_like(out)
+    first = cute_kernels.backward(req, out, lse, dout)
+    for _ in range(3):
+        again = cute_kernels.backward(req, out, lse, dout)
+        assert all(torch.equal(a, b) for a, b in zip(first, again)), "deterministic=True gave other bits"
+
+
+@pytest.mark.parametrize("split_waves", [0, 64], ids=["group_in_registers", "head_splits"])
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_bwd_group_sum(cute_bwd, monkeypatch, heads, d, split_waves):
+    """Both ways of summing dK / dV over a KV head's query heads: one CTA walking the whole group
+    (sums in registers), and the group split over CTAs (fp32 partials the host sums)."""
+    monkeypatch.setattr(bwd_launch, "SPLIT_WAVES", split_waves)
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs([(400, 700), (65, 3), (129, 260)], h, hk, d, torch.float16, DEVICE, True)
+    check_grads(cute_bwd, q, k, v, kw, causal=True)
+    assert cute_bwd[-1].dkv_partial == (split_waves > 0)
