@@ -175,6 +175,8 @@ def main(argv=None) -> int:
                    "(with seqused_k, as flash_attn_with_kvcache calls it)")
     p.add_argument("--pack-gqa", type=int, default=1, help="query heads per KV head packed into a tile's rows")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
+    p.add_argument("--fp8-v", choices=["block", "channel"], default="block",
+                   help="with --dtype fp8: V scaled per KV block (a second accumulator) or per channel")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a TileConfig field, e.g. --set rescale_o_before_pv=1 (repeatable); with --bwd "
                         "a BwdConfig field, e.g. --set q_stages=1")
@@ -223,6 +225,7 @@ def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
         has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused or a.page_size > 0,
         intra_wg_overlap=not a.no_overlap, split_kv=a.split_kv, page_size=a.page_size, pack_gqa=a.pack_gqa,
+        **({"fp8_v_scaling": a.fp8_v} if a.dtype in ("e4m3", "fp8") else {}),
     )
     return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
 
