@@ -121,7 +121,8 @@ class BlockOperands:
 def _fake_fp8_scales(cfg: FwdConfig, b, h, hk, dv) -> tuple:
     """Fake FP8 scale tensors (float32, compact): Q per block_m rows, K per KV block, V per KV
     block or per channel; a packed side's (1, heads, columns) (its own symbols: b is not its
-    batch)."""
+    batch). With GQA packing Q's scales keep every query head while Q is viewed with h / g heads:
+    their head counts are separate symbols (the TVM-FFI call checks tied symbols)."""
     sym = cute.sym_int
     t = lambda shape: cute.runtime.make_fake_tensor(Float32, shape, stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
     nk = sym()
@@ -131,7 +132,8 @@ def _fake_fp8_scales(cfg: FwdConfig, b, h, hk, dv) -> tuple:
         v = t((bk, hk, nk))
     else:  # per sequence
         v = t((sym() if cfg.cu_seqlens_k else b, hk, dv))
-    return t((bq, h, sym())), t((bk, hk, nk)), v
+    hq = sym() if cfg.pack_gqa > 1 else h
+    return t((bq, hq, sym())), t((bk, hk, nk)), v
 
 
 class FlashAttentionForwardSm90:
@@ -932,7 +934,8 @@ class FlashAttentionForwardSm90:
         b, sq, sk, h, hk = sym(), sym(), sym(), sym(), sym()
         tq, tk = sym(), sym()
         q_rows = (tq,) if cfg.cu_seqlens_q else (b, sq)
-        k_rows = (tk,) if cfg.cu_seqlens_k else (b, sk)
+        # paged: K / V are page pools (num_pages, page_size, h_kv, d): their rows are not Q's batch
+        k_rows = (tk,) if cfg.cu_seqlens_k else (sym(), sym()) if cfg.page_size else (b, sk)
         d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
         mQ = t((*q_rows, h, d))
         mK = t((*k_rows, hk, d))

@@ -202,3 +202,46 @@ def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(N
                 bo = b + split * batch if cfg.split_kv else b
                 out[bo, :rows], lse[bo, :, :rows] = o.transpose(0, 1).to(out.dtype), row_lse
     return out, lse
+
+
+def tvm_ffi_signature_check(monkeypatch) -> list:
+    """launch_kernel's TVM-FFI call on CPU tensors, against the signature the kernel is compiled
+    with (`fake_args(cfg, env_stream=True)`): every symbolic dim the fake arguments share must
+    get one size from the real call, as the TVM-FFI call checks on the GPU ("Mismatched
+    mQScale.shape[1] ... expected to match mQ.shape[2]" was such a tie). No kernel runs; the
+    outputs stay as allocated. Returns the list of checked configs."""
+    checked = []
+
+    def compile_checker(cfg, args=None):
+        fake = launch.kernel_class(cfg).fake_args(cfg, env_stream=True)[:-1]  # the stream last
+
+        def call(*real):
+            assert len(real) == len(fake), f"{len(real)} arguments, the kernel takes {len(fake)}"
+            bound = {}
+            for i, (f, r) in enumerate(zip(fake, real)):
+                if not isinstance(r, torch.Tensor) and not hasattr(f, "shape"):
+                    continue  # scalars
+                assert (f is None) == (r is None), f"argument {i}: compiled {f}, called with {r}"
+                if r is None:
+                    continue
+                assert r.dim() == len(f.shape), f"argument {i}: rank {r.dim()}, compiled {len(f.shape)}"
+                for j, (fd, rd) in enumerate(zip(f.shape, r.shape)):
+                    if isinstance(fd, int):
+                        assert fd == rd, f"argument {i} dim {j}: {rd}, compiled {fd}"
+                    else:
+                        first = bound.setdefault(id(fd), (rd, i, j))
+                        assert first[0] == rd, (f"argument {i} dim {j} is {rd}, but its symbol is tied to "
+                                                f"argument {first[1]} dim {first[2]} = {first[0]}")
+                assert r.stride(-1) == 1 or r.shape[-1] == 1, f"argument {i}: last dim not contiguous"
+            checked.append(cfg)
+
+        launch.kernels[cfg, True] = call
+        return call
+
+    monkeypatch.setattr(launch, "use_tvm_ffi", True)
+    monkeypatch.setattr(launch, "compile_kernel", compile_checker)
+    monkeypatch.setattr(launch, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(launch, "tile_counters", lambda device: torch.zeros(2, dtype=torch.int32, device=device))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(launch, "kernels", {})
+    return checked

@@ -467,3 +467,17 @@ def test_gpu_fa3_format_goes_to_cute_with_opt_in(monkeypatch):
     out_k, lse_k = launch.run_fp8(req, launch.fp8_config_for(req))
     assert torch.equal(out, out_k)
     _check_against_reference(out_k, lse_k, req)
+
+
+@pytest.mark.parametrize("case", list(FP8_HOST_CASES))
+def test_fp8_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
+    """run_fp8's kernel call (GQA-packed Q beside its unpacked scales, packed sequences, split
+    partials) binds every symbol of the compiled signature to one size: on an H200 the packed
+    cases failed with "Mismatched mQScale.shape[1]" until Q's scales got a head symbol of their own."""
+    from cute_kernels import launch
+    from tests.cute_emulation import tvm_ffi_signature_check
+
+    req, cfg = _feature_request(case, "cpu", monkeypatch)
+    checked = tvm_ffi_signature_check(monkeypatch)
+    launch.run_fp8(req, cfg)
+    assert checked and checked[0].dtype == "e4m3"

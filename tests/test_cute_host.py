@@ -622,3 +622,46 @@ def test_paged_page_sizes_served(hdim, page_sizes):
         assert "forward only" in cute_kernels.why_not(req, backward=True)
         cfg = launch.config_for(req)
         assert cfg.page_size == page_size and launch._seqlens(req) == (1, width * page_size)
+
+
+_SIGNATURE_CASES = {  # (batch or sequence lengths, sq, sk, h, hk, d, kwargs)
+    "plain": ((2, 300, 500, 4, 4, 128), {}),
+    "pack_gqa_decode": ((3, 1, 700, 8, 2, 128), {}),
+    "pack_gqa_causal": ((2, 17, 130, 8, 1, 64), dict(causal=True)),
+    "split_decode": ((1, 1, 9000, 8, 1, 128), {}),
+    "padded_192x128": ((2, 100, 200, 4, 2, 160), dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(_SIGNATURE_CASES) + ["varlen", "varlen_seqused", "paged"])
+def test_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
+    """`run`'s kernel call binds every symbol of the compiled signature (fake_args) to one size,
+    as the TVM-FFI call checks on the GPU (tests/cute_emulation.py's tvm_ffi_signature_check)."""
+    from cute_kernels import launch
+    from fa3py.validation import make_request
+    from tests._util import packed
+    from tests.cute_emulation import tvm_ffi_signature_check
+
+    dt = torch.bfloat16
+    if case.startswith("varlen"):
+        q, cu_q = packed([5, 300, 1, 0], 6, 64, dt, "cpu")
+        k, cu_k = packed([9, 200, 700, 3], 2, 64, dt, "cpu")
+        v, _ = packed([9, 200, 700, 3], 2, 64, dt, "cpu")
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=300, max_seqlen_k=700, causal=True)
+        if case == "varlen_seqused":
+            kw.update(seqused_q=torch.tensor([5, 200, 1, 0], dtype=torch.int32),
+                      seqused_k=torch.tensor([9, 150, 600, 3], dtype=torch.int32))
+        req = make_request(q, k, v, **kw)
+    elif case == "paged":
+        q = torch.randn(2, 1, 8, 128).to(dt)
+        k, v = (torch.randn(12, 64, 2, 128).to(dt) for _ in range(2))
+        req = make_req(q, k, v, page_table=torch.randperm(12)[:10].view(2, 5).to(torch.int32),
+                       seqused_k=torch.tensor([300, 17], dtype=torch.int32), max_seqlen_k=320)
+    else:
+        (b, sq, sk, h, hk, d), kw = _SIGNATURE_CASES[case]
+        dv = 128 if d == 160 else d
+        q, k = torch.randn(b, sq, h, d).to(dt), torch.randn(b, sk, hk, d).to(dt)
+        req = make_request(q, k, torch.randn(b, sk, hk, dv).to(dt), **kw)
+    checked = tvm_ffi_signature_check(monkeypatch)
+    launch.run(req, launch.config_for(req))
+    assert checked
