@@ -134,6 +134,39 @@ SHORT_TILES: dict[tuple[int, bool], TileConfig] = {
 }
 
 
+# FP8 (e4m3) KV tiles with channel V scaling (the default format), FA3's FP8 tiles where measured
+# on an H200 (the kernel alone, 16k tokens; results/2026-12-05_h200_48bbfc7): hdim 128 128x224
+# 972 / 898 TFLOP/s non-causal / causal (128x128: 841 / 880; 128x192: 961 / 871), hdim 256
+# 128x128 1233 / 1120 (128x64: 1026 / 913). hdim 64 keeps TILES' 192x128: 700 / 643 (192x160:
+# 682 / 604). All other head dims: TILES' tile_n in whole 32-key k-blocks (FP8 WGMMA's k).
+FP8_TILE_N = {128: 224, 256: 128}
+
+
+def fp8_tile(hdim: int, v_scaling: str, masked_softcap: bool = False) -> TileConfig:
+    """The FP8 kernel's tile: a function of the head dim and the V scaling alone (not of the
+    sequence lengths), because a format's block_n (keys per K scale) must be the tile's tile_n,
+    and operands quantized ahead (fa3py.quantize_fp8's default_block_n) must fit every call.
+    masked_softcap (softcap with a causal / local mask): the larger tiles spill there (hdim 128
+    128x224 232 bytes of stack causal, 208 local; 128x192 208; hdim 256 128x128 104; hdim 64
+    192x128 64; CPU SASS), so 2-WG 128-key tiles (hdim 256: TILES' 128x64). Block V (a second
+    accumulator) spills in 3-WG kernels (hdim 64: 8 / 22 STL non-causal / causal, hdim 96: 22 /
+    43) and above 128x128 (128x160: 48 bytes): 128x128 there."""
+    base = TILES[hdim]
+    n = base.tile_n // 32 * 32  # hdim 96's 192x112 -> 192x96 (spill-free in bf16: CANDIDATES)
+    if v_scaling == "block":
+        return tile_variant(base, 128, 128) if base.num_mma_wg == 3 else tile_variant(base, base.tile_m, n)
+    if masked_softcap:
+        return tile_variant(base, 128, 128) if hdim <= 128 and hdim != 96 else tile_variant(base, base.tile_m, n)
+    return tile_variant(base, base.tile_m, FP8_TILE_N.get(hdim, n))
+
+
+def fp8_block_n(headdim: int, v_scaling: str = "channel") -> int | None:
+    """The FP8 kernel's tile_n (keys per K scale its format must have) for tensors of `headdim`
+    (padded as the kernel pads it; None: no FP8 kernel for it); the unmasked-softcap tile."""
+    d = padded_hdim(headdim)
+    return None if d is None else fp8_tile(d, v_scaling).tile_n
+
+
 def pack_gqa_factor(group: int, max_seqlen_q: int, tile_m: int) -> int:
     """Query heads per KV head to pack into the M tile (1: none): the group when that fills the
     tiles' rows better by more than 10%: few query positions (decoding, short chunks), where an
@@ -258,19 +291,15 @@ class FwdConfig:
         hdimv = hdim if hdimv is None else hdimv
         if dtype == "e4m3":
             features.setdefault("fp8_block_m", 128)  # fa3py.fp8.Fp8Format's defaults
-            features.setdefault("fp8_v_scaling", "block")
+            features.setdefault("fp8_v_scaling", "channel")
         has_left, has_right = features.get("has_left", False), features.get("has_right", False)
         # A chunk bounds each row's keys on both sides, like a local window.
         windowed = has_left or has_right or features.get("chunk", False)
-        base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
         fp8 = dtype == "e4m3"
-        if fp8 and base.tile_n % 32:
-            # FP8 WGMMA's k is 32: hdim 96's 192x112 -> 192x96 (spill-free in bf16: CANDIDATES)
-            base = tile_variant(base, base.tile_m, base.tile_n // 32 * 32)
-        if fp8 and features["fp8_v_scaling"] == "block" and base.num_mma_wg == 3:
-            # block V's second accumulator at 160 registers spills in 3-WG kernels (hdim 64:
-            # 8 / 22 STL non-causal / causal, hdim 96: 22 / 43; CPU SASS); 2 WGs at 240 do not.
-            base = tile_variant(base, 128, 128)
+        if fp8:
+            base = fp8_tile(hdim, features["fp8_v_scaling"], features.get("softcap", False) and windowed)
+        else:
+            base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
         if features.get("chunk") and features.get("split_kv") and has_right and base.num_mma_wg == 3:
             # causal + chunk + split-KV spills at 160 registers (hdim 64: 8 bytes, CPU SASS); 2 WGs
             # at 240 do not. (launch.run counts the splits for this tile.)

@@ -58,6 +58,11 @@ FP8_GRID = [
     (128, "block", dict(seqused_q=True, seqused_k=True)),
     (64, "block", dict(cu_seqlens_q=True, cu_seqlens_k=True, pack_gqa=4, short=True, has_right=True)),
     (256, "channel", dict(cu_seqlens_q=True, cu_seqlens_k=True, seqused_k=True, split_kv=True)),
+    # channel V's FA3 tiles (config.fp8_tile): hdim 128 128x224, hdim 64 three WGs
+    (64, "channel", dict()),
+    (128, "channel", dict(softcap=True)),
+    (128, "channel", dict(cu_seqlens_q=True, cu_seqlens_k=True, pack_gqa=4, has_right=True)),
+    (128, "channel", dict(split_kv=True, seqused_k=True)),
 ]
 
 
@@ -98,7 +103,11 @@ def test_fp8_check_rejects_hgmma():
 
 def test_fp8_config_fields():
     cfg = FwdConfig.make("e4m3", 128, has_right=True)
-    assert (cfg.fp8_block_m, cfg.fp8_v_scaling) == (128, "block")
+    assert (cfg.fp8_block_m, cfg.fp8_v_scaling, cfg.tile.tile_n) == (128, "channel", 224)
+    assert FwdConfig.make("e4m3", 128, fp8_v_scaling="block").tile.tile_n == 128
+    # the tile does not depend on the sequence lengths (operands quantized ahead fit every call)
+    shape = lambda t: (t.tile_m, t.tile_n)  # noqa: E731
+    assert shape(FwdConfig.make("e4m3", 64, has_right=True, short=True).tile) == shape(FwdConfig.make("e4m3", 64, has_right=True).tile)
     assert cfg.tile.tile_n % 32 == 0 and cfg.tile.lazy_rescale == 0 and not cfg.tile.chain_pv_qk
     assert FwdConfig.make("e4m3", 96).tile.tile_n % 32 == 0
     bf16 = FwdConfig.make("bf16", 128)
@@ -164,7 +173,7 @@ def test_fp8_why_not_with_opt_in(monkeypatch):
     assert "CUDA" in why(_fa3_request(2, 65, 130, 4, 2, 128, causal=True))  # FA3's format: served
     assert "head dims" in why(_fa3_request(1, 8, 8, 2, 2, 32))
     assert "block V" in why(_fp8_request(1, 64, 64, 2, 2, 256, block_n=64))
-    assert "CUDA" in why(_fp8_request(1, 64, 64, 2, 2, 256, block_n=64, v_scaling="channel"))
+    assert "CUDA" in why(_fp8_request(1, 64, 64, 2, 2, 256, block_n=128, v_scaling="channel"))
     cfg = launch.fp8_config_for(_fp8_request(2, 65, 130, 4, 2, 128, causal=True))
     assert (cfg.dtype, cfg.fp8_block_m, cfg.fp8_v_scaling, cfg.has_right) == ("e4m3", 128, "block", True)
 
@@ -481,3 +490,16 @@ def test_fp8_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
     checked = tvm_ffi_signature_check(monkeypatch)
     launch.run_fp8(req, cfg)
     assert checked and checked[0].dtype == "e4m3"
+
+
+def test_default_block_n_is_the_kernel_tile():
+    """quantize_fp8's default block_n: the Hopper FP8 kernel's tile_n for the head dim on sm90
+    (config.fp8_block_n; padded head dims too), 128 off sm90 (here: CPU tensors)."""
+    import fa3py
+    from cute_kernels.config import fp8_block_n
+
+    assert [fp8_block_n(d) for d in (64, 80, 96, 128, 192, 256, 264)] == [128, 96, 96, 224, 96, 128, None]
+    assert fp8_block_n(128, "block") == 128
+    q = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16)
+    assert fa3py.quantize_fp8(q, q, q).q.fmt.block_n == 128
+    assert fa3py.quantize_fp8(q, q, q).q.fmt.v_scaling == "channel"

@@ -19,6 +19,7 @@ PyTorch quantizer, which writes the same format.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -120,6 +121,13 @@ def fp8_prep(
         tl.store(out, _e4m3_bits(q), mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _rotation_on(n: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The rotation matrix on `device`, copied there once: a copy from pageable host memory on
+    every call waits for the stream's earlier work (a host sync per quantized operand)."""
+    return rotation_matrix(n, seed).to(device, dtype)
+
+
 def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
     """`fa3py.fp8.quantize_operand` in one fused pass (two for channel-scaled V); falls back to
     it for what `why_not` declines."""
@@ -147,7 +155,7 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
         data = torch.empty(b, s, h, d, dtype=torch.float8_e4m3fn, device=x.device)
         out_strides = (data.stride(0), data.stride(1), data.stride(2), 1)
     n = hadamard_block(d)
-    rot = rotation_matrix(n, fmt.seed).to(x.device, x.dtype) if rotate else x.new_empty(1)
+    rot = _rotation_on(n, fmt.seed, x.device, x.dtype) if rotate else x.new_empty(1)
     block_d = triton.next_power_of_2(d)
     channel = role == "v" and fmt.v_scaling == "channel"
     scale = torch.empty(b, h, d if channel else nblocks, dtype=torch.float32, device=x.device)

@@ -17,8 +17,9 @@ Prep (one pass over q, k, v; `quantize_fp8`, `triton_fallback/fp8_prep.py`)
    then they are rounded, in whatever order the device sums, and a sum within an ulp of an
    e4m3 rounding boundary (~1e-6 of the elements) may take the neighbouring code.
 2. Scales. One per (batch, head, block of `block_m` query rows) for Q, per `block_n` keys for
-   K, and for V either per `block_n` keys ("block") or per output channel over the whole
-   sequence ("channel"). A scale is the power of two 2^e with e the smallest integer such that
+   K, and for V either per output channel over the whole sequence ("channel", the default) or
+   per `block_n` keys ("block"). block_n defaults to the Hopper FP8 kernel's KV tile for the
+   head dim on sm90 (224 at hdim 128, 128 at 64 and 256), else 128 (`default_block_n`). A scale is the power of two 2^e with e the smallest integer such that
    amax / 2^e <= 448 (`pow2_scale`: from amax's bits, clamped to [-126, 126]); amax is the
    largest |value| of the rotated block over its finite elements (NaN and Inf do not count).
    Powers of two make quantization and dequantization exact multiplications, and the
@@ -57,11 +58,13 @@ the tiles last to first), with c = float32(softmax_scale * log2(e) / n) and a ru
              block scales go inside the tanh, which then sees the score / softcap
     m' = max(m, rowmax(s2));  P = exp2(s2 - m' + 8)   in [0, 256], FA3's offset
     l  = l * exp2(m - m') + rowsum(P)  (P before its rounding)
-    O_j = e4m3(P) V8_j                 a fresh float32 accumulator per tile (two-level
-                                       accumulation: Hopper's FP8 MMA accumulates with reduced
-                                       precision, so partial sums are promoted every tile)
-    block V:   O = O * exp2(m - m') + O_j * sv[j]
-    channel V: O = O * exp2(m - m') + O_j, and O *= sv[channel] at the end
+    O_j = e4m3(P) V8_j                 float32 accumulation
+    block V:   O = O * exp2(m - m') + O_j * sv[j]   (the Hopper kernel: O_j in a fresh
+                                                    accumulator, added by FFMA)
+    channel V: O = O * exp2(m - m') + O_j, and O *= sv[channel] at the end (the Hopper kernel:
+               O rescaled, then P V accumulated into it by the tensor cores, whose FP8
+               accumulation keeps ~13 bits; on an H200 as accurate as the fresh accumulator on
+               the FA3 paper's inputs at 8k and 16k keys, results/2026-12-05_h200_48bbfc7)
     out = O / l;  lse = (m + log2(l) - 8) * ln(2)
 
 The q scale is per row in the softmax multiplier, so block_m = 1 (per-token Q scales) costs a
@@ -102,7 +105,8 @@ attention runs as this float32 emulation in PyTorch (correct, slower than 16-bit
 warning says so) on the CPU, on sm80/86 (no FP8 tensor cores) and, until it has been timed on
 a GPU, everywhere else too: `triton_fallback/fp8_fwd.py` (sm89+, keys first to last) computes
 the same arithmetic and is opt-in (FA3PY_TRITON_FP8=1, batched operands only). The Hopper
-WGMMA kernel (`cute_kernels`, opt-in FA3PY_CUTE_FP8=1, not yet run on a GPU) consumes this
+WGMMA kernel (`cute_kernels`, opt-in FA3PY_CUTE_FP8=1; right on an H200 and, with channel V
+and FA3's tiles, near FA3's FP8 speed) consumes this
 format with V^T in its PV key order, packed and seqused sequences included, and FA3's float8
 inputs through `from_descales`. Packed operands are quantized one sequence at a time (the
 Triton pass once per sequence). `fa3py.explain(..., fp8=True)` says which runs.

@@ -81,9 +81,9 @@ class Fp8Format:
 
     block_m: query rows per Q scale (1: one scale per token). block_n: keys per K scale and,
     with v_scaling="block", per V scale; a kernel's N tile must be a multiple of it.
-    v_scaling: "block" (one scale per block_n keys, applied to each KV block's P V partial
-    sum) or "channel" (one scale per output channel over the whole sequence, applied in the
-    epilogue). v_transposed: V stored (batch, nheads_kv, headdim_v, seqlen_k) for the FP8
+    v_scaling: "channel" (one scale per output channel over the whole sequence, applied in the
+    epilogue; the default) or "block" (one scale per block_n keys, applied to each KV block's
+    P V partial sum: a second accumulator, which keeps the Hopper kernel at 128-key tiles). v_transposed: V stored (batch, nheads_kv, headdim_v, seqlen_k) for the FP8
     PV GEMM, which reads V k-major. v_pv_order (with v_transposed): the keys of every 16-key group
     of the transposed V stored in PV_KEY_ORDER, the order the Hopper FP8 kernel's PV GEMM takes
     them in (a sum over keys does not care; P stays in its registers). seed: the rotation's random signs.
@@ -95,7 +95,7 @@ class Fp8Format:
 
     block_m: int = 128
     block_n: int = 128
-    v_scaling: str = "block"
+    v_scaling: str = "channel"
     v_transposed: bool = True
     seed: int = SIGN_SEED
     qk_int8: bool = False
@@ -276,6 +276,13 @@ class Fp8QKV:
 FA3_FORMAT = dict(v_scaling="channel", v_pv_order=True, rotated=False)
 
 
+@functools.lru_cache(maxsize=64)
+def _tail_positions(count: int, device) -> torch.Tensor:
+    """Where the first `count` keys of a 16-key group sit in PV_KEY_ORDER, on `device` (copied
+    there once: a per-call copy from host memory waits for the stream's earlier work)."""
+    return torch.argsort(torch.tensor(PV_KEY_ORDER))[:count].to(device)
+
+
 def transpose_v(v: torch.Tensor, pv_order: bool = True) -> torch.Tensor:
     """(batch, seqlen, nheads_kv, dv) float8 -> V^T (batch, nheads_kv, dv, seqlen rounded up to
     VT_ALIGN), zero past seqlen, with pv_order the keys of every 16-key group in PV_KEY_ORDER: one
@@ -297,7 +304,7 @@ def transpose_v(v: torch.Tensor, pv_order: bool = True) -> torch.Tensor:
     if pad > full:
         vt[..., full:].zero_()
         if s > full:
-            pos = full + torch.argsort(torch.tensor(PV_KEY_ORDER))[: s - full].to(v.device)
+            pos = full + _tail_positions(s - full, v.device)
             vt[..., pos] = src[..., full:]
     return vt.view(v.dtype)
 

@@ -152,9 +152,25 @@ def quantize_checked(x: torch.Tensor, role: str, fmt: Fp8Format, backend=None, c
     return one(x, role, fmt) if cu_seqlens is None else quantize_packed(x, cu_seqlens, role, fmt, one)
 
 
-def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 128, v_scaling: str = "block",
-                 v_transposed: bool = True, seed: int | None = None, qk_int8: bool = False,
-                 v_pv_order: bool = False, backend=None, cu_seqlens_q=None, cu_seqlens_k=None) -> Fp8QKV:
+def default_block_n(x: torch.Tensor, v_scaling: str) -> int:
+    """quantize_fp8's block_n when the caller names none: on an sm90 GPU, the KV tile of the Hopper
+    FP8 kernel for x's head dim (a format serves that kernel only when its block_n is the tile's:
+    `cute_kernels.config.fp8_tile`); elsewhere 128."""
+    from fa3py import dispatch
+
+    if x.is_cuda and dispatch.device_capability(x.device)[0] == 9:
+        try:
+            from cute_kernels.config import fp8_block_n
+        except ImportError:  # the Hopper kernels are not installed: the Triton kernel takes any block
+            return 128
+        return fp8_block_n(x.shape[-1], v_scaling) or 128
+    return 128
+
+
+def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int | None = None,
+                 v_scaling: str = "channel", v_transposed: bool = True, seed: int | None = None,
+                 qk_int8: bool = False, v_pv_order: bool = False, backend=None, cu_seqlens_q=None,
+                 cu_seqlens_k=None) -> Fp8QKV:
     """Quantizes any of q, k, v (fp16/bf16, (batch, seqlen, nheads, headdim)) to the block-scaled
     FP8 format of `fa3py.fp8`; returns an `Fp8QKV` that `fa3py.attention` takes in place of
     the tensors (``attention(*quantize_fp8(q, k, v))``, or a KV cache quantized once:
@@ -164,7 +180,14 @@ def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int = 1
     by default triton on CUDA GPUs, torch elsewhere. Both produce the same bytes. v_pv_order=True:
     V^T's keys in the Hopper FP8 kernel's order (`Fp8Format`). cu_seqlens_q / cu_seqlens_k: q (or
     k and v) packed, (total, nheads, headdim), each sequence quantized on its own (`Fp8Tensor`);
-    pass the same cu_seqlens to `fa3py.attention`."""
+    pass the same cu_seqlens to `fa3py.attention`. block_n (keys per K scale, and per V scale
+    with v_scaling="block"): by default the KV tile of the kernel that will read the operands on
+    their device (`default_block_n`). v_scaling: "channel" (default; as accurate as "block" on
+    the FA3 paper's inputs, measured on an H200, and it lets the Hopper kernel take FA3's larger
+    FP8 tiles) or "block"."""
+    if block_n is None:
+        first = next((x for x in (k, q, v) if x is not None), None)
+        block_n = 128 if first is None else default_block_n(first, v_scaling)
     fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
                     seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8, v_pv_order=v_pv_order)
     if q is None and k is None and v is None:
