@@ -598,3 +598,11 @@ def test_kvcache_providers_hold_the_case_keys(page_size):
 def test_paged_needs_a_gpu_and_fwd(tmp_path):
     with pytest.raises(SystemExit, match="--paged"):
         run.run(run.parse_args(["--device", "cpu", "--mode", "fwd", "--paged", "16", "--out", str(tmp_path)]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_fp8_peers_says_it_needs_a_gpu():
+    from benchmarks import fp8_peers
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        fp8_peers.main(["--hdim", "128"])
