@@ -152,12 +152,14 @@ def fp8_tile(hdim: int, v_scaling: str, masked_softcap: bool = False) -> TileCon
     accumulator) spills in 3-WG kernels (hdim 64: 8 / 22 STL non-causal / causal, hdim 96: 22 /
     43) and above 128x128 (128x160: 48 bytes): 128x128 there."""
     base = TILES[hdim]
-    n = base.tile_n // 32 * 32  # hdim 96's 192x112 -> 192x96 (spill-free in bf16: CANDIDATES)
-    if v_scaling == "block":
-        return tile_variant(base, 128, 128) if base.num_mma_wg == 3 else tile_variant(base, base.tile_m, n)
-    if masked_softcap:
-        return tile_variant(base, 128, 128) if hdim <= 128 and hdim != 96 else tile_variant(base, base.tile_m, n)
-    return tile_variant(base, base.tile_m, FP8_TILE_N.get(hdim, n))
+    m, n = base.tile_m, base.tile_n // 32 * 32  # hdim 96's 192x112 -> 192x96 (spill-free: CANDIDATES)
+    if v_scaling == "block" and base.num_mma_wg == 3:
+        m, n = 128, 128
+    elif v_scaling == "channel" and not masked_softcap:
+        n = FP8_TILE_N.get(hdim, n)
+    elif v_scaling == "channel" and base.num_mma_wg == 3 and hdim == 64:
+        m, n = 128, 128  # (hdim 96's 192x96 does not spill with a masked softcap)
+    return tile_variant(base, m, n)
 
 
 def fp8_block_n(headdim: int, v_scaling: str = "channel") -> int | None:

@@ -19,7 +19,8 @@ Prep (one pass over q, k, v; `quantize_fp8`, `triton_fallback/fp8_prep.py`)
 2. Scales. One per (batch, head, block of `block_m` query rows) for Q, per `block_n` keys for
    K, and for V either per output channel over the whole sequence ("channel", the default) or
    per `block_n` keys ("block"). block_n defaults to the Hopper FP8 kernel's KV tile for the
-   head dim on sm90 (224 at hdim 128, 128 at 64 and 256), else 128 (`default_block_n`). A scale is the power of two 2^e with e the smallest integer such that
+   head dim on sm90 (224 at hdim 128, 128 at 64 and 256), else 128 (`default_block_n`).
+   A scale is the power of two 2^e with e the smallest integer such that
    amax / 2^e <= 448 (`pow2_scale`: from amax's bits, clamped to [-126, 126]); amax is the
    largest |value| of the rotated block over its finite elements (NaN and Inf do not count).
    Powers of two make quantization and dequantization exact multiplications, and the

@@ -83,7 +83,8 @@ class Fp8Format:
     with v_scaling="block", per V scale; a kernel's N tile must be a multiple of it.
     v_scaling: "channel" (one scale per output channel over the whole sequence, applied in the
     epilogue; the default) or "block" (one scale per block_n keys, applied to each KV block's
-    P V partial sum: a second accumulator, which keeps the Hopper kernel at 128-key tiles). v_transposed: V stored (batch, nheads_kv, headdim_v, seqlen_k) for the FP8
+    P V partial sum: a second accumulator, which keeps the Hopper kernel at 128-key tiles).
+    v_transposed: V stored (batch, nheads_kv, headdim_v, seqlen_k) for the FP8
     PV GEMM, which reads V k-major. v_pv_order (with v_transposed): the keys of every 16-key group
     of the transposed V stored in PV_KEY_ORDER, the order the Hopper FP8 kernel's PV GEMM takes
     them in (a sum over keys does not care; P stays in its registers). seed: the rotation's random signs.
