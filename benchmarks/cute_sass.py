@@ -7,7 +7,8 @@ against fake tensors (no GPU needed), keep the cubin and count SASS opcodes.
                                 [--set FIELD=0|1] [--dump] [--loops]
                                 [--keep DIR]
     python -m benchmarks.cute_sass --bwd [--dtype bf16|fp16] [--hdim 128] [--causal] [--local]
-                                [--softcap] [--varlen] [--seqused] [--set FIELD=VALUE] [--dump] [--loops]
+                                [--chunk] [--softcap] [--varlen] [--seqused] [--set FIELD=VALUE] [--dump]
+                                [--loops]
 
 Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
 threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
@@ -251,7 +252,7 @@ def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     if a.hdim % 8 or d not in BWD_TILES:
         refuse(f"--hdim {a.hdim}: the backward kernel serves multiples of 8 that round up to one of "
                f"{sorted(BWD_TILES)}")
-    cfg = BwdConfig.make(a.dtype, d, has_right=a.causal or a.local, has_left=a.local, softcap=a.softcap,
+    cfg = BwdConfig.make(a.dtype, d, has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
                          cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
                          hdim_in=0 if d == a.hdim else a.hdim, hdimv=128 if wide_v else 0)
     return dataclasses.replace(cfg, **dict(_field_value(cfg, kv) for kv in a.set))

@@ -47,8 +47,6 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
                 f"got ({req.headdim}, {req.headdim_v})")
     if req.headdim_v != req.headdim and not _is_192x128(req):
         return "cute_kernels: the backward kernel needs hdim_v = hdim (or hdim 192 with hdim_v 128)"
-    if req.params.attention_chunk:
-        return "cute_kernels: attention_chunk is not in the backward kernel yet"
     from cute_kernels import launch
 
     if not launch.use_tvm_ffi:
@@ -87,10 +85,11 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
     p = req.params
     d = padded_hdim(req.headdim)
     return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req) > 1, has_left=p.window_left >= 0,
-                          has_right=p.window_right >= 0, softcap=p.softcap > 0, cu_seqlens_q=req.cu_seqlens_q is not None,
-                          cu_seqlens_k=req.cu_seqlens_k is not None, seqused_q=req.seqused_q is not None,
-                          seqused_k=req.seqused_k is not None, hdim_in=0 if d == req.headdim else req.headdim,
-                          deterministic=p.deterministic, hdimv=128 if _is_192x128(req) else 0)
+                          has_right=p.window_right >= 0, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,
+                          cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
+                          seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
+                          hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
+                          hdimv=128 if _is_192x128(req) else 0)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -288,7 +287,8 @@ def launch_postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc):
 
 def kernel_scalars(req: "AttentionRequest") -> tuple:
     """The kernel's scalar arguments: (scale_log2, softcap_premul, softmax_scale, window_left,
-    window_right, max_seqlen_k). With softcap the scores are softcap * tanh(qk * premul) and
+    window_right, attention_chunk, max_seqlen_k) (attention_chunk 0: none; the kernel reads it
+    where cfg.chunk). With softcap the scores are softcap * tanh(qk * premul) and
     scale_log2 = softcap * log2(e), else scale_log2 = softmax_scale * log2(e)."""
     p = req.params
     if p.softcap > 0:
@@ -296,7 +296,7 @@ def kernel_scalars(req: "AttentionRequest") -> tuple:
     else:
         scale_log2, premul = p.softmax_scale * LOG2E, 1.0
     max_seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
-    return scale_log2, premul, p.softmax_scale, p.window_left, p.window_right, max_seqlen_k
+    return scale_log2, premul, p.softmax_scale, p.window_left, p.window_right, p.attention_chunk, max_seqlen_k
 
 
 def sequence_tensors(req: "AttentionRequest") -> list:

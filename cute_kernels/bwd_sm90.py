@@ -44,6 +44,12 @@ columns for dK / dV (FA3's 64 x 64 tile at hdim 256):
   zeros before the warp-role branch and ptxas, holding them under that region's 168-register
   budget, spilled dV and serialized the WGMMAs.
 
+Masks (mask.KeyBlockMask): a key block walks only the query blocks whose rows keep one of its
+keys (window; attention_chunk C, a launch argument of `chunk` configs: the rows whose chunk
+holds the key), and masks only those that straddle an edge: the first ones (rows before some
+key's diagonal or chunk) both edges, the last ones (rows past some key's left window edge or
+chunk) the left edge.
+
 Layouts the host prepares (bwd_launch.py): LSE_log2 = LSE * log2(e) (+inf where LSE is -inf
 or the row is padding, so P = 0 there) and dPsum = rowsum(dO * O), float32, per head in
 query rows padded per sequence to whole tile_m blocks (`padded_offset`); the dQ accumulator,
@@ -182,6 +188,7 @@ class FlashAttentionBackwardSm90:
         softmax_scale: Float32,
         window_left: Int32,
         window_right: Int32,
+        attention_chunk: Int32,  # chunk: C > 0 (else unused, and not passed to the kernel)
         max_seqlen_k: Int32,
         head_splits: Int32,  # CTAs per KV head, each over group / head_splits query heads (dkv_partial)
         stream: cuda.CUstream,
@@ -255,7 +262,9 @@ class FlashAttentionBackwardSm90:
             tma_Q, tma_K, tma_V, tma_dO, mdK, mdV, mLSE2, mdPsum, mdQacc, mSemaphore,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
-            scale_log2, softcap_premul, softmax_scale, window_left, window_right, head_splits,
+            scale_log2, softcap_premul, softmax_scale, window_left, window_right,
+            # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
+            attention_chunk if const_expr(cfg.chunk) else None, head_splits,
             sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout,
             tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
         ).launch(
@@ -312,7 +321,7 @@ class FlashAttentionBackwardSm90:
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
         tma_atom_dO: cute.CopyAtom,
         scale_log2: Float32, softcap_premul: Float32, softmax_scale: Float32,
-        window_left: Int32, window_right: Int32, head_splits: Int32,
+        window_left: Int32, window_right: Int32, attention_chunk: Optional[Int32], head_splits: Int32,
         sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
         sRow_layout: cute.Layout,
@@ -355,7 +364,7 @@ class FlashAttentionBackwardSm90:
                                    mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                                    mSeqUsedK=mSeqUsedK)
         mask = KeyBlockMask(self.tile_m, self.tile_n, self.cfg.has_left, self.cfg.has_right, window_left,
-                            window_right, seqlen, n_block)
+                            window_right, seqlen, n_block, chunk=attention_chunk)
         group = cute.size(mQ.shape[2]) // cute.size(mK.shape[2])
         heads = group // head_splits
         head_kv = kv_split // head_splits
@@ -437,9 +446,11 @@ class FlashAttentionBackwardSm90:
         deterministic: the key blocks add into an m_block in increasing n_block order. The
         block's semaphore counts the key blocks done with it: this CTA waits for it to reach
         n_block, adds, waits for its adds to complete and increments it. Key blocks left of every
-        key a query block sees (a left window) count without adding, so the count stays the
-        n_block index; waits are on lower n_blocks only, launched earlier (the grid's x), so
-        resident or done: no deadlock."""
+        key a query block sees (a left window or chunk) count without adding, so the count stays
+        the n_block index (a query block's key blocks are a run whose ends never decrease with
+        it: the key blocks before the run are those whose m_block_max it is at or past); waits
+        are on lower n_blocks only, launched earlier (the grid's x), so resident or done: no
+        deadlock."""
         det = self.cfg.deterministic
         m_block_min, m_block_max = work.mask.m_block_range()
         b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
@@ -472,7 +483,7 @@ class FlashAttentionBackwardSm90:
                     cute.arch.cp_async_bulk_wait_group(0, read=False)  # the adds are done
                     if cute.arch.lane_idx() == 0:
                         red_release_add_i32(sem.iterator + m_block, 1)
-            if const_expr(det and self.cfg.has_left):
+            if const_expr(det and (self.cfg.has_left or self.cfg.chunk)):
                 m_block_end = cute.ceil_div(work.seqlen.seqlen_q, self.tile_m)
                 if cute.arch.lane_idx() == 0:
                     for m_block in cutlass.range(m_block_max, m_block_end, unroll=1):
@@ -548,15 +559,15 @@ class FlashAttentionBackwardSm90:
             m_left_begin = mask.m_block_left_masked_begin(m_right_end, m_block_max)
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.q_stages)
             for h in cutlass.range(work.heads, unroll=1):
-                # 1) query blocks with rows before some key's diagonal: right (and left) mask
-                if const_expr(self.cfg.has_right):
+                # 1) query blocks with rows before some key's diagonal (or chunk): right (and left) mask
+                if const_expr(self.cfg.has_right or self.cfg.chunk):
                     for m_block in cutlass.range(m_block_min, m_right_end, unroll=1):
                         q_state = step(q_state, m_block, mask_keys, mask_right=True, mask_left=True)
                 # 2) no window edge inside
                 for m_block in cutlass.range(m_right_end, m_left_begin, unroll=1):
                     q_state = step(q_state, m_block, mask_keys)
-                # 3) rows past some key's left window edge
-                if const_expr(self.cfg.has_left):
+                # 3) rows past some key's left window edge (or chunk)
+                if const_expr(self.cfg.has_left or self.cfg.chunk):
                     for m_block in cutlass.range(m_left_begin, m_block_max, unroll=1):
                         q_state = step(q_state, m_block, mask_keys, mask_left=True)
         for i in cutlass.range_constexpr(cute.size(acc_dK)):
@@ -696,7 +707,7 @@ class FlashAttentionBackwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
-            Float32(1.0), Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(1), Int32(1),
+            Float32(1.0), Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(0), Int32(1), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )
 

@@ -417,6 +417,10 @@ class BwdConfig:
     # columns over the two consumer warpgroups, P^T and dS^T through smem (bwd_sm90.py)
     dkv_split_hdim: bool = False
     hdimv: int = 0  # V / dO / dV's head dim where below hdim (192 x 128, dkv_split_hdim); 0: hdim
+    # attention_chunk (chunked local attention): the kernel takes C > 0 (a launch argument) and
+    # bounds each key's query rows by its chunk, one more edge of the query-block range and the
+    # masks (mask.KeyBlockMask), as FwdConfig.chunk in the forward.
+    chunk: bool = False
 
     def __post_init__(self):
         if self.dkv_split_hdim:
@@ -435,7 +439,7 @@ class BwdConfig:
         return BwdConfig(dtype, hdim, tile_m, tile_n, q_stages=q_stages, dkv_split_hdim=dkv_split_hdim, **features)
 
     def short(self) -> str:
-        flags = [n for n in ("has_left", "has_right", "softcap", "cu_seqlens_q", "cu_seqlens_k",
+        flags = [n for n in ("has_left", "has_right", "chunk", "softcap", "cu_seqlens_q", "cu_seqlens_k",
                              "seqused_q", "seqused_k", "deterministic", "dkv_partial") if getattr(self, n)]
         flags += [f"tensors_d{self.hdim_in}"] if self.hdim_in else []
         flags += ["dkv_split_hdim"] if self.dkv_split_hdim else []

@@ -65,6 +65,16 @@ def split_block_range(n_block_min: Int32, n_block_max: Int32, split: Int32, num_
     return lo, cutlass.min(n_block_max, lo + per_split)
 
 
+def chunk_floor(col, chunk, shift=None):
+    """First column of the attention chunk (`chunk` columns, chunks from column 0) that holds
+    column `col`: chunk * floor(col / chunk). `//` floors on plain Int32 but truncates on values
+    derived from layout coordinates, so a `col` that may be negative comes with `shift`, a
+    multiple of `chunk` that makes col + shift >= 0 (where both agree)."""
+    if shift is None:
+        return col // chunk * chunk
+    return (col + shift) // chunk * chunk - shift
+
+
 @dataclass(frozen=True)
 class AttentionMask:
     """Window bounds of one m_block, and the masking of its boundary KV blocks."""
@@ -87,11 +97,10 @@ class AttentionMask:
 
     def chunk_start(self, pos):
         """First key of the chunk of query position `pos` (>= 0): C * floor((pos + diag) / C).
-        pos + diag < 0 for the first Lq - Lk positions, and `//` floors on plain Int32 but
-        truncates on values derived from layout coordinates (apply's rows), so it divides
-        pos + diag shifted up by a multiple of C, where both agree."""
+        pos + diag < 0 for the first Lq - Lk positions (apply's rows come from layout
+        coordinates): shifted up by a multiple of C."""
         shift = cute.ceil_div(cutlass.max(-self.diag, 0), self.chunk) * self.chunk
-        return (pos + self.diag + shift) // self.chunk * self.chunk - shift
+        return chunk_floor(pos + self.diag, self.chunk, shift)
 
     def pos(self, row):
         """The query position of tile row `row` (its index in the sequence's rows)."""
@@ -232,7 +241,13 @@ class AttentionMask:
 class KeyBlockMask:
     """The backward's view of the same mask: one block of tile_n keys (`n_block`) against the
     query blocks of tile_m rows that see it, with scores transposed (S^T: keys are the rows of
-    the accumulator, queries its columns). No GQA packing: rows are query positions."""
+    the accumulator, queries its columns). No GQA packing: rows are query positions.
+
+    Each bound gives a key j a row range whose ends never decrease with j: rows
+    [j - diag - window_right, j - diag + window_left] of the window, and with attention_chunk
+    the rows [lo_C(j), hi_C(j)) whose chunk holds j, i.e. whose diagonal position i + diag lies
+    in j's chunk: lo_C(j) = chunk_floor(j) - diag, hi_C(j) = lo_C(j) + C. So the chunk is one
+    more lower and upper row edge, like the window's."""
 
     tile_m: cutlass.Constexpr[int]
     tile_n: cutlass.Constexpr[int]
@@ -242,15 +257,35 @@ class KeyBlockMask:
     window_right: Int32
     seqlen: SeqlenInfo
     n_block: Int32
+    # attention_chunk C > 0 (BwdConfig.chunk); None: no chunk bound (decided at trace time).
+    chunk: Optional[Int32] = None
+
+    @property
+    def has_chunk(self) -> bool:
+        return self.chunk is not None
 
     @property
     def diag(self):
         return self.seqlen.seqlen_k - self.seqlen.seqlen_q
 
+    @property
+    def first_key(self):
+        return self.n_block * self.tile_n
+
+    @property
+    def last_key(self):
+        """The block's last key before seqlen_k (keys past it are masked on every row)."""
+        return cutlass.min((self.n_block + 1) * self.tile_n, self.seqlen.seqlen_k) - 1
+
+    def chunk_rows_begin(self, key):
+        """The first query row whose chunk holds `key` (>= 0): lo_C(key); hi_C(key) is C more."""
+        return chunk_floor(key, self.chunk) - self.diag
+
     @cute.jit
     def m_block_range(self):
         """[m_block_min, m_block_max): query blocks with a row that keeps a key of this block.
-        Key j is kept by row i iff i >= j - diag - window_right and i <= j - diag + window_left."""
+        Key j is kept by row i iff i >= j - diag - window_right and i <= j - diag + window_left
+        (and lo_C(j) <= i < hi_C(j))."""
         m_block_max = cute.ceil_div(self.seqlen.seqlen_q, self.tile_m)
         m_block_min = Int32(0)
         if const_expr(self.has_right):
@@ -259,26 +294,44 @@ class KeyBlockMask:
         if const_expr(self.has_left):
             row_max = (self.n_block + 1) * self.tile_n - 1 - self.diag + self.window_left  # inclusive
             m_block_max = cutlass.min(m_block_max, cute.ceil_div(cutlass.max(row_max + 1, 0), self.tile_m))
+        if const_expr(self.has_chunk):
+            # from the first key's first row to the end of the last key's rows
+            row_min = self.chunk_rows_begin(self.first_key)
+            row_end = self.chunk_rows_begin(self.last_key) + self.chunk  # exclusive
+            m_block_min = cutlass.max(m_block_min, cutlass.max(row_min, 0) // self.tile_m)
+            m_block_max = cutlass.min(m_block_max, cute.ceil_div(cutlass.max(row_end, 0), self.tile_m))
         return m_block_min, m_block_max
 
     @cute.jit
     def m_block_right_masked_end(self, m_block_min: Int32, m_block_max: Int32) -> Int32:
-        """Blocks in [m_block_min, this) may hold a row left of some key's diagonal (a row that
-        drops a key of this block on the right side of its window): they take the right mask."""
-        if const_expr(not self.has_right):
+        """Blocks in [m_block_min, this) may hold a row below some key's lowest row (a row that
+        drops a key of this block on the right side of its window, or before its chunk): they
+        take the right mask. (The first row that keeps every key: the last key's lowest.)"""
+        if const_expr(not self.has_right and not self.has_chunk):
             return m_block_min
-        row = (self.n_block + 1) * self.tile_n - 1 - self.diag - self.window_right  # first row keeping every key
+        if const_expr(self.has_right):
+            row = (self.n_block + 1) * self.tile_n - 1 - self.diag - self.window_right
+            if const_expr(self.has_chunk):
+                row = cutlass.max(row, self.chunk_rows_begin(self.last_key))
+        else:
+            row = self.chunk_rows_begin(self.last_key)
         end = cute.ceil_div(cutlass.max(row, 0), self.tile_m)
         return cutlass.max(m_block_min, cutlass.min(end, m_block_max))
 
     @cute.jit
     def m_block_left_masked_begin(self, m_block_lo: Int32, m_block_max: Int32) -> Int32:
-        """Blocks in [this, m_block_max) may hold a row past the left window edge of some key of
-        this block: they take the left mask."""
-        if const_expr(not self.has_left):
+        """Blocks in [this, m_block_max) may hold a row past some key's highest row (past the
+        left window edge, or past the key's chunk): they take the left mask. (The first row that
+        drops a key: past the first key's highest.)"""
+        if const_expr(not self.has_left and not self.has_chunk):
             return m_block_max
-        row = self.n_block * self.tile_n - self.diag + self.window_left  # last row keeping every key
-        begin = cutlass.max(row + 1, 0) // self.tile_m
+        if const_expr(self.has_left):
+            row_end = self.n_block * self.tile_n - self.diag + self.window_left + 1
+            if const_expr(self.has_chunk):
+                row_end = cutlass.min(row_end, self.chunk_rows_begin(self.first_key) + self.chunk)
+        else:
+            row_end = self.chunk_rows_begin(self.first_key) + self.chunk
+        begin = cutlass.max(row_end, 0) // self.tile_m
         return cutlass.max(m_block_lo, cutlass.min(begin, m_block_max))
 
     @cute.jit
@@ -294,17 +347,17 @@ class KeyBlockMask:
     ):
         """Set masked entries of S^T (rows: this block's keys, columns: block m_block's rows) to
         -inf: keys at or past seqlen_k where `mask_keys` (the last key block; a runtime branch per
-        row), and the window's edges. Query rows past seqlen_q are not masked here: the
-        backward's LSE is +inf there, so their probabilities are 0. Column limits per row as in
-        AttentionMask.apply (thread 0's coordinates are compile-time constants)."""
+        row), and the window's and chunk's edges. Query rows past seqlen_q are not masked here:
+        the backward's LSE is +inf there, so their probabilities are 0. Column limits per row as
+        in AttentionMask.apply (thread 0's coordinates are compile-time constants)."""
         s_mn = acc_to_mn(acc_St)
         cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
         tScS = acc_to_mn(thr_mma.partition_C(cS))
         t0ScS = acc_to_mn(thr0_mma.partition_C(cS))
         key0 = self.n_block * self.tile_n + tScS[0, 0][0]
         col0 = m_block * self.tile_m + tScS[0, 0][1]
-        use_right = const_expr(mask_right and self.has_right)
-        use_left = const_expr(mask_left and self.has_left)
+        use_right = const_expr(mask_right and (self.has_right or self.has_chunk))
+        use_left = const_expr(mask_left and (self.has_left or self.has_chunk))
         for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
             key = key0 + t0ScS[r, 0][0]
             if mask_keys:
@@ -313,8 +366,22 @@ class KeyBlockMask:
                         s_mn[r, c] = -Float32.inf
             if const_expr(use_right or use_left):
                 # Keep columns c (thread-0 coordinates) with lo <= c <= hi.
-                lo = key - self.diag - self.window_right - col0
-                hi = key - self.diag + self.window_left - col0
+                if const_expr(self.has_chunk):
+                    start = self.chunk_rows_begin(key) - col0  # the key's rows: [start, start + C)
+                if const_expr(use_right):
+                    if const_expr(not self.has_right):
+                        lo = start
+                    elif const_expr(self.has_chunk):
+                        lo = cutlass.max(key - self.diag - self.window_right - col0, start)
+                    else:
+                        lo = key - self.diag - self.window_right - col0
+                if const_expr(use_left):
+                    if const_expr(not self.has_left):
+                        hi = start + self.chunk - 1
+                    elif const_expr(self.has_chunk):
+                        hi = cutlass.min(key - self.diag + self.window_left - col0, start + self.chunk - 1)
+                    else:
+                        hi = key - self.diag + self.window_left - col0
                 for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
                     col = t0ScS[r, c][1]
                     if const_expr(use_right):

@@ -13,15 +13,19 @@ the kernel's contract (bwd_sm90's module docstring) says, CTA by CTA as the kern
     padded head dim); LSE_log2 and dPsum of the block's tile_m rows from the padded per-head rows
     at `padded_offset(offset_q, batch, tile_m)` (packed queries) or row 0 (batched);
   - S^T = K Q^T (softcap: tanh(S^T * premul), d tanh rounded to fp16 as the kernel keeps it),
-    the key mask on the last key block and the window masks only on the query blocks the
-    kernel masks (`m_block_right_masked_end` / `m_block_left_masked_begin`, transcribed), no
-    mask on query rows (the LSE_log2 of a padding row is +inf: P = 0),
+    the key mask on the last key block and the window masks (and with cfg.chunk the chunk's
+    edges, at the C the host passes) only on the query blocks the kernel masks
+    (`m_block_right_masked_end` / `m_block_left_masked_begin`, transcribed), no mask on query
+    rows (the LSE_log2 of a padding row is +inf: P = 0),
     P^T = exp2(S^T * scale_log2 - LSE_log2), dS^T = P^T (dP^T - dPsum) (softcap: times d tanh),
     P and dS rounded to the input dtype before their GEMMs (fp32 accumulation);
   - dV += P^T dO, dK += dS^T Q summed over the group's heads; dK * softmax_scale and dV written
     in the tensors' dtype for keys before seqlen_k (other rows untouched);
   - dQ = dS K of each (head, query block) ADDED into its tile_m x hdim chunk of the float32
-    accumulator in the consumer threads' order (the inverse of `dq_fragment_order`), unscaled.
+    accumulator in the consumer threads' order (the inverse of `dq_fragment_order`), unscaled;
+  - deterministic: the semaphore protocol of the dQ warp (`_count_key_block`: each add waits for
+    its query block to count the key block's index; blocks past a left window or chunk counted
+    without adding), asserted in the grid's key-block order.
 
 Nothing here calls the reference: the gradients only come out right if the host's layouts are.
 """
@@ -42,9 +46,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def m_block_range(tile_m, tile_n, n_block, seqlen_q, seqlen_k, wl, wr, has_left, has_right):
+def chunk_rows(key, chunk, diag):
+    """KeyBlockMask.chunk_rows_begin: [first, end) of the query rows whose chunk holds `key`."""
+    first = key // chunk * chunk - diag
+    return first, first + chunk
+
+
+def m_block_range(tile_m, tile_n, n_block, seqlen_q, seqlen_k, wl, wr, has_left, has_right, chunk):
     """KeyBlockMask.m_block_range: [m_block_min, m_block_max) of the query blocks that keep a key
-    of block n_block (its arguments are non-negative where it divides, as in the kernel)."""
+    of block n_block (its arguments are non-negative where it divides, as in the kernel); chunk:
+    C, or 0 for a kernel without the chunk bound."""
     diag = seqlen_k - seqlen_q
     m_max = _ceil_div(seqlen_q, tile_m)
     m_min = 0
@@ -53,20 +64,28 @@ def m_block_range(tile_m, tile_n, n_block, seqlen_q, seqlen_k, wl, wr, has_left,
     if has_left:
         row_max = (n_block + 1) * tile_n - 1 - diag + wl
         m_max = min(m_max, _ceil_div(max(row_max + 1, 0), tile_m))
+    if chunk:
+        first_key, last_key = n_block * tile_n, min((n_block + 1) * tile_n, seqlen_k) - 1
+        m_min = max(m_min, max(chunk_rows(first_key, chunk, diag)[0], 0) // tile_m)
+        m_max = min(m_max, _ceil_div(max(chunk_rows(last_key, chunk, diag)[1], 0), tile_m))
     return m_min, m_max
 
 
-def masked_block_bounds(tile_m, tile_n, n_block, seqlen_q, seqlen_k, wl, wr, has_left, has_right, m_min, m_max):
+def masked_block_bounds(tile_m, tile_n, n_block, seqlen_q, seqlen_k, wl, wr, has_left, has_right, chunk,
+                        m_min, m_max):
     """(m_block_right_masked_end, m_block_left_masked_begin) of KeyBlockMask."""
     diag = seqlen_k - seqlen_q
+    first_key, last_key = n_block * tile_n, min((n_block + 1) * tile_n, seqlen_k) - 1
     right_end = m_min
-    if has_right:
-        row = (n_block + 1) * tile_n - 1 - diag - wr
-        right_end = max(m_min, min(_ceil_div(max(row, 0), tile_m), m_max))
+    if has_right or chunk:
+        rows = ([(n_block + 1) * tile_n - 1 - diag - wr] if has_right else []) + \
+            ([chunk_rows(last_key, chunk, diag)[0]] if chunk else [])
+        right_end = max(m_min, min(_ceil_div(max(max(rows), 0), tile_m), m_max))
     left_begin = m_max
-    if has_left:
-        row = n_block * tile_n - diag + wl
-        left_begin = max(right_end, min(max(row + 1, 0) // tile_m, m_max))
+    if has_left or chunk:
+        ends = ([n_block * tile_n - diag + wl + 1] if has_left else []) + \
+            ([chunk_rows(first_key, chunk, diag)[1]] if chunk else [])
+        left_begin = max(right_end, min(max(min(ends), 0) // tile_m, m_max))
     return right_end, left_begin
 
 
@@ -115,12 +134,25 @@ def _check_args(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, splits)
     assert dq_acc.shape[-1] == lse2.shape[-1] * cfg.hdim
 
 
+def _count_key_block(sem, head, block0, m_block, n_block):
+    """deterministic: key block n_block adds into query block m_block once its semaphore counts
+    n_block (every lower key block done with it: the kernel's dQ warp spins until then, so a
+    wrong count is a hang or a reordered sum there; run in the grid's key-block order here,
+    it is an assertion), then counts itself."""
+    count = int(sem[head, block0 + m_block])
+    assert count == n_block, \
+        f"deterministic: key block {n_block} waits on query block {m_block} (head {head}) counting {count}"
+    sem[head, block0 + m_block] += 1
+
+
 def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=None, splits=1):
     """`bwd_launch.launch_kernel` by torch ops on the CPU (see the module docstring). With
     cfg.dkv_partial, split s of KV head h walks query heads h * group + s * group / splits ...
     and writes float32 dK / dV at head h * splits + s."""
     _check_args(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, splits)
-    scale_log2, premul, softmax_scale, wl, wr, max_seqlen_k = bwd_launch.kernel_scalars(req)
+    scale_log2, premul, softmax_scale, wl, wr, attention_chunk, max_seqlen_k = bwd_launch.kernel_scalars(req)
+    chunk = attention_chunk if cfg.chunk else 0  # (a kernel without cfg.chunk never reads it)
+    assert not cfg.chunk or chunk > 0, "a chunked kernel needs C > 0"
     cu_q, cu_k, used_q, used_k = bwd_launch.sequence_tensors(req)
     tm, tn, hd = cfg.tile_m, cfg.tile_n, cfg.hdim
     dt = q.dtype
@@ -141,12 +173,13 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
         kb, vb = (x if cu_k is not None else x[b] for x in (kf, vf))
         dkb, dvb = (x if cu_k is not None else x[b] for x in (dk, dv))
         lse_b, dpsum_b, dq_b = (x if cu_q is not None else x[b] for x in (lse2, dpsum, dq_acc))
+        sem_b = None if sem is None else sem if cu_q is not None else sem[b]
         row_offset = padded_offset(offset_q, b, tm) if cu_q is not None else 0
         diag = seqlen_k - seqlen_q
         for n_block in range(_ceil_div(max_seqlen_k, tn)):
             if n_block * tn >= seqlen_k:
                 continue
-            bounds = (tm, tn, n_block, seqlen_q, seqlen_k, wl, wr, cfg.has_left, cfg.has_right)
+            bounds = (tm, tn, n_block, seqlen_q, seqlen_k, wl, wr, cfg.has_left, cfg.has_right, chunk)
             m_min, m_max = m_block_range(*bounds)
             right_end, left_begin = masked_block_bounds(*bounds, m_min, m_max)
             key = n_block * tn + torch.arange(tn)[:, None]
@@ -173,10 +206,15 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
                             dtanh = (1.0 - St * St).half().float()
                         row = r0 + torch.arange(tm)[None, :]
                         drop = ((key >= seqlen_k) & ((n_block + 1) * tn > seqlen_k)).expand(tn, tm).clone()
-                        if cfg.has_right and m_block < right_end:
+                        right_masked = m_block < right_end
+                        left_masked = m_block < right_end or m_block >= left_begin
+                        if cfg.has_right and right_masked:
                             drop |= row < key - diag - wr
-                        if cfg.has_left and (m_block < right_end or m_block >= left_begin):
+                        if cfg.has_left and left_masked:
                             drop |= row > key - diag + wl
+                        if chunk:
+                            first, end = chunk_rows(key, chunk, diag)
+                            drop |= (right_masked & (row < first)) | (left_masked & (row >= end))
                         St = St.masked_fill(drop, -math.inf)
                         Pt = torch.exp2(St * scale_log2 - lse[None, :])
                         dSt = Pt * (dPt - dps[None, :])
@@ -188,6 +226,12 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
                         dQ = rdS.t() @ K  # tile_m x hdim, unscaled
                         start = (row_offset + r0) * hd
                         dq_b[head, start:start + tm * hd] += dQ.reshape(-1)[inverse]
+                        if sem_b is not None:
+                            _count_key_block(sem_b, head, row_offset // tm, m_block, n_block)
+                    if sem_b is not None and (cfg.has_left or cfg.chunk):
+                        # key blocks left of every key a query block sees count without adding
+                        for m_block in range(m_max, _ceil_div(seqlen_q, tm)):
+                            sem_b[head, row_offset // tm + m_block] += 1
                 n = min(tn, seqlen_k - n_block * tn)
                 k0 = offset_k + n_block * tn
                 d, dv_cols = dk.shape[-1], dv.shape[-1]

@@ -117,10 +117,11 @@ def test_cute_serves_chunk():
     assert cute_kernels.why_not(qv, False) == "cute_kernels: qv (MLA) is not in the cute kernel yet"
 
 
-try:  # (cute_kernels' host code; its kernel emulated)
+try:  # (cute_kernels' host code; its kernels emulated)
+    from tests.cute_bwd_emulation import emulated_sm90_bwd  # noqa: F401  (fixture, by name)
     from tests.cute_emulation import emulated_sm90  # noqa: F401  (fixture, by name)
 except ImportError:  # pragma: no cover
-    emulated_sm90 = None
+    emulated_sm90 = emulated_sm90_bwd = None
 
 # (lq, lk, h, hk, chunk, causal, window, splits): chunks below / across / above the emulated
 # config's 128-key blocks, Lq > Lk (chunks before key 0), GQA packing (few query positions),
@@ -157,7 +158,31 @@ def test_cute_emulated(lq, lk, h, hk, chunk, causal, window, splits, emulated_sm
 @pytest.mark.skipif(emulated_sm90 is None, reason="needs cute_kernels' host code")
 def test_cute_emulated_varlen_and_backward(emulated_sm90):
     """Packed sequences with seqused_k through flash_attn_varlen_func: the cute forward (emulated)
-    and the Triton backward (interpreted) it hands out and LSE to."""
+    and, with the cute backward off (FA3PY_CUTE_BWD=0, as `emulated_sm90` sets it), the Triton
+    backward (interpreted) it hands out and LSE to."""
+    q, k, v, kw = _varlen_seqused_case()
+    from fa3py import dispatch
+
+    req = make_request(q, k, v, **kw)
+    assert (dispatch.choose(req).name, dispatch.choose(req, backward=True).name) == ("cute", "triton")
+    _check_train_step(req, q, k, v, kw)
+
+
+@pytest.mark.skipif(emulated_sm90_bwd is None, reason="needs cute_kernels' host code")
+def test_cute_emulated_varlen_cute_backward(emulated_sm90_bwd):
+    """The same packed sequences with the cute backward on (its kernel emulated,
+    tests/cute_bwd_emulation.py): forward and backward both on cute, the chunked backward config."""
+    from cute_kernels import bwd_launch
+    from fa3py import dispatch
+
+    q, k, v, kw = _varlen_seqused_case()
+    req = make_request(q, k, v, **kw)
+    assert (dispatch.choose(req).name, dispatch.choose(req, backward=True).name) == ("cute", "cute")
+    _check_train_step(req, q, k, v, kw)
+    assert emulated_sm90_bwd and bwd_launch.config_for(req).chunk
+
+
+def _varlen_seqused_case():
     lens_q, lens_k = [37, 0, 13, 1], [50, 9, 130, 0]
     q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, "cpu")
     k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, "cpu")
@@ -165,10 +190,10 @@ def test_cute_emulated_varlen_and_backward(emulated_sm90):
     used_k = torch.tensor([40, 9, 100, 0], dtype=torch.int32)
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=37, max_seqlen_k=130, seqused_k=used_k,
               causal=True, attention_chunk=24)
-    from fa3py import dispatch
+    return q, k, v, kw
 
-    req = make_request(q, k, v, **kw)
-    assert (dispatch.choose(req).name, dispatch.choose(req, backward=True).name) == ("cute", "triton")
+
+def _check_train_step(req, q, k, v, kw):
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = fa3py.flash_attn_varlen_func(*leaves, return_attn_probs=True, **kw)
     check_forward(req, out.detach(), lse)
@@ -189,12 +214,18 @@ def test_bad_attention_chunk(value, exc):
 
 @pytest.mark.gpu
 def test_gpu_dispatch_and_matches():
-    """On a GPU dispatch picks the cute forward on Hopper (Triton elsewhere) and Triton's backward,
-    long enough for chunks of whole and partial blocks."""
+    """On a GPU dispatch picks the cute forward and backward on Hopper (unless FA3PY_CUTE_BWD=0
+    turns the backward off; Triton elsewhere), long enough for chunks of whole and partial blocks."""
+    from cute_kernels import bwd_launch
+
     q, k, v = inputs(2, 1000, 1500, 8, 2, 128, 128, torch.bfloat16, device="cuda")
     kw = dict(causal=True, attention_chunk=192)
-    forward = "cute" if torch.cuda.get_device_capability()[0] == 9 else "triton"
-    assert fa3py.explain(q, k, v, **kw).splitlines()[0].startswith(f"forward: {forward}")
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    forward = "cute" if hopper else "triton"
+    backward = "cute" if hopper and bwd_launch.enabled else "triton"
+    lines = fa3py.explain(q, k, v, **kw).splitlines()
+    assert lines[0].startswith(f"forward: {forward}")
+    assert any(line.startswith(f"backward: {backward}") for line in lines), lines
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = fa3py.attention(*leaves, return_lse=True, **kw)
     req = make_request(q, k, v, **kw)

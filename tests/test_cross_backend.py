@@ -152,11 +152,12 @@ def test_gpu_grads_auto_dispatch(layout, heads, d, dv, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_SM90, reason="the cute forward needs an sm90 GPU")
-@pytest.mark.parametrize("features", [dict(window_size=(5, 1)), dict(softcap=4.0), dict(causal=False)],
-                         ids=["window", "softcap", "plain"])
+@pytest.mark.parametrize("features", [dict(window_size=(5, 1)), dict(softcap=4.0), dict(causal=False),
+                                      dict(causal=True, attention_chunk=48)],
+                         ids=["window", "softcap", "plain", "chunk"])
 @pytest.mark.parametrize("layout,heads", [("varlen", "mqa"), ("batched_decode", "mqa"), ("seqused", "gqa")])
 def test_gpu_grads_auto_dispatch_features(layout, heads, features):
-    """The issue's MQA cases with windows and softcap (hdim 128, bf16)."""
+    """The issue's MQA cases with windows and softcap, and attention_chunk (hdim 128, bf16)."""
     h, hk = HEADS[heads]
     q, k, v, kw = _inputs(layout, h, hk, 128, 128, torch.bfloat16, "cuda")
     req, fwd, bwd = _train_step(q, k, v, kw, **features)

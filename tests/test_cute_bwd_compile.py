@@ -29,7 +29,8 @@ FEATURES = {
 }
 _SOFTCAP_STACK = ("hdim 128 with softcap and a right window edge (causal or local) keeps 16 bytes of stack "
                   "(3 STL, 6-9 LDL; CPU SASS, cutlass-dsl 4.8.1): the masked steps' extra live registers on "
-                  "top of softcap's d tanh")
+                  "top of softcap's d tanh (so does a chunk with softcap: benchmarks.cute_sass --bwd --chunk "
+                  "--softcap)")
 GRID = [pytest.param(dtype, hdim, name, FEATURES[name], id=f"{dtype}-d{hdim}-{name}")
         for hdim, dtype, name in itertools.product((64, 96, 128), ("bf16", "fp16"), FEATURES)]
 GRID += [pytest.param("bf16", 128, name, dict(softcap=True, has_right=True, has_left=name == "local-softcap"),
@@ -55,6 +56,21 @@ def check_compiled(cfg: BwdConfig) -> tuple[str, dict]:
 @pytest.mark.parametrize("dtype,hdim,name,features", GRID)
 def test_compile_bwd(dtype, hdim, name, features):
     check_compiled(BwdConfig.make(dtype, hdim, **features))
+
+
+@pytest.mark.parametrize("dtype,hdim,features", [
+    ("bf16", 128, dict(has_right=True, chunk=True)),
+    ("fp16", 64, dict(has_left=True, has_right=True, chunk=True, deterministic=True, cu_seqlens_q=True,
+                      cu_seqlens_k=True)),
+], ids=["bf16-d128-causal-chunk", "fp16-d64-local-chunk-deterministic-varlen"])
+def test_compile_bwd_chunk(dtype, hdim, features):
+    """attention_chunk (C a launch argument): the chunk's edges on top of causal (the hdim 128
+    tile, most registers) and of a window with deterministic mode's semaphores and packed
+    sequences; the required SASS, no local memory, registers under setmaxnreg's 240."""
+    cfg = BwdConfig.make(dtype, hdim, **features)
+    assert cfg.chunk and "chunk" in cfg.short()
+    text, _ = check_compiled(cfg)
+    assert sass.max_register(text) < cfg.consumer_regs
 
 
 @pytest.mark.parametrize("dtype,hdim_in,features", [

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("cutlass")
+cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 import fa3py  # noqa: E402
@@ -76,6 +76,134 @@ def test_dq_value_coords_match_the_mma_layout(hdim):
     cfg = BwdConfig.make("bf16", hdim)
     kernel = FlashAttentionBackwardSm90(cfg)
     cute.compile(kernel, *kernel.fake_args(cfg))
+
+
+# ----------------------------------------------------------------------------- KeyBlockMask on the host
+# (window_left, window_right, attention_chunk): windows alone (chunk 0), and chunks alone, with
+# causal, with a window, smaller than / equal to / not dividing the 64-row and 64 / 128-key tiles.
+MASK_CASES = [(-1, 0, 0), (37, 11, 0), (-1, -1, 16), (-1, -1, 64), (-1, 0, 40), (-1, 0, 128), (20, 5, 24),
+              (-1, -1, 1), (-1, 0, 7), (200, -1, 100), (-1, 300, 300)]
+MASK_SIZES = [(1, 1), (10, 700), (77, 300), (300, 77), (129, 129), (64, 165), (500, 500), (203, 113)]
+
+
+def _key_block_bounds_fn(tile_n, wl, wr, chunk):
+    """KeyBlockMask's (m_block_min, m_block_max, right_masked_end, left_masked_begin) for every
+    key block, the kernel's own code run by CuTe DSL's host JIT."""
+    from cutlass import Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.mask import KeyBlockMask, SeqlenInfo
+
+    @cutlass.cute.jit
+    def bounds(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32,
+               wr: cutlass.Int32, c: cutlass.Int32):
+        seqlen = SeqlenInfo(Int32(0), Int32(0), sq, sk)
+        for n in cutlass.range(out.shape[0]):
+            mask = KeyBlockMask(TILE_M, tile_n, has_left, has_right, wl, wr, seqlen, n, chunk=c if chunk else None)
+            lo, hi = mask.m_block_range()
+            right_end = mask.m_block_right_masked_end(lo, hi)
+            out[n, 0] = lo
+            out[n, 1] = hi
+            out[n, 2] = right_end
+            out[n, 3] = mask.m_block_left_masked_begin(right_end, hi)
+
+    has_left, has_right = wl >= 0, wr >= 0
+
+    def call(sq, sk):
+        out = torch.zeros(-(-sk // tile_n), 4, dtype=torch.int32)
+        bounds(from_dlpack(out), Int32(sq), Int32(sk), Int32(wl), Int32(wr), Int32(chunk))
+        return out.tolist()
+
+    return call
+
+
+@pytest.mark.parametrize("tile_n", [128, 64])
+@pytest.mark.parametrize("wl,wr,chunk", MASK_CASES)
+def test_key_block_bounds_on_the_host(tile_n, wl, wr, chunk):
+    """The query blocks a key block visits and the ones it masks, the kernel's code against brute
+    force (fa3py.reference's mask): every query block with a kept (row, key) pair is visited;
+    the blocks in [right_masked_end, left_masked_begin) keep every key of the block (below
+    seqlen_k) on every row (below seqlen_q); both ends of the range never decrease with the key
+    block (deterministic mode's semaphores count on it). And the emulation's transcription
+    (tests.cute_bwd_emulation) gives the same numbers."""
+    from fa3py import reference
+    from tests import cute_bwd_emulation as emu
+
+    call = _key_block_bounds_fn(tile_n, wl, wr, chunk)
+    for sq, sk in MASK_SIZES:
+        keep = reference.keep_mask(sq, sk, wl, wr, attention_chunk=chunk)
+        got = call(sq, sk)
+        for n, (lo, hi, right_end, left_begin) in enumerate(got):
+            args = (TILE_M, tile_n, n, sq, sk, wl, wr, wl >= 0, wr >= 0, chunk)
+            want = emu.m_block_range(*args)
+            assert (lo, hi) == want and (right_end, left_begin) == emu.masked_block_bounds(*args, *want), (sq, sk, n)
+            block = keep[:, n * tile_n:(n + 1) * tile_n]
+            rows = block.any(1).nonzero().flatten()
+            if len(rows):
+                assert lo <= rows.min() // TILE_M and hi >= rows.max() // TILE_M + 1, (sq, sk, n, lo, hi)
+            for m in range(right_end, left_begin):
+                assert block[m * TILE_M:(m + 1) * TILE_M].all(), (sq, sk, n, m, "unmasked block drops a key")
+            if n:
+                assert lo >= got[n - 1][0] and hi >= got[n - 1][1], (sq, sk, n, "range moved back")
+
+
+@pytest.mark.parametrize("hdim", [128, 256])
+@pytest.mark.parametrize("wl,wr,chunk", [(-1, -1, 16), (-1, 0, 40), (20, 5, 24), (-1, -1, 1), (37, 11, 0)])
+def test_key_block_mask_apply_on_the_host(hdim, wl, wr, chunk):
+    """KeyBlockMask.apply (both edges and the key mask on), the kernel's code run by CuTe DSL's
+    host JIT for every consumer thread of the S^T MMA (128 keys as M; hdim 256: 64 keys, the
+    queries split over the warpgroups), scattered back to (key, query): it keeps exactly the
+    reference's (row, key) pairs for rows below seqlen_q and no key past seqlen_k."""
+    from cutlass import Float32, Int32
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
+    from cute_kernels.config import BwdConfig
+    from cute_kernels.mask import KeyBlockMask, SeqlenInfo
+    from fa3py import reference
+
+    cute = cutlass.cute
+    cfg = BwdConfig.make("bf16", hdim, has_left=wl >= 0, has_right=wr >= 0, chunk=chunk > 0)
+    kernel = FlashAttentionBackwardSm90(cfg)
+    tile_m, tile_n = cfg.tile_m, cfg.tile_n
+    has_left, has_right = cfg.has_left, cfg.has_right
+
+    @cute.jit  # (annotations are strings here: resolved in this module's globals)
+    def masked(out: cutlass.cute.Tensor, sq: cutlass.Int32, sk: cutlass.Int32, wl: cutlass.Int32, wr: cutlass.Int32,
+               c: cutlass.Int32, m_block: cutlass.Int32, n_block: cutlass.Int32):
+        tiled_mma = kernel.make_tiled_mmas()[0]
+        mask = KeyBlockMask(tile_m, tile_n, has_left, has_right, wl, wr, SeqlenInfo(Int32(0), Int32(0), sq, sk),
+                            n_block, chunk=c if chunk else None)
+        coords = cute.make_identity_tensor((tile_n, tile_m))
+        for t in cutlass.range(NUM_MMA_WG * THREADS_PER_WG):
+            thr = tiled_mma.get_slice(t)
+            acc = cute.make_rmem_tensor(tiled_mma.partition_shape_C((tile_n, tile_m)), Float32)
+            acc.fill(1.0)
+            mask.apply(acc, thr, tiled_mma.get_slice(0), m_block, True, True, True)
+            rc = thr.partition_C(coords)
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                out[rc[i]] = acc[i]
+
+    rng = random.Random(hdim * 1000 + chunk)
+    for sq, sk in [(77, 300), (300, 77), (129, 129), (10, 700)]:
+        keep = reference.keep_mask(sq, sk, wl, wr, attention_chunk=chunk)
+        for _ in range(3):
+            m_block, n_block = rng.randrange(-(-sq // tile_m)), rng.randrange(-(-sk // tile_n))
+            pairs = keep[m_block * tile_m:(m_block + 1) * tile_m, n_block * tile_n:(n_block + 1) * tile_n]
+            if _ == 0 and keep.any():  # one block pair that holds kept keys
+                row, key = [int(x) for x in keep.nonzero()[rng.randrange(int(keep.sum()))]]
+                m_block, n_block = row // tile_m, key // tile_n
+                pairs = keep[m_block * tile_m:(m_block + 1) * tile_m, n_block * tile_n:(n_block + 1) * tile_n]
+            out = torch.zeros(tile_n, tile_m)
+            masked(from_dlpack(out), Int32(sq), Int32(sk), Int32(wl), Int32(wr), Int32(chunk), Int32(m_block),
+                   Int32(n_block))
+            want = torch.zeros(tile_n, tile_m, dtype=torch.bool)
+            want[:pairs.shape[1], :pairs.shape[0]] = pairs.t()
+            real_rows = min(tile_m, sq - m_block * tile_m)
+            got = out[:, :real_rows]
+            assert torch.equal(got == 1.0, want[:, :real_rows]), (sq, sk, m_block, n_block)
+            assert (got[~want[:, :real_rows]] == -math.inf).all()
+            assert (out[max(0, sk - n_block * tile_n):] == -math.inf).all(), "a key past seqlen_k kept"
 
 
 # ----------------------------------------------------------------------------- padded rows
@@ -289,6 +417,53 @@ def test_mqa_head_splits_partials(emulated_sm90_bwd, monkeypatch):
     assert bwd == "cute" and emulated_sm90_bwd
 
 
+# (layout, feature, attention_chunk, heads, head dim): chunks alone, with causal, with windows;
+# smaller than the 64-row / 64- or 128-key tiles, equal to them, not dividing them, above them.
+CHUNK_GRID = [
+    ("batched", "plain", 100, "mha", 64, torch.bfloat16),
+    ("batched", "causal", 64, "gqa", 128, torch.float16),
+    ("batched_tall", "both", 40, "mqa", 64, torch.bfloat16),
+    ("batched_tall", "plain", 7, "gqa", 96, torch.float16),
+    ("ragged", "causal", 24, "gqa", 96, torch.bfloat16),
+    ("ragged", "plain", 128, "mqa", 128, torch.float16),
+    ("ragged", "left", 1, "mha", 64, torch.bfloat16),
+    ("seqused", "right", 48, "gqa", 64, torch.float16),
+    ("batched", "softcap_causal", 32, "mha", 64, torch.bfloat16),
+    ("batched", "causal", 300, "mha", 256, torch.bfloat16),
+    ("ragged", "both", 64, "gqa", 256, torch.float16),
+    ("batched_tall", "plain", 50, "mqa", 256, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("layout,feature,chunk,heads,d,dtype", [
+    pytest.param(*c, id=f"{c[0]}-{c[1]}-chunk{c[2]}-{c[3]}-d{c[4]}-{str(c[5])[6:]}") for c in CHUNK_GRID])
+def test_grads_emulated_chunk(emulated_sm90_bwd, layout, feature, chunk, heads, d, dtype):
+    """attention_chunk through the cute forward and backward (both emulated): the chunked backward
+    config (cfg.chunk, C passed at launch), the query blocks each key block visits and the chunk
+    edges where it masks, against the fp64 reference."""
+    h, hk = HEADS[heads]
+    varlen = layout in ("ragged", "seqused")
+    seqused = SEQUSED if layout == "seqused" else None
+    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, d, dtype, "cpu", varlen, seqused)
+    features = dict(FEATURES[feature], attention_chunk=chunk)
+    req, fwd, bwd = train_step("varlen" if varlen else "attention", q, k, v, kw, **features)
+    assert (fwd, bwd) == ("cute", "cute") and len(emulated_sm90_bwd) == 1
+    assert bwd_launch.config_for(req).chunk
+
+
+@pytest.mark.parametrize("heads,chunk,window", [("mha", 24, (-1, -1)), ("mqa", 40, (-1, 0)), ("gqa", 64, (30, 2))])
+def test_deterministic_backward_chunk(emulated_sm90_bwd, heads, chunk, window):
+    """deterministic=True with attention_chunk: every query block's key blocks add in increasing
+    order (the emulation asserts the semaphore protocol: a key block past a query block's chunk
+    counts without adding), head splits too (MQA), and the reference's gradients."""
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs([(70, 200), (130, 45), (1, 1), (0, 3)], h, hk, 64, torch.bfloat16, "cpu", True)
+    req, fwd, bwd = train_step("varlen", q, k, v, kw, deterministic=True, window_size=window, attention_chunk=chunk)
+    assert (fwd, bwd) == ("cute", "cute")
+    cfg = bwd_launch.config_for(req)
+    assert cfg.deterministic and cfg.chunk and cfg.dkv_partial == (heads != "mha")
+
+
 # ----------------------------------------------------------------------------- the tests can fail
 def _unpadded_rows(req, tile_m):
     return torch.arange(req.q.shape[0])
@@ -325,3 +500,41 @@ def test_emulation_catches_host_bugs(emulated_sm90_bwd, monkeypatch, bug):
     assert emulated_sm90_bwd
     with pytest.raises(AssertionError):
         check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])
+
+
+@pytest.mark.parametrize("bug", ["config_without_chunk", "chunk_scalar_off", "range_short_by_one"])
+def test_emulation_catches_chunk_bugs(emulated_sm90_bwd, monkeypatch, bug):
+    """With attention_chunk, a host that compiles the backward without the chunk flag or passes
+    the wrong C, or a query-block range that stops one block short (the kernel's range logic,
+    which the emulation transcribes), gives gradients the reference rejects."""
+    import dataclasses
+
+    from tests import cute_bwd_emulation as emu
+
+    if bug == "config_without_chunk":
+        config_for = bwd_launch.config_for
+        monkeypatch.setattr(bwd_launch, "config_for", lambda req: dataclasses.replace(config_for(req), chunk=False))
+    elif bug == "chunk_scalar_off":
+        scalars = bwd_launch.kernel_scalars
+
+        def chunk_off_by_one(req):
+            *head, chunk, max_seqlen_k = scalars(req)
+            return (*head, chunk + 1, max_seqlen_k)
+
+        monkeypatch.setattr(bwd_launch, "kernel_scalars", chunk_off_by_one)
+    else:
+        m_block_range = emu.m_block_range
+
+        def one_block_short(*args):
+            lo, hi = m_block_range(*args)
+            return lo, max(lo, hi - 1)
+
+        monkeypatch.setattr(emu, "m_block_range", one_block_short)
+    q, k, v, kw = make_inputs([(70, 150), (130, 64)], 2, 2, 64, torch.bfloat16, "cpu", True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = fa3py.flash_attn_varlen_func(*leaves, **kw, causal=True, attention_chunk=40)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert emulated_sm90_bwd
+    with pytest.raises(AssertionError):
+        check_backward(make_request(q, k, v, **kw, causal=True, attention_chunk=40), dout, [x.grad for x in leaves])

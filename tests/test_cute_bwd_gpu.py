@@ -172,17 +172,24 @@ def test_gpu_bwd_wide_hdims(cute_bwd, d, dv, causal, sq, sk):
     assert cute_bwd[-1].dkv_split_hdim
 
 
+# deterministic mode's features: its semaphores' skipped query blocks come from a left window
+# edge or a chunk
+DETERMINISTIC_FEATURES = {"plain": {}, "both": FEATURES["both"],
+                          "chunk_causal": {"causal": True, "attention_chunk": 48}}
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
-@pytest.mark.parametrize("feature", ["plain", "both"])
+@pytest.mark.parametrize("feature", list(DETERMINISTIC_FEATURES))
 def test_gpu_bwd_deterministic(cute_bwd, feature, heads, d):
     """deterministic=True: the semaphores order the dQ adds, so two runs give the same bits, and
     the gradients pass the reference check."""
     h, hk = HEADS[heads]
+    features = DETERMINISTIC_FEATURES[feature]
     q, k, v, kw = make_inputs([(700, 650), (1, 9), (300, 1000)], h, hk, d, torch.bfloat16, DEVICE, True)
-    check_grads(cute_bwd, q, k, v, kw, deterministic=True, **FEATURES[feature])
+    check_grads(cute_bwd, q, k, v, kw, deterministic=True, **features)
     assert cute_bwd[-1].deterministic
-    req = make_request(q, k, v, **kw, deterministic=True, **FEATURES[feature])
+    req = make_request(q, k, v, **kw, deterministic=True, **features)
     out, lse = cute_kernels.forward(req)
     dout = torch.randn_like(out)
     first = cute_kernels.backward(req, out, lse, dout)
@@ -202,3 +209,42 @@ def test_gpu_bwd_group_sum(cute_bwd, monkeypatch, heads, d, split_waves):
     q, k, v, kw = make_inputs([(400, 700), (65, 3), (129, 260)], h, hk, d, torch.float16, DEVICE, True)
     check_grads(cute_bwd, q, k, v, kw, causal=True)
     assert cute_bwd[-1].dkv_partial == (split_waves > 0)
+
+
+# attention_chunk: smaller than the 64-row / 64- or 128-key tiles, equal to them, not dividing
+# them, above them
+CHUNKS = [1, 40, 64, 128, 192, 1000]
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("feature", ["plain", "causal", "both"])
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_gpu_bwd_chunk(cute_bwd, chunk, feature, d):
+    """attention_chunk alone, with causal and with a window (GQA; Lq < Lk, Lq > Lk): the key
+    blocks' query ranges narrowed by the chunk, its edges masked."""
+    for sq, sk in [(333, 517), (1023, 300)]:
+        check_grads(cute_bwd, *batched(sq, sk, "gqa", d), attention_chunk=chunk, **FEATURES[feature])
+        assert cute_bwd[-1].chunk
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "left", "softcap"])
+@pytest.mark.parametrize("layout", list(VARLEN))
+def test_gpu_bwd_chunk_varlen(cute_bwd, layout, feature, heads, d):
+    """attention_chunk on packed sequences (0- and 1-token ones, seqused), GQA / MQA."""
+    lens, seqused = VARLEN[layout]
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs(lens, h, hk, d, torch.float16, DEVICE, True, seqused)
+    check_grads(cute_bwd, q, k, v, kw, attention_chunk=100, **FEATURES[feature])
+    assert cute_bwd[-1].chunk
+
+
+@pytest.mark.parametrize("api", ["func", "varlen"])
+def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
+    """flash_attn_func / flash_attn_varlen_func with attention_chunk: forward and backward on cute."""
+    h, hk = HEADS["gqa"]
+    lens = [(300, 517), (1, 40), (129, 129)] if api == "varlen" else [(300, 517)] * 2
+    q, k, v, kw = make_inputs(lens, h, hk, 128, torch.bfloat16, DEVICE, api == "varlen")
+    assert train_step(api, q, k, v, kw, causal=True, attention_chunk=96)[1:] == ("cute", "cute")
+    assert len(cute_bwd) == 1 and cute_bwd[-1].chunk

@@ -52,6 +52,7 @@ GRID = [
     ("bf16", 192, dict(hdimv=128)),
     ("fp16", 192, dict(hdimv=128, has_right=True, softcap=True)),
     ("bf16", 192, dict(hdimv=128, hdim_in=160, cu_seqlens_q=True, cu_seqlens_k=True, dkv_partial=True)),
+    ("bf16", 256, dict(chunk=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True, deterministic=True)),
 ]
 
 
