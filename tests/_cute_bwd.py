@@ -29,7 +29,7 @@ def cute_serves_backward(req) -> bool:
     """Whether the cute backward (bwd_launch) should take `req`'s backward on sm90, stated apart
     from its why_not: on (not FA3PY_CUTE_BWD=0), the cute forward's scope, fp16 / bf16, head
     dims up to 256 with hdim_v = hdim, or hdim_v 128 beside a head dim in 136..192 (192 x 128),
-    deterministic and attention_chunk too."""
+    deterministic too, attention_chunk where opted in (FA3PY_CUTE_BWD_CHUNK=1)."""
     from cute_kernels import bwd_launch
 
     p = req.params
@@ -37,7 +37,7 @@ def cute_serves_backward(req) -> bool:
             and not req.is_fp8_input and not p.fp8 and req.qv is None
             and (req.headdim == req.headdim_v or (136 <= req.headdim <= 192 and req.headdim_v == 128))
             and req.headdim <= 256 and req.headdim % 8 == 0
-            and req.nheads % req.nheads_kv == 0
+            and req.nheads % req.nheads_kv == 0 and (not p.attention_chunk or bwd_launch.chunk_enabled)
             and (p.softmax_scale > 0 or p.softcap > 0))
 
 

@@ -251,5 +251,6 @@ def emulated_sm90_bwd(emulated_sm90, monkeypatch):
         return emulated_bwd_launch(req, *args)
 
     monkeypatch.setattr(bwd_launch, "enabled", True)
+    monkeypatch.setattr(bwd_launch, "chunk_enabled", True)
     monkeypatch.setattr(bwd_launch, "launch_kernel", launch)
     return calls

@@ -214,15 +214,15 @@ def test_bad_attention_chunk(value, exc):
 
 @pytest.mark.gpu
 def test_gpu_dispatch_and_matches():
-    """On a GPU dispatch picks the cute forward and backward on Hopper (unless FA3PY_CUTE_BWD=0
-    turns the backward off; Triton elsewhere), long enough for chunks of whole and partial blocks."""
+    """On a GPU dispatch picks the cute forward and backward on Hopper (the backward with
+    FA3PY_CUTE_BWD_CHUNK=1, until its chunk tests have run on a GPU; Triton elsewhere), long enough for chunks of whole and partial blocks."""
     from cute_kernels import bwd_launch
 
     q, k, v = inputs(2, 1000, 1500, 8, 2, 128, 128, torch.bfloat16, device="cuda")
     kw = dict(causal=True, attention_chunk=192)
     hopper = torch.cuda.get_device_capability()[0] == 9
     forward = "cute" if hopper else "triton"
-    backward = "cute" if hopper and bwd_launch.enabled else "triton"
+    backward = "cute" if hopper and bwd_launch.enabled and bwd_launch.chunk_enabled else "triton"
     lines = fa3py.explain(q, k, v, **kw).splitlines()
     assert lines[0].startswith(f"forward: {forward}")
     assert any(line.startswith(f"backward: {backward}") for line in lines), lines

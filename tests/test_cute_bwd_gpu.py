@@ -52,6 +52,7 @@ def cute_bwd(monkeypatch):
         return real(req, cfg, q, k, v, do, dk, dv, *rest)
 
     monkeypatch.setattr(bwd_launch, "enabled", True)
+    monkeypatch.setattr(bwd_launch, "chunk_enabled", True)
     monkeypatch.setattr(bwd_launch, "launch_kernel", launch)
     return launches
 
