@@ -109,14 +109,16 @@ def dq_value_coords(tile_m: int, hdim: int, thread: int, r: int) -> tuple[int, i
     (0..255): the WGMMA accumulator layout (per warpgroup a 64 x N atom; warp w holds rows
     16w .. 16w + 15, lane l rows l / 4 and l / 4 + 8, columns 2 (l % 4) + {0, 1} of every 8;
     registers ordered (column pair element, row half, 8-column group)), with the two warpgroups
-    on hdim / 2-column halves."""
-    assert tile_m == 64
+    on hdim / 2-column halves, or at tile_m 128 on 64-row halves (all hdim columns each)."""
+    assert tile_m in (64, 128)
     wg, t = divmod(thread, 128)
     warp, lane = divmod(t, 32)
     e, rest = r % 2, r // 2
     half, group = rest % 2, rest // 2
     row = 16 * warp + 8 * half + lane // 4
     col = 8 * group + 2 * (lane % 4) + e
+    if tile_m == 128:
+        return row + wg * 64, col
     return row, col + wg * (hdim // 2)
 
 

@@ -66,10 +66,11 @@ class BwdRowsConfig:
                f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}"
 
     def bwd_config(self) -> BwdConfig:
-        """The main kernel's config (BWD_TILES' entry of this head dim), whose dQ MMA the
-        postprocessing reads the accumulator through."""
-        cfg = BwdConfig.make(self.dtype, self.hdim, hdim_in=self.hdim_in, cu_seqlens_q=self.cu_seqlens_q,
-                             seqused_q=self.seqused_q, hdimv=self.hdimv)
+        """The main kernel's config (BWD_TILES' entry of this head dim, at this tile_m: a
+        BWD_TILE_M_VARIANTS one too), whose dQ MMA the postprocessing reads the accumulator
+        through."""
+        cfg = BwdConfig.make(self.dtype, self.hdim, tile_m=self.tile_m, hdim_in=self.hdim_in,
+                             cu_seqlens_q=self.cu_seqlens_q, seqused_q=self.seqused_q, hdimv=self.hdimv)
         assert cfg.tile_m == self.tile_m, f"{self.short()}: the main kernel's tile_m is {cfg.tile_m}"
         return cfg
 

@@ -26,6 +26,17 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
                           rows at tile_m 128), -> sdQ in fragment order
     dK  += dS^T Q         RS WGMMA
   then dK * softmax_scale and dV to global memory.
+  tile_m 128 (hdim 64 only, a non-default variant: `BwdConfig.make(..., tile_m=128)`, FA3's
+  128 x 128 tile; to be measured on a GPU before BWD_TILES takes it): S^T / dP^T of 64 keys x 128
+  queries (64 registers each a thread), LSE_log2 / dPsum / sQ / sdO / sdS of 128 rows, and dQ
+  split by rows (`dq_split_rows`: warpgroup w computes dQ rows 64w .. 64w + 63, all hdim columns,
+  from sdS's query columns 64w ..; sK's swizzle atom then spans hdim). sdQ and the bulk reduce keep
+  their per-warpgroup chunks (32 values a thread), the host's order follows (dq_value_coords).
+  dK / dV start from an opaque zero (as with split_hdim, below: from a literal 64 of them spill),
+  and with softcap d tanh is not kept in fp16 beside S^T and dP^T (it spills): tanh before the dP^T
+  wait, then (dP^T - dPsum) * (1 - tanh^2) (clamped at 0: a masked -inf gives 0) and P^T = exp2(..)
+  in two passes once dP^T is in (d tanh in fp32). CPU SASS: max register R231 .. R237 of 240,
+  no local memory, except softcap with a window and varlen together (8 bytes of stack, 3 STL).
 
 hdim 192 / 256 (`dkv_split_hdim`, tile_n = 64): dK and dV of 128 keys do not fit two
 warpgroups' registers, so the warpgroups split the work by queries for S^T / dP^T and by head-dim
@@ -126,6 +137,8 @@ class FlashAttentionBackwardSm90:
         self.hdimv = cfg.hdimv or cfg.hdim  # V, dO, dV (split_hdim: may be below hdim, 192 x 128)
         self.q_stages = cfg.q_stages
         self.split_hdim = cfg.dkv_split_hdim
+        # tile_m 128 (hdim 64): dQ = dS K split by rows, 64 per warpgroup (tile_m 64: by columns)
+        self.dq_split_rows = self.tile_m == NUM_MMA_WG * 64
         self.num_mma_threads = NUM_MMA_WG * THREADS_PER_WG
         self.num_threads = self.num_mma_threads + THREADS_PER_WG
         # fp32 dQ values one consumer thread holds per m_block
@@ -154,8 +167,11 @@ class FlashAttentionBackwardSm90:
         # dV += P^T dO, dK += dS^T Q: A in registers, B = dO / Q read transposed (MN-major)
         dkv = self._mma(K, MN, (NUM_MMA_WG, 1, 1), self.hdim, a_source=warpgroup.OperandSource.RMEM)
         # dQ = dS K: A = dS from sdS (stored keys x queries: MN-major), B = K transposed; each
-        # warpgroup computes hdim / 2 of dQ's columns
-        dq = self._mma(MN, MN, (1, NUM_MMA_WG, 1), self.hdim // NUM_MMA_WG)
+        # warpgroup computes hdim / 2 of dQ's columns, or at tile_m 128 64 of its rows
+        if self.dq_split_rows:
+            dq = self._mma(MN, MN, (NUM_MMA_WG, 1, 1), self.hdim)
+        else:
+            dq = self._mma(MN, MN, (1, NUM_MMA_WG, 1), self.hdim // NUM_MMA_WG)
         return sdp, dkv, dq
 
     def make_tiled_mma_dv(self, tiled_mma_dkv):
@@ -213,8 +229,10 @@ class FlashAttentionBackwardSm90:
         do_cols = self.hdimv // NUM_MMA_WG if const_expr(self.split_hdim) else None
         sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages, atom_cols=q_cols)
         sdO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv), self.q_stages, atom_cols=do_cols)
-        # (dQ = dS K reads K transposed in hdim / 2-column halves: a swizzle atom that divides them)
-        sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), atom_cols=self.hdim // NUM_MMA_WG)
+        # (dQ = dS K reads K transposed in hdim / 2-column halves: a swizzle atom that divides them;
+        # split by dQ's rows, every column)
+        k_cols = None if self.dq_split_rows else self.hdim // NUM_MMA_WG
+        sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), atom_cols=k_cols)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv))
         # dS^T as the S^T accumulator holds it: keys x queries, queries contiguous
         sdS_layout = make_smem_layout(self.dtype, (self.tile_n, self.tile_m))
@@ -517,9 +535,10 @@ class FlashAttentionBackwardSm90:
         tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
         acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
         acc_dV = cute.make_rmem_tensor(tiled_mma_dv.partition_shape_C((self.tile_n, self.hdimv)), Float32)
-        if const_expr(self.split_hdim):
+        if const_expr(self.split_hdim or self.dq_split_rows):
             # zeros made here, not before the warp-role branch (where LLVM puts a literal's
             # materialization): there they would hold dK / dV to the first 168 registers
+            # (tile_m 128: 64 of them spilled, the WGMMAs serialized)
             zero = opaque_f32(0.0)
             acc_dK.fill(zero)
             acc_dV.fill(zero)
@@ -593,37 +612,63 @@ class FlashAttentionBackwardSm90:
         acc_dP = cute.make_rmem_tensor(shape_s, Float32)
         gemm(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], zero_init=True, wg_wait=1)
 
-        # P^T = exp2(S^T * scale_log2 - LSE_log2[query])
-        s_mn = acc_to_mn(acc_S)
-        dtanh = None
-        if const_expr(self.cfg.softcap):
-            # d tanh = 1 - tanh^2 kept until dS in fp16 (10 mantissa bits, finer than dS's bf16;
-            # in fp32 its 32 more registers spill at hdim 128)
-            dtanh = cute.make_rmem_tensor_like(acc_S, cutlass.Float16)
+        if const_expr(self.cfg.softcap and self.dq_split_rows):
+            # tile_m 128: no 32 registers for d tanh beside S^T and dP^T of 128 queries (they
+            # spill): tanh here, then P^T and dS^T in one pass once dP^T is in, d tanh = 1 - tanh^2
+            # in fp32 from the tanh still in S^T (masked: tanh -inf, P 0, d tanh clamped to 0)
+            s_mn = acc_to_mn(acc_S)
             for i in cutlass.range_constexpr(cute.size(acc_S)):
-                t = cute.math.tanh(acc_S[i] * softcap_premul)
-                acc_S[i] = t
-                dtanh[i] = (1.0 - t * t).to(cutlass.Float16)
-        mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left)
-        for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-            lse = sLSE[col0 + t0_cols[0, c][1], stage]
-            for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
-                s_mn[r, c] = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
-        rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
-        convert_to(acc_S, rP)
+                acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
+            mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left)
+            warpgroup.wait_group(0)
+            dp_mn = acc_to_mn(acc_dP)
+            for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                dpsum = sdPsum[col0 + t0_cols[0, c][1], stage]
+                for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+                    t = s_mn[r, c]
+                    dp_mn[r, c] = (dp_mn[r, c] - dpsum) * cute.arch.fmax(1.0 - t * t, Float32(0.0))
+            for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                lse = sLSE[col0 + t0_cols[0, c][1], stage]
+                for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+                    p = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
+                    s_mn[r, c] = p
+                    dp_mn[r, c] = p * dp_mn[r, c]
+            rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+            convert_to(acc_S, rP)
+            rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
+            convert_to(acc_dP, rdS)
+        else:
+            # P^T = exp2(S^T * scale_log2 - LSE_log2[query])
+            s_mn = acc_to_mn(acc_S)
+            dtanh = None
+            if const_expr(self.cfg.softcap):
+                # d tanh = 1 - tanh^2 kept until dS in fp16 (10 mantissa bits, finer than dS's bf16;
+                # in fp32 its 32 more registers spill at hdim 128)
+                dtanh = cute.make_rmem_tensor_like(acc_S, cutlass.Float16)
+                for i in cutlass.range_constexpr(cute.size(acc_S)):
+                    t = cute.math.tanh(acc_S[i] * softcap_premul)
+                    acc_S[i] = t
+                    dtanh[i] = (1.0 - t * t).to(cutlass.Float16)
+            mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left)
+            for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
+                lse = sLSE[col0 + t0_cols[0, c][1], stage]
+                for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
+                    s_mn[r, c] = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
+            rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
+            convert_to(acc_S, rP)
 
-        # dS^T = P^T * (dP^T - dPsum[query])  (softcap: times d tanh)
-        warpgroup.wait_group(0)
-        dp_mn = acc_to_mn(acc_dP)
-        for c in cutlass.range_constexpr(cute.size(dp_mn.shape[1])):
-            dpsum = sdPsum[col0 + t0_cols[0, c][1], stage]
-            for r in cutlass.range_constexpr(cute.size(dp_mn.shape[0])):
-                dp_mn[r, c] = s_mn[r, c] * (dp_mn[r, c] - dpsum)
-        if const_expr(self.cfg.softcap):
-            for i in cutlass.range_constexpr(cute.size(acc_dP)):
-                acc_dP[i] = acc_dP[i] * dtanh[i].to(Float32)
-        rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
-        convert_to(acc_dP, rdS)
+            # dS^T = P^T * (dP^T - dPsum[query])  (softcap: times d tanh)
+            warpgroup.wait_group(0)
+            dp_mn = acc_to_mn(acc_dP)
+            for c in cutlass.range_constexpr(cute.size(dp_mn.shape[1])):
+                dpsum = sdPsum[col0 + t0_cols[0, c][1], stage]
+                for r in cutlass.range_constexpr(cute.size(dp_mn.shape[0])):
+                    dp_mn[r, c] = s_mn[r, c] * (dp_mn[r, c] - dpsum)
+            if const_expr(self.cfg.softcap):
+                for i in cutlass.range_constexpr(cute.size(acc_dP)):
+                    acc_dP[i] = acc_dP[i] * dtanh[i].to(Float32)
+            rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
+            convert_to(acc_dP, rdS)
 
         # dS^T (split_hdim: and P^T) into smem, once both warpgroups' previous GEMMs have read it
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)

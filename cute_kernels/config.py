@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import Optional
 
 
 REGS_PER_SM = 64 * 1024
@@ -379,12 +380,17 @@ class FwdConfig:
 # FA3 takes 64 x 64 with one Q / dO stage at hdim 256 too. hdim 256 has one Q / dO stage to
 # fit 227 KB beside the 64 KB fp32 sdQ; hdim 192 keeps two (208 KB; 184 KB with hdim_v 128,
 # BwdConfig.hdimv, which shares hdim 192's entry).
-# (FA3 takes 128 x 128 at hdim 64: S^T and dP^T of 64 x 128 per warpgroup spill here (256 bytes
-# of stack, CPU SASS) without its shuffled LSE / dPsum.)
+# (FA3 takes 128 x 128 at hdim 64: S^T and dP^T of 64 x 128 per warpgroup. Here that is the
+# non-default variant BWD_TILE_M_VARIANTS / BwdConfig.make(..., tile_m=128), to be measured on a
+# GPU before it replaces an entry: the warpgroups split dQ = dS K by rows, not columns.)
 BWD_TILES: dict[int, tuple[int, int, int, bool]] = {
     64: (64, 128, 2, False), 96: (64, 128, 2, False), 128: (64, 128, 2, False),
     192: (64, 64, 2, True), 256: (64, 64, 1, True),
 }
+# tile_m values a head dim's backward may take besides its BWD_TILES entry (same tile_n, q_stages):
+# 128 query rows at hdim 64 (S^T, dP^T 64 regs each a thread, dK / dV 32 each; wider head dims'
+# dK / dV do not fit 240 registers beside them).
+BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (128,)}
 BWD_REG_SPLIT = (24, 240)  # producer, consumer setmaxnreg (2 consumer warpgroups)
 
 
@@ -429,13 +435,20 @@ class BwdConfig:
         else:
             assert not self.hdimv, "hdim_v = hdim"
             assert self.tile_n == 128, "two consumer warpgroups of 64 keys"
-        assert self.tile_m == 64 and self.hdim % 32 == 0, "dQ's columns split in two 16-column multiples"
+        if self.tile_m == 128:
+            # dQ = dS K split by rows (64 per warpgroup, every column): bwd_sm90's dq_split_rows
+            assert not self.dkv_split_hdim and self.hdim == 64, "tile_m 128: hdim 64, 128 keys (registers)"
+        else:
+            assert self.tile_m == 64 and self.hdim % 32 == 0, "dQ's columns split in two 16-column multiples"
         total = THREADS_PER_WG * (self.producer_regs + 2 * self.consumer_regs)
         assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
 
     @staticmethod
-    def make(dtype: str, hdim: int, **features) -> "BwdConfig":
-        tile_m, tile_n, q_stages, dkv_split_hdim = BWD_TILES[hdim]
+    def make(dtype: str, hdim: int, tile_m: Optional[int] = None, **features) -> "BwdConfig":
+        """BWD_TILES' tile of this head dim, or with `tile_m` one of its BWD_TILE_M_VARIANTS."""
+        default_m, tile_n, q_stages, dkv_split_hdim = BWD_TILES[hdim]
+        assert tile_m in (None, default_m, *BWD_TILE_M_VARIANTS.get(hdim, ())), f"hdim {hdim}: tile_m {tile_m}"
+        tile_m = tile_m or default_m
         return BwdConfig(dtype, hdim, tile_m, tile_n, q_stages=q_stages, dkv_split_hdim=dkv_split_hdim, **features)
 
     def short(self) -> str:

@@ -12,7 +12,8 @@ the kernel's contract (bwd_sm90's module docstring) says, CTA by CTA as the kern
     the tensor's end read as zeros, columns past the tensors' head dim as zeros (the kernel's
     padded head dim); LSE_log2 and dPsum of the block's tile_m rows from the padded per-head rows
     at `padded_offset(offset_q, batch, tile_m)` (packed queries) or row 0 (batched);
-  - S^T = K Q^T (softcap: tanh(S^T * premul), d tanh rounded to fp16 as the kernel keeps it),
+  - S^T = K Q^T (softcap: tanh(S^T * premul), d tanh rounded to fp16 as the kernel keeps it at
+    tile_m 64; fp32 at tile_m 128),
     the key mask on the last key block and the window masks (and with cfg.chunk the chunk's
     edges, at the C the host passes) only on the query blocks the kernel masks
     (`m_block_right_masked_end` / `m_block_left_masked_begin`, transcribed), no mask on query
@@ -203,7 +204,9 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
                         dPt = V @ dO.t()
                         if cfg.softcap:
                             St = torch.tanh(St * premul)
-                            dtanh = (1.0 - St * St).half().float()
+                            dtanh = 1.0 - St * St
+                            if tm == 64:  # (tile_m 128 keeps it in fp32: no registers for fp16 beside S^T)
+                                dtanh = dtanh.half().float()
                         row = r0 + torch.arange(tm)[None, :]
                         drop = ((key >= seqlen_k) & ((n_block + 1) * tn > seqlen_k)).expand(tn, tm).clone()
                         right_masked = m_block < right_end

@@ -538,3 +538,161 @@ def test_emulation_catches_chunk_bugs(emulated_sm90_bwd, monkeypatch, bug):
     assert emulated_sm90_bwd
     with pytest.raises(AssertionError):
         check_backward(make_request(q, k, v, **kw, causal=True, attention_chunk=40), dout, [x.grad for x in leaves])
+
+
+# ----------------------------------------------------------------------------- tile_m 128 (hdim 64)
+# The non-default variant BwdConfig.make(..., tile_m=128) (config.BWD_TILE_M_VARIANTS): dQ split
+# by rows over the warpgroups, 128-row query blocks. Forced per test through bwd_launch.config_for.
+@pytest.fixture
+def bwd_tile_m128(emulated_sm90_bwd, monkeypatch):
+    """`emulated_sm90_bwd` with config_for giving hdim 64 tile_m 128; returns the configs the
+    emulated kernel ran with."""
+    import dataclasses
+
+    configs = []
+    config_for, launch = bwd_launch.config_for, bwd_launch.launch_kernel
+
+    def forced(req):
+        cfg = config_for(req)
+        return dataclasses.replace(cfg, tile_m=128) if cfg.hdim == 64 else cfg
+
+    def recording(req, cfg, *args):
+        configs.append(cfg)
+        return launch(req, cfg, *args)
+
+    monkeypatch.setattr(bwd_launch, "config_for", forced)
+    monkeypatch.setattr(bwd_launch, "launch_kernel", recording)
+    return configs
+
+
+def test_tile_m128_is_a_variant_only():
+    """The defaults stay tile_m 64; make(tile_m=128) is hdim 64's variant, refused elsewhere."""
+    from cute_kernels.config import BwdConfig
+
+    assert all(BwdConfig.make("bf16", d).tile_m == 64 for d in BWD_TILES)
+    cfg = BwdConfig.make("bf16", 64, tile_m=128, has_right=True)
+    assert (cfg.tile_m, cfg.tile_n, cfg.q_stages, cfg.dkv_split_hdim) == (128, 128, 2, False)
+    for d in (96, 128, 256):
+        with pytest.raises(AssertionError):
+            BwdConfig.make("bf16", d, tile_m=128)
+
+
+def test_dq_value_coords_tile_m128_rows_per_warpgroup():
+    """tile_m 128: each thread's 32 values cover every (row, column) once, warpgroup w on rows
+    64w .. 64w + 63 (all 64 columns), and the fragment order is where the kernel's sdQ chunks put
+    them."""
+    tm, hd = 128, 64
+    per_thread = tm * hd // (NUM_MMA_WG * THREADS_PER_WG)
+    coords = {}
+    for thread in range(NUM_MMA_WG * THREADS_PER_WG):
+        for r in range(per_thread):
+            row, col = bwd_launch.dq_value_coords(tm, hd, thread, r)
+            assert 64 * (thread // THREADS_PER_WG) <= row < 64 * (thread // THREADS_PER_WG + 1)
+            coords[row, col] = (thread, r)
+    assert sorted(coords) == [(r, c) for r in range(tm) for c in range(hd)]
+    pos = torch.full((tm * hd,), -1, dtype=torch.long)
+    for (row, col), (thread, r) in coords.items():
+        wg, t = divmod(thread, THREADS_PER_WG)
+        pos[row * hd + col] = (r % DQ_VEC + DQ_VEC * t + DQ_VEC * THREADS_PER_WG * (r // DQ_VEC)
+                               + THREADS_PER_WG * per_thread * wg)
+    assert torch.equal(bwd_launch.dq_fragment_order(tm, hd, "cpu"), pos)
+
+
+def test_dq_value_coords_match_the_mma_layout_tile_m128():
+    """Tracing the tile_m 128 kernel asserts dq_value_coords against its dQ MMA (split by rows);
+    compile-only, sm_90a."""
+    import cutlass.cute as cute
+
+    from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
+    from cute_kernels.config import BwdConfig
+
+    cfg = BwdConfig.make("bf16", 64, tile_m=128, softcap=True, has_right=True)
+    kernel = FlashAttentionBackwardSm90(cfg)
+    assert kernel.dq_split_rows and kernel.dq_per_thread == 32
+    cute.compile(kernel, *kernel.fake_args(cfg))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_padded_rows_keep_sequences_apart_tile_m128(seed):
+    """padded_offset / packed_row_index / padded_rows at 128-row blocks."""
+    tm = 128
+    rng = random.Random(1000 + seed)
+    lengths = [rng.choice([0, 1, 127, 128, 129, 255, 256, 257, rng.randint(0, 500)]) for _ in range(rng.randint(1, 7))]
+    lengths[0] = max(lengths[0], 1)
+    req = _packed_request(lengths, h=1, d=8)
+    index, rows = bwd_launch.packed_row_index(req, tm), bwd_launch.padded_rows(req, tm)
+    cu = req.cu_seqlens_q.tolist()
+    taken = torch.zeros(rows, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        start = padded_offset(cu[b], b, tm)
+        assert start % tm == 0 and torch.equal(index[cu[b]:cu[b + 1]], start + torch.arange(n))
+        end = start + -(-n // tm) * tm
+        assert end <= rows and not taken[start:end].any(), (b, lengths)
+        taken[start:end] = True
+
+
+# (layout, feature, heads, head dim, dtype): hdim 64 and head dims padded to it
+M128_GRID = [
+    ("batched", "plain", "mha", 64, torch.bfloat16),
+    ("batched", "causal", "gqa", 64, torch.float16),
+    ("batched_tall", "both", "mqa", 64, torch.bfloat16),
+    ("batched_tall", "right", "mha", 56, torch.bfloat16),
+    ("ragged", "causal", "gqa", 64, torch.bfloat16),
+    ("ragged", "left", "mha", 64, torch.float16),
+    ("ragged", "both", "mqa", 40, torch.bfloat16),
+    ("ragged", "softcap_causal", "gqa", 64, torch.bfloat16),
+    ("seqused", "plain", "gqa", 64, torch.float16),
+    ("seqused", "both", "mha", 64, torch.bfloat16),
+    ("batched", "softcap", "mha", 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("layout,feature,heads,d,dtype", [
+    pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-d{c[3]}-{str(c[4])[6:]}") for c in M128_GRID])
+def test_grads_emulated_tile_m128(bwd_tile_m128, layout, feature, heads, d, dtype):
+    """tile_m 128 through the host code (padded rows, dQ's row-split fragment order, masks in
+    128-row query blocks), the kernel emulated, against the fp64 reference."""
+    h, hk = HEADS[heads]
+    varlen = layout in ("ragged", "seqused")
+    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, d, dtype, "cpu", varlen,
+                              SEQUSED if layout == "seqused" else None)
+    req, fwd, bwd = train_step("varlen" if varlen else "attention", q, k, v, kw, **FEATURES[feature])
+    assert (fwd, bwd) == ("cute", "cute") and [c.tile_m for c in bwd_tile_m128] == [128]
+
+
+@pytest.mark.parametrize("sq,sk,window", [(1, 1, (-1, -1)), (239, 1, (-1, 0)), (1, 190, (0, 0)),
+                                          (129, 300, (5, 130)), (300, 129, (130, 5)), (128, 256, (0, -1)),
+                                          (257, 257, (-1, 0))])
+def test_grads_emulated_ragged_sizes_tile_m128(bwd_tile_m128, sq, sk, window):
+    q, k, v, _ = make_inputs([(sq, sk)] * 2, 4, 2, 64, torch.bfloat16, "cpu", False)
+    assert train_step("func", q, k, v, {}, window_size=window)[1:] == ("cute", "cute")
+    assert [c.tile_m for c in bwd_tile_m128] == [128]
+
+
+@pytest.mark.parametrize("heads,window,chunk", [("mha", (40, 5), 0), ("mqa", (-1, 0), 0), ("gqa", (-1, -1), 48)])
+def test_deterministic_backward_tile_m128(bwd_tile_m128, heads, window, chunk):
+    """deterministic=True at tile_m 128: one semaphore per 128-row query block (the emulation
+    asserts the protocol), head splits too (MQA), attention_chunk too."""
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs([(70, 200), (300, 45), (1, 1), (0, 3), (129, 130)], h, hk, 64, torch.bfloat16,
+                              "cpu", True)
+    req, fwd, bwd = train_step("varlen", q, k, v, kw, deterministic=True, window_size=window,
+                               attention_chunk=chunk)
+    assert (fwd, bwd) == ("cute", "cute")
+    cfg, = bwd_tile_m128
+    assert cfg.tile_m == 128 and cfg.deterministic and cfg.chunk == (chunk > 0)
+
+
+def test_emulation_catches_64_row_padding_at_tile_m128(bwd_tile_m128, monkeypatch):
+    """A host that pads the packed rows to 64-row blocks for a tile_m 128 launch gives gradients
+    the reference rejects (the kernel reads each sequence's rows from 128-row blocks)."""
+    row_index = bwd_launch.packed_row_index
+    monkeypatch.setattr(bwd_launch, "packed_row_index", lambda req, tile_m: row_index(req, 64))
+    q, k, v, kw = make_inputs([(5, 9), (70, 170), (1, 3), (200, 64)], 2, 2, 64, torch.bfloat16, "cpu", True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = fa3py.flash_attn_varlen_func(*leaves, **kw)
+    dout = torch.randn_like(out)
+    with pytest.raises(AssertionError):
+        out.backward(dout)
+        check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])
+    assert [c.tile_m for c in bwd_tile_m128] == [128]

@@ -249,3 +249,91 @@ def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
     q, k, v, kw = make_inputs(lens, h, hk, 128, torch.bfloat16, DEVICE, api == "varlen")
     assert train_step(api, q, k, v, kw, causal=True, attention_chunk=96)[1:] == ("cute", "cute")
     assert len(cute_bwd) == 1 and cute_bwd[-1].chunk
+
+
+# ----------------------------------------------------------------------------- tile_m 128 (hdim 64)
+# The non-default variant (config.BWD_TILE_M_VARIANTS, BwdConfig.make(..., tile_m=128)): 128-row
+# query blocks, dQ split by rows over the warpgroups. Forced through bwd_launch.config_for in these
+# tests only; CPU-checked (SASS without local memory, the host side emulated) before its first run.
+@pytest.fixture
+def tile_m128(cute_bwd, monkeypatch):
+    import dataclasses
+
+    config_for = bwd_launch.config_for
+
+    def forced(req):
+        cfg = config_for(req)
+        return dataclasses.replace(cfg, tile_m=128) if cfg.hdim == 64 else cfg
+
+    monkeypatch.setattr(bwd_launch, "config_for", forced)
+    return cute_bwd
+
+
+@pytest.mark.parametrize("d", [64, 40])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", SIZES + [(128, 128), (129, 257), (2048, 2048)])
+def test_gpu_bwd_tile_m128_sizes(tile_m128, sq, sk, causal, d):
+    check_grads(tile_m128, *batched(sq, sk, d=d), causal=causal)
+    assert tile_m128[-1].tile_m == 128
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_bwd_tile_m128_dtypes_heads(tile_m128, dtype, heads, causal):
+    for sq, sk in [(113, 203), (799, 1023), (1, 300), (300, 1)]:
+        check_grads(tile_m128, *batched(sq, sk, heads, 64, dtype), causal=causal)
+        assert tile_m128[-1].tile_m == 128
+
+
+@pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129)])
+@pytest.mark.parametrize("window", WINDOWS, ids=[f"w{wl}_{wr}" for wl, wr in WINDOWS])
+def test_gpu_bwd_tile_m128_local(tile_m128, window, sq, sk):
+    check_grads(tile_m128, *batched(sq, sk, "gqa", 64), window_size=window)
+    assert tile_m128[-1].tile_m == 128
+
+
+@pytest.mark.parametrize("sq,sk", [(239, 517), (517, 239)])
+@pytest.mark.parametrize("feature", ["plain", "causal", "both"])
+@pytest.mark.parametrize("softcap", [7.5, 30.0])
+def test_gpu_bwd_tile_m128_softcap(tile_m128, softcap, feature, sq, sk):
+    """softcap's own tile_m 128 path (d tanh in fp32, P^T and dS^T after the dP^T wait)."""
+    q, k, v = batched(sq, sk, "gqa", 64)
+    check_grads(tile_m128, q * 3, k, v, softcap=softcap, **FEATURES[feature])
+    assert tile_m128[-1].tile_m == 128
+
+
+@pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("layout", list(VARLEN))
+def test_gpu_bwd_tile_m128_varlen(tile_m128, layout, feature, heads):
+    lens, seqused = VARLEN[layout]
+    h, hk = HEADS[heads]
+    q, k, v, kw = make_inputs(lens, h, hk, 64, torch.bfloat16, DEVICE, True, seqused)
+    check_grads(tile_m128, q, k, v, kw, **FEATURES[feature])
+    assert tile_m128[-1].tile_m == 128
+
+
+@pytest.mark.parametrize("heads", ["mha", "mqa"])
+@pytest.mark.parametrize("feature", list(DETERMINISTIC_FEATURES))
+def test_gpu_bwd_tile_m128_deterministic(tile_m128, feature, heads):
+    h, hk = HEADS[heads]
+    features = DETERMINISTIC_FEATURES[feature]
+    q, k, v, kw = make_inputs([(700, 650), (1, 9), (300, 1000)], h, hk, 64, torch.bfloat16, DEVICE, True)
+    check_grads(tile_m128, q, k, v, kw, deterministic=True, **features)
+    assert tile_m128[-1].deterministic and tile_m128[-1].tile_m == 128
+    req = make_request(q, k, v, **kw, deterministic=True, **features)
+    out, lse = cute_kernels.forward(req)
+    dout = torch.randn_like(out)
+    first = cute_kernels.backward(req, out, lse, dout)
+    for _ in range(3):
+        again = cute_kernels.backward(req, out, lse, dout)
+        assert all(torch.equal(a, b) for a, b in zip(first, again)), "deterministic=True gave other bits"
+
+
+@pytest.mark.parametrize("chunk", [40, 128, 192])
+@pytest.mark.parametrize("feature", ["plain", "causal", "both"])
+def test_gpu_bwd_tile_m128_chunk(tile_m128, chunk, feature):
+    for sq, sk in [(333, 517), (1023, 300)]:
+        check_grads(tile_m128, *batched(sq, sk, "gqa", 64), attention_chunk=chunk, **FEATURES[feature])
+        assert tile_m128[-1].chunk and tile_m128[-1].tile_m == 128

@@ -52,6 +52,18 @@ def test_compile_postprocess(hdim, hdim_in, packed, seqused):
     assert ops["STG.E"] > 0
 
 
+@pytest.mark.parametrize("kind", ["pre", "post"])
+@pytest.mark.parametrize("packed,seqused", [(False, False), (True, True)])
+def test_compile_prepost_tile_m128(kind, packed, seqused):
+    """The non-default tile_m 128 (hdim 64): 128-row blocks; postprocess through the main
+    kernel's row-split dQ MMA, 32 values a thread."""
+    ops = _compile(BwdRowsConfig(kind, "bf16", 64, 128, 0, packed, seqused))
+    if kind == "post":
+        assert ops["LDG.E.128"] == 128 * 64 // 256 // 4, "the accumulator read in 16-byte vectors"
+    else:
+        assert ops["LDG.E.128"] >= 16 and ops["STG.E.128"] > 0
+
+
 # ----------------------------------------------------------------------------- GPU
 def _request(case, d, dtype=torch.bfloat16):
     torch.manual_seed(0)
@@ -74,7 +86,21 @@ def _request(case, d, dtype=torch.bfloat16):
 @pytest.mark.parametrize("d", [64, 80, 128])
 def test_prepost_kernels_match_torch(case, d):
     req = _request(case, d)
-    cfg = bwd_launch.config_for(req)
+    _prepost_kernels_match_torch(req, bwd_launch.config_for(req))
+
+
+@gpu
+@pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
+@pytest.mark.parametrize("d", [64, 40])
+def test_prepost_kernels_match_torch_tile_m128(case, d):
+    """The non-default tile_m 128 (hdim 64): 128-row blocks, the dQ MMA split by rows."""
+    import dataclasses
+
+    req = _request(case, d)
+    _prepost_kernels_match_torch(req, dataclasses.replace(bwd_launch.config_for(req), tile_m=128))
+
+
+def _prepost_kernels_match_torch(req, cfg):
     out, dout = torch.randn_like(req.q), torch.randn_like(req.q)
     lse = torch.randn(req.lse_shape, device="cuda")
     lse[..., ::7] = -math.inf  # rows without keys
