@@ -185,11 +185,16 @@ DETERMINISTIC_FEATURES = {"plain": {}, "both": FEATURES["both"],
 def test_gpu_bwd_deterministic(cute_bwd, feature, heads, d):
     """deterministic=True: the semaphores order the dQ adds, so two runs give the same bits, and
     the gradients pass the reference check."""
+    check_deterministic(cute_bwd, heads, d, DETERMINISTIC_FEATURES[feature])
+
+
+def check_deterministic(launches, heads, d, features):
+    """Ragged sequences with deterministic=True: the reference check, then three more backwards
+    of the same inputs giving the same bits."""
     h, hk = HEADS[heads]
-    features = DETERMINISTIC_FEATURES[feature]
     q, k, v, kw = make_inputs([(700, 650), (1, 9), (300, 1000)], h, hk, d, torch.bfloat16, DEVICE, True)
-    check_grads(cute_bwd, q, k, v, kw, deterministic=True, **features)
-    assert cute_bwd[-1].deterministic
+    check_grads(launches, q, k, v, kw, deterministic=True, **features)
+    assert launches[-1].deterministic
     req = make_request(q, k, v, **kw, deterministic=True, **features)
     out, lse = cute_kernels.forward(req)
     dout = torch.randn_like(out)
@@ -317,18 +322,8 @@ def test_gpu_bwd_tile_m128_varlen(tile_m128, layout, feature, heads):
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
 @pytest.mark.parametrize("feature", list(DETERMINISTIC_FEATURES))
 def test_gpu_bwd_tile_m128_deterministic(tile_m128, feature, heads):
-    h, hk = HEADS[heads]
-    features = DETERMINISTIC_FEATURES[feature]
-    q, k, v, kw = make_inputs([(700, 650), (1, 9), (300, 1000)], h, hk, 64, torch.bfloat16, DEVICE, True)
-    check_grads(tile_m128, q, k, v, kw, deterministic=True, **features)
-    assert tile_m128[-1].deterministic and tile_m128[-1].tile_m == 128
-    req = make_request(q, k, v, **kw, deterministic=True, **features)
-    out, lse = cute_kernels.forward(req)
-    dout = torch.randn_like(out)
-    first = cute_kernels.backward(req, out, lse, dout)
-    for _ in range(3):
-        again = cute_kernels.backward(req, out, lse, dout)
-        assert all(torch.equal(a, b) for a, b in zip(first, again)), "deterministic=True gave other bits"
+    check_deterministic(tile_m128, heads, 64, DETERMINISTIC_FEATURES[feature])
+    assert tile_m128[-1].tile_m == 128
 
 
 @pytest.mark.parametrize("chunk", [40, 128, 192])
