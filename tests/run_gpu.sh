@@ -3,6 +3,7 @@
 # Needs a CUDA GPU and, for the cute tests, nvidia-cutlass-dsl. Logs: ${OUT:-/tmp}/gpu_tests/*.log
 #   bash tests/run_gpu.sh            # GPU_TEST_TIMEOUT=420 seconds per partition by default
 #   CUTE_SHARDS=3 ONLY=cute bash tests/run_gpu.sh   # the cute tests alone, in 3 parallel shards
+#   BWD_SHARDS=6 ONLY=bwd bash tests/run_gpu.sh     # the backward kernel's ~620 tests in 6 shards
 #   ONLY="bwd bwd_api" bash tests/run_gpu.sh        # the cute backward alone: its kernel's tests
 #     (bwd), and the cross-backend and randomized API tests with it off (FA3PY_CUTE_BWD=0: the
 #     Triton backward takes the cute forward's out / LSE); BWD_TEST_TIMEOUT=900 seconds each
@@ -33,28 +34,27 @@ run() {
     echo "$name (exit $rc): $(grep -E '(passed|failed|error)' "$out/$name.log" | tail -1)"
 }
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
-shards=${CUTE_SHARDS:-1}
-if want cute; then
+sharded() {  # name shards pytest-args...: the gpu tests the args select, in `shards` processes
+    local name=$1 shards=$2; shift 2
     if [ "$shards" -gt 1 ]; then
-        python3 -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/test_cute_*.py \
-            --ignore=tests/test_cute_bwd_gpu.py 2>/dev/null \
-            | grep '::' > "$out/cute_ids.txt"
+        python3 -m pytest -q -p no:cacheprovider --collect-only "$@" 2>/dev/null | grep '::' > "$out/${name}_ids.txt"
         for i in $(seq 0 $((shards - 1))); do
             # (test ids may hold spaces: one argument per line)
-            readarray -t ids < <(awk -v n="$shards" -v i="$i" 'NR % n == i' "$out/cute_ids.txt")
-            run "cute_$i" "${ids[@]}" &
+            readarray -t ids < <(awk -v n="$shards" -v i="$i" 'NR % n == i' "$out/${name}_ids.txt")
+            run "${name}_$i" "${ids[@]}" &
         done
     else
-        run cute -m gpu tests/test_cute_*.py --ignore=tests/test_cute_bwd_gpu.py &
+        run "$name" "$@" &
     fi
-fi
+}
+want cute && sharded cute "${CUTE_SHARDS:-1}" -m gpu tests/test_cute_*.py --ignore=tests/test_cute_bwd_gpu.py
 want triton_features && run triton_features tests/test_triton.py -k test_features &
 want triton_long && run triton_long tests/test_triton.py -k test_gpu_long &
 want triton_rest && run triton_rest tests/test_triton.py -k "not test_features and not test_gpu_long" &
 # gradients across backends (cute forward -> its backward) and the randomized API test
 want cross && run cross -m gpu tests/test_cross_backend.py tests/test_api_random.py &
 # the cute backward kernel (its own partitions: the kernel compiles per feature set)
-want bwd && GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} run bwd -m gpu tests/test_cute_bwd_gpu.py &
+want bwd && GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} sharded bwd "${BWD_SHARDS:-1}" -m gpu tests/test_cute_bwd_gpu.py
 want bwd_api && FA3PY_CUTE_BWD=0 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} \
     run bwd_api -m gpu tests/test_cross_backend.py tests/test_api_random.py &
 want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py \
