@@ -67,8 +67,9 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
         return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
     if req.qv is not None:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
-    if req.paged:
-        return _paged_why_not(req)
+    paged = _paged_why_not(req) if req.paged else None
+    if paged:
+        return paged
     if req.device.type != "cuda":
         return "cute_kernels: CUDA tensors only"
     return None
@@ -85,8 +86,6 @@ def _paged_why_not(req: "AttentionRequest") -> Optional[str]:
         return (f"cute_kernels: page_size {req.page_size} with KV blocks of {tile_n} keys (hdim {req.headdim}): "
                 f"the kernel loads pages of a multiple of {tile_n} rows, or of a divisor of {tile_n} that is a "
                 f"multiple of {PAGE_ROWS_MULTIPLE}")
-    if req.device.type != "cuda":
-        return "cute_kernels: CUDA tensors only"
     return None
 
 

@@ -77,9 +77,9 @@ def head_splits(req: "AttentionRequest") -> int:
     group = req.nheads // req.nheads_kv
     if group == 1:
         return 1
-    from cute_kernels.launch import _num_sms
+    from cute_kernels.launch import _num_sms, _seqlens
 
-    seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
+    seqlen_k = _seqlens(req)[1]
     tile_n = BWD_TILES[padded_hdim(req.headdim)][1]
     ctas = -(-seqlen_k // tile_n) * req.nheads_kv * req.batch
     sms = _num_sms(req.device) if req.device.type == "cuda" else 132  # (cached: this runs on every call)
@@ -262,7 +262,9 @@ def _call(cfg, dev: torch.device, *args):
 
 
 def _max_seqlen_q(req: "AttentionRequest") -> int:
-    return req.max_seqlen_q if req.packed_q else req.q.shape[1]
+    from cute_kernels.launch import _seqlens
+
+    return _seqlens(req)[0]
 
 
 def launch_preprocess(req: "AttentionRequest", cfg: BwdConfig, out, dout, lse):
@@ -296,15 +298,12 @@ def launch_postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc):
 def kernel_scalars(req: "AttentionRequest") -> tuple:
     """The kernel's scalar arguments: (scale_log2, softcap_premul, softmax_scale, window_left,
     window_right, attention_chunk, max_seqlen_k) (attention_chunk 0: none; the kernel reads it
-    where cfg.chunk). With softcap the scores are softcap * tanh(qk * premul) and
-    scale_log2 = softcap * log2(e), else scale_log2 = softmax_scale * log2(e)."""
+    where cfg.chunk); the score scalars are the forward's (launch.score_scalars)."""
+    from cute_kernels import launch
+
     p = req.params
-    if p.softcap > 0:
-        scale_log2, premul = p.softcap * LOG2E, p.softmax_scale / p.softcap
-    else:
-        scale_log2, premul = p.softmax_scale * LOG2E, 1.0
-    max_seqlen_k = req.max_seqlen_k if req.packed_k else req.k.shape[1]
-    return scale_log2, premul, p.softmax_scale, p.window_left, p.window_right, p.attention_chunk, max_seqlen_k
+    return (*launch.score_scalars(p), p.softmax_scale, p.window_left, p.window_right, p.attention_chunk,
+            launch._seqlens(req)[1])
 
 
 def sequence_tensors(req: "AttentionRequest") -> list:

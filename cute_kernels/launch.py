@@ -70,21 +70,22 @@ def _seqlens(req: "AttentionRequest") -> tuple[int, int]:
             req.max_seqlen_k if req.packed_k or req.paged else req.k.shape[1])
 
 
-def config_for(req: "AttentionRequest") -> FwdConfig:
-    """The default config (FwdConfig.make) for `req`, split-KV where `num_splits` splits."""
+def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fields) -> FwdConfig:
+    """The default config (FwdConfig.make) for `req`, split-KV where `num_splits` splits; `dtype`
+    (default: the tensors') and `format_fields` for FP8 (`fp8_config_for`)."""
     p = req.params
     seqlen_q, seqlen_k = _seqlens(req)
     pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
     has_right = p.window_right >= 0
     d, dv = padded_hdim(req.headdim), padded_hdim(req.headdim_v)
     make = functools.partial(
-        _cached_config, DTYPES[req.dtype], d, dv,
+        _cached_config, dtype or DTYPES[req.dtype], d, dv,
         has_left=p.window_left >= 0, has_right=has_right, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,
         cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
         seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
         short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
         pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
-        hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size,
+        hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size, **format_fields,
     )
     cfg = make(split_kv=False)
     return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
@@ -350,6 +351,15 @@ def _cute(t: Optional[torch.Tensor], align: int = 16):
 _SAME_DEVICE = contextlib.nullcontext()
 
 
+def score_scalars(p) -> tuple[float, float]:
+    """(scale_log2, softcap_premul) of 16-bit scores, as the forward and backward kernels take
+    them: with softcap the scores are softcap * tanh(qk * premul) and scale_log2 = softcap *
+    log2(e), else scale_log2 = softmax_scale * log2(e) and premul = 1."""
+    if p.softcap > 0:
+        return p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
+    return p.softmax_scale * math.log2(math.e), 1.0
+
+
 def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, num_splits: int = 1,
                   fp8_scales: tuple = (None, None, None), fp8_constants: Optional[tuple] = None):
     """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa); `run`'s
@@ -359,12 +369,7 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
     multiplier's constant, and softcap * log2(e) after the tanh)."""
     p, dev, g = req.params, q.device, cfg.pack_gqa
 
-    if fp8_constants is not None:
-        scale_log2, premul = fp8_constants
-    elif p.softcap > 0:
-        scale_log2, premul = p.softcap * math.log2(math.e), p.softmax_scale / p.softcap
-    else:
-        scale_log2, premul = p.softmax_scale * math.log2(math.e), 1.0
+    scale_log2, premul = fp8_constants if fp8_constants is not None else score_scalars(p)
     max_seqlen_q, ints = sequence_args(req, q, g)
     if max_seqlen_q == 0:
         return out, lse
@@ -405,26 +410,13 @@ FP8_HDIMS = (64, 96, 128, 192, 256)
 
 
 def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
-    """The e4m3 config for an FP8 request (fp8=True or quantized operands): fa3py.fp8's default
-    format (block V scaling) where the request brings none."""
-    from fa3py.fp8 import Fp8Format
-
-    from fa3py.fp8 import FA3_FORMAT
+    """The e4m3 config for an FP8 request: the format of its quantized operands, fa3py.fp8's
+    default format for fp8=True, FA3's (fa3py.fp8.FA3_FORMAT) for float8 inputs with descales."""
+    from fa3py.fp8 import FA3_FORMAT, Fp8Format
 
     fmt = (req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format() if req.params.fp8
            else Fp8Format(**FA3_FORMAT))
-    p = req.params
-    has_right = p.window_right >= 0
-    seqlen_q, seqlen_k = _seqlens(req)
-    pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
-    make = functools.partial(
-        _cached_config, "e4m3", req.headdim, req.headdim_v, has_left=p.window_left >= 0, has_right=has_right,
-        softcap=p.softcap > 0, short=is_short(has_right, seqlen_q * pack, seqlen_k),
-        medium=is_medium(has_right, seqlen_k), pack_gqa=pack, fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling,
-        cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
-        seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None)
-    cfg = make(split_kv=False)
-    return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
+    return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling)
 
 
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
@@ -432,8 +424,8 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     block format (fp8=True, quantized operands) or FA3's float8 inputs with per-(batch, KV head)
     descales (served as that format unrotated: `fa3py.fp8.from_descales`)."""
     if not fp8_enabled:
-        return ("cute_kernels: the FP8 kernel is compile-checked only, not yet run on a GPU; opt in with "
-                "FA3PY_CUTE_FP8=1")
+        return ("cute_kernels: the FP8 kernel's current tiles and format have not been through its GPU tests; "
+                "opt in with FA3PY_CUTE_FP8=1")
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
     if fmt is not None and (fmt.qk_int8 or not fmt.v_transposed):
         return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8) and transposed V"
@@ -486,9 +478,8 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
     p = req.params
     # packed operands' V^T and block scales are (heads, columns): the kernel takes a batch of 1
     vt = vt.unsqueeze(0) if v.packed else vt
-    scales = tuple(t.scale.float().unsqueeze(0) if t.packed and t.scale.dim() == 2 else t.scale.float()
+    scales = tuple((t.scale.unsqueeze(0) if t.packed and t.scale.dim() == 2 else t.scale).float().contiguous()
                    for t in (q, k, v))
-    scales = tuple(t.contiguous() for t in scales)
     constants = score_constants(p.softmax_scale, p.softcap, rotation_factor(qkv.fmt, req.headdim))
     out, lse = _run_kernel(req, cfg, q.data, k.data, vt, torch.bfloat16, fp8_scales=scales, fp8_constants=constants)
     return (out if req.out_dtype == torch.bfloat16 else out.to(req.out_dtype)), lse
