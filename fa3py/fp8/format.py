@@ -129,6 +129,29 @@ def packed_width(total: int, batch: int, block: int) -> int:
     return total // block + batch
 
 
+def place_block_scales(scales: list, cu: list, total: int, block: int, heads: int, device) -> torch.Tensor:
+    """Per-sequence block scales (1, heads, nblocks of sequence b) placed in a packed operand's
+    (heads, packed_width) scales, sequence b from column packed_column(cu[b], b, block); unused
+    columns hold 1."""
+    out = torch.ones(heads, packed_width(total, len(cu) - 1, block), dtype=torch.float32, device=device)
+    for b, s in enumerate(scales):
+        c0 = packed_column(cu[b], b, block)
+        out[:, c0:c0 + s.shape[-1]] = s[0]
+    return out
+
+
+def place_vt(vts: list, cu: list, total: int, heads: int, dim: int, device) -> torch.Tensor:
+    """Per-sequence V^T (1, heads, dim, padded keys of sequence b) placed in a packed V^T (heads,
+    dim, VT_ALIGN * packed_width), sequence b from column VT_ALIGN * packed_column(cu[b], b,
+    VT_ALIGN); the rest zero."""
+    data = torch.zeros(heads, dim, VT_ALIGN * packed_width(total, len(cu) - 1, VT_ALIGN), dtype=torch.uint8,
+                       device=device)
+    for b, t in enumerate(vts):
+        c0 = VT_ALIGN * packed_column(cu[b], b, VT_ALIGN)
+        data[..., c0:c0 + t.shape[-1]] = t[0].view(torch.uint8)
+    return data.view(E4M3)
+
+
 def rotation_factor(fmt: Fp8Format, headdim: int) -> int:
     """n, the factor the rotation puts on Q K^T (1 without rotation)."""
     return hadamard_block(headdim) if fmt.rotated else 1
@@ -360,21 +383,12 @@ def _from_descales_packed(q, k, v, descales, block_m, block_n, cu_seqlens_q, cu_
             return dataclasses.replace(ops[0], data=x if role != "v" else transpose_v(x),
                                        scale=torch.cat([o.scale for o in ops]), seqlen=x.shape[1])
         total, heads, dim = x.shape
-        if role == "v":
-            scale = torch.cat([o.scale for o in ops])  # channel: per sequence
-            data = torch.zeros(heads, dim, VT_ALIGN * packed_width(total, batch, VT_ALIGN), dtype=torch.uint8,
-                               device=x.device)
-            for b, o in enumerate(ops):
-                c0 = VT_ALIGN * packed_column(cu[b], b, VT_ALIGN)
-                data[..., c0:c0 + o.data.shape[-1]] = o.data[0].view(torch.uint8)
-            data = data.view(x.dtype)
+        if role == "v":  # channel scales: per sequence
+            scale = torch.cat([o.scale for o in ops])
+            data = place_vt([o.data for o in ops], cu, total, heads, dim, x.device)
         else:
             blk = block_m if role == "q" else block_n
-            scale = torch.ones(heads, packed_width(total, batch, blk), dtype=torch.float32, device=x.device)
-            for b, o in enumerate(ops):
-                c0 = packed_column(cu[b], b, blk)
-                scale[:, c0:c0 + o.scale.shape[-1]] = o.scale[0]
-            data = x
+            scale, data = place_block_scales([o.scale for o in ops], cu, total, blk, heads, x.device), x
         return dataclasses.replace(ops[0], data=data, scale=scale, seqlen=total, cu_seqlens=cu_seqlens)
 
     return Fp8QKV(q=place("q", q, cu_q, cu_seqlens_q), k=place("k", k, cu_k, cu_seqlens_k),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import (E4M3, SIGN_SEED, VT_ALIGN, Fp8Format, Fp8QKV, Fp8Tensor, packed_column, packed_width,
+from .format import (E4M3, SIGN_SEED, VT_ALIGN, Fp8Format, Fp8QKV, Fp8Tensor, place_block_scales, place_vt,
                      pv_key_order, rotate)
 
 _16BIT = (torch.float16, torch.bfloat16)
@@ -97,16 +97,9 @@ def quantize_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, role: str, fmt: F
         scale = torch.cat([t.scale for t in parts], 0) if parts else torch.ones(0, h, d, device=x.device)
     else:
         blk = fmt.block_m if role == "q" else fmt.block_n
-        scale = torch.ones(h, packed_width(total, batch, blk), dtype=torch.float32, device=x.device)
-        for b, t in enumerate(parts):
-            c0 = packed_column(cu[b], b, blk)
-            scale[:, c0:c0 + t.scale.shape[-1]] = t.scale[0]
+        scale = place_block_scales([t.scale for t in parts], cu, total, blk, h, x.device)
     if role == "v" and fmt.v_transposed:
-        data = torch.zeros(h, d, VT_ALIGN * packed_width(total, batch, VT_ALIGN), dtype=torch.uint8, device=x.device)
-        for b, t in enumerate(parts):
-            c0 = VT_ALIGN * packed_column(cu[b], b, VT_ALIGN)
-            data[..., c0:c0 + t.data.shape[-1]] = t.data[0].view(torch.uint8)
-        data = data.view(E4M3)
+        data = place_vt([t.data for t in parts], cu, total, h, d, x.device)
     else:
         dtype = torch.int8 if role != "v" and fmt.qk_int8 else E4M3
         data = torch.cat([t.data[0] for t in parts], 0) if parts else torch.empty(0, h, d, dtype=dtype, device=x.device)
