@@ -95,7 +95,7 @@ def _cute_bwd_load() -> Forward:
         @staticmethod
         def forward(ctx, q, k, v, causal):
             req = make_request(q, k, v, causal=causal)
-            saved, bwd_launch.enabled = bwd_launch.enabled, True  # the opt-in, for its checks only
+            saved, bwd_launch.enabled = bwd_launch.enabled, True  # on even with FA3PY_CUTE_BWD=0 (its checks)
             try:
                 why = cute_kernels.why_not(req, backward=False) or cute_kernels.why_not(req, backward=True)
             finally:
