@@ -18,10 +18,10 @@ from triton_fallback.fp8_fwd import attn_fwd_fp8
 from triton_fallback.fp8_prep import fp8_prep
 
 _FLOATS = ("c", "softcap_scale", "softcap_log2")
-_PTRS = {"X": "*bf16", "R": "*bf16", "OUT": "*u8", "SCALE": "*fp32", "CH_INV": "*fp32", "QS": "*fp32",
+_PTRS = {"X": "*bf16", "R": "*bf16", "OUT": "*u8", "SCALE": "*fp32", "CH": "*i32", "QS": "*fp32",
          "KS": "*fp32", "VS": "*fp32", "O": "*bf16", "LSE": "*fp32", "VT": "*fp8e4nv"}
 
-_PREP = dict(DOT_F32=False, ROTATE=True, MODE=0)
+_PREP = dict(DOT_F32=False, ROTATE=True, MODE=0, TRANSPOSED=False, PV_ORDER=False)
 _FWD = dict(HAS_WL=False, HAS_WR=False, SOFTCAP=False, V_BLOCK=True, SCALE_M=128, SCALE_N=128)
 # (kernel, arch, q/k element type, constexprs, num_warps)
 VARIANTS = [
@@ -32,6 +32,14 @@ VARIANTS = [
                               ROTATE=False, MODE=1), 8),
     (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
                               ROTATE=False, MODE=2), 8),
+    # V^T stored transposed in registers (coalesced), in the PV key order; channel and block scales
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
+                              ROTATE=False, MODE=2, TRANSPOSED=True, PV_ORDER=True), 8),
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=64, BLOCK_D=64, N_HAD=64, BLOCK=224, ROWS=256, GROUPS=1,
+                              ROTATE=False, MODE=0, TRANSPOSED=True, PV_ORDER=True), 8),
+    # FA3's float8 V transposed (codes copied)
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=256, BLOCK_D=256, N_HAD=1, BLOCK=128, ROWS=128, GROUPS=1,
+                              ROTATE=False, MODE=3, TRANSPOSED=True, PV_ORDER=True), 8),
     (attn_fwd_fp8, 89, "fp8e4nv", dict(_FWD, HEADDIM=128, HEADDIM_V=128, BLOCK_D=128, BLOCK_DV=128,
                                        HAS_WR=True, BLOCK_M=64, BLOCK_N=64), 4),
     (attn_fwd_fp8, 90, "fp8e4nv", dict(_FWD, HEADDIM=64, HEADDIM_V=64, BLOCK_D=64, BLOCK_DV=64,
@@ -48,6 +56,8 @@ def compile_variant(fn, arch, elem, const, num_warps):
             sig[name] = "constexpr"
         elif name in ("Q", "K"):
             sig[name] = f"*{elem}"
+        elif name == "X" and const.get("MODE") == 3:
+            sig[name] = "*u8"  # float8 codes
         elif name in _PTRS:
             sig[name] = _PTRS[name]
         else:

@@ -60,6 +60,31 @@ def test_prep_declines_what_it_cannot_do():
     _same_bytes(x, "q", Fp8Format())  # falls back to the spec
 
 
+@pytest.mark.parametrize("seqlen", [1, 15, 16, 17, 130, 257])
+@pytest.mark.parametrize("pv_order", [True, False])
+def test_transpose_codes_matches_transpose_v(seqlen, pv_order):
+    """FA3's float8 V transposed by the Triton pass: the bytes of `transpose_v` (padding keys
+    zero, the PV key order within each 16), from a strided V too."""
+    from fa3py.fp8.format import transpose_v
+
+    codes = torch.randint(0, 256, (2, seqlen, 3, 48), dtype=torch.uint8, device=DEVICE)
+    codes[codes == 0x7F] = 0  # (NaN codes compare unequal)
+    v = codes.view(torch.float8_e4m3fn)
+    strided = torch.cat([codes, codes], dim=2)[:, :, ::2].view(torch.float8_e4m3fn)
+    for x in (v, strided):
+        got = fp8_prep.transpose_codes(x, pv_order)
+        assert torch.equal(got.view(torch.uint8), transpose_v(x, pv_order).view(torch.uint8))
+
+
+@pytest.mark.parametrize("block_n", [16, 48, 224])
+def test_prep_block_v_tiles(block_n):
+    """Block-scaled V^T with key tiles of 16 to 224 (ROWS padded to 256), a tail group and the
+    PV key order: the spec's bytes; 24 (a tile splitting a 16-key group) goes to the spec."""
+    x = (torch.randn(1, 250, 2, 32, device=DEVICE) * 3).bfloat16()
+    _same_bytes(x, "v", Fp8Format(block_n=block_n, v_scaling="block", v_pv_order=True))
+    assert "16-key" in fp8_prep.why_not(x, "v", Fp8Format(block_n=24, v_scaling="block"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("role", ["q", "k", "v"])
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -69,7 +94,8 @@ def test_gpu_prep_matches_the_spec_bytes(role, d):
     a sum landing within an ulp of an e4m3 rounding boundary (~1e-6 of elements) may round to
     the neighbouring code. Nothing else may differ."""
     x = torch.randn(2, 4099, 4, d, device="cuda").bfloat16()
-    for fmt in (Fp8Format(), Fp8Format(block_m=1, v_scaling="channel")):
+    for fmt in (Fp8Format(), Fp8Format(block_m=1, v_scaling="channel"),
+                Fp8Format(block_n=224, v_scaling="block", v_pv_order=True)):
         if role == "v":
             _same_bytes(x, role, fmt)
             continue

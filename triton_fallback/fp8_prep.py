@@ -8,12 +8,16 @@ e4m3 rounding boundary (~1e-6 of the elements) may then take the neighbouring co
 One program takes `ROWS` (>= 16) consecutive tokens of one (batch, head): a single scale
 block of `block` rows (block >= 16), or 16 // block whole blocks (block = 1, 2, 4, 8). The
 rotation is a tensor-core matmul of the (ROWS * BLOCK_D / n, n) view of the tile by R = D H
-(entries +-1: exact products, float32 sums). Channel-scaled V takes two launches: per-block
-column maxima, then (after a max over blocks on the host side) the quantization.
+(entries +-1: exact products, float32 sums). Channel-scaled V takes two launches over tiles
+of 128 keys: the column maxima (an atomic max of their float bits per (batch, head)), then the
+quantization, whose programs read the maxima and derive the scales themselves. V^T is stored
+transposed in registers, so each head-dim row receives a tile's keys as one contiguous run
+(permuted within each 16 for the PV key order); the padding keys up to VT_ALIGN are written
+as zeros by the same pass. `transpose_codes` is the same store for FA3's float8 V.
 
 The e4m3 codes are computed with integer arithmetic (`_e4m3_bits`), so any CUDA GPU Triton
 runs on serves it. Served: Hadamard block n >= 16 (head dims that are multiples of 16),
-blocks >= 16 or a power of two below. Everything else goes to the
+blocks >= 16 or a power of two below (block-scaled V^T: multiples of 16). Everything else goes to the
 PyTorch quantizer, which writes the same format.
 """
 
@@ -39,6 +43,8 @@ def why_not(x: torch.Tensor, role: str, fmt: Fp8Format):
         return f"head dim {x.shape[-1]}: Hadamard blocks of {hadamard_block(x.shape[-1])} (tl.dot needs 16)"
     if block < 16 and block & (block - 1):
         return f"block {block}: below 16 only powers of two"
+    if role == "v" and fmt.v_transposed and fmt.v_scaling == "block" and block > 16 and block % 16:
+        return f"block-scaled V^T: block {block} splits 16-key groups (multiples of 16 only)"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return "CPU tensors need TRITON_INTERPRET=1"
     return None
@@ -70,16 +76,19 @@ def _e4m3_bits(q):
 
 @triton.jit
 def fp8_prep(
-    X, OUT, SCALE, R, CH_INV,
-    seqlen, nblocks,
+    X, OUT, SCALE, R, CH,
+    seqlen, s_out, nblocks,
     stride_xb, stride_xs, stride_xh,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_sb, stride_sh,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, N_HAD: tl.constexpr, ROTATE: tl.constexpr,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr,
-    MODE: tl.constexpr,  # 0: block scales; 1: per-block column maxima (channel pass 1); 2: channel quantize
+    # 0: block scales; 1: channel maxima (atomic max of the float bits into CH); 2: channel
+    # quantize (scales from CH); 3: copy float8 codes (X holds them: FA3's V, transposed only)
+    MODE: tl.constexpr,
     DOT_F32: tl.constexpr,  # the interpreter's tl.dot mishandles bfloat16: multiply in float32 there
-    PV_ORDER: tl.constexpr = False,  # transposed V, Fp8Format.v_pv_order: keys of each 16 permuted
+    TRANSPOSED: tl.constexpr = False,  # OUT is V^T: rows of keys (stride_os == 1), s_out positions
+    PV_ORDER: tl.constexpr = False,  # with TRANSPOSED: keys of each 16 in Fp8Format.v_pv_order
 ):
     pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, ROWS)
@@ -88,24 +97,31 @@ def fp8_prep(
     valid = (r < GROUPS * BLOCK) & (rows < seqlen)
     mask = valid[:, None] & (c < HEADDIM)[None, :]
     x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + c[None, :], mask=mask, other=0.0)
-    if ROTATE:  # y = x blockdiag(R, ..., R): the (ROWS * BLOCK_D / n, n) view times R
-        k = tl.arange(0, N_HAD)
-        rot = tl.load(R + k[:, None] * N_HAD + k[None, :])
-        xs = tl.reshape(x, (ROWS * BLOCK_D // N_HAD, N_HAD))
-        if DOT_F32:
-            y = tl.dot(xs.to(tl.float32), rot.to(tl.float32), input_precision="ieee")
+    if MODE == 3:
+        codes = x
+    else:
+        if ROTATE:  # y = x blockdiag(R, ..., R): the (ROWS * BLOCK_D / n, n) view times R
+            k = tl.arange(0, N_HAD)
+            rot = tl.load(R + k[:, None] * N_HAD + k[None, :])
+            xs = tl.reshape(x, (ROWS * BLOCK_D // N_HAD, N_HAD))
+            if DOT_F32:
+                y = tl.dot(xs.to(tl.float32), rot.to(tl.float32), input_precision="ieee")
+            else:
+                y = tl.dot(xs, rot.to(x.dtype))
+            y = tl.reshape(y, (ROWS, BLOCK_D))
         else:
-            y = tl.dot(xs, rot.to(x.dtype))
-        y = tl.reshape(y, (ROWS, BLOCK_D))
-    else:
-        y = x.to(tl.float32)
-    a = tl.abs(y)
-    a = tl.where(a < float("inf"), a, 0.0)  # scales from finite values only
-    if MODE == 1:
-        tl.store(CH_INV + ((b * tl.num_programs(1) + h) * nblocks + pid) * BLOCK_D + c, tl.max(a, axis=0))
-    else:
-        if MODE == 2:
-            inv = tl.load(CH_INV + (b * tl.num_programs(1) + h) * BLOCK_D + c)
+            y = x.to(tl.float32)
+        a = tl.abs(y)
+        a = tl.where(a < float("inf"), a, 0.0)  # scales from finite values only
+        if MODE == 1:  # non-negative float32 order as their int32 bits
+            ch = CH + (b * tl.num_programs(1) + h) * BLOCK_D + c
+            tl.atomic_max(ch, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=c < HEADDIM)
+            q = y
+        elif MODE == 2:
+            amax = tl.load(CH + (b * tl.num_programs(1) + h) * BLOCK_D + c).to(tl.float32, bitcast=True)
+            scale, inv = _pow2_inv_scale(amax)
+            if pid == 0:
+                tl.store(SCALE + b * stride_sb + h * stride_sh + c, scale, mask=c < HEADDIM)
             q = y * inv[None, :]
         else:
             amax = tl.max(tl.reshape(a, (GROUPS, ROWS // GROUPS * BLOCK_D)), axis=1)  # (GROUPS,)
@@ -114,11 +130,20 @@ def fp8_prep(
             tl.store(SCALE + b * stride_sb + h * stride_sh + g, scale, mask=g < nblocks)
             q = tl.reshape(tl.reshape(y, (GROUPS, ROWS // GROUPS * BLOCK_D)) * inv[:, None], (ROWS, BLOCK_D))
         q = tl.where(tl.abs(q) < float("inf"), q, float("nan"))  # NaN, Inf -> NaN (a cast saturates Inf)
-        pos = rows
-        if PV_ORDER:  # key k of a 16-key group at the position i with PV_KEY_ORDER[i] = k
-            pos = (rows // 16) * 16 + 4 * ((rows % 8) // 2) + 2 * ((rows % 16) // 8) + rows % 2
-        out = OUT + b * stride_ob + h * stride_oh + pos[:, None] * stride_os + c[None, :] * stride_od
-        tl.store(out, _e4m3_bits(q), mask=mask)
+        codes = _e4m3_bits(q)
+    if MODE != 1:
+        base = OUT + b * stride_ob + h * stride_oh
+        if TRANSPOSED:
+            # V^T: each head-dim row gets the tile's keys as one contiguous run (a coalesced
+            # store); keys past seqlen (zeros) fill the row up to s_out
+            if PV_ORDER:  # key 8a + 2j + c of each 16 goes to position 4j + 2a + c
+                codes = tl.reshape(tl.permute(tl.reshape(codes, (ROWS // 16, 2, 4, 2, BLOCK_D)), (0, 2, 1, 3, 4)),
+                                   (ROWS, BLOCK_D))
+            keep = (r < GROUPS * BLOCK) & (rows < s_out)
+            tl.store(base + c[:, None] * stride_od + rows[None, :], tl.trans(codes),
+                     mask=(c < HEADDIM)[:, None] & keep[None, :])
+        else:
+            tl.store(base + rows[:, None] * stride_os + c[None, :] * stride_od, codes, mask=mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,7 +157,7 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
     """`fa3py.fp8.quantize_operand` in one fused pass (two for channel-scaled V); falls back to
     it for what `why_not` declines."""
     why = why_not(x, role, fmt)
-    if why is not None:
+    if why is not None or x.shape[1] == 0:
         from fa3py.fp8.quantize import quantize_operand as spec
 
         return spec(x, role, fmt)
@@ -140,39 +165,65 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
         x = x.contiguous()
     b, s, h, d = x.shape
     rotate = role in ("q", "k")
-    block = fmt.block_m if role == "q" else fmt.block_n
-    groups = 16 // block if block < 16 else 1
-    rows = 16 if block < 16 else triton.next_power_of_2(block)
+    channel = role == "v" and fmt.v_scaling == "channel"
+    # channel scales do not depend on the tiling: 128 keys per program
+    block = CHANNEL_ROWS if channel else fmt.block_m if role == "q" else fmt.block_n
     nblocks = -(-s // block)
-    transposed = role == "v" and fmt.v_transposed
-    if transposed:
-        s_pad = -(-s // VT_ALIGN) * VT_ALIGN
-        data = torch.empty(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=x.device)
-        # padding keys are zeros (with v_pv_order they sit anywhere in the last 16-key group)
-        data[..., (s // VT_ALIGN) * VT_ALIGN if fmt.v_pv_order else s:].zero_()
-        out_strides = (data.stride(0), 1, data.stride(1), data.stride(2))
-    else:
-        data = torch.empty(b, s, h, d, dtype=torch.float8_e4m3fn, device=x.device)
-        out_strides = (data.stride(0), data.stride(1), data.stride(2), 1)
     n = hadamard_block(d)
     rot = _rotation_on(n, fmt.seed, x.device, x.dtype) if rotate else x.new_empty(1)
-    block_d = triton.next_power_of_2(d)
-    channel = role == "v" and fmt.v_scaling == "channel"
+    transposed = role == "v" and fmt.v_transposed
+    data, out_strides, s_out = _output(x, transposed)
     scale = torch.empty(b, h, d if channel else nblocks, dtype=torch.float32, device=x.device)
-    codes = data.view(torch.uint8)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    grid = (triton.cdiv(s, groups * block), h, b)
-    common = dict(HEADDIM=d, BLOCK_D=block_d, N_HAD=n, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
-                  PV_ORDER=transposed and fmt.v_pv_order,
-                  DOT_F32=interpreting, num_warps=4 if rows * block_d <= 8192 else 8)
-    flat = (s, nblocks, x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1))
+    launch = functools.partial(_launch, x, data, scale, rot, out_strides=out_strides, s_out=s_out, block=block,
+                               rotate=rotate, n_had=n, transposed=transposed,
+                               pv_order=transposed and fmt.v_pv_order)
     if channel:
-        part = torch.empty(b, h, nblocks, block_d, dtype=torch.float32, device=x.device)
-        fp8_prep[grid](x, codes, scale, rot, part, *flat, MODE=1, **common)
-        amax = part.amax(dim=2)[..., :d] if nblocks else torch.zeros(b, h, d, device=x.device)
-        scale, inv = pow2_scale(amax)
-        inv = torch.nn.functional.pad(inv, (0, block_d - d)).contiguous()
-        fp8_prep[grid](x, codes, scale, rot, inv, *flat, MODE=2, **common)
+        amax_bits = torch.zeros(b, h, triton.next_power_of_2(d), dtype=torch.int32, device=x.device)
+        launch(amax_bits, mode=1)
+        launch(amax_bits, mode=2)
     else:
-        fp8_prep[grid](x, codes, scale, rot, scale, *flat, MODE=0, **common)
-    return Fp8Tensor(data=data, scale=scale.contiguous(), role=role, fmt=fmt, seqlen=s, source_dtype=x.dtype)
+        launch(scale, mode=0)
+    return Fp8Tensor(data=data, scale=scale, role=role, fmt=fmt, seqlen=s, source_dtype=x.dtype)
+
+
+def transpose_codes(v: torch.Tensor, pv_order: bool = True) -> torch.Tensor:
+    """`fa3py.fp8.format.transpose_v` (float8 V -> V^T padded to VT_ALIGN keys, zeros past
+    seqlen, optionally in the PV key order) as one coalesced pass on CUDA."""
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    data, out_strides, s_out = _output(v, transposed=True)
+    if v.shape[1]:
+        _launch(v.view(torch.uint8), data, data, data, data, out_strides=out_strides, s_out=s_out,
+                block=CHANNEL_ROWS, rotate=False, n_had=1, transposed=True, pv_order=pv_order, mode=3)
+    else:
+        data.zero_()
+    return data
+
+
+CHANNEL_ROWS = 128  # keys per program where no block scale ties the tiling (channel V, codes)
+
+
+def _output(x: torch.Tensor, transposed: bool):
+    """(float8 output, its strides as (b, s, h, d), positions per row written): V^T padded to
+    VT_ALIGN keys (every position written by the pass: padding keys are zeros) or x's shape."""
+    b, s, h, d = x.shape
+    if transposed:
+        s_out = -(-s // VT_ALIGN) * VT_ALIGN
+        data = torch.empty(b, h, d, s_out, dtype=torch.float8_e4m3fn, device=x.device)
+        return data, (data.stride(0), 1, data.stride(1), data.stride(2)), s_out
+    data = torch.empty(b, s, h, d, dtype=torch.float8_e4m3fn, device=x.device)
+    return data, (data.stride(0), data.stride(1), data.stride(2), 1), s
+
+
+def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had, transposed, pv_order, mode):
+    b, s, h, d = x.shape
+    groups = 16 // block if block < 16 else 1
+    rows = 16 if block < 16 else triton.next_power_of_2(block)
+    block_d = triton.next_power_of_2(d)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    grid = (triton.cdiv(s_out if transposed else s, groups * block), h, b)
+    fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, -(-s // block), x.stride(0), x.stride(1),
+                   x.stride(2), *out_strides, scale.stride(0), scale.stride(1),
+                   HEADDIM=d, BLOCK_D=block_d, N_HAD=n_had, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
+                   MODE=mode, DOT_F32=interpreting, TRANSPOSED=transposed, PV_ORDER=pv_order,
+                   num_warps=4 if rows * block_d <= 8192 else 8)

@@ -333,6 +333,19 @@ def transpose_v(v: torch.Tensor, pv_order: bool = True) -> torch.Tensor:
     return vt.view(v.dtype)
 
 
+def _transpose_v_on_device(v: torch.Tensor) -> torch.Tensor:
+    """`transpose_v` in the PV key order, by the Triton pass on CUDA GPUs (one coalesced
+    read and write; the strided PyTorch copy writes one byte per access)."""
+    if v.is_cuda and torch.cuda.get_device_capability(v.device) >= (8, 0):
+        try:
+            from triton_fallback.fp8_prep import transpose_codes
+        except ImportError:
+            pass
+        else:
+            return transpose_codes(v)
+    return transpose_v(v)
+
+
 def from_descales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale=None, k_descale=None,
                   v_descale=None, block_m: int = 128, block_n: int = 128, cu_seqlens_q=None,
                   cu_seqlens_k=None) -> Fp8QKV:
@@ -340,7 +353,7 @@ def from_descales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale=N
     this format's operands (FA3_FORMAT, no rotation): Q's scale of every block of rows of head h
     is q_descale[b, h // group] (FA3's semantics, fa3py.request), K's of every block
     k_descale[b, kv head], V's channel scales v_descale[b, kv head]; the output is bf16. Costs
-    one copy of V (`transpose_v`) and the small scale tensors; q and k are used as they are.
+    one copy of V (`transpose_v`, by a Triton pass on CUDA) and the small scale tensors; q and k are used as they are.
     Packed q or k / v (cu_seqlens): the packed layout (`Fp8Tensor`), one sequence at a time on
     the host (reads cu_seqlens)."""
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
@@ -361,7 +374,7 @@ def from_descales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale=N
         q=make(data=q, scale=qs.expand(b, h, -(-sq // block_m)).contiguous(), role="q", seqlen=sq),
         k=make(data=k, scale=per_head(k_descale)[:, :, None].expand(b, hk, -(-sk // block_n)).contiguous(),
                role="k", seqlen=sk),
-        v=make(data=transpose_v(v), scale=per_head(v_descale)[:, :, None].expand(b, hk, dv).contiguous(),
+        v=make(data=_transpose_v_on_device(v), scale=per_head(v_descale)[:, :, None].expand(b, hk, dv).contiguous(),
                role="v", seqlen=sk),
     )
 
@@ -380,7 +393,7 @@ def _from_descales_packed(q, k, v, descales, block_m, block_n, cu_seqlens_q, cu_
     def place(role, x, cu, cu_seqlens):
         ops = [getattr(p, role) for p in parts]
         if cu is None:
-            return dataclasses.replace(ops[0], data=x if role != "v" else transpose_v(x),
+            return dataclasses.replace(ops[0], data=x if role != "v" else _transpose_v_on_device(x),
                                        scale=torch.cat([o.scale for o in ops]), seqlen=x.shape[1])
         total, heads, dim = x.shape
         if role == "v":  # channel scales: per sequence
