@@ -7,7 +7,8 @@ copy of the same tensor, on a CUDA GPU.
 Bytes counted per pass: the 16-bit input read once and the float8 output (plus scales)
 written once; the copy reads and writes 2 bytes per element (`torch.Tensor.copy_`). The
 ratio (prep GB/s) / (copy GB/s) says how close the pass is to the memory rate. Also times
-the PyTorch quantizer (several passes) for scale.
+the PyTorch quantizer (several passes) for scale, and (row `vt8`) the transposing copy of FA3's
+float8 V (`transpose_codes` against the strided PyTorch copy `transpose_v`).
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--nheads", type=int, default=16)
     ap.add_argument("--roles", nargs="+", default=["q", "k", "v"])
-    ap.add_argument("--v-scaling", default="block", choices=("block", "channel"))
+    ap.add_argument("--v-scaling", default="channel", choices=("block", "channel"))
+    ap.add_argument("--block-n", type=int, default=128, help="keys per K (and block V) scale")
+    ap.add_argument("--natural-order", action="store_true",
+                    help="V^T keys in order (default: the Hopper FP8 kernel's PV key order, as fp8=True writes)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.fp8_prep times GPU kernels: no CUDA device here")
     import triton.testing
 
-    from fa3py.fp8 import Fp8Format, quantize_operand
+    from fa3py.fp8 import Fp8Format, quantize_operand, transpose_v
     from triton_fallback import fp8_prep
 
-    fmt = Fp8Format(v_scaling=args.v_scaling)
+    fmt = Fp8Format(v_scaling=args.v_scaling, block_n=args.block_n, v_pv_order=not args.natural_order)
     print(f"# {torch.cuda.get_device_name()}, batch {args.batch}, {args.nheads} heads, seqlen {args.seqlen}, "
           f"V scaling {args.v_scaling}")
     print(f"{'hdim':>4} {'op':<3} {'prep us':>9} {'prep GB/s':>10} {'copy GB/s':>10} {'ratio':>6} {'torch us':>9}")
@@ -52,6 +56,13 @@ def main(argv=None):
             gbs = moved / ms / 1e6
             print(f"{d:>4} {role:<3} {ms * 1e3:>9.1f} {gbs:>10.0f} {copy_gbs:>10.0f} {gbs / copy_gbs:>6.2f} "
                   f"{torch_ms * 1e3:>9.1f}", flush=True)
+        # FA3's float8 V -> V^T in the PV key order (fa3py.fp8.from_descales): 1 byte read, 1 written
+        v8 = x.to(torch.float8_e4m3fn)
+        ms = triton.testing.do_bench(lambda: fp8_prep.transpose_codes(v8), return_mode="median")
+        torch_ms = triton.testing.do_bench(lambda: transpose_v(v8), return_mode="median")
+        gbs = 2 * v8.numel() / ms / 1e6
+        print(f"{d:>4} {'vt8':<3} {ms * 1e3:>9.1f} {gbs:>10.0f} {copy_gbs:>10.0f} {gbs / copy_gbs:>6.2f} "
+              f"{torch_ms * 1e3:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

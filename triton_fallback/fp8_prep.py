@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from fa3py.fp8.format import VT_ALIGN, Fp8Format, Fp8Tensor, hadamard_block, rotation_matrix
-from fa3py.fp8.quantize import pow2_scale
 
 
 def why_not(x: torch.Tensor, role: str, fmt: Fp8Format):
