@@ -407,8 +407,10 @@ def test_gpu_fp8_kernel_is_the_emulation(sq, sk, causal, v_scaling, d, monkeypat
     import fa3py
     from cute_kernels import launch
 
+    from cute_kernels.config import fp8_block_n
+
     monkeypatch.setattr(launch, "fp8_enabled", True)
-    block_n = 64 if d == 256 else 128
+    block_n = fp8_block_n(d, v_scaling)  # the kernel's tile for this format (FA3's FP8 tiles with channel V)
     req = _fp8_request(2, sq, sk, 4, 2, d, device="cuda", causal=causal, block_n=block_n, v_scaling=v_scaling)
     cfg = launch.fp8_config_for(req)
     assert cfg.tile.tile_n == block_n
