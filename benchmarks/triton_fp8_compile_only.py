@@ -21,7 +21,7 @@ _FLOATS = ("c", "softcap_scale", "softcap_log2")
 _PTRS = {"X": "*bf16", "R": "*bf16", "OUT": "*u8", "SCALE": "*fp32", "CH": "*i32", "QS": "*fp32",
          "KS": "*fp32", "VS": "*fp32", "O": "*bf16", "LSE": "*fp32", "VT": "*fp8e4nv"}
 
-_PREP = dict(DOT_F32=False, ROTATE=True, MODE=0, TRANSPOSED=False, PV_ORDER=False)
+_PREP = dict(DOT_F32=False, ROTATE=True, MODE=0, TRANSPOSED=False, PV_ORDER=False, STAGES=2)
 _FWD = dict(HAS_WL=False, HAS_WR=False, SOFTCAP=False, V_BLOCK=True, SCALE_M=128, SCALE_N=128)
 # (kernel, arch, q/k element type, constexprs, num_warps)
 VARIANTS = [

@@ -5,7 +5,8 @@ exception is the rotation's float32 sums when they are inexact (a row mixing val
 ~2^9 apart): tensor cores and the CPU sum in different orders, and a sum within an ulp of an
 e4m3 rounding boundary (~1e-6 of the elements) may then take the neighbouring code.
 
-One program takes `ROWS` (>= 16) consecutive tokens of one (batch, head): a single scale
+A tile is `ROWS` (>= 16) consecutive tokens of one (batch, head); the programs are persistent
+(a few per SM, each walking tiles with the next tile's load in flight). A tile holds a single scale
 block of `block` rows (block >= 16), or 16 // block whole blocks (block = 1, 2, 4, 8). The
 rotation is a tensor-core matmul of the (ROWS * BLOCK_D / n, n) view of the tile by R = D H
 (entries +-1: exact products, float32 sums). Channel-scaled V takes two launches over tiles
@@ -76,7 +77,7 @@ def _e4m3_bits(q):
 @triton.jit
 def fp8_prep(
     X, OUT, SCALE, R, CH,
-    seqlen, s_out, nblocks,
+    seqlen, s_out, nblocks, nheads, ntiles, total,
     stride_xb, stride_xs, stride_xh,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_sb, stride_sh,
@@ -88,10 +89,31 @@ def fp8_prep(
     DOT_F32: tl.constexpr,  # the interpreter's tl.dot mishandles bfloat16: multiply in float32 there
     TRANSPOSED: tl.constexpr = False,  # OUT is V^T: rows of keys (stride_os == 1), s_out positions
     PV_ORDER: tl.constexpr = False,  # with TRANSPOSED: keys of each 16 in Fp8Format.v_pv_order
+    STAGES: tl.constexpr = 2,
 ):
-    pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # persistent: program i takes tiles i, i + grid, ... of the (batch, head, row tile) order, so R
+    # is loaded once per program and the next tile's load overlaps this one's work (STAGES)
     r = tl.arange(0, ROWS)
     c = tl.arange(0, BLOCK_D)
+    if ROTATE:
+        k = tl.arange(0, N_HAD)
+        rot = tl.load(R + k[:, None] * N_HAD + k[None, :])
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0), num_stages=STAGES):
+        pid = t % ntiles
+        h = (t // ntiles) % nheads
+        b = t // (ntiles * nheads)
+        _prep_tile(X, OUT, SCALE, CH, rot if ROTATE else R, pid, h, b, r, c, seqlen, s_out, nblocks, nheads,
+                   stride_xb, stride_xs, stride_xh, stride_ob, stride_os, stride_oh, stride_od, stride_sb, stride_sh,
+                   HEADDIM, BLOCK_D, N_HAD, ROTATE, BLOCK, ROWS, GROUPS, MODE, DOT_F32, TRANSPOSED, PV_ORDER)
+
+
+@triton.jit
+def _prep_tile(X, OUT, SCALE, CH, rot, pid, h, b, r, c, seqlen, s_out, nblocks, nheads,
+               stride_xb, stride_xs, stride_xh, stride_ob, stride_os, stride_oh, stride_od, stride_sb, stride_sh,
+               HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, N_HAD: tl.constexpr, ROTATE: tl.constexpr,
+               BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr, MODE: tl.constexpr,
+               DOT_F32: tl.constexpr, TRANSPOSED: tl.constexpr, PV_ORDER: tl.constexpr):
+    """One tile: rows pid * GROUPS * BLOCK + r of (batch b, head h)."""
     rows = pid * (GROUPS * BLOCK) + r
     valid = (r < GROUPS * BLOCK) & (rows < seqlen)
     mask = valid[:, None] & (c < HEADDIM)[None, :]
@@ -100,8 +122,6 @@ def fp8_prep(
         codes = x
     else:
         if ROTATE:  # y = x blockdiag(R, ..., R): the (ROWS * BLOCK_D / n, n) view times R
-            k = tl.arange(0, N_HAD)
-            rot = tl.load(R + k[:, None] * N_HAD + k[None, :])
             xs = tl.reshape(x, (ROWS * BLOCK_D // N_HAD, N_HAD))
             if DOT_F32:
                 y = tl.dot(xs.to(tl.float32), rot.to(tl.float32), input_precision="ieee")
@@ -113,11 +133,11 @@ def fp8_prep(
         a = tl.abs(y)
         a = tl.where(a < float("inf"), a, 0.0)  # scales from finite values only
         if MODE == 1:  # non-negative float32 order as their int32 bits
-            ch = CH + (b * tl.num_programs(1) + h) * BLOCK_D + c
+            ch = CH + (b * nheads + h) * BLOCK_D + c
             tl.atomic_max(ch, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=c < HEADDIM)
             q = y
         elif MODE == 2:
-            amax = tl.load(CH + (b * tl.num_programs(1) + h) * BLOCK_D + c).to(tl.float32, bitcast=True)
+            amax = tl.load(CH + (b * nheads + h) * BLOCK_D + c).to(tl.float32, bitcast=True)
             scale, inv = _pow2_inv_scale(amax)
             if pid == 0:
                 tl.store(SCALE + b * stride_sb + h * stride_sh + c, scale, mask=c < HEADDIM)
@@ -214,15 +234,25 @@ def _output(x: torch.Tensor, transposed: bool):
     return data, (data.stride(0), data.stride(1), data.stride(2), 1), s
 
 
+@functools.lru_cache(maxsize=16)
+def _programs(device: torch.device, tile_elems: int) -> int:
+    """Persistent grid: a few programs per SM (more for small tiles), enough to keep loads in flight."""
+    per_sm = 8 if tile_elems <= 8192 else 4 if tile_elems <= 16384 else 2
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+
+
 def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had, transposed, pv_order, mode):
     b, s, h, d = x.shape
     groups = 16 // block if block < 16 else 1
     rows = 16 if block < 16 else triton.next_power_of_2(block)
     block_d = triton.next_power_of_2(d)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    grid = (triton.cdiv(s_out if transposed else s, groups * block), h, b)
-    fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, -(-s // block), x.stride(0), x.stride(1),
-                   x.stride(2), *out_strides, scale.stride(0), scale.stride(1),
+    ntiles = triton.cdiv(s_out if transposed else s, groups * block)
+    total = ntiles * h * b
+    # (the interpreter: a few programs, so that each takes several tiles as on a GPU)
+    grid = (min(total, 3 if interpreting else _programs(x.device, rows * block_d)),)
+    fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, -(-s // block), h, ntiles, total,
+                   x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1),
                    HEADDIM=d, BLOCK_D=block_d, N_HAD=n_had, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
                    MODE=mode, DOT_F32=interpreting, TRANSPOSED=transposed, PV_ORDER=pv_order,
                    num_warps=4 if rows * block_d <= 8192 else 8)
