@@ -4,7 +4,9 @@
     FA3PY_CUTE_FP8=1 python -m benchmarks.fp8_peers --hdim 128 --seqlen 16384 --causal false
 
 The FA3 paper's grid (16k tokens, hidden 2048: batch = 16384 / seqlen, nheads = 2048 / hdim),
-forward only, each call timed by triton's do_bench (median). Rows per point:
+forward only. Every row (and the prep and a copy) is called once per round, in an order rotated
+each round, back to back as benchmarks.paired times its providers; a row's time is its median
+over --pairs rounds (the GPU's clocks and temperature then weigh on all rows alike). Rows per point:
   fa3py bf16       fa3py.attention(q, k, v) on the bf16 inputs (the cute kernel)
   fa3py fp8        fa3py.attention(q, k, v, fp8=True): the prep (Hadamard rotation + block
                    quantization, one Triton pass) and the FP8 kernel, end to end
@@ -124,15 +126,16 @@ def main(argv=None):
     ap.add_argument("--causal", nargs="+", default=["false", "true"], choices=["false", "true"])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--rep-ms", type=float, default=100)
+    ap.add_argument("--pairs", type=int, default=30, help="rounds of one call per row, rows in rotated order")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.fp8_peers: needs a CUDA GPU (Hopper for fa3py's FP8 kernel)")
-    from triton.testing import do_bench
+    import numpy as np
 
     import fa3py
+    from benchmarks.paired import time_pairs
 
     torch.manual_seed(0)
     results = []
@@ -144,29 +147,33 @@ def main(argv=None):
                 q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 flops = attention_flops(b, h, s, s, d, d, causal=causal)
                 rows, skipped = rows_for(q, k, v, causal)
-                ref = None  # fa3py's bf16 output (the first row)
                 point = {"hdim": d, "seqlen": s, "causal": causal, "batch": b, "nheads": h, "rows": {},
                          "skipped": skipped}
-                for name, call in rows.items():
+                calls, outs = {}, {}
+                for name, call in rows.items():  # each row once (compiles, and a failing row is named)
                     try:
                         out = call()
-                        out = out[0] if isinstance(out, tuple) else out
+                        outs[name] = (out[0] if isinstance(out, tuple) else out).float()
                         torch.cuda.synchronize()
-                        ms = do_bench(call, warmup=25, rep=args.rep_ms, return_mode="median")
+                        calls[name] = call
                     except Exception as e:  # noqa: BLE001 - the row is reported failed, the run goes on
                         point["skipped"][name] = f"{type(e).__name__}: {e}"[:300]
-                        continue
-                    out = out.float()
-                    if name == "fa3py bf16":
-                        ref = out
-                    rel = None if ref is None else float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
-                    point["rows"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_rmse_vs_bf16": rel}
-                # the prep alone: reads q, k, v in bf16, writes them in e4m3 (+ scales, ignored)
-                ms = do_bench(lambda: fa3py.quantize_fp8(q, k, v, v_pv_order=True), warmup=25, rep=args.rep_ms,
-                              return_mode="median")
+                # the prep alone (reads q, k, v in bf16, writes them in e4m3; scales ignored) and a copy
+                # of the same bytes, timed in the same rotation
+                calls["prep"] = lambda: fa3py.quantize_fp8(q, k, v, v_pv_order=True)
+                calls["copy"] = lambda: torch.cat([q, k, v])
+                names = list(calls)
+                times, _ = time_pairs([calls[n] for n in names], args.pairs, torch.device("cuda"))
+                ms = {n: float(np.median(t)) for n, t in zip(names, times)}
+                ref = outs.get("fa3py bf16")
+                for name in rows:
+                    if name in calls:
+                        out = outs[name]
+                        rel = None if ref is None else float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+                        point["rows"][name] = {"ms": ms[name], "tflops": flops / ms[name] / 1e9, "rel_rmse_vs_bf16": rel}
                 nbytes = 3 * q.numel() * (2 + 1)
-                cms = do_bench(lambda: torch.cat([q, k, v]), warmup=25, rep=args.rep_ms, return_mode="median")
-                point["prep"] = {"ms": ms, "GB/s": nbytes / ms / 1e6, "copy GB/s": 2 * 3 * q.numel() * 2 / cms / 1e6}
+                point["prep"] = {"ms": ms["prep"], "GB/s": nbytes / ms["prep"] / 1e6,
+                                 "copy GB/s": 2 * 3 * q.numel() * 2 / ms["copy"] / 1e6}
                 results.append(point)
                 line = "  ".join(f"{n}: {_cell(r)}" for n, r in point["rows"].items())
                 print(f"hdim {d} seqlen {s} causal {causal}: {line}; prep {point['prep']['GB/s']:.0f} GB/s "

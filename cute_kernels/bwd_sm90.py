@@ -26,8 +26,8 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
                           rows at tile_m 128), -> sdQ in fragment order
     dK  += dS^T Q         RS WGMMA
   then dK * softmax_scale and dV to global memory.
-  tile_m 128 (hdim 64 only, a non-default variant: `BwdConfig.make(..., tile_m=128)`, FA3's
-  128 x 128 tile; to be measured on a GPU before BWD_TILES takes it): S^T / dP^T of 64 keys x 128
+  tile_m 128 (hdim 64 only, its default: FA3's 128 x 128 tile; 64 stays a variant,
+  `BwdConfig.make(..., tile_m=64)`): S^T / dP^T of 64 keys x 128
   queries (64 registers each a thread), LSE_log2 / dPsum / sQ / sdO / sdS of 128 rows, and dQ
   split by rows (`dq_split_rows`: warpgroup w computes dQ rows 64w .. 64w + 63, all hdim columns,
   from sdS's query columns 64w ..; sK's swizzle atom then spans hdim). sdQ and the bulk reduce keep

@@ -380,17 +380,18 @@ class FwdConfig:
 # FA3 takes 64 x 64 with one Q / dO stage at hdim 256 too. hdim 256 has one Q / dO stage to
 # fit 227 KB beside the 64 KB fp32 sdQ; hdim 192 keeps two (208 KB; 184 KB with hdim_v 128,
 # BwdConfig.hdimv, which shares hdim 192's entry).
-# (FA3 takes 128 x 128 at hdim 64: S^T and dP^T of 64 x 128 per warpgroup. Here that is the
-# non-default variant BWD_TILE_M_VARIANTS / BwdConfig.make(..., tile_m=128), to be measured on a
-# GPU before it replaces an entry: the warpgroups split dQ = dS K by rows, not columns.)
+# hdim 64 takes FA3's 128 x 128: S^T and dP^T of 64 keys x 128 queries per warpgroup, the
+# warpgroups splitting dQ = dS K by rows, not columns. Measured on an H200 (backward alone, 16k
+# tokens, bf16, `benchmarks.paired`): 10.58 / 5.46 ms non-causal / causal against 13.19 / 6.49 ms
+# at 64 x 128, i.e. 1.05x / 1.07x of flash-attn-4's time instead of 1.33x.
 BWD_TILES: dict[int, tuple[int, int, int, bool]] = {
-    64: (64, 128, 2, False), 96: (64, 128, 2, False), 128: (64, 128, 2, False),
+    64: (128, 128, 2, False), 96: (64, 128, 2, False), 128: (64, 128, 2, False),
     192: (64, 64, 2, True), 256: (64, 64, 1, True),
 }
 # tile_m values a head dim's backward may take besides its BWD_TILES entry (same tile_n, q_stages):
-# 128 query rows at hdim 64 (S^T, dP^T 64 regs each a thread, dK / dV 32 each; wider head dims'
-# dK / dV do not fit 240 registers beside them).
-BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (128,)}
+# hdim 64's former 64-row tile. (128 query rows fit hdim 64 only: S^T, dP^T 64 regs each a
+# thread, dK / dV 32 each; wider head dims' dK / dV do not fit 240 registers beside them.)
+BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (64,)}
 BWD_REG_SPLIT = (24, 240)  # producer, consumer setmaxnreg (2 consumer warpgroups)
 
 

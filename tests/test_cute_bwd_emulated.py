@@ -41,17 +41,17 @@ def test_dq_value_coords_cover_the_tile_once(hdim):
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_chunk_positions(hdim: int) -> torch.Tensor:
+def kernel_chunk_positions(hdim: int, tile_m: int = TILE_M) -> torch.Tensor:
     """Where in a dQ chunk the kernel puts each (row * hdim + column): thread t's value r goes to
     bwd_sm90's sdQ layout (DQ_VEC, THREADS_PER_WG, vectors, NUM_MMA_WG) : (1, DQ_VEC,
     DQ_VEC * THREADS_PER_WG, THREADS_PER_WG * values per thread), which the dQ warp's bulk
     reduce adds into the chunk as it is."""
-    per_thread = TILE_M * hdim // (NUM_MMA_WG * THREADS_PER_WG)
-    pos = torch.full((TILE_M * hdim,), -1, dtype=torch.long)
+    per_thread = tile_m * hdim // (NUM_MMA_WG * THREADS_PER_WG)
+    pos = torch.full((tile_m * hdim,), -1, dtype=torch.long)
     for thread in range(NUM_MMA_WG * THREADS_PER_WG):
         wg, t = divmod(thread, THREADS_PER_WG)
         for r in range(per_thread):
-            row, col = bwd_launch.dq_value_coords(TILE_M, hdim, thread, r)
+            row, col = bwd_launch.dq_value_coords(tile_m, hdim, thread, r)
             pos[row * hdim + col] = (r % DQ_VEC + DQ_VEC * t + DQ_VEC * THREADS_PER_WG * (r // DQ_VEC)
                                      + THREADS_PER_WG * per_thread * wg)
     return pos
@@ -297,7 +297,7 @@ def test_postprocess_inverts_the_fragment_order(packed_q, d):
     lead = (3,) if packed_q else (2, 3)
     dq = torch.randn(*lead, rows, hd)  # per head: padded rows x the kernel's head dim
     acc = torch.empty(*lead, rows // tm, tm * hd)
-    acc[..., kernel_chunk_positions(hd)] = dq.view(*lead, rows // tm, tm * hd)
+    acc[..., kernel_chunk_positions(hd, tm)] = dq.view(*lead, rows // tm, tm * hd)
     got = bwd_launch.postprocess(req, cfg, acc.view(*lead, rows * hd), index)
     scale = req.params.softmax_scale
     want = dq[..., index, :d].transpose(0, 1) if packed_q else dq[:, :, :130, :d].transpose(1, 2)
@@ -541,8 +541,9 @@ def test_emulation_catches_chunk_bugs(emulated_sm90_bwd, monkeypatch, bug):
 
 
 # ----------------------------------------------------------------------------- tile_m 128 (hdim 64)
-# The non-default variant BwdConfig.make(..., tile_m=128) (config.BWD_TILE_M_VARIANTS): dQ split
-# by rows over the warpgroups, 128-row query blocks. Forced per test through bwd_launch.config_for.
+# hdim 64's default (config.BWD_TILES; 64 is its variant): dQ split by rows over the warpgroups,
+# 128-row query blocks. Forced per test through bwd_launch.config_for, so these tests keep
+# covering it whatever the table says.
 @pytest.fixture
 def bwd_tile_m128(emulated_sm90_bwd, monkeypatch):
     """`emulated_sm90_bwd` with config_for giving hdim 64 tile_m 128; returns the configs the
@@ -565,13 +566,14 @@ def bwd_tile_m128(emulated_sm90_bwd, monkeypatch):
     return configs
 
 
-def test_tile_m128_is_a_variant_only():
-    """The defaults stay tile_m 64; make(tile_m=128) is hdim 64's variant, refused elsewhere."""
+def test_tile_m128_is_hdim64s_only():
+    """hdim 64 defaults to tile_m 128 (64 its variant); every other head dim takes 64 and refuses 128."""
     from cute_kernels.config import BwdConfig
 
-    assert all(BwdConfig.make("bf16", d).tile_m == 64 for d in BWD_TILES)
-    cfg = BwdConfig.make("bf16", 64, tile_m=128, has_right=True)
+    assert all(BwdConfig.make("bf16", d).tile_m == (128 if d == 64 else 64) for d in BWD_TILES)
+    cfg = BwdConfig.make("bf16", 64, has_right=True)
     assert (cfg.tile_m, cfg.tile_n, cfg.q_stages, cfg.dkv_split_hdim) == (128, 128, 2, False)
+    assert BwdConfig.make("bf16", 64, tile_m=64).tile_m == 64
     for d in (96, 128, 256):
         with pytest.raises(AssertionError):
             BwdConfig.make("bf16", d, tile_m=128)

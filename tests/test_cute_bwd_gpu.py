@@ -257,9 +257,8 @@ def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
 
 
 # ----------------------------------------------------------------------------- tile_m 128 (hdim 64)
-# The non-default variant (config.BWD_TILE_M_VARIANTS, BwdConfig.make(..., tile_m=128)): 128-row
-# query blocks, dQ split by rows over the warpgroups. Forced through bwd_launch.config_for in these
-# tests only; CPU-checked (SASS without local memory, the host side emulated) before its first run.
+# hdim 64's default (config.BWD_TILES; 64 rows is its variant): 128-row query blocks, dQ split by
+# rows over the warpgroups. Forced through bwd_launch.config_for here, whatever the table says.
 @pytest.fixture
 def tile_m128(cute_bwd, monkeypatch):
     import dataclasses
