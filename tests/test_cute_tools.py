@@ -69,7 +69,7 @@ def test_sass_cli_backward(capsys):
     memory); forward-only options and what the backward does not serve are refused."""
     assert sass.main(["--bwd", "--hdim", "64", "--dtype", "fp16", "--varlen", "--seqused"]) == 0
     out = capsys.readouterr().out
-    assert "# bwd fp16 d64 tile64x128" in out and "cu_seqlens_q" in out and "seqused_k" in out
+    assert "# bwd fp16 d64 tile128x128" in out and "cu_seqlens_q" in out and "seqused_k" in out
     assert "UBLKRED" in out and "STACK 0 LOCAL 0" in out and "required: ok" in out
     for argv, why in ((["--dtype", "fp8"], "bf16 / fp16 only"), (["--hdim", "264"], "round up to one of [64, 96, 128, 192, 256]"),
                       (["--split-kv"], "--split-kv: forward options"), (["--hdimv", "64"], "--hdimv: forward options")):
@@ -97,4 +97,4 @@ def test_fingerprint_backward_section(tmp_path, capsys):
     assert cute_fingerprint.main([str(new), "--against", str(base), "--only", "^bwd bf16 d64 nc$"]) == 0
     out = capsys.readouterr().out
     assert " NEW " in out and "1 not in the baseline: bwd bf16 d64 nc" in out
-    assert json.loads(new.read_text())["bwd bf16 d64 nc"]["config"].startswith("bwd bf16 d64 tile64x128")
+    assert json.loads(new.read_text())["bwd bf16 d64 nc"]["config"].startswith("bwd bf16 d64 tile128x128")
