@@ -262,6 +262,24 @@ def test_packed_operands_are_their_sequences_quantized_alone(v_scaling):
             assert torch.equal(seq.data.view(torch.uint8), alone.data.view(torch.uint8)), (b, packed.role)
             assert torch.equal(seq.scale, alone.scale), (b, packed.role)
     assert qkv.v.tokens().shape == v.shape and qkv.k.dequantize().shape == k.shape
+    _token_views_are_views(qkv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(VARLEN_Q),
+                           max_seqlen_k=max(b - a for a, b in zip(cu_k.tolist(), cu_k.tolist()[1:])))
+
+
+def _token_views_are_views(qkv, **kw):
+    """token_view has tokens()' shape, dtype and device without a copy, and a request on quantized
+    operands carries those views (tokens() copies V^T in the PV key order: once per call)."""
+    req = fp8.make_request(*qkv, **kw)
+    for t, x in zip(qkv, (req.q, req.k, req.v)):
+        view = t.token_view()
+        assert view.shape == t.tokens().shape == x.shape and view.dtype == t.data.dtype
+        assert view.untyped_storage().data_ptr() == t.data.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("pv_order", [False, True])
+def test_request_carries_token_views(pv_order):
+    q, k, v = (torch.randn(2, 37, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    _token_views_are_views(fa3py.quantize_fp8(q, k, v, block_n=32, v_pv_order=pv_order), causal=True)
 
 
 @pytest.mark.parametrize("feature", ["plain", "causal", "softcap"])

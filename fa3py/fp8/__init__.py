@@ -175,8 +175,9 @@ def make_request(q, k, v, **kwargs):
     qkv = complete(q, k, v, kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k"))
     if qkv.k.seqlen != qkv.v.seqlen:
         raise ValueError(f"fa3py: quantized k and v have different seqlens ({qkv.k.seqlen}, {qkv.v.seqlen})")
-    # the request's q, k, v carry shapes (int8 Q / K as float8 views of the same bytes)
-    req = make(*(x.tokens().view(torch.float8_e4m3fn) for x in qkv), **kwargs)
+    # the request's q, k, v carry shapes only: views, never copies (int8 Q / K as float8 views of the
+    # same bytes; V^T seen with V's shape: tokens() would copy it to undo the PV key order per call)
+    req = make(*(x.token_view().view(torch.float8_e4m3fn) for x in qkv), **kwargs)
     return dataclasses.replace(req, fp8_tensors=qkv)
 
 

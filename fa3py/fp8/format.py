@@ -247,9 +247,19 @@ class Fp8Tensor:
             return data.permute(0, 3, 1, 2)[:, : self.seqlen]
         return self.data
 
+    def token_view(self) -> torch.Tensor:
+        """data as a view with tokens()' shape, dtype and device, never a copy: transposed V's
+        keys in storage order (PV key order, packed sequences' padding), so only the shape, dtype
+        and device mean anything. What a request carries for shapes (`fa3py.fp8.make_request`)."""
+        if not self.transposed:
+            return self.data
+        if self.packed:  # (nheads, dim, columns) -> (columns, nheads, dim)[:total]
+            return self.data.permute(2, 0, 1)[: self.seqlen]
+        return self.data.permute(0, 3, 1, 2)[:, : self.seqlen]
+
     @property
     def shape(self) -> tuple:
-        return tuple(self.tokens().shape)
+        return tuple(self.token_view().shape)
 
     @property
     def device(self) -> torch.device:
