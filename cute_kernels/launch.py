@@ -406,6 +406,11 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
 # The FP8 kernel ran right on an H200, but its current tiles and default format (config.fp8_tile,
 # channel V) have not been through the GPU tests: the dispatcher sends it FP8 requests on opt-in.
 fp8_enabled = os.environ.get("FA3PY_CUTE_FP8", "0") == "1"
+# Paged K / V read by the kernel (FwdConfig.page_size): opt-in until its GPU tests pass. On an
+# H100 and an H200 (2026-12-05) tests/test_kvcache.py's paged GPU tests stalled at their first
+# paged launch (no result within 230 s, from_dlpack and TVM-FFI alike). Off, flash_attn_with_kvcache
+# gathers the pages into a contiguous prefix, which the GPU tests have passed.
+paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "0") == "1"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 

@@ -606,9 +606,11 @@ def test_tile_order_on_the_host(persistent, lpt):
     (256, {16: True, 64: True, 192: True, 48: False, 96: False}),  # tile_n 64
     (96, {8: True, 16: True, 56: True, 112: True, 224: True, 32: False, 128: False}),  # tile_n 112
 ])
-def test_paged_page_sizes_served(hdim, page_sizes):
+def test_paged_page_sizes_served(hdim, page_sizes, monkeypatch):
     """why_not serves paged K / V whose pages tile the config's KV blocks (config.page_size_ok)
-    and names the rule otherwise; never the backward, FP8 or cu_seqlens_k."""
+    and names the rule otherwise; never the backward, FP8 or cu_seqlens_k. (With the opt-in on:
+    launch.paged_enabled, FA3PY_CUTE_PAGED=1.)"""
+    monkeypatch.setattr(launch, "paged_enabled", True)
     for page_size, served in page_sizes.items():
         q = torch.randn(2, 1, 8, hdim, dtype=torch.bfloat16)
         width = -(-1024 // page_size)  # > SHORT_SEQLEN_K keys: the table's tiles (hdim 96: 128 when short)

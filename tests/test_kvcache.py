@@ -285,6 +285,13 @@ cute_emulation = pytest.importorskip("tests.cute_emulation") if not torch.cuda.i
 emulated_sm90 = cute_emulation.emulated_sm90 if cute_emulation is not None else None
 
 
+def _paged_in_kernel(monkeypatch):
+    """The cute kernel reads the pages (opt-in: cute_kernels.launch.paged_enabled, FA3PY_CUTE_PAGED=1)."""
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "paged_enabled", True)
+
+
 def _paged(page_size, *, batch=3, q_len=1, heads=8, heads_kv=2, d=64, cap=700, seqlens=(1, 383, 700), new=1,
            varlen_q=False, batch_idx=False, seed=1, device="cpu"):
     """A decode-shaped paged flash_attn_with_kvcache call (kwargs): pages shuffled in a pool with
@@ -356,6 +363,7 @@ def test_paged_read_by_the_kernel_emulated_sm90(emulated_sm90, monkeypatch, page
     if drop:
         kw.pop("cache_seqlens")
     monkeypatch.setattr(kvcache, "_gather_keys", _no_gather)
+    _paged_in_kernel(monkeypatch)
     seen = _record_launches(monkeypatch)
     run_and_check(kw, **call)
     assert len(seen) == 1
@@ -379,11 +387,32 @@ def test_paged_gathered_where_the_kernel_does_not_read_pages_emulated_sm90(emula
         kw["cache_leftpad"] = torch.tensor([0, 3, 17], dtype=torch.int32)
     gathered, inner = [], kvcache._gather_keys
     monkeypatch.setattr(kvcache, "_gather_keys", lambda *a: gathered.append(1) or inner(*a))
+    _paged_in_kernel(monkeypatch)
     seen = _record_launches(monkeypatch)
     run_and_check(kw, causal=True)
     served = page_size == 8
     assert len(gathered) == (0 if served else 1)
     assert len(seen) == 1 and (seen[0][0].page_size == (page_size if served else 0))
+
+
+@pytest.mark.skipif(cute_emulation is None, reason="emulates sm90 on the CPU")
+def test_paged_gathered_by_default_emulated_sm90(emulated_sm90, monkeypatch):
+    """Without the opt-in (FA3PY_CUTE_PAGED=1) the pages are gathered and the contiguous kernel
+    runs, and explain-style reasons name the switch."""
+    from fa3py import kvcache
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "paged_enabled", False)
+    kw = _paged(64, cap=300, seqlens=(5, 150, 299))
+    gathered, inner = [], kvcache._gather_keys
+    monkeypatch.setattr(kvcache, "_gather_keys", lambda *a: gathered.append(1) or inner(*a))
+    seen = _record_launches(monkeypatch)
+    run_and_check(kw, causal=True)
+    assert gathered == [1] and len(seen) == 1 and seen[0][0].page_size == 0
+    req = dataclasses.replace(seen[0][1], k=kw["k_cache"], v=kw["v_cache"], page_table=kw["page_table"])
+    import cute_kernels
+
+    assert "FA3PY_CUTE_PAGED=1" in cute_kernels.why_not(req, False)
 
 
 def test_paged_requests_are_refused_by_the_contiguous_backends():
@@ -421,6 +450,7 @@ def test_gpu_paged_bitwise_equal_to_contiguous(monkeypatch, page_size, batch, q_
         contiguous[name] = kw[name][table].flatten(1, 2).contiguous()  # (batch, pages * page_size, ...)
     if torch.cuda.get_device_capability()[0] == 9:
         monkeypatch.setattr(kvcache, "_gather_keys", _no_gather)
+        _paged_in_kernel(monkeypatch)  # (the opt-in these tests decide)
     call = dict(causal=causal, num_splits=splits, return_softmax_lse=True)
     out_p, lse_p, *_ = fa3py.flash_attn_with_kvcache(**kw, **call)
     out_c, lse_c, *_ = fa3py.flash_attn_with_kvcache(**contiguous, **call)
