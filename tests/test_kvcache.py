@@ -16,7 +16,7 @@ import fa3py
 from fa3py import reference
 from fa3py.validation import make_request
 
-from _util import DEVICE, assert_within, check_backward, check_forward, inputs
+from _util import DEVICE, assert_within, check_backward, check_forward
 
 BATCH, HEADS, HEADS_KV, CAP = 3, 4, 2, 37
 
