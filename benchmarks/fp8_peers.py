@@ -1,7 +1,7 @@
 """FP8 attention on Hopper beside its FP8 peers, in one run (CUDA only).
 
-    FA3PY_CUTE_FP8=1 python -m benchmarks.fp8_peers --json out.json --md out.md
-    FA3PY_CUTE_FP8=1 python -m benchmarks.fp8_peers --hdim 128 --seqlen 16384 --causal false
+    python -m benchmarks.fp8_peers --json out.json --md out.md
+    python -m benchmarks.fp8_peers --hdim 128 --seqlen 16384 --causal false
 
 The FA3 paper's grid (16k tokens, hidden 2048: batch = 16384 / seqlen, nheads = 2048 / hdim),
 forward only. Every row (and the prep and a copy) is called once per round, in an order rotated

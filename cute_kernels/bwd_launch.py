@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 LOG2E = math.log2(math.e)
 enabled: bool = os.environ.get("FA3PY_CUTE_BWD", "1") != "0"
-# attention_chunk in the kernel is CPU-checked only (the emulation, its mask code run on the CPU,
-# SASS); until its GPU tests have run, chunked requests take it only with FA3PY_CUTE_BWD_CHUNK=1.
-chunk_enabled: bool = os.environ.get("FA3PY_CUTE_BWD_CHUNK", "0") == "1"
+# attention_chunk in the kernel: on by default since its ~110 GPU tests passed on an H100
+# (2026-12-05, benchmarks/results/gpu_tests.md); FA3PY_CUTE_BWD_CHUNK=0 sends chunked
+# requests to the Triton backward.
+chunk_enabled: bool = os.environ.get("FA3PY_CUTE_BWD_CHUNK", "1") != "0"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -51,8 +52,7 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
     if req.headdim_v != req.headdim and not _is_192x128(req):
         return "cute_kernels: the backward kernel needs hdim_v = hdim (or hdim 192 with hdim_v 128)"
     if req.params.attention_chunk and not chunk_enabled:
-        return ("cute_kernels: attention_chunk in the backward kernel has not run on a GPU yet; "
-                "opt in with FA3PY_CUTE_BWD_CHUNK=1")
+        return "cute_kernels: attention_chunk in the backward kernel is turned off (FA3PY_CUTE_BWD_CHUNK=0)"
     from cute_kernels import launch
 
     if not launch.use_tvm_ffi:

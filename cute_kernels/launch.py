@@ -403,9 +403,10 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
 
 
 # ----------------------------------------------------------------------------- FP8
-# The FP8 kernel ran right on an H200, but its current tiles and default format (config.fp8_tile,
-# channel V) have not been through the GPU tests: the dispatcher sends it FP8 requests on opt-in.
-fp8_enabled = os.environ.get("FA3PY_CUTE_FP8", "0") == "1"
+# The FP8 kernel serves FP8 requests on sm90 by default: with its current tiles and format
+# (config.fp8_tile, channel V) its GPU tests passed on an H100 and an H200 (2026-12-05).
+# FA3PY_CUTE_FP8=0 turns it off (fp8=True then runs the PyTorch emulation on Hopper).
+fp8_enabled = os.environ.get("FA3PY_CUTE_FP8", "1") != "0"
 # Paged K / V read by the kernel (FwdConfig.page_size): opt-in until its GPU tests pass. On an
 # H100 and an H200 (2026-12-05) tests/test_kvcache.py's paged GPU tests stalled at their first
 # paged launch (no result within 230 s, from_dlpack and TVM-FFI alike). Off, flash_attn_with_kvcache
@@ -425,12 +426,11 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
 
 
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
-    """None if the FP8 kernel serves `req` (with FA3PY_CUTE_FP8=1), else why not: fa3py.fp8's
+    """None if the FP8 kernel serves `req` (unless FA3PY_CUTE_FP8=0), else why not: fa3py.fp8's
     block format (fp8=True, quantized operands) or FA3's float8 inputs with per-(batch, KV head)
     descales (served as that format unrotated: `fa3py.fp8.from_descales`)."""
     if not fp8_enabled:
-        return ("cute_kernels: the FP8 kernel's current tiles and format have not been through its GPU tests; "
-                "opt in with FA3PY_CUTE_FP8=1")
+        return "cute_kernels: the FP8 kernel is turned off (FA3PY_CUTE_FP8=0)"
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
     if fmt is not None and (fmt.qk_int8 or not fmt.v_transposed):
         return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8) and transposed V"

@@ -29,7 +29,7 @@ def cute_serves_backward(req) -> bool:
     """Whether the cute backward (bwd_launch) should take `req`'s backward on sm90, stated apart
     from its why_not: on (not FA3PY_CUTE_BWD=0), the cute forward's scope, fp16 / bf16, head
     dims up to 256 with hdim_v = hdim, or hdim_v 128 beside a head dim in 136..192 (192 x 128),
-    deterministic too, attention_chunk where opted in (FA3PY_CUTE_BWD_CHUNK=1)."""
+    deterministic too, attention_chunk unless turned off (FA3PY_CUTE_BWD_CHUNK=0)."""
     from cute_kernels import bwd_launch
 
     p = req.params

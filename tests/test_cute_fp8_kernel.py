@@ -151,13 +151,26 @@ def _fp8_request(b, sq, sk, h, hk, d, device="cpu", quantized=True, **kw):
 
 
 
-def test_fp8_requests_are_refused_without_opt_in(monkeypatch):
+def test_fp8_requests_are_refused_when_turned_off(monkeypatch):
     import cute_kernels
     from cute_kernels import launch
 
     monkeypatch.setattr(launch, "fp8_enabled", False)
     for req in (_fp8_request(1, 64, 64, 2, 2, 128), _fp8_request(1, 64, 64, 2, 2, 128, quantized=False)):
-        assert "FA3PY_CUTE_FP8=1" in cute_kernels.why_not(req, backward=False)
+        assert "FA3PY_CUTE_FP8=0" in cute_kernels.why_not(req, backward=False)
+
+
+def test_fp8_kernel_is_on_by_default():
+    """FA3PY_CUTE_FP8 unset: the FP8 kernel serves (it passed its GPU tests); =0 turns it off."""
+    import subprocess
+    import sys
+
+    code = "from cute_kernels import launch; print(launch.fp8_enabled)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FA3PY_CUTE_FP8"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "FA3PY_CUTE_FP8": "0"}, capture_output=True,
+                         text=True)
+    assert (on.stdout.strip(), off.stdout.strip()) == ("True", "False"), (on.stderr, off.stderr)
 
 
 def test_fp8_why_not_with_opt_in(monkeypatch):

@@ -104,10 +104,10 @@ Where it runs
 The Triton prep pass writes the format on CUDA GPUs (`triton_fallback/fp8_prep.py`). The
 attention runs as this float32 emulation in PyTorch (correct, slower than 16-bit; a one-time
 warning says so) on the CPU, on sm80/86 (no FP8 tensor cores) and, until it has been timed on
-a GPU, everywhere else too: `triton_fallback/fp8_fwd.py` (sm89+, keys first to last) computes
+a GPU, on sm89 and Blackwell too: `triton_fallback/fp8_fwd.py` (sm89+, keys first to last) computes
 the same arithmetic and is opt-in (FA3PY_TRITON_FP8=1, batched operands only). The Hopper
-WGMMA kernel (`cute_kernels`, opt-in FA3PY_CUTE_FP8=1; right on an H200 and, with channel V
-and FA3's tiles, near FA3's FP8 speed) consumes this
+WGMMA kernel (`cute_kernels`, on by default, FA3PY_CUTE_FP8=0 turns it off; its GPU tests pass on
+an H100 and an H200, and at 16k keys it is level with FA3's FP8 kernel) consumes this
 format with V^T in its PV key order, packed and seqused sequences included, and FA3's float8
 inputs through `from_descales`. Packed operands are quantized one sequence at a time (the
 Triton pass once per sequence). `fa3py.explain(..., fp8=True)` says which runs.
@@ -199,7 +199,12 @@ def explain(req, backend=None) -> str:
         what = ("attention: the float32 emulation of the FP8 kernel in PyTorch (FP8 numerics; slower than "
                 "16-bit attention here: no FP8 kernel serves the block format on this device yet)")
     else:
-        what = f"attention: the {runs} FP8 kernel (FP8 tensor cores; not yet timed against 16-bit attention)"
+        if runs == "cute":
+            what = ("attention: the cute FP8 kernel (FP8 tensor cores; on an H200 faster than the 16-bit kernel "
+                    "from ~16k keys per sequence, slower on short sequences, where the per-call prep and V "
+                    "transpose weigh: benchmarks/results/2026-12-05_h200_826d91a)")
+        else:
+            what = f"attention: the {runs} FP8 kernel (FP8 tensor cores; not yet timed against 16-bit attention)"
     backward = ("backward: straight-through, the 16-bit backward at the original inputs"
                 if req.params.fp8 else "backward: none (quantized operands)")
     return f"\nfp8: {prep}; {what}; {backward}"
