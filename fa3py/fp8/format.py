@@ -373,19 +373,19 @@ def from_descales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale=N
     sk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
     fmt = Fp8Format(block_m=block_m, block_n=block_n, **FA3_FORMAT)
 
-    def per_head(descale):
+    def scales(descale, group: int, columns: int) -> torch.Tensor:
+        """(b, hk * group, columns) float32: descale[b, kv head] at every query head of the group
+        and column; one launch (a fill, or a copy from the broadcast view)."""
         if descale is None:
-            return torch.ones(b, hk, dtype=torch.float32, device=q.device)
-        return descale.float()
+            return torch.ones(b, hk * group, columns, dtype=torch.float32, device=q.device)
+        view = descale.float()[:, :, None, None].expand(b, hk, group, columns)
+        return view.reshape(b, hk * group, columns)
 
-    qs = per_head(q_descale).repeat_interleave(h // hk, dim=1)[:, :, None]
     make = functools.partial(Fp8Tensor, fmt=fmt, source_dtype=torch.bfloat16)
     return Fp8QKV(
-        q=make(data=q, scale=qs.expand(b, h, -(-sq // block_m)).contiguous(), role="q", seqlen=sq),
-        k=make(data=k, scale=per_head(k_descale)[:, :, None].expand(b, hk, -(-sk // block_n)).contiguous(),
-               role="k", seqlen=sk),
-        v=make(data=_transpose_v_on_device(v), scale=per_head(v_descale)[:, :, None].expand(b, hk, dv).contiguous(),
-               role="v", seqlen=sk),
+        q=make(data=q, scale=scales(q_descale, h // hk, -(-sq // block_m)), role="q", seqlen=sq),
+        k=make(data=k, scale=scales(k_descale, 1, -(-sk // block_n)), role="k", seqlen=sk),
+        v=make(data=_transpose_v_on_device(v), scale=scales(v_descale, 1, dv), role="v", seqlen=sk),
     )
 
 
