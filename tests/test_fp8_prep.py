@@ -110,13 +110,26 @@ def test_gpu_prep_matches_the_spec_bytes(role, d):
 def test_e4m3_codes_round_to_nearest_even():
     """_e4m3_bits against torch's cast: every bfloat16 value in range, each tie between
     neighbouring e4m3 values and a float32 step either side of it."""
+    _e4m3_codes_against_torch(native=False)
+
+
+@pytest.mark.gpu
+def test_gpu_native_e4m3_codes_are_the_integer_ones():
+    """sm89+: the hardware conversion the prep uses there writes `_e4m3_bits`' bytes (the same
+    values, NaN -> 0x7F)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no e4m3 conversion before sm89: the prep uses the integer one there")
+    _e4m3_codes_against_torch(native=True)
+
+
+def _e4m3_codes_against_torch(native: bool):
     import triton
     import triton.language as tl
 
     @triton.jit
-    def codes(X, OUT, n, BLOCK: tl.constexpr):
+    def codes(X, OUT, n, BLOCK: tl.constexpr, NATIVE: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(OUT + i, fp8_prep._e4m3_bits(tl.load(X + i, mask=i < n)), mask=i < n)
+        tl.store(OUT + i, fp8_prep._e4m3(tl.load(X + i, mask=i < n), NATIVE), mask=i < n)
 
     values = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     values = values[values.abs() <= 448]
@@ -126,7 +139,7 @@ def test_e4m3_codes_round_to_nearest_even():
     x = torch.cat([values, ties, ties.nextafter(torch.tensor(-1e9)), ties.nextafter(torch.tensor(1e9)),
                    torch.tensor([float("nan"), -0.0])]).to(DEVICE)
     out = torch.empty(x.shape, dtype=torch.uint8, device=DEVICE)
-    codes[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    codes[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024, NATIVE=native)
     want = x.to(torch.float8_e4m3fn).view(torch.uint8)
     want[x.isnan()] = 0x7F
     assert torch.equal(out, want)

@@ -16,8 +16,11 @@ transposed in registers, so each head-dim row receives a tile's keys as one cont
 (permuted within each 16 for the PV key order); the padding keys up to VT_ALIGN are written
 as zeros by the same pass. `transpose_codes` is the same store for FA3's float8 V.
 
-The e4m3 codes are computed with integer arithmetic (`_e4m3_bits`), so any CUDA GPU Triton
-runs on serves it. Served: Hadamard block n >= 16 (head dims that are multiples of 16),
+The e4m3 codes come from the hardware's conversion on sm89+ (`cvt.rn.satfinite.e4m3x2.f32`,
+two values an instruction) and from integer arithmetic elsewhere (`_e4m3_bits`: sm80, and the
+interpreter, whose float8 cast loses a rounding's carry); both write the same bytes
+(tests/test_fp8_prep.py). The integer encoding is ~20 instructions a value: with it the sm90
+code had twice the instructions (PTX of the hdim 256 Q pass: 3544 against 1752). Served: Hadamard block n >= 16 (head dims that are multiples of 16),
 blocks >= 16 or a power of two below (block-scaled V^T: multiples of 16). Everything else goes to the
 PyTorch quantizer, which writes the same format.
 """
@@ -75,6 +78,16 @@ def _e4m3_bits(q):
 
 
 @triton.jit
+def _e4m3(q, NATIVE: tl.constexpr):
+    """e4m3 codes (uint8) of q (|q| <= 448 or NaN): the hardware conversion (round to nearest
+    even, NaN -> 0x7F; the same bytes as `_e4m3_bits`) or the integer arithmetic, which is ~20
+    instructions a value: it bounded the pass's speed on an H200."""
+    if NATIVE:
+        return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return _e4m3_bits(q)
+
+
+@triton.jit
 def fp8_prep(
     X, OUT, SCALE, R, CH,
     seqlen, s_out, nblocks, nheads, ntiles, total,
@@ -90,6 +103,7 @@ def fp8_prep(
     TRANSPOSED: tl.constexpr = False,  # OUT is V^T: rows of keys (stride_os == 1), s_out positions
     PV_ORDER: tl.constexpr = False,  # with TRANSPOSED: keys of each 16 in Fp8Format.v_pv_order
     STAGES: tl.constexpr = 2,
+    NATIVE_E4M3: tl.constexpr = False,  # sm89+: the hardware's e4m3 conversion (one cvt per two values)
 ):
     # persistent: program i takes tiles i, i + grid, ... of the (batch, head, row tile) order, so R
     # is loaded once per program and the next tile's load overlaps this one's work (STAGES)
@@ -104,7 +118,8 @@ def fp8_prep(
         b = t // (ntiles * nheads)
         _prep_tile(X, OUT, SCALE, CH, rot if ROTATE else R, pid, h, b, r, c, seqlen, s_out, nblocks, nheads,
                    stride_xb, stride_xs, stride_xh, stride_ob, stride_os, stride_oh, stride_od, stride_sb, stride_sh,
-                   HEADDIM, BLOCK_D, N_HAD, ROTATE, BLOCK, ROWS, GROUPS, MODE, DOT_F32, TRANSPOSED, PV_ORDER)
+                   HEADDIM, BLOCK_D, N_HAD, ROTATE, BLOCK, ROWS, GROUPS, MODE, DOT_F32, TRANSPOSED, PV_ORDER,
+                   NATIVE_E4M3)
 
 
 @triton.jit
@@ -112,7 +127,7 @@ def _prep_tile(X, OUT, SCALE, CH, rot, pid, h, b, r, c, seqlen, s_out, nblocks, 
                stride_xb, stride_xs, stride_xh, stride_ob, stride_os, stride_oh, stride_od, stride_sb, stride_sh,
                HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, N_HAD: tl.constexpr, ROTATE: tl.constexpr,
                BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr, MODE: tl.constexpr,
-               DOT_F32: tl.constexpr, TRANSPOSED: tl.constexpr, PV_ORDER: tl.constexpr):
+               DOT_F32: tl.constexpr, TRANSPOSED: tl.constexpr, PV_ORDER: tl.constexpr, NATIVE_E4M3: tl.constexpr):
     """One tile: rows pid * GROUPS * BLOCK + r of (batch b, head h)."""
     rows = pid * (GROUPS * BLOCK) + r
     valid = (r < GROUPS * BLOCK) & (rows < seqlen)
@@ -149,7 +164,7 @@ def _prep_tile(X, OUT, SCALE, CH, rot, pid, h, b, r, c, seqlen, s_out, nblocks, 
             tl.store(SCALE + b * stride_sb + h * stride_sh + g, scale, mask=g < nblocks)
             q = tl.reshape(tl.reshape(y, (GROUPS, ROWS // GROUPS * BLOCK_D)) * inv[:, None], (ROWS, BLOCK_D))
         q = tl.where(tl.abs(q) < float("inf"), q, float("nan"))  # NaN, Inf -> NaN (a cast saturates Inf)
-        codes = _e4m3_bits(q)
+        codes = _e4m3(q, NATIVE_E4M3)
     if MODE != 1:
         base = OUT + b * stride_ob + h * stride_oh
         if TRANSPOSED:
@@ -247,6 +262,7 @@ def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had
     rows = 16 if block < 16 else triton.next_power_of_2(block)
     block_d = triton.next_power_of_2(d)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    native = not interpreting and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
     ntiles = triton.cdiv(s_out if transposed else s, groups * block)
     total = ntiles * h * b
     # (the interpreter: a few programs, so that each takes several tiles as on a GPU)
@@ -254,5 +270,5 @@ def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had
     fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, -(-s // block), h, ntiles, total,
                    x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1),
                    HEADDIM=d, BLOCK_D=block_d, N_HAD=n_had, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
-                   MODE=mode, DOT_F32=interpreting, TRANSPOSED=transposed, PV_ORDER=pv_order,
+                   MODE=mode, DOT_F32=interpreting, TRANSPOSED=transposed, PV_ORDER=pv_order, NATIVE_E4M3=native,
                    num_warps=4 if rows * block_d <= 8192 else 8)
