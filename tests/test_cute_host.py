@@ -181,10 +181,13 @@ def test_config_for_request():
     assert (cfg.dtype, cfg.hdim, cfg.hdimv, cfg.causal, cfg.softcap) == ("fp16", 192, 128, True, True)
 
 
-def test_why_not_reasons():
+def test_why_not_reasons(monkeypatch):
     x = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
     assert cute_kernels.why_not(make_req(x, x, x), backward=True)
-    assert "FP8" in cute_kernels.why_not(make_req(x, x, x, fp8=True), backward=False)
+    # fp8=True: served (on sm90: here only the device is refused), unless turned off
+    assert cute_kernels.why_not(make_req(x, x, x, fp8=True), backward=False) == "cute_kernels: CUDA tensors only"
+    monkeypatch.setattr(launch, "fp8_enabled", False)
+    assert "FA3PY_CUTE_FP8=0" in cute_kernels.why_not(make_req(x, x, x, fp8=True), backward=False)
     y = torch.randn(1, 8, 2, 84, dtype=torch.bfloat16)  # (80 rounds up to 96; 84 is no multiple of 8)
     assert "headdim" in cute_kernels.why_not(make_req(y, y, y), backward=False)
     z = torch.randn(1, 8, 2, 128, dtype=torch.float32)
