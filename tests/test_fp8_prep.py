@@ -88,12 +88,16 @@ def test_prep_block_v_tiles(block_n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("role", ["q", "k", "v"])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_gpu_prep_matches_the_spec_bytes(role, d):
+@pytest.mark.parametrize("native", [False, True], ids=["int_e4m3", "native_e4m3"])
+def test_gpu_prep_matches_the_spec_bytes(role, d, native, monkeypatch):
     """V: the same bytes. Q, K: the rotation's float32 sums are exact unless a row mixes values
     more than ~2^9 apart; then the tensor cores and the CPU round them in different orders, and
     a sum landing within an ulp of an e4m3 rounding boundary (~1e-6 of elements) may round to
     the neighbouring code. Nothing else may differ."""
     x = torch.randn(2, 4099, 4, d, device="cuda").bfloat16()
+    if native and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no e4m3 conversion before sm89")
+    monkeypatch.setattr(fp8_prep, "NATIVE_E4M3", native)  # the hardware's e4m3 conversion (opt-in) or the integer one
     for fmt in (Fp8Format(), Fp8Format(block_m=1, v_scaling="channel"),
                 Fp8Format(block_n=224, v_scaling="block", v_pv_order=True)):
         if role == "v":
