@@ -178,12 +178,18 @@ def main(argv=None):
                 line = "  ".join(f"{n}: {_cell(r)}" for n, r in point["rows"].items())
                 print(f"hdim {d} seqlen {s} causal {causal}: {line}; prep {point['prep']['GB/s']:.0f} GB/s "
                       f"(copy {point['prep']['copy GB/s']:.0f}); left out: {skipped}", flush=True)
-    doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "points": results}
+    from benchmarks import run
+
+    meta = run.metadata(argparse.Namespace(commit=None), torch.device("cuda"))  # FA3PY_COMMIT overrides git
+    doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": meta["date"],
+           "commit": meta["commit"], "dirty": meta.get("dirty"), "pairs": args.pairs, "points": results}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     if args.md:
         names = list(dict.fromkeys(n for p in results for n in p["rows"]))
-        lines = [f"FP8 forward, {doc['gpu']}, TFLOP/s (relative RMSE against fa3py bf16)", "",
+        lines = [f"FP8 forward, {doc['gpu']}, TFLOP/s (relative RMSE against fa3py bf16); {doc['date']}, commit "
+                 f"`{doc['commit']}`{' (tree modified)' if doc['dirty'] else ''}, torch {doc['torch']}, "
+                 f"{args.pairs} rounds, rows in rotated order call by call", "",
                  "| hdim | seqlen | causal | " + " | ".join(names) + " | prep GB/s (copy) |",
                  "|---" * (4 + len(names)) + "|"]
         for p in results:
