@@ -164,6 +164,18 @@ def test_fp8_kernels_compile_for_gpu_targets():
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("B shared") == len(fp8_compile_only.VARIANTS)
+    # the prep as launched on a GPU (unit stride and 16-byte divisibility specialized): its global
+    # stores and loads are vectors, never a byte or half a word per access (V^T's PV-order store
+    # once was: st.global.b8), and the opt-in native variant converts with the hardware's cvt
+    import json
+
+    preps = [json.loads(line.split("B shared ", 1)[1]) for line in run.stdout.splitlines() if " fp8_prep " in line]
+    natives = [v[3].get("NATIVE_E4M3") for v in fp8_compile_only.VARIANTS if v[0].__name__ == "fp8_prep"]
+    assert len(preps) == len(natives)
+    for ops, native in zip(preps, natives):
+        scalar = {op for op in ops if op.startswith(("st.global.b8", "st.global.b16", "ld.global.b8", "ld.global.b16"))}
+        assert not scalar, ops
+        assert ("cvt.rn.satfinite.e4m3x2.f32" in ops) == bool(native), ops
 
 
 @pytest.mark.parametrize("role", ["q", "k", "v"])
