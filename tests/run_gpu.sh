@@ -27,7 +27,10 @@ python3 -c "import cute_kernels as c; print('cute_kernels calling path:', 'tvm-f
     || echo "cute_kernels cannot be imported: the cute tests will fail (pip install -e \".[hopper]\")"
 run() {
     local name=$1; shift
-    timeout "${GPU_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --tb=short "$@" \
+    # a test running past GPU_TEST_STALL seconds gets every thread's traceback in the log (a stall
+    # shows where it waits; the paged tests stalled with nothing to say so)
+    timeout "${GPU_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --tb=short \
+        -o faulthandler_timeout="${GPU_TEST_STALL:-150}" "$@" \
         > "$out/$name.log" 2>&1
     local rc=$?
     echo "$rc" > "$out/$name.rc"
