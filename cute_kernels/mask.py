@@ -274,32 +274,51 @@ class KeyBlockMask:
 
     @property
     def last_key(self):
-        """The block's last key before seqlen_k (keys past it are masked on every row)."""
-        return cutlass.min((self.n_block + 1) * self.tile_n, self.seqlen.seqlen_k) - 1
+        """The block's last key for the row bounds. Keys past seqlen_k are kept by no row, so any
+        key from the last real one to the block's end bounds correctly: with a chunk the last
+        real one (a phantom key's chunk may reach many query blocks further), else the block's
+        end (the clamp costs at most one query block there, and a register: 8 bytes of stack at
+        hdim 64 local, CPU SASS)."""
+        if const_expr(self.has_chunk):
+            return cutlass.min((self.n_block + 1) * self.tile_n, self.seqlen.seqlen_k) - 1
+        return (self.n_block + 1) * self.tile_n - 1
 
     def chunk_rows_begin(self, key):
         """The first query row whose chunk holds `key` (>= 0): lo_C(key); hi_C(key) is C more."""
         return chunk_floor(key, self.chunk) - self.diag
 
+    def lowest_row(self, key):
+        """The first query row that keeps `key` (window's right edge, chunk start: the larger);
+        with has_right or has_chunk only."""
+        if const_expr(self.has_right):
+            row = key - self.diag - self.window_right
+            if const_expr(self.has_chunk):
+                row = cutlass.max(row, self.chunk_rows_begin(key))
+            return row
+        return self.chunk_rows_begin(key)
+
+    def rows_end(self, key):
+        """One past the last query row that keeps `key` (window's left edge, chunk end: the
+        smaller); with has_left or has_chunk only."""
+        if const_expr(self.has_left):
+            end = key - self.diag + self.window_left + 1
+            if const_expr(self.has_chunk):
+                end = cutlass.min(end, self.chunk_rows_begin(key) + self.chunk)
+            return end
+        return self.chunk_rows_begin(key) + self.chunk
+
     @cute.jit
     def m_block_range(self):
-        """[m_block_min, m_block_max): query blocks with a row that keeps a key of this block.
-        Key j is kept by row i iff i >= j - diag - window_right and i <= j - diag + window_left
-        (and lo_C(j) <= i < hi_C(j))."""
+        """[m_block_min, m_block_max): query blocks with a row that keeps a key of this block:
+        from the first key's lowest row to the end of the last key's rows (keys past seqlen_k
+        are kept by no row)."""
         m_block_max = cute.ceil_div(self.seqlen.seqlen_q, self.tile_m)
         m_block_min = Int32(0)
-        if const_expr(self.has_right):
-            row_min = self.n_block * self.tile_n - self.diag - self.window_right
-            m_block_min = cutlass.max(row_min, 0) // self.tile_m
-        if const_expr(self.has_left):
-            row_max = (self.n_block + 1) * self.tile_n - 1 - self.diag + self.window_left  # inclusive
-            m_block_max = cutlass.min(m_block_max, cute.ceil_div(cutlass.max(row_max + 1, 0), self.tile_m))
-        if const_expr(self.has_chunk):
-            # from the first key's first row to the end of the last key's rows
-            row_min = self.chunk_rows_begin(self.first_key)
-            row_end = self.chunk_rows_begin(self.last_key) + self.chunk  # exclusive
-            m_block_min = cutlass.max(m_block_min, cutlass.max(row_min, 0) // self.tile_m)
-            m_block_max = cutlass.min(m_block_max, cute.ceil_div(cutlass.max(row_end, 0), self.tile_m))
+        if const_expr(self.has_right or self.has_chunk):
+            m_block_min = cutlass.max(self.lowest_row(self.first_key), 0) // self.tile_m
+        if const_expr(self.has_left or self.has_chunk):
+            end = cute.ceil_div(cutlass.max(self.rows_end(self.last_key), 0), self.tile_m)
+            m_block_max = cutlass.min(m_block_max, end)
         return m_block_min, m_block_max
 
     @cute.jit
@@ -309,13 +328,7 @@ class KeyBlockMask:
         take the right mask. (The first row that keeps every key: the last key's lowest.)"""
         if const_expr(not self.has_right and not self.has_chunk):
             return m_block_min
-        if const_expr(self.has_right):
-            row = (self.n_block + 1) * self.tile_n - 1 - self.diag - self.window_right
-            if const_expr(self.has_chunk):
-                row = cutlass.max(row, self.chunk_rows_begin(self.last_key))
-        else:
-            row = self.chunk_rows_begin(self.last_key)
-        end = cute.ceil_div(cutlass.max(row, 0), self.tile_m)
+        end = cute.ceil_div(cutlass.max(self.lowest_row(self.last_key), 0), self.tile_m)
         return cutlass.max(m_block_min, cutlass.min(end, m_block_max))
 
     @cute.jit
@@ -325,13 +338,7 @@ class KeyBlockMask:
         drops a key: past the first key's highest.)"""
         if const_expr(not self.has_left and not self.has_chunk):
             return m_block_max
-        if const_expr(self.has_left):
-            row_end = self.n_block * self.tile_n - self.diag + self.window_left + 1
-            if const_expr(self.has_chunk):
-                row_end = cutlass.min(row_end, self.chunk_rows_begin(self.first_key) + self.chunk)
-        else:
-            row_end = self.chunk_rows_begin(self.first_key) + self.chunk
-        begin = cutlass.max(row_end, 0) // self.tile_m
+        begin = cutlass.max(self.rows_end(self.first_key), 0) // self.tile_m
         return cutlass.max(m_block_lo, cutlass.min(begin, m_block_max))
 
     @cute.jit
@@ -366,22 +373,10 @@ class KeyBlockMask:
                         s_mn[r, c] = -Float32.inf
             if const_expr(use_right or use_left):
                 # Keep columns c (thread-0 coordinates) with lo <= c <= hi.
-                if const_expr(self.has_chunk):
-                    start = self.chunk_rows_begin(key) - col0  # the key's rows: [start, start + C)
                 if const_expr(use_right):
-                    if const_expr(not self.has_right):
-                        lo = start
-                    elif const_expr(self.has_chunk):
-                        lo = cutlass.max(key - self.diag - self.window_right - col0, start)
-                    else:
-                        lo = key - self.diag - self.window_right - col0
+                    lo = self.lowest_row(key) - col0
                 if const_expr(use_left):
-                    if const_expr(not self.has_left):
-                        hi = start + self.chunk - 1
-                    elif const_expr(self.has_chunk):
-                        hi = cutlass.min(key - self.diag + self.window_left - col0, start + self.chunk - 1)
-                    else:
-                        hi = key - self.diag + self.window_left - col0
+                    hi = self.rows_end(key) - 1 - col0
                 for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
                     col = t0ScS[r, c][1]
                     if const_expr(use_right):

@@ -53,22 +53,31 @@ def chunk_rows(key, chunk, diag):
     return first, first + chunk
 
 
+def _key_rows(key, diag, wl, wr, has_left, has_right, chunk):
+    """KeyBlockMask.lowest_row / rows_end: [first, end) of the query rows that keep `key` (None
+    for a side no bound limits)."""
+    firsts = ([key - diag - wr] if has_right else []) + ([chunk_rows(key, chunk, diag)[0]] if chunk else [])
+    ends = ([key - diag + wl + 1] if has_left else []) + ([chunk_rows(key, chunk, diag)[1]] if chunk else [])
+    return (max(firsts) if firsts else None), (min(ends) if ends else None)
+
+
+def _last_key(tile_n, n_block, seqlen_k, chunk):
+    """KeyBlockMask.last_key: the last key before seqlen_k with a chunk, else the block's end."""
+    return min((n_block + 1) * tile_n, seqlen_k) - 1 if chunk else (n_block + 1) * tile_n - 1
+
+
 def m_block_range(tile_m, tile_n, n_block, seqlen_q, seqlen_k, wl, wr, has_left, has_right, chunk):
     """KeyBlockMask.m_block_range: [m_block_min, m_block_max) of the query blocks that keep a key
     of block n_block (its arguments are non-negative where it divides, as in the kernel); chunk:
     C, or 0 for a kernel without the chunk bound."""
     diag = seqlen_k - seqlen_q
+    first_key, last_key = n_block * tile_n, _last_key(tile_n, n_block, seqlen_k, chunk)
+    lowest = _key_rows(first_key, diag, wl, wr, has_left, has_right, chunk)[0]
+    end = _key_rows(last_key, diag, wl, wr, has_left, has_right, chunk)[1]
+    m_min = 0 if lowest is None else max(lowest, 0) // tile_m
     m_max = _ceil_div(seqlen_q, tile_m)
-    m_min = 0
-    if has_right:
-        m_min = max(n_block * tile_n - diag - wr, 0) // tile_m
-    if has_left:
-        row_max = (n_block + 1) * tile_n - 1 - diag + wl
-        m_max = min(m_max, _ceil_div(max(row_max + 1, 0), tile_m))
-    if chunk:
-        first_key, last_key = n_block * tile_n, min((n_block + 1) * tile_n, seqlen_k) - 1
-        m_min = max(m_min, max(chunk_rows(first_key, chunk, diag)[0], 0) // tile_m)
-        m_max = min(m_max, _ceil_div(max(chunk_rows(last_key, chunk, diag)[1], 0), tile_m))
+    if end is not None:
+        m_max = min(m_max, _ceil_div(max(end, 0), tile_m))
     return m_min, m_max
 
 
@@ -76,17 +85,11 @@ def masked_block_bounds(tile_m, tile_n, n_block, seqlen_q, seqlen_k, wl, wr, has
                         m_min, m_max):
     """(m_block_right_masked_end, m_block_left_masked_begin) of KeyBlockMask."""
     diag = seqlen_k - seqlen_q
-    first_key, last_key = n_block * tile_n, min((n_block + 1) * tile_n, seqlen_k) - 1
-    right_end = m_min
-    if has_right or chunk:
-        rows = ([(n_block + 1) * tile_n - 1 - diag - wr] if has_right else []) + \
-            ([chunk_rows(last_key, chunk, diag)[0]] if chunk else [])
-        right_end = max(m_min, min(_ceil_div(max(max(rows), 0), tile_m), m_max))
-    left_begin = m_max
-    if has_left or chunk:
-        ends = ([n_block * tile_n - diag + wl + 1] if has_left else []) + \
-            ([chunk_rows(first_key, chunk, diag)[1]] if chunk else [])
-        left_begin = max(right_end, min(max(min(ends), 0) // tile_m, m_max))
+    first_key, last_key = n_block * tile_n, _last_key(tile_n, n_block, seqlen_k, chunk)
+    lowest = _key_rows(last_key, diag, wl, wr, has_left, has_right, chunk)[0]
+    end = _key_rows(first_key, diag, wl, wr, has_left, has_right, chunk)[1]
+    right_end = m_min if lowest is None else max(m_min, min(_ceil_div(max(lowest, 0), tile_m), m_max))
+    left_begin = m_max if end is None else max(right_end, min(max(end, 0) // tile_m, m_max))
     return right_end, left_begin
 
 
