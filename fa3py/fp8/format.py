@@ -157,15 +157,20 @@ def rotation_factor(fmt: Fp8Format, headdim: int) -> int:
     return hadamard_block(headdim) if fmt.rotated else 1
 
 
+@functools.lru_cache(maxsize=64)
 def pv_key_order(padded: int, device=None) -> torch.Tensor:
     """The key stored at each position of a v_pv_order transposed V with `padded` (a multiple of
-    16) positions: data_pv[..., i] = data[..., pv_key_order(...)[i]]."""
+    16) positions: data_pv[..., i] = data[..., pv_key_order(...)[i]]. Cached per (padded, device):
+    built on the host, a per-call copy to the GPU would wait for the stream's earlier work; read
+    it, do not write it."""
     order = torch.tensor(PV_KEY_ORDER)
     return (torch.arange(0, padded, 16).unsqueeze(1) + order).reshape(-1).to(device)
 
 
+@functools.lru_cache(maxsize=64)
 def pv_key_positions(padded: int, device=None) -> torch.Tensor:
-    """The inverse: the position of each key (data[..., k] = data_pv[..., positions[k]])."""
+    """The inverse: the position of each key (data[..., k] = data_pv[..., positions[k]]); cached
+    as pv_key_order."""
     return torch.argsort(pv_key_order(padded)).to(device)
 
 
@@ -310,13 +315,6 @@ class Fp8QKV:
 FA3_FORMAT = dict(v_scaling="channel", v_pv_order=True, rotated=False)
 
 
-@functools.lru_cache(maxsize=64)
-def _tail_positions(count: int, device) -> torch.Tensor:
-    """Where the first `count` keys of a 16-key group sit in PV_KEY_ORDER, on `device` (copied
-    there once: a per-call copy from host memory waits for the stream's earlier work)."""
-    return torch.argsort(torch.tensor(PV_KEY_ORDER))[:count].to(device)
-
-
 def transpose_v(v: torch.Tensor, pv_order: bool = True) -> torch.Tensor:
     """(batch, seqlen, nheads_kv, dv) float8 -> V^T (batch, nheads_kv, dv, seqlen rounded up to
     VT_ALIGN), zero past seqlen, with pv_order the keys of every 16-key group in PV_KEY_ORDER: one
@@ -338,7 +336,7 @@ def transpose_v(v: torch.Tensor, pv_order: bool = True) -> torch.Tensor:
     if pad > full:
         vt[..., full:].zero_()
         if s > full:
-            pos = full + _tail_positions(s - full, v.device)
+            pos = full + pv_key_positions(16, v.device)[: s - full]  # the tail keys' places in a group
             vt[..., pos] = src[..., full:]
     return vt.view(v.dtype)
 
