@@ -147,10 +147,9 @@ def _prep_tile(X, OUT, SCALE, CH, rot, pid, h, b, r, c, seqlen, s_out, nblocks, 
             y = x.to(tl.float32)
         a = tl.abs(y)
         a = tl.where(a < float("inf"), a, 0.0)  # scales from finite values only
-        if MODE == 1:  # non-negative float32 order as their int32 bits
+        if MODE == 1:  # non-negative float32 order as their int32 bits; nothing stored
             ch = CH + (b * nheads + h) * BLOCK_D + c
             tl.atomic_max(ch, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=c < HEADDIM)
-            q = y
         elif MODE == 2:
             amax = tl.load(CH + (b * nheads + h) * BLOCK_D + c).to(tl.float32, bitcast=True)
             scale, inv = _pow2_inv_scale(amax)
@@ -163,8 +162,9 @@ def _prep_tile(X, OUT, SCALE, CH, rot, pid, h, b, r, c, seqlen, s_out, nblocks, 
             g = pid * GROUPS + tl.arange(0, GROUPS)
             tl.store(SCALE + b * stride_sb + h * stride_sh + g, scale, mask=g < nblocks)
             q = tl.reshape(tl.reshape(y, (GROUPS, ROWS // GROUPS * BLOCK_D)) * inv[:, None], (ROWS, BLOCK_D))
-        q = tl.where(tl.abs(q) < float("inf"), q, float("nan"))  # NaN, Inf -> NaN (a cast saturates Inf)
-        codes = _e4m3(q, NATIVE_E4M3)
+        if MODE != 1:
+            q = tl.where(tl.abs(q) < float("inf"), q, float("nan"))  # NaN, Inf -> NaN (a cast saturates Inf)
+            codes = _e4m3(q, NATIVE_E4M3)
     if MODE != 1:
         base = OUT + b * stride_ob + h * stride_oh
         if TRANSPOSED:
@@ -202,12 +202,11 @@ def quantize_operand(x: torch.Tensor, role: str, fmt: Fp8Format) -> Fp8Tensor:
     channel = role == "v" and fmt.v_scaling == "channel"
     # channel scales do not depend on the tiling: 128 keys per program
     block = CHANNEL_ROWS if channel else fmt.block_m if role == "q" else fmt.block_n
-    nblocks = -(-s // block)
     n = hadamard_block(d)
     rot = _rotation_on(n, fmt.seed, x.device, x.dtype) if rotate else x.new_empty(1)
     transposed = role == "v" and fmt.v_transposed
     data, out_strides, s_out = _output(x, transposed)
-    scale = torch.empty(b, h, d if channel else nblocks, dtype=torch.float32, device=x.device)
+    scale = torch.empty(b, h, d if channel else triton.cdiv(s, block), dtype=torch.float32, device=x.device)
     launch = functools.partial(_launch, x, data, scale, rot, out_strides=out_strides, s_out=s_out, block=block,
                                rotate=rotate, n_had=n, transposed=transposed,
                                pv_order=transposed and fmt.v_pv_order)
@@ -272,7 +271,7 @@ def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had
     total = ntiles * h * b
     # (the interpreter: a few programs, so that each takes several tiles as on a GPU)
     grid = (min(total, 3 if interpreting else _programs(x.device, rows * block_d)),)
-    fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, -(-s // block), h, ntiles, total,
+    fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, triton.cdiv(s, block), h, ntiles, total,
                    x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1),
                    HEADDIM=d, BLOCK_D=block_d, N_HAD=n_had, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
                    MODE=mode, DOT_F32=interpreting, TRANSPOSED=transposed, PV_ORDER=pv_order, NATIVE_E4M3=native,

@@ -178,13 +178,12 @@ def quantize_fp8(q=None, k=None, v=None, *, block_m: int = 128, block_n: int | N
     their device (`default_block_n`). v_scaling: "channel" (default; as accurate as "block" on
     the FA3 paper's inputs, measured on an H200, and it lets the Hopper kernel take FA3's larger
     FP8 tiles) or "block"."""
-    if block_n is None:
-        first = next((x for x in (k, q, v) if x is not None), None)
-        block_n = 128 if first is None else default_block_n(first, v_scaling)
-    fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
-                    seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8, v_pv_order=v_pv_order)
     if q is None and k is None and v is None:
         raise ValueError("fa3py: quantize_fp8 needs at least one of q, k, v")
+    if block_n is None:
+        block_n = default_block_n(next(x for x in (k, q, v) if x is not None), v_scaling)
+    fmt = Fp8Format(block_m=block_m, block_n=block_n, v_scaling=v_scaling, v_transposed=v_transposed,
+                    seed=SIGN_SEED if seed is None else seed, qk_int8=qk_int8, v_pv_order=v_pv_order)
     with torch.no_grad():
         out = {name: None if x is None else quantize_checked(x, name, fmt, backend, cu)
                for name, x, cu in (("q", q, cu_seqlens_q), ("k", k, cu_seqlens_k), ("v", v, cu_seqlens_k))}
