@@ -137,9 +137,7 @@ FP8_ACC_BITS = 13
 
 def fp8_mma_model(a, b):
     """a @ b summed 32 products (one FP8 WGMMA k-step) at a time, the running sum truncated to
-    FP8_ACC_BITS mantissa bits after each step: the FP8 tensor core's accumulation, modelled.
-    (Applied to every GEMM of the emulation, int8 Q K^T too, whose int32 accumulation is exact:
-    a bound that is looser than it needs to be there.)"""
+    FP8_ACC_BITS mantissa bits after each step: the FP8 tensor core's accumulation, modelled."""
     acc = None
     for c in range(0, a.shape[-1], 32):
         part = a[..., c:c + 32] @ b[..., c:c + 32, :]
@@ -150,15 +148,18 @@ def fp8_mma_model(a, b):
 
 
 def fp8_emulated_pair(qkv, params, out_dtype, **kw):
-    """fa3py.fp8.emulate.attention of `qkv` twice: exact fp32 GEMMs, and GEMMs accumulated as
-    `fp8_mma_model`. Their difference is how far a kernel on FP8 tensor cores may drift from
-    the exact emulation. Returns ((out, lse), (out_model, lse_model))."""
+    """fa3py.fp8.emulate.attention of `qkv` twice: exact fp32 GEMMs, and the FP8 GEMMs accumulated
+    as `fp8_mma_model` (int8 Q K^T, qk_int8, accumulates exactly in int32: kept exact). Their
+    difference is how far a kernel on FP8 tensor cores may drift from the exact emulation.
+    Returns ((out, lse), (out_model, lse_model))."""
     import pytest
 
     from fa3py.fp8 import emulate
 
     exact = emulate.attention(qkv, params, out_dtype, **kw)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(emulate.torch, "matmul", fp8_mma_model)
+        m.setattr(emulate, "gemm_pv", fp8_mma_model)
+        if not qkv.fmt.qk_int8:
+            m.setattr(emulate, "gemm_qk", fp8_mma_model)
         model = emulate.attention(qkv, params, out_dtype, **kw)
     return exact, model

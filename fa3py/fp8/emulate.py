@@ -64,6 +64,13 @@ def attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, desc
     return out, lse
 
 
+# The emulation's two GEMMs (float32 sums of exact products; int8 Q K^T is exact too, its sums
+# staying below 2^24), named apart so that tests can put a model of the FP8 tensor cores'
+# accumulation in place of either (tests/_util.py fp8_emulated_pair).
+gemm_qk = torch.matmul
+gemm_pv = torch.matmul
+
+
 def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool):
     """`attention` of batched operands, every sequence its whole length."""
     q, k, v = qkv
@@ -92,7 +99,7 @@ def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, des
         keep = None if keep_all is None else keep_all[:, j0:j1]
         if keep is not None and not keep.any():
             continue  # a tile the kernel skips
-        acc_s = torch.matmul(qf, kf[:, :, j0:j1].transpose(-1, -2))  # S = Q8 K8^T, float32
+        acc_s = gemm_qk(qf, kf[:, :, j0:j1].transpose(-1, -2))  # S = Q8 K8^T, float32
         mult = sq * sk[:, :, j, None, None]  # a power of two: exact (rotated formats)
         s2 = acc_s * (mult * c)
         if params.softcap > 0:
@@ -104,7 +111,7 @@ def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, des
         p = torch.exp2(s2 - m_safe.unsqueeze(-1) + P_OFFSET)  # in [0, 2^8]
         corr = torch.exp2(m - m_safe)
         row_sum = row_sum * corr + p.sum(dim=-1)  # of P before its rounding, as FA3
-        pv = torch.matmul(p.to(E4M3).float(), vf[:, :, j0:j1])  # O_j = P8 V8, a fresh accumulator
+        pv = gemm_pv(p.to(E4M3).float(), vf[:, :, j0:j1])  # O_j = P8 V8, a fresh accumulator
         if fmt.v_scaling == "block":
             acc = acc * corr.unsqueeze(-1) + pv * sv[:, :, j, None, None]
         else:
