@@ -25,27 +25,26 @@ _PTRS = {"X": "*bf16", "R": "*bf16", "OUT": "*u8", "SCALE": "*fp32", "CH": "*i32
          "KS": "*fp32", "VS": "*fp32", "O": "*bf16", "LSE": "*fp32", "VT": "*fp8e4nv"}
 
 _PREP = dict(DOT_F32=False, ROTATE=True, MODE=0, TRANSPOSED=False, PV_ORDER=False, STAGES=2, NATIVE_E4M3=False)
-_PREP90 = _PREP
 _FWD = dict(HAS_WL=False, HAS_WR=False, SOFTCAP=False, V_BLOCK=True, SCALE_M=128, SCALE_N=128)
 # (kernel, arch, q/k element type, constexprs, num_warps)
 VARIANTS = [
     (fp8_prep, 80, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1), 8),
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=96, BLOCK_D=128, N_HAD=32, BLOCK=1, ROWS=16, GROUPS=16), 4),
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=256, BLOCK_D=256, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1), 8),
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=96, BLOCK_D=128, N_HAD=32, BLOCK=1, ROWS=16, GROUPS=16), 4),
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=256, BLOCK_D=256, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1), 8),
     # sm89+: the hardware's e4m3 conversion (opt-in, FA3PY_FP8_PREP_NATIVE=1)
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=256, BLOCK_D=256, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=256, BLOCK_D=256, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
                               NATIVE_E4M3=True), 8),
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
                               ROTATE=False, MODE=1), 8),
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
                               ROTATE=False, MODE=2), 8),
     # V^T stored transposed in registers (coalesced), in the PV key order; channel and block scales
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
                               ROTATE=False, MODE=2, TRANSPOSED=True, PV_ORDER=True), 8),
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=64, BLOCK_D=64, N_HAD=64, BLOCK=224, ROWS=256, GROUPS=1,
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=64, BLOCK_D=64, N_HAD=64, BLOCK=224, ROWS=256, GROUPS=1,
                               ROTATE=False, MODE=0, TRANSPOSED=True, PV_ORDER=True), 8),
     # FA3's float8 V transposed (codes copied)
-    (fp8_prep, 90, None, dict(_PREP90, HEADDIM=256, BLOCK_D=256, N_HAD=1, BLOCK=128, ROWS=128, GROUPS=1,
+    (fp8_prep, 90, None, dict(_PREP, HEADDIM=256, BLOCK_D=256, N_HAD=1, BLOCK=128, ROWS=128, GROUPS=1,
                               ROTATE=False, MODE=3, TRANSPOSED=True, PV_ORDER=True), 8),
     (attn_fwd_fp8, 89, "fp8e4nv", dict(_FWD, HEADDIM=128, HEADDIM_V=128, BLOCK_D=128, BLOCK_DV=128,
                                        HAS_WR=True, BLOCK_M=64, BLOCK_N=64), 4),
