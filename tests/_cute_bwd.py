@@ -81,3 +81,19 @@ def train_step(api, q, k, v, index_kw, **features):
         grads = [x.grad for x in leaves]
     check_backward(req, dout, grads)
     return req, dispatch.choose(req).name, dispatch.choose(req, backward=True).name
+
+
+def force_hdim64_tile_m(monkeypatch, tile_m: int) -> None:
+    """bwd_launch.config_for gives hdim 64's configs `tile_m` (its BWD_TILES entry or variant),
+    whatever the table says."""
+    import dataclasses
+
+    from cute_kernels import bwd_launch
+
+    config_for = bwd_launch.config_for
+
+    def forced(req):
+        cfg = config_for(req)
+        return dataclasses.replace(cfg, tile_m=tile_m) if cfg.hdim == 64 else cfg
+
+    monkeypatch.setattr(bwd_launch, "config_for", forced)

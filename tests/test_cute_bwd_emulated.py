@@ -22,7 +22,7 @@ from cute_kernels import bwd_launch  # noqa: E402
 from cute_kernels.bwd_sm90 import DQ_VEC, NUM_MMA_WG, THREADS_PER_WG, padded_offset  # noqa: E402
 from cute_kernels.config import BWD_TILES  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
-from tests._cute_bwd import FEATURES, HEADS, make_inputs, train_step  # noqa: E402
+from tests._cute_bwd import FEATURES, HEADS, force_hdim64_tile_m, make_inputs, train_step  # noqa: E402
 from tests._util import check_backward  # noqa: E402
 from tests.cute_bwd_emulation import emulated_sm90_bwd  # noqa: E402,F401  (fixture, by name)
 from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (fixture, by name)
@@ -548,20 +548,14 @@ def test_emulation_catches_chunk_bugs(emulated_sm90_bwd, monkeypatch, bug):
 def bwd_tile_m128(emulated_sm90_bwd, monkeypatch):
     """`emulated_sm90_bwd` with config_for giving hdim 64 tile_m 128; returns the configs the
     emulated kernel ran with."""
-    import dataclasses
-
     configs = []
-    config_for, launch = bwd_launch.config_for, bwd_launch.launch_kernel
-
-    def forced(req):
-        cfg = config_for(req)
-        return dataclasses.replace(cfg, tile_m=128) if cfg.hdim == 64 else cfg
+    launch = bwd_launch.launch_kernel
 
     def recording(req, cfg, *args):
         configs.append(cfg)
         return launch(req, cfg, *args)
 
-    monkeypatch.setattr(bwd_launch, "config_for", forced)
+    force_hdim64_tile_m(monkeypatch, 128)
     monkeypatch.setattr(bwd_launch, "launch_kernel", recording)
     return configs
 

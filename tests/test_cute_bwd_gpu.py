@@ -20,7 +20,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 import cute_kernels  # noqa: E402
 from cute_kernels import bwd_launch  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
-from tests._cute_bwd import FEATURES, HEADS, make_inputs, train_step  # noqa: E402
+from tests._cute_bwd import FEATURES, HEADS, force_hdim64_tile_m, make_inputs, train_step  # noqa: E402
 from tests._util import check_backward, check_forward  # noqa: E402
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -261,15 +261,7 @@ def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
 # rows over the warpgroups. Forced through bwd_launch.config_for here, whatever the table says.
 @pytest.fixture
 def tile_m128(cute_bwd, monkeypatch):
-    import dataclasses
-
-    config_for = bwd_launch.config_for
-
-    def forced(req):
-        cfg = config_for(req)
-        return dataclasses.replace(cfg, tile_m=128) if cfg.hdim == 64 else cfg
-
-    monkeypatch.setattr(bwd_launch, "config_for", forced)
+    force_hdim64_tile_m(monkeypatch, 128)
     return cute_bwd
 
 
