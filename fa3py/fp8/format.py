@@ -343,8 +343,11 @@ def transpose_v(v: torch.Tensor, pv_order: bool = True) -> torch.Tensor:
 
 def _transpose_v_on_device(v: torch.Tensor) -> torch.Tensor:
     """`transpose_v` in the PV key order, by the Triton pass on CUDA GPUs (one coalesced
-    read and write; the strided PyTorch copy writes one byte per access)."""
-    if v.is_cuda and torch.cuda.get_device_capability(v.device) >= (8, 0):
+    read and write; the strided PyTorch copy writes one byte per access), where the quantizer
+    would use it (quantize._prep_backend)."""
+    from .quantize import _prep_backend
+
+    if _prep_backend(v, None) == "triton":
         try:
             from triton_fallback.fp8_prep import transpose_codes
         except ImportError:
