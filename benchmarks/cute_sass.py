@@ -107,11 +107,12 @@ def is_backward(cfg) -> bool:
     return isinstance(cfg, BwdConfig)
 
 
-def check(sass: str, cfg, res: dict | None = None) -> list[str]:
+def check(sass: str, cfg, res: dict | None = None, allow_local: bool = False) -> list[str]:
     """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
     barrier (the forward's pingpong, the backward's dS / dQ hand-offs) is required. The
     backward's dQ needs a reduction into global memory (DQ_REDUCE). With `res`
-    (`resource_usage`), local memory (STACK / LOCAL bytes, spills) is reported missing too."""
+    (`resource_usage`): a setmaxnreg split within the launch's registers (with its REG), and
+    unless `allow_local`, no local memory (STACK / LOCAL bytes, spills)."""
     ops = opcode_counts(sass)
     fp8 = getattr(cfg, "dtype", None) == "e4m3"
     bwd = is_backward(cfg)
@@ -120,15 +121,43 @@ def check(sass: str, cfg, res: dict | None = None) -> list[str]:
         missing.append(f"no HGMMA in an FP8 kernel ({ops['HGMMA']} found)")
     if bwd and not any(ops[op] for op in DQ_REDUCE):
         missing.append(f"dQ reduction ({' or '.join(DQ_REDUCE)})")
-    if res is not None and (res.get("STACK") or res.get("LOCAL") or ops["STL"] or ops["LDL"]):
+    if res is not None and not allow_local and (res.get("STACK") or res.get("LOCAL") or ops["STL"] or ops["LDL"]):
         missing.append(f"no local memory (STACK {res.get('STACK')} LOCAL {res.get('LOCAL')} bytes, "
                        f"{ops['STL']} STL {ops['LDL']} LDL)")
+    overdrawn = register_pool_overdrawn(sass, res, cfg) if res and "REG" in res else None
+    if overdrawn:
+        missing.append(overdrawn)
     bars = named_barrier_ids(sass)
     if not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
     if serialized_wgmma(sass):
         missing.append("pipelined HGMMA (ptxas serialized them: C7511)")
     return missing
+
+
+_SETMAXNREG = re.compile(r"USETMAXREG\.(DEALLOC|TRY_ALLOC)\.CTAPOOL\s+(?:U?P\w+,\s*)?(0x[0-9a-f]+)")
+
+
+def register_pool_overdrawn(sass: str, res: dict, cfg) -> str | None:
+    """Whether the setmaxnreg split in the SASS asks for more registers than the CTA launched
+    with (ptxas's REG per thread times the threads): the producer's DEALLOC frees what the
+    consumers' TRY_ALLOC loops wait for, so an overdrawn split hangs the kernel on the GPU
+    (config.check_reg_split). None where it fits or the kernel has no setmaxnreg."""
+    found = {kind: {int(v, 16) for k, v in _SETMAXNREG.findall(sass) if k == kind} for kind in ("DEALLOC", "TRY_ALLOC")}
+    if not found["DEALLOC"] or not found["TRY_ALLOC"]:
+        return None
+    if is_backward(cfg):
+        from cute_kernels.bwd_sm90 import NUM_MMA_WG
+
+        warpgroups = NUM_MMA_WG + 1
+    else:
+        warpgroups = cfg.tile.num_threads // 128
+    need = max(found["DEALLOC"]) + (warpgroups - 1) * max(found["TRY_ALLOC"])
+    pool = warpgroups * res["REG"]
+    if need <= pool:
+        return None
+    return (f"setmaxnreg within the CTA's registers (DEALLOC {sorted(found['DEALLOC'])} + {warpgroups - 1} x "
+            f"TRY_ALLOC {sorted(found['TRY_ALLOC'])} = {need} > {warpgroups} x REG {res['REG']} = {pool}: hangs)")
 
 
 def serialized_wgmma(sass: str) -> bool:
@@ -206,7 +235,7 @@ def main(argv=None) -> int:
     print("# named barriers:", dict(named_barrier_ids(sass)))
     # (the forward's tile experiments may spill and still be worth reading: only the backward,
     # whose config table has no such variants, fails on local memory)
-    missing = check(sass, cfg, res if a.bwd else None)
+    missing = check(sass, cfg, res, allow_local=not a.bwd)
     print("# required:", "ok" if not missing else "MISSING " + ", ".join(missing))
     return 1 if missing else 0
 

@@ -11,6 +11,26 @@ REGS_PER_SM = 64 * 1024
 THREADS_PER_WG = 128
 
 
+def launch_regs(num_threads: int) -> int:
+    """Registers per thread a CTA of `num_threads` starts with when it is alone on the SM: ptxas
+    caps a one-CTA kernel at the SM's 64K over its threads, in the 8-register steps of allocation
+    (384 threads: 168, 512: 128; the REG of `cuobjdump -res-usage` on the compiled kernels)."""
+    return REGS_PER_SM // num_threads // 8 * 8
+
+
+def check_reg_split(producer: int, consumer: int, num_mma_wg: int, who: object) -> None:
+    """setmaxnreg only moves registers inside the CTA's pool, which is what it launched with
+    (launch_regs per thread), not the SM's 64K: a `setmaxnreg.inc` asking for more than the
+    producer freed waits forever. 24 + 2 x 240 = 3 x 168 at 384 threads, 32 + 3 x 160 =
+    4 x 128 at 512 (FA3's splits); 32 + 2 x 240 = 512 > 504 hangs every consumer warpgroup."""
+    assert producer % 8 == 0 and consumer % 8 == 0, f"{who}: setmaxnreg takes multiples of 8"
+    pool = (num_mma_wg + 1) * launch_regs(THREADS_PER_WG * (num_mma_wg + 1))
+    need = producer + num_mma_wg * consumer
+    assert need <= pool, (f"{who}: setmaxnreg {producer} + {num_mma_wg} x {consumer} = {need} registers a thread "
+                          f"of a warpgroup > the CTA's {pool} ({num_mma_wg + 1} x "
+                          f"{launch_regs(THREADS_PER_WG * (num_mma_wg + 1))} at launch): the consumers would wait forever")
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """What the forward kernel's code depends on besides the problem's features. Every switch is
@@ -42,11 +62,7 @@ class TileConfig:
 
     def __post_init__(self):
         assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
-        # setmaxnreg moves registers between warpgroups; the total must fit the SM's 64K
-        # (one CTA per SM): 24 + 2 x 240 at 384 threads, 24 + 3 x 160 at 512 threads.
-        total = THREADS_PER_WG * (self.producer_regs + self.num_mma_wg * self.consumer_regs)
-        assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
-        assert self.producer_regs % 8 == 0 and self.consumer_regs % 8 == 0, "setmaxnreg: multiples of 8"
+        check_reg_split(self.producer_regs, self.consumer_regs, self.num_mma_wg, self)
         assert self.q_stages in (1, 2), f"q_stages {self.q_stages}: 1 or 2"
         assert not self.diag_half or (halves_into_k_blocks(self.tile_n) and not self.intra_wg_overlap), \
             f"{self}: diag_half needs the plain schedule and tile_n / 2 in whole 16-key k-blocks"
@@ -67,8 +83,13 @@ def halves_into_k_blocks(tile_n: int) -> bool:
 
 
 # setmaxnreg split per consumer warpgroup count (producer, consumer): FA3 uses 24/240 for two
-# and 32/160 for three; 24/160 leaves 1K registers of the 64K unused.
+# and 32/160 for three; 24/160 leaves 8 registers a thread of the pool unused (check_reg_split).
 REG_SPLIT = {2: (24, 240), 3: (24, 160)}
+# The paged producer (page table row, last page, one page per lane) spills at 24 registers
+# (3 STL, hdim 128 page 16 split pack_gqa=8, CPU SASS). With two consumer warpgroups they take
+# 8 fewer (232: the paged consumers' highest register is R202, no spills); 240 beside 32 overdraws
+# the pool and hangs (check_reg_split).
+PAGED_REG_SPLIT = {2: (32, 232), 3: (32, 160)}
 
 
 def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | None = None,
@@ -284,6 +305,11 @@ class FwdConfig:
     # page (page_size a multiple of tile_n) or as tile_n / page_size page-row boxes (page_size a
     # divisor of tile_n, a multiple of 8: whole rows of the smem swizzle atom). `page_size_ok`.
     page_size: int = 0
+    # e4m3 only: V arrives in rows, (keys, hdim_v) as FA3's float8 v is, instead of transposed by
+    # a pass over memory before the call. The producer warpgroup's warps 1-3 transpose each V block
+    # in shared memory into the K-major V^T tile (keys in PV_KEY_ORDER) the consumers read
+    # (fwd_sm90's docstring, fp8.transpose_v_block).
+    fp8_v_rows: bool = False
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -341,10 +367,7 @@ class FwdConfig:
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
         )
         if features.get("page_size", 0):
-            # The paged producer (page table row, last page, one page per lane) spills at 24
-            # registers (3 STL, hdim 128 page 16 split pack_gqa=8, CPU SASS); 32 fills the 64K
-            # exactly beside 2 x 240 or 3 x 160.
-            tile = replace(tile, producer_regs=32)
+            tile = replace(tile, **dict(zip(("producer_regs", "consumer_regs"), PAGED_REG_SPLIT[tile.num_mma_wg])))
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 
@@ -359,6 +382,7 @@ class FwdConfig:
         flags += [f"fp8_block_m={self.fp8_block_m} v_{self.fp8_v_scaling}"] if self.dtype == "e4m3" else []
         flags += [f"tensors_d{self.hdim_in or self.hdim}x{self.hdimv_in or self.hdimv}"] if self.hdim_in or self.hdimv_in else []
         flags += [f"page_size={self.page_size}"] if self.page_size else []
+        flags += ["fp8_v_rows"] if self.fp8_v_rows else []
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]
@@ -441,8 +465,7 @@ class BwdConfig:
             assert not self.dkv_split_hdim and self.hdim == 64, "tile_m 128: hdim 64, 128 keys (registers)"
         else:
             assert self.tile_m == 64 and self.hdim % 32 == 0, "dQ's columns split in two 16-column multiples"
-        total = THREADS_PER_WG * (self.producer_regs + 2 * self.consumer_regs)
-        assert total <= REGS_PER_SM, f"{self}: {total} registers > {REGS_PER_SM}"
+        check_reg_split(self.producer_regs, self.consumer_regs, 2, self)
 
     @staticmethod
     def make(dtype: str, hdim: int, tile_m: Optional[int] = None, **features) -> "BwdConfig":

@@ -166,3 +166,101 @@ class Fp8Scales:
             sv = self.mV_scale[tOcO[0, j][1]]
             for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
                 o_mn[r, j] = o_mn[r, j] * sv
+
+
+# ----------------------------------------------------------------------------- V in rows (fp8_v_rows)
+# FA3's float8 v is (keys, hdim_v) in rows, but FP8 WGMMA reads V^T K-major. With fp8_v_rows the
+# producer warp TMAs V's rows into a staging tile and the producer warpgroup's other warps write
+# each block transposed into the V^T tile the consumers read, with the keys of every 16-key group
+# in PV_KEY_ORDER, as the FP8 prep writes V^T in memory. The unit of work is 4 keys x 4 channels:
+# four 32-bit loads (one a key: 4 consecutive channels), eight byte permutes, four 32-bit stores
+# (one a channel: the 4 keys PV_KEY_ORDER puts in one word). A job is one such unit per lane;
+# jobs are numbered (channel slab D of 32, quad kq of 16-key groups, pass p of 4):
+#   lane bits 0-1: t, the word of the group (keys 2t, 2t+1, 2t+8, 2t+9 of it: PV_KEY_ORDER)
+#   lane bits 2-4: the channel word d4 = 8 D + lane bits 2-4 (channels 4 d4 .. 4 d4 + 3)
+#   group g = 4 kq + (lane bits 3-4 XOR p)
+# so that where both tiles have the 128-byte swizzle (hdim_v and tile_n multiples of 128) the 32
+# lanes of one load (rows 16 g + 2 t + {0, 1, 8, 9}, one word of channels) and of one store (row
+# 4 d4 + c of V^T, one word of keys) each hit 32 different banks; the narrower swizzles of other
+# tiles share a bank between up to 4 lanes (hdim 128's 224-key V^T rows, hdim 96; 2 at hdim 64 and
+# 256 x 64). tests/test_cute_fp8.py runs the jobs lane by lane with the tiles' own layouts.
+VT_JOB_CHANNELS = 32
+VT_JOB_GROUPS = 4
+VT_PASSES = 4
+VT_ROW_OFFSETS = (0, 1, 8, 9)  # keys of a word relative to 2t: PV_KEY_ORDER[4t:4t+4] - 2t
+
+
+def vt_jobs(hdimv: int, tile_n: int) -> int:
+    """Jobs of 32 lanes that transpose one (tile_n, hdim_v) V block."""
+    assert hdimv % VT_JOB_CHANNELS == 0 and tile_n % 16 == 0, (hdimv, tile_n)
+    return hdimv // VT_JOB_CHANNELS * vt_quads(tile_n) * VT_PASSES
+
+
+def vt_quads(tile_n: int) -> int:
+    return -(-(tile_n // 16) // VT_JOB_GROUPS)
+
+
+def vt_job_coords(job, lane, tile_n: int):
+    """(g, t, d4) of `lane` in `job` (Python ints or DSL Int32 alike): the 16-key group, the
+    key word of the group and the channel word; the lane works only where g < tile_n / 16."""
+    p = job % VT_PASSES
+    rest = job // VT_PASSES
+    quads = vt_quads(tile_n)
+    kq, slab = rest % quads, rest // quads
+    t = lane & 3
+    d4 = slab * (VT_JOB_CHANNELS // 4) + ((lane >> 2) & 7)
+    g = kq * VT_JOB_GROUPS + (((lane >> 3) & 3) ^ p)
+    return g, t, d4
+
+
+def byte_transpose4(w0, w1, w2, w3, prmt):
+    """Four 32-bit words (byte c of word i: element (i, c)) -> four words (byte i of word c:
+    element (i, c)), by eight byte permutes `prmt(a, b, selector)` (PTX prmt.b32)."""
+    lo01, lo23 = prmt(w0, w1, 0x5140), prmt(w2, w3, 0x5140)  # bytes 0, 1 of each, interleaved
+    hi01, hi23 = prmt(w0, w1, 0x7362), prmt(w2, w3, 0x7362)  # bytes 2, 3
+    return (prmt(lo01, lo23, 0x5410), prmt(lo01, lo23, 0x7632),
+            prmt(hi01, hi23, 0x5410), prmt(hi01, hi23, 0x7632))
+
+
+def prmt_reference(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode) on Python ints: byte i of the result is byte selector[i] of
+    the 8 bytes b:a (a the low four); a selector nibble's bit 3 replicates the byte's sign."""
+    src = (a & 0xFFFFFFFF) | ((b & 0xFFFFFFFF) << 32)
+    out = 0
+    for i in range(4):
+        nib = (selector >> (4 * i)) & 0xF
+        byte = (src >> (8 * (nib & 7))) & 0xFF
+        if nib & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+@dsl_user_op
+def prmt(a, b, selector: int, *, loc=None, ip=None) -> Int32:
+    """prmt.b32 with a constant selector (no side effects: the compiler may schedule it)."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Int32(a).ir_value(loc=loc, ip=ip), Int32(b).ir_value(loc=loc, ip=ip)],
+        f"prmt.b32 $0, $1, $2, {selector:#x};", "=r,r,r",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
+
+
+@cute.jit
+def transpose_v_block(sRows32: cute.Tensor, rows_layout: cute.ComposedLayout, rows_stage,
+                      sVt32: cute.Tensor, vt_layout: cute.ComposedLayout, vt_stage, warp, num_warps: cutlass.Constexpr[int],
+                      hdimv: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int]):
+    """One V block: the (tile_n, hdim_v) e4m3 rows in stage `rows_stage` of the staging tile
+    (`rows_layout`: its swizzled byte layout, (keys, channels, stage)) into stage `vt_stage` of
+    V^T (`vt_layout`, (channels, keys, stage)), keys in PV_KEY_ORDER. sRows32 / sVt32: the two
+    buffers as flat 32-bit words. Warp `warp` of `num_warps` takes every num_warps-th job."""
+    lane = cute.arch.lane_idx()
+    jobs = vt_jobs(hdimv, tile_n)
+    for job in cutlass.range(warp, jobs, num_warps, unroll=1):
+        g, t, d4 = vt_job_coords(job, lane, tile_n)
+        if g < tile_n // 16:
+            key = g * 16 + t * 2
+            w = [sRows32[cute.crd2idx((key + o, d4 * 4, rows_stage), rows_layout) >> 2] for o in VT_ROW_OFFSETS]
+            out = byte_transpose4(w[0], w[1], w[2], w[3], prmt)
+            for c in cutlass.range_constexpr(4):
+                sVt32[cute.crd2idx((d4 * 4 + c, g * 16 + t * 4, vt_stage), vt_layout) >> 2] = out[c]

@@ -14,6 +14,8 @@ Pipelines (PipelineTmaAsync, mbarriers in smem; counts asserted at trace time by
               With 2, the producer loads the next tile's Q while the consumers run this one.
   pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 4W consumer warps.
   pipeline_v  num_stages.       full: 1 producer arrive + V tx bytes; empty: 4W consumer warps.
+              (fp8_v_rows: v_rows_stages of V's rows, emptied by the 3 transposing warps, and
+  pipeline_vt num_stages of V^T,  full: 96 transposing threads; empty: 4W consumer warps.)
   (Consumer release arrives once per warp: lane 0 of each consumer warp.)
 
 Named barriers (NamedBarrierFwd):
@@ -46,6 +48,15 @@ columns scaled in the epilogue; O is bf16. Softcap puts the block's multiplier i
 split-KV writes the same float32 partials as 16-bit; packed sequences (cu_seqlens) find their
 scale columns and their 16-aligned V^T columns from cu_seqlens and the batch index
 (fp8.Fp8Scales.create, fp8.vt_column).
+
+FP8 V in rows (FwdConfig fp8_v_rows: FA3's float8 v, (keys, hdim_v)): the producer warp TMAs each
+V block into a staging tile of v_rows_stages stages (pipeline_v, whose consumers are the producer
+warpgroup's warps 1-3); those warps walk the same tiles and blocks (the consumers' walk: a dynamic
+scheduler's tiles read after Q's wait, without releasing Q), wait for a free V^T stage, transpose
+the block into it with the keys in PV_KEY_ORDER (fp8.transpose_v_block: 32-bit shared loads, byte
+permutes, 32-bit stores), fence the stores for the async proxy and arrive on pipeline_vt's full
+barrier (all 96 threads), then free the staging stage. The consumers read V^T from pipeline_vt as
+they read it from pipeline_v otherwise; no transposing copy of V runs before the kernel.
 
 Paged K / V (FwdConfig page_size > 0, FA3's page_table): K and V are page pools (num_pages,
 page_size, h_kv, d) and mPageTable (b, max_pages) int32 maps a sequence's key j to row
@@ -103,6 +114,7 @@ from cute_kernels.utils import (
 DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16, "e4m3": cutlass.Float8E4M3FN}
 NUM_THREADS_PER_WG = 128
 SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
+VT_WARPS = 3  # fp8_v_rows: producer warps 1-3 transpose V (warp 0 issues the TMAs)
 
 
 @dataclass(frozen=True)
@@ -162,11 +174,21 @@ class FlashAttentionForwardSm90:
         self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
         smem = (elem * (self.tile_m * self.hdim + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
                 + o_elem * self.tile_m * self.o_width)
+        # fp8_v_rows: V's rows are staged (one stage, two where they fit after Q's) and transposed
+        # into the V^T stages by the producer warpgroup's warps 1-3.
+        self.v_rows = cfg.fp8_v_rows
+        rows_bytes = elem * self.tile_n * self.hdimv if self.v_rows else 0
+        smem += rows_bytes
         self.separate_o = smem + 1024 <= SMEM_BYTES
         # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
         # release of a Q stage must not wait for an epilogue that writes O over it).
         second_q = elem * self.tile_m * self.hdim
         self.q_stages = 2 if t.q_stages == 2 and self.separate_o and smem + second_q + 1024 <= SMEM_BYTES else 1
+        if self.q_stages == 2:
+            smem += second_q
+        self.v_rows_stages = 2 if self.v_rows and smem + rows_bytes + 1024 <= SMEM_BYTES else 1
+        if self.v_rows:
+            assert cfg.dtype == "e4m3" and not cfg.page_size, f"{cfg.short()}: fp8_v_rows is FP8's, not paged"
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
         if self.fp8:
@@ -244,7 +266,7 @@ class FlashAttentionForwardSm90:
         mQ, mK, mV = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV)]
         mO = assume_aligned_strides(mO, 128 // mO.element_type.width)
         mQ, mO = [sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mO)]
-        if const_expr(self.fp8):  # V^T (b, h_kv, dv, s) -> (dv, s, h_kv, b)
+        if const_expr(self.fp8 and not self.v_rows):  # V^T (b, h_kv, dv, s) -> (dv, s, h_kv, b)
             mK = sdhb(mK, cfg.cu_seqlens_k)
             mV = cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[2, 3, 1, 0]))
         else:
@@ -257,6 +279,9 @@ class FlashAttentionForwardSm90:
         # FP8: V^T tiles (hdim_v, tile_n), keys contiguous (the K-major B operand of PV).
         v_tile = (self.hdimv, self.tile_n) if const_expr(self.fp8) else (self.tile_n, self.hdimv)
         sV_layout = make_smem_layout(self.dtype, v_tile, self.num_stages)
+        # fp8_v_rows: the staging tile of V's rows, (tile_n, hdim_v), what the V TMA writes
+        sVrows_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.v_rows_stages) \
+            if const_expr(self.v_rows) else None
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
         # each compact in smem, so a warp stores its slab by TMA without waiting for the others.
         sO_slab_layout = make_smem_layout(self.o_dtype, (O_SLAB_ROWS, self.o_width))
@@ -270,10 +295,14 @@ class FlashAttentionForwardSm90:
         class SharedStorage:
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
-            mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+            mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * (self.v_rows_stages if self.v_rows else self.num_stages)]
+            if const_expr(self.v_rows):
+                mbar_vt: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, sQ_elems], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
+            if const_expr(self.v_rows):
+                sVrows: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sVrows_layout)], 1024]
             if const_expr(self.separate_o):
                 sO: cute.struct.Align[cute.struct.MemRange[self.o_dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
@@ -295,7 +324,8 @@ class FlashAttentionForwardSm90:
                 g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.hdim)
             )
             tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
-                g2s, mV, cute.select(sV_layout, mode=[0, 1]), v_tile
+                g2s, mV, cute.select(sVrows_layout if const_expr(self.v_rows) else sV_layout, mode=[0, 1]),
+                (self.tile_n, self.hdimv) if const_expr(self.v_rows) else v_tile
             )
         tma_atom_O, tma_O = (None, None) if const_expr(cfg.split_kv) else cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
@@ -316,7 +346,7 @@ class FlashAttentionForwardSm90:
             scale_log2, softcap_premul, window_left, window_right,
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
             attention_chunk if const_expr(cfg.chunk) else None,
-            sQ_layout, sK_layout, sV_layout, sO_layout,
+            sQ_layout, sK_layout, sV_layout, sO_layout, sVrows_layout,
             tiled_mma_qk, tiled_mma_pv, tx_q, tx_k, tx_v,
             num_m_blocks, sched_heads, batch, l2_heads, tail_heads, num_splits, SharedStorage,
         ).launch(
@@ -345,6 +375,7 @@ class FlashAttentionForwardSm90:
         attention_chunk: Optional[Int32],
         sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
+        sVrows_layout: Optional[cute.ComposedLayout],
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_k: cutlass.Constexpr[int], tx_v: cutlass.Constexpr[int],
         num_m_blocks: Int32,
@@ -368,9 +399,23 @@ class FlashAttentionForwardSm90:
                                tx_count=tx_q)
         pipeline_k = make_pipe(barrier_storage=storage.mbar_k.data_ptr(), num_stages=self.num_stages,
                                tx_count=tx_k)
-        pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.num_stages,
-                               tx_count=tx_v)
-        for pipe in (pipeline_q, pipeline_k, pipeline_v):
+        if const_expr(self.v_rows):
+            # V's rows: TMA'd for the transposing warps, which fill V^T's stages (pipeline_vt)
+            pipeline_v = tma_pipeline_maker(VT_WARPS * 32)(
+                barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.v_rows_stages, tx_count=tx_v)
+            check_arrive_counts(pipeline_v, VT_WARPS)
+            pipeline_vt = pipeline.PipelineTmaAsync.create(
+                barrier_storage=storage.mbar_vt.data_ptr(), num_stages=self.num_stages, tx_count=0,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, VT_WARPS * 32),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32),
+                defer_sync=True)
+            assert pipeline_vt.sync_object_full.arrive_count == VT_WARPS * 32, "every transposing thread arrives"
+            assert pipeline_vt.sync_object_empty.arrive_count == self.num_mma_threads // 32
+        else:
+            pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=self.num_stages,
+                                   tx_count=tx_v)
+            pipeline_vt = pipeline_v  # what the consumers read V from
+        for pipe in (pipeline_q, pipeline_k) + (() if const_expr(self.v_rows) else (pipeline_v,)):
             check_arrive_counts(pipe, self.num_mma_threads // 32)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
@@ -380,6 +425,8 @@ class FlashAttentionForwardSm90:
             sO_layout.outer, swizzle=sO_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sVrows = storage.sVrows.get_tensor(sVrows_layout.outer, swizzle=sVrows_layout.inner) \
+            if const_expr(self.v_rows) else None
 
         scheduler = TileScheduler(num_m_blocks, num_heads, num_batch, self.persistent,
                                   lpt=self.lpt, l2_heads=l2_heads, tail_heads=tail_heads,
@@ -401,8 +448,15 @@ class FlashAttentionForwardSm90:
         if warp_idx < 4:
             cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
             if warp_idx == 0:
-                self.load(mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
-                          pipeline_q, pipeline_k, pipeline_v, tiles, mPageTable)
+                self.load(mQ, mK, mV, sQ, sK, sVrows if const_expr(self.v_rows) else sV, tma_atom_Q, tma_atom_K,
+                          tma_atom_V, pipeline_q, pipeline_k, pipeline_v, tiles, mPageTable)
+            if const_expr(self.v_rows):
+                if warp_idx > 0:
+                    words = lambda mem, layout: cute.make_tensor(
+                        cute.recast_ptr(mem.data_ptr(), dtype=Int32), cute.make_layout(cute.cosize(layout) // 4))
+                    self.transpose_v(pipeline_q, pipeline_v, pipeline_vt, tiles,
+                                     words(storage.sVrows, sVrows_layout), sVrows_layout,
+                                     words(storage.sV, sV_layout), sV_layout, warp_idx - 1)
         else:
             cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
             # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
@@ -410,7 +464,7 @@ class FlashAttentionForwardSm90:
             out = OutputOperands(mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_o)
             scales = (mQScale, mKScale, mVScale) if const_expr(self.fp8) else None
             self.mma(out, sQ, sK, sV, tiled_mma_qk, tiled_mma_pv,
-                     pipeline_q, pipeline_k, pipeline_v, scale_log2, softcap_premul, tiles, scales)
+                     pipeline_q, pipeline_k, pipeline_vt, scale_log2, softcap_premul, tiles, scales)
 
     @cute.jit
     def load(
@@ -499,7 +553,7 @@ class FlashAttentionForwardSm90:
         b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
         mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
         gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
-        if const_expr(self.fp8):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
+        if const_expr(self.fp8 and not self.v_rows):  # V^T (dv, s): (hdim_v, tile_n) tiles along the keys
             mVt = mV[None, None, head_kv, b_k]
             if const_expr(self.cfg.cu_seqlens_k):  # packed: the sequence's 16-aligned columns
                 mVt = cute.domain_offset((0, fp8.vt_column(seqlen.offset_k, batch)), mVt)
@@ -554,6 +608,46 @@ class FlashAttentionForwardSm90:
             page = page_row[n_block // blocks_per_page]
             cute.copy(tma_atom, tXgX[None, n_block % blocks_per_page, 0, page], tXsX[None, 0, 0, state.index],
                       tma_bar_ptr=bar)
+
+    @cute.jit
+    def transpose_v(self, pipeline_q, pipeline_v, pipeline_vt, tiles: TileWork, sRows32, rows_layout, sVt32,
+                    vt_layout, warp):
+        """fp8_v_rows, producer warps 1-3: for every KV block the producer loads (the same tiles
+        and blocks, in its order), wait for V's rows, transpose them into the next V^T stage once
+        the consumers freed it (fp8.transpose_v_block), make the stores visible to the WGMMAs
+        (async proxy) and arrive on its full barrier (every thread), then free the rows. The tile
+        walk is the consumers' (a dynamic scheduler's tiles read as they are announced, after
+        Q's wait; the Q stages are not released here)."""
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
+        rows_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_v.num_stages)
+        vt_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_vt.num_stages)
+        scheduler = tiles.scheduler
+        tile = scheduler.initial()
+        if const_expr(tiles.next_tile is not None):
+            pipeline_q.consumer_wait(q_state)
+            tile = tiles.read(q_state.index)
+        while scheduler.valid(tile):
+            m_block, head, batch, split = tiles.coords(tile)
+            seqlen = tiles.seqlen_fn(batch)
+            n_block_min, n_block_max = tiles.kv_block_range(tiles.mask_fn(seqlen, m_block), split)
+            if m_block * self.tile_m < seqlen.seqlen_q:
+                for _ in cutlass.range(n_block_max - n_block_min, unroll=1):
+                    pipeline_v.consumer_wait(rows_state)
+                    pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
+                    fp8.transpose_v_block(sRows32, rows_layout, rows_state.index, sVt32, vt_layout, vt_state.index,
+                                          warp, VT_WARPS, self.hdimv, self.tile_n)
+                    cute.arch.fence_view_async_shared()
+                    cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))
+                    cute.arch.sync_warp()  # every lane's loads of the rows are done
+                    pipeline_v.consumer_release(rows_state)
+                    rows_state.advance()
+                    vt_state.advance()
+                q_state.advance()
+            if const_expr(tiles.next_tile is not None):
+                pipeline_q.consumer_wait(q_state)
+                tile = tiles.read(q_state.index)
+            else:
+                tile = scheduler.next(tile)
 
     @cute.jit
     def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, tiles: TileWork, tile):
@@ -939,12 +1033,12 @@ class FlashAttentionForwardSm90:
         d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
         mQ = t((*q_rows, h, d))
         mK = t((*k_rows, hk, d))
-        if cfg.dtype == "e4m3":  # V^T (b, h_kv, dv, s_k padded to 16); packed: (1, h_kv, dv, columns)
+        # FP8: V^T (b, h_kv, dv, s_k padded to 16), packed: (1, h_kv, dv, columns); fp8_v_rows: V as K
+        if cfg.dtype == "e4m3" and not cfg.fp8_v_rows:
             mV = t((sym() if cfg.cu_seqlens_k else b, hk, dv, sym(divisibility=16)))
-            o_dt = cutlass.BFloat16
         else:
             mV = t((*k_rows, hk, dv))
-            o_dt = dt
+        o_dt = cutlass.BFloat16 if cfg.dtype == "e4m3" else dt
         if cfg.split_kv:  # float32 partials, the splits folded into O's first dim / LSE's rows
             o_rows, lse_rows = sym(), sym()
             mO = t((o_rows, *q_rows[1:], h, dv), Float32, 4)

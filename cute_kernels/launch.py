@@ -409,9 +409,16 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
 fp8_enabled = os.environ.get("FA3PY_CUTE_FP8", "1") != "0"
 # Paged K / V read by the kernel (FwdConfig.page_size): opt-in until its GPU tests pass. On an
 # H100 and an H200 (2026-12-05) tests/test_kvcache.py's paged GPU tests stalled at their first
-# paged launch (no result within 230 s, from_dlpack and TVM-FFI alike). Off, flash_attn_with_kvcache
-# gathers the pages into a contiguous prefix, which the GPU tests have passed.
+# paged launch (no result within 230 s, from_dlpack and TVM-FFI alike). The cause found since on
+# the CPU: the paged configs' setmaxnreg split, 32 + 2 x 240, asked for 8 registers a thread more
+# than the 3 x 168 the CTA launches with, so the consumers' TRY_ALLOC loop never ended; the split
+# is now 32 + 2 x 232 (config.check_reg_split, and the SASS check on REG). Off,
+# flash_attn_with_kvcache gathers the pages into a contiguous prefix, which the GPU tests have passed.
 paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "0") == "1"
+# FA3's float8 V read in its rows and transposed by the kernel's producer warpgroup in shared
+# memory (FwdConfig.fp8_v_rows) instead of a transposing copy of V before each call: opt-in until
+# its GPU tests pass (compiled and simulated on the CPU only so far).
+fp8_v_rows_enabled = os.environ.get("FA3PY_CUTE_FP8_V_ROWS", "0") == "1"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 
@@ -420,10 +427,20 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     default format for fp8=True, FA3's (fa3py.fp8.FA3_FORMAT) for float8 inputs with descales."""
     from fa3py.fp8 import FA3_FORMAT, Fp8Format
 
+    v_rows = _fp8_v_rows(req)
     fmt = (req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format() if req.params.fp8
            else Fp8Format(**FA3_FORMAT))
-    return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling)
+    return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows)
 
+
+def _fp8_v_rows(req: "AttentionRequest") -> bool:
+    """Whether the kernel reads V in its rows (FwdConfig.fp8_v_rows): FA3's float8 inputs, or
+    quantized operands whose V is not transposed, where the opt-in is on."""
+    if not fp8_v_rows_enabled:
+        return False
+    if req.fp8_tensors is not None:
+        return not req.fp8_tensors.fmt.v_transposed
+    return not req.params.fp8
 
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     """None if the FP8 kernel serves `req` (unless FA3PY_CUTE_FP8=0), else why not: fa3py.fp8's
@@ -432,8 +449,10 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     if not fp8_enabled:
         return "cute_kernels: the FP8 kernel is turned off (FA3PY_CUTE_FP8=0)"
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
-    if fmt is not None and (fmt.qk_int8 or not fmt.v_transposed):
-        return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8) and transposed V"
+    if fmt is not None and fmt.qk_int8:
+        return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8)"
+    if fmt is not None and not fmt.v_transposed and not fp8_v_rows_enabled:
+        return "cute_kernels: FP8 takes transposed V (V in rows: opt-in FA3PY_CUTE_FP8_V_ROWS=1)"
     fa3 = req.fp8_tensors is None and not req.params.fp8
     if fa3 and (req.k.dtype != req.q.dtype or req.v.dtype != req.q.dtype):
         return "cute_kernels: FP8 takes q, k, v all float8_e4m3fn"
@@ -475,14 +494,18 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
                            v_scaling=cfg.fp8_v_scaling, v_pv_order=True, **cu)
     elif qkv is None:
         qkv = from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
-                            block_m=cfg.fp8_block_m, block_n=cfg.tile.tile_n, **cu)
+                            block_m=cfg.fp8_block_m, block_n=cfg.tile.tile_n, v_rows=cfg.fp8_v_rows, **cu)
     q, k, v = qkv
     if q.data.numel() == 0 or k.seqlen == 0:
         return _empty_result(req)
-    vt = v.data if v.fmt.v_pv_order else v.data.index_select(-1, pv_key_order(v.data.shape[-1], v.device))
+    assert v.transposed != cfg.fp8_v_rows, "the kernel reads V as the operands hold it"
+    if v.transposed:
+        vt = v.data if v.fmt.v_pv_order else v.data.index_select(-1, pv_key_order(v.data.shape[-1], v.device))
+        # packed operands' V^T and block scales are (heads, columns): the kernel takes a batch of 1
+        vt = vt.unsqueeze(0) if v.packed else vt
+    else:  # V's rows, as K's (fp8_v_rows: the kernel transposes each block into the PV key order)
+        vt = v.data
     p = req.params
-    # packed operands' V^T and block scales are (heads, columns): the kernel takes a batch of 1
-    vt = vt.unsqueeze(0) if v.packed else vt
     scales = tuple((t.scale.unsqueeze(0) if t.packed and t.scale.dim() == 2 else t.scale).float().contiguous()
                    for t in (q, k, v))
     constants = score_constants(p.softmax_scale, p.softcap, rotation_factor(qkv.fmt, req.headdim))

@@ -68,6 +68,7 @@ def test_compile_wide_bwd(dtype, hdim, features):
     assert ops["STL"] == ops["LDL"] == 0 and res.get("STACK", 0) == res.get("LOCAL", 0) == 0, \
         f"{cfg.short()}: local memory (spills) {res}"
     assert sass.max_register(text) < cfg.consumer_regs, f"{cfg.short()}: registers past setmaxnreg's"
+    assert sass.register_pool_overdrawn(text, res, cfg) is None
     # S^T and dP^T: 64 keys x 32 queries per warpgroup; dK, dQ: hdim / 2 columns per warpgroup,
     # dV hdimv / 2; each of these 64-query GEMMs is 4 k-blocks a step
     hdimv = cfg.hdimv or hdim

@@ -23,9 +23,10 @@ def _compile_and_check(cfg: FwdConfig, text_out: list | None = None):
     with tempfile.TemporaryDirectory() as d:
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
+        res = sass.resource_usage(cubin)
     if text_out is not None:
         text_out.append(text)
-    missing = sass.check(text, cfg)
+    missing = sass.check(text, cfg, res)  # with `res`: the setmaxnreg split fits, no local memory
     assert missing == [], f"{cfg.short()}: missing {missing}"
     ops = sass.opcode_counts(text)
     assert ops["STL"] == 0 and ops["LDL"] == 0, f"{cfg.short()}: register spills"
@@ -90,7 +91,7 @@ def test_compile_three_wg(features):
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
         res = sass.resource_usage(cubin)
-    assert sass.check(text, cfg) == []
+    assert sass.check(text, cfg, res) == []
     ops = sass.opcode_counts(text)
     assert ops["STL"] == 0 and ops["LDL"] == 0 and res["STACK"] == 0 and res["LOCAL"] == 0
     assert res["REG"] <= 128 and sass.max_register(text) < 160
@@ -304,7 +305,8 @@ PAGED = [
 def test_compile_paged(hdim, d, page_size, features):
     """Paged K / V: the producer's TMAs, one per page box (two 64-column boxes per row tile at
     hdim >= 128), its page table reads (one LDG per load site, lane-parallel) and shuffles, no spills
-    at 32 producer registers."""
+    at 32 producer registers, and a setmaxnreg split the launch's registers hold (32 + 2 x 240
+    did not: the consumers' TRY_ALLOC loop waited forever, the paged tests' stall on H100 / H200)."""
     from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
 
     cfg = FwdConfig.make("bf16", hdim, seqused_k=True, page_size=page_size, hdim_in=0 if d == hdim else d,
@@ -312,9 +314,36 @@ def test_compile_paged(hdim, d, page_size, features):
     kernel = FlashAttentionForwardSm90(cfg)
     assert kernel.pages_per_block == max(1, cfg.tile.tile_n // page_size) and cfg.tile.producer_regs == 32
     text = []
-    ops = _compile_and_check(cfg, text)
+    ops = _compile_and_check(cfg, text)  # with the register pool: 32 + 2 x 232 or 32 + 3 x 160
     assert "USETMAXREG.DEALLOC.CTAPOOL 0x20" in text[0]
     contiguous = _compile_and_check(dataclasses.replace(cfg, page_size=0))
     # K and V each load at two sites (the tile's first block and the loop), unrolled per box
     assert ops["UTMALDG"] > contiguous["UTMALDG"] or kernel.pages_per_block == 1
     assert (ops["SHFL"] > contiguous["SHFL"]) == (kernel.pages_per_block > 1)
+
+
+def test_check_rejects_a_setmaxnreg_split_past_the_launch_registers():
+    """`check` with ptxas's resources: a split whose consumers ask for more than the producer
+    frees of the launch's REG x threads is reported (it hangs on the GPU); FA3's splits pass.
+    The config refuses such a split before any compile (SASS made up here)."""
+    from cute_kernels.config import TileConfig, check_reg_split, launch_regs
+
+    cfg = FwdConfig.make("bf16", 128)  # 2 consumer warpgroups, 384 threads
+    assert cfg.tile.num_threads == 384 and launch_regs(384) == 168 and launch_regs(512) == 128
+
+    def sass_with(dealloc: int, alloc: int) -> str:
+        return (f"/*0010*/ USETMAXREG.DEALLOC.CTAPOOL {dealloc:#x} ;\n"
+                f"/*0020*/ USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {alloc:#x} ;\n")
+
+    assert sass.register_pool_overdrawn(sass_with(24, 240), {"REG": 168}, cfg) is None
+    assert sass.register_pool_overdrawn(sass_with(32, 232), {"REG": 168}, cfg) is None
+    found = sass.register_pool_overdrawn(sass_with(32, 240), {"REG": 168}, cfg)
+    assert found and "512 > 3 x REG 168 = 504" in found
+    assert sass.register_pool_overdrawn(sass_with(24, 240), {"REG": 160}, cfg)  # a smaller launch
+    assert any("hangs" in m for m in sass.check(sass_with(32, 240), cfg, {"REG": 168}))
+    with pytest.raises(AssertionError, match="wait forever"):
+        dataclasses.replace(cfg.tile, producer_regs=32)
+    with pytest.raises(AssertionError, match="wait forever"):
+        check_reg_split(32, 168, 3, "tile_m 192")
+    check_reg_split(32, 160, 3, "tile_m 192")
+    assert isinstance(dataclasses.replace(cfg.tile, producer_regs=32, consumer_regs=232), TileConfig)

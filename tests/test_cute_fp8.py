@@ -117,3 +117,91 @@ def test_convert_p_e4m3_compiles_to_paired_conversions():
         ops = opcode_counts(sass_text(cubins[0]))
     assert ops["F2FP"] >= 32, ops  # 64 values -> 32 e4m3x2 conversions
     assert ops["SHFL"] == 0, "P must not move between lanes"
+
+
+def _byte_maps(tile_n: int, hdimv: int) -> tuple[list, list]:
+    """Byte offsets of the fp8_v_rows kernel's smem tiles, from the layouts the kernel builds
+    (stage 1 of 2): V's rows (key, channel) -> offset and V^T (channel, key position) -> offset."""
+    from cute_kernels.utils import make_smem_layout
+
+    out = {}
+
+    @cute.jit
+    def maps():
+        rows = make_smem_layout(cutlass.Float8E4M3FN, (tile_n, hdimv), 2)
+        vt = make_smem_layout(cutlass.Float8E4M3FN, (hdimv, tile_n), 2)
+        out["rows"] = [[cute.crd2idx((n, d, 1), rows) for d in range(hdimv)] for n in range(tile_n)]
+        out["vt"] = [[cute.crd2idx((d, n, 1), vt) for n in range(tile_n)] for d in range(hdimv)]
+
+    maps()
+    return out["rows"], out["vt"]
+
+
+# (hdim_v, tile_n) of the FP8 kernel's channel-V tiles (config.fp8_tile) and a masked-softcap one
+VT_TILES = [(64, 128), (96, 96), (128, 224), (128, 128), (256, 128), (256, 64)]
+
+
+@pytest.mark.parametrize("hdimv,tile_n", VT_TILES)
+def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n):
+    """fp8.transpose_v_block's jobs, run lane by lane on the CPU with the kernel's own swizzled
+    smem layouts and PTX prmt's byte semantics: every byte of V^T is written once, with key
+    PV_KEY_ORDER[i] of each 16-key group at position i, from fresh random bytes. Where both tiles
+    have 128-byte rows (the 128-byte swizzle) no load or store of a job has a bank conflict."""
+    from cute_kernels.fwd_sm90 import VT_WARPS
+
+    rows_map, vt_map = _byte_maps(tile_n, hdimv)
+    gen = torch.Generator().manual_seed(hdimv * 1000 + tile_n)
+    v = torch.randint(0, 256, (tile_n, hdimv), generator=gen, dtype=torch.uint8)
+    rows = bytearray(max(max(r) for r in rows_map) + 1)
+    for n in range(tile_n):
+        for d in range(hdimv):
+            rows[rows_map[n][d]] = int(v[n, d])
+    vt = bytearray(max(max(r) for r in vt_map) + 1)
+    written = [0] * len(vt)
+    word = lambda buf, off: int.from_bytes(buf[off:off + 4], "little")
+    worst = 0
+    jobs = fp8.vt_jobs(hdimv, tile_n)
+    for warp in range(VT_WARPS):
+        for job in range(warp, jobs, VT_WARPS):
+            loads = [[] for _ in fp8.VT_ROW_OFFSETS]
+            stores = [[] for _ in range(4)]
+            for lane in range(32):
+                g, t, d4 = fp8.vt_job_coords(job, lane, tile_n)
+                if g >= tile_n // 16:
+                    continue
+                offs = [rows_map[g * 16 + t * 2 + o][d4 * 4] for o in fp8.VT_ROW_OFFSETS]
+                assert all(off % 4 == 0 for off in offs)
+                out = fp8.byte_transpose4(*(word(rows, off) for off in offs), fp8.prmt_reference)
+                for i, off in enumerate(offs):
+                    loads[i].append(off)
+                for c in range(4):
+                    off = vt_map[d4 * 4 + c][g * 16 + t * 4]
+                    assert off % 4 == 0
+                    vt[off:off + 4] = out[c].to_bytes(4, "little")
+                    for b in range(4):
+                        written[off + b] += 1
+                    stores[c].append(off)
+            for access in loads + stores:  # lanes sharing a bank (different words) serialize
+                banks = {}
+                for off in access:
+                    banks.setdefault(off // 4 % 32, set()).add(off // 4)
+                worst = max(worst, max((len(w) for w in banks.values()), default=1))
+    expected = v.T[:, [16 * (n // 16) + fp8.PV_KEY_ORDER[n % 16] for n in range(tile_n)]]
+    got = torch.tensor([[vt[vt_map[d][n]] for n in range(tile_n)] for d in range(hdimv)], dtype=torch.uint8)
+    assert torch.equal(got, expected)
+    assert sorted({written[vt_map[d][n]] for d in range(hdimv) for n in range(tile_n)}) == [1]
+    if hdimv % 128 == 0 and tile_n % 128 == 0:
+        assert worst == 1, f"{worst}-way bank conflicts"
+
+
+def test_prmt_reference_and_byte_transpose():
+    """The byte permutes the transposer uses: prmt's selector semantics on Python ints, and a 4 x 4
+    byte transpose of fresh random words."""
+    assert fp8.prmt_reference(0x03020100, 0x07060504, 0x5140) == 0x05010400
+    assert fp8.prmt_reference(0x000000F0, 0, 0x8888) == 0xFFFFFFFF  # sign replication
+    gen = torch.Generator().manual_seed(7)
+    w = [int(x) for x in torch.randint(0, 2**31, (4,), generator=gen)]
+    out = fp8.byte_transpose4(*w, fp8.prmt_reference)
+    for i in range(4):
+        for c in range(4):
+            assert (out[c] >> (8 * i)) & 0xFF == (w[i] >> (8 * c)) & 0xFF

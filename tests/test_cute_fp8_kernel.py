@@ -5,6 +5,7 @@ P converted without shuffles in the KV loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -79,7 +80,7 @@ def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
     features = dict(features)
     cfg = FwdConfig.make("e4m3", hdim, features.pop("hdimv", hdim), fp8_v_scaling=v_scaling, **features)
     text, res = _compile(cfg)
-    assert sass.check(text, cfg) == [], cfg.short()
+    assert sass.check(text, cfg, res) == [], cfg.short()
     ops = sass.opcode_counts(text)
     assert ops["QGMMA"] > 0 and ops["HGMMA"] == 0, ops
     assert ops["STL"] == 0 and ops["LDL"] == 0 and not res.get("LOCAL"), f"{cfg.short()}: spills {res}"
@@ -381,6 +382,91 @@ def test_fa3_format_through_the_api_on_the_emulated_sm90(emulated_sm90, monkeypa
     _check_against_reference(out, lse, req)
 
 
+FA3_CASES = [c for c in FP8_HOST_CASES if "fa3" in c]
+
+
+def _run_fp8_recording_v(req, cfg, monkeypatch) -> tuple:
+    """run_fp8 around the emulated kernel; (out, lse, the V tensors the kernel was given)."""
+    from cute_kernels import launch
+    from tests.cute_emulation import emulated_fp8_launch
+
+    seen = []
+
+    def recording(req_, cfg_, q, k, v, *args, **kw):
+        seen.append(v)
+        return emulated_fp8_launch(req_, cfg_, q, k, v, *args, **kw)
+
+    monkeypatch.setattr(launch, "launch_kernel", recording)
+    return (*launch.run_fp8(req, cfg), seen)
+
+
+@pytest.mark.parametrize("case", FA3_CASES)
+def test_fa3_v_rows_host_path_on_the_emulated_kernel(case, monkeypatch):
+    """FA3PY_CUTE_FP8_V_ROWS=1: FA3's float8 v reaches the kernel as it is (the request's own
+    tensor, no transposing copy; the kernel's fp8_v_rows config transposes each block in smem),
+    and the emulated kernel gives the bits of the transposed-copy path and the reference's
+    accuracy."""
+    from cute_kernels import launch
+
+    req, cfg = _feature_request(case, "cpu", monkeypatch)
+    assert not cfg.fp8_v_rows
+    out_t, lse_t, _ = _run_fp8_recording_v(req, cfg, monkeypatch)
+    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    cfg_rows = launch.fp8_config_for(req)
+    assert cfg_rows.fp8_v_rows and dataclasses.replace(cfg_rows, fp8_v_rows=False) == cfg
+    out, lse, seen = _run_fp8_recording_v(req, cfg_rows, monkeypatch)
+    assert seen and all(v.data_ptr() == req.v.data_ptr() and v.shape == req.v.shape for v in seen)
+    assert torch.equal(out, out_t) and torch.equal(lse, lse_t)
+    _check_against_reference(out, lse, req)
+
+
+def test_quantized_v_in_rows_needs_the_opt_in(monkeypatch):
+    """Quantized operands whose V is not transposed (quantize_fp8(v_transposed=False)): refused by
+    the FP8 kernel unless V in rows is opted in, then served with fp8_v_rows (the emulated
+    kernel's result equals the transposed-V operands')."""
+    import fa3py
+    from cute_kernels import launch
+    from fa3py import fp8 as fa3py_fp8
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+               for n in (70, 150, 150))
+    block_n = launch.FwdConfig.make("e4m3", 64).tile.tile_n
+    rows = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_n=block_n, v_transposed=False, seed=3))
+    vt = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_n=block_n, v_pv_order=True, seed=3))
+    assert "FA3PY_CUTE_FP8_V_ROWS=1" in launch.fp8_why_not(rows)
+    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    assert launch.fp8_why_not(rows) == "cute_kernels: CUDA tensors only"
+    cfg_rows, cfg_vt = launch.fp8_config_for(rows), launch.fp8_config_for(vt)
+    assert cfg_rows.fp8_v_rows and not cfg_vt.fp8_v_rows
+    out, lse, seen = _run_fp8_recording_v(rows, cfg_rows, monkeypatch)
+    out_t, lse_t, _ = _run_fp8_recording_v(vt, cfg_vt, monkeypatch)
+    assert seen[0].shape == v.shape and torch.equal(out, out_t) and torch.equal(lse, lse_t)
+
+
+V_ROWS_COMPILE = [
+    (128, dict(has_right=True)),  # 128 x 224, the dynamic scheduler's tile walk
+    (64, dict()),  # 3 consumer warpgroups (512 threads, 24 / 160)
+    (256, dict(cu_seqlens_q=True, cu_seqlens_k=True)),  # packed V rows, O in two chunks
+    (128, dict(pack_gqa=4, split_kv=True, seqused_k=True)),  # decoding
+]
+
+
+@pytest.mark.parametrize("hdim,features", V_ROWS_COMPILE, ids=[f"d{d}-" + "-".join(f) for d, f in V_ROWS_COMPILE])
+def test_fp8_v_rows_compiles(hdim, features):
+    """fp8_v_rows: the FP8 kernel with V's rows staged and transposed by producer warps 1-3
+    compiles for sm_90a without local memory, within the launch's registers, with its job loop:
+    four 32-bit shared loads, eight PRMT and four 32-bit shared stores, beside the QGMMAs."""
+    cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
+    text, res = _compile(cfg)
+    assert sass.check(text, cfg, res) == [], cfg.short()
+    ops = sass.opcode_counts(text)
+    assert ops["QGMMA"] > 0 and ops["STL"] == ops["LDL"] == 0
+    full = sass.opcode_counts(text, full=True)
+    assert full["LDS"] >= 4 and full["STS"] >= 4, {k: n for k, n in full.items() if k.startswith(("LDS", "STS"))}
+    assert ops["PRMT"] >= 8
+
+
 def test_transpose_v_is_one_copy_in_the_pv_key_order():
     """FA3's V (b, s, h_kv, dv) -> V^T (b, h_kv, dv, s_pad): the format's transposed V with
     v_pv_order, zero-padded; ragged lengths take the tail group's index copy."""
@@ -475,6 +561,26 @@ def test_gpu_fp8_features(case, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", FA3_CASES)
+def test_gpu_fa3_v_rows_bitwise_equal_to_the_transposed_copy(case, monkeypatch):
+    """FA3PY_CUTE_FP8_V_ROWS=1 on the GPU: V transposed in smem by the producer warps feeds the
+    WGMMAs the bytes the transposing copy feeds them, so out and LSE are bit for bit those of the
+    copy path (same tiles), run twice (a stale or racing V^T stage would differ), and within the
+    reference rule."""
+    from cute_kernels import launch
+
+    req, cfg = _feature_request(case, "cuda", monkeypatch)
+    out_t, lse_t = launch.run_fp8(req, cfg)
+    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    cfg_rows = launch.fp8_config_for(req)
+    assert cfg_rows.fp8_v_rows
+    for _ in range(2):
+        out, lse = launch.run_fp8(req, cfg_rows)
+        assert torch.equal(out, out_t) and torch.equal(lse, lse_t)
+    _check_against_reference(out, lse, req)
+
+
+@pytest.mark.gpu
 def test_gpu_fa3_format_goes_to_cute_with_opt_in(monkeypatch):
     """flash_attn_func on float8 q, k, v with descales runs the cute FP8 kernel (opted in) and
     returns bf16 close to the fp64 reference."""
@@ -505,6 +611,20 @@ def test_fp8_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
     checked = tvm_ffi_signature_check(monkeypatch)
     launch.run_fp8(req, cfg)
     assert checked and checked[0].dtype == "e4m3"
+
+
+@pytest.mark.parametrize("case", ["fa3_softcap_pack_split", "varlen_fa3"])
+def test_fp8_v_rows_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
+    """The same with FA3's V in rows (fp8_v_rows): V binds K's row symbols, not V^T's."""
+    from cute_kernels import launch
+    from tests.cute_emulation import tvm_ffi_signature_check
+
+    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    req, cfg = _feature_request(case, "cpu", monkeypatch)
+    assert cfg.fp8_v_rows
+    checked = tvm_ffi_signature_check(monkeypatch)
+    launch.run_fp8(req, cfg)
+    assert checked and checked[0].fp8_v_rows
 
 
 def test_default_block_n_is_the_kernel_tile():
