@@ -256,70 +256,71 @@ def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
     assert len(cute_bwd) == 1 and cute_bwd[-1].chunk
 
 
-# ----------------------------------------------------------------------------- tile_m 128 (hdim 64)
-# hdim 64's default (config.BWD_TILES; 64 rows is its variant): 128-row query blocks, dQ split by
-# rows over the warpgroups. Forced through bwd_launch.config_for here, whatever the table says.
+# ----------------------------------------------------------------------------- tile_m 64 (hdim 64's variant)
+# hdim 64 defaults to 128-row query blocks (config.BWD_TILES), which the default tests above run
+# at d = 64; its 64-row variant (BWD_TILE_M_VARIANTS) is forced here through bwd_launch.config_for,
+# so the GPU runs each hdim-64 case once per tile rather than the default's twice.
 @pytest.fixture
-def tile_m128(cute_bwd, monkeypatch):
-    force_hdim64_tile_m(monkeypatch, 128)
+def tile_m64(cute_bwd, monkeypatch):
+    force_hdim64_tile_m(monkeypatch, 64)
     return cute_bwd
 
 
 @pytest.mark.parametrize("d", [64, 40])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", SIZES + [(128, 128), (129, 257), (2048, 2048)])
-def test_gpu_bwd_tile_m128_sizes(tile_m128, sq, sk, causal, d):
-    check_grads(tile_m128, *batched(sq, sk, d=d), causal=causal)
-    assert tile_m128[-1].tile_m == 128
+def test_gpu_bwd_tile_m64_sizes(tile_m64, sq, sk, causal, d):
+    check_grads(tile_m64, *batched(sq, sk, d=d), causal=causal)
+    assert tile_m64[-1].tile_m == 64
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_bwd_tile_m128_dtypes_heads(tile_m128, dtype, heads, causal):
+def test_gpu_bwd_tile_m64_dtypes_heads(tile_m64, dtype, heads, causal):
     for sq, sk in [(113, 203), (799, 1023), (1, 300), (300, 1)]:
-        check_grads(tile_m128, *batched(sq, sk, heads, 64, dtype), causal=causal)
-        assert tile_m128[-1].tile_m == 128
+        check_grads(tile_m64, *batched(sq, sk, heads, 64, dtype), causal=causal)
+        assert tile_m64[-1].tile_m == 64
 
 
 @pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129)])
 @pytest.mark.parametrize("window", WINDOWS, ids=[f"w{wl}_{wr}" for wl, wr in WINDOWS])
-def test_gpu_bwd_tile_m128_local(tile_m128, window, sq, sk):
-    check_grads(tile_m128, *batched(sq, sk, "gqa", 64), window_size=window)
-    assert tile_m128[-1].tile_m == 128
+def test_gpu_bwd_tile_m64_local(tile_m64, window, sq, sk):
+    check_grads(tile_m64, *batched(sq, sk, "gqa", 64), window_size=window)
+    assert tile_m64[-1].tile_m == 64
 
 
 @pytest.mark.parametrize("sq,sk", [(239, 517), (517, 239)])
 @pytest.mark.parametrize("feature", ["plain", "causal", "both"])
 @pytest.mark.parametrize("softcap", [7.5, 30.0])
-def test_gpu_bwd_tile_m128_softcap(tile_m128, softcap, feature, sq, sk):
-    """softcap's own tile_m 128 path (d tanh in fp32, P^T and dS^T after the dP^T wait)."""
+def test_gpu_bwd_tile_m64_softcap(tile_m64, softcap, feature, sq, sk):
+    """softcap on the 64-row tile (d tanh in fp32)."""
     q, k, v = batched(sq, sk, "gqa", 64)
-    check_grads(tile_m128, q * 3, k, v, softcap=softcap, **FEATURES[feature])
-    assert tile_m128[-1].tile_m == 128
+    check_grads(tile_m64, q * 3, k, v, softcap=softcap, **FEATURES[feature])
+    assert tile_m64[-1].tile_m == 64
 
 
 @pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("layout", list(VARLEN))
-def test_gpu_bwd_tile_m128_varlen(tile_m128, layout, feature, heads):
+def test_gpu_bwd_tile_m64_varlen(tile_m64, layout, feature, heads):
     lens, seqused = VARLEN[layout]
     h, hk = HEADS[heads]
     q, k, v, kw = make_inputs(lens, h, hk, 64, torch.bfloat16, DEVICE, True, seqused)
-    check_grads(tile_m128, q, k, v, kw, **FEATURES[feature])
-    assert tile_m128[-1].tile_m == 128
+    check_grads(tile_m64, q, k, v, kw, **FEATURES[feature])
+    assert tile_m64[-1].tile_m == 64
 
 
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
 @pytest.mark.parametrize("feature", list(DETERMINISTIC_FEATURES))
-def test_gpu_bwd_tile_m128_deterministic(tile_m128, feature, heads):
-    check_deterministic(tile_m128, heads, 64, DETERMINISTIC_FEATURES[feature])
-    assert tile_m128[-1].tile_m == 128
+def test_gpu_bwd_tile_m64_deterministic(tile_m64, feature, heads):
+    check_deterministic(tile_m64, heads, 64, DETERMINISTIC_FEATURES[feature])
+    assert tile_m64[-1].tile_m == 64
 
 
 @pytest.mark.parametrize("chunk", [40, 128, 192])
 @pytest.mark.parametrize("feature", ["plain", "causal", "both"])
-def test_gpu_bwd_tile_m128_chunk(tile_m128, chunk, feature):
+def test_gpu_bwd_tile_m64_chunk(tile_m64, chunk, feature):
     for sq, sk in [(333, 517), (1023, 300)]:
-        check_grads(tile_m128, *batched(sq, sk, "gqa", 64), attention_chunk=chunk, **FEATURES[feature])
-        assert tile_m128[-1].chunk and tile_m128[-1].tile_m == 128
+        check_grads(tile_m64, *batched(sq, sk, "gqa", 64), attention_chunk=chunk, **FEATURES[feature])
+        assert tile_m64[-1].chunk and tile_m64[-1].tile_m == 64
