@@ -342,8 +342,11 @@ class FwdConfig:
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
             persistent=not windowed,
             # Causal/local: atomic tile counter, hdim128 512 274 -> 352 TFLOP/s (log §3);
-            # not 3 WGs with a left edge (spills 80 bytes; a chunk has one too).
-            dynamic=windowed and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False))),
+            # not 3 WGs with a left edge (spills 80 bytes; a chunk has one too), nor FP8's
+            # 224-key tile with a chunk (32 bytes of stack, 8 STL; without the counter none,
+            # CPU SASS).
+            dynamic=windowed and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False)))
+            and not (fp8 and features.get("chunk", False) and base.tile_n > 192),
             # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (log §2); hdim128 -1%.
             rescale_o_before_pv=hdimv > 128,
             # Up to hdim 192 (Q's descriptors fit in registers): hdim64 causal 8k 449 -> 480;

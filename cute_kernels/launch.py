@@ -459,8 +459,6 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     if fa3 and req.qv is not None:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
     p = req.params
-    if p.attention_chunk:
-        return "cute_kernels: FP8 has no attention_chunk yet"
     if p.softmax_scale <= 0 and p.softcap == 0:
         return "cute_kernels: FP8 needs softmax_scale > 0 or softcap (the row max is taken before the multiplier)"
     if req.headdim not in FP8_HDIMS or (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:

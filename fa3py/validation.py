@@ -270,9 +270,6 @@ def make_request(
     chunk = _check_chunk(attention_chunk)
     if fp8 and dtype not in FLOAT_DTYPES:
         _fail(ValueError, "fp8", f"quantizes fp16/bf16 inputs; q is already {dtype} (pass descales instead)")
-    if fp8 and chunk:
-        _fail(NotImplementedError, "attention_chunk", "is not supported with fp8=True yet (the FP8 format's kernels "
-                                                      "take causal and windows only)")
 
     descales = [_check_descale(n, x, dtype, batch, nheads_kv, device)
                 for n, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]

@@ -167,6 +167,9 @@ def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(N
             keep &= col <= pos[:, None] + sk - sq + p.window_right
         if p.window_left >= 0:
             keep &= col >= pos[:, None] + sk - sq - p.window_left
+        if cfg.chunk:  # the key lies in the chunk of the row's diagonal position
+            start = torch.div(pos[:, None] + sk - sq, p.attention_chunk, rounding_mode="floor") * p.attention_chunk
+            keep &= (col >= start) & (col < start + p.attention_chunk)
         nblk = -(-sk // tile_n)
         per_split = -(-nblk // num_splits)
         for split in range(num_splits):

@@ -64,6 +64,10 @@ FP8_GRID = [
     (128, "channel", dict(softcap=True)),
     (128, "channel", dict(cu_seqlens_q=True, cu_seqlens_k=True, pack_gqa=4, has_right=True)),
     (128, "channel", dict(split_kv=True, seqused_k=True)),
+    # attention_chunk: one more bound on the KV-block range and the masks (mask.AttentionMask)
+    (128, "channel", dict(chunk=True, has_right=True)),
+    (64, "block", dict(chunk=True, has_left=True, has_right=True, split_kv=True)),
+    (256, "channel", dict(chunk=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True, softcap=True)),
 ]
 
 
@@ -317,6 +321,15 @@ FP8_HOST_CASES = {  # name: (request maker args, kwargs, splits setting, cfg fac
     "varlen_fa3": ((8, 2, 128), dict(fa3=True, causal=True), "1", dict(cu_seqlens_q=True)),
     "varlen_fa3_seqused_split": ((4, 1, 64), dict(fa3=True, seqused=(False, True)), "2",
                                  dict(split_kv=True, seqused_k=True)),
+    # attention_chunk (Llama 4): causal within chunks that are not multiples of the tiles
+    "chunk_causal_channel": ((2, 300, 500, 4, 2, 128), dict(causal=True, attention_chunk=96, v_scaling="channel"),
+                             "1", dict(chunk=True)),
+    "chunk_window_block": ((1, 257, 300, 2, 2, 64), dict(attention_chunk=100, window_size=(40, 7)), "1",
+                           dict(chunk=True, has_left=True)),
+    "fa3_chunk_pack_split": ((2, 3, 700, 8, 2, 128), dict(causal=True, attention_chunk=160), "2",
+                             dict(chunk=True, split_kv=True, pack_gqa=4)),
+    "varlen_chunk": ((4, 2, 128), dict(causal=True, attention_chunk=50), "1",
+                     dict(chunk=True, cu_seqlens_q=True, cu_seqlens_k=True)),
 }
 
 
@@ -449,6 +462,7 @@ V_ROWS_COMPILE = [
     (64, dict()),  # 3 consumer warpgroups (512 threads, 24 / 160)
     (256, dict(cu_seqlens_q=True, cu_seqlens_k=True)),  # packed V rows, O in two chunks
     (128, dict(pack_gqa=4, split_kv=True, seqused_k=True)),  # decoding
+    (128, dict(has_right=True, chunk=True)),  # a chunk: the static tile order at 128 x 224
 ]
 
 

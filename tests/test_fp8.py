@@ -191,7 +191,8 @@ def fp8_math_in_pytorch(qkv, req):
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * p.softmax_scale
     if p.softcap > 0:
         s = p.softcap * torch.tanh(s / p.softcap)
-    keep = reference.keep_mask(s.shape[2], s.shape[3], p.window_left, p.window_right)
+    keep = reference.keep_mask(s.shape[2], s.shape[3], p.window_left, p.window_right,
+                               attention_chunk=p.attention_chunk)
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(-1, keepdim=True)
     e = torch.exp(s - torch.where(m == float("-inf"), 0, m))  # a row with no key: 0
@@ -199,6 +200,10 @@ def fp8_math_in_pytorch(qkv, req):
     total = e.sum(-1).transpose(1, 2).unsqueeze(-1)
     return (pv / torch.where(total > 0, total, 1)).to(req.out_dtype), torch.logsumexp(s, -1)
 
+
+# FEATURES and attention_chunk (Llama 4's chunked attention: causal within chunks; with a window)
+FP8_FEATURES = dict(FEATURES, chunk=dict(causal=True, attention_chunk=40),
+                    chunk_window=dict(attention_chunk=48, window_size=(30, 5)))
 
 CASES = {  # (b, lq, lk, h, hk, d, dv)
     "ragged": (2, 113, 203, 4, 2, 64, 64),
@@ -209,13 +214,13 @@ CASES = {  # (b, lq, lk, h, hk, d, dv)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap", "chunk", "chunk_window"])
 @pytest.mark.parametrize("v_scaling", ["block", "channel"])
 def test_emulation_against_reference(case, feature, v_scaling):
     q, k, v = inputs(*CASES[case], torch.bfloat16, "cpu")
     qkv = fa3py.quantize_fp8(q, k, v, block_m=64, block_n=32, v_scaling=v_scaling)
-    out, lse = fa3py.attention(*qkv, return_lse=True, **FEATURES[feature])
-    req = make_request(q, k, v, **FEATURES[feature])
+    out, lse = fa3py.attention(*qkv, return_lse=True, **FP8_FEATURES[feature])
+    req = make_request(q, k, v, **FP8_FEATURES[feature])
     ref_out, ref_lse = reference.attention(req)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     baseline, baseline_lse = fp8_math_in_pytorch(qkv, req)
@@ -223,7 +228,7 @@ def test_emulation_against_reference(case, feature, v_scaling):
     assert max_err(lse, ref_lse) <= 2 * max_err(baseline_lse, ref_lse) + 1e-3
 
 
-@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap", "chunk"])
 def test_fa3_descales_as_the_format_against_reference(feature):
     """FA3's float8 inputs with (batch, nheads_kv) descales, seen as the unrotated format
     (fp8.from_descales: what the Hopper FP8 kernel is given), through the emulation: no worse than
@@ -232,7 +237,7 @@ def test_fa3_descales_as_the_format_against_reference(feature):
                                                                          "cpu"))
     gen = torch.Generator().manual_seed(0)
     ds = [torch.rand(2, 2, generator=gen) + 0.25 for _ in range(3)]
-    req = make_request(q, k, v, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2], **FEATURES[feature])
+    req = make_request(q, k, v, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2], **FP8_FEATURES[feature])
     qkv = fp8.from_descales(q, k, v, *ds, block_m=64, block_n=32)
     assert not qkv.fmt.rotated and qkv.fmt.v_scaling == "channel"
     out, lse = fp8.emulate.attention(qkv, req.params, torch.bfloat16)
@@ -282,7 +287,7 @@ def test_request_carries_token_views(pv_order):
     _token_views_are_views(fa3py.quantize_fp8(q, k, v, block_n=32, v_pv_order=pv_order), causal=True)
 
 
-@pytest.mark.parametrize("feature", ["plain", "causal", "softcap"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "softcap", "chunk"])
 @pytest.mark.parametrize("seqused", [False, True])
 def test_varlen_emulation_against_reference(feature, seqused):
     """Packed operands (and seqused) through flash_attn_varlen_func: each sequence as its own
@@ -293,7 +298,7 @@ def test_varlen_emulation_against_reference(feature, seqused):
     used = dict(seqused_q=torch.tensor([4, 50, 1, 0, 33], dtype=torch.int32),
                 seqused_k=torch.tensor([40, 64, 2, 9, 1], dtype=torch.int32)) if seqused else {}
     qkv = fa3py.quantize_fp8(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_m=32, block_n=32)
-    kw = dict(max_seqlen_q=max(VARLEN_Q), max_seqlen_k=max(VARLEN_K), **used, **FEATURES[feature])
+    kw = dict(max_seqlen_q=max(VARLEN_Q), max_seqlen_k=max(VARLEN_K), **used, **FP8_FEATURES[feature])
     out, lse = fa3py.flash_attn_varlen_func(*qkv, cu_q, cu_k, return_attn_probs=True, **kw)
     qf, kf, vf = (t.dequantize() for t in qkv)
     req = make_request(*(x.to(torch.bfloat16) for x in (qf, kf, vf)), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
@@ -440,17 +445,21 @@ def test_int8_qk_mode_against_reference_and_more_accurate():
     assert rows.sum() == 1 and rows[0, 9, 1] and out[0, 9, 1].isnan().all()
 
 
-def test_fp8_refuses_attention_chunk():
-    """The FP8 emulation and kernels mask causal and windows only: a chunk is an error, never
-    silently dropped."""
+def test_fp8_attention_chunk_masks_like_16_bit():
+    """attention_chunk with fp8=True and on quantized operands: a query sees only the keys of its
+    chunk, as 16-bit attention does; where every kept key's value is 0 except outside the chunk
+    the output is exactly 0 (a dropped chunk mask would show)."""
     import fa3py
 
-    q = torch.randn(1, 16, 2, 64, dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="attention_chunk"):
-        fa3py.attention(q, q, q, fp8=True, attention_chunk=8)
-    qkv = fa3py.quantize_fp8(q, q, q)
-    with pytest.raises(NotImplementedError, match="attention_chunk"):
-        fa3py.attention(*qkv, attention_chunk=8)
+    q, k, v = inputs(1, 100, 100, 2, 1, 64, 64, torch.bfloat16, "cpu")
+    chunk = 32
+    v_out = v.clone()
+    pos = torch.arange(100)
+    v_out[:, pos // chunk == 3] = 0  # keys of the last chunk (96..99) are zero
+    out = fa3py.attention(q, k, v_out, fp8=True, causal=True, attention_chunk=chunk)
+    assert out[:, 96:].abs().max() == 0 and out[:, :96].abs().max() > 0
+    qkv = fa3py.quantize_fp8(q, k, v_out)
+    assert torch.equal(fa3py.attention(*qkv, causal=True, attention_chunk=chunk), out)
 
 
 def test_v_pv_order_stores_the_same_values_in_the_kernel_key_order():

@@ -49,6 +49,8 @@ def why_not(req, backward: bool) -> str | None:
         return "no FP8 tensor cores before sm89 (the float32 emulation runs instead)"
     if req.is_varlen:
         return "the FP8 kernel takes batched q, k, v only"
+    if req.params.attention_chunk:
+        return "attention_chunk: not in the Triton FP8 kernel"
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format()
     if fmt.v_pv_order:
         return "V in the Hopper kernel's PV key order (v_pv_order): the Triton FP8 kernel reads keys in order"

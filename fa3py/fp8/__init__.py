@@ -169,9 +169,6 @@ def make_request(q, k, v, **kwargs):
     from ..validation import make_request as make
 
     kwargs.pop("fp8", None)  # implied by quantized operands
-    if kwargs.get("attention_chunk"):
-        raise NotImplementedError("fa3py: `attention_chunk` is not supported on quantized FP8 operands yet (the FP8 "
-                                  "format's kernels take causal and windows only)")
     qkv = complete(q, k, v, kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k"))
     if qkv.k.seqlen != qkv.v.seqlen:
         raise ValueError(f"fa3py: quantized k and v have different seqlens ({qkv.k.seqlen}, {qkv.v.seqlen})")

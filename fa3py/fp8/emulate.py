@@ -92,8 +92,9 @@ def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, des
     row_sum = torch.zeros(b, h, lq, device=dev)
     acc = torch.zeros(b, h, lq, dv, device=dev)
     nblk = -(-lk // bn)
-    windowed = params.window_left >= 0 or params.window_right >= 0
-    keep_all = keep_mask(lq, lk, params.window_left, params.window_right, device=dev) if windowed else None
+    windowed = params.window_left >= 0 or params.window_right >= 0 or params.attention_chunk > 0
+    keep_all = keep_mask(lq, lk, params.window_left, params.window_right, device=dev,
+                         attention_chunk=params.attention_chunk) if windowed else None
     for j in (reversed(range(nblk)) if descending else range(nblk)):
         j0, j1 = j * bn, min(lk, (j + 1) * bn)
         keep = None if keep_all is None else keep_all[:, j0:j1]

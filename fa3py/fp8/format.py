@@ -30,6 +30,7 @@ LOG2E = 1.0 / math.log(2.0)
 PV_KEY_ORDER = tuple(2 * (i // 4) + i % 2 + 8 * ((i % 4) // 2) for i in range(16))
 
 
+@functools.lru_cache(maxsize=256)  # on every FP8 call; a CPU tensor per value costs ~3 us
 def score_constants(softmax_scale: float, softcap: float, n: int) -> tuple[float, float]:
     """(c, cap), float32 values as Python floats, of the score multiplier (`fa3py.fp8`,
     "Attention"): without softcap s2 = S * (sq * sk * c) with c = softmax_scale * log2(e) / n and
