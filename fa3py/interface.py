@@ -45,9 +45,14 @@ def flash_attn_func(
     """FlashAttention-3's `flash_attn_func`: q (batch, seqlen_q, nheads, headdim), k/v (batch,
     seqlen_k, nheads_kv, headdim[_v]). float8_e4m3fn inputs take float32 descales of shape
     (batch, nheads_kv) and give a bf16 output. Returns out, or (out, softmax_lse) with
-    return_attn_probs; softmax_lse is (batch, nheads, seqlen_q)."""
+    return_attn_probs; softmax_lse is (batch, nheads, seqlen_q). q, k, v may also be fa3py.fp8
+    block-scaled operands (`quantize_fp8(q, k, v)`), as `attention` and `flash_attn_varlen_func`
+    take them."""
+    from . import fp8 as _fp8
+
     _unsupported(sm_margin)
-    req = make_request(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+    build = _fp8.make_request if _fp8.is_quantized(q, k, v) else make_request
+    req = build(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                        attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
                        num_splits=num_splits,
                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, qv=qv)

@@ -1,8 +1,8 @@
 """A seeded randomized test over the whole API: each case draws an entry point (`attention`,
 `flash_attn_func`, `flash_attn_varlen_func`), a layout (batched, packed, packed with seqused,
 sequences of 0 and 1 tokens), MHA / GQA / MQA, head dims (any multiple of 8 up to 256, hdim_v
-apart), fp16 / bf16, causal, windows, softcap, softmax_scale, strided input views and
-deterministic, then checks out, the LSE (values and contiguity), the gradients, and that no
+apart), fp16 / bf16, causal, windows, attention_chunk, softcap, softmax_scale, strided input
+views and deterministic, then checks out, the LSE (values and contiguity), the gradients, and that no
 input changed, against the fp64 reference with the tolerance rule of shared/STYLE.md.
 
 Routes: on a GPU every case goes through auto-dispatch (the cute forward and the backward it
@@ -11,7 +11,10 @@ backward must be the cute one wherever it serves the case (unless FA3PY_CUTE_BWD
 the torch backend, then a few small cases with the cute kernel emulated and the Triton
 backward interpreted (`tests.cute_emulation`), a few with the cute backward's kernel emulated
 too (`tests.cute_bwd_emulation`), and a few on Triton alone (interpreted).
-A failure's id is its case number: `draw(random.Random(SEED + i))` rebuilds it.
+FP8 cases (`draw_fp8`: forward only, `fp8=True` or operands quantized ahead) run on the CPU with
+the cute FP8 kernel emulated and on the GPU through auto-dispatch.
+A failure's id is its case number: `draw(random.Random(SEED + i))` rebuilds it
+(`draw_fp8(random.Random(SEED + 10_000 + i))` for FP8).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ SEED = 20261204
 GPU = torch.cuda.is_available()
 N_GPU = int(os.environ.get("FA3PY_RANDOM_CASES", "300"))
 N_CPU = {"torch": 48, "emulated_sm90": 24, "emulated_sm90_bwd": 16, "triton": 8}
+N_CPU_FP8 = 24
 
 
 @dataclass
@@ -86,9 +90,12 @@ def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
         kwargs["softmax_scale"] = rng.uniform(0.1, 3.0) / d ** 0.5
     if api != "attention" and rng.random() < 0.2:
         kwargs["deterministic"] = True
-    return Case(api, rng.choice([torch.bfloat16, torch.float16]), h, hk, d, dv, lens,
+    case = Case(api, rng.choice([torch.bfloat16, torch.float16]), h, hk, d, dv, lens,
                 seqused=api == "varlen" and rng.random() < 0.3, strided=rng.random() < 0.3,
                 grad=rng.random() < 0.7, kwargs=kwargs)
+    if rng.random() < 0.2:  # drawn last: the cases drawn before attention_chunk joined keep their values
+        case.kwargs["attention_chunk"] = rng.randint(1, max_len)
+    return case
 
 
 def _tensor(shape, dtype, device, strided, rng):
@@ -150,6 +157,90 @@ def run_case(case: Case, device, rng: random.Random, backend=None):
     return served, req
 
 
+# ----------------------------------------------------------------------------- FP8
+# Head dims the Hopper FP8 kernel serves (an FP8 case takes one of them four times in five).
+FP8_DIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)]
+
+
+def draw_fp8(rng: random.Random, max_len: int) -> Case:
+    """A `draw` case made FP8 and forward-only (FP8 has no backward of its own)."""
+    case = draw(rng, max_len=max_len)
+    if rng.random() < 0.8:
+        case.d, case.dv = rng.choice(FP8_DIMS)
+    case.grad = False
+    case.kwargs.pop("deterministic", None)
+    return case
+
+
+def run_fp8_case(case: Case, device, rng: random.Random, monkeypatch) -> str:
+    """FP8 forward of `case`: `attention(..., fp8=True)` (batched), or operands quantized ahead
+    with the Hopper kernel's block_n (config.fp8_block_n, quantize_fp8's default on sm90) through
+    flash_attn_func / flash_attn_varlen_func. out and the LSE are within twice the float32
+    emulation's distance to the fp64 reference of the 16-bit inputs (the emulation, run by the same
+    call on the torch backend, in the role of PyTorch's own FP8 math) plus 2^-7 of the output's
+    range; empty rows match; no input changes. Returns the backend that served."""
+    from cute_kernels.config import fp8_block_n
+    from fa3py import reference
+    from tests._util import max_err
+
+    q, k, v, index_kw = build(case, device, rng)
+    originals = [x.clone() for x in (q, k, v)]
+    kw = dict(case.kwargs)
+
+    def call():
+        if case.api == "attention":
+            return fa3py.attention(q, k, v, fp8=True, return_lse=True, **kw)
+        qkv = fa3py.quantize_fp8(q, k, v, block_n=fp8_block_n(case.d) or 128,
+                                 cu_seqlens_q=index_kw.get("cu_seqlens_q"), cu_seqlens_k=index_kw.get("cu_seqlens_k"))
+        if case.api == "func":
+            return fa3py.flash_attn_func(*qkv, return_attn_probs=True, **kw)
+        return fa3py.flash_attn_varlen_func(*qkv, **index_kw, return_attn_probs=True, **kw)
+
+    out, lse = call()
+    req = make_request(q, k, v, **index_kw, fp8=True, **kw)
+    served = dispatch.choose(req).name
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    emu_out, emu_lse = call()
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    ref_out, ref_lse = reference.attention(make_request(q, k, v, **index_kw, **kw), torch.float64)
+    assert out.shape == ref_out.shape and out.dtype == q.dtype and lse.shape == ref_lse.shape
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "empty rows differ"
+    atol = 2.0**-7 * float(ref_out.abs().max()) if ref_out.numel() else 0.0
+    assert max_err(out, ref_out) <= 2 * max_err(emu_out, ref_out) + atol, (max_err(out, ref_out), max_err(emu_out, ref_out))
+    assert max_err(lse[finite], ref_lse[finite]) <= 2 * max_err(emu_lse[finite], ref_lse[finite]) + 1e-3
+    for name, x, x0 in zip("qkv", (q, k, v), originals):
+        assert torch.equal(x, x0), f"{name} was modified"
+    return served
+
+
+@pytest.mark.skipif(GPU, reason="the CPU route; on a GPU test_gpu_random_fp8_api runs")
+@pytest.mark.parametrize("i", range(N_CPU_FP8))
+def test_random_fp8_api_emulated_sm90(i, emulated_sm90, monkeypatch):
+    """FP8 cases as on an H100 with the FP8 kernel emulated (`emulated_sm90`'s launch hands FP8
+    calls to emulated_fp8_launch; run_fp8's host work runs for real: quantization with the
+    kernel's tile, GQA packing, split-KV, varlen, strided inputs); most cases are served by it
+    (18 of the 24 drawn here; the rest, head dims it does not serve, by the emulation)."""
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    monkeypatch.setattr(launch, "fp8_why_not", _fp8_why_not_on_cpu(launch.fp8_why_not))
+    rng = random.Random(SEED + 10_000 + i)
+    case = draw_fp8(rng, max_len=150)
+    try:
+        served = run_fp8_case(case, "cpu", rng, monkeypatch)
+    except AssertionError as e:
+        raise AssertionError(f"fp8 case {i} ({case}): {e}") from e
+    assert served in ("cute", "torch")
+
+
+def _fp8_why_not_on_cpu(why_not):
+    def on_cpu(req):
+        reason = why_not(req)
+        return None if reason == "cute_kernels: CUDA tensors only" else reason
+    return on_cpu
+
+
 def _cpu_cases(route):
     return [pytest.param(route, i, id=f"{route}-{i}") for i in range(N_CPU[route])]
 
@@ -189,6 +280,19 @@ def test_random_api(route, i, request, monkeypatch):
 if not GPU:
     from tests.cute_bwd_emulation import emulated_sm90_bwd  # noqa: E402,F401  (fixture, by name)
     from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (fixture, by name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(N_GPU // 3))
+def test_gpu_random_fp8_api(i, monkeypatch):
+    """FP8 cases through auto-dispatch on the GPU (the Hopper FP8 kernel where it serves the case,
+    the emulation elsewhere), sequences up to 700 tokens."""
+    rng = random.Random(SEED + 10_000 + i)
+    case = draw_fp8(rng, max_len=700)
+    try:
+        run_fp8_case(case, "cuda", rng, monkeypatch)
+    except AssertionError as e:
+        raise AssertionError(f"fp8 case {i} ({case}): {e}") from e
 
 
 @pytest.mark.gpu
