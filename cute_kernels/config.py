@@ -310,6 +310,10 @@ class FwdConfig:
     # in shared memory into the K-major V^T tile (keys in PV_KEY_ORDER) the consumers read
     # (fwd_sm90's docstring, fp8.transpose_v_block).
     fp8_v_rows: bool = False
+    # e4m3 with channel V only: the scale tensors are FA3's descales, (batch, heads, 1) float32
+    # (Q's per query head, K's and V's per KV head), read once per tile, instead of the format's
+    # per-block scale tensors the host would fill from them (fp8.Fp8Scales.create).
+    fp8_descales: bool = False
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -386,6 +390,7 @@ class FwdConfig:
         flags += [f"tensors_d{self.hdim_in or self.hdim}x{self.hdimv_in or self.hdimv}"] if self.hdim_in or self.hdimv_in else []
         flags += [f"page_size={self.page_size}"] if self.page_size else []
         flags += ["fp8_v_rows"] if self.fp8_v_rows else []
+        flags += ["fp8_descales"] if self.fp8_descales else []
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -80,16 +80,20 @@ class Fp8Scales:
     so (sq * c) * sk is the emulation's (sq * sk) * c exactly."""
 
     q_row_c: cute.Tensor  # (rows of this thread,) sq[row] * c
-    mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head)
-    mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel
+    mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head); descales: (1,)
+    mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel; descales: (1,)
     v_pending: cute.Tensor  # (1,) the V scale of the block whose P is in the PV operand
+    # FA3's descales in place of the format's scale tensors (FwdConfig.fp8_descales): one value
+    # per (sequence, head) for every block of rows, every KV block and every V channel
+    descales: bool = False
 
     @staticmethod
     def create(mQScale: cute.Tensor, mKScale: cute.Tensor, mVScale: cute.Tensor, c: Float32,
                block_m: cutlass.Constexpr[int], tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int],
                thr_mma_qk: cute.ThrMma, m_block, head, batch, seqlen, pack_gqa: cutlass.Constexpr[int] = 1,
                packed_q: cutlass.Constexpr[bool] = False, packed_k: cutlass.Constexpr[bool] = False,
-               ragged_q: cutlass.Constexpr[bool] = False, v_channel: cutlass.Constexpr[bool] = False) -> "Fp8Scales":
+               ragged_q: cutlass.Constexpr[bool] = False, v_channel: cutlass.Constexpr[bool] = False,
+               descales: cutlass.Constexpr[bool] = False) -> "Fp8Scales":
         """`head`, `seqlen` (a mask.SeqlenInfo): the kernel's (with GQA packing, head is a KV
         head's group of pack_gqa query heads and rows are positions times pack_gqa); the scale
         tensors are unpacked, (b, h, blocks of positions): packed row r reads query head
@@ -97,7 +101,9 @@ class Fp8Scales:
         packing. packed_q / packed_k (cu_seqlens): the scales are (1, heads, columns), sequence
         b's blocks from column start // block + b (fa3py.fp8.format.packed_column); channel V
         scales stay (batch, h_kv, dv). ragged_q (packed or seqused q): a sequence may have no
-        rows, so the row read is clamped at 0 too."""
+        rows, so the row read is clamped at 0 too. descales (channel V): the scale tensors are
+        FA3's descales as (batch, heads, 1), Q's per query head, K's and V's per KV head, indexed
+        by the sequence packed or not."""
         from cute_kernels.utils import acc_to_mn
 
         g = pack_gqa
@@ -111,25 +117,30 @@ class Fp8Scales:
             row = cutlass.min(m_block * tile_m + tScS[r, 0][0], seqlen.seqlen_q - 1)
             if ragged_q:
                 row = cutlass.max(row, 0)
-            if g == 1 and not packed_q:
+            if descales:
+                q_row_c[r] = mQScale[batch, head if g == 1 else head * g + row % g, 0] * c
+            elif g == 1 and not packed_q:
                 q_row_c[r] = mQScale[batch, head, row // block_m] * c
             else:
                 q_row_c[r] = mQScale[b_q, head * g + row % g, q_col0 + row // g // block_m] * c
         v_pending = cute.make_rmem_tensor(1, Float32)
         v_pending[0] = Float32(1.0)
-        if packed_k:
+        if descales:
+            assert v_channel, "FA3's v_descale is a channel scale (the same for every channel)"
+            mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
+        elif packed_k:
             k_col0 = seqlen.offset_k // tile_n + batch
             mK_scale = cute.domain_offset((k_col0,), mKScale[0, head_kv, None])
             mV_scale = (mVScale[batch, head_kv, None] if v_channel
                         else cute.domain_offset((k_col0,), mVScale[0, head_kv, None]))
         else:
             mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
-        return Fp8Scales(q_row_c, mK_scale, mV_scale, v_pending)
+        return Fp8Scales(q_row_c, mK_scale, mV_scale, v_pending, descales)
 
     @cute.jit
     def row_mult(self, n_block) -> cute.Tensor:
         """The score multiplier of each of this thread's rows in KV block n_block."""
-        sk = self.mK_scale[n_block]
+        sk = self.mK_scale[0 if const_expr(self.descales) else n_block]
         mult = cute.make_rmem_tensor_like(self.q_row_c, Float32)
         for r in cutlass.range_constexpr(cute.size(mult)):
             mult[r] = self.q_row_c[r] * sk
@@ -152,7 +163,7 @@ class Fp8Scales:
     @cute.jit
     def set_pending_v(self, n_block):
         """P of KV block n_block now fills the PV operand: its V scale goes with it."""
-        self.v_pending[0] = self.mV_scale[n_block]
+        self.v_pending[0] = self.mV_scale[0 if const_expr(self.descales) else n_block]
 
     @cute.jit
     def scale_channels(self, acc_O: cute.Tensor, tiled_mma_pv: cute.TiledMma, tidx, tile_m: cutlass.Constexpr[int],
@@ -163,7 +174,7 @@ class Fp8Scales:
         tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(cute.make_identity_tensor((tile_m, hdimv))))
         o_mn = acc_to_mn(acc_O)
         for j in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
-            sv = self.mV_scale[tOcO[0, j][1]]
+            sv = self.mV_scale[0 if const_expr(self.descales) else tOcO[0, j][1]]
             for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
                 o_mn[r, j] = o_mn[r, j] * sv
 

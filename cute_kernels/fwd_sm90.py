@@ -140,6 +140,9 @@ def _fake_fp8_scales(cfg: FwdConfig, b, h, hk, dv) -> tuple:
     nk = sym()
     bq = sym() if cfg.cu_seqlens_q else b
     bk = sym() if cfg.cu_seqlens_k else b
+    if cfg.fp8_descales:  # FA3's descales, (batch, heads, 1), indexed by the sequence
+        bd, hq = sym(), sym() if cfg.pack_gqa > 1 else h
+        return t((bd, hq, 1)), t((bd, hk, 1)), t((bd, hk, 1))
     if cfg.fp8_v_scaling == "block":
         v = t((bk, hk, nk))
     else:  # per sequence
@@ -196,6 +199,7 @@ class FlashAttentionForwardSm90:
             assert self.hdim % k == 0 and self.hdimv % k == 0 and self.tile_n % k == 0, \
                 f"FP8 WGMMA: hdim, hdim_v and tile_n multiples of {k}"
             assert cfg.fp8_v_scaling in ("block", "channel") and cfg.fp8_block_m > 0
+            assert not cfg.fp8_descales or cfg.fp8_v_scaling == "channel", "FA3's descales: channel V"
             assert self.separate_o, "FP8: sO (bf16) does not alias the e4m3 sQ"
             assert not (cfg.hdim_in or cfg.hdimv_in), f"{cfg.short()}: FP8 takes unpadded head dims"
             # block V: O and each block's PV accumulator (2 x hdim_v / 2 registers a thread)
@@ -747,7 +751,7 @@ class FlashAttentionForwardSm90:
                     *scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n, thr_mma_qk, m_block, head,
                     batch, seqlen, self.cfg.pack_gqa, packed_q=self.cfg.cu_seqlens_q,
                     packed_k=self.cfg.cu_seqlens_k, ragged_q=self.cfg.cu_seqlens_q or self.cfg.seqused_q,
-                    v_channel=self.cfg.fp8_v_scaling == "channel")
+                    v_channel=self.cfg.fp8_v_scaling == "channel", descales=self.cfg.fp8_descales)
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,

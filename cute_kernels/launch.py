@@ -415,10 +415,12 @@ fp8_enabled = os.environ.get("FA3PY_CUTE_FP8", "1") != "0"
 # is now 32 + 2 x 232 (config.check_reg_split, and the SASS check on REG). Off,
 # flash_attn_with_kvcache gathers the pages into a contiguous prefix, which the GPU tests have passed.
 paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "0") == "1"
-# FA3's float8 V read in its rows and transposed by the kernel's producer warpgroup in shared
-# memory (FwdConfig.fp8_v_rows) instead of a transposing copy of V before each call: opt-in until
-# its GPU tests pass (compiled and simulated on the CPU only so far).
-fp8_v_rows_enabled = os.environ.get("FA3PY_CUTE_FP8_V_ROWS", "0") == "1"
+# FA3's float8 inputs read by the kernel as they are: V in its rows, transposed by the producer
+# warpgroup in shared memory (FwdConfig.fp8_v_rows), and the descales read once per tile
+# (FwdConfig.fp8_descales), instead of a transposing copy of V and three scale tensors filled
+# before each call (4 launches besides the kernel's). Quantized operands whose V is in rows take
+# fp8_v_rows too. Opt-in until the GPU tests pass (compiled and emulated on the CPU only so far).
+fp8_direct_enabled = os.environ.get("FA3PY_CUTE_FP8_DIRECT", "0") == "1"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 
@@ -430,17 +432,23 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     v_rows = _fp8_v_rows(req)
     fmt = (req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format() if req.params.fp8
            else Fp8Format(**FA3_FORMAT))
-    return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows)
+    return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows,
+                      fp8_descales=v_rows and _fa3_inputs(req))
+
+
+def _fa3_inputs(req: "AttentionRequest") -> bool:
+    """FA3's float8 q, k, v with descales (not fp8=True, not quantized operands)."""
+    return req.fp8_tensors is None and not req.params.fp8
 
 
 def _fp8_v_rows(req: "AttentionRequest") -> bool:
     """Whether the kernel reads V in its rows (FwdConfig.fp8_v_rows): FA3's float8 inputs, or
     quantized operands whose V is not transposed, where the opt-in is on."""
-    if not fp8_v_rows_enabled:
+    if not fp8_direct_enabled:
         return False
     if req.fp8_tensors is not None:
         return not req.fp8_tensors.fmt.v_transposed
-    return not req.params.fp8
+    return _fa3_inputs(req)
 
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     """None if the FP8 kernel serves `req` (unless FA3PY_CUTE_FP8=0), else why not: fa3py.fp8's
@@ -451,8 +459,8 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
     if fmt is not None and fmt.qk_int8:
         return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8)"
-    if fmt is not None and not fmt.v_transposed and not fp8_v_rows_enabled:
-        return "cute_kernels: FP8 takes transposed V (V in rows: opt-in FA3PY_CUTE_FP8_V_ROWS=1)"
+    if fmt is not None and not fmt.v_transposed and not fp8_direct_enabled:
+        return "cute_kernels: FP8 takes transposed V (V in rows: opt-in FA3PY_CUTE_FP8_DIRECT=1)"
     fa3 = req.fp8_tensors is None and not req.params.fp8
     if fa3 and (req.k.dtype != req.q.dtype or req.v.dtype != req.q.dtype):
         return "cute_kernels: FP8 takes q, k, v all float8_e4m3fn"
@@ -485,6 +493,8 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
     from fa3py.fp8 import from_descales, quantize_fp8
     from fa3py.fp8.format import pv_key_order, rotation_factor, score_constants
 
+    if cfg.fp8_descales:
+        return _run_fa3_direct(req, cfg)
     qkv = req.fp8_tensors
     cu = dict(cu_seqlens_q=req.cu_seqlens_q, cu_seqlens_k=req.cu_seqlens_k)
     if qkv is None and req.params.fp8:
@@ -509,3 +519,34 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
     constants = score_constants(p.softmax_scale, p.softcap, rotation_factor(qkv.fmt, req.headdim))
     out, lse = _run_kernel(req, cfg, q.data, k.data, vt, torch.bfloat16, fp8_scales=scales, fp8_constants=constants)
     return (out if req.out_dtype == torch.bfloat16 else out.to(req.out_dtype)), lse
+
+
+def _run_fa3_direct(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA3's float8 inputs with cfg.fp8_descales (and fp8_v_rows): q, k, v go to the kernel as
+    they are and the descales as (batch, heads, 1) float32 views (Q's repeated per query head
+    where GQA groups them: the one launch left; None: ones, cached); the format's constants
+    unrotated (FA3_FORMAT)."""
+    from fa3py.fp8.format import score_constants
+
+    if q_empty_or_no_keys(req):
+        return _empty_result(req)
+    p, dev = req.params, req.device
+    batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
+    group = req.nheads // req.nheads_kv
+
+    def descale(x, repeat: int) -> torch.Tensor:
+        if x is None:
+            return _ones(batch, req.nheads_kv * repeat, dev)
+        x = x.float()
+        return (x.repeat_interleave(repeat, dim=1) if repeat > 1 else x.contiguous()).unsqueeze(-1)
+
+    scales = (descale(req.q_descale, group), descale(req.k_descale, 1), descale(req.v_descale, 1))
+    constants = score_constants(p.softmax_scale, p.softcap, 1)
+    out, lse = _run_kernel(req, cfg, req.q, req.k, req.v, torch.bfloat16, fp8_scales=scales, fp8_constants=constants)
+    return (out if req.out_dtype == torch.bfloat16 else out.to(req.out_dtype)), lse
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(batch: int, heads: int, device: torch.device) -> torch.Tensor:
+    """(batch, heads, 1) float32 ones: a missing descale (made once per shape and device)."""
+    return torch.ones(batch, heads, 1, dtype=torch.float32, device=device)

@@ -114,7 +114,8 @@ def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(N
     r // g, query head kh * g + r % g, whose Q scale is q_scale[b, kh * g + r % g, (r // g) //
     block_m]); k (b, s_k, h_kv, d) or packed; v the transposed V (b, h_kv, dv, s_pad) in the PV
     key order (packed: (1, h_kv, dv, columns), sequence b from column 16 * (start // 16 + b)), or
-    with cfg.fp8_v_rows V's rows as k's;
+    with cfg.fp8_v_rows V's rows as k's; with cfg.fp8_descales the scales are FA3's descales,
+    (batch, heads, 1) per sequence (Q's per query head);
     packed scales (1, heads, columns), sequence b's blocks from column start // block + b; K (and
     block V) scales per KV block of tile_n; (c, cap) the multiplier's constants (softcap: tanh
     inside, cap after). Sequence lengths from `sequence_args` (cu_seqlens, seqused). KV blocks last
@@ -144,19 +145,23 @@ def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(N
         pos, head = r // g, torch.arange(hp)[:, None] * g + r % g  # (hp, rows)
         q8 = (q[q0:q0 + rows] if cu_q is not None else q[b, :rows]).float().transpose(0, 1)  # (hp, rows, d)
         k8 = (k[k0:k0 + sk] if cu_k is not None else k[b, :sk]).float().transpose(0, 1)[head_kv]  # (hp, sk, d)
-        if cu_k is not None:
+        if cfg.fp8_descales:  # FA3's descales (batch, heads, 1): every block and channel alike
+            vt, ks, vs = None, k_scale[b].expand(hk, -(-sk // tile_n)), v_scale[b]
+        elif cu_k is not None:
             col0 = 16 * (k0 // 16 + b)
             vt = v[0, ..., col0:col0 + -(-sk // 16) * 16]
             ks, vs = k_scale[0, :, k0 // tile_n + b:], v_scale[0, :, k0 // tile_n + b:]
         else:
             vt, ks, vs = v[b, ..., :-(-sk // 16) * 16], k_scale[b], v_scale[b]
         if cfg.fp8_v_scaling == "channel":
-            vs = v_scale[b]  # (h_kv, dv) per sequence
+            vs = v_scale[b]  # (h_kv, dv) per sequence; descales: (h_kv, 1)
         if cfg.fp8_v_rows:  # V's rows as K's (the kernel transposes them into the PV key order itself)
             v8 = (v[k0:k0 + sk] if cu_k is not None else v[b, :sk]).float().transpose(0, 1)[head_kv]
         else:
             v8 = vt.float()[..., pv_key_positions(vt.shape[-1])[:sk]].transpose(-1, -2)[head_kv]  # (hp, sk, dv)
-        if cu_q is not None:
+        if cfg.fp8_descales:
+            q_row_c = q_scale[b][head, 0] * f32(c)
+        elif cu_q is not None:
             q_row_c = q_scale[0][head, (q0 // g) // block_m + b + pos // block_m] * f32(c)
         else:
             q_row_c = q_scale[b][head, pos // block_m] * f32(c)  # (hp, rows)

@@ -399,14 +399,15 @@ FA3_CASES = [c for c in FP8_HOST_CASES if "fa3" in c]
 
 
 def _run_fp8_recording_v(req, cfg, monkeypatch) -> tuple:
-    """run_fp8 around the emulated kernel; (out, lse, the V tensors the kernel was given)."""
+    """run_fp8 around the emulated kernel; (out, lse, the (q, k, v, scales) the kernel was
+    given, per launch)."""
     from cute_kernels import launch
     from tests.cute_emulation import emulated_fp8_launch
 
     seen = []
 
     def recording(req_, cfg_, q, k, v, *args, **kw):
-        seen.append(v)
+        seen.append((q, k, v, kw["fp8_scales"]))
         return emulated_fp8_launch(req_, cfg_, q, k, v, *args, **kw)
 
     monkeypatch.setattr(launch, "launch_kernel", recording)
@@ -414,21 +415,28 @@ def _run_fp8_recording_v(req, cfg, monkeypatch) -> tuple:
 
 
 @pytest.mark.parametrize("case", FA3_CASES)
-def test_fa3_v_rows_host_path_on_the_emulated_kernel(case, monkeypatch):
-    """FA3PY_CUTE_FP8_V_ROWS=1: FA3's float8 v reaches the kernel as it is (the request's own
-    tensor, no transposing copy; the kernel's fp8_v_rows config transposes each block in smem),
-    and the emulated kernel gives the bits of the transposed-copy path and the reference's
-    accuracy."""
+def test_fa3_direct_host_path_on_the_emulated_kernel(case, monkeypatch):
+    """FA3PY_CUTE_FP8_DIRECT=1: FA3's float8 v reaches the kernel as it is (the request's own
+    tensor, no transposing copy: fp8_v_rows transposes each block in smem) and so do the
+    descales ((batch, heads, 1) views: fp8_descales; Q's repeated per query head under GQA);
+    the emulated kernel gives the bits of the copy-and-fill path and the reference's accuracy."""
     from cute_kernels import launch
 
     req, cfg = _feature_request(case, "cpu", monkeypatch)
     assert not cfg.fp8_v_rows
     out_t, lse_t, _ = _run_fp8_recording_v(req, cfg, monkeypatch)
-    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     cfg_rows = launch.fp8_config_for(req)
-    assert cfg_rows.fp8_v_rows and dataclasses.replace(cfg_rows, fp8_v_rows=False) == cfg
+    assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales
+    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_descales=False) == cfg
     out, lse, seen = _run_fp8_recording_v(req, cfg_rows, monkeypatch)
-    assert seen and all(v.data_ptr() == req.v.data_ptr() and v.shape == req.v.shape for v in seen)
+    assert seen
+    for q, k, v, (sq, sk, sv) in seen:
+        assert v.data_ptr() == req.v.data_ptr() and v.shape == req.v.shape
+        if req.k_descale is not None:
+            assert sk.data_ptr() == req.k_descale.data_ptr() and sk.shape == (*req.k_descale.shape, 1)
+            assert sv.data_ptr() == req.v_descale.data_ptr()
+        assert sq.shape[1:] == (req.nheads, 1)
     assert torch.equal(out, out_t) and torch.equal(lse, lse_t)
     _check_against_reference(out, lse, req)
 
@@ -447,22 +455,25 @@ def test_quantized_v_in_rows_needs_the_opt_in(monkeypatch):
     block_n = launch.FwdConfig.make("e4m3", 64).tile.tile_n
     rows = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_n=block_n, v_transposed=False, seed=3))
     vt = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_n=block_n, v_pv_order=True, seed=3))
-    assert "FA3PY_CUTE_FP8_V_ROWS=1" in launch.fp8_why_not(rows)
-    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    assert "FA3PY_CUTE_FP8_DIRECT=1" in launch.fp8_why_not(rows)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     assert launch.fp8_why_not(rows) == "cute_kernels: CUDA tensors only"
     cfg_rows, cfg_vt = launch.fp8_config_for(rows), launch.fp8_config_for(vt)
     assert cfg_rows.fp8_v_rows and not cfg_vt.fp8_v_rows
+    assert not cfg_rows.fp8_descales  # the format's own scales
     out, lse, seen = _run_fp8_recording_v(rows, cfg_rows, monkeypatch)
     out_t, lse_t, _ = _run_fp8_recording_v(vt, cfg_vt, monkeypatch)
-    assert seen[0].shape == v.shape and torch.equal(out, out_t) and torch.equal(lse, lse_t)
+    assert seen[0][2].shape == v.shape and torch.equal(out, out_t) and torch.equal(lse, lse_t)
 
 
+# FA3's inputs read directly (fp8_v_rows with fp8_descales), and quantized V rows (without)
 V_ROWS_COMPILE = [
-    (128, dict(has_right=True)),  # 128 x 224, the dynamic scheduler's tile walk
-    (64, dict()),  # 3 consumer warpgroups (512 threads, 24 / 160)
-    (256, dict(cu_seqlens_q=True, cu_seqlens_k=True)),  # packed V rows, O in two chunks
-    (128, dict(pack_gqa=4, split_kv=True, seqused_k=True)),  # decoding
-    (128, dict(has_right=True, chunk=True)),  # a chunk: the static tile order at 128 x 224
+    (128, dict(has_right=True, fp8_descales=True)),  # 128 x 224, the dynamic scheduler's tile walk
+    (64, dict(fp8_descales=True)),  # 3 consumer warpgroups (512 threads, 24 / 160)
+    (256, dict(cu_seqlens_q=True, cu_seqlens_k=True, fp8_descales=True)),  # packed V rows, O in two chunks
+    (128, dict(pack_gqa=4, split_kv=True, seqused_k=True, fp8_descales=True)),  # decoding
+    (128, dict(pack_gqa=4, split_kv=True, seqused_k=True)),  # decoding, quantized V rows
+    (128, dict(has_right=True, chunk=True, fp8_descales=True)),  # a chunk: the static tile order at 128 x 224
 ]
 
 
@@ -577,7 +588,7 @@ def test_gpu_fp8_features(case, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", FA3_CASES)
 def test_gpu_fa3_v_rows_bitwise_equal_to_the_transposed_copy(case, monkeypatch):
-    """FA3PY_CUTE_FP8_V_ROWS=1 on the GPU: V transposed in smem by the producer warps feeds the
+    """FA3PY_CUTE_FP8_DIRECT=1 on the GPU: V transposed in smem by the producer warps feeds the
     WGMMAs the bytes the transposing copy feeds them, so out and LSE are bit for bit those of the
     copy path (same tiles), run twice (a stale or racing V^T stage would differ), and within the
     reference rule."""
@@ -585,7 +596,7 @@ def test_gpu_fa3_v_rows_bitwise_equal_to_the_transposed_copy(case, monkeypatch):
 
     req, cfg = _feature_request(case, "cuda", monkeypatch)
     out_t, lse_t = launch.run_fp8(req, cfg)
-    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     cfg_rows = launch.fp8_config_for(req)
     assert cfg_rows.fp8_v_rows
     for _ in range(2):
@@ -633,7 +644,7 @@ def test_fp8_v_rows_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatc
     from cute_kernels import launch
     from tests.cute_emulation import tvm_ffi_signature_check
 
-    monkeypatch.setattr(launch, "fp8_v_rows_enabled", True)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     req, cfg = _feature_request(case, "cpu", monkeypatch)
     assert cfg.fp8_v_rows
     checked = tvm_ffi_signature_check(monkeypatch)
