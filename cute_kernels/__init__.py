@@ -31,8 +31,10 @@ __all__ = ["why_not", "forward", "backward", "config_for", "num_splits", "run", 
 
 
 def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
-    if req.paged and (backward or req.is_fp8_input or req.params.fp8):
-        return "cute_kernels: paged K / V are read by the 16-bit forward only"
+    if req.paged and (backward or req.params.fp8 or req.fp8_tensors is not None
+                      or (req.is_fp8_input and not launch.fp8_direct_enabled)):
+        return ("cute_kernels: paged K / V are read by the forward on 16-bit inputs, or on FA3's float8 ones "
+                "read directly (FA3PY_CUTE_FP8_DIRECT=1)")
     if backward:
         # what the forward serves, within the backward kernel's limits (its own reasons first:
         # the forward's last one is the device's)
@@ -40,7 +42,10 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
             return "cute_kernels: no FP8 backward"
         return bwd_launch.why_not(req) or _forward_why_not(req)
     if req.is_fp8_input or req.params.fp8:
-        return fp8_why_not(req)
+        reason = fp8_why_not(req)
+        if reason is None and req.paged:
+            reason = _paged_why_not(req, fp8_config_for(req).tile.tile_n)
+        return reason
     return _forward_why_not(req)
 
 
@@ -67,7 +72,7 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
         return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
     if req.qv is not None:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
-    paged = _paged_why_not(req) if req.paged else None
+    paged = _paged_why_not(req, config_for(req).tile.tile_n) if req.paged else None
     if paged:
         return paged
     if req.device.type != "cuda":
@@ -75,16 +80,15 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
     return None
 
 
-def _paged_why_not(req: "AttentionRequest") -> Optional[str]:
-    """Paged K / V: pages whose rows tile the kernel's KV blocks (config.page_size_ok). FA3 takes
-    any page size (TMA when it is a multiple of its KV tile, else row by row); others are gathered
-    by flash_attn_with_kvcache."""
+def _paged_why_not(req: "AttentionRequest", tile_n: int) -> Optional[str]:
+    """Paged K / V: pages whose rows tile the kernel's KV blocks of tile_n keys
+    (config.page_size_ok). FA3 takes any page size (TMA when it is a multiple of its KV tile,
+    else row by row); others are gathered by flash_attn_with_kvcache."""
     if not launch.paged_enabled:
         return ("cute_kernels: paged K / V in the kernel are opt-in (FA3PY_CUTE_PAGED=1) until they pass their GPU "
                 "tests; the pages are gathered instead")
     if req.packed_k:
         return "cute_kernels: paged K / V take one page table row per sequence (no cu_seqlens_k)"
-    tile_n = config_for(req).tile.tile_n
     if not page_size_ok(req.page_size, tile_n):
         return (f"cute_kernels: page_size {req.page_size} with KV blocks of {tile_n} keys (hdim {req.headdim}): "
                 f"the kernel loads pages of a multiple of {tile_n} rows, or of a divisor of {tile_n} that is a "

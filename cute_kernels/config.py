@@ -333,6 +333,12 @@ class FwdConfig:
             base = fp8_tile(hdim, features["fp8_v_scaling"], features.get("softcap", False) and windowed)
         else:
             base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
+        if fp8 and features.get("page_size", 0):
+            # FP8 pages (FA3's inputs read directly, so tile_n is free of a format's block_n) under
+            # the paged split's 232 consumer registers: hdim 128's 224 keys take no 64 / 256-row
+            # pages and reach R237 (128 keys: R186); hdim 256's 128 keys spill 32 bytes (64: none;
+            # CPU SASS).
+            base = tile_variant(base, base.tile_m, min(base.tile_n, 128 if hdimv <= 192 else 64))
         if features.get("chunk") and features.get("split_kv") and has_right and base.num_mma_wg == 3:
             # causal + chunk + split-KV spills at 160 registers (hdim 64: 8 bytes, CPU SASS); 2 WGs
             # at 240 do not. (launch.run counts the splits for this tile.)

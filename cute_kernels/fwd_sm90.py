@@ -66,7 +66,8 @@ each into consecutive row slices of the stage (the smem tiles' 8-row swizzle ato
 first, so a page_size multiple of 8 keeps every box in phase), or one box from the page holding
 the block. Every box of a block arrives on the stage's one full barrier (tx count: the block's
 bytes); lane i of the producer warp reads box i's page table entry and the TMAs take the pages by
-shuffle (`load_block_paged`). The consumers do not change.
+shuffle (`load_block_paged`). The consumers do not change. FP8 pages are FA3's float8 inputs
+read directly (fp8_v_rows: V's pages land in the staging tile; fp8_descales: no per-block scales).
 
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
@@ -191,7 +192,7 @@ class FlashAttentionForwardSm90:
             smem += second_q
         self.v_rows_stages = 2 if self.v_rows and smem + rows_bytes + 1024 <= SMEM_BYTES else 1
         if self.v_rows:
-            assert cfg.dtype == "e4m3" and not cfg.page_size, f"{cfg.short()}: fp8_v_rows is FP8's, not paged"
+            assert cfg.dtype == "e4m3", f"{cfg.short()}: fp8_v_rows is FP8's"
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
         if self.fp8:
@@ -217,7 +218,8 @@ class FlashAttentionForwardSm90:
             assert page_size_ok(cfg.page_size, self.tile_n), \
                 f"{cfg.short()}: page_size {cfg.page_size} neither a multiple of tile_n {self.tile_n} nor a " \
                 f"divisor of it that is a multiple of {PAGE_ROWS_MULTIPLE}"
-            assert not (self.fp8 or cfg.cu_seqlens_k), f"{cfg.short()}: paged K / V are 16-bit, one page table row a sequence"
+            assert not ((self.fp8 and not cfg.fp8_v_rows) or cfg.cu_seqlens_k), \
+                f"{cfg.short()}: paged K / V are 16-bit or FP8 in rows, one page table row a sequence"
 
     # ------------------------------------------------------------------ host side
     def make_tiled_mma_qk(self, n: int):
@@ -322,7 +324,8 @@ class FlashAttentionForwardSm90:
             tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
                 g2s, mK, self.page_box(sK_layout, self.hdim), (self.kv_rows, self.hdim))
             tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
-                g2s, mV, self.page_box(sV_layout, self.hdimv), (self.kv_rows, self.hdimv))
+                g2s, mV, self.page_box(sVrows_layout if const_expr(self.v_rows) else sV_layout, self.hdimv),
+                (self.kv_rows, self.hdimv))
         else:
             tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
                 g2s, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.hdim)

@@ -114,7 +114,8 @@ def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(N
     r // g, query head kh * g + r % g, whose Q scale is q_scale[b, kh * g + r % g, (r // g) //
     block_m]); k (b, s_k, h_kv, d) or packed; v the transposed V (b, h_kv, dv, s_pad) in the PV
     key order (packed: (1, h_kv, dv, columns), sequence b from column 16 * (start // 16 + b)), or
-    with cfg.fp8_v_rows V's rows as k's; with cfg.fp8_descales the scales are FA3's descales,
+    with cfg.fp8_v_rows V's rows as k's (paged: page pools read through the page table, as in
+    `emulated_launch`); with cfg.fp8_descales the scales are FA3's descales,
     (batch, heads, 1) per sequence (Q's per query head);
     packed scales (1, heads, columns), sequence b's blocks from column start // block + b; K (and
     block V) scales per KV block of tile_n; (c, cap) the multiplier's constants (softcap: tanh
@@ -138,13 +139,23 @@ def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(N
         k0 = int(cu_k[b]) if cu_k is not None else 0
         rows = (int(cu_q[b + 1]) - q0) if cu_q is not None else q.shape[1]
         sk = (int(cu_k[b + 1]) - k0) if cu_k is not None else k.shape[1]
+        if req.paged:  # k, v: page pools; the sequence's pages from its page table row
+            sk = req.page_table.shape[1] * req.page_size
         rows = int(used_q[b]) if used_q is not None else rows
         sk = int(used_k[b]) if used_k is not None else sk
         assert rows <= max_rows
         r = torch.arange(rows)
         pos, head = r // g, torch.arange(hp)[:, None] * g + r % g  # (hp, rows)
         q8 = (q[q0:q0 + rows] if cu_q is not None else q[b, :rows]).float().transpose(0, 1)  # (hp, rows, d)
-        k8 = (k[k0:k0 + sk] if cu_k is not None else k[b, :sk]).float().transpose(0, 1)[head_kv]  # (hp, sk, d)
+        if req.paged:
+            assert cfg.page_size == req.page_size and cfg.fp8_v_rows
+            j = torch.arange(sk)
+            page = req.page_table[b].long()[j // req.page_size]
+            k_rows, v_rows = k[page, j % req.page_size], v[page, j % req.page_size]
+        else:
+            k_rows = k[k0:k0 + sk] if cu_k is not None else k[b, :sk]
+            v_rows = v[k0:k0 + sk] if cu_k is not None else v[b, :sk]
+        k8 = k_rows.float().transpose(0, 1)[head_kv]  # (hp, sk, d)
         if cfg.fp8_descales:  # FA3's descales (batch, heads, 1): every block and channel alike
             vt, ks, vs = None, k_scale[b].expand(hk, -(-sk // tile_n)), v_scale[b]
         elif cu_k is not None:
@@ -156,7 +167,7 @@ def emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits=1, fp8_scales=(N
         if cfg.fp8_v_scaling == "channel":
             vs = v_scale[b]  # (h_kv, dv) per sequence; descales: (h_kv, 1)
         if cfg.fp8_v_rows:  # V's rows as K's (the kernel transposes them into the PV key order itself)
-            v8 = (v[k0:k0 + sk] if cu_k is not None else v[b, :sk]).float().transpose(0, 1)[head_kv]
+            v8 = v_rows.float().transpose(0, 1)[head_kv]
         else:
             v8 = vt.float()[..., pv_key_positions(vt.shape[-1])[:sk]].transpose(-1, -2)[head_kv]  # (hp, sk, dv)
         if cfg.fp8_descales:

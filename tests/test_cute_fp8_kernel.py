@@ -474,6 +474,9 @@ V_ROWS_COMPILE = [
     (128, dict(pack_gqa=4, split_kv=True, seqused_k=True, fp8_descales=True)),  # decoding
     (128, dict(pack_gqa=4, split_kv=True, seqused_k=True)),  # decoding, quantized V rows
     (128, dict(has_right=True, chunk=True, fp8_descales=True)),  # a chunk: the static tile order at 128 x 224
+    # FP8 decode from pages: 16-row pages, 8 boxes a 128-key block, paged split 32 / 232
+    (128, dict(page_size=16, split_kv=True, pack_gqa=8, seqused_k=True, fp8_descales=True)),
+    (256, dict(page_size=64, seqused_k=True, has_right=True, fp8_descales=True)),  # 64 keys a block
 ]
 
 

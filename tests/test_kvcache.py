@@ -374,6 +374,74 @@ def test_paged_read_by_the_kernel_emulated_sm90(emulated_sm90, monkeypatch, page
     assert cfg.split_kv == (case == "split")
 
 
+def _fp8_paged(page_size, d, device="cpu", **kw):
+    """`_paged`'s call in FA3's float8 format: float8_e4m3fn q, pages and new tokens, float32
+    descales (batch, heads_kv) (kwargs)."""
+    call = _paged(page_size, d=d, device=device, **kw)
+    for name in ("q", "k_cache", "v_cache", "k", "v"):
+        if name in call:
+            call[name] = (call[name].float() * 2).to(torch.float8_e4m3fn)
+    g = torch.Generator().manual_seed(page_size + d)
+    batch, heads_kv = call["q"].shape[0], call["k_cache"].shape[-2]
+    for name in ("q_descale", "k_descale", "v_descale"):
+        call[name] = (torch.rand(batch, heads_kv, generator=g) + 0.25).to(device)
+    return call
+
+
+@pytest.mark.skipif(cute_emulation is None, reason="emulates sm90 on the CPU")
+@pytest.mark.parametrize("page_size,d", [(16, 128), (64, 128), (256, 128), (16, 256), (64, 64), (32, 192)])
+def test_fp8_paged_read_by_the_kernel_emulated_sm90(emulated_sm90, monkeypatch, page_size, d):
+    """A float8 paged cache with descales (FA3's FP8 decode) with FA3PY_CUTE_PAGED=1 and
+    FA3PY_CUTE_FP8_DIRECT=1, the kernel emulated: `check_fp8_paged`; without the direct opt-in
+    the pages are gathered."""
+    from cute_kernels import launch
+    from fa3py import kvcache
+
+    check_fp8_paged(monkeypatch, page_size, d, "cpu")
+    monkeypatch.setattr(launch, "fp8_direct_enabled", False)
+    seen = _record_launches(monkeypatch)
+    gathered, gather = [], kvcache._gather_keys
+    monkeypatch.setattr(kvcache, "_gather_keys", lambda *a: gathered.append(1) or gather(*a))
+    fa3py.flash_attn_with_kvcache(**_fp8_paged(page_size, d, batch=3, cap=400, seqlens=(1, 250, 399)), causal=True)
+    assert gathered == [1] and seen[-1][0].page_size == 0
+
+
+def check_fp8_paged(monkeypatch, page_size: int, d: int, device: str):
+    """The FP8 kernel reads the float8 pages itself (no gather; its config has the page size, V
+    in rows and the descales; 128 keys a block at hdim 128, 64 at 256) and gives the bits of the
+    same call on a contiguous copy of the cache run with the same tile (P is rounded per KV
+    block, so another tile rounds elsewhere)."""
+    import cute_kernels
+    from cute_kernels import launch
+    from fa3py import kvcache
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
+    _paged_in_kernel(monkeypatch)
+    kw = _fp8_paged(page_size, d, batch=3, q_len=2, heads=8, heads_kv=2, cap=400, seqlens=(1, 250, 399),
+                    device=device)
+    seen = _record_launches(monkeypatch)
+    gather = kvcache._gather_keys
+    monkeypatch.setattr(kvcache, "_gather_keys", _no_gather)
+    table = kw["page_table"].long()
+    contiguous = {name: kw[name][table].flatten(1, 2).contiguous() for name in ("k_cache", "v_cache")}
+    out_p, lse_p = fa3py.flash_attn_with_kvcache(**kw, causal=True, return_softmax_lse=True)[:2]
+    cfg, req = seen[-1]
+    assert cfg.page_size == page_size and cfg.fp8_v_rows and cfg.fp8_descales and req.page_table is not None
+    assert cfg.tile.tile_n == {64: 128, 128: 128, 192: 96, 256: 64}[d]
+    config_for = launch.fp8_config_for
+    same_tile = lambda r: dataclasses.replace(cfg, page_size=0)  # noqa: E731
+    for module in (launch, cute_kernels):
+        monkeypatch.setattr(module, "fp8_config_for", same_tile)
+    out_c, lse_c = fa3py.flash_attn_with_kvcache(**dict(kw, page_table=None, **contiguous), causal=True,
+                                                 return_softmax_lse=True)[:2]
+    for module in (launch, cute_kernels):
+        monkeypatch.setattr(module, "fp8_config_for", config_for)
+    monkeypatch.setattr(kvcache, "_gather_keys", gather)
+    assert seen[-1][0].page_size == 0
+    assert out_p.dtype == torch.bfloat16 and torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+
+
 @pytest.mark.skipif(cute_emulation is None, reason="emulates sm90 on the CPU")
 @pytest.mark.parametrize("page_size,extra", [(8, {}), (24, {}), (1, {}), (200, {}), (64, {"leftpad": True})])
 def test_paged_gathered_where_the_kernel_does_not_read_pages_emulated_sm90(emulated_sm90, monkeypatch, page_size,
@@ -428,6 +496,13 @@ def test_paged_requests_are_refused_by_the_contiguous_backends():
     assert "page" in torch_backend.why_not(req, False) and "page" in triton_fallback.why_not(req, False)
     with pytest.raises(dispatch.BackendUnavailable, match="no backend serves"):
         dispatch.choose(req)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size,d", [(16, 128), (64, 128), (256, 128), (16, 256), (64, 64), (32, 192)])
+def test_gpu_fp8_paged_bitwise_equal_to_contiguous(monkeypatch, page_size, d):
+    """FA3's FP8 decode from pages on sm90 (both opt-ins on): `check_fp8_paged` on the GPU."""
+    check_fp8_paged(monkeypatch, page_size, d, "cuda")
 
 
 @pytest.mark.gpu
