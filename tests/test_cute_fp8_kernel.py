@@ -590,18 +590,19 @@ def test_gpu_fp8_features(case, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", FA3_CASES)
-def test_gpu_fa3_v_rows_bitwise_equal_to_the_transposed_copy(case, monkeypatch):
+def test_gpu_fa3_direct_bitwise_equal_to_the_copy_path(case, monkeypatch):
     """FA3PY_CUTE_FP8_DIRECT=1 on the GPU: V transposed in smem by the producer warps feeds the
-    WGMMAs the bytes the transposing copy feeds them, so out and LSE are bit for bit those of the
-    copy path (same tiles), run twice (a stale or racing V^T stage would differ), and within the
-    reference rule."""
+    WGMMAs the bytes the transposing copy feeds them, and the descales read in the kernel are the
+    values the filled scale tensors hold, so out and LSE are bit for bit those of the copy path
+    (same tiles), run twice (a stale or racing V^T stage would differ), and within the reference
+    rule."""
     from cute_kernels import launch
 
     req, cfg = _feature_request(case, "cuda", monkeypatch)
     out_t, lse_t = launch.run_fp8(req, cfg)
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     cfg_rows = launch.fp8_config_for(req)
-    assert cfg_rows.fp8_v_rows
+    assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales
     for _ in range(2):
         out, lse = launch.run_fp8(req, cfg_rows)
         assert torch.equal(out, out_t) and torch.equal(lse, lse_t)
