@@ -185,13 +185,20 @@ def _sage_load() -> Forward:
 def kvcache_provider(page_size: int = 0) -> Provider:
     """fa3py.flash_attn_with_kvcache over a cache holding the case's keys (cache_seqlens = seqlen):
     contiguous (page_size 0), or in pages of page_size rows shuffled through a pool, one page table
-    row per sequence (as a paged serving stack holds them). The cache is built outside the timing."""
+    row per sequence (as a paged serving stack holds them). With --fp8, FA3's FP8 decoding: q and
+    the cache in float8_e4m3fn with float32 descales (batch, nheads_kv). The cache is built
+    outside the timing."""
 
     def prepare(q, k, v, case):
         b, s, hk, _ = k.shape
         seqlens = torch.full((b,), s, dtype=torch.int32, device=k.device)
+        descales = {}
+        if case.fp8:
+            q, k, v = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+            ones = torch.ones(b, hk, dtype=torch.float32, device=k.device)
+            descales = dict(q_descale=ones, k_descale=ones, v_descale=ones)
         if not page_size:
-            return q, (k, None, seqlens), (v, None, seqlens)
+            return q, (k, None, seqlens, descales), (v,)
         per_seq = -(-s // page_size)
         order = torch.randperm(b * per_seq, device=k.device)
         table = order.view(b, per_seq).to(torch.int32)
@@ -203,20 +210,20 @@ def kvcache_provider(page_size: int = 0) -> Provider:
             pages[order] = rows.view(b * per_seq, page_size, hk, x.shape[-1])
             return pages
 
-        return q, (pool(k), table, seqlens), (pool(v), table, seqlens)
+        return q, (pool(k), table, seqlens, descales), (pool(v),)
 
     def load() -> Forward:
         import fa3py
 
         def forward(q, k, v, case):
-            (k_cache, table, seqlens), (v_cache, _, _) = k, v
+            (k_cache, table, seqlens, descales), (v_cache,) = k, v
             return fa3py.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, page_table=table,
-                                                 causal=case.causal)
+                                                 causal=case.causal, **descales)
 
         return forward
 
     name = f"paged{page_size}" if page_size else "contiguous"
-    return Provider(f"fa3py-kvcache:{name}", peer=False, load=load, backward=False, prepare=prepare)
+    return Provider(f"fa3py-kvcache:{name}", peer=False, load=load, backward=False, prepare=prepare, fp8=True)
 
 
 FA3PY_BACKENDS = ("cute", "triton", "torch")

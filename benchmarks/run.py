@@ -95,7 +95,8 @@ def parse_args(argv=None):
     ap.add_argument("--paged", type=int, nargs="+", metavar="PAGE_SIZE",
                     help="also time fa3py.flash_attn_with_kvcache on the keys as a contiguous cache and as "
                          "paged caches of these page sizes (fa3py-kvcache:contiguous, fa3py-kvcache:pagedN; "
-                         "CUDA, --mode fwd), e.g. --paged 16 64 256 with --seqlen-q 1 --cuda-graph")
+                         "CUDA, --mode fwd), e.g. --paged 16 64 256 with --seqlen-q 1 --cuda-graph; with "
+                         "--fp8 they decode FA3's way, q and cache in float8_e4m3fn with descales")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this long")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness spot-checks")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,6 @@
 """The benchmark harness on the CPU: exact FLOP counts, and a tiny end-to-end run."""
 
+import dataclasses
 import itertools
 import json
 
@@ -593,6 +594,16 @@ def test_kvcache_providers_hold_the_case_keys(page_size):
     assert provider.name == ("fa3py-kvcache:" + (f"paged{page_size}" if page_size else "contiguous"))
     out = provider.load()(*provider.prepare(q, k, v, case), case)
     assert torch.equal(out, fa3py.attention(q, k, v, causal=True))
+    # --fp8: FA3's FP8 decoding, float8 q and cache with descales; the result of the same float8
+    # inputs through flash_attn_func
+    case8 = dataclasses.replace(case, fp8=True)
+    assert provider.precision(case8) == "fp8"
+    out8 = provider.load()(*provider.prepare(q, k, v, case8), case8)
+    ones = torch.ones(2, 2)
+    q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+    assert out8.dtype == torch.bfloat16
+    assert torch.equal(out8, fa3py.flash_attn_func(q8, k8, v8, causal=True, q_descale=ones, k_descale=ones,
+                                                   v_descale=ones))
 
 
 def test_paged_needs_a_gpu_and_fwd(tmp_path):
