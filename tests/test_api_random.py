@@ -36,7 +36,7 @@ SEED = 20261204
 GPU = torch.cuda.is_available()
 N_GPU = int(os.environ.get("FA3PY_RANDOM_CASES", "300"))
 N_CPU = {"torch": 48, "emulated_sm90": 24, "emulated_sm90_bwd": 16, "triton": 8}
-N_CPU_FP8 = 24
+N_CPU_FP8 = 40
 
 
 @dataclass
@@ -52,11 +52,12 @@ class Case:
     strided: bool = False
     grad: bool = True
     kwargs: dict = field(default_factory=dict)  # causal, window_size, softcap, softmax_scale, ...
+    fa3_fp8: bool = False  # FP8 cases: FA3's float8_e4m3fn q, k, v with descales (flash_attn_*)
 
     def __str__(self):
         return (f"{self.api} {str(self.dtype)[6:]} heads {self.h}/{self.hk} d {self.d}/{self.dv} "
                 f"lens {self.lens} seqused={self.seqused} strided={self.strided} grad={self.grad} "
-                f"{self.kwargs}")
+                f"{'fa3_fp8 ' if self.fa3_fp8 else ''}{self.kwargs}")
 
 
 def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
@@ -163,12 +164,14 @@ FP8_DIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)]
 
 
 def draw_fp8(rng: random.Random, max_len: int) -> Case:
-    """A `draw` case made FP8 and forward-only (FP8 has no backward of its own)."""
+    """A `draw` case made FP8 and forward-only (FP8 has no backward of its own); a third of the
+    drop-in calls take FA3's float8 inputs with descales."""
     case = draw(rng, max_len=max_len)
     if rng.random() < 0.8:
         case.d, case.dv = rng.choice(FP8_DIMS)
     case.grad = False
     case.kwargs.pop("deterministic", None)
+    case.fa3_fp8 = case.api != "attention" and rng.random() < 0.35
     return case
 
 
@@ -184,6 +187,8 @@ def run_fp8_case(case: Case, device, rng: random.Random, monkeypatch) -> str:
     from tests._util import max_err
 
     q, k, v, index_kw = build(case, device, rng)
+    if case.fa3_fp8:
+        return _run_fa3_fp8_case(case, q, k, v, index_kw, rng, monkeypatch)
     originals = [x.clone() for x in (q, k, v)]
     kw = dict(case.kwargs)
 
@@ -214,24 +219,65 @@ def run_fp8_case(case: Case, device, rng: random.Random, monkeypatch) -> str:
     return served
 
 
+def _run_fa3_fp8_case(case: Case, q, k, v, index_kw, rng: random.Random, monkeypatch) -> str:
+    """`run_fp8_case` on FA3's inputs: q, k, v rounded to float8_e4m3fn (times 2) with random
+    descales (batch, nheads_kv) (or none, one time in four), through flash_attn_func /
+    flash_attn_varlen_func; out and LSE within twice the FP8 format's emulation (fa3py.fp8's
+    from_descales + emulate: P rounded to e4m3 as the kernels round it) of the fp64 reference of
+    the descaled inputs, plus 2^-7 of the output's range."""
+    from fa3py import fp8, reference
+    from tests._util import max_err
+
+    q, k, v = (x.float().mul(2).to(torch.float8_e4m3fn) for x in (q, k, v))
+    originals = [x.clone() for x in (q, k, v)]
+    cu_q, cu_k = index_kw.get("cu_seqlens_q"), index_kw.get("cu_seqlens_k")
+    batch = len(case.lens)
+    descales = {} if rng.random() < 0.25 else {
+        name: torch.rand(batch, case.hk, device=q.device) + 0.25 for name in ("q_descale", "k_descale", "v_descale")}
+    kw = dict(case.kwargs, **descales)
+    if case.api == "func":
+        out, lse = fa3py.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    else:
+        out, lse = fa3py.flash_attn_varlen_func(q, k, v, **index_kw, return_attn_probs=True, **kw)
+    req = make_request(q, k, v, **index_kw, **kw)
+    ref_out, ref_lse = reference.attention(req, torch.float64)
+    qkv = fp8.from_descales(q, k, v, *(descales.get(n) for n in ("q_descale", "k_descale", "v_descale")),
+                            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    emu_out, emu_lse = fp8.emulate.attention(qkv, req.params, torch.bfloat16, seqused_q=index_kw.get("seqused_q"),
+                                             seqused_k=index_kw.get("seqused_k"))
+    assert out.shape == ref_out.shape and out.dtype == torch.bfloat16 and lse.shape == ref_lse.shape
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "empty rows differ"
+    atol = 2.0**-7 * float(ref_out.abs().max()) if ref_out.numel() else 0.0
+    assert max_err(out, ref_out) <= 2 * max_err(emu_out, ref_out) + atol, (max_err(out, ref_out),
+                                                                            max_err(emu_out, ref_out))
+    assert max_err(lse[finite], ref_lse[finite]) <= 2 * max_err(emu_lse[finite], ref_lse[finite]) + 1e-3
+    for name, x, x0 in zip("qkv", (q, k, v), originals):
+        assert torch.equal(x.view(torch.uint8), x0.view(torch.uint8)), f"{name} was modified"
+    return dispatch.choose(req).name
+
+
 @pytest.mark.skipif(GPU, reason="the CPU route; on a GPU test_gpu_random_fp8_api runs")
 @pytest.mark.parametrize("i", range(N_CPU_FP8))
 def test_random_fp8_api_emulated_sm90(i, emulated_sm90, monkeypatch):
     """FP8 cases as on an H100 with the FP8 kernel emulated (`emulated_sm90`'s launch hands FP8
     calls to emulated_fp8_launch; run_fp8's host work runs for real: quantization with the
-    kernel's tile, GQA packing, split-KV, varlen, strided inputs); most cases are served by it
-    (18 of the 24 drawn here; the rest, head dims it does not serve, by the emulation)."""
+    kernel's tile, GQA packing, split-KV, varlen, strided inputs), FA3's inputs copied into the
+    format in even cases and read directly (FA3PY_CUTE_FP8_DIRECT) in odd ones; 32 of the 40 drawn
+    here are served by it (the rest, head dims it does not serve: the emulation, or Triton for
+    FA3's inputs)."""
     from cute_kernels import launch
 
     monkeypatch.setattr(launch, "fp8_enabled", True)
     monkeypatch.setattr(launch, "fp8_why_not", _fp8_why_not_on_cpu(launch.fp8_why_not))
+    monkeypatch.setattr(launch, "fp8_direct_enabled", i % 2 == 1)  # FA3's inputs copied / read directly
     rng = random.Random(SEED + 10_000 + i)
     case = draw_fp8(rng, max_len=150)
     try:
         served = run_fp8_case(case, "cpu", rng, monkeypatch)
     except AssertionError as e:
         raise AssertionError(f"fp8 case {i} ({case}): {e}") from e
-    assert served in ("cute", "torch")
+    assert served in ("cute", "torch", "triton")  # (Triton takes FA3's float8 inputs cute does not)
 
 
 def _fp8_why_not_on_cpu(why_not):
