@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from fa3py.request import AttentionRequest
 
-__all__ = ["why_not", "forward", "backward", "config_for", "num_splits", "run", "pack_rows", "unpack_rows", "pack_lse",
+__all__ = ["why_not", "describe", "forward", "backward", "config_for", "num_splits", "run", "pack_rows", "unpack_rows", "pack_lse",
            "unpack_lse"]
 
 
@@ -94,6 +94,16 @@ def _paged_why_not(req: "AttentionRequest", tile_n: int) -> Optional[str]:
                 f"the kernel loads pages of a multiple of {tile_n} rows, or of a divisor of {tile_n} that is a "
                 f"multiple of {PAGE_ROWS_MULTIPLE}")
     return None
+
+
+def describe(req: "AttentionRequest", backward: bool) -> str:
+    """The kernel config a served request compiles to (FwdConfig / BwdConfig.short(): dtype, head
+    dims, tile, schedule switches, features), for fa3py.explain."""
+    if backward:
+        return "sm90 backward " + bwd_launch.config_for(req).short()
+    if req.is_fp8_input or req.params.fp8:
+        return "sm90 FP8 forward " + fp8_config_for(req).short()
+    return "sm90 forward " + config_for(req).short()
 
 
 def backward(req: "AttentionRequest", out: "torch.Tensor", lse: "torch.Tensor", dout: "torch.Tensor"):

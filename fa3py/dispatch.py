@@ -188,7 +188,9 @@ def explain_choice(req: AttentionRequest, backend: Optional[str] = None) -> str:
             lines.append(f"{phase}: unavailable: {e}")
             continue
         why = "; ".join(f"not {n}: {r}" for n, r in c.reasons)
-        lines.append(f"{phase}: {c.name}" + (f" ({why})" if why else ""))
+        describe = getattr(c.module, "describe", None)  # the kernel config, where a backend says it
+        what = f" [{describe(req, backward)}]" if describe is not None else ""
+        lines.append(f"{phase}: {c.name}{what}" + (f" ({why})" if why else ""))
     return "\n".join(lines)
 
 

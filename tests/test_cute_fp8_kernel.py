@@ -667,3 +667,24 @@ def test_default_block_n_is_the_kernel_tile():
     q = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16)
     assert fa3py.quantize_fp8(q, q, q).q.fmt.block_n == 128
     assert fa3py.quantize_fp8(q, q, q).q.fmt.v_scaling == "channel"
+
+
+def test_explain_names_the_kernel_config_emulated_sm90(emulated_sm90, monkeypatch):
+    """fa3py.explain on an (emulated) H100 names the cute kernel's config: the 16-bit forward's
+    tile, and for FA3's float8 inputs whether V and the descales are read directly."""
+    import fa3py
+    from cute_kernels import launch
+    from cute_kernels.config import FwdConfig
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    monkeypatch.setattr(launch, "fp8_why_not", lambda req: None)  # (CPU tensors)
+    q = torch.randn(1, 300, 4, 128, dtype=torch.bfloat16)
+    text = fa3py.explain(q, q, q, causal=True)
+    assert "forward: cute [sm90 forward bf16 d128x128 tile" in text and "has_right" in text
+    req = _fa3_request(1, 300, 300, 4, 4, 128)
+    kw = dict(q_descale=req.q_descale, k_descale=req.k_descale, v_descale=req.v_descale)
+    tile = FwdConfig.make("e4m3", 128).tile
+    assert f"[sm90 FP8 forward e4m3 d128x128 tile{tile.tile_m}x{tile.tile_n}" in fa3py.explain(req.q, req.k, req.v, **kw)
+    assert "fp8_descales" not in fa3py.explain(req.q, req.k, req.v, **kw)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
+    assert "fp8_v_rows fp8_descales" in fa3py.explain(req.q, req.k, req.v, **kw)
