@@ -172,6 +172,12 @@ def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
     """Innermost loops (backward branches) whose body holds an HGMMA: (start, end, opcode counts).
     These are the KV loops (interior, causal-diagonal, window edge); the instruction count of the
     interior one is what to compare between variants."""
+    return innermost_loops(sass, lambda ops: ops["HGMMA"] or ops["QGMMA"])
+
+
+def innermost_loops(sass: str, keep) -> list[tuple[int, int, collections.Counter]]:
+    """Innermost loops (backward branches) whose body's opcode counts pass `keep`: (start, end,
+    opcode counts)."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     out = []
     for addr, text in ins:
@@ -179,7 +185,7 @@ def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
         if m and int(m.group(1), 16) < addr:
             body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
             ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t).group(1) for t in body)
-            if ops["HGMMA"] or ops["QGMMA"]:
+            if keep(ops):
                 out.append((int(m.group(1), 16), addr, ops))
     # innermost only: an outer loop (the tile loop) contains the KV loops
     return [l for l in out if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in out)]

@@ -199,6 +199,7 @@ VT_JOB_CHANNELS = 32
 VT_JOB_GROUPS = 4
 VT_PASSES = 4
 VT_ROW_OFFSETS = (0, 1, 8, 9)  # keys of a word relative to 2t: PV_KEY_ORDER[4t:4t+4] - 2t
+assert VT_ROW_OFFSETS[2:] == tuple(o + 8 for o in VT_ROW_OFFSETS[:2])  # (transpose_v_block's two offsets)
 
 
 def vt_jobs(hdimv: int, tile_n: int) -> int:
@@ -257,21 +258,61 @@ def prmt(a, b, selector: int, *, loc=None, ip=None) -> Int32:
     ))
 
 
+@dataclass(frozen=True)
+class ByteTile:
+    """An 8-bit smem tile as utils.make_smem_layout builds it, (rows, cols, stage), in closed
+    form: atoms of 8 rows x `width` bytes (width a power of two), tiled rows first, then column
+    atoms, then stages, under the swizzle that XORs byte-offset bits [7, 7 + bits) into bits
+    [4, 4 + bits) (CuTe's Swizzle<bits, 4, 3>). `offset` is then a few integer ops (the rows'
+    offset is row * width whatever the atom; a row 8 further is `8 * width` further with the same
+    swizzle) where crd2idx on the layout spends ~20 (div / mod by the tile's extents).
+    `byte_tile` derives it from the layout and checks it there."""
+
+    width: int
+    rows: int
+    stage_bytes: int
+    bits: int
+
+    def offset(self, row, col, stage):
+        """The swizzled byte offset of (row, col, stage) (Python ints or DSL Int32 alike)."""
+        shift = self.width.bit_length() - 1
+        off = row * self.width + (col & (self.width - 1)) + (col >> shift) * (self.rows * self.width) \
+            + stage * self.stage_bytes
+        return off ^ ((off >> 7) & ((1 << self.bits) - 1)) << 4
+
+
+def byte_tile(layout, rows: int, cols: int, stages: int) -> ByteTile:
+    """The ByteTile of `layout` (static: call at trace time), checked against crd2idx on every
+    row of the first atom column and every column of the first 16 rows of each stage (the CPU
+    test checks every coordinate)."""
+    row_stride = cute.crd2idx((1, 0, 0), layout.outer)  # (the layout before its swizzle)
+    stage_bytes = cute.crd2idx((0, 0, 1), layout.outer) if stages > 1 else rows * cols
+    for bits in range(4):
+        tile = ByteTile(row_stride, rows, stage_bytes, bits)
+        coords = [(r, c, s) for s in range(stages) for r in range(rows) for c in (0, min(cols, row_stride) - 1)]
+        coords += [(r, c, s) for s in range(stages) for r in range(16) for c in range(cols)]
+        if all(tile.offset(*x) == cute.crd2idx(x, layout) for x in coords):
+            return tile
+    raise ValueError(f"{layout}: not an 8-row-atom byte tile with a Swizzle<b, 4, 3>")
+
+
 @cute.jit
-def transpose_v_block(sRows32: cute.Tensor, rows_layout: cute.ComposedLayout, rows_stage,
-                      sVt32: cute.Tensor, vt_layout: cute.ComposedLayout, vt_stage, warp, num_warps: cutlass.Constexpr[int],
+def transpose_v_block(sRows32: cute.Tensor, rows_tile: cutlass.Constexpr, rows_stage,
+                      sVt32: cute.Tensor, vt_tile: cutlass.Constexpr, vt_stage, warp, num_warps: cutlass.Constexpr[int],
                       hdimv: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int]):
     """One V block: the (tile_n, hdim_v) e4m3 rows in stage `rows_stage` of the staging tile
-    (`rows_layout`: its swizzled byte layout, (keys, channels, stage)) into stage `vt_stage` of
-    V^T (`vt_layout`, (channels, keys, stage)), keys in PV_KEY_ORDER. sRows32 / sVt32: the two
-    buffers as flat 32-bit words. Warp `warp` of `num_warps` takes every num_warps-th job."""
+    (`rows_tile`: its ByteTile, (keys, channels, stage)) into stage `vt_stage` of V^T (`vt_tile`,
+    (channels, keys, stage)), keys in PV_KEY_ORDER. sRows32 / sVt32: the two buffers as flat
+    32-bit words. Warp `warp` of `num_warps` takes every num_warps-th job. A key 8 rows further
+    is 8 row-widths further (same swizzle), so the four loads take two offsets."""
     lane = cute.arch.lane_idx()
     jobs = vt_jobs(hdimv, tile_n)
+    eight_rows = 8 * rows_tile.width // 4  # in words
     for job in cutlass.range(warp, jobs, num_warps, unroll=1):
         g, t, d4 = vt_job_coords(job, lane, tile_n)
         if g < tile_n // 16:
             key = g * 16 + t * 2
-            w = [sRows32[cute.crd2idx((key + o, d4 * 4, rows_stage), rows_layout) >> 2] for o in VT_ROW_OFFSETS]
-            out = byte_transpose4(w[0], w[1], w[2], w[3], prmt)
+            lo, hi = (rows_tile.offset(key + o, d4 * 4, rows_stage) >> 2 for o in (0, 1))
+            out = byte_transpose4(sRows32[lo], sRows32[hi], sRows32[lo + eight_rows], sRows32[hi + eight_rows], prmt)
             for c in cutlass.range_constexpr(4):
-                sVt32[cute.crd2idx((d4 * 4 + c, g * 16 + t * 4, vt_stage), vt_layout) >> 2] = out[c]
+                sVt32[vt_tile.offset(d4 * 4 + c, g * 16 + t * 4, vt_stage) >> 2] = out[c]

@@ -288,6 +288,10 @@ class FlashAttentionForwardSm90:
         # fp8_v_rows: the staging tile of V's rows, (tile_n, hdim_v), what the V TMA writes
         sVrows_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.v_rows_stages) \
             if const_expr(self.v_rows) else None
+        # fp8_v_rows: both tiles' byte layouts in closed form for the transposing warps
+        v_byte_tiles = (fp8.byte_tile(sVrows_layout, self.tile_n, self.hdimv, self.v_rows_stages),
+                        fp8.byte_tile(sV_layout, self.hdimv, self.tile_n, self.num_stages)) \
+            if const_expr(self.v_rows) else None
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
         # each compact in smem, so a warp stores its slab by TMA without waiting for the others.
         sO_slab_layout = make_smem_layout(self.o_dtype, (O_SLAB_ROWS, self.o_width))
@@ -353,7 +357,7 @@ class FlashAttentionForwardSm90:
             scale_log2, softcap_premul, window_left, window_right,
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
             attention_chunk if const_expr(cfg.chunk) else None,
-            sQ_layout, sK_layout, sV_layout, sO_layout, sVrows_layout,
+            sQ_layout, sK_layout, sV_layout, sO_layout, sVrows_layout, v_byte_tiles,
             tiled_mma_qk, tiled_mma_pv, tx_q, tx_k, tx_v,
             num_m_blocks, sched_heads, batch, l2_heads, tail_heads, num_splits, SharedStorage,
         ).launch(
@@ -383,6 +387,7 @@ class FlashAttentionForwardSm90:
         sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
         sVrows_layout: Optional[cute.ComposedLayout],
+        v_byte_tiles: cutlass.Constexpr,  # fp8_v_rows: (staging tile, V^T tile) as fp8.ByteTile
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_k: cutlass.Constexpr[int], tx_v: cutlass.Constexpr[int],
         num_m_blocks: Int32,
@@ -461,9 +466,10 @@ class FlashAttentionForwardSm90:
                 if warp_idx > 0:
                     words = lambda mem, layout: cute.make_tensor(
                         cute.recast_ptr(mem.data_ptr(), dtype=Int32), cute.make_layout(cute.cosize(layout) // 4))
+                    rows_tile, vt_tile = v_byte_tiles
                     self.transpose_v(pipeline_q, pipeline_v, pipeline_vt, tiles,
-                                     words(storage.sVrows, sVrows_layout), sVrows_layout,
-                                     words(storage.sV, sV_layout), sV_layout, warp_idx - 1)
+                                     words(storage.sVrows, sVrows_layout), rows_tile,
+                                     words(storage.sV, sV_layout), vt_tile, warp_idx - 1)
         else:
             cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
             # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
@@ -617,8 +623,8 @@ class FlashAttentionForwardSm90:
                       tma_bar_ptr=bar)
 
     @cute.jit
-    def transpose_v(self, pipeline_q, pipeline_v, pipeline_vt, tiles: TileWork, sRows32, rows_layout, sVt32,
-                    vt_layout, warp):
+    def transpose_v(self, pipeline_q, pipeline_v, pipeline_vt, tiles: TileWork, sRows32, rows_tile, sVt32,
+                    vt_tile, warp):
         """fp8_v_rows, producer warps 1-3: for every KV block the producer loads (the same tiles
         and blocks, in its order), wait for V's rows, transpose them into the next V^T stage once
         the consumers freed it (fp8.transpose_v_block), make the stores visible to the WGMMAs
@@ -641,7 +647,7 @@ class FlashAttentionForwardSm90:
                 for _ in cutlass.range(n_block_max - n_block_min, unroll=1):
                     pipeline_v.consumer_wait(rows_state)
                     pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
-                    fp8.transpose_v_block(sRows32, rows_layout, rows_state.index, sVt32, vt_layout, vt_state.index,
+                    fp8.transpose_v_block(sRows32, rows_tile, rows_state.index, sVt32, vt_tile, vt_state.index,
                                           warp, VT_WARPS, self.hdimv, self.tile_n)
                     cute.arch.fence_view_async_shared()
                     cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))

@@ -119,9 +119,11 @@ def test_convert_p_e4m3_compiles_to_paired_conversions():
     assert ops["SHFL"] == 0, "P must not move between lanes"
 
 
-def _byte_maps(tile_n: int, hdimv: int) -> tuple[list, list]:
+def _byte_maps(tile_n: int, hdimv: int) -> tuple:
     """Byte offsets of the fp8_v_rows kernel's smem tiles, from the layouts the kernel builds
-    (stage 1 of 2): V's rows (key, channel) -> offset and V^T (channel, key position) -> offset."""
+    (stage 1 of 2): V's rows (key, channel) -> offset and V^T (channel, key position) -> offset
+    by crd2idx, and the two tiles' fp8.ByteTile (the closed form the kernel computes them by),
+    checked equal to crd2idx at every coordinate of both stages."""
     from cute_kernels.utils import make_smem_layout
 
     out = {}
@@ -130,11 +132,17 @@ def _byte_maps(tile_n: int, hdimv: int) -> tuple[list, list]:
     def maps():
         rows = make_smem_layout(cutlass.Float8E4M3FN, (tile_n, hdimv), 2)
         vt = make_smem_layout(cutlass.Float8E4M3FN, (hdimv, tile_n), 2)
-        out["rows"] = [[cute.crd2idx((n, d, 1), rows) for d in range(hdimv)] for n in range(tile_n)]
-        out["vt"] = [[cute.crd2idx((d, n, 1), vt) for n in range(tile_n)] for d in range(hdimv)]
+        out["rows_tile"], out["vt_tile"] = fp8.byte_tile(rows, tile_n, hdimv, 2), fp8.byte_tile(vt, hdimv, tile_n, 2)
+        for name, layout, extent in (("rows", rows, (tile_n, hdimv)), ("vt", vt, (hdimv, tile_n))):
+            out[name] = [[[cute.crd2idx((r, c, s), layout) for c in range(extent[1])] for r in range(extent[0])]
+                         for s in range(2)]
 
     maps()
-    return out["rows"], out["vt"]
+    for name in ("rows", "vt"):
+        tile = out[name + "_tile"]
+        assert all(tile.offset(r, c, s) == off for s, grid in enumerate(out[name]) for r, row in enumerate(grid)
+                   for c, off in enumerate(row)), f"{name}: {tile} differs from the layout"
+    return out["rows"][1], out["vt"][1], out["rows_tile"], out["vt_tile"]
 
 
 # (hdim_v, tile_n) of the FP8 kernel's channel-V tiles (config.fp8_tile) and a masked-softcap one
@@ -143,13 +151,14 @@ VT_TILES = [(64, 128), (96, 96), (128, 224), (128, 128), (256, 128), (256, 64)]
 
 @pytest.mark.parametrize("hdimv,tile_n", VT_TILES)
 def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n):
-    """fp8.transpose_v_block's jobs, run lane by lane on the CPU with the kernel's own swizzled
-    smem layouts and PTX prmt's byte semantics: every byte of V^T is written once, with key
-    PV_KEY_ORDER[i] of each 16-key group at position i, from fresh random bytes. Where both tiles
-    have 128-byte rows (the 128-byte swizzle) no load or store of a job has a bank conflict."""
+    """fp8.transpose_v_block's jobs, run lane by lane on the CPU with the kernel's own address
+    arithmetic (fp8.ByteTile, checked against the swizzled smem layouts' crd2idx everywhere) and
+    PTX prmt's byte semantics: every byte of V^T is written once, with key PV_KEY_ORDER[i] of each
+    16-key group at position i, from fresh random bytes. Where both tiles have 128-byte rows (the
+    128-byte swizzle) no load or store of a job has a bank conflict."""
     from cute_kernels.fwd_sm90 import VT_WARPS
 
-    rows_map, vt_map = _byte_maps(tile_n, hdimv)
+    rows_map, vt_map, rows_tile, vt_tile = _byte_maps(tile_n, hdimv)
     gen = torch.Generator().manual_seed(hdimv * 1000 + tile_n)
     v = torch.randint(0, 256, (tile_n, hdimv), generator=gen, dtype=torch.uint8)
     rows = bytearray(max(max(r) for r in rows_map) + 1)
@@ -169,13 +178,16 @@ def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n):
                 g, t, d4 = fp8.vt_job_coords(job, lane, tile_n)
                 if g >= tile_n // 16:
                     continue
-                offs = [rows_map[g * 16 + t * 2 + o][d4 * 4] for o in fp8.VT_ROW_OFFSETS]
+                # the kernel's addresses: two ByteTile offsets, the other two rows 8 further
+                lo, hi = (rows_tile.offset(g * 16 + t * 2 + o, d4 * 4, 1) for o in (0, 1))
+                offs = [lo, hi, lo + 8 * rows_tile.width, hi + 8 * rows_tile.width]
+                assert offs == [rows_map[g * 16 + t * 2 + o][d4 * 4] for o in fp8.VT_ROW_OFFSETS]
                 assert all(off % 4 == 0 for off in offs)
                 out = fp8.byte_transpose4(*(word(rows, off) for off in offs), fp8.prmt_reference)
                 for i, off in enumerate(offs):
                     loads[i].append(off)
                 for c in range(4):
-                    off = vt_map[d4 * 4 + c][g * 16 + t * 4]
+                    off = vt_tile.offset(d4 * 4 + c, g * 16 + t * 4, 1)
                     assert off % 4 == 0
                     vt[off:off + 4] = out[c].to_bytes(4, "little")
                     for b in range(4):
