@@ -524,8 +524,8 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
 def _run_fa3_direct(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """FA3's float8 inputs with cfg.fp8_descales (and fp8_v_rows): q, k, v go to the kernel as
     they are and the descales as (batch, heads, 1) float32 views (Q's repeated per query head
-    where GQA groups them: the one launch left; None: ones, cached); the format's constants
-    unrotated (FA3_FORMAT)."""
+    where GQA groups them: the one launch left; None: ones, made per call, so that a call
+    captured in a CUDA graph owns them); the format's constants unrotated (FA3_FORMAT)."""
     from fa3py.fp8.format import score_constants
 
     if q_empty_or_no_keys(req):
@@ -536,7 +536,7 @@ def _run_fa3_direct(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tens
 
     def descale(x, repeat: int) -> torch.Tensor:
         if x is None:
-            return _ones(batch, req.nheads_kv * repeat, dev)
+            return torch.ones(batch, req.nheads_kv * repeat, 1, dtype=torch.float32, device=dev)
         x = x.float()
         return (x.repeat_interleave(repeat, dim=1) if repeat > 1 else x.contiguous()).unsqueeze(-1)
 
@@ -544,9 +544,3 @@ def _run_fa3_direct(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tens
     constants = score_constants(p.softmax_scale, p.softcap, 1)
     out, lse = _run_kernel(req, cfg, req.q, req.k, req.v, torch.bfloat16, fp8_scales=scales, fp8_constants=constants)
     return (out if req.out_dtype == torch.bfloat16 else out.to(req.out_dtype)), lse
-
-
-@functools.lru_cache(maxsize=64)
-def _ones(batch: int, heads: int, device: torch.device) -> torch.Tensor:
-    """(batch, heads, 1) float32 ones: a missing descale (made once per shape and device)."""
-    return torch.ones(batch, heads, 1, dtype=torch.float32, device=device)
