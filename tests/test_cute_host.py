@@ -611,7 +611,7 @@ def test_tile_order_on_the_host(persistent, lpt):
 ])
 def test_paged_page_sizes_served(hdim, page_sizes, monkeypatch):
     """why_not serves paged K / V whose pages tile the config's KV blocks (config.page_size_ok)
-    and names the rule otherwise; never the backward, FP8 or cu_seqlens_k. (With the opt-in on:
+    and names the rule otherwise; never the backward, fp8=True or cu_seqlens_k. (With the opt-in on:
     launch.paged_enabled, FA3PY_CUTE_PAGED=1.)"""
     monkeypatch.setattr(launch, "paged_enabled", True)
     for page_size, served in page_sizes.items():
