@@ -172,7 +172,7 @@ def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
     """Innermost loops (backward branches) whose body holds an HGMMA: (start, end, opcode counts).
     These are the KV loops (interior, causal-diagonal, window edge); the instruction count of the
     interior one is what to compare between variants."""
-    return innermost_loops(sass, lambda ops: ops["HGMMA"] or ops["QGMMA"])
+    return innermost_loops(sass, lambda ops: ops["HGMMA"] or ops["QGMMA"] or ops["IGMMA"])
 
 
 def innermost_loops(sass: str, keep) -> list[tuple[int, int, collections.Counter]]:

@@ -314,6 +314,10 @@ class FwdConfig:
     # (Q's per query head, K's and V's per KV head), read once per tile, instead of the format's
     # per-block scale tensors the host would fill from them (fp8.Fp8Scales.create).
     fp8_descales: bool = False
+    # e4m3 only: Q and K int8 (fa3py.fp8's qk_int8, the higher-accuracy mode): S = Q8 K8^T on the
+    # s8 x s8 -> s32 WGMMA (IGMMA, the FP8 rate), exact in int32, converted to float32 before the
+    # multiplier; P and V stay e4m3.
+    fp8_qk_int8: bool = False
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -397,6 +401,7 @@ class FwdConfig:
         flags += [f"page_size={self.page_size}"] if self.page_size else []
         flags += ["fp8_v_rows"] if self.fp8_v_rows else []
         flags += ["fp8_descales"] if self.fp8_descales else []
+        flags += ["fp8_qk_int8"] if self.fp8_qk_int8 else []
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]

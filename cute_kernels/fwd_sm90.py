@@ -156,6 +156,8 @@ class FlashAttentionForwardSm90:
     def __init__(self, cfg: FwdConfig):
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]  # Q, K, V
+        # Q and K (fp8_qk_int8: int8, their S accumulated in int32)
+        self.qk_dtype, self.acc_s_dtype = (cutlass.Int8, Int32) if cfg.fp8_qk_int8 else (self.dtype, Float32)
         # FP8: e4m3 Q, K and V^T (fa3py.fp8's format), O in bf16.
         self.fp8 = cfg.dtype == "e4m3"
         self.o_dtype = cutlass.BFloat16 if self.fp8 else self.dtype
@@ -225,8 +227,8 @@ class FlashAttentionForwardSm90:
     def make_tiled_mma_qk(self, n: int):
         """S = Q K^T over n keys (the KV block; its first half for diag_half)."""
         return sm90_utils.make_trivial_tiled_mma(
-            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
-            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
+            self.qk_dtype, self.qk_dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+            self.acc_s_dtype, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
         )
 
     def make_tiled_mma_pv(self, n: int):
@@ -280,8 +282,8 @@ class FlashAttentionForwardSm90:
         mLSE = lse_shb(mLSE, cfg.cu_seqlens_q)
 
         tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.hdimv)
-        sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages)
-        sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), self.num_stages)
+        sQ_layout = make_smem_layout(self.qk_dtype, (self.tile_m, self.hdim), self.q_stages)
+        sK_layout = make_smem_layout(self.qk_dtype, (self.tile_n, self.hdim), self.num_stages)
         # FP8: V^T tiles (hdim_v, tile_n), keys contiguous (the K-major B operand of PV).
         v_tile = (self.hdimv, self.tile_n) if const_expr(self.fp8) else (self.tile_n, self.hdimv)
         sV_layout = make_smem_layout(self.dtype, v_tile, self.num_stages)
@@ -308,8 +310,8 @@ class FlashAttentionForwardSm90:
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * (self.v_rows_stages if self.v_rows else self.num_stages)]
             if const_expr(self.v_rows):
                 mbar_vt: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
-            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, sQ_elems], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.qk_dtype, sQ_elems], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.qk_dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
             if const_expr(self.v_rows):
                 sVrows: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sVrows_layout)], 1024]
@@ -340,8 +342,8 @@ class FlashAttentionForwardSm90:
             )
         tma_atom_O, tma_O = (None, None) if const_expr(cfg.split_kv) else cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
-        tx_q, tx_k, tx_v = (cute.size_in_bytes(self.dtype, cute.select(layout, mode=[0, 1]))
-                            for layout in (sQ_layout, sK_layout, sV_layout))
+        tx_q, tx_k, tx_v = (cute.size_in_bytes(dtype, cute.select(layout, mode=[0, 1])) for dtype, layout in
+                            ((self.qk_dtype, sQ_layout), (self.qk_dtype, sK_layout), (self.dtype, sV_layout)))
 
         num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
         # LPT: the last pairs whose tiles make ~LPT_TAIL_WAVES waves on num_ctas SMs.
@@ -711,9 +713,11 @@ class FlashAttentionForwardSm90:
             """S = Q K^T of the K block in `stage`; `mma`: (tiled MMA, K fragment, keys) of
             diag_half's half-width GEMM instead of the whole block's."""
             tiled_mma, tSrK_cur, n = mma if const_expr(mma is not None) else (tiled_mma_qk, tSrK, self.tile_n)
-            acc_S = cute.make_rmem_tensor(tiled_mma.partition_shape_C((self.tile_m, n)), Float32)
+            acc_S = cute.make_rmem_tensor(tiled_mma.partition_shape_C((self.tile_m, n)), self.acc_s_dtype)
             gemm(tiled_mma, acc_S, tSrQ_cur, tSrK_cur[None, None, None, stage], zero_init=True, wg_wait=wg_wait)
-            return acc_S
+            # fp8_qk_int8: the int32 sums seen as float32 registers, converted by score_mod after
+            # the GEMM's wait (every path calls it first)
+            return cute.recast_tensor(acc_S, Float32) if const_expr(self.cfg.fp8_qk_int8) else acc_S
 
         def pv_gemm(stage, wg_wait, k_blocks: cutlass.Constexpr[int] = 0):
             acc = acc_PV if const_expr(self.fresh_pv) else acc_O
@@ -859,7 +863,16 @@ class FlashAttentionForwardSm90:
         """softcap: s = softcap * tanh(scale * qk / softcap); softcap*log2(e) is in scale_log2.
         FP8: tanh(S * sq[row] * sk[n_block] * c), c = softmax_scale / (n softcap) (the block
         scales go inside the tanh); softcap*log2(e), in softcap_premul, multiplies it in
-        softmax_step."""
+        softmax_step. fp8_qk_int8: first S's int32 sums (in acc_S's registers) to float32, exactly,
+        by the magic-number conversion (an integer add and a float subtract, where I2F would take
+        the conversion unit): |S| <= hdim * 127^2 < 2^22 up to hdim 256, where the bits of
+        i + 0x4B400000 are the float 2^23 + 2^22 + i."""
+        if const_expr(self.cfg.fp8_qk_int8):
+            assert self.hdim * 127 * 127 < 1 << 22, "int8 Q K^T sums past 2^22"
+            acc_i = cute.recast_tensor(acc_S, Int32)
+            for i in cutlass.range_constexpr(cute.size(acc_S)):
+                acc_i[i] = acc_i[i] + Int32(0x4B400000)
+                acc_S[i] = acc_S[i] - Float32(12582912.0)
         if const_expr(self.cfg.softcap):
             if const_expr(self.fp8):
                 s_mn = acc_to_mn(acc_S)
@@ -1044,8 +1057,9 @@ class FlashAttentionForwardSm90:
         # paged: K / V are page pools (num_pages, page_size, h_kv, d): their rows are not Q's batch
         k_rows = (tk,) if cfg.cu_seqlens_k else (sym(), sym()) if cfg.page_size else (b, sk)
         d, dv = cfg.hdim_in or cfg.hdim, cfg.hdimv_in or cfg.hdimv  # the tensors' head dims
-        mQ = t((*q_rows, h, d))
-        mK = t((*k_rows, hk, d))
+        qk_dt = cutlass.Int8 if cfg.fp8_qk_int8 else dt
+        mQ = t((*q_rows, h, d), qk_dt)
+        mK = t((*k_rows, hk, d), qk_dt)
         # FP8: V^T (b, h_kv, dv, s_k padded to 16), packed: (1, h_kv, dv, columns); fp8_v_rows: V as K
         if cfg.dtype == "e4m3" and not cfg.fp8_v_rows:
             mV = t((sym() if cfg.cu_seqlens_k else b, hk, dv, sym(divisibility=16)))

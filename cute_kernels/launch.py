@@ -421,6 +421,9 @@ paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "0") == "1"
 # before each call (4 launches besides the kernel's). Quantized operands whose V is in rows take
 # fp8_v_rows too. Opt-in until the GPU tests pass (compiled and emulated on the CPU only so far).
 fp8_direct_enabled = os.environ.get("FA3PY_CUTE_FP8_DIRECT", "0") == "1"
+# qk_int8 operands (fa3py.fp8's higher-accuracy mode) on the FP8 kernel with int8 Q K^T
+# (FwdConfig.fp8_qk_int8): opt-in until its GPU tests pass (compiled and emulated on the CPU only).
+fp8_qk_int8_enabled = os.environ.get("FA3PY_CUTE_FP8_INT8", "0") == "1"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 
@@ -433,7 +436,7 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     fmt = (req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format() if req.params.fp8
            else Fp8Format(**FA3_FORMAT))
     return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows,
-                      fp8_descales=v_rows and _fa3_inputs(req))
+                      fp8_descales=v_rows and _fa3_inputs(req), fp8_qk_int8=fmt.qk_int8)
 
 
 def _fa3_inputs(req: "AttentionRequest") -> bool:
@@ -457,8 +460,8 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     if not fp8_enabled:
         return "cute_kernels: the FP8 kernel is turned off (FA3PY_CUTE_FP8=0)"
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
-    if fmt is not None and fmt.qk_int8:
-        return "cute_kernels: FP8 takes e4m3 Q / K (not qk_int8)"
+    if fmt is not None and fmt.qk_int8 and not fp8_qk_int8_enabled:
+        return "cute_kernels: qk_int8 operands (int8 Q K^T) are opt-in (FA3PY_CUTE_FP8_INT8=1) until their GPU tests pass"
     if fmt is not None and not fmt.v_transposed and not fp8_direct_enabled:
         return "cute_kernels: FP8 takes transposed V (V in rows: opt-in FA3PY_CUTE_FP8_DIRECT=1)"
     fa3 = req.fp8_tensors is None and not req.params.fp8

@@ -98,6 +98,27 @@ def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
     assert interior["SHFL"] <= 4, f"P moved between lanes: {interior['SHFL']} SHFL (the row max takes 4)"
 
 
+INT8_QK_COMPILE = [(128, dict(has_right=True)), (128, dict(fp8_block_m=1)), (64, dict(pack_gqa=4, split_kv=True)),
+                   (256, dict(softcap=True)), (192, dict(hdimv=128, has_left=True, has_right=True))]
+
+
+@pytest.mark.parametrize("hdim,features", INT8_QK_COMPILE, ids=[f"d{d}-" + "-".join(f) for d, f in INT8_QK_COMPILE])
+def test_fp8_qk_int8_compiles_to_igmma_and_qgmma(hdim, features):
+    """fp8_qk_int8: S = Q8 K8^T on the s8 WGMMA (IGMMA, hdim / 32 a block), P V on the FP8 one
+    (QGMMA, tile_n / 32), no HGMMA, no local memory; the int32 sums become float32 by an integer
+    add and a float subtract, not by I2F per score."""
+    features = dict(features)
+    cfg = FwdConfig.make("e4m3", hdim, features.pop("hdimv", hdim), fp8_qk_int8=True, **features)
+    text, res = _compile(cfg)
+    assert sass.check(text, cfg, res) == [], cfg.short()
+    ops = sass.opcode_counts(text)
+    assert ops["IGMMA"] > 0 and ops["HGMMA"] == 0 and ops["STL"] == 0
+    loops = sass.hgmma_loops(text)
+    interior = min((l[2] for l in loops if l[2]["IGMMA"] and l[2]["QGMMA"]), key=lambda c: sum(c.values()))
+    assert interior["IGMMA"] == hdim // 32 and interior["QGMMA"] == cfg.tile.tile_n // 32, interior
+    assert ops["I2FP"] + ops["I2F"] < 16, "int32 sums converted one I2F a score"
+
+
 def test_fp8_check_rejects_hgmma():
     """check() for an e4m3 config asks for QGMMA and refuses HGMMA."""
     cfg = FwdConfig.make("e4m3", 128)
@@ -148,7 +169,7 @@ def _fp8_request(b, sq, sk, h, hk, d, device="cpu", quantized=True, **kw):
             x *= (2.0 ** ((rows[:, None] // blk + 3 * heads[None, :]) % 5 - 2))[..., None].to(x.dtype)
     if quantized:
         qkv = fa3py.quantize_fp8(q, k, v, block_n=kw.pop("block_n", 128), v_scaling=kw.pop("v_scaling", "block"),
-                                 v_pv_order=kw.pop("v_pv_order", True))
+                                 v_pv_order=kw.pop("v_pv_order", True), qk_int8=kw.pop("qk_int8", False))
         return fa3py_fp8.make_request(*qkv, **kw)
     from fa3py.validation import make_request
 
@@ -330,17 +351,25 @@ FP8_HOST_CASES = {  # name: (request maker args, kwargs, splits setting, cfg fac
                              dict(chunk=True, split_kv=True, pack_gqa=4)),
     "varlen_chunk": ((4, 2, 128), dict(causal=True, attention_chunk=50), "1",
                      dict(chunk=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    # qk_int8 (the higher-accuracy mode): int8 Q K^T, scales amax / 127 (not powers of two)
+    "qk_int8_rows": ((2, 113, 203, 4, 2, 128), dict(qk_int8=True, block_m=1, v_scaling="channel"), "1",
+                     dict(fp8_qk_int8=True, fp8_block_m=1)),
+    "qk_int8_causal_gqa_split": ((1, 300, 700, 8, 2, 64), dict(qk_int8=True, causal=True, v_scaling="channel"), "2",
+                                 dict(fp8_qk_int8=True, split_kv=True)),
+    "qk_int8_softcap_256": ((1, 150, 260, 2, 1, 256), dict(qk_int8=True, softcap=20.0, v_scaling="channel"), "1",
+                            dict(fp8_qk_int8=True, softcap=True)),
 }
 
 
 def _feature_request(case: str, device: str, monkeypatch):
-    """FP8_HOST_CASES[case]'s request on `device`, with FA3PY_CUTE_FP8 on and its split setting;
-    checks that fp8_config_for picks the case's features."""
+    """FP8_HOST_CASES[case]'s request on `device`, with FA3PY_CUTE_FP8 (and FA3PY_CUTE_FP8_INT8)
+    on and its split setting; checks that fp8_config_for picks the case's features."""
     from cute_kernels import launch
 
     args, kw, splits, facts = FP8_HOST_CASES[case]
     kw = dict(kw)
     monkeypatch.setattr(launch, "fp8_enabled", True)
+    monkeypatch.setattr(launch, "fp8_qk_int8_enabled", True)
     monkeypatch.setattr(launch, "split_kv_setting", splits)
     if case.startswith("varlen"):
         req = _varlen_fp8_request(*args, device=device, **kw)
@@ -350,16 +379,18 @@ def _feature_request(case: str, device: str, monkeypatch):
         b, sq, sk, h, hk, d = args
         block_m = kw.pop("block_m", 128)
         v_scaling = kw.pop("v_scaling", "block")
+        qk_int8 = kw.pop("qk_int8", False)
         block_n = launch.FwdConfig.make("e4m3", d, fp8_v_scaling=v_scaling).tile.tile_n
         req = _fp8_request(b, sq, sk, h, hk, d, device=device, block_n=block_n, v_scaling=v_scaling, spread=True,
-                           **kw)
+                           qk_int8=qk_int8, **kw)
         if block_m != 128:  # re-quantized with that Q block
             import fa3py
             from fa3py import fp8 as fa3py_fp8
 
             q, k, v = (t.dequantize().to(torch.bfloat16) for t in req.fp8_tensors)
             req = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_m=block_m, block_n=block_n,
-                                                             v_pv_order=True), **kw)
+                                                             v_scaling=v_scaling, v_pv_order=True, qk_int8=qk_int8),
+                                         **kw)
     cfg = launch.fp8_config_for(req)
     assert all(getattr(cfg, f) == want for f, want in facts.items()), cfg.short()
     return req, cfg

@@ -90,7 +90,9 @@ at the FP8 rate). V and P stay e4m3 as above. int8 has no NaN: a row with a NaN 
 stored as zeros and its block's scale is NaN, so with block_m=1 a bad q row poisons only its
 own output row, and a bad key poisons every row that processes its key tile (a superset of the
 rows that see it). RMSE on the FA3 experiment: 4.9e-3 at 2k vs 7.7e-3 for e4m3
-(benchmarks/accuracy.py); V's e4m3 rounding is then most of what is left.
+(benchmarks/accuracy.py); V's e4m3 rounding is then most of what is left. On Hopper the FP8
+kernel runs it with `FA3PY_CUTE_FP8_INT8=1` (int8 WGMMA for S, its int32 sums converted to
+float32 exactly; opt-in until its GPU tests run), elsewhere the emulation.
 
 Gradients
 ---------
