@@ -20,6 +20,8 @@ differently quantized operands; P is rounded to e4m3 in all of them, as every FP
   int8_qk       the higher-accuracy mode: int8 rotated Q (per token) and K (per block), e4m3 V and P
   fp8_api       fa3py.attention(q, k, v, fp8=True) as dispatched (not in the default list): on a
                 GPU with FA3PY_TRITON_FP8=1 the Triton FP8 kernel, to hold it against `fp8`
+  int8_qk_api   int8_qk's operands (channel V) through fa3py.attention as dispatched (not in the
+                default list): on Hopper with FA3PY_CUTE_FP8_INT8=1 the FP8 kernel's int8 Q K^T
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from fa3py.fp8.quantize import finite_abs, to_e4m3  # noqa: E402
 from fa3py.request import AttentionParams  # noqa: E402
 
 VARIANTS = ("bf16", "fp8_tensor", "fp8_block", "fp8_hadamard", "fp8", "fp8_vch", "fp8_tok_vch", "int8_qk")
-EXTRA_VARIANTS = ("fp8_api",)
+EXTRA_VARIANTS = ("fp8_api", "int8_qk_api")
 DEFAULT_GRID = ((8192, 128), (2048, 128), (32768, 128), (8192, 64), (8192, 256))
 
 
@@ -99,6 +101,8 @@ def variant(name, q, k, v):
         return fa3py.attention(q, k, v)
     if name == "fp8_api":
         return fa3py.attention(q, k, v, fp8=True)
+    if name == "int8_qk_api":  # (the kernel's tile as block_n where it is Hopper's: config.fp8_block_n)
+        return fa3py.attention(*fa3py.quantize_fp8(q, k, v, block_m=1, qk_int8=True, v_scaling="channel"))
     fmt = {"fp8_vch": Fp8Format(v_scaling="channel"),
            "fp8_tok_vch": Fp8Format(block_m=1, v_scaling="channel")}.get(name, Fp8Format())
     if name == "int8_qk":
