@@ -453,6 +453,7 @@ def _fp8_v_rows(req: "AttentionRequest") -> bool:
         return not req.fp8_tensors.fmt.v_transposed
     return _fa3_inputs(req)
 
+
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     """None if the FP8 kernel serves `req` (unless FA3PY_CUTE_FP8=0), else why not: fa3py.fp8's
     block format (fp8=True, quantized operands) or FA3's float8 inputs with per-(batch, KV head)
