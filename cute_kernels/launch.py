@@ -424,6 +424,9 @@ fp8_direct_enabled = os.environ.get("FA3PY_CUTE_FP8_DIRECT", "0") == "1"
 # qk_int8 operands (fa3py.fp8's higher-accuracy mode) on the FP8 kernel with int8 Q K^T
 # (FwdConfig.fp8_qk_int8): opt-in until its GPU tests pass (compiled and emulated on the CPU only).
 fp8_qk_int8_enabled = os.environ.get("FA3PY_CUTE_FP8_INT8", "0") == "1"
+# attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds and masks): opt-in until its
+# GPU tests pass; off, FP8 calls with a chunk run the emulation on Hopper.
+fp8_chunk_enabled = os.environ.get("FA3PY_CUTE_FP8_CHUNK", "0") == "1"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 
@@ -471,6 +474,8 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     if fa3 and req.qv is not None:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
     p = req.params
+    if p.attention_chunk and not fp8_chunk_enabled:
+        return "cute_kernels: FP8 with attention_chunk is opt-in (FA3PY_CUTE_FP8_CHUNK=1) until its GPU tests pass"
     if p.softmax_scale <= 0 and p.softcap == 0:
         return "cute_kernels: FP8 needs softmax_scale > 0 or softcap (the row max is taken before the multiplier)"
     if req.headdim not in FP8_HDIMS or (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:

@@ -271,6 +271,7 @@ def test_random_fp8_api_emulated_sm90(i, emulated_sm90, monkeypatch):
     monkeypatch.setattr(launch, "fp8_enabled", True)
     monkeypatch.setattr(launch, "fp8_why_not", _fp8_why_not_on_cpu(launch.fp8_why_not))
     monkeypatch.setattr(launch, "fp8_direct_enabled", i % 2 == 1)  # FA3's inputs copied / read directly
+    monkeypatch.setattr(launch, "fp8_chunk_enabled", True)
     rng = random.Random(SEED + 10_000 + i)
     case = draw_fp8(rng, max_len=150)
     try:

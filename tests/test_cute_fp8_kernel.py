@@ -362,14 +362,16 @@ FP8_HOST_CASES = {  # name: (request maker args, kwargs, splits setting, cfg fac
 
 
 def _feature_request(case: str, device: str, monkeypatch):
-    """FP8_HOST_CASES[case]'s request on `device`, with FA3PY_CUTE_FP8 (and FA3PY_CUTE_FP8_INT8)
-    on and its split setting; checks that fp8_config_for picks the case's features."""
+    """FP8_HOST_CASES[case]'s request on `device`, with FA3PY_CUTE_FP8 (and the opt-ins
+    FA3PY_CUTE_FP8_INT8, FA3PY_CUTE_FP8_CHUNK) on and its split setting; checks that
+    fp8_config_for picks the case's features."""
     from cute_kernels import launch
 
     args, kw, splits, facts = FP8_HOST_CASES[case]
     kw = dict(kw)
     monkeypatch.setattr(launch, "fp8_enabled", True)
     monkeypatch.setattr(launch, "fp8_qk_int8_enabled", True)
+    monkeypatch.setattr(launch, "fp8_chunk_enabled", True)
     monkeypatch.setattr(launch, "split_kv_setting", splits)
     if case.startswith("varlen"):
         req = _varlen_fp8_request(*args, device=device, **kw)
@@ -722,3 +724,17 @@ def test_explain_names_the_kernel_config_emulated_sm90(emulated_sm90, monkeypatc
     assert "fp8_descales" not in fa3py.explain(req.q, req.k, req.v, **kw)
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     assert "fp8_v_rows fp8_descales" in fa3py.explain(req.q, req.k, req.v, **kw)
+
+
+def test_fp8_chunk_needs_the_opt_in(monkeypatch):
+    """FP8 with attention_chunk goes to the Hopper kernel only with FA3PY_CUTE_FP8_CHUNK=1 (until its
+    GPU tests pass), and the refusal names the switch."""
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    req = _fp8_request(1, 70, 90, 2, 1, 64, causal=True, attention_chunk=32)
+    monkeypatch.setattr(launch, "fp8_chunk_enabled", False)
+    assert "FA3PY_CUTE_FP8_CHUNK=1" in launch.fp8_why_not(req)
+    monkeypatch.setattr(launch, "fp8_chunk_enabled", True)
+    assert launch.fp8_why_not(req) == "cute_kernels: CUDA tensors only"
+    assert launch.fp8_config_for(req).chunk
