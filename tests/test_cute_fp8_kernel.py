@@ -738,3 +738,43 @@ def test_fp8_chunk_needs_the_opt_in(monkeypatch):
     monkeypatch.setattr(launch, "fp8_chunk_enabled", True)
     assert launch.fp8_why_not(req) == "cute_kernels: CUDA tensors only"
     assert launch.fp8_config_for(req).chunk
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_fa3_direct_replays_from_a_cuda_graph(paged, monkeypatch):
+    """FP8 decoding the way a server runs it: FA3's float8 inputs read directly (contiguous, or
+    paged with FA3PY_CUTE_PAGED too) captured in a CUDA graph and replayed on new values copied
+    into the captured tensors gives the eager call's bits on those values (no host read of the
+    inputs, nothing allocated outside the graph that it depends on)."""
+    import fa3py
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
+    monkeypatch.setattr(launch, "paged_enabled", paged)
+    b, h, hk, d, page = 4, 32, 8, 128, 64
+    g = torch.Generator(device="cuda").manual_seed(3)
+    f8 = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(torch.float8_e4m3fn)  # noqa: E731
+    q = f8(b, 1, h, d)
+    seqlens = torch.tensor([700, 1, 4000, 2048], dtype=torch.int32, device="cuda")
+    if paged:
+        table = torch.randperm(b * 64, device="cuda", generator=g).view(b, 64).to(torch.int32)
+        k_cache, v_cache = f8(b * 64, page, hk, d), f8(b * 64, page, hk, d)
+    else:
+        table, k_cache, v_cache = None, f8(b, 4096, hk, d), f8(b, 4096, hk, d)
+    ds = [torch.rand(b, hk, device="cuda", generator=g) + 0.5 for _ in range(3)]
+    call = lambda: fa3py.flash_attn_with_kvcache(  # noqa: E731
+        q, k_cache, v_cache, cache_seqlens=seqlens, page_table=table, causal=True,
+        q_descale=ds[0], k_descale=ds[1], v_descale=ds[2])
+    with torch.no_grad():
+        call()  # compile and warm outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        for x in (q, k_cache, v_cache):
+            x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, call())
