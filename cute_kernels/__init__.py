@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from cute_kernels import bwd_launch, launch
-from cute_kernels.config import PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, padded_hdim, page_size_ok
+from cute_kernels.config import SUPPORTED_HDIM_PAIRS, padded_hdim
 from cute_kernels.launch import (DTYPES, config_for, fp8_config_for, fp8_why_not, num_splits, pack_lse, pack_rows,
                                  run, run_fp8, unpack_lse, unpack_rows)
 
@@ -42,10 +42,7 @@ def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
             return "cute_kernels: no FP8 backward"
         return bwd_launch.why_not(req) or _forward_why_not(req)
     if req.is_fp8_input or req.params.fp8:
-        reason = fp8_why_not(req)
-        if reason is None and req.paged:
-            reason = _paged_why_not(req, fp8_config_for(req).tile.tile_n)
-        return reason
+        return fp8_why_not(req)
     return _forward_why_not(req)
 
 
@@ -72,27 +69,11 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
         return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
     if req.qv is not None:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
-    paged = _paged_why_not(req, config_for(req).tile.tile_n) if req.paged else None
+    paged = launch.paged_why_not(req, config_for(req).tile.tile_n) if req.paged else None
     if paged:
         return paged
     if req.device.type != "cuda":
         return "cute_kernels: CUDA tensors only"
-    return None
-
-
-def _paged_why_not(req: "AttentionRequest", tile_n: int) -> Optional[str]:
-    """Paged K / V: pages whose rows tile the kernel's KV blocks of tile_n keys
-    (config.page_size_ok). FA3 takes any page size (TMA when it is a multiple of its KV tile,
-    else row by row); others are gathered by flash_attn_with_kvcache."""
-    if not launch.paged_enabled:
-        return ("cute_kernels: paged K / V in the kernel are opt-in (FA3PY_CUTE_PAGED=1) until they pass their GPU "
-                "tests; the pages are gathered instead")
-    if req.packed_k:
-        return "cute_kernels: paged K / V take one page table row per sequence (no cu_seqlens_k)"
-    if not page_size_ok(req.page_size, tile_n):
-        return (f"cute_kernels: page_size {req.page_size} with KV blocks of {tile_n} keys (hdim {req.headdim}): "
-                f"the kernel loads pages of a multiple of {tile_n} rows, or of a divisor of {tile_n} that is a "
-                f"multiple of {PAGE_ROWS_MULTIPLE}")
     return None
 
 

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from cute_kernels import disk_cache
-from cute_kernels.config import (SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig, is_medium, is_short, num_splits_for,
-                                 pack_gqa_factor, padded_hdim)
+from cute_kernels.config import (PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig, is_medium, is_short,
+                                 num_splits_for, pack_gqa_factor, padded_hdim, page_size_ok)
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -430,6 +430,22 @@ fp8_chunk_enabled = os.environ.get("FA3PY_CUTE_FP8_CHUNK", "0") == "1"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 
+def paged_why_not(req: "AttentionRequest", tile_n: int) -> Optional[str]:
+    """Paged K / V: pages whose rows tile the kernel's KV blocks of tile_n keys
+    (config.page_size_ok). FA3 takes any page size (TMA when it is a multiple of its KV tile,
+    else row by row); others are gathered by flash_attn_with_kvcache."""
+    if not paged_enabled:
+        return ("cute_kernels: paged K / V in the kernel are opt-in (FA3PY_CUTE_PAGED=1) until they pass their GPU "
+                "tests; the pages are gathered instead")
+    if req.packed_k:
+        return "cute_kernels: paged K / V take one page table row per sequence (no cu_seqlens_k)"
+    if not page_size_ok(req.page_size, tile_n):
+        return (f"cute_kernels: page_size {req.page_size} with KV blocks of {tile_n} keys (hdim {req.headdim}): "
+                f"the kernel loads pages of a multiple of {tile_n} rows, or of a divisor of {tile_n} that is a "
+                f"multiple of {PAGE_ROWS_MULTIPLE}")
+    return None
+
+
 def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     """The e4m3 config for an FP8 request: the format of its quantized operands, fa3py.fp8's
     default format for fp8=True, FA3's (fa3py.fp8.FA3_FORMAT) for float8 inputs with descales."""
@@ -487,6 +503,9 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
         return "cute_kernels: FP8 block V scaling up to hdim_v 128 (above, its second accumulator spills): channel V"
     if fmt is not None and fmt.block_n != cfg.tile.tile_n:
         return f"cute_kernels: FP8 block_n {fmt.block_n} must be the kernel's KV tile ({cfg.tile.tile_n}) here"
+    paged = paged_why_not(req, cfg.tile.tile_n) if req.paged else None
+    if paged:
+        return paged
     if req.device.type != "cuda":
         return "cute_kernels: CUDA tensors only"
     return None
@@ -511,7 +530,7 @@ def run_fp8(req: "AttentionRequest", cfg: FwdConfig) -> tuple[torch.Tensor, torc
                            v_scaling=cfg.fp8_v_scaling, v_pv_order=True, **cu)
     elif qkv is None:
         qkv = from_descales(req.q, req.k, req.v, req.q_descale, req.k_descale, req.v_descale,
-                            block_m=cfg.fp8_block_m, block_n=cfg.tile.tile_n, v_rows=cfg.fp8_v_rows, **cu)
+                            block_m=cfg.fp8_block_m, block_n=cfg.tile.tile_n, **cu)
     q, k, v = qkv
     if q.data.numel() == 0 or k.seqlen == 0:
         return _empty_result(req)

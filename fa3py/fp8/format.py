@@ -360,22 +360,21 @@ def _transpose_v_on_device(v: torch.Tensor) -> torch.Tensor:
 
 def from_descales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale=None, k_descale=None,
                   v_descale=None, block_m: int = 128, block_n: int = 128, cu_seqlens_q=None,
-                  cu_seqlens_k=None, v_rows: bool = False) -> Fp8QKV:
+                  cu_seqlens_k=None) -> Fp8QKV:
     """FA3's float8_e4m3fn q, k, v with float32 descales of shape (batch, nheads_kv) (None: 1) as
     this format's operands (FA3_FORMAT, no rotation): Q's scale of every block of rows of head h
     is q_descale[b, h // group] (FA3's semantics, fa3py.request), K's of every block
     k_descale[b, kv head], V's channel scales v_descale[b, kv head]; the output is bf16. Costs
     one copy of V (`transpose_v`, by a Triton pass on CUDA) and the small scale tensors; q and k are used as they are.
-    v_rows: V is used as it is too (the format with v_transposed=False, for a kernel that
-    transposes V itself: cute_kernels' fp8_v_rows).
+    (The Hopper kernel can take FA3's inputs without this: cute_kernels.launch's direct path.)
     Packed q or k / v (cu_seqlens): the packed layout (`Fp8Tensor`), one sequence at a time on
     the host (reads cu_seqlens)."""
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         return _from_descales_packed(q, k, v, (q_descale, k_descale, v_descale), block_m, block_n, cu_seqlens_q,
-                                     cu_seqlens_k, v_rows)
+                                     cu_seqlens_k)
     b, sq, h, _ = q.shape
     sk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    fmt = Fp8Format(block_m=block_m, block_n=block_n, **_fa3_format(v_rows))
+    fmt = Fp8Format(block_m=block_m, block_n=block_n, **FA3_FORMAT)
 
     def scales(descale, group: int, columns: int) -> torch.Tensor:
         """(b, hk * group, columns) float32: descale[b, kv head] at every query head of the group
@@ -389,16 +388,11 @@ def from_descales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale=N
     return Fp8QKV(
         q=make(data=q, scale=scales(q_descale, h // hk, -(-sq // block_m)), role="q", seqlen=sq),
         k=make(data=k, scale=scales(k_descale, 1, -(-sk // block_n)), role="k", seqlen=sk),
-        v=make(data=v if v_rows else _transpose_v_on_device(v), scale=scales(v_descale, 1, dv), role="v", seqlen=sk),
+        v=make(data=_transpose_v_on_device(v), scale=scales(v_descale, 1, dv), role="v", seqlen=sk),
     )
 
 
-def _fa3_format(v_rows: bool) -> dict:
-    """FA3_FORMAT's fields; v_rows: V in its rows (no transposed copy, no key order)."""
-    return dict(FA3_FORMAT, v_transposed=False, v_pv_order=False) if v_rows else FA3_FORMAT
-
-
-def _from_descales_packed(q, k, v, descales, block_m, block_n, cu_seqlens_q, cu_seqlens_k, v_rows=False) -> Fp8QKV:
+def _from_descales_packed(q, k, v, descales, block_m, block_n, cu_seqlens_q, cu_seqlens_k) -> Fp8QKV:
     """`from_descales` with a packed side: each sequence's batched operands (batch of one, its
     row of the descales), placed in the packed layout."""
     cu_q = None if cu_seqlens_q is None else cu_seqlens_q.tolist()
@@ -406,19 +400,18 @@ def _from_descales_packed(q, k, v, descales, block_m, block_n, cu_seqlens_q, cu_
     batch = len(cu_q or cu_k) - 1
     seq = lambda x, cu, b: x[cu[b]:cu[b + 1]].unsqueeze(0) if cu is not None else x[b:b + 1]
     parts = [from_descales(seq(q, cu_q, b), seq(k, cu_k, b), seq(v, cu_k, b),
-                           *(None if d is None else d[b:b + 1] for d in descales), block_m=block_m, block_n=block_n,
-                           v_rows=v_rows)
+                           *(None if d is None else d[b:b + 1] for d in descales), block_m=block_m, block_n=block_n)
              for b in range(batch)]
 
     def place(role, x, cu, cu_seqlens):
         ops = [getattr(p, role) for p in parts]
         if cu is None:
-            return dataclasses.replace(ops[0], data=x if role != "v" or v_rows else _transpose_v_on_device(x),
+            return dataclasses.replace(ops[0], data=x if role != "v" else _transpose_v_on_device(x),
                                        scale=torch.cat([o.scale for o in ops]), seqlen=x.shape[1])
         total, heads, dim = x.shape
         if role == "v":  # channel scales: per sequence
             scale = torch.cat([o.scale for o in ops])
-            data = x if v_rows else place_vt([o.data for o in ops], cu, total, heads, dim, x.device)
+            data = place_vt([o.data for o in ops], cu, total, heads, dim, x.device)
         else:
             blk = block_m if role == "q" else block_n
             scale, data = place_block_scales([o.scale for o in ops], cu, total, blk, heads, x.device), x
