@@ -384,7 +384,8 @@ class FwdConfig:
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
         )
         if features.get("page_size", 0):
-            tile = replace(tile, **dict(zip(("producer_regs", "consumer_regs"), PAGED_REG_SPLIT[tile.num_mma_wg])))
+            producer_regs, consumer_regs = PAGED_REG_SPLIT[tile.num_mma_wg]
+            tile = replace(tile, producer_regs=producer_regs, consumer_regs=consumer_regs)
         overrides = {k: features.pop(k) for k in list(features) if k in TileConfig.__dataclass_fields__}
         return FwdConfig(dtype, hdim, hdimv, replace(tile, **overrides), **features)
 

@@ -282,18 +282,17 @@ class ByteTile:
 
 
 def byte_tile(layout, rows: int, cols: int, stages: int) -> ByteTile:
-    """The ByteTile of `layout` (static: call at trace time), checked against crd2idx on every
-    row of the first atom column and every column of the first 16 rows of each stage (the CPU
-    test checks every coordinate)."""
-    row_stride = cute.crd2idx((1, 0, 0), layout.outer)  # (the layout before its swizzle)
+    """The ByteTile of `layout` (static: call at trace time): its row and stage strides and its
+    swizzle's bits, checked against crd2idx on every row of the first atom column and every
+    column of the first 16 rows of each stage (the CPU test checks every coordinate)."""
+    swizzle = layout.inner
+    assert (swizzle.num_base, swizzle.num_shift) == (4, 3), f"{layout}: not a Swizzle<b, 4, 3>"
     stage_bytes = cute.crd2idx((0, 0, 1), layout.outer) if stages > 1 else rows * cols
-    for bits in range(4):
-        tile = ByteTile(row_stride, rows, stage_bytes, bits)
-        coords = [(r, c, s) for s in range(stages) for r in range(rows) for c in (0, min(cols, row_stride) - 1)]
-        coords += [(r, c, s) for s in range(stages) for r in range(16) for c in range(cols)]
-        if all(tile.offset(*x) == cute.crd2idx(x, layout) for x in coords):
-            return tile
-    raise ValueError(f"{layout}: not an 8-row-atom byte tile with a Swizzle<b, 4, 3>")
+    tile = ByteTile(cute.crd2idx((1, 0, 0), layout.outer), rows, stage_bytes, swizzle.num_bits)
+    coords = [(r, c, s) for s in range(stages) for r in range(rows) for c in (0, min(cols, tile.width) - 1)]
+    coords += [(r, c, s) for s in range(stages) for r in range(16) for c in range(cols)]
+    assert all(tile.offset(*x) == cute.crd2idx(x, layout) for x in coords), f"{layout}: not the byte tile {tile}"
+    return tile
 
 
 @cute.jit
