@@ -636,12 +636,8 @@ class FlashAttentionForwardSm90:
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
         rows_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_v.num_stages)
         vt_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_vt.num_stages)
-        scheduler = tiles.scheduler
-        tile = scheduler.initial()
-        if const_expr(tiles.next_tile is not None):
-            pipeline_q.consumer_wait(q_state)
-            tile = tiles.read(q_state.index)
-        while scheduler.valid(tile):
+        tile = tiles.follow(None, pipeline_q, q_state)
+        while tiles.scheduler.valid(tile):
             m_block, head, batch, split = tiles.coords(tile)
             seqlen = tiles.seqlen_fn(batch)
             n_block_min, n_block_max = tiles.kv_block_range(tiles.mask_fn(seqlen, m_block), split)
@@ -658,11 +654,7 @@ class FlashAttentionForwardSm90:
                     rows_state.advance()
                     vt_state.advance()
                 q_state.advance()
-            if const_expr(tiles.next_tile is not None):
-                pipeline_q.consumer_wait(q_state)
-                tile = tiles.read(q_state.index)
-            else:
-                tile = scheduler.next(tile)
+            tile = tiles.follow(tile, pipeline_q, q_state)
 
     @cute.jit
     def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, tiles: TileWork, tile):
@@ -750,10 +742,7 @@ class FlashAttentionForwardSm90:
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_k.num_stages)
         self.ring.init(wg_idx)
         scheduler = tiles.scheduler
-        tile = scheduler.initial()
-        if const_expr(tiles.next_tile is not None):  # dynamic: the producer says which tile is next
-            pipeline_q.consumer_wait(q_state)
-            tile = tiles.read(q_state.index)
+        tile = tiles.follow(None, pipeline_q, q_state)  # dynamic: the producer says which tile is next
         while scheduler.valid(tile):
             m_block, head, batch, split = tiles.coords(tile)
             seqlen = tiles.seqlen_fn(batch)
@@ -834,11 +823,7 @@ class FlashAttentionForwardSm90:
                 else:
                     epilogue.store(acc_O, softmax, out, tiled_mma_pv, tidx, m_block, head, batch, seqlen, release_q)
                 q_state.advance()
-            if const_expr(tiles.next_tile is not None):
-                pipeline_q.consumer_wait(q_state)  # the waits inside the tile then return at once
-                tile = tiles.read(q_state.index)
-            else:
-                tile = scheduler.next(tile)
+            tile = tiles.follow(tile, pipeline_q, q_state)  # (dynamic: the tile's own Q wait then returns at once)
         if const_expr(self.cfg.tile.tma_store):
             # The last TMA stores of O must have read sO before the CTA's smem goes away.
             cute.arch.cp_async_bulk_wait_group(0, read=True)

@@ -165,6 +165,18 @@ class TileWork:
                 cute.arch.mbarrier_arrive(q_full)
 
     @cute.jit
+    def follow(self, tile, pipeline_q, q_state) -> Int32:
+        """The next tile of a warp that follows the producer's walk (the consumers, fp8_v_rows'
+        transposing warps): a dynamic scheduler's tile as announced in Q stage `q_state`'s slot,
+        read after that stage's wait; else the static order's next (`tile` None: the first)."""
+        if const_expr(self.next_tile is not None):
+            pipeline_q.consumer_wait(q_state)
+            return self.read(q_state.index)
+        if const_expr(tile is None):
+            return self.scheduler.initial()
+        return self.scheduler.next(tile)
+
+    @cute.jit
     def read(self, slot) -> Int32:
         """Consumer warp, after its wait on Q stage `slot`: the announced tile index, read by
         lane 0 (the lane that later releases that stage, after which the producer may overwrite
