@@ -183,8 +183,6 @@ def run_fp8_case(case: Case, device, rng: random.Random, monkeypatch) -> str:
     call on the torch backend, in the role of PyTorch's own FP8 math) plus 2^-7 of the output's
     range; empty rows match; no input changes. Returns the backend that served."""
     from cute_kernels.config import fp8_block_n
-    from fa3py import reference
-    from tests._util import max_err
 
     q, k, v, index_kw = build(case, device, rng)
     if case.fa3_fp8:
@@ -207,16 +205,27 @@ def run_fp8_case(case: Case, device, rng: random.Random, monkeypatch) -> str:
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     emu_out, emu_lse = call()
     monkeypatch.delenv(dispatch.ENV_VAR)
-    ref_out, ref_lse = reference.attention(make_request(q, k, v, **index_kw, **kw), torch.float64)
-    assert out.shape == ref_out.shape and out.dtype == q.dtype and lse.shape == ref_lse.shape
+    assert out.dtype == q.dtype
+    _check_fp8_case(out, lse, emu_out, emu_lse, make_request(q, k, v, **index_kw, **kw), (q, k, v), originals)
+    return served
+
+
+def _check_fp8_case(out, lse, emu_out, emu_lse, ref_req, inputs, originals):
+    """out and LSE of an FP8 case within twice the emulation's distance to the fp64 reference of
+    `ref_req` plus 2^-7 of the output's range (LSE: plus 1e-3), empty rows alike, and the inputs
+    unchanged (compared bytewise: float8 has no torch.equal)."""
+    from fa3py import reference
+    from tests._util import max_err
+
+    ref_out, ref_lse = reference.attention(ref_req, torch.float64)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), "empty rows differ"
     atol = 2.0**-7 * float(ref_out.abs().max()) if ref_out.numel() else 0.0
     assert max_err(out, ref_out) <= 2 * max_err(emu_out, ref_out) + atol, (max_err(out, ref_out), max_err(emu_out, ref_out))
     assert max_err(lse[finite], ref_lse[finite]) <= 2 * max_err(emu_lse[finite], ref_lse[finite]) + 1e-3
-    for name, x, x0 in zip("qkv", (q, k, v), originals):
-        assert torch.equal(x, x0), f"{name} was modified"
-    return served
+    for name, x, x0 in zip("qkv", inputs, originals):
+        assert torch.equal(x.view(torch.uint8), x0.view(torch.uint8)), f"{name} was modified"
 
 
 def _run_fa3_fp8_case(case: Case, q, k, v, index_kw, rng: random.Random, monkeypatch) -> str:
@@ -225,8 +234,7 @@ def _run_fa3_fp8_case(case: Case, q, k, v, index_kw, rng: random.Random, monkeyp
     flash_attn_varlen_func; out and LSE within twice the FP8 format's emulation (fa3py.fp8's
     from_descales + emulate: P rounded to e4m3 as the kernels round it) of the fp64 reference of
     the descaled inputs, plus 2^-7 of the output's range."""
-    from fa3py import fp8, reference
-    from tests._util import max_err
+    from fa3py import fp8
 
     q, k, v = (x.float().mul(2).to(torch.float8_e4m3fn) for x in (q, k, v))
     originals = [x.clone() for x in (q, k, v)]
@@ -240,20 +248,12 @@ def _run_fa3_fp8_case(case: Case, q, k, v, index_kw, rng: random.Random, monkeyp
     else:
         out, lse = fa3py.flash_attn_varlen_func(q, k, v, **index_kw, return_attn_probs=True, **kw)
     req = make_request(q, k, v, **index_kw, **kw)
-    ref_out, ref_lse = reference.attention(req, torch.float64)
     qkv = fp8.from_descales(q, k, v, *(descales.get(n) for n in ("q_descale", "k_descale", "v_descale")),
                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     emu_out, emu_lse = fp8.emulate.attention(qkv, req.params, torch.bfloat16, seqused_q=index_kw.get("seqused_q"),
                                              seqused_k=index_kw.get("seqused_k"))
-    assert out.shape == ref_out.shape and out.dtype == torch.bfloat16 and lse.shape == ref_lse.shape
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "empty rows differ"
-    atol = 2.0**-7 * float(ref_out.abs().max()) if ref_out.numel() else 0.0
-    assert max_err(out, ref_out) <= 2 * max_err(emu_out, ref_out) + atol, (max_err(out, ref_out),
-                                                                            max_err(emu_out, ref_out))
-    assert max_err(lse[finite], ref_lse[finite]) <= 2 * max_err(emu_lse[finite], ref_lse[finite]) + 1e-3
-    for name, x, x0 in zip("qkv", (q, k, v), originals):
-        assert torch.equal(x.view(torch.uint8), x0.view(torch.uint8)), f"{name} was modified"
+    assert out.dtype == torch.bfloat16
+    _check_fp8_case(out, lse, emu_out, emu_lse, req, (q, k, v), originals)
     return dispatch.choose(req).name
 
 
