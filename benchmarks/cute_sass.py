@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=0, help="paged K / V with pages of this many rows "
                    "(with seqused_k, as flash_attn_with_kvcache calls it)")
     p.add_argument("--pack-gqa", type=int, default=1, help="query heads per KV head packed into a tile's rows")
+    p.add_argument("--qv", action="store_true", help="MLA's qv (scores + qv v^T; head dims in QV_HDIM_PAIRS)")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--fp8-v", choices=["block", "channel"], default="block",
                    help="with --dtype fp8: V scaled per KV block (a second accumulator) or per channel")
@@ -249,18 +250,20 @@ def main(argv=None) -> int:
 def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     import dataclasses
 
-    from cute_kernels.config import SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
+    from cute_kernels.config import QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
 
     hdimv = a.hdim if a.hdimv is None else a.hdimv
     d, dv = padded_hdim(a.hdim), padded_hdim(hdimv)  # as the dispatcher rounds (hdim 80 runs the 96 tile)
-    if a.hdim % 8 or hdimv % 8 or (d, dv) not in SUPPORTED_HDIM_PAIRS:
-        p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}: the sm90 kernel serves multiples of 8 "
-                  f"that round up to one of {sorted(SUPPORTED_HDIM_PAIRS)}\n")
+    pairs = QV_HDIM_PAIRS if a.qv else SUPPORTED_HDIM_PAIRS
+    if a.hdim % 8 or hdimv % 8 or (d, dv) not in pairs:
+        p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}{' --qv' if a.qv else ''}: the sm90 kernel "
+                  f"serves multiples of 8 that round up to one of {sorted(pairs)}\n")
     cfg = FwdConfig.make(
         "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
         has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused or a.page_size > 0,
         intra_wg_overlap=not a.no_overlap, split_kv=a.split_kv, page_size=a.page_size, pack_gqa=a.pack_gqa,
+        **({"qv": True} if a.qv else {}),
         **({"fp8_v_scaling": a.fp8_v} if a.dtype in ("e4m3", "fp8") else {}),
     )
     return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from cute_kernels import bwd_launch, launch
-from cute_kernels.config import SUPPORTED_HDIM_PAIRS, padded_hdim
+from cute_kernels.config import QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, padded_hdim
 from cute_kernels.launch import (DTYPES, config_for, fp8_config_for, fp8_why_not, num_splits, pack_lse, pack_rows,
                                  run, run_fp8, unpack_lse, unpack_rows)
 
@@ -52,9 +52,10 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
         return f"cute_kernels: dtype {req.dtype} not supported (bf16/fp16 only)"
     if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
         return "cute_kernels: q, k, v must share a dtype"
-    if (padded_hdim(req.headdim), padded_hdim(req.headdim_v)) not in SUPPORTED_HDIM_PAIRS:
+    pairs = SUPPORTED_HDIM_PAIRS if req.qv is None else QV_HDIM_PAIRS
+    if (padded_hdim(req.headdim), padded_hdim(req.headdim_v)) not in pairs:
         return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) does not round up "
-                f"(multiples of 8) to one of {sorted(SUPPORTED_HDIM_PAIRS)}")
+                f"(multiples of 8) to one of {sorted(pairs)}{' (with qv)' if req.qv is not None else ''}")
     if req.nheads % req.nheads_kv != 0:
         return "cute_kernels: nheads must be a multiple of nheads_kv"
     if any(t is not None for t in (req.q_descale, req.k_descale, req.v_descale)):
@@ -67,8 +68,6 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
         # (With softcap the scale goes into tanh's argument and the max is taken over the
         # capped scores.)
         return "cute_kernels: softmax_scale <= 0 needs softcap (the row max is taken before scaling)"
-    if req.qv is not None:
-        return "cute_kernels: qv (MLA) is not in the cute kernel yet"
     paged = launch.paged_why_not(req, config_for(req).tile.tile_n) if req.paged else None
     if paged:
         return paged

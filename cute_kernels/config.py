@@ -236,6 +236,9 @@ def is_medium(has_right: bool, max_seqlen_k: int) -> bool:
 SUPPORTED_HDIM = tuple(TILES)
 # (hdim, hdim_v) pairs served: hdim_v == hdim, plus FA3's 192x128 (DeepSeek-style).
 SUPPORTED_HDIM_PAIRS = {(d, d) for d in SUPPORTED_HDIM} | {(192, 128)}
+# (hdim, hdim_v) pairs served with qv (MLA): FA3's 64 x 256, and the equal pairs whose Q, Qv, two
+# K / V stages and sO fit 227 KB (hdim 128: 225 KB; 192 / 256: 288 KB do not).
+QV_HDIM_PAIRS = {(64, 64), (96, 96), (128, 128), (64, 256)}
 _SUPPORTED_HDIM_ASCENDING = tuple(sorted(SUPPORTED_HDIM))  # padded_hdim runs on every call
 
 
@@ -318,6 +321,10 @@ class FwdConfig:
     # s8 x s8 -> s32 WGMMA (IGMMA, the FP8 rate), exact in int32, converted to float32 before the
     # multiplier; P and V stay e4m3.
     fp8_qk_int8: bool = False
+    # MLA (FA3's qv): scores gain Qv V^T, Qv (rows, hdim_v) loaded with Q. The kernel issues the
+    # second GEMM into S's accumulator from sQv and the block's V tile read K-major (the same
+    # smem tile PV reads MN-major), so V(n) is waited for before S(n). QV_HDIM_PAIRS.
+    qv: bool = False
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
@@ -333,8 +340,13 @@ class FwdConfig:
         # A chunk bounds each row's keys on both sides, like a local window.
         windowed = has_left or has_right or features.get("chunk", False)
         fp8 = dtype == "e4m3"
+        qv = features.get("qv", False)
         if fp8:
             base = fp8_tile(hdim, features["fp8_v_scaling"], features.get("softcap", False) and windowed)
+        elif qv:  # Qv and V as wide as hdim_v: the wider head dim's tile (64 x 256: hdim 256's 128x64)
+            base = TILES[max(hdim, hdimv)]
+            if base.num_mma_wg == 3 and hdim > 64:  # hdim 96's 192x112 spills 8 bytes at 160 registers
+                base = tile_variant(base, 128, base.tile_n)
         else:
             base = SHORT_TILES.get((hdim, has_right), TILES[hdim]) if short else TILES[hdim]
         if fp8 and features.get("page_size", 0):
@@ -350,7 +362,7 @@ class FwdConfig:
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
         # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
         # scaling adds each PV right after its wait.)
-        plain = short and has_right and hdim in (64, 96) and not fp8
+        plain = short and has_right and hdim in (64, 96) and not fp8 and not qv
         tile = replace(
             base,
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
@@ -373,8 +385,9 @@ class FwdConfig:
             k_release_gate=2 if hdim == 128 else 4 if hdim == 64 and not windowed else 0,
             # Short (not windowed hdim > 64): 512 -2.7%; medium hdim64: 1k -5.9%; long +1..+4%
             # (log §7, 8).
-            q_stages=2 if hdim <= 128 and (short and (hdim <= 64 or not windowed)
-                                            or medium and hdim == 64) else 1,
+            # (qv: one stage, sQv takes the room)
+            q_stages=2 if hdim <= 128 and not qv and (short and (hdim <= 64 or not windowed)
+                                                      or medium and hdim == 64) else 1,
             intra_wg_overlap=not plain,
             # hdim_v > 128 (with TILES' 128x96 / 128x64) and windowed hdim64: causal 8k -1.4%;
             # hdim64 non-causal +2%, hdim128 +1%: off there (log §9).
@@ -403,6 +416,7 @@ class FwdConfig:
         flags += ["fp8_v_rows"] if self.fp8_v_rows else []
         flags += ["fp8_descales"] if self.fp8_descales else []
         flags += ["fp8_qk_int8"] if self.fp8_qk_int8 else []
+        flags += ["qv"] if self.qv else []
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]

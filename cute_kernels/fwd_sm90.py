@@ -69,6 +69,13 @@ bytes); lane i of the producer warp reads box i's page table entry and the TMAs 
 shuffle (`load_block_paged`). The consumers do not change. FP8 pages are FA3's float8 inputs
 read directly (fp8_v_rows: V's pages land in the staging tile; fp8_descales: no per-block scales).
 
+MLA (FwdConfig qv, FA3's qv: scores Q K^T + Qv V^T): the producer loads Qv (tile_m, hdim_v) with
+Q, on Q's barrier (one Q stage). S's WGMMA group adds Qv V^T after Q K^T, with sQv as A and the
+block's V stage as B read K-major (the PV GEMM reads the same tile MN-major), so the consumers
+wait for V(n) before issuing S(n); in the overlapped schedule a warpgroup then holds V(n) and
+V(n + 1) (PV's), which two stages cover without a change in the producer's order. The tile is the
+wider head dim's (config.QV_HDIM_PAIRS: 64 x 256 takes hdim 256's 128x64).
+
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
 scheduler.py (`TileScheduler`, `TileWork`), masks and sequence lengths in mask.py, the online
@@ -180,6 +187,9 @@ class FlashAttentionForwardSm90:
         self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
         smem = (elem * (self.tile_m * self.hdim + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
                 + o_elem * self.tile_m * self.o_width)
+        # qv (MLA): Qv's tile (tile_m, hdim_v), one stage, loaded with Q
+        self.qv = cfg.qv
+        smem += elem * self.tile_m * self.hdimv if self.qv else 0
         # fp8_v_rows: V's rows are staged (one stage, two where they fit after Q's) and transposed
         # into the V^T stages by the producer warpgroup's warps 1-3.
         self.v_rows = cfg.fp8_v_rows
@@ -189,12 +199,16 @@ class FlashAttentionForwardSm90:
         # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
         # release of a Q stage must not wait for an epilogue that writes O over it).
         second_q = elem * self.tile_m * self.hdim
-        self.q_stages = 2 if t.q_stages == 2 and self.separate_o and smem + second_q + 1024 <= SMEM_BYTES else 1
+        self.q_stages = 2 if (t.q_stages == 2 and not self.qv and self.separate_o
+                              and smem + second_q + 1024 <= SMEM_BYTES) else 1
         if self.q_stages == 2:
             smem += second_q
         self.v_rows_stages = 2 if self.v_rows and smem + rows_bytes + 1024 <= SMEM_BYTES else 1
         if self.v_rows:
             assert cfg.dtype == "e4m3", f"{cfg.short()}: fp8_v_rows is FP8's"
+        if self.qv:
+            assert not (cfg.dtype == "e4m3" or t.diag_half or t.chain_pv_qk), \
+                f"{cfg.short()}: qv is 16-bit, on the overlapped or plain schedule without diag_half / chain_pv_qk"
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
         if self.fp8:
@@ -258,6 +272,7 @@ class FlashAttentionForwardSm90:
         mQScale: Optional[cute.Tensor],  # FP8: (b, h, ceil(s_q / fp8_block_m)) float32; packed q: (1, h, columns)
         mKScale: Optional[cute.Tensor],  # FP8: (b, h_kv, ceil(s_k / tile_n)); packed k: (1, h_kv, columns)
         mVScale: Optional[cute.Tensor],  # FP8: like mKScale (block V), or (b, h_kv, dv) (channel V)
+        mQv: Optional[cute.Tensor],  # qv (MLA): like mQ with dv
         scale_log2: Float32,  # softmax_scale*log2(e); with softcap: softcap*log2(e); FP8: that / n (Hadamard)
         softcap_premul: Float32,  # softmax_scale / softcap (unused without softcap)
         window_left: Int32,
@@ -274,6 +289,8 @@ class FlashAttentionForwardSm90:
         mQ, mK, mV = [assume_aligned_strides(t, divby) for t in (mQ, mK, mV)]
         mO = assume_aligned_strides(mO, 128 // mO.element_type.width)
         mQ, mO = [sdhb(t, cfg.cu_seqlens_q) for t in (mQ, mO)]
+        if const_expr(self.qv):
+            mQv = sdhb(assume_aligned_strides(mQv, divby), cfg.cu_seqlens_q)
         if const_expr(self.fp8 and not self.v_rows):  # V^T (b, h_kv, dv, s) -> (dv, s, h_kv, b)
             mK = sdhb(mK, cfg.cu_seqlens_k)
             mV = cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[2, 3, 1, 0]))
@@ -283,6 +300,7 @@ class FlashAttentionForwardSm90:
 
         tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.hdimv)
         sQ_layout = make_smem_layout(self.qk_dtype, (self.tile_m, self.hdim), self.q_stages)
+        sQv_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv), 1) if const_expr(self.qv) else None
         sK_layout = make_smem_layout(self.qk_dtype, (self.tile_n, self.hdim), self.num_stages)
         # FP8: V^T tiles (hdim_v, tile_n), keys contiguous (the K-major B operand of PV).
         v_tile = (self.hdimv, self.tile_n) if const_expr(self.fp8) else (self.tile_n, self.hdimv)
@@ -315,6 +333,8 @@ class FlashAttentionForwardSm90:
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
             if const_expr(self.v_rows):
                 sVrows: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sVrows_layout)], 1024]
+            if const_expr(self.qv):
+                sQv: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQv_layout)], 1024]
             if const_expr(self.separate_o):
                 sO: cute.struct.Align[cute.struct.MemRange[self.o_dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
@@ -326,6 +346,9 @@ class FlashAttentionForwardSm90:
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             g2s, mQ, cute.select(sQ_layout, mode=[0, 1]), (self.tile_m, self.hdim))
+        tma_atom_Qv, tma_Qv = cpasync.make_tiled_tma_atom(
+            g2s, mQv, cute.select(sQv_layout, mode=[0, 1]), (self.tile_m, self.hdimv)) \
+            if const_expr(self.qv) else (None, None)
         if const_expr(self.paged):  # one box: kv_rows rows of a page, the first kv_rows rows of a stage
             tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
                 g2s, mK, self.page_box(sK_layout, self.hdim), (self.kv_rows, self.hdim))
@@ -344,6 +367,8 @@ class FlashAttentionForwardSm90:
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
         tx_q, tx_k, tx_v = (cute.size_in_bytes(dtype, cute.select(layout, mode=[0, 1])) for dtype, layout in
                             ((self.qk_dtype, sQ_layout), (self.qk_dtype, sK_layout), (self.dtype, sV_layout)))
+        if const_expr(self.qv):  # Qv lands on Q's barrier
+            tx_q += cute.size_in_bytes(self.dtype, cute.select(sQv_layout, mode=[0, 1]))
 
         num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
         # LPT: the last pairs whose tiles make ~LPT_TAIL_WAVES waves on num_ctas SMs.
@@ -355,11 +380,11 @@ class FlashAttentionForwardSm90:
         self.kernel(
             tma_Q, tma_K, tma_V, mO, tma_O, mLSE,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mPageTable, mTileCounter, mQScale, mKScale, mVScale,
-            tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O,
+            tma_Qv, tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O, tma_atom_Qv,
             scale_log2, softcap_premul, window_left, window_right,
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
             attention_chunk if const_expr(cfg.chunk) else None,
-            sQ_layout, sK_layout, sV_layout, sO_layout, sVrows_layout, v_byte_tiles,
+            sQ_layout, sK_layout, sV_layout, sO_layout, sVrows_layout, sQv_layout, v_byte_tiles,
             tiled_mma_qk, tiled_mma_pv, tx_q, tx_k, tx_v,
             num_m_blocks, sched_heads, batch, l2_heads, tail_heads, num_splits, SharedStorage,
         ).launch(
@@ -382,13 +407,15 @@ class FlashAttentionForwardSm90:
         mPageTable: Optional[cute.Tensor],
         mTileCounter: Optional[cute.Tensor],
         mQScale: Optional[cute.Tensor], mKScale: Optional[cute.Tensor], mVScale: Optional[cute.Tensor],
+        mQv: Optional[cute.Tensor],
         tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
-        tma_atom_O: cute.CopyAtom,
+        tma_atom_O: cute.CopyAtom, tma_atom_Qv: Optional[cute.CopyAtom],
         scale_log2: Float32, softcap_premul: Float32, window_left: Int32, window_right: Int32,
         attention_chunk: Optional[Int32],
         sQ_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
         sVrows_layout: Optional[cute.ComposedLayout],
+        sQv_layout: Optional[cute.ComposedLayout],
         v_byte_tiles: cutlass.Constexpr,  # fp8_v_rows: (staging tile, V^T tile) as fp8.ByteTile
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_k: cutlass.Constexpr[int], tx_v: cutlass.Constexpr[int],
@@ -402,7 +429,7 @@ class FlashAttentionForwardSm90:
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
-            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O):
+            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O, tma_atom_Qv):
                 if const_expr(atom is not None):
                     cpasync.prefetch_descriptor(atom)
 
@@ -441,6 +468,7 @@ class FlashAttentionForwardSm90:
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sVrows = storage.sVrows.get_tensor(sVrows_layout.outer, swizzle=sVrows_layout.inner) \
             if const_expr(self.v_rows) else None
+        sQv = storage.sQv.get_tensor(sQv_layout.outer, swizzle=sQv_layout.inner) if const_expr(self.qv) else None
 
         scheduler = TileScheduler(num_m_blocks, num_heads, num_batch, self.persistent,
                                   lpt=self.lpt, l2_heads=l2_heads, tail_heads=tail_heads,
@@ -463,7 +491,7 @@ class FlashAttentionForwardSm90:
             cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
             if warp_idx == 0:
                 self.load(mQ, mK, mV, sQ, sK, sVrows if const_expr(self.v_rows) else sV, tma_atom_Q, tma_atom_K,
-                          tma_atom_V, pipeline_q, pipeline_k, pipeline_v, tiles, mPageTable)
+                          tma_atom_V, pipeline_q, pipeline_k, pipeline_v, tiles, mPageTable, (mQv, sQv, tma_atom_Qv))
             if const_expr(self.v_rows):
                 if warp_idx > 0:
                     words = lambda mem, layout: cute.make_tensor(
@@ -479,14 +507,16 @@ class FlashAttentionForwardSm90:
             out = OutputOperands(mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_o)
             scales = (mQScale, mKScale, mVScale) if const_expr(self.fp8) else None
             self.mma(out, sQ, sK, sV, tiled_mma_qk, tiled_mma_pv,
-                     pipeline_q, pipeline_k, pipeline_vt, scale_log2, softcap_premul, tiles, scales)
+                     pipeline_q, pipeline_k, pipeline_vt, scale_log2, softcap_premul, tiles, scales, sQv)
 
     @cute.jit
     def load(
         self, mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
         pipeline_q, pipeline_k, pipeline_v, tiles: TileWork, mPageTable: Optional[cute.Tensor] = None,
+        qv_operands: tuple = (None, None, None),
     ):
-        """Producer warp: per tile, K of the last KV block, then Q (with two Q stages: Q first,
+        """Producer warp: per tile, K of the last KV block, then Q (qv: and Qv, on Q's barrier)
+        (with two Q stages: Q first,
         its slot freed a tile ago), then K(n-1) and V(n) for the remaining blocks right to left
         (V lags K by one block, as the overlapped consumer uses them). Q is loaded for every tile with rows (even one with no KV block) because the
         consumers release sQ only once their epilogue no longer reads sO."""
@@ -508,10 +538,18 @@ class FlashAttentionForwardSm90:
                 gQ = cute.local_tile(mQ_cur, (self.tile_m, self.hdim), (m_block, 0))
                 tQsQ, tQgQ = cpasync.tma_partition(tma_atom_Q, 0, one, cute.group_modes(sQ, 0, 2),
                                                    cute.group_modes(gQ, 0, 2))
+                qv_copy = None
+                if const_expr(self.qv):
+                    mQv, sQv, tma_atom_Qv = qv_operands
+                    gQv = cute.local_tile(cute.domain_offset((seqlen.offset_q, 0), mQv[None, None, head, b_q]),
+                                          (self.tile_m, self.hdimv), (m_block, 0))
+                    tQvsQv, tQvgQv = cpasync.tma_partition(tma_atom_Qv, 0, one, cute.group_modes(sQv, 0, 2),
+                                                           cute.group_modes(gQv, 0, 2))
+                    qv_copy = (tma_atom_Qv, tQvgQv, tQvsQv)
                 load_k, load_v = self.kv_loaders(mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v,
                                                  head_kv, batch, seqlen, mPageTable)
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
-                                 tiles=tiles, tile=tile)
+                                 tiles=tiles, tile=tile, qv_copy=qv_copy)
 
                 # Q first where its stage was freed a tile ago (two Q stages); else after the last
                 # block's K (and V), which then need not wait for the previous tile's epilogue.
@@ -657,7 +695,7 @@ class FlashAttentionForwardSm90:
             tile = tiles.follow(tile, pipeline_q, q_state)
 
     @cute.jit
-    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, tiles: TileWork, tile):
+    def load_q(self, q_state, pipeline_q, tma_atom_Q, tQgQ, tQsQ, tiles: TileWork, tile, qv_copy=None):
         if const_expr(tiles.next_tile is not None):
             # The tile index is stored after every consumer warp released the previous Q (each
             # reads the slot right after that Q landed, before releasing it) and before the
@@ -669,15 +707,18 @@ class FlashAttentionForwardSm90:
             pipeline_q.producer_acquire(q_state)
         cute.copy(tma_atom_Q, tQgQ, tQsQ[None, q_state.index],
                   tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
+        if const_expr(qv_copy is not None):  # (one Q stage with qv)
+            tma_atom_Qv, tQvgQv, tQvsQv = qv_copy
+            cute.copy(tma_atom_Qv, tQvgQv, tQvsQv[None, 0], tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def mma(
         self, out: OutputOperands, sQ, sK, sV, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         pipeline_q, pipeline_k, pipeline_v, scale_log2: Float32, softcap_premul: Float32,
-        tiles: TileWork, scales: Optional[tuple] = None,
+        tiles: TileWork, scales: Optional[tuple] = None, sQv: Optional[cute.Tensor] = None,
     ):
-        """`scales`: FP8's (mQScale, mKScale, mVScale), else None."""
+        """`scales`: FP8's (mQScale, mKScale, mVScale), else None. `sQv`: qv's tile."""
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
         epilogue = EpilogueSm90.create(self.cfg, self.o_dtype, self.separate_o, self.num_mma_threads)
@@ -692,6 +733,14 @@ class FlashAttentionForwardSm90:
         tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sV if const_expr(self.fp8) else transpose_view(sV)))
         if const_expr(self.cfg.tile.pin_desc):
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
+        # qv: S += Qv V^T, A = sQv, B = the V stage read K-major (keys x hdim_v, as K's tile)
+        qv_frags = None
+        if const_expr(self.qv):
+            tSrQv = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQv))[None, None, None, 0]
+            tSrVk = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sV))
+            if const_expr(self.cfg.tile.pin_desc):
+                tSrQv, tSrVk = pin_smem_desc(tSrQv), pin_smem_desc(tSrVk)
+            qv_frags = (tSrQv, tSrVk)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]),
@@ -706,7 +755,10 @@ class FlashAttentionForwardSm90:
             diag_half's half-width GEMM instead of the whole block's."""
             tiled_mma, tSrK_cur, n = mma if const_expr(mma is not None) else (tiled_mma_qk, tSrK, self.tile_n)
             acc_S = cute.make_rmem_tensor(tiled_mma.partition_shape_C((self.tile_m, n)), self.acc_s_dtype)
-            gemm(tiled_mma, acc_S, tSrQ_cur, tSrK_cur[None, None, None, stage], zero_init=True, wg_wait=wg_wait)
+            # qv: + Qv V^T of the same block (its V stage is K's), in the same WGMMA group
+            more = ((qv_frags[0], qv_frags[1][None, None, None, stage]),) if const_expr(self.qv) else ()
+            gemm(tiled_mma, acc_S, tSrQ_cur, tSrK_cur[None, None, None, stage], zero_init=True, wg_wait=wg_wait,
+                 more=more)
             # fp8_qk_int8: the int32 sums seen as float32 registers, converted by score_mod after
             # the GEMM's wait (every path calls it first)
             return cute.recast_tensor(acc_S, Float32) if const_expr(self.cfg.fp8_qk_int8) else acc_S
@@ -776,7 +828,7 @@ class FlashAttentionForwardSm90:
                         kv_state = self.first_block_overlap(
                             kv_state, n_block, qk_gemm=qk_gemm_tile, pipeline_k=pipeline_k, softmax=softmax,
                             tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk, mask=mask,
-                            softcap_premul=softcap_premul, fp8_scales=fp8_scales,
+                            softcap_premul=softcap_premul, fp8_scales=fp8_scales, pipeline_v=pipeline_v,
                         )
                     else:
                         self.ring.sync(wg_idx)
@@ -938,6 +990,8 @@ class FlashAttentionForwardSm90:
     ):
         chain = self.cfg.tile.chain_pv_qk
         pipeline_k.consumer_wait(kv_state)
+        if const_expr(self.qv):
+            pipeline_v.consumer_wait(kv_state)  # S reads V too
         acc_S = qk_gemm(kv_state.index, wg_wait=-1, mma=ops.qk_mma)  # S = Q @ K^T
         self.ring.arrive(wg_idx)
         warpgroup.wait_group(0)  # (chain_pv_qk: and the previous block's PV)
@@ -958,9 +1012,11 @@ class FlashAttentionForwardSm90:
 
     @cute.jit
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
-                            thr0_mma_qk, mask, softcap_premul, fp8_scales=None):
+                            thr0_mma_qk, mask, softcap_premul, fp8_scales=None, pipeline_v=None):
         """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
         pipeline_k.consumer_wait(kv_state)
+        if const_expr(self.qv):
+            pipeline_v.consumer_wait(kv_state)  # S reads V too
         acc_S = qk_gemm(kv_state.index, wg_wait=0)
         pipeline_k.consumer_release(kv_state)
         self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask, softcap_premul,
@@ -979,6 +1035,8 @@ class FlashAttentionForwardSm90:
         v_state = kv_state.clone()
         kv_state.advance()
         pipeline_k.consumer_wait(kv_state)
+        if const_expr(self.qv):
+            pipeline_v.consumer_wait(kv_state)  # S reads this block's V too (PV reads the previous one's)
         self.ring.sync(wg_idx)
         acc_S = qk_gemm(kv_state.index, wg_wait=-1)  # S = Q @ K^T
         if const_expr(self.cfg.tile.rescale_o_before_pv):
@@ -1069,6 +1127,7 @@ class FlashAttentionForwardSm90:
             t((b, sym()), Int32, 1) if cfg.page_size else None,
             vec(2) if cfg.tile.dynamic else None,
             *(_fake_fp8_scales(cfg, b, h, hk, dv) if cfg.dtype == "e4m3" else (None, None, None)),
+            t((*q_rows, h, dv)) if cfg.qv else None,
             Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(0), Int32(1), Int32(132), Int32(1), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )

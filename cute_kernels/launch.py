@@ -85,7 +85,8 @@ def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fi
         seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
         short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
         pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
-        hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size, **format_fields,
+        hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size,
+        **({"qv": True} if req.qv is not None else {}), **format_fields,
     )
     cfg = make(split_kv=False)
     return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
@@ -182,13 +183,16 @@ def _empty_result(req: "AttentionRequest") -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out_dtype: torch.dtype,
-                **fp8_args) -> tuple[torch.Tensor, torch.Tensor]:
+                **kernel_args) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel on q, k, v (req's shapes; FP8: e4m3, V^T) with GQA packing (cfg.pack_gqa) and
-    split-KV (cfg.split_kv: float32 partials, then `combine_splits`); `fp8_args` go to
-    `launch_kernel`. Returns (out in out_dtype, lse) in req's layouts."""
+    split-KV (cfg.split_kv: float32 partials, then `combine_splits`); `kernel_args` (FP8's scales
+    and constants) go to `launch_kernel`, with req.qv laid out as q where cfg.qv. Returns (out in
+    out_dtype, lse) in req's layouts."""
     g = cfg.pack_gqa
     q = pack_rows(q, g) if g > 1 else q
     q, k, v = (_tma_ready(t) for t in (q, k, v))
+    if cfg.qv:  # MLA's qv: packed and laid out as q
+        kernel_args["qv"] = _tma_ready(pack_rows(req.qv, g) if g > 1 else req.qv)
     padded_rows = req.packed_q or req.seqused_q is not None
     dev = q.device
     # With one query row (decoding) the packed layout is a view of the caller's: the kernel
@@ -214,10 +218,10 @@ def _run_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out_dtype: tor
         o_part, lse_part = outputs((splits * packed_out[0], *packed_out[1:]),
                                    (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
                                    else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
-        launch_kernel(req, cfg, q, k, v, o_part, lse_part, splits, **fp8_args)
+        launch_kernel(req, cfg, q, k, v, o_part, lse_part, splits, **kernel_args)
         combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse)
     else:
-        launch_kernel(req, cfg, q, k, v, k_out, k_lse, **fp8_args)
+        launch_kernel(req, cfg, q, k, v, k_out, k_lse, **kernel_args)
     return (out, lse) if in_place else (unpack_rows(out, g), unpack_lse(lse, g))
 
 
@@ -361,12 +365,14 @@ def score_scalars(p) -> tuple[float, float]:
 
 
 def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, num_splits: int = 1,
-                  fp8_scales: tuple = (None, None, None), fp8_constants: Optional[tuple] = None):
+                  fp8_scales: tuple = (None, None, None), fp8_constants: Optional[tuple] = None,
+                  qv: Optional[torch.Tensor] = None):
     """Run the compiled kernel on tensors laid out for it (rows packed by cfg.pack_gqa); `run`'s
     (and `run_fp8`'s) only call into the kernel (the module docstring's test hook). FP8:
     `fp8_scales` = the Q, K, V scale tensors (unpacked: the kernel finds a packed row's query
     head and position), `fp8_constants` = (c, cap) (fa3py.fp8.format.score_constants: the
-    multiplier's constant, and softcap * log2(e) after the tanh)."""
+    multiplier's constant, and softcap * log2(e) after the tanh). `qv`: MLA's qv laid out as q
+    (cfg.qv)."""
     p, dev, g = req.params, q.device, cfg.pack_gqa
 
     scale_log2, premul = fp8_constants if fp8_constants is not None else score_scalars(p)
@@ -376,6 +382,7 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
     ints.append(_int32(req.page_table))  # paged: the pages of each sequence (k, v: the page pools)
     ints.append(tile_counters(dev) if cfg.tile.dynamic else None)
     ints.extend(fp8_scales)
+    qv = qv.detach() if qv is not None and qv.requires_grad else qv
     scalars = (scale_log2, premul, p.window_left, p.window_right, p.attention_chunk, max_seqlen_q, _num_sms(dev), 1,
                num_splits)
     tvm_ffi = use_tvm_ffi
@@ -385,14 +392,14 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
         if fn is None:
             fn = compile_kernel(cfg)
         with torch.cuda.device(dev) if dev.index != torch.cuda.current_device() else _SAME_DEVICE:
-            fn(*tensors, out, lse, *ints, *scalars)
+            fn(*tensors, out, lse, *ints, qv, *scalars)
         return out, lse
 
     import cuda.bindings.driver as cuda
     import cutlass
 
     args = (
-        _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints),
+        _cute(q), _cute(k), _cute(v), _cute(out), _cute(lse, 4), *(_cute(t, 4) for t in ints), _cute(qv),
         *map(cutlass.Float32, scalars[:2]), *map(cutlass.Int32, scalars[2:]),
         cuda.CUstream(torch.cuda.current_stream(dev).cuda_stream),
     )

@@ -96,17 +96,20 @@ def gemm(
     zero_init: cutlass.Constexpr[bool] = False,
     wg_wait: cutlass.Constexpr[int] = 0,
     k_blocks: cutlass.Constexpr[int] = 0,
+    more: tuple = (),
 ):
     """acc (+)= A @ B over all k-blocks (`k_blocks` > 0: the first that many) as one WGMMA group;
     wait until `wg_wait` groups remain in flight (-1: do not wait). `tCrA` may be a tuple of
-    per-k-block fragments (`pin_smem_desc` with per_k)."""
+    per-k-block fragments (`pin_smem_desc` with per_k). `more`: further (A, B) pairs added into
+    acc in the same group (MLA's Qv V^T after Q K^T)."""
     warpgroup.fence()
     atom = cute.make_mma_atom(tiled_mma.op)
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
-    for k in cutlass.range_constexpr(k_blocks or cute.size(tCrB.shape[2])):
-        a = tCrA[k] if const_expr(isinstance(tCrA, tuple)) else tCrA[None, None, k]
-        cute.gemm(atom, acc, a, tCrB[None, None, k], acc)
-        atom.set(warpgroup.Field.ACCUMULATE, True)
+    for a_frag, b_frag, n_k in ((tCrA, tCrB, k_blocks), *((a_, b_, 0) for a_, b_ in more)):
+        for k in cutlass.range_constexpr(n_k or cute.size(b_frag.shape[2])):
+            a = a_frag[k] if const_expr(isinstance(a_frag, tuple)) else a_frag[None, None, k]
+            cute.gemm(atom, acc, a, b_frag[None, None, k], acc)
+            atom.set(warpgroup.Field.ACCUMULATE, True)
     warpgroup.commit_group()
     if const_expr(wg_wait >= 0):
         warpgroup.wait_group(wg_wait)

@@ -17,7 +17,7 @@ from fa3py import dispatch
 CUDA_ONLY = "cute_kernels: CUDA tensors only"
 
 
-def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
+def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, qv=None, **fp8_args):
     """What `cute_kernels.launch.launch_kernel` asks of the kernel, in float32 torch ops on the CPU, from the
     arguments it gives the kernel (`sequence_args`): q's rows (per KV head) are query positions
     row // pack_gqa, masks (window, and attention_chunk where cfg.chunk) are bottom-right aligned
@@ -27,7 +27,9 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
     normalized O and LSE at batch s * batch + b, or rows from s * total_q + offset. Paged
     (req.page_table): k and v are the page pools and sequence b's key j is read as the kernel's
     producer reads it, row j % page_size of page page_table[b, j // page_size], its length
-    seqused_k[b] or the table row's pages. FP8 (`fp8_args`): `emulated_fp8_launch`."""
+    seqused_k[b] or the table row's pages. qv (cfg.qv: laid out as q, packed rows included): the
+    scores gain qv . v. FP8 (`fp8_args`): `emulated_fp8_launch`."""
+    assert (qv is not None) == cfg.qv, "launch_kernel gets qv exactly where the config has it"
     if fp8_args.get("fp8_constants") is not None:
         return emulated_fp8_launch(req, cfg, q, k, v, out, lse, num_splits, **fp8_args)
     g, p = cfg.pack_gqa, req.params
@@ -53,7 +55,10 @@ def emulated_launch(req, cfg, q, k, v, out, lse, num_splits=1, **fp8_args):
             kb, vb = ((x[k0:k0 + sk] if req.packed_k else x[b, :sk]).float() for x in (k, v))
         # GQA left unpacked: query head h reads KV head h // (heads / KV heads)
         kb, vb = (x.repeat_interleave(qb.shape[1] // x.shape[1], dim=1) for x in (kb, vb))
-        s = torch.einsum("rhd,khd->hrk", qb, kb) * p.softmax_scale
+        s = torch.einsum("rhd,khd->hrk", qb, kb)
+        if qv is not None:
+            s = s + torch.einsum("rhd,khd->hrk", (qv[q0:q0 + sq] if req.packed_q else qv[b, :sq]).float(), vb)
+        s = s * p.softmax_scale
         if p.softcap > 0:
             s = p.softcap * torch.tanh(s / p.softcap)
         pos = torch.arange(sq)[:, None] // g

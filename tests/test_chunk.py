@@ -106,7 +106,7 @@ def test_triton_kernels(lq, lk, chunk, causal, window, deterministic, monkeypatc
 
 def test_cute_serves_chunk():
     """The cute forward takes attention_chunk (on CUDA tensors): config_for compiles the chunked
-    kernel; qv it still refuses."""
+    kernel; qv too, where its head dims are in QV_HDIM_PAIRS."""
     import cute_kernels
 
     q, k, v = inputs(1, 8, 8, 2, 2, 64, 64, torch.bfloat16, device="cpu")
@@ -114,7 +114,10 @@ def test_cute_serves_chunk():
     assert cute_kernels.why_not(req, False) == "cute_kernels: CUDA tensors only"
     assert cute_kernels.config_for(req).chunk and not cute_kernels.config_for(make_request(q, k, v)).chunk
     qv = make_request(q, k, v, qv=torch.randn_like(q))
-    assert cute_kernels.why_not(qv, False) == "cute_kernels: qv (MLA) is not in the cute kernel yet"
+    assert cute_kernels.why_not(qv, False) == "cute_kernels: CUDA tensors only" and cute_kernels.config_for(qv).qv
+    wide = make_request(q, k, torch.randn(1, 8, 2, 128).bfloat16(), qv=torch.randn(1, 8, 2, 128).bfloat16())
+    assert "(64, 128) does not round up (multiples of 8) to one of" in cute_kernels.why_not(wide, False)
+    assert "(with qv)" in cute_kernels.why_not(wide, False)
 
 
 try:  # (cute_kernels' host code; its kernels emulated)

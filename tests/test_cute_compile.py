@@ -221,6 +221,32 @@ def test_compile_split_kv(hdim, hdimv, features):
     assert sass.opcode_counts(text[0], True)["STG.E.64"] > 0
 
 
+@pytest.mark.parametrize("hdim,hdimv,features", [
+    (64, 256, {}), (64, 256, dict(has_right=True, softcap=True, split_kv=True, pack_gqa=4)),
+    (64, 256, dict(page_size=64, has_right=True, seqused_k=True)), (64, 256, dict(intra_wg_overlap=False, has_left=True,
+                                                                                  has_right=True)),
+    (128, 128, dict(has_right=True, softcap=True)), (128, 128, dict(chunk=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    (96, 96, dict(has_right=True, softcap=True)), (64, 64, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+])
+def test_compile_qv(hdim, hdimv, features):
+    """MLA's qv: S's WGMMA group gains Qv V^T's hdim_v / 16 k-blocks wherever S is issued (the
+    overlapped schedule's first block and its steps, one inlined step per mask kind), against the
+    same config without qv; spill-free over QV_HDIM_PAIRS with causal / local / softcap / split /
+    paged / varlen; one more TMA load (Qv)."""
+    cfg = FwdConfig.make("bf16", hdim, hdimv, qv=True, **features)
+    ops = _compile_and_check(cfg)
+    without = sass.opcode_counts(_sass_of(dataclasses.replace(cfg, qv=False)))
+    added = ops["HGMMA"] - without["HGMMA"]
+    s_sites, rest = divmod(added, hdimv // 16)
+    assert rest == 0 and s_sites >= (2 if cfg.tile.intra_wg_overlap else 1), (cfg.short(), added)
+    assert ops["UTMALDG"] > without["UTMALDG"], cfg.short()
+
+
+def _sass_of(cfg: FwdConfig) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        return sass.sass_text(sass.compile_cubin(cfg, d)[0])
+
+
 @pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
 def test_split_kv_fake_args(varlen):
     """The TVM-FFI compile's shape checks: split-KV's float32 partials fold the splits into O's

@@ -124,3 +124,126 @@ def test_triton_forward_qv(lq, lk, kw, monkeypatch):
     check_forward(req, *triton_fallback.forward(req))
     out = fa3py.attention(q, k, v, qv=qv, backend="triton", **kw)
     assert torch.equal(out, triton_fallback.forward(req)[0])
+
+
+try:  # (cute_kernels' host code; its kernel emulated)
+    from tests.cute_emulation import emulated_sm90  # noqa: F401  (fixture, by name)
+except ImportError:  # pragma: no cover
+    emulated_sm90 = None
+
+# (batch, lq, lk, h, hk, d, dv, call, splits): FA3's 64 x 256 and the equal pairs the cute kernel
+# takes with qv (cute_kernels.config.QV_HDIM_PAIRS); MQA decoding (GQA packing: qv packed with q)
+# split three ways; windows, softcap and a chunk; hdim 56 padded to the kernel's 64.
+CUTE_QV = [
+    (2, 77, 130, 4, 2, 64, 256, dict(causal=True), "1"),
+    (2, 1, 700, 16, 1, 64, 256, dict(causal=True), "3"),
+    (1, 40, 23, 2, 2, 128, 128, dict(softcap=4.0, window_size=(8, 3)), "1"),
+    (2, 33, 300, 6, 2, 96, 96, dict(attention_chunk=64), "2"),
+    (1, 19, 19, 4, 4, 56, 56, {}, "1"),
+]
+
+
+@pytest.mark.skipif(emulated_sm90 is None, reason="needs cute_kernels' host code")
+@pytest.mark.parametrize("b,lq,lk,h,hk,d,dv,call,splits", CUTE_QV)
+def test_cute_qv_emulated(b, lq, lk, h, hk, d, dv, call, splits, emulated_sm90, monkeypatch):
+    """On an (emulated) sm90 the dispatcher sends qv to the cute forward: a config with qv and the
+    wider head dim's tile, qv packed with q where GQA packs rows, split-KV's partials and combine;
+    the emulated kernel adds qv . v from the operands launch_kernel hands it, and the result is
+    the reference's."""
+    import cute_kernels
+    from cute_kernels import launch
+    from fa3py import dispatch
+
+    monkeypatch.setattr(launch, "split_kv_setting", splits)
+    q, k, v = inputs(b, lq, lk, h, hk, d, dv, torch.bfloat16, device="cpu")
+    qv = torch.randn(b, lq, h, dv).bfloat16()
+    req = make_request(q, k, v, qv=qv, **call)
+    assert dispatch.choose(req).name == "cute"
+    cfg = cute_kernels.config_for(req)
+    assert cfg.qv and cfg.split_kv == (splits != "1") and (lq > 1 or cfg.pack_gqa == h // hk)
+    assert cfg.tile.tile_n == (64 if dv == 256 else cfg.tile.tile_n) and cfg.tile.q_stages == 1
+    before = qv.clone()
+    out, lse = fa3py.attention(q, k, v, qv=qv, return_lse=True, **call)
+    check_forward(req, out, lse)
+    assert torch.equal(qv, before)
+    assert "sm90 forward" in fa3py.explain(q, k, v, qv=qv, **call) and " qv" in cute_kernels.describe(req, False)
+
+
+@pytest.mark.skipif(emulated_sm90 is None, reason="needs cute_kernels' host code")
+def test_cute_qv_emulated_varlen_and_paged(emulated_sm90, monkeypatch):
+    """qv through flash_attn_varlen_func (packed sequences, an empty one) and through
+    flash_attn_with_kvcache from a paged cache the kernel reads (MQA decoding, new keys appended)
+    on the (emulated) cute forward: the reference's results, no gather of the pages."""
+    from cute_kernels import launch
+    from fa3py import kvcache
+
+    from test_kvcache import run_and_check
+
+    lens_q, lens_k = [37, 0, 13], [50, 9, 70]
+    q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, "cpu")
+    qv, _ = packed(lens_q, 4, 256, torch.bfloat16, "cpu")
+    k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, "cpu")
+    v, _ = packed(lens_k, 2, 256, torch.bfloat16, "cpu")
+    out, lse = fa3py.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 37, 70, causal=True, qv=qv, return_attn_probs=True)
+    check_forward(make_request(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=37, max_seqlen_k=70,
+                               causal=True, qv=qv), out, lse)
+
+    monkeypatch.setattr(launch, "paged_enabled", True)
+    monkeypatch.setattr(kvcache, "_gather_keys", lambda *a, **k: pytest.fail("the paged cache was gathered"))
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
+    pages, page_size = 12, 64
+    call = dict(q=rand(2, 1, 16, 64), qv=rand(2, 1, 16, 256), k_cache=rand(pages, page_size, 1, 64),
+                v_cache=rand(pages, page_size, 1, 256), k=rand(2, 1, 1, 64), v=rand(2, 1, 1, 256),
+                page_table=torch.randperm(pages, generator=g)[:10].view(2, 5).int(),
+                cache_seqlens=torch.tensor([130, 300], dtype=torch.int32))
+    run_and_check(call, causal=True)
+
+
+GPU_QV = [  # (b, lq, lk, h, hk, d, dv, call)
+    (2, 113, 203, 4, 2, 64, 256, dict(causal=True)), (1, 1023, 1024, 4, 4, 64, 256, {}),
+    (3, 1, 4000, 16, 1, 64, 256, dict(causal=True)), (2, 300, 129, 8, 1, 64, 256, dict(window_size=(37, 11))),
+    (2, 239, 1, 2, 2, 128, 128, dict(softcap=5.0)), (1, 700, 900, 4, 2, 128, 128, dict(causal=True)),
+    (2, 77, 300, 6, 2, 96, 96, dict(attention_chunk=64)), (1, 799, 3, 2, 1, 64, 64, dict(causal=True)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,lq,lk,h,hk,d,dv,call", GPU_QV)
+def test_gpu_cute_qv(b, lq, lk, h, hk, d, dv, call):
+    """qv on the Hopper kernel against the float64 reference (twice PyTorch's error), ragged sizes,
+    GQA / MQA decoding (packed), windows, softcap, a chunk; then packed sequences."""
+    from fa3py import dispatch
+
+    q, k, v = inputs(b, lq, lk, h, hk, d, dv, torch.bfloat16, device="cuda")
+    qv = torch.randn(b, lq, h, dv, device="cuda").bfloat16()
+    req = make_request(q, k, v, qv=qv, **call)
+    assert dispatch.choose(req).name == "cute"
+    out, lse = fa3py.attention(q, k, v, qv=qv, return_lse=True, **call)
+    check_forward(req, out, lse)
+
+
+@pytest.mark.gpu
+def test_gpu_cute_qv_varlen_and_paged(monkeypatch):
+    """qv with packed sequences, and decoding from a paged cache the kernel reads (FA3PY_CUTE_PAGED)."""
+    from cute_kernels import launch
+
+    from test_kvcache import run_and_check
+
+    lens_q, lens_k = [37, 0, 130, 1], [50, 9, 700, 300]
+    q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, "cuda")
+    qv, _ = packed(lens_q, 4, 256, torch.bfloat16, "cuda")
+    k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, "cuda")
+    v, _ = packed(lens_k, 2, 256, torch.bfloat16, "cuda")
+    out, lse = fa3py.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 700, causal=True, qv=qv, return_attn_probs=True)
+    check_forward(make_request(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=700,
+                               causal=True, qv=qv), out, lse)
+    monkeypatch.setattr(launch, "paged_enabled", True)
+    g = torch.Generator().manual_seed(5)
+    rand = lambda *s: torch.randn(*s, generator=g).bfloat16().cuda()  # noqa: E731
+    pages, page_size = 40, 64
+    call = dict(q=rand(3, 2, 16, 64), qv=rand(3, 2, 16, 256), k_cache=rand(pages, page_size, 1, 64),
+                v_cache=rand(pages, page_size, 1, 256), k=rand(3, 2, 1, 64), v=rand(3, 2, 1, 256),
+                page_table=torch.randperm(pages, generator=g)[:36].view(3, 12).int().cuda(),
+                cache_seqlens=torch.tensor([130, 700, 5], dtype=torch.int32, device="cuda"))
+    run_and_check(call, causal=True)
