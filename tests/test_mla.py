@@ -174,29 +174,39 @@ def test_cute_qv_emulated_varlen_and_paged(emulated_sm90, monkeypatch):
     """qv through flash_attn_varlen_func (packed sequences, an empty one) and through
     flash_attn_with_kvcache from a paged cache the kernel reads (MQA decoding, new keys appended)
     on the (emulated) cute forward: the reference's results, no gather of the pages."""
-    from cute_kernels import launch
     from fa3py import kvcache
+
+    monkeypatch.setattr(kvcache, "_gather_keys", lambda *a, **k: pytest.fail("the paged cache was gathered"))
+    check_qv_varlen_and_paged(monkeypatch, "cpu", [37, 0, 13], [50, 9, 70], seqlens=[130, 300], q_len=1)
+
+
+def check_qv_varlen_and_paged(monkeypatch, device, lens_q, lens_k, seqlens, q_len):
+    """qv (hdim 64 x 256, GQA 4 / 2) with packed sequences of lens_q / lens_k queries / keys; then
+    decoding q_len queries (MQA, 16 heads) per sequence from a paged cache (64-row pages) holding
+    `seqlens` keys, with the kernel reading the pages (FA3PY_CUTE_PAGED)."""
+    from cute_kernels import launch
 
     from test_kvcache import run_and_check
 
-    lens_q, lens_k = [37, 0, 13], [50, 9, 70]
-    q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, "cpu")
-    qv, _ = packed(lens_q, 4, 256, torch.bfloat16, "cpu")
-    k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, "cpu")
-    v, _ = packed(lens_k, 2, 256, torch.bfloat16, "cpu")
-    out, lse = fa3py.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 37, 70, causal=True, qv=qv, return_attn_probs=True)
-    check_forward(make_request(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=37, max_seqlen_k=70,
+    q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, device)
+    qv, _ = packed(lens_q, 4, 256, torch.bfloat16, device)
+    k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, device)
+    v, _ = packed(lens_k, 2, 256, torch.bfloat16, device)
+    mq, mk = max(lens_q), max(lens_k)
+    out, lse = fa3py.flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=True, qv=qv, return_attn_probs=True)
+    check_forward(make_request(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk,
                                causal=True, qv=qv), out, lse)
 
     monkeypatch.setattr(launch, "paged_enabled", True)
-    monkeypatch.setattr(kvcache, "_gather_keys", lambda *a, **k: pytest.fail("the paged cache was gathered"))
     g = torch.Generator().manual_seed(3)
-    rand = lambda *s: torch.randn(*s, generator=g).bfloat16()  # noqa: E731
-    pages, page_size = 12, 64
-    call = dict(q=rand(2, 1, 16, 64), qv=rand(2, 1, 16, 256), k_cache=rand(pages, page_size, 1, 64),
-                v_cache=rand(pages, page_size, 1, 256), k=rand(2, 1, 1, 64), v=rand(2, 1, 1, 256),
-                page_table=torch.randperm(pages, generator=g)[:10].view(2, 5).int(),
-                cache_seqlens=torch.tensor([130, 300], dtype=torch.int32))
+    rand = lambda *s: torch.randn(*s, generator=g).bfloat16().to(device)  # noqa: E731
+    b, page_size = len(seqlens), 64
+    per_seq = -(-(max(seqlens) + q_len) // page_size)
+    pages = b * per_seq + 3
+    call = dict(q=rand(b, q_len, 16, 64), qv=rand(b, q_len, 16, 256), k_cache=rand(pages, page_size, 1, 64),
+                v_cache=rand(pages, page_size, 1, 256), k=rand(b, q_len, 1, 64), v=rand(b, q_len, 1, 256),
+                page_table=torch.randperm(pages, generator=g)[:b * per_seq].view(b, per_seq).int().to(device),
+                cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device))
     run_and_check(call, causal=True)
 
 
@@ -226,24 +236,4 @@ def test_gpu_cute_qv(b, lq, lk, h, hk, d, dv, call):
 @pytest.mark.gpu
 def test_gpu_cute_qv_varlen_and_paged(monkeypatch):
     """qv with packed sequences, and decoding from a paged cache the kernel reads (FA3PY_CUTE_PAGED)."""
-    from cute_kernels import launch
-
-    from test_kvcache import run_and_check
-
-    lens_q, lens_k = [37, 0, 130, 1], [50, 9, 700, 300]
-    q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, "cuda")
-    qv, _ = packed(lens_q, 4, 256, torch.bfloat16, "cuda")
-    k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, "cuda")
-    v, _ = packed(lens_k, 2, 256, torch.bfloat16, "cuda")
-    out, lse = fa3py.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 130, 700, causal=True, qv=qv, return_attn_probs=True)
-    check_forward(make_request(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=700,
-                               causal=True, qv=qv), out, lse)
-    monkeypatch.setattr(launch, "paged_enabled", True)
-    g = torch.Generator().manual_seed(5)
-    rand = lambda *s: torch.randn(*s, generator=g).bfloat16().cuda()  # noqa: E731
-    pages, page_size = 40, 64
-    call = dict(q=rand(3, 2, 16, 64), qv=rand(3, 2, 16, 256), k_cache=rand(pages, page_size, 1, 64),
-                v_cache=rand(pages, page_size, 1, 256), k=rand(3, 2, 1, 64), v=rand(3, 2, 1, 256),
-                page_table=torch.randperm(pages, generator=g)[:36].view(3, 12).int().cuda(),
-                cache_seqlens=torch.tensor([130, 700, 5], dtype=torch.int32, device="cuda"))
-    run_and_check(call, causal=True)
+    check_qv_varlen_and_paged(monkeypatch, "cuda", [37, 0, 130, 1], [50, 9, 700, 300], seqlens=[130, 700, 5], q_len=2)
