@@ -52,6 +52,8 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
         return f"cute_kernels: dtype {req.dtype} not supported (bf16/fp16 only)"
     if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
         return "cute_kernels: q, k, v must share a dtype"
+    if req.qv is not None and not launch.qv_enabled:
+        return "cute_kernels: qv (MLA) in the kernel is opt-in (FA3PY_CUTE_QV=1) until its GPU tests pass"
     pairs = SUPPORTED_HDIM_PAIRS if req.qv is None else QV_HDIM_PAIRS
     if (padded_hdim(req.headdim), padded_hdim(req.headdim_v)) not in pairs:
         return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) does not round up "

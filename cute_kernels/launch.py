@@ -434,6 +434,9 @@ fp8_qk_int8_enabled = os.environ.get("FA3PY_CUTE_FP8_INT8", "0") == "1"
 # attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds and masks): opt-in until its
 # GPU tests pass; off, FP8 calls with a chunk run the emulation on Hopper.
 fp8_chunk_enabled = os.environ.get("FA3PY_CUTE_FP8_CHUNK", "0") == "1"
+# MLA's qv in the 16-bit kernel (FwdConfig.qv): opt-in until its GPU tests pass (compiled for
+# sm_90a and its host path run around the emulated kernel on the CPU only); off, qv runs on Triton.
+qv_enabled = os.environ.get("FA3PY_CUTE_QV", "0") == "1"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 

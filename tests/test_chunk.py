@@ -104,7 +104,7 @@ def test_triton_kernels(lq, lk, chunk, causal, window, deterministic, monkeypatc
     check_backward(req, dout, triton_fallback.backward(req, out, lse, dout))
 
 
-def test_cute_serves_chunk():
+def test_cute_serves_chunk(monkeypatch):
     """The cute forward takes attention_chunk (on CUDA tensors): config_for compiles the chunked
     kernel; qv too, where its head dims are in QV_HDIM_PAIRS."""
     import cute_kernels
@@ -114,6 +114,8 @@ def test_cute_serves_chunk():
     assert cute_kernels.why_not(req, False) == "cute_kernels: CUDA tensors only"
     assert cute_kernels.config_for(req).chunk and not cute_kernels.config_for(make_request(q, k, v)).chunk
     qv = make_request(q, k, v, qv=torch.randn_like(q))
+    assert "opt-in (FA3PY_CUTE_QV=1)" in cute_kernels.why_not(qv, False)
+    monkeypatch.setattr(cute_kernels.launch, "qv_enabled", True)
     assert cute_kernels.why_not(qv, False) == "cute_kernels: CUDA tensors only" and cute_kernels.config_for(qv).qv
     wide = make_request(q, k, torch.randn(1, 8, 2, 128).bfloat16(), qv=torch.randn(1, 8, 2, 128).bfloat16())
     assert "(64, 128) does not round up (multiples of 8) to one of" in cute_kernels.why_not(wide, False)

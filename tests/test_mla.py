@@ -155,6 +155,7 @@ def test_cute_qv_emulated(b, lq, lk, h, hk, d, dv, call, splits, emulated_sm90, 
     from fa3py import dispatch
 
     monkeypatch.setattr(launch, "split_kv_setting", splits)
+    monkeypatch.setattr(launch, "qv_enabled", True)
     q, k, v = inputs(b, lq, lk, h, hk, d, dv, torch.bfloat16, device="cpu")
     qv = torch.randn(b, lq, h, dv).bfloat16()
     req = make_request(q, k, v, qv=qv, **call)
@@ -188,6 +189,7 @@ def check_qv_varlen_and_paged(monkeypatch, device, lens_q, lens_k, seqlens, q_le
 
     from test_kvcache import run_and_check
 
+    monkeypatch.setattr(launch, "qv_enabled", True)
     q, cu_q = packed(lens_q, 4, 64, torch.bfloat16, device)
     qv, _ = packed(lens_q, 4, 256, torch.bfloat16, device)
     k, cu_k = packed(lens_k, 2, 64, torch.bfloat16, device)
@@ -220,10 +222,13 @@ GPU_QV = [  # (b, lq, lk, h, hk, d, dv, call)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,lq,lk,h,hk,d,dv,call", GPU_QV)
-def test_gpu_cute_qv(b, lq, lk, h, hk, d, dv, call):
+def test_gpu_cute_qv(b, lq, lk, h, hk, d, dv, call, monkeypatch):
     """qv on the Hopper kernel against the float64 reference (twice PyTorch's error), ragged sizes,
-    GQA / MQA decoding (packed), windows, softcap, a chunk; then packed sequences."""
+    GQA / MQA decoding (packed), windows, softcap, a chunk."""
+    from cute_kernels import launch
     from fa3py import dispatch
+
+    monkeypatch.setattr(launch, "qv_enabled", True)
 
     q, k, v = inputs(b, lq, lk, h, hk, d, dv, torch.bfloat16, device="cuda")
     qv = torch.randn(b, lq, h, dv, device="cuda").bfloat16()
