@@ -35,8 +35,9 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
   dK / dV start from an opaque zero (as with split_hdim, below: from a literal 64 of them spill),
   and with softcap d tanh is not kept in fp16 beside S^T and dP^T (it spills): tanh before the dP^T
   wait, then (dP^T - dPsum) * (1 - tanh^2) (clamped at 0: a masked -inf gives 0) and P^T = exp2(..)
-  in two passes once dP^T is in (d tanh in fp32). CPU SASS: max register R231 .. R237 of 240,
-  no local memory, except softcap with a window and varlen together (8 bytes of stack, 3 STL).
+  in two passes once dP^T is in (d tanh in fp32); so does hdim 128 with softcap and a mask, whose
+  fp16 d tanh spilled 16-24 bytes. CPU SASS: max register R231 .. R237 of 240, no local memory,
+  except hdim 64's softcap with a window and varlen together (8-24 bytes of stack).
 
 hdim 192 / 256 (`dkv_split_hdim`, tile_n = 64): dK and dV of 128 keys do not fit two
 warpgroups' registers, so the warpgroups split the work by queries for S^T / dP^T and by head-dim
@@ -139,6 +140,11 @@ class FlashAttentionBackwardSm90:
         self.split_hdim = cfg.dkv_split_hdim
         # tile_m 128 (hdim 64): dQ = dS K split by rows, 64 per warpgroup (tile_m 64: by columns)
         self.dq_split_rows = self.tile_m == NUM_MMA_WG * 64
+        # softcap's d tanh recomputed in fp32 from the tanh kept in S^T once dP^T is in (two passes)
+        # instead of kept in fp16 beside S^T and dP^T: where keeping it spills (tile_m 128; hdim 128
+        # with a mask: 16 / 24 bytes of stack causal / local + varlen, none two-pass; CPU SASS)
+        masked = cfg.has_left or cfg.has_right or cfg.chunk
+        self.softcap_two_pass = cfg.softcap and (self.dq_split_rows or (self.hdim == 128 and masked))
         self.num_mma_threads = NUM_MMA_WG * THREADS_PER_WG
         self.num_threads = self.num_mma_threads + THREADS_PER_WG
         # fp32 dQ values one consumer thread holds per m_block
@@ -612,10 +618,10 @@ class FlashAttentionBackwardSm90:
         acc_dP = cute.make_rmem_tensor(shape_s, Float32)
         gemm(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], zero_init=True, wg_wait=1)
 
-        if const_expr(self.cfg.softcap and self.dq_split_rows):
-            # tile_m 128: no 32 registers for d tanh beside S^T and dP^T of 128 queries (they
-            # spill): tanh here, then P^T and dS^T in one pass once dP^T is in, d tanh = 1 - tanh^2
-            # in fp32 from the tanh still in S^T (masked: tanh -inf, P 0, d tanh clamped to 0)
+        if const_expr(self.softcap_two_pass):
+            # no registers for d tanh beside S^T and dP^T (tile_m 128: 32 a thread; they spill):
+            # tanh here, then P^T and dS^T in one pass once dP^T is in, d tanh = 1 - tanh^2 in
+            # fp32 from the tanh still in S^T (masked: tanh -inf, P 0, d tanh clamped to 0)
             s_mn = acc_to_mn(acc_S)
             for i in cutlass.range_constexpr(cute.size(acc_S)):
                 acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
