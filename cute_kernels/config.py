@@ -376,8 +376,10 @@ class FwdConfig:
             # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (log §2); hdim128 -1%.
             rescale_o_before_pv=hdimv > 128,
             # Up to hdim 192 (Q's descriptors fit in registers): hdim64 causal 8k 449 -> 480;
-            # hdim256 8k 719 -> 712 (log §3).
-            pin_desc=hdim <= 192,
+            # hdim256 8k 719 -> 712 (log §3). Not FP8's 224-key tile with softcap, split-KV and GQA
+            # packing together: 72 bytes of stack pinned, none unpinned (CPU SASS).
+            pin_desc=hdim <= 192 and not (fp8 and base.tile_n > 192 and features.get("softcap", False)
+                                          and features.get("split_kv", False) and features.get("pack_gqa", 1) > 1),
             # Non-causal and short causal hdim64: -0.4..-1.3%; causal hdim128 +3..+7%; split-KV
             # stores float32 from registers (log §4, 7).
             tma_store=(not windowed or plain and hdim == 64) and not features.get("split_kv", False),

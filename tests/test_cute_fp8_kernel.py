@@ -64,6 +64,8 @@ FP8_GRID = [
     (128, "channel", dict(softcap=True)),
     (128, "channel", dict(cu_seqlens_q=True, cu_seqlens_k=True, pack_gqa=4, has_right=True)),
     (128, "channel", dict(split_kv=True, seqused_k=True)),
+    # softcap + split-KV + GQA packing on the 224-key tile: unpinned descriptors (72 bytes of stack pinned)
+    (128, "channel", dict(softcap=True, split_kv=True, pack_gqa=4)),
     # attention_chunk: one more bound on the KV-block range and the masks (mask.AttentionMask)
     (128, "channel", dict(chunk=True, has_right=True)),
     (64, "block", dict(chunk=True, has_left=True, has_right=True, split_kv=True)),
