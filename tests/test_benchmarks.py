@@ -617,3 +617,25 @@ def test_fp8_peers_says_it_needs_a_gpu():
 
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         fp8_peers.main(["--hdim", "128"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_mla_says_it_needs_a_gpu():
+    from benchmarks import mla
+
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        mla.main(["--dv", "512"])
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 700), (4, 9), (9, 4), (16, 16)])
+def test_mla_counts_the_pairs_the_causal_mask_keeps(sq, sk):
+    """benchmarks.mla's FLOPs count the (query, key) pairs the reference's causal mask keeps."""
+    from benchmarks import mla
+    from fa3py import reference
+    from fa3py.validation import make_request
+
+    q, k, v = (torch.randn(1, n, 1, 8).bfloat16() for n in (sq, sk, sk))
+    _, lse = reference.attention(make_request(q, k, v, causal=True, softmax_scale=0.0, softcap=1.0))
+    # scores all 0 (softcap * tanh(0)): each row's LSE is log(keys it keeps)
+    assert mla.visible_pairs(sq, sk, True) == round(float(lse.exp().nan_to_num(0.0).sum()))
+    assert mla.visible_pairs(sq, sk, False) == sq * sk
