@@ -53,11 +53,12 @@ class Case:
     grad: bool = True
     kwargs: dict = field(default_factory=dict)  # causal, window_size, softcap, softmax_scale, ...
     fa3_fp8: bool = False  # FP8 cases: FA3's float8_e4m3fn q, k, v with descales (flash_attn_*)
+    qv: bool = False  # MLA's qv (shaped like q with hdim_v), forward only
 
     def __str__(self):
         return (f"{self.api} {str(self.dtype)[6:]} heads {self.h}/{self.hk} d {self.d}/{self.dv} "
                 f"lens {self.lens} seqused={self.seqused} strided={self.strided} grad={self.grad} "
-                f"{'fa3_fp8 ' if self.fa3_fp8 else ''}{self.kwargs}")
+                f"{'fa3_fp8 ' if self.fa3_fp8 else ''}{'qv ' if self.qv else ''}{self.kwargs}")
 
 
 def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
@@ -96,6 +97,14 @@ def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
                 grad=rng.random() < 0.7, kwargs=kwargs)
     if rng.random() < 0.2:  # drawn last: the cases drawn before attention_chunk joined keep their values
         case.kwargs["attention_chunk"] = rng.randint(1, max_len)
+    # MLA's qv, from a generator seeded by rng's state without drawing from it (every case drawn
+    # before qv joined keeps its values and tensors): forward only, as in FA3; half of them take
+    # head dims the Hopper kernel serves with qv (64 x 256, or equal up to 128)
+    side = random.Random(hash(rng.getstate()))
+    if side.random() < 0.15:
+        case.qv, case.grad = True, False
+        if side.random() < 0.5:
+            case.d, case.dv = side.choice([(64, 256), (56, 256), (64, 64), (96, 96), (128, 128)])
     return case
 
 
@@ -134,9 +143,11 @@ def run_case(case: Case, device, rng: random.Random, backend=None):
     """Runs and checks one case; returns the backends that served (forward, backward) and the
     request."""
     q, k, v, index_kw = build(case, device, rng)
-    originals = [x.clone() for x in (q, k, v)]
-    leaves = [x.detach().requires_grad_(case.grad) for x in (q, k, v)]
     kw = dict(case.kwargs)
+    if case.qv:
+        kw["qv"] = _tensor((*q.shape[:-1], case.dv), case.dtype, device, case.strided, rng)
+    originals = [x.clone() for x in (q, k, v, kw.get("qv")) if x is not None]
+    leaves = [x.detach().requires_grad_(case.grad) for x in (q, k, v)]
     if case.api == "attention":
         kw.pop("deterministic", None)
         out, lse = fa3py.attention(*leaves, return_lse=True, backend=backend, **kw)
@@ -153,7 +164,7 @@ def run_case(case: Case, device, rng: random.Random, backend=None):
         dout = torch.randn_like(out)
         out.backward(dout)
         check_backward(req, dout, [x.grad for x in leaves])
-    for name, x, x0 in zip("qkv", (q, k, v), originals):
+    for name, x, x0 in zip(("q", "k", "v", "qv"), (q, k, v, kw.get("qv")), originals):
         assert torch.equal(x, x0), f"{name} was modified"
     return served, req
 
@@ -288,6 +299,14 @@ def _fp8_why_not_on_cpu(why_not):
     return on_cpu
 
 
+def _cute_qv_on(monkeypatch):
+    """qv cases take the cute kernel where it serves them (FA3PY_CUTE_QV, opt-in until its GPU
+    tests pass; off, Triton serves them, as its own tests check)."""
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "qv_enabled", True)
+
+
 def _cpu_cases(route):
     return [pytest.param(route, i, id=f"{route}-{i}") for i in range(N_CPU[route])]
 
@@ -305,6 +324,7 @@ def test_random_api(route, i, request, monkeypatch):
     backend = None
     if route in ("emulated_sm90", "emulated_sm90_bwd"):
         request.getfixturevalue(route)
+        _cute_qv_on(monkeypatch)
     elif route == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         if case.api != "attention":  # the drop-ins take no backend: force it for this test
@@ -344,9 +364,10 @@ def test_gpu_random_fp8_api(i, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(N_GPU))
-def test_gpu_random_api(i):
+def test_gpu_random_api(i, monkeypatch):
     """FA3PY_RANDOM_CASES cases through auto-dispatch on the GPU (sequences up to 700 tokens);
     the cute backward takes every backward it serves (unless FA3PY_CUTE_BWD=0)."""
+    _cute_qv_on(monkeypatch)
     rng = random.Random(SEED + i)
     case = draw(rng, max_len=700)
     try:
