@@ -250,10 +250,11 @@ def main(argv=None) -> int:
 def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     import dataclasses
 
-    from cute_kernels.config import QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, tile_from_spec
+    from cute_kernels.config import (QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, padded_hdim_v,
+                                     tile_from_spec)
 
     hdimv = a.hdim if a.hdimv is None else a.hdimv
-    d, dv = padded_hdim(a.hdim), padded_hdim(hdimv)  # as the dispatcher rounds (hdim 80 runs the 96 tile)
+    d, dv = padded_hdim(a.hdim), padded_hdim_v(hdimv, a.qv)  # as the dispatcher rounds (hdim 80: the 96 tile)
     pairs = QV_HDIM_PAIRS if a.qv else SUPPORTED_HDIM_PAIRS
     if a.hdim % 8 or hdimv % 8 or (d, dv) not in pairs:
         p.exit(2, f"benchmarks.cute_sass: --hdim {a.hdim} --hdimv {hdimv}{' --qv' if a.qv else ''}: the sm90 kernel "

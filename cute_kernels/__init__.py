@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from cute_kernels import bwd_launch, launch
-from cute_kernels.config import QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, padded_hdim
+from cute_kernels.config import QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, padded_hdim, padded_hdim_v
 from cute_kernels.launch import (DTYPES, config_for, fp8_config_for, fp8_why_not, num_splits, pack_lse, pack_rows,
                                  run, run_fp8, unpack_lse, unpack_rows)
 
@@ -55,7 +55,7 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
     if req.qv is not None and not launch.qv_enabled:
         return "cute_kernels: qv (MLA) in the kernel is opt-in (FA3PY_CUTE_QV=1) until its GPU tests pass"
     pairs = SUPPORTED_HDIM_PAIRS if req.qv is None else QV_HDIM_PAIRS
-    if (padded_hdim(req.headdim), padded_hdim(req.headdim_v)) not in pairs:
+    if (padded_hdim(req.headdim), padded_hdim_v(req.headdim_v, req.qv is not None)) not in pairs:
         return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) does not round up "
                 f"(multiples of 8) to one of {sorted(pairs)}{' (with qv)' if req.qv is not None else ''}")
     if req.nheads % req.nheads_kv != 0:

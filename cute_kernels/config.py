@@ -59,9 +59,14 @@ class TileConfig:
     diag_half: bool = False
     # Plain schedule: a block's PV is waited for after the next block's QK^T is issued.
     chain_pv_qk: bool = False
+    # Consumer warpgroups that share each 64-row slab of Q, each holding 1 / o_split of O's
+    # columns (and computing the slab's S and softmax alike): qv with hdim_v 512, whose O of 64
+    # rows x 512 columns would be 256 registers a thread in one warpgroup. 2: tile_m 64.
+    o_split: int = 1
 
     def __post_init__(self):
-        assert self.tile_m in (128, 192), "tile_m = 64 x (2 or 3 consumer warpgroups)"
+        assert self.tile_m in (128, 192) or (self.tile_m == 64 and self.o_split == 2), \
+            "tile_m = 64 x (2 or 3 consumer warpgroups), or 64 shared by 2 (o_split)"
         check_reg_split(self.producer_regs, self.consumer_regs, self.num_mma_wg, self)
         assert self.q_stages in (1, 2), f"q_stages {self.q_stages}: 1 or 2"
         assert not self.diag_half or (halves_into_k_blocks(self.tile_n) and not self.intra_wg_overlap), \
@@ -70,7 +75,7 @@ class TileConfig:
 
     @property
     def num_mma_wg(self) -> int:
-        return self.tile_m // 64
+        return self.tile_m // 64 * self.o_split
 
     @property
     def num_threads(self) -> int:
@@ -238,8 +243,16 @@ SUPPORTED_HDIM = tuple(TILES)
 SUPPORTED_HDIM_PAIRS = {(d, d) for d in SUPPORTED_HDIM} | {(192, 128)}
 # (hdim, hdim_v) pairs served with qv (MLA): FA3's 64 x 256, and the equal pairs whose Q, Qv, two
 # K / V stages and sO fit 227 KB (hdim 128: 225 KB; 192 / 256: 288 KB do not).
-QV_HDIM_PAIRS = {(64, 64), (96, 96), (128, 128), (64, 256)}
+# 64 x 512 (DeepSeek's MLA): two warpgroups share 64 rows, each with half of O's columns
+# (TileConfig.o_split), Q 8 KB, Qv 64 KB (sO overlays it), two K / V stages of 64 keys 144 KB.
+QV_HDIM_PAIRS = {(64, 64), (96, 96), (128, 128), (64, 256), (64, 512)}
+QV_WIDE_TILE = TileConfig(64, 64, 2, *REG_SPLIT[2], o_split=2)
 _SUPPORTED_HDIM_ASCENDING = tuple(sorted(SUPPORTED_HDIM))  # padded_hdim runs on every call
+
+
+def padded_hdim_v(dv: int, qv: bool) -> int | None:
+    """The kernel head dim for V's `dv`: padded_hdim's, or 512 itself with qv (QV_WIDE_TILE)."""
+    return 512 if qv and dv == 512 else padded_hdim(dv)
 
 
 def padded_hdim(d: int) -> int | None:
@@ -343,6 +356,8 @@ class FwdConfig:
         qv = features.get("qv", False)
         if fp8:
             base = fp8_tile(hdim, features["fp8_v_scaling"], features.get("softcap", False) and windowed)
+        elif qv and hdimv == 512:
+            base = QV_WIDE_TILE
         elif qv:  # Qv and V as wide as hdim_v: the wider head dim's tile (64 x 256: hdim 256's 128x64)
             base = TILES[max(hdim, hdimv)]
             if base.num_mma_wg == 3 and hdim > 64:  # hdim 96's 192x112 spills 8 bytes at 160 registers
@@ -422,7 +437,7 @@ class FwdConfig:
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]
-        switches += [f"{n}={getattr(t, n)}" for n in ("k_release_gate", "q_stages", "o_chunks", "lazy_rescale")
+        switches += [f"{n}={getattr(t, n)}" for n in ("k_release_gate", "q_stages", "o_chunks", "lazy_rescale", "o_split")
                      if getattr(t, n) != getattr(TileConfig, n)]
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages} "
                 f"{' '.join(switches)} {' '.join(flags)}")

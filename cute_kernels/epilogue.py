@@ -57,28 +57,36 @@ class EpilogueSm90:
     seqused_q: bool
     hdimv_in: int
     num_mma_threads: int
+    o_split: int = 1  # warpgroups sharing each slab's rows, each with hdimv / o_split of O's columns
 
     @staticmethod
     def create(cfg: FwdConfig, dtype: Type[cutlass.Numeric], separate_o: bool, num_mma_threads: int) -> "EpilogueSm90":
         t = cfg.tile
         return EpilogueSm90(dtype, t.tile_m, cfg.hdimv, t.o_chunks, t.tma_store, separate_o, cfg.cu_seqlens_q,
-                            cfg.seqused_q, cfg.hdimv_in, num_mma_threads)
+                            cfg.seqused_q, cfg.hdimv_in, num_mma_threads, t.o_split)
+
+    @property
+    def o_cols(self) -> int:
+        """Columns of O one warpgroup holds (all of them unless o_split)."""
+        return self.hdimv // self.o_split
 
     @property
     def o_width(self) -> int:
-        """Columns of O staged in smem at a time."""
-        return self.hdimv // self.o_chunks
+        """Columns of O a warp stages in smem at a time."""
+        return self.o_cols // self.o_chunks
 
     @cute.jit
     def store(self, acc_O, softmax: OnlineSoftmax, out: OutputOperands, tiled_mma_pv, tidx, m_block, head, batch,
-              seqlen: SeqlenInfo, release_q):
+              seqlen: SeqlenInfo, release_q, col_part=0):
         """O = acc_O / rowsum -> bf16 -> smem (stmatrix) -> global, each consumer warp on its own:
         it stages the 16 rows its accumulator holds in its own sO slab and stores them with one
         TMA (the box clips at the tensor's last row), or, where the slab runs past the end of a
         packed / seqused sequence (TMA would write the next sequence's rows), with predicated
         16-byte stores. With o_chunks 2 the slab is half as wide and O goes through it in two
         column chunks. No barrier across warps except, when sO aliases sQ, one that waits for
-        every warpgroup's last QK^T. LSE from the lanes that own column 0."""
+        every warpgroup's last QK^T. LSE from the lanes that own column 0. o_split: `tidx` is the
+        thread's place in its slab's MMA, `col_part` its warpgroup's part of O's columns (slabs
+        and chunk `col_part` of that width; the LSE from part 0)."""
         inv_sum = softmax.finalize()
         softmax.rescale_O(acc_O, inv_sum, lazy=False)
         rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
@@ -104,7 +112,10 @@ class EpilogueSm90:
         rO_chunk = cute.make_layout(mma_chunk.partition_shape_C((self.tile_m, self.o_width)))
         assert chunks == 1 or cute.size(rO.shape[1]) * cute.size(rO.shape[2]) == 1
         warp = tidx // 32  # rows O_SLAB_ROWS * warp .. of the tile: this warp's accumulator rows
-        sO_w = cute.local_tile(out.sO, (O_SLAB_ROWS, self.o_width), (warp, 0))
+        sO_part = out.sO
+        if const_expr(self.o_split > 1):
+            sO_part = cute.local_tile(out.sO, (self.tile_m, self.o_width), (0, col_part))
+        sO_w = cute.local_tile(sO_part, (O_SLAB_ROWS, self.o_width), (warp, 0))
         rows_w = rows_left - warp * O_SLAB_ROWS
         m_slab = m_block * (self.tile_m // O_SLAB_ROWS) + warp
         # By TMA: a full slab, or any slab of an unpacked tensor without seqused_q (the box clips
@@ -119,16 +130,18 @@ class EpilogueSm90:
                 cute.arch.sync_warp()
             rO_c = rO if const_expr(chunks == 1) else cute.make_tensor(
                 rO.iterator + c * cute.size(rO_chunk), rO_chunk)
-            cute.copy(thr_copy_O, thr_copy_O.retile(rO_c), thr_copy_O.partition_D(out.sO))
+            cute.copy(thr_copy_O, thr_copy_O.retile(rO_c), thr_copy_O.partition_D(sO_part))
             if const_expr(tma):
                 cute.arch.fence_view_async_shared()  # stmatrix writes -> the TMA's async-proxy reads
             cute.arch.sync_warp()
+            chunk = c if const_expr(self.o_split == 1) else col_part
             if by_tma:
-                self.store_slab_tma(out.tma_O, out.tma_atom_O, sO_w, m_slab, c, head, b_q, seqlen)
+                self.store_slab_tma(out.tma_O, out.tma_atom_O, sO_w, m_slab, chunk, head, b_q, seqlen)
             elif rows_w > 0:
-                self.store_slab_predicated(out.mO, sO_w, rows_w, m_slab, c, head, b_q, seqlen)
+                self.store_slab_predicated(out.mO, sO_w, rows_w, m_slab, chunk, head, b_q, seqlen)
         # LSE (after the fence: its global stores need not complete before the TMA store issues).
-        self.store_lse(softmax, out.mLSE, tiled_mma_pv, tidx, m_block, head, b_q, seqlen.offset_q, rows_left)
+        if col_part == 0:
+            self.store_lse(softmax, out.mLSE, tiled_mma_pv, tidx, m_block, head, b_q, seqlen.offset_q, rows_left)
         if const_expr(release_q is not None):
             # sO (= sQ) read back by this warp's TMA / loads: the next tile's Q may land there.
             if const_expr(tma):
@@ -140,7 +153,7 @@ class EpilogueSm90:
     def store_lse(self, softmax: OnlineSoftmax, mLSE, tiled_mma_pv, tidx, m_block, head, b, offset, rows_left):
         """The lanes holding column 0 write their rows' LSE (rows of sequence `b` from `offset`)."""
         tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(
-            cute.make_identity_tensor((self.tile_m, self.hdimv))))
+            cute.make_identity_tensor((self.tile_m, self.o_cols))))
         mLSE_cur = cute.domain_offset((offset,), mLSE[None, head, b])
         if tOcO[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(softmax.row_sum)):
@@ -150,7 +163,7 @@ class EpilogueSm90:
 
     @cute.jit
     def store_split(self, acc_O, softmax: OnlineSoftmax, out: OutputOperands, tiled_mma_pv, tidx, m_block, head,
-                    batch, split, num_splits, num_batch, seqlen: SeqlenInfo, release_q):
+                    batch, split, num_splits, num_batch, seqlen: SeqlenInfo, release_q, col_part=0):
         """Split-KV: this split's O, normalized by its own row sums, in float32 straight from the
         accumulator registers to global memory (no smem), and its LSE. Split s of sequence b is
         batch s * num_batch + b of the partial tensors, or, with packed queries, its rows start at
@@ -163,10 +176,11 @@ class EpilogueSm90:
         else:
             b_o, offset = batch + split * num_batch, seqlen.offset_q
         mO_cur = cute.domain_offset((offset, 0), out.mO[None, None, head, b_o])
-        gO = cute.local_tile(mO_cur, (self.tile_m, self.hdimv), (m_block, 0))
-        store_acc_predicated(acc_O, tiled_mma_pv.get_slice(tidx), gO, (self.tile_m, self.hdimv), rows_left,
+        gO = cute.local_tile(mO_cur, (self.tile_m, self.o_cols), (m_block, col_part))
+        store_acc_predicated(acc_O, tiled_mma_pv.get_slice(tidx), gO, (self.tile_m, self.o_cols), rows_left,
                              self.hdimv_in)
-        self.store_lse(softmax, out.mLSE, tiled_mma_pv, tidx, m_block, head, b_o, offset, rows_left)
+        if col_part == 0:
+            self.store_lse(softmax, out.mLSE, tiled_mma_pv, tidx, m_block, head, b_o, offset, rows_left)
         if const_expr(release_q is not None):
             cute.arch.sync_warp()
             release_q()

@@ -74,7 +74,12 @@ Q, on Q's barrier (one Q stage). S's WGMMA group adds Qv V^T after Q K^T, with s
 block's V stage as B read K-major (the PV GEMM reads the same tile MN-major), so the consumers
 wait for V(n) before issuing S(n); in the overlapped schedule a warpgroup then holds V(n) and
 V(n + 1) (PV's), which two stages cover without a change in the producer's order. The tile is the
-wider head dim's (config.QV_HDIM_PAIRS: 64 x 256 takes hdim 256's 128x64).
+wider head dim's (config.QV_HDIM_PAIRS: 64 x 256 takes hdim 256's 128x64). hdim_v 512
+(TileConfig.o_split 2, tile 64x64): O of 64 rows x 512 columns does not fit one warpgroup's
+registers, so both consumer warpgroups take the same 64 rows: each runs the slab's S and softmax
+(the same instructions on the same data: the same P, row max and sum) and accumulates its 256
+columns of O from its half of the V tile (`col_part`); the epilogue stages each half's slabs side
+by side in sO, which overlays sQv (both 64 x 512), and part 0 writes the LSE.
 
 This module is the kernel's pipeline and main loops (`load`, `mma`, the per-block steps); what
 it shares lives beside it: the tile order and the producer-to-consumer tile hand-off in
@@ -170,8 +175,12 @@ class FlashAttentionForwardSm90:
         self.o_dtype = cutlass.BFloat16 if self.fp8 else self.dtype
         t = cfg.tile
         self.num_mma_wg = t.num_mma_wg
-        assert self.num_mma_wg in (2, 3) and t.tile_m == 64 * self.num_mma_wg, \
-            "one 64-row slab per consumer warpgroup"
+        # o_split (qv with hdim_v 512): warpgroups w and w + rows_wg share a slab, each with its
+        # part of O's columns
+        self.o_split = t.o_split
+        self.rows_wg = self.num_mma_wg // self.o_split  # warpgroups along the tile's rows
+        assert self.num_mma_wg in (2, 3) and t.tile_m == 64 * self.rows_wg, \
+            "one 64-row slab per consumer warpgroup (per o_split of them)"
         self.ring = WarpgroupRing(self.num_mma_wg)  # the consumer warpgroups' GEMM turns
         assert cfg.hdim % 16 == 0 and cfg.hdimv % 16 == 0 and t.tile_n % 16 == 0
         self.tile_m, self.tile_n, self.num_stages = t.tile_m, t.tile_n, t.num_stages
@@ -184,18 +193,26 @@ class FlashAttentionForwardSm90:
         elem, o_elem = self.dtype.width // 8, self.o_dtype.width // 8
         assert t.o_chunks == 1 or (t.o_chunks == 2 and self.hdimv % 128 == 0), \
             "o_chunks: 1, or 2 for hdim_v a multiple of 128 (chunks of 64 columns or more)"
-        self.o_width = self.hdimv // t.o_chunks  # columns of O staged in smem at a time
-        smem = (elem * (self.tile_m * self.hdim + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
-                + o_elem * self.tile_m * self.o_width)
+        # columns of O one warpgroup accumulates, and stages in smem at a time
+        self.o_cols = self.hdimv // self.o_split
+        self.o_width = self.o_cols // t.o_chunks
         # qv (MLA): Qv's tile (tile_m, hdim_v), one stage, loaded with Q
         self.qv = cfg.qv
-        smem += elem * self.tile_m * self.hdimv if self.qv else 0
+        # sO overlays sQv where it has no room of its own (o_split: 64 x 512 both), else sQ
+        o_bytes = o_elem * self.tile_m * self.o_width * self.o_split
+        smem = (elem * (self.tile_m * self.hdim + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
+                + (elem * self.tile_m * self.hdimv if self.qv else 0))
+        smem += o_bytes
         # fp8_v_rows: V's rows are staged (one stage, two where they fit after Q's) and transposed
         # into the V^T stages by the producer warpgroup's warps 1-3.
         self.v_rows = cfg.fp8_v_rows
         rows_bytes = elem * self.tile_n * self.hdimv if self.v_rows else 0
         smem += rows_bytes
         self.separate_o = smem + 1024 <= SMEM_BYTES
+        self.o_over_qv = self.qv and not self.separate_o
+        if self.o_split > 1:
+            assert self.qv and not self.fp8 and t.o_chunks == 1 and not cfg.hdimv_in and not self.separate_o, \
+                f"{cfg.short()}: o_split is qv's, 16-bit, O staged once over sQv, hdim_v unpadded"
         # A second Q buffer, where asked for and it fits beside a separate sO (the consumers'
         # release of a Q stage must not wait for an epilogue that writes O over it).
         second_q = elem * self.tile_m * self.hdim
@@ -239,10 +256,11 @@ class FlashAttentionForwardSm90:
 
     # ------------------------------------------------------------------ host side
     def make_tiled_mma_qk(self, n: int):
-        """S = Q K^T over n keys (the KV block; its first half for diag_half)."""
+        """S = Q K^T over n keys (the KV block; its first half for diag_half), one warpgroup per
+        64-row slab (o_split: each of a slab's warpgroups runs the slab's)."""
         return sm90_utils.make_trivial_tiled_mma(
             self.qk_dtype, self.qk_dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
-            self.acc_s_dtype, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
+            self.acc_s_dtype, atom_layout_mnk=(self.rows_wg, 1, 1), tiler_mn=(64, n),
         )
 
     def make_tiled_mma_pv(self, n: int):
@@ -251,7 +269,7 @@ class FlashAttentionForwardSm90:
         v_major = warpgroup.OperandMajorMode.K if self.fp8 else warpgroup.OperandMajorMode.MN
         return sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, v_major,
-            Float32, atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, n),
+            Float32, atom_layout_mnk=(self.rows_wg, 1, 1), tiler_mn=(64, n),
             a_source=warpgroup.OperandSource.RMEM,
         )
 
@@ -298,7 +316,7 @@ class FlashAttentionForwardSm90:
             mK, mV = [sdhb(t, cfg.cu_seqlens_k) for t in (mK, mV)]
         mLSE = lse_shb(mLSE, cfg.cu_seqlens_q)
 
-        tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.hdimv)
+        tiled_mma_qk, tiled_mma_pv = self.make_tiled_mma_qk(self.tile_n), self.make_tiled_mma_pv(self.o_cols)
         sQ_layout = make_smem_layout(self.qk_dtype, (self.tile_m, self.hdim), self.q_stages)
         sQv_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv), 1) if const_expr(self.qv) else None
         sK_layout = make_smem_layout(self.qk_dtype, (self.tile_n, self.hdim), self.num_stages)
@@ -314,12 +332,16 @@ class FlashAttentionForwardSm90:
             if const_expr(self.v_rows) else None
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
         # each compact in smem, so a warp stores its slab by TMA without waiting for the others.
+        # (o_split: the slabs of each part of O's columns side by side, part p at columns p * o_cols)
         sO_slab_layout = make_smem_layout(self.o_dtype, (O_SLAB_ROWS, self.o_width))
-        sO_layout = cute.tile_to_shape(sO_slab_layout, (self.tile_m, self.o_width), order=(0, 1))
+        sO_layout = cute.tile_to_shape(sO_slab_layout, (self.tile_m, self.o_width * self.o_split), order=(0, 1))
 
-        # sQ also holds O unless O has its own buffer (separate_o).
-        sQ_elems = cute.cosize(sQ_layout) if const_expr(self.separate_o) else max(
-            cute.cosize(sQ_layout), cute.cosize(sO_layout))
+        # sQ (or sQv, o_over_qv) also holds O unless O has its own buffer (separate_o).
+        o_over_q = not self.separate_o and not self.o_over_qv
+        sQ_elems = max(cute.cosize(sQ_layout), cute.cosize(sO_layout)) if const_expr(o_over_q) else \
+            cute.cosize(sQ_layout)
+        sQv_elems = max(cute.cosize(sQv_layout), cute.cosize(sO_layout)) if const_expr(self.o_over_qv) else \
+            cute.cosize(sQv_layout) if const_expr(self.qv) else 0
 
         @cute.struct
         class SharedStorage:
@@ -334,7 +356,7 @@ class FlashAttentionForwardSm90:
             if const_expr(self.v_rows):
                 sVrows: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sVrows_layout)], 1024]
             if const_expr(self.qv):
-                sQv: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQv_layout)], 1024]
+                sQv: cute.struct.Align[cute.struct.MemRange[self.dtype, sQv_elems], 1024]
             if const_expr(self.separate_o):
                 sO: cute.struct.Align[cute.struct.MemRange[self.o_dtype, cute.cosize(sO_layout)], 1024]
             if const_expr(self.cfg.tile.dynamic):
@@ -462,8 +484,8 @@ class FlashAttentionForwardSm90:
         cute.arch.barrier()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
-        sO = (storage.sO if const_expr(self.separate_o) else storage.sQ).get_tensor(
-            sO_layout.outer, swizzle=sO_layout.inner)
+        sO = (storage.sO if const_expr(self.separate_o) else storage.sQv if const_expr(self.o_over_qv)
+              else storage.sQ).get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sVrows = storage.sVrows.get_tensor(sVrows_layout.outer, swizzle=sVrows_layout.inner) \
@@ -722,15 +744,22 @@ class FlashAttentionForwardSm90:
         tidx = cute.arch.thread_idx()[0] - NUM_THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // NUM_THREADS_PER_WG)
         epilogue = EpilogueSm90.create(self.cfg, self.o_dtype, self.separate_o, self.num_mma_threads)
-        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        # o_split: this thread's place in its slab's MMAs, and its warpgroup's part of O's columns
+        col_part = wg_idx // self.rows_wg if const_expr(self.o_split > 1) else 0
+        tidx_mma = tidx % (self.rows_wg * NUM_THREADS_PER_WG) if const_expr(self.o_split > 1) else tidx
+        wg_mma_idx = wg_idx % self.rows_wg if const_expr(self.o_split > 1) else wg_idx
+        thr_mma_qk = tiled_mma_qk.get_slice(tidx_mma)
         thr0_mma_qk = tiled_mma_qk.get_slice(0)
-        wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * NUM_THREADS_PER_WG)
-        wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * NUM_THREADS_PER_WG)
+        wg_mma_qk = tiled_mma_qk.get_slice(wg_mma_idx * NUM_THREADS_PER_WG)
+        wg_mma_pv = tiled_mma_pv.get_slice(wg_mma_idx * NUM_THREADS_PER_WG)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))  # (MMA, M, K, q stage)
         if const_expr(self.q_stages == 1):
             tSrQ = self.pin_q(tSrQ[None, None, None, 0])
         tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
-        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sV if const_expr(self.fp8) else transpose_view(sV)))
+        sV_pv = sV
+        if const_expr(self.o_split > 1):  # this warpgroup's columns of V
+            sV_pv = cute.logical_divide(sV, (None, self.o_cols))[None, (None, col_part), None]
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sV_pv if const_expr(self.fp8) else transpose_view(sV_pv)))
         if const_expr(self.cfg.tile.pin_desc):
             tSrK, tOrVt = pin_smem_desc(tSrK), pin_smem_desc(tOrVt)
         # qv: S += Qv V^T, A = sQv, B = the V stage read K-major (keys x hdim_v, as K's tile)
@@ -742,7 +771,7 @@ class FlashAttentionForwardSm90:
                 tSrQv, tSrVk = pin_smem_desc(tSrQv), pin_smem_desc(tSrVk)
             qv_frags = (tSrQv, tSrVk)
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
-        acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.hdimv)), Float32)
+        acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.o_cols)), Float32)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]),
                                        lazy=self.cfg.tile.lazy_rescale, p_offset=fp8.P_OFFSET if self.fp8 else 0.0)
         # FP8 block V scaling: each block's PV accumulator, added into O times its V scale.
@@ -870,10 +899,11 @@ class FlashAttentionForwardSm90:
                     fp8_scales.scale_channels(acc_O, tiled_mma_pv, tidx, self.tile_m, self.hdimv)
                 release_q = None if const_expr(self.separate_o) else partial(pipeline_q.consumer_release, q_state)
                 if const_expr(self.cfg.split_kv):
-                    epilogue.store_split(acc_O, softmax, out, tiled_mma_pv, tidx, m_block, head, batch, split,
-                                         tiles.num_splits, scheduler.num_batch, seqlen, release_q)
+                    epilogue.store_split(acc_O, softmax, out, tiled_mma_pv, tidx_mma, m_block, head, batch, split,
+                                         tiles.num_splits, scheduler.num_batch, seqlen, release_q, col_part)
                 else:
-                    epilogue.store(acc_O, softmax, out, tiled_mma_pv, tidx, m_block, head, batch, seqlen, release_q)
+                    epilogue.store(acc_O, softmax, out, tiled_mma_pv, tidx_mma, m_block, head, batch, seqlen,
+                                   release_q, col_part)
                 q_state.advance()
             tile = tiles.follow(tile, pipeline_q, q_state)  # (dynamic: the tile's own Q wait then returns at once)
         if const_expr(self.cfg.tile.tma_store):

@@ -32,7 +32,7 @@ import torch
 
 from cute_kernels import disk_cache
 from cute_kernels.config import (PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig, is_medium, is_short,
-                                 num_splits_for, pack_gqa_factor, padded_hdim, page_size_ok)
+                                 num_splits_for, pack_gqa_factor, padded_hdim, padded_hdim_v, page_size_ok)
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -77,7 +77,7 @@ def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fi
     seqlen_q, seqlen_k = _seqlens(req)
     pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
     has_right = p.window_right >= 0
-    d, dv = padded_hdim(req.headdim), padded_hdim(req.headdim_v)
+    d, dv = padded_hdim(req.headdim), padded_hdim_v(req.headdim_v, req.qv is not None)
     make = functools.partial(
         _cached_config, dtype or DTYPES[req.dtype], d, dv,
         has_left=p.window_left >= 0, has_right=has_right, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,

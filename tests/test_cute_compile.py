@@ -227,17 +227,24 @@ def test_compile_split_kv(hdim, hdimv, features):
                                                                                   has_right=True)),
     (128, 128, dict(has_right=True, softcap=True)), (128, 128, dict(chunk=True, cu_seqlens_q=True, cu_seqlens_k=True)),
     (96, 96, dict(has_right=True, softcap=True)), (64, 64, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    (64, 512, {}), (64, 512, dict(has_right=True, softcap=True, split_kv=True, pack_gqa=8)),
+    (64, 512, dict(page_size=64, has_right=True, seqused_k=True)),
 ])
 def test_compile_qv(hdim, hdimv, features):
     """MLA's qv: S's WGMMA group gains Qv V^T's hdim_v / 16 k-blocks wherever S is issued (the
     overlapped schedule's first block and its steps, one inlined step per mask kind), against the
-    same config without qv; spill-free over QV_HDIM_PAIRS with causal / local / softcap / split /
-    paged / varlen; one more TMA load (Qv)."""
+    same config without qv (hdim_v 512, o_split: against 64 x 256); spill-free over QV_HDIM_PAIRS
+    with causal / local / softcap / split / paged / varlen; one more TMA load (Qv)."""
     cfg = FwdConfig.make("bf16", hdim, hdimv, qv=True, **features)
     ops = _compile_and_check(cfg)
-    without = sass.opcode_counts(_sass_of(dataclasses.replace(cfg, qv=False)))
+    if cfg.tile.o_split > 1:
+        # hdim_v 512 (two warpgroups per slab, 256 columns of O each): against 64 x 256 with qv,
+        # whose PV has the same 256-wide WGMMAs, S has 16 k-blocks more wherever it is issued
+        without, per_site = sass.opcode_counts(_sass_of(FwdConfig.make("bf16", 64, 256, qv=True, **features))), 16
+    else:
+        without, per_site = sass.opcode_counts(_sass_of(dataclasses.replace(cfg, qv=False))), hdimv // 16
     added = ops["HGMMA"] - without["HGMMA"]
-    s_sites, rest = divmod(added, hdimv // 16)
+    s_sites, rest = divmod(added, per_site)
     assert rest == 0 and s_sites >= (2 if cfg.tile.intra_wg_overlap else 1), (cfg.short(), added)
     assert ops["UTMALDG"] > without["UTMALDG"], cfg.short()
 

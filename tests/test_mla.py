@@ -137,6 +137,8 @@ except ImportError:  # pragma: no cover
 CUTE_QV = [
     (2, 77, 130, 4, 2, 64, 256, dict(causal=True), "1"),
     (2, 1, 700, 16, 1, 64, 256, dict(causal=True), "3"),
+    (2, 1, 300, 128, 1, 64, 512, dict(causal=True), "1"), (2, 70, 200, 4, 1, 64, 512, dict(softcap=3.0), "2"),
+    (1, 130, 130, 2, 2, 48, 512, dict(window_size=(40, 0)), "1"),
     (1, 40, 23, 2, 2, 128, 128, dict(softcap=4.0, window_size=(8, 3)), "1"),
     (2, 33, 300, 6, 2, 96, 96, dict(attention_chunk=64), "2"),
     (1, 19, 19, 4, 4, 56, 56, {}, "1"),
@@ -162,7 +164,8 @@ def test_cute_qv_emulated(b, lq, lk, h, hk, d, dv, call, splits, emulated_sm90, 
     assert dispatch.choose(req).name == "cute"
     cfg = cute_kernels.config_for(req)
     assert cfg.qv and cfg.split_kv == (splits != "1") and (lq > 1 or cfg.pack_gqa == h // hk)
-    assert cfg.tile.tile_n == (64 if dv == 256 else cfg.tile.tile_n) and cfg.tile.q_stages == 1
+    assert cfg.tile.tile_n == (64 if dv >= 256 else cfg.tile.tile_n) and cfg.tile.q_stages == 1
+    assert cfg.tile.o_split == (2 if dv == 512 else 1)
     before = qv.clone()
     out, lse = fa3py.attention(q, k, v, qv=qv, return_lse=True, **call)
     check_forward(req, out, lse)
@@ -217,6 +220,8 @@ GPU_QV = [  # (b, lq, lk, h, hk, d, dv, call)
     (3, 1, 4000, 16, 1, 64, 256, dict(causal=True)), (2, 300, 129, 8, 1, 64, 256, dict(window_size=(37, 11))),
     (2, 239, 1, 2, 2, 128, 128, dict(softcap=5.0)), (1, 700, 900, 4, 2, 128, 128, dict(causal=True)),
     (2, 77, 300, 6, 2, 96, 96, dict(attention_chunk=64)), (1, 799, 3, 2, 1, 64, 64, dict(causal=True)),
+    (4, 1, 5000, 128, 1, 64, 512, dict(causal=True)), (2, 4, 777, 128, 1, 64, 512, dict(causal=True)),
+    (2, 300, 700, 8, 1, 64, 512, dict(causal=True, softcap=10.0)), (1, 1023, 1023, 2, 2, 64, 512, {}),
 ]
 
 
