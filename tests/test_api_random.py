@@ -99,12 +99,12 @@ def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
         case.kwargs["attention_chunk"] = rng.randint(1, max_len)
     # MLA's qv, from a generator seeded by rng's state without drawing from it (every case drawn
     # before qv joined keeps its values and tensors): forward only, as in FA3; half of them take
-    # head dims the Hopper kernel serves with qv (64 x 256, or equal up to 128)
+    # head dims the Hopper kernel serves with qv (64 x 512 or 256, or equal up to 128)
     side = random.Random(hash(rng.getstate()))
     if side.random() < 0.15:
         case.qv, case.grad = True, False
         if side.random() < 0.5:
-            case.d, case.dv = side.choice([(64, 256), (56, 256), (64, 64), (96, 96), (128, 128)])
+            case.d, case.dv = side.choice([(64, 512), (64, 256), (56, 256), (64, 64), (96, 96), (128, 128)])
     return case
 
 
