@@ -73,6 +73,13 @@ def test_tile_config_budget():
         dataclasses.replace(plain, tile_n=176)
     with pytest.raises(AssertionError, match="chain_pv_qk needs the plain schedule"):
         dataclasses.replace(plain, diag_half=False, intra_wg_overlap=True)
+    # o_split (qv with hdim_v 512): two consumer warpgroups on one 64-row slab, 240 registers each
+    from cute_kernels.config import QV_WIDE_TILE
+
+    assert (QV_WIDE_TILE.tile_m, QV_WIDE_TILE.num_mma_wg, QV_WIDE_TILE.num_threads) == (64, 2, 384)
+    assert FwdConfig.make("bf16", 64, 512, qv=True, has_right=True).tile.o_split == 2
+    with pytest.raises(AssertionError, match="o_split"):
+        TileConfig(64, 64, 2, 24, 240)
 
 
 def test_short_tile():
@@ -638,7 +645,8 @@ _SIGNATURE_CASES = {  # (batch or sequence lengths, sq, sk, h, hk, d, kwargs)
 }
 
 
-@pytest.mark.parametrize("case", list(_SIGNATURE_CASES) + ["varlen", "varlen_seqused", "paged"])
+@pytest.mark.parametrize("case", list(_SIGNATURE_CASES) + ["varlen", "varlen_seqused", "paged"]
+                         + [f"qv_{c}" for c in _SIGNATURE_CASES if c != "padded_192x128"] + ["qv_varlen", "qv_paged"])
 def test_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
     """`run`'s kernel call binds every symbol of the compiled signature (fake_args) to one size,
     as the TVM-FFI call checks on the GPU (tests/cute_emulation.py's tvm_ffi_signature_check)."""
@@ -648,6 +656,11 @@ def test_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
     from tests.cute_emulation import tvm_ffi_signature_check
 
     dt = torch.bfloat16
+    qv_dv = None
+    if case.startswith("qv_"):  # MLA's qv beside q (hdim 64 x 512, or q's own head dim)
+        monkeypatch.setattr(launch, "qv_enabled", True)
+        monkeypatch.setattr(launch, "paged_enabled", True)
+        case, qv_dv = case[3:], 512
     if case.startswith("varlen"):
         q, cu_q = packed([5, 300, 1, 0], 6, 64, dt, "cpu")
         k, cu_k = packed([9, 200, 700, 3], 2, 64, dt, "cpu")
@@ -667,6 +680,15 @@ def test_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
         dv = 128 if d == 160 else d
         q, k = torch.randn(b, sq, h, d).to(dt), torch.randn(b, sk, hk, d).to(dt)
         req = make_request(q, k, torch.randn(b, sk, hk, dv).to(dt), **kw)
+    if qv_dv is not None:
+        d, dv = req.q.shape[-1], req.v.shape[-1]
+        if d == 64 or req.v.dim() == 3:  # 64 x 512 (o_split), with new k / v of that width
+            dv = qv_dv if d == 64 else dv
+            v = torch.randn(*req.v.shape[:-1], dv).to(dt)
+        else:
+            v = req.v
+        req = dataclasses.replace(req, v=v, qv=torch.randn(*req.q.shape[:-1], dv).to(dt))
+        assert launch.config_for(req).qv and cute_kernels.why_not(req, False) == "cute_kernels: CUDA tensors only"
     checked = tvm_ffi_signature_check(monkeypatch)
     launch.run(req, launch.config_for(req))
     assert checked
