@@ -182,6 +182,12 @@ def backward_request(req: AttentionRequest) -> AttentionRequest:
 def explain_choice(req: AttentionRequest, backend: Optional[str] = None) -> str:
     lines = []
     for phase, backward in (("forward", False), ("backward", True)):
+        if backward:  # qv and float8 inputs have a forward only: say so, not which backend would run
+            try:
+                backward_request(req)
+            except NotImplementedError as e:
+                lines.append(f"backward: none ({e})")
+                continue
         try:
             c = choose(req, backward, backend)
         except BackendUnavailable as e:

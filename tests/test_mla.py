@@ -247,3 +247,13 @@ def test_gpu_cute_qv(b, lq, lk, h, hk, d, dv, call, monkeypatch):
 def test_gpu_cute_qv_varlen_and_paged(monkeypatch):
     """qv with packed sequences, and decoding from a paged cache the kernel reads (FA3PY_CUTE_PAGED)."""
     check_qv_varlen_and_paged(monkeypatch, "cuda", [37, 0, 130, 1], [50, 9, 700, 300], seqlens=[130, 700, 5], q_len=2)
+
+
+def test_explain_says_qv_has_no_backward():
+    """fa3py.explain names the forward's backend and, for qv (forward only, as in FA3), no backward
+    backend but the reason."""
+    q, k, v = inputs(1, 5, 6, 2, 1, 64, 256, torch.bfloat16)
+    text = fa3py.explain(q, k, v, qv=torch.randn(1, 5, 2, 256, device=DEVICE).bfloat16())
+    assert text.splitlines()[0].startswith("forward: ")
+    assert text.splitlines()[1].startswith("backward: none (fa3py: `qv` (MLA) has no backward pass")
+    assert not fa3py.explain(q, k, v).splitlines()[1].startswith("backward: none")
