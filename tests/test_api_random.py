@@ -61,7 +61,7 @@ class Case:
                 f"{'fa3_fp8 ' if self.fa3_fp8 else ''}{'qv ' if self.qv else ''}{self.kwargs}")
 
 
-def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
+def draw(rng: random.Random, max_len: int, max_d: int = 256, qv: bool = True) -> Case:
     hk = rng.choice([1, 1, 2, 3, 4])
     h = hk * rng.choice([1, 2, 3, 4, 8])
     d = 8 * rng.randint(1, max_d // 8)
@@ -101,7 +101,7 @@ def draw(rng: random.Random, max_len: int, max_d: int = 256) -> Case:
     # before qv joined keeps its values and tensors): forward only, as in FA3; half of them take
     # head dims the Hopper kernel serves with qv (64 x 512 or 256, or equal up to 128)
     side = random.Random(hash(rng.getstate()))
-    if side.random() < 0.15:
+    if qv and side.random() < 0.15:
         case.qv, case.grad = True, False
         if side.random() < 0.5:
             case.d, case.dv = side.choice([(64, 512), (64, 256), (56, 256), (64, 64), (96, 96), (128, 128)])
@@ -177,7 +177,7 @@ FP8_DIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)]
 def draw_fp8(rng: random.Random, max_len: int) -> Case:
     """A `draw` case made FP8 and forward-only (FP8 has no backward of its own); a third of the
     drop-in calls take FA3's float8 inputs with descales."""
-    case = draw(rng, max_len=max_len)
+    case = draw(rng, max_len=max_len, qv=False)  # (qv is 16-bit only, as in FA3)
     if rng.random() < 0.8:
         case.d, case.dv = rng.choice(FP8_DIMS)
     case.grad = False
