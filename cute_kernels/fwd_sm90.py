@@ -198,11 +198,10 @@ class FlashAttentionForwardSm90:
         self.o_width = self.o_cols // t.o_chunks
         # qv (MLA): Qv's tile (tile_m, hdim_v), one stage, loaded with Q
         self.qv = cfg.qv
-        # sO overlays sQv where it has no room of its own (o_split: 64 x 512 both), else sQ
-        o_bytes = o_elem * self.tile_m * self.o_width * self.o_split
-        smem = (elem * (self.tile_m * self.hdim + self.num_stages * self.tile_n * (self.hdim + self.hdimv))
-                + (elem * self.tile_m * self.hdimv if self.qv else 0))
-        smem += o_bytes
+        # (sO overlays sQv where it has no room of its own (o_split: 64 x 512 both), else sQ)
+        smem = (elem * (self.tile_m * self.hdim + self.num_stages * self.tile_n * (self.hdim + self.hdimv)
+                        + (self.tile_m * self.hdimv if self.qv else 0))
+                + o_elem * self.tile_m * self.o_width * self.o_split)
         # fp8_v_rows: V's rows are staged (one stage, two where they fit after Q's) and transposed
         # into the V^T stages by the producer warpgroup's warps 1-3.
         self.v_rows = cfg.fp8_v_rows

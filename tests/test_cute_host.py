@@ -680,14 +680,9 @@ def test_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
         dv = 128 if d == 160 else d
         q, k = torch.randn(b, sq, h, d).to(dt), torch.randn(b, sk, hk, d).to(dt)
         req = make_request(q, k, torch.randn(b, sk, hk, dv).to(dt), **kw)
-    if qv_dv is not None:
-        d, dv = req.q.shape[-1], req.v.shape[-1]
-        if d == 64 or req.v.dim() == 3:  # 64 x 512 (o_split), with new k / v of that width
-            dv = qv_dv if d == 64 else dv
-            v = torch.randn(*req.v.shape[:-1], dv).to(dt)
-        else:
-            v = req.v
-        req = dataclasses.replace(req, v=v, qv=torch.randn(*req.q.shape[:-1], dv).to(dt))
+    if qv_dv is not None:  # hdim 64 cases take V (and qv) 512 wide (o_split); the others keep V's width
+        v = torch.randn(*req.v.shape[:-1], qv_dv).to(dt) if req.q.shape[-1] == 64 else req.v
+        req = dataclasses.replace(req, v=v, qv=torch.randn(*req.q.shape[:-1], v.shape[-1]).to(dt))
         assert launch.config_for(req).qv and cute_kernels.why_not(req, False) == "cute_kernels: CUDA tensors only"
     checked = tvm_ffi_signature_check(monkeypatch)
     launch.run(req, launch.config_for(req))

@@ -164,8 +164,10 @@ def test_cute_qv_emulated(b, lq, lk, h, hk, d, dv, call, splits, emulated_sm90, 
     assert dispatch.choose(req).name == "cute"
     cfg = cute_kernels.config_for(req)
     assert cfg.qv and cfg.split_kv == (splits != "1") and (lq > 1 or cfg.pack_gqa == h // hk)
-    assert cfg.tile.tile_n == (64 if dv >= 256 else cfg.tile.tile_n) and cfg.tile.q_stages == 1
-    assert cfg.tile.o_split == (2 if dv == 512 else 1)
+    # the wider head dim's tile_n (hdim 256's 64 for 64 x 256; QV_WIDE_TILE's 64 for 512), one Q stage
+    from cute_kernels.config import TILES, padded_hdim
+    assert cfg.tile.tile_n == (64 if dv == 512 else TILES[max(padded_hdim(d), dv)].tile_n)
+    assert cfg.tile.q_stages == 1 and cfg.tile.o_split == (2 if dv == 512 else 1)
     before = qv.clone()
     out, lse = fa3py.attention(q, k, v, qv=qv, return_lse=True, **call)
     check_forward(req, out, lse)
