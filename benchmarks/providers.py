@@ -81,12 +81,13 @@ def _fa3py(backend: str) -> Provider:
     return Provider(f"fa3py:{backend}", peer=False, load=load, fp8=True, cuda_only=False, fa3py_backend=backend)
 
 
-def _cute_bwd_load() -> Forward:
+def _cute_bwd_load(ds_stages: Optional[int] = None) -> Forward:
     """fa3py's sm90 forward with the sm90 backward kernel (cute_kernels/bwd_sm90.py) as its
     gradient, called directly (`cute_kernels.bwd_launch.run` after `cute_kernels.forward`): what
     fa3py:cute dispatches too, unless FA3PY_CUTE_BWD=0 (then fa3py:cute's backward is Triton's
     and this provider still times the kernel). A point the backward kernel does not serve raises with
-    its reason (no silent Triton stand-in)."""
+    its reason (no silent Triton stand-in). `ds_stages`: the kernel with that many sdS buffers
+    where its tile takes them (bwd_launch.ds_stages for these calls), for A/B runs."""
     import cute_kernels
     from cute_kernels import bwd_launch
     from fa3py.validation import make_request
@@ -108,7 +109,12 @@ def _cute_bwd_load() -> Forward:
 
         @staticmethod
         def backward(ctx, dout):
-            dq, dk, dv = bwd_launch.run(ctx.req, ctx.out, ctx.lse, dout)
+            saved = bwd_launch.ds_stages
+            bwd_launch.ds_stages = ds_stages or saved
+            try:
+                dq, dk, dv = bwd_launch.run(ctx.req, ctx.out, ctx.lse, dout)
+            finally:
+                bwd_launch.ds_stages = saved
             return dq, dk, dv, None
 
     return lambda q, k, v, case: CuteForwardBackward.apply(q, k, v, case.causal)
@@ -232,6 +238,8 @@ PROVIDERS: tuple[Provider, ...] = (
     *(_fa3py(b) for b in FA3PY_BACKENDS),
     # the sm90 backward kernel called directly (named exactly: fa3py:cute dispatches to it too)
     Provider("fa3py:cute-bwd", peer=False, load=_cute_bwd_load, fa3py_backend="cute"),
+    # the same with two sdS buffers (BwdConfig.ds_stages; opt-in FA3PY_CUTE_BWD_DS_STAGES=2)
+    Provider("fa3py:cute-bwd-ds2", peer=False, load=lambda: _cute_bwd_load(2), fa3py_backend="cute"),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),
@@ -240,7 +248,7 @@ PROVIDERS: tuple[Provider, ...] = (
     sdpa_provider("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
 )
 # Only when named exactly (a prefix such as "fa3py" or "sdpa" leaves them out too).
-DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd")
+DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd", "fa3py:cute-bwd-ds2")
 
 PEER_PACKAGES = {  # provider -> distribution name, for the versions in the metadata
     "fa4": "flash-attn-4",

@@ -38,6 +38,8 @@ enabled: bool = os.environ.get("FA3PY_CUTE_BWD", "1") != "0"
 # (2026-12-05, benchmarks/results/gpu_tests.md); FA3PY_CUTE_BWD_CHUNK=0 sends chunked
 # requests to the Triton backward.
 chunk_enabled: bool = os.environ.get("FA3PY_CUTE_BWD_CHUNK", "1") != "0"
+# sdS buffers where the tile can take two (BwdConfig.ds_stages): 1 until GPU timings pick 2.
+ds_stages: int = int(os.environ.get("FA3PY_CUTE_BWD_DS_STAGES", "1"))
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -95,7 +97,14 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
-                          hdimv=128 if _is_192x128(req) else 0)
+                          hdimv=128 if _is_192x128(req) else 0, ds_stages=_ds_stages(d, p.softcap > 0))
+
+
+def _ds_stages(hdim: int, softcap: bool) -> int:
+    """`ds_stages` where the head dim's tile takes two sdS buffers (two Q stages, not split_hdim),
+    else 1. Not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack (CPU SASS)."""
+    _, _, q_stages, split_hdim = BWD_TILES[hdim]
+    return ds_stages if q_stages == 2 and not split_hdim and not (hdim == 64 and softcap) else 1
 
 
 @functools.lru_cache(maxsize=1024)

@@ -240,8 +240,8 @@ class FlashAttentionBackwardSm90:
         k_cols = None if self.dq_split_rows else self.hdim // NUM_MMA_WG
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), atom_cols=k_cols)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv))
-        # dS^T as the S^T accumulator holds it: keys x queries, queries contiguous
-        sdS_layout = make_smem_layout(self.dtype, (self.tile_n, self.tile_m))
+        # dS^T as the S^T accumulator holds it: keys x queries, queries contiguous; ds_stages buffers
+        sdS_layout = make_smem_layout(self.dtype, (self.tile_n, self.tile_m), self.cfg.ds_stages)
         # split_hdim: P^T in smem like dS^T (empty otherwise: sdQ's offset as without it)
         p_elems = cute.cosize(sdS_layout) if const_expr(self.split_hdim) else 0
         dq_chunk = THREADS_PER_WG * self.dq_per_thread  # one warpgroup's share of a dQ block
@@ -378,7 +378,7 @@ class FlashAttentionBackwardSm90:
         sdS = storage.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
         sP = None
         if const_expr(self.split_hdim):
-            sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
+            sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)[None, None, 0]
         sdQ = storage.sdQ.get_tensor(sdQ_layout)
         sLSE = storage.sLSE.get_tensor(sRow_layout)
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
@@ -537,7 +537,7 @@ class FlashAttentionBackwardSm90:
         if const_expr(self.split_hdim):
             tdVrP = wg_dv.make_fragment_A(wg_dv.partition_A(sP))
             tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(sdS))
-        tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))
+        tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))  # (.., ds stage)
         tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
         acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
         acc_dV = cute.make_rmem_tensor(tiled_mma_dv.partition_shape_C((self.tile_n, self.hdimv)), Float32)
@@ -676,11 +676,16 @@ class FlashAttentionBackwardSm90:
             rdS = cute.make_rmem_tensor_like(acc_dP, self.dtype)
             convert_to(acc_dP, rdS)
 
-        # dS^T (split_hdim: and P^T) into smem, once both warpgroups' previous GEMMs have read it
-        cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
+        # dS^T (split_hdim: and P^T) into smem, once both warpgroups' previous GEMMs have read it.
+        # With two sdS buffers (one per Q stage) that needs no barrier: the other warpgroup may
+        # still read the other buffer (the last block's dQ GEMM), and it was done with this one
+        # (two blocks back, wait_group(0)) before it passed the last block's barrier below.
+        ds_idx = stage if const_expr(self.cfg.ds_stages == 2) else 0
+        if const_expr(self.cfg.ds_stages == 1):
+            cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
         if const_expr(self.split_hdim):
             cute.copy(thr_copy_dS, thr_copy_dS.retile(rP), tPsP)
-        cute.copy(thr_copy_dS, thr_copy_dS.retile(rdS), tdSsdS)
+        cute.copy(thr_copy_dS, thr_copy_dS.retile(rdS), tdSsdS[None, None, None, ds_idx])
         cute.arch.fence_view_async_shared()  # stmatrix writes -> WGMMA's async-proxy reads
         if const_expr(not self.split_hdim):
             # dV += P^T dO (P^T from registers: before the other warpgroup's dS^T is in)
@@ -691,8 +696,8 @@ class FlashAttentionBackwardSm90:
             gemm(tiled_mma_dv, acc_dV, tdVrP, tdVrdOt[None, None, None, stage], wg_wait=-1)
         # dQ = dS K (this warpgroup's half), then dK += dS^T Q
         acc_dQ = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C((self.tile_m, self.hdim)), Float32)
-        gemm(tiled_mma_dq, acc_dQ, tdQrdS, tdQrKt, zero_init=True, wg_wait=-1)
-        tdKrdS_cur = tdKrdS if const_expr(self.split_hdim) else acc_to_frgA(rdS)
+        gemm(tiled_mma_dq, acc_dQ, tdQrdS[None, None, None, ds_idx], tdQrKt, zero_init=True, wg_wait=-1)
+        tdKrdS_cur = tdKrdS[None, None, None, 0] if const_expr(self.split_hdim) else acc_to_frgA(rdS)
         gemm(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], wg_wait=1)
         pipeline_do.consumer_release(q_state)  # dV's GEMM (and dQ's) done with dO
         # dQ -> sdQ once the dQ warp's previous reduce has read it, then hand it over

@@ -503,8 +503,15 @@ class BwdConfig:
     # bounds each key's query rows by its chunk, one more edge of the query-block range and the
     # masks (mask.KeyBlockMask), as FwdConfig.chunk in the forward.
     chunk: bool = False
+    # sdS buffers. 2 (hdim <= 128 with two Q stages; indexed by the Q stage) lets a warpgroup
+    # write the next block's dS^T while the other may still read the last one in its dQ GEMM:
+    # one PdS barrier a block instead of two (FA3 / flash-attn-4 take 2 at these head dims).
+    # Opt-in (FA3PY_CUTE_BWD_DS_STAGES=2) until GPU tests and timings pick it.
+    ds_stages: int = 1
 
     def __post_init__(self):
+        assert self.ds_stages == 1 or (self.ds_stages == 2 and self.q_stages == 2 and not self.dkv_split_hdim), \
+            "ds_stages 2: two Q stages, dS^T alone in smem (not dkv_split_hdim)"
         if self.dkv_split_hdim:
             assert self.tile_n == 64 and self.hdim % 64 == 0, "64 keys; dK / dV in two head-dim halves"
             assert self.hdimv in (0, 128) and (not self.hdimv or self.hdim == 192), "hdimv: 192 x 128 only"
@@ -532,4 +539,5 @@ class BwdConfig:
         flags += [f"tensors_d{self.hdim_in}"] if self.hdim_in else []
         flags += ["dkv_split_hdim"] if self.dkv_split_hdim else []
         flags += [f"hdimv{self.hdimv}"] if self.hdimv else []
+        flags += [f"ds{self.ds_stages}"] if self.ds_stages != 1 else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

@@ -547,11 +547,13 @@ def test_cute_bwd_provider_is_opt_in_by_its_name():
     from benchmarks.providers import select
 
     cpu = torch.device("cpu")
-    for selection in (None, ["fa3py"], ["fa3py:cute"]):
+    opt_in = ("fa3py:cute-bwd", "fa3py:cute-bwd-ds2")
+    for selection in (None, ["fa3py"], ["fa3py:cute"], ["fa3py:cute-bwd"]):
         chosen, skipped = select(selection, cpu)
-        assert "fa3py:cute-bwd" not in [p.name for p, _ in chosen] and "fa3py:cute-bwd" not in skipped
-    _, skipped = select(["fa3py:cute-bwd", "sdpa:math"], cpu)
-    assert skipped == {"fa3py:cute-bwd": "needs a CUDA GPU"}
+        names = [p.name for p, _ in chosen] + list(skipped)
+        assert [n for n in opt_in if n in names] == [n for n in opt_in if n in (selection or ())]
+    _, skipped = select([*opt_in, "sdpa:math"], cpu)
+    assert skipped == {n: "needs a CUDA GPU" for n in opt_in}
     chosen, _ = select(["sdpa"], cpu)  # sdpa:math too is only selected by its name
     assert [p.name for p, _ in chosen] == []
 

@@ -88,6 +88,47 @@ def test_compile_bwd_padded_headdims(dtype, hdim_in, features):
     check_compiled(cfg)
 
 
+DS_STAGES_GRID = [
+    pytest.param(hdim, features, id=f"d{hdim}-{name}")
+    for hdim in (64, 96, 128)
+    for name, features in {"noncausal": {}, "causal": dict(has_right=True),
+                           "local-varlen-deterministic": dict(has_left=True, has_right=True, cu_seqlens_q=True,
+                                                              cu_seqlens_k=True, deterministic=True),
+                           "causal-softcap": dict(has_right=True, softcap=True)}.items()
+    if not (hdim == 64 and "softcap" in features)  # (bwd_launch._ds_stages: 1 there, it spills)
+]
+
+
+@pytest.mark.parametrize("hdim,features", DS_STAGES_GRID)
+def test_compile_bwd_ds_stages(hdim, features):
+    """Two sdS buffers (ds_stages 2): the required SASS, no local memory, and half the PdS barriers
+    of the one-buffer kernel (one a block instead of two: none before dS^T is written)."""
+    from cute_kernels.utils import NamedBarrierBwd
+
+    one = BwdConfig.make("bf16", hdim, **features)
+    two = BwdConfig.make("bf16", hdim, ds_stages=2, **features)
+    assert "ds2" in two.short() and "ds2" not in one.short()
+    text, _ = check_compiled(two)
+    pds = f"SYNC {hex(int(NamedBarrierBwd.PdS))}"
+    assert 2 * sass.named_barrier_ids(text)[pds] == sass.named_barrier_ids(compiled(one)[0])[pds]
+
+
+@pytest.mark.parametrize("hdim,features", [(64, dict(softcap=True)), (192, {}), (256, dict(has_right=True))],
+                         ids=["d64-softcap", "d192", "d256-causal"])
+def test_ds_stages_where_the_tile_takes_two(monkeypatch, hdim, features):
+    """bwd_launch picks FA3PY_CUTE_BWD_DS_STAGES only where the tile takes two buffers: not the
+    split_hdim tiles (one Q stage at 256; P^T in smem too), not hdim 64 with softcap (spills);
+    BwdConfig refuses them."""
+    from cute_kernels import bwd_launch
+
+    monkeypatch.setattr(bwd_launch, "ds_stages", 2)
+    assert bwd_launch._ds_stages(hdim, features.get("softcap", False)) == 1
+    assert bwd_launch._ds_stages(128, False) == 2
+    if hdim != 64:
+        with pytest.raises(AssertionError, match="ds_stages 2"):
+            BwdConfig.make("bf16", hdim, ds_stages=2, **features)
+
+
 def test_compile_bwd_roles():
     """The warp roles in the SASS: setmaxnreg 24 for the producer warpgroup and 240 for the two
     consumer warpgroups, the dQ warp's bulk reduce-add of fp32 (one per consumer warpgroup), and

@@ -324,3 +324,52 @@ def test_gpu_bwd_tile_m64_chunk(tile_m64, chunk, feature):
     for sq, sk in [(333, 517), (1023, 300)]:
         check_grads(tile_m64, *batched(sq, sk, "gqa", 64), attention_chunk=chunk, **FEATURES[feature])
         assert tile_m64[-1].chunk and tile_m64[-1].tile_m == 64
+
+
+# ----------------------------------------------------------------------------- ds_stages 2
+# Two sdS buffers (BwdConfig.ds_stages, opt-in FA3PY_CUTE_BWD_DS_STAGES=2): one PdS barrier a block
+# instead of two, so the warpgroups' order of writes and reads of sdS changes: every feature
+# once more with it on, at the head dims whose tile takes it (64, 96, 128; 64 not with softcap).
+@pytest.fixture
+def ds2(cute_bwd, monkeypatch):
+    monkeypatch.setattr(bwd_launch, "ds_stages", 2)
+    return cute_bwd
+
+
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", SIZES + [(2048, 2048)])
+def test_gpu_bwd_ds2_sizes(ds2, sq, sk, causal, d):
+    check_grads(ds2, *batched(sq, sk, d=d), causal=causal)
+    assert ds2[-1].ds_stages == 2
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("feature", ["both", "left", "softcap"])
+def test_gpu_bwd_ds2_features(ds2, feature, heads, d):
+    """Windows (both edges, left only) and softcap over MHA / GQA / MQA, fp16, two shapes."""
+    for sq, sk in [(333, 517), (1023, 300)]:
+        q, k, v = batched(sq, sk, heads, d, torch.float16)
+        check_grads(ds2, q * 3, k, v, **FEATURES[feature])
+        assert ds2[-1].ds_stages == (1 if d == 64 and feature == "softcap" else 2)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("feature", ["plain", "causal", "both"])
+@pytest.mark.parametrize("layout", list(VARLEN))
+def test_gpu_bwd_ds2_varlen_chunk(ds2, layout, feature, d):
+    """Packed sequences (0- and 1-token ones, seqused) with and without attention_chunk."""
+    lens, seqused = VARLEN[layout]
+    h, hk = HEADS["gqa"]
+    q, k, v, kw = make_inputs(lens, h, hk, d, torch.bfloat16, DEVICE, True, seqused)
+    check_grads(ds2, q, k, v, kw, **FEATURES[feature])
+    check_grads(ds2, q, k, v, kw, attention_chunk=100, **FEATURES[feature])
+    assert ds2[-1].ds_stages == 2 and ds2[-1].chunk
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("feature", list(DETERMINISTIC_FEATURES))
+def test_gpu_bwd_ds2_deterministic(ds2, feature, d):
+    check_deterministic(ds2, "mqa", d, DETERMINISTIC_FEATURES[feature])
+    assert ds2[-1].ds_stages == 2
