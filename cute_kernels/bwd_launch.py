@@ -79,12 +79,12 @@ def head_splits(req: "AttentionRequest") -> int:
     group = req.nheads // req.nheads_kv
     if group == 1:
         return 1
-    from cute_kernels.launch import _num_sms, _seqlens
+    from cute_kernels.launch import _seqlens, usable_sms
 
     seqlen_k = _seqlens(req)[1]
     tile_n = BWD_TILES[padded_hdim(req.headdim)][1]
     ctas = -(-seqlen_k // tile_n) * req.nheads_kv * req.batch
-    sms = _num_sms(req.device) if req.device.type == "cuda" else 132  # (cached: this runs on every call)
+    sms = usable_sms(req)  # (the device's count is cached: this runs on every call)
     want = max(1, -(-SPLIT_WAVES * sms // max(ctas, 1)))
     return max(s for s in range(1, group + 1) if group % s == 0 and s <= want)
 

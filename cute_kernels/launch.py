@@ -113,8 +113,7 @@ def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
     g = cfg.pack_gqa
     batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
     tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
-    sms = _num_sms(req.device) if req.device.type == "cuda" else 132
-    return num_splits_for(tiles, n_blocks, sms)
+    return num_splits_for(tiles, n_blocks, usable_sms(req))
 
 
 def chunk_blocks(chunk: int, tile_m: int, g: int, tile_n: int) -> int:
@@ -259,6 +258,13 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def usable_sms(req: "AttentionRequest") -> int:
+    """The SMs a call's persistent grid and heuristics count: the device's (an H100's 132 where
+    there is none: CPU tests of the host code) less the call's sm_margin (validated: >= 1 left)."""
+    sms = _num_sms(req.device) if req.device.type == "cuda" else 132
+    return max(1, sms - req.params.sm_margin)
+
+
 # ----------------------------------------------------------------------------- dynamic scheduler
 def _current_stream_handle(dev: torch.device) -> int:
     """torch's current stream on `dev` as a raw handle, read as inductor's generated code reads
@@ -383,7 +389,7 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
     ints.append(tile_counters(dev) if cfg.tile.dynamic else None)
     ints.extend(fp8_scales)
     qv = qv.detach() if qv is not None and qv.requires_grad else qv
-    scalars = (scale_log2, premul, p.window_left, p.window_right, p.attention_chunk, max_seqlen_q, _num_sms(dev), 1,
+    scalars = (scale_log2, premul, p.window_left, p.window_right, p.attention_chunk, max_seqlen_q, usable_sms(req), 1,
                num_splits)
     tvm_ffi = use_tvm_ffi
     fn = kernels.get((cfg, tvm_ffi))

@@ -6,11 +6,11 @@ Signatures, defaults, layouts and return values follow FlashAttention-3's
     from fa3py import flash_attn_func, flash_attn_varlen_func, flash_attn_qkvpacked_func
     from fa3py import flash_attn_with_kvcache, flash_attn_combine, get_scheduler_metadata
 
-``qv`` (MLA) is forward only (torch path, Triton forward). Arguments that no fa3py backend
-serves raise NotImplementedError naming them: ``sm_margin != 0``. ``num_splits`` and
-``pack_gqa`` are scheduling hints that never change results: the Hopper kernel splits the keys
-as ``num_splits`` says (0: its own choice, 1: never, as in FA3 and its default; at most one
-split per KV block), other backends ignore it; fa3py packs GQA heads by itself.
+``qv`` (MLA) is forward only. ``num_splits``, ``pack_gqa`` and ``sm_margin`` are scheduling
+hints that never change results: the Hopper kernel splits the keys as ``num_splits`` says (0:
+its own choice, 1: never, as in FA3 and its default; at most one split per KV block), other
+backends ignore it; fa3py packs GQA heads by itself; ``sm_margin`` SMs are left free by the
+Hopper forward's persistent grid and counted out of its heuristics (as in FA3).
 ``return_attn_probs=True`` returns ``(out, softmax_lse)`` as FA3 does.
 """
 
@@ -18,11 +18,6 @@ from __future__ import annotations
 
 from .autograd import run
 from .validation import make_request
-
-
-def _unsupported(sm_margin):
-    if sm_margin != 0:
-        raise NotImplementedError(f"fa3py: `sm_margin` must be 0 (reserving SMs is not supported yet), got {sm_margin}")
 
 
 def flash_attn_func(
@@ -50,11 +45,10 @@ def flash_attn_func(
     take them."""
     from . import fp8 as _fp8
 
-    _unsupported(sm_margin)
     build = _fp8.make_request if _fp8.is_quantized(q, k, v) else make_request
     req = build(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                        attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
-                       num_splits=num_splits,
+                       num_splits=num_splits, sm_margin=sm_margin,
                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, qv=qv)
     out, lse = run(req)
     return (out, lse) if return_attn_probs else out
@@ -92,11 +86,10 @@ def flash_attn_varlen_func(
     operands quantized with the same cu_seqlens (`quantize_fp8(..., cu_seqlens_q=, cu_seqlens_k=)`)."""
     from . import fp8 as _fp8
 
-    _unsupported(sm_margin)
     build = _fp8.make_request if _fp8.is_quantized(q, k, v) else make_request
     req = build(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                        attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
-                       num_splits=num_splits,
+                       num_splits=num_splits, sm_margin=sm_margin,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                        seqused_q=seqused_q, seqused_k=seqused_k,

@@ -111,7 +111,7 @@ def flash_attn_with_kvcache(
     """
     kv = check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                        cache_leftpad, page_table, cu_seqlens_q, cu_seqlens_k_new, max_seqlen_q, rotary_seqlens,
-                       causal, window_size, attention_chunk, scheduler_metadata, sm_margin)
+                       causal, window_size, attention_chunk, scheduler_metadata)
     device, dtype, batch, packed_q, paged = q.device, q.dtype, kv.batch, cu_seqlens_q is not None, page_table is not None
     hk, d, dv, capacity = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3], kv.capacity
     cache_seqlens, new_lens = kv.cache_seqlens, kv.new_lens
@@ -140,7 +140,7 @@ def flash_attn_with_kvcache(
     kv_shape = (batch, capacity, hk) if gather else tuple(k_cache.shape[:3])
     stand_in = [torch.empty((), dtype=dtype, device=device).expand(*kv_shape, dim) for dim in (d, dv)]
     req = make_request(q, *stand_in, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                       attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits,
+                       attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin,
                        cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
                        max_seqlen_k=capacity if seqused_k is not None else None,
                        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, qv=qv)

@@ -27,15 +27,15 @@ def request_args(req: AttentionRequest) -> tuple:
     p = req.params
     return (req.cu_seqlens_q, req.cu_seqlens_k, req.seqused_q, req.seqused_k, req.q_descale, req.k_descale,
             req.v_descale, req.qv, req.max_seqlen_q, req.max_seqlen_k, p.softmax_scale, p.window_left, p.window_right,
-            p.softcap, p.attention_chunk, p.deterministic, p.fp8, p.num_splits)
+            p.softcap, p.attention_chunk, p.deterministic, p.fp8, p.num_splits, p.sm_margin)
 
 
 def _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale, qv,
              max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, attention_chunk,
-             deterministic, fp8, num_splits) -> AttentionRequest:
+             deterministic, fp8, num_splits, sm_margin) -> AttentionRequest:
     params = AttentionParams(softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                              softcap=softcap, attention_chunk=attention_chunk, deterministic=deterministic,
-                             fp8=fp8, num_splits=num_splits)
+                             fp8=fp8, num_splits=num_splits, sm_margin=sm_margin)
     return AttentionRequest(q=q, k=k, v=v, params=params, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                             seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale,
@@ -50,13 +50,13 @@ def fwd(
     q_descale: Optional[torch.Tensor], k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor],
     qv: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-    softcap: float, attention_chunk: int, deterministic: bool, fp8: bool, num_splits: int,
+    softcap: float, attention_chunk: int, deterministic: bool, fp8: bool, num_splits: int, sm_margin: int,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the request these arguments spell (already validated)."""
     req = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale, qv,
                    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, attention_chunk,
-                   deterministic, fp8, num_splits)
+                   deterministic, fp8, num_splits, sm_margin)
     out, lse = dispatch.choose(req, backward=False, backend=backend).module.forward(req)
     return out.contiguous(), lse.contiguous()
 
@@ -80,13 +80,13 @@ def bwd(
     q_descale: Optional[torch.Tensor], k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor],
     qv: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-    softcap: float, attention_chunk: int, deterministic: bool, fp8: bool, num_splits: int,
+    softcap: float, attention_chunk: int, deterministic: bool, fp8: bool, num_splits: int, sm_margin: int,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the saved (out, lse)."""
     req = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, q_descale, k_descale, v_descale, qv,
                    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, attention_chunk,
-                   deterministic, fp8, num_splits)
+                   deterministic, fp8, num_splits, sm_margin)
     req = dispatch.backward_request(req)
     grads = dispatch.choose(req, backward=True, backend=backend).module.backward(req, out, lse, dout)
     return tuple(g.contiguous() for g in grads)

@@ -61,6 +61,11 @@ class AttentionParams:
     # KV splits, a scheduling hint that never changes results: 0 lets the kernel choose, 1 never
     # splits, N > 1 asks for N (cute_kernels' split-KV honors it; other backends ignore it).
     num_splits: int = 0
+    # SMs a persistent kernel leaves free (FA3's sm_margin: for work overlapped on the same GPU,
+    # e.g. communication kernels): the cute forward's persistent grid and the split / packing
+    # heuristics count num_SMs - sm_margin; grids of one CTA per tile (and the other backends'
+    # kernels) are placed by the hardware on any SM, as in FA3. Never changes results.
+    sm_margin: int = 0
 
     @property
     def causal(self) -> bool:

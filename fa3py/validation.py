@@ -58,6 +58,18 @@ def _check_headdim(name, d, limit=MAX_HEADDIM):
         )
 
 
+def _check_sm_margin(sm_margin, device):
+    """An int >= 0 that leaves a CUDA device at least one SM."""
+    if isinstance(sm_margin, bool) or not isinstance(sm_margin, int):
+        _fail(TypeError, "sm_margin", f"must be an int >= 0 (SMs left free), got {sm_margin!r}")
+    if sm_margin < 0:
+        _fail(ValueError, "sm_margin", f"must be >= 0 (SMs left free), got {sm_margin}")
+    if sm_margin and device.type == "cuda" and not torch.compiler.is_compiling():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if sm_margin >= sms:
+            _fail(ValueError, "sm_margin", f"must leave at least one of {device}'s {sms} SMs, got {sm_margin}")
+
+
 def _check_window(window_size):
     try:
         left, right = window_size
@@ -163,6 +175,7 @@ def make_request(
     fp8: bool = False,
     deterministic: bool = False,
     num_splits: int = 0,
+    sm_margin: int = 0,
     cu_seqlens_q=None,
     cu_seqlens_k=None,
     max_seqlen_q=None,
@@ -264,6 +277,7 @@ def make_request(
         _fail(TypeError, "num_splits", f"must be an int >= 0 (0: automatic, 1: no split), got {num_splits!r}")
     if num_splits < 0:
         _fail(ValueError, "num_splits", f"must be an int >= 0 (0: automatic, 1: no split), got {num_splits!r}")
+    _check_sm_margin(sm_margin, device)
     left, right = _check_window(window_size)
     if causal:  # as FlashAttention-3: causal sets the right window to 0, whatever was passed
         right = 0
@@ -276,7 +290,7 @@ def make_request(
 
     params = AttentionParams(softmax_scale=softmax_scale, window_left=left, window_right=right,
                              softcap=softcap, attention_chunk=chunk, deterministic=bool(deterministic), fp8=bool(fp8),
-                             num_splits=num_splits)
+                             num_splits=num_splits, sm_margin=sm_margin)
     return AttentionRequest(
         q=q, k=k, v=v, params=params,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -299,14 +313,12 @@ class KvCacheArgs:
 
 def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                   page_table, cu_seqlens_q, cu_seqlens_k_new, max_seqlen_q, rotary_seqlens, causal, window_size,
-                  attention_chunk, scheduler_metadata, sm_margin) -> KvCacheArgs:
+                  attention_chunk, scheduler_metadata) -> KvCacheArgs:
     """flash_attn_with_kvcache's own arguments (the cache, the new k / v, rotary, the index
     tensors); the attention arguments are `make_request`'s. Value checks read the index tensors
     on the host, skipped while a CUDA graph is captured or torch.compile traces."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, x)
-    if sm_margin != 0:
-        raise NotImplementedError(f"fa3py: `sm_margin` must be 0 (reserving SMs is not supported yet), got {sm_margin}")
     if scheduler_metadata is not None:
         _check_tensor("scheduler_metadata", scheduler_metadata)
     device, dtype = q.device, q.dtype

@@ -584,3 +584,22 @@ def test_gpu_chunk_varlen(causal):
     q, k, v, kw = packed_qkv([37, 0, 513, 1, 200], [50, 9, 700, 0, 129], 4, 2, 128, torch.bfloat16)
     kw["seqused_k"] = torch.tensor([40, 9, 650, 0, 129], dtype=torch.int32, device="cuda")
     check_run(make_req(q, k, v, window_right=0 if causal else -1, attention_chunk=96, **kw))
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_sm_margin(causal):
+    """sm_margin through flash_attn_func: the persistent (causal: dynamic) grid of SMs - margin CTAs
+    gives the same bits as all SMs (each tile's work is the same, only its CTA changes), down to one
+    SM; a margin of every SM is refused naming the argument."""
+    import fa3py
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    q, k, v = qkv(2, 2048, 2048, 16, 4, 128, 128, torch.bfloat16)
+    cfg = cute_kernels.config_for(make_req(q, k, v, window_right=0 if causal else -1))
+    assert cfg.tile.persistent or cfg.tile.dynamic
+    ref = fa3py.flash_attn_func(q, k, v, causal=causal)
+    for margin in (8, sms - 1):
+        assert torch.equal(fa3py.flash_attn_func(q, k, v, causal=causal, sm_margin=margin), ref), margin
+    with pytest.raises(ValueError, match="sm_margin"):
+        fa3py.flash_attn_func(q, k, v, causal=causal, sm_margin=sms)

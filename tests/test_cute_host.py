@@ -181,6 +181,29 @@ def test_num_splits_choice(monkeypatch):
     assert cute_kernels.config_for(decode).split_kv and cute_kernels.num_splits(decode, cfg) == 3
 
 
+def test_sm_margin_counts_out_of_the_heuristics():
+    """FA3's sm_margin: the SMs the persistent grid (the kernel's num_ctas scalar) and the split-KV /
+    backward head-split heuristics count are the device's less the margin, so a margin that leaves
+    few SMs stops the decode split that 132 of them call for (4 tiles of 64 blocks: 32 splits on
+    132 SMs; the same choice as num_splits_for on 8); the backward splits GQA groups for fewer SMs."""
+    from cute_kernels import bwd_launch
+    from cute_kernels.config import num_splits_for
+
+    k = torch.randn(1, 8192, 4, 128, dtype=torch.bfloat16)
+    q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16)
+    splits = {}
+    for margin in (0, 124, 131):
+        req = make_req(q, k, k, sm_margin=margin)
+        assert launch.usable_sms(req) == 132 - margin
+        cfg = cute_kernels.config_for(req)
+        splits[margin] = cute_kernels.num_splits(req, cfg) if cfg.split_kv else 1
+    assert splits == {0: 32, 124: num_splits_for(4, 64, 8), 131: 1} and splits[124] < 32
+    long = torch.randn(1, 2048, 2, 128, dtype=torch.bfloat16)
+    gqa = lambda margin: bwd_launch.head_splits(make_req(torch.randn(1, 2048, 16, 128, dtype=torch.bfloat16),
+                                                         long, long, sm_margin=margin))
+    assert gqa(0) > gqa(120) >= 1
+
+
 def test_config_for_request():
     x = torch.randn(2, 8, 2, 192, dtype=torch.float16)
     v = torch.randn(2, 8, 2, 128, dtype=torch.float16)

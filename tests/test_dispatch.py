@@ -171,3 +171,26 @@ def test_fp8_emulation_warns_once_and_explain_says_so(monkeypatch):
     text = fa3py.explain(q, q, q, fp8=True)
     assert "the float32 emulation of the FP8 kernel" in text and text.count("fp8:") == 1
     assert "fp8" not in fa3py.explain(q, q, q)
+
+
+def test_sm_margin_is_a_hint_that_never_changes_results():
+    """sm_margin (FA3's: SMs left free for overlapped work) is accepted by every drop-in, carried in
+    the request (and through the custom ops' arguments, for torch.compile) and gives the same
+    outputs as 0 (the torch path here; the Hopper kernel's GPU test checks its persistent grid)."""
+    from fa3py import ops
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 37, h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    for margin in (0, 7):
+        req = make_request(q, k, v, causal=True, sm_margin=margin)
+        assert req.params.sm_margin == margin
+        assert ops._request(q, k, v, *ops.request_args(req)).params == req.params
+    same = lambda f: torch.equal(f(0), f(7))
+    assert same(lambda m: fa3py.flash_attn_func(q, k, v, causal=True, sm_margin=m))
+    cu = torch.tensor([0, 30, 74], dtype=torch.int32)
+    assert same(lambda m: fa3py.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu,
+                                                      44, 44, sm_margin=m))
+    qkv = torch.randn(2, 37, 3, 2, 64, generator=g).bfloat16()
+    assert same(lambda m: fa3py.flash_attn_qkvpacked_func(qkv, sm_margin=m))
+    lens = torch.tensor([30, 5], dtype=torch.int32)
+    assert same(lambda m: fa3py.flash_attn_with_kvcache(q[:, :1], k, v, cache_seqlens=lens, sm_margin=m))

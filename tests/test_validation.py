@@ -53,7 +53,9 @@ BAD_BATCHED = [
     (lambda: fa3py.flash_attn_func(*qkv(), num_splits=-1), ValueError, "`num_splits` must be an int >= 0"),
     (lambda: fa3py.flash_attn_func(*qkv(), num_splits=2.0), TypeError, "`num_splits` must be an int >= 0"),
     (lambda: fa3py.flash_attn_func(*qkv(), num_splits=True), TypeError, "`num_splits` must be an int >= 0"),
-    (lambda: fa3py.flash_attn_func(*qkv(), sm_margin=8), NotImplementedError, "`sm_margin`"),
+    (lambda: fa3py.flash_attn_func(*qkv(), sm_margin=-1), ValueError, "`sm_margin` must be >= 0"),
+    (lambda: fa3py.flash_attn_func(*qkv(), sm_margin=2.0), TypeError, "`sm_margin` must be an int >= 0"),
+    (lambda: fa3py.flash_attn_varlen_func(*qkv(), None, None, None, None, sm_margin=True), TypeError, "`sm_margin`"),
 ]
 
 
