@@ -105,6 +105,13 @@ def draw(rng: random.Random, max_len: int, max_d: int = 256, qv: bool = True) ->
         case.qv, case.grad = True, False
         if side.random() < 0.5:
             case.d, case.dv = side.choice([(64, 512), (64, 256), (56, 256), (64, 64), (96, 96), (128, 128)])
+    # the drop-ins' scheduling hints (never change results beyond the tolerance: split-KV sums in
+    # another order), from their own generator for the same reason as qv's
+    hints = random.Random(hash((rng.getstate(), "hints")))
+    if case.api != "attention" and hints.random() < 0.3:
+        case.kwargs["num_splits"] = hints.choice([0, 1, 2, 5])
+    if case.api != "attention" and hints.random() < 0.2:
+        case.kwargs["sm_margin"] = hints.choice([1, 8, 100])
     return case
 
 
