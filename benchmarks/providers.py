@@ -81,13 +81,13 @@ def _fa3py(backend: str) -> Provider:
     return Provider(f"fa3py:{backend}", peer=False, load=load, fp8=True, cuda_only=False, fa3py_backend=backend)
 
 
-def _cute_bwd_load(ds_stages: Optional[int] = None) -> Forward:
+def _cute_bwd_load(**variant) -> Forward:
     """fa3py's sm90 forward with the sm90 backward kernel (cute_kernels/bwd_sm90.py) as its
     gradient, called directly (`cute_kernels.bwd_launch.run` after `cute_kernels.forward`): what
     fa3py:cute dispatches too, unless FA3PY_CUTE_BWD=0 (then fa3py:cute's backward is Triton's
     and this provider still times the kernel). A point the backward kernel does not serve raises with
-    its reason (no silent Triton stand-in). `ds_stages`: the kernel with that many sdS buffers
-    where its tile takes them (bwd_launch.ds_stages for these calls), for A/B runs."""
+    its reason (no silent Triton stand-in). `variant`: bwd_launch settings for these calls
+    (ds_stages=2: two sdS buffers; dq_red=True: dQ added from registers), for A/B runs."""
     import cute_kernels
     from cute_kernels import bwd_launch
     from fa3py.validation import make_request
@@ -109,12 +109,14 @@ def _cute_bwd_load(ds_stages: Optional[int] = None) -> Forward:
 
         @staticmethod
         def backward(ctx, dout):
-            saved = bwd_launch.ds_stages
-            bwd_launch.ds_stages = ds_stages or saved
+            saved = {n: getattr(bwd_launch, n) for n in variant}
+            for n, x in variant.items():
+                setattr(bwd_launch, n, x)
             try:
                 dq, dk, dv = bwd_launch.run(ctx.req, ctx.out, ctx.lse, dout)
             finally:
-                bwd_launch.ds_stages = saved
+                for n, x in saved.items():
+                    setattr(bwd_launch, n, x)
             return dq, dk, dv, None
 
     return lambda q, k, v, case: CuteForwardBackward.apply(q, k, v, case.causal)
@@ -238,8 +240,12 @@ PROVIDERS: tuple[Provider, ...] = (
     *(_fa3py(b) for b in FA3PY_BACKENDS),
     # the sm90 backward kernel called directly (named exactly: fa3py:cute dispatches to it too)
     Provider("fa3py:cute-bwd", peer=False, load=_cute_bwd_load, fa3py_backend="cute"),
-    # the same with two sdS buffers (BwdConfig.ds_stages; opt-in FA3PY_CUTE_BWD_DS_STAGES=2)
-    Provider("fa3py:cute-bwd-ds2", peer=False, load=lambda: _cute_bwd_load(2), fa3py_backend="cute"),
+    # the same with two sdS buffers (BwdConfig.ds_stages; opt-in FA3PY_CUTE_BWD_DS_STAGES=2), with
+    # dQ added from registers (BwdConfig.dq_red; FA3PY_CUTE_BWD_DQ_RED=1), and with both
+    Provider("fa3py:cute-bwd-ds2", peer=False, load=lambda: _cute_bwd_load(ds_stages=2), fa3py_backend="cute"),
+    Provider("fa3py:cute-bwd-dqred", peer=False, load=lambda: _cute_bwd_load(dq_red=True), fa3py_backend="cute"),
+    Provider("fa3py:cute-bwd-ds2-dqred", peer=False, load=lambda: _cute_bwd_load(ds_stages=2, dq_red=True),
+             fa3py_backend="cute"),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),
@@ -248,7 +254,8 @@ PROVIDERS: tuple[Provider, ...] = (
     sdpa_provider("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
 )
 # Only when named exactly (a prefix such as "fa3py" or "sdpa" leaves them out too).
-DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd", "fa3py:cute-bwd-ds2")
+DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd", "fa3py:cute-bwd-ds2", "fa3py:cute-bwd-dqred",
+                    "fa3py:cute-bwd-ds2-dqred")
 
 PEER_PACKAGES = {  # provider -> distribution name, for the versions in the metadata
     "fa4": "flash-attn-4",

@@ -40,6 +40,8 @@ enabled: bool = os.environ.get("FA3PY_CUTE_BWD", "1") != "0"
 chunk_enabled: bool = os.environ.get("FA3PY_CUTE_BWD_CHUNK", "1") != "0"
 # sdS buffers where the tile can take two (BwdConfig.ds_stages): 1 until GPU timings pick 2.
 ds_stages: int = int(os.environ.get("FA3PY_CUTE_BWD_DS_STAGES", "1"))
+# dQ added from registers by red.global.add.v4.f32 (BwdConfig.dq_red; not deterministic): off until timed.
+dq_red: bool = os.environ.get("FA3PY_CUTE_BWD_DQ_RED", "0") == "1"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -97,7 +99,8 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
-                          hdimv=128 if _is_192x128(req) else 0, ds_stages=_ds_stages(d, p.softcap > 0))
+                          hdimv=128 if _is_192x128(req) else 0, ds_stages=_ds_stages(d, p.softcap > 0),
+                          dq_red=dq_red and not p.deterministic)
 
 
 def _ds_stages(hdim: int, softcap: bool) -> int:

@@ -109,6 +109,7 @@ from cute_kernels.utils import (
     lse_shb,
     make_smem_layout,
     opaque_f32,
+    red_add_v4_f32,
     red_release_add_i32,
     sdhb,
     store_acc_predicated,
@@ -264,7 +265,7 @@ class FlashAttentionBackwardSm90:
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
             sdS: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sdS_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[self.dtype, p_elems], 1024]
-            sdQ: cute.struct.Align[cute.struct.MemRange[Float32, cute.cosize(sdQ_layout)], 128]
+            sdQ: cute.struct.Align[cute.struct.MemRange[Float32, 0 if self.cfg.dq_red else cute.cosize(sdQ_layout)], 128]
 
         assert SharedStorage.size_in_bytes() <= SMEM_BYTES, \
             f"{cfg.short()}: {SharedStorage.size_in_bytes()} bytes of shared memory > {SMEM_BYTES}"
@@ -379,7 +380,7 @@ class FlashAttentionBackwardSm90:
         sP = None
         if const_expr(self.split_hdim):
             sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)[None, None, 0]
-        sdQ = storage.sdQ.get_tensor(sdQ_layout)
+        sdQ = None if const_expr(self.cfg.dq_red) else storage.sdQ.get_tensor(sdQ_layout)
         sLSE = storage.sLSE.get_tensor(sRow_layout)
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
 
@@ -404,10 +405,11 @@ class FlashAttentionBackwardSm90:
                               tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
                               pipeline_kv, pipeline_q, pipeline_do, work)
                 elif warp_idx == 1:
-                    self.store_dq(mdQacc, mSemaphore, sdQ, work)
+                    if const_expr(not self.cfg.dq_red):  # (dq_red: the consumers add dQ themselves)
+                        self.store_dq(mdQacc, mSemaphore, sdQ, work)
             else:
                 cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
-                self.mma(mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
+                self.mma(mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
                          tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2,
                          softcap_premul, softmax_scale, work)
 
@@ -516,7 +518,7 @@ class FlashAttentionBackwardSm90:
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
-    def mma(self, mdK, mdV, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
+    def mma(self, mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
             tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
             softmax_scale, work):
         tidx = cute.arch.thread_idx()[0] - THREADS_PER_WG
@@ -562,15 +564,18 @@ class FlashAttentionBackwardSm90:
         cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
         col0 = acc_to_mn(thr_sdp.partition_C(cS))[0, 0][1]
         t0_cols = acc_to_mn(thr0_sdp.partition_C(cS))
-        # this thread's dQ vectors in sdQ
-        tdQsdQ = sdQ[None, tidx % THREADS_PER_WG, None, wg_idx]
+        # this thread's dQ vectors in sdQ, or (dq_red) its offset in a block's accumulator chunk: the
+        # bulk reduce's layout, vectors THREADS_PER_WG apart in its warpgroup's part
+        tdQsdQ = None if const_expr(self.cfg.dq_red) else sdQ[None, tidx % THREADS_PER_WG, None, wg_idx]
+        dq_offset = wg_idx * (THREADS_PER_WG * self.dq_per_thread) + (tidx % THREADS_PER_WG) * DQ_VEC
         step = partial(
             self.step, tSrK=tSrK, tSrQ=tSrQ, tdPrV=tdPrV, tdPrdO=tdPrdO, tdVrdOt=tdVrdOt, tdKrQt=tdKrQt,
             tdVrP=tdVrP, tdKrdS=tdKrdS, tPsP=tPsP,
             tdQrdS=tdQrdS, tdQrKt=tdQrKt, acc_dK=acc_dK, acc_dV=acc_dV, tiled_mma_sdp=tiled_mma_sdp,
             tiled_mma_dkv=tiled_mma_dkv, tiled_mma_dv=tiled_mma_dv, tiled_mma_dq=tiled_mma_dq, thr_sdp=thr_sdp,
             thr0_sdp=thr0_sdp,
-            thr_copy_dS=thr_copy_dS, tdSsdS=tdSsdS, col0=col0, t0_cols=t0_cols, tdQsdQ=tdQsdQ, sLSE=sLSE,
+            thr_copy_dS=thr_copy_dS, tdSsdS=tdSsdS, col0=col0, t0_cols=t0_cols, tdQsdQ=tdQsdQ, dq_offset=dq_offset,
+            sLSE=sLSE,
             sdPsum=sdPsum, pipeline_q=pipeline_q, pipeline_do=pipeline_do, scale_log2=scale_log2,
             softcap_premul=softcap_premul, wg_idx=wg_idx, mask=work.mask,
         )
@@ -583,18 +588,22 @@ class FlashAttentionBackwardSm90:
             m_right_end = mask.m_block_right_masked_end(m_block_min, m_block_max)
             m_left_begin = mask.m_block_left_masked_begin(m_right_end, m_block_max)
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.q_stages)
+            b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
             for h in cutlass.range(work.heads, unroll=1):
+                mdQ_h = None  # dq_red: this head's dQ accumulator (store_dq's mdQ_cur)
+                if const_expr(self.cfg.dq_red):
+                    mdQ_h = cute.domain_offset((work.row_offset * self.hdim,), mdQacc[None, work.first_head + h, b_q])
                 # 1) query blocks with rows before some key's diagonal (or chunk): right (and left) mask
                 if const_expr(self.cfg.has_right or self.cfg.chunk):
                     for m_block in cutlass.range(m_block_min, m_right_end, unroll=1):
-                        q_state = step(q_state, m_block, mask_keys, mask_right=True, mask_left=True)
+                        q_state = step(q_state, m_block, mask_keys, mdQ_h, mask_right=True, mask_left=True)
                 # 2) no window edge inside
                 for m_block in cutlass.range(m_right_end, m_left_begin, unroll=1):
-                    q_state = step(q_state, m_block, mask_keys)
+                    q_state = step(q_state, m_block, mask_keys, mdQ_h)
                 # 3) rows past some key's left window edge (or chunk)
                 if const_expr(self.cfg.has_left or self.cfg.chunk):
                     for m_block in cutlass.range(m_left_begin, m_block_max, unroll=1):
-                        q_state = step(q_state, m_block, mask_keys, mask_left=True)
+                        q_state = step(q_state, m_block, mask_keys, mdQ_h, mask_left=True)
         for i in cutlass.range_constexpr(cute.size(acc_dK)):
             acc_dK[i] = acc_dK[i] * softmax_scale
         self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, self.cfg.hdim_in)
@@ -602,9 +611,9 @@ class FlashAttentionBackwardSm90:
         self.store_dkv(acc_dV, mdV, tiled_mma_dv, tidx, work, self.hdimv, 0 if self.cfg.hdimv else self.cfg.hdim_in)
 
     @cute.jit
-    def step(self, q_state, m_block, mask_keys, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdVrP, tdKrdS, tPsP,
+    def step(self, q_state, m_block, mask_keys, mdQ_h, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdVrP, tdKrdS, tPsP,
              tdQrdS, tdQrKt, acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, thr_sdp,
-             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
+             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, dq_offset, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
              mask: KeyBlockMask, mask_right: cutlass.Constexpr[bool] = False,
              mask_left: cutlass.Constexpr[bool] = False):
         """One query block against this CTA's keys (see the module docstring)."""
@@ -700,12 +709,21 @@ class FlashAttentionBackwardSm90:
         tdKrdS_cur = tdKrdS[None, None, None, 0] if const_expr(self.split_hdim) else acc_to_frgA(rdS)
         gemm(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], wg_wait=1)
         pipeline_do.consumer_release(q_state)  # dV's GEMM (and dQ's) done with dO
-        # dQ -> sdQ once the dQ warp's previous reduce has read it, then hand it over
-        cute.arch.barrier(barrier_id=int(NamedBarrierBwd.dQEmptyWG0) + wg_idx, number_of_threads=THREADS_PER_WG + 32)
-        cute.autovec_copy(cute.make_tensor(acc_dQ.iterator, cute.make_layout(tdQsdQ.shape)), tdQsdQ)
-        cute.arch.fence_view_async_shared()  # st.shared -> the bulk reduce's async-proxy reads
-        cute.arch.barrier_arrive(barrier_id=int(NamedBarrierBwd.dQFullWG0) + wg_idx,
-                                 number_of_threads=THREADS_PER_WG + 32)
+        if const_expr(self.cfg.dq_red):
+            # dQ += this thread's values, 16 bytes a red, where the bulk reduce would add them
+            gdQ = cute.local_tile(mdQ_h, (self.tile_m * self.hdim,), (m_block,))
+            flat = cute.make_tensor(acc_dQ.iterator, cute.make_layout(self.dq_per_thread))
+            for v in cutlass.range_constexpr(self.dq_per_thread // DQ_VEC):
+                red_add_v4_f32(gdQ.iterator + dq_offset + v * DQ_VEC * THREADS_PER_WG,
+                               *(flat[v * DQ_VEC + e] for e in range(DQ_VEC)))
+        else:
+            # dQ -> sdQ once the dQ warp's previous reduce has read it, then hand it over
+            cute.arch.barrier(barrier_id=int(NamedBarrierBwd.dQEmptyWG0) + wg_idx,
+                              number_of_threads=THREADS_PER_WG + 32)
+            cute.autovec_copy(cute.make_tensor(acc_dQ.iterator, cute.make_layout(tdQsdQ.shape)), tdQsdQ)
+            cute.arch.fence_view_async_shared()  # st.shared -> the bulk reduce's async-proxy reads
+            cute.arch.barrier_arrive(barrier_id=int(NamedBarrierBwd.dQFullWG0) + wg_idx,
+                                     number_of_threads=THREADS_PER_WG + 32)
         warpgroup.wait_group(0)
         pipeline_q.consumer_release(q_state)  # dK's GEMM done with Q
         q_state.advance()

@@ -508,8 +508,15 @@ class BwdConfig:
     # one PdS barrier a block instead of two (FA3 / flash-attn-4 take 2 at these head dims).
     # Opt-in (FA3PY_CUTE_BWD_DS_STAGES=2) until GPU tests and timings pick it.
     ds_stages: int = 1
+    # dQ added to the float32 accumulator straight from each consumer thread's registers
+    # (red.global.add.v4.f32, the bulk reduce's layout) instead of through sdQ and the dQ warp:
+    # no sdQ (64 KB at hdim 256, where that makes room for two Q / dO stages) and no handoff
+    # barriers. Not deterministic (its ordered adds are the dQ warp's). Opt-in
+    # (FA3PY_CUTE_BWD_DQ_RED=1) until GPU tests and timings pick it.
+    dq_red: bool = False
 
     def __post_init__(self):
+        assert not (self.dq_red and self.deterministic), "dq_red: unordered adds (deterministic: the dQ warp's)"
         assert self.ds_stages == 1 or (self.ds_stages == 2 and self.q_stages == 2 and not self.dkv_split_hdim), \
             "ds_stages 2: two Q stages, dS^T alone in smem (not dkv_split_hdim)"
         if self.dkv_split_hdim:
@@ -531,6 +538,8 @@ class BwdConfig:
         default_m, tile_n, q_stages, dkv_split_hdim = BWD_TILES[hdim]
         assert tile_m in (None, default_m, *BWD_TILE_M_VARIANTS.get(hdim, ())), f"hdim {hdim}: tile_m {tile_m}"
         tile_m = tile_m or default_m
+        if features.get("dq_red") and hdim == 256:  # sdQ's 64 KB make room for a second Q / dO stage
+            q_stages = 2
         return BwdConfig(dtype, hdim, tile_m, tile_n, q_stages=q_stages, dkv_split_hdim=dkv_split_hdim, **features)
 
     def short(self) -> str:
@@ -540,4 +549,5 @@ class BwdConfig:
         flags += ["dkv_split_hdim"] if self.dkv_split_hdim else []
         flags += [f"hdimv{self.hdimv}"] if self.hdimv else []
         flags += [f"ds{self.ds_stages}"] if self.ds_stages != 1 else []
+        flags += ["dq_red"] if self.dq_red else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

@@ -243,6 +243,17 @@ def load_acquire_i32(ptr: cute.Pointer, *, loc=None, ip=None) -> Int32:
 
 
 @dsl_user_op
+def red_add_v4_f32(ptr: cute.Pointer, a, b, c, d, *, loc=None, ip=None):
+    """red.global.add.v4.f32 (sm90): four consecutive float32 in global memory (16-byte aligned)
+    += (a, b, c, d), relaxed, gpu scope (visible to the next kernel)."""
+    llvm.inline_asm(
+        None, [ptr.toint(loc=loc, ip=ip).ir_value()] + [Float32(x).ir_value(loc=loc, ip=ip) for x in (a, b, c, d)],
+        "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f",
+        has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+
+
+@dsl_user_op
 def red_release_add_i32(ptr: cute.Pointer, value, *, loc=None, ip=None):
     """red.release.gpu.add of an int32 in global memory (a semaphore increment)."""
     llvm.inline_asm(

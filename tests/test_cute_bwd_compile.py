@@ -129,6 +129,34 @@ def test_ds_stages_where_the_tile_takes_two(monkeypatch, hdim, features):
             BwdConfig.make("bf16", hdim, ds_stages=2, **features)
 
 
+DQ_RED_GRID = [
+    pytest.param(hdim, features, id=f"d{hdim}-{name}")
+    for hdim in (64, 96, 128, 192, 256)
+    for name, features in {"noncausal": {}, "causal-varlen": dict(has_right=True, cu_seqlens_q=True,
+                                                                 cu_seqlens_k=True)}.items()
+] + [pytest.param(128, dict(has_right=True, ds_stages=2), id="d128-causal-ds2"),
+     pytest.param(128, dict(has_right=True, softcap=True), id="d128-causal-softcap"),
+     pytest.param(256, dict(has_left=True, has_right=True, chunk=True), id="d256-local-chunk")]
+
+
+@pytest.mark.parametrize("hdim,features", DQ_RED_GRID)
+def test_compile_bwd_dq_red(hdim, features):
+    """dQ added from registers (dq_red): one red.global.add.v4.f32 (REDG ... ADD.F32) per 4 of a
+    thread's dQ values (REDG.E.ADD.F32x4) in each copy of the block step and no bulk reduce (the dQ
+    warp idles); no local memory; hdim 256 takes two Q
+    / dO stages in the room sdQ left (64 KB); deterministic is refused (its adds are ordered)."""
+    cfg = BwdConfig.make("bf16", hdim, dq_red=True, **features)
+    assert "dq_red" in cfg.short() and cfg.q_stages == 2
+    text, _ = check_compiled(cfg)
+    ops = sass.opcode_counts(text, full=True)
+    per_thread = cfg.tile_m * hdim // 256  # dQ values a consumer thread holds per block
+    reds = text.count("REDG.E.ADD.F32x4")
+    assert reds > 0 and reds % (per_thread // 4) == 0  # (per copy of the block step: masked ones, unmasked)
+    assert not any(op.startswith("UBLKRED") for op in ops)
+    with pytest.raises(AssertionError, match="dq_red"):
+        BwdConfig.make("bf16", hdim, dq_red=True, deterministic=True)
+
+
 def test_compile_bwd_roles():
     """The warp roles in the SASS: setmaxnreg 24 for the producer warpgroup and 240 for the two
     consumer warpgroups, the dQ warp's bulk reduce-add of fp32 (one per consumer warpgroup), and

@@ -373,3 +373,52 @@ def test_gpu_bwd_ds2_varlen_chunk(ds2, layout, feature, d):
 def test_gpu_bwd_ds2_deterministic(ds2, feature, d):
     check_deterministic(ds2, "mqa", d, DETERMINISTIC_FEATURES[feature])
     assert ds2[-1].ds_stages == 2
+
+
+# ----------------------------------------------------------------------------- dq_red
+# dQ added from registers (BwdConfig.dq_red, opt-in FA3PY_CUTE_BWD_DQ_RED=1): no sdQ, no dQ warp,
+# and at hdim 256 two Q / dO stages. Every head dim once more with it, and with two sdS buffers.
+@pytest.fixture(params=[1, 2], ids=["ds1", "ds2"])
+def dq_red(cute_bwd, monkeypatch, request):
+    monkeypatch.setattr(bwd_launch, "dq_red", True)
+    monkeypatch.setattr(bwd_launch, "ds_stages", request.param)
+    return cute_bwd
+
+
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (1023, 1024), (65, 129), (1000, 17)])
+def test_gpu_bwd_dq_red_sizes(dq_red, sq, sk, causal, d):
+    check_grads(dq_red, *batched(sq, sk, d=d), causal=causal)
+    assert dq_red[-1].dq_red and (dq_red[-1].q_stages == 2)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("feature", ["both", "left", "softcap_causal"])
+def test_gpu_bwd_dq_red_features(dq_red, feature, heads, d):
+    for sq, sk in [(333, 517), (1023, 300)]:
+        q, k, v = batched(sq, sk, heads, d, torch.float16)
+        check_grads(dq_red, q * 3, k, v, **FEATURES[feature])
+        assert dq_red[-1].dq_red
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("layout", list(VARLEN))
+def test_gpu_bwd_dq_red_varlen_chunk_group(dq_red, monkeypatch, layout, d):
+    """Packed sequences (0- and 1-token ones, seqused), attention_chunk, and the GQA group split
+    over CTAs (float32 dK / dV partials)."""
+    lens, seqused = VARLEN[layout]
+    h, hk = HEADS["gqa"]
+    q, k, v, kw = make_inputs(lens, h, hk, d, torch.bfloat16, DEVICE, True, seqused)
+    check_grads(dq_red, q, k, v, kw, causal=True)
+    check_grads(dq_red, q, k, v, kw, attention_chunk=100, window_size=(200, -1))
+    monkeypatch.setattr(bwd_launch, "SPLIT_WAVES", 64)
+    check_grads(dq_red, q, k, v, kw, causal=True)
+    assert dq_red[-1].dq_red and dq_red[-1].dkv_partial
+
+
+def test_gpu_bwd_dq_red_not_deterministic(dq_red):
+    """deterministic=True keeps the dQ warp's ordered adds with dq_red on."""
+    check_deterministic(dq_red, "mqa", 128, {})
+    assert not dq_red[-1].dq_red
