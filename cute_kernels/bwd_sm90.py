@@ -69,6 +69,12 @@ float32, zeroed, with each (head, m_block) chunk of tile_m x hdim values in the 
 consumer threads hold them (`dq_fragment_order`), which the host permutes back while it scales
 and converts dQ.
 
+Variants (opt-in until timed on a GPU): `ds_stages` 2 (hdim <= 128) gives sdS one buffer per Q
+stage, so only the barrier after dS^T is written remains (a warpgroup may write block m's dS^T while
+the other still reads block m - 1's in its dQ GEMM); `dq_red` adds dQ from the consumers' registers
+with red.global.add.v4.f32 at the bulk reduce's addresses (no sdQ, no dQ warp: at hdim 256 the room
+takes a second Q / dO stage; not with deterministic, whose ordered adds are the dQ warp's).
+
 Pipelines (PipelineTmaAsync, counts checked at trace time): pipeline_kv 1 stage (K + V bytes),
 pipeline_q / pipeline_do q_stages (Q + LSE / dO + dPsum bytes); consumer release from lane 0
 of each of the 8 consumer warps. Named barriers (utils.NamedBarrierBwd): PdS over both consumer
