@@ -38,10 +38,14 @@ enabled: bool = os.environ.get("FA3PY_CUTE_BWD", "1") != "0"
 # (2026-12-05, benchmarks/results/gpu_tests.md); FA3PY_CUTE_BWD_CHUNK=0 sends chunked
 # requests to the Triton backward.
 chunk_enabled: bool = os.environ.get("FA3PY_CUTE_BWD_CHUNK", "1") != "0"
-# sdS buffers where the tile can take two (BwdConfig.ds_stages): 1 until GPU timings pick 2.
-ds_stages: int = int(os.environ.get("FA3PY_CUTE_BWD_DS_STAGES", "1"))
-# dQ added from registers by red.global.add.v4.f32 (BwdConfig.dq_red; not deterministic): off until timed.
-dq_red: bool = os.environ.get("FA3PY_CUTE_BWD_DQ_RED", "0") == "1"
+# sdS buffers where the tile can take two (BwdConfig.ds_stages), and dQ added from registers by
+# red.global.add.v4.f32 (BwdConfig.dq_red; never with deterministic). None: per head dim as timed
+# on an H100 (backward alone, 16k tokens, benchmarks/results/2026-12-05_h100_f5999ad): two sdS
+# buffers at hdim 64 (537 / 520 TFLOP/s against 525 / 503 non-causal / causal; level at 128), dQ
+# from registers at hdim 256 (438 against 290: its second Q / dO stage; 2-5% slower at 64 / 128).
+# FA3PY_CUTE_BWD_DS_STAGES=1|2 and FA3PY_CUTE_BWD_DQ_RED=0|1 force one choice for every head dim.
+ds_stages = int(os.environ["FA3PY_CUTE_BWD_DS_STAGES"]) if os.environ.get("FA3PY_CUTE_BWD_DS_STAGES") else None
+dq_red = os.environ["FA3PY_CUTE_BWD_DQ_RED"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DQ_RED") else None
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -100,14 +104,15 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
                           hdimv=128 if _is_192x128(req) else 0, ds_stages=_ds_stages(d, p.softcap > 0),
-                          dq_red=dq_red and not p.deterministic)
+                          dq_red=(d == 256 if dq_red is None else dq_red) and not p.deterministic)
 
 
 def _ds_stages(hdim: int, softcap: bool) -> int:
     """`ds_stages` where the head dim's tile takes two sdS buffers (two Q stages, not split_hdim),
     else 1. Not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack (CPU SASS)."""
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
-    return ds_stages if q_stages == 2 and not split_hdim and not (hdim == 64 and softcap) else 1
+    want = (2 if hdim == 64 else 1) if ds_stages is None else ds_stages
+    return want if q_stages == 2 and not split_hdim and not (hdim == 64 and softcap) else 1
 
 
 @functools.lru_cache(maxsize=1024)

@@ -157,6 +157,30 @@ def test_compile_bwd_dq_red(hdim, features):
         BwdConfig.make("bf16", hdim, dq_red=True, deterministic=True)
 
 
+def test_bwd_variants_by_default(monkeypatch):
+    """The variants bwd_launch picks per head dim as timed on an H100 (env unset): two sdS buffers
+    at hdim 64 (not with softcap), dQ from registers at hdim 256 with its two Q / dO stages, never
+    with deterministic; the environment's explicit choice applies to every head dim."""
+    import torch
+
+    from cute_kernels import bwd_launch
+    from fa3py.validation import make_request
+
+    monkeypatch.setattr(bwd_launch, "ds_stages", None)
+    monkeypatch.setattr(bwd_launch, "dq_red", None)
+
+    def cfg(d, **kw):
+        x = torch.randn(1, 300, 2, d, dtype=torch.bfloat16)
+        return bwd_launch.config_for(make_request(x, x, x, **kw))
+
+    assert [cfg(d).ds_stages for d in (64, 96, 128, 256)] == [2, 1, 1, 1] and cfg(64, softcap=5.0).ds_stages == 1
+    assert [cfg(d).dq_red for d in (64, 128, 192, 256)] == [False, False, False, True]
+    assert cfg(256).q_stages == 2 and not cfg(256, deterministic=True).dq_red and cfg(256, deterministic=True).q_stages == 1
+    monkeypatch.setattr(bwd_launch, "dq_red", True)
+    monkeypatch.setattr(bwd_launch, "ds_stages", 1)
+    assert cfg(64).dq_red and cfg(64).ds_stages == 1
+
+
 def test_compile_bwd_roles():
     """The warp roles in the SASS: setmaxnreg 24 for the producer warpgroup and 240 for the two
     consumer warpgroups, the dQ warp's bulk reduce-add of fp32 (one per consumer warpgroup), and

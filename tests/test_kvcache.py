@@ -516,7 +516,7 @@ def test_gpu_paged_bitwise_equal_to_contiguous(monkeypatch, page_size, batch, q_
     from fa3py import kvcache
 
     cap = 1000 + 17 * page_size  # not a multiple of the KV tile
-    seqlens = [cap - 1 - 37 * b for b in range(batch)]
+    seqlens = [(cap - 1 - 37 * b) % cap for b in range(batch)]  # ragged, in [0, cap - 1] (batch 64 wraps)
     kw = _paged(page_size, batch=batch, q_len=q_len, heads=32, heads_kv=8, d=128, cap=cap, seqlens=seqlens,
                 device="cuda")
     table = kw["page_table"].long()
