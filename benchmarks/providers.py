@@ -87,7 +87,8 @@ def _cute_bwd_load(**variant) -> Forward:
     fa3py:cute dispatches too, unless FA3PY_CUTE_BWD=0 (then fa3py:cute's backward is Triton's
     and this provider still times the kernel). A point the backward kernel does not serve raises with
     its reason (no silent Triton stand-in). `variant`: bwd_launch settings for these calls
-    (ds_stages=2: two sdS buffers; dq_red=True: dQ added from registers), for A/B runs."""
+    (ds_stages 1 / 2: sdS buffers; dq_red: dQ added from registers), for A/B runs; without it,
+    bwd_launch's per-head-dim defaults."""
     import cute_kernels
     from cute_kernels import bwd_launch
     from fa3py.validation import make_request
@@ -240,12 +241,12 @@ PROVIDERS: tuple[Provider, ...] = (
     *(_fa3py(b) for b in FA3PY_BACKENDS),
     # the sm90 backward kernel called directly (named exactly: fa3py:cute dispatches to it too)
     Provider("fa3py:cute-bwd", peer=False, load=_cute_bwd_load, fa3py_backend="cute"),
-    # the same with two sdS buffers (BwdConfig.ds_stages; opt-in FA3PY_CUTE_BWD_DS_STAGES=2), with
-    # dQ added from registers (BwdConfig.dq_red; FA3PY_CUTE_BWD_DQ_RED=1), and with both
-    Provider("fa3py:cute-bwd-ds2", peer=False, load=lambda: _cute_bwd_load(ds_stages=2), fa3py_backend="cute"),
-    Provider("fa3py:cute-bwd-dqred", peer=False, load=lambda: _cute_bwd_load(dq_red=True), fa3py_backend="cute"),
-    Provider("fa3py:cute-bwd-ds2-dqred", peer=False, load=lambda: _cute_bwd_load(ds_stages=2, dq_red=True),
-             fa3py_backend="cute"),
+    # the same with both of its variants set at every head dim (the defaults pick them per head
+    # dim): one sdS buffer and sdQ (the kernel before them), two sdS buffers
+    # (BwdConfig.ds_stages), dQ added from registers (BwdConfig.dq_red), both
+    *(Provider(f"fa3py:cute-bwd-{name}", peer=False, fa3py_backend="cute",
+               load=lambda ds=ds, red=red: _cute_bwd_load(ds_stages=ds, dq_red=red))
+      for name, ds, red in (("ds1", 1, False), ("ds2", 2, False), ("dqred", 1, True), ("ds2-dqred", 2, True))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),
@@ -254,8 +255,8 @@ PROVIDERS: tuple[Provider, ...] = (
     sdpa_provider("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
 )
 # Only when named exactly (a prefix such as "fa3py" or "sdpa" leaves them out too).
-DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd", "fa3py:cute-bwd-ds2", "fa3py:cute-bwd-dqred",
-                    "fa3py:cute-bwd-ds2-dqred")
+DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd", "fa3py:cute-bwd-ds1", "fa3py:cute-bwd-ds2",
+                    "fa3py:cute-bwd-dqred", "fa3py:cute-bwd-ds2-dqred")
 
 PEER_PACKAGES = {  # provider -> distribution name, for the versions in the metadata
     "fa4": "flash-attn-4",

@@ -69,7 +69,7 @@ float32, zeroed, with each (head, m_block) chunk of tile_m x hdim values in the 
 consumer threads hold them (`dq_fragment_order`), which the host permutes back while it scales
 and converts dQ.
 
-Variants (opt-in until timed on a GPU): `ds_stages` 2 (hdim <= 128) gives sdS one buffer per Q
+Variants (bwd_launch picks them per head dim as timed on an H100): `ds_stages` 2 (hdim <= 128) gives sdS one buffer per Q
 stage, so only the barrier after dS^T is written remains (a warpgroup may write block m's dS^T while
 the other still reads block m - 1's in its dQ GEMM); `dq_red` adds dQ from the consumers' registers
 with red.global.add.v4.f32 at the bulk reduce's addresses (no sdQ, no dQ warp: at hdim 256 the room

@@ -506,13 +506,13 @@ class BwdConfig:
     # sdS buffers. 2 (hdim <= 128 with two Q stages; indexed by the Q stage) lets a warpgroup
     # write the next block's dS^T while the other may still read the last one in its dQ GEMM:
     # one PdS barrier a block instead of two (FA3 / flash-attn-4 take 2 at these head dims).
-    # Opt-in (FA3PY_CUTE_BWD_DS_STAGES=2) until GPU tests and timings pick it.
+    # bwd_launch picks it where an H100 timed it faster (hdim 64).
     ds_stages: int = 1
     # dQ added to the float32 accumulator straight from each consumer thread's registers
     # (red.global.add.v4.f32, the bulk reduce's layout) instead of through sdQ and the dQ warp:
     # no sdQ (64 KB at hdim 256, where that makes room for two Q / dO stages) and no handoff
-    # barriers. Not deterministic (its ordered adds are the dQ warp's). Opt-in
-    # (FA3PY_CUTE_BWD_DQ_RED=1) until GPU tests and timings pick it.
+    # barriers. Not deterministic (its ordered adds are the dQ warp's). bwd_launch picks it where
+    # an H100 timed it faster (hdim 256).
     dq_red: bool = False
 
     def __post_init__(self):

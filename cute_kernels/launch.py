@@ -253,16 +253,10 @@ def sequence_args(req: "AttentionRequest", q: torch.Tensor, g: int) -> tuple:
                           _int32(req.seqused_k)]
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def usable_sms(req: "AttentionRequest") -> int:
-    """The SMs a call's persistent grid and heuristics count: the device's (an H100's 132 where
-    there is none: CPU tests of the host code) less the call's sm_margin (validated: >= 1 left)."""
-    sms = _num_sms(req.device) if req.device.type == "cuda" else 132
-    return max(1, sms - req.params.sm_margin)
+    """The SMs the kernels' persistent grid and heuristics count (`AttentionRequest.usable_sms`:
+    the device's less sm_margin), an H100's 132 where there is no GPU (CPU tests of the host code)."""
+    return req.usable_sms(without_gpu=132)
 
 
 # ----------------------------------------------------------------------------- dynamic scheduler

@@ -39,12 +39,19 @@ Semantics (shared by every backend and by `fa3py.reference`):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+@functools.lru_cache(maxsize=None)
+def device_sms(device: torch.device) -> int:
+    """A CUDA device's SM count (cached: scheduling heuristics read it on every call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,13 @@ class AttentionRequest:
     @property
     def device(self) -> torch.device:
         return self.q.device
+
+    def usable_sms(self, without_gpu: int) -> int:
+        """The SMs this call's persistent grids and scheduling heuristics count: its CUDA device's
+        less params.sm_margin (validated to leave at least one), or `without_gpu` for tensors
+        elsewhere (tests of the host code)."""
+        sms = device_sms(self.device) if self.device.type == "cuda" else without_gpu
+        return max(1, sms - self.params.sm_margin)
 
     @property
     def out_shape(self) -> tuple:

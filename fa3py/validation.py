@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .request import FP8_DTYPES, AttentionParams, AttentionRequest
+from .request import FP8_DTYPES, AttentionParams, AttentionRequest, device_sms
 
 MAX_HEADDIM = 256
 # headdim_v may reach this when headdim <= MAX_HEADDIM_QK_FOR_WIDE_V (FA3's rule, for MLA)
@@ -65,7 +65,7 @@ def _check_sm_margin(sm_margin, device):
     if sm_margin < 0:
         _fail(ValueError, "sm_margin", f"must be >= 0 (SMs left free), got {sm_margin}")
     if sm_margin and device.type == "cuda" and not torch.compiler.is_compiling():
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = device_sms(device)
         if sm_margin >= sms:
             _fail(ValueError, "sm_margin", f"must leave at least one of {device}'s {sms} SMs, got {sm_margin}")
 

@@ -268,7 +268,6 @@ def tvm_ffi_signature_check(monkeypatch) -> list:
 
     monkeypatch.setattr(launch, "use_tvm_ffi", True)
     monkeypatch.setattr(launch, "compile_kernel", compile_checker)
-    monkeypatch.setattr(launch, "_num_sms", lambda device: 132)
     monkeypatch.setattr(launch, "tile_counters", lambda device: torch.zeros(2, dtype=torch.int32, device=device))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
     monkeypatch.setattr(launch, "kernels", {})

@@ -547,7 +547,8 @@ def test_cute_bwd_provider_is_opt_in_by_its_name():
     from benchmarks.providers import select
 
     cpu = torch.device("cpu")
-    opt_in = ("fa3py:cute-bwd", "fa3py:cute-bwd-ds2", "fa3py:cute-bwd-dqred", "fa3py:cute-bwd-ds2-dqred")
+    opt_in = ("fa3py:cute-bwd", "fa3py:cute-bwd-ds1", "fa3py:cute-bwd-ds2", "fa3py:cute-bwd-dqred",
+              "fa3py:cute-bwd-ds2-dqred")
     for selection in (None, ["fa3py"], ["fa3py:cute"], ["fa3py:cute-bwd"]):
         chosen, skipped = select(selection, cpu)
         names = [p.name for p, _ in chosen] + list(skipped)

@@ -161,9 +161,7 @@ def _heads_per_program(req: AttentionRequest, rows_k: int) -> int:
         return 1
     if SPLIT_GQA is not None:
         return 1 if SPLIT_GQA else group
-    sms = 1
-    if req.device.type == "cuda":  # (less the SMs the call leaves free)
-        sms = max(1, torch.cuda.get_device_properties(req.device).multi_processor_count - req.params.sm_margin)
+    sms = req.usable_sms(without_gpu=1)  # (less the SMs the call leaves free)
     programs = triton.cdiv(rows_k, 128) * req.nheads_kv * req.batch
     return group if programs >= 4 * sms else 1
 
