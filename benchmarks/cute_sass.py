@@ -250,8 +250,8 @@ def main(argv=None) -> int:
 def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     import dataclasses
 
-    from cute_kernels.config import (QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, FwdConfig, padded_hdim, padded_hdim_v,
-                                     tile_from_spec)
+    from cute_kernels.config import (QV_HDIM_PAIRS, SUPPORTED_HDIM_PAIRS, FwdConfig, _field_value, padded_hdim,
+                                     padded_hdim_v, tile_from_spec)
 
     hdimv = a.hdim if a.hdimv is None else a.hdimv
     d, dv = padded_hdim(a.hdim), padded_hdim_v(hdimv, a.qv)  # as the dispatcher rounds (hdim 80: the 96 tile)
@@ -267,7 +267,12 @@ def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
         **({"qv": True} if a.qv else {}),
         **({"fp8_v_scaling": a.fp8_v} if a.dtype in ("e4m3", "fp8") else {}),
     )
-    return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", a.set))
+    # --set names a TileConfig field or, where the tile has none of that name, a FwdConfig one
+    # (fp8_v_rows=1, fp8_descales=1, ...)
+    tile_fields = {f.name for f in dataclasses.fields(cfg.tile)}
+    tile_sets = [kv for kv in a.set if kv.split("=")[0] in tile_fields]
+    cfg_sets = dict(_field_value(cfg, kv) for kv in a.set if kv not in tile_sets)
+    return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", tile_sets), **cfg_sets)
 
 
 def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):

@@ -6,9 +6,9 @@ for qv / v) on a CUDA GPU, fa3py's kernels beside FlashAttention-3's own (peer w
 
 Rows (providers), each called once per round in a rotated order (as benchmarks.paired times its
 providers), a row's time its median over --rounds rounds, optionally replayed from a CUDA graph:
-  fa3py cute     fa3py.attention(q, k, v, qv=qv) on the Hopper kernel (FwdConfig.qv; opt-in
-                 FA3PY_CUTE_QV=1 until its GPU tests pass: this row turns it on for its calls)
-  fa3py triton   the same call on the Triton forward (what Hopper runs with the opt-in off)
+  fa3py cute     fa3py.attention(q, k, v, qv=qv) on the Hopper kernel (FwdConfig.qv; the
+                 default, this row turns it on for its calls whatever FA3PY_CUTE_QV says)
+  fa3py triton   the same call on the Triton forward (what Hopper runs with FA3PY_CUTE_QV=0)
   fa3-fwd        FlashAttention-3's flash_attn_func(q, k, v, qv=qv)
 The shapes are DeepSeek's MLA: one KV head (MQA) shared by --heads query heads, causal. TFLOP/s
 count 2 * (hdim + 2 * hdim_v) multiply-adds per visible (query, key) pair; each row's max error

@@ -53,7 +53,7 @@ def _forward_why_not(req: "AttentionRequest") -> Optional[str]:
     if req.k.dtype != req.dtype or req.v.dtype != req.dtype:
         return "cute_kernels: q, k, v must share a dtype"
     if req.qv is not None and not launch.qv_enabled:
-        return "cute_kernels: qv (MLA) in the kernel is opt-in (FA3PY_CUTE_QV=1) until its GPU tests pass"
+        return "cute_kernels: qv (MLA) in the kernel is turned off (FA3PY_CUTE_QV=0)"
     pairs = SUPPORTED_HDIM_PAIRS if req.qv is None else QV_HDIM_PAIRS
     if (padded_hdim(req.headdim), padded_hdim_v(req.headdim_v, req.qv is not None)) not in pairs:
         return (f"cute_kernels: (headdim, headdim_v) = ({req.headdim}, {req.headdim_v}) does not round up "

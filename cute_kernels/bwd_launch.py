@@ -40,12 +40,15 @@ enabled: bool = os.environ.get("FA3PY_CUTE_BWD", "1") != "0"
 chunk_enabled: bool = os.environ.get("FA3PY_CUTE_BWD_CHUNK", "1") != "0"
 # sdS buffers where the tile can take two (BwdConfig.ds_stages), and dQ added from registers by
 # red.global.add.v4.f32 (BwdConfig.dq_red; never with deterministic). None: per head dim as timed
-# on an H100 (backward alone, 16k tokens, benchmarks/results/2026-12-05_h100_f5999ad): two sdS
-# buffers at hdim 64 (537 / 520 TFLOP/s against 525 / 503 non-causal / causal; level at 128), dQ
-# from registers at hdim 256 (438 against 290: its second Q / dO stage; 2-5% slower at 64 / 128).
-# FA3PY_CUTE_BWD_DS_STAGES=1|2 and FA3PY_CUTE_BWD_DQ_RED=0|1 force one choice for every head dim.
+# on an H100 (backward alone, 16k tokens, benchmarks/results/2026-12-05_h100_f5999ad and
+# 2026-12-05_h100_943cb41): two sdS buffers at hdim 64 (537 / 520 TFLOP/s against 525 / 503
+# non-causal / causal; level at 96 / 128 / 192), dQ from registers at hdim 96 (9.81 / 5.09 ms
+# against 10.32 / 5.30) and 256 (438 against 290 TFLOP/s: its second Q / dO stage); 2-5% slower
+# at 64 / 128, level at 192. FA3PY_CUTE_BWD_DS_STAGES=1|2 and FA3PY_CUTE_BWD_DQ_RED=0|1 force one
+# choice for every head dim.
 ds_stages = int(os.environ["FA3PY_CUTE_BWD_DS_STAGES"]) if os.environ.get("FA3PY_CUTE_BWD_DS_STAGES") else None
 dq_red = os.environ["FA3PY_CUTE_BWD_DQ_RED"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DQ_RED") else None
+DQ_RED_HDIMS = (96, 256)
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -104,7 +107,7 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
                           hdimv=128 if _is_192x128(req) else 0, ds_stages=_ds_stages(d, p.softcap > 0),
-                          dq_red=(d == 256 if dq_red is None else dq_red) and not p.deterministic)
+                          dq_red=(d in DQ_RED_HDIMS if dq_red is None else dq_red) and not p.deterministic)
 
 
 def _ds_stages(hdim: int, softcap: bool) -> int:

@@ -414,14 +414,13 @@ def launch_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out, lse, nu
 # (config.fp8_tile, channel V) its GPU tests passed on an H100 and an H200 (2026-12-05).
 # FA3PY_CUTE_FP8=0 turns it off (fp8=True then runs the PyTorch emulation on Hopper).
 fp8_enabled = os.environ.get("FA3PY_CUTE_FP8", "1") != "0"
-# Paged K / V read by the kernel (FwdConfig.page_size): opt-in until its GPU tests pass. On an
-# H100 and an H200 (2026-12-05) tests/test_kvcache.py's paged GPU tests stalled at their first
-# paged launch (no result within 230 s, from_dlpack and TVM-FFI alike). The cause found since on
-# the CPU: the paged configs' setmaxnreg split, 32 + 2 x 240, asked for 8 registers a thread more
-# than the 3 x 168 the CTA launches with, so the consumers' TRY_ALLOC loop never ended; the split
-# is now 32 + 2 x 232 (config.check_reg_split, and the SASS check on REG). Off,
-# flash_attn_with_kvcache gathers the pages into a contiguous prefix, which the GPU tests have passed.
-paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "0") == "1"
+# Paged K / V read by the kernel (FwdConfig.page_size), on by default: tests/test_kvcache.py's GPU
+# tests pass on an H100 (19, 2026-12-05, after the setmaxnreg split of the paged configs became
+# 32 + 2 x 232: 32 + 2 x 240 asked for more than the CTA launched with and stalled), and decoding
+# from pages (hdim 128, batch 8, 32 / 8 heads, CUDA graphs) takes 0.114 / 0.374 ms at 8k / 32k
+# keys against 0.90 / 3.43 ms when the pages are gathered first (cuDNN on contiguous K / V: 0.107 /
+# 0.366). FA3PY_CUTE_PAGED=0: flash_attn_with_kvcache gathers the pages into a contiguous prefix.
+paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "1") != "0"
 # FA3's float8 inputs read by the kernel as they are: V in its rows, transposed by the producer
 # warpgroup in shared memory (FwdConfig.fp8_v_rows), and the descales read once per tile
 # (FwdConfig.fp8_descales), instead of a transposing copy of V and three scale tensors filled
@@ -429,14 +428,17 @@ paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "0") == "1"
 # fp8_v_rows too. Opt-in until the GPU tests pass (compiled and emulated on the CPU only so far).
 fp8_direct_enabled = os.environ.get("FA3PY_CUTE_FP8_DIRECT", "0") == "1"
 # qk_int8 operands (fa3py.fp8's higher-accuracy mode) on the FP8 kernel with int8 Q K^T
-# (FwdConfig.fp8_qk_int8): opt-in until its GPU tests pass (compiled and emulated on the CPU only).
-fp8_qk_int8_enabled = os.environ.get("FA3PY_CUTE_FP8_INT8", "0") == "1"
-# attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds and masks): opt-in until its
-# GPU tests pass; off, FP8 calls with a chunk run the emulation on Hopper.
-fp8_chunk_enabled = os.environ.get("FA3PY_CUTE_FP8_CHUNK", "0") == "1"
-# MLA's qv in the 16-bit kernel (FwdConfig.qv): opt-in until its GPU tests pass (compiled for
-# sm_90a and its host path run around the emulated kernel on the CPU only); off, qv runs on Triton.
-qv_enabled = os.environ.get("FA3PY_CUTE_QV", "0") == "1"
+# (FwdConfig.fp8_qk_int8), and attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds
+# and masks): on by default since tests/test_cute_fp8_kernel.py's feature cases (int8 rows / GQA
+# split / softcap hdim 256, chunk causal / windowed / packed-split / varlen) pass on an H100
+# (2026-12-05). FA3PY_CUTE_FP8_INT8=0 / FA3PY_CUTE_FP8_CHUNK=0: the emulation serves them.
+fp8_qk_int8_enabled = os.environ.get("FA3PY_CUTE_FP8_INT8", "1") != "0"
+fp8_chunk_enabled = os.environ.get("FA3PY_CUTE_FP8_CHUNK", "1") != "0"
+# MLA's qv in the 16-bit kernel (FwdConfig.qv), on by default: tests/test_mla.py's GPU tests pass
+# on an H100 (13), and benchmarks.mla (H100, batch 32, 128 heads on 1 KV head, CUDA graphs) times
+# it at 205-541 TFLOP/s where the Triton forward takes 5-22 (and refuses hdim_v 512).
+# FA3PY_CUTE_QV=0: qv runs on Triton.
+qv_enabled = os.environ.get("FA3PY_CUTE_QV", "1") != "0"
 FP8_HDIMS = (64, 96, 128, 192, 256)
 
 
@@ -445,8 +447,7 @@ def paged_why_not(req: "AttentionRequest", tile_n: int) -> Optional[str]:
     (config.page_size_ok). FA3 takes any page size (TMA when it is a multiple of its KV tile,
     else row by row); others are gathered by flash_attn_with_kvcache."""
     if not paged_enabled:
-        return ("cute_kernels: paged K / V in the kernel are opt-in (FA3PY_CUTE_PAGED=1) until they pass their GPU "
-                "tests; the pages are gathered instead")
+        return "cute_kernels: paged K / V in the kernel are turned off (FA3PY_CUTE_PAGED=0); the pages are gathered"
     if req.packed_k:
         return "cute_kernels: paged K / V take one page table row per sequence (no cu_seqlens_k)"
     if not page_size_ok(req.page_size, tile_n):
@@ -491,7 +492,7 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
         return "cute_kernels: the FP8 kernel is turned off (FA3PY_CUTE_FP8=0)"
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
     if fmt is not None and fmt.qk_int8 and not fp8_qk_int8_enabled:
-        return "cute_kernels: qk_int8 operands (int8 Q K^T) are opt-in (FA3PY_CUTE_FP8_INT8=1) until their GPU tests pass"
+        return "cute_kernels: qk_int8 operands (int8 Q K^T) on the kernel are turned off (FA3PY_CUTE_FP8_INT8=0)"
     if fmt is not None and not fmt.v_transposed and not fp8_direct_enabled:
         return "cute_kernels: FP8 takes transposed V (V in rows: opt-in FA3PY_CUTE_FP8_DIRECT=1)"
     fa3 = req.fp8_tensors is None and not req.params.fp8
@@ -501,7 +502,7 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
         return "cute_kernels: qv (MLA) is not in the cute kernel yet"
     p = req.params
     if p.attention_chunk and not fp8_chunk_enabled:
-        return "cute_kernels: FP8 with attention_chunk is opt-in (FA3PY_CUTE_FP8_CHUNK=1) until its GPU tests pass"
+        return "cute_kernels: FP8 with attention_chunk on the kernel is turned off (FA3PY_CUTE_FP8_CHUNK=0)"
     if p.softmax_scale <= 0 and p.softcap == 0:
         return "cute_kernels: FP8 needs softmax_scale > 0 or softcap (the row max is taken before the multiplier)"
     if req.headdim not in FP8_HDIMS or (req.headdim, req.headdim_v) not in SUPPORTED_HDIM_PAIRS:

@@ -307,8 +307,8 @@ def _fp8_why_not_on_cpu(why_not):
 
 
 def _cute_qv_on(monkeypatch):
-    """qv cases take the cute kernel where it serves them (FA3PY_CUTE_QV, opt-in until its GPU
-    tests pass; off, Triton serves them, as its own tests check)."""
+    """qv cases take the cute kernel where it serves them (FA3PY_CUTE_QV, the default; set here so
+    FA3PY_CUTE_QV=0 in the environment does not change the test; off, Triton serves them)."""
     from cute_kernels import launch
 
     monkeypatch.setattr(launch, "qv_enabled", True)

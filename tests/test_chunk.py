@@ -114,7 +114,8 @@ def test_cute_serves_chunk(monkeypatch):
     assert cute_kernels.why_not(req, False) == "cute_kernels: CUDA tensors only"
     assert cute_kernels.config_for(req).chunk and not cute_kernels.config_for(make_request(q, k, v)).chunk
     qv = make_request(q, k, v, qv=torch.randn_like(q))
-    assert "opt-in (FA3PY_CUTE_QV=1)" in cute_kernels.why_not(qv, False)
+    monkeypatch.setattr(cute_kernels.launch, "qv_enabled", False)
+    assert "turned off (FA3PY_CUTE_QV=0)" in cute_kernels.why_not(qv, False)
     monkeypatch.setattr(cute_kernels.launch, "qv_enabled", True)
     assert cute_kernels.why_not(qv, False) == "cute_kernels: CUDA tensors only" and cute_kernels.config_for(qv).qv
     wide = make_request(q, k, torch.randn(1, 8, 2, 128).bfloat16(), qv=torch.randn(1, 8, 2, 128).bfloat16())

@@ -159,7 +159,7 @@ def test_compile_bwd_dq_red(hdim, features):
 
 def test_bwd_variants_by_default(monkeypatch):
     """The variants bwd_launch picks per head dim as timed on an H100 (env unset): two sdS buffers
-    at hdim 64 (not with softcap), dQ from registers at hdim 256 with its two Q / dO stages, never
+    at hdim 64 (not with softcap), dQ from registers at hdim 96 and 256 (there with two Q / dO stages), never
     with deterministic; the environment's explicit choice applies to every head dim."""
     import torch
 
@@ -174,7 +174,8 @@ def test_bwd_variants_by_default(monkeypatch):
         return bwd_launch.config_for(make_request(x, x, x, **kw))
 
     assert [cfg(d).ds_stages for d in (64, 96, 128, 256)] == [2, 1, 1, 1] and cfg(64, softcap=5.0).ds_stages == 1
-    assert [cfg(d).dq_red for d in (64, 128, 192, 256)] == [False, False, False, True]
+    assert [cfg(d).dq_red for d in (64, 96, 128, 192, 256)] == [False, True, False, False, True]
+    assert cfg(96).q_stages == 2 and not cfg(96, deterministic=True).dq_red
     assert cfg(256).q_stages == 2 and not cfg(256, deterministic=True).dq_red and cfg(256, deterministic=True).q_stages == 1
     monkeypatch.setattr(bwd_launch, "dq_red", True)
     monkeypatch.setattr(bwd_launch, "ds_stages", 1)

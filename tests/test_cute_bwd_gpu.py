@@ -327,9 +327,10 @@ def test_gpu_bwd_tile_m64_chunk(tile_m64, chunk, feature):
 
 
 # ----------------------------------------------------------------------------- ds_stages 2
-# Two sdS buffers (BwdConfig.ds_stages, opt-in FA3PY_CUTE_BWD_DS_STAGES=2): one PdS barrier a block
-# instead of two, so the warpgroups' order of writes and reads of sdS changes: every feature
-# once more with it on, at the head dims whose tile takes it (64, 96, 128; 64 not with softcap).
+# Two sdS buffers (BwdConfig.ds_stages; bwd_launch's default at hdim 64, FA3PY_CUTE_BWD_DS_STAGES=2
+# forces it): one PdS barrier a block instead of two, so the warpgroups' order of writes and reads
+# of sdS changes: every feature with it on, at the head dims whose tile takes it (64, 96, 128; 64
+# not with softcap).
 @pytest.fixture
 def ds2(cute_bwd, monkeypatch):
     monkeypatch.setattr(bwd_launch, "ds_stages", 2)
@@ -376,8 +377,9 @@ def test_gpu_bwd_ds2_deterministic(ds2, feature, d):
 
 
 # ----------------------------------------------------------------------------- dq_red
-# dQ added from registers (BwdConfig.dq_red, opt-in FA3PY_CUTE_BWD_DQ_RED=1): no sdQ, no dQ warp,
-# and at hdim 256 two Q / dO stages. Every head dim once more with it, and with two sdS buffers.
+# dQ added from registers (BwdConfig.dq_red; bwd_launch's default at hdim 96 / 256,
+# FA3PY_CUTE_BWD_DQ_RED=1 forces it): no sdQ, no dQ warp, and at hdim 256 two Q / dO stages. Every
+# head dim with it, and with two sdS buffers.
 @pytest.fixture(params=[1, 2], ids=["ds1", "ds2"])
 def dq_red(cute_bwd, monkeypatch, request):
     monkeypatch.setattr(bwd_launch, "dq_red", True)

@@ -728,15 +728,15 @@ def test_explain_names_the_kernel_config_emulated_sm90(emulated_sm90, monkeypatc
     assert "fp8_v_rows fp8_descales" in fa3py.explain(req.q, req.k, req.v, **kw)
 
 
-def test_fp8_chunk_needs_the_opt_in(monkeypatch):
-    """FP8 with attention_chunk goes to the Hopper kernel only with FA3PY_CUTE_FP8_CHUNK=1 (until its
-    GPU tests pass), and the refusal names the switch."""
+def test_fp8_chunk_follows_its_switch(monkeypatch):
+    """FP8 with attention_chunk goes to the Hopper kernel unless FA3PY_CUTE_FP8_CHUNK=0, and the
+    refusal names the switch."""
     from cute_kernels import launch
 
     monkeypatch.setattr(launch, "fp8_enabled", True)
     req = _fp8_request(1, 70, 90, 2, 1, 64, causal=True, attention_chunk=32)
     monkeypatch.setattr(launch, "fp8_chunk_enabled", False)
-    assert "FA3PY_CUTE_FP8_CHUNK=1" in launch.fp8_why_not(req)
+    assert "FA3PY_CUTE_FP8_CHUNK=0" in launch.fp8_why_not(req)
     monkeypatch.setattr(launch, "fp8_chunk_enabled", True)
     assert launch.fp8_why_not(req) == "cute_kernels: CUDA tensors only"
     assert launch.fp8_config_for(req).chunk

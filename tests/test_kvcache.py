@@ -286,7 +286,7 @@ emulated_sm90 = cute_emulation.emulated_sm90 if cute_emulation is not None else 
 
 
 def _paged_in_kernel(monkeypatch):
-    """The cute kernel reads the pages (opt-in: cute_kernels.launch.paged_enabled, FA3PY_CUTE_PAGED=1)."""
+    """The cute kernel reads the pages (cute_kernels.launch.paged_enabled: the default, FA3PY_CUTE_PAGED=0 off)."""
     from cute_kernels import launch
 
     monkeypatch.setattr(launch, "paged_enabled", True)
@@ -391,7 +391,7 @@ def _fp8_paged(page_size, d, device="cpu", **kw):
 @pytest.mark.skipif(cute_emulation is None, reason="emulates sm90 on the CPU")
 @pytest.mark.parametrize("page_size,d", [(16, 128), (64, 128), (256, 128), (16, 256), (64, 64), (32, 192)])
 def test_fp8_paged_read_by_the_kernel_emulated_sm90(emulated_sm90, monkeypatch, page_size, d):
-    """A float8 paged cache with descales (FA3's FP8 decode) with FA3PY_CUTE_PAGED=1 and
+    """A float8 paged cache with descales (FA3's FP8 decode) with paged K / V and
     FA3PY_CUTE_FP8_DIRECT=1, the kernel emulated: `check_fp8_paged`; without the direct opt-in
     the pages are gathered."""
     from cute_kernels import launch
@@ -464,9 +464,9 @@ def test_paged_gathered_where_the_kernel_does_not_read_pages_emulated_sm90(emula
 
 
 @pytest.mark.skipif(cute_emulation is None, reason="emulates sm90 on the CPU")
-def test_paged_gathered_by_default_emulated_sm90(emulated_sm90, monkeypatch):
-    """Without the opt-in (FA3PY_CUTE_PAGED=1) the pages are gathered and the contiguous kernel
-    runs, and explain-style reasons name the switch."""
+def test_paged_gathered_when_turned_off_emulated_sm90(emulated_sm90, monkeypatch):
+    """With the kernel's paged path turned off (FA3PY_CUTE_PAGED=0) the pages are gathered and the
+    contiguous kernel runs, and explain-style reasons name the switch."""
     from fa3py import kvcache
     from cute_kernels import launch
 
@@ -480,7 +480,7 @@ def test_paged_gathered_by_default_emulated_sm90(emulated_sm90, monkeypatch):
     req = dataclasses.replace(seen[0][1], k=kw["k_cache"], v=kw["v_cache"], page_table=kw["page_table"])
     import cute_kernels
 
-    assert "FA3PY_CUTE_PAGED=1" in cute_kernels.why_not(req, False)
+    assert "FA3PY_CUTE_PAGED=0" in cute_kernels.why_not(req, False)
 
 
 def test_paged_requests_are_refused_by_the_contiguous_backends():
@@ -501,7 +501,7 @@ def test_paged_requests_are_refused_by_the_contiguous_backends():
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size,d", [(16, 128), (64, 128), (256, 128), (16, 256), (64, 64), (32, 192)])
 def test_gpu_fp8_paged_bitwise_equal_to_contiguous(monkeypatch, page_size, d):
-    """FA3's FP8 decode from pages on sm90 (both opt-ins on): `check_fp8_paged` on the GPU."""
+    """FA3's FP8 decode from pages on sm90 (paged K / V and FP8 direct on): `check_fp8_paged` on the GPU."""
     check_fp8_paged(monkeypatch, page_size, d, "cuda")
 
 
