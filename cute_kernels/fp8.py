@@ -16,6 +16,7 @@ across lanes. `tests/test_cute_fp8.py` derives both orders from the tiled MMAs' 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cutlass
@@ -295,23 +296,153 @@ def byte_tile(layout, rows: int, cols: int, stages: int) -> ByteTile:
     return tile
 
 
+# The jobs' addresses as the transposing warps compute them: per lane, a load base and one or two
+# store bases (computed per block); per job, a few warp-uniform values (the uniform datapath);
+# per access a compile-time XOR and immediate. The swizzle (offset ^ ((offset >> 7) & mask) << 4)
+# is linear over GF(2): an offset whose low bits are the OR of a lane part and a job part
+# swizzles to the XOR of their swizzles, and parts that are multiples of 8 row widths (16-key
+# groups, column atoms, stages) are above the swizzle's source bits and add. So a job's access
+# is (lane base ^ uniform x ^ constant) + uniform y + immediate: one LOP3 per XOR group (2
+# for the loads, 1 for the stores where the channels differ by immediates) besides the job's
+# 4 LDS, 8 PRMT and 4 STS, where the closed-form ByteTile.offset spent ~60 integer
+# instructions a job and the transpose could not keep up with the FP8 GEMMs (H100, hdim 128,
+# 16k tokens: 496 TFLOP/s against 865 with V transposed ahead). `vt_plan` derives the
+# constants and checks every address of every job, lane and stage at trace time.
+def _lane_coords(lane):
+    """(t, l, gl) of a lane: its key word of a 16-key group, its channel word in a 32-channel slab,
+    its group in a quad of groups (vt_job_coords' lane fields)."""
+    return lane & 3, (lane >> 2) & 7, (lane >> 3) & 3
+
+
+def vt_lane_bases(lane, rows_tile: "ByteTile", vt_tile: "ByteTile") -> tuple:
+    """The lane's (load base, store base, store base XOR the second one) in bytes, stage 0
+    (Python ints or DSL Int32); the second store base (a lane's group moved across V^T's column
+    atoms by the pass's bit 1, where an atom holds 2 groups) is the first where it has none."""
+    t, l, gl = _lane_coords(lane)
+    store0 = vt_tile.offset(4 * l, 16 * gl + 4 * t, 0)
+    store1 = vt_tile.offset(4 * l, 16 * (gl ^ 2) + 4 * t, 0) if vt_tile.width == 32 else store0
+    return rows_tile.offset(16 * gl + 2 * t, 4 * l, 0), store0, store0 ^ store1
+
+
+def vt_job_terms(unit, p: int, rows_tile: "ByteTile", vt_tile: "ByteTile", tile_n: int) -> tuple:
+    """The terms of job 4 unit + p (unit: its channel slab and quad of 16-key groups; p: its pass): (groups_left, load x, load y, store base select mask, store x,
+    store y), y without the stage; `unit` and `p` Python ints or warp-uniform DSL Int32."""
+    W, Wt = rows_tile.width, vt_tile.width
+    gW = Wt // 16  # 16-key groups per V^T column atom
+    quads = vt_quads(tile_n)
+    if quads & (quads - 1) == 0:  # (shifts: the unit index is a signed Int32 in the kernel)
+        kq, slab = unit & (quads - 1), unit >> (quads.bit_length() - 1)
+    else:
+        kq, slab = unit % quads, unit // quads
+    load_x = ((slab * 32) & (W - 1)) ^ (16 * W * p)
+    load_y = 64 * W * kq + ((slab * 32) >> (W.bit_length() - 1)) * (rows_tile.rows * W)
+    select = -((p >> 1) & 1) if gW == 2 else 0
+    store_x = 16 * (((kq * 4) & (gW - 1)) | (p & (gW - 1)))
+    store_y = 32 * Wt * slab + ((kq * 4) >> (gW.bit_length() - 1)) * (vt_tile.rows * Wt)
+    return tile_n // 16 - 4 * kq, load_x, load_y, select, store_x, store_y
+
+
+def _groups(accesses, values) -> tuple:
+    """accesses: [(xor constant, immediate)]; values(xor) -> the list of (base ^ x ^ xor) over
+    every lane and job. Accesses whose values differ from an earlier group's by one constant
+    share its XOR: ((xor constants of the groups), ((group, immediate) per access))."""
+    groups, out = [], []
+    for xor, imm in accesses:
+        mine = values(xor)
+        for i, g in enumerate(groups):
+            deltas = {a - b for a, b in zip(mine, values(g))}
+            if len(deltas) == 1:
+                out.append((i, imm + deltas.pop()))
+                break
+        else:
+            groups.append(xor)
+            out.append((len(groups) - 1, imm))
+    return tuple(groups), tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int) -> tuple:
+    """(load groups, loads, store groups, stores): the XOR constants of the loads' and the stores'
+    groups, and per access (its group, its immediate): access = (base ^ job x ^ group constant)
+    + job y + stage + immediate. Checked against vt_job_coords and the tiles' offsets for every
+    lane, job, access and both stages."""
+    W, Wt = rows_tile.width, vt_tile.width
+    assert W >= 32 and Wt >= 32 and W & (W - 1) == 0 and Wt & (Wt - 1) == 0, (rows_tile, vt_tile)
+    lanes = [vt_lane_bases(lane, rows_tile, vt_tile) for lane in range(32)]
+    terms = [vt_job_terms(j // VT_PASSES, j % VT_PASSES, rows_tile, vt_tile, tile_n)
+             for j in range(vt_jobs(hdimv, tile_n))]
+    active = [(lane, j) for lane in range(32) for j, tm in enumerate(terms)
+              if (_lane_coords(lane)[2] ^ (j % VT_PASSES)) < tm[0]]
+    store_base = lambda lane, tm: lanes[lane][1] ^ (lanes[lane][2] & tm[3])
+    load_groups, loads = _groups(
+        [(rows_tile.offset(o & 7, 0, 0), 8 * W * (o >> 3)) for o in VT_ROW_OFFSETS],
+        lambda xor: [lanes[lane][0] ^ terms[j][1] ^ xor for lane, j in active])
+    store_groups, stores = _groups(
+        [(vt_tile.offset(c, 0, 0), 0) for c in range(4)],
+        lambda xor: [store_base(lane, terms[j]) ^ terms[j][4] ^ xor for lane, j in active])
+    for lane, j in active:
+        g, t, d4 = vt_job_coords(j, lane, tile_n)
+        assert g < tile_n // 16
+        tm = terms[j]
+        for stage in (0, 1):
+            for (group, imm), o in zip(loads, VT_ROW_OFFSETS):
+                got = (lanes[lane][0] ^ tm[1] ^ load_groups[group]) + tm[2] + stage * rows_tile.stage_bytes + imm
+                assert got == rows_tile.offset(16 * g + 2 * t + o, 4 * d4, stage), (j, lane, o)
+            for c, (group, imm) in enumerate(stores):
+                got = (store_base(lane, tm) ^ tm[4] ^ store_groups[group]) + tm[5] + stage * vt_tile.stage_bytes + imm
+                assert got == vt_tile.offset(4 * d4 + c, 16 * g + 4 * t, stage), (j, lane, c)
+    assert len(active) == 32 * vt_jobs(hdimv, tile_n) - sum(
+        32 - sum(1 for lane in range(32) if vt_job_coords(j, lane, tile_n)[0] < tile_n // 16) for j in range(len(terms)))
+    return load_groups, loads, store_groups, stores
+
+
+@dsl_user_op
+def ld_shared_b32(addr, imm: int, *, loc=None, ip=None) -> Int32:
+    """ld.shared.b32 at shared address `addr` + `imm` (ordered with the other volatile asm: the
+    barrier waits)."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Int32(addr).ir_value(loc=loc, ip=ip)], f"ld.shared.b32 $0, [$1+{imm}];", "=r,r",
+        has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
+
+
+@dsl_user_op
+def st_shared_b32(addr, imm: int, value, *, loc=None, ip=None):
+    """st.shared.b32 of `value` at shared address `addr` + `imm`."""
+    llvm.inline_asm(
+        None, [Int32(addr).ir_value(loc=loc, ip=ip), Int32(value).ir_value(loc=loc, ip=ip)],
+        f"st.shared.b32 [$0+{imm}], $1;", "r,r",
+        has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
+
+
 @cute.jit
-def transpose_v_block(sRows32: cute.Tensor, rows_tile: cutlass.Constexpr, rows_stage,
-                      sVt32: cute.Tensor, vt_tile: cutlass.Constexpr, vt_stage, warp, num_warps: cutlass.Constexpr[int],
-                      hdimv: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int]):
+def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_addr, vt_tile: cutlass.Constexpr,
+                      vt_stage, warp, num_warps: cutlass.Constexpr[int], hdimv: cutlass.Constexpr[int],
+                      tile_n: cutlass.Constexpr[int]):
     """One V block: the (tile_n, hdim_v) e4m3 rows in stage `rows_stage` of the staging tile
-    (`rows_tile`: its ByteTile, (keys, channels, stage)) into stage `vt_stage` of V^T (`vt_tile`,
-    (channels, keys, stage)), keys in PV_KEY_ORDER. sRows32 / sVt32: the two buffers as flat
-    32-bit words. Warp `warp` of `num_warps` takes every num_warps-th job. A key 8 rows further
-    is 8 row-widths further (same swizzle), so the four loads take two offsets."""
+    (`rows_tile`: its ByteTile, (keys, channels, stage), at shared address `rows_addr`) into stage
+    `vt_stage` of V^T (`vt_tile`, (channels, keys, stage), at `vt_addr`), keys in PV_KEY_ORDER.
+    Warp `warp` of `num_warps` takes every num_warps-th job, its addresses by `vt_plan`."""
+    load_groups, loads, store_groups, stores = vt_plan(rows_tile, vt_tile, hdimv, tile_n)
     lane = cute.arch.lane_idx()
-    jobs = vt_jobs(hdimv, tile_n)
-    eight_rows = 8 * rows_tile.width // 4  # in words
-    for job in cutlass.range(warp, jobs, num_warps, unroll=1):
-        g, t, d4 = vt_job_coords(job, lane, tile_n)
-        if g < tile_n // 16:
-            key = g * 16 + t * 2
-            lo, hi = (rows_tile.offset(key + o, d4 * 4, rows_stage) >> 2 for o in (0, 1))
-            out = byte_transpose4(sRows32[lo], sRows32[hi], sRows32[lo + eight_rows], sRows32[hi + eight_rows], prmt)
+    gl = (lane >> 3) & 3
+    load_base, store_base, store_swap = vt_lane_bases(lane, rows_tile, vt_tile)
+    rows_at = rows_addr + rows_stage * rows_tile.stage_bytes
+    vt_at = vt_addr + vt_stage * vt_tile.stage_bytes
+    # (one job an iteration: with 2 or 4 passes unrolled, ptxas moved the consumers' tile
+    # arithmetic from the uniform datapath to vector registers and they spilled, causal hdim 128)
+    for job in cutlass.range(warp, vt_jobs(hdimv, tile_n), num_warps, unroll=1):
+        p = job & (VT_PASSES - 1)
+        groups_left, load_x, load_y, select, store_x, store_y = vt_job_terms(job >> 2, p, rows_tile, vt_tile, tile_n)
+        load_y = rows_at + load_y  # (warp-uniform)
+        store_y = vt_at + store_y
+        if (gl ^ p) < groups_left:
+            load_at = [load_base ^ load_x ^ xor for xor in load_groups]
+            words = [ld_shared_b32(load_at[g] + load_y, imm) for g, imm in loads]
+            out = byte_transpose4(*words, prmt)
+            base = store_base ^ (store_swap & select) if const_expr(vt_tile.width == 32) else store_base
+            store_at = [base ^ store_x ^ xor for xor in store_groups]
             for c in cutlass.range_constexpr(4):
-                sVt32[vt_tile.offset(d4 * 4 + c, g * 16 + t * 4, vt_stage) >> 2] = out[c]
+                g, imm = stores[c]
+                st_shared_b32(store_at[g] + store_y, imm, out[c])

@@ -515,12 +515,9 @@ class FlashAttentionForwardSm90:
                           tma_atom_V, pipeline_q, pipeline_k, pipeline_v, tiles, mPageTable, (mQv, sQv, tma_atom_Qv))
             if const_expr(self.v_rows):
                 if warp_idx > 0:
-                    words = lambda mem, layout: cute.make_tensor(
-                        cute.recast_ptr(mem.data_ptr(), dtype=Int32), cute.make_layout(cute.cosize(layout) // 4))
                     rows_tile, vt_tile = v_byte_tiles
-                    self.transpose_v(pipeline_q, pipeline_v, pipeline_vt, tiles,
-                                     words(storage.sVrows, sVrows_layout), rows_tile,
-                                     words(storage.sV, sV_layout), vt_tile, warp_idx - 1)
+                    self.transpose_v(pipeline_q, pipeline_v, pipeline_vt, tiles, storage.sVrows.data_ptr().toint(),
+                                     rows_tile, storage.sV.data_ptr().toint(), vt_tile, warp_idx - 1)
         else:
             cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
             # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
@@ -684,7 +681,7 @@ class FlashAttentionForwardSm90:
                       tma_bar_ptr=bar)
 
     @cute.jit
-    def transpose_v(self, pipeline_q, pipeline_v, pipeline_vt, tiles: TileWork, sRows32, rows_tile, sVt32,
+    def transpose_v(self, pipeline_q, pipeline_v, pipeline_vt, tiles: TileWork, rows_addr, rows_tile, vt_addr,
                     vt_tile, warp):
         """fp8_v_rows, producer warps 1-3: for every KV block the producer loads (the same tiles
         and blocks, in its order), wait for V's rows, transpose them into the next V^T stage once
@@ -704,7 +701,7 @@ class FlashAttentionForwardSm90:
                 for _ in cutlass.range(n_block_max - n_block_min, unroll=1):
                     pipeline_v.consumer_wait(rows_state)
                     pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
-                    fp8.transpose_v_block(sRows32, rows_tile, rows_state.index, sVt32, vt_tile, vt_state.index,
+                    fp8.transpose_v_block(rows_addr, rows_tile, rows_state.index, vt_addr, vt_tile, vt_state.index,
                                           warp, VT_WARPS, self.hdimv, self.tile_n)
                     cute.arch.fence_view_async_shared()
                     cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))

@@ -152,7 +152,8 @@ VT_TILES = [(64, 128), (96, 96), (128, 224), (128, 128), (256, 128), (256, 64)]
 @pytest.mark.parametrize("hdimv,tile_n", VT_TILES)
 def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n):
     """fp8.transpose_v_block's jobs, run lane by lane on the CPU with the kernel's own address
-    arithmetic (fp8.ByteTile, checked against the swizzled smem layouts' crd2idx everywhere) and
+    arithmetic (fp8.vt_plan's XOR groups over the lane bases and job terms; fp8.ByteTile checked
+    against the swizzled smem layouts' crd2idx everywhere) and
     PTX prmt's byte semantics: every byte of V^T is written once, with key PV_KEY_ORDER[i] of each
     16-key group at position i, from fresh random bytes. Where both tiles have 128-byte rows (the
     128-byte swizzle) no load or store of a job has a bank conflict."""
@@ -170,24 +171,31 @@ def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n):
     word = lambda buf, off: int.from_bytes(buf[off:off + 4], "little")
     worst = 0
     jobs = fp8.vt_jobs(hdimv, tile_n)
+    load_groups, load_imms, store_groups, store_imms = fp8.vt_plan(rows_tile, vt_tile, hdimv, tile_n)
     for warp in range(VT_WARPS):
         for job in range(warp, jobs, VT_WARPS):
             loads = [[] for _ in fp8.VT_ROW_OFFSETS]
             stores = [[] for _ in range(4)]
+            p = job % fp8.VT_PASSES
+            left, load_x, load_y, select, store_x, store_y = fp8.vt_job_terms(job // 4, p, rows_tile, vt_tile, tile_n)
             for lane in range(32):
                 g, t, d4 = fp8.vt_job_coords(job, lane, tile_n)
+                assert (g < tile_n // 16) == ((((lane >> 3) & 3) ^ p) < left)
                 if g >= tile_n // 16:
                     continue
-                # the kernel's addresses: two ByteTile offsets, the other two rows 8 further
-                lo, hi = (rows_tile.offset(g * 16 + t * 2 + o, d4 * 4, 1) for o in (0, 1))
-                offs = [lo, hi, lo + 8 * rows_tile.width, hi + 8 * rows_tile.width]
+                # the kernel's addresses (fp8.transpose_v_block, stage 1): the lane's bases, the
+                # job's uniform terms and each access's XOR group and immediate
+                load_base, store_base, store_swap = fp8.vt_lane_bases(lane, rows_tile, vt_tile)
+                offs = [(load_base ^ load_x ^ load_groups[grp]) + load_y + rows_tile.stage_bytes + imm
+                        for grp, imm in load_imms]
                 assert offs == [rows_map[g * 16 + t * 2 + o][d4 * 4] for o in fp8.VT_ROW_OFFSETS]
                 assert all(off % 4 == 0 for off in offs)
                 out = fp8.byte_transpose4(*(word(rows, off) for off in offs), fp8.prmt_reference)
                 for i, off in enumerate(offs):
                     loads[i].append(off)
-                for c in range(4):
-                    off = vt_tile.offset(d4 * 4 + c, g * 16 + t * 4, 1)
+                base = store_base ^ (store_swap & select)
+                for c, (grp, imm) in enumerate(store_imms):
+                    off = (base ^ store_x ^ store_groups[grp]) + store_y + vt_tile.stage_bytes + imm
                     assert off % 4 == 0
                     vt[off:off + 4] = out[c].to_bytes(4, "little")
                     for b in range(4):
