@@ -325,8 +325,9 @@ def vt_lane_bases(lane, rows_tile: "ByteTile", vt_tile: "ByteTile") -> tuple:
 
 
 def vt_job_terms(unit, p: int, rows_tile: "ByteTile", vt_tile: "ByteTile", tile_n: int) -> tuple:
-    """The terms of job 4 unit + p (unit: its channel slab and quad of 16-key groups; p: its pass): (groups_left, load x, load y, store base select mask, store x,
-    store y), y without the stage; `unit` and `p` Python ints or warp-uniform DSL Int32."""
+    """The terms of job 4 unit + p (unit: its channel slab and quad of 16-key groups; p: its
+    pass): (groups_left, load x, load y, store base select mask, store x, store y), y without the
+    stage; `unit` and `p` Python ints or warp-uniform DSL Int32."""
     W, Wt = rows_tile.width, vt_tile.width
     gW = Wt // 16  # 16-key groups per V^T column atom
     quads = vt_quads(tile_n)
@@ -373,6 +374,9 @@ def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int)
              for j in range(vt_jobs(hdimv, tile_n))]
     active = [(lane, j) for lane in range(32) for j, tm in enumerate(terms)
               if (_lane_coords(lane)[2] ^ (j % VT_PASSES)) < tm[0]]
+    # (the kernel's idle-lane test: exactly the lanes whose 16-key group lies in the tile)
+    assert active == [(lane, j) for lane in range(32) for j in range(len(terms))
+                      if vt_job_coords(j, lane, tile_n)[0] < tile_n // 16]
     store_base = lambda lane, tm: lanes[lane][1] ^ (lanes[lane][2] & tm[3])
     load_groups, loads = _groups(
         [(rows_tile.offset(o & 7, 0, 0), 8 * W * (o >> 3)) for o in VT_ROW_OFFSETS],
@@ -382,7 +386,6 @@ def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int)
         lambda xor: [store_base(lane, terms[j]) ^ terms[j][4] ^ xor for lane, j in active])
     for lane, j in active:
         g, t, d4 = vt_job_coords(j, lane, tile_n)
-        assert g < tile_n // 16
         tm = terms[j]
         for stage in (0, 1):
             for (group, imm), o in zip(loads, VT_ROW_OFFSETS):
@@ -391,8 +394,6 @@ def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int)
             for c, (group, imm) in enumerate(stores):
                 got = (store_base(lane, tm) ^ tm[4] ^ store_groups[group]) + tm[5] + stage * vt_tile.stage_bytes + imm
                 assert got == vt_tile.offset(4 * d4 + c, 16 * g + 4 * t, stage), (j, lane, c)
-    assert len(active) == 32 * vt_jobs(hdimv, tile_n) - sum(
-        32 - sum(1 for lane in range(32) if vt_job_coords(j, lane, tile_n)[0] < tile_n // 16) for j in range(len(terms)))
     return load_groups, loads, store_groups, stores
 
 
