@@ -276,9 +276,12 @@ def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
 
 
 def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
-    """The BwdConfig the host side (bwd_launch.config_for) picks for these options."""
+    """The BwdConfig the host side (bwd_launch.config_for) picks for these options: the head dim's
+    variants (bwd_launch.variants: ds_stages, dq_red) included; --set fields go through
+    BwdConfig.make (so dq_red=0 / 1 takes its Q / dO stages with it), tile fields after it."""
     import dataclasses
 
+    from cute_kernels import bwd_launch
     from cute_kernels.config import BWD_TILES, BwdConfig, _field_value, padded_hdim
 
     def refuse(why: str):
@@ -296,10 +299,14 @@ def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     if a.hdim % 8 or d not in BWD_TILES:
         refuse(f"--hdim {a.hdim}: the backward kernel serves multiples of 8 that round up to one of "
                f"{sorted(BWD_TILES)}")
-    cfg = BwdConfig.make(a.dtype, d, has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
-                         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
-                         hdim_in=0 if d == a.hdim else a.hdim, hdimv=128 if wide_v else 0)
-    return dataclasses.replace(cfg, **dict(_field_value(cfg, kv) for kv in a.set))
+    sets = dict(_field_value(BwdConfig.make(a.dtype, d), kv) for kv in a.set)
+    after_make = {f: sets.pop(f) for f in ("tile_n", "q_stages", "dkv_split_hdim") if f in sets}
+    features = dict(has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
+                    cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
+                    hdim_in=0 if d == a.hdim else a.hdim, hdimv=128 if wide_v else 0,
+                    **bwd_launch.variants(d, a.softcap, sets.get("deterministic", False)))
+    cfg = BwdConfig.make(a.dtype, d, **{**features, **sets})
+    return dataclasses.replace(cfg, **after_make)
 
 
 if __name__ == "__main__":

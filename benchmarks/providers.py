@@ -255,8 +255,7 @@ PROVIDERS: tuple[Provider, ...] = (
     sdpa_provider("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
 )
 # Only when named exactly (a prefix such as "fa3py" or "sdpa" leaves them out too).
-DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-bwd", "fa3py:cute-bwd-ds1", "fa3py:cute-bwd-ds2",
-                    "fa3py:cute-bwd-dqred", "fa3py:cute-bwd-ds2-dqred")
+DEFAULT_EXCLUDED = ("sdpa:math", *(p.name for p in PROVIDERS if p.name.startswith("fa3py:cute-bwd")))
 
 PEER_PACKAGES = {  # provider -> distribution name, for the versions in the metadata
     "fa4": "flash-attn-4",

@@ -48,6 +48,7 @@ chunk_enabled: bool = os.environ.get("FA3PY_CUTE_BWD_CHUNK", "1") != "0"
 # choice for every head dim.
 ds_stages = int(os.environ["FA3PY_CUTE_BWD_DS_STAGES"]) if os.environ.get("FA3PY_CUTE_BWD_DS_STAGES") else None
 dq_red = os.environ["FA3PY_CUTE_BWD_DQ_RED"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DQ_RED") else None
+DS_STAGES_2_HDIMS = (64,)
 DQ_RED_HDIMS = (96, 256)
 
 
@@ -106,16 +107,19 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
-                          hdimv=128 if _is_192x128(req) else 0, ds_stages=_ds_stages(d, p.softcap > 0),
-                          dq_red=(d in DQ_RED_HDIMS if dq_red is None else dq_red) and not p.deterministic)
+                          hdimv=128 if _is_192x128(req) else 0, **variants(d, p.softcap > 0, p.deterministic))
 
 
-def _ds_stages(hdim: int, softcap: bool) -> int:
-    """`ds_stages` where the head dim's tile takes two sdS buffers (two Q stages, not split_hdim),
-    else 1. Not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack (CPU SASS)."""
+def variants(hdim: int, softcap: bool, deterministic: bool) -> dict:
+    """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
+    environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
+    split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
+    SASS); dq_red never with deterministic."""
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
-    want = (2 if hdim == 64 else 1) if ds_stages is None else ds_stages
-    return want if q_stages == 2 and not split_hdim and not (hdim == 64 and softcap) else 1
+    want = (2 if hdim in DS_STAGES_2_HDIMS else 1) if ds_stages is None else ds_stages
+    two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
+    red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
+    return dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
 
 
 @functools.lru_cache(maxsize=1024)

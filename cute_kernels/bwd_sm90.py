@@ -471,6 +471,13 @@ class FlashAttentionBackwardSm90:
                       self.tile_m * 4)
 
     @cute.jit
+    def dq_head(self, mdQacc, work, head):
+        """Head `head`'s float32 dQ accumulator over this CTA's sequence (rows from work.row_offset):
+        chunks of tile_m x hdim values, one per m_block, in the consumers' register order."""
+        b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
+        return cute.domain_offset((work.row_offset * self.hdim,), mdQacc[None, head, b_q])
+
+    @cute.jit
     def store_dq(self, mdQacc, mSemaphore, sdQ, work):
         """dQ warp: per (head, m_block), each consumer warpgroup's dQ from sdQ added into the
         accumulator's chunk by one bulk reduce; the warpgroup may write sdQ again once the
@@ -489,7 +496,7 @@ class FlashAttentionBackwardSm90:
         chunk = THREADS_PER_WG * self.dq_per_thread
         for h in cutlass.range(work.heads, unroll=1):
             head = work.first_head + h
-            mdQ_cur = cute.domain_offset((work.row_offset * self.hdim,), mdQacc[None, head, b_q])
+            mdQ_cur = self.dq_head(mdQacc, work, head)
             sem = None
             if const_expr(det):
                 sem = cute.domain_offset((work.row_offset // self.tile_m,), mSemaphore[None, head, b_q])
@@ -594,11 +601,9 @@ class FlashAttentionBackwardSm90:
             m_right_end = mask.m_block_right_masked_end(m_block_min, m_block_max)
             m_left_begin = mask.m_block_left_masked_begin(m_right_end, m_block_max)
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.q_stages)
-            b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
             for h in cutlass.range(work.heads, unroll=1):
-                mdQ_h = None  # dq_red: this head's dQ accumulator (store_dq's mdQ_cur)
-                if const_expr(self.cfg.dq_red):
-                    mdQ_h = cute.domain_offset((work.row_offset * self.hdim,), mdQacc[None, work.first_head + h, b_q])
+                # dq_red: this head's dQ accumulator (the dQ warp's otherwise)
+                mdQ_h = self.dq_head(mdQacc, work, work.first_head + h) if const_expr(self.cfg.dq_red) else None
                 # 1) query blocks with rows before some key's diagonal (or chunk): right (and left) mask
                 if const_expr(self.cfg.has_right or self.cfg.chunk):
                     for m_block in cutlass.range(m_block_min, m_right_end, unroll=1):

@@ -467,6 +467,9 @@ BWD_TILES: dict[int, tuple[int, int, int, bool]] = {
 # hdim 64's former 64-row tile. (128 query rows fit hdim 64 only: S^T, dP^T 64 regs each a
 # thread, dK / dV 32 each; wider head dims' dK / dV do not fit 240 registers beside them.)
 BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (64,)}
+# Q / dO stages where the tile has no sdQ (BwdConfig.dq_red) and BWD_TILES' count was what fit
+# beside it: hdim 256's 64 KB of fp32 sdQ take a second stage (208 KB).
+BWD_Q_STAGES_WITHOUT_SDQ: dict[int, int] = {256: 2}
 BWD_REG_SPLIT = (24, 240)  # producer, consumer setmaxnreg (2 consumer warpgroups)
 
 
@@ -538,8 +541,8 @@ class BwdConfig:
         default_m, tile_n, q_stages, dkv_split_hdim = BWD_TILES[hdim]
         assert tile_m in (None, default_m, *BWD_TILE_M_VARIANTS.get(hdim, ())), f"hdim {hdim}: tile_m {tile_m}"
         tile_m = tile_m or default_m
-        if features.get("dq_red") and hdim == 256:  # sdQ's 64 KB make room for a second Q / dO stage
-            q_stages = 2
+        if features.get("dq_red"):
+            q_stages = BWD_Q_STAGES_WITHOUT_SDQ.get(hdim, q_stages)
         return BwdConfig(dtype, hdim, tile_m, tile_n, q_stages=q_stages, dkv_split_hdim=dkv_split_hdim, **features)
 
     def short(self) -> str:

@@ -213,6 +213,12 @@ def vt_quads(tile_n: int) -> int:
     return -(-(tile_n // 16) // VT_JOB_GROUPS)
 
 
+def _lane_coords(lane):
+    """(t, l, gl) of a lane: its key word of a 16-key group, its channel word in a 32-channel slab,
+    its group in a quad of groups (the lane bits above)."""
+    return lane & 3, (lane >> 2) & 7, (lane >> 3) & 3
+
+
 def vt_job_coords(job, lane, tile_n: int):
     """(g, t, d4) of `lane` in `job` (Python ints or DSL Int32 alike): the 16-key group, the
     key word of the group and the channel word; the lane works only where g < tile_n / 16."""
@@ -220,10 +226,8 @@ def vt_job_coords(job, lane, tile_n: int):
     rest = job // VT_PASSES
     quads = vt_quads(tile_n)
     kq, slab = rest % quads, rest // quads
-    t = lane & 3
-    d4 = slab * (VT_JOB_CHANNELS // 4) + ((lane >> 2) & 7)
-    g = kq * VT_JOB_GROUPS + (((lane >> 3) & 3) ^ p)
-    return g, t, d4
+    t, l, gl = _lane_coords(lane)
+    return kq * VT_JOB_GROUPS + (gl ^ p), t, slab * (VT_JOB_CHANNELS // 4) + l
 
 
 def byte_transpose4(w0, w1, w2, w3, prmt):
@@ -308,12 +312,6 @@ def byte_tile(layout, rows: int, cols: int, stages: int) -> ByteTile:
 # instructions a job and the transpose could not keep up with the FP8 GEMMs (H100, hdim 128,
 # 16k tokens: 496 TFLOP/s against 865 with V transposed ahead). `vt_plan` derives the
 # constants and checks every address of every job, lane and stage at trace time.
-def _lane_coords(lane):
-    """(t, l, gl) of a lane: its key word of a 16-key group, its channel word in a 32-channel slab,
-    its group in a quad of groups (vt_job_coords' lane fields)."""
-    return lane & 3, (lane >> 2) & 7, (lane >> 3) & 3
-
-
 def vt_lane_bases(lane, rows_tile: "ByteTile", vt_tile: "ByteTile") -> tuple:
     """The lane's (load base, store base, store base XOR the second one) in bytes, stage 0
     (Python ints or DSL Int32); the second store base (a lane's group moved across V^T's column
@@ -427,7 +425,7 @@ def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_ad
     Warp `warp` of `num_warps` takes every num_warps-th job, its addresses by `vt_plan`."""
     load_groups, loads, store_groups, stores = vt_plan(rows_tile, vt_tile, hdimv, tile_n)
     lane = cute.arch.lane_idx()
-    gl = (lane >> 3) & 3
+    gl = _lane_coords(lane)[2]
     load_base, store_base, store_swap = vt_lane_bases(lane, rows_tile, vt_tile)
     rows_at = rows_addr + rows_stage * rows_tile.stage_bytes
     vt_at = vt_addr + vt_stage * vt_tile.stage_bytes

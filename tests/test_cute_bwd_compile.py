@@ -95,7 +95,7 @@ DS_STAGES_GRID = [
                            "local-varlen-deterministic": dict(has_left=True, has_right=True, cu_seqlens_q=True,
                                                               cu_seqlens_k=True, deterministic=True),
                            "causal-softcap": dict(has_right=True, softcap=True)}.items()
-    if not (hdim == 64 and "softcap" in features)  # (bwd_launch._ds_stages: 1 there, it spills)
+    if not (hdim == 64 and "softcap" in features)  # (bwd_launch.variants: 1 there, it spills)
 ]
 
 
@@ -122,8 +122,8 @@ def test_ds_stages_where_the_tile_takes_two(monkeypatch, hdim, features):
     from cute_kernels import bwd_launch
 
     monkeypatch.setattr(bwd_launch, "ds_stages", 2)
-    assert bwd_launch._ds_stages(hdim, features.get("softcap", False)) == 1
-    assert bwd_launch._ds_stages(128, False) == 2
+    assert bwd_launch.variants(hdim, features.get("softcap", False), False)["ds_stages"] == 1
+    assert bwd_launch.variants(128, False, False)["ds_stages"] == 2
     if hdim != 64:
         with pytest.raises(AssertionError, match="ds_stages 2"):
             BwdConfig.make("bf16", hdim, ds_stages=2, **features)
@@ -143,8 +143,8 @@ DQ_RED_GRID = [
 def test_compile_bwd_dq_red(hdim, features):
     """dQ added from registers (dq_red): one red.global.add.v4.f32 (REDG ... ADD.F32) per 4 of a
     thread's dQ values (REDG.E.ADD.F32x4) in each copy of the block step and no bulk reduce (the dQ
-    warp idles); no local memory; hdim 256 takes two Q
-    / dO stages in the room sdQ left (64 KB); deterministic is refused (its adds are ordered)."""
+    warp idles); no local memory; hdim 256 takes two Q / dO stages in the room sdQ left (64 KB);
+    deterministic is refused (its adds are ordered)."""
     cfg = BwdConfig.make("bf16", hdim, dq_red=True, **features)
     assert "dq_red" in cfg.short() and cfg.q_stages == 2
     text, _ = check_compiled(cfg)
