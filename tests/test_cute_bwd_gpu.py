@@ -379,37 +379,49 @@ def test_gpu_bwd_ds2_deterministic(ds2, feature, d):
 # ----------------------------------------------------------------------------- dq_red
 # dQ added from registers (BwdConfig.dq_red; bwd_launch's default at hdim 96 / 256,
 # FA3PY_CUTE_BWD_DQ_RED=1 forces it): no sdQ, no dQ warp, and at hdim 256 two Q / dO stages. Every
-# head dim with it, and with two sdS buffers.
-@pytest.fixture(params=[1, 2], ids=["ds1", "ds2"])
-def dq_red(cute_bwd, monkeypatch, request):
+# head dim with it, with one sdS buffer and, where the tile takes two (hdim <= 128), with two.
+@pytest.fixture
+def dq_red(cute_bwd, monkeypatch):
     monkeypatch.setattr(bwd_launch, "dq_red", True)
-    monkeypatch.setattr(bwd_launch, "ds_stages", request.param)
     return cute_bwd
 
 
-@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
+def dq_red_cases(dims):
+    """(d, sdS buffers): both counts where the tile takes two, else one (the same kernel twice)."""
+    return [pytest.param(d, ds, id=f"d{d}-ds{ds}") for d in dims for ds in ((1, 2) if d <= 128 else (1,))]
+
+
+def with_ds(monkeypatch, ds):
+    monkeypatch.setattr(bwd_launch, "ds_stages", ds)
+
+
+@pytest.mark.parametrize("d,ds", dq_red_cases([64, 96, 128, 192, 256]))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (1023, 1024), (65, 129), (1000, 17)])
-def test_gpu_bwd_dq_red_sizes(dq_red, sq, sk, causal, d):
+def test_gpu_bwd_dq_red_sizes(dq_red, monkeypatch, sq, sk, causal, d, ds):
+    with_ds(monkeypatch, ds)
     check_grads(dq_red, *batched(sq, sk, d=d), causal=causal)
-    assert dq_red[-1].dq_red and (dq_red[-1].q_stages == 2)
+    assert dq_red[-1].dq_red and dq_red[-1].q_stages == 2 and dq_red[-1].ds_stages == ds
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d,ds", dq_red_cases([64, 128, 256]))
 @pytest.mark.parametrize("heads", ["gqa", "mqa"])
 @pytest.mark.parametrize("feature", ["both", "left", "softcap_causal"])
-def test_gpu_bwd_dq_red_features(dq_red, feature, heads, d):
+def test_gpu_bwd_dq_red_features(dq_red, monkeypatch, feature, heads, d, ds):
+    with_ds(monkeypatch, ds)
     for sq, sk in [(333, 517), (1023, 300)]:
         q, k, v = batched(sq, sk, heads, d, torch.float16)
         check_grads(dq_red, q * 3, k, v, **FEATURES[feature])
         assert dq_red[-1].dq_red
+        assert dq_red[-1].ds_stages == (1 if d == 64 and "softcap" in feature else ds)
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d,ds", dq_red_cases([64, 128, 256]))
 @pytest.mark.parametrize("layout", list(VARLEN))
-def test_gpu_bwd_dq_red_varlen_chunk_group(dq_red, monkeypatch, layout, d):
+def test_gpu_bwd_dq_red_varlen_chunk_group(dq_red, monkeypatch, layout, d, ds):
     """Packed sequences (0- and 1-token ones, seqused), attention_chunk, and the GQA group split
     over CTAs (float32 dK / dV partials)."""
+    with_ds(monkeypatch, ds)
     lens, seqused = VARLEN[layout]
     h, hk = HEADS["gqa"]
     q, k, v, kw = make_inputs(lens, h, hk, d, torch.bfloat16, DEVICE, True, seqused)
@@ -417,10 +429,12 @@ def test_gpu_bwd_dq_red_varlen_chunk_group(dq_red, monkeypatch, layout, d):
     check_grads(dq_red, q, k, v, kw, attention_chunk=100, window_size=(200, -1))
     monkeypatch.setattr(bwd_launch, "SPLIT_WAVES", 64)
     check_grads(dq_red, q, k, v, kw, causal=True)
-    assert dq_red[-1].dq_red and dq_red[-1].dkv_partial
+    assert dq_red[-1].dq_red and dq_red[-1].dkv_partial and dq_red[-1].ds_stages == ds
 
 
-def test_gpu_bwd_dq_red_not_deterministic(dq_red):
+@pytest.mark.parametrize("ds", [1, 2])
+def test_gpu_bwd_dq_red_not_deterministic(dq_red, monkeypatch, ds):
     """deterministic=True keeps the dQ warp's ordered adds with dq_red on."""
+    with_ds(monkeypatch, ds)
     check_deterministic(dq_red, "mqa", 128, {})
     assert not dq_red[-1].dq_red
