@@ -2,17 +2,21 @@
 
     python -m benchmarks.fp8_peers --json out.json --md out.md
     python -m benchmarks.fp8_peers --hdim 128 --seqlen 16384 --causal false
+    python -m benchmarks.fp8_peers --cuda-graph ...   # CUDA-graph replays: the kernels alone
 
 The FA3 paper's grid (16k tokens, hidden 2048: batch = 16384 / seqlen, nheads = 2048 / hdim),
 forward only. Every row (and the prep and a copy) is called once per round, in an order rotated
 each round, back to back as benchmarks.paired times its providers; a row's time is its median
-over --pairs rounds (the GPU's clocks and temperature then weigh on all rows alike). Rows per point:
+over --pairs rounds (the GPU's clocks and temperature then weigh on all rows alike). Eager calls
+count the host's per-call cost where it exceeds the GPU's (short sequences); --cuda-graph replays
+each row's captured call instead. Rows per point:
   fa3py bf16       fa3py.attention(q, k, v) on the bf16 inputs (the cute kernel)
   fa3py fp8        fa3py.attention(q, k, v, fp8=True): the prep (Hadamard rotation + block
                    quantization, one Triton pass) and the FP8 kernel, end to end
   fa3py fp8 kernel the FP8 kernel alone, on operands quantized once (fa3py.quantize_fp8 in the
                    kernel's layout): a KV cache or weights quantized ahead
-  fa3py fa3-format fa3py.flash_attn_func on FA3's inputs (float8 q/k/v, descales (batch, kv heads))
+  fa3py fa3-format fa3py.flash_attn_func on FA3's inputs (float8 q/k/v, descales (batch, kv heads)),
+                   with V transposed by a host copy (copy-V) or in the kernel's shared memory (V-rows)
   fa3-fwd fp8      FlashAttention-3's own FP8 kernel on the same float8 inputs (peer wheel fa3-fwd)
   cudnn fp8        cuDNN's FP8 SDPA (nvidia-cudnn-frontend; per-tensor scales, e4m3 output)
   prep             the fp8=True prep alone, with its GB/s (bytes read + written) beside a copy
@@ -73,7 +77,24 @@ def _cudnn(q8, k8, v8, causal, scales, v_amax):
     g.build_plans()
     ws = torch.empty(g.get_workspace_size(), device="cuda", dtype=torch.uint8)
     pack = {gq: qh, gk: kh, gv: vh, gdq: tdq, gdk: tdk, gdv: tdv, gds: tds, gss: tss, gso: tso, o: out, amax_o: ao}
-    return (lambda: g.execute(pack, ws, handle=h)), out, o_scale
+
+    def call():  # on the current stream (a CUDA-graph capture runs on its own)
+        cudnn.set_stream(h, torch.cuda.current_stream().cuda_stream)
+        g.execute(pack, ws, handle=h)
+    return call, out, o_scale
+
+
+def _direct(call, on: bool):
+    """`call` with FA3's float8 inputs served with V's rows in the kernel (on) or a copy of V^T."""
+    from cute_kernels import launch
+
+    def run():
+        before, launch.fp8_direct_enabled = launch.fp8_direct_enabled, on
+        try:
+            return call()
+        finally:
+            launch.fp8_direct_enabled = before
+    return run
 
 
 def rows_for(q, k, v, causal):
@@ -96,8 +117,12 @@ def rows_for(q, k, v, causal):
     (q8, sq), (k8, sk), (v8, sv) = (_per_tensor(x) for x in (q, k, v))
     b, hk = q.shape[0], k.shape[2]
     ds = [s.reshape(1, 1).expand(b, hk).contiguous() for s in (sq, sk, sv)]
-    rows["fa3py fa3-format"] = lambda: fa3py.flash_attn_func(q8, k8, v8, causal=causal, q_descale=ds[0],
-                                                             k_descale=ds[1], v_descale=ds[2])
+    fa3_call = lambda: fa3py.flash_attn_func(q8, k8, v8, causal=causal, q_descale=ds[0], k_descale=ds[1],  # noqa: E731
+                                             v_descale=ds[2])
+    # FA3's inputs both ways the kernel takes V (cute_kernels.launch.fp8_direct_enabled): a host copy
+    # of V transposed into the PV key order, or V's rows transposed in shared memory by the kernel
+    rows["fa3py fa3-format copy-V"] = _direct(fa3_call, False)
+    rows["fa3py fa3-format V-rows"] = _direct(fa3_call, True)
     try:
         from fa3_fwd_interface import flash_attn_func as fa3_func
 
@@ -127,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--pairs", type=int, default=30, help="rounds of one call per row, rows in rotated order")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time CUDA-graph replays of each row (the kernels without the host's per-call "
+                         "cost; a row that cannot be captured is named and left out)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -135,6 +163,7 @@ def main(argv=None):
     import numpy as np
 
     import fa3py
+    from benchmarks import run
     from benchmarks.paired import time_pairs
 
     torch.manual_seed(0)
@@ -155,13 +184,15 @@ def main(argv=None):
                         out = call()
                         outs[name] = (out[0] if isinstance(out, tuple) else out).float()
                         torch.cuda.synchronize()
-                        calls[name] = call
+                        calls[name] = run.cuda_graph(call).replay if args.cuda_graph else call
                     except Exception as e:  # noqa: BLE001 - the row is reported failed, the run goes on
                         point["skipped"][name] = f"{type(e).__name__}: {e}"[:300]
                 # the prep alone (reads q, k, v in bf16, writes them in e4m3; scales ignored) and a copy
                 # of the same bytes, timed in the same rotation
                 calls["prep"] = lambda: fa3py.quantize_fp8(q, k, v, v_pv_order=True)
                 calls["copy"] = lambda: torch.cat([q, k, v])
+                if args.cuda_graph:
+                    calls["prep"], calls["copy"] = (run.cuda_graph(calls[n]).replay for n in ("prep", "copy"))
                 names = list(calls)
                 times, _ = time_pairs([calls[n] for n in names], args.pairs, torch.device("cuda"))
                 ms = {n: float(np.median(t)) for n, t in zip(names, times)}
@@ -178,18 +209,18 @@ def main(argv=None):
                 line = "  ".join(f"{n}: {_cell(r)}" for n, r in point["rows"].items())
                 print(f"hdim {d} seqlen {s} causal {causal}: {line}; prep {point['prep']['GB/s']:.0f} GB/s "
                       f"(copy {point['prep']['copy GB/s']:.0f}); left out: {skipped}", flush=True)
-    from benchmarks import run
-
     meta = run.metadata(argparse.Namespace(commit=None), torch.device("cuda"))  # FA3PY_COMMIT overrides git
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": meta["date"],
-           "commit": meta["commit"], "dirty": meta.get("dirty"), "pairs": args.pairs, "points": results}
+           "commit": meta["commit"], "dirty": meta.get("dirty"), "pairs": args.pairs,
+           "cuda_graph": bool(args.cuda_graph), "points": results}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     if args.md:
         names = list(dict.fromkeys(n for p in results for n in p["rows"]))
         lines = [f"FP8 forward, {doc['gpu']}, TFLOP/s (relative RMSE against fa3py bf16); {doc['date']}, commit "
                  f"`{doc['commit']}`{' (tree modified)' if doc['dirty'] else ''}, torch {doc['torch']}, "
-                 f"{args.pairs} rounds, rows in rotated order call by call", "",
+                 f"{args.pairs} rounds, rows in rotated order call by call"
+                 f"{', CUDA-graph replays' if args.cuda_graph else ', eager calls'}", "",
                  "| hdim | seqlen | causal | " + " | ".join(names) + " | prep GB/s (copy) |",
                  "|---" * (4 + len(names)) + "|"]
         for p in results:

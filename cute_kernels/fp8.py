@@ -184,59 +184,62 @@ class Fp8Scales:
 # FA3's float8 v is (keys, hdim_v) in rows, but FP8 WGMMA reads V^T K-major. With fp8_v_rows the
 # producer warp TMAs V's rows into a staging tile and the producer warpgroup's other warps write
 # each block transposed into the V^T tile the consumers read, with the keys of every 16-key group
-# in PV_KEY_ORDER, as the FP8 prep writes V^T in memory. The unit of work is 4 keys x 4 channels:
-# four 32-bit loads (one a key: 4 consecutive channels), eight byte permutes, four 32-bit stores
-# (one a channel: the 4 keys PV_KEY_ORDER puts in one word). A job is one such unit per lane;
-# jobs are numbered (channel slab D of 32, quad kq of 16-key groups, pass p of 4):
-#   lane bits 0-1: t, the word of the group (keys 2t, 2t+1, 2t+8, 2t+9 of it: PV_KEY_ORDER)
-#   lane bits 2-4: the channel word d4 = 8 D + lane bits 2-4 (channels 4 d4 .. 4 d4 + 3)
-#   group g = 4 kq + (lane bits 3-4 XOR p)
-# so that where both tiles have the 128-byte swizzle (hdim_v and tile_n multiples of 128) the 32
-# lanes of one load (rows 16 g + 2 t + {0, 1, 8, 9}, one word of channels) and of one store (row
-# 4 d4 + c of V^T, one word of keys) each hit 32 different banks; the narrower swizzles of other
-# tiles share a bank between up to 4 lanes (hdim 128's 224-key V^T rows, hdim 96; 2 at hdim 64 and
-# 256 x 64). tests/test_cute_fp8.py runs the jobs lane by lane with the tiles' own layouts.
+# in PV_KEY_ORDER, as the FP8 prep writes V^T in memory. A job is one 16-key group g times one
+# 32-channel slab s, 512 bytes, one instruction each way:
+#   ldmatrix.x4.trans (b16): matrix i is the 8 keys 16 g + 8 (i & 1) + 0..7 of the 16-channel chunk
+#     32 s + 16 (i >> 1), each key a 16-byte row; transposed as 16-bit elements, lane T (t = T % 4,
+#     j = T / 4) receives in register i the bytes (key 2t, channels 2j, 2j + 1), (key 2t + 1, same):
+#     registers 0 / 1 hold keys 2t, 2t + 1 / 2t + 8, 2t + 9 of channels 2j, 2j + 1 of chunk 0
+#     (2 / 3 the same of chunk 1);
+#   two byte permutes a chunk (VT_EVEN / VT_ODD) make channel 2j's and 2j + 1's word of keys
+#     2t, 2t + 1, 2t + 8, 2t + 9: positions 4t .. 4t + 3 of the group in PV_KEY_ORDER;
+#   stmatrix.x4 (b16): lane T's register m is word t of row j of matrix m, a row being 16 bytes of
+#     one V^T row (a channel) at the group's columns. Lanes with j >= 4 put the odd channel in
+#     registers 0 / 2 (vt_selectors), so that each matrix's 8 rows are channels whose residues
+#     mod 8 differ and, under each V^T swizzle (32, 64 or 128-byte rows), land in 8 different
+#     16-byte bank groups; ldmatrix's 8 consecutive keys do under every rows swizzle.
+# So a job is 1 LDSM, 4 PRMT, 1 STSM and two addresses, each (lane base ^ uniform x) + uniform y
+# (vt_plan), where 4-byte loads and stores with a 4 x 4 byte transpose a lane took 52-62
+# instructions per 512 bytes and, at hdim 128, 4-way bank conflicts on the stores (H200, 16k
+# tokens: 0.67-0.73 of the kernel on V transposed ahead). tests/test_cute_fp8.py runs the jobs
+# lane by lane with both instructions' semantics and the tiles' own layouts.
+VT_JOB_KEYS = 16
 VT_JOB_CHANNELS = 32
-VT_JOB_GROUPS = 4
-VT_PASSES = 4
-VT_ROW_OFFSETS = (0, 1, 8, 9)  # keys of a word relative to 2t: PV_KEY_ORDER[4t:4t+4] - 2t
-assert VT_ROW_OFFSETS[2:] == tuple(o + 8 for o in VT_ROW_OFFSETS[:2])  # (transpose_v_block's two offsets)
+# prmt selectors over (registers 2h, 2h + 1): channel 2j's bytes (keys 2t, 2t+1, 2t+8, 2t+9) and 2j + 1's
+VT_EVEN, VT_ODD = 0x6420, 0x7531
+assert PV_KEY_ORDER[:4] == (0, 1, 8, 9)  # (t = 0's word: the order the permutes produce)
 
 
 def vt_jobs(hdimv: int, tile_n: int) -> int:
     """Jobs of 32 lanes that transpose one (tile_n, hdim_v) V block."""
-    assert hdimv % VT_JOB_CHANNELS == 0 and tile_n % 16 == 0, (hdimv, tile_n)
-    return hdimv // VT_JOB_CHANNELS * vt_quads(tile_n) * VT_PASSES
+    assert hdimv % VT_JOB_CHANNELS == 0 and tile_n % VT_JOB_KEYS == 0, (hdimv, tile_n)
+    return tile_n // VT_JOB_KEYS * (hdimv // VT_JOB_CHANNELS)
 
 
-def vt_quads(tile_n: int) -> int:
-    return -(-(tile_n // 16) // VT_JOB_GROUPS)
+def vt_job_coords(job, tile_n: int) -> tuple:
+    """(g, s) of a job: its 16-key group and 32-channel slab (Python ints or warp-uniform Int32)."""
+    groups = tile_n // VT_JOB_KEYS
+    return job % groups, job // groups
 
 
-def _lane_coords(lane):
-    """(t, l, gl) of a lane: its key word of a 16-key group, its channel word in a 32-channel slab,
-    its group in a quad of groups (the lane bits above)."""
-    return lane & 3, (lane >> 2) & 7, (lane >> 3) & 3
+def vt_load_lane(lane) -> tuple:
+    """(key, channel) in a job's group and slab of the row `lane` gives ldmatrix: matrix lane / 8's
+    row lane % 8, i.e. key 8 (matrix & 1) + row of chunk matrix >> 1."""
+    return lane & 15, 16 * (lane >> 4)
 
 
-def vt_job_coords(job, lane, tile_n: int):
-    """(g, t, d4) of `lane` in `job` (Python ints or DSL Int32 alike): the 16-key group, the
-    key word of the group and the channel word; the lane works only where g < tile_n / 16."""
-    p = job % VT_PASSES
-    rest = job // VT_PASSES
-    quads = vt_quads(tile_n)
-    kq, slab = rest % quads, rest // quads
-    t, l, gl = _lane_coords(lane)
-    return kq * VT_JOB_GROUPS + (gl ^ p), t, slab * (VT_JOB_CHANNELS // 4) + l
+def vt_store_lane(lane):
+    """The channel in a job's slab of the V^T row `lane` gives stmatrix: matrix m = lane / 8's row
+    r = lane % 8, which holds register m of the lanes with j = r: channel 16 (m >> 1) + 2 r, plus 1
+    for m odd, the other way round where r >= 4 (vt_selectors)."""
+    return 16 * (lane >> 4) + 2 * (lane & 7) + (((lane >> 3) ^ (lane >> 2)) & 1)
 
 
-def byte_transpose4(w0, w1, w2, w3, prmt):
-    """Four 32-bit words (byte c of word i: element (i, c)) -> four words (byte i of word c:
-    element (i, c)), by eight byte permutes `prmt(a, b, selector)` (PTX prmt.b32)."""
-    lo01, lo23 = prmt(w0, w1, 0x5140), prmt(w2, w3, 0x5140)  # bytes 0, 1 of each, interleaved
-    hi01, hi23 = prmt(w0, w1, 0x7362), prmt(w2, w3, 0x7362)  # bytes 2, 3
-    return (prmt(lo01, lo23, 0x5410), prmt(lo01, lo23, 0x7632),
-            prmt(hi01, hi23, 0x5410), prmt(hi01, hi23, 0x7632))
+def vt_selectors(lane) -> tuple:
+    """The prmt selectors of a lane's registers 0 and 1 (2 and 3 likewise): the even channel's word
+    first, the odd one's first where j = lane / 4 >= 4 (lane bit 4)."""
+    swap = (lane >> 4) & 1
+    return VT_EVEN + swap * (VT_ODD - VT_EVEN), VT_ODD - swap * (VT_ODD - VT_EVEN)
 
 
 def prmt_reference(a: int, b: int, selector: int) -> int:
@@ -254,12 +257,17 @@ def prmt_reference(a: int, b: int, selector: int) -> int:
 
 
 @dsl_user_op
-def prmt(a, b, selector: int, *, loc=None, ip=None) -> Int32:
-    """prmt.b32 with a constant selector (no side effects: the compiler may schedule it)."""
+def prmt(a, b, selector, *, loc=None, ip=None) -> Int32:
+    """prmt.b32 (no side effects: the compiler may schedule it); `selector` a Python int (an
+    immediate) or an Int32 register."""
+    args = [Int32(a).ir_value(loc=loc, ip=ip), Int32(b).ir_value(loc=loc, ip=ip)]
+    if isinstance(selector, int):
+        asm, cons = f"prmt.b32 $0, $1, $2, {selector:#x};", "=r,r,r"
+    else:
+        asm, cons = "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r"
+        args.append(Int32(selector).ir_value(loc=loc, ip=ip))
     return Int32(llvm.inline_asm(
-        T.i32(), [Int32(a).ir_value(loc=loc, ip=ip), Int32(b).ir_value(loc=loc, ip=ip)],
-        f"prmt.b32 $0, $1, $2, {selector:#x};", "=r,r,r",
-        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+        T.i32(), args, asm, cons, has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
     ))
 
 
@@ -300,117 +308,75 @@ def byte_tile(layout, rows: int, cols: int, stages: int) -> ByteTile:
     return tile
 
 
-# The jobs' addresses as the transposing warps compute them: per lane, a load base and one or two
-# store bases (computed per block); per job, a few warp-uniform values (the uniform datapath);
-# per access a compile-time XOR and immediate. The swizzle (offset ^ ((offset >> 7) & mask) << 4)
-# is linear over GF(2): an offset whose low bits are the OR of a lane part and a job part
-# swizzles to the XOR of their swizzles, and parts that are multiples of 8 row widths (16-key
-# groups, column atoms, stages) are above the swizzle's source bits and add. So a job's access
-# is (lane base ^ uniform x ^ constant) + uniform y + immediate: one LOP3 per XOR group (2
-# for the loads, 1 for the stores where the channels differ by immediates) besides the job's
-# 4 LDS, 8 PRMT and 4 STS, where the closed-form ByteTile.offset spent ~60 integer
-# instructions a job and the transpose could not keep up with the FP8 GEMMs (H100, hdim 128,
-# 16k tokens: 496 TFLOP/s against 865 with V transposed ahead). `vt_plan` derives the
-# constants and checks every address of every job, lane and stage at trace time.
+# The jobs' addresses as the transposing warps compute them: per lane a load and a store base
+# (once per block); per job a warp-uniform XOR and addend (the uniform datapath). The swizzle
+# (offset ^ ((offset >> 7) & mask) << 4) is linear over GF(2): an offset whose low bits are the OR
+# of a lane part and a job part swizzles to the XOR of their swizzles, and parts that are
+# multiples of 8 row widths (16-key groups, 32-channel slabs, column atoms, stages) lie above the
+# swizzle's source bits and add. `vt_plan` checks it for every lane, job and stage at trace time.
 def vt_lane_bases(lane, rows_tile: "ByteTile", vt_tile: "ByteTile") -> tuple:
-    """The lane's (load base, store base, store base XOR the second one) in bytes, stage 0
-    (Python ints or DSL Int32); the second store base (a lane's group moved across V^T's column
-    atoms by the pass's bit 1, where an atom holds 2 groups) is the first where it has none."""
-    t, l, gl = _lane_coords(lane)
-    store0 = vt_tile.offset(4 * l, 16 * gl + 4 * t, 0)
-    store1 = vt_tile.offset(4 * l, 16 * (gl ^ 2) + 4 * t, 0) if vt_tile.width == 32 else store0
-    return rows_tile.offset(16 * gl + 2 * t, 4 * l, 0), store0, store0 ^ store1
+    """The lane's (ldmatrix row, stmatrix row) byte offsets in job (0, 0), stage 0 (Python ints
+    or DSL Int32)."""
+    key, chunk = vt_load_lane(lane)
+    return rows_tile.offset(key, chunk, 0), vt_tile.offset(vt_store_lane(lane), 0, 0)
 
 
-def vt_job_terms(unit, p: int, rows_tile: "ByteTile", vt_tile: "ByteTile", tile_n: int) -> tuple:
-    """The terms of job 4 unit + p (unit: its channel slab and quad of 16-key groups; p: its
-    pass): (groups_left, load x, load y, store base select mask, store x, store y), y without the
-    stage; `unit` and `p` Python ints or warp-uniform DSL Int32."""
+def vt_job_terms(g, s, rows_tile: "ByteTile", vt_tile: "ByteTile", first_group: int = 0) -> tuple:
+    """(load x, load y, store x, store y) of job (g, s): a lane's row is at (base ^ x) + y + the
+    stage's offset (g, s Python ints or warp-uniform non-negative Int32); the staging tile holds
+    the keys from group `first_group` of the block on (a part of it)."""
     W, Wt = rows_tile.width, vt_tile.width
-    gW = Wt // 16  # 16-key groups per V^T column atom
-    quads = vt_quads(tile_n)
-    if quads & (quads - 1) == 0:  # (shifts: the unit index is a signed Int32 in the kernel)
-        kq, slab = unit & (quads - 1), unit >> (quads.bit_length() - 1)
-    else:
-        kq, slab = unit % quads, unit // quads
-    load_x = ((slab * 32) & (W - 1)) ^ (16 * W * p)
-    load_y = 64 * W * kq + ((slab * 32) >> (W.bit_length() - 1)) * (rows_tile.rows * W)
-    select = -((p >> 1) & 1) if gW == 2 else 0
-    store_x = 16 * (((kq * 4) & (gW - 1)) | (p & (gW - 1)))
-    store_y = 32 * Wt * slab + ((kq * 4) >> (gW.bit_length() - 1)) * (vt_tile.rows * Wt)
-    return tile_n // 16 - 4 * kq, load_x, load_y, select, store_x, store_y
-
-
-def _groups(accesses, values) -> tuple:
-    """accesses: [(xor constant, immediate)]; values(xor) -> the list of (base ^ x ^ xor) over
-    every lane and job. Accesses whose values differ from an earlier group's by one constant
-    share its XOR: ((xor constants of the groups), ((group, immediate) per access))."""
-    groups, out = [], []
-    for xor, imm in accesses:
-        mine = values(xor)
-        for i, g in enumerate(groups):
-            deltas = {a - b for a, b in zip(mine, values(g))}
-            if len(deltas) == 1:
-                out.append((i, imm + deltas.pop()))
-                break
-        else:
-            groups.append(xor)
-            out.append((len(groups) - 1, imm))
-    return tuple(groups), tuple(out)
+    chan, key = s * VT_JOB_CHANNELS, g * VT_JOB_KEYS
+    load_x = chan & (W - 1)
+    load_y = key * W + (chan >> (W.bit_length() - 1)) * (rows_tile.rows * W)
+    key = (g + first_group) * VT_JOB_KEYS
+    store_x = key & (Wt - 1)
+    store_y = chan * Wt + (key >> (Wt.bit_length() - 1)) * (vt_tile.rows * Wt)
+    return load_x, load_y, store_x, store_y
 
 
 @functools.lru_cache(maxsize=64)
-def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int) -> tuple:
-    """(load groups, loads, store groups, stores): the XOR constants of the loads' and the stores'
-    groups, and per access (its group, its immediate): access = (base ^ job x ^ group constant)
-    + job y + stage + immediate. Checked against vt_job_coords and the tiles' offsets for every
-    lane, job, access and both stages."""
+def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int, first_group: int = 0) -> bool:
+    """Checks that vt_lane_bases and vt_job_terms give every lane's ldmatrix / stmatrix row of
+    every job and stage: (key 16 g + vt_load_lane's, channel 32 s + its chunk) of the rows tile
+    (`tile_n` keys) and (channel 32 s + vt_store_lane's, column 16 (g + first_group)) of V^T,
+    16-byte aligned."""
     W, Wt = rows_tile.width, vt_tile.width
     assert W >= 32 and Wt >= 32 and W & (W - 1) == 0 and Wt & (Wt - 1) == 0, (rows_tile, vt_tile)
-    lanes = [vt_lane_bases(lane, rows_tile, vt_tile) for lane in range(32)]
-    terms = [vt_job_terms(j // VT_PASSES, j % VT_PASSES, rows_tile, vt_tile, tile_n)
-             for j in range(vt_jobs(hdimv, tile_n))]
-    active = [(lane, j) for lane in range(32) for j, tm in enumerate(terms)
-              if (_lane_coords(lane)[2] ^ (j % VT_PASSES)) < tm[0]]
-    # (the kernel's idle-lane test: exactly the lanes whose 16-key group lies in the tile)
-    assert active == [(lane, j) for lane in range(32) for j in range(len(terms))
-                      if vt_job_coords(j, lane, tile_n)[0] < tile_n // 16]
-    store_base = lambda lane, tm: lanes[lane][1] ^ (lanes[lane][2] & tm[3])
-    load_groups, loads = _groups(
-        [(rows_tile.offset(o & 7, 0, 0), 8 * W * (o >> 3)) for o in VT_ROW_OFFSETS],
-        lambda xor: [lanes[lane][0] ^ terms[j][1] ^ xor for lane, j in active])
-    store_groups, stores = _groups(
-        [(vt_tile.offset(c, 0, 0), 0) for c in range(4)],
-        lambda xor: [store_base(lane, terms[j]) ^ terms[j][4] ^ xor for lane, j in active])
-    for lane, j in active:
-        g, t, d4 = vt_job_coords(j, lane, tile_n)
-        tm = terms[j]
-        for stage in (0, 1):
-            for (group, imm), o in zip(loads, VT_ROW_OFFSETS):
-                got = (lanes[lane][0] ^ tm[1] ^ load_groups[group]) + tm[2] + stage * rows_tile.stage_bytes + imm
-                assert got == rows_tile.offset(16 * g + 2 * t + o, 4 * d4, stage), (j, lane, o)
-            for c, (group, imm) in enumerate(stores):
-                got = (store_base(lane, tm) ^ tm[4] ^ store_groups[group]) + tm[5] + stage * vt_tile.stage_bytes + imm
-                assert got == vt_tile.offset(4 * d4 + c, 16 * g + 4 * t, stage), (j, lane, c)
-    return load_groups, loads, store_groups, stores
+    for job in range(vt_jobs(hdimv, tile_n)):
+        g, s = vt_job_coords(job, tile_n)
+        load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
+        for lane in range(32):
+            load_base, store_base = vt_lane_bases(lane, rows_tile, vt_tile)
+            key, chunk = vt_load_lane(lane)
+            for stage in (0, 1):
+                got = (load_base ^ load_x) + load_y + stage * rows_tile.stage_bytes
+                assert got == rows_tile.offset(16 * g + key, 32 * s + chunk, stage) and got % 16 == 0, (job, lane)
+                got = (store_base ^ store_x) + store_y + stage * vt_tile.stage_bytes
+                assert got == vt_tile.offset(32 * s + vt_store_lane(lane), 16 * (g + first_group), stage) \
+                    and got % 16 == 0, (job, lane)
+    return True
 
 
 @dsl_user_op
-def ld_shared_b32(addr, imm: int, *, loc=None, ip=None) -> Int32:
-    """ld.shared.b32 at shared address `addr` + `imm` (ordered with the other volatile asm: the
-    barrier waits)."""
-    return Int32(llvm.inline_asm(
-        T.i32(), [Int32(addr).ir_value(loc=loc, ip=ip)], f"ld.shared.b32 $0, [$1+{imm}];", "=r,r",
+def ldsm_x4_trans(addr, *, loc=None, ip=None) -> tuple:
+    """ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 from the row at shared address `addr`
+    (this lane's row of matrix lane / 8): the four 32-bit registers."""
+    regs = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32()] * 4), [Int32(addr).ir_value(loc=loc, ip=ip)],
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r",
         has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
-    ))
+    )
+    return tuple(Int32(llvm.extractvalue(T.i32(), regs, [i], loc=loc, ip=ip)) for i in range(4))
 
 
 @dsl_user_op
-def st_shared_b32(addr, imm: int, value, *, loc=None, ip=None):
-    """st.shared.b32 of `value` at shared address `addr` + `imm`."""
+def stsm_x4(addr, r0, r1, r2, r3, *, loc=None, ip=None):
+    """stmatrix.sync.aligned.m8n8.x4.shared.b16 to the row at shared address `addr` (this lane's
+    row of matrix lane / 8) of the four registers."""
     llvm.inline_asm(
-        None, [Int32(addr).ir_value(loc=loc, ip=ip), Int32(value).ir_value(loc=loc, ip=ip)],
-        f"st.shared.b32 [$0+{imm}], $1;", "r,r",
+        None, [Int32(x).ir_value(loc=loc, ip=ip) for x in (addr, r0, r1, r2, r3)],
+        "stmatrix.sync.aligned.m8n8.x4.shared.b16 [$0], {$1, $2, $3, $4};", "r,r,r,r,r",
         has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
     )
 
@@ -418,30 +384,27 @@ def st_shared_b32(addr, imm: int, value, *, loc=None, ip=None):
 @cute.jit
 def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_addr, vt_tile: cutlass.Constexpr,
                       vt_stage, warp, num_warps: cutlass.Constexpr[int], hdimv: cutlass.Constexpr[int],
-                      tile_n: cutlass.Constexpr[int]):
-    """One V block: the (tile_n, hdim_v) e4m3 rows in stage `rows_stage` of the staging tile
-    (`rows_tile`: its ByteTile, (keys, channels, stage), at shared address `rows_addr`) into stage
-    `vt_stage` of V^T (`vt_tile`, (channels, keys, stage), at `vt_addr`), keys in PV_KEY_ORDER.
-    Warp `warp` of `num_warps` takes every num_warps-th job, its addresses by `vt_plan`."""
-    load_groups, loads, store_groups, stores = vt_plan(rows_tile, vt_tile, hdimv, tile_n)
+                      tile_n: cutlass.Constexpr[int], first_group: cutlass.Constexpr[int] = 0):
+    """One V block or part of one: the (tile_n, hdim_v) e4m3 rows in stage `rows_stage` of the
+    staging tile (`rows_tile`: its ByteTile, (keys, channels, stage), at shared address
+    `rows_addr`) into stage `vt_stage` of V^T (`vt_tile`, (channels, keys, stage), at `vt_addr`)
+    from 16-key group `first_group` on, keys in PV_KEY_ORDER. Warp `warp` of `num_warps` takes
+    every num_warps-th job (the section's comment above)."""
+    vt_plan(rows_tile, vt_tile, hdimv, tile_n, first_group)
     lane = cute.arch.lane_idx()
-    gl = _lane_coords(lane)[2]
-    load_base, store_base, store_swap = vt_lane_bases(lane, rows_tile, vt_tile)
+    load_base, store_base = vt_lane_bases(lane, rows_tile, vt_tile)
+    sel_a, sel_b = vt_selectors(lane)
     rows_at = rows_addr + rows_stage * rows_tile.stage_bytes
     vt_at = vt_addr + vt_stage * vt_tile.stage_bytes
-    # (one job an iteration: with 2 or 4 passes unrolled, ptxas moved the consumers' tile
-    # arithmetic from the uniform datapath to vector registers and they spilled, causal hdim 128)
-    for job in cutlass.range(warp, vt_jobs(hdimv, tile_n), num_warps, unroll=1):
-        p = job & (VT_PASSES - 1)
-        groups_left, load_x, load_y, select, store_x, store_y = vt_job_terms(job >> 2, p, rows_tile, vt_tile, tile_n)
-        load_y = rows_at + load_y  # (warp-uniform)
-        store_y = vt_at + store_y
-        if (gl ^ p) < groups_left:
-            load_at = [load_base ^ load_x ^ xor for xor in load_groups]
-            words = [ld_shared_b32(load_at[g] + load_y, imm) for g, imm in loads]
-            out = byte_transpose4(*words, prmt)
-            base = store_base ^ (store_swap & select) if const_expr(vt_tile.width == 32) else store_base
-            store_at = [base ^ store_x ^ xor for xor in store_groups]
-            for c in cutlass.range_constexpr(4):
-                g, imm = stores[c]
-                st_shared_b32(store_at[g] + store_y, imm, out[c])
+    groups = tile_n // VT_JOB_KEYS
+    assert groups >= num_warps, (tile_n, num_warps)  # (one wrap a step below)
+    g, s = warp, Int32(0)  # vt_job_coords of the warp's jobs, stepped (no division)
+    for _ in cutlass.range(warp, vt_jobs(hdimv, tile_n), num_warps, unroll=1):
+        load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
+        r = ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y))
+        stsm_x4((store_base ^ store_x) + (vt_at + store_y),
+                prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b), prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
+        g += num_warps
+        if g >= groups:
+            g -= groups
+            s += 1

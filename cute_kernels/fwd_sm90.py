@@ -14,7 +14,8 @@ Pipelines (PipelineTmaAsync, mbarriers in smem; counts asserted at trace time by
               With 2, the producer loads the next tile's Q while the consumers run this one.
   pipeline_k  num_stages.       full: 1 producer arrive + K tx bytes; empty: 4W consumer warps.
   pipeline_v  num_stages.       full: 1 producer arrive + V tx bytes; empty: 4W consumer warps.
-              (fp8_v_rows: v_rows_stages of V's rows, emptied by the 3 transposing warps, and
+              (fp8_v_rows: v_rows_stages of V's rows (v_rows_keys a stage), emptied by the 3
+              transposing warps, and
   pipeline_vt num_stages of V^T,  full: 96 transposing threads; empty: 4W consumer warps.)
   (Consumer release arrives once per warp: lane 0 of each consumer warp.)
 
@@ -51,11 +52,12 @@ scale columns and their 16-aligned V^T columns from cu_seqlens and the batch ind
 
 FP8 V in rows (FwdConfig fp8_v_rows: FA3's float8 v, (keys, hdim_v)): the producer warp TMAs each
 V block into a staging tile of v_rows_stages stages (pipeline_v, whose consumers are the producer
-warpgroup's warps 1-3); those warps walk the same tiles and blocks (the consumers' walk: a dynamic
+warpgroup's warps 1-3; a stage is a whole block or, where two do not fit, half of one:
+v_rows_keys); those warps walk the same tiles and blocks (the consumers' walk: a dynamic
 scheduler's tiles read after Q's wait, without releasing Q), wait for a free V^T stage, transpose
-the block into it with the keys in PV_KEY_ORDER (fp8.transpose_v_block: 32-bit shared loads, byte
-permutes, 32-bit stores), fence the stores for the async proxy and arrive on pipeline_vt's full
-barrier (all 96 threads), then free the staging stage. The consumers read V^T from pipeline_vt as
+the block into it part by part with the keys in PV_KEY_ORDER (fp8.transpose_v_block: ldmatrix.trans,
+byte permutes, stmatrix), freeing each staging stage after its part, fence the stores for the
+async proxy and arrive on pipeline_vt's full barrier (all 96 threads). The consumers read V^T from pipeline_vt as
 they read it from pipeline_v otherwise; no transposing copy of V runs before the kernel.
 
 Paged K / V (FwdConfig page_size > 0, FA3's page_table): K and V are page pools (num_pages,
@@ -246,6 +248,15 @@ class FlashAttentionForwardSm90:
         self.paged = cfg.page_size > 0
         self.kv_rows = min(cfg.page_size, self.tile_n) if self.paged else self.tile_n
         self.pages_per_block = self.tile_n // self.kv_rows
+        # fp8_v_rows: V's rows staged in parts of v_rows_keys keys. Where two whole blocks do not
+        # fit (hdim 256's 128 x 128), two stages of half a block each rather than one of a whole:
+        # with one, a block's TMA waited for the transpose of the block before and the transpose
+        # for that TMA (H100, 16k tokens: 769 / 862 TFLOP/s against 1205 / 1150 with V^T copied
+        # ahead); halves let each run under the other, in the same bytes.
+        self.v_rows_keys = self.tile_n
+        if (self.v_rows and self.v_rows_stages == 1 and not self.paged and self.tile_n % (2 * fp8.VT_JOB_KEYS) == 0
+                and self.tile_n // 2 >= VT_WARPS * fp8.VT_JOB_KEYS):
+            self.v_rows_keys, self.v_rows_stages = self.tile_n // 2, 2
         if self.paged:
             assert page_size_ok(cfg.page_size, self.tile_n), \
                 f"{cfg.short()}: page_size {cfg.page_size} neither a multiple of tile_n {self.tile_n} nor a " \
@@ -323,10 +334,10 @@ class FlashAttentionForwardSm90:
         v_tile = (self.hdimv, self.tile_n) if const_expr(self.fp8) else (self.tile_n, self.hdimv)
         sV_layout = make_smem_layout(self.dtype, v_tile, self.num_stages)
         # fp8_v_rows: the staging tile of V's rows, (tile_n, hdim_v), what the V TMA writes
-        sVrows_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv), self.v_rows_stages) \
+        sVrows_layout = make_smem_layout(self.dtype, (self.v_rows_keys, self.hdimv), self.v_rows_stages) \
             if const_expr(self.v_rows) else None
         # fp8_v_rows: both tiles' byte layouts in closed form for the transposing warps
-        v_byte_tiles = (fp8.byte_tile(sVrows_layout, self.tile_n, self.hdimv, self.v_rows_stages),
+        v_byte_tiles = (fp8.byte_tile(sVrows_layout, self.v_rows_keys, self.hdimv, self.v_rows_stages),
                         fp8.byte_tile(sV_layout, self.hdimv, self.tile_n, self.num_stages)) \
             if const_expr(self.v_rows) else None
         # O is staged in 16-row slabs, one per consumer warp (the rows its accumulator holds),
@@ -382,12 +393,13 @@ class FlashAttentionForwardSm90:
             )
             tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
                 g2s, mV, cute.select(sVrows_layout if const_expr(self.v_rows) else sV_layout, mode=[0, 1]),
-                (self.tile_n, self.hdimv) if const_expr(self.v_rows) else v_tile
+                (self.v_rows_keys, self.hdimv) if const_expr(self.v_rows) else v_tile
             )
         tma_atom_O, tma_O = (None, None) if const_expr(cfg.split_kv) else cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), mO, sO_slab_layout, (O_SLAB_ROWS, self.o_width))
         tx_q, tx_k, tx_v = (cute.size_in_bytes(dtype, cute.select(layout, mode=[0, 1])) for dtype, layout in
-                            ((self.qk_dtype, sQ_layout), (self.qk_dtype, sK_layout), (self.dtype, sV_layout)))
+                            ((self.qk_dtype, sQ_layout), (self.qk_dtype, sK_layout),
+                             (self.dtype, sVrows_layout if const_expr(self.v_rows) else sV_layout)))
         if const_expr(self.qv):  # Qv lands on Q's barrier
             tx_q += cute.size_in_bytes(self.dtype, cute.select(sQv_layout, mode=[0, 1]))
 
@@ -508,24 +520,52 @@ class FlashAttentionForwardSm90:
             if const_expr(self.cfg.tile.dynamic) else None
         tiles = TileWork(scheduler, seqlen_fn, mask_fn, next_tile, num_splits, self.cfg.split_kv)
 
-        if warp_idx < 4:
-            cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
-            if warp_idx == 0:
-                self.load(mQ, mK, mV, sQ, sK, sVrows if const_expr(self.v_rows) else sV, tma_atom_Q, tma_atom_K,
-                          tma_atom_V, pipeline_q, pipeline_k, pipeline_v, tiles, mPageTable, (mQv, sQv, tma_atom_Qv))
-            if const_expr(self.v_rows):
-                if warp_idx > 0:
-                    rows_tile, vt_tile = v_byte_tiles
-                    self.transpose_v(pipeline_q, pipeline_v, pipeline_vt, tiles, storage.sVrows.data_ptr().toint(),
-                                     rows_tile, storage.sV.data_ptr().toint(), vt_tile, warp_idx - 1)
+        producer_args = (mQ, mK, mV, sQ, sK, sVrows if const_expr(self.v_rows) else sV, tma_atom_Q, tma_atom_K,
+                         tma_atom_V, pipeline_q, pipeline_k, pipeline_v, pipeline_vt, tiles, mPageTable,
+                         (mQv, sQv, tma_atom_Qv), v_byte_tiles, storage, warp_idx)
+        consumer_args = (mO, tma_O, tma_atom_O, mLSE, sO, sQ, sK, sV, sQv, tiled_mma_qk, tiled_mma_pv,
+                         pipeline_q, pipeline_k, pipeline_vt, scale_log2, softcap_premul, tiles,
+                         (mQScale, mKScale, mVScale) if const_expr(self.fp8) else None)
+        if const_expr(self.v_rows):
+            # The consumers' code first: ptxas's allocation of the consumers (within 3 registers
+            # of the 240 they get at FP8's 128 x 224) moved with whatever code preceded theirs and
+            # spilled 8-56 bytes for transposer changes that touched no consumer instruction (the
+            # consumers' PTX identical but for register numbers); placed first, it no longer moves.
+            if warp_idx >= 4:
+                self.consumers(*consumer_args)
+            else:
+                self.producers(*producer_args)
         else:
-            cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
-            # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
-            tiled_mma_o = tiled_mma_pv if const_expr(self.cfg.tile.o_chunks == 1) else self.make_tiled_mma_pv(self.o_width)
-            out = OutputOperands(mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_o)
-            scales = (mQScale, mKScale, mVScale) if const_expr(self.fp8) else None
-            self.mma(out, sQ, sK, sV, tiled_mma_qk, tiled_mma_pv,
-                     pipeline_q, pipeline_k, pipeline_vt, scale_log2, softcap_premul, tiles, scales, sQv)
+            if warp_idx < 4:
+                self.producers(*producer_args)
+            else:
+                self.consumers(*consumer_args)
+
+    @cute.jit
+    def producers(self, mQ, mK, mV, sQ, sK, sV_load, tma_atom_Q, tma_atom_K, tma_atom_V, pipeline_q, pipeline_k,
+                  pipeline_v, pipeline_vt, tiles: TileWork, mPageTable, qv_operands, v_byte_tiles: cutlass.Constexpr,
+                  storage, warp_idx):
+        """The producer warpgroup: warp 0 loads (`load`); with fp8_v_rows warps 1-3 transpose V."""
+        cute.arch.setmaxregister_decrease(self.cfg.tile.producer_regs)
+        if warp_idx == 0:
+            self.load(mQ, mK, mV, sQ, sK, sV_load, tma_atom_Q, tma_atom_K, tma_atom_V, pipeline_q, pipeline_k,
+                      pipeline_v, tiles, mPageTable, qv_operands)
+        if const_expr(self.v_rows):
+            if warp_idx > 0:
+                rows_tile, vt_tile = v_byte_tiles
+                self.transpose_v(pipeline_q, pipeline_v, pipeline_vt, tiles, storage.sVrows.data_ptr().toint(),
+                                 rows_tile, storage.sV.data_ptr().toint(), vt_tile, warp_idx - 1)
+
+    @cute.jit
+    def consumers(self, mO, tma_O, tma_atom_O, mLSE, sO, sQ, sK, sV, sQv, tiled_mma_qk, tiled_mma_pv, pipeline_q,
+                  pipeline_k, pipeline_vt, scale_log2, softcap_premul, tiles: TileWork, scales):
+        """The consumer warpgroups (`mma`)."""
+        cute.arch.setmaxregister_increase(self.cfg.tile.consumer_regs)
+        # O's MMA over one column chunk: how the epilogue stages O (o_chunks).
+        tiled_mma_o = tiled_mma_pv if const_expr(self.cfg.tile.o_chunks == 1) else self.make_tiled_mma_pv(self.o_width)
+        out = OutputOperands(mO, tma_O, tma_atom_O, mLSE, sO, tiled_mma_o)
+        self.mma(out, sQ, sK, sV, tiled_mma_qk, tiled_mma_pv,
+                 pipeline_q, pipeline_k, pipeline_vt, scale_log2, softcap_premul, tiles, scales, sQv)
 
     @cute.jit
     def load(
@@ -604,6 +644,17 @@ class FlashAttentionForwardSm90:
         cute.copy(tma_atom, tXgX[None, n_block], tXsX[None, state.index],
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
+    @cute.jit
+    def load_block_parts(self, n_block, state, pipe, tma_atom, tXgX, tXsX):
+        """fp8_v_rows in parts: V block `n_block` as tile_n / v_rows_keys TMAs of v_rows_keys rows,
+        each into its own staging stage from `state` on; `state` is left at the last part's (the
+        caller advances past it, as after `load_block`)."""
+        parts = self.tile_n // self.v_rows_keys
+        for p in cutlass.range_constexpr(parts):
+            if const_expr(p > 0):
+                state.advance()
+            self.load_block(n_block * parts + p, state, pipe, tma_atom, tXgX, tXsX)
+
     def kv_loaders(self, mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v, head_kv, batch,
                    seqlen: SeqlenInfo, mPageTable):
         """`load_block` (paged: `load_block_paged`) for K and for V of sequence `batch`, KV head
@@ -631,13 +682,15 @@ class FlashAttentionForwardSm90:
             gV = cute.local_tile(mVt, (self.hdimv, self.tile_n), (0, None))
         else:
             mV_cur = cute.domain_offset((seqlen.offset_k, 0), mV[None, None, head_kv, b_k])
-            gV = cute.local_tile(mV_cur, (self.tile_n, self.hdimv), (None, 0))
+            gV = cute.local_tile(mV_cur, (self.v_rows_keys if const_expr(self.v_rows) else self.tile_n, self.hdimv),
+                                 (None, 0))
         tKsK, tKgK = cpasync.tma_partition(tma_atom_K, 0, one, cute.group_modes(sK, 0, 2),
                                            cute.group_modes(gK, 0, 2))
         tVsV, tVgV = cpasync.tma_partition(tma_atom_V, 0, one, cute.group_modes(sV, 0, 2),
                                            cute.group_modes(gV, 0, 2))
         return (partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK),
-                partial(self.load_block, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV))
+                partial(self.load_block if const_expr(self.v_rows_keys == self.tile_n) else self.load_block_parts,
+                        pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV))
 
     def page_box(self, s_layout, cols: int):
         """The smem layout a paged TMA box fills: the first kv_rows rows of a stage's (tile_n, cols)
@@ -699,15 +752,19 @@ class FlashAttentionForwardSm90:
             n_block_min, n_block_max = tiles.kv_block_range(tiles.mask_fn(seqlen, m_block), split)
             if m_block * self.tile_m < seqlen.seqlen_q:
                 for _ in cutlass.range(n_block_max - n_block_min, unroll=1):
-                    pipeline_v.consumer_wait(rows_state)
-                    pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
-                    fp8.transpose_v_block(rows_addr, rows_tile, rows_state.index, vt_addr, vt_tile, vt_state.index,
-                                          warp, VT_WARPS, self.hdimv, self.tile_n)
-                    cute.arch.fence_view_async_shared()
-                    cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))
-                    cute.arch.sync_warp()  # every lane's loads of the rows are done
-                    pipeline_v.consumer_release(rows_state)
-                    rows_state.advance()
+                    for p in cutlass.range_constexpr(self.tile_n // self.v_rows_keys):  # (parts of the block)
+                        pipeline_v.consumer_wait(rows_state)
+                        if const_expr(p == 0):
+                            pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
+                        fp8.transpose_v_block(rows_addr, rows_tile, rows_state.index, vt_addr, vt_tile, vt_state.index,
+                                              warp, VT_WARPS, self.hdimv, self.v_rows_keys,
+                                              p * self.v_rows_keys // fp8.VT_JOB_KEYS)
+                        if const_expr(p == self.tile_n // self.v_rows_keys - 1):
+                            cute.arch.fence_view_async_shared()
+                            cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))
+                        cute.arch.sync_warp()  # every lane's loads of the rows are done
+                        pipeline_v.consumer_release(rows_state)
+                        rows_state.advance()
                     vt_state.advance()
                 q_state.advance()
             tile = tiles.follow(tile, pipeline_q, q_state)

@@ -119,9 +119,10 @@ def test_convert_p_e4m3_compiles_to_paired_conversions():
     assert ops["SHFL"] == 0, "P must not move between lanes"
 
 
-def _byte_maps(tile_n: int, hdimv: int) -> tuple:
+def _byte_maps(tile_n: int, hdimv: int, rows_keys: int) -> tuple:
     """Byte offsets of the fp8_v_rows kernel's smem tiles, from the layouts the kernel builds
-    (stage 1 of 2): V's rows (key, channel) -> offset and V^T (channel, key position) -> offset
+    (stage 1 of 2): V's rows (key, channel) -> offset (a staging stage of rows_keys keys) and V^T
+    (channel, key position) -> offset
     by crd2idx, and the two tiles' fp8.ByteTile (the closed form the kernel computes them by),
     checked equal to crd2idx at every coordinate of both stages."""
     from cute_kernels.utils import make_smem_layout
@@ -130,10 +131,10 @@ def _byte_maps(tile_n: int, hdimv: int) -> tuple:
 
     @cute.jit
     def maps():
-        rows = make_smem_layout(cutlass.Float8E4M3FN, (tile_n, hdimv), 2)
+        rows = make_smem_layout(cutlass.Float8E4M3FN, (rows_keys, hdimv), 2)
         vt = make_smem_layout(cutlass.Float8E4M3FN, (hdimv, tile_n), 2)
-        out["rows_tile"], out["vt_tile"] = fp8.byte_tile(rows, tile_n, hdimv, 2), fp8.byte_tile(vt, hdimv, tile_n, 2)
-        for name, layout, extent in (("rows", rows, (tile_n, hdimv)), ("vt", vt, (hdimv, tile_n))):
+        out["rows_tile"], out["vt_tile"] = fp8.byte_tile(rows, rows_keys, hdimv, 2), fp8.byte_tile(vt, hdimv, tile_n, 2)
+        for name, layout, extent in (("rows", rows, (rows_keys, hdimv)), ("vt", vt, (hdimv, tile_n))):
             out[name] = [[[cute.crd2idx((r, c, s), layout) for c in range(extent[1])] for r in range(extent[0])]
                          for s in range(2)]
 
@@ -145,83 +146,93 @@ def _byte_maps(tile_n: int, hdimv: int) -> tuple:
     return out["rows"][1], out["vt"][1], out["rows_tile"], out["vt_tile"]
 
 
-# (hdim_v, tile_n) of the FP8 kernel's channel-V tiles (config.fp8_tile) and a masked-softcap one
-VT_TILES = [(64, 128), (96, 96), (128, 224), (128, 128), (256, 128), (256, 64)]
+# (hdim_v, tile_n, parts) of the FP8 kernel's channel-V tiles (config.fp8_tile) and a masked-softcap
+# one; parts: the staging stages a block takes (the kernel's v_rows_keys = tile_n / parts)
+VT_TILES = [(64, 128, 1), (96, 96, 1), (128, 224, 1), (128, 128, 1), (256, 128, 2), (256, 128, 1), (256, 64, 1)]
 
 
-@pytest.mark.parametrize("hdimv,tile_n", VT_TILES)
-def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n):
-    """fp8.transpose_v_block's jobs, run lane by lane on the CPU with the kernel's own address
-    arithmetic (fp8.vt_plan's XOR groups over the lane bases and job terms; fp8.ByteTile checked
-    against the swizzled smem layouts' crd2idx everywhere) and
-    PTX prmt's byte semantics: every byte of V^T is written once, with key PV_KEY_ORDER[i] of each
-    16-key group at position i, from fresh random bytes. Where both tiles have 128-byte rows (the
-    128-byte swizzle) no load or store of a job has a bank conflict."""
+def ldmatrix_trans_reference(buf: bytearray, rows: list) -> list:
+    """PTX ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 on a byte buffer: `rows[lane]` is the
+    offset of row lane % 8 of matrix lane / 8 (16 bytes: eight 16-bit elements); lane T receives
+    in register i element (2 (T % 4), T / 4) of matrix i in its low half and (2 (T % 4) + 1, T / 4)
+    in its high half (the matrix transposed into the untransposed fragment's places)."""
+    elem = lambda i, r, c: int.from_bytes(buf[rows[8 * i + r] + 2 * c:rows[8 * i + r] + 2 * c + 2], "little")
+    return [[elem(i, 2 * (t % 4), t // 4) | elem(i, 2 * (t % 4) + 1, t // 4) << 16 for i in range(4)]
+            for t in range(32)]
+
+
+def stmatrix_reference(buf: bytearray, rows: list, regs: list, written: list):
+    """PTX stmatrix.sync.aligned.m8n8.x4.shared.b16: lane T's register m is bytes 4 (T % 4) ..
+    4 (T % 4) + 3 of row T / 4 of matrix m, whose 16 bytes start at `rows[8 m + T / 4]`."""
+    for t in range(32):
+        for m in range(4):
+            off = rows[8 * m + t // 4] + 4 * (t % 4)
+            buf[off:off + 4] = regs[t][m].to_bytes(4, "little")
+            for b in range(4):
+                written[off + b] += 1
+
+
+@pytest.mark.parametrize("hdimv,tile_n,parts", VT_TILES)
+def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n, parts):
+    """fp8.transpose_v_block's jobs, run warp by warp on the CPU with the kernel's own address
+    arithmetic (fp8.vt_lane_bases and vt_job_terms, which vt_plan checks; fp8.ByteTile checked
+    against the swizzled smem layouts' crd2idx everywhere) and the semantics of ldmatrix.trans,
+    prmt and stmatrix: every byte of V^T is written once, with key PV_KEY_ORDER[i] of each 16-key
+    group at position i, from fresh random bytes, the block in one staging stage or in parts (each
+    part's jobs from its first group on); and each 8-row phase of either instruction touches 8
+    different 16-byte bank groups (no bank conflict) in every tile."""
     from cute_kernels.fwd_sm90 import VT_WARPS
 
-    rows_map, vt_map, rows_tile, vt_tile = _byte_maps(tile_n, hdimv)
+    keys = tile_n // parts
+    rows_map, vt_map, rows_tile, vt_tile = _byte_maps(tile_n, hdimv, keys)
     gen = torch.Generator().manual_seed(hdimv * 1000 + tile_n)
     v = torch.randint(0, 256, (tile_n, hdimv), generator=gen, dtype=torch.uint8)
-    rows = bytearray(max(max(r) for r in rows_map) + 1)
-    for n in range(tile_n):
-        for d in range(hdimv):
-            rows[rows_map[n][d]] = int(v[n, d])
     vt = bytearray(max(max(r) for r in vt_map) + 1)
     written = [0] * len(vt)
-    word = lambda buf, off: int.from_bytes(buf[off:off + 4], "little")
-    worst = 0
-    jobs = fp8.vt_jobs(hdimv, tile_n)
-    load_groups, load_imms, store_groups, store_imms = fp8.vt_plan(rows_tile, vt_tile, hdimv, tile_n)
-    for warp in range(VT_WARPS):
-        for job in range(warp, jobs, VT_WARPS):
-            loads = [[] for _ in fp8.VT_ROW_OFFSETS]
-            stores = [[] for _ in range(4)]
-            p = job % fp8.VT_PASSES
-            left, load_x, load_y, select, store_x, store_y = fp8.vt_job_terms(job // 4, p, rows_tile, vt_tile, tile_n)
+    stage = 1
+    for part, warp in ((part, warp) for part in range(parts) for warp in range(VT_WARPS)):
+        first = part * keys // 16
+        assert fp8.vt_plan(rows_tile, vt_tile, hdimv, keys, first)
+        rows = bytearray(max(max(r) for r in rows_map) + 1)
+        for n in range(keys):
+            for d in range(hdimv):
+                rows[rows_map[n][d]] = int(v[part * keys + n, d])
+        for job in range(warp, fp8.vt_jobs(hdimv, keys), VT_WARPS):
+            g, s = fp8.vt_job_coords(job, keys)
+            load_x, load_y, store_x, store_y = fp8.vt_job_terms(g, s, rows_tile, vt_tile, first)
+            bases = [fp8.vt_lane_bases(lane, rows_tile, vt_tile) for lane in range(32)]
+            loads = [(lb ^ load_x) + load_y + stage * rows_tile.stage_bytes for lb, _ in bases]
+            stores = [(sb ^ store_x) + store_y + stage * vt_tile.stage_bytes for _, sb in bases]
+            for lane in range(32):  # the rows the lanes name: what the section's comment says
+                key, chunk = fp8.vt_load_lane(lane)
+                assert loads[lane] == rows_map[16 * g + key][32 * s + chunk]
+                assert stores[lane] == vt_map[32 * s + fp8.vt_store_lane(lane)][16 * (g + first)]
+            for phase in range(4):  # one matrix per phase: 8 rows of 16 bytes
+                for offs in (loads, stores):
+                    assert len({off // 16 % 8 for off in offs[8 * phase:8 * phase + 8]}) == 8, (job, phase)
+            regs = ldmatrix_trans_reference(rows, loads)
+            out = []
             for lane in range(32):
-                g, t, d4 = fp8.vt_job_coords(job, lane, tile_n)
-                assert (g < tile_n // 16) == ((((lane >> 3) & 3) ^ p) < left)
-                if g >= tile_n // 16:
-                    continue
-                # the kernel's addresses (fp8.transpose_v_block, stage 1): the lane's bases, the
-                # job's uniform terms and each access's XOR group and immediate
-                load_base, store_base, store_swap = fp8.vt_lane_bases(lane, rows_tile, vt_tile)
-                offs = [(load_base ^ load_x ^ load_groups[grp]) + load_y + rows_tile.stage_bytes + imm
-                        for grp, imm in load_imms]
-                assert offs == [rows_map[g * 16 + t * 2 + o][d4 * 4] for o in fp8.VT_ROW_OFFSETS]
-                assert all(off % 4 == 0 for off in offs)
-                out = fp8.byte_transpose4(*(word(rows, off) for off in offs), fp8.prmt_reference)
-                for i, off in enumerate(offs):
-                    loads[i].append(off)
-                base = store_base ^ (store_swap & select)
-                for c, (grp, imm) in enumerate(store_imms):
-                    off = (base ^ store_x ^ store_groups[grp]) + store_y + vt_tile.stage_bytes + imm
-                    assert off % 4 == 0
-                    vt[off:off + 4] = out[c].to_bytes(4, "little")
-                    for b in range(4):
-                        written[off + b] += 1
-                    stores[c].append(off)
-            for access in loads + stores:  # lanes sharing a bank (different words) serialize
-                banks = {}
-                for off in access:
-                    banks.setdefault(off // 4 % 32, set()).add(off // 4)
-                worst = max(worst, max((len(w) for w in banks.values()), default=1))
+                sel_a, sel_b = fp8.vt_selectors(lane)
+                r = regs[lane]
+                out.append([fp8.prmt_reference(r[0], r[1], sel_a), fp8.prmt_reference(r[0], r[1], sel_b),
+                            fp8.prmt_reference(r[2], r[3], sel_a), fp8.prmt_reference(r[2], r[3], sel_b)])
+            stmatrix_reference(vt, stores, out, written)
     expected = v.T[:, [16 * (n // 16) + fp8.PV_KEY_ORDER[n % 16] for n in range(tile_n)]]
     got = torch.tensor([[vt[vt_map[d][n]] for n in range(tile_n)] for d in range(hdimv)], dtype=torch.uint8)
     assert torch.equal(got, expected)
     assert sorted({written[vt_map[d][n]] for d in range(hdimv) for n in range(tile_n)}) == [1]
-    if hdimv % 128 == 0 and tile_n % 128 == 0:
-        assert worst == 1, f"{worst}-way bank conflicts"
 
 
-def test_prmt_reference_and_byte_transpose():
-    """The byte permutes the transposer uses: prmt's selector semantics on Python ints, and a 4 x 4
-    byte transpose of fresh random words."""
+def test_prmt_reference():
+    """prmt's selector semantics on Python ints (the transposer's permutes run through it on the
+    CPU), and the two selectors' words: keys 2t, 2t + 1 from the first register, 2t + 8, 2t + 9
+    from the second, of the even and the odd channel."""
     assert fp8.prmt_reference(0x03020100, 0x07060504, 0x5140) == 0x05010400
     assert fp8.prmt_reference(0x000000F0, 0, 0x8888) == 0xFFFFFFFF  # sign replication
-    gen = torch.Generator().manual_seed(7)
-    w = [int(x) for x in torch.randint(0, 2**31, (4,), generator=gen)]
-    out = fp8.byte_transpose4(*w, fp8.prmt_reference)
-    for i in range(4):
-        for c in range(4):
-            assert (out[c] >> (8 * i)) & 0xFF == (w[i] >> (8 * c)) & 0xFF
+    # register bytes: (key 2t, ch even), (2t, odd), (2t+1, even), (2t+1, odd)
+    a, b = 0x13120302, 0x33322322  # keys 2t / 2t+1: 0x0c (c: channel); 2t+8 / 2t+9: 0x2c / 0x3c
+    assert fp8.prmt_reference(a, b, fp8.VT_EVEN) == 0x32221202
+    assert fp8.prmt_reference(a, b, fp8.VT_ODD) == 0x33231303
+
+

@@ -519,16 +519,17 @@ V_ROWS_COMPILE = [
 def test_fp8_v_rows_compiles(hdim, features):
     """fp8_v_rows: the FP8 kernel with V's rows staged and transposed by producer warps 1-3
     compiles for sm_90a without local memory, within the launch's registers, with its job loop:
-    four 32-bit shared loads, eight PRMT and four 32-bit shared stores, their addresses by
-    fp8.vt_plan (an XOR a group of accesses, warp-uniform job terms): at most 64 instructions a
-    job (52-62 at hdim 128) where the closed form (fp8.ByteTile.offset per access) took 77-81."""
+    one ldmatrix.x4.trans, four PRMT and one stmatrix.x4 a 512-byte job, their addresses an XOR
+    and an add each over warp-uniform job terms (fp8.vt_plan): at most 40 instructions a job
+    (where 4-byte loads and stores took 52-62)."""
     cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
     ops = sass.opcode_counts(text)
     assert ops["QGMMA"] > 0 and ops["STL"] == ops["LDL"] == 0
-    (job_loop,) = sass.innermost_loops(text, lambda c: c["PRMT"] >= 8 and c["LDS"] == 4 and c["STS"] == 4)
-    assert sum(job_loop[2].values()) <= 64, job_loop[2]
+    (job_loop,) = sass.innermost_loops(text, lambda c: c["LDSM"] == 1 and c["STSM"] == 1)
+    assert job_loop[2]["PRMT"] == 4 and job_loop[2]["LDS"] == job_loop[2]["STS"] == 0, job_loop[2]
+    assert sum(job_loop[2].values()) <= 40, job_loop[2]
 
 
 def test_transpose_v_is_one_copy_in_the_pv_key_order():

@@ -67,11 +67,17 @@ def test_triton_fp8_through_the_api():
     out = fa3py.attention(q, k, v, fp8=True, causal=True, backend="triton")
     assert out.dtype == torch.float16
     assert "forward: triton" in fa3py.explain(q, k, v, fp8=True, backend="triton")
+    # The repo's rule against the fp64 reference, the emulation (exact, and with the FP8 tensor
+    # cores' accumulation) in the role of PyTorch's own error. (On an H100 / H200 this case was
+    # 1.86e-2 from the exact emulation against check()'s 8.9e-3 "same arithmetic" bound: with 14-33
+    # keys a row, one probability that the tensor cores' accumulation moves across an e4m3
+    # rounding boundary moves the output by up to 2^-4 of a value, which the emulations' own
+    # drift on these inputs need not show.)
     qkv = fa3py.quantize_fp8(q, k, v)
-    (want, _), (mma, _) = fp8_emulated_pair(qkv, make_request(q, k, v, causal=True).params, torch.float16,
-                                            descending=False)
-    drift = max_err(mma, want) if out.is_cuda else 0.0  # the FP8 tensor cores' accumulation (check's rule)
-    assert max_err(out, want) <= 2 * drift + 2.0**-7 * float(want.abs().max())
+    emulations = fp8_emulated_pair(qkv, make_request(q, k, v, causal=True).params, torch.float16, descending=False)
+    ref, _ = reference.attention(make_request(q, k, v, causal=True))
+    emu_err = max(max_err(o, ref) for o, _ in emulations)
+    assert max_err(out, ref) <= 2 * emu_err + 2.0**-8 * float(ref.abs().max()), (max_err(out, ref), emu_err)
 
 
 @pytest.mark.gpu  # Triton's interpreter decodes the e4m3fn NaN (0x7F) as 480
