@@ -19,7 +19,8 @@ each row's captured call instead. Rows per point:
                    with V transposed by a host copy (copy-V) or in the kernel's shared memory (V-rows)
   fa3-fwd fp8      FlashAttention-3's own FP8 kernel on the same float8 inputs (peer wheel fa3-fwd)
   cudnn fp8        cuDNN's FP8 SDPA (nvidia-cudnn-frontend; per-tensor scales, e4m3 output)
-  prep             the fp8=True prep alone, with its GB/s (bytes read + written) beside a copy
+  prep             the fp8=True prep alone, with its GB/s (bytes read + written) beside a copy; its
+                   e4m3 codes by integer arithmetic (the default) and by the hardware's conversion
 Each output's relative RMSE against fa3py's bf16 output is printed beside its time (a sanity
 check that the row computes attention; `benchmarks.accuracy` measures accuracy against fp64).
 Peers that are not installed are left out and named."""
@@ -82,6 +83,19 @@ def _cudnn(q8, k8, v8, causal, scales, v_amax):
         cudnn.set_stream(h, torch.cuda.current_stream().cuda_stream)
         g.execute(pack, ws, handle=h)
     return call, out, o_scale
+
+
+def _native_prep(call):
+    """`call` with the prep's e4m3 codes from the hardware conversion (FA3PY_FP8_PREP_NATIVE=1)."""
+    from triton_fallback import fp8_prep
+
+    def run():
+        before, fp8_prep.NATIVE_E4M3 = fp8_prep.NATIVE_E4M3, True
+        try:
+            return call()
+        finally:
+            fp8_prep.NATIVE_E4M3 = before
+    return run
 
 
 def _direct(call, on: bool):
@@ -190,9 +204,11 @@ def main(argv=None):
                 # the prep alone (reads q, k, v in bf16, writes them in e4m3; scales ignored) and a copy
                 # of the same bytes, timed in the same rotation
                 calls["prep"] = lambda: fa3py.quantize_fp8(q, k, v, v_pv_order=True)
+                calls["prep native"] = _native_prep(calls["prep"])
                 calls["copy"] = lambda: torch.cat([q, k, v])
                 if args.cuda_graph:
-                    calls["prep"], calls["copy"] = (run.cuda_graph(calls[n]).replay for n in ("prep", "copy"))
+                    for n in ("prep", "prep native", "copy"):
+                        calls[n] = run.cuda_graph(calls[n]).replay
                 names = list(calls)
                 times, _ = time_pairs([calls[n] for n in names], args.pairs, torch.device("cuda"))
                 ms = {n: float(np.median(t)) for n, t in zip(names, times)}
@@ -204,11 +220,13 @@ def main(argv=None):
                         point["rows"][name] = {"ms": ms[name], "tflops": flops / ms[name] / 1e9, "rel_rmse_vs_bf16": rel}
                 nbytes = 3 * q.numel() * (2 + 1)
                 point["prep"] = {"ms": ms["prep"], "GB/s": nbytes / ms["prep"] / 1e6,
+                                 "native GB/s": nbytes / ms["prep native"] / 1e6,
                                  "copy GB/s": 2 * 3 * q.numel() * 2 / ms["copy"] / 1e6}
                 results.append(point)
                 line = "  ".join(f"{n}: {_cell(r)}" for n, r in point["rows"].items())
-                print(f"hdim {d} seqlen {s} causal {causal}: {line}; prep {point['prep']['GB/s']:.0f} GB/s "
-                      f"(copy {point['prep']['copy GB/s']:.0f}); left out: {skipped}", flush=True)
+                print(f"hdim {d} seqlen {s} causal {causal}: {line}; prep {point['prep']['GB/s']:.0f} GB/s, native "
+                      f"{point['prep']['native GB/s']:.0f} (copy {point['prep']['copy GB/s']:.0f}); left out: {skipped}",
+                      flush=True)
     meta = run.metadata(argparse.Namespace(commit=None), torch.device("cuda"))  # FA3PY_COMMIT overrides git
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": meta["date"],
            "commit": meta["commit"], "dirty": meta.get("dirty"), "pairs": args.pairs,
@@ -221,13 +239,13 @@ def main(argv=None):
                  f"`{doc['commit']}`{' (tree modified)' if doc['dirty'] else ''}, torch {doc['torch']}, "
                  f"{args.pairs} rounds, rows in rotated order call by call"
                  f"{', CUDA-graph replays' if args.cuda_graph else ', eager calls'}", "",
-                 "| hdim | seqlen | causal | " + " | ".join(names) + " | prep GB/s (copy) |",
+                 "| hdim | seqlen | causal | " + " | ".join(names) + " | prep GB/s: integer / native e4m3 (copy) |",
                  "|---" * (4 + len(names)) + "|"]
         for p in results:
             cells = [_cell(p["rows"][n]) if n in p["rows"]
                      else "-" for n in names]
             lines.append(f"| {p['hdim']} | {p['seqlen']} | {p['causal']} | " + " | ".join(cells)
-                         + f" | {p['prep']['GB/s']:.0f} ({p['prep']['copy GB/s']:.0f}) |")
+                         + f" | {p['prep']['GB/s']:.0f} / {p['prep']['native GB/s']:.0f} ({p['prep']['copy GB/s']:.0f}) |")
         Path(args.md).write_text("\n".join(lines) + "\n")
     return doc
 
