@@ -32,9 +32,9 @@ __all__ = ["why_not", "describe", "forward", "backward", "config_for", "num_spli
 
 def why_not(req: "AttentionRequest", backward: bool) -> Optional[str]:
     if req.paged and (backward or req.params.fp8 or req.fp8_tensors is not None
-                      or (req.is_fp8_input and not launch.fp8_direct_enabled)):
+                      or (req.is_fp8_input and launch.fp8_direct_enabled is False)):
         return ("cute_kernels: paged K / V are read by the forward only, on 16-bit inputs or on FA3's float8 "
-                "ones read directly (FA3PY_CUTE_FP8_DIRECT=1)")
+                "ones read directly (not with FA3PY_CUTE_FP8_DIRECT=0)")
     if backward:
         # what the forward serves, within the backward kernel's limits (its own reasons first:
         # the forward's last one is the device's)

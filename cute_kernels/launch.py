@@ -424,9 +424,15 @@ paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "1") != "0"
 # FA3's float8 inputs read by the kernel as they are: V in its rows, transposed by the producer
 # warpgroup in shared memory (FwdConfig.fp8_v_rows), and the descales read once per tile
 # (FwdConfig.fp8_descales), instead of a transposing copy of V and three scale tensors filled
-# before each call (4 launches besides the kernel's). Quantized operands whose V is in rows take
-# fp8_v_rows too. Opt-in until the GPU tests pass (compiled and emulated on the CPU only so far).
-fp8_direct_enabled = os.environ.get("FA3PY_CUTE_FP8_DIRECT", "0") == "1"
+# before each call (4 launches besides the kernel's). Quantized operands whose V is in rows and
+# paged float8 caches take fp8_v_rows always (their only kernel path). For FA3's contiguous
+# inputs the copy costs V's bytes twice once per call and the transpose in the kernel a share of
+# every block's time (the producer warps' issue slots beside the consumers'), so V's rows win
+# where few queries read each V element: up to FP8_V_ROWS_MAX_QUERIES query rows per KV head
+# (seqlen_q x the GQA group). fp8_direct_enabled: None (that rule), True (always V's rows: 1),
+# False (never: 0; quantized V rows then go to the emulation and float8 pages are gathered).
+fp8_direct_enabled = {"1": True, "0": False}.get(os.environ.get("FA3PY_CUTE_FP8_DIRECT", ""))
+FP8_V_ROWS_MAX_QUERIES = 2048
 # qk_int8 operands (fa3py.fp8's higher-accuracy mode) on the FP8 kernel with int8 Q K^T
 # (FwdConfig.fp8_qk_int8), and attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds
 # and masks): on by default since tests/test_cute_fp8_kernel.py's feature cases (int8 rows / GQA
@@ -475,13 +481,17 @@ def _fa3_inputs(req: "AttentionRequest") -> bool:
 
 
 def _fp8_v_rows(req: "AttentionRequest") -> bool:
-    """Whether the kernel reads V in its rows (FwdConfig.fp8_v_rows): FA3's float8 inputs, or
-    quantized operands whose V is not transposed, where the opt-in is on."""
-    if not fp8_direct_enabled:
+    """Whether the kernel reads V in its rows (FwdConfig.fp8_v_rows): quantized operands whose V
+    is not transposed and paged float8 caches, and FA3's float8 inputs by fp8_direct_enabled's
+    rule; never where it is False."""
+    if fp8_direct_enabled is False:
         return False
     if req.fp8_tensors is not None:
         return not req.fp8_tensors.fmt.v_transposed
-    return _fa3_inputs(req)
+    if not _fa3_inputs(req):
+        return False
+    queries = req.max_seqlen_q * (req.nheads // req.nheads_kv)
+    return fp8_direct_enabled or req.paged or queries <= FP8_V_ROWS_MAX_QUERIES
 
 
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
@@ -493,8 +503,8 @@ def fp8_why_not(req: "AttentionRequest") -> Optional[str]:
     fmt = req.fp8_tensors.fmt if req.fp8_tensors is not None else None
     if fmt is not None and fmt.qk_int8 and not fp8_qk_int8_enabled:
         return "cute_kernels: qk_int8 operands (int8 Q K^T) on the kernel are turned off (FA3PY_CUTE_FP8_INT8=0)"
-    if fmt is not None and not fmt.v_transposed and not fp8_direct_enabled:
-        return "cute_kernels: FP8 takes transposed V (V in rows: opt-in FA3PY_CUTE_FP8_DIRECT=1)"
+    if fmt is not None and not fmt.v_transposed and fp8_direct_enabled is False:
+        return "cute_kernels: V in rows is turned off (FA3PY_CUTE_FP8_DIRECT=0): FP8 takes transposed V"
     fa3 = req.fp8_tensors is None and not req.params.fp8
     if fa3 and (req.k.dtype != req.q.dtype or req.v.dtype != req.q.dtype):
         return "cute_kernels: FP8 takes q, k, v all float8_e4m3fn"

@@ -449,6 +449,26 @@ def _run_fp8_recording_v(req, cfg, monkeypatch) -> tuple:
     return (*launch.run_fp8(req, cfg), seen)
 
 
+def test_fa3_inputs_take_v_rows_where_few_queries_read_v(monkeypatch):
+    """FA3's float8 inputs by default: V's rows in the kernel up to FP8_V_ROWS_MAX_QUERIES query
+    rows per KV head (seqlen_q times the GQA group), a copy of V^T above; paged caches always;
+    FA3PY_CUTE_FP8_DIRECT=1 / 0 (True / False) always / never."""
+    from cute_kernels import launch
+    from fa3py.validation import make_request
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    limit = launch.FP8_V_ROWS_MAX_QUERIES
+
+    def rows(sq, h, hk, direct=None):
+        monkeypatch.setattr(launch, "fp8_direct_enabled", direct)
+        q, k, v = (torch.randn(1, s, n, 64).to(torch.float8_e4m3fn) for s, n in ((sq, h), (300, hk), (300, hk)))
+        return launch.fp8_config_for(make_request(q, k, v)).fp8_v_rows
+
+    assert rows(limit, 2, 2) and not rows(limit + 1, 2, 2)
+    assert rows(limit // 4, 8, 2) and not rows(limit // 4 + 1, 8, 2)  # GQA: 4 query heads read each V
+    assert rows(limit + 1, 2, 2, direct=True) and not rows(1, 2, 2, direct=False)
+
+
 @pytest.mark.parametrize("case", FA3_CASES)
 def test_fa3_direct_host_path_on_the_emulated_kernel(case, monkeypatch):
     """FA3PY_CUTE_FP8_DIRECT=1: FA3's float8 v reaches the kernel as it is (the request's own
@@ -457,6 +477,7 @@ def test_fa3_direct_host_path_on_the_emulated_kernel(case, monkeypatch):
     the emulated kernel gives the bits of the copy-and-fill path and the reference's accuracy."""
     from cute_kernels import launch
 
+    monkeypatch.setattr(launch, "fp8_direct_enabled", False)
     req, cfg = _feature_request(case, "cpu", monkeypatch)
     assert not cfg.fp8_v_rows
     out_t, lse_t, _ = _run_fp8_recording_v(req, cfg, monkeypatch)
@@ -490,8 +511,9 @@ def test_quantized_v_in_rows_needs_the_opt_in(monkeypatch):
     block_n = launch.FwdConfig.make("e4m3", 64).tile.tile_n
     rows = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_n=block_n, v_transposed=False, seed=3))
     vt = fa3py_fp8.make_request(*fa3py.quantize_fp8(q, k, v, block_n=block_n, v_pv_order=True, seed=3))
-    assert "FA3PY_CUTE_FP8_DIRECT=1" in launch.fp8_why_not(rows)
-    monkeypatch.setattr(launch, "fp8_direct_enabled", True)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", False)
+    assert "FA3PY_CUTE_FP8_DIRECT=0" in launch.fp8_why_not(rows)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", None)  # the default: V's rows in the kernel
     assert launch.fp8_why_not(rows) == "cute_kernels: CUDA tensors only"
     cfg_rows, cfg_vt = launch.fp8_config_for(rows), launch.fp8_config_for(vt)
     assert cfg_rows.fp8_v_rows and not cfg_vt.fp8_v_rows
@@ -521,15 +543,17 @@ def test_fp8_v_rows_compiles(hdim, features):
     compiles for sm_90a without local memory, within the launch's registers, with its job loop:
     one ldmatrix.x4.trans, four PRMT and one stmatrix.x4 a 512-byte job, their addresses an XOR
     and an add each over warp-uniform job terms (fp8.vt_plan): at most 40 instructions a job
-    (where 4-byte loads and stores took 52-62)."""
+    (where 4-byte loads and stores took 52-62); one such loop a staging part (two at hdim 256,
+    whose 128 x 128 tile stages half blocks unless paged)."""
     cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
     ops = sass.opcode_counts(text)
     assert ops["QGMMA"] > 0 and ops["STL"] == ops["LDL"] == 0
-    (job_loop,) = sass.innermost_loops(text, lambda c: c["LDSM"] == 1 and c["STSM"] == 1)
-    assert job_loop[2]["PRMT"] == 4 and job_loop[2]["LDS"] == job_loop[2]["STS"] == 0, job_loop[2]
-    assert sum(job_loop[2].values()) <= 40, job_loop[2]
+    job_loops = sass.innermost_loops(text, lambda c: c["LDSM"] == 1 and c["STSM"] == 1)
+    assert len(job_loops) == (2 if hdim == 256 and not features.get("page_size") else 1)  # (half blocks)
+    for _, _, ops in job_loops:
+        assert ops["PRMT"] == 4 and ops["LDS"] == ops["STS"] == 0 and sum(ops.values()) <= 40, ops
 
 
 def test_transpose_v_is_one_copy_in_the_pv_key_order():
@@ -722,6 +746,7 @@ def test_explain_names_the_kernel_config_emulated_sm90(emulated_sm90, monkeypatc
     kw = dict(q_descale=req.q_descale, k_descale=req.k_descale, v_descale=req.v_descale)
     tile = FwdConfig.make("e4m3", 128).tile
     assert f"[sm90 FP8 forward e4m3 d128x128 tile{tile.tile_m}x{tile.tile_n}" in fa3py.explain(req.q, req.k, req.v, **kw)
+    monkeypatch.setattr(launch, "fp8_direct_enabled", False)
     assert "fp8_descales" not in fa3py.explain(req.q, req.k, req.v, **kw)
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     assert "fp8_v_rows fp8_descales" in fa3py.explain(req.q, req.k, req.v, **kw)
