@@ -85,29 +85,16 @@ def _cudnn(q8, k8, v8, causal, scales, v_amax):
     return call, out, o_scale
 
 
-def _native_prep(call):
-    """`call` with the prep's e4m3 codes from the hardware conversion (FA3PY_FP8_PREP_NATIVE=1)."""
-    from triton_fallback import fp8_prep
-
+def _with(module, name: str, value, call):
+    """`call` with `module.name` set to `value` while it runs (a switch the library reads per call:
+    cute_kernels.launch.fp8_direct_enabled, triton_fallback.fp8_prep.NATIVE_E4M3)."""
     def run():
-        before, fp8_prep.NATIVE_E4M3 = fp8_prep.NATIVE_E4M3, True
+        before = getattr(module, name)
+        setattr(module, name, value)
         try:
             return call()
         finally:
-            fp8_prep.NATIVE_E4M3 = before
-    return run
-
-
-def _direct(call, on: bool):
-    """`call` with FA3's float8 inputs served with V's rows in the kernel (on) or a copy of V^T."""
-    from cute_kernels import launch
-
-    def run():
-        before, launch.fp8_direct_enabled = launch.fp8_direct_enabled, on
-        try:
-            return call()
-        finally:
-            launch.fp8_direct_enabled = before
+            setattr(module, name, before)
     return run
 
 
@@ -135,8 +122,8 @@ def rows_for(q, k, v, causal):
                                              v_descale=ds[2])
     # FA3's inputs both ways the kernel takes V (cute_kernels.launch.fp8_direct_enabled): a host copy
     # of V transposed into the PV key order, or V's rows transposed in shared memory by the kernel
-    rows["fa3py fa3-format copy-V"] = _direct(fa3_call, False)
-    rows["fa3py fa3-format V-rows"] = _direct(fa3_call, True)
+    rows["fa3py fa3-format copy-V"] = _with(cute_kernels.launch, "fp8_direct_enabled", False, fa3_call)
+    rows["fa3py fa3-format V-rows"] = _with(cute_kernels.launch, "fp8_direct_enabled", True, fa3_call)
     try:
         from fa3_fwd_interface import flash_attn_func as fa3_func
 
@@ -179,6 +166,7 @@ def main(argv=None):
     import fa3py
     from benchmarks import run
     from benchmarks.paired import time_pairs
+    from triton_fallback import fp8_prep
 
     torch.manual_seed(0)
     results = []
@@ -204,7 +192,7 @@ def main(argv=None):
                 # the prep alone (reads q, k, v in bf16, writes them in e4m3; scales ignored) and a copy
                 # of the same bytes, timed in the same rotation
                 calls["prep"] = lambda: fa3py.quantize_fp8(q, k, v, v_pv_order=True)
-                calls["prep native"] = _native_prep(calls["prep"])
+                calls["prep native"] = _with(fp8_prep, "NATIVE_E4M3", True, calls["prep"])  # the hardware's e4m3
                 calls["copy"] = lambda: torch.cat([q, k, v])
                 if args.cuda_graph:
                     for n in ("prep", "prep native", "copy"):
