@@ -249,12 +249,12 @@ class FlashAttentionForwardSm90:
         self.kv_rows = min(cfg.page_size, self.tile_n) if self.paged else self.tile_n
         self.pages_per_block = self.tile_n // self.kv_rows
         # fp8_v_rows: V's rows staged in parts of v_rows_keys keys. Where two whole blocks do not
-        # fit (hdim 256's 128 x 128), two stages of half a block each rather than one of a whole:
-        # with one, a block's TMA waited for the transpose of the block before and the transpose
-        # for that TMA (H100, 16k tokens: 769 / 862 TFLOP/s against 1205 / 1150 with V^T copied
-        # ahead); halves let each run under the other, in the same bytes.
+        # fit (hdim 256's 128 x 128), with fp8_v_rows_half two stages of half a block each rather
+        # than one of a whole: with one, a block's TMA waited for the transpose of the block
+        # before and the transpose for that TMA (H100, 16k tokens: 769 / 862 TFLOP/s against
+        # 1205 / 1150 with V^T copied ahead); halves let each run under the other, in the same bytes.
         self.v_rows_keys = self.tile_n
-        if (self.v_rows and self.v_rows_stages == 1 and not self.paged and self.tile_n % (2 * fp8.VT_JOB_KEYS) == 0
+        if (cfg.fp8_v_rows_half and self.v_rows and self.v_rows_stages == 1 and not self.paged and self.tile_n % (2 * fp8.VT_JOB_KEYS) == 0
                 and self.tile_n // 2 >= VT_WARPS * fp8.VT_JOB_KEYS):
             self.v_rows_keys, self.v_rows_stages = self.tile_n // 2, 2
         if self.paged:

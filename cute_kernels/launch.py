@@ -433,6 +433,8 @@ paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "1") != "0"
 # False (never: 0; quantized V rows then go to the emulation and float8 pages are gathered).
 fp8_direct_enabled = {"1": True, "0": False}.get(os.environ.get("FA3PY_CUTE_FP8_DIRECT", ""))
 FP8_V_ROWS_MAX_QUERIES = 2048
+# FwdConfig.fp8_v_rows_half (half-block staging of V's rows at hdim 256): opt-in until its GPU tests run.
+fp8_v_half_enabled = os.environ.get("FA3PY_CUTE_FP8_V_HALF", "0") == "1"
 # qk_int8 operands (fa3py.fp8's higher-accuracy mode) on the FP8 kernel with int8 Q K^T
 # (FwdConfig.fp8_qk_int8), and attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds
 # and masks): on by default since tests/test_cute_fp8_kernel.py's feature cases (int8 rows / GQA
@@ -472,7 +474,8 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     fmt = (req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format() if req.params.fp8
            else Fp8Format(**FA3_FORMAT))
     return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows,
-                      fp8_descales=v_rows and _fa3_inputs(req), fp8_qk_int8=fmt.qk_int8)
+                      fp8_v_rows_half=v_rows and fp8_v_half_enabled, fp8_descales=v_rows and _fa3_inputs(req),
+                      fp8_qk_int8=fmt.qk_int8)
 
 
 def _fa3_inputs(req: "AttentionRequest") -> bool:

@@ -528,6 +528,7 @@ V_ROWS_COMPILE = [
     (128, dict(has_right=True, fp8_descales=True)),  # 128 x 224, the dynamic scheduler's tile walk
     (64, dict(fp8_descales=True)),  # 3 consumer warpgroups (512 threads, 24 / 160)
     (256, dict(cu_seqlens_q=True, cu_seqlens_k=True, fp8_descales=True)),  # packed V rows, O in two chunks
+    (256, dict(has_right=True, fp8_descales=True, fp8_v_rows_half=True)),  # two half-block staging stages
     (128, dict(pack_gqa=4, split_kv=True, seqused_k=True, fp8_descales=True)),  # decoding
     (128, dict(pack_gqa=4, split_kv=True, seqused_k=True)),  # decoding, quantized V rows
     (128, dict(has_right=True, chunk=True, fp8_descales=True)),  # a chunk: the static tile order at 128 x 224
@@ -543,15 +544,15 @@ def test_fp8_v_rows_compiles(hdim, features):
     compiles for sm_90a without local memory, within the launch's registers, with its job loop:
     one ldmatrix.x4.trans, four PRMT and one stmatrix.x4 a 512-byte job, their addresses an XOR
     and an add each over warp-uniform job terms (fp8.vt_plan): at most 40 instructions a job
-    (where 4-byte loads and stores took 52-62); one such loop a staging part (two at hdim 256,
-    whose 128 x 128 tile stages half blocks unless paged)."""
+    (where 4-byte loads and stores took 52-62); one such loop a staging part (two where
+    fp8_v_rows_half stages half blocks: hdim 256's 128 x 128)."""
     cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
     ops = sass.opcode_counts(text)
     assert ops["QGMMA"] > 0 and ops["STL"] == ops["LDL"] == 0
     job_loops = sass.innermost_loops(text, lambda c: c["LDSM"] == 1 and c["STSM"] == 1)
-    assert len(job_loops) == (2 if hdim == 256 and not features.get("page_size") else 1)  # (half blocks)
+    assert len(job_loops) == (2 if features.get("fp8_v_rows_half") else 1)  # (one a staging part)
     for _, _, ops in job_loops:
         assert ops["PRMT"] == 4 and ops["LDS"] == ops["STS"] == 0 and sum(ops.values()) <= 40, ops
 
