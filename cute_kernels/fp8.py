@@ -199,10 +199,11 @@ class Fp8Scales:
 #     mod 8 differ and, under each V^T swizzle (32, 64 or 128-byte rows), land in 8 different
 #     16-byte bank groups; ldmatrix's 8 consecutive keys do under every rows swizzle.
 # So a job is 1 LDSM, 4 PRMT, 1 STSM and two addresses, each (lane base ^ uniform x) + uniform y
-# (vt_plan), where 4-byte loads and stores with a 4 x 4 byte transpose a lane took 52-62
-# instructions per 512 bytes and, at hdim 128, 4-way bank conflicts on the stores (H200, 16k
-# tokens: 0.67-0.73 of the kernel on V transposed ahead). tests/test_cute_fp8.py runs the jobs
-# lane by lane with both instructions' semantics and the tiles' own layouts.
+# (vt_plan): 29-31 SASS instructions, where 4-byte loads and stores with a 4 x 4 byte transpose a
+# lane took 52-62 per 512 bytes and had 4-way bank conflicts on hdim 128's stores (16k tokens,
+# FA3's inputs: 0.67-0.73 of the copy of V^T ahead on an H200 then, 0.92-0.93 at hdim 128 on an
+# H100 now). tests/test_cute_fp8.py runs the jobs lane by lane with both instructions' semantics
+# and the tiles' own layouts.
 VT_JOB_KEYS = 16
 VT_JOB_CHANNELS = 32
 # prmt selectors over (registers 2h, 2h + 1): channel 2j's bytes (keys 2t, 2t+1, 2t+8, 2t+9) and 2j + 1's

@@ -52,13 +52,13 @@ scale columns and their 16-aligned V^T columns from cu_seqlens and the batch ind
 
 FP8 V in rows (FwdConfig fp8_v_rows: FA3's float8 v, (keys, hdim_v)): the producer warp TMAs each
 V block into a staging tile of v_rows_stages stages (pipeline_v, whose consumers are the producer
-warpgroup's warps 1-3; a stage is a whole block or, where two do not fit, half of one:
-v_rows_keys); those warps walk the same tiles and blocks (the consumers' walk: a dynamic
+warpgroup's warps 1-3; a stage is a whole block or, with fp8_v_rows_half where two do not fit,
+half of one: v_rows_keys); those warps walk the same tiles and blocks (the consumers' walk: a dynamic
 scheduler's tiles read after Q's wait, without releasing Q), wait for a free V^T stage, transpose
 the block into it part by part with the keys in PV_KEY_ORDER (fp8.transpose_v_block: ldmatrix.trans,
 byte permutes, stmatrix), freeing each staging stage after its part, fence the stores for the
-async proxy and arrive on pipeline_vt's full barrier (all 96 threads). The consumers read V^T from pipeline_vt as
-they read it from pipeline_v otherwise; no transposing copy of V runs before the kernel.
+async proxy and arrive on pipeline_vt's full barrier (all 96 threads). The consumers read V^T
+from pipeline_vt as they read it from pipeline_v otherwise; no transposing copy of V runs before the kernel.
 
 Paged K / V (FwdConfig page_size > 0, FA3's page_table): K and V are page pools (num_pages,
 page_size, h_kv, d) and mPageTable (b, max_pages) int32 maps a sequence's key j to row
@@ -254,9 +254,10 @@ class FlashAttentionForwardSm90:
         # before and the transpose for that TMA (H100, 16k tokens: 769 / 862 TFLOP/s against
         # 1205 / 1150 with V^T copied ahead); halves let each run under the other, in the same bytes.
         self.v_rows_keys = self.tile_n
-        if (cfg.fp8_v_rows_half and self.v_rows and self.v_rows_stages == 1 and not self.paged and self.tile_n % (2 * fp8.VT_JOB_KEYS) == 0
-                and self.tile_n // 2 >= VT_WARPS * fp8.VT_JOB_KEYS):
-            self.v_rows_keys, self.v_rows_stages = self.tile_n // 2, 2
+        half = self.tile_n // 2
+        if (cfg.fp8_v_rows_half and self.v_rows and self.v_rows_stages == 1 and not self.paged
+                and half % fp8.VT_JOB_KEYS == 0 and half >= VT_WARPS * fp8.VT_JOB_KEYS):
+            self.v_rows_keys, self.v_rows_stages = half, 2
         if self.paged:
             assert page_size_ok(cfg.page_size, self.tile_n), \
                 f"{cfg.short()}: page_size {cfg.page_size} neither a multiple of tile_n {self.tile_n} nor a " \
@@ -333,7 +334,7 @@ class FlashAttentionForwardSm90:
         # FP8: V^T tiles (hdim_v, tile_n), keys contiguous (the K-major B operand of PV).
         v_tile = (self.hdimv, self.tile_n) if const_expr(self.fp8) else (self.tile_n, self.hdimv)
         sV_layout = make_smem_layout(self.dtype, v_tile, self.num_stages)
-        # fp8_v_rows: the staging tile of V's rows, (tile_n, hdim_v), what the V TMA writes
+        # fp8_v_rows: the staging tile of V's rows, (v_rows_keys, hdim_v), what the V TMA writes
         sVrows_layout = make_smem_layout(self.dtype, (self.v_rows_keys, self.hdimv), self.v_rows_stages) \
             if const_expr(self.v_rows) else None
         # fp8_v_rows: both tiles' byte layouts in closed form for the transposing warps
