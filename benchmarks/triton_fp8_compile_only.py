@@ -31,7 +31,7 @@ VARIANTS = [
     (fp8_prep, 80, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1), 8),
     (fp8_prep, 90, None, dict(_PREP, HEADDIM=96, BLOCK_D=128, N_HAD=32, BLOCK=1, ROWS=16, GROUPS=16), 4),
     (fp8_prep, 90, None, dict(_PREP, HEADDIM=256, BLOCK_D=256, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1), 8),
-    # sm89+: the hardware's e4m3 conversion (opt-in, FA3PY_FP8_PREP_NATIVE=1)
+    # sm89+: the hardware's e4m3 conversion (the default there; FA3PY_FP8_PREP_NATIVE=0: integer)
     (fp8_prep, 90, None, dict(_PREP, HEADDIM=256, BLOCK_D=256, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,
                               NATIVE_E4M3=True), 8),
     (fp8_prep, 90, None, dict(_PREP, HEADDIM=128, BLOCK_D=128, N_HAD=128, BLOCK=128, ROWS=128, GROUPS=1,

@@ -328,8 +328,8 @@ class FwdConfig:
     fp8_v_rows: bool = False
     # fp8_v_rows where two whole blocks of V's rows do not fit beside the rest (hdim 256's 128 x
     # 128): two staging stages of half a block (the same bytes as one whole block), so that one
-    # half's TMA runs under the other's transpose (fwd_sm90's v_rows_keys). Compiled and checked
-    # lane by lane on the CPU; opt-in (FA3PY_CUTE_FP8_V_HALF=1) until its GPU tests run.
+    # half's TMA runs under the other's transpose (fwd_sm90's v_rows_keys). launch sets it for every
+    # fp8_v_rows request (FA3PY_CUTE_FP8_V_HALF=0 does not): it changes only the kernels it applies to.
     fp8_v_rows_half: bool = False
     # e4m3 with channel V only: the scale tensors are FA3's descales, (batch, heads, 1) float32
     # (Q's per query head, K's and V's per KV head), read once per tile, instead of the format's

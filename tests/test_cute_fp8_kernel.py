@@ -451,22 +451,27 @@ def _run_fp8_recording_v(req, cfg, monkeypatch) -> tuple:
 
 def test_fa3_inputs_take_v_rows_where_few_queries_read_v(monkeypatch):
     """FA3's float8 inputs by default: V's rows in the kernel up to FP8_V_ROWS_MAX_QUERIES query
-    rows per KV head (seqlen_q times the GQA group), a copy of V^T above; paged caches always;
-    FA3PY_CUTE_FP8_DIRECT=1 / 0 (True / False) always / never."""
+    rows per KV head (seqlen_q times the GQA group, halved when causal; fewer above hdim_v 128), a
+    copy of V^T above; FA3PY_CUTE_FP8_DIRECT=1 / 0 (True / False) always / never; half-block
+    staging on every V-rows config (it changes only the kernels it applies to)."""
     from cute_kernels import launch
     from fa3py.validation import make_request
 
     monkeypatch.setattr(launch, "fp8_enabled", True)
-    limit = launch.FP8_V_ROWS_MAX_QUERIES
 
-    def rows(sq, h, hk, direct=None):
+    def cfg(sq, h, hk, d=64, direct=None, **kw):
         monkeypatch.setattr(launch, "fp8_direct_enabled", direct)
-        q, k, v = (torch.randn(1, s, n, 64).to(torch.float8_e4m3fn) for s, n in ((sq, h), (300, hk), (300, hk)))
-        return launch.fp8_config_for(make_request(q, k, v)).fp8_v_rows
+        q, k, v = (torch.randn(1, s, n, d).to(torch.float8_e4m3fn) for s, n in ((sq, h), (300, hk), (300, hk)))
+        return launch.fp8_config_for(make_request(q, k, v, **kw))
 
+    rows = lambda *a, **kw: cfg(*a, **kw).fp8_v_rows  # noqa: E731
+    limit, wide = launch.FP8_V_ROWS_MAX_QUERIES[False], launch.FP8_V_ROWS_MAX_QUERIES[True]
     assert rows(limit, 2, 2) and not rows(limit + 1, 2, 2)
     assert rows(limit // 4, 8, 2) and not rows(limit // 4 + 1, 8, 2)  # GQA: 4 query heads read each V
+    assert rows(2 * limit, 2, 2, causal=True) and not rows(2 * limit + 2, 2, 2, causal=True)
+    assert rows(wide, 2, 2, d=256) and not rows(wide + 1, 2, 2, d=256)
     assert rows(limit + 1, 2, 2, direct=True) and not rows(1, 2, 2, direct=False)
+    assert cfg(1, 2, 2).fp8_v_rows_half and not cfg(1, 2, 2, direct=False).fp8_v_rows_half
 
 
 @pytest.mark.parametrize("case", FA3_CASES)
@@ -484,7 +489,7 @@ def test_fa3_direct_host_path_on_the_emulated_kernel(case, monkeypatch):
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     cfg_rows = launch.fp8_config_for(req)
     assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales
-    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_descales=False) == cfg
+    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_v_rows_half=False, fp8_descales=False) == cfg
     out, lse, seen = _run_fp8_recording_v(req, cfg_rows, monkeypatch)
     assert seen
     for q, k, v, (sq, sk, sv) in seen:
@@ -750,7 +755,7 @@ def test_explain_names_the_kernel_config_emulated_sm90(emulated_sm90, monkeypatc
     monkeypatch.setattr(launch, "fp8_direct_enabled", False)
     assert "fp8_descales" not in fa3py.explain(req.q, req.k, req.v, **kw)
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
-    assert "fp8_v_rows fp8_descales" in fa3py.explain(req.q, req.k, req.v, **kw)
+    assert all(f" {flag}" in fa3py.explain(req.q, req.k, req.v, **kw) for flag in ("fp8_v_rows", "fp8_descales"))
 
 
 def test_fp8_chunk_follows_its_switch(monkeypatch):
