@@ -328,9 +328,9 @@ class FwdConfig:
     fp8_v_rows: bool = False
     # fp8_v_rows where two whole blocks of V's rows do not fit beside the rest (hdim 256's 128 x
     # 128): two staging stages of half a block (the same bytes as one whole block), so that one
-    # half's TMA runs under the other's transpose (fwd_sm90's v_rows_keys). launch sets it for every
-    # fp8_v_rows request (FA3PY_CUTE_FP8_V_HALF=0 does not): it changes only the kernels it applies to.
-    fp8_v_rows_half: bool = False
+    # half's TMA runs under the other's transpose (fwd_sm90's v_rows_keys; other tiles ignore it).
+    # False (FA3PY_CUTE_FP8_V_HALF=0): one whole-block stage there.
+    fp8_v_rows_half: bool = True
     # e4m3 with channel V only: the scale tensors are FA3's descales, (batch, heads, 1) float32
     # (Q's per query head, K's and V's per KV head), read once per tile, instead of the format's
     # per-block scale tensors the host would fill from them (fp8.Fp8Scales.create).
@@ -436,7 +436,7 @@ class FwdConfig:
         flags += [f"tensors_d{self.hdim_in or self.hdim}x{self.hdimv_in or self.hdimv}"] if self.hdim_in or self.hdimv_in else []
         flags += [f"page_size={self.page_size}"] if self.page_size else []
         flags += ["fp8_v_rows"] if self.fp8_v_rows else []
-        flags += ["fp8_v_rows_half"] if self.fp8_v_rows_half else []
+        flags += ["fp8_v_rows_whole"] if self.fp8_v_rows and not self.fp8_v_rows_half else []
         flags += ["fp8_descales"] if self.fp8_descales else []
         flags += ["fp8_qk_int8"] if self.fp8_qk_int8 else []
         flags += ["qv"] if self.qv else []

@@ -746,6 +746,7 @@ class FlashAttentionForwardSm90:
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
         rows_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_v.num_stages)
         vt_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, pipeline_vt.num_stages)
+        parts = self.tile_n // self.v_rows_keys
         tile = tiles.follow(None, pipeline_q, q_state)
         while tiles.scheduler.valid(tile):
             m_block, head, batch, split = tiles.coords(tile)
@@ -753,14 +754,14 @@ class FlashAttentionForwardSm90:
             n_block_min, n_block_max = tiles.kv_block_range(tiles.mask_fn(seqlen, m_block), split)
             if m_block * self.tile_m < seqlen.seqlen_q:
                 for _ in cutlass.range(n_block_max - n_block_min, unroll=1):
-                    for p in cutlass.range_constexpr(self.tile_n // self.v_rows_keys):  # (parts of the block)
+                    for p in cutlass.range_constexpr(parts):  # (the block's staging parts)
                         pipeline_v.consumer_wait(rows_state)
                         if const_expr(p == 0):
                             pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
                         fp8.transpose_v_block(rows_addr, rows_tile, rows_state.index, vt_addr, vt_tile, vt_state.index,
                                               warp, VT_WARPS, self.hdimv, self.v_rows_keys,
                                               p * self.v_rows_keys // fp8.VT_JOB_KEYS)
-                        if const_expr(p == self.tile_n // self.v_rows_keys - 1):
+                        if const_expr(p == parts - 1):
                             cute.arch.fence_view_async_shared()
                             cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))
                         cute.arch.sync_warp()  # every lane's loads of the rows are done

@@ -481,7 +481,7 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
     fmt = (req.fp8_tensors.fmt if req.fp8_tensors is not None else Fp8Format() if req.params.fp8
            else Fp8Format(**FA3_FORMAT))
     return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows,
-                      fp8_v_rows_half=v_rows and fp8_v_half_enabled, fp8_descales=v_rows and _fa3_inputs(req),
+                      fp8_v_rows_half=fp8_v_half_enabled or not v_rows, fp8_descales=v_rows and _fa3_inputs(req),
                       fp8_qk_int8=fmt.qk_int8)
 
 

@@ -471,7 +471,9 @@ def test_fa3_inputs_take_v_rows_where_few_queries_read_v(monkeypatch):
     assert rows(2 * limit, 2, 2, causal=True) and not rows(2 * limit + 2, 2, 2, causal=True)
     assert rows(wide, 2, 2, d=256) and not rows(wide + 1, 2, 2, d=256)
     assert rows(limit + 1, 2, 2, direct=True) and not rows(1, 2, 2, direct=False)
-    assert cfg(1, 2, 2).fp8_v_rows_half and not cfg(1, 2, 2, direct=False).fp8_v_rows_half
+    assert cfg(1, 2, 2).fp8_v_rows_half
+    monkeypatch.setattr(launch, "fp8_v_half_enabled", False)  # FA3PY_CUTE_FP8_V_HALF=0
+    assert not cfg(1, 2, 2).fp8_v_rows_half and cfg(1, 2, 2, direct=False).fp8_v_rows_half  # (only V rows' configs)
 
 
 @pytest.mark.parametrize("case", FA3_CASES)
@@ -489,7 +491,7 @@ def test_fa3_direct_host_path_on_the_emulated_kernel(case, monkeypatch):
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     cfg_rows = launch.fp8_config_for(req)
     assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales
-    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_v_rows_half=False, fp8_descales=False) == cfg
+    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_descales=False) == cfg
     out, lse, seen = _run_fp8_recording_v(req, cfg_rows, monkeypatch)
     assert seen
     for q, k, v, (sq, sk, sv) in seen:
@@ -533,7 +535,7 @@ V_ROWS_COMPILE = [
     (128, dict(has_right=True, fp8_descales=True)),  # 128 x 224, the dynamic scheduler's tile walk
     (64, dict(fp8_descales=True)),  # 3 consumer warpgroups (512 threads, 24 / 160)
     (256, dict(cu_seqlens_q=True, cu_seqlens_k=True, fp8_descales=True)),  # packed V rows, O in two chunks
-    (256, dict(has_right=True, fp8_descales=True, fp8_v_rows_half=True)),  # two half-block staging stages
+    (256, dict(has_right=True, fp8_descales=True, fp8_v_rows_half=False)),  # one whole-block stage (V_HALF=0)
     (128, dict(pack_gqa=4, split_kv=True, seqused_k=True, fp8_descales=True)),  # decoding
     (128, dict(pack_gqa=4, split_kv=True, seqused_k=True)),  # decoding, quantized V rows
     (128, dict(has_right=True, chunk=True, fp8_descales=True)),  # a chunk: the static tile order at 128 x 224
@@ -550,14 +552,16 @@ def test_fp8_v_rows_compiles(hdim, features):
     one ldmatrix.x4.trans, four PRMT and one stmatrix.x4 a 512-byte job, their addresses an XOR
     and an add each over warp-uniform job terms (fp8.vt_plan): at most 40 instructions a job
     (where 4-byte loads and stores took 52-62); one such loop a staging part (two where
-    fp8_v_rows_half stages half blocks: hdim 256's 128 x 128)."""
+    fp8_v_rows_half stages half blocks)."""
     cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
     ops = sass.opcode_counts(text)
     assert ops["QGMMA"] > 0 and ops["STL"] == ops["LDL"] == 0
     job_loops = sass.innermost_loops(text, lambda c: c["LDSM"] == 1 and c["STSM"] == 1)
-    assert len(job_loops) == (2 if features.get("fp8_v_rows_half") else 1)  # (one a staging part)
+    # one loop a staging part: hdim 256's 128 x 128 stages half blocks unless paged or turned off
+    halves = hdim == 256 and features.get("fp8_v_rows_half", True) and not features.get("page_size")
+    assert len(job_loops) == (2 if halves else 1)
     for _, _, ops in job_loops:
         assert ops["PRMT"] == 4 and ops["LDS"] == ops["STS"] == 0 and sum(ops.values()) <= 40, ops
 

@@ -68,11 +68,11 @@ def test_triton_fp8_through_the_api():
     assert out.dtype == torch.float16
     assert "forward: triton" in fa3py.explain(q, k, v, fp8=True, backend="triton")
     # The repo's rule against the fp64 reference, the emulation (exact, and with the FP8 tensor
-    # cores' accumulation) in the role of PyTorch's own error. (On an H100 / H200 this case was
-    # 1.86e-2 from the exact emulation against check()'s 8.9e-3 "same arithmetic" bound: with 14-33
-    # keys a row, one probability that the tensor cores' accumulation moves across an e4m3
-    # rounding boundary moves the output by up to 2^-4 of a value, which the emulations' own
-    # drift on these inputs need not show.)
+    # cores' accumulation) in the role of PyTorch's own error. This is looser than check()'s "same
+    # arithmetic" bound (2 x the modelled drift + 2^-7 of the output), which this case failed on an
+    # H100 and an H200 (1.86e-2 against 8.9e-3) while check()'s larger cases pass it. Suspected,
+    # not shown: with 14-33 keys a row, a probability moved across an e4m3 rounding boundary by
+    # the tensor cores' accumulation moves the output by up to 2^-4 of a value.
     qkv = fa3py.quantize_fp8(q, k, v)
     emulations = fp8_emulated_pair(qkv, make_request(q, k, v, causal=True).params, torch.float16, descending=False)
     ref, _ = reference.attention(make_request(q, k, v, causal=True))
