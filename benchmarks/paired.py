@@ -129,7 +129,7 @@ def make_call(provider, forward, q, k, v, dout, case, pass_: str):
 def backward_backend(provider, q, case) -> str:
     """The backend that runs a fa3py provider's backward at this point: fa3py.explain's choice
     (fa3py:cute's is the sm90 kernel's unless FA3PY_CUTE_BWD=0); fa3py:cute-bwd calls bwd_sm90 itself."""
-    if provider.name == "fa3py:cute-bwd":
+    if provider.name.startswith("fa3py:cute-bwd"):
         return "cute"
     try:
         import fa3py

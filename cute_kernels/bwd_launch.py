@@ -50,6 +50,12 @@ ds_stages = int(os.environ["FA3PY_CUTE_BWD_DS_STAGES"]) if os.environ.get("FA3PY
 dq_red = os.environ["FA3PY_CUTE_BWD_DQ_RED"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DQ_RED") else None
 DS_STAGES_2_HDIMS = (64,)
 DQ_RED_HDIMS = (96, 256)
+# hdim 128's 80-row query blocks (BWD_TILE_M_VARIANTS; FA3's non-causal tile: dQ^T with the head
+# dim as M). None: M80_BY_DEFAULT decides for configs without masks or softcap (as FA3);
+# FA3PY_CUTE_BWD_M80=1 takes it for every hdim 128 config (masks and softcap included: the GPU
+# tests' coverage), 0 never. Off by default until timed against the 64-row tile.
+m80 = os.environ["FA3PY_CUTE_BWD_M80"] == "1" if os.environ.get("FA3PY_CUTE_BWD_M80") else None
+M80_BY_DEFAULT = False
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -107,19 +113,25 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
-                          hdimv=128 if _is_192x128(req) else 0, **variants(d, p.softcap > 0, p.deterministic))
+                          hdimv=128 if _is_192x128(req) else 0,
+                          **variants(d, p.softcap > 0, p.deterministic, masked=p.window_left >= 0
+                                     or p.window_right >= 0 or p.attention_chunk > 0))
 
 
-def variants(hdim: int, softcap: bool, deterministic: bool) -> dict:
+def variants(hdim: int, softcap: bool, deterministic: bool, masked: bool = False) -> dict:
     """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
     environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
-    SASS); dq_red never with deterministic."""
+    SASS); dq_red never with deterministic; tile_m 80 at hdim 128 (`m80`; by default, as FA3,
+    only without masks or softcap)."""
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
     want = (2 if hdim in DS_STAGES_2_HDIMS else 1) if ds_stages is None else ds_stages
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
-    return dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
+    out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
+    if hdim == 128 and (m80 or (m80 is None and M80_BY_DEFAULT and not (masked or softcap))):
+        out["tile_m"] = 80
+    return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -133,8 +145,10 @@ def dq_value_coords(tile_m: int, hdim: int, thread: int, r: int) -> tuple[int, i
     (0..255): the WGMMA accumulator layout (per warpgroup a 64 x N atom; warp w holds rows
     16w .. 16w + 15, lane l rows l / 4 and l / 4 + 8, columns 2 (l % 4) + {0, 1} of every 8;
     registers ordered (column pair element, row half, 8-column group)), with the two warpgroups
-    on hdim / 2-column halves, or at tile_m 128 on 64-row halves (all hdim columns each)."""
-    assert tile_m in (64, 128)
+    on hdim / 2-column halves, or at tile_m 128 on 64-row halves (all hdim columns each). At
+    tile_m 80 the accumulator is dQ^T (hdim x 80, bwd_sm90's dq_swap_ab): the same layout with
+    head-dim rows (64 per warpgroup) and query columns."""
+    assert tile_m in (64, 80, 128)
     wg, t = divmod(thread, 128)
     warp, lane = divmod(t, 32)
     e, rest = r % 2, r // 2
@@ -143,6 +157,8 @@ def dq_value_coords(tile_m: int, hdim: int, thread: int, r: int) -> tuple[int, i
     col = 8 * group + 2 * (lane % 4) + e
     if tile_m == 128:
         return row + wg * 64, col
+    if tile_m == 80:
+        return col, row + wg * 64
     return row, col + wg * (hdim // 2)
 
 

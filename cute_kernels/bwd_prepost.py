@@ -211,7 +211,7 @@ class BwdPostprocessSm90:
             base = (chunk.iterator + wg * THREADS_PER_WG * per_thread + 4 * t).align(16)
             src = cute.make_tensor(base, cute.make_layout((4, per_thread // 4), stride=(1, 4 * THREADS_PER_WG)))
             thr = tiled_mma_dq.get_slice(tidx)
-            acc = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C((cfg.tile_m, cfg.hdim)), Float32)
+            acc = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C(main.dq_tile), Float32)
             cute.autovec_copy(src, cute.make_tensor(acc.iterator, cute.make_layout(src.shape)))
             for i in cutlass.range_constexpr(cute.size(acc)):
                 acc[i] = acc[i] * softmax_scale
@@ -219,7 +219,8 @@ class BwdPostprocessSm90:
             convert_to(acc, r16)
             mdQ_cur = cute.domain_offset((seqlen.offset_q, 0), mdQ[None, None, head, b])
             gdQ = cute.local_tile(mdQ_cur, (cfg.tile_m, cfg.hdim), (m_block, 0))
-            store_acc_predicated(r16, thr, gdQ, (cfg.tile_m, cfg.hdim), rows_left, cfg.hdim_in)
+            store_acc_predicated(r16, thr, gdQ, (cfg.tile_m, cfg.hdim), rows_left, cfg.hdim_in,
+                                 transposed=main.dq_swap_ab)
 
     @staticmethod
     def fake_args(cfg: BwdRowsConfig, env_stream: bool = False):

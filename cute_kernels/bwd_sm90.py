@@ -38,6 +38,10 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
   in two passes once dP^T is in (d tanh in fp32); so does hdim 128 with softcap and a mask, whose
   fp16 d tanh spilled 16-24 bytes. CPU SASS: max register R231 .. R237 of 240, no local memory,
   except hdim 64's softcap with a window and varlen together (8-24 bytes of stack).
+  tile_m 80 (hdim 128, a variant: FA3's non-causal tile): S^T / dP^T of 64 keys x 80 queries (40
+  registers each a thread), sdS of 128 x 80 (a 32-byte swizzle: 80 columns), and since WGMMA's M
+  cannot be 80, dQ^T = K^T dS^T (`dq_swap_ab`: warpgroup w computes head-dim rows 64w .. 64w + 63
+  of dQ^T, all 80 queries; the host's order and the post-processing read it transposed).
 
 hdim 192 / 256 (`dkv_split_hdim`, tile_n = 64): dK and dV of 128 keys do not fit two
 warpgroups' registers, so the warpgroups split the work by queries for S^T / dP^T and by head-dim
@@ -147,11 +151,18 @@ class FlashAttentionBackwardSm90:
         self.split_hdim = cfg.dkv_split_hdim
         # tile_m 128 (hdim 64): dQ = dS K split by rows, 64 per warpgroup (tile_m 64: by columns)
         self.dq_split_rows = self.tile_m == NUM_MMA_WG * 64
+        # tile_m 80 (hdim 128): dQ^T = K^T dS^T, the head dim as M (64 rows per warpgroup), since
+        # WGMMA's M is 64 per warpgroup and 80 is not a multiple of it (FA3's dQ_swapAB)
+        self.dq_swap_ab = self.tile_m % 64 != 0
+        # dQ's accumulator tile as its MMA computes it: (rows, columns) of dQ, or dQ^T's
+        self.dq_tile = (self.hdim, self.tile_m) if self.dq_swap_ab else (self.tile_m, self.hdim)
         # softcap's d tanh recomputed in fp32 from the tanh kept in S^T once dP^T is in (two passes)
         # instead of kept in fp16 beside S^T and dP^T: where keeping it spills (tile_m 128; hdim 128
-        # with a mask: 16 / 24 bytes of stack causal / local + varlen, none two-pass; CPU SASS)
+        # with a mask: 16 / 24 bytes of stack causal / local + varlen; tile_m 80: 224 bytes; none
+        # two-pass; CPU SASS)
         masked = cfg.has_left or cfg.has_right or cfg.chunk
-        self.softcap_two_pass = cfg.softcap and (self.dq_split_rows or (self.hdim == 128 and masked))
+        spills = self.dq_split_rows or (self.hdim == 128 and (masked or self.tile_m == 80))
+        self.softcap_two_pass = cfg.softcap and spills
         self.num_mma_threads = NUM_MMA_WG * THREADS_PER_WG
         self.num_threads = self.num_mma_threads + THREADS_PER_WG
         # fp32 dQ values one consumer thread holds per m_block
@@ -180,8 +191,11 @@ class FlashAttentionBackwardSm90:
         # dV += P^T dO, dK += dS^T Q: A in registers, B = dO / Q read transposed (MN-major)
         dkv = self._mma(K, MN, (NUM_MMA_WG, 1, 1), self.hdim, a_source=warpgroup.OperandSource.RMEM)
         # dQ = dS K: A = dS from sdS (stored keys x queries: MN-major), B = K transposed; each
-        # warpgroup computes hdim / 2 of dQ's columns, or at tile_m 128 64 of its rows
-        if self.dq_split_rows:
+        # warpgroup computes hdim / 2 of dQ's columns, or at tile_m 128 64 of its rows; swapped
+        # (tile_m 80), dQ^T = K^T dS^T: A = K^T, B = dS (both MN-major), 64 head-dim rows each
+        if self.dq_swap_ab:
+            dq = self._mma(MN, MN, (NUM_MMA_WG, 1, 1), self.tile_m)
+        elif self.dq_split_rows:
             dq = self._mma(MN, MN, (NUM_MMA_WG, 1, 1), self.hdim)
         else:
             dq = self._mma(MN, MN, (1, NUM_MMA_WG, 1), self.hdim // NUM_MMA_WG)
@@ -311,12 +325,13 @@ class FlashAttentionBackwardSm90:
         MMA's layout, is what `dq_value_coords` (the host's permutation) says it is."""
         from cute_kernels.bwd_launch import dq_value_coords
 
-        cdQ = cute.make_identity_tensor((self.tile_m, self.hdim))
+        cdQ = cute.make_identity_tensor(self.dq_tile)
         for t in (0, 1, 5, 37, 100, 128, 133, 255):
             coords = tiled_mma_dq.get_slice(t).partition_C(cdQ)
             assert cute.size(coords) == self.dq_per_thread
             for r in range(self.dq_per_thread):
                 got = tuple(int(x) for x in coords[r])
+                got = got[::-1] if self.dq_swap_ab else got  # (head-dim column, row) of dQ^T
                 want = dq_value_coords(self.tile_m, self.hdim, t, r)
                 assert got == want, f"dQ value {r} of thread {t}: MMA layout {got}, host order {want}"
 
@@ -552,8 +567,12 @@ class FlashAttentionBackwardSm90:
         if const_expr(self.split_hdim):
             tdVrP = wg_dv.make_fragment_A(wg_dv.partition_A(sP))
             tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(sdS))
-        tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))  # (.., ds stage)
-        tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
+        if const_expr(self.dq_swap_ab):  # dQ^T = K^T dS^T
+            tdQrdS = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sdS)))  # (.., ds stage)
+            tdQrKt = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sK)))
+        else:
+            tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))  # (.., ds stage)
+            tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
         acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
         acc_dV = cute.make_rmem_tensor(tiled_mma_dv.partition_shape_C((self.tile_n, self.hdimv)), Float32)
         if const_expr(self.split_hdim or self.dq_split_rows):
@@ -715,8 +734,11 @@ class FlashAttentionBackwardSm90:
             # dV[:, this warpgroup's columns] += P^T dO (P^T of both warpgroups' queries, from sP)
             gemm(tiled_mma_dv, acc_dV, tdVrP, tdVrdOt[None, None, None, stage], wg_wait=-1)
         # dQ = dS K (this warpgroup's half), then dK += dS^T Q
-        acc_dQ = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C((self.tile_m, self.hdim)), Float32)
-        gemm(tiled_mma_dq, acc_dQ, tdQrdS[None, None, None, ds_idx], tdQrKt, zero_init=True, wg_wait=-1)
+        acc_dQ = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C(self.dq_tile), Float32)
+        if const_expr(self.dq_swap_ab):
+            gemm(tiled_mma_dq, acc_dQ, tdQrKt, tdQrdS[None, None, None, ds_idx], zero_init=True, wg_wait=-1)
+        else:
+            gemm(tiled_mma_dq, acc_dQ, tdQrdS[None, None, None, ds_idx], tdQrKt, zero_init=True, wg_wait=-1)
         tdKrdS_cur = tdKrdS[None, None, None, 0] if const_expr(self.split_hdim) else acc_to_frgA(rdS)
         gemm(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], wg_wait=1)
         pipeline_do.consumer_release(q_state)  # dV's GEMM (and dQ's) done with dO

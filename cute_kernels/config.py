@@ -470,9 +470,11 @@ BWD_TILES: dict[int, tuple[int, int, int, bool]] = {
     192: (64, 64, 2, True), 256: (64, 64, 1, True),
 }
 # tile_m values a head dim's backward may take besides its BWD_TILES entry (same tile_n, q_stages):
-# hdim 64's former 64-row tile. (128 query rows fit hdim 64 only: S^T, dP^T 64 regs each a
-# thread, dK / dV 32 each; wider head dims' dK / dV do not fit 240 registers beside them.)
-BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (64,)}
+# hdim 64's former 64-row tile; hdim 128's 80-row tile (FA3's non-causal one: S^T / dP^T 40
+# registers a thread each beside dK / dV's 64 each, dQ^T = K^T dS^T with the head dim as M, since
+# WGMMA's M cannot be 80). (128 query rows fit hdim 64 only: S^T, dP^T 64 regs each a thread,
+# dK / dV 32 each; wider head dims' dK / dV do not fit 240 registers beside them.)
+BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (64,), 128: (80,)}
 # Q / dO stages where the tile has no sdQ (BwdConfig.dq_red) and BWD_TILES' count was what fit
 # beside it: hdim 256's 64 KB of fp32 sdQ take a second stage (208 KB).
 BWD_Q_STAGES_WITHOUT_SDQ: dict[int, int] = {256: 2}
@@ -537,6 +539,9 @@ class BwdConfig:
         if self.tile_m == 128:
             # dQ = dS K split by rows (64 per warpgroup, every column): bwd_sm90's dq_split_rows
             assert not self.dkv_split_hdim and self.hdim == 64, "tile_m 128: hdim 64, 128 keys (registers)"
+        elif self.tile_m == 80:
+            # dQ^T = K^T dS^T, the head dim as M (64 rows per warpgroup): bwd_sm90's dq_swap_ab
+            assert not self.dkv_split_hdim and self.hdim == 128, "tile_m 80: hdim 128, 128 keys (registers)"
         else:
             assert self.tile_m == 64 and self.hdim % 32 == 0, "dQ's columns split in two 16-column multiples"
         check_reg_split(self.producer_regs, self.consumer_regs, 2, self)

@@ -265,15 +265,24 @@ def red_release_add_i32(ptr: cute.Pointer, value, *, loc=None, ip=None):
 
 @cute.jit
 def store_acc_predicated(acc: cute.Tensor, thr_mma: cute.ThrMma, gX: cute.Tensor, tile: cutlass.Constexpr,
-                         rows_left, cols_in: cutlass.Constexpr[int] = 0):
+                         rows_left, cols_in: cutlass.Constexpr[int] = 0, transposed: cutlass.Constexpr[bool] = False):
     """A thread's accumulator-layout registers `acc` (its share, by `thr_mma`, of a `tile` =
     (rows, cols) block) into the global block `gX`, element by element: rows before `rows_left`,
-    and (cols_in > 0: the tensor's head dim ends inside the tile) columns before cols_in."""
+    and (cols_in > 0: the tensor's head dim ends inside the tile) columns before cols_in.
+    transposed: the MMA computed the block's transpose (cols x rows: the backward's dQ^T)."""
+    if const_expr(transposed):
+        gX = transpose_view(gX)
+        tile = (tile[1], tile[0])
     tXgX = acc_to_mn(thr_mma.partition_C(gX))
     tXcX = acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor(tile)))
     a_mn = acc_to_mn(acc)
     for r in cutlass.range_constexpr(cute.size(a_mn.shape[0])):
-        if tXcX[r, 0][0] < rows_left:
+        if const_expr(transposed):  # (head-dim column, row) coordinates
+            if const_expr(not cols_in) or tXcX[r, 0][0] < cols_in:
+                for c in cutlass.range_constexpr(cute.size(a_mn.shape[1])):
+                    if tXcX[r, c][1] < rows_left:
+                        tXgX[r, c] = a_mn[r, c]
+        elif tXcX[r, 0][0] < rows_left:
             for c in cutlass.range_constexpr(cute.size(a_mn.shape[1])):
                 if const_expr(not cols_in) or tXcX[r, c][1] < cols_in:
                     tXgX[r, c] = a_mn[r, c]

@@ -83,9 +83,9 @@ def train_step(api, q, k, v, index_kw, **features):
     return req, dispatch.choose(req).name, dispatch.choose(req, backward=True).name
 
 
-def force_hdim64_tile_m(monkeypatch, tile_m: int) -> None:
-    """bwd_launch.config_for gives hdim 64's configs `tile_m` (its BWD_TILES entry or variant),
-    whatever the table says."""
+def force_tile_m(monkeypatch, hdim: int, tile_m: int) -> None:
+    """bwd_launch.config_for gives head dim `hdim`'s configs `tile_m` (its BWD_TILES entry or
+    variant), whatever the table and the defaults say."""
     import dataclasses
 
     from cute_kernels import bwd_launch
@@ -94,6 +94,6 @@ def force_hdim64_tile_m(monkeypatch, tile_m: int) -> None:
 
     def forced(req):
         cfg = config_for(req)
-        return dataclasses.replace(cfg, tile_m=tile_m) if cfg.hdim == 64 else cfg
+        return dataclasses.replace(cfg, tile_m=tile_m) if cfg.hdim == hdim else cfg
 
     monkeypatch.setattr(bwd_launch, "config_for", forced)

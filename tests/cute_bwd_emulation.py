@@ -12,8 +12,8 @@ the kernel's contract (bwd_sm90's module docstring) says, CTA by CTA as the kern
     the tensor's end read as zeros, columns past the tensors' head dim as zeros (the kernel's
     padded head dim); LSE_log2 and dPsum of the block's tile_m rows from the padded per-head rows
     at `padded_offset(offset_q, batch, tile_m)` (packed queries) or row 0 (batched);
-  - S^T = K Q^T (softcap: tanh(S^T * premul), d tanh rounded to fp16 as the kernel keeps it at
-    tile_m 64; fp32 at tile_m 128),
+  - S^T = K Q^T (softcap: tanh(S^T * premul), d tanh rounded to fp16 where the kernel keeps it
+    so, fp32 where it takes two passes: `softcap_two_pass`),
     the key mask on the last key block and the window masks (and with cfg.chunk the chunk's
     edges, at the C the host passes) only on the query blocks the kernel masks
     (`m_block_right_masked_end` / `m_block_left_masked_begin`, transcribed), no mask on query
@@ -159,6 +159,10 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
     assert not cfg.chunk or chunk > 0, "a chunked kernel needs C > 0"
     cu_q, cu_k, used_q, used_k = bwd_launch.sequence_tensors(req)
     tm, tn, hd = cfg.tile_m, cfg.tile_n, cfg.hdim
+    # softcap's d tanh: fp16 beside S^T and dP^T, or fp32 where the kernel takes two passes
+    from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
+
+    dtanh_fp16 = not FlashAttentionBackwardSm90(cfg).softcap_two_pass
     dt = q.dtype
     h, hk = q.shape[-2], k.shape[-2]
     group = h // hk
@@ -208,7 +212,7 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
                         if cfg.softcap:
                             St = torch.tanh(St * premul)
                             dtanh = 1.0 - St * St
-                            if tm == 64:  # (tile_m 128 keeps it in fp32: no registers for fp16 beside S^T)
+                            if dtanh_fp16:
                                 dtanh = dtanh.half().float()
                         row = r0 + torch.arange(tm)[None, :]
                         drop = ((key >= seqlen_k) & ((n_block + 1) * tn > seqlen_k)).expand(tn, tm).clone()

@@ -182,6 +182,30 @@ def test_bwd_variants_by_default(monkeypatch):
     assert cfg(64).dq_red and cfg(64).ds_stages == 1
 
 
+M80_GRID = {
+    "noncausal": {}, "fp16": dict(dtype="fp16"), "causal": dict(has_right=True), "softcap": dict(softcap=True),
+    "local-varlen": dict(has_left=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
+    "seqused-deterministic": dict(seqused_q=True, seqused_k=True, deterministic=True),
+    "chunk-softcap": dict(has_right=True, chunk=True, softcap=True), "ds2": dict(ds_stages=2),
+    "dq_red": dict(dq_red=True), "partial-padded": dict(dkv_partial=True, hdim_in=104),
+}
+
+
+@pytest.mark.parametrize("name", list(M80_GRID))
+def test_compile_bwd_tile_m80(name):
+    """hdim 128's 80-row tile (dQ^T = K^T dS^T): the required SASS and no local memory with every
+    feature (softcap two-pass: one pass kept 224 bytes of stack); S^T / dP^T 64 x 80, dK / dV over
+    K = 80 queries and dQ^T 64 x 80 per warpgroup: 34 HGMMAs a block step where 64 rows take 32."""
+    features = dict(M80_GRID[name])
+    dtype = features.pop("dtype", "bf16")
+    cfg = BwdConfig.make(dtype, 128, tile_m=80, **features)
+    text, _ = check_compiled(cfg)
+    hgmma = [ln.split()[1] for ln in text.splitlines() if " HGMMA" in ln]
+    assert {op.split(".")[1] for op in hgmma} <= {"64x80x16", "64x128x16"}
+    if name == "noncausal":
+        assert len(hgmma) == 34
+
+
 def test_compile_bwd_roles():
     """The warp roles in the SASS: setmaxnreg 24 for the producer warpgroup and 240 for the two
     consumer warpgroups, the dQ warp's bulk reduce-add of fp32 (one per consumer warpgroup), and

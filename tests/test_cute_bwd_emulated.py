@@ -7,6 +7,7 @@ shared/STYLE.md. The real kernel's GPU tests are tests/test_cute_bwd_gpu.py."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import random
@@ -22,7 +23,7 @@ from cute_kernels import bwd_launch  # noqa: E402
 from cute_kernels.bwd_sm90 import DQ_VEC, NUM_MMA_WG, THREADS_PER_WG, padded_offset  # noqa: E402
 from cute_kernels.config import BWD_TILES  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
-from tests._cute_bwd import FEATURES, HEADS, force_hdim64_tile_m, make_inputs, train_step  # noqa: E402
+from tests._cute_bwd import FEATURES, HEADS, force_tile_m, make_inputs, train_step  # noqa: E402
 from tests._util import check_backward  # noqa: E402
 from tests.cute_bwd_emulation import emulated_sm90_bwd  # noqa: E402,F401  (fixture, by name)
 from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (fixture, by name)
@@ -540,14 +541,18 @@ def test_emulation_catches_chunk_bugs(emulated_sm90_bwd, monkeypatch, bug):
         check_backward(make_request(q, k, v, **kw, causal=True, attention_chunk=40), dout, [x.grad for x in leaves])
 
 
-# ----------------------------------------------------------------------------- tile_m 128 (hdim 64)
-# hdim 64's default (config.BWD_TILES; 64 is its variant): dQ split by rows over the warpgroups,
-# 128-row query blocks. Forced per test through bwd_launch.config_for, so these tests keep
-# covering it whatever the table says.
-@pytest.fixture
-def bwd_tile_m128(emulated_sm90_bwd, monkeypatch):
-    """`emulated_sm90_bwd` with config_for giving hdim 64 tile_m 128; returns the configs the
-    emulated kernel ran with."""
+# ----------------------------------------------------------------------------- tile_m 128 (hdim 64), 80 (hdim 128)
+# Tiles other than 64 rows (config.BWD_TILE_M_VARIANTS / BWD_TILES): hdim 64's default 128 rows
+# (dQ split by rows over the warpgroups) and hdim 128's 80 rows (dQ^T, the head dim as M). Forced
+# per test through bwd_launch.config_for, so these tests keep covering them whatever the defaults.
+WIDE_TILES = [(64, 128), (128, 80)]
+
+
+@pytest.fixture(params=WIDE_TILES, ids=[f"d{d}_m{m}" for d, m in WIDE_TILES])
+def bwd_wide_tile(emulated_sm90_bwd, monkeypatch, request):
+    """`emulated_sm90_bwd` with config_for giving the head dim its tile_m; returns (head dim,
+    tile_m, the configs the emulated kernel ran with)."""
+    hdim, tile_m = request.param
     configs = []
     launch = bwd_launch.launch_kernel
 
@@ -555,65 +560,83 @@ def bwd_tile_m128(emulated_sm90_bwd, monkeypatch):
         configs.append(cfg)
         return launch(req, cfg, *args)
 
-    force_hdim64_tile_m(monkeypatch, 128)
+    force_tile_m(monkeypatch, hdim, tile_m)
     monkeypatch.setattr(bwd_launch, "launch_kernel", recording)
-    return configs
+    return hdim, tile_m, configs
 
 
-def test_tile_m128_is_hdim64s_only():
-    """hdim 64 defaults to tile_m 128 (64 its variant); every other head dim takes 64 and refuses 128."""
+def test_wide_tiles_are_their_head_dims_only():
+    """hdim 64 defaults to tile_m 128 (64 its variant), hdim 128 takes 80 as a variant; the other
+    head dims take 64 and refuse both."""
     from cute_kernels.config import BwdConfig
 
     assert all(BwdConfig.make("bf16", d).tile_m == (128 if d == 64 else 64) for d in BWD_TILES)
     cfg = BwdConfig.make("bf16", 64, has_right=True)
     assert (cfg.tile_m, cfg.tile_n, cfg.q_stages, cfg.dkv_split_hdim) == (128, 128, 2, False)
     assert BwdConfig.make("bf16", 64, tile_m=64).tile_m == 64
-    for d in (96, 128, 256):
-        with pytest.raises(AssertionError):
-            BwdConfig.make("bf16", d, tile_m=128)
+    cfg = BwdConfig.make("bf16", 128, tile_m=80, ds_stages=2)
+    assert (cfg.tile_m, cfg.tile_n, cfg.q_stages, cfg.dkv_split_hdim) == (80, 128, 2, False)
+    for d, tile_m in itertools.product((64, 96, 128, 192, 256), (80, 128)):
+        if (d, tile_m) not in WIDE_TILES:
+            with pytest.raises(AssertionError):
+                BwdConfig.make("bf16", d, tile_m=tile_m)
 
 
-def test_dq_value_coords_tile_m128_rows_per_warpgroup():
-    """tile_m 128: each thread's 32 values cover every (row, column) once, warpgroup w on rows
-    64w .. 64w + 63 (all 64 columns), and the fragment order is where the kernel's sdQ chunks put
-    them."""
-    tm, hd = 128, 64
-    per_thread = tm * hd // (NUM_MMA_WG * THREADS_PER_WG)
+def test_m80_by_default_only_where_unmasked(monkeypatch):
+    """bwd_launch.variants: tile_m 80 only at hdim 128, with FA3PY_CUTE_BWD_M80=1 (m80) for every
+    config, with the default rule only without masks or softcap."""
+    monkeypatch.setattr(bwd_launch, "m80", None)
+    monkeypatch.setattr(bwd_launch, "M80_BY_DEFAULT", True)
+    assert bwd_launch.variants(128, False, False).get("tile_m") == 80
+    assert all("tile_m" not in bwd_launch.variants(128, softcap, False, masked)
+               for softcap, masked in ((True, False), (False, True)))
+    assert all("tile_m" not in bwd_launch.variants(d, False, False) for d in (64, 96, 192, 256))
+    monkeypatch.setattr(bwd_launch, "m80", True)
+    assert bwd_launch.variants(128, True, True, True).get("tile_m") == 80
+    monkeypatch.setattr(bwd_launch, "m80", False)
+    assert "tile_m" not in bwd_launch.variants(128, False, False)
+
+
+@pytest.mark.parametrize("hdim,tile_m", WIDE_TILES)
+def test_dq_value_coords_wide_tiles(hdim, tile_m):
+    """Each thread's values cover every (row, column) once; warpgroup w holds rows 64w .. 64w + 63
+    (tile_m 128: all columns) or head-dim columns 64w .. 64w + 63 (tile_m 80, dQ^T: all rows);
+    the fragment order is where the kernel's sdQ chunks put them."""
+    per_thread = tile_m * hdim // (NUM_MMA_WG * THREADS_PER_WG)
     coords = {}
     for thread in range(NUM_MMA_WG * THREADS_PER_WG):
+        wg = thread // THREADS_PER_WG
         for r in range(per_thread):
-            row, col = bwd_launch.dq_value_coords(tm, hd, thread, r)
-            assert 64 * (thread // THREADS_PER_WG) <= row < 64 * (thread // THREADS_PER_WG + 1)
+            row, col = bwd_launch.dq_value_coords(tile_m, hdim, thread, r)
+            assert 64 * wg <= (row if tile_m == 128 else col) < 64 * (wg + 1)
             coords[row, col] = (thread, r)
-    assert sorted(coords) == [(r, c) for r in range(tm) for c in range(hd)]
-    pos = torch.full((tm * hd,), -1, dtype=torch.long)
-    for (row, col), (thread, r) in coords.items():
-        wg, t = divmod(thread, THREADS_PER_WG)
-        pos[row * hd + col] = (r % DQ_VEC + DQ_VEC * t + DQ_VEC * THREADS_PER_WG * (r // DQ_VEC)
-                               + THREADS_PER_WG * per_thread * wg)
-    assert torch.equal(bwd_launch.dq_fragment_order(tm, hd, "cpu"), pos)
+    assert sorted(coords) == [(r, c) for r in range(tile_m) for c in range(hdim)]
+    assert torch.equal(bwd_launch.dq_fragment_order(tile_m, hdim, "cpu"), kernel_chunk_positions(hdim, tile_m))
 
 
-def test_dq_value_coords_match_the_mma_layout_tile_m128():
-    """Tracing the tile_m 128 kernel asserts dq_value_coords against its dQ MMA (split by rows);
-    compile-only, sm_90a."""
+@pytest.mark.parametrize("hdim,tile_m", WIDE_TILES)
+def test_dq_value_coords_match_the_mma_layout_wide_tiles(hdim, tile_m):
+    """Tracing the kernel asserts dq_value_coords against its dQ MMA (tile_m 128: split by rows;
+    80: dQ^T); compile-only, sm_90a."""
     import cutlass.cute as cute
 
     from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
     from cute_kernels.config import BwdConfig
 
-    cfg = BwdConfig.make("bf16", 64, tile_m=128, softcap=True, has_right=True)
+    cfg = BwdConfig.make("bf16", hdim, tile_m=tile_m, softcap=True, has_right=True)
     kernel = FlashAttentionBackwardSm90(cfg)
-    assert kernel.dq_split_rows and kernel.dq_per_thread == 32
+    assert (kernel.dq_split_rows, kernel.dq_swap_ab) == (tile_m == 128, tile_m == 80)
+    assert kernel.dq_per_thread == tile_m * hdim // 256
     cute.compile(kernel, *kernel.fake_args(cfg))
 
 
+@pytest.mark.parametrize("tm", [128, 80])
 @pytest.mark.parametrize("seed", range(10))
-def test_padded_rows_keep_sequences_apart_tile_m128(seed):
-    """padded_offset / packed_row_index / padded_rows at 128-row blocks."""
-    tm = 128
+def test_padded_rows_keep_sequences_apart_wide_tiles(seed, tm):
+    """padded_offset / packed_row_index / padded_rows at 128- and 80-row blocks."""
     rng = random.Random(1000 + seed)
-    lengths = [rng.choice([0, 1, 127, 128, 129, 255, 256, 257, rng.randint(0, 500)]) for _ in range(rng.randint(1, 7))]
+    lengths = [rng.choice([0, 1, tm - 1, tm, tm + 1, 2 * tm - 1, 2 * tm, 2 * tm + 1, rng.randint(0, 500)])
+               for _ in range(rng.randint(1, 7))]
     lengths[0] = max(lengths[0], 1)
     req = _packed_request(lengths, h=1, d=8)
     index, rows = bwd_launch.packed_row_index(req, tm), bwd_launch.padded_rows(req, tm)
@@ -627,68 +650,72 @@ def test_padded_rows_keep_sequences_apart_tile_m128(seed):
         taken[start:end] = True
 
 
-# (layout, feature, heads, head dim, dtype): hdim 64 and head dims padded to it
-M128_GRID = [
-    ("batched", "plain", "mha", 64, torch.bfloat16),
-    ("batched", "causal", "gqa", 64, torch.float16),
-    ("batched_tall", "both", "mqa", 64, torch.bfloat16),
-    ("batched_tall", "right", "mha", 56, torch.bfloat16),
-    ("ragged", "causal", "gqa", 64, torch.bfloat16),
-    ("ragged", "left", "mha", 64, torch.float16),
-    ("ragged", "both", "mqa", 40, torch.bfloat16),
-    ("ragged", "softcap_causal", "gqa", 64, torch.bfloat16),
-    ("seqused", "plain", "gqa", 64, torch.float16),
-    ("seqused", "both", "mha", 64, torch.bfloat16),
-    ("batched", "softcap", "mha", 64, torch.float16),
+# (layout, feature, heads, padding below the tile's head dim, dtype)
+WIDE_GRID = [
+    ("batched", "plain", "mha", 0, torch.bfloat16),
+    ("batched", "causal", "gqa", 0, torch.float16),
+    ("batched_tall", "both", "mqa", 0, torch.bfloat16),
+    ("batched_tall", "right", "mha", 8, torch.bfloat16),
+    ("ragged", "causal", "gqa", 0, torch.bfloat16),
+    ("ragged", "left", "mha", 0, torch.float16),
+    ("ragged", "both", "mqa", 24, torch.bfloat16),
+    ("ragged", "softcap_causal", "gqa", 0, torch.bfloat16),
+    ("seqused", "plain", "gqa", 0, torch.float16),
+    ("seqused", "both", "mha", 0, torch.bfloat16),
+    ("batched", "softcap", "mha", 0, torch.float16),
 ]
 
 
-@pytest.mark.parametrize("layout,feature,heads,d,dtype", [
-    pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-d{c[3]}-{str(c[4])[6:]}") for c in M128_GRID])
-def test_grads_emulated_tile_m128(bwd_tile_m128, layout, feature, heads, d, dtype):
-    """tile_m 128 through the host code (padded rows, dQ's row-split fragment order, masks in
-    128-row query blocks), the kernel emulated, against the fp64 reference."""
+@pytest.mark.parametrize("layout,feature,heads,pad,dtype", [
+    pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-pad{c[3]}-{str(c[4])[6:]}") for c in WIDE_GRID])
+def test_grads_emulated_wide_tiles(bwd_wide_tile, layout, feature, heads, pad, dtype):
+    """The wide tiles through the host code (padded rows, dQ's fragment order, masks in 128- or
+    80-row query blocks), the kernel emulated, against the fp64 reference."""
+    hdim, tile_m, configs = bwd_wide_tile
     h, hk = HEADS[heads]
     varlen = layout in ("ragged", "seqused")
-    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, d, dtype, "cpu", varlen,
+    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, hdim - pad, dtype, "cpu", varlen,
                               SEQUSED if layout == "seqused" else None)
     req, fwd, bwd = train_step("varlen" if varlen else "attention", q, k, v, kw, **FEATURES[feature])
-    assert (fwd, bwd) == ("cute", "cute") and [c.tile_m for c in bwd_tile_m128] == [128]
+    assert (fwd, bwd) == ("cute", "cute") and [c.tile_m for c in configs] == [tile_m]
 
 
 @pytest.mark.parametrize("sq,sk,window", [(1, 1, (-1, -1)), (239, 1, (-1, 0)), (1, 190, (0, 0)),
                                           (129, 300, (5, 130)), (300, 129, (130, 5)), (128, 256, (0, -1)),
-                                          (257, 257, (-1, 0))])
-def test_grads_emulated_ragged_sizes_tile_m128(bwd_tile_m128, sq, sk, window):
-    q, k, v, _ = make_inputs([(sq, sk)] * 2, 4, 2, 64, torch.bfloat16, "cpu", False)
+                                          (257, 257, (-1, 0)), (81, 161, (-1, -1))])
+def test_grads_emulated_ragged_sizes_wide_tiles(bwd_wide_tile, sq, sk, window):
+    hdim, tile_m, configs = bwd_wide_tile
+    q, k, v, _ = make_inputs([(sq, sk)] * 2, 4, 2, hdim, torch.bfloat16, "cpu", False)
     assert train_step("func", q, k, v, {}, window_size=window)[1:] == ("cute", "cute")
-    assert [c.tile_m for c in bwd_tile_m128] == [128]
+    assert [c.tile_m for c in configs] == [tile_m]
 
 
 @pytest.mark.parametrize("heads,window,chunk", [("mha", (40, 5), 0), ("mqa", (-1, 0), 0), ("gqa", (-1, -1), 48)])
-def test_deterministic_backward_tile_m128(bwd_tile_m128, heads, window, chunk):
-    """deterministic=True at tile_m 128: one semaphore per 128-row query block (the emulation
+def test_deterministic_backward_wide_tiles(bwd_wide_tile, heads, window, chunk):
+    """deterministic=True on the wide tiles: one semaphore per query block (the emulation
     asserts the protocol), head splits too (MQA), attention_chunk too."""
+    hdim, tile_m, configs = bwd_wide_tile
     h, hk = HEADS[heads]
-    q, k, v, kw = make_inputs([(70, 200), (300, 45), (1, 1), (0, 3), (129, 130)], h, hk, 64, torch.bfloat16,
+    q, k, v, kw = make_inputs([(70, 200), (300, 45), (1, 1), (0, 3), (129, 130)], h, hk, hdim, torch.bfloat16,
                               "cpu", True)
     req, fwd, bwd = train_step("varlen", q, k, v, kw, deterministic=True, window_size=window,
                                attention_chunk=chunk)
     assert (fwd, bwd) == ("cute", "cute")
-    cfg, = bwd_tile_m128
-    assert cfg.tile_m == 128 and cfg.deterministic and cfg.chunk == (chunk > 0)
+    cfg, = configs
+    assert cfg.tile_m == tile_m and cfg.deterministic and cfg.chunk == (chunk > 0)
 
 
-def test_emulation_catches_64_row_padding_at_tile_m128(bwd_tile_m128, monkeypatch):
-    """A host that pads the packed rows to 64-row blocks for a tile_m 128 launch gives gradients
-    the reference rejects (the kernel reads each sequence's rows from 128-row blocks)."""
+def test_emulation_catches_64_row_padding_at_wide_tiles(bwd_wide_tile, monkeypatch):
+    """A host that pads the packed rows to 64-row blocks for a 128- or 80-row launch gives
+    gradients the reference rejects (the kernel reads each sequence's rows from tile_m blocks)."""
+    hdim, tile_m, configs = bwd_wide_tile
     row_index = bwd_launch.packed_row_index
     monkeypatch.setattr(bwd_launch, "packed_row_index", lambda req, tile_m: row_index(req, 64))
-    q, k, v, kw = make_inputs([(5, 9), (70, 170), (1, 3), (200, 64)], 2, 2, 64, torch.bfloat16, "cpu", True)
+    q, k, v, kw = make_inputs([(5, 9), (70, 170), (1, 3), (200, 64)], 2, 2, hdim, torch.bfloat16, "cpu", True)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out = fa3py.flash_attn_varlen_func(*leaves, **kw)
     dout = torch.randn_like(out)
     with pytest.raises(AssertionError):
         out.backward(dout)
         check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])
-    assert [c.tile_m for c in bwd_tile_m128] == [128]
+    assert [c.tile_m for c in configs] == [tile_m]

@@ -20,7 +20,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 import cute_kernels  # noqa: E402
 from cute_kernels import bwd_launch  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
-from tests._cute_bwd import FEATURES, HEADS, force_hdim64_tile_m, make_inputs, train_step  # noqa: E402
+from tests._cute_bwd import FEATURES, HEADS, force_tile_m, make_inputs, train_step  # noqa: E402
 from tests._util import check_backward, check_forward  # noqa: E402
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -256,74 +256,87 @@ def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
     assert len(cute_bwd) == 1 and cute_bwd[-1].chunk
 
 
-# ----------------------------------------------------------------------------- tile_m 64 (hdim 64's variant)
-# hdim 64 defaults to 128-row query blocks (config.BWD_TILES), which the default tests above run
-# at d = 64; its 64-row variant (BWD_TILE_M_VARIANTS) is forced here through bwd_launch.config_for,
-# so the GPU runs each hdim-64 case once per tile rather than the default's twice.
-@pytest.fixture
-def tile_m64(cute_bwd, monkeypatch):
-    force_hdim64_tile_m(monkeypatch, 64)
-    return cute_bwd
+# ----------------------------------------------------------------------------- variant tiles
+# A head dim's other tile_m (config.BWD_TILE_M_VARIANTS), forced here through
+# bwd_launch.config_for so the GPU runs each case once per tile: hdim 64's 64-row tile (its
+# default is 128 rows, which the tests above run), hdim 128's 80-row tile (dQ^T with the head dim
+# as M; by default, if at all, only without masks or softcap: here with every feature).
+VARIANT_TILES = [(64, 64), (128, 80)]
 
 
-@pytest.mark.parametrize("d", [64, 40])
+@pytest.fixture(params=VARIANT_TILES, ids=[f"d{d}_m{m}" for d, m in VARIANT_TILES])
+def variant_tile(cute_bwd, monkeypatch, request):
+    """(head dim, tile_m, the launches' configs) with that head dim forced to that tile_m."""
+    hdim, tile_m = request.param
+    force_tile_m(monkeypatch, hdim, tile_m)
+    return hdim, tile_m, cute_bwd
+
+
+@pytest.mark.parametrize("pad", [0, 24], ids=["d", "d_padded"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", SIZES + [(128, 128), (129, 257), (2048, 2048)])
-def test_gpu_bwd_tile_m64_sizes(tile_m64, sq, sk, causal, d):
-    check_grads(tile_m64, *batched(sq, sk, d=d), causal=causal)
-    assert tile_m64[-1].tile_m == 64
+def test_gpu_bwd_variant_tile_sizes(variant_tile, sq, sk, causal, pad):
+    hdim, tile_m, launches = variant_tile
+    check_grads(launches, *batched(sq, sk, d=hdim - pad), causal=causal)
+    assert launches[-1].tile_m == tile_m
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_bwd_tile_m64_dtypes_heads(tile_m64, dtype, heads, causal):
+def test_gpu_bwd_variant_tile_dtypes_heads(variant_tile, dtype, heads, causal):
+    hdim, tile_m, launches = variant_tile
     for sq, sk in [(113, 203), (799, 1023), (1, 300), (300, 1)]:
-        check_grads(tile_m64, *batched(sq, sk, heads, 64, dtype), causal=causal)
-        assert tile_m64[-1].tile_m == 64
+        check_grads(launches, *batched(sq, sk, heads, hdim, dtype), causal=causal)
+        assert launches[-1].tile_m == tile_m
 
 
 @pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129)])
 @pytest.mark.parametrize("window", WINDOWS, ids=[f"w{wl}_{wr}" for wl, wr in WINDOWS])
-def test_gpu_bwd_tile_m64_local(tile_m64, window, sq, sk):
-    check_grads(tile_m64, *batched(sq, sk, "gqa", 64), window_size=window)
-    assert tile_m64[-1].tile_m == 64
+def test_gpu_bwd_variant_tile_local(variant_tile, window, sq, sk):
+    hdim, tile_m, launches = variant_tile
+    check_grads(launches, *batched(sq, sk, "gqa", hdim), window_size=window)
+    assert launches[-1].tile_m == tile_m
 
 
 @pytest.mark.parametrize("sq,sk", [(239, 517), (517, 239)])
 @pytest.mark.parametrize("feature", ["plain", "causal", "both"])
 @pytest.mark.parametrize("softcap", [7.5, 30.0])
-def test_gpu_bwd_tile_m64_softcap(tile_m64, softcap, feature, sq, sk):
-    """softcap on the 64-row tile (d tanh in fp32)."""
-    q, k, v = batched(sq, sk, "gqa", 64)
-    check_grads(tile_m64, q * 3, k, v, softcap=softcap, **FEATURES[feature])
-    assert tile_m64[-1].tile_m == 64
+def test_gpu_bwd_variant_tile_softcap(variant_tile, softcap, feature, sq, sk):
+    """softcap on the variant tiles (d tanh in fp32)."""
+    hdim, tile_m, launches = variant_tile
+    q, k, v = batched(sq, sk, "gqa", hdim)
+    check_grads(launches, q * 3, k, v, softcap=softcap, **FEATURES[feature])
+    assert launches[-1].tile_m == tile_m
 
 
 @pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("layout", list(VARLEN))
-def test_gpu_bwd_tile_m64_varlen(tile_m64, layout, feature, heads):
+def test_gpu_bwd_variant_tile_varlen(variant_tile, layout, feature, heads):
+    hdim, tile_m, launches = variant_tile
     lens, seqused = VARLEN[layout]
     h, hk = HEADS[heads]
-    q, k, v, kw = make_inputs(lens, h, hk, 64, torch.bfloat16, DEVICE, True, seqused)
-    check_grads(tile_m64, q, k, v, kw, **FEATURES[feature])
-    assert tile_m64[-1].tile_m == 64
+    q, k, v, kw = make_inputs(lens, h, hk, hdim, torch.bfloat16, DEVICE, True, seqused)
+    check_grads(launches, q, k, v, kw, **FEATURES[feature])
+    assert launches[-1].tile_m == tile_m
 
 
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
 @pytest.mark.parametrize("feature", list(DETERMINISTIC_FEATURES))
-def test_gpu_bwd_tile_m64_deterministic(tile_m64, feature, heads):
-    check_deterministic(tile_m64, heads, 64, DETERMINISTIC_FEATURES[feature])
-    assert tile_m64[-1].tile_m == 64
+def test_gpu_bwd_variant_tile_deterministic(variant_tile, feature, heads):
+    hdim, tile_m, launches = variant_tile
+    check_deterministic(launches, heads, hdim, DETERMINISTIC_FEATURES[feature])
+    assert launches[-1].tile_m == tile_m
 
 
 @pytest.mark.parametrize("chunk", [40, 128, 192])
 @pytest.mark.parametrize("feature", ["plain", "causal", "both"])
-def test_gpu_bwd_tile_m64_chunk(tile_m64, chunk, feature):
+def test_gpu_bwd_variant_tile_chunk(variant_tile, chunk, feature):
+    hdim, tile_m, launches = variant_tile
     for sq, sk in [(333, 517), (1023, 300)]:
-        check_grads(tile_m64, *batched(sq, sk, "gqa", 64), attention_chunk=chunk, **FEATURES[feature])
-        assert tile_m64[-1].chunk and tile_m64[-1].tile_m == 64
+        check_grads(launches, *batched(sq, sk, "gqa", hdim), attention_chunk=chunk, **FEATURES[feature])
+        assert launches[-1].chunk and launches[-1].tile_m == tile_m
 
 
 # ----------------------------------------------------------------------------- ds_stages 2

@@ -52,14 +52,15 @@ def test_compile_postprocess(hdim, hdim_in, packed, seqused):
     assert ops["STG.E"] > 0
 
 
+@pytest.mark.parametrize("hdim,tile_m", [(64, 128), (128, 80)])
 @pytest.mark.parametrize("kind", ["pre", "post"])
 @pytest.mark.parametrize("packed,seqused", [(False, False), (True, True)])
-def test_compile_prepost_tile_m128(kind, packed, seqused):
-    """The non-default tile_m 128 (hdim 64): 128-row blocks; postprocess through the main
-    kernel's row-split dQ MMA, 32 values a thread."""
-    ops = _compile(BwdRowsConfig(kind, "bf16", 64, 128, 0, packed, seqused))
+def test_compile_prepost_wide_tiles(kind, packed, seqused, hdim, tile_m):
+    """hdim 64's 128-row blocks (postprocess through the main kernel's row-split dQ MMA, 32 values
+    a thread) and hdim 128's 80-row blocks (through its dQ^T MMA, 40 values a thread)."""
+    ops = _compile(BwdRowsConfig(kind, "bf16", hdim, tile_m, 0, packed, seqused))
     if kind == "post":
-        assert ops["LDG.E.128"] == 128 * 64 // 256 // 4, "the accumulator read in 16-byte vectors"
+        assert ops["LDG.E.128"] == tile_m * hdim // 256 // 4, "the accumulator read in 16-byte vectors"
     else:
         assert ops["LDG.E.128"] >= 16 and ops["STG.E.128"] > 0
 
@@ -91,13 +92,13 @@ def test_prepost_kernels_match_torch(case, d):
 
 @gpu
 @pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
-@pytest.mark.parametrize("d", [64, 40])
-def test_prepost_kernels_match_torch_tile_m128(case, d):
-    """The non-default tile_m 128 (hdim 64): 128-row blocks, the dQ MMA split by rows."""
+@pytest.mark.parametrize("hdim,tile_m,d", [(64, 128, 64), (64, 128, 40), (128, 80, 128), (128, 80, 104)])
+def test_prepost_kernels_match_torch_wide_tiles(case, hdim, tile_m, d):
+    """hdim 64's 128-row blocks (the dQ MMA split by rows) and hdim 128's 80-row blocks (dQ^T)."""
     import dataclasses
 
     req = _request(case, d)
-    _prepost_kernels_match_torch(req, dataclasses.replace(bwd_launch.config_for(req), tile_m=128))
+    _prepost_kernels_match_torch(req, dataclasses.replace(bwd_launch.config_for(req), tile_m=tile_m))
 
 
 def _prepost_kernels_match_torch(req, cfg):

@@ -257,10 +257,24 @@ NATIVE_E4M3 = os.environ.get("FA3PY_FP8_PREP_NATIVE", "1") != "0"
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(device: torch.device, tile_elems: int) -> int:
-    """Persistent grid: a few programs per SM (more for small tiles), enough to keep loads in flight."""
-    per_sm = 8 if tile_elems <= 8192 else 4 if tile_elems <= 16384 else 2
-    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_params(rotate: bool, tile_elems: int) -> tuple[int, int, int]:
+    """(num_warps, STAGES, programs per SM) of a pass. H100, 16k tokens, 2048 channels, every
+    combination of warps 4 / 8, stages 1 / 2 / 3 and 1-8 programs an SM (or one tile each) timed:
+    - rotated Q / K tiles up to 16k elements (hdim <= 128): 8 warps, 2 stages, 4 (<= 8k
+      elements: 8) an SM, within 3% of the best (1987 GB/s against 2047; a copy 2689);
+    - rotated tiles of 32k elements (hdim 256): one stage (the second took the shared memory of
+      a second program an SM), 8 warps, 2 an SM: 1659 GB/s against 1329 with two stages;
+    - unrotated tiles (V: channel maxima, quantization, V^T stores): 4 warps, one stage, 8 an
+      SM: 1256-1325 GB/s against 931-977 with 8 warps and two stages."""
+    if not rotate:
+        return 4, 1, 8
+    if tile_elems > 16384:
+        return 8, 1, 2
+    return (4 if tile_elems <= 8192 else 8), 2, (8 if tile_elems <= 8192 else 4)
 
 
 def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had, transposed, pv_order, mode):
@@ -272,10 +286,11 @@ def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had
     native = NATIVE_E4M3 and not interpreting and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
     ntiles = triton.cdiv(s_out if transposed else s, groups * block)
     total = ntiles * h * b
+    warps, stages, per_sm = launch_params(rotate, rows * block_d)
     # (the interpreter: a few programs, so that each takes several tiles as on a GPU)
-    grid = (min(total, 3 if interpreting else _programs(x.device, rows * block_d)),)
+    grid = (min(total, 3 if interpreting else per_sm * _sm_count(x.device)),)
     fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, triton.cdiv(s, block), h, ntiles, total,
                    x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1),
                    HEADDIM=d, BLOCK_D=block_d, N_HAD=n_had, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
                    MODE=mode, DOT_F32=interpreting, TRANSPOSED=transposed, PV_ORDER=pv_order, NATIVE_E4M3=native,
-                   num_warps=4 if rows * block_d <= 8192 else 8)
+                   STAGES=stages, num_warps=warps)
