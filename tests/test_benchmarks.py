@@ -642,3 +642,32 @@ def test_mla_counts_the_pairs_the_causal_mask_keeps(sq, sk):
     # scores all 0 (softcap * tanh(0)): each row's LSE is log(keys it keeps)
     assert mla.visible_pairs(sq, sk, True) == round(float(lse.exp().nan_to_num(0.0).sum()))
     assert mla.visible_pairs(sq, sk, False) == sq * sk
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_chunk_says_it_needs_a_gpu():
+    from benchmarks import chunk
+
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        chunk.main(["--chunk", "64"])
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 300), (37, 37), (200, 90), (90, 200), (256, 256)])
+@pytest.mark.parametrize("window,chunk,causal", [((-1, -1), 0, False), ((-1, -1), 0, True), ((20, 7), 0, False),
+                                                 ((-1, -1), 32, True), ((-1, -1), 50, False), ((10, -1), 16, True),
+                                                 ((5, 3), 64, False), ((-1, 0), 1, False)])
+def test_chunk_counts_the_pairs_the_reference_keeps(sq, sk, window, chunk, causal):
+    """benchmarks.chunk's pair count is the reference mask's (bottom-right aligned, chunks of the
+    query's diagonal position), and its matching window keeps the closest count of any window."""
+    from benchmarks import chunk as bench
+    from fa3py import reference
+
+    wl, wr = window
+    keep = reference.keep_mask(sq, sk, wl, 0 if causal else wr, attention_chunk=chunk)
+    assert bench.kept_pairs(sq, sk, window, chunk, causal) == int(keep.sum())
+    if chunk:
+        want = int(keep.sum()) if (wl, wr) == (-1, -1) else bench.kept_pairs(sq, sk, chunk=chunk, causal=causal)
+        w = bench.matching_window(sq, sk, chunk, causal)
+        assert w[1] == (0 if causal else w[0])
+        best = min(abs(bench.kept_pairs(sq, sk, (x, 0 if causal else x)) - want) for x in range(sk + 1))
+        assert abs(bench.kept_pairs(sq, sk, w) - want) == best
