@@ -51,11 +51,14 @@ dq_red = os.environ["FA3PY_CUTE_BWD_DQ_RED"] == "1" if os.environ.get("FA3PY_CUT
 DS_STAGES_2_HDIMS = (64,)
 DQ_RED_HDIMS = (96, 256)
 # hdim 128's 80-row query blocks (BWD_TILE_M_VARIANTS; FA3's non-causal tile: dQ^T with the head
-# dim as M). None: M80_BY_DEFAULT decides for configs without masks or softcap (as FA3);
-# FA3PY_CUTE_BWD_M80=1 takes it for every hdim 128 config (masks and softcap included: the GPU
-# tests' coverage), 0 never. Off by default until timed against the 64-row tile.
+# dim as M), with two sdS buffers. None: where M80_MIN_SEQLEN_Q query rows or more and no window,
+# chunk or softcap (causal included); FA3PY_CUTE_BWD_M80=1 for every hdim 128 config (the GPU
+# tests' coverage), 0 never. H100, CUDA graphs (benchmarks/results/2026-12-06_h100_m80): backward
+# alone, non-causal, 16k tokens: 8.97 ms at 16k rows against 9.43 with 64 rows (+5%), 2.436
+# against 2.443 at 4k (level); forward + backward: causal 16k 6.15 against 6.32 ms, but 2k
+# 1.17 against 1.11 causal and 1.80 against 1.76 non-causal (slower).
 m80 = os.environ["FA3PY_CUTE_BWD_M80"] == "1" if os.environ.get("FA3PY_CUTE_BWD_M80") else None
-M80_BY_DEFAULT = False
+M80_MIN_SEQLEN_Q = 8192
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -114,24 +117,25 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
                           hdimv=128 if _is_192x128(req) else 0,
-                          **variants(d, p.softcap > 0, p.deterministic, masked=p.window_left >= 0
-                                     or p.window_right >= 0 or p.attention_chunk > 0))
+                          **variants(d, p.softcap > 0, p.deterministic,
+                                     local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
+                                     max_seqlen_q=_max_seqlen_q(req)))
 
 
-def variants(hdim: int, softcap: bool, deterministic: bool, masked: bool = False) -> dict:
+def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False, max_seqlen_q: int = 0) -> dict:
     """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
     environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
-    SASS); dq_red never with deterministic; tile_m 80 at hdim 128 (`m80`; by default, as FA3,
-    only without masks or softcap)."""
+    SASS); dq_red never with deterministic; tile_m 80 at hdim 128 (`m80`; by default from
+    M80_MIN_SEQLEN_Q rows without a window, chunk or softcap), with two sdS buffers unless the
+    environment says otherwise."""
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
-    want = (2 if hdim in DS_STAGES_2_HDIMS else 1) if ds_stages is None else ds_stages
+    tile_80 = hdim == 128 and (m80 or (m80 is None and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)))
+    want = (2 if hdim in DS_STAGES_2_HDIMS or tile_80 else 1) if ds_stages is None else ds_stages
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
     out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
-    if hdim == 128 and (m80 or (m80 is None and M80_BY_DEFAULT and not (masked or softcap))):
-        out["tile_m"] = 80
-    return out
+    return out | (dict(tile_m=80) if tile_80 else {})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -212,6 +216,10 @@ def preprocess(req: "AttentionRequest", cfg: BwdConfig, out: torch.Tensor, lse: 
     dpsum = torch.zeros((*lead, rows), dtype=torch.float32, device=dev)
     lse_log2 = torch.where(lse == -math.inf, math.inf, lse.float() * LOG2E)
     rowsum = (dout.float() * out.float()).sum(-1)  # (b, s, h) or (total, h)
+    if req.seqused_q is not None:  # rows past seqused_q are padding, as the kernel writes them
+        used = _used_rows(req)  # (total,) or (b, s)
+        lse_log2 = torch.where(used[None] if req.packed_q else used[:, None], lse_log2, math.inf)
+        rowsum = rowsum * used[..., None]
     if req.packed_q:
         lse2[:, row_index] = lse_log2
         dpsum[:, row_index] = rowsum.t()

@@ -279,6 +279,38 @@ def test_preprocess(packed_q):
     assert not pad_dpsum.any()
 
 
+@pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
+def test_preprocess_rows_past_seqused_are_padding(packed_q):
+    """With seqused_q, rows past a sequence's used rows are padding as the kernel writes them:
+    LSE_log2 +inf and dPsum 0 whatever LSE, O and dO hold there (the GPU test compares the
+    preprocessing kernel with this on random LSE)."""
+    h, d = 2, 64
+    if packed_q:
+        lengths, used = [40, 7, 100], [13, 7, 0]
+        q = torch.randn(sum(lengths), h, d).to(torch.bfloat16)
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        req = make_request(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths),
+                           max_seqlen_k=max(lengths), seqused_q=torch.tensor(used, dtype=torch.int32))
+        lse = torch.randn(h, sum(lengths))
+    else:
+        q = torch.randn(2, 90, h, d).to(torch.bfloat16)
+        req = make_request(q, q, q, seqused_q=torch.tensor([50, 3], dtype=torch.int32),
+                           seqused_k=torch.tensor([90, 90], dtype=torch.int32))
+        lse = torch.randn(2, h, 90)
+    out, dout = torch.randn_like(req.q), torch.randn_like(req.q)
+    cfg = bwd_launch.config_for(req)
+    index = bwd_launch.packed_row_index(req, cfg.tile_m) if packed_q else None
+    lse2, dpsum, _ = bwd_launch.preprocess(req, cfg, out, lse, dout, index)
+    keep = bwd_launch._used_rows(req)  # (total,) or (b, s)
+    if packed_q:
+        got_lse2, got_dpsum = lse2[:, index], dpsum[:, index].t()  # (h, total), (total, h)
+        assert (got_lse2[:, ~keep] == math.inf).all() and got_lse2[:, keep].isfinite().all()
+    else:
+        got_lse2, got_dpsum = lse2[..., :90], dpsum[..., :90].transpose(1, 2)  # (b, h, s), (b, s, h)
+        assert (got_lse2.transpose(1, 2)[~keep] == math.inf).all() and got_lse2.transpose(1, 2)[keep].isfinite().all()
+    assert not got_dpsum[~keep].any() and got_dpsum[keep].ne(0).all()
+
+
 @pytest.mark.parametrize("d", [64, 72, 96, 120])
 @pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
 def test_postprocess_inverts_the_fragment_order(packed_q, d):
@@ -582,19 +614,32 @@ def test_wide_tiles_are_their_head_dims_only():
                 BwdConfig.make("bf16", d, tile_m=tile_m)
 
 
-def test_m80_by_default_only_where_unmasked(monkeypatch):
-    """bwd_launch.variants: tile_m 80 only at hdim 128, with FA3PY_CUTE_BWD_M80=1 (m80) for every
-    config, with the default rule only without masks or softcap."""
+def test_m80_where_long_and_unwindowed(monkeypatch):
+    """bwd_launch.variants: tile_m 80 (with two sdS buffers) only at hdim 128: by default from
+    M80_MIN_SEQLEN_Q query rows without a window, chunk or softcap (causal included); with
+    FA3PY_CUTE_BWD_M80=1 (m80) for every config, with 0 never. config_for passes the request's."""
     monkeypatch.setattr(bwd_launch, "m80", None)
-    monkeypatch.setattr(bwd_launch, "M80_BY_DEFAULT", True)
-    assert bwd_launch.variants(128, False, False).get("tile_m") == 80
-    assert all("tile_m" not in bwd_launch.variants(128, softcap, False, masked)
-               for softcap, masked in ((True, False), (False, True)))
-    assert all("tile_m" not in bwd_launch.variants(d, False, False) for d in (64, 96, 192, 256))
+    monkeypatch.setattr(bwd_launch, "ds_stages", None)
+    long, short = bwd_launch.M80_MIN_SEQLEN_Q, bwd_launch.M80_MIN_SEQLEN_Q - 1
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=long) == dict(ds_stages=2, dq_red=False, tile_m=80)
+    assert "tile_m" not in bwd_launch.variants(128, False, False, max_seqlen_q=short)
+    assert all("tile_m" not in bwd_launch.variants(128, softcap, False, local, max_seqlen_q=long)
+               for softcap, local in ((True, False), (False, True)))
+    assert all("tile_m" not in bwd_launch.variants(d, False, False, max_seqlen_q=long) for d in (64, 96, 192, 256))
     monkeypatch.setattr(bwd_launch, "m80", True)
     assert bwd_launch.variants(128, True, True, True).get("tile_m") == 80
     monkeypatch.setattr(bwd_launch, "m80", False)
-    assert "tile_m" not in bwd_launch.variants(128, False, False)
+    assert "tile_m" not in bwd_launch.variants(128, False, False, max_seqlen_q=long)
+    monkeypatch.setattr(bwd_launch, "m80", None)
+
+    def cfg(sq, **kw):
+        q = torch.randn(1, sq, 1, 128, dtype=torch.bfloat16)
+        k = torch.randn(1, 64, 1, 128, dtype=torch.bfloat16)
+        return bwd_launch.config_for(make_request(q, k, k, **kw))
+
+    assert (cfg(long).tile_m, cfg(long).ds_stages) == (80, 2) and cfg(long, causal=True).tile_m == 80
+    assert cfg(short).tile_m == 64 and cfg(long, window_size=(100, 0)).tile_m == 64
+    assert cfg(long, softcap=5.0).tile_m == 64 and cfg(long, causal=True, attention_chunk=512).tile_m == 64
 
 
 @pytest.mark.parametrize("hdim,tile_m", WIDE_TILES)
