@@ -51,13 +51,16 @@ dq_red = os.environ["FA3PY_CUTE_BWD_DQ_RED"] == "1" if os.environ.get("FA3PY_CUT
 DS_STAGES_2_HDIMS = (64,)
 DQ_RED_HDIMS = (96, 256)
 # hdim 128's 80-row query blocks (BWD_TILE_M_VARIANTS; FA3's non-causal tile: dQ^T with the head
-# dim as M), with two sdS buffers. None: where M80_MIN_SEQLEN_Q query rows or more and no window,
-# chunk or softcap (causal included); FA3PY_CUTE_BWD_M80=1 for every hdim 128 config (the GPU
-# tests' coverage), 0 never. H100, CUDA graphs (benchmarks/results/2026-12-06_h100_m80): backward
-# alone, non-causal, 16k tokens: 8.97 ms at 16k rows against 9.43 with 64 rows (+5%), 2.436
-# against 2.443 at 4k (level); forward + backward: causal 16k 6.15 against 6.32 ms, but 2k
-# 1.17 against 1.11 causal and 1.80 against 1.76 non-causal (slower).
+# dim as M). FA3PY_CUTE_BWD_M80=1 (m80 True) takes it for every hdim 128 config, 0 never; unset,
+# M80_BY_DEFAULT turns on the rule: from M80_MIN_SEQLEN_Q query rows without a window, chunk or
+# softcap (causal included). H100, CUDA graphs (benchmarks/results/2026-12-06_h100_m80), backward
+# alone, non-causal, 16k tokens: 16k rows 9.22 ms (80 rows) / 8.97 (80 rows, two sdS buffers) /
+# 9.43 (64 rows); 4k 2.49 / 2.44 / 2.44; forward + backward (80 rows, two sdS buffers against 64
+# rows): causal 16k 6.15 / 6.32 ms, but 2k 1.17 / 1.11 causal and 1.80 / 1.76 non-causal. The
+# 80-row tile passed every GPU feature test with one sdS buffer; the rule waits for the tests of
+# it with two (FA3PY_CUTE_BWD_DS_STAGES=2), its fastest form, to run on a GPU.
 m80 = os.environ["FA3PY_CUTE_BWD_M80"] == "1" if os.environ.get("FA3PY_CUTE_BWD_M80") else None
+M80_BY_DEFAULT = False
 M80_MIN_SEQLEN_Q = 8192
 
 
@@ -126,12 +129,12 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
     environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
-    SASS); dq_red never with deterministic; tile_m 80 at hdim 128 (`m80`; by default from
-    M80_MIN_SEQLEN_Q rows without a window, chunk or softcap), with two sdS buffers unless the
-    environment says otherwise."""
+    SASS); dq_red never with deterministic; tile_m 80 at hdim 128 (`m80`, or with M80_BY_DEFAULT
+    from M80_MIN_SEQLEN_Q rows without a window, chunk or softcap)."""
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
-    tile_80 = hdim == 128 and (m80 or (m80 is None and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)))
-    want = (2 if hdim in DS_STAGES_2_HDIMS or tile_80 else 1) if ds_stages is None else ds_stages
+    rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
+    tile_80 = hdim == 128 and (m80 or (m80 is None and rule))
+    want = (2 if hdim in DS_STAGES_2_HDIMS else 1) if ds_stages is None else ds_stages
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
     out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)

@@ -38,7 +38,7 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
   in two passes once dP^T is in (d tanh in fp32); so does hdim 128 with softcap and a mask, whose
   fp16 d tanh spilled 16-24 bytes. CPU SASS: max register R231 .. R237 of 240, no local memory,
   except hdim 64's softcap with a window and varlen together (8-24 bytes of stack).
-  tile_m 80 (hdim 128 from 8192 query rows, bwd_launch.variants; FA3's non-causal tile): S^T /
+  tile_m 80 (hdim 128, a variant: bwd_launch.m80; FA3's non-causal tile): S^T /
   dP^T of 64 keys x 80 queries (40 registers each a thread), sdS of 128 x 80 (a 32-byte swizzle:
   80 columns), and since WGMMA's M cannot be 80, dQ^T = K^T dS^T (`dq_swap_ab`: warpgroup w
   computes head-dim rows 64w .. 64w + 63 of dQ^T, all 80 queries; the host's order and the

@@ -311,14 +311,16 @@ def test_gpu_bwd_variant_tile_softcap(variant_tile, softcap, feature, sq, sk):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_bwd_m80_by_default(cute_bwd, monkeypatch, causal):
-    """hdim 128 from bwd_launch.M80_MIN_SEQLEN_Q query rows takes the 80-row tile with two sdS
-    buffers by default (a ragged length past the threshold)."""
+@pytest.mark.parametrize("ds", [1, 2])
+def test_gpu_bwd_m80_rule(cute_bwd, monkeypatch, causal, ds):
+    """bwd_launch's rule (M80_BY_DEFAULT) from M80_MIN_SEQLEN_Q query rows: the 80-row tile, with
+    one or two sdS buffers, at a ragged length past the threshold."""
     monkeypatch.setattr(bwd_launch, "m80", None)
-    monkeypatch.setattr(bwd_launch, "ds_stages", None)
+    monkeypatch.setattr(bwd_launch, "M80_BY_DEFAULT", True)
+    monkeypatch.setattr(bwd_launch, "ds_stages", ds)
     s = bwd_launch.M80_MIN_SEQLEN_Q + 77
     check_grads(cute_bwd, *batched(s, s, "gqa", 128, b=1), causal=causal)
-    assert (cute_bwd[-1].tile_m, cute_bwd[-1].ds_stages) == (80, 2)
+    assert (cute_bwd[-1].tile_m, cute_bwd[-1].ds_stages) == (80, ds)
 
 
 @pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
