@@ -60,6 +60,12 @@ DQ_RED_HDIMS = (96, 256)
 # 80-row tile passed every GPU feature test with one sdS buffer; the rule waits for the tests of
 # it with two (FA3PY_CUTE_BWD_DS_STAGES=2), its fastest form, to run on a GPU.
 m80 = os.environ["FA3PY_CUTE_BWD_M80"] == "1" if os.environ.get("FA3PY_CUTE_BWD_M80") else None
+# hdim 192's FA3 tile (BwdConfig.dkv_transposed: 96 keys a CTA over three consumer warpgroups, dK^T
+# / dV^T with the head dim as M, dQ from registers): FA3PY_CUTE_BWD_DKVT=1 takes it for hdim 192
+# with hdim_v 192, not deterministic. Opt-in: compiled and checked on the CPU only, no GPU run yet.
+# Why it may matter: 64 keys a CTA (the default) add a 64 x 192 fp32 dQ block per query block
+# into L2 for every 64 keys, 1.5x the reduce traffic of 96 (flash-attn-4: 1.38x our time there).
+dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT") == "1"
 M80_BY_DEFAULT = False
 M80_MIN_SEQLEN_Q = 8192
 
@@ -120,6 +126,7 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
                           hdimv=128 if _is_192x128(req) else 0,
+                          dkv_transposed=dkvt and d == 192 and not _is_192x128(req) and not p.deterministic,
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
                                      max_seqlen_q=_max_seqlen_q(req)))
@@ -147,15 +154,16 @@ def _cached_config(dtype: str, hdim: int, **features) -> BwdConfig:
 
 
 # ----------------------------------------------------------------------------- dQ's order
-def dq_value_coords(tile_m: int, hdim: int, thread: int, r: int) -> tuple[int, int]:
+def dq_value_coords(tile_m: int, hdim: int, thread: int, r: int, num_wg: int = 2) -> tuple[int, int]:
     """(row, column) in a tile_m x hdim dQ block of value `r` of consumer thread `thread`
-    (0..255): the WGMMA accumulator layout (per warpgroup a 64 x N atom; warp w holds rows
+    (0 .. 128 num_wg - 1): the WGMMA accumulator layout (per warpgroup a 64 x N atom; warp w holds rows
     16w .. 16w + 15, lane l rows l / 4 and l / 4 + 8, columns 2 (l % 4) + {0, 1} of every 8;
     registers ordered (column pair element, row half, 8-column group)), with the two warpgroups
     on hdim / 2-column halves, or at tile_m 128 on 64-row halves (all hdim columns each). At
     tile_m 80 the accumulator is dQ^T (hdim x 80, bwd_sm90's dq_swap_ab): the same layout with
-    head-dim rows (64 per warpgroup) and query columns."""
-    assert tile_m in (64, 80, 128)
+    head-dim rows (64 per warpgroup) and query columns. Three warpgroups (dkv_transposed): hdim /
+    3-column thirds."""
+    assert tile_m in (64, 80, 128) and (num_wg == 2 or tile_m == 64)
     wg, t = divmod(thread, 128)
     warp, lane = divmod(t, 32)
     e, rest = r % 2, r // 2
@@ -166,30 +174,31 @@ def dq_value_coords(tile_m: int, hdim: int, thread: int, r: int) -> tuple[int, i
         return row + wg * 64, col
     if tile_m == 80:
         return col, row + wg * 64
-    return row, col + wg * (hdim // 2)
+    return row, col + wg * (hdim // num_wg)
 
 
 @functools.lru_cache(maxsize=None)
-def _dq_source_cpu(tile_m: int, hdim: int) -> torch.Tensor:
-    per_thread = tile_m * hdim // 256
+def _dq_source_cpu(tile_m: int, hdim: int, num_wg: int = 2) -> torch.Tensor:
+    per_thread = tile_m * hdim // (128 * num_wg)
     src = torch.empty(tile_m * hdim, dtype=torch.long)
-    for thread in range(256):
+    for thread in range(128 * num_wg):
         wg, t = divmod(thread, 128)
         for r in range(per_thread):
-            row, col = dq_value_coords(tile_m, hdim, thread, r)
+            row, col = dq_value_coords(tile_m, hdim, thread, r, num_wg)
             # bwd_sm90's sdQ: per warpgroup, 16-byte vectors of 4 values, threads fastest
             src[row * hdim + col] = wg * 128 * per_thread + (r // 4) * 512 + t * 4 + r % 4
     return src
 
 
-def dq_fragment_order(tile_m: int, hdim: int, device) -> torch.Tensor:
-    """For each (row * hdim + column) of a dQ block, its index in the accumulator's chunk."""
-    return _dq_source_on(tile_m, hdim, torch.device(device))
+def dq_fragment_order(tile_m: int, hdim: int, device, num_wg: int = 2) -> torch.Tensor:
+    """For each (row * hdim + column) of a dQ block, its index in the accumulator's chunk (the
+    kernel's num_wg consumer warpgroups' order)."""
+    return _dq_source_on(tile_m, hdim, torch.device(device), num_wg)
 
 
 @functools.lru_cache(maxsize=64)
-def _dq_source_on(tile_m: int, hdim: int, device: torch.device) -> torch.Tensor:
-    return _dq_source_cpu(tile_m, hdim).to(device)
+def _dq_source_on(tile_m: int, hdim: int, device: torch.device, num_wg: int) -> torch.Tensor:
+    return _dq_source_cpu(tile_m, hdim, num_wg).to(device)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -245,7 +254,7 @@ def semaphores(req: "AttentionRequest", cfg: BwdConfig) -> Optional[torch.Tensor
 def postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc: torch.Tensor, row_index: Optional[torch.Tensor]):
     """dQ (req.q's shape and dtype) from the accumulator."""
     d, tm = req.headdim, cfg.tile_m
-    src = dq_fragment_order(tm, cfg.hdim, dq_acc.device)
+    src = dq_fragment_order(tm, cfg.hdim, dq_acc.device, cfg.num_mma_wg)
     *lead, flat = dq_acc.shape
     blocks = dq_acc.view(*lead, flat // (tm * cfg.hdim), tm * cfg.hdim).index_select(-1, src)
     rows = blocks.view(*lead, -1, cfg.hdim)[..., :d] * req.params.softmax_scale

@@ -25,7 +25,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cute_kernels.bwd_sm90 import DTYPES, NUM_MMA_WG, THREADS_PER_WG, FlashAttentionBackwardSm90, padded_offset
+from cute_kernels.bwd_sm90 import DTYPES, THREADS_PER_WG, FlashAttentionBackwardSm90, padded_offset
 from cute_kernels.config import BwdConfig
 from cute_kernels.mask import SeqlenInfo
 from cute_kernels.utils import assume_aligned_strides, convert_to, lse_shb, sdhb, store_acc_predicated
@@ -49,11 +49,12 @@ class BwdRowsConfig:
     cu_seqlens_q: bool = False
     seqused_q: bool = False
     hdimv: int = 0  # O / dO's head dim where below hdim (192 x 128; the tensors' own, unpadded)
+    dkv_transposed: bool = False  # the main kernel's three-warpgroup hdim 192 tile (its dQ order)
 
     @staticmethod
     def of(kind: str, cfg: BwdConfig) -> "BwdRowsConfig":
         return BwdRowsConfig(kind, cfg.dtype, cfg.hdim, cfg.tile_m, cfg.hdim_in, cfg.cu_seqlens_q, cfg.seqused_q,
-                             cfg.hdimv)
+                             cfg.hdimv, cfg.dkv_transposed)
 
     @property
     def o_cols(self) -> tuple[int, int]:
@@ -63,14 +64,16 @@ class BwdRowsConfig:
     def short(self) -> str:
         dv = f"x{self.hdimv}" if self.hdimv else ""
         return f"bwd-{self.kind} {self.dtype} d{self.hdim}{dv} m{self.tile_m} {self.hdim_in or ''} " \
-               f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}"
+               f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}" \
+               f"{' dkv_transposed' if self.dkv_transposed else ''}"
 
     def bwd_config(self) -> BwdConfig:
         """The main kernel's config (BWD_TILES' entry of this head dim, at this tile_m: a
         BWD_TILE_M_VARIANTS one too), whose dQ MMA the postprocessing reads the accumulator
         through."""
         cfg = BwdConfig.make(self.dtype, self.hdim, tile_m=self.tile_m, hdim_in=self.hdim_in,
-                             cu_seqlens_q=self.cu_seqlens_q, seqused_q=self.seqused_q, hdimv=self.hdimv)
+                             cu_seqlens_q=self.cu_seqlens_q, seqused_q=self.seqused_q, hdimv=self.hdimv,
+                             dkv_transposed=self.dkv_transposed)
         assert cfg.tile_m == self.tile_m, f"{self.short()}: the main kernel's tile_m is {cfg.tile_m}"
         return cfg
 
@@ -192,7 +195,7 @@ class BwdPostprocessSm90:
         batch = cute.size(mdQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(mdQacc, mdQ, mCuSeqlensQ, mSeqUsedQ, softmax_scale, tiled_mma_dq).launch(
             grid=[cute.ceil_div(max_seqlen_q, cfg.tile_m), cute.size(mdQ.shape[2]), batch],
-            block=[NUM_MMA_WG * THREADS_PER_WG, 1, 1], stream=stream)
+            block=[self.main.num_wg * THREADS_PER_WG, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, mCuSeqlensQ: Optional[cute.Tensor],

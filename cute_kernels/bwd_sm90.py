@@ -61,6 +61,21 @@ columns for dK / dV (FA3's 64 x 64 tile at hdim 256):
   zeros before the warp-role branch and ptxas, holding them under that region's 168-register
   budget, spilled dV and serialized the WGMMAs.
 
+hdim 192, FA3's layout (`dkv_transposed`, opt-in: bwd_launch.dkvt): 96 keys a CTA over three
+consumer warpgroups (512 threads, setmaxnreg 24 / 160), so each query block's dQ adds serve 96
+keys, not 64:
+    S = Q K^T, dP = dO V^T   SS WGMMA, the 64 queries as M, warpgroup w's keys 32w .. 32w + 31 as N
+    P, dS                    in registers (LSE_log2 / dPsum per row; masks through a keys x queries
+                             view, KeyBlockMask.apply(keys_as_columns=True)), -> sP / sdS (stmatrix)
+    dV^T[rows_w] += dO^T P   SS WGMMA, A = dO read transposed, B = sP read transposed; rows_w =
+                             head-dim rows 64w .. 64w + 63, all 96 keys
+    dQ[:, cols_w] = dS K     SS WGMMA, A = sdS, B = K read transposed; added from registers (dq_red:
+                             no room for sdQ beside two Q / dO stages)
+    dK^T[rows_w] += Q^T dS   SS WGMMA
+  dK^T / dV^T: 48 + 48 registers a thread; stored transposed. No deterministic mode (its ordered
+  adds are the dQ warp's); hdim_v 128 keeps the split_hdim tile. CPU SASS: max R157 of 160, no
+  local memory but with a window and varlen, or dkv_partial (8 bytes in the epilogue).
+
 Masks (mask.KeyBlockMask): a key block walks only the query blocks whose rows keep one of its
 keys (window; attention_chunk C, a launch argument of `chunk` configs: the rows whose chunk
 holds the key), and masks only those that straddle an edge: the first ones (rows before some
@@ -150,21 +165,30 @@ class FlashAttentionBackwardSm90:
         self.hdimv = cfg.hdimv or cfg.hdim  # V, dO, dV (split_hdim: may be below hdim, 192 x 128)
         self.q_stages = cfg.q_stages
         self.split_hdim = cfg.dkv_split_hdim
+        # hdim 192, FA3's layout: S / dP with the queries as M, dK^T / dV^T, three warpgroups
+        self.dkvt = cfg.dkv_transposed
+        self.num_wg = cfg.num_mma_wg
         # tile_m 128 (hdim 64): dQ = dS K split by rows, 64 per warpgroup (tile_m 64: by columns)
-        self.dq_split_rows = self.tile_m == NUM_MMA_WG * 64
+        self.dq_split_rows = self.tile_m == 128
         # tile_m 80 (hdim 128): dQ^T = K^T dS^T, the head dim as M (64 rows per warpgroup), since
         # WGMMA's M is 64 per warpgroup and 80 is not a multiple of it (FA3's dQ_swapAB)
         self.dq_swap_ab = self.tile_m % 64 != 0
         # dQ's accumulator tile as its MMA computes it: (rows, columns) of dQ, or dQ^T's
         self.dq_tile = (self.hdim, self.tile_m) if self.dq_swap_ab else (self.tile_m, self.hdim)
+        # S's (dP's, P's, dS's) tile as the sdp MMA computes it: S^T (keys x queries), or with dkvt S
+        self.s_tile = (self.tile_m, self.tile_n) if self.dkvt else (self.tile_n, self.tile_m)
+        # dK's (dV's) tile as its MMA computes it: keys x head dim, or with dkvt dK^T (dV^T)
+        self.dkv_tile = (lambda cols: (cols, self.tile_n)) if self.dkvt else (lambda cols: (self.tile_n, cols))
+        # which coordinate of S's tile is the query (the other is the key)
+        self.qi = 0 if self.dkvt else 1
         # softcap's d tanh recomputed in fp32 from the tanh kept in S^T once dP^T is in (two passes)
         # instead of kept in fp16 beside S^T and dP^T: where keeping it spills (tile_m 128; hdim 128
-        # with a mask: 16 / 24 bytes of stack causal / local + varlen; tile_m 80: 224 bytes; none
-        # two-pass; CPU SASS)
+        # with a mask: 16 / 24 bytes of stack causal / local + varlen; tile_m 80: 224 bytes; dkvt:
+        # 16-24; none two-pass; CPU SASS)
         masked = cfg.has_left or cfg.has_right or cfg.chunk
-        spills = self.dq_split_rows or (self.hdim == 128 and (masked or self.tile_m == 80))
+        spills = self.dq_split_rows or self.dkvt or (self.hdim == 128 and (masked or self.tile_m == 80))
         self.softcap_two_pass = cfg.softcap and spills
-        self.num_mma_threads = NUM_MMA_WG * THREADS_PER_WG
+        self.num_mma_threads = self.num_wg * THREADS_PER_WG
         self.num_threads = self.num_mma_threads + THREADS_PER_WG
         # fp32 dQ values one consumer thread holds per m_block
         self.dq_per_thread = self.tile_m * self.hdim // self.num_mma_threads
@@ -178,6 +202,15 @@ class FlashAttentionBackwardSm90:
 
     def make_tiled_mmas(self):
         K, MN = warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN
+        if self.dkvt:
+            # S = Q K^T and dP = dO V^T: M = the 64 queries, N = the keys, tile_n / 3 per warpgroup
+            sdp = self._mma(K, K, (1, self.num_wg, 1), self.tile_n // self.num_wg)
+            # dV^T += dO^T P, dK^T += Q^T dS: M = the head dim (64 rows per warpgroup), N = all the
+            # keys; A = dO / Q read transposed, B = sP / sdS read transposed (both MN-major)
+            dkv = self._mma(MN, MN, (self.num_wg, 1, 1), self.tile_n)
+            # dQ = dS K: A = sdS (queries x keys, K-major), B = K read transposed; 64 columns each
+            dq = self._mma(K, MN, (1, self.num_wg, 1), self.hdim // self.num_wg)
+            return sdp, dkv, dq
         if self.split_hdim:
             # S^T = K Q^T and dP^T = V dO^T: M = the 64 keys, N = the queries, 32 per warpgroup
             sdp = self._mma(K, K, (1, NUM_MMA_WG, 1), self.tile_m // NUM_MMA_WG)
@@ -253,23 +286,24 @@ class FlashAttentionBackwardSm90:
         if const_expr(self.split_hdim):
             self.check_split_partitions(tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv)
         # (split_hdim: dK += dS^T Q and dV += P^T dO read Q and dO transposed in hdim / 2-column halves)
-        q_cols = self.hdim // NUM_MMA_WG if const_expr(self.split_hdim) else None
-        do_cols = self.hdimv // NUM_MMA_WG if const_expr(self.split_hdim) else None
+        q_cols = self.hdim // self.num_wg if const_expr(self.split_hdim) else None
+        do_cols = self.hdimv // self.num_wg if const_expr(self.split_hdim) else None
         sQ_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdim), self.q_stages, atom_cols=q_cols)
         sdO_layout = make_smem_layout(self.dtype, (self.tile_m, self.hdimv), self.q_stages, atom_cols=do_cols)
-        # (dQ = dS K reads K transposed in hdim / 2-column halves: a swizzle atom that divides them;
-        # split by dQ's rows, every column)
-        k_cols = None if self.dq_split_rows else self.hdim // NUM_MMA_WG
+        # (dQ = dS K reads K transposed in hdim / num_wg-column slices: a swizzle atom that divides
+        # them; split by dQ's rows, every column)
+        k_cols = None if self.dq_split_rows else self.hdim // self.num_wg
         sK_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdim), atom_cols=k_cols)
         sV_layout = make_smem_layout(self.dtype, (self.tile_n, self.hdimv))
-        # dS^T as the S^T accumulator holds it: keys x queries, queries contiguous; ds_stages buffers
-        sdS_layout = make_smem_layout(self.dtype, (self.tile_n, self.tile_m), self.cfg.ds_stages)
-        # split_hdim: P^T in smem like dS^T (empty otherwise: sdQ's offset as without it)
-        p_elems = cute.cosize(sdS_layout) if const_expr(self.split_hdim) else 0
+        # dS^T as the S^T accumulator holds it: keys x queries, queries contiguous (dkvt: dS, queries
+        # x keys); ds_stages buffers
+        sdS_layout = make_smem_layout(self.dtype, self.s_tile, self.cfg.ds_stages)
+        # split_hdim / dkvt: P^T (P) in smem like dS^T (dS) (empty otherwise: sdQ's offset as without it)
+        p_elems = cute.cosize(sdS_layout) if const_expr(self.split_hdim or self.dkvt) else 0
         dq_chunk = THREADS_PER_WG * self.dq_per_thread  # one warpgroup's share of a dQ block
         # (vector, thread, vectors, warpgroup): each thread's 16-byte vectors THREADS_PER_WG apart
         sdQ_layout = cute.make_layout(
-            (DQ_VEC, THREADS_PER_WG, self.dq_per_thread // DQ_VEC, NUM_MMA_WG),
+            (DQ_VEC, THREADS_PER_WG, self.dq_per_thread // DQ_VEC, self.num_wg),
             stride=(1, DQ_VEC, DQ_VEC * THREADS_PER_WG, dq_chunk))
         sRow_layout = cute.make_layout((self.tile_m, self.q_stages))  # LSE_log2 / dPsum
 
@@ -327,13 +361,13 @@ class FlashAttentionBackwardSm90:
         from cute_kernels.bwd_launch import dq_value_coords
 
         cdQ = cute.make_identity_tensor(self.dq_tile)
-        for t in (0, 1, 5, 37, 100, 128, 133, 255):
+        for t in (0, 1, 5, 37, 100, 128, 133, 255, 256, 300, 383)[:8 + 3 * (self.num_wg - 2)]:
             coords = tiled_mma_dq.get_slice(t).partition_C(cdQ)
             assert cute.size(coords) == self.dq_per_thread
             for r in range(self.dq_per_thread):
                 got = tuple(int(x) for x in coords[r])
                 got = got[::-1] if self.dq_swap_ab else got  # (head-dim column, row) of dQ^T
-                want = dq_value_coords(self.tile_m, self.hdim, t, r)
+                want = dq_value_coords(self.tile_m, self.hdim, t, r, self.num_wg)
                 assert got == want, f"dQ value {r} of thread {t}: MMA layout {got}, host order {want}"
 
     def check_split_partitions(self, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv):
@@ -355,6 +389,12 @@ class FlashAttentionBackwardSm90:
                     row, col = (int(x) for x in coords[r])
                     assert 0 <= row < self.tile_n and wg * half <= col < (wg + 1) * half, \
                         f"thread {t} value {r} at ({row}, {col}): not warpgroup {wg}'s columns"
+
+    def kq(self, t_mn: cute.Tensor) -> cute.Tensor:
+        """An (m, n) view of S's tile as keys x queries: as it is (S^T), or transposed (dkvt's S)."""
+        if const_expr(not self.dkvt):
+            return t_mn
+        return cute.make_tensor(t_mn.iterator, cute.select(t_mn.layout, mode=[1, 0]))
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
@@ -400,7 +440,7 @@ class FlashAttentionBackwardSm90:
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sdS = storage.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
         sP = None
-        if const_expr(self.split_hdim):
+        if const_expr(self.split_hdim or self.dkvt):
             sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)[None, None, 0]
         sdQ = None if const_expr(self.cfg.dq_red) else storage.sdQ.get_tensor(sdQ_layout)
         sLSE = storage.sLSE.get_tensor(sRow_layout)
@@ -518,16 +558,16 @@ class FlashAttentionBackwardSm90:
                 sem = cute.domain_offset((work.row_offset // self.tile_m,), mSemaphore[None, head, b_q])
             for m_block in cutlass.range(m_block_min, m_block_max, unroll=1):
                 gdQ = cute.local_tile(mdQ_cur, (self.tile_m * self.hdim,), (m_block,))
-                for wg in cutlass.range_constexpr(NUM_MMA_WG):
+                for wg in cutlass.range_constexpr(self.num_wg):
                     # this warpgroup's previous reduce has read sdQ[wg] (the later ones may run on)
-                    cute.arch.cp_async_bulk_wait_group(NUM_MMA_WG - 1 - wg, read=True)
+                    cute.arch.cp_async_bulk_wait_group(self.num_wg - 1 - wg, read=True)
                     cute.arch.barrier_arrive(barrier_id=int(NamedBarrierBwd.dQEmptyWG0) + wg,
                                              number_of_threads=THREADS_PER_WG + 32)
                 if const_expr(det):
                     while load_acquire_i32(sem.iterator + m_block) != work.n_block:
                         pass
                     cute.arch.fence_proxy("async.global")  # the earlier adds -> this one's reads
-                for wg in cutlass.range_constexpr(NUM_MMA_WG):
+                for wg in cutlass.range_constexpr(self.num_wg):
                     cute.arch.barrier(barrier_id=int(NamedBarrierBwd.dQFullWG0) + wg,
                                       number_of_threads=THREADS_PER_WG + 32)
                     with cute.arch.elect_one():
@@ -556,27 +596,41 @@ class FlashAttentionBackwardSm90:
         wg_dkv = tiled_mma_dkv.get_slice(wg_idx * THREADS_PER_WG)
         wg_dv = tiled_mma_dv.get_slice(wg_idx * THREADS_PER_WG)
         wg_dq = tiled_mma_dq.get_slice(wg_idx * THREADS_PER_WG)
-        # operands: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K (A of
-        # dV / dK: P^T / dS^T in registers, or with split_hdim in smem)
-        tSrK = wg_sdp.make_fragment_A(wg_sdp.partition_A(sK))
-        tSrQ = wg_sdp.make_fragment_B(wg_sdp.partition_B(sQ))
-        tdPrV = wg_sdp.make_fragment_A(wg_sdp.partition_A(sV))
-        tdPrdO = wg_sdp.make_fragment_B(wg_sdp.partition_B(sdO))
-        tdVrdOt = wg_dv.make_fragment_B(wg_dv.partition_B(transpose_view(sdO)))
-        tdKrQt = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
-        tdVrP, tdKrdS = None, None
-        if const_expr(self.split_hdim):
-            tdVrP = wg_dv.make_fragment_A(wg_dv.partition_A(sP))
-            tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(sdS))
-        if const_expr(self.dq_swap_ab):  # dQ^T = K^T dS^T
-            tdQrdS = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sdS)))  # (.., ds stage)
-            tdQrKt = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sK)))
-        else:
-            tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))  # (.., ds stage)
+        if const_expr(self.dkvt):
+            # operands: S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ = dS K: Q and
+            # dO (staged) as A, K / V / P / dS as B, dS as dQ's A
+            tSrQ = wg_sdp.make_fragment_A(wg_sdp.partition_A(sQ))
+            tSrK = wg_sdp.make_fragment_B(wg_sdp.partition_B(sK))
+            tdPrdO = wg_sdp.make_fragment_A(wg_sdp.partition_A(sdO))
+            tdPrV = wg_sdp.make_fragment_B(wg_sdp.partition_B(sV))
+            tdVrdOt = wg_dv.make_fragment_A(wg_dv.partition_A(transpose_view(sdO)))
+            tdKrQt = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sQ)))
+            tdVrP = wg_dv.make_fragment_B(wg_dv.partition_B(transpose_view(sP)))
+            tdKrdS = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdS)))  # (.., ds stage)
+            tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(sdS))  # (.., ds stage)
             tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
-        acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C((self.tile_n, self.hdim)), Float32)
-        acc_dV = cute.make_rmem_tensor(tiled_mma_dv.partition_shape_C((self.tile_n, self.hdimv)), Float32)
-        if const_expr(self.split_hdim or self.dq_split_rows):
+        else:
+            # operands: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K (A of
+            # dV / dK: P^T / dS^T in registers, or with split_hdim in smem)
+            tSrK = wg_sdp.make_fragment_A(wg_sdp.partition_A(sK))
+            tSrQ = wg_sdp.make_fragment_B(wg_sdp.partition_B(sQ))
+            tdPrV = wg_sdp.make_fragment_A(wg_sdp.partition_A(sV))
+            tdPrdO = wg_sdp.make_fragment_B(wg_sdp.partition_B(sdO))
+            tdVrdOt = wg_dv.make_fragment_B(wg_dv.partition_B(transpose_view(sdO)))
+            tdKrQt = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
+            tdVrP, tdKrdS = None, None
+            if const_expr(self.split_hdim):
+                tdVrP = wg_dv.make_fragment_A(wg_dv.partition_A(sP))
+                tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(sdS))
+            if const_expr(self.dq_swap_ab):  # dQ^T = K^T dS^T
+                tdQrdS = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sdS)))  # (.., ds stage)
+                tdQrKt = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sK)))
+            else:
+                tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))  # (.., ds stage)
+                tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
+        acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C(self.dkv_tile(self.hdim)), Float32)
+        acc_dV = cute.make_rmem_tensor(tiled_mma_dv.partition_shape_C(self.dkv_tile(self.hdimv)), Float32)
+        if const_expr(self.split_hdim or self.dq_split_rows or self.dkvt):
             # zeros made here, not before the warp-role branch (where LLVM puts a literal's
             # materialization): there they would hold dK / dV to the first 168 registers
             # (tile_m 128: 64 of them spilled, the WGMMAs serialized)
@@ -592,11 +646,12 @@ class FlashAttentionBackwardSm90:
         store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
         thr_copy_dS = cute.make_tiled_copy_C(store_atom, tiled_mma_sdp).get_slice(tidx)
         tdSsdS = thr_copy_dS.partition_D(sdS)
-        tPsP = thr_copy_dS.partition_D(sP) if const_expr(self.split_hdim) else None
-        # this thread's queries (columns of S^T): its own offset plus thread 0's constant ones
-        cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
-        col0 = acc_to_mn(thr_sdp.partition_C(cS))[0, 0][1]
-        t0_cols = acc_to_mn(thr0_sdp.partition_C(cS))
+        tPsP = thr_copy_dS.partition_D(sP) if const_expr(self.split_hdim or self.dkvt) else None
+        # this thread's queries (columns of S^T, rows of S): its own offset plus thread 0's
+        # constant ones (coordinate qi of a keys x queries view)
+        cS = cute.make_identity_tensor(self.s_tile)
+        col0 = self.kq(acc_to_mn(thr_sdp.partition_C(cS)))[0, 0][self.qi]
+        t0_cols = self.kq(acc_to_mn(thr0_sdp.partition_C(cS)))
         # this thread's dQ vectors in sdQ, or (dq_red) its offset in a block's accumulator chunk: the
         # bulk reduce's layout, vectors THREADS_PER_WG apart in its warpgroup's part
         tdQsdQ = None if const_expr(self.cfg.dq_red) else sdQ[None, tidx % THREADS_PER_WG, None, wg_idx]
@@ -649,32 +704,38 @@ class FlashAttentionBackwardSm90:
              mask_left: cutlass.Constexpr[bool] = False):
         """One query block against this CTA's keys (see the module docstring)."""
         stage = q_state.index
-        shape_s = tiled_mma_sdp.partition_shape_C((self.tile_n, self.tile_m))
-        # S^T = K Q^T and dP^T = V dO^T, issued back to back
+        shape_s = tiled_mma_sdp.partition_shape_C(self.s_tile)
+        # S^T = K Q^T and dP^T = V dO^T (dkvt: S = Q K^T, dP = dO V^T), issued back to back
         pipeline_q.consumer_wait(q_state)
         acc_S = cute.make_rmem_tensor(shape_s, Float32)
-        gemm(tiled_mma_sdp, acc_S, tSrK, tSrQ[None, None, None, stage], zero_init=True, wg_wait=-1)
+        if const_expr(self.dkvt):
+            gemm(tiled_mma_sdp, acc_S, tSrQ[None, None, None, stage], tSrK, zero_init=True, wg_wait=-1)
+        else:
+            gemm(tiled_mma_sdp, acc_S, tSrK, tSrQ[None, None, None, stage], zero_init=True, wg_wait=-1)
         pipeline_do.consumer_wait(q_state)
         acc_dP = cute.make_rmem_tensor(shape_s, Float32)
-        gemm(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], zero_init=True, wg_wait=1)
+        if const_expr(self.dkvt):
+            gemm(tiled_mma_sdp, acc_dP, tdPrdO[None, None, None, stage], tdPrV, zero_init=True, wg_wait=1)
+        else:
+            gemm(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], zero_init=True, wg_wait=1)
 
         if const_expr(self.softcap_two_pass):
             # no registers for d tanh beside S^T and dP^T (tile_m 128: 32 a thread; they spill):
             # tanh here, then P^T and dS^T in one pass once dP^T is in, d tanh = 1 - tanh^2 in
             # fp32 from the tanh still in S^T (masked: tanh -inf, P 0, d tanh clamped to 0)
-            s_mn = acc_to_mn(acc_S)
+            s_mn = self.kq(acc_to_mn(acc_S))
             for i in cutlass.range_constexpr(cute.size(acc_S)):
                 acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
-            mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left)
+            mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left, keys_as_columns=self.dkvt)
             warpgroup.wait_group(0)
-            dp_mn = acc_to_mn(acc_dP)
+            dp_mn = self.kq(acc_to_mn(acc_dP))
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                dpsum = sdPsum[col0 + t0_cols[0, c][1], stage]
+                dpsum = sdPsum[col0 + t0_cols[0, c][self.qi], stage]
                 for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
                     t = s_mn[r, c]
                     dp_mn[r, c] = (dp_mn[r, c] - dpsum) * cute.arch.fmax(1.0 - t * t, Float32(0.0))
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                lse = sLSE[col0 + t0_cols[0, c][1], stage]
+                lse = sLSE[col0 + t0_cols[0, c][self.qi], stage]
                 for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
                     p = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
                     s_mn[r, c] = p
@@ -685,7 +746,7 @@ class FlashAttentionBackwardSm90:
             convert_to(acc_dP, rdS)
         else:
             # P^T = exp2(S^T * scale_log2 - LSE_log2[query])
-            s_mn = acc_to_mn(acc_S)
+            s_mn = self.kq(acc_to_mn(acc_S))
             dtanh = None
             if const_expr(self.cfg.softcap):
                 # d tanh = 1 - tanh^2 kept until dS in fp16 (10 mantissa bits, finer than dS's bf16;
@@ -695,9 +756,9 @@ class FlashAttentionBackwardSm90:
                     t = cute.math.tanh(acc_S[i] * softcap_premul)
                     acc_S[i] = t
                     dtanh[i] = (1.0 - t * t).to(cutlass.Float16)
-            mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left)
+            mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left, keys_as_columns=self.dkvt)
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                lse = sLSE[col0 + t0_cols[0, c][1], stage]
+                lse = sLSE[col0 + t0_cols[0, c][self.qi], stage]
                 for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
                     s_mn[r, c] = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
             rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
@@ -705,9 +766,9 @@ class FlashAttentionBackwardSm90:
 
             # dS^T = P^T * (dP^T - dPsum[query])  (softcap: times d tanh)
             warpgroup.wait_group(0)
-            dp_mn = acc_to_mn(acc_dP)
+            dp_mn = self.kq(acc_to_mn(acc_dP))
             for c in cutlass.range_constexpr(cute.size(dp_mn.shape[1])):
-                dpsum = sdPsum[col0 + t0_cols[0, c][1], stage]
+                dpsum = sdPsum[col0 + t0_cols[0, c][self.qi], stage]
                 for r in cutlass.range_constexpr(cute.size(dp_mn.shape[0])):
                     dp_mn[r, c] = s_mn[r, c] * (dp_mn[r, c] - dpsum)
             if const_expr(self.cfg.softcap):
@@ -723,25 +784,32 @@ class FlashAttentionBackwardSm90:
         ds_idx = stage if const_expr(self.cfg.ds_stages == 2) else 0
         if const_expr(self.cfg.ds_stages == 1):
             cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
-        if const_expr(self.split_hdim):
+        p_in_smem = const_expr(self.split_hdim or self.dkvt)
+        if const_expr(p_in_smem):
             cute.copy(thr_copy_dS, thr_copy_dS.retile(rP), tPsP)
         cute.copy(thr_copy_dS, thr_copy_dS.retile(rdS), tdSsdS[None, None, None, ds_idx])
         cute.arch.fence_view_async_shared()  # stmatrix writes -> WGMMA's async-proxy reads
-        if const_expr(not self.split_hdim):
+        if const_expr(not p_in_smem):
             # dV += P^T dO (P^T from registers: before the other warpgroup's dS^T is in)
             gemm(tiled_mma_dv, acc_dV, acc_to_frgA(rP), tdVrdOt[None, None, None, stage], wg_wait=-1)
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
         if const_expr(self.split_hdim):
             # dV[:, this warpgroup's columns] += P^T dO (P^T of both warpgroups' queries, from sP)
             gemm(tiled_mma_dv, acc_dV, tdVrP, tdVrdOt[None, None, None, stage], wg_wait=-1)
+        if const_expr(self.dkvt):
+            # dV^T[this warpgroup's head-dim rows] += dO^T P (every warpgroup's keys, from sP)
+            gemm(tiled_mma_dv, acc_dV, tdVrdOt[None, None, None, stage], tdVrP, wg_wait=-1)
         # dQ = dS K (this warpgroup's half), then dK += dS^T Q
         acc_dQ = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C(self.dq_tile), Float32)
         if const_expr(self.dq_swap_ab):
             gemm(tiled_mma_dq, acc_dQ, tdQrKt, tdQrdS[None, None, None, ds_idx], zero_init=True, wg_wait=-1)
         else:
             gemm(tiled_mma_dq, acc_dQ, tdQrdS[None, None, None, ds_idx], tdQrKt, zero_init=True, wg_wait=-1)
-        tdKrdS_cur = tdKrdS[None, None, None, 0] if const_expr(self.split_hdim) else acc_to_frgA(rdS)
-        gemm(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], wg_wait=1)
+        if const_expr(self.dkvt):  # dK^T[this warpgroup's head-dim rows] += Q^T dS
+            gemm(tiled_mma_dkv, acc_dK, tdKrQt[None, None, None, stage], tdKrdS[None, None, None, ds_idx], wg_wait=1)
+        else:
+            tdKrdS_cur = tdKrdS[None, None, None, 0] if const_expr(self.split_hdim) else acc_to_frgA(rdS)
+            gemm(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], wg_wait=1)
         pipeline_do.consumer_release(q_state)  # dV's GEMM (and dQ's) done with dO
         if const_expr(self.cfg.dq_red):
             # dQ += this thread's values, 16 bytes a red, where the bulk reduce would add them
@@ -779,7 +847,7 @@ class FlashAttentionBackwardSm90:
         mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.out_head, b_k])
         gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
         store_acc_predicated(r16, tiled_mma_dkv.get_slice(tidx), gX, (self.tile_n, cols),
-                             seqlen.seqlen_k - work.n_block * self.tile_n, cols_in)
+                             seqlen.seqlen_k - work.n_block * self.tile_n, cols_in, transposed=self.dkvt)
 
     # ------------------------------------------------------------------ compile
     @staticmethod

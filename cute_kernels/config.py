@@ -479,6 +479,11 @@ BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (64,), 128: (80,)}
 # beside it: hdim 256's 64 KB of fp32 sdQ take a second stage (208 KB).
 BWD_Q_STAGES_WITHOUT_SDQ: dict[int, int] = {256: 2}
 BWD_REG_SPLIT = (24, 240)  # producer, consumer setmaxnreg (2 consumer warpgroups)
+# hdim 192's FA3 tile (BwdConfig.dkv_transposed, a variant): 96 keys a CTA over three consumer
+# warpgroups, S = Q K^T unswapped (32 keys each), dK^T / dV^T with the head dim as M (64 rows
+# each), dQ added from registers (no room for sdQ). 24 + 3 x 160 = 4 x 126 at 512 threads.
+BWD_DKVT_TILE = (64, 96)
+BWD_DKVT_REG_SPLIT = (24, 160)
 
 
 @dataclass(frozen=True)
@@ -525,11 +530,25 @@ class BwdConfig:
     # barriers. Not deterministic (its ordered adds are the dQ warp's). bwd_launch picks it where
     # an H100 timed it faster (hdim 256).
     dq_red: bool = False
+    # hdim 192, FA3's layout (bwd_sm90's docstring): three consumer warpgroups, BWD_DKVT_TILE
+    # (64 queries x 96 keys), S and dP unswapped, dK^T and dV^T with the head dim as M; dq_red.
+    dkv_transposed: bool = False
+
+    @property
+    def num_mma_wg(self) -> int:
+        return 3 if self.dkv_transposed else 2
 
     def __post_init__(self):
         assert not (self.dq_red and self.deterministic), "dq_red: unordered adds (deterministic: the dQ warp's)"
-        assert self.ds_stages == 1 or (self.ds_stages == 2 and self.q_stages == 2 and not self.dkv_split_hdim), \
+        assert self.ds_stages == 1 or (self.ds_stages == 2 and self.q_stages == 2 and not self.dkv_split_hdim
+                                       and not self.dkv_transposed), \
             "ds_stages 2: two Q stages, dS^T alone in smem (not dkv_split_hdim)"
+        if self.dkv_transposed:
+            assert (self.tile_m, self.tile_n) == BWD_DKVT_TILE and self.hdim == 192 and not self.hdimv, \
+                f"dkv_transposed: hdim 192 (three 64-row warpgroups of dK^T), tile {BWD_DKVT_TILE}"
+            assert self.dq_red and not self.dkv_split_hdim, "dkv_transposed: dQ from registers (no room for sdQ)"
+            check_reg_split(self.producer_regs, self.consumer_regs, 3, self)
+            return
         if self.dkv_split_hdim:
             assert self.tile_n == 64 and self.hdim % 64 == 0, "64 keys; dK / dV in two head-dim halves"
             assert self.hdimv in (0, 128) and (not self.hdimv or self.hdim == 192), "hdimv: 192 x 128 only"
@@ -548,7 +567,13 @@ class BwdConfig:
 
     @staticmethod
     def make(dtype: str, hdim: int, tile_m: Optional[int] = None, **features) -> "BwdConfig":
-        """BWD_TILES' tile of this head dim, or with `tile_m` one of its BWD_TILE_M_VARIANTS."""
+        """BWD_TILES' tile of this head dim, or with `tile_m` one of its BWD_TILE_M_VARIANTS, or
+        with dkv_transposed=True (hdim 192) FA3's three-warpgroup tile (dQ from registers)."""
+        if features.get("dkv_transposed"):
+            assert tile_m in (None, BWD_DKVT_TILE[0]), f"dkv_transposed: tile_m {BWD_DKVT_TILE[0]}"
+            features = dict(features, dq_red=True)
+            return BwdConfig(dtype, hdim, *BWD_DKVT_TILE, q_stages=2, producer_regs=BWD_DKVT_REG_SPLIT[0],
+                             consumer_regs=BWD_DKVT_REG_SPLIT[1], **features)
         default_m, tile_n, q_stages, dkv_split_hdim = BWD_TILES[hdim]
         assert tile_m in (None, default_m, *BWD_TILE_M_VARIANTS.get(hdim, ())), f"hdim {hdim}: tile_m {tile_m}"
         tile_m = tile_m or default_m
@@ -564,4 +589,5 @@ class BwdConfig:
         flags += [f"hdimv{self.hdimv}"] if self.hdimv else []
         flags += [f"ds{self.ds_stages}"] if self.ds_stages != 1 else []
         flags += ["dq_red"] if self.dq_red else []
+        flags += ["dkv_transposed"] if self.dkv_transposed else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

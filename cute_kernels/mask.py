@@ -351,22 +351,28 @@ class KeyBlockMask:
         mask_keys: cutlass.Boolean,
         mask_right: cutlass.Constexpr[bool],
         mask_left: cutlass.Constexpr[bool],
+        keys_as_columns: cutlass.Constexpr[bool] = False,
     ):
         """Set masked entries of S^T (rows: this block's keys, columns: block m_block's rows) to
         -inf: keys at or past seqlen_k where `mask_keys` (the last key block; a runtime branch per
         row), and the window's and chunk's edges. Query rows past seqlen_q are not masked here:
         the backward's LSE is +inf there, so their probabilities are 0. Column limits per row as
-        in AttentionMask.apply (thread 0's coordinates are compile-time constants)."""
-        s_mn = acc_to_mn(acc_St)
-        cS = cute.make_identity_tensor((self.tile_n, self.tile_m))
-        tScS = acc_to_mn(thr_mma.partition_C(cS))
-        t0ScS = acc_to_mn(thr0_mma.partition_C(cS))
-        key0 = self.n_block * self.tile_n + tScS[0, 0][0]
-        col0 = m_block * self.tile_m + tScS[0, 0][1]
+        in AttentionMask.apply (thread 0's coordinates are compile-time constants).
+        keys_as_columns: the accumulator is S (rows: queries, columns: keys; the backward's
+        dkv_transposed), walked through a transposed view the same way."""
+        tile = (self.tile_m, self.tile_n) if const_expr(keys_as_columns) else (self.tile_n, self.tile_m)
+        ki, qi = (1, 0) if const_expr(keys_as_columns) else (0, 1)  # which coordinate is the key
+        cS = cute.make_identity_tensor(tile)
+        s_mn, tScS, t0ScS = (acc_to_mn(t) for t in (acc_St, thr_mma.partition_C(cS), thr0_mma.partition_C(cS)))
+        if const_expr(keys_as_columns):
+            s_mn, tScS, t0ScS = (cute.make_tensor(t.iterator, cute.select(t.layout, mode=[1, 0]))
+                                 for t in (s_mn, tScS, t0ScS))
+        key0 = self.n_block * self.tile_n + tScS[0, 0][ki]
+        col0 = m_block * self.tile_m + tScS[0, 0][qi]
         use_right = const_expr(mask_right and (self.has_right or self.has_chunk))
         use_left = const_expr(mask_left and (self.has_left or self.has_chunk))
         for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
-            key = key0 + t0ScS[r, 0][0]
+            key = key0 + t0ScS[r, 0][ki]
             if mask_keys:
                 if key >= self.seqlen.seqlen_k:
                     for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
@@ -378,7 +384,7 @@ class KeyBlockMask:
                 if const_expr(use_left):
                     hi = self.rows_end(key) - 1 - col0
                 for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                    col = t0ScS[r, c][1]
+                    col = t0ScS[r, c][qi]
                     if const_expr(use_right):
                         s_mn[r, c] = -Float32.inf if col < lo else s_mn[r, c]
                     if const_expr(use_left):

@@ -167,7 +167,7 @@ def emulated_bwd_launch(req, cfg, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem=
     h, hk = q.shape[-2], k.shape[-2]
     group = h // hk
     # value i of a chunk holds dQ's element inverse[i] (row * hdim + column)
-    order = bwd_launch.dq_fragment_order(tm, hd, "cpu")
+    order = bwd_launch.dq_fragment_order(tm, hd, "cpu", cfg.num_mma_wg)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
     pad = lambda x: torch.nn.functional.pad(x.float(), (0, hd - x.shape[-1]))  # TMA: zero columns

@@ -6,6 +6,7 @@ dQ's bulk reduce, named barriers, pipelined WGMMAs) and no local memory. One com
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import os
@@ -204,6 +205,31 @@ def test_compile_bwd_tile_m80(name):
     assert {op.split(".")[1] for op in hgmma} <= {"64x80x16", "64x128x16"}
     if name == "noncausal":
         assert len(hgmma) == 34
+
+
+DKVT_GRID = {
+    "noncausal": {}, "fp16-causal": dict(dtype="fp16", has_right=True), "softcap": dict(softcap=True),
+    "softcap-causal": dict(softcap=True, has_right=True), "seqused": dict(seqused_q=True, seqused_k=True),
+    "chunk-causal": dict(has_right=True, chunk=True), "padded": dict(hdim_in=160),
+}
+
+
+@pytest.mark.parametrize("name", list(DKVT_GRID))
+def test_compile_bwd_dkvt(name):
+    """hdim 192's three-warpgroup tile (dkv_transposed): the required SASS, no local memory,
+    setmaxnreg 24 / 160; per block step 12 + 12 HGMMA 64x32x16 (S, dP over the head dim), 6
+    64x64x16 (dQ over 96 keys), 4 + 4 64x96x16 (dV^T, dK^T over 64 queries) in each copy of the
+    step, and dQ's 8 REDG.F32x4 (32 values a thread), no bulk reduce. (A window with varlen, and
+    dkv_partial, keep 8 bytes of stack in the epilogue: not in this grid.)"""
+    features = dict(DKVT_GRID[name])
+    dtype = features.pop("dtype", "bf16")
+    text, res = check_compiled(BwdConfig.make(dtype, 192, dkv_transposed=True, **features))
+    assert "USETMAXREG.DEALLOC.CTAPOOL 0x18" in text and "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xa0" in text
+    shapes = collections.Counter(ln.split()[1].split(".")[1] for ln in text.splitlines() if " HGMMA" in ln)
+    copies = shapes["64x32x16"] // 24
+    assert copies >= 1 and shapes == {"64x32x16": 24 * copies, "64x64x16": 6 * copies, "64x96x16": 8 * copies}, shapes
+    assert text.count("REDG.E.ADD.F32x4") == 8 * copies
+    assert not any(op.startswith("UBLKRED") for op in sass.opcode_counts(text, full=True))
 
 
 def test_compile_bwd_roles():

@@ -767,3 +767,101 @@ def test_emulation_catches_64_row_padding_at_wide_tiles(bwd_wide_tile, monkeypat
         out.backward(dout)
         check_backward(make_request(q, k, v, **kw), dout, [x.grad for x in leaves])
     assert [c.tile_m for c in configs] == [tile_m]
+
+
+# ----------------------------------------------------------------------------- dkv_transposed (hdim 192)
+# FA3's hdim 192 layout (BwdConfig.dkv_transposed, opt-in: bwd_launch.dkvt): 96 keys a CTA, three
+# consumer warpgroups, S unswapped, dK^T / dV^T, dQ from registers in thirds of the head dim.
+@pytest.fixture
+def bwd_dkvt(emulated_sm90_bwd, monkeypatch):
+    """`emulated_sm90_bwd` with bwd_launch.dkvt on; returns the configs the emulated kernel ran with."""
+    configs = []
+    launch = bwd_launch.launch_kernel
+
+    def recording(req, cfg, *args):
+        configs.append(cfg)
+        return launch(req, cfg, *args)
+
+    monkeypatch.setattr(bwd_launch, "dkvt", True)
+    monkeypatch.setattr(bwd_launch, "launch_kernel", recording)
+    return configs
+
+
+def test_dkvt_config():
+    """dkv_transposed: hdim 192 only, 64 x 96, three warpgroups at 24 / 160 registers, dQ from
+    registers; not with deterministic (ordered adds) or hdim_v 128."""
+    from cute_kernels.config import BwdConfig
+
+    cfg = BwdConfig.make("bf16", 192, dkv_transposed=True, has_right=True)
+    assert (cfg.tile_m, cfg.tile_n, cfg.num_mma_wg, cfg.dq_red, cfg.dkv_split_hdim) == (64, 96, 3, True, False)
+    assert (cfg.producer_regs, cfg.consumer_regs) == (24, 160) and "dkv_transposed" in cfg.short()
+    for bad in (dict(hdim=128), dict(hdim=256), dict(hdim=192, deterministic=True), dict(hdim=192, hdimv=128)):
+        with pytest.raises(AssertionError):
+            BwdConfig.make("bf16", bad.pop("hdim"), dkv_transposed=True, **bad)
+
+
+def test_dq_value_coords_three_warpgroups():
+    """Three warpgroups: each thread's 32 values cover every (row, column) once, warpgroup w on
+    head-dim columns 64w .. 64w + 63 (all 64 rows), and the fragment order is where the kernel's
+    per-warpgroup chunks put them."""
+    tm, hd, nw = 64, 192, 3
+    per_thread = tm * hd // (nw * THREADS_PER_WG)
+    pos = torch.full((tm * hd,), -1, dtype=torch.long)
+    seen = set()
+    for thread in range(nw * THREADS_PER_WG):
+        wg, t = divmod(thread, THREADS_PER_WG)
+        for r in range(per_thread):
+            row, col = bwd_launch.dq_value_coords(tm, hd, thread, r, nw)
+            assert 64 * wg <= col < 64 * (wg + 1)
+            seen.add((row, col))
+            pos[row * hd + col] = (r % DQ_VEC + DQ_VEC * t + DQ_VEC * THREADS_PER_WG * (r // DQ_VEC)
+                                   + THREADS_PER_WG * per_thread * wg)
+    assert len(seen) == tm * hd
+    assert torch.equal(bwd_launch.dq_fragment_order(tm, hd, "cpu", nw), pos)
+
+
+def test_dq_value_coords_match_the_mma_layout_dkvt():
+    """Tracing the dkv_transposed kernel asserts dq_value_coords against its dQ MMA (thirds of
+    the head dim over three warpgroups); compile-only, sm_90a."""
+    import cutlass.cute as cute
+
+    from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90
+    from cute_kernels.config import BwdConfig
+
+    cfg = BwdConfig.make("bf16", 192, dkv_transposed=True, has_right=True)
+    kernel = FlashAttentionBackwardSm90(cfg)
+    assert (kernel.num_wg, kernel.dq_per_thread, kernel.num_threads) == (3, 32, 512)
+    cute.compile(kernel, *kernel.fake_args(cfg))
+
+
+# (layout, feature, heads, padding below 192, dtype)
+DKVT_GRID = [
+    ("batched", "plain", "mha", 0, torch.bfloat16),
+    ("batched", "causal", "gqa", 0, torch.float16),
+    ("batched_tall", "both", "mqa", 0, torch.bfloat16),
+    ("ragged", "left", "gqa", 32, torch.bfloat16),
+    ("ragged", "softcap_causal", "mha", 0, torch.bfloat16),
+    ("seqused", "right", "gqa", 0, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("layout,feature,heads,pad,dtype", [
+    pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-pad{c[3]}-{str(c[4])[6:]}") for c in DKVT_GRID])
+def test_grads_emulated_dkvt(bwd_dkvt, layout, feature, heads, pad, dtype):
+    """dkv_transposed through the host code (96-key blocks, three warpgroups' dQ order, masks),
+    the kernel emulated, against the fp64 reference."""
+    h, hk = HEADS[heads]
+    varlen = layout in ("ragged", "seqused")
+    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, 192 - pad, dtype, "cpu", varlen,
+                              SEQUSED if layout == "seqused" else None)
+    req, fwd, bwd = train_step("varlen" if varlen else "attention", q, k, v, kw, **FEATURES[feature])
+    assert (fwd, bwd) == ("cute", "cute") and [c.dkv_transposed for c in bwd_dkvt] == [True]
+
+
+def test_dkvt_not_with_deterministic_or_hdimv128(bwd_dkvt):
+    """deterministic=True and hdim_v 128 keep the 64-key split_hdim tile with dkvt on."""
+    q, k, v, _ = make_inputs([(70, 200)] * 2, 2, 2, 192, torch.bfloat16, "cpu", False)
+    train_step("func", q, k, v, {}, deterministic=True)
+    v128 = v[..., :128].contiguous()
+    train_step("func", q, k, v128, {})
+    assert [c.dkv_transposed for c in bwd_dkvt] == [False, False]

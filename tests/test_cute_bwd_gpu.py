@@ -260,15 +260,20 @@ def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
 # A head dim's other tile_m (config.BWD_TILE_M_VARIANTS), forced here through
 # bwd_launch.config_for so the GPU runs each case once per tile: hdim 64's 64-row tile (its
 # default is 128 rows, which the tests above run), hdim 128's 80-row tile (dQ^T with the head dim
-# as M; by default, if at all, only without masks or softcap: here with every feature).
-VARIANT_TILES = [(64, 64), (128, 80)]
+# as M; opt-in: here with every feature), and hdim 192's three-warpgroup 64 x 96 tile
+# (dkv_transposed, opt-in through bwd_launch.dkvt; not with deterministic, which keeps 64 x 64).
+VARIANT_TILES = [(64, 64, False), (128, 80, False), (192, 64, True)]
 
 
-@pytest.fixture(params=VARIANT_TILES, ids=[f"d{d}_m{m}" for d, m in VARIANT_TILES])
+@pytest.fixture(params=VARIANT_TILES, ids=["d64_m64", "d128_m80", "d192_dkvt"])
 def variant_tile(cute_bwd, monkeypatch, request):
-    """(head dim, tile_m, the launches' configs) with that head dim forced to that tile_m."""
-    hdim, tile_m = request.param
-    force_tile_m(monkeypatch, hdim, tile_m)
+    """(head dim, tile_m, the launches' configs) with that head dim forced to that tile_m (or to
+    the dkv_transposed tile)."""
+    hdim, tile_m, dkvt = request.param
+    if dkvt:
+        monkeypatch.setattr(bwd_launch, "dkvt", True)
+    else:
+        force_tile_m(monkeypatch, hdim, tile_m)
     return hdim, tile_m, cute_bwd
 
 

@@ -65,6 +65,14 @@ def test_compile_prepost_wide_tiles(kind, packed, seqused, hdim, tile_m):
         assert ops["LDG.E.128"] >= 16 and ops["STG.E.128"] > 0
 
 
+@pytest.mark.parametrize("packed,seqused", [(False, False), (True, True)])
+def test_compile_postprocess_dkvt(packed, seqused):
+    """hdim 192's three-warpgroup tile (dkv_transposed): the postprocessing runs 384 threads
+    through its dQ MMA (thirds of the head dim), 32 values a thread."""
+    ops = _compile(BwdRowsConfig("post", "bf16", 192, 64, 0, packed, seqused, dkv_transposed=True))
+    assert ops["LDG.E.128"] == 64 * 192 // 384 // 4, "the accumulator read in 16-byte vectors"
+
+
 # ----------------------------------------------------------------------------- GPU
 def _request(case, d, dtype=torch.bfloat16):
     torch.manual_seed(0)
@@ -125,6 +133,20 @@ def _prepost_kernels_match_torch(req, cfg):
     acc = torch.randn_like(want[2])
     torch.testing.assert_close(bwd_launch.launch_postprocess(req, cfg, acc),
                                bwd_launch.postprocess(req, cfg, acc, row_index), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
+@pytest.mark.parametrize("d", [192, 160])
+def test_prepost_kernels_match_torch_dkvt(case, d):
+    """The three-warpgroup hdim 192 tile's dQ order (dkv_transposed)."""
+    import dataclasses
+
+    req = _request(case, d)
+    cfg = bwd_launch.config_for(req)
+    _prepost_kernels_match_torch(req, dataclasses.replace(cfg, tile_n=96, q_stages=2, dkv_split_hdim=False,
+                                                         dq_red=True, producer_regs=24, consumer_regs=160,
+                                                         dkv_transposed=True))
 
 
 def test_kernel_class_per_config():
