@@ -87,8 +87,9 @@ def _cute_bwd_load(**variant) -> Forward:
     fa3py:cute dispatches too, unless FA3PY_CUTE_BWD=0 (then fa3py:cute's backward is Triton's
     and this provider still times the kernel). A point the backward kernel does not serve raises with
     its reason (no silent Triton stand-in). `variant`: bwd_launch settings for these calls
-    (ds_stages 1 / 2: sdS buffers; dq_red: dQ added from registers; m80: hdim 128's 80-row tile),
-    for A/B runs; without it, bwd_launch's per-head-dim defaults."""
+    (ds_stages 1 / 2: sdS buffers; dq_red: dQ added from registers; m80: hdim 128's 80-row tile;
+    dkvt: hdim 192's three-warpgroup tile), for A/B runs; without it, bwd_launch's per-head-dim
+    defaults."""
     import cute_kernels
     from cute_kernels import bwd_launch
     from fa3py.validation import make_request
@@ -248,9 +249,10 @@ PROVIDERS: tuple[Provider, ...] = (
                load=lambda ds=ds, red=red: _cute_bwd_load(ds_stages=ds, dq_red=red))
       for name, ds, red in (("ds1", 1, False), ("ds2", 2, False), ("dqred", 1, True), ("ds2-dqred", 2, True))),
     # hdim 128's 80-row query blocks (bwd_launch.m80) for every config (with two sdS buffers too),
-    # or never
+    # or never; hdim 192's three-warpgroup tile (bwd_launch.dkvt)
     *(Provider(f"fa3py:cute-bwd-{name}", peer=False, fa3py_backend="cute", load=lambda v=v: _cute_bwd_load(**v))
-      for name, v in (("m80", dict(m80=True)), ("m80-ds2", dict(m80=True, ds_stages=2)), ("m64", dict(m80=False)))),
+      for name, v in (("m80", dict(m80=True)), ("m80-ds2", dict(m80=True, ds_stages=2)), ("m64", dict(m80=False)),
+                      ("dkvt", dict(dkvt=True)))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),
