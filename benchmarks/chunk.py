@@ -88,7 +88,8 @@ def main(argv=None):
     for causal in {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]:
         for c in args.chunk:
             window = matching_window(s, s, c, causal)
-            pairs = {"chunk": kept_pairs(s, s, chunk=c, causal=causal), "window": kept_pairs(s, s, window, causal=causal)}
+            pairs = {"chunk": kept_pairs(s, s, chunk=c, causal=causal),
+                     "window": kept_pairs(s, s, window, causal=causal)}
             calls = {"chunk": lambda c=c: fa3py.attention(q, k, v, causal=causal, attention_chunk=c),
                      "window": lambda w=window: fa3py.attention(q, k, v, causal=causal, window_size=w)}
             for n, fn in list(calls.items()):
