@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from cute_kernels.config import BWD_TILES, BwdConfig, padded_hdim
+from cute_kernels.config import BWD_DKVT_TILE, BWD_TILES, BwdConfig, padded_hdim
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -90,6 +90,11 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
     return None
 
 
+def _takes_dkvt(req: "AttentionRequest") -> bool:
+    """Whether `req` runs hdim 192's three-warpgroup tile (`dkvt`; not deterministic, not 192 x 128)."""
+    return dkvt and padded_hdim(req.headdim) == 192 and not _is_192x128(req) and not req.params.deterministic
+
+
 def _is_192x128(req: "AttentionRequest") -> bool:
     """hdim_v 128 beside a head dim padded to 192: the kernel's hdimv (V, dO, dV 128 wide)."""
     return padded_hdim(req.headdim) == 192 and req.headdim_v == 128
@@ -110,7 +115,7 @@ def head_splits(req: "AttentionRequest") -> int:
     from cute_kernels.launch import _seqlens, usable_sms
 
     seqlen_k = _seqlens(req)[1]
-    tile_n = BWD_TILES[padded_hdim(req.headdim)][1]
+    tile_n = BWD_DKVT_TILE[1] if _takes_dkvt(req) else BWD_TILES[padded_hdim(req.headdim)][1]
     ctas = -(-seqlen_k // tile_n) * req.nheads_kv * req.batch
     sms = usable_sms(req)  # (the device's count is cached: this runs on every call)
     want = max(1, -(-SPLIT_WAVES * sms // max(ctas, 1)))
@@ -126,7 +131,7 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
                           hdimv=128 if _is_192x128(req) else 0,
-                          dkv_transposed=dkvt and d == 192 and not _is_192x128(req) and not p.deterministic,
+                          dkv_transposed=_takes_dkvt(req),
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
                                      max_seqlen_q=_max_seqlen_q(req)))
