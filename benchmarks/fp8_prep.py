@@ -3,6 +3,7 @@ copy of the same tensor, on a CUDA GPU.
 
     python -m benchmarks.fp8_prep                                    # hdim 64/128/256, 16k tokens
     python -m benchmarks.fp8_prep --hdim 128 --seqlen 8192 --batch 2 --nheads 16
+    python -m benchmarks.fp8_prep --roles v --both-orders    # V^T in the PV and the natural key order
 
 Bytes counted per pass: the 16-bit input read once and the float8 output (plus scales)
 written once; the copy reads and writes 2 bytes per element (`torch.Tensor.copy_`). The
@@ -14,6 +15,7 @@ float8 V (`transpose_codes` against the strided PyTorch copy `transpose_v`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -28,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--roles", nargs="+", default=["q", "k", "v"])
     ap.add_argument("--v-scaling", default="channel", choices=("block", "channel"))
     ap.add_argument("--block-n", type=int, default=128, help="keys per K (and block V) scale")
+    ap.add_argument("--both-orders", action="store_true",
+                    help="time V in both key orders, one after the other (row v: PV order, vn: natural)")
     ap.add_argument("--natural-order", action="store_true",
                     help="V^T keys in order (default: the Hopper FP8 kernel's PV key order, as fp8=True writes)")
     args = ap.parse_args(argv)
@@ -47,14 +51,18 @@ def main(argv=None):
         dst = torch.empty_like(x)
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(x), return_mode="median")
         copy_gbs = 2 * x.numel() * 2 / copy_ms / 1e6
-        for role in args.roles:
-            assert fp8_prep.why_not(x, role, fmt) is None
-            t = fp8_prep.quantize_operand(x, role, fmt)
-            ms = triton.testing.do_bench(lambda: fp8_prep.quantize_operand(x, role, fmt), return_mode="median")
-            torch_ms = triton.testing.do_bench(lambda: quantize_operand(x, role, fmt), return_mode="median")
+        runs = [(role, fmt) for role in args.roles]
+        if args.both_orders and "v" in args.roles:
+            runs.append(("v", dataclasses.replace(fmt, v_pv_order=not fmt.v_pv_order)))
+        for role, f in runs:
+            assert fp8_prep.why_not(x, role, f) is None
+            t = fp8_prep.quantize_operand(x, role, f)
+            ms = triton.testing.do_bench(lambda: fp8_prep.quantize_operand(x, role, f), return_mode="median")
+            torch_ms = triton.testing.do_bench(lambda: quantize_operand(x, role, f), return_mode="median")
             moved = x.numel() * 2 + t.data.numel() + t.scale.numel() * 4
             gbs = moved / ms / 1e6
-            print(f"{d:>4} {role:<3} {ms * 1e3:>9.1f} {gbs:>10.0f} {copy_gbs:>10.0f} {gbs / copy_gbs:>6.2f} "
+            label = role if role != "v" or f.v_pv_order else "vn"
+            print(f"{d:>4} {label:<3} {ms * 1e3:>9.1f} {gbs:>10.0f} {copy_gbs:>10.0f} {gbs / copy_gbs:>6.2f} "
                   f"{torch_ms * 1e3:>9.1f}", flush=True)
         # FA3's float8 V -> V^T in the PV key order (fa3py.fp8.from_descales): 1 byte read, 1 written
         v8 = x.to(torch.float8_e4m3fn)
