@@ -60,14 +60,14 @@ DQ_RED_HDIMS = (96, 256)
 # 80-row tile passed every GPU feature test with one sdS buffer; the rule waits for the tests of
 # it with two (FA3PY_CUTE_BWD_DS_STAGES=2), its fastest form, to run on a GPU.
 m80 = os.environ["FA3PY_CUTE_BWD_M80"] == "1" if os.environ.get("FA3PY_CUTE_BWD_M80") else None
+M80_BY_DEFAULT = False
+M80_MIN_SEQLEN_Q = 8192
 # hdim 192's FA3 tile (BwdConfig.dkv_transposed: 96 keys a CTA over three consumer warpgroups, dK^T
 # / dV^T with the head dim as M, dQ from registers): FA3PY_CUTE_BWD_DKVT=1 takes it for hdim 192
 # with hdim_v 192, not deterministic. Opt-in: compiled and checked on the CPU only, no GPU run yet.
 # Why it may matter: 64 keys a CTA (the default) add a 64 x 192 fp32 dQ block per query block
 # into L2 for every 64 keys, 1.5x the reduce traffic of 96 (flash-attn-4: 1.38x our time there).
 dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT") == "1"
-M80_BY_DEFAULT = False
-M80_MIN_SEQLEN_Q = 8192
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:

@@ -126,6 +126,7 @@ from cute_kernels.utils import (
     NamedBarrierBwd,
     acc_to_frgA,
     acc_to_mn,
+    mn_transposed,
     assume_aligned_strides,
     bulk_load,
     bulk_reduce_add_f32,
@@ -392,9 +393,21 @@ class FlashAttentionBackwardSm90:
 
     def kq(self, t_mn: cute.Tensor) -> cute.Tensor:
         """An (m, n) view of S's tile as keys x queries: as it is (S^T), or transposed (dkvt's S)."""
-        if const_expr(not self.dkvt):
-            return t_mn
-        return cute.make_tensor(t_mn.iterator, cute.select(t_mn.layout, mode=[1, 0]))
+        return mn_transposed(t_mn) if const_expr(self.dkvt) else t_mn
+
+    @staticmethod
+    def frags(wg, x: cute.Tensor, y: cute.Tensor, swap: bool = False):
+        """The fragments of smem tensors x and y for a GEMM that reads x as A and y as B, or with
+        `swap` y as A and x as B; returned as (x's, y's). gemm_xy issues it."""
+        if swap:
+            return wg.make_fragment_B(wg.partition_B(x)), wg.make_fragment_A(wg.partition_A(y))
+        return wg.make_fragment_A(wg.partition_A(x)), wg.make_fragment_B(wg.partition_B(y))
+
+    @staticmethod
+    def gemm_xy(tiled_mma, acc, x, y, swap: bool = False, **kwargs):
+        """gemm with x as A and y as B, or with `swap` (the operands `frags` swapped) y as A."""
+        a, b = (y, x) if const_expr(swap) else (x, y)
+        gemm(tiled_mma, acc, a, b, **kwargs)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
@@ -596,38 +609,21 @@ class FlashAttentionBackwardSm90:
         wg_dkv = tiled_mma_dkv.get_slice(wg_idx * THREADS_PER_WG)
         wg_dv = tiled_mma_dv.get_slice(wg_idx * THREADS_PER_WG)
         wg_dq = tiled_mma_dq.get_slice(wg_idx * THREADS_PER_WG)
-        if const_expr(self.dkvt):
-            # operands: S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ = dS K: Q and
-            # dO (staged) as A, K / V / P / dS as B, dS as dQ's A
-            tSrQ = wg_sdp.make_fragment_A(wg_sdp.partition_A(sQ))
-            tSrK = wg_sdp.make_fragment_B(wg_sdp.partition_B(sK))
-            tdPrdO = wg_sdp.make_fragment_A(wg_sdp.partition_A(sdO))
-            tdPrV = wg_sdp.make_fragment_B(wg_sdp.partition_B(sV))
-            tdVrdOt = wg_dv.make_fragment_A(wg_dv.partition_A(transpose_view(sdO)))
-            tdKrQt = wg_dkv.make_fragment_A(wg_dkv.partition_A(transpose_view(sQ)))
-            tdVrP = wg_dv.make_fragment_B(wg_dv.partition_B(transpose_view(sP)))
-            tdKrdS = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sdS)))  # (.., ds stage)
-            tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(sdS))  # (.., ds stage)
-            tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
+        # operands: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K, each pair
+        # (x, y) read as (A, B); with dkvt the first four swapped (S = Q K^T, dV^T = dO^T P, ...),
+        # with dq_swap_ab dQ's (dQ^T = K^T dS^T). P^T / dS^T: registers, or (split_hdim, dkvt) sP /
+        # sdS seen as keys x queries; Q / dO carry the Q stage, dS the ds stage.
+        T = transpose_view
+        tSrK, tSrQ = self.frags(wg_sdp, sK, sQ, swap=self.dkvt)
+        tdPrV, tdPrdO = self.frags(wg_sdp, sV, sdO, swap=self.dkvt)
+        if const_expr(self.split_hdim or self.dkvt):
+            tdVrP, tdVrdOt = self.frags(wg_dv, T(sP) if const_expr(self.dkvt) else sP, T(sdO), swap=self.dkvt)
+            tdKrdS, tdKrQt = self.frags(wg_dkv, T(sdS) if const_expr(self.dkvt) else sdS, T(sQ), swap=self.dkvt)
         else:
-            # operands: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ = dS K (A of
-            # dV / dK: P^T / dS^T in registers, or with split_hdim in smem)
-            tSrK = wg_sdp.make_fragment_A(wg_sdp.partition_A(sK))
-            tSrQ = wg_sdp.make_fragment_B(wg_sdp.partition_B(sQ))
-            tdPrV = wg_sdp.make_fragment_A(wg_sdp.partition_A(sV))
-            tdPrdO = wg_sdp.make_fragment_B(wg_sdp.partition_B(sdO))
-            tdVrdOt = wg_dv.make_fragment_B(wg_dv.partition_B(transpose_view(sdO)))
-            tdKrQt = wg_dkv.make_fragment_B(wg_dkv.partition_B(transpose_view(sQ)))
             tdVrP, tdKrdS = None, None
-            if const_expr(self.split_hdim):
-                tdVrP = wg_dv.make_fragment_A(wg_dv.partition_A(sP))
-                tdKrdS = wg_dkv.make_fragment_A(wg_dkv.partition_A(sdS))
-            if const_expr(self.dq_swap_ab):  # dQ^T = K^T dS^T
-                tdQrdS = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sdS)))  # (.., ds stage)
-                tdQrKt = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sK)))
-            else:
-                tdQrdS = wg_dq.make_fragment_A(wg_dq.partition_A(transpose_view(sdS)))  # (.., ds stage)
-                tdQrKt = wg_dq.make_fragment_B(wg_dq.partition_B(transpose_view(sK)))
+            tdVrdOt = wg_dv.make_fragment_B(wg_dv.partition_B(T(sdO)))
+            tdKrQt = wg_dkv.make_fragment_B(wg_dkv.partition_B(T(sQ)))
+        tdQrdS, tdQrKt = self.frags(wg_dq, sdS if const_expr(self.dkvt) else T(sdS), T(sK), swap=self.dq_swap_ab)
         acc_dK = cute.make_rmem_tensor(tiled_mma_dkv.partition_shape_C(self.dkv_tile(self.hdim)), Float32)
         acc_dV = cute.make_rmem_tensor(tiled_mma_dv.partition_shape_C(self.dkv_tile(self.hdimv)), Float32)
         if const_expr(self.split_hdim or self.dq_split_rows or self.dkvt):
@@ -708,16 +704,11 @@ class FlashAttentionBackwardSm90:
         # S^T = K Q^T and dP^T = V dO^T (dkvt: S = Q K^T, dP = dO V^T), issued back to back
         pipeline_q.consumer_wait(q_state)
         acc_S = cute.make_rmem_tensor(shape_s, Float32)
-        if const_expr(self.dkvt):
-            gemm(tiled_mma_sdp, acc_S, tSrQ[None, None, None, stage], tSrK, zero_init=True, wg_wait=-1)
-        else:
-            gemm(tiled_mma_sdp, acc_S, tSrK, tSrQ[None, None, None, stage], zero_init=True, wg_wait=-1)
+        self.gemm_xy(tiled_mma_sdp, acc_S, tSrK, tSrQ[None, None, None, stage], self.dkvt, zero_init=True, wg_wait=-1)
         pipeline_do.consumer_wait(q_state)
         acc_dP = cute.make_rmem_tensor(shape_s, Float32)
-        if const_expr(self.dkvt):
-            gemm(tiled_mma_sdp, acc_dP, tdPrdO[None, None, None, stage], tdPrV, zero_init=True, wg_wait=1)
-        else:
-            gemm(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], zero_init=True, wg_wait=1)
+        self.gemm_xy(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], self.dkvt, zero_init=True,
+                     wg_wait=1)
 
         if const_expr(self.softcap_two_pass):
             # no registers for d tanh beside S^T and dP^T (tile_m 128: 32 a thread; they spill):
@@ -793,23 +784,16 @@ class FlashAttentionBackwardSm90:
             # dV += P^T dO (P^T from registers: before the other warpgroup's dS^T is in)
             gemm(tiled_mma_dv, acc_dV, acc_to_frgA(rP), tdVrdOt[None, None, None, stage], wg_wait=-1)
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
-        if const_expr(self.split_hdim):
-            # dV[:, this warpgroup's columns] += P^T dO (P^T of both warpgroups' queries, from sP)
-            gemm(tiled_mma_dv, acc_dV, tdVrP, tdVrdOt[None, None, None, stage], wg_wait=-1)
-        if const_expr(self.dkvt):
-            # dV^T[this warpgroup's head-dim rows] += dO^T P (every warpgroup's keys, from sP)
-            gemm(tiled_mma_dv, acc_dV, tdVrdOt[None, None, None, stage], tdVrP, wg_wait=-1)
-        # dQ = dS K (this warpgroup's half), then dK += dS^T Q
+        if const_expr(p_in_smem):
+            # dV += P^T dO from sP, every warpgroup's queries (split_hdim: this warpgroup's columns;
+            # dkvt: dV^T's head-dim rows)
+            self.gemm_xy(tiled_mma_dv, acc_dV, tdVrP, tdVrdOt[None, None, None, stage], self.dkvt, wg_wait=-1)
+        # dQ = dS K (this warpgroup's part), then dK += dS^T Q
         acc_dQ = cute.make_rmem_tensor(tiled_mma_dq.partition_shape_C(self.dq_tile), Float32)
-        if const_expr(self.dq_swap_ab):
-            gemm(tiled_mma_dq, acc_dQ, tdQrKt, tdQrdS[None, None, None, ds_idx], zero_init=True, wg_wait=-1)
-        else:
-            gemm(tiled_mma_dq, acc_dQ, tdQrdS[None, None, None, ds_idx], tdQrKt, zero_init=True, wg_wait=-1)
-        if const_expr(self.dkvt):  # dK^T[this warpgroup's head-dim rows] += Q^T dS
-            gemm(tiled_mma_dkv, acc_dK, tdKrQt[None, None, None, stage], tdKrdS[None, None, None, ds_idx], wg_wait=1)
-        else:
-            tdKrdS_cur = tdKrdS[None, None, None, 0] if const_expr(self.split_hdim) else acc_to_frgA(rdS)
-            gemm(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], wg_wait=1)
+        self.gemm_xy(tiled_mma_dq, acc_dQ, tdQrdS[None, None, None, ds_idx], tdQrKt, self.dq_swap_ab, zero_init=True,
+                     wg_wait=-1)
+        tdKrdS_cur = tdKrdS[None, None, None, ds_idx] if const_expr(p_in_smem) else acc_to_frgA(rdS)
+        self.gemm_xy(tiled_mma_dkv, acc_dK, tdKrdS_cur, tdKrQt[None, None, None, stage], self.dkvt, wg_wait=1)
         pipeline_do.consumer_release(q_state)  # dV's GEMM (and dQ's) done with dO
         if const_expr(self.cfg.dq_red):
             # dQ += this thread's values, 16 bytes a red, where the bulk reduce would add them

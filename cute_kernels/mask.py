@@ -22,7 +22,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cute_kernels.utils import acc_to_mn
+from cute_kernels.utils import acc_to_mn, mn_transposed
 
 
 @dataclass(frozen=True)
@@ -365,8 +365,7 @@ class KeyBlockMask:
         cS = cute.make_identity_tensor(tile)
         s_mn, tScS, t0ScS = (acc_to_mn(t) for t in (acc_St, thr_mma.partition_C(cS), thr0_mma.partition_C(cS)))
         if const_expr(keys_as_columns):
-            s_mn, tScS, t0ScS = (cute.make_tensor(t.iterator, cute.select(t.layout, mode=[1, 0]))
-                                 for t in (s_mn, tScS, t0ScS))
+            s_mn, tScS, t0ScS = (mn_transposed(t) for t in (s_mn, tScS, t0ScS))
         key0 = self.n_block * self.tile_n + tScS[0, 0][ki]
         col0 = m_block * self.tile_m + tScS[0, 0][qi]
         use_right = const_expr(mask_right and (self.has_right or self.has_chunk))

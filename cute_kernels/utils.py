@@ -73,6 +73,11 @@ def acc_to_mn(acc: cute.Tensor) -> cute.Tensor:
     return cute.make_tensor(acc.iterator, acc_layout_to_mn(acc.layout))
 
 
+def mn_transposed(t_mn: cute.Tensor) -> cute.Tensor:
+    """An (m, n) view (acc_to_mn's) with its two modes swapped: (n, m)."""
+    return cute.make_tensor(t_mn.iterator, cute.select(t_mn.layout, mode=[1, 0]))
+
+
 def acc_to_frgA(acc: cute.Tensor) -> cute.Tensor:
     """Reinterpret an fp32 QK^T accumulator as the register A operand of the PV WGMMA."""
     lay = acc.layout

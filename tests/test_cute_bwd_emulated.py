@@ -580,11 +580,8 @@ def test_emulation_catches_chunk_bugs(emulated_sm90_bwd, monkeypatch, bug):
 WIDE_TILES = [(64, 128), (128, 80)]
 
 
-@pytest.fixture(params=WIDE_TILES, ids=[f"d{d}_m{m}" for d, m in WIDE_TILES])
-def bwd_wide_tile(emulated_sm90_bwd, monkeypatch, request):
-    """`emulated_sm90_bwd` with config_for giving the head dim its tile_m; returns (head dim,
-    tile_m, the configs the emulated kernel ran with)."""
-    hdim, tile_m = request.param
+def record_configs(monkeypatch) -> list:
+    """The configs bwd_launch.launch_kernel (the emulated kernel) runs with, in a list it fills."""
     configs = []
     launch = bwd_launch.launch_kernel
 
@@ -592,9 +589,32 @@ def bwd_wide_tile(emulated_sm90_bwd, monkeypatch, request):
         configs.append(cfg)
         return launch(req, cfg, *args)
 
-    force_tile_m(monkeypatch, hdim, tile_m)
     monkeypatch.setattr(bwd_launch, "launch_kernel", recording)
-    return hdim, tile_m, configs
+    return configs
+
+
+def grid_params(grid):
+    """pytest params of a (layout, feature, heads, padding below the head dim, dtype) grid."""
+    return [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-pad{c[3]}-{str(c[4])[6:]}") for c in grid]
+
+
+def grid_case(layout, feature, heads, d, dtype):
+    """One case of a (layout, feature, heads, head dim, dtype) grid through train_step (the cute
+    forward and backward against the fp64 reference); returns the backends that ran."""
+    h, hk = HEADS[heads]
+    varlen = layout in ("ragged", "seqused")
+    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, d, dtype, "cpu", varlen,
+                              SEQUSED if layout == "seqused" else None)
+    return train_step("varlen" if varlen else "attention", q, k, v, kw, **FEATURES[feature])[1:]
+
+
+@pytest.fixture(params=WIDE_TILES, ids=[f"d{d}_m{m}" for d, m in WIDE_TILES])
+def bwd_wide_tile(emulated_sm90_bwd, monkeypatch, request):
+    """`emulated_sm90_bwd` with config_for giving the head dim its tile_m; returns (head dim,
+    tile_m, the configs the emulated kernel ran with)."""
+    hdim, tile_m = request.param
+    force_tile_m(monkeypatch, hdim, tile_m)
+    return hdim, tile_m, record_configs(monkeypatch)
 
 
 def test_wide_tiles_are_their_head_dims_only():
@@ -714,18 +734,13 @@ WIDE_GRID = [
 ]
 
 
-@pytest.mark.parametrize("layout,feature,heads,pad,dtype", [
-    pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-pad{c[3]}-{str(c[4])[6:]}") for c in WIDE_GRID])
+@pytest.mark.parametrize("layout,feature,heads,pad,dtype", grid_params(WIDE_GRID))
 def test_grads_emulated_wide_tiles(bwd_wide_tile, layout, feature, heads, pad, dtype):
     """The wide tiles through the host code (padded rows, dQ's fragment order, masks in 128- or
     80-row query blocks), the kernel emulated, against the fp64 reference."""
     hdim, tile_m, configs = bwd_wide_tile
-    h, hk = HEADS[heads]
-    varlen = layout in ("ragged", "seqused")
-    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, hdim - pad, dtype, "cpu", varlen,
-                              SEQUSED if layout == "seqused" else None)
-    req, fwd, bwd = train_step("varlen" if varlen else "attention", q, k, v, kw, **FEATURES[feature])
-    assert (fwd, bwd) == ("cute", "cute") and [c.tile_m for c in configs] == [tile_m]
+    assert grid_case(layout, feature, heads, hdim - pad, dtype) == ("cute", "cute")
+    assert [c.tile_m for c in configs] == [tile_m]
 
 
 @pytest.mark.parametrize("sq,sk,window", [(1, 1, (-1, -1)), (239, 1, (-1, 0)), (1, 190, (0, 0)),
@@ -775,16 +790,8 @@ def test_emulation_catches_64_row_padding_at_wide_tiles(bwd_wide_tile, monkeypat
 @pytest.fixture
 def bwd_dkvt(emulated_sm90_bwd, monkeypatch):
     """`emulated_sm90_bwd` with bwd_launch.dkvt on; returns the configs the emulated kernel ran with."""
-    configs = []
-    launch = bwd_launch.launch_kernel
-
-    def recording(req, cfg, *args):
-        configs.append(cfg)
-        return launch(req, cfg, *args)
-
     monkeypatch.setattr(bwd_launch, "dkvt", True)
-    monkeypatch.setattr(bwd_launch, "launch_kernel", recording)
-    return configs
+    return record_configs(monkeypatch)
 
 
 def test_dkvt_config():
@@ -845,17 +852,12 @@ DKVT_GRID = [
 ]
 
 
-@pytest.mark.parametrize("layout,feature,heads,pad,dtype", [
-    pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-pad{c[3]}-{str(c[4])[6:]}") for c in DKVT_GRID])
+@pytest.mark.parametrize("layout,feature,heads,pad,dtype", grid_params(DKVT_GRID))
 def test_grads_emulated_dkvt(bwd_dkvt, layout, feature, heads, pad, dtype):
     """dkv_transposed through the host code (96-key blocks, three warpgroups' dQ order, masks),
     the kernel emulated, against the fp64 reference."""
-    h, hk = HEADS[heads]
-    varlen = layout in ("ragged", "seqused")
-    q, k, v, kw = make_inputs(LAYOUTS[layout], h, hk, 192 - pad, dtype, "cpu", varlen,
-                              SEQUSED if layout == "seqused" else None)
-    req, fwd, bwd = train_step("varlen" if varlen else "attention", q, k, v, kw, **FEATURES[feature])
-    assert (fwd, bwd) == ("cute", "cute") and [c.dkv_transposed for c in bwd_dkvt] == [True]
+    assert grid_case(layout, feature, heads, 192 - pad, dtype) == ("cute", "cute")
+    assert [c.dkv_transposed for c in bwd_dkvt] == [True]
 
 
 def test_dkvt_not_with_deterministic_or_hdimv128(bwd_dkvt):

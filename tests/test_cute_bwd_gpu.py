@@ -262,46 +262,52 @@ def test_gpu_bwd_chunk_through_autograd(cute_bwd, api):
 # default is 128 rows, which the tests above run), hdim 128's 80-row tile (dQ^T with the head dim
 # as M; opt-in: here with every feature), and hdim 192's three-warpgroup 64 x 96 tile
 # (dkv_transposed, opt-in through bwd_launch.dkvt; not with deterministic, which keeps 64 x 64).
-VARIANT_TILES = [(64, 64, False), (128, 80, False), (192, 64, True)]
+# (head dim, the config fields the variant's launches must have)
+VARIANT_TILES = [(64, dict(tile_m=64)), (128, dict(tile_m=80)), (192, dict(tile_n=96, dkv_transposed=True))]
 
 
 @pytest.fixture(params=VARIANT_TILES, ids=["d64_m64", "d128_m80", "d192_dkvt"])
 def variant_tile(cute_bwd, monkeypatch, request):
-    """(head dim, tile_m, the launches' configs) with that head dim forced to that tile_m (or to
-    the dkv_transposed tile)."""
-    hdim, tile_m, dkvt = request.param
-    if dkvt:
+    """(head dim, a check that a launch ran the variant, the launches' configs) with that head dim
+    forced to that tile_m, or (dkv_transposed) bwd_launch.dkvt on."""
+    hdim, want = request.param
+    if want.get("dkv_transposed"):
         monkeypatch.setattr(bwd_launch, "dkvt", True)
     else:
-        force_tile_m(monkeypatch, hdim, tile_m)
-    return hdim, tile_m, cute_bwd
+        force_tile_m(monkeypatch, hdim, want["tile_m"])
+
+    def ran_variant(cfg, **also):
+        fields = dict(want, **also)
+        assert all(getattr(cfg, k) == v for k, v in fields.items()), (cfg.short(), fields)
+
+    return hdim, ran_variant, cute_bwd
 
 
 @pytest.mark.parametrize("pad", [0, 24], ids=["d", "d_padded"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", SIZES + [(128, 128), (129, 257), (2048, 2048)])
 def test_gpu_bwd_variant_tile_sizes(variant_tile, sq, sk, causal, pad):
-    hdim, tile_m, launches = variant_tile
+    hdim, ran_variant, launches = variant_tile
     check_grads(launches, *batched(sq, sk, d=hdim - pad), causal=causal)
-    assert launches[-1].tile_m == tile_m
+    ran_variant(launches[-1])
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_bwd_variant_tile_dtypes_heads(variant_tile, dtype, heads, causal):
-    hdim, tile_m, launches = variant_tile
+    hdim, ran_variant, launches = variant_tile
     for sq, sk in [(113, 203), (799, 1023), (1, 300), (300, 1)]:
         check_grads(launches, *batched(sq, sk, heads, hdim, dtype), causal=causal)
-        assert launches[-1].tile_m == tile_m
+        ran_variant(launches[-1])
 
 
 @pytest.mark.parametrize("sq,sk", [(113, 203), (239, 1), (1023, 1024), (300, 129)])
 @pytest.mark.parametrize("window", WINDOWS, ids=[f"w{wl}_{wr}" for wl, wr in WINDOWS])
 def test_gpu_bwd_variant_tile_local(variant_tile, window, sq, sk):
-    hdim, tile_m, launches = variant_tile
+    hdim, ran_variant, launches = variant_tile
     check_grads(launches, *batched(sq, sk, "gqa", hdim), window_size=window)
-    assert launches[-1].tile_m == tile_m
+    ran_variant(launches[-1])
 
 
 @pytest.mark.parametrize("sq,sk", [(239, 517), (517, 239)])
@@ -309,10 +315,10 @@ def test_gpu_bwd_variant_tile_local(variant_tile, window, sq, sk):
 @pytest.mark.parametrize("softcap", [7.5, 30.0])
 def test_gpu_bwd_variant_tile_softcap(variant_tile, softcap, feature, sq, sk):
     """softcap on the variant tiles (d tanh in fp32)."""
-    hdim, tile_m, launches = variant_tile
+    hdim, ran_variant, launches = variant_tile
     q, k, v = batched(sq, sk, "gqa", hdim)
     check_grads(launches, q * 3, k, v, softcap=softcap, **FEATURES[feature])
-    assert launches[-1].tile_m == tile_m
+    ran_variant(launches[-1])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -332,29 +338,32 @@ def test_gpu_bwd_m80_rule(cute_bwd, monkeypatch, causal, ds):
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("layout", list(VARLEN))
 def test_gpu_bwd_variant_tile_varlen(variant_tile, layout, feature, heads):
-    hdim, tile_m, launches = variant_tile
+    hdim, ran_variant, launches = variant_tile
     lens, seqused = VARLEN[layout]
     h, hk = HEADS[heads]
     q, k, v, kw = make_inputs(lens, h, hk, hdim, torch.bfloat16, DEVICE, True, seqused)
     check_grads(launches, q, k, v, kw, **FEATURES[feature])
-    assert launches[-1].tile_m == tile_m
+    ran_variant(launches[-1])
 
 
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
 @pytest.mark.parametrize("feature", list(DETERMINISTIC_FEATURES))
 def test_gpu_bwd_variant_tile_deterministic(variant_tile, feature, heads):
-    hdim, tile_m, launches = variant_tile
+    hdim, ran_variant, launches = variant_tile
     check_deterministic(launches, heads, hdim, DETERMINISTIC_FEATURES[feature])
-    assert launches[-1].tile_m == tile_m
+    if hdim == 192:  # dkv_transposed adds dQ unordered: deterministic keeps the 64 x 64 tile
+        assert not launches[-1].dkv_transposed and launches[-1].tile_n == 64
+    else:
+        ran_variant(launches[-1])
 
 
 @pytest.mark.parametrize("chunk", [40, 128, 192])
 @pytest.mark.parametrize("feature", ["plain", "causal", "both"])
 def test_gpu_bwd_variant_tile_chunk(variant_tile, chunk, feature):
-    hdim, tile_m, launches = variant_tile
+    hdim, ran_variant, launches = variant_tile
     for sq, sk in [(333, 517), (1023, 300)]:
         check_grads(launches, *batched(sq, sk, "gqa", hdim), attention_chunk=chunk, **FEATURES[feature])
-        assert launches[-1].chunk and launches[-1].tile_m == tile_m
+        ran_variant(launches[-1], chunk=True)
 
 
 # ----------------------------------------------------------------------------- ds_stages 2

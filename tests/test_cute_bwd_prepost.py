@@ -138,15 +138,13 @@ def _prepost_kernels_match_torch(req, cfg):
 @gpu
 @pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
 @pytest.mark.parametrize("d", [192, 160])
-def test_prepost_kernels_match_torch_dkvt(case, d):
-    """The three-warpgroup hdim 192 tile's dQ order (dkv_transposed)."""
-    import dataclasses
-
+def test_prepost_kernels_match_torch_dkvt(monkeypatch, case, d):
+    """The three-warpgroup hdim 192 tile's dQ order (dkv_transposed, bwd_launch.dkvt)."""
+    monkeypatch.setattr(bwd_launch, "dkvt", True)
     req = _request(case, d)
     cfg = bwd_launch.config_for(req)
-    _prepost_kernels_match_torch(req, dataclasses.replace(cfg, tile_n=96, q_stages=2, dkv_split_hdim=False,
-                                                         dq_red=True, producer_regs=24, consumer_regs=160,
-                                                         dkv_transposed=True))
+    assert cfg.dkv_transposed
+    _prepost_kernels_match_torch(req, cfg)
 
 
 def test_kernel_class_per_config():

@@ -257,8 +257,10 @@ NATIVE_E4M3 = os.environ.get("FA3PY_FP8_PREP_NATIVE", "1") != "0"
 
 
 @functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _device_info(device: torch.device) -> tuple[int, bool]:
+    """(SM count, whether it converts to e4m3 in hardware: sm89+), once per device (every pass asks)."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, (props.major, props.minor) >= (8, 9)
 
 
 def launch_params(rotate: bool, tile_elems: int) -> tuple[int, int, int]:
@@ -269,7 +271,10 @@ def launch_params(rotate: bool, tile_elems: int) -> tuple[int, int, int]:
     - rotated tiles of 32k elements (hdim 256): one stage (the second took the shared memory of
       a second program an SM), 8 warps, 2 an SM: 1659 GB/s against 1329 with two stages;
     - unrotated tiles (V: channel maxima, quantization, V^T stores): 4 warps, one stage, 8 an
-      SM: 1256-1325 GB/s against 931-977 with 8 warps and two stages."""
+      SM: 1256-1325 GB/s against 931-977 with 8 warps and two stages.
+    The sweep's V^T was in natural key order; in the PV key order (fp8=True's) benchmarks.fp8_prep
+    measured channel V at hdim 128 about half as fast (162 against ~80 us, 16k tokens), cause
+    open (`--both-orders` times both)."""
     if not rotate:
         return 4, 1, 8
     if tile_elems > 16384:
@@ -283,12 +288,13 @@ def _launch(x, data, scale, rot, ch, *, out_strides, s_out, block, rotate, n_had
     rows = 16 if block < 16 else triton.next_power_of_2(block)
     block_d = triton.next_power_of_2(d)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    native = NATIVE_E4M3 and not interpreting and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    sms, has_e4m3 = _device_info(x.device) if x.is_cuda else (0, False)
+    native = NATIVE_E4M3 and not interpreting and has_e4m3
     ntiles = triton.cdiv(s_out if transposed else s, groups * block)
     total = ntiles * h * b
     warps, stages, per_sm = launch_params(rotate, rows * block_d)
     # (the interpreter: a few programs, so that each takes several tiles as on a GPU)
-    grid = (min(total, 3 if interpreting else per_sm * _sm_count(x.device)),)
+    grid = (min(total, 3 if interpreting else per_sm * sms),)
     fp8_prep[grid](x, data.view(torch.uint8), scale, rot, ch, s, s_out, triton.cdiv(s, block), h, ntiles, total,
                    x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.stride(0), scale.stride(1),
                    HEADDIM=d, BLOCK_D=block_d, N_HAD=n_had, ROTATE=rotate, BLOCK=block, ROWS=rows, GROUPS=groups,
