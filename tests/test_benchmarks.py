@@ -671,3 +671,28 @@ def test_chunk_counts_the_pairs_the_reference_keeps(sq, sk, window, chunk, causa
         assert w[1] == (0 if causal else w[0])
         best = min(abs(bench.kept_pairs(sq, sk, (x, 0 if causal else x)) - want) for x in range(sk + 1))
         assert abs(bench.kept_pairs(sq, sk, w) - want) == best
+
+
+def test_decode_pages_hold_each_sequence_in_table_order():
+    """benchmarks.decode's paged pools: sequence i's page j at pool index table[i, j], the last
+    page zero-padded, and fa3py's decoding from them equal to the contiguous cache's (CPU path)."""
+    import fa3py
+    from benchmarks.decode import page_order, paged
+
+    gen = torch.Generator().manual_seed(3)
+    b, s, hk, d, page = 3, 37, 2, 8, 16
+    x = torch.randn(b, s, hk, d, generator=gen).bfloat16()
+    table = page_order(b, s, page, gen)
+    assert table.shape == (b, 3) and table.dtype == torch.int32
+    assert sorted(table.flatten().tolist()) == list(range(b * 3))  # each pool page used once
+    pool = paged(x, page, table)
+    for i in range(b):
+        rows = torch.cat([pool[j] for j in table[i].tolist()])
+        assert torch.equal(rows[:s], x[i]) and not rows[s:].any()
+    q = torch.randn(b, 1, 4, d, generator=gen).bfloat16()
+    v = torch.randn_like(x)
+    seqlens = torch.full((b,), s, dtype=torch.int32)
+    want = fa3py.flash_attn_with_kvcache(q, x, v, cache_seqlens=seqlens, causal=True)
+    got = fa3py.flash_attn_with_kvcache(q, pool, paged(v, page, table), cache_seqlens=seqlens,
+                                        page_table=table, causal=True)
+    assert torch.equal(got, want)
