@@ -8,7 +8,7 @@ that a refactor left the kernels the dispatcher runs unchanged (or a list of the
 Each config (every head-dim pair x non-causal / short / causal / local, plus dtypes, softcap,
 varlen, seqused, GQA packing, split-KV, padded head dims and the FP8 path: 61 configs; then the
 backward's, labelled "bwd ...": every head dim x non-causal / causal / local, plus fp16, softcap,
-varlen, seqused and padded head dims: 18 configs) is compiled for sm_90a (`benchmarks.cute_sass`),
+varlen, seqused and padded head dims: 18 configs) is compiled for sm_90a (`cute_kernels.sass`),
 its SASS reduced to the instruction lines (the kernel's symbol name changes with module and class
 names) and hashed. Exit status 1 when a config differs from the baseline; a label the baseline
 lacks (a baseline from before the backward's section) is NEW, listed, and not a difference.
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--dump", metavar="DIR", help="write the SASS of configs that differ from the baseline")
     a = p.parse_args(argv)
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-    from benchmarks.cute_sass import compile_cubin, sass_text
+    from cute_kernels.sass import compile_cubin, sass_text
 
     base = json.load(open(a.against)) if a.against else None
     result, differ, new = {}, [], []

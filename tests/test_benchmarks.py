@@ -439,7 +439,7 @@ def test_cycles_without_ncu_says_so(monkeypatch):
 
 def test_sass_rejects_a_head_dim_the_kernel_does_not_serve(capsys):
     pytest.importorskip("cutlass")
-    from benchmarks import cute_sass
+    from cute_kernels import sass as cute_sass
 
     with pytest.raises(SystemExit) as e:
         cute_sass.main(["--hdim", "33"])

@@ -1,6 +1,6 @@
 """cute_kernels, compile-only: the sm90 backward kernel (bwd_sm90.py) built for sm_90a against fake
 tensors (no GPU) over its config grid: every head dim and dtype with each feature, padded head
-dims, checked for the required SASS (`benchmarks.cute_sass.check`: HGMMA, TMA loads, setmaxnreg,
+dims, checked for the required SASS (`cute_kernels.sass.check`: HGMMA, TMA loads, setmaxnreg,
 dQ's bulk reduce, named barriers, pipelined WGMMAs) and no local memory. One compile per config,
 2-5 s each."""
 
@@ -17,7 +17,7 @@ import pytest
 cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
-from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import BwdConfig  # noqa: E402
 
 FEATURES = {

@@ -19,7 +19,7 @@ import torch
 cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
-from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels import sass  # noqa: E402
 from cute_kernels import bwd_launch  # noqa: E402
 from cute_kernels.bwd_prepost import BwdPostprocessSm90, BwdPreprocessSm90, BwdRowsConfig  # noqa: E402
 from cute_kernels.bwd_sm90 import FlashAttentionBackwardSm90  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
-from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import SHORT_TILES, FwdConfig, tile_from_spec, tile_variant  # noqa: E402
 
 

@@ -81,7 +81,7 @@ def test_convert_p_e4m3_compiles_to_paired_conversions():
     from cutlass import Float32
     from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 
-    from benchmarks.cute_sass import opcode_counts, sass_text
+    from cute_kernels.sass import opcode_counts, sass_text
 
     e4m3 = cutlass.Float8E4M3FN
 

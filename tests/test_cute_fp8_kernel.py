@@ -15,7 +15,7 @@ import torch
 cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
-from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import FwdConfig  # noqa: E402
 from tests._util import fp8_emulated_pair  # noqa: E402
 from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (a fixture, by name)

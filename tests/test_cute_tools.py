@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
-from benchmarks import cute_sass as sass  # noqa: E402
+from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import FwdConfig  # noqa: E402
 
 
@@ -17,6 +17,16 @@ def test_sass_cli(capsys):
     assert sass.main(["--hdim", "64", "--causal"]) == 0
     out = capsys.readouterr().out
     assert "HGMMA" in out and "required: ok" in out
+
+
+@pytest.mark.parametrize("module", ["cute_kernels.sass", "benchmarks.cute_sass"])
+def test_sass_command_lines(module):
+    """The command the docs and issues name, and the older one kept for recorded results."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: python -m cute_kernels.sass"), run.stderr[-2000:]
 
 
 def test_bench_variants():
