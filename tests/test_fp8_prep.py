@@ -85,6 +85,17 @@ def test_prep_block_v_tiles(block_n):
     assert "16-key" in fp8_prep.why_not(x, "v", Fp8Format(block_n=24, v_scaling="block"))
 
 
+@pytest.mark.parametrize("pv_order", [True, False])
+@pytest.mark.parametrize("block_n", [1, 8])
+def test_prep_small_v_blocks(block_n, pv_order):
+    """V^T scaled per 1 / 8 keys: the pass serves the natural key order; the PV order (whose
+    16-key groups would mix scale blocks) goes to the spec. The bytes are the spec's either way."""
+    x = (torch.randn(1, 41, 2, 32, device=DEVICE) * 3).bfloat16()
+    fmt = Fp8Format(block_n=block_n, v_scaling="block", v_pv_order=pv_order)
+    assert (fp8_prep.why_not(x, "v", fmt) is not None) == pv_order
+    _same_bytes(x, "v", fmt)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("role", ["q", "k", "v"])
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -13,7 +13,7 @@ rotation is a tensor-core matmul of the (ROWS * BLOCK_D / n, n) view of the tile
 of 128 keys: the column maxima (an atomic max of their float bits per (batch, head)), then the
 quantization, whose programs read the maxima and derive the scales themselves. V^T is stored
 transposed in registers, so each head-dim row receives a tile's keys as one contiguous run
-(permuted within each 16 for the PV key order); the padding keys up to VT_ALIGN are written
+(for the PV key order the tile's rows are loaded permuted within each 16); the padding keys up to VT_ALIGN are written
 as zeros by the same pass. `transpose_codes` is the same store for FA3's float8 V.
 
 The e4m3 codes come from integer arithmetic (`_e4m3_bits`: sm80, and the interpreter, whose
@@ -49,6 +49,9 @@ def why_not(x: torch.Tensor, role: str, fmt: Fp8Format):
         return f"block {block}: below 16 only powers of two"
     if role == "v" and fmt.v_transposed and fmt.v_scaling == "block" and block > 16 and block % 16:
         return f"block-scaled V^T: block {block} splits 16-key groups (multiples of 16 only)"
+    if role == "v" and fmt.v_transposed and fmt.v_pv_order and fmt.v_scaling == "block" and block < 16:
+        # (the pass loads a tile's keys in the PV order, and its scale groups are of loaded rows)
+        return f"block-scaled V^T in the PV key order: block {block} mixes scale blocks in a 16-key group"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return "CPU tensors need TRITON_INTERPRET=1"
     return None
@@ -130,10 +133,17 @@ def _prep_tile(X, OUT, SCALE, CH, rot, pid, h, b, r, c, seqlen, s_out, nblocks, 
                BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr, MODE: tl.constexpr,
                DOT_F32: tl.constexpr, TRANSPOSED: tl.constexpr, PV_ORDER: tl.constexpr, NATIVE_E4M3: tl.constexpr):
     """One tile: rows pid * GROUPS * BLOCK + r of (batch b, head h)."""
-    rows = pid * (GROUPS * BLOCK) + r
-    valid = (r < GROUPS * BLOCK) & (rows < seqlen)
+    rows = pid * (GROUPS * BLOCK) + r  # the tile's rows as stored
+    if PV_ORDER:  # V^T's position 4j + 2a + c of each 16 holds key 8a + 2j + c (Fp8Format.v_pv_order):
+        # the tile's rows are loaded in that order (whole rows: the loads stay coalesced, and the
+        # store below is the natural order's; permuting the codes in registers instead cost
+        # benchmarks.fp8_prep 162 against 80 us, hdim 128, 16k tokens, H100)
+        src = rows - (r & 15) + 8 * ((r >> 1) & 1) + 2 * ((r >> 2) & 3) + (r & 1)
+    else:
+        src = rows
+    valid = (r < GROUPS * BLOCK) & (src < seqlen)
     mask = valid[:, None] & (c < HEADDIM)[None, :]
-    x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + c[None, :], mask=mask, other=0.0)
+    x = tl.load(X + b * stride_xb + h * stride_xh + src[:, None] * stride_xs + c[None, :], mask=mask, other=0.0)
     if MODE == 3:
         codes = x
     else:
@@ -171,9 +181,6 @@ def _prep_tile(X, OUT, SCALE, CH, rot, pid, h, b, r, c, seqlen, s_out, nblocks, 
         if TRANSPOSED:
             # V^T: each head-dim row gets the tile's keys as one contiguous run (a coalesced
             # store); keys past seqlen (zeros) fill the row up to s_out
-            if PV_ORDER:  # key 8a + 2j + c of each 16 goes to position 4j + 2a + c
-                codes = tl.reshape(tl.permute(tl.reshape(codes, (ROWS // 16, 2, 4, 2, BLOCK_D)), (0, 2, 1, 3, 4)),
-                                   (ROWS, BLOCK_D))
             keep = (r < GROUPS * BLOCK) & (rows < s_out)
             tl.store(base + c[:, None] * stride_od + rows[None, :], tl.trans(codes),
                      mask=(c < HEADDIM)[:, None] & keep[None, :])
