@@ -249,10 +249,10 @@ PROVIDERS: tuple[Provider, ...] = (
                load=lambda ds=ds, red=red: _cute_bwd_load(ds_stages=ds, dq_red=red))
       for name, ds, red in (("ds1", 1, False), ("ds2", 2, False), ("dqred", 1, True), ("ds2-dqred", 2, True))),
     # hdim 128's 80-row query blocks (bwd_launch.m80) for every config (with two sdS buffers too),
-    # or never; hdim 192's three-warpgroup tile (bwd_launch.dkvt)
+    # or never; hdim 192's three-warpgroup tile (bwd_launch.dkvt, the default) or its 64 x 64 one
     *(Provider(f"fa3py:cute-bwd-{name}", peer=False, fa3py_backend="cute", load=lambda v=v: _cute_bwd_load(**v))
       for name, v in (("m80", dict(m80=True)), ("m80-ds2", dict(m80=True, ds_stages=2)), ("m64", dict(m80=False)),
-                      ("dkvt", dict(dkvt=True)))),
+                      ("dkvt", dict(dkvt=True)), ("no-dkvt", dict(dkvt=False)))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),

@@ -51,23 +51,24 @@ dq_red = os.environ["FA3PY_CUTE_BWD_DQ_RED"] == "1" if os.environ.get("FA3PY_CUT
 DS_STAGES_2_HDIMS = (64,)
 DQ_RED_HDIMS = (96, 256)
 # hdim 128's 80-row query blocks (BWD_TILE_M_VARIANTS; FA3's non-causal tile: dQ^T with the head
-# dim as M). FA3PY_CUTE_BWD_M80=1 (m80 True) takes it for every hdim 128 config, 0 never; unset,
-# M80_BY_DEFAULT turns on the rule: from M80_MIN_SEQLEN_Q query rows without a window, chunk or
-# softcap (causal included). H100, CUDA graphs (benchmarks/results/2026-12-06_h100_m80), backward
-# alone, non-causal, 16k tokens: 16k rows 9.22 ms (80 rows) / 8.97 (80 rows, two sdS buffers) /
-# 9.43 (64 rows); 4k 2.49 / 2.44 / 2.44; forward + backward (80 rows, two sdS buffers against 64
-# rows): causal 16k 6.15 / 6.32 ms, but 2k 1.17 / 1.11 causal and 1.80 / 1.76 non-causal. The
-# 80-row tile passed every GPU feature test with one sdS buffer; the rule waits for the tests of
-# it with two (FA3PY_CUTE_BWD_DS_STAGES=2), its fastest form, to run on a GPU.
+# dim as M), with two sdS buffers. FA3PY_CUTE_BWD_M80=1 (m80 True) takes it for every hdim 128
+# config, 0 never; unset, the rule (M80_BY_DEFAULT): from M80_MIN_SEQLEN_Q query rows without a
+# window, chunk or softcap (causal included). H100, CUDA graphs (benchmarks/results/2026-12-06_h100_m80),
+# backward alone, non-causal, 16k tokens: 16k rows 9.22 ms (80 rows) / 8.97 (80 rows, two sdS
+# buffers) / 9.43 (64 rows); 4k 2.49 / 2.44 / 2.44; forward + backward (80 rows, two sdS buffers
+# against 64 rows): causal 16k 6.15 / 6.32 ms, but 2k 1.17 / 1.11 causal and 1.80 / 1.76
+# non-causal. GPU tests (H100): every feature on the tile with one sdS buffer (165) and with two
+# (165, and the rule's 4), benchmarks/results/gpu_tests.md.
 m80 = os.environ["FA3PY_CUTE_BWD_M80"] == "1" if os.environ.get("FA3PY_CUTE_BWD_M80") else None
-M80_BY_DEFAULT = False
+M80_BY_DEFAULT = True
 M80_MIN_SEQLEN_Q = 8192
 # hdim 192's FA3 tile (BwdConfig.dkv_transposed: 96 keys a CTA over three consumer warpgroups, dK^T
-# / dV^T with the head dim as M, dQ from registers): FA3PY_CUTE_BWD_DKVT=1 takes it for hdim 192
-# with hdim_v 192, not deterministic. Opt-in: compiled and checked on the CPU only, no GPU run yet.
-# Why it may matter: 64 keys a CTA (the default) add a 64 x 192 fp32 dQ block per query block
-# into L2 for every 64 keys, 1.5x the reduce traffic of 96 (flash-attn-4: 1.38x our time there).
-dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT") == "1"
+# / dV^T with the head dim as M, dQ from registers), for hdim 192 with hdim_v 192, not
+# deterministic; FA3PY_CUTE_BWD_DKVT=0: the 64 x 64 split_hdim tile. 64 keys a CTA add a 64 x 192
+# fp32 dQ block per query block into L2 for every 64 keys, 1.5x the reduce traffic of 96. H100,
+# CUDA graphs, backward alone (benchmarks/results/2026-12-06_h100_dkvt): 2k 1.59 / 0.96 ms
+# against 1.87 / 1.11 (non-causal / causal), causal 16k 5.43 against 6.38; GPU tests: 165 passed.
+dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT", "1") != "0"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -90,9 +91,10 @@ def why_not(req: "AttentionRequest") -> Optional[str]:
     return None
 
 
-def _takes_dkvt(req: "AttentionRequest") -> bool:
-    """Whether `req` runs hdim 192's three-warpgroup tile (`dkvt`; not deterministic, not 192 x 128)."""
-    return dkvt and padded_hdim(req.headdim) == 192 and not _is_192x128(req) and not req.params.deterministic
+def _takes_dkvt(hdim: int, hdimv: int, deterministic: bool) -> bool:
+    """Whether a kernel head dim runs hdim 192's three-warpgroup tile (`dkvt`; not deterministic,
+    not 192 x 128: hdimv 128)."""
+    return dkvt and hdim == 192 and not hdimv and not deterministic
 
 
 def _is_192x128(req: "AttentionRequest") -> bool:
@@ -115,7 +117,9 @@ def head_splits(req: "AttentionRequest") -> int:
     from cute_kernels.launch import _seqlens, usable_sms
 
     seqlen_k = _seqlens(req)[1]
-    tile_n = BWD_DKVT_TILE[1] if _takes_dkvt(req) else BWD_TILES[padded_hdim(req.headdim)][1]
+    d = padded_hdim(req.headdim)
+    hdimv = 128 if _is_192x128(req) else 0
+    tile_n = BWD_DKVT_TILE[1] if _takes_dkvt(d, hdimv, req.params.deterministic) else BWD_TILES[d][1]
     ctas = -(-seqlen_k // tile_n) * req.nheads_kv * req.batch
     sms = usable_sms(req)  # (the device's count is cached: this runs on every call)
     want = max(1, -(-SPLIT_WAVES * sms // max(ctas, 1)))
@@ -131,22 +135,25 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
                           hdimv=128 if _is_192x128(req) else 0,
-                          dkv_transposed=_takes_dkvt(req),
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
-                                     max_seqlen_q=_max_seqlen_q(req)))
+                                     max_seqlen_q=_max_seqlen_q(req), hdimv=128 if _is_192x128(req) else 0))
 
 
-def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False, max_seqlen_q: int = 0) -> dict:
+def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False, max_seqlen_q: int = 0,
+             hdimv: int = 0) -> dict:
     """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
     environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
-    SASS); dq_red never with deterministic; tile_m 80 at hdim 128 (`m80`, or with M80_BY_DEFAULT
-    from M80_MIN_SEQLEN_Q rows without a window, chunk or softcap)."""
+    SASS), and with the 80-row tile; dq_red never with deterministic; tile_m 80 at hdim 128
+    (`m80`, or with M80_BY_DEFAULT from M80_MIN_SEQLEN_Q rows without a window, chunk or softcap);
+    dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`)."""
+    if _takes_dkvt(hdim, hdimv, deterministic):
+        return dict(ds_stages=1, dq_red=True, dkv_transposed=True)  # (its tile's own)
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
     rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
     tile_80 = hdim == 128 and (m80 or (m80 is None and rule))
-    want = (2 if hdim in DS_STAGES_2_HDIMS else 1) if ds_stages is None else ds_stages
+    want = (2 if hdim in DS_STAGES_2_HDIMS or tile_80 else 1) if ds_stages is None else ds_stages
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
     out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)

@@ -278,7 +278,7 @@ def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
 
 def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     """The BwdConfig the host side (bwd_launch.config_for) picks for these options: the head dim's
-    variants (bwd_launch.variants: ds_stages, dq_red) included; --set fields go through
+    variants (bwd_launch.variants: ds_stages, dq_red, hdim 192's dkv_transposed) included; --set fields go through
     BwdConfig.make (so dq_red=0 / 1 takes its Q / dO stages with it), tile fields after it."""
     import dataclasses
 
@@ -305,7 +305,7 @@ def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     features = dict(has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
                     cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
                     hdim_in=0 if d == a.hdim else a.hdim, hdimv=128 if wide_v else 0,
-                    **bwd_launch.variants(d, a.softcap, sets.get("deterministic", False)))
+                    **bwd_launch.variants(d, a.softcap, sets.get("deterministic", False), hdimv=128 if wide_v else 0))
     cfg = BwdConfig.make(a.dtype, d, **{**features, **sets})
     return dataclasses.replace(cfg, **after_make)
 

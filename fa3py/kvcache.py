@@ -116,14 +116,14 @@ def flash_attn_with_kvcache(
     hk, d, dv, capacity = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3], kv.capacity
     cache_seqlens, new_lens = kv.cache_seqlens, kv.new_lens
 
-    rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=device)
-
     def locate(b, pos):
-        """(cache index, position in it) of position pos of sequence b."""
+        """(cache index, position in it) of position pos of sequence b (b indexes cache_batch_idx
+        when given, else is the cache row itself: no index tensor, no launch on a decoding step)."""
+        rows = b if cache_batch_idx is None else cache_batch_idx.long()[b]
         if not paged:
-            return rows[b], pos
+            return rows, pos
         page_size = k_cache.shape[1]
-        return page_table[rows[b], torch.div(pos, page_size, rounding_mode="floor")].long(), pos % page_size
+        return page_table[rows, torch.div(pos, page_size, rounding_mode="floor")].long(), pos % page_size
 
     # every check before the cache is written: the attention's own arguments are validated on
     # stand-ins of the gathered K / V (same shapes, no memory)
@@ -169,7 +169,7 @@ def flash_attn_with_kvcache(
     # (batch, capacity, ...) prefix of K / V
     choice = None
     if paged and cache_leftpad is None:
-        table = page_table if cache_batch_idx is None else page_table[rows]
+        table = page_table if cache_batch_idx is None else page_table[cache_batch_idx.long()]
         choice = _page_reader(dataclasses.replace(req, q=q, k=k_cache, v=v_cache, page_table=table))
     if choice is not None:
         req = dataclasses.replace(req, q=q, k=k_cache, v=v_cache, page_table=table)

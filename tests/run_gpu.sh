@@ -4,7 +4,7 @@
 #   bash tests/run_gpu.sh            # GPU_TEST_TIMEOUT=420 seconds per partition by default
 #   CUTE_SHARDS=3 ONLY=cute bash tests/run_gpu.sh   # the cute tests alone, in 3 parallel shards
 #   BWD_SHARDS=6 ONLY=bwd bash tests/run_gpu.sh     # the backward kernel's ~620 tests in 6 shards
-#   BWD_SHARDS=6 ONLY=bwd_optin bash tests/run_gpu.sh  # the opt-in backward tiles (~330 tests)
+#   BWD_SHARDS=8 ONLY=bwd_variants bash tests/run_gpu.sh  # the backward's non-default tiles (~500 tests)
 #   ONLY="bwd bwd_api" bash tests/run_gpu.sh        # the cute backward alone: its kernel's tests
 #     (bwd), and the cross-backend and randomized API tests with it off (FA3PY_CUTE_BWD=0: the
 #     Triton backward takes the cute forward's out / LSE); BWD_TEST_TIMEOUT=900 seconds each
@@ -59,11 +59,11 @@ want triton_rest && run triton_rest tests/test_triton.py -k "not test_features a
 want cross && run cross -m gpu tests/test_cross_backend.py tests/test_api_random.py &
 # the cute backward kernel (its own partitions: the kernel compiles per feature set)
 want bwd && GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} sharded bwd "${BWD_SHARDS:-1}" -m gpu tests/test_cute_bwd_gpu.py
-# the opt-in backward tiles, what must pass before they become defaults: hdim 128's 80 rows with
-# two sdS buffers (and its default rule), hdim 192's three-warpgroup tile, and their pre / post kernels
-want bwd_optin && FA3PY_CUTE_BWD_DS_STAGES=2 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} \
-    sharded bwd_optin "${BWD_SHARDS:-1}" -m gpu tests/test_cute_bwd_gpu.py -k "d128_m80 or m80_rule or d192_dkvt"
-want bwd_optin && run bwd_prepost tests/test_cute_bwd_prepost.py &
+# the backward's other tiles (hdim 64's 64 rows, hdim 128's 80 rows at every size, hdim 192's
+# 64 x 64), with two sdS buffers where the tile takes them, and the 80-row rule; the pre / post kernels
+want bwd_variants && FA3PY_CUTE_BWD_DS_STAGES=2 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} \
+    sharded bwd_variants "${BWD_SHARDS:-1}" -m gpu tests/test_cute_bwd_gpu.py -k "variant_tile or m80_rule"
+want bwd_variants && run bwd_prepost tests/test_cute_bwd_prepost.py &
 want bwd_api && FA3PY_CUTE_BWD=0 GPU_TEST_TIMEOUT=${BWD_TEST_TIMEOUT:-900} \
     run bwd_api -m gpu tests/test_cross_backend.py tests/test_api_random.py &
 want api && run api tests/test_attention.py tests/test_validation.py tests/test_dispatch.py tests/test_reference.py tests/test_benchmarks.py \

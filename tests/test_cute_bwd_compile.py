@@ -175,7 +175,8 @@ def test_bwd_variants_by_default(monkeypatch):
         return bwd_launch.config_for(make_request(x, x, x, **kw))
 
     assert [cfg(d).ds_stages for d in (64, 96, 128, 256)] == [2, 1, 1, 1] and cfg(64, softcap=5.0).ds_stages == 1
-    assert [cfg(d).dq_red for d in (64, 96, 128, 192, 256)] == [False, True, False, False, True]
+    assert [cfg(d).dq_red for d in (64, 96, 128, 192, 256)] == [False, True, False, True, True]  # (192: dkvt's)
+    assert cfg(192).dkv_transposed and not cfg(192, deterministic=True).dq_red
     assert cfg(96).q_stages == 2 and not cfg(96, deterministic=True).dq_red
     assert cfg(256).q_stages == 2 and not cfg(256, deterministic=True).dq_red and cfg(256, deterministic=True).q_stages == 1
     monkeypatch.setattr(bwd_launch, "dq_red", True)

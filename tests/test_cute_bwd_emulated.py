@@ -21,7 +21,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 import fa3py  # noqa: E402
 from cute_kernels import bwd_launch  # noqa: E402
 from cute_kernels.bwd_sm90 import DQ_VEC, NUM_MMA_WG, THREADS_PER_WG, padded_offset  # noqa: E402
-from cute_kernels.config import BWD_TILES  # noqa: E402
+from cute_kernels.config import BWD_TILES, padded_hdim  # noqa: E402
 from fa3py.validation import make_request  # noqa: E402
 from tests._cute_bwd import FEATURES, HEADS, force_tile_m, make_inputs, train_step  # noqa: E402
 from tests._util import check_backward  # noqa: E402
@@ -400,8 +400,9 @@ def test_grads_emulated_ragged_sizes(emulated_sm90_bwd, sq, sk, window):
     (192, 128, "plain", "mha", "varlen"), (176, 128, "causal", "gqa", "batched"),
 ])
 def test_grads_emulated_wide_head_dims(emulated_sm90_bwd, d, dv, feature, heads, layout):
-    """Head dims 192 / 256 (and 192 x 128): the 64-key tile with dK / dV split by columns, through
-    the same host code (their tile, the V / dO width, dQ's order), against the fp64 reference."""
+    """Head dims 192 / 256 (and 192 x 128) through the same host code (their tile, the V / dO
+    width, dQ's order), against the fp64 reference: the 64-key tile with dK / dV split by columns,
+    but hdim 192 (160 padded) with hdim_v = hdim takes the three-warpgroup 96-key tile."""
     h, hk = HEADS[heads]
     lens = [(70, 130), (0, 5), (65, 64)] if layout == "varlen" else [(70, 130)] * 2
     q, k, v, kw = make_inputs(lens, h, hk, d, torch.float16, "cpu", layout == "varlen")
@@ -409,7 +410,8 @@ def test_grads_emulated_wide_head_dims(emulated_sm90_bwd, d, dv, feature, heads,
     req, fwd, bwd = train_step("varlen" if layout == "varlen" else "attention", q, k, v, kw, **FEATURES[feature])
     assert (fwd, bwd) == ("cute", "cute")
     cfg = emulated_sm90_bwd[-1] and bwd_launch.config_for(req)
-    assert cfg.tile_n == 64 and cfg.dkv_split_hdim
+    dkvt = padded_hdim(d) == 192 and dv == d
+    assert (cfg.tile_n, cfg.dkv_split_hdim, cfg.dkv_transposed) == ((96, False, True) if dkvt else (64, True, False))
 
 
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
@@ -636,15 +638,17 @@ def test_wide_tiles_are_their_head_dims_only():
 
 def test_m80_where_long_and_unwindowed(monkeypatch):
     """bwd_launch.variants: tile_m 80 only at hdim 128: with M80_BY_DEFAULT from M80_MIN_SEQLEN_Q
-    query rows without a window, chunk or softcap (causal included; off by default until its GPU
-    tests with two sdS buffers ran); with FA3PY_CUTE_BWD_M80=1 (m80) for every config, with 0
-    never. config_for passes the request's."""
+    query rows without a window, chunk or softcap (causal included), with two sdS buffers; with
+    FA3PY_CUTE_BWD_M80=1 (m80) for every config, with 0 never. config_for passes the request's."""
     monkeypatch.setattr(bwd_launch, "m80", None)
     monkeypatch.setattr(bwd_launch, "ds_stages", None)
     long, short = bwd_launch.M80_MIN_SEQLEN_Q, bwd_launch.M80_MIN_SEQLEN_Q - 1
-    assert "tile_m" not in bwd_launch.variants(128, False, False, max_seqlen_q=long)  # (M80_BY_DEFAULT off)
-    monkeypatch.setattr(bwd_launch, "M80_BY_DEFAULT", True)
+    assert bwd_launch.M80_BY_DEFAULT
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=long) == dict(ds_stages=2, dq_red=False, tile_m=80)
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=short) == dict(ds_stages=1, dq_red=False)
+    monkeypatch.setattr(bwd_launch, "ds_stages", 1)
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long) == dict(ds_stages=1, dq_red=False, tile_m=80)
+    monkeypatch.setattr(bwd_launch, "ds_stages", None)
     assert "tile_m" not in bwd_launch.variants(128, False, False, max_seqlen_q=short)
     assert all("tile_m" not in bwd_launch.variants(128, softcap, False, local, max_seqlen_q=long)
                for softcap, local in ((True, False), (False, True)))
@@ -785,7 +789,7 @@ def test_emulation_catches_64_row_padding_at_wide_tiles(bwd_wide_tile, monkeypat
 
 
 # ----------------------------------------------------------------------------- dkv_transposed (hdim 192)
-# FA3's hdim 192 layout (BwdConfig.dkv_transposed, opt-in: bwd_launch.dkvt): 96 keys a CTA, three
+# FA3's hdim 192 layout (BwdConfig.dkv_transposed, the default: bwd_launch.dkvt): 96 keys a CTA, three
 # consumer warpgroups, S unswapped, dK^T / dV^T, dQ from registers in thirds of the head dim.
 @pytest.fixture
 def bwd_dkvt(emulated_sm90_bwd, monkeypatch):
@@ -867,3 +871,15 @@ def test_dkvt_not_with_deterministic_or_hdimv128(bwd_dkvt):
     v128 = v[..., :128].contiguous()
     train_step("func", q, k, v128, {})
     assert [c.dkv_transposed for c in bwd_dkvt] == [False, False]
+
+
+def test_dkvt_is_the_default_and_can_be_turned_off(emulated_sm90_bwd, monkeypatch):
+    """hdim 192 runs dkv_transposed unless FA3PY_CUTE_BWD_DKVT=0 (bwd_launch.dkvt False), which
+    brings back the 64 x 64 split_hdim tile; gradients against the fp64 reference either way."""
+    configs = record_configs(monkeypatch)
+    q, k, v, _ = make_inputs([(70, 200)] * 2, 2, 1, 192, torch.bfloat16, "cpu", False)
+    assert bwd_launch.dkvt
+    train_step("func", q, k, v, {}, causal=True)
+    monkeypatch.setattr(bwd_launch, "dkvt", False)
+    train_step("func", q, k, v, {}, causal=True)
+    assert [(c.dkv_transposed, c.tile_n, c.dkv_split_hdim) for c in configs] == [(True, 96, False), (False, 64, True)]

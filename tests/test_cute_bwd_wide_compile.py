@@ -114,7 +114,9 @@ def test_wide_host(monkeypatch):
         assert bwd_launch.why_not(req) is None
         cfg = bwd_launch.config_for(req)
         hdim_in = 0 if d == kernel_d else d
-        assert (cfg.hdim, cfg.hdim_in, cfg.tile_n, cfg.dkv_split_hdim) == (kernel_d, hdim_in, 64, True)
+        # (hdim 192 with hdim_v 192: the three-warpgroup 96-key tile, bwd_launch.dkvt)
+        tile = (96, False, True) if kernel_d == 192 else (64, True, False)
+        assert (cfg.hdim, cfg.hdim_in, cfg.tile_n, cfg.dkv_split_hdim, cfg.dkv_transposed) == (kernel_d, hdim_in, *tile)
     v = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
     for d in (192, 160):
         q = torch.randn(1, 8, 2, d, dtype=torch.bfloat16)
