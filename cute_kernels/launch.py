@@ -56,6 +56,9 @@ use_tvm_ffi: bool = _tvm_ffi_available()  # compiled kernels are cached per path
 # have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
 PACK_TILE_M = 128
 pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
+# Decoding (one query tile per (batch, head)) without the dynamic scheduler (config_for);
+# FA3PY_CUTE_DECODE_STATIC=0 keeps it (A/B measurements).
+decode_static: bool = os.environ.get("FA3PY_CUTE_DECODE_STATIC", "1") != "0"
 # Split-KV: "auto" or "0" (config.num_splits_for), or a count used for every call (1: never split;
 # more than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
 split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto").strip().lower()
@@ -89,6 +92,12 @@ def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fi
         **({"qv": True} if req.qv is not None else {}), **format_fields,
     )
     cfg = make(split_kv=False)
+    if cfg.tile.dynamic and decode_static and seqlen_q * pack <= cfg.tile.tile_m:
+        # One query tile per (batch, head), as in decoding: every CTA takes one tile and every
+        # tile is the same length, so the dynamic scheduler's counter (a memset node in a CUDA
+        # graph, an atomic per CTA) buys no balance.
+        make = functools.partial(make, dynamic=False)
+        cfg = make(split_kv=False)
     return make(split_kv=True) if num_splits(req, cfg) > 1 else cfg  # same tile
 
 
