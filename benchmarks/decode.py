@@ -68,18 +68,18 @@ def sdpa_decode(q, k, v, causal: bool):
 
 
 def graphed(fn):
-    """fn replayed from a CUDA graph (warmed on a side stream first, as PyTorch asks); its output
-    tensor stays the graph's."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    """(replay, output): fn captured in a CUDA graph (benchmarks.run.cuda_graph), replayed once;
+    the output tensor is the graph's, rewritten by each replay."""
+    from benchmarks.run import cuda_graph
+
+    box = {}
+
+    def call():
+        box["out"] = fn()
+
+    graph = cuda_graph(call)
     graph.replay()
-    return graph.replay, out
+    return graph.replay, box["out"]
 
 
 def main(argv=None):

@@ -128,16 +128,16 @@ def head_splits(req: "AttentionRequest") -> int:
 
 def config_for(req: "AttentionRequest") -> BwdConfig:
     p = req.params
-    d = padded_hdim(req.headdim)
+    d, hdimv = padded_hdim(req.headdim), 128 if _is_192x128(req) else 0
     return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req) > 1, has_left=p.window_left >= 0,
                           has_right=p.window_right >= 0, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,
                           cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
-                          hdimv=128 if _is_192x128(req) else 0,
+                          hdimv=hdimv,
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
-                                     max_seqlen_q=_max_seqlen_q(req), hdimv=128 if _is_192x128(req) else 0))
+                                     max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv))
 
 
 def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False, max_seqlen_q: int = 0,
