@@ -56,10 +56,11 @@ use_tvm_ffi: bool = _tvm_ffi_available()  # compiled kernels are cached per path
 # have 128 or 192. FA3PY_CUTE_PACK_GQA=0 turns packing off (for A/B measurements).
 PACK_TILE_M = 128
 pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
-# Decoding (one query tile per (batch, head)) without the dynamic scheduler (config_for):
-# FA3PY_CUTE_DECODE_STATIC=1. Opt-in: compiled for sm_90a (no local memory) and CPU-tested, not
-# yet run or timed on a GPU (the A/B: benchmarks.decode with and without it).
-decode_static: bool = os.environ.get("FA3PY_CUTE_DECODE_STATIC") == "1"
+# Decoding (one query tile per (batch, head)) without the dynamic scheduler (config_for); H200,
+# CUDA-graph replays of flash_attn_with_kvcache (hdim 128, 32 / 8 heads): batch 1 with 4k keys
+# 13.9 against 15.3 us, 16k 27.1 / 29.3, batch 8 with 4k 42.0 / 43.8 (results/2026-12-06_h100_dkvt).
+# FA3PY_CUTE_DECODE_STATIC=0 keeps the dynamic scheduler (A/B measurements).
+decode_static: bool = os.environ.get("FA3PY_CUTE_DECODE_STATIC", "1") != "0"
 # Split-KV: "auto" or "0" (config.num_splits_for), or a count used for every call (1: never split;
 # more than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
 split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto").strip().lower()

@@ -130,7 +130,7 @@ def flash_attn_with_kvcache(
     gather = paged or cache_batch_idx is not None or cache_leftpad is not None
     seqused_k = None
     if cache_seqlens is not None:
-        seqused_k = cache_seqlens + (new_lens if new_lens is not None else 0)
+        seqused_k = cache_seqlens + new_lens if new_lens is not None else cache_seqlens  # (no add launch)
     if cache_leftpad is not None:
         if seqused_k is None:
             seqused_k = torch.full((batch,), capacity, dtype=torch.int32, device=device)

@@ -715,13 +715,13 @@ def test_tvm_ffi_call_matches_the_compiled_signature(case, monkeypatch):
 @pytest.mark.parametrize("sq,dynamic", [(1, False), (4, False), (32, False), (33, True), (2048, True)])
 def test_decoding_without_the_dynamic_scheduler(monkeypatch, sq, dynamic):
     """Causal GQA (32 / 8 heads, packed 4 rows a query): with one query tile per (batch, head)
-    (sq * 4 <= 128 rows) every CTA takes one tile, and with FA3PY_CUTE_DECODE_STATIC=1 (opt-in)
-    the config leaves the dynamic scheduler (its counter's memset node in a CUDA graph) out."""
+    (sq * 4 <= 128 rows) every CTA takes one tile, and the config leaves the dynamic scheduler
+    (its counter's memset node in a CUDA graph) out; FA3PY_CUTE_DECODE_STATIC=0 keeps it."""
     from fa3py.validation import make_request
 
     q = torch.empty(2, sq, 32, 128, dtype=torch.bfloat16)
     k = torch.empty(2, 4096, 8, 128, dtype=torch.bfloat16)
-    assert launch.config_for(make_request(q, k, k, causal=True)).tile.dynamic  # (the default)
-    monkeypatch.setattr(launch, "decode_static", True)
     cfg = launch.config_for(make_request(q, k, k, causal=True))
     assert cfg.tile.dynamic == dynamic and (sq > 32 or cfg.pack_gqa == 4)
+    monkeypatch.setattr(launch, "decode_static", False)
+    assert launch.config_for(make_request(q, k, k, causal=True)).tile.dynamic
