@@ -279,9 +279,10 @@ def launch_params(rotate: bool, tile_elems: int) -> tuple[int, int, int]:
       a second program an SM), 8 warps, 2 an SM: 1659 GB/s against 1329 with two stages;
     - unrotated tiles (V: channel maxima, quantization, V^T stores): 4 warps, one stage, 8 an
       SM: 1256-1325 GB/s against 931-977 with 8 warps and two stages.
-    The sweep's V^T was in natural key order; in the PV key order (fp8=True's) benchmarks.fp8_prep
-    measured channel V at hdim 128 about half as fast (162 against ~80 us, 16k tokens), cause
-    open (`--both-orders` times both)."""
+    The sweep's V^T was in natural key order; the PV key order (fp8=True's) costs the same since
+    its tiles are loaded in that order (`benchmarks.fp8_prep --both-orders`, H100, channel V,
+    16k tokens: hdim 128 80.2 against 78.1 us, hdim 256 150.3 against 143.5; permuting the codes
+    in registers had taken 162 us at hdim 128)."""
     if not rotate:
         return 4, 1, 8
     if tile_elems > 16384:
