@@ -26,7 +26,7 @@ import triton.language as tl
 
 @triton.jit
 def combine_kernel(
-    OP, LP, Out, LO, n_rows, rows, heads, splits,
+    OP, LP, Out, LO, n_rows, rows, heads, splits, g,
     lp_s, lp_b, lp_r, lp_h,  # LP strides: split, batch, row, head
     out_b, out_r, out_h,  # Out strides (dv contiguous)
     lo_b, lo_r, lo_h,  # LO strides
@@ -59,13 +59,16 @@ def combine_kernel(
         o = tl.load(OP + ((s0 + s)[:, None] * n_rows + m) * DV + d[None, :],
                     mask=in_split[:, None] & (d[None, :] < DV), other=0.0)
         acc += tl.sum(w[:, None] * o, 0)
-    tl.store(Out + b * out_b + r * out_r + h * out_h + d, acc.to(Out.dtype.element_ty), mask=d < DV)
+    # GQA-packed partials (g > 1) into unpacked outputs: packed row r of KV head h is query row
+    # r // g of query head h * g + r % g (launch.pack_rows)
+    r_out, h_out = r // g, h * g + r % g
+    tl.store(Out + b * out_b + r_out * out_r + h_out * out_h + d, acc.to(Out.dtype.element_ty), mask=d < DV)
     if tl.program_id(1) == 0:
-        tl.store(LO + b * lo_b + r * lo_r + h * lo_h, lse)
+        tl.store(LO + b * lo_b + r_out * lo_r + h_out * lo_h, lse)
 
 
 def combine_splits_triton(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
-                   out: torch.Tensor, lse: torch.Tensor) -> None:
+                          out: torch.Tensor, lse: torch.Tensor, g: int = 1) -> None:
     """`combine_splits` by `combine_kernel` (CUDA tensors, or Triton's interpreter)."""
     dv = o_part.shape[-1]
     assert o_part.is_contiguous() and lse_part.is_contiguous() and out.stride(-1) == 1
@@ -83,14 +86,24 @@ def combine_splits_triton(o_part: torch.Tensor, lse_part: torch.Tensor, splits: 
     m = batch * rows * h
     block_d = min(64, triton.next_power_of_2(dv))
     combine_kernel[(m, triton.cdiv(dv, block_d))](
-        o_part, lse_part, out, lse, m, rows, h, splits, *lp, *so, *slo,
+        o_part, lse_part, out, lse, m, rows, h, splits, g, *lp, *so, *slo,
         DV=dv, BLOCK_D=block_d, BLOCK_S=min(32, max(8, triton.next_power_of_2(splits))),
     )
 
 
 def combine_splits_torch(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
-                         out: torch.Tensor, lse: torch.Tensor) -> None:
+                         out: torch.Tensor, lse: torch.Tensor, g: int = 1) -> None:
     """`combine_splits` in torch ops: the reference of `combine_kernel`, and the CPU path."""
+    if g > 1:  # combined in the packed layout, then unpacked into out / lse
+        from cute_kernels.launch import unpack_lse, unpack_rows
+
+        packed = o_part.new_empty(o_part.shape[0] // splits, *o_part.shape[1:])
+        lse_packed = lse_part.new_empty((*lse_part.shape[:-1], lse_part.shape[-1] // splits) if packed_q
+                                        else (lse_part.shape[0] // splits, *lse_part.shape[1:]))
+        combine_splits_torch(o_part, lse_part, splits, packed_q, packed, lse_packed)
+        out.copy_(unpack_rows(packed, g))
+        lse.copy_(unpack_lse(lse_packed, g))
+        return
     o = o_part.view(splits, -1, *o_part.shape[1:])  # (splits, total, h, dv) / (splits, b, rows, h, dv)
     if packed_q:
         lse_s = lse_part.view(lse_part.shape[0], splits, -1).transpose(0, 1)  # (splits, h, total)
@@ -103,7 +116,10 @@ def combine_splits_torch(o_part: torch.Tensor, lse_part: torch.Tensor, splits: i
 
 
 def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, splits: int, packed_q: bool,
-                   out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Split-KV's partial results into `out` and `lse` (see the module docstring)."""
+                   out: torch.Tensor, lse: torch.Tensor, g: int = 1) -> None:
+    """Split-KV's partial results into `out` and `lse` (see the module docstring); with g > 1 the
+    partials are GQA-packed (launch.pack_rows: rows * g rows of the KV heads) and out / lse the
+    unpacked outputs (the query heads' rows), which the combine writes directly (no unpacking
+    copies)."""
     combine = combine_splits_triton if o_part.is_cuda else combine_splits_torch
-    combine(o_part, lse_part, splits, packed_q, out, lse)
+    combine(o_part, lse_part, splits, packed_q, out, lse, g)

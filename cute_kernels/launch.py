@@ -206,9 +206,11 @@ def _run_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out_dtype: tor
     padded_rows = req.packed_q or req.seqused_q is not None
     dev = q.device
     # With one query row (decoding) the packed layout is a view of the caller's: the kernel
-    # writes out and LSE in place (no copies, no extra launches). Else it gets packed buffers.
+    # writes out and LSE in place (no copies, no extra launches). Else it gets packed buffers,
+    # unpacked after it, or with split-KV the combine writes the caller's layout itself.
     in_place = g == 1 or req.q.shape[-3] == 1
     packed_out, packed_lse = (*q.shape[:-1], req.headdim_v), _packed_lse_shape(req, g)
+    unpacked = in_place or cfg.split_kv
 
     def outputs(out_shape, lse_shape, dtype):
         out = (torch.zeros if padded_rows else torch.empty)(out_shape, dtype=dtype, device=dev)
@@ -217,7 +219,7 @@ def _run_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out_dtype: tor
                else torch.empty(lse_shape, dtype=torch.float32, device=dev))
         return out, lse
 
-    out, lse = outputs(*((req.out_shape, req.lse_shape) if in_place else (packed_out, packed_lse)),
+    out, lse = outputs(*((req.out_shape, req.lse_shape) if unpacked else (packed_out, packed_lse)),
                        out_dtype)
     k_out, k_lse = (pack_rows(out, g), pack_lse(lse, g)) if g > 1 and in_place else (out, lse)
     if cfg.split_kv:
@@ -229,10 +231,10 @@ def _run_kernel(req: "AttentionRequest", cfg: FwdConfig, q, k, v, out_dtype: tor
                                    (*packed_lse[:-1], splits * packed_lse[-1]) if req.packed_q
                                    else (splits * packed_lse[0], *packed_lse[1:]), torch.float32)
         launch_kernel(req, cfg, q, k, v, o_part, lse_part, splits, **kernel_args)
-        combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse)
+        combine_splits(o_part, lse_part, splits, req.packed_q, k_out, k_lse, 1 if in_place else g)
     else:
         launch_kernel(req, cfg, q, k, v, k_out, k_lse, **kernel_args)
-    return (out, lse) if in_place else (unpack_rows(out, g), unpack_lse(lse, g))
+    return (out, lse) if unpacked else (unpack_rows(out, g), unpack_lse(lse, g))
 
 
 def q_empty_or_no_keys(req: "AttentionRequest") -> bool:

@@ -337,6 +337,31 @@ def test_combine_splits_triton(packed_q, splits, dv):
         assert out[..., 3, 2, :].isnan().all() if packed_q else out[:, 3, 2, :].isnan().all()
 
 
+@pytest.mark.parametrize("packed_q", [False, True], ids=["batched", "packed"])
+@pytest.mark.parametrize("g,splits", [(4, 3), (2, 40), (3, 1)])
+def test_combine_splits_into_unpacked_outputs(packed_q, g, splits):
+    """With GQA-packed partials (g > 1: rows * g rows of each KV head) both combines write the
+    unpacked outputs (query heads, strided views) directly: the packed combine, then
+    launch.unpack_rows / unpack_lse, bit for bit (the Triton kernel under the interpreter)."""
+    from cute_kernels.combine import combine_splits_torch, combine_splits_triton
+
+    b, rows, hk, dv = (1, 13, 2, 96) if packed_q else (2, 5, 3, 64)
+    rows_g = rows * g
+    o_part = torch.randn(splits * rows_g, hk, dv) if packed_q else torch.randn(splits * b, rows_g, hk, dv)
+    lse_part = torch.randn(hk, splits * rows_g) * 3 if packed_q else torch.randn(splits * b, hk, rows_g) * 3
+    lse_part[lse_part < -4] = -math.inf
+    packed = torch.empty(o_part.shape[0] // splits, *o_part.shape[1:])
+    lse_packed = torch.empty(hk, rows_g) if packed_q else torch.empty(b, hk, rows_g)
+    combine_splits_torch(o_part, lse_part, splits, packed_q, packed, lse_packed)
+    want_out, want_lse = launch.unpack_rows(packed, g), launch.unpack_lse(lse_packed, g)
+    for combine in (combine_splits_torch, combine_splits_triton):
+        out = torch.full((*want_out.shape[:-1], dv + 8), 7.0)[..., :dv]  # strided: rows of dv + 8
+        lse = torch.full(want_lse.shape[::-1], 7.0).permute(*reversed(range(want_lse.dim())))  # transposed
+        combine(o_part, lse_part, splits, packed_q, out, lse, g)
+        torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=1e-6)
+
+
 def test_tile_counters_are_bounded(monkeypatch):
     """One counter buffer per (device, stream), the least recently used forgotten past the cap."""
     from types import SimpleNamespace
