@@ -14,7 +14,7 @@ providers), a row's time the median over --rounds rounds:
   pagedP         the same keys in pages of P rows, pages shuffled through the pool
   splitsN        the contiguous call with num_splits=N (FA3's argument): for tuning the choice
   cudnn          torch SDPA (cuDNN backend, enable_gqa) on the contiguous keys; with several
-                 queries an explicit bottom-right mask
+                 queries an explicit bottom-right mask (benchmarks.providers' sdpa:cudnn)
   fa3-fwd        FlashAttention-3's flash_attn_with_kvcache on the contiguous cache
 Each paged cache is timed beside the contiguous call in its own rotation (one pool in memory at a
 time: batch 64 with 64k keys holds 17 GB a pool). Columns: "splits" (the contiguous call's split
@@ -53,18 +53,6 @@ def page_order(b: int, s: int, page: int, gen: torch.Generator) -> torch.Tensor:
     stack's allocator leaves them."""
     per_seq = -(-s // page)
     return torch.randperm(b * per_seq, generator=gen, device=gen.device).view(b, per_seq).to(torch.int32)
-
-
-def sdpa_decode(q, k, v, causal: bool):
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    sq, sk = q.shape[1], k.shape[1]
-    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq) if causal and sq > 1 else None
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, enable_gqa=True)
-    return out.transpose(1, 2)
 
 
 def graphed(fn):
@@ -108,6 +96,9 @@ def main(argv=None):
     except ImportError:
         launch = None
 
+    from benchmarks.providers import Case, sdpa_provider
+
+    cudnn = sdpa_provider("cudnn", "CUDNN_ATTENTION").load()  # (its bottom-right mask with several queries)
     fa3 = None
     if "fa3-fwd" in args.peers:
         try:
@@ -151,7 +142,8 @@ def main(argv=None):
                 for n in args.splits:
                     calls[f"splits{n}"], out = graphed(lambda n=n: kv(k, v, num_splits=n))
                     err[f"splits{n}"] = (out.float() - ref.float()).abs().max().item()
-                peers = {"cudnn": lambda: sdpa_decode(q, k, v, True),
+                case = Case(b, h, sk, d, causal=True, mode="fwd", dtype=torch.bfloat16, seqlen_q=sq, nheads_kv=hk)
+                peers = {"cudnn": lambda: cudnn(q, k, v, case),
                          "fa3-fwd": lambda: fa3(q, k, v, cache_seqlens=seqlens, causal=True)}
                 for n in cols:
                     if n in peers:
@@ -187,6 +179,7 @@ def main(argv=None):
                     print("#   max |diff| against contiguous: " + ", ".join(f"{n} {e:.2e}" for n, e in err.items()))
                 del contiguous, ref
                 torch.cuda.empty_cache()
+
 
 if __name__ == "__main__":
     main()

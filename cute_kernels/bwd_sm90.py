@@ -38,7 +38,7 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
   in two passes once dP^T is in (d tanh in fp32); so does hdim 128 with softcap and a mask, whose
   fp16 d tanh spilled 16-24 bytes. CPU SASS: max register R231 .. R237 of 240, no local memory,
   except hdim 64's softcap with a window and varlen together (8-24 bytes of stack).
-  tile_m 80 (hdim 128, a variant: bwd_launch.m80; FA3's non-causal tile): S^T /
+  tile_m 80 (hdim 128 from bwd_launch.M80_MIN_SEQLEN_Q rows; FA3's non-causal tile): S^T /
   dP^T of 64 keys x 80 queries (40 registers each a thread), sdS of 128 x 80 (a 32-byte swizzle:
   80 columns), and since WGMMA's M cannot be 80, dQ^T = K^T dS^T (`dq_swap_ab`: warpgroup w
   computes head-dim rows 64w .. 64w + 63 of dQ^T, all 80 queries; the host's order and the
@@ -61,7 +61,7 @@ columns for dK / dV (FA3's 64 x 64 tile at hdim 256):
   zeros before the warp-role branch and ptxas, holding them under that region's 168-register
   budget, spilled dV and serialized the WGMMAs.
 
-hdim 192, FA3's layout (`dkv_transposed`, opt-in: bwd_launch.dkvt): 96 keys a CTA over three
+hdim 192, FA3's layout (`dkv_transposed`, the default: bwd_launch.dkvt): 96 keys a CTA over three
 consumer warpgroups (512 threads, setmaxnreg 24 / 160), so each query block's dQ adds serve 96
 keys, not 64:
     S = Q K^T, dP = dO V^T   SS WGMMA, the 64 queries as M, warpgroup w's keys 32w .. 32w + 31 as N

@@ -479,9 +479,10 @@ BWD_TILE_M_VARIANTS: dict[int, tuple[int, ...]] = {64: (64,), 128: (80,)}
 # beside it: hdim 256's 64 KB of fp32 sdQ take a second stage (208 KB).
 BWD_Q_STAGES_WITHOUT_SDQ: dict[int, int] = {256: 2}
 BWD_REG_SPLIT = (24, 240)  # producer, consumer setmaxnreg (2 consumer warpgroups)
-# hdim 192's FA3 tile (BwdConfig.dkv_transposed, a variant): 96 keys a CTA over three consumer
-# warpgroups, S = Q K^T unswapped (32 keys each), dK^T / dV^T with the head dim as M (64 rows
-# each), dQ added from registers (no room for sdQ). 24 + 3 x 160 = 4 x 126 at 512 threads.
+# hdim 192's FA3 tile (BwdConfig.dkv_transposed; bwd_launch's default there): 96 keys a CTA over
+# three consumer warpgroups, S = Q K^T unswapped (32 keys each), dK^T / dV^T with the head dim as
+# M (64 rows each), dQ added from registers (no room for sdQ). 24 + 3 x 160 = 4 x 126 at 512
+# threads.
 BWD_DKVT_TILE = (64, 96)
 BWD_DKVT_REG_SPLIT = (24, 160)
 

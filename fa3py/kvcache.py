@@ -116,10 +116,13 @@ def flash_attn_with_kvcache(
     hk, d, dv, capacity = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3], kv.capacity
     cache_seqlens, new_lens = kv.cache_seqlens, kv.new_lens
 
+    # cache rows picked by cache_batch_idx, else sequence b is cache row b (no index tensor: no
+    # launch on a decoding step)
+    batch_idx = cache_batch_idx.long() if cache_batch_idx is not None else None
+
     def locate(b, pos):
-        """(cache index, position in it) of position pos of sequence b (b indexes cache_batch_idx
-        when given, else is the cache row itself: no index tensor, no launch on a decoding step)."""
-        rows = b if cache_batch_idx is None else cache_batch_idx.long()[b]
+        """(cache index, position in it) of position pos of sequence b."""
+        rows = b if batch_idx is None else batch_idx[b]
         if not paged:
             return rows, pos
         page_size = k_cache.shape[1]
@@ -169,7 +172,7 @@ def flash_attn_with_kvcache(
     # (batch, capacity, ...) prefix of K / V
     choice = None
     if paged and cache_leftpad is None:
-        table = page_table if cache_batch_idx is None else page_table[cache_batch_idx.long()]
+        table = page_table if batch_idx is None else page_table[batch_idx]
         choice = _page_reader(dataclasses.replace(req, q=q, k=k_cache, v=v_cache, page_table=table))
     if choice is not None:
         req = dataclasses.replace(req, q=q, k=k_cache, v=v_cache, page_table=table)
