@@ -341,8 +341,8 @@ def test_combine_splits_triton(packed_q, splits, dv):
 @pytest.mark.parametrize("g,splits", [(4, 3), (2, 40), (3, 1)])
 def test_combine_splits_into_unpacked_outputs(packed_q, g, splits):
     """With GQA-packed partials (g > 1: rows * g rows of each KV head) both combines write the
-    unpacked outputs (query heads, strided views) directly: the packed combine, then
-    launch.unpack_rows / unpack_lse, bit for bit (the Triton kernel under the interpreter)."""
+    unpacked outputs (query heads, strided views): the packed combine's values at the query
+    rows and heads they belong to (the Triton kernel under the interpreter)."""
     from cute_kernels.combine import combine_splits_torch, combine_splits_triton
 
     b, rows, hk, dv = (1, 13, 2, 96) if packed_q else (2, 5, 3, 64)
@@ -353,7 +353,14 @@ def test_combine_splits_into_unpacked_outputs(packed_q, g, splits):
     packed = torch.empty(o_part.shape[0] // splits, *o_part.shape[1:])
     lse_packed = torch.empty(hk, rows_g) if packed_q else torch.empty(b, hk, rows_g)
     combine_splits_torch(o_part, lse_part, splits, packed_q, packed, lse_packed)
-    want_out, want_lse = launch.unpack_rows(packed, g), launch.unpack_lse(lse_packed, g)
+    # packed row r * g + i of KV head kh -> query row r, query head kh * g + i, written out here
+    # element by element (combine_splits_torch itself unpacks through launch.unpack_rows / _lse)
+    lead = () if packed_q else (b,)
+    want_out = torch.empty(*lead, rows, hk * g, dv)
+    want_lse = torch.empty(*lead, hk * g, rows)
+    for r, i, kh in itertools.product(range(rows), range(g), range(hk)):
+        want_out[..., r, kh * g + i, :] = packed[..., r * g + i, kh, :]
+        want_lse[..., kh * g + i, r] = lse_packed[..., kh, r * g + i]
     for combine in (combine_splits_torch, combine_splits_triton):
         out = torch.full((*want_out.shape[:-1], dv + 8), 7.0)[..., :dv]  # strided: rows of dv + 8
         lse = torch.full(want_lse.shape[::-1], 7.0).permute(*reversed(range(want_lse.dim())))  # transposed
