@@ -236,6 +236,8 @@ def main(argv=None) -> dict:
     device = run.resolve_device(args, "benchmarks.paired")
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit("benchmarks.paired: --cuda-graph needs a CUDA GPU")
+    if args.cuda_graph:
+        run.use_capture_stream()  # (a backward's forward on the stream its graph is captured on)
     chosen, skipped = select(args.providers, device)
     unknown = [name for name, why in skipped.items() if why.startswith("unknown provider")]
     if unknown:

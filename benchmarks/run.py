@@ -316,19 +316,33 @@ def bench_case(provider, forward, case: Case, device, gen, args) -> tuple[float,
     return ms, sampler.result
 
 
+def use_capture_stream() -> None:
+    """Make one non-default stream current for the rest of the process, so that set-up, forwards
+    and captures (`cuda_graph`) all run on it. A backward replayed from a graph needs this: autograd
+    runs each backward op on its forward op's stream, so a forward made on the default stream puts
+    the captured backward's launches there, outside the capture, which invalidates it ("operation
+    failed due to a previous error during capture"). Call it before any input is made."""
+    torch.cuda.set_stream(torch.cuda.Stream())
+
+
 def cuda_graph(call) -> "torch.cuda.CUDAGraph":
-    """`call` captured in a CUDA graph (after a warm-up call on a side stream, as PyTorch asks).
-    A provider that cannot be captured raises here, and its row says so."""
+    """`call` captured in a CUDA graph (after a warm-up call on a side stream, as PyTorch asks), on
+    the current stream where that is not the default one (`use_capture_stream`). A provider that
+    cannot be captured raises here, and its row says so; the current stream is restored then
+    (torch.cuda.graph leaves its capture stream current when capture_end raises, and every later
+    call of the process would run there)."""
+    stream = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(stream)
     with torch.cuda.stream(side):
         call()
-    torch.cuda.current_stream().wait_stream(side)
+    stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=None if stream == torch.cuda.default_stream() else stream):
             call()
     except Exception as e:
+        torch.cuda.set_stream(stream)
         raise RuntimeError(f"CUDA graph capture failed: {_error_text(e)}") from e
     return graph
 
