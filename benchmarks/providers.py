@@ -252,7 +252,10 @@ PROVIDERS: tuple[Provider, ...] = (
     # or never; hdim 192's three-warpgroup tile (bwd_launch.dkvt, the default) or its 64 x 64 one
     *(Provider(f"fa3py:cute-bwd-{name}", peer=False, fa3py_backend="cute", load=lambda v=v: _cute_bwd_load(**v))
       for name, v in (("m80", dict(m80=True)), ("m80-ds2", dict(m80=True, ds_stages=2)), ("m64", dict(m80=False)),
-                      ("dkvt", dict(dkvt=True)), ("no-dkvt", dict(dkvt=False)))),
+                      ("dkvt", dict(dkvt=True)), ("no-dkvt", dict(dkvt=False)),
+                      # LSE / dPsum in registers under the GEMMs; dV before dP's wait (64-row tiles)
+                      ("lse16", dict(stat_regs=16)), ("dvearly", dict(dv_early=True)),
+                      ("lse16-dvearly", dict(stat_regs=16, dv_early=True)))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),

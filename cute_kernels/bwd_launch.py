@@ -69,6 +69,14 @@ M80_MIN_SEQLEN_Q = 8192
 # CUDA graphs, backward alone (benchmarks/results/2026-12-06_h100_dkvt): 2k 1.59 / 0.96 ms
 # against 1.87 / 1.11 (non-causal / causal), causal 16k 5.43 against 6.38; GPU tests: 165 passed.
 dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT", "1") != "0"
+# Row statistics in registers under the GEMMs (BwdConfig.stat_regs: up to this many LSE and dPsum
+# values a thread, 0 = off) and dV's GEMM before dP's wait (BwdConfig.dv_early; the 64-row tiles
+# of hdim 96 / 128 only: at 80 and 128 rows it spills 48-64 bytes and ptxas serializes the
+# WGMMAs, CPU SASS). Both compile spill-free where offered (CPU SASS: hdim 64 / 96 / 128, 80 rows,
+# causal, softcap, varlen) and are opt-in until timed: FA3PY_CUTE_BWD_STAT_REGS=16,
+# FA3PY_CUTE_BWD_DV_EARLY=1.
+stat_regs = int(os.environ.get("FA3PY_CUTE_BWD_STAT_REGS", "0"))
+dv_early = os.environ.get("FA3PY_CUTE_BWD_DV_EARLY", "0") == "1"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -147,17 +155,25 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
     SASS), and with the 80-row tile; dq_red never with deterministic; tile_m 80 at hdim 128
     (`m80`, or with M80_BY_DEFAULT from M80_MIN_SEQLEN_Q rows without a window, chunk or softcap);
-    dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`)."""
+    dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`); stat_regs / dv_early where switched on
+    (`stat_regs`, `dv_early`: the latter on the 64-row tiles only)."""
     if _takes_dkvt(hdim, hdimv, deterministic):
-        return dict(ds_stages=1, dq_red=True, dkv_transposed=True)  # (its tile's own)
+        return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _opt_ins()  # (its tile's own)
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
     rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
     tile_80 = hdim == 128 and (m80 or (m80 is None and rule))
     want = (2 if hdim in DS_STAGES_2_HDIMS or tile_80 else 1) if ds_stages is None else ds_stages
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
-    out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
+    out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic) | _opt_ins()
+    if dv_early and BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim):
+        out["dv_early"] = True
     return out | (dict(tile_m=80) if tile_80 else {})
+
+
+def _opt_ins() -> dict:
+    """stat_regs where switched on (absent otherwise: the default configs' keys stay as they were)."""
+    return dict(stat_regs=stat_regs) if stat_regs else {}
 
 
 @functools.lru_cache(maxsize=1024)

@@ -93,7 +93,11 @@ Variants (bwd_launch picks them per head dim as timed on an H100): `ds_stages` 2
 stage, so only the barrier after dS^T is written remains (a warpgroup may write block m's dS^T while
 the other still reads block m - 1's in its dQ GEMM); `dq_red` adds dQ from the consumers' registers
 with red.global.add.v4.f32 at the bulk reduce's addresses (no sdQ, no dQ warp: at hdim 256 the room
-takes a second Q / dO stage; not with deterministic, whose ordered adds are the dQ warp's).
+takes a second Q / dO stage; not with deterministic, whose ordered adds are the dQ warp's);
+`stat_regs` reads the LSE_log2 / dPsum values into registers under the GEMMs (ptxas does not move a
+shared load across a wgmma wait, so read where used they put their latency between the S^T wait and
+the first exp2); `dv_early` (P^T in registers) issues dV += P^T dO right after P^T is converted, so
+every exp2 precedes dP^T's wait and dV's GEMM runs under dS^T's math.
 
 Pipelines (PipelineTmaAsync, counts checked at trace time): pipeline_kv 1 stage (K + V bytes),
 pipeline_q / pipeline_do q_stages (Q + LSE / dO + dPsum bytes); consumer release from lane 0
@@ -189,6 +193,7 @@ class FlashAttentionBackwardSm90:
         masked = cfg.has_left or cfg.has_right or cfg.chunk
         spills = self.dq_split_rows or self.dkvt or (self.hdim == 128 and (masked or self.tile_m == 80))
         self.softcap_two_pass = cfg.softcap and spills
+        self.dv_early = cfg.dv_early and not self.softcap_two_pass  # (two-pass: P^T comes with dS^T)
         self.num_mma_threads = self.num_wg * THREADS_PER_WG
         self.num_threads = self.num_mma_threads + THREADS_PER_WG
         # fp32 dQ values one consumer thread holds per m_block
@@ -705,6 +710,11 @@ class FlashAttentionBackwardSm90:
         pipeline_q.consumer_wait(q_state)
         acc_S = cute.make_rmem_tensor(shape_s, Float32)
         self.gemm_xy(tiled_mma_sdp, acc_S, tSrK, tSrQ[None, None, None, stage], self.dkvt, zero_init=True, wg_wait=-1)
+        # LSE_log2 / dPsum of this thread's query columns: from smem, or (stat_regs) the first
+        # stat_regs of each read into registers while the GEMMs run (LSE here, dPsum before dP's wait)
+        num_cols = cute.size(self.kq(acc_to_mn(acc_S)).shape[1])
+        row_stat = lambda sX, c: sX[col0 + t0_cols[0, c][self.qi], stage]  # noqa: E731
+        lse_at = self.hoisted(row_stat, sLSE, num_cols)
         pipeline_do.consumer_wait(q_state)
         acc_dP = cute.make_rmem_tensor(shape_s, Float32)
         self.gemm_xy(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], self.dkvt, zero_init=True,
@@ -718,15 +728,16 @@ class FlashAttentionBackwardSm90:
             for i in cutlass.range_constexpr(cute.size(acc_S)):
                 acc_S[i] = cute.math.tanh(acc_S[i] * softcap_premul)
             mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left, keys_as_columns=self.dkvt)
+            dpsum_at = self.hoisted(row_stat, sdPsum, num_cols)
             warpgroup.wait_group(0)
             dp_mn = self.kq(acc_to_mn(acc_dP))
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                dpsum = sdPsum[col0 + t0_cols[0, c][self.qi], stage]
+                dpsum = dpsum_at(c)
                 for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
                     t = s_mn[r, c]
                     dp_mn[r, c] = (dp_mn[r, c] - dpsum) * cute.arch.fmax(1.0 - t * t, Float32(0.0))
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                lse = sLSE[col0 + t0_cols[0, c][self.qi], stage]
+                lse = lse_at(c)
                 for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
                     p = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
                     s_mn[r, c] = p
@@ -749,17 +760,23 @@ class FlashAttentionBackwardSm90:
                     dtanh[i] = (1.0 - t * t).to(cutlass.Float16)
             mask.apply(acc_S, thr_sdp, thr0_sdp, m_block, mask_keys, mask_right, mask_left, keys_as_columns=self.dkvt)
             for c in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                lse = sLSE[col0 + t0_cols[0, c][self.qi], stage]
+                lse = lse_at(c)
                 for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
                     s_mn[r, c] = cute.math.exp2(s_mn[r, c] * scale_log2 - lse, fastmath=True)
             rP = cute.make_rmem_tensor_like(acc_S, self.dtype)
             convert_to(acc_S, rP)
+            dpsum_at = self.hoisted(row_stat, sdPsum, num_cols)
+            if const_expr(self.dv_early):
+                # dV += P^T dO now: its wait for dP^T follows every exp2 (it needs P^T), and its GEMM
+                # runs under dS^T's math
+                gemm(tiled_mma_dv, acc_dV, acc_to_frgA(rP), tdVrdOt[None, None, None, stage], wg_wait=1)
+            else:
+                warpgroup.wait_group(0)
 
             # dS^T = P^T * (dP^T - dPsum[query])  (softcap: times d tanh)
-            warpgroup.wait_group(0)
             dp_mn = self.kq(acc_to_mn(acc_dP))
             for c in cutlass.range_constexpr(cute.size(dp_mn.shape[1])):
-                dpsum = sdPsum[col0 + t0_cols[0, c][self.qi], stage]
+                dpsum = dpsum_at(c)
                 for r in cutlass.range_constexpr(cute.size(dp_mn.shape[0])):
                     dp_mn[r, c] = s_mn[r, c] * (dp_mn[r, c] - dpsum)
             if const_expr(self.cfg.softcap):
@@ -780,7 +797,7 @@ class FlashAttentionBackwardSm90:
             cute.copy(thr_copy_dS, thr_copy_dS.retile(rP), tPsP)
         cute.copy(thr_copy_dS, thr_copy_dS.retile(rdS), tdSsdS[None, None, None, ds_idx])
         cute.arch.fence_view_async_shared()  # stmatrix writes -> WGMMA's async-proxy reads
-        if const_expr(not p_in_smem):
+        if const_expr(not p_in_smem and not self.dv_early):
             # dV += P^T dO (P^T from registers: before the other warpgroup's dS^T is in)
             gemm(tiled_mma_dv, acc_dV, acc_to_frgA(rP), tdVrdOt[None, None, None, stage], wg_wait=-1)
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
@@ -814,6 +831,12 @@ class FlashAttentionBackwardSm90:
         pipeline_q.consumer_release(q_state)  # dK's GEMM done with Q
         q_state.advance()
         return q_state
+
+    def hoisted(self, row_stat, sX, num_cols: int):
+        """c -> the row statistic sX of query column c: the first stat_regs read into registers
+        here (before a GEMM wait), the rest from smem where used."""
+        regs = [row_stat(sX, c) for c in range(min(self.cfg.stat_regs, num_cols))]
+        return lambda c: regs[c] if c < len(regs) else row_stat(sX, c)
 
     @cute.jit
     def store_dkv(self, acc, mX, tiled_mma_dkv, tidx, work, cols: cutlass.Constexpr[int],

@@ -11,24 +11,27 @@ REGS_PER_SM = 64 * 1024
 THREADS_PER_WG = 128
 
 
-def launch_regs(num_threads: int) -> int:
-    """Registers per thread a CTA of `num_threads` starts with when it is alone on the SM: ptxas
-    caps a one-CTA kernel at the SM's 64K over its threads, in the 8-register steps of allocation
-    (384 threads: 168, 512: 128; the REG of `cuobjdump -res-usage` on the compiled kernels)."""
-    return REGS_PER_SM // num_threads // 8 * 8
+def launch_regs(num_threads: int, ctas_per_sm: int = 1) -> int:
+    """Registers per thread a CTA of `num_threads` starts with when `ctas_per_sm` of them share
+    the SM (the launch's min blocks per SM): ptxas caps the kernel at the SM's 64K over their
+    threads, in the 8-register steps of allocation, at most 255 (384 threads: 168, 512: 128, two
+    CTAs of 256: 128; the REG of `cuobjdump -res-usage` on the compiled kernels)."""
+    return min(REGS_PER_SM // (num_threads * ctas_per_sm) // 8 * 8, 248)
 
 
-def check_reg_split(producer: int, consumer: int, num_mma_wg: int, who: object) -> None:
+def check_reg_split(producer: int, consumer: int, num_mma_wg: int, who: object, ctas_per_sm: int = 1) -> None:
     """setmaxnreg only moves registers inside the CTA's pool, which is what it launched with
     (launch_regs per thread), not the SM's 64K: a `setmaxnreg.inc` asking for more than the
     producer freed waits forever. 24 + 2 x 240 = 3 x 168 at 384 threads, 32 + 3 x 160 =
-    4 x 128 at 512 (FA3's splits); 32 + 2 x 240 = 512 > 504 hangs every consumer warpgroup."""
+    4 x 128 at 512 (FA3's splits), 24 + 232 = 2 x 128 for one consumer warpgroup two CTAs an SM;
+    32 + 2 x 240 = 512 > 504 hangs every consumer warpgroup."""
     assert producer % 8 == 0 and consumer % 8 == 0, f"{who}: setmaxnreg takes multiples of 8"
-    pool = (num_mma_wg + 1) * launch_regs(THREADS_PER_WG * (num_mma_wg + 1))
+    per_thread = launch_regs(THREADS_PER_WG * (num_mma_wg + 1), ctas_per_sm)
+    pool = (num_mma_wg + 1) * per_thread
     need = producer + num_mma_wg * consumer
     assert need <= pool, (f"{who}: setmaxnreg {producer} + {num_mma_wg} x {consumer} = {need} registers a thread "
-                          f"of a warpgroup > the CTA's {pool} ({num_mma_wg + 1} x "
-                          f"{launch_regs(THREADS_PER_WG * (num_mma_wg + 1))} at launch): the consumers would wait forever")
+                          f"of a warpgroup > the CTA's {pool} ({num_mma_wg + 1} x {per_thread} at launch): "
+                          f"the consumers would wait forever")
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,16 @@ class TileConfig:
     # columns (and computing the slab's S and softmax alike): qv with hdim_v 512, whose O of 64
     # rows x 512 columns would be 256 registers a thread in one warpgroup. 2: tile_m 64.
     o_split: int = 1
+    # CTAs an SM holds (the launch's min blocks per SM): 2 for DECODE_TILE, whose CTAs of one
+    # consumer warpgroup take half the SM's shared memory and registers each, so that two tiles'
+    # loads are in flight an SM (decoding: a few KV blocks a CTA, latency-bound).
+    ctas_per_sm: int = 1
 
     def __post_init__(self):
-        assert self.tile_m in (128, 192) or (self.tile_m == 64 and self.o_split == 2), \
-            "tile_m = 64 x (2 or 3 consumer warpgroups), or 64 shared by 2 (o_split)"
-        check_reg_split(self.producer_regs, self.consumer_regs, self.num_mma_wg, self)
+        assert self.tile_m in (64, 128, 192), "tile_m = 64 rows per consumer warpgroup (1, 2 or 3 of them)"
+        assert self.ctas_per_sm in (1, 2) and (self.ctas_per_sm == 1 or self.num_mma_wg == 1), \
+            "two CTAs an SM: one consumer warpgroup"
+        check_reg_split(self.producer_regs, self.consumer_regs, self.num_mma_wg, self, self.ctas_per_sm)
         assert self.q_stages in (1, 2), f"q_stages {self.q_stages}: 1 or 2"
         assert not self.diag_half or (halves_into_k_blocks(self.tile_n) and not self.intra_wg_overlap), \
             f"{self}: diag_half needs the plain schedule and tile_n / 2 in whole 16-key k-blocks"
@@ -89,22 +97,22 @@ def halves_into_k_blocks(tile_n: int) -> bool:
 
 # setmaxnreg split per consumer warpgroup count (producer, consumer): FA3 uses 24/240 for two
 # and 32/160 for three; 24/160 leaves 8 registers a thread of the pool unused (check_reg_split).
-REG_SPLIT = {2: (24, 240), 3: (24, 160)}
+REG_SPLIT = {1: (24, 232), 2: (24, 240), 3: (24, 160)}
 # The paged producer (page table row, last page, one page per lane) spills at 24 registers
 # (3 STL, hdim 128 page 16 split pack_gqa=8, CPU SASS). With two consumer warpgroups they take
 # 8 fewer (232: the paged consumers' highest register is R202, no spills); 240 beside 32 overdraws
 # the pool and hangs (check_reg_split).
-PAGED_REG_SPLIT = {2: (32, 232), 3: (32, 160)}
+PAGED_REG_SPLIT = {1: (32, 224), 2: (32, 232), 3: (32, 160)}
 
 
 def tile_variant(base: TileConfig, tile_m: int, tile_n: int, num_stages: int | None = None,
                  **fields) -> TileConfig:
     """`base` with another tile shape; the register split follows the consumer WG count, and
     diag_half is kept only where tile_n / 2 is a whole number of 16-key k-blocks."""
-    if tile_m % 64 or tile_m // 64 not in REG_SPLIT:
+    if tile_m % 64 or tile_m // 64 * base.o_split not in REG_SPLIT:
         raise ValueError(f"tile_m must be one of {[64 * w for w in REG_SPLIT]} (64 rows per consumer "
                          f"warpgroup), got {tile_m}")
-    producer_regs, consumer_regs = REG_SPLIT[tile_m // 64]
+    producer_regs, consumer_regs = REG_SPLIT[tile_m // 64 * base.o_split]
     fields.setdefault("diag_half", base.diag_half and halves_into_k_blocks(tile_n))
     return replace(base, tile_m=tile_m, tile_n=tile_n, num_stages=num_stages or base.num_stages,
                    producer_regs=producer_regs, consumer_regs=consumer_regs, **fields)
@@ -147,6 +155,14 @@ TILES: dict[int, TileConfig] = {
 CANDIDATES: dict[int, list[TileConfig]] = {
     96: [TileConfig(192, 96, 2, *REG_SPLIT[3])],  # 3% ahead of 192x112 at causal 2k only; 192x128 spills
 }
+
+# Decoding (`FwdConfig.make(decode=True)`: GQA-packed query rows of a tile <= 64, hdim and
+# hdim_v <= 128, 16-bit, not qv): one consumer warpgroup of 64 rows on 64-key blocks, two CTAs an
+# SM (80 KB of smem, 128 registers a thread at launch moved 24 / 232 by setmaxnreg). The 2-WG
+# 128 x 128 tile computed 128 rows of which decoding fills 4-64 and held one CTA an SM: at batch 1
+# (hdim 128, 32 / 8 heads, 4k keys) its kernel took 8.8 us against cuDNN's 6.4 (256 CTAs of 16-row
+# tiles, two an SM; H100 profile, results/2026-12-06_h100_795064c).
+DECODE_TILE = TileConfig(64, 64, 2, *REG_SPLIT[1], q_stages=1, ctas_per_sm=2)
 
 # Short problems (`is_short`): few KV blocks per tile, where the 192-row tile's padding and fewer,
 # longer tiles cost more than 3 WGs gain. Keyed by (hdim, has_right).
@@ -194,6 +210,12 @@ def fp8_block_n(headdim: int, v_scaling: str = "channel") -> int | None:
     (padded as the kernel pads it; None: no FP8 kernel for it); the unmasked-softcap tile."""
     d = padded_hdim(headdim)
     return None if d is None else fp8_tile(d, v_scaling).tile_n
+
+
+def decode_tile_ok(dtype: str, hdim: int, hdimv: int, qv: bool = False) -> bool:
+    """Whether DECODE_TILE serves these head dims: 16-bit, hdim and hdim_v <= 128 (its 80 KB of smem
+    and 232 registers: hdim 128 CPU SASS), no qv."""
+    return dtype in ("bf16", "fp16") and hdim <= 128 and hdimv <= 128 and not qv
 
 
 def pack_gqa_factor(group: int, max_seqlen_q: int, tile_m: int) -> int:
@@ -346,10 +368,11 @@ class FwdConfig:
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
-             medium: bool = False, **features) -> "FwdConfig":
+             medium: bool = False, decode: bool = False, **features) -> "FwdConfig":
         """The default config: one line per choice, its reason and where it was measured
         ("log §N": section N of the measurement log, `git show ff8d2aa:cute_kernels/NOTES.md`; H100/H200 SM cycles or TFLOP/s). `short` / `medium`:
-        `is_short` / `is_medium`. TileConfig fields in `features` override the table."""
+        `is_short` / `is_medium`; `decode`: DECODE_TILE (`decode_tile_ok`), one tile per CTA.
+        TileConfig fields in `features` override the table."""
         hdimv = hdim if hdimv is None else hdimv
         if dtype == "e4m3":
             features.setdefault("fp8_block_m", 128)  # fa3py.fp8.Fp8Format's defaults
@@ -359,7 +382,10 @@ class FwdConfig:
         windowed = has_left or has_right or features.get("chunk", False)
         fp8 = dtype == "e4m3"
         qv = features.get("qv", False)
-        if fp8:
+        if decode:
+            assert decode_tile_ok(dtype, hdim, hdimv, qv), "DECODE_TILE: 16-bit, hdim / hdim_v <= 128, no qv"
+            base = DECODE_TILE
+        elif fp8:
             base = fp8_tile(hdim, features["fp8_v_scaling"], features.get("softcap", False) and windowed)
         elif qv and hdimv == 512:
             base = QV_WIDE_TILE
@@ -382,16 +408,16 @@ class FwdConfig:
         # Short causal hdim 64 / 96: the plain schedule, halved diagonal block, PV chained to the
         # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
         # scaling adds each PV right after its wait.)
-        plain = short and has_right and hdim in (64, 96) and not fp8 and not qv
+        plain = short and has_right and hdim in (64, 96) and not fp8 and not qv and not decode
         tile = replace(
             base,
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
-            persistent=not windowed,
+            persistent=not windowed and not decode,
             # Causal/local: atomic tile counter, hdim128 512 274 -> 352 TFLOP/s (log §3);
             # not 3 WGs with a left edge (spills 80 bytes; a chunk has one too), nor FP8's
             # 224-key tile with a chunk (32 bytes of stack, 8 STL; without the counter none,
             # CPU SASS).
-            dynamic=windowed and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False)))
+            dynamic=windowed and not decode and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False)))
             and not (fp8 and features.get("chunk", False) and base.tile_n > 192),
             # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (log §2); hdim128 -1%.
             rescale_o_before_pv=hdimv > 128,
@@ -408,8 +434,8 @@ class FwdConfig:
             # Short (not windowed hdim > 64): 512 -2.7%; medium hdim64: 1k -5.9%; long +1..+4%
             # (log §7, 8).
             # (qv: one stage, sQv takes the room)
-            q_stages=2 if hdim <= 128 and not qv and (short and (hdim <= 64 or not windowed)
-                                                      or medium and hdim == 64) else 1,
+            q_stages=2 if hdim <= 128 and not qv and not decode and (short and (hdim <= 64 or not windowed)
+                                                                     or medium and hdim == 64) else 1,
             intra_wg_overlap=not plain,
             # hdim_v > 128 (with TILES' 128x96 / 128x64) and windowed hdim64: causal 8k -1.4%;
             # hdim64 non-causal +2%, hdim128 +1%: off there (log §9).
@@ -534,6 +560,16 @@ class BwdConfig:
     # hdim 192, FA3's layout (bwd_sm90's docstring): three consumer warpgroups, BWD_DKVT_TILE
     # (64 queries x 96 keys), S and dP unswapped, dK^T and dV^T with the head dim as M; dq_red.
     dkv_transposed: bool = False
+    # > 0: a block's LSE_log2 values are read from smem into registers right after S^T's GEMM is
+    # issued, and its dPsum values before dP^T's wait, up to this many each (the thread's query
+    # columns in order; the rest as before). Without it the reads follow the waits (ptxas does
+    # not move shared loads across a wgmma wait): ~50 instructions from the S^T wait to the first
+    # exp2 at 80 rows, flash-attn-4 ~36 (its LSE comes into registers under S's GEMM).
+    stat_regs: int = 0
+    # dV += P^T dO issued as soon as P^T is in registers, before dP^T's wait and dS^T's math (not
+    # after dS^T is stored): the exp2s are then all placed before that wait and dV's GEMM runs
+    # under the dS^T math. P^T in registers only (not dkv_split_hdim / dkv_transposed).
+    dv_early: bool = False
 
     @property
     def num_mma_wg(self) -> int:
@@ -544,6 +580,8 @@ class BwdConfig:
         assert self.ds_stages == 1 or (self.ds_stages == 2 and self.q_stages == 2 and not self.dkv_split_hdim
                                        and not self.dkv_transposed), \
             "ds_stages 2: two Q stages, dS^T alone in smem (not dkv_split_hdim)"
+        assert not (self.dv_early and (self.dkv_split_hdim or self.dkv_transposed)), \
+            "dv_early: P^T in registers (not dkv_split_hdim / dkv_transposed)"
         if self.dkv_transposed:
             assert (self.tile_m, self.tile_n) == BWD_DKVT_TILE and self.hdim == 192 and not self.hdimv, \
                 f"dkv_transposed: hdim 192 (three 64-row warpgroups of dK^T), tile {BWD_DKVT_TILE}"
@@ -591,4 +629,6 @@ class BwdConfig:
         flags += [f"ds{self.ds_stages}"] if self.ds_stages != 1 else []
         flags += ["dq_red"] if self.dq_red else []
         flags += ["dkv_transposed"] if self.dkv_transposed else []
+        flags += [f"stat_regs{self.stat_regs}"] if self.stat_regs else []
+        flags += ["dv_early"] if self.dv_early else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

@@ -129,6 +129,12 @@ from cute_kernels.utils import (
 DTYPES = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16, "e4m3": cutlass.Float8E4M3FN}
 NUM_THREADS_PER_WG = 128
 SMEM_BYTES = 227 * 1024  # sm90 dynamic shared memory per CTA
+
+
+def smem_bytes(ctas_per_sm: int) -> int:
+    """Dynamic shared memory a CTA may take when `ctas_per_sm` share the SM: its 228 KB less 1 KB
+    the hardware reserves per CTA, divided (227 KB alone, 113 KB each for two)."""
+    return (SMEM_BYTES + 1024) // ctas_per_sm - 1024
 VT_WARPS = 3  # fp8_v_rows: producer warps 1-3 transpose V (warp 0 issues the TMAs)
 
 
@@ -181,8 +187,9 @@ class FlashAttentionForwardSm90:
         # part of O's columns
         self.o_split = t.o_split
         self.rows_wg = self.num_mma_wg // self.o_split  # warpgroups along the tile's rows
-        assert self.num_mma_wg in (2, 3) and t.tile_m == 64 * self.rows_wg, \
+        assert self.num_mma_wg in (1, 2, 3) and t.tile_m == 64 * self.rows_wg, \
             "one 64-row slab per consumer warpgroup (per o_split of them)"
+        self.smem_limit = smem_bytes(t.ctas_per_sm)
         self.ring = WarpgroupRing(self.num_mma_wg)  # the consumer warpgroups' GEMM turns
         assert cfg.hdim % 16 == 0 and cfg.hdimv % 16 == 0 and t.tile_n % 16 == 0
         self.tile_m, self.tile_n, self.num_stages = t.tile_m, t.tile_n, t.num_stages
@@ -209,7 +216,7 @@ class FlashAttentionForwardSm90:
         self.v_rows = cfg.fp8_v_rows
         rows_bytes = elem * self.tile_n * self.hdimv if self.v_rows else 0
         smem += rows_bytes
-        self.separate_o = smem + 1024 <= SMEM_BYTES
+        self.separate_o = smem + 1024 <= self.smem_limit
         self.o_over_qv = self.qv and not self.separate_o
         if self.o_split > 1:
             assert self.qv and not self.fp8 and t.o_chunks == 1 and not cfg.hdimv_in and not self.separate_o, \
@@ -218,10 +225,10 @@ class FlashAttentionForwardSm90:
         # release of a Q stage must not wait for an epilogue that writes O over it).
         second_q = elem * self.tile_m * self.hdim
         self.q_stages = 2 if (t.q_stages == 2 and not self.qv and self.separate_o
-                              and smem + second_q + 1024 <= SMEM_BYTES) else 1
+                              and smem + second_q + 1024 <= self.smem_limit) else 1
         if self.q_stages == 2:
             smem += second_q
-        self.v_rows_stages = 2 if self.v_rows and smem + rows_bytes + 1024 <= SMEM_BYTES else 1
+        self.v_rows_stages = 2 if self.v_rows and smem + rows_bytes + 1024 <= self.smem_limit else 1
         if self.v_rows:
             assert cfg.dtype == "e4m3", f"{cfg.short()}: fp8_v_rows is FP8's"
         if self.qv:
@@ -373,8 +380,8 @@ class FlashAttentionForwardSm90:
             if const_expr(self.cfg.tile.dynamic):
                 next_tile: cute.struct.MemRange[Int32, self.q_stages]  # per Q stage, see load_q
 
-        assert SharedStorage.size_in_bytes() <= SMEM_BYTES, \
-            f"{cfg.short()}: {SharedStorage.size_in_bytes()} bytes of shared memory > {SMEM_BYTES}"
+        assert SharedStorage.size_in_bytes() <= self.smem_limit, \
+            f"{cfg.short()}: {SharedStorage.size_in_bytes()} bytes of shared memory > {self.smem_limit}"
 
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
@@ -427,7 +434,9 @@ class FlashAttentionForwardSm90:
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
-            min_blocks_per_mp=1,
+            min_blocks_per_mp=cfg.tile.ctas_per_sm,
+            # (two CTAs an SM need the whole carveout; given, the DSL does not ask a device for it)
+            **({"preferred_smem_carveout": 100} if cfg.tile.ctas_per_sm > 1 else {}),
         )
 
     # ------------------------------------------------------------------ device side
@@ -1014,21 +1023,28 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales, softcap_premul)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales, softcap_premul,
+                                             masked=is_first or mask_seqlen or mask_right or mask_left)
         if const_expr(self.fresh_pv):
             fp8_scales.set_pending_v(n_block)
         self.convert_p(acc_S, tOrP)
         return row_scale, moved
 
+    def load_k_scale(self, fp8_scales, n_block):
+        """FP8: start reading block n_block's K scale (fp8.Fp8Scales.load_k_scale) before its waits."""
+        if const_expr(self.fp8):
+            fp8_scales.load_k_scale(n_block)
+
     def softmax_step(self, softmax: OnlineSoftmax, acc_S, n_block, is_first: cutlass.Constexpr[bool], fp8_scales,
-                     softcap_premul=None):
+                     softcap_premul=None, masked: cutlass.Constexpr[bool] = True):
         """OnlineSoftmax's step; FP8: with the block's score multiplier (row max in scaled log2
         units, no lazy rescaling); with softcap the scores are tanh values (score_mod) and the
-        multiplier softcap*log2(e), the same for every row."""
+        multiplier softcap*log2(e), the same for every row. `masked`: whether a mask touched the
+        block (FP8: else its rows' maxima are finite)."""
         if const_expr(self.fp8):
             if const_expr(self.cfg.softcap):
-                return softmax.step_scaled(acc_S, fp8_scales.uniform_mult(softcap_premul), is_first), None
-            return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
+                return softmax.step_scaled(acc_S, fp8_scales.uniform_mult(softcap_premul), is_first, masked), None
+            return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first, masked), None
         return softmax.step(acc_S, is_first=is_first)
 
     def convert_p(self, acc_S, tOrP):
@@ -1074,6 +1090,7 @@ class FlashAttentionForwardSm90:
         mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool], fp8_scales=None, acc_PV=None,
     ):
         chain = self.cfg.tile.chain_pv_qk
+        self.load_k_scale(fp8_scales, n_block)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads V too
@@ -1099,6 +1116,7 @@ class FlashAttentionForwardSm90:
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
                             thr0_mma_qk, mask, softcap_premul, fp8_scales=None, pipeline_v=None):
         """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
+        self.load_k_scale(fp8_scales, n_block)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads V too
@@ -1119,6 +1137,7 @@ class FlashAttentionForwardSm90:
         then the softmax of n_block runs while PV is in flight."""
         v_state = kv_state.clone()
         kv_state.advance()
+        self.load_k_scale(fp8_scales, n_block)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads this block's V too (PV reads the previous one's)
@@ -1136,7 +1155,8 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales, softcap_premul)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales, softcap_premul,
+                                             masked=mask_seqlen or mask_right or mask_left)
         if const_expr(gate > 0):
             release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)

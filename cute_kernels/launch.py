@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from cute_kernels import disk_cache
-from cute_kernels.config import (PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig, is_medium, is_short,
+from cute_kernels.config import (DECODE_TILE, PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig,
+                                 decode_tile_ok, is_medium, is_short,
                                  num_splits_for, pack_gqa_factor, padded_hdim, padded_hdim_v, page_size_ok)
 
 if TYPE_CHECKING:
@@ -61,6 +62,10 @@ pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
 # 13.9 against 15.3 us, 16k 27.1 / 29.3, batch 8 with 4k 42.0 / 43.8 (results/2026-12-06_h100_dkvt).
 # FA3PY_CUTE_DECODE_STATIC=0 keeps the dynamic scheduler (A/B measurements).
 decode_static: bool = os.environ.get("FA3PY_CUTE_DECODE_STATIC", "1") != "0"
+# Decoding on config.DECODE_TILE (one 64-row consumer warpgroup, 64-key blocks, two CTAs an SM)
+# where a tile's GQA-packed query rows fit 64 rows (config_for). FA3PY_CUTE_DECODE_TILE=1: on
+# (opt-in until its GPU tests and timing).
+decode_tile_enabled: bool = os.environ.get("FA3PY_CUTE_DECODE_TILE", "0") == "1"
 # Split-KV: "auto" or "0" (config.num_splits_for), or a count used for every call (1: never split;
 # more than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
 split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto").strip().lower()
@@ -83,13 +88,16 @@ def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fi
     pack = pack_gqa_factor(req.nheads // req.nheads_kv, seqlen_q, PACK_TILE_M) if pack_gqa_enabled else 1
     has_right = p.window_right >= 0
     d, dv = padded_hdim(req.headdim), padded_hdim_v(req.headdim_v, req.qv is not None)
+    decode = (decode_tile_enabled and seqlen_q * pack <= DECODE_TILE.tile_m
+              and decode_tile_ok(dtype or DTYPES[req.dtype], d, dv, req.qv is not None)
+              and (not req.paged or page_size_ok(req.page_size, DECODE_TILE.tile_n)))
     make = functools.partial(
         _cached_config, dtype or DTYPES[req.dtype], d, dv,
         has_left=p.window_left >= 0, has_right=has_right, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,
         cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
         seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
         short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
-        pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
+        decode=decode, pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
         hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size,
         **({"qv": True} if req.qv is not None else {}), **format_fields,
     )
@@ -124,7 +132,7 @@ def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
     g = cfg.pack_gqa
     batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
     tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
-    return num_splits_for(tiles, n_blocks, usable_sms(req))
+    return num_splits_for(tiles, n_blocks, usable_sms(req) * cfg.tile.ctas_per_sm)
 
 
 def chunk_blocks(chunk: int, tile_m: int, g: int, tile_n: int) -> int:

@@ -21,13 +21,14 @@ class WarpgroupRing:
     """A ring over the consumer warpgroups: WG i waits on barrier WarpSchedulerWG1 + i (its own
     128 threads + 128 arrivals of WG i-1) before issuing GEMMs and then arrives on WG i+1's, so
     one WG's softmax overlaps the others' GEMMs. With 2 WGs the ring is FA3's pingpong; with 3,
-    FA3's 3-WG round robin."""
+    FA3's 3-WG round robin; with 1 (config.DECODE_TILE) there is no one to take turns with and
+    every method is empty."""
 
     num_mma_wg: int
 
     def __post_init__(self):
         last = len(NamedBarrierFwd) - int(NamedBarrierFwd.WarpSchedulerWG1)
-        assert 2 <= self.num_mma_wg <= last + 1, "one named barrier per consumer warpgroup"
+        assert 1 <= self.num_mma_wg <= last + 1, "one named barrier per consumer warpgroup"
 
     def barrier_id(self, wg_idx) -> Int32:
         return int(NamedBarrierFwd.WarpSchedulerWG1) + wg_idx
@@ -35,20 +36,22 @@ class WarpgroupRing:
     @cute.jit
     def init(self, wg_idx):
         """WG1 goes first: it pre-arrives on its own barrier."""
-        if wg_idx == 0:
+        if const_expr(self.num_mma_wg > 1) and wg_idx == 0:
             cute.arch.barrier_arrive(barrier_id=int(NamedBarrierFwd.WarpSchedulerWG1),
                                      number_of_threads=2 * THREADS_PER_WG)
 
     @cute.jit
     def sync(self, wg_idx):
         """Wait for this warpgroup's turn to issue GEMMs."""
-        cute.arch.barrier(barrier_id=self.barrier_id(wg_idx), number_of_threads=2 * THREADS_PER_WG)
+        if const_expr(self.num_mma_wg > 1):
+            cute.arch.barrier(barrier_id=self.barrier_id(wg_idx), number_of_threads=2 * THREADS_PER_WG)
 
     @cute.jit
     def arrive(self, wg_idx):
         """Pass the turn to the next warpgroup."""
-        next_wg = 1 - wg_idx if const_expr(self.num_mma_wg == 2) else (wg_idx + 1) % self.num_mma_wg
-        cute.arch.barrier_arrive(barrier_id=self.barrier_id(next_wg), number_of_threads=2 * THREADS_PER_WG)
+        if const_expr(self.num_mma_wg > 1):
+            next_wg = 1 - wg_idx if const_expr(self.num_mma_wg == 2) else (wg_idx + 1) % self.num_mma_wg
+            cute.arch.barrier_arrive(barrier_id=self.barrier_id(next_wg), number_of_threads=2 * THREADS_PER_WG)
 
 
 def check_arrive_counts(pipe, consumer_warps: int):

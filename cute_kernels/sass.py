@@ -109,7 +109,8 @@ def is_backward(cfg) -> bool:
 
 def check(sass: str, cfg, res: dict | None = None, allow_local: bool = False) -> list[str]:
     """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
-    barrier (the forward's pingpong, the backward's dS / dQ hand-offs) is required. The
+    barrier (the forward's pingpong, the backward's dS / dQ hand-offs) is required, but in a
+    forward of one consumer warpgroup. The
     backward's dQ needs a reduction into global memory (DQ_REDUCE). With `res`
     (`resource_usage`): a setmaxnreg split within the launch's registers (with its REG), and
     unless `allow_local`, no local memory (STACK / LOCAL bytes, spills)."""
@@ -128,7 +129,8 @@ def check(sass: str, cfg, res: dict | None = None, allow_local: bool = False) ->
     if overdrawn:
         missing.append(overdrawn)
     bars = named_barrier_ids(sass)
-    if not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
+    one_consumer = not bwd and cfg.tile.num_mma_wg == 1  # (DECODE_TILE: no ring, nothing to hand off)
+    if not one_consumer and not any(not k.endswith(" 0x0") and not k.endswith(" 0") for k in bars):
         missing.append("named BAR with id != 0")
     if serialized_wgmma(sass):
         missing.append("pipelined HGMMA (ptxas serialized them: C7511)")
@@ -212,6 +214,9 @@ def main(argv=None) -> int:
                    "(with seqused_k, as flash_attn_with_kvcache calls it)")
     p.add_argument("--pack-gqa", type=int, default=1, help="query heads per KV head packed into a tile's rows")
     p.add_argument("--qv", action="store_true", help="MLA's qv (scores + qv v^T; head dims in QV_HDIM_PAIRS)")
+    p.add_argument("--decode", action="store_true",
+                   help="config.DECODE_TILE (one consumer warpgroup, two CTAs an SM; with --split-kv --pack-gqa G "
+                        "--seqused: the kernel decoding runs)")
     p.add_argument("--tile", default=None, help="MxN[sS][+field], e.g. 192x128 (3 consumer WGs, 24/160 regs)")
     p.add_argument("--fp8-v", choices=["block", "channel"], default="block",
                    help="with --dtype fp8: V scaled per KV block (a second accumulator) or per channel")
@@ -265,7 +270,7 @@ def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
         has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused or a.page_size > 0,
         intra_wg_overlap=not a.no_overlap, split_kv=a.split_kv, page_size=a.page_size, pack_gqa=a.pack_gqa,
-        **({"qv": True} if a.qv else {}),
+        decode=a.decode, **({"qv": True} if a.qv else {}),
         **({"fp8_v_scaling": a.fp8_v} if a.dtype in ("e4m3", "fp8") else {}),
     )
     # --set names a TileConfig field or, where the tile has none of that name, a FwdConfig one

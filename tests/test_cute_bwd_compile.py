@@ -10,6 +10,7 @@ import collections
 import functools
 import itertools
 import os
+import re
 import tempfile
 
 import pytest
@@ -259,3 +260,55 @@ def test_check_requires_the_dq_reduce_and_no_local_memory():
     assert sass.check(atomics, cfg) == []
     (spill,) = sass.check(body + reduce, cfg, {"STACK": 16, "LOCAL": 0})
     assert spill.startswith("no local memory (STACK 16")
+
+
+OPT_IN_GRID = {
+    "d128-noncausal": (128, {}), "d128-causal": (128, dict(has_right=True)),
+    "d128-softcap-local": (128, dict(softcap=True, has_left=True, has_right=True)),
+    "d96-causal-varlen": (96, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPT_IN_GRID))
+def test_compile_bwd_stat_regs_dv_early(name):
+    """The 64-row tiles with LSE / dPsum read into registers under the GEMMs (stat_regs 16) and dV
+    issued before dP's wait (dv_early): the required SASS, pipelined HGMMAs, no local memory; in
+    the block step dV's GEMM (the first with a register A operand, P^T) comes after every exp2 and
+    before dS^T's stmatrix (without dv_early it follows that store; hdim 128's masked softcap runs
+    the two-pass step, where P^T comes with dS^T and dv_early does not apply)."""
+    hdim, features = OPT_IN_GRID[name]
+    cfg = BwdConfig.make("bf16", hdim, stat_regs=16, dv_early=True, **features)
+    assert "stat_regs16 dv_early" in cfg.short() and cfg.tile_m == 64
+    text, _ = check_compiled(cfg)
+    if features.get("softcap"):
+        return
+    start, end, _ = min((lp for lp in sass.hgmma_loops(text) if lp[2]["MUFU"] >= 32), key=lambda lp: lp[1] - lp[0])
+    body = [ln for ln in text.splitlines() if (m := re.search(r"/\*([0-9a-f]{4,})\*/", ln))
+            and start <= int(m.group(1), 16) <= end]
+    exps = [i for i, ln in enumerate(body) if "MUFU.EX2" in ln]
+    rs = [i for i, ln in enumerate(body) if re.search(r"HGMMA\.\S+ R\d+, R\d+,", ln)]
+    stsm = [i for i, ln in enumerate(body) if "STSM" in ln]
+    assert exps and rs and stsm and max(exps) < rs[0] < stsm[0], (len(exps), rs[:2], stsm[:1])
+
+
+def test_bwd_opt_ins_where_offered(monkeypatch):
+    """bwd_launch's opt-ins reach the configs they are offered to: stat_regs every tile (absent from
+    the default configs' keys), dv_early only the 64-row tiles (hdim 96, hdim 128 below the 80-row
+    rule; at 80 and 128 rows it spills and serializes the WGMMAs); dv_early with P^T in smem is refused."""
+    import torch
+
+    from cute_kernels import bwd_launch
+    from fa3py.validation import make_request
+
+    def cfg(d, s=300, **kw):
+        x = torch.randn(1, s, 2, d, dtype=torch.bfloat16)
+        return bwd_launch.config_for(make_request(x, x, x, **kw))
+
+    assert "stat_regs" not in bwd_launch.variants(128, False, False) and cfg(128).stat_regs == 0
+    monkeypatch.setattr(bwd_launch, "stat_regs", 16)
+    monkeypatch.setattr(bwd_launch, "dv_early", True)
+    assert [cfg(d).stat_regs for d in (64, 96, 128, 192, 256)] == [16] * 5
+    assert [cfg(d).dv_early for d in (64, 96, 128, 192, 256)] == [False, True, True, False, False]
+    assert cfg(128, s=bwd_launch.M80_MIN_SEQLEN_Q).tile_m == 80 and not cfg(128, s=bwd_launch.M80_MIN_SEQLEN_Q).dv_early
+    with pytest.raises(AssertionError, match="dv_early"):
+        BwdConfig.make("bf16", 256, dv_early=True)

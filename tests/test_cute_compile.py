@@ -380,3 +380,35 @@ def test_check_rejects_a_setmaxnreg_split_past_the_launch_registers():
         check_reg_split(32, 168, 3, "tile_m 192")
     check_reg_split(32, 160, 3, "tile_m 192")
     assert isinstance(dataclasses.replace(cfg.tile, producer_regs=32, consumer_regs=232), TileConfig)
+
+
+DECODE_GRID = {
+    "d128-causal-split-pack4": (128, dict(has_right=True, split_kv=True, pack_gqa=4, seqused_q=True, seqused_k=True)),
+    "d128-paged16": (128, dict(has_right=True, split_kv=True, pack_gqa=4, seqused_k=True, page_size=16)),
+    "d128-paged256-nosplit": (128, dict(has_right=True, pack_gqa=4, seqused_k=True, page_size=256)),
+    "d64-pack8-local": (64, dict(has_left=True, has_right=True, split_kv=True, pack_gqa=8, seqused_k=True)),
+    "d96-softcap-varlen": (96, dict(has_right=True, softcap=True, split_kv=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_GRID))
+def test_compile_decode_tile(name):
+    """config.DECODE_TILE (one consumer warpgroup of 64 rows, 64-key blocks, two CTAs an SM): the
+    required SASS without the ring's named barriers, no local memory, ptxas's launch allocation
+    128 registers a thread (the min-blocks-per-SM of two) and setmaxnreg 24 / 232 (paged: 32 / 224),
+    the whole pool of 2 x 128; the consumer's code within its 232."""
+    hdim, features = DECODE_GRID[name]
+    cfg = FwdConfig.make("bf16", hdim, decode=True, **features)
+    t = cfg.tile
+    assert (t.tile_m, t.tile_n, t.num_mma_wg, t.ctas_per_sm, t.persistent, t.dynamic) == (64, 64, 1, 2, False, False)
+    texts = []
+    _compile_and_check(cfg, texts)
+    with tempfile.TemporaryDirectory() as d:
+        res = sass.resource_usage(sass.compile_cubin(cfg, d)[0])
+    assert res["REG"] == 128 and sass.max_register(texts[0]) < t.consumer_regs
+    producer, consumer = (32, 224) if cfg.page_size else (24, 232)
+    assert (t.producer_regs, t.consumer_regs) == (producer, consumer)
+    assert f"USETMAXREG.DEALLOC.CTAPOOL {producer:#x}" in texts[0]
+    assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {consumer:#x}" in texts[0]
+    with pytest.raises(AssertionError, match="DECODE_TILE"):
+        FwdConfig.make("bf16", 256, decode=True)

@@ -45,7 +45,8 @@ def test_padded_headdim_choice():
 
 def test_warpgroup_ring_barriers():
     """The consumer warpgroups' GEMM ring: one named barrier per warpgroup after the epilogue's,
-    checked where the ring is made (a wrong count should fail the compile, not hang the GPU)."""
+    checked where the ring is made (a wrong count should fail the compile, not hang the GPU); one
+    warpgroup (DECODE_TILE) has a ring that waits for no one."""
     from cute_kernels.pipeline import WarpgroupRing
     from cute_kernels.utils import NamedBarrierFwd
 
@@ -54,7 +55,8 @@ def test_warpgroup_ring_barriers():
         ids = [ring.barrier_id(i) for i in range(w)]
         assert ids == list(range(int(NamedBarrierFwd.WarpSchedulerWG1), int(NamedBarrierFwd.WarpSchedulerWG1) + w))
         assert int(NamedBarrierFwd.Epilogue) not in ids
-    for w in (1, 4):
+    WarpgroupRing(1)
+    for w in (0, 4):
         with pytest.raises(AssertionError, match="one named barrier per consumer warpgroup"):
             WarpgroupRing(w)
 
@@ -78,8 +80,17 @@ def test_tile_config_budget():
 
     assert (QV_WIDE_TILE.tile_m, QV_WIDE_TILE.num_mma_wg, QV_WIDE_TILE.num_threads) == (64, 2, 384)
     assert FwdConfig.make("bf16", 64, 512, qv=True, has_right=True).tile.o_split == 2
-    with pytest.raises(AssertionError, match="o_split"):
-        TileConfig(64, 64, 2, 24, 240)
+    # one consumer warpgroup (DECODE_TILE): two CTAs an SM launch at 128 registers a thread, so
+    # setmaxnreg's 24 + 232 is the whole pool and 240 would hang; alone on the SM 240 fits
+    from cute_kernels.config import DECODE_TILE, launch_regs
+
+    assert (DECODE_TILE.num_mma_wg, DECODE_TILE.num_threads, DECODE_TILE.ctas_per_sm) == (1, 256, 2)
+    assert launch_regs(256, 2) == 128 and launch_regs(384) == 168 and launch_regs(128) == 248
+    with pytest.raises(AssertionError, match="registers"):
+        TileConfig(64, 64, 2, 24, 240, ctas_per_sm=2)
+    TileConfig(64, 64, 2, 24, 240)
+    with pytest.raises(AssertionError, match="two CTAs an SM: one consumer warpgroup"):
+        TileConfig(128, 128, 2, 24, 240, ctas_per_sm=2)
 
 
 def test_short_tile():
@@ -757,3 +768,30 @@ def test_decoding_without_the_dynamic_scheduler(monkeypatch, sq, dynamic):
     assert cfg.tile.dynamic == dynamic and (sq > 32 or cfg.pack_gqa == 4)
     monkeypatch.setattr(launch, "decode_static", False)
     assert launch.config_for(make_request(q, k, k, causal=True)).tile.dynamic
+
+
+def test_decode_tile_choice(monkeypatch):
+    """With launch.decode_tile_enabled (FA3PY_CUTE_DECODE_TILE=1) a call whose GQA-packed query rows
+    fit 64 takes config.DECODE_TILE (16-bit, hdim <= 128, pages that tile 64 keys); others keep their
+    tiles; split-KV counts two CTAs an SM (4 (batch, KV head) tiles of 128 64-key blocks: 32 splits)."""
+    from cute_kernels.config import DECODE_TILE, num_splits_for
+    from fa3py.validation import make_request
+
+    monkeypatch.setattr(launch, "decode_tile_enabled", True)
+    k = torch.empty(1, 8192, 4, 128, dtype=torch.bfloat16)
+
+    def cfg(sq, heads=32, d=128, **kw):
+        q = torch.empty(1, sq, heads, d, dtype=torch.bfloat16)
+        kk = k if d == 128 else torch.empty(1, 8192, 4, d, dtype=torch.bfloat16)
+        req = make_request(q, kk, kk, causal=True, **kw)
+        return req, launch.config_for(req)
+
+    req, c = cfg(1)
+    t = c.tile
+    assert (t.tile_m, t.tile_n, t.ctas_per_sm) == (DECODE_TILE.tile_m, DECODE_TILE.tile_n, 2) and c.pack_gqa == 8
+    assert c.split_kv and not t.dynamic and not t.persistent
+    assert launch.num_splits(req, c) == num_splits_for(4, 128, 2 * 132)
+    assert cfg(8)[1].tile.tile_m == 64 and cfg(9)[1].tile.tile_m != 64  # 8 x 8 packed rows fit 64, 9 x 8 not
+    assert cfg(1, d=256)[1].tile.tile_m != 64
+    monkeypatch.setattr(launch, "decode_tile_enabled", False)
+    assert cfg(1)[1].tile.tile_m == 128
