@@ -69,14 +69,17 @@ M80_MIN_SEQLEN_Q = 8192
 # CUDA graphs, backward alone (benchmarks/results/2026-12-06_h100_dkvt): 2k 1.59 / 0.96 ms
 # against 1.87 / 1.11 (non-causal / causal), causal 16k 5.43 against 6.38; GPU tests: 165 passed.
 dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT", "1") != "0"
-# Row statistics in registers under the GEMMs (BwdConfig.stat_regs: up to this many LSE and dPsum
-# values a thread, 0 = off) and dV's GEMM before dP's wait (BwdConfig.dv_early; the 64-row tiles
-# of hdim 96 / 128 only: at 80 and 128 rows it spills 48-64 bytes and ptxas serializes the
-# WGMMAs, CPU SASS). Both compile spill-free where offered (CPU SASS: hdim 64 / 96 / 128, 80 rows,
-# causal, softcap, varlen) and are opt-in until timed: FA3PY_CUTE_BWD_STAT_REGS=16,
-# FA3PY_CUTE_BWD_DV_EARLY=1.
-stat_regs = int(os.environ.get("FA3PY_CUTE_BWD_STAT_REGS", "0"))
-dv_early = os.environ.get("FA3PY_CUTE_BWD_DV_EARLY", "0") == "1"
+# Row statistics in registers under the GEMMs (BwdConfig.stat_regs: LSE and dPsum values a thread)
+# and dV's GEMM before dP's wait (BwdConfig.dv_early): by default both on hdim 128's 64-row tile
+# (below the 80-row rule; not with softcap), where together they take 1.0-2.1% off (H100, CUDA graphs, backward
+# alone, 2k / 4k, causal and not, two runs; apart, neither helps: 1.3356 / 1.3387 against 1.3323
+# ms at 2k), and nowhere else: at hdim 64 / 96 (2k) they cost 3-4%, and stat_regs at 80 rows
+# causal makes ptxas serialize the WGMMAs (+25% at 16k). benchmarks/results/2026-12-06_h100_795064c.
+# FA3PY_CUTE_BWD_STAT_REGS=N (0: off) and FA3PY_CUTE_BWD_DV_EARLY=0 / 1 set them for every tile
+# that takes them (dv_early: the 64-row tiles of hdim 96 / 128, without softcap).
+stat_regs = int(os.environ["FA3PY_CUTE_BWD_STAT_REGS"]) if os.environ.get("FA3PY_CUTE_BWD_STAT_REGS") else None
+dv_early = os.environ["FA3PY_CUTE_BWD_DV_EARLY"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DV_EARLY") else None
+STAT_REGS_BY_DEFAULT = 16  # hdim 128's 64-row tile (`variants`)
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -155,8 +158,9 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
     SASS), and with the 80-row tile; dq_red never with deterministic; tile_m 80 at hdim 128
     (`m80`, or with M80_BY_DEFAULT from M80_MIN_SEQLEN_Q rows without a window, chunk or softcap);
-    dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`); stat_regs / dv_early where switched on
-    (`stat_regs`, `dv_early`: the latter on the 64-row tiles only)."""
+    dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`); stat_regs 16 and dv_early on hdim 128's
+    64-row tile, or where the environment sets them (`stat_regs`, `dv_early`: the latter on the
+    64-row tiles only)."""
     if _takes_dkvt(hdim, hdimv, deterministic):
         return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _opt_ins()  # (its tile's own)
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
@@ -165,14 +169,21 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     want = (2 if hdim in DS_STAGES_2_HDIMS or tile_80 else 1) if ds_stages is None else ds_stages
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
-    out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic) | _opt_ins()
-    if dv_early and BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim):
+    out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
+    # (the tile both defaults are for; not with softcap, whose unmasked one-pass step then spills
+    # 200 bytes: d tanh beside dV's early operand, CPU SASS)
+    row_tile_128 = hdim == 128 and not tile_80 and not softcap
+    regs = (STAT_REGS_BY_DEFAULT if row_tile_128 else 0) if stat_regs is None else stat_regs
+    early = row_tile_128 if dv_early is None else dv_early
+    if regs:  # (absent where 0: the other configs' keys stay as they were)
+        out["stat_regs"] = regs
+    if early and BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap):
         out["dv_early"] = True
     return out | (dict(tile_m=80) if tile_80 else {})
 
 
 def _opt_ins() -> dict:
-    """stat_regs where switched on (absent otherwise: the default configs' keys stay as they were)."""
+    """stat_regs where the environment sets it (absent otherwise)."""
     return dict(stat_regs=stat_regs) if stat_regs else {}
 
 

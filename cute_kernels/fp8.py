@@ -84,7 +84,6 @@ class Fp8Scales:
     mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head); descales: (1,)
     mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel; descales: (1,)
     v_pending: cute.Tensor  # (1,) the V scale of the block whose P is in the PV operand
-    k_next: cute.Tensor  # (1,) the K scale of the block `load_k_scale` read (the next softmax's)
     # FA3's descales in place of the format's scale tensors (FwdConfig.fp8_descales): one value
     # per (sequence, head) for every block of rows, every KV block and every V channel
     descales: bool = False
@@ -127,8 +126,6 @@ class Fp8Scales:
                 q_row_c[r] = mQScale[b_q, head * g + row % g, q_col0 + row // g // block_m] * c
         v_pending = cute.make_rmem_tensor(1, Float32)
         v_pending[0] = Float32(1.0)
-        k_next = cute.make_rmem_tensor(1, Float32)
-        k_next[0] = Float32(1.0)
         if descales:
             assert v_channel, "FA3's v_descale is a channel scale (the same for every channel)"
             mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
@@ -139,23 +136,15 @@ class Fp8Scales:
                         else cute.domain_offset((k_col0,), mVScale[0, head_kv, None]))
         else:
             mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
-        return Fp8Scales(q_row_c, mK_scale, mV_scale, v_pending, k_next, descales)
-
-    @cute.jit
-    def load_k_scale(self, n_block):
-        """Read KV block n_block's K scale for `row_mult`: called before the block's GEMM waits,
-        so that the global load is in flight under them (read after the S wait, as row_mult did,
-        it stood between the row max and the first exp2: ~260 cycles on an L2 hit; FA3 keeps its
-        one scale in a register)."""
-        self.k_next[0] = self.mK_scale[0 if const_expr(self.descales) else n_block]
+        return Fp8Scales(q_row_c, mK_scale, mV_scale, v_pending, descales)
 
     @cute.jit
     def row_mult(self, n_block) -> cute.Tensor:
-        """The score multiplier of each of this thread's rows in KV block n_block (its K scale
-        read by `load_k_scale(n_block)`)."""
+        """The score multiplier of each of this thread's rows in KV block n_block."""
+        sk = self.mK_scale[0 if const_expr(self.descales) else n_block]
         mult = cute.make_rmem_tensor_like(self.q_row_c, Float32)
         for r in cutlass.range_constexpr(cute.size(mult)):
-            mult[r] = self.q_row_c[r] * self.k_next[0]
+            mult[r] = self.q_row_c[r] * sk
         return mult
 
     @cute.jit

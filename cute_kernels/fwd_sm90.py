@@ -1023,28 +1023,21 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales, softcap_premul,
-                                             masked=is_first or mask_seqlen or mask_right or mask_left)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales, softcap_premul)
         if const_expr(self.fresh_pv):
             fp8_scales.set_pending_v(n_block)
         self.convert_p(acc_S, tOrP)
         return row_scale, moved
 
-    def load_k_scale(self, fp8_scales, n_block):
-        """FP8: start reading block n_block's K scale (fp8.Fp8Scales.load_k_scale) before its waits."""
-        if const_expr(self.fp8):
-            fp8_scales.load_k_scale(n_block)
-
     def softmax_step(self, softmax: OnlineSoftmax, acc_S, n_block, is_first: cutlass.Constexpr[bool], fp8_scales,
-                     softcap_premul=None, masked: cutlass.Constexpr[bool] = True):
+                     softcap_premul=None):
         """OnlineSoftmax's step; FP8: with the block's score multiplier (row max in scaled log2
         units, no lazy rescaling); with softcap the scores are tanh values (score_mod) and the
-        multiplier softcap*log2(e), the same for every row. `masked`: whether a mask touched the
-        block (FP8: else its rows' maxima are finite)."""
+        multiplier softcap*log2(e), the same for every row."""
         if const_expr(self.fp8):
             if const_expr(self.cfg.softcap):
-                return softmax.step_scaled(acc_S, fp8_scales.uniform_mult(softcap_premul), is_first, masked), None
-            return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first, masked), None
+                return softmax.step_scaled(acc_S, fp8_scales.uniform_mult(softcap_premul), is_first), None
+            return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
         return softmax.step(acc_S, is_first=is_first)
 
     def convert_p(self, acc_S, tOrP):
@@ -1090,7 +1083,6 @@ class FlashAttentionForwardSm90:
         mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool], fp8_scales=None, acc_PV=None,
     ):
         chain = self.cfg.tile.chain_pv_qk
-        self.load_k_scale(fp8_scales, n_block)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads V too
@@ -1116,7 +1108,6 @@ class FlashAttentionForwardSm90:
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
                             thr0_mma_qk, mask, softcap_premul, fp8_scales=None, pipeline_v=None):
         """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
-        self.load_k_scale(fp8_scales, n_block)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads V too
@@ -1137,7 +1128,6 @@ class FlashAttentionForwardSm90:
         then the softmax of n_block runs while PV is in flight."""
         v_state = kv_state.clone()
         kv_state.advance()
-        self.load_k_scale(fp8_scales, n_block)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads this block's V too (PV reads the previous one's)
@@ -1155,8 +1145,7 @@ class FlashAttentionForwardSm90:
         self.score_mod(acc_S, softcap_premul, n_block, fp8_scales)
         if const_expr(mask_seqlen or mask_right or mask_left):
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
-        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales, softcap_premul,
-                                             masked=mask_seqlen or mask_right or mask_left)
+        row_scale, moved = self.softmax_step(softmax, acc_S, n_block, False, fp8_scales, softcap_premul)
         if const_expr(gate > 0):
             release_after(pipeline_k, kv_state, acc_to_mn(acc_S), gate - 1)
         warpgroup.wait_group(0)

@@ -63,9 +63,11 @@ pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
 # FA3PY_CUTE_DECODE_STATIC=0 keeps the dynamic scheduler (A/B measurements).
 decode_static: bool = os.environ.get("FA3PY_CUTE_DECODE_STATIC", "1") != "0"
 # Decoding on config.DECODE_TILE (one 64-row consumer warpgroup, 64-key blocks, two CTAs an SM)
-# where a tile's GQA-packed query rows fit 64 rows (config_for). FA3PY_CUTE_DECODE_TILE=1: on
-# (opt-in until its GPU tests and timing).
-decode_tile_enabled: bool = os.environ.get("FA3PY_CUTE_DECODE_TILE", "0") == "1"
+# where a tile's GQA-packed query rows fit 64 rows and its keys are split (config_for). H100, CUDA graphs, hdim 128,
+# 32 / 8 heads (benchmarks/results/2026-12-06_h100_795064c): batch 1, 4k keys 19.2 -> 18.1 us
+# (the kernel 8.8 -> 6.8 us; cuDNN's 6.2), 16k 40.6 -> 39.4, batch 8 4k 64.1 -> 63.0; GPU tests
+# with it: 163 passed. FA3PY_CUTE_DECODE_TILE=0: the head dim's table tile.
+decode_tile_enabled: bool = os.environ.get("FA3PY_CUTE_DECODE_TILE", "1") != "0"
 # Split-KV: "auto" or "0" (config.num_splits_for), or a count used for every call (1: never split;
 # more than a tile has KV blocks leaves splits empty): for tests and A/B measurements.
 split_kv_setting: str = os.environ.get("FA3PY_CUTE_NUM_SPLITS", "auto").strip().lower()
@@ -97,10 +99,14 @@ def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fi
         cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
         seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
         short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
-        decode=decode, pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
+        pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
         hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size,
         **({"qv": True} if req.qv is not None else {}), **format_fields,
     )
+    if decode and num_splits(req, make(split_kv=False, decode=True)) > 1:
+        # (where decoding splits its keys, as timed: batch 1-8; at batch 64 the grid fills the GPU
+        # without splits, and the table tile keeps it)
+        return make(split_kv=True, decode=True)
     cfg = make(split_kv=False)
     if cfg.tile.dynamic and decode_static and seqlen_q * pack <= cfg.tile.tile_m:
         # One query tile per (batch, head), as in decoding: every CTA takes one tile and every

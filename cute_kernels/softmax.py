@@ -89,13 +89,10 @@ class OnlineSoftmax:
         return row_scale, (cute.arch.vote_any_sync(moved) if const_expr(lazy) else None)
 
     @cute.jit
-    def step_scaled(self, acc_S: cute.Tensor, row_mult: cute.Tensor, is_first: cutlass.Constexpr[bool],
-                    masked: cutlass.Constexpr[bool] = True):
+    def step_scaled(self, acc_S: cute.Tensor, row_mult: cute.Tensor, is_first: cutlass.Constexpr[bool]):
         """`step` for FP8: row r's scores in log2 units are S * row_mult[r] (the block's
         multiplier); row_max is kept in those units. row_mult > 0, so max(S) * mult is
-        max(S * mult) exactly. No lazy rescaling. Returns the O row rescale factors. `masked`
-        False (a block no mask touched): FP8 scores are finite (e4m3 has no inf) or NaN, so the
-        row max is too and the -inf guard goes (two instructions on the chain to the first exp2)."""
+        max(S * mult) exactly. No lazy rescaling. Returns the O row rescale factors."""
         s_mn = acc_to_mn(acc_S)
         row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
@@ -106,7 +103,7 @@ class OnlineSoftmax:
             if const_expr(not is_first):
                 m_cur = cute.arch.fmax(m_cur, m_prev)
             self.row_max[r] = m_cur
-            m_safe = (m_cur if m_cur != -Float32.inf else Float32(0.0)) if const_expr(masked) else m_cur
+            m_safe = m_cur if m_cur != -Float32.inf else Float32(0.0)
             p = cute.math.exp2(row * mult + (Float32(self.p_offset) - m_safe), fastmath=True)
             s_mn[r, None].store(p)
             self._add_row(r, p, m_prev - m_safe, row_scale, is_first)

@@ -291,10 +291,11 @@ def test_compile_bwd_stat_regs_dv_early(name):
     assert exps and rs and stsm and max(exps) < rs[0] < stsm[0], (len(exps), rs[:2], stsm[:1])
 
 
-def test_bwd_opt_ins_where_offered(monkeypatch):
-    """bwd_launch's opt-ins reach the configs they are offered to: stat_regs every tile (absent from
-    the default configs' keys), dv_early only the 64-row tiles (hdim 96, hdim 128 below the 80-row
-    rule; at 80 and 128 rows it spills and serializes the WGMMAs); dv_early with P^T in smem is refused."""
+def test_bwd_stat_regs_dv_early_where_offered(monkeypatch):
+    """By default stat_regs 16 and dv_early on hdim 128's 64-row tile only (not the 80-row one, not
+    with softcap; absent from the other configs' keys); set by the environment, stat_regs reaches
+    every tile and dv_early the 64-row tiles (hdim 96 / 128: at 80 and 128 rows it spills and
+    serializes the WGMMAs) without softcap; dv_early with P^T in smem is refused."""
     import torch
 
     from cute_kernels import bwd_launch
@@ -304,11 +305,20 @@ def test_bwd_opt_ins_where_offered(monkeypatch):
         x = torch.randn(1, s, 2, d, dtype=torch.bfloat16)
         return bwd_launch.config_for(make_request(x, x, x, **kw))
 
-    assert "stat_regs" not in bwd_launch.variants(128, False, False) and cfg(128).stat_regs == 0
+    long = bwd_launch.M80_MIN_SEQLEN_Q
+    monkeypatch.setattr(bwd_launch, "stat_regs", None)
+    monkeypatch.setattr(bwd_launch, "dv_early", None)
+    assert [(cfg(d).stat_regs, cfg(d).dv_early) for d in (64, 96, 128, 192, 256)] == \
+        [(0, False), (0, False), (16, True), (0, False), (0, False)]
+    assert "stat_regs" not in bwd_launch.variants(96, False, False) and cfg(128, softcap=5.0).stat_regs == 0
+    assert cfg(128, s=long).tile_m == 80 and (cfg(128, s=long).stat_regs, cfg(128, s=long).dv_early) == (0, False)
     monkeypatch.setattr(bwd_launch, "stat_regs", 16)
     monkeypatch.setattr(bwd_launch, "dv_early", True)
     assert [cfg(d).stat_regs for d in (64, 96, 128, 192, 256)] == [16] * 5
     assert [cfg(d).dv_early for d in (64, 96, 128, 192, 256)] == [False, True, True, False, False]
-    assert cfg(128, s=bwd_launch.M80_MIN_SEQLEN_Q).tile_m == 80 and not cfg(128, s=bwd_launch.M80_MIN_SEQLEN_Q).dv_early
+    assert cfg(128, s=long).tile_m == 80 and not cfg(128, s=long).dv_early and not cfg(128, softcap=5.0).dv_early
+    monkeypatch.setattr(bwd_launch, "stat_regs", 0)
+    monkeypatch.setattr(bwd_launch, "dv_early", False)
+    assert (cfg(128).stat_regs, cfg(128).dv_early) == (0, False)
     with pytest.raises(AssertionError, match="dv_early"):
         BwdConfig.make("bf16", 256, dv_early=True)

@@ -642,10 +642,13 @@ def test_m80_where_long_and_unwindowed(monkeypatch):
     FA3PY_CUTE_BWD_M80=1 (m80) for every config, with 0 never. config_for passes the request's."""
     monkeypatch.setattr(bwd_launch, "m80", None)
     monkeypatch.setattr(bwd_launch, "ds_stages", None)
+    monkeypatch.setattr(bwd_launch, "stat_regs", None)
+    monkeypatch.setattr(bwd_launch, "dv_early", None)
     long, short = bwd_launch.M80_MIN_SEQLEN_Q, bwd_launch.M80_MIN_SEQLEN_Q - 1
     assert bwd_launch.M80_BY_DEFAULT
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long) == dict(ds_stages=2, dq_red=False, tile_m=80)
-    assert bwd_launch.variants(128, False, False, max_seqlen_q=short) == dict(ds_stages=1, dq_red=False)
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=short) == dict(ds_stages=1, dq_red=False,
+                                                                              stat_regs=16, dv_early=True)
     monkeypatch.setattr(bwd_launch, "ds_stages", 1)
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long) == dict(ds_stages=1, dq_red=False, tile_m=80)
     monkeypatch.setattr(bwd_launch, "ds_stages", None)

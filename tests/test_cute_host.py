@@ -176,16 +176,17 @@ def test_num_splits_choice(monkeypatch):
         assert all(cost(n) > 1.05 * best for n in range(1, s))
     k = torch.randn(1, 8192, 4, 128, dtype=torch.bfloat16)
     decode = make_req(torch.randn(1, 1, 32, 128, dtype=torch.bfloat16), k, k)
-    cfg = cute_kernels.config_for(decode)  # 4 (batch, KV head) tiles, 64 blocks
-    assert cfg.split_kv and cfg.pack_gqa == 8 and cute_kernels.num_splits(decode, cfg) == 32
+    cfg = cute_kernels.config_for(decode)  # 4 (batch, KV head) tiles of 128 64-key blocks, two CTAs an SM
+    assert cfg.split_kv and cfg.pack_gqa == 8 and cfg.tile.tile_n == 64
+    assert cute_kernels.num_splits(decode, cfg) == num_splits_for(4, 128, 2 * 132) == 64
     long = torch.randn(2, 4096, 16, 128, dtype=torch.bfloat16)
     assert not cute_kernels.config_for(make_req(long, long, long)).split_kv
     # FA3's num_splits: 1 never splits, N splits N times (flash_attn_func's default is 1, as in FA3).
     assert not cute_kernels.config_for(make_req(decode.q, k, k, num_splits=1)).split_kv
     five = make_req(decode.q, k, k, num_splits=5)
     assert cute_kernels.num_splits(five, cute_kernels.config_for(five)) == 5
-    many = make_req(decode.q, k, k, num_splits=1000)  # capped at the 64 KV blocks a tile has
-    assert cute_kernels.num_splits(many, cute_kernels.config_for(many)) == 64
+    many = make_req(decode.q, k, k, num_splits=1000)  # capped at the 128 KV blocks a tile has
+    assert cute_kernels.num_splits(many, cute_kernels.config_for(many)) == 128
     monkeypatch.setattr(launch, "split_kv_setting", "1")
     assert not cute_kernels.config_for(decode).split_kv and not cute_kernels.config_for(five).split_kv
     monkeypatch.setattr(launch, "split_kv_setting", "3")
@@ -195,8 +196,9 @@ def test_num_splits_choice(monkeypatch):
 def test_sm_margin_counts_out_of_the_heuristics():
     """FA3's sm_margin: the SMs the persistent grid (the kernel's num_ctas scalar) and the split-KV /
     backward head-split heuristics count are the device's less the margin, so a margin that leaves
-    few SMs stops the decode split that 132 of them call for (4 tiles of 64 blocks: 32 splits on
-    132 SMs; the same choice as num_splits_for on 8); the backward splits GQA groups for fewer SMs."""
+    few SMs stops the decode split that 132 of them call for (4 tiles of 128 64-key blocks, two
+    CTAs an SM: num_splits_for on 264; on 8 SMs its choice for 16); the backward splits GQA groups
+    for fewer SMs."""
     from cute_kernels import bwd_launch
     from cute_kernels.config import num_splits_for
 
@@ -208,7 +210,9 @@ def test_sm_margin_counts_out_of_the_heuristics():
         assert launch.usable_sms(req) == 132 - margin
         cfg = cute_kernels.config_for(req)
         splits[margin] = cute_kernels.num_splits(req, cfg) if cfg.split_kv else 1
-    assert splits == {0: 32, 124: num_splits_for(4, 64, 8), 131: 1} and splits[124] < 32
+    # (decoding's tile: 128 64-key blocks a tile, two CTAs an SM)
+    assert splits == {0: num_splits_for(4, 128, 264), 124: num_splits_for(4, 128, 16), 131: 1}
+    assert splits[124] < splits[0]
     long = torch.randn(1, 2048, 2, 128, dtype=torch.bfloat16)
     gqa = lambda margin: bwd_launch.head_splits(make_req(torch.randn(1, 2048, 16, 128, dtype=torch.bfloat16),
                                                          long, long, sm_margin=margin))
@@ -685,8 +689,10 @@ def test_tile_order_on_the_host(persistent, lpt):
 def test_paged_page_sizes_served(hdim, page_sizes, monkeypatch):
     """why_not serves paged K / V whose pages tile the config's KV blocks (config.page_size_ok)
     and names the rule otherwise; never the backward, fp8=True or cu_seqlens_k. (With the opt-in on:
-    launch.paged_enabled, FA3PY_CUTE_PAGED=1.)"""
+    launch.paged_enabled, FA3PY_CUTE_PAGED=1. The table's tiles: decoding's own, DECODE_TILE, is
+    test_decode_tile_choice's.)"""
     monkeypatch.setattr(launch, "paged_enabled", True)
+    monkeypatch.setattr(launch, "decode_tile_enabled", False)
     for page_size, served in page_sizes.items():
         q = torch.randn(2, 1, 8, hdim, dtype=torch.bfloat16)
         width = -(-1024 // page_size)  # > SHORT_SEQLEN_K keys: the table's tiles (hdim 96: 128 when short)
@@ -762,6 +768,7 @@ def test_decoding_without_the_dynamic_scheduler(monkeypatch, sq, dynamic):
     (its counter's memset node in a CUDA graph) out; FA3PY_CUTE_DECODE_STATIC=0 keeps it."""
     from fa3py.validation import make_request
 
+    monkeypatch.setattr(launch, "decode_tile_enabled", False)  # (DECODE_TILE never takes the counter)
     q = torch.empty(2, sq, 32, 128, dtype=torch.bfloat16)
     k = torch.empty(2, 4096, 8, 128, dtype=torch.bfloat16)
     cfg = launch.config_for(make_request(q, k, k, causal=True))
@@ -771,9 +778,10 @@ def test_decoding_without_the_dynamic_scheduler(monkeypatch, sq, dynamic):
 
 
 def test_decode_tile_choice(monkeypatch):
-    """With launch.decode_tile_enabled (FA3PY_CUTE_DECODE_TILE=1) a call whose GQA-packed query rows
-    fit 64 takes config.DECODE_TILE (16-bit, hdim <= 128, pages that tile 64 keys); others keep their
-    tiles; split-KV counts two CTAs an SM (4 (batch, KV head) tiles of 128 64-key blocks: 32 splits)."""
+    """With launch.decode_tile_enabled (FA3PY_CUTE_DECODE_TILE, the default) a call whose GQA-packed
+    query rows fit 64 and whose keys it splits takes config.DECODE_TILE (16-bit, hdim <= 128, pages
+    that tile 64 keys); others keep their tiles (a batch that fills the GPU unsplit too); split-KV
+    counts two CTAs an SM."""
     from cute_kernels.config import DECODE_TILE, num_splits_for
     from fa3py.validation import make_request
 
@@ -793,5 +801,16 @@ def test_decode_tile_choice(monkeypatch):
     assert launch.num_splits(req, c) == num_splits_for(4, 128, 2 * 132)
     assert cfg(8)[1].tile.tile_m == 64 and cfg(9)[1].tile.tile_m != 64  # 8 x 8 packed rows fit 64, 9 x 8 not
     assert cfg(1, d=256)[1].tile.tile_m != 64
+    q64 = torch.empty(64, 1, 32, 128, dtype=torch.bfloat16)  # 256 tiles fill the GPU unsplit: the table tile
+    assert launch.config_for(make_request(q64, k.expand(64, -1, -1, -1), k.expand(64, -1, -1, -1), causal=True)).tile.tile_m == 128
+    # pages that tile its 64-key blocks (32, 192: not hdim 128's 128-key table tile's; 24: neither)
+    for page, served in ((16, True), (32, True), (192, True), (256, True), (24, False)):
+        width = -(-8192 // page)  # (keys enough to split)
+        pool = torch.empty(2 * width, page, 4, 128, dtype=torch.bfloat16)
+        table = torch.arange(2 * width, dtype=torch.int32).view(2, width)
+        paged = make_req(torch.empty(2, 1, 32, 128, dtype=torch.bfloat16), pool, pool, window_right=0,
+                         page_table=table, max_seqlen_k=width * page)
+        c = launch.config_for(paged)
+        assert (c.tile.tile_m == 64 and c.page_size == page) == served, (page, c.short())
     monkeypatch.setattr(launch, "decode_tile_enabled", False)
     assert cfg(1)[1].tile.tile_m == 128
