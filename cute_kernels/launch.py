@@ -138,7 +138,10 @@ def num_splits(req: "AttentionRequest", cfg: FwdConfig) -> int:
     g = cfg.pack_gqa
     batch = req.cu_seqlens_q.shape[0] - 1 if req.packed_q else req.q.shape[0]
     tiles = -(-seqlen_q * g // cfg.tile.tile_m) * (req.nheads // g) * batch
-    return num_splits_for(tiles, n_blocks, usable_sms(req) * cfg.tile.ctas_per_sm)
+    # (SMs once, also for DECODE_TILE's two CTAs an SM: H100, batch 1 / 8 with 1-4 queries, 4k-64k
+    # keys, the count for one CTA an SM (16 / 2) was 0.4-3% faster than for two (32 / 4);
+    # benchmarks/results/2026-12-06_h100_795064c/decode_tile_splits.md)
+    return num_splits_for(tiles, n_blocks, usable_sms(req))
 
 
 def chunk_blocks(chunk: int, tile_m: int, g: int, tile_n: int) -> int:

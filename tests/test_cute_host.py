@@ -176,9 +176,9 @@ def test_num_splits_choice(monkeypatch):
         assert all(cost(n) > 1.05 * best for n in range(1, s))
     k = torch.randn(1, 8192, 4, 128, dtype=torch.bfloat16)
     decode = make_req(torch.randn(1, 1, 32, 128, dtype=torch.bfloat16), k, k)
-    cfg = cute_kernels.config_for(decode)  # 4 (batch, KV head) tiles of 128 64-key blocks, two CTAs an SM
+    cfg = cute_kernels.config_for(decode)  # 4 (batch, KV head) tiles of 128 64-key blocks (decoding's tile)
     assert cfg.split_kv and cfg.pack_gqa == 8 and cfg.tile.tile_n == 64
-    assert cute_kernels.num_splits(decode, cfg) == num_splits_for(4, 128, 2 * 132) == 64
+    assert cute_kernels.num_splits(decode, cfg) == num_splits_for(4, 128, 132) == 32
     long = torch.randn(2, 4096, 16, 128, dtype=torch.bfloat16)
     assert not cute_kernels.config_for(make_req(long, long, long)).split_kv
     # FA3's num_splits: 1 never splits, N splits N times (flash_attn_func's default is 1, as in FA3).
@@ -196,9 +196,8 @@ def test_num_splits_choice(monkeypatch):
 def test_sm_margin_counts_out_of_the_heuristics():
     """FA3's sm_margin: the SMs the persistent grid (the kernel's num_ctas scalar) and the split-KV /
     backward head-split heuristics count are the device's less the margin, so a margin that leaves
-    few SMs stops the decode split that 132 of them call for (4 tiles of 128 64-key blocks, two
-    CTAs an SM: num_splits_for on 264; on 8 SMs its choice for 16); the backward splits GQA groups
-    for fewer SMs."""
+    few SMs stops the decode split that 132 of them call for (4 tiles of 128 64-key blocks:
+    num_splits_for on 132; on 8 SMs its choice for 8); the backward splits GQA groups for fewer SMs."""
     from cute_kernels import bwd_launch
     from cute_kernels.config import num_splits_for
 
@@ -210,8 +209,8 @@ def test_sm_margin_counts_out_of_the_heuristics():
         assert launch.usable_sms(req) == 132 - margin
         cfg = cute_kernels.config_for(req)
         splits[margin] = cute_kernels.num_splits(req, cfg) if cfg.split_kv else 1
-    # (decoding's tile: 128 64-key blocks a tile, two CTAs an SM)
-    assert splits == {0: num_splits_for(4, 128, 264), 124: num_splits_for(4, 128, 16), 131: 1}
+    # (decoding's tile: 128 64-key blocks a tile; the SMs counted once)
+    assert splits == {0: num_splits_for(4, 128, 132), 124: num_splits_for(4, 128, 8), 131: 1}
     assert splits[124] < splits[0]
     long = torch.randn(1, 2048, 2, 128, dtype=torch.bfloat16)
     gqa = lambda margin: bwd_launch.head_splits(make_req(torch.randn(1, 2048, 16, 128, dtype=torch.bfloat16),
@@ -781,7 +780,7 @@ def test_decode_tile_choice(monkeypatch):
     """With launch.decode_tile_enabled (FA3PY_CUTE_DECODE_TILE, the default) a call whose GQA-packed
     query rows fit 64 and whose keys it splits takes config.DECODE_TILE (16-bit, hdim <= 128, pages
     that tile 64 keys); others keep their tiles (a batch that fills the GPU unsplit too); split-KV
-    counts two CTAs an SM."""
+    counts each SM once."""
     from cute_kernels.config import DECODE_TILE, num_splits_for
     from fa3py.validation import make_request
 
@@ -798,7 +797,7 @@ def test_decode_tile_choice(monkeypatch):
     t = c.tile
     assert (t.tile_m, t.tile_n, t.ctas_per_sm) == (DECODE_TILE.tile_m, DECODE_TILE.tile_n, 2) and c.pack_gqa == 8
     assert c.split_kv and not t.dynamic and not t.persistent
-    assert launch.num_splits(req, c) == num_splits_for(4, 128, 2 * 132)
+    assert launch.num_splits(req, c) == num_splits_for(4, 128, 132)  # (SMs counted once: timed so)
     assert cfg(8)[1].tile.tile_m == 64 and cfg(9)[1].tile.tile_m != 64  # 8 x 8 packed rows fit 64, 9 x 8 not
     assert cfg(1, d=256)[1].tile.tile_m != 64
     q64 = torch.empty(64, 1, 32, 128, dtype=torch.bfloat16)  # 256 tiles fill the GPU unsplit: the table tile
