@@ -14,8 +14,9 @@ THREADS_PER_WG = 128
 def launch_regs(num_threads: int, ctas_per_sm: int = 1) -> int:
     """Registers per thread a CTA of `num_threads` starts with when `ctas_per_sm` of them share
     the SM (the launch's min blocks per SM): ptxas caps the kernel at the SM's 64K over their
-    threads, in the 8-register steps of allocation, at most 255 (384 threads: 168, 512: 128, two
-    CTAs of 256: 128; the REG of `cuobjdump -res-usage` on the compiled kernels)."""
+    threads, in the 8-register steps of allocation, and a thread at 255 (counted here as 248, the
+    step below; 384 threads: 168, 512: 128, two CTAs of 256: 128; the REG of `cuobjdump
+    -res-usage` on the compiled kernels)."""
     return min(REGS_PER_SM // (num_threads * ctas_per_sm) // 8 * 8, 248)
 
 
