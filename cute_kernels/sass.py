@@ -4,14 +4,14 @@ against fake tensors (no GPU needed), keep the cubin and count SASS opcodes.
     python -m cute_kernels.sass [--dtype bf16] [--hdim 128] [--hdimv 128] [--causal] [--local]
                                 [--chunk] [--softcap] [--varlen] [--seqused] [--no-overlap]
                                 [--split-kv] [--page-size N] [--pack-gqa G] [--tile 192x128s2]
-                                [--set FIELD=0|1] [--dump] [--loops]
-                                [--keep DIR]
+                                [--decode] [--set FIELD=0|1] [--dump] [--loops] [--keep DIR]
     python -m cute_kernels.sass --bwd [--dtype bf16|fp16] [--hdim 128] [--causal] [--local]
                                 [--chunk] [--softcap] [--varlen] [--seqused] [--set FIELD=VALUE] [--dump]
                                 [--loops]
 
 Prints opcode counts, then registers: `REG` is ptxas's launch allocation (capped at 65536 /
-threads: 168 at 384 threads, 128 at 512), `max R` the highest register the code names (what
+threads and the CTAs an SM holds: 168 at 384 threads, 128 at 512 or at two CTAs of 256 with
+--decode), `max R` the highest register the code names (what
 setmaxnreg must cover), `STACK`/`LOCAL` bytes of local memory (spills). Exit status 1 when a
 required instruction is missing (`check`); for the backward also when it uses local memory.
 """
