@@ -162,7 +162,7 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     64-row tile, or where the environment sets them (`stat_regs`, `dv_early`: the latter on the
     64-row tiles only)."""
     if _takes_dkvt(hdim, hdimv, deterministic):
-        return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _opt_ins()  # (its tile's own)
+        return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False)
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
     rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
     tile_80 = hdim == 128 and (m80 or (m80 is None and rule))
@@ -170,21 +170,20 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
     out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
-    # (the tile both defaults are for; not with softcap, whose unmasked one-pass step then spills
-    # 200 bytes: d tanh beside dV's early operand, CPU SASS)
-    row_tile_128 = hdim == 128 and not tile_80 and not softcap
-    regs = (STAT_REGS_BY_DEFAULT if row_tile_128 else 0) if stat_regs is None else stat_regs
-    early = row_tile_128 if dv_early is None else dv_early
-    if regs:  # (absent where 0: the other configs' keys stay as they were)
-        out["stat_regs"] = regs
-    if early and BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap):
-        out["dv_early"] = True
-    return out | (dict(tile_m=80) if tile_80 else {})
+    takes_dv_early = BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap)
+    return out | _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
 
 
-def _opt_ins() -> dict:
-    """stat_regs where the environment sets it (absent otherwise)."""
-    return dict(stat_regs=stat_regs) if stat_regs else {}
+def _row_stats(hdim: int, tile_80: bool, softcap: bool, takes_dv_early: bool) -> dict:
+    """stat_regs / dv_early of a config: the environment's (`stat_regs`, `dv_early`) or by default
+    16 / True on hdim 128's 64-row tile without softcap (with it the unmasked one-pass step spills
+    200 bytes: d tanh beside dV's early operand, CPU SASS); dv_early only where `takes_dv_early`
+    (P^T in registers, 64 query rows). Fields at their defaults are left out, so other configs'
+    keys stay as they were."""
+    default = hdim == 128 and not tile_80 and not softcap
+    regs = (STAT_REGS_BY_DEFAULT if default else 0) if stat_regs is None else stat_regs
+    early = (default if dv_early is None else dv_early) and takes_dv_early
+    return ({"stat_regs": regs} if regs else {}) | ({"dv_early": True} if early else {})
 
 
 @functools.lru_cache(maxsize=1024)

@@ -413,12 +413,12 @@ class FwdConfig:
         tile = replace(
             base,
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
-            persistent=not windowed and not decode,
+            persistent=not windowed,
             # Causal/local: atomic tile counter, hdim128 512 274 -> 352 TFLOP/s (log §3);
             # not 3 WGs with a left edge (spills 80 bytes; a chunk has one too), nor FP8's
             # 224-key tile with a chunk (32 bytes of stack, 8 STL; without the counter none,
             # CPU SASS).
-            dynamic=windowed and not decode and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False)))
+            dynamic=windowed and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False)))
             and not (fp8 and features.get("chunk", False) and base.tile_n > 192),
             # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (log §2); hdim128 -1%.
             rescale_o_before_pv=hdimv > 128,
@@ -435,8 +435,8 @@ class FwdConfig:
             # Short (not windowed hdim > 64): 512 -2.7%; medium hdim64: 1k -5.9%; long +1..+4%
             # (log §7, 8).
             # (qv: one stage, sQv takes the room)
-            q_stages=2 if hdim <= 128 and not qv and not decode and (short and (hdim <= 64 or not windowed)
-                                                                     or medium and hdim == 64) else 1,
+            q_stages=2 if hdim <= 128 and not qv and (short and (hdim <= 64 or not windowed)
+                                                      or medium and hdim == 64) else 1,
             intra_wg_overlap=not plain,
             # hdim_v > 128 (with TILES' 128x96 / 128x64) and windowed hdim64: causal 8k -1.4%;
             # hdim64 non-causal +2%, hdim128 +1%: off there (log §9).
@@ -445,6 +445,8 @@ class FwdConfig:
             diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
         )
+        if decode:  # one tile a CTA (no persistent grid, no tile counter), DECODE_TILE's Q buffers
+            tile = replace(tile, persistent=False, dynamic=False, q_stages=DECODE_TILE.q_stages)
         if features.get("page_size", 0):
             producer_regs, consumer_regs = PAGED_REG_SPLIT[tile.num_mma_wg]
             tile = replace(tile, producer_regs=producer_regs, consumer_regs=consumer_regs)

@@ -63,8 +63,8 @@ pack_gqa_enabled: bool = os.environ.get("FA3PY_CUTE_PACK_GQA", "1") != "0"
 # FA3PY_CUTE_DECODE_STATIC=0 keeps the dynamic scheduler (A/B measurements).
 decode_static: bool = os.environ.get("FA3PY_CUTE_DECODE_STATIC", "1") != "0"
 # Decoding on config.DECODE_TILE (one 64-row consumer warpgroup, 64-key blocks, two CTAs an SM)
-# where a tile's GQA-packed query rows fit 64 rows and its keys are split (config_for). H100, CUDA graphs, hdim 128,
-# 32 / 8 heads (benchmarks/results/2026-12-06_h100_795064c): batch 1, 4k keys 19.2 -> 18.1 us
+# where a tile's GQA-packed query rows fit 64 rows and its keys are split (config_for). H100, CUDA
+# graphs, hdim 128, 32 / 8 heads (benchmarks/results/2026-12-06_h100_795064c): batch 1, 4k keys 19.2 -> 18.1 us
 # (the kernel 8.8 -> 6.8 us; cuDNN's 6.2), 16k 40.6 -> 39.4, batch 8 4k 64.1 -> 63.0; GPU tests
 # with it: 163 passed. FA3PY_CUTE_DECODE_TILE=0: the head dim's table tile.
 decode_tile_enabled: bool = os.environ.get("FA3PY_CUTE_DECODE_TILE", "1") != "0"

@@ -17,15 +17,17 @@ from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import SHORT_TILES, FwdConfig, tile_from_spec, tile_variant  # noqa: E402
 
 
-def _compile_and_check(cfg: FwdConfig, text_out: list | None = None):
+def _compile_and_check(cfg: FwdConfig, text_out: list | None = None, res_out: list | None = None):
     """Compile `cfg` for sm_90a, check its SASS, return its opcode counts (the SASS text appended
-    to `text_out` when given)."""
+    to `text_out`, ptxas's resource usage to `res_out`, when given)."""
     with tempfile.TemporaryDirectory() as d:
         cubin, _ = sass.compile_cubin(cfg, d)
         text = sass.sass_text(cubin)
         res = sass.resource_usage(cubin)
     if text_out is not None:
         text_out.append(text)
+    if res_out is not None:
+        res_out.append(res)
     missing = sass.check(text, cfg, res)  # with `res`: the setmaxnreg split fits, no local memory
     assert missing == [], f"{cfg.short()}: missing {missing}"
     ops = sass.opcode_counts(text)
@@ -401,11 +403,9 @@ def test_compile_decode_tile(name):
     cfg = FwdConfig.make("bf16", hdim, decode=True, **features)
     t = cfg.tile
     assert (t.tile_m, t.tile_n, t.num_mma_wg, t.ctas_per_sm, t.persistent, t.dynamic) == (64, 64, 1, 2, False, False)
-    texts = []
-    _compile_and_check(cfg, texts)
-    with tempfile.TemporaryDirectory() as d:
-        res = sass.resource_usage(sass.compile_cubin(cfg, d)[0])
-    assert res["REG"] == 128 and sass.max_register(texts[0]) < t.consumer_regs
+    texts, res = [], []
+    _compile_and_check(cfg, texts, res)
+    assert res[0]["REG"] == 128 and sass.max_register(texts[0]) < t.consumer_regs
     producer, consumer = (32, 224) if cfg.page_size else (24, 232)
     assert (t.producer_regs, t.consumer_regs) == (producer, consumer)
     assert f"USETMAXREG.DEALLOC.CTAPOOL {producer:#x}" in texts[0]
