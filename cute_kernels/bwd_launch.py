@@ -80,6 +80,13 @@ dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT", "1") != "0"
 stat_regs = int(os.environ["FA3PY_CUTE_BWD_STAT_REGS"]) if os.environ.get("FA3PY_CUTE_BWD_STAT_REGS") else None
 dv_early = os.environ["FA3PY_CUTE_BWD_DV_EARLY"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DV_EARLY") else None
 STAT_REGS_BY_DEFAULT = 16  # hdim 128's 64-row tile (`variants`)
+# dK / dV through smem and 16-byte stores (BwdConfig.dkv_smem) on every tile that takes it (128 keys
+# in two warpgroups' registers, 16-bit dK / dV: hdim 64 / 96 / 128, not with head splits);
+# FA3PY_CUTE_BWD_DKV_SMEM=0: element-wise stores from the registers.
+dkv_smem = os.environ.get("FA3PY_CUTE_BWD_DKV_SMEM", "0") != "0"
+# K and V on their own barriers, V loaded after the first Q block (BwdConfig.v_late) on every tile;
+# FA3PY_CUTE_BWD_V_LATE=0: K and V on one barrier, loaded first.
+v_late = os.environ.get("FA3PY_CUTE_BWD_V_LATE", "0") != "0"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -148,11 +155,11 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           hdimv=hdimv,
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
-                                     max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv))
+                                     max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv, partial=head_splits(req) > 1))
 
 
 def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False, max_seqlen_q: int = 0,
-             hdimv: int = 0) -> dict:
+             hdimv: int = 0, partial: bool = False) -> dict:
     """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
     environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
@@ -160,9 +167,11 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     (`m80`, or with M80_BY_DEFAULT from M80_MIN_SEQLEN_Q rows without a window, chunk or softcap);
     dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`); stat_regs 16 and dv_early on hdim 128's
     64-row tile, or where the environment sets them (`stat_regs`, `dv_early`: the latter on the
-    64-row tiles only)."""
+    64-row tiles only); dkv_smem (`dkv_smem`) where dK / dV are 128 keys of 16-bit values in the
+    consumers' registers (not split_hdim / dkvt, not `partial`: dkv_partial's float32 partials)."""
     if _takes_dkvt(hdim, hdimv, deterministic):
-        return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False)
+        return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False) | \
+            ({"v_late": True} if v_late else {})
     _, _, q_stages, split_hdim = BWD_TILES[hdim]
     rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
     tile_80 = hdim == 128 and (m80 or (m80 is None and rule))
@@ -170,6 +179,8 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
     out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
+    out |= ({"dkv_smem": True} if dkv_smem and not (split_hdim or partial) else {}) | \
+        ({"v_late": True} if v_late else {})
     takes_dv_early = BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap)
     return out | _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
 

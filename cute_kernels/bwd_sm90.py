@@ -144,6 +144,7 @@ from cute_kernels.utils import (
     red_release_add_i32,
     sdhb,
     store_acc_predicated,
+    store_slab_predicated,
     transpose_view,
 )
 
@@ -152,6 +153,7 @@ THREADS_PER_WG = 128
 NUM_MMA_WG = 2
 SMEM_BYTES = 227 * 1024
 DQ_VEC = 4  # fp32 values per 16-byte store of dQ into sdQ
+DKV_SLAB_ROWS = 16  # keys of dK / dV one consumer warp holds (WGMMA: warp w of a warpgroup, rows 16w ..)
 
 
 def padded_offset(offset_q, batch, tile_m: int):
@@ -312,10 +314,17 @@ class FlashAttentionBackwardSm90:
             (DQ_VEC, THREADS_PER_WG, self.dq_per_thread // DQ_VEC, self.num_wg),
             stride=(1, DQ_VEC, DQ_VEC * THREADS_PER_WG, dq_chunk))
         sRow_layout = cute.make_layout((self.tile_m, self.q_stages))  # LSE_log2 / dPsum
+        # dkv_smem: dK / dV staged over sQ / sdO in compact 16-key slabs, one per consumer warp
+        sdKV_layout = None
+        if const_expr(cfg.dkv_smem):
+            slab = make_smem_layout(self.dtype, (DKV_SLAB_ROWS, self.hdim))
+            sdKV_layout = cute.tile_to_shape(slab, (self.tile_n, self.hdim), order=(0, 1))
+            assert cute.cosize(sdKV_layout) <= min(cute.cosize(sQ_layout), cute.cosize(sdO_layout))
 
         @cute.struct
         class SharedStorage:
             mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_v: cute.struct.MemRange[cutlass.Int64, 2]  # v_late: V's own (else unused)
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             mbar_do: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             sLSE: cute.struct.Align[cute.struct.MemRange[Float32, cute.cosize(sRow_layout)], 128]
@@ -341,7 +350,10 @@ class FlashAttentionBackwardSm90:
         row_bytes = self.tile_m * 4
         tx_q = cute.size_in_bytes(self.dtype, cute.select(sQ_layout, mode=[0, 1])) + row_bytes
         tx_do = cute.size_in_bytes(self.dtype, cute.select(sdO_layout, mode=[0, 1])) + row_bytes
-        tx_kv = cute.size_in_bytes(self.dtype, sK_layout) + cute.size_in_bytes(self.dtype, sV_layout)
+        # pipeline_kv's bytes: K + V, or with v_late K alone (V on pipeline_v)
+        tx_kv = cute.size_in_bytes(self.dtype, sK_layout) + \
+            (0 if cfg.v_late else cute.size_in_bytes(self.dtype, sV_layout))
+        tx_v = cute.size_in_bytes(self.dtype, sV_layout)
 
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
@@ -351,8 +363,9 @@ class FlashAttentionBackwardSm90:
             scale_log2, softcap_premul, softmax_scale, window_left, window_right,
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
             attention_chunk if const_expr(cfg.chunk) else None, head_splits,
-            sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout,
-            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
+            sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout, sdKV_layout,
+            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, tx_v,
+            SharedStorage,
         ).launch(
             grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]) * head_splits, batch],
             block=[self.num_threads, 1, 1],
@@ -429,11 +442,11 @@ class FlashAttentionBackwardSm90:
         window_left: Int32, window_right: Int32, attention_chunk: Optional[Int32], head_splits: Int32,
         sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
-        sRow_layout: cute.Layout,
+        sRow_layout: cute.Layout, sdKV_layout: Optional[cute.ComposedLayout],
         tiled_mma_sdp: cute.TiledMma, tiled_mma_dkv: cute.TiledMma, tiled_mma_dv: cute.TiledMma,
         tiled_mma_dq: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_do: cutlass.Constexpr[int], tx_kv: cutlass.Constexpr[int],
-        SharedStorage: cutlass.Constexpr,
+        tx_v: cutlass.Constexpr[int], SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
@@ -444,10 +457,13 @@ class FlashAttentionBackwardSm90:
         storage = smem.allocate(SharedStorage)
         make_pipe = tma_pipeline_maker(self.num_mma_threads)
         pipeline_kv = make_pipe(barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, tx_count=tx_kv)
+        # v_late: V on its own barrier (else pipeline_kv's)
+        pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=1, tx_count=tx_v) \
+            if const_expr(self.cfg.v_late) else pipeline_kv
         pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.q_stages, tx_count=tx_q)
         pipeline_do = make_pipe(barrier_storage=storage.mbar_do.data_ptr(), num_stages=self.q_stages,
                                 tx_count=tx_do)
-        for pipe in (pipeline_kv, pipeline_q, pipeline_do):
+        for pipe in (pipeline_kv, pipeline_v, pipeline_q, pipeline_do):
             check_arrive_counts(pipe, self.num_mma_threads // 32)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
@@ -462,6 +478,10 @@ class FlashAttentionBackwardSm90:
             sP = storage.sP.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)[None, None, 0]
         sdQ = None if const_expr(self.cfg.dq_red) else storage.sdQ.get_tensor(sdQ_layout)
         sLSE = storage.sLSE.get_tensor(sRow_layout)
+        # dkv_smem: dK's and dV's staging over sQ and sdO (written after the last query block)
+        sdKV = None
+        if const_expr(self.cfg.dkv_smem):
+            sdKV = tuple(x.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner) for x in (storage.sQ, storage.sdO))
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
 
         n_block, kv_split, batch = cute.arch.block_idx()  # kv_split = head_kv * head_splits + split
@@ -483,22 +503,23 @@ class FlashAttentionBackwardSm90:
                 if warp_idx == 0:
                     self.load(mQ, mK, mV, mdO, mLSE2, mdPsum, sQ, sK, sV, sdO, sLSE, sdPsum,
                               tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
-                              pipeline_kv, pipeline_q, pipeline_do, work)
+                              pipeline_kv, pipeline_v, pipeline_q, pipeline_do, work)
                 elif warp_idx == 1:
                     if const_expr(not self.cfg.dq_red):  # (dq_red: the consumers add dQ themselves)
                         self.store_dq(mdQacc, mSemaphore, sdQ, work)
             else:
                 cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
-                self.mma(mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
-                         tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2,
+                self.mma(mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, sdKV, tiled_mma_sdp, tiled_mma_dkv,
+                         tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_v, pipeline_q, pipeline_do, scale_log2,
                          softcap_premul, softmax_scale, work)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mQ, mK, mV, mdO, mLSE2, mdPsum, sQ, sK, sV, sdO, sLSE, sdPsum,
-             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO, pipeline_kv, pipeline_q, pipeline_do, work):
+             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO, pipeline_kv, pipeline_v, pipeline_q, pipeline_do,
+             work):
         """Producer warp: K and V of the key block, then Q + LSE_log2 and dO + dPsum per
-        (query head of the group, m_block), in the consumers' order."""
+        (query head of the group, m_block), in the consumers' order; v_late: V after the first Q."""
         cfg, seqlen = self.cfg, work.seqlen
         m_block_min, m_block_max = work.mask.m_block_range()
         if m_block_min < m_block_max:
@@ -506,13 +527,20 @@ class FlashAttentionBackwardSm90:
             b_q = work.batch if const_expr(not cfg.cu_seqlens_q) else 0
             b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
             kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-            pipeline_kv.producer_acquire(kv_state)
-            for atom, mX, sX, cols in ((tma_atom_K, mK, sK, self.hdim), (tma_atom_V, mV, sV, self.hdimv)):
+
+            def load_kv(atom, mX, sX, cols, pipe):
+                pipe.producer_acquire(kv_state)
                 mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.head_kv, b_k])
                 gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
                 tXsX, tXgX = cpasync.tma_partition(atom, 0, one, cute.group_modes(sX, 0, 2),
                                                    cute.group_modes(gX, 0, 2))
-                cute.copy(atom, tXgX, tXsX, tma_bar_ptr=pipeline_kv.producer_get_barrier(kv_state))
+                cute.copy(atom, tXgX, tXsX, tma_bar_ptr=pipe.producer_get_barrier(kv_state))
+
+            load_k = partial(load_kv, tma_atom_K, mK, sK, self.hdim, pipeline_kv)
+            load_v = partial(load_kv, tma_atom_V, mV, sV, self.hdimv, pipeline_v)
+            load_k()
+            if const_expr(not cfg.v_late):
+                load_v()  # (on K's barrier: the same acquire)
 
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.q_stages)
             for h in cutlass.range(work.heads, unroll=1):
@@ -524,6 +552,10 @@ class FlashAttentionBackwardSm90:
                                   pipe=pipeline_do, rows=rows, cols=self.hdimv)
                 for m_block in cutlass.range(m_block_min, m_block_max, unroll=1):
                     load_q(m_block, q_state, seqlen)
+                    if const_expr(cfg.v_late):
+                        if h == 0:
+                            if m_block == m_block_min:
+                                load_v()
                     load_do(m_block, q_state, seqlen)
                     q_state.advance()
 
@@ -605,8 +637,8 @@ class FlashAttentionBackwardSm90:
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
-    def mma(self, mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, tiled_mma_sdp, tiled_mma_dkv,
-            tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
+    def mma(self, mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, sdKV, tiled_mma_sdp, tiled_mma_dkv,
+            tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_v, pipeline_q, pipeline_do, scale_log2, softcap_premul,
             softmax_scale, work):
         tidx = cute.arch.thread_idx()[0] - THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WG)
@@ -665,14 +697,14 @@ class FlashAttentionBackwardSm90:
             thr0_sdp=thr0_sdp,
             thr_copy_dS=thr_copy_dS, tdSsdS=tdSsdS, col0=col0, t0_cols=t0_cols, tdQsdQ=tdQsdQ, dq_offset=dq_offset,
             sLSE=sLSE,
-            sdPsum=sdPsum, pipeline_q=pipeline_q, pipeline_do=pipeline_do, scale_log2=scale_log2,
+            sdPsum=sdPsum, pipeline_v=pipeline_v, pipeline_q=pipeline_q, pipeline_do=pipeline_do, scale_log2=scale_log2,
             softcap_premul=softcap_premul, wg_idx=wg_idx, mask=work.mask,
         )
 
         mask = work.mask
         m_block_min, m_block_max = mask.m_block_range()
         if m_block_min < m_block_max:
-            pipeline_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
+            pipeline_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))  # K (+ V)
             mask_keys = (work.n_block + 1) * self.tile_n > work.seqlen.seqlen_k
             m_right_end = mask.m_block_right_masked_end(m_block_min, m_block_max)
             m_left_begin = mask.m_block_left_masked_begin(m_right_end, m_block_max)
@@ -693,14 +725,19 @@ class FlashAttentionBackwardSm90:
                         q_state = step(q_state, m_block, mask_keys, mdQ_h, mask_left=True)
         for i in cutlass.range_constexpr(cute.size(acc_dK)):
             acc_dK[i] = acc_dK[i] * softmax_scale
-        self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, self.cfg.hdim_in)
-        # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
-        self.store_dkv(acc_dV, mdV, tiled_mma_dv, tidx, work, self.hdimv, 0 if self.cfg.hdimv else self.cfg.hdim_in)
+        if const_expr(self.cfg.dkv_smem):
+            self.store_dkv_staged((acc_dK, acc_dV), (mdK, mdV), sdKV, tiled_mma_dkv, tidx, work)
+        else:
+            self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, self.cfg.hdim_in)
+            # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
+            self.store_dkv(acc_dV, mdV, tiled_mma_dv, tidx, work, self.hdimv,
+                           0 if self.cfg.hdimv else self.cfg.hdim_in)
 
     @cute.jit
     def step(self, q_state, m_block, mask_keys, mdQ_h, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdVrP, tdKrdS, tPsP,
              tdQrdS, tdQrKt, acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, thr_sdp,
-             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, dq_offset, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
+             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, dq_offset, sLSE, sdPsum, pipeline_v, pipeline_q, pipeline_do,
+             scale_log2, softcap_premul, wg_idx,
              mask: KeyBlockMask, mask_right: cutlass.Constexpr[bool] = False,
              mask_left: cutlass.Constexpr[bool] = False):
         """One query block against this CTA's keys (see the module docstring)."""
@@ -715,6 +752,9 @@ class FlashAttentionBackwardSm90:
         num_cols = cute.size(self.kq(acc_to_mn(acc_S)).shape[1])
         row_stat = lambda sX, c: sX[col0 + t0_cols[0, c][self.qi], stage]  # noqa: E731
         lse_at = self.hoisted(row_stat, sLSE, num_cols)
+        if const_expr(self.cfg.v_late):
+            # V (its barrier completes once, under the first block; after it this wait returns at once)
+            pipeline_v.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         pipeline_do.consumer_wait(q_state)
         acc_dP = cute.make_rmem_tensor(shape_s, Float32)
         self.gemm_xy(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], self.dkvt, zero_init=True,
@@ -855,6 +895,31 @@ class FlashAttentionBackwardSm90:
         gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
         store_acc_predicated(r16, tiled_mma_dkv.get_slice(tidx), gX, (self.tile_n, cols),
                              seqlen.seqlen_k - work.n_block * self.tile_n, cols_in, transposed=self.dkvt)
+
+    @cute.jit
+    def store_dkv_staged(self, accs, mXs, sXs, tiled_mma_dkv, tidx, work):
+        """dkv_smem: dK and dV (`accs`, into `mXs`) through their smem staging `sXs` (over sQ and
+        sdO): once both warpgroups' last GEMMs have read sQ / sdO (the barrier), each warp writes
+        the 16 keys its accumulators hold into its own slab (stmatrix) and stores the slab's keys
+        before seqlen_k by 16-byte stores (columns before hdim_in)."""
+        cfg, seqlen = self.cfg, work.seqlen
+        cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
+        store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
+        thr_copy = cute.make_tiled_copy_C(store_atom, tiled_mma_dkv).get_slice(tidx)
+        for acc, sX in zip(accs, sXs):
+            r16 = cute.make_rmem_tensor_like(acc, self.dtype)
+            convert_to(acc, r16)
+            cute.copy(thr_copy, thr_copy.retile(r16), thr_copy.partition_D(sX))
+        cute.arch.sync_warp()
+        warp = tidx // 32  # keys DKV_SLAB_ROWS * warp .. of the block: this warp's accumulator rows
+        b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
+        rows_w = seqlen.seqlen_k - work.n_block * self.tile_n - warp * DKV_SLAB_ROWS
+        slab = work.n_block * (self.tile_n // DKV_SLAB_ROWS) + warp
+        for mX, sX in zip(mXs, sXs):
+            mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.out_head, b_k])
+            gX_w = cute.local_tile(mX_cur, (DKV_SLAB_ROWS, self.hdim), (slab, 0))
+            sX_w = cute.local_tile(sX, (DKV_SLAB_ROWS, self.hdim), (warp, 0))
+            store_slab_predicated(sX_w, gX_w, rows_w, cfg.hdim_in)
 
     # ------------------------------------------------------------------ compile
     @staticmethod

@@ -9,7 +9,6 @@ an `OutputOperands`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Type
 
@@ -23,7 +22,7 @@ from cutlass.utils import LayoutEnum
 from cute_kernels.config import FwdConfig
 from cute_kernels.mask import SeqlenInfo
 from cute_kernels.softmax import OnlineSoftmax
-from cute_kernels.utils import NamedBarrierFwd, acc_to_mn, convert_to, store_acc_predicated
+from cute_kernels.utils import NamedBarrierFwd, acc_to_mn, convert_to, store_acc_predicated, store_slab_predicated
 
 O_SLAB_ROWS = 16  # rows of O one warp holds (WGMMA: warp w of a warpgroup owns rows 16w .. 16w+15)
 
@@ -196,28 +195,7 @@ class EpilogueSm90:
 
     @cute.jit
     def store_slab_predicated(self, mO, sO_w, rows_w, m_slab, chunk, head, b_q, seqlen: SeqlenInfo):
-        """The warp's first `rows_w` slab rows (column chunk `chunk`) by 16-byte loads from smem and
-        stores to global."""
-        vec = 128 // self.dtype.width
-        threads_per_row = math.gcd(self.o_width // vec, 32)
-        gmem_copy = cute.make_tiled_copy_tv(
-            cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128),
-            cute.make_ordered_layout((32 // threads_per_row, threads_per_row), order=(1, 0)),
-            cute.make_layout((1, vec)),
-        )
-        thr_gmem = gmem_copy.get_slice(cute.arch.lane_idx())
+        """The warp's first `rows_w` slab rows (column chunk `chunk`) by 16-byte stores."""
         mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b_q])
         gO_w = cute.local_tile(mO_cur, (O_SLAB_ROWS, self.o_width), (m_slab, chunk))
-        tOsO = thr_gmem.partition_S(sO_w)
-        tOgO = thr_gmem.partition_D(gO_w)
-        tOcO = thr_gmem.partition_S(cute.make_identity_tensor((O_SLAB_ROWS, self.o_width)))
-        tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
-        cute.autovec_copy(tOsO, tOrO)
-        for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
-            if tOcO[0, m, 0][0] < rows_w:
-                if const_expr(not self.hdimv_in):
-                    cute.copy(gmem_copy, tOrO[None, m, None], tOgO[None, m, None])
-                else:  # O's head dim ends inside the tile: only the 16-byte columns before it
-                    for n in cutlass.range_constexpr(cute.size(tOrO.shape[2])):
-                        if tOcO[0, m, n][1] + chunk * self.o_width < self.hdimv_in:
-                            cute.copy(gmem_copy, tOrO[None, m, n], tOgO[None, m, n])
+        store_slab_predicated(sO_w, gO_w, rows_w, self.hdimv_in, chunk * self.o_width)

@@ -9,6 +9,7 @@ Layout conventions (WGMMA accumulator, one warpgroup computes 64 rows):
 from __future__ import annotations
 
 import enum
+import math
 from typing import Optional, Type
 
 import cutlass
@@ -291,3 +292,36 @@ def store_acc_predicated(acc: cute.Tensor, thr_mma: cute.ThrMma, gX: cute.Tensor
             for c in cutlass.range_constexpr(cute.size(a_mn.shape[1])):
                 if const_expr(not cols_in) or tXcX[r, c][1] < cols_in:
                     tXgX[r, c] = a_mn[r, c]
+
+
+@cute.jit
+def store_slab_predicated(sX: cute.Tensor, gX: cute.Tensor, rows, cols_in: cutlass.Constexpr[int] = 0,
+                          col0: cutlass.Constexpr[int] = 0):
+    """One warp: the first `rows` rows of its smem slab `sX` (rows x width, 16-bit) into the same
+    block `gX` of global memory by 16-byte loads and stores, whole rows per group of lanes (each
+    128-byte line written once). cols_in > 0: the tensor's head dim ends inside the tile; only the
+    16-byte columns whose tile column (col0 + column in the slab) is before it. The caller syncs
+    the warp after writing the slab."""
+    dtype = sX.element_type
+    vec = 128 // dtype.width
+    width = cute.size(sX.shape[1])
+    threads_per_row = math.gcd(width // vec, 32)
+    gmem_copy = cute.make_tiled_copy_tv(
+        cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128),
+        cute.make_ordered_layout((32 // threads_per_row, threads_per_row), order=(1, 0)),
+        cute.make_layout((1, vec)),
+    )
+    thr_gmem = gmem_copy.get_slice(cute.arch.lane_idx())
+    tXsX = thr_gmem.partition_S(sX)
+    tXgX = thr_gmem.partition_D(gX)
+    tXcX = thr_gmem.partition_S(cute.make_identity_tensor((cute.size(sX.shape[0]), width)))
+    tXrX = cute.make_rmem_tensor_like(tXsX, dtype)
+    cute.autovec_copy(tXsX, tXrX)
+    for m in cutlass.range_constexpr(cute.size(tXrX.shape[1])):
+        if tXcX[0, m, 0][0] < rows:
+            if const_expr(not cols_in):
+                cute.copy(gmem_copy, tXrX[None, m, None], tXgX[None, m, None])
+            else:
+                for n in cutlass.range_constexpr(cute.size(tXrX.shape[2])):
+                    if tXcX[0, m, n][1] + col0 < cols_in:
+                        cute.copy(gmem_copy, tXrX[None, m, n], tXgX[None, m, n])
