@@ -529,7 +529,6 @@ class FlashAttentionBackwardSm90:
             kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
 
             def load_kv(atom, mX, sX, cols, pipe):
-                pipe.producer_acquire(kv_state)
                 mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.head_kv, b_k])
                 gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
                 tXsX, tXgX = cpasync.tma_partition(atom, 0, one, cute.group_modes(sX, 0, 2),
@@ -538,9 +537,10 @@ class FlashAttentionBackwardSm90:
 
             load_k = partial(load_kv, tma_atom_K, mK, sK, self.hdim, pipeline_kv)
             load_v = partial(load_kv, tma_atom_V, mV, sV, self.hdimv, pipeline_v)
+            pipeline_kv.producer_acquire(kv_state)
             load_k()
             if const_expr(not cfg.v_late):
-                load_v()  # (on K's barrier: the same acquire)
+                load_v()  # on K's barrier (its tx count is K's and V's bytes)
 
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.q_stages)
             for h in cutlass.range(work.heads, unroll=1):
@@ -555,6 +555,7 @@ class FlashAttentionBackwardSm90:
                     if const_expr(cfg.v_late):
                         if h == 0:
                             if m_block == m_block_min:
+                                pipeline_v.producer_acquire(kv_state)
                                 load_v()
                     load_do(m_block, q_state, seqlen)
                     q_state.advance()
