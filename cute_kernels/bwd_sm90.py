@@ -25,7 +25,10 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
     dQ   = dS K           SS WGMMA from sdS (each warpgroup: half of dQ's columns, or of its
                           rows at tile_m 128), -> sdQ in fragment order
     dK  += dS^T Q         RS WGMMA
-  then dK * softmax_scale and dV to global memory.
+  then dK * softmax_scale and dV to global memory: `dkv_smem` (the default on the 64 / 128-row
+  tiles) stages each warp's 16 keys of both in smem over sQ / sdO (one barrier: both warpgroups'
+  last GEMMs done) and writes them by 16-byte row-contiguous stores; otherwise element-wise from
+  the registers (each 32-byte sector written twice: ncu at hdim 128, 2k).
   tile_m 128 (hdim 64 only, its default: FA3's 128 x 128 tile; 64 stays a variant,
   `BwdConfig.make(..., tile_m=64)`): S^T / dP^T of 64 keys x 128
   queries (64 registers each a thread), LSE_log2 / dPsum / sQ / sdO / sdS of 128 rows, and dQ
@@ -97,7 +100,8 @@ takes a second Q / dO stage; not with deterministic, whose ordered adds are the 
 `stat_regs` reads the LSE_log2 / dPsum values into registers under the GEMMs (ptxas does not move a
 shared load across a wgmma wait, so read where used they put their latency between the S^T wait and
 the first exp2); `dv_early` (P^T in registers) issues dV += P^T dO right after P^T is converted, so
-every exp2 precedes dP^T's wait and dV's GEMM runs under dS^T's math.
+every exp2 precedes dP^T's wait and dV's GEMM runs under dS^T's math; `dkv_smem` (above) 1.8-4.9%
+less time at 2k tokens x 8 (H100 / H200), +1.4-1.9% on the 80-row tile non-causal (off there).
 
 Pipelines (PipelineTmaAsync, counts checked at trace time): pipeline_kv 1 stage (K + V bytes),
 pipeline_q / pipeline_do q_stages (Q + LSE / dO + dPsum bytes); consumer release from lane 0
@@ -324,7 +328,6 @@ class FlashAttentionBackwardSm90:
         @cute.struct
         class SharedStorage:
             mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
-            mbar_v: cute.struct.MemRange[cutlass.Int64, 2]  # v_late: V's own (else unused)
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             mbar_do: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             sLSE: cute.struct.Align[cute.struct.MemRange[Float32, cute.cosize(sRow_layout)], 128]
@@ -350,10 +353,7 @@ class FlashAttentionBackwardSm90:
         row_bytes = self.tile_m * 4
         tx_q = cute.size_in_bytes(self.dtype, cute.select(sQ_layout, mode=[0, 1])) + row_bytes
         tx_do = cute.size_in_bytes(self.dtype, cute.select(sdO_layout, mode=[0, 1])) + row_bytes
-        # pipeline_kv's bytes: K + V, or with v_late K alone (V on pipeline_v)
-        tx_kv = cute.size_in_bytes(self.dtype, sK_layout) + \
-            (0 if cfg.v_late else cute.size_in_bytes(self.dtype, sV_layout))
-        tx_v = cute.size_in_bytes(self.dtype, sV_layout)
+        tx_kv = cute.size_in_bytes(self.dtype, sK_layout) + cute.size_in_bytes(self.dtype, sV_layout)
 
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(
@@ -364,8 +364,7 @@ class FlashAttentionBackwardSm90:
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
             attention_chunk if const_expr(cfg.chunk) else None, head_splits,
             sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout, sdKV_layout,
-            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, tx_v,
-            SharedStorage,
+            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
         ).launch(
             grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]) * head_splits, batch],
             block=[self.num_threads, 1, 1],
@@ -446,7 +445,7 @@ class FlashAttentionBackwardSm90:
         tiled_mma_sdp: cute.TiledMma, tiled_mma_dkv: cute.TiledMma, tiled_mma_dv: cute.TiledMma,
         tiled_mma_dq: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_do: cutlass.Constexpr[int], tx_kv: cutlass.Constexpr[int],
-        tx_v: cutlass.Constexpr[int], SharedStorage: cutlass.Constexpr,
+        SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
@@ -457,13 +456,10 @@ class FlashAttentionBackwardSm90:
         storage = smem.allocate(SharedStorage)
         make_pipe = tma_pipeline_maker(self.num_mma_threads)
         pipeline_kv = make_pipe(barrier_storage=storage.mbar_kv.data_ptr(), num_stages=1, tx_count=tx_kv)
-        # v_late: V on its own barrier (else pipeline_kv's)
-        pipeline_v = make_pipe(barrier_storage=storage.mbar_v.data_ptr(), num_stages=1, tx_count=tx_v) \
-            if const_expr(self.cfg.v_late) else pipeline_kv
         pipeline_q = make_pipe(barrier_storage=storage.mbar_q.data_ptr(), num_stages=self.q_stages, tx_count=tx_q)
         pipeline_do = make_pipe(barrier_storage=storage.mbar_do.data_ptr(), num_stages=self.q_stages,
                                 tx_count=tx_do)
-        for pipe in (pipeline_kv, pipeline_v, pipeline_q, pipeline_do):
+        for pipe in (pipeline_kv, pipeline_q, pipeline_do):
             check_arrive_counts(pipe, self.num_mma_threads // 32)
         cute.arch.mbarrier_init_fence()
         cute.arch.barrier()
@@ -503,23 +499,22 @@ class FlashAttentionBackwardSm90:
                 if warp_idx == 0:
                     self.load(mQ, mK, mV, mdO, mLSE2, mdPsum, sQ, sK, sV, sdO, sLSE, sdPsum,
                               tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
-                              pipeline_kv, pipeline_v, pipeline_q, pipeline_do, work)
+                              pipeline_kv, pipeline_q, pipeline_do, work)
                 elif warp_idx == 1:
                     if const_expr(not self.cfg.dq_red):  # (dq_red: the consumers add dQ themselves)
                         self.store_dq(mdQacc, mSemaphore, sdQ, work)
             else:
                 cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
                 self.mma(mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, sdKV, tiled_mma_sdp, tiled_mma_dkv,
-                         tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_v, pipeline_q, pipeline_do, scale_log2,
+                         tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2,
                          softcap_premul, softmax_scale, work)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
     def load(self, mQ, mK, mV, mdO, mLSE2, mdPsum, sQ, sK, sV, sdO, sLSE, sdPsum,
-             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO, pipeline_kv, pipeline_v, pipeline_q, pipeline_do,
-             work):
+             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO, pipeline_kv, pipeline_q, pipeline_do, work):
         """Producer warp: K and V of the key block, then Q + LSE_log2 and dO + dPsum per
-        (query head of the group, m_block), in the consumers' order; v_late: V after the first Q."""
+        (query head of the group, m_block), in the consumers' order."""
         cfg, seqlen = self.cfg, work.seqlen
         m_block_min, m_block_max = work.mask.m_block_range()
         if m_block_min < m_block_max:
@@ -527,20 +522,13 @@ class FlashAttentionBackwardSm90:
             b_q = work.batch if const_expr(not cfg.cu_seqlens_q) else 0
             b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
             kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-
-            def load_kv(atom, mX, sX, cols, pipe):
+            pipeline_kv.producer_acquire(kv_state)
+            for atom, mX, sX, cols in ((tma_atom_K, mK, sK, self.hdim), (tma_atom_V, mV, sV, self.hdimv)):
                 mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.head_kv, b_k])
                 gX = cute.local_tile(mX_cur, (self.tile_n, cols), (work.n_block, 0))
                 tXsX, tXgX = cpasync.tma_partition(atom, 0, one, cute.group_modes(sX, 0, 2),
                                                    cute.group_modes(gX, 0, 2))
-                cute.copy(atom, tXgX, tXsX, tma_bar_ptr=pipe.producer_get_barrier(kv_state))
-
-            load_k = partial(load_kv, tma_atom_K, mK, sK, self.hdim, pipeline_kv)
-            load_v = partial(load_kv, tma_atom_V, mV, sV, self.hdimv, pipeline_v)
-            pipeline_kv.producer_acquire(kv_state)
-            load_k()
-            if const_expr(not cfg.v_late):
-                load_v()  # on K's barrier (its tx count is K's and V's bytes)
+                cute.copy(atom, tXgX, tXsX, tma_bar_ptr=pipeline_kv.producer_get_barrier(kv_state))
 
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.q_stages)
             for h in cutlass.range(work.heads, unroll=1):
@@ -552,11 +540,6 @@ class FlashAttentionBackwardSm90:
                                   pipe=pipeline_do, rows=rows, cols=self.hdimv)
                 for m_block in cutlass.range(m_block_min, m_block_max, unroll=1):
                     load_q(m_block, q_state, seqlen)
-                    if const_expr(cfg.v_late):
-                        if h == 0:
-                            if m_block == m_block_min:
-                                pipeline_v.producer_acquire(kv_state)
-                                load_v()
                     load_do(m_block, q_state, seqlen)
                     q_state.advance()
 
@@ -639,7 +622,7 @@ class FlashAttentionBackwardSm90:
     # ------------------------------------------------------------------ consumers
     @cute.jit
     def mma(self, mdK, mdV, mdQacc, sQ, sK, sV, sdO, sP, sdS, sdQ, sLSE, sdPsum, sdKV, tiled_mma_sdp, tiled_mma_dkv,
-            tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_v, pipeline_q, pipeline_do, scale_log2, softcap_premul,
+            tiled_mma_dv, tiled_mma_dq, pipeline_kv, pipeline_q, pipeline_do, scale_log2, softcap_premul,
             softmax_scale, work):
         tidx = cute.arch.thread_idx()[0] - THREADS_PER_WG
         wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WG)
@@ -698,14 +681,14 @@ class FlashAttentionBackwardSm90:
             thr0_sdp=thr0_sdp,
             thr_copy_dS=thr_copy_dS, tdSsdS=tdSsdS, col0=col0, t0_cols=t0_cols, tdQsdQ=tdQsdQ, dq_offset=dq_offset,
             sLSE=sLSE,
-            sdPsum=sdPsum, pipeline_v=pipeline_v, pipeline_q=pipeline_q, pipeline_do=pipeline_do, scale_log2=scale_log2,
+            sdPsum=sdPsum, pipeline_q=pipeline_q, pipeline_do=pipeline_do, scale_log2=scale_log2,
             softcap_premul=softcap_premul, wg_idx=wg_idx, mask=work.mask,
         )
 
         mask = work.mask
         m_block_min, m_block_max = mask.m_block_range()
         if m_block_min < m_block_max:
-            pipeline_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))  # K (+ V)
+            pipeline_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
             mask_keys = (work.n_block + 1) * self.tile_n > work.seqlen.seqlen_k
             m_right_end = mask.m_block_right_masked_end(m_block_min, m_block_max)
             m_left_begin = mask.m_block_left_masked_begin(m_right_end, m_block_max)
@@ -737,8 +720,7 @@ class FlashAttentionBackwardSm90:
     @cute.jit
     def step(self, q_state, m_block, mask_keys, mdQ_h, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdVrP, tdKrdS, tPsP,
              tdQrdS, tdQrKt, acc_dK, acc_dV, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, thr_sdp,
-             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, dq_offset, sLSE, sdPsum, pipeline_v, pipeline_q, pipeline_do,
-             scale_log2, softcap_premul, wg_idx,
+             thr0_sdp, thr_copy_dS, tdSsdS, col0, t0_cols, tdQsdQ, dq_offset, sLSE, sdPsum, pipeline_q, pipeline_do, scale_log2, softcap_premul, wg_idx,
              mask: KeyBlockMask, mask_right: cutlass.Constexpr[bool] = False,
              mask_left: cutlass.Constexpr[bool] = False):
         """One query block against this CTA's keys (see the module docstring)."""
@@ -753,9 +735,6 @@ class FlashAttentionBackwardSm90:
         num_cols = cute.size(self.kq(acc_to_mn(acc_S)).shape[1])
         row_stat = lambda sX, c: sX[col0 + t0_cols[0, c][self.qi], stage]  # noqa: E731
         lse_at = self.hoisted(row_stat, sLSE, num_cols)
-        if const_expr(self.cfg.v_late):
-            # V (its barrier completes once, under the first block; after it this wait returns at once)
-            pipeline_v.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         pipeline_do.consumer_wait(q_state)
         acc_dP = cute.make_rmem_tensor(shape_s, Float32)
         self.gemm_xy(tiled_mma_sdp, acc_dP, tdPrV, tdPrdO[None, None, None, stage], self.dkvt, zero_init=True,

@@ -581,10 +581,6 @@ class BwdConfig:
     # of 128 keys (two warpgroups of 64), in the tensors' dtype: not dkv_split_hdim /
     # dkv_transposed / dkv_partial.
     dkv_smem: bool = False
-    # K and V on their own barriers, V's load issued after the first Q block's: the first S^T
-    # waits for K + Q only, not K + V + Q (ncu at hdim 128, 2k: ~18% of the gap to flash-attn-4
-    # is this prologue). dP^T's GEMM waits for V (a completed barrier after the first block).
-    v_late: bool = False
 
     @property
     def num_mma_wg(self) -> int:
@@ -650,5 +646,4 @@ class BwdConfig:
         flags += [f"stat_regs{self.stat_regs}"] if self.stat_regs else []
         flags += ["dv_early"] if self.dv_early else []
         flags += ["dkv_smem"] if self.dkv_smem else []
-        flags += ["v_late"] if self.v_late else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

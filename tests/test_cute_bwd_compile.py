@@ -185,6 +185,58 @@ def test_bwd_variants_by_default(monkeypatch):
     assert cfg(64).dq_red and cfg(64).ds_stages == 1
 
 
+DKV_SMEM_GRID = {
+    "d64-causal-varlen": ("bf16", 64, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    "d96-fp16-seqused-padded": ("fp16", 96, dict(seqused_q=True, seqused_k=True, hdim_in=80)),
+    "d128": ("bf16", 128, {}),
+    "d128-local-softcap-deterministic": ("bf16", 128, dict(has_left=True, has_right=True, softcap=True,
+                                                           deterministic=True)),
+    "d128-chunk-ds2": ("bf16", 128, dict(has_right=True, chunk=True, ds_stages=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(DKV_SMEM_GRID))
+def test_compile_bwd_dkv_smem(name):
+    """dK / dV through smem (dkv_smem): the required SASS, no local memory, and dK / dV leave by
+    stmatrix (more STSM than dS^T's alone) and 16-byte stores only: each lane's share of its
+    warp's 16-key x hdim slab of each, 2 * hdim / 16 STG.E.128 in all and no narrower store
+    (without it: one 4-byte STG per two values, 64 at hdim 128)."""
+    dtype, hdim, features = DKV_SMEM_GRID[name]
+    cfg = BwdConfig.make(dtype, hdim, dkv_smem=True, **features)
+    assert "dkv_smem" in cfg.short()
+    text, _ = check_compiled(cfg)
+    ops = sass.opcode_counts(text, full=True)
+    stores = {op: n for op, n in ops.items() if op.startswith("STG")}
+    assert stores == {"STG.E.128": 2 * hdim // 16}, stores
+    plain = sass.opcode_counts(compiled(BwdConfig.make(dtype, hdim, **features))[0], full=True)
+    assert sum(n for op, n in ops.items() if op.startswith("STSM")) > \
+        sum(n for op, n in plain.items() if op.startswith("STSM"))
+
+
+def test_dkv_smem_where_dk_dv_are_16_bit_registers(monkeypatch):
+    """bwd_launch.variants: dkv_smem by default on the 64 / 128-row tiles of hdim 64 / 96 / 128, not
+    on the 80-row tile (timed slower there), not with head splits (float32 partials), not on
+    hdim 192 / 256's tiles (dK / dV split by head-dim columns, or transposed); the environment's
+    choice everywhere it applies; BwdConfig refuses the tiles it does not apply to."""
+    from cute_kernels import bwd_launch
+
+    monkeypatch.setattr(bwd_launch, "dkv_smem", None)
+    monkeypatch.setattr(bwd_launch, "m80", None)
+    long = bwd_launch.M80_MIN_SEQLEN_Q
+    assert all(bwd_launch.variants(d, False, False).get("dkv_smem") for d in (64, 96, 128))
+    assert all(bwd_launch.variants(d, True, True, True).get("dkv_smem") for d in (64, 96, 128))
+    assert "dkv_smem" not in bwd_launch.variants(128, False, False, max_seqlen_q=long)  # the 80-row tile
+    assert not any("dkv_smem" in bwd_launch.variants(d, False, False) for d in (192, 256))
+    assert not any("dkv_smem" in bwd_launch.variants(d, False, False, partial=True) for d in (64, 96, 128))
+    monkeypatch.setattr(bwd_launch, "dkv_smem", True)
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=long).get("dkv_smem")
+    monkeypatch.setattr(bwd_launch, "dkv_smem", False)
+    assert not any("dkv_smem" in bwd_launch.variants(d, False, False) for d in (64, 96, 128))
+    for d, features in ((192, {}), (256, {}), (192, dict(dkv_transposed=True)), (128, dict(dkv_partial=True))):
+        with pytest.raises(AssertionError, match="dkv_smem"):
+            BwdConfig.make("bf16", d, dkv_smem=True, **features)
+
+
 M80_GRID = {
     "noncausal": {}, "fp16": dict(dtype="fp16"), "causal": dict(has_right=True), "softcap": dict(softcap=True),
     "local-varlen": dict(has_left=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),

@@ -644,10 +644,11 @@ def test_m80_where_long_and_unwindowed(monkeypatch):
     monkeypatch.setattr(bwd_launch, "ds_stages", None)
     monkeypatch.setattr(bwd_launch, "stat_regs", None)
     monkeypatch.setattr(bwd_launch, "dv_early", None)
+    monkeypatch.setattr(bwd_launch, "dkv_smem", None)
     long, short = bwd_launch.M80_MIN_SEQLEN_Q, bwd_launch.M80_MIN_SEQLEN_Q - 1
     assert bwd_launch.M80_BY_DEFAULT
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long) == dict(ds_stages=2, dq_red=False, tile_m=80)
-    assert bwd_launch.variants(128, False, False, max_seqlen_q=short) == dict(ds_stages=1, dq_red=False,
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=short) == dict(ds_stages=1, dq_red=False, dkv_smem=True,
                                                                               stat_regs=16, dv_early=True)
     monkeypatch.setattr(bwd_launch, "ds_stages", 1)
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long) == dict(ds_stages=1, dq_red=False, tile_m=80)
