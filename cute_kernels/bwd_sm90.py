@@ -28,7 +28,9 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
   then dK * softmax_scale and dV to global memory: `dkv_smem` (the default on the 64 / 128-row
   tiles) stages each warp's 16 keys of both in smem over sQ / sdO (one barrier: both warpgroups'
   last GEMMs done) and writes them by 16-byte row-contiguous stores; otherwise element-wise from
-  the registers (each 32-byte sector written twice: ncu at hdim 128, 2k).
+  the registers (each 32-byte sector written twice: ncu at hdim 128, 2k). On the tiles below,
+  dkv_smem's slab of a warp is 16 keys x hdim / 2 (split_hdim) or, from dK^T / dV^T by
+  stmatrix.trans, 96 keys x 16 columns (dkvt); `dkv_slab`, checked at trace time.
   tile_m 128 (hdim 64 only, its default: FA3's 128 x 128 tile; 64 stays a variant,
   `BwdConfig.make(..., tile_m=64)`): S^T / dP^T of 64 keys x 128
   queries (64 registers each a thread), LSE_log2 / dPsum / sQ / sdO / sdS of 128 rows, and dQ
@@ -157,7 +159,7 @@ THREADS_PER_WG = 128
 NUM_MMA_WG = 2
 SMEM_BYTES = 227 * 1024
 DQ_VEC = 4  # fp32 values per 16-byte store of dQ into sdQ
-DKV_SLAB_ROWS = 16  # keys of dK / dV one consumer warp holds (WGMMA: warp w of a warpgroup, rows 16w ..)
+DKV_WARP_ROWS = 16  # rows of dK / dV (dkvt: of dK^T / dV^T) one consumer warp holds (WGMMA: warp w, rows 16w ..)
 
 
 def padded_offset(offset_q, batch, tile_m: int):
@@ -297,6 +299,8 @@ class FlashAttentionBackwardSm90:
         self.check_dq_fragment_order(tiled_mma_dq)
         if const_expr(self.split_hdim):
             self.check_split_partitions(tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv)
+        if const_expr(cfg.dkv_smem):
+            self.check_dkv_slabs((tiled_mma_dkv, tiled_mma_dv))
         # (split_hdim: dK += dS^T Q and dV += P^T dO read Q and dO transposed in hdim / 2-column halves)
         q_cols = self.hdim // self.num_wg if const_expr(self.split_hdim) else None
         do_cols = self.hdimv // self.num_wg if const_expr(self.split_hdim) else None
@@ -318,12 +322,14 @@ class FlashAttentionBackwardSm90:
             (DQ_VEC, THREADS_PER_WG, self.dq_per_thread // DQ_VEC, self.num_wg),
             stride=(1, DQ_VEC, DQ_VEC * THREADS_PER_WG, dq_chunk))
         sRow_layout = cute.make_layout((self.tile_m, self.q_stages))  # LSE_log2 / dPsum
-        # dkv_smem: dK / dV staged over sQ / sdO in compact 16-key slabs, one per consumer warp
-        sdKV_layout = None
+        # dkv_smem: dK over sQ and dV over sdO, keys x head dim, in compact slabs, one per consumer warp
+        sdK_layout, sdV_layout = None, None
         if const_expr(cfg.dkv_smem):
-            slab = make_smem_layout(self.dtype, (DKV_SLAB_ROWS, self.hdim))
-            sdKV_layout = cute.tile_to_shape(slab, (self.tile_n, self.hdim), order=(0, 1))
-            assert cute.cosize(sdKV_layout) <= min(cute.cosize(sQ_layout), cute.cosize(sdO_layout))
+            sdK_layout, sdV_layout = (
+                cute.tile_to_shape(make_smem_layout(self.dtype, self.dkv_slab(cols)[0]), (self.tile_n, cols),
+                                   order=(0, 1)) for cols in (self.hdim, self.hdimv))
+            assert cute.cosize(sdK_layout) <= cute.cosize(sQ_layout)
+            assert cute.cosize(sdV_layout) <= cute.cosize(sdO_layout)
 
         @cute.struct
         class SharedStorage:
@@ -363,8 +369,8 @@ class FlashAttentionBackwardSm90:
             scale_log2, softcap_premul, softmax_scale, window_left, window_right,
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
             attention_chunk if const_expr(cfg.chunk) else None, head_splits,
-            sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout, sdKV_layout,
-            tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
+            sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout, sdK_layout,
+            sdV_layout, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
         ).launch(
             grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]) * head_splits, batch],
             block=[self.num_threads, 1, 1],
@@ -408,6 +414,33 @@ class FlashAttentionBackwardSm90:
                     assert 0 <= row < self.tile_n and wg * half <= col < (wg + 1) * half, \
                         f"thread {t} value {r} at ({row}, {col}): not warpgroup {wg}'s columns"
 
+    def dkv_store_atom(self):
+        """dkv_smem's smem store of dK / dV: stmatrix, or with dkvt (dK^T / dV^T into the keys x
+        head dim buffer's transposed view) stmatrix.trans."""
+        order = LayoutEnum.COL_MAJOR if self.dkvt else LayoutEnum.ROW_MAJOR
+        return sm90_utils.sm90_get_smem_store_op(order, self.dtype, Float32)
+
+    def check_dkv_slabs(self, tiled_mmas):
+        """dkv_smem, trace time: every dK / dV value a consumer thread stages lies in its warp's
+        slab (`dkv_slab`), so a warp stores its slab after its own stmatrix with no wider sync,
+        and the warps' slabs tile the block."""
+        num_warps = self.num_mma_threads // 32
+        for tiled_mma, cols in zip(tiled_mmas, (self.hdim, self.hdimv)):
+            slab, coord = self.dkv_slab(cols)
+            assert num_warps * slab[0] * slab[1] == self.tile_n * cols, f"{num_warps} slabs {slab}: not {cols} columns"
+            assert sorted(coord(w) for w in range(num_warps)) == sorted(
+                (r, c) for r in range(self.tile_n // slab[0]) for c in range(cols // slab[1]))
+            tiled_copy = cute.make_tiled_copy_C(self.dkv_store_atom(), tiled_mma)
+            cI = cute.make_identity_tensor((cols, self.tile_n) if self.dkvt else (self.tile_n, cols))
+            for t in (0, 1, 31, 32, 77, 127, 128, 161, 255, 256, 300, 383)[:8 + 4 * (self.num_wg - 2)]:
+                rb, cb = coord(t // 32)
+                coords = tiled_copy.get_slice(t).partition_D(cI)
+                for i in range(cute.size(coords)):
+                    a, b = (int(x) for x in coords[i])
+                    key, col = (b, a) if self.dkvt else (a, b)
+                    assert key // slab[0] == rb and col // slab[1] == cb, \
+                        f"thread {t}: value {i} at key {key}, column {col} outside slab {(rb, cb)} of {slab}"
+
     def kq(self, t_mn: cute.Tensor) -> cute.Tensor:
         """An (m, n) view of S's tile as keys x queries: as it is (S^T), or transposed (dkvt's S)."""
         return mn_transposed(t_mn) if const_expr(self.dkvt) else t_mn
@@ -441,7 +474,8 @@ class FlashAttentionBackwardSm90:
         window_left: Int32, window_right: Int32, attention_chunk: Optional[Int32], head_splits: Int32,
         sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
-        sRow_layout: cute.Layout, sdKV_layout: Optional[cute.ComposedLayout],
+        sRow_layout: cute.Layout, sdK_layout: Optional[cute.ComposedLayout],
+        sdV_layout: Optional[cute.ComposedLayout],
         tiled_mma_sdp: cute.TiledMma, tiled_mma_dkv: cute.TiledMma, tiled_mma_dv: cute.TiledMma,
         tiled_mma_dq: cute.TiledMma,
         tx_q: cutlass.Constexpr[int], tx_do: cutlass.Constexpr[int], tx_kv: cutlass.Constexpr[int],
@@ -477,7 +511,8 @@ class FlashAttentionBackwardSm90:
         # dkv_smem: dK's and dV's staging over sQ and sdO (written after the last query block)
         sdKV = None
         if const_expr(self.cfg.dkv_smem):
-            sdKV = tuple(x.get_tensor(sdKV_layout.outer, swizzle=sdKV_layout.inner) for x in (storage.sQ, storage.sdO))
+            sdKV = (storage.sQ.get_tensor(sdK_layout.outer, swizzle=sdK_layout.inner),
+                    storage.sdO.get_tensor(sdV_layout.outer, swizzle=sdV_layout.inner))
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
 
         n_block, kv_split, batch = cute.arch.block_idx()  # kv_split = head_kv * head_splits + split
@@ -710,7 +745,7 @@ class FlashAttentionBackwardSm90:
         for i in cutlass.range_constexpr(cute.size(acc_dK)):
             acc_dK[i] = acc_dK[i] * softmax_scale
         if const_expr(self.cfg.dkv_smem):
-            self.store_dkv_staged((acc_dK, acc_dV), (mdK, mdV), sdKV, tiled_mma_dkv, tidx, work)
+            self.store_dkv_staged((acc_dK, acc_dV), (mdK, mdV), sdKV, (tiled_mma_dkv, tiled_mma_dv), tidx, work)
         else:
             self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, self.cfg.hdim_in)
             # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
@@ -876,30 +911,47 @@ class FlashAttentionBackwardSm90:
         store_acc_predicated(r16, tiled_mma_dkv.get_slice(tidx), gX, (self.tile_n, cols),
                              seqlen.seqlen_k - work.n_block * self.tile_n, cols_in, transposed=self.dkvt)
 
+    def dkv_slab(self, cols: int):
+        """dkv_smem: the (rows, columns) of the slab of a keys x `cols` block of dK / dV that one
+        consumer warp's accumulator holds, and the slab's tile coordinate for warp w (0 .. 4 x
+        num_wg - 1): 16 keys x all columns (two warpgroups of 64 keys); split_hdim, 16 keys x
+        cols / 2 (warpgroup w // 4 holds half w // 4 of the columns); dkvt, all keys x 16 columns
+        (the warp's 16 rows of dK^T, warpgroup w // 4 head-dim rows 64 (w // 4) ..)."""
+        if self.dkvt:
+            return (self.tile_n, DKV_WARP_ROWS), lambda w: (0, w)
+        if self.split_hdim:
+            return (DKV_WARP_ROWS, cols // NUM_MMA_WG), lambda w: (w % 4, w // 4)
+        return (DKV_WARP_ROWS, cols), lambda w: (w, 0)
+
     @cute.jit
-    def store_dkv_staged(self, accs, mXs, sXs, tiled_mma_dkv, tidx, work):
+    def store_dkv_staged(self, accs, mXs, sXs, tiled_mmas, tidx, work):
         """dkv_smem: dK and dV (`accs`, into `mXs`) through their smem staging `sXs` (over sQ and
-        sdO): once both warpgroups' last GEMMs have read sQ / sdO (the barrier), each warp writes
-        the 16 keys its accumulators hold into its own slab (stmatrix) and stores the slab's keys
-        before seqlen_k by 16-byte stores (columns before hdim_in)."""
+        sdO; keys x head dim): once every consumer warpgroup's last GEMMs have read sQ / sdO (the
+        barrier), each warp writes the slab its accumulators hold (stmatrix; dkvt: transposing,
+        from dK^T / dV^T) and stores the slab's keys before seqlen_k by 16-byte stores (columns
+        before hdim_in)."""
         cfg, seqlen = self.cfg, work.seqlen
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
-        store_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
-        thr_copy = cute.make_tiled_copy_C(store_atom, tiled_mma_dkv).get_slice(tidx)
-        for acc, sX in zip(accs, sXs):
+        store_atom = self.dkv_store_atom()  # (dkvt: dK^T / dV^T into the transposed view)
+        for acc, sX, tiled_mma in zip(accs, sXs, tiled_mmas):
             r16 = cute.make_rmem_tensor_like(acc, self.dtype)
             convert_to(acc, r16)
-            cute.copy(thr_copy, thr_copy.retile(r16), thr_copy.partition_D(sX))
+            thr_copy = cute.make_tiled_copy_C(store_atom, tiled_mma).get_slice(tidx)
+            dst = transpose_view(sX) if const_expr(self.dkvt) else sX
+            cute.copy(thr_copy, thr_copy.retile(r16), thr_copy.partition_D(dst))
         cute.arch.sync_warp()
-        warp = tidx // 32  # keys DKV_SLAB_ROWS * warp .. of the block: this warp's accumulator rows
+        warp = tidx // 32
         b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
-        rows_w = seqlen.seqlen_k - work.n_block * self.tile_n - warp * DKV_SLAB_ROWS
-        slab = work.n_block * (self.tile_n // DKV_SLAB_ROWS) + warp
-        for mX, sX in zip(mXs, sXs):
+        keys_left = seqlen.seqlen_k - work.n_block * self.tile_n
+        # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
+        cols_in = (cfg.hdim_in, 0 if self.cfg.hdimv else cfg.hdim_in)
+        for mX, sX, cols, c_in in zip(mXs, sXs, (self.hdim, self.hdimv), cols_in):
+            slab, coord = self.dkv_slab(cols)
+            rb, cb = coord(warp)
             mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.out_head, b_k])
-            gX_w = cute.local_tile(mX_cur, (DKV_SLAB_ROWS, self.hdim), (slab, 0))
-            sX_w = cute.local_tile(sX, (DKV_SLAB_ROWS, self.hdim), (warp, 0))
-            store_slab_predicated(sX_w, gX_w, rows_w, cfg.hdim_in)
+            gX_w = cute.local_tile(mX_cur, slab, (work.n_block * (self.tile_n // slab[0]) + rb, cb))
+            store_slab_predicated(cute.local_tile(sX, slab, (rb, cb)), gX_w, keys_left - rb * slab[0], c_in,
+                                  cb * slab[1])
 
     # ------------------------------------------------------------------ compile
     @staticmethod

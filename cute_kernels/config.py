@@ -573,13 +573,13 @@ class BwdConfig:
     # after dS^T is stored): the exp2s are then all placed before that wait and dV's GEMM runs
     # under the dS^T math. P^T in registers only (not dkv_split_hdim / dkv_transposed).
     dv_early: bool = False
-    # dK / dV written through smem: after the last query block each consumer warp stages the 16
-    # keys its accumulators hold (stmatrix) over sQ (dK) and sdO (dV), free once both warpgroups'
-    # last GEMMs are done (one barrier), and stores them by 16-byte row-contiguous stores (each
-    # 128-byte line once). Without it, 4-byte stores straight from the accumulator registers,
-    # each sector written twice (ncu: ~60% of the gap to flash-attn-4 at hdim 128, 2k). dK / dV
-    # of 128 keys (two warpgroups of 64), in the tensors' dtype: not dkv_split_hdim /
-    # dkv_transposed / dkv_partial.
+    # dK / dV written through smem: after the last query block each consumer warp stages the
+    # slab of dK and of dV its accumulators hold (stmatrix; dkv_transposed: stmatrix.trans of
+    # dK^T / dV^T) over sQ (dK) and sdO (dV), free once every consumer warpgroup's last GEMMs are
+    # done (one barrier), and stores it by 16-byte row-contiguous stores (each sector once).
+    # Without it, element-wise stores straight from the accumulator registers: 4-byte, each
+    # sector written twice (ncu: ~60% of the gap to flash-attn-4 at hdim 128, 2k), or with
+    # dkv_transposed 2-byte (96 a thread). In the tensors' dtype: not dkv_partial.
     dkv_smem: bool = False
 
     @property
@@ -593,9 +593,8 @@ class BwdConfig:
             "ds_stages 2: two Q stages, dS^T alone in smem (not dkv_split_hdim)"
         assert not (self.dv_early and (self.dkv_split_hdim or self.dkv_transposed)), \
             "dv_early: P^T in registers (not dkv_split_hdim / dkv_transposed)"
-        assert not (self.dkv_smem and (self.dkv_split_hdim or self.dkv_transposed or self.dkv_partial)), \
-            "dkv_smem: 128 keys of dK / dV in registers, 16-bit (not split_hdim / transposed / partial)"
-        assert not self.dkv_smem or self.tile_m * self.q_stages >= self.tile_n, "dkv_smem: sQ holds 128 keys' dK"
+        assert not (self.dkv_smem and self.dkv_partial), "dkv_smem: 16-bit dK / dV (not the float32 partials)"
+        assert not self.dkv_smem or self.tile_m * self.q_stages >= self.tile_n, "dkv_smem: sQ holds the keys' dK"
         if self.dkv_transposed:
             assert (self.tile_m, self.tile_n) == BWD_DKVT_TILE and self.hdim == 192 and not self.hdimv, \
                 f"dkv_transposed: hdim 192 (three 64-row warpgroups of dK^T), tile {BWD_DKVT_TILE}"

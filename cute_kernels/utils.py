@@ -295,8 +295,7 @@ def store_acc_predicated(acc: cute.Tensor, thr_mma: cute.ThrMma, gX: cute.Tensor
 
 
 @cute.jit
-def store_slab_predicated(sX: cute.Tensor, gX: cute.Tensor, rows, cols_in: cutlass.Constexpr[int] = 0,
-                          col0: cutlass.Constexpr[int] = 0):
+def store_slab_predicated(sX: cute.Tensor, gX: cute.Tensor, rows, cols_in: cutlass.Constexpr[int] = 0, col0=0):
     """One warp: the first `rows` rows of its smem slab `sX` (rows x width, 16-bit) into the same
     block `gX` of global memory by 16-byte loads and stores, whole rows per group of lanes (each
     128-byte line written once). cols_in > 0: the tensor's head dim ends inside the tile; only the

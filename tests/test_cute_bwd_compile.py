@@ -192,32 +192,42 @@ DKV_SMEM_GRID = {
     "d128-local-softcap-deterministic": ("bf16", 128, dict(has_left=True, has_right=True, softcap=True,
                                                            deterministic=True)),
     "d128-chunk-ds2": ("bf16", 128, dict(has_right=True, chunk=True, ds_stages=2)),
+    # hdim 192's three-warpgroup tile (dK^T / dV^T: stmatrix.trans, 96 keys x 16-column slabs)
+    "d192-dkvt": ("bf16", 192, dict(dkv_transposed=True)),
+    "d176-dkvt-causal-varlen": ("bf16", 192, dict(dkv_transposed=True, has_right=True, cu_seqlens_q=True,
+                                                  cu_seqlens_k=True, hdim_in=176)),
+    # the split_hdim tiles (each warpgroup half of the columns): 256, deterministic's one Q stage, 192 x 128
+    "d256-causal": ("bf16", 256, dict(has_right=True, dq_red=True)),
+    "d256-fp16-deterministic": ("fp16", 256, dict(deterministic=True)),
+    "d192x128": ("bf16", 192, dict(hdimv=128)),
 }
 
 
 @pytest.mark.parametrize("name", list(DKV_SMEM_GRID))
 def test_compile_bwd_dkv_smem(name):
-    """dK / dV through smem (dkv_smem): the required SASS, no local memory, and dK / dV leave by
-    stmatrix (more STSM than dS^T's alone) and 16-byte stores only: each lane's share of its
-    warp's 16-key x hdim slab of each, 2 * hdim / 16 STG.E.128 in all and no narrower store
-    (without it: one 4-byte STG per two values, 64 at hdim 128)."""
+    """dK / dV through smem (dkv_smem) on every tile: the required SASS, no local memory (and, at
+    trace time, `check_dkv_slabs`: each warp stages only its own slab), and dK / dV leave by
+    stmatrix (more STSM than dS^T's / P^T's alone) and 16-byte stores only: each consumer thread's
+    equal share of the keys x head dim blocks, tile_n x (hdim + hdimv) / 8 / threads STG.E.128 and
+    no narrower store (without it: one 4-byte STG per two values, or with dK^T / dV^T one 2-byte
+    STG per value)."""
     dtype, hdim, features = DKV_SMEM_GRID[name]
     cfg = BwdConfig.make(dtype, hdim, dkv_smem=True, **features)
     assert "dkv_smem" in cfg.short()
     text, _ = check_compiled(cfg)
     ops = sass.opcode_counts(text, full=True)
     stores = {op: n for op, n in ops.items() if op.startswith("STG")}
-    assert stores == {"STG.E.128": 2 * hdim // 16}, stores
+    threads = 128 * cfg.num_mma_wg
+    assert stores == {"STG.E.128": cfg.tile_n * (hdim + (cfg.hdimv or hdim)) // 8 // threads}, stores
     plain = sass.opcode_counts(compiled(BwdConfig.make(dtype, hdim, **features))[0], full=True)
     assert sum(n for op, n in ops.items() if op.startswith("STSM")) > \
         sum(n for op, n in plain.items() if op.startswith("STSM"))
 
 
-def test_dkv_smem_where_dk_dv_are_16_bit_registers(monkeypatch):
+def test_dkv_smem_where_timed(monkeypatch):
     """bwd_launch.variants: dkv_smem by default on the 64 / 128-row tiles of hdim 64 / 96 / 128, not
-    on the 80-row tile (timed slower there), not with head splits (float32 partials), not on
-    hdim 192 / 256's tiles (dK / dV split by head-dim columns, or transposed); the environment's
-    choice everywhere it applies; BwdConfig refuses the tiles it does not apply to."""
+    on the 80-row tile (timed slower there) nor hdim 192 / 256's (not yet timed), never with head
+    splits (float32 partials); the environment's choice on every tile; BwdConfig refuses partials."""
     from cute_kernels import bwd_launch
 
     monkeypatch.setattr(bwd_launch, "dkv_smem", None)
@@ -229,12 +239,14 @@ def test_dkv_smem_where_dk_dv_are_16_bit_registers(monkeypatch):
     assert not any("dkv_smem" in bwd_launch.variants(d, False, False) for d in (192, 256))
     assert not any("dkv_smem" in bwd_launch.variants(d, False, False, partial=True) for d in (64, 96, 128))
     monkeypatch.setattr(bwd_launch, "dkv_smem", True)
+    assert all(bwd_launch.variants(d, False, False).get("dkv_smem") for d in (64, 96, 128, 192, 256))
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long).get("dkv_smem")
+    assert not any("dkv_smem" in bwd_launch.variants(d, False, False, partial=True) for d in (64, 192, 256))
     monkeypatch.setattr(bwd_launch, "dkv_smem", False)
     assert not any("dkv_smem" in bwd_launch.variants(d, False, False) for d in (64, 96, 128))
-    for d, features in ((192, {}), (256, {}), (192, dict(dkv_transposed=True)), (128, dict(dkv_partial=True))):
+    for d in (64, 128, 256):
         with pytest.raises(AssertionError, match="dkv_smem"):
-            BwdConfig.make("bf16", d, dkv_smem=True, **features)
+            BwdConfig.make("bf16", d, dkv_smem=True, dkv_partial=True)
 
 
 M80_GRID = {
