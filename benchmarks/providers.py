@@ -88,7 +88,7 @@ def _cute_bwd_load(**variant) -> Forward:
     and this provider still times the kernel). A point the backward kernel does not serve raises with
     its reason (no silent Triton stand-in). `variant`: bwd_launch settings for these calls
     (ds_stages 1 / 2: sdS buffers; dq_red: dQ added from registers; m80: hdim 128's 80-row tile;
-    dkvt: hdim 192's three-warpgroup tile; stat_regs, dv_early, dkv_smem: BwdConfig's
+    dkvt: hdim 192's three-warpgroup tile; stat_regs, dv_early, dkv_smem, lpt: BwdConfig's
     fields of those names), for A/B runs; without it, bwd_launch's per-head-dim defaults."""
     import cute_kernels
     from cute_kernels import bwd_launch
@@ -257,7 +257,9 @@ PROVIDERS: tuple[Provider, ...] = (
                       ("lse16", dict(stat_regs=16)), ("dvearly", dict(dv_early=True)),
                       ("lse16-dvearly", dict(stat_regs=16, dv_early=True)),
                       # dK / dV through smem and 16-byte stores, or element-wise from the registers
-                      ("dkvsmem", dict(dkv_smem=True)), ("no-dkvsmem", dict(dkv_smem=False)))),
+                      ("dkvsmem", dict(dkv_smem=True)), ("no-dkvsmem", dict(dkv_smem=False)),
+                      # key blocks longest first (causal / right windows)
+                      ("lpt", dict(lpt=True)), ("dkvsmem-lpt", dict(dkv_smem=True, lpt=True)))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),

@@ -89,6 +89,9 @@ STAT_REGS_BY_DEFAULT = 16  # hdim 128's 64-row tile (`variants`)
 # On the 80-row tile (16k rows) +1.4% (H200) / +1.9% (H100) non-causal, -1.0% / -0.8% causal: off
 # there. FA3PY_CUTE_BWD_DKV_SMEM=0 / 1 sets it for every tile (hdim 192 / 256's included).
 dkv_smem = os.environ["FA3PY_CUTE_BWD_DKV_SMEM"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DKV_SMEM") else None
+# Key blocks in the forward's longest-first order where a right edge (causal, right windows)
+# shortens them (BwdConfig.lpt): FA3PY_CUTE_BWD_LPT=1; not yet timed, so off by default.
+lpt = os.environ.get("FA3PY_CUTE_BWD_LPT", "0") == "1"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -154,7 +157,7 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
-                          hdimv=hdimv,
+                          hdimv=hdimv, **({"lpt": True} if lpt and p.window_right >= 0 else {}),
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
                                      max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv, partial=head_splits(req) > 1))
@@ -430,5 +433,7 @@ def launch_kernel(req: "AttentionRequest", cfg: BwdConfig, q, k, v, do, dk, dv, 
     """Run the compiled backward kernel (the test hook: a CPU emulation may replace it). dk / dv:
     the tensors' shape and dtype, or (cfg.dkv_partial) float32 with `splits` heads per KV head;
     `sem`: deterministic's zeroed semaphores."""
+    from cute_kernels import launch
+
     _call(cfg, q.device, q, k, v, do, dk, dv, lse2, dpsum, dq_acc, sem, *sequence_tensors(req),
-          *kernel_scalars(req), splits)
+          *kernel_scalars(req), splits, launch.usable_sms(req))

@@ -103,7 +103,10 @@ takes a second Q / dO stage; not with deterministic, whose ordered adds are the 
 shared load across a wgmma wait, so read where used they put their latency between the S^T wait and
 the first exp2); `dv_early` (P^T in registers) issues dV += P^T dO right after P^T is converted, so
 every exp2 precedes dP^T's wait and dV's GEMM runs under dS^T's math; `dkv_smem` (above) 1.8-4.9%
-less time at 2k tokens x 8 (H100 / H200), +1.4-1.9% on the 80-row tile non-causal (off there).
+less time at 2k tokens x 8 (H100 / H200), +1.4-1.9% on the 80-row tile non-causal (off there);
+`lpt` (causal / right windows) launches the key blocks in the forward's longest-first order
+(scheduler.TileScheduler, a 1-D grid: a pair's key blocks ascending, the final section's key block
+by key block across pairs), where the plain grid leaves the last pairs' longest blocks for the end.
 
 Pipelines (PipelineTmaAsync, counts checked at trace time): pipeline_kv 1 stage (K + V bytes),
 pipeline_q / pipeline_do q_stages (Q + LSE / dO + dPsum bytes); consumer release from lane 0
@@ -132,6 +135,7 @@ from cutlass.utils import LayoutEnum
 from cute_kernels.config import BwdConfig
 from cute_kernels.mask import KeyBlockMask, SeqlenInfo
 from cute_kernels.pipeline import check_arrive_counts, tma_pipeline_maker
+from cute_kernels.scheduler import LPT_TAIL_WAVES, TileScheduler
 from cute_kernels.utils import (
     NamedBarrierBwd,
     acc_to_frgA,
@@ -282,6 +286,7 @@ class FlashAttentionBackwardSm90:
         attention_chunk: Int32,  # chunk: C > 0 (else unused, and not passed to the kernel)
         max_seqlen_k: Int32,
         head_splits: Int32,  # CTAs per KV head, each over group / head_splits query heads (dkv_partial)
+        num_sms: Int32,  # lpt: the SMs the final longest-first section is sized for
         stream: cuda.CUstream,
     ):
         cfg = self.cfg
@@ -362,17 +367,27 @@ class FlashAttentionBackwardSm90:
         tx_kv = cute.size_in_bytes(self.dtype, sK_layout) + cute.size_in_bytes(self.dtype, sV_layout)
 
         batch = cute.size(mQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
+        num_n_blocks = cute.ceil_div(max_seqlen_k, self.tile_n)
+        kv_heads = cute.size(mK.shape[2]) * head_splits  # (KV head, split) pairs
+        # lpt: the forward's longest-first order (scheduler.TileScheduler) over (key block, pair,
+        # batch): a 1-D grid, each pair's key blocks in turn but the final section of the last
+        # pairs (about LPT_TAIL_WAVES waves), there key block by key block with pairs fastest. The
+        # scheduler counts its blocks longest first as descending; causal key blocks are longest
+        # first ascending (`kernel` reverses). Only an lpt kernel takes the three.
+        lpt_args = (None, None, None)
+        if const_expr(cfg.lpt):
+            lpt_args = (num_n_blocks, batch, (LPT_TAIL_WAVES * num_sms + num_n_blocks - 1) // num_n_blocks)
         self.kernel(
             tma_Q, tma_K, tma_V, tma_dO, mdK, mdV, mLSE2, mdPsum, mdQacc, mSemaphore,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,
             tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_dO,
             scale_log2, softcap_premul, softmax_scale, window_left, window_right,
             # Only a chunked kernel takes C: another kernel's parameters (and SASS) stay as they were.
-            attention_chunk if const_expr(cfg.chunk) else None, head_splits,
+            attention_chunk if const_expr(cfg.chunk) else None, head_splits, *lpt_args,
             sQ_layout, sdO_layout, sK_layout, sV_layout, sdS_layout, sdQ_layout, sRow_layout, sdK_layout,
             sdV_layout, tiled_mma_sdp, tiled_mma_dkv, tiled_mma_dv, tiled_mma_dq, tx_q, tx_do, tx_kv, SharedStorage,
         ).launch(
-            grid=[cute.ceil_div(max_seqlen_k, self.tile_n), cute.size(mK.shape[2]) * head_splits, batch],
+            grid=TileScheduler.grid(num_n_blocks, kv_heads, batch, 0, persistent=False, lpt=cfg.lpt),
             block=[self.num_threads, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
@@ -472,6 +487,7 @@ class FlashAttentionBackwardSm90:
         tma_atom_dO: cute.CopyAtom,
         scale_log2: Float32, softcap_premul: Float32, softmax_scale: Float32,
         window_left: Int32, window_right: Int32, attention_chunk: Optional[Int32], head_splits: Int32,
+        lpt_blocks: Optional[Int32], lpt_batch: Optional[Int32], lpt_tail: Optional[Int32],
         sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout, sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout, sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
         sRow_layout: cute.Layout, sdK_layout: Optional[cute.ComposedLayout],
@@ -515,7 +531,14 @@ class FlashAttentionBackwardSm90:
                     storage.sdO.get_tensor(sdV_layout.outer, swizzle=sdV_layout.inner))
         sdPsum = storage.sdPsum.get_tensor(sRow_layout)
 
-        n_block, kv_split, batch = cute.arch.block_idx()  # kv_split = head_kv * head_splits + split
+        # kv_split = head_kv * head_splits + split
+        if const_expr(self.cfg.lpt):
+            sched = TileScheduler(lpt_blocks, cute.size(mK.shape[2]) * head_splits, lpt_batch, persistent=False,
+                                  lpt=True, l2_heads=Int32(1), tail_heads=lpt_tail)
+            longest_first, kv_split, batch = sched.coords(Int32(0))
+            n_block = lpt_blocks - 1 - longest_first
+        else:
+            n_block, kv_split, batch = cute.arch.block_idx()
         seqlen = SeqlenInfo.create(batch, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
                                    mCuSeqlensQ=mCuSeqlensQ, mCuSeqlensK=mCuSeqlensK, mSeqUsedQ=mSeqUsedQ,
                                    mSeqUsedK=mSeqUsedK)
@@ -613,8 +636,8 @@ class FlashAttentionBackwardSm90:
         key a query block sees (a left window or chunk) count without adding, so the count stays
         the n_block index (a query block's key blocks are a run whose ends never decrease with
         it: the key blocks before the run are those whose m_block_max it is at or past); waits
-        are on lower n_blocks only, launched earlier (the grid's x), so resident or done: no
-        deadlock."""
+        are on lower n_blocks only, launched earlier (the grid's x; with lpt, each pair's key
+        blocks ascend in launch order too), so resident or done: no deadlock."""
         det = self.cfg.deterministic
         m_block_min, m_block_max = work.mask.m_block_range()
         b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
@@ -987,7 +1010,7 @@ class FlashAttentionBackwardSm90:
             vec(bp1) if cfg.cu_seqlens_k else None,
             vec(b) if cfg.seqused_q else None,
             vec(b) if cfg.seqused_k else None,
-            Float32(1.0), Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(0), Int32(1), Int32(1),
+            Float32(1.0), Float32(1.0), Float32(1.0), Int32(-1), Int32(-1), Int32(0), Int32(1), Int32(1), Int32(132),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=env_stream),
         )
 

@@ -581,6 +581,12 @@ class BwdConfig:
     # sector written twice (ncu: ~60% of the gap to flash-attn-4 at hdim 128, 2k), or with
     # dkv_transposed 2-byte (96 a thread). In the tensors' dtype: not dkv_partial.
     dkv_smem: bool = False
+    # Causal / right windows: key blocks get shorter with n_block (fewer query rows see them), and
+    # the plain grid (key blocks fastest, pair by pair) launches the last pairs' longest blocks
+    # near the end, where they run on while other SMs idle (a list-scheduling model of the 2k
+    # causal grid: 7% over the ideal). lpt takes the forward's longest-first order instead
+    # (bwd_sm90's __call__; the model: 1-2%). Deterministic's waits stay on earlier-launched CTAs.
+    lpt: bool = False
 
     @property
     def num_mma_wg(self) -> int:
@@ -594,6 +600,7 @@ class BwdConfig:
         assert not (self.dv_early and (self.dkv_split_hdim or self.dkv_transposed)), \
             "dv_early: P^T in registers (not dkv_split_hdim / dkv_transposed)"
         assert not (self.dkv_smem and self.dkv_partial), "dkv_smem: 16-bit dK / dV (not the float32 partials)"
+        assert not self.lpt or self.has_right, "lpt: key blocks longest first where a right edge shortens them"
         assert not self.dkv_smem or self.tile_m * self.q_stages >= self.tile_n, "dkv_smem: sQ holds the keys' dK"
         if self.dkv_transposed:
             assert (self.tile_m, self.tile_n) == BWD_DKVT_TILE and self.hdim == 192 and not self.hdimv, \
@@ -645,4 +652,5 @@ class BwdConfig:
         flags += [f"stat_regs{self.stat_regs}"] if self.stat_regs else []
         flags += ["dv_early"] if self.dv_early else []
         flags += ["dkv_smem"] if self.dkv_smem else []
+        flags += ["lpt"] if self.lpt else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

@@ -388,3 +388,42 @@ def test_bwd_stat_regs_dv_early_where_offered(monkeypatch):
     assert (cfg(128).stat_regs, cfg(128).dv_early) == (0, False)
     with pytest.raises(AssertionError, match="dv_early"):
         BwdConfig.make("bf16", 256, dv_early=True)
+
+
+@pytest.mark.parametrize("dtype,hdim,features", [
+    ("bf16", 128, dict(has_right=True)),
+    ("fp16", 64, dict(has_right=True, deterministic=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    ("bf16", 192, dict(has_right=True, dkv_transposed=True)),
+    ("bf16", 256, dict(has_left=True, has_right=True, dq_red=True)),
+], ids=["bf16-d128-causal", "fp16-d64-causal-deterministic-varlen", "bf16-d192-dkvt-causal", "bf16-d256-local"])
+def test_compile_bwd_lpt(dtype, hdim, features):
+    """lpt (key blocks in the forward's longest-first order, a 1-D grid): the required SASS, no local
+    memory, and the same GEMMs as the plain grid's kernel (the order changes which CTA does what,
+    not what a CTA does)."""
+    plain = BwdConfig.make(dtype, hdim, **features)
+    cfg = BwdConfig.make(dtype, hdim, lpt=True, **features)
+    assert "lpt" in cfg.short() and "lpt" not in plain.short()
+    text, _ = check_compiled(cfg)
+    assert sass.opcode_counts(text)["HGMMA"] == sass.opcode_counts(compiled(plain)[0])["HGMMA"]
+
+
+def test_lpt_where_asked(monkeypatch):
+    """bwd_launch.config_for: lpt only with FA3PY_CUTE_BWD_LPT=1 (`lpt`; untimed, off by default)
+    and a right edge (causal, a right window: key blocks shorten with n_block); BwdConfig refuses it
+    without one."""
+    import torch
+
+    from cute_kernels import bwd_launch
+    from fa3py.validation import make_request
+
+    def cfg(**kw):
+        x = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16)
+        return bwd_launch.config_for(make_request(x, x, x, **kw))
+
+    monkeypatch.setattr(bwd_launch, "lpt", False)
+    assert not cfg(causal=True).lpt
+    monkeypatch.setattr(bwd_launch, "lpt", True)
+    assert cfg(causal=True).lpt and cfg(window_size=(64, 0)).lpt and cfg(causal=True, deterministic=True).lpt
+    assert not cfg().lpt and not cfg(window_size=(64, -1)).lpt
+    with pytest.raises(AssertionError, match="lpt"):
+        BwdConfig.make("bf16", 128, lpt=True)
