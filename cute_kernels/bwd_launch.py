@@ -92,6 +92,10 @@ dkv_smem = os.environ["FA3PY_CUTE_BWD_DKV_SMEM"] == "1" if os.environ.get("FA3PY
 # Key blocks in the forward's longest-first order where a right edge (causal, right windows)
 # shortens them (BwdConfig.lpt): FA3PY_CUTE_BWD_LPT=1; not yet timed, so off by default.
 lpt = os.environ.get("FA3PY_CUTE_BWD_LPT", "0") == "1"
+# The postprocessing's dQ through smem and 16-byte stores (BwdRowsConfig.dq_smem; element-wise from
+# registers otherwise: 4-byte, or on the 80-row tile's dQ^T 2-byte stores): FA3PY_CUTE_BWD_POST_SMEM=1;
+# not yet GPU-tested, so off by default.
+post_dq_smem = os.environ.get("FA3PY_CUTE_BWD_POST_SMEM", "0") == "1"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -405,7 +409,8 @@ def launch_postprocess(req: "AttentionRequest", cfg: BwdConfig, dq_acc):
     # rows past seqused_q are no sequence's: zero
     dq = (torch.zeros if req.seqused_q is not None else torch.empty)(req.q.shape, dtype=req.dtype, device=req.device)
     cu_q, _, su_q, _ = sequence_tensors(req)
-    _call(BwdRowsConfig.of("post", cfg), req.device, dq_acc, dq, cu_q, su_q, req.params.softmax_scale,
+    _call(BwdRowsConfig.of("post", cfg, dq_smem=post_dq_smem), req.device, dq_acc, dq, cu_q, su_q,
+          req.params.softmax_scale,
           _max_seqlen_q(req))
     return dq
 

@@ -8,7 +8,9 @@ kernel; one CTA per (query block of tile_m rows, head, batch) in both.
   postprocess  dQ = softmax_scale * the accumulator's chunk, read in the consumer threads'
                order and written through the main kernel's own dQ MMA partition (the same
                tiled MMA: no permutation table to keep in step), converted to the tensors'
-               dtype, rows before seqlen_q and columns before the tensors' head dim.
+               dtype, rows before seqlen_q and columns before the tensors' head dim; with
+               `dq_smem` staged in smem by that partition (stmatrix) and stored by 16-byte
+               row-contiguous stores, a slab a warp (`dq_slab`).
 
 `bwd_launch.preprocess` / `postprocess` are the same steps in torch ops: the CPU path and the
 reference the GPU tests compare these kernels with.
@@ -23,12 +25,24 @@ import cuda.bindings.driver as cuda
 
 import cutlass
 import cutlass.cute as cute
+import cutlass.utils as cutlass_utils
+import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
+from cutlass.utils import LayoutEnum
 
 from cute_kernels.bwd_sm90 import DTYPES, THREADS_PER_WG, FlashAttentionBackwardSm90, padded_offset
 from cute_kernels.config import BwdConfig
 from cute_kernels.mask import SeqlenInfo
-from cute_kernels.utils import assume_aligned_strides, convert_to, lse_shb, sdhb, store_acc_predicated
+from cute_kernels.utils import (
+    assume_aligned_strides,
+    convert_to,
+    lse_shb,
+    make_smem_layout,
+    sdhb,
+    store_acc_predicated,
+    store_slab_predicated,
+    transpose_view,
+)
 
 LOG2E = 1.4426950408889634
 VEC = 8  # 16-bit elements per 16-byte vector
@@ -50,11 +64,15 @@ class BwdRowsConfig:
     seqused_q: bool = False
     hdimv: int = 0  # O / dO's head dim where below hdim (192 x 128; the tensors' own, unpadded)
     dkv_transposed: bool = False  # the main kernel's three-warpgroup hdim 192 tile (its dQ order)
+    # post: dQ staged in smem (stmatrix, through the dQ MMA's partition) and written by 16-byte
+    # row-contiguous stores, a slab of rows (x columns) per warp; otherwise element-wise from the
+    # registers (4-byte stores, each 32-byte sector written twice, as dK / dV were)
+    dq_smem: bool = False
 
     @staticmethod
-    def of(kind: str, cfg: BwdConfig) -> "BwdRowsConfig":
+    def of(kind: str, cfg: BwdConfig, dq_smem: bool = False) -> "BwdRowsConfig":
         return BwdRowsConfig(kind, cfg.dtype, cfg.hdim, cfg.tile_m, cfg.hdim_in, cfg.cu_seqlens_q, cfg.seqused_q,
-                             cfg.hdimv, cfg.dkv_transposed)
+                             cfg.hdimv, cfg.dkv_transposed, dq_smem and kind == "post")
 
     @property
     def o_cols(self) -> tuple[int, int]:
@@ -65,7 +83,7 @@ class BwdRowsConfig:
         dv = f"x{self.hdimv}" if self.hdimv else ""
         return f"bwd-{self.kind} {self.dtype} d{self.hdim}{dv} m{self.tile_m} {self.hdim_in or ''} " \
                f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}" \
-               f"{' dkv_transposed' if self.dkv_transposed else ''}"
+               f"{' dkv_transposed' if self.dkv_transposed else ''}{' dq_smem' if self.dq_smem else ''}"
 
     def bwd_config(self) -> BwdConfig:
         """The main kernel's config (BWD_TILES' entry of this head dim, at this tile_m: a
@@ -193,13 +211,37 @@ class BwdPostprocessSm90:
         mdQacc = lse_shb(mdQacc, cfg.cu_seqlens_q)
         _, _, tiled_mma_dq = self.main.make_tiled_mmas()
         batch = cute.size(mdQ.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
-        self.kernel(mdQacc, mdQ, mCuSeqlensQ, mSeqUsedQ, softmax_scale, tiled_mma_dq).launch(
+        # dq_smem: the block of dQ in smem, rows x head dim, its swizzle atom within a warpgroup's
+        # columns where the warpgroups split them (hdim 96: 48 each)
+        main = self.main
+        wg_cols = None if const_expr(main.dq_split_rows or main.dq_swap_ab) else cfg.hdim // main.num_wg
+        sdQ_layout = make_smem_layout(self.dtype, (cfg.tile_m, cfg.hdim), atom_cols=wg_cols) \
+            if const_expr(cfg.dq_smem) else None
+
+        @cute.struct
+        class SharedStorage:
+            sdQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sdQ_layout) if const_expr(
+                cfg.dq_smem) else 0], 1024]
+
+        self.kernel(mdQacc, mdQ, mCuSeqlensQ, mSeqUsedQ, softmax_scale, tiled_mma_dq, sdQ_layout,
+                    SharedStorage).launch(
             grid=[cute.ceil_div(max_seqlen_q, cfg.tile_m), cute.size(mdQ.shape[2]), batch],
-            block=[self.main.num_wg * THREADS_PER_WG, 1, 1], stream=stream)
+            block=[self.main.num_wg * THREADS_PER_WG, 1, 1], smem=SharedStorage.size_in_bytes(), stream=stream)
+
+    def dq_slab(self) -> tuple[int, int]:
+        """dq_smem: the (rows, columns) of the block one warp stores: tile_m / warps rows of every
+        column, or where the warps do not divide tile_m (three warpgroups, 64 rows) 16 rows of
+        hdim / (warps / (tile_m / 16)) columns."""
+        warps, tile_m, hdim = self.main.num_wg * 4, self.cfg.tile_m, self.cfg.hdim
+        if tile_m % warps == 0:
+            return tile_m // warps, hdim
+        assert tile_m % 16 == 0 and warps % (tile_m // 16) == 0 and hdim % (warps // (tile_m // 16) * 8) == 0
+        return 16, hdim // (warps // (tile_m // 16))
 
     @cute.kernel
     def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, mCuSeqlensQ: Optional[cute.Tensor],
-               mSeqUsedQ: Optional[cute.Tensor], softmax_scale: Float32, tiled_mma_dq: cute.TiledMma):
+               mSeqUsedQ: Optional[cute.Tensor], softmax_scale: Float32, tiled_mma_dq: cute.TiledMma,
+               sdQ_layout: Optional[cute.ComposedLayout], SharedStorage: cutlass.Constexpr):
         cfg = self.cfg
         tidx = cute.arch.thread_idx()[0]
         m_block, head, batch, seqlen, b, row_offset = _query_block(cfg, mdQ, mCuSeqlensQ, mSeqUsedQ)
@@ -222,8 +264,24 @@ class BwdPostprocessSm90:
             convert_to(acc, r16)
             mdQ_cur = cute.domain_offset((seqlen.offset_q, 0), mdQ[None, None, head, b])
             gdQ = cute.local_tile(mdQ_cur, (cfg.tile_m, cfg.hdim), (m_block, 0))
-            store_acc_predicated(r16, thr, gdQ, (cfg.tile_m, cfg.hdim), rows_left, cfg.hdim_in,
-                                 transposed=main.dq_swap_ab)
+            if const_expr(cfg.dq_smem):
+                storage = cutlass_utils.SmemAllocator().allocate(SharedStorage)
+                sdQ = storage.sdQ.get_tensor(sdQ_layout.outer, swizzle=sdQ_layout.inner)
+                # dQ^T's accumulator (dq_swap_ab) into the block's transposed view: stmatrix.trans
+                order = LayoutEnum.COL_MAJOR if const_expr(main.dq_swap_ab) else LayoutEnum.ROW_MAJOR
+                thr_copy = cute.make_tiled_copy_C(sm90_utils.sm90_get_smem_store_op(order, self.dtype, Float32),
+                                                  tiled_mma_dq).get_slice(tidx)
+                dst = transpose_view(sdQ) if const_expr(main.dq_swap_ab) else sdQ
+                cute.copy(thr_copy, thr_copy.retile(r16), thr_copy.partition_D(dst))
+                cute.arch.barrier()
+                slab = self.dq_slab()
+                warp, col_slabs = tidx // 32, cfg.hdim // slab[1]
+                rb, cb = warp // col_slabs, warp % col_slabs
+                store_slab_predicated(cute.local_tile(sdQ, slab, (rb, cb)), cute.local_tile(gdQ, slab, (rb, cb)),
+                                      rows_left - rb * slab[0], cfg.hdim_in, cb * slab[1])
+            else:
+                store_acc_predicated(r16, thr, gdQ, (cfg.tile_m, cfg.hdim), rows_left, cfg.hdim_in,
+                                     transposed=main.dq_swap_ab)
 
     @staticmethod
     def fake_args(cfg: BwdRowsConfig, env_stream: bool = False):

@@ -18,6 +18,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 from cute_kernels import sass  # noqa: E402
 from cute_kernels import bwd_launch  # noqa: E402
 from cute_kernels.bwd_prepost import BwdPostprocessSm90, BwdPreprocessSm90, BwdRowsConfig  # noqa: E402
+from cute_kernels.config import BwdConfig  # noqa: E402
 from tests._cute import gpu, make_req  # noqa: E402
 
 
@@ -90,10 +91,33 @@ def _request(case, d, dtype=torch.bfloat16):
     return make_req(q, q, q, **kw)
 
 
+@pytest.mark.parametrize("cfg", [
+    BwdConfig.make("bf16", 128), BwdConfig.make("fp16", 64), BwdConfig.make("bf16", 128, tile_m=80, ds_stages=2),
+    BwdConfig.make("bf16", 192, dkv_transposed=True), BwdConfig.make("bf16", 256, dq_red=True),
+    BwdConfig.make("bf16", 96, hdim_in=80, cu_seqlens_q=True, cu_seqlens_k=True, seqused_q=True),
+    BwdConfig.make("bf16", 192, hdimv=128)], ids=lambda c: c.short().replace(" ", "-"))
+def test_compile_postprocess_dq_smem(cfg):
+    """dq_smem: dQ leaves the postprocessing by stmatrix (stmatrix.trans from the 80-row tile's dQ^T)
+    into smem, one CTA barrier, and 16-byte stores only: tile_m x hdim / 8 / threads each thread
+    (element-wise from registers without it: 4-byte stores, 2-byte from dQ^T)."""
+    rc = BwdRowsConfig.of("post", cfg, dq_smem=True)
+    assert rc.dq_smem and not BwdRowsConfig.of("pre", cfg, dq_smem=True).dq_smem
+    ops = _compile(rc)
+    threads = 128 * cfg.num_mma_wg
+    assert {op: n for op, n in ops.items() if op.startswith("STG")} == {"STG.E.128": cfg.tile_m * cfg.hdim // 8 // threads}
+    assert any(op.startswith("STSM") for op in ops) and ops["BAR.SYNC.DEFER_BLOCKING"] == 1
+
+
+@pytest.fixture(params=[False, True], ids=["dq_regs", "dq_smem"])
+def post_dq_smem(request, monkeypatch):
+    """The postprocessing's dQ stores: element-wise from registers, or through smem."""
+    monkeypatch.setattr(bwd_launch, "post_dq_smem", request.param)
+
+
 @gpu
 @pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
 @pytest.mark.parametrize("d", [64, 80, 128])
-def test_prepost_kernels_match_torch(case, d):
+def test_prepost_kernels_match_torch(post_dq_smem, case, d):
     req = _request(case, d)
     _prepost_kernels_match_torch(req, bwd_launch.config_for(req))
 
@@ -101,7 +125,7 @@ def test_prepost_kernels_match_torch(case, d):
 @gpu
 @pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
 @pytest.mark.parametrize("hdim,tile_m,d", [(64, 128, 64), (64, 128, 40), (128, 80, 128), (128, 80, 104)])
-def test_prepost_kernels_match_torch_wide_tiles(case, hdim, tile_m, d):
+def test_prepost_kernels_match_torch_wide_tiles(post_dq_smem, case, hdim, tile_m, d):
     """hdim 64's 128-row blocks (the dQ MMA split by rows) and hdim 128's 80-row blocks (dQ^T)."""
     import dataclasses
 
@@ -138,7 +162,7 @@ def _prepost_kernels_match_torch(req, cfg):
 @gpu
 @pytest.mark.parametrize("case", ["batched", "packed", "seqused"])
 @pytest.mark.parametrize("d", [192, 160])
-def test_prepost_kernels_match_torch_dkvt(monkeypatch, case, d):
+def test_prepost_kernels_match_torch_dkvt(post_dq_smem, monkeypatch, case, d):
     """The three-warpgroup hdim 192 tile's dQ order (dkv_transposed, bwd_launch.dkvt)."""
     monkeypatch.setattr(bwd_launch, "dkvt", True)
     req = _request(case, d)
