@@ -89,7 +89,7 @@ def _cute_bwd_load(**variant) -> Forward:
     its reason (no silent Triton stand-in). `variant`: bwd_launch settings for these calls
     (ds_stages 1 / 2: sdS buffers; dq_red: dQ added from registers; m80: hdim 128's 80-row tile;
     dkvt: hdim 192's three-warpgroup tile; stat_regs, dv_early, dkv_smem, lpt: BwdConfig's
-    fields of those names), for A/B runs; without it, bwd_launch's per-head-dim defaults."""
+    fields of those names; post_dq_smem: the postprocessing's BwdRowsConfig.dq_smem), for A/B runs; without it, bwd_launch's per-head-dim defaults."""
     import cute_kernels
     from cute_kernels import bwd_launch
     from fa3py.validation import make_request
@@ -259,7 +259,9 @@ PROVIDERS: tuple[Provider, ...] = (
                       # dK / dV through smem and 16-byte stores, or element-wise from the registers
                       ("dkvsmem", dict(dkv_smem=True)), ("no-dkvsmem", dict(dkv_smem=False)),
                       # key blocks longest first (causal / right windows)
-                      ("lpt", dict(lpt=True)), ("dkvsmem-lpt", dict(dkv_smem=True, lpt=True)))),
+                      ("lpt", dict(lpt=True)), ("dkvsmem-lpt", dict(dkv_smem=True, lpt=True)),
+                      # the postprocessing's dQ through smem and 16-byte stores
+                      ("postsmem", dict(post_dq_smem=True)))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),
