@@ -89,7 +89,8 @@ def _cute_bwd_load(**variant) -> Forward:
     its reason (no silent Triton stand-in). `variant`: bwd_launch settings for these calls
     (ds_stages 1 / 2: sdS buffers; dq_red: dQ added from registers; m80: hdim 128's 80-row tile;
     dkvt: hdim 192's three-warpgroup tile; stat_regs, dv_early, dkv_smem, lpt: BwdConfig's
-    fields of those names; post_dq_smem: the postprocessing's BwdRowsConfig.dq_smem), for A/B runs; without it, bwd_launch's per-head-dim defaults."""
+    fields of those names; post_dq_smem: the postprocessing's BwdRowsConfig.dq_smem), for A/B
+    runs; without it, bwd_launch's per-head-dim defaults."""
     import cute_kernels
     from cute_kernels import bwd_launch
     from fa3py.validation import make_request
