@@ -85,7 +85,7 @@ class Fp8Scales:
     The score multiplier of a row in KV block n is sq[row] * sk[n] * c. Scales are powers of two,
     so (sq * c) * sk is the emulation's (sq * sk) * c exactly."""
 
-    q_row_c: cute.Tensor  # (rows of this thread,) sq[row] * c
+    q_row_c: cute.Tensor  # (rows of this thread,) sq[row] * c; descales: sq[row] * c * sk, the whole multiplier
     mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head); descales: (1,)
     mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel; descales: (1,)
     v_pending: cute.Tensor  # (1,) the V scale of the block whose P is in the PV operand
@@ -118,13 +118,16 @@ class Fp8Scales:
         tScS = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((tile_m, tile_n))))
         rows = cute.size(tScS.shape[0])
         q_row_c = cute.make_rmem_tensor(rows, Float32)
+        # descales: K's scale is one value for every KV block, read here once (not per block in the
+        # loop, where its load sat on the max -> exp2 chain); (sq * c) * sk, row_mult's order
+        sk = mKScale[batch, head_kv, 0] if descales else None
         for r in range(rows):  # (create is not preprocessed: a Python loop, unrolled)
             # rows past the sequence read the last row's scale (their results are not stored)
             row = cutlass.min(m_block * tile_m + tScS[r, 0][0], seqlen.seqlen_q - 1)
             if ragged_q:
                 row = cutlass.max(row, 0)
             if descales:
-                q_row_c[r] = mQScale[batch, head if g == 1 else head * g + row % g, 0] * c
+                q_row_c[r] = mQScale[batch, head if g == 1 else head * g + row % g, 0] * c * sk
             elif g == 1 and not packed_q:
                 q_row_c[r] = mQScale[batch, head, row // block_m] * c
             else:
@@ -146,7 +149,9 @@ class Fp8Scales:
     @cute.jit
     def row_mult(self, n_block) -> cute.Tensor:
         """The score multiplier of each of this thread's rows in KV block n_block."""
-        sk = self.mK_scale[0 if const_expr(self.descales) else n_block]
+        if const_expr(self.descales):
+            return self.q_row_c  # (sk folded in at create: the same for every block)
+        sk = self.mK_scale[n_block]
         mult = cute.make_rmem_tensor_like(self.q_row_c, Float32)
         for r in cutlass.range_constexpr(cute.size(mult)):
             mult[r] = self.q_row_c[r] * sk
