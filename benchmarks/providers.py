@@ -81,6 +81,19 @@ def _fa3py(backend: str) -> Provider:
     return Provider(f"fa3py:{backend}", peer=False, load=load, fp8=True, cuda_only=False, fa3py_backend=backend)
 
 
+def _compiled_load() -> Forward:
+    """fa3py.attention on the cute backend inside torch.compile(fullgraph=True): the custom ops
+    (torch.ops.fa3py.fwd / bwd) in a compiled graph, against eager fa3py:cute for the cost
+    torch.compile adds per call."""
+    import fa3py
+
+    def attend(q, k, v, causal: bool):
+        return fa3py.attention(q, k, v, causal=causal, backend="cute")
+
+    compiled = torch.compile(attend, fullgraph=True)
+    return lambda q, k, v, case: compiled(q, k, v, case.causal)
+
+
 def _cute_bwd_load(**variant) -> Forward:
     """fa3py's sm90 forward with the sm90 backward kernel (cute_kernels/bwd_sm90.py) as its
     gradient, called directly (`cute_kernels.bwd_launch.run` after `cute_kernels.forward`): what
@@ -241,6 +254,8 @@ FA3PY_BACKENDS = ("cute", "triton", "torch")
 
 PROVIDERS: tuple[Provider, ...] = (
     *(_fa3py(b) for b in FA3PY_BACKENDS),
+    # fa3py:cute inside torch.compile(fullgraph=True) (named exactly)
+    Provider("fa3py:cute-compiled", peer=False, load=_compiled_load, fa3py_backend="cute"),
     # the sm90 backward kernel called directly (named exactly: fa3py:cute dispatches to it too)
     Provider("fa3py:cute-bwd", peer=False, load=_cute_bwd_load, fa3py_backend="cute"),
     # the same with both of its variants set at every head dim (the defaults pick them per head
@@ -271,7 +286,8 @@ PROVIDERS: tuple[Provider, ...] = (
     sdpa_provider("math", "MATH", cuda_only=False),  # only on request: slow, but runs on CPU
 )
 # Only when named exactly (a prefix such as "fa3py" or "sdpa" leaves them out too).
-DEFAULT_EXCLUDED = ("sdpa:math", *(p.name for p in PROVIDERS if p.name.startswith("fa3py:cute-bwd")))
+DEFAULT_EXCLUDED = ("sdpa:math", "fa3py:cute-compiled",
+                    *(p.name for p in PROVIDERS if p.name.startswith("fa3py:cute-bwd")))
 
 PEER_PACKAGES = {  # provider -> distribution name, for the versions in the metadata
     "fa4": "flash-attn-4",

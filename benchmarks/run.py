@@ -64,8 +64,9 @@ def parse_args(argv=None):
                     help="fa3py runs fp8=True (forward only); FA3 gets FP8 inputs; other peers stay in --dtype")
     ap.add_argument("--providers", nargs="+", metavar="NAME",
                     help="names or prefixes: fa3py fa3py:cute fa3py:triton fa3py:torch sdpa sdpa:cudnn "
-                         "sdpa:flash sdpa:math fa4 fa3 sage, and fa3py:cute-bwd (the sm90 backward kernel; "
-                         "default: all but sdpa:math and fa3py:cute-bwd, which only their names select)")
+                         "sdpa:flash sdpa:math fa4 fa3 sage, fa3py:cute-bwd (the sm90 backward kernel) and "
+                         "fa3py:cute-compiled (fa3py:cute in torch.compile; default: all but sdpa:math, "
+                         "fa3py:cute-bwd and fa3py:cute-compiled, which only their names select)")
     ap.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seqlen (GPU)")
     ap.add_argument("--hidden", type=int, default=2048, help="nheads = hidden // hdim (GPU)")
     ap.add_argument("--batch", type=int, help="fixed batch instead of tokens // seqlen")
