@@ -81,13 +81,13 @@ stat_regs = int(os.environ["FA3PY_CUTE_BWD_STAT_REGS"]) if os.environ.get("FA3PY
 dv_early = os.environ["FA3PY_CUTE_BWD_DV_EARLY"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DV_EARLY") else None
 STAT_REGS_BY_DEFAULT = 16  # hdim 128's 64-row tile (`variants`)
 # dK / dV through smem and 16-byte stores (BwdConfig.dkv_smem; 16-bit dK / dV: not with head
-# splits): by default on the 64 / 128-row tiles of hdim 64 / 96 / 128; not on the 80-row one, and
-# not yet on hdim 192 / 256's tiles (compiled, not yet timed or GPU-tested). Backward alone, CUDA
+# splits): by default on the 64 / 128-row tiles of hdim 64 / 96 / 128 and on the 80-row one when
+# causal; not yet on hdim 192 / 256's tiles (compiled, not yet timed or GPU-tested). Backward alone, CUDA
 # graphs, against element-wise stores from the registers
 # (benchmarks/results/2026-12-06_h200_dkv_smem): H200, 2k tokens x 8: hdim 64 -3.4% /
 # -4.9% (non-causal / causal), 96 -1.8% / -4.0%, 128 -3.0% / -4.4%; H100 hdim 128 2k -3.6% / -4.6%.
-# On the 80-row tile (16k rows) +1.4% (H200) / +1.9% (H100) non-causal, -1.0% / -0.8% causal: off
-# there. FA3PY_CUTE_BWD_DKV_SMEM=0 / 1 sets it for every tile (hdim 192 / 256's included).
+# On the 80-row tile (16k rows) +1.4% (H200) / +1.9% (H100) non-causal (off there), -1.0% / -0.8%
+# causal. FA3PY_CUTE_BWD_DKV_SMEM=0 / 1 sets it for every tile (hdim 192 / 256's included).
 dkv_smem = os.environ["FA3PY_CUTE_BWD_DKV_SMEM"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DKV_SMEM") else None
 # Key blocks in the forward's longest-first order where a right edge (causal, right windows)
 # shortens them (BwdConfig.lpt): FA3PY_CUTE_BWD_LPT=1; not yet timed, so off by default.
@@ -164,11 +164,12 @@ def config_for(req: "AttentionRequest") -> BwdConfig:
                           hdimv=hdimv, **({"lpt": True} if lpt and p.window_right >= 0 else {}),
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
-                                     max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv, partial=head_splits(req) > 1))
+                                     max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv, partial=head_splits(req) > 1,
+                                     causal=p.window_right >= 0))
 
 
 def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False, max_seqlen_q: int = 0,
-             hdimv: int = 0, partial: bool = False) -> dict:
+             hdimv: int = 0, partial: bool = False, causal: bool = False) -> dict:
     """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
     environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
@@ -177,8 +178,8 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`); stat_regs 16 and dv_early on hdim 128's
     64-row tile, or where the environment sets them (`stat_regs`, `dv_early`: the latter on the
     64-row tiles only); dkv_smem (not with `partial`: dkv_partial's float32 partials) by default
-    on the 64 / 128-row tiles of hdim 64-128 (not the 80-row tile, not hdim 192 / 256's: untimed),
-    or wherever the environment sets it (`dkv_smem`)."""
+    on the 64 / 128-row tiles of hdim 64-128 and the 80-row one with `causal` (a right edge; not
+    hdim 192 / 256's: untimed), or wherever the environment sets it (`dkv_smem`)."""
     if _takes_dkvt(hdim, hdimv, deterministic):
         return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False) | \
             ({"dkv_smem": True} if dkv_smem and not partial else {})
@@ -189,7 +190,7 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
     red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
     out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
-    smem = (not (tile_80 or split_hdim) if dkv_smem is None else dkv_smem) and not partial
+    smem = (not (split_hdim or (tile_80 and not causal)) if dkv_smem is None else dkv_smem) and not partial
     out |= {"dkv_smem": True} if smem else {}
     takes_dv_early = BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap)
     return out | _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})

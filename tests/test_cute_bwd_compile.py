@@ -225,9 +225,10 @@ def test_compile_bwd_dkv_smem(name):
 
 
 def test_dkv_smem_where_timed(monkeypatch):
-    """bwd_launch.variants: dkv_smem by default on the 64 / 128-row tiles of hdim 64 / 96 / 128, not
-    on the 80-row tile (timed slower there) nor hdim 192 / 256's (not yet timed), never with head
-    splits (float32 partials); the environment's choice on every tile; BwdConfig refuses partials."""
+    """bwd_launch.variants: dkv_smem by default on the 64 / 128-row tiles of hdim 64 / 96 / 128, on
+    the 80-row tile only causal (non-causal timed slower), not on hdim 192 / 256's (not yet timed),
+    never with head splits (float32 partials); the environment's choice on every tile; BwdConfig
+    refuses partials."""
     from cute_kernels import bwd_launch
 
     monkeypatch.setattr(bwd_launch, "dkv_smem", None)
@@ -236,6 +237,7 @@ def test_dkv_smem_where_timed(monkeypatch):
     assert all(bwd_launch.variants(d, False, False).get("dkv_smem") for d in (64, 96, 128))
     assert all(bwd_launch.variants(d, True, True, True).get("dkv_smem") for d in (64, 96, 128))
     assert "dkv_smem" not in bwd_launch.variants(128, False, False, max_seqlen_q=long)  # the 80-row tile
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=long, causal=True).get("dkv_smem")  # but causal
     assert not any("dkv_smem" in bwd_launch.variants(d, False, False) for d in (192, 256))
     assert not any("dkv_smem" in bwd_launch.variants(d, False, False, partial=True) for d in (64, 96, 128))
     monkeypatch.setattr(bwd_launch, "dkv_smem", True)
