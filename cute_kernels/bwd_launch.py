@@ -82,8 +82,8 @@ dv_early = os.environ["FA3PY_CUTE_BWD_DV_EARLY"] == "1" if os.environ.get("FA3PY
 STAT_REGS_BY_DEFAULT = 16  # hdim 128's 64-row tile (`variants`)
 # dK / dV through smem and 16-byte stores (BwdConfig.dkv_smem; 16-bit dK / dV: not with head
 # splits): by default on the 64 / 128-row tiles of hdim 64 / 96 / 128 and on the 80-row one when
-# causal; not yet on hdim 192 / 256's tiles (compiled, not yet timed or GPU-tested). Backward alone, CUDA
-# graphs, against element-wise stores from the registers
+# causal; not yet on hdim 192 / 256's tiles (compiled, not yet timed or GPU-tested). Backward
+# alone, CUDA graphs, against element-wise stores from the registers
 # (benchmarks/results/2026-12-06_h200_dkv_smem): H200, 2k tokens x 8: hdim 64 -3.4% /
 # -4.9% (non-causal / causal), 96 -1.8% / -4.0%, 128 -3.0% / -4.4%; H100 hdim 128 2k -3.6% / -4.6%.
 # On the 80-row tile (16k rows) +1.4% (H200) / +1.9% (H100) non-causal (off there), -1.0% / -0.8%
