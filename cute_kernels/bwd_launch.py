@@ -156,20 +156,21 @@ def head_splits(req: "AttentionRequest") -> int:
 def config_for(req: "AttentionRequest") -> BwdConfig:
     p = req.params
     d, hdimv = padded_hdim(req.headdim), 128 if _is_192x128(req) else 0
-    return _cached_config(DTYPES[req.dtype], d, dkv_partial=head_splits(req) > 1, has_left=p.window_left >= 0,
-                          has_right=p.window_right >= 0, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,
+    partial, has_right = head_splits(req) > 1, p.window_right >= 0
+    return _cached_config(DTYPES[req.dtype], d, dkv_partial=partial, has_left=p.window_left >= 0,
+                          has_right=has_right, chunk=p.attention_chunk > 0, softcap=p.softcap > 0,
                           cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
                           seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
                           hdim_in=0 if d == req.headdim else req.headdim, deterministic=p.deterministic,
-                          hdimv=hdimv, **({"lpt": True} if lpt and p.window_right >= 0 else {}),
+                          hdimv=hdimv,
                           **variants(d, p.softcap > 0, p.deterministic,
                                      local=p.window_left >= 0 or p.window_right > 0 or p.attention_chunk > 0,
-                                     max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv, partial=head_splits(req) > 1,
-                                     causal=p.window_right >= 0))
+                                     max_seqlen_q=_max_seqlen_q(req), hdimv=hdimv, partial=partial,
+                                     has_right=has_right))
 
 
 def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False, max_seqlen_q: int = 0,
-             hdimv: int = 0, partial: bool = False, causal: bool = False) -> dict:
+             hdimv: int = 0, partial: bool = False, has_right: bool = False) -> dict:
     """The kernel variants of a head dim (BwdConfig fields): the per-head-dim defaults or the
     environment's choice. ds_stages 2 where the tile takes two sdS buffers (two Q stages, not
     split_hdim; not at hdim 64 with softcap: its 128-row tile then keeps 8-24 bytes of stack, CPU
@@ -178,22 +179,25 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`); stat_regs 16 and dv_early on hdim 128's
     64-row tile, or where the environment sets them (`stat_regs`, `dv_early`: the latter on the
     64-row tiles only); dkv_smem (not with `partial`: dkv_partial's float32 partials) by default
-    on the 64 / 128-row tiles of hdim 64-128 and the 80-row one with `causal` (a right edge; not
-    hdim 192 / 256's: untimed), or wherever the environment sets it (`dkv_smem`)."""
+    on the 64 / 128-row tiles of hdim 64-128 and the 80-row one with a right edge (`has_right`;
+    not hdim 192 / 256's: untimed), or wherever the environment sets it (`dkv_smem`); lpt where
+    the environment sets it (`lpt`) and there is a right edge."""
     if _takes_dkvt(hdim, hdimv, deterministic):
-        return dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False) | \
-            ({"dkv_smem": True} if dkv_smem and not partial else {})
-    _, _, q_stages, split_hdim = BWD_TILES[hdim]
-    rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
-    tile_80 = hdim == 128 and (m80 or (m80 is None and rule))
-    want = (2 if hdim in DS_STAGES_2_HDIMS or tile_80 else 1) if ds_stages is None else ds_stages
-    two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
-    red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
-    out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic)
-    smem = (not (split_hdim or (tile_80 and not causal)) if dkv_smem is None else dkv_smem) and not partial
-    out |= {"dkv_smem": True} if smem else {}
-    takes_dv_early = BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap)
-    return out | _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
+        out = dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False)
+        smem_default = False
+    else:
+        _, _, q_stages, split_hdim = BWD_TILES[hdim]
+        rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
+        tile_80 = hdim == 128 and (m80 or (m80 is None and rule))
+        want = (2 if hdim in DS_STAGES_2_HDIMS or tile_80 else 1) if ds_stages is None else ds_stages
+        two_ok = q_stages == 2 and not split_hdim and not (hdim == 64 and softcap)
+        red = hdim in DQ_RED_HDIMS if dq_red is None else dq_red
+        takes_dv_early = BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap)
+        out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic) | \
+            _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
+        smem_default = not (split_hdim or (tile_80 and not has_right))
+    smem = (smem_default if dkv_smem is None else dkv_smem) and not partial
+    return out | ({"dkv_smem": True} if smem else {}) | ({"lpt": True} if lpt and has_right else {})
 
 
 def _row_stats(hdim: int, tile_80: bool, softcap: bool, takes_dv_early: bool) -> dict:

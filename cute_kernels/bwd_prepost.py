@@ -26,9 +26,7 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils as cutlass_utils
-import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
-from cutlass.utils import LayoutEnum
 
 from cute_kernels.bwd_sm90 import DTYPES, THREADS_PER_WG, FlashAttentionBackwardSm90, padded_offset
 from cute_kernels.config import BwdConfig
@@ -39,9 +37,9 @@ from cute_kernels.utils import (
     lse_shb,
     make_smem_layout,
     sdhb,
+    stage_acc,
     store_acc_predicated,
     store_slab_predicated,
-    transpose_view,
 )
 
 LOG2E = 1.4426950408889634
@@ -267,12 +265,7 @@ class BwdPostprocessSm90:
             if const_expr(cfg.dq_smem):
                 storage = cutlass_utils.SmemAllocator().allocate(SharedStorage)
                 sdQ = storage.sdQ.get_tensor(sdQ_layout.outer, swizzle=sdQ_layout.inner)
-                # dQ^T's accumulator (dq_swap_ab) into the block's transposed view: stmatrix.trans
-                order = LayoutEnum.COL_MAJOR if const_expr(main.dq_swap_ab) else LayoutEnum.ROW_MAJOR
-                thr_copy = cute.make_tiled_copy_C(sm90_utils.sm90_get_smem_store_op(order, self.dtype, Float32),
-                                                  tiled_mma_dq).get_slice(tidx)
-                dst = transpose_view(sdQ) if const_expr(main.dq_swap_ab) else sdQ
-                cute.copy(thr_copy, thr_copy.retile(r16), thr_copy.partition_D(dst))
+                stage_acc(r16, tiled_mma_dq, tidx, sdQ, transposed=main.dq_swap_ab)  # (dq_swap_ab: dQ^T's)
                 cute.arch.barrier()
                 slab = self.dq_slab()
                 warp, col_slabs = tidx // 32, cfg.hdim // slab[1]

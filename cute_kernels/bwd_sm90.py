@@ -154,6 +154,8 @@ from cute_kernels.utils import (
     red_release_add_i32,
     sdhb,
     store_acc_predicated,
+    stage_acc,
+    stmatrix_op,
     store_slab_predicated,
     transpose_view,
 )
@@ -172,6 +174,18 @@ def padded_offset(offset_q, batch, tile_m: int):
     multiple of tile_m, and every sequence's whole blocks stay apart (FA3's layout:
     (offset_q + batch * tile_m) rounded down to tile_m; total rows <= total_q + batch * tile_m)."""
     return (offset_q + batch * tile_m) // tile_m * tile_m
+
+
+def lpt_key_block(bid, num_n_blocks, pairs, batch, tail_heads):
+    """lpt: (n_block, kv_split, batch) of block index `bid`: scheduler.TileScheduler's
+    longest-first numbering (sections of one (KV head, split) pair, then a final section of the
+    last `tail_heads` pairs), its blocks longest first as descending, reversed here (causal key
+    blocks are longest first ascending). Each pair's key blocks ascend with `bid`: deterministic's
+    waits are on earlier-launched CTAs."""
+    sched = TileScheduler(num_n_blocks, pairs, batch, persistent=False, lpt=True, l2_heads=Int32(1),
+                          tail_heads=tail_heads)
+    longest_first, kv_split, b = sched.lpt_coords(bid)
+    return num_n_blocks - 1 - longest_first, kv_split, b
 
 
 class FlashAttentionBackwardSm90:
@@ -429,12 +443,6 @@ class FlashAttentionBackwardSm90:
                     assert 0 <= row < self.tile_n and wg * half <= col < (wg + 1) * half, \
                         f"thread {t} value {r} at ({row}, {col}): not warpgroup {wg}'s columns"
 
-    def dkv_store_atom(self):
-        """dkv_smem's smem store of dK / dV: stmatrix, or with dkvt (dK^T / dV^T into the keys x
-        head dim buffer's transposed view) stmatrix.trans."""
-        order = LayoutEnum.COL_MAJOR if self.dkvt else LayoutEnum.ROW_MAJOR
-        return sm90_utils.sm90_get_smem_store_op(order, self.dtype, Float32)
-
     def check_dkv_slabs(self, tiled_mmas):
         """dkv_smem, trace time: every dK / dV value a consumer thread stages lies in its warp's
         slab (`dkv_slab`), so a warp stores its slab after its own stmatrix with no wider sync,
@@ -445,7 +453,7 @@ class FlashAttentionBackwardSm90:
             assert num_warps * slab[0] * slab[1] == self.tile_n * cols, f"{num_warps} slabs {slab}: not {cols} columns"
             assert sorted(coord(w) for w in range(num_warps)) == sorted(
                 (r, c) for r in range(self.tile_n // slab[0]) for c in range(cols // slab[1]))
-            tiled_copy = cute.make_tiled_copy_C(self.dkv_store_atom(), tiled_mma)
+            tiled_copy = cute.make_tiled_copy_C(stmatrix_op(self.dtype, self.dkvt), tiled_mma)
             cI = cute.make_identity_tensor((cols, self.tile_n) if self.dkvt else (self.tile_n, cols))
             for t in (0, 1, 31, 32, 77, 127, 128, 161, 255, 256, 300, 383)[:8 + 4 * (self.num_wg - 2)]:
                 rb, cb = coord(t // 32)
@@ -533,10 +541,8 @@ class FlashAttentionBackwardSm90:
 
         # kv_split = head_kv * head_splits + split
         if const_expr(self.cfg.lpt):
-            sched = TileScheduler(lpt_blocks, cute.size(mK.shape[2]) * head_splits, lpt_batch, persistent=False,
-                                  lpt=True, l2_heads=Int32(1), tail_heads=lpt_tail)
-            longest_first, kv_split, batch = sched.coords(Int32(0))
-            n_block = lpt_blocks - 1 - longest_first
+            n_block, kv_split, batch = lpt_key_block(Int32(cute.arch.block_idx()[0]), lpt_blocks,
+                                                     cute.size(mK.shape[2]) * head_splits, lpt_batch, lpt_tail)
         else:
             n_block, kv_split, batch = cute.arch.block_idx()
         seqlen = SeqlenInfo.create(batch, seqlen_q_static=mQ.shape[0], seqlen_k_static=mK.shape[0],
@@ -770,10 +776,9 @@ class FlashAttentionBackwardSm90:
         if const_expr(self.cfg.dkv_smem):
             self.store_dkv_staged((acc_dK, acc_dV), (mdK, mdV), sdKV, (tiled_mma_dkv, tiled_mma_dv), tidx, work)
         else:
-            self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, self.cfg.hdim_in)
-            # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
-            self.store_dkv(acc_dV, mdV, tiled_mma_dv, tidx, work, self.hdimv,
-                           0 if self.cfg.hdimv else self.cfg.hdim_in)
+            dk_in, dv_in = self.dkv_cols_in()
+            self.store_dkv(acc_dK, mdK, tiled_mma_dkv, tidx, work, self.hdim, dk_in)
+            self.store_dkv(acc_dV, mdV, tiled_mma_dv, tidx, work, self.hdimv, dv_in)
 
     @cute.jit
     def step(self, q_state, m_block, mask_keys, mdQ_h, tSrK, tSrQ, tdPrV, tdPrdO, tdVrdOt, tdKrQt, tdVrP, tdKrdS, tPsP,
@@ -934,6 +939,11 @@ class FlashAttentionBackwardSm90:
         store_acc_predicated(r16, tiled_mma_dkv.get_slice(tidx), gX, (self.tile_n, cols),
                              seqlen.seqlen_k - work.n_block * self.tile_n, cols_in, transposed=self.dkvt)
 
+    def dkv_cols_in(self) -> tuple[int, int]:
+        """dK's and dV's head dims in the tensors where below the kernel's (0: equal): hdim_in is
+        Q / K's; with hdimv, V is 128 wide in the tensors too."""
+        return self.cfg.hdim_in, 0 if self.cfg.hdimv else self.cfg.hdim_in
+
     def dkv_slab(self, cols: int):
         """dkv_smem: the (rows, columns) of the slab of a keys x `cols` block of dK / dV that one
         consumer warp's accumulator holds, and the slab's tile coordinate for warp w (0 .. 4 x
@@ -955,20 +965,15 @@ class FlashAttentionBackwardSm90:
         before hdim_in)."""
         cfg, seqlen = self.cfg, work.seqlen
         cute.arch.barrier(barrier_id=int(NamedBarrierBwd.PdS), number_of_threads=self.num_mma_threads)
-        store_atom = self.dkv_store_atom()  # (dkvt: dK^T / dV^T into the transposed view)
         for acc, sX, tiled_mma in zip(accs, sXs, tiled_mmas):
             r16 = cute.make_rmem_tensor_like(acc, self.dtype)
             convert_to(acc, r16)
-            thr_copy = cute.make_tiled_copy_C(store_atom, tiled_mma).get_slice(tidx)
-            dst = transpose_view(sX) if const_expr(self.dkvt) else sX
-            cute.copy(thr_copy, thr_copy.retile(r16), thr_copy.partition_D(dst))
+            stage_acc(r16, tiled_mma, tidx, sX, transposed=self.dkvt)  # (dkvt: from dK^T / dV^T)
         cute.arch.sync_warp()
         warp = tidx // 32
         b_k = work.batch if const_expr(not cfg.cu_seqlens_k) else 0
         keys_left = seqlen.seqlen_k - work.n_block * self.tile_n
-        # (hdimv: V is 128 wide in the tensors too; hdim_in is Q / K's)
-        cols_in = (cfg.hdim_in, 0 if self.cfg.hdimv else cfg.hdim_in)
-        for mX, sX, cols, c_in in zip(mXs, sXs, (self.hdim, self.hdimv), cols_in):
+        for mX, sX, cols, c_in in zip(mXs, sXs, (self.hdim, self.hdimv), self.dkv_cols_in()):
             slab, coord = self.dkv_slab(cols)
             rb, cb = coord(warp)
             mX_cur = cute.domain_offset((seqlen.offset_k, 0), mX[None, None, work.out_head, b_k])

@@ -601,7 +601,6 @@ class BwdConfig:
             "dv_early: P^T in registers (not dkv_split_hdim / dkv_transposed)"
         assert not (self.dkv_smem and self.dkv_partial), "dkv_smem: 16-bit dK / dV (not the float32 partials)"
         assert not self.lpt or self.has_right, "lpt: key blocks longest first where a right edge shortens them"
-        assert not self.dkv_smem or self.tile_m * self.q_stages >= self.tile_n, "dkv_smem: sQ holds the keys' dK"
         if self.dkv_transposed:
             assert (self.tile_m, self.tile_n) == BWD_DKVT_TILE and self.hdim == 192 and not self.hdimv, \
                 f"dkv_transposed: hdim 192 (three 64-row warpgroups of dK^T), tile {BWD_DKVT_TILE}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -86,7 +87,7 @@ class Fp8Scales:
     so (sq * c) * sk is the emulation's (sq * sk) * c exactly."""
 
     q_row_c: cute.Tensor  # (rows of this thread,) sq[row] * c; descales: sq[row] * c * sk, the whole multiplier
-    mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head); descales: (1,)
+    mK_scale: Optional[cute.Tensor]  # (KV blocks,) of this (batch, KV head); descales: None (in q_row_c)
     mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel; descales: (1,)
     v_pending: cute.Tensor  # (1,) the V scale of the block whose P is in the PV operand
     # FA3's descales in place of the format's scale tensors (FwdConfig.fp8_descales): one value
@@ -136,7 +137,7 @@ class Fp8Scales:
         v_pending[0] = Float32(1.0)
         if descales:
             assert v_channel, "FA3's v_descale is a channel scale (the same for every channel)"
-            mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
+            mK_scale, mV_scale = None, mVScale[batch, head_kv, None]
         elif packed_k:
             k_col0 = seqlen.offset_k // tile_n + batch
             mK_scale = cute.domain_offset((k_col0,), mKScale[0, head_kv, None])

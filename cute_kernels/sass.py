@@ -310,7 +310,8 @@ def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     features = dict(has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
                     cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
                     hdim_in=0 if d == a.hdim else a.hdim, hdimv=128 if wide_v else 0,
-                    **bwd_launch.variants(d, a.softcap, sets.get("deterministic", False), hdimv=128 if wide_v else 0))
+                    **bwd_launch.variants(d, a.softcap, sets.get("deterministic", False), local=a.local or a.chunk,
+                                          hdimv=128 if wide_v else 0, has_right=a.causal or a.local))
     cfg = BwdConfig.make(a.dtype, d, **{**features, **sets})
     return dataclasses.replace(cfg, **after_make)
 

@@ -99,27 +99,30 @@ class TileScheduler:
             bidx, head, batch = cute.arch.block_idx()
             return Int32(bidx), Int32(head), Int32(batch)
         if const_expr(self.lpt):
-            # Longest first in L2 sections of `l2_heads` (batch, head) pairs: m_block descending,
-            # pairs fastest; the last `tail_heads` pairs form one final section. One numbering for
-            # the single-tile grid (tile = block index) and both persistent schedulers (tile = the
-            # index they stride over / take from the counter).
-            bid = tile if const_expr(self.persistent) else Int32(cute.arch.block_idx()[0])
-            hb_total = self.num_heads * self.num_batch
-            tail = cutlass.min(self.tail_heads, hb_total)
-            first = hb_total - tail  # pairs in the L2 sections before the final one
-            in_tail = Int32(bid >= first * self.num_m_blocks)  # 0 / 1, branch-free
-            bid = bid - in_tail * first * self.num_m_blocks
-            base = in_tail * first
-            sec = self.l2_heads + in_tail * (tail - self.l2_heads)
-            pairs = first + in_tail * (tail - first)
-            section = bid // (sec * self.num_m_blocks)
-            r = bid - section * sec * self.num_m_blocks
-            heads_here = cutlass.min(sec, pairs - section * sec)
-            hb = base + section * sec + r % heads_here
-            return self.num_m_blocks - 1 - r // heads_here, hb % self.num_heads, hb // self.num_heads
+            # One numbering for the single-tile grid (tile = block index) and both persistent
+            # schedulers (tile = the index they stride over / take from the counter).
+            return self.lpt_coords(tile if const_expr(self.persistent) else Int32(cute.arch.block_idx()[0]))
         m_block = tile % self.num_m_blocks
         rest = tile // self.num_m_blocks
         return m_block, rest % self.num_heads, rest // self.num_heads
+
+    def lpt_coords(self, bid: Int32):
+        """(m_block, head, batch) of index `bid` in the longest-first order: L2 sections of
+        `l2_heads` (batch, head) pairs, m_block descending, pairs fastest; the last `tail_heads`
+        pairs form one final section."""
+        hb_total = self.num_heads * self.num_batch
+        tail = cutlass.min(self.tail_heads, hb_total)
+        first = hb_total - tail  # pairs in the L2 sections before the final one
+        in_tail = Int32(bid >= first * self.num_m_blocks)  # 0 / 1, branch-free
+        bid = bid - in_tail * first * self.num_m_blocks
+        base = in_tail * first
+        sec = self.l2_heads + in_tail * (tail - self.l2_heads)
+        pairs = first + in_tail * (tail - first)
+        section = bid // (sec * self.num_m_blocks)
+        r = bid - section * sec * self.num_m_blocks
+        heads_here = cutlass.min(sec, pairs - section * sec)
+        hb = base + section * sec + r % heads_here
+        return self.num_m_blocks - 1 - r // heads_here, hb % self.num_heads, hb // self.num_heads
 
 
 @dataclass(frozen=True)

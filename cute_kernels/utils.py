@@ -294,6 +294,23 @@ def store_acc_predicated(acc: cute.Tensor, thr_mma: cute.ThrMma, gX: cute.Tensor
                     tXgX[r, c] = a_mn[r, c]
 
 
+def stmatrix_op(dtype: Type[cutlass.Numeric], transposed: bool = False):
+    """The smem store of a 16-bit accumulator tile: stmatrix, or with `transposed` (the MMA
+    computed the tile's transpose) stmatrix.trans into the tile's transposed view."""
+    return sm90_utils.sm90_get_smem_store_op(LayoutEnum.COL_MAJOR if transposed else LayoutEnum.ROW_MAJOR, dtype,
+                                             Float32)
+
+
+@cute.jit
+def stage_acc(r16: cute.Tensor, tiled_mma: cute.TiledMma, tidx, sX: cute.Tensor,
+              transposed: cutlass.Constexpr[bool] = False):
+    """A thread's 16-bit accumulator-layout registers `r16` (its share, by `tiled_mma`, of smem
+    tile sX, or with `transposed` of sX's transpose) into sX by stmatrix (.trans). The caller
+    syncs the threads that read sX back."""
+    thr_copy = cute.make_tiled_copy_C(stmatrix_op(r16.element_type, transposed), tiled_mma).get_slice(tidx)
+    cute.copy(thr_copy, thr_copy.retile(r16), thr_copy.partition_D(transpose_view(sX) if const_expr(transposed) else sX))
+
+
 @cute.jit
 def store_slab_predicated(sX: cute.Tensor, gX: cute.Tensor, rows, cols_in: cutlass.Constexpr[int] = 0, col0=0):
     """One warp: the first `rows` rows of its smem slab `sX` (rows x width, 16-bit) into the same

@@ -237,7 +237,7 @@ def test_dkv_smem_where_timed(monkeypatch):
     assert all(bwd_launch.variants(d, False, False).get("dkv_smem") for d in (64, 96, 128))
     assert all(bwd_launch.variants(d, True, True, True).get("dkv_smem") for d in (64, 96, 128))
     assert "dkv_smem" not in bwd_launch.variants(128, False, False, max_seqlen_q=long)  # the 80-row tile
-    assert bwd_launch.variants(128, False, False, max_seqlen_q=long, causal=True).get("dkv_smem")  # but causal
+    assert bwd_launch.variants(128, False, False, max_seqlen_q=long, has_right=True).get("dkv_smem")  # but causal
     assert not any("dkv_smem" in bwd_launch.variants(d, False, False) for d in (192, 256))
     assert not any("dkv_smem" in bwd_launch.variants(d, False, False, partial=True) for d in (64, 96, 128))
     monkeypatch.setattr(bwd_launch, "dkv_smem", True)

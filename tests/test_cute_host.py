@@ -679,6 +679,45 @@ def test_tile_order_on_the_host(persistent, lpt):
             assert ms == sorted(ms, reverse=True)  # longest first within the section
 
 
+def test_backward_lpt_order_on_the_host():
+    """bwd_sm90.lpt_key_block (the backward's lpt grid), run by CuTe DSL's host JIT over every
+    block index: a bijection onto the (n_block, KV pair, batch) CTAs; each pair's key blocks ascend
+    with the block index (deterministic's waits are on lower n_blocks of the same pair, which must
+    launch first); pairs outside the final section run their key blocks back to back from n_block
+    0 (the longest causal ones); the final section takes key block by key block across its pairs."""
+    from cutlass.cute.runtime import from_dlpack
+
+    from cute_kernels.bwd_sm90 import lpt_key_block
+    from cute_kernels.scheduler import LPT_TAIL_WAVES
+
+    @cutlass.cute.jit
+    def order(out: cutlass.cute.Tensor, blocks: cutlass.Int32, pairs: cutlass.Int32, batch: cutlass.Int32,
+              tail: cutlass.Int32):
+        for t in cutlass.range(out.shape[0]):
+            n, p, b = lpt_key_block(t, blocks, pairs, batch, tail)
+            out[t, 0] = n
+            out[t, 1] = p
+            out[t, 2] = b
+
+    sms = 132
+    for blocks, pairs, batch in [(16, 16, 8), (8, 4, 3), (1, 5, 2), (64, 16, 1), (5, 7, 3)]:
+        tail = (LPT_TAIL_WAVES * sms + blocks - 1) // blocks  # bwd_sm90's __call__
+        out = torch.zeros(blocks * pairs * batch, 3, dtype=torch.int32)
+        order(from_dlpack(out), *(cutlass.Int32(x) for x in (blocks, pairs, batch, tail)))
+        ctas = [tuple(r) for r in out.tolist()]
+        assert sorted(ctas) == sorted(itertools.product(range(blocks), range(pairs), range(batch)))
+        by_pair = {}
+        for n, p, b in ctas:
+            by_pair.setdefault((p, b), []).append(n)
+        assert all(ns == sorted(ns) for ns in by_pair.values()), (blocks, pairs, batch)
+        in_tail = min(tail, pairs * batch)
+        first = (pairs * batch - in_tail) * blocks
+        for i in range(0, first, blocks):  # the sections of one pair: its blocks 0 .. blocks - 1
+            assert [n for n, _, _ in ctas[i:i + blocks]] == list(range(blocks)), (blocks, pairs, batch, i)
+        final = [n for n, _, _ in ctas[first:]]
+        assert final == sorted(final) and final[:in_tail] == [0] * in_tail  # key block by key block
+
+
 @pytest.mark.parametrize("hdim,page_sizes", [
     (128, {8: True, 16: True, 32: True, 64: True, 128: True, 256: True, 384: True, 24: False, 4: False, 1: False,
            192: False, 200: False}),
