@@ -96,6 +96,10 @@ lpt = os.environ.get("FA3PY_CUTE_BWD_LPT", "0") == "1"
 # registers otherwise: 4-byte, or on the 80-row tile's dQ^T 2-byte stores): FA3PY_CUTE_BWD_POST_SMEM=1;
 # not yet GPU-tested, so off by default.
 post_dq_smem = os.environ.get("FA3PY_CUTE_BWD_POST_SMEM", "0") == "1"
+# Programmatic dependent launch of the three kernels (BwdConfig.pdl, BwdRowsConfig.pdl): the main
+# kernel's CTAs start and load K / V / Q / dO under the preprocessing's tail, the postprocessing
+# launches under the main kernel's. FA3PY_CUTE_BWD_PDL=1; not yet timed, so off by default.
+pdl = os.environ.get("FA3PY_CUTE_BWD_PDL", "0") == "1"
 
 
 def why_not(req: "AttentionRequest") -> Optional[str]:
@@ -181,7 +185,8 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     64-row tiles only); dkv_smem (not with `partial`: dkv_partial's float32 partials) by default
     on the 64 / 128-row tiles of hdim 64-128 and the 80-row one with a right edge (`has_right`;
     not hdim 192 / 256's: untimed), or wherever the environment sets it (`dkv_smem`); lpt where
-    the environment sets it (`lpt`) and there is a right edge."""
+    the environment sets it (`lpt`) and there is a right edge; pdl where the environment sets it
+    (`pdl`)."""
     if _takes_dkvt(hdim, hdimv, deterministic):
         out = dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False)
         smem_default = False
@@ -197,7 +202,8 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
             _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
         smem_default = not (split_hdim or (tile_80 and not has_right))
     smem = (smem_default if dkv_smem is None else dkv_smem) and not partial
-    return out | ({"dkv_smem": True} if smem else {}) | ({"lpt": True} if lpt and has_right else {})
+    return out | ({"dkv_smem": True} if smem else {}) | ({"lpt": True} if lpt and has_right else {}) | \
+        ({"pdl": True} if pdl else {})
 
 
 def _row_stats(hdim: int, tile_80: bool, softcap: bool, takes_dv_early: bool) -> dict:

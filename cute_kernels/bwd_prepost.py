@@ -66,11 +66,15 @@ class BwdRowsConfig:
     # row-contiguous stores, a slab of rows (x columns) per warp; otherwise element-wise from the
     # registers (4-byte stores, each 32-byte sector written twice, as dK / dV were)
     dq_smem: bool = False
+    # launched with programmatic dependent launch, as the main kernel (BwdConfig.pdl): both wait
+    # (griddepcontrol.wait) before reading what the kernel before them wrote; the preprocessing
+    # lets the main kernel launch once its loads of O / dO are issued
+    pdl: bool = False
 
     @staticmethod
     def of(kind: str, cfg: BwdConfig, dq_smem: bool = False) -> "BwdRowsConfig":
         return BwdRowsConfig(kind, cfg.dtype, cfg.hdim, cfg.tile_m, cfg.hdim_in, cfg.cu_seqlens_q, cfg.seqused_q,
-                             cfg.hdimv, cfg.dkv_transposed, dq_smem and kind == "post")
+                             cfg.hdimv, cfg.dkv_transposed, dq_smem and kind == "post", cfg.pdl)
 
     @property
     def o_cols(self) -> tuple[int, int]:
@@ -81,7 +85,8 @@ class BwdRowsConfig:
         dv = f"x{self.hdimv}" if self.hdimv else ""
         return f"bwd-{self.kind} {self.dtype} d{self.hdim}{dv} m{self.tile_m} {self.hdim_in or ''} " \
                f"{'varlen' if self.cu_seqlens_q else ''} {'seqused' if self.seqused_q else ''}" \
-               f"{' dkv_transposed' if self.dkv_transposed else ''}{' dq_smem' if self.dq_smem else ''}"
+               f"{' dkv_transposed' if self.dkv_transposed else ''}{' dq_smem' if self.dq_smem else ''}" \
+               f"{' pdl' if self.pdl else ''}"
 
     def bwd_config(self) -> BwdConfig:
         """The main kernel's config (BWD_TILES' entry of this head dim, at this tile_m: a
@@ -121,7 +126,7 @@ class BwdPreprocessSm90:
         batch = cute.size(mO.shape[3]) if const_expr(not cfg.cu_seqlens_q) else mCuSeqlensQ.shape[0] - 1
         self.kernel(mO, mdO, mLSE, mLSE2, mdPsum, mdQacc, mCuSeqlensQ, mSeqUsedQ).launch(
             grid=[cute.ceil_div(max_seqlen_q, cfg.tile_m), cute.size(mO.shape[2]), batch],
-            block=[PRE_THREADS, 1, 1], stream=stream)
+            block=[PRE_THREADS, 1, 1], stream=stream, use_pdl=cfg.pdl)
 
     @cute.kernel
     def kernel(self, mO: cute.Tensor, mdO: cute.Tensor, mLSE: cute.Tensor, mLSE2: cute.Tensor,
@@ -130,6 +135,10 @@ class BwdPreprocessSm90:
         cfg = self.cfg
         tidx = cute.arch.thread_idx()[0]
         m_block, head, batch, seqlen, b, row_offset = _query_block(cfg, mO, mCuSeqlensQ, mSeqUsedQ)
+        if const_expr(cfg.pdl):
+            cute.arch.griddepcontrol_wait()  # O / dO / LSE: the kernels before this one wrote them
+            # the main kernel may launch: it reads nothing of ours before its own wait
+            cute.arch.griddepcontrol_launch_dependents()
         if m_block * cfg.tile_m < seqlen.seqlen_q:
             d_in = cfg.o_cols[1]
             mO_cur = cute.domain_offset((seqlen.offset_q, 0), mO[None, None, head, b])
@@ -224,7 +233,8 @@ class BwdPostprocessSm90:
         self.kernel(mdQacc, mdQ, mCuSeqlensQ, mSeqUsedQ, softmax_scale, tiled_mma_dq, sdQ_layout,
                     SharedStorage).launch(
             grid=[cute.ceil_div(max_seqlen_q, cfg.tile_m), cute.size(mdQ.shape[2]), batch],
-            block=[self.main.num_wg * THREADS_PER_WG, 1, 1], smem=SharedStorage.size_in_bytes(), stream=stream)
+            block=[self.main.num_wg * THREADS_PER_WG, 1, 1], smem=SharedStorage.size_in_bytes(), stream=stream,
+            use_pdl=cfg.pdl)
 
     def dq_slab(self) -> tuple[int, int]:
         """dq_smem: the (rows, columns) of the block one warp stores: tile_m / warps rows of every
@@ -243,6 +253,8 @@ class BwdPostprocessSm90:
         cfg = self.cfg
         tidx = cute.arch.thread_idx()[0]
         m_block, head, batch, seqlen, b, row_offset = _query_block(cfg, mdQ, mCuSeqlensQ, mSeqUsedQ)
+        if const_expr(cfg.pdl):
+            cute.arch.griddepcontrol_wait()  # the main kernel's dQ accumulator
         rows_left = seqlen.seqlen_q - m_block * cfg.tile_m
         if rows_left > 0:
             main = self.main

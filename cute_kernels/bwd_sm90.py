@@ -406,6 +406,7 @@ class FlashAttentionBackwardSm90:
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
             min_blocks_per_mp=1,
+            use_pdl=cfg.pdl,
         )
 
     def check_dq_fragment_order(self, tiled_mma_dq):
@@ -619,6 +620,9 @@ class FlashAttentionBackwardSm90:
         tXsX, tXgX = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2),
                                            cute.group_modes(gX, 0, 2))
         cute.copy(atom, tXgX, tXsX[None, state.index], tma_bar_ptr=pipe.producer_get_barrier(state))
+        if const_expr(self.cfg.pdl):
+            if state.count == 0:  # (the first block's rows: K, V and this Q / dO are in flight)
+                cute.arch.griddepcontrol_wait()  # the preprocessing's LSE_log2 / dPsum
         gRow = cute.local_tile(cute.domain_offset((row_offset,), mRow[None, head, b]), (self.tile_m,), (m_block,))
         with cute.arch.elect_one():
             bulk_load(gRow.iterator, sRow[None, state.index].iterator, pipe.producer_get_barrier(state),
@@ -645,6 +649,8 @@ class FlashAttentionBackwardSm90:
         are on lower n_blocks only, launched earlier (the grid's x; with lpt, each pair's key
         blocks ascend in launch order too), so resident or done: no deadlock."""
         det = self.cfg.deterministic
+        if const_expr(self.cfg.pdl):
+            cute.arch.griddepcontrol_wait()  # the preprocessing zeroes the accumulator
         m_block_min, m_block_max = work.mask.m_block_range()
         b_q = work.batch if const_expr(not self.cfg.cu_seqlens_q) else 0
         chunk = THREADS_PER_WG * self.dq_per_thread
@@ -773,6 +779,10 @@ class FlashAttentionBackwardSm90:
                         q_state = step(q_state, m_block, mask_keys, mdQ_h, mask_left=True)
         for i in cutlass.range_constexpr(cute.size(acc_dK)):
             acc_dK[i] = acc_dK[i] * softmax_scale
+        if const_expr(self.cfg.pdl):
+            # (a key block without query blocks gets here first; memory the caching allocator gave
+            # dK / dV may have been the preprocessing's inputs)
+            cute.arch.griddepcontrol_wait()
         if const_expr(self.cfg.dkv_smem):
             self.store_dkv_staged((acc_dK, acc_dV), (mdK, mdV), sdKV, (tiled_mma_dkv, tiled_mma_dv), tidx, work)
         else:

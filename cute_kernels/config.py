@@ -587,6 +587,12 @@ class BwdConfig:
     # causal grid: 7% over the ideal). lpt takes the forward's longest-first order instead
     # (bwd_sm90's __call__; the model: 1-2%). Deterministic's waits stay on earlier-launched CTAs.
     lpt: bool = False
+    # Programmatic dependent launch with the pre- and post-processing kernels (all three launched
+    # with it): the producer issues K / V by TMA before griddepcontrol.wait (the preprocessing's
+    # LSE_log2 / dPsum / zeroed dQ accumulator), so a CTA's start and first loads overlap the
+    # preprocessing's tail; the dQ warp and the consumers' dK / dV stores wait too (nothing of this
+    # kernel writes before the preprocessing is done). flash-attn-4's sm90 backward does the same.
+    pdl: bool = False
 
     @property
     def num_mma_wg(self) -> int:
@@ -652,4 +658,5 @@ class BwdConfig:
         flags += ["dv_early"] if self.dv_early else []
         flags += ["dkv_smem"] if self.dkv_smem else []
         flags += ["lpt"] if self.lpt else []
+        flags += ["pdl"] if self.pdl else []
         return f"bwd {self.dtype} d{self.hdim} tile{self.tile_m}x{self.tile_n} qs{self.q_stages} {' '.join(flags)}"

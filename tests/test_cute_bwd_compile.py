@@ -429,3 +429,46 @@ def test_lpt_where_asked(monkeypatch):
     assert not cfg().lpt and not cfg(window_size=(64, -1)).lpt
     with pytest.raises(AssertionError, match="lpt"):
         BwdConfig.make("bf16", 128, lpt=True)
+
+
+@pytest.mark.parametrize("dtype,hdim,features", [
+    ("bf16", 128, dict(has_right=True, dkv_smem=True)),
+    ("fp16", 64, dict(deterministic=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    ("bf16", 192, dict(dkv_transposed=True)),
+    ("bf16", 256, dict(has_left=True, has_right=True, dq_red=True)),
+], ids=["bf16-d128-causal-dkvsmem", "fp16-d64-deterministic-varlen", "bf16-d192-dkvt", "bf16-d256-local-dqred"])
+def test_compile_bwd_pdl(dtype, hdim, features):
+    """pdl (programmatic dependent launch): griddepcontrol.wait (SASS ACQBULK) in the producer
+    before the first block's LSE_log2 / dPsum, at the dQ warp's start (none with dq_red: no dQ
+    warp) and before the consumers' dK / dV stores; none in the plain kernel, whose GEMMs and
+    loads pdl leaves as they were."""
+    plain = BwdConfig.make(dtype, hdim, **features)
+    cfg = BwdConfig.make(dtype, hdim, pdl=True, **features)
+    assert "pdl" in cfg.short() and "pdl" not in plain.short()
+    text, _ = check_compiled(cfg)
+    ops, plain_ops = sass.opcode_counts(text), sass.opcode_counts(compiled(plain)[0])
+    # the producer's wait sits in load_rows, which Q and dO each inline once
+    assert ops["ACQBULK"] == 2 + (0 if cfg.dq_red else 1) + 1 and plain_ops["ACQBULK"] == 0
+    for op in ("HGMMA", "UTMALDG", "UBLKCP"):
+        assert ops[op] == plain_ops[op], op
+
+
+def test_pdl_where_asked(monkeypatch):
+    """bwd_launch.config_for: pdl only with FA3PY_CUTE_BWD_PDL=1 (`pdl`; untimed, off by default),
+    for every feature; the pre- and post-processing's configs follow the main kernel's."""
+    import torch
+
+    from cute_kernels import bwd_launch
+    from cute_kernels.bwd_prepost import BwdRowsConfig
+    from fa3py.validation import make_request
+
+    def cfg(**kw):
+        x = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16)
+        return bwd_launch.config_for(make_request(x, x, x, **kw))
+
+    monkeypatch.setattr(bwd_launch, "pdl", False)
+    assert not cfg().pdl and not cfg(causal=True).pdl
+    monkeypatch.setattr(bwd_launch, "pdl", True)
+    assert cfg().pdl and cfg(causal=True, deterministic=True).pdl and cfg(window_size=(64, 3)).pdl
+    assert all(BwdRowsConfig.of(kind, cfg()).pdl for kind in ("pre", "post"))
+    assert not BwdRowsConfig.of("pre", BwdConfig.make("bf16", 128)).pdl

@@ -5,6 +5,7 @@ queries and padded head dims."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -89,6 +90,19 @@ def _request(case, d, dtype=torch.bfloat16):
     if case == "seqused":
         kw["seqused_q"] = torch.tensor([0, 1, 50, 129, 10], dtype=torch.int32, device="cuda")
     return make_req(q, q, q, **kw)
+
+
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_compile_prepost_pdl(kind):
+    """pdl: each waits for the kernel before it (griddepcontrol.wait, SASS ACQBULK) before reading;
+    the preprocessing then lets the main kernel launch (launch_dependents, SASS PREEXIT); the
+    loads and stores stay as they were."""
+    plain = BwdRowsConfig(kind, "bf16", 128, 64, 0, True, True)
+    ops, plain_ops = _compile(dataclasses.replace(plain, pdl=True)), _compile(plain)
+    assert ops["ACQBULK"] == 1 and ops["PREEXIT"] == (kind == "pre")
+    assert plain_ops["ACQBULK"] == plain_ops["PREEXIT"] == 0
+    for op in ("LDG.E.128", "STG.E.128", "STG.E"):
+        assert ops[op] == plain_ops[op], op
 
 
 @pytest.mark.parametrize("cfg", [
