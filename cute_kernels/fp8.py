@@ -23,7 +23,6 @@ from typing import Optional
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
-from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -42,20 +41,20 @@ K_PER_MMA = 32
 @dsl_user_op
 def _cvt_e4m3x4(a: Float32, b: Float32, c: Float32, d: Float32, *, loc=None, ip=None) -> Int32:
     """Four fp32 -> one 32-bit register of four e4m3 (`a` in the lowest byte), round to nearest
-    even, saturating to +-448 (NaN stays NaN). Two cvt.rn.satfinite.e4m3x2.f32 (16 bits each)
-    joined as a <2 x i16> vector bitcast to i32 (element 0 the low half), which ptxas turns into
-    F2FP + F2FP.MERGE_C where the registers allow. Joined inside the asm (`mov.b32 $0, {lo, hi}`,
-    CUTLASS's converter) ptxas emitted a PRMT per register; CPU SASS, KV loop instructions before
-    / after: hdim 128 557 / 533 (block V), 715 / 705 (channel V, 224 keys), hdim 256 587 / 546;
-    hdim 192's 96-key tile keeps its PRMTs either way."""
-    args = [Float32(x).ir_value(loc=loc, ip=ip) for x in (a, b, c, d)]
-    halves = [llvm.inline_asm(T.i16(), [x, y], "cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,f,f",
-                              has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
-              for x, y in (args[:2], args[2:])]
-    v = llvm.mlir_undef(ir.VectorType.get([2], T.i16()), loc=loc, ip=ip)
-    for i, h in enumerate(halves):
-        v = llvm.insertelement(v, h, Int32(i).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
-    return Int32(llvm.bitcast(T.i32(), v, loc=loc, ip=ip))
+    even, saturating to +-448 (NaN stays NaN): two cvt.rn.satfinite.e4m3x2.f32 joined by a mov
+    inside the asm (ptxas: F2FP x2 + PRMT). Joined outside it as a <2 x i16> bitcast instead,
+    ptxas merges the halves (F2FP.MERGE_C, no PRMT: hdim 128's KV loop 557 -> 533 instructions),
+    but the kernel ran slower: H100, hdim 128, block-V scales, CUDA graphs, two alternating runs
+    each, 895-907 against 873-878 TFLOP/s at 16k tokens x 1, 760-762 against 731 at 2k x 8."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Float32(x).ir_value(loc=loc, ip=ip) for x in (a, b, c, d)],
+        "{ .reg .b16 lo, hi;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
+        "mov.b32 $0, {lo, hi}; }",
+        "=r,f,f,f,f", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+        loc=loc, ip=ip,
+    ))
 
 
 @cute.jit
