@@ -81,24 +81,29 @@ stat_regs = int(os.environ["FA3PY_CUTE_BWD_STAT_REGS"]) if os.environ.get("FA3PY
 dv_early = os.environ["FA3PY_CUTE_BWD_DV_EARLY"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DV_EARLY") else None
 STAT_REGS_BY_DEFAULT = 16  # hdim 128's 64-row tile (`variants`)
 # dK / dV through smem and 16-byte stores (BwdConfig.dkv_smem; 16-bit dK / dV: not with head
-# splits): by default on the 64 / 128-row tiles of hdim 64 / 96 / 128 and on the 80-row one when
-# causal; not yet on hdim 192 / 256's tiles (compiled, not yet timed or GPU-tested). Backward
-# alone, CUDA graphs, against element-wise stores from the registers
-# (benchmarks/results/2026-12-06_h200_dkv_smem): H200, 2k tokens x 8: hdim 64 -3.4% /
-# -4.9% (non-causal / causal), 96 -1.8% / -4.0%, 128 -3.0% / -4.4%; H100 hdim 128 2k -3.6% / -4.6%.
-# On the 80-row tile (16k rows) +1.4% (H200) / +1.9% (H100) non-causal (off there), -1.0% / -0.8%
-# causal. FA3PY_CUTE_BWD_DKV_SMEM=0 / 1 sets it for every tile (hdim 192 / 256's included).
+# splits): by default on every tile but the 80-row one without a right edge. Backward alone, CUDA
+# graphs, against element-wise stores from the registers (benchmarks/results/2026-12-06_h200_dkv_smem,
+# 2026-12-06_h100_defaults): H200, 2k tokens x 8: hdim 64 -3.4% / -4.9% (non-causal / causal),
+# 96 -1.8% / -4.0%, 128 -3.0% / -4.4%; H100 hdim 128 2k -3.6% / -4.6%, hdim 192 (three-warpgroup
+# tile) -3.1% / -4.1%, hdim 256 -5.4% / -6.7%. On the 80-row tile (16k rows) +1.4% (H200) / +1.9%
+# (H100) non-causal (off there), -1.0% / -0.8% causal. FA3PY_CUTE_BWD_DKV_SMEM=0 / 1 sets it for
+# every tile.
 dkv_smem = os.environ["FA3PY_CUTE_BWD_DKV_SMEM"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DKV_SMEM") else None
 # Key blocks in the forward's longest-first order where a right edge (causal, right windows)
-# shortens them (BwdConfig.lpt): FA3PY_CUTE_BWD_LPT=1; not yet timed, so off by default.
-lpt = os.environ.get("FA3PY_CUTE_BWD_LPT", "0") == "1"
+# shortens them (BwdConfig.lpt), on by default: H100, CUDA graphs, backward alone, causal, against
+# the plain grid: hdim 128 2k -3.3%, 4k -4.0%; hdim 64 2k -2.1%, 4k -2.7% (the main kernel alone at
+# hdim 128 2k: 636 -> 609 us, flash-attn-4's 610). FA3PY_CUTE_BWD_LPT=0 turns it off.
+lpt = os.environ.get("FA3PY_CUTE_BWD_LPT", "1") != "0"
 # The postprocessing's dQ through smem and 16-byte stores (BwdRowsConfig.dq_smem; element-wise from
-# registers otherwise: 4-byte, or on the 80-row tile's dQ^T 2-byte stores): FA3PY_CUTE_BWD_POST_SMEM=1;
-# not yet GPU-tested, so off by default.
-post_dq_smem = os.environ.get("FA3PY_CUTE_BWD_POST_SMEM", "0") == "1"
+# registers otherwise: 4-byte, or on the 80-row tile's dQ^T 2-byte stores), on by default: H100,
+# hdim 128, 2k x 8, the postprocessing kernel 78.7 -> 67.0 us (flash-attn-4's 67.7).
+# FA3PY_CUTE_BWD_POST_SMEM=0 turns it off.
+post_dq_smem = os.environ.get("FA3PY_CUTE_BWD_POST_SMEM", "1") != "0"
 # Programmatic dependent launch of the three kernels (BwdConfig.pdl, BwdRowsConfig.pdl): the main
 # kernel's CTAs start and load K / V / Q / dO under the preprocessing's tail, the postprocessing
-# launches under the main kernel's. FA3PY_CUTE_BWD_PDL=1; not yet timed, so off by default.
+# launches under the main kernel's. FA3PY_CUTE_BWD_PDL=1; off by default: level within noise (H100, CUDA
+# graphs, paired, 2k x 8 non-causal: hdim 128 1.2710 against 1.2792 ms, hdim 64 1.4313 against
+# 1.4262; the main kernel alone no faster under the profiler). GPU tests passed with it (~640).
 pdl = os.environ.get("FA3PY_CUTE_BWD_PDL", "0") == "1"
 
 
@@ -183,13 +188,12 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     dkv_transposed at hdim 192 (`dkvt`, `_takes_dkvt`); stat_regs 16 and dv_early on hdim 128's
     64-row tile, or where the environment sets them (`stat_regs`, `dv_early`: the latter on the
     64-row tiles only); dkv_smem (not with `partial`: dkv_partial's float32 partials) by default
-    on the 64 / 128-row tiles of hdim 64-128 and the 80-row one with a right edge (`has_right`;
-    not hdim 192 / 256's: untimed), or wherever the environment sets it (`dkv_smem`); lpt where
-    the environment sets it (`lpt`) and there is a right edge; pdl where the environment sets it
-    (`pdl`)."""
+    on every tile but the 80-row one without a right edge (`has_right`), or as the environment
+    sets it (`dkv_smem`); lpt (`lpt`, by default) where there is a right edge; pdl where the
+    environment sets it (`pdl`)."""
     if _takes_dkvt(hdim, hdimv, deterministic):
         out = dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False)
-        smem_default = False
+        smem_default = True
     else:
         _, _, q_stages, split_hdim = BWD_TILES[hdim]
         rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
@@ -200,7 +204,7 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
         takes_dv_early = BWD_TILES[hdim][0] == 64 and not (tile_80 or split_hdim or softcap)
         out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic) | \
             _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
-        smem_default = not (split_hdim or (tile_80 and not has_right))
+        smem_default = not (tile_80 and not has_right)
     smem = (smem_default if dkv_smem is None else dkv_smem) and not partial
     return out | ({"dkv_smem": True} if smem else {}) | ({"lpt": True} if lpt and has_right else {}) | \
         ({"pdl": True} if pdl else {})

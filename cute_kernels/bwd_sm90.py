@@ -25,8 +25,8 @@ hdim <= 128 (tile_n = 128): each consumer warpgroup owns 64 keys. Per m_block:
     dQ   = dS K           SS WGMMA from sdS (each warpgroup: half of dQ's columns, or of its
                           rows at tile_m 128), -> sdQ in fragment order
     dK  += dS^T Q         RS WGMMA
-  then dK * softmax_scale and dV to global memory: `dkv_smem` (the default on the 64 / 128-row
-  tiles and the causal 80-row one) stages each warp's 16 keys of both in smem over sQ / sdO (one barrier: both warpgroups'
+  then dK * softmax_scale and dV to global memory: `dkv_smem` (the default on every tile but the
+  non-causal 80-row one) stages each warp's 16 keys of both in smem over sQ / sdO (one barrier: both warpgroups'
   last GEMMs done) and writes them by 16-byte row-contiguous stores; otherwise element-wise from
   the registers (each 32-byte sector written twice: ncu at hdim 128, 2k). On the tiles below,
   dkv_smem's slab of a warp is 16 keys x hdim / 2 (split_hdim) or, from dK^T / dV^T by
@@ -102,11 +102,13 @@ takes a second Q / dO stage; not with deterministic, whose ordered adds are the 
 `stat_regs` reads the LSE_log2 / dPsum values into registers under the GEMMs (ptxas does not move a
 shared load across a wgmma wait, so read where used they put their latency between the S^T wait and
 the first exp2); `dv_early` (P^T in registers) issues dV += P^T dO right after P^T is converted, so
-every exp2 precedes dP^T's wait and dV's GEMM runs under dS^T's math; `dkv_smem` (above) 1.8-4.9%
-less time at 2k tokens x 8 (H100 / H200), +1.4-1.9% on the 80-row tile non-causal (off there), -1% causal;
-`lpt` (causal / right windows) launches the key blocks in the forward's longest-first order
-(scheduler.TileScheduler, a 1-D grid: a pair's key blocks ascending, the final section's key block
-by key block across pairs), where the plain grid leaves the last pairs' longest blocks for the end.
+every exp2 precedes dP^T's wait and dV's GEMM runs under dS^T's math; `dkv_smem` (above) 1.8-6.7%
+less time at 2k tokens x 8 (H100 / H200, hdim 64-256), +1.4-1.9% on the 80-row tile non-causal (off
+there), -1% causal; `lpt` (causal / right windows; the default) launches the key blocks in the
+forward's longest-first order (scheduler.TileScheduler, a 1-D grid: a pair's key blocks ascending,
+the final section's key block by key block across pairs), where the plain grid leaves the last
+pairs' longest blocks for the end: 2.1-4.0% less time causal at 2k / 4k (H100); `pdl` (opt-in,
+timed level) launches the three kernels with programmatic dependent launch.
 
 Pipelines (PipelineTmaAsync, counts checked at trace time): pipeline_kv 1 stage (K + V bytes),
 pipeline_q / pipeline_do q_stages (Q + LSE / dO + dPsum bytes); consumer release from lane 0

@@ -591,7 +591,8 @@ class BwdConfig:
     # with it): the producer issues K / V by TMA before griddepcontrol.wait (the preprocessing's
     # LSE_log2 / dPsum / zeroed dQ accumulator), so a CTA's start and first loads overlap the
     # preprocessing's tail; the dQ warp and the consumers' dK / dV stores wait too (nothing of this
-    # kernel writes before the preprocessing is done). flash-attn-4's sm90 backward does the same.
+    # kernel writes before the preprocessing is done). flash-attn-4's sm90 backward does the same;
+    # here it timed level (bwd_launch.pdl).
     pdl: bool = False
 
     @property

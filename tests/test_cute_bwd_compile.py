@@ -225,10 +225,10 @@ def test_compile_bwd_dkv_smem(name):
 
 
 def test_dkv_smem_where_timed(monkeypatch):
-    """bwd_launch.variants: dkv_smem by default on the 64 / 128-row tiles of hdim 64 / 96 / 128, on
-    the 80-row tile only causal (non-causal timed slower), not on hdim 192 / 256's (not yet timed),
-    never with head splits (float32 partials); the environment's choice on every tile; BwdConfig
-    refuses partials."""
+    """bwd_launch.variants: dkv_smem by default on every tile (hdim 192's three-warpgroup and
+    64 x 64 ones, 256's, 192 x 128's included) but the 80-row one non-causal (timed slower), never
+    with head splits (float32 partials); the environment's choice on every tile; BwdConfig refuses
+    partials."""
     from cute_kernels import bwd_launch
 
     monkeypatch.setattr(bwd_launch, "dkv_smem", None)
@@ -238,8 +238,11 @@ def test_dkv_smem_where_timed(monkeypatch):
     assert all(bwd_launch.variants(d, True, True, True).get("dkv_smem") for d in (64, 96, 128))
     assert "dkv_smem" not in bwd_launch.variants(128, False, False, max_seqlen_q=long)  # the 80-row tile
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long, has_right=True).get("dkv_smem")  # but causal
-    assert not any("dkv_smem" in bwd_launch.variants(d, False, False) for d in (192, 256))
-    assert not any("dkv_smem" in bwd_launch.variants(d, False, False, partial=True) for d in (64, 96, 128))
+    assert all(bwd_launch.variants(d, False, False).get("dkv_smem") for d in (192, 256))
+    assert bwd_launch.variants(192, False, False).get("dkv_transposed")
+    assert bwd_launch.variants(192, False, True).get("dkv_smem")  # deterministic: the 64 x 64 tile
+    assert bwd_launch.variants(192, False, False, hdimv=128).get("dkv_smem")
+    assert not any("dkv_smem" in bwd_launch.variants(d, False, False, partial=True) for d in (64, 96, 128, 256))
     monkeypatch.setattr(bwd_launch, "dkv_smem", True)
     assert all(bwd_launch.variants(d, False, False).get("dkv_smem") for d in (64, 96, 128, 192, 256))
     assert bwd_launch.variants(128, False, False, max_seqlen_q=long).get("dkv_smem")
@@ -410,8 +413,8 @@ def test_compile_bwd_lpt(dtype, hdim, features):
 
 
 def test_lpt_where_asked(monkeypatch):
-    """bwd_launch.config_for: lpt only with FA3PY_CUTE_BWD_LPT=1 (`lpt`; untimed, off by default)
-    and a right edge (causal, a right window: key blocks shorten with n_block); BwdConfig refuses it
+    """bwd_launch.config_for: lpt (by default; FA3PY_CUTE_BWD_LPT=0 sets `lpt` off) only with a
+    right edge (causal, a right window: key blocks shorten with n_block); BwdConfig refuses it
     without one."""
     import torch
 
@@ -422,6 +425,8 @@ def test_lpt_where_asked(monkeypatch):
         x = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16)
         return bwd_launch.config_for(make_request(x, x, x, **kw))
 
+    if "FA3PY_CUTE_BWD_LPT" not in os.environ:
+        assert bwd_launch.lpt and bwd_launch.post_dq_smem  # the defaults
     monkeypatch.setattr(bwd_launch, "lpt", False)
     assert not cfg(causal=True).lpt
     monkeypatch.setattr(bwd_launch, "lpt", True)
@@ -454,7 +459,7 @@ def test_compile_bwd_pdl(dtype, hdim, features):
 
 
 def test_pdl_where_asked(monkeypatch):
-    """bwd_launch.config_for: pdl only with FA3PY_CUTE_BWD_PDL=1 (`pdl`; untimed, off by default),
+    """bwd_launch.config_for: pdl only with FA3PY_CUTE_BWD_PDL=1 (`pdl`; timed level, off by default),
     for every feature; the pre- and post-processing's configs follow the main kernel's."""
     import torch
 
