@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
@@ -85,8 +84,8 @@ class Fp8Scales:
     The score multiplier of a row in KV block n is sq[row] * sk[n] * c. Scales are powers of two,
     so (sq * c) * sk is the emulation's (sq * sk) * c exactly."""
 
-    q_row_c: cute.Tensor  # (rows of this thread,) sq[row] * c; descales: sq[row] * c * sk, the whole multiplier
-    mK_scale: Optional[cute.Tensor]  # (KV blocks,) of this (batch, KV head); descales: None (in q_row_c)
+    q_row_c: cute.Tensor  # (rows of this thread,) sq[row] * c
+    mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head); descales: (1,)
     mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel; descales: (1,)
     v_pending: cute.Tensor  # (1,) the V scale of the block whose P is in the PV operand
     # FA3's descales in place of the format's scale tensors (FwdConfig.fp8_descales): one value
@@ -118,16 +117,13 @@ class Fp8Scales:
         tScS = acc_to_mn(thr_mma_qk.partition_C(cute.make_identity_tensor((tile_m, tile_n))))
         rows = cute.size(tScS.shape[0])
         q_row_c = cute.make_rmem_tensor(rows, Float32)
-        # descales: K's scale is one value for every KV block, read here once (not per block in the
-        # loop, where its load sat on the max -> exp2 chain); (sq * c) * sk, row_mult's order
-        sk = mKScale[batch, head_kv, 0] if descales else None
         for r in range(rows):  # (create is not preprocessed: a Python loop, unrolled)
             # rows past the sequence read the last row's scale (their results are not stored)
             row = cutlass.min(m_block * tile_m + tScS[r, 0][0], seqlen.seqlen_q - 1)
             if ragged_q:
                 row = cutlass.max(row, 0)
             if descales:
-                q_row_c[r] = mQScale[batch, head if g == 1 else head * g + row % g, 0] * c * sk
+                q_row_c[r] = mQScale[batch, head if g == 1 else head * g + row % g, 0] * c
             elif g == 1 and not packed_q:
                 q_row_c[r] = mQScale[batch, head, row // block_m] * c
             else:
@@ -136,7 +132,7 @@ class Fp8Scales:
         v_pending[0] = Float32(1.0)
         if descales:
             assert v_channel, "FA3's v_descale is a channel scale (the same for every channel)"
-            mK_scale, mV_scale = None, mVScale[batch, head_kv, None]
+            mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
         elif packed_k:
             k_col0 = seqlen.offset_k // tile_n + batch
             mK_scale = cute.domain_offset((k_col0,), mKScale[0, head_kv, None])
@@ -148,10 +144,11 @@ class Fp8Scales:
 
     @cute.jit
     def row_mult(self, n_block) -> cute.Tensor:
-        """The score multiplier of each of this thread's rows in KV block n_block."""
-        if const_expr(self.descales):
-            return self.q_row_c  # (sk folded in at create: the same for every block)
-        sk = self.mK_scale[n_block]
+        """The score multiplier of each of this thread's rows in KV block n_block. (Descales: K's
+        one scale folded into q_row_c once per tile instead took 20 instructions out of hdim 128's
+        KV loop, but with this P conversion it spilled 12 registers in the causal chunked V-rows
+        kernel: not kept, untimed.)"""
+        sk = self.mK_scale[0 if const_expr(self.descales) else n_block]
         mult = cute.make_rmem_tensor_like(self.q_row_c, Float32)
         for r in cutlass.range_constexpr(cute.size(mult)):
             mult[r] = self.q_row_c[r] * sk
