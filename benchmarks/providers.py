@@ -101,7 +101,7 @@ def _cute_bwd_load(**variant) -> Forward:
     and this provider still times the kernel). A point the backward kernel does not serve raises with
     its reason (no silent Triton stand-in). `variant`: bwd_launch settings for these calls
     (ds_stages 1 / 2: sdS buffers; dq_red: dQ added from registers; m80: hdim 128's 80-row tile;
-    dkvt: hdim 192's three-warpgroup tile; stat_regs, dv_early, dkv_smem, lpt, pdl: BwdConfig's
+    dkvt: hdim 192's three-warpgroup tile; stat_regs, dv_early, dk_early, dkv_smem, lpt, pdl: BwdConfig's
     fields of those names; post_dq_smem: the postprocessing's BwdRowsConfig.dq_smem), for A/B
     runs; without it, bwd_launch's per-head-dim defaults."""
     import cute_kernels
@@ -279,7 +279,9 @@ PROVIDERS: tuple[Provider, ...] = (
                       # the postprocessing's dQ through smem and 16-byte stores
                       ("postsmem", dict(post_dq_smem=True)),
                       # programmatic dependent launch of the pre / main / post kernels
-                      ("pdl", dict(pdl=True)), ("postsmem-pdl", dict(post_dq_smem=True, pdl=True)))),
+                      ("pdl", dict(pdl=True)), ("postsmem-pdl", dict(post_dq_smem=True, pdl=True)),
+                      # dK's GEMM before dS^T's stmatrix and the PdS barrier (with / without two sdS buffers)
+                      ("dkearly", dict(dk_early=True)), ("dkearly-ds2", dict(dk_early=True, ds_stages=2)))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),
     sdpa_provider("flash", "FLASH_ATTENTION"),
     Provider("fa4", peer=True, load=_fa4_load),

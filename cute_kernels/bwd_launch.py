@@ -79,6 +79,9 @@ dkvt = os.environ.get("FA3PY_CUTE_BWD_DKVT", "1") != "0"
 # that takes them (dv_early: the 64-row tiles of hdim 96 / 128, without softcap).
 stat_regs = int(os.environ["FA3PY_CUTE_BWD_STAT_REGS"]) if os.environ.get("FA3PY_CUTE_BWD_STAT_REGS") else None
 dv_early = os.environ["FA3PY_CUTE_BWD_DV_EARLY"] == "1" if os.environ.get("FA3PY_CUTE_BWD_DV_EARLY") else None
+# dK's GEMM before dS^T's stmatrix and the PdS barrier (BwdConfig.dk_early): FA3PY_CUTE_BWD_DK_EARLY=1 on
+# the 64 / 128-row tiles of hdim 64-128 (dS^T in registers); not yet timed, so off by default.
+dk_early = os.environ.get("FA3PY_CUTE_BWD_DK_EARLY", "0") == "1"
 STAT_REGS_BY_DEFAULT = 16  # hdim 128's 64-row tile (`variants`)
 # dK / dV through smem and 16-byte stores (BwdConfig.dkv_smem; 16-bit dK / dV: not with head
 # splits): by default on every tile but the 80-row one without a right edge. Backward alone, CUDA
@@ -190,7 +193,7 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     64-row tiles only); dkv_smem (not with `partial`: dkv_partial's float32 partials) by default
     on every tile but the 80-row one without a right edge (`has_right`), or as the environment
     sets it (`dkv_smem`); lpt (`lpt`, by default) where there is a right edge; pdl where the
-    environment sets it (`pdl`)."""
+    environment sets it (`pdl`); dk_early where it sets it (`dk_early`) and dS^T is in registers."""
     if _takes_dkvt(hdim, hdimv, deterministic):
         out = dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False)
         smem_default = True
@@ -206,8 +209,10 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
             _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
         smem_default = not (tile_80 and not has_right)
     smem = (smem_default if dkv_smem is None else dkv_smem) and not partial
+    # dS^T in registers, not the 80-row tile (dk_early there: 64 bytes of stack, serialized WGMMAs)
+    regs_ds = not _takes_dkvt(hdim, hdimv, deterministic) and not BWD_TILES[hdim][3] and "tile_m" not in out
     return out | ({"dkv_smem": True} if smem else {}) | ({"lpt": True} if lpt and has_right else {}) | \
-        ({"pdl": True} if pdl else {})
+        ({"pdl": True} if pdl else {}) | ({"dk_early": True} if dk_early and regs_ds else {})
 
 
 def _row_stats(hdim: int, tile_80: bool, softcap: bool, takes_dv_early: bool) -> dict:

@@ -573,6 +573,12 @@ class BwdConfig:
     # after dS^T is stored): the exp2s are then all placed before that wait and dV's GEMM runs
     # under the dS^T math. P^T in registers only (not dkv_split_hdim / dkv_transposed).
     dv_early: bool = False
+    # dK += dS^T Q (dS^T from registers) issued as soon as dS^T is converted, before dS^T's
+    # stmatrix, fence and the PdS barrier (not after dQ's GEMM): the tensor core gets dK's GEMM
+    # while the warpgroups meet at the barrier (ncu at hdim 128, 2k: that barrier and the fence
+    # before it ~5% of the kernel's samples), and dQ's result then waits for dK's. P^T / dS^T in
+    # registers only (not dkv_split_hdim / dkv_transposed).
+    dk_early: bool = False
     # dK / dV written through smem: after the last query block each consumer warp stages the
     # slab of dK and of dV its accumulators hold (stmatrix; dkv_transposed: stmatrix.trans of
     # dK^T / dV^T) over sQ (dK) and sdO (dV), free once every consumer warpgroup's last GEMMs are
@@ -606,6 +612,8 @@ class BwdConfig:
             "ds_stages 2: two Q stages, dS^T alone in smem (not dkv_split_hdim)"
         assert not (self.dv_early and (self.dkv_split_hdim or self.dkv_transposed)), \
             "dv_early: P^T in registers (not dkv_split_hdim / dkv_transposed)"
+        assert not (self.dk_early and (self.dkv_split_hdim or self.dkv_transposed)), \
+            "dk_early: dS^T in registers (not dkv_split_hdim / dkv_transposed)"
         assert not (self.dkv_smem and self.dkv_partial), "dkv_smem: 16-bit dK / dV (not the float32 partials)"
         assert not self.lpt or self.has_right, "lpt: key blocks longest first where a right edge shortens them"
         if self.dkv_transposed:
@@ -657,6 +665,7 @@ class BwdConfig:
         flags += ["dkv_transposed"] if self.dkv_transposed else []
         flags += [f"stat_regs{self.stat_regs}"] if self.stat_regs else []
         flags += ["dv_early"] if self.dv_early else []
+        flags += ["dk_early"] if self.dk_early else []
         flags += ["dkv_smem"] if self.dkv_smem else []
         flags += ["lpt"] if self.lpt else []
         flags += ["pdl"] if self.pdl else []

@@ -477,3 +477,48 @@ def test_pdl_where_asked(monkeypatch):
     assert cfg().pdl and cfg(causal=True, deterministic=True).pdl and cfg(window_size=(64, 3)).pdl
     assert all(BwdRowsConfig.of(kind, cfg()).pdl for kind in ("pre", "post"))
     assert not BwdRowsConfig.of("pre", BwdConfig.make("bf16", 128)).pdl
+
+
+def _hgmma_between_exp2_and_stsm(text: str) -> int:
+    """HGMMA instructions from the first MUFU.EX2 (the first query block's P^T) to the next STSM
+    (its dS^T into smem): the GEMMs a consumer issues before meeting the other warpgroup at sdS."""
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if "MUFU.EX2" in line)
+    stsm = next(i for i in range(first, len(lines)) if "STSM" in lines[i])
+    return sum("HGMMA" in line for line in lines[first:stsm])
+
+
+@pytest.mark.parametrize("hdim,features", [
+    (128, dict(stat_regs=16, dv_early=True)), (64, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+    (96, dict(has_left=True, has_right=True, softcap=True)), (128, dict(softcap=True, has_right=True)),
+], ids=["d128-default", "d64-causal-varlen", "d96-local-softcap", "d128-softcap-causal"])
+def test_compile_bwd_dk_early(hdim, features):
+    """dk_early: dK += dS^T Q issued before dS^T's stmatrix (more HGMMAs between the first exp2 and
+    the STSM than in the plain kernel), the required SASS (pipelined WGMMAs, no local memory), and
+    the same GEMMs."""
+    plain = BwdConfig.make("bf16", hdim, **features)
+    cfg = BwdConfig.make("bf16", hdim, dk_early=True, **features)
+    assert "dk_early" in cfg.short()
+    text, _ = check_compiled(cfg)
+    plain_text = compiled(plain)[0]
+    assert sass.opcode_counts(text)["HGMMA"] == sass.opcode_counts(plain_text)["HGMMA"]
+    assert _hgmma_between_exp2_and_stsm(text) > _hgmma_between_exp2_and_stsm(plain_text)
+
+
+def test_dk_early_where_asked(monkeypatch):
+    """bwd_launch.variants: dk_early only with FA3PY_CUTE_BWD_DK_EARLY=1 (`dk_early`; untimed, off by
+    default), on the 64 / 128-row tiles of hdim 64-128 (not the 80-row one: it spills there, nor
+    hdim 192 / 256, whose dS^T goes through smem); BwdConfig refuses it where dS^T is in smem."""
+    from cute_kernels import bwd_launch
+
+    monkeypatch.setattr(bwd_launch, "m80", None)
+    monkeypatch.setattr(bwd_launch, "dk_early", False)
+    assert not any("dk_early" in bwd_launch.variants(d, False, False) for d in (64, 96, 128, 192, 256))
+    monkeypatch.setattr(bwd_launch, "dk_early", True)
+    assert all(bwd_launch.variants(d, False, False).get("dk_early") for d in (64, 96, 128))
+    assert all(bwd_launch.variants(d, True, True, True).get("dk_early") for d in (64, 96, 128))
+    assert "dk_early" not in bwd_launch.variants(128, False, False, max_seqlen_q=bwd_launch.M80_MIN_SEQLEN_Q)
+    assert not any("dk_early" in bwd_launch.variants(d, False, False) for d in (192, 256))
+    for d in (192, 256):
+        with pytest.raises(AssertionError, match="dk_early"):
+            BwdConfig.make("bf16", d, dk_early=True)
