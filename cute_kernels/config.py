@@ -354,6 +354,11 @@ class FwdConfig:
     # half's TMA runs under the other's transpose (fwd_sm90's v_rows_keys; other tiles ignore it).
     # False (FA3PY_CUTE_FP8_V_HALF=0): one whole-block stage there.
     fp8_v_rows_half: bool = True
+    # fp8_v_rows: the transposing warps take their jobs two at a time, both ldmatrix before either's
+    # permutes and stmatrix, so one job's load latency runs under the other's (one at a time each
+    # job waits out its ldmatrix: ptxas does not move a shared load above an earlier shared store).
+    # CPU SASS: both loads first but at hdim 256 causal (24 producer registers). Not yet timed.
+    fp8_vt_pairs: bool = False
     # e4m3 with channel V only: the scale tensors are FA3's descales, (batch, heads, 1) float32
     # (Q's per query head, K's and V's per KV head), read once per tile, instead of the format's
     # per-block scale tensors the host would fill from them (fp8.Fp8Scales.create).
@@ -466,6 +471,7 @@ class FwdConfig:
         flags += [f"page_size={self.page_size}"] if self.page_size else []
         flags += ["fp8_v_rows"] if self.fp8_v_rows else []
         flags += ["fp8_v_rows_whole"] if self.fp8_v_rows and not self.fp8_v_rows_half else []
+        flags += ["fp8_vt_pairs"] if self.fp8_vt_pairs else []
         flags += ["fp8_descales"] if self.fp8_descales else []
         flags += ["fp8_qk_int8"] if self.fp8_qk_int8 else []
         flags += ["qv"] if self.qv else []

@@ -392,12 +392,14 @@ def stsm_x4(addr, r0, r1, r2, r3, *, loc=None, ip=None):
 @cute.jit
 def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_addr, vt_tile: cutlass.Constexpr,
                       vt_stage, warp, num_warps: cutlass.Constexpr[int], hdimv: cutlass.Constexpr[int],
-                      tile_n: cutlass.Constexpr[int], first_group: cutlass.Constexpr[int] = 0):
+                      tile_n: cutlass.Constexpr[int], first_group: cutlass.Constexpr[int] = 0,
+                      pairs: cutlass.Constexpr[bool] = False):
     """One V block or part of one: the (tile_n, hdim_v) e4m3 rows in stage `rows_stage` of the
     staging tile (`rows_tile`: its ByteTile, (keys, channels, stage), at shared address
     `rows_addr`) into stage `vt_stage` of V^T (`vt_tile`, (channels, keys, stage), at `vt_addr`)
     from 16-key group `first_group` on, keys in PV_KEY_ORDER. Warp `warp` of `num_warps` takes
-    every num_warps-th job (the section's comment above)."""
+    every num_warps-th job (the section's comment above); with `pairs` two at a time, both loads
+    first (FwdConfig.fp8_vt_pairs)."""
     vt_plan(rows_tile, vt_tile, hdimv, tile_n, first_group)
     lane = cute.arch.lane_idx()
     load_base, store_base = vt_lane_bases(lane, rows_tile, vt_tile)
@@ -407,12 +409,39 @@ def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_ad
     groups = tile_n // VT_JOB_KEYS
     assert groups >= num_warps, (tile_n, num_warps)  # (one wrap a step below)
     g, s = warp, Int32(0)  # vt_job_coords of the warp's jobs, stepped (no division)
-    for _ in cutlass.range(warp, vt_jobs(hdimv, tile_n), num_warps, unroll=1):
-        load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
-        r = ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y))
-        stsm_x4((store_base ^ store_x) + (vt_at + store_y),
-                prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b), prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
-        g += num_warps
-        if g >= groups:
-            g -= groups
-            s += 1
+    if const_expr(pairs):
+        jobs = vt_jobs(hdimv, tile_n)
+        n = (jobs - 1 - warp) // num_warps + 1  # this warp's jobs
+        for _ in cutlass.range(n // 2, unroll=1):
+            ga, sa = g, s
+            g += num_warps
+            if g >= groups:
+                g -= groups
+                s += 1
+            a = vt_job_terms(ga, sa, rows_tile, vt_tile, first_group)
+            b = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
+            ra = ldsm_x4_trans((load_base ^ a[0]) + (rows_at + a[1]))
+            rb = ldsm_x4_trans((load_base ^ b[0]) + (rows_at + b[1]))
+            stsm_x4((store_base ^ a[2]) + (vt_at + a[3]), prmt(ra[0], ra[1], sel_a), prmt(ra[0], ra[1], sel_b),
+                    prmt(ra[2], ra[3], sel_a), prmt(ra[2], ra[3], sel_b))
+            stsm_x4((store_base ^ b[2]) + (vt_at + b[3]), prmt(rb[0], rb[1], sel_a), prmt(rb[0], rb[1], sel_b),
+                    prmt(rb[2], rb[3], sel_a), prmt(rb[2], rb[3], sel_b))
+            g += num_warps
+            if g >= groups:
+                g -= groups
+                s += 1
+        if n % 2 == 1:
+            load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
+            r = ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y))
+            stsm_x4((store_base ^ store_x) + (vt_at + store_y), prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b),
+                    prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
+    else:
+        for _ in cutlass.range(warp, vt_jobs(hdimv, tile_n), num_warps, unroll=1):
+            load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
+            r = ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y))
+            stsm_x4((store_base ^ store_x) + (vt_at + store_y), prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b),
+                    prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
+            g += num_warps
+            if g >= groups:
+                g -= groups
+                s += 1

@@ -769,7 +769,7 @@ class FlashAttentionForwardSm90:
                             pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
                         fp8.transpose_v_block(rows_addr, rows_tile, rows_state.index, vt_addr, vt_tile, vt_state.index,
                                               warp, VT_WARPS, self.hdimv, self.v_rows_keys,
-                                              p * self.v_rows_keys // fp8.VT_JOB_KEYS)
+                                              p * self.v_rows_keys // fp8.VT_JOB_KEYS, self.cfg.fp8_vt_pairs)
                         if const_expr(p == parts - 1):
                             cute.arch.fence_view_async_shared()
                             cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))

@@ -545,6 +545,23 @@ V_ROWS_COMPILE = [
 ]
 
 
+@pytest.mark.parametrize("hdim,features", [(128, dict(has_right=True, fp8_descales=True)), (256, dict(fp8_descales=True)),
+                                           (64, dict(fp8_descales=True))], ids=["d128-causal", "d256", "d64"])
+def test_fp8_vt_pairs_compiles(hdim, features):
+    """fp8_vt_pairs: the transposer's jobs two at a time compile without local memory, with the
+    same QGMMAs; the pair loop issues both ldmatrix before the first permute (at hdim 256 causal
+    ptxas puts the first job's permutes between them)."""
+    plain = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
+    cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, fp8_vt_pairs=True, **features)
+    text, res = _compile(cfg)
+    assert sass.check(text, cfg, res) == [], cfg.short()
+    ops, plain_ops = sass.opcode_counts(text), sass.opcode_counts(_compile(plain)[0])
+    assert ops["STL"] == ops["LDL"] == 0 and ops["QGMMA"] == plain_ops["QGMMA"]
+    lines = [line for line in text.splitlines() if "LDSM" in line or "PRMT" in line or "STSM" in line]
+    assert any("LDSM" in a and "LDSM" in b for a, b in zip(lines, lines[1:])), \
+        "a pair's second ldmatrix before the first's permutes"
+
+
 @pytest.mark.parametrize("hdim,features", V_ROWS_COMPILE, ids=[f"d{d}-" + "-".join(f) for d, f in V_ROWS_COMPILE])
 def test_fp8_v_rows_compiles(hdim, features):
     """fp8_v_rows: the FP8 kernel with V's rows staged and transposed by producer warps 1-3
