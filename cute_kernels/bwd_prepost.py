@@ -68,7 +68,7 @@ class BwdRowsConfig:
     dq_smem: bool = False
     # launched with programmatic dependent launch, as the main kernel (BwdConfig.pdl): both wait
     # (griddepcontrol.wait) before reading what the kernel before them wrote; the preprocessing
-    # lets the main kernel launch once its loads of O / dO are issued
+    # then lets the main kernel launch at once (it reads nothing of ours before its own wait)
     pdl: bool = False
 
     @staticmethod
