@@ -274,10 +274,10 @@ PROVIDERS: tuple[Provider, ...] = (
                       ("lse16-dvearly", dict(stat_regs=16, dv_early=True)),
                       # dK / dV through smem and 16-byte stores, or element-wise from the registers
                       ("dkvsmem", dict(dkv_smem=True)), ("no-dkvsmem", dict(dkv_smem=False)),
-                      # key blocks longest first (causal / right windows)
-                      ("lpt", dict(lpt=True)), ("dkvsmem-lpt", dict(dkv_smem=True, lpt=True)),
-                      # the postprocessing's dQ through smem and 16-byte stores
-                      ("postsmem", dict(post_dq_smem=True)),
+                      # key blocks longest first (causal / right windows; the default), or the plain grid
+                      ("lpt", dict(lpt=True)), ("no-lpt", dict(lpt=False)), ("dkvsmem-lpt", dict(dkv_smem=True, lpt=True)),
+                      # the postprocessing's dQ through smem and 16-byte stores (the default), or element-wise
+                      ("postsmem", dict(post_dq_smem=True)), ("no-postsmem", dict(post_dq_smem=False)),
                       # programmatic dependent launch of the pre / main / post kernels
                       ("pdl", dict(pdl=True)), ("postsmem-pdl", dict(post_dq_smem=True, pdl=True)),
                       # dK's GEMM before dS^T's stmatrix and the PdS barrier (with / without two sdS buffers)
