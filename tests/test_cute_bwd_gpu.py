@@ -117,9 +117,10 @@ def test_gpu_bwd_softcap(cute_bwd, softcap, causal, d, sq, sk):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [8, 40, 72, 80, 120])
+@pytest.mark.parametrize("d", [8, 40, 72, 80, 120, 176, 200, 248])
 def test_gpu_bwd_padded_hdims(cute_bwd, d, causal, dtype):
-    """Head dims the kernel pads (to 64 / 96 / 128): zero columns loaded, dQ / dK / dV cut."""
+    """Head dims the kernel pads (to 64 / 96 / 128 / 192 / 256): zero columns loaded, dQ / dK / dV
+    cut (at 200 and 248 inside the second warpgroup's column half of dK / dV's smem slabs)."""
     check_grads(cute_bwd, *batched(333, 517, "gqa", d, dtype), causal=causal)
 
 
