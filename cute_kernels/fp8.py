@@ -389,6 +389,17 @@ def stsm_x4(addr, r0, r1, r2, r3, *, loc=None, ip=None):
     )
 
 
+def _vt_load(g, s, load_base, store_base, rows_at, vt_at, rows_tile, vt_tile, first_group) -> tuple:
+    """Job (g, s)'s ldmatrix (its four registers) and its stmatrix row address."""
+    load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
+    return ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y)), (store_base ^ store_x) + (vt_at + store_y)
+
+
+def _vt_store(r, addr, sel_a, sel_b):
+    """A job's permutes (keys into PV_KEY_ORDER) and stmatrix."""
+    stsm_x4(addr, prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b), prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
+
+
 @cute.jit
 def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_addr, vt_tile: cutlass.Constexpr,
                       vt_stage, warp, num_warps: cutlass.Constexpr[int], hdimv: cutlass.Constexpr[int],
@@ -408,39 +419,29 @@ def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_ad
     vt_at = vt_addr + vt_stage * vt_tile.stage_bytes
     groups = tile_n // VT_JOB_KEYS
     assert groups >= num_warps, (tile_n, num_warps)  # (one wrap a step below)
+    job = (load_base, store_base, rows_at, vt_at, rows_tile, vt_tile, first_group)
     g, s = warp, Int32(0)  # vt_job_coords of the warp's jobs, stepped (no division)
     if const_expr(pairs):
-        jobs = vt_jobs(hdimv, tile_n)
-        n = (jobs - 1 - warp) // num_warps + 1  # this warp's jobs
+        n = (vt_jobs(hdimv, tile_n) - 1 - warp) // num_warps + 1  # this warp's jobs
         for _ in cutlass.range(n // 2, unroll=1):
             ga, sa = g, s
             g += num_warps
             if g >= groups:
                 g -= groups
                 s += 1
-            a = vt_job_terms(ga, sa, rows_tile, vt_tile, first_group)
-            b = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
-            ra = ldsm_x4_trans((load_base ^ a[0]) + (rows_at + a[1]))
-            rb = ldsm_x4_trans((load_base ^ b[0]) + (rows_at + b[1]))
-            stsm_x4((store_base ^ a[2]) + (vt_at + a[3]), prmt(ra[0], ra[1], sel_a), prmt(ra[0], ra[1], sel_b),
-                    prmt(ra[2], ra[3], sel_a), prmt(ra[2], ra[3], sel_b))
-            stsm_x4((store_base ^ b[2]) + (vt_at + b[3]), prmt(rb[0], rb[1], sel_a), prmt(rb[0], rb[1], sel_b),
-                    prmt(rb[2], rb[3], sel_a), prmt(rb[2], rb[3], sel_b))
+            ra, at_a = _vt_load(ga, sa, *job)
+            rb, at_b = _vt_load(g, s, *job)
+            _vt_store(ra, at_a, sel_a, sel_b)
+            _vt_store(rb, at_b, sel_a, sel_b)
             g += num_warps
             if g >= groups:
                 g -= groups
                 s += 1
         if n % 2 == 1:
-            load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
-            r = ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y))
-            stsm_x4((store_base ^ store_x) + (vt_at + store_y), prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b),
-                    prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
+            _vt_store(*_vt_load(g, s, *job), sel_a, sel_b)
     else:
         for _ in cutlass.range(warp, vt_jobs(hdimv, tile_n), num_warps, unroll=1):
-            load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
-            r = ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y))
-            stsm_x4((store_base ^ store_x) + (vt_at + store_y), prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b),
-                    prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
+            _vt_store(*_vt_load(g, s, *job), sel_a, sel_b)
             g += num_warps
             if g >= groups:
                 g -= groups
