@@ -45,6 +45,11 @@ sharded() {  # name shards pytest-args...: the gpu tests the args select, in `sh
         for i in $(seq 0 $((shards - 1))); do
             # (test ids may hold spaces: one argument per line)
             readarray -t ids < <(awk -v n="$shards" -v i="$i" 'NR % n == i' "$out/${name}_ids.txt")
+            # each shard starts i / shards of the way into its list, so the shards first meet
+            # different kernel configs and find the others' in the shared disk cache later,
+            # rather than all compiling the same ones at once
+            local k=$(( i * ${#ids[@]} / shards ))
+            ids=("${ids[@]:k}" "${ids[@]:0:k}")
             run "${name}_$i" "${ids[@]}" &
         done
     else
