@@ -275,11 +275,11 @@ PROVIDERS: tuple[Provider, ...] = (
                       # dK / dV through smem and 16-byte stores, or element-wise from the registers
                       ("dkvsmem", dict(dkv_smem=True)), ("no-dkvsmem", dict(dkv_smem=False)),
                       # key blocks longest first (causal / right windows; the default), or the plain grid
-                      ("lpt", dict(lpt=True)), ("no-lpt", dict(lpt=False)), ("dkvsmem-lpt", dict(dkv_smem=True, lpt=True)),
+                      ("lpt", dict(lpt=True)), ("no-lpt", dict(lpt=False)),
                       # the postprocessing's dQ through smem and 16-byte stores (the default), or element-wise
                       ("postsmem", dict(post_dq_smem=True)), ("no-postsmem", dict(post_dq_smem=False)),
                       # programmatic dependent launch of the pre / main / post kernels
-                      ("pdl", dict(pdl=True)), ("postsmem-pdl", dict(post_dq_smem=True, pdl=True)),
+                      ("pdl", dict(pdl=True)),
                       # dK's GEMM before dS^T's stmatrix and the PdS barrier (with / without two sdS buffers)
                       ("dkearly", dict(dk_early=True)), ("dkearly-ds2", dict(dk_early=True, ds_stages=2)))),
     sdpa_provider("cudnn", "CUDNN_ATTENTION"),

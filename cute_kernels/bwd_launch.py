@@ -196,7 +196,7 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
     environment sets it (`pdl`); dk_early where it sets it (`dk_early`) and dS^T is in registers."""
     if _takes_dkvt(hdim, hdimv, deterministic):
         out = dict(ds_stages=1, dq_red=True, dkv_transposed=True) | _row_stats(hdim, False, softcap, False)
-        smem_default = True
+        smem_default, regs_ds = True, False
     else:
         _, _, q_stages, split_hdim = BWD_TILES[hdim]
         rule = M80_BY_DEFAULT and max_seqlen_q >= M80_MIN_SEQLEN_Q and not (local or softcap)
@@ -208,9 +208,10 @@ def variants(hdim: int, softcap: bool, deterministic: bool, local: bool = False,
         out = dict(ds_stages=want if two_ok else 1, dq_red=red and not deterministic) | \
             _row_stats(hdim, tile_80, softcap, takes_dv_early) | (dict(tile_m=80) if tile_80 else {})
         smem_default = not (tile_80 and not has_right)
+        # dk_early's tiles: dS^T in registers, not the 80-row one (there: 64 bytes of stack,
+        # serialized WGMMAs)
+        regs_ds = not (split_hdim or tile_80)
     smem = (smem_default if dkv_smem is None else dkv_smem) and not partial
-    # dS^T in registers, not the 80-row tile (dk_early there: 64 bytes of stack, serialized WGMMAs)
-    regs_ds = not _takes_dkvt(hdim, hdimv, deterministic) and not BWD_TILES[hdim][3] and "tile_m" not in out
     return out | ({"dkv_smem": True} if smem else {}) | ({"lpt": True} if lpt and has_right else {}) | \
         ({"pdl": True} if pdl else {}) | ({"dk_early": True} if dk_early and regs_ds else {})
 

@@ -395,6 +395,17 @@ def _vt_load(g, s, load_base, store_base, rows_at, vt_at, rows_tile, vt_tile, fi
     return ldsm_x4_trans((load_base ^ load_x) + (rows_at + load_y)), (store_base ^ store_x) + (vt_at + store_y)
 
 
+@cute.jit
+def _vt_next(g, s, num_warps: cutlass.Constexpr[int], groups: cutlass.Constexpr[int]):
+    """The (g, s) of a warp's next job, num_warps jobs on (vt_job_coords, stepped: no division;
+    groups >= num_warps, so one wrap at most)."""
+    g += num_warps
+    if g >= groups:
+        g -= groups
+        s += 1
+    return g, s
+
+
 def _vt_store(r, addr, sel_a, sel_b):
     """A job's permutes (keys into PV_KEY_ORDER) and stmatrix."""
     stsm_x4(addr, prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b), prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
@@ -424,25 +435,15 @@ def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_ad
     if const_expr(pairs):
         n = (vt_jobs(hdimv, tile_n) - 1 - warp) // num_warps + 1  # this warp's jobs
         for _ in cutlass.range(n // 2, unroll=1):
-            ga, sa = g, s
-            g += num_warps
-            if g >= groups:
-                g -= groups
-                s += 1
-            ra, at_a = _vt_load(ga, sa, *job)
-            rb, at_b = _vt_load(g, s, *job)
+            gb, sb = _vt_next(g, s, num_warps, groups)
+            ra, at_a = _vt_load(g, s, *job)
+            rb, at_b = _vt_load(gb, sb, *job)
             _vt_store(ra, at_a, sel_a, sel_b)
             _vt_store(rb, at_b, sel_a, sel_b)
-            g += num_warps
-            if g >= groups:
-                g -= groups
-                s += 1
+            g, s = _vt_next(gb, sb, num_warps, groups)
         if n % 2 == 1:
             _vt_store(*_vt_load(g, s, *job), sel_a, sel_b)
     else:
         for _ in cutlass.range(warp, vt_jobs(hdimv, tile_n), num_warps, unroll=1):
             _vt_store(*_vt_load(g, s, *job), sel_a, sel_b)
-            g += num_warps
-            if g >= groups:
-                g -= groups
-                s += 1
+            g, s = _vt_next(g, s, num_warps, groups)

@@ -307,11 +307,12 @@ def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
                f"{sorted(BWD_TILES)}")
     sets = dict(_field_value(BwdConfig.make(a.dtype, d), kv) for kv in a.set)
     after_make = {f: sets.pop(f) for f in ("tile_n", "q_stages", "dkv_split_hdim") if f in sets}
-    features = dict(has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
+    has_right, hdimv = a.causal or a.local, 128 if wide_v else 0
+    features = dict(has_right=has_right, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
                     cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused,
-                    hdim_in=0 if d == a.hdim else a.hdim, hdimv=128 if wide_v else 0,
+                    hdim_in=0 if d == a.hdim else a.hdim, hdimv=hdimv,
                     **bwd_launch.variants(d, a.softcap, sets.get("deterministic", False), local=a.local or a.chunk,
-                                          hdimv=128 if wide_v else 0, has_right=a.causal or a.local))
+                                          hdimv=hdimv, has_right=has_right))
     cfg = BwdConfig.make(a.dtype, d, **{**features, **sets})
     return dataclasses.replace(cfg, **after_make)
 

@@ -425,8 +425,9 @@ def test_lpt_where_asked(monkeypatch):
         x = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16)
         return bwd_launch.config_for(make_request(x, x, x, **kw))
 
-    if "FA3PY_CUTE_BWD_LPT" not in os.environ:
-        assert bwd_launch.lpt and bwd_launch.post_dq_smem  # the defaults
+    # the defaults, where the environment leaves them
+    assert bwd_launch.lpt or "FA3PY_CUTE_BWD_LPT" in os.environ
+    assert bwd_launch.post_dq_smem or "FA3PY_CUTE_BWD_POST_SMEM" in os.environ
     monkeypatch.setattr(bwd_launch, "lpt", False)
     assert not cfg(causal=True).lpt
     monkeypatch.setattr(bwd_launch, "lpt", True)
