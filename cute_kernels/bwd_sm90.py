@@ -139,7 +139,7 @@ from cutlass.utils import LayoutEnum
 from cute_kernels.config import BwdConfig
 from cute_kernels.mask import KeyBlockMask, SeqlenInfo
 from cute_kernels.pipeline import check_arrive_counts, tma_pipeline_maker
-from cute_kernels.scheduler import LPT_TAIL_WAVES, TileScheduler
+from cute_kernels.scheduler import TileScheduler, lpt_tail_heads
 from cute_kernels.utils import (
     NamedBarrierBwd,
     acc_to_frgA,
@@ -394,7 +394,7 @@ class FlashAttentionBackwardSm90:
         # first ascending (`kernel` reverses). Only an lpt kernel takes the three.
         lpt_args = (None, None, None)
         if const_expr(cfg.lpt):
-            lpt_args = (num_n_blocks, batch, (LPT_TAIL_WAVES * num_sms + num_n_blocks - 1) // num_n_blocks)
+            lpt_args = (num_n_blocks, batch, lpt_tail_heads(num_sms, num_n_blocks))
         self.kernel(
             tma_Q, tma_K, tma_V, tma_dO, mdK, mdV, mLSE2, mdPsum, mdQacc, mSemaphore,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK,

@@ -111,7 +111,7 @@ from cute_kernels.config import PAGE_ROWS_MULTIPLE, FwdConfig, page_size_ok
 from cute_kernels.epilogue import O_SLAB_ROWS, EpilogueSm90, OutputOperands
 from cute_kernels.mask import AttentionMask, SeqlenInfo
 from cute_kernels.pipeline import WarpgroupRing, check_arrive_counts, release_after, release_previous, tma_pipeline_maker
-from cute_kernels.scheduler import LPT_TAIL_WAVES, TileScheduler, TileWork
+from cute_kernels.scheduler import TileScheduler, TileWork, lpt_tail_heads
 from cute_kernels.softmax import OnlineSoftmax
 from cute_kernels.utils import (
     acc_to_frgA,
@@ -413,7 +413,7 @@ class FlashAttentionForwardSm90:
 
         num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
         # LPT: the last pairs whose tiles make ~LPT_TAIL_WAVES waves on num_ctas SMs.
-        tail_heads = (LPT_TAIL_WAVES * num_ctas + num_m_blocks - 1) // num_m_blocks
+        tail_heads = lpt_tail_heads(num_ctas, num_m_blocks)
         num_heads = cute.size(mQ.shape[2])
         # Split-KV: the scheduler's heads are (head, split) pairs (`TileWork.coords`).
         sched_heads = num_heads * num_splits if const_expr(cfg.split_kv) else num_heads

@@ -37,6 +37,12 @@ from cute_kernels.mask import AttentionMask, split_block_range
 # (log §5: `git show ff8d2aa:cute_kernels/NOTES.md`).
 LPT_TAIL_WAVES = 2
 
+
+def lpt_tail_heads(ctas, blocks):
+    """The final section's pairs: as many as make about LPT_TAIL_WAVES waves of `ctas` CTAs with
+    `blocks` tiles each (ints or Int32: the forward's and the backward's launches, the host tests)."""
+    return (LPT_TAIL_WAVES * ctas + blocks - 1) // blocks
+
 @dataclass(frozen=True)
 class TileScheduler:
     num_m_blocks: Int32

@@ -688,7 +688,7 @@ def test_backward_lpt_order_on_the_host():
     from cutlass.cute.runtime import from_dlpack
 
     from cute_kernels.bwd_sm90 import lpt_key_block
-    from cute_kernels.scheduler import LPT_TAIL_WAVES
+    from cute_kernels.scheduler import lpt_tail_heads
 
     @cutlass.cute.jit
     def order(out: cutlass.cute.Tensor, blocks: cutlass.Int32, pairs: cutlass.Int32, batch: cutlass.Int32,
@@ -701,7 +701,7 @@ def test_backward_lpt_order_on_the_host():
 
     sms = 132
     for blocks, pairs, batch in [(16, 16, 8), (8, 4, 3), (1, 5, 2), (64, 16, 1), (5, 7, 3)]:
-        tail = (LPT_TAIL_WAVES * sms + blocks - 1) // blocks  # bwd_sm90's __call__
+        tail = lpt_tail_heads(sms, blocks)  # bwd_sm90's __call__
         out = torch.zeros(blocks * pairs * batch, 3, dtype=torch.int32)
         order(from_dlpack(out), *(cutlass.Int32(x) for x in (blocks, pairs, batch, tail)))
         ctas = [tuple(r) for r in out.tolist()]
