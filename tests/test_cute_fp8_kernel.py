@@ -491,7 +491,8 @@ def test_fa3_direct_host_path_on_the_emulated_kernel(case, monkeypatch):
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     cfg_rows = launch.fp8_config_for(req)
     assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales
-    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_descales=False) == cfg
+    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_descales=False, fp8_vt_pairs=False) == cfg
+    assert cfg_rows.fp8_vt_pairs == (req.headdim_v > 128)  # the transposer's pairs: the default rule
     out, lse, seen = _run_fp8_recording_v(req, cfg_rows, monkeypatch)
     assert seen
     for q, k, v, (sq, sk, sv) in seen:
@@ -528,6 +529,24 @@ def test_quantized_v_in_rows_needs_the_opt_in(monkeypatch):
     out, lse, seen = _run_fp8_recording_v(rows, cfg_rows, monkeypatch)
     out_t, lse_t, _ = _run_fp8_recording_v(vt, cfg_vt, monkeypatch)
     assert seen[0][2].shape == v.shape and torch.equal(out, out_t) and torch.equal(lse, lse_t)
+
+
+@pytest.mark.parametrize("hdim", [64, 128, 192, 256])
+def test_fp8_vt_pairs_where(hdim, monkeypatch):
+    """fp8_vt_pairs by default where V's rows are wider than 128 (timed faster there), on V's
+    rows only; FA3PY_CUTE_FP8_VT_PAIRS=1 / 0 (fp8_vt_pairs_enabled True / False) always / never."""
+    from cute_kernels import launch
+    from fa3py.validation import make_request
+
+    q, k, v = (torch.randn(2, 300, 4, hdim).to(torch.float8_e4m3fn) for _ in range(3))
+    ds = torch.rand(2, 4) + 0.5
+    req = make_request(q, k, v, q_descale=ds, k_descale=ds, v_descale=ds)
+    for direct, enabled, expect in [(True, None, hdim > 128), (True, True, True), (True, False, False),
+                                    (False, True, False)]:
+        monkeypatch.setattr(launch, "fp8_direct_enabled", direct)
+        monkeypatch.setattr(launch, "fp8_vt_pairs_enabled", enabled)
+        cfg = launch.fp8_config_for(req)
+        assert cfg.fp8_v_rows == direct and cfg.fp8_vt_pairs == expect, (direct, enabled)
 
 
 # FA3's inputs read directly (fp8_v_rows with fp8_descales), and quantized V rows (without)
