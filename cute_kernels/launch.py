@@ -458,16 +458,17 @@ paged_enabled = os.environ.get("FA3PY_CUTE_PAGED", "1") != "0"
 # paged float8 caches take fp8_v_rows always (their only kernel path). For FA3's contiguous
 # inputs the copy costs V's bytes twice once per call and the transpose in the kernel a share of
 # every block's time (the producer warps' issue slots beside the consumers'), so V's rows win
-# where few queries read each V element: up to FP8_V_ROWS_MAX_QUERIES[hdim_v > 128] query rows
-# per KV head (seqlen_q x the GQA group, halved when causal: a key is read by half the rows).
-# H100, CUDA graphs, 16k tokens (2026-12-05_h100_ldsm): V's rows faster at 512 tokens for every
-# head dim, at 2k for hdim 128 (747 / 635 TFLOP/s against 690 / 539) and hdim 256 causal (741
-# against 671), slower at hdim 256 2k non-causal (891 against 974) and at 16k (hdim 128: 816
-# against 878; 256: 826 against 1205). fp8_direct_enabled: None (that rule), True (always V's
-# rows: FA3PY_CUTE_FP8_DIRECT=1), False (never: 0; quantized V rows then go to the emulation and
+# where few queries read each V element: up to FP8_V_ROWS_MAX_QUERIES query rows per KV head
+# (seqlen_q x the GQA group, halved when causal: a key is read by half the rows). H100, CUDA
+# graphs, 16k tokens, copy-V / V's rows alternated in one process (2026-12-06_h100_vt_pairs, the
+# transposer's pairs at hdim 256): hdim 256 2k 999 / 1008 TFLOP/s, causal 716 / 803, 4k causal
+# (2048 rows counted) 906 / 887, 4k 1087 / 1000, 8k causal 1009 / 932; hdim 128 4k causal 718 /
+# 727, 4k 810 / 778, 8k causal 795 / 766; at 512 tokens V's rows win at every head dim
+# (2026-12-05_h100_ldsm). fp8_direct_enabled: None (that rule), True (always V's rows:
+# FA3PY_CUTE_FP8_DIRECT=1), False (never: 0; quantized V rows then go to the emulation and
 # float8 pages are gathered).
 fp8_direct_enabled = {"1": True, "0": False}.get(os.environ.get("FA3PY_CUTE_FP8_DIRECT", ""))
-FP8_V_ROWS_MAX_QUERIES = {False: 2048, True: 1024}
+FP8_V_ROWS_MAX_QUERIES = 2048
 # FwdConfig.fp8_v_rows_half: half-block staging of V's rows where two whole blocks do not fit
 # (hdim 256): its GPU tests pass (H100, 15 hdim-256 cases) and it is faster (16k: 826 / 864
 # TFLOP/s against 769 / 862 with one whole-block stage; 2k: 891 / 741 against 806 / 735).
@@ -543,7 +544,7 @@ def _fp8_v_rows(req: "AttentionRequest") -> bool:
     if not _fa3_inputs(req):
         return False
     queries = req.max_seqlen_q * (req.nheads // req.nheads_kv) // (2 if req.params.causal else 1)
-    return fp8_direct_enabled or req.paged or queries <= FP8_V_ROWS_MAX_QUERIES[req.headdim_v > 128]
+    return fp8_direct_enabled or req.paged or queries <= FP8_V_ROWS_MAX_QUERIES
 
 
 def fp8_why_not(req: "AttentionRequest") -> Optional[str]:

@@ -451,8 +451,8 @@ def _run_fp8_recording_v(req, cfg, monkeypatch) -> tuple:
 
 def test_fa3_inputs_take_v_rows_where_few_queries_read_v(monkeypatch):
     """FA3's float8 inputs by default: V's rows in the kernel up to FP8_V_ROWS_MAX_QUERIES query
-    rows per KV head (seqlen_q times the GQA group, halved when causal; fewer above hdim_v 128), a
-    copy of V^T above; FA3PY_CUTE_FP8_DIRECT=1 / 0 (True / False) always / never; half-block
+    rows per KV head (seqlen_q times the GQA group, halved when causal; any head dim), a copy of
+    V^T above; FA3PY_CUTE_FP8_DIRECT=1 / 0 (True / False) always / never; half-block
     staging on every V-rows config (it changes only the kernels it applies to)."""
     from cute_kernels import launch
     from fa3py.validation import make_request
@@ -465,11 +465,11 @@ def test_fa3_inputs_take_v_rows_where_few_queries_read_v(monkeypatch):
         return launch.fp8_config_for(make_request(q, k, v, **kw))
 
     rows = lambda *a, **kw: cfg(*a, **kw).fp8_v_rows  # noqa: E731
-    limit, wide = launch.FP8_V_ROWS_MAX_QUERIES[False], launch.FP8_V_ROWS_MAX_QUERIES[True]
+    limit = launch.FP8_V_ROWS_MAX_QUERIES
     assert rows(limit, 2, 2) and not rows(limit + 1, 2, 2)
     assert rows(limit // 4, 8, 2) and not rows(limit // 4 + 1, 8, 2)  # GQA: 4 query heads read each V
     assert rows(2 * limit, 2, 2, causal=True) and not rows(2 * limit + 2, 2, 2, causal=True)
-    assert rows(wide, 2, 2, d=256) and not rows(wide + 1, 2, 2, d=256)
+    assert rows(limit, 2, 2, d=256) and not rows(limit + 1, 2, 2, d=256)
     assert rows(limit + 1, 2, 2, direct=True) and not rows(1, 2, 2, direct=False)
     assert cfg(1, 2, 2).fp8_v_rows_half
     monkeypatch.setattr(launch, "fp8_v_half_enabled", False)  # FA3PY_CUTE_FP8_V_HALF=0
