@@ -170,6 +170,7 @@ DECODE_TILE = TileConfig(64, 64, 2, *REG_SPLIT[1], q_stages=1, ctas_per_sm=2)
 SHORT_CAUSAL_SEQLEN = 1024
 SHORT_SEQLEN_K = 512
 MEDIUM_SEQLEN_K = 2048  # `is_medium`: not right-windowed with at most this many keys
+LONG_CAUSAL_SEQLEN = 4096  # `is_long_causal`: right-windowed with at least this many query rows
 _TWO_WG_128 = TileConfig(128, 128, 2, *REG_SPLIT[2])
 SHORT_TILES: dict[tuple[int, bool], TileConfig] = {
     (64, True): _TWO_WG_128,  # causal 512 170 -> 180, 1k 239 -> 258 TFLOP/s (log §2)
@@ -259,6 +260,11 @@ def is_short(has_right: bool, max_seqlen_q: int, max_seqlen_k: int) -> bool:
 def is_medium(has_right: bool, max_seqlen_k: int) -> bool:
     """Not right-windowed with at most MEDIUM_SEQLEN_K keys (short ones included)."""
     return not has_right and max_seqlen_k <= MEDIUM_SEQLEN_K
+
+
+def is_long_causal(has_right: bool, max_seqlen_q: int) -> bool:
+    """Right-windowed with at least LONG_CAUSAL_SEQLEN query rows (GQA-packed rows counted)."""
+    return has_right and max_seqlen_q >= LONG_CAUSAL_SEQLEN
 
 
 SUPPORTED_HDIM = tuple(TILES)
@@ -374,10 +380,10 @@ class FwdConfig:
 
     @staticmethod
     def make(dtype: str, hdim: int, hdimv: int | None = None, short: bool = False,
-             medium: bool = False, decode: bool = False, **features) -> "FwdConfig":
+             medium: bool = False, long_causal: bool = False, decode: bool = False, **features) -> "FwdConfig":
         """The default config: one line per choice, its reason and where it was measured
         ("log §N": section N of the measurement log, `git show ff8d2aa:cute_kernels/NOTES.md`; H100/H200 SM cycles or TFLOP/s). `short` / `medium`:
-        `is_short` / `is_medium`; `decode`: DECODE_TILE (`decode_tile_ok`), one tile per CTA.
+        `is_short` / `is_medium`; `long_causal`: `is_long_causal`; `decode`: DECODE_TILE (`decode_tile_ok`), one tile per CTA.
         TileConfig fields in `features` override the table."""
         hdimv = hdim if hdimv is None else hdimv
         if dtype == "e4m3":
@@ -415,6 +421,11 @@ class FwdConfig:
         # next QK^T: hdim64 512 0.249 -> 0.217 Mcycles (log §7, 13, 14). (Not FP8: its block V
         # scaling adds each PV right after its wait.)
         plain = short and has_right and hdim in (64, 96) and not fp8 and not qv and not decode
+        # FP8 hdim 256, causal from 4k rows: one tile a CTA (no persistent CTAs, no tile counter),
+        # with TMA stores: 4k / 8k / 16k +3.4 / +6.4 / +7.7% over the counter (H100, CUDA graphs,
+        # results/2026-12-06_h100_vt_pairs §6); 1k / 2k -2.8 / +1.7% (the counter kept there);
+        # hdim 128 / 192: -1..-11% (kept).
+        fp8_grid = fp8 and hdimv > 192 and long_causal and has_right and not has_left and not features.get("chunk", False)
         tile = replace(
             base,
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).
@@ -424,7 +435,7 @@ class FwdConfig:
             # 224-key tile with a chunk (32 bytes of stack, 8 STL; without the counter none,
             # CPU SASS).
             dynamic=windowed and not (base.num_mma_wg == 3 and (has_left or features.get("chunk", False)))
-            and not (fp8 and features.get("chunk", False) and base.tile_n > 192),
+            and not (fp8 and features.get("chunk", False) and base.tile_n > 192) and not fp8_grid,
             # hdim_v > 128: hdim256 8k 706 -> 763 TFLOP/s (log §2); hdim128 -1%.
             rescale_o_before_pv=hdimv > 128,
             # Up to hdim 192 (Q's descriptors fit in registers): hdim64 causal 8k 449 -> 480;
@@ -433,8 +444,10 @@ class FwdConfig:
             pin_desc=hdim <= 192 and not (fp8 and base.tile_n > 192 and features.get("softcap", False)
                                           and features.get("split_kv", False) and features.get("pack_gqa", 1) > 1),
             # Non-causal and short causal hdim64: -0.4..-1.3%; causal hdim128 +3..+7%; split-KV
-            # stores float32 from registers (log §4, 7).
-            tma_store=(not windowed or plain and hdim == 64) and not features.get("split_kv", False),
+            # stores float32 from registers (log §4, 7). FP8 causal hdim 256: 1k-16k -1.6..-3.6%,
+            # hdim 192 2k -2.3%, 16k level; FP8 hdim 128 level (results/2026-12-06_h100_vt_pairs §6).
+            tma_store=(not windowed or plain and hdim == 64 or fp8 and hdimv > 128)
+            and not features.get("split_kv", False),
             # hdim128 2k / 8k -4.0 / -4.6%, hdim64 non-causal -1.8 / -2.4% (log §5).
             k_release_gate=2 if hdim == 128 else 4 if hdim == 64 and not windowed else 0,
             # Short (not windowed hdim > 64): 512 -2.7%; medium hdim64: 1k -5.9%; long +1..+4%

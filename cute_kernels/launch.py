@@ -32,7 +32,7 @@ import torch
 
 from cute_kernels import disk_cache
 from cute_kernels.config import (DECODE_TILE, PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig,
-                                 decode_tile_ok, is_medium, is_short,
+                                 decode_tile_ok, is_long_causal, is_medium, is_short,
                                  num_splits_for, pack_gqa_factor, padded_hdim, padded_hdim_v, page_size_ok)
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fi
         cu_seqlens_q=req.cu_seqlens_q is not None, cu_seqlens_k=req.cu_seqlens_k is not None,
         seqused_q=req.seqused_q is not None, seqused_k=req.seqused_k is not None,
         short=is_short(has_right, seqlen_q * pack, seqlen_k), medium=is_medium(has_right, seqlen_k),
+        long_causal=is_long_causal(has_right, seqlen_q * pack),
         pack_gqa=pack, hdim_in=0 if d == req.headdim else req.headdim,
         hdimv_in=0 if dv == req.headdim_v else req.headdim_v, page_size=req.page_size,
         **({"qv": True} if req.qv is not None else {}), **format_fields,

@@ -70,6 +70,9 @@ FP8_GRID = [
     (128, "channel", dict(chunk=True, has_right=True)),
     (64, "block", dict(chunk=True, has_left=True, has_right=True, split_kv=True)),
     (256, "channel", dict(chunk=True, has_right=True, cu_seqlens_q=True, cu_seqlens_k=True, softcap=True)),
+    # long causal hdim 256: one tile a CTA with TMA stores (FwdConfig.make's fp8_grid); 192's TMA stores
+    (256, "channel", dict(has_right=True, long_causal=True)),
+    (192, "channel", dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
 ]
 
 
@@ -140,6 +143,25 @@ def test_fp8_config_fields():
     assert FwdConfig.make("e4m3", 96).tile.tile_n % 32 == 0
     bf16 = FwdConfig.make("bf16", 128)
     assert (bf16.fp8_block_m, bf16.fp8_v_scaling) == (0, "")
+
+
+@pytest.mark.parametrize("hdim", [128, 192, 256])
+def test_fp8_causal_epilogue_and_grid(hdim):
+    """FP8 causal: TMA stores above hdim_v 128; hdim 256 from 4k query rows (is_long_causal) one
+    tile a CTA (neither persistent nor the tile counter); below, and at other head dims, the
+    counter. The 16-bit configs keep theirs."""
+    from cute_kernels.config import LONG_CAUSAL_SEQLEN, is_long_causal
+
+    assert is_long_causal(True, LONG_CAUSAL_SEQLEN) and not is_long_causal(True, LONG_CAUSAL_SEQLEN - 1)
+    assert not is_long_causal(False, 10**6)
+    short, long = (FwdConfig.make("e4m3", hdim, has_right=True, long_causal=lc).tile for lc in (False, True))
+    assert short.tma_store == long.tma_store == (hdim > 128)
+    assert short.dynamic and long.dynamic == (hdim != 256) and not long.persistent
+    assert FwdConfig.make("e4m3", hdim, has_right=True, long_causal=True, split_kv=True).tile.tma_store is False
+    local = FwdConfig.make("e4m3", hdim, has_left=True, has_right=True, long_causal=True).tile
+    assert local.dynamic  # (timed causal only)
+    for d in (128, 256):
+        assert FwdConfig.make("bf16", d, has_right=True, long_causal=True) == FwdConfig.make("bf16", d, has_right=True)
 
 
 def test_p_offset_matches_the_format():
@@ -634,7 +656,7 @@ def fp8_tolerance(qkv, params, **seqused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (128, 384)])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (128, 384), (4100, 4100)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("v_scaling,d", [("block", 128), ("block", 64), ("channel", 128), ("channel", 256)])
 def test_gpu_fp8_kernel_is_the_emulation(sq, sk, causal, v_scaling, d, monkeypatch):
