@@ -423,8 +423,8 @@ class FwdConfig:
         plain = short and has_right and hdim in (64, 96) and not fp8 and not qv and not decode
         # FP8 hdim 256, causal from 4k rows: one tile a CTA (no persistent CTAs, no tile counter),
         # with TMA stores: 4k / 8k / 16k +3.4 / +6.4 / +7.7% over the counter (H100, CUDA graphs,
-        # results/2026-12-06_h100_vt_pairs §6); 1k / 2k -2.8 / +1.7% (the counter kept there);
-        # hdim 128 / 192: -1..-11% (kept).
+        # results/2026-12-06_h100_vt_pairs §6); at 1k / 2k the counter with TMA stores is as fast
+        # or faster (663 / 859 TFLOP/s against 622 / 859); hdim 128 / 192: -1..-11% (kept).
         fp8_grid = fp8 and hdimv > 192 and long_causal and has_right and not has_left and not features.get("chunk", False)
         tile = replace(
             base,
