@@ -425,7 +425,9 @@ class FwdConfig:
         # with TMA stores: 4k / 8k / 16k +3.4 / +6.4 / +7.7% over the counter (H100, CUDA graphs,
         # results/2026-12-06_h100_vt_pairs §6); at 1k / 2k the counter with TMA stores is as fast
         # or faster (663 / 859 TFLOP/s against 622 / 859); hdim 128 / 192: -1..-11% (kept).
-        fp8_grid = fp8 and hdimv > 192 and long_causal and has_right and not has_left and not features.get("chunk", False)
+        # (timed unsplit, causal only: split-KV, windows and chunks keep the counter)
+        fp8_grid = (fp8 and hdimv > 192 and long_causal and has_right and not has_left
+                    and not features.get("chunk", False) and not features.get("split_kv", False))
         tile = replace(
             base,
             # Non-causal: persistent CTAs, 1k 506 -> 554 TFLOP/s (log §Persistent scheduler).

@@ -157,7 +157,8 @@ def test_fp8_causal_epilogue_and_grid(hdim):
     short, long = (FwdConfig.make("e4m3", hdim, has_right=True, long_causal=lc).tile for lc in (False, True))
     assert short.tma_store == long.tma_store == (hdim > 128)
     assert short.dynamic and long.dynamic == (hdim != 256) and not long.persistent
-    assert FwdConfig.make("e4m3", hdim, has_right=True, long_causal=True, split_kv=True).tile.tma_store is False
+    split = FwdConfig.make("e4m3", hdim, has_right=True, long_causal=True, split_kv=True).tile
+    assert not split.tma_store and split.dynamic  # (split-KV: float32 partials, the counter)
     local = FwdConfig.make("e4m3", hdim, has_left=True, has_right=True, long_causal=True).tile
     assert local.dynamic  # (timed causal only)
     for d in (128, 256):
