@@ -588,11 +588,12 @@ V_ROWS_COMPILE = [
 
 
 @pytest.mark.parametrize("hdim,features", [(128, dict(has_right=True, fp8_descales=True)), (256, dict(fp8_descales=True)),
-                                           (64, dict(fp8_descales=True))], ids=["d128-causal", "d256", "d64"])
+                                           (192, dict(fp8_descales=True)), (64, dict(fp8_descales=True))],
+                         ids=["d128-causal", "d256", "d192", "d64"])
 def test_fp8_vt_pairs_compiles(hdim, features):
     """fp8_vt_pairs: the transposer's jobs two at a time compile without local memory, with the
-    same QGMMAs; the pair loop issues both ldmatrix before the first permute (at hdim 256 causal
-    ptxas puts the first job's permutes between them)."""
+    same QGMMAs; the pair loop issues both ldmatrix before the first permute (at hdim 192 / 256
+    causal ptxas puts the first job's permutes between them). On by default above hdim_v 128."""
     plain = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
     cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, fp8_vt_pairs=True, **features)
     text, res = _compile(cfg)
