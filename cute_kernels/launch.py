@@ -474,11 +474,10 @@ FP8_V_ROWS_MAX_QUERIES = 2048
 # (hdim 256): its GPU tests pass (H100, 15 hdim-256 cases) and it is faster (16k: 826 / 864
 # TFLOP/s against 769 / 862 with one whole-block stage; 2k: 891 / 741 against 806 / 735).
 fp8_v_half_enabled = os.environ.get("FA3PY_CUTE_FP8_V_HALF", "1") != "0"
-# FwdConfig.fp8_vt_pairs: the V transposer's jobs two at a time (both loads first). H100, CUDA
-# graphs, FA3's inputs with V's rows, alternated in one process (2026-12-06_h100_vt_pairs): hdim
-# 256 +18.8% (2k, 844 -> 1003 TFLOP/s) and +13.5% (16k, 892 -> 1013); hdim 128 +0.3% (2k), -1.6%
-# (16k), +2.6% (512); its 84 FP8 GPU tests pass. fp8_vt_pairs_enabled: None (on where hdim_v >
-# 128), True / False (FA3PY_CUTE_FP8_VT_PAIRS=1 / 0: always / never).
+# FwdConfig.fp8_vt_pairs: the V transposer's jobs two at a time (both loads first; FwdConfig.make
+# sets it above hdim_v 128, where it was timed faster; its 84 FP8 GPU tests pass with it on at
+# every head dim). fp8_vt_pairs_enabled: None (make's rule), True / False (FA3PY_CUTE_FP8_VT_PAIRS
+# =1 / 0: on every V-rows config / never).
 fp8_vt_pairs_enabled = {"1": True, "0": False}.get(os.environ.get("FA3PY_CUTE_FP8_VT_PAIRS", ""))
 # qk_int8 operands (fa3py.fp8's higher-accuracy mode) on the FP8 kernel with int8 Q K^T
 # (FwdConfig.fp8_qk_int8), and attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds
@@ -520,13 +519,8 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
            else Fp8Format(**FA3_FORMAT))
     return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows,
                       fp8_v_rows_half=fp8_v_half_enabled or not v_rows, fp8_descales=v_rows and _fa3_inputs(req),
-                      fp8_qk_int8=fmt.qk_int8, fp8_vt_pairs=v_rows and _fp8_vt_pairs(req))
-
-
-def _fp8_vt_pairs(req: "AttentionRequest") -> bool:
-    """The V transposer two jobs at a time (FwdConfig.fp8_vt_pairs): fp8_vt_pairs_enabled, else
-    where V's rows are wider than 128 (where it is faster)."""
-    return req.headdim_v > 128 if fp8_vt_pairs_enabled is None else fp8_vt_pairs_enabled
+                      fp8_qk_int8=fmt.qk_int8,
+                      **({} if fp8_vt_pairs_enabled is None else {"fp8_vt_pairs": v_rows and fp8_vt_pairs_enabled}))
 
 
 def _fa3_inputs(req: "AttentionRequest") -> bool:

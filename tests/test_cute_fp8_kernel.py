@@ -594,8 +594,9 @@ def test_fp8_vt_pairs_compiles(hdim, features):
     """fp8_vt_pairs: the transposer's jobs two at a time compile without local memory, with the
     same QGMMAs; the pair loop issues both ldmatrix before the first permute (at hdim 192 / 256
     causal ptxas puts the first job's permutes between them). On by default above hdim_v 128."""
-    plain = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
+    plain = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, fp8_vt_pairs=False, **features)
     cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, fp8_vt_pairs=True, **features)
+    assert FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features).fp8_vt_pairs == (hdim > 128)  # make's rule
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
     ops, plain_ops = sass.opcode_counts(text), sass.opcode_counts(_compile(plain)[0])
@@ -612,8 +613,9 @@ def test_fp8_v_rows_compiles(hdim, features):
     one ldmatrix.x4.trans, four PRMT and one stmatrix.x4 a 512-byte job, their addresses an XOR
     and an add each over warp-uniform job terms (fp8.vt_plan): at most 40 instructions a job
     (where 4-byte loads and stores took 52-62); one such loop a staging part (two where
-    fp8_v_rows_half stages half blocks)."""
-    cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, **features)
+    fp8_v_rows_half stages half blocks). The one-at-a-time loop (above hdim_v 128 the default is
+    fp8_vt_pairs: test_fp8_vt_pairs_compiles)."""
+    cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, fp8_vt_pairs=False, **features)
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
     ops = sass.opcode_counts(text)
