@@ -265,20 +265,25 @@ def forward_config(p: argparse.ArgumentParser, a: argparse.Namespace):
     if a.hdim % 8 or hdimv % 8 or (d, dv) not in pairs:
         p.exit(2, f"cute_kernels.sass: --hdim {a.hdim} --hdimv {hdimv}{' --qv' if a.qv else ''}: the sm90 kernel "
                   f"serves multiples of 8 that round up to one of {sorted(pairs)}\n")
-    cfg = FwdConfig.make(
-        "e4m3" if a.dtype == "fp8" else a.dtype, d, dv, hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
+    dtype = "e4m3" if a.dtype == "fp8" else a.dtype
+    features = dict(
+        hdim_in=0 if d == a.hdim else a.hdim, hdimv_in=0 if dv == hdimv else hdimv,
         has_right=a.causal or a.local, has_left=a.local, chunk=a.chunk, softcap=a.softcap,
         cu_seqlens_q=a.varlen, cu_seqlens_k=a.varlen, seqused_q=a.seqused, seqused_k=a.seqused or a.page_size > 0,
         intra_wg_overlap=not a.no_overlap, split_kv=a.split_kv, page_size=a.page_size, pack_gqa=a.pack_gqa,
         decode=a.decode, **({"qv": True} if a.qv else {}),
         **({"fp8_v_scaling": a.fp8_v} if a.dtype in ("e4m3", "fp8") else {}),
     )
-    # --set names a TileConfig field or, where the tile has none of that name, a FwdConfig one
-    # (fp8_v_rows=1, fp8_descales=1, ...)
+    cfg = FwdConfig.make(dtype, d, dv, **features)
+    # --set names a TileConfig field (set on the table's tile) or, where the tile has none of that
+    # name, a FwdConfig one (fp8_v_rows=1, fp8_descales=1, ...), which goes through make so that
+    # the choices that follow from it are made too (fp8_v_rows: the transposer's pairs)
     tile_fields = {f.name for f in dataclasses.fields(cfg.tile)}
     tile_sets = [kv for kv in a.set if kv.split("=")[0] in tile_fields]
     cfg_sets = dict(_field_value(cfg, kv) for kv in a.set if kv not in tile_sets)
-    return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", tile_sets), **cfg_sets)
+    if cfg_sets:
+        cfg = FwdConfig.make(dtype, d, dv, **{**features, **cfg_sets})
+    return dataclasses.replace(cfg, tile=tile_from_spec(cfg.tile, a.tile or "", tile_sets))
 
 
 def backward_config(p: argparse.ArgumentParser, a: argparse.Namespace):

@@ -178,6 +178,16 @@ def test_cute_sass_accepts_fp8(capsys):
     assert "QGMMA" in out and "e4m3" in out
 
 
+def test_cute_sass_set_goes_through_make(capsys):
+    """--set of a FwdConfig field is a feature given to FwdConfig.make, so the choices that follow
+    from it are the shipped ones: V's rows at hdim 256 take the transposer's pairs (a tile field
+    is set on the table's tile after)."""
+    assert sass.main(["--dtype", "fp8", "--fp8-v", "channel", "--hdim", "256", "--set", "fp8_v_rows=1",
+                     "--set", "fp8_descales=1"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("# e4m3"))
+    assert " fp8_v_rows fp8_vt_pairs fp8_descales" in header
+
+
 # ---- host glue: dispatch refusal, configs (CPU) ---------------------------------------------------
 
 def _fp8_request(b, sq, sk, h, hk, d, device="cpu", quantized=True, **kw):
