@@ -67,8 +67,9 @@ pages_per_block = tile_n / kv_rows TMA boxes of kv_rows = min(page_size, tile_n)
 each into consecutive row slices of the stage (the smem tiles' 8-row swizzle atoms are laid rows
 first, so a page_size multiple of 8 keeps every box in phase), or one box from the page holding
 the block. Every box of a block arrives on the stage's one full barrier (tx count: the block's
-bytes); lane i of the producer warp reads box i's page table entry and the TMAs take the pages by
-shuffle (`load_block_paged`). The consumers do not change. FP8 pages are FA3's float8 inputs
+bytes); lane i of the producer warp reads box i's page table entry (`page_of`, a block ahead of
+the block's K: K's and V's pages are the same) and the TMAs take the pages by shuffle
+(`load_block_paged`). The consumers do not change. FP8 pages are FA3's float8 inputs
 read directly (fp8_v_rows: V's pages land in the staging tile; fp8_descales: no per-block scales).
 
 MLA (FwdConfig qv, FA3's qv: scores Q K^T + Qv V^T): the producer loads Qv (tile_m, hdim_v) with
@@ -614,31 +615,40 @@ class FlashAttentionForwardSm90:
                     tQvsQv, tQvgQv = cpasync.tma_partition(tma_atom_Qv, 0, one, cute.group_modes(sQv, 0, 2),
                                                            cute.group_modes(gQv, 0, 2))
                     qv_copy = (tma_atom_Qv, tQvgQv, tQvsQv)
-                load_k, load_v = self.kv_loaders(mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v,
+                load_k, load_v, page_of = self.kv_loaders(mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v,
                                                  head_kv, batch, seqlen, mPageTable)
                 load_q = partial(self.load_q, pipeline_q=pipeline_q, tma_atom_Q=tma_atom_Q, tQgQ=tQgQ, tQsQ=tQsQ,
                                  tiles=tiles, tile=tile, qv_copy=qv_copy)
 
                 # Q first where its stage was freed a tile ago (two Q stages); else after the last
                 # block's K (and V), which then need not wait for the previous tile's epilogue.
+                # Paged: a block's pages (page_of, K's and V's the same) are read a block ahead of
+                # its K, so the page table's latency is not on the TMAs' path (the first block's
+                # before Q's TMA); unpaged, page_of is a constant the loaders ignore.
+                page_k = page_of(n_block_max - 1, n_block_min)
                 if const_expr(q_first):
                     load_q(q_state)
                     q_state.advance()
                 if n_block_min < n_block_max:
-                    load_k(n_block_max - 1, k_state)
+                    load_k(n_block_max - 1, k_state, page_k)
                     k_state.advance()
                 if const_expr(not q_first):
                     load_q(q_state)
                     q_state.advance()
+                page_v = page_k
+                page_k = page_of(n_block_max - 2, n_block_min)
                 # K leads V by one block, as the consumers need them: QK^T(n) is issued together
                 # with PV(n + 1).
                 for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
-                    load_k(n_block_max - 2 - i, k_state)
+                    page_next = page_of(n_block_max - 3 - i, n_block_min)
+                    load_k(n_block_max - 2 - i, k_state, page_k)
                     k_state.advance()
-                    load_v(n_block_max - 1 - i, v_state)
+                    load_v(n_block_max - 1 - i, v_state, page_v)
                     v_state.advance()
+                    page_v = page_k
+                    page_k = page_next
                 if n_block_min < n_block_max:
-                    load_v(n_block_min, v_state)
+                    load_v(n_block_min, v_state, page_v)
                     v_state.advance()
             tile = scheduler.fetch_next(tile)
         if const_expr(tiles.next_tile is not None):
@@ -648,14 +658,14 @@ class FlashAttentionForwardSm90:
             scheduler.retire()
 
     @cute.jit
-    def load_block(self, n_block, state, pipe, tma_atom, tXgX, tXsX):
-        """TMA of K or V block `n_block` into pipeline stage `state`."""
+    def load_block(self, n_block, state, page, pipe, tma_atom, tXgX, tXsX):
+        """TMA of K or V block `n_block` into pipeline stage `state` (`page`: unpaged, unused)."""
         pipe.producer_acquire(state)
         cute.copy(tma_atom, tXgX[None, n_block], tXsX[None, state.index],
                   tma_bar_ptr=pipe.producer_get_barrier(state))
 
     @cute.jit
-    def load_block_parts(self, n_block, state, pipe, tma_atom, tXgX, tXsX):
+    def load_block_parts(self, n_block, state, page, pipe, tma_atom, tXgX, tXsX):
         """fp8_v_rows in parts: V block `n_block` as tile_n / v_rows_keys TMAs of v_rows_keys rows,
         each into its own staging stage from `state` on; `state` is left at the last part's (the
         caller advances past it, as after `load_block`)."""
@@ -663,13 +673,14 @@ class FlashAttentionForwardSm90:
         for p in cutlass.range_constexpr(parts):
             if const_expr(p > 0):
                 state.advance()
-            self.load_block(n_block * parts + p, state, pipe, tma_atom, tXgX, tXsX)
+            self.load_block(n_block * parts + p, state, page, pipe, tma_atom, tXgX, tXsX)
 
     def kv_loaders(self, mK, mV, sK, sV, tma_atom_K, tma_atom_V, pipeline_k, pipeline_v, head_kv, batch,
                    seqlen: SeqlenInfo, mPageTable):
         """`load_block` (paged: `load_block_paged`) for K and for V of sequence `batch`, KV head
-        `head_kv`: their TMA partitions (paged: of the KV head's pages, with the sequence's page
-        table row)."""
+        `head_kv`: their TMA partitions (paged: of the KV head's pages), and `page_of(n_block,
+        n_block_min)`, the page a lane's TMA of block max(n_block, n_block_min) reads (paged: from
+        the sequence's page table row; else a constant)."""
         one = cute.make_layout(1)
         if const_expr(self.paged):
             # (box, boxes in a block, 1, stage) in smem; (box, boxes in a page, 1, page) in gmem
@@ -677,11 +688,11 @@ class FlashAttentionForwardSm90:
             tVsV, tVgV = self.partition_pages(tma_atom_V, sV, mV[None, None, head_kv, None], self.hdimv)
             # Pages past the sequence's last (in its last block) are loaded as its last: their
             # keys are masked, and the page table's row may end there.
-            pages = (mPageTable[batch, None], (seqlen.seqlen_k - 1) // self.cfg.page_size)
-            return (partial(self.load_block_paged, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK,
-                            pages=pages),
-                    partial(self.load_block_paged, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV,
-                            pages=pages))
+            page_of = partial(self.page_of, page_row=mPageTable[batch, None],
+                              last_page=(seqlen.seqlen_k - 1) // self.cfg.page_size)
+            return (partial(self.load_block_paged, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK),
+                    partial(self.load_block_paged, pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV),
+                    page_of)
         b_k = batch if const_expr(not self.cfg.cu_seqlens_k) else 0
         mK_cur = cute.domain_offset((seqlen.offset_k, 0), mK[None, None, head_kv, b_k])
         gK = cute.local_tile(mK_cur, (self.tile_n, self.hdim), (None, 0))
@@ -700,7 +711,8 @@ class FlashAttentionForwardSm90:
                                            cute.group_modes(gV, 0, 2))
         return (partial(self.load_block, pipe=pipeline_k, tma_atom=tma_atom_K, tXgX=tKgK, tXsX=tKsK),
                 partial(self.load_block if const_expr(self.v_rows_keys == self.tile_n) else self.load_block_parts,
-                        pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV))
+                        pipe=pipeline_v, tma_atom=tma_atom_V, tXgX=tVgV, tXsX=tVsV),
+                lambda n_block, n_block_min: Int32(0))
 
     def page_box(self, s_layout, cols: int):
         """The smem layout a paged TMA box fills: the first kv_rows rows of a stage's (tile_n, cols)
@@ -721,25 +733,33 @@ class FlashAttentionForwardSm90:
                                      cute.group_modes(gX_boxes, 0, 2))
 
     @cute.jit
-    def load_block_paged(self, n_block, state, pipe, tma_atom, tXgX, tXsX, pages):
+    def page_of(self, n_block, n_block_min, page_row, last_page):
+        """The page of block max(n_block, n_block_min) that this lane's TMA reads: lane i box i's
+        (pages_per_block > 1; lanes past the block's boxes repeat its last) or the block's one.
+        Pages past the sequence's last (in its last block) are read as its last: their keys are
+        masked, and the page table's row may end there."""
+        n = cutlass.max(n_block, n_block_min)
+        if const_expr(self.pages_per_block > 1):
+            box = cutlass.min(cute.arch.lane_idx(), self.pages_per_block - 1)
+            index = n * self.pages_per_block + box
+        else:
+            index = n // (self.cfg.page_size // self.tile_n)
+        return page_row[cutlass.max(cutlass.min(index, last_page), 0)]
+
+    @cute.jit
+    def load_block_paged(self, n_block, state, page, pipe, tma_atom, tXgX, tXsX):
         """K or V block `n_block` from its pages into stage `state`: pages_per_block TMAs (one page
-        each, into consecutive kv_rows-row slices of the stage) or one from the page holding the
-        block, all on the stage's one full barrier (whose tx count is the whole block's).
-        `pages`: (the sequence's page table row, its last page's index in it)."""
-        page_row, last_page = pages
+        each, into consecutive kv_rows-row slices of the stage; box i's page from lane i's `page`)
+        or one from the page holding the block (`page`, `page_of`'s), all on the stage's one full
+        barrier (whose tx count is the whole block's)."""
         pipe.producer_acquire(state)
         bar = pipe.producer_get_barrier(state)
         if const_expr(self.pages_per_block > 1):
-            # lane i reads the page of the block's box i; box i's TMA takes it from lane i
-            first = n_block * self.pages_per_block
-            lane = cute.arch.lane_idx()
-            page = page_row[cutlass.min(first + cutlass.min(lane, self.pages_per_block - 1), last_page)]
             for i in cutlass.range_constexpr(self.pages_per_block):
                 cute.copy(tma_atom, tXgX[None, 0, 0, cute.arch.shuffle_sync(page, i)], tXsX[None, i, 0, state.index],
                           tma_bar_ptr=bar)
         else:
             blocks_per_page = self.cfg.page_size // self.tile_n
-            page = page_row[n_block // blocks_per_page]
             cute.copy(tma_atom, tXgX[None, n_block % blocks_per_page, 0, page], tXsX[None, 0, 0, state.index],
                       tma_bar_ptr=bar)
 
