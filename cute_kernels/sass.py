@@ -193,6 +193,35 @@ def innermost_loops(sass: str, keep) -> list[tuple[int, int, collections.Counter
     return [l for l in out if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in out)]
 
 
+def loads_after_waits(sass: str) -> list[str]:
+    """Global loads (LDG) issued after a wait and before the work that wait guards, so that their
+    latency adds to it: between a WARPGROUP.DEPBAR (a GEMM's result) and the next MUFU.EX2 (the
+    softmax) or STSM (the epilogue's stores), unless a WARPGROUP.ARRIVE (the next GEMMs) comes
+    first; between a stage wait (SYNCS.PHASECHK) and the TMA load it guards (UTMALDG), unless
+    another wait comes first. Linear SASS order. Each as "WAIT@addr: LDG@addr"."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    op = lambda t: re.match(r"(?:@!?U?P\w+\s+)?(\S+)", t).group(1)
+    found = []
+    for i, (addr, text) in enumerate(ins):
+        if op(text).startswith("WARPGROUP.DEPBAR"):
+            ends, stops = ("MUFU.EX2", "STSM"), ("WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "EXIT")
+        elif op(text).startswith("SYNCS.PHASECHK"):
+            ends, stops = ("UTMALDG",), ("SYNCS.PHASECHK", "EXIT")
+        else:
+            continue
+        loads = []
+        for a, t in ins[i + 1:]:
+            o = op(t)
+            if o.startswith(ends):
+                found += [f"{op(text)}@{addr:#x}: LDG@{la:#x}" for la in loads]
+                break
+            if o.startswith(stops):
+                break
+            if o.startswith("LDG"):
+                loads.append(a)
+    return found
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cute_kernels.sass", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

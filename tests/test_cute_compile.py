@@ -355,6 +355,26 @@ def test_compile_paged(hdim, d, page_size, features):
     # K and V each load at two sites (the tile's first block and the loop), unrolled per box
     assert ops["UTMALDG"] > contiguous["UTMALDG"] or kernel.pages_per_block == 1
     assert (ops["SHFL"] > contiguous["SHFL"]) == (kernel.pages_per_block > 1)
+    # the page table is read a block ahead, not between a stage's wait and its TMA (page_of)
+    assert sass.loads_after_waits(text[0]) == []
+
+
+def test_loads_after_waits_finds_a_load_between_a_wait_and_its_use():
+    """`sass.loads_after_waits` on made-up SASS: an LDG between a stage wait and its TMA, or
+    between a GEMM's wait and the exp2s, is reported; one before the wait, or one after the
+    wait whose window closes at the next GEMMs, is not."""
+    def text(*ops):
+        return "".join(f"/*{16 * (i + 1):04x}*/ {op} ;\n" for i, op in enumerate(ops))
+
+    wait, tma = "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2", "UTMALDG.4D [UR8], [UR16], desc[URZ]"
+    ldg, depbar, ex2 = "LDG.E R3, desc[UR6][R2.64]", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "MUFU.EX2 R4, R4"
+    assert sass.loads_after_waits(text(wait, ldg, tma)) == ["SYNCS.PHASECHK.TRANS64.TRYWAIT@0x10: LDG@0x20"]
+    assert sass.loads_after_waits(text(ldg, wait, tma)) == []
+    assert sass.loads_after_waits(text(depbar, "FMNMX R1, R2, R3, !PT", ldg, ex2)) == \
+        ["WARPGROUP.DEPBAR.LE@0x10: LDG@0x30"]
+    assert sass.loads_after_waits(text(depbar, ldg, "WARPGROUP.ARRIVE", ex2)) == []
+    assert sass.loads_after_waits(text(depbar, "@!P0 LDG.E R5, desc[UR6][R2.64]", "STSM.16.M88.4 [R1], R4")) == \
+        ["WARPGROUP.DEPBAR.LE@0x10: LDG@0x20"]
 
 
 def test_check_rejects_a_setmaxnreg_split_past_the_launch_registers():
@@ -410,5 +430,6 @@ def test_compile_decode_tile(name):
     assert (t.producer_regs, t.consumer_regs) == (producer, consumer)
     assert f"USETMAXREG.DEALLOC.CTAPOOL {producer:#x}" in texts[0]
     assert f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {consumer:#x}" in texts[0]
+    assert sass.loads_after_waits(texts[0]) == []  # paged: page-table reads a block ahead
     with pytest.raises(AssertionError, match="DECODE_TILE"):
         FwdConfig.make("bf16", 256, decode=True)
