@@ -737,7 +737,9 @@ class FlashAttentionForwardSm90:
         """The page of block max(n_block, n_block_min) that this lane's TMA reads: lane i box i's
         (pages_per_block > 1; lanes past the block's boxes repeat its last) or the block's one.
         Pages past the sequence's last (in its last block) are read as its last: their keys are
-        masked, and the page table's row may end there."""
+        masked, and the page table's row may end there. A tile with no KV block (an empty
+        sequence) reads entry 0, unused: the host launches no paged kernel on a table without
+        columns (`launch.q_empty_or_no_keys`)."""
         n = cutlass.max(n_block, n_block_min)
         if const_expr(self.pages_per_block > 1):
             box = cutlass.min(cute.arch.lane_idx(), self.pages_per_block - 1)

@@ -170,6 +170,16 @@ def serialized_wgmma(sass: str) -> bool:
     return hgmma > 0 and ops["WARPGROUP.ARRIVE"] >= hgmma
 
 
+def instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, text up to the ';') of every instruction, in code order."""
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def opcode(text: str) -> str:
+    """An instruction's opcode with its modifiers (e.g. WARPGROUP.DEPBAR.LE), its predicate dropped."""
+    return re.match(r"(?:@!?U?P\w+\s+)?(\S+)", text).group(1)
+
+
 def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
     """Innermost loops (backward branches) whose body holds an HGMMA: (start, end, opcode counts).
     These are the KV loops (interior, causal-diagonal, window edge); the instruction count of the
@@ -180,13 +190,13 @@ def hgmma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
 def innermost_loops(sass: str, keep) -> list[tuple[int, int, collections.Counter]]:
     """Innermost loops (backward branches) whose body's opcode counts pass `keep`: (start, end,
     opcode counts)."""
-    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    ins = instructions(sass)
     out = []
     for addr, text in ins:
         m = re.search(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
-            ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t).group(1) for t in body)
+            ops = collections.Counter(opcode(t).split(".")[0] for t in body)
             if keep(ops):
                 out.append((int(m.group(1), 16), addr, ops))
     # innermost only: an outer loop (the tile loop) contains the KV loops
@@ -199,8 +209,8 @@ def loads_after_waits(sass: str) -> list[str]:
     softmax) or STSM (the epilogue's stores), unless a WARPGROUP.ARRIVE (the next GEMMs) comes
     first; between a stage wait (SYNCS.PHASECHK) and the TMA load it guards (UTMALDG), unless
     another wait comes first. Linear SASS order. Each as "WAIT@addr: LDG@addr"."""
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    op = lambda t: re.match(r"(?:@!?U?P\w+\s+)?(\S+)", t).group(1)
+    ins = instructions(sass)
+    op = opcode
     found = []
     for i, (addr, text) in enumerate(ins):
         if op(text).startswith("WARPGROUP.DEPBAR"):
