@@ -81,6 +81,12 @@ class Fp8Scales:
     the block whose P is in the PV operand (block V scaling: `add_pv` multiplies that block's
     fresh PV accumulator by it; two-level accumulation).
 
+    A block's scales are read from global memory by `fetch(n_block)` before the consumer waits
+    for the block's K, so that the load's latency hides under the wait and the QK^T GEMM: read
+    where they are used (between the row max and the exp2s) an L2 latency sat on the softmax's
+    critical path every block (sass.loads_after_waits finds such loads). Channel V's scales
+    likewise (`channel_scales`) are read while the tile's last PV GEMM runs.
+
     The score multiplier of a row in KV block n is sq[row] * sk[n] * c. Scales are powers of two,
     so (sq * c) * sk is the emulation's (sq * sk) * c exactly."""
 
@@ -88,9 +94,11 @@ class Fp8Scales:
     mK_scale: cute.Tensor  # (KV blocks,) of this (batch, KV head); descales: (1,)
     mV_scale: cute.Tensor  # (KV blocks,) block V scaling; (hdim_v,) channel; descales: (1,)
     v_pending: cute.Tensor  # (1,) the V scale of the block whose P is in the PV operand
+    fetched: cute.Tensor  # (2,) the K scale and (block V) the V scale of the block `fetch` read
     # FA3's descales in place of the format's scale tensors (FwdConfig.fp8_descales): one value
     # per (sequence, head) for every block of rows, every KV block and every V channel
     descales: bool = False
+    v_channel: bool = False  # V's scales per channel (scale_channels), else per KV block (add_pv)
 
     @staticmethod
     def create(mQScale: cute.Tensor, mKScale: cute.Tensor, mVScale: cute.Tensor, c: Float32,
@@ -130,6 +138,8 @@ class Fp8Scales:
                 q_row_c[r] = mQScale[b_q, head * g + row % g, q_col0 + row // g // block_m] * c
         v_pending = cute.make_rmem_tensor(1, Float32)
         v_pending[0] = Float32(1.0)
+        fetched = cute.make_rmem_tensor(2, Float32)
+        fetched.fill(1.0)
         if descales:
             assert v_channel, "FA3's v_descale is a channel scale (the same for every channel)"
             mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
@@ -140,15 +150,24 @@ class Fp8Scales:
                         else cute.domain_offset((k_col0,), mVScale[0, head_kv, None]))
         else:
             mK_scale, mV_scale = mKScale[batch, head_kv, None], mVScale[batch, head_kv, None]
-        return Fp8Scales(q_row_c, mK_scale, mV_scale, v_pending, descales)
+        return Fp8Scales(q_row_c, mK_scale, mV_scale, v_pending, fetched, descales, v_channel)
 
     @cute.jit
-    def row_mult(self, n_block) -> cute.Tensor:
-        """The score multiplier of each of this thread's rows in KV block n_block. (Descales: K's
-        one scale folded into q_row_c once per tile instead took 20 instructions out of hdim 128's
-        KV loop, but with this P conversion it spilled 12 registers in the causal chunked V-rows
-        kernel: not kept, untimed.)"""
-        sk = self.mK_scale[0 if const_expr(self.descales) else n_block]
+    def fetch(self, n_block):
+        """Read KV block n_block's K scale (and, block V scaling, its V scale) into registers:
+        called before the block's K wait, for row_mult / set_pending_v after it."""
+        i = 0 if const_expr(self.descales) else n_block
+        self.fetched[0] = self.mK_scale[i]
+        if const_expr(not self.v_channel):
+            self.fetched[1] = self.mV_scale[i]
+
+    @cute.jit
+    def row_mult(self) -> cute.Tensor:
+        """The score multiplier of each of this thread's rows in the fetched KV block. (Descales:
+        K's one scale folded into q_row_c once per tile instead took 20 instructions out of hdim
+        128's KV loop, but with this P conversion it spilled 12 registers in the causal chunked
+        V-rows kernel: not kept, untimed.)"""
+        sk = self.fetched[0]
         mult = cute.make_rmem_tensor_like(self.q_row_c, Float32)
         for r in cutlass.range_constexpr(cute.size(mult)):
             mult[r] = self.q_row_c[r] * sk
@@ -169,22 +188,33 @@ class Fp8Scales:
             acc_O[i] = acc_O[i] + acc_PV[i] * sv
 
     @cute.jit
-    def set_pending_v(self, n_block):
-        """P of KV block n_block now fills the PV operand: its V scale goes with it."""
-        self.v_pending[0] = self.mV_scale[0 if const_expr(self.descales) else n_block]
+    def set_pending_v(self):
+        """P of the fetched KV block now fills the PV operand: its V scale goes with it."""
+        self.v_pending[0] = self.fetched[1]
 
     @cute.jit
-    def scale_channels(self, acc_O: cute.Tensor, tiled_mma_pv: cute.TiledMma, tidx, tile_m: cutlass.Constexpr[int],
-                       hdimv: cutlass.Constexpr[int]):
-        """O's columns times their V channel scales (channel V scaling, in the epilogue)."""
+    def channel_scales(self, tiled_mma_pv: cute.TiledMma, tidx, tile_m: cutlass.Constexpr[int],
+                       hdimv: cutlass.Constexpr[int]) -> cute.Tensor:
+        """The V channel scales of this thread's O columns (channel V scaling), read while the
+        tile's last PV GEMM runs: read after its wait, their loads were on the epilogue's path."""
         from cute_kernels.utils import acc_to_mn
 
         tOcO = acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(cute.make_identity_tensor((tile_m, hdimv))))
+        cols = cute.size(tOcO.shape[1])
+        sv = cute.make_rmem_tensor(cols, Float32)
+        for j in cutlass.range_constexpr(cols):
+            sv[j] = self.mV_scale[0 if const_expr(self.descales) else tOcO[0, j][1]]
+        return sv
+
+    @cute.jit
+    def scale_channels(self, acc_O: cute.Tensor, sv: cute.Tensor):
+        """O's columns times their V channel scales `sv` (channel_scales), in the epilogue."""
+        from cute_kernels.utils import acc_to_mn
+
         o_mn = acc_to_mn(acc_O)
         for j in cutlass.range_constexpr(cute.size(o_mn.shape[1])):
-            sv = self.mV_scale[0 if const_expr(self.descales) else tOcO[0, j][1]]
             for r in cutlass.range_constexpr(cute.size(o_mn.shape[0])):
-                o_mn[r, j] = o_mn[r, j] * sv
+                o_mn[r, j] = o_mn[r, j] * sv[j]
 
 
 # ----------------------------------------------------------------------------- V in rows (fp8_v_rows)

@@ -44,7 +44,8 @@ fp8.PV_KEY_ORDER); the score multiplier sq[row] * sk[block] * c changes per bloc
 keeps its row max in scaled log2 units (OnlineSoftmax.step_scaled) with P's 2^8 offset; with
 block V scaling each block's PV goes into a fresh accumulator added into O times the block's
 V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
-columns scaled in the epilogue; O is bf16. Softcap puts the block's multiplier inside the tanh
+columns scaled in the epilogue (their scales read while the last PV runs); a block's K (and
+block V) scale is read before its K wait (fp8.Fp8Scales.fetch), not in the softmax; O is bf16. Softcap puts the block's multiplier inside the tanh
 (score_mod) and softcap*log2(e) after it; GQA-packed rows read their own query head's Q scale;
 split-KV writes the same float32 partials as 16-bit; packed sequences (cu_seqlens) find their
 scale columns and their 16-aligned V^T columns from cu_seqlens and the batch index
@@ -252,6 +253,7 @@ class FlashAttentionForwardSm90:
                 f"{cfg.short()}: FP8 schedule switches not supported"
         # FP8 block V scaling: each block's PV into a fresh accumulator (two-level accumulation).
         self.fresh_pv = self.fp8 and cfg.fp8_v_scaling == "block"
+        self.v_channel = self.fp8 and cfg.fp8_v_scaling == "channel"
         # Paged K / V: a KV block is pages_per_block TMA boxes of kv_rows rows (config.page_size_ok).
         self.paged = cfg.page_size > 0
         self.kv_rows = min(cfg.page_size, self.tile_n) if self.paged else self.tile_n
@@ -965,24 +967,29 @@ class FlashAttentionForwardSm90:
                     if const_expr(self.cfg.has_left or self.cfg.chunk):
                         for i in cutlass.range(n_lo - n_block_min, unroll=1):
                             kv_state = step(kv_state, n_lo - 1 - i, mask_left=True)
+                    # channel V: O's columns times V's channel scales (no KV block: O is 0)
+                    channel_scales = partial(fp8_scales.channel_scales, tiled_mma_pv, tidx, self.tile_m,
+                                             self.hdimv) if const_expr(self.v_channel) else None
                     if const_expr(overlap):
                         if const_expr(self.separate_o):
                             pipeline_q.consumer_release(q_state)  # every QK^T of the tile is done
-                        kv_state = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
-                                                           pipeline_v=pipeline_v, softmax=softmax,
-                                                           acc_O=acc_O, o_scale=o_scale, fp8_scales=fp8_scales,
-                                                           acc_PV=acc_PV)
+                        kv_state, sv = self.last_block_overlap(kv_state, pv_gemm=pv_gemm,
+                                                               pipeline_v=pipeline_v, softmax=softmax,
+                                                               acc_O=acc_O, o_scale=o_scale, fp8_scales=fp8_scales,
+                                                               acc_PV=acc_PV, channel_scales=channel_scales)
                     else:
+                        # (chain_pv_qk: read while the last PV runs; else it has been waited for)
+                        sv = channel_scales() if const_expr(self.v_channel) else None
                         if const_expr(self.cfg.tile.chain_pv_qk):
                             warpgroup.wait_group(0)  # the last PV
                             release_previous(pipeline_v, kv_state)
                         self.ring.arrive(wg_idx)
                         if const_expr(self.separate_o):
                             pipeline_q.consumer_release(q_state)
+                    if const_expr(self.v_channel):
+                        fp8_scales.scale_channels(acc_O, sv)
                 elif const_expr(self.separate_o):
                     pipeline_q.consumer_release(q_state)  # no KV block: Q is never read
-                if const_expr(self.fp8 and self.cfg.fp8_v_scaling == "channel"):
-                    fp8_scales.scale_channels(acc_O, tiled_mma_pv, tidx, self.tile_m, self.hdimv)
                 release_q = None if const_expr(self.separate_o) else partial(pipeline_q.consumer_release, q_state)
                 if const_expr(self.cfg.split_kv):
                     epilogue.store_split(acc_O, softmax, out, tiled_mma_pv, tidx_mma, m_block, head, batch, split,
@@ -1029,7 +1036,7 @@ class FlashAttentionForwardSm90:
         if const_expr(self.cfg.softcap):
             if const_expr(self.fp8):
                 s_mn = acc_to_mn(acc_S)
-                mult = fp8_scales.row_mult(n_block)
+                mult = fp8_scales.row_mult()
                 for r in cutlass.range_constexpr(cute.size(s_mn.shape[0])):
                     for j in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
                         s_mn[r, j] = cute.math.tanh(s_mn[r, j] * mult[r])
@@ -1047,7 +1054,7 @@ class FlashAttentionForwardSm90:
             mask.apply(acc_S, thr_mma_qk, n_block, mask_seqlen, mask_right, mask_left, thr0_mma_qk)
         row_scale, moved = self.softmax_step(softmax, acc_S, n_block, is_first, fp8_scales, softcap_premul)
         if const_expr(self.fresh_pv):
-            fp8_scales.set_pending_v(n_block)
+            fp8_scales.set_pending_v()
         self.convert_p(acc_S, tOrP)
         return row_scale, moved
 
@@ -1059,7 +1066,7 @@ class FlashAttentionForwardSm90:
         if const_expr(self.fp8):
             if const_expr(self.cfg.softcap):
                 return softmax.step_scaled(acc_S, fp8_scales.uniform_mult(softcap_premul), is_first), None
-            return softmax.step_scaled(acc_S, fp8_scales.row_mult(n_block), is_first), None
+            return softmax.step_scaled(acc_S, fp8_scales.row_mult(), is_first), None
         return softmax.step(acc_S, is_first=is_first)
 
     def convert_p(self, acc_S, tOrP):
@@ -1105,6 +1112,8 @@ class FlashAttentionForwardSm90:
         mask_right: cutlass.Constexpr[bool], mask_left: cutlass.Constexpr[bool], fp8_scales=None, acc_PV=None,
     ):
         chain = self.cfg.tile.chain_pv_qk
+        if const_expr(self.fp8):
+            fp8_scales.fetch(n_block)  # (before the wait: Fp8Scales)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads V too
@@ -1130,6 +1139,8 @@ class FlashAttentionForwardSm90:
     def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
                             thr0_mma_qk, mask, softcap_premul, fp8_scales=None, pipeline_v=None):
         """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
+        if const_expr(self.fp8):
+            fp8_scales.fetch(n_block)  # (before the wait: Fp8Scales)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads V too
@@ -1150,6 +1161,8 @@ class FlashAttentionForwardSm90:
         then the softmax of n_block runs while PV is in flight."""
         v_state = kv_state.clone()
         kv_state.advance()
+        if const_expr(self.fp8):
+            fp8_scales.fetch(n_block)  # (before the wait: the previous block's are used already)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads this block's V too (PV reads the previous one's)
@@ -1175,7 +1188,7 @@ class FlashAttentionForwardSm90:
         if const_expr(self.fresh_pv):
             # the previous block's PV (at its own max, like O) in, before O moves to this block's
             fp8_scales.add_pv(acc_O, acc_PV)
-            fp8_scales.set_pending_v(n_block)
+            fp8_scales.set_pending_v()
         self.convert_p(acc_S, tOrP)
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             o_scale.store(row_scale.load())
@@ -1185,16 +1198,21 @@ class FlashAttentionForwardSm90:
 
     @cute.jit
     def last_block_overlap(self, kv_state, pv_gemm, pipeline_v, softmax, acc_O, o_scale, fp8_scales=None,
-                           acc_PV=None):
+                           acc_PV=None, channel_scales=None):
+        """Overlapped schedule, the tile's last PV. `channel_scales` (channel V: a function
+        returning this thread's V channel scales) is read while the PV runs; returns
+        (kv_state, its result or None)."""
         if const_expr(self.cfg.tile.rescale_o_before_pv):
             softmax.rescale_O(acc_O, o_scale)
         pipeline_v.consumer_wait(kv_state)
-        pv_gemm(kv_state.index, wg_wait=0)
+        pv_gemm(kv_state.index, wg_wait=-1)
+        sv = channel_scales() if const_expr(channel_scales is not None) else None
+        warpgroup.wait_group(0)
         pipeline_v.consumer_release(kv_state)
         if const_expr(self.fresh_pv):
             fp8_scales.add_pv(acc_O, acc_PV)
         kv_state.advance()
-        return kv_state
+        return kv_state, sv
 
     # ------------------------------------------------------------------ compile
     @staticmethod

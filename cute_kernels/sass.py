@@ -111,7 +111,8 @@ def check(sass: str, cfg, res: dict | None = None, allow_local: bool = False) ->
     """Missing required features of the kernel compiled from `cfg` (empty list = ok). A named
     barrier (the forward's pingpong, the backward's dS / dQ hand-offs) is required, but in a
     forward of one consumer warpgroup. The
-    backward's dQ needs a reduction into global memory (DQ_REDUCE). With `res`
+    backward's dQ needs a reduction into global memory (DQ_REDUCE). No global load may sit
+    between a wait and the work it guards (loads_after_waits: its latency adds to the wait's). With `res`
     (`resource_usage`): a setmaxnreg split within the launch's registers (with its REG), and
     unless `allow_local`, no local memory (STACK / LOCAL bytes, spills)."""
     ops = opcode_counts(sass)
@@ -134,6 +135,9 @@ def check(sass: str, cfg, res: dict | None = None, allow_local: bool = False) ->
         missing.append("named BAR with id != 0")
     if serialized_wgmma(sass):
         missing.append("pipelined HGMMA (ptxas serialized them: C7511)")
+    late = loads_after_waits(sass)
+    if late:
+        missing.append(f"no global load between a wait and the work it guards ({len(late)}: {', '.join(late[:4])})")
     return missing
 
 
