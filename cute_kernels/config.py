@@ -71,6 +71,11 @@ class TileConfig:
     # consumer warpgroup take half the SM's shared memory and registers each, so that two tiles'
     # loads are in flight an SM (decoding: a few KV blocks a CTA, latency-bound).
     ctas_per_sm: int = 1
+    # Overlapped schedule: > 0 = where the tile's first block (the last KV block) holds at most
+    # this many keys of the sequence (a multiple of the PV GEMM's k), its QK^T and softmax run
+    # over that many keys only, and P's other columns are zero: seqlen 2048 with 224-key blocks
+    # ends in a block of 32 keys that otherwise costs a whole block's GEMM and exp2s.
+    short_first: int = 0
 
     def __post_init__(self):
         assert self.tile_m in (64, 128, 192), "tile_m = 64 rows per consumer warpgroup (1, 2 or 3 of them)"
@@ -81,6 +86,9 @@ class TileConfig:
         assert not self.diag_half or (halves_into_k_blocks(self.tile_n) and not self.intra_wg_overlap), \
             f"{self}: diag_half needs the plain schedule and tile_n / 2 in whole 16-key k-blocks"
         assert not (self.chain_pv_qk and self.intra_wg_overlap), f"{self}: chain_pv_qk needs the plain schedule"
+        assert not self.short_first or (self.intra_wg_overlap and 0 < self.short_first < self.tile_n
+                                        and self.short_first % 16 == 0), \
+            f"{self}: short_first needs the overlapped schedule and a multiple of 16 keys below tile_n"
 
     @property
     def num_mma_wg(self) -> int:
@@ -467,6 +475,9 @@ class FwdConfig:
             lazy_rescale=8.0 if (hdimv > 128 or hdim == 64 and windowed) and not fp8 else 0.0,
             diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
+            # FP8's 224-key blocks (hdim 128): sequences of 512 / 2k / 4k / 16k keys end in a block
+            # of 64 / 32 / 64 / 32 keys (16-bit tiles of 128 or 64 keys divide them).
+            short_first=64 if fp8 and base.tile_n == 224 else 0,
         )
         if decode:  # one tile a CTA (no persistent grid, no tile counter), DECODE_TILE's Q buffers
             tile = replace(tile, persistent=False, dynamic=False, q_stages=DECODE_TILE.q_stages)
@@ -496,7 +507,8 @@ class FwdConfig:
         t = self.tile
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]
-        switches += [f"{n}={getattr(t, n)}" for n in ("k_release_gate", "q_stages", "o_chunks", "lazy_rescale", "o_split")
+        switches += [f"{n}={getattr(t, n)}" for n in ("k_release_gate", "q_stages", "o_chunks", "lazy_rescale", "o_split",
+                                                      "short_first")
                      if getattr(t, n) != getattr(TileConfig, n)]
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages} "
                 f"{' '.join(switches)} {' '.join(flags)}")

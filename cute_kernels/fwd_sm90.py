@@ -234,14 +234,14 @@ class FlashAttentionForwardSm90:
         if self.v_rows:
             assert cfg.dtype == "e4m3", f"{cfg.short()}: fp8_v_rows is FP8's"
         if self.qv:
-            assert not (cfg.dtype == "e4m3" or t.diag_half or t.chain_pv_qk), \
-                f"{cfg.short()}: qv is 16-bit, on the overlapped or plain schedule without diag_half / chain_pv_qk"
+            assert not (cfg.dtype == "e4m3" or t.diag_half or t.chain_pv_qk or t.short_first), \
+                f"{cfg.short()}: qv is 16-bit, on the overlapped or plain schedule without diag_half / chain_pv_qk / short_first"
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
         if self.fp8:
             k = fp8.K_PER_MMA
-            assert self.hdim % k == 0 and self.hdimv % k == 0 and self.tile_n % k == 0, \
-                f"FP8 WGMMA: hdim, hdim_v and tile_n multiples of {k}"
+            assert self.hdim % k == 0 and self.hdimv % k == 0 and self.tile_n % k == 0 and t.short_first % k == 0, \
+                f"FP8 WGMMA: hdim, hdim_v, tile_n and short_first multiples of {k}"
             assert cfg.fp8_v_scaling in ("block", "channel") and cfg.fp8_block_m > 0
             assert not cfg.fp8_descales or cfg.fp8_v_scaling == "channel", "FA3's descales: channel V"
             assert self.separate_o, "FP8: sO (bf16) does not alias the e4m3 sQ"
@@ -885,26 +885,28 @@ class FlashAttentionForwardSm90:
             gemm(tiled_mma_pv, acc, tOrP, tOrVt[None, None, None, stage], zero_init=self.fresh_pv, wg_wait=wg_wait,
                  k_blocks=k_blocks)
 
-        # diag_half: the same per-block code over the first tile_n / 2 keys (step_plain's `half`):
-        # an N = tile_n / 2 QK^T, its own accumulator and masks' coordinates, the first half of
-        # P (its first k-blocks: P's registers are k-block major) and of PV's k-blocks.
-        half = None
-        if const_expr(self.cfg.tile.diag_half):
-            half_n = self.tile_n // 2
-            tiled_mma_qk_half = self.make_tiled_mma_qk(half_n)
-            wg_mma_qk_half = tiled_mma_qk_half.get_slice(wg_idx * NUM_THREADS_PER_WG)
-            sK_half = cute.logical_divide(sK, (half_n,))[(None, 0), None, None]
-            tSrK_half = wg_mma_qk_half.make_fragment_B(wg_mma_qk_half.partition_B(sK_half))
+        def narrow_block(n: int) -> BlockOperands:
+            """The same per-block code over the block's first n keys: an N = n QK^T, its own
+            accumulator and masks' coordinates, the first n columns of P (its first k-blocks:
+            P's registers are k-block major) and of PV's k-blocks."""
+            tiled_mma_qk_n = self.make_tiled_mma_qk(n)
+            wg_mma_qk_n = tiled_mma_qk_n.get_slice(wg_idx * NUM_THREADS_PER_WG)
+            tSrK_n = wg_mma_qk_n.make_fragment_B(wg_mma_qk_n.partition_B(cute.logical_divide(sK, (n,))[(None, 0), None, None]))
             if const_expr(self.cfg.tile.pin_desc):
-                tSrK_half = pin_smem_desc(tSrK_half)
-            half = BlockOperands(
-                tOrP=cute.make_tensor(tOrP.iterator, cute.make_layout(
-                    wg_mma_pv.partition_shape_A((self.tile_m, half_n)))),
-                thr_mma_qk=tiled_mma_qk_half.get_slice(tidx),
-                thr0_mma_qk=tiled_mma_qk_half.get_slice(0),
-                qk_mma=(tiled_mma_qk_half, tSrK_half, half_n),
-                pv_k_blocks=half_n // 16,
+                tSrK_n = pin_smem_desc(tSrK_n)
+            return BlockOperands(
+                tOrP=cute.make_tensor(tOrP.iterator, cute.make_layout(wg_mma_pv.partition_shape_A((self.tile_m, n)))),
+                thr_mma_qk=tiled_mma_qk_n.get_slice(tidx),
+                thr0_mma_qk=tiled_mma_qk_n.get_slice(0),
+                qk_mma=(tiled_mma_qk_n, tSrK_n, n),
+                pv_k_blocks=n // 16,
             )
+
+        # diag_half: the tile's first block over its first tile_n / 2 keys (step_plain's `half`)
+        half = narrow_block(self.tile_n // 2) if const_expr(self.cfg.tile.diag_half) else None
+        # short_first: the tile's first block over its first short_first keys where the sequence
+        # ends there (first_block_overlap's `short`)
+        short = narrow_block(self.cfg.tile.short_first) if const_expr(self.cfg.tile.short_first) else None
 
         overlap = self.cfg.tile.intra_wg_overlap
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, pipeline_q.num_stages)
@@ -942,11 +944,18 @@ class FlashAttentionForwardSm90:
                     # 1) the last KV block: seqlen + window masks.
                     n_block = n_block_max - 1
                     if const_expr(overlap):
-                        kv_state = self.first_block_overlap(
-                            kv_state, n_block, qk_gemm=qk_gemm_tile, pipeline_k=pipeline_k, softmax=softmax,
-                            tOrP=tOrP, thr_mma_qk=thr_mma_qk, thr0_mma_qk=thr0_mma_qk, mask=mask,
-                            softcap_premul=softcap_premul, fp8_scales=fp8_scales, pipeline_v=pipeline_v,
-                        )
+                        first = partial(
+                            self.first_block_overlap, kv_state, n_block, qk_gemm=qk_gemm_tile, pipeline_k=pipeline_k,
+                            softmax=softmax, mask=mask, softcap_premul=softcap_premul, fp8_scales=fp8_scales,
+                            pipeline_v=pipeline_v)
+                        full = BlockOperands(tOrP, thr_mma_qk, thr0_mma_qk)
+                        if const_expr(short is not None):
+                            if seqlen.seqlen_k - n_block * self.tile_n <= self.cfg.tile.short_first:
+                                kv_state = first(ops=short, p_full=tOrP)
+                            else:
+                                kv_state = first(ops=full)
+                        else:
+                            kv_state = first(ops=full)
                     else:
                         self.ring.sync(wg_idx)
                         kv_state = step(kv_state, n_block, is_first=True, mask_seqlen=True,
@@ -1136,18 +1145,25 @@ class FlashAttentionForwardSm90:
             fp8_scales.add_pv(acc_O, acc_PV)
 
     @cute.jit
-    def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, tOrP, thr_mma_qk,
-                            thr0_mma_qk, mask, softcap_premul, fp8_scales=None, pipeline_v=None):
-        """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later."""
+    def first_block_overlap(self, kv_state, n_block, qk_gemm, pipeline_k, softmax, ops: "BlockOperands", mask,
+                            softcap_premul, fp8_scales=None, pipeline_v=None,
+                            p_full=None):
+        """Overlapped schedule, first block: S = QK^T and softmax only; its PV comes later, over
+        the whole block. `ops` a narrow block's (short_first): the rest of P (`p_full`, the whole
+        block's: its keys past the narrow block's, beyond the sequence) is set to zero for that PV."""
         if const_expr(self.fp8):
             fp8_scales.fetch(n_block)  # (before the wait: Fp8Scales)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.qv):
             pipeline_v.consumer_wait(kv_state)  # S reads V too
-        acc_S = qk_gemm(kv_state.index, wg_wait=0)
+        acc_S = qk_gemm(kv_state.index, wg_wait=0, mma=ops.qk_mma)
         pipeline_k.consumer_release(kv_state)
-        self.softmax_block(acc_S, n_block, softmax, tOrP, thr_mma_qk, thr0_mma_qk, mask, softcap_premul,
+        self.softmax_block(acc_S, n_block, softmax, ops.tOrP, ops.thr_mma_qk, ops.thr0_mma_qk, mask, softcap_premul,
                            True, True, True, True, fp8_scales)
+        if const_expr(p_full is not None):
+            words = cute.recast_tensor(p_full, Int32)  # (P's registers are k-block major)
+            for i in cutlass.range_constexpr(cute.size(ops.tOrP) * p_full.element_type.width // 32, cute.size(words)):
+                words[i] = Int32(0)
         return kv_state
 
     @cute.jit

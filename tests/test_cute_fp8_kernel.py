@@ -5,8 +5,10 @@ P converted without shuffles in the KV loop."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import re
 import tempfile
 
 import pytest
@@ -101,6 +103,44 @@ def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
     interior = min((l[2] for l in loops if l[2]["QGMMA"] > cfg.tile.tile_n // 32), key=lambda c: sum(c.values()))
     assert interior["QGMMA"] == hdim // 32 + cfg.tile.tile_n // 32, interior
     assert interior["SHFL"] <= 4, f"P moved between lanes: {interior['SHFL']} SHFL (the row max takes 4)"
+
+
+@pytest.mark.parametrize("features", [dict(), dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
+                                      dict(softcap=True, split_kv=True, pack_gqa=4)])
+def test_fp8_short_first_compiles(features):
+    """short_first (hdim 128's 224-key tile, by default): the tile's first block has a second
+    QK^T of N = 64 (hdim / 32 QGMMAs of 64x64x32) beside the whole block's; the KV loops are
+    the whole block's (the interior one unchanged), nothing spills."""
+    cfg = FwdConfig.make("e4m3", 128, **features)
+    assert cfg.tile.short_first == 64 and cfg.tile.tile_n == 224
+    text, res = _compile(cfg)
+    assert sass.check(text, cfg, res) == [], cfg.short()
+    gmma = collections.Counter(m.split(".")[1] for m in re.findall(r"QGMMA\.[0-9x]+", text))
+    assert gmma["64x64x32"] == 128 // 32, gmma
+    whole = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=0))
+    text0, _ = _compile(whole)
+    assert "QGMMA.64x64x32" not in text0
+    interior = lambda t: min((c for _, _, c in sass.hgmma_loops(t) if c["QGMMA"] > 224 // 32),  # noqa: E731
+                             key=lambda c: sum(c.values()))
+    main = lambda c: {op: c[op] for op in ("QGMMA", "MUFU", "FFMA", "FADD", "FMNMX", "F2FP", "LDG", "STL")}  # noqa: E731
+    assert main(interior(text)) == main(interior(text0))
+    assert abs(sum(interior(text).values()) - sum(interior(text0).values())) <= 8  # (uniform-register moves)
+
+
+def test_short_first_is_refused_where_it_cannot_run():
+    from cute_kernels.config import TileConfig
+    from cute_kernels.fwd_sm90 import FlashAttentionForwardSm90
+
+    tile = FwdConfig.make("bf16", 128).tile
+    for bad in (dict(short_first=40), dict(short_first=tile.tile_n), dict(short_first=64, intra_wg_overlap=False)):
+        with pytest.raises(AssertionError, match="short_first"):
+            TileConfig(**{**dataclasses.asdict(tile), **bad})
+    fp8 = FwdConfig.make("e4m3", 128)
+    with pytest.raises(AssertionError, match="short_first multiples of 32"):
+        FlashAttentionForwardSm90(dataclasses.replace(fp8, tile=dataclasses.replace(fp8.tile, short_first=48)))
+    # only FP8's 224-key tile by default: the 16-bit tiles (and FP8's others) divide 2^k keys
+    assert all(FwdConfig.make("bf16", d).tile.short_first == 0 for d in (64, 128, 256))
+    assert [FwdConfig.make("e4m3", d).tile.short_first for d in (64, 128, 256)] == [0, 64, 0]
 
 
 INT8_QK_COMPILE = [(128, dict(has_right=True)), (128, dict(fp8_block_m=1)), (64, dict(pack_gqa=4, split_kv=True)),
@@ -670,7 +710,9 @@ def fp8_tolerance(qkv, params, **seqused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (128, 384), (4100, 4100)])
+# (130, 450), (257, 2080): hdim 128's 224-key tile ends in a block of 2 / 64 keys (short_first)
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (128, 384), (4100, 4100),
+                                   (130, 450), (257, 2080)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("v_scaling,d", [("block", 128), ("block", 64), ("channel", 128), ("channel", 256)])
 def test_gpu_fp8_kernel_is_the_emulation(sq, sk, causal, v_scaling, d, monkeypatch):
@@ -693,6 +735,28 @@ def test_gpu_fp8_kernel_is_the_emulation(sq, sk, causal, v_scaling, d, monkeypat
     # through the API (fp8=True on 16-bit tensors quantizes with the kernel's key order first)
     q, k, v = (t.dequantize().to(torch.bfloat16) for t in req.fp8_tensors)
     assert fa3py.attention(q, k, v, fp8=True, causal=causal).isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk,causal", [(1, 1, False), (130, 450, False), (300, 2080, True), (64, 2017, False),
+                                          (2048, 2048, False), (700, 4096, True)])
+def test_gpu_fp8_short_first_equals_the_whole_block(sq, sk, causal, monkeypatch):
+    """short_first (the last KV block's QK^T and softmax over its first 64 keys where the sequence
+    ends there) against the whole block's: the same scores and P, up to the order the row sums
+    add in (a few float32 ulps of the sum; out to a bf16 ulp). sk 2017, 2048, 4096: 1, 32 and 64
+    keys in the last block; 450: 2; 2080: 64."""
+    from cute_kernels import launch
+
+    monkeypatch.setattr(launch, "fp8_enabled", True)
+    req = _fp8_request(2, sq, sk, 4, 2, 128, device="cuda", causal=causal, block_n=224, v_scaling="channel")
+    cfg = launch.fp8_config_for(req)
+    assert cfg.tile.short_first == 64
+    out, lse = launch.run_fp8(req, cfg)
+    out0, lse0 = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=0)))
+    torch.testing.assert_close(lse, lse0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.float(), out0.float(), rtol=2 ** -7, atol=1e-3)
+    out_ref, _, tol_out, _ = fp8_tolerance(req.fp8_tensors, req.params)
+    assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
 
 
 @pytest.mark.gpu

@@ -258,12 +258,34 @@ def test_gpu_chain_pv_qk(hdim, sq, sk, h, hk, wl, wr):
 
 
 @gpu
+@pytest.mark.parametrize("hdim", [64, 128])
+@pytest.mark.parametrize("sq,sk,h,hk,wl,wr", [
+    (512, 520, 4, 2, -1, -1), (300, 700, 4, 2, -1, 0), (700, 130, 4, 2, -1, -1), (113, 203, 4, 2, 37, 11),
+    (799, 3, 4, 4, -1, -1), (64, 577, 8, 2, -1, 0), (1000, 1000, 4, 2, -1, 40)])
+def test_gpu_short_first(hdim, sq, sk, h, hk, wl, wr):
+    """short_first on the 16-bit kernel (FP8's 224-key tile takes it by default): where the tile's
+    first block holds at most 64 keys of the sequence, its QK^T and softmax run over 64 keys and
+    the rest of P is zero; one block, many, windows, a first block cut by a window instead."""
+    q, k, v = qkv(2, sq, sk, h, hk, hdim, hdim, torch.bfloat16)
+    req = make_req(q, k, v, window_left=wl, window_right=wr)
+    check_run(req, _with_tile(req, short_first=64, intra_wg_overlap=True, diag_half=False, chain_pv_qk=False))
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_diag_half_varlen(dtype):
     q, k, v, varlen = packed_qkv([1, 113, 0, 799, 64, 1500, 300], [3, 203, 7, 1024, 0, 1400, 300],
                                   8, 2, 64, dtype)
     req = make_req(q, k, v, window_right=0, **varlen)
     check_run(req, _with_tile(req, intra_wg_overlap=False, diag_half=True))
+
+
+@gpu
+def test_gpu_short_first_varlen():
+    q, k, v, varlen = packed_qkv([1, 113, 0, 799, 64, 1500, 300], [3, 203, 7, 1024, 0, 1400, 300],
+                                  8, 2, 128, torch.bfloat16)
+    req = make_req(q, k, v, **varlen)
+    check_run(req, _with_tile(req, short_first=64, intra_wg_overlap=True, diag_half=False, chain_pv_qk=False))
 
 
 @gpu
