@@ -476,8 +476,9 @@ class FwdConfig:
             diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
             # FP8's 224-key blocks (hdim 128): sequences of 512 / 2k / 4k / 16k keys end in a block
-            # of 64 / 32 / 64 / 32 keys (16-bit tiles of 128 or 64 keys divide them).
-            short_first=64 if fp8 and base.tile_n == 224 else 0,
+            # of 64 / 32 / 64 / 32 keys (16-bit tiles of 128 or 64 keys divide them). Not with a
+            # chunk: causal + chunk with V in rows spills 56 bytes (CPU SASS).
+            short_first=64 if fp8 and base.tile_n == 224 and not features.get("chunk", False) else 0,
         )
         if decode:  # one tile a CTA (no persistent grid, no tile counter), DECODE_TILE's Q buffers
             tile = replace(tile, persistent=False, dynamic=False, q_stages=DECODE_TILE.q_stages)
