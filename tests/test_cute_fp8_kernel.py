@@ -108,11 +108,11 @@ def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
 @pytest.mark.parametrize("features", [dict(), dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
                                       dict(softcap=True, split_kv=True, pack_gqa=4)])
 def test_fp8_short_first_compiles(features):
-    """short_first (hdim 128's 224-key tile, by default): the tile's first block has a second
+    """short_first (hdim 128's 224-key tile): the tile's first block has a second
     QK^T of N = 64 (hdim / 32 QGMMAs of 64x64x32) beside the whole block's; the KV loops are
     the whole block's (the interior one unchanged), nothing spills."""
-    cfg = FwdConfig.make("e4m3", 128, **features)
-    assert cfg.tile.short_first == 64 and cfg.tile.tile_n == 224
+    cfg = FwdConfig.make("e4m3", 128, short_first=64, **features)
+    assert cfg.tile.tile_n == 224
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
     gmma = collections.Counter(m.split(".")[1] for m in re.findall(r"QGMMA\.[0-9x]+", text))
@@ -138,9 +138,12 @@ def test_short_first_is_refused_where_it_cannot_run():
     fp8 = FwdConfig.make("e4m3", 128)
     with pytest.raises(AssertionError, match="short_first multiples of 32"):
         FlashAttentionForwardSm90(dataclasses.replace(fp8, tile=dataclasses.replace(fp8.tile, short_first=48)))
-    # only FP8's 224-key tile by default: the 16-bit tiles (and FP8's others) divide 2^k keys
+    # only FP8's 224-key tile in the table: the 16-bit tiles (and FP8's others) divide 2^k keys
+    from cute_kernels.config import SHORT_FIRST_FP8
+
     assert all(FwdConfig.make("bf16", d).tile.short_first == 0 for d in (64, 128, 256))
-    assert [FwdConfig.make("e4m3", d).tile.short_first for d in (64, 128, 256)] == [0, 64, 0]
+    assert [FwdConfig.make("e4m3", d).tile.short_first for d in (64, 128, 256)] == [0, SHORT_FIRST_FP8, 0]
+    assert FwdConfig.make("e4m3", 128, chunk=True, has_right=True).tile.short_first == 0
 
 
 def test_exp2_fma_arithmetic():
@@ -779,8 +782,8 @@ def test_gpu_fp8_short_first_equals_the_whole_block(sq, sk, causal, monkeypatch)
     monkeypatch.setattr(launch, "fp8_enabled", True)
     req = _fp8_request(2, sq, sk, 4, 2, 128, device="cuda", causal=causal, block_n=224, v_scaling="channel")
     cfg = launch.fp8_config_for(req)
-    assert cfg.tile.short_first == 64
-    out, lse = launch.run_fp8(req, cfg)
+    assert cfg.tile.tile_n == 224
+    out, lse = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=64)))
     out0, lse0 = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=0)))
     torch.testing.assert_close(lse, lse0, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.float(), out0.float(), rtol=2 ** -7, atol=1e-3)
