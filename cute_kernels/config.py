@@ -77,9 +77,6 @@ class TileConfig:
     # over that many keys only, and P's other columns are zero: seqlen 2048 with 224-key blocks
     # ends in a block of 32 keys that otherwise costs a whole block's GEMM and exp2s.
     short_first: int = 0
-    # FP8 > 0: every exp2_fma_every-th exp2 of a thread's row computed on the FMA pipes
-    # (softmax.exp2_fma) instead of MUFU
-    exp2_fma_every: int = 0
 
     def __post_init__(self):
         assert self.tile_m in (64, 128, 192), "tile_m = 64 rows per consumer warpgroup (1, 2 or 3 of them)"
@@ -518,7 +515,7 @@ class FwdConfig:
         switches = [n for n in ("intra_wg_overlap", "persistent", "rescale_o_before_pv", "dynamic", "tma_store",
                                 "diag_half", "chain_pv_qk") if getattr(t, n)]
         switches += [f"{n}={getattr(t, n)}" for n in ("k_release_gate", "q_stages", "o_chunks", "lazy_rescale", "o_split",
-                                                      "short_first", "exp2_fma_every")
+                                                      "short_first")
                      if getattr(t, n) != getattr(TileConfig, n)]
         return (f"{self.dtype} d{self.hdim}x{self.hdimv} tile{t.tile_m}x{t.tile_n}s{t.num_stages} "
                 f"{' '.join(switches)} {' '.join(flags)}")

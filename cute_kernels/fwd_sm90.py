@@ -236,7 +236,6 @@ class FlashAttentionForwardSm90:
         if self.qv:
             assert not (cfg.dtype == "e4m3" or t.diag_half or t.chain_pv_qk or t.short_first), \
                 f"{cfg.short()}: qv is 16-bit, on the overlapped or plain schedule without diag_half / chain_pv_qk / short_first"
-        assert not t.exp2_fma_every or self.fp8, f"{cfg.short()}: exp2_fma_every is FP8's (softmax.step_scaled)"
         self.lpt = cfg.has_right  # tiles get shorter with m_block: longest first
         self.persistent = t.persistent or t.dynamic
         if self.fp8:
@@ -862,8 +861,7 @@ class FlashAttentionForwardSm90:
         tOrP = cute.make_rmem_tensor(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)), self.dtype)
         acc_O = cute.make_rmem_tensor(tiled_mma_pv.partition_shape_C((self.tile_m, self.o_cols)), Float32)
         softmax = OnlineSoftmax.create(scale_log2, cute.size(acc_to_mn(acc_O).shape[0]),
-                                       lazy=self.cfg.tile.lazy_rescale, p_offset=fp8.P_OFFSET if self.fp8 else 0.0,
-                                       exp2_fma_every=self.cfg.tile.exp2_fma_every)
+                                       lazy=self.cfg.tile.lazy_rescale, p_offset=fp8.P_OFFSET if self.fp8 else 0.0)
         # FP8 block V scaling: each block's PV accumulator, added into O times its V scale.
         acc_PV = cute.make_rmem_tensor_like(acc_O, Float32) if const_expr(self.fresh_pv) else None
         # rescale_o_before_pv: the row factors of the last softmax wait here for the next PV issue.

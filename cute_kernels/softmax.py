@@ -9,69 +9,15 @@ bf16/fp16 and (later) FP8, which only differ in how P is converted afterwards.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, const_expr
-from cutlass._mlir.dialects import llvm
-from cutlass.cutlass_dsl import T, dsl_user_op
 
 from cute_kernels.utils import acc_to_mn, quad_allreduce
 
 LN2 = math.log(2.0)
-
-# exp2_fma's polynomial: 2^f on [0, 1) to within 7.5e-5 relative (degree 3, fitted for relative
-# error; FP8 rounds P to e4m3's 2^-4 and the row sums see 1e-4 of P at most)
-EXP2_POLY = (0.9999251365661621, 0.6958339810371399, 0.22606708109378815, 0.07802403718233109)
-
-
-def _f32_hex(x: float) -> str:
-    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-@dsl_user_op
-def exp2_fma(x: Float32, *, loc=None, ip=None) -> Float32:
-    """2^x without MUFU: floor(x) by the magic-number add rounding down, a degree-3 polynomial
-    of the fraction (EXP2_POLY), times 2^floor(x) built as float bits (an integer multiply-add):
-    9 instructions on the FMA / ALU pipes where MUFU.EX2 takes a quarter-rate unit's 8 cycles a
-    warp (16 results a clock an SM). x is clamped at -127 (2^-127 -> exactly 0: a masked -inf
-    score gives 0); NaN stays NaN (max.NaN, and NaN times the scale)."""
-    c0, c1, c2, c3 = (_f32_hex(c) for c in EXP2_POLY)
-    return Float32(llvm.inline_asm(
-        T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)],
-        "{ .reg .f32 xc, t, j, f, p, s; .reg .b32 tb, sb;\n"
-        "max.NaN.f32 xc, $1, 0fC2FE0000;\n"  # -127
-        "add.rm.f32 t, xc, 0f4B400000;\n"  # 1.5 * 2^23 + floor(xc): the low bits hold floor(xc)
-        "sub.f32 j, t, 0f4B400000;\n"
-        "sub.f32 f, xc, j;\n"
-        f"fma.rn.f32 p, f, {c3}, {c2};\n"
-        f"fma.rn.f32 p, p, f, {c1};\n"
-        f"fma.rn.f32 p, p, f, {c0};\n"
-        "mov.b32 tb, t;\n"
-        "mad.lo.u32 sb, tb, 8388608, 1065353216;\n"  # (floor + 127) << 23: the bits of 2^floor
-        "mov.b32 s, sb;\n"
-        "mul.f32 $0, p, s; }",
-        "=f,f", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
-    ))
-
-
-def exp2_fma_reference(x):
-    """exp2_fma's arithmetic in numpy float32 (tests compare it with exp2)."""
-    import numpy as np
-
-    x = np.asarray(x, np.float32)
-    xc = np.where(np.isnan(x), x, np.maximum(x, np.float32(-127.0)))
-    j = np.floor(xc).astype(np.float32)
-    f = (xc - j).astype(np.float32)
-    c0, c1, c2, c3 = (np.float32(c) for c in EXP2_POLY)
-    p = ((c3 * f + c2).astype(np.float32) * f + c1).astype(np.float32)
-    p = (p * f + c0).astype(np.float32)
-    # the scale's bits (floor + 127) << 23: 0.0 at floor -127, 0.5 for NaN's bits (any non-NaN)
-    jj = np.nan_to_num(j, nan=0.0).astype(np.int32)
-    scale = np.where(jj <= -127, np.float32(0.0), np.ldexp(np.float32(1.0), jj).astype(np.float32))
-    return (p * np.where(np.isnan(j), np.float32(0.5), scale)).astype(np.float32)
 
 
 def row_max(s_mn: cute.Tensor, r: int, init) -> Float32:
@@ -97,16 +43,13 @@ class OnlineSoftmax:
     # in scaled log2 units, and P = exp2(s2 - max + p_offset) (fa3py.fp8's 2^8 offset: P in
     # [0, 256] before its e4m3 rounding; the LSE takes it back out).
     p_offset: float = 0.0
-    # FP8 (step_scaled) > 0: every exp2_fma_every-th column of a thread's row by exp2_fma (the
-    # FMA pipes) instead of MUFU.EX2, which FP8's twice-as-fast GEMMs leave as the softmax's bound
-    exp2_fma_every: int = 0
 
     @staticmethod
     def create(scale_log2: Float32, num_rows: cutlass.Constexpr[int], lazy: float = 0.0,
-               p_offset: float = 0.0, exp2_fma_every: int = 0) -> "OnlineSoftmax":
+               p_offset: float = 0.0) -> "OnlineSoftmax":
         row_max = cute.make_rmem_tensor(num_rows, Float32)
         row_sum = cute.make_rmem_tensor(num_rows, Float32)
-        state = OnlineSoftmax(scale_log2, row_max, row_sum, lazy, p_offset, exp2_fma_every)
+        state = OnlineSoftmax(scale_log2, row_max, row_sum, lazy, p_offset)
         state.reset()
         return state
 
@@ -161,16 +104,8 @@ class OnlineSoftmax:
                 m_cur = cute.arch.fmax(m_cur, m_prev)
             self.row_max[r] = m_cur
             m_safe = m_cur if m_cur != -Float32.inf else Float32(0.0)
-            if const_expr(self.exp2_fma_every > 0):
-                k = self.exp2_fma_every
-                off = Float32(self.p_offset) - m_safe
-                for j in cutlass.range_constexpr(cute.size(s_mn.shape[1])):
-                    x = s_mn[r, j] * mult + off
-                    s_mn[r, j] = exp2_fma(x) if const_expr(j % k == k - 1) else cute.math.exp2(x, fastmath=True)
-                p = s_mn[r, None].load()
-            else:
-                p = cute.math.exp2(row * mult + (Float32(self.p_offset) - m_safe), fastmath=True)
-                s_mn[r, None].store(p)
+            p = cute.math.exp2(row * mult + (Float32(self.p_offset) - m_safe), fastmath=True)
+            s_mn[r, None].store(p)
             self._add_row(r, p, m_prev - m_safe, row_scale, is_first)
         return row_scale
 

@@ -146,35 +146,6 @@ def test_short_first_is_refused_where_it_cannot_run():
     assert FwdConfig.make("e4m3", 128, chunk=True, has_right=True).tile.short_first == 0
 
 
-def test_exp2_fma_arithmetic():
-    """exp2_fma's arithmetic (its float32 reference): 2^x to 7.5e-5 relative down to 2^-126,
-    exactly 0 from -127 down (a masked -inf score), NaN kept."""
-    import numpy as np
-
-    from cute_kernels.softmax import exp2_fma_reference
-
-    x = np.random.default_rng(0).uniform(-126, 8.5, 200_000).astype(np.float32)
-    x = np.concatenate([x, np.arange(-126, 9, dtype=np.float32)])
-    rel = exp2_fma_reference(x) / np.exp2(x.astype(np.float64)) - 1
-    assert np.abs(rel).max() < 7.6e-5
-    edge = exp2_fma_reference(np.array([-np.inf, -127.0, -1e30, np.nan], np.float32))
-    assert (edge[:3] == 0).all() and np.isnan(edge[3])
-
-
-@pytest.mark.parametrize("every", [4, 8])
-def test_fp8_exp2_fma_compiles(every):
-    """exp2_fma_every: the interior KV loop's MUFU.EX2s drop by a row's columns / every (hdim
-    128's 224 keys: 112 exp2s a thread), the rest on the FMA pipes; nothing spills."""
-    cfg = FwdConfig.make("e4m3", 128)
-    fma = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, exp2_fma_every=every))
-    interior = lambda t: min((c for _, _, c in sass.hgmma_loops(t) if c["QGMMA"] > 224 // 32),  # noqa: E731
-                             key=lambda c: sum(c.values()))
-    text0, _ = _compile(cfg)
-    text, res = _compile(fma)
-    assert sass.check(text, fma, res) == [], fma.short()
-    assert interior(text0)["MUFU"] - interior(text)["MUFU"] == 112 // every
-
-
 INT8_QK_COMPILE = [(128, dict(has_right=True)), (128, dict(fp8_block_m=1)), (64, dict(pack_gqa=4, split_kv=True)),
                    (256, dict(softcap=True)), (192, dict(hdimv=128, has_left=True, has_right=True))]
 
@@ -789,24 +760,6 @@ def test_gpu_fp8_short_first_equals_the_whole_block(sq, sk, causal, monkeypatch)
     torch.testing.assert_close(out.float(), out0.float(), rtol=2 ** -7, atol=1e-3)
     out_ref, _, tol_out, _ = fp8_tolerance(req.fp8_tensors, req.params)
     assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("sq,sk,causal", [(113, 203, False), (300, 2080, True), (1023, 1024, False)])
-def test_gpu_fp8_exp2_fma(sq, sk, causal, monkeypatch):
-    """exp2_fma_every (a quarter of the exp2s on the FMA pipes) against the emulation, and its
-    polynomial's P within 1e-4 of MUFU's (out and LSE against the MUFU config)."""
-    from cute_kernels import launch
-
-    monkeypatch.setattr(launch, "fp8_enabled", True)
-    req = _fp8_request(2, sq, sk, 4, 2, 128, device="cuda", causal=causal, block_n=224, v_scaling="channel")
-    cfg = launch.fp8_config_for(req)
-    out, lse = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, exp2_fma_every=4)))
-    out0, lse0 = launch.run_fp8(req, cfg)
-    out_ref, lse_ref, tol_out, tol_lse = fp8_tolerance(req.fp8_tensors, req.params)
-    assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
-    assert float((lse - lse_ref).abs().max()) <= tol_lse
-    torch.testing.assert_close(lse, lse0, rtol=0, atol=1e-4)
 
 
 @pytest.mark.gpu
