@@ -105,9 +105,9 @@ def halves_into_k_blocks(tile_n: int) -> bool:
     return tile_n % 32 == 0
 
 
-# TileConfig.short_first of FP8's 224-key tile in the default table (FA3PY_CUTE_SHORT_FIRST=64:
-# on; compiled and CPU-tested, not yet run on a GPU)
-SHORT_FIRST_FP8 = int(os.environ.get("FA3PY_CUTE_SHORT_FIRST", "0"))
+# TileConfig.short_first of FP8's 224-key tile in the default table (FA3PY_CUTE_SHORT_FIRST=0:
+# off, for A/B runs)
+SHORT_FIRST_FP8 = int(os.environ.get("FA3PY_CUTE_SHORT_FIRST", "64"))
 
 # setmaxnreg split per consumer warpgroup count (producer, consumer): FA3 uses 24/240 for two
 # and 32/160 for three; 24/160 leaves 8 registers a thread of the pool unused (check_reg_split).
@@ -481,10 +481,15 @@ class FwdConfig:
             diag_half=plain,  # hdim64 512 0.231 -> 0.227 (log §13, results/2026-12-02_h200_751a43e)
             chain_pv_qk=plain,  # hdim64 512 0.228 -> 0.217 (log §14, results/2026-12-02_h200_11e42f8)
             # FP8's 224-key blocks (hdim 128): sequences of 512 / 2k / 4k / 16k keys end in a block
-            # of 64 / 32 / 64 / 32 keys (16-bit tiles of 128 or 64 keys divide them). Not with a
-            # chunk: causal + chunk with V in rows spills 56 bytes (CPU SASS). SHORT_FIRST_FP8 keys
-            # (0 until timed on a GPU: off).
-            short_first=SHORT_FIRST_FP8 if fp8 and base.tile_n == 224 and not features.get("chunk", False) else 0,
+            # of 64 / 32 / 64 / 32 keys (16-bit tiles of 128 or 64 keys divide them). H100, CUDA
+            # graphs, one process: non-causal 512 / 2k / 4k / 16k 478 -> 567 / 786 -> 836 / 866 ->
+            # 896 / 913 -> 922 TFLOP/s, causal 512 +2%, 2k level; 128 keys: 1k 697 -> 742, the
+            # rest below 64's (results/2026-12-06_h100_short_first). Not with V in rows (FA3's
+            # inputs, fp8_v_rows): 2k / 4k / 16k 732 -> 719 / 792 -> 765 / 813 -> 773 (its
+            # transposing warps' code beside it), nor a chunk (causal + chunk in rows spills 56
+            # bytes, CPU SASS).
+            short_first=SHORT_FIRST_FP8 if (fp8 and base.tile_n == 224 and not features.get("chunk", False)
+                                            and not features.get("fp8_v_rows", False)) else 0,
         )
         if decode:  # one tile a CTA (no persistent grid, no tile counter), DECODE_TILE's Q buffers
             tile = replace(tile, persistent=False, dynamic=False, q_stages=DECODE_TILE.q_stages)

@@ -19,7 +19,7 @@ os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 from cute_kernels import sass  # noqa: E402
 from cute_kernels.config import FwdConfig  # noqa: E402
-from tests._util import fp8_emulated_pair  # noqa: E402
+from tests._util import fp8_emulated_pair, p_flip_bound  # noqa: E402
 from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (a fixture, by name)
 
 
@@ -144,6 +144,7 @@ def test_short_first_is_refused_where_it_cannot_run():
     assert all(FwdConfig.make("bf16", d).tile.short_first == 0 for d in (64, 128, 256))
     assert [FwdConfig.make("e4m3", d).tile.short_first for d in (64, 128, 256)] == [0, SHORT_FIRST_FP8, 0]
     assert FwdConfig.make("e4m3", 128, chunk=True, has_right=True).tile.short_first == 0
+    assert FwdConfig.make("e4m3", 128, fp8_v_rows=True, fp8_descales=True).tile.short_first == 0  # (slower there)
 
 
 INT8_QK_COMPILE = [(128, dict(has_right=True)), (128, dict(fp8_block_m=1)), (64, dict(pack_gqa=4, split_kv=True)),
@@ -567,7 +568,10 @@ def test_fa3_direct_host_path_on_the_emulated_kernel(case, monkeypatch):
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
     cfg_rows = launch.fp8_config_for(req)
     assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales
-    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_descales=False, fp8_vt_pairs=False) == cfg
+    # the same kernel config but for V's path (and short_first, off with V in rows: config.py)
+    assert cfg_rows.tile.short_first == 0
+    assert dataclasses.replace(cfg_rows, fp8_v_rows=False, fp8_descales=False, fp8_vt_pairs=False,
+                               tile=dataclasses.replace(cfg_rows.tile, short_first=cfg.tile.short_first)) == cfg
     assert cfg_rows.fp8_vt_pairs == (req.headdim_v > 128)  # the transposer's pairs: the default rule
     out, lse, seen = _run_fp8_recording_v(req, cfg_rows, monkeypatch)
     assert seen
@@ -701,13 +705,17 @@ def test_transpose_v_is_one_copy_in_the_pv_key_order():
 def fp8_tolerance(qkv, params, **seqused):
     """(emulated out, lse, out tolerance, lse tolerance). The kernel computes the emulation's
     arithmetic except in how the tensor cores accumulate (order and, for FP8, precision) and in
-    exp2 / log2 (MUFU approximations, ~2^-22 relative). The bound: twice the difference between
-    the emulation and the emulation with its GEMMs accumulated as the FP8 tensor cores do
-    (tests/_util.py's fp8_mma_model), plus one bf16 rounding of the output (both round to bf16),
-    plus 1e-5 on the LSE for the approximations."""
+    exp2 / log2 (MUFU approximations, ~2^-22 relative; its exp2 argument one FMA). The bound:
+    twice the difference between the emulation and the emulation with its GEMMs accumulated as
+    the FP8 tensor cores do (tests/_util.py's fp8_mma_model), plus one bf16 rounding of the
+    output (both round to bf16), plus what P's e4m3 codes that sit at a rounding boundary may
+    move (tests/_util.py's p_flip_bound: hdim 256 with 450 keys took one such code, 0.0156
+    against a bound of 0.0126 without it), plus 1e-5 on the LSE for the approximations."""
     (out, lse), (out_m, lse_m) = fp8_emulated_pair(qkv, params, torch.bfloat16, **seqused)
     finite = torch.isfinite(lse)
-    tol_out = 2 * float((out_m.float() - out.float()).abs().max()) + 2.0**-8 * float(out.float().abs().max())
+    flips = p_flip_bound(qkv, params, **seqused)
+    tol_out = 2 * float((out_m.float() - out.float()).abs().max()) + 2.0**-8 * float(out.float().abs().max()) \
+        + float(flips.nan_to_num().max())
     tol_lse = 2 * float((lse_m - lse)[finite].abs().max()) + 1e-5
     return out, lse, tol_out, tol_lse
 
