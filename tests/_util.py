@@ -147,6 +147,35 @@ def fp8_mma_model(a, b):
     return acc
 
 
+# How far (relative) a kernel's P may stand from the emulation's before its e4m3 rounding: the
+# kernel's exp2 argument is one FMA of the raw score (the emulation rounds the scaled score, then
+# subtracts the max), and MUFU.EX2 approximates: a few float32 ulps of arguments up to ~2^7,
+# times ln 2; 2^-16 covers them with room.
+P_REL_DRIFT = 2.0**-16
+
+
+def p_flip_bound(qkv, params, **kw):
+    """A bound on how far a kernel's output may move because some P lies so close to an e4m3
+    rounding boundary that the kernel rounds it to the neighbouring code (its P within
+    P_REL_DRIFT of the emulation's): fa3py.fp8.emulate.attention with each such P replaced by
+    the gap between its two codes (others by 0) and V by |V|, so that its output is, per element,
+    the sum of those gaps times |v| over the row sum, scaled as O is. float32."""
+    import pytest
+
+    from fa3py.fp8 import emulate
+
+    round_p = emulate.round_p
+
+    def gaps(p):
+        return round_p(p * (1 + P_REL_DRIFT)) - round_p(p * (1 - P_REL_DRIFT))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(emulate, "round_p", gaps)
+        m.setattr(emulate, "gemm_pv", lambda p, v: torch.matmul(p, v.abs()))
+        out, _ = emulate.attention(qkv, params, torch.float32, **kw)
+    return out
+
+
 def fp8_emulated_pair(qkv, params, out_dtype, **kw):
     """fa3py.fp8.emulate.attention of `qkv` twice: exact fp32 GEMMs, and the FP8 GEMMs accumulated
     as `fp8_mma_model` (int8 Q K^T, qk_int8, accumulates exactly in int32: kept exact). Their

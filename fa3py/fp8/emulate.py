@@ -71,6 +71,12 @@ gemm_qk = torch.matmul
 gemm_pv = torch.matmul
 
 
+def round_p(p: torch.Tensor) -> torch.Tensor:
+    """P (float32, in [0, 2^8]) to its e4m3 values, the PV GEMM's operand; named apart so that tests
+    can model where a kernel's P rounds to the neighbouring code (tests/_util.py p_flip_bound)."""
+    return p.to(E4M3).float()
+
+
 def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, descending: bool):
     """`attention` of batched operands, every sequence its whole length."""
     q, k, v = qkv
@@ -112,7 +118,7 @@ def _attention(qkv: Fp8QKV, params: AttentionParams, out_dtype: torch.dtype, des
         p = torch.exp2(s2 - m_safe.unsqueeze(-1) + P_OFFSET)  # in [0, 2^8]
         corr = torch.exp2(m - m_safe)
         row_sum = row_sum * corr + p.sum(dim=-1)  # of P before its rounding, as FA3
-        pv = gemm_pv(p.to(E4M3).float(), vf[:, :, j0:j1])  # O_j = P8 V8, a fresh accumulator
+        pv = gemm_pv(round_p(p), vf[:, :, j0:j1])  # O_j = P8 V8, a fresh accumulator
         if fmt.v_scaling == "block":
             acc = acc * corr.unsqueeze(-1) + pv * sv[:, :, j, None, None]
         else:
