@@ -32,7 +32,10 @@ Named barriers (NamedBarrierFwd):
 Intra-warpgroup overlap: the consumer issues QK^T for block n and PV for block n+1 (already
 softmaxed) back to back, then does the softmax of block n while PV runs. Without it (the plain
 schedule) and with diag_half, a warpgroup whose rows see none of the first block's second half
-(the causal diagonal) runs that block over its first tile_n / 2 keys only. With lazy_rescale a
+(the causal diagonal) runs that block over its first tile_n / 2 keys only. With short_first, a
+tile whose first block (the sequence's last) holds at most short_first keys runs that block's
+QK^T and softmax over short_first keys and zeroes the rest of P (first_block_overlap; its PV, in
+the next step, is the whole block's). With lazy_rescale a
 row keeps its reference max until the running max outgrows it by 2^lazy_rescale, and a warp
 skips O's rescale when none of its rows moved (softmax.OnlineSoftmax).
 
@@ -45,8 +48,8 @@ keeps its row max in scaled log2 units (OnlineSoftmax.step_scaled) with P's 2^8 
 block V scaling each block's PV goes into a fresh accumulator added into O times the block's
 V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
 columns scaled in the epilogue (their scales read while the last PV runs); a block's K (and
-block V) scale is read before its K wait (fp8.Fp8Scales.fetch), not in the softmax; O is bf16. Softcap puts the block's multiplier inside the tanh
-(score_mod) and softcap*log2(e) after it; GQA-packed rows read their own query head's Q scale;
+block V) scale is read before its K wait (fp8.Fp8Scales.fetch), not in the softmax; O is bf16.
+Softcap puts the block's multiplier inside the tanh (score_mod) and softcap*log2(e) after it; GQA-packed rows read their own query head's Q scale;
 split-KV writes the same float32 partials as 16-bit; packed sequences (cu_seqlens) find their
 scale columns and their 16-aligned V^T columns from cu_seqlens and the batch index
 (fp8.Fp8Scales.create, fp8.vt_column).
