@@ -209,6 +209,33 @@ def test_fp8_causal_epilogue_and_grid(hdim):
         assert FwdConfig.make("bf16", d, has_right=True, long_causal=True) == FwdConfig.make("bf16", d, has_right=True)
 
 
+@pytest.mark.parametrize("d,causal", [(256, False), (128, True)])
+def test_p_flip_bound_covers_flipped_codes(d, causal):
+    """p_flip_bound against the emulation with every P that sits within P_REL_DRIFT of an e4m3
+    rounding boundary rounded to its other code (what a kernel may do to any of them): the
+    output moves by no more than the bound (up to float32 sums), and by something (the bound is
+    not vacuous on these sizes)."""
+    from fa3py.fp8 import emulate
+    from tests._util import P_REL_DRIFT
+
+    req = _fp8_request(2, 130, 450, 4, 2, d, causal=causal, block_n=224 if d == 128 else 128, v_scaling="channel")
+    qkv, params = req.fp8_tensors, req.params
+    out, _ = emulate.attention(qkv, params, torch.float32)
+    round_p = emulate.round_p
+
+    def flipped(p):
+        lo, hi, mid = round_p(p * (1 - P_REL_DRIFT)), round_p(p * (1 + P_REL_DRIFT)), round_p(p)
+        return torch.where(lo != hi, torch.where(mid == lo, hi, lo), mid)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(emulate, "round_p", flipped)
+        out_f, _ = emulate.attention(qkv, params, torch.float32)
+    moved = (out_f - out).abs()
+    bound = p_flip_bound(qkv, params)
+    assert float(moved.max()) > 0
+    assert bool((moved <= bound * (1 + 1e-4) + 1e-7).all()), float((moved - bound).max())
+
+
 def test_p_offset_matches_the_format():
     from cute_kernels import fp8
     from fa3py.fp8 import P_OFFSET
