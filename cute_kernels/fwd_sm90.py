@@ -927,7 +927,7 @@ class FlashAttentionForwardSm90:
                     *scales, scale_log2, self.cfg.fp8_block_m, self.tile_m, self.tile_n, thr_mma_qk, m_block, head,
                     batch, seqlen, self.cfg.pack_gqa, packed_q=self.cfg.cu_seqlens_q,
                     packed_k=self.cfg.cu_seqlens_k, ragged_q=self.cfg.cu_seqlens_q or self.cfg.seqused_q,
-                    v_channel=self.cfg.fp8_v_scaling == "channel", descales=self.cfg.fp8_descales)
+                    v_channel=self.v_channel, descales=self.cfg.fp8_descales)
             qk_gemm_tile = partial(qk_gemm, self.q_stage_frag(tSrQ, q_state))
             step = partial(
                 self.step_overlap if const_expr(overlap) else self.step_plain,

@@ -214,25 +214,24 @@ def loads_after_waits(sass: str) -> list[str]:
     first; between a stage wait (SYNCS.PHASECHK) and the TMA load it guards (UTMALDG), unless
     another wait comes first. Linear SASS order. Each as "WAIT@addr: LDG@addr"."""
     ins = instructions(sass)
-    op = opcode
+    ops = [opcode(t) for _, t in ins]  # once per instruction (every compile test's check runs this)
     found = []
-    for i, (addr, text) in enumerate(ins):
-        if op(text).startswith("WARPGROUP.DEPBAR"):
+    for i, (addr, o) in enumerate(zip((a for a, _ in ins), ops)):
+        if o.startswith("WARPGROUP.DEPBAR"):
             ends, stops = ("MUFU.EX2", "STSM"), ("WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "EXIT")
-        elif op(text).startswith("SYNCS.PHASECHK"):
+        elif o.startswith("SYNCS.PHASECHK"):
             ends, stops = ("UTMALDG",), ("SYNCS.PHASECHK", "EXIT")
         else:
             continue
         loads = []
-        for a, t in ins[i + 1:]:
-            o = op(t)
-            if o.startswith(ends):
-                found += [f"{op(text)}@{addr:#x}: LDG@{la:#x}" for la in loads]
+        for j in range(i + 1, len(ins)):
+            if ops[j].startswith(ends):
+                found += [f"{o}@{addr:#x}: LDG@{la:#x}" for la in loads]
                 break
-            if o.startswith(stops):
+            if ops[j].startswith(stops):
                 break
-            if o.startswith("LDG"):
-                loads.append(a)
+            if ops[j].startswith("LDG"):
+                loads.append(ins[j][0])
     return found
 
 
