@@ -108,6 +108,18 @@ def halves_into_k_blocks(tile_n: int) -> bool:
 # TileConfig.short_first of FP8's 224-key tile in the default table (FA3PY_CUTE_SHORT_FIRST=0:
 # off, for A/B runs)
 SHORT_FIRST_FP8 = int(os.environ.get("FA3PY_CUTE_SHORT_FIRST", "64"))
+# The wider short_first where every sequence's last block holds 65-128 keys (224-key blocks: 1k /
+# 8k keys); 64's kernel stays the default, faster where the last block holds at most 64 keys.
+SHORT_FIRST_WIDE = 128
+
+
+def short_first_width(tile: TileConfig, seqlen_k: int) -> int:
+    """tile.short_first for a call whose sequences all hold seqlen_k keys (0: lengths vary, or
+    unknown): SHORT_FIRST_WIDE where the last block's keys lie past tile.short_first and within
+    it, else tile.short_first (a kernel with short_first on and no short block runs as without)."""
+    tail = seqlen_k % tile.tile_n
+    wide = tile.short_first and tile.short_first < tail <= SHORT_FIRST_WIDE < tile.tile_n
+    return SHORT_FIRST_WIDE if wide else tile.short_first
 
 # setmaxnreg split per consumer warpgroup count (producer, consumer): FA3 uses 24/240 for two
 # and 32/160 for three; 24/160 leaves 8 registers a thread of the pool unused (check_reg_split).
@@ -484,7 +496,8 @@ class FwdConfig:
             # of 64 / 32 / 64 / 32 keys (16-bit tiles of 128 or 64 keys divide them). H100, CUDA
             # graphs, one process: non-causal 512 / 2k / 4k / 16k 478 -> 567 / 786 -> 836 / 866 ->
             # 896 / 913 -> 922 TFLOP/s, causal 512 +2%, 2k level; 128 keys: 1k 697 -> 742, the
-            # rest below 64's (results/2026-12-06_h100_short_first). Not with V in rows (FA3's
+            # rest below 64's (results/2026-12-06_h100_short_first): launch.config_for takes 128
+            # where every sequence ends in 65-128 keys (short_first_width). Not with V in rows (FA3's
             # inputs, fp8_v_rows): 2k / 4k / 16k 732 -> 719 / 792 -> 765 / 813 -> 773 (its
             # transposing warps' code beside it), nor a chunk (causal + chunk in rows spills 56
             # bytes, CPU SASS).

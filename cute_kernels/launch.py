@@ -33,7 +33,8 @@ import torch
 from cute_kernels import disk_cache
 from cute_kernels.config import (DECODE_TILE, PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig,
                                  decode_tile_ok, is_long_causal, is_medium, is_short,
-                                 num_splits_for, pack_gqa_factor, padded_hdim, padded_hdim_v, page_size_ok)
+                                 num_splits_for, pack_gqa_factor, padded_hdim, padded_hdim_v, page_size_ok,
+                                 short_first_width)
 
 if TYPE_CHECKING:
     from fa3py.request import AttentionRequest
@@ -109,6 +110,10 @@ def config_for(req: "AttentionRequest", dtype: Optional[str] = None, **format_fi
         # without splits, and the table tile keeps it)
         return make(split_kv=True, decode=True)
     cfg = make(split_kv=False)
+    width = short_first_width(cfg.tile, 0 if req.packed_k or req.paged or req.seqused_k is not None else seqlen_k)
+    if width != cfg.tile.short_first:  # (every sequence ends in a block of 65-128 keys: config.py)
+        make = functools.partial(make, short_first=width)
+        cfg = make(split_kv=False)
     if cfg.tile.dynamic and decode_static and seqlen_q * pack <= cfg.tile.tile_m:
         # One query tile per (batch, head), as in decoding: every CTA takes one tile and every
         # tile is the same length, so the dynamic scheduler's counter (a memset node in a CUDA

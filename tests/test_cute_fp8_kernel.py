@@ -18,7 +18,7 @@ cutlass = pytest.importorskip("cutlass")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 from cute_kernels import sass  # noqa: E402
-from cute_kernels.config import FwdConfig  # noqa: E402
+from cute_kernels.config import SHORT_FIRST_FP8, FwdConfig  # noqa: E402
 from tests._util import fp8_emulated_pair, p_flip_bound  # noqa: E402
 from tests.cute_emulation import emulated_sm90  # noqa: E402,F401  (a fixture, by name)
 
@@ -105,21 +105,22 @@ def test_fp8_compiles_to_qgmma_without_spills(hdim, v_scaling, features):
     assert interior["SHFL"] <= 4, f"P moved between lanes: {interior['SHFL']} SHFL (the row max takes 4)"
 
 
-@pytest.mark.parametrize("features", [dict(), dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True),
-                                      dict(softcap=True, split_kv=True, pack_gqa=4)])
-def test_fp8_short_first_compiles(features):
+@pytest.mark.parametrize("width,features", [(64, dict()), (64, dict(has_right=True, cu_seqlens_q=True, cu_seqlens_k=True)),
+                                            (64, dict(softcap=True, split_kv=True, pack_gqa=4)),
+                                            (128, dict()), (128, dict(has_right=True, split_kv=True))])
+def test_fp8_short_first_compiles(width, features):
     """short_first (hdim 128's 224-key tile): the tile's first block has a second
-    QK^T of N = 64 (hdim / 32 QGMMAs of 64x64x32) beside the whole block's; the KV loops are
-    the whole block's (the interior one unchanged), nothing spills."""
-    cfg = FwdConfig.make("e4m3", 128, short_first=64, **features)
+    QK^T of N = width (hdim / 32 QGMMAs of 64 x width x 32) beside the whole block's; the KV
+    loops are the whole block's (the interior one unchanged), nothing spills."""
+    cfg = FwdConfig.make("e4m3", 128, short_first=width, **features)
     assert cfg.tile.tile_n == 224
     text, res = _compile(cfg)
     assert sass.check(text, cfg, res) == [], cfg.short()
-    gmma = collections.Counter(m.split(".")[1] for m in re.findall(r"QGMMA\.[0-9x]+", text))
-    assert gmma["64x64x32"] == 128 // 32, gmma
+    shapes = lambda t: collections.Counter(m.split(".")[1] for m in re.findall(r"QGMMA\.[0-9x]+", t))  # noqa: E731
     whole = dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=0))
     text0, _ = _compile(whole)
-    assert "QGMMA.64x64x32" not in text0
+    extra = shapes(text) - shapes(text0)  # (64 x 128 x 32 is PV's shape too)
+    assert extra == collections.Counter({f"64x{width}x32": 128 // 32}), (extra, shapes(text))
     interior = lambda t: min((c for _, _, c in sass.hgmma_loops(t) if c["QGMMA"] > 224 // 32),  # noqa: E731
                              key=lambda c: sum(c.values()))
     main = lambda c: {op: c[op] for op in ("QGMMA", "MUFU", "FFMA", "FADD", "FMNMX", "F2FP", "LDG", "STL")}  # noqa: E731
@@ -139,12 +140,30 @@ def test_short_first_is_refused_where_it_cannot_run():
     with pytest.raises(AssertionError, match="short_first multiples of 32"):
         FlashAttentionForwardSm90(dataclasses.replace(fp8, tile=dataclasses.replace(fp8.tile, short_first=48)))
     # only FP8's 224-key tile in the table: the 16-bit tiles (and FP8's others) divide 2^k keys
-    from cute_kernels.config import SHORT_FIRST_FP8
-
     assert all(FwdConfig.make("bf16", d).tile.short_first == 0 for d in (64, 128, 256))
     assert [FwdConfig.make("e4m3", d).tile.short_first for d in (64, 128, 256)] == [0, SHORT_FIRST_FP8, 0]
     assert FwdConfig.make("e4m3", 128, chunk=True, has_right=True).tile.short_first == 0
     assert FwdConfig.make("e4m3", 128, fp8_v_rows=True, fp8_descales=True).tile.short_first == 0  # (slower there)
+
+
+@pytest.mark.skipif(SHORT_FIRST_FP8 != 64, reason="FA3PY_CUTE_SHORT_FIRST changes the table's width")
+def test_short_first_width_follows_the_last_block():
+    """launch.config_for widens short_first to 128 keys where every sequence's last 224-key
+    block holds 65-128 keys (1k / 8k keys), keeps 64 elsewhere, and where lengths vary (varlen,
+    seqused_k) or the sequence ends on a block."""
+    from cute_kernels import launch
+    from cute_kernels.config import short_first_width
+
+    for sk, width in [(512, 64), (1024, 128), (2048, 64), (8192, 128), (300, 128), (288, 64), (289, 128),
+                      (352, 128), (353, 64), (448, 64), (450, 64), (16384, 64)]:
+        req = _fp8_request(1, 64, sk, 2, 2, 128, block_n=224, v_scaling="channel")
+        assert launch.fp8_config_for(req).tile.short_first == width, sk
+    ragged = _fp8_request(1, 64, 1024, 2, 2, 128, block_n=224, v_scaling="channel",
+                          seqused_k=torch.tensor([1000], dtype=torch.int32))
+    assert launch.fp8_config_for(ragged).tile.short_first == 64
+    tile = FwdConfig.make("e4m3", 128).tile
+    assert short_first_width(tile, 0) == 64 and short_first_width(dataclasses.replace(tile, short_first=0), 1024) == 0
+    assert short_first_width(FwdConfig.make("bf16", 128).tile, 1000) == 0
 
 
 INT8_QK_COMPILE = [(128, dict(has_right=True)), (128, dict(fp8_block_m=1)), (64, dict(pack_gqa=4, split_kv=True)),
@@ -776,21 +795,24 @@ def test_gpu_fp8_kernel_is_the_emulation(sq, sk, causal, v_scaling, d, monkeypat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sq,sk,causal", [(1, 1, False), (130, 450, False), (300, 2080, True), (64, 2017, False),
-                                          (2048, 2048, False), (700, 4096, True)])
-def test_gpu_fp8_short_first_equals_the_whole_block(sq, sk, causal, monkeypatch):
-    """short_first (the last KV block's QK^T and softmax over its first 64 keys where the sequence
-    ends there) against the whole block's: the same scores, P and row sums (the whole block's
-    other columns are exact zeros added last), so bitwise the same out and LSE (as the H100 A/B
-    of results/2026-12-06_h100_short_first found for out at every grid point). sk 2017, 2048,
-    4096: 1, 32 and 64 keys in the last block; 450: 2; 2080: 64."""
+@pytest.mark.parametrize("sq,sk,causal,width", [
+    (1, 1, False, 64), (130, 450, False, 64), (300, 2080, True, 64), (64, 2017, False, 64), (2048, 2048, False, 64),
+    (700, 4096, True, 64), (1, 1, False, 128), (130, 300, False, 128), (1024, 1024, True, 128),
+    (257, 2115, False, 128), (2, 8192, False, 128)])
+def test_gpu_fp8_short_first_equals_the_whole_block(sq, sk, causal, width, monkeypatch):
+    """short_first (the last KV block's QK^T and softmax over its first `width` keys where the
+    sequence ends there) against the whole block's: the same scores, P and row sums (the whole
+    block's other columns are exact zeros added last), so bitwise the same out and LSE (as the
+    H100 A/B of results/2026-12-06_h100_short_first found for out at every grid point). sk 2017,
+    2048, 4096: 1, 32 and 64 keys in the last block; 450: 2; 2080: 64; 300: 76; 1024, 8192: 128;
+    2115: 99."""
     from cute_kernels import launch
 
     monkeypatch.setattr(launch, "fp8_enabled", True)
     req = _fp8_request(2, sq, sk, 4, 2, 128, device="cuda", causal=causal, block_n=224, v_scaling="channel")
     cfg = launch.fp8_config_for(req)
     assert cfg.tile.tile_n == 224
-    out, lse = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=64)))
+    out, lse = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=width)))
     out0, lse0 = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=0)))
     assert torch.equal(lse, lse0) and torch.equal(out, out0)
     out_ref, _, tol_out, _ = fp8_tolerance(req.fp8_tensors, req.params)
