@@ -805,16 +805,25 @@ def test_gpu_fp8_short_first_equals_the_whole_block(sq, sk, causal, width, monke
     block's other columns are exact zeros added last), so bitwise the same out and LSE (as the
     H100 A/B of results/2026-12-06_h100_short_first found for out at every grid point). sk 2017,
     2048, 4096: 1, 32 and 64 keys in the last block; 450: 2; 2080: 64; 300: 76; 1024, 8192: 128;
-    2115: 99."""
+    2115: 99. Split-KV where the grid is small (2 x 8192: the last split holds the short block);
+    against the emulation without splits (each split rounds its P against its own running max,
+    which the emulation does not model)."""
     from cute_kernels import launch
 
     monkeypatch.setattr(launch, "fp8_enabled", True)
     req = _fp8_request(2, sq, sk, 4, 2, 128, device="cuda", causal=causal, block_n=224, v_scaling="channel")
     cfg = launch.fp8_config_for(req)
     assert cfg.tile.tile_n == 224
-    out, lse = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=width)))
-    out0, lse0 = launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=0)))
+
+    def run(width):
+        return launch.run_fp8(req, dataclasses.replace(cfg, tile=dataclasses.replace(cfg.tile, short_first=width)))
+
+    (out, lse), (out0, lse0) = run(width), run(0)
     assert torch.equal(lse, lse0) and torch.equal(out, out0)
+    monkeypatch.setattr(launch, "split_kv_setting", "1")
+    cfg = launch.fp8_config_for(req)
+    assert not cfg.split_kv and cfg.tile.short_first == (width if sk % 224 > 64 else 64)
+    out, _ = run(width)
     out_ref, _, tol_out, _ = fp8_tolerance(req.fp8_tensors, req.params)
     assert float((out.float() - out_ref.float()).abs().max()) <= tol_out
 
