@@ -390,6 +390,11 @@ class FwdConfig:
     # job waits out its ldmatrix: ptxas does not move a shared load above an earlier shared store).
     # CPU SASS: both loads first but at hdim 192 / 256 causal. `make` sets it above hdim_v 128.
     fp8_vt_pairs: bool = False
+    # fp8_v_rows: each transposing warp's jobs unrolled, their address terms immediates (fp8.
+    # transpose_v_block): ~8 instructions a job where the loop takes ~30 (the transposing warps
+    # share issue slots with the consumers' softmax). Opt-in (launch.fp8_vt_unroll_enabled) until
+    # timed on a GPU.
+    fp8_vt_unroll: bool = False
     # e4m3 with channel V only: the scale tensors are FA3's descales, (batch, heads, 1) float32
     # (Q's per query head, K's and V's per KV head), read once per tile, instead of the format's
     # per-block scale tensors the host would fill from them (fp8.Fp8Scales.create).
@@ -526,6 +531,7 @@ class FwdConfig:
         flags += ["fp8_v_rows"] if self.fp8_v_rows else []
         flags += ["fp8_v_rows_whole"] if self.fp8_v_rows and not self.fp8_v_rows_half else []
         flags += ["fp8_vt_pairs"] if self.fp8_vt_pairs else []
+        flags += ["fp8_vt_unroll"] if self.fp8_vt_unroll else []
         flags += ["fp8_descales"] if self.fp8_descales else []
         flags += ["fp8_qk_int8"] if self.fp8_qk_int8 else []
         flags += ["qv"] if self.qv else []

@@ -381,6 +381,9 @@ def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int,
     16-byte aligned."""
     W, Wt = rows_tile.width, vt_tile.width
     assert W >= 32 and Wt >= 32 and W & (W - 1) == 0 and Wt & (Wt - 1) == 0, (rows_tile, vt_tile)
+    # every stage starts 1024-aligned (the tiles are, SharedStorage): the XOR of a job's bits 4-6
+    # commutes with adding the stage's address (transpose_v_block's unrolled form)
+    assert rows_tile.stage_bytes % 1024 == 0 and vt_tile.stage_bytes % 1024 == 0, (rows_tile, vt_tile)
     for job in range(vt_jobs(hdimv, tile_n)):
         g, s = vt_job_coords(job, tile_n)
         load_x, load_y, store_x, store_y = vt_job_terms(g, s, rows_tile, vt_tile, first_group)
@@ -394,6 +397,21 @@ def vt_plan(rows_tile: "ByteTile", vt_tile: "ByteTile", hdimv: int, tile_n: int,
                 assert got == vt_tile.offset(32 * s + vt_store_lane(lane), 16 * (g + first_group), stage) \
                     and got % 16 == 0, (job, lane)
     return True
+
+
+def vt_warp_jobs(warp: int, num_warps: int, hdimv: int, tile_n: int, rows_tile: "ByteTile", vt_tile: "ByteTile",
+                 first_group: int = 0) -> tuple:
+    """Warp `warp`'s jobs (every num_warps-th from `warp`) as (g, s, load x, load y, store x, store
+    y) (vt_job_terms), Python ints: the unrolled transposer's immediates."""
+    coords = (vt_job_coords(job, tile_n) for job in range(warp, vt_jobs(hdimv, tile_n), num_warps))
+    return tuple((g, s, *vt_job_terms(g, s, rows_tile, vt_tile, first_group)) for g, s in coords)
+
+
+def vt_address(base, x: int, y: int):
+    """A lane's row of a job, (base ^ x) + y, base the lane's base plus the stage's 1024-aligned
+    address (so that the XOR of x's bits 4-6 may follow the add: vt_plan); x, y immediates."""
+    addr = base ^ x if x else base
+    return addr + y if y else addr
 
 
 @dsl_user_op
@@ -441,17 +459,31 @@ def _vt_store(r, addr, sel_a, sel_b):
     stsm_x4(addr, prmt(r[0], r[1], sel_a), prmt(r[0], r[1], sel_b), prmt(r[2], r[3], sel_a), prmt(r[2], r[3], sel_b))
 
 
+def _vt_unrolled(load_at, store_at, sel_a, sel_b, jobs: tuple):
+    """A warp's jobs (vt_warp_jobs) one after another, each job's ldmatrix issued before the
+    previous one's permutes and stmatrix (plain Python: every job is traced)."""
+    regs = ldsm_x4_trans(vt_address(load_at, *jobs[0][2:4]))
+    for i, job in enumerate(jobs):
+        cur = regs
+        if i + 1 < len(jobs):
+            regs = ldsm_x4_trans(vt_address(load_at, *jobs[i + 1][2:4]))
+        _vt_store(cur, vt_address(store_at, *job[4:6]), sel_a, sel_b)
+
+
 @cute.jit
 def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_addr, vt_tile: cutlass.Constexpr,
                       vt_stage, warp, num_warps: cutlass.Constexpr[int], hdimv: cutlass.Constexpr[int],
                       tile_n: cutlass.Constexpr[int], first_group: cutlass.Constexpr[int] = 0,
-                      pairs: cutlass.Constexpr[bool] = False):
+                      pairs: cutlass.Constexpr[bool] = False, unroll: cutlass.Constexpr[bool] = False):
     """One V block or part of one: the (tile_n, hdim_v) e4m3 rows in stage `rows_stage` of the
     staging tile (`rows_tile`: its ByteTile, (keys, channels, stage), at shared address
     `rows_addr`) into stage `vt_stage` of V^T (`vt_tile`, (channels, keys, stage), at `vt_addr`)
     from 16-key group `first_group` on, keys in PV_KEY_ORDER. Warp `warp` of `num_warps` takes
     every num_warps-th job (the section's comment above); with `pairs` two at a time, both loads
-    first (FwdConfig.fp8_vt_pairs)."""
+    first (FwdConfig.fp8_vt_pairs). With `unroll` (FwdConfig.fp8_vt_unroll) each warp's jobs are
+    unrolled with their address terms as immediates (vt_warp_jobs, one copy per warp), each job's
+    ldmatrix issued before the previous job's permutes and stmatrix: a job is ldmatrix, stmatrix,
+    four permutes and at most two XORs, where the loop spends ~30 instructions."""
     vt_plan(rows_tile, vt_tile, hdimv, tile_n, first_group)
     lane = cute.arch.lane_idx()
     load_base, store_base = vt_lane_bases(lane, rows_tile, vt_tile)
@@ -460,6 +492,13 @@ def transpose_v_block(rows_addr, rows_tile: cutlass.Constexpr, rows_stage, vt_ad
     vt_at = vt_addr + vt_stage * vt_tile.stage_bytes
     groups = tile_n // VT_JOB_KEYS
     assert groups >= num_warps, (tile_n, num_warps)  # (one wrap a step below)
+    if const_expr(unroll):
+        load_at, store_at = load_base + rows_at, store_base + vt_at
+        for w in cutlass.range_constexpr(num_warps):
+            if warp == w:
+                _vt_unrolled(load_at, store_at, sel_a, sel_b,
+                             vt_warp_jobs(w, num_warps, hdimv, tile_n, rows_tile, vt_tile, first_group))
+        return
     job = (load_base, store_base, rows_at, vt_at, rows_tile, vt_tile, first_group)
     g, s = warp, Int32(0)  # vt_job_coords of the warp's jobs, stepped (no division)
     if const_expr(pairs):

@@ -236,6 +236,8 @@ class FlashAttentionForwardSm90:
         self.v_rows_stages = 2 if self.v_rows and smem + rows_bytes + 1024 <= self.smem_limit else 1
         if self.v_rows:
             assert cfg.dtype == "e4m3", f"{cfg.short()}: fp8_v_rows is FP8's"
+        assert not cfg.fp8_vt_unroll or (self.v_rows and self.hdimv <= 128), \
+            f"{cfg.short()}: fp8_vt_unroll is V's rows' up to hdim_v 128 (above, its 16 address terms a part spill)"
         if self.qv:
             assert not (cfg.dtype == "e4m3" or t.diag_half or t.chain_pv_qk or t.short_first), \
                 f"{cfg.short()}: qv is 16-bit, on the overlapped or plain schedule without diag_half / chain_pv_qk / short_first"
@@ -796,7 +798,8 @@ class FlashAttentionForwardSm90:
                             pipeline_vt.sync_object_empty.wait(vt_state.index, vt_state.phase)
                         fp8.transpose_v_block(rows_addr, rows_tile, rows_state.index, vt_addr, vt_tile, vt_state.index,
                                               warp, VT_WARPS, self.hdimv, self.v_rows_keys,
-                                              p * self.v_rows_keys // fp8.VT_JOB_KEYS, self.cfg.fp8_vt_pairs)
+                                              p * self.v_rows_keys // fp8.VT_JOB_KEYS, self.cfg.fp8_vt_pairs,
+                                              self.cfg.fp8_vt_unroll)
                         if const_expr(p == parts - 1):
                             cute.arch.fence_view_async_shared()
                             cute.arch.mbarrier_arrive(pipeline_vt.sync_object_full.get_barrier(vt_state.index))

@@ -197,19 +197,26 @@ def test_transpose_v_block_writes_vt_in_pv_key_order(hdimv, tile_n, parts):
         for n in range(keys):
             for d in range(hdimv):
                 rows[rows_map[n][d]] = int(v[part * keys + n, d])
-        for job in range(warp, fp8.vt_jobs(hdimv, keys), VT_WARPS):
-            g, s = fp8.vt_job_coords(job, keys)
-            load_x, load_y, store_x, store_y = fp8.vt_job_terms(g, s, rows_tile, vt_tile, first)
+        jobs = fp8.vt_warp_jobs(warp, VT_WARPS, hdimv, keys, rows_tile, vt_tile, first)
+        assert [fp8.vt_job_coords(j, keys) for j in range(warp, fp8.vt_jobs(hdimv, keys), VT_WARPS)] == \
+            [job[:2] for job in jobs]
+        for g, s, load_x, load_y, store_x, store_y in jobs:
             bases = [fp8.vt_lane_bases(lane, rows_tile, vt_tile) for lane in range(32)]
             loads = [(lb ^ load_x) + load_y + stage * rows_tile.stage_bytes for lb, _ in bases]
             stores = [(sb ^ store_x) + store_y + stage * vt_tile.stage_bytes for _, sb in bases]
+            # the unrolled form (fp8_vt_unroll): the stage's 1024-aligned address added before the XOR
+            at = 3 * 1024  # (any multiple of 1024: a tile's smem address)
+            assert loads == [fp8.vt_address(lb + at + stage * rows_tile.stage_bytes, load_x, load_y) - at
+                             for lb, _ in bases]
+            assert stores == [fp8.vt_address(sb + at + stage * vt_tile.stage_bytes, store_x, store_y) - at
+                              for _, sb in bases]
             for lane in range(32):  # the rows the lanes name: what the section's comment says
                 key, chunk = fp8.vt_load_lane(lane)
                 assert loads[lane] == rows_map[16 * g + key][32 * s + chunk]
                 assert stores[lane] == vt_map[32 * s + fp8.vt_store_lane(lane)][16 * (g + first)]
             for phase in range(4):  # one matrix per phase: 8 rows of 16 bytes
                 for offs in (loads, stores):
-                    assert len({off // 16 % 8 for off in offs[8 * phase:8 * phase + 8]}) == 8, (job, phase)
+                    assert len({off // 16 % 8 for off in offs[8 * phase:8 * phase + 8]}) == 8, ((g, s), phase)
             regs = ldmatrix_trans_reference(rows, loads)
             out = []
             for lane in range(32):

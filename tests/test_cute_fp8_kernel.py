@@ -675,6 +675,23 @@ def test_fp8_vt_pairs_where(hdim, monkeypatch):
         assert cfg.fp8_v_rows == direct and cfg.fp8_vt_pairs == expect, (direct, enabled)
 
 
+@pytest.mark.parametrize("hdim", [64, 128, 256])
+def test_fp8_vt_unroll_where(hdim, monkeypatch):
+    """fp8_vt_unroll only where FA3PY_CUTE_FP8_VT_UNROLL=1 (fp8_vt_unroll_enabled), on V's rows,
+    up to hdim_v 128."""
+    from cute_kernels import launch
+    from fa3py.validation import make_request
+
+    q, k, v = (torch.randn(2, 300, 4, hdim).to(torch.float8_e4m3fn) for _ in range(3))
+    ds = torch.rand(2, 4) + 0.5
+    req = make_request(q, k, v, q_descale=ds, k_descale=ds, v_descale=ds)
+    for direct, enabled, expect in [(True, False, False), (True, True, hdim <= 128), (False, True, False)]:
+        monkeypatch.setattr(launch, "fp8_direct_enabled", direct)
+        monkeypatch.setattr(launch, "fp8_vt_unroll_enabled", enabled)
+        cfg = launch.fp8_config_for(req)
+        assert cfg.fp8_v_rows == direct and cfg.fp8_vt_unroll == expect, (direct, enabled)
+
+
 # FA3's inputs read directly (fp8_v_rows with fp8_descales), and quantized V rows (without)
 V_ROWS_COMPILE = [
     (128, dict(has_right=True, fp8_descales=True)),  # 128 x 224, the dynamic scheduler's tile walk
@@ -729,6 +746,38 @@ def test_fp8_v_rows_compiles(hdim, features):
     assert len(job_loops) == (2 if halves else 1)
     for _, _, ops in job_loops:
         assert ops["PRMT"] == 4 and ops["LDS"] == ops["STS"] == 0 and sum(ops.values()) <= 40, ops
+
+
+# (hdim 128's 224-key blocks causal, 3 consumer warpgroups, decoding's split and packed rows, pages)
+VT_UNROLL_COMPILE = [V_ROWS_COMPILE[i] for i in (0, 1, 4, 7)]
+
+
+@pytest.mark.parametrize("hdim,features", VT_UNROLL_COMPILE, ids=[f"d{d}-" + "-".join(f) for d, f in VT_UNROLL_COMPILE])
+def test_fp8_vt_unroll_compiles(hdim, features):
+    """fp8_vt_unroll: each transposing warp's jobs unrolled (one copy per warp: every job of a
+    block's parts has its ldmatrix, four permutes and stmatrix, in no loop), their address terms
+    immediates: at most 8 instructions a job more than the looped kernel's one job loop costs,
+    no local memory at the producer's 24 registers, the consumers' code unchanged (QGMMAs).
+    Above hdim_v 128 (16 address terms a part) it spills: refused there."""
+    from cute_kernels import fp8
+    from cute_kernels.fwd_sm90 import VT_WARPS, FlashAttentionForwardSm90
+
+    cfg = FwdConfig.make("e4m3", hdim, fp8_v_rows=True, fp8_vt_unroll=True, **features)
+    looped = dataclasses.replace(cfg, fp8_vt_unroll=False)
+    text, res = _compile(cfg)
+    assert sass.check(text, cfg, res) == [], cfg.short()
+    ops, looped_ops = sass.opcode_counts(text), sass.opcode_counts(_compile(looped)[0])
+    kernel = FlashAttentionForwardSm90(cfg)
+    parts = kernel.tile_n // kernel.v_rows_keys
+    jobs = parts * fp8.vt_jobs(kernel.hdimv, kernel.v_rows_keys)
+    assert ops["STL"] == ops["LDL"] == 0 and ops["QGMMA"] == looped_ops["QGMMA"]
+    assert ops["LDSM"] == jobs and ops["PRMT"] - looped_ops["PRMT"] == 4 * jobs - 4 * (1 + cfg.fp8_vt_pairs)
+    assert all(c["LDSM"] == jobs for _, _, c in sass.innermost_loops(text, lambda c: c["LDSM"] > 0)), "a job loop"
+    assert sum(ops.values()) - sum(looped_ops.values()) <= 8 * jobs, (sum(ops.values()), sum(looped_ops.values()))
+    assert jobs >= VT_WARPS
+    wide = FwdConfig.make("e4m3", 256, fp8_v_rows=True, fp8_descales=True, fp8_vt_unroll=True)
+    with pytest.raises(AssertionError, match="fp8_vt_unroll"):
+        FlashAttentionForwardSm90(wide)
 
 
 def test_transpose_v_is_one_copy_in_the_pv_key_order():
@@ -865,20 +914,22 @@ def test_gpu_fp8_features(case, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("unroll", [False, True])
 @pytest.mark.parametrize("case", FA3_CASES)
-def test_gpu_fa3_direct_bitwise_equal_to_the_copy_path(case, monkeypatch):
+def test_gpu_fa3_direct_bitwise_equal_to_the_copy_path(case, unroll, monkeypatch):
     """FA3PY_CUTE_FP8_DIRECT=1 on the GPU: V transposed in smem by the producer warps feeds the
     WGMMAs the bytes the transposing copy feeds them, and the descales read in the kernel are the
     values the filled scale tensors hold, so out and LSE are bit for bit those of the copy path
     (same tiles), run twice (a stale or racing V^T stage would differ), and within the reference
-    rule."""
+    rule. `unroll`: the transposer's jobs unrolled (fp8_vt_unroll, up to hdim_v 128)."""
     from cute_kernels import launch
 
     req, cfg = _feature_request(case, "cuda", monkeypatch)
     out_t, lse_t = launch.run_fp8(req, cfg)
     monkeypatch.setattr(launch, "fp8_direct_enabled", True)
+    monkeypatch.setattr(launch, "fp8_vt_unroll_enabled", unroll)
     cfg_rows = launch.fp8_config_for(req)
-    assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales
+    assert cfg_rows.fp8_v_rows and cfg_rows.fp8_descales and cfg_rows.fp8_vt_unroll == (unroll and cfg.hdimv <= 128)
     for _ in range(2):
         out, lse = launch.run_fp8(req, cfg_rows)
         assert torch.equal(out, out_t) and torch.equal(lse, lse_t)
