@@ -16,7 +16,8 @@ each row's captured call instead. Rows per point:
   fa3py fp8 kernel the FP8 kernel alone, on operands quantized once (fa3py.quantize_fp8 in the
                    kernel's layout): a KV cache or weights quantized ahead
   fa3py fa3-format fa3py.flash_attn_func on FA3's inputs (float8 q/k/v, descales (batch, kv heads)),
-                   with V transposed by a host copy (copy-V) or in the kernel's shared memory (V-rows)
+                   with V transposed by a host copy (copy-V) or in the kernel's shared memory (V-rows;
+                   with --vt-unroll also "V-rows unrolled": FwdConfig.fp8_vt_unroll, up to hdim 128)
   fa3-fwd fp8      FlashAttention-3's own FP8 kernel on the same float8 inputs (peer wheel fa3-fwd)
   cudnn fp8        cuDNN's FP8 SDPA (nvidia-cudnn-frontend; per-tensor scales, e4m3 output)
   prep             the fp8=True prep alone, with its GB/s (bytes read + written) beside a copy; its
@@ -98,7 +99,7 @@ def _with(module, name: str, value, call):
     return run
 
 
-def rows_for(q, k, v, causal):
+def rows_for(q, k, v, causal, vt_unroll: bool = False):
     """{name: (call, output-to-compare or None)}; {name: why left out}."""
     import fa3py
     import cute_kernels
@@ -124,6 +125,9 @@ def rows_for(q, k, v, causal):
     # of V transposed into the PV key order, or V's rows transposed in shared memory by the kernel
     rows["fa3py fa3-format copy-V"] = _with(cute_kernels.launch, "fp8_direct_enabled", False, fa3_call)
     rows["fa3py fa3-format V-rows"] = _with(cute_kernels.launch, "fp8_direct_enabled", True, fa3_call)
+    if vt_unroll and v.shape[-1] <= 128:  # (the opt-in transposer, timed beside the shipped one)
+        rows["fa3py fa3-format V-rows unrolled"] = _with(cute_kernels.launch, "fp8_direct_enabled", True, _with(
+            cute_kernels.launch, "fp8_vt_unroll_enabled", True, fa3_call))
     try:
         from fa3_fwd_interface import flash_attn_func as fa3_func
 
@@ -156,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--cuda-graph", action="store_true",
                     help="time CUDA-graph replays of each row (the kernels without the host's per-call "
                          "cost; a row that cannot be captured is named and left out)")
+    ap.add_argument("--vt-unroll", action="store_true",
+                    help="add a row of FA3's inputs with V's rows transposed by the unrolled transposer "
+                         "(FwdConfig.fp8_vt_unroll, opt-in), up to hdim 128")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -177,7 +184,7 @@ def main(argv=None):
                 b, h = max(1, args.tokens // s), args.hidden // d
                 q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 flops = attention_flops(b, h, s, s, d, d, causal=causal)
-                rows, skipped = rows_for(q, k, v, causal)
+                rows, skipped = rows_for(q, k, v, causal, args.vt_unroll)
                 point = {"hdim": d, "seqlen": s, "causal": causal, "batch": b, "nheads": h, "rows": {},
                          "skipped": skipped}
                 calls, outs = {}, {}
