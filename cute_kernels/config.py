@@ -391,7 +391,7 @@ class FwdConfig:
     # CPU SASS: both loads first but at hdim 192 / 256 causal. `make` sets it above hdim_v 128.
     fp8_vt_pairs: bool = False
     # fp8_v_rows: each transposing warp's jobs unrolled, their address terms immediates (fp8.
-    # transpose_v_block): ~8 instructions a job where the loop takes ~30 (the transposing warps
+    # transpose_v_block): ~6 instructions a job where the loop takes ~30 (the transposing warps
     # share issue slots with the consumers' softmax). Opt-in (launch.fp8_vt_unroll_enabled) until
     # timed on a GPU.
     fp8_vt_unroll: bool = False
