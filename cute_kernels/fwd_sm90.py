@@ -60,7 +60,8 @@ warpgroup's warps 1-3; a stage is a whole block or, with fp8_v_rows_half where t
 half of one: v_rows_keys); those warps walk the same tiles and blocks (the consumers' walk: a dynamic
 scheduler's tiles read after Q's wait, without releasing Q), wait for a free V^T stage, transpose
 the block into it part by part with the keys in PV_KEY_ORDER (fp8.transpose_v_block: ldmatrix.trans,
-byte permutes, stmatrix), freeing each staging stage after its part, fence the stores for the
+byte permutes, stmatrix; its jobs in a loop, or with fp8_vt_unroll unrolled per warp with immediate
+addresses), freeing each staging stage after its part, fence the stores for the
 async proxy and arrive on pipeline_vt's full barrier (all 96 threads). The consumers read V^T
 from pipeline_vt as they read it from pipeline_v otherwise; no transposing copy of V runs before the kernel.
 
