@@ -126,7 +126,7 @@ def rows_for(q, k, v, causal, vt_unroll: bool = False):
     # of V transposed into the PV key order, or V's rows transposed in shared memory by the kernel
     rows["fa3py fa3-format copy-V"] = _with(cute_kernels.launch, "fp8_direct_enabled", False, fa3_call)
     rows["fa3py fa3-format V-rows"] = _with(cute_kernels.launch, "fp8_direct_enabled", True, fa3_call)
-    if vt_unroll and v.shape[-1] <= 128:  # (the opt-in transposer, timed beside the shipped one)
+    if vt_unroll and v.shape[-1] <= cute_kernels.config.FP8_VT_UNROLL_MAX_HDIMV:  # (the opt-in, beside the shipped one)
         rows["fa3py fa3-format V-rows unrolled"] = _with(cute_kernels.launch, "fp8_direct_enabled", True, _with(
             cute_kernels.launch, "fp8_vt_unroll_enabled", True, fa3_call))
     try:

@@ -121,6 +121,10 @@ def short_first_width(tile: TileConfig, seqlen_k: int) -> int:
     wide = tile.short_first and tile.short_first < tail <= SHORT_FIRST_WIDE < tile.tile_n
     return SHORT_FIRST_WIDE if wide else tile.short_first
 
+# FwdConfig.fp8_vt_unroll up to this hdim_v: above it (hdim 256) a part's 16 address terms spill the
+# producer's 24 registers, with or without the ldmatrix look-ahead (CPU SASS).
+FP8_VT_UNROLL_MAX_HDIMV = 128
+
 # setmaxnreg split per consumer warpgroup count (producer, consumer): FA3 uses 24/240 for two
 # and 32/160 for three; 24/160 leaves 8 registers a thread of the pool unused (check_reg_split).
 REG_SPLIT = {1: (24, 232), 2: (24, 240), 3: (24, 160)}

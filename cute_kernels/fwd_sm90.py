@@ -35,9 +35,9 @@ schedule) and with diag_half, a warpgroup whose rows see none of the first block
 (the causal diagonal) runs that block over its first tile_n / 2 keys only. With short_first, a
 tile whose first block (the sequence's last) holds at most short_first keys runs that block's
 QK^T and softmax over short_first keys and zeroes the rest of P (first_block_overlap; its PV, in
-the next step, is the whole block's). With lazy_rescale a
-row keeps its reference max until the running max outgrows it by 2^lazy_rescale, and a warp
-skips O's rescale when none of its rows moved (softmax.OnlineSoftmax).
+the next step, is the whole block's). With lazy_rescale a row keeps its reference max until the
+running max outgrows it by 2^lazy_rescale, and a warp skips O's rescale when none of its rows
+moved (softmax.OnlineSoftmax).
 
 FP8 (FwdConfig dtype "e4m3", fa3py.fp8's block-scaled format; `self.fp8` const_expr branches, the
 16-bit kernels' code unchanged): Q, K e4m3 as above; V arrives transposed, (b, h_kv, dv, s_pad),
@@ -49,10 +49,10 @@ block V scaling each block's PV goes into a fresh accumulator added into O times
 V scale after its wait (fp8.Fp8Scales.add_pv), with channel V scaling straight into O and the
 columns scaled in the epilogue (their scales read while the last PV runs); a block's K (and
 block V) scale is read before its K wait (fp8.Fp8Scales.fetch), not in the softmax; O is bf16.
-Softcap puts the block's multiplier inside the tanh (score_mod) and softcap*log2(e) after it; GQA-packed rows read their own query head's Q scale;
-split-KV writes the same float32 partials as 16-bit; packed sequences (cu_seqlens) find their
-scale columns and their 16-aligned V^T columns from cu_seqlens and the batch index
-(fp8.Fp8Scales.create, fp8.vt_column).
+Softcap puts the block's multiplier inside the tanh (score_mod) and softcap*log2(e) after it;
+GQA-packed rows read their own query head's Q scale; split-KV writes the same float32 partials
+as 16-bit; packed sequences (cu_seqlens) find their scale columns and their 16-aligned V^T
+columns from cu_seqlens and the batch index (fp8.Fp8Scales.create, fp8.vt_column).
 
 FP8 V in rows (FwdConfig fp8_v_rows: FA3's float8 v, (keys, hdim_v)): the producer warp TMAs each
 V block into a staging tile of v_rows_stages stages (pipeline_v, whose consumers are the producer
@@ -60,9 +60,9 @@ warpgroup's warps 1-3; a stage is a whole block or, with fp8_v_rows_half where t
 half of one: v_rows_keys); those warps walk the same tiles and blocks (the consumers' walk: a dynamic
 scheduler's tiles read after Q's wait, without releasing Q), wait for a free V^T stage, transpose
 the block into it part by part with the keys in PV_KEY_ORDER (fp8.transpose_v_block: ldmatrix.trans,
-byte permutes, stmatrix; its jobs in a loop, or with fp8_vt_unroll unrolled per warp with immediate
-addresses), freeing each staging stage after its part, fence the stores for the
-async proxy and arrive on pipeline_vt's full barrier (all 96 threads). The consumers read V^T
+byte permutes, stmatrix; its jobs in a loop, or with fp8_vt_unroll unrolled per warp with
+immediate addresses), freeing each staging stage after its part, fence the stores for the async
+proxy and arrive on pipeline_vt's full barrier (all 96 threads). The consumers read V^T
 from pipeline_vt as they read it from pipeline_v otherwise; no transposing copy of V runs before the kernel.
 
 Paged K / V (FwdConfig page_size > 0, FA3's page_table): K and V are page pools (num_pages,
@@ -113,7 +113,7 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from cute_kernels import fp8
-from cute_kernels.config import PAGE_ROWS_MULTIPLE, FwdConfig, page_size_ok
+from cute_kernels.config import FP8_VT_UNROLL_MAX_HDIMV, PAGE_ROWS_MULTIPLE, FwdConfig, page_size_ok
 from cute_kernels.epilogue import O_SLAB_ROWS, EpilogueSm90, OutputOperands
 from cute_kernels.mask import AttentionMask, SeqlenInfo
 from cute_kernels.pipeline import WarpgroupRing, check_arrive_counts, release_after, release_previous, tma_pipeline_maker
@@ -237,8 +237,8 @@ class FlashAttentionForwardSm90:
         self.v_rows_stages = 2 if self.v_rows and smem + rows_bytes + 1024 <= self.smem_limit else 1
         if self.v_rows:
             assert cfg.dtype == "e4m3", f"{cfg.short()}: fp8_v_rows is FP8's"
-        assert not cfg.fp8_vt_unroll or (self.v_rows and self.hdimv <= 128), \
-            f"{cfg.short()}: fp8_vt_unroll is V's rows' up to hdim_v 128 (above, its 16 address terms a part spill)"
+        assert not cfg.fp8_vt_unroll or (self.v_rows and self.hdimv <= FP8_VT_UNROLL_MAX_HDIMV), \
+            f"{cfg.short()}: fp8_vt_unroll is V's rows' up to hdim_v {FP8_VT_UNROLL_MAX_HDIMV} (config.py)"
         if self.qv:
             assert not (cfg.dtype == "e4m3" or t.diag_half or t.chain_pv_qk or t.short_first), \
                 f"{cfg.short()}: qv is 16-bit, on the overlapped or plain schedule without diag_half / chain_pv_qk / short_first"

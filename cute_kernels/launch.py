@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from cute_kernels import disk_cache
-from cute_kernels.config import (DECODE_TILE, PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS, BwdConfig, FwdConfig,
-                                 decode_tile_ok, is_long_causal, is_medium, is_short,
+from cute_kernels.config import (DECODE_TILE, FP8_VT_UNROLL_MAX_HDIMV, PAGE_ROWS_MULTIPLE, SUPPORTED_HDIM_PAIRS,
+                                 BwdConfig, FwdConfig, decode_tile_ok, is_long_causal, is_medium, is_short,
                                  num_splits_for, pack_gqa_factor, padded_hdim, padded_hdim_v, page_size_ok,
                                  short_first_width)
 
@@ -485,7 +485,7 @@ fp8_v_half_enabled = os.environ.get("FA3PY_CUTE_FP8_V_HALF", "1") != "0"
 # =1 / 0: on every V-rows config / never).
 fp8_vt_pairs_enabled = {"1": True, "0": False}.get(os.environ.get("FA3PY_CUTE_FP8_VT_PAIRS", ""))
 # FwdConfig.fp8_vt_unroll: the V transposer's jobs unrolled per warp (FA3PY_CUTE_FP8_VT_UNROLL=1),
-# up to hdim_v 128: opt-in, not yet run on a GPU.
+# up to FP8_VT_UNROLL_MAX_HDIMV: opt-in, not yet run on a GPU.
 fp8_vt_unroll_enabled = os.environ.get("FA3PY_CUTE_FP8_VT_UNROLL", "0") == "1"
 # qk_int8 operands (fa3py.fp8's higher-accuracy mode) on the FP8 kernel with int8 Q K^T
 # (FwdConfig.fp8_qk_int8), and attention_chunk on the FP8 kernel (the 16-bit kernel's chunk bounds
@@ -527,7 +527,8 @@ def fp8_config_for(req: "AttentionRequest") -> FwdConfig:
            else Fp8Format(**FA3_FORMAT))
     return config_for(req, "e4m3", fp8_block_m=fmt.block_m, fp8_v_scaling=fmt.v_scaling, fp8_v_rows=v_rows,
                       fp8_v_rows_half=fp8_v_half_enabled or not v_rows, fp8_descales=v_rows and _fa3_inputs(req),
-                      fp8_qk_int8=fmt.qk_int8, fp8_vt_unroll=v_rows and fp8_vt_unroll_enabled and req.headdim_v <= 128,
+                      fp8_qk_int8=fmt.qk_int8,
+                      fp8_vt_unroll=v_rows and fp8_vt_unroll_enabled and req.headdim_v <= FP8_VT_UNROLL_MAX_HDIMV,
                       **({} if fp8_vt_pairs_enabled is None else {"fp8_vt_pairs": v_rows and fp8_vt_pairs_enabled}))
 
 
